@@ -1,0 +1,257 @@
+//! The event: the unit that kSync stores and moves.
+
+use serde::{Deserialize, Serialize};
+
+/// One revision of an application event.
+///
+/// The JSON shape is exactly the spec's: `{"id","type","data","timestamp","version"}`, plus an
+/// optional `origin` naming the replica that made this revision. `(id, version)` identifies a
+/// revision; a higher `version` of the same `id` supersedes a lower one in the materialised state.
+///
+/// ```
+/// use ksync_core::Event;
+/// let json = r#"{"id":"123","type":"user_created","data":{"name":"John"},"timestamp":1700000000000,"version":1}"#;
+/// let event: Event = serde_json::from_str(json).unwrap();
+/// assert_eq!(event.event_type, "user_created");
+/// assert_eq!(serde_json::to_string(&event).unwrap(), json);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Application-chosen identifier of the logical record this event revises.
+    pub id: String,
+    /// Application-defined event type, e.g. `user_created`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Any JSON value.
+    pub data: serde_json::Value,
+    /// Milliseconds since the Unix epoch, as `Date.now()` gives it.
+    pub timestamp: u64,
+    /// Revision number of `id`, starting at 1.
+    pub version: u64,
+    /// The replica (client or peer id) that made this revision, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+/// The identity of one revision: `(id, version)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RevisionKey {
+    /// The event id.
+    pub id: String,
+    /// The revision number.
+    pub version: u64,
+}
+
+impl Event {
+    /// A new event at version 1 with no origin.
+    pub fn new(
+        id: impl Into<String>,
+        event_type: impl Into<String>,
+        data: serde_json::Value,
+        timestamp: u64,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            event_type: event_type.into(),
+            data,
+            timestamp,
+            version: 1,
+            origin: None,
+        }
+    }
+
+    /// Sets the version (builder style).
+    #[must_use]
+    pub fn with_version(mut self, version: u64) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Sets the origin (builder style).
+    #[must_use]
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = Some(origin.into());
+        self
+    }
+
+    /// The `(id, version)` that names this revision.
+    pub fn key(&self) -> RevisionKey {
+        RevisionKey {
+            id: self.id.clone(),
+            version: self.version,
+        }
+    }
+
+    /// Whether two revisions carry the same content.
+    ///
+    /// Content is `type`, `data` and `timestamp`. `origin` is provenance, not content: two replicas
+    /// that independently resolve a conflict the same way write the same revision, and it must
+    /// deduplicate rather than conflict again.
+    pub fn same_content(&self, other: &Event) -> bool {
+        self.event_type == other.event_type
+            && self.timestamp == other.timestamp
+            && self.data == other.data
+    }
+
+    /// Checks the invariants that every stored event must satisfy.
+    pub fn validate(&self, limits: &EventLimits) -> Result<(), InvalidEvent> {
+        if self.id.is_empty() {
+            return Err(InvalidEvent::EmptyId);
+        }
+        if self.id.len() > limits.max_id_len {
+            return Err(InvalidEvent::IdTooLong {
+                len: self.id.len(),
+                max: limits.max_id_len,
+            });
+        }
+        if self.event_type.is_empty() {
+            return Err(InvalidEvent::EmptyType);
+        }
+        if self.event_type.len() > limits.max_type_len {
+            return Err(InvalidEvent::TypeTooLong {
+                len: self.event_type.len(),
+                max: limits.max_type_len,
+            });
+        }
+        if self.version == 0 {
+            return Err(InvalidEvent::ZeroVersion);
+        }
+        Ok(())
+    }
+}
+
+/// Size limits applied by [`Event::validate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventLimits {
+    /// Longest accepted `id`, in bytes. Default 256.
+    pub max_id_len: usize,
+    /// Longest accepted `type`, in bytes. Default 256.
+    pub max_type_len: usize,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        Self {
+            max_id_len: 256,
+            max_type_len: 256,
+        }
+    }
+}
+
+/// Why an event was refused by [`Event::validate`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidEvent {
+    /// `id` is the empty string.
+    #[error("event id is empty")]
+    EmptyId,
+    /// `id` is longer than allowed.
+    #[error("event id is {len} bytes, the limit is {max}")]
+    IdTooLong {
+        /// Actual length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// `type` is the empty string.
+    #[error("event type is empty")]
+    EmptyType,
+    /// `type` is longer than allowed.
+    #[error("event type is {len} bytes, the limit is {max}")]
+    TypeTooLong {
+        /// Actual length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Versions start at 1.
+    #[error("event version must be at least 1")]
+    ZeroVersion,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn spec_literal_round_trips() {
+        // The spec's send() example, with Date.now() replaced by a literal.
+        let literal = r#"{"id":"123","type":"user_created","data":{"name":"John"},"timestamp":1732615200000,"version":1}"#;
+        let event: Event = serde_json::from_str(literal).expect("spec JSON parses");
+        assert_eq!(event.id, "123");
+        assert_eq!(event.event_type, "user_created");
+        assert_eq!(event.data, json!({"name": "John"}));
+        assert_eq!(event.timestamp, 1_732_615_200_000);
+        assert_eq!(event.version, 1);
+        assert_eq!(event.origin, None);
+        assert_eq!(serde_json::to_string(&event).expect("serialises"), literal);
+    }
+
+    #[test]
+    fn origin_round_trips_and_is_optional() {
+        let literal = r#"{"id":"a","type":"t","data":[1,2,null],"timestamp":5,"version":3,"origin":"replica-1"}"#;
+        let event: Event = serde_json::from_str(literal).expect("parses");
+        assert_eq!(event.origin.as_deref(), Some("replica-1"));
+        assert_eq!(serde_json::to_string(&event).expect("serialises"), literal);
+    }
+
+    #[test]
+    fn any_json_value_is_data() {
+        for data in [json!(null), json!(1.5), json!("s"), json!([1, {"a": true}])] {
+            let event = Event::new("x", "t", data.clone(), 1);
+            let back: Event =
+                serde_json::from_str(&serde_json::to_string(&event).expect("ser")).expect("de");
+            assert_eq!(back.data, data);
+        }
+    }
+
+    #[test]
+    fn missing_or_unknown_fields_are_errors() {
+        assert!(
+            serde_json::from_str::<Event>(r#"{"id":"1","type":"t","data":1,"timestamp":1}"#)
+                .is_err()
+        );
+        assert!(
+            serde_json::from_str::<Event>(
+                r#"{"id":"1","type":"t","data":1,"timestamp":1,"version":1,"extra":2}"#
+            )
+            .is_err()
+        );
+        assert!(
+            serde_json::from_str::<Event>(
+                r#"{"id":"1","type":"t","data":1,"timestamp":-1,"version":1}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn content_ignores_origin() {
+        let a = Event::new("x", "t", json!(1), 7).with_origin("a");
+        let b = Event::new("x", "t", json!(1), 7).with_origin("b");
+        assert!(a.same_content(&b));
+        assert!(!a.same_content(&Event::new("x", "t", json!(2), 7)));
+    }
+
+    #[test]
+    fn validation() {
+        let limits = EventLimits::default();
+        assert!(Event::new("x", "t", json!(1), 1).validate(&limits).is_ok());
+        assert_eq!(
+            Event::new("", "t", json!(1), 1).validate(&limits),
+            Err(InvalidEvent::EmptyId)
+        );
+        assert_eq!(
+            Event::new("x", "t", json!(1), 1)
+                .with_version(0)
+                .validate(&limits),
+            Err(InvalidEvent::ZeroVersion)
+        );
+        assert!(matches!(
+            Event::new("x".repeat(300), "t", json!(1), 1).validate(&limits),
+            Err(InvalidEvent::IdTooLong { len: 300, .. })
+        ));
+    }
+}

@@ -1,0 +1,39 @@
+//! kSync core: the event model, the merge and conflict rules, the storage and sync-client
+//! traits, middleware, notifications and the [`KSync`] orchestrator.
+//!
+//! This crate does no network or file IO and never reads the clock by itself (time comes in
+//! through [`Clock`]); transports (`ksync-ws`, `ksync-git`, `ksync-p2p`) move bytes and call
+//! into it.
+
+mod auth;
+mod client;
+mod clock;
+mod conflict;
+mod error;
+mod event;
+mod ksync;
+mod log;
+mod middleware;
+mod notify;
+mod replica;
+mod storage;
+
+pub use auth::Auth;
+pub use client::{PullPushClient, PullResult, PushResult, SyncClient, SyncResult};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use conflict::{Conflict, ConflictKind, ConflictResolver, Resolution, lww_cmp, resolve};
+pub use error::SyncError;
+pub use event::{Event, EventLimits, InvalidEvent, RevisionKey};
+pub use ksync::{AutoSync, KSync, KSyncBuilder};
+pub use log::{AppendOutcome, LogIndex, MergeOutcome, MergePlan, Stored};
+pub use middleware::{Direction, Filter, Middleware, MiddlewareError, Pipeline};
+pub use notify::{
+    Handler, HandlerId, Metrics, Notification, NotificationKind, NotificationStream, Notifier,
+    STREAM_CAPACITY, Status, StreamError, Subscription,
+};
+pub use replica::{Ingested, Replica};
+pub use storage::{BoxFuture, InMemoryStorage, Storage, StorageError};
+
+/// Version of kSync's wire protocols (WebSocket messages, HTTP bodies, P2P messages). Peers
+/// announce it; a peer with another major version is refused with a clear error.
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,322 @@
+//! The pure log: an in-memory index of revisions with the merge rules of the data model.
+//!
+//! [`LogIndex`] is the one place that decides what happens to an incoming revision: new,
+//! duplicate (dropped silently) or conflict (reported, not stored). Storages wrap it: the
+//! in-memory storage directly, the file storage after making the new records durable.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::conflict::Conflict;
+use crate::event::{Event, RevisionKey};
+
+/// An event with the sequence number its log gave it (1-based, gap-free, monotonic).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stored {
+    /// Position in the log; the first event is 1.
+    pub seq: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// What happened to one incoming revision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppendOutcome {
+    /// Stored at this sequence number.
+    Appended {
+        /// The new sequence number.
+        seq: u64,
+    },
+    /// The log already held this exact revision (at `seq`); nothing was stored.
+    Duplicate {
+        /// Where the identical revision already is.
+        seq: u64,
+    },
+    /// The log holds different content under the same `(id, version)`; nothing was stored.
+    Conflict(Conflict),
+}
+
+/// The result of merging a batch into a log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MergeOutcome {
+    /// One outcome per input event, in input order.
+    pub outcomes: Vec<AppendOutcome>,
+    /// The events that were new, with their sequence numbers, in log order.
+    pub appended: Vec<Stored>,
+    /// The conflicts found (also present in `outcomes`).
+    pub conflicts: Vec<Conflict>,
+    /// How many inputs were exact duplicates.
+    pub duplicates: usize,
+}
+
+impl MergeOutcome {
+    /// The new events without their sequence numbers.
+    pub fn new_events(&self) -> Vec<Event> {
+        self.appended.iter().map(|s| s.event.clone()).collect()
+    }
+
+    /// The sequence number of the last appended event, if any.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.appended.last().map(|s| s.seq)
+    }
+}
+
+/// A planned merge: computed against the current log without changing it.
+///
+/// Durable storages write `plan.appended` to disk first and only then call
+/// [`LogIndex::commit`], so the index never shows what is not durable.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MergePlan {
+    /// The outcome the merge will have once committed.
+    pub outcome: MergeOutcome,
+}
+
+/// In-memory index of a log. Pure data; no IO, no clock.
+#[derive(Debug, Clone, Default)]
+pub struct LogIndex {
+    events: Vec<Event>,
+    // id -> (version -> seq). BTreeMap so the latest version is the last entry.
+    by_id: HashMap<String, BTreeMap<u64, u64>>,
+}
+
+impl LogIndex {
+    /// An empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of events, which is also the last sequence number.
+    pub fn len(&self) -> u64 {
+        self.events.len() as u64
+    }
+
+    /// Whether the log is empty.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The event at `seq`.
+    pub fn at(&self, seq: u64) -> Option<&Event> {
+        seq.checked_sub(1)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.events.get(i))
+    }
+
+    /// The revision `(id, version)` and its sequence number.
+    pub fn get(&self, id: &str, version: u64) -> Option<Stored> {
+        let seq = *self.by_id.get(id)?.get(&version)?;
+        self.at(seq).map(|e| Stored {
+            seq,
+            event: e.clone(),
+        })
+    }
+
+    /// The highest version of `id`.
+    pub fn latest(&self, id: &str) -> Option<Stored> {
+        let (_, &seq) = self.by_id.get(id)?.last_key_value()?;
+        self.at(seq).map(|e| Stored {
+            seq,
+            event: e.clone(),
+        })
+    }
+
+    /// Up to `limit` events with `seq > after`, in order.
+    pub fn read_since(&self, after: u64, limit: usize) -> Vec<Stored> {
+        let start = usize::try_from(after).unwrap_or(usize::MAX);
+        self.events
+            .iter()
+            .enumerate()
+            .skip(start)
+            .take(limit)
+            .map(|(i, e)| Stored {
+                seq: i as u64 + 1,
+                event: e.clone(),
+            })
+            .collect()
+    }
+
+    /// The materialised state: the highest version of every id.
+    pub fn state(&self) -> BTreeMap<String, Event> {
+        self.by_id
+            .iter()
+            .filter_map(|(id, versions)| {
+                let (_, &seq) = versions.last_key_value()?;
+                self.at(seq).map(|e| (id.clone(), e.clone()))
+            })
+            .collect()
+    }
+
+    /// Plans merging `batch` into this log (see [`MergePlan`]). Duplicates inside the batch are
+    /// treated like duplicates of the log.
+    pub fn plan(&self, batch: Vec<Event>) -> MergePlan {
+        let mut outcome = MergeOutcome::default();
+        let mut in_batch: HashMap<RevisionKey, usize> = HashMap::new();
+        let mut next_seq = self.len();
+        for event in batch {
+            let key = event.key();
+            let existing = self
+                .get(&event.id, event.version)
+                .map(|s| (s.seq, s.event))
+                .or_else(|| {
+                    in_batch
+                        .get(&key)
+                        .and_then(|&i| outcome.appended.get(i).map(|s| (s.seq, s.event.clone())))
+                });
+            match existing {
+                Some((seq, held)) if held.same_content(&event) => {
+                    outcome.duplicates += 1;
+                    outcome.outcomes.push(AppendOutcome::Duplicate { seq });
+                }
+                Some((_, held)) => {
+                    let conflict = Conflict::concurrent_edit(held, event);
+                    outcome.conflicts.push(conflict.clone());
+                    outcome.outcomes.push(AppendOutcome::Conflict(conflict));
+                }
+                None => {
+                    next_seq += 1;
+                    in_batch.insert(key, outcome.appended.len());
+                    outcome
+                        .outcomes
+                        .push(AppendOutcome::Appended { seq: next_seq });
+                    outcome.appended.push(Stored {
+                        seq: next_seq,
+                        event,
+                    });
+                }
+            }
+        }
+        MergePlan { outcome }
+    }
+
+    /// Applies a plan made by [`LogIndex::plan`] on this same, unchanged log.
+    ///
+    /// # Panics
+    /// Never for a plan made on the current state; a stale plan is a programming error and
+    /// is caught by a debug assertion.
+    pub fn commit(&mut self, plan: &MergePlan) {
+        for stored in &plan.outcome.appended {
+            debug_assert_eq!(stored.seq, self.len() + 1, "stale merge plan");
+            self.push(stored.event.clone());
+        }
+    }
+
+    /// Merges `batch` into the log: plan then commit.
+    pub fn merge(&mut self, batch: Vec<Event>) -> MergeOutcome {
+        let plan = self.plan(batch);
+        self.commit(&plan);
+        plan.outcome
+    }
+
+    /// Appends an event that is known not to collide (used when replaying a trusted log).
+    /// Returns `false` (and stores nothing) when `(id, version)` is already present.
+    pub fn push(&mut self, event: Event) -> bool {
+        let seq = self.len() + 1;
+        let versions = self.by_id.entry(event.id.clone()).or_default();
+        if versions.contains_key(&event.version) {
+            return false;
+        }
+        versions.insert(event.version, seq);
+        self.events.push(event);
+        true
+    }
+
+    /// All distinct ids.
+    pub fn ids(&self) -> HashSet<&str> {
+        self.by_id.keys().map(String::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn ev(id: &str, version: u64, data: i64) -> Event {
+        Event::new(id, "t", json!(data), 1).with_version(version)
+    }
+
+    #[test]
+    fn new_duplicate_conflict() {
+        let mut log = LogIndex::new();
+        let out = log.merge(vec![ev("a", 1, 1), ev("b", 1, 1)]);
+        assert_eq!(out.appended.len(), 2);
+        assert_eq!(out.last_seq(), Some(2));
+        let out = log.merge(vec![ev("a", 1, 1), ev("a", 1, 2), ev("a", 2, 3)]);
+        assert_eq!(out.duplicates, 1);
+        assert_eq!(out.conflicts.len(), 1);
+        assert_eq!(out.conflicts[0].ours.data, json!(1));
+        assert_eq!(out.conflicts[0].theirs.data, json!(2));
+        assert_eq!(out.outcomes[2], AppendOutcome::Appended { seq: 3 });
+        assert_eq!(log.len(), 3);
+        assert_eq!(log.latest("a").map(|s| s.event.version), Some(2));
+        assert_eq!(log.state().len(), 2);
+    }
+
+    #[test]
+    fn duplicates_inside_one_batch() {
+        let mut log = LogIndex::new();
+        let out = log.merge(vec![ev("a", 1, 1), ev("a", 1, 1), ev("a", 1, 9)]);
+        assert_eq!(out.appended.len(), 1);
+        assert_eq!(out.duplicates, 1);
+        assert_eq!(out.conflicts.len(), 1);
+    }
+
+    #[test]
+    fn read_since_pages() {
+        let mut log = LogIndex::new();
+        log.merge((0..10).map(|i| ev(&format!("e{i}"), 1, i)).collect());
+        let page = log.read_since(3, 4);
+        assert_eq!(
+            page.iter().map(|s| s.seq).collect::<Vec<_>>(),
+            vec![4, 5, 6, 7]
+        );
+        assert!(log.read_since(10, 5).is_empty());
+        assert!(log.read_since(u64::MAX, 5).is_empty());
+    }
+
+    // Events whose content is a function of (id, version), so sets never conflict.
+    fn arb_events() -> impl Strategy<Value = Vec<Event>> {
+        prop::collection::vec((0u8..8, 1u64..4), 0..40).prop_map(|pairs| {
+            pairs
+                .into_iter()
+                .map(|(id, v)| ev(&format!("id{id}"), v, i64::from(id) * 10 + v as i64))
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn merging_is_idempotent(batch in arb_events()) {
+            let mut log = LogIndex::new();
+            log.merge(batch.clone());
+            let before = log.state();
+            let len = log.len();
+            let again = log.merge(batch);
+            prop_assert!(again.appended.is_empty());
+            prop_assert!(again.conflicts.is_empty());
+            prop_assert_eq!(log.len(), len);
+            prop_assert_eq!(log.state(), before);
+        }
+
+        #[test]
+        fn any_merge_order_converges(a in arb_events(), b in arb_events(), c in arb_events(), split in 0usize..40) {
+            // Replica 1 merges a, b, c; replica 2 merges c, then b in two pieces, then a.
+            let mut one = LogIndex::new();
+            one.merge(a.clone());
+            one.merge(b.clone());
+            one.merge(c.clone());
+            let mut two = LogIndex::new();
+            two.merge(c);
+            let cut = split.min(b.len());
+            two.merge(b[cut..].to_vec());
+            two.merge(b[..cut].to_vec());
+            two.merge(a.into_iter().rev().collect());
+            prop_assert_eq!(one.state(), two.state());
+            prop_assert_eq!(one.len(), two.len());
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Middleware (transform or drop events on their way in or out) and filters.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+
+use crate::event::Event;
+
+/// Which way an event is travelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Received from the network, before it is stored or delivered.
+    Incoming,
+    /// About to be sent to the network (after it was stored locally).
+    Outgoing,
+}
+
+impl FromStr for Direction {
+    type Err = MiddlewareError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "incoming" => Ok(Direction::Incoming),
+            "outgoing" => Ok(Direction::Outgoing),
+            other => Err(MiddlewareError::UnknownDirection(other.to_owned())),
+        }
+    }
+}
+
+/// Errors raised by middleware.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MiddlewareError {
+    /// `use()` was given something other than `incoming` or `outgoing`.
+    #[error("unknown middleware direction {0:?} (expected \"incoming\" or \"outgoing\")")]
+    UnknownDirection(String),
+    /// `filter` was given an unknown built-in name.
+    #[error("unknown built-in filter {0:?} (known: \"public-only\")")]
+    UnknownFilter(String),
+    /// A middleware refused the event; the reason says why.
+    #[error("middleware {name} failed: {reason}")]
+    Failed {
+        /// The middleware's name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Transforms an event, or drops it by returning `Ok(None)`.
+///
+/// Any `Fn(Event) -> Option<Event>` closure is a middleware.
+pub trait Middleware: Send + Sync + 'static {
+    /// Processes one event.
+    fn process(&self, event: Event) -> Result<Option<Event>, MiddlewareError>;
+
+    /// A short name for logs and errors.
+    fn name(&self) -> &str {
+        "middleware"
+    }
+}
+
+impl<F> Middleware for F
+where
+    F: Fn(Event) -> Option<Event> + Send + Sync + 'static,
+{
+    fn process(&self, event: Event) -> Result<Option<Event>, MiddlewareError> {
+        Ok(self(event))
+    }
+
+    fn name(&self) -> &str {
+        "closure"
+    }
+}
+
+/// Which events to sync.
+#[derive(Clone)]
+pub enum Filter {
+    /// Sync events for which the predicate is true.
+    Predicate(Arc<dyn Fn(&Event) -> bool + Send + Sync>),
+    /// The built-in `public-only`: drops events whose `data.private` is `true`.
+    PublicOnly,
+}
+
+impl Filter {
+    /// A filter from a predicate.
+    pub fn predicate(f: impl Fn(&Event) -> bool + Send + Sync + 'static) -> Self {
+        Filter::Predicate(Arc::new(f))
+    }
+
+    /// Whether `event` passes.
+    pub fn allows(&self, event: &Event) -> bool {
+        match self {
+            Filter::Predicate(f) => f(event),
+            Filter::PublicOnly => event.data.get("private") != Some(&serde_json::Value::Bool(true)),
+        }
+    }
+}
+
+impl fmt::Debug for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Filter::Predicate(_) => f.write_str("Filter::Predicate(..)"),
+            Filter::PublicOnly => f.write_str("Filter::PublicOnly"),
+        }
+    }
+}
+
+impl FromStr for Filter {
+    type Err = MiddlewareError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "public-only" => Ok(Filter::PublicOnly),
+            other => Err(MiddlewareError::UnknownFilter(other.to_owned())),
+        }
+    }
+}
+
+impl Middleware for Filter {
+    fn process(&self, event: Event) -> Result<Option<Event>, MiddlewareError> {
+        Ok(self.allows(&event).then_some(event))
+    }
+
+    fn name(&self) -> &str {
+        "filter"
+    }
+}
+
+/// The `incoming` and `outgoing` middleware chains of one client, run in registration order.
+///
+/// Cloning shares the chains, so a client and its tasks see the same pipeline.
+#[derive(Clone, Default)]
+pub struct Pipeline {
+    inner: Arc<RwLock<Chains>>,
+}
+
+#[derive(Default)]
+struct Chains {
+    incoming: Vec<Arc<dyn Middleware>>,
+    outgoing: Vec<Arc<dyn Middleware>>,
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let chains = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        f.debug_struct("Pipeline")
+            .field("incoming", &chains.incoming.len())
+            .field("outgoing", &chains.outgoing.len())
+            .finish()
+    }
+}
+
+impl Pipeline {
+    /// An empty pipeline.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a middleware at the end of one chain.
+    pub fn use_middleware(&self, direction: Direction, middleware: impl Middleware) {
+        self.use_arc(direction, Arc::new(middleware));
+    }
+
+    /// Adds a shared middleware at the end of one chain.
+    pub fn use_arc(&self, direction: Direction, middleware: Arc<dyn Middleware>) {
+        let mut chains = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        match direction {
+            Direction::Incoming => chains.incoming.push(middleware),
+            Direction::Outgoing => chains.outgoing.push(middleware),
+        }
+    }
+
+    /// Runs one chain. `Ok(None)`: some middleware dropped the event.
+    pub fn run(
+        &self,
+        direction: Direction,
+        event: Event,
+    ) -> Result<Option<Event>, MiddlewareError> {
+        let chain = {
+            let chains = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            match direction {
+                Direction::Incoming => chains.incoming.clone(),
+                Direction::Outgoing => chains.outgoing.clone(),
+            }
+        };
+        let mut current = event;
+        for middleware in chain {
+            match middleware.process(current)? {
+                Some(next) => current = next,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(current))
+    }
+
+    /// Whether both chains are empty (lets hot paths skip cloning).
+    pub fn is_empty(&self) -> bool {
+        let chains = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        chains.incoming.is_empty() && chains.outgoing.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn public_only_drops_private() {
+        let filter: Filter = "public-only".parse().expect("built-in");
+        assert!(filter.allows(&Event::new("1", "t", json!({"private": false}), 1)));
+        assert!(filter.allows(&Event::new("1", "t", json!("scalar"), 1)));
+        assert!(!filter.allows(&Event::new("1", "t", json!({"private": true}), 1)));
+        assert!(matches!(
+            "nope".parse::<Filter>(),
+            Err(MiddlewareError::UnknownFilter(_))
+        ));
+    }
+
+    #[test]
+    fn pipeline_runs_in_order_and_can_drop() {
+        let pipeline = Pipeline::new();
+        pipeline.use_middleware(Direction::Outgoing, |mut e: Event| {
+            e.data = json!({"step": 1});
+            Some(e)
+        });
+        pipeline.use_middleware(Direction::Outgoing, |mut e: Event| {
+            e.data["step"] = json!(2);
+            Some(e)
+        });
+        pipeline.use_middleware(Direction::Incoming, Filter::PublicOnly);
+        let out = pipeline
+            .run(Direction::Outgoing, Event::new("1", "t", json!(null), 1))
+            .expect("ok")
+            .expect("kept");
+        assert_eq!(out.data, json!({"step": 2}));
+        let dropped = pipeline
+            .run(
+                Direction::Incoming,
+                Event::new("1", "t", json!({"private": true}), 1),
+            )
+            .expect("ok");
+        assert!(dropped.is_none());
+        assert!(matches!(
+            "sideways".parse::<Direction>(),
+            Err(MiddlewareError::UnknownDirection(_))
+        ));
+    }
+}

@@ -1,0 +1,438 @@
+//! Notifications (`connected`, `event`, `sync`, ...) and the hub that delivers them to
+//! callbacks registered with `on` and to async streams.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::conflict::Conflict;
+use crate::error::SyncError;
+use crate::event::Event;
+
+/// Capacity of each notification stream. Overflow policy: a stream that falls this far behind
+/// loses the oldest notifications and is told how many it missed ([`StreamError::Lagged`]);
+/// callbacks and the client itself are never slowed by a slow stream.
+pub const STREAM_CAPACITY: usize = 1024;
+
+/// The names that `on` and `off` accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NotificationKind {
+    /// `connected`
+    Connected,
+    /// `disconnected`
+    Disconnected,
+    /// `reconnecting`
+    Reconnecting,
+    /// `event`
+    Event,
+    /// `sync`
+    Sync,
+    /// `error`
+    Error,
+    /// `conflict`
+    Conflict,
+    /// `metrics`
+    Metrics,
+    /// `status`
+    Status,
+    /// `peer-connected` (P2P)
+    PeerConnected,
+    /// `peer-disconnected` (P2P)
+    PeerDisconnected,
+}
+
+impl NotificationKind {
+    /// Every kind, for iteration.
+    pub const ALL: [NotificationKind; 11] = [
+        NotificationKind::Connected,
+        NotificationKind::Disconnected,
+        NotificationKind::Reconnecting,
+        NotificationKind::Event,
+        NotificationKind::Sync,
+        NotificationKind::Error,
+        NotificationKind::Conflict,
+        NotificationKind::Metrics,
+        NotificationKind::Status,
+        NotificationKind::PeerConnected,
+        NotificationKind::PeerDisconnected,
+    ];
+
+    /// The spec's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationKind::Connected => "connected",
+            NotificationKind::Disconnected => "disconnected",
+            NotificationKind::Reconnecting => "reconnecting",
+            NotificationKind::Event => "event",
+            NotificationKind::Sync => "sync",
+            NotificationKind::Error => "error",
+            NotificationKind::Conflict => "conflict",
+            NotificationKind::Metrics => "metrics",
+            NotificationKind::Status => "status",
+            NotificationKind::PeerConnected => "peer-connected",
+            NotificationKind::PeerDisconnected => "peer-disconnected",
+        }
+    }
+}
+
+impl FromStr for NotificationKind {
+    type Err = SyncError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NotificationKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| SyncError::UnknownNotification(s.to_owned()))
+    }
+}
+
+impl fmt::Display for NotificationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The sync status reported by `status` notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Connected, nothing in flight.
+    Connected,
+    /// Exchanging events.
+    Syncing,
+    /// Connected and caught up.
+    Idle,
+    /// The last operation failed.
+    Error,
+}
+
+/// Figures reported by `metrics` notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metrics {
+    /// Events sent plus received per second over the last reporting period.
+    pub events_per_second: f64,
+    /// Mean round-trip latency of acknowledged sends, in milliseconds.
+    pub average_latency: f64,
+    /// Bytes sent plus received per second over the last reporting period.
+    pub bandwidth_usage: f64,
+}
+
+/// One notification.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Notification {
+    /// The client is connected.
+    Connected,
+    /// The client lost or closed its connection.
+    Disconnected,
+    /// The client is about to try reconnecting; `attempt` starts at 1.
+    Reconnecting {
+        /// Attempt number.
+        attempt: u32,
+    },
+    /// An event arrived from elsewhere (after dedup and incoming middleware).
+    Event(Event),
+    /// A batch of events was synced (received or sent) in one exchange.
+    Sync(Vec<Event>),
+    /// Something failed.
+    Error(Arc<SyncError>),
+    /// A conflict was found (and resolved by the configured policy).
+    Conflict(Conflict),
+    /// Periodic figures.
+    Metrics(Metrics),
+    /// The status changed.
+    Status(Status),
+    /// A peer connected (P2P).
+    PeerConnected(String),
+    /// A peer disconnected (P2P).
+    PeerDisconnected(String),
+}
+
+impl Notification {
+    /// The kind, i.e. the name handlers are registered under.
+    pub fn kind(&self) -> NotificationKind {
+        match self {
+            Notification::Connected => NotificationKind::Connected,
+            Notification::Disconnected => NotificationKind::Disconnected,
+            Notification::Reconnecting { .. } => NotificationKind::Reconnecting,
+            Notification::Event(_) => NotificationKind::Event,
+            Notification::Sync(_) => NotificationKind::Sync,
+            Notification::Error(_) => NotificationKind::Error,
+            Notification::Conflict(_) => NotificationKind::Conflict,
+            Notification::Metrics(_) => NotificationKind::Metrics,
+            Notification::Status(_) => NotificationKind::Status,
+            Notification::PeerConnected(_) => NotificationKind::PeerConnected,
+            Notification::PeerDisconnected(_) => NotificationKind::PeerDisconnected,
+        }
+    }
+}
+
+/// A callback registered with `on`.
+pub type Handler = Box<dyn Fn(&Notification) + Send + Sync + 'static>;
+
+/// Identifies one registered handler, for `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HandlerId(u64);
+
+type HandlerList = Vec<(HandlerId, Arc<dyn Fn(&Notification) + Send + Sync>)>;
+
+struct HubInner {
+    handlers: Mutex<HashMap<NotificationKind, HandlerList>>,
+    next_id: AtomicU64,
+    stream: broadcast::Sender<Notification>,
+}
+
+/// Delivers notifications to `on` handlers and to [`NotificationStream`]s.
+///
+/// Every client embeds one; cloning shares it.
+#[derive(Clone)]
+pub struct Notifier {
+    inner: Arc<HubInner>,
+}
+
+impl fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Notifier").finish_non_exhaustive()
+    }
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Notifier {
+    /// A hub with no handlers.
+    pub fn new() -> Self {
+        let (stream, _) = broadcast::channel(STREAM_CAPACITY);
+        Self {
+            inner: Arc::new(HubInner {
+                handlers: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                stream,
+            }),
+        }
+    }
+
+    /// Registers `handler` for notifications named `kind` (the spec's names). Returns a
+    /// [`Subscription`] that unsubscribes; an unknown name is [`SyncError::UnknownNotification`].
+    pub fn on(
+        &self,
+        kind: &str,
+        handler: impl Fn(&Notification) + Send + Sync + 'static,
+    ) -> Result<Subscription, SyncError> {
+        let kind: NotificationKind = kind.parse()?;
+        Ok(self.on_kind(kind, handler))
+    }
+
+    /// Like [`Notifier::on`] with a typed kind.
+    pub fn on_kind(
+        &self,
+        kind: NotificationKind,
+        handler: impl Fn(&Notification) + Send + Sync + 'static,
+    ) -> Subscription {
+        let id = HandlerId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        self.lock_handlers()
+            .entry(kind)
+            .or_default()
+            .push((id, Arc::new(handler)));
+        Subscription {
+            kind,
+            id,
+            hub: Arc::downgrade(&self.inner),
+        }
+    }
+
+    /// Removes a handler. Returns whether it was registered; an unknown name is an error.
+    pub fn off(&self, kind: &str, id: HandlerId) -> Result<bool, SyncError> {
+        let kind: NotificationKind = kind.parse()?;
+        Ok(remove(&self.inner, kind, id))
+    }
+
+    /// A stream of every notification from now on.
+    pub fn stream(&self) -> NotificationStream {
+        NotificationStream {
+            rx: self.inner.stream.subscribe(),
+        }
+    }
+
+    /// Delivers a notification: handlers run synchronously on the caller's task, in
+    /// registration order; streams get a copy. Handlers must be quick.
+    pub fn emit(&self, notification: Notification) {
+        let handlers: Vec<_> = self
+            .lock_handlers()
+            .get(&notification.kind())
+            .map(|list| list.iter().map(|(_, h)| Arc::clone(h)).collect())
+            .unwrap_or_default();
+        for handler in handlers {
+            handler(&notification);
+        }
+        // No receivers is fine: nobody is listening.
+        let _ = self.inner.stream.send(notification);
+    }
+
+    /// Whether anything listens for `kind` (lets hot paths skip building notifications).
+    pub fn wants(&self, kind: NotificationKind) -> bool {
+        self.inner.stream.receiver_count() > 0
+            || self
+                .lock_handlers()
+                .get(&kind)
+                .is_some_and(|l| !l.is_empty())
+    }
+
+    fn lock_handlers(&self) -> std::sync::MutexGuard<'_, HashMap<NotificationKind, HandlerList>> {
+        self.inner
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn remove(inner: &HubInner, kind: NotificationKind, id: HandlerId) -> bool {
+    let mut handlers = inner.handlers.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(list) = handlers.get_mut(&kind) else {
+        return false;
+    };
+    let before = list.len();
+    list.retain(|(h, _)| *h != id);
+    before != list.len()
+}
+
+/// The handle `on` returns; the spec's unsubscribe function.
+#[derive(Debug)]
+#[must_use = "keep the subscription to unsubscribe later; dropping it keeps the handler registered"]
+pub struct Subscription {
+    kind: NotificationKind,
+    id: HandlerId,
+    hub: Weak<HubInner>,
+}
+
+impl Subscription {
+    /// The handler's id (for `off`).
+    pub fn id(&self) -> HandlerId {
+        self.id
+    }
+
+    /// The kind it listens to.
+    pub fn kind(&self) -> NotificationKind {
+        self.kind
+    }
+
+    /// Removes the handler. Returns whether it was still registered.
+    pub fn unsubscribe(self) -> bool {
+        self.hub
+            .upgrade()
+            .is_some_and(|inner| remove(&inner, self.kind, self.id))
+    }
+}
+
+/// Why [`NotificationStream::recv`] returned no notification.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The stream fell behind and lost this many notifications; the next `recv` continues.
+    #[error("notification stream lagged and lost {0} notifications")]
+    Lagged(u64),
+    /// The client is gone.
+    #[error("notification stream closed")]
+    Closed,
+}
+
+/// Typed notifications for async code (see [`STREAM_CAPACITY`] for the overflow policy).
+#[derive(Debug)]
+pub struct NotificationStream {
+    rx: broadcast::Receiver<Notification>,
+}
+
+impl NotificationStream {
+    /// The next notification.
+    pub async fn recv(&mut self) -> Result<Notification, StreamError> {
+        self.rx.recv().await.map_err(|e| match e {
+            broadcast::error::RecvError::Lagged(n) => StreamError::Lagged(n),
+            broadcast::error::RecvError::Closed => StreamError::Closed,
+        })
+    }
+
+    /// The next notification of one kind, skipping others (and lag notices).
+    pub async fn next_of(&mut self, kind: NotificationKind) -> Result<Notification, StreamError> {
+        loop {
+            match self.recv().await {
+                Ok(n) if n.kind() == kind => return Ok(n),
+                Ok(_) | Err(StreamError::Lagged(_)) => {}
+                Err(StreamError::Closed) => return Err(StreamError::Closed),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn on_off_and_unknown_names() {
+        let hub = Notifier::new();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = Arc::clone(&hits);
+        let sub = hub
+            .on("connected", move |_| {
+                h.fetch_add(1, Ordering::SeqCst);
+            })
+            .expect("known name");
+        hub.emit(Notification::Connected);
+        hub.emit(Notification::Disconnected);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert!(hub.off("connected", sub.id()).expect("known"));
+        hub.emit(Notification::Connected);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert!(!sub.unsubscribe(), "already removed");
+        assert!(
+            matches!(hub.on("conected", |_| {}), Err(SyncError::UnknownNotification(n)) if n == "conected")
+        );
+        assert!(hub.off("nope", HandlerId(1)).is_err());
+    }
+
+    #[test]
+    fn subscription_unsubscribes() {
+        let hub = Notifier::new();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = Arc::clone(&hits);
+        let sub = hub.on_kind(NotificationKind::Event, move |_| {
+            h.fetch_add(1, Ordering::SeqCst);
+        });
+        assert!(sub.unsubscribe());
+        hub.emit(Notification::Event(crate::Event::new(
+            "1",
+            "t",
+            serde_json::json!(1),
+            1,
+        )));
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn stream_sees_notifications_and_reports_lag() {
+        let hub = Notifier::new();
+        let mut stream = hub.stream();
+        hub.emit(Notification::Reconnecting { attempt: 3 });
+        assert!(matches!(
+            stream.recv().await,
+            Ok(Notification::Reconnecting { attempt: 3 })
+        ));
+        for _ in 0..STREAM_CAPACITY + 5 {
+            hub.emit(Notification::Status(Status::Idle));
+        }
+        assert!(matches!(stream.recv().await, Err(StreamError::Lagged(5))));
+        assert!(matches!(
+            stream.recv().await,
+            Ok(Notification::Status(Status::Idle))
+        ));
+    }
+}

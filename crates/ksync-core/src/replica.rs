@@ -1,0 +1,320 @@
+//! A replica: one storage, one identity, one conflict policy. What a transport syncs.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use crate::conflict::{Conflict, ConflictResolver, Resolution, resolve};
+use crate::error::SyncError;
+use crate::event::Event;
+use crate::log::{AppendOutcome, Stored};
+use crate::notify::{Notification, Notifier};
+use crate::storage::{InMemoryStorage, Storage};
+
+const REPLICA_ID_KEY: &str = "replica.id";
+const CURSOR_PREFIX: &str = "cursor/";
+/// Page size used when scanning the log for pending events.
+const SCAN_PAGE: usize = 1024;
+
+/// The local side of every sync: a [`Storage`], the replica's id (the `origin` of what it
+/// writes) and the conflict policy. Cloning shares it.
+///
+/// Transports use it to store what they receive ([`Replica::ingest`]), find what they still have
+/// to send ([`Replica::pending`]) and remember how far they got ([`Replica::cursor`]), all in the
+/// storage, so that a process killed at any point and restarted loses nothing and sends
+/// nothing twice that the other side cannot deduplicate.
+///
+/// Contract for transports: send pending events in sequence order and advance a cursor only
+/// over a contiguous prefix that the other side acknowledged.
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    storage: Arc<dyn Storage>,
+    id: String,
+    resolver: RwLock<Option<ConflictResolver>>,
+    // One ingest at a time, so resolving a conflict and writing the resolution is atomic with
+    // respect to other ingests.
+    ingest_lock: tokio::sync::Mutex<()>,
+}
+
+impl fmt::Debug for Replica {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replica")
+            .field("id", &self.inner.id)
+            .field("events", &self.inner.storage.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Replica::ingest`] did with a batch of remote events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ingested {
+    /// Events that were new, as stored.
+    pub appended: Vec<Stored>,
+    /// Exact duplicates dropped.
+    pub duplicates: usize,
+    /// Conflicts found.
+    pub conflicts: Vec<Conflict>,
+    /// The new revisions written to settle the conflicts (local events: they are pending).
+    pub resolutions: Vec<Stored>,
+}
+
+impl Ingested {
+    /// The new events without sequence numbers.
+    pub fn new_events(&self) -> Vec<Event> {
+        self.appended.iter().map(|s| s.event.clone()).collect()
+    }
+
+    /// Emits `conflict` for each conflict, `event` for each new event and one `sync` with all of
+    /// them (when there are any).
+    pub fn notify(&self, notifier: &Notifier) {
+        for conflict in &self.conflicts {
+            notifier.emit(Notification::Conflict(conflict.clone()));
+        }
+        for stored in &self.appended {
+            notifier.emit(Notification::Event(stored.event.clone()));
+        }
+        if !self.appended.is_empty() {
+            notifier.emit(Notification::Sync(self.new_events()));
+        }
+    }
+}
+
+impl Replica {
+    /// Opens the replica kept in `storage`: its id is read from the storage, or made and stored
+    /// the first time.
+    pub async fn open(storage: Arc<dyn Storage>) -> Result<Self, SyncError> {
+        let id = match storage.meta(REPLICA_ID_KEY)? {
+            Some(id) => id,
+            None => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                storage.set_meta(REPLICA_ID_KEY, &id).await?;
+                id
+            }
+        };
+        Ok(Self::with_id(storage, id))
+    }
+
+    /// A replica with an explicit id (for example a P2P `peerId`). The id is not stored.
+    pub fn with_id(storage: Arc<dyn Storage>, id: impl Into<String>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                storage,
+                id: id.into(),
+                resolver: RwLock::new(None),
+                ingest_lock: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// A fresh in-memory replica with a random id: what a client uses when nobody attached one.
+    pub fn in_memory() -> Self {
+        Self::with_id(
+            Arc::new(InMemoryStorage::new()),
+            uuid::Uuid::new_v4().simple().to_string(),
+        )
+    }
+
+    /// The replica id (the `origin` of events made here).
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.storage
+    }
+
+    /// Sets the conflict policy. Without one, last-write-wins applies.
+    pub fn set_resolver(&self, resolver: Option<ConflictResolver>) {
+        *self
+            .inner
+            .resolver
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = resolver;
+    }
+
+    fn resolution_for(&self, conflict: &Conflict) -> Resolution {
+        let resolver = self
+            .inner
+            .resolver
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match resolver {
+            Some(resolver) => resolver(conflict),
+            None => Resolution::LastWriteWins,
+        }
+    }
+
+    /// Stores an event made on this replica. A different event already stored under the same
+    /// `(id, version)` is [`SyncError::Rejected`]; the identical one is returned as it is stored.
+    pub async fn record_local(&self, event: Event) -> Result<Stored, SyncError> {
+        let outcome = self.inner.storage.append(vec![event.clone()]).await?;
+        match outcome.outcomes.first() {
+            Some(AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq }) => {
+                Ok(Stored { seq: *seq, event })
+            }
+            Some(AppendOutcome::Conflict(c)) => Err(SyncError::Rejected(format!(
+                "event {:?} version {} already exists with other content",
+                c.ours.id, c.ours.version
+            ))),
+            None => Err(SyncError::Protocol("storage returned no outcome".into())),
+        }
+    }
+
+    /// Stores events received from elsewhere: new ones are appended, duplicates dropped, and each
+    /// conflict is settled by the policy with a new revision (see [`resolve`]) that supersedes
+    /// both sides, written as a local event so it travels on the next send.
+    pub async fn ingest(&self, events: Vec<Event>) -> Result<Ingested, SyncError> {
+        let _guard = self.inner.ingest_lock.lock().await;
+        let outcome = self.inner.storage.append(events).await?;
+        let mut resolved = Vec::with_capacity(outcome.conflicts.len());
+        for conflict in &outcome.conflicts {
+            let resolution = self.resolution_for(conflict);
+            let mut event = resolve(conflict, &resolution, self.id());
+            // Never collide with a newer revision this replica already holds.
+            if let Some(latest) = self.inner.storage.latest(&conflict.ours.id)? {
+                event.version = event.version.max(latest.event.version + 1);
+            }
+            resolved.push(event);
+        }
+        let resolutions = if resolved.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.storage.append(resolved).await?.appended
+        };
+        Ok(Ingested {
+            appended: outcome.appended,
+            duplicates: outcome.duplicates,
+            conflicts: outcome.conflicts,
+            resolutions,
+        })
+    }
+
+    /// Up to `limit` events made on this replica (origin = our id) with `seq > after`.
+    pub fn pending(&self, after: u64, limit: usize) -> Result<Vec<Stored>, SyncError> {
+        let mut out = Vec::new();
+        let mut from = after;
+        while out.len() < limit {
+            let page = self.inner.storage.read_since(from, SCAN_PAGE)?;
+            let Some(last) = page.last() else { break };
+            from = last.seq;
+            out.extend(
+                page.into_iter()
+                    .filter(|s| s.event.origin.as_deref() == Some(self.id())),
+            );
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// A named cursor (e.g. `ws:ws://host/room/server` or `git:main/pushed`); 0 when never set.
+    pub fn cursor(&self, name: &str) -> Result<u64, SyncError> {
+        let raw = self.inner.storage.meta(&format!("{CURSOR_PREFIX}{name}"))?;
+        raw.map_or(Ok(0), |v| {
+            v.parse().map_err(|_| {
+                SyncError::Protocol(format!("cursor {name:?} holds {v:?}, not a number"))
+            })
+        })
+    }
+
+    /// Sets a named cursor, durably.
+    pub async fn set_cursor(&self, name: &str, value: u64) -> Result<(), SyncError> {
+        self.inner
+            .storage
+            .set_meta(&format!("{CURSOR_PREFIX}{name}"), &value.to_string())
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn identity_survives_reopen() {
+        let storage: Arc<dyn Storage> = Arc::new(InMemoryStorage::new());
+        let a = Replica::open(Arc::clone(&storage)).await.expect("open");
+        let b = Replica::open(storage).await.expect("reopen");
+        assert_eq!(a.id(), b.id());
+    }
+
+    #[tokio::test]
+    async fn pending_is_local_events_after_the_cursor() {
+        let replica = Replica::with_id(Arc::new(InMemoryStorage::new()), "me");
+        replica
+            .record_local(Event::new("a", "t", json!(1), 1).with_origin("me"))
+            .await
+            .expect("local");
+        replica
+            .ingest(vec![Event::new("b", "t", json!(1), 1).with_origin("other")])
+            .await
+            .expect("remote");
+        replica
+            .record_local(Event::new("c", "t", json!(1), 1).with_origin("me"))
+            .await
+            .expect("local");
+        let ids: Vec<_> = replica
+            .pending(0, 10)
+            .expect("pending")
+            .into_iter()
+            .map(|s| s.event.id)
+            .collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(replica.pending(1, 10).expect("pending").len(), 1);
+        assert_eq!(replica.pending(0, 1).expect("pending").len(), 1);
+        replica.set_cursor("x", 7).await.expect("set");
+        assert_eq!(replica.cursor("x").expect("get"), 7);
+        assert_eq!(replica.cursor("never").expect("get"), 0);
+    }
+
+    #[tokio::test]
+    async fn conflicts_resolve_into_a_new_local_revision_on_both_sides() {
+        let a = Replica::with_id(Arc::new(InMemoryStorage::new()), "a");
+        let b = Replica::with_id(Arc::new(InMemoryStorage::new()), "b");
+        let ea = Event::new("x", "t", json!("from a"), 10).with_origin("a");
+        let eb = Event::new("x", "t", json!("from b"), 20).with_origin("b");
+        a.record_local(ea.clone()).await.expect("a");
+        b.record_local(eb.clone()).await.expect("b");
+        let at_a = a.ingest(vec![eb]).await.expect("ingest");
+        let at_b = b.ingest(vec![ea]).await.expect("ingest");
+        assert_eq!(at_a.conflicts.len(), 1);
+        assert_eq!(at_a.resolutions.len(), 1);
+        let ra = &at_a.resolutions[0].event;
+        let rb = &at_b.resolutions[0].event;
+        assert_eq!(
+            (ra.version, &ra.data),
+            (2, &json!("from b")),
+            "later timestamp wins"
+        );
+        assert!(ra.same_content(rb));
+        // Exchanging the resolutions deduplicates: the replicas are equal.
+        let again = a.ingest(vec![rb.clone()]).await.expect("ingest");
+        assert_eq!((again.duplicates, again.conflicts.len()), (1, 0));
+        let sa = a.storage().state().expect("state");
+        let sb = b.storage().state().expect("state");
+        assert!(sa["x"].same_content(&sb["x"]) && sa["x"].version == sb["x"].version);
+    }
+
+    #[tokio::test]
+    async fn custom_resolver_is_used() {
+        let a = Replica::with_id(Arc::new(InMemoryStorage::new()), "a");
+        a.set_resolver(Some(Arc::new(|c: &Conflict| {
+            Resolution::Merged(Event::new(&c.ours.id, "merged", json!("both"), 99))
+        })));
+        a.record_local(Event::new("x", "t", json!(1), 1).with_origin("a"))
+            .await
+            .expect("a");
+        let out = a
+            .ingest(vec![Event::new("x", "t", json!(2), 2)])
+            .await
+            .expect("ingest");
+        assert_eq!(out.resolutions[0].event.data, json!("both"));
+        assert_eq!(out.resolutions[0].event.origin.as_deref(), Some("a"));
+    }
+}

@@ -1,0 +1,165 @@
+//! The storage trait and the in-memory storage.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::event::Event;
+use crate::log::{LogIndex, MergeOutcome, Stored};
+
+/// A boxed, sendable future, as returned by the object-safe async methods of kSync's traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Errors from a [`Storage`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// An IO operation failed; nothing from the failed call was acknowledged.
+    #[error("storage IO failed: {context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The on-disk data is damaged at a place recovery must not cut.
+    #[error("storage is corrupt at byte offset {offset}: {reason}")]
+    Corrupt {
+        /// Byte offset of the damaged record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The file is not a kSync log, or a format this version cannot read.
+    #[error("unsupported storage format: {0}")]
+    Format(String),
+    /// The storage was closed (or its writer stopped after an earlier failure).
+    #[error("storage is closed")]
+    Closed,
+    /// Encoding or decoding a record failed.
+    #[error("storage codec error: {0}")]
+    Codec(String),
+}
+
+/// Where kSync keeps a log: append-only, idempotent, sequence-numbered.
+///
+/// Rules every implementation keeps:
+/// - `append` merges with the rules of [`LogIndex`]: new revisions get the next sequence
+///   numbers, exact duplicates are dropped, conflicting contents are reported and not stored;
+/// - when `append` returns `Ok`, the appended events are as durable as the storage promises
+///   (for a durable storage: on disk), and visible to every read;
+/// - reads see a prefix of the log; sequence numbers are gap-free and never reused.
+///
+/// Reads are synchronous and cheap (served from memory); writes are async so a durable
+/// storage can batch many appends into one `fsync` without blocking an executor thread.
+pub trait Storage: Send + Sync + 'static {
+    /// Merges `events` into the log.
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>>;
+
+    /// Up to `limit` events with `seq > after`, in order.
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError>;
+
+    /// The revision `(id, version)`.
+    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError>;
+
+    /// The highest version of `id`.
+    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError>;
+
+    /// The number of events (the last sequence number).
+    fn len(&self) -> u64;
+
+    /// Whether the log is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The materialised state: the highest version of every id.
+    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError>;
+
+    /// Reads a small piece of replica metadata (cursors, the replica id).
+    fn meta(&self, key: &str) -> Result<Option<String>, StorageError>;
+
+    /// Writes a piece of metadata, as durably as events.
+    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>>;
+
+    /// Makes everything written so far durable (a no-op for storages without durability).
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A [`Storage`] held in memory. Fast, not durable; the spec's `InMemoryStorage`.
+///
+/// ```
+/// # tokio_test_block(async {
+/// use ksync_core::{Event, InMemoryStorage, Storage};
+/// let storage = InMemoryStorage::new();
+/// let out = storage.append(vec![Event::new("1", "t", serde_json::json!({}), 1)]).await.unwrap();
+/// assert_eq!(out.last_seq(), Some(1));
+/// assert_eq!(storage.len(), 1);
+/// # });
+/// # fn tokio_test_block<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Debug, Default)]
+pub struct InMemoryStorage {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    log: LogIndex,
+    meta: HashMap<String, String>,
+}
+
+impl InMemoryStorage {
+    /// An empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the log half-updated (commit only pushes),
+        // so a poisoned lock is safe to keep using.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Storage for InMemoryStorage {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        let outcome = self.lock().log.merge(events);
+        Box::pin(async move { Ok(outcome) })
+    }
+
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        Ok(self.lock().log.read_since(after, limit))
+    }
+
+    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+        Ok(self.lock().log.get(id, version))
+    }
+
+    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+        Ok(self.lock().log.latest(id))
+    }
+
+    fn len(&self) -> u64 {
+        self.lock().log.len()
+    }
+
+    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+        Ok(self.lock().log.state())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+        Ok(self.lock().meta.get(key).cloned())
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.lock().meta.insert(key.to_owned(), value.to_owned());
+        Box::pin(async { Ok(()) })
+    }
+}
