@@ -5,6 +5,7 @@
 //! through [`Clock`]); transports (`ksync-ws`, `ksync-git`, `ksync-p2p`) move bytes and call
 //! into it.
 
+mod access;
 mod auth;
 mod client;
 mod clock;
@@ -18,6 +19,7 @@ mod notify;
 mod replica;
 mod storage;
 
+pub use access::{Access, AllowAll, AuthError, Authenticator, Credentials, Grant, ResourceKind};
 pub use auth::Auth;
 pub use client::{PullPushClient, PullResult, PushResult, SyncClient, SyncResult};
 pub use clock::{Clock, ManualClock, SystemClock};
