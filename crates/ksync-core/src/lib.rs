@@ -15,6 +15,7 @@ mod event;
 mod ksync;
 mod log;
 mod middleware;
+mod names;
 mod notify;
 mod replica;
 mod storage;
@@ -29,6 +30,7 @@ pub use event::{Event, EventLimits, InvalidEvent, RevisionKey};
 pub use ksync::{AutoSync, KSync, KSyncBuilder};
 pub use log::{AppendOutcome, LogIndex, MergeOutcome, MergePlan, Stored};
 pub use middleware::{Direction, Filter, Middleware, MiddlewareError, Pipeline};
+pub use names::{InMemoryProvider, LogName, MAX_NAME_LEN, Name, NameError, StorageProvider};
 pub use notify::{
     Handler, HandlerId, Metrics, Notification, NotificationKind, NotificationStream, Notifier,
     STREAM_CAPACITY, Status, StreamError, Subscription,

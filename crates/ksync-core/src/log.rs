@@ -34,7 +34,7 @@ pub enum AppendOutcome {
         seq: u64,
     },
     /// The log holds different content under the same `(id, version)`; nothing was stored.
-    Conflict(Conflict),
+    Conflict(Box<Conflict>),
 }
 
 /// The result of merging a batch into a log.
@@ -171,7 +171,9 @@ impl LogIndex {
                 Some((_, held)) => {
                     let conflict = Conflict::concurrent_edit(held, event);
                     outcome.conflicts.push(conflict.clone());
-                    outcome.outcomes.push(AppendOutcome::Conflict(conflict));
+                    outcome
+                        .outcomes
+                        .push(AppendOutcome::Conflict(Box::new(conflict)));
                 }
                 None => {
                     next_seq += 1;
