@@ -1,4 +1,6 @@
-//! Project automation: `cargo xtask ci | integration | bench | chaos | demo`.
+//! Project automation: `cargo xtask <ci | bench [scenario..]>`.
+
+mod bench;
 
 use std::process::Command;
 
@@ -8,6 +10,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("bench") => bench::run(&args[1..]),
         Some(other) => bail!("unknown xtask {other:?}\n{USAGE}"),
         None => {
             println!("{USAGE}");
@@ -16,10 +19,12 @@ fn main() -> Result<()> {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci>
-  ci    fmt check, clippy -D warnings, tests";
+const USAGE: &str = "usage: cargo xtask <command>
+  ci                    fmt check, clippy -D warnings, all tests
+  bench [scenario..]    benchmarks side by side with their baselines (default: all)";
 
-fn cargo(args: &[&str]) -> Result<()> {
+/// Runs `cargo <args>`, failing on a non-zero exit.
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("$ cargo {}", args.join(" "));
     let status = Command::new(&cargo)
