@@ -1,0 +1,545 @@
+//! `P2PSyncClient`: the handle applications hold, and its builder.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ksync_core::{
+    BoxFuture, Event, EventLimits, InMemoryStorage, Name, Notification, Notifier, Replica,
+    SyncClient, SyncError,
+};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{
+    DEFAULT_ANTI_ENTROPY_INTERVAL, DEFAULT_COMMAND_CAPACITY, DEFAULT_LISTEN_HOST,
+    DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEERS, DEFAULT_NETWORK, DiscoveryMethod, NetworkKey,
+    Options, default_key_dir,
+};
+use crate::error::P2PError;
+use crate::identity;
+use crate::node::{self, Command, Node, Shared, Target};
+
+/// Counters of one client since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct P2PStats {
+    /// Gossip messages published (each holds a batch of events).
+    pub published_messages: u64,
+    /// Events published.
+    pub published_events: u64,
+    /// Gossip messages received and accepted.
+    pub accepted_messages: u64,
+    /// Gossip messages received and rejected (malformed, oversized, invalid events).
+    pub rejected_messages: u64,
+    /// Events received by gossip (before deduplication).
+    pub gossip_events: u64,
+    /// Events received by catch-up (before deduplication).
+    pub catch_up_events: u64,
+    /// Received events that were new to the replica.
+    pub new_events: u64,
+    /// Received events the replica already held.
+    pub duplicate_events: u64,
+    /// Catch-up rounds started.
+    pub catch_up_rounds: u64,
+}
+
+/// Builds a [`P2PSyncClient`] from the spec's options (and a few more, with defaults).
+#[derive(Debug, Clone)]
+pub struct P2PSyncClientBuilder {
+    opts: Options,
+    encryption: bool,
+    replica: Option<Replica>,
+}
+
+impl P2PSyncClientBuilder {
+    /// The port to listen on (spec: `port`). Default 0: any free port.
+    pub fn port(mut self, port: u16) -> Self {
+        self.opts.port = port;
+        self
+    }
+
+    /// The address to listen on. Default `0.0.0.0` (every interface): a peer that others
+    /// cannot reach syncs with nobody. Use `127.0.0.1` for a single host.
+    pub fn listen_host(mut self, host: IpAddr) -> Self {
+        self.opts.listen_host = host;
+        self
+    }
+
+    /// Spec: `encryption`. `true` makes this a private network: connections need the
+    /// [`network_key`](Self::network_key) (required then). Without it, connections are still
+    /// Noise-encrypted hop by hop, but anyone may join.
+    pub fn encryption(mut self, on: bool) -> Self {
+        self.encryption = on;
+        self
+    }
+
+    /// The private network's key (used when `encryption` is on).
+    pub fn network_key(mut self, key: NetworkKey) -> Self {
+        self.opts.network_key = Some(key);
+        self
+    }
+
+    /// The network name: peers sync only with peers of the same network (it names the gossip
+    /// topic). Default `ksync`.
+    pub fn network(mut self, name: impl Into<String>) -> Self {
+        self.opts.network = name.into();
+        self
+    }
+
+    /// Where the identity key file is kept (`<dir>/<peer_id>.p2p-key`). Default
+    /// [`default_key_dir`](crate::default_key_dir).
+    pub fn key_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.opts.key_dir = dir.into();
+        self
+    }
+
+    /// How often a catch-up round runs with every connected peer (one also runs on every new
+    /// connection). Default 15 s.
+    pub fn anti_entropy_interval(mut self, every: Duration) -> Self {
+        self.opts.anti_entropy_interval = every;
+        self
+    }
+
+    /// Most established connections. Default 64.
+    pub fn max_peers(mut self, max: u32) -> Self {
+        self.opts.max_peers = max;
+        self
+    }
+
+    /// Largest event (JSON-encoded bytes) sent or accepted. Default 64 KiB.
+    pub fn max_event_bytes(mut self, max: usize) -> Self {
+        self.opts.max_event_bytes = max;
+        self
+    }
+
+    /// Capacity of the command channel to the node task (broadcasts wait when it is full).
+    /// Default 1024.
+    pub fn command_capacity(mut self, capacity: usize) -> Self {
+        self.opts.command_capacity = capacity;
+        self
+    }
+
+    /// How long `connect_to_peer` waits. Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a catch-up request may take. Default 30 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.request_timeout = timeout;
+        self
+    }
+
+    /// The replica to sync (default: a fresh in-memory one with `peer_id` as its id).
+    /// [`KSync`](ksync_core::KSync) attaches its own.
+    pub fn replica(mut self, replica: Replica) -> Self {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// Checks the options and loads (or creates) the identity key.
+    pub fn build(self) -> Result<P2PSyncClient, P2PError> {
+        let mut opts = self.opts;
+        Name::new(&opts.peer_id)
+            .map_err(|e| P2PError::Config(format!("peer_id {:?}: {e}", opts.peer_id)))?;
+        Name::new(&opts.network)
+            .map_err(|e| P2PError::Config(format!("network {:?}: {e}", opts.network)))?;
+        if self.encryption && opts.network_key.is_none() {
+            return Err(P2PError::Config(
+                "encryption is on but no network key was given".into(),
+            ));
+        }
+        if !self.encryption {
+            opts.network_key = None;
+        }
+        if opts.command_capacity == 0 {
+            return Err(P2PError::Config(
+                "command_capacity must be at least 1".into(),
+            ));
+        }
+        if opts.max_peers == 0 {
+            return Err(P2PError::Config("max_peers must be at least 1".into()));
+        }
+        if opts.anti_entropy_interval.is_zero() {
+            return Err(P2PError::Config(
+                "anti_entropy_interval must be positive".into(),
+            ));
+        }
+        let key_path = identity::key_path(&opts.key_dir, &opts.peer_id);
+        let keypair = identity::load_or_create(&key_path)?;
+        let replica = self.replica.unwrap_or_else(|| {
+            Replica::with_id(Arc::new(InMemoryStorage::new()), opts.peer_id.clone())
+        });
+        Ok(P2PSyncClient {
+            local_peer_id: keypair.public().to_peer_id(),
+            keypair,
+            opts,
+            key_path,
+            notifier: Notifier::new(),
+            replica: Mutex::new(replica),
+            shared: Arc::new(Shared::default()),
+            commands: Mutex::new(None),
+            lifecycle: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+/// Peer-to-peer sync over libp2p: the spec's `P2PSyncClient`.
+///
+/// Live events travel by gossipsub (one topic per network, signed, validated); a peer that
+/// was offline or joined late catches up from every peer it meets (request-response
+/// anti-entropy over the peers' logs), so all peers converge even when gossip missed something.
+/// Received events go through [`Replica::ingest`] (deduplication, conflict settlement).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use ksync_core::{InMemoryStorage, KSync};
+/// use ksync_p2p::{DiscoveryMethod, NetworkKey, P2PSyncClient};
+///
+/// let key = NetworkKey::parse(&std::fs::read_to_string("swarm.key")?)?;
+/// let client = P2PSyncClient::builder("my-unique-peer-id", DiscoveryMethod::Mdns)
+///     .port(9000)
+///     .encryption(true)
+///     .network_key(key)
+///     .build()?;
+/// let ksync = KSync::builder()
+///     .storage(Arc::new(InMemoryStorage::new()))
+///     .sync_client(Arc::new(client))
+///     .replica_id("my-unique-peer-id")
+///     .build()
+///     .await?;
+/// ksync.start().await?;
+/// ksync.emit("peer_event", serde_json::json!({"data": "hello peers"})).await?;
+/// # Ok(()) }
+/// ```
+pub struct P2PSyncClient {
+    opts: Options,
+    keypair: Keypair,
+    local_peer_id: PeerId,
+    key_path: PathBuf,
+    notifier: Notifier,
+    replica: Mutex<Replica>,
+    shared: Arc<Shared>,
+    /// The command channel to the running node (bounded: `command_capacity`; a full channel
+    /// makes `broadcast` wait, so a fast producer is slowed to the network's pace and nothing
+    /// is dropped).
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
+    /// The node task; the async lock serialises start and stop.
+    lifecycle: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl fmt::Debug for P2PSyncClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("P2PSyncClient")
+            .field("peer_id", &self.opts.peer_id)
+            .field("local_peer_id", &self.local_peer_id)
+            .field("network", &self.opts.network)
+            .field("discovery", &self.opts.discovery)
+            .finish_non_exhaustive()
+    }
+}
+
+impl P2PSyncClient {
+    /// Starts a builder with the spec's required options: `peerId` (this replica's id; it
+    /// also names the identity key file) and `discoveryMethod`.
+    pub fn builder(peer_id: impl Into<String>, discovery: DiscoveryMethod) -> P2PSyncClientBuilder {
+        P2PSyncClientBuilder {
+            opts: Options {
+                peer_id: peer_id.into(),
+                discovery,
+                port: 0,
+                listen_host: DEFAULT_LISTEN_HOST,
+                network: DEFAULT_NETWORK.to_owned(),
+                network_key: None,
+                key_dir: default_key_dir(),
+                anti_entropy_interval: DEFAULT_ANTI_ENTROPY_INTERVAL,
+                max_peers: DEFAULT_MAX_PEERS,
+                max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+                command_capacity: DEFAULT_COMMAND_CAPACITY,
+                request_timeout: Duration::from_secs(30),
+                connect_timeout: Duration::from_secs(10),
+            },
+            encryption: false,
+            replica: None,
+        }
+    }
+
+    /// The spec's `peerId`.
+    pub fn peer_id(&self) -> &str {
+        &self.opts.peer_id
+    }
+
+    /// The libp2p peer id (from the identity key; stable across restarts).
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// Where the identity key is kept.
+    pub fn key_path(&self) -> &std::path::Path {
+        &self.key_path
+    }
+
+    /// The network name.
+    pub fn network(&self) -> &str {
+        &self.opts.network
+    }
+
+    /// The replica this client syncs.
+    pub fn replica(&self) -> Replica {
+        self.replica
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The notification hub (`connected`, `event`, `sync`, `error`, `peer-connected`,
+    /// `peer-disconnected`, `conflict`).
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// Starts the node: listens, joins the network's topic, starts discovery. Returns once
+    /// listening; emits `connected`. Starting a started client does nothing.
+    pub async fn start(&self) -> Result<(), P2PError> {
+        let mut task = self.lifecycle.lock().await;
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return Ok(());
+        }
+        let swarm = node::build_swarm(self.keypair.clone(), &self.opts)?;
+        let (tx, rx) = mpsc::channel(self.opts.command_capacity);
+        let node = Node::start(
+            swarm,
+            self.opts.clone(),
+            self.replica(),
+            self.notifier.clone(),
+            Arc::clone(&self.shared),
+            rx,
+        )
+        .await?;
+        *task = Some(tokio::spawn(node.run()));
+        *self.commands.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        tracing::info!(peer = %self.local_peer_id, addrs = ?self.listen_addrs(), "P2P node started");
+        self.notifier.emit(Notification::Connected);
+        Ok(())
+    }
+
+    /// Stops the node (closes every connection); emits `disconnected`. Stored events stay; a
+    /// later `start` resumes.
+    pub async fn stop(&self) -> Result<(), P2PError> {
+        let mut task = self.lifecycle.lock().await;
+        let tx = self
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(handle) = task.take() else {
+            return Ok(());
+        };
+        if let Some(tx) = tx {
+            // A closed channel means the task already ended.
+            let _ = tx.send(Command::Shutdown).await;
+        }
+        if let Err(e) = handle.await {
+            tracing::warn!(error = %e, "P2P node task ended abnormally");
+        }
+        self.notifier.emit(Notification::Disconnected);
+        Ok(())
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Command>, P2PError> {
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(P2PError::NotStarted)
+    }
+
+    /// Stores `event` in the replica and publishes it to the network. Returns once stored
+    /// and queued (waiting while the command queue is full). Before `start` the event is
+    /// stored and [`P2PError::NotStarted`] returned; peers get it by catch-up later.
+    pub async fn broadcast(&self, event: Event) -> Result<(), P2PError> {
+        event.validate(&EventLimits::default())?;
+        let bytes = serde_json::to_vec(&event)?;
+        if bytes.len() > self.opts.max_event_bytes {
+            return Err(P2PError::EventTooLarge {
+                size: bytes.len(),
+                max: self.opts.max_event_bytes,
+            });
+        }
+        self.replica()
+            .record_local(event)
+            .await
+            .map_err(P2PError::Replica)?;
+        self.sender()?
+            .send(Command::Broadcast(bytes))
+            .await
+            .map_err(|_| P2PError::Stopped)
+    }
+
+    /// Connects to a peer: a peer id (`12D3Koo...`) whose address discovery knows or finds
+    /// (mDNS, Kademlia lookup), or a full multiaddr (`/ip4/1.2.3.4/tcp/9000/p2p/12D3Koo...`).
+    /// Returns the connected peer's id.
+    pub async fn connect_to_peer(&self, target: &str) -> Result<PeerId, P2PError> {
+        let target = parse_target(target)?;
+        let (reply, answer) = oneshot::channel();
+        self.sender()?
+            .send(Command::Connect { target, reply })
+            .await
+            .map_err(|_| P2PError::Stopped)?;
+        match tokio::time::timeout(self.opts.connect_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(P2PError::Stopped),
+            Err(_) => Err(P2PError::Timeout(format!(
+                "connecting took longer than {:?}",
+                self.opts.connect_timeout
+            ))),
+        }
+    }
+
+    /// Runs a catch-up round with every connected peer now (one also runs periodically and
+    /// on every new connection).
+    pub async fn sync_now(&self) -> Result<(), P2PError> {
+        self.sender()?
+            .send(Command::SyncNow)
+            .await
+            .map_err(|_| P2PError::Stopped)
+    }
+
+    /// The gossipsub score this node gives `peer` (negative after invalid messages).
+    pub async fn peer_score(&self, peer: PeerId) -> Result<Option<f64>, P2PError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender()?
+            .send(Command::PeerScore { peer, reply })
+            .await
+            .map_err(|_| P2PError::Stopped)?;
+        answer.await.map_err(|_| P2PError::Stopped)
+    }
+
+    /// The addresses the node listens on (empty before `start`).
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        node::listen_addrs_of(&self.shared)
+    }
+
+    /// The listen addresses with `/p2p/<peer id>` appended: what others pass to
+    /// `connect_to_peer`.
+    pub fn addresses(&self) -> Vec<Multiaddr> {
+        self.listen_addrs()
+            .into_iter()
+            .map(|a| a.with(Protocol::P2p(self.local_peer_id)))
+            .collect()
+    }
+
+    /// The peers connected now.
+    pub fn connected_peers(&self) -> Vec<PeerId> {
+        node::peers_of(&self.shared)
+    }
+
+    /// Counters since the client was built.
+    pub fn stats(&self) -> P2PStats {
+        let c = &self.shared.counters;
+        P2PStats {
+            published_messages: c.published_messages.load(Ordering::Relaxed),
+            published_events: c.published_events.load(Ordering::Relaxed),
+            accepted_messages: c.accepted_messages.load(Ordering::Relaxed),
+            rejected_messages: c.rejected_messages.load(Ordering::Relaxed),
+            gossip_events: c.gossip_events.load(Ordering::Relaxed),
+            catch_up_events: c.catch_up_events.load(Ordering::Relaxed),
+            new_events: c.new_events.load(Ordering::Relaxed),
+            duplicate_events: c.duplicate_events.load(Ordering::Relaxed),
+            catch_up_rounds: c.catch_up_rounds.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn parse_target(target: &str) -> Result<Target, P2PError> {
+    let target = target.trim();
+    if target.starts_with('/') {
+        target
+            .parse::<Multiaddr>()
+            .map(Target::Addr)
+            .map_err(|_| P2PError::InvalidTarget(target.to_owned()))
+    } else {
+        target
+            .parse::<PeerId>()
+            .map(Target::Peer)
+            .map_err(|_| P2PError::InvalidTarget(target.to_owned()))
+    }
+}
+
+impl SyncClient for P2PSyncClient {
+    fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move { self.start().await.map_err(SyncError::from) })
+    }
+
+    fn disconnect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move { self.stop().await.map_err(SyncError::from) })
+    }
+
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move { self.broadcast(event).await.map_err(SyncError::from) })
+    }
+
+    fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// Takes the replica to sync. A running node keeps the one it started with until the
+    /// next `start`.
+    fn attach(&self, replica: Replica) {
+        *self.replica.lock().unwrap_or_else(|p| p.into_inner()) = replica;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        let peer = PeerId::random();
+        assert!(matches!(parse_target(&peer.to_string()), Ok(Target::Peer(p)) if p == peer));
+        assert!(matches!(
+            parse_target("/ip4/127.0.0.1/tcp/9000"),
+            Ok(Target::Addr(_))
+        ));
+        assert!(matches!(
+            parse_target("peer-123"),
+            Err(P2PError::InvalidTarget(_))
+        ));
+        assert!(matches!(
+            parse_target("/nonsense/x"),
+            Err(P2PError::InvalidTarget(_))
+        ));
+    }
+
+    #[test]
+    fn builder_checks_options() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = P2PSyncClient::builder("a", DiscoveryMethod::Manual)
+            .key_dir(dir.path())
+            .encryption(true)
+            .build()
+            .expect_err("needs a key");
+        assert!(matches!(err, P2PError::Config(_)));
+        let err = P2PSyncClient::builder("../evil", DiscoveryMethod::Manual)
+            .key_dir(dir.path())
+            .build()
+            .expect_err("bad name");
+        assert!(matches!(err, P2PError::Config(_)));
+        let client = P2PSyncClient::builder("a", DiscoveryMethod::Manual)
+            .key_dir(dir.path())
+            .build()
+            .expect("builds");
+        assert_eq!(client.peer_id(), "a");
+        assert!(client.key_path().exists());
+        assert!(client.listen_addrs().is_empty());
+    }
+}

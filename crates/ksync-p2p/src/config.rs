@@ -1,0 +1,165 @@
+//! Options of the P2P client: discovery, network key, limits.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use libp2p::pnet::PreSharedKey;
+
+use crate::error::P2PError;
+
+/// How a peer finds others (the spec's `discoveryMethod`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoveryMethod {
+    /// Multicast DNS on the local network: peers on the same LAN find each other and connect.
+    Mdns,
+    /// Kademlia DHT: join through the bootstrap peers (full multiaddrs ending in `/p2p/<id>`),
+    /// then find others by lookups; discovered peers are dialed.
+    Dht {
+        /// Where to join.
+        bootstrap: Vec<Multiaddr>,
+    },
+    /// Connect only where told (`connect_to_peer` with a full multiaddr).
+    Manual,
+}
+
+impl DiscoveryMethod {
+    /// The spec's name: `mdns`, `dht` or `manual`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DiscoveryMethod::Mdns => "mdns",
+            DiscoveryMethod::Dht { .. } => "dht",
+            DiscoveryMethod::Manual => "manual",
+        }
+    }
+}
+
+/// Parses the spec's names; `dht` starts with no bootstrap peers.
+impl FromStr for DiscoveryMethod {
+    type Err = P2PError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mdns" => Ok(DiscoveryMethod::Mdns),
+            "dht" => Ok(DiscoveryMethod::Dht {
+                bootstrap: Vec::new(),
+            }),
+            "manual" => Ok(DiscoveryMethod::Manual),
+            other => Err(P2PError::Config(format!(
+                "unknown discovery method {other:?} (known: mdns, dht, manual)"
+            ))),
+        }
+    }
+}
+
+/// The pre-shared key of a private network (`encryption: true`).
+///
+/// Peers only complete a connection with peers that hold the same key (libp2p `pnet`): the
+/// whole byte stream, handshake included, is encrypted with it before Noise runs. `Debug` and
+/// `Display` show only the fingerprint.
+#[derive(Clone, Copy)]
+pub struct NetworkKey(PreSharedKey);
+
+impl NetworkKey {
+    /// A key from 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(PreSharedKey::new(bytes))
+    }
+
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        Self::from_bytes(rand::random())
+    }
+
+    /// Parses 64 hex digits, or a go-libp2p `swarm.key` file
+    /// (`/key/swarm/psk/1.0.0/`, `/base16/`, hex).
+    pub fn parse(text: &str) -> Result<Self, P2PError> {
+        let text = text.trim();
+        if text.starts_with("/key/") {
+            return PreSharedKey::from_str(text)
+                .map(Self)
+                .map_err(|e| P2PError::NetworkKey(e.to_string()));
+        }
+        if text.len() != 64 {
+            return Err(P2PError::NetworkKey(format!(
+                "expected 64 hex digits, got {} characters",
+                text.len()
+            )));
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+                .map_err(|_| P2PError::NetworkKey("not hex".into()))?;
+        }
+        Ok(Self::from_bytes(bytes))
+    }
+
+    /// The key as a go-libp2p `swarm.key` file (the secret, unredacted).
+    pub fn to_key_file(&self) -> String {
+        self.0.to_key_file()
+    }
+
+    /// A fingerprint that identifies the key without revealing it.
+    pub fn fingerprint(&self) -> String {
+        self.0.fingerprint().to_string()
+    }
+
+    pub(crate) fn psk(&self) -> PreSharedKey {
+        self.0
+    }
+}
+
+impl fmt::Debug for NetworkKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetworkKey")
+            .field("fingerprint", &self.fingerprint())
+            .finish()
+    }
+}
+
+/// Everything the node needs; filled by the builder.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub peer_id: String,
+    pub discovery: DiscoveryMethod,
+    pub port: u16,
+    pub listen_host: IpAddr,
+    pub network: String,
+    pub network_key: Option<NetworkKey>,
+    pub key_dir: PathBuf,
+    pub anti_entropy_interval: Duration,
+    pub max_peers: u32,
+    pub max_event_bytes: usize,
+    pub command_capacity: usize,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// Default network name (the gossipsub topic and the sync protocol's network).
+pub const DEFAULT_NETWORK: &str = "ksync";
+/// Default listen host: every interface, since a peer nobody can reach syncs with nobody.
+/// Tests and single-host setups pass `127.0.0.1`.
+pub const DEFAULT_LISTEN_HOST: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+/// Default period of the anti-entropy round with every connected peer.
+pub const DEFAULT_ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(15);
+/// Default cap on established connections (all peers together).
+pub const DEFAULT_MAX_PEERS: u32 = 64;
+/// Default largest event, JSON-encoded. Larger events are refused locally and rejected from
+/// peers.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Default capacity of the command channel from the client handle to the node task.
+pub const DEFAULT_COMMAND_CAPACITY: usize = 1024;
+
+/// The default directory of identity key files: `$KSYNC_HOME/p2p`, else `$HOME/.ksync/p2p`,
+/// else `.ksync/p2p` under the working directory.
+pub fn default_key_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("KSYNC_HOME") {
+        return PathBuf::from(home).join("p2p");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return PathBuf::from(home).join(".ksync").join("p2p");
+    }
+    PathBuf::from(".ksync").join("p2p")
+}

@@ -1,0 +1,103 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+use ksync_core::{InvalidEvent, SyncError};
+use libp2p::PeerId;
+
+/// Errors from the P2P client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum P2PError {
+    /// An option is invalid (e.g. `encryption` on without a network key, a bad `peer_id`).
+    #[error("invalid P2P configuration: {0}")]
+    Config(String),
+    /// The identity key file could not be read or written.
+    #[error("identity key file {path}: {source}")]
+    KeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The identity key file exists but does not hold a key this version can read.
+    #[error("identity key file {path} is damaged or not a libp2p key: {source}")]
+    KeyDecode {
+        /// The key file.
+        path: PathBuf,
+        /// Why decoding failed.
+        #[source]
+        source: libp2p::identity::DecodingError,
+    },
+    /// A network (pre-shared) key could not be parsed.
+    #[error("invalid network key: {0}")]
+    NetworkKey(String),
+    /// Building the libp2p transport or behaviours failed.
+    #[error("building the libp2p node failed: {0}")]
+    Build(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// Listening on the configured address failed (e.g. the port is taken).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// The node is not started (call `start` first).
+    #[error("the P2P node is not started")]
+    NotStarted,
+    /// The node stopped (after `disconnect`, or its task ended).
+    #[error("the P2P node has stopped")]
+    Stopped,
+    /// `connect_to_peer` got something that is neither a peer id nor a multiaddr.
+    #[error("{0:?} is neither a peer id nor a multiaddr")]
+    InvalidTarget(String),
+    /// Dialing a peer failed.
+    #[error("dialing {target} failed: {source}")]
+    Dial {
+        /// What was dialed.
+        target: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// No address is known for this peer and discovery did not find one.
+    #[error("no address known for peer {0} (discovery did not find it)")]
+    PeerNotFound(PeerId),
+    /// The operation did not finish in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// An event breaks the model's rules.
+    #[error("invalid event: {0}")]
+    InvalidEvent(#[from] InvalidEvent),
+    /// An event is larger than `max_event_bytes` once encoded.
+    #[error("event is {size} bytes encoded, the limit is {max}")]
+    EventTooLarge {
+        /// Encoded size.
+        size: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Encoding an event failed.
+    #[error("encoding an event failed: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The local replica (storage) failed or refused the event.
+    #[error("local replica: {0}")]
+    Replica(#[source] SyncError),
+}
+
+impl From<P2PError> for SyncError {
+    fn from(e: P2PError) -> Self {
+        match e {
+            P2PError::NotStarted => SyncError::NotConnected,
+            P2PError::Stopped => SyncError::Closed,
+            P2PError::InvalidEvent(e) => SyncError::InvalidEvent(e),
+            P2PError::Replica(e) => e,
+            P2PError::Timeout(what) => SyncError::Timeout(what),
+            P2PError::Config(what) => SyncError::Config(what),
+            other => SyncError::transport(other),
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! kSync peer-to-peer sync over libp2p: the spec's `P2PSyncClient`.
+//!
+//! - **Live broadcast**: gossipsub, one topic per network name ([`gossip_topic`]). Messages are
+//!   signed (strict validation); message ids come from the events' `(id, version)` so a
+//!   revision published again dies in the seen-cache; every message is validated before it is
+//!   forwarded, and malformed or oversized ones are rejected, which lowers the sender's score
+//!   until it is ignored.
+//! - **Catch-up**: request-response anti-entropy. On every new connection and periodically, a
+//!   peer walks each neighbour's log page by page from a stored cursor, fetches the revisions
+//!   it lacks and ingests them through [`ksync_core::Replica::ingest`]. A late or restarted
+//!   peer converges even when gossip dropped messages.
+//! - **Discovery**: [`DiscoveryMethod::Mdns`] (LAN), [`DiscoveryMethod::Dht`] (Kademlia with
+//!   bootstrap peers), [`DiscoveryMethod::Manual`].
+//! - **Encryption**: always Noise hop by hop; with `encryption(true)` the network is private
+//!   (libp2p `pnet` pre-shared key, see [`NetworkKey`]).
+//! - **Identity**: an ed25519 key generated once and kept in a key file, so the node's
+//!   [`PeerId`] and addresses survive restarts.
+//!
+//! Wire details: `docs/PROTOCOL.md`, section "P2P".
+
+mod client;
+mod config;
+mod error;
+mod identity;
+mod node;
+mod wire;
+
+pub use client::{P2PStats, P2PSyncClient, P2PSyncClientBuilder};
+pub use config::{
+    DEFAULT_ANTI_ENTROPY_INTERVAL, DEFAULT_COMMAND_CAPACITY, DEFAULT_LISTEN_HOST,
+    DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEERS, DEFAULT_NETWORK, DiscoveryMethod, NetworkKey,
+    default_key_dir,
+};
+pub use error::P2PError;
+pub use libp2p::{Multiaddr, PeerId};
+pub use wire::gossip_topic;

@@ -1,0 +1,1233 @@
+//! The node task: owns the libp2p swarm, publishes broadcasts, validates and ingests gossip,
+//! runs catch-up (anti-entropy) with every peer, and reports to the notifier.
+//!
+//! The client handle talks to it through one bounded command channel (see
+//! [`crate::config::DEFAULT_COMMAND_CAPACITY`]); everything else the node touches (the replica,
+//! the notifier, the shared state) is shared memory.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use ksync_core::{Event, EventLimits, Notification, Notifier, Replica, RevisionKey, SyncError};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::core::upgrade::Version;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, connection_limits, identify,
+    kad, mdns, noise, ping, tcp, yamux,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{DiscoveryMethod, Options};
+use crate::error::P2PError;
+use crate::wire::{
+    self, KeyEntry, MAX_FETCH, MAX_PAGE, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, RESPONSE_BUDGET,
+    SyncRequest, SyncResponse,
+};
+
+/// Largest batch of events packed into one gossip message, in encoded bytes (never less than
+/// one maximal event).
+const MIN_BATCH_BYTES: usize = 256 * 1024;
+/// Most events in one gossip message.
+const MAX_BATCH_EVENTS: usize = 2048;
+/// Room for the gossipsub envelope (signature, key, topic, framing) on top of a batch.
+const ENVELOPE_BYTES: usize = 64 * 1024;
+/// Idle connections close after this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most connections being set up at once, each way.
+const MAX_PENDING: u32 = 32;
+/// Most connections to one peer (a simultaneous dial makes two).
+const MAX_PER_PEER: u32 = 2;
+
+/// What the client handle asks of the node.
+pub(crate) enum Command {
+    /// Publish this (already stored, already encoded) event.
+    Broadcast(Vec<u8>),
+    /// Connect to a peer.
+    Connect {
+        target: Target,
+        reply: oneshot::Sender<Result<PeerId, P2PError>>,
+    },
+    /// Run a catch-up round with every connected peer now.
+    SyncNow,
+    /// The gossipsub score of a peer.
+    PeerScore {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<f64>>,
+    },
+    /// Stop the node.
+    Shutdown,
+}
+
+/// Where `connect_to_peer` goes.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Peer(PeerId),
+    Addr(Multiaddr),
+}
+
+/// Counters the node keeps; read with `P2PSyncClient::stats`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub published_messages: AtomicU64,
+    pub published_events: AtomicU64,
+    pub accepted_messages: AtomicU64,
+    pub rejected_messages: AtomicU64,
+    pub gossip_events: AtomicU64,
+    pub catch_up_events: AtomicU64,
+    pub new_events: AtomicU64,
+    pub duplicate_events: AtomicU64,
+    pub catch_up_rounds: AtomicU64,
+}
+
+/// State the node publishes for the handle to read without a round trip.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub listen_addrs: Mutex<Vec<Multiaddr>>,
+    pub peers: Mutex<BTreeSet<PeerId>>,
+    pub counters: Counters,
+}
+
+/// The node's behaviours. Discovery behaviours are toggled by the discovery method.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    limits: connection_limits::Behaviour,
+    gossipsub: gossipsub::Behaviour,
+    sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// TCP, then (with a network key) the pnet layer, then Noise and Yamux.
+fn transport(
+    key: &Keypair,
+    psk: Option<PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, BoxError> {
+    let noise = noise::Config::new(key)?;
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let yamux = yamux::Config::default();
+    Ok(match psk {
+        Some(psk) => tcp
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        None => tcp
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    })
+}
+
+pub(crate) fn max_batch_bytes(opts: &Options) -> usize {
+    MIN_BATCH_BYTES.max(opts.max_event_bytes)
+}
+
+fn behaviour(key: &Keypair, opts: &Options) -> Result<Behaviour, BoxError> {
+    let local = key.public().to_peer_id();
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(opts.max_peers))
+        .with_max_established_per_peer(Some(MAX_PER_PEER))
+        .with_max_pending_incoming(Some(MAX_PENDING))
+        .with_max_pending_outgoing(Some(MAX_PENDING));
+
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::new(&wire::message_id(&m.data))
+        })
+        .max_transmit_size(max_batch_bytes(opts) + ENVELOPE_BYTES)
+        .build()?;
+    let mut gossipsub =
+        gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+    let topic = IdentTopic::new(wire::gossip_topic(&opts.network));
+    let (params, thresholds) = score_params(&topic);
+    gossipsub.with_peer_score(params, thresholds)?;
+
+    let codec = request_response::cbor::codec::Codec::default()
+        .set_request_size_maximum(MAX_REQUEST_BYTES)
+        .set_response_size_maximum(MAX_RESPONSE_BYTES);
+    let sync = request_response::Behaviour::with_codec(
+        codec,
+        [(
+            StreamProtocol::new(wire::SYNC_PROTOCOL),
+            ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(opts.request_timeout)
+            .with_max_concurrent_streams(64),
+    );
+
+    let identify = identify::Behaviour::new(
+        identify::Config::new(wire::identify_version(&opts.network), key.public())
+            .with_agent_version(format!("ksync-p2p/{}", env!("CARGO_PKG_VERSION"))),
+    );
+
+    let mdns = match opts.discovery {
+        DiscoveryMethod::Mdns => Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?),
+        _ => None,
+    };
+    let kad = match &opts.discovery {
+        DiscoveryMethod::Dht { .. } => {
+            let mut config = kad::Config::new(StreamProtocol::new(wire::KAD_PROTOCOL));
+            config.set_query_timeout(Duration::from_secs(30));
+            let mut kad =
+                kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), config);
+            // Peers on a LAN or loopback never get a confirmed external address; without
+            // server mode they would not answer lookups.
+            kad.set_mode(Some(kad::Mode::Server));
+            Some(kad)
+        }
+        _ => None,
+    };
+    Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        gossipsub,
+        sync,
+        identify,
+        ping: ping::Behaviour::default(),
+        mdns: Toggle::from(mdns),
+        kad: Toggle::from(kad),
+    })
+}
+
+/// Peer scoring: only invalid messages (P4) count, heavily, so a peer that sends a few
+/// malformed or oversized events is graylisted (its messages are ignored) and pruned. Mesh
+/// delivery penalties are off (a quiet network is normal here) and so is IP colocation (many
+/// peers share one host or NAT on a LAN).
+fn score_params(
+    topic: &IdentTopic,
+) -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic_params = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 100.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -20.0,
+        invalid_message_deliveries_decay: 0.99,
+        ..Default::default()
+    };
+    let mut params = gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: 0.0,
+        topic_score_cap: 10.0,
+        ..Default::default()
+    };
+    params.topics.insert(topic.hash(), topic_params);
+    (params, gossipsub::PeerScoreThresholds::default())
+}
+
+/// Builds the swarm (transport + behaviours); nothing listens yet.
+pub(crate) fn build_swarm(keypair: Keypair, opts: &Options) -> Result<Swarm<Behaviour>, P2PError> {
+    let psk = opts.network_key.map(|k| k.psk());
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_other_transport(move |key| transport(key, psk))
+        .map_err(|e| P2PError::Build(Box::new(e)))?
+        .with_behaviour(|key| behaviour(key, opts))
+        .map_err(|e| P2PError::Build(Box::new(e)))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
+
+/// A catch-up session with one peer: we walk its log page by page from our cursor, fetch
+/// what we lack, and move the cursor (stored in the replica) only past pages we fully hold.
+#[derive(Debug, Default)]
+struct Session {
+    /// Everything in the peer's log up to this sequence number is in ours.
+    cursor: u64,
+    /// The peer's log id the cursor refers to (0: unknown).
+    log_id: u64,
+    state: SessionState,
+    /// The current page.
+    page: Vec<KeyEntry>,
+    /// Keys of the page fetched by this session (done, even if ingest found a conflict).
+    fetched: HashSet<RevisionKey>,
+    /// Run again when the current round ends.
+    again: bool,
+}
+
+#[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
+enum SessionState {
+    #[default]
+    Idle,
+    AwaitingKeys,
+    AwaitingEvents,
+    /// Some keys of the page are being fetched from another peer.
+    Waiting,
+}
+
+/// What an outstanding catch-up request was.
+enum Outstanding {
+    Keys,
+    Fetch(Vec<RevisionKey>),
+}
+
+pub(crate) struct Node {
+    swarm: Swarm<Behaviour>,
+    topic: IdentTopic,
+    opts: Options,
+    replica: Replica,
+    notifier: Notifier,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    log_id: u64,
+    limits: EventLimits,
+    max_batch_bytes: usize,
+    sessions: HashMap<PeerId, Session>,
+    requests: HashMap<OutboundRequestId, (PeerId, Outstanding)>,
+    in_flight: HashSet<RevisionKey>,
+    dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, P2PError>>>,
+    peer_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, P2PError>>>>,
+    lookups: HashMap<kad::QueryId, PeerId>,
+    stopping: bool,
+}
+
+const LOG_ID_CURSOR: &str = "p2p/log-id";
+
+fn cursor_name(peer: &PeerId) -> String {
+    format!("p2p/{peer}")
+}
+
+fn log_id_name(peer: &PeerId) -> String {
+    format!("p2p/{peer}/log-id")
+}
+
+impl Node {
+    /// Builds the node, listens, joins the topic and dials bootstrap peers. Returns once the
+    /// node listens, with its listen addresses.
+    pub(crate) async fn start(
+        mut swarm: Swarm<Behaviour>,
+        opts: Options,
+        replica: Replica,
+        notifier: Notifier,
+        shared: Arc<Shared>,
+        commands: mpsc::Receiver<Command>,
+    ) -> Result<Self, P2PError> {
+        let topic = IdentTopic::new(wire::gossip_topic(&opts.network));
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&topic)
+            .map_err(|e| P2PError::Build(Box::new(e)))?;
+        let mut listen: Multiaddr = Multiaddr::from(opts.listen_host);
+        listen.push(Protocol::Tcp(opts.port));
+        swarm
+            .listen_on(listen.clone())
+            .map_err(|e| P2PError::Listen {
+                addr: listen.to_string(),
+                source: Box::new(e),
+            })?;
+        // Wait for the listener to come up (or fail) so `listen_addrs` is meaningful at once.
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    lock(&shared.listen_addrs).push(address);
+                    break;
+                }
+                SwarmEvent::ListenerClosed { reason, .. } => {
+                    return Err(P2PError::Listen {
+                        addr: listen.to_string(),
+                        source: match reason {
+                            Ok(()) => "listener closed".into(),
+                            Err(e) => Box::new(e),
+                        },
+                    });
+                }
+                SwarmEvent::ListenerError { error, .. } => {
+                    return Err(P2PError::Listen {
+                        addr: listen.to_string(),
+                        source: Box::new(error),
+                    });
+                }
+                _ => {}
+            }
+        }
+        let log_id = match replica.cursor(LOG_ID_CURSOR).map_err(P2PError::Replica)? {
+            0 => {
+                let id = rand::random::<u64>().max(1);
+                replica
+                    .set_cursor(LOG_ID_CURSOR, id)
+                    .await
+                    .map_err(P2PError::Replica)?;
+                id
+            }
+            id => id,
+        };
+        let max_batch_bytes = max_batch_bytes(&opts);
+        let mut node = Node {
+            swarm,
+            topic,
+            opts,
+            replica,
+            notifier,
+            shared,
+            commands,
+            log_id,
+            limits: EventLimits::default(),
+            max_batch_bytes,
+            sessions: HashMap::new(),
+            requests: HashMap::new(),
+            in_flight: HashSet::new(),
+            dials: HashMap::new(),
+            peer_dials: HashMap::new(),
+            lookups: HashMap::new(),
+            stopping: false,
+        };
+        node.join_dht();
+        Ok(node)
+    }
+
+    fn join_dht(&mut self) {
+        let DiscoveryMethod::Dht { bootstrap } = self.opts.discovery.clone() else {
+            return;
+        };
+        for addr in bootstrap {
+            let mut plain = addr.clone();
+            let peer = match plain.pop() {
+                Some(Protocol::P2p(peer)) => Some(peer),
+                _ => None,
+            };
+            match peer {
+                Some(peer) => {
+                    if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                        kad.add_address(&peer, plain);
+                    }
+                }
+                None => {
+                    tracing::warn!(%addr, "bootstrap address has no /p2p/<peer id>; dialing it anyway")
+                }
+            }
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "dialing bootstrap peer failed");
+            }
+        }
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            // No known peers yet is fine: the periodic round retries.
+            let _ = kad.bootstrap();
+        }
+    }
+
+    /// Runs until shutdown.
+    pub(crate) async fn run(mut self) {
+        let mut round = tokio::time::interval(self.opts.anti_entropy_interval);
+        round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        round.tick().await;
+        while !self.stopping {
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd).await,
+                    None => self.stopping = true,
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
+                _ = round.tick() => self.periodic().await,
+            }
+        }
+        lock(&self.shared.peers).clear();
+        lock(&self.shared.listen_addrs).clear();
+        for (_, reply) in self.dials.drain() {
+            let _ = reply.send(Err(P2PError::Stopped));
+        }
+        for (_, replies) in self.peer_dials.drain() {
+            for reply in replies {
+                let _ = reply.send(Err(P2PError::Stopped));
+            }
+        }
+    }
+
+    async fn periodic(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            self.start_session(peer).await;
+        }
+        let local = *self.swarm.local_peer_id();
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            // A lookup of our own id refreshes the routing table and finds new peers.
+            kad.get_closest_peers(local);
+        }
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Broadcast(first) => {
+                // Pack whatever else is already queued into the same message.
+                let mut batch_bytes = first.len();
+                let mut batch = vec![first];
+                let mut deferred = None;
+                while batch.len() < MAX_BATCH_EVENTS {
+                    match self.commands.try_recv() {
+                        Ok(Command::Broadcast(next)) => {
+                            if batch_bytes + next.len() + 1 > self.max_batch_bytes {
+                                self.publish(std::mem::take(&mut batch));
+                                batch_bytes = 0;
+                            }
+                            batch_bytes += next.len() + 1;
+                            batch.push(next);
+                        }
+                        Ok(other) => {
+                            deferred = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                self.publish(batch);
+                if let Some(cmd) = deferred {
+                    Box::pin(self.on_command(cmd)).await;
+                }
+            }
+            Command::Connect { target, reply } => self.connect(target, reply),
+            Command::SyncNow => {
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                for peer in peers {
+                    self.start_session(peer).await;
+                }
+            }
+            Command::PeerScore { peer, reply } => {
+                let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
+            }
+            Command::Shutdown => self.stopping = true,
+        }
+    }
+
+    fn publish(&mut self, batch: Vec<Vec<u8>>) {
+        if batch.is_empty() {
+            return;
+        }
+        let count = batch.len() as u64;
+        let data = wire::encode_payload(&batch);
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topic.clone(), data)
+        {
+            Ok(_) => {
+                let c = &self.shared.counters;
+                c.published_messages.fetch_add(1, Ordering::Relaxed);
+                c.published_events.fetch_add(count, Ordering::Relaxed);
+            }
+            // Nobody to send to, or already sent: the events are stored and catch-up carries
+            // them to peers that connect later.
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
+            | Err(gossipsub::PublishError::Duplicate) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing failed; catch-up will deliver");
+                self.notifier
+                    .emit(Notification::Error(Arc::new(SyncError::transport(
+                        P2PError::Build(format!("gossipsub publish: {e}").into()),
+                    ))));
+            }
+        }
+    }
+
+    fn connect(&mut self, target: Target, reply: oneshot::Sender<Result<PeerId, P2PError>>) {
+        match target {
+            Target::Addr(addr) => {
+                let opts = DialOpts::from(addr.clone());
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.dials.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(P2PError::Dial {
+                            target: addr.to_string(),
+                            source: Box::new(e),
+                        }));
+                    }
+                }
+            }
+            Target::Peer(peer) => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                self.peer_dials.entry(peer).or_default().push(reply);
+                self.dial_peer(peer, true);
+            }
+        }
+    }
+
+    /// Dials a peer by id with the addresses the behaviours know (mDNS, Kademlia). Without
+    /// any, a Kademlia lookup runs first (when `lookup` and DHT discovery is on).
+    fn dial_peer(&mut self, peer: PeerId, lookup: bool) {
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+            Err(DialError::NoAddresses) if lookup && self.swarm.behaviour().kad.is_enabled() => {
+                if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                    let query = kad.get_closest_peers(peer);
+                    self.lookups.insert(query, peer);
+                }
+            }
+            Err(DialError::NoAddresses) => self.fail_peer_dials(peer, P2PError::PeerNotFound(peer)),
+            Err(e) => self.fail_peer_dials(
+                peer,
+                P2PError::Dial {
+                    target: peer.to_string(),
+                    source: Box::new(e),
+                },
+            ),
+        }
+    }
+
+    fn fail_peer_dials(&mut self, peer: PeerId, error: P2PError) {
+        let Some(replies) = self.peer_dials.remove(&peer) else {
+            return;
+        };
+        let message = error.to_string();
+        let mut error = Some(error);
+        for reply in replies {
+            let e = error.take().unwrap_or_else(|| P2PError::Dial {
+                target: peer.to_string(),
+                source: message.clone().into(),
+            });
+            let _ = reply.send(Err(e));
+        }
+    }
+
+    async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let mut addrs = lock(&self.shared.listen_addrs);
+                if !addrs.contains(&address) {
+                    addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                lock(&self.shared.listen_addrs).retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                if let Some(reply) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                if let Some(replies) = self.peer_dials.remove(&peer_id) {
+                    for reply in replies {
+                        let _ = reply.send(Ok(peer_id));
+                    }
+                }
+                if num_established.get() == 1 {
+                    lock(&self.shared.peers).insert(peer_id);
+                    tracing::debug!(peer = %peer_id, "peer connected");
+                    self.notifier
+                        .emit(Notification::PeerConnected(peer_id.to_string()));
+                    self.start_session(peer_id).await;
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    lock(&self.shared.peers).remove(&peer_id);
+                    self.sessions.remove(&peer_id);
+                    tracing::debug!(peer = %peer_id, "peer disconnected");
+                    self.notifier
+                        .emit(Notification::PeerDisconnected(peer_id.to_string()));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                let text = error.to_string();
+                if let Some(reply) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Err(P2PError::Dial {
+                        target: peer_id.map_or_else(|| "address".to_owned(), |p| p.to_string()),
+                        source: Box::new(error),
+                    }));
+                }
+                if let Some(peer) = peer_id {
+                    if !self.swarm.is_connected(&peer) {
+                        self.fail_peer_dials(
+                            peer,
+                            P2PError::Dial {
+                                target: peer.to_string(),
+                                source: text.into(),
+                            },
+                        );
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event).await,
+            _ => {}
+        }
+    }
+
+    async fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                self.on_gossip(propagation_source, message_id, message)
+                    .await
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, .. }) => {
+                tracing::debug!(peer = %peer_id, "peer joined the topic");
+            }
+            BehaviourEvent::Gossipsub(_) => {}
+            BehaviourEvent::Sync(event) => self.on_sync_event(event).await,
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocol_version != wire::identify_version(&self.opts.network) {
+                    tracing::info!(peer = %peer_id, theirs = %info.protocol_version, "dropping peer of another network or protocol version");
+                    self.notifier
+                        .emit(Notification::Error(Arc::new(SyncError::Protocol(format!(
+                            "peer {peer_id} speaks {:?}, we speak {:?}; disconnected",
+                            info.protocol_version,
+                            wire::identify_version(&self.opts.network)
+                        )))));
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                    for addr in info.listen_addrs {
+                        kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) | BehaviourEvent::Limits(_) => {}
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                let local = *self.swarm.local_peer_id();
+                for (peer, addr) in found {
+                    if peer == local {
+                        continue;
+                    }
+                    tracing::debug!(%peer, %addr, "mDNS found a peer");
+                    if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                        kad.add_address(&peer, addr.clone());
+                    }
+                    if !self.swarm.is_connected(&peer) {
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(vec![addr])
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
+            BehaviourEvent::Kad(event) => self.on_kad_event(event),
+        }
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::RoutingUpdated { peer, .. } => {
+                // DHT discovery: connect to what we learn about, within the connection limits.
+                if peer != *self.swarm.local_peer_id() && !self.swarm.is_connected(&peer) {
+                    self.dial_peer(peer, false);
+                }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                step,
+                ..
+            } => {
+                let Some(&target) = self.lookups.get(&id) else {
+                    return;
+                };
+                let peers = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                if let Some(info) = peers.into_iter().find(|p| p.peer_id == target) {
+                    self.lookups.remove(&id);
+                    if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+                        for addr in &info.addrs {
+                            kad.add_address(&target, addr.clone());
+                        }
+                    }
+                    let opts = DialOpts::peer_id(target)
+                        .addresses(info.addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    match self.swarm.dial(opts) {
+                        Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+                        Err(e) => self.fail_peer_dials(
+                            target,
+                            P2PError::Dial {
+                                target: target.to_string(),
+                                source: Box::new(e),
+                            },
+                        ),
+                    }
+                } else if step.last {
+                    self.lookups.remove(&id);
+                    if self.swarm.is_connected(&target) {
+                        return;
+                    }
+                    // The lookup may have taught Kademlia an address without listing the
+                    // peer among the closest: try once more before giving up.
+                    let opts = DialOpts::peer_id(target)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    match self.swarm.dial(opts) {
+                        Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+                        Err(_) => self.fail_peer_dials(target, P2PError::PeerNotFound(target)),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_gossip(
+        &mut self,
+        source: PeerId,
+        id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        let counters = &self.shared.counters;
+        match wire::decode_payload(&message.data, self.opts.max_event_bytes) {
+            Ok(events) => {
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, MessageAcceptance::Accept);
+                counters.accepted_messages.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .gossip_events
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                self.ingest(events).await;
+            }
+            Err(why) => {
+                // Reject: not forwarded, and the P4 penalty lands on the peer that sent it.
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, MessageAcceptance::Reject);
+                counters.rejected_messages.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %source, reason = %why, "rejected a gossip message");
+            }
+        }
+    }
+
+    /// Stores received events; emits `conflict`, `event` and `sync` for what was new.
+    async fn ingest(&mut self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        match self.replica.ingest(events).await {
+            Ok(ingested) => {
+                let c = &self.shared.counters;
+                c.new_events
+                    .fetch_add(ingested.appended.len() as u64, Ordering::Relaxed);
+                c.duplicate_events
+                    .fetch_add(ingested.duplicates as u64, Ordering::Relaxed);
+                ingested.notify(&self.notifier);
+                // Revisions written to settle conflicts are ours: publish them (they are
+                // stored, so catch-up carries them if this fails).
+                let resolutions: Vec<Vec<u8>> = ingested
+                    .resolutions
+                    .iter()
+                    .filter_map(|s| serde_json::to_vec(&s.event).ok())
+                    .collect();
+                self.publish(resolutions);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "storing received events failed");
+                self.notifier.emit(Notification::Error(Arc::new(e)));
+            }
+        }
+    }
+
+    // ---- catch-up -------------------------------------------------------------------------
+
+    async fn start_session(&mut self, peer: PeerId) {
+        if !self.sessions.contains_key(&peer) {
+            let cursor = self.replica.cursor(&cursor_name(&peer)).unwrap_or(0);
+            let log_id = self.replica.cursor(&log_id_name(&peer)).unwrap_or(0);
+            self.sessions.insert(
+                peer,
+                Session {
+                    cursor,
+                    log_id,
+                    ..Default::default()
+                },
+            );
+        }
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if session.state != SessionState::Idle {
+            session.again = true;
+            return;
+        }
+        self.shared
+            .counters
+            .catch_up_rounds
+            .fetch_add(1, Ordering::Relaxed);
+        self.request_keys(peer);
+    }
+
+    fn request_keys(&mut self, peer: PeerId) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        session.state = SessionState::AwaitingKeys;
+        let request = SyncRequest::Keys {
+            network: self.opts.network.clone(),
+            after: session.cursor,
+            limit: MAX_PAGE,
+        };
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.requests.insert(id, (peer, Outstanding::Keys));
+    }
+
+    fn end_round(&mut self, peer: PeerId) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        session.state = SessionState::Idle;
+        session.page.clear();
+        session.fetched.clear();
+        if std::mem::take(&mut session.again) {
+            self.request_keys(peer);
+        }
+    }
+
+    async fn on_sync_event(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => self.answer(peer, request, channel),
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((_, outstanding)) = self.requests.remove(&request_id) else {
+                    return;
+                };
+                match (outstanding, response) {
+                    (
+                        Outstanding::Keys,
+                        SyncResponse::Keys {
+                            log_id,
+                            len,
+                            entries,
+                        },
+                    ) => {
+                        self.on_keys(peer, log_id, len, entries).await;
+                    }
+                    (Outstanding::Fetch(keys), SyncResponse::Events { events, too_large }) => {
+                        self.on_events(peer, keys, events, too_large).await;
+                    }
+                    (outstanding, SyncResponse::Refused { reason }) => {
+                        tracing::debug!(%peer, %reason, "catch-up request refused");
+                        self.forget(outstanding);
+                        self.end_round(peer);
+                    }
+                    (outstanding, _) => {
+                        tracing::info!(%peer, "catch-up response does not match the request");
+                        self.forget(outstanding);
+                        self.end_round(peer);
+                    }
+                }
+                self.wake_waiting().await;
+            }
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "catch-up request failed");
+                if let Some((_, outstanding)) = self.requests.remove(&request_id) {
+                    self.forget(outstanding);
+                }
+                self.end_round(peer);
+                self.wake_waiting().await;
+            }
+            request_response::Event::InboundFailure { .. }
+            | request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn forget(&mut self, outstanding: Outstanding) {
+        if let Outstanding::Fetch(keys) = outstanding {
+            for key in &keys {
+                self.in_flight.remove(key);
+            }
+        }
+    }
+
+    fn answer(
+        &mut self,
+        peer: PeerId,
+        request: SyncRequest,
+        channel: ResponseChannel<SyncResponse>,
+    ) {
+        let response = self.response_to(request);
+        if self
+            .swarm
+            .behaviour_mut()
+            .sync
+            .send_response(channel, response)
+            .is_err()
+        {
+            tracing::debug!(%peer, "catch-up requester went away before the response");
+        }
+    }
+
+    fn response_to(&self, request: SyncRequest) -> SyncResponse {
+        let storage = self.replica.storage();
+        match request {
+            SyncRequest::Keys { network, .. } | SyncRequest::Fetch { network, .. }
+                if network != self.opts.network =>
+            {
+                SyncResponse::Refused {
+                    reason: format!("this peer syncs network {:?}", self.opts.network),
+                }
+            }
+            SyncRequest::Keys { after, limit, .. } => {
+                let limit = limit.min(MAX_PAGE) as usize;
+                match storage.read_since(after, limit) {
+                    Ok(page) => SyncResponse::Keys {
+                        log_id: self.log_id,
+                        len: storage.len(),
+                        entries: page
+                            .into_iter()
+                            .map(|s| KeyEntry {
+                                seq: s.seq,
+                                hash: wire::content_hash(&s.event),
+                                id: s.event.id,
+                                version: s.event.version,
+                            })
+                            .collect(),
+                    },
+                    Err(e) => SyncResponse::Refused {
+                        reason: format!("storage: {e}"),
+                    },
+                }
+            }
+            SyncRequest::Fetch { keys, .. } if keys.len() > MAX_FETCH => SyncResponse::Refused {
+                reason: format!("{} keys requested, the limit is {MAX_FETCH}", keys.len()),
+            },
+            SyncRequest::Fetch { keys, .. } => {
+                let mut events = Vec::with_capacity(keys.len());
+                let mut too_large = Vec::new();
+                let mut budget = RESPONSE_BUDGET;
+                for key in keys {
+                    let Ok(Some(stored)) = storage.get(&key.id, key.version) else {
+                        continue;
+                    };
+                    let size = serde_json::to_vec(&stored.event).map_or(usize::MAX, |v| v.len());
+                    if size > RESPONSE_BUDGET {
+                        too_large.push(key);
+                        continue;
+                    }
+                    if size > budget {
+                        break;
+                    }
+                    budget -= size;
+                    events.push(stored.event);
+                }
+                SyncResponse::Events { events, too_large }
+            }
+        }
+    }
+
+    async fn on_keys(&mut self, peer: PeerId, log_id: u64, len: u64, entries: Vec<KeyEntry>) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if session.log_id != log_id || session.cursor > len {
+            // Another log than the one our cursor counts in (the peer lost its storage, or we
+            // never met): walk it from the start.
+            let restart = session.cursor != 0;
+            session.log_id = log_id;
+            session.cursor = 0;
+            let _ = self.replica.set_cursor(&log_id_name(&peer), log_id).await;
+            let _ = self.replica.set_cursor(&cursor_name(&peer), 0).await;
+            if restart {
+                self.request_keys(peer);
+                return;
+            }
+        }
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if entries.is_empty() {
+            self.end_round(peer);
+            return;
+        }
+        session.page = entries;
+        session.fetched.clear();
+        self.continue_page(peer).await;
+    }
+
+    /// Fetches what the current page lacks, or moves the cursor past it when nothing is
+    /// missing.
+    async fn continue_page(&mut self, peer: PeerId) {
+        let storage = Arc::clone(self.replica.storage());
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let mut to_fetch = Vec::new();
+        let mut elsewhere = false;
+        for entry in &session.page {
+            let key = entry.key();
+            if session.fetched.contains(&key) {
+                continue;
+            }
+            let have = match storage.get(&entry.id, entry.version) {
+                Ok(Some(stored)) => wire::content_hash(&stored.event) == entry.hash,
+                _ => false,
+            };
+            if have {
+                continue;
+            }
+            if self.in_flight.contains(&key) {
+                elsewhere = true;
+            } else if to_fetch.len() < MAX_FETCH {
+                to_fetch.push(key);
+            }
+        }
+        if !to_fetch.is_empty() {
+            for key in &to_fetch {
+                self.in_flight.insert(key.clone());
+            }
+            session.state = SessionState::AwaitingEvents;
+            let request = SyncRequest::Fetch {
+                network: self.opts.network.clone(),
+                keys: to_fetch.clone(),
+            };
+            let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+            self.requests
+                .insert(id, (peer, Outstanding::Fetch(to_fetch)));
+        } else if elsewhere {
+            session.state = SessionState::Waiting;
+        } else {
+            let last = session.page.last().map_or(session.cursor, |e| e.seq);
+            session.cursor = last;
+            session.page.clear();
+            session.fetched.clear();
+            let _ = self.replica.set_cursor(&cursor_name(&peer), last).await;
+            self.request_keys(peer);
+        }
+    }
+
+    async fn on_events(
+        &mut self,
+        peer: PeerId,
+        requested: Vec<RevisionKey>,
+        events: Vec<Event>,
+        too_large: Vec<RevisionKey>,
+    ) {
+        for key in &requested {
+            self.in_flight.remove(key);
+        }
+        let mut valid = Vec::with_capacity(events.len());
+        let mut received = HashSet::with_capacity(events.len());
+        let mut bad = 0usize;
+        for event in events {
+            let key = event.key();
+            if !requested.contains(&key) {
+                bad += 1;
+                continue;
+            }
+            received.insert(key);
+            let size = serde_json::to_vec(&event).map_or(usize::MAX, |v| v.len());
+            if event.validate(&self.limits).is_err() || size > self.opts.max_event_bytes {
+                bad += 1;
+                continue;
+            }
+            valid.push(event);
+        }
+        if bad > 0 {
+            tracing::info!(%peer, bad, "catch-up response held invalid or unrequested events; skipped");
+        }
+        let got_any = !received.is_empty() || !too_large.is_empty();
+        self.shared
+            .counters
+            .catch_up_events
+            .fetch_add(valid.len() as u64, Ordering::Relaxed);
+        self.ingest(valid).await;
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        // Received (even invalid) and too-large keys are done for this page; keys the peer
+        // left out for room are fetched again.
+        session.fetched.extend(received);
+        session.fetched.extend(too_large);
+        if got_any {
+            self.continue_page(peer).await;
+        } else {
+            self.end_round(peer);
+        }
+    }
+
+    /// Sessions waiting on keys another session fetched look at their page again.
+    async fn wake_waiting(&mut self) {
+        let waiting: Vec<PeerId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.state == SessionState::Waiting)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in waiting {
+            self.continue_page(peer).await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The current connected peers, as the node last saw them.
+pub(crate) fn peers_of(shared: &Shared) -> Vec<PeerId> {
+    lock(&shared.peers).iter().copied().collect()
+}
+
+/// The current listen addresses.
+pub(crate) fn listen_addrs_of(shared: &Shared) -> Vec<Multiaddr> {
+    lock(&shared.listen_addrs).clone()
+}

@@ -1,0 +1,327 @@
+//! What goes over the wire: the gossip payload, gossipsub message ids, and the catch-up
+//! (anti-entropy) request-response messages. See `docs/PROTOCOL.md`, section P2P.
+
+use ksync_core::{Event, EventLimits, PROTOCOL_VERSION, RevisionKey};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The gossipsub topic of a network.
+pub fn gossip_topic(network: &str) -> String {
+    format!("/ksync/{PROTOCOL_VERSION}/events/{network}")
+}
+
+/// The request-response protocol of catch-up.
+pub(crate) const SYNC_PROTOCOL: &str = "/ksync/sync/1";
+/// The Kademlia protocol (a private DHT, not the public IPFS one).
+pub(crate) const KAD_PROTOCOL: &str = "/ksync/kad/1";
+
+/// The identify `protocol_version` peers announce; peers that announce another are dropped.
+pub(crate) fn identify_version(network: &str) -> String {
+    format!("/ksync/{PROTOCOL_VERSION}/{network}")
+}
+
+/// Most keys in one `Keys` page.
+pub(crate) const MAX_PAGE: u32 = 1024;
+/// Most keys in one `Fetch` request.
+pub(crate) const MAX_FETCH: usize = 1024;
+/// Largest catch-up request on the wire (1024 keys of up to 256-byte ids fit).
+pub(crate) const MAX_REQUEST_BYTES: u64 = 512 * 1024;
+/// Largest catch-up response on the wire.
+pub(crate) const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
+/// A responder stops adding events to a `Events` response past this many (JSON) bytes, leaving
+/// room under [`MAX_RESPONSE_BYTES`] for the encoding's overhead.
+pub(crate) const RESPONSE_BUDGET: usize = 8 * 1024 * 1024;
+
+/// One gossip message: a batch of events, JSON `{"v":1,"events":[...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPayload<'a> {
+    v: u32,
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+/// Why a gossip message was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Rejected {
+    #[error("not a kSync gossip payload: {0}")]
+    Malformed(String),
+    #[error("protocol version {0} (ours is {PROTOCOL_VERSION})")]
+    Version(u32),
+    #[error("empty batch")]
+    Empty,
+    #[error("event of {size} bytes (limit {max})")]
+    TooLarge { size: usize, max: usize },
+    #[error("invalid event: {0}")]
+    Invalid(String),
+}
+
+/// Builds the payload from already-encoded events.
+pub(crate) fn encode_payload(events: &[Vec<u8>]) -> Vec<u8> {
+    let total: usize = events.iter().map(|e| e.len() + 1).sum();
+    let mut out = Vec::with_capacity(total + 24);
+    out.extend_from_slice(format!("{{\"v\":{PROTOCOL_VERSION},\"events\":[").as_bytes());
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(event);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// Parses and checks a gossip payload: every event must parse, pass [`Event::validate`] and
+/// be at most `max_event_bytes` long. One bad event rejects the whole message.
+pub(crate) fn decode_payload(data: &[u8], max_event_bytes: usize) -> Result<Vec<Event>, Rejected> {
+    let raw: RawPayload<'_> =
+        serde_json::from_slice(data).map_err(|e| Rejected::Malformed(e.to_string()))?;
+    if raw.v != PROTOCOL_VERSION {
+        return Err(Rejected::Version(raw.v));
+    }
+    if raw.events.is_empty() {
+        return Err(Rejected::Empty);
+    }
+    let limits = EventLimits::default();
+    raw.events
+        .into_iter()
+        .map(|raw| {
+            let size = raw.get().len();
+            if size > max_event_bytes {
+                return Err(Rejected::TooLarge {
+                    size,
+                    max: max_event_bytes,
+                });
+            }
+            let event: Event =
+                serde_json::from_str(raw.get()).map_err(|e| Rejected::Malformed(e.to_string()))?;
+            event
+                .validate(&limits)
+                .map_err(|e| Rejected::Invalid(e.to_string()))?;
+            Ok(event)
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct IdView {
+    events: Vec<KeyView>,
+}
+
+#[derive(Deserialize)]
+struct KeyView {
+    id: String,
+    version: u64,
+}
+
+/// The gossipsub message id: derived from the events' `(id, version)`, so the same revision
+/// published again (by anyone) dies in the seen-cache. One event: `e` + id + NUL + version;
+/// a batch: `b` + a 128-bit digest of its keys; unparsable data: `x` + a digest of the bytes
+/// (the message is then rejected by validation).
+pub(crate) fn message_id(data: &[u8]) -> Vec<u8> {
+    match serde_json::from_slice::<IdView>(data) {
+        Ok(view) if view.events.len() == 1 => {
+            let key = &view.events[0];
+            let mut id = Vec::with_capacity(key.id.len() + 10);
+            id.push(b'e');
+            id.extend_from_slice(key.id.as_bytes());
+            id.push(0);
+            id.extend_from_slice(&key.version.to_be_bytes());
+            id
+        }
+        Ok(view) => {
+            let mut a = Fnv::new(FNV_OFFSET);
+            let mut b = Fnv::new(FNV_OFFSET_2);
+            for key in &view.events {
+                for h in [&mut a, &mut b] {
+                    h.write(key.id.as_bytes());
+                    h.write(&[0]);
+                    h.write(&key.version.to_be_bytes());
+                }
+            }
+            let mut id = vec![b'b'];
+            id.extend_from_slice(&a.finish().to_be_bytes());
+            id.extend_from_slice(&b.finish().to_be_bytes());
+            id
+        }
+        Err(_) => {
+            let mut a = Fnv::new(FNV_OFFSET);
+            let mut b = Fnv::new(FNV_OFFSET_2);
+            a.write(data);
+            b.write(data);
+            let mut id = vec![b'x'];
+            id.extend_from_slice(&a.finish().to_be_bytes());
+            id.extend_from_slice(&b.finish().to_be_bytes());
+            id
+        }
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_OFFSET_2: u64 = 0x6c62_272e_07bb_0142;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a, 64 bits: a stable hash (unlike `DefaultHasher`, fixed across Rust versions).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new(offset: u64) -> Self {
+        Self(offset)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(FNV_PRIME);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A digest of an event's content (`type`, `data`, `timestamp`; not `origin`). Two replicas
+/// whose digests differ for the same `(id, version)` may hold a conflict; the catch-up fetches
+/// the revision so that `Replica::ingest` decides (a false difference only costs a fetch).
+pub(crate) fn content_hash(event: &Event) -> u64 {
+    let mut h = Fnv::new(FNV_OFFSET);
+    h.write(event.event_type.as_bytes());
+    h.write(&[0]);
+    h.write(&event.timestamp.to_be_bytes());
+    // Serialising a `Value` cannot fail; an empty digest input would only cause a refetch.
+    h.write(&serde_json::to_vec(&event.data).unwrap_or_default());
+    h.finish()
+}
+
+/// One entry of a `Keys` page: where a revision sits in the responder's log, and its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct KeyEntry {
+    pub seq: u64,
+    pub id: String,
+    pub version: u64,
+    pub hash: u64,
+}
+
+impl KeyEntry {
+    pub(crate) fn key(&self) -> RevisionKey {
+        RevisionKey {
+            id: self.id.clone(),
+            version: self.version,
+        }
+    }
+}
+
+/// Catch-up requests (CBOR over `/ksync/sync/1`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum SyncRequest {
+    /// "Which revisions sit in your log after `after`?" (at most `limit`, capped at [`MAX_PAGE`]).
+    Keys {
+        network: String,
+        after: u64,
+        limit: u32,
+    },
+    /// "Send me these revisions" (at most [`MAX_FETCH`]).
+    Fetch {
+        network: String,
+        keys: Vec<RevisionKey>,
+    },
+}
+
+/// Catch-up responses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum SyncResponse {
+    /// A page of the responder's log. `log_id` names the log (a new one, e.g. a fresh in-memory
+    /// store, restarts the requester's cursor at 0); `len` is its length.
+    Keys {
+        log_id: u64,
+        len: u64,
+        entries: Vec<KeyEntry>,
+    },
+    /// The requested revisions the responder holds, in request order, up to
+    /// [`RESPONSE_BUDGET`]; `too_large` lists those it will never send (larger than the budget).
+    Events {
+        events: Vec<Event>,
+        too_large: Vec<RevisionKey>,
+    },
+    /// The request was refused (other network, too many keys).
+    Refused { reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn enc(e: &Event) -> Vec<u8> {
+        serde_json::to_vec(e).expect("encode")
+    }
+
+    #[test]
+    fn payload_round_trips() {
+        let a = Event::new("a", "t", json!({"x": 1}), 5);
+        let b = Event::new("b", "t", json!([1, 2]), 6).with_version(3);
+        let data = encode_payload(&[enc(&a), enc(&b)]);
+        assert_eq!(decode_payload(&data, 1024).expect("decodes"), vec![a, b]);
+    }
+
+    #[test]
+    fn bad_payloads_are_rejected() {
+        assert!(matches!(
+            decode_payload(b"garbage", 1024),
+            Err(Rejected::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_payload(br#"{"v":1,"events":[]}"#, 1024),
+            Err(Rejected::Empty)
+        ));
+        assert!(matches!(
+            decode_payload(br#"{"v":9,"events":[]}"#, 1024),
+            Err(Rejected::Version(9))
+        ));
+        let big = Event::new("a", "t", json!("x".repeat(2000)), 1);
+        assert!(matches!(
+            decode_payload(&encode_payload(&[enc(&big)]), 1024),
+            Err(Rejected::TooLarge { .. })
+        ));
+        let zero = Event::new("a", "t", json!(1), 1).with_version(0);
+        assert!(matches!(
+            decode_payload(&encode_payload(&[enc(&zero)]), 1024),
+            Err(Rejected::Invalid(_))
+        ));
+        assert!(matches!(
+            decode_payload(br#"{"v":1,"events":[{"id":"a"}]}"#, 1024),
+            Err(Rejected::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn message_id_is_the_revision_key() {
+        let a = Event::new("a", "t", json!(1), 5);
+        let a_other_content = Event::new("a", "u", json!(2), 9).with_origin("x");
+        let a2 = a.clone().with_version(2);
+        let id = |e: &Event| message_id(&encode_payload(&[enc(e)]));
+        assert_eq!(id(&a), id(&a_other_content));
+        assert_ne!(id(&a), id(&a2));
+        let batch = |es: &[&Event]| {
+            message_id(&encode_payload(
+                &es.iter().map(|e| enc(e)).collect::<Vec<_>>(),
+            ))
+        };
+        assert_eq!(batch(&[&a, &a2]), batch(&[&a_other_content, &a2]));
+        assert_ne!(batch(&[&a, &a2]), batch(&[&a2, &a]));
+        assert_eq!(message_id(b"junk"), message_id(b"junk"));
+        assert_ne!(message_id(b"junk"), message_id(b"junk2"));
+    }
+
+    #[test]
+    fn content_hash_ignores_origin() {
+        let a = Event::new("a", "t", json!({"k": [1, 2]}), 5);
+        assert_eq!(
+            content_hash(&a),
+            content_hash(&a.clone().with_origin("elsewhere"))
+        );
+        assert_ne!(
+            content_hash(&a),
+            content_hash(&Event::new("a", "t", json!({"k": [1, 3]}), 5))
+        );
+    }
+}
