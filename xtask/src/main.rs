@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask <ci | bench [scenario..]>`.
 
 mod bench;
+mod ci;
 
 use std::process::Command;
 
@@ -9,7 +10,7 @@ use anyhow::{Context, Result, bail};
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("ci") => ci(),
+        Some("ci") => ci::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some(other) => bail!("unknown xtask {other:?}\n{USAGE}"),
         None => {
@@ -20,7 +21,8 @@ fn main() -> Result<()> {
 }
 
 const USAGE: &str = "usage: cargo xtask <command>
-  ci                    fmt check, clippy -D warnings, all tests
+  ci [step..]           fmt, clippy -D warnings (workspace + umbrella feature matrix), tests,
+                        docs, cargo deny; steps: fmt clippy features test doc deny
   bench [scenario..]    benchmarks side by side with their baselines (default: all)";
 
 /// Runs `cargo <args>`, failing on a non-zero exit.
@@ -34,19 +36,5 @@ pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     if !status.success() {
         bail!("cargo {} failed with {status}", args.join(" "));
     }
-    Ok(())
-}
-
-fn ci() -> Result<()> {
-    cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
-    cargo(&["test", "--workspace"])?;
     Ok(())
 }
