@@ -124,6 +124,19 @@ pub trait Authenticator: Send + Sync + 'static {
     /// Verifies `credentials` and returns what they allow.
     fn authenticate(&self, credentials: &Credentials) -> Result<Grant, AuthError>;
 
+    /// Like [`authenticate`](Self::authenticate), from a client at `peer`. Routers that know
+    /// the client's address call this one so that failed attempts can be rate-limited per
+    /// client (`ksync-server` refuses a peer with [`AuthError::RateLimited`] after repeated
+    /// failures). The default ignores `peer`.
+    fn authenticate_peer(
+        &self,
+        credentials: &Credentials,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Grant, AuthError> {
+        let _ = peer;
+        self.authenticate(credentials)
+    }
+
     /// Whether credentials are required at all (false for [`AllowAll`]).
     fn required(&self) -> bool {
         true

@@ -136,7 +136,9 @@ impl Replica {
             .unwrap_or_else(|p| p.into_inner()) = resolver;
     }
 
-    fn resolution_for(&self, conflict: &Conflict) -> Resolution {
+    /// The resolution the configured policy picks for `conflict` (last-write-wins without a
+    /// resolver). For transports that settle conflicts found elsewhere (e.g. a server-side merge).
+    pub fn resolution_for(&self, conflict: &Conflict) -> Resolution {
         let resolver = self
             .inner
             .resolver
@@ -166,26 +168,31 @@ impl Replica {
     }
 
     /// Stores events received from elsewhere: new ones are appended, duplicates dropped, and each
-    /// conflict is settled by the policy with a new revision (see [`resolve`]) that supersedes
-    /// both sides, written as a local event so it travels on the next send.
+    /// conflict at the latest version of its id is settled by the policy with a new revision
+    /// (see [`resolve`]) that supersedes both sides, written as a local event so it travels on
+    /// the next send. Every conflict is reported, settled or not.
     pub async fn ingest(&self, events: Vec<Event>) -> Result<Ingested, SyncError> {
         let _guard = self.inner.ingest_lock.lock().await;
         let outcome = self.inner.storage.append(events).await?;
-        let mut resolved = Vec::with_capacity(outcome.conflicts.len());
+        let mut resolutions = Vec::new();
         for conflict in &outcome.conflicts {
+            let latest = self.inner.storage.latest(&conflict.ours.id)?;
+            // A conflict under a revision this replica already superseded (by an earlier
+            // resolution, or a newer version that arrived) is history: settling it again would
+            // write a new revision every time the same logs are exchanged, and never quiesce.
+            if latest
+                .as_ref()
+                .is_some_and(|l| l.event.version > conflict.ours.version)
+            {
+                continue;
+            }
             let resolution = self.resolution_for(conflict);
             let mut event = resolve(conflict, &resolution, self.id());
-            // Never collide with a newer revision this replica already holds.
-            if let Some(latest) = self.inner.storage.latest(&conflict.ours.id)? {
+            if let Some(latest) = latest {
                 event.version = event.version.max(latest.event.version + 1);
             }
-            resolved.push(event);
+            resolutions.extend(self.inner.storage.append(vec![event]).await?.appended);
         }
-        let resolutions = if resolved.is_empty() {
-            Vec::new()
-        } else {
-            self.inner.storage.append(resolved).await?.appended
-        };
         Ok(Ingested {
             appended: outcome.appended,
             duplicates: outcome.duplicates,
