@@ -1,0 +1,41 @@
+//! A seam for reliability tests: make the writer's `write` or `fdatasync` fail on demand.
+
+use std::fmt;
+use std::io;
+
+/// An injected write failure: `written` bytes of the buffer reach the file (a torn write),
+/// then the write fails with `error`.
+#[derive(Debug)]
+pub struct WriteFault {
+    /// Bytes written before the failure (clamped to the buffer length).
+    pub written: usize,
+    /// The error the write reports, e.g. `io::Error::from_raw_os_error(28)` (ENOSPC).
+    pub error: io::Error,
+}
+
+/// Hooks called by a [`FileStorage`](crate::FileStorage) writer thread before each write and
+/// each sync. Production code passes none; tests use it to simulate EIO, ENOSPC or torn writes.
+///
+/// Whatever a hook makes fail, the appends of that group return an error and none of their
+/// events is acknowledged or becomes visible. After a failed write the writer cuts the file
+/// back to its last durable length and carries on; after a failed sync it stops (a failed
+/// `fsync` leaves the page cache in an unknown state) and later calls get
+/// [`StorageError::Closed`](ksync_core::StorageError::Closed) until the log is reopened.
+pub trait FaultHook: Send + Sync + 'static {
+    /// Called before writing a group of `len` bytes.
+    fn before_write(&self, len: usize) -> Result<(), WriteFault> {
+        let _ = len;
+        Ok(())
+    }
+
+    /// Called before each `fdatasync`.
+    fn before_sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl fmt::Debug for dyn FaultHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FaultHook")
+    }
+}

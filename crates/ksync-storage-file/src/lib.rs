@@ -1,0 +1,25 @@
+//! kSync file storage: [`FileStorage`], an append-only, checksummed event log in one file, and
+//! [`FileProvider`], one such log per room or branch under a data directory.
+//!
+//! - Appends go through a writer thread that writes, syncs (see [`Durability`]; group commit by
+//!   default) and only then makes the events visible; an append that returned `Ok` is on disk.
+//! - Reopening replays the log. A torn tail (a crash mid-write) is cut off at the last good
+//!   record and reported in [`RecoveryReport`]; damage before valid records is refused with
+//!   `StorageError::Corrupt`; a file that is not a kSync log, or of a newer format, is refused
+//!   with `StorageError::Format` and left untouched.
+//!
+//! The format is described in [`format`].
+
+mod fault;
+pub mod format;
+mod provider;
+mod replay;
+mod storage;
+
+pub use fault::{FaultHook, WriteFault};
+pub use provider::FileProvider;
+pub use replay::{RecoveryReport, TailCut};
+pub use storage::{
+    DEFAULT_GROUP_COMMIT_WINDOW, DEFAULT_QUEUE_CAPACITY, Durability, FileStorage,
+    FileStorageBuilder, FileStorageOptions,
+};

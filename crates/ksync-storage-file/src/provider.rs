@@ -1,0 +1,203 @@
+//! [`FileProvider`]: one [`FileStorage`] per room or branch under a data directory.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ksync_core::{BoxFuture, LogName, Name, Storage, StorageError, StorageProvider};
+
+use crate::storage::{FileStorage, FileStorageOptions, sync_dir};
+
+/// File name suffix of every log.
+const LOG_SUFFIX: &str = ".log";
+
+/// Opens a [`FileStorage`] per log under one data directory:
+///
+/// ```text
+/// <dir>/rooms/<room>.log
+/// <dir>/repos/<repo>/<branch>.log
+/// ```
+///
+/// Paths are built only from validated [`Name`]s (no separators, no leading dot), so no name
+/// can leave the directory. The same `Arc` is returned for a name while the provider holds it;
+/// logs stay open until [`FileProvider::close`] or the provider is dropped.
+#[derive(Debug)]
+pub struct FileProvider {
+    dir: PathBuf,
+    options: FileStorageOptions,
+    open: Mutex<HashMap<LogName, Arc<FileStorage>>>,
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
+    let context = context.into();
+    move |source| StorageError::Io { context, source }
+}
+
+impl FileProvider {
+    /// A provider over `data_dir` (created if missing) with default storage options.
+    pub fn new(data_dir: impl AsRef<Path>) -> Result<Self, StorageError> {
+        Self::with_options(data_dir, FileStorageOptions::default())
+    }
+
+    /// A provider whose logs all open with `options` (durability, fault hook, ...).
+    pub fn with_options(
+        data_dir: impl AsRef<Path>,
+        options: FileStorageOptions,
+    ) -> Result<Self, StorageError> {
+        let dir = data_dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir)
+            .map_err(io_err(format!("creating data directory {}", dir.display())))?;
+        Ok(Self {
+            dir,
+            options,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file that holds `name`.
+    pub fn path_of(&self, name: &LogName) -> PathBuf {
+        match name {
+            LogName::Room(room) => self
+                .dir
+                .join("rooms")
+                .join(format!("{}{LOG_SUFFIX}", room.as_str())),
+            LogName::Branch { repo, branch } => self
+                .dir
+                .join("repos")
+                .join(repo.as_str())
+                .join(format!("{}{LOG_SUFFIX}", branch.as_str())),
+        }
+    }
+
+    /// Forgets the open handle of `name`; the log closes when the last user drops its `Arc`.
+    /// The next [`StorageProvider::open`] reopens (and replays) it.
+    pub fn close(&self, name: &LogName) {
+        self.lock().remove(name);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<LogName, Arc<FileStorage>>> {
+        // The map is only inserted into / removed from; a panic cannot leave it inconsistent.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_file(
+        &self,
+        open: &mut HashMap<LogName, Arc<FileStorage>>,
+        name: &LogName,
+    ) -> Result<Arc<FileStorage>, StorageError> {
+        let path = self.path_of(name);
+        if let Some(parent) = path.parent()
+            && !parent.is_dir()
+        {
+            fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
+            // The new directory entries must survive a crash along with the log in them.
+            if let Some(grandparent) = parent.parent() {
+                sync_dir(grandparent)?;
+            }
+            sync_dir(&self.dir)?;
+        }
+        let storage = Arc::new(FileStorage::open_with(&path, self.options.clone())?);
+        open.insert(name.clone(), Arc::clone(&storage));
+        Ok(storage)
+    }
+}
+
+impl StorageProvider for FileProvider {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        let mut open = self.lock();
+        if let Some(storage) = open.get(name) {
+            return Ok(Arc::clone(storage) as Arc<dyn Storage>);
+        }
+        Ok(self.open_file(&mut open, name)? as Arc<dyn Storage>)
+    }
+
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        let mut open = self.lock();
+        if let Some(storage) = open.get(name) {
+            return Ok(Some(Arc::clone(storage) as Arc<dyn Storage>));
+        }
+        if !self.path_of(name).is_file() {
+            return Ok(None);
+        }
+        Ok(Some(self.open_file(&mut open, name)? as Arc<dyn Storage>))
+    }
+
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        let mut names = Vec::new();
+        for room in log_names_in(&self.dir.join("rooms"))? {
+            names.push(LogName::Room(room));
+        }
+        let repos = self.dir.join("repos");
+        for repo in dir_entries(&repos)? {
+            let Some(repo_name) = valid_name(&repo.file_name()) else {
+                continue;
+            };
+            if !repo.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            for branch in log_names_in(&repo.path())? {
+                names.push(LogName::Branch {
+                    repo: repo_name.clone(),
+                    branch,
+                });
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn flush_all(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        let storages: Vec<Arc<FileStorage>> = self.lock().values().cloned().collect();
+        Box::pin(async move {
+            let mut first_error = None;
+            for storage in storages {
+                if let Err(e) = storage.flush().await {
+                    tracing::error!(path = %storage.path().display(), error = %e, "flush failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+}
+
+/// Entries of `dir`, or none when it does not exist.
+fn dir_entries(dir: &Path) -> Result<Vec<fs::DirEntry>, StorageError> {
+    let read = match fs::read_dir(dir) {
+        Ok(read) => read,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(format!("listing {}", dir.display()))(e)),
+    };
+    read.collect::<Result<Vec<_>, _>>()
+        .map_err(io_err(format!("listing {}", dir.display())))
+}
+
+fn valid_name(os: &std::ffi::OsStr) -> Option<Name> {
+    os.to_str().and_then(|s| Name::new(s).ok())
+}
+
+/// The names of the `*.log` files in `dir` (files whose stem is not a valid name, such as
+/// temporary files, are skipped).
+fn log_names_in(dir: &Path) -> Result<Vec<Name>, StorageError> {
+    let mut names = Vec::new();
+    for entry in dir_entries(dir)? {
+        if !entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            continue;
+        }
+        let file_name = entry.file_name();
+        let Some(stem) = file_name.to_str().and_then(|s| s.strip_suffix(LOG_SUFFIX)) else {
+            continue;
+        };
+        if let Ok(name) = Name::new(stem) {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}

@@ -1,0 +1,233 @@
+//! Recovery: torn tails are cut and reported, damage in the middle is refused, foreign or
+//! newer files are refused and left unchanged.
+
+use std::fs;
+use std::path::Path;
+
+use ksync_core::{Event, Storage, StorageError};
+use ksync_storage_file::format::{FORMAT_VERSION, HEADER_LEN};
+use ksync_storage_file::{Durability, FileStorage};
+use serde_json::json;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+}
+
+fn event(i: usize) -> Event {
+    Event::new(
+        format!("ev-{i}"),
+        "note",
+        json!({"n": i, "text": "x".repeat(i % 7)}),
+        1_700_000_000_000 + i as u64,
+    )
+}
+
+/// Writes `n` events one append at a time; returns the file length after the header and
+/// after each record (so `ends[k]` is where record k+1 ends).
+fn write_log(path: &Path, n: usize) -> Vec<u64> {
+    let rt = rt();
+    let storage = FileStorage::builder(path)
+        .durability(Durability::None)
+        .open()
+        .expect("open");
+    let mut ends = vec![fs::metadata(path).expect("meta").len()];
+    for i in 0..n {
+        rt.block_on(storage.append(vec![event(i)])).expect("append");
+        ends.push(fs::metadata(path).expect("meta").len());
+    }
+    ends
+}
+
+#[test]
+fn truncation_at_every_offset_keeps_every_complete_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = dir.path().join("full.log");
+    let ends = write_log(&full, 5);
+    assert_eq!(ends[0], HEADER_LEN as u64);
+    let bytes = fs::read(&full).expect("read");
+    let rt = rt();
+    for cut in HEADER_LEN..=bytes.len() {
+        let path = dir.path().join(format!("cut-{cut}.log"));
+        fs::write(&path, &bytes[..cut]).expect("write");
+        let complete = ends.iter().filter(|&&e| e <= cut as u64).count() - 1;
+        let last_good = ends[complete];
+        let storage = FileStorage::open(&path)
+            .unwrap_or_else(|e| panic!("reopen after cut at {cut} failed: {e}"));
+        assert_eq!(storage.len(), complete as u64, "cut at {cut}");
+        for (k, stored) in storage.read_since(0, 100).expect("read").iter().enumerate() {
+            assert_eq!(stored.seq, k as u64 + 1);
+            assert_eq!(stored.event, event(k));
+        }
+        let report = storage.recovery().clone();
+        assert_eq!(report.events, complete as u64);
+        assert_eq!(report.valid_len, last_good);
+        if cut as u64 == last_good {
+            assert_eq!(report.cut_tail, None, "cut at {cut} is a record boundary");
+        } else {
+            let tail = report.cut_tail.expect("torn tail reported");
+            assert_eq!(tail.offset, last_good);
+            assert_eq!(tail.bytes_cut, cut as u64 - last_good);
+        }
+        assert_eq!(fs::metadata(&path).expect("meta").len(), last_good);
+        // The log goes on cleanly after the cut.
+        let out = rt
+            .block_on(storage.append(vec![event(99)]))
+            .expect("append after recovery");
+        assert_eq!(out.last_seq(), Some(complete as u64 + 1));
+        drop(storage);
+        let again = FileStorage::open(&path).expect("second reopen");
+        assert_eq!(again.len(), complete as u64 + 1);
+        assert_eq!(again.recovery().cut_tail, None);
+        drop(again);
+        fs::remove_file(&path).expect("rm");
+    }
+}
+
+#[test]
+fn damage_before_valid_records_is_refused_and_nothing_is_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = dir.path().join("full.log");
+    let ends = write_log(&full, 4);
+    let bytes = fs::read(&full).expect("read");
+    // Every byte of records 1..=3 (record 4 is the tail, whose damage is a torn tail).
+    for pos in HEADER_LEN..ends[3] as usize {
+        let damaged_record = ends.iter().filter(|&&e| e <= pos as u64).count() - 1;
+        let record_start = ends[damaged_record];
+        let path = dir.path().join(format!("bad-{pos}.log"));
+        let mut bad = bytes.clone();
+        bad[pos] ^= 0x5a;
+        fs::write(&path, &bad).expect("write");
+        match FileStorage::open(&path) {
+            Err(StorageError::Corrupt { offset, reason }) => {
+                assert_eq!(offset, record_start, "flip at {pos}: {reason}");
+            }
+            other => panic!("flip at {pos}: expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(
+            fs::read(&path).expect("read"),
+            bad,
+            "file changed (flip at {pos})"
+        );
+        fs::remove_file(&path).expect("rm");
+    }
+}
+
+#[test]
+fn damage_in_the_last_record_is_a_torn_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log");
+    let ends = write_log(&path, 3);
+    let mut bytes = fs::read(&path).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&path, &bytes).expect("write");
+    let storage = FileStorage::open(&path).expect("open");
+    assert_eq!(storage.len(), 2);
+    let tail = storage.recovery().cut_tail.clone().expect("tail");
+    assert_eq!(tail.offset, ends[2]);
+    assert_eq!(tail.bytes_cut, ends[3] - ends[2]);
+}
+
+fn assert_refused_unchanged(path: &Path, what: &str) {
+    let before = fs::read(path).expect("read");
+    match FileStorage::open(path) {
+        Err(StorageError::Format(msg)) => assert!(!msg.is_empty()),
+        other => panic!("{what}: expected a Format error, got {other:?}"),
+    }
+    assert_eq!(
+        fs::read(path).expect("read"),
+        before,
+        "{what}: file changed"
+    );
+}
+
+#[test]
+fn foreign_and_newer_files_are_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("x");
+
+    fs::write(
+        &path,
+        br#"[{"id":"1","type":"t","data":{},"timestamp":1,"version":1}]"#,
+    )
+    .expect("write");
+    assert_refused_unchanged(&path, "a JSON file");
+
+    fs::write(&path, b"KSYNC").expect("write");
+    assert_refused_unchanged(&path, "a short file");
+
+    let mut newer = Vec::from(*b"KSYNCLOG");
+    newer.extend_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    newer.extend_from_slice(&[0; 4]);
+    newer.extend_from_slice(b"records of the future");
+    fs::write(&path, &newer).expect("write");
+    assert_refused_unchanged(&path, "a newer format version");
+
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..50 {
+        let len = 1 + (round * 37) % 3000;
+        let random: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 24) as u8
+            })
+            .collect();
+        fs::write(&path, &random).expect("write");
+        assert_refused_unchanged(&path, "random bytes");
+    }
+}
+
+#[test]
+fn random_records_after_a_good_header_never_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let template = dir.path().join("template");
+    write_log(&template, 0);
+    let header = fs::read(&template).expect("read");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..200 {
+        let path = dir.path().join(format!("r{round}"));
+        let mut bytes = header.clone();
+        let len = (round * 13) % 500;
+        bytes.extend((0..len).map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            // Small numbers make plausible lengths, which exercises the scanner.
+            if seed.is_multiple_of(3) {
+                0
+            } else {
+                (seed >> 40) as u8
+            }
+        }));
+        fs::write(&path, &bytes).expect("write");
+        match FileStorage::open(&path) {
+            Ok(storage) => {
+                assert_eq!(storage.len(), 0);
+                assert_eq!(storage.recovery().valid_len, HEADER_LEN as u64);
+            }
+            Err(StorageError::Corrupt { .. }) => {
+                assert_eq!(fs::read(&path).expect("read"), bytes);
+            }
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn empty_file_becomes_a_log_and_missing_dir_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("touched");
+    fs::write(&path, b"").expect("touch");
+    let storage = FileStorage::open(&path).expect("open empty");
+    assert_eq!(storage.len(), 0);
+    drop(storage);
+    assert_eq!(fs::metadata(&path).expect("meta").len(), HEADER_LEN as u64);
+    assert!(matches!(
+        FileStorage::open(dir.path().join("no/such/dir/log")),
+        Err(StorageError::Io { .. })
+    ));
+}

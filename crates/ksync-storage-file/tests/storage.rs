@@ -1,0 +1,314 @@
+//! FileStorage behaviour: concurrency, metadata, durability modes, locking, fault injection,
+//! oversized events, and the provider.
+
+use std::fs;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use ksync_core::{Event, LogName, Name, Storage, StorageError, StorageProvider};
+use ksync_storage_file::format::MAX_RECORD_LEN;
+use ksync_storage_file::{
+    Durability, FaultHook, FileProvider, FileStorage, FileStorageOptions, WriteFault,
+};
+use serde_json::json;
+
+fn ev(id: &str, n: u64) -> Event {
+    Event::new(id, "t", json!({"n": n}), n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_all_land_gap_free() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.log");
+    let storage = Arc::new(FileStorage::open(&path).expect("open"));
+    let tasks: Vec<_> = (0..32)
+        .map(|t| {
+            let storage = Arc::clone(&storage);
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..15u64 {
+                    let id = format!("t{t}-{i}");
+                    let out = storage.append(vec![ev(&id, i)]).await.expect("append");
+                    assert_eq!(out.appended.len(), 1);
+                    mine.push((id, out.last_seq().expect("seq")));
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.expect("task"));
+    }
+    let mut seqs: Vec<u64> = acked.iter().map(|(_, s)| *s).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=32 * 15).collect::<Vec<u64>>());
+    assert_eq!(storage.len(), 32 * 15);
+    drop(storage);
+    let reopened = FileStorage::open(&path).expect("reopen");
+    for (id, seq) in acked {
+        assert_eq!(reopened.get(&id, 1).expect("get").map(|s| s.seq), Some(seq));
+    }
+}
+
+#[tokio::test]
+async fn meta_survives_reopen_latest_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.log");
+    {
+        let storage = FileStorage::open(&path).expect("open");
+        storage.set_meta("cursor", "1").await.expect("meta");
+        storage.append(vec![ev("a", 1)]).await.expect("append");
+        storage.set_meta("cursor", "2").await.expect("meta");
+        storage.set_meta("replica", "r-1").await.expect("meta");
+        assert_eq!(storage.meta("cursor").expect("meta").as_deref(), Some("2"));
+    }
+    let storage = FileStorage::open(&path).expect("reopen");
+    assert_eq!(storage.meta("cursor").expect("meta").as_deref(), Some("2"));
+    assert_eq!(
+        storage.meta("replica").expect("meta").as_deref(),
+        Some("r-1")
+    );
+    assert_eq!(storage.meta("other").expect("meta"), None);
+    assert_eq!(storage.recovery().meta_records, 3);
+    assert_eq!(storage.len(), 1);
+}
+
+#[tokio::test]
+async fn every_durability_mode_persists() {
+    for durability in [
+        Durability::EveryAppend,
+        Durability::GroupCommit,
+        Durability::None,
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.log");
+        {
+            let storage = FileStorage::builder(&path)
+                .durability(durability)
+                .open()
+                .expect("open");
+            assert_eq!(storage.durability(), durability);
+            let out = storage
+                .append(vec![ev("a", 1), ev("b", 2), ev("a", 1)])
+                .await
+                .expect("append");
+            assert_eq!(out.appended.len(), 2);
+            assert_eq!(out.duplicates, 1);
+            storage.flush().await.expect("flush");
+        }
+        let storage = FileStorage::open(&path).expect("reopen");
+        assert_eq!(storage.len(), 2, "{durability:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_second_open_of_the_same_file_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("l.log");
+    let first = FileStorage::open(&path).expect("open");
+    assert!(matches!(
+        FileStorage::open(&path),
+        Err(StorageError::Io { .. })
+    ));
+    drop(first);
+    FileStorage::open(&path).expect("open after close");
+}
+
+#[tokio::test]
+async fn an_oversized_event_is_refused_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = FileStorage::open(dir.path().join("big.log")).expect("open");
+    let huge = Event::new("big", "t", json!("x".repeat(MAX_RECORD_LEN + 1)), 1);
+    let (big, small) = tokio::join!(
+        storage.append(vec![huge]),
+        storage.append(vec![ev("small", 1)])
+    );
+    assert!(matches!(big, Err(StorageError::Codec(_))));
+    assert_eq!(small.expect("small append").last_seq(), Some(1));
+    assert_eq!(storage.len(), 1);
+    assert!(storage.get("big", 1).expect("get").is_none());
+}
+
+#[derive(Default)]
+struct Faults {
+    fail_next_write: AtomicBool,
+    fail_next_sync: AtomicBool,
+    syncs: AtomicUsize,
+}
+
+impl FaultHook for Faults {
+    fn before_write(&self, len: usize) -> Result<(), WriteFault> {
+        if self.fail_next_write.swap(false, Ordering::SeqCst) {
+            return Err(WriteFault {
+                written: len / 2,
+                error: io::Error::from_raw_os_error(28), // ENOSPC
+            });
+        }
+        Ok(())
+    }
+
+    fn before_sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_write_acknowledges_nothing_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.log");
+    let faults = Arc::new(Faults::default());
+    {
+        let storage = FileStorage::builder(&path)
+            .fault_hook(faults.clone())
+            .open()
+            .expect("open");
+        storage.append(vec![ev("a", 1)]).await.expect("append");
+        faults.fail_next_write.store(true, Ordering::SeqCst);
+        let err = storage
+            .append(vec![ev("b", 2), ev("c", 3)])
+            .await
+            .expect_err("write fails");
+        match err {
+            StorageError::Io { source, .. } => assert_eq!(source.raw_os_error(), Some(28)),
+            other => panic!("expected Io, got {other:?}"),
+        }
+        assert_eq!(storage.len(), 1);
+        assert!(storage.get("b", 1).expect("get").is_none());
+        // The writer cut the torn half away and goes on.
+        let out = storage
+            .append(vec![ev("d", 4)])
+            .await
+            .expect("append after ENOSPC");
+        assert_eq!(out.last_seq(), Some(2));
+    }
+    let storage = FileStorage::open(&path).expect("reopen");
+    assert_eq!(storage.recovery().cut_tail, None);
+    let ids: Vec<String> = storage
+        .read_since(0, 10)
+        .expect("read")
+        .into_iter()
+        .map(|s| s.event.id)
+        .collect();
+    assert_eq!(ids, ["a", "d"]);
+}
+
+#[tokio::test]
+async fn a_failed_sync_acknowledges_nothing_and_closes_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.log");
+    let faults = Arc::new(Faults::default());
+    {
+        let storage = FileStorage::builder(&path)
+            .fault_hook(faults.clone())
+            .open()
+            .expect("open");
+        storage.append(vec![ev("a", 1)]).await.expect("append");
+        assert_eq!(faults.syncs.load(Ordering::SeqCst), 1);
+        faults.fail_next_sync.store(true, Ordering::SeqCst);
+        let err = storage
+            .append(vec![ev("b", 2)])
+            .await
+            .expect_err("sync fails");
+        assert!(
+            matches!(err, StorageError::Io { ref source, .. } if source.raw_os_error() == Some(5))
+        );
+        assert_eq!(storage.len(), 1);
+        assert!(storage.get("b", 1).expect("get").is_none());
+        assert!(matches!(
+            storage.append(vec![ev("c", 3)]).await,
+            Err(StorageError::Closed)
+        ));
+        assert!(matches!(
+            storage.set_meta("k", "v").await,
+            Err(StorageError::Closed)
+        ));
+        assert_eq!(storage.len(), 1);
+    }
+    // A reopen replays what is really on disk; "a" was acknowledged and is there.
+    let storage = FileStorage::open(&path).expect("reopen");
+    assert!(storage.get("a", 1).expect("get").is_some());
+    assert!(storage.get("c", 1).expect("get").is_none());
+}
+
+fn name(s: &str) -> Name {
+    Name::new(s).expect("valid name")
+}
+
+#[tokio::test]
+async fn provider_lays_out_rooms_and_branches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let room = LogName::Room(name("lobby"));
+    let branch = LogName::Branch {
+        repo: name("my-repo"),
+        branch: name("main"),
+    };
+    {
+        let provider = FileProvider::new(dir.path()).expect("provider");
+        assert!(provider.existing(&room).expect("existing").is_none());
+        assert!(provider.list().expect("list").is_empty());
+        let a = provider.open(&room).expect("open room");
+        let b = provider.open(&room).expect("open room again");
+        assert!(Arc::ptr_eq(&a, &b));
+        a.append(vec![ev("x", 1)]).await.expect("append");
+        let br = provider.open(&branch).expect("open branch");
+        br.append(vec![ev("y", 1), ev("z", 2)])
+            .await
+            .expect("append");
+        br.set_meta("forked-from", "main@0").await.expect("meta");
+        provider.flush_all().await.expect("flush_all");
+        assert!(dir.path().join("rooms/lobby.log").is_file());
+        assert!(dir.path().join("repos/my-repo/main.log").is_file());
+        assert_eq!(
+            provider.list().expect("list"),
+            vec![room.clone(), branch.clone()]
+        );
+    }
+    // Stray files that are not logs of valid names are not listed.
+    fs::write(dir.path().join("rooms/notes.txt"), b"x").expect("write");
+    fs::write(dir.path().join("rooms/.hidden.log"), b"x").expect("write");
+    let provider = FileProvider::new(dir.path()).expect("provider");
+    assert_eq!(
+        provider.list().expect("list"),
+        vec![room.clone(), branch.clone()]
+    );
+    let room_log = provider
+        .existing(&room)
+        .expect("existing")
+        .expect("present");
+    assert_eq!(room_log.len(), 1);
+    let branch_log = provider.open(&branch).expect("open");
+    assert_eq!(branch_log.len(), 2);
+    assert_eq!(
+        branch_log.meta("forked-from").expect("meta").as_deref(),
+        Some("main@0")
+    );
+    provider.close(&room);
+    drop(room_log);
+    let reopened = provider.open(&room).expect("reopen");
+    assert_eq!(reopened.len(), 1);
+}
+
+#[tokio::test]
+async fn provider_options_reach_every_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(Faults::default());
+    let mut options = FileStorageOptions::default();
+    options.durability = Durability::None;
+    options.fault_hook = Some(faults.clone());
+    let provider = FileProvider::with_options(dir.path(), options).expect("provider");
+    let log = provider.open(&LogName::Room(name("r"))).expect("open");
+    log.append(vec![ev("a", 1)]).await.expect("append");
+    assert_eq!(
+        faults.syncs.load(Ordering::SeqCst),
+        0,
+        "durability None does not sync"
+    );
+    provider.flush_all().await.expect("flush");
+    assert_eq!(faults.syncs.load(Ordering::SeqCst), 1, "flush syncs");
+}
