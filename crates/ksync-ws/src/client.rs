@@ -1,0 +1,1393 @@
+//! `WebSocketSyncClient`: the spec's real-time client.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use ksync_core::{
+    Auth, BoxFuture, Direction, Event, Filter, Metrics, Middleware, Notification, Notifier,
+    PROTOCOL_VERSION, Pipeline, Replica, Status, Stored, SyncClient, SyncError,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::error::WsError;
+use crate::protocol::{
+    self, ClientMessage, Hello, Publish, PublishResult, SERVER_TYPES, ServerMessage, close,
+};
+
+/// Logs at DEBUG when the client was built with `debug(true)`, at TRACE otherwise.
+macro_rules! dlog {
+    ($debug:expr, $($arg:tt)+) => {
+        if $debug {
+            tracing::debug!(target: "ksync_ws::client", $($arg)+);
+        } else {
+            tracing::trace!(target: "ksync_ws::client", $($arg)+);
+        }
+    };
+}
+
+/// How outgoing events are grouped (the spec's `strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// `event-level`: each event goes out as soon as it is sent; `batch_size` caps how many
+    /// queued events share one message (after a reconnect). Default `batch_size` 1.
+    EventLevel {
+        /// Most events per message.
+        batch_size: usize,
+    },
+    /// `batch`: events go out when `batch_size` are waiting or every `batch_interval`.
+    Batch {
+        /// Events that trigger a send.
+        batch_size: usize,
+        /// Longest an event waits.
+        batch_interval: Duration,
+    },
+    /// `state-based`: the client starts from the server's snapshot (latest version of each id)
+    /// plus the live tail, and sends the latest version of each changed id every
+    /// `snapshot_interval` (intermediate versions are skipped).
+    StateBased {
+        /// How often local state goes out.
+        snapshot_interval: Duration,
+    },
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Strategy::EventLevel { batch_size: 1 }
+    }
+}
+
+/// Options of a [`WebSocketSyncClient`], with the spec's defaults.
+#[derive(Debug, Clone)]
+struct Config {
+    url: String,
+    auth: Option<Auth>,
+    reconnect: bool,
+    heartbeat: Duration,
+    heartbeat_timeout: Duration,
+    connect_timeout: Duration,
+    compression: bool,
+    strategy: Strategy,
+    filter: Option<Filter>,
+    debug: bool,
+    outbox_capacity: usize,
+    metrics_interval: Duration,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+    max_message_size: usize,
+    max_in_flight: usize,
+}
+
+/// Builds a [`WebSocketSyncClient`]; see each method for its default.
+#[derive(Debug)]
+#[must_use]
+pub struct WebSocketSyncClientBuilder {
+    config: Config,
+}
+
+impl WebSocketSyncClientBuilder {
+    /// Credentials: `Auth::jwt(..)` or `Auth::api_key(..)`. Default none.
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.config.auth = Some(auth);
+        self
+    }
+
+    /// Reconnect automatically (exponential backoff with jitter). Default `true`.
+    pub fn reconnect(mut self, reconnect: bool) -> Self {
+        self.config.reconnect = reconnect;
+        self
+    }
+
+    /// Ping interval. Default 30 s.
+    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.config.heartbeat = heartbeat;
+        self
+    }
+
+    /// How long after a ping the server must have answered before the connection is
+    /// considered dead (so a dead server is detected within `heartbeat + heartbeat_timeout`).
+    /// Also bounds each socket write. Default 10 s.
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.config.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// Limit for TCP connect + upgrade + `welcome`. Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Deflate event batches (both directions). Default `false`.
+    pub fn compression(mut self, compression: bool) -> Self {
+        self.config.compression = compression;
+        self
+    }
+
+    /// How events are grouped. Default `Strategy::EventLevel { batch_size: 1 }`.
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.config.strategy = strategy;
+        self
+    }
+
+    /// Which events to sync, both ways (a predicate or `Filter::PublicOnly`). Default all.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.config.filter = Some(filter);
+        self
+    }
+
+    /// Log connection and frame details at DEBUG level (TRACE otherwise). Default `false`.
+    pub fn debug(mut self, debug: bool) -> Self {
+        self.config.debug = debug;
+        self
+    }
+
+    /// Events kept while disconnected when no replica is attached. Overflow policy: `send`
+    /// refuses the new event with [`WsError::OutboxFull`]; queued events are never dropped.
+    /// Default 10 000.
+    pub fn outbox_capacity(mut self, capacity: usize) -> Self {
+        self.config.outbox_capacity = capacity;
+        self
+    }
+
+    /// How often `metrics` notifications are emitted. Default 5 s.
+    pub fn metrics_interval(mut self, interval: Duration) -> Self {
+        self.config.metrics_interval = interval;
+        self
+    }
+
+    /// Backoff range between reconnect attempts (doubling from `min`, capped at `max`, each
+    /// delay randomised between half and all of it). Default 250 ms to 30 s.
+    pub fn reconnect_delay(mut self, min: Duration, max: Duration) -> Self {
+        self.config.reconnect_min = min;
+        self.config.reconnect_max = max;
+        self
+    }
+
+    /// Builds the client (no connection yet).
+    pub fn build(self) -> Result<WebSocketSyncClient, SyncError> {
+        let c = &self.config;
+        if c.heartbeat.is_zero() || c.heartbeat_timeout.is_zero() || c.connect_timeout.is_zero() {
+            return Err(SyncError::Config(
+                "heartbeat, heartbeat_timeout and connect_timeout must be positive".into(),
+            ));
+        }
+        match c.strategy {
+            Strategy::EventLevel { batch_size } | Strategy::Batch { batch_size, .. }
+                if batch_size == 0 =>
+            {
+                return Err(SyncError::Config("batch_size must be at least 1".into()));
+            }
+            Strategy::Batch { batch_interval, .. } if batch_interval.is_zero() => {
+                return Err(SyncError::Config("batch_interval must be positive".into()));
+            }
+            Strategy::StateBased { snapshot_interval } if snapshot_interval.is_zero() => {
+                return Err(SyncError::Config(
+                    "snapshot_interval must be positive".into(),
+                ));
+            }
+            _ => {}
+        }
+        if c.outbox_capacity == 0 || c.metrics_interval.is_zero() {
+            return Err(SyncError::Config(
+                "outbox_capacity and metrics_interval must be positive".into(),
+            ));
+        }
+        let target = Target::parse(&c.url)?;
+        let (state, _) = watch::channel(Link::Down);
+        Ok(WebSocketSyncClient {
+            inner: Arc::new(Inner {
+                target,
+                client_id: uuid::Uuid::new_v4().simple().to_string(),
+                notifier: Notifier::new(),
+                pipeline: Pipeline::new(),
+                replica: Mutex::new(None),
+                outbox: Mutex::new(Outbox::default()),
+                control: Mutex::new(None),
+                waiters: Mutex::new(Vec::new()),
+                wake: Notify::new(),
+                queued: AtomicUsize::new(0),
+                standalone_cursor: Mutex::new(None),
+                state,
+                config: self.config,
+            }),
+        })
+    }
+}
+
+/// The spec's `WebSocketSyncClient`: real-time sync with a kSync relay.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), ksync_core::SyncError> {
+/// use std::{sync::Arc, time::Duration};
+/// use ksync_core::{Auth, InMemoryStorage, KSync};
+/// use ksync_ws::WebSocketSyncClient;
+///
+/// let client = WebSocketSyncClient::builder("ws://localhost:8080")
+///     .auth(Auth::jwt("your-token"))
+///     .reconnect(true)
+///     .heartbeat(Duration::from_secs(30))
+///     .build()?;
+/// let ksync = KSync::builder()
+///     .storage(Arc::new(InMemoryStorage::new()))
+///     .sync_client(Arc::new(client))
+///     .build()
+///     .await?;
+/// ksync.connect().await?;
+/// ksync.emit("user_action", serde_json::json!({"action": "click", "button": "submit"})).await?;
+/// # Ok(()) }
+/// ```
+///
+/// Attached to a replica (through `KSync`), received events are stored with
+/// `Replica::ingest` before any notification, the room cursor and the acknowledged cursor are
+/// kept in the replica's storage, and local events go out in sequence order on every
+/// (re)connect. Standalone, sent events wait in a bounded in-memory outbox
+/// ([`WebSocketSyncClientBuilder::outbox_capacity`]).
+#[derive(Clone)]
+pub struct WebSocketSyncClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for WebSocketSyncClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebSocketSyncClient")
+            .field("url", &self.inner.config.url)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a session is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Down,
+    Up,
+}
+
+struct Control {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Inner {
+    config: Config,
+    target: Target,
+    client_id: String,
+    notifier: Notifier,
+    pipeline: Pipeline,
+    replica: Mutex<Option<Replica>>,
+    outbox: Mutex<Outbox>,
+    control: Mutex<Option<Control>>,
+    /// `connect()` calls waiting for the outcome of the next attempt.
+    waiters: Mutex<Vec<oneshot::Sender<Result<(), WsError>>>>,
+    /// Poked by `send` so the session looks for new local events.
+    wake: Notify,
+    /// Events sent since the last flush (drives `Strategy::Batch`).
+    queued: AtomicUsize,
+    /// The room cursor of a standalone client (`None` before its first session: it starts
+    /// with the live stream).
+    standalone_cursor: Mutex<Option<u64>>,
+    state: watch::Sender<Link>,
+}
+
+impl WebSocketSyncClient {
+    /// Starts a builder for `url` (`ws://host:port` for the default room, or
+    /// `ws://host:port/ws/<room>`).
+    pub fn builder(url: impl Into<String>) -> WebSocketSyncClientBuilder {
+        WebSocketSyncClientBuilder {
+            config: Config {
+                url: url.into(),
+                auth: None,
+                reconnect: true,
+                heartbeat: Duration::from_secs(30),
+                heartbeat_timeout: Duration::from_secs(10),
+                connect_timeout: Duration::from_secs(10),
+                compression: false,
+                strategy: Strategy::default(),
+                filter: None,
+                debug: false,
+                outbox_capacity: 10_000,
+                metrics_interval: Duration::from_secs(5),
+                reconnect_min: Duration::from_millis(250),
+                reconnect_max: Duration::from_secs(30),
+                max_message_size: 1 << 20,
+                max_in_flight: 10_000,
+            },
+        }
+    }
+
+    /// A client with every default.
+    pub fn new(url: impl Into<String>) -> Result<Self, SyncError> {
+        Self::builder(url).build()
+    }
+
+    /// The spec's `use(direction, middleware)`: adds a middleware to the `incoming` or
+    /// `outgoing` chain (run in registration order, before the filter).
+    pub fn use_middleware(&self, direction: Direction, middleware: impl Middleware) {
+        self.inner.pipeline.use_middleware(direction, middleware);
+    }
+
+    /// Whether a session is established (after `welcome`).
+    pub fn is_connected(&self) -> bool {
+        *self.inner.state.borrow() == Link::Up
+    }
+
+    /// This client's id: the `origin` given to standalone events that have none.
+    pub fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    /// Events waiting in the standalone outbox (sent but not yet acknowledged).
+    pub fn outbox_len(&self) -> usize {
+        lock(&self.inner.outbox).items.len()
+    }
+
+    async fn connect_inner(&self) -> Result<(), SyncError> {
+        if self.is_connected() {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.waiters).push(tx);
+        {
+            let mut control = lock(&self.inner.control);
+            let running = control.as_ref().is_some_and(|c| !c.task.is_finished());
+            if !running {
+                let (stop, stop_rx) = watch::channel(false);
+                let task = tokio::spawn(manage(Arc::clone(&self.inner), stop_rx));
+                *control = Some(Control { stop, task });
+            }
+        }
+        if self.is_connected() {
+            return Ok(());
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(SyncError::NotConnected),
+        }
+    }
+
+    async fn disconnect_inner(&self) -> Result<(), SyncError> {
+        let control = lock(&self.inner.control).take();
+        if let Some(control) = control {
+            control.stop.send_replace(true);
+            let _ = control.task.await;
+        }
+        Ok(())
+    }
+
+    async fn send_inner(&self, event: Event) -> Result<(), SyncError> {
+        let replica = lock(&self.inner.replica).clone();
+        match replica {
+            Some(replica) => {
+                // Through KSync the event is already stored; a direct send stores it first so
+                // it is pending like any local event.
+                if replica.storage().get(&event.id, event.version)?.is_none() {
+                    let mut event = event;
+                    if event.origin.is_none() {
+                        event.origin = Some(replica.id().to_owned());
+                    }
+                    replica.record_local(event).await?;
+                }
+            }
+            None => {
+                let mut event = event;
+                if event.origin.is_none() {
+                    event.origin = Some(self.inner.client_id.clone());
+                }
+                lock(&self.inner.outbox).push(event, self.inner.config.outbox_capacity)?;
+            }
+        }
+        self.inner.queued.fetch_add(1, Ordering::AcqRel);
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl SyncClient for WebSocketSyncClient {
+    /// Connects and waits for the server's `welcome`. With `reconnect(true)` a failed first
+    /// attempt is returned as an error and retried in the background (until `disconnect`),
+    /// except for refused credentials (401/403), which stop the client.
+    fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(self.connect_inner())
+    }
+
+    /// Closes the connection (code 1000) and stops reconnecting. Unsent events stay queued.
+    fn disconnect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(self.disconnect_inner())
+    }
+
+    /// Queues `event` to go out (now, or on the next connect). Returns once queued.
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(self.send_inner(event))
+    }
+
+    fn notifier(&self) -> &Notifier {
+        &self.inner.notifier
+    }
+
+    fn attach(&self, replica: Replica) {
+        *lock(&self.inner.replica) = Some(replica);
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(control) = self
+            .control
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            control.task.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where to connect.
+#[derive(Debug, Clone)]
+struct Target {
+    host: String,
+    port: u16,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Self, WsError> {
+        let bad = |reason: &str| WsError::InvalidUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        match uri.scheme_str() {
+            Some("ws") => {}
+            Some("wss") => return Err(bad("wss:// (TLS) is not supported by this build")),
+            _ => return Err(bad("the scheme must be ws://")),
+        }
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        Ok(Self {
+            host,
+            port: uri.port_u16().unwrap_or(80),
+        })
+    }
+}
+
+/// The standalone outbox: events sent while no replica is attached, kept until acknowledged.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// (local sequence number, event), in send order.
+    items: VecDeque<(u64, Event)>,
+    next: u64,
+}
+
+impl Outbox {
+    fn push(&mut self, event: Event, capacity: usize) -> Result<(), WsError> {
+        if self.items.len() >= capacity {
+            return Err(WsError::OutboxFull { capacity });
+        }
+        self.next += 1;
+        self.items.push_back((self.next, event));
+        Ok(())
+    }
+
+    fn pending(&self, after: u64, limit: usize) -> Vec<Stored> {
+        self.items
+            .iter()
+            .filter(|(seq, _)| *seq > after)
+            .take(limit)
+            .map(|(seq, event)| Stored {
+                seq: *seq,
+                event: event.clone(),
+            })
+            .collect()
+    }
+
+    fn acked(&mut self, upto: u64) {
+        while self.items.front().is_some_and(|(seq, _)| *seq <= upto) {
+            self.items.pop_front();
+        }
+    }
+}
+
+type Socket = WebSocketStream<TcpStream>;
+
+/// How a session ended.
+struct SessionEnd {
+    was_connected: bool,
+    error: Option<WsError>,
+    stopped: bool,
+}
+
+/// Reconnects until stopped (or until a fatal error / `reconnect(false)`).
+async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let config = &inner.config;
+    let mut attempt: u32 = 0;
+    loop {
+        if attempt > 0 {
+            inner.notifier.emit(Notification::Reconnecting { attempt });
+            let delay = backoff(config.reconnect_min, config.reconnect_max, attempt);
+            dlog!(config.debug, ?delay, attempt, "reconnecting");
+            tokio::select! {
+                () = sleep(delay) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        let end = session(&inner, &mut stop).await;
+        inner.state.send_replace(Link::Down);
+        if end.was_connected {
+            inner.notifier.emit(Notification::Disconnected);
+        }
+        let fatal = end.error.as_ref().is_some_and(WsError::is_fatal);
+        if let Some(error) = end.error {
+            dlog!(config.debug, %error, "session ended");
+            if !end.was_connected {
+                for waiter in lock(&inner.waiters).drain(..) {
+                    let _ = waiter.send(Err(error.clone()));
+                }
+            }
+            inner.notifier.emit(Notification::Status(Status::Error));
+            inner
+                .notifier
+                .emit(Notification::Error(Arc::new(error.into())));
+        }
+        if end.stopped || fatal || !config.reconnect || *stop.borrow() {
+            break;
+        }
+        attempt = if end.was_connected { 1 } else { attempt + 1 };
+    }
+    // Whoever still waits for a connection will not get one from this task.
+    lock(&inner.waiters).clear();
+}
+
+fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = min.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let capped = exp.min(max);
+    // Jitter: between half and all of the delay, so clients that lost the same server do not
+    // come back in lockstep.
+    let factor = 0.5 + rand::random::<f64>() * 0.5;
+    capped.mul_f64(factor)
+}
+
+/// One connection from TCP connect to close.
+async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> SessionEnd {
+    let config = &inner.config;
+    let replica = lock(&inner.replica).clone();
+    let cursors = Cursors::new(&config.url);
+    let mut session = match Session::start(inner, replica, cursors) {
+        Ok(s) => s,
+        Err(error) => {
+            return SessionEnd {
+                was_connected: false,
+                error: Some(error),
+                stopped: false,
+            };
+        }
+    };
+    let connect = timeout(config.connect_timeout, session.open());
+    let result = tokio::select! {
+        r = connect => match r {
+            Ok(r) => r,
+            Err(_) => Err(WsError::ConnectTimeout(config.connect_timeout)),
+        },
+        _ = stop.changed() => return SessionEnd { was_connected: false, error: None, stopped: true },
+    };
+    if let Err(error) = result {
+        return SessionEnd {
+            was_connected: false,
+            error: Some(error),
+            stopped: false,
+        };
+    }
+    inner.state.send_replace(Link::Up);
+    for waiter in lock(&inner.waiters).drain(..) {
+        let _ = waiter.send(Ok(()));
+    }
+    inner.notifier.emit(Notification::Connected);
+    session.set_status(Status::Connected);
+    let result = session.run(stop).await;
+    match result {
+        Ok(stopped) => {
+            session.close(close::NORMAL, "client disconnecting").await;
+            SessionEnd {
+                was_connected: true,
+                error: None,
+                stopped,
+            }
+        }
+        Err(error) => SessionEnd {
+            was_connected: true,
+            error: Some(error),
+            stopped: false,
+        },
+    }
+}
+
+/// Cursor names in the replica's metadata.
+struct Cursors {
+    /// The last room sequence number received.
+    room: String,
+    /// The last local sequence number acknowledged by the server (contiguous prefix).
+    acked: String,
+}
+
+impl Cursors {
+    fn new(url: &str) -> Self {
+        Self {
+            room: format!("ws:{url}/room"),
+            acked: format!("ws:{url}/acked"),
+        }
+    }
+}
+
+/// One publish waiting for its ack.
+struct Flight {
+    reference: Option<u64>,
+    /// Highest local sequence number covered (including events dropped by middleware).
+    upto: u64,
+    sent_at: Instant,
+    /// The events sent, for matching results.
+    ids: Vec<String>,
+    done: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: u64,
+    bytes: u64,
+    latency_ms_sum: f64,
+    latency_n: u64,
+}
+
+struct Session {
+    inner: Arc<Inner>,
+    replica: Option<Replica>,
+    cursors: Cursors,
+    socket: Option<Socket>,
+    /// Last room sequence number received (events or our own acks).
+    room_cursor: u64,
+    /// Last local sequence number handed to the socket.
+    sent_upto: u64,
+    /// Last local sequence number acknowledged (contiguously).
+    acked_upto: u64,
+    in_flight: VecDeque<Flight>,
+    in_flight_events: usize,
+    next_ref: u64,
+    server_version: u64,
+    counters: Counters,
+    status: Option<Status>,
+    /// Whether the server agreed to deflate batches.
+    compression: bool,
+}
+
+impl Session {
+    fn start(
+        inner: &Arc<Inner>,
+        replica: Option<Replica>,
+        cursors: Cursors,
+    ) -> Result<Self, WsError> {
+        let storage_error = |e: SyncError| WsError::Protocol(format!("reading cursors: {e}"));
+        let (room_cursor, acked_upto) = match &replica {
+            Some(r) => (
+                r.cursor(&cursors.room).map_err(storage_error)?,
+                r.cursor(&cursors.acked).map_err(storage_error)?,
+            ),
+            // Standalone: acknowledged events leave the outbox, so everything in it is unacked.
+            None => ((*lock(&inner.standalone_cursor)).unwrap_or(0), 0),
+        };
+        Ok(Self {
+            inner: Arc::clone(inner),
+            replica,
+            cursors,
+            socket: None,
+            room_cursor,
+            sent_upto: acked_upto,
+            acked_upto,
+            in_flight: VecDeque::new(),
+            in_flight_events: 0,
+            next_ref: 1,
+            server_version: 0,
+            counters: Counters::default(),
+            status: None,
+            compression: false,
+        })
+    }
+
+    fn debug(&self) -> bool {
+        self.inner.config.debug
+    }
+
+    /// TCP connect, upgrade, `hello`, `welcome`.
+    async fn open(&mut self) -> Result<(), WsError> {
+        let config = &self.inner.config;
+        let target = &self.inner.target;
+        let addr = format!("{}:{}", target.host, target.port);
+        dlog!(config.debug, %addr, url = %config.url, "connecting");
+        let tcp = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| WsError::Connect {
+                addr: addr.clone(),
+                source: Arc::new(e),
+            })?;
+        // Small frames must not wait for Nagle's algorithm.
+        tcp.set_nodelay(true).map_err(|e| WsError::Connect {
+            addr,
+            source: Arc::new(e),
+        })?;
+        let mut request =
+            config
+                .url
+                .as_str()
+                .into_client_request()
+                .map_err(|e| WsError::InvalidUrl {
+                    url: config.url.clone(),
+                    reason: e.to_string(),
+                })?;
+        if let Some(auth) = &config.auth {
+            let (name, value) = auth.header();
+            let value = http::HeaderValue::from_str(&value).map_err(|_| {
+                WsError::Protocol("credentials contain characters not allowed in a header".into())
+            })?;
+            request.headers_mut().insert(name, value);
+        }
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(config.max_message_size))
+            .max_frame_size(Some(config.max_message_size))
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(0);
+        let (mut socket, _) =
+            tokio_tungstenite::client_async_with_config(request, tcp, Some(ws_config))
+                .await
+                .map_err(handshake_error)?;
+        let (since, state) = match (&self.replica, config.strategy) {
+            (_, Strategy::StateBased { .. }) if self.room_cursor == 0 => (None, true),
+            (Some(_), _) => (Some(self.room_cursor), false),
+            (None, _) => (
+                lock(&self.inner.standalone_cursor).map(|_| self.room_cursor),
+                false,
+            ),
+        };
+        let hello = ClientMessage::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            since,
+            state,
+            compression: config.compression,
+        });
+        let text = serde_json::to_string(&hello).map_err(|e| WsError::Protocol(e.to_string()))?;
+        socket
+            .send(Message::text(text))
+            .await
+            .map_err(|e| WsError::WebSocket(e.to_string()))?;
+        loop {
+            let message = match socket.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(WsError::WebSocket(e.to_string())),
+                None => return Err(WsError::ConnectionLost),
+            };
+            match message {
+                Message::Text(t) => {
+                    match protocol::decode::<ServerMessage>(t.as_bytes(), SERVER_TYPES) {
+                        Ok(ServerMessage::Welcome(w)) => {
+                            dlog!(config.debug, room = %w.room, server_version = w.server_version, "welcome");
+                            self.server_version = w.server_version;
+                            self.compression = w.compression;
+                            if since.is_none() && !state {
+                                // A new standalone client starts with the live stream.
+                                self.room_cursor = w.server_version;
+                                *lock(&self.inner.standalone_cursor) = Some(w.server_version);
+                            }
+                            break;
+                        }
+                        Ok(ServerMessage::Error(e)) => {
+                            return Err(WsError::Server {
+                                code: e.code,
+                                message: e.message,
+                            });
+                        }
+                        Ok(_) => return Err(WsError::Protocol("expected welcome".into())),
+                        Err(e) => return Err(WsError::Protocol(e.to_string())),
+                    }
+                }
+                Message::Close(frame) => return Err(closed(frame)),
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                Message::Binary(_) => {
+                    return Err(WsError::Protocol("binary frame before welcome".into()));
+                }
+            }
+        }
+        self.socket = Some(socket);
+        Ok(())
+    }
+
+    /// The connected loop. `Ok(true)`: stopped by `disconnect`.
+    async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> Result<bool, WsError> {
+        let Some(mut socket) = self.socket.take() else {
+            return Err(WsError::ConnectionLost);
+        };
+        let result = self.run_with(&mut socket, stop).await;
+        self.socket = Some(socket);
+        result
+    }
+
+    async fn run_with(
+        &mut self,
+        socket: &mut Socket,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, WsError> {
+        let inner = Arc::clone(&self.inner);
+        let config = &inner.config;
+        let now = Instant::now();
+        let mut heartbeat = interval_at(now + config.heartbeat, config.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut ping_deadline: Option<Instant> = None;
+        let mut metrics = interval_at(now + config.metrics_interval, config.metrics_interval);
+        metrics.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut metrics_since = now;
+        let flush_every = match config.strategy {
+            Strategy::EventLevel { .. } => None,
+            Strategy::Batch { batch_interval, .. } => Some(batch_interval),
+            Strategy::StateBased { snapshot_interval } => Some(snapshot_interval),
+        };
+        let mut flush = flush_every.map(|p| {
+            let mut i = interval_at(now + p, p);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        });
+        // Whatever waited while we were offline goes out now.
+        self.pump(socket, true).await?;
+        self.update_status();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return Ok(true),
+                message = socket.next() => {
+                    let message = match message {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => return Err(WsError::WebSocket(e.to_string())),
+                        None => return Err(WsError::ConnectionLost),
+                    };
+                    ping_deadline = None;
+                    self.on_message(socket, message).await?;
+                    self.update_status();
+                }
+                () = inner.wake.notified() => {
+                    self.pump(socket, false).await?;
+                    self.update_status();
+                }
+                _ = heartbeat.tick() => {
+                    if ping_deadline.is_none() {
+                        self.write(socket, Message::Ping(bytes::Bytes::new())).await?;
+                        ping_deadline = Some(Instant::now() + config.heartbeat_timeout);
+                    }
+                }
+                () = deadline(ping_deadline) => {
+                    return Err(WsError::HeartbeatTimeout(config.heartbeat_timeout));
+                }
+                _ = metrics.tick() => {
+                    let secs = metrics_since.elapsed().as_secs_f64().max(1e-3);
+                    metrics_since = Instant::now();
+                    let c = std::mem::take(&mut self.counters);
+                    inner.notifier.emit(Notification::Metrics(Metrics {
+                        events_per_second: c.events as f64 / secs,
+                        average_latency: if c.latency_n == 0 { 0.0 } else { c.latency_ms_sum / c.latency_n as f64 },
+                        bandwidth_usage: c.bytes as f64 / secs,
+                    }));
+                }
+                () = tick(&mut flush) => {
+                    self.pump(socket, true).await?;
+                    self.update_status();
+                }
+            }
+        }
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        if let Some(mut socket) = self.socket.take() {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.to_owned().into(),
+            };
+            let _ = timeout(
+                self.inner.config.heartbeat_timeout,
+                socket.close(Some(frame)),
+            )
+            .await;
+        }
+    }
+
+    fn set_status(&mut self, status: Status) {
+        if self.status != Some(status) {
+            self.status = Some(status);
+            self.inner.notifier.emit(Notification::Status(status));
+        }
+    }
+
+    fn update_status(&mut self) {
+        let busy = !self.in_flight.is_empty() || self.room_cursor < self.server_version;
+        self.set_status(if busy { Status::Syncing } else { Status::Idle });
+    }
+
+    async fn write(&mut self, socket: &mut Socket, message: Message) -> Result<(), WsError> {
+        self.counters.bytes += message.len() as u64;
+        match timeout(self.inner.config.heartbeat_timeout, socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(WsError::WebSocket(e.to_string())),
+            Err(_) => Err(WsError::HeartbeatTimeout(
+                self.inner.config.heartbeat_timeout,
+            )),
+        }
+    }
+
+    fn pending(&self, after: u64, limit: usize) -> Result<Vec<Stored>, WsError> {
+        match &self.replica {
+            Some(r) => r
+                .pending(after, limit)
+                .map_err(|e| WsError::Protocol(format!("reading pending events: {e}"))),
+            None => Ok(lock(&self.inner.outbox).pending(after, limit)),
+        }
+    }
+
+    /// Sends local events after `sent_upto`, as the strategy says. `force`: regardless of how
+    /// many are waiting (connect, timer).
+    async fn pump(&mut self, socket: &mut Socket, force: bool) -> Result<(), WsError> {
+        let config = &self.inner.config;
+        let (limit, coalesce) = match config.strategy {
+            Strategy::EventLevel { batch_size } => (batch_size, false),
+            Strategy::Batch { batch_size, .. } => {
+                if !force && self.inner.queued.load(Ordering::Acquire) < batch_size {
+                    return Ok(());
+                }
+                (batch_size, false)
+            }
+            Strategy::StateBased { .. } => {
+                if !force {
+                    return Ok(());
+                }
+                (STATE_CHUNK, true)
+            }
+        };
+        self.inner.queued.store(0, Ordering::Release);
+        let max_in_flight = config.max_in_flight;
+        let debug = config.debug;
+        while self.in_flight_events < max_in_flight {
+            let page = if coalesce { STATE_SCAN } else { limit };
+            let pending = self.pending(self.sent_upto, page)?;
+            let Some(last) = pending.last() else { break };
+            let previous = self.sent_upto;
+            let upto = last.seq;
+            self.sent_upto = upto;
+            let mut events = Vec::with_capacity(pending.len());
+            for stored in pending {
+                match self.outgoing(stored.event) {
+                    Ok(Some(event)) => events.push(event),
+                    Ok(None) => {}
+                    Err(e) => self.inner.notifier.emit(Notification::Error(Arc::new(e))),
+                }
+            }
+            if coalesce {
+                events = latest_per_id(events);
+            }
+            if events.is_empty() {
+                self.in_flight.push_back(Flight {
+                    reference: None,
+                    upto,
+                    sent_at: Instant::now(),
+                    ids: Vec::new(),
+                    done: true,
+                });
+                continue;
+            }
+            let chunks: Vec<Vec<Event>> = events.chunks(limit).map(<[Event]>::to_vec).collect();
+            let count = chunks.len();
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                let reference = self.next_ref;
+                self.next_ref += 1;
+                let json = serde_json::to_vec(&PublishOut {
+                    kind: "publish",
+                    reference,
+                    events: &chunk,
+                })
+                .map_err(|e| WsError::Protocol(e.to_string()))?;
+                dlog!(debug, reference, events = chunk.len(), "publish");
+                let message = if self.compression {
+                    Message::binary(protocol::deflate(&json))
+                } else {
+                    Message::text(String::from_utf8_lossy(&json).into_owned())
+                };
+                self.counters.events += chunk.len() as u64;
+                self.in_flight_events += chunk.len();
+                self.in_flight.push_back(Flight {
+                    reference: Some(reference),
+                    // Only the last chunk covers the whole page.
+                    upto: if i + 1 == count { upto } else { previous },
+                    sent_at: Instant::now(),
+                    ids: chunk.iter().map(|e| e.id.clone()).collect(),
+                    done: false,
+                });
+                self.write(socket, message).await?;
+            }
+        }
+        self.settle().await
+    }
+
+    fn outgoing(&self, event: Event) -> Result<Option<Event>, SyncError> {
+        let Some(event) = self.inner.pipeline.run(Direction::Outgoing, event)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .inner
+            .config
+            .filter
+            .as_ref()
+            .is_none_or(|f| f.allows(&event))
+            .then_some(event))
+    }
+
+    fn incoming(&self, event: Event) -> Result<Option<Event>, SyncError> {
+        let Some(event) = self.inner.pipeline.run(Direction::Incoming, event)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .inner
+            .config
+            .filter
+            .as_ref()
+            .is_none_or(|f| f.allows(&event))
+            .then_some(event))
+    }
+
+    /// Advances the acknowledged cursor over the contiguous prefix of settled publishes.
+    async fn settle(&mut self) -> Result<(), WsError> {
+        let before = self.acked_upto;
+        while self.in_flight.front().is_some_and(|f| f.done) {
+            if let Some(flight) = self.in_flight.pop_front() {
+                self.acked_upto = self.acked_upto.max(flight.upto);
+            }
+        }
+        if self.acked_upto != before {
+            match &self.replica {
+                Some(r) => r
+                    .set_cursor(&self.cursors.acked, self.acked_upto)
+                    .await
+                    .map_err(|e| WsError::Protocol(format!("storing the ack cursor: {e}")))?,
+                None => lock(&self.inner.outbox).acked(self.acked_upto),
+            }
+        }
+        Ok(())
+    }
+
+    async fn save_room_cursor(&mut self) -> Result<(), WsError> {
+        match &self.replica {
+            Some(r) => r
+                .set_cursor(&self.cursors.room, self.room_cursor)
+                .await
+                .map_err(|e| WsError::Protocol(format!("storing the room cursor: {e}"))),
+            None => {
+                *lock(&self.inner.standalone_cursor) = Some(self.room_cursor);
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_message(&mut self, socket: &mut Socket, message: Message) -> Result<(), WsError> {
+        self.counters.bytes += message.len() as u64;
+        let json = match message {
+            Message::Text(t) => Vec::from(t.as_bytes()),
+            Message::Binary(b) => {
+                if !self.compression {
+                    return Err(WsError::Protocol(
+                        "binary frame without negotiated compression".into(),
+                    ));
+                }
+                protocol::inflate(&b, self.inner.config.max_message_size)
+                    .map_err(|e| WsError::Protocol(e.to_string()))?
+            }
+            Message::Close(frame) => return Err(closed(frame)),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(()),
+        };
+        let message = match protocol::decode::<ServerMessage>(&json, SERVER_TYPES) {
+            Ok(m) => m,
+            Err(e) => {
+                // A newer server may send types we do not know: report, keep going.
+                self.inner.notifier.emit(Notification::Error(Arc::new(
+                    WsError::Protocol(e.to_string()).into(),
+                )));
+                return Ok(());
+            }
+        };
+        match message {
+            ServerMessage::Events(batch) => self.receive(batch.events).await?,
+            ServerMessage::Snapshot(page) => {
+                dlog!(
+                    self.debug(),
+                    events = page.events.len(),
+                    last = page.last,
+                    "snapshot page"
+                );
+                let events = page
+                    .events
+                    .into_iter()
+                    .map(|event| Stored { seq: 0, event })
+                    .collect();
+                self.deliver(events).await?;
+                if page.last {
+                    self.room_cursor = self.room_cursor.max(page.server_version);
+                    self.save_room_cursor().await?;
+                }
+            }
+            ServerMessage::Ack(ack) => {
+                self.on_ack(ack).await?;
+                self.pump(socket, false).await?;
+            }
+            ServerMessage::Error(e) => {
+                dlog!(self.debug(), code = %e.code, message = %e.message, "server error");
+                if e.code == protocol::code::CURSOR_AHEAD {
+                    self.room_cursor = self.server_version;
+                    self.save_room_cursor().await?;
+                }
+                if let Some(reference) = e.reference
+                    && let Some(flight) = self
+                        .in_flight
+                        .iter_mut()
+                        .find(|f| f.reference == Some(reference))
+                {
+                    // Refused as a whole (e.g. forbidden): retrying cannot help.
+                    flight.done = true;
+                    self.in_flight_events = self.in_flight_events.saturating_sub(flight.ids.len());
+                    self.settle().await?;
+                }
+                self.inner.notifier.emit(Notification::Error(Arc::new(
+                    WsError::Server {
+                        code: e.code,
+                        message: e.message,
+                    }
+                    .into(),
+                )));
+            }
+            ServerMessage::Welcome(_) => {
+                return Err(WsError::Protocol("unexpected second welcome".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_ack(&mut self, ack: protocol::Ack) -> Result<(), WsError> {
+        let Some(index) = self
+            .in_flight
+            .iter()
+            .position(|f| f.reference == Some(ack.reference))
+        else {
+            return Err(WsError::Protocol(format!(
+                "ack for unknown ref {}",
+                ack.reference
+            )));
+        };
+        let ids = std::mem::take(&mut self.in_flight[index].ids);
+        let latency = self.in_flight[index].sent_at.elapsed();
+        self.counters.latency_ms_sum += latency.as_secs_f64() * 1000.0;
+        self.counters.latency_n += 1;
+        self.in_flight_events = self.in_flight_events.saturating_sub(ids.len());
+        let mut held = Vec::new();
+        let mut failure = None;
+        for (result, id) in ack.results.into_iter().zip(ids) {
+            match result {
+                PublishResult::Stored { seq } => self.room_cursor = self.room_cursor.max(seq),
+                PublishResult::Duplicate { .. } => {}
+                PublishResult::Conflict { held: theirs } => held.push(theirs),
+                PublishResult::Invalid { message } => self.inner.notifier.emit(
+                    Notification::Error(Arc::new(WsError::InvalidEvent { id, message }.into())),
+                ),
+                PublishResult::Failed { message } => failure = Some(message),
+            }
+        }
+        if let Some(message) = failure {
+            // Not stored: reconnecting resends from the acknowledged cursor.
+            return Err(WsError::StoreFailed(message));
+        }
+        self.in_flight[index].done = true;
+        if !held.is_empty() {
+            // The room keeps other content under the same (id, version): take it in, so the
+            // replica settles the conflict and the resolution goes out as a new revision.
+            match &self.replica {
+                Some(replica) => {
+                    let ingested = replica
+                        .ingest(held)
+                        .await
+                        .map_err(|e| WsError::Protocol(format!("storing: {e}")))?;
+                    ingested.notify(&self.inner.notifier);
+                    if !ingested.resolutions.is_empty() {
+                        self.inner.wake.notify_one();
+                    }
+                }
+                None => {
+                    for theirs in held {
+                        self.inner.notifier.emit(Notification::Error(Arc::new(
+                            SyncError::Rejected(format!(
+                                "event {:?} version {} already exists on the server with other content",
+                                theirs.id, theirs.version
+                            )),
+                        )));
+                    }
+                }
+            }
+        }
+        self.save_room_cursor().await?;
+        self.settle().await
+    }
+
+    /// Live or catch-up events with sequence numbers.
+    async fn receive(&mut self, events: Vec<Stored>) -> Result<(), WsError> {
+        let fresh: Vec<Stored> = events
+            .into_iter()
+            .filter(|s| s.seq > self.room_cursor)
+            .collect();
+        let Some(last) = fresh.last().map(|s| s.seq) else {
+            return Ok(());
+        };
+        dlog!(self.debug(), events = fresh.len(), last, "events");
+        self.deliver(fresh).await?;
+        self.room_cursor = last;
+        self.save_room_cursor().await
+    }
+
+    /// Runs incoming middleware and the filter, stores (when attached), then notifies.
+    async fn deliver(&mut self, events: Vec<Stored>) -> Result<(), WsError> {
+        self.counters.events += events.len() as u64;
+        let mut kept = Vec::with_capacity(events.len());
+        for stored in events {
+            match self.incoming(stored.event) {
+                Ok(Some(event)) => kept.push(event),
+                Ok(None) => {}
+                Err(e) => self.inner.notifier.emit(Notification::Error(Arc::new(e))),
+            }
+        }
+        if kept.is_empty() {
+            return Ok(());
+        }
+        match &self.replica {
+            Some(replica) => {
+                let ingested = replica
+                    .ingest(kept)
+                    .await
+                    .map_err(|e| WsError::Protocol(format!("storing received events: {e}")))?;
+                ingested.notify(&self.inner.notifier);
+                if !ingested.resolutions.is_empty() {
+                    self.inner.wake.notify_one();
+                }
+            }
+            None => {
+                // Our own events come back only after a reconnect; they are not news.
+                kept.retain(|e| e.origin.as_deref() != Some(self.inner.client_id.as_str()));
+                if kept.is_empty() {
+                    return Ok(());
+                }
+                let notifier = &self.inner.notifier;
+                for event in &kept {
+                    notifier.emit(Notification::Event(event.clone()));
+                }
+                notifier.emit(Notification::Sync(kept));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Events per publish for `Strategy::StateBased`.
+const STATE_CHUNK: usize = 500;
+/// Local events scanned per round for `Strategy::StateBased` before coalescing.
+const STATE_SCAN: usize = 10_000;
+
+/// Keeps the highest version of each id, in first-seen order.
+fn latest_per_id(events: Vec<Event>) -> Vec<Event> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<Event> = Vec::new();
+    for event in events {
+        match index.get(&event.id) {
+            Some(&i) => {
+                if event.version >= out[i].version {
+                    out[i] = event;
+                }
+            }
+            None => {
+                index.insert(event.id.clone(), out.len());
+                out.push(event);
+            }
+        }
+    }
+    out
+}
+
+/// `publish` without copying the events into JSON values.
+#[derive(serde::Serialize)]
+struct PublishOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "ref")]
+    reference: u64,
+    events: &'a [Event],
+}
+
+// Keeps the wire type and the borrowed form in step.
+const _: fn(Publish) = |_| {};
+
+fn handshake_error(error: tungstenite::Error) -> WsError {
+    match error {
+        tungstenite::Error::Http(response) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(512)]).into_owned())
+                .unwrap_or_default();
+            WsError::Refused {
+                status,
+                message: body,
+            }
+        }
+        other => WsError::WebSocket(other.to_string()),
+    }
+}
+
+fn closed(frame: Option<CloseFrame>) -> WsError {
+    match frame {
+        Some(f) => WsError::Closed {
+            code: u16::from(f.code),
+            reason: f.reason.to_string(),
+        },
+        None => WsError::Closed {
+            code: 1005,
+            reason: String::new(),
+        },
+    }
+}
+
+async fn deadline(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,116 @@
+//! The client's error type.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ksync_core::SyncError;
+
+/// What went wrong in a [`WebSocketSyncClient`](crate::WebSocketSyncClient). Reaches users
+/// wrapped in [`SyncError::Transport`]; [`WsError::find`] gets it back.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum WsError {
+    /// The URL is not a `ws://` URL we can connect to.
+    #[error("invalid url {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The TCP connection failed.
+    #[error("connecting to {addr} failed: {source}")]
+    Connect {
+        /// host:port.
+        addr: String,
+        /// The IO error.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// Connecting (TCP + upgrade + `welcome`) took longer than the connect timeout.
+    #[error("connecting timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The server answered the upgrade with an HTTP error (401/403: credentials or rights;
+    /// 503: full or shutting down). 401 and 403 are not retried.
+    #[error("server refused the connection with HTTP {status}: {message}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The WebSocket layer failed (handshake or framing).
+    #[error("websocket error: {0}")]
+    WebSocket(String),
+    /// The server closed the connection with a close code (see `docs/PROTOCOL.md`).
+    #[error("server closed the connection with code {code}: {reason}")]
+    Closed {
+        /// The close code, e.g. 4008 (slow consumer: resume) or 1001 (server going away).
+        code: u16,
+        /// The server's reason.
+        reason: String,
+    },
+    /// The server did not answer a ping in time: the connection is considered dead.
+    #[error("no answer from the server within {0:?} of a ping")]
+    HeartbeatTimeout(Duration),
+    /// The server sent something that breaks the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The server reported an error message (`{"type":"error"}`).
+    #[error("server error {code}: {message}")]
+    Server {
+        /// The error code, e.g. `forbidden`.
+        code: String,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server could not store a published batch; it will be sent again.
+    #[error("server failed to store events: {0}")]
+    StoreFailed(String),
+    /// A published event was refused as invalid; it is not sent again.
+    #[error("server refused event {id:?} as invalid: {message}")]
+    InvalidEvent {
+        /// The event id.
+        id: String,
+        /// Why.
+        message: String,
+    },
+    /// The standalone outbox is full (overflow policy: the new event is refused, nothing
+    /// queued is dropped).
+    #[error("outbox full ({capacity} events waiting to be sent); the event was not queued")]
+    OutboxFull {
+        /// The outbox capacity.
+        capacity: usize,
+    },
+    /// The connection ended without a close frame.
+    #[error("connection lost")]
+    ConnectionLost,
+}
+
+impl WsError {
+    /// Finds the `WsError` inside a [`SyncError`], if it carries one.
+    pub fn find(error: &SyncError) -> Option<&WsError> {
+        match error {
+            SyncError::Transport(inner) => inner.downcast_ref::<WsError>(),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying cannot help (refused credentials or rights, bad URL).
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            WsError::InvalidUrl { .. }
+                | WsError::Refused {
+                    status: 401 | 403,
+                    ..
+                }
+        )
+    }
+}
+
+impl From<WsError> for SyncError {
+    fn from(error: WsError) -> Self {
+        SyncError::transport(error)
+    }
+}

@@ -1,0 +1,454 @@
+//! One task per connection: reads the client's messages, forwards publishes to the room, and
+//! writes what the room queued for it (shared frames) plus its own catch-up.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use ksync_core::{Access, Event, EventLimits, Grant, Name, PROTOCOL_VERSION, ResourceKind};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+
+use super::room::{Frame, PublishCommand, RoomCommand, Subscribed};
+use super::{ConnectionSlot, Shared};
+use crate::protocol::{
+    self, CLIENT_TYPES, ClientMessage, DecodeError, EventsBatch, Hello, ServerMessage,
+    SnapshotPage, Welcome, close, code,
+};
+
+pub(crate) struct Connection {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) socket: WebSocket,
+    pub(crate) room: Name,
+    pub(crate) grant: Grant,
+    pub(crate) room_tx: mpsc::Sender<RoomCommand>,
+    pub(crate) id: u64,
+    pub(crate) _slot: ConnectionSlot,
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+type Stream = SplitStream<WebSocket>;
+
+/// Why the connection loop ended.
+enum End {
+    /// Close with this code and reason (best effort).
+    Close(u16, String),
+    /// The peer is gone or the socket failed: just drop it.
+    Drop,
+}
+
+struct Writer {
+    sink: Sink,
+    compression: bool,
+    write_timeout: std::time::Duration,
+}
+
+impl Writer {
+    async fn send(&mut self, message: Message) -> Result<(), End> {
+        match timeout(self.write_timeout, self.sink.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::Drop),
+        }
+    }
+
+    fn frame_message(&self, frame: &Frame) -> Message {
+        if self.compression && frame.batch {
+            Message::Binary(frame.deflated())
+        } else {
+            Message::Text(frame.text.clone())
+        }
+    }
+
+    /// Writes one queued frame plus whatever else is already queued, with one flush.
+    async fn send_frames(
+        &mut self,
+        first: Arc<Frame>,
+        queue: &mut mpsc::Receiver<Arc<Frame>>,
+    ) -> Result<(), End> {
+        let limit = self.write_timeout;
+        let write = async {
+            self.sink.feed(self.frame_message(&first)).await?;
+            for _ in 0..64 {
+                match queue.try_recv() {
+                    Ok(frame) => self.sink.feed(self.frame_message(&frame)).await?,
+                    Err(_) => break,
+                }
+            }
+            self.sink.flush().await
+        };
+        match timeout(limit, write).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::Drop),
+        }
+    }
+
+    async fn message(&mut self, message: &ServerMessage, batch: bool) -> Result<(), End> {
+        let frame = Frame::encode(message, batch);
+        let message = self.frame_message(&frame);
+        self.send(message).await
+    }
+
+    async fn close(&mut self, code: u16, reason: String) {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = timeout(
+            self.write_timeout,
+            self.sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+pub(crate) async fn serve(connection: Connection) {
+    let Connection {
+        shared,
+        socket,
+        room,
+        grant,
+        room_tx,
+        id,
+        _slot,
+    } = connection;
+    let (sink, mut stream) = socket.split();
+    let mut writer = Writer {
+        sink,
+        compression: false,
+        write_timeout: shared.config.write_timeout,
+    };
+    let span = tracing::debug_span!("ws_conn", conn = id, room = %room, subject = %grant.subject);
+    let _enter = span.enter();
+    let end = match run(
+        &shared,
+        &mut writer,
+        &mut stream,
+        &room,
+        &grant,
+        &room_tx,
+        id,
+    )
+    .await
+    {
+        Ok(()) => End::Close(close::NORMAL, String::new()),
+        Err(end) => end,
+    };
+    let _ = room_tx.try_send(RoomCommand::Unsubscribe { conn: id });
+    if let End::Close(code, reason) = end {
+        tracing::debug!(code, %reason, "closing connection");
+        writer.close(code, reason).await;
+    }
+}
+
+async fn run(
+    shared: &Shared,
+    writer: &mut Writer,
+    stream: &mut Stream,
+    room: &Name,
+    grant: &Grant,
+    room_tx: &mpsc::Sender<RoomCommand>,
+    id: u64,
+) -> Result<(), End> {
+    let config = &shared.config;
+    let hello = match timeout(config.handshake_timeout, read_hello(writer, stream)).await {
+        Ok(hello) => hello?,
+        Err(_) => {
+            return Err(End::Close(
+                close::HANDSHAKE_TIMEOUT,
+                "no hello within the handshake timeout".into(),
+            ));
+        }
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let message = format!(
+            "protocol {} is not supported; this server speaks {PROTOCOL_VERSION}",
+            hello.protocol
+        );
+        writer
+            .message(
+                &ServerMessage::error(code::UNSUPPORTED_PROTOCOL, &message, None),
+                false,
+            )
+            .await?;
+        return Err(End::Close(close::UNSUPPORTED_PROTOCOL, message));
+    }
+    writer.compression = hello.compression;
+
+    // Join the room: from here on the room queues every new batch for us.
+    // Bounded: see RelayConfig::subscriber_queue for the overflow policy.
+    let (queue_tx, mut queue) = mpsc::channel(config.subscriber_queue);
+    let closed: Arc<OnceLock<(u16, &'static str)>> = Arc::new(OnceLock::new());
+    let (reply, joined) = oneshot::channel();
+    room_tx
+        .send(RoomCommand::Subscribe {
+            conn: id,
+            state: hello.state,
+            queue: queue_tx,
+            closed: Arc::clone(&closed),
+            reply,
+        })
+        .await
+        .map_err(|_| going_away())?;
+    let Subscribed {
+        server_version,
+        snapshot,
+    } = match joined.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "joining room failed");
+            return Err(End::Close(close::INTERNAL, "storage failed".into()));
+        }
+        Err(_) => return Err(going_away()),
+    };
+    writer
+        .message(
+            &ServerMessage::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                room: room.to_string(),
+                server_version,
+                compression: hello.compression,
+                heartbeat_ms: u64::try_from(config.heartbeat.as_millis()).unwrap_or(u64::MAX),
+                max_message_size: config.max_message_size,
+            }),
+            false,
+        )
+        .await?;
+    catch_up(shared, writer, room, &hello, server_version, snapshot).await?;
+
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut shutting_down = *shutdown.borrow();
+    let mut ping = interval_at(Instant::now() + config.heartbeat, config.heartbeat);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut awaiting_pong = false;
+    loop {
+        tokio::select! {
+            frame = queue.recv() => match frame {
+                Some(frame) => writer.send_frames(frame, &mut queue).await?,
+                None => {
+                    let (code, reason) = closed.get().copied().unwrap_or((close::GOING_AWAY, "room closed"));
+                    return Err(End::Close(code, reason.into()));
+                }
+            },
+            message = stream.next(), if !shutting_down => {
+                let message = match message {
+                    None => return Err(End::Drop),
+                    Some(Err(e)) => return Err(read_error(&e)),
+                    Some(Ok(m)) => m,
+                };
+                awaiting_pong = false;
+                let text = match message {
+                    Message::Text(t) => t.as_bytes().to_vec(),
+                    Message::Binary(b) => {
+                        if !writer.compression {
+                            return Err(bad_binary(writer, "binary frame without negotiated compression").await);
+                        }
+                        match protocol::inflate(&b, config.max_message_size) {
+                            Ok(json) => json,
+                            Err(e) => return Err(bad_binary(writer, &e.to_string()).await),
+                        }
+                    }
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                    Message::Close(_) => return Ok(()),
+                };
+                handle(writer, &text, room, grant, room_tx, id).await?;
+            },
+            _ = ping.tick() => {
+                if awaiting_pong {
+                    return Err(End::Close(close::HEARTBEAT_TIMEOUT, "no pong before the next ping".into()));
+                }
+                writer.send(Message::Ping(bytes::Bytes::new())).await?;
+                awaiting_pong = true;
+            },
+            changed = shutdown.changed(), if !shutting_down => {
+                // Stop reading; keep writing until the room closes our queue.
+                let _ = changed;
+                shutting_down = true;
+            },
+        }
+    }
+}
+
+fn going_away() -> End {
+    End::Close(close::GOING_AWAY, "server shutting down".into())
+}
+
+async fn bad_binary(writer: &mut Writer, why: &str) -> End {
+    let _ = writer
+        .message(&ServerMessage::error(code::BAD_BINARY, why, None), false)
+        .await;
+    End::Close(close::UNSUPPORTED_DATA, why.into())
+}
+
+fn read_error(error: &axum::Error) -> End {
+    // tungstenite reports an oversized message as a capacity error; the socket cannot be read
+    // any further, but a close frame can still tell the client why.
+    let text = error.to_string();
+    if text.contains("Space limit exceeded") || text.contains("too long") {
+        End::Close(close::TOO_BIG, "message too big".into())
+    } else {
+        tracing::debug!(error = %text, "websocket read failed");
+        End::Drop
+    }
+}
+
+async fn read_hello(writer: &mut Writer, stream: &mut Stream) -> Result<Hello, End> {
+    loop {
+        let message = match stream.next().await {
+            None => return Err(End::Drop),
+            Some(Err(e)) => return Err(read_error(&e)),
+            Some(Ok(m)) => m,
+        };
+        let text = match message {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                return Err(bad_binary(writer, "the first message must be a text hello").await);
+            }
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(_) => return Err(End::Drop),
+        };
+        let why = match protocol::decode::<ClientMessage>(text.as_bytes(), CLIENT_TYPES) {
+            Ok(ClientMessage::Hello(hello)) => return Ok(hello),
+            Ok(ClientMessage::Publish(_)) => "the first message must be hello".to_owned(),
+            Err(e) => format!("the first message must be hello: {e}"),
+        };
+        writer
+            .message(&ServerMessage::error(code::PROTOCOL, &why, None), false)
+            .await?;
+        return Err(End::Close(close::PROTOCOL_ERROR, why));
+    }
+}
+
+async fn catch_up(
+    shared: &Shared,
+    writer: &mut Writer,
+    room: &Name,
+    hello: &Hello,
+    server_version: u64,
+    snapshot: Option<Vec<Event>>,
+) -> Result<(), End> {
+    let page = shared.config.page_size;
+    if let Some(state) = snapshot {
+        let pages = state.len().div_ceil(page).max(1);
+        let mut chunks = state.chunks(page);
+        for i in 0..pages {
+            let events = chunks.next().map(<[Event]>::to_vec).unwrap_or_default();
+            let message = ServerMessage::Snapshot(SnapshotPage {
+                server_version,
+                events,
+                last: i + 1 == pages,
+            });
+            writer.message(&message, true).await?;
+        }
+        return Ok(());
+    }
+    let Some(since) = hello.since else {
+        return Ok(());
+    };
+    if since > server_version {
+        let message = format!(
+            "cursor {since} is beyond this room's last sequence number {server_version}; continuing from {server_version}"
+        );
+        return writer
+            .message(
+                &ServerMessage::error(code::CURSOR_AHEAD, message, None),
+                false,
+            )
+            .await;
+    }
+    let storage = shared
+        .provider
+        .open(&ksync_core::LogName::Room(room.clone()))
+        .map_err(|e| {
+            tracing::error!(error = %e, "opening room log for catch-up failed");
+            End::Close(close::INTERNAL, "storage failed".into())
+        })?;
+    let mut after = since;
+    while after < server_version {
+        let limit = usize::try_from(server_version - after)
+            .unwrap_or(usize::MAX)
+            .min(page);
+        let events = storage.read_since(after, limit).map_err(|e| {
+            tracing::error!(error = %e, "reading room log for catch-up failed");
+            End::Close(close::INTERNAL, "storage failed".into())
+        })?;
+        let Some(last) = events.last() else { break };
+        after = last.seq;
+        writer
+            .message(&ServerMessage::Events(EventsBatch { events }), true)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn handle(
+    writer: &mut Writer,
+    text: &[u8],
+    room: &Name,
+    grant: &Grant,
+    room_tx: &mpsc::Sender<RoomCommand>,
+    id: u64,
+) -> Result<(), End> {
+    let publish = match protocol::decode::<ClientMessage>(text, CLIENT_TYPES) {
+        Ok(ClientMessage::Publish(p)) => p,
+        Ok(ClientMessage::Hello(_)) => {
+            return writer
+                .message(
+                    &ServerMessage::error(code::PROTOCOL, "hello was already received", None),
+                    false,
+                )
+                .await;
+        }
+        Err(DecodeError::UnknownType(kind)) => {
+            return writer
+                .message(
+                    &ServerMessage::error(
+                        code::UNKNOWN_TYPE,
+                        format!("unknown message type {kind:?} (known: hello, publish)"),
+                        None,
+                    ),
+                    false,
+                )
+                .await;
+        }
+        Err(e) => {
+            return writer
+                .message(
+                    &ServerMessage::error(code::BAD_MESSAGE, e.to_string(), None),
+                    false,
+                )
+                .await;
+        }
+    };
+    if !grant.allows(ResourceKind::Room, room.as_str(), Access::Write) {
+        tracing::info!("publish refused: no write right");
+        return writer
+            .message(
+                &ServerMessage::error(
+                    code::FORBIDDEN,
+                    "not allowed to write to this room; nothing was stored",
+                    Some(publish.reference),
+                ),
+                false,
+            )
+            .await;
+    }
+    let limits = EventLimits::default();
+    let items = publish
+        .events
+        .into_iter()
+        .map(|value| {
+            let event: Event = serde_json::from_value(value).map_err(|e| e.to_string())?;
+            event.validate(&limits).map_err(|e| e.to_string())?;
+            Ok(event)
+        })
+        .collect();
+    room_tx
+        .send(RoomCommand::Publish(PublishCommand {
+            conn: id,
+            reference: publish.reference,
+            items,
+        }))
+        .await
+        .map_err(|_| going_away())
+}

@@ -1,0 +1,431 @@
+//! The relay (feature `server`): rooms of events over WebSocket, as an axum [`Router`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use ksync_core::{AllowAll, InMemoryProvider};
+//! use ksync_ws::server::{Relay, RelayConfig};
+//!
+//! let relay = Relay::new(RelayConfig::default(), Arc::new(InMemoryProvider::new()), Arc::new(AllowAll))?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, relay.router()).await?;
+//! # Ok(()) }
+//! ```
+
+mod conn;
+mod room;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use ksync_core::{
+    Access, AuthError, Authenticator, Credentials, LogName, Name, ResourceKind, StorageProvider,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use room::{Room, RoomCommand};
+
+/// The subprotocol the relay speaks (echoed in `Sec-WebSocket-Protocol` when offered).
+pub const SUBPROTOCOL: &str = "ksync.v1";
+/// Prefix of a `Sec-WebSocket-Protocol` entry carrying a bearer token (for browsers).
+pub const AUTH_PROTOCOL_PREFIX: &str = "ksync.auth.";
+/// Prefix of a `Sec-WebSocket-Protocol` entry carrying an API key (for browsers).
+pub const APIKEY_PROTOCOL_PREFIX: &str = "ksync.apikey.";
+
+/// Limits and tuning of a [`Relay`]. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The room of `/ws` and of `ws://host:port` without a path. Default `"default"`.
+    pub default_room: String,
+    /// Largest accepted message (and frame), in bytes; larger ones close the connection with
+    /// 1009. Also the inflate limit of compressed frames. Default 1 MiB.
+    pub max_message_size: usize,
+    /// How long a client has to send `hello` after the upgrade (closed with 4002). Default 10 s.
+    pub handshake_timeout: Duration,
+    /// The server pings every `heartbeat`; a client that has not answered (any frame counts)
+    /// when the next ping is due is closed with 4009. Default 30 s.
+    pub heartbeat: Duration,
+    /// How long one socket write may take before the connection is dropped. Default 10 s.
+    pub write_timeout: Duration,
+    /// Frames queued per subscriber. Overflow policy: the subscriber is dropped and closed
+    /// with 4008 ("resume from your cursor"); the room never waits for a slow client.
+    /// Default 1024.
+    pub subscriber_queue: usize,
+    /// Commands queued per room. Overflow policy: publishers wait (their connection stops
+    /// reading), which is back-pressure on the fastest writers. Default 1024.
+    pub room_queue: usize,
+    /// Most open connections; more are refused before the upgrade with 503. Default 10 000.
+    pub max_connections: usize,
+    /// Most events committed in one storage append (group commit). Default 4096.
+    pub max_batch_events: usize,
+    /// Events per frame when catching up or sending a snapshot. Default 512.
+    pub page_size: usize,
+    /// WebSocket read and write buffer sizes, in bytes (tungstenite defaults to 128 KiB each;
+    /// 4 KiB keeps an idle connection under 8 KiB). Default 4096.
+    pub buffer_size: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            default_room: "default".into(),
+            max_message_size: 1 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
+            subscriber_queue: 1024,
+            room_queue: 1024,
+            max_connections: 10_000,
+            max_batch_events: 4096,
+            page_size: 512,
+            buffer_size: 4096,
+        }
+    }
+}
+
+/// Errors from building or running a [`Relay`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// A configuration value is out of range.
+    #[error("invalid relay configuration: {0}")]
+    Config(String),
+    /// A room's log could not be opened.
+    #[error("opening the log of room {room}: {source}")]
+    Storage {
+        /// The room.
+        room: String,
+        /// The storage error.
+        #[source]
+        source: ksync_core::StorageError,
+    },
+}
+
+struct RoomHandle {
+    tx: mpsc::Sender<RoomCommand>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: RelayConfig,
+    default_room: Name,
+    pub(crate) provider: Arc<dyn StorageProvider>,
+    auth: Arc<dyn Authenticator>,
+    rooms: Mutex<HashMap<Name, RoomHandle>>,
+    connections: AtomicUsize,
+    next_conn: AtomicU64,
+    /// `true` once shutdown began: no new upgrades, connections stop reading.
+    pub(crate) shutdown: watch::Sender<bool>,
+}
+
+/// The WebSocket relay: rooms, each with one log, one writer task and a fan-out.
+///
+/// Cheap to clone (shared state). One relay per storage provider: the room task is the only
+/// writer of a room's log, so two relays must not serve the same rooms from one provider.
+#[derive(Clone)]
+pub struct Relay {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("config", &self.shared.config)
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decrements the connection count when a connection (or a refused upgrade) ends.
+pub(crate) struct ConnectionSlot(Arc<Shared>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Relay {
+    /// A relay storing rooms in `provider` (one log per room, `LogName::Room`) and checking
+    /// credentials with `auth` (use `ksync_core::AllowAll` for no auth).
+    pub fn new(
+        config: RelayConfig,
+        provider: Arc<dyn StorageProvider>,
+        auth: Arc<dyn Authenticator>,
+    ) -> Result<Self, RelayError> {
+        let default_room = Name::new(&config.default_room)
+            .map_err(|e| RelayError::Config(format!("default_room: {e}")))?;
+        for (field, value) in [
+            ("subscriber_queue", config.subscriber_queue),
+            ("room_queue", config.room_queue),
+            ("max_batch_events", config.max_batch_events),
+            ("page_size", config.page_size),
+            ("max_connections", config.max_connections),
+        ] {
+            if value == 0 {
+                return Err(RelayError::Config(format!("{field} must be at least 1")));
+            }
+        }
+        if config.max_message_size < 1024 {
+            return Err(RelayError::Config(
+                "max_message_size must be at least 1024 bytes".into(),
+            ));
+        }
+        if config.heartbeat.is_zero() || config.handshake_timeout.is_zero() {
+            return Err(RelayError::Config(
+                "heartbeat and handshake_timeout must be positive".into(),
+            ));
+        }
+        let (shutdown, _) = watch::channel(false);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                default_room,
+                provider,
+                auth,
+                rooms: Mutex::new(HashMap::new()),
+                connections: AtomicUsize::new(0),
+                next_conn: AtomicU64::new(1),
+                shutdown,
+            }),
+        })
+    }
+
+    /// The relay's configuration.
+    pub fn config(&self) -> &RelayConfig {
+        &self.shared.config
+    }
+
+    /// Open WebSocket connections.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Acquire)
+    }
+
+    /// Routes `/ws` (the default room) and `/ws/{room}`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/ws", any(default_room_handler))
+            .route("/ws/{room}", any(room_handler))
+            .with_state(self.clone())
+    }
+
+    /// Serves a WebSocket upgrade for `room` (`None`: the default room). For servers that
+    /// mount the relay elsewhere, e.g. at `/` so that `ws://host:8080` works:
+    ///
+    /// ```no_run
+    /// # fn demo(relay: ksync_ws::server::Relay) -> axum::Router {
+    /// use axum::{extract::Request, routing::get};
+    /// axum::Router::new().route("/", get(move |req: Request| {
+    ///     let relay = relay.clone();
+    ///     async move { relay.handle_upgrade(None, req).await }
+    /// }))
+    /// # }
+    /// ```
+    ///
+    /// A request that is not a WebSocket upgrade gets axum's rejection (400/405/426).
+    pub async fn handle_upgrade(&self, room: Option<&str>, request: Request) -> Response {
+        let (mut parts, _body) = request.into_parts();
+        match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(ws) => self.accept(room, &parts.headers, ws),
+            Err(rejection) => rejection.into_response(),
+        }
+    }
+
+    /// Drains and flushes: refuses new connections, commits and acknowledges everything already
+    /// queued in every room, flushes every log, sends connections what they were owed and
+    /// closes them with 1001, then flushes the storage provider.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+        let rooms: Vec<RoomHandle> = {
+            let mut rooms = self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner());
+            rooms.drain().map(|(_, h)| h).collect()
+        };
+        for handle in rooms {
+            let (done, wait) = oneshot::channel();
+            if handle.tx.send(RoomCommand::Shutdown { done }).await.is_ok() {
+                let _ = wait.await;
+            }
+            let _ = handle.task.await;
+        }
+        // Connections close once they wrote what their room queued for them.
+        let deadline = tokio::time::Instant::now() + self.shared.config.write_timeout;
+        while self.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Err(e) = self.shared.provider.flush_all().await {
+            tracing::error!(error = %e, "flushing storage at shutdown failed");
+        }
+    }
+
+    fn accept(&self, room: Option<&str>, headers: &HeaderMap, ws: WebSocketUpgrade) -> Response {
+        let shared = &self.shared;
+        if *shared.shutdown.borrow() {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
+        }
+        let room = match room {
+            None => shared.default_room.clone(),
+            Some(r) => match Name::new(r) {
+                Ok(name) => name,
+                Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("bad room name: {e}")),
+            },
+        };
+        let credentials = credentials_from_headers(headers);
+        let grant = match shared.auth.authenticate(&credentials) {
+            Ok(grant) => grant,
+            Err(e) => {
+                tracing::info!(room = %room, error = %e, "websocket auth refused");
+                return auth_refusal(&e);
+            }
+        };
+        if !grant.allows(ResourceKind::Room, room.as_str(), Access::Read) {
+            tracing::info!(room = %room, subject = %grant.subject, "room not allowed");
+            return refuse(StatusCode::FORBIDDEN, "not allowed to read this room");
+        }
+        let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
+        let slot = ConnectionSlot(Arc::clone(shared));
+        if previous >= shared.config.max_connections {
+            drop(slot);
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections");
+        }
+        let room_tx = match self.room(&room) {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open room");
+                return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot open room");
+            }
+        };
+        let config = &shared.config;
+        let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::clone(shared);
+        ws.protocols([SUBPROTOCOL])
+            .read_buffer_size(config.buffer_size)
+            .write_buffer_size(config.buffer_size)
+            .max_write_buffer_size(config.buffer_size + 2 * config.max_message_size)
+            .max_message_size(config.max_message_size)
+            .max_frame_size(config.max_message_size)
+            .on_upgrade(move |socket| {
+                conn::serve(conn::Connection {
+                    shared,
+                    socket,
+                    room,
+                    grant,
+                    room_tx,
+                    id: conn_id,
+                    _slot: slot,
+                })
+            })
+    }
+
+    fn room(&self, name: &Name) -> Result<mpsc::Sender<RoomCommand>, RelayError> {
+        let mut rooms = self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = rooms.get(name)
+            && !handle.tx.is_closed()
+        {
+            return Ok(handle.tx.clone());
+        }
+        let storage = self
+            .shared
+            .provider
+            .open(&LogName::Room(name.clone()))
+            .map_err(|source| RelayError::Storage {
+                room: name.to_string(),
+                source,
+            })?;
+        // Bounded: see RelayConfig::room_queue for the overflow policy.
+        let (tx, rx) = mpsc::channel(self.shared.config.room_queue);
+        let room = Room::new(
+            name.to_string(),
+            storage,
+            rx,
+            self.shared.config.max_batch_events,
+        );
+        let task = tokio::spawn(room.run());
+        rooms.insert(
+            name.clone(),
+            RoomHandle {
+                tx: tx.clone(),
+                task,
+            },
+        );
+        Ok(tx)
+    }
+}
+
+async fn default_room_handler(State(relay): State<Relay>, request: Request) -> Response {
+    relay.handle_upgrade(None, request).await
+}
+
+async fn room_handler(
+    State(relay): State<Relay>,
+    Path(room): Path<String>,
+    request: Request,
+) -> Response {
+    relay.handle_upgrade(Some(&room), request).await
+}
+
+/// Whether a request asks for a WebSocket upgrade (for servers that share a path, e.g. `/`,
+/// between the relay and something else).
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Takes credentials from `Authorization: Bearer ..`, `X-Api-Key: ..`, or (for browsers, which
+/// cannot set headers on a WebSocket) `Sec-WebSocket-Protocol` entries `ksync.auth.<token>` and
+/// `ksync.apikey.<key>`.
+pub fn credentials_from_headers(headers: &HeaderMap) -> Credentials {
+    let mut credentials = Credentials::default();
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        && let Some((scheme, token)) = value.trim().split_once(' ')
+        && scheme.eq_ignore_ascii_case("bearer")
+    {
+        credentials.bearer = Some(token.trim().to_owned());
+    }
+    if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        credentials.api_key = Some(key.trim().to_owned());
+    }
+    for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        let Ok(value) = value.to_str() else { continue };
+        for entry in value.split(',').map(str::trim) {
+            if let Some(token) = entry.strip_prefix(AUTH_PROTOCOL_PREFIX) {
+                credentials.bearer.get_or_insert_with(|| token.to_owned());
+            } else if let Some(key) = entry.strip_prefix(APIKEY_PROTOCOL_PREFIX) {
+                credentials.api_key.get_or_insert_with(|| key.to_owned());
+            }
+        }
+    }
+    credentials
+}
+
+fn auth_refusal(error: &AuthError) -> Response {
+    let status = match error {
+        AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+        AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    let mut response = refuse(status, &error.to_string());
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({ "error": message }).to_string();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}

@@ -1,0 +1,196 @@
+//! Shared test helpers: an in-process relay on 127.0.0.1:0, a raw protocol client, and small
+//! authenticators implementing the core trait.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use ksync_core::{AuthError, Authenticator, Credentials, Grant, InMemoryProvider, StorageProvider};
+use ksync_ws::server::{Relay, RelayConfig};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A relay served by axum on a real socket.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub relay: Relay,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    pub fn url(&self, room: Option<&str>) -> String {
+        match room {
+            Some(r) => format!("ws://{}/ws/{r}", self.addr),
+            None => format!("ws://{}/ws", self.addr),
+        }
+    }
+
+    /// Stops serving: the relay drains, then the listener goes away.
+    pub async fn stop(self) {
+        self.relay.shutdown().await;
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+pub async fn start(config: RelayConfig) -> Server {
+    start_with(
+        config,
+        Arc::new(InMemoryProvider::new()),
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await
+}
+
+pub async fn start_with(
+    config: RelayConfig,
+    provider: Arc<dyn StorageProvider>,
+    auth: Arc<dyn Authenticator>,
+) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    serve_on(listener, config, provider, auth)
+}
+
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
+    config: RelayConfig,
+    provider: Arc<dyn StorageProvider>,
+    auth: Arc<dyn Authenticator>,
+) -> Server {
+    let addr = listener.local_addr().expect("addr");
+    let relay = Relay::new(config, provider, auth).expect("relay");
+    let router = relay.router();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router).await.expect("serve");
+    });
+    Server { addr, relay, task }
+}
+
+/// API keys: "rw-key" may read and write every room, "ro-key" may only read, "room-a-key" may
+/// read and write room "a" only. Bearer tokens are refused.
+pub struct TestKeys;
+
+impl Authenticator for TestKeys {
+    fn authenticate(&self, credentials: &Credentials) -> Result<Grant, AuthError> {
+        let key = match (&credentials.api_key, &credentials.bearer) {
+            (Some(k), _) => k.as_str(),
+            (None, Some(_)) => return Err(AuthError::Invalid("bearer tokens not accepted".into())),
+            (None, None) => return Err(AuthError::Missing),
+        };
+        let grant = |subject: &str, rooms: Option<Vec<String>>, write: bool| Grant {
+            subject: subject.into(),
+            rooms,
+            repos: None,
+            read: true,
+            write,
+        };
+        match key {
+            "rw-key" => Ok(grant("rw", None, true)),
+            "ro-key" => Ok(grant("ro", None, false)),
+            "room-a-key" => Ok(grant("room-a", Some(vec!["a".into()]), true)),
+            _ => Err(AuthError::Invalid("unknown key".into())),
+        }
+    }
+}
+
+/// Accepts one bearer token, "good-token".
+pub struct TestTokens;
+
+impl Authenticator for TestTokens {
+    fn authenticate(&self, credentials: &Credentials) -> Result<Grant, AuthError> {
+        match credentials.bearer.as_deref() {
+            Some("good-token") => Ok(Grant::anonymous()),
+            Some(_) => Err(AuthError::Invalid("bad token".into())),
+            None => Err(AuthError::Missing),
+        }
+    }
+}
+
+pub type Raw = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens a raw WebSocket with extra headers; returns the socket or the HTTP status of the
+/// refusal.
+pub async fn raw_connect(url: &str, headers: &[(&str, &str)]) -> Result<Raw, u16> {
+    let mut request = url.into_client_request().expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+            value.parse().expect("value"),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("unexpected connect error: {e}"),
+    }
+}
+
+pub async fn send_json(ws: &mut Raw, value: Value) {
+    ws.send(Message::text(value.to_string()))
+        .await
+        .expect("send");
+}
+
+/// The next JSON message (skipping pings), or panics after 5 s.
+pub async fn recv_json(ws: &mut Raw) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("stream open")
+            .expect("no error");
+        match message {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("json"),
+            Message::Binary(b) => {
+                let json = ksync_ws::protocol::inflate(&b, 1 << 24).expect("inflate");
+                return serde_json::from_slice(&json).expect("json");
+            }
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// The close code the server ends with (skipping data), or panics after 5 s.
+pub async fn recv_close(ws: &mut Raw) -> (u16, String) {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a close within 5 s");
+        match message {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (u16::from(frame.code), frame.reason.to_string());
+            }
+            Some(Ok(Message::Close(None))) => return (1005, String::new()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("socket error before close: {e}"),
+            None => panic!("stream ended without a close frame"),
+        }
+    }
+}
+
+/// Connects, says hello, returns the socket and the welcome.
+pub async fn join(url: &str, hello: Value) -> (Raw, Value) {
+    let mut ws = raw_connect(url, &[]).await.expect("connect");
+    send_json(&mut ws, hello).await;
+    let welcome = recv_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
+pub fn event(id: &str, n: u64) -> Value {
+    json!({"id": id, "type": "test", "data": {"n": n}, "timestamp": 1_700_000_000_000u64 + n, "version": 1})
+}
+
+pub fn hello() -> Value {
+    json!({"type": "hello", "protocol": ksync_core::PROTOCOL_VERSION})
+}

@@ -1,0 +1,132 @@
+//! The relay spoken to with raw WebSocket frames, as a client in another language would.
+
+mod common;
+
+use common::*;
+use ksync_ws::server::RelayConfig;
+use serde_json::json;
+
+#[tokio::test]
+async fn publish_is_acked_stored_and_fanned_out_to_others_only() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("room1"));
+    let (mut a, welcome) = join(&url, hello()).await;
+    assert_eq!(welcome["room"], "room1");
+    assert_eq!(welcome["serverVersion"], 0);
+    let (mut b, _) = join(&url, hello()).await;
+    send_json(
+        &mut a,
+        json!({"type":"publish","ref":1,"events":[event("e1",1), event("e2",2)]}),
+    )
+    .await;
+    let ack = recv_json(&mut a).await;
+    assert_eq!(
+        ack,
+        json!({"type":"ack","ref":1,"serverVersion":2,"results":[{"status":"stored","seq":1},{"status":"stored","seq":2}]})
+    );
+    let got = recv_json(&mut b).await;
+    assert_eq!(got["type"], "events");
+    assert_eq!(got["events"][0]["seq"], 1);
+    assert_eq!(got["events"][1]["event"]["id"], "e2");
+    // The same revision again is a duplicate; other content under the same key a conflict.
+    let mut changed = event("e1", 1);
+    changed["data"] = json!("other");
+    send_json(&mut b, json!({"type":"publish","ref":9,"events":[event("e1",1), changed, {"id":"","type":"t","data":1,"timestamp":1,"version":1}]})).await;
+    let ack = recv_json(&mut b).await;
+    assert_eq!(ack["results"][0], json!({"status":"duplicate","seq":1}));
+    assert_eq!(ack["results"][1]["status"], "conflict");
+    assert_eq!(ack["results"][1]["held"]["data"], json!({"n":1}));
+    assert_eq!(ack["results"][2]["status"], "invalid");
+    // Nothing new was stored, so a has nothing to receive: its next message is its own ack.
+    send_json(
+        &mut a,
+        json!({"type":"publish","ref":2,"events":[event("e3",3)]}),
+    )
+    .await;
+    let ack = recv_json(&mut a).await;
+    assert_eq!(ack["results"][0], json!({"status":"stored","seq":3}));
+    let storage = server.relay.connections();
+    assert_eq!(storage, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resume_from_a_cursor_then_live_without_gap_or_duplicate() {
+    let server = start(RelayConfig {
+        page_size: 3,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(None);
+    let (mut publisher, _) = join(&url, hello()).await;
+    let events: Vec<_> = (1..=10).map(|n| event(&format!("e{n}"), n)).collect();
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","ref":1,"events":events}),
+    )
+    .await;
+    recv_json(&mut publisher).await;
+    let mut h = hello();
+    h["since"] = json!(4);
+    let (mut late, welcome) = join(&url, h).await;
+    assert_eq!(welcome["serverVersion"], 10);
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","ref":2,"events":[event("e11",11)]}),
+    )
+    .await;
+    let mut seqs = Vec::new();
+    while seqs.len() < 7 {
+        let batch = recv_json(&mut late).await;
+        assert_eq!(batch["type"], "events");
+        for e in batch["events"].as_array().expect("array") {
+            seqs.push(e["seq"].as_u64().expect("seq"));
+        }
+    }
+    assert_eq!(seqs, (5..=11).collect::<Vec<_>>());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn state_request_gets_snapshot_then_tail() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("s"));
+    let (mut p, _) = join(&url, hello()).await;
+    let mut v2 = event("x", 2);
+    v2["version"] = json!(2);
+    send_json(
+        &mut p,
+        json!({"type":"publish","ref":1,"events":[event("x",1), v2, event("y",3)]}),
+    )
+    .await;
+    recv_json(&mut p).await;
+    let mut h = hello();
+    h["state"] = json!(true);
+    let (mut s, welcome) = join(&url, h).await;
+    assert_eq!(welcome["serverVersion"], 3);
+    let snap = recv_json(&mut s).await;
+    assert_eq!(snap["type"], "snapshot");
+    assert_eq!(snap["last"], true);
+    assert_eq!(snap["serverVersion"], 3);
+    let mut ids: Vec<_> = snap["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().expect("id").to_owned(),
+                e["version"].as_u64().expect("v"),
+            )
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec![("x".to_owned(), 2), ("y".to_owned(), 1)]);
+    send_json(
+        &mut p,
+        json!({"type":"publish","ref":2,"events":[event("z",4)]}),
+    )
+    .await;
+    let tail = recv_json(&mut s).await;
+    assert_eq!(tail["events"][0]["seq"], 4);
+    server.stop().await;
+}
