@@ -1,0 +1,1020 @@
+//! `GitSyncClient`: offline-first pull/push sync with a repository service over HTTP.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use ksync_core::{
+    Auth, BoxFuture, Conflict, ConflictResolver, Event, Name, Notification, Notifier,
+    PullPushClient, PullResult, PushResult, Replica, Resolution, Status, SyncClient, SyncError,
+    resolve,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::GitError;
+use crate::gzip::gzip;
+use crate::wire::{
+    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, MergeRequest,
+    MergeResponse, PullResponse, PushRequest, PushResponse, RepoInfo,
+};
+
+/// Replica metadata: the checked-out branch.
+const HEAD_META: &str = "git.head";
+/// Replica metadata: which branch each range of the local log belongs to (see [`Segments`]).
+const SEGMENTS_META: &str = "git.segments";
+/// Local events examined per storage read while looking for pending events.
+const SCAN_PAGE: usize = 4096;
+/// Request bodies at least this large are gzip-compressed when compression is on.
+const COMPRESS_MIN_BYTES: usize = 1024;
+
+/// Reports transfer progress: how many events of a pull or push are done, of how many (an
+/// estimate for pushes). Called on the task doing the transfer; keep it quick.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// One progress report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Pull or push.
+    pub phase: Phase,
+    /// Events transferred so far in this operation.
+    pub done: u64,
+    /// Events expected in this operation (for pushes an upper bound).
+    pub total: u64,
+}
+
+/// What is being transferred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Receiving (pull, clone).
+    Pull,
+    /// Sending (push, merge resolutions).
+    Push,
+}
+
+/// What [`GitSyncClient::merge`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MergeResult {
+    /// Events of `from` appended to `into` on the server.
+    pub appended: u64,
+    /// Events `into` already held.
+    pub duplicates: u64,
+    /// Collisions: `ours` is `into`'s revision, `theirs` is `from`'s.
+    pub conflicts: Vec<Conflict>,
+    /// The revisions written (here, then pushed to `into`) to settle the conflicts.
+    pub resolutions: Vec<Event>,
+    /// `into`'s version after the merge and the resolutions.
+    pub server_version: u64,
+}
+
+/// Builds a [`GitSyncClient`]; defaults are the spec's.
+#[derive(Debug, Clone)]
+pub struct GitSyncClientBuilder {
+    url: String,
+    auth: Option<Auth>,
+    branch: Option<String>,
+    pull_interval: Duration,
+    compression: bool,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    page_size: usize,
+    push_batch: usize,
+}
+
+impl GitSyncClientBuilder {
+    /// Credentials (`Auth::jwt`, `Auth::api_key` or a plain bearer `Auth::token`). Default none.
+    pub fn auth(mut self, auth: Auth) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// The branch to check out (default `main`, or the branch the local storage last had
+    /// checked out). Setting it explicitly checks it out.
+    pub fn branch(mut self, branch: impl Into<String>) -> Self {
+        self.branch = Some(branch.into());
+        self
+    }
+
+    /// Pull on this period once connected (default zero: off).
+    pub fn pull_interval(mut self, interval: Duration) -> Self {
+        self.pull_interval = interval;
+        self
+    }
+
+    /// gzip request bodies and accept gzip responses (default true).
+    pub fn compression(mut self, on: bool) -> Self {
+        self.compression = on;
+        self
+    }
+
+    /// Longest wait for a TCP (and TLS) connection (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Longest wait for one whole request and its answer (default 60 s). A stalled server
+    /// gives [`SyncError::Timeout`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Events asked for per pull request (default 1000; the server may cap it).
+    pub fn page_size(mut self, events: usize) -> Self {
+        self.page_size = events.max(1);
+        self
+    }
+
+    /// Events sent per push request (default 1000).
+    pub fn push_batch_size(mut self, events: usize) -> Self {
+        self.push_batch = events.max(1);
+        self
+    }
+
+    /// Checks the options and makes the client. No network traffic happens here.
+    pub fn build(self) -> Result<GitSyncClient, SyncError> {
+        let url = repo_url(&self.url).map_err(GitError::into_sync)?;
+        if let Some(branch) = &self.branch {
+            branch_name(branch)?;
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout)
+            .gzip(self.compression)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|source| {
+                GitError::Http {
+                    url: url.clone(),
+                    source,
+                }
+                .into_sync()
+            })?;
+        Ok(GitSyncClient {
+            inner: Arc::new(Inner {
+                http,
+                url: RwLock::new(url),
+                auth: self.auth,
+                branch: self.branch,
+                pull_interval: self.pull_interval,
+                compression: self.compression,
+                page_size: self.page_size,
+                push_batch: self.push_batch,
+                notifier: Notifier::new(),
+                replica: RwLock::new(None),
+                resolver: RwLock::new(None),
+                head: RwLock::new(None),
+                attached_at: std::sync::atomic::AtomicU64::new(0),
+                op: tokio::sync::Mutex::new(()),
+                auto_pull: Mutex::new(None),
+                progress: RwLock::new(None),
+            }),
+        })
+    }
+}
+
+/// Git-like, offline-first sync over HTTP: the spec's `GitSyncClient`.
+///
+/// **The URL** is the repository's URL: the service's mount point plus the repository name,
+/// e.g. `http://localhost:8080/git/my-repo` for `ksync serve`. Requests go to
+/// `{url}/branches/...` and `{url}/merge`.
+///
+/// **Local state** lives in the attached [`Replica`]'s storage (attached by [`KSync`], or an
+/// in-memory one): the events, the checked-out branch, and per branch the server version pulled
+/// up to and how far local events were pushed. Push sends, *then* records how far it got; a
+/// process killed in between re-sends on restart and the server deduplicates by `(id,
+/// version)`, so nothing is lost and nothing is stored twice.
+///
+/// **Branches** work as in git: server branches are the shared ones; this client has one
+/// branch checked out, and `pull`/`push` talk to it. Each local event belongs to the branch
+/// that was checked out when it was written, and is pushed only there. The local log is one
+/// append-only log, so after a checkout it still holds what earlier branches brought; pulling
+/// the new branch merges its events in (conflicts settled by the policy, like
+/// `git checkout -m`). [`create_branch`](Self::create_branch) forks the checked-out branch on
+/// the server at the version this client has pulled; [`merge`](Self::merge) merges on the
+/// server and settles the reported conflicts here, pushing the resolutions to `into`.
+///
+/// **Conflicts**: without a handler last-write-wins applies (see [`ksync_core::lww_cmp`]);
+/// [`on_conflict`](Self::on_conflict) (or `KSync::on_conflict`) chooses ours / theirs /
+/// merged. Every conflict is reported in `PullResult::conflicts` and as a `conflict`
+/// notification, and its resolution is a new revision that the next push sends. An event the
+/// server refuses because it holds other content under the same `(id, version)` comes back in
+/// `PushResult::rejected_events`; the next pull brings the server's revision and settles it.
+///
+/// [`KSync`]: ksync_core::KSync
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), ksync_core::SyncError> {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use ksync_core::{Auth, AutoSync, InMemoryStorage, KSync};
+/// use ksync_git::GitSyncClient;
+///
+/// let client = GitSyncClient::builder("http://localhost:8080/git/my-repo")
+///     .auth(Auth::token("github-token"))
+///     .branch("main")
+///     .pull_interval(Duration::from_secs(60))
+///     .build()?;
+/// let ksync = KSync::builder()
+///     .storage(Arc::new(InMemoryStorage::new()))
+///     .sync_client(Arc::new(client))
+///     .build()
+///     .await?;
+/// ksync.pull().await?;
+/// ksync.emit("local_change", serde_json::json!({"data": "new data"})).await?;
+/// ksync.push().await?;
+/// ksync.enable_auto_sync(AutoSync {
+///     push_interval: Duration::from_secs(30),
+///     pull_interval: Duration::from_secs(60),
+/// });
+/// # Ok(()) }
+/// ```
+pub struct GitSyncClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    url: RwLock<String>,
+    auth: Option<Auth>,
+    branch: Option<String>,
+    pull_interval: Duration,
+    compression: bool,
+    page_size: usize,
+    push_batch: usize,
+    notifier: Notifier,
+    replica: RwLock<Option<Replica>>,
+    resolver: RwLock<Option<ConflictResolver>>,
+    head: RwLock<Option<String>>,
+    // The local sequence number at which the attached replica was handed to us: events from
+    // there on belong to this client's checked-out branch (see `ensure_head`). 0 = unknown.
+    attached_at: std::sync::atomic::AtomicU64,
+    // One pull / push / merge / checkout at a time: they read and move the same cursors.
+    op: tokio::sync::Mutex<()>,
+    auto_pull: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    progress: RwLock<Option<ProgressFn>>,
+}
+
+impl fmt::Debug for GitSyncClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GitSyncClient")
+            .field("url", &self.url())
+            .field("auth", &self.inner.auth)
+            .field("pull_interval", &self.inner.pull_interval)
+            .field("compression", &self.inner.compression)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which branch each range of the local log belongs to: `(first local seq, branch)` in
+/// order. A checkout starts a new range at the next sequence number.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Segments(Vec<(u64, String)>);
+
+impl Segments {
+    fn branch_of(&self, seq: u64) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(start, _)| *start <= seq)
+            .or(self.0.first())
+            .map(|(_, b)| b.as_str())
+    }
+
+    fn start(&mut self, seq: u64, branch: &str) {
+        if self.0.last().is_some_and(|(_, b)| b == branch) {
+            return;
+        }
+        if let Some(last) = self.0.last_mut()
+            && last.0 == seq
+        {
+            last.1 = branch.to_owned();
+        } else {
+            self.0.push((seq, branch.to_owned()));
+        }
+    }
+}
+
+fn branch_name(branch: &str) -> Result<Name, SyncError> {
+    Name::new(branch).map_err(|e| SyncError::Config(format!("invalid branch name {branch:?}: {e}")))
+}
+
+/// Normalises a repository URL: `http(s)://host[:port]/.../{repo}` without a trailing slash.
+fn repo_url(raw: &str) -> Result<String, GitError> {
+    let invalid = |reason: &str| GitError::InvalidUrl {
+        url: raw.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let parsed = reqwest::Url::parse(raw).map_err(|e| invalid(&e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid("the scheme must be http or https"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(invalid("a repository URL has no query or fragment"));
+    }
+    let url = parsed.as_str().trim_end_matches('/').to_owned();
+    let repo = url.rsplit('/').next().unwrap_or("");
+    if url.len() <= parsed.origin().ascii_serialization().len() {
+        return Err(invalid(
+            "the URL must end with the repository name, e.g. http://host:8080/git/my-repo",
+        ));
+    }
+    Name::new(repo).map_err(|e| invalid(&format!("repository name {repo:?}: {e}")))?;
+    Ok(url)
+}
+
+impl GitSyncClient {
+    /// Starts a builder for the repository at `url` (e.g. `http://localhost:8080/git/my-repo`).
+    pub fn builder(url: impl Into<String>) -> GitSyncClientBuilder {
+        GitSyncClientBuilder {
+            url: url.into(),
+            auth: None,
+            branch: None,
+            pull_interval: Duration::ZERO,
+            compression: true,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            page_size: DEFAULT_PAGE,
+            push_batch: 1000,
+        }
+    }
+
+    /// The repository URL.
+    pub fn url(&self) -> String {
+        read(&self.inner.url).clone()
+    }
+
+    /// The repository name (the URL's last segment).
+    pub fn repo(&self) -> String {
+        self.url().rsplit('/').next().unwrap_or("").to_owned()
+    }
+
+    /// The replica this client syncs (an in-memory one until one is attached).
+    pub fn replica(&self) -> Replica {
+        if let Some(r) = read(&self.inner.replica).as_ref() {
+            return r.clone();
+        }
+        let mut slot = write(&self.inner.replica);
+        slot.get_or_insert_with(|| {
+            let replica = Replica::in_memory();
+            if let Some(resolver) = read(&self.inner.resolver).clone() {
+                replica.set_resolver(Some(resolver));
+            }
+            replica
+        })
+        .clone()
+    }
+
+    /// The checked-out branch.
+    pub fn current_branch(&self) -> String {
+        if let Some(head) = read(&self.inner.head).as_ref() {
+            return head.clone();
+        }
+        let replica = self.replica();
+        let stored = replica.storage().meta(HEAD_META).ok().flatten();
+        self.inner
+            .branch
+            .clone()
+            .or(stored)
+            .unwrap_or_else(|| DEFAULT_BRANCH.to_owned())
+    }
+
+    /// Sets how conflicts are settled (default last-write-wins). Conflicts are still reported.
+    pub fn on_conflict(&self, resolver: impl Fn(&Conflict) -> Resolution + Send + Sync + 'static) {
+        let resolver: ConflictResolver = Arc::new(resolver);
+        *write(&self.inner.resolver) = Some(Arc::clone(&resolver));
+        self.replica().set_resolver(Some(resolver));
+    }
+
+    /// Reports transfer progress to `progress` (e.g. a progress bar); `None` stops it.
+    pub fn set_progress(&self, progress: Option<ProgressFn>) {
+        *write(&self.inner.progress) = progress;
+    }
+
+    /// The repository and its branches.
+    pub async fn repo_info(&self) -> Result<RepoInfo, SyncError> {
+        let url = self.url();
+        self.request(reqwest::Method::GET, &url, None::<&()>).await
+    }
+
+    /// Creates the repository on the server (with an empty `main`); fine if it exists.
+    pub async fn create_repo(&self) -> Result<RepoInfo, SyncError> {
+        let url = self.url();
+        self.request(reqwest::Method::PUT, &url, None::<&()>).await
+    }
+
+    /// The server's branches, sorted by name.
+    pub async fn list_branches(&self) -> Result<Vec<BranchInfo>, SyncError> {
+        #[derive(Deserialize)]
+        struct List {
+            branches: Vec<BranchInfo>,
+        }
+        let url = format!("{}/branches", self.url());
+        let list: List = self
+            .request(reqwest::Method::GET, &url, None::<&()>)
+            .await?;
+        Ok(list.branches)
+    }
+
+    /// One server branch.
+    pub async fn branch_info(&self, branch: &str) -> Result<BranchInfo, SyncError> {
+        let branch = branch_name(branch)?;
+        let url = format!("{}/branches/{branch}", self.url());
+        self.request(reqwest::Method::GET, &url, None::<&()>).await
+    }
+
+    /// Creates `name` on the server, forked from the checked-out branch at the version this
+    /// client has pulled (as `git branch` forks at the local `HEAD`). Local events not yet
+    /// pushed stay with the branch they were written on. Does not check `name` out.
+    pub async fn create_branch(&self, name: &str) -> Result<BranchInfo, SyncError> {
+        let new = branch_name(name)?;
+        let _op = self.inner.op.lock().await;
+        let replica = self.replica();
+        let head = self.current_branch();
+        let at = replica.cursor(&self.cursor_key(&head, "pulled"))?;
+        let url = format!("{}/branches", self.url());
+        let body = CreateBranchRequest {
+            name: new.to_string(),
+            from: Some(head),
+            at: Some(at),
+        };
+        let info: BranchInfo = self
+            .request(reqwest::Method::POST, &url, Some(&body))
+            .await?;
+        // The new branch's first `at` events are the ones we already pulled.
+        let pulled = self.cursor_key(new.as_str(), "pulled");
+        if replica.cursor(&pulled)? < at {
+            replica.set_cursor(&pulled, at).await?;
+        }
+        Ok(info)
+    }
+
+    /// Checks out `branch` (which must exist on the server): later pulls and pushes talk to
+    /// it, and events written from now on belong to it.
+    pub async fn checkout(&self, branch: &str) -> Result<BranchInfo, SyncError> {
+        let info = self.branch_info(branch).await?;
+        let _op = self.inner.op.lock().await;
+        self.set_head(branch).await?;
+        Ok(info)
+    }
+
+    /// Merges server branch `from` into `into`: the server appends to `into` what `from` has
+    /// that `into` lacks and reports collisions; each collision is settled here by the
+    /// conflict policy (`ours` = `into`'s revision, `theirs` = `from`'s), and the resolutions
+    /// are pushed to `into`. A collision under an id that `into` already superseded with a
+    /// newer revision is reported but not settled again. When `into` is checked out, it is
+    /// pulled afterwards.
+    pub async fn merge(&self, into: &str, from: &str) -> Result<MergeResult, SyncError> {
+        let into_name = branch_name(into)?;
+        branch_name(from)?;
+        let _op = self.inner.op.lock().await;
+        let replica = self.replica();
+        let url = format!("{}/merge", self.url());
+        let body = MergeRequest {
+            into: into.to_owned(),
+            from: from.to_owned(),
+        };
+        let response: MergeResponse = self
+            .request(reqwest::Method::POST, &url, Some(&body))
+            .await?;
+        let mut result = MergeResult {
+            appended: response.appended,
+            duplicates: response.duplicates,
+            server_version: response.server_version,
+            ..MergeResult::default()
+        };
+        for found in response.conflicts {
+            self.inner
+                .notifier
+                .emit(Notification::Conflict(found.conflict.clone()));
+            // `into` already holds a newer revision of this id: the collision is history (as in
+            // `Replica::ingest`); settling it again would only add a revision.
+            if found.latest_version > found.conflict.ours.version {
+                result.conflicts.push(found.conflict);
+                continue;
+            }
+            let resolution = replica.resolution_for(&found.conflict);
+            let mut event = resolve(&found.conflict, &resolution, replica.id());
+            let local = replica
+                .storage()
+                .latest(&event.id)?
+                .map_or(0, |l| l.event.version);
+            event.version = event.version.max(found.latest_version + 1).max(local + 1);
+            result.conflicts.push(found.conflict);
+            result.resolutions.push(event);
+        }
+        let head = self.current_branch();
+        if !result.resolutions.is_empty() {
+            let mut segments = self.segments(&replica)?;
+            let next = replica.storage().len() + 1;
+            segments.start(next, into_name.as_str());
+            self.save_segments(&replica, &segments).await?;
+            for event in &result.resolutions {
+                replica.record_local(event.clone()).await?;
+            }
+            segments.start(replica.storage().len() + 1, &head);
+            self.save_segments(&replica, &segments).await?;
+            let pushed = self.push_branch(&replica, into_name.as_str()).await?;
+            result.server_version = pushed.server_version;
+        }
+        if head == into_name.as_str() {
+            let pulled = self.pull_branch(&replica, &head).await?;
+            result.server_version = pulled.server_version;
+        }
+        Ok(result)
+    }
+
+    /// The spec's `clone(url, branch)`: points this client at the repository `url`, checks out
+    /// `branch` and pulls all of it.
+    pub async fn clone(&self, url: &str, branch: &str) -> Result<PullResult, SyncError> {
+        let url = repo_url(url).map_err(GitError::into_sync)?;
+        branch_name(branch)?;
+        let _op = self.inner.op.lock().await;
+        *write(&self.inner.url) = url;
+        let info = self.repo_info().await?;
+        if !info.branches.iter().any(|b| b.name == branch) {
+            return Err(GitError::Server {
+                url: self.url(),
+                status: 404,
+                code: "branch_not_found".into(),
+                message: format!("branch {branch:?} does not exist in {}", info.repo),
+            }
+            .into_sync());
+        }
+        self.set_head(branch).await?;
+        let replica = self.replica();
+        self.pull_branch(&replica, branch).await
+    }
+
+    fn cursor_key(&self, branch: &str, which: &str) -> String {
+        format!("git:{}#{branch}:{which}", self.url())
+    }
+
+    fn segments(&self, replica: &Replica) -> Result<Segments, SyncError> {
+        match replica.storage().meta(SEGMENTS_META)? {
+            Some(raw) => serde_json::from_str(&raw).map_err(|e| {
+                SyncError::Protocol(format!(
+                    "local branch map {SEGMENTS_META:?} is damaged: {e}"
+                ))
+            }),
+            None => Ok(Segments(vec![(1, self.current_branch())])),
+        }
+    }
+
+    async fn save_segments(&self, replica: &Replica, segments: &Segments) -> Result<(), SyncError> {
+        let raw = serde_json::to_string(segments)
+            .map_err(|e| SyncError::Protocol(format!("encoding the branch map: {e}")))?;
+        replica.storage().set_meta(SEGMENTS_META, &raw).await?;
+        Ok(())
+    }
+
+    /// Makes `branch` the checked-out one, durably, from the next local event on. Caller
+    /// holds the op lock.
+    async fn set_head(&self, branch: &str) -> Result<(), SyncError> {
+        let next = self.replica().storage().len() + 1;
+        self.set_head_from(branch, next).await
+    }
+
+    /// Makes `branch` the checked-out one for local events from `seq` on.
+    async fn set_head_from(&self, branch: &str, seq: u64) -> Result<(), SyncError> {
+        let replica = self.replica();
+        let mut segments = self.segments(&replica)?;
+        let seq = seq.max(segments.0.last().map_or(1, |(start, _)| *start));
+        segments.start(seq, branch);
+        self.save_segments(&replica, &segments).await?;
+        replica.storage().set_meta(HEAD_META, branch).await?;
+        *write(&self.inner.head) = Some(branch.to_owned());
+        Ok(())
+    }
+
+    /// Records the checked-out branch the first time this client touches the storage, so
+    /// that the branch map starts where this client started. Caller holds the op lock.
+    async fn ensure_head(&self, replica: &Replica) -> Result<String, SyncError> {
+        if let Some(head) = read(&self.inner.head).clone() {
+            return Ok(head);
+        }
+        let head = self.current_branch();
+        let stored = replica.storage().meta(HEAD_META)?;
+        if stored.as_deref() != Some(head.as_str()) {
+            // Events written since the replica was attached were made with `head` in mind
+            // (e.g. `KSync::emit` before the first push).
+            let from = match self
+                .inner
+                .attached_at
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                0 => replica.storage().len() + 1,
+                seq => seq,
+            };
+            self.set_head_from(&head, from).await?;
+        } else {
+            *write(&self.inner.head) = Some(head.clone());
+        }
+        Ok(head)
+    }
+
+    fn report(&self, phase: Phase, done: u64, total: u64) {
+        if let Some(progress) = read(&self.inner.progress).as_ref() {
+            progress(Progress { phase, done, total });
+        }
+    }
+
+    async fn pull_branch(&self, replica: &Replica, branch: &str) -> Result<PullResult, SyncError> {
+        let key = self.cursor_key(branch, "pulled");
+        let mut since = replica.cursor(&key)?;
+        let start = since;
+        let mut result = PullResult::default();
+        loop {
+            let url = format!(
+                "{}/branches/{branch}/events?since={since}&limit={}",
+                self.url(),
+                self.inner.page_size
+            );
+            let page: PullResponse = self
+                .request(reqwest::Method::GET, &url, None::<&()>)
+                .await?;
+            if page.since != since {
+                return Err(GitError::Protocol {
+                    url,
+                    reason: format!(
+                        "asked for events after {since}, got a page after {}",
+                        page.since
+                    ),
+                }
+                .into_sync());
+            }
+            let count = page.events.len() as u64;
+            let ingested = replica.ingest(page.events).await?;
+            since += count;
+            // After the events: a crash in between re-pulls the page, which deduplicates.
+            replica.set_cursor(&key, since).await?;
+            ingested.notify(&self.inner.notifier);
+            result.new_events.extend(ingested.new_events());
+            result.conflicts.extend(ingested.conflicts);
+            result.server_version = page.server_version.max(since);
+            self.report(
+                Phase::Pull,
+                since - start,
+                result.server_version.saturating_sub(start),
+            );
+            match page.next {
+                None => break,
+                Some(next) if next == since && count > 0 => {}
+                Some(next) => {
+                    return Err(GitError::Protocol {
+                        url,
+                        reason: format!("next page after {next}, expected {since}"),
+                    }
+                    .into_sync());
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// Local events of `branch` after `after`: up to one batch, and the last sequence number
+    /// examined (the push cursor may move there once the batch is acknowledged).
+    fn pending_batch(
+        &self,
+        replica: &Replica,
+        segments: &Segments,
+        branch: &str,
+        after: u64,
+    ) -> Result<(Vec<Event>, u64), SyncError> {
+        let mut batch = Vec::new();
+        let mut scanned = after;
+        'scan: loop {
+            let page = replica.storage().read_since(scanned, SCAN_PAGE)?;
+            if page.is_empty() {
+                break;
+            }
+            for stored in page {
+                scanned = stored.seq;
+                if stored.event.origin.as_deref() == Some(replica.id())
+                    && segments.branch_of(stored.seq) == Some(branch)
+                {
+                    batch.push(stored.event);
+                    if batch.len() >= self.inner.push_batch {
+                        break 'scan;
+                    }
+                }
+            }
+        }
+        Ok((batch, scanned))
+    }
+
+    async fn push_branch(&self, replica: &Replica, branch: &str) -> Result<PushResult, SyncError> {
+        let key = self.cursor_key(branch, "pushed");
+        let mut cursor = replica.cursor(&key)?;
+        let segments = self.segments(replica)?;
+        let url = format!("{}/branches/{branch}/events", self.url());
+        let total = replica.storage().len().saturating_sub(cursor);
+        let mut result = PushResult::default();
+        let mut answered = false;
+        loop {
+            let (batch, scanned) = self.pending_batch(replica, &segments, branch, cursor)?;
+            if batch.is_empty() {
+                if scanned > cursor {
+                    replica.set_cursor(&key, scanned).await?;
+                }
+                break;
+            }
+            let pulled_key = self.cursor_key(branch, "pulled");
+            let base_version = replica.cursor(&pulled_key)?;
+            let body = PushRequest {
+                base_version,
+                events: batch,
+            };
+            let answer: PushResponse = self
+                .request(reqwest::Method::POST, &url, Some(&body))
+                .await?;
+            answered = true;
+            let mut rejected = vec![false; body.events.len()];
+            for r in &answer.rejected {
+                if let Some(slot) = rejected.get_mut(r.index) {
+                    *slot = true;
+                }
+            }
+            for (event, refused) in body.events.into_iter().zip(rejected) {
+                if refused {
+                    result.rejected_events.push(event);
+                } else {
+                    result.pushed_events.push(event);
+                }
+            }
+            result.server_version = answer.server_version;
+            // Only now: a crash before this line re-sends the batch, which the server
+            // deduplicates.
+            replica.set_cursor(&key, scanned).await?;
+            cursor = scanned;
+            // The branch is what we had pulled plus this batch: no need to pull it back.
+            if let Some(version) = answer.fast_forward_to
+                && version > base_version
+            {
+                replica.set_cursor(&pulled_key, version).await?;
+            }
+            self.report(
+                Phase::Push,
+                (result.pushed_events.len() + result.rejected_events.len()) as u64,
+                total,
+            );
+        }
+        if !answered {
+            result.server_version = self.branch_info(branch).await?.server_version;
+        }
+        if !result.pushed_events.is_empty() {
+            self.inner
+                .notifier
+                .emit(Notification::Sync(result.pushed_events.clone()));
+        }
+        Ok(result)
+    }
+
+    async fn request<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<&B>,
+    ) -> Result<T, SyncError> {
+        let mut request = self.inner.http.request(method, url);
+        if let Some(auth) = &self.inner.auth {
+            let (name, value) = auth.header();
+            request = request.header(name, value);
+        }
+        if let Some(body) = body {
+            let json = serde_json::to_vec(body).map_err(|e| {
+                GitError::Protocol {
+                    url: url.to_owned(),
+                    reason: format!("encoding the request: {e}"),
+                }
+                .into_sync()
+            })?;
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json");
+            request = if self.inner.compression && json.len() >= COMPRESS_MIN_BYTES {
+                request
+                    .header(reqwest::header::CONTENT_ENCODING, "gzip")
+                    .body(gzip(&json))
+            } else {
+                request.body(json)
+            };
+        }
+        let http = |source| {
+            GitError::Http {
+                url: url.to_owned(),
+                source,
+            }
+            .into_sync()
+        };
+        let response = request.send().await.map_err(http)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(http)?;
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => (body.error.code, body.error.message),
+                Err(_) => (
+                    "http_error".to_owned(),
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+                ),
+            };
+            return Err(GitError::Server {
+                url: url.to_owned(),
+                status: status.as_u16(),
+                code,
+                message,
+            }
+            .into_sync());
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            GitError::Protocol {
+                url: url.to_owned(),
+                reason: format!("undecodable answer: {e}"),
+            }
+            .into_sync()
+        })
+    }
+
+    async fn run<T>(&self, op: impl Future<Output = Result<T, SyncError>>) -> Result<T, SyncError> {
+        self.inner
+            .notifier
+            .emit(Notification::Status(Status::Syncing));
+        let result = op.await;
+        let status = if result.is_ok() {
+            Status::Idle
+        } else {
+            Status::Error
+        };
+        self.inner.notifier.emit(Notification::Status(status));
+        result
+    }
+
+    fn stop_auto_pull(&self) {
+        if let Some(task) = lock(&self.inner.auto_pull).take() {
+            task.abort();
+        }
+    }
+}
+
+fn spawn_auto_pull(inner: Weak<Inner>, period: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; connect() just talked to the server.
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            let Some(inner) = inner.upgrade() else { break };
+            let client = GitSyncClient { inner };
+            if let Err(e) = client.pull().await {
+                tracing::debug!(error = %e, "git: auto-pull failed");
+                client.inner.notifier.emit(Notification::Error(Arc::new(e)));
+            }
+        }
+    })
+}
+
+impl SyncClient for GitSyncClient {
+    /// Checks that the repository answers (and the credentials work), then starts auto-pull
+    /// when `pull_interval` is set.
+    fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            self.repo_info().await?;
+            {
+                let _op = self.inner.op.lock().await;
+                let replica = self.replica();
+                self.ensure_head(&replica).await?;
+            }
+            self.stop_auto_pull();
+            if !self.inner.pull_interval.is_zero() {
+                let task = spawn_auto_pull(Arc::downgrade(&self.inner), self.inner.pull_interval);
+                *lock(&self.inner.auto_pull) = Some(task);
+            }
+            self.inner.notifier.emit(Notification::Connected);
+            self.inner.notifier.emit(Notification::Status(Status::Idle));
+            Ok(())
+        })
+    }
+
+    /// Stops auto-pull. Pending events stay pending.
+    fn disconnect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            self.stop_auto_pull();
+            self.inner.notifier.emit(Notification::Disconnected);
+            Ok(())
+        })
+    }
+
+    /// Stores `event` locally (once; `KSync::emit` already did) on the checked-out branch; the
+    /// next `push` sends it. An event without `origin` gets this replica's id.
+    fn send(&self, mut event: Event) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            let replica = self.replica();
+            if event.origin.is_none() {
+                event.origin = Some(replica.id().to_owned());
+            }
+            replica.record_local(event).await?;
+            Ok(())
+        })
+    }
+
+    fn notifier(&self) -> &Notifier {
+        &self.inner.notifier
+    }
+
+    fn attach(&self, replica: Replica) {
+        if let Some(resolver) = read(&self.inner.resolver).clone() {
+            replica.set_resolver(Some(resolver));
+        }
+        self.inner.attached_at.store(
+            replica.storage().len() + 1,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        *write(&self.inner.replica) = Some(replica);
+        *write(&self.inner.head) = None;
+    }
+}
+
+impl PullPushClient for GitSyncClient {
+    /// Pulls the checked-out branch from the version pulled last, page by page.
+    fn pull(&self) -> BoxFuture<'_, Result<PullResult, SyncError>> {
+        Box::pin(self.run(async move {
+            let _op = self.inner.op.lock().await;
+            let replica = self.replica();
+            let head = self.ensure_head(&replica).await?;
+            self.pull_branch(&replica, &head).await
+        }))
+    }
+
+    /// Pushes the checked-out branch's local events that the server has not acknowledged.
+    fn push(&self) -> BoxFuture<'_, Result<PushResult, SyncError>> {
+        Box::pin(self.run(async move {
+            let _op = self.inner.op.lock().await;
+            let replica = self.replica();
+            let head = self.ensure_head(&replica).await?;
+            self.push_branch(&replica, &head).await
+        }))
+    }
+}
+
+impl Drop for GitSyncClient {
+    fn drop(&mut self) {
+        // The auto-pull task holds only a weak reference; the last client stops it.
+        if Arc::strong_count(&self.inner) == 1 {
+            self.stop_auto_pull();
+        }
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_urls() {
+        assert_eq!(
+            repo_url("http://h:8080/git/my-repo/").expect("ok"),
+            "http://h:8080/git/my-repo"
+        );
+        assert_eq!(
+            repo_url("https://sync.example.com/my-repo").expect("ok"),
+            "https://sync.example.com/my-repo"
+        );
+        for bad in [
+            "ftp://h/r",
+            "http://h",
+            "http://h/",
+            "http://h/git/..",
+            "http://h/r?x=1",
+            "not a url",
+        ] {
+            assert!(repo_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn segments_map_sequence_numbers_to_branches() {
+        let mut s = Segments(vec![(1, "main".into())]);
+        s.start(5, "feature");
+        s.start(5, "other");
+        s.start(9, "other");
+        s.start(12, "main");
+        assert_eq!(s.branch_of(1), Some("main"));
+        assert_eq!(s.branch_of(4), Some("main"));
+        assert_eq!(s.branch_of(5), Some("other"));
+        assert_eq!(s.branch_of(11), Some("other"));
+        assert_eq!(s.branch_of(12), Some("main"));
+        assert_eq!(s.0.len(), 3);
+    }
+}

@@ -1,0 +1,89 @@
+//! The client's error type.
+
+use ksync_core::SyncError;
+
+/// What went wrong talking to a repository service.
+///
+/// [`GitSyncClient`](crate::GitSyncClient) methods return [`SyncError`] (the common error of every
+/// transport): timeouts become [`SyncError::Timeout`], refused credentials [`SyncError::Auth`],
+/// and the rest [`SyncError::Transport`] holding a `GitError`. [`GitError::of`] digs it out.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GitError {
+    /// The repository URL cannot be used.
+    #[error("invalid repository URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The request did not complete (connection refused or reset, bad TLS, ...).
+    #[error("request to {url} failed: {source}")]
+    Http {
+        /// The request URL.
+        url: String,
+        /// The HTTP client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The service answered with an error status.
+    #[error("{url} answered {status} ({code}): {message}")]
+    Server {
+        /// The request URL.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The service's error code (`repo_not_found`, `payload_too_large`, ...).
+        code: String,
+        /// The service's message.
+        message: String,
+    },
+    /// The answer could not be understood.
+    #[error("unexpected answer from {url}: {reason}")]
+    Protocol {
+        /// The request URL.
+        url: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+}
+
+impl GitError {
+    /// The `GitError` inside a [`SyncError::Transport`], if that is what `error` is.
+    pub fn of(error: &SyncError) -> Option<&GitError> {
+        match error {
+            SyncError::Transport(inner) => inner.downcast_ref::<GitError>(),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status of a [`GitError::Server`] answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            GitError::Server { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The service's error code of a [`GitError::Server`] answer.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            GitError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Converts to the common error, mapping timeouts and auth refusals to their own variants.
+    pub(crate) fn into_sync(self) -> SyncError {
+        match &self {
+            GitError::Http { source, .. } if source.is_timeout() => {
+                SyncError::Timeout(self.to_string())
+            }
+            GitError::Server {
+                status: 401 | 403, ..
+            } => SyncError::Auth(self.to_string()),
+            _ => SyncError::transport(self),
+        }
+    }
+}

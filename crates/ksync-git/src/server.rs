@@ -1,0 +1,840 @@
+//! The repository service: repositories with branches, pull, push, branch and merge, as an
+//! axum [`Router`] (feature `server`).
+//!
+//! Every branch is one log from the [`StorageProvider`] under [`LogName::Branch`], with its own
+//! sequence numbers (the `serverVersion`). A branch forked from another at version `v` starts
+//! with a copy of that branch's first `v` events (same order, same sequence numbers), so every
+//! branch is a self-contained log and pulls never have to follow fork chains. The fork point is
+//! kept in the branch's metadata (`git.branch`) and reported by the branch endpoints.
+//!
+//! Request handling order: names are validated first (400, before any storage is touched),
+//! then credentials (401/403), then existence (404), then the body (413/400).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ksync_core::{
+    Access, AppendOutcome, AuthError, Authenticator, Credentials, Event, EventLimits, Grant,
+    LogName, Name, ResourceKind, Storage, StorageError, StorageProvider,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::gzip::{GunzipError, accepts_gzip, gunzip, gzip};
+use crate::wire::{
+    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, ErrorDetail,
+    MergeConflict, MergeRequest, MergeResponse, PullResponse, PushRequest, PushResponse,
+    RejectedEvent, RepoInfo,
+};
+
+/// Metadata key of a branch's fork record; a log without it is not (yet) a branch.
+const BRANCH_META: &str = "git.branch";
+/// Metadata key prefix of `into`'s merge cursor per `from` branch.
+const MERGED_META_PREFIX: &str = "git.merged.";
+/// Events copied or merged per storage append.
+const COPY_PAGE: usize = 10_000;
+
+/// Limits of the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitServerConfig {
+    /// Largest request body accepted, after gzip decompression (413 beyond). Default 16 MiB.
+    pub max_body_bytes: usize,
+    /// Events per pull page when the client gives no `limit`. Default 1000.
+    pub default_page: usize,
+    /// Largest `limit` honoured; larger ones are cut to it. Default 10,000.
+    pub max_page: usize,
+    /// Responses at least this large are gzip-compressed for clients that accept gzip.
+    /// Default 1 KiB.
+    pub compress_min_bytes: usize,
+    /// Limits applied to every pushed event.
+    pub event_limits: EventLimits,
+}
+
+impl Default for GitServerConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+            default_page: DEFAULT_PAGE,
+            max_page: 10_000,
+            compress_min_bytes: 1024,
+            event_limits: EventLimits::default(),
+        }
+    }
+}
+
+/// The repository service. Cheap to clone; [`GitServer::router`] gives the axum routes under
+/// `/git`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use ksync_core::{AllowAll, InMemoryProvider};
+/// use ksync_git::server::GitServer;
+/// let service = GitServer::new(Arc::new(InMemoryProvider::new()), Arc::new(AllowAll));
+/// let app: axum::Router = service.router();
+/// # let _ = app;
+/// ```
+#[derive(Clone)]
+pub struct GitServer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    provider: Arc<dyn StorageProvider>,
+    auth: Arc<dyn Authenticator>,
+    config: GitServerConfig,
+    // Creating repositories and branches is check-then-write; one at a time keeps it atomic.
+    create_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for GitServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitServer")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors of [`GitServer`]'s own methods (the HTTP handlers turn them into status codes).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The repository does not exist.
+    #[error("repository {0:?} not found")]
+    RepoNotFound(String),
+    /// The branch does not exist.
+    #[error("branch {0:?} not found")]
+    BranchNotFound(String),
+    /// The storage failed.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+}
+
+/// A branch's log and its fork record.
+type BranchLog = (Arc<dyn Storage>, ForkRecord);
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ForkRecord {
+    forked_from: Option<String>,
+    forked_at: Option<u64>,
+}
+
+impl GitServer {
+    /// A service over `provider`, checking credentials with `auth`, with default limits.
+    pub fn new(provider: Arc<dyn StorageProvider>, auth: Arc<dyn Authenticator>) -> Self {
+        Self::with_config(provider, auth, GitServerConfig::default())
+    }
+
+    /// A service with explicit limits.
+    pub fn with_config(
+        provider: Arc<dyn StorageProvider>,
+        auth: Arc<dyn Authenticator>,
+        config: GitServerConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                provider,
+                auth,
+                config,
+                create_lock: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The routes, all under `/git/{repo}` (see `docs/PROTOCOL.md`). Merge it into the
+    /// server's router; serve with `into_make_service_with_connect_info::<SocketAddr>()` so
+    /// failed logins are counted per client address.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/git/{repo}", get(repo_info).put(create_repo))
+            .route(
+                "/git/{repo}/branches",
+                get(list_branches).post(create_branch),
+            )
+            .route("/git/{repo}/branches/{branch}", get(branch_info))
+            .route("/git/{repo}/branches/{branch}/events", get(pull).post(push))
+            .route("/git/{repo}/merge", post(merge))
+            .with_state(self.clone())
+    }
+
+    /// Creates repository `repo` with an empty `main` branch. Returns `false` when it already
+    /// existed (nothing changes then). For servers that create repositories from their config.
+    pub async fn create_repo(&self, repo: &Name) -> Result<bool, ServerError> {
+        let _guard = self.inner.create_lock.lock().await;
+        let main = branch_log(repo, &default_branch());
+        let storage = self.inner.provider.open(&main)?;
+        if storage.meta(BRANCH_META)?.is_some() {
+            return Ok(false);
+        }
+        let record = serde_json::to_string(&ForkRecord::default())
+            .map_err(|e| StorageError::Codec(e.to_string()))?;
+        storage.set_meta(BRANCH_META, &record).await?;
+        Ok(true)
+    }
+
+    /// The repository's branches, sorted by name.
+    pub fn branches(&self, repo: &Name) -> Result<Vec<BranchInfo>, ServerError> {
+        if self.branch(repo, &default_branch())?.is_none() {
+            return Err(ServerError::RepoNotFound(repo.to_string()));
+        }
+        let mut out = Vec::new();
+        for name in self.inner.provider.list()? {
+            if let LogName::Branch { repo: r, branch } = &name
+                && r == repo
+                && let Some((storage, record)) = self.branch(repo, branch)?
+            {
+                out.push(info(branch, storage.as_ref(), record));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn branch(&self, repo: &Name, branch: &Name) -> Result<Option<BranchLog>, StorageError> {
+        let Some(storage) = self.inner.provider.existing(&branch_log(repo, branch))? else {
+            return Ok(None);
+        };
+        // A log without its record is a branch whose creation did not finish.
+        let Some(raw) = storage.meta(BRANCH_META)? else {
+            return Ok(None);
+        };
+        let record = serde_json::from_str(&raw)
+            .map_err(|e| StorageError::Format(format!("branch record of {repo}/{branch}: {e}")))?;
+        Ok(Some((storage, record)))
+    }
+
+    /// The branch's storage, or 404 (repository or branch, whichever is missing).
+    fn existing_branch(&self, repo: &Name, branch: &Name) -> Result<BranchLog, ApiError> {
+        if let Some(found) = self.branch(repo, branch)? {
+            return Ok(found);
+        }
+        if branch.as_str() != DEFAULT_BRANCH && self.branch(repo, &default_branch())?.is_some() {
+            Err(ApiError::branch_not_found(repo, branch))
+        } else {
+            Err(ApiError::repo_not_found(repo))
+        }
+    }
+
+    fn authorize(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+        repo: &Name,
+        access: Access,
+    ) -> Result<Grant, ApiError> {
+        let credentials = credentials(headers);
+        let grant = self
+            .inner
+            .auth
+            .authenticate_peer(&credentials, peer.map(|p| p.ip()))
+            .map_err(ApiError::auth)?;
+        if !grant.allows(ResourceKind::Repo, repo.as_str(), access) {
+            tracing::debug!(subject = %grant.subject, %repo, ?access, "git: access refused");
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "{} may not {} repository {repo:?}",
+                    grant.subject,
+                    match access {
+                        Access::Read => "read",
+                        Access::Write => "write",
+                    }
+                ),
+            ));
+        }
+        Ok(grant)
+    }
+
+    /// Reads, decompresses (when `Content-Encoding: gzip`) and parses a JSON body.
+    async fn body<T: serde::de::DeserializeOwned>(&self, req: Request) -> Result<T, ApiError> {
+        let limit = self.inner.config.max_body_bytes;
+        let gzipped = match req.headers().get(header::CONTENT_ENCODING) {
+            None => false,
+            Some(v) if v.as_bytes().eq_ignore_ascii_case(b"gzip") => true,
+            Some(v) if v.as_bytes().eq_ignore_ascii_case(b"identity") => false,
+            Some(v) => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_encoding",
+                    format!(
+                        "Content-Encoding {:?} is not supported (use gzip or none)",
+                        String::from_utf8_lossy(v.as_bytes())
+                    ),
+                ));
+            }
+        };
+        let raw = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::too_large(limit))?;
+        let plain = if gzipped {
+            gunzip(&raw, limit).map_err(|e| match e {
+                GunzipError::TooLarge { .. } => ApiError::too_large(limit),
+                GunzipError::Corrupt(e) => {
+                    ApiError::new(StatusCode::BAD_REQUEST, "malformed_body", e.to_string())
+                }
+            })?
+        } else {
+            raw.to_vec()
+        };
+        serde_json::from_slice(&plain).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+                format!("request body is not valid JSON for this endpoint: {e}"),
+            )
+        })
+    }
+
+    fn respond<T: Serialize>(&self, status: StatusCode, headers: &HeaderMap, body: &T) -> Response {
+        let json = match serde_json::to_vec(body) {
+            Ok(json) => json,
+            Err(e) => return ApiError::internal(e.to_string()).into_response(),
+        };
+        let gzip_ok = headers
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(accepts_gzip);
+        let mut response = if gzip_ok && json.len() >= self.inner.config.compress_min_bytes {
+            let mut r = Response::new(Body::from(gzip(&json)));
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            r
+        } else {
+            Response::new(Body::from(json))
+        };
+        *response.status_mut() = status;
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+        response
+    }
+}
+
+fn default_branch() -> Name {
+    // A constant that satisfies the name rules.
+    Name::new(DEFAULT_BRANCH).unwrap_or_else(|_| unreachable!("\"main\" is a valid name"))
+}
+
+fn branch_log(repo: &Name, branch: &Name) -> LogName {
+    LogName::Branch {
+        repo: repo.clone(),
+        branch: branch.clone(),
+    }
+}
+
+fn info(name: &Name, storage: &dyn Storage, record: ForkRecord) -> BranchInfo {
+    BranchInfo {
+        name: name.to_string(),
+        server_version: storage.len(),
+        forked_from: record.forked_from,
+        forked_at: record.forked_at,
+    }
+}
+
+/// Credentials from `Authorization: Bearer ..` and `X-Api-Key: ..`.
+fn credentials(headers: &HeaderMap) -> Credentials {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
+        })
+        .filter(|t| !t.is_empty());
+    let api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|k| !k.is_empty());
+    Credentials { bearer, api_key }
+}
+
+fn peer_of(req: &Request) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+/// An error response: `{"error":{"code","message"}}` with its status.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn repo_not_found(repo: &Name) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "repo_not_found",
+            format!("repository {repo:?} does not exist"),
+        )
+    }
+
+    fn branch_not_found(repo: &Name, branch: &Name) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "branch_not_found",
+            format!("branch {branch:?} does not exist in repository {repo:?}"),
+        )
+    }
+
+    fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body exceeds the limit of {limit} bytes; push smaller batches"),
+        )
+    }
+
+    fn internal(message: String) -> Self {
+        tracing::error!(%message, "git: internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    fn auth(e: AuthError) -> Self {
+        let status = match e {
+            AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        let code = match status {
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+            _ => "unauthorized",
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        ApiError::internal(format!("storage: {e}"))
+    }
+}
+
+impl From<ServerError> for ApiError {
+    fn from(e: ServerError) -> Self {
+        match e {
+            ServerError::RepoNotFound(r) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "repo_not_found",
+                format!("repository {r:?} does not exist"),
+            ),
+            ServerError::BranchNotFound(b) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "branch_not_found",
+                format!("branch {b:?} does not exist"),
+            ),
+            ServerError::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = Response::new(Body::from(json));
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+fn name(kind: &str, raw: &str) -> Result<Name, ApiError> {
+    Name::new(raw).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+            format!("invalid {kind} name {raw:?}: {e}"),
+        )
+    })
+}
+
+fn path_error(e: PathRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.body_text())
+}
+
+/// `?since=N&limit=M`, both optional non-negative integers.
+fn pull_query(query: Option<&str>) -> Result<(u64, Option<usize>), ApiError> {
+    let mut since = 0;
+    let mut limit = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let bad = || {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_query",
+                format!("{key}={value:?} is not a non-negative integer"),
+            )
+        };
+        match key {
+            "since" => since = value.parse().map_err(|_| bad())?,
+            "limit" => limit = Some(value.parse().map_err(|_| bad())?),
+            _ => {}
+        }
+    }
+    Ok((since, limit))
+}
+
+type Handled = Result<Response, ApiError>;
+
+async fn create_repo(
+    State(s): State<GitServer>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Handled {
+    let Path(repo) = path.map_err(path_error)?;
+    let repo = name("repository", &repo)?;
+    let grant = s.authorize(req.headers(), peer_of(&req), &repo, Access::Write)?;
+    let created = s.create_repo(&repo).await?;
+    if created {
+        tracing::info!(%repo, subject = %grant.subject, "git: repository created");
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = RepoInfo {
+        repo: repo.to_string(),
+        default_branch: DEFAULT_BRANCH.into(),
+        branches: s.branches(&repo)?,
+    };
+    Ok(s.respond(status, req.headers(), &body))
+}
+
+async fn repo_info(
+    State(s): State<GitServer>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Handled {
+    let Path(repo) = path.map_err(path_error)?;
+    let repo = name("repository", &repo)?;
+    s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
+    let body = RepoInfo {
+        repo: repo.to_string(),
+        default_branch: DEFAULT_BRANCH.into(),
+        branches: s.branches(&repo)?,
+    };
+    Ok(s.respond(StatusCode::OK, req.headers(), &body))
+}
+
+#[derive(Serialize)]
+struct BranchList {
+    branches: Vec<BranchInfo>,
+}
+
+async fn list_branches(
+    State(s): State<GitServer>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Handled {
+    let Path(repo) = path.map_err(path_error)?;
+    let repo = name("repository", &repo)?;
+    s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
+    let body = BranchList {
+        branches: s.branches(&repo)?,
+    };
+    Ok(s.respond(StatusCode::OK, req.headers(), &body))
+}
+
+async fn branch_info(
+    State(s): State<GitServer>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    req: Request,
+) -> Handled {
+    let Path((repo, branch)) = path.map_err(path_error)?;
+    let repo = name("repository", &repo)?;
+    let branch = name("branch", &branch)?;
+    s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
+    let (storage, record) = s.existing_branch(&repo, &branch)?;
+    let body = info(&branch, storage.as_ref(), record);
+    Ok(s.respond(StatusCode::OK, req.headers(), &body))
+}
+
+async fn create_branch(
+    State(s): State<GitServer>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Handled {
+    let Path(repo) = path.map_err(path_error)?;
+    let repo = name("repository", &repo)?;
+    let headers = req.headers().clone();
+    let grant = s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
+    let request: CreateBranchRequest = s.body(req).await?;
+    let new = name("branch", &request.name)?;
+    let from = name("branch", request.from.as_deref().unwrap_or(DEFAULT_BRANCH))?;
+    let _guard = s.inner.create_lock.lock().await;
+    let (source, _) = s.existing_branch(&repo, &from)?;
+    let head = source.len();
+    let at = request.at.unwrap_or(head);
+    if at > head {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "version_ahead",
+            format!("cannot fork {from:?} at version {at}: it is at version {head}"),
+        ));
+    }
+    if let Some((storage, record)) = s.branch(&repo, &new)? {
+        if record.forked_from.as_deref() == Some(from.as_str()) && record.forked_at == Some(at) {
+            let body = info(&new, storage.as_ref(), record);
+            return Ok(s.respond(StatusCode::OK, &headers, &body));
+        }
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "branch_exists",
+            format!("branch {new:?} already exists in repository {repo:?}"),
+        ));
+    }
+    let target = s.inner.provider.open(&branch_log(&repo, &new))?;
+    // Copy the prefix. Re-running after a crash is safe: the copy deduplicates, and the branch
+    // exists only once its record is written.
+    let mut copied = target.len();
+    while copied < at {
+        let want = usize::try_from(at - copied)
+            .unwrap_or(COPY_PAGE)
+            .min(COPY_PAGE);
+        let page = source.read_since(copied, want)?;
+        let Some(last) = page.last() else { break };
+        copied = last.seq;
+        target
+            .append(page.into_iter().map(|s| s.event).collect())
+            .await?;
+    }
+    let record = ForkRecord {
+        forked_from: Some(from.to_string()),
+        forked_at: Some(at),
+    };
+    let raw = serde_json::to_string(&record).map_err(|e| ApiError::internal(e.to_string()))?;
+    target.set_meta(BRANCH_META, &raw).await?;
+    tracing::info!(%repo, branch = %new, %from, at, subject = %grant.subject, "git: branch created");
+    let body = info(&new, target.as_ref(), record);
+    Ok(s.respond(StatusCode::CREATED, &headers, &body))
+}
+
+async fn pull(
+    State(s): State<GitServer>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    req: Request,
+) -> Handled {
+    let Path((repo, branch)) = path.map_err(path_error)?;
+    let repo = name("repository", &repo)?;
+    let branch = name("branch", &branch)?;
+    let (since, limit) = pull_query(req.uri().query())?;
+    s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
+    let (storage, _) = s.existing_branch(&repo, &branch)?;
+    let server_version = storage.len();
+    if since > server_version {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "version_ahead",
+            format!(
+                "since={since} is past branch {branch:?}'s version {server_version}: the \
+                 branch was reset or recreated; clone it again"
+            ),
+        ));
+    }
+    let limit = limit
+        .unwrap_or(s.inner.config.default_page)
+        .clamp(1, s.inner.config.max_page);
+    let events: Vec<Event> = storage
+        .read_since(since, limit)?
+        .into_iter()
+        .map(|stored| stored.event)
+        .collect();
+    let end = since + events.len() as u64;
+    let body = PullResponse {
+        since,
+        events,
+        server_version,
+        next: (end < server_version).then_some(end),
+    };
+    Ok(s.respond(StatusCode::OK, req.headers(), &body))
+}
+
+async fn push(
+    State(s): State<GitServer>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    req: Request,
+) -> Handled {
+    let Path((repo, branch)) = path.map_err(path_error)?;
+    let repo = name("repository", &repo)?;
+    let branch = name("branch", &branch)?;
+    let headers = req.headers().clone();
+    s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
+    let (storage, _) = s.existing_branch(&repo, &branch)?;
+    let request: PushRequest = s.body(req).await?;
+    for (index, event) in request.events.iter().enumerate() {
+        event.validate(&s.inner.config.event_limits).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_event",
+                format!("event {index} ({:?}): {e}", event.id),
+            )
+        })?;
+    }
+    let before = storage.len();
+    if request.base_version > before {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "version_ahead",
+            format!(
+                "baseVersion {} is past branch {branch:?}'s version {before}: the branch was \
+                 reset or recreated; clone it again",
+                request.base_version
+            ),
+        ));
+    }
+    let batch_len = request.events.len();
+    let outcome = storage.append(request.events).await?;
+    let fast_forward_to = (batch_len > 0
+        && outcome.appended.len() == batch_len
+        && outcome.appended.first().map(|s| s.seq) == Some(request.base_version + 1))
+    .then(|| outcome.last_seq())
+    .flatten();
+    let mut rejected = Vec::new();
+    for (index, o) in outcome.outcomes.into_iter().enumerate() {
+        if let AppendOutcome::Conflict(conflict) = o {
+            rejected.push(RejectedEvent {
+                index,
+                conflict: *conflict,
+            });
+        }
+    }
+    let body = PushResponse {
+        server_version: storage.len(),
+        appended: outcome.appended.len() as u64,
+        duplicates: outcome.duplicates as u64,
+        rejected,
+        fast_forward_to,
+    };
+    tracing::debug!(%repo, %branch, appended = body.appended, duplicates = body.duplicates,
+        rejected = body.rejected.len(), "git: push");
+    Ok(s.respond(StatusCode::OK, &headers, &body))
+}
+
+async fn merge(
+    State(s): State<GitServer>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Handled {
+    let Path(repo) = path.map_err(path_error)?;
+    let repo = name("repository", &repo)?;
+    let headers = req.headers().clone();
+    s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
+    let request: MergeRequest = s.body(req).await?;
+    let into_name = name("branch", &request.into)?;
+    let from_name = name("branch", &request.from)?;
+    if into_name == from_name {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "same_branch",
+            format!("cannot merge branch {into_name:?} into itself"),
+        ));
+    }
+    let (into, _) = s.existing_branch(&repo, &into_name)?;
+    let (from, _) = s.existing_branch(&repo, &from_name)?;
+    let cursor_key = format!("{MERGED_META_PREFIX}{from_name}");
+    let mut cursor: u64 = into
+        .meta(&cursor_key)?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let target = from.len();
+    let mut body = MergeResponse::default();
+    while cursor < target {
+        let want = usize::try_from(target - cursor)
+            .unwrap_or(COPY_PAGE)
+            .min(COPY_PAGE);
+        let page = from.read_since(cursor, want)?;
+        let Some(last) = page.last() else { break };
+        cursor = last.seq;
+        let outcome = into
+            .append(page.into_iter().map(|s| s.event).collect())
+            .await?;
+        body.appended += outcome.appended.len() as u64;
+        body.duplicates += outcome.duplicates as u64;
+        for conflict in outcome.conflicts {
+            let latest_version = into
+                .latest(&conflict.ours.id)?
+                .map_or(conflict.ours.version, |l| l.event.version);
+            body.conflicts.push(MergeConflict {
+                conflict,
+                latest_version,
+            });
+        }
+    }
+    // The cursor is recorded after the events: a merge cut short is redone, and the redone part
+    // deduplicates.
+    into.set_meta(&cursor_key, &cursor.to_string()).await?;
+    body.server_version = into.len();
+    body.from_version = cursor;
+    tracing::info!(%repo, into = %into_name, from = %from_name, appended = body.appended,
+        conflicts = body.conflicts.len(), "git: merge");
+    Ok(s.respond(StatusCode::OK, &headers, &body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_from_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer  abc "),
+        );
+        h.insert("x-api-key", HeaderValue::from_static("k1"));
+        let c = credentials(&h);
+        assert_eq!(c.bearer.as_deref(), Some("abc"));
+        assert_eq!(c.api_key.as_deref(), Some("k1"));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic dXNlcg=="),
+        );
+        assert!(credentials(&h).is_empty());
+    }
+
+    #[test]
+    fn query_parsing() {
+        assert_eq!(pull_query(None).expect("ok"), (0, None));
+        assert_eq!(
+            pull_query(Some("since=5&limit=10&x=y")).expect("ok"),
+            (5, Some(10))
+        );
+        assert!(pull_query(Some("since=-1")).is_err());
+        assert!(pull_query(Some("limit=abc")).is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! The HTTP bodies of the Git-like protocol (see `docs/PROTOCOL.md`, "Git-like HTTP").
+//!
+//! Shared by the client and the service so the two cannot drift apart. Field names are
+//! camelCase on the wire.
+
+use ksync_core::{Conflict, Event};
+use serde::{Deserialize, Serialize};
+
+/// Path prefix under which the service is mounted: `/git/{repo}/...`.
+pub const GIT_PREFIX: &str = "/git";
+
+/// The branch every repository starts with.
+pub const DEFAULT_BRANCH: &str = "main";
+
+/// Default number of events in one pull page.
+pub const DEFAULT_PAGE: usize = 1000;
+
+/// `POST /git/{repo}/branches/{branch}/events`: a batch to append.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PushRequest {
+    /// The branch version the client had pulled up to when it made this batch. A base ahead
+    /// of the branch (the client saw more than the server has) is refused with 409.
+    pub base_version: u64,
+    /// The events, in the client's log order.
+    pub events: Vec<Event>,
+}
+
+/// The answer to a push.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushResponse {
+    /// The branch's last sequence number after the push.
+    pub server_version: u64,
+    /// How many events were new and were stored.
+    pub appended: u64,
+    /// How many events the branch already held identically (a retried push).
+    pub duplicates: u64,
+    /// Events refused because the branch holds other content under their `(id, version)`.
+    pub rejected: Vec<RejectedEvent>,
+    /// Set when every event was new and they were appended right after `baseVersion`: the
+    /// branch is then exactly what the client had pulled plus this batch, so the client may
+    /// treat it as pulled up to this version (a fast-forward) without fetching its own events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast_forward_to: Option<u64>,
+}
+
+/// One refused event of a push.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedEvent {
+    /// Position of the event in the pushed batch.
+    pub index: usize,
+    /// `ours` is the branch's revision, `theirs` the pushed one.
+    pub conflict: Conflict,
+}
+
+/// `GET /git/{repo}/branches/{branch}/events?since=N&limit=M`: one page of a branch's log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PullResponse {
+    /// The `since` this page starts after; `events[i]` has sequence number `since + i + 1`.
+    pub since: u64,
+    /// The events, in log order.
+    pub events: Vec<Event>,
+    /// The branch's last sequence number when the page was read.
+    pub server_version: u64,
+    /// The `since` of the next page, or `None` when this page reaches the end.
+    pub next: Option<u64>,
+}
+
+/// A branch as the service describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BranchInfo {
+    /// The branch name.
+    pub name: String,
+    /// Its last sequence number.
+    pub server_version: u64,
+    /// The branch it was forked from (`None` for a repository's first branch).
+    pub forked_from: Option<String>,
+    /// The version of `forked_from` it was forked at: its first `forked_at` events are a copy
+    /// of that prefix.
+    pub forked_at: Option<u64>,
+}
+
+/// `GET /git/{repo}`: a repository and its branches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RepoInfo {
+    /// The repository name.
+    pub repo: String,
+    /// The branch clients check out by default.
+    pub default_branch: String,
+    /// Every branch, sorted by name.
+    pub branches: Vec<BranchInfo>,
+}
+
+/// `POST /git/{repo}/branches`: fork a branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateBranchRequest {
+    /// The new branch's name.
+    pub name: String,
+    /// The branch to fork (default `main`).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// The version of `from` to fork at (default: its current version).
+    #[serde(default)]
+    pub at: Option<u64>,
+}
+
+/// `POST /git/{repo}/merge`: append to `into` what `from` has that `into` lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MergeRequest {
+    /// The branch that receives events.
+    pub into: String,
+    /// The branch whose events are merged.
+    pub from: String,
+}
+
+/// The answer to a merge.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MergeResponse {
+    /// Events of `from` appended to `into`.
+    pub appended: u64,
+    /// Events of `from` that `into` already held identically.
+    pub duplicates: u64,
+    /// Events of `from` that collide with `into` (not stored).
+    pub conflicts: Vec<MergeConflict>,
+    /// `into`'s last sequence number after the merge.
+    pub server_version: u64,
+    /// The version of `from` merged up to (the next merge starts after it).
+    pub from_version: u64,
+}
+
+/// One collision found by a merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MergeConflict {
+    /// `ours` is `into`'s revision, `theirs` is `from`'s.
+    pub conflict: Conflict,
+    /// The highest version of this id on `into`: a resolution must be written above it.
+    pub latest_version: u64,
+}
+
+/// The body of every error response: `{"error":{"code":"...","message":"..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// A machine-readable code and a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable code, e.g. `repo_not_found`, `invalid_name`, `payload_too_large`.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+}

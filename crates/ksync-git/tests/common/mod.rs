@@ -1,0 +1,133 @@
+//! Shared test fixtures: a real service on 127.0.0.1:0, a small authenticator, clients.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ksync_core::{
+    AuthError, Authenticator, Credentials, Grant, InMemoryProvider, Name, StorageProvider,
+};
+use ksync_git::GitSyncClient;
+use ksync_git::server::{GitServer, GitServerConfig};
+
+/// Tokens: `writer` (everything), `reader` (read all), `scoped` (read+write repo `team`
+/// only); API key `key-1` (everything). Anything else is invalid; nothing is missing.
+pub struct TestAuth;
+
+impl Authenticator for TestAuth {
+    fn authenticate(&self, c: &Credentials) -> Result<Grant, AuthError> {
+        let grant = |subject: &str, repos: Option<Vec<String>>, write: bool| Grant {
+            subject: subject.into(),
+            rooms: None,
+            repos,
+            read: true,
+            write,
+        };
+        match (c.bearer.as_deref(), c.api_key.as_deref()) {
+            (Some("writer"), _) | (None, Some("key-1")) => Ok(grant("writer", None, true)),
+            (Some("reader"), _) => Ok(grant("reader", None, false)),
+            (Some("scoped"), _) => Ok(grant("scoped", Some(vec!["team".into()]), true)),
+            (None, None) => Err(AuthError::Missing),
+            _ => Err(AuthError::Invalid("unknown credential".into())),
+        }
+    }
+}
+
+/// A running service.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub service: GitServer,
+    pub provider: Arc<dyn StorageProvider>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// The URL of repository `repo`.
+    pub fn repo_url(&self, repo: &str) -> String {
+        format!("http://{}/git/{repo}", self.addr)
+    }
+
+    /// `base` joined with `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the service over `provider` on an ephemeral port, with repository `repo` created.
+pub async fn start_with(
+    provider: Arc<dyn StorageProvider>,
+    config: GitServerConfig,
+    repos: &[&str],
+) -> Server {
+    let service = GitServer::with_config(Arc::clone(&provider), Arc::new(TestAuth), config);
+    for repo in repos {
+        service
+            .create_repo(&Name::new(repo).expect("valid"))
+            .await
+            .expect("create repo");
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = service.router();
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .expect("serve");
+    });
+    Server {
+        addr,
+        service,
+        provider,
+        task,
+    }
+}
+
+/// Starts an in-memory service with repository `repo`.
+pub async fn start(repos: &[&str]) -> Server {
+    start_with(
+        Arc::new(InMemoryProvider::new()),
+        GitServerConfig::default(),
+        repos,
+    )
+    .await
+}
+
+/// A client for `url` as `writer`, with short timeouts.
+pub fn client(url: &str) -> GitSyncClient {
+    GitSyncClient::builder(url)
+        .auth(ksync_core::Auth::token("writer"))
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// The events of a server branch, in order.
+pub fn branch_events(server: &Server, repo: &str, branch: &str) -> Vec<ksync_core::Event> {
+    let storage = server
+        .provider
+        .existing(&ksync_core::LogName::Branch {
+            repo: Name::new(repo).expect("valid"),
+            branch: Name::new(branch).expect("valid"),
+        })
+        .expect("provider")
+        .expect("branch exists");
+    storage
+        .read_since(0, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|s| s.event)
+        .collect()
+}

@@ -1,0 +1,437 @@
+//! Pull, push, sync, clone, conflicts and branches against a real service on 127.0.0.1:0.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ksync_core::{
+    AutoSync, Conflict, Event, InMemoryStorage, KSync, ManualClock, PullPushClient, Resolution,
+    Storage, SyncClient,
+};
+use ksync_git::GitSyncClient;
+use serde_json::json;
+
+use common::{branch_events, client, start};
+
+type Node = KSync<GitSyncClient>;
+
+async fn node(url: &str, id: &str, clock: &ManualClock) -> Node {
+    KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(client(url)))
+        .replica_id(id)
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .await
+        .expect("ksync")
+}
+
+fn count(node: &Node, kind: &str) -> Arc<AtomicUsize> {
+    let n = Arc::new(AtomicUsize::new(0));
+    let m = Arc::clone(&n);
+    let sub = node
+        .on(kind, move |_| {
+            m.fetch_add(1, Ordering::SeqCst);
+        })
+        .expect("on");
+    std::mem::forget(sub);
+    n
+}
+
+/// A and B share `x`, then both edit it offline: B first (t=200), A later (t=300); A syncs
+/// first. Returns the value of `x` everywhere after B and then A sync, and B's conflict count.
+async fn offline_edit_then_sync(policy: Option<Resolution>) -> (serde_json::Value, usize) {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let clock = ManualClock::new(100);
+    let a = node(&url, "a", &clock).await;
+    let b = node(&url, "b", &clock).await;
+    if let Some(policy) = policy {
+        b.on_conflict(move |c: &Conflict| match &policy {
+            Resolution::Merged(_) => Resolution::Merged(Event::new(
+                &c.ours.id,
+                "doc",
+                json!(format!("{}+{}", c.ours.data, c.theirs.data)),
+                400,
+            )),
+            other => other.clone(),
+        });
+    }
+    let b_conflicts = count(&b, "conflict");
+    a.update("x", "doc", json!("base")).await.expect("base");
+    a.push().await.expect("push base");
+    assert_eq!(b.pull().await.expect("pull base").new_events.len(), 1);
+
+    clock.set(200);
+    b.update("x", "doc", json!("b")).await.expect("b edit");
+    clock.set(300);
+    a.update("x", "doc", json!("a")).await.expect("a edit");
+
+    let a_first = a.sync().await.expect("a sync");
+    assert!(a_first.pull.conflicts.is_empty());
+    assert_eq!(a_first.push.pushed_events.len(), 1);
+
+    let b_sync = b.sync().await.expect("b sync");
+    // B is the side that is behind: B sees the conflict, settles it, pushes the resolution.
+    assert_eq!(b_sync.pull.conflicts.len(), 1, "conflict detected at B");
+    let conflict = &b_sync.pull.conflicts[0];
+    assert_eq!(
+        (conflict.ours.data.clone(), conflict.theirs.data.clone()),
+        (json!("b"), json!("a"))
+    );
+    assert_eq!(
+        b_sync.push.rejected_events.len(),
+        1,
+        "B's own v2 is refused"
+    );
+    assert_eq!(b_sync.push.rejected_events[0].data, json!("b"));
+    assert_eq!(
+        b_sync.push.pushed_events.len(),
+        1,
+        "the resolution goes out"
+    );
+    assert_eq!(b_sync.push.pushed_events[0].version, 3);
+
+    let a_sync = a.sync().await.expect("a sync again");
+    assert!(a_sync.pull.conflicts.is_empty(), "no conflict at A");
+    assert!(a_sync.push.pushed_events.is_empty());
+
+    // Everybody converged on the same revision.
+    let at_a = a.state().expect("state")["x"].clone();
+    let at_b = b.state().expect("state")["x"].clone();
+    let on_server = branch_events(&server, "r", "main")
+        .into_iter()
+        .filter(|e| e.id == "x")
+        .max_by_key(|e| e.version)
+        .expect("x on server");
+    assert!(at_a.same_content(&at_b) && at_a.version == at_b.version);
+    assert!(at_a.same_content(&on_server) && on_server.version == 3);
+    // Nothing more to exchange: both ends are quiet.
+    let quiet = b.sync().await.expect("b sync");
+    assert!(quiet.pull.new_events.is_empty() && quiet.push.pushed_events.is_empty());
+    (at_a.data, b_conflicts.load(Ordering::SeqCst))
+}
+
+#[tokio::test]
+async fn offline_edits_default_to_last_write_wins() {
+    let (value, notified) = offline_edit_then_sync(None).await;
+    assert_eq!(value, json!("a"), "A wrote last (t=300)");
+    assert_eq!(notified, 1, "the conflict is still reported");
+}
+
+#[tokio::test]
+async fn offline_edits_resolved_ours() {
+    let (value, _) = offline_edit_then_sync(Some(Resolution::Ours)).await;
+    assert_eq!(value, json!("b"));
+}
+
+#[tokio::test]
+async fn offline_edits_resolved_theirs() {
+    let (value, _) = offline_edit_then_sync(Some(Resolution::Theirs)).await;
+    assert_eq!(value, json!("a"));
+}
+
+#[tokio::test]
+async fn offline_edits_resolved_merged() {
+    let placeholder = Event::new("x", "doc", json!(null), 0);
+    let (value, _) = offline_edit_then_sync(Some(Resolution::Merged(placeholder))).await;
+    assert_eq!(value, json!("\"b\"+\"a\""));
+}
+
+#[tokio::test]
+async fn push_reports_server_version_and_pull_pages() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let a = client(&url);
+    for i in 0..25 {
+        a.send(Event::new(format!("e{i}"), "t", json!(i), i))
+            .await
+            .expect("send");
+    }
+    let pushed = a.push().await.expect("push");
+    assert_eq!(
+        (pushed.pushed_events.len(), pushed.server_version),
+        (25, 25)
+    );
+    // Nothing pending: an empty push still tells the server version.
+    let again = a.push().await.expect("push");
+    assert_eq!((again.pushed_events.len(), again.server_version), (0, 25));
+
+    let b = GitSyncClient::builder(&url)
+        .auth(ksync_core::Auth::api_key("key-1"))
+        .page_size(7)
+        .compression(false)
+        .build()
+        .expect("client");
+    let pages = Arc::new(AtomicUsize::new(0));
+    let p = Arc::clone(&pages);
+    b.set_progress(Some(Arc::new(move |_| {
+        p.fetch_add(1, Ordering::SeqCst);
+    })));
+    let pulled = b.clone(&url, "main").await.expect("clone");
+    assert_eq!((pulled.new_events.len(), pulled.server_version), (25, 25));
+    assert_eq!(pages.load(Ordering::SeqCst), 4, "7+7+7+4");
+    let ids: Vec<_> = pulled.new_events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids[0], "e0");
+    assert_eq!(ids[24], "e24");
+    assert_eq!(b.replica().storage().len(), 25);
+    // Pulling again brings nothing new.
+    assert!(b.pull().await.expect("pull").new_events.is_empty());
+}
+
+#[tokio::test]
+async fn ksync_auto_sync_and_pull_interval_move_events() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let clock = ManualClock::new(1);
+    let a = node(&url, "a", &clock).await;
+    let reader = GitSyncClient::builder(&url)
+        .auth(ksync_core::Auth::jwt("writer"))
+        .pull_interval(Duration::from_millis(50))
+        .build()
+        .expect("client");
+    let b: Node = KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(reader))
+        .build()
+        .await
+        .expect("ksync");
+    let received = count(&b, "event");
+    b.connect().await.expect("connect starts auto-pull");
+    a.connect().await.expect("connect");
+    a.enable_auto_sync(AutoSync {
+        push_interval: Duration::from_millis(50),
+        pull_interval: Duration::from_millis(50),
+    });
+    for i in 0..3 {
+        a.emit("tick", json!({"n": i})).await.expect("emit");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::SeqCst) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "auto sync moved the events"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.state().expect("state").len(), 3);
+    a.disconnect().await.expect("disconnect");
+    b.disconnect().await.expect("disconnect");
+}
+
+#[tokio::test]
+async fn branches_create_checkout_list_and_merge_both_ways() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let clock = ManualClock::new(10);
+    let a = node(&url, "a", &clock).await;
+    let b = node(&url, "b", &clock).await;
+
+    a.emit("e", json!("on main")).await.expect("emit");
+    a.push().await.expect("push");
+    // The spec's snippet.
+    let created = a
+        .client()
+        .create_branch("feature-branch")
+        .await
+        .expect("create");
+    assert_eq!(
+        (
+            created.forked_from.as_deref(),
+            created.forked_at,
+            created.server_version
+        ),
+        (Some("main"), Some(1), 1)
+    );
+    a.client()
+        .checkout("feature-branch")
+        .await
+        .expect("checkout");
+    assert_eq!(a.client().current_branch(), "feature-branch");
+    let names: Vec<_> = a
+        .client()
+        .list_branches()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(names, ["feature-branch", "main"]);
+
+    // A works on the feature branch, B on main.
+    a.emit("f", json!("on feature")).await.expect("emit");
+    let pushed = a.push().await.expect("push feature");
+    assert_eq!(pushed.server_version, 2);
+    b.pull().await.expect("pull main");
+    b.emit("m", json!("on main")).await.expect("emit");
+    b.push().await.expect("push main");
+    let types = |branch: &str| -> Vec<String> {
+        branch_events(&server, "r", branch)
+            .into_iter()
+            .map(|e| e.event_type)
+            .collect()
+    };
+    assert_eq!(types("main"), ["e", "m"]);
+    assert_eq!(types("feature-branch"), ["e", "f"]);
+
+    // Merge both ways without conflicts.
+    let merged = a
+        .client()
+        .merge("main", "feature-branch")
+        .await
+        .expect("merge");
+    assert_eq!((merged.appended, merged.conflicts.len()), (1, 0));
+    assert_eq!(types("main"), ["e", "m", "f"]);
+    let merged = a
+        .client()
+        .merge("feature-branch", "main")
+        .await
+        .expect("merge back");
+    assert_eq!((merged.appended, merged.conflicts.len()), (1, 0));
+    assert_eq!(types("feature-branch"), ["e", "f", "m"]);
+    // A has feature-branch checked out: the merge pulled it.
+    assert_eq!(a.state().expect("state").len(), 3);
+    // Merging again changes nothing.
+    let again = a
+        .client()
+        .merge("main", "feature-branch")
+        .await
+        .expect("merge");
+    assert_eq!((again.appended, again.conflicts.len()), (0, 0));
+
+    // Conflicting edits of one id on each branch.
+    clock.set(50);
+    a.update("doc", "d", json!("feature text"))
+        .await
+        .expect("edit");
+    a.push().await.expect("push");
+    clock.set(40);
+    b.update("doc", "d", json!("main text"))
+        .await
+        .expect("edit");
+    b.push().await.expect("push");
+    let conflicts = count(&a, "conflict");
+    let merged = a
+        .client()
+        .merge("main", "feature-branch")
+        .await
+        .expect("merge");
+    assert_eq!(merged.conflicts.len(), 1);
+    assert_eq!(merged.conflicts[0].ours.data, json!("main text"));
+    assert_eq!(merged.conflicts[0].theirs.data, json!("feature text"));
+    assert_eq!(merged.resolutions.len(), 1);
+    assert_eq!(conflicts.load(Ordering::SeqCst), 1);
+    // Last write wins (feature's edit is later), written as v2 on main.
+    let main_doc = branch_events(&server, "r", "main")
+        .into_iter()
+        .filter(|e| e.id == "doc")
+        .max_by_key(|e| e.version)
+        .expect("doc");
+    assert_eq!(
+        (main_doc.version, main_doc.data),
+        (2, json!("feature text"))
+    );
+    // The resolution was pushed to main only, and is not pending for feature-branch.
+    assert!(
+        branch_events(&server, "r", "feature-branch")
+            .iter()
+            .all(|e| !(e.id == "doc" && e.version == 2))
+    );
+    assert!(a.push().await.expect("push").pushed_events.is_empty());
+    b.pull().await.expect("pull");
+    assert_eq!(b.state().expect("state")["doc"].data, json!("feature text"));
+
+    // The other way with a `theirs` policy: main's v2 supersedes the collision, so feature
+    // takes it without writing another revision.
+    a.on_conflict(|_| Resolution::Theirs);
+    let back = a
+        .client()
+        .merge("feature-branch", "main")
+        .await
+        .expect("merge");
+    assert_eq!((back.conflicts.len(), back.resolutions.len()), (1, 0));
+    assert_eq!(a.state().expect("state")["doc"].data, json!("feature text"));
+    assert_eq!(a.state().expect("state")["doc"].version, 2);
+
+    // A fresh conflict the other way, settled by `theirs` (main's content wins on feature).
+    clock.set(60);
+    a.update("note", "n", json!("feature note"))
+        .await
+        .expect("edit");
+    a.push().await.expect("push");
+    b.update("note", "n", json!("main note"))
+        .await
+        .expect("edit");
+    b.push().await.expect("push");
+    let back = a
+        .client()
+        .merge("feature-branch", "main")
+        .await
+        .expect("merge");
+    assert_eq!((back.conflicts.len(), back.resolutions.len()), (1, 1));
+    assert_eq!(a.state().expect("state")["note"].data, json!("main note"));
+    let feature_note = branch_events(&server, "r", "feature-branch")
+        .into_iter()
+        .filter(|e| e.id == "note")
+        .max_by_key(|e| e.version)
+        .expect("note");
+    assert_eq!(
+        (feature_note.version, feature_note.data),
+        (2, json!("main note"))
+    );
+
+    // Back on main: A's feature events are not pushed there.
+    a.client().checkout("main").await.expect("checkout main");
+    let main_len = branch_events(&server, "r", "main").len();
+    let pushed = a.push().await.expect("push");
+    assert!(pushed.pushed_events.is_empty());
+    assert_eq!(branch_events(&server, "r", "main").len(), main_len);
+}
+
+#[tokio::test]
+async fn checkout_survives_restart_and_builder_branch_checks_out() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let storage: Arc<dyn Storage> = Arc::new(InMemoryStorage::new());
+    let first = client(&url);
+    let ksync = KSync::builder()
+        .storage(Arc::clone(&storage))
+        .sync_client(Arc::new(first))
+        .build()
+        .await
+        .expect("ksync");
+    ksync.client().create_branch("dev").await.expect("create");
+    ksync.client().checkout("dev").await.expect("checkout");
+    drop(ksync);
+    // A new client over the same storage resumes on `dev`.
+    let again = KSync::builder()
+        .storage(Arc::clone(&storage))
+        .sync_client(Arc::new(client(&url)))
+        .build()
+        .await
+        .expect("ksync");
+    assert_eq!(again.client().current_branch(), "dev");
+    again.emit("t", json!(1)).await.expect("emit");
+    again.push().await.expect("push");
+    assert_eq!(branch_events(&server, "r", "dev").len(), 1);
+    drop(again);
+    // An explicit branch option checks that branch out.
+    let explicit = GitSyncClient::builder(&url)
+        .auth(ksync_core::Auth::token("writer"))
+        .branch("main")
+        .build()
+        .expect("client");
+    let third = KSync::builder()
+        .storage(storage)
+        .sync_client(Arc::new(explicit))
+        .build()
+        .await
+        .expect("ksync");
+    assert_eq!(third.client().current_branch(), "main");
+    third.emit("t", json!(2)).await.expect("emit");
+    let pushed = third.push().await.expect("push");
+    assert_eq!(pushed.pushed_events.len(), 1, "only the event made on main");
+    assert_eq!(branch_events(&server, "r", "main").len(), 1);
+}
