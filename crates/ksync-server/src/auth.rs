@@ -1,0 +1,373 @@
+//! Credential checks: JWTs (HS256, RS256, EdDSA) and API keys, with per-client throttling of
+//! failures. Implements [`ksync_core::Authenticator`] for the routers.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
+use ksync_core::{AllowAll, AuthError, Authenticator, Credentials, Grant};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::ServerError;
+use crate::config::{AuthConfig, JwtKeyMaterial, Scope};
+use crate::ratelimit::FailureLimiter;
+
+/// Shortest accepted HS256 secret: RFC 7518 §3.2 asks for a key at least as long as the hash.
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
+/// The claims kSync reads from a JWT besides the registered ones that `jsonwebtoken` checks
+/// (`exp` required; `nbf`, `aud`, `iss` when present or configured).
+///
+/// - `sub`: the subject, used in logs (default `"jwt"`).
+/// - `rooms`: WebSocket rooms the token may use (array of names, `"*"` = any); absent = all.
+/// - `repos`: repositories the token may use; absent = all.
+/// - `scope`: `"read"`, `"write"` or `"read write"`; absent = both.
+#[derive(Debug, Deserialize)]
+struct KsyncClaims {
+    sub: Option<String>,
+    rooms: Option<Vec<String>>,
+    repos: Option<Vec<String>>,
+    scope: Option<String>,
+}
+
+struct VerifyingKey {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+    validation: Validation,
+}
+
+struct StoredApiKey {
+    name: String,
+    digest: Vec<u8>,
+    scope: Scope,
+    rooms: Option<Vec<String>>,
+    repos: Option<Vec<String>>,
+}
+
+/// Counters of authentication outcomes, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct AuthCounters {
+    /// Accepted credentials.
+    pub accepted: AtomicU64,
+    /// Refused credentials (missing, invalid, expired...).
+    pub refused: AtomicU64,
+    /// Attempts refused because the client had failed too often.
+    pub rate_limited: AtomicU64,
+}
+
+/// Verifies JWTs and API keys as configured; refuses everything else.
+///
+/// The verification key and algorithm come from the configuration only: a token's header may
+/// pick among configured keys (by `alg`, and by `kid` when keys have ids) but can never bring
+/// its own algorithm (`alg: none` and HS/RS confusion are refused).
+pub struct ServerAuthenticator {
+    jwt_keys: Vec<VerifyingKey>,
+    api_keys: Vec<StoredApiKey>,
+    limiter: FailureLimiter,
+    counters: Arc<AuthCounters>,
+}
+
+impl std::fmt::Debug for ServerAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerAuthenticator")
+            .field("jwt_keys", &self.jwt_keys.len())
+            .field(
+                "api_keys",
+                &self.api_keys.iter().map(|k| &k.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the authenticator for `config`: [`AllowAll`] when no credential is configured,
+/// otherwise a [`ServerAuthenticator`].
+pub fn authenticator_for(config: &AuthConfig) -> Result<Arc<dyn Authenticator>, ServerError> {
+    if config.is_enabled() {
+        Ok(Arc::new(ServerAuthenticator::new(config)?))
+    } else {
+        Ok(Arc::new(AllowAll))
+    }
+}
+
+/// A fixed-length digest of an API key, so that comparing two keys takes the same time
+/// whatever their lengths and contents (HMAC-SHA256 under a fixed, public key: it only needs
+/// to be a hash).
+fn api_key_digest(key: &[u8]) -> Vec<u8> {
+    jsonwebtoken::crypto::sign(
+        key,
+        &EncodingKey::from_secret(b"ksync api key comparison"),
+        Algorithm::HS256,
+    )
+    .map(String::into_bytes)
+    .unwrap_or_default()
+}
+
+impl ServerAuthenticator {
+    /// Loads every configured key. Fails on an unusable key (a short HS256 secret, a PEM that
+    /// does not parse), duplicate API key names, or a configuration without any credential.
+    pub fn new(config: &AuthConfig) -> Result<Self, ServerError> {
+        if !config.is_enabled() {
+            return Err(ServerError::Config(
+                "no JWT key and no API key configured".into(),
+            ));
+        }
+        let mut jwt_keys = Vec::with_capacity(config.jwt_keys.len());
+        for key in &config.jwt_keys {
+            let label = |kind: &str| key.kid.clone().unwrap_or_else(|| kind.to_owned());
+            let invalid = |kind: &str, reason: String| ServerError::InvalidKey {
+                name: label(kind),
+                reason,
+            };
+            let (algorithm, decoding) = match &key.material {
+                JwtKeyMaterial::Hs256(secret) => {
+                    if secret.expose().len() < MIN_HS256_SECRET_BYTES {
+                        return Err(invalid(
+                            "HS256 secret",
+                            format!("must be at least {MIN_HS256_SECRET_BYTES} bytes"),
+                        ));
+                    }
+                    (Algorithm::HS256, DecodingKey::from_secret(secret.expose()))
+                }
+                JwtKeyMaterial::Rs256PublicPem(pem) => (
+                    Algorithm::RS256,
+                    DecodingKey::from_rsa_pem(pem)
+                        .map_err(|e| invalid("RS256 public key", e.to_string()))?,
+                ),
+                JwtKeyMaterial::EdDsaPublicPem(pem) => (
+                    Algorithm::EdDSA,
+                    DecodingKey::from_ed_pem(pem)
+                        .map_err(|e| invalid("EdDSA public key", e.to_string()))?,
+                ),
+            };
+            let mut validation = Validation::new(algorithm);
+            validation.leeway = config.leeway.as_secs();
+            validation.validate_exp = true;
+            // jsonwebtoken skips `nbf` unless asked.
+            validation.validate_nbf = true;
+            let mut required = vec!["exp"];
+            if config.audience.is_empty() {
+                // Nothing to compare with; a token's `aud` is for the issuer's other audiences.
+                validation.validate_aud = false;
+            } else {
+                validation.set_audience(&config.audience);
+                required.push("aud");
+            }
+            if !config.issuer.is_empty() {
+                validation.set_issuer(&config.issuer);
+                required.push("iss");
+            }
+            validation.set_required_spec_claims(&required);
+            jwt_keys.push(VerifyingKey {
+                kid: key.kid.clone(),
+                algorithm,
+                key: decoding,
+                validation,
+            });
+        }
+        let mut api_keys: Vec<StoredApiKey> = Vec::with_capacity(config.api_keys.len());
+        for key in &config.api_keys {
+            if api_keys.iter().any(|k| k.name == key.name) {
+                return Err(ServerError::Config(format!(
+                    "API key name {:?} is used twice",
+                    key.name
+                )));
+            }
+            if key.key.expose().is_empty() {
+                return Err(ServerError::InvalidKey {
+                    name: key.name.clone(),
+                    reason: "empty API key".into(),
+                });
+            }
+            api_keys.push(StoredApiKey {
+                name: key.name.clone(),
+                digest: api_key_digest(key.key.expose()),
+                scope: key.scope,
+                rooms: key.rooms.clone(),
+                repos: key.repos.clone(),
+            });
+        }
+        tracing::info!(
+            jwt_keys = jwt_keys.len(),
+            api_keys = ?api_keys.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            "authentication required"
+        );
+        Ok(Self {
+            jwt_keys,
+            api_keys,
+            limiter: FailureLimiter::new(config.rate_limit.clone()),
+            counters: Arc::new(AuthCounters::default()),
+        })
+    }
+
+    /// Outcome counters (shared; read them for metrics).
+    pub fn counters(&self) -> Arc<AuthCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Whether `peer` is currently refused for failing too often. Lets the HTTP layer turn such
+    /// a client away before any work is done.
+    pub fn is_rate_limited(&self, peer: IpAddr) -> bool {
+        self.limiter.is_blocked(peer)
+    }
+
+    fn check(&self, credentials: &Credentials) -> Result<Grant, AuthError> {
+        if let Some(bearer) = credentials.bearer.as_deref() {
+            // An API key sent as a bearer token (clients that only know `Authorization`).
+            if !bearer.contains('.') && !self.api_keys.is_empty() {
+                return self.check_api_key(bearer);
+            }
+            return self.check_jwt(bearer);
+        }
+        if let Some(key) = credentials.api_key.as_deref() {
+            return self.check_api_key(key);
+        }
+        Err(AuthError::Missing)
+    }
+
+    fn check_api_key(&self, presented: &str) -> Result<Grant, AuthError> {
+        if self.api_keys.is_empty() {
+            return Err(AuthError::Invalid("API keys are not accepted".into()));
+        }
+        let digest = api_key_digest(presented.as_bytes());
+        // Compare with every key, without stopping at the first match.
+        let mut found = None;
+        for key in &self.api_keys {
+            if bool::from(key.digest.ct_eq(&digest)) {
+                found = Some(key);
+            }
+        }
+        let key = found.ok_or_else(|| AuthError::Invalid("unknown API key".into()))?;
+        Ok(Grant {
+            subject: key.name.clone(),
+            rooms: key.rooms.clone(),
+            repos: key.repos.clone(),
+            read: key.scope.read,
+            write: key.scope.write,
+        })
+    }
+
+    fn check_jwt(&self, token: &str) -> Result<Grant, AuthError> {
+        if self.jwt_keys.is_empty() {
+            return Err(AuthError::Invalid("JWTs are not accepted".into()));
+        }
+        // `alg: none` and unknown algorithms fail here: jsonwebtoken's `Algorithm` has no `none`.
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token or unsupported algorithm".into()))?;
+        let same_alg: Vec<&VerifyingKey> = self
+            .jwt_keys
+            .iter()
+            .filter(|k| k.algorithm == header.alg)
+            .collect();
+        if same_alg.is_empty() {
+            return Err(AuthError::Invalid(format!(
+                "algorithm {:?} not accepted",
+                header.alg
+            )));
+        }
+        let kids_configured = same_alg.iter().any(|k| k.kid.is_some());
+        let candidates: Vec<&VerifyingKey> = match (&header.kid, kids_configured) {
+            (Some(kid), true) => same_alg
+                .into_iter()
+                .filter(|k| k.kid.as_deref() == Some(kid.as_str()))
+                .collect(),
+            (None, true) => same_alg.into_iter().filter(|k| k.kid.is_none()).collect(),
+            (_, false) => same_alg,
+        };
+        if candidates.is_empty() {
+            return Err(AuthError::Invalid(match header.kid {
+                Some(_) => "unknown key id".into(),
+                None => "key id required".into(),
+            }));
+        }
+        let mut last = AuthError::Invalid("bad signature".into());
+        for key in candidates {
+            match jsonwebtoken::decode::<KsyncClaims>(token, &key.key, &key.validation) {
+                Ok(data) => return Ok(grant_from_claims(data.claims)),
+                Err(e) => {
+                    last = map_jwt_error(e.kind());
+                    // A valid signature with bad claims is the answer; another key won't help.
+                    if !matches!(e.kind(), ErrorKind::InvalidSignature) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+fn grant_from_claims(claims: KsyncClaims) -> Grant {
+    let scope = claims
+        .scope
+        .as_deref()
+        .map_or(Scope::READ_WRITE, Scope::parse);
+    Grant {
+        subject: claims.sub.unwrap_or_else(|| "jwt".into()),
+        rooms: claims.rooms,
+        repos: claims.repos,
+        read: scope.read,
+        write: scope.write,
+    }
+}
+
+fn map_jwt_error(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
+        ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
+        ErrorKind::MissingRequiredClaim(claim) => {
+            AuthError::Invalid(format!("missing claim {claim}"))
+        }
+        ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+        ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted".into()),
+        ErrorKind::InvalidClaimFormat(claim) => {
+            AuthError::Invalid(format!("malformed claim {claim}"))
+        }
+        ErrorKind::Json(_) => AuthError::Invalid("malformed claims".into()),
+        _ => AuthError::Invalid("malformed token".into()),
+    }
+}
+
+impl Authenticator for ServerAuthenticator {
+    fn authenticate(&self, credentials: &Credentials) -> Result<Grant, AuthError> {
+        self.authenticate_peer(credentials, None)
+    }
+
+    fn authenticate_peer(
+        &self,
+        credentials: &Credentials,
+        peer: Option<IpAddr>,
+    ) -> Result<Grant, AuthError> {
+        if let Some(ip) = peer
+            && self.limiter.is_blocked(ip)
+        {
+            self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %ip, "authentication refused: too many failures");
+            return Err(AuthError::RateLimited);
+        }
+        match self.check(credentials) {
+            Ok(grant) => {
+                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(subject = %grant.subject, peer = ?peer, "authenticated");
+                Ok(grant)
+            }
+            Err(error) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(ip) = peer {
+                    self.limiter.record_failure(ip);
+                }
+                tracing::info!(peer = ?peer, %error, "authentication refused");
+                Err(error)
+            }
+        }
+    }
+
+    fn required(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,374 @@
+//! Server configuration: where to listen, where data lives, auth and limits.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::ServerError;
+
+/// Default listening address: loopback only, port 8080.
+pub const DEFAULT_BIND: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+/// Default data directory (relative to the working directory).
+pub const DEFAULT_DATA_DIR: &str = "./ksync-data";
+/// Default maximum size of one WebSocket message or request body: 1 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Everything `ksync serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (`127.0.0.1:8080`; port 0 picks a free port).
+    pub bind: SocketAddr,
+    /// Directory for the on-disk logs (`./ksync-data`).
+    pub data_dir: PathBuf,
+    /// Keep every log in memory instead of on disk (lost on exit).
+    pub in_memory: bool,
+    /// Who may connect. Empty (the default) lets everyone in.
+    pub auth: AuthConfig,
+    /// Limits on connections and messages.
+    pub limits: Limits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: DEFAULT_BIND,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            in_memory: false,
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Limits that protect the server from large or many clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted WebSocket message or HTTP body, in bytes (1 MiB).
+    pub max_message_bytes: usize,
+    /// Most simultaneous WebSocket connections (10,000); more are refused.
+    pub max_connections: usize,
+    /// Interval between server pings on idle WebSockets (30 s); a client that misses a pong
+    /// is dropped.
+    pub heartbeat: Duration,
+    /// How long shutdown waits for open connections to close before flushing anyway (10 s).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_connections: 10_000,
+            heartbeat: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A secret (HMAC key, API key). `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps secret bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+
+    /// Reads a secret from a file, dropping one trailing newline (`echo secret > file`).
+    pub fn from_file(path: &Path) -> Result<Self, ServerError> {
+        let mut bytes = std::fs::read(path).map_err(|source| ServerError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+        }
+        Ok(Self(bytes))
+    }
+
+    /// The secret bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.as_bytes().to_vec())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s.into_bytes())
+    }
+}
+
+/// The material of one JWT verification key. The algorithm belongs to the key: a token is only
+/// ever checked with the algorithm of a configured key, whatever its header claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JwtKeyMaterial {
+    /// HMAC-SHA256 with a shared secret (at least 32 bytes).
+    Hs256(Secret),
+    /// RSASSA-PKCS1-v1_5 SHA-256 with an RSA public key (PEM: `PUBLIC KEY` or `RSA PUBLIC KEY`).
+    Rs256PublicPem(Vec<u8>),
+    /// Ed25519 with a public key (PEM: `PUBLIC KEY`).
+    EdDsaPublicPem(Vec<u8>),
+}
+
+/// One JWT verification key, optionally named by a key id (`kid`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtKey {
+    /// Key id: when set, only tokens whose header names this `kid` are checked with it.
+    pub kid: Option<String>,
+    /// The key.
+    pub material: JwtKeyMaterial,
+}
+
+impl JwtKey {
+    /// An HS256 key.
+    pub fn hs256(secret: impl Into<Secret>) -> Self {
+        Self {
+            kid: None,
+            material: JwtKeyMaterial::Hs256(secret.into()),
+        }
+    }
+
+    /// An RS256 key from a PEM public key.
+    pub fn rs256_pem(pem: impl Into<Vec<u8>>) -> Self {
+        Self {
+            kid: None,
+            material: JwtKeyMaterial::Rs256PublicPem(pem.into()),
+        }
+    }
+
+    /// An EdDSA (Ed25519) key from a PEM public key.
+    pub fn eddsa_pem(pem: impl Into<Vec<u8>>) -> Self {
+        Self {
+            kid: None,
+            material: JwtKeyMaterial::EdDsaPublicPem(pem.into()),
+        }
+    }
+
+    /// An RS256 key read from a PEM file.
+    pub fn rs256_pem_file(path: &Path) -> Result<Self, ServerError> {
+        Ok(Self::rs256_pem(read(path)?))
+    }
+
+    /// An EdDSA key read from a PEM file.
+    pub fn eddsa_pem_file(path: &Path) -> Result<Self, ServerError> {
+        Ok(Self::eddsa_pem(read(path)?))
+    }
+
+    /// Names this key with a `kid`.
+    pub fn with_kid(mut self, kid: impl Into<String>) -> Self {
+        self.kid = Some(kid.into());
+        self
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|source| ServerError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Read and/or write rights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope {
+    /// May receive / pull.
+    pub read: bool,
+    /// May send / push.
+    pub write: bool,
+}
+
+impl Scope {
+    /// Both rights.
+    pub const READ_WRITE: Scope = Scope {
+        read: true,
+        write: true,
+    };
+    /// Read only.
+    pub const READ: Scope = Scope {
+        read: true,
+        write: false,
+    };
+    /// Write only.
+    pub const WRITE: Scope = Scope {
+        read: false,
+        write: true,
+    };
+
+    /// Parses a scope string: the words `read` and `write` separated by spaces, commas or `+`
+    /// (`"read"`, `"write"`, `"read write"`). Other words are ignored (OAuth scopes often carry
+    /// more); a string with neither word grants nothing.
+    pub fn parse(s: &str) -> Self {
+        let mut scope = Scope {
+            read: false,
+            write: false,
+        };
+        for word in s.split(|c: char| c.is_whitespace() || c == ',' || c == '+') {
+            match word {
+                "read" => scope.read = true,
+                "write" => scope.write = true,
+                _ => {}
+            }
+        }
+        scope
+    }
+}
+
+/// One API key: a name (safe to log) and the key (never logged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// The key's name: the subject of its grant, the only thing logs show.
+    pub name: String,
+    /// The key.
+    pub key: Secret,
+    /// What it may do.
+    pub scope: Scope,
+    /// Rooms it may use (`None` = all).
+    pub rooms: Option<Vec<String>>,
+    /// Repositories it may use (`None` = all).
+    pub repos: Option<Vec<String>>,
+}
+
+impl ApiKey {
+    /// A key with full rights.
+    pub fn new(name: impl Into<String>, key: impl Into<Secret>) -> Self {
+        Self {
+            name: name.into(),
+            key: key.into(),
+            scope: Scope::READ_WRITE,
+            rooms: None,
+            repos: None,
+        }
+    }
+
+    /// Limits the key's rights.
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// Limits the key to some rooms.
+    pub fn with_rooms(mut self, rooms: Vec<String>) -> Self {
+        self.rooms = Some(rooms);
+        self
+    }
+
+    /// Limits the key to some repositories.
+    pub fn with_repos(mut self, repos: Vec<String>) -> Self {
+        self.repos = Some(repos);
+        self
+    }
+
+    /// Parses `NAME=KEY` or `NAME:SCOPE=KEY` (SCOPE as in [`Scope::parse`], e.g.
+    /// `reader:read=k3y`). The error never contains the key.
+    pub fn parse_spec(spec: &str) -> Result<Self, ServerError> {
+        let (head, key) = spec.split_once('=').ok_or_else(|| {
+            ServerError::Config("API key must be given as NAME=KEY or NAME:SCOPE=KEY".into())
+        })?;
+        let (name, scope) = match head.split_once(':') {
+            Some((name, scope)) => (name, Scope::parse(scope)),
+            None => (head, Scope::READ_WRITE),
+        };
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(ServerError::Config("API key name is empty".into()));
+        }
+        if key.is_empty() {
+            return Err(ServerError::Config(format!("API key {name:?} is empty")));
+        }
+        Ok(Self::new(name, key).with_scope(scope))
+    }
+
+    /// Reads keys from a file: one `NAME=KEY` / `NAME:SCOPE=KEY` a line; blank lines and lines
+    /// starting with `#` are skipped.
+    pub fn parse_file(path: &Path) -> Result<Vec<Self>, ServerError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ServerError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        text.lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .map(Self::parse_spec)
+            .collect()
+    }
+}
+
+/// Failed-authentication throttling per client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Failures allowed within `window` before the client is refused (10).
+    pub max_failures: u32,
+    /// The window, counted from a client's first failure in it (60 s). A client that reached
+    /// `max_failures` is refused until its window ends.
+    pub window: Duration,
+    /// Most clients tracked at once (10,000); when full, the client whose window started
+    /// earliest is forgotten.
+    pub max_clients: usize,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            max_failures: 10,
+            window: Duration::from_secs(60),
+            max_clients: 10_000,
+        }
+    }
+}
+
+/// Who may connect. With no JWT key and no API key, auth is off and everyone gets full rights;
+/// with any, every request needs valid credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Keys that verify JWTs.
+    pub jwt_keys: Vec<JwtKey>,
+    /// Accepted `aud` values; when non-empty, tokens must carry one of them.
+    pub audience: Vec<String>,
+    /// Accepted `iss` values; when non-empty, tokens must carry one of them.
+    pub issuer: Vec<String>,
+    /// Clock skew tolerated on `exp` and `nbf` (5 s).
+    pub leeway: Duration,
+    /// API keys.
+    pub api_keys: Vec<ApiKey>,
+    /// Throttling of failed attempts.
+    pub rate_limit: RateLimit,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_keys: Vec::new(),
+            audience: Vec::new(),
+            issuer: Vec::new(),
+            leeway: Duration::from_secs(5),
+            api_keys: Vec::new(),
+            rate_limit: RateLimit::default(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether any credential is configured (and so required).
+    pub fn is_enabled(&self) -> bool {
+        !self.jwt_keys.is_empty() || !self.api_keys.is_empty()
+    }
+}

@@ -1,0 +1,48 @@
+//! The server's typed errors.
+
+use std::path::PathBuf;
+
+/// Why the server could not be configured, started or stopped cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A configured key (a JWT secret or public key) is unusable. The message names the key
+    /// (its `kid` or kind), never its material.
+    #[error("invalid key {name}: {reason}")]
+    InvalidKey {
+        /// Which key (`kid`, or the kind of key when it has none).
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The configuration is inconsistent (e.g. two API keys with the same name).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A key or secret file could not be read.
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving failed (the accept loop ended with an error).
+    #[error("server IO error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Opening or flushing storage failed.
+    #[error("storage: {0}")]
+    Storage(#[from] ksync_core::StorageError),
+    /// The server task panicked or was cancelled.
+    #[error("server task failed: {0}")]
+    Task(String),
+}

@@ -1,0 +1,29 @@
+//! The kSync server: composes the WebSocket relay (`ksync-ws`) and the repo service
+//! (`ksync-git`) over one [`StorageProvider`](ksync_core::StorageProvider), checks credentials
+//! (JWTs and API keys, [`ServerAuthenticator`]), answers `/health` and `/metrics`, and shuts
+//! down cleanly (stop accepting, close connections, flush storage).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), ksync_server::ServerError> {
+//! use ksync_server::{Server, ServerConfig};
+//!
+//! let config = ServerConfig { in_memory: true, ..ServerConfig::default() };
+//! let running = Server::bind(config).await?;
+//! println!("listening on {}", running.local_addr());
+//! running.run_until_signal().await?;
+//! # Ok(()) }
+//! ```
+
+mod auth;
+mod config;
+mod error;
+mod ratelimit;
+mod server;
+
+pub use auth::{AuthCounters, MIN_HS256_SECRET_BYTES, ServerAuthenticator, authenticator_for};
+pub use config::{
+    ApiKey, AuthConfig, DEFAULT_BIND, DEFAULT_DATA_DIR, DEFAULT_MAX_MESSAGE_BYTES, JwtKey,
+    JwtKeyMaterial, Limits, RateLimit, Scope, Secret, ServerConfig,
+};
+pub use error::ServerError;
+pub use server::{RunningServer, Server, StorageLocation, shutdown_signal};

@@ -1,0 +1,433 @@
+//! The composed HTTP/WebSocket server: routers, health, metrics, graceful shutdown.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use ksync_core::{Authenticator, InMemoryProvider, LogName, StorageProvider};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::{AuthCounters, ServerAuthenticator};
+use crate::config::ServerConfig;
+use crate::error::ServerError;
+
+/// Where the server keeps its logs, as printed at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StorageLocation {
+    /// In memory (lost on exit).
+    Memory,
+    /// On disk under this directory.
+    Directory(std::path::PathBuf),
+}
+
+impl std::fmt::Display for StorageLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StorageLocation::Memory => f.write_str("memory"),
+            StorageLocation::Directory(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+struct AppState {
+    started: Instant,
+    provider: Arc<dyn StorageProvider>,
+    auth: Option<Arc<ServerAuthenticator>>,
+    auth_counters: Option<Arc<AuthCounters>>,
+    http_requests: AtomicU64,
+    stopping: AtomicBool,
+}
+
+/// The kSync server: composes the routers over one storage provider and one authenticator.
+pub struct Server {
+    config: ServerConfig,
+    provider: Arc<dyn StorageProvider>,
+    storage: StorageLocation,
+    authenticator: Arc<dyn Authenticator>,
+    state: Arc<AppState>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("bind", &self.config.bind)
+            .field("storage", &self.storage)
+            .field("auth", &self.authenticator.required())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Prepares a server for `config`: loads auth keys and opens storage (in memory or under
+    /// `config.data_dir`). Does not listen yet.
+    pub fn new(config: ServerConfig) -> Result<Self, ServerError> {
+        let (provider, storage) = open_storage(&config)?;
+        Self::with_provider(config, provider, storage)
+    }
+
+    /// Like [`new`](Self::new) with a storage provider of the caller's choosing.
+    pub fn with_provider(
+        config: ServerConfig,
+        provider: Arc<dyn StorageProvider>,
+        storage: StorageLocation,
+    ) -> Result<Self, ServerError> {
+        let (authenticator, auth): (Arc<dyn Authenticator>, Option<Arc<ServerAuthenticator>>) =
+            if config.auth.is_enabled() {
+                let auth = Arc::new(ServerAuthenticator::new(&config.auth)?);
+                (Arc::clone(&auth) as Arc<dyn Authenticator>, Some(auth))
+            } else {
+                (Arc::new(ksync_core::AllowAll), None)
+            };
+        let state = Arc::new(AppState {
+            started: Instant::now(),
+            provider: Arc::clone(&provider),
+            auth_counters: auth.as_ref().map(|a| a.counters()),
+            auth,
+            http_requests: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        Ok(Self {
+            config,
+            provider,
+            storage,
+            authenticator,
+            state,
+        })
+    }
+
+    /// Prepares and starts a server for `config`; see [`Server::start`].
+    pub async fn bind(config: ServerConfig) -> Result<RunningServer, ServerError> {
+        Self::new(config)?.start().await
+    }
+
+    /// The authenticator every router uses.
+    pub fn authenticator(&self) -> Arc<dyn Authenticator> {
+        Arc::clone(&self.authenticator)
+    }
+
+    /// The storage provider every router uses.
+    pub fn provider(&self) -> Arc<dyn StorageProvider> {
+        Arc::clone(&self.provider)
+    }
+
+    /// The composed router: `/health`, `/metrics` and the transports' routes.
+    pub fn router(&self) -> Router {
+        let own = Router::new()
+            .route("/health", get(health))
+            .route("/metrics", get(metrics))
+            .with_state(Arc::clone(&self.state));
+        let transports = Router::new().layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&self.state),
+            refuse_rate_limited,
+        ));
+        own.merge(transports)
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&self.state),
+                count_requests,
+            ))
+    }
+
+    /// Binds the listening socket and starts serving in the background.
+    pub async fn start(self) -> Result<RunningServer, ServerError> {
+        let addr = self.config.bind;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let local_addr = listener.local_addr()?;
+        let app = self.router();
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                // Err: the sender is gone, which also means stop.
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+        });
+        tracing::info!(%local_addr, storage = %self.storage, auth = self.authenticator.required(), "ksync server listening");
+        Ok(RunningServer {
+            local_addr,
+            storage: self.storage,
+            provider: self.provider,
+            state: self.state,
+            stop: stop_tx,
+            task,
+            shutdown_timeout: self.config.limits.shutdown_timeout,
+        })
+    }
+}
+
+fn open_storage(
+    config: &ServerConfig,
+) -> Result<(Arc<dyn StorageProvider>, StorageLocation), ServerError> {
+    if !config.in_memory {
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "file storage is not available in this build; keeping logs in memory"
+        );
+    }
+    Ok((Arc::new(InMemoryProvider::new()), StorageLocation::Memory))
+}
+
+/// A server that is listening. Dropping it leaves the server running until the runtime ends;
+/// call [`shutdown`](Self::shutdown) to stop it cleanly.
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    storage: StorageLocation,
+    provider: Arc<dyn StorageProvider>,
+    state: Arc<AppState>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<std::io::Result<()>>,
+    shutdown_timeout: std::time::Duration,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("local_addr", &self.local_addr)
+            .field("storage", &self.storage)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningServer {
+    /// The address actually bound (the real port when configured with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Where the logs are kept.
+    pub fn storage(&self) -> &StorageLocation {
+        &self.storage
+    }
+
+    /// The storage provider behind every log.
+    pub fn provider(&self) -> Arc<dyn StorageProvider> {
+        Arc::clone(&self.provider)
+    }
+
+    /// Stops cleanly: stops accepting, lets open requests finish and closes WebSockets (waiting
+    /// at most the configured shutdown timeout), then flushes every log to storage.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        self.state.stopping.store(true, Ordering::SeqCst);
+        tracing::info!("shutting down: no new connections");
+        // Err: the server task already ended (it holds the receiver).
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        let served = match tokio::time::timeout(self.shutdown_timeout, &mut task).await {
+            Ok(Ok(result)) => result.map_err(ServerError::Io),
+            Ok(Err(join)) => Err(ServerError::Task(join.to_string())),
+            Err(_) => {
+                tracing::warn!(timeout = ?self.shutdown_timeout, "connections still open; flushing anyway");
+                task.abort();
+                Ok(())
+            }
+        };
+        self.provider.flush_all().await?;
+        tracing::info!(storage = %self.storage, "storage flushed; stopped");
+        served
+    }
+
+    /// Serves until SIGINT or SIGTERM, then shuts down cleanly (see [`shutdown`](Self::shutdown)).
+    pub async fn run_until_signal(self) -> Result<(), ServerError> {
+        shutdown_signal().await;
+        self.shutdown().await
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+async fn count_requests(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    state.http_requests.fetch_add(1, Ordering::Relaxed);
+    next.run(request).await
+}
+
+/// Turns away clients that failed authentication too often before any router does work.
+async fn refuse_rate_limited(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    if let (Some(auth), Some(ip)) = (&state.auth, peer)
+        && auth.is_rate_limited(ip)
+    {
+        if let Some(counters) = &state.auth_counters {
+            counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed authentication attempts",
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// Counts of logs by kind.
+struct LogCounts {
+    rooms: usize,
+    repos: usize,
+    events: u64,
+}
+
+fn log_counts(provider: &dyn StorageProvider) -> Result<LogCounts, ksync_core::StorageError> {
+    let mut rooms = 0;
+    let mut repos = BTreeSet::new();
+    let mut events = 0;
+    for name in provider.list()? {
+        if let Some(storage) = provider.existing(&name)? {
+            events += storage.len();
+        }
+        match name {
+            LogName::Room(_) => rooms += 1,
+            LogName::Branch { repo, .. } => {
+                repos.insert(repo);
+            }
+        }
+    }
+    Ok(LogCounts {
+        rooms,
+        repos: repos.len(),
+        events,
+    })
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let status = if state.stopping.load(Ordering::SeqCst) {
+        "stopping"
+    } else {
+        "ok"
+    };
+    match log_counts(state.provider.as_ref()) {
+        Ok(counts) => Json(serde_json::json!({
+            "status": status,
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocolVersion": ksync_core::PROTOCOL_VERSION,
+            "uptimeSeconds": state.started.elapsed().as_secs(),
+            "rooms": counts.rooms,
+            "repos": counts.repos,
+        }))
+        .into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "error",
+                "version": env!("CARGO_PKG_VERSION"),
+                "error": error.to_string(),
+            })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    metric(
+        "ksync_uptime_seconds",
+        "gauge",
+        "Seconds since the server started.",
+        state.started.elapsed().as_secs(),
+    );
+    metric(
+        "ksync_http_requests_total",
+        "counter",
+        "HTTP requests received (WebSocket upgrades included).",
+        state.http_requests.load(Ordering::Relaxed),
+    );
+    if let Ok(counts) = log_counts(state.provider.as_ref()) {
+        metric(
+            "ksync_rooms",
+            "gauge",
+            "WebSocket rooms with a log.",
+            counts.rooms as u64,
+        );
+        metric(
+            "ksync_repos",
+            "gauge",
+            "Repositories with at least one branch.",
+            counts.repos as u64,
+        );
+        metric(
+            "ksync_events_stored",
+            "gauge",
+            "Events held across all logs.",
+            counts.events,
+        );
+    }
+    if let Some(counters) = &state.auth_counters {
+        metric(
+            "ksync_auth_accepted_total",
+            "counter",
+            "Credentials accepted.",
+            counters.accepted.load(Ordering::Relaxed),
+        );
+        metric(
+            "ksync_auth_refused_total",
+            "counter",
+            "Credentials refused.",
+            counters.refused.load(Ordering::Relaxed),
+        );
+        metric(
+            "ksync_auth_rate_limited_total",
+            "counter",
+            "Attempts refused after too many failures.",
+            counters.rate_limited.load(Ordering::Relaxed),
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
