@@ -16,7 +16,7 @@ use crate::error::GitError;
 use crate::gzip::gzip;
 use crate::wire::{
     BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, MergeRequest,
-    MergeResponse, PullResponse, PushRequest, PushResponse, RepoInfo,
+    MergeResponse, PROTOCOL_HEADER, PullResponse, PushRequest, PushResponse, RepoInfo,
 };
 
 /// Replica metadata: the checked-out branch.
@@ -777,7 +777,11 @@ impl GitSyncClient {
         url: &str,
         body: Option<&B>,
     ) -> Result<T, SyncError> {
-        let mut request = self.inner.http.request(method, url);
+        let mut request = self
+            .inner
+            .http
+            .request(method, url)
+            .header(PROTOCOL_HEADER, ksync_core::PROTOCOL_VERSION.to_string());
         if let Some(auth) = &self.inner.auth {
             let (name, value) = auth.header();
             request = request.header(name, value);

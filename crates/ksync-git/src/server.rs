@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 use crate::gzip::{GunzipError, accepts_gzip, gunzip, gzip};
 use crate::wire::{
     BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, ErrorDetail,
-    MergeConflict, MergeRequest, MergeResponse, PullResponse, PushRequest, PushResponse,
-    RejectedEvent, RepoInfo,
+    MergeConflict, MergeRequest, MergeResponse, PROTOCOL_HEADER, PullResponse, PushRequest,
+    PushResponse, RejectedEvent, RepoInfo,
 };
 
 /// Metadata key of a branch's fork record; a log without it is not (yet) a branch.
@@ -151,7 +151,7 @@ impl GitServer {
     /// server's router; serve with `into_make_service_with_connect_info::<SocketAddr>()` so
     /// failed logins are counted per client address.
     pub fn router(&self) -> Router {
-        Router::new()
+        let routes = Router::new()
             .route("/git/{repo}", get(repo_info).put(create_repo))
             .route(
                 "/git/{repo}/branches",
@@ -160,7 +160,8 @@ impl GitServer {
             .route("/git/{repo}/branches/{branch}", get(branch_info))
             .route("/git/{repo}/branches/{branch}/events", get(pull).post(push))
             .route("/git/{repo}/merge", post(merge))
-            .with_state(self.clone())
+            .with_state(self.clone());
+        routes.layer(axum::middleware::from_fn(protocol_version))
     }
 
     /// Creates repository `repo` with an empty `main` branch. Returns `false` when it already
@@ -318,6 +319,29 @@ impl GitServer {
         h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
         response
     }
+}
+
+/// Refuses requests announcing another protocol version; stamps ours on every answer.
+async fn protocol_version(req: Request, next: axum::middleware::Next) -> Response {
+    let ours = ksync_core::PROTOCOL_VERSION.to_string();
+    if let Some(theirs) = req.headers().get(PROTOCOL_HEADER)
+        && theirs.as_bytes() != ours.as_bytes()
+    {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_protocol",
+            format!(
+                "this server speaks protocol version {ours}, the request announces {:?}",
+                String::from_utf8_lossy(theirs.as_bytes())
+            ),
+        )
+        .into_response();
+    }
+    let mut response = next.run(req).await;
+    if let Ok(value) = HeaderValue::from_str(&ours) {
+        response.headers_mut().insert(PROTOCOL_HEADER, value);
+    }
+    response
 }
 
 fn default_branch() -> Name {

@@ -12,6 +12,10 @@ pub const GIT_PREFIX: &str = "/git";
 /// The branch every repository starts with.
 pub const DEFAULT_BRANCH: &str = "main";
 
+/// Header carrying `ksync_core::PROTOCOL_VERSION` on requests and responses. A request that
+/// announces another version is refused with 400 `unsupported_protocol`.
+pub const PROTOCOL_HEADER: &str = "x-ksync-protocol";
+
 /// Default number of events in one pull page.
 pub const DEFAULT_PAGE: usize = 1000;
 

@@ -127,6 +127,8 @@ async fn malformed_requests_are_400_and_store_nothing() {
     assert_eq!((status, code(&reply)), (400, "malformed_body"));
     let (status, reply) = call(http.post(&url).header("content-encoding", "br").body("x")).await;
     assert_eq!((status, code(&reply)), (415, "unsupported_encoding"));
+    let (status, reply) = call(http.get(&url).header("x-ksync-protocol", "2")).await;
+    assert_eq!((status, code(&reply)), (400, "unsupported_protocol"));
     let (status, reply) = call(http.get(format!("{url}?since=abc"))).await;
     assert_eq!((status, code(&reply)), (400, "malformed_query"));
     let (status, reply) = call(
