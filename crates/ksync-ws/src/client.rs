@@ -320,7 +320,7 @@ impl WebSocketSyncClient {
                 metrics_interval: Duration::from_secs(5),
                 reconnect_min: Duration::from_millis(250),
                 reconnect_max: Duration::from_secs(30),
-                max_message_size: 1 << 20,
+                max_message_size: 16 << 20,
                 max_in_flight: 10_000,
             },
         }
@@ -694,6 +694,8 @@ struct Session {
     status: Option<Status>,
     /// Whether the server agreed to deflate batches.
     compression: bool,
+    /// The largest message the server accepts (from `welcome`).
+    server_max_message: usize,
 }
 
 impl Session {
@@ -726,6 +728,7 @@ impl Session {
             counters: Counters::default(),
             status: None,
             compression: false,
+            server_max_message: 1 << 20,
         })
     }
 
@@ -807,6 +810,7 @@ impl Session {
                             dlog!(config.debug, room = %w.room, server_version = w.server_version, "welcome");
                             self.server_version = w.server_version;
                             self.compression = w.compression;
+                            self.server_max_message = w.max_message_size;
                             if since.is_none() && !state {
                                 // A new standalone client starts with the live stream.
                                 self.room_cursor = w.server_version;
@@ -1012,31 +1016,60 @@ impl Session {
                 });
                 continue;
             }
-            let chunks: Vec<Vec<Event>> = events.chunks(limit).map(<[Event]>::to_vec).collect();
-            let count = chunks.len();
-            for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut pieces: VecDeque<Vec<Event>> =
+                events.chunks(limit).map(<[Event]>::to_vec).collect();
+            while let Some(piece) = pieces.pop_front() {
+                // Only the last piece covers the whole page.
+                let flight_upto = if pieces.is_empty() { upto } else { previous };
                 let reference = self.next_ref;
-                self.next_ref += 1;
                 let json = serde_json::to_vec(&PublishOut {
                     kind: "publish",
                     reference,
-                    events: &chunk,
+                    events: &piece,
                 })
                 .map_err(|e| WsError::Protocol(e.to_string()))?;
-                dlog!(debug, reference, events = chunk.len(), "publish");
+                if json.len() > self.server_max_message {
+                    if piece.len() > 1 {
+                        let mut first = piece;
+                        let second = first.split_off(first.len() / 2);
+                        pieces.push_front(second);
+                        pieces.push_front(first);
+                        continue;
+                    }
+                    // One event larger than the server accepts: sending it would only get the
+                    // connection closed (1009) again and again. Report it and skip it.
+                    let id = piece.first().map(|e| e.id.clone()).unwrap_or_default();
+                    let message = format!(
+                        "{} bytes encoded; the server accepts at most {}",
+                        json.len(),
+                        self.server_max_message
+                    );
+                    self.inner.notifier.emit(Notification::Error(Arc::new(
+                        WsError::InvalidEvent { id, message }.into(),
+                    )));
+                    self.in_flight.push_back(Flight {
+                        reference: None,
+                        upto: flight_upto,
+                        sent_at: Instant::now(),
+                        ids: Vec::new(),
+                        done: true,
+                    });
+                    continue;
+                }
+                self.next_ref += 1;
+                dlog!(debug, reference, events = piece.len(), "publish");
                 let message = if self.compression {
                     Message::binary(protocol::deflate(&json))
                 } else {
                     Message::text(String::from_utf8_lossy(&json).into_owned())
                 };
-                self.counters.events += chunk.len() as u64;
-                self.in_flight_events += chunk.len();
+                self.counters.events += piece.len() as u64;
+                self.in_flight_events += piece.len();
                 self.in_flight.push_back(Flight {
                     reference: Some(reference),
-                    // Only the last chunk covers the whole page.
-                    upto: if i + 1 == count { upto } else { previous },
+                    upto: flight_upto,
                     sent_at: Instant::now(),
-                    ids: chunk.iter().map(|e| e.id.clone()).collect(),
+                    ids: piece.iter().map(|e| e.id.clone()).collect(),
                     done: false,
                 });
                 self.write(socket, message).await?;

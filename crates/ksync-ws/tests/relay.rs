@@ -106,8 +106,16 @@ async fn state_request_gets_snapshot_then_tail() {
     assert_eq!(welcome["serverVersion"], 3);
     let snap = recv_json(&mut s).await;
     assert_eq!(snap["type"], "snapshot");
-    assert_eq!(snap["last"], true);
+    assert_eq!(snap["last"], false);
     assert_eq!(snap["serverVersion"], 3);
+    let end = recv_json(&mut s).await;
+    assert_eq!(
+        (
+            end["last"].as_bool(),
+            end["events"].as_array().map(Vec::len)
+        ),
+        (Some(true), Some(0))
+    );
     let mut ids: Vec<_> = snap["events"]
         .as_array()
         .expect("events")

@@ -329,18 +329,24 @@ async fn catch_up(
 ) -> Result<(), End> {
     let page = shared.config.page_size;
     if let Some(state) = snapshot {
-        let pages = state.len().div_ceil(page).max(1);
-        let mut chunks = state.chunks(page);
-        for i in 0..pages {
-            let events = chunks.next().map(<[Event]>::to_vec).unwrap_or_default();
-            let message = ServerMessage::Snapshot(SnapshotPage {
-                server_version,
-                events,
-                last: i + 1 == pages,
-            });
-            writer.message(&message, true).await?;
+        let limit = shared.config.max_message_size;
+        for chunk in state.chunks(page) {
+            send_bounded(writer, chunk.to_vec(), limit, |events| {
+                ServerMessage::Snapshot(SnapshotPage {
+                    server_version,
+                    events,
+                    last: false,
+                })
+            })
+            .await?;
         }
-        return Ok(());
+        // An explicit end marker keeps the paging rule simple for clients.
+        let end = ServerMessage::Snapshot(SnapshotPage {
+            server_version,
+            events: Vec::new(),
+            last: true,
+        });
+        return writer.message(&end, true).await;
     }
     let Some(since) = hello.since else {
         return Ok(());
@@ -374,9 +380,35 @@ async fn catch_up(
         })?;
         let Some(last) = events.last() else { break };
         after = last.seq;
-        writer
-            .message(&ServerMessage::Events(EventsBatch { events }), true)
-            .await?;
+        let limit = shared.config.max_message_size;
+        send_bounded(writer, events, limit, |events| {
+            ServerMessage::Events(EventsBatch { events })
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Sends `items` in as few messages as possible, each at most `limit` bytes of JSON (halving
+/// a page until it fits; a single oversized item still goes alone).
+async fn send_bounded<T: Clone>(
+    writer: &mut Writer,
+    items: Vec<T>,
+    limit: usize,
+    wrap: impl Fn(Vec<T>) -> ServerMessage,
+) -> Result<(), End> {
+    let mut stack = vec![items];
+    while let Some(items) = stack.pop() {
+        let frame = Frame::encode(&wrap(items.clone()), true);
+        if frame.text.len() > limit && items.len() > 1 {
+            let mut first = items;
+            let second = first.split_off(first.len() / 2);
+            stack.push(second);
+            stack.push(first);
+            continue;
+        }
+        let message = writer.frame_message(&frame);
+        writer.send(message).await?;
     }
     Ok(())
 }
