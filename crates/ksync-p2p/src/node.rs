@@ -648,16 +648,14 @@ impl Node {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    lock(&self.shared.peers).remove(&peer_id);
-                    self.sessions.remove(&peer_id);
-                    tracing::debug!(peer = %peer_id, "peer disconnected");
-                    self.notifier
-                        .emit(Notification::PeerDisconnected(peer_id.to_string()));
-                }
+                lock(&self.shared.peers).remove(&peer_id);
+                self.sessions.remove(&peer_id);
+                tracing::debug!(peer = %peer_id, "peer disconnected");
+                self.notifier
+                    .emit(Notification::PeerDisconnected(peer_id.to_string()));
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -671,16 +669,16 @@ impl Node {
                         source: Box::new(error),
                     }));
                 }
-                if let Some(peer) = peer_id {
-                    if !self.swarm.is_connected(&peer) {
-                        self.fail_peer_dials(
-                            peer,
-                            P2PError::Dial {
-                                target: peer.to_string(),
-                                source: text.into(),
-                            },
-                        );
-                    }
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                {
+                    self.fail_peer_dials(
+                        peer,
+                        P2PError::Dial {
+                            target: peer.to_string(),
+                            source: text.into(),
+                        },
+                    );
                 }
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event).await,
@@ -748,11 +746,11 @@ impl Node {
 
     fn on_kad_event(&mut self, event: kad::Event) {
         match event {
-            kad::Event::RoutingUpdated { peer, .. } => {
-                // DHT discovery: connect to what we learn about, within the connection limits.
-                if peer != *self.swarm.local_peer_id() && !self.swarm.is_connected(&peer) {
-                    self.dial_peer(peer, false);
-                }
+            // DHT discovery: connect to what we learn about, within the connection limits.
+            kad::Event::RoutingUpdated { peer, .. }
+                if peer != *self.swarm.local_peer_id() && !self.swarm.is_connected(&peer) =>
+            {
+                self.dial_peer(peer, false);
             }
             kad::Event::OutboundQueryProgressed {
                 id,

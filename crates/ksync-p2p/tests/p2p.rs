@@ -1,0 +1,397 @@
+//! Real peers on 127.0.0.1 in one process: broadcast, catch-up, identity, encryption,
+//! convergence, and KSync driving the client.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use ksync_core::{InMemoryStorage, KSync, NotificationKind, SyncClient};
+use ksync_p2p::{DiscoveryMethod, NetworkKey, P2PError, P2PSyncClient};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_reaches_all_peers_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = peer(dir.path(), "a").await;
+    let b = peer(dir.path(), "b").await;
+    let c = peer(dir.path(), "c").await;
+    let counters: Vec<_> = [&a, &b, &c].iter().map(|p| EventCounter::new(p)).collect();
+    // A line a - b - c plus a - c: gossip has to work over a full mesh.
+    link(&a, &b).await;
+    link(&b, &c).await;
+    link(&c, &a).await;
+    let peers = [a.clone(), b.clone(), c.clone()];
+    wait_mesh(&peers).await;
+
+    for n in 0..60 {
+        let from = &peers[n % 3];
+        from.broadcast(event(from.peer_id(), n))
+            .await
+            .expect("broadcast");
+    }
+    // Each peer is told about the 40 events the others made.
+    for (p, counter) in peers.iter().zip(&counters) {
+        wait_until(10, "all events delivered", || counter.distinct() == 40).await;
+        assert_eq!(keys(p).len(), 60, "{} holds every event", p.peer_id());
+    }
+    // More catch-up rounds and gossip duplicates must not deliver anything twice.
+    for p in &peers {
+        p.sync_now().await.expect("sync");
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    for (p, counter) in peers.iter().zip(&counters) {
+        assert_eq!(counter.distinct(), 40);
+        assert!(counter.all_once(), "{} saw an event twice", p.peer_id());
+        assert_eq!(keys(p).len(), 60);
+    }
+    let gossip: u64 = peers.iter().map(|p| p.stats().gossip_events).sum();
+    assert!(gossip > 0, "live events travelled by gossip");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_peer_catches_up_on_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = peer(dir.path(), "a").await;
+    let b = peer(dir.path(), "b").await;
+    let c = peer(dir.path(), "c").await;
+    link(&a, &b).await;
+    link(&b, &c).await;
+    // Events made while the late peer does not exist, some before the others even met.
+    for n in 0..1500 {
+        let from = [&a, &b, &c][n % 3];
+        from.broadcast(event(from.peer_id(), n))
+            .await
+            .expect("broadcast");
+    }
+    let late = peer(dir.path(), "late").await;
+    let counter = EventCounter::new(&late);
+    // It meets only one peer; everything else arrives through it.
+    link(&late, &c).await;
+    wait_until(15, "late peer has all 1500", || keys(&late).len() == 1500).await;
+    assert_eq!(counter.distinct(), 1500);
+    assert!(counter.all_once());
+    assert!(late.stats().catch_up_events >= 1500 - late.stats().gossip_events);
+    for p in [&a, &b, &c] {
+        wait_until(15, "everyone converges", || keys(p) == keys(&late)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_the_same_key_dir_keeps_the_peer_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other = peer(dir.path(), "other").await;
+    let first = builder(dir.path(), "stable").build().expect("build");
+    first.start().await.expect("start");
+    let id = first.local_peer_id();
+    let port = first.listen_addrs()[0]
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("tcp port");
+    first.stop().await.expect("stop");
+    drop(first);
+
+    let again = builder(dir.path(), "stable")
+        .port(port)
+        .build()
+        .expect("rebuild");
+    assert_eq!(again.local_peer_id(), id, "same key file, same PeerId");
+    again.start().await.expect("restart on the same port");
+    // The address others knew (peer id included) still reaches it.
+    let old_addr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{id}");
+    assert_eq!(
+        other
+            .connect_to_peer(&old_addr)
+            .await
+            .expect("dial old address"),
+        id
+    );
+    // Another name gets another identity.
+    let stranger = builder(dir.path(), "stranger").build().expect("build");
+    assert_ne!(stranger.local_peer_id(), id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_network_refuses_peers_without_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = NetworkKey::generate();
+    let private = |name: &str, key: NetworkKey| {
+        builder(dir.path(), name)
+            .encryption(true)
+            .network_key(key)
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .expect("build")
+    };
+    let a = Arc::new(private("a", key));
+    let b = Arc::new(private("b", key));
+    let wrong = Arc::new(private("wrong", NetworkKey::generate()));
+    let open = Arc::new(builder(dir.path(), "open").build().expect("build"));
+    for p in [&a, &b, &wrong, &open] {
+        p.start().await.expect("start");
+    }
+    link(&a, &b).await;
+    a.broadcast(event("a", 1)).await.expect("broadcast");
+    wait_until(10, "b gets the event", || keys(&b).len() == 1).await;
+
+    let a_addr = a.addresses()[0].to_string();
+    for outsider in [&wrong, &open] {
+        let err = outsider
+            .connect_to_peer(&a_addr)
+            .await
+            .expect_err("outsider must not connect");
+        assert!(
+            matches!(err, P2PError::Dial { .. } | P2PError::Timeout(_)),
+            "unexpected error {err:?}"
+        );
+        // And the other way round.
+        assert!(
+            a.connect_to_peer(&outsider.addresses()[0].to_string())
+                .await
+                .is_err()
+        );
+    }
+    a.broadcast(event("a", 2)).await.expect("broadcast");
+    wait_until(10, "b gets the second event", || keys(&b).len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for outsider in [&wrong, &open] {
+        assert!(outsider.connected_peers().is_empty());
+        assert!(keys(outsider).is_empty(), "an outsider learned events");
+    }
+    assert_eq!(a.connected_peers(), vec![b.local_peer_id()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_of_another_network_are_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = peer(dir.path(), "a").await;
+    let other = builder(dir.path(), "other")
+        .network("elsewhere")
+        .build()
+        .expect("build");
+    other.start().await.expect("start");
+    a.broadcast(event("a", 1)).await.expect("broadcast");
+    // The TCP + Noise connection comes up, identify then tells them apart.
+    let _ = other.connect_to_peer(&a.addresses()[0].to_string()).await;
+    wait_until(10, "dropped", || {
+        other.connected_peers().is_empty() && a.connected_peers().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(keys(&other).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_broadcasts_disconnects_and_late_joins_converge() {
+    for seed in [7u64, 1234] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let names = ["p0", "p1", "p2", "p3"];
+        let peers: Vec<Arc<P2PSyncClient>> = names
+            .iter()
+            .map(|n| Arc::new(builder(dir.path(), n).build().expect("build")))
+            .collect();
+        let mut running = [false; 4];
+        for i in 0..2 {
+            peers[i].start().await.expect("start");
+            running[i] = true;
+        }
+        link(&peers[0], &peers[1]).await;
+        let mut made = 0usize;
+        for step in 0..40 {
+            let i = rng.random_range(0..4);
+            match rng.random_range(0..10) {
+                // Mostly broadcasts, from any peer (a stopped one stores and waits).
+                0..=6 => {
+                    let p = &peers[i];
+                    let result = p.broadcast(event(p.peer_id(), step)).await;
+                    assert!(result.is_ok() || matches!(result, Err(P2PError::NotStarted)));
+                    made += 1;
+                }
+                7 if running[i] && running.iter().filter(|r| **r).count() > 1 => {
+                    peers[i].stop().await.expect("stop");
+                    running[i] = false;
+                }
+                _ if !running[i] => {
+                    peers[i].start().await.expect("start");
+                    running[i] = true;
+                    let others: Vec<usize> = (0..4).filter(|&j| j != i && running[j]).collect();
+                    if !others.is_empty() {
+                        let j = others[rng.random_range(0..others.len())];
+                        link(&peers[i], &peers[j]).await;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Everyone comes back and meets at least one running peer.
+        for i in 0..4 {
+            if !running[i] {
+                peers[i].start().await.expect("start");
+                running[i] = true;
+            }
+        }
+        for i in 1..4 {
+            link(&peers[i], &peers[rng.random_range(0..i)]).await;
+        }
+        for p in &peers {
+            let p = Arc::clone(p);
+            let all = peers.clone();
+            wait_until(20, "convergence", move || {
+                let mine = keys(&p);
+                mine.len() == made && all.iter().all(|q| keys(q) == mine)
+            })
+            .await;
+        }
+        for p in &peers {
+            p.stop().await.expect("stop");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ksync_drives_a_p2p_client_as_in_the_spec() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let make = |name: &str| Arc::new(builder(dir.path(), name).build().expect("build"));
+    let client_a = make("peer-a");
+    let client_b = make("peer-b");
+    let ka = KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::clone(&client_a))
+        .replica_id("peer-a")
+        .build()
+        .await
+        .expect("ksync a");
+    let kb = KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::clone(&client_b))
+        .replica_id("peer-b")
+        .build()
+        .await
+        .expect("ksync b");
+    let mut connected = ka.notifications();
+    // Emitted before start: stored, sent when peers meet.
+    let early = ka
+        .emit("peer_event", serde_json::json!({"data": "before start"}))
+        .await
+        .expect("emit");
+    ka.start().await.expect("start a");
+    assert!(connected.next_of(NotificationKind::Connected).await.is_ok());
+    kb.start().await.expect("start b");
+    let mut at_b = kb.notifications();
+    client_b
+        .connect_to_peer(&client_a.addresses()[0].to_string())
+        .await
+        .expect("connect");
+    let live = ka
+        .emit("peer_event", serde_json::json!({"data": "hello peers"}))
+        .await
+        .expect("emit");
+    assert_eq!(live.origin.as_deref(), Some("peer-a"));
+    wait_until(10, "b has both events", || {
+        kb.state().map(|s| s.len() == 2).unwrap_or(false)
+    })
+    .await;
+    let state = kb.state().expect("state");
+    assert_eq!(state[&early.id].data, early.data);
+    assert_eq!(state[&live.id].data, live.data);
+    assert!(at_b.next_of(NotificationKind::Event).await.is_ok());
+    assert!(at_b.next_of(NotificationKind::Sync).await.is_ok());
+    // b's own emit reaches a.
+    let reply = kb
+        .emit("reply", serde_json::json!("hi a"))
+        .await
+        .expect("emit");
+    wait_until(10, "a has b's reply", || {
+        ka.state()
+            .map(|s| s.contains_key(&reply.id))
+            .unwrap_or(false)
+    })
+    .await;
+    ka.disconnect().await.expect("disconnect");
+    assert!(client_a.connected_peers().is_empty());
+    assert!(matches!(
+        client_a
+            .send(ksync_core::Event::new("x", "t", serde_json::json!(1), 1))
+            .await,
+        Err(ksync_core::SyncError::NotConnected)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_bootstrap_and_lookup_find_peers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dht = |name: &str, bootstrap: Vec<ksync_p2p::Multiaddr>| {
+        P2PSyncClient::builder(name, DiscoveryMethod::Dht { bootstrap })
+            .listen_host(LOOPBACK)
+            .key_dir(dir.path())
+            .anti_entropy_interval(Duration::from_millis(400))
+            .build()
+            .expect("build")
+    };
+    let boot = Arc::new(dht("boot", vec![]));
+    boot.start().await.expect("start");
+    let boot_addr = boot.addresses()[0].clone();
+    let b = Arc::new(dht("b", vec![boot_addr.clone()]));
+    let c = Arc::new(dht("c", vec![boot_addr.clone()]));
+    b.start().await.expect("start");
+    c.start().await.expect("start");
+    {
+        let boot = Arc::clone(&boot);
+        wait_until(10, "bootstrap peer knows b and c", move || {
+            boot.connected_peers().len() == 2
+        })
+        .await;
+    }
+    // d knows only the bootstrap peer; Kademlia finds b and c for it.
+    let d = Arc::new(dht("d", vec![boot_addr]));
+    d.start().await.expect("start");
+    let found = d
+        .connect_to_peer(&c.local_peer_id().to_string())
+        .await
+        .expect("lookup and dial c by peer id");
+    assert_eq!(found, c.local_peer_id());
+    {
+        let (d, b_id) = (Arc::clone(&d), b.local_peer_id());
+        wait_until(10, "d discovers b through the DHT", move || {
+            d.connected_peers().contains(&b_id)
+        })
+        .await;
+    }
+    b.broadcast(event("b", 1)).await.expect("broadcast");
+    wait_until(10, "d gets b's event", || keys(&d).len() == 1).await;
+    // An id nobody has is not found.
+    let nobody = libp2p::PeerId::random();
+    assert!(d.connect_to_peer(&nobody.to_string()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_invalid_local_events_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = builder(dir.path(), "a")
+        .max_event_bytes(1024)
+        .build()
+        .expect("build");
+    let big = ksync_core::Event::new("big", "t", serde_json::json!("x".repeat(2000)), 1);
+    assert!(matches!(
+        a.broadcast(big).await,
+        Err(P2PError::EventTooLarge { .. })
+    ));
+    let bad = ksync_core::Event::new("", "t", serde_json::json!(1), 1);
+    assert!(matches!(
+        a.broadcast(bad).await,
+        Err(P2PError::InvalidEvent(_))
+    ));
+    assert!(keys(&a).is_empty(), "refused events are not stored");
+    // Before start: stored, and the caller is told it is not sent yet.
+    assert!(matches!(
+        a.broadcast(event("a", 1)).await,
+        Err(P2PError::NotStarted)
+    ));
+    assert_eq!(keys(&a).len(), 1);
+}
