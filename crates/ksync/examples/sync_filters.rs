@@ -1,0 +1,84 @@
+//! The spec's sync filters: a predicate (`!event.data.private`) and the built-in
+//! `'public-only'`.
+//!
+//! Needs a server: `cargo run --release -p ksync-cli -- serve`, then
+//! `cargo run -p ksync --example sync_filters`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ksync::{Filter, InMemoryStorage, KSync, WebSocketSyncClient};
+use serde_json::json;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    common::require_server().await;
+    let url = common::ws_url("filters");
+
+    // filter: (event) => !event.data.private
+    let with_predicate = WebSocketSyncClient::builder(url.as_str())
+        .filter(Filter::predicate(|event| {
+            // Only sync public events.
+            event.data.get("private") != Some(&json!(true))
+        }))
+        .build()?;
+
+    // filter: 'public-only' (built in)
+    let with_builtin = WebSocketSyncClient::builder(url.as_str())
+        .filter("public-only".parse()?)
+        .build()?;
+
+    let observer = replica(WebSocketSyncClient::new(url.as_str())?).await?;
+    observer.connect().await?;
+
+    let mut public_ids = Vec::new();
+    let mut private_ids = Vec::new();
+    for client in [with_predicate, with_builtin] {
+        let ksync = replica(client).await?;
+        ksync.connect().await?;
+        private_ids.push(
+            ksync
+                .emit("note", json!({"private": true, "text": "mine"}))
+                .await?
+                .id,
+        );
+        public_ids.push(
+            ksync
+                .emit("note", json!({"text": "for everyone"}))
+                .await?
+                .id,
+        );
+        // Still stored locally: filters decide what syncs, not what is kept.
+        assert_eq!(ksync.state()?.len(), 2);
+    }
+
+    common::wait_until(Duration::from_secs(10), || {
+        let state = observer.state().unwrap_or_default();
+        public_ids.iter().all(|id| state.contains_key(id))
+    })
+    .await?;
+    let state = observer.state()?;
+    println!(
+        "observer got {} public events and {} private ones",
+        public_ids
+            .iter()
+            .filter(|id| state.contains_key(*id))
+            .count(),
+        private_ids
+            .iter()
+            .filter(|id| state.contains_key(*id))
+            .count()
+    );
+    observer.disconnect().await?;
+    Ok(())
+}
+
+async fn replica(client: WebSocketSyncClient) -> anyhow::Result<KSync<WebSocketSyncClient>> {
+    Ok(KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(client))
+        .build()
+        .await?)
+}
