@@ -43,6 +43,8 @@ const MIN_BATCH_BYTES: usize = 256 * 1024;
 const MAX_BATCH_EVENTS: usize = 2048;
 /// Room for the gossipsub envelope (signature, key, topic, framing) on top of a batch.
 const ENVELOPE_BYTES: usize = 64 * 1024;
+/// How often mDNS asks the LAN who is there.
+const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(10);
 /// Idle connections close after this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Most connections being set up at once, each way.
@@ -184,7 +186,15 @@ fn behaviour(key: &Keypair, opts: &Options) -> Result<Behaviour, BoxError> {
     );
 
     let mdns = match opts.discovery {
-        DiscoveryMethod::Mdns => Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?),
+        DiscoveryMethod::Mdns => Some(mdns::tokio::Behaviour::new(
+            mdns::Config {
+                // Ask the LAN again every so often (answers are multicast, so every peer
+                // learns from each query): a lost first packet costs seconds, not minutes.
+                query_interval: MDNS_QUERY_INTERVAL,
+                ..Default::default()
+            },
+            local,
+        )?),
         _ => None,
     };
     let kad = match &opts.discovery {
@@ -721,18 +731,25 @@ impl Node {
             }
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) | BehaviourEvent::Limits(_) => {}
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                // One dial per peer with all its addresses: some (e.g. its loopback) do not
+                // reach it from here, and a second dial would be refused while one is pending.
                 let local = *self.swarm.local_peer_id();
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (peer, addr) in found {
-                    if peer == local {
-                        continue;
+                    if peer != local {
+                        by_peer.entry(peer).or_default().push(addr);
                     }
-                    tracing::debug!(%peer, %addr, "mDNS found a peer");
+                }
+                for (peer, addrs) in by_peer {
+                    tracing::debug!(%peer, ?addrs, "mDNS found a peer");
                     if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-                        kad.add_address(&peer, addr.clone());
+                        for addr in &addrs {
+                            kad.add_address(&peer, addr.clone());
+                        }
                     }
                     if !self.swarm.is_connected(&peer) {
                         let opts = DialOpts::peer_id(peer)
-                            .addresses(vec![addr])
+                            .addresses(addrs)
                             .condition(PeerCondition::DisconnectedAndNotDialing)
                             .build();
                         let _ = self.swarm.dial(opts);
