@@ -76,3 +76,741 @@ async fn spec_complete_example_two_replicas_converge() {
     b.disconnect().await.expect("disconnect");
     server.stop().await;
 }
+
+use std::sync::Mutex;
+
+use futures_util::{SinkExt, StreamExt};
+use ksync_core::{Direction, Event, Filter, Status, Storage, SyncClient, SyncError};
+use ksync_ws::{Strategy, WsError};
+
+/// Records every notification of a client, for assertions on what a user sees.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<Notification>>>);
+
+impl Recorder {
+    fn attach(client: &impl SyncClient) -> Self {
+        let rec = Recorder::default();
+        for kind in [
+            "connected",
+            "disconnected",
+            "reconnecting",
+            "event",
+            "sync",
+            "error",
+            "metrics",
+            "status",
+            "conflict",
+        ] {
+            let sink = rec.0.clone();
+            // The subscription stays registered for the client's life.
+            let _sub = client
+                .notifier()
+                .on(kind, move |n| sink.lock().expect("lock").push(n.clone()))
+                .expect("known kind");
+        }
+        rec
+    }
+    fn all(&self) -> Vec<Notification> {
+        self.0.lock().expect("lock").clone()
+    }
+    fn count(&self, f: impl Fn(&Notification) -> bool) -> usize {
+        self.all().iter().filter(|n| f(n)).count()
+    }
+    fn events(&self) -> Vec<Event> {
+        self.all()
+            .into_iter()
+            .filter_map(|n| match n {
+                Notification::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+    fn statuses(&self) -> Vec<Status> {
+        self.all()
+            .into_iter()
+            .filter_map(|n| match n {
+                Notification::Status(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+async fn ksync_with(client: WebSocketSyncClient) -> KSync<WebSocketSyncClient> {
+    KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(client))
+        .build()
+        .await
+        .expect("ksync")
+}
+
+/// Reads `events` frames from a raw observer until `n` events arrived; returns frame sizes
+/// and the events.
+async fn observe(ws: &mut Raw, n: usize) -> (Vec<usize>, Vec<serde_json::Value>) {
+    let mut sizes = Vec::new();
+    let mut events = Vec::new();
+    while events.len() < n {
+        let frame = recv_json(ws).await;
+        assert_eq!(frame["type"], "events", "{frame}");
+        let batch = frame["events"].as_array().expect("events").clone();
+        sizes.push(batch.len());
+        events.extend(batch.into_iter().map(|s| s["event"].clone()));
+    }
+    (sizes, events)
+}
+
+#[tokio::test]
+async fn offline_emits_go_out_on_connect_in_batches_of_batch_size() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    let (mut observer, _) = join(&url, hello()).await;
+    let a = ksync_with(
+        WebSocketSyncClient::builder(&url)
+            .strategy(Strategy::EventLevel { batch_size: 2 })
+            .build()
+            .expect("client"),
+    )
+    .await;
+    let mut emitted = Vec::new();
+    for i in 0..5 {
+        emitted.push(
+            a.emit("offline", json!({"i": i}))
+                .await
+                .expect("stored while offline"),
+        );
+    }
+    assert_eq!(a.replica().pending(0, 10).expect("pending").len(), 5);
+    a.connect().await.expect("connect");
+    let (sizes, events) = observe(&mut observer, 5).await;
+    assert_eq!(sizes, vec![2, 2, 1]);
+    let ids: Vec<_> = events
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        emitted.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        "in emit order"
+    );
+    a.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn batch_strategy_sends_when_full_or_when_the_interval_ends() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    let (mut observer, _) = join(&url, hello()).await;
+    let client = WebSocketSyncClient::builder(&url)
+        .strategy(Strategy::Batch {
+            batch_size: 3,
+            batch_interval: Duration::from_millis(400),
+        })
+        .build()
+        .expect("client");
+    client.connect().await.expect("connect");
+    for i in 0..3 {
+        client
+            .send(Event::new(format!("b{i}"), "t", json!(i), 1))
+            .await
+            .expect("send");
+    }
+    let (sizes, _) = observe(&mut observer, 3).await;
+    assert_eq!(sizes, vec![3], "a full batch goes out as one message");
+    client
+        .send(Event::new("lonely", "t", json!(1), 1))
+        .await
+        .expect("send");
+    let (sizes, events) = observe(&mut observer, 1).await;
+    assert_eq!(sizes, vec![1]);
+    assert_eq!(
+        events[0]["id"], "lonely",
+        "a partial batch goes out at the interval"
+    );
+    client.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn state_based_starts_from_the_snapshot_and_sends_only_latest_versions() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    let (mut publisher, _) = join(&url, hello()).await;
+    let mut x2 = event("x", 2);
+    x2["version"] = json!(2);
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","ref":1,"events":[event("x",1), x2, event("y",3)]}),
+    )
+    .await;
+    recv_json(&mut publisher).await;
+    let a = ksync_with(
+        WebSocketSyncClient::builder(&url)
+            .strategy(Strategy::StateBased {
+                snapshot_interval: Duration::from_millis(300),
+            })
+            .build()
+            .expect("client"),
+    )
+    .await;
+    let rec = Recorder::attach(a.client().as_ref());
+    a.connect().await.expect("connect");
+    eventually("snapshot received", || rec.events().len() == 2).await;
+    let mut got: Vec<_> = rec
+        .events()
+        .into_iter()
+        .map(|e| (e.id, e.version))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![("x".to_owned(), 2), ("y".to_owned(), 1)],
+        "state, not history"
+    );
+    assert_eq!(a.replica().storage().len(), 2);
+    // Three quick revisions of z go out as one: the latest.
+    a.update("z", "t", json!(1)).await.expect("v1");
+    a.update("z", "t", json!(2)).await.expect("v2");
+    a.update("z", "t", json!(3)).await.expect("v3");
+    let (sizes, events) = observe(&mut publisher, 1).await;
+    assert_eq!(sizes, vec![1]);
+    assert_eq!(
+        (events[0]["id"].as_str(), events[0]["version"].as_u64()),
+        (Some("z"), Some(3))
+    );
+    a.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn filter_and_middleware_apply_in_both_directions() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    let (mut observer, _) = join(&url, hello()).await;
+    let a = WebSocketSyncClient::builder(&url)
+        .filter(Filter::PublicOnly)
+        .build()
+        .expect("a");
+    a.use_middleware(Direction::Outgoing, |mut e: Event| {
+        e.data["stamped"] = json!(true);
+        Some(e)
+    });
+    let b = ksync_with(
+        WebSocketSyncClient::builder(&url)
+            .filter(Filter::predicate(|e: &Event| e.event_type != "noise"))
+            .build()
+            .expect("b"),
+    )
+    .await;
+    b.client()
+        .use_middleware(Direction::Incoming, |mut e: Event| {
+            e.data["seen_by_b"] = json!(true);
+            Some(e)
+        });
+    let rec = Recorder::attach(b.client().as_ref());
+    a.connect().await.expect("a");
+    b.connect().await.expect("b");
+    a.send(Event::new("secret", "t", json!({"private": true}), 1))
+        .await
+        .expect("send");
+    a.send(Event::new("open", "t", json!({"private": false}), 2))
+        .await
+        .expect("send");
+    let (_, events) = observe(&mut observer, 1).await;
+    assert_eq!(
+        events[0]["id"], "open",
+        "public-only kept the private event home"
+    );
+    assert_eq!(
+        events[0]["data"],
+        json!({"private": false, "stamped": true})
+    );
+    // b filters incoming "noise" and transforms what it keeps, before storing.
+    send_json(
+        &mut observer,
+        json!({"type":"publish","ref":1,"events":[
+        {"id":"n","type":"noise","data":{},"timestamp":1,"version":1},
+        {"id":"s","type":"signal","data":{},"timestamp":2,"version":1}]}),
+    )
+    .await;
+    eventually("b got open and s", || rec.events().len() == 2).await;
+    let ids: Vec<_> = rec.events().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, ["open", "s"]);
+    let stored = b
+        .replica()
+        .storage()
+        .get("s", 1)
+        .expect("get")
+        .expect("stored");
+    assert_eq!(stored.event.data, json!({"seen_by_b": true}));
+    assert!(b.replica().storage().get("n", 1).expect("get").is_none());
+    a.disconnect().await.expect("a");
+    b.disconnect().await.expect("b");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn compression_round_trips_both_ways() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    let zipped = WebSocketSyncClient::builder(&url)
+        .compression(true)
+        .build()
+        .expect("zipped");
+    let plain = WebSocketSyncClient::builder(&url).build().expect("plain");
+    let rz = Recorder::attach(&zipped);
+    let rp = Recorder::attach(&plain);
+    zipped.connect().await.expect("connect");
+    plain.connect().await.expect("connect");
+    let big = json!({"text": "compressible ".repeat(2000)});
+    zipped
+        .send(Event::new("z1", "t", big.clone(), 1))
+        .await
+        .expect("send");
+    plain
+        .send(Event::new("p1", "t", big.clone(), 1))
+        .await
+        .expect("send");
+    eventually("both received", || {
+        rz.events().len() == 1 && rp.events().len() == 1
+    })
+    .await;
+    assert_eq!(rp.events()[0].data, big);
+    assert_eq!(rz.events()[0].data, big);
+    assert_eq!(rz.events()[0].id, "p1");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn notifications_connected_status_event_sync_metrics_disconnected() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    let a = WebSocketSyncClient::builder(&url)
+        .metrics_interval(Duration::from_millis(100))
+        .build()
+        .expect("a");
+    let b = WebSocketSyncClient::builder(&url).build().expect("b");
+    let ra = Recorder::attach(&a);
+    let rb = Recorder::attach(&b);
+    a.connect().await.expect("a");
+    b.connect().await.expect("b");
+    assert!(a.is_connected());
+    assert_eq!(ra.count(|n| matches!(n, Notification::Connected)), 1);
+    a.send(Event::new("m1", "t", json!(1), 1))
+        .await
+        .expect("send");
+    a.send(Event::new("m2", "t", json!(2), 1))
+        .await
+        .expect("send");
+    eventually("b got both", || rb.events().len() == 2).await;
+    assert!(rb.count(|n| matches!(n, Notification::Sync(events) if !events.is_empty())) >= 1);
+    eventually("a's outbox drained", || a.outbox_len() == 0).await;
+    eventually("a reported metrics with a latency", || {
+        ra.count(|n| matches!(n, Notification::Metrics(m) if m.average_latency > 0.0 && m.events_per_second > 0.0 && m.bandwidth_usage > 0.0)) >= 1
+    })
+    .await;
+    let statuses = ra.statuses();
+    assert_eq!(statuses.first(), Some(&Status::Connected));
+    assert!(statuses.contains(&Status::Syncing), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&Status::Idle), "{statuses:?}");
+    a.disconnect().await.expect("disconnect");
+    assert!(!a.is_connected());
+    assert_eq!(ra.count(|n| matches!(n, Notification::Disconnected)), 1);
+    assert_eq!(ra.count(|n| matches!(n, Notification::Error(_))), 0);
+    b.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn standalone_outbox_is_bounded_and_refuses_the_newest() {
+    let client = WebSocketSyncClient::builder("ws://127.0.0.1:9/ws")
+        .outbox_capacity(2)
+        .build()
+        .expect("client");
+    client
+        .send(Event::new("1", "t", json!(1), 1))
+        .await
+        .expect("queued");
+    client
+        .send(Event::new("2", "t", json!(2), 1))
+        .await
+        .expect("queued");
+    let error = client
+        .send(Event::new("3", "t", json!(3), 1))
+        .await
+        .expect_err("full");
+    assert!(matches!(
+        WsError::find(&error),
+        Some(WsError::OutboxFull { capacity: 2 })
+    ));
+    assert_eq!(client.outbox_len(), 2);
+}
+
+#[tokio::test]
+async fn bad_urls_and_options_are_refused_at_build() {
+    for url in ["http://x", "not a url", "wss://secure.example/ws"] {
+        let err = WebSocketSyncClient::builder(url).build().expect_err(url);
+        assert!(
+            matches!(WsError::find(&err), Some(WsError::InvalidUrl { .. })),
+            "{url}: {err}"
+        );
+    }
+    let err = WebSocketSyncClient::builder("ws://h")
+        .strategy(Strategy::EventLevel { batch_size: 0 })
+        .build()
+        .expect_err("zero batch");
+    assert!(matches!(err, SyncError::Config(_)));
+    let err = WebSocketSyncClient::builder("ws://h")
+        .heartbeat(Duration::ZERO)
+        .build()
+        .expect_err("zero");
+    assert!(matches!(err, SyncError::Config(_)));
+}
+
+#[tokio::test]
+async fn server_restart_mid_stream_loses_nothing_and_duplicates_nothing() {
+    let provider: Arc<dyn ksync_core::StorageProvider> =
+        Arc::new(ksync_core::InMemoryProvider::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = serve_on(
+        listener,
+        RelayConfig::default(),
+        provider.clone(),
+        Arc::new(ksync_core::AllowAll),
+    );
+    let url = server.url(Some("restart"));
+    let build = || {
+        WebSocketSyncClient::builder(&url)
+            .reconnect_delay(Duration::from_millis(20), Duration::from_millis(200))
+            .build()
+            .expect("client")
+    };
+    let a = ksync_with(build()).await;
+    let b = ksync_with(build()).await;
+    let ra = Recorder::attach(a.client().as_ref());
+    let rb = Recorder::attach(b.client().as_ref());
+    a.connect().await.expect("a");
+    b.connect().await.expect("b");
+    for i in 0..20 {
+        a.emit("before", json!(i)).await.expect("emit");
+        b.emit("before-b", json!(i)).await.expect("emit");
+    }
+    server.stop().await;
+    eventually("both saw the disconnect", || {
+        ra.count(|n| matches!(n, Notification::Disconnected)) == 1
+            && rb.count(|n| matches!(n, Notification::Disconnected)) == 1
+    })
+    .await;
+    // Emitted while the server is down: stored, pending.
+    for i in 0..20 {
+        a.emit("during", json!(i)).await.expect("emit");
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("same port");
+    let server = serve_on(
+        listener,
+        RelayConfig::default(),
+        provider.clone(),
+        Arc::new(ksync_core::AllowAll),
+    );
+    eventually("everyone has all 60", || {
+        a.replica().storage().len() == 60 && b.replica().storage().len() == 60
+    })
+    .await;
+    assert!(ra.count(|n| matches!(n, Notification::Reconnecting { .. })) >= 1);
+    assert!(ra.count(|n| matches!(n, Notification::Connected)) >= 2);
+    let room = provider
+        .existing(&ksync_core::LogName::Room(
+            ksync_core::Name::new("restart").expect("name"),
+        ))
+        .expect("ok")
+        .expect("room");
+    eventually("room has all 60", || room.len() == 60).await;
+    // Same revisions everywhere, each once; each event notified to the other side once.
+    let ids = |s: &dyn Storage| {
+        let mut v: Vec<_> = s
+            .read_since(0, 1000)
+            .expect("read")
+            .into_iter()
+            .map(|s| s.event.key())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(a.replica().storage().as_ref()), ids(room.as_ref()));
+    assert_eq!(ids(b.replica().storage().as_ref()), ids(room.as_ref()));
+    let mut seen: Vec<_> = rb.events().into_iter().map(|e| e.id).collect();
+    assert_eq!(
+        seen.len(),
+        40,
+        "b is told about each of a's 40 events exactly once"
+    );
+    seen.dedup();
+    assert_eq!(seen.len(), 40);
+    a.disconnect().await.expect("a");
+    b.disconnect().await.expect("b");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn without_reconnect_the_client_stays_down() {
+    let server = start(RelayConfig::default()).await;
+    let client = WebSocketSyncClient::builder(server.url(None))
+        .reconnect(false)
+        .build()
+        .expect("client");
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    server.stop().await;
+    eventually("disconnected", || {
+        rec.count(|n| matches!(n, Notification::Disconnected)) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        rec.count(|n| matches!(n, Notification::Reconnecting { .. })),
+        0
+    );
+    assert!(!client.is_connected());
+    // The server said why: going away.
+    assert!(rec.all().iter().any(|n| matches!(n, Notification::Error(e) if matches!(WsError::find(e), Some(WsError::Closed { code: 1001, .. })))));
+}
+
+#[tokio::test]
+async fn heartbeat_detects_a_server_that_stops_answering() {
+    // A "server" that completes the upgrade and the hello, then never reads or answers again.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let fake = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        let _hello = ws.next().await;
+        let welcome = json!({"type":"welcome","protocol":1,"room":"default","serverVersion":0,"compression":false,"heartbeatMs":30000,"maxMessageSize":1048576});
+        ws.send(tokio_tungstenite::tungstenite::Message::text(
+            welcome.to_string(),
+        ))
+        .await
+        .expect("welcome");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(ws);
+    });
+    let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
+        .heartbeat(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_millis(200))
+        .reconnect(false)
+        .build()
+        .expect("client");
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    eventually("dead server detected", || {
+        rec.count(|n| matches!(n, Notification::Disconnected)) == 1
+    })
+    .await;
+    assert!(rec.all().iter().any(|n| matches!(n, Notification::Error(e) if matches!(WsError::find(e), Some(WsError::HeartbeatTimeout(_))))));
+    assert_eq!(rec.statuses().last(), Some(&Status::Error));
+    fake.abort();
+}
+
+#[tokio::test]
+async fn connect_times_out_when_the_upgrade_never_completes() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hold = tokio::spawn(async move {
+        let (_tcp, _) = listener.accept().await.expect("accept");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
+        .connect_timeout(Duration::from_millis(200))
+        .reconnect(false)
+        .build()
+        .expect("client");
+    let error = client.connect().await.expect_err("times out");
+    assert!(
+        matches!(WsError::find(&error), Some(WsError::ConnectTimeout(_))),
+        "{error}"
+    );
+    hold.abort();
+}
+
+#[tokio::test]
+async fn refused_connections_are_retried_with_reconnecting_attempts() {
+    // Nothing listens on this port (bound then dropped).
+    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
+        .reconnect_delay(Duration::from_millis(10), Duration::from_millis(40))
+        .build()
+        .expect("client");
+    let rec = Recorder::attach(&client);
+    let error = client.connect().await.expect_err("nothing listens");
+    assert!(
+        matches!(WsError::find(&error), Some(WsError::Connect { .. })),
+        "{error}"
+    );
+    eventually("three attempts", || {
+        rec.count(|n| matches!(n, Notification::Reconnecting { .. })) >= 3
+    })
+    .await;
+    let attempts: Vec<u32> = rec
+        .all()
+        .into_iter()
+        .filter_map(|n| match n {
+            Notification::Reconnecting { attempt } => Some(attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(&attempts[..3], &[1, 2, 3]);
+    client.disconnect().await.expect("stop");
+}
+
+#[tokio::test]
+async fn jwt_auth_is_sent_as_a_bearer_token() {
+    let server = start_with(
+        RelayConfig::default(),
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        Arc::new(TestTokens),
+    )
+    .await;
+    let good = WebSocketSyncClient::builder(server.url(None))
+        .auth(ksync_core::Auth::jwt("good-token"))
+        .build()
+        .expect("client");
+    good.connect().await.expect("accepted");
+    let bad = WebSocketSyncClient::builder(server.url(None))
+        .auth(ksync_core::Auth::jwt("forged"))
+        .build()
+        .expect("client");
+    let err = bad.connect().await.expect_err("refused");
+    assert!(matches!(
+        WsError::find(&err),
+        Some(WsError::Refused { status: 401, .. })
+    ));
+    good.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn conflicts_from_the_room_are_settled_by_the_replica() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    let (mut other, _) = join(&url, hello()).await;
+    send_json(&mut other, json!({"type":"publish","ref":1,"events":[{"id":"doc","type":"t","data":"theirs","timestamp":5,"version":1}]})).await;
+    recv_json(&mut other).await;
+    let a = ksync_with(WebSocketSyncClient::builder(&url).build().expect("client")).await;
+    let rec = Recorder::attach(a.client().as_ref());
+    // Offline, a writes other content under the same (id, version).
+    let ours = Event::new("doc", "t", json!("ours"), 10).with_origin(a.replica().id());
+    a.replica().record_local(ours).await.expect("local");
+    a.connect().await.expect("connect");
+    eventually("conflict reported", || {
+        rec.count(|n| matches!(n, Notification::Conflict(_))) >= 1
+    })
+    .await;
+    // Last-write-wins (ours has the later timestamp) writes version 2, which reaches the room.
+    let (_, events) = observe(&mut other, 1).await;
+    assert_eq!(
+        (events[0]["id"].as_str(), events[0]["version"].as_u64()),
+        (Some("doc"), Some(2))
+    );
+    assert_eq!(events[0]["data"], "ours");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn debug_option_turns_on_debug_logs_for_that_client() {
+    use tracing_subscriber::fmt::MakeWriter;
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> MakeWriter<'a> for Buf {
+        type Writer = Buf;
+        fn make_writer(&'a self) -> Buf {
+            self.clone()
+        }
+    }
+    let server = start(RelayConfig::default()).await;
+    let mut logs = Vec::new();
+    for debug in [false, true] {
+        let buf = Buf::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(buf.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let client = WebSocketSyncClient::builder(server.url(None))
+            .debug(debug)
+            .build()
+            .expect("client");
+        client.connect().await.expect("connect");
+        client
+            .send(Event::new(format!("d{debug}"), "t", json!(1), 1))
+            .await
+            .expect("send");
+        eventually("sent", || client.outbox_len() == 0).await;
+        client.disconnect().await.expect("disconnect");
+        logs.push(String::from_utf8_lossy(&buf.0.lock().expect("lock")).into_owned());
+    }
+    assert!(
+        !logs[0].contains("ksync_ws::client"),
+        "quiet without debug: {}",
+        logs[0]
+    );
+    assert!(
+        logs[1].contains("ksync_ws::client")
+            && logs[1].contains("welcome")
+            && logs[1].contains("publish"),
+        "{}",
+        logs[1]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn standalone_client_receives_only_the_live_stream_and_never_its_own_events() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    let (mut old, _) = join(&url, hello()).await;
+    send_json(
+        &mut old,
+        json!({"type":"publish","ref":1,"events":[event("history",1)]}),
+    )
+    .await;
+    recv_json(&mut old).await;
+    let client = WebSocketSyncClient::new(&url).expect("client");
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    client
+        .send(Event::new("mine", "t", json!(1), 1))
+        .await
+        .expect("send");
+    send_json(
+        &mut old,
+        json!({"type":"publish","ref":2,"events":[event("live",2)]}),
+    )
+    .await;
+    eventually("live event", || rec.events().len() == 1).await;
+    assert_eq!(rec.events()[0].id, "live");
+    client.disconnect().await.expect("disconnect");
+    server.stop().await;
+}

@@ -18,7 +18,7 @@ mod room;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -28,8 +28,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use ksync_core::{
     Access, AuthError, Authenticator, Credentials, LogName, Name, ResourceKind, StorageProvider,
+    Stored,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use room::{Room, RoomCommand};
 
@@ -109,6 +110,44 @@ pub enum RelayError {
     },
 }
 
+/// Activity items buffered for [`Relay::activity`] observers. Overflow policy: a receiver
+/// that falls this far behind loses the oldest items and is told how many
+/// (`broadcast::error::RecvError::Lagged`); the relay never waits for an observer.
+pub const ACTIVITY_CAPACITY: usize = 1024;
+
+/// Something that happened in a [`Relay`], for observers such as the server's dashboard
+/// ([`Relay::activity`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RelayActivity {
+    /// A WebSocket connection was upgraded; it is listed by [`Relay::clients`] until it closes.
+    Connected(ClientInfo),
+    /// A connection closed.
+    Disconnected(ClientInfo),
+    /// A room stored new events (one group commit, in sequence order). Only produced while
+    /// someone observes: the relay copies nothing when there is no observer.
+    Stored {
+        /// The room.
+        room: Name,
+        /// The new events with their sequence numbers.
+        events: Arc<[Stored]>,
+    },
+}
+
+/// One open WebSocket connection of a [`Relay`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientInfo {
+    /// The connection's id (unique within this relay).
+    pub id: u64,
+    /// The room it joined.
+    pub room: Name,
+    /// The authenticated subject (`anonymous` without auth); never the credential itself.
+    pub subject: String,
+    /// When the upgrade completed.
+    pub connected_at: SystemTime,
+}
+
 struct RoomHandle {
     tx: mpsc::Sender<RoomCommand>,
     task: tokio::task::JoinHandle<()>,
@@ -122,6 +161,10 @@ pub(crate) struct Shared {
     rooms: Mutex<HashMap<Name, RoomHandle>>,
     connections: AtomicUsize,
     next_conn: AtomicU64,
+    /// Observers' feed; see [`ACTIVITY_CAPACITY`] for the overflow policy.
+    activity: broadcast::Sender<RelayActivity>,
+    /// Upgraded connections, by id.
+    clients: Mutex<std::collections::BTreeMap<u64, ClientInfo>>,
     /// `true` once shutdown began: no new upgrades, connections stop reading.
     pub(crate) shutdown: watch::Sender<bool>,
 }
@@ -141,6 +184,25 @@ impl std::fmt::Debug for Relay {
             .field("config", &self.shared.config)
             .field("connections", &self.connections())
             .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn client_joined(&self, info: ClientInfo) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(info.id, info.clone());
+        // Err: nobody observes, which is fine.
+        let _ = self.activity.send(RelayActivity::Connected(info));
+    }
+
+    fn client_left(&self, info: ClientInfo) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&info.id);
+        let _ = self.activity.send(RelayActivity::Disconnected(info));
     }
 }
 
@@ -185,6 +247,7 @@ impl Relay {
             ));
         }
         let (shutdown, _) = watch::channel(false);
+        let (activity, _) = broadcast::channel(ACTIVITY_CAPACITY);
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -194,6 +257,8 @@ impl Relay {
                 rooms: Mutex::new(HashMap::new()),
                 connections: AtomicUsize::new(0),
                 next_conn: AtomicU64::new(1),
+                activity,
+                clients: Mutex::new(std::collections::BTreeMap::new()),
                 shutdown,
             }),
         })
@@ -207,6 +272,19 @@ impl Relay {
     /// Open WebSocket connections.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::Acquire)
+    }
+
+    /// A feed of what happens in the relay: connections opening and closing, events stored in
+    /// any room. Bounded: see [`ACTIVITY_CAPACITY`]. Items produced before the call are not
+    /// replayed; read [`clients`](Self::clients) after subscribing for the current state.
+    pub fn activity(&self) -> broadcast::Receiver<RelayActivity> {
+        self.shared.activity.subscribe()
+    }
+
+    /// The open WebSocket connections, by id.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        let clients = self.shared.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients.values().cloned().collect()
     }
 
     /// Routes `/ws` (the default room) and `/ws/{room}`.
@@ -305,13 +383,21 @@ impl Relay {
         let config = &shared.config;
         let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::clone(shared);
+        let info = ClientInfo {
+            id: conn_id,
+            room: room.clone(),
+            subject: grant.subject.clone(),
+            connected_at: SystemTime::now(),
+        };
         ws.protocols([SUBPROTOCOL])
             .read_buffer_size(config.buffer_size)
             .write_buffer_size(config.buffer_size)
             .max_write_buffer_size(config.buffer_size + 2 * config.max_message_size)
             .max_message_size(config.max_message_size)
             .max_frame_size(config.max_message_size)
-            .on_upgrade(move |socket| {
+            .on_upgrade(move |socket| async move {
+                let observed = Arc::clone(&shared);
+                observed.client_joined(info.clone());
                 conn::serve(conn::Connection {
                     shared,
                     socket,
@@ -321,6 +407,8 @@ impl Relay {
                     id: conn_id,
                     _slot: slot,
                 })
+                .await;
+                observed.client_left(info);
             })
     }
 
@@ -342,10 +430,11 @@ impl Relay {
         // Bounded: see RelayConfig::room_queue for the overflow policy.
         let (tx, rx) = mpsc::channel(self.shared.config.room_queue);
         let room = Room::new(
-            name.to_string(),
+            name.clone(),
             storage,
             rx,
             self.shared.config.max_batch_events,
+            self.shared.activity.clone(),
         );
         let task = tokio::spawn(room.run());
         rooms.insert(

@@ -6,8 +6,10 @@ use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use ksync_core::{AppendOutcome, Event, MergeOutcome, Storage, Stored};
-use tokio::sync::{mpsc, oneshot};
+use ksync_core::{AppendOutcome, Event, MergeOutcome, Name, Storage, Stored};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::RelayActivity;
 
 use crate::protocol::{self, Ack, EventsBatch, PublishResult, ServerMessage, close};
 
@@ -89,6 +91,9 @@ pub(crate) struct PublishCommand {
 
 pub(crate) struct Room {
     pub(crate) name: String,
+    room: Name,
+    /// Observers' feed (see `super::ACTIVITY_CAPACITY`).
+    activity: broadcast::Sender<RelayActivity>,
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) rx: mpsc::Receiver<RoomCommand>,
     pub(crate) max_batch_events: usize,
@@ -98,14 +103,17 @@ pub(crate) struct Room {
 
 impl Room {
     pub(crate) fn new(
-        name: String,
+        room: Name,
         storage: Arc<dyn Storage>,
         rx: mpsc::Receiver<RoomCommand>,
         max_batch_events: usize,
+        activity: broadcast::Sender<RelayActivity>,
     ) -> Self {
         let last_seq = storage.len();
         Self {
-            name,
+            name: room.to_string(),
+            room,
+            activity,
             storage,
             rx,
             max_batch_events,
@@ -277,6 +285,13 @@ impl Room {
                 }),
                 false,
             );
+            if !new.is_empty() && self.activity.receiver_count() > 0 {
+                // Err: the last observer left meanwhile.
+                let _ = self.activity.send(RelayActivity::Stored {
+                    room: self.room.clone(),
+                    events: new.clone().into(),
+                });
+            }
             let events = (!new.is_empty())
                 .then(|| Frame::encode(&ServerMessage::Events(EventsBatch { events: new }), true));
             self.fan_out(conn, ack, events);

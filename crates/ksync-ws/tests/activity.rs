@@ -1,0 +1,64 @@
+//! `Relay::activity` and `Relay::clients`: what observers (the server's dashboard) see.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ksync_ws::server::{RelayActivity, RelayConfig};
+use serde_json::json;
+use tokio::sync::broadcast;
+
+async fn next(rx: &mut broadcast::Receiver<RelayActivity>) -> RelayActivity {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("activity within 5 s")
+        .expect("feed open")
+}
+
+#[tokio::test]
+async fn observers_see_connections_and_stored_events() {
+    let server = start(RelayConfig::default()).await;
+    let mut feed = server.relay.activity();
+    assert!(server.relay.clients().is_empty());
+
+    let (mut a, _) = join(&server.url(Some("chat")), hello()).await;
+    let joined = match next(&mut feed).await {
+        RelayActivity::Connected(info) => info,
+        other => panic!("expected a connection, got {other:?}"),
+    };
+    assert_eq!(joined.room.as_str(), "chat");
+    assert_eq!(joined.subject, "anonymous");
+    assert_eq!(server.relay.clients(), vec![joined.clone()]);
+
+    send_json(
+        &mut a,
+        json!({"type":"publish","ref":1,"events":[event("e1",1), event("e2",2)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut a).await["type"], "ack");
+    match next(&mut feed).await {
+        RelayActivity::Stored { room, events } => {
+            assert_eq!(room.as_str(), "chat");
+            let seqs: Vec<u64> = events.iter().map(|s| s.seq).collect();
+            assert_eq!(seqs, vec![1, 2]);
+            assert_eq!(events[1].event.id, "e2");
+        }
+        other => panic!("expected stored events, got {other:?}"),
+    }
+    // A duplicate stores nothing, so observers hear nothing about it.
+    send_json(
+        &mut a,
+        json!({"type":"publish","ref":2,"events":[event("e1",1)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut a).await["results"][0]["status"], "duplicate");
+
+    drop(a);
+    match next(&mut feed).await {
+        RelayActivity::Disconnected(info) => assert_eq!(info, joined),
+        other => panic!("expected a disconnection, got {other:?}"),
+    }
+    assert!(server.relay.clients().is_empty());
+    server.stop().await;
+}
