@@ -283,7 +283,11 @@ impl Relay {
 
     /// The open WebSocket connections, by id.
     pub fn clients(&self) -> Vec<ClientInfo> {
-        let clients = self.shared.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let clients = self
+            .shared
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         clients.values().cloned().collect()
     }
 

@@ -245,13 +245,16 @@ impl Room {
                         }),
                         false,
                     );
-                    self.fan_out(conn, ack, None);
+                    self.fan_out(conn, &[ack], None);
                 }
                 return;
             }
         };
         let mut outcomes = outcomes.into_iter();
         let mut appended = appended.into_iter();
+        // Consecutive publishes of one connection become one run: one shared events frame for
+        // everyone else, and that connection's acks, in order.
+        let mut run: Option<(u64, Vec<Arc<Frame>>, Vec<Stored>)> = None;
         for (conn, reference, slots) in plans {
             let mut results = Vec::with_capacity(slots.len());
             let mut new: Vec<Stored> = Vec::new();
@@ -285,33 +288,52 @@ impl Room {
                 }),
                 false,
             );
-            if !new.is_empty() && self.activity.receiver_count() > 0 {
-                // Err: the last observer left meanwhile.
-                let _ = self.activity.send(RelayActivity::Stored {
-                    room: self.room.clone(),
-                    events: new.clone().into(),
-                });
+            match &mut run {
+                Some((current, acks, events)) if *current == conn => {
+                    acks.push(ack);
+                    events.extend(new);
+                }
+                _ => {
+                    if let Some(done) = run.take() {
+                        self.flush_run(done);
+                    }
+                    run = Some((conn, vec![ack], new));
+                }
             }
-            let events = (!new.is_empty())
-                .then(|| Frame::encode(&ServerMessage::Events(EventsBatch { events: new }), true));
-            self.fan_out(conn, ack, events);
         }
+        if let Some(done) = run {
+            self.flush_run(done);
+        }
+    }
+
+    fn flush_run(&mut self, (conn, acks, new): (u64, Vec<Arc<Frame>>, Vec<Stored>)) {
+        if !new.is_empty() && self.activity.receiver_count() > 0 {
+            // Err: the last observer left meanwhile.
+            let _ = self.activity.send(RelayActivity::Stored {
+                room: self.room.clone(),
+                events: new.clone().into(),
+            });
+        }
+        let events = (!new.is_empty())
+            .then(|| Frame::encode(&ServerMessage::Events(EventsBatch { events: new }), true));
+        self.fan_out(conn, &acks, events);
     }
 
     /// The publisher gets its ack, everyone else the new events, at the same position in their
     /// streams, so every connection sees every sequence number in order exactly once.
-    fn fan_out(&mut self, publisher: u64, ack: Arc<Frame>, events: Option<Arc<Frame>>) {
+    fn fan_out(&mut self, publisher: u64, acks: &[Arc<Frame>], events: Option<Arc<Frame>>) {
         let name = &self.name;
         self.subs.retain(|sub| {
-            let frame = if sub.conn == publisher {
-                Arc::clone(&ack)
+            let result = if sub.conn == publisher {
+                acks.iter()
+                    .try_for_each(|ack| sub.queue.try_send(Arc::clone(ack)))
             } else {
                 match &events {
-                    Some(e) => Arc::clone(e),
+                    Some(e) => sub.queue.try_send(Arc::clone(e)),
                     None => return true,
                 }
             };
-            match sub.queue.try_send(frame) {
+            match result {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // Slow-consumer policy: drop the subscriber (never block the room or
