@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod git;
 mod serve;
 
 /// kSync: keep event logs in step across replicas.
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the sync server (WebSocket relay + HTTP) until SIGINT/SIGTERM.
     Serve(serve::ServeArgs),
+    #[command(flatten)]
+    Git(git::GitCommand),
 }
 
 fn main() -> ExitCode {
@@ -41,13 +44,14 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Git(command) => git::run(command).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("ksync: {error:#}");
-            ExitCode::FAILURE
+            ExitCode::from(git::exit_code(&error))
         }
     }
 }

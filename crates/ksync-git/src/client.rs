@@ -67,6 +67,19 @@ pub struct MergeResult {
     pub server_version: u64,
 }
 
+/// Where this client stands locally (no network): see [`GitSyncClient::local_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalStatus {
+    /// The checked-out branch.
+    pub branch: String,
+    /// The branch version pulled up to.
+    pub pulled_version: u64,
+    /// Local events of this branch not yet acknowledged by the server.
+    pub pending_events: u64,
+    /// Events in the local log (all branches).
+    pub local_events: u64,
+}
+
 /// Builds a [`GitSyncClient`]; defaults are the spec's.
 #[derive(Debug, Clone)]
 pub struct GitSyncClientBuilder {
@@ -378,6 +391,34 @@ impl GitSyncClient {
             .clone()
             .or(stored)
             .unwrap_or_else(|| DEFAULT_BRANCH.to_owned())
+    }
+
+    /// The checked-out branch, how far it was pulled and how many local events wait for a
+    /// push. Reads local state only.
+    pub fn local_status(&self) -> Result<LocalStatus, SyncError> {
+        let replica = self.replica();
+        let branch = self.current_branch();
+        let segments = self.segments(&replica)?;
+        let mut after = replica.cursor(&self.cursor_key(&branch, "pushed"))?;
+        let mut pending_events = 0;
+        loop {
+            let page = replica.storage().read_since(after, SCAN_PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            pending_events += page
+                .iter()
+                .filter(|s| {
+                    s.event.origin.as_deref() == Some(replica.id())
+                        && segments.branch_of(s.seq) == Some(branch.as_str())
+                })
+                .count() as u64;
+        }
+        Ok(LocalStatus {
+            pulled_version: replica.cursor(&self.cursor_key(&branch, "pulled"))?,
+            branch,
+            pending_events,
+            local_events: replica.storage().len(),
+        })
     }
 
     /// Sets how conflicts are settled (default last-write-wins). Conflicts are still reported.

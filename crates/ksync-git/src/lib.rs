@@ -14,6 +14,8 @@ mod gzip;
 pub mod server;
 pub mod wire;
 
-pub use client::{GitSyncClient, GitSyncClientBuilder, MergeResult, Phase, Progress, ProgressFn};
+pub use client::{
+    GitSyncClient, GitSyncClientBuilder, LocalStatus, MergeResult, Phase, Progress, ProgressFn,
+};
 pub use error::GitError;
 pub use wire::{BranchInfo, RepoInfo};

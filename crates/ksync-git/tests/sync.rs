@@ -150,10 +150,25 @@ async fn push_reports_server_version_and_pull_pages() {
             .await
             .expect("send");
     }
+    let before = a.local_status().expect("status");
+    assert_eq!(
+        (
+            before.branch.as_str(),
+            before.pending_events,
+            before.pulled_version
+        ),
+        ("main", 25, 0)
+    );
     let pushed = a.push().await.expect("push");
     assert_eq!(
         (pushed.pushed_events.len(), pushed.server_version),
         (25, 25)
+    );
+    let after = a.local_status().expect("status");
+    assert_eq!(
+        (after.pending_events, after.pulled_version),
+        (0, 25),
+        "fast-forwarded"
     );
     // Nothing pending: an empty push still tells the server version.
     let again = a.push().await.expect("push");
