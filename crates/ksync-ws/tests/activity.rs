@@ -62,3 +62,22 @@ async fn observers_see_connections_and_stored_events() {
     assert!(server.relay.clients().is_empty());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn shutting_down_resolves_when_shutdown_begins() {
+    let server = start(RelayConfig::default()).await;
+    let relay = server.relay.clone();
+    let waiter = tokio::spawn(async move { relay.shutting_down().await });
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished());
+    let relay = server.relay.clone();
+    server.stop().await;
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("resolved within 5 s")
+        .expect("task ran");
+    // Once shut down, it resolves at once.
+    tokio::time::timeout(Duration::from_secs(1), relay.shutting_down())
+        .await
+        .expect("resolves at once");
+}

@@ -281,6 +281,14 @@ impl Relay {
         self.shared.activity.subscribe()
     }
 
+    /// Resolves once [`shutdown`](Self::shutdown) has begun (at once if it has), so that
+    /// long-lived observers (e.g. a dashboard feed) close with the relay's connections.
+    pub async fn shutting_down(&self) {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        // Err: the sender is gone, which only happens when the relay is, so stop as well.
+        let _ = shutdown.wait_for(|stopping| *stopping).await;
+    }
+
     /// The open WebSocket connections, by id.
     pub fn clients(&self) -> Vec<ClientInfo> {
         let clients = self
