@@ -162,7 +162,12 @@ async fn observe(ws: &mut Raw, n: usize) -> (Vec<usize>, Vec<serde_json::Value>)
 
 #[tokio::test]
 async fn offline_emits_go_out_on_connect_in_batches_of_batch_size() {
-    let server = start(RelayConfig::default()).await;
+    // One publish per commit, so the observer sees each publish as its own frame.
+    let server = start(RelayConfig {
+        max_batch_events: 1,
+        ..RelayConfig::default()
+    })
+    .await;
     let url = server.url(None);
     let (mut observer, _) = join(&url, hello()).await;
     let a = ksync_with(
@@ -199,7 +204,11 @@ async fn offline_emits_go_out_on_connect_in_batches_of_batch_size() {
 
 #[tokio::test]
 async fn batch_strategy_sends_when_full_or_when_the_interval_ends() {
-    let server = start(RelayConfig::default()).await;
+    let server = start(RelayConfig {
+        max_batch_events: 1,
+        ..RelayConfig::default()
+    })
+    .await;
     let url = server.url(None);
     let (mut observer, _) = join(&url, hello()).await;
     let client = WebSocketSyncClient::builder(&url)
