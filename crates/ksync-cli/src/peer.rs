@@ -1,0 +1,237 @@
+//! `ksync peer`: run a P2P peer: print its addresses, connect to others, emit events, and
+//! print every event it receives (one JSON line each on stdout) until Ctrl-C or `--duration`.
+//!
+//! ```text
+//! ksync peer --id laptop --discovery mdns
+//! ksync peer --id desk --discovery manual --listen 127.0.0.1 \
+//!     --connect /ip4/127.0.0.1/tcp/9000/p2p/12D3Koo... --emit note='{"text":"hi"}'
+//! ```
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use ksync_core::{InMemoryStorage, KSync, Notification, Storage, StreamError};
+use ksync_p2p::{DiscoveryMethod, Multiaddr, NetworkKey, P2PSyncClient};
+
+/// Options of `ksync peer`.
+#[derive(Debug, clap::Args)]
+pub struct PeerArgs {
+    /// This peer's id (the spec's `peerId`): the `origin` of what it emits and the name of its
+    /// identity key file.
+    #[arg(long, env = "KSYNC_PEER_ID")]
+    id: String,
+
+    /// How to find peers: mdns (LAN), dht (Kademlia, with --bootstrap) or manual (--connect).
+    #[arg(long, env = "KSYNC_DISCOVERY", default_value = "mdns")]
+    discovery: String,
+
+    /// DHT bootstrap peer, a multiaddr ending in /p2p/<peer id>; repeat for several.
+    #[arg(long, env = "KSYNC_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<Multiaddr>,
+
+    /// TCP port to listen on (0: any free port).
+    #[arg(long, env = "KSYNC_PORT", default_value_t = 0)]
+    port: u16,
+
+    /// Address to listen on (0.0.0.0: every interface; 127.0.0.1: this host only).
+    #[arg(long, env = "KSYNC_LISTEN", default_value = "0.0.0.0")]
+    listen: IpAddr,
+
+    /// Network name: peers sync only within one network.
+    #[arg(long, env = "KSYNC_NETWORK", default_value = ksync_p2p::DEFAULT_NETWORK)]
+    network: String,
+
+    /// Private network: a go-libp2p `swarm.key` file (or a file with 64 hex digits). Peers
+    /// without the same key cannot connect.
+    #[arg(long, env = "KSYNC_NETWORK_KEY_FILE")]
+    network_key_file: Option<PathBuf>,
+
+    /// Write a fresh network key file here and exit.
+    #[arg(long)]
+    generate_network_key: Option<PathBuf>,
+
+    /// Where identity key files are kept (default $KSYNC_HOME/p2p or ~/.ksync/p2p).
+    #[arg(long, env = "KSYNC_KEY_DIR")]
+    key_dir: Option<PathBuf>,
+
+    /// Keep the event log in this file (default: in memory, lost on exit).
+    #[arg(long, env = "KSYNC_LOG_FILE")]
+    log_file: Option<PathBuf>,
+
+    /// Connect to this peer: a multiaddr, or a peer id discovery can resolve; repeatable.
+    #[arg(long)]
+    connect: Vec<String>,
+
+    /// Emit an event after connecting, as TYPE=JSON (e.g. note='{"text":"hi"}'); repeatable.
+    #[arg(long)]
+    emit: Vec<String>,
+
+    /// Exit after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    duration: Option<u64>,
+
+    /// Seconds between catch-up rounds with every peer.
+    #[arg(long, default_value_t = 15)]
+    anti_entropy_secs: u64,
+}
+
+/// Runs `ksync peer`.
+pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.generate_network_key {
+        let key = NetworkKey::generate();
+        write_secret(path, key.to_key_file().as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!(
+            "network key written to {} (fingerprint {})",
+            path.display(),
+            key.fingerprint()
+        );
+        return Ok(());
+    }
+    let discovery = match args.discovery.parse::<DiscoveryMethod>()? {
+        DiscoveryMethod::Dht { .. } => DiscoveryMethod::Dht {
+            bootstrap: args.bootstrap.clone(),
+        },
+        other if !args.bootstrap.is_empty() => {
+            bail!("--bootstrap needs --discovery dht (got {})", other.name())
+        }
+        other => other,
+    };
+    let events: Vec<(String, serde_json::Value)> = args
+        .emit
+        .iter()
+        .map(|spec| parse_emit(spec))
+        .collect::<anyhow::Result<_>>()?;
+
+    let mut builder = P2PSyncClient::builder(args.id.clone(), discovery)
+        .port(args.port)
+        .listen_host(args.listen)
+        .network(args.network.clone())
+        .anti_entropy_interval(Duration::from_secs(args.anti_entropy_secs.max(1)));
+    if let Some(dir) = &args.key_dir {
+        builder = builder.key_dir(dir);
+    }
+    if let Some(path) = &args.network_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading network key {}", path.display()))?;
+        builder = builder
+            .encryption(true)
+            .network_key(NetworkKey::parse(&text)?);
+    }
+    let client = Arc::new(builder.build()?);
+    let storage: Arc<dyn Storage> = match &args.log_file {
+        Some(path) => Arc::new(
+            ksync_storage_file::FileStorage::open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        ),
+        None => Arc::new(InMemoryStorage::new()),
+    };
+    let ksync = KSync::builder()
+        .storage(storage)
+        .sync_client(Arc::clone(&client))
+        .replica_id(args.id.clone())
+        .build()
+        .await?;
+    let mut notifications = ksync.notifications();
+    ksync.start().await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "peer {} ({})",
+            client.peer_id(),
+            client.local_peer_id()
+        )?;
+        for addr in client.addresses() {
+            writeln!(out, "listening {addr}")?;
+        }
+        out.flush()?;
+    }
+    for target in &args.connect {
+        let peer = client
+            .connect_to_peer(target)
+            .await
+            .with_context(|| format!("connecting to {target}"))?;
+        eprintln!("connected to {peer}");
+    }
+    for (event_type, data) in events {
+        let event = ksync.emit(event_type, data).await?;
+        eprintln!("emitted {} ({})", event.id, event.event_type);
+    }
+
+    let until = async {
+        match args.duration {
+            Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+            None => {
+                // Without a signal handler we run until killed.
+                if tokio::signal::ctrl_c().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    };
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = &mut until => break,
+            n = notifications.recv() => match n {
+                Ok(Notification::Event(event)) => {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{}", serde_json::to_string(&event)?)?;
+                    out.flush()?;
+                }
+                Ok(Notification::PeerConnected(peer)) => eprintln!("peer connected: {peer}"),
+                Ok(Notification::PeerDisconnected(peer)) => eprintln!("peer disconnected: {peer}"),
+                Ok(Notification::Error(e)) => eprintln!("error: {e}"),
+                Ok(_) => {}
+                Err(StreamError::Lagged(n)) => eprintln!("missed {n} notifications (output too slow)"),
+                Err(StreamError::Closed) => break,
+            },
+        }
+    }
+    ksync.disconnect().await?;
+    Ok(())
+}
+
+/// `TYPE=JSON`; JSON that does not parse is taken as a string.
+fn parse_emit(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
+    let Some((event_type, data)) = spec.split_once('=') else {
+        bail!("--emit wants TYPE=JSON, got {spec:?}");
+    };
+    if event_type.is_empty() {
+        bail!("--emit {spec:?}: the event type is empty");
+    }
+    let data =
+        serde_json::from_str(data).unwrap_or_else(|_| serde_json::Value::String(data.into()));
+    Ok((event_type.to_owned(), data))
+}
+
+fn write_secret(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emit_specs() {
+        let (t, d) = parse_emit(r#"note={"text":"hi"}"#).expect("parses");
+        assert_eq!((t.as_str(), d), ("note", serde_json::json!({"text": "hi"})));
+        let (_, d) = parse_emit("note=plain words").expect("parses");
+        assert_eq!(d, serde_json::json!("plain words"));
+        assert!(parse_emit("no-equals").is_err());
+        assert!(parse_emit("=1").is_err());
+    }
+}

@@ -1,0 +1,117 @@
+//! `ksync peer`: two real processes on 127.0.0.1; one prints its address, the other connects
+//! to it and emits; the first prints the event.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn ksync() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ksync"))
+}
+
+#[test]
+fn two_peers_connect_and_exchange_an_event() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let mut listener = ksync()
+        .args([
+            "peer",
+            "--id",
+            "cli-a",
+            "--discovery",
+            "manual",
+            "--listen",
+            "127.0.0.1",
+        ])
+        .args(["--duration", "20"])
+        .arg("--key-dir")
+        .arg(keys.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn peer a");
+    let stdout = listener.stdout.take().expect("stdout");
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = lines.recv_timeout(Duration::from_secs(20)).expect("banner");
+    assert!(first.starts_with("peer cli-a ("), "{first}");
+    let addr_line = lines.recv_timeout(Duration::from_secs(5)).expect("address");
+    let addr = addr_line
+        .strip_prefix("listening ")
+        .expect("listening line");
+    assert!(
+        addr.starts_with("/ip4/127.0.0.1/tcp/") && addr.contains("/p2p/"),
+        "{addr}"
+    );
+
+    let status = ksync()
+        .args([
+            "peer",
+            "--id",
+            "cli-b",
+            "--discovery",
+            "manual",
+            "--listen",
+            "127.0.0.1",
+        ])
+        .args([
+            "--connect",
+            addr,
+            "--emit",
+            r#"note={"text":"hello from b"}"#,
+        ])
+        .args(["--duration", "3"])
+        .arg("--key-dir")
+        .arg(keys.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run peer b");
+    assert!(status.success());
+
+    let event_line = lines
+        .recv_timeout(Duration::from_secs(15))
+        .expect("event printed");
+    let event: serde_json::Value = serde_json::from_str(&event_line).expect("a JSON event");
+    assert_eq!(event["type"], "note");
+    assert_eq!(event["data"]["text"], "hello from b");
+    assert_eq!(event["origin"], "cli-b");
+    let _ = listener.kill();
+    let _ = listener.wait();
+}
+
+#[test]
+fn bad_options_fail_with_a_message() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let out = ksync()
+        .args([
+            "peer",
+            "--id",
+            "x",
+            "--discovery",
+            "carrier-pigeon",
+            "--duration",
+            "1",
+        ])
+        .arg("--key-dir")
+        .arg(keys.path())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown discovery method"));
+    let out = ksync()
+        .args(["peer", "--id", "x", "--discovery", "manual", "--bootstrap"])
+        .arg("/ip4/127.0.0.1/tcp/1")
+        .arg("--key-dir")
+        .arg(keys.path())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bootstrap needs --discovery dht"));
+}
