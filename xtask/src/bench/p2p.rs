@@ -128,7 +128,12 @@ struct RunResult {
 
 /// Sends `EVENTS` events through `send` (at `per_sec`, or as fast as it goes when `None`) and
 /// waits until all receivers have them (or the timeout).
-async fn measure<F, Fut>(prefix: &str, deliveries: Arc<Deliveries>, per_sec: Option<u64>, send: F) -> Result<RunResult>
+async fn measure<F, Fut>(
+    prefix: &str,
+    deliveries: Arc<Deliveries>,
+    per_sec: Option<u64>,
+    send: F,
+) -> Result<RunResult>
 where
     F: Fn(Event) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
@@ -338,22 +343,102 @@ pub fn run(report: &mut Report) -> Result<()> {
     for n in notes {
         s.note(n);
     }
-    let p2p_rate = s.series(Series::new("p2p full speed: delivered to all", "events/s", true, p2p_full));
-    let ws_rate = s.series(Series::new("ws relay full speed: delivered to all 3", "events/s", true, ws_full));
-    s.series(Series::new("p2p full speed p50 latency", "ms", false, p2p_full_p50));
-    s.series(Series::new("p2p full speed p99 latency", "ms", false, p2p_full_p99));
-    s.series(Series::new("ws relay full speed p50 latency", "ms", false, ws_full_p50));
-    s.series(Series::new("ws relay full speed p99 latency", "ms", false, ws_full_p99));
-    s.series(Series::new("p2p steady 500/s: delivered", "%", true, vec![p2p_steady.delivered * 100.0]));
-    s.series(Series::new("p2p steady 500/s p50 latency", "ms", false, vec![p2p_steady.p50_ms]));
-    let p2p_steady_p99 = s.series(Series::new("p2p steady 500/s p99 latency", "ms", false, vec![p2p_steady.p99_ms]));
-    s.series(Series::new("ws relay steady 500/s: delivered", "%", true, vec![ws_steady.delivered * 100.0]));
-    s.series(Series::new("ws relay steady 500/s p50 latency", "ms", false, vec![ws_steady.p50_ms]));
-    let ws_steady_p99 = s.series(Series::new("ws relay steady 500/s p99 latency", "ms", false, vec![ws_steady.p99_ms]));
-    let catch_up = s.series(Series::new("p2p catch-up of 10,000 events (fresh peer)", "ms", false, catch_up_ms));
-    s.ratio("p2p full speed / 20,000 events/s target", p2p_rate, 20_000.0, Some(1.0));
+    let p2p_rate = s.series(Series::new(
+        "p2p full speed: delivered to all",
+        "events/s",
+        true,
+        p2p_full,
+    ));
+    let ws_rate = s.series(Series::new(
+        "ws relay full speed: delivered to all 3",
+        "events/s",
+        true,
+        ws_full,
+    ));
+    s.series(Series::new(
+        "p2p full speed p50 latency",
+        "ms",
+        false,
+        p2p_full_p50,
+    ));
+    s.series(Series::new(
+        "p2p full speed p99 latency",
+        "ms",
+        false,
+        p2p_full_p99,
+    ));
+    s.series(Series::new(
+        "ws relay full speed p50 latency",
+        "ms",
+        false,
+        ws_full_p50,
+    ));
+    s.series(Series::new(
+        "ws relay full speed p99 latency",
+        "ms",
+        false,
+        ws_full_p99,
+    ));
+    s.series(Series::new(
+        "p2p steady 500/s: delivered",
+        "%",
+        true,
+        vec![p2p_steady.delivered * 100.0],
+    ));
+    s.series(Series::new(
+        "p2p steady 500/s p50 latency",
+        "ms",
+        false,
+        vec![p2p_steady.p50_ms],
+    ));
+    let p2p_steady_p99 = s.series(Series::new(
+        "p2p steady 500/s p99 latency",
+        "ms",
+        false,
+        vec![p2p_steady.p99_ms],
+    ));
+    s.series(Series::new(
+        "ws relay steady 500/s: delivered",
+        "%",
+        true,
+        vec![ws_steady.delivered * 100.0],
+    ));
+    s.series(Series::new(
+        "ws relay steady 500/s p50 latency",
+        "ms",
+        false,
+        vec![ws_steady.p50_ms],
+    ));
+    let ws_steady_p99 = s.series(Series::new(
+        "ws relay steady 500/s p99 latency",
+        "ms",
+        false,
+        vec![ws_steady.p99_ms],
+    ));
+    let catch_up = s.series(Series::new(
+        "p2p catch-up of 10,000 events (fresh peer)",
+        "ms",
+        false,
+        catch_up_ms,
+    ));
+    s.ratio(
+        "p2p full speed / 20,000 events/s target",
+        p2p_rate,
+        20_000.0,
+        Some(1.0),
+    );
     s.ratio_max("p2p catch-up / 1,000 ms target", catch_up, 1000.0, 1.0);
-    s.ratio("p2p full speed / ws relay full speed", p2p_rate, ws_rate, None);
-    s.ratio("p2p steady p99 / ws relay steady p99", p2p_steady_p99, ws_steady_p99, None);
+    s.ratio(
+        "p2p full speed / ws relay full speed",
+        p2p_rate,
+        ws_rate,
+        None,
+    );
+    s.ratio(
+        "p2p steady p99 / ws relay steady p99",
+        p2p_steady_p99,
+        ws_steady_p99,
+        None,
+    );
     Ok(())
 }
