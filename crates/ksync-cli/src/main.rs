@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod git;
+mod peer;
 mod serve;
 
 /// kSync: keep event logs in step across replicas.
@@ -26,6 +27,8 @@ enum Command {
     Serve(serve::ServeArgs),
     #[command(flatten)]
     Git(git::GitCommand),
+    /// Run a P2P peer: print its addresses, connect, emit, and print received events.
+    Peer(peer::PeerArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Git(command) => git::run(command).await,
+            Command::Peer(args) => peer::run(args).await,
         }
     });
     match result {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use ksync_server::{
     ApiKey, AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, JwtKey, Limits, RateLimit, Secret, Server,
-    ServerConfig,
+    ServerConfig, ShutdownSignal,
 };
 
 /// Options of `ksync serve`. Every option can also come from its `KSYNC_*` environment
@@ -156,6 +156,8 @@ impl ServeArgs {
 /// Runs the server until SIGINT/SIGTERM, then drains and flushes.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
+    // Before anything is printed: a SIGTERM right after the "listening" line must drain, not kill.
+    let mut signal = ShutdownSignal::install().context("installing signal handlers")?;
     let running = Server::bind(config).await.context("starting the server")?;
     let addr = running.local_addr();
     // stdout, flushed: scripts and tests read the real address from this line.
@@ -167,6 +169,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     stdout.flush()?;
     drop(stdout);
-    running.run_until_signal().await?;
+    running.run_until(signal.recv()).await?;
     Ok(())
 }

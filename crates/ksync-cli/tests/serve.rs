@@ -5,7 +5,8 @@
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 const JWT_SECRET: &str = "process-test-secret-0123456789abcdef-XYZ";
 const API_KEY: &str = "process-test-api-key-QWERTY";
@@ -111,6 +112,113 @@ async fn secrets_from_env_and_files_never_reach_the_logs() {
         stderr.contains("api_keys=[\"ci\"]"),
         "key names are logged: {stderr}"
     );
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(url: &str, api_key: &str) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", api_key.parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+async fn ws_send(ws: &mut Ws, message: Value) {
+    use futures_util::SinkExt as _;
+    ws.send(Message::text(message.to_string())).await.unwrap();
+}
+
+async fn ws_recv(ws: &mut Ws) -> Value {
+    use futures_util::StreamExt as _;
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("open")
+            .unwrap();
+        if let Message::Text(text) = frame {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_published_before_sigterm_are_on_disk_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--data-dir", data.to_str().unwrap()];
+    let api_keys = format!("app={API_KEY}");
+    let env = [("KSYNC_API_KEYS", api_keys.as_str())];
+
+    let served = serve(&args, &env);
+    assert!(
+        served
+            .first_line
+            .trim_end()
+            .ends_with(&format!("data in {}", data.display())),
+        "{}",
+        served.first_line
+    );
+    let mut ws = ws_connect(&format!("ws://{}/ws/journal", served.addr), API_KEY).await;
+    ws_send(&mut ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+    assert_eq!(ws_recv(&mut ws).await["type"], "welcome");
+    let events: Vec<Value> = (1..=20)
+        .map(|i| json!({"id": format!("e{i}"), "type": "entry", "data": {"i": i}, "timestamp": 1_732_615_200_000u64 + i, "version": 1}))
+        .collect();
+    ws_send(
+        &mut ws,
+        json!({"type": "publish", "ref": 1, "events": events}),
+    )
+    .await;
+    let ack = ws_recv(&mut ws).await;
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(ack["serverVersion"], 20);
+    let stderr = stop(served);
+    assert!(stderr.contains("storage flushed"), "{stderr}");
+    assert!(!stderr.contains(API_KEY), "{stderr}");
+
+    let served = serve(&args, &env);
+    let health = health(&served.addr).await;
+    assert_eq!(health["rooms"], 1);
+    let mut ws = ws_connect(&format!("ws://{}/ws/journal", served.addr), API_KEY).await;
+    ws_send(&mut ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+    let welcome = ws_recv(&mut ws).await;
+    assert_eq!(welcome["serverVersion"], 20);
+    let caught_up = ws_recv(&mut ws).await;
+    let ids: Vec<&str> = caught_up["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (1..=20).map(|i| format!("e{i}")).collect();
+    assert_eq!(ids, expected);
+    stop(served);
+}
+
+#[tokio::test]
+async fn default_data_dir_is_ksync_data_in_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ksync"))
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_remove("KSYNC_DATA_DIR")
+        .env_remove("KSYNC_IN_MEMORY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.trim_end().ends_with("data in ./ksync-data"), "{line}");
+    assert!(dir.path().join("ksync-data").is_dir());
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
 }
 
 #[test]

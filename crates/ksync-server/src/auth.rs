@@ -15,6 +15,18 @@ use crate::ServerError;
 use crate::config::{AuthConfig, JwtKeyMaterial, Scope};
 use crate::ratelimit::FailureLimiter;
 
+tokio::task_local! {
+    /// The client address of the request being handled, set by the server's HTTP layer, for
+    /// routers that call [`Authenticator::authenticate`] without one.
+    static CLIENT_IP: IpAddr;
+}
+
+/// Runs `future` (a request's handling) with `ip` as the client address that failed
+/// authentications are counted against.
+pub(crate) async fn with_client_ip<F: std::future::Future>(ip: IpAddr, future: F) -> F::Output {
+    CLIENT_IP.scope(ip, future).await
+}
+
 /// Shortest accepted HS256 secret: RFC 7518 §3.2 asks for a key at least as long as the hash.
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
@@ -343,6 +355,7 @@ impl Authenticator for ServerAuthenticator {
         credentials: &Credentials,
         peer: Option<IpAddr>,
     ) -> Result<Grant, AuthError> {
+        let peer = peer.or_else(|| CLIENT_IP.try_with(|ip| *ip).ok());
         if let Some(ip) = peer
             && self.limiter.is_blocked(ip)
         {

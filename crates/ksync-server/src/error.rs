@@ -42,6 +42,9 @@ pub enum ServerError {
     /// Opening or flushing storage failed.
     #[error("storage: {0}")]
     Storage(#[from] ksync_core::StorageError),
+    /// The WebSocket relay could not be built (e.g. a limit out of range).
+    #[error("relay: {0}")]
+    Relay(#[from] ksync_ws::server::RelayError),
     /// The server task panicked or was cancelled.
     #[error("server task failed: {0}")]
     Task(String),

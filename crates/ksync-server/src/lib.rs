@@ -26,4 +26,4 @@ pub use config::{
     JwtKeyMaterial, Limits, RateLimit, Scope, Secret, ServerConfig,
 };
 pub use error::ServerError;
-pub use server::{RunningServer, Server, StorageLocation, shutdown_signal};
+pub use server::{RunningServer, Server, ShutdownSignal, StorageLocation};

@@ -11,14 +11,17 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use axum::{Json, Router};
 use ksync_core::{Authenticator, InMemoryProvider, LogName, StorageProvider};
+use ksync_git::server::GitServer;
+use ksync_storage_file::FileProvider;
+use ksync_ws::server::{Relay, RelayConfig, is_websocket_upgrade};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::auth::{AuthCounters, ServerAuthenticator};
-use crate::config::ServerConfig;
+use crate::auth::{AuthCounters, ServerAuthenticator, with_client_ip};
+use crate::config::{Limits, ServerConfig};
 use crate::error::ServerError;
 
 /// Where the server keeps its logs, as printed at start-up.
@@ -45,6 +48,7 @@ struct AppState {
     provider: Arc<dyn StorageProvider>,
     auth: Option<Arc<ServerAuthenticator>>,
     auth_counters: Option<Arc<AuthCounters>>,
+    relay: Relay,
     http_requests: AtomicU64,
     stopping: AtomicBool,
 }
@@ -55,6 +59,8 @@ pub struct Server {
     provider: Arc<dyn StorageProvider>,
     storage: StorageLocation,
     authenticator: Arc<dyn Authenticator>,
+    relay: Relay,
+    git: GitServer,
     state: Arc<AppState>,
 }
 
@@ -89,11 +95,18 @@ impl Server {
             } else {
                 (Arc::new(ksync_core::AllowAll), None)
             };
+        let relay = Relay::new(
+            relay_config(&config.limits),
+            Arc::clone(&provider),
+            Arc::clone(&authenticator),
+        )?;
+        let git = GitServer::new(Arc::clone(&provider), Arc::clone(&authenticator));
         let state = Arc::new(AppState {
             started: Instant::now(),
             provider: Arc::clone(&provider),
             auth_counters: auth.as_ref().map(|a| a.counters()),
             auth,
+            relay: relay.clone(),
             http_requests: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         });
@@ -102,6 +115,8 @@ impl Server {
             provider,
             storage,
             authenticator,
+            relay,
+            git,
             state,
         })
     }
@@ -121,16 +136,33 @@ impl Server {
         Arc::clone(&self.provider)
     }
 
-    /// The composed router: `/health`, `/metrics` and the transports' routes.
+    /// The WebSocket relay.
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
+    /// The composed router: `/health`, `/metrics`, the WebSocket relay (`/ws`, `/ws/{room}`,
+    /// and an upgrade on `/` for the default room) and the repository service (`/git/...`).
     pub fn router(&self) -> Router {
         let own = Router::new()
             .route("/health", get(health))
             .route("/metrics", get(metrics))
             .with_state(Arc::clone(&self.state));
-        let transports = Router::new().layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&self.state),
-            refuse_rate_limited,
-        ));
+        let root = Router::new()
+            .route("/", any(root))
+            .with_state(Arc::clone(&self.state));
+        let transports = root
+            .merge(self.relay.router())
+            .merge(self.git.router())
+            .merge(crate::dashboard::router(crate::dashboard::Dashboard::new(
+                self.relay.clone(),
+                Arc::clone(&self.provider),
+                Arc::clone(&self.authenticator),
+            )))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&self.state),
+                refuse_rate_limited,
+            ));
         own.merge(transports)
             .layer(axum::middleware::from_fn_with_state(
                 Arc::clone(&self.state),
@@ -163,6 +195,7 @@ impl Server {
             local_addr,
             storage: self.storage,
             provider: self.provider,
+            relay: self.relay,
             state: self.state,
             stop: stop_tx,
             task,
@@ -174,13 +207,23 @@ impl Server {
 fn open_storage(
     config: &ServerConfig,
 ) -> Result<(Arc<dyn StorageProvider>, StorageLocation), ServerError> {
-    if !config.in_memory {
-        tracing::warn!(
-            data_dir = %config.data_dir.display(),
-            "file storage is not available in this build; keeping logs in memory"
-        );
+    if config.in_memory {
+        return Ok((Arc::new(InMemoryProvider::new()), StorageLocation::Memory));
     }
-    Ok((Arc::new(InMemoryProvider::new()), StorageLocation::Memory))
+    let provider = FileProvider::new(&config.data_dir)?;
+    Ok((
+        Arc::new(provider),
+        StorageLocation::Directory(config.data_dir.clone()),
+    ))
+}
+
+fn relay_config(limits: &Limits) -> RelayConfig {
+    RelayConfig {
+        max_message_size: limits.max_message_bytes,
+        max_connections: limits.max_connections,
+        heartbeat: limits.heartbeat,
+        ..RelayConfig::default()
+    }
 }
 
 /// A server that is listening. Dropping it leaves the server running until the runtime ends;
@@ -189,6 +232,7 @@ pub struct RunningServer {
     local_addr: SocketAddr,
     storage: StorageLocation,
     provider: Arc<dyn StorageProvider>,
+    relay: Relay,
     state: Arc<AppState>,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
@@ -220,13 +264,25 @@ impl RunningServer {
         Arc::clone(&self.provider)
     }
 
-    /// Stops cleanly: stops accepting, lets open requests finish and closes WebSockets (waiting
-    /// at most the configured shutdown timeout), then flushes every log to storage.
+    /// Open WebSocket connections.
+    pub fn connections(&self) -> usize {
+        self.relay.connections()
+    }
+
+    /// Stops cleanly: stops accepting; commits and acknowledges what rooms already queued and
+    /// closes WebSockets with 1001; lets open HTTP requests finish (waiting at most the
+    /// configured shutdown timeout); then flushes every log to storage.
     pub async fn shutdown(self) -> Result<(), ServerError> {
         self.state.stopping.store(true, Ordering::SeqCst);
         tracing::info!("shutting down: no new connections");
         // Err: the server task already ended (it holds the receiver).
         let _ = self.stop.send(true);
+        if tokio::time::timeout(self.shutdown_timeout, self.relay.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?self.shutdown_timeout, "relay drain timed out");
+        }
         let mut task = self.task;
         let served = match tokio::time::timeout(self.shutdown_timeout, &mut task).await {
             Ok(Ok(result)) => result.map_err(ServerError::Io),
@@ -243,37 +299,64 @@ impl RunningServer {
     }
 
     /// Serves until SIGINT or SIGTERM, then shuts down cleanly (see [`shutdown`](Self::shutdown)).
+    /// The handlers are installed when this is called; to close the window between printing
+    /// "listening" and calling this, install a [`ShutdownSignal`] first and use
+    /// [`run_until`](Self::run_until).
     pub async fn run_until_signal(self) -> Result<(), ServerError> {
-        shutdown_signal().await;
+        let mut signal = ShutdownSignal::install()?;
+        self.run_until(signal.recv()).await
+    }
+
+    /// Serves until `stop` resolves, then shuts down cleanly.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        stop.await;
         self.shutdown().await
     }
 }
 
-/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
+/// SIGINT (Ctrl-C) and, on Unix, SIGTERM, listened for from the moment of
+/// [`install`](Self::install): a signal that arrives before [`recv`](Self::recv) is awaited is
+/// not lost (and does not kill the process).
+#[derive(Debug)]
+pub struct ShutdownSignal {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    /// Installs the handlers. Needs a running tokio runtime.
+    pub fn install() -> Result<Self, ServerError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
+        }
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = self.terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+        #[cfg(not(unix))]
         if let Err(error) = tokio::signal::ctrl_c().await {
             tracing::error!(%error, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }
 
@@ -284,6 +367,27 @@ async fn count_requests(
 ) -> Response {
     state.http_requests.fetch_add(1, Ordering::Relaxed);
     next.run(request).await
+}
+
+/// `/`: the WebSocket upgrade for the default room (so `ws://host:port` works), or a short
+/// description of the server for plain HTTP.
+async fn root(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    if is_websocket_upgrade(request.headers()) {
+        return state.relay.handle_upgrade(None, request).await;
+    }
+    // Browsers (Accept: text/html) get the dashboard; API clients the description below.
+    if crate::dashboard::wants_html(request.headers()) {
+        return crate::dashboard::index();
+    }
+    Json(serde_json::json!({
+        "name": "ksync",
+        "version": env!("CARGO_PKG_VERSION"),
+        "websocket": ["/", "/ws", "/ws/{room}"],
+        "git": "/git/{repo}",
+        "health": "/health",
+        "metrics": "/metrics",
+    }))
+    .into_response()
 }
 
 /// Turns away clients that failed authentication too often before any router does work.
@@ -308,7 +412,11 @@ async fn refuse_rate_limited(
         )
             .into_response();
     }
-    next.run(request).await
+    match peer {
+        // Routers that authenticate without passing the client's address still get it counted.
+        Some(ip) => with_client_ip(ip, next.run(request)).await,
+        None => next.run(request).await,
+    }
 }
 
 /// Counts of logs by kind.
@@ -354,6 +462,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "uptimeSeconds": state.started.elapsed().as_secs(),
             "rooms": counts.rooms,
             "repos": counts.repos,
+            "connections": state.relay.connections(),
         }))
         .into_response(),
         Err(error) => (
@@ -388,6 +497,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         "counter",
         "HTTP requests received (WebSocket upgrades included).",
         state.http_requests.load(Ordering::Relaxed),
+    );
+    metric(
+        "ksync_ws_connections",
+        "gauge",
+        "Open WebSocket connections.",
+        state.relay.connections() as u64,
     );
     if let Ok(counts) = log_counts(state.provider.as_ref()) {
         metric(

@@ -1,0 +1,331 @@
+//! The composed server in-process on 127.0.0.1:0 with real WebSocket and HTTP clients: the
+//! relay and the repository service are mounted, auth admits and refuses, shutdown closes
+//! WebSockets with 1001 and flushes.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use ksync_server::{ApiKey, AuthConfig, RateLimit, Scope, Server, ServerConfig};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const FULL_KEY: &str = "full-key-7f3a9c";
+const READ_KEY: &str = "read-key-1b2c3d";
+
+fn config(auth: AuthConfig) -> ServerConfig {
+    ServerConfig {
+        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        in_memory: true,
+        auth,
+        ..ServerConfig::default()
+    }
+}
+
+fn keys(max_failures: u32) -> AuthConfig {
+    AuthConfig {
+        api_keys: vec![
+            ApiKey::new("writer", FULL_KEY),
+            ApiKey::new("reader", READ_KEY).with_scope(Scope::READ),
+        ],
+        rate_limit: RateLimit {
+            max_failures,
+            ..RateLimit::default()
+        },
+        ..AuthConfig::default()
+    }
+}
+
+async fn connect(url: &str, api_key: Option<&str>) -> Result<Ws, WsError> {
+    let mut request = url.into_client_request().unwrap();
+    if let Some(key) = api_key {
+        request
+            .headers_mut()
+            .insert("x-api-key", key.parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+fn refusal_status(result: Result<Ws, WsError>) -> u16 {
+    match result {
+        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, got a connection"),
+    }
+}
+
+async fn send(ws: &mut Ws, message: Value) {
+    ws.send(Message::text(message.to_string())).await.unwrap();
+}
+
+/// The next JSON message (pings and pongs skipped).
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("stream open")
+            .unwrap();
+        match frame {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+async fn hello(ws: &mut Ws) -> Value {
+    send(ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+    let welcome = recv(ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    welcome
+}
+
+fn event(id: &str) -> Value {
+    json!({"id": id, "type": "note", "data": {"text": id}, "timestamp": 1_732_615_200_000u64, "version": 1})
+}
+
+#[tokio::test]
+async fn relay_is_mounted_at_root_ws_and_rooms_and_fans_out() {
+    let running = Server::bind(config(AuthConfig::default())).await.unwrap();
+    let addr = running.local_addr();
+
+    // `ws://host:port` alone is the default room, the same as `/ws`.
+    let mut publisher = connect(&format!("ws://{addr}"), None).await.unwrap();
+    let mut subscriber = connect(&format!("ws://{addr}/ws"), None).await.unwrap();
+    assert_eq!(hello(&mut publisher).await["room"], "default");
+    assert_eq!(hello(&mut subscriber).await["room"], "default");
+    send(
+        &mut publisher,
+        json!({"type": "publish", "ref": 1, "events": [event("a")]}),
+    )
+    .await;
+    let ack = recv(&mut publisher).await;
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(ack["results"][0]["status"], "stored");
+    let events = recv(&mut subscriber).await;
+    assert_eq!(events["type"], "events");
+    assert_eq!(events["events"][0]["event"]["id"], "a");
+
+    let mut other_room = connect(&format!("ws://{addr}/ws/chat"), None)
+        .await
+        .unwrap();
+    assert_eq!(hello(&mut other_room).await["room"], "chat");
+
+    let health: Value = serde_json::from_str(
+        &reqwest::get(format!("http://{addr}/health"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(health["rooms"], 2);
+    assert_eq!(health["connections"], 3);
+
+    // Plain HTTP on `/` describes the server instead of failing.
+    let info: Value = serde_json::from_str(
+        &reqwest::get(format!("http://{addr}/"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(info["name"], "ksync");
+
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn repository_service_is_mounted() {
+    let running = Server::bind(config(AuthConfig::default())).await.unwrap();
+    let addr = running.local_addr();
+    let client = reqwest::Client::new();
+    let created = client
+        .put(format!("http://{addr}/git/notes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let missing = client
+        .get(format!("http://{addr}/git/absent"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let health: Value = serde_json::from_str(
+        &client
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(health["repos"], 1);
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn websocket_auth_admits_and_refuses() {
+    let running = Server::bind(config(keys(100))).await.unwrap();
+    let addr = running.local_addr();
+    let url = format!("ws://{addr}/ws/lobby");
+
+    assert_eq!(
+        refusal_status(connect(&url, None).await),
+        401,
+        "no credentials"
+    );
+    assert_eq!(
+        refusal_status(connect(&url, Some("not-a-key")).await),
+        401,
+        "wrong key"
+    );
+    assert_eq!(
+        refusal_status(connect(&format!("ws://{addr}"), None).await),
+        401,
+        "root upgrade needs credentials too"
+    );
+
+    let mut writer = connect(&url, Some(FULL_KEY)).await.unwrap();
+    hello(&mut writer).await;
+    send(
+        &mut writer,
+        json!({"type": "publish", "ref": 1, "events": [event("w1")]}),
+    )
+    .await;
+    assert_eq!(recv(&mut writer).await["results"][0]["status"], "stored");
+
+    // A read-only key is admitted, receives, and cannot write.
+    let mut reader = connect(&url, Some(READ_KEY)).await.unwrap();
+    send(
+        &mut reader,
+        json!({"type": "hello", "protocol": 1, "since": 0}),
+    )
+    .await;
+    assert_eq!(recv(&mut reader).await["type"], "welcome");
+    let caught_up = recv(&mut reader).await;
+    assert_eq!(caught_up["events"][0]["event"]["id"], "w1");
+    send(
+        &mut reader,
+        json!({"type": "publish", "ref": 2, "events": [event("r1")]}),
+    )
+    .await;
+    let refused = recv(&mut reader).await;
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["code"], "forbidden");
+
+    // Git routes are behind the same auth.
+    let client = reqwest::Client::new();
+    let anonymous = client
+        .put(format!("http://{addr}/git/notes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let read_only = client
+        .put(format!("http://{addr}/git/notes"))
+        .header("x-api-key", READ_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read_only.status(), 403);
+
+    // Health stays open, and nothing the reader sent was stored.
+    let health = reqwest::get(format!("http://{addr}/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let room = ksync_core::LogName::Room(ksync_core::Name::new("lobby").unwrap());
+    let storage = running.provider().existing(&room).unwrap().unwrap();
+    assert_eq!(storage.len(), 1);
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn repeated_websocket_failures_are_rate_limited() {
+    let running = Server::bind(config(keys(3))).await.unwrap();
+    let addr = running.local_addr();
+    let url = format!("ws://{addr}/ws/lobby");
+    for _ in 0..3 {
+        assert_eq!(refusal_status(connect(&url, Some("guess")).await), 401);
+    }
+    // Now refused before the credentials are even looked at, over WebSocket and HTTP alike.
+    assert_eq!(refusal_status(connect(&url, Some(FULL_KEY)).await), 429);
+    let git = reqwest::Client::new()
+        .get(format!("http://{addr}/git/notes"))
+        .header("x-api-key", FULL_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(git.status(), 429);
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("ksync_auth_refused_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("ksync_auth_rate_limited_total 2"),
+        "{metrics}"
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_closes_websockets_with_going_away_and_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let on_disk = ServerConfig {
+        in_memory: false,
+        data_dir: dir.path().to_owned(),
+        ..config(AuthConfig::default())
+    };
+    let running = Server::bind(on_disk.clone()).await.unwrap();
+    let addr = running.local_addr();
+    let mut ws = connect(&format!("ws://{addr}/ws/journal"), None)
+        .await
+        .unwrap();
+    hello(&mut ws).await;
+    send(
+        &mut ws,
+        json!({"type": "publish", "ref": 1, "events": [event("e1"), event("e2")]}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["results"][1]["status"], "stored");
+
+    let shutdown = tokio::spawn(running.shutdown());
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("closed within 10 s")
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("expected a close frame, got {e}"),
+            None => panic!("stream ended without a close frame"),
+        }
+    };
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
+    shutdown.await.unwrap().unwrap();
+
+    // The same data directory after a restart holds both events.
+    let restarted = Server::bind(on_disk).await.unwrap();
+    let room = ksync_core::LogName::Room(ksync_core::Name::new("journal").unwrap());
+    let storage = restarted.provider().existing(&room).unwrap().unwrap();
+    assert_eq!(storage.len(), 2);
+    restarted.shutdown().await.unwrap();
+}
