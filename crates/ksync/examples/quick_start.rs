@@ -20,9 +20,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "my-events.log".into());
     let ksync = KSync::builder()
         .storage(Arc::new(FileStorage::open(&path)?)) // crash-safe, survives restarts
-        .sync_client(Arc::new(WebSocketSyncClient::new(
-            "ws://127.0.0.1:8080/ws/demo",
-        )?))
+        // ws://127.0.0.1:8080/ws/demo unless KSYNC_SERVER says otherwise.
+        .sync_client(Arc::new(WebSocketSyncClient::new(common::ws_url("demo"))?))
         .build()
         .await?;
     let _events = ksync.on("event", |n| {
