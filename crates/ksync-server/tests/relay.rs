@@ -329,3 +329,82 @@ async fn shutdown_closes_websockets_with_going_away_and_keeps_data() {
     assert_eq!(storage.len(), 2);
     restarted.shutdown().await.unwrap();
 }
+
+async fn connect_bearer(url: &str, token: &str) -> Result<Ws, WsError> {
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+#[tokio::test]
+async fn websocket_jwt_matrix() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
+    const SECRET: &str = "relay-test-secret-0123456789abcdef0123";
+    let running = Server::bind(config(AuthConfig {
+        jwt_keys: vec![ksync_server::JwtKey::hs256(SECRET)],
+        audience: vec!["ksync".into()],
+        ..AuthConfig::default()
+    }))
+    .await
+    .unwrap();
+    let addr = running.local_addr();
+    let token = |claims: Value| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let now = get_current_timestamp();
+    let lobby = format!("ws://{addr}/ws/lobby");
+
+    let good = token(json!({"sub": "u1", "exp": now + 300, "aud": "ksync", "rooms": ["lobby"]}));
+    let mut ws = connect_bearer(&lobby, &good).await.unwrap();
+    hello(&mut ws).await;
+    assert_eq!(
+        refusal_status(connect_bearer(&format!("ws://{addr}/ws/secret"), &good).await),
+        403,
+        "wrong room"
+    );
+    let expired = token(json!({"exp": now - 60, "aud": "ksync"}));
+    assert_eq!(refusal_status(connect_bearer(&lobby, &expired).await), 401);
+    let early = token(json!({"exp": now + 300, "nbf": now + 120, "aud": "ksync"}));
+    assert_eq!(refusal_status(connect_bearer(&lobby, &early).await), 401);
+    let wrong_aud = token(json!({"exp": now + 300, "aud": "other"}));
+    assert_eq!(
+        refusal_status(connect_bearer(&lobby, &wrong_aud).await),
+        401
+    );
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(json!({"exp": now + 300, "aud": "ksync"})
+            .to_string()
+            .as_bytes())
+    );
+    assert_eq!(refusal_status(connect_bearer(&lobby, &none).await), 401);
+
+    // A read-only token publishing: refused, nothing stored.
+    let reader = token(json!({"exp": now + 300, "aud": "ksync", "scope": "read"}));
+    let mut ws = connect_bearer(&lobby, &reader).await.unwrap();
+    hello(&mut ws).await;
+    send(
+        &mut ws,
+        json!({"type": "publish", "ref": 1, "events": [event("x")]}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "forbidden");
+    let room = ksync_core::LogName::Room(ksync_core::Name::new("lobby").unwrap());
+    assert_eq!(
+        running.provider().existing(&room).unwrap().unwrap().len(),
+        0
+    );
+    running.shutdown().await.unwrap();
+}
