@@ -16,6 +16,7 @@
 
 mod auth;
 mod config;
+mod dashboard;
 mod error;
 mod ratelimit;
 mod server;
@@ -25,5 +26,6 @@ pub use config::{
     ApiKey, AuthConfig, DEFAULT_BIND, DEFAULT_DATA_DIR, DEFAULT_MAX_MESSAGE_BYTES, JwtKey,
     JwtKeyMaterial, Limits, RateLimit, Scope, Secret, ServerConfig,
 };
+pub use dashboard::MONITOR_PATH;
 pub use error::ServerError;
 pub use server::{RunningServer, Server, ShutdownSignal, StorageLocation};
