@@ -1179,6 +1179,7 @@ impl Node {
         for key in &requested {
             self.in_flight.remove(key);
         }
+        let requested: HashSet<RevisionKey> = requested.into_iter().collect();
         let mut valid = Vec::with_capacity(events.len());
         let mut received = HashSet::with_capacity(events.len());
         let mut bad = 0usize;
