@@ -104,9 +104,33 @@ async fn secrets_from_env_and_files_never_reach_the_logs() {
     );
     let body = health(&served.addr).await;
     assert_eq!(body["status"], "ok");
+    // Use the right key, a wrong one and a forged token, so that acceptance and refusals are
+    // logged (at debug level) and can be searched for secrets.
+    let wrong_key = "wrong-key-that-must-not-be-logged";
+    let forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.forged-signature-must-not-be-logged";
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/git/notes", served.addr);
+    let ok = client
+        .put(&url)
+        .header("x-api-key", API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert!(ok.status().is_success(), "{}", ok.status());
+    let refused = client
+        .get(&url)
+        .header("x-api-key", wrong_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let refused = client.get(&url).bearer_auth(forged).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
     let stderr = stop(served);
-    assert!(!stderr.contains(JWT_SECRET), "{stderr}");
-    assert!(!stderr.contains(API_KEY), "{stderr}");
+    assert!(stderr.contains("authentication refused"), "{stderr}");
+    for secret in [JWT_SECRET, API_KEY, wrong_key, forged, "forged-signature"] {
+        assert!(!stderr.contains(secret), "{secret} in {stderr}");
+    }
     assert!(stderr.contains("auth=true"), "{stderr}");
     assert!(
         stderr.contains("api_keys=[\"ci\"]"),
