@@ -40,6 +40,7 @@ pub const MONITOR_PATH: &str = "/monitor";
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const DASHBOARD_JS: &str = include_str!("../assets/dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("../assets/dashboard.css");
+const FAVICON_SVG: &str = include_str!("../assets/favicon.svg");
 /// The browser client, kept in the repository at `clients/js/ksync.js`.
 const CLIENT_JS: &str = include_str!("../../../clients/js/ksync.js");
 
@@ -106,6 +107,10 @@ pub(crate) fn router(dashboard: Arc<Dashboard>) -> Router {
         .route(
             "/ksync.js",
             get(|| async { asset(CLIENT_JS, "text/javascript") }),
+        )
+        .route(
+            "/favicon.ico",
+            get(|| async { asset(FAVICON_SVG, "image/svg+xml") }),
         )
         .route(MONITOR_PATH, any(monitor))
         .with_state(dashboard)

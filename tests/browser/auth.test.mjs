@@ -1,0 +1,107 @@
+// With auth configured: the dashboard and the browser client need credentials, sent the
+// browser way (subprotocol entries), and the server never logs them.
+import assert from 'node:assert/strict';
+import { createHmac } from 'node:crypto';
+import { after, before, test } from 'node:test';
+
+import { launchBrowser, makeEvent, startPeer, startServer, waitFor } from './lib.mjs';
+
+const API_KEY = 'dashKey7f3a9c2e41b8d605';
+const WRONG_KEY = 'wrongKey0a1b2c3d4e5f6789';
+const JWT_SECRET = 'browser-test-secret-0123456789abcdef-xyz';
+
+function jwt(claims) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const body = `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}`;
+  return `${body}.${createHmac('sha256', JWT_SECRET).update(body).digest('base64url')}`;
+}
+const TOKEN = jwt({ sub: 'browser-user', exp: Math.floor(Date.now() / 1000) + 3600 });
+
+let server;
+let browser;
+
+before(async () => {
+  server = await startServer({
+    args: ['--in-memory', '--auth-max-failures', '100'],
+    // Secrets through the environment, as the CLI recommends; debug logs to catch any leak.
+    env: { KSYNC_API_KEYS: `dashboard=${API_KEY}`, KSYNC_JWT_SECRET: JWT_SECRET, RUST_LOG: 'debug' },
+  });
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+});
+
+test('without a token the dashboard is refused and asks for one', async () => {
+  const page = await browser.newPage();
+  await page.goto(`${server.http}/`);
+  await page.waitForSelector('#auth-panel', { state: 'visible', timeout: 10000 });
+  assert.equal(await page.getAttribute('#status', 'data-state'), 'unauthorized');
+  assert.equal(await page.isVisible('#main'), false);
+  assert.match(await page.textContent('#auth-error'), /credentials/i);
+  // The feed itself refuses an upgrade without credentials (the browser only sees a close).
+  const outcome = await page.evaluate((url) => new Promise((resolve) => {
+    const socket = new WebSocket(url, ['ksync.v1']);
+    socket.onopen = () => resolve('open');
+    socket.onclose = (close) => resolve(`closed ${close.code}`);
+  }), `${server.ws}/monitor`);
+  assert.equal(outcome, 'closed 1006');
+  const status = await page.evaluate(async (url) => (await fetch(url)).status, `${server.http}/monitor`);
+  assert.equal(status, 401);
+
+  // A wrong key is refused too.
+  await page.selectOption('#auth-type', 'apikey');
+  await page.fill('#auth-secret', WRONG_KEY);
+  await page.click('#auth-form button');
+  await waitFor(async () => /Refused \(401\)/.test(await page.textContent('#auth-error')), 5000, 'wrong key refused');
+  assert.equal(await page.isVisible('#main'), false);
+
+  // The right key opens the live dashboard, which counts an authenticated Rust client.
+  await page.fill('#auth-secret', API_KEY);
+  await page.click('#auth-form button');
+  await page.waitForSelector('#status[data-state="live"]', { timeout: 10000 });
+  assert.match(await page.textContent('#subject'), /dashboard/);
+  const rust = startPeer(`${server.ws}/ws/secure`, { apiKey: API_KEY });
+  await rust.waitConnected();
+  await waitFor(async () => (await page.textContent('#clients-count')) === '1', 5000, 'the Rust client counted');
+  await rust.quit();
+  await page.close();
+});
+
+test('the browser client authenticates with a JWT and exchanges events with a Rust client', async () => {
+  const rust = startPeer(`${server.ws}/ws/secure`, { token: TOKEN });
+  await rust.waitConnected();
+  const page = await browser.newPage();
+  await page.goto(`${server.http}/health`);
+  const result = await page.evaluate(async ({ url, token, event }) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { auth: { type: 'jwt', token } });
+    await client.connect();
+    window.client = client;
+    return client.send(event);
+  }, { url: `${server.ws}/ws/secure`, token: TOKEN, event: makeEvent('jwt-page') });
+  assert.equal(result.status, 'stored');
+  await waitFor(() => rust.received().length === 1, 5000, 'the Rust client received the page event');
+
+  // Without credentials the browser client cannot connect.
+  const refused = await page.evaluate(async (url) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { reconnect: false });
+    return client.connect().then(() => 'connected', (error) => error.code);
+  }, `${server.ws}/ws/secure`);
+  assert.equal(refused, 'connect');
+  await page.evaluate(() => window.client.disconnect());
+  await rust.quit();
+  await page.close();
+});
+
+test('the server never logs the credentials', async () => {
+  // Give the log a moment to be written, then look for every secret we presented.
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.match(server.stderr, /auth refused/, 'refusals are logged (without the credential)');
+  for (const secret of [API_KEY, WRONG_KEY, TOKEN, TOKEN.split('.')[2], JWT_SECRET]) {
+    assert.equal(server.stderr.includes(secret), false, 'a credential appeared in the server log');
+  }
+});

@@ -1,0 +1,149 @@
+// The browser client (`/ksync.js`) in headless Chromium against the real server, with a Rust
+// WebSocketSyncClient on the other side of the room.
+import assert from 'node:assert/strict';
+import { rmSync } from 'node:fs';
+import { after, before, test } from 'node:test';
+
+import { launchBrowser, makeEvent, sharedServer, startPeer, startServer, tempDir, waitFor } from './lib.mjs';
+
+let browser;
+
+before(async () => {
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+/** Opens a page on `http` and starts a WebSocketSyncClient there (as `window.client`). */
+async function pageClient(http, url, options = {}) {
+  const page = await browser.newPage();
+  // Any page of the server's origin can import the module; /health is a small one.
+  await page.goto(`${http}/health`);
+  await page.evaluate(async ({ url, options }) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { ...options, reconnectDelay: { min: 100, max: 1000 } });
+    window.received = [];
+    window.acked = [];
+    window.connects = 0;
+    window.errors = [];
+    client.on('event', (event, meta) => window.received.push({ seq: meta.seq, event }));
+    client.on('connected', () => { window.connects += 1; });
+    client.on('error', (error) => window.errors.push(`${error.code}: ${error.message}`));
+    window.client = client;
+    window.sendTracked = (event) => client.send(event).then((result) => {
+      window.acked.push({ id: event.id, ...result });
+      return result;
+    });
+    await client.connect();
+  }, { url, options });
+  return page;
+}
+
+const receivedIds = (page) => page.evaluate(() => window.received.map((r) => r.event.id));
+
+test('a page publishes to a Rust client and receives what the Rust client sends', async () => {
+  const server = await sharedServer();
+  const rust = startPeer(`${server.ws}/ws/interop`);
+  try {
+    await rust.waitConnected();
+    const page = await pageClient(server.http, `${server.ws}/ws/interop`);
+    assert.equal(await page.evaluate(() => window.client.room), 'interop');
+
+    const fromPage = makeEvent('page', { text: 'hello from the browser', nested: { list: [1, 2, 3] } });
+    const result = await page.evaluate((event) => window.sendTracked(event), fromPage);
+    assert.equal(result.status, 'stored');
+    await waitFor(() => rust.received().some((e) => e.id === fromPage.id), 5000, 'the Rust client received the page event');
+    const got = rust.received().find((e) => e.id === fromPage.id);
+    assert.deepEqual(got.data, fromPage.data);
+    assert.equal(got.type, fromPage.type);
+
+    const fromRust = makeEvent('rust', { text: 'hello from rust' });
+    rust.send(fromRust);
+    await waitFor(async () => (await receivedIds(page)).includes(fromRust.id), 5000, 'the page received the Rust event');
+    const seen = await page.evaluate(() => window.received.at(-1));
+    assert.deepEqual(seen.event.data, fromRust.data);
+    assert.equal(seen.seq, result.seq + 1);
+    assert.equal(await page.evaluate(() => window.client.cursor), result.seq + 1);
+
+    // Duplicates are acknowledged as such; refused events reject the promise.
+    const again = await page.evaluate((event) => window.client.send(event), fromPage);
+    assert.deepEqual(again, { status: 'duplicate', seq: result.seq });
+    const refused = await page.evaluate(() => window.client
+      .send({ id: 'x', type: 't', data: 1, timestamp: 1, version: 0 })
+      .then(() => 'accepted', (error) => error.message));
+    assert.match(refused, /version/);
+    assert.deepEqual(page.problems, []);
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  } finally {
+    await rust.quit();
+    await server.stop();
+  }
+});
+
+test('after a server restart the page resumes from its cursor without losing events', async () => {
+  const dataDir = tempDir('ksync-browser-data-');
+  let server = await startServer({ args: ['--data-dir', dataDir] });
+  const addr = server.addr;
+  const rust = startPeer(`${server.ws}/ws/resume`);
+  try {
+    await rust.waitConnected(1);
+    const page = await pageClient(server.http, `${server.ws}/ws/resume`);
+    const pageSent = [];
+    const rustSent = [];
+    for (let i = 0; i < 5; i++) {
+      const event = makeEvent('before-page', { i });
+      pageSent.push(event.id);
+      await page.evaluate((e) => window.sendTracked(e), event);
+      const other = makeEvent('before-rust', { i });
+      rustSent.push(other.id);
+      rust.send(other);
+    }
+    await waitFor(async () => (await receivedIds(page)).length === 5, 5000, 'the page got the first 5 Rust events');
+
+    // Stop the server; both sides notice and start reconnecting.
+    const stopped = await server.stop();
+    assert.equal(stopped.code, 0, `clean shutdown:\n${server.stderr}`);
+    await waitFor(() => page.evaluate(() => !window.client.connected), 5000, 'the page noticed the restart');
+    // Sent while the server is down: they wait in the page's outbox.
+    const whileDown = [0, 1, 2].map((i) => makeEvent('down-page', { i }));
+    pageSent.push(...whileDown.map((e) => e.id));
+    await page.evaluate((events) => { window.pendingDown = Promise.all(events.map((e) => window.sendTracked(e))); }, whileDown);
+    for (let i = 0; i < 3; i++) {
+      const event = makeEvent('down-rust', { i });
+      rustSent.push(event.id);
+      rust.send(event);
+    }
+
+    server = await startServer({ args: ['--data-dir', dataDir], bind: addr });
+    await waitFor(() => page.evaluate(() => window.connects >= 2), 10000, 'the page reconnected');
+    await rust.waitConnected(2);
+    const results = await page.evaluate(() => window.pendingDown);
+    assert.ok(results.every((r) => r.status === 'stored'), JSON.stringify(results));
+    for (let i = 0; i < 3; i++) {
+      const event = makeEvent('after-rust', { i });
+      rustSent.push(event.id);
+      rust.send(event);
+    }
+
+    // Everything the Rust client sent reached the page exactly once, and the other way round.
+    await waitFor(async () => (await receivedIds(page)).length >= rustSent.length, 10000,
+      'the page received every Rust event');
+    assert.deepEqual((await receivedIds(page)).sort(), [...rustSent].sort());
+    await waitFor(() => pageSent.every((id) => rust.received().some((e) => e.id === id)), 10000,
+      'the Rust client received every page event');
+    // No gap: the page saw every sequence number of the room, in its acks or its events.
+    const seqs = await page.evaluate(() => [...window.received.map((r) => r.seq), ...window.acked.map((a) => a.seq)]);
+    const total = rustSent.length + pageSent.length;
+    assert.deepEqual([...new Set(seqs)].sort((a, b) => a - b), Array.from({ length: total }, (_, i) => i + 1));
+    assert.equal(await page.evaluate(() => window.client.cursor), total);
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  } finally {
+    await rust.quit();
+    await server.stop();
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+});

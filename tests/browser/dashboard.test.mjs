@@ -1,0 +1,96 @@
+// The dashboard at `/` of a running `ksync serve --in-memory`, in headless Chromium.
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+
+import { artifactPath, launchBrowser, makeEvent, sharedServer, startPeer, waitFor } from './lib.mjs';
+
+let server;
+let browser;
+let page;
+const peers = [];
+
+const clientsShown = () => page.textContent('#clients-count').then((t) => Number.parseInt(t, 10));
+
+before(async () => {
+  server = await sharedServer();
+  browser = await launchBrowser();
+  page = await browser.newPage();
+  await page.goto(`${server.http}/`);
+  await page.waitForSelector('#status[data-state="live"]', { timeout: 10000 });
+});
+
+after(async () => {
+  await Promise.all(peers.map((p) => p.kill().catch(() => {})));
+  await browser?.close();
+  await server?.stop();
+});
+
+test('the dashboard loads over the live feed with no console errors', async () => {
+  assert.equal(await page.title(), 'kSync dashboard');
+  // The first stats arrive right after the welcome.
+  await waitFor(async () => (await page.textContent('#events-stored')) !== '–', 5000, 'stats shown');
+  assert.equal(await page.isVisible('#auth-panel'), false);
+  assert.deepEqual(page.problems, []);
+});
+
+test('events a Rust client publishes appear in the live tail within a second', async () => {
+  const publisher = startPeer(`${server.ws}/ws/tail-room`);
+  peers.push(publisher);
+  await publisher.waitConnected();
+  for (let round = 0; round < 3; round++) {
+    const event = makeEvent('tail', { round, text: `hello from rust ${round}` });
+    const sentAt = Date.now();
+    publisher.send(event);
+    await page.waitForSelector(`#tail .row[data-id="${event.id}"]`, { timeout: 1000 });
+    const row = await page.textContent(`#tail .row[data-id="${event.id}"]`);
+    assert.match(row, /tail-room/);
+    assert.match(row, /tail_event/);
+    assert.ok(Date.now() - sentAt <= 1000, `shown ${Date.now() - sentAt} ms after sending`);
+  }
+  // The room and its sequence number are listed.
+  await waitFor(async () => (await page.textContent('#rooms tr[data-room="tail-room"]'))?.includes('3'), 3000,
+    'room tail-room listed at seq 3');
+  // The filter box narrows the tail to matching rows.
+  const other = makeEvent('other', { text: 'not matching' });
+  publisher.send(other);
+  await page.waitForSelector(`#tail .row[data-id="${other.id}"]`, { timeout: 1000 });
+  await page.fill('#tail-filter', 'hello from rust 1');
+  await waitFor(async () => (await page.$$('#tail .row')).length === 1, 2000, 'filtered to one row');
+  assert.match(await page.textContent('#tail .row'), /hello from rust 1/);
+  await page.fill('#tail-filter', '');
+  await waitFor(async () => (await page.$$('#tail .row')).length >= 4, 2000, 'filter cleared');
+  await publisher.quit();
+  assert.deepEqual(page.problems, []);
+});
+
+test('the connected-clients count follows clients joining and leaving', async () => {
+  await waitFor(async () => (await clientsShown()) === 0, 5000, 'no clients at first');
+  const joined = [startPeer(`${server.ws}/ws/count-a`), startPeer(`${server.ws}/ws/count-a`), startPeer(`${server.ws}/ws/count-b`)];
+  peers.push(...joined);
+  await Promise.all(joined.map((p) => p.waitConnected()));
+  await waitFor(async () => (await clientsShown()) === 3, 3000, 'three clients shown');
+  assert.equal((await page.$$('#clients tbody tr')).length, 3);
+  await joined[0].quit();
+  await waitFor(async () => (await clientsShown()) === 2, 3000, 'two clients after one quit');
+  // A client that vanishes without closing is counted out once its socket ends.
+  await joined[1].kill();
+  await waitFor(async () => (await clientsShown()) === 1, 5000, 'one client after one was killed');
+  await joined[2].quit();
+  await waitFor(async () => (await clientsShown()) === 0, 3000, 'none left');
+  assert.deepEqual(page.problems, []);
+});
+
+test('a screenshot of the dashboard under load', async () => {
+  const loaders = ['orders', 'chat', 'telemetry'].map((room) => startPeer(`${server.ws}/ws/${room}`));
+  peers.push(...loaders);
+  await Promise.all(loaders.map((p) => p.waitConnected()));
+  loaders.forEach((p, i) => p.command({ cmd: 'burst', count: 1500, perSecond: 150 * (i + 1), type: ['order_placed', 'message', 'reading'][i], prefix: `load${i}` }));
+  // Let the chart collect a few seconds of rates.
+  await waitFor(async () => Number.parseFloat(await page.textContent('#rate')) > 50, 8000, 'a rate above 50 events/s shown');
+  await new Promise((resolve) => setTimeout(resolve, 4000));
+  assert.ok((await page.$$('#tail .row')).length > 20, 'the tail fills up');
+  assert.equal(await clientsShown(), 3);
+  await page.screenshot({ path: artifactPath('dashboard.png'), fullPage: true });
+  await Promise.all(loaders.map((p) => p.kill()));
+  assert.deepEqual(page.problems, []);
+});

@@ -1,0 +1,178 @@
+// Helpers for the browser tests: the real `ksync` server, Rust peers (the `browser_peer`
+// example, a WebSocketSyncClient driven over stdin/stdout) and a headless Chromium driven by
+// playwright-core. `cargo xtask browser` sets the environment:
+//   KSYNC_BIN         the ksync binary
+//   KSYNC_PEER_BIN    the browser_peer example binary
+//   KSYNC_URL         http://addr of a running `ksync serve --in-memory` (tests that need their
+//                     own server, e.g. with auth or file storage, start it here)
+//   KSYNC_PLAYWRIGHT  the playwright-core package directory
+//   KSYNC_CHROMIUM    the Chromium executable (default /usr/bin/chromium)
+//   KSYNC_ARTIFACTS   where screenshots go (default target/artifacts)
+import { spawn } from 'node:child_process';
+import { createRequire } from 'node:module';
+import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+
+const require = createRequire(import.meta.url);
+
+export const ARTIFACTS = process.env.KSYNC_ARTIFACTS ?? path.resolve('target/artifacts');
+
+function need(name) {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set: run these tests with \`cargo xtask browser\``);
+  return value;
+}
+
+/** Resolves once `check()` is truthy (returns its value); rejects with `message` after `ms`. */
+export async function waitFor(check, ms, message) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms: ${message}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** Starts `ksync serve` with `args` and `env`; resolves once it printed its address. */
+export async function startServer({ args = ['--in-memory'], env = {}, bind = '127.0.0.1:0' } = {}) {
+  const child = spawn(need('KSYNC_BIN'), ['serve', '--bind', bind, ...args], {
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const server = { child, stderr: '', stdout: '' };
+  child.stderr.on('data', (chunk) => { server.stderr += chunk; });
+  const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+  server.exited = exited;
+  const addr = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`ksync serve printed no address in 20 s:\n${server.stderr}`)), 20000);
+    child.stdout.on('data', (chunk) => {
+      server.stdout += chunk;
+      const match = /listening on ws:\/\/([^\s]+)/.exec(server.stdout);
+      if (match) {
+        clearTimeout(timer);
+        resolve(match[1]);
+      }
+    });
+    exited.then(({ code, signal }) => {
+      clearTimeout(timer);
+      reject(new Error(`ksync serve exited (${code ?? signal}) before listening:\n${server.stderr}`));
+    });
+  });
+  server.addr = addr;
+  server.http = `http://${addr}`;
+  server.ws = `ws://${addr}`;
+  server.stop = async () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+    const timer = setTimeout(() => child.kill('SIGKILL'), 15000);
+    const result = await exited;
+    clearTimeout(timer);
+    return result;
+  };
+  return server;
+}
+
+/** The shared in-memory server started by `cargo xtask browser` (or one of our own). */
+export async function sharedServer() {
+  if (process.env.KSYNC_URL) {
+    const http = process.env.KSYNC_URL.replace(/\/$/, '');
+    const addr = http.replace(/^http:\/\//, '');
+    return { addr, http, ws: `ws://${addr}`, stop: async () => {}, shared: true };
+  }
+  return startServer();
+}
+
+/** A Rust WebSocketSyncClient in its own process, connected to `url`. */
+export function startPeer(url, { apiKey, token } = {}) {
+  const args = [url];
+  if (apiKey) args.push('--api-key', apiKey);
+  if (token) args.push('--token', token);
+  const child = spawn(need('KSYNC_PEER_BIN'), args, {
+    env: { ...process.env, RUST_LOG: 'warn' },
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  const peer = { child, reports: [], stderr: '' };
+  child.stderr.on('data', (chunk) => { peer.stderr += chunk; });
+  readline.createInterface({ input: child.stdout }).on('line', (line) => {
+    try {
+      peer.reports.push(JSON.parse(line));
+    } catch {
+      peer.reports.push({ kind: 'unparsed', line });
+    }
+  });
+  peer.exited = new Promise((resolve) => child.once('exit', resolve));
+  peer.command = (command) => child.stdin.write(`${JSON.stringify(command)}\n`);
+  peer.send = (event) => peer.command({ cmd: 'send', event });
+  peer.received = () => peer.reports.filter((r) => r.kind === 'event').map((r) => r.event);
+  peer.connects = () => peer.reports.filter((r) => r.kind === 'connected').length;
+  peer.waitConnected = (n = 1, ms = 10000) => waitFor(() => peer.connects() >= n, ms,
+    `Rust peer connected ${n} time(s); reports: ${JSON.stringify(peer.reports.slice(-5))} ${peer.stderr}`);
+  peer.quit = async () => {
+    if (child.exitCode === null) peer.command({ cmd: 'quit' });
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+    await peer.exited;
+    clearTimeout(timer);
+  };
+  peer.kill = async () => {
+    child.kill('SIGKILL');
+    await peer.exited;
+  };
+  return peer;
+}
+
+/** Headless Chromium (the system one) with a fresh profile directory. */
+export async function launchBrowser() {
+  const { chromium } = require(need('KSYNC_PLAYWRIGHT'));
+  const profile = mkdtempSync(path.join(tmpdir(), 'ksync-chromium-'));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.KSYNC_CHROMIUM ?? '/usr/bin/chromium',
+    headless: true,
+    viewport: { width: 1400, height: 1000 },
+    args: [
+      '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+  });
+  return {
+    context,
+    async newPage() {
+      const page = await context.newPage();
+      const problems = [];
+      page.on('console', (message) => {
+        if (message.type() === 'error') problems.push(`console error: ${message.text()}`);
+      });
+      page.on('pageerror', (error) => problems.push(`page error: ${error.message}`));
+      page.problems = problems;
+      return page;
+    },
+    async close() {
+      await context.close();
+      rmSync(profile, { recursive: true, force: true });
+    },
+  };
+}
+
+export function artifactPath(name) {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  return path.join(ARTIFACTS, name);
+}
+
+/** A fresh temporary directory (removed by the caller). */
+export function tempDir(prefix) {
+  return mkdtempSync(path.join(tmpdir(), prefix));
+}
+
+let counter = 0;
+/** An event in the spec's shape with a unique id. */
+export function makeEvent(prefix, data = {}) {
+  counter += 1;
+  return {
+    id: `${prefix}-${process.pid}-${counter}-${Math.random().toString(36).slice(2, 8)}`,
+    type: `${prefix}_event`,
+    data,
+    timestamp: Date.now(),
+    version: 1,
+  };
+}
