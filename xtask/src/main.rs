@@ -1,6 +1,8 @@
 //! Project automation: `cargo xtask <ci | bench [scenario..]>`.
 
 mod bench;
+mod browser;
+mod chaos;
 mod ci;
 
 use std::process::Command;
@@ -12,6 +14,8 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("chaos") => chaos::run(&args[1..]),
+        Some("browser") => browser::run(&args[1..]),
         Some(other) => bail!("unknown xtask {other:?}\n{USAGE}"),
         None => {
             println!("{USAGE}");
@@ -23,7 +27,11 @@ fn main() -> Result<()> {
 const USAGE: &str = "usage: cargo xtask <command>
   ci [step..]           fmt, clippy -D warnings (workspace + umbrella feature matrix), tests,
                         docs, cargo deny; steps: fmt clippy features test doc deny
-  bench [scenario..]    benchmarks side by side with their baselines (default: all)";
+  bench [scenario..]    benchmarks side by side with their baselines (default: all)
+  chaos [options]       the reliability and security suite with long budgets, the fuzz
+                        targets, and the table of figures (see docs/RELIABILITY.md)
+  browser [file..]      the dashboard and the JS client in headless Chromium (installs chromium
+                        and playwright-core when missing; default: every tests/browser/*.test.mjs)";
 
 /// Runs `cargo <args>`, failing on a non-zero exit.
 pub(crate) fn cargo(args: &[&str]) -> Result<()> {
