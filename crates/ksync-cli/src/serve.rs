@@ -75,7 +75,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_AUTH_MAX_FAILURES", default_value_t = RateLimit::default().max_failures)]
     auth_max_failures: u32,
 
-    /// Largest accepted message or request body, in bytes.
+    /// Largest accepted WebSocket message, in bytes.
     #[arg(long, env = "KSYNC_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
 

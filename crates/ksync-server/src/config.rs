@@ -12,7 +12,7 @@ pub const DEFAULT_BIND: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 /// Default data directory (relative to the working directory).
 pub const DEFAULT_DATA_DIR: &str = "./ksync-data";
-/// Default maximum size of one WebSocket message or request body: 1 MiB.
+/// Default maximum size of one WebSocket message: 1 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// Everything `ksync serve` can be told.
@@ -45,7 +45,8 @@ impl Default for ServerConfig {
 /// Limits that protect the server from large or many clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest accepted WebSocket message or HTTP body, in bytes (1 MiB).
+    /// Largest accepted WebSocket message (and frame), in bytes (1 MiB). Repository pushes
+    /// have their own body limit (`ksync_git::server::GitServerConfig`, 16 MiB).
     pub max_message_bytes: usize,
     /// Most simultaneous WebSocket connections (10,000); more are refused.
     pub max_connections: usize,

@@ -423,17 +423,14 @@ async fn refuse_rate_limited(
 struct LogCounts {
     rooms: usize,
     repos: usize,
-    events: u64,
 }
 
 fn log_counts(provider: &dyn StorageProvider) -> Result<LogCounts, ksync_core::StorageError> {
     let mut rooms = 0;
     let mut repos = BTreeSet::new();
-    let mut events = 0;
+    // Names only: opening every log (a file replay with FileProvider) would make a health
+    // probe as expensive as a restart and keep every log in memory.
     for name in provider.list()? {
-        if let Some(storage) = provider.existing(&name)? {
-            events += storage.len();
-        }
         match name {
             LogName::Room(_) => rooms += 1,
             LogName::Branch { repo, .. } => {
@@ -444,7 +441,6 @@ fn log_counts(provider: &dyn StorageProvider) -> Result<LogCounts, ksync_core::S
     Ok(LogCounts {
         rooms,
         repos: repos.len(),
-        events,
     })
 }
 
@@ -516,12 +512,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "gauge",
             "Repositories with at least one branch.",
             counts.repos as u64,
-        );
-        metric(
-            "ksync_events_stored",
-            "gauge",
-            "Events held across all logs.",
-            counts.events,
         );
     }
     if let Some(counters) = &state.auth_counters {
