@@ -86,6 +86,13 @@ impl LogIndex {
         Self::default()
     }
 
+    /// Reserves room for `additional` more events, so a bulk load (replaying a log file)
+    /// does not rehash and regrow as it goes.
+    pub fn reserve(&mut self, additional: usize) {
+        self.events.reserve(additional);
+        self.by_id.reserve(additional);
+    }
+
     /// The number of events, which is also the last sequence number.
     pub fn len(&self) -> u64 {
         self.events.len() as u64

@@ -9,8 +9,9 @@
 //! is caught as surely as a damaged payload. Sequence numbers are not stored: the n-th event
 //! record is event n.
 //!
-//! Payloads are postcard for the fixed fields followed by the event's `data` as JSON text (see
-//! [`encode_event`] for why).
+//! Event payloads are postcard for the fixed fields (`id`, `type`, `timestamp`, `version`,
+//! `origin`) followed by the event's `data` in a compact binary value encoding (a tagged tree
+//! with LEB128 varints; see `encode_event` for why). Meta payloads are postcard `(key, value)`.
 
 use ksync_core::{Event, StorageError};
 use serde::{Deserialize, Serialize};
@@ -133,10 +134,10 @@ fn record_crc(len_bytes: [u8; 4], kind: u8, payload: &[u8]) -> u32 {
 
 /// Appends one event record to `out` (nothing is appended on error).
 ///
-/// Payload choice: serde_json cannot be skipped for `data` (any JSON value; postcard cannot
-/// encode `serde_json::Value`, which needs a self-describing format), but the fixed fields in
-/// postcard avoid parsing key names and escapes. Measured on 1M ~200-byte events this decodes
-/// about 1.3x faster than a whole-event JSON payload and is ~15% smaller (see ARCHITECTURE.md).
+/// Payload choice (measured, see ARCHITECTURE.md): the fixed fields in postcard, then `data`
+/// in the binary value encoding of [`crate::value`] (postcard cannot carry a
+/// `serde_json::Value`). Replay time is dominated by payload decoding, and this decodes several
+/// times faster than a whole-event JSON payload and is about a third smaller.
 pub(crate) fn encode_event(event: &Event, out: &mut Vec<u8>) -> Result<(), StorageError> {
     frame(out, RecordKind::Event, |out| {
         let head = EventHead {
@@ -148,7 +149,7 @@ pub(crate) fn encode_event(event: &Event, out: &mut Vec<u8>) -> Result<(), Stora
         };
         postcard::to_io(&head, &mut *out)
             .map_err(|e| StorageError::Codec(format!("encoding event head: {e}")))?;
-        serde_json::to_writer(&mut *out, &event.data)
+        crate::value::encode(&event.data, out)
             .map_err(|e| StorageError::Codec(format!("encoding event data: {e}")))
     })
 }
@@ -183,11 +184,8 @@ pub(crate) enum Frame<'a> {
         /// Total bytes the record takes (header + payload).
         total: usize,
     },
-    /// The buffer ends inside the record; `need` bytes in total would complete it.
-    Incomplete {
-        /// Bytes needed from the record start.
-        need: usize,
-    },
+    /// The buffer ends inside the record.
+    Incomplete,
     /// The bytes cannot be a record (length out of range or checksum mismatch).
     Bad(&'static str),
 }
@@ -195,9 +193,7 @@ pub(crate) enum Frame<'a> {
 /// Parses the record that starts at `buf[0]`.
 pub(crate) fn parse_frame(buf: &[u8]) -> Frame<'_> {
     if buf.len() < RECORD_HEADER_LEN {
-        return Frame::Incomplete {
-            need: RECORD_HEADER_LEN,
-        };
+        return Frame::Incomplete;
     }
     let len_bytes = [buf[0], buf[1], buf[2], buf[3]];
     let len = u32::from_le_bytes(len_bytes) as usize;
@@ -206,7 +202,7 @@ pub(crate) fn parse_frame(buf: &[u8]) -> Frame<'_> {
     }
     let total = RECORD_HEADER_LEN + len;
     if buf.len() < total {
-        return Frame::Incomplete { need: total };
+        return Frame::Incomplete;
     }
     let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
     let kind = buf[8];
@@ -229,7 +225,7 @@ pub(crate) fn decode(kind: u8, payload: &[u8]) -> Result<Record, String> {
             let (head, data): (EventHead<'_>, &[u8]) = postcard::take_from_bytes(payload)
                 .map_err(|e| format!("undecodable event record: {e}"))?;
             let data =
-                serde_json::from_slice(data).map_err(|e| format!("undecodable event data: {e}"))?;
+                crate::value::decode(data).map_err(|e| format!("undecodable event data: {e}"))?;
             Ok(Record::Event(Event {
                 id: head.id.to_owned(),
                 event_type: head.event_type.to_owned(),
@@ -303,7 +299,7 @@ mod tests {
             );
         }
         for cut in 0..buf.len() {
-            assert!(matches!(parse_frame(&buf[..cut]), Frame::Incomplete { .. }));
+            assert!(matches!(parse_frame(&buf[..cut]), Frame::Incomplete));
         }
     }
 

@@ -15,6 +15,7 @@ pub mod format;
 mod provider;
 mod replay;
 mod storage;
+mod value;
 
 pub use fault::{FaultHook, WriteFault};
 pub use provider::FileProvider;

@@ -1,27 +1,33 @@
 //! Reopening a log: replay every record into a [`LogIndex`], and recover from a torn tail.
 //!
-//! Replay is a two-stage pipeline so a reopen of a million events stays well under a second:
-//! a decoder thread reads the file in big chunks, checks framing and checksums and decodes
-//! payloads; the calling thread inserts the decoded records into the index. The two halves cost
-//! about the same, so on two cores the pipeline nearly halves the wall time.
+//! Replay is a pipeline so that a reopen of a million events stays near a second: a reader
+//! thread reads the file in 1 MiB chunks and cuts them at record boundaries (lengths only);
+//! decoder threads (one per core, at most 4) check checksums and decode the chunks in
+//! parallel; the calling thread takes the decoded chunks back in file order and inserts them
+//! into the index. Decoding (allocating every event) and indexing cost about the same, so the
+//! stages overlap well.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use ksync_core::{LogIndex, StorageError};
 
-use crate::format::{Frame, HEADER_LEN, Record, decode, parse_frame};
+use crate::format::{
+    Frame, HEADER_LEN, MAX_RECORD_LEN, RECORD_HEADER_LEN, Record, decode, parse_frame,
+};
 
-/// Bytes read from the file at a time during replay.
-const READ_CHUNK: usize = 8 << 20;
-/// Records per batch handed from the decoder thread to the indexing thread.
-const BATCH: usize = 4096;
-/// Batches in flight between the two replay threads. The channel is bounded: the decoder waits
-/// when the indexer is behind, which caps replay memory at a few batches.
-const BATCHES_IN_FLIGHT: usize = 4;
+/// Bytes the reader reads at a time (and about the size of one chunk of records).
+const CHUNK: usize = 1 << 20;
+/// Chunks queued per decoder, in and out. Every replay channel is bounded (senders wait),
+/// which caps replay memory at a few MiB of raw chunks plus their decoded records.
+const CHUNKS_IN_FLIGHT: usize = 2;
+/// Most decoder threads.
+const MAX_DECODERS: usize = 4;
+/// Smallest plausible record on disk, used to size the index up front from the file length.
+const TYPICAL_MIN_RECORD: u64 = 128;
 
 /// What reopening a log found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,17 +64,26 @@ pub(crate) struct Replayed {
     pub(crate) report: RecoveryReport,
 }
 
-/// How the decoder thread stopped.
-enum DecodeEnd {
-    /// Every byte up to the end was a good record.
-    Clean,
-    /// The record at `offset` is incomplete or fails its checksum.
+/// Where and why replay stopped before the end of the file.
+#[derive(Debug)]
+enum Stop {
+    /// The record at `offset` is incomplete or fails its checksum: maybe a torn tail.
     Bad { offset: u64, reason: &'static str },
-    /// The indexing side hung up (it found an error of its own).
-    Stopped,
+    /// Damage that is never a torn tail (a well-checksummed record that does not decode).
+    Fatal(StorageError),
 }
 
-type Batch = Vec<(u64, Record)>;
+/// Raw bytes holding whole records, `base` being the file offset of `bytes[0]`.
+struct Chunk {
+    bytes: Vec<u8>,
+    base: u64,
+}
+
+/// A decoded chunk: its records in order, and where decoding stopped early, if it did.
+struct Decoded {
+    records: Vec<(u64, Record)>,
+    stop: Option<Stop>,
+}
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StorageError {
     let context = context.into();
@@ -79,23 +94,43 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StorageE
 /// Does not change the file; the caller cuts the tail if [`RecoveryReport::cut_tail`] says so.
 pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageError> {
     let file = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
-    let (tx, rx) = sync_channel::<Batch>(BATCHES_IN_FLIGHT);
+    let decoders = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_DECODERS);
     let mut log = LogIndex::new();
+    let estimate = file_len.saturating_sub(HEADER_LEN as u64) / TYPICAL_MIN_RECORD;
+    log.reserve(usize::try_from(estimate).unwrap_or(0));
     let mut meta = HashMap::new();
     let mut meta_records = 0u64;
-    let (indexed, decoded) = std::thread::scope(|scope| {
-        let decoder = scope.spawn(move || decode_file(file, HEADER_LEN as u64, file_len, tx));
-        let mut indexed: Result<(), StorageError> = Ok(());
-        'batches: for batch in rx.iter() {
-            for (offset, record) in batch {
+
+    let (index_stop, reader_result) = std::thread::scope(|scope| {
+        let mut inputs = Vec::with_capacity(decoders);
+        let mut outputs: Vec<Receiver<Decoded>> = Vec::with_capacity(decoders);
+        for _ in 0..decoders {
+            let (in_tx, in_rx) = sync_channel::<Chunk>(CHUNKS_IN_FLIGHT);
+            let (out_tx, out_rx) = sync_channel::<Decoded>(CHUNKS_IN_FLIGHT);
+            scope.spawn(move || decode_chunks(in_rx, out_tx));
+            inputs.push(in_tx);
+            outputs.push(out_rx);
+        }
+        let reader = scope.spawn(move || read_chunks(file, HEADER_LEN as u64, file_len, inputs));
+
+        // Take the chunks back in file order: chunk i went to decoder i % decoders.
+        let mut stop = None;
+        'chunks: for turn in 0usize.. {
+            let Ok(decoded) = outputs[turn % decoders].recv() else {
+                break;
+            };
+            for (offset, record) in decoded.records {
                 match record {
                     Record::Event(event) => {
                         if !log.push(event) {
-                            indexed = Err(StorageError::Corrupt {
+                            stop = Some(Stop::Fatal(StorageError::Corrupt {
                                 offset,
                                 reason: "the same (id, version) is stored twice".into(),
-                            });
-                            break 'batches;
+                            }));
+                            break 'chunks;
                         }
                     }
                     Record::Meta(key, value) => {
@@ -104,29 +139,35 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
                     }
                 }
             }
+            if decoded.stop.is_some() {
+                stop = decoded.stop;
+                break;
+            }
         }
-        // Dropping the receiver makes a still-running decoder stop at its next send.
-        drop(rx);
-        let decoded = decoder
+        // Hanging up makes the decoders, then the reader, stop at their next send.
+        drop(outputs);
+        let reader_result = reader
             .join()
-            .unwrap_or_else(|_| Err(StorageError::Codec("log decoder thread panicked".into())));
-        (indexed, decoded)
+            .unwrap_or_else(|_| Err(StorageError::Codec("log reader thread panicked".into())));
+        (stop, reader_result)
     });
-    indexed?;
+
+    // The first problem in file order wins: the index side only saw records before the
+    // reader's stop, so its own stop (if any) comes first.
+    let stop = match index_stop {
+        Some(stop) => Some(stop),
+        None => reader_result?,
+    };
     let mut report = RecoveryReport {
         events: log.len(),
         meta_records,
         valid_len: file_len,
         cut_tail: None,
     };
-    match decoded? {
-        DecodeEnd::Clean => {}
-        DecodeEnd::Stopped => {
-            return Err(StorageError::Codec(
-                "log decoder stopped before the end".into(),
-            ));
-        }
-        DecodeEnd::Bad { offset, reason } => {
+    match stop {
+        None => {}
+        Some(Stop::Fatal(e)) => return Err(e),
+        Some(Stop::Bad { offset, reason }) => {
             if let Some(next) = next_valid_record(path, offset, file_len)? {
                 return Err(StorageError::Corrupt {
                     offset,
@@ -146,80 +187,125 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
     Ok(Replayed { log, meta, report })
 }
 
-/// The decoder half of [`replay`]: reads `[start, end)` of `file`, sends decoded records.
-fn decode_file(
+/// The reader stage: reads `[start, end)` of `file` and hands out chunks of whole records
+/// round-robin. Returns where the records stop making sense by their lengths, if they do.
+fn read_chunks(
     mut file: File,
     start: u64,
     end: u64,
-    tx: SyncSender<Batch>,
-) -> Result<DecodeEnd, StorageError> {
+    decoders: Vec<SyncSender<Chunk>>,
+) -> Result<Option<Stop>, StorageError> {
     file.seek(SeekFrom::Start(start))
         .map_err(io_err("seeking the log"))?;
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    // File offset of buf[0], and the next offset to read.
-    let mut buf_offset = start;
+    let mut carry: Vec<u8> = Vec::new();
+    let mut base = start;
     let mut read_offset = start;
-    let mut batch: Batch = Vec::with_capacity(BATCH);
-    loop {
+    let mut need = RECORD_HEADER_LEN;
+    for turn in 0usize.. {
+        let mut bytes = Vec::with_capacity(CHUNK.max(need) + RECORD_HEADER_LEN);
+        bytes.append(&mut carry);
+        // Fill to at least one chunk, or to the end of the file.
+        while bytes.len() < CHUNK.max(need) && read_offset < end {
+            let want = (CHUNK.max(need) - bytes.len()) as u64;
+            let got = (&mut file)
+                .take(want.min(end - read_offset))
+                .read_to_end(&mut bytes)
+                .map_err(io_err("reading the log"))?;
+            if got == 0 {
+                // The file shrank under us: what is left is the end.
+                read_offset = end;
+            }
+            read_offset += got as u64;
+        }
+        // Cut at the last whole record, by lengths only (decoders check the checksums).
         let mut pos = 0usize;
-        let need = loop {
-            match parse_frame(&buf[pos..]) {
+        let mut stop = None;
+        loop {
+            let rest = &bytes[pos..];
+            if rest.len() < RECORD_HEADER_LEN {
+                need = RECORD_HEADER_LEN;
+                break;
+            }
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            if len > MAX_RECORD_LEN {
+                stop = Some(Stop::Bad {
+                    offset: base + pos as u64,
+                    reason: "record length out of range",
+                });
+                break;
+            }
+            let total = RECORD_HEADER_LEN + len;
+            if rest.len() < total {
+                need = total;
+                break;
+            }
+            pos += total;
+        }
+        let at_end = read_offset >= end;
+        if stop.is_none() && at_end && pos < bytes.len() {
+            stop = Some(Stop::Bad {
+                offset: base + pos as u64,
+                reason: "incomplete record at the end of the file",
+            });
+        }
+        carry = bytes.split_off(pos);
+        if !bytes.is_empty() {
+            let chunk = Chunk { bytes, base };
+            if decoders[turn % decoders.len()].send(chunk).is_err() {
+                return Ok(None); // the index side stopped first and has its reason
+            }
+        }
+        base += pos as u64;
+        if stop.is_some() || at_end {
+            return Ok(stop);
+        }
+    }
+    Ok(None)
+}
+
+/// A decoder stage: checks and decodes the chunks it is given, in order.
+fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>) {
+    for chunk in chunks {
+        let mut records = Vec::with_capacity(chunk.bytes.len() / TYPICAL_MIN_RECORD as usize);
+        let mut pos = 0usize;
+        let mut stop = None;
+        while pos < chunk.bytes.len() {
+            let offset = chunk.base + pos as u64;
+            match parse_frame(&chunk.bytes[pos..]) {
                 Frame::Good {
                     kind,
                     payload,
                     total,
-                } => {
-                    let offset = buf_offset + pos as u64;
-                    // A good checksum rules out a torn write: an undecodable payload is damage
-                    // (or another writer), never something to cut silently.
-                    let record = decode(kind, payload)
-                        .map_err(|reason| StorageError::Corrupt { offset, reason })?;
-                    batch.push((offset, record));
-                    pos += total;
-                    if batch.len() >= BATCH {
-                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                        if tx.send(full).is_err() {
-                            return Ok(DecodeEnd::Stopped);
-                        }
+                } => match decode(kind, payload) {
+                    Ok(record) => {
+                        records.push((offset, record));
+                        pos += total;
                     }
-                }
-                Frame::Incomplete { need } => break need,
+                    Err(reason) => {
+                        // A good checksum rules out a torn write: this is damage (or another
+                        // writer), never something to cut silently.
+                        stop = Some(Stop::Fatal(StorageError::Corrupt { offset, reason }));
+                        break;
+                    }
+                },
                 Frame::Bad(reason) => {
-                    if tx.send(batch).is_err() {
-                        return Ok(DecodeEnd::Stopped);
-                    }
-                    return Ok(DecodeEnd::Bad {
-                        offset: buf_offset + pos as u64,
-                        reason,
+                    stop = Some(Stop::Bad { offset, reason });
+                    break;
+                }
+                // The reader cut at whole records, so this is a length the reader read
+                // differently: treat it like any other bad record.
+                Frame::Incomplete => {
+                    stop = Some(Stop::Bad {
+                        offset,
+                        reason: "incomplete record",
                     });
+                    break;
                 }
             }
-        };
-        if read_offset >= end {
-            if tx.send(batch).is_err() {
-                return Ok(DecodeEnd::Stopped);
-            }
-            if pos < buf.len() {
-                return Ok(DecodeEnd::Bad {
-                    offset: buf_offset + pos as u64,
-                    reason: "incomplete record at the end of the file",
-                });
-            }
-            return Ok(DecodeEnd::Clean);
         }
-        buf.drain(..pos);
-        buf_offset += pos as u64;
-        let want = READ_CHUNK.max(need).saturating_sub(buf.len()) as u64;
-        let take = want.min(end - read_offset);
-        let got = (&mut file)
-            .take(take)
-            .read_to_end(&mut buf)
-            .map_err(io_err("reading the log"))?;
-        if got == 0 {
-            // The file shrank under us: treat what is left as the end.
-            read_offset = end;
-        } else {
-            read_offset += got as u64;
+        let done = stop.is_some();
+        if decoded.send(Decoded { records, stop }).is_err() || done {
+            return;
         }
     }
 }

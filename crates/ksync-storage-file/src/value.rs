@@ -1,0 +1,284 @@
+//! A compact binary encoding of `serde_json::Value` for event payloads.
+//!
+//! postcard cannot carry a `Value` (it needs a self-describing format) and JSON text is the
+//! slowest part of a replay (tokenising, escapes, number parsing). This encoding is a tagged
+//! tree with LEB128 varints, decoded straight into `Value`s: about twice as fast as parsing the
+//! same data as JSON text, and smaller. Number kinds are kept exactly (`u64`, negative `i64`,
+//! `f64`), so values compare equal after a round trip.
+//!
+//! ```text
+//! 0 null | 1 false | 2 true | 3 u64 (varint) | 4 i64 (zigzag varint) | 5 f64 (8 bytes LE)
+//! 6 string (varint len, UTF-8) | 7 array (varint count, items) | 8 object (varint count, (string, value)*)
+//! ```
+
+use serde_json::{Map, Number, Value};
+
+/// Deepest nesting accepted (the same limit serde_json applies when parsing JSON text).
+pub(crate) const MAX_DEPTH: usize = 128;
+
+const NULL: u8 = 0;
+const FALSE: u8 = 1;
+const TRUE: u8 = 2;
+const U64: u8 = 3;
+const I64: u8 = 4;
+const F64: u8 = 5;
+const STRING: u8 = 6;
+const ARRAY: u8 = 7;
+const OBJECT: u8 = 8;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Appends the encoding of `value`; fails only for nesting deeper than [`MAX_DEPTH`].
+pub(crate) fn encode(value: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+    encode_at(value, out, 0)
+}
+
+fn encode_at(value: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), String> {
+    match value {
+        Value::Null => out.push(NULL),
+        Value::Bool(false) => out.push(FALSE),
+        Value::Bool(true) => out.push(TRUE),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                out.push(U64);
+                put_varint(out, u);
+            } else if let Some(i) = n.as_i64() {
+                out.push(I64);
+                put_varint(out, ((i << 1) ^ (i >> 63)) as u64);
+            } else if let Some(f) = n.as_f64() {
+                out.push(F64);
+                out.extend_from_slice(&f.to_le_bytes());
+            } else {
+                return Err(format!("number {n} has no u64, i64 or f64 form"));
+            }
+        }
+        Value::String(s) => {
+            out.push(STRING);
+            put_str(out, s);
+        }
+        Value::Array(items) => {
+            if depth >= MAX_DEPTH {
+                return Err(format!("data nests deeper than {MAX_DEPTH} levels"));
+            }
+            out.push(ARRAY);
+            put_varint(out, items.len() as u64);
+            for item in items {
+                encode_at(item, out, depth + 1)?;
+            }
+        }
+        Value::Object(map) => {
+            if depth >= MAX_DEPTH {
+                return Err(format!("data nests deeper than {MAX_DEPTH} levels"));
+            }
+            out.push(OBJECT);
+            put_varint(out, map.len() as u64);
+            for (key, item) in map {
+                put_str(out, key);
+                encode_at(item, out, depth + 1)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes one value that must fill `bytes` exactly.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Value, String> {
+    let mut reader = Reader { bytes, pos: 0 };
+    let value = reader.value(0)?;
+    if reader.pos != bytes.len() {
+        return Err("trailing bytes after the event data".into());
+    }
+    Ok(value)
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Result<u8, String> {
+        let b = *self
+            .bytes
+            .get(self.pos)
+            .ok_or_else(|| "event data ends early".to_string())?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            let bits = u64::from(b & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err("varint overflows u64".into());
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint is too long".into())
+    }
+
+    fn take(&mut self, len: u64) -> Result<&'a [u8], String> {
+        let len = usize::try_from(len).map_err(|_| "length out of range".to_string())?;
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| "event data ends early".to_string())?;
+        let slice = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        let len = self.varint()?;
+        let raw = self.take(len)?;
+        std::str::from_utf8(raw)
+            .map(str::to_owned)
+            .map_err(|_| "string in event data is not UTF-8".to_string())
+    }
+
+    /// A count of items that each take at least one byte: bounded by what is left, so a
+    /// damaged count cannot make us reserve gigabytes.
+    fn count(&mut self) -> Result<usize, String> {
+        let n = self.varint()?;
+        let left = (self.bytes.len() - self.pos) as u64;
+        if n > left {
+            return Err("item count exceeds the record".into());
+        }
+        usize::try_from(n).map_err(|_| "item count out of range".to_string())
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value, String> {
+        Ok(match self.byte()? {
+            NULL => Value::Null,
+            FALSE => Value::Bool(false),
+            TRUE => Value::Bool(true),
+            U64 => Value::Number(Number::from(self.varint()?)),
+            I64 => {
+                let z = self.varint()?;
+                let i = ((z >> 1) as i64) ^ -((z & 1) as i64);
+                Value::Number(Number::from(i))
+            }
+            F64 => {
+                let raw = self.take(8)?;
+                let mut b = [0u8; 8];
+                b.copy_from_slice(raw);
+                let f = f64::from_le_bytes(b);
+                Value::Number(Number::from_f64(f).ok_or_else(|| "non-finite number".to_string())?)
+            }
+            STRING => Value::String(self.string()?),
+            ARRAY => {
+                if depth >= MAX_DEPTH {
+                    return Err("event data nests too deep".into());
+                }
+                let n = self.count()?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            OBJECT => {
+                if depth >= MAX_DEPTH {
+                    return Err("event data nests too deep".into());
+                }
+                let n = self.count()?;
+                let mut map = Map::new();
+                for _ in 0..n {
+                    let key = self.string()?;
+                    let item = self.value(depth + 1)?;
+                    map.insert(key, item);
+                }
+                Value::Object(map)
+            }
+            tag => return Err(format!("unknown value tag {tag}")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<u64>().prop_map(|u| json!(u)),
+            any::<i64>().prop_map(|i| json!(i)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            ".*".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(".*", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(value in arb_value()) {
+            let mut buf = Vec::new();
+            encode(&value, &mut buf).expect("encodes");
+            prop_assert_eq!(decode(&buf).expect("decodes"), value);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn number_kinds_are_kept() {
+        for v in [
+            json!(5),
+            json!(-5),
+            json!(5.0),
+            json!(-0.0),
+            json!(u64::MAX),
+            json!(i64::MIN),
+        ] {
+            let mut buf = Vec::new();
+            encode(&v, &mut buf).expect("encodes");
+            let back = decode(&buf).expect("decodes");
+            assert_eq!(back, v);
+            assert_eq!(back.to_string(), v.to_string());
+        }
+    }
+
+    #[test]
+    fn depth_is_limited_both_ways() {
+        let mut deep = json!(1);
+        for _ in 0..MAX_DEPTH + 1 {
+            deep = json!([deep]);
+        }
+        assert!(encode(&deep, &mut Vec::new()).is_err());
+        let mut bytes = [ARRAY, 1].repeat(MAX_DEPTH + 1);
+        bytes.push(NULL);
+        assert!(decode(&bytes).is_err());
+    }
+}
