@@ -18,6 +18,11 @@ pub mod close {
     /// Data the endpoint cannot accept: a binary frame without negotiated compression, or one
     /// that does not inflate to JSON.
     pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A frame broke RFC 6455 (reserved bits or opcodes, an oversized or fragmented control
+    /// frame, an unmasked client frame, a bad continuation...).
+    pub const WEBSOCKET_PROTOCOL: u16 = 1002;
+    /// A text frame (or close reason) that is not valid UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// Policy violation (e.g. rights withdrawn).
     pub const POLICY: u16 = 1008;
     /// A message larger than the limit.

@@ -286,6 +286,11 @@ fn read_error(error: &axum::Error) -> End {
     let text = error.to_string();
     if text.contains("Space limit exceeded") || text.contains("too long") {
         End::Close(close::TOO_BIG, "message too big".into())
+    } else if text.contains("WebSocket protocol error") {
+        // RFC 6455 7.1.7: fail the connection, with a close frame saying why when possible.
+        End::Close(close::WEBSOCKET_PROTOCOL, "websocket protocol error".into())
+    } else if text.contains("UTF-8") {
+        End::Close(close::INVALID_DATA, "invalid UTF-8".into())
     } else {
         tracing::debug!(error = %text, "websocket read failed");
         End::Drop
