@@ -11,3 +11,4 @@ mod common;
 mod crash;
 mod disk;
 mod frames;
+mod network;
