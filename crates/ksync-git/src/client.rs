@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use ksync_core::{
-    Auth, BoxFuture, Conflict, ConflictResolver, Event, Name, Notification, Notifier,
-    PullPushClient, PullResult, PushResult, Replica, Resolution, Status, SyncClient, SyncError,
-    resolve,
+    Auth, BoxFuture, Conflict, ConflictResolver, Event, Name, Notification, NotificationKind,
+    Notifier, PullPushClient, PullResult, PushResult, Replica, Resolution, Status, SyncClient,
+    SyncError, resolve,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,7 @@ use crate::error::GitError;
 use crate::gzip::gzip;
 use crate::wire::{
     BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, MergeRequest,
-    MergeResponse, PROTOCOL_HEADER, PullResponse, PushRequest, PushResponse, RepoInfo,
+    MergeResponse, PROTOCOL_HEADER, PullResponse, PushResponse, RepoInfo,
 };
 
 /// Replica metadata: the checked-out branch.
@@ -151,7 +151,7 @@ impl GitSyncClientBuilder {
         if let Some(branch) = &self.branch {
             branch_name(branch)?;
         }
-        let http = reqwest::Client::builder()
+        let client = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
             .gzip(self.compression)
@@ -166,12 +166,14 @@ impl GitSyncClientBuilder {
             })?;
         Ok(GitSyncClient {
             inner: Arc::new(Inner {
-                http,
+                http: Http {
+                    client,
+                    auth: self.auth,
+                    compression: self.compression,
+                },
                 url: RwLock::new(url),
-                auth: self.auth,
                 branch: self.branch,
                 pull_interval: self.pull_interval,
-                compression: self.compression,
                 page_size: self.page_size,
                 push_batch: self.push_batch,
                 notifier: Notifier::new(),
@@ -248,12 +250,10 @@ pub struct GitSyncClient {
 }
 
 struct Inner {
-    http: reqwest::Client,
+    http: Http,
     url: RwLock<String>,
-    auth: Option<Auth>,
     branch: Option<String>,
     pull_interval: Duration,
-    compression: bool,
     page_size: usize,
     push_batch: usize,
     notifier: Notifier,
@@ -273,9 +273,9 @@ impl fmt::Debug for GitSyncClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GitSyncClient")
             .field("url", &self.url())
-            .field("auth", &self.inner.auth)
+            .field("auth", &self.inner.http.auth)
             .field("pull_interval", &self.inner.pull_interval)
-            .field("compression", &self.inner.compression)
+            .field("compression", &self.inner.http.compression)
             .finish_non_exhaustive()
     }
 }
@@ -661,23 +661,38 @@ impl GitSyncClient {
         }
     }
 
+    fn pull_url(&self, branch: &str, since: u64) -> String {
+        format!(
+            "{}/branches/{branch}/events?since={since}&limit={}",
+            self.url(),
+            self.inner.page_size
+        )
+    }
+
+    /// Fetches a pull page on its own task, so the next page travels while this one is stored.
+    fn fetch_page(
+        &self,
+        branch: &str,
+        since: u64,
+    ) -> tokio::task::JoinHandle<Result<PullResponse, SyncError>> {
+        let http = self.inner.http.clone();
+        let url = self.pull_url(branch, since);
+        tokio::spawn(async move { http.call(reqwest::Method::GET, url, None).await })
+    }
+
     async fn pull_branch(&self, replica: &Replica, branch: &str) -> Result<PullResult, SyncError> {
         let key = self.cursor_key(branch, "pulled");
         let mut since = replica.cursor(&key)?;
         let start = since;
         let mut result = PullResult::default();
-        loop {
-            let url = format!(
-                "{}/branches/{branch}/events?since={since}&limit={}",
-                self.url(),
-                self.inner.page_size
-            );
-            let page: PullResponse = self
-                .request(reqwest::Method::GET, &url, None::<&()>)
-                .await?;
+        let wants_events = self.inner.notifier.wants(NotificationKind::Event);
+        let wants_sync = self.inner.notifier.wants(NotificationKind::Sync);
+        let mut next = Some(self.fetch_page(branch, since));
+        while let Some(fetching) = next.take() {
+            let page = joined(fetching).await?;
             if page.since != since {
                 return Err(GitError::Protocol {
-                    url,
+                    url: self.pull_url(branch, since),
                     reason: format!(
                         "asked for events after {since}, got a page after {}",
                         page.since
@@ -686,12 +701,43 @@ impl GitSyncClient {
                 .into_sync());
             }
             let count = page.events.len() as u64;
+            match page.next {
+                None => {}
+                Some(n) if n == since + count && count > 0 => {
+                    next = Some(self.fetch_page(branch, n));
+                }
+                Some(n) => {
+                    return Err(GitError::Protocol {
+                        url: self.pull_url(branch, since),
+                        reason: format!("next page after {n}, expected {}", since + count),
+                    }
+                    .into_sync());
+                }
+            }
             let ingested = replica.ingest(page.events).await?;
             since += count;
             // After the events: a crash in between re-pulls the page, which deduplicates.
             replica.set_cursor(&key, since).await?;
-            ingested.notify(&self.inner.notifier);
-            result.new_events.extend(ingested.new_events());
+            for conflict in &ingested.conflicts {
+                self.inner
+                    .notifier
+                    .emit(Notification::Conflict(conflict.clone()));
+            }
+            // Notifications cost a copy of every event: only when somebody listens.
+            if wants_events {
+                for stored in &ingested.appended {
+                    self.inner
+                        .notifier
+                        .emit(Notification::Event(stored.event.clone()));
+                }
+            }
+            let new_events: Vec<Event> = ingested.appended.into_iter().map(|s| s.event).collect();
+            if wants_sync && !new_events.is_empty() {
+                self.inner
+                    .notifier
+                    .emit(Notification::Sync(new_events.clone()));
+            }
+            result.new_events.extend(new_events);
             result.conflicts.extend(ingested.conflicts);
             result.server_version = page.server_version.max(since);
             self.report(
@@ -699,17 +745,6 @@ impl GitSyncClient {
                 since - start,
                 result.server_version.saturating_sub(start),
             );
-            match page.next {
-                None => break,
-                Some(next) if next == since && count > 0 => {}
-                Some(next) => {
-                    return Err(GitError::Protocol {
-                        url,
-                        reason: format!("next page after {next}, expected {since}"),
-                    }
-                    .into_sync());
-                }
-            }
         }
         Ok(result)
     }
@@ -747,69 +782,99 @@ impl GitSyncClient {
 
     async fn push_branch(&self, replica: &Replica, branch: &str) -> Result<PushResult, SyncError> {
         let key = self.cursor_key(branch, "pushed");
-        let mut cursor = replica.cursor(&key)?;
+        let pulled_key = self.cursor_key(branch, "pulled");
         let segments = self.segments(replica)?;
         let url = format!("{}/branches/{branch}/events", self.url());
-        let total = replica.storage().len().saturating_sub(cursor);
+        let mut scanned = replica.cursor(&key)?;
+        let total = replica.storage().len().saturating_sub(scanned);
         let mut result = PushResult::default();
         let mut answered = false;
+        // At most one batch in flight while the next one is read and encoded. Batches are sent
+        // one after the other, so the server applies them in log order.
+        let mut in_flight: Option<InFlight> = None;
         loop {
-            let (batch, scanned) = self.pending_batch(replica, &segments, branch, cursor)?;
-            if batch.is_empty() {
-                if scanned > cursor {
+            let (batch, batch_end) = self.pending_batch(replica, &segments, branch, scanned)?;
+            scanned = batch_end;
+            let events_json = if batch.is_empty() {
+                None
+            } else {
+                Some(encode(&url, &batch)?)
+            };
+            if let Some(previous) = in_flight.take() {
+                self.settle(replica, &key, &pulled_key, previous, &mut result)
+                    .await?;
+                answered = true;
+                self.report(
+                    Phase::Push,
+                    (result.pushed_events.len() + result.rejected_events.len()) as u64,
+                    total,
+                );
+            }
+            let Some(events_json) = events_json else {
+                if scanned > replica.cursor(&key)? {
                     replica.set_cursor(&key, scanned).await?;
                 }
                 break;
-            }
-            let pulled_key = self.cursor_key(branch, "pulled");
-            let base_version = replica.cursor(&pulled_key)?;
-            let body = PushRequest {
-                base_version,
-                events: batch,
             };
-            let answer: PushResponse = self
-                .request(reqwest::Method::POST, &url, Some(&body))
-                .await?;
-            answered = true;
-            let mut rejected = vec![false; body.events.len()];
-            for r in &answer.rejected {
-                if let Some(slot) = rejected.get_mut(r.index) {
-                    *slot = true;
-                }
-            }
-            for (event, refused) in body.events.into_iter().zip(rejected) {
-                if refused {
-                    result.rejected_events.push(event);
-                } else {
-                    result.pushed_events.push(event);
-                }
-            }
-            result.server_version = answer.server_version;
-            // Only now: a crash before this line re-sends the batch, which the server
-            // deduplicates.
-            replica.set_cursor(&key, scanned).await?;
-            cursor = scanned;
-            // The branch is what we had pulled plus this batch: no need to pull it back.
-            if let Some(version) = answer.fast_forward_to
-                && version > base_version
-            {
-                replica.set_cursor(&pulled_key, version).await?;
-            }
-            self.report(
-                Phase::Push,
-                (result.pushed_events.len() + result.rejected_events.len()) as u64,
-                total,
-            );
+            let base_version = replica.cursor(&pulled_key)?;
+            let http = self.inner.http.clone();
+            let body = push_body(base_version, &events_json);
+            let target = url.clone();
+            in_flight = Some(InFlight {
+                answer: tokio::spawn(async move {
+                    http.call(reqwest::Method::POST, target, Some(body)).await
+                }),
+                events: batch,
+                end: scanned,
+                base_version,
+            });
         }
         if !answered {
             result.server_version = self.branch_info(branch).await?.server_version;
         }
-        if !result.pushed_events.is_empty() {
+        if !result.pushed_events.is_empty() && self.inner.notifier.wants(NotificationKind::Sync) {
             self.inner
                 .notifier
                 .emit(Notification::Sync(result.pushed_events.clone()));
         }
         Ok(result)
+    }
+
+    /// Waits for a push batch's answer and records it: results first, then the push cursor
+    /// (a crash before that re-sends the batch, which the server deduplicates), then a
+    /// fast-forward of the pull cursor.
+    async fn settle(
+        &self,
+        replica: &Replica,
+        key: &str,
+        pulled_key: &str,
+        batch: InFlight,
+        result: &mut PushResult,
+    ) -> Result<(), SyncError> {
+        let answer: PushResponse = joined(batch.answer).await?;
+        let mut rejected = vec![false; batch.events.len()];
+        for r in &answer.rejected {
+            if let Some(slot) = rejected.get_mut(r.index) {
+                *slot = true;
+            }
+        }
+        for (event, refused) in batch.events.into_iter().zip(rejected) {
+            if refused {
+                result.rejected_events.push(event);
+            } else {
+                result.pushed_events.push(event);
+            }
+        }
+        result.server_version = answer.server_version;
+        replica.set_cursor(key, batch.end).await?;
+        // The branch is what we had pulled plus this batch: no need to pull it back.
+        if let Some(version) = answer.fast_forward_to
+            && version > batch.base_version
+            && replica.cursor(pulled_key)? == batch.base_version
+        {
+            replica.set_cursor(pulled_key, version).await?;
+        }
+        Ok(())
     }
 
     async fn request<B: Serialize, T: DeserializeOwned>(
@@ -818,65 +883,8 @@ impl GitSyncClient {
         url: &str,
         body: Option<&B>,
     ) -> Result<T, SyncError> {
-        let mut request = self
-            .inner
-            .http
-            .request(method, url)
-            .header(PROTOCOL_HEADER, ksync_core::PROTOCOL_VERSION.to_string());
-        if let Some(auth) = &self.inner.auth {
-            let (name, value) = auth.header();
-            request = request.header(name, value);
-        }
-        if let Some(body) = body {
-            let json = serde_json::to_vec(body).map_err(|e| {
-                GitError::Protocol {
-                    url: url.to_owned(),
-                    reason: format!("encoding the request: {e}"),
-                }
-                .into_sync()
-            })?;
-            request = request.header(reqwest::header::CONTENT_TYPE, "application/json");
-            request = if self.inner.compression && json.len() >= COMPRESS_MIN_BYTES {
-                request
-                    .header(reqwest::header::CONTENT_ENCODING, "gzip")
-                    .body(gzip(&json))
-            } else {
-                request.body(json)
-            };
-        }
-        let http = |source| {
-            GitError::Http {
-                url: url.to_owned(),
-                source,
-            }
-            .into_sync()
-        };
-        let response = request.send().await.map_err(http)?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(http)?;
-        if !status.is_success() {
-            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => (body.error.code, body.error.message),
-                Err(_) => (
-                    "http_error".to_owned(),
-                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
-                ),
-            };
-            return Err(GitError::Server {
-                url: url.to_owned(),
-                status: status.as_u16(),
-                code,
-                message,
-            }
-            .into_sync());
-        }
-        serde_json::from_slice(&bytes).map_err(|e| {
-            GitError::Protocol {
-                url: url.to_owned(),
-                reason: format!("undecodable answer: {e}"),
-            }
-            .into_sync()
-        })
+        let json = body.map(|b| encode(url, b)).transpose()?;
+        self.inner.http.call(method, url.to_owned(), json).await
     }
 
     async fn run<T>(&self, op: impl Future<Output = Result<T, SyncError>>) -> Result<T, SyncError> {
@@ -898,6 +906,113 @@ impl GitSyncClient {
             task.abort();
         }
     }
+}
+
+/// A push batch on its way.
+struct InFlight {
+    answer: tokio::task::JoinHandle<Result<PushResponse, SyncError>>,
+    events: Vec<Event>,
+    /// The push cursor once this batch is acknowledged.
+    end: u64,
+    base_version: u64,
+}
+
+/// The result of a request task (a task that panicked or was cancelled is a transport error).
+async fn joined<T>(task: tokio::task::JoinHandle<Result<T, SyncError>>) -> Result<T, SyncError> {
+    task.await.unwrap_or_else(|e| Err(SyncError::transport(e)))
+}
+
+/// The HTTP side of a client: owned and cheap to clone, so a request can run on its own task
+/// while the caller works on the previous answer.
+#[derive(Clone)]
+struct Http {
+    client: reqwest::Client,
+    auth: Option<Auth>,
+    compression: bool,
+}
+
+impl Http {
+    /// Sends `json` (already encoded) and decodes the answer, or the service's error body.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        url: String,
+        json: Option<Vec<u8>>,
+    ) -> Result<T, SyncError> {
+        let mut request = self
+            .client
+            .request(method, &url)
+            .header(PROTOCOL_HEADER, ksync_core::PROTOCOL_VERSION.to_string());
+        if let Some(auth) = &self.auth {
+            let (name, value) = auth.header();
+            request = request.header(name, value);
+        }
+        if let Some(json) = json {
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json");
+            request = if self.compression && json.len() >= COMPRESS_MIN_BYTES {
+                request
+                    .header(reqwest::header::CONTENT_ENCODING, "gzip")
+                    .body(gzip(&json))
+            } else {
+                request.body(json)
+            };
+        }
+        let http = |source| {
+            GitError::Http {
+                url: url.clone(),
+                source,
+            }
+            .into_sync()
+        };
+        let response = request.send().await.map_err(http)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(http)?;
+        if !status.is_success() {
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => (body.error.code, body.error.message),
+                Err(_) => (
+                    "http_error".to_owned(),
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+                ),
+            };
+            return Err(GitError::Server {
+                url,
+                status: status.as_u16(),
+                code,
+                message,
+            }
+            .into_sync());
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            GitError::Protocol {
+                url,
+                reason: format!("undecodable answer: {e}"),
+            }
+            .into_sync()
+        })
+    }
+}
+
+fn encode<B: Serialize + ?Sized>(url: &str, body: &B) -> Result<Vec<u8>, SyncError> {
+    serde_json::to_vec(body).map_err(|e| {
+        GitError::Protocol {
+            url: url.to_owned(),
+            reason: format!("encoding the request: {e}"),
+        }
+        .into_sync()
+    })
+}
+
+/// A push body with its events already encoded: `baseVersion` is only known when the previous
+/// batch is answered, and the events are encoded while it is in flight.
+fn push_body(base_version: u64, events_json: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(events_json.len() + 40);
+    body.extend_from_slice(b"{\"baseVersion\":");
+    body.extend_from_slice(base_version.to_string().as_bytes());
+    body.extend_from_slice(b",\"events\":");
+    body.extend_from_slice(events_json);
+    body.push(b'}');
+    body
 }
 
 fn spawn_auto_pull(inner: Weak<Inner>, period: Duration) -> tokio::task::JoinHandle<()> {
@@ -1046,6 +1161,15 @@ mod tests {
         ] {
             assert!(repo_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn push_body_is_a_push_request() {
+        let events = vec![Event::new("a", "t", serde_json::json!({"x": 1}), 5)];
+        let json = encode("u", &events).expect("encode");
+        let request: crate::wire::PushRequest =
+            serde_json::from_slice(&push_body(42, &json)).expect("a valid PushRequest");
+        assert_eq!((request.base_version, request.events), (42, events));
     }
 
     #[test]
