@@ -41,6 +41,9 @@ use crate::wire::{
 const MIN_BATCH_BYTES: usize = 256 * 1024;
 /// Most events in one gossip message.
 const MAX_BATCH_EVENTS: usize = 2048;
+/// Under load, broadcasts are collected this long after the previous publish, so one signed
+/// message carries many events; an idle node publishes at once.
+const BATCH_LINGER: Duration = Duration::from_millis(2);
 /// Room for the gossipsub envelope (signature, key, topic, framing) on top of a batch.
 const ENVELOPE_BYTES: usize = 64 * 1024;
 /// How often mDNS asks the LAN who is there.
@@ -315,6 +318,12 @@ pub(crate) struct Node {
     peer_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, P2PError>>>>,
     lookups: HashMap<kad::QueryId, PeerId>,
     stopping: bool,
+    /// Broadcasts waiting to be published together (bounded by `MAX_BATCH_EVENTS` and
+    /// `max_batch_bytes`; published at `batch_deadline` at the latest).
+    batch: Vec<Vec<u8>>,
+    batch_bytes: usize,
+    batch_deadline: Option<tokio::time::Instant>,
+    last_publish: tokio::time::Instant,
 }
 
 const LOG_ID_CURSOR: &str = "p2p/log-id";
@@ -407,6 +416,10 @@ impl Node {
             peer_dials: HashMap::new(),
             lookups: HashMap::new(),
             stopping: false,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_deadline: None,
+            last_publish: tokio::time::Instant::now(),
         };
         node.join_dht();
         Ok(node)
@@ -455,8 +468,10 @@ impl Node {
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
                 _ = round.tick() => self.periodic().await,
+                _ = sleep_until_some(self.batch_deadline) => self.flush_batch(),
             }
         }
+        self.flush_batch();
         lock(&self.shared.peers).clear();
         lock(&self.shared.listen_addrs).clear();
         for (_, reply) in self.dials.drain() {
@@ -483,31 +498,24 @@ impl Node {
 
     async fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Broadcast(first) => {
-                // Pack whatever else is already queued into the same message.
-                let mut batch_bytes = first.len();
-                let mut batch = vec![first];
-                let mut deferred = None;
-                while batch.len() < MAX_BATCH_EVENTS {
-                    match self.commands.try_recv() {
-                        Ok(Command::Broadcast(next)) => {
-                            if batch_bytes + next.len() + 1 > self.max_batch_bytes {
-                                self.publish(std::mem::take(&mut batch));
-                                batch_bytes = 0;
-                            }
-                            batch_bytes += next.len() + 1;
-                            batch.push(next);
-                        }
-                        Ok(other) => {
-                            deferred = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
+            Command::Broadcast(event) => {
+                if self.batch_bytes + event.len() + 1 > self.max_batch_bytes {
+                    self.flush_batch();
                 }
-                self.publish(batch);
-                if let Some(cmd) = deferred {
-                    Box::pin(self.on_command(cmd)).await;
+                self.batch_bytes += event.len() + 1;
+                self.batch.push(event);
+                if self.batch.len() >= MAX_BATCH_EVENTS {
+                    self.flush_batch();
+                } else if self.batch_deadline.is_none() {
+                    // Idle: publish at once. Busy (published moments ago): collect for the
+                    // rest of the linger so one signed message carries many events.
+                    let now = tokio::time::Instant::now();
+                    let due = self.last_publish + BATCH_LINGER;
+                    if due <= now {
+                        self.flush_batch();
+                    } else {
+                        self.batch_deadline = Some(due);
+                    }
                 }
             }
             Command::Connect { target, reply } => self.connect(target, reply),
@@ -522,6 +530,14 @@ impl Node {
             }
             Command::Shutdown => self.stopping = true,
         }
+    }
+
+    fn flush_batch(&mut self) {
+        self.batch_deadline = None;
+        self.batch_bytes = 0;
+        let batch = std::mem::take(&mut self.batch);
+        self.publish(batch);
+        self.last_publish = tokio::time::Instant::now();
     }
 
     fn publish(&mut self, batch: Vec<Vec<u8>>) {
@@ -866,7 +882,7 @@ impl Node {
                     .fetch_add(ingested.appended.len() as u64, Ordering::Relaxed);
                 c.duplicate_events
                     .fetch_add(ingested.duplicates as u64, Ordering::Relaxed);
-                ingested.notify(&self.notifier);
+                notify(&self.notifier, &ingested);
                 // Revisions written to settle conflicts are ours: publish them (they are
                 // stored, so catch-up carries them if this fails).
                 let resolutions: Vec<Vec<u8>> = ingested
@@ -1231,6 +1247,30 @@ impl Node {
         for peer in waiting {
             self.continue_page(peer).await;
         }
+    }
+}
+
+/// Like `Ingested::notify` (`conflict`s, one `event` per new event, then one `sync`), but
+/// builds only the notifications someone listens to: each is a copy of the events.
+fn notify(notifier: &Notifier, ingested: &ksync_core::Ingested) {
+    for conflict in &ingested.conflicts {
+        notifier.emit(Notification::Conflict(conflict.clone()));
+    }
+    if notifier.wants(ksync_core::NotificationKind::Event) {
+        for stored in &ingested.appended {
+            notifier.emit(Notification::Event(stored.event.clone()));
+        }
+    }
+    if !ingested.appended.is_empty() && notifier.wants(ksync_core::NotificationKind::Sync) {
+        notifier.emit(Notification::Sync(ingested.new_events()));
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ksync_core::{
-    AllowAll, Event, InMemoryProvider, Notification, NotificationKind, Replica, Subscription,
-    SyncClient,
+    AllowAll, Event, InMemoryProvider, InMemoryStorage, Notification, NotificationKind, Replica,
+    Subscription, SyncClient,
 };
 use ksync_p2p::{DiscoveryMethod, P2PSyncClient};
-use ksync_ws::WebSocketSyncClient;
 use ksync_ws::server::{Relay, RelayConfig};
+use ksync_ws::{Strategy, WebSocketSyncClient};
 use serde_json::json;
 
 use super::{Report, Series, percentile};
@@ -202,11 +202,22 @@ async fn ws_room() -> Result<(Vec<Arc<WebSocketSyncClient>>, tokio::task::JoinHa
         let _ = axum::serve(listener, router).await;
     });
     let mut clients = Vec::new();
-    for _ in 0..=RECEIVERS {
+    for i in 0..=RECEIVERS {
         let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws/bench"))
             .outbox_capacity(EVENTS * 2)
+            // Batched like the P2P side (which packs what is queued, lingering 2 ms under
+            // load); the default event-level strategy sends one message per event.
+            .strategy(Strategy::Batch {
+                batch_size: 256,
+                batch_interval: Duration::from_millis(2),
+            })
             .build()?;
-        client.attach(Replica::in_memory());
+        // The publisher's replica id is the events' origin: only its own events are pending.
+        client.attach(if i == 0 {
+            Replica::with_id(Arc::new(InMemoryStorage::new()), "bench-publisher")
+        } else {
+            Replica::in_memory()
+        });
         client.connect().await?;
         clients.push(Arc::new(client));
     }
@@ -338,7 +349,7 @@ pub fn run(report: &mut Report) -> Result<()> {
 
     let s = report.scenario("p2p");
     s.note(format!(
-        "{EVENTS} events of ~200 bytes per run; 1 publisher + {RECEIVERS} receivers; P2P: full mesh over TCP+Noise+Yamux on 127.0.0.1, gossipsub; baseline: ksync-ws relay, 1 publishing client + {RECEIVERS} subscribers in one room; {FULL_ROUNDS} full-speed rounds, one steady run at {STEADY_PER_SEC}/s each"
+        "{EVENTS} events of ~200 bytes per run; 1 publisher + {RECEIVERS} receivers; P2P: full mesh over TCP+Noise+Yamux on 127.0.0.1, gossipsub; baseline: ksync-ws relay, 1 publishing client (batch strategy, 256 events or 2 ms) + {RECEIVERS} subscribers in one room; {FULL_ROUNDS} full-speed rounds, one steady run at {STEADY_PER_SEC}/s each"
     ));
     for n in notes {
         s.note(n);
