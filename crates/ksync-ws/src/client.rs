@@ -205,22 +205,24 @@ impl WebSocketSyncClientBuilder {
         }
         let target = Target::parse(&c.url)?;
         let (state, _) = watch::channel(Link::Down);
+        let inner = Arc::new(Inner {
+            target,
+            client_id: uuid::Uuid::new_v4().simple().to_string(),
+            notifier: Notifier::new(),
+            pipeline: Pipeline::new(),
+            replica: Mutex::new(None),
+            outbox: Mutex::new(Outbox::default()),
+            control: Mutex::new(None),
+            waiters: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            queued: AtomicUsize::new(0),
+            standalone_cursor: Mutex::new(None),
+            state,
+            config: self.config,
+        });
         Ok(WebSocketSyncClient {
-            inner: Arc::new(Inner {
-                target,
-                client_id: uuid::Uuid::new_v4().simple().to_string(),
-                notifier: Notifier::new(),
-                pipeline: Pipeline::new(),
-                replica: Mutex::new(None),
-                outbox: Mutex::new(Outbox::default()),
-                control: Mutex::new(None),
-                waiters: Mutex::new(Vec::new()),
-                wake: Notify::new(),
-                queued: AtomicUsize::new(0),
-                standalone_cursor: Mutex::new(None),
-                state,
-                config: self.config,
-            }),
+            _life: Arc::new(Life(Arc::downgrade(&inner))),
+            inner,
         })
     }
 }
@@ -256,6 +258,23 @@ impl WebSocketSyncClientBuilder {
 #[derive(Clone)]
 pub struct WebSocketSyncClient {
     inner: Arc<Inner>,
+    /// Shared by the clones of this handle (not by the background task): when the last clone
+    /// is dropped, the connection closes and reconnecting stops.
+    _life: Arc<Life>,
+}
+
+/// Stops the background task when the last user handle goes away (the task itself holds
+/// `Inner`, so `Inner`'s own drop would never run while it is alive).
+struct Life(std::sync::Weak<Inner>);
+
+impl Drop for Life {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade()
+            && let Some(control) = lock(&inner.control).take()
+        {
+            control.stop.send_replace(true);
+        }
+    }
 }
 
 impl std::fmt::Debug for WebSocketSyncClient {

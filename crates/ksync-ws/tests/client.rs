@@ -823,3 +823,21 @@ async fn standalone_client_receives_only_the_live_stream_and_never_its_own_event
     client.disconnect().await.expect("disconnect");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_closes_the_connection() {
+    let server = start(RelayConfig::default()).await;
+    let client = WebSocketSyncClient::new(server.url(None)).expect("client");
+    let clone = client.clone();
+    client.connect().await.expect("connect");
+    assert_eq!(server.relay.connections(), 1);
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.relay.connections(), 1, "a clone still holds it");
+    drop(clone);
+    eventually("the relay saw the close", || {
+        server.relay.connections() == 0
+    })
+    .await;
+    server.stop().await;
+}

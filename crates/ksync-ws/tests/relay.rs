@@ -138,3 +138,53 @@ async fn state_request_gets_snapshot_then_tail() {
     assert_eq!(tail["events"][0]["seq"], 4);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_acks_what_it_accepted_stores_it_and_closes_with_1001() {
+    let provider = std::sync::Arc::new(ksync_core::InMemoryProvider::new());
+    let server = start_with(
+        RelayConfig::default(),
+        provider.clone(),
+        std::sync::Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let (mut ws, _) = join(&server.url(Some("drain")), hello()).await;
+    for n in 1..=50u64 {
+        send_json(
+            &mut ws,
+            json!({"type":"publish","ref":n,"events":[event(&format!("e{n}"), n)]}),
+        )
+        .await;
+    }
+    let relay = server.relay.clone();
+    let stopping = tokio::spawn(async move { relay.shutdown().await });
+    let mut acked = Vec::new();
+    let code = loop {
+        match futures_util::StreamExt::next(&mut ws).await {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+                assert_eq!(v["type"], "ack");
+                acked.push(v["results"][0]["seq"].as_u64().expect("seq"));
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
+                break u16::from(f.code);
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected acks then a close, got {other:?}"),
+        }
+    };
+    stopping.await.expect("shutdown");
+    assert_eq!(code, 1001);
+    let log = ksync_core::StorageProvider::existing(
+        provider.as_ref(),
+        &ksync_core::LogName::Room(ksync_core::Name::new("drain").expect("name")),
+    )
+    .expect("ok")
+    .expect("room");
+    // Everything acknowledged is stored, in order.
+    assert_eq!(acked, (1..=acked.len() as u64).collect::<Vec<_>>());
+    assert!(log.len() >= acked.len() as u64);
+    // New connections are refused while shut down.
+    assert_eq!(raw_connect(&server.url(None), &[]).await.err(), Some(503));
+    server.task.abort();
+}
