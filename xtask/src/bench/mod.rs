@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // Removed once the first scenario (storage) uses the whole harness.
 
+mod ws;
+
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
@@ -17,7 +19,11 @@ use serde::Serialize;
 type Scenario = (&'static str, &'static str, fn(&mut Report) -> Result<()>);
 
 /// Every scenario, in the order `cargo xtask bench` runs them.
-const SCENARIOS: &[Scenario] = &[];
+const SCENARIOS: &[Scenario] = &[(
+    "ws",
+    "fan-out to 1/10/100 subscribers: kSync relay (memory, file) vs bare tokio-tungstenite, nats-server, redis-server; 10k idle connections",
+    ws::run,
+)];
 
 /// One measured series (e.g. "kSync group commit" events/s over 5 rounds).
 #[derive(Debug, Clone, Serialize)]

@@ -68,7 +68,9 @@ pub fn serve_on(
     let relay = Relay::new(config, provider, auth).expect("relay");
     let router = relay.router();
     let task = tokio::spawn(async move {
-        axum::serve(listener, router).await.expect("serve");
+        axum::serve(ksync_ws::server::nodelay(listener), router)
+            .await
+            .expect("serve");
     });
     Server { addr, relay, task }
 }

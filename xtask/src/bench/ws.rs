@@ -1,0 +1,1141 @@
+//! `cargo xtask bench ws`: fan-out of ~200-byte JSON events from one publisher to N = 1, 10,
+//! 100 subscribers, through the kSync relay and its baselines, in the same run:
+//!
+//! - `ksync-mem`: `ksync_ws::server::Relay` over `InMemoryProvider` (sequenced, stored, acked);
+//! - `ksync-file`: the same relay over `ksync_storage_file::FileProvider` (fsync'd group commit);
+//! - `bare-ws`: a bare tokio-tungstenite broadcast relay (no storage, no sequence, no acks);
+//! - `nats`: `nats-server` (Debian package), text protocol over TcpStream;
+//! - `redis`: `redis-server` (Debian package) PUBLISH/SUBSCRIBE over RESP.
+//!
+//! Two measures per (system, N): deliveries/s at full speed (the publisher may run at most
+//! [`WINDOW`] events ahead of the slowest subscriber, the same flow control for every system),
+//! and the one-way latency p50/p99 at a steady 1,000 events/s. Every subscriber must receive
+//! every event exactly once and in order; a lost, duplicated or reordered event fails the run.
+//! Plus the memory of 10,000 idle connections held by a relay in a child process, against
+//! nats-server.
+//!
+//! All clients share this process and its 2-thread runtime; the relays under test run in it too
+//! (nats-server and redis-server run as their own processes on the same two cores).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use ksync_core::{AllowAll, InMemoryProvider, StorageProvider};
+use ksync_ws::server::{Relay, RelayConfig};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::{Report, Series, percentile};
+
+/// Subscriber counts.
+const FAN_OUT: [usize; 3] = [1, 10, 100];
+/// Measured rounds, after one warm-up round.
+const ROUNDS: usize = 3;
+/// Steady rate for the latency measure.
+const STEADY_PER_SEC: u64 = 1_000;
+/// Events in a steady run (one second).
+const STEADY_EVENTS: u64 = 1_000;
+/// Most events the publisher may be ahead of the slowest subscriber at full speed.
+const WINDOW: u64 = 256;
+/// Idle connections for the memory measure.
+const IDLE_CONNECTIONS: usize = 10_000;
+/// A run that has not delivered everything by then has lost events.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Set in the child process that serves the relay for the idle-memory measure.
+const CHILD_ENV: &str = "KSYNC_BENCH_WS_RELAY_CHILD";
+
+/// Events per full-speed run: about 40k deliveries, at least 1,000 events.
+fn full_speed_events(n: usize) -> u64 {
+    (40_000 / n as u64).max(1_000)
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The ~200-byte event JSON (the same bytes for every system), stamped with the send time.
+fn payload(i: u64) -> String {
+    let head = format!(
+        r#"{{"id":"bench-{i:010}","type":"bench","data":{{"i":{i},"t":{t},"pad":""#,
+        t = now_ns()
+    );
+    let tail = r#""},"timestamp":1700000000000,"version":1}"#;
+    let pad = 200usize.saturating_sub(head.len() + tail.len());
+    format!("{head}{}{tail}", "x".repeat(pad))
+}
+
+#[derive(Deserialize)]
+struct BenchEvent {
+    data: BenchData,
+}
+
+#[derive(Deserialize)]
+struct BenchData {
+    i: u64,
+    t: u64,
+}
+
+#[derive(Deserialize)]
+struct KsyncFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    events: Vec<KsyncStored>,
+}
+
+#[derive(Deserialize)]
+struct KsyncStored {
+    event: BenchEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    KsyncMem,
+    KsyncFile,
+    BareWs,
+    Nats,
+    Redis,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::KsyncMem => "ksync-mem",
+            System::KsyncFile => "ksync-file",
+            System::BareWs => "bare-ws",
+            System::Nats => "nats",
+            System::Redis => "redis",
+        }
+    }
+}
+
+/// A running system under test.
+struct Target {
+    system: System,
+    addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    FullSpeed,
+    Steady,
+}
+
+/// What one run measured.
+struct RunResult {
+    deliveries_per_sec: f64,
+    latencies_ms: Vec<f64>,
+}
+
+/// Per-subscriber progress, read by the publisher for flow control.
+struct Progress {
+    received: Vec<AtomicU64>,
+}
+
+impl Progress {
+    fn slowest(&self) -> u64 {
+        self.received
+            .iter()
+            .map(|r| r.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// Checks order and counts one delivery; returns an error on a gap or duplicate.
+fn deliver(
+    expected: &mut u64,
+    event: &BenchEvent,
+    latencies: &mut Vec<f64>,
+    progress: &AtomicU64,
+) -> Result<()> {
+    if event.data.i != *expected {
+        bail!(
+            "subscriber expected event {} and got {} (lost, duplicated or reordered)",
+            expected,
+            event.data.i
+        );
+    }
+    *expected += 1;
+    latencies.push(now_ns().saturating_sub(event.data.t) as f64 / 1e6);
+    progress.store(*expected, Ordering::Release);
+    Ok(())
+}
+
+// ----- WebSocket clients (kSync and the bare relay) -----
+
+type Ws = WebSocketStream<TcpStream>;
+
+async fn ws_connect(url: &str, buffer: usize) -> Result<Ws> {
+    let addr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .ok_or_else(|| anyhow!("bad url"))?
+        .to_owned();
+    let tcp = TcpStream::connect(&addr).await?;
+    tcp.set_nodelay(true)?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(buffer)
+        .write_buffer_size(0);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config)).await?;
+    Ok(ws)
+}
+
+/// Joins a kSync room (live stream only) and waits for the welcome.
+async fn ksync_join(url: &str, buffer: usize) -> Result<Ws> {
+    let mut ws = ws_connect(url, buffer).await?;
+    ws.send(Message::text(r#"{"type":"hello","protocol":1}"#))
+        .await?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.as_str().contains(r#""type":"welcome""#) => {
+                return Ok(ws);
+            }
+            Some(Ok(Message::Text(t))) => bail!("expected welcome, got {}", t.as_str()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("closed before welcome"),
+        }
+    }
+}
+
+async fn ws_subscriber(
+    mut ws: Ws,
+    system: System,
+    total: u64,
+    progress: Arc<Progress>,
+    index: usize,
+) -> Result<Vec<f64>> {
+    let mut expected = 0;
+    let mut latencies = Vec::with_capacity(usize::try_from(total)?);
+    let slot = &progress.received[index];
+    while expected < total {
+        let message = ws
+            .next()
+            .await
+            .ok_or_else(|| anyhow!("subscriber closed"))??;
+        let Message::Text(text) = message else {
+            if let Message::Close(frame) = message {
+                bail!("subscriber closed by the server: {frame:?}");
+            }
+            continue;
+        };
+        if system == System::BareWs {
+            let event: BenchEvent = serde_json::from_str(text.as_str())?;
+            deliver(&mut expected, &event, &mut latencies, slot)?;
+        } else {
+            let frame: KsyncFrame = serde_json::from_str(text.as_str())?;
+            if frame.kind != "events" {
+                bail!("unexpected {} frame", frame.kind);
+            }
+            for stored in &frame.events {
+                deliver(&mut expected, &stored.event, &mut latencies, slot)?;
+            }
+        }
+    }
+    Ok(latencies)
+}
+
+// ----- NATS text protocol -----
+
+async fn nats_connect(
+    addr: SocketAddr,
+) -> Result<(
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+)> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (read, mut write) = tcp.into_split();
+    let mut read = BufReader::new(read);
+    let mut line = String::new();
+    read.read_line(&mut line).await?;
+    if !line.starts_with("INFO") {
+        bail!("nats: expected INFO, got {line:?}");
+    }
+    write
+        .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")
+        .await?;
+    Ok((read, write))
+}
+
+async fn nats_expect_pong(
+    read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> Result<()> {
+    write.write_all(b"PING\r\n").await?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if read.read_line(&mut line).await? == 0 {
+            bail!("nats closed");
+        }
+        if line.starts_with("PONG") {
+            return Ok(());
+        }
+        if line.starts_with("-ERR") {
+            bail!("nats: {line}");
+        }
+    }
+}
+
+async fn nats_subscriber(
+    mut read: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    total: u64,
+    progress: Arc<Progress>,
+    index: usize,
+) -> Result<Vec<f64>> {
+    let mut expected = 0;
+    let mut latencies = Vec::with_capacity(usize::try_from(total)?);
+    let slot = &progress.received[index];
+    let mut line = String::new();
+    let mut body = Vec::new();
+    while expected < total {
+        line.clear();
+        if read.read_line(&mut line).await? == 0 {
+            bail!("nats subscriber closed");
+        }
+        if line.starts_with("PING") {
+            write.write_all(b"PONG\r\n").await?;
+            continue;
+        }
+        if !line.starts_with("MSG ") {
+            continue;
+        }
+        let len: usize = line
+            .trim_end()
+            .rsplit(' ')
+            .next()
+            .ok_or_else(|| anyhow!("bad MSG line"))?
+            .parse()?;
+        body.resize(len + 2, 0);
+        read.read_exact(&mut body).await?;
+        let event: BenchEvent = serde_json::from_slice(&body[..len])?;
+        deliver(&mut expected, &event, &mut latencies, slot)?;
+    }
+    Ok(latencies)
+}
+
+// ----- Redis RESP -----
+
+fn resp_command(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", parts.len()).into_bytes();
+    for p in parts {
+        out.extend_from_slice(format!("${}\r\n", p.len()).as_bytes());
+        out.extend_from_slice(p);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Reads one RESP array of bulk strings / integers; returns its bulk strings.
+async fn resp_read_array<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R) -> Result<Vec<Vec<u8>>> {
+    let mut line = String::new();
+    read.read_line(&mut line).await?;
+    let count: usize = line
+        .trim_end()
+        .strip_prefix('*')
+        .ok_or_else(|| anyhow!("redis: expected an array, got {line:?}"))?
+        .parse()?;
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        line.clear();
+        read.read_line(&mut line).await?;
+        if let Some(len) = line.trim_end().strip_prefix('$') {
+            let len: usize = len.parse()?;
+            let mut body = vec![0; len + 2];
+            read.read_exact(&mut body).await?;
+            body.truncate(len);
+            items.push(body);
+        } else {
+            items.push(line.trim_end().as_bytes().to_vec());
+        }
+    }
+    Ok(items)
+}
+
+async fn redis_subscriber(
+    mut read: BufReader<TcpStream>,
+    total: u64,
+    progress: Arc<Progress>,
+    index: usize,
+) -> Result<Vec<f64>> {
+    let mut expected = 0;
+    let mut latencies = Vec::with_capacity(usize::try_from(total)?);
+    let slot = &progress.received[index];
+    while expected < total {
+        let items = resp_read_array(&mut read).await?;
+        if items.first().map(Vec::as_slice) != Some(b"message") {
+            continue;
+        }
+        let body = items
+            .get(2)
+            .ok_or_else(|| anyhow!("redis: short message"))?;
+        let event: BenchEvent = serde_json::from_slice(body)?;
+        deliver(&mut expected, &event, &mut latencies, slot)?;
+    }
+    Ok(latencies)
+}
+
+// ----- one run -----
+
+type SubTask = tokio::task::JoinHandle<Result<Vec<f64>>>;
+
+async fn run_once(target: &Target, room: &str, n: usize, mode: Mode) -> Result<RunResult> {
+    let total = match mode {
+        Mode::FullSpeed => full_speed_events(n),
+        Mode::Steady => STEADY_EVENTS,
+    };
+    let progress = Arc::new(Progress {
+        received: (0..n).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let url = match target.system {
+        System::BareWs => format!("ws://{}/", target.addr),
+        _ => format!("ws://{}/ws/{room}", target.addr),
+    };
+    // Subscribers first, each ready before the publisher starts.
+    let mut subs: Vec<SubTask> = Vec::with_capacity(n);
+    for index in 0..n {
+        let p = Arc::clone(&progress);
+        let system = target.system;
+        let task = match system {
+            System::KsyncMem | System::KsyncFile => {
+                let ws = ksync_join(&url, 64 * 1024).await?;
+                tokio::spawn(ws_subscriber(ws, system, total, p, index))
+            }
+            System::BareWs => {
+                let mut ws = ws_connect(&url, 64 * 1024).await?;
+                // The bare relay says "ready" once it subscribed this connection.
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) if t.as_str() == "ready" => {}
+                    other => bail!("bare relay: expected ready, got {other:?}"),
+                }
+                tokio::spawn(ws_subscriber(ws, system, total, p, index))
+            }
+            System::Nats => {
+                let (mut read, mut write) = nats_connect(target.addr).await?;
+                write
+                    .write_all(format!("SUB {room} 1\r\n").as_bytes())
+                    .await?;
+                nats_expect_pong(&mut read, &mut write).await?;
+                tokio::spawn(nats_subscriber(read, write, total, p, index))
+            }
+            System::Redis => {
+                let tcp = TcpStream::connect(target.addr).await?;
+                tcp.set_nodelay(true)?;
+                let mut read = BufReader::new(tcp);
+                read.get_mut()
+                    .write_all(&resp_command(&[b"SUBSCRIBE", room.as_bytes()]))
+                    .await?;
+                let confirm = resp_read_array(&mut read).await?;
+                if confirm.first().map(Vec::as_slice) != Some(b"subscribe") {
+                    bail!("redis: subscribe not confirmed");
+                }
+                tokio::spawn(redis_subscriber(read, total, p, index))
+            }
+        };
+        subs.push(task);
+    }
+
+    let publisher = Publisher::connect(target, &url, room).await?;
+    let started = Instant::now();
+    let mut publisher = publisher;
+    for i in 0..total {
+        match mode {
+            Mode::Steady => {
+                let due = started + Duration::from_micros(i * 1_000_000 / STEADY_PER_SEC);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            Mode::FullSpeed => {
+                let waiting = Instant::now();
+                while i >= progress.slowest() + WINDOW {
+                    if waiting.elapsed() > RUN_TIMEOUT {
+                        bail!(
+                            "{} N={n}: lost events: the slowest subscriber is stuck at {} of {total}",
+                            target.system.name(),
+                            progress.slowest()
+                        );
+                    }
+                    // Not a busy loop: the relays and subscribers share our two cores.
+                    tokio::time::sleep(Duration::from_micros(250)).await;
+                }
+            }
+        }
+        publisher.publish(i, payload(i)).await?;
+    }
+    let mut latencies = Vec::with_capacity(usize::try_from(total)? * n);
+    let all = futures_util::future::join_all(subs);
+    let results = match tokio::time::timeout(RUN_TIMEOUT, all).await {
+        Ok(results) => results,
+        Err(_) => bail!(
+            "{} N={n}: lost events: the slowest subscriber got {} of {total}",
+            target.system.name(),
+            progress.slowest()
+        ),
+    };
+    let elapsed = started.elapsed();
+    for result in results {
+        latencies.extend(result.context("subscriber task")??);
+    }
+    publisher.finish(total).await?;
+    Ok(RunResult {
+        deliveries_per_sec: (total as f64 * n as f64) / elapsed.as_secs_f64(),
+        latencies_ms: latencies,
+    })
+}
+
+enum Publisher {
+    Ws {
+        ws: futures_util::stream::SplitSink<Ws, Message>,
+        acks: tokio::task::JoinHandle<Result<()>>,
+        acked: Arc<AtomicU64>,
+        ksync: bool,
+    },
+    Nats {
+        write: tokio::net::tcp::OwnedWriteHalf,
+        subject: String,
+        _read: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    },
+    Redis {
+        write: tokio::net::tcp::OwnedWriteHalf,
+        channel: String,
+        replies: tokio::task::JoinHandle<Result<u64>>,
+    },
+}
+
+impl Publisher {
+    async fn connect(target: &Target, url: &str, room: &str) -> Result<Self> {
+        Ok(match target.system {
+            System::KsyncMem | System::KsyncFile | System::BareWs => {
+                let ksync = target.system != System::BareWs;
+                let ws = if ksync {
+                    ksync_join(url, 64 * 1024).await?
+                } else {
+                    ws_connect(url, 64 * 1024).await?
+                };
+                let (sink, mut stream) = ws.split();
+                // Counts acks (kSync) and keeps the socket read (pongs, the bare "ready").
+                let acked = Arc::new(AtomicU64::new(0));
+                let count = Arc::clone(&acked);
+                let acks = tokio::spawn(async move {
+                    while let Some(message) = stream.next().await {
+                        if let Message::Text(t) = message? {
+                            if t.as_str().contains(r#""type":"error""#) {
+                                bail!("relay refused a publish: {}", t.as_str());
+                            }
+                            if t.as_str().contains(r#""type":"ack""#) {
+                                if !t.as_str().contains(r#""status":"stored""#) {
+                                    bail!("publish not stored: {}", t.as_str());
+                                }
+                                count.fetch_add(1, Ordering::AcqRel);
+                            }
+                        }
+                    }
+                    Ok(())
+                });
+                Publisher::Ws {
+                    ws: sink,
+                    acks,
+                    acked,
+                    ksync,
+                }
+            }
+            System::Nats => {
+                let (mut read, mut write) = nats_connect(target.addr).await?;
+                nats_expect_pong(&mut read, &mut write).await?;
+                Publisher::Nats {
+                    write,
+                    subject: room.to_owned(),
+                    _read: read,
+                }
+            }
+            System::Redis => {
+                let tcp = TcpStream::connect(target.addr).await?;
+                tcp.set_nodelay(true)?;
+                let (read, write) = tcp.into_split();
+                let replies = tokio::spawn(async move {
+                    let mut read = BufReader::new(read);
+                    let mut line = String::new();
+                    let mut count = 0u64;
+                    loop {
+                        line.clear();
+                        if read.read_line(&mut line).await? == 0 {
+                            return Ok(count);
+                        }
+                        if line.starts_with('-') {
+                            bail!("redis: {line}");
+                        }
+                        count += 1;
+                    }
+                });
+                Publisher::Redis {
+                    write,
+                    channel: room.to_owned(),
+                    replies,
+                }
+            }
+        })
+    }
+
+    async fn publish(&mut self, i: u64, event: String) -> Result<()> {
+        match self {
+            Publisher::Ws {
+                ws, ksync: true, ..
+            } => {
+                let frame = format!(r#"{{"type":"publish","ref":{i},"events":[{event}]}}"#);
+                ws.send(Message::text(frame)).await?;
+            }
+            Publisher::Ws {
+                ws, ksync: false, ..
+            } => ws.send(Message::text(event)).await?,
+            Publisher::Nats { write, subject, .. } => {
+                let mut frame = format!("PUB {subject} {}\r\n", event.len()).into_bytes();
+                frame.extend_from_slice(event.as_bytes());
+                frame.extend_from_slice(b"\r\n");
+                write.write_all(&frame).await?;
+            }
+            Publisher::Redis { write, channel, .. } => {
+                write
+                    .write_all(&resp_command(&[
+                        b"PUBLISH",
+                        channel.as_bytes(),
+                        event.as_bytes(),
+                    ]))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(self, total: u64) -> Result<()> {
+        match self {
+            Publisher::Ws {
+                mut ws,
+                acks,
+                acked,
+                ksync,
+            } => {
+                // Every publish must be acknowledged (stored) before we close.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while ksync && acked.load(Ordering::Acquire) < total {
+                    if acks.is_finished() || Instant::now() > deadline {
+                        let got = acked.load(Ordering::Acquire);
+                        let why = if acks.is_finished() {
+                            format!("{:?}", acks.await)
+                        } else {
+                            "timeout".to_owned()
+                        };
+                        bail!("publisher got {got} acks for {total} publishes ({why})");
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let _ = ws.close().await;
+                acks.abort();
+            }
+            Publisher::Nats { .. } => {}
+            Publisher::Redis {
+                mut write, replies, ..
+            } => {
+                write.shutdown().await?;
+                let count = tokio::time::timeout(Duration::from_secs(10), replies)
+                    .await
+                    .context("redis publisher")???;
+                if count != total {
+                    bail!("redis answered {count} of {total} publishes");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ----- servers -----
+
+/// The bare tokio-tungstenite relay: every text frame from one connection goes to all others.
+async fn bare_relay(listener: TcpListener) {
+    // Capacity: generous for the benchmark's windowed publisher; a lagging receiver is
+    // reported and its connection dropped (which the run then reports as lost events).
+    let (tx, _) = broadcast::channel::<(u64, tokio_tungstenite::tungstenite::Utf8Bytes)>(1 << 14);
+    let mut next = 0u64;
+    while let Ok((tcp, _)) = listener.accept().await {
+        next += 1;
+        let id = next;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let config = WebSocketConfig::default()
+                .read_buffer_size(4096)
+                .write_buffer_size(0);
+            let Ok(ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(config)).await
+            else {
+                return;
+            };
+            let (mut sink, mut stream) = ws.split();
+            let mut rx = tx.subscribe();
+            if sink.send(Message::text("ready")).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    message = stream.next() => match message {
+                        Some(Ok(Message::Text(t))) => { let _ = tx.send((id, t)); }
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    },
+                    item = rx.recv() => match item {
+                        Ok((from, text)) if from != id => {
+                            if sink.send(Message::Text(text)).await.is_err() { break; }
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            eprintln!("bare relay: a subscriber lagged by {n}");
+                            break;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                }
+            }
+        });
+    }
+}
+
+async fn start_relay(provider: Arc<dyn StorageProvider>) -> Result<(SocketAddr, Relay)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let config = RelayConfig {
+        max_connections: IDLE_CONNECTIONS * 2,
+        ..RelayConfig::default()
+    };
+    let relay = Relay::new(config, provider, Arc::new(AllowAll))?;
+    let router = relay.router();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(ksync_ws::server::nodelay(listener), router).await {
+            eprintln!("relay stopped: {e}");
+        }
+    });
+    Ok((addr, relay))
+}
+
+/// A child process (nats-server, redis-server, or ourselves) killed on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain(["/usr/sbin".into(), "/usr/bin".into()])
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+async fn wait_listening(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("{addr} did not start listening")
+}
+
+async fn start_external(system: System) -> Result<Option<(SocketAddr, ChildGuard)>> {
+    let (program, args): (&str, Vec<String>) = match system {
+        System::Nats => {
+            let port = free_port()?;
+            (
+                "nats-server",
+                vec![
+                    "-a".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    port.to_string(),
+                ],
+            )
+        }
+        System::Redis => {
+            let port = free_port()?;
+            (
+                "redis-server",
+                vec![
+                    "--port".into(),
+                    port.to_string(),
+                    "--bind".into(),
+                    "127.0.0.1".into(),
+                    "--save".into(),
+                    String::new(),
+                    "--appendonly".into(),
+                    "no".into(),
+                ],
+            )
+        }
+        _ => return Ok(None),
+    };
+    let Some(path) = which(program) else {
+        return Ok(None);
+    };
+    let port: u16 = match system {
+        System::Nats => args[3].parse()?,
+        _ => args[1].parse()?,
+    };
+    let child = Command::new(path)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    let guard = ChildGuard(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr).await?;
+    Ok(Some((addr, guard)))
+}
+
+// ----- idle memory -----
+
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .ok_or_else(|| anyhow!("no VmRSS"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// In the child: serve a relay and print its address, until stdin closes.
+fn child_relay() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (addr, _relay) = start_relay(Arc::new(InMemoryProvider::new())).await?;
+        println!("{addr}");
+        // The parent closes our stdin (or dies) when it is done measuring.
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
+        })
+        .await;
+        Ok(())
+    })
+}
+
+/// Bytes per idle connection: RSS growth of the server process over `IDLE_CONNECTIONS`.
+async fn idle_memory(system: System, addr: SocketAddr, pid: u32) -> Result<f64> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes(pid)?;
+    let mut held: VecDeque<Box<dyn std::any::Any + Send>> = VecDeque::new();
+    let url = format!("ws://{addr}/ws/idle");
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let mut opened = 0;
+    while opened < IDLE_CONNECTIONS || !pending.is_empty() {
+        while opened < IDLE_CONNECTIONS && pending.len() < 256 {
+            opened += 1;
+            let url = url.clone();
+            pending.push(async move {
+                let conn: Box<dyn std::any::Any + Send> = match system {
+                    System::Nats => {
+                        let (mut read, mut write) = nats_connect(addr).await?;
+                        nats_expect_pong(&mut read, &mut write).await?;
+                        Box::new((read, write))
+                    }
+                    _ => Box::new(ksync_join(&url, 4096).await?),
+                };
+                anyhow::Ok(conn)
+            });
+        }
+        if let Some(conn) = pending.next().await {
+            held.push_back(conn?);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(pid)?;
+    drop(held);
+    Ok(after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64)
+}
+
+// ----- the scenario -----
+
+/// One (system, N) cell: a sample per measured round.
+struct Samples {
+    system: System,
+    n: usize,
+    deliveries: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+/// `cargo xtask bench ws`.
+pub fn run(report: &mut Report) -> Result<()> {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        child_relay()?;
+        std::process::exit(0);
+    }
+    epoch();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let section = report.scenario("ws");
+    rt.block_on(scenario(section))
+}
+
+async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let (mem_addr, _mem_relay) = start_relay(Arc::new(InMemoryProvider::new())).await?;
+    let file_provider = ksync_storage_file::FileProvider::new(data.path())?;
+    let (file_addr, _file_relay) = start_relay(Arc::new(file_provider)).await?;
+    let bare_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let bare_addr = bare_listener.local_addr()?;
+    tokio::spawn(bare_relay(bare_listener));
+    let mut targets = vec![
+        Target {
+            system: System::KsyncMem,
+            addr: mem_addr,
+        },
+        Target {
+            system: System::KsyncFile,
+            addr: file_addr,
+        },
+        Target {
+            system: System::BareWs,
+            addr: bare_addr,
+        },
+    ];
+    let mut guards = Vec::new();
+    for system in [System::Nats, System::Redis] {
+        match start_external(system).await? {
+            Some((addr, guard)) => {
+                targets.push(Target { system, addr });
+                guards.push(guard);
+            }
+            None => section.skip(
+                system.name(),
+                &format!(
+                    "{}-server not installed (apt-get install {}-server)",
+                    system.name(),
+                    system.name()
+                ),
+            ),
+        }
+    }
+
+    let mut samples: Vec<Samples> = Vec::new();
+    for t in &targets {
+        for n in FAN_OUT {
+            samples.push(Samples {
+                system: t.system,
+                n,
+                deliveries: Vec::new(),
+                p50: Vec::new(),
+                p99: Vec::new(),
+            });
+        }
+    }
+    let mut checked: u64 = 0;
+    for round in 0..=ROUNDS {
+        for n in FAN_OUT {
+            // Alternate the order so no system always runs first.
+            let order: Vec<&Target> = if round % 2 == 0 {
+                targets.iter().collect()
+            } else {
+                targets.iter().rev().collect()
+            };
+            for target in order {
+                let room = format!("r{round}-n{n}-full");
+                let full = run_once(target, &room, n, Mode::FullSpeed)
+                    .await
+                    .with_context(|| format!("{} N={n} full speed", target.system.name()))?;
+                let room = format!("r{round}-n{n}-steady");
+                let mut steady = run_once(target, &room, n, Mode::Steady)
+                    .await
+                    .with_context(|| format!("{} N={n} steady", target.system.name()))?;
+                checked += full_speed_events(n) * n as u64 + STEADY_EVENTS * n as u64;
+                eprintln!(
+                    "round {round} N={n:<3} {:<10} {:>10.0} deliveries/s  p50 {:.3} ms  p99 {:.3} ms",
+                    target.system.name(),
+                    full.deliveries_per_sec,
+                    percentile(&mut steady.latencies_ms.clone(), 50.0),
+                    percentile(&mut steady.latencies_ms, 99.0),
+                );
+                if round == 0 {
+                    continue; // warm-up
+                }
+                let entry = samples
+                    .iter_mut()
+                    .find(|e| e.system == target.system && e.n == n)
+                    .ok_or_else(|| anyhow!("no sample slot"))?;
+                entry.deliveries.push(full.deliveries_per_sec);
+                entry
+                    .p50
+                    .push(percentile(&mut steady.latencies_ms.clone(), 50.0));
+                entry.p99.push(percentile(&mut steady.latencies_ms, 99.0));
+            }
+        }
+    }
+    let median_of = |system: System, n: usize, which: usize| -> Option<f64> {
+        samples
+            .iter()
+            .find(|e| e.system == system && e.n == n)
+            .map(|e| {
+                let v = match which {
+                    0 => &e.deliveries,
+                    1 => &e.p50,
+                    _ => &e.p99,
+                };
+                let mut sorted = v.clone();
+                sorted.sort_by(f64::total_cmp);
+                super::median_of_sorted(&sorted)
+            })
+    };
+    for Samples {
+        system,
+        n,
+        deliveries: full,
+        p50,
+        p99,
+    } in &samples
+    {
+        let name = system.name();
+        section.series(Series::new(
+            &format!("N={n} {name} deliveries"),
+            "deliveries/s",
+            true,
+            full.clone(),
+        ));
+        section.series(Series::new(
+            &format!("N={n} {name} p50 @1k/s"),
+            "ms",
+            false,
+            p50.clone(),
+        ));
+        section.series(Series::new(
+            &format!("N={n} {name} p99 @1k/s"),
+            "ms",
+            false,
+            p99.clone(),
+        ));
+    }
+    let has_nats = targets.iter().any(|t| t.system == System::Nats);
+    for n in FAN_OUT {
+        let mem = median_of(System::KsyncMem, n, 0).unwrap_or(f64::NAN);
+        if has_nats {
+            let nats = median_of(System::Nats, n, 0).unwrap_or(f64::NAN);
+            let target = if n == 1 { 0.7 } else { 1.0 };
+            section.ratio(
+                &format!("N={n} ksync-mem / nats deliveries"),
+                mem,
+                nats,
+                Some(target),
+            );
+            let p99_mem = median_of(System::KsyncMem, n, 2).unwrap_or(f64::NAN);
+            let p99_nats = median_of(System::Nats, n, 2).unwrap_or(f64::NAN);
+            section.ratio_max(
+                &format!("N={n} ksync-mem / nats p99"),
+                p99_mem,
+                p99_nats,
+                1.0,
+            );
+        }
+        let file = median_of(System::KsyncFile, n, 0).unwrap_or(f64::NAN);
+        section.ratio(
+            &format!("N={n} ksync-file / ksync-mem deliveries"),
+            file,
+            mem,
+            Some(0.5),
+        );
+        let bare = median_of(System::BareWs, n, 0).unwrap_or(f64::NAN);
+        section.ratio(
+            &format!("N={n} ksync-mem / bare-ws deliveries"),
+            mem,
+            bare,
+            None,
+        );
+        if targets.iter().any(|t| t.system == System::Redis) {
+            let redis = median_of(System::Redis, n, 0).unwrap_or(f64::NAN);
+            section.ratio(
+                &format!("N={n} ksync-mem / redis deliveries"),
+                mem,
+                redis,
+                None,
+            );
+        }
+    }
+    section.note(format!(
+        "{checked} deliveries checked (every event to every subscriber exactly once, in order); {ROUNDS} rounds after a warm-up; full speed with a {WINDOW}-event window behind the slowest subscriber"
+    ));
+
+    // Idle connections: the relay in a child process, so the clients' memory is not counted.
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["bench", "ws"])
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("child stdout"))?;
+    let pid = child.id();
+    let guard = ChildGuard(child);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let relay_addr: SocketAddr = line.trim().parse().context("child relay address")?;
+    let ksync_idle = idle_memory(System::KsyncMem, relay_addr, pid).await?;
+    drop(guard);
+    section.series(Series::new(
+        &format!("{IDLE_CONNECTIONS} idle ksync connections"),
+        "bytes/conn",
+        false,
+        vec![ksync_idle],
+    ));
+    section.ratio_max("ksync idle bytes/conn / 8 KiB", ksync_idle, 8192.0, 1.0);
+    if let Some((addr, guard)) = start_external(System::Nats).await? {
+        let pid = guard.0.id();
+        let nats_idle = idle_memory(System::Nats, addr, pid).await?;
+        drop(guard);
+        section.series(Series::new(
+            &format!("{IDLE_CONNECTIONS} idle nats connections"),
+            "bytes/conn",
+            false,
+            vec![nats_idle],
+        ));
+        section.ratio_max("ksync / nats idle bytes/conn", ksync_idle, nats_idle, 1.0);
+    }
+    drop(guards);
+    Ok(())
+}
