@@ -12,3 +12,4 @@ mod crash;
 mod disk;
 mod frames;
 mod network;
+mod sim;
