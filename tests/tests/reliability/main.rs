@@ -8,6 +8,7 @@
 
 mod auth;
 mod common;
+mod convergence;
 mod crash;
 mod disk;
 mod frames;
