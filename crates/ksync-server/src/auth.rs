@@ -371,7 +371,11 @@ impl Authenticator for ServerAuthenticator {
             }
             Err(error) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                if let Some(ip) = peer {
+                // Only a presented credential can be a guess; a client that simply has none
+                // (a page before its user signed in) is not locked out for retrying.
+                if let Some(ip) = peer
+                    && error != AuthError::Missing
+                {
                     self.limiter.record_failure(ip);
                 }
                 tracing::info!(peer = ?peer, %error, "authentication refused");

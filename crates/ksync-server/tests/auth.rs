@@ -337,6 +337,14 @@ fn repeated_failures_are_rate_limited_per_client() {
     .unwrap();
     let attacker: IpAddr = "192.0.2.7".parse().unwrap();
     let other: IpAddr = "192.0.2.8".parse().unwrap();
+    // Connecting without credentials is refused but is not a guess: never throttled.
+    for _ in 0..10 {
+        assert_eq!(
+            a.authenticate_peer(&Credentials::default(), Some(attacker)),
+            Err(AuthError::Missing)
+        );
+    }
+    assert!(!a.is_rate_limited(attacker));
     for _ in 0..3 {
         assert_invalid(
             a.authenticate_peer(&api_key("guess"), Some(attacker)),
