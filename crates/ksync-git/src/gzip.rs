@@ -1,5 +1,9 @@
 //! gzip for request and response bodies, with a bound on what a decompressed body may grow to.
 
+// Decoding (`gunzip`, `accepts_gzip`) serves only the repository service; a client-only build
+// (`ksync` with `git` but not `server`) compiles it without using it.
+#![cfg_attr(not(feature = "server"), allow(dead_code))]
+
 use std::io::{Read, Write};
 
 use flate2::Compression;
