@@ -6,8 +6,7 @@
 //! [`SCENARIOS`]. A debug build of xtask re-executes itself with `--release` before measuring.
 //! Results: a table on stdout and `target/bench/report.json`.
 
-#![allow(dead_code)] // Removed once the first scenario (storage) uses the whole harness.
-
+mod storage;
 mod ws;
 
 use std::path::PathBuf;
@@ -19,11 +18,18 @@ use serde::Serialize;
 type Scenario = (&'static str, &'static str, fn(&mut Report) -> Result<()>);
 
 /// Every scenario, in the order `cargo xtask bench` runs them.
-const SCENARIOS: &[Scenario] = &[(
-    "ws",
-    "fan-out to 1/10/100 subscribers: kSync relay (memory, file) vs bare tokio-tungstenite, nats-server, redis-server; 10k idle connections",
-    ws::run,
-)];
+const SCENARIOS: &[Scenario] = &[
+    (
+        "storage",
+        "FileStorage vs raw write+fdatasync / buffered writes; reopen of 1M events",
+        storage::run,
+    ),
+    (
+        "ws",
+        "fan-out to 1/10/100 subscribers: kSync relay (memory, file) vs bare tokio-tungstenite, nats-server, redis-server; 10k idle connections",
+        ws::run,
+    ),
+];
 
 /// One measured series (e.g. "kSync group commit" events/s over 5 rounds).
 #[derive(Debug, Clone, Serialize)]
