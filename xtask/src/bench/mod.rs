@@ -6,6 +6,7 @@
 //! [`SCENARIOS`]. A debug build of xtask re-executes itself with `--release` before measuring.
 //! Results: a table on stdout and `target/bench/report.json`.
 
+mod p2p;
 mod storage;
 mod ws;
 
@@ -23,6 +24,11 @@ const SCENARIOS: &[Scenario] = &[
         "storage",
         "FileStorage vs raw write+fdatasync / buffered writes; reopen of 1M events",
         storage::run,
+    ),
+    (
+        "p2p",
+        "4 libp2p peers: 10k events full speed and 500/s, catch-up of a fresh peer, vs the ws relay",
+        p2p::run,
     ),
     (
         "ws",
