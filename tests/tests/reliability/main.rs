@@ -12,5 +12,6 @@ mod convergence;
 mod crash;
 mod disk;
 mod frames;
+mod load;
 mod network;
 mod sim;
