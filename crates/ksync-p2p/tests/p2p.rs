@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ksync_core::{InMemoryStorage, KSync, NotificationKind, SyncClient};
+use ksync_core::{InMemoryStorage, KSync, Notification, NotificationKind, SyncClient};
 use ksync_p2p::{DiscoveryMethod, NetworkKey, P2PError, P2PSyncClient};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -180,12 +180,22 @@ async fn peers_of_another_network_are_dropped() {
         .expect("build");
     other.start().await.expect("start");
     a.broadcast(event("a", 1)).await.expect("broadcast");
+    let mut errors = a.notifier().stream();
     // The TCP + Noise connection comes up, identify then tells them apart.
     let _ = other.connect_to_peer(&a.addresses()[0].to_string()).await;
     wait_until(10, "dropped", || {
         other.connected_peers().is_empty() && a.connected_peers().is_empty()
     })
     .await;
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        errors.next_of(NotificationKind::Error),
+    )
+    .await
+    {
+        Ok(Ok(Notification::Error(e))) => assert!(e.to_string().contains("elsewhere"), "{e}"),
+        other => panic!("expected an error notification, got {other:?}"),
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(keys(&other).is_empty());
 }
@@ -292,6 +302,16 @@ async fn ksync_drives_a_p2p_client_as_in_the_spec() {
         .connect_to_peer(&client_a.addresses()[0].to_string())
         .await
         .expect("connect");
+    let a_id = client_a.local_peer_id().to_string();
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        at_b.next_of(NotificationKind::PeerConnected),
+    )
+    .await
+    {
+        Ok(Ok(Notification::PeerConnected(peer))) => assert_eq!(peer, a_id),
+        other => panic!("expected peer-connected, got {other:?}"),
+    }
     let live = ka
         .emit("peer_event", serde_json::json!({"data": "hello peers"}))
         .await
@@ -319,6 +339,15 @@ async fn ksync_drives_a_p2p_client_as_in_the_spec() {
     .await;
     ka.disconnect().await.expect("disconnect");
     assert!(client_a.connected_peers().is_empty());
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        at_b.next_of(NotificationKind::PeerDisconnected),
+    )
+    .await
+    {
+        Ok(Ok(Notification::PeerDisconnected(peer))) => assert_eq!(peer, a_id),
+        other => panic!("expected peer-disconnected, got {other:?}"),
+    }
     assert!(matches!(
         client_a
             .send(ksync_core::Event::new("x", "t", serde_json::json!(1), 1))
