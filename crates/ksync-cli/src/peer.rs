@@ -29,7 +29,7 @@ pub struct PeerArgs {
     #[arg(long, env = "KSYNC_DISCOVERY", default_value = "mdns")]
     discovery: String,
 
-    /// DHT bootstrap peer, a multiaddr ending in /p2p/<peer id>; repeat for several.
+    /// DHT bootstrap peer, a multiaddr ending in `/p2p/<peer id>`; repeat for several.
     #[arg(long, env = "KSYNC_BOOTSTRAP", value_delimiter = ',')]
     bootstrap: Vec<Multiaddr>,
 
