@@ -1,10 +1,9 @@
 //! A compact binary encoding of `serde_json::Value` for event payloads.
 //!
-//! postcard cannot carry a `Value` (it needs a self-describing format) and JSON text is the
-//! slowest part of a replay (tokenising, escapes, number parsing). This encoding is a tagged
-//! tree with LEB128 varints, decoded straight into `Value`s: about twice as fast as parsing the
-//! same data as JSON text, and smaller. Number kinds are kept exactly (`u64`, negative `i64`,
-//! `f64`), so values compare equal after a round trip.
+//! postcard cannot carry a `Value` (it needs a self-describing format). This encoding is a
+//! tagged tree with LEB128 varints, decoded straight into `Value`s with no tokenising, escape
+//! handling or number parsing. It is smaller than JSON text, and number kinds are kept exactly
+//! (`u64`, negative `i64`, `f64`), so values compare equal after a round trip.
 //!
 //! ```text
 //! 0 null | 1 false | 2 true | 3 u64 (varint) | 4 i64 (zigzag varint) | 5 f64 (8 bytes LE)
