@@ -705,6 +705,8 @@ struct Session {
     sent_upto: u64,
     /// Last local sequence number acknowledged (contiguously).
     acked_upto: u64,
+    /// Publishes awaiting their ack. Bounded: no new publish is sent while `in_flight_events`
+    /// is at `max_in_flight` (10 000); the rest waits in the replica / outbox.
     in_flight: VecDeque<Flight>,
     in_flight_events: usize,
     next_ref: u64,
