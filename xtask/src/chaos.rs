@@ -91,6 +91,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     test.current_dir(&root)
         .args([
             "test",
+            // Release: the long budgets are CPU-bound (simulation, property cases); debug
+            // builds run them several times slower.
+            "--release",
             "-p",
             "ksync-tests",
             "--test",
@@ -108,7 +111,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         test.env("KSYNC_CHAOS", "1");
     }
     eprintln!(
-        "$ {}cargo test -p ksync-tests --test reliability",
+        "$ {}cargo test --release -p ksync-tests --test reliability",
         if options.fast { "" } else { "KSYNC_CHAOS=1 " }
     );
     let suite_ok = test.status().context("running the suite")?.success();
