@@ -245,6 +245,100 @@ async fn default_data_dir_is_ksync_data_in_the_working_directory() {
     assert!(child.wait().unwrap().success());
 }
 
+#[tokio::test]
+async fn jwt_key_flags_are_wired_end_to_end() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ksync-server/tests/fixtures"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("jwt.secret");
+    std::fs::write(&secret_file, format!("{JWT_SECRET}\n")).unwrap();
+    let rsa_public = format!("{fixtures}/rsa-public.pem");
+    let ed_public = format!("{fixtures}/ed25519-public.pem");
+    let served = serve(
+        &[
+            "--in-memory",
+            "--jwt-hs256-secret-file",
+            secret_file.to_str().unwrap(),
+            "--jwt-rs256-public-key",
+            &rsa_public,
+            "--jwt-eddsa-public-key",
+            &ed_public,
+            "--jwt-audience",
+            "ksync-test",
+            "--jwt-issuer",
+            "test-issuer",
+        ],
+        &[],
+    );
+    let claims = json!({"sub": "t", "exp": get_current_timestamp() + 300, "aud": "ksync-test", "iss": "test-issuer"});
+    let read = |name: &str| std::fs::read(format!("{fixtures}/{name}")).unwrap();
+    let tokens = [
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        )
+        .unwrap(),
+        encode(
+            &Header::new(Algorithm::RS256),
+            &claims,
+            &EncodingKey::from_rsa_pem(&read("rsa-private.pem")).unwrap(),
+        )
+        .unwrap(),
+        encode(
+            &Header::new(Algorithm::EdDSA),
+            &claims,
+            &EncodingKey::from_ed_pem(&read("ed25519-private.pem")).unwrap(),
+        )
+        .unwrap(),
+    ];
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/git/notes", served.addr);
+    for token in &tokens {
+        let response = client.put(&url).bearer_auth(token).send().await.unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+    let wrong_issuer =
+        json!({"exp": get_current_timestamp() + 300, "aud": "ksync-test", "iss": "other"});
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &wrong_issuer,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let response = client.put(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    let stderr = stop(served);
+    for token in &tokens {
+        assert!(!stderr.contains(token.as_str()), "token in {stderr}");
+    }
+    assert!(!stderr.contains(JWT_SECRET), "{stderr}");
+}
+
+#[test]
+fn sigint_also_drains_and_exits_cleanly() {
+    let mut served = serve(&["--in-memory"], &[]);
+    let status = Command::new("kill")
+        .args(["-INT", &served.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(served.child.wait().unwrap().success());
+    let mut stderr = String::new();
+    served
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(stderr.contains("SIGINT received"), "{stderr}");
+    assert!(stderr.contains("storage flushed"), "{stderr}");
+}
+
 #[test]
 fn bad_configuration_exits_with_a_clear_error() {
     let output = Command::new(env!("CARGO_BIN_EXE_ksync"))
