@@ -761,7 +761,10 @@ impl GitSyncClient {
         let mut batch = Vec::new();
         let mut scanned = after;
         'scan: loop {
-            let page = replica.storage().read_since(scanned, SCAN_PAGE)?;
+            // Read no more than the batch can still take (reads copy events), but not in
+            // tiny steps when other replicas' events are interleaved.
+            let want = (self.inner.push_batch - batch.len()).clamp(64, SCAN_PAGE);
+            let page = replica.storage().read_since(scanned, want)?;
             if page.is_empty() {
                 break;
             }
