@@ -6,6 +6,7 @@
 //! [`SCENARIOS`]. A debug build of xtask re-executes itself with `--release` before measuring.
 //! Results: a table on stdout and `target/bench/report.json`.
 
+mod git;
 mod p2p;
 mod storage;
 mod ws;
@@ -24,6 +25,11 @@ const SCENARIOS: &[Scenario] = &[
         "storage",
         "FileStorage vs raw write+fdatasync / buffered writes; reopen of 1M events",
         storage::run,
+    ),
+    (
+        "git",
+        "push 100k events then clone them over HTTP vs the json+tcp floor and pouchdb-server",
+        git::run,
     ),
     (
         "p2p",
