@@ -528,7 +528,12 @@ impl Feed {
                         .or_default()
                         .push(json!({"name": branch.as_str(), "seq": seq}));
                     let key = (repo.to_string(), branch.to_string());
-                    let seen = self.branch_seen.insert(key, seq);
+                    // A branch that appears after the first stats is new: all of it is news.
+                    let first = self.previous_total.is_none();
+                    let seen =
+                        self.branch_seen
+                            .insert(key, seq)
+                            .or(if first { None } else { Some(0) });
                     if let Some(seen) = seen
                         && seq > seen
                     {

@@ -76,14 +76,20 @@ async fn recv(ws: &mut Ws) -> Value {
     }
 }
 
-/// The next message of `kind`, skipping others (stats tick every second in between).
+/// The next message of `kind`, skipping others (stats tick every second in between); panics
+/// after 10 s.
 async fn recv_kind(ws: &mut Ws, kind: &str) -> Value {
-    loop {
-        let message = recv(ws).await;
-        if message["type"] == kind {
-            return message;
+    let wait = async {
+        loop {
+            let message = recv(ws).await;
+            if message["type"] == kind {
+                return message;
+            }
         }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("a {kind} message within 10 s"))
 }
 
 /// Skips messages until a `stats` satisfies `check` (panics after 10 s).
@@ -255,6 +261,34 @@ async fn the_monitor_pushes_stats_clients_and_stored_events() {
     assert_eq!(stats["connections"], 1);
     assert_eq!(stats["clients"][0]["room"], "chat");
     assert_eq!(stats["rooms"][0]["clients"], 1);
+
+    // Repositories: a push to a branch shows in the stats and in the tail.
+    let http = reqwest::Client::new();
+    let created = http
+        .put(format!("http://{addr}/git/notes"))
+        .header("x-ksync-protocol", "1")
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{}", created.status());
+    let pushed = http
+        .post(format!("http://{addr}/git/notes/branches/main/events"))
+        .header("x-ksync-protocol", "1")
+        .header("content-type", "application/json")
+        .body(json!({"baseVersion": 0, "events": [event("n1")]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success(), "{}", pushed.status());
+    let from_branch = recv_kind(&mut feed, "events").await;
+    assert_eq!(from_branch["repo"], "notes");
+    assert_eq!(from_branch["branch"], "main");
+    assert_eq!(from_branch["events"][0]["event"]["id"], "n1");
+    let stats = stats_until(&mut feed, |s| s["reposTotal"] == 1).await;
+    assert_eq!(
+        stats["repos"],
+        json!([{"name": "notes", "branches": [{"name": "main", "seq": 1}]}])
+    );
 
     // The monitor itself is not a client of any room.
     assert_eq!(running.connections(), 1);
