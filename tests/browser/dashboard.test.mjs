@@ -85,6 +85,16 @@ test('a screenshot of the dashboard under load', async () => {
   peers.push(...loaders);
   await Promise.all(loaders.map((p) => p.waitConnected()));
   loaders.forEach((p, i) => p.command({ cmd: 'burst', count: 1500, perSecond: 150 * (i + 1), type: ['order_placed', 'message', 'reading'][i], prefix: `load${i}` }));
+  // A repository with two branches, pushed over the Git-like HTTP API.
+  const git = (method, path, body) => fetch(`${server.http}/git/${path}`, {
+    method, headers: { 'content-type': 'application/json', 'x-ksync-protocol': '1' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  }).then((r) => { assert.ok(r.ok, `${method} ${path}: ${r.status}`); });
+  await git('PUT', 'inventory');
+  await git('POST', 'inventory/branches/main/events', { baseVersion: 0, events: Array.from({ length: 40 }, (_, i) => makeEvent('sku', { i })) });
+  await git('POST', 'inventory/branches', { name: 'restock', from: 'main' });
+  await git('POST', 'inventory/branches/restock/events', { baseVersion: 40, events: [makeEvent('restock', { qty: 12 })] });
+  await waitFor(async () => (await page.textContent('#repos')).includes('restock'), 3000, 'the repository and its branches listed');
   // Let the chart collect a few seconds of rates.
   await waitFor(async () => Number.parseFloat(await page.textContent('#rate')) > 50, 8000, 'a rate above 50 events/s shown');
   await new Promise((resolve) => setTimeout(resolve, 4000));
