@@ -4,6 +4,7 @@ mod bench;
 mod browser;
 mod chaos;
 mod ci;
+mod integration;
 
 use std::process::Command;
 
@@ -16,6 +17,7 @@ fn main() -> Result<()> {
         Some("bench") => bench::run(&args[1..]),
         Some("chaos") => chaos::run(&args[1..]),
         Some("browser") => browser::run(&args[1..]),
+        Some("integration") => integration::run(&args[1..]),
         Some(other) => bail!("unknown xtask {other:?}\n{USAGE}"),
         None => {
             println!("{USAGE}");
@@ -30,6 +32,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   bench [scenario..]    benchmarks side by side with their baselines (default: all)
   chaos [options]       the reliability and security suite with long budgets, the fuzz
                         targets, and the table of figures (see docs/RELIABILITY.md)
+  integration           the real `ksync` binary with WebSocket (auth, middleware), Git (branches,
+                        a conflict, a merge) and P2P peers bridged in; replicas must end equal
   browser [file..]      the dashboard and the JS client in headless Chromium (installs chromium
                         and playwright-core when missing; default: every tests/browser/*.test.mjs)";
 
