@@ -45,6 +45,9 @@ pub enum P2PError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    /// Publishing to the network failed (the event is stored; catch-up delivers it).
+    #[error("publishing to the network failed: {0}")]
+    Publish(String),
     /// The node is not started (call `start` first).
     #[error("the P2P node is not started")]
     NotStarted,

@@ -565,7 +565,7 @@ impl Node {
                 tracing::warn!(error = %e, "publishing failed; catch-up will deliver");
                 self.notifier
                     .emit(Notification::Error(Arc::new(SyncError::transport(
-                        P2PError::Build(format!("gossipsub publish: {e}").into()),
+                        P2PError::Publish(e.to_string()),
                     ))));
             }
         }
