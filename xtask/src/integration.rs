@@ -27,7 +27,7 @@ use ksync_p2p::{DiscoveryMethod, NetworkKey, P2PSyncClient};
 use ksync_ws::WebSocketSyncClient;
 use serde_json::{Value, json};
 
-const WRITER_KEY: &str = "integration-writer-key";
+pub(crate) const WRITER_KEY: &str = "integration-writer-key";
 const READER_KEY: &str = "integration-reader-key";
 /// How long replicas get to converge before the run fails.
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -47,7 +47,7 @@ pub fn run(args: &[String]) -> Result<()> {
     runtime.block_on(scenario(binary, data.path().to_path_buf()))
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || {
             // xtask lives one level below the workspace root.
@@ -60,13 +60,13 @@ fn target_dir() -> PathBuf {
 }
 
 /// A running `ksync serve` child.
-struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl ServerProcess {
-    fn start(binary: &PathBuf, data_dir: &std::path::Path) -> Result<Self> {
+    pub(crate) fn start(binary: &PathBuf, data_dir: &std::path::Path) -> Result<Self> {
         let mut child = Command::new(binary)
             .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -98,7 +98,7 @@ impl ServerProcess {
     }
 
     /// SIGTERM, then wait for a clean exit.
-    fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         let pid = self.child.id().to_string();
         let status = Command::new("kill").args(["-TERM", &pid]).status()?;
         ensure!(status.success(), "kill -TERM {pid} failed");

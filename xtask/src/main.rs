@@ -4,6 +4,7 @@ mod bench;
 mod browser;
 mod chaos;
 mod ci;
+mod demo;
 mod integration;
 
 use std::process::Command;
@@ -18,6 +19,7 @@ fn main() -> Result<()> {
         Some("chaos") => chaos::run(&args[1..]),
         Some("browser") => browser::run(&args[1..]),
         Some("integration") => integration::run(&args[1..]),
+        Some("demo") => demo::run(&args[1..]),
         Some(other) => bail!("unknown xtask {other:?}\n{USAGE}"),
         None => {
             println!("{USAGE}");
@@ -34,6 +36,7 @@ const USAGE: &str = "usage: cargo xtask <command>
                         targets, and the table of figures (see docs/RELIABILITY.md)
   integration           the real `ksync` binary with WebSocket (auth, middleware), Git (branches,
                         a conflict, a merge) and P2P peers bridged in; replicas must end equal
+  demo                  a short live demo: the server and two replicas syncing, one offline
   browser [file..]      the dashboard and the JS client in headless Chromium (installs chromium
                         and playwright-core when missing; default: every tests/browser/*.test.mjs)";
 
