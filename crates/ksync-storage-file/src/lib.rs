@@ -8,7 +8,7 @@
 //!   `StorageError::Corrupt`; a file that is not a kSync log, or of a newer format, is refused
 //!   with `StorageError::Format` and left untouched.
 //!
-//! The format is described in [`format`].
+//! The format is described in [`mod@format`].
 
 mod fault;
 pub mod format;

@@ -23,6 +23,10 @@ const LOG_SUFFIX: &str = ".log";
 /// Paths are built only from validated [`Name`]s (no separators, no leading dot), so no name
 /// can leave the directory. The same `Arc` is returned for a name while the provider holds it;
 /// logs stay open until [`FileProvider::close`] or the provider is dropped.
+///
+/// Opening a log replays it on the calling thread while holding the provider's lock (a large
+/// log takes a while: about 3 s per million events on a busy 2-core machine); async callers
+/// with big logs should call `open` from `spawn_blocking`.
 #[derive(Debug)]
 pub struct FileProvider {
     dir: PathBuf,

@@ -173,6 +173,9 @@ struct Request {
 /// with [`StorageError::Corrupt`]. The file is locked while open: a second `FileStorage` on
 /// the same file (in this or another process) gets an IO error.
 ///
+/// Dropping a `FileStorage` waits for its writer thread to answer what is queued and exit
+/// (normally at most one sync), so the file is unlocked when `drop` returns.
+///
 /// ```no_run
 /// # async fn demo() -> Result<(), ksync_core::StorageError> {
 /// use ksync_core::{Event, Storage};
