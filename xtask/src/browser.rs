@@ -36,8 +36,18 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let node_dir = target.join("browser-node");
     let playwright = ensure_playwright(&node_dir)?;
 
-    crate::cargo(&["build", "-p", "ksync-cli", "--bin", "ksync"])?;
-    crate::cargo(&["build", "-p", "ksync-ws", "--example", "browser_peer"])?;
+    // One invocation: one feature resolution and one lock wait for both.
+    crate::cargo(&[
+        "build",
+        "-p",
+        "ksync-cli",
+        "-p",
+        "ksync-ws",
+        "--bin",
+        "ksync",
+        "--example",
+        "browser_peer",
+    ])?;
     let ksync = target.join("debug").join("ksync");
     let peer = target.join("debug").join("examples").join("browser_peer");
     let artifacts = target.join("artifacts");
