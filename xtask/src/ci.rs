@@ -6,8 +6,8 @@
 //! - `features`: clippy on the `ksync` umbrella with no features, each feature alone, and `full`
 //! - `test`: `cargo test --workspace`; with `KSYNC_CI_NEXTEST=1`, `cargo nextest run
 //!   --workspace` plus the doc tests instead
-//! - `doc`: `cargo doc --no-deps` with `RUSTDOCFLAGS=-D warnings`, the workspace and the
-//!   umbrella with every feature
+//! - `doc`: `cargo doc --no-deps` with `RUSTDOCFLAGS=-D warnings`, the workspace's libraries
+//!   and the umbrella with every feature
 //! - `deny`: `cargo deny --offline check` (advisories from the local RustSec snapshot, licenses,
 //!   bans, sources)
 
@@ -177,7 +177,8 @@ fn tests(root: &Path) -> Result<()> {
 
 fn docs(root: &Path) -> Result<()> {
     let env = [("RUSTDOCFLAGS", "-D warnings")];
-    cargo_in(root, &["doc", "--no-deps", "--workspace"], &env)?;
+    // `--lib`: the `ksync` binary (ksync-cli) would write its docs over the `ksync` umbrella's.
+    cargo_in(root, &["doc", "--no-deps", "--workspace", "--lib"], &env)?;
     if umbrella_features(root)?.is_some() {
         // The umbrella as docs.rs builds it (all features), so every inlined re-export resolves.
         cargo_in(
