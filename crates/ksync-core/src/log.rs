@@ -76,8 +76,8 @@ pub struct MergePlan {
 #[derive(Debug, Clone, Default)]
 pub struct LogIndex {
     events: Vec<Event>,
-    // id -> (version -> seq). BTreeMap so the latest version is the last entry.
-    by_id: HashMap<String, BTreeMap<u64, u64>>,
+    // id -> its versions and their seqs.
+    by_id: HashMap<String, Versions>,
 }
 
 impl LogIndex {
@@ -112,7 +112,7 @@ impl LogIndex {
 
     /// The revision `(id, version)` and its sequence number.
     pub fn get(&self, id: &str, version: u64) -> Option<Stored> {
-        let seq = *self.by_id.get(id)?.get(&version)?;
+        let seq = self.by_id.get(id)?.get(version)?;
         self.at(seq).map(|e| Stored {
             seq,
             event: e.clone(),
@@ -121,7 +121,7 @@ impl LogIndex {
 
     /// The highest version of `id`.
     pub fn latest(&self, id: &str) -> Option<Stored> {
-        let (_, &seq) = self.by_id.get(id)?.last_key_value()?;
+        let (_, seq) = self.by_id.get(id)?.latest();
         self.at(seq).map(|e| Stored {
             seq,
             event: e.clone(),
@@ -148,7 +148,7 @@ impl LogIndex {
         self.by_id
             .iter()
             .filter_map(|(id, versions)| {
-                let (_, &seq) = versions.last_key_value()?;
+                let (_, seq) = versions.latest();
                 self.at(seq).map(|e| (id.clone(), e.clone()))
             })
             .collect()
@@ -221,11 +221,18 @@ impl LogIndex {
     /// Returns `false` (and stores nothing) when `(id, version)` is already present.
     pub fn push(&mut self, event: Event) -> bool {
         let seq = self.len() + 1;
-        let versions = self.by_id.entry(event.id.clone()).or_default();
-        if versions.contains_key(&event.version) {
-            return false;
+        match self.by_id.get_mut(event.id.as_str()) {
+            Some(versions) => {
+                if versions.get(event.version).is_some() {
+                    return false;
+                }
+                versions.insert(event.version, seq);
+            }
+            None => {
+                self.by_id
+                    .insert(event.id.clone(), Versions::One(event.version, seq));
+            }
         }
-        versions.insert(event.version, seq);
         self.events.push(event);
         true
     }
@@ -233,6 +240,44 @@ impl LogIndex {
     /// All distinct ids.
     pub fn ids(&self) -> HashSet<&str> {
         self.by_id.keys().map(String::as_str).collect()
+    }
+}
+
+/// The versions of one id and their seqs. Most ids have a single version, so it is stored
+/// inline: a map per id would cost an allocation (and ~200 bytes) per event on replay.
+#[derive(Debug, Clone)]
+enum Versions {
+    /// `(version, seq)`.
+    One(u64, u64),
+    /// version -> seq; the latest version is the last entry.
+    Many(BTreeMap<u64, u64>),
+}
+
+impl Versions {
+    fn get(&self, version: u64) -> Option<u64> {
+        match self {
+            Versions::One(v, seq) => (*v == version).then_some(*seq),
+            Versions::Many(map) => map.get(&version).copied(),
+        }
+    }
+
+    fn latest(&self) -> (u64, u64) {
+        match self {
+            Versions::One(v, seq) => (*v, *seq),
+            // A `Many` is never empty: it is made from a `One` plus one more entry.
+            Versions::Many(map) => map.last_key_value().map_or((0, 0), |(v, seq)| (*v, *seq)),
+        }
+    }
+
+    fn insert(&mut self, version: u64, seq: u64) {
+        match self {
+            Versions::One(v, s) => {
+                *self = Versions::Many(BTreeMap::from([(*v, *s), (version, seq)]));
+            }
+            Versions::Many(map) => {
+                map.insert(version, seq);
+            }
+        }
     }
 }
 
