@@ -52,14 +52,23 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let peer = target.join("debug").join("examples").join("browser_peer");
     let artifacts = target.join("artifacts");
     std::fs::create_dir_all(&artifacts).context("creating target/artifacts")?;
+    // Only this run's screenshot may be reported below.
+    let screenshot = artifacts.join("dashboard.png");
+    let _ = std::fs::remove_file(&screenshot);
 
     let tests = test_files(&root, args)?;
     let server = Server::start(&ksync)?;
     eprintln!("ksync serve is listening on {}", server.addr);
+    // Readable output on the console, TAP in a file for the counts printed at the end.
+    let tap = node_dir.join("results.tap");
+    let _ = std::fs::remove_file(&tap);
     let status = Command::new("node")
         .arg("--test")
         .arg("--test-concurrency=1")
         .arg(format!("--test-timeout={TEST_TIMEOUT_MS}"))
+        .args(["--test-reporter=spec", "--test-reporter-destination=stdout"])
+        .arg("--test-reporter=tap")
+        .arg(format!("--test-reporter-destination={}", tap.display()))
         .args(&tests)
         .current_dir(&root)
         .env("KSYNC_BIN", &ksync)
@@ -71,11 +80,23 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         .status()
         .context("running node --test")?;
     let server_log = server.stop()?;
+    let counts = std::fs::read_to_string(&tap).unwrap_or_default();
+    let count = |label: &str| {
+        counts
+            .lines()
+            .find_map(|line| line.strip_prefix(label))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (passed, failed) = (count("# pass "), count("# fail "));
+    println!("browser: {passed} passed, {failed} failed");
+    if passed == 0 && status.success() {
+        bail!("node ran no browser test");
+    }
     if !status.success() {
         eprintln!("--- shared ksync serve log ---\n{server_log}");
         bail!("browser tests failed ({status})");
     }
-    let screenshot = artifacts.join("dashboard.png");
     if screenshot.exists() {
         eprintln!("dashboard screenshot: {}", screenshot.display());
     }
