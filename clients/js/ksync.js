@@ -366,11 +366,12 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   #closed(socket, close, opened) {
+    // `disconnect()` waits for the socket it closed, even if `connect()` opened another since.
+    for (const resolve of this.#closeWaiters.splice(0)) resolve();
     if (socket !== this.#socket) return;
     this.#socket = null;
     const wasConnected = this.#connected;
     this.#connected = false;
-    for (const resolve of this.#closeWaiters.splice(0)) resolve();
     if (wasConnected) this.emit('disconnected', { code: close.code, reason: close.reason });
     if (this.#stopped) return;
     if (FATAL_CLOSE_CODES.has(close.code)) {

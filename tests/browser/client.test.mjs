@@ -59,6 +59,15 @@ test('a page publishes to a Rust client and receives what the Rust client sends'
     assert.deepEqual(got.data, fromPage.data);
     assert.equal(got.type, fromPage.type);
 
+    // on() returns the unsubscribe function; off(type, handler) does the same.
+    await page.evaluate(() => {
+      window.removedCalls = 0;
+      const removed = () => { window.removedCalls += 1; };
+      const unsubscribe = window.client.on('event', removed);
+      unsubscribe();
+      window.client.on('event', removed);
+      window.client.off('event', removed);
+    });
     const fromRust = makeEvent('rust', { text: 'hello from rust' });
     rust.send(fromRust);
     await waitFor(async () => (await receivedIds(page)).includes(fromRust.id), 5000, 'the page received the Rust event');
@@ -66,6 +75,7 @@ test('a page publishes to a Rust client and receives what the Rust client sends'
     assert.deepEqual(seen.event.data, fromRust.data);
     assert.equal(seen.seq, result.seq + 1);
     assert.equal(await page.evaluate(() => window.client.cursor), result.seq + 1);
+    assert.equal(await page.evaluate(() => window.removedCalls), 0);
 
     // Duplicates are acknowledged as such; refused events reject the promise.
     const again = await page.evaluate((event) => window.client.send(event), fromPage);
