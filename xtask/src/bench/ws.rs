@@ -968,7 +968,14 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
         }
     }
     let mut checked: u64 = 0;
-    for round in 0..=ROUNDS {
+    // For iterating on the idle-memory measure alone.
+    let rounds = if std::env::var_os("KSYNC_BENCH_WS_IDLE_ONLY").is_some() {
+        targets.clear();
+        0
+    } else {
+        ROUNDS + 1
+    };
+    for round in 0..rounds {
         for n in FAN_OUT {
             // Alternate the order so no system always runs first.
             let order: Vec<&Target> = if round % 2 == 0 {

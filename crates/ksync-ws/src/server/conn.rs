@@ -151,7 +151,12 @@ async fn run(
     id: u64,
 ) -> Result<(), End> {
     let config = &shared.config;
-    let hello = match timeout(config.handshake_timeout, read_hello(writer, stream)).await {
+    let hello = match timeout(
+        config.handshake_timeout,
+        Box::pin(read_hello(writer, stream)),
+    )
+    .await
+    {
         Ok(hello) => hello?,
         Err(_) => {
             return Err(End::Close(
@@ -214,7 +219,17 @@ async fn run(
             false,
         )
         .await?;
-    catch_up(shared, writer, room, &hello, server_version, snapshot).await?;
+    // Boxed (here and below): these futures are large and short-lived; kept inline they would
+    // make every idle connection's task carry their size.
+    Box::pin(catch_up(
+        shared,
+        writer,
+        room,
+        &hello,
+        server_version,
+        snapshot,
+    ))
+    .await?;
 
     let mut shutdown = shared.shutdown.subscribe();
     let mut shutting_down = *shutdown.borrow();
@@ -251,7 +266,7 @@ async fn run(
                     Message::Ping(_) | Message::Pong(_) => continue,
                     Message::Close(_) => return Ok(()),
                 };
-                handle(writer, &text, room, grant, room_tx, id).await?;
+                Box::pin(handle(writer, &text, room, grant, room_tx, id)).await?;
             },
             _ = ping.tick() => {
                 if awaiting_pong {
