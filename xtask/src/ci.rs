@@ -73,9 +73,13 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The workspace this run is for. `cargo run` sets `CARGO_MANIFEST_DIR` at run time; prefer it
+/// to the compile-time value, since checkouts that share a target directory share the binary.
 fn workspace_root() -> PathBuf {
-    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
-    xtask.parent().unwrap_or(xtask).to_path_buf()
+    let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    xtask.parent().map_or_else(|| xtask.clone(), Path::to_path_buf)
 }
 
 /// Runs `cargo <args>` in `dir` with extra environment, failing on a non-zero exit.
