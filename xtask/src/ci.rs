@@ -79,7 +79,9 @@ fn workspace_root() -> PathBuf {
     let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    xtask.parent().map_or_else(|| xtask.clone(), Path::to_path_buf)
+    xtask
+        .parent()
+        .map_or_else(|| xtask.clone(), Path::to_path_buf)
 }
 
 /// Runs `cargo <args>` in `dir` with extra environment, failing on a non-zero exit.
