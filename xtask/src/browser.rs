@@ -108,8 +108,11 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 }
 
 fn workspace_root() -> Result<PathBuf> {
-    // xtask lives one level below the workspace root.
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // xtask lives one level below the workspace root. `cargo run` sets CARGO_MANIFEST_DIR at
+    // run time; prefer it, since checkouts sharing a target directory share this binary.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     manifest
         .parent()
         .map(Path::to_path_buf)
