@@ -19,6 +19,24 @@ use serde_json::json;
 
 use crate::common::*;
 
+/// Opens a log, retrying briefly while another thread's freshly forked child still holds a
+/// copy of the previous handle's descriptor (and so its `flock`) until it execs: other tests
+/// in this binary spawn child processes, and the lock is per open file description.
+fn open_retrying(path: &Path) -> Result<FileStorage, StorageError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match FileStorage::open(path) {
+            Err(StorageError::Io { source, .. })
+                if source.kind() == io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn ev(id: &str, n: u64) -> Event {
     Event::new(
         id,
@@ -80,9 +98,9 @@ fn torn_tail_at_every_byte_of_the_last_records_is_cut_and_reported() {
             std::fs::write(&case, &damaged).expect("write case");
             cases += 1;
             // Records wholly before the cut survive; the one the cut lands in is the torn tail.
-            let complete = starts.iter().filter(|s| **s < cut).count()
-                - usize::from(!starts.contains(&cut));
-            let storage = FileStorage::open(&case)
+            let complete =
+                starts.iter().filter(|s| **s < cut).count() - usize::from(!starts.contains(&cut));
+            let storage = open_retrying(&case)
                 .unwrap_or_else(|e| panic!("cut {cut} zero_fill {zero_fill}: {e}"));
             let report = storage.recovery();
             let at_boundary = starts.contains(&cut) && !zero_fill;
@@ -106,7 +124,7 @@ fn torn_tail_at_every_byte_of_the_last_records_is_cut_and_reported() {
             recovered += 1;
             drop(storage);
             // Recovery cut the file to the last complete record: a second open is clean.
-            let again = FileStorage::open(&case).expect("second open");
+            let again = open_retrying(&case).expect("second open");
             assert!(again.recovery().cut_tail.is_none());
         }
     }
@@ -136,7 +154,7 @@ fn bit_flips_mid_file_are_detected_and_name_the_offset() {
         damaged[pos] ^= 1 << bit;
         std::fs::write(&case, &damaged).expect("write case");
         let record = *starts.iter().rev().find(|s| **s <= pos).expect("record") as u64;
-        match FileStorage::open(&case) {
+        match open_retrying(&case) {
             Err(e @ StorageError::Corrupt { offset, .. }) => {
                 detected += 1;
                 if offset == record && e.to_string().contains(&record.to_string()) {
@@ -291,7 +309,7 @@ fn failed_fsync_and_full_disk_acknowledge_nothing_unsynced() {
         if eio {
             lose_unsynced(&path, &faults);
         }
-        let reopened = FileStorage::open(&path).expect("reopen");
+        let reopened = open_retrying(&path).expect("reopen");
         let acked = acked.lock().expect("lock");
         let failed = failed.lock().expect("lock");
         acked_total += acked.len();
