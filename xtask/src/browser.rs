@@ -37,8 +37,14 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let playwright = ensure_playwright(&node_dir)?;
 
     // One invocation: one feature resolution and one lock wait for both.
+    let manifest = root.join("Cargo.toml");
+    let manifest = manifest
+        .to_str()
+        .context("the workspace path must be UTF-8")?;
     crate::cargo(&[
         "build",
+        "--manifest-path",
+        manifest,
         "-p",
         "ksync-cli",
         "-p",
@@ -107,9 +113,19 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The workspace to test: the one the command was started in (walking up from the current
+/// directory), else the one this binary was built from. Checkouts that share a target
+/// directory share the xtask binary, so the compile-time path can name another checkout.
 fn workspace_root() -> Result<PathBuf> {
-    // xtask lives one level below the workspace root. `cargo run` sets CARGO_MANIFEST_DIR at
-    // run time; prefer it, since checkouts sharing a target directory share this binary.
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    for dir in cwd.ancestors() {
+        let manifest = dir.join("Cargo.toml");
+        if dir.join("xtask").is_dir()
+            && std::fs::read_to_string(&manifest).is_ok_and(|text| text.contains("[workspace]"))
+        {
+            return Ok(dir.to_path_buf());
+        }
+    }
     let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
@@ -119,16 +135,30 @@ fn workspace_root() -> Result<PathBuf> {
         .context("xtask has no parent directory")
 }
 
+/// Where cargo puts this workspace's builds (honours `CARGO_TARGET_DIR` and cargo config).
 fn target_dir(root: &Path) -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        let dir = PathBuf::from(dir);
-        return Ok(if dir.is_absolute() {
-            dir
-        } else {
-            root.join(dir)
-        });
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--manifest-path",
+        ])
+        .arg(root.join("Cargo.toml"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !output.status.success() {
+        bail!("cargo metadata failed ({})", output.status);
     }
-    Ok(root.join("target"))
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("reading cargo metadata")?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata gave no target_directory")
 }
 
 fn test_files(root: &Path, args: &[String]) -> Result<Vec<PathBuf>> {
