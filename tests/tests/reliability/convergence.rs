@@ -159,7 +159,9 @@ async fn run_git_case(
     for node in &nodes {
         for b in BRANCHES {
             if node.client().checkout(b).await.is_ok() {
-                node.push().await.map_err(|e| format!("final push to {b}: {e}"))?;
+                node.push()
+                    .await
+                    .map_err(|e| format!("final push to {b}: {e}"))?;
             }
         }
     }
