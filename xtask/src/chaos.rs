@@ -147,9 +147,13 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The workspace this run is for. `cargo run` sets `CARGO_MANIFEST_DIR` at run time; prefer it
+/// to the compile-time value, since checkouts that share a target directory share the binary.
 fn workspace_root() -> Result<PathBuf> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest
+    let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    xtask
         .parent()
         .map(Path::to_path_buf)
         .context("xtask has no parent directory")
