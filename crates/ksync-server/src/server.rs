@@ -181,7 +181,8 @@ impl Server {
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             axum::serve(
-                listener,
+                // Small frames must not wait for Nagle's algorithm (it added ~10 ms p50).
+                ksync_ws::server::nodelay(listener),
                 app.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(async move {
