@@ -505,6 +505,14 @@ fn name(kind: &str, raw: &str) -> Result<Name, ApiError> {
     })
 }
 
+/// Validates the `{repo}/{branch}` of a request path (400 before anything else is looked at).
+fn branch_path(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<(Name, Name), ApiError> {
+    let Path((repo, branch)) = path.map_err(path_error)?;
+    Ok((name("repository", &repo)?, name("branch", &branch)?))
+}
+
 fn path_error(e: PathRejection) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.body_text())
 }
@@ -598,9 +606,7 @@ async fn branch_info(
     path: Result<Path<(String, String)>, PathRejection>,
     req: Request,
 ) -> Handled {
-    let Path((repo, branch)) = path.map_err(path_error)?;
-    let repo = name("repository", &repo)?;
-    let branch = name("branch", &branch)?;
+    let (repo, branch) = branch_path(path)?;
     s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
     let (storage, record) = s.existing_branch(&repo, &branch)?;
     let body = info(&branch, storage.as_ref(), record);
@@ -672,9 +678,7 @@ async fn pull(
     path: Result<Path<(String, String)>, PathRejection>,
     req: Request,
 ) -> Handled {
-    let Path((repo, branch)) = path.map_err(path_error)?;
-    let repo = name("repository", &repo)?;
-    let branch = name("branch", &branch)?;
+    let (repo, branch) = branch_path(path)?;
     let (since, limit) = pull_query(req.uri().query())?;
     s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
     let (storage, _) = s.existing_branch(&repo, &branch)?;
@@ -712,9 +716,7 @@ async fn push(
     path: Result<Path<(String, String)>, PathRejection>,
     req: Request,
 ) -> Handled {
-    let Path((repo, branch)) = path.map_err(path_error)?;
-    let repo = name("repository", &repo)?;
-    let branch = name("branch", &branch)?;
+    let (repo, branch) = branch_path(path)?;
     let headers = req.headers().clone();
     s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
     let (storage, _) = s.existing_branch(&repo, &branch)?;
