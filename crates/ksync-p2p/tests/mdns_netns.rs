@@ -5,25 +5,106 @@
 //! LAN: two network namespaces joined by a veth pair, one peer in each. The test binary
 //! re-executes itself inside each namespace (`ip netns exec`) as a peer with
 //! `discoveryMethod: mdns`; each must find the other with no address given, connect, and
-//! receive the other's event. Where namespaces cannot be made (not root, no `ip`), it says why
-//! and counts the test as skipped; it never pretends to pass.
+//! receive the other's event.
+//!
+//! Two environments cannot run it, and the test says which and counts itself skipped (it never
+//! pretends to pass): namespaces cannot be made (not root, no `ip`), or the host's kernel does
+//! not carry multicast between them, which a plain UDP multicast probe (no libp2p) checks
+//! first. Past the probe, a peer that finds nothing fails the test, and its libp2p mDNS trace
+//! is printed so the failure can be read.
 
-use std::process::{Command, ExitCode, Stdio};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 const ROLE: &str = "KSYNC_MDNS_ROLE";
 const KEY_DIR: &str = "KSYNC_MDNS_KEY_DIR";
 const NETWORK: &str = "KSYNC_MDNS_NETWORK";
+const LOG_FILE: &str = "KSYNC_MDNS_LOG_FILE";
+const PROBE_IFACE: &str = "KSYNC_MDNS_PROBE_IFACE";
+
+/// The mDNS group; the probe uses it on a port of its own so it cannot answer a real peer.
+const MDNS_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
+const PROBE_PORT: u16 = 5354;
+const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
+const ADDR_B: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 2);
 
 fn main() -> ExitCode {
-    match std::env::var(ROLE) {
-        Ok(role) => child(&role),
+    match std::env::var(ROLE).as_deref() {
+        Ok("probe-recv") => probe_recv(),
+        Ok("probe-send") => probe_send(),
+        Ok(role) => child(role),
         Err(_) => parent(),
     }
 }
 
+fn probe_iface() -> Option<Ipv4Addr> {
+    std::env::var(PROBE_IFACE).ok()?.parse().ok()
+}
+
+/// Joins the group on this namespace's veth address and waits for one datagram.
+fn probe_recv() -> ExitCode {
+    let run = || -> std::io::Result<SocketAddr> {
+        let iface = probe_iface().ok_or_else(|| std::io::Error::other("no probe interface"))?;
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PROBE_PORT))?;
+        socket.join_multicast_v4(&MDNS_GROUP, &iface)?;
+        socket.set_read_timeout(Some(Duration::from_secs(6)))?;
+        let mut buf = [0u8; 64];
+        let (_, from) = socket.recv_from(&mut buf)?;
+        Ok(from)
+    };
+    match run() {
+        Ok(from) => {
+            println!("multicast probe received from {from}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("multicast probe not received: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sends to the group from this namespace's veth address, as libp2p's mDNS does.
+fn probe_send() -> ExitCode {
+    let run = || -> std::io::Result<()> {
+        let iface = probe_iface().ok_or_else(|| std::io::Error::other("no probe interface"))?;
+        let socket = UdpSocket::bind((iface, 0))?;
+        for _ in 0..40 {
+            socket.send_to(b"ksync-probe", (MDNS_GROUP, PROBE_PORT))?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("multicast probe not sent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sends libp2p's mDNS and swarm traces to a file, read back only if the test fails.
+fn trace_to_file() {
+    let Ok(path) = std::env::var(LOG_FILE) else {
+        return;
+    };
+    let Ok(file) = std::fs::File::create(path) else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "libp2p_mdns=trace,libp2p_swarm=debug,libp2p_tcp=debug,ksync_p2p=debug",
+        ))
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+}
+
 /// One peer inside a namespace: start with mDNS, publish one event, wait for the other's.
 fn child(role: &str) -> ExitCode {
+    trace_to_file();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -135,11 +216,8 @@ fn parent() -> ExitCode {
             "-n", &ns_a, "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
             "netns", &ns_b,
         ])?;
-        for (ns, dev, addr) in [
-            (&ns_a, "veth-a", "10.231.0.1/24"),
-            (&ns_b, "veth-b", "10.231.0.2/24"),
-        ] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+        for (ns, dev, addr) in [(&ns_a, "veth-a", ADDR_A), (&ns_b, "veth-b", ADDR_B)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
@@ -157,6 +235,49 @@ fn parent() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let in_namespace = |ns: &str, role: &str, envs: &[(&str, String)]| -> Result<Child, String> {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", ns])
+            .arg(&exe)
+            .env(ROLE, role)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        command
+            .spawn()
+            .map_err(|e| format!("spawning {role} in {ns}: {e}"))
+    };
+
+    // First, does this kernel carry multicast between the namespaces at all?
+    let probe = (|| {
+        let receiver = in_namespace(&ns_b, "probe-recv", &[(PROBE_IFACE, ADDR_B.to_string())])?;
+        std::thread::sleep(Duration::from_millis(300));
+        let sender = in_namespace(&ns_a, "probe-send", &[(PROBE_IFACE, ADDR_A.to_string())])?;
+        let received = receiver.wait_with_output().map_err(|e| e.to_string())?;
+        let _ = sender.wait_with_output();
+        let said = String::from_utf8_lossy(&received.stdout).trim().to_string();
+        Ok::<_, String>((received.status.success(), said))
+    })();
+    match probe {
+        Ok((true, said)) => println!("{said}"),
+        Ok((false, said)) => {
+            println!(
+                "SKIPPED mdns discovery over network namespaces: this kernel does not carry \
+                 multicast between them ({said})"
+            );
+            println!("mdns_netns: 0 passed, 0 failed, 1 skipped");
+            return ExitCode::SUCCESS;
+        }
+        Err(why) => {
+            println!("FAILED to run the multicast probe: {why}");
+            println!("mdns_netns: 0 passed, 1 failed");
+            return ExitCode::FAILURE;
+        }
+    }
+
     let keys = match tempfile::tempdir() {
         Ok(dir) => dir,
         Err(e) => {
@@ -165,21 +286,18 @@ fn parent() -> ExitCode {
         }
     };
     let network = format!("mdns-{pid}");
+    let log_of = |role: &str| keys.path().join(format!("peer-{role}.log"));
     let mut children = Vec::new();
     for (role, ns) in [("a", &ns_a), ("b", &ns_b)] {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(&exe)
-            .env(ROLE, role)
-            .env(KEY_DIR, keys.path())
-            .env(NETWORK, &network)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
-        match child {
+        let envs = [
+            (KEY_DIR, keys.path().display().to_string()),
+            (NETWORK, network.clone()),
+            (LOG_FILE, log_of(role).display().to_string()),
+        ];
+        match in_namespace(ns, role, &envs) {
             Ok(c) => children.push((role, c)),
-            Err(e) => {
-                println!("FAILED: spawning peer {role}: {e}");
+            Err(why) => {
+                println!("FAILED: {why}");
                 return ExitCode::FAILURE;
             }
         }
@@ -209,6 +327,7 @@ fn parent() -> ExitCode {
                         out.status,
                         String::from_utf8_lossy(&out.stderr).trim()
                     );
+                    print_log_tail(role, &log_of(role));
                 }
             }
             Err(e) => {
@@ -224,5 +343,22 @@ fn parent() -> ExitCode {
     } else {
         println!("mdns_netns: 1 passed, 0 failed");
         ExitCode::SUCCESS
+    }
+}
+
+/// The last lines of a failed peer's trace: enough to see what mDNS sent and heard.
+fn print_log_tail(role: &str, path: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        println!("peer {role}: no trace at {}", path.display());
+        return;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(60);
+    println!(
+        "--- peer {role} trace (last {} lines) ---",
+        lines.len() - from
+    );
+    for line in &lines[from..] {
+        println!("{line}");
     }
 }
