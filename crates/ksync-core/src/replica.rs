@@ -12,6 +12,9 @@ use crate::storage::{InMemoryStorage, Storage};
 
 const REPLICA_ID_KEY: &str = "replica.id";
 const CURSOR_PREFIX: &str = "cursor/";
+/// Meta key prefix marking an event (by sequence number) that this replica passes on although
+/// another replica made it.
+const FORWARD_PREFIX: &str = "forward/";
 /// Page size used when scanning the log for pending events.
 const SCAN_PAGE: usize = 1024;
 
@@ -201,7 +204,45 @@ impl Replica {
         })
     }
 
-    /// Up to `limit` events made on this replica (origin = our id) with `seq > after`.
+    /// Stores an event made by another replica that this one must pass on (a bridge between
+    /// two transports, or an application relaying what it received): unlike an event that
+    /// arrived through [`Replica::ingest`], it is pending like a local event, with its `origin`
+    /// kept (an event without one is made local: it gets our id). The mark is durable, so a
+    /// restart still sends it. A conflicting event is settled
+    /// as [`Replica::ingest`] settles it (the resolution is local, so it is pending too).
+    pub async fn record_forward(&self, mut event: Event) -> Result<(), SyncError> {
+        if event.origin.as_deref().is_none_or(|o| o == self.id()) {
+            event.origin = Some(self.id().to_owned());
+            return self.record_local(event).await.map(|_| ());
+        }
+        let outcome = self.inner.storage.append(vec![event.clone()]).await?;
+        match outcome.outcomes.first() {
+            Some(AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq }) => {
+                self.inner
+                    .storage
+                    .set_meta(&format!("{FORWARD_PREFIX}{seq}"), "1")
+                    .await?;
+                Ok(())
+            }
+            Some(AppendOutcome::Conflict(_)) => self.ingest(vec![event]).await.map(|_| ()),
+            None => Err(SyncError::Protocol("storage returned no outcome".into())),
+        }
+    }
+
+    /// Whether this replica sends `stored` on: it was made here (origin = our id) or handed
+    /// over with [`Replica::record_forward`]. Events that merely arrived are not sent back.
+    pub fn sends(&self, stored: &Stored) -> Result<bool, SyncError> {
+        if stored.event.origin.as_deref() == Some(self.id()) {
+            return Ok(true);
+        }
+        Ok(self
+            .inner
+            .storage
+            .meta(&format!("{FORWARD_PREFIX}{}", stored.seq))?
+            .is_some())
+    }
+
+    /// Up to `limit` events this replica sends (see [`Replica::sends`]) with `seq > after`.
     pub fn pending(&self, after: u64, limit: usize) -> Result<Vec<Stored>, SyncError> {
         let mut out = Vec::new();
         let mut from = after;
@@ -209,10 +250,11 @@ impl Replica {
             let page = self.inner.storage.read_since(from, SCAN_PAGE)?;
             let Some(last) = page.last() else { break };
             from = last.seq;
-            out.extend(
-                page.into_iter()
-                    .filter(|s| s.event.origin.as_deref() == Some(self.id())),
-            );
+            for stored in page {
+                if self.sends(&stored)? {
+                    out.push(stored);
+                }
+            }
         }
         out.truncate(limit);
         Ok(out)
@@ -278,6 +320,61 @@ mod tests {
         replica.set_cursor("x", 7).await.expect("set");
         assert_eq!(replica.cursor("x").expect("get"), 7);
         assert_eq!(replica.cursor("never").expect("get"), 0);
+    }
+
+    #[tokio::test]
+    async fn forwarded_events_are_pending_with_their_origin_and_received_ones_are_not() {
+        let storage: Arc<dyn Storage> = Arc::new(InMemoryStorage::new());
+        let replica = Replica::with_id(Arc::clone(&storage), "bridge");
+        // Arrived from one side: stored, not sent back.
+        replica
+            .ingest(vec![Event::new("seen", "t", json!(1), 1).with_origin("p")])
+            .await
+            .expect("ingest");
+        // Handed over for the other side: sent, origin kept.
+        replica
+            .record_forward(Event::new("relay", "t", json!(2), 1).with_origin("p"))
+            .await
+            .expect("forward");
+        // Already stored, then handed over: the mark applies to the stored copy.
+        replica
+            .record_forward(Event::new("seen", "t", json!(1), 1).with_origin("p"))
+            .await
+            .expect("forward stored");
+        // No origin: a local event.
+        replica
+            .record_forward(Event::new("mine", "t", json!(3), 1))
+            .await
+            .expect("local");
+        let pending = replica.pending(0, 10).expect("pending");
+        let got: Vec<_> = pending
+            .iter()
+            .map(|s| (s.event.id.as_str(), s.event.origin.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("seen", Some("p")),
+                ("relay", Some("p")),
+                ("mine", Some("bridge"))
+            ]
+        );
+        assert_eq!(storage.len(), 3, "the second hand-over stored nothing new");
+        // The marks live in the storage: a replica reopened on it still sends them.
+        let reopened = Replica::with_id(storage, "bridge");
+        assert_eq!(reopened.pending(0, 10).expect("pending").len(), 3);
+        // A different event under a stored (id, version) is settled, not refused.
+        replica
+            .record_forward(Event::new("relay", "t", json!("other"), 5).with_origin("q"))
+            .await
+            .expect("conflict settled");
+        let latest = replica
+            .storage()
+            .latest("relay")
+            .expect("read")
+            .expect("present");
+        assert_eq!(latest.event.version, 2);
+        assert!(replica.sends(&latest).expect("sends"));
     }
 
     #[tokio::test]

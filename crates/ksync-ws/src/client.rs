@@ -409,9 +409,13 @@ impl WebSocketSyncClient {
         let replica = lock(&self.inner.replica).clone();
         match replica {
             Some(replica) => {
-                // Through KSync the event is already stored; a direct send stores it first so
-                // it is pending like any local event.
-                if replica.storage().get(&event.id, event.version)?.is_none() {
+                if event.origin.as_deref().is_some_and(|o| o != replica.id()) {
+                    // Another replica's event handed to us (a bridge): stored if new and
+                    // marked so that it is pending here although we did not make it.
+                    replica.record_forward(event).await?;
+                } else if replica.storage().get(&event.id, event.version)?.is_none() {
+                    // Through KSync a local event is already stored; a direct send stores it
+                    // first so it is pending like any local event.
                     let mut event = event;
                     if event.origin.is_none() {
                         event.origin = Some(replica.id().to_owned());

@@ -77,6 +77,54 @@ async fn spec_complete_example_two_replicas_converge() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn an_attached_client_forwards_another_replicas_event_with_its_origin() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    // The bridge: a KSync whose client is handed events made elsewhere (e.g. a P2P peer).
+    let bridge = ksync(&url).await;
+    let reader = ksync(&url).await;
+    let mut seen = reader.notifications();
+    bridge.connect().await.expect("bridge connects");
+    reader.connect().await.expect("reader connects");
+    let relayed = Event::new("from-p2p", "note", json!({"n": 1}), 7).with_origin("peer-p");
+    bridge
+        .client()
+        .send(relayed.clone())
+        .await
+        .expect("forward");
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Notification::Event(e) =
+                seen.next_of(NotificationKind::Event).await.expect("event")
+            {
+                break e;
+            }
+        }
+    })
+    .await
+    .expect("the forwarded event reaches the reader");
+    assert_eq!(got, relayed, "same event, origin kept");
+    // What the reader made reaches the bridge, which does not send it back as its own.
+    let back = reader.emit("reply", json!(2)).await.expect("emit");
+    let bridge_storage = Arc::clone(bridge.replica().storage());
+    eventually("the reply at the bridge", || {
+        bridge_storage.get(&back.id, 1).ok().flatten().is_some()
+    })
+    .await;
+    let pending: Vec<_> = bridge
+        .replica()
+        .pending(0, 10)
+        .expect("pending")
+        .into_iter()
+        .map(|s| s.event.id)
+        .collect();
+    assert_eq!(pending, ["from-p2p"]);
+    bridge.disconnect().await.expect("disconnect");
+    reader.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
 use std::sync::Mutex;
 
 use futures_util::{SinkExt, StreamExt};
