@@ -405,13 +405,13 @@ impl GitSyncClient {
             let page = replica.storage().read_since(after, SCAN_PAGE)?;
             let Some(last) = page.last() else { break };
             after = last.seq;
-            pending_events += page
-                .iter()
-                .filter(|s| {
-                    s.event.origin.as_deref() == Some(replica.id())
-                        && segments.branch_of(s.seq) == Some(branch.as_str())
-                })
-                .count() as u64;
+            for stored in &page {
+                if segments.branch_of(stored.seq) == Some(branch.as_str())
+                    && replica.sends(stored)?
+                {
+                    pending_events += 1;
+                }
+            }
         }
         Ok(LocalStatus {
             pulled_version: replica.cursor(&self.cursor_key(&branch, "pulled"))?,
@@ -770,9 +770,7 @@ impl GitSyncClient {
             }
             for stored in page {
                 scanned = stored.seq;
-                if stored.event.origin.as_deref() == Some(replica.id())
-                    && segments.branch_of(stored.seq) == Some(branch)
-                {
+                if segments.branch_of(stored.seq) == Some(branch) && replica.sends(&stored)? {
                     batch.push(stored.event);
                     if batch.len() >= self.inner.push_batch {
                         break 'scan;
@@ -1072,6 +1070,10 @@ impl SyncClient for GitSyncClient {
     fn send(&self, mut event: Event) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
             let replica = self.replica();
+            if event.origin.as_deref().is_some_and(|o| o != replica.id()) {
+                // Another replica's event handed to us (a bridge): pushed with its origin.
+                return replica.record_forward(event).await;
+            }
             if event.origin.is_none() {
                 event.origin = Some(replica.id().to_owned());
             }

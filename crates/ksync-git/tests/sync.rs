@@ -450,3 +450,40 @@ async fn checkout_survives_restart_and_builder_branch_checks_out() {
     assert_eq!(pushed.pushed_events.len(), 1, "only the event made on main");
     assert_eq!(branch_events(&server, "r", "main").len(), 1);
 }
+
+#[tokio::test]
+async fn another_replicas_event_handed_to_the_client_is_pushed_with_its_origin() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let clock = ManualClock::new(100);
+    let bridge = node(&url, "bridge", &clock).await;
+    let reader = node(&url, "reader", &clock).await;
+    let relayed = Event::new("from-p2p", "note", json!({"n": 1}), 50).with_origin("peer-p");
+    bridge
+        .client()
+        .send(relayed.clone())
+        .await
+        .expect("forward");
+    assert_eq!(
+        bridge
+            .client()
+            .local_status()
+            .expect("status")
+            .pending_events,
+        1
+    );
+    let pushed = bridge.push().await.expect("push");
+    assert_eq!(pushed.pushed_events.len(), 1);
+    let pulled = reader.pull().await.expect("pull");
+    assert_eq!(pulled.new_events, vec![relayed]);
+    // The reader received it: nothing of its own to push.
+    assert_eq!(reader.push().await.expect("push").pushed_events.len(), 0);
+    assert_eq!(
+        bridge
+            .client()
+            .local_status()
+            .expect("status")
+            .pending_events,
+        0
+    );
+}
