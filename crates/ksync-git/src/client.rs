@@ -568,7 +568,23 @@ impl GitSyncClient {
 
     /// The spec's `clone(url, branch)`: points this client at the repository `url`, checks out
     /// `branch` and pulls all of it.
+    ///
+    /// Through an `Arc` (as `KSync::client()` hands it out), `client.clone(..)` names
+    /// `Arc::clone` first; call [`GitSyncClient::clone_repo`] there, or
+    /// `GitSyncClient::clone(&client, url, branch)`.
     pub async fn clone(&self, url: &str, branch: &str) -> Result<PullResult, SyncError> {
+        self.clone_repo(url, branch).await
+    }
+
+    /// [`GitSyncClient::clone`] under a name that `Arc::clone` does not shadow:
+    ///
+    /// ```no_run
+    /// # async fn demo(ksync: ksync_core::KSync<ksync_git::GitSyncClient>) -> Result<(), ksync_core::SyncError> {
+    /// let cloned = ksync.client().clone_repo("http://127.0.0.1:8080/git/notes", "main").await?;
+    /// println!("{} events", cloned.new_events.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn clone_repo(&self, url: &str, branch: &str) -> Result<PullResult, SyncError> {
         let url = repo_url(url).map_err(GitError::into_sync)?;
         branch_name(branch)?;
         let _op = self.inner.op.lock().await;

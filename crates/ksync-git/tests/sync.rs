@@ -474,7 +474,12 @@ async fn another_replicas_event_handed_to_the_client_is_pushed_with_its_origin()
     );
     let pushed = bridge.push().await.expect("push");
     assert_eq!(pushed.pushed_events.len(), 1);
-    let pulled = reader.pull().await.expect("pull");
+    // `clone_repo`: the spec's `clone`, callable through the `Arc` that `KSync` hands out.
+    let pulled = reader
+        .client()
+        .clone_repo(&url, "main")
+        .await
+        .expect("clone");
     assert_eq!(pulled.new_events, vec![relayed]);
     // The reader received it: nothing of its own to push.
     assert_eq!(reader.push().await.expect("push").pushed_events.len(), 0);
