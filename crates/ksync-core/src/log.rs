@@ -4,12 +4,13 @@
 //! duplicate (dropped silently) or conflict (reported, not stored). Storages wrap it: the
 //! in-memory storage directly, the file storage after making the new records durable.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::conflict::Conflict;
-use crate::event::{Event, RevisionKey};
+use crate::event::Event;
 
 /// An event with the sequence number its log gave it (1-based, gap-free, monotonic).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,6 +60,49 @@ impl MergeOutcome {
     /// The sequence number of the last appended event, if any.
     pub fn last_seq(&self) -> Option<u64> {
         self.appended.last().map(|s| s.seq)
+    }
+}
+
+/// What a merge did, without copies of the appended events: see
+/// [`LogIndex::merge_summary`] and [`Storage::append_summary`](crate::Storage::append_summary).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MergeSummary {
+    /// One outcome per input event, in input order.
+    pub outcomes: Vec<AppendOutcome>,
+    /// How many events were new and were stored.
+    pub appended: usize,
+    /// The conflicts found (also present in `outcomes`).
+    pub conflicts: Vec<Conflict>,
+    /// How many inputs were exact duplicates.
+    pub duplicates: usize,
+}
+
+impl MergeSummary {
+    /// The sequence number of the first appended event, if any.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.outcomes.iter().find_map(|o| match o {
+            AppendOutcome::Appended { seq } => Some(*seq),
+            _ => None,
+        })
+    }
+
+    /// The sequence number of the last appended event, if any.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.outcomes.iter().rev().find_map(|o| match o {
+            AppendOutcome::Appended { seq } => Some(*seq),
+            _ => None,
+        })
+    }
+}
+
+impl From<MergeOutcome> for MergeSummary {
+    fn from(outcome: MergeOutcome) -> Self {
+        Self {
+            appended: outcome.appended.len(),
+            outcomes: outcome.outcomes,
+            conflicts: outcome.conflicts,
+            duplicates: outcome.duplicates,
+        }
     }
 }
 
@@ -157,43 +201,87 @@ impl LogIndex {
     /// Plans merging `batch` into this log (see [`MergePlan`]). Duplicates inside the batch are
     /// treated like duplicates of the log.
     pub fn plan(&self, batch: Vec<Event>) -> MergePlan {
-        let mut outcome = MergeOutcome::default();
-        let mut in_batch: HashMap<RevisionKey, usize> = HashMap::new();
-        let mut next_seq = self.len();
-        for event in batch {
-            let key = event.key();
-            let existing = self
-                .get(&event.id, event.version)
-                .map(|s| (s.seq, s.event))
-                .or_else(|| {
-                    in_batch
-                        .get(&key)
-                        .and_then(|&i| outcome.appended.get(i).map(|s| (s.seq, s.event.clone())))
-                });
-            match existing {
-                Some((seq, held)) if held.same_content(&event) => {
+        // What happens to each input. Decided first, borrowing the batch's ids (no key copy
+        // per event), then carried out by moving the events.
+        enum Decision {
+            New { seq: u64 },
+            Duplicate { seq: u64 },
+            // Collides with the log's revision at this seq.
+            ConflictWithLog { seq: u64 },
+            // Collides with the batch's new revision at this position of `outcome.appended`.
+            ConflictWithBatch { appended: usize },
+        }
+        let mut decisions = Vec::with_capacity(batch.len());
+        {
+            // (id, version) -> (input index, position in `appended`) of the batch's new
+            // revisions.
+            let mut in_batch: HashMap<(&str, u64), (usize, usize)> =
+                HashMap::with_capacity(batch.len());
+            let mut next_seq = self.len();
+            let mut appended = 0;
+            for (input, event) in batch.iter().enumerate() {
+                let in_log = self
+                    .by_id
+                    .get(event.id.as_str())
+                    .and_then(|v| v.get(event.version))
+                    .and_then(|seq| self.at(seq).map(|held| (seq, held)));
+                let decision = match in_log {
+                    Some((seq, held)) if held.same_content(event) => Decision::Duplicate { seq },
+                    Some((seq, _)) => Decision::ConflictWithLog { seq },
+                    None => match in_batch.entry((event.id.as_str(), event.version)) {
+                        Entry::Occupied(o) => {
+                            let (first, position) = *o.get();
+                            if batch
+                                .get(first)
+                                .is_some_and(|held| held.same_content(event))
+                            {
+                                Decision::Duplicate {
+                                    seq: self.len() + position as u64 + 1,
+                                }
+                            } else {
+                                Decision::ConflictWithBatch { appended: position }
+                            }
+                        }
+                        Entry::Vacant(v) => {
+                            v.insert((input, appended));
+                            appended += 1;
+                            next_seq += 1;
+                            Decision::New { seq: next_seq }
+                        }
+                    },
+                };
+                decisions.push(decision);
+            }
+        }
+        let mut outcome = MergeOutcome {
+            outcomes: Vec::with_capacity(batch.len()),
+            appended: Vec::with_capacity(batch.len()),
+            ..MergeOutcome::default()
+        };
+        for (event, decision) in batch.into_iter().zip(decisions) {
+            let held = match decision {
+                Decision::New { seq } => {
+                    outcome.outcomes.push(AppendOutcome::Appended { seq });
+                    outcome.appended.push(Stored { seq, event });
+                    continue;
+                }
+                Decision::Duplicate { seq } => {
                     outcome.duplicates += 1;
                     outcome.outcomes.push(AppendOutcome::Duplicate { seq });
+                    continue;
                 }
-                Some((_, held)) => {
-                    let conflict = Conflict::concurrent_edit(held, event);
-                    outcome.conflicts.push(conflict.clone());
-                    outcome
-                        .outcomes
-                        .push(AppendOutcome::Conflict(Box::new(conflict)));
+                Decision::ConflictWithLog { seq } => self.at(seq),
+                Decision::ConflictWithBatch { appended } => {
+                    outcome.appended.get(appended).map(|s| &s.event)
                 }
-                None => {
-                    next_seq += 1;
-                    in_batch.insert(key, outcome.appended.len());
-                    outcome
-                        .outcomes
-                        .push(AppendOutcome::Appended { seq: next_seq });
-                    outcome.appended.push(Stored {
-                        seq: next_seq,
-                        event,
-                    });
-                }
-            }
+            };
+            // Both lookups succeed: the decision was made on this log and this batch.
+            let held = held.cloned().unwrap_or_else(|| event.clone());
+            let conflict = Conflict::concurrent_edit(held, event);
+            outcome.conflicts.push(conflict.clone());
+            outcome
+                .outcomes
+                .push(AppendOutcome::Conflict(Box::new(conflict)));
         }
         MergePlan { outcome }
     }
@@ -215,6 +303,41 @@ impl LogIndex {
         let plan = self.plan(batch);
         self.commit(&plan);
         plan.outcome
+    }
+
+    /// Merges `batch` like [`LogIndex::merge`] but moves the new events into the log instead
+    /// of copying them, and reports what happened without them.
+    pub fn merge_summary(&mut self, batch: Vec<Event>) -> MergeSummary {
+        let MergeOutcome {
+            outcomes,
+            appended,
+            conflicts,
+            duplicates,
+        } = self.plan(batch).outcome;
+        let count = appended.len();
+        for stored in appended {
+            debug_assert_eq!(stored.seq, self.len() + 1, "fresh merge plan");
+            self.push(stored.event);
+        }
+        MergeSummary {
+            outcomes,
+            appended: count,
+            conflicts,
+            duplicates,
+        }
+    }
+
+    /// Up to `limit` events with `seq > after`, in order, borrowed: [`LogIndex::read_since`]
+    /// without the copies.
+    pub fn iter_since(&self, after: u64, limit: usize) -> impl Iterator<Item = (u64, &Event)> {
+        let start = usize::try_from(after).unwrap_or(usize::MAX);
+        self.events
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .take(limit)
+            .zip(after.saturating_add(1)..)
+            .map(|(e, seq)| (seq, e))
     }
 
     /// Appends an event that is known not to collide (used when replaying a trusted log).
@@ -330,6 +453,24 @@ mod tests {
         assert!(log.read_since(u64::MAX, 5).is_empty());
     }
 
+    #[test]
+    fn iter_since_borrows_the_same_page() {
+        let mut log = LogIndex::new();
+        log.merge((0..10).map(|i| ev(&format!("e{i}"), 1, i)).collect());
+        let borrowed: Vec<(u64, Event)> = log
+            .iter_since(3, 4)
+            .map(|(seq, e)| (seq, e.clone()))
+            .collect();
+        let copied: Vec<(u64, Event)> = log
+            .read_since(3, 4)
+            .into_iter()
+            .map(|s| (s.seq, s.event))
+            .collect();
+        assert_eq!(borrowed, copied);
+        assert_eq!(log.iter_since(10, 5).count(), 0);
+        assert_eq!(log.iter_since(u64::MAX, 5).count(), 0);
+    }
+
     // Events whose content is a function of (id, version), so sets never conflict.
     fn arb_events() -> impl Strategy<Value = Vec<Event>> {
         prop::collection::vec((0u8..8, 1u64..4), 0..40).prop_map(|pairs| {
@@ -354,6 +495,28 @@ mod tests {
             prop_assert!(again.conflicts.is_empty());
             prop_assert_eq!(log.len(), len);
             prop_assert_eq!(log.state(), before);
+        }
+
+        #[test]
+        fn merge_summary_is_merge_without_the_events(
+            first in prop::collection::vec((0u8..6, 1u64..3, 0i64..2), 0..20),
+            second in prop::collection::vec((0u8..6, 1u64..3, 0i64..2), 0..20),
+        ) {
+            // Contents vary per (id, version), so collisions with the log and inside a batch
+            // both happen.
+            let evs = |v: &[(u8, u64, i64)]| -> Vec<Event> {
+                v.iter().map(|&(id, ver, d)| ev(&format!("id{id}"), ver, d)).collect()
+            };
+            let mut full = LogIndex::new();
+            let mut summed = LogIndex::new();
+            for batch in [evs(&first), evs(&second)] {
+                let outcome = full.merge(batch.clone());
+                let summary = summed.merge_summary(batch);
+                prop_assert_eq!(summary.first_seq(), outcome.appended.first().map(|s| s.seq));
+                prop_assert_eq!(summary.last_seq(), outcome.last_seq());
+                prop_assert_eq!(summary, MergeSummary::from(outcome));
+            }
+            prop_assert_eq!(full.read_since(0, 100), summed.read_since(0, 100));
         }
 
         #[test]

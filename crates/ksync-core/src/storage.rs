@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::event::Event;
-use crate::log::{LogIndex, MergeOutcome, Stored};
+use crate::log::{LogIndex, MergeOutcome, MergeSummary, Stored};
 
 /// A boxed, sendable future, as returned by the object-safe async methods of kSync's traits.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -60,6 +60,34 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Up to `limit` events with `seq > after`, in order.
     fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError>;
+
+    /// Merges `events` like [`Storage::append`], reporting what happened without the appended
+    /// events: for callers that do not need them back (a server acknowledging a push), so a
+    /// storage that keeps events in memory can move them in instead of copying.
+    fn append_summary(
+        &self,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<MergeSummary, StorageError>> {
+        Box::pin(async move { self.append(events).await.map(MergeSummary::from) })
+    }
+
+    /// Calls `visit` with `(seq, event)` for up to `limit` events with `seq > after`, in order:
+    /// [`Storage::read_since`] for callers that only look at the events (e.g. to encode them),
+    /// so a storage that keeps them in memory need not copy them. `visit` may run while the
+    /// storage holds a lock: keep it short and do not call back into the storage. Returns how
+    /// many events were visited.
+    fn visit_since(
+        &self,
+        after: u64,
+        limit: usize,
+        visit: &mut dyn FnMut(u64, &Event),
+    ) -> Result<usize, StorageError> {
+        let page = self.read_since(after, limit)?;
+        for stored in &page {
+            visit(stored.seq, &stored.event);
+        }
+        Ok(page.len())
+    }
 
     /// The revision `(id, version)`.
     fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError>;
@@ -138,6 +166,29 @@ impl Storage for InMemoryStorage {
         Ok(self.lock().log.read_since(after, limit))
     }
 
+    fn append_summary(
+        &self,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<MergeSummary, StorageError>> {
+        let summary = self.lock().log.merge_summary(events);
+        Box::pin(async move { Ok(summary) })
+    }
+
+    fn visit_since(
+        &self,
+        after: u64,
+        limit: usize,
+        visit: &mut dyn FnMut(u64, &Event),
+    ) -> Result<usize, StorageError> {
+        let inner = self.lock();
+        let mut visited = 0;
+        for (seq, event) in inner.log.iter_since(after, limit) {
+            visit(seq, event);
+            visited += 1;
+        }
+        Ok(visited)
+    }
+
     fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
         Ok(self.lock().log.get(id, version))
     }
@@ -161,5 +212,76 @@ impl Storage for InMemoryStorage {
     fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
         self.lock().meta.insert(key.to_owned(), value.to_owned());
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::AppendOutcome;
+
+    /// A storage with only the required methods: exercises the provided ones.
+    struct Plain(InMemoryStorage);
+
+    impl Storage for Plain {
+        fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+            self.0.append(events)
+        }
+        fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+            self.0.read_since(after, limit)
+        }
+        fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+            self.0.get(id, version)
+        }
+        fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+            self.0.latest(id)
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+            self.0.state()
+        }
+        fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+            self.0.meta(key)
+        }
+        fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+            self.0.set_meta(key, value)
+        }
+    }
+
+    #[tokio::test]
+    async fn append_summary_and_visit_since_agree_with_the_provided_versions() {
+        let ev = |id: &str, data: i64| Event::new(id, "t", serde_json::json!(data), 1);
+        let memory = InMemoryStorage::new();
+        let plain = Plain(InMemoryStorage::new());
+        let storages: [&dyn Storage; 2] = [&memory, &plain];
+        let mut summaries = Vec::new();
+        let mut visits = Vec::new();
+        for storage in storages {
+            storage.append(vec![ev("a", 1)]).await.expect("append");
+            let summary = storage
+                .append_summary(vec![ev("b", 1), ev("a", 1), ev("a", 2), ev("c", 1)])
+                .await
+                .expect("append");
+            assert_eq!(summary.appended, 2);
+            assert_eq!(summary.duplicates, 1);
+            assert_eq!(summary.conflicts.len(), 1);
+            assert_eq!(summary.outcomes[0], AppendOutcome::Appended { seq: 2 });
+            assert_eq!(
+                (summary.first_seq(), summary.last_seq()),
+                (Some(2), Some(3))
+            );
+            let mut seen = Vec::new();
+            let n = storage
+                .visit_since(1, 10, &mut |seq, e| seen.push((seq, e.id.clone())))
+                .expect("visit");
+            assert_eq!(n, 2);
+            summaries.push(summary);
+            visits.push(seen);
+        }
+        assert_eq!(summaries[0], summaries[1]);
+        assert_eq!(visits[0], visits[1]);
+        assert_eq!(visits[0], vec![(2, "b".to_owned()), (3, "c".to_owned())]);
     }
 }
