@@ -1,6 +1,7 @@
 //! A replica: one storage, one identity, one conflict policy. What a transport syncs.
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use crate::conflict::{Conflict, ConflictResolver, Resolution, resolve};
@@ -15,6 +16,8 @@ const CURSOR_PREFIX: &str = "cursor/";
 /// Meta key prefix marking an event (by sequence number) that this replica passes on although
 /// another replica made it.
 const FORWARD_PREFIX: &str = "forward/";
+/// Meta key set once any event was forwarded: until then `sends` needs no lookup per event.
+const FORWARDS_KEY: &str = "forward.any";
 /// Page size used when scanning the log for pending events.
 const SCAN_PAGE: usize = 1024;
 
@@ -37,6 +40,9 @@ struct Inner {
     storage: Arc<dyn Storage>,
     id: String,
     resolver: RwLock<Option<ConflictResolver>>,
+    // Whether any forward mark may exist (read from the storage when opened, set on the first
+    // `record_forward`).
+    has_forwards: std::sync::atomic::AtomicBool,
     // One ingest at a time, so resolving a conflict and writing the resolution is atomic with
     // respect to other ingests.
     ingest_lock: tokio::sync::Mutex<()>,
@@ -102,8 +108,11 @@ impl Replica {
 
     /// A replica with an explicit id (for example a P2P `peerId`). The id is not stored.
     pub fn with_id(storage: Arc<dyn Storage>, id: impl Into<String>) -> Self {
+        // A storage that cannot answer is asked again per event (the safe side).
+        let has_forwards = !matches!(storage.meta(FORWARDS_KEY), Ok(None));
         Self {
             inner: Arc::new(Inner {
+                has_forwards: std::sync::atomic::AtomicBool::new(has_forwards),
                 storage,
                 id: id.into(),
                 resolver: RwLock::new(None),
@@ -218,6 +227,10 @@ impl Replica {
         let outcome = self.inner.storage.append(vec![event.clone()]).await?;
         match outcome.outcomes.first() {
             Some(AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq }) => {
+                if !self.inner.has_forwards.load(Ordering::Acquire) {
+                    self.inner.storage.set_meta(FORWARDS_KEY, "1").await?;
+                    self.inner.has_forwards.store(true, Ordering::Release);
+                }
                 self.inner
                     .storage
                     .set_meta(&format!("{FORWARD_PREFIX}{seq}"), "1")
@@ -234,6 +247,9 @@ impl Replica {
     pub fn sends(&self, stored: &Stored) -> Result<bool, SyncError> {
         if stored.event.origin.as_deref() == Some(self.id()) {
             return Ok(true);
+        }
+        if !self.inner.has_forwards.load(Ordering::Acquire) {
+            return Ok(false);
         }
         Ok(self
             .inner
