@@ -21,16 +21,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ksync_core::{
-    Access, AppendOutcome, AuthError, Authenticator, Credentials, Event, EventLimits, Grant,
-    LogName, Name, ResourceKind, Storage, StorageError, StorageProvider,
+    Access, AppendOutcome, AuthError, Authenticator, Credentials, EventLimits, Grant, LogName,
+    Name, ResourceKind, Storage, StorageError, StorageProvider,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::gzip::{GunzipError, accepts_gzip, gunzip, gzip};
 use crate::wire::{
     BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, ErrorDetail,
-    MergeConflict, MergeRequest, MergeResponse, PROTOCOL_HEADER, PullResponse, PushRequest,
-    PushResponse, RejectedEvent, RepoInfo,
+    MergeConflict, MergeRequest, MergeResponse, PROTOCOL_HEADER, PushRequest, PushResponse,
+    RejectedEvent, RepoInfo,
 };
 
 /// Metadata key of a branch's fork record; a log without it is not (yet) a branch.
@@ -274,17 +274,19 @@ impl GitServer {
         let raw = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| ApiError::too_large(limit))?;
-        let plain = if gzipped {
-            gunzip(&raw, limit).map_err(|e| match e {
+        let unpacked;
+        let plain: &[u8] = if gzipped {
+            unpacked = gunzip(&raw, limit).map_err(|e| match e {
                 GunzipError::TooLarge { .. } => ApiError::too_large(limit),
                 GunzipError::Corrupt(e) => {
                     ApiError::new(StatusCode::BAD_REQUEST, "malformed_body", e.to_string())
                 }
-            })?
+            })?;
+            &unpacked
         } else {
-            raw.to_vec()
+            &raw
         };
-        serde_json::from_slice(&plain).map_err(|e| {
+        serde_json::from_slice(plain).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed_body",
@@ -294,10 +296,15 @@ impl GitServer {
     }
 
     fn respond<T: Serialize>(&self, status: StatusCode, headers: &HeaderMap, body: &T) -> Response {
-        let json = match serde_json::to_vec(body) {
-            Ok(json) => json,
-            Err(e) => return ApiError::internal(e.to_string()).into_response(),
-        };
+        match serde_json::to_vec(body) {
+            Ok(json) => self.respond_json(status, headers, json),
+            Err(e) => ApiError::internal(e.to_string()).into_response(),
+        }
+    }
+
+    /// Answers with an already encoded JSON body (gzip-compressed when the client accepts it
+    /// and it is large enough).
+    fn respond_json(&self, status: StatusCode, headers: &HeaderMap, json: Vec<u8>) -> Response {
         let gzip_ok = headers
             .get(header::ACCEPT_ENCODING)
             .and_then(|v| v.to_str().ok())
@@ -696,19 +703,77 @@ async fn pull(
     let limit = limit
         .unwrap_or(s.inner.config.default_page)
         .clamp(1, s.inner.config.max_page);
-    let events: Vec<Event> = storage
-        .read_since(since, limit)?
-        .into_iter()
-        .map(|stored| stored.event)
-        .collect();
-    let end = since + events.len() as u64;
-    let body = PullResponse {
+    // No further than the version reported with the page, so the two agree.
+    let count = usize::try_from(server_version - since).map_or(limit, |left| left.min(limit));
+    let (events_json, read) = encode_events(storage.as_ref(), since, count)?;
+    let end = since + read as u64;
+    let json = pull_body(
         since,
-        events,
+        &events_json,
         server_version,
-        next: (end < server_version).then_some(end),
-    };
-    Ok(s.respond(StatusCode::OK, req.headers(), &body))
+        (end < server_version).then_some(end),
+    );
+    Ok(s.respond_json(StatusCode::OK, req.headers(), json))
+}
+
+/// Events encoded per storage visit: the in-memory storage holds its lock while a visit runs,
+/// so a page is encoded in slices that leave room for appends in between.
+const ENCODE_SLICE: usize = 1000;
+
+/// Encodes up to `count` events after `since` as a JSON array straight from the storage
+/// (no copies of the events). Returns the array and how many events it holds (fewer than
+/// `count` when the log ends first).
+fn encode_events(
+    storage: &dyn Storage,
+    since: u64,
+    count: usize,
+) -> Result<(Vec<u8>, usize), ApiError> {
+    // ~200-300 bytes per typical event; the Vec grows past a wrong guess.
+    let mut json = Vec::with_capacity(count.min(ENCODE_SLICE * 16) * 256 + 2);
+    json.push(b'[');
+    let mut read = 0;
+    let mut failed = None;
+    while read < count {
+        let want = (count - read).min(ENCODE_SLICE);
+        let visited = storage.visit_since(since + read as u64, want, &mut |_, event| {
+            if failed.is_some() {
+                return;
+            }
+            if json.len() > 1 {
+                json.push(b',');
+            }
+            if let Err(e) = serde_json::to_writer(&mut json, event) {
+                failed = Some(e);
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(ApiError::internal(format!("encoding events: {e}")));
+        }
+        read += visited;
+        if visited < want {
+            break;
+        }
+    }
+    json.push(b']');
+    Ok((json, read))
+}
+
+/// A [`PullResponse`](crate::wire::PullResponse) with its events already encoded as a JSON array.
+fn pull_body(since: u64, events_json: &[u8], server_version: u64, next: Option<u64>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(events_json.len() + 96);
+    body.extend_from_slice(b"{\"since\":");
+    body.extend_from_slice(since.to_string().as_bytes());
+    body.extend_from_slice(b",\"events\":");
+    body.extend_from_slice(events_json);
+    body.extend_from_slice(b",\"serverVersion\":");
+    body.extend_from_slice(server_version.to_string().as_bytes());
+    body.extend_from_slice(b",\"next\":");
+    match next {
+        Some(next) => body.extend_from_slice(next.to_string().as_bytes()),
+        None => body.extend_from_slice(b"null"),
+    }
+    body.push(b'}');
+    body
 }
 
 async fn push(
@@ -743,10 +808,11 @@ async fn push(
         ));
     }
     let batch_len = request.events.len();
-    let outcome = storage.append(request.events).await?;
+    // The events are not needed back: the storage may move them in rather than copy them.
+    let outcome = storage.append_summary(request.events).await?;
     let fast_forward_to = (batch_len > 0
-        && outcome.appended.len() == batch_len
-        && outcome.appended.first().map(|s| s.seq) == Some(request.base_version + 1))
+        && outcome.appended == batch_len
+        && outcome.first_seq() == Some(request.base_version + 1))
     .then(|| outcome.last_seq())
     .flatten();
     let mut rejected = Vec::new();
@@ -760,7 +826,7 @@ async fn push(
     }
     let body = PushResponse {
         server_version: storage.len(),
-        appended: outcome.appended.len() as u64,
+        appended: outcome.appended as u64,
         duplicates: outcome.duplicates as u64,
         rejected,
         fast_forward_to,
@@ -851,6 +917,32 @@ mod tests {
             HeaderValue::from_static("Basic dXNlcg=="),
         );
         assert!(credentials(&h).is_empty());
+    }
+
+    #[tokio::test]
+    async fn encoded_pages_are_pull_responses() {
+        use ksync_core::{Event, InMemoryStorage};
+        let storage = InMemoryStorage::new();
+        let events: Vec<Event> = (0..2500)
+            .map(|i| Event::new(format!("e{i}"), "t", serde_json::json!({"i": i}), i))
+            .collect();
+        storage.append(events.clone()).await.expect("append");
+        for (since, count, next) in [(0, 2500, None), (10, 1200, Some(1210)), (2400, 500, None)] {
+            let (json, read) = encode_events(&storage, since, count).expect("encode");
+            let end = since + read as u64;
+            assert_eq!(end, next.unwrap_or(2500));
+            let body = pull_body(since, &json, 2500, next);
+            let page: crate::wire::PullResponse =
+                serde_json::from_slice(&body).expect("a PullResponse");
+            let from = usize::try_from(since).expect("small");
+            assert_eq!(page.events, events[from..from + read]);
+            assert_eq!(
+                (page.since, page.server_version, page.next),
+                (since, 2500, next)
+            );
+        }
+        let (json, read) = encode_events(&storage, 2500, 10).expect("encode");
+        assert_eq!((json.as_slice(), read), (&b"[]"[..], 0));
     }
 
     #[test]
