@@ -705,14 +705,7 @@ async fn pull(
         .clamp(1, s.inner.config.max_page);
     // No further than the version reported with the page, so the two agree.
     let count = usize::try_from(server_version - since).map_or(limit, |left| left.min(limit));
-    let (events_json, read) = encode_events(storage.as_ref(), since, count)?;
-    let end = since + read as u64;
-    let json = pull_body(
-        since,
-        &events_json,
-        server_version,
-        (end < server_version).then_some(end),
-    );
+    let json = pull_page(storage.as_ref(), since, count, server_version)?;
     Ok(s.respond_json(StatusCode::OK, req.headers(), json))
 }
 
@@ -720,17 +713,20 @@ async fn pull(
 /// so a page is encoded in slices that leave room for appends in between.
 const ENCODE_SLICE: usize = 1000;
 
-/// Encodes up to `count` events after `since` as a JSON array straight from the storage
-/// (no copies of the events). Returns the array and how many events it holds (fewer than
-/// `count` when the log ends first).
-fn encode_events(
+/// A [`PullResponse`](crate::wire::PullResponse) of up to `count` events after `since`,
+/// encoded straight from the storage (no copies of the events).
+fn pull_page(
     storage: &dyn Storage,
     since: u64,
     count: usize,
-) -> Result<(Vec<u8>, usize), ApiError> {
+    server_version: u64,
+) -> Result<Vec<u8>, ApiError> {
     // ~200-300 bytes per typical event; the Vec grows past a wrong guess.
-    let mut json = Vec::with_capacity(count.min(ENCODE_SLICE * 16) * 256 + 2);
-    json.push(b'[');
+    let mut json = Vec::with_capacity(count.min(ENCODE_SLICE * 16) * 256 + 96);
+    json.extend_from_slice(b"{\"since\":");
+    json.extend_from_slice(since.to_string().as_bytes());
+    json.extend_from_slice(b",\"events\":[");
+    let first = json.len();
     let mut read = 0;
     let mut failed = None;
     while read < count {
@@ -739,7 +735,7 @@ fn encode_events(
             if failed.is_some() {
                 return;
             }
-            if json.len() > 1 {
+            if json.len() > first {
                 json.push(b',');
             }
             if let Err(e) = serde_json::to_writer(&mut json, event) {
@@ -754,26 +750,17 @@ fn encode_events(
             break;
         }
     }
-    json.push(b']');
-    Ok((json, read))
-}
-
-/// A [`PullResponse`](crate::wire::PullResponse) with its events already encoded as a JSON array.
-fn pull_body(since: u64, events_json: &[u8], server_version: u64, next: Option<u64>) -> Vec<u8> {
-    let mut body = Vec::with_capacity(events_json.len() + 96);
-    body.extend_from_slice(b"{\"since\":");
-    body.extend_from_slice(since.to_string().as_bytes());
-    body.extend_from_slice(b",\"events\":");
-    body.extend_from_slice(events_json);
-    body.extend_from_slice(b",\"serverVersion\":");
-    body.extend_from_slice(server_version.to_string().as_bytes());
-    body.extend_from_slice(b",\"next\":");
-    match next {
-        Some(next) => body.extend_from_slice(next.to_string().as_bytes()),
-        None => body.extend_from_slice(b"null"),
+    let end = since + read as u64;
+    json.extend_from_slice(b"],\"serverVersion\":");
+    json.extend_from_slice(server_version.to_string().as_bytes());
+    json.extend_from_slice(b",\"next\":");
+    if end < server_version {
+        json.extend_from_slice(end.to_string().as_bytes());
+    } else {
+        json.extend_from_slice(b"null");
     }
-    body.push(b'}');
-    body
+    json.push(b'}');
+    Ok(json)
 }
 
 async fn push(
@@ -928,21 +915,22 @@ mod tests {
             .collect();
         storage.append(events.clone()).await.expect("append");
         for (since, count, next) in [(0, 2500, None), (10, 1200, Some(1210)), (2400, 500, None)] {
-            let (json, read) = encode_events(&storage, since, count).expect("encode");
-            let end = since + read as u64;
-            assert_eq!(end, next.unwrap_or(2500));
-            let body = pull_body(since, &json, 2500, next);
+            let body = pull_page(&storage, since, count, 2500).expect("encode");
             let page: crate::wire::PullResponse =
                 serde_json::from_slice(&body).expect("a PullResponse");
             let from = usize::try_from(since).expect("small");
+            let read = usize::try_from(next.unwrap_or(2500) - since).expect("small");
             assert_eq!(page.events, events[from..from + read]);
             assert_eq!(
                 (page.since, page.server_version, page.next),
                 (since, 2500, next)
             );
         }
-        let (json, read) = encode_events(&storage, 2500, 10).expect("encode");
-        assert_eq!((json.as_slice(), read), (&b"[]"[..], 0));
+        let body = pull_page(&storage, 2500, 10, 2500).expect("encode");
+        assert_eq!(
+            body,
+            br#"{"since":2500,"events":[],"serverVersion":2500,"next":null}"#
+        );
     }
 
     #[test]
