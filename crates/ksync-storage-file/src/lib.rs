@@ -21,6 +21,6 @@ pub use fault::{FaultHook, WriteFault};
 pub use provider::FileProvider;
 pub use replay::{RecoveryReport, TailCut};
 pub use storage::{
-    DEFAULT_GROUP_COMMIT_WINDOW, DEFAULT_QUEUE_CAPACITY, Durability, FileStorage,
-    FileStorageBuilder, FileStorageOptions,
+    DEFAULT_GROUP_COMMIT_WINDOW, DEFAULT_QUEUE_CAPACITY, DEFAULT_SYNCS_IN_FLIGHT, Durability,
+    FileStorage, FileStorageBuilder, FileStorageOptions,
 };

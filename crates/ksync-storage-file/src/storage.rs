@@ -1,19 +1,19 @@
 //! [`FileStorage`]: the log on disk, its writer thread and group commit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::hash::BuildHasher;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ksync_core::{
-    AppendOutcome, BoxFuture, Event, LogIndex, MergeOutcome, MergePlan, Storage, StorageError,
-    Stored,
+    AppendOutcome, BoxFuture, Event, LogIndex, MergeOutcome, Storage, StorageError, Stored,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
@@ -38,9 +38,12 @@ pub enum Durability {
 
 /// Default capacity of the request queue in front of the writer thread.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
-/// Default time the writer waits for more appends to join a commit group (see
+/// Default extra time the writer waits for more appends to join a commit group: none (see
 /// [`FileStorageOptions::group_commit_window`]).
-pub const DEFAULT_GROUP_COMMIT_WINDOW: Duration = Duration::from_micros(500);
+pub const DEFAULT_GROUP_COMMIT_WINDOW: Duration = Duration::ZERO;
+/// Default number of syncs that may be in flight at once (see
+/// [`FileStorageOptions::syncs_in_flight`]).
+pub const DEFAULT_SYNCS_IN_FLIGHT: usize = 2;
 /// Most requests one commit group takes.
 const MAX_GROUP_REQUESTS: usize = 4096;
 
@@ -55,9 +58,14 @@ pub struct FileStorageOptions {
     /// executor thread blocks, nothing is dropped). Default: [`DEFAULT_QUEUE_CAPACITY`].
     pub queue_capacity: usize,
     /// Under group commit, how long the writer may wait for more appends to join a group once
-    /// it has fewer than the previous group had. Bounded wait, never more than this per group;
-    /// zero turns waiting off. Default: [`DEFAULT_GROUP_COMMIT_WINDOW`].
+    /// it has fewer than the previous group had. Without a wait (the default) a group is
+    /// whatever queued while the previous syncs ran, which adapts to the sync time by itself.
+    /// Default: [`DEFAULT_GROUP_COMMIT_WINDOW`].
     pub group_commit_window: Duration,
+    /// How many groups may be syncing at once (at least 1), each on its own sync thread and
+    /// file descriptor. A group is acknowledged only after its own sync and those of all
+    /// earlier groups succeeded. Default: [`DEFAULT_SYNCS_IN_FLIGHT`].
+    pub syncs_in_flight: usize,
     /// Fault injection for reliability tests. Default: none.
     pub fault_hook: Option<Arc<dyn FaultHook>>,
 }
@@ -68,6 +76,7 @@ impl Default for FileStorageOptions {
             durability: Durability::default(),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             group_commit_window: DEFAULT_GROUP_COMMIT_WINDOW,
+            syncs_in_flight: DEFAULT_SYNCS_IN_FLIGHT,
             fault_hook: None,
         }
     }
@@ -79,6 +88,7 @@ impl fmt::Debug for FileStorageOptions {
             .field("durability", &self.durability)
             .field("queue_capacity", &self.queue_capacity)
             .field("group_commit_window", &self.group_commit_window)
+            .field("syncs_in_flight", &self.syncs_in_flight)
             .field("fault_hook", &self.fault_hook.is_some())
             .finish()
     }
@@ -121,6 +131,13 @@ impl FileStorageBuilder {
         self
     }
 
+    /// Sets how many syncs may be in flight at once (at least 1).
+    #[must_use]
+    pub fn syncs_in_flight(mut self, syncs: usize) -> Self {
+        self.options.syncs_in_flight = syncs;
+        self
+    }
+
     /// Installs a fault hook (for tests).
     #[must_use]
     pub fn fault_hook(mut self, hook: Arc<dyn FaultHook>) -> Self {
@@ -148,20 +165,62 @@ struct State {
     meta: HashMap<String, String>,
 }
 
+/// An append's events, already encoded by the caller (so the writer thread only copies bytes).
+struct EncodedAppend {
+    events: Vec<Event>,
+    /// The events' records, back to back.
+    bytes: Vec<u8>,
+    /// Where each event's record ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+/// What the writer answers an append: one outcome per event. The caller kept a copy of its
+/// events and builds the `MergeOutcome` itself, so the writer never clones an event.
+type AppendReply = oneshot::Sender<Result<Vec<AppendOutcome>, StorageError>>;
+type UnitReply = oneshot::Sender<Result<(), StorageError>>;
+
 /// One request to the writer thread.
 enum Op {
-    Append(
-        Vec<Event>,
-        oneshot::Sender<Result<MergeOutcome, StorageError>>,
-    ),
-    Meta(String, String, oneshot::Sender<Result<(), StorageError>>),
-    Flush(oneshot::Sender<Result<(), StorageError>>),
+    Append(EncodedAppend, AppendReply),
+    Meta(String, String, UnitReply),
+    Flush(UnitReply),
 }
 
 struct Request {
     op: Op,
     // Held until the writer takes the request: the semaphore is the queue's capacity.
     _slot: OwnedSemaphorePermit,
+}
+
+/// The queue between callers, the writer thread and its sync threads.
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Wakes the writer (see [`Inner::wake_at`]).
+    wake: Condvar,
+}
+
+struct Inner {
+    /// Requests not yet taken by the writer. Bounded by the `slots` semaphore that callers
+    /// acquire before pushing (a full queue makes callers wait; nothing is dropped).
+    requests: Vec<Request>,
+    /// Set when the `FileStorage` is dropped: the writer answers what is queued and stops.
+    closed: bool,
+    /// While the writer sleeps: the queue length at which a caller wakes it (`usize::MAX`
+    /// when it is waiting for syncs only). Callers never wake a busy writer, so a herd of
+    /// appenders costs one wake-up per group, not one per append.
+    wake_at: usize,
+    /// Whether the writer sleeps (sync threads wake it when they finish).
+    writer_sleeps: bool,
+    /// Finished syncs not yet seen by the writer: (sync thread, job, result). At most one
+    /// per sync thread.
+    synced: Vec<(usize, u64, io::Result<()>)>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing in `Inner` is left half-changed by a panic; a poisoned lock is usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// An append-only, checksummed event log in one file: the spec's `FileStorage`.
@@ -187,7 +246,7 @@ struct Request {
 /// ```
 pub struct FileStorage {
     state: Arc<RwLock<State>>,
-    requests: Option<Sender<Request>>,
+    shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
@@ -294,29 +353,49 @@ impl FileStorage {
             log: replayed.log,
             meta: replayed.meta,
         }));
-        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                requests: Vec::new(),
+                closed: false,
+                wake_at: usize::MAX,
+                writer_sleeps: false,
+                synced: Vec::new(),
+            }),
+            wake: Condvar::new(),
+        });
         let writer = Writer {
             file,
+            // Sync threads reopen the file by this path; absolute, so a later change of the
+            // working directory does not matter.
+            path: std::path::absolute(&path).unwrap_or_else(|_| path.clone()),
             len: valid_len,
-            unsynced: false,
+            dirty: false,
             state: Arc::clone(&state),
+            shared: Arc::clone(&shared),
             durability: options.durability,
             window: options.group_commit_window,
+            max_syncs: options.syncs_in_flight.max(1),
             hook: options.fault_hook,
             last_group: 1,
-            failed: false,
+            failure: None,
             buf: Vec::new(),
-            encoded: Vec::new(),
-            spans: Vec::new(),
+            taken: Vec::new(),
+            syncers: Vec::new(),
+            next_job: 0,
+            syncing: 0,
+            in_flight: VecDeque::new(),
+            in_flight_appended: 0,
+            in_flight_keys: HashMap::new(),
+            key_hasher: RandomState::new(),
         };
         let name = format!("ksync-log-writer {}", path.display());
         let handle = std::thread::Builder::new()
             .name(name.chars().take(64).collect())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run())
             .map_err(io_err("spawning the log writer thread"))?;
         Ok(Self {
             state,
-            requests: Some(tx),
+            shared,
             slots: Arc::new(Semaphore::new(options.queue_capacity.max(1))),
             writer: Some(handle),
             path,
@@ -355,13 +434,20 @@ impl FileStorage {
             .await
             .map_err(|_| StorageError::Closed)?;
         let (reply, answer) = oneshot::channel();
-        let requests = self.requests.as_ref().ok_or(StorageError::Closed)?;
-        requests
-            .send(Request {
+        {
+            let mut inner = self.shared.lock();
+            if inner.closed {
+                return Err(StorageError::Closed);
+            }
+            inner.requests.push(Request {
                 op: make(reply),
                 _slot: slot,
-            })
-            .map_err(|_| StorageError::Closed)?;
+            });
+            if inner.writer_sleeps && inner.requests.len() >= inner.wake_at {
+                inner.wake_at = usize::MAX;
+                self.shared.wake.notify_one();
+            }
+        }
         answer.await.map_err(|_| StorageError::Closed)?
     }
 }
@@ -370,7 +456,8 @@ impl Drop for FileStorage {
     fn drop(&mut self) {
         // Closing the queue stops the writer once it has answered what was queued; joining it
         // releases the file lock before `drop` returns, so the log can be reopened at once.
-        self.requests.take();
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {
@@ -385,7 +472,29 @@ impl Storage for FileStorage {
             if events.is_empty() {
                 return Ok(MergeOutcome::default());
             }
-            self.submit(|reply| Op::Append(events, reply)).await
+            // Encoding here, on the caller's thread, keeps it off the writer thread, which
+            // is the one thing all appends of a log share.
+            let mut bytes = Vec::with_capacity(events.len() * 256);
+            let mut ends = Vec::with_capacity(events.len());
+            for event in &events {
+                format::encode_event(event, &mut bytes)?;
+                ends.push(bytes.len());
+            }
+            // The log keeps the events it is sent; the answer carries this copy.
+            let kept = events.clone();
+            let outcomes = self
+                .submit(|reply| {
+                    Op::Append(
+                        EncodedAppend {
+                            events,
+                            bytes,
+                            ends,
+                        },
+                        reply,
+                    )
+                })
+                .await?;
+            Ok(merge_outcome(kept, outcomes))
         })
     }
 
@@ -466,45 +575,116 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// The writer thread: the only code that writes the file or changes the index.
-struct Writer {
-    file: File,
-    /// Length of the file up to the last written group.
-    len: u64,
-    /// Whether bytes were written without a sync since (only under `Durability::None`).
-    unsynced: bool,
-    state: Arc<RwLock<State>>,
-    durability: Durability,
-    window: Duration,
-    hook: Option<Arc<dyn FaultHook>>,
-    /// Requests in the previous group: a target for gathering the next one.
-    last_group: usize,
-    /// Set after a failed sync; every later request gets `Closed`.
-    failed: bool,
-    /// Bytes of the group being written.
-    buf: Vec<u8>,
-    /// Encoded records of the batch's events, and each event's span in it.
-    encoded: Vec<u8>,
-    spans: Vec<Range<usize>>,
+/// Builds an append's answer from the caller's copy of its events and the writer's outcomes.
+fn merge_outcome(kept: Vec<Event>, outcomes: Vec<AppendOutcome>) -> MergeOutcome {
+    let mut out = MergeOutcome::default();
+    for (event, outcome) in kept.into_iter().zip(&outcomes) {
+        match outcome {
+            AppendOutcome::Appended { seq } => out.appended.push(Stored { seq: *seq, event }),
+            AppendOutcome::Duplicate { .. } => out.duplicates += 1,
+            AppendOutcome::Conflict(conflict) => out.conflicts.push((**conflict).clone()),
+        }
+    }
+    out.outcomes = outcomes;
+    out
 }
 
-/// A `set_meta` request of the current group: key, value, reply.
-type PendingMeta = (String, String, oneshot::Sender<Result<(), StorageError>>);
+/// The writer thread: the only code that writes the file or changes the index.
+///
+/// A group goes: take what is queued, plan it as one batch against the committed log, write
+/// its new records in one `write`, hand the sync to a sync thread, and go on to the next group
+/// while that sync runs (up to `max_syncs` at once). Groups are published (index commit, then
+/// answers) strictly in file order, each only after its own sync and every earlier group's
+/// succeeded. Appends that arrive while syncs run form the next group, so group size adapts
+/// to the sync time with no fixed wait.
+struct Writer {
+    file: File,
+    /// Where sync threads reopen the file.
+    path: PathBuf,
+    /// Length of the file up to the last written group.
+    len: u64,
+    /// Whether bytes were written since the last sync was started.
+    dirty: bool,
+    state: Arc<RwLock<State>>,
+    shared: Arc<Shared>,
+    durability: Durability,
+    window: Duration,
+    max_syncs: usize,
+    hook: Option<Arc<dyn FaultHook>>,
+    /// Requests in the previous group: the target of the optional window.
+    last_group: usize,
+    /// What stopped the log (a failed sync, or a failed write that could not be cut back);
+    /// every later request gets `Closed`.
+    failure: Option<io::Error>,
+    /// Bytes of the group being written.
+    buf: Vec<u8>,
+    /// Requests taken for the next group (kept to reuse its allocation).
+    taken: Vec<Request>,
+    /// Sync threads, started when first needed.
+    syncers: Vec<Syncer>,
+    next_job: u64,
+    /// Syncs started and not yet finished.
+    syncing: usize,
+    /// Written groups not yet published, in file order.
+    in_flight: VecDeque<Group>,
+    /// Events the groups in flight append (their seqs follow the committed log's).
+    in_flight_appended: u64,
+    /// Hashes of the `(id, version)` of the events in flight, with counts. An incoming event
+    /// whose hash is here waits for the groups in flight to be published before it is
+    /// planned, so duplicates and conflicts are always judged against the committed log.
+    in_flight_keys: HashMap<u64, u32>,
+    key_hasher: RandomState,
+}
 
-/// An append request of the current group: its inputs' range in the group batch.
+/// A sync thread: `fdatasync`s on its own file descriptor when the writer asks.
+struct Syncer {
+    /// Jobs for it; at most one is outstanding (`busy`), so the channel never grows.
+    jobs: Sender<u64>,
+    handle: JoinHandle<()>,
+    busy: bool,
+}
+
+/// A written group waiting to be published.
+struct Group {
+    /// The sync job that covers it (meaningless when none was needed).
+    job: u64,
+    /// Its sync's result; `None` while the sync runs.
+    synced: Option<io::Result<()>>,
+    appended: Vec<Stored>,
+    keys: Vec<u64>,
+    appends: Vec<(AppendReply, Vec<AppendOutcome>)>,
+    metas: Vec<(String, String, UnitReply)>,
+    flushes: Vec<UnitReply>,
+}
+
+/// An append request of the group being planned.
 struct PendingAppend {
-    inputs: Range<usize>,
-    reply: oneshot::Sender<Result<MergeOutcome, StorageError>>,
+    reply: AppendReply,
+    /// How many events of the group batch are its own (they follow the previous request's).
+    count: usize,
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
 }
 
 impl Writer {
-    fn run(mut self, requests: Receiver<Request>) {
-        while let Ok(first) = requests.recv() {
-            let mut group = vec![first];
-            self.gather(&requests, &mut group);
-            self.commit_group(group);
+    fn run(mut self) {
+        loop {
+            let (synced, closed) = self.wait_for_work();
+            self.finish_syncs(synced);
+            if !self.taken.is_empty() {
+                self.join_window();
+                self.start_group();
+            } else if closed && self.in_flight.is_empty() {
+                break;
+            }
         }
-        if self.unsynced && !self.failed {
+        for syncer in std::mem::take(&mut self.syncers) {
+            drop(syncer.jobs);
+            if syncer.handle.join().is_err() {
+                tracing::error!("log sync thread panicked");
+            }
+        }
+        if self.dirty && self.failure.is_none() {
             // Clean close under `Durability::None`: sync what was written (best effort).
             if let Err(e) = self.file.sync_data() {
                 tracing::warn!(error = %e, "syncing the log on close failed");
@@ -512,98 +692,159 @@ impl Writer {
         }
     }
 
-    /// Adds what is queued (and, under group commit, what arrives within the window) to
-    /// `group`.
-    fn gather(&mut self, requests: &Receiver<Request>, group: &mut Vec<Request>) {
-        if self.durability == Durability::EveryAppend {
+    /// Sleeps until requests can be taken (a sync slot is free), a sync finished, or the log
+    /// closes with nothing left to do. Takes the requests into `self.taken`; returns the
+    /// finished syncs and whether the log is closing.
+    fn wait_for_work(&mut self) -> (Vec<(usize, u64, io::Result<()>)>, bool) {
+        let shared = Arc::clone(&self.shared);
+        let mut inner = shared.lock();
+        loop {
+            let can_take = self.syncing < self.max_syncs;
+            if (can_take && !inner.requests.is_empty())
+                || !inner.synced.is_empty()
+                || (inner.closed && inner.requests.is_empty() && self.in_flight.is_empty())
+            {
+                break;
+            }
+            inner.writer_sleeps = true;
+            inner.wake_at = if can_take { 1 } else { usize::MAX };
+            inner = shared.wake.wait(inner).unwrap_or_else(|p| p.into_inner());
+            inner.writer_sleeps = false;
+        }
+        if self.syncing < self.max_syncs {
+            self.take_requests(&mut inner);
+        }
+        (std::mem::take(&mut inner.synced), inner.closed)
+    }
+
+    fn take_requests(&mut self, inner: &mut Inner) {
+        let limit = match self.durability {
+            Durability::EveryAppend => 1,
+            _ => MAX_GROUP_REQUESTS,
+        }
+        .saturating_sub(self.taken.len());
+        if self.taken.is_empty() && inner.requests.len() <= limit {
+            std::mem::swap(&mut inner.requests, &mut self.taken);
+        } else {
+            let n = inner.requests.len().min(limit);
+            self.taken.extend(inner.requests.drain(..n));
+        }
+    }
+
+    /// Under group commit with a window: waits (at most the window) for as many requests as
+    /// the previous group had. Callers wake the writer once, when that many are queued.
+    fn join_window(&mut self) {
+        if self.durability != Durability::GroupCommit || self.window.is_zero() {
             return;
         }
-        while group.len() < MAX_GROUP_REQUESTS {
-            match requests.try_recv() {
-                Ok(r) => group.push(r),
-                Err(_) => break,
-            }
-        }
-        // Appenders that were answered together come back together, but not all at the
-        // same instant: wait a little for the rest rather than sync half a group now and
-        // the other half one sync later.
-        if self.durability == Durability::GroupCommit && !self.window.is_zero() {
-            let target = self.last_group.min(MAX_GROUP_REQUESTS);
+        let target = self.last_group.min(MAX_GROUP_REQUESTS);
+        if self.taken.len() < target {
             let deadline = Instant::now() + self.window;
-            while group.len() < target {
+            let shared = Arc::clone(&self.shared);
+            let mut inner = shared.lock();
+            loop {
+                let have = self.taken.len() + inner.requests.len();
                 let now = Instant::now();
-                if now >= deadline {
+                if have >= target || inner.closed || now >= deadline {
                     break;
                 }
-                match requests.recv_timeout(deadline - now) {
-                    Ok(r) => group.push(r),
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                }
+                inner.writer_sleeps = true;
+                inner.wake_at = target - self.taken.len();
+                inner = shared
+                    .wake
+                    .wait_timeout(inner, deadline - now)
+                    .map(|(guard, _)| guard)
+                    .unwrap_or_else(|p| p.into_inner().0);
+                inner.writer_sleeps = false;
             }
+            self.take_requests(&mut inner);
         }
-        self.last_group = group.len();
+        self.last_group = self.taken.len();
     }
 
     fn write_state(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn commit_group(&mut self, group: Vec<Request>) {
+    /// Plans, writes and starts syncing the requests in `self.taken`.
+    fn start_group(&mut self) {
         let mut batch: Vec<Event> = Vec::new();
         let mut appends: Vec<PendingAppend> = Vec::new();
-        let mut metas: Vec<PendingMeta> = Vec::new();
-        let mut flushes: Vec<oneshot::Sender<Result<(), StorageError>>> = Vec::new();
-        self.encoded.clear();
-        self.spans.clear();
-        for Request { op, _slot } in group {
-            if self.failed {
+        let mut metas: Vec<(String, String, UnitReply)> = Vec::new();
+        let mut flushes: Vec<UnitReply> = Vec::new();
+        let mut taken = std::mem::take(&mut self.taken);
+        for Request { op, _slot } in taken.drain(..) {
+            if self.failure.is_some() {
                 reply_closed(op);
                 continue;
             }
             match op {
-                Op::Append(events, reply) => {
-                    let start = batch.len();
-                    let enc_start = self.encoded.len();
-                    let mut bad = None;
-                    for event in &events {
-                        let from = self.encoded.len();
-                        if let Err(e) = format::encode_event(event, &mut self.encoded) {
-                            bad = Some(e);
-                            break;
-                        }
-                        self.spans.push(from..self.encoded.len());
-                    }
-                    if let Some(e) = bad {
-                        // Refuse the whole append; the rest of the group goes on.
-                        self.encoded.truncate(enc_start);
-                        self.spans.truncate(start);
-                        let _ = reply.send(Err(e));
-                        continue;
-                    }
-                    batch.extend(events);
+                Op::Append(
+                    EncodedAppend {
+                        events,
+                        bytes,
+                        ends,
+                    },
+                    reply,
+                ) => {
                     appends.push(PendingAppend {
-                        inputs: start..batch.len(),
                         reply,
+                        count: events.len(),
+                        bytes,
+                        ends,
                     });
+                    batch.extend(events);
                 }
                 Op::Meta(key, value, reply) => metas.push((key, value, reply)),
                 Op::Flush(reply) => flushes.push(reply),
             }
         }
+        self.taken = taken;
         if appends.is_empty() && metas.is_empty() && flushes.is_empty() {
             return;
         }
 
-        let (plan, base) = {
+        let keys: Vec<u64> = batch
+            .iter()
+            .map(|e| self.key_hasher.hash_one((e.id.as_str(), e.version)))
+            .collect();
+        if !self.in_flight_keys.is_empty()
+            && keys.iter().any(|k| self.in_flight_keys.contains_key(k))
+        {
+            // The same revision (or a hash twin) is still syncing: judge this batch against
+            // the log once that is published, never against a log that lacks it.
+            self.wait_for_in_flight();
+        }
+        let (mut plan, committed) = {
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());
             (state.log.plan(batch), state.log.len())
         };
+        let offset = self.in_flight_appended;
+        if offset > 0 {
+            // Planned against the committed log: the groups in flight come first.
+            for outcome in &mut plan.outcome.outcomes {
+                match outcome {
+                    AppendOutcome::Appended { seq } => *seq += offset,
+                    AppendOutcome::Duplicate { seq } if *seq > committed => *seq += offset,
+                    _ => {}
+                }
+            }
+            for stored in &mut plan.outcome.appended {
+                stored.seq += offset;
+            }
+        }
+
         self.buf.clear();
-        for (outcome, span) in plan.outcome.outcomes.iter().zip(&self.spans) {
-            if matches!(outcome, AppendOutcome::Appended { .. })
-                && let Some(bytes) = self.encoded.get(span.clone())
-            {
-                self.buf.extend_from_slice(bytes);
+        let mut outcomes = plan.outcome.outcomes.iter();
+        for p in &appends {
+            let mut from = 0;
+            for (&end, outcome) in p.ends.iter().zip(outcomes.by_ref().take(p.count)) {
+                if matches!(outcome, AppendOutcome::Appended { .. })
+                    && let Some(record) = p.bytes.get(from..end)
+                {
+                    self.buf.extend_from_slice(record);
+                }
+                from = end;
             }
         }
         let mut kept_metas = Vec::with_capacity(metas.len());
@@ -616,99 +857,271 @@ impl Writer {
             }
         }
 
-        if let Err(e) = self.write_and_sync(!flushes.is_empty()) {
-            for p in appends {
-                let _ = p.reply.send(Err(StorageError::Io {
-                    context: "appending to the log".into(),
-                    source: copy_io_error(&e),
-                }));
+        let mut outcomes = plan.outcome.outcomes.into_iter();
+        let appends: Vec<(AppendReply, Vec<AppendOutcome>)> = appends
+            .into_iter()
+            .map(|p| (p.reply, outcomes.by_ref().take(p.count).collect()))
+            .collect();
+        let mut group = Group {
+            job: 0,
+            synced: Some(Ok(())),
+            appended: plan.outcome.appended,
+            keys,
+            appends,
+            metas: kept_metas,
+            flushes,
+        };
+        if !self.buf.is_empty() {
+            if let Err(e) = self.write_buf() {
+                fail_group(group, &e);
+                return;
             }
-            for (_, _, reply) in kept_metas {
-                let _ = reply.send(Err(StorageError::Io {
-                    context: "writing metadata to the log".into(),
-                    source: copy_io_error(&e),
-                }));
-            }
-            for reply in flushes {
-                let _ = reply.send(Err(StorageError::Io {
-                    context: "flushing the log".into(),
-                    source: copy_io_error(&e),
-                }));
-            }
-            return;
+            self.len += self.buf.len() as u64;
+            self.dirty = true;
         }
+        let sync = match self.durability {
+            Durability::EveryAppend | Durability::GroupCommit => self.dirty,
+            Durability::None => self.dirty && !group.flushes.is_empty(),
+        };
+        if sync {
+            self.dirty = false;
+            let (job, synced) = self.start_sync();
+            group.job = job;
+            group.synced = synced;
+        }
+        self.in_flight_appended += group.appended.len() as u64;
+        for &key in &group.keys {
+            *self.in_flight_keys.entry(key).or_insert(0) += 1;
+        }
+        self.in_flight.push_back(group);
+        self.publish_ready();
+    }
 
-        // Durable (per policy): publish.
-        {
-            let mut state = self.write_state();
-            state.log.commit(&plan);
-            for (key, value, _) in &kept_metas {
-                state.meta.insert(key.clone(), value.clone());
+    /// Writes `self.buf`. On an error the file is cut back to its previous length (and if
+    /// that fails too, the log stops).
+    fn write_buf(&mut self) -> io::Result<()> {
+        let result = match &self.hook {
+            Some(hook) => match hook.before_write(self.buf.len()) {
+                Ok(()) => self.file.write_all(&self.buf),
+                Err(fault) => {
+                    let torn = fault.written.min(self.buf.len());
+                    // The torn part is best effort, like a real short write.
+                    let _ = self.file.write_all(&self.buf[..torn]);
+                    Err(fault.error)
+                }
+            },
+            None => self.file.write_all(&self.buf),
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "writing to the log failed");
+            // Drop whatever part of the group reached the file so the next group does not
+            // land behind garbage.
+            let restore = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(|_| ()));
+            if let Err(e2) = restore {
+                tracing::error!(error = %e2, "cutting a failed write failed; closing the log");
+                self.failure.get_or_insert(e2);
             }
         }
-        reply_appends(plan, base, appends);
-        for (_, _, reply) in kept_metas {
-            let _ = reply.send(Ok(()));
+        result
+    }
+
+    /// Starts a sync of everything written so far: on a free sync thread, or here when no
+    /// sync thread can be had. Returns the job and, if it already ran, its result.
+    fn start_sync(&mut self) -> (u64, Option<io::Result<()>>) {
+        let job = self.next_job;
+        self.next_job += 1;
+        if let Some(index) = self.free_syncer()
+            && self.syncers[index].jobs.send(job).is_ok()
+        {
+            self.syncers[index].busy = true;
+            self.syncing += 1;
+            return (job, None);
         }
-        for reply in flushes {
-            let _ = reply.send(Ok(()));
+        let synced = match &self.hook {
+            Some(hook) => hook.before_sync(),
+            None => Ok(()),
+        }
+        .and_then(|()| self.file.sync_data());
+        (job, Some(synced))
+    }
+
+    fn free_syncer(&mut self) -> Option<usize> {
+        if let Some(index) = self.syncers.iter().position(|s| !s.busy) {
+            return Some(index);
+        }
+        if self.syncers.len() >= self.max_syncs {
+            return None;
+        }
+        match self.spawn_syncer() {
+            Ok(()) => Some(self.syncers.len() - 1),
+            Err(e) => {
+                tracing::warn!(error = %e, "starting a log sync thread failed; syncing inline");
+                None
+            }
         }
     }
 
-    /// Writes `self.buf` and syncs as the policy (or a flush) asks. On a write error the file
-    /// is cut back to its previous length; on a sync error the writer stops for good.
-    fn write_and_sync(&mut self, flush: bool) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            if let Err(e) = self.write_buf() {
-                tracing::error!(error = %e, "writing to the log failed");
-                // Drop whatever part of the group reached the file so the next group does not
-                // land behind garbage.
-                let restore = self
-                    .file
-                    .set_len(self.len)
-                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(|_| ()));
-                if let Err(e2) = restore {
-                    tracing::error!(error = %e2, "cutting a failed write failed; closing the log");
-                    self.failed = true;
-                }
-                return Err(e);
+    fn spawn_syncer(&mut self) -> io::Result<()> {
+        // Its own open file description, not a dup of the writer's: Linux reports a
+        // writeback error once per description, so every sync thread sees every error that
+        // happened since its last sync, whichever sync ran into it first.
+        let file = OpenOptions::new().write(true).open(&self.path)?;
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let index = self.syncers.len();
+        let shared = Arc::clone(&self.shared);
+        let hook = self.hook.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("ksync-log-sync-{index}"))
+            .spawn(move || sync_loop(index, &file, hook.as_deref(), &queue, &shared))?;
+        self.syncers.push(Syncer {
+            jobs,
+            handle,
+            busy: false,
+        });
+        Ok(())
+    }
+
+    /// Records finished syncs and publishes what they complete.
+    fn finish_syncs(&mut self, synced: Vec<(usize, u64, io::Result<()>)>) {
+        for (index, job, result) in synced {
+            if let Some(syncer) = self.syncers.get_mut(index) {
+                syncer.busy = false;
             }
-            self.len += self.buf.len() as u64;
-            self.unsynced = true;
+            self.syncing = self.syncing.saturating_sub(1);
+            if let Some(group) = self
+                .in_flight
+                .iter_mut()
+                .find(|g| g.synced.is_none() && g.job == job)
+            {
+                group.synced = Some(result);
+            }
         }
-        let sync = match self.durability {
-            Durability::EveryAppend | Durability::GroupCommit => self.unsynced,
-            Durability::None => flush && self.unsynced,
-        };
-        if sync {
-            let synced = match &self.hook {
-                Some(hook) => hook.before_sync(),
-                None => Ok(()),
+        self.publish_ready();
+    }
+
+    /// Waits until every group in flight is published (or failed).
+    fn wait_for_in_flight(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        while !self.in_flight.is_empty() {
+            let synced = {
+                let mut inner = shared.lock();
+                while inner.synced.is_empty() {
+                    inner.writer_sleeps = true;
+                    inner.wake_at = usize::MAX;
+                    inner = shared.wake.wait(inner).unwrap_or_else(|p| p.into_inner());
+                    inner.writer_sleeps = false;
+                }
+                std::mem::take(&mut inner.synced)
+            };
+            self.finish_syncs(synced);
+        }
+    }
+
+    /// Publishes the groups at the front whose syncs are done, in file order.
+    fn publish_ready(&mut self) {
+        while self.in_flight.front().is_some_and(|g| g.synced.is_some()) {
+            let Some(mut group) = self.in_flight.pop_front() else {
+                break;
+            };
+            self.in_flight_appended -= group.appended.len() as u64;
+            for key in &group.keys {
+                if let Some(count) = self.in_flight_keys.get_mut(key) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.in_flight_keys.remove(key);
+                    }
+                }
             }
-            .and_then(|()| self.file.sync_data());
-            if let Err(e) = synced {
+            if let Some(Err(e)) = group.synced.take() {
                 // After a failed fsync the kernel may have dropped the dirty pages: nothing
                 // written since the last good sync can be trusted, and retrying could report
                 // success for lost data. Stop; a reopen replays what really is on disk.
                 tracing::error!(error = %e, "syncing the log failed; closing the log");
-                self.failed = true;
-                return Err(e);
+                self.failure.get_or_insert(e);
             }
-            self.unsynced = false;
+            match &self.failure {
+                // A group behind a failure is never published: its seqs would follow
+                // events that are not there.
+                Some(e) => fail_group(group, e),
+                None => self.publish(group),
+            }
         }
-        Ok(())
     }
 
-    fn write_buf(&mut self) -> io::Result<()> {
-        if let Some(hook) = &self.hook
-            && let Err(fault) = hook.before_write(self.buf.len())
+    /// Durable (per policy): commit to the index, then answer.
+    fn publish(&mut self, group: Group) {
+        let mut meta_replies = Vec::with_capacity(group.metas.len());
         {
-            let torn = fault.written.min(self.buf.len());
-            // The torn part is best effort, like a real short write.
-            let _ = self.file.write_all(&self.buf[..torn]);
-            return Err(fault.error);
+            let mut state = self.write_state();
+            for stored in group.appended {
+                let seq = stored.seq;
+                // Moved, not cloned: the callers answer with their own copies.
+                if !state.log.push(stored.event) || state.log.len() != seq {
+                    tracing::error!(seq, "a planned event did not land at its seq");
+                    debug_assert!(false, "stale merge plan at seq {seq}");
+                }
+            }
+            for (key, value, reply) in group.metas {
+                state.meta.insert(key, value);
+                meta_replies.push(reply);
+            }
         }
-        self.file.write_all(&self.buf)
+        for (reply, outcomes) in group.appends {
+            let _ = reply.send(Ok(outcomes));
+        }
+        for reply in meta_replies {
+            let _ = reply.send(Ok(()));
+        }
+        for reply in group.flushes {
+            let _ = reply.send(Ok(()));
+        }
+    }
+}
+
+/// A sync thread's loop: sync when asked, report to the writer.
+fn sync_loop(
+    index: usize,
+    file: &File,
+    hook: Option<&dyn FaultHook>,
+    jobs: &Receiver<u64>,
+    shared: &Shared,
+) {
+    for job in jobs {
+        let result = match hook {
+            Some(hook) => hook.before_sync(),
+            None => Ok(()),
+        }
+        .and_then(|()| file.sync_data());
+        let mut inner = shared.lock();
+        inner.synced.push((index, job, result));
+        if inner.writer_sleeps {
+            shared.wake.notify_one();
+        }
+    }
+}
+
+/// Answers every request of a group that will not be published with `error`.
+fn fail_group(group: Group, error: &io::Error) {
+    for (reply, _) in group.appends {
+        let _ = reply.send(Err(StorageError::Io {
+            context: "appending to the log".into(),
+            source: copy_io_error(error),
+        }));
+    }
+    for (_, _, reply) in group.metas {
+        let _ = reply.send(Err(StorageError::Io {
+            context: "writing metadata to the log".into(),
+            source: copy_io_error(error),
+        }));
+    }
+    for reply in group.flushes {
+        let _ = reply.send(Err(StorageError::Io {
+            context: "flushing the log".into(),
+            source: copy_io_error(error),
+        }));
     }
 }
 
@@ -720,35 +1133,5 @@ fn reply_closed(op: Op) {
         Op::Meta(_, _, reply) | Op::Flush(reply) => {
             let _ = reply.send(Err(StorageError::Closed));
         }
-    }
-}
-
-/// Splits a group's merge outcome back into one outcome per append request.
-fn reply_appends(plan: MergePlan, base: u64, appends: Vec<PendingAppend>) {
-    if appends.len() == 1 {
-        if let Some(p) = appends.into_iter().next() {
-            let _ = p.reply.send(Ok(plan.outcome));
-        }
-        return;
-    }
-    let all = plan.outcome;
-    for p in appends {
-        let mut out = MergeOutcome::default();
-        for outcome in all.outcomes.get(p.inputs.clone()).unwrap_or_default() {
-            match outcome {
-                AppendOutcome::Appended { seq } => {
-                    let index = seq
-                        .checked_sub(base + 1)
-                        .and_then(|i| usize::try_from(i).ok());
-                    if let Some(stored) = index.and_then(|i| all.appended.get(i)) {
-                        out.appended.push(stored.clone());
-                    }
-                }
-                AppendOutcome::Duplicate { .. } => out.duplicates += 1,
-                AppendOutcome::Conflict(conflict) => out.conflicts.push((**conflict).clone()),
-            }
-            out.outcomes.push(outcome.clone());
-        }
-        let _ = p.reply.send(Ok(out));
     }
 }

@@ -1,0 +1,126 @@
+//! A small driver for profiling `FileStorage` under callgrind or `perf` (not a benchmark: the
+//! numbers it prints are one run). It uses the same ~200-byte events as
+//! `cargo xtask bench storage`.
+//!
+//! ```text
+//! cargo run --release -p ksync-storage-file --example storage_profile -- build <path> <events>
+//! cargo run --release -p ksync-storage-file --example storage_profile -- reopen <path>
+//! cargo run --release -p ksync-storage-file --example storage_profile -- group <dir> <appenders> <appends-each> [syncs-in-flight]
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ksync_core::{Event, Storage, StorageError};
+use ksync_storage_file::{Durability, FileStorage};
+use serde_json::json;
+
+fn event(task: usize, i: usize) -> Event {
+    Event::new(
+        format!("{task:04}-{i:012}"),
+        "message",
+        json!({
+            "room": "general",
+            "user": format!("user-{}", i % 100),
+            "text": "lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor",
+            "n": i,
+        }),
+        1_700_000_000_000 + i as u64,
+    )
+    .with_origin("bench-replica")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn build(path: &Path, events: usize) -> Result<(), StorageError> {
+    let storage = FileStorage::builder(path)
+        .durability(Durability::None)
+        .open()?;
+    runtime().block_on(async {
+        for start in (0..events).step_by(10_000) {
+            let end = (start + 10_000).min(events);
+            storage
+                .append((start..end).map(|i| event(0, i)).collect())
+                .await?;
+        }
+        storage.flush().await
+    })
+}
+
+fn reopen(path: &Path) -> Result<(), StorageError> {
+    let started = Instant::now();
+    let storage = FileStorage::open(path)?;
+    let elapsed = started.elapsed();
+    println!("reopened {} events in {elapsed:?}", storage.len());
+    // Freeing a million events is not part of opening: leave it to process exit so a
+    // profile of this run shows the open alone.
+    std::mem::forget(storage);
+    Ok(())
+}
+
+fn group(dir: &Path, appenders: usize, each: usize, syncs: usize) -> Result<(), StorageError> {
+    let path = dir.join("group.log");
+    let _ = std::fs::remove_file(&path);
+    let storage = Arc::new(FileStorage::builder(&path).syncs_in_flight(syncs).open()?);
+    let started = Instant::now();
+    runtime().block_on(async {
+        let tasks: Vec<_> = (0..appenders)
+            .map(|task| {
+                let storage = Arc::clone(&storage);
+                tokio::spawn(async move {
+                    for i in 0..each {
+                        storage.append(vec![event(task, i)]).await?;
+                    }
+                    Ok::<_, StorageError>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("appender panicked")?;
+        }
+        Ok::<_, StorageError>(())
+    })?;
+    let elapsed = started.elapsed();
+    let total = appenders * each;
+    println!(
+        "{total} appends in {elapsed:?}: {:.0} events/s",
+        total as f64 / elapsed.as_secs_f64()
+    );
+    drop(storage);
+    std::fs::remove_file(&path).map_err(|source| StorageError::Io {
+        context: "removing the log".into(),
+        source,
+    })
+}
+
+fn main() -> Result<(), StorageError> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize| -> usize {
+        args.get(i)
+            .and_then(|s| s.parse().ok())
+            .expect("a number argument")
+    };
+    match args.first().map(String::as_str) {
+        Some("build") => build(Path::new(&args[1]), num(2)),
+        Some("reopen") => reopen(Path::new(&args[1])),
+        Some("group") => group(
+            Path::new(&args[1]),
+            num(2),
+            num(3),
+            args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2),
+        ),
+        _ => {
+            eprintln!(
+                "usage: storage_profile build <path> <events> | reopen <path> | group <dir> <appenders> <each>"
+            );
+            std::process::exit(2);
+        }
+    }
+}
