@@ -10,10 +10,10 @@ use ksync_core::{Access, Event, EventLimits, Grant, Name, PROTOCOL_VERSION, Reso
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 
-use super::room::{Frame, PublishCommand, RoomCommand, Subscribed};
+use super::room::{Frame, Incoming, PublishCommand, RoomCommand, Subscribed};
 use super::{ConnectionSlot, Shared};
 use crate::protocol::{
-    self, CLIENT_TYPES, ClientMessage, DecodeError, EventsBatch, Hello, ServerMessage,
+    self, CLIENT_TYPES, ClientMessage, DecodeError, EventsBatch, Hello, Publish, ServerMessage,
     SnapshotPage, Welcome, close, code,
 };
 
@@ -252,21 +252,25 @@ async fn run(
                     Some(Ok(m)) => m,
                 };
                 awaiting_pong = false;
-                let text = match message {
-                    Message::Text(t) => t.as_bytes().to_vec(),
+                let inflated;
+                let text: &[u8] = match &message {
+                    Message::Text(t) => t.as_bytes(),
                     Message::Binary(b) => {
                         if !writer.compression {
                             return Err(bad_binary(writer, "binary frame without negotiated compression").await);
                         }
-                        match protocol::inflate(&b, config.max_message_size) {
-                            Ok(json) => json,
+                        match protocol::inflate(b, config.max_message_size) {
+                            Ok(json) => {
+                                inflated = json;
+                                &inflated
+                            }
                             Err(e) => return Err(bad_binary(writer, &e.to_string()).await),
                         }
                     }
                     Message::Ping(_) | Message::Pong(_) => continue,
                     Message::Close(_) => return Ok(()),
                 };
-                Box::pin(handle(writer, &text, room, grant, room_tx, id)).await?;
+                Box::pin(handle(writer, text, room, grant, room_tx, id)).await?;
             },
             _ = ping.tick() => {
                 if awaiting_pong {
@@ -433,6 +437,30 @@ async fn send_bounded<T: Clone>(
     Ok(())
 }
 
+/// A `publish` as the relay reads it: each event kept as the JSON the client sent, so that it
+/// is decoded once (into an [`Event`] for the storage) and relayed as is. Any other message,
+/// or a publish this does not read, goes through [`protocol::decode`], which gives the
+/// precise error.
+#[derive(serde::Deserialize)]
+struct RawPublish<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(rename = "ref")]
+    reference: u64,
+    #[serde(borrow)]
+    events: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// Decodes and checks one published event.
+fn incoming(json: &str, limits: &EventLimits) -> Result<Incoming, String> {
+    let event: Event = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    event.validate(limits).map_err(|e| e.to_string())?;
+    Ok(Incoming {
+        event,
+        json: json.into(),
+    })
+}
+
 async fn handle(
     writer: &mut Writer,
     text: &[u8],
@@ -441,66 +469,74 @@ async fn handle(
     room_tx: &mpsc::Sender<RoomCommand>,
     id: u64,
 ) -> Result<(), End> {
-    let publish = match protocol::decode::<ClientMessage>(text, CLIENT_TYPES) {
-        Ok(ClientMessage::Publish(p)) => p,
-        Ok(ClientMessage::Hello(_)) => {
-            return writer
-                .message(
-                    &ServerMessage::error(code::PROTOCOL, "hello was already received", None),
-                    false,
-                )
-                .await;
+    let limits = EventLimits::default();
+    let (reference, items) = match serde_json::from_slice::<RawPublish<'_>>(text) {
+        Ok(publish) if publish.kind == "publish" => {
+            if !grant.allows(ResourceKind::Room, room.as_str(), Access::Write) {
+                return refuse_write(writer, publish.reference).await;
+            }
+            let items = publish
+                .events
+                .iter()
+                .map(|raw| incoming(raw.get(), &limits))
+                .collect();
+            (publish.reference, items)
         }
-        Err(DecodeError::UnknownType(kind)) => {
-            return writer
-                .message(
-                    &ServerMessage::error(
-                        code::UNKNOWN_TYPE,
-                        format!("unknown message type {kind:?} (known: hello, publish)"),
-                        None,
-                    ),
-                    false,
-                )
-                .await;
-        }
-        Err(e) => {
-            return writer
-                .message(
-                    &ServerMessage::error(code::BAD_MESSAGE, e.to_string(), None),
-                    false,
-                )
-                .await;
+        _ => {
+            let Some(publish) = Box::pin(decode_other(writer, text)).await? else {
+                return Ok(());
+            };
+            if !grant.allows(ResourceKind::Room, room.as_str(), Access::Write) {
+                return refuse_write(writer, publish.reference).await;
+            }
+            let items = publish
+                .events
+                .into_iter()
+                .map(|value| incoming(&value.to_string(), &limits))
+                .collect();
+            (publish.reference, items)
         }
     };
-    if !grant.allows(ResourceKind::Room, room.as_str(), Access::Write) {
-        tracing::info!("publish refused: no write right");
-        return writer
-            .message(
-                &ServerMessage::error(
-                    code::FORBIDDEN,
-                    "not allowed to write to this room; nothing was stored",
-                    Some(publish.reference),
-                ),
-                false,
-            )
-            .await;
-    }
-    let limits = EventLimits::default();
-    let items = publish
-        .events
-        .into_iter()
-        .map(|value| {
-            let event: Event = serde_json::from_value(value).map_err(|e| e.to_string())?;
-            event.validate(&limits).map_err(|e| e.to_string())?;
-            Ok(event)
-        })
-        .collect();
     room_tx
         .send(RoomCommand::Publish(PublishCommand {
             conn: id,
-            reference: publish.reference,
+            reference,
             items,
         }))
         .await
         .map_err(|_| going_away())
+}
+
+/// Tells a client without the write right that nothing was stored (the connection stays open).
+async fn refuse_write(writer: &mut Writer, reference: u64) -> Result<(), End> {
+    tracing::info!("publish refused: no write right");
+    writer
+        .message(
+            &ServerMessage::error(
+                code::FORBIDDEN,
+                "not allowed to write to this room; nothing was stored",
+                Some(reference),
+            ),
+            false,
+        )
+        .await
+}
+
+/// Decodes a message that is not a plain publish: a publish the fast path could not read, or
+/// anything else (answered with an error; `Ok(None)`).
+async fn decode_other(writer: &mut Writer, text: &[u8]) -> Result<Option<Publish>, End> {
+    let answer = match protocol::decode::<ClientMessage>(text, CLIENT_TYPES) {
+        Ok(ClientMessage::Publish(p)) => return Ok(Some(p)),
+        Ok(ClientMessage::Hello(_)) => {
+            ServerMessage::error(code::PROTOCOL, "hello was already received", None)
+        }
+        Err(DecodeError::UnknownType(kind)) => ServerMessage::error(
+            code::UNKNOWN_TYPE,
+            format!("unknown message type {kind:?} (known: hello, publish)"),
+            None,
+        ),
+        Err(e) => ServerMessage::error(code::BAD_MESSAGE, e.to_string(), None),
+    };
+    writer.message(&answer, false).await?;
+    Ok(None)
 }

@@ -2,16 +2,17 @@
 //! storage append (group commit), acknowledges after the append returns (durable first when
 //! the storage is durable), and fans each new batch out as one shared, encoded-once frame.
 
+use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use ksync_core::{AppendOutcome, Event, MergeOutcome, Name, Storage, Stored};
+use ksync_core::{AppendOutcome, Event, Name, Storage, Stored};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::RelayActivity;
 
-use crate::protocol::{self, Ack, EventsBatch, PublishResult, ServerMessage, close};
+use crate::protocol::{self, Ack, PublishResult, ServerMessage, close};
 
 /// One outgoing frame, encoded once and shared by every subscriber that receives it.
 #[derive(Debug)]
@@ -35,6 +36,68 @@ impl Frame {
         Arc::new(Frame {
             text: text.into(),
             batch,
+            deflated: OnceLock::new(),
+        })
+    }
+
+    /// An `ack` frame, written by hand for the common results (`stored`, `duplicate`): the
+    /// same text as [`Frame::encode`] gives (a unit test holds them equal), without going
+    /// through the serde machinery for every publish.
+    pub(crate) fn ack(ack: &Ack) -> Arc<Frame> {
+        let mut text = String::with_capacity(64 + 32 * ack.results.len());
+        let _ = write!(
+            text,
+            r#"{{"type":"ack","ref":{},"results":["#,
+            ack.reference
+        );
+        for (i, result) in ack.results.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            match result {
+                PublishResult::Stored { seq } => {
+                    let _ = write!(text, r#"{{"status":"stored","seq":{seq}}}"#);
+                }
+                PublishResult::Duplicate { seq } => {
+                    let _ = write!(text, r#"{{"status":"duplicate","seq":{seq}}}"#);
+                }
+                other => match serde_json::to_string(other) {
+                    Ok(json) => text.push_str(&json),
+                    Err(e) => {
+                        tracing::error!(error = %e, "encoding an ack failed");
+                        return Frame::encode(&ServerMessage::Ack(ack.clone()), false);
+                    }
+                },
+            }
+        }
+        let _ = write!(text, r#"],"serverVersion":{}}}"#, ack.server_version);
+        Arc::new(Frame {
+            text: text.into(),
+            batch: false,
+            deflated: OnceLock::new(),
+        })
+    }
+
+    /// An `events` frame made of the events' JSON as their publishers sent it (each already
+    /// checked to be one JSON object that decodes to a valid [`Event`]): equal in meaning to
+    /// [`Frame::encode`] of the same [`EventsBatch`](crate::protocol::EventsBatch), without decoding and encoding every
+    /// event's data once more.
+    pub(crate) fn events(events: &[(u64, Box<str>)]) -> Arc<Frame> {
+        let size: usize = events.iter().map(|(_, json)| json.len() + 32).sum();
+        let mut text = String::with_capacity(32 + size);
+        text.push_str(r#"{"type":"events","events":["#);
+        for (i, (seq, json)) in events.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            let _ = write!(text, r#"{{"seq":{seq},"event":"#);
+            text.push_str(json);
+            text.push('}');
+        }
+        text.push_str("]}");
+        Arc::new(Frame {
+            text: text.into(),
+            batch: true,
             deflated: OnceLock::new(),
         })
     }
@@ -86,7 +149,23 @@ pub(crate) struct PublishCommand {
     pub(crate) conn: u64,
     pub(crate) reference: u64,
     /// Each published event, or why it is invalid.
-    pub(crate) items: Vec<Result<Event, String>>,
+    pub(crate) items: Vec<Result<Incoming, String>>,
+}
+
+/// A valid published event, with its JSON as the publisher sent it (relayed as is).
+pub(crate) struct Incoming {
+    pub(crate) event: Event,
+    /// One JSON object that decodes to `event`.
+    pub(crate) json: Box<str>,
+}
+
+/// Consecutive publishes of one connection within a commit: its acks, and the new events for
+/// everyone else (as JSON, and as stored events when someone observes the activity feed).
+struct Run {
+    conn: u64,
+    acks: Vec<Arc<Frame>>,
+    events: Vec<(u64, Box<str>)>,
+    stored: Vec<Stored>,
 }
 
 pub(crate) struct Room {
@@ -205,25 +284,37 @@ impl Room {
         let mut events = Vec::new();
         let mut plans = Vec::with_capacity(batch.len());
         for publish in batch {
-            let mut slots = Vec::with_capacity(publish.items.len());
+            // Ok: the JSON of a valid event (its outcome comes from the storage).
+            let mut slots: Vec<Result<Box<str>, String>> = Vec::with_capacity(publish.items.len());
             for item in publish.items {
                 match item {
-                    Ok(event) => {
+                    Ok(Incoming { event, json }) => {
                         events.push(event);
-                        slots.push(None);
+                        slots.push(Ok(json));
                     }
-                    Err(message) => slots.push(Some(message)),
+                    Err(message) => slots.push(Err(message)),
                 }
             }
             plans.push((publish.conn, publish.reference, slots));
         }
+        // The stored events themselves are only needed by activity observers; without any,
+        // the storage may move them in rather than hand copies back.
+        let observed = self.activity.receiver_count() > 0;
         let outcome = if events.is_empty() {
-            Ok(MergeOutcome::default())
+            Ok((Vec::new(), Vec::new()))
+        } else if observed {
+            self.storage
+                .append(events)
+                .await
+                .map(|out| (out.outcomes, out.appended))
         } else {
-            self.storage.append(events).await
+            self.storage
+                .append_summary(events)
+                .await
+                .map(|summary| (summary.outcomes, Vec::new()))
         };
         let (outcomes, appended) = match outcome {
-            Ok(out) => (out.outcomes, out.appended),
+            Ok(out) => out,
             Err(e) => {
                 tracing::error!(room = %self.name, error = %e, "appending to the room log failed");
                 let message = format!("storage failed: {e}");
@@ -231,20 +322,17 @@ impl Room {
                     let results = slots
                         .into_iter()
                         .map(|slot| match slot {
-                            Some(message) => PublishResult::Invalid { message },
-                            None => PublishResult::Failed {
+                            Err(message) => PublishResult::Invalid { message },
+                            Ok(_) => PublishResult::Failed {
                                 message: message.clone(),
                             },
                         })
                         .collect();
-                    let ack = Frame::encode(
-                        &ServerMessage::Ack(Ack {
-                            reference,
-                            results,
-                            server_version: self.last_seq,
-                        }),
-                        false,
-                    );
+                    let ack = Frame::ack(&Ack {
+                        reference,
+                        results,
+                        server_version: self.last_seq,
+                    });
                     self.fan_out(conn, &[ack], None);
                 }
                 return;
@@ -254,18 +342,20 @@ impl Room {
         let mut appended = appended.into_iter();
         // Consecutive publishes of one connection become one run: one shared events frame for
         // everyone else, and that connection's acks, in order.
-        let mut run: Option<(u64, Vec<Arc<Frame>>, Vec<Stored>)> = None;
+        let mut run: Option<Run> = None;
         for (conn, reference, slots) in plans {
             let mut results = Vec::with_capacity(slots.len());
-            let mut new: Vec<Stored> = Vec::new();
+            let mut new: Vec<(u64, Box<str>)> = Vec::new();
+            let mut stored: Vec<Stored> = Vec::new();
             for slot in slots {
                 let result = match slot {
-                    Some(message) => PublishResult::Invalid { message },
-                    None => match outcomes.next() {
+                    Err(message) => PublishResult::Invalid { message },
+                    Ok(json) => match outcomes.next() {
                         Some(AppendOutcome::Appended { seq }) => {
-                            if let Some(stored) = appended.next() {
-                                self.last_seq = stored.seq;
-                                new.push(stored);
+                            self.last_seq = seq;
+                            new.push((seq, json));
+                            if observed && let Some(s) = appended.next() {
+                                stored.push(s);
                             }
                             PublishResult::Stored { seq }
                         }
@@ -280,24 +370,27 @@ impl Room {
                 };
                 results.push(result);
             }
-            let ack = Frame::encode(
-                &ServerMessage::Ack(Ack {
-                    reference,
-                    results,
-                    server_version: self.last_seq,
-                }),
-                false,
-            );
+            let ack = Frame::ack(&Ack {
+                reference,
+                results,
+                server_version: self.last_seq,
+            });
             match &mut run {
-                Some((current, acks, events)) if *current == conn => {
-                    acks.push(ack);
-                    events.extend(new);
+                Some(current) if current.conn == conn => {
+                    current.acks.push(ack);
+                    current.events.extend(new);
+                    current.stored.extend(stored);
                 }
                 _ => {
                     if let Some(done) = run.take() {
                         self.flush_run(done);
                     }
-                    run = Some((conn, vec![ack], new));
+                    run = Some(Run {
+                        conn,
+                        acks: vec![ack],
+                        events: new,
+                        stored,
+                    });
                 }
             }
         }
@@ -306,17 +399,16 @@ impl Room {
         }
     }
 
-    fn flush_run(&mut self, (conn, acks, new): (u64, Vec<Arc<Frame>>, Vec<Stored>)) {
-        if !new.is_empty() && self.activity.receiver_count() > 0 {
+    fn flush_run(&mut self, run: Run) {
+        if !run.stored.is_empty() && self.activity.receiver_count() > 0 {
             // Err: the last observer left meanwhile.
             let _ = self.activity.send(RelayActivity::Stored {
                 room: self.room.clone(),
-                events: new.clone().into(),
+                events: run.stored.into(),
             });
         }
-        let events = (!new.is_empty())
-            .then(|| Frame::encode(&ServerMessage::Events(EventsBatch { events: new }), true));
-        self.fan_out(conn, &acks, events);
+        let events = (!run.events.is_empty()).then(|| Frame::events(&run.events));
+        self.fan_out(run.conn, &run.acks, events);
     }
 
     /// The publisher gets its ack, everyone else the new events, at the same position in their
@@ -348,5 +440,73 @@ impl Room {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::EventsBatch;
+
+    #[test]
+    fn a_hand_written_ack_is_the_serde_ack() {
+        let held = Event::new("a", "t", serde_json::json!({"k": "v\"q"}), 5);
+        let ack = Ack {
+            reference: 42,
+            results: vec![
+                PublishResult::Stored { seq: 7 },
+                PublishResult::Duplicate { seq: 3 },
+                PublishResult::Conflict { held },
+                PublishResult::Invalid {
+                    message: "bad \"id\"".into(),
+                },
+                PublishResult::Failed {
+                    message: "disk".into(),
+                },
+            ],
+            server_version: 7,
+        };
+        let by_hand = Frame::ack(&ack);
+        let by_serde = Frame::encode(&ServerMessage::Ack(ack.clone()), false);
+        assert_eq!(by_hand.text.as_str(), by_serde.text.as_str());
+        assert!(!by_hand.batch);
+        let empty = Ack {
+            reference: 0,
+            results: Vec::new(),
+            server_version: 0,
+        };
+        assert_eq!(
+            Frame::ack(&empty).text.as_str(),
+            Frame::encode(&ServerMessage::Ack(empty), false)
+                .text
+                .as_str()
+        );
+    }
+
+    #[test]
+    fn an_events_frame_of_relayed_json_means_the_serde_frame() {
+        let sent = [
+            r#"{ "id":"a","type":"t","data":{"x":[1,2.5,"é"]},"timestamp":1,"version":1 }"#,
+            r#"{"version":2,"timestamp":9,"data":null,"type":"u","id":"b","origin":"r"}"#,
+        ];
+        let events: Vec<(u64, Box<str>)> = sent
+            .iter()
+            .zip(11..)
+            .map(|(json, seq)| (seq, (*json).into()))
+            .collect();
+        let frame = Frame::events(&events);
+        assert!(frame.batch);
+        let decoded: ServerMessage = serde_json::from_str(frame.text.as_str()).expect("json");
+        let expected = ServerMessage::Events(EventsBatch {
+            events: sent
+                .iter()
+                .zip(11..)
+                .map(|(json, seq)| Stored {
+                    seq,
+                    event: serde_json::from_str(json).expect("event"),
+                })
+                .collect(),
+        });
+        assert_eq!(decoded, expected);
     }
 }
