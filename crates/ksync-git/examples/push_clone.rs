@@ -4,7 +4,7 @@
 //! 10,000, and check the counts.
 //!
 //! ```text
-//! cargo run --release -p ksync-git --example push_clone -- [EVENTS] [memory|file|setup|floor] [gzip]
+//! cargo run --release -p ksync-git --example push_clone -- [EVENTS] [memory|file|setup|floor] [gzip|plain] [CLONE_PAGE]
 //! ```
 //!
 //! `setup` does everything but the push and the clone (subtract its count to get theirs);
@@ -44,6 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let count: usize = args.next().map_or(Ok(20_000), |a| a.parse())?;
     let mode = args.next().unwrap_or_else(|| "memory".into());
     let gzip = args.next().is_some_and(|a| a == "gzip");
+    let page: usize = args.next().map_or(Ok(10_000), |a| a.parse())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -57,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{count} events: two floor passes {:?}", start.elapsed());
         return Ok(());
     }
-    rt.block_on(run(count, &mode, gzip))
+    rt.block_on(run(count, &mode, gzip, page))
 }
 
 /// The benchmark's floor: encode, copy over loopback TCP, decode.
@@ -82,7 +83,12 @@ fn floor_pass(events: &[Event]) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn run(count: usize, mode: &str, gzip: bool) -> Result<(), Box<dyn std::error::Error>> {
+async fn run(
+    count: usize,
+    mode: &str,
+    gzip: bool,
+    page: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
     let file = mode == "file";
     let dir = tempfile::tempdir()?;
     let storage = |name: &str| -> Result<Arc<dyn Storage>, Box<dyn std::error::Error>> {
@@ -133,7 +139,7 @@ async fn run(count: usize, mode: &str, gzip: bool) -> Result<(), Box<dyn std::er
 
     let cloner = GitSyncClient::builder(&url)
         .compression(gzip)
-        .page_size(10_000)
+        .page_size(page)
         .build()?;
     cloner.attach(Replica::with_id(storage("cloner.log")?, "bench-cloner"));
     let start = Instant::now();

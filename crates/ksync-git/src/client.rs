@@ -806,6 +806,8 @@ impl GitSyncClient {
         let total = replica.storage().len().saturating_sub(scanned);
         let mut result = PushResult::default();
         let mut answered = false;
+        // The pull cursor as this push moves it (it holds the op lock: nobody else does).
+        let mut pulled = replica.cursor(&pulled_key)?;
         // At most one batch in flight while the next one is read and encoded. Batches are sent
         // one after the other, so the server applies them in log order.
         let mut in_flight: Option<InFlight> = None;
@@ -817,9 +819,9 @@ impl GitSyncClient {
             } else {
                 Some(encode(&url, &batch)?)
             };
+            let mut acknowledged = None;
             if let Some(previous) = in_flight.take() {
-                self.settle(replica, &key, &pulled_key, previous, &mut result)
-                    .await?;
+                acknowledged = Some(settle(previous, &mut pulled, &mut result).await?);
                 answered = true;
                 self.report(
                     Phase::Push,
@@ -827,24 +829,30 @@ impl GitSyncClient {
                     total,
                 );
             }
-            let Some(events_json) = events_json else {
+            if let Some(events_json) = events_json {
+                let http = self.inner.http.clone();
+                let body = push_body(pulled, &events_json);
+                let target = url.clone();
+                in_flight = Some(InFlight {
+                    answer: tokio::spawn(async move {
+                        http.call(reqwest::Method::POST, target, Some(body)).await
+                    }),
+                    events: batch,
+                    end: scanned,
+                    base_version: pulled,
+                });
+            }
+            // The previous batch's cursors are written while the next batch travels.
+            if let Some(acknowledged) = acknowledged {
+                self.record(replica, &key, &pulled_key, acknowledged)
+                    .await?;
+            }
+            if in_flight.is_none() {
                 if scanned > replica.cursor(&key)? {
                     replica.set_cursor(&key, scanned).await?;
                 }
                 break;
-            };
-            let base_version = replica.cursor(&pulled_key)?;
-            let http = self.inner.http.clone();
-            let body = push_body(base_version, &events_json);
-            let target = url.clone();
-            in_flight = Some(InFlight {
-                answer: tokio::spawn(async move {
-                    http.call(reqwest::Method::POST, target, Some(body)).await
-                }),
-                events: batch,
-                end: scanned,
-                base_version,
-            });
+            }
         }
         if !answered {
             result.server_version = self.branch_info(branch).await?.server_version;
@@ -857,38 +865,18 @@ impl GitSyncClient {
         Ok(result)
     }
 
-    /// Waits for a push batch's answer and records it: results first, then the push cursor
-    /// (a crash before that re-sends the batch, which the server deduplicates), then a
-    /// fast-forward of the pull cursor.
-    async fn settle(
+    /// Makes an acknowledged batch's cursors durable: the push cursor (a crash before that
+    /// re-sends the batch, which the server deduplicates), then a fast-forward of the pull
+    /// cursor (a crash before that pulls the batch back, which deduplicates here).
+    async fn record(
         &self,
         replica: &Replica,
         key: &str,
         pulled_key: &str,
-        batch: InFlight,
-        result: &mut PushResult,
+        acknowledged: Acknowledged,
     ) -> Result<(), SyncError> {
-        let answer: PushResponse = joined(batch.answer).await?;
-        let mut rejected = vec![false; batch.events.len()];
-        for r in &answer.rejected {
-            if let Some(slot) = rejected.get_mut(r.index) {
-                *slot = true;
-            }
-        }
-        for (event, refused) in batch.events.into_iter().zip(rejected) {
-            if refused {
-                result.rejected_events.push(event);
-            } else {
-                result.pushed_events.push(event);
-            }
-        }
-        result.server_version = answer.server_version;
-        replica.set_cursor(key, batch.end).await?;
-        // The branch is what we had pulled plus this batch: no need to pull it back.
-        if let Some(version) = answer.fast_forward_to
-            && version > batch.base_version
-            && replica.cursor(pulled_key)? == batch.base_version
-        {
+        replica.set_cursor(key, acknowledged.end).await?;
+        if let Some(version) = acknowledged.fast_forward_to {
             replica.set_cursor(pulled_key, version).await?;
         }
         Ok(())
@@ -923,6 +911,51 @@ impl GitSyncClient {
             task.abort();
         }
     }
+}
+
+/// Waits for a push batch's answer and takes its results: pushed and rejected events into
+/// `result`, and a fast-forward of `pulled` when the branch is now exactly what was pulled plus
+/// this batch (no need to pull it back). The cursors are made durable afterwards (see
+/// [`GitSyncClient::record`]).
+async fn settle(
+    batch: InFlight,
+    pulled: &mut u64,
+    result: &mut PushResult,
+) -> Result<Acknowledged, SyncError> {
+    let answer: PushResponse = joined(batch.answer).await?;
+    let mut rejected = vec![false; batch.events.len()];
+    for r in &answer.rejected {
+        if let Some(slot) = rejected.get_mut(r.index) {
+            *slot = true;
+        }
+    }
+    result.pushed_events.reserve(batch.events.len());
+    for (event, refused) in batch.events.into_iter().zip(rejected) {
+        if refused {
+            result.rejected_events.push(event);
+        } else {
+            result.pushed_events.push(event);
+        }
+    }
+    result.server_version = answer.server_version;
+    let fast_forward_to = answer
+        .fast_forward_to
+        .filter(|&version| version > batch.base_version && *pulled == batch.base_version);
+    if let Some(version) = fast_forward_to {
+        *pulled = version;
+    }
+    Ok(Acknowledged {
+        end: batch.end,
+        fast_forward_to,
+    })
+}
+
+/// What an acknowledged push batch moves the cursors to.
+struct Acknowledged {
+    /// The push cursor.
+    end: u64,
+    /// The pull cursor, when the batch was a fast-forward.
+    fast_forward_to: Option<u64>,
 }
 
 /// A push batch on its way.

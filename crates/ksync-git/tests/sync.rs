@@ -492,3 +492,55 @@ async fn another_replicas_event_handed_to_the_client_is_pushed_with_its_origin()
         0
     );
 }
+
+#[tokio::test]
+async fn a_push_in_many_batches_fast_forwards_through_all_of_them() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let batches = |url: &str| {
+        GitSyncClient::builder(url)
+            .auth(ksync_core::Auth::token("writer"))
+            .push_batch_size(10)
+            .build()
+            .expect("client")
+    };
+    let a = batches(&url);
+    for i in 0..35 {
+        a.send(Event::new(format!("a{i}"), "t", json!(i), i))
+            .await
+            .expect("send");
+    }
+    let pushed = a.push().await.expect("push");
+    assert_eq!(
+        (pushed.pushed_events.len(), pushed.server_version),
+        (35, 35)
+    );
+    let status = a.local_status().expect("status");
+    assert_eq!((status.pending_events, status.pulled_version), (0, 35));
+    assert!(a.pull().await.expect("pull").new_events.is_empty());
+
+    // Somebody else pushed first: no batch is a fast-forward, and the next pull brings their
+    // event (ours come back as duplicates).
+    let b = client(&url);
+    b.send(Event::new("b", "t", json!("b"), 1))
+        .await
+        .expect("send");
+    b.push().await.expect("push");
+    let c = batches(&url);
+    for i in 0..25 {
+        c.send(Event::new(format!("c{i}"), "t", json!(i), i))
+            .await
+            .expect("send");
+    }
+    let pushed = c.push().await.expect("push");
+    assert_eq!(
+        (pushed.pushed_events.len(), pushed.server_version),
+        (25, 61)
+    );
+    let status = c.local_status().expect("status");
+    assert_eq!((status.pending_events, status.pulled_version), (0, 0));
+    let pulled = c.pull().await.expect("pull");
+    assert_eq!(pulled.new_events.len(), 36, "a's 35 and b's one");
+    assert_eq!(pulled.server_version, 61);
+    assert_eq!(branch_events(&server, "r", "main").len(), 61);
+}
