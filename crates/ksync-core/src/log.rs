@@ -344,16 +344,17 @@ impl LogIndex {
     /// Returns `false` (and stores nothing) when `(id, version)` is already present.
     pub fn push(&mut self, event: Event) -> bool {
         let seq = self.len() + 1;
-        match self.by_id.get_mut(event.id.as_str()) {
-            Some(versions) => {
-                if versions.get(event.version).is_some() {
+        // One hash lookup: most ids are new (a replay inserts a million of them), so the key
+        // clone is rarely wasted.
+        match self.by_id.entry(event.id.clone()) {
+            Entry::Occupied(mut versions) => {
+                if versions.get().get(event.version).is_some() {
                     return false;
                 }
-                versions.insert(event.version, seq);
+                versions.get_mut().insert(event.version, seq);
             }
-            None => {
-                self.by_id
-                    .insert(event.id.clone(), Versions::One(event.version, seq));
+            Entry::Vacant(slot) => {
+                slot.insert(Versions::One(event.version, seq));
             }
         }
         self.events.push(event);

@@ -13,7 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ksync_core::{
-    AppendOutcome, BoxFuture, Event, LogIndex, MergeOutcome, Storage, StorageError, Stored,
+    AppendOutcome, BoxFuture, Event, LogIndex, MergeOutcome, MergeSummary, Storage, StorageError,
+    Stored,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
@@ -452,6 +453,35 @@ impl FileStorage {
     }
 }
 
+impl FileStorage {
+    /// Sends `events` (not empty) to the writer; answers one outcome per event once the new
+    /// ones are durable (per policy) and visible.
+    async fn append_outcomes(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<Vec<AppendOutcome>, StorageError> {
+        // Encoding here, on the caller's thread, keeps it off the writer thread, which is the
+        // one thing all appends of a log share.
+        let mut bytes = Vec::with_capacity(events.len() * 256);
+        let mut ends = Vec::with_capacity(events.len());
+        for event in &events {
+            format::encode_event(event, &mut bytes)?;
+            ends.push(bytes.len());
+        }
+        self.submit(|reply| {
+            Op::Append(
+                EncodedAppend {
+                    events,
+                    bytes,
+                    ends,
+                },
+                reply,
+            )
+        })
+        .await
+    }
+}
+
 impl Drop for FileStorage {
     fn drop(&mut self) {
         // Closing the queue stops the writer once it has answered what was queued; joining it
@@ -472,30 +502,50 @@ impl Storage for FileStorage {
             if events.is_empty() {
                 return Ok(MergeOutcome::default());
             }
-            // Encoding here, on the caller's thread, keeps it off the writer thread, which
-            // is the one thing all appends of a log share.
-            let mut bytes = Vec::with_capacity(events.len() * 256);
-            let mut ends = Vec::with_capacity(events.len());
-            for event in &events {
-                format::encode_event(event, &mut bytes)?;
-                ends.push(bytes.len());
-            }
             // The log keeps the events it is sent; the answer carries this copy.
             let kept = events.clone();
-            let outcomes = self
-                .submit(|reply| {
-                    Op::Append(
-                        EncodedAppend {
-                            events,
-                            bytes,
-                            ends,
-                        },
-                        reply,
-                    )
-                })
-                .await?;
+            let outcomes = self.append_outcomes(events).await?;
             Ok(merge_outcome(kept, outcomes))
         })
+    }
+
+    fn append_summary(
+        &self,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<MergeSummary, StorageError>> {
+        Box::pin(async move {
+            if events.is_empty() {
+                return Ok(MergeSummary::default());
+            }
+            let outcomes = self.append_outcomes(events).await?;
+            let mut summary = MergeSummary::default();
+            for outcome in &outcomes {
+                match outcome {
+                    AppendOutcome::Appended { .. } => summary.appended += 1,
+                    AppendOutcome::Duplicate { .. } => summary.duplicates += 1,
+                    AppendOutcome::Conflict(conflict) => {
+                        summary.conflicts.push((**conflict).clone());
+                    }
+                }
+            }
+            summary.outcomes = outcomes;
+            Ok(summary)
+        })
+    }
+
+    fn visit_since(
+        &self,
+        after: u64,
+        limit: usize,
+        visit: &mut dyn FnMut(u64, &Event),
+    ) -> Result<usize, StorageError> {
+        let state = self.read();
+        let mut visited = 0;
+        for (seq, event) in state.log.iter_since(after, limit) {
+            visit(seq, event);
+            visited += 1;
+        }
+        Ok(visited)
     }
 
     fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {

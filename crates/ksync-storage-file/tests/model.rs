@@ -1,7 +1,7 @@
 //! Model test: `FileStorage` (reopened at random points) answers exactly like
 //! `InMemoryStorage` on random sequences of operations.
 
-use ksync_core::{AppendOutcome, Event, InMemoryStorage, MergeOutcome, Storage};
+use ksync_core::{AppendOutcome, Event, InMemoryStorage, MergeOutcome, MergeSummary, Storage};
 use ksync_storage_file::{Durability, FileStorage};
 use proptest::prelude::*;
 use serde_json::json;
@@ -9,6 +9,8 @@ use serde_json::json;
 #[derive(Debug, Clone)]
 enum Op {
     Append(Vec<(u8, u64, u8)>),
+    /// The same, through `append_summary`.
+    AppendSummary(Vec<(u8, u64, u8)>),
     SetMeta(u8, u8),
     Reopen,
     Read(u64, usize),
@@ -17,6 +19,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => prop::collection::vec((0u8..6, 1u64..4, 0u8..3), 0..6).prop_map(Op::Append),
+        2 => prop::collection::vec((0u8..6, 1u64..4, 0u8..3), 0..6).prop_map(Op::AppendSummary),
         1 => (0u8..3, any::<u8>()).prop_map(|(k, v)| Op::SetMeta(k, v)),
         1 => Just(Op::Reopen),
         1 => (0u64..30, 0usize..10).prop_map(|(a, l)| Op::Read(a, l)),
@@ -36,7 +39,11 @@ fn event(id: u8, version: u64, content: u8) -> Event {
 
 /// A comparable summary of an outcome (conflicts by their two sides).
 fn summary(out: &MergeOutcome) -> Vec<String> {
-    out.outcomes
+    describe(&out.outcomes)
+}
+
+fn describe(outcomes: &[AppendOutcome]) -> Vec<String> {
+    outcomes
         .iter()
         .map(|o| match o {
             AppendOutcome::Appended { seq } => format!("appended {seq}"),
@@ -53,6 +60,17 @@ fn check_same(file: &FileStorage, model: &InMemoryStorage, after: u64, limit: us
         model.read_since(after, limit).expect("read")
     );
     assert_eq!(file.state().expect("state"), model.state().expect("state"));
+    let (mut visited, mut model_visited) = (Vec::new(), Vec::new());
+    let n = file
+        .visit_since(after, limit, &mut |seq, e| visited.push((seq, e.clone())))
+        .expect("visit");
+    model
+        .visit_since(after, limit, &mut |seq, e| {
+            model_visited.push((seq, e.clone()))
+        })
+        .expect("visit");
+    assert_eq!(n, visited.len());
+    assert_eq!(visited, model_visited);
     for id in 0u8..6 {
         let id = format!("id{id}");
         assert_eq!(
@@ -100,6 +118,16 @@ proptest! {
                     prop_assert_eq!(&got.appended, &want.appended);
                     prop_assert_eq!(got.duplicates, want.duplicates);
                     prop_assert_eq!(got.conflicts.len(), want.conflicts.len());
+                }
+                Op::AppendSummary(spec) => {
+                    let batch: Vec<Event> = spec.iter().map(|&(i, v, c)| event(i, v, c)).collect();
+                    let got: MergeSummary =
+                        rt.block_on(file.append_summary(batch.clone())).expect("file append");
+                    let want = rt.block_on(model.append_summary(batch)).expect("model append");
+                    prop_assert_eq!(describe(&got.outcomes), describe(&want.outcomes));
+                    prop_assert_eq!(got.appended, want.appended);
+                    prop_assert_eq!(got.duplicates, want.duplicates);
+                    prop_assert_eq!(got.conflicts, want.conflicts);
                 }
                 Op::SetMeta(k, v) => {
                     let (key, value) = (format!("k{k}"), format!("v{v}"));

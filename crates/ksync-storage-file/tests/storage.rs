@@ -6,7 +6,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use ksync_core::{Event, LogName, Name, Storage, StorageError, StorageProvider};
+use ksync_core::{AppendOutcome, Event, LogName, Name, Storage, StorageError, StorageProvider};
 use ksync_storage_file::format::MAX_RECORD_LEN;
 use ksync_storage_file::{
     Durability, FaultHook, FileProvider, FileStorage, FileStorageOptions, WriteFault,
@@ -50,6 +50,92 @@ async fn concurrent_appends_all_land_gap_free() {
     for (id, seq) in acked {
         assert_eq!(reopened.get(&id, 1).expect("get").map(|s| s.seq), Some(seq));
     }
+}
+
+/// Many appenders racing on a few revisions, so that duplicates and conflicts meet groups
+/// that are still syncing: every answer must agree with the log, and the log with its reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_duplicates_and_conflicts_agree_with_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("race.log");
+    let storage = Arc::new(
+        FileStorage::builder(&path)
+            .syncs_in_flight(3)
+            .open()
+            .expect("open"),
+    );
+    let tasks: Vec<_> = (0..24u64)
+        .map(|t| {
+            let storage = Arc::clone(&storage);
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for i in 0..20u64 {
+                    // Three tasks offer each revision at the same step, one of them with
+                    // other content: duplicates and conflicts of revisions still syncing.
+                    let id = format!("r{}", ((t / 3) * 31 + i * 7) % 60);
+                    let version = 1 + (t / 3 + i) % 2;
+                    let event = Event::new(&id, "t", json!({"c": u64::from(t % 3 == 2)}), 1)
+                        .with_version(version);
+                    let out = if i % 2 == 0 {
+                        storage
+                            .append(vec![event.clone()])
+                            .await
+                            .expect("append")
+                            .outcomes
+                    } else {
+                        storage
+                            .append_summary(vec![event.clone()])
+                            .await
+                            .expect("append")
+                            .outcomes
+                    };
+                    answers.push((event, out.into_iter().next().expect("one outcome")));
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.extend(t.await.expect("task"));
+    }
+    let log = storage.read_since(0, usize::MAX).expect("read");
+    assert_eq!(
+        log.iter().map(|s| s.seq).collect::<Vec<_>>(),
+        (1..=log.len() as u64).collect::<Vec<_>>()
+    );
+    let mut revisions: Vec<_> = log.iter().map(|s| (&s.event.id, s.event.version)).collect();
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), log.len(), "a revision is stored twice");
+    let appended = answers
+        .iter()
+        .filter(|(_, o)| matches!(o, AppendOutcome::Appended { .. }))
+        .count();
+    assert_eq!(appended, log.len());
+    for (event, outcome) in &answers {
+        let stored = storage
+            .get(&event.id, event.version)
+            .expect("get")
+            .expect("every revision offered is stored in some content");
+        match outcome {
+            AppendOutcome::Appended { seq } => {
+                assert_eq!((stored.seq, &stored.event), (*seq, event));
+            }
+            AppendOutcome::Duplicate { seq } => {
+                assert_eq!(stored.seq, *seq);
+                assert!(stored.event.same_content(event));
+            }
+            AppendOutcome::Conflict(conflict) => {
+                assert_eq!(&conflict.ours, &stored.event);
+                assert_eq!(&conflict.theirs, event);
+                assert!(!stored.event.same_content(event));
+            }
+        }
+    }
+    drop(storage);
+    let reopened = FileStorage::open(&path).expect("reopen");
+    assert_eq!(reopened.read_since(0, usize::MAX).expect("read"), log);
 }
 
 #[tokio::test]
