@@ -2,7 +2,6 @@
 //! storage append (group commit), acknowledges after the append returns (durable first when
 //! the storage is durable), and fans each new batch out as one shared, encoded-once frame.
 
-use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -45,21 +44,23 @@ impl Frame {
     /// through the serde machinery for every publish.
     pub(crate) fn ack(ack: &Ack) -> Arc<Frame> {
         let mut text = String::with_capacity(64 + 32 * ack.results.len());
-        let _ = write!(
-            text,
-            r#"{{"type":"ack","ref":{},"results":["#,
-            ack.reference
-        );
+        text.push_str(r#"{"type":"ack","ref":"#);
+        push_u64(&mut text, ack.reference);
+        text.push_str(r#","results":["#);
         for (i, result) in ack.results.iter().enumerate() {
             if i > 0 {
                 text.push(',');
             }
             match result {
                 PublishResult::Stored { seq } => {
-                    let _ = write!(text, r#"{{"status":"stored","seq":{seq}}}"#);
+                    text.push_str(r#"{"status":"stored","seq":"#);
+                    push_u64(&mut text, *seq);
+                    text.push('}');
                 }
                 PublishResult::Duplicate { seq } => {
-                    let _ = write!(text, r#"{{"status":"duplicate","seq":{seq}}}"#);
+                    text.push_str(r#"{"status":"duplicate","seq":"#);
+                    push_u64(&mut text, *seq);
+                    text.push('}');
                 }
                 other => match serde_json::to_string(other) {
                     Ok(json) => text.push_str(&json),
@@ -70,7 +71,9 @@ impl Frame {
                 },
             }
         }
-        let _ = write!(text, r#"],"serverVersion":{}}}"#, ack.server_version);
+        text.push_str(r#"],"serverVersion":"#);
+        push_u64(&mut text, ack.server_version);
+        text.push('}');
         Arc::new(Frame {
             text: text.into(),
             batch: false,
@@ -90,7 +93,9 @@ impl Frame {
             if i > 0 {
                 text.push(',');
             }
-            let _ = write!(text, r#"{{"seq":{seq},"event":"#);
+            text.push_str(r#"{"seq":"#);
+            push_u64(&mut text, *seq);
+            text.push_str(r#","event":"#);
             text.push_str(json);
             text.push('}');
         }
@@ -106,6 +111,24 @@ impl Frame {
         self.deflated
             .get_or_init(|| Bytes::from(protocol::deflate(self.text.as_bytes())))
             .clone()
+    }
+}
+
+/// Appends `n` in decimal (what serde_json writes for a `u64`), without `core::fmt`.
+fn push_u64(text: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        // n % 10 < 10: the cast cannot truncate.
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        text.push(char::from(d));
     }
 }
 
@@ -470,6 +493,11 @@ mod tests {
         let by_serde = Frame::encode(&ServerMessage::Ack(ack.clone()), false);
         assert_eq!(by_hand.text.as_str(), by_serde.text.as_str());
         assert!(!by_hand.batch);
+        for n in [1, 9, 10, 99, 100, 12_345, u64::MAX] {
+            let mut text = String::new();
+            push_u64(&mut text, n);
+            assert_eq!(text, n.to_string());
+        }
         let empty = Ack {
             reference: 0,
             results: Vec::new(),
