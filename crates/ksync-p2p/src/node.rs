@@ -5,7 +5,7 @@
 //! [`crate::config::DEFAULT_COMMAND_CAPACITY`]); everything else the node touches (the replica,
 //! the notifier, the shared state) is shared memory.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +46,13 @@ const MAX_BATCH_EVENTS: usize = 2048;
 const BATCH_LINGER: Duration = Duration::from_millis(2);
 /// Room for the gossipsub envelope (signature, key, topic, framing) on top of a batch.
 const ENVELOPE_BYTES: usize = 64 * 1024;
+/// Accepted gossip is forwarded this long after it was validated: the peers that got it
+/// directly meanwhile announce so (IDONTWANT) and are skipped. In a dense mesh (every peer
+/// hears the publisher) that saves most duplicate copies; a hop costs this much latency.
+const FORWARD_HOLD: Duration = Duration::from_millis(20);
+/// Most accepted messages waiting for their forward. Overflow policy: the oldest is forwarded
+/// at once (never dropped).
+const MAX_HELD_FORWARDS: usize = 4096;
 /// How often mDNS asks the LAN who is there.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(10);
 /// Idle connections close after this long.
@@ -159,8 +166,18 @@ fn behaviour(key: &Keypair, opts: &Options) -> Result<Behaviour, BoxError> {
         .validation_mode(ValidationMode::Strict)
         .validate_messages()
         .message_id_fn(|m: &gossipsub::Message| {
-            gossipsub::MessageId::new(&wire::message_id(&m.data))
+            let source = m.source.map(|p| p.to_bytes());
+            gossipsub::MessageId::new(&wire::message_id(
+                &m.data,
+                source.as_deref(),
+                m.sequence_number,
+            ))
         })
+        // Every received message, however small, tells the mesh "I have it" (IDONTWANT), so
+        // peers that have not forwarded it yet skip us: a duplicate costs its receiver a
+        // signature check, far more than the announcement. Forwarding waits `FORWARD_HOLD`
+        // to give the announcements time to arrive.
+        .idontwant_message_size_threshold(0)
         .max_transmit_size(max_batch_bytes(opts) + ENVELOPE_BYTES)
         .build()?;
     let mut gossipsub =
@@ -324,6 +341,9 @@ pub(crate) struct Node {
     batch_bytes: usize,
     batch_deadline: Option<tokio::time::Instant>,
     last_publish: tokio::time::Instant,
+    /// Accepted messages whose forward is held (see `FORWARD_HOLD`), oldest first; bounded
+    /// by `MAX_HELD_FORWARDS`.
+    held: VecDeque<(tokio::time::Instant, gossipsub::MessageId, PeerId)>,
 }
 
 const LOG_ID_CURSOR: &str = "p2p/log-id";
@@ -420,6 +440,7 @@ impl Node {
             batch_bytes: 0,
             batch_deadline: None,
             last_publish: tokio::time::Instant::now(),
+            held: VecDeque::new(),
         };
         node.join_dht();
         Ok(node)
@@ -469,6 +490,9 @@ impl Node {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
                 _ = round.tick() => self.periodic().await,
                 _ = sleep_until_some(self.batch_deadline) => self.flush_batch(),
+                _ = sleep_until_some(self.held.front().map(|h| h.0)) => {
+                    self.release_forwards(tokio::time::Instant::now());
+                }
             }
         }
         self.flush_batch();
@@ -845,13 +869,16 @@ impl Node {
         id: gossipsub::MessageId,
         message: gossipsub::Message,
     ) {
-        let counters = &self.shared.counters;
         match wire::decode_payload(&message.data, self.opts.max_event_bytes) {
             Ok(events) => {
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&id, &source, MessageAcceptance::Accept);
+                if self.held.len() >= MAX_HELD_FORWARDS
+                    && let Some((_, id, source)) = self.held.pop_front()
+                {
+                    self.accept(&id, &source);
+                }
+                self.held
+                    .push_back((tokio::time::Instant::now() + FORWARD_HOLD, id, source));
+                let counters = &self.shared.counters;
                 counters.accepted_messages.fetch_add(1, Ordering::Relaxed);
                 counters
                     .gossip_events
@@ -864,8 +891,29 @@ impl Node {
                     .behaviour_mut()
                     .gossipsub
                     .report_message_validation_result(&id, &source, MessageAcceptance::Reject);
-                counters.rejected_messages.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .rejected_messages
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(peer = %source, reason = %why, "rejected a gossip message");
+            }
+        }
+    }
+
+    /// Reports a held message valid: gossipsub forwards it to the mesh peers that neither sent
+    /// it to us nor said they have it.
+    fn accept(&mut self, id: &gossipsub::MessageId, source: &PeerId) {
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(id, source, MessageAcceptance::Accept);
+    }
+
+    /// Forwards the held messages that are due at `now`.
+    fn release_forwards(&mut self, now: tokio::time::Instant) {
+        while self.held.front().is_some_and(|h| h.0 <= now) {
+            if let Some((_, id, source)) = self.held.pop_front() {
+                self.accept(&id, &source);
             }
         }
     }

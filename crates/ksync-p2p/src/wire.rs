@@ -32,14 +32,21 @@ pub(crate) const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
 /// room under [`MAX_RESPONSE_BYTES`] for the encoding's overhead.
 pub(crate) const RESPONSE_BUDGET: usize = 8 * 1024 * 1024;
 
-/// One gossip message: a batch of events, JSON `{"v":1,"events":[...]}`.
+/// One gossip message: one event, JSON `{"v":1,"events":[<event>]}`, or a batch,
+/// `{"v":1,"n":<count>,"events":[...]}` (written with `n` first, see [`BATCH_PREFIX`]).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPayload<'a> {
     v: u32,
+    #[serde(default)]
+    n: Option<usize>,
     #[serde(borrow)]
     events: Vec<&'a RawValue>,
 }
+
+/// How a batch payload starts. Its message id is then its publisher and sequence number, so
+/// a receiver identifies it (and drops the copies it already has) without parsing it.
+pub(crate) const BATCH_PREFIX: &[u8] = b"{\"v\":1,\"n\":";
 
 /// Why a gossip message was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,17 +57,30 @@ pub(crate) enum Rejected {
     Version(u32),
     #[error("empty batch")]
     Empty,
+    #[error("batch says {said} events, holds {held}")]
+    Count { said: usize, held: usize },
     #[error("event of {size} bytes (limit {max})")]
     TooLarge { size: usize, max: usize },
     #[error("invalid event: {0}")]
     Invalid(String),
 }
 
-/// Builds the payload from already-encoded events.
+/// Builds the payload from already-encoded events: one event plain, several as a batch with
+/// its count.
 pub(crate) fn encode_payload(events: &[Vec<u8>]) -> Vec<u8> {
     let total: usize = events.iter().map(|e| e.len() + 1).sum();
-    let mut out = Vec::with_capacity(total + 24);
-    out.extend_from_slice(format!("{{\"v\":{PROTOCOL_VERSION},\"events\":[").as_bytes());
+    let mut out = Vec::with_capacity(total + 40);
+    if events.len() > 1 {
+        out.extend_from_slice(
+            format!(
+                "{{\"v\":{PROTOCOL_VERSION},\"n\":{},\"events\":[",
+                events.len()
+            )
+            .as_bytes(),
+        );
+    } else {
+        out.extend_from_slice(format!("{{\"v\":{PROTOCOL_VERSION},\"events\":[").as_bytes());
+    }
     for (i, event) in events.iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -81,6 +101,14 @@ pub(crate) fn decode_payload(data: &[u8], max_event_bytes: usize) -> Result<Vec<
     }
     if raw.events.is_empty() {
         return Err(Rejected::Empty);
+    }
+    if let Some(said) = raw.n
+        && said != raw.events.len()
+    {
+        return Err(Rejected::Count {
+            said,
+            held: raw.events.len(),
+        });
     }
     let limits = EventLimits::default();
     raw.events
@@ -114,11 +142,23 @@ struct KeyView {
     version: u64,
 }
 
-/// The gossipsub message id: derived from the events' `(id, version)`, so the same revision
-/// published again (by anyone) dies in the seen-cache. One event: `e` + id + NUL + version;
-/// a batch: `b` + a 128-bit digest of its keys; unparsable data: `x` + a digest of the bytes
-/// (the message is then rejected by validation).
-pub(crate) fn message_id(data: &[u8]) -> Vec<u8> {
+/// The gossipsub message id. One event: `e` + id + NUL + version, so the same revision
+/// published again (by anyone) dies in the seen-cache. A batch written with its count
+/// ([`BATCH_PREFIX`]): `p` + the publisher's peer id + its sequence number (both covered by
+/// the signature), found without parsing the batch, which matters because every copy a peer
+/// receives is identified before duplicates are dropped. Any other batch: `b` + a 128-bit
+/// digest of its keys; unparsable data: `x` + a digest of the bytes (the message is then
+/// rejected by validation).
+pub(crate) fn message_id(data: &[u8], source: Option<&[u8]>, seqno: Option<u64>) -> Vec<u8> {
+    if data.starts_with(BATCH_PREFIX)
+        && let (Some(source), Some(seqno)) = (source, seqno)
+    {
+        let mut id = Vec::with_capacity(source.len() + 9);
+        id.push(b'p');
+        id.extend_from_slice(source);
+        id.extend_from_slice(&seqno.to_be_bytes());
+        return id;
+    }
     match serde_json::from_slice::<IdView>(data) {
         Ok(view) if view.events.len() == 1 => {
             let key = &view.events[0];
@@ -291,6 +331,29 @@ mod tests {
             decode_payload(br#"{"v":1,"events":[{"id":"a"}]}"#, 1024),
             Err(Rejected::Malformed(_))
         ));
+        let one = String::from_utf8(enc(&Event::new("a", "t", json!(1), 1))).expect("utf-8");
+        assert!(matches!(
+            decode_payload(
+                format!(r#"{{"v":1,"n":2,"events":[{one}]}}"#).as_bytes(),
+                1024
+            ),
+            Err(Rejected::Count { said: 2, held: 1 })
+        ));
+        // Both forms are accepted: a counted batch of one, an uncounted batch of two.
+        assert!(
+            decode_payload(
+                format!(r#"{{"v":1,"n":1,"events":[{one}]}}"#).as_bytes(),
+                1024
+            )
+            .is_ok()
+        );
+        assert!(
+            decode_payload(
+                format!(r#"{{"v":1,"events":[{one},{one}]}}"#).as_bytes(),
+                1024
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -298,18 +361,37 @@ mod tests {
         let a = Event::new("a", "t", json!(1), 5);
         let a_other_content = Event::new("a", "u", json!(2), 9).with_origin("x");
         let a2 = a.clone().with_version(2);
-        let id = |e: &Event| message_id(&encode_payload(&[enc(e)]));
+        let id = |e: &Event| message_id(&encode_payload(&[enc(e)]), Some(b"src"), Some(1));
         assert_eq!(id(&a), id(&a_other_content));
         assert_ne!(id(&a), id(&a2));
-        let batch = |es: &[&Event]| {
-            message_id(&encode_payload(
-                &es.iter().map(|e| enc(e)).collect::<Vec<_>>(),
-            ))
+        // A counted batch is its publisher's and sequence number's, whatever it holds.
+        let batch = |es: &[&Event], src: &[u8], seqno: u64| {
+            let data = encode_payload(&es.iter().map(|e| enc(e)).collect::<Vec<_>>());
+            assert!(data.starts_with(BATCH_PREFIX));
+            message_id(&data, Some(src), Some(seqno))
         };
-        assert_eq!(batch(&[&a, &a2]), batch(&[&a_other_content, &a2]));
-        assert_ne!(batch(&[&a, &a2]), batch(&[&a2, &a]));
-        assert_eq!(message_id(b"junk"), message_id(b"junk"));
-        assert_ne!(message_id(b"junk"), message_id(b"junk2"));
+        assert_eq!(batch(&[&a, &a2], b"p", 7), batch(&[&a2, &a], b"p", 7));
+        assert_ne!(batch(&[&a, &a2], b"p", 7), batch(&[&a, &a2], b"p", 8));
+        assert_ne!(batch(&[&a, &a2], b"p", 7), batch(&[&a, &a2], b"q", 7));
+        // A batch without the count (or without a source) is identified by its keys.
+        let uncounted = |es: &[&Event]| {
+            let body: Vec<String> = es
+                .iter()
+                .map(|e| String::from_utf8(enc(e)).expect("utf-8"))
+                .collect();
+            let data = format!("{{\"v\":1,\"events\":[{}]}}", body.join(","));
+            message_id(data.as_bytes(), Some(b"p"), Some(1))
+        };
+        assert_eq!(uncounted(&[&a, &a2]), uncounted(&[&a_other_content, &a2]));
+        assert_ne!(uncounted(&[&a, &a2]), uncounted(&[&a2, &a]));
+        assert_eq!(
+            message_id(b"junk", None, None),
+            message_id(b"junk", None, None)
+        );
+        assert_ne!(
+            message_id(b"junk", None, None),
+            message_id(b"junk2", None, None)
+        );
     }
 
     #[test]

@@ -33,6 +33,10 @@ fn bad_payloads() -> Vec<(&'static str, Vec<u8>)> {
             "unknown version",
             br#"{"v":99,"events":[{"id":"evil-v","type":"t","data":1,"timestamp":1,"version":1}]}"#.to_vec(),
         ),
+        (
+            "batch count that does not match",
+            br#"{"v":1,"n":3,"events":[{"id":"evil-n","type":"t","data":1,"timestamp":1,"version":1}]}"#.to_vec(),
+        ),
         // Last: a frame over the limit may end the inbound stream it arrives on.
         (
             "over the transmit limit",

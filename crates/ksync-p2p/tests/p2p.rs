@@ -52,6 +52,67 @@ async fn broadcast_reaches_all_peers_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_is_forwarded_along_a_line_in_batches_and_single_events() {
+    // a - b - c, no a - c link and no periodic catch-up: c gets a's events only if b
+    // forwards them (after its hold for IDONTWANT), batched or one by one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let quiet = |name: &str| {
+        builder(dir.path(), name)
+            .anti_entropy_interval(Duration::from_secs(3600))
+            .build()
+            .expect("build")
+    };
+    let (a, b, c) = (
+        Arc::new(quiet("a")),
+        Arc::new(quiet("b")),
+        Arc::new(quiet("c")),
+    );
+    for p in [&a, &b, &c] {
+        p.start().await.expect("start");
+    }
+    link(&a, &b).await;
+    link(&b, &c).await;
+    let counter = EventCounter::new(&c);
+    // Until b's mesh holds both, a probe may stop at b; send probes until one gets through.
+    let mut probes = 0;
+    while counter.distinct() == 0 {
+        assert!(probes < 50, "no probe reached c through b");
+        a.broadcast(event("probe", probes)).await.expect("probe");
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = keys(&c).len();
+    let caught_up_before = c.stats().catch_up_events;
+    // A burst (packed into batches) and then single events, spaced so each goes alone.
+    for n in 0..500 {
+        a.broadcast(event("a", n)).await.expect("broadcast");
+    }
+    for n in 500..510 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        a.broadcast(event("a", n)).await.expect("broadcast");
+    }
+    wait_until(10, "c has every event through b", || {
+        keys(&c).len() == before + 510
+    })
+    .await;
+    assert_eq!(
+        c.stats().catch_up_events,
+        caught_up_before,
+        "all of it came by gossip"
+    );
+    assert!(
+        a.stats().published_messages < a.stats().published_events,
+        "the burst went out in batches: {:?}",
+        a.stats()
+    );
+    wait_until(5, "c notified of all", || {
+        counter.distinct() == before + 510
+    })
+    .await;
+    assert!(counter.all_once());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_peer_catches_up_on_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = peer(dir.path(), "a").await;
