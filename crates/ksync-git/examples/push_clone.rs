@@ -4,10 +4,11 @@
 //! 10,000, and check the counts.
 //!
 //! ```text
-//! cargo run --release -p ksync-git --example push_clone -- [EVENTS] [memory|file|setup|floor] [gzip|plain] [CLONE_PAGE]
+//! cargo run --release -p ksync-git --example push_clone -- [EVENTS] [memory|file|setup|setup-file|floor] [gzip|plain] [CLONE_PAGE]
 //! ```
 //!
-//! `setup` does everything but the push and the clone (subtract its count to get theirs);
+//! `setup` (`setup-file`) does everything but the push and the clone with memory (file)
+//! storage: subtract its count to get theirs;
 //! `floor` runs the benchmark's floor twice instead: `serde_json` encode, loopback TCP copy,
 //! decode.
 
@@ -89,7 +90,7 @@ async fn run(
     gzip: bool,
     page: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let file = mode == "file";
+    let file = mode.ends_with("file");
     let dir = tempfile::tempdir()?;
     let storage = |name: &str| -> Result<Arc<dyn Storage>, Box<dyn std::error::Error>> {
         Ok(if file {
@@ -127,7 +128,7 @@ async fn run(
         .push_batch_size(1_000)
         .build()?;
     pusher.attach(Replica::with_id(local, ORIGIN));
-    if mode == "setup" {
+    if mode.starts_with("setup") {
         let cloner = GitSyncClient::builder(&url).build()?;
         cloner.attach(Replica::with_id(storage("cloner.log")?, "bench-cloner"));
         server.abort();

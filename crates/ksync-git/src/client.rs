@@ -704,8 +704,18 @@ impl GitSyncClient {
         let wants_events = self.inner.notifier.wants(NotificationKind::Event);
         let wants_sync = self.inner.notifier.wants(NotificationKind::Sync);
         let mut next = Some(self.fetch_page(branch, since));
+        // The cursor over the last ingested page, written while the next page arrives.
+        let mut unrecorded: Option<u64> = None;
         while let Some(fetching) = next.take() {
-            let page = joined(fetching).await?;
+            let record = async {
+                match unrecorded.take() {
+                    Some(version) => replica.set_cursor(&key, version).await,
+                    None => Ok(()),
+                }
+            };
+            let (page, recorded) = tokio::join!(joined(fetching), record);
+            recorded?;
+            let page = page?;
             if page.since != since {
                 return Err(GitError::Protocol {
                     url: self.pull_url(branch, since),
@@ -733,7 +743,9 @@ impl GitSyncClient {
             let ingested = replica.ingest(page.events).await?;
             since += count;
             // After the events: a crash in between re-pulls the page, which deduplicates.
-            replica.set_cursor(&key, since).await?;
+            if count > 0 {
+                unrecorded = Some(since);
+            }
             for conflict in &ingested.conflicts {
                 self.inner
                     .notifier
@@ -761,6 +773,9 @@ impl GitSyncClient {
                 since - start,
                 result.server_version.saturating_sub(start),
             );
+        }
+        if let Some(version) = unrecorded {
+            replica.set_cursor(&key, version).await?;
         }
         Ok(result)
     }
@@ -866,8 +881,9 @@ impl GitSyncClient {
     }
 
     /// Makes an acknowledged batch's cursors durable: the push cursor (a crash before that
-    /// re-sends the batch, which the server deduplicates), then a fast-forward of the pull
-    /// cursor (a crash before that pulls the batch back, which deduplicates here).
+    /// re-sends the batch, which the server deduplicates) and a fast-forward of the pull
+    /// cursor (a crash before that pulls the batch back, which deduplicates here). Either may
+    /// land first, so both are written at once (a durable storage can sync them together).
     async fn record(
         &self,
         replica: &Replica,
@@ -875,10 +891,13 @@ impl GitSyncClient {
         pulled_key: &str,
         acknowledged: Acknowledged,
     ) -> Result<(), SyncError> {
-        replica.set_cursor(key, acknowledged.end).await?;
-        if let Some(version) = acknowledged.fast_forward_to {
-            replica.set_cursor(pulled_key, version).await?;
-        }
+        let fast_forward = async {
+            match acknowledged.fast_forward_to {
+                Some(version) => replica.set_cursor(pulled_key, version).await,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(replica.set_cursor(key, acknowledged.end), fast_forward)?;
         Ok(())
     }
 

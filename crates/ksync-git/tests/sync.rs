@@ -192,6 +192,8 @@ async fn push_reports_server_version_and_pull_pages() {
     assert_eq!(ids[0], "e0");
     assert_eq!(ids[24], "e24");
     assert_eq!(b.replica().storage().len(), 25);
+    // The cursor over the last page is stored too.
+    assert_eq!(b.local_status().expect("status").pulled_version, 25);
     // Pulling again brings nothing new.
     assert!(b.pull().await.expect("pull").new_events.is_empty());
 }
