@@ -38,7 +38,7 @@ const SCENARIOS: &[Scenario] = &[
     ),
     (
         "ws",
-        "fan-out to 1/10/100 subscribers: kSync relay (memory, file) vs bare tokio-tungstenite, nats-server, redis-server; 10k idle connections",
+        "fan-out to 1/10/100 subscribers: kSync relay (memory, file) vs bare tokio-tungstenite, nats-server, redis-server, Socket.IO 4; 10k idle connections",
         ws::run,
     ),
 ];

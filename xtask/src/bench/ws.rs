@@ -5,7 +5,13 @@
 //! - `ksync-file`: the same relay over `ksync_storage_file::FileProvider` (fsync'd group commit);
 //! - `bare-ws`: a bare tokio-tungstenite broadcast relay (no storage, no sequence, no acks);
 //! - `nats`: `nats-server` (Debian package), text protocol over TcpStream;
-//! - `redis`: `redis-server` (Debian package) PUBLISH/SUBSCRIBE over RESP.
+//! - `redis`: `redis-server` (Debian package) PUBLISH/SUBSCRIBE over RESP;
+//! - `socketio`: a Socket.IO 4 relay on Node (`socket.io` from npm, installed into
+//!   `target/bench/socketio`): `socket.to(room).emit(..)`, engine.io over WebSocket only.
+//!
+//! Every server runs in its own process (the three Rust relays in a child of this one, on a
+//! 2-thread runtime); every client runs here, with the same code for every system except the
+//! wire framing, so the client cost is the same for all.
 //!
 //! Two measures per (system, N): deliveries/s at full speed (the publisher may run at most
 //! [`WINDOW`] events ahead of the slowest subscriber, the same flow control for every system),
@@ -14,8 +20,12 @@
 //! Plus the memory of 10,000 idle connections held by a relay in a child process, against
 //! nats-server.
 //!
-//! All clients share this process and its 2-thread runtime; the relays under test run in it too
-//! (nats-server and redis-server run as their own processes on the same two cores).
+//! Knobs for profiling (e.g. counting the relay's instructions with callgrind):
+//! `KSYNC_BENCH_WS_ONLY=ksync-mem,nats` runs only those systems, `KSYNC_BENCH_WS_N=1,10` only
+//! those fan-outs (either one also skips the idle-memory measure),
+//! `KSYNC_BENCH_WS_RELAY_WRAP="valgrind --tool=callgrind"` starts the Rust relay children
+//! under that command (they exit cleanly at the end so the tool writes its output), and
+//! `KSYNC_BENCH_WS_IDLE_ONLY=1` measures only the idle connections.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -52,8 +62,30 @@ const WINDOW: u64 = 256;
 const IDLE_CONNECTIONS: usize = 10_000;
 /// A run that has not delivered everything by then has lost events.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-/// Set in the child process that serves the relay for the idle-memory measure.
+/// Set in a child process that serves a Rust relay: `mem`, `file:<dir>` or `bare`.
 const CHILD_ENV: &str = "KSYNC_BENCH_WS_RELAY_CHILD";
+/// The Socket.IO server version installed from npm.
+const SOCKET_IO_VERSION: &str = "4.8.1";
+/// The Socket.IO relay: each connection joins the room named in its query, says `ready`, and
+/// every `publish` it sends is emitted as `event` to the others in its room (encoded once per
+/// broadcast by socket.io, like kSync's shared frames).
+const SOCKET_IO_RELAY: &str = r#"const http = require("http");
+const { Server } = require("socket.io");
+const server = http.createServer();
+const io = new Server(server, {
+  serveClient: false,
+  transports: ["websocket"],
+  perMessageDeflate: false,
+  maxHttpBufferSize: 1e6,
+});
+io.on("connection", (socket) => {
+  const room = String(socket.handshake.query.room || "default");
+  socket.join(room);
+  socket.on("publish", (event) => socket.to(room).emit("event", event));
+  socket.emit("ready");
+});
+server.listen(Number(process.argv[2]), "127.0.0.1", () => console.log("listening"));
+"#;
 
 /// Events per full-speed run: about 40k deliveries, at least 1,000 events.
 fn full_speed_events(n: usize) -> u64 {
@@ -92,9 +124,9 @@ struct BenchData {
 }
 
 #[derive(Deserialize)]
-struct KsyncFrame {
-    #[serde(rename = "type")]
-    kind: String,
+struct KsyncFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
     #[serde(default)]
     events: Vec<KsyncStored>,
 }
@@ -111,9 +143,19 @@ enum System {
     BareWs,
     Nats,
     Redis,
+    SocketIo,
 }
 
 impl System {
+    const ALL: [System; 6] = [
+        System::KsyncMem,
+        System::KsyncFile,
+        System::BareWs,
+        System::Nats,
+        System::Redis,
+        System::SocketIo,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             System::KsyncMem => "ksync-mem",
@@ -121,6 +163,7 @@ impl System {
             System::BareWs => "bare-ws",
             System::Nats => "nats",
             System::Redis => "redis",
+            System::SocketIo => "socketio",
         }
     }
 }
@@ -216,6 +259,36 @@ async fn ksync_join(url: &str, buffer: usize) -> Result<Ws> {
     }
 }
 
+/// Opens a Socket.IO 4 connection (engine.io v4 over WebSocket) in `room` and waits for the
+/// relay's `ready` (it has joined the room by then).
+async fn socketio_join(addr: SocketAddr, room: &str, buffer: usize) -> Result<Ws> {
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket&room={room}");
+    let mut ws = ws_connect(&url, buffer).await?;
+    let mut connected = false;
+    loop {
+        let text = match ws.next().await {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("socket.io closed before ready"),
+        };
+        let text = text.as_str();
+        if text.starts_with('0') && !connected {
+            // engine.io "open": connect to the default namespace.
+            ws.send(Message::text("40")).await?;
+            connected = true;
+        } else if text == "2" {
+            ws.send(Message::text("3")).await?;
+        } else if text.starts_with("40") {
+            // namespace connected; `ready` follows.
+        } else if text == r#"42["ready"]"# {
+            return Ok(ws);
+        } else {
+            bail!("socket.io: unexpected {text:?} before ready");
+        }
+    }
+}
+
 async fn ws_subscriber(
     mut ws: Ws,
     system: System,
@@ -240,8 +313,23 @@ async fn ws_subscriber(
         if system == System::BareWs {
             let event: BenchEvent = serde_json::from_str(text.as_str())?;
             deliver(&mut expected, &event, &mut latencies, slot)?;
+        } else if system == System::SocketIo {
+            let text = text.as_str();
+            if text == "2" {
+                // engine.io ping.
+                ws.send(Message::text("3")).await?;
+                continue;
+            }
+            let body = text
+                .strip_prefix("42")
+                .ok_or_else(|| anyhow!("socket.io: unexpected {text:?}"))?;
+            let (name, event): (&str, BenchEvent) = serde_json::from_str(body)?;
+            if name != "event" {
+                bail!("socket.io: unexpected event {name:?}");
+            }
+            deliver(&mut expected, &event, &mut latencies, slot)?;
         } else {
-            let frame: KsyncFrame = serde_json::from_str(text.as_str())?;
+            let frame: KsyncFrame<'_> = serde_json::from_str(text.as_str())?;
             if frame.kind != "events" {
                 bail!("unexpected {} frame", frame.kind);
             }
@@ -430,6 +518,10 @@ async fn run_once(target: &Target, room: &str, n: usize, mode: Mode) -> Result<R
                 }
                 tokio::spawn(ws_subscriber(ws, system, total, p, index))
             }
+            System::SocketIo => {
+                let ws = socketio_join(target.addr, room, 64 * 1024).await?;
+                tokio::spawn(ws_subscriber(ws, system, total, p, index))
+            }
             System::Nats => {
                 let (mut read, mut write) = nats_connect(target.addr).await?;
                 write
@@ -507,7 +599,7 @@ enum Publisher {
         ws: futures_util::stream::SplitSink<Ws, Message>,
         acks: tokio::task::JoinHandle<Result<()>>,
         acked: Arc<AtomicU64>,
-        ksync: bool,
+        system: System,
     },
     Nats {
         write: tokio::net::tcp::OwnedWriteHalf,
@@ -524,15 +616,17 @@ enum Publisher {
 impl Publisher {
     async fn connect(target: &Target, url: &str, room: &str) -> Result<Self> {
         Ok(match target.system {
-            System::KsyncMem | System::KsyncFile | System::BareWs => {
-                let ksync = target.system != System::BareWs;
-                let ws = if ksync {
-                    ksync_join(url, 64 * 1024).await?
-                } else {
-                    ws_connect(url, 64 * 1024).await?
+            System::KsyncMem | System::KsyncFile | System::BareWs | System::SocketIo => {
+                let system = target.system;
+                let ws = match system {
+                    System::BareWs => ws_connect(url, 64 * 1024).await?,
+                    System::SocketIo => socketio_join(target.addr, room, 64 * 1024).await?,
+                    _ => ksync_join(url, 64 * 1024).await?,
                 };
                 let (sink, mut stream) = ws.split();
-                // Counts acks (kSync) and keeps the socket read (pongs, the bare "ready").
+                // Counts acks (kSync) and keeps the socket read (pongs, the bare "ready"). A
+                // Socket.IO publisher does not answer engine.io pings (every 25 s; a run is
+                // far shorter than the 45 s after which the relay would drop it).
                 let acked = Arc::new(AtomicU64::new(0));
                 let count = Arc::clone(&acked);
                 let acks = tokio::spawn(async move {
@@ -555,7 +649,7 @@ impl Publisher {
                     ws: sink,
                     acks,
                     acked,
-                    ksync,
+                    system,
                 }
             }
             System::Nats => {
@@ -598,14 +692,22 @@ impl Publisher {
     async fn publish(&mut self, i: u64, event: String) -> Result<()> {
         match self {
             Publisher::Ws {
-                ws, ksync: true, ..
+                ws,
+                system: System::BareWs,
+                ..
+            } => ws.send(Message::text(event)).await?,
+            Publisher::Ws {
+                ws,
+                system: System::SocketIo,
+                ..
             } => {
+                ws.send(Message::text(format!(r#"42["publish",{event}]"#)))
+                    .await?;
+            }
+            Publisher::Ws { ws, .. } => {
                 let frame = format!(r#"{{"type":"publish","ref":{i},"events":[{event}]}}"#);
                 ws.send(Message::text(frame)).await?;
             }
-            Publisher::Ws {
-                ws, ksync: false, ..
-            } => ws.send(Message::text(event)).await?,
             Publisher::Nats { write, subject, .. } => {
                 let mut frame = format!("PUB {subject} {}\r\n", event.len()).into_bytes();
                 frame.extend_from_slice(event.as_bytes());
@@ -631,8 +733,9 @@ impl Publisher {
                 mut ws,
                 acks,
                 acked,
-                ksync,
+                system,
             } => {
+                let ksync = matches!(system, System::KsyncMem | System::KsyncFile);
                 // Every publish must be acknowledged (stored) before we close.
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while ksync && acked.load(Ordering::Acquire) < total {
@@ -836,23 +939,162 @@ fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
-/// In the child: serve a relay and print its address, until stdin closes.
-fn child_relay() -> Result<()> {
+/// In the child: serve a relay (`mem`, `file:<dir>` or `bare`) and print its address, until
+/// stdin closes.
+fn child_relay(kind: &str) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let (addr, _relay) = start_relay(Arc::new(InMemoryProvider::new())).await?;
-        println!("{addr}");
+        let relay = match kind {
+            "mem" => {
+                let (addr, relay) = start_relay(Arc::new(InMemoryProvider::new())).await?;
+                println!("{addr}");
+                Some(relay)
+            }
+            "bare" => {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                println!("{}", listener.local_addr()?);
+                tokio::spawn(bare_relay(listener));
+                None
+            }
+            other => {
+                let dir = other
+                    .strip_prefix("file:")
+                    .ok_or_else(|| anyhow!("unknown relay kind {other:?}"))?;
+                let provider = ksync_storage_file::FileProvider::new(dir)?;
+                let (addr, relay) = start_relay(Arc::new(provider)).await?;
+                println!("{addr}");
+                Some(relay)
+            }
+        };
         // The parent closes our stdin (or dies) when it is done measuring.
         let _ = tokio::task::spawn_blocking(|| {
             let mut sink = Vec::new();
             std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
         })
         .await;
+        if let Some(relay) = relay {
+            relay.shutdown().await;
+        }
         Ok(())
     })
+}
+
+/// A Rust relay in a child process of ours; stopped by closing its stdin (so that a wrapper
+/// such as callgrind sees a normal exit), killed if it has not exited 60 s later.
+struct RelayChild {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl RelayChild {
+    /// Starts `kind` (see [`child_relay`]) and returns its address.
+    fn start(kind: &str) -> Result<(SocketAddr, Self)> {
+        let exe = std::env::current_exe()?;
+        let wrap = std::env::var("KSYNC_BENCH_WS_RELAY_WRAP").unwrap_or_default();
+        let mut wrap = wrap.split_whitespace();
+        let mut command = match wrap.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(wrap).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
+            .args(["bench", "ws"])
+            .env(CHILD_ENV, kind)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting a relay child")?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("child stdout"))?;
+        let guard = Self { child, stdin };
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let addr: SocketAddr = line
+            .trim()
+            .parse()
+            .with_context(|| format!("relay child {kind}: address, got {line:?}"))?;
+        Ok((addr, guard))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RelayChild {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Socket.IO relay on Node, installed from npm under `target/bench/socketio` on first use.
+fn start_socketio() -> Result<(SocketAddr, ChildGuard)> {
+    let node = which("node").ok_or_else(|| anyhow!("node is not installed"))?;
+    let dir = std::path::PathBuf::from("target/bench/socketio");
+    let package = dir.join(format!(
+        "node_modules/socket.io-{SOCKET_IO_VERSION}.installed"
+    ));
+    if !package.exists() {
+        let npm = which("npm").ok_or_else(|| anyhow!("npm is not installed"))?;
+        std::fs::create_dir_all(&dir)?;
+        eprintln!(
+            "  installing socket.io {SOCKET_IO_VERSION} from npm into {}",
+            dir.display()
+        );
+        let status = Command::new(npm)
+            .args([
+                "install",
+                &format!("socket.io@{SOCKET_IO_VERSION}"),
+                "--no-audit",
+                "--no-fund",
+                "--no-save",
+                "--loglevel=error",
+            ])
+            .current_dir(&dir)
+            .status()
+            .context("running npm")?;
+        if !status.success() {
+            bail!("npm install socket.io@{SOCKET_IO_VERSION} failed ({status})");
+        }
+        std::fs::write(&package, b"")?;
+    }
+    let script = dir.join("relay.js");
+    std::fs::write(&script, SOCKET_IO_RELAY)?;
+    let port = free_port()?;
+    let child = Command::new(node)
+        .arg("relay.js")
+        .arg(port.to_string())
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting node")?;
+    let guard = ChildGuard(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("the socket.io relay did not listen within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((addr, guard))
 }
 
 /// Bytes per idle connection: RSS growth of the server process over `IDLE_CONNECTIONS`.
@@ -902,8 +1144,8 @@ struct Samples {
 
 /// `cargo xtask bench ws`.
 pub fn run(report: &mut Report) -> Result<()> {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        child_relay()?;
+    if let Ok(kind) = std::env::var(CHILD_ENV) {
+        child_relay(&kind)?;
         std::process::exit(0);
     }
     epoch();
@@ -915,49 +1157,74 @@ pub fn run(report: &mut Report) -> Result<()> {
     rt.block_on(scenario(section))
 }
 
+/// A comma-separated filter from the environment (`None`: everything).
+fn env_list(name: &str) -> Option<Vec<String>> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.split(',').map(|x| x.trim().to_owned()).collect())
+}
+
 async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
+    let only = env_list("KSYNC_BENCH_WS_ONLY");
+    let fan_out: Vec<usize> = match env_list("KSYNC_BENCH_WS_N") {
+        Some(list) => list
+            .iter()
+            .map(|n| n.parse().context("KSYNC_BENCH_WS_N"))
+            .collect::<Result<_>>()?,
+        None => FAN_OUT.to_vec(),
+    };
+    let filtered = only.is_some() || fan_out != FAN_OUT;
+    let wanted = |s: System| {
+        only.as_ref()
+            .is_none_or(|o| o.iter().any(|x| x == s.name()))
+    };
     let data = tempfile::tempdir()?;
-    let (mem_addr, _mem_relay) = start_relay(Arc::new(InMemoryProvider::new())).await?;
-    let file_provider = ksync_storage_file::FileProvider::new(data.path())?;
-    let (file_addr, _file_relay) = start_relay(Arc::new(file_provider)).await?;
-    let bare_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let bare_addr = bare_listener.local_addr()?;
-    tokio::spawn(bare_relay(bare_listener));
-    let mut targets = vec![
-        Target {
-            system: System::KsyncMem,
-            addr: mem_addr,
-        },
-        Target {
-            system: System::KsyncFile,
-            addr: file_addr,
-        },
-        Target {
-            system: System::BareWs,
-            addr: bare_addr,
-        },
-    ];
-    let mut guards = Vec::new();
-    for system in [System::Nats, System::Redis] {
-        match start_external(system).await? {
-            Some((addr, guard)) => {
+    let mut targets = Vec::new();
+    // Servers, each in its own process; stopped when these guards drop.
+    let mut relays: Vec<RelayChild> = Vec::new();
+    let mut guards: Vec<ChildGuard> = Vec::new();
+    for system in System::ALL.into_iter().filter(|s| wanted(*s)) {
+        match system {
+            System::KsyncMem | System::KsyncFile | System::BareWs => {
+                let kind = match system {
+                    System::KsyncMem => "mem".to_owned(),
+                    System::KsyncFile => format!("file:{}", data.path().display()),
+                    _ => "bare".to_owned(),
+                };
+                let (addr, child) = RelayChild::start(&kind)?;
+                relays.push(child);
                 targets.push(Target { system, addr });
-                guards.push(guard);
             }
-            None => section.skip(
-                system.name(),
-                &format!(
-                    "{}-server not installed (apt-get install {}-server)",
+            System::Nats | System::Redis => match start_external(system).await? {
+                Some((addr, guard)) => {
+                    targets.push(Target { system, addr });
+                    guards.push(guard);
+                }
+                None => section.skip(
                     system.name(),
-                    system.name()
+                    &format!(
+                        "{}-server not installed (apt-get install {}-server)",
+                        system.name(),
+                        system.name()
+                    ),
                 ),
-            ),
+            },
+            System::SocketIo => match start_socketio() {
+                Ok((addr, guard)) => {
+                    targets.push(Target { system, addr });
+                    guards.push(guard);
+                }
+                Err(e) => section.skip(system.name(), &format!("{e:#}")),
+            },
         }
+    }
+    for t in &targets {
+        wait_listening(t.addr).await?;
     }
 
     let mut samples: Vec<Samples> = Vec::new();
     for t in &targets {
-        for n in FAN_OUT {
+        for n in fan_out.iter().copied() {
             samples.push(Samples {
                 system: t.system,
                 n,
@@ -976,7 +1243,7 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
         ROUNDS + 1
     };
     for round in 0..rounds {
-        for n in FAN_OUT {
+        for n in fan_out.iter().copied() {
             // Alternate the order so no system always runs first.
             let order: Vec<&Target> = if round % 2 == 0 {
                 targets.iter().collect()
@@ -1058,10 +1325,12 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
             p99.clone(),
         ));
     }
-    let has_nats = targets.iter().any(|t| t.system == System::Nats);
-    for n in FAN_OUT {
+    let has = |system: System| targets.iter().any(|t| t.system == system);
+    // Every ratio is kSync's (in memory) against something.
+    let ratio_n: &[usize] = if has(System::KsyncMem) { &fan_out } else { &[] };
+    for n in ratio_n.iter().copied() {
         let mem = median_of(System::KsyncMem, n, 0).unwrap_or(f64::NAN);
-        if has_nats {
+        if has(System::Nats) {
             let nats = median_of(System::Nats, n, 0).unwrap_or(f64::NAN);
             let target = if n == 1 { 0.7 } else { 1.0 };
             section.ratio(
@@ -1079,21 +1348,25 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
                 1.0,
             );
         }
-        let file = median_of(System::KsyncFile, n, 0).unwrap_or(f64::NAN);
-        section.ratio(
-            &format!("N={n} ksync-file / ksync-mem deliveries"),
-            file,
-            mem,
-            Some(0.5),
-        );
-        let bare = median_of(System::BareWs, n, 0).unwrap_or(f64::NAN);
-        section.ratio(
-            &format!("N={n} ksync-mem / bare-ws deliveries"),
-            mem,
-            bare,
-            None,
-        );
-        if targets.iter().any(|t| t.system == System::Redis) {
+        if has(System::KsyncFile) {
+            let file = median_of(System::KsyncFile, n, 0).unwrap_or(f64::NAN);
+            section.ratio(
+                &format!("N={n} ksync-file / ksync-mem deliveries"),
+                file,
+                mem,
+                Some(0.5),
+            );
+        }
+        if has(System::BareWs) {
+            let bare = median_of(System::BareWs, n, 0).unwrap_or(f64::NAN);
+            section.ratio(
+                &format!("N={n} ksync-mem / bare-ws deliveries"),
+                mem,
+                bare,
+                None,
+            );
+        }
+        if has(System::Redis) {
             let redis = median_of(System::Redis, n, 0).unwrap_or(f64::NAN);
             section.ratio(
                 &format!("N={n} ksync-mem / redis deliveries"),
@@ -1102,28 +1375,39 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
                 None,
             );
         }
+        if has(System::SocketIo) {
+            let socketio = median_of(System::SocketIo, n, 0).unwrap_or(f64::NAN);
+            section.ratio(
+                &format!("N={n} ksync-mem / socketio deliveries"),
+                mem,
+                socketio,
+                None,
+            );
+            let p99_mem = median_of(System::KsyncMem, n, 2).unwrap_or(f64::NAN);
+            let p99_socketio = median_of(System::SocketIo, n, 2).unwrap_or(f64::NAN);
+            section.ratio(
+                &format!("N={n} ksync-mem / socketio p99"),
+                p99_mem,
+                p99_socketio,
+                None,
+            );
+        }
     }
     section.note(format!(
         "{checked} deliveries checked (every event to every subscriber exactly once, in order); {ROUNDS} rounds after a warm-up; full speed with a {WINDOW}-event window behind the slowest subscriber"
     ));
 
+    // Stop the servers before the idle measure, so they do not share the machine with it.
+    drop(relays);
+    drop(guards);
+    if filtered {
+        return Ok(());
+    }
+
     // Idle connections: the relay in a child process, so the clients' memory is not counted.
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args(["bench", "ws"])
-        .env(CHILD_ENV, "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("child stdout"))?;
-    let pid = child.id();
-    let guard = ChildGuard(child);
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-    let relay_addr: SocketAddr = line.trim().parse().context("child relay address")?;
-    let ksync_idle = idle_memory(System::KsyncMem, relay_addr, pid).await?;
-    drop(guard);
+    let (relay_addr, child) = RelayChild::start("mem")?;
+    let ksync_idle = idle_memory(System::KsyncMem, relay_addr, child.pid()).await?;
+    drop(child);
     section.series(Series::new(
         &format!("{IDLE_CONNECTIONS} idle ksync connections"),
         "bytes/conn",
@@ -1143,6 +1427,5 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
         ));
         section.ratio_max("ksync / nats idle bytes/conn", ksync_idle, nats_idle, 1.0);
     }
-    drop(guards);
     Ok(())
 }
