@@ -1,10 +1,8 @@
 //! [`FileStorage`]: the log on disk, its writer thread and group commit.
 
-use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::hash::BuildHasher;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
@@ -386,8 +384,6 @@ impl FileStorage {
             syncing: 0,
             in_flight: VecDeque::new(),
             in_flight_appended: 0,
-            in_flight_keys: HashMap::new(),
-            key_hasher: RandomState::new(),
         };
         let name = format!("ksync-log-writer {}", path.display());
         let handle = std::thread::Builder::new()
@@ -679,12 +675,10 @@ struct Writer {
     in_flight: VecDeque<Group>,
     /// Events the groups in flight append (their seqs follow the committed log's).
     in_flight_appended: u64,
-    /// Hashes of the `(id, version)` of the events in flight, with counts. An incoming event
-    /// whose hash is here waits for the groups in flight to be published before it is
-    /// planned, so duplicates and conflicts are always judged against the committed log.
-    in_flight_keys: HashMap<u64, u32>,
-    key_hasher: RandomState,
 }
+
+/// Above this many comparisons, [`Writer::collides_with_in_flight`] hashes instead of scanning.
+const SCAN_LIMIT: usize = 4096;
 
 /// A sync thread: `fdatasync`s on its own file descriptor when the writer asks.
 struct Syncer {
@@ -701,7 +695,6 @@ struct Group {
     /// Its sync's result; `None` while the sync runs.
     synced: Option<io::Result<()>>,
     appended: Vec<Stored>,
-    keys: Vec<u64>,
     appends: Vec<(AppendReply, Vec<AppendOutcome>)>,
     metas: Vec<(String, String, UnitReply)>,
     flushes: Vec<UnitReply>,
@@ -854,15 +847,9 @@ impl Writer {
             return;
         }
 
-        let keys: Vec<u64> = batch
-            .iter()
-            .map(|e| self.key_hasher.hash_one((e.id.as_str(), e.version)))
-            .collect();
-        if !self.in_flight_keys.is_empty()
-            && keys.iter().any(|k| self.in_flight_keys.contains_key(k))
-        {
-            // The same revision (or a hash twin) is still syncing: judge this batch against
-            // the log once that is published, never against a log that lacks it.
+        if self.collides_with_in_flight(&batch) {
+            // The same revision is still syncing: judge this batch against the log once that
+            // is published, never against a log that lacks it.
             self.wait_for_in_flight();
         }
         let (mut plan, committed) = {
@@ -916,7 +903,6 @@ impl Writer {
             job: 0,
             synced: Some(Ok(())),
             appended: plan.outcome.appended,
-            keys,
             appends,
             metas: kept_metas,
             flushes,
@@ -940,9 +926,6 @@ impl Writer {
             group.synced = synced;
         }
         self.in_flight_appended += group.appended.len() as u64;
-        for &key in &group.keys {
-            *self.in_flight_keys.entry(key).or_insert(0) += 1;
-        }
         self.in_flight.push_back(group);
         self.publish_ready();
     }
@@ -1052,6 +1035,28 @@ impl Writer {
         self.publish_ready();
     }
 
+    /// Whether an event of `batch` has the `(id, version)` of an event that a group in flight
+    /// appends. (Its duplicates and conflicts are with the committed log, which `plan` sees.)
+    fn collides_with_in_flight(&self, batch: &[Event]) -> bool {
+        let pending = usize::try_from(self.in_flight_appended).unwrap_or(usize::MAX);
+        if pending == 0 {
+            return false;
+        }
+        let in_flight = || self.in_flight.iter().flat_map(|g| &g.appended);
+        // Groups are small when syncs are fast: comparing beats hashing every key.
+        if batch.len().saturating_mul(pending) <= SCAN_LIMIT {
+            return batch
+                .iter()
+                .any(|e| in_flight().any(|s| s.event.version == e.version && s.event.id == e.id));
+        }
+        let keys: HashSet<(&str, u64)> = in_flight()
+            .map(|s| (s.event.id.as_str(), s.event.version))
+            .collect();
+        batch
+            .iter()
+            .any(|e| keys.contains(&(e.id.as_str(), e.version)))
+    }
+
     /// Waits until every group in flight is published (or failed).
     fn wait_for_in_flight(&mut self) {
         let shared = Arc::clone(&self.shared);
@@ -1077,14 +1082,6 @@ impl Writer {
                 break;
             };
             self.in_flight_appended -= group.appended.len() as u64;
-            for key in &group.keys {
-                if let Some(count) = self.in_flight_keys.get_mut(key) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.in_flight_keys.remove(key);
-                    }
-                }
-            }
             if let Some(Err(e)) = group.synced.take() {
                 // After a failed fsync the kernel may have dropped the dirty pages: nothing
                 // written since the last good sync can be trusted, and retrying could report
@@ -1140,11 +1137,16 @@ fn sync_loop(
     shared: &Shared,
 ) {
     for job in jobs {
-        let result = match hook {
-            Some(hook) => hook.before_sync(),
-            None => Ok(()),
-        }
-        .and_then(|()| file.sync_data());
+        let sync = || {
+            match hook {
+                Some(hook) => hook.before_sync(),
+                None => Ok(()),
+            }
+            .and_then(|()| file.sync_data())
+        };
+        // A panic (in a fault hook) must still answer the writer, which waits for every sync.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(sync))
+            .unwrap_or_else(|_| Err(io::Error::other("the log sync thread panicked")));
         let mut inner = shared.lock();
         inner.synced.push((index, job, result));
         if inner.writer_sleeps {

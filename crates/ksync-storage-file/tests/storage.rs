@@ -52,10 +52,10 @@ async fn concurrent_appends_all_land_gap_free() {
     }
 }
 
-/// Many appenders racing on a few revisions, so that duplicates and conflicts meet groups
-/// that are still syncing: every answer must agree with the log, and the log with its reopen.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_duplicates_and_conflicts_agree_with_the_log() {
+/// Appenders racing on shared revisions, so that duplicates and conflicts meet groups that
+/// are still syncing: every answer must agree with the log, and the log with its reopen.
+/// `tasks` appenders each make `steps` appends of `batch` events drawn from `ids` ids.
+async fn race(tasks: u64, steps: u64, batch: u64, ids: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("race.log");
     let storage = Arc::new(
@@ -64,32 +64,37 @@ async fn racing_duplicates_and_conflicts_agree_with_the_log() {
             .open()
             .expect("open"),
     );
-    let tasks: Vec<_> = (0..24u64)
+    let tasks: Vec<_> = (0..tasks)
         .map(|t| {
             let storage = Arc::clone(&storage);
             tokio::spawn(async move {
                 let mut answers = Vec::new();
-                for i in 0..20u64 {
+                for i in 0..steps {
                     // Three tasks offer each revision at the same step, one of them with
                     // other content: duplicates and conflicts of revisions still syncing.
-                    let id = format!("r{}", ((t / 3) * 31 + i * 7) % 60);
-                    let version = 1 + (t / 3 + i) % 2;
-                    let event = Event::new(&id, "t", json!({"c": u64::from(t % 3 == 2)}), 1)
-                        .with_version(version);
+                    let events: Vec<Event> = (0..batch)
+                        .map(|k| {
+                            let id = format!("r{}", ((t / 3) * 31 + i * 7 + k * 13) % ids);
+                            let version = 1 + (t / 3 + i + k) % 2;
+                            Event::new(&id, "t", json!({"c": u64::from(t % 3 == 2)}), 1)
+                                .with_version(version)
+                        })
+                        .collect();
                     let out = if i % 2 == 0 {
                         storage
-                            .append(vec![event.clone()])
+                            .append(events.clone())
                             .await
                             .expect("append")
                             .outcomes
                     } else {
                         storage
-                            .append_summary(vec![event.clone()])
+                            .append_summary(events.clone())
                             .await
                             .expect("append")
                             .outcomes
                     };
-                    answers.push((event, out.into_iter().next().expect("one outcome")));
+                    assert_eq!(out.len(), events.len());
+                    answers.extend(events.into_iter().zip(out));
                 }
                 answers
             })
@@ -136,6 +141,17 @@ async fn racing_duplicates_and_conflicts_agree_with_the_log() {
     drop(storage);
     let reopened = FileStorage::open(&path).expect("reopen");
     assert_eq!(reopened.read_since(0, usize::MAX).expect("read"), log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_single_event_appends_agree_with_the_log() {
+    race(24, 20, 1, 60).await;
+}
+
+/// Big batches: the check against groups in flight hashes instead of scanning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_batches_agree_with_the_log() {
+    race(9, 6, 120, 700).await;
 }
 
 #[tokio::test]
