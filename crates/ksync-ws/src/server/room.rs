@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::RelayActivity;
 
-use crate::protocol::{self, Ack, PublishResult, ServerMessage, close};
+use crate::protocol::{self, PublishResult, ServerMessage, close};
 
 /// One outgoing frame, encoded once and shared by every subscriber that receives it.
 #[derive(Debug)]
@@ -39,72 +39,35 @@ impl Frame {
         })
     }
 
-    /// An `ack` frame, written by hand for the common results (`stored`, `duplicate`): the
-    /// same text as [`Frame::encode`] gives (a unit test holds them equal), without going
-    /// through the serde machinery for every publish.
-    pub(crate) fn ack(ack: &Ack) -> Arc<Frame> {
-        let mut text = String::with_capacity(64 + 32 * ack.results.len());
-        text.push_str(r#"{"type":"ack","ref":"#);
-        push_u64(&mut text, ack.reference);
-        text.push_str(r#","results":["#);
-        for (i, result) in ack.results.iter().enumerate() {
-            if i > 0 {
-                text.push(',');
-            }
-            match result {
-                PublishResult::Stored { seq } => {
-                    text.push_str(r#"{"status":"stored","seq":"#);
-                    push_u64(&mut text, *seq);
-                    text.push('}');
-                }
-                PublishResult::Duplicate { seq } => {
-                    text.push_str(r#"{"status":"duplicate","seq":"#);
-                    push_u64(&mut text, *seq);
-                    text.push('}');
-                }
-                other => match serde_json::to_string(other) {
-                    Ok(json) => text.push_str(&json),
-                    Err(e) => {
-                        tracing::error!(error = %e, "encoding an ack failed");
-                        return Frame::encode(&ServerMessage::Ack(ack.clone()), false);
-                    }
-                },
-            }
-        }
-        text.push_str(r#"],"serverVersion":"#);
-        push_u64(&mut text, ack.server_version);
-        text.push('}');
+    /// A frame of already encoded JSON. The text is copied into an allocation of its exact
+    /// size (callers build it in a reused buffer), so the shared bytes need no further
+    /// allocation.
+    fn text(text: &str, batch: bool) -> Arc<Frame> {
         Arc::new(Frame {
             text: text.into(),
-            batch: false,
+            batch,
             deflated: OnceLock::new(),
         })
     }
 
-    /// An `events` frame made of the events' JSON as their publishers sent it (each already
-    /// checked to be one JSON object that decodes to a valid [`Event`]): equal in meaning to
-    /// [`Frame::encode`] of the same [`EventsBatch`](crate::protocol::EventsBatch), without decoding and encoding every
-    /// event's data once more.
-    pub(crate) fn events(events: &[(u64, Box<str>)]) -> Arc<Frame> {
-        let size: usize = events.iter().map(|(_, json)| json.len() + 32).sum();
-        let mut text = String::with_capacity(32 + size);
-        text.push_str(r#"{"type":"events","events":["#);
-        for (i, (seq, json)) in events.iter().enumerate() {
-            if i > 0 {
-                text.push(',');
-            }
-            text.push_str(r#"{"seq":"#);
-            push_u64(&mut text, *seq);
-            text.push_str(r#","event":"#);
-            text.push_str(json);
-            text.push('}');
+    /// An `ack` frame (see [`AckText`]).
+    #[cfg(test)]
+    pub(crate) fn ack(ack: &crate::protocol::Ack) -> Arc<Frame> {
+        let mut text = String::new();
+        let mut writer = AckText::start(&mut text, ack.reference);
+        for result in &ack.results {
+            writer.push(result);
         }
-        text.push_str("]}");
-        Arc::new(Frame {
-            text: text.into(),
-            batch: true,
-            deflated: OnceLock::new(),
-        })
+        writer.finish(ack.server_version);
+        Frame::text(&text, false)
+    }
+
+    /// An `events` frame (see [`write_events`]).
+    #[cfg(test)]
+    pub(crate) fn events(events: &[(u64, Box<str>)]) -> Arc<Frame> {
+        let mut text = String::new();
+        write_events(&mut text, events);
+        Frame::text(&text, true)
     }
 
     pub(crate) fn deflated(&self) -> Bytes {
@@ -112,6 +75,88 @@ impl Frame {
             .get_or_init(|| Bytes::from(protocol::deflate(self.text.as_bytes())))
             .clone()
     }
+}
+
+/// Writes an `ack` result by result, by hand for the common results (`stored`, `duplicate`):
+/// the same text as [`Frame::encode`] of the [`Ack`](crate::protocol::Ack) gives (a unit test holds them equal),
+/// without building the `Ack` or going through serde for every publish.
+struct AckText<'a> {
+    text: &'a mut String,
+    first: bool,
+}
+
+impl<'a> AckText<'a> {
+    fn start(text: &'a mut String, reference: u64) -> Self {
+        text.clear();
+        text.push_str(r#"{"type":"ack","ref":"#);
+        push_u64(text, reference);
+        text.push_str(r#","results":["#);
+        Self { text, first: true }
+    }
+
+    fn push(&mut self, result: &PublishResult) {
+        if !std::mem::take(&mut self.first) {
+            self.text.push(',');
+        }
+        match result {
+            PublishResult::Stored { seq } => {
+                self.text.push_str(r#"{"status":"stored","seq":"#);
+                push_u64(self.text, *seq);
+                self.text.push('}');
+            }
+            PublishResult::Duplicate { seq } => {
+                self.text.push_str(r#"{"status":"duplicate","seq":"#);
+                push_u64(self.text, *seq);
+                self.text.push('}');
+            }
+            other => {
+                // Writing our own result types into a String cannot fail.
+                let _ = serde_json::to_writer(&mut Utf8Sink(self.text), other);
+            }
+        }
+    }
+
+    fn finish(self, server_version: u64) {
+        self.text.push_str(r#"],"serverVersion":"#);
+        push_u64(self.text, server_version);
+        self.text.push('}');
+    }
+}
+
+/// `io::Write` into a `String` for serde_json (which writes only UTF-8).
+struct Utf8Sink<'a>(&'a mut String);
+
+impl std::io::Write for Utf8Sink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = std::str::from_utf8(buf)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        self.0.push_str(text);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes an `events` frame made of the events' JSON as their publishers sent it (each already
+/// checked to be one JSON object that decodes to a valid [`Event`]): equal in meaning to
+/// [`Frame::encode`] of the same [`EventsBatch`](crate::protocol::EventsBatch), without
+/// decoding and encoding every event's data once more.
+fn write_events(text: &mut String, events: &[(u64, Box<str>)]) {
+    text.clear();
+    text.push_str(r#"{"type":"events","events":["#);
+    for (i, (seq, json)) in events.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(r#"{"seq":"#);
+        push_u64(text, *seq);
+        text.push_str(r#","event":"#);
+        text.push_str(json);
+        text.push('}');
+    }
+    text.push_str("]}");
 }
 
 /// Appends `n` in decimal (what serde_json writes for a `u64`), without `core::fmt`.
@@ -127,8 +172,9 @@ fn push_u64(text: &mut String, mut n: u64) {
             break;
         }
     }
-    for &d in &digits[at..] {
-        text.push(char::from(d));
+    // Always ASCII digits.
+    if let Ok(digits) = std::str::from_utf8(&digits[at..]) {
+        text.push_str(digits);
     }
 }
 
@@ -184,6 +230,7 @@ pub(crate) struct Incoming {
 
 /// Consecutive publishes of one connection within a commit: its acks, and the new events for
 /// everyone else (as JSON, and as stored events when someone observes the activity feed).
+#[derive(Default)]
 struct Run {
     conn: u64,
     acks: Vec<Arc<Frame>>,
@@ -201,6 +248,27 @@ pub(crate) struct Room {
     pub(crate) max_batch_events: usize,
     subs: Vec<Subscriber>,
     last_seq: u64,
+    /// Buffers reused by every commit, so that a commit allocates little besides the frames
+    /// it sends (they keep the capacity the largest batch needed).
+    scratch: Scratch,
+}
+
+/// Largest frame buffer a room keeps between commits, in bytes.
+const SCRATCH_TEXT_KEPT: usize = 64 * 1024;
+
+#[derive(Default)]
+struct Scratch {
+    /// The publishes of the current group commit.
+    batch: Vec<PublishCommand>,
+    /// Per publish of the batch: connection, `ref`, number of events.
+    plans: Vec<(u64, u64, usize)>,
+    /// Per published event: its JSON when valid (its outcome comes from the storage), or why
+    /// it is invalid.
+    slots: Vec<Result<Box<str>, String>>,
+    /// The run being built (see [`Room::commit`]).
+    run: Run,
+    /// Where frames are written before they are copied into their exact-size allocation.
+    text: String,
 }
 
 impl Room {
@@ -221,6 +289,7 @@ impl Room {
             max_batch_events,
             subs: Vec::new(),
             last_seq,
+            scratch: Scratch::default(),
         }
     }
 
@@ -240,7 +309,8 @@ impl Room {
                     // one append. A non-publish command ends the batch and runs after it, so a
                     // subscriber joining now sees this batch in its catch-up, not twice.
                     let mut count = first.items.len();
-                    let mut batch = vec![first];
+                    let mut batch = std::mem::take(&mut self.scratch.batch);
+                    batch.push(first);
                     while count < self.max_batch_events {
                         match self.rx.try_recv() {
                             Ok(RoomCommand::Publish(p)) => {
@@ -254,7 +324,8 @@ impl Room {
                             Err(_) => break,
                         }
                     }
-                    self.commit(batch).await;
+                    self.commit(&mut batch).await;
+                    self.scratch.batch = batch;
                 }
                 RoomCommand::Subscribe {
                     conn,
@@ -303,12 +374,17 @@ impl Room {
         }
     }
 
-    async fn commit(&mut self, batch: Vec<PublishCommand>) {
-        let mut events = Vec::new();
-        let mut plans = Vec::with_capacity(batch.len());
-        for publish in batch {
-            // Ok: the JSON of a valid event (its outcome comes from the storage).
-            let mut slots: Vec<Result<Box<str>, String>> = Vec::with_capacity(publish.items.len());
+    /// Appends the batch's valid events in one storage append, then acknowledges each publish
+    /// and fans the new events out. Consecutive publishes of one connection become one run:
+    /// one shared events frame for everyone else, and that connection's acks, in order.
+    async fn commit(&mut self, batch: &mut Vec<PublishCommand>) {
+        let mut plans = std::mem::take(&mut self.scratch.plans);
+        let mut slots = std::mem::take(&mut self.scratch.slots);
+        plans.clear();
+        slots.clear();
+        let mut events = Vec::with_capacity(batch.iter().map(|p| p.items.len()).sum());
+        for publish in batch.drain(..) {
+            plans.push((publish.conn, publish.reference, publish.items.len()));
             for item in publish.items {
                 match item {
                     Ok(Incoming { event, json }) => {
@@ -318,7 +394,6 @@ impl Room {
                     Err(message) => slots.push(Err(message)),
                 }
             }
-            plans.push((publish.conn, publish.reference, slots));
         }
         // The stored events themselves are only needed by activity observers; without any,
         // the storage may move them in rather than hand copies back.
@@ -336,140 +411,145 @@ impl Room {
                 .await
                 .map(|summary| (summary.outcomes, Vec::new()))
         };
-        let (outcomes, appended) = match outcome {
-            Ok(out) => out,
+        let mut slots_left = slots.drain(..);
+        match outcome {
+            Ok((outcomes, appended)) => {
+                let mut outcomes = outcomes.into_iter();
+                let mut appended = appended.into_iter();
+                for &(conn, reference, count) in &plans {
+                    if self.scratch.run.conn != conn {
+                        self.flush_run();
+                        self.scratch.run.conn = conn;
+                    }
+                    let mut text = std::mem::take(&mut self.scratch.text);
+                    let mut ack = AckText::start(&mut text, reference);
+                    for slot in slots_left.by_ref().take(count) {
+                        let result = match slot {
+                            Err(message) => PublishResult::Invalid { message },
+                            Ok(json) => match outcomes.next() {
+                                Some(AppendOutcome::Appended { seq }) => {
+                                    self.last_seq = seq;
+                                    self.scratch.run.events.push((seq, json));
+                                    if observed && let Some(s) = appended.next() {
+                                        self.scratch.run.stored.push(s);
+                                    }
+                                    PublishResult::Stored { seq }
+                                }
+                                Some(AppendOutcome::Duplicate { seq }) => {
+                                    PublishResult::Duplicate { seq }
+                                }
+                                Some(AppendOutcome::Conflict(conflict)) => {
+                                    PublishResult::Conflict {
+                                        held: conflict.ours,
+                                    }
+                                }
+                                None => PublishResult::Failed {
+                                    message: "storage returned fewer outcomes than events".into(),
+                                },
+                            },
+                        };
+                        ack.push(&result);
+                    }
+                    ack.finish(self.last_seq);
+                    self.scratch.run.acks.push(Frame::text(&text, false));
+                    self.scratch.text = text;
+                }
+                self.flush_run();
+            }
             Err(e) => {
                 tracing::error!(room = %self.name, error = %e, "appending to the room log failed");
-                let message = format!("storage failed: {e}");
-                for (conn, reference, slots) in plans {
-                    let results = slots
-                        .into_iter()
-                        .map(|slot| match slot {
+                let failure = format!("storage failed: {e}");
+                let mut text = std::mem::take(&mut self.scratch.text);
+                for &(conn, reference, count) in &plans {
+                    let mut ack = AckText::start(&mut text, reference);
+                    for slot in slots_left.by_ref().take(count) {
+                        ack.push(&match slot {
                             Err(message) => PublishResult::Invalid { message },
                             Ok(_) => PublishResult::Failed {
-                                message: message.clone(),
+                                message: failure.clone(),
                             },
-                        })
-                        .collect();
-                    let ack = Frame::ack(&Ack {
-                        reference,
-                        results,
-                        server_version: self.last_seq,
-                    });
-                    self.fan_out(conn, &[ack], None);
-                }
-                return;
-            }
-        };
-        let mut outcomes = outcomes.into_iter();
-        let mut appended = appended.into_iter();
-        // Consecutive publishes of one connection become one run: one shared events frame for
-        // everyone else, and that connection's acks, in order.
-        let mut run: Option<Run> = None;
-        for (conn, reference, slots) in plans {
-            let mut results = Vec::with_capacity(slots.len());
-            let mut new: Vec<(u64, Box<str>)> = Vec::new();
-            let mut stored: Vec<Stored> = Vec::new();
-            for slot in slots {
-                let result = match slot {
-                    Err(message) => PublishResult::Invalid { message },
-                    Ok(json) => match outcomes.next() {
-                        Some(AppendOutcome::Appended { seq }) => {
-                            self.last_seq = seq;
-                            new.push((seq, json));
-                            if observed && let Some(s) = appended.next() {
-                                stored.push(s);
-                            }
-                            PublishResult::Stored { seq }
-                        }
-                        Some(AppendOutcome::Duplicate { seq }) => PublishResult::Duplicate { seq },
-                        Some(AppendOutcome::Conflict(conflict)) => PublishResult::Conflict {
-                            held: conflict.ours,
-                        },
-                        None => PublishResult::Failed {
-                            message: "storage returned fewer outcomes than events".into(),
-                        },
-                    },
-                };
-                results.push(result);
-            }
-            let ack = Frame::ack(&Ack {
-                reference,
-                results,
-                server_version: self.last_seq,
-            });
-            match &mut run {
-                Some(current) if current.conn == conn => {
-                    current.acks.push(ack);
-                    current.events.extend(new);
-                    current.stored.extend(stored);
-                }
-                _ => {
-                    if let Some(done) = run.take() {
-                        self.flush_run(done);
+                        });
                     }
-                    run = Some(Run {
-                        conn,
-                        acks: vec![ack],
-                        events: new,
-                        stored,
-                    });
+                    ack.finish(self.last_seq);
+                    let ack = Frame::text(&text, false);
+                    fan_out(&self.name, &mut self.subs, conn, &[ack], None);
                 }
+                self.scratch.text = text;
             }
         }
-        if let Some(done) = run {
-            self.flush_run(done);
+        drop(slots_left);
+        self.scratch.plans = plans;
+        self.scratch.slots = slots;
+        if self.scratch.text.capacity() > SCRATCH_TEXT_KEPT {
+            // One large batch should not cost an idle room its size for good.
+            self.scratch.text = String::new();
         }
     }
 
-    fn flush_run(&mut self, run: Run) {
+    /// Sends the current run (if any) and empties it.
+    fn flush_run(&mut self) {
+        let run = &mut self.scratch.run;
+        if run.acks.is_empty() && run.events.is_empty() {
+            return;
+        }
         if !run.stored.is_empty() && self.activity.receiver_count() > 0 {
             // Err: the last observer left meanwhile.
             let _ = self.activity.send(RelayActivity::Stored {
                 room: self.room.clone(),
-                events: run.stored.into(),
+                events: std::mem::take(&mut run.stored).into(),
             });
         }
-        let events = (!run.events.is_empty()).then(|| Frame::events(&run.events));
-        self.fan_out(run.conn, &run.acks, events);
-    }
-
-    /// The publisher gets its ack, everyone else the new events, at the same position in their
-    /// streams, so every connection sees every sequence number in order exactly once.
-    fn fan_out(&mut self, publisher: u64, acks: &[Arc<Frame>], events: Option<Arc<Frame>>) {
-        let name = &self.name;
-        self.subs.retain(|sub| {
-            let result = if sub.conn == publisher {
-                acks.iter()
-                    .try_for_each(|ack| sub.queue.try_send(Arc::clone(ack)))
-            } else {
-                match &events {
-                    Some(e) => sub.queue.try_send(Arc::clone(e)),
-                    None => return true,
-                }
-            };
-            match result {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Slow-consumer policy: drop the subscriber (never block the room or
-                    // buffer without bound); its connection closes with 4008 and the client
-                    // resumes from its cursor.
-                    tracing::info!(room = %name, conn = sub.conn, "dropping a slow subscriber");
-                    let _ = sub
-                        .closed
-                        .set((close::SLOW_CONSUMER, "too slow: resume from your cursor"));
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
+        run.stored.clear();
+        let events = (!run.events.is_empty()).then(|| {
+            write_events(&mut self.scratch.text, &run.events);
+            Frame::text(&self.scratch.text, true)
         });
+        fan_out(&self.name, &mut self.subs, run.conn, &run.acks, events);
+        run.acks.clear();
+        run.events.clear();
     }
+}
+
+/// The publisher gets its ack, everyone else the new events, at the same position in their
+/// streams, so every connection sees every sequence number in order exactly once.
+fn fan_out(
+    name: &str,
+    subs: &mut Vec<Subscriber>,
+    publisher: u64,
+    acks: &[Arc<Frame>],
+    events: Option<Arc<Frame>>,
+) {
+    subs.retain(|sub| {
+        let result = if sub.conn == publisher {
+            acks.iter()
+                .try_for_each(|ack| sub.queue.try_send(Arc::clone(ack)))
+        } else {
+            match &events {
+                Some(e) => sub.queue.try_send(Arc::clone(e)),
+                None => return true,
+            }
+        };
+        match result {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Slow-consumer policy: drop the subscriber (never block the room or
+                // buffer without bound); its connection closes with 4008 and the client
+                // resumes from its cursor.
+                tracing::info!(room = %name, conn = sub.conn, "dropping a slow subscriber");
+                let _ = sub
+                    .closed
+                    .set((close::SLOW_CONSUMER, "too slow: resume from your cursor"));
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::EventsBatch;
+    use crate::protocol::{Ack, EventsBatch};
 
     #[test]
     fn a_hand_written_ack_is_the_serde_ack() {
