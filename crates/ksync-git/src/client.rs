@@ -25,6 +25,8 @@ const HEAD_META: &str = "git.head";
 const SEGMENTS_META: &str = "git.segments";
 /// Local events examined per storage read while looking for pending events.
 const SCAN_PAGE: usize = 4096;
+/// Most events a pull reserves room for up front.
+const RESERVE_MAX: usize = 1 << 18;
 /// Request bodies at least this large are gzip-compressed when compression is on.
 const COMPRESS_MIN_BYTES: usize = 1024;
 
@@ -759,13 +761,22 @@ impl GitSyncClient {
                         .emit(Notification::Event(stored.event.clone()));
                 }
             }
-            let new_events: Vec<Event> = ingested.appended.into_iter().map(|s| s.event).collect();
-            if wants_sync && !new_events.is_empty() {
+            if result.new_events.is_empty() {
+                // Room for the whole pull at once rather than regrowing page after page;
+                // bounded, as a pull may bring mostly events this replica already holds.
+                let left = page.server_version.saturating_sub(since) + count;
+                let room = usize::try_from(left).unwrap_or(usize::MAX).min(RESERVE_MAX);
+                result.new_events.reserve(room.max(ingested.appended.len()));
+            }
+            let before = result.new_events.len();
+            result
+                .new_events
+                .extend(ingested.appended.into_iter().map(|s| s.event));
+            if wants_sync && result.new_events.len() > before {
                 self.inner
                     .notifier
-                    .emit(Notification::Sync(new_events.clone()));
+                    .emit(Notification::Sync(result.new_events[before..].to_vec()));
             }
-            result.new_events.extend(new_events);
             result.conflicts.extend(ingested.conflicts);
             result.server_version = page.server_version.max(since);
             self.report(
