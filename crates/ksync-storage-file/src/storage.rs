@@ -62,8 +62,9 @@ pub struct FileStorageOptions {
     /// Default: [`DEFAULT_GROUP_COMMIT_WINDOW`].
     pub group_commit_window: Duration,
     /// How many groups may be syncing at once (at least 1), each on its own sync thread and
-    /// file descriptor. A group is acknowledged only after its own sync and those of all
-    /// earlier groups succeeded. Default: [`DEFAULT_SYNCS_IN_FLIGHT`].
+    /// file descriptor (started when first needed: a log with one appender at a time uses
+    /// one). A group is acknowledged only after its own sync and those of all earlier groups
+    /// succeeded. Default: [`DEFAULT_SYNCS_IN_FLIGHT`].
     pub syncs_in_flight: usize,
     /// Fault injection for reliability tests. Default: none.
     pub fault_hook: Option<Arc<dyn FaultHook>>,
@@ -232,7 +233,7 @@ impl Shared {
 /// the same file (in this or another process) gets an IO error.
 ///
 /// Dropping a `FileStorage` waits for its writer thread to answer what is queued and exit
-/// (normally at most one sync), so the file is unlocked when `drop` returns.
+/// (normally at most the syncs in flight), so the file is unlocked when `drop` returns.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), ksync_core::StorageError> {
