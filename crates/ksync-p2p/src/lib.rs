@@ -20,6 +20,7 @@
 
 mod client;
 mod config;
+mod digests;
 mod error;
 mod identity;
 mod node;

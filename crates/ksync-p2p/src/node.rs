@@ -30,6 +30,7 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{DiscoveryMethod, Options};
+use crate::digests::Digests;
 use crate::error::P2PError;
 use crate::wire::{
     self, KeyEntry, MAX_FETCH, MAX_PAGE, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, RESPONSE_BUDGET,
@@ -53,6 +54,9 @@ const FORWARD_HOLD: Duration = Duration::from_millis(20);
 /// Most accepted messages waiting for their forward. Overflow policy: the oldest is forwarded
 /// at once (never dropped).
 const MAX_HELD_FORWARDS: usize = 4096;
+/// Most events of our own log digested per catch-up step (see `Digests::refresh`): a long
+/// log is digested over several steps instead of stalling the node once.
+const DIGEST_STEP: usize = 16 * 1024;
 /// How often mDNS asks the LAN who is there.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(10);
 /// Idle connections close after this long.
@@ -341,6 +345,8 @@ pub(crate) struct Node {
     batch_bytes: usize,
     batch_deadline: Option<tokio::time::Instant>,
     last_publish: tokio::time::Instant,
+    /// Digests of our own log for catch-up (refreshed from storage before use).
+    digests: Digests,
     /// Accepted messages whose forward is held (see `FORWARD_HOLD`), oldest first; bounded
     /// by `MAX_HELD_FORWARDS`.
     held: VecDeque<(tokio::time::Instant, gossipsub::MessageId, PeerId)>,
@@ -441,6 +447,7 @@ impl Node {
             batch_deadline: None,
             last_publish: tokio::time::Instant::now(),
             held: VecDeque::new(),
+            digests: Digests::default(),
         };
         node.join_dht();
         Ok(node)
@@ -930,7 +937,9 @@ impl Node {
                     .fetch_add(ingested.appended.len() as u64, Ordering::Relaxed);
                 c.duplicate_events
                     .fetch_add(ingested.duplicates as u64, Ordering::Relaxed);
-                notify(&self.notifier, &ingested);
+                for stored in ingested.appended.iter().chain(&ingested.resolutions) {
+                    self.digests.record(stored.seq, &stored.event);
+                }
                 // Revisions written to settle conflicts are ours: publish them (they are
                 // stored, so catch-up carries them if this fails).
                 let resolutions: Vec<Vec<u8>> = ingested
@@ -938,6 +947,7 @@ impl Node {
                     .iter()
                     .filter_map(|s| serde_json::to_vec(&s.event).ok())
                     .collect();
+                notify(&self.notifier, ingested);
                 self.publish(resolutions);
             }
             Err(e) => {
@@ -1083,6 +1093,20 @@ impl Node {
         request: SyncRequest,
         channel: ResponseChannel<SyncResponse>,
     ) {
+        if let SyncRequest::Keys { after, limit, .. } = &request {
+            // Enough to answer from the digests when they are nearly current; otherwise
+            // the page is read from storage.
+            let upto = after.saturating_add(u64::from((*limit).min(MAX_PAGE)));
+            let short = upto.saturating_sub(self.digests.len());
+            if let Err(e) = self.digests.refresh(
+                self.replica.storage().as_ref(),
+                usize::try_from(short)
+                    .unwrap_or(usize::MAX)
+                    .min(DIGEST_STEP),
+            ) {
+                tracing::warn!(error = %e, "reading the log for catch-up failed");
+            }
+        }
         let response = self.response_to(request);
         if self
             .swarm
@@ -1107,10 +1131,18 @@ impl Node {
             }
             SyncRequest::Keys { after, limit, .. } => {
                 let limit = limit.min(MAX_PAGE) as usize;
+                let len = storage.len();
+                if self.digests.len() >= len.min(after.saturating_add(limit as u64)) {
+                    return SyncResponse::Keys {
+                        log_id: self.log_id,
+                        len,
+                        entries: self.digests.page(after, limit),
+                    };
+                }
                 match storage.read_since(after, limit) {
                     Ok(page) => SyncResponse::Keys {
                         log_id: self.log_id,
-                        len: storage.len(),
+                        len,
                         entries: page
                             .into_iter()
                             .map(|s| KeyEntry {
@@ -1137,7 +1169,7 @@ impl Node {
                     let Ok(Some(stored)) = storage.get(&key.id, key.version) else {
                         continue;
                     };
-                    let size = serde_json::to_vec(&stored.event).map_or(usize::MAX, |v| v.len());
+                    let size = wire::json_len(&stored.event);
                     if size > RESPONSE_BUDGET {
                         too_large.push(key);
                         continue;
@@ -1186,21 +1218,33 @@ impl Node {
     /// missing.
     async fn continue_page(&mut self, peer: PeerId) {
         let storage = Arc::clone(self.replica.storage());
+        // Until the digests cover our whole log, revisions they lack are looked up in storage.
+        let complete = match self.digests.refresh(storage.as_ref(), DIGEST_STEP) {
+            Ok(complete) => complete,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the log for catch-up failed");
+                false
+            }
+        };
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
         let mut to_fetch = Vec::new();
         let mut elsewhere = false;
         for entry in &session.page {
-            let key = entry.key();
-            if session.fetched.contains(&key) {
+            let ours = match self.digests.get(&entry.id, entry.version) {
+                Some(digest) => Some(digest),
+                None if complete => None,
+                None => match storage.get(&entry.id, entry.version) {
+                    Ok(Some(stored)) => Some(wire::content_hash(&stored.event)),
+                    _ => None,
+                },
+            };
+            if ours == Some(entry.hash) {
                 continue;
             }
-            let have = match storage.get(&entry.id, entry.version) {
-                Ok(Some(stored)) => wire::content_hash(&stored.event) == entry.hash,
-                _ => false,
-            };
-            if have {
+            let key = entry.key();
+            if session.fetched.contains(&key) {
                 continue;
             }
             if self.in_flight.contains(&key) {
@@ -1254,7 +1298,7 @@ impl Node {
                 continue;
             }
             received.insert(key);
-            let size = serde_json::to_vec(&event).map_or(usize::MAX, |v| v.len());
+            let size = wire::json_len(&event);
             if event.validate(&self.limits).is_err() || size > self.opts.max_event_bytes {
                 bad += 1;
                 continue;
@@ -1299,18 +1343,25 @@ impl Node {
 }
 
 /// Like `Ingested::notify` (`conflict`s, one `event` per new event, then one `sync`), but
-/// builds only the notifications someone listens to: each is a copy of the events.
-fn notify(notifier: &Notifier, ingested: &ksync_core::Ingested) {
+/// builds only the notifications someone listens to, and moves the new events into their
+/// `event` notifications instead of copying them (a `sync` listener gets the only copies).
+fn notify(notifier: &Notifier, ingested: ksync_core::Ingested) {
     for conflict in &ingested.conflicts {
         notifier.emit(Notification::Conflict(conflict.clone()));
     }
+    if ingested.appended.is_empty() {
+        return;
+    }
+    let sync = notifier
+        .wants(ksync_core::NotificationKind::Sync)
+        .then(|| ingested.new_events());
     if notifier.wants(ksync_core::NotificationKind::Event) {
-        for stored in &ingested.appended {
-            notifier.emit(Notification::Event(stored.event.clone()));
+        for stored in ingested.appended {
+            notifier.emit(Notification::Event(stored.event));
         }
     }
-    if !ingested.appended.is_empty() && notifier.wants(ksync_core::NotificationKind::Sync) {
-        notifier.emit(Notification::Sync(ingested.new_events()));
+    if let Some(events) = sync {
+        notifier.emit(Notification::Sync(events));
     }
 }
 

@@ -219,6 +219,16 @@ impl Fnv {
     }
 }
 
+impl std::io::Write for Fnv {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Fnv::write(self, buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A digest of an event's content (`type`, `data`, `timestamp`; not `origin`). Two replicas
 /// whose digests differ for the same `(id, version)` may hold a conflict; the catch-up fetches
 /// the revision so that `Replica::ingest` decides (a false difference only costs a fetch).
@@ -227,9 +237,32 @@ pub(crate) fn content_hash(event: &Event) -> u64 {
     h.write(event.event_type.as_bytes());
     h.write(&[0]);
     h.write(&event.timestamp.to_be_bytes());
-    // Serialising a `Value` cannot fail; an empty digest input would only cause a refetch.
-    h.write(&serde_json::to_vec(&event.data).unwrap_or_default());
+    // The JSON text of `data`, streamed into the hash. Serialising a `Value` cannot fail; a
+    // short digest input would only cause a refetch.
+    let _ = serde_json::to_writer(&mut h, &event.data);
     h.finish()
+}
+
+/// The length of an event's JSON encoding, without building it.
+pub(crate) fn json_len(event: &Event) -> usize {
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, event) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    }
+}
+
+/// Counts the bytes written to it.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One entry of a `Keys` page: where a revision sits in the responder's log, and its digest.
@@ -392,6 +425,23 @@ mod tests {
             message_id(b"junk", None, None),
             message_id(b"junk2", None, None)
         );
+    }
+
+    #[test]
+    fn json_len_is_the_encoded_length() {
+        let e = Event::new("a\"b", "t", json!({"k": ["é", 1.5, null]}), 5).with_origin("o");
+        assert_eq!(json_len(&e), enc(&e).len());
+    }
+
+    #[test]
+    fn content_hash_is_fnv_of_type_timestamp_and_data_json() {
+        let e = Event::new("a", "t", json!({"k": [1, "x"]}), 5);
+        let mut h = Fnv::new(FNV_OFFSET);
+        h.write(b"t");
+        h.write(&[0]);
+        h.write(&5u64.to_be_bytes());
+        h.write(&serde_json::to_vec(&e.data).expect("encode"));
+        assert_eq!(content_hash(&e), h.finish());
     }
 
     #[test]
