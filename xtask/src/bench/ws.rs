@@ -1396,6 +1396,9 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
     section.note(format!(
         "{checked} deliveries checked (every event to every subscriber exactly once, in order); {ROUNDS} rounds after a warm-up; full speed with a {WINDOW}-event window behind the slowest subscriber"
     ));
+    section.note(
+        "every server in its own process (the Rust relays in a child on a 2-thread runtime), every client in this one, the same client code for all but the framing",
+    );
 
     // Stop the servers before the idle measure, so they do not share the machine with it.
     drop(relays);
