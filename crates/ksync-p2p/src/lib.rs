@@ -1,10 +1,13 @@
 //! kSync peer-to-peer sync over libp2p: the spec's `P2PSyncClient`.
 //!
 //! - **Live broadcast**: gossipsub, one topic per network name ([`gossip_topic`]). Messages are
-//!   signed (strict validation); message ids come from the events' `(id, version)` so a
-//!   revision published again dies in the seen-cache; every message is validated before it is
-//!   forwarded, and malformed or oversized ones are rejected, which lowers the sender's score
-//!   until it is ignored.
+//!   signed (strict validation); a busy sender packs many events into one message. The id
+//!   of a one-event message comes from the event's `(id, version)` so a revision published
+//!   again dies in the seen-cache; a batch is identified by its publisher and sequence number
+//!   without parsing it. Every message is validated before it is forwarded, and malformed or
+//!   oversized ones are rejected, which lowers the sender's score until it is ignored.
+//!   Forwards wait a moment so peers that already hold a message say so (IDONTWANT) and are
+//!   spared the copy.
 //! - **Catch-up**: request-response anti-entropy. On every new connection and periodically, a
 //!   peer walks each neighbour's log page by page from a stored cursor, fetches the revisions
 //!   it lacks and ingests them through [`ksync_core::Replica::ingest`]. A late or restarted
