@@ -1094,8 +1094,8 @@ impl Node {
         channel: ResponseChannel<SyncResponse>,
     ) {
         if let SyncRequest::Keys { after, limit, .. } = &request {
-            // Enough to answer from the digests when they are nearly current; otherwise
-            // the page is read from storage.
+            // Digest up to the end of the requested page, at most `DIGEST_STEP` more events;
+            // if that falls short (a long log never digested), the page is read from storage.
             let upto = after.saturating_add(u64::from((*limit).min(MAX_PAGE)));
             let short = upto.saturating_sub(self.digests.len());
             if let Err(e) = self.digests.refresh(
