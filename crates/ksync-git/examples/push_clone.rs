@@ -4,7 +4,7 @@
 //! 10,000, and check the counts.
 //!
 //! ```text
-//! cargo run --release -p ksync-git --example push_clone -- [EVENTS] [memory|file|setup|setup-file|floor] [gzip|plain] [CLONE_PAGE]
+//! cargo run --release -p ksync-git --example push_clone -- [EVENTS] [memory|file|setup|setup-file|floor] [gzip|plain] [CLONE_PAGE] [PUSH_BATCH]
 //! ```
 //!
 //! `setup` (`setup-file`) does everything but the push and the clone with memory (file)
@@ -46,6 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mode = args.next().unwrap_or_else(|| "memory".into());
     let gzip = args.next().is_some_and(|a| a == "gzip");
     let page: usize = args.next().map_or(Ok(10_000), |a| a.parse())?;
+    let batch: usize = args.next().map_or(Ok(1_000), |a| a.parse())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -59,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{count} events: two floor passes {:?}", start.elapsed());
         return Ok(());
     }
-    rt.block_on(run(count, &mode, gzip, page))
+    rt.block_on(run(count, &mode, gzip, page, batch))
 }
 
 /// The benchmark's floor: encode, copy over loopback TCP, decode.
@@ -89,6 +90,7 @@ async fn run(
     mode: &str,
     gzip: bool,
     page: usize,
+    batch: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let file = mode.ends_with("file");
     let dir = tempfile::tempdir()?;
@@ -125,7 +127,7 @@ async fn run(
     drop(events);
     let pusher = GitSyncClient::builder(&url)
         .compression(gzip)
-        .push_batch_size(1_000)
+        .push_batch_size(batch)
         .build()?;
     pusher.attach(Replica::with_id(local, ORIGIN));
     if mode.starts_with("setup") {
