@@ -163,6 +163,21 @@ impl Replica {
         }
     }
 
+    /// Stores an event made on this replica like [`Replica::record_local`], but moves it into
+    /// the log instead of copying it and returns only its sequence number: for callers that
+    /// keep no copy (a transport that already encoded it).
+    pub async fn record_local_seq(&self, event: Event) -> Result<u64, SyncError> {
+        let summary = self.inner.storage.append_summary(vec![event]).await?;
+        match summary.outcomes.into_iter().next() {
+            Some(AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq }) => Ok(seq),
+            Some(AppendOutcome::Conflict(c)) => Err(SyncError::Rejected(format!(
+                "event {:?} version {} already exists with other content",
+                c.ours.id, c.ours.version
+            ))),
+            None => Err(SyncError::Protocol("storage returned no outcome".into())),
+        }
+    }
+
     /// Stores an event made on this replica. A different event already stored under the same
     /// `(id, version)` is [`SyncError::Rejected`]; the identical one is returned as it is stored.
     pub async fn record_local(&self, event: Event) -> Result<Stored, SyncError> {
@@ -307,6 +322,22 @@ mod tests {
         let a = Replica::open(Arc::clone(&storage)).await.expect("open");
         let b = Replica::open(storage).await.expect("reopen");
         assert_eq!(a.id(), b.id());
+    }
+
+    #[tokio::test]
+    async fn record_local_seq_stores_like_record_local() {
+        let replica = Replica::with_id(Arc::new(InMemoryStorage::new()), "me");
+        let a = Event::new("a", "t", json!(1), 1).with_origin("me");
+        assert_eq!(replica.record_local_seq(a.clone()).await.expect("new"), 1);
+        assert_eq!(replica.record_local_seq(a.clone()).await.expect("same"), 1);
+        let other = Event::new("a", "t", json!(2), 1).with_origin("me");
+        assert!(matches!(
+            replica.record_local_seq(other).await,
+            Err(SyncError::Rejected(_))
+        ));
+        let stored = replica.storage().get("a", 1).expect("read").expect("held");
+        assert_eq!(stored.event, a);
+        assert_eq!(replica.pending(0, 10).expect("pending").len(), 1);
     }
 
     #[tokio::test]

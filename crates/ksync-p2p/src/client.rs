@@ -375,7 +375,7 @@ impl P2PSyncClient {
             });
         }
         self.replica()
-            .record_local(event)
+            .record_local_seq(event)
             .await
             .map_err(P2PError::Replica)?;
         self.sender()?

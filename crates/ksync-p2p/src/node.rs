@@ -57,6 +57,8 @@ const MAX_HELD_FORWARDS: usize = 4096;
 /// Most events of our own log digested per catch-up step (see `Digests::refresh`): a long
 /// log is digested over several steps instead of stalling the node once.
 const DIGEST_STEP: usize = 16 * 1024;
+/// Most queued commands handled in one turn of the node loop.
+const COMMAND_DRAIN: usize = 256;
 /// How often mDNS asks the LAN who is there.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(10);
 /// Idle connections close after this long.
@@ -491,7 +493,20 @@ impl Node {
         while !self.stopping {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
-                    Some(cmd) => self.on_command(cmd).await,
+                    Some(cmd) => {
+                        self.on_command(cmd).await;
+                        // Take what else is queued now: a burst of broadcasts costs one pass
+                        // over the other branches (the swarm's poll), not one per event.
+                        for _ in 1..COMMAND_DRAIN {
+                            if self.stopping {
+                                break;
+                            }
+                            match self.commands.try_recv() {
+                                Ok(cmd) => self.on_command(cmd).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => self.stopping = true,
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
