@@ -19,8 +19,31 @@ const REFRESH_PAGE: usize = 1024;
 pub(crate) struct Digests {
     /// Index `seq - 1`.
     by_seq: Vec<(Arc<str>, u64, u64)>,
-    /// `(version, digest)` pairs of each id; most ids have one.
-    by_id: HashMap<Arc<str>, Vec<(u64, u64)>>,
+    /// `(version, digest)` pairs of each id.
+    by_id: HashMap<Arc<str>, Versions>,
+}
+
+/// The `(version, digest)` pairs of one id: most ids have a single version, kept inline.
+#[derive(Debug)]
+enum Versions {
+    One(u64, u64),
+    Many(Vec<(u64, u64)>),
+}
+
+impl Versions {
+    fn push(&mut self, version: u64, digest: u64) {
+        match self {
+            Versions::One(v, d) => *self = Versions::Many(vec![(*v, *d), (version, digest)]),
+            Versions::Many(all) => all.push((version, digest)),
+        }
+    }
+
+    fn get(&self, version: u64) -> Option<u64> {
+        match self {
+            Versions::One(v, d) => (*v == version).then_some(*d),
+            Versions::Many(all) => all.iter().find(|(v, _)| *v == version).map(|(_, d)| *d),
+        }
+    }
 }
 
 impl Digests {
@@ -31,16 +54,19 @@ impl Digests {
 
     /// Records the event at `seq` if it is the next one; anything else is left to
     /// [`Digests::refresh`].
-    pub(crate) fn record(&mut self, seq: u64, event: &Event) {
+    fn record(&mut self, seq: u64, event: &Event) {
         if seq != self.len() + 1 {
             return;
         }
         let id: Arc<str> = Arc::from(event.id.as_str());
         let digest = wire::content_hash(event);
-        self.by_id
-            .entry(Arc::clone(&id))
-            .or_default()
-            .push((event.version, digest));
+        match self.by_id.get_mut(event.id.as_str()) {
+            Some(versions) => versions.push(event.version, digest),
+            None => {
+                self.by_id
+                    .insert(Arc::clone(&id), Versions::One(event.version, digest));
+            }
+        }
         self.by_seq.push((id, event.version, digest));
     }
 
@@ -66,11 +92,7 @@ impl Digests {
 
     /// The digest of our copy of `(id, version)`, if we hold it.
     pub(crate) fn get(&self, id: &str, version: u64) -> Option<u64> {
-        self.by_id
-            .get(id)?
-            .iter()
-            .find(|(v, _)| *v == version)
-            .map(|(_, d)| *d)
+        self.by_id.get(id)?.get(version)
     }
 
     /// Up to `limit` entries with `seq > after`, in order.

@@ -347,7 +347,8 @@ pub(crate) struct Node {
     batch_bytes: usize,
     batch_deadline: Option<tokio::time::Instant>,
     last_publish: tokio::time::Instant,
-    /// Digests of our own log for catch-up (refreshed from storage before use).
+    /// Digests of our own log for catch-up, extended from storage when catch-up needs them
+    /// (not on the delivery path).
     digests: Digests,
     /// Accepted messages whose forward is held (see `FORWARD_HOLD`), oldest first; bounded
     /// by `MAX_HELD_FORWARDS`.
@@ -952,9 +953,6 @@ impl Node {
                     .fetch_add(ingested.appended.len() as u64, Ordering::Relaxed);
                 c.duplicate_events
                     .fetch_add(ingested.duplicates as u64, Ordering::Relaxed);
-                for stored in ingested.appended.iter().chain(&ingested.resolutions) {
-                    self.digests.record(stored.seq, &stored.event);
-                }
                 // Revisions written to settle conflicts are ours: publish them (they are
                 // stored, so catch-up carries them if this fails).
                 let resolutions: Vec<Vec<u8>> = ingested
