@@ -234,14 +234,20 @@ impl Replica {
     /// kept (an event without one is made local: it gets our id). The mark is durable, so a
     /// restart still sends it. A conflicting event is settled
     /// as [`Replica::ingest`] settles it (the resolution is local, so it is pending too).
-    pub async fn record_forward(&self, mut event: Event) -> Result<(), SyncError> {
+    ///
+    /// Returns the sequence number of an event that was already stored and is now marked: it
+    /// may lie behind a transport's scan position, which must then look again from there.
+    /// `None` when the event was new (it is at the end of the log) or settled as a conflict.
+    pub async fn record_forward(&self, mut event: Event) -> Result<Option<u64>, SyncError> {
         if event.origin.as_deref().is_none_or(|o| o == self.id()) {
             event.origin = Some(self.id().to_owned());
-            return self.record_local(event).await.map(|_| ());
+            return self.record_local(event).await.map(|_| None);
         }
         let outcome = self.inner.storage.append(vec![event.clone()]).await?;
         match outcome.outcomes.first() {
-            Some(AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq }) => {
+            Some(
+                outcome @ (AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq }),
+            ) => {
                 if !self.inner.has_forwards.load(Ordering::Acquire) {
                     self.inner.storage.set_meta(FORWARDS_KEY, "1").await?;
                     self.inner.has_forwards.store(true, Ordering::Release);
@@ -250,9 +256,9 @@ impl Replica {
                     .storage
                     .set_meta(&format!("{FORWARD_PREFIX}{seq}"), "1")
                     .await?;
-                Ok(())
+                Ok(matches!(outcome, AppendOutcome::Duplicate { .. }).then_some(*seq))
             }
-            Some(AppendOutcome::Conflict(_)) => self.ingest(vec![event]).await.map(|_| ()),
+            Some(AppendOutcome::Conflict(_)) => self.ingest(vec![event]).await.map(|_| None),
             None => Err(SyncError::Protocol("storage returned no outcome".into())),
         }
     }
@@ -275,20 +281,31 @@ impl Replica {
 
     /// Up to `limit` events this replica sends (see [`Replica::sends`]) with `seq > after`.
     pub fn pending(&self, after: u64, limit: usize) -> Result<Vec<Stored>, SyncError> {
+        self.pending_page(after, limit).map(|(events, _)| events)
+    }
+
+    /// [`Replica::pending`], plus how far the scan got: the caller may start its next scan
+    /// there, so events that only arrived are read once, not on every scan. With fewer than
+    /// `limit` events returned, the position is the end of the log.
+    pub fn pending_page(&self, after: u64, limit: usize) -> Result<(Vec<Stored>, u64), SyncError> {
         let mut out = Vec::new();
-        let mut from = after;
-        while out.len() < limit {
-            let page = self.inner.storage.read_since(from, SCAN_PAGE)?;
-            let Some(last) = page.last() else { break };
-            from = last.seq;
+        let mut scanned = after;
+        'scan: while out.len() < limit {
+            let page = self.inner.storage.read_since(scanned, SCAN_PAGE)?;
+            if page.is_empty() {
+                break;
+            }
             for stored in page {
+                scanned = stored.seq;
                 if self.sends(&stored)? {
                     out.push(stored);
+                    if out.len() == limit {
+                        break 'scan;
+                    }
                 }
             }
         }
-        out.truncate(limit);
-        Ok(out)
+        Ok((out, scanned))
     }
 
     /// A named cursor (e.g. `ws:ws://host/room/server` or `git:main/pushed`); 0 when never set.
@@ -363,6 +380,14 @@ mod tests {
             .collect();
         assert_eq!(ids, ["a", "c"]);
         assert_eq!(replica.pending(1, 10).expect("pending").len(), 1);
+        // The scan position: past the received event when it stops at the end of the log,
+        // and at the last returned event when the page is full.
+        let (page, scanned) = replica.pending_page(0, 10).expect("page");
+        assert_eq!((page.len(), scanned), (2, 3));
+        let (page, scanned) = replica.pending_page(0, 1).expect("page");
+        assert_eq!((page.len(), scanned), (1, 1));
+        let (page, scanned) = replica.pending_page(3, 10).expect("page");
+        assert_eq!((page.len(), scanned), (0, 3));
         assert_eq!(replica.pending(0, 1).expect("pending").len(), 1);
         replica.set_cursor("x", 7).await.expect("set");
         assert_eq!(replica.cursor("x").expect("get"), 7);
@@ -383,11 +408,13 @@ mod tests {
             .record_forward(Event::new("relay", "t", json!(2), 1).with_origin("p"))
             .await
             .expect("forward");
-        // Already stored, then handed over: the mark applies to the stored copy.
-        replica
+        // Already stored, then handed over: the mark applies to the stored copy, whose seq is
+        // returned (a transport may have scanned past it).
+        let marked = replica
             .record_forward(Event::new("seen", "t", json!(1), 1).with_origin("p"))
             .await
             .expect("forward stored");
+        assert_eq!(marked, Some(1));
         // No origin: a local event.
         replica
             .record_forward(Event::new("mine", "t", json!(3), 1))

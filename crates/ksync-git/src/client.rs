@@ -1151,7 +1151,21 @@ impl SyncClient for GitSyncClient {
             let replica = self.replica();
             if event.origin.as_deref().is_some_and(|o| o != replica.id()) {
                 // Another replica's event handed to us (a bridge): pushed with its origin.
-                return replica.record_forward(event).await;
+                let Some(seq) = replica.record_forward(event).await? else {
+                    return Ok(());
+                };
+                // It was already stored, perhaps behind its branch's push cursor: move the
+                // cursor back so the next push looks again (what goes twice, the server drops
+                // as duplicates). Under the op lock, so a push in progress cannot undo it.
+                let _op = self.inner.op.lock().await;
+                let segments = self.segments(&replica)?;
+                if let Some(branch) = segments.branch_of(seq) {
+                    let key = self.cursor_key(branch, "pushed");
+                    if replica.cursor(&key)? >= seq {
+                        replica.set_cursor(&key, seq.saturating_sub(1)).await?;
+                    }
+                }
+                return Ok(());
             }
             if event.origin.is_none() {
                 event.origin = Some(replica.id().to_owned());

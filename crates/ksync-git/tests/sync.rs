@@ -546,3 +546,34 @@ async fn a_push_in_many_batches_fast_forwards_through_all_of_them() {
     assert_eq!(pulled.server_version, 61);
     assert_eq!(branch_events(&server, "r", "main").len(), 61);
 }
+
+#[tokio::test]
+async fn forwarding_an_event_behind_the_push_cursor_pushes_it() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let clock = ManualClock::new(100);
+    let bridge = node(&url, "bridge", &clock).await;
+    let reader = node(&url, "reader", &clock).await;
+    // Stored by another transport sharing the storage (e.g. P2P): not the bridge's to push.
+    let arrived = Event::new("arrived", "note", json!(1), 50).with_origin("peer-p");
+    bridge
+        .replica()
+        .ingest(vec![arrived.clone()])
+        .await
+        .expect("ingest");
+    let mine = bridge.emit("mine", json!(2)).await.expect("emit");
+    let first = bridge.push().await.expect("push");
+    assert_eq!(first.pushed_events, vec![mine.clone()]);
+    // Handed over after the push cursor passed it: the next push carries it.
+    bridge
+        .client()
+        .send(arrived.clone())
+        .await
+        .expect("forward");
+    let second = bridge.push().await.expect("push");
+    assert!(second.pushed_events.contains(&arrived), "{second:?}");
+    let pulled = reader.pull().await.expect("pull");
+    assert_eq!(pulled.new_events.len(), 2);
+    assert!(pulled.new_events.contains(&arrived));
+    assert!(pulled.new_events.contains(&mine));
+}

@@ -1,7 +1,7 @@
 //! `WebSocketSyncClient`: the spec's real-time client.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -216,6 +216,7 @@ impl WebSocketSyncClientBuilder {
             waiters: Mutex::new(Vec::new()),
             wake: Notify::new(),
             queued: AtomicUsize::new(0),
+            rescan_from: AtomicU64::new(u64::MAX),
             standalone_cursor: Mutex::new(None),
             state,
             config: self.config,
@@ -313,6 +314,9 @@ struct Inner {
     wake: Notify,
     /// Events sent since the last flush (drives `Strategy::Batch`).
     queued: AtomicUsize,
+    /// The lowest seq of an already-stored event marked for forwarding since the last pump
+    /// (`u64::MAX`: none): the session's scan may have passed it and looks again from there.
+    rescan_from: AtomicU64,
     /// The room cursor of a standalone client (`None` before its first session: it starts
     /// with the live stream).
     standalone_cursor: Mutex<Option<u64>>,
@@ -412,7 +416,9 @@ impl WebSocketSyncClient {
                 if event.origin.as_deref().is_some_and(|o| o != replica.id()) {
                     // Another replica's event handed to us (a bridge): stored if new and
                     // marked so that it is pending here although we did not make it.
-                    replica.record_forward(event).await?;
+                    if let Some(seq) = replica.record_forward(event).await? {
+                        self.inner.rescan_from.fetch_min(seq, Ordering::AcqRel);
+                    }
                 } else if replica.storage().get(&event.id, event.version)?.is_none() {
                     // Through KSync a local event is already stored; a direct send stores it
                     // first so it is pending like any local event.
@@ -982,12 +988,18 @@ impl Session {
         }
     }
 
-    fn pending(&self, after: u64, limit: usize) -> Result<Vec<Stored>, WsError> {
+    /// Events to send after `after`, and how far the scan got (events that only arrived
+    /// are skipped once, not on every pump).
+    fn pending(&self, after: u64, limit: usize) -> Result<(Vec<Stored>, u64), WsError> {
         match &self.replica {
             Some(r) => r
-                .pending(after, limit)
+                .pending_page(after, limit)
                 .map_err(|e| WsError::Protocol(format!("reading pending events: {e}"))),
-            None => Ok(lock(&self.inner.outbox).pending(after, limit)),
+            None => {
+                let events = lock(&self.inner.outbox).pending(after, limit);
+                let scanned = events.last().map_or(after, |s| s.seq);
+                Ok((events, scanned))
+            }
         }
     }
 
@@ -1013,13 +1025,22 @@ impl Session {
         self.inner.queued.store(0, Ordering::Release);
         let max_in_flight = config.max_in_flight;
         let debug = config.debug;
+        let rescan = self.inner.rescan_from.swap(u64::MAX, Ordering::AcqRel);
+        if rescan <= self.sent_upto {
+            // A forwarded event lies behind the scan: look again from there (what was sent
+            // since goes again; the server drops exact duplicates).
+            self.sent_upto = rescan.saturating_sub(1);
+        }
         while self.in_flight_events < max_in_flight {
             let page = if coalesce { STATE_SCAN } else { limit };
-            let pending = self.pending(self.sent_upto, page)?;
-            let Some(last) = pending.last() else { break };
+            let (pending, scanned) = self.pending(self.sent_upto, page)?;
+            let Some(last) = pending.last() else {
+                self.sent_upto = self.sent_upto.max(scanned);
+                break;
+            };
             let previous = self.sent_upto;
             let upto = last.seq;
-            self.sent_upto = upto;
+            self.sent_upto = upto.max(scanned);
             let mut events = Vec::with_capacity(pending.len());
             for stored in pending {
                 match self.outgoing(stored.event) {

@@ -125,7 +125,65 @@ async fn an_attached_client_forwards_another_replicas_event_with_its_origin() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn forwarding_an_event_the_client_already_scanned_past_still_sends_it() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(None);
+    let bridge = ksync(&url).await;
+    let reader = ksync(&url).await;
+    let mut seen = reader.notifications();
+    bridge.connect().await.expect("bridge connects");
+    reader.connect().await.expect("reader connects");
+    // Stored by another transport sharing this storage (e.g. P2P): not pending here.
+    let arrived = Event::new("arrived", "note", json!(1), 5).with_origin("peer-p");
+    bridge
+        .replica()
+        .ingest(vec![arrived.clone()])
+        .await
+        .expect("ingest");
+    // A local event after it: the client's scan moves past `arrived`.
+    let mine = bridge.emit("mine", json!(2)).await.expect("emit");
+    assert_eq!(
+        next_event(&mut seen, Duration::from_secs(5))
+            .await
+            .expect("local event"),
+        mine
+    );
+    // Now handed over: the client looks again behind its scan position and sends it.
+    bridge
+        .client()
+        .send(arrived.clone())
+        .await
+        .expect("forward");
+    assert_eq!(
+        next_event(&mut seen, Duration::from_secs(5))
+            .await
+            .expect("the forwarded event"),
+        arrived
+    );
+    bridge.disconnect().await.expect("disconnect");
+    reader.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
 use std::sync::Mutex;
+
+/// The next `event` notification, or `Err` after `wait`.
+async fn next_event(
+    seen: &mut ksync_core::NotificationStream,
+    wait: Duration,
+) -> Result<Event, tokio::time::error::Elapsed> {
+    tokio::time::timeout(wait, async {
+        loop {
+            if let Notification::Event(e) =
+                seen.next_of(NotificationKind::Event).await.expect("event")
+            {
+                break e;
+            }
+        }
+    })
+    .await
+}
 
 use futures_util::{SinkExt, StreamExt};
 use ksync_core::{Direction, Event, Filter, Status, Storage, SyncClient, SyncError};
