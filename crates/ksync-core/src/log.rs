@@ -340,6 +340,22 @@ impl LogIndex {
             .map(|(e, seq)| (seq, e))
     }
 
+    /// Calls `visit` with each of [`LogIndex::iter_since`]'s events; returns how many: what a
+    /// [`Storage::visit_since`](crate::Storage::visit_since) over an in-memory index does.
+    pub fn visit_since(
+        &self,
+        after: u64,
+        limit: usize,
+        visit: &mut dyn FnMut(u64, &Event),
+    ) -> usize {
+        let mut visited = 0;
+        for (seq, event) in self.iter_since(after, limit) {
+            visit(seq, event);
+            visited += 1;
+        }
+        visited
+    }
+
     /// Appends an event that is known not to collide (used when replaying a trusted log).
     /// Returns `false` (and stores nothing) when `(id, version)` is already present.
     pub fn push(&mut self, event: Event) -> bool {

@@ -167,31 +167,30 @@ impl Replica {
     /// the log instead of copying it and returns only its sequence number: for callers that
     /// keep no copy (a transport that already encoded it).
     pub async fn record_local_seq(&self, event: Event) -> Result<u64, SyncError> {
-        let summary = self.inner.storage.append_summary(vec![event]).await?;
-        match summary.outcomes.into_iter().next() {
-            Some(AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq }) => Ok(seq),
-            Some(AppendOutcome::Conflict(c)) => Err(SyncError::Rejected(format!(
+        match self.append_one(event).await? {
+            AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq } => Ok(seq),
+            AppendOutcome::Conflict(c) => Err(SyncError::Rejected(format!(
                 "event {:?} version {} already exists with other content",
                 c.ours.id, c.ours.version
             ))),
-            None => Err(SyncError::Protocol("storage returned no outcome".into())),
         }
     }
 
     /// Stores an event made on this replica. A different event already stored under the same
     /// `(id, version)` is [`SyncError::Rejected`]; the identical one is returned as it is stored.
     pub async fn record_local(&self, event: Event) -> Result<Stored, SyncError> {
-        let outcome = self.inner.storage.append(vec![event.clone()]).await?;
-        match outcome.outcomes.first() {
-            Some(AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq }) => {
-                Ok(Stored { seq: *seq, event })
-            }
-            Some(AppendOutcome::Conflict(c)) => Err(SyncError::Rejected(format!(
-                "event {:?} version {} already exists with other content",
-                c.ours.id, c.ours.version
-            ))),
-            None => Err(SyncError::Protocol("storage returned no outcome".into())),
-        }
+        let seq = self.record_local_seq(event.clone()).await?;
+        Ok(Stored { seq, event })
+    }
+
+    /// Appends one event and returns what the log did with it.
+    async fn append_one(&self, event: Event) -> Result<AppendOutcome, SyncError> {
+        let summary = self.inner.storage.append_summary(vec![event]).await?;
+        summary
+            .outcomes
+            .into_iter()
+            .next()
+            .ok_or_else(|| SyncError::Protocol("storage returned no outcome".into()))
     }
 
     /// Stores events received from elsewhere: new ones are appended, duplicates dropped, and each
@@ -228,39 +227,36 @@ impl Replica {
         })
     }
 
-    /// Stores an event made by another replica that this one must pass on (a bridge between
-    /// two transports, or an application relaying what it received): unlike an event that
-    /// arrived through [`Replica::ingest`], it is pending like a local event, with its `origin`
-    /// kept (an event without one is made local: it gets our id). The mark is durable, so a
-    /// restart still sends it. A conflicting event is settled
-    /// as [`Replica::ingest`] settles it (the resolution is local, so it is pending too).
+    /// Stores an event handed to a transport's `send`, so that it is pending here. Our own
+    /// (no `origin`, which then gets our id, or our id) is stored as by
+    /// [`Replica::record_local_seq`]. Another replica's (a bridge between two transports, or an
+    /// application relaying what it received) keeps its `origin` and gets a durable mark:
+    /// unlike an event that merely arrived through [`Replica::ingest`], it is sent on, also
+    /// after a restart. One that conflicts with a stored event is settled as
+    /// [`Replica::ingest`] settles it (the resolution is local, so it is pending too).
     ///
-    /// Returns the sequence number of an event that was already stored and is now marked: it
-    /// may lie behind a transport's scan position, which must then look again from there.
-    /// `None` when the event was new (it is at the end of the log) or settled as a conflict.
+    /// Returns the sequence number of another replica's event that was already stored and is
+    /// now marked: it may lie behind a transport's scan position, which must then look again
+    /// from there. `None` otherwise (new events are at the end of the log).
     pub async fn record_forward(&self, mut event: Event) -> Result<Option<u64>, SyncError> {
         if event.origin.as_deref().is_none_or(|o| o == self.id()) {
             event.origin = Some(self.id().to_owned());
-            return self.record_local(event).await.map(|_| None);
+            return self.record_local_seq(event).await.map(|_| None);
         }
-        let outcome = self.inner.storage.append(vec![event.clone()]).await?;
-        match outcome.outcomes.first() {
-            Some(
-                outcome @ (AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq }),
-            ) => {
-                if !self.inner.has_forwards.load(Ordering::Acquire) {
-                    self.inner.storage.set_meta(FORWARDS_KEY, "1").await?;
-                    self.inner.has_forwards.store(true, Ordering::Release);
-                }
-                self.inner
-                    .storage
-                    .set_meta(&format!("{FORWARD_PREFIX}{seq}"), "1")
-                    .await?;
-                Ok(matches!(outcome, AppendOutcome::Duplicate { .. }).then_some(*seq))
-            }
-            Some(AppendOutcome::Conflict(_)) => self.ingest(vec![event]).await.map(|_| None),
-            None => Err(SyncError::Protocol("storage returned no outcome".into())),
+        let (seq, already_stored) = match self.append_one(event.clone()).await? {
+            AppendOutcome::Appended { seq } => (seq, false),
+            AppendOutcome::Duplicate { seq } => (seq, true),
+            AppendOutcome::Conflict(_) => return self.ingest(vec![event]).await.map(|_| None),
+        };
+        if !self.inner.has_forwards.load(Ordering::Acquire) {
+            self.inner.storage.set_meta(FORWARDS_KEY, "1").await?;
+            self.inner.has_forwards.store(true, Ordering::Release);
         }
+        self.inner
+            .storage
+            .set_meta(&format!("{FORWARD_PREFIX}{seq}"), "1")
+            .await?;
+        Ok(already_stored.then_some(seq))
     }
 
     /// Whether this replica sends `stored` on: it was made here (origin = our id) or handed

@@ -180,13 +180,7 @@ impl Storage for InMemoryStorage {
         limit: usize,
         visit: &mut dyn FnMut(u64, &Event),
     ) -> Result<usize, StorageError> {
-        let inner = self.lock();
-        let mut visited = 0;
-        for (seq, event) in inner.log.iter_since(after, limit) {
-            visit(seq, event);
-            visited += 1;
-        }
-        Ok(visited)
+        Ok(self.lock().log.visit_since(after, limit, visit))
     }
 
     fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {

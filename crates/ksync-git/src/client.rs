@@ -1145,32 +1145,25 @@ impl SyncClient for GitSyncClient {
     }
 
     /// Stores `event` locally (once; `KSync::emit` already did) on the checked-out branch; the
-    /// next `push` sends it. An event without `origin` gets this replica's id.
-    fn send(&self, mut event: Event) -> BoxFuture<'_, Result<(), SyncError>> {
+    /// next `push` sends it. An event without `origin` gets this replica's id; another
+    /// replica's event (a bridge) is pushed with its origin.
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
             let replica = self.replica();
-            if event.origin.as_deref().is_some_and(|o| o != replica.id()) {
-                // Another replica's event handed to us (a bridge): pushed with its origin.
-                let Some(seq) = replica.record_forward(event).await? else {
-                    return Ok(());
-                };
-                // It was already stored, perhaps behind its branch's push cursor: move the
-                // cursor back so the next push looks again (what goes twice, the server drops
-                // as duplicates). Under the op lock, so a push in progress cannot undo it.
-                let _op = self.inner.op.lock().await;
-                let segments = self.segments(&replica)?;
-                if let Some(branch) = segments.branch_of(seq) {
-                    let key = self.cursor_key(branch, "pushed");
-                    if replica.cursor(&key)? >= seq {
-                        replica.set_cursor(&key, seq.saturating_sub(1)).await?;
-                    }
-                }
+            let Some(seq) = replica.record_forward(event).await? else {
                 return Ok(());
+            };
+            // It was already stored, perhaps behind its branch's push cursor: move the cursor
+            // back so the next push looks again (what goes twice, the server drops as
+            // duplicates). Under the op lock, so a push in progress cannot undo it.
+            let _op = self.inner.op.lock().await;
+            let segments = self.segments(&replica)?;
+            if let Some(branch) = segments.branch_of(seq) {
+                let key = self.cursor_key(branch, "pushed");
+                if replica.cursor(&key)? >= seq {
+                    replica.set_cursor(&key, seq.saturating_sub(1)).await?;
+                }
             }
-            if event.origin.is_none() {
-                event.origin = Some(replica.id().to_owned());
-            }
-            replica.record_local(event).await?;
             Ok(())
         })
     }

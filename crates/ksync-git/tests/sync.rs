@@ -453,13 +453,20 @@ async fn checkout_survives_restart_and_builder_branch_checks_out() {
     assert_eq!(branch_events(&server, "r", "main").len(), 1);
 }
 
-#[tokio::test]
-async fn another_replicas_event_handed_to_the_client_is_pushed_with_its_origin() {
+/// A server with repo `r`, and two replicas on it: `bridge`, which is handed events made
+/// elsewhere, and `reader`.
+async fn bridge_and_reader() -> (common::Server, String, Node, Node) {
     let server = start(&["r"]).await;
     let url = server.repo_url("r");
     let clock = ManualClock::new(100);
     let bridge = node(&url, "bridge", &clock).await;
     let reader = node(&url, "reader", &clock).await;
+    (server, url, bridge, reader)
+}
+
+#[tokio::test]
+async fn another_replicas_event_handed_to_the_client_is_pushed_with_its_origin() {
+    let (_server, url, bridge, reader) = bridge_and_reader().await;
     let relayed = Event::new("from-p2p", "note", json!({"n": 1}), 50).with_origin("peer-p");
     bridge
         .client()
@@ -549,11 +556,7 @@ async fn a_push_in_many_batches_fast_forwards_through_all_of_them() {
 
 #[tokio::test]
 async fn forwarding_an_event_behind_the_push_cursor_pushes_it() {
-    let server = start(&["r"]).await;
-    let url = server.repo_url("r");
-    let clock = ManualClock::new(100);
-    let bridge = node(&url, "bridge", &clock).await;
-    let reader = node(&url, "reader", &clock).await;
+    let (_server, _url, bridge, reader) = bridge_and_reader().await;
     // Stored by another transport sharing the storage (e.g. P2P): not the bridge's to push.
     let arrived = Event::new("arrived", "note", json!(1), 50).with_origin("peer-p");
     bridge

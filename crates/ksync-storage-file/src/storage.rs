@@ -536,13 +536,7 @@ impl Storage for FileStorage {
         limit: usize,
         visit: &mut dyn FnMut(u64, &Event),
     ) -> Result<usize, StorageError> {
-        let state = self.read();
-        let mut visited = 0;
-        for (seq, event) in state.log.iter_since(after, limit) {
-            visit(seq, event);
-            visited += 1;
-        }
-        Ok(visited)
+        Ok(self.read().log.visit_since(after, limit, visit))
     }
 
     fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {

@@ -413,20 +413,11 @@ impl WebSocketSyncClient {
         let replica = lock(&self.inner.replica).clone();
         match replica {
             Some(replica) => {
-                if event.origin.as_deref().is_some_and(|o| o != replica.id()) {
-                    // Another replica's event handed to us (a bridge): stored if new and
-                    // marked so that it is pending here although we did not make it.
-                    if let Some(seq) = replica.record_forward(event).await? {
-                        self.inner.rescan_from.fetch_min(seq, Ordering::AcqRel);
-                    }
-                } else if replica.storage().get(&event.id, event.version)?.is_none() {
-                    // Through KSync a local event is already stored; a direct send stores it
-                    // first so it is pending like any local event.
-                    let mut event = event;
-                    if event.origin.is_none() {
-                        event.origin = Some(replica.id().to_owned());
-                    }
-                    replica.record_local(event).await?;
+                // Stored if new (through KSync it already is) and pending here: our own, or
+                // another replica's handed to us (a bridge), kept with its origin.
+                if let Some(seq) = replica.record_forward(event).await? {
+                    // Already stored, perhaps behind this client's scan: look again.
+                    self.inner.rescan_from.fetch_min(seq, Ordering::AcqRel);
                 }
             }
             None => {

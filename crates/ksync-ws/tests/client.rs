@@ -2,13 +2,17 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use ksync_core::{InMemoryStorage, KSync, Notification, NotificationKind};
-use ksync_ws::WebSocketSyncClient;
+use futures_util::{SinkExt, StreamExt};
+use ksync_core::{
+    Direction, Event, Filter, InMemoryStorage, KSync, Notification, NotificationKind, Status,
+    Storage, SyncClient, SyncError,
+};
 use ksync_ws::server::RelayConfig;
+use ksync_ws::{Strategy, WebSocketSyncClient, WsError};
 use serde_json::json;
 
 async fn ksync(url: &str) -> KSync<WebSocketSyncClient> {
@@ -33,6 +37,23 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The next `event` notification, or `Err` after `wait`.
+async fn next_event(
+    seen: &mut ksync_core::NotificationStream,
+    wait: Duration,
+) -> Result<Event, tokio::time::error::Elapsed> {
+    tokio::time::timeout(wait, async {
+        loop {
+            if let Notification::Event(e) =
+                seen.next_of(NotificationKind::Event).await.expect("event")
+            {
+                break e;
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn spec_complete_example_two_replicas_converge() {
     let server = start(RelayConfig::default()).await;
@@ -49,15 +70,9 @@ async fn spec_complete_example_two_replicas_converge() {
         )
         .await
         .expect("emit");
-    let got = loop {
-        if let Notification::Event(e) = b_events
-            .next_of(NotificationKind::Event)
-            .await
-            .expect("event")
-        {
-            break e;
-        }
-    };
+    let got = next_event(&mut b_events, Duration::from_secs(5))
+        .await
+        .expect("b receives the event");
     assert_eq!(got, sent);
     // Received events are stored before the notification.
     assert!(
@@ -93,17 +108,9 @@ async fn an_attached_client_forwards_another_replicas_event_with_its_origin() {
         .send(relayed.clone())
         .await
         .expect("forward");
-    let got = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Notification::Event(e) =
-                seen.next_of(NotificationKind::Event).await.expect("event")
-            {
-                break e;
-            }
-        }
-    })
-    .await
-    .expect("the forwarded event reaches the reader");
+    let got = next_event(&mut seen, Duration::from_secs(5))
+        .await
+        .expect("the forwarded event reaches the reader");
     assert_eq!(got, relayed, "same event, origin kept");
     // What the reader made reaches the bridge, which does not send it back as its own.
     let back = reader.emit("reply", json!(2)).await.expect("emit");
@@ -165,29 +172,6 @@ async fn forwarding_an_event_the_client_already_scanned_past_still_sends_it() {
     reader.disconnect().await.expect("disconnect");
     server.stop().await;
 }
-
-use std::sync::Mutex;
-
-/// The next `event` notification, or `Err` after `wait`.
-async fn next_event(
-    seen: &mut ksync_core::NotificationStream,
-    wait: Duration,
-) -> Result<Event, tokio::time::error::Elapsed> {
-    tokio::time::timeout(wait, async {
-        loop {
-            if let Notification::Event(e) =
-                seen.next_of(NotificationKind::Event).await.expect("event")
-            {
-                break e;
-            }
-        }
-    })
-    .await
-}
-
-use futures_util::{SinkExt, StreamExt};
-use ksync_core::{Direction, Event, Filter, Status, Storage, SyncClient, SyncError};
-use ksync_ws::{Strategy, WsError};
 
 /// Records every notification of a client, for assertions on what a user sees.
 #[derive(Clone, Default)]
