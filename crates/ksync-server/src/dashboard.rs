@@ -41,8 +41,8 @@ const INDEX_HTML: &str = include_str!("../assets/index.html");
 const DASHBOARD_JS: &str = include_str!("../assets/dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("../assets/dashboard.css");
 const FAVICON_SVG: &str = include_str!("../assets/favicon.svg");
-/// The browser client, kept in the repository at `clients/js/ksync.js`.
-const CLIENT_JS: &str = include_str!("../../../clients/js/ksync.js");
+/// The browser client. It lives inside this crate so that `cargo package` includes it.
+const CLIENT_JS: &str = include_str!("../assets/ksync.js");
 
 /// The page may load only its own scripts and styles and talk only to its own origin.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
