@@ -28,7 +28,10 @@ pub use conflict::{Conflict, ConflictKind, ConflictResolver, Resolution, lww_cmp
 pub use error::SyncError;
 pub use event::{Event, EventLimits, InvalidEvent, RevisionKey};
 pub use ksync::{AutoSync, KSync, KSyncBuilder};
-pub use log::{AppendOutcome, LogIndex, MergeOutcome, MergePlan, MergeSummary, Stored};
+pub use log::{
+    AppendOutcome, EncodedEvent, EventCodec, LogIndex, MergeOutcome, MergePlan, MergeSummary,
+    Stored,
+};
 pub use middleware::{Direction, Filter, Middleware, MiddlewareError, Pipeline};
 pub use names::{InMemoryProvider, LogName, MAX_NAME_LEN, Name, NameError, StorageProvider};
 pub use notify::{

@@ -4,8 +4,11 @@
 //! duplicate (dropped silently) or conflict (reported, not stored). Storages wrap it: the
 //! in-memory storage directly, the file storage after making the new records durable.
 
-use std::collections::hash_map::Entry;
+use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -116,12 +119,112 @@ pub struct MergePlan {
     pub outcome: MergeOutcome,
 }
 
+/// Reads the `(id, version)` of an encoded event: see [`EventCodec::key`].
+pub type KeyFn = fn(&[u8]) -> Option<(&[u8], u64)>;
+
+/// How a durable storage's encoded event records are read back: see
+/// [`LogIndex::push_encoded`]. Plain functions, so a log index stays `Clone` and `Debug`.
+#[derive(Debug, Clone, Copy)]
+pub struct EventCodec {
+    /// Decodes a whole record; `None` when it does not decode (never for a record the storage
+    /// checked before pushing it).
+    pub decode: fn(&[u8]) -> Option<Event>,
+    /// The `(id, version)` of a record without decoding the rest: the id's bytes (UTF-8 for
+    /// a checked record) and the version.
+    pub key: KeyFn,
+}
+
+/// An event kept as the bytes of its record: a range of a shared buffer (a chunk of a log
+/// file, or the records a storage wrote in one go), decoded by the log's [`EventCodec`].
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    bytes: Arc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl EncodedEvent {
+    /// The record at `range` of `bytes`; `None` when the range is not inside `bytes`.
+    pub fn new(bytes: Arc<Vec<u8>>, range: Range<usize>) -> Option<Self> {
+        bytes.get(range.clone())?;
+        Some(Self {
+            bytes,
+            start: range.start,
+            end: range.end,
+        })
+    }
+
+    /// The record's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes.get(self.start..self.end).unwrap_or_default()
+    }
+}
+
+/// One event of the log: decoded, encoded, or both (decoded from its encoding on first read).
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    // Boxed: a slot that is only encoded costs 40 bytes, not the size of an `Event`.
+    event: OnceLock<Box<Event>>,
+    encoded: Option<EncodedEvent>,
+}
+
 /// In-memory index of a log. Pure data; no IO, no clock.
+///
+/// Events are kept decoded, or (from a durable storage, see [`LogIndex::push_encoded`]) as
+/// the bytes of their records, decoded once when first read. Reopening a big log then costs
+/// checking and indexing its records, not allocating every event.
 #[derive(Debug, Clone, Default)]
 pub struct LogIndex {
-    events: Vec<Event>,
-    // id -> its versions and their seqs.
-    by_id: HashMap<String, Versions>,
+    slots: Vec<Slot>,
+    // hash(id) -> the versions (and their seqs) of the id(s) with that hash. Keyed by the
+    // hash rather than the id so that indexing an event copies no string; the id itself is
+    // read from the slot of one of its seqs.
+    by_id: HashMap<u64, Ids, BuildHasherDefault<Prehashed>>,
+    // Keys the id hash (random per index, like `HashMap`'s own).
+    hasher: RandomState,
+    codec: Option<EventCodec>,
+    // Tests: every id hashes alike, to exercise ids that share a hash.
+    #[cfg(test)]
+    all_collide: bool,
+}
+
+/// A `Hasher` for keys that already are hashes.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed with it; fold anything else in so it is still a hash.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// The ids that share one 64-bit hash: almost always one.
+#[derive(Debug, Clone)]
+enum Ids {
+    One(Versions),
+    Several(Vec<Versions>),
+}
+
+/// The id of the event at `seq`, as bytes (split from `LogIndex` so it can be called while
+/// `by_id` is borrowed).
+fn id_bytes<'a>(slots: &'a [Slot], codec: Option<&EventCodec>, seq: u64) -> Option<&'a [u8]> {
+    let slot = slots.get(usize::try_from(seq.checked_sub(1)?).ok()?)?;
+    if let Some(event) = slot.event.get() {
+        return Some(event.id.as_bytes());
+    }
+    let key = codec?.key;
+    key(slot.encoded.as_ref()?.bytes()).map(|(id, _)| id)
 }
 
 impl LogIndex {
@@ -130,33 +233,81 @@ impl LogIndex {
         Self::default()
     }
 
+    /// An empty log that can hold encoded events read back with `codec`.
+    pub fn with_codec(codec: EventCodec) -> Self {
+        Self {
+            codec: Some(codec),
+            ..Self::default()
+        }
+    }
+
     /// Reserves room for `additional` more events, so a bulk load (replaying a log file)
     /// does not rehash and regrow as it goes.
     pub fn reserve(&mut self, additional: usize) {
-        self.events.reserve(additional);
+        self.slots.reserve(additional);
         self.by_id.reserve(additional);
     }
 
     /// The number of events, which is also the last sequence number.
     pub fn len(&self) -> u64 {
-        self.events.len() as u64
+        self.slots.len() as u64
     }
 
     /// Whether the log is empty.
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.slots.is_empty()
     }
 
     /// The event at `seq`.
     pub fn at(&self, seq: u64) -> Option<&Event> {
         seq.checked_sub(1)
             .and_then(|i| usize::try_from(i).ok())
-            .and_then(|i| self.events.get(i))
+            .and_then(|i| self.slots.get(i))
+            .and_then(|slot| self.event(slot))
+    }
+
+    /// A slot's event, decoding it on first use.
+    fn event<'a>(&self, slot: &'a Slot) -> Option<&'a Event> {
+        if let Some(event) = slot.event.get() {
+            return Some(event);
+        }
+        let encoded = slot.encoded.as_ref()?;
+        let decode = self.codec?.decode;
+        match decode(encoded.bytes()) {
+            // Two readers may decode at once; the first to finish wins, both get its copy.
+            Some(event) => Some(slot.event.get_or_init(|| Box::new(event))),
+            None => {
+                // Storages check records before pushing them, so this is a bug, not damage.
+                tracing::error!("an encoded event in the log index does not decode");
+                debug_assert!(false, "undecodable encoded event");
+                None
+            }
+        }
+    }
+
+    fn hash_id(&self, id: &[u8]) -> u64 {
+        #[cfg(test)]
+        if self.all_collide {
+            return 7;
+        }
+        self.hasher.hash_one(id)
+    }
+
+    /// The versions of `id`.
+    fn versions(&self, id: &str) -> Option<&Versions> {
+        let id = id.as_bytes();
+        let is_id = |v: &&Versions| {
+            id_bytes(&self.slots, self.codec.as_ref(), v.any_seq()).is_some_and(|i| i == id)
+        };
+        match self.by_id.get(&self.hash_id(id))? {
+            Ids::One(versions) => Some(versions).filter(is_id),
+            Ids::Several(list) => list.iter().find(is_id),
+        }
     }
 
     /// The revision `(id, version)` and its sequence number.
     pub fn get(&self, id: &str, version: u64) -> Option<Stored> {
-        let seq = self.by_id.get(id)?.get(version)?;
+        let seq = self.versions(id)?.get(version)?;
         self.at(seq).map(|e| Stored {
             seq,
             event: e.clone(),
@@ -165,7 +316,7 @@ impl LogIndex {
 
     /// The highest version of `id`.
     pub fn latest(&self, id: &str) -> Option<Stored> {
-        let (_, seq) = self.by_id.get(id)?.latest();
+        let (_, seq) = self.versions(id)?.latest();
         self.at(seq).map(|e| Stored {
             seq,
             event: e.clone(),
@@ -174,14 +325,9 @@ impl LogIndex {
 
     /// Up to `limit` events with `seq > after`, in order.
     pub fn read_since(&self, after: u64, limit: usize) -> Vec<Stored> {
-        let start = usize::try_from(after).unwrap_or(usize::MAX);
-        self.events
-            .iter()
-            .enumerate()
-            .skip(start)
-            .take(limit)
-            .map(|(i, e)| Stored {
-                seq: i as u64 + 1,
+        self.iter_since(after, limit)
+            .map(|(seq, e)| Stored {
+                seq,
                 event: e.clone(),
             })
             .collect()
@@ -190,10 +336,14 @@ impl LogIndex {
     /// The materialised state: the highest version of every id.
     pub fn state(&self) -> BTreeMap<String, Event> {
         self.by_id
-            .iter()
-            .filter_map(|(id, versions)| {
+            .values()
+            .flat_map(|ids| match ids {
+                Ids::One(versions) => std::slice::from_ref(versions),
+                Ids::Several(list) => list.as_slice(),
+            })
+            .filter_map(|versions| {
                 let (_, seq) = versions.latest();
-                self.at(seq).map(|e| (id.clone(), e.clone()))
+                self.at(seq).map(|e| (e.id.clone(), e.clone()))
             })
             .collect()
     }
@@ -221,8 +371,7 @@ impl LogIndex {
             let mut appended = 0;
             for (input, event) in batch.iter().enumerate() {
                 let in_log = self
-                    .by_id
-                    .get(event.id.as_str())
+                    .versions(&event.id)
                     .and_then(|v| v.get(event.version))
                     .and_then(|seq| self.at(seq).map(|held| (seq, held)));
                 let decision = match in_log {
@@ -331,13 +480,13 @@ impl LogIndex {
     /// without the copies.
     pub fn iter_since(&self, after: u64, limit: usize) -> impl Iterator<Item = (u64, &Event)> {
         let start = usize::try_from(after).unwrap_or(usize::MAX);
-        self.events
+        self.slots
             .get(start..)
             .unwrap_or_default()
             .iter()
             .take(limit)
             .zip(after.saturating_add(1)..)
-            .map(|(e, seq)| (seq, e))
+            .filter_map(|(slot, seq)| self.event(slot).map(|e| (seq, e)))
     }
 
     /// Calls `visit` with each of [`LogIndex::iter_since`]'s events; returns how many: what a
@@ -359,27 +508,95 @@ impl LogIndex {
     /// Appends an event that is known not to collide (used when replaying a trusted log).
     /// Returns `false` (and stores nothing) when `(id, version)` is already present.
     pub fn push(&mut self, event: Event) -> bool {
+        if !self.insert_key(event.id.as_bytes(), event.version) {
+            return false;
+        }
+        self.slots.push(Slot {
+            event: OnceLock::from(Box::new(event)),
+            encoded: None,
+        });
+        true
+    }
+
+    /// Appends an event kept as its encoded record, read back with the log's [`EventCodec`]
+    /// (see [`LogIndex::with_codec`]); `event`, when given, is its decoded form, kept so it is
+    /// not decoded again. Returns `false` (and stores nothing) when `(id, version)` is already
+    /// present, or when there is no codec or it cannot read the record's key.
+    pub fn push_encoded(&mut self, encoded: EncodedEvent, event: Option<Event>) -> bool {
+        let Some(codec) = self.codec else {
+            return false;
+        };
+        let Some((id, version)) = (codec.key)(encoded.bytes()) else {
+            return false;
+        };
+        debug_assert!(
+            event
+                .as_ref()
+                .is_none_or(|e| e.id.as_bytes() == id && e.version == version),
+            "the decoded event is not the encoded one"
+        );
+        // The key borrows `encoded`, which moves into the log below: hash and check first.
+        if !self.insert_key(id, version) {
+            return false;
+        }
+        self.slots.push(Slot {
+            event: event.map(Box::new).map(OnceLock::from).unwrap_or_default(),
+            encoded: Some(encoded),
+        });
+        true
+    }
+
+    /// Records `(id, version)` at the next seq; `false` if it is already present.
+    fn insert_key(&mut self, id: &[u8], version: u64) -> bool {
         let seq = self.len() + 1;
-        // One hash lookup: most ids are new (a replay inserts a million of them), so the key
-        // clone is rarely wasted.
-        match self.by_id.entry(event.id.clone()) {
-            Entry::Occupied(mut versions) => {
-                if versions.get().get(event.version).is_some() {
-                    return false;
-                }
-                versions.get_mut().insert(event.version, seq);
-            }
+        let hash = self.hash_id(id);
+        let (slots, codec) = (&self.slots, self.codec.as_ref());
+        let is_id = |v: &Versions| id_bytes(slots, codec, v.any_seq()).is_some_and(|i| i == id);
+        // One hash lookup; most ids are new (a replay inserts a million of them).
+        match self.by_id.entry(hash) {
             Entry::Vacant(slot) => {
-                slot.insert(Versions::One(event.version, seq));
+                slot.insert(Ids::One(Versions::One(version, seq)));
+            }
+            Entry::Occupied(mut entry) => {
+                let ids = entry.get_mut();
+                let same = match ids {
+                    Ids::One(versions) => is_id(versions).then_some(versions),
+                    Ids::Several(list) => list.iter_mut().find(|v| is_id(v)),
+                };
+                match same {
+                    Some(versions) => {
+                        if versions.get(version).is_some() {
+                            return false;
+                        }
+                        versions.insert(version, seq);
+                    }
+                    // Another id with the same 64-bit hash.
+                    None => match ids {
+                        Ids::One(other) => {
+                            let other = other.clone();
+                            *ids = Ids::Several(vec![other, Versions::One(version, seq)]);
+                        }
+                        Ids::Several(list) => list.push(Versions::One(version, seq)),
+                    },
+                }
             }
         }
-        self.events.push(event);
         true
     }
 
     /// All distinct ids.
     pub fn ids(&self) -> HashSet<&str> {
-        self.by_id.keys().map(String::as_str).collect()
+        self.by_id
+            .values()
+            .flat_map(|ids| match ids {
+                Ids::One(versions) => std::slice::from_ref(versions),
+                Ids::Several(list) => list.as_slice(),
+            })
+            .filter_map(|versions| {
+                id_bytes(&self.slots, self.codec.as_ref(), versions.any_seq())
+                    .and_then(|id| std::str::from_utf8(id).ok())
+            })
+            .collect()
     }
 }
 
@@ -399,6 +616,11 @@ impl Versions {
             Versions::One(v, seq) => (*v == version).then_some(*seq),
             Versions::Many(map) => map.get(&version).copied(),
         }
+    }
+
+    /// The seq of one of the versions (any: they all name the same id).
+    fn any_seq(&self) -> u64 {
+        self.latest().1
     }
 
     fn latest(&self) -> (u64, u64) {
@@ -429,6 +651,97 @@ mod tests {
 
     fn ev(id: &str, version: u64, data: i64) -> Event {
         Event::new(id, "t", json!(data), 1).with_version(version)
+    }
+
+    // A toy encoding: id length (u8), id, version (u64 LE), then the event as JSON.
+    fn toy_encode(event: &Event) -> Vec<u8> {
+        let mut out = vec![u8::try_from(event.id.len()).expect("short id")];
+        out.extend_from_slice(event.id.as_bytes());
+        out.extend_from_slice(&event.version.to_le_bytes());
+        out.extend_from_slice(&serde_json::to_vec(event).expect("json"));
+        out
+    }
+
+    fn toy_key(bytes: &[u8]) -> Option<(&[u8], u64)> {
+        let len = usize::from(*bytes.first()?);
+        let id = bytes.get(1..1 + len)?;
+        let version = u64::from_le_bytes(bytes.get(1 + len..9 + len)?.try_into().ok()?);
+        Some((id, version))
+    }
+
+    fn toy_decode(bytes: &[u8]) -> Option<Event> {
+        let len = usize::from(*bytes.first()?);
+        serde_json::from_slice(bytes.get(9 + len..)?).ok()
+    }
+
+    const TOY: EventCodec = EventCodec {
+        decode: toy_decode,
+        key: toy_key,
+    };
+
+    /// `events` pushed encoded, in one shared buffer; every other one keeps its decoded form.
+    fn encoded_log(events: &[Event], all_collide: bool) -> (LogIndex, Vec<bool>) {
+        let mut bytes = Vec::new();
+        let mut ranges = Vec::new();
+        for e in events {
+            let start = bytes.len();
+            bytes.extend_from_slice(&toy_encode(e));
+            ranges.push(start..bytes.len());
+        }
+        let bytes = Arc::new(bytes);
+        let mut log = LogIndex::with_codec(TOY);
+        log.all_collide = all_collide;
+        let pushed = events
+            .iter()
+            .zip(ranges)
+            .enumerate()
+            .map(|(i, (e, range))| {
+                let encoded = EncodedEvent::new(Arc::clone(&bytes), range).expect("in range");
+                log.push_encoded(encoded, (i % 2 == 1).then(|| e.clone()))
+            })
+            .collect();
+        (log, pushed)
+    }
+
+    #[test]
+    fn encoded_events_read_back_like_decoded_ones() {
+        let events = vec![
+            ev("a", 1, 1),
+            ev("b", 1, 2),
+            ev("a", 2, 3),
+            ev("a", 1, 9), // repeats (a, 1): refused
+            ev("c", 1, 4),
+        ];
+        for all_collide in [false, true] {
+            let (encoded, pushed) = encoded_log(&events, all_collide);
+            assert_eq!(pushed, vec![true, true, true, false, true]);
+            let mut plain = LogIndex::new();
+            plain.all_collide = all_collide;
+            for e in &events {
+                plain.push(e.clone());
+            }
+            assert_eq!(encoded.len(), 4);
+            assert_eq!(encoded.read_since(0, 10), plain.read_since(0, 10));
+            assert_eq!(encoded.state(), plain.state());
+            assert_eq!(encoded.ids(), plain.ids());
+            assert_eq!(encoded.latest("a").map(|s| s.seq), Some(3));
+            assert_eq!(encoded.get("a", 1).map(|s| s.event.data), Some(json!(1)));
+            assert_eq!(encoded.get("c", 1).map(|s| s.seq), Some(4));
+            assert_eq!(encoded.get("d", 1), None);
+            // Merging against encoded events dedups and conflicts as usual.
+            let mut merged = encoded.clone();
+            let out = merged.merge(vec![ev("b", 1, 2), ev("b", 1, 5), ev("d", 1, 6)]);
+            assert_eq!(out.duplicates, 1);
+            assert_eq!(out.conflicts.len(), 1);
+            assert_eq!(out.last_seq(), Some(5));
+        }
+        // Without a codec nothing encoded is taken.
+        let mut log = LogIndex::new();
+        let bytes = Arc::new(toy_encode(&ev("a", 1, 1)));
+        let len = bytes.len();
+        let encoded = EncodedEvent::new(bytes, 0..len).expect("in range");
+        assert!(!log.push_encoded(encoded.clone(), None));
+        assert!(EncodedEvent::new(Arc::new(vec![1, 2]), 1..3).is_none());
     }
 
     #[test]
@@ -534,6 +847,21 @@ mod tests {
                 prop_assert_eq!(summary, MergeSummary::from(outcome));
             }
             prop_assert_eq!(full.read_since(0, 100), summed.read_since(0, 100));
+        }
+
+        #[test]
+        fn ids_sharing_a_hash_are_kept_apart(batch in arb_events(), more in arb_events()) {
+            let mut normal = LogIndex::new();
+            let mut colliding = LogIndex::new();
+            colliding.all_collide = true;
+            for b in [batch, more] {
+                prop_assert_eq!(normal.merge(b.clone()), colliding.merge(b));
+            }
+            prop_assert_eq!(normal.state(), colliding.state());
+            prop_assert_eq!(normal.ids(), colliding.ids());
+            for id in normal.ids() {
+                prop_assert_eq!(normal.latest(id), colliding.latest(id));
+            }
         }
 
         #[test]

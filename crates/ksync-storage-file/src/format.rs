@@ -13,8 +13,8 @@
 //! `origin`) followed by the event's `data` in a compact binary value encoding (a tagged tree
 //! with LEB128 varints; see `encode_event` for why). Meta payloads are postcard `(key, value)`.
 
-use ksync_core::{Event, StorageError};
-use serde::{Deserialize, Serialize};
+use ksync_core::{Event, EventCodec, StorageError};
+use serde::Serialize;
 
 /// The first 8 bytes of every kSync log.
 pub const MAGIC: [u8; 8] = *b"KSYNCLOG";
@@ -87,8 +87,9 @@ pub(crate) fn check_header(bytes: &[u8]) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// The fixed fields of an event, ahead of its JSON `data`.
-#[derive(Serialize, Deserialize)]
+/// The fixed fields of an event, ahead of its `data` (written with postcard; read back by
+/// [`read_head`], which decodes the same bytes without serde and allocates nothing).
+#[derive(Serialize)]
 struct EventHead<'a> {
     id: &'a str,
     event_type: &'a str,
@@ -163,7 +164,93 @@ pub(crate) fn encode_meta(key: &str, value: &str, out: &mut Vec<u8>) -> Result<(
     })
 }
 
+/// The fields of an event payload, borrowed, `data` still encoded.
+struct RawEvent<'a> {
+    id: &'a [u8],
+    event_type: &'a [u8],
+    timestamp: u64,
+    version: u64,
+    origin: Option<&'a [u8]>,
+    data: &'a [u8],
+}
+
+/// Splits an event payload: postcard's encoding of [`EventHead`] (strings as a varint length
+/// and the bytes, integers as LEB128 varints, an option as a 0/1 byte then the value), then
+/// `data`. Strings are not checked for UTF-8 here.
+fn read_head(payload: &[u8]) -> Result<RawEvent<'_>, String> {
+    let mut r = crate::value::Reader::new(payload);
+    let id = r.str_bytes()?;
+    let event_type = r.str_bytes()?;
+    let timestamp = r.varint()?;
+    let version = r.varint()?;
+    let origin = match r.varint()? {
+        0 => None,
+        1 => Some(r.str_bytes()?),
+        _ => return Err("bad origin tag".into()),
+    };
+    Ok(RawEvent {
+        id,
+        event_type,
+        timestamp,
+        version,
+        origin,
+        data: r.rest(),
+    })
+}
+
+fn utf8(raw: &[u8]) -> Result<(), String> {
+    if raw.is_ascii() || std::str::from_utf8(raw).is_ok() {
+        Ok(())
+    } else {
+        Err("event string is not UTF-8".into())
+    }
+}
+
+/// Checks that an event payload decodes ([`decode_event`] would succeed), allocating nothing.
+pub(crate) fn check_event(payload: &[u8]) -> Result<(), String> {
+    let raw = read_head(payload).map_err(|e| format!("undecodable event record: {e}"))?;
+    utf8(raw.id)?;
+    utf8(raw.event_type)?;
+    if let Some(origin) = raw.origin {
+        utf8(origin)?;
+    }
+    crate::value::check(raw.data).map_err(|e| format!("undecodable event data: {e}"))
+}
+
+/// An owned, checked copy of a string field (copied first so the check runs on aligned
+/// bytes, see `value::Reader::string`).
+fn owned(raw: &[u8]) -> Result<String, String> {
+    String::from_utf8(raw.to_vec()).map_err(|_| "event string is not UTF-8".to_string())
+}
+
+/// Decodes an event payload.
+pub(crate) fn decode_event(payload: &[u8]) -> Result<Event, String> {
+    let raw = read_head(payload).map_err(|e| format!("undecodable event record: {e}"))?;
+    let data =
+        crate::value::decode(raw.data).map_err(|e| format!("undecodable event data: {e}"))?;
+    Ok(Event {
+        id: owned(raw.id)?,
+        event_type: owned(raw.event_type)?,
+        data,
+        timestamp: raw.timestamp,
+        version: raw.version,
+        origin: raw.origin.map(owned).transpose()?,
+    })
+}
+
+/// The `(id, version)` of an event payload, without checking or decoding the rest.
+pub(crate) fn event_key(payload: &[u8]) -> Option<(&[u8], u64)> {
+    read_head(payload).ok().map(|raw| (raw.id, raw.version))
+}
+
+/// How the log index reads back event payloads it keeps encoded.
+pub(crate) const CODEC: EventCodec = EventCodec {
+    decode: |payload| decode_event(payload).ok(),
+    key: event_key,
+};
+
 /// A decoded record.
+#[cfg(test)]
 #[derive(Debug)]
 pub(crate) enum Record {
     /// An event.
@@ -219,29 +306,44 @@ pub(crate) fn parse_frame(buf: &[u8]) -> Frame<'_> {
 
 /// Decodes the payload of a record with a good checksum. An error here means the record was
 /// written by something else than this format's writer (a good checksum rules out a torn write).
+#[cfg(test)]
 pub(crate) fn decode(kind: u8, payload: &[u8]) -> Result<Record, String> {
     match RecordKind::from_byte(kind) {
-        Some(RecordKind::Event) => {
-            let (head, data): (EventHead<'_>, &[u8]) = postcard::take_from_bytes(payload)
-                .map_err(|e| format!("undecodable event record: {e}"))?;
-            let data =
-                crate::value::decode(data).map_err(|e| format!("undecodable event data: {e}"))?;
-            Ok(Record::Event(Event {
-                id: head.id.to_owned(),
-                event_type: head.event_type.to_owned(),
-                data,
-                timestamp: head.timestamp,
-                version: head.version,
-                origin: head.origin.map(str::to_owned),
-            }))
-        }
+        Some(RecordKind::Event) => decode_event(payload).map(Record::Event),
         Some(RecordKind::Meta) => {
-            let ((key, value), rest): ((&str, &str), &[u8]) = postcard::take_from_bytes(payload)
-                .map_err(|e| format!("undecodable meta record: {e}"))?;
-            if !rest.is_empty() {
-                return Err("trailing bytes in meta record".into());
-            }
+            let (key, value) = decode_meta(payload)?;
             Ok(Record::Meta(key.to_owned(), value.to_owned()))
+        }
+        None => Err(format!("unknown record kind {kind}")),
+    }
+}
+
+fn decode_meta(payload: &[u8]) -> Result<(&str, &str), String> {
+    let ((key, value), rest): ((&str, &str), &[u8]) =
+        postcard::take_from_bytes(payload).map_err(|e| format!("undecodable meta record: {e}"))?;
+    if !rest.is_empty() {
+        return Err("trailing bytes in meta record".into());
+    }
+    Ok((key, value))
+}
+
+/// A checked record whose event payload is left encoded.
+#[derive(Debug)]
+pub(crate) enum CheckedRecord {
+    /// An event; its payload decodes.
+    Event,
+    /// A metadata entry.
+    Meta(String, String),
+}
+
+/// Checks the payload of a record with a good checksum like [`decode`] does, decoding only
+/// metadata: events stay encoded (see `ksync_core::LogIndex::push_encoded`).
+pub(crate) fn check(kind: u8, payload: &[u8]) -> Result<CheckedRecord, String> {
+    match RecordKind::from_byte(kind) {
+        Some(RecordKind::Event) => check_event(payload).map(|()| CheckedRecord::Event),
+        Some(RecordKind::Meta) => {
+            let (key, value) = decode_meta(payload)?;
+            Ok(CheckedRecord::Meta(key.to_owned(), value.to_owned()))
         }
         None => Err(format!("unknown record kind {kind}")),
     }

@@ -1,22 +1,24 @@
 //! Reopening a log: replay every record into a [`LogIndex`], and recover from a torn tail.
 //!
-//! Replay is a pipeline so that a reopen of a million events stays near a second: a reader
-//! thread reads the file in 1 MiB chunks and cuts them at record boundaries (lengths only);
-//! decoder threads (one per core, at most 4) check checksums and decode the chunks in
-//! parallel; the calling thread takes the decoded chunks back in file order and inserts them
-//! into the index. Decoding (allocating every event) and indexing cost about the same, so the
-//! stages overlap well.
+//! Replay is a pipeline: a reader thread reads the file in 1 MiB chunks and cuts them at
+//! record boundaries (lengths only); decoder threads (one per core, at most 4) check
+//! checksums and check that every record decodes, in parallel; the calling thread takes the
+//! checked chunks back in file order and indexes them. Events are not decoded: the index keeps
+//! each as a range of its chunk ([`ksync_core::EncodedEvent`]) and decodes it when first
+//! read, so a reopen allocates a few bytes per event instead of the whole event (a million
+//! decoded events take over a gigabyte, and faulting that memory in cost more than decoding).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
-use ksync_core::{LogIndex, StorageError};
+use ksync_core::{EncodedEvent, LogIndex, StorageError};
 
 use crate::format::{
-    Frame, HEADER_LEN, MAX_RECORD_LEN, RECORD_HEADER_LEN, Record, decode, parse_frame,
+    CODEC, CheckedRecord, Frame, HEADER_LEN, MAX_RECORD_LEN, RECORD_HEADER_LEN, check, parse_frame,
 };
 
 /// Bytes the reader reads at a time (and about the size of one chunk of records).
@@ -79,10 +81,20 @@ struct Chunk {
     base: u64,
 }
 
-/// A decoded chunk: its records in order, and where decoding stopped early, if it did.
+/// A checked chunk: its bytes, its records in order (file offset, and for an event the range
+/// of its payload in `bytes`), and where checking stopped early, if it did.
 struct Decoded {
-    records: Vec<(u64, Record)>,
+    bytes: Arc<Vec<u8>>,
+    records: Vec<(u64, Checked)>,
     stop: Option<Stop>,
+}
+
+/// A checked record of a chunk.
+enum Checked {
+    /// An event whose payload is `bytes[start..end]` of its chunk.
+    Event { start: usize, end: usize },
+    /// A metadata entry.
+    Meta(String, String),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StorageError {
@@ -98,7 +110,7 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, MAX_DECODERS);
-    let mut log = LogIndex::new();
+    let mut log = LogIndex::with_codec(CODEC);
     let estimate = file_len.saturating_sub(HEADER_LEN as u64) / TYPICAL_MIN_RECORD;
     log.reserve(usize::try_from(estimate).unwrap_or(0));
     let mut meta = HashMap::new();
@@ -124,8 +136,11 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
             };
             for (offset, record) in decoded.records {
                 match record {
-                    Record::Event(event) => {
-                        if !log.push(event) {
+                    Checked::Event { start, end } => {
+                        let pushed = EncodedEvent::new(Arc::clone(&decoded.bytes), start..end)
+                            .is_some_and(|encoded| log.push_encoded(encoded, None));
+                        if !pushed {
+                            // The record was checked, so its key reads: a repeat.
                             stop = Some(Stop::Fatal(StorageError::Corrupt {
                                 offset,
                                 reason: "the same (id, version) is stored twice".into(),
@@ -133,7 +148,7 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
                             break 'chunks;
                         }
                     }
-                    Record::Meta(key, value) => {
+                    Checked::Meta(key, value) => {
                         meta_records += 1;
                         meta.insert(key, value);
                     }
@@ -276,8 +291,15 @@ fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>) {
                     kind,
                     payload,
                     total,
-                } => match decode(kind, payload) {
+                } => match check(kind, payload) {
                     Ok(record) => {
+                        let record = match record {
+                            CheckedRecord::Event => Checked::Event {
+                                start: pos + RECORD_HEADER_LEN,
+                                end: pos + total,
+                            },
+                            CheckedRecord::Meta(key, value) => Checked::Meta(key, value),
+                        };
                         records.push((offset, record));
                         pos += total;
                     }
@@ -304,7 +326,16 @@ fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>) {
             }
         }
         let done = stop.is_some();
-        if decoded.send(Decoded { records, stop }).is_err() || done {
+        let bytes = Arc::new(chunk.bytes);
+        if decoded
+            .send(Decoded {
+                bytes,
+                records,
+                stop,
+            })
+            .is_err()
+            || done
+        {
             return;
         }
     }
@@ -325,7 +356,7 @@ fn next_valid_record(path: &Path, bad: u64, end: u64) -> Result<Option<u64>, Sto
         .map_err(io_err("reading the log tail"))?;
     for i in 0..rest.len() {
         if let Frame::Good { kind, payload, .. } = parse_frame(&rest[i..])
-            && decode(kind, payload).is_ok()
+            && check(kind, payload).is_ok()
         {
             return Ok(Some(from + i as u64));
         }

@@ -11,13 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ksync_core::{
-    AppendOutcome, BoxFuture, Event, LogIndex, MergeOutcome, MergeSummary, Storage, StorageError,
-    Stored,
+    AppendOutcome, BoxFuture, EncodedEvent, Event, LogIndex, MergeOutcome, MergeSummary, Storage,
+    StorageError, Stored,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::fault::FaultHook;
-use crate::format::{self, HEADER_LEN};
+use crate::format::{self, HEADER_LEN, RECORD_HEADER_LEN};
 use crate::replay::{RecoveryReport, replay};
 
 /// When an append counts as done.
@@ -172,11 +172,21 @@ struct EncodedAppend {
     bytes: Vec<u8>,
     /// Where each event's record ends in `bytes`.
     ends: Vec<usize>,
+    /// Whether the answer carries the appended events ([`Storage::append`]) or the index
+    /// keeps them decoded ([`Storage::append_summary`]).
+    answer_events: bool,
 }
 
-/// What the writer answers an append: one outcome per event. The caller kept a copy of its
-/// events and builds the `MergeOutcome` itself, so the writer never clones an event.
-type AppendReply = oneshot::Sender<Result<Vec<AppendOutcome>, StorageError>>;
+/// What the writer answers an append.
+struct AppendAnswer {
+    /// One outcome per event.
+    outcomes: Vec<AppendOutcome>,
+    /// The appended events, moved back (the index keeps their records, encoded), when the
+    /// caller asked for them: so no event is ever cloned.
+    appended: Vec<Stored>,
+}
+
+type AppendReply = oneshot::Sender<Result<AppendAnswer, StorageError>>;
 type UnitReply = oneshot::Sender<Result<(), StorageError>>;
 
 /// One request to the writer thread.
@@ -451,12 +461,14 @@ impl FileStorage {
 }
 
 impl FileStorage {
-    /// Sends `events` (not empty) to the writer; answers one outcome per event once the new
-    /// ones are durable (per policy) and visible.
-    async fn append_outcomes(
+    /// Sends `events` (not empty) to the writer; answers one outcome per event (and the
+    /// appended events, if `answer_events`) once the new ones are durable (per policy) and
+    /// visible.
+    async fn append_events(
         &self,
         events: Vec<Event>,
-    ) -> Result<Vec<AppendOutcome>, StorageError> {
+        answer_events: bool,
+    ) -> Result<AppendAnswer, StorageError> {
         // Encoding here, on the caller's thread, keeps it off the writer thread, which is the
         // one thing all appends of a log share.
         let mut bytes = Vec::with_capacity(events.len() * 256);
@@ -471,6 +483,7 @@ impl FileStorage {
                     events,
                     bytes,
                     ends,
+                    answer_events,
                 },
                 reply,
             )
@@ -499,10 +512,8 @@ impl Storage for FileStorage {
             if events.is_empty() {
                 return Ok(MergeOutcome::default());
             }
-            // The log keeps the events it is sent; the answer carries this copy.
-            let kept = events.clone();
-            let outcomes = self.append_outcomes(events).await?;
-            Ok(merge_outcome(kept, outcomes))
+            let answer = self.append_events(events, true).await?;
+            Ok(merge_outcome(answer))
         })
     }
 
@@ -514,7 +525,7 @@ impl Storage for FileStorage {
             if events.is_empty() {
                 return Ok(MergeSummary::default());
             }
-            let outcomes = self.append_outcomes(events).await?;
+            let outcomes = self.append_events(events, false).await?.outcomes;
             let mut summary = MergeSummary::default();
             for outcome in &outcomes {
                 match outcome {
@@ -616,17 +627,20 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Builds an append's answer from the caller's copy of its events and the writer's outcomes.
-fn merge_outcome(kept: Vec<Event>, outcomes: Vec<AppendOutcome>) -> MergeOutcome {
-    let mut out = MergeOutcome::default();
-    for (event, outcome) in kept.into_iter().zip(&outcomes) {
+/// Builds an append's answer from the writer's.
+fn merge_outcome(answer: AppendAnswer) -> MergeOutcome {
+    let mut out = MergeOutcome {
+        appended: answer.appended,
+        ..MergeOutcome::default()
+    };
+    for outcome in &answer.outcomes {
         match outcome {
-            AppendOutcome::Appended { seq } => out.appended.push(Stored { seq: *seq, event }),
+            AppendOutcome::Appended { .. } => {}
             AppendOutcome::Duplicate { .. } => out.duplicates += 1,
             AppendOutcome::Conflict(conflict) => out.conflicts.push((**conflict).clone()),
         }
     }
-    out.outcomes = outcomes;
+    out.outcomes = answer.outcomes;
     out
 }
 
@@ -689,10 +703,33 @@ struct Group {
     job: u64,
     /// Its sync's result; `None` while the sync runs.
     synced: Option<io::Result<()>>,
-    appended: Vec<Stored>,
-    appends: Vec<(AppendReply, Vec<AppendOutcome>)>,
+    /// The records it wrote (shared with the index, which keeps events encoded).
+    bytes: Arc<Vec<u8>>,
+    /// Its new events, in log order.
+    appended: Vec<GroupEvent>,
+    /// Each append's answer, sent once the group is published.
+    appends: Vec<(AppendReply, AppendAnswer)>,
     metas: Vec<(String, String, UnitReply)>,
     flushes: Vec<UnitReply>,
+}
+
+/// A new event of a written group.
+struct GroupEvent {
+    seq: u64,
+    /// Where its record's payload is in the group's bytes.
+    payload: std::ops::Range<usize>,
+    /// The event itself, when the index keeps it decoded (its append did not ask for it).
+    event: Option<Event>,
+}
+
+impl GroupEvent {
+    /// Its `(id, version)`.
+    fn key<'a>(&'a self, bytes: &'a [u8]) -> Option<(&'a [u8], u64)> {
+        match &self.event {
+            Some(e) => Some((e.id.as_bytes(), e.version)),
+            None => format::event_key(bytes.get(self.payload.clone())?),
+        }
+    }
 }
 
 /// An append request of the group being planned.
@@ -702,6 +739,7 @@ struct PendingAppend {
     count: usize,
     bytes: Vec<u8>,
     ends: Vec<usize>,
+    answer_events: bool,
 }
 
 impl Writer {
@@ -822,6 +860,7 @@ impl Writer {
                         events,
                         bytes,
                         ends,
+                        answer_events,
                     },
                     reply,
                 ) => {
@@ -830,6 +869,7 @@ impl Writer {
                         count: events.len(),
                         bytes,
                         ends,
+                        answer_events,
                     });
                     batch.extend(events);
                 }
@@ -866,7 +906,10 @@ impl Writer {
             }
         }
 
-        self.buf.clear();
+        // A fresh buffer per group: once written it is shared with the index.
+        self.buf = Vec::with_capacity(appends.iter().map(|p| p.bytes.len()).sum());
+        // Where each new event's payload lands in `buf`, in log order.
+        let mut payloads = Vec::with_capacity(plan.outcome.appended.len());
         let mut outcomes = plan.outcome.outcomes.iter();
         for p in &appends {
             let mut from = 0;
@@ -874,7 +917,9 @@ impl Writer {
                 if matches!(outcome, AppendOutcome::Appended { .. })
                     && let Some(record) = p.bytes.get(from..end)
                 {
+                    let start = self.buf.len();
                     self.buf.extend_from_slice(record);
+                    payloads.push(start + RECORD_HEADER_LEN..self.buf.len());
                 }
                 from = end;
             }
@@ -889,27 +934,58 @@ impl Writer {
             }
         }
 
+        // Split the plan per append: its outcomes, and its new events (which follow the
+        // previous append's) either back to the caller or into the index.
         let mut outcomes = plan.outcome.outcomes.into_iter();
-        let appends: Vec<(AppendReply, Vec<AppendOutcome>)> = appends
-            .into_iter()
-            .map(|p| (p.reply, outcomes.by_ref().take(p.count).collect()))
-            .collect();
+        let mut new_events = plan.outcome.appended.into_iter().zip(payloads);
+        let mut appended = Vec::with_capacity(new_events.len());
+        let mut answers = Vec::with_capacity(appends.len());
+        for p in appends {
+            let outcomes: Vec<AppendOutcome> = outcomes.by_ref().take(p.count).collect();
+            let count = outcomes
+                .iter()
+                .filter(|o| matches!(o, AppendOutcome::Appended { .. }))
+                .count();
+            let mut answer = AppendAnswer {
+                outcomes,
+                appended: Vec::with_capacity(if p.answer_events { count } else { 0 }),
+            };
+            for (stored, payload) in new_events.by_ref().take(count) {
+                let seq = stored.seq;
+                let event = if p.answer_events {
+                    answer.appended.push(stored);
+                    None
+                } else {
+                    Some(stored.event)
+                };
+                appended.push(GroupEvent {
+                    seq,
+                    payload,
+                    event,
+                });
+            }
+            answers.push((p.reply, answer));
+        }
+        if !self.buf.is_empty()
+            && let Err(e) = self.write_buf()
+        {
+            fail_group_replies(answers, kept_metas, flushes, &e);
+            return;
+        }
+        let written = std::mem::take(&mut self.buf);
+        if !written.is_empty() {
+            self.len += written.len() as u64;
+            self.dirty = true;
+        }
         let mut group = Group {
             job: 0,
             synced: Some(Ok(())),
-            appended: plan.outcome.appended,
-            appends,
+            bytes: Arc::new(written),
+            appended,
+            appends: answers,
             metas: kept_metas,
             flushes,
         };
-        if !self.buf.is_empty() {
-            if let Err(e) = self.write_buf() {
-                fail_group(group, &e);
-                return;
-            }
-            self.len += self.buf.len() as u64;
-            self.dirty = true;
-        }
         let sync = match self.durability {
             Durability::EveryAppend | Durability::GroupCommit => self.dirty,
             Durability::None => self.dirty && !group.flushes.is_empty(),
@@ -1037,19 +1113,21 @@ impl Writer {
         if pending == 0 {
             return false;
         }
-        let in_flight = || self.in_flight.iter().flat_map(|g| &g.appended);
+        let in_flight = || {
+            self.in_flight
+                .iter()
+                .flat_map(|g| g.appended.iter().filter_map(|e| e.key(&g.bytes)))
+        };
         // Groups are small when syncs are fast: comparing beats hashing every key.
         if batch.len().saturating_mul(pending) <= SCAN_LIMIT {
-            return batch
-                .iter()
-                .any(|e| in_flight().any(|s| s.event.version == e.version && s.event.id == e.id));
+            return batch.iter().any(|e| {
+                in_flight().any(|(id, version)| version == e.version && id == e.id.as_bytes())
+            });
         }
-        let keys: HashSet<(&str, u64)> = in_flight()
-            .map(|s| (s.event.id.as_str(), s.event.version))
-            .collect();
+        let keys: HashSet<(&[u8], u64)> = in_flight().collect();
         batch
             .iter()
-            .any(|e| keys.contains(&(e.id.as_str(), e.version)))
+            .any(|e| keys.contains(&(e.id.as_bytes(), e.version)))
     }
 
     /// Waits until every group in flight is published (or failed).
@@ -1098,10 +1176,13 @@ impl Writer {
         let mut meta_replies = Vec::with_capacity(group.metas.len());
         {
             let mut state = self.write_state();
-            for stored in group.appended {
-                let seq = stored.seq;
-                // Moved, not cloned: the callers answer with their own copies.
-                if !state.log.push(stored.event) || state.log.len() != seq {
+            for new in group.appended {
+                let seq = new.seq;
+                // The index keeps the record (and the event itself if the caller did not
+                // take it back): no event is cloned.
+                let pushed = EncodedEvent::new(Arc::clone(&group.bytes), new.payload)
+                    .is_some_and(|encoded| state.log.push_encoded(encoded, new.event));
+                if !pushed || state.log.len() != seq {
                     tracing::error!(seq, "a planned event did not land at its seq");
                     debug_assert!(false, "stale merge plan at seq {seq}");
                 }
@@ -1111,8 +1192,8 @@ impl Writer {
                 meta_replies.push(reply);
             }
         }
-        for (reply, outcomes) in group.appends {
-            let _ = reply.send(Ok(outcomes));
+        for (reply, answer) in group.appends {
+            let _ = reply.send(Ok(answer));
         }
         for reply in meta_replies {
             let _ = reply.send(Ok(()));
@@ -1152,19 +1233,29 @@ fn sync_loop(
 
 /// Answers every request of a group that will not be published with `error`.
 fn fail_group(group: Group, error: &io::Error) {
-    for (reply, _) in group.appends {
+    fail_group_replies(group.appends, group.metas, group.flushes, error);
+}
+
+/// [`fail_group`] for a group not yet made.
+fn fail_group_replies(
+    appends: Vec<(AppendReply, AppendAnswer)>,
+    metas: Vec<(String, String, UnitReply)>,
+    flushes: Vec<UnitReply>,
+    error: &io::Error,
+) {
+    for (reply, _) in appends {
         let _ = reply.send(Err(StorageError::Io {
             context: "appending to the log".into(),
             source: copy_io_error(error),
         }));
     }
-    for (_, _, reply) in group.metas {
+    for (_, _, reply) in metas {
         let _ = reply.send(Err(StorageError::Io {
             context: "writing metadata to the log".into(),
             source: copy_io_error(error),
         }));
     }
-    for reply in group.flushes {
+    for reply in flushes {
         let _ = reply.send(Err(StorageError::Io {
             context: "flushing the log".into(),
             source: copy_io_error(error),
