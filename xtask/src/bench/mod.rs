@@ -216,6 +216,11 @@ pub fn run(args: &[String]) -> Result<()> {
         return crate::cargo(&cmd_args);
     }
     let mut report = Report::default();
+    if ws::is_relay_child() {
+        // A relay process of the ws scenario (ourselves, re-executed): it serves, prints no
+        // header and no table.
+        return ws::run(&mut report);
+    }
     for (name, about, scenario) in SCENARIOS {
         if wanted.is_empty() || wanted.contains(name) {
             eprintln!("== bench {name}: {about}");

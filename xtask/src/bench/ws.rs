@@ -24,7 +24,8 @@
 //! `KSYNC_BENCH_WS_ONLY=ksync-mem,nats` runs only those systems, `KSYNC_BENCH_WS_N=1,10` only
 //! those fan-outs (either one also skips the idle-memory measure),
 //! `KSYNC_BENCH_WS_RELAY_WRAP="valgrind --tool=callgrind"` starts the Rust relay children
-//! under that command (they exit cleanly at the end so the tool writes its output), and
+//! under that command (they exit cleanly at the end so the tool writes its output),
+//! `KSYNC_BENCH_WS_MODE=steady` (or `full`) runs only the steady-rate (or full-speed) runs, and
 //! `KSYNC_BENCH_WS_IDLE_ONLY=1` measures only the idle connections.
 
 use std::collections::VecDeque;
@@ -184,6 +185,16 @@ enum Mode {
 struct RunResult {
     deliveries_per_sec: f64,
     latencies_ms: Vec<f64>,
+}
+
+impl RunResult {
+    /// A run left out by `KSYNC_BENCH_WS_MODE` (NaN figures).
+    fn skipped() -> Self {
+        Self {
+            deliveries_per_sec: f64::NAN,
+            latencies_ms: Vec::new(),
+        }
+    }
 }
 
 /// Per-subscriber progress, read by the publisher for flow control.
@@ -1142,6 +1153,11 @@ struct Samples {
     p99: Vec<f64>,
 }
 
+/// Whether this process is a relay child of the scenario (see [`CHILD_ENV`]).
+pub fn is_relay_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
 /// `cargo xtask bench ws`.
 pub fn run(report: &mut Report) -> Result<()> {
     if let Ok(kind) = std::env::var(CHILD_ENV) {
@@ -1173,7 +1189,13 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
             .collect::<Result<_>>()?,
         None => FAN_OUT.to_vec(),
     };
-    let filtered = only.is_some() || fan_out != FAN_OUT;
+    let modes = match std::env::var("KSYNC_BENCH_WS_MODE").as_deref() {
+        Ok("steady") => vec![Mode::Steady],
+        Ok("full") => vec![Mode::FullSpeed],
+        Ok(other) => bail!("KSYNC_BENCH_WS_MODE: {other:?} is neither steady nor full"),
+        Err(_) => vec![Mode::FullSpeed, Mode::Steady],
+    };
+    let filtered = only.is_some() || fan_out != FAN_OUT || modes.len() < 2;
     let wanted = |s: System| {
         only.as_ref()
             .is_none_or(|o| o.iter().any(|x| x == s.name()))
@@ -1252,14 +1274,23 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
             };
             for target in order {
                 let room = format!("r{round}-n{n}-full");
-                let full = run_once(target, &room, n, Mode::FullSpeed)
-                    .await
-                    .with_context(|| format!("{} N={n} full speed", target.system.name()))?;
+                let full = if modes.contains(&Mode::FullSpeed) {
+                    checked += full_speed_events(n) * n as u64;
+                    run_once(target, &room, n, Mode::FullSpeed)
+                        .await
+                        .with_context(|| format!("{} N={n} full speed", target.system.name()))?
+                } else {
+                    RunResult::skipped()
+                };
                 let room = format!("r{round}-n{n}-steady");
-                let mut steady = run_once(target, &room, n, Mode::Steady)
-                    .await
-                    .with_context(|| format!("{} N={n} steady", target.system.name()))?;
-                checked += full_speed_events(n) * n as u64 + STEADY_EVENTS * n as u64;
+                let mut steady = if modes.contains(&Mode::Steady) {
+                    checked += STEADY_EVENTS * n as u64;
+                    run_once(target, &room, n, Mode::Steady)
+                        .await
+                        .with_context(|| format!("{} N={n} steady", target.system.name()))?
+                } else {
+                    RunResult::skipped()
+                };
                 eprintln!(
                     "round {round} N={n:<3} {:<10} {:>10.0} deliveries/s  p50 {:.3} ms  p99 {:.3} ms",
                     target.system.name(),

@@ -1,15 +1,16 @@
 //! One task per connection: reads the client's messages, forwards publishes to the room, and
 //! writes what the room queued for it (shared frames) plus its own catch-up.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use ksync_core::{Access, Event, EventLimits, Grant, Name, PROTOCOL_VERSION, ResourceKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 
+use super::outbox::{Outbox, Sink, frame_message};
 use super::room::{Frame, Incoming, PublishCommand, RoomCommand, Subscribed};
 use super::{ConnectionSlot, Shared};
 use crate::protocol::{
@@ -27,7 +28,6 @@ pub(crate) struct Connection {
     pub(crate) _slot: ConnectionSlot,
 }
 
-type Sink = SplitSink<WebSocket, Message>;
 type Stream = SplitStream<WebSocket>;
 
 /// Why the connection loop ended.
@@ -38,49 +38,58 @@ enum End {
     Drop,
 }
 
+/// The connection task's writes. The socket's write half lives in the [`Outbox`] it shares
+/// with the room (which writes the room's frames directly when it can); the task takes it for
+/// each of its own messages and, when it gives it back, first writes whatever the room queued
+/// meanwhile.
 struct Writer {
-    sink: Sink,
+    outbox: Arc<Outbox>,
     compression: bool,
     write_timeout: std::time::Duration,
 }
 
 impl Writer {
     async fn send(&mut self, message: Message) -> Result<(), End> {
-        match timeout(self.write_timeout, self.sink.send(message)).await {
-            Ok(Ok(())) => Ok(()),
+        let mut sink = self.outbox.take_sink().ok_or(End::Drop)?;
+        match timeout(self.write_timeout, sink.send(message)).await {
+            Ok(Ok(())) => self.give_back(sink).await,
             _ => Err(End::Drop),
         }
+    }
+
+    /// Returns the sink to the outbox, after writing (with one flush per round) what the room
+    /// queued while it was taken, or flushing what a direct write of the room left unflushed.
+    async fn give_back(&mut self, mut sink: Sink) -> Result<(), End> {
+        loop {
+            let frames = match self.outbox.put_back(sink) {
+                Ok(()) => return Ok(()),
+                Err((back, frames)) => {
+                    sink = back;
+                    frames
+                }
+            };
+            let compression = self.compression;
+            let write = async {
+                for frame in &frames {
+                    sink.feed(frame_message(frame, compression)).await?;
+                }
+                sink.flush().await
+            };
+            match timeout(self.write_timeout, write).await {
+                Ok(Ok(())) => {}
+                _ => return Err(End::Drop),
+            }
+        }
+    }
+
+    /// Writes what the room left for this connection (after a notification).
+    async fn serve_room(&mut self) -> Result<(), End> {
+        let sink = self.outbox.take_sink().ok_or(End::Drop)?;
+        self.give_back(sink).await
     }
 
     fn frame_message(&self, frame: &Frame) -> Message {
-        if self.compression && frame.batch {
-            Message::Binary(frame.deflated())
-        } else {
-            Message::Text(frame.text.clone())
-        }
-    }
-
-    /// Writes one queued frame plus whatever else is already queued, with one flush.
-    async fn send_frames(
-        &mut self,
-        first: Arc<Frame>,
-        queue: &mut mpsc::Receiver<Arc<Frame>>,
-    ) -> Result<(), End> {
-        let limit = self.write_timeout;
-        let write = async {
-            self.sink.feed(self.frame_message(&first)).await?;
-            for _ in 0..64 {
-                match queue.try_recv() {
-                    Ok(frame) => self.sink.feed(self.frame_message(&frame)).await?,
-                    Err(_) => break,
-                }
-            }
-            self.sink.flush().await
-        };
-        match timeout(limit, write).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::Drop),
-        }
+        frame_message(frame, self.compression)
     }
 
     async fn message(&mut self, message: &ServerMessage, batch: bool) -> Result<(), End> {
@@ -90,15 +99,24 @@ impl Writer {
     }
 
     async fn close(&mut self, code: u16, reason: String) {
+        let Some(mut sink) = self.outbox.take_sink() else {
+            return;
+        };
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
-        let _ = timeout(
-            self.write_timeout,
-            self.sink.send(Message::Close(Some(frame))),
-        )
-        .await;
+        let _ = timeout(self.write_timeout, sink.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+/// Ends the connection's side of the outbox however the task ends (the room may keep the
+/// outbox until it reads the unsubscribe, the socket must not wait for that).
+struct Leave(Arc<Outbox>);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -113,8 +131,11 @@ pub(crate) async fn serve(connection: Connection) {
         _slot,
     } = connection;
     let (sink, mut stream) = socket.split();
+    // Bounded: see RelayConfig::subscriber_queue for the overflow policy.
+    let outbox = Outbox::new(sink, shared.config.subscriber_queue);
+    let _leave = Leave(Arc::clone(&outbox));
     let mut writer = Writer {
-        sink,
+        outbox,
         compression: false,
         write_timeout: shared.config.write_timeout,
     };
@@ -179,18 +200,16 @@ async fn run(
         return Err(End::Close(close::UNSUPPORTED_PROTOCOL, message));
     }
     writer.compression = hello.compression;
+    writer.outbox.set_compression(hello.compression);
 
-    // Join the room: from here on the room queues every new batch for us.
-    // Bounded: see RelayConfig::subscriber_queue for the overflow policy.
-    let (queue_tx, mut queue) = mpsc::channel(config.subscriber_queue);
-    let closed: Arc<OnceLock<(u16, &'static str)>> = Arc::new(OnceLock::new());
+    // Join the room: from here on the room queues every new batch for us (and writes them
+    // directly once we are live, after the catch-up).
     let (reply, joined) = oneshot::channel();
     room_tx
         .send(RoomCommand::Subscribe {
             conn: id,
             state: hello.state,
-            queue: queue_tx,
-            closed: Arc::clone(&closed),
+            outbox: Arc::clone(&writer.outbox),
             reply,
         })
         .await
@@ -231,6 +250,8 @@ async fn run(
     ))
     .await?;
 
+    writer.outbox.go_live();
+
     let mut shutdown = shared.shutdown.subscribe();
     let mut shutting_down = *shutdown.borrow();
     let mut ping = interval_at(Instant::now() + config.heartbeat, config.heartbeat);
@@ -238,10 +259,9 @@ async fn run(
     let mut awaiting_pong = false;
     loop {
         tokio::select! {
-            frame = queue.recv() => match frame {
-                Some(frame) => writer.send_frames(frame, &mut queue).await?,
-                None => {
-                    let (code, reason) = closed.get().copied().unwrap_or((close::GOING_AWAY, "room closed"));
+            () = writer.outbox.notified() => {
+                writer.serve_room().await?;
+                if let Some((code, reason)) = writer.outbox.closed() {
                     return Err(End::Close(code, reason.into()));
                 }
             },

@@ -13,6 +13,7 @@
 //! ```
 
 mod conn;
+mod outbox;
 mod room;
 
 use std::collections::HashMap;

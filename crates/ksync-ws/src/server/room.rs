@@ -10,6 +10,7 @@ use ksync_core::{AppendOutcome, Event, Name, Storage, Stored};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::RelayActivity;
+use super::outbox::{Outbox, Refused};
 
 use crate::protocol::{self, PublishResult, ServerMessage, close};
 
@@ -178,14 +179,16 @@ fn push_u64(text: &mut String, mut n: u64) {
     }
 }
 
-/// Why the room stopped sending to a subscriber; read by its connection task when the queue
-/// closes.
-pub(crate) type CloseSlot = Arc<OnceLock<(u16, &'static str)>>;
-
 pub(crate) struct Subscriber {
     conn: u64,
-    queue: mpsc::Sender<Arc<Frame>>,
-    closed: CloseSlot,
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        // Unless a reason was given first (slow consumer, shutdown), the room is going away.
+        self.outbox.close(close::GOING_AWAY, "room closed");
+    }
 }
 
 /// What a connection learns when it joins.
@@ -201,8 +204,8 @@ pub(crate) enum RoomCommand {
     Subscribe {
         conn: u64,
         state: bool,
-        queue: mpsc::Sender<Arc<Frame>>,
-        closed: CloseSlot,
+        /// Where the room writes the connection's frames (bounded: see [`Outbox`]).
+        outbox: Arc<Outbox>,
         reply: oneshot::Sender<Result<Subscribed, String>>,
     },
     Unsubscribe {
@@ -330,8 +333,7 @@ impl Room {
                 RoomCommand::Subscribe {
                     conn,
                     state,
-                    queue,
-                    closed,
+                    outbox,
                     reply,
                 } => {
                     let snapshot = if state {
@@ -345,11 +347,7 @@ impl Room {
                     } else {
                         None
                     };
-                    self.subs.push(Subscriber {
-                        conn,
-                        queue,
-                        closed,
-                    });
+                    self.subs.push(Subscriber { conn, outbox });
                     let _ = reply.send(Ok(Subscribed {
                         server_version: self.last_seq,
                         snapshot,
@@ -365,7 +363,7 @@ impl Room {
                         tracing::error!(room = %self.name, error = %e, "flushing the room log failed");
                     }
                     for sub in self.subs.drain(..) {
-                        let _ = sub.closed.set((close::GOING_AWAY, "server shutting down"));
+                        sub.outbox.close(close::GOING_AWAY, "server shutting down");
                     }
                     let _ = done.send(());
                     break;
@@ -519,29 +517,24 @@ fn fan_out(
     acks: &[Arc<Frame>],
     events: Option<Arc<Frame>>,
 ) {
+    let events = events.as_slice();
     subs.retain(|sub| {
-        let result = if sub.conn == publisher {
-            acks.iter()
-                .try_for_each(|ack| sub.queue.try_send(Arc::clone(ack)))
-        } else {
-            match &events {
-                Some(e) => sub.queue.try_send(Arc::clone(e)),
-                None => return true,
-            }
-        };
-        match result {
+        let frames = if sub.conn == publisher { acks } else { events };
+        if frames.is_empty() {
+            return true;
+        }
+        match sub.outbox.deliver(frames) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 // Slow-consumer policy: drop the subscriber (never block the room or
                 // buffer without bound); its connection closes with 4008 and the client
                 // resumes from its cursor.
                 tracing::info!(room = %name, conn = sub.conn, "dropping a slow subscriber");
-                let _ = sub
-                    .closed
-                    .set((close::SLOW_CONSUMER, "too slow: resume from your cursor"));
+                sub.outbox
+                    .close(close::SLOW_CONSUMER, "too slow: resume from your cursor");
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(Refused::Gone) => false,
         }
     });
 }

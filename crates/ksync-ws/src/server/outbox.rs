@@ -1,0 +1,271 @@
+//! A subscriber's outgoing side, shared by its connection task and its room.
+//!
+//! The room writes each frame straight into the subscriber's socket when nothing else is
+//! waiting to go out (the common case): a non-blocking write from the room's task, so one
+//! published event costs no task wake-up per subscriber. Only when that write cannot finish at
+//! once (the socket's send buffer is full, the connection task is using the socket, or it has
+//! not finished its catch-up yet) does the frame wait in the bounded queue here, and the
+//! connection task is woken to write it. Order is kept: the room writes directly only while
+//! the queue is empty and nothing is left unflushed.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::Sink as _;
+use futures_util::stream::SplitSink;
+use tokio::sync::Notify;
+
+use super::room::Frame;
+
+/// The write half of a connection's WebSocket.
+pub(crate) type Sink = SplitSink<WebSocket, Message>;
+
+/// The message for `frame` on a connection (deflated event batches when it compresses).
+pub(crate) fn frame_message(frame: &Frame, compression: bool) -> Message {
+    if compression && frame.batch {
+        Message::Binary(frame.deflated())
+    } else {
+        Message::Text(frame.text.clone())
+    }
+}
+
+/// Wakes the connection task. A separate allocation from [`Outbox`]: the socket keeps the
+/// waker of its last pending write, and the socket lives in the outbox, so waking through the
+/// outbox itself would make a reference cycle.
+struct ConnWaker(Notify);
+
+impl Wake for ConnWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// Why the room could not hand a frame over.
+pub(crate) enum Refused {
+    /// The queue holds `capacity` frames: the slow-consumer policy applies.
+    Full,
+    /// The connection ended.
+    Gone,
+}
+
+/// See the module docs.
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    conn: Arc<ConnWaker>,
+    /// Wakes the connection task (through `conn`); given to the socket by the room's writes, so
+    /// a write left pending wakes the connection task to finish it.
+    waker: Waker,
+    /// Most frames queued. Overflow policy: [`Outbox::deliver`] refuses with
+    /// [`Refused::Full`] and the room drops the subscriber (close 4008, resume from the
+    /// cursor); see `RelayConfig::subscriber_queue`.
+    capacity: usize,
+}
+
+struct State {
+    /// The socket's write half while nobody is writing through it. The connection task takes
+    /// it for its own writes (the room then queues); the room writes through it in place and
+    /// never awaits. `None` for good once a write failed or the connection ended.
+    sink: Option<Sink>,
+    /// The connection finished its catch-up: the room may write directly, and queued frames
+    /// are written after the connection task's own messages.
+    live: bool,
+    /// The connection asked for deflated event batches.
+    compression: bool,
+    /// Frames waiting for the connection task, oldest first; at most `capacity`.
+    queue: VecDeque<Arc<Frame>>,
+    /// A direct write left bytes in the sink's buffer: the connection task must flush them
+    /// before anything else is written directly.
+    unflushed: bool,
+    /// Why the room stopped sending (the first reason is kept).
+    closed: Option<(u16, &'static str)>,
+    /// The connection task ended: nothing more is delivered.
+    gone: bool,
+}
+
+/// What a direct write achieved.
+enum Direct {
+    /// Every frame written and flushed.
+    Done,
+    /// The first `n` frames are in the sink, not all flushed; the rest must be queued.
+    Partial(usize),
+    /// The socket failed.
+    Failed,
+}
+
+impl Outbox {
+    /// An outbox owning `sink`, queueing at most `capacity` frames.
+    pub(crate) fn new(sink: Sink, capacity: usize) -> Arc<Self> {
+        let conn = Arc::new(ConnWaker(Notify::new()));
+        Arc::new(Self {
+            state: Mutex::new(State {
+                sink: Some(sink),
+                live: false,
+                compression: false,
+                queue: VecDeque::new(),
+                unflushed: false,
+                closed: None,
+                gone: false,
+            }),
+            waker: Waker::from(Arc::clone(&conn)),
+            conn,
+            capacity,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_conn(&self) {
+        self.conn.0.notify_one();
+    }
+
+    // ----- the room's side -----
+
+    /// Hands `frames` (in order) to the connection: written into its socket now when nothing
+    /// is waiting before them, queued otherwise. Never waits.
+    pub(crate) fn deliver(&self, frames: &[Arc<Frame>]) -> Result<(), Refused> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.gone {
+            return Err(Refused::Gone);
+        }
+        let mut rest = frames;
+        if state.live
+            && state.queue.is_empty()
+            && !state.unflushed
+            && let Some(sink) = state.sink.as_mut()
+        {
+            let mut cx = Context::from_waker(&self.waker);
+            match write_now(sink, frames, state.compression, &mut cx) {
+                Direct::Done => return Ok(()),
+                Direct::Partial(written) => {
+                    state.unflushed = true;
+                    rest = &frames[written..];
+                    self.wake_conn();
+                }
+                Direct::Failed => {
+                    // The connection task finds the sink gone and ends the connection.
+                    state.sink = None;
+                    self.wake_conn();
+                    return Ok(());
+                }
+            }
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        if state.queue.len() + rest.len() > self.capacity {
+            return Err(Refused::Full);
+        }
+        if state.queue.is_empty() {
+            self.wake_conn();
+        }
+        state.queue.extend(rest.iter().cloned());
+        Ok(())
+    }
+
+    /// Tells the connection why nothing more will come (the first reason is kept); it closes
+    /// with it once it has written what was queued.
+    pub(crate) fn close(&self, code: u16, reason: &'static str) {
+        let mut state = self.lock();
+        state.closed.get_or_insert((code, reason));
+        drop(state);
+        self.wake_conn();
+    }
+
+    // ----- the connection task's side -----
+
+    /// Resolves when the room queued frames, left a write unflushed, or closed.
+    pub(crate) async fn notified(&self) {
+        self.conn.0.notified().await;
+    }
+
+    /// Sets whether event batches go out deflated (before the connection goes live).
+    pub(crate) fn set_compression(&self, compression: bool) {
+        self.lock().compression = compression;
+    }
+
+    /// Takes the sink for the connection task's own writes (`None`: a write failed).
+    pub(crate) fn take_sink(&self) -> Option<Sink> {
+        self.lock().sink.take()
+    }
+
+    /// Gives the sink back after the connection task's writes, unless (live) frames were
+    /// queued meanwhile or a direct write is unflushed: then the sink comes back with those
+    /// frames (possibly none, just to flush), to write and flush before trying again.
+    pub(crate) fn put_back(&self, sink: Sink) -> Result<(), (Sink, VecDeque<Arc<Frame>>)> {
+        let mut state = self.lock();
+        if state.live && (state.unflushed || !state.queue.is_empty()) {
+            state.unflushed = false;
+            return Err((sink, std::mem::take(&mut state.queue)));
+        }
+        state.sink = Some(sink);
+        Ok(())
+    }
+
+    /// The catch-up is done: from now on the room writes directly. The caller writes what was
+    /// queued meanwhile (take the sink, then [`put_back`](Self::put_back)).
+    pub(crate) fn go_live(&self) {
+        self.lock().live = true;
+        self.wake_conn();
+    }
+
+    /// Why the room stopped sending, once everything it handed over is written (until then
+    /// `None`: the connection task is woken again for the rest).
+    pub(crate) fn closed(&self) -> Option<(u16, &'static str)> {
+        let state = self.lock();
+        if state.queue.is_empty() && !state.unflushed {
+            state.closed
+        } else {
+            None
+        }
+    }
+
+    /// The connection ended: drop the socket's write half now (the room may hold the outbox a
+    /// little longer) and refuse further frames.
+    pub(crate) fn leave(&self) {
+        let mut state = self.lock();
+        state.gone = true;
+        state.queue.clear();
+        let sink = state.sink.take();
+        drop(state);
+        drop(sink);
+    }
+}
+
+/// Writes `frames` into `sink` and flushes, without waiting.
+fn write_now(
+    sink: &mut Sink,
+    frames: &[Arc<Frame>],
+    compression: bool,
+    cx: &mut Context<'_>,
+) -> Direct {
+    let mut sink = Pin::new(sink);
+    for (written, frame) in frames.iter().enumerate() {
+        match sink.as_mut().poll_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Direct::Failed,
+            Poll::Pending => return Direct::Partial(written),
+        }
+        if sink
+            .as_mut()
+            .start_send(frame_message(frame, compression))
+            .is_err()
+        {
+            return Direct::Failed;
+        }
+    }
+    match sink.as_mut().poll_flush(cx) {
+        Poll::Ready(Ok(())) => Direct::Done,
+        Poll::Ready(Err(_)) => Direct::Failed,
+        Poll::Pending => Direct::Partial(frames.len()),
+    }
+}
