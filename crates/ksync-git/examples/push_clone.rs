@@ -1,14 +1,14 @@
 //! The `cargo xtask bench git` path in one small process, for profilers (e.g.
 //! `valgrind --tool=callgrind`): start the repository service on 127.0.0.1:0, push N ~200-byte
-//! events from one client in batches of 1,000, clone them into an empty client in pages of
+//! events from one client in the client's default batches, clone them into an empty client in pages of
 //! 10,000, and check the counts.
 //!
 //! ```text
-//! cargo run --release -p ksync-git --example push_clone -- [EVENTS] [memory|file|setup|setup-file|floor] [gzip|plain] [CLONE_PAGE] [PUSH_BATCH]
+//! cargo run --release -p ksync-git --example push_clone -- [EVENTS] [memory|file|setup|setup-file|push|push-file|floor] [gzip|plain] [CLONE_PAGE] [PUSH_BATCH]
 //! ```
 //!
 //! `setup` (`setup-file`) does everything but the push and the clone with memory (file)
-//! storage: subtract its count to get theirs;
+//! storage: subtract its count to get theirs; `push` (`push-file`) stops after the push;
 //! `floor` runs the benchmark's floor twice instead: `serde_json` encode, loopback TCP copy,
 //! decode.
 
@@ -46,7 +46,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mode = args.next().unwrap_or_else(|| "memory".into());
     let gzip = args.next().is_some_and(|a| a == "gzip");
     let page: usize = args.next().map_or(Ok(10_000), |a| a.parse())?;
-    let batch: usize = args.next().map_or(Ok(1_000), |a| a.parse())?;
+    let batch: usize = args
+        .next()
+        .map_or(Ok(ksync_git::wire::DEFAULT_PUSH_BATCH), |a| a.parse())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -142,6 +144,11 @@ async fn run(
     let start = Instant::now();
     let pushed = pusher.push().await?;
     let push = start.elapsed();
+    if mode.starts_with("push") {
+        server.abort();
+        println!("{count} events: push {push:?}");
+        return Ok(());
+    }
 
     let cloner = GitSyncClient::builder(&url)
         .compression(gzip)

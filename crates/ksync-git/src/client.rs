@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::GitError;
 use crate::gzip::gzip;
 use crate::wire::{
-    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, MergeRequest,
-    MergeResponse, PROTOCOL_HEADER, PullResponse, PushResponse, RepoInfo,
+    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, DEFAULT_PUSH_BATCH,
+    DEFAULT_PUSH_BATCH_BYTES, ErrorBody, MergeRequest, MergeResponse, PROTOCOL_HEADER,
+    PullResponse, PushResponse, RepoInfo, from_json,
 };
 
 /// Replica metadata: the checked-out branch.
@@ -94,6 +95,7 @@ pub struct GitSyncClientBuilder {
     request_timeout: Duration,
     page_size: usize,
     push_batch: usize,
+    push_batch_bytes: usize,
 }
 
 impl GitSyncClientBuilder {
@@ -141,9 +143,17 @@ impl GitSyncClientBuilder {
         self
     }
 
-    /// Events sent per push request (default 1000).
+    /// Most events sent per push request (default [`DEFAULT_PUSH_BATCH`], 10,000).
     pub fn push_batch_size(mut self, events: usize) -> Self {
         self.push_batch = events.max(1);
+        self
+    }
+
+    /// Most bytes of encoded events sent per push request (default
+    /// [`DEFAULT_PUSH_BATCH_BYTES`], 4 MiB): keep it under the service's body limit. A single
+    /// event larger than this is sent alone.
+    pub fn push_batch_bytes(mut self, bytes: usize) -> Self {
+        self.push_batch_bytes = bytes.max(1);
         self
     }
 
@@ -178,6 +188,7 @@ impl GitSyncClientBuilder {
                 pull_interval: self.pull_interval,
                 page_size: self.page_size,
                 push_batch: self.push_batch,
+                push_batch_bytes: self.push_batch_bytes,
                 notifier: Notifier::new(),
                 replica: RwLock::new(None),
                 resolver: RwLock::new(None),
@@ -258,6 +269,7 @@ struct Inner {
     pull_interval: Duration,
     page_size: usize,
     push_batch: usize,
+    push_batch_bytes: usize,
     notifier: Notifier,
     replica: RwLock<Option<Replica>>,
     resolver: RwLock<Option<ConflictResolver>>,
@@ -351,7 +363,8 @@ impl GitSyncClient {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             page_size: DEFAULT_PAGE,
-            push_batch: 1000,
+            push_batch: DEFAULT_PUSH_BATCH,
+            push_batch_bytes: DEFAULT_PUSH_BATCH_BYTES,
         }
     }
 
@@ -791,36 +804,60 @@ impl GitSyncClient {
         Ok(result)
     }
 
-    /// Local events of `branch` after `after`: up to one batch, and the last sequence number
-    /// examined (the push cursor may move there once the batch is acknowledged).
+    /// Local events of `branch` after `after`: up to one batch (at most `push_batch` events
+    /// and, unless one event alone is larger, `push_batch_bytes` of JSON), encoded as a JSON
+    /// array while they are read, and the last sequence number examined (the push cursor may
+    /// move there once the batch is acknowledged).
     fn pending_batch(
         &self,
         replica: &Replica,
         segments: &Segments,
         branch: &str,
         after: u64,
-    ) -> Result<(Vec<Event>, u64), SyncError> {
-        let mut batch = Vec::new();
+    ) -> Result<PendingBatch, SyncError> {
+        let mut events = Vec::new();
+        let mut json = vec![b'['];
         let mut scanned = after;
         'scan: loop {
             // Read no more than the batch can still take (reads copy events), but not in
             // tiny steps when other replicas' events are interleaved.
-            let want = (self.inner.push_batch - batch.len()).clamp(64, SCAN_PAGE);
+            let want = (self.inner.push_batch - events.len()).clamp(64, SCAN_PAGE);
             let page = replica.storage().read_since(scanned, want)?;
             if page.is_empty() {
                 break;
             }
             for stored in page {
-                scanned = stored.seq;
                 if segments.branch_of(stored.seq) == Some(branch) && replica.sends(&stored)? {
-                    batch.push(stored.event);
-                    if batch.len() >= self.inner.push_batch {
+                    let mark = json.len();
+                    if !events.is_empty() {
+                        json.push(b',');
+                    }
+                    serde_json::to_writer(&mut json, &stored.event).map_err(|e| {
+                        GitError::Protocol {
+                            url: self.url(),
+                            reason: format!("encoding event {:?}: {e}", stored.event.id),
+                        }
+                        .into_sync()
+                    })?;
+                    if !events.is_empty() && json.len() >= self.inner.push_batch_bytes {
+                        // Over the byte budget: this event starts the next batch.
+                        json.truncate(mark);
                         break 'scan;
                     }
+                    events.push(stored.event);
+                }
+                scanned = stored.seq;
+                if events.len() >= self.inner.push_batch {
+                    break 'scan;
                 }
             }
         }
-        Ok((batch, scanned))
+        json.push(b']');
+        Ok(PendingBatch {
+            events,
+            json,
+            end: scanned,
+        })
     }
 
     async fn push_branch(&self, replica: &Replica, branch: &str) -> Result<PushResult, SyncError> {
@@ -838,13 +875,13 @@ impl GitSyncClient {
         // one after the other, so the server applies them in log order.
         let mut in_flight: Option<InFlight> = None;
         loop {
-            let (batch, batch_end) = self.pending_batch(replica, &segments, branch, scanned)?;
-            scanned = batch_end;
-            let events_json = if batch.is_empty() {
-                None
-            } else {
-                Some(encode(&url, &batch)?)
-            };
+            let batch = self.pending_batch(replica, &segments, branch, scanned)?;
+            scanned = batch.end;
+            if result.pushed_events.capacity() == 0 && !batch.events.is_empty() {
+                // Room for the whole push at once rather than regrowing batch after batch.
+                let room = usize::try_from(total).map_or(RESERVE_MAX, |t| t.min(RESERVE_MAX));
+                result.pushed_events.reserve(room.max(batch.events.len()));
+            }
             let mut acknowledged = None;
             if let Some(previous) = in_flight.take() {
                 acknowledged = Some(settle(previous, &mut pulled, &mut result).await?);
@@ -855,15 +892,15 @@ impl GitSyncClient {
                     total,
                 );
             }
-            if let Some(events_json) = events_json {
+            if !batch.events.is_empty() {
                 let http = self.inner.http.clone();
-                let body = push_body(pulled, &events_json);
+                let body = push_body(pulled, &batch.json);
                 let target = url.clone();
                 in_flight = Some(InFlight {
                     answer: tokio::spawn(async move {
                         http.call(reqwest::Method::POST, target, Some(body)).await
                     }),
-                    events: batch,
+                    events: batch.events,
                     end: scanned,
                     base_version: pulled,
                 });
@@ -959,7 +996,6 @@ async fn settle(
             *slot = true;
         }
     }
-    result.pushed_events.reserve(batch.events.len());
     for (event, refused) in batch.events.into_iter().zip(rejected) {
         if refused {
             result.rejected_events.push(event);
@@ -978,6 +1014,14 @@ async fn settle(
         end: batch.end,
         fast_forward_to,
     })
+}
+
+/// One push batch as read from the local log: the events (kept for the result), the same
+/// events as a JSON array, and the last local sequence number examined.
+struct PendingBatch {
+    events: Vec<Event>,
+    json: Vec<u8>,
+    end: u64,
 }
 
 /// What an acknowledged push batch moves the cursors to.
@@ -1048,7 +1092,7 @@ impl Http {
         let status = response.status();
         let bytes = response.bytes().await.map_err(http)?;
         if !status.is_success() {
-            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            let (code, message) = match from_json::<ErrorBody>(&bytes) {
                 Ok(body) => (body.error.code, body.error.message),
                 Err(_) => (
                     "http_error".to_owned(),
@@ -1063,7 +1107,7 @@ impl Http {
             }
             .into_sync());
         }
-        serde_json::from_slice(&bytes).map_err(|e| {
+        from_json(&bytes).map_err(|e| {
             GitError::Protocol {
                 url,
                 reason: format!("undecodable answer: {e}"),

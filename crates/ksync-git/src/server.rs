@@ -30,7 +30,7 @@ use crate::gzip::{GunzipError, accepts_gzip, gunzip, gzip};
 use crate::wire::{
     BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, ErrorDetail,
     MergeConflict, MergeRequest, MergeResponse, PROTOCOL_HEADER, PushRequest, PushResponse,
-    RejectedEvent, RepoInfo,
+    RejectedEvent, RepoInfo, from_json,
 };
 
 /// Metadata key of a branch's fork record; a log without it is not (yet) a branch.
@@ -286,7 +286,7 @@ impl GitServer {
         } else {
             &raw
         };
-        serde_json::from_slice(plain).map_err(|e| {
+        from_json(plain).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed_body",

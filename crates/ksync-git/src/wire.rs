@@ -19,6 +19,24 @@ pub const PROTOCOL_HEADER: &str = "x-ksync-protocol";
 /// Default number of events in one pull page.
 pub const DEFAULT_PAGE: usize = 1000;
 
+/// Most events a client sends in one push request by default. Fewer, larger requests cost
+/// fewer round trips (and, on a durable server, fewer syncs) per event.
+pub const DEFAULT_PUSH_BATCH: usize = 10_000;
+
+/// Most bytes of encoded events a client sends in one push request by default: a quarter of
+/// the service's default body limit (16 MiB), so large events make smaller batches instead of
+/// a 413. A single event larger than this is still sent, alone.
+pub const DEFAULT_PUSH_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// Decodes a JSON body. JSON text is UTF-8: checking the whole body once and parsing it as a
+/// `str` spares serde_json a UTF-8 check per string (about an eighth of decoding an event).
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        <serde_json::Error as serde::de::Error>::custom(format_args!("body is not UTF-8: {e}"))
+    })?;
+    serde_json::from_str(text)
+}
+
 /// `POST /git/{repo}/branches/{branch}/events`: a batch to append.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

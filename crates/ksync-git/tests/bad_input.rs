@@ -351,6 +351,30 @@ async fn oversized_bodies_are_413() {
     let pushed = c.push().await.expect("push in small batches");
     assert_eq!(pushed.pushed_events.len(), 1000);
     assert_eq!(branch_events(&server, "r", "main").len(), 1000);
+
+    // A byte budget under the limit cuts batches by size, whatever their event count.
+    let c = GitSyncClient::builder(server.repo_url("r"))
+        .auth(Auth::token("writer"))
+        .compression(false)
+        .push_batch_bytes(32 * 1024)
+        .build()
+        .expect("client");
+    let replica =
+        ksync_core::Replica::with_id(Arc::new(ksync_core::InMemoryStorage::new()), "byte-budget");
+    for i in 0..1000 {
+        replica
+            .record_local(
+                Event::new(format!("b{i}"), "t", json!("y".repeat(100)), i)
+                    .with_origin("byte-budget"),
+            )
+            .await
+            .expect("record");
+    }
+    c.attach(replica);
+    let pushed = c.push().await.expect("push in batches cut by size");
+    assert_eq!(pushed.pushed_events.len(), 1000);
+    assert!(pushed.rejected_events.is_empty());
+    assert_eq!(branch_events(&server, "r", "main").len(), 2000);
 }
 
 async fn replica_with(n: u64) -> ksync_core::Replica {
