@@ -405,6 +405,97 @@ mod tests {
         }
     }
 
+    /// Re-frames `payload` as an event record with a good checksum.
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame(&mut out, RecordKind::Event, |out| {
+            out.extend_from_slice(payload);
+            Ok(())
+        })
+        .expect("frames");
+        out
+    }
+
+    #[test]
+    fn checking_agrees_with_decoding_on_damaged_payloads() {
+        let event = Event::new("id-é", "t", json!({"k": ["v", 1.5, -3, {"x": null}]}), 9)
+            .with_origin("o")
+            .with_version(300);
+        let mut buf = Vec::new();
+        encode_event(&event, &mut buf).expect("encodes");
+        let payload = buf[RECORD_HEADER_LEN..].to_vec();
+        assert!(check(RecordKind::Event as u8, &payload).is_ok());
+        let mut refused = 0;
+        for i in 0..payload.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut bad = payload.clone();
+                bad[i] ^= flip;
+                let record = framed(&bad);
+                let Frame::Good { kind, payload, .. } = parse_frame(&record) else {
+                    panic!("a good checksum");
+                };
+                let checked = check(kind, payload).is_ok();
+                assert_eq!(
+                    checked,
+                    decode(kind, payload).is_ok(),
+                    "flip {flip:#x} at {i}"
+                );
+                refused += usize::from(!checked);
+            }
+        }
+        assert!(refused > 0);
+        // Not UTF-8 in the id, the type, the origin, a key and a string value: each refused.
+        for needle in [&b"id-"[..], b"\x01t", b"\x01o", b"\x01k", b"\x01v"] {
+            let at = payload
+                .windows(needle.len())
+                .position(|w| w == needle)
+                .expect("field present")
+                + needle.len()
+                - 1;
+            let mut bad = payload.clone();
+            bad[at] = 0xff;
+            assert!(check(RecordKind::Event as u8, &bad).is_err());
+            assert!(decode(RecordKind::Event as u8, &bad).is_err());
+        }
+    }
+
+    #[test]
+    fn a_checksummed_record_that_does_not_decode_is_corrupt_not_cut() {
+        let good = |i: u64| {
+            let mut out = Vec::new();
+            encode_event(
+                &Event::new(format!("e{i}"), "t", json!({"s": "x"}), i),
+                &mut out,
+            )
+            .expect("encodes");
+            out
+        };
+        let mut bad_payload = good(1)[RECORD_HEADER_LEN..].to_vec();
+        let at = bad_payload.len() - 1; // the last byte of the string "x"
+        bad_payload[at] = 0xff;
+        let bad = framed(&bad_payload);
+        for last in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("bad.log");
+            let mut file = header().to_vec();
+            file.extend_from_slice(&good(0));
+            let offset = file.len() as u64;
+            file.extend_from_slice(&bad);
+            if !last {
+                file.extend_from_slice(&good(2));
+            }
+            std::fs::write(&path, &file).expect("write");
+            match crate::FileStorage::open(&path) {
+                Err(StorageError::Corrupt { offset: at, reason }) => {
+                    assert_eq!(at, offset);
+                    assert!(reason.contains("UTF-8"), "{reason}");
+                }
+                other => panic!("expected Corrupt, got {other:?}"),
+            }
+            assert_eq!(std::fs::read(&path).expect("read"), file, "left alone");
+        }
+    }
+
     #[test]
     fn headers() {
         assert!(check_header(&header()).is_ok());

@@ -1,8 +1,10 @@
 //! [`FileStorage`]: the log on disk, its writer thread and group commit.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
@@ -395,6 +397,8 @@ impl FileStorage {
             syncing: 0,
             in_flight: VecDeque::new(),
             in_flight_appended: 0,
+            in_flight_keys: HashMap::default(),
+            key_hasher: RandomState::new(),
         };
         let name = format!("ksync-log-writer {}", path.display());
         let handle = std::thread::Builder::new()
@@ -684,10 +688,33 @@ struct Writer {
     in_flight: VecDeque<Group>,
     /// Events the groups in flight append (their seqs follow the committed log's).
     in_flight_appended: u64,
+    /// Hashes of the `(id, version)`s the groups in flight append, with their counts. Two
+    /// keys may share a hash: then a batch waits for the groups in flight when it need not,
+    /// which is slower but never wrong.
+    in_flight_keys: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
+    key_hasher: RandomState,
 }
 
-/// Above this many comparisons, [`Writer::collides_with_in_flight`] hashes instead of scanning.
-const SCAN_LIMIT: usize = 4096;
+/// A `Hasher` for keys that already are hashes.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed with it; fold anything else in so it is still a hash.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// A sync thread: `fdatasync`s on its own file descriptor when the writer asks.
 struct Syncer {
@@ -718,18 +745,10 @@ struct GroupEvent {
     seq: u64,
     /// Where its record's payload is in the group's bytes.
     payload: std::ops::Range<usize>,
+    /// Hash of its `(id, version)`, see [`Writer::in_flight_keys`].
+    key_hash: u64,
     /// The event itself, when the index keeps it decoded (its append did not ask for it).
     event: Option<Event>,
-}
-
-impl GroupEvent {
-    /// Its `(id, version)`.
-    fn key<'a>(&'a self, bytes: &'a [u8]) -> Option<(&'a [u8], u64)> {
-        match &self.event {
-            Some(e) => Some((e.id.as_bytes(), e.version)),
-            None => format::event_key(bytes.get(self.payload.clone())?),
-        }
-    }
 }
 
 /// An append request of the group being planned.
@@ -882,7 +901,11 @@ impl Writer {
             return;
         }
 
-        if self.collides_with_in_flight(&batch) {
+        let key_hashes: Vec<u64> = batch
+            .iter()
+            .map(|e| self.key_hash(e.id.as_bytes(), e.version))
+            .collect();
+        if self.collides_with_in_flight(&key_hashes) {
             // The same revision is still syncing: judge this batch against the log once that
             // is published, never against a log that lacks it.
             self.wait_for_in_flight();
@@ -909,17 +932,18 @@ impl Writer {
         // A fresh buffer per group: once written it is shared with the index.
         self.buf = Vec::with_capacity(appends.iter().map(|p| p.bytes.len()).sum());
         // Where each new event's payload lands in `buf`, in log order.
+        // (And the hash of its key.)
         let mut payloads = Vec::with_capacity(plan.outcome.appended.len());
-        let mut outcomes = plan.outcome.outcomes.iter();
+        let mut outcomes = plan.outcome.outcomes.iter().zip(key_hashes);
         for p in &appends {
             let mut from = 0;
-            for (&end, outcome) in p.ends.iter().zip(outcomes.by_ref().take(p.count)) {
+            for (&end, (outcome, key_hash)) in p.ends.iter().zip(outcomes.by_ref().take(p.count)) {
                 if matches!(outcome, AppendOutcome::Appended { .. })
                     && let Some(record) = p.bytes.get(from..end)
                 {
                     let start = self.buf.len();
                     self.buf.extend_from_slice(record);
-                    payloads.push(start + RECORD_HEADER_LEN..self.buf.len());
+                    payloads.push((start + RECORD_HEADER_LEN..self.buf.len(), key_hash));
                 }
                 from = end;
             }
@@ -950,7 +974,7 @@ impl Writer {
                 outcomes,
                 appended: Vec::with_capacity(if p.answer_events { count } else { 0 }),
             };
-            for (stored, payload) in new_events.by_ref().take(count) {
+            for (stored, (payload, key_hash)) in new_events.by_ref().take(count) {
                 let seq = stored.seq;
                 let event = if p.answer_events {
                     answer.appended.push(stored);
@@ -961,6 +985,7 @@ impl Writer {
                 appended.push(GroupEvent {
                     seq,
                     payload,
+                    key_hash,
                     event,
                 });
             }
@@ -997,6 +1022,9 @@ impl Writer {
             group.synced = synced;
         }
         self.in_flight_appended += group.appended.len() as u64;
+        for new in &group.appended {
+            *self.in_flight_keys.entry(new.key_hash).or_default() += 1;
+        }
         self.in_flight.push_back(group);
         self.publish_ready();
     }
@@ -1106,28 +1134,17 @@ impl Writer {
         self.publish_ready();
     }
 
-    /// Whether an event of `batch` has the `(id, version)` of an event that a group in flight
-    /// appends. (Its duplicates and conflicts are with the committed log, which `plan` sees.)
-    fn collides_with_in_flight(&self, batch: &[Event]) -> bool {
-        let pending = usize::try_from(self.in_flight_appended).unwrap_or(usize::MAX);
-        if pending == 0 {
-            return false;
-        }
-        let in_flight = || {
-            self.in_flight
+    /// Whether a key of the batch being planned (by hash) may be one that a group in flight
+    /// appends. (Its duplicates and conflicts with the committed log are `plan`'s business.)
+    fn collides_with_in_flight(&self, key_hashes: &[u64]) -> bool {
+        !self.in_flight_keys.is_empty()
+            && key_hashes
                 .iter()
-                .flat_map(|g| g.appended.iter().filter_map(|e| e.key(&g.bytes)))
-        };
-        // Groups are small when syncs are fast: comparing beats hashing every key.
-        if batch.len().saturating_mul(pending) <= SCAN_LIMIT {
-            return batch.iter().any(|e| {
-                in_flight().any(|(id, version)| version == e.version && id == e.id.as_bytes())
-            });
-        }
-        let keys: HashSet<(&[u8], u64)> = in_flight().collect();
-        batch
-            .iter()
-            .any(|e| keys.contains(&(e.id.as_bytes(), e.version)))
+                .any(|h| self.in_flight_keys.contains_key(h))
+    }
+
+    fn key_hash(&self, id: &[u8], version: u64) -> u64 {
+        self.key_hasher.hash_one((id, version))
     }
 
     /// Waits until every group in flight is published (or failed).
@@ -1155,6 +1172,14 @@ impl Writer {
                 break;
             };
             self.in_flight_appended -= group.appended.len() as u64;
+            for new in &group.appended {
+                if let Some(count) = self.in_flight_keys.get_mut(&new.key_hash) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.in_flight_keys.remove(&new.key_hash);
+                    }
+                }
+            }
             if let Some(Err(e)) = group.synced.take() {
                 // After a failed fsync the kernel may have dropped the dirty pages: nothing
                 // written since the last good sync can be trusted, and retrying could report

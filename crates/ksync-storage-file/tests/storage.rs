@@ -6,7 +6,9 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use ksync_core::{AppendOutcome, Event, LogName, Name, Storage, StorageError, StorageProvider};
+use ksync_core::{
+    AppendOutcome, Event, LogName, Name, Storage, StorageError, StorageProvider, Stored,
+};
 use ksync_storage_file::format::MAX_RECORD_LEN;
 use ksync_storage_file::{
     Durability, FaultHook, FileProvider, FileStorage, FileStorageOptions, WriteFault,
@@ -81,11 +83,21 @@ async fn race(tasks: u64, steps: u64, batch: u64, ids: u64) {
                         })
                         .collect();
                     let out = if i % 2 == 0 {
-                        storage
-                            .append(events.clone())
-                            .await
-                            .expect("append")
-                            .outcomes
+                        let out = storage.append(events.clone()).await.expect("append");
+                        // The answer carries exactly the appended events, with their seqs.
+                        let expected: Vec<Stored> = events
+                            .iter()
+                            .zip(&out.outcomes)
+                            .filter_map(|(e, o)| match o {
+                                AppendOutcome::Appended { seq } => Some(Stored {
+                                    seq: *seq,
+                                    event: e.clone(),
+                                }),
+                                _ => None,
+                            })
+                            .collect();
+                        assert_eq!(out.appended, expected);
+                        out.outcomes
                     } else {
                         storage
                             .append_summary(events.clone())
@@ -148,7 +160,7 @@ async fn racing_single_event_appends_agree_with_the_log() {
     race(24, 20, 1, 60).await;
 }
 
-/// Big batches: the check against groups in flight hashes instead of scanning.
+/// Big batches, many of them meeting groups in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_batches_agree_with_the_log() {
     race(9, 6, 120, 700).await;
