@@ -14,7 +14,6 @@
 //! with LEB128 varints; see `encode_event` for why). Meta payloads are postcard `(key, value)`.
 
 use ksync_core::{Event, EventCodec, StorageError};
-use serde::Serialize;
 
 /// The first 8 bytes of every kSync log.
 pub const MAGIC: [u8; 8] = *b"KSYNCLOG";
@@ -87,9 +86,11 @@ pub(crate) fn check_header(bytes: &[u8]) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// The fixed fields of an event, ahead of its `data` (written with postcard; read back by
-/// [`read_head`], which decodes the same bytes without serde and allocates nothing).
-#[derive(Serialize)]
+/// The fixed fields of an event, ahead of its `data`, in postcard's encoding: written by
+/// [`encode_event`] and read by [`read_head`] by hand (no serde, no allocation); a test checks
+/// the bytes against postcard's.
+#[cfg(test)]
+#[derive(serde::Serialize)]
 struct EventHead<'a> {
     id: &'a str,
     event_type: &'a str,
@@ -141,15 +142,20 @@ fn record_crc(len_bytes: [u8; 4], kind: u8, payload: &[u8]) -> u32 {
 /// costs about the same for all of them, being dominated by allocating the event.
 pub(crate) fn encode_event(event: &Event, out: &mut Vec<u8>) -> Result<(), StorageError> {
     frame(out, RecordKind::Event, |out| {
-        let head = EventHead {
-            id: &event.id,
-            event_type: &event.event_type,
-            timestamp: event.timestamp,
-            version: event.version,
-            origin: event.origin.as_deref(),
-        };
-        postcard::to_io(&head, &mut *out)
-            .map_err(|e| StorageError::Codec(format!("encoding event head: {e}")))?;
+        // postcard's encoding of `EventHead`: strings as a varint length and the bytes,
+        // integers as varints, the option as a 0/1 byte then the value.
+        use crate::value::{put_str, put_varint};
+        put_str(out, &event.id);
+        put_str(out, &event.event_type);
+        put_varint(out, event.timestamp);
+        put_varint(out, event.version);
+        match &event.origin {
+            None => out.push(0),
+            Some(origin) => {
+                out.push(1);
+                put_str(out, origin);
+            }
+        }
         crate::value::encode(&event.data, out)
             .map_err(|e| StorageError::Codec(format!("encoding event data: {e}")))
     })
@@ -493,6 +499,30 @@ mod tests {
                 other => panic!("expected Corrupt, got {other:?}"),
             }
             assert_eq!(std::fs::read(&path).expect("read"), file, "left alone");
+        }
+    }
+
+    #[test]
+    fn event_heads_are_postcard() {
+        for event in [
+            Event::new("a", "t", json!(null), 7),
+            Event::new("é".repeat(200), "type", json!(1), u64::MAX)
+                .with_version(u64::MAX / 3)
+                .with_origin("o".repeat(130)),
+            Event::new("", "", json!(null), 0).with_version(128),
+        ] {
+            let head = EventHead {
+                id: &event.id,
+                event_type: &event.event_type,
+                timestamp: event.timestamp,
+                version: event.version,
+                origin: event.origin.as_deref(),
+            };
+            let mut expected = postcard::to_allocvec(&head).expect("postcard");
+            crate::value::encode(&event.data, &mut expected).expect("data");
+            let mut buf = Vec::new();
+            encode_event(&event, &mut buf).expect("encodes");
+            assert_eq!(&buf[RECORD_HEADER_LEN..], &expected[..]);
         }
     }
 

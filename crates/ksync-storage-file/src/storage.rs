@@ -172,7 +172,8 @@ struct EncodedAppend {
     events: Vec<Event>,
     /// The events' records, back to back.
     bytes: Vec<u8>,
-    /// Where each event's record ends in `bytes`.
+    /// Where each event's record ends in `bytes`; empty for a single event (which ends
+    /// where `bytes` does), sparing most appends an allocation.
     ends: Vec<usize>,
     /// Whether the answer carries the appended events ([`Storage::append`]) or the index
     /// keeps them decoded ([`Storage::append_summary`]).
@@ -398,7 +399,7 @@ impl FileStorage {
             in_flight: VecDeque::new(),
             in_flight_appended: 0,
             in_flight_keys: HashMap::default(),
-            key_hasher: RandomState::new(),
+            key_seed: RandomState::new().hash_one(0u8),
         };
         let name = format!("ksync-log-writer {}", path.display());
         let handle = std::thread::Builder::new()
@@ -476,10 +477,12 @@ impl FileStorage {
         // Encoding here, on the caller's thread, keeps it off the writer thread, which is the
         // one thing all appends of a log share.
         let mut bytes = Vec::with_capacity(events.len() * 256);
-        let mut ends = Vec::with_capacity(events.len());
+        let mut ends = Vec::new();
         for event in &events {
             format::encode_event(event, &mut bytes)?;
-            ends.push(bytes.len());
+            if events.len() > 1 {
+                ends.push(bytes.len());
+            }
         }
         self.submit(|reply| {
             Op::Append(
@@ -692,7 +695,8 @@ struct Writer {
     /// keys may share a hash: then a batch waits for the groups in flight when it need not,
     /// which is slower but never wrong.
     in_flight_keys: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
-    key_hasher: RandomState,
+    /// Seeds [`Writer::key_hash`], so which keys share a hash differs from log to log.
+    key_seed: u64,
 }
 
 /// A `Hasher` for keys that already are hashes.
@@ -757,6 +761,7 @@ struct PendingAppend {
     /// How many events of the group batch are its own (they follow the previous request's).
     count: usize,
     bytes: Vec<u8>,
+    /// As in [`EncodedAppend::ends`].
     ends: Vec<usize>,
     answer_events: bool,
 }
@@ -937,7 +942,13 @@ impl Writer {
         let mut outcomes = plan.outcome.outcomes.iter().zip(key_hashes);
         for p in &appends {
             let mut from = 0;
-            for (&end, (outcome, key_hash)) in p.ends.iter().zip(outcomes.by_ref().take(p.count)) {
+            let single = [p.bytes.len()];
+            let ends = if p.ends.is_empty() {
+                &single[..]
+            } else {
+                &p.ends[..]
+            };
+            for (&end, (outcome, key_hash)) in ends.iter().zip(outcomes.by_ref().take(p.count)) {
                 if matches!(outcome, AppendOutcome::Appended { .. })
                     && let Some(record) = p.bytes.get(from..end)
                 {
@@ -1143,8 +1154,22 @@ impl Writer {
                 .any(|h| self.in_flight_keys.contains_key(h))
     }
 
+    /// A fast, seeded hash of `(id, version)` (a multiply-rotate over 8-byte words). It needs
+    /// no resistance to chosen collisions: a collision only makes a batch wait for the groups
+    /// in flight, which it may always do.
     fn key_hash(&self, id: &[u8], version: u64) -> u64 {
-        self.key_hasher.hash_one((id, version))
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mix = |h: u64, word: u64| (h.rotate_left(5) ^ word).wrapping_mul(K);
+        let mut h = mix(self.key_seed, version);
+        let mut words = id.chunks_exact(8);
+        for word in &mut words {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            h = mix(h, u64::from_le_bytes(w));
+        }
+        let mut last = [0u8; 8];
+        last[..words.remainder().len()].copy_from_slice(words.remainder());
+        mix(h, u64::from_le_bytes(last) ^ ((id.len() as u64) << 56))
     }
 
     /// Waits until every group in flight is published (or failed).
