@@ -188,3 +188,49 @@ async fn shutdown_acks_what_it_accepted_stores_it_and_closes_with_1001() {
     assert_eq!(raw_connect(&server.url(None), &[]).await.err(), Some(503));
     server.task.abort();
 }
+
+/// Subscribers joining while a publisher streams get their catch-up from storage while the
+/// room queues (then writes straight to their sockets) the live events: every sequence number
+/// once, in order, deflated or not.
+#[tokio::test]
+async fn joining_mid_stream_sees_every_seq_once_in_order_with_or_without_compression() {
+    let server = start(RelayConfig {
+        page_size: 7,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("stream"));
+    let (mut publisher, _) = join(&url, hello()).await;
+    let total = 300u64;
+    let mut subscribers = Vec::new();
+    for n in 1..=total {
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","ref":n,"events":[event(&format!("e{n}"), n)]}),
+        )
+        .await;
+        if n % 60 == 0 {
+            let mut h = hello();
+            h["since"] = json!(0);
+            h["compression"] = json!(n % 120 == 0);
+            subscribers.push(join(&url, h).await.0);
+        }
+    }
+    for n in 1..=total {
+        let ack = recv_json(&mut publisher).await;
+        assert_eq!(ack["ref"], n);
+        assert_eq!(ack["results"][0], json!({"status":"stored","seq":n}));
+    }
+    for mut subscriber in subscribers {
+        let mut seqs = Vec::new();
+        while seqs.len() < total as usize {
+            let batch = recv_json(&mut subscriber).await;
+            assert_eq!(batch["type"], "events", "{batch}");
+            for e in batch["events"].as_array().expect("array") {
+                seqs.push(e["seq"].as_u64().expect("seq"));
+            }
+        }
+        assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
+    }
+    server.stop().await;
+}
