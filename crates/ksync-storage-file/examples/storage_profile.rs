@@ -5,12 +5,12 @@
 //! ```text
 //! cargo run --release -p ksync-storage-file --example storage_profile -- build <path> <events>
 //! cargo run --release -p ksync-storage-file --example storage_profile -- reopen <path>
-//! cargo run --release -p ksync-storage-file --example storage_profile -- group <dir> <appenders> <appends-each> [syncs-in-flight]
+//! cargo run --release -p ksync-storage-file --example storage_profile -- group <dir> <appenders> <appends-each> [syncs-in-flight] [window-us]
 //! ```
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ksync_core::{Event, Storage, StorageError};
 use ksync_storage_file::{Durability, FileStorage};
@@ -65,10 +65,21 @@ fn reopen(path: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
-fn group(dir: &Path, appenders: usize, each: usize, syncs: usize) -> Result<(), StorageError> {
+fn group(
+    dir: &Path,
+    appenders: usize,
+    each: usize,
+    syncs: usize,
+    window: Duration,
+) -> Result<(), StorageError> {
     let path = dir.join("group.log");
     let _ = std::fs::remove_file(&path);
-    let storage = Arc::new(FileStorage::builder(&path).syncs_in_flight(syncs).open()?);
+    let storage = Arc::new(
+        FileStorage::builder(&path)
+            .syncs_in_flight(syncs)
+            .group_commit_window(window)
+            .open()?,
+    );
     // Events are made before the clock starts, as in `cargo xtask bench storage`.
     let events: Vec<Vec<Event>> = (0..appenders)
         .map(|task| (0..each).map(|i| event(task, i)).collect())
@@ -120,6 +131,7 @@ fn main() -> Result<(), StorageError> {
             num(2),
             num(3),
             args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2),
+            Duration::from_micros(args.get(5).and_then(|s| s.parse().ok()).unwrap_or(0)),
         ),
         _ => {
             eprintln!(
