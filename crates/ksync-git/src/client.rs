@@ -17,7 +17,7 @@ use crate::gzip::gzip;
 use crate::wire::{
     BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, DEFAULT_PUSH_BATCH,
     DEFAULT_PUSH_BATCH_BYTES, ErrorBody, MergeRequest, MergeResponse, PROTOCOL_HEADER,
-    PullResponse, PushResponse, RepoInfo, from_json,
+    PullResponse, PushResponse, RepoInfo, from_json, write_event,
 };
 
 /// Replica metadata: the checked-out branch.
@@ -832,7 +832,7 @@ impl GitSyncClient {
                     if !events.is_empty() {
                         json.push(b',');
                     }
-                    serde_json::to_writer(&mut json, &stored.event).map_err(|e| {
+                    write_event(&mut json, &stored.event).map_err(|e| {
                         GitError::Protocol {
                             url: self.url(),
                             reason: format!("encoding event {:?}: {e}", stored.event.id),
@@ -861,6 +861,31 @@ impl GitSyncClient {
     }
 
     async fn push_branch(&self, replica: &Replica, branch: &str) -> Result<PushResult, SyncError> {
+        // The last acknowledged batch's cursor writes, running while the next batch is read,
+        // encoded and sent. Awaited before the next ones start (cursors only move forward)
+        // and before returning, also on errors (a late write must not undo a later push's).
+        let mut recording = None;
+        let pushed = self.push_batches(replica, branch, &mut recording).await;
+        let recorded = match recording {
+            Some(task) => joined(task).await,
+            None => Ok(()),
+        };
+        let result = pushed?;
+        recorded?;
+        if !result.pushed_events.is_empty() && self.inner.notifier.wants(NotificationKind::Sync) {
+            self.inner
+                .notifier
+                .emit(Notification::Sync(result.pushed_events.clone()));
+        }
+        Ok(result)
+    }
+
+    async fn push_batches(
+        &self,
+        replica: &Replica,
+        branch: &str,
+        recording: &mut Option<tokio::task::JoinHandle<Result<(), SyncError>>>,
+    ) -> Result<PushResult, SyncError> {
         let key = self.cursor_key(branch, "pushed");
         let pulled_key = self.cursor_key(branch, "pulled");
         let segments = self.segments(replica)?;
@@ -905,12 +930,21 @@ impl GitSyncClient {
                     base_version: pulled,
                 });
             }
-            // The previous batch's cursors are written while the next batch travels.
             if let Some(acknowledged) = acknowledged {
-                self.record(replica, &key, &pulled_key, acknowledged)
-                    .await?;
+                if let Some(previous) = recording.take() {
+                    joined(previous).await?;
+                }
+                *recording = Some(tokio::spawn(record(
+                    replica.clone(),
+                    key.clone(),
+                    pulled_key.clone(),
+                    acknowledged,
+                )));
             }
             if in_flight.is_none() {
+                if let Some(previous) = recording.take() {
+                    joined(previous).await?;
+                }
                 if scanned > replica.cursor(&key)? {
                     replica.set_cursor(&key, scanned).await?;
                 }
@@ -920,33 +954,7 @@ impl GitSyncClient {
         if !answered {
             result.server_version = self.branch_info(branch).await?.server_version;
         }
-        if !result.pushed_events.is_empty() && self.inner.notifier.wants(NotificationKind::Sync) {
-            self.inner
-                .notifier
-                .emit(Notification::Sync(result.pushed_events.clone()));
-        }
         Ok(result)
-    }
-
-    /// Makes an acknowledged batch's cursors durable: the push cursor (a crash before that
-    /// re-sends the batch, which the server deduplicates) and a fast-forward of the pull
-    /// cursor (a crash before that pulls the batch back, which deduplicates here). Either may
-    /// land first, so both are written at once (a durable storage can sync them together).
-    async fn record(
-        &self,
-        replica: &Replica,
-        key: &str,
-        pulled_key: &str,
-        acknowledged: Acknowledged,
-    ) -> Result<(), SyncError> {
-        let fast_forward = async {
-            match acknowledged.fast_forward_to {
-                Some(version) => replica.set_cursor(pulled_key, version).await,
-                None => Ok(()),
-            }
-        };
-        tokio::try_join!(replica.set_cursor(key, acknowledged.end), fast_forward)?;
-        Ok(())
     }
 
     async fn request<B: Serialize, T: DeserializeOwned>(
@@ -983,7 +991,7 @@ impl GitSyncClient {
 /// Waits for a push batch's answer and takes its results: pushed and rejected events into
 /// `result`, and a fast-forward of `pulled` when the branch is now exactly what was pulled plus
 /// this batch (no need to pull it back). The cursors are made durable afterwards (see
-/// [`GitSyncClient::record`]).
+/// [`record`]).
 async fn settle(
     batch: InFlight,
     pulled: &mut u64,
@@ -1022,6 +1030,26 @@ struct PendingBatch {
     events: Vec<Event>,
     json: Vec<u8>,
     end: u64,
+}
+
+/// Makes an acknowledged batch's cursors durable: the push cursor (a crash before that
+/// re-sends the batch, which the server deduplicates) and a fast-forward of the pull cursor (a
+/// crash before that pulls the batch back, which deduplicates here). Either may land first, so
+/// both are written at once (a durable storage can sync them together).
+async fn record(
+    replica: Replica,
+    key: String,
+    pulled_key: String,
+    acknowledged: Acknowledged,
+) -> Result<(), SyncError> {
+    let fast_forward = async {
+        match acknowledged.fast_forward_to {
+            Some(version) => replica.set_cursor(&pulled_key, version).await,
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(replica.set_cursor(&key, acknowledged.end), fast_forward)?;
+    Ok(())
 }
 
 /// What an acknowledged push batch moves the cursors to.

@@ -30,7 +30,7 @@ use crate::gzip::{GunzipError, accepts_gzip, gunzip, gzip};
 use crate::wire::{
     BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, ErrorDetail,
     MergeConflict, MergeRequest, MergeResponse, PROTOCOL_HEADER, PushRequest, PushResponse,
-    RejectedEvent, RepoInfo, from_json,
+    RejectedEvent, RepoInfo, from_json, write_event,
 };
 
 /// Metadata key of a branch's fork record; a log without it is not (yet) a branch.
@@ -738,7 +738,7 @@ fn pull_page(
             if json.len() > first {
                 json.push(b',');
             }
-            if let Err(e) = serde_json::to_writer(&mut json, event) {
+            if let Err(e) = write_event(&mut json, event) {
                 failed = Some(e);
             }
         })?;

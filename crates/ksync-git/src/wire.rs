@@ -37,6 +37,96 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_j
     serde_json::from_str(text)
 }
 
+/// Appends `event` as JSON to `out`: the same bytes as `serde_json::to_writer` writes, found
+/// faster. Strings without characters JSON must escape (nearly all of them) are copied as
+/// they are after one branch-free pass; the rest go through serde_json.
+pub(crate) fn write_event(out: &mut Vec<u8>, event: &Event) -> serde_json::Result<()> {
+    out.extend_from_slice(b"{\"id\":");
+    write_str(out, &event.id)?;
+    out.extend_from_slice(b",\"type\":");
+    write_str(out, &event.event_type)?;
+    out.extend_from_slice(b",\"data\":");
+    write_value(out, &event.data)?;
+    out.extend_from_slice(b",\"timestamp\":");
+    write_u64(out, event.timestamp);
+    out.extend_from_slice(b",\"version\":");
+    write_u64(out, event.version);
+    if let Some(origin) = &event.origin {
+        out.extend_from_slice(b",\"origin\":");
+        write_str(out, origin)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+fn write_value(out: &mut Vec<u8>, value: &serde_json::Value) -> serde_json::Result<()> {
+    use serde_json::Value;
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) => match n.as_u64() {
+            Some(u) => write_u64(out, u),
+            None => serde_json::to_writer(&mut *out, n)?,
+        },
+        Value::String(s) => write_str(out, s)?,
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(out, item)?;
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => {
+            out.push(b'{');
+            for (i, (key, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, key)?;
+                out.push(b':');
+                write_value(out, item)?;
+            }
+            out.push(b'}');
+        }
+    }
+    Ok(())
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
+    let bytes = s.as_bytes();
+    // No early exit: the compiler vectorises the whole pass.
+    let plain = bytes.iter().fold(true, |plain, &b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
+    if plain {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(&mut *out, s)
+    }
+}
+
+fn write_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
 /// `POST /git/{repo}/branches/{branch}/events`: a batch to append.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -182,4 +272,61 @@ pub struct ErrorDetail {
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn write_event_writes_what_serde_json_writes() {
+        let events = [
+            Event::new("a", "t", json!(null), 0),
+            Event::new(
+                "evt-1",
+                "message",
+                json!({"room": "general", "n": 7}),
+                1_700_000_000_000,
+            )
+            .with_origin("replica-1")
+            .with_version(u64::MAX),
+            Event::new(
+                "q\"uote\\back\nline\u{1}\u{7f}",
+                "ünïcödé ✓ \u{1F600}",
+                json!({
+                    "arr": [1, -2, 3.5, -0.0, 1e300, true, false, null, "x", [], {}],
+                    "nested": {"b": {"c": ["\t", "\r", "\u{8}", "\u{c}", "</script>"]}},
+                    "neg": i64::MIN,
+                    "big": u64::MAX,
+                    "": "",
+                    "k\"ey": "v\\al",
+                }),
+                42,
+            ),
+            Event::new("s", "t", json!("just a string"), 9).with_origin(""),
+            Event::new("n", "t", json!(-17), 9),
+            Event::new("f", "t", json!(0.1), 9),
+        ];
+        for event in &events {
+            let mut ours = Vec::new();
+            write_event(&mut ours, event).expect("write");
+            let theirs = serde_json::to_vec(event).expect("serde_json");
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&theirs)
+            );
+            let back: Event = from_json(&ours).expect("decodes");
+            assert_eq!(&back, event);
+        }
+    }
+
+    #[test]
+    fn from_json_refuses_bodies_that_are_not_utf8() {
+        assert!(from_json::<Event>(b"{\"id\":\"\xff\"}").is_err());
+        let event: Event =
+            from_json(br#"{"id":"a","type":"t","data":1,"timestamp":1,"version":1}"#)
+                .expect("decodes");
+        assert_eq!(event, Event::new("a", "t", json!(1), 1));
+    }
 }
