@@ -209,6 +209,29 @@ impl Hasher for Prehashed {
     }
 }
 
+/// A revision of a batch being planned, with its id's hash (so the map need not hash the id
+/// again); equal when id and version are.
+struct BatchKey<'a> {
+    hash: u64,
+    id: &'a str,
+    version: u64,
+}
+
+impl PartialEq for BatchKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version && self.id == other.id
+    }
+}
+
+impl Eq for BatchKey<'_> {}
+
+impl std::hash::Hash for BatchKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Equal keys have equal ids, hence equal id hashes.
+        state.write_u64(self.hash ^ self.version.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    }
+}
+
 /// The ids that share one 64-bit hash: almost always one.
 #[derive(Debug, Clone)]
 enum Ids {
@@ -295,11 +318,16 @@ impl LogIndex {
 
     /// The versions of `id`.
     fn versions(&self, id: &str) -> Option<&Versions> {
+        self.versions_hashed(self.hash_id(id.as_bytes()), id)
+    }
+
+    /// [`LogIndex::versions`] for an id whose hash is known.
+    fn versions_hashed(&self, hash: u64, id: &str) -> Option<&Versions> {
         let id = id.as_bytes();
         let is_id = |v: &&Versions| {
             id_bytes(&self.slots, self.codec.as_ref(), v.any_seq()).is_some_and(|i| i == id)
         };
-        match self.by_id.get(&self.hash_id(id))? {
+        match self.by_id.get(&hash)? {
             Ids::One(versions) => Some(versions).filter(is_id),
             Ids::Several(list) => list.iter().find(is_id),
         }
@@ -365,19 +393,25 @@ impl LogIndex {
         {
             // (id, version) -> (input index, position in `appended`) of the batch's new
             // revisions.
-            let mut in_batch: HashMap<(&str, u64), (usize, usize)> =
-                HashMap::with_capacity(batch.len());
+            let mut in_batch: HashMap<BatchKey<'_>, (usize, usize), BuildHasherDefault<Prehashed>> =
+                HashMap::with_capacity_and_hasher(batch.len(), BuildHasherDefault::default());
             let mut next_seq = self.len();
             let mut appended = 0;
             for (input, event) in batch.iter().enumerate() {
+                // One hash of the id serves the log lookup and the batch map.
+                let hash = self.hash_id(event.id.as_bytes());
                 let in_log = self
-                    .versions(&event.id)
+                    .versions_hashed(hash, &event.id)
                     .and_then(|v| v.get(event.version))
                     .and_then(|seq| self.at(seq).map(|held| (seq, held)));
                 let decision = match in_log {
                     Some((seq, held)) if held.same_content(event) => Decision::Duplicate { seq },
                     Some((seq, _)) => Decision::ConflictWithLog { seq },
-                    None => match in_batch.entry((event.id.as_str(), event.version)) {
+                    None => match in_batch.entry(BatchKey {
+                        hash,
+                        id: &event.id,
+                        version: event.version,
+                    }) {
                         Entry::Occupied(o) => {
                             let (first, position) = *o.get();
                             if batch
