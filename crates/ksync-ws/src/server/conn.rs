@@ -273,8 +273,10 @@ async fn run(
                 };
                 awaiting_pong = false;
                 let inflated;
-                let text: &[u8] = match &message {
-                    Message::Text(t) => t.as_bytes(),
+                // The JSON, and the same as `str` when it is valid UTF-8: tungstenite checked
+                // text frames already, an inflated frame is checked here, once.
+                let (text, utf8): (&[u8], Option<&str>) = match &message {
+                    Message::Text(t) => (t.as_bytes(), Some(t.as_str())),
                     Message::Binary(b) => {
                         if !writer.compression {
                             return Err(bad_binary(writer, "binary frame without negotiated compression").await);
@@ -282,7 +284,7 @@ async fn run(
                         match protocol::inflate(b, config.max_message_size) {
                             Ok(json) => {
                                 inflated = json;
-                                &inflated
+                                (&inflated, std::str::from_utf8(&inflated).ok())
                             }
                             Err(e) => return Err(bad_binary(writer, &e.to_string()).await),
                         }
@@ -290,7 +292,7 @@ async fn run(
                     Message::Ping(_) | Message::Pong(_) => continue,
                     Message::Close(_) => return Ok(()),
                 };
-                Box::pin(handle(writer, text, room, grant, room_tx, id)).await?;
+                Box::pin(handle(writer, text, utf8, room, grant, room_tx, id)).await?;
             },
             _ = ping.tick() => {
                 if awaiting_pong {
@@ -481,20 +483,19 @@ fn incoming(json: &str, limits: &EventLimits) -> Result<Incoming, String> {
     })
 }
 
+/// Handles one message: `text` is its JSON, `utf8` the same when it is valid UTF-8.
 async fn handle(
     writer: &mut Writer,
     text: &[u8],
+    utf8: Option<&str>,
     room: &Name,
     grant: &Grant,
     room_tx: &mpsc::Sender<RoomCommand>,
     id: u64,
 ) -> Result<(), End> {
     let limits = EventLimits::default();
-    // Text frames arrive checked as UTF-8 (and inflated ones are checked here, once): parsing
-    // from `str` spares serde_json checking every string again.
-    let fast = std::str::from_utf8(text)
-        .ok()
-        .and_then(|text| serde_json::from_str::<RawPublish<'_>>(text).ok());
+    // Parsing from `str` spares serde_json checking every string again.
+    let fast = utf8.and_then(|text| serde_json::from_str::<RawPublish<'_>>(text).ok());
     let (reference, items) = match fast {
         Some(publish) if publish.kind == "publish" => {
             if !grant.allows(ResourceKind::Room, room.as_str(), Access::Write) {
