@@ -673,7 +673,8 @@ struct Writer {
     window: Duration,
     max_syncs: usize,
     hook: Option<Arc<dyn FaultHook>>,
-    /// Requests in the previous group: the target of the optional window.
+    /// Requests in the previous group: the target of the optional window, and (halved) how
+    /// many must queue before a group starts while another one syncs.
     last_group: usize,
     /// What stopped the log (a failed sync, or a failed write that could not be cut back);
     /// every later request gets `Closed`.
@@ -798,16 +799,25 @@ impl Writer {
     fn wait_for_work(&mut self) -> (Vec<(usize, u64, io::Result<()>)>, bool) {
         let shared = Arc::clone(&self.shared);
         let mut inner = shared.lock();
+        // With nothing syncing, any request starts a group at once. With a sync running, a
+        // second group in parallel only pays off if it is not tiny: wait for half as many
+        // requests as the last group had (the running sync's end wakes the writer anyway, and
+        // then it takes whatever is queued). Fewer, fuller groups: fewer syncs and wake-ups.
+        let start_at = if self.syncing == 0 {
+            1
+        } else {
+            (self.last_group / 2).max(1)
+        };
         loop {
             let can_take = self.syncing < self.max_syncs;
-            if (can_take && !inner.requests.is_empty())
+            if (can_take && inner.requests.len() >= start_at)
                 || !inner.synced.is_empty()
                 || (inner.closed && inner.requests.is_empty() && self.in_flight.is_empty())
             {
                 break;
             }
             inner.writer_sleeps = true;
-            inner.wake_at = if can_take { 1 } else { usize::MAX };
+            inner.wake_at = if can_take { start_at } else { usize::MAX };
             inner = shared.wake.wait(inner).unwrap_or_else(|p| p.into_inner());
             inner.writer_sleeps = false;
         }
@@ -873,6 +883,7 @@ impl Writer {
         let mut metas: Vec<(String, String, UnitReply)> = Vec::new();
         let mut flushes: Vec<UnitReply> = Vec::new();
         let mut taken = std::mem::take(&mut self.taken);
+        self.last_group = taken.len();
         for Request { op, _slot } in taken.drain(..) {
             if self.failure.is_some() {
                 reply_closed(op);
