@@ -718,10 +718,14 @@ impl GitSyncClient {
         let mut result = PullResult::default();
         let wants_events = self.inner.notifier.wants(NotificationKind::Event);
         let wants_sync = self.inner.notifier.wants(NotificationKind::Sync);
-        let mut next = Some(self.fetch_page(branch, since));
+        // Pages requested ahead: the server encodes the next ones while this one is decoded
+        // and stored. Positions follow the size of the first full page.
+        let mut ahead = Prefetch::default();
+        ahead.push(since, self.fetch_page(branch, since));
+        let mut step: Option<u64> = None;
         // The cursor over the last ingested page, written while the next page arrives.
         let mut unrecorded: Option<u64> = None;
-        while let Some(fetching) = next.take() {
+        while let Some(fetching) = ahead.pop() {
             let record = async {
                 match unrecorded.take() {
                     Some(version) => replica.set_cursor(&key, version).await,
@@ -743,9 +747,21 @@ impl GitSyncClient {
             }
             let count = page.events.len() as u64;
             match page.next {
-                None => {}
+                None => ahead.cancel(),
                 Some(n) if n == since + count && count > 0 => {
-                    next = Some(self.fetch_page(branch, n));
+                    if ahead.first() != Some(n) {
+                        // Not where the pages requested ahead start: ask again from `n`.
+                        ahead.cancel();
+                        ahead.push(n, self.fetch_page(branch, n));
+                    }
+                    let step = *step.get_or_insert(count);
+                    while ahead.len() < PULL_AHEAD {
+                        let at = ahead.last().unwrap_or(n) + step;
+                        if at >= page.server_version {
+                            break;
+                        }
+                        ahead.push(at, self.fetch_page(branch, at));
+                    }
                 }
                 Some(n) => {
                     return Err(GitError::Protocol {
@@ -1058,6 +1074,50 @@ struct Acknowledged {
     end: u64,
     /// The pull cursor, when the batch was a fast-forward.
     fast_forward_to: Option<u64>,
+}
+
+/// Pull pages requested at once (the one awaited and the ones after it).
+const PULL_AHEAD: usize = 2;
+
+type PageTask = tokio::task::JoinHandle<Result<PullResponse, SyncError>>;
+
+/// Pull pages requested ahead, in order, each with the `since` it was asked for. Dropping it
+/// (an error, a cancelled pull) cancels the requests.
+#[derive(Default)]
+struct Prefetch(std::collections::VecDeque<(u64, PageTask)>);
+
+impl Prefetch {
+    fn push(&mut self, since: u64, task: PageTask) {
+        self.0.push_back((since, task));
+    }
+
+    fn pop(&mut self) -> Option<PageTask> {
+        self.0.pop_front().map(|(_, task)| task)
+    }
+
+    fn first(&self) -> Option<u64> {
+        self.0.front().map(|(since, _)| *since)
+    }
+
+    fn last(&self) -> Option<u64> {
+        self.0.back().map(|(since, _)| *since)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn cancel(&mut self) {
+        for (_, task) in self.0.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.cancel();
+    }
 }
 
 /// A push batch on its way.

@@ -199,6 +199,66 @@ async fn push_reports_server_version_and_pull_pages() {
 }
 
 #[tokio::test]
+async fn pulls_follow_the_server_page_cap_and_a_growing_branch() {
+    // Pages requested ahead are placed by the size of the first full page: here the server's
+    // cap (4), not the client's page size (100).
+    let config = ksync_git::server::GitServerConfig {
+        max_page: 4,
+        ..Default::default()
+    };
+    let server = common::start_with(
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        config,
+        &["r"],
+    )
+    .await;
+    let url = server.repo_url("r");
+    let a = client(&url);
+    for i in 0..25 {
+        a.send(Event::new(format!("e{i}"), "t", json!(i), i))
+            .await
+            .expect("send");
+    }
+    a.push().await.expect("push");
+    let b = GitSyncClient::builder(&url)
+        .auth(ksync_core::Auth::api_key("key-1"))
+        .page_size(100)
+        .build()
+        .expect("client");
+    // While the clone runs, the branch grows: the pull goes on past the version it first saw.
+    let writer = {
+        let a = GitSyncClient::builder(&url)
+            .auth(ksync_core::Auth::token("writer"))
+            .build()
+            .expect("client");
+        tokio::spawn(async move {
+            for i in 25..40 {
+                a.send(Event::new(format!("e{i}"), "t", json!(i), i))
+                    .await
+                    .expect("send");
+                a.push().await.expect("push");
+            }
+        })
+    };
+    let pulled = b.clone(&url, "main").await.expect("clone");
+    writer.await.expect("writer");
+    let pulled_more = b.pull().await.expect("pull");
+    let ids: Vec<String> = pulled
+        .new_events
+        .iter()
+        .chain(&pulled_more.new_events)
+        .map(|e| e.id.clone())
+        .collect();
+    let expected: Vec<String> = branch_events(&server, "r", "main")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(expected.len(), 40);
+    assert_eq!(ids, expected, "every event once, in the branch's order");
+    assert_eq!(b.local_status().expect("status").pulled_version, 40);
+}
+
+#[tokio::test]
 async fn ksync_auto_sync_and_pull_interval_move_events() {
     let server = start(&["r"]).await;
     let url = server.repo_url("r");
