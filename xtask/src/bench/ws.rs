@@ -59,6 +59,12 @@ const STEADY_PER_SEC: u64 = 1_000;
 const STEADY_EVENTS: u64 = 1_000;
 /// Most events the publisher may be ahead of the slowest subscriber at full speed.
 const WINDOW: u64 = 256;
+/// Read buffer of every measuring client's connection, in bytes (the WebSocket clients'
+/// tungstenite buffer, the nats and redis clients' `BufReader`; tokio's default), so every
+/// client reads the same way.
+/// (tungstenite zero-fills its read buffer up to this size before each read: a larger buffer
+/// would cost the WebSocket clients a large memset per message that the others do not pay.)
+const CLIENT_READ_BUFFER: usize = 8 * 1024;
 /// Idle connections for the memory measure.
 const IDLE_CONNECTIONS: usize = 10_000;
 /// A run that has not delivered everything by then has lost events.
@@ -363,7 +369,7 @@ async fn nats_connect(
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let (read, mut write) = tcp.into_split();
-    let mut read = BufReader::new(read);
+    let mut read = BufReader::with_capacity(CLIENT_READ_BUFFER, read);
     let mut line = String::new();
     read.read_line(&mut line).await?;
     if !line.starts_with("INFO") {
@@ -517,11 +523,11 @@ async fn run_once(target: &Target, room: &str, n: usize, mode: Mode) -> Result<R
         let system = target.system;
         let task = match system {
             System::KsyncMem | System::KsyncFile => {
-                let ws = ksync_join(&url, 64 * 1024).await?;
+                let ws = ksync_join(&url, CLIENT_READ_BUFFER).await?;
                 tokio::spawn(ws_subscriber(ws, system, total, p, index))
             }
             System::BareWs => {
-                let mut ws = ws_connect(&url, 64 * 1024).await?;
+                let mut ws = ws_connect(&url, CLIENT_READ_BUFFER).await?;
                 // The bare relay says "ready" once it subscribed this connection.
                 match ws.next().await {
                     Some(Ok(Message::Text(t))) if t.as_str() == "ready" => {}
@@ -530,7 +536,7 @@ async fn run_once(target: &Target, room: &str, n: usize, mode: Mode) -> Result<R
                 tokio::spawn(ws_subscriber(ws, system, total, p, index))
             }
             System::SocketIo => {
-                let ws = socketio_join(target.addr, room, 64 * 1024).await?;
+                let ws = socketio_join(target.addr, room, CLIENT_READ_BUFFER).await?;
                 tokio::spawn(ws_subscriber(ws, system, total, p, index))
             }
             System::Nats => {
@@ -544,7 +550,7 @@ async fn run_once(target: &Target, room: &str, n: usize, mode: Mode) -> Result<R
             System::Redis => {
                 let tcp = TcpStream::connect(target.addr).await?;
                 tcp.set_nodelay(true)?;
-                let mut read = BufReader::new(tcp);
+                let mut read = BufReader::with_capacity(CLIENT_READ_BUFFER, tcp);
                 read.get_mut()
                     .write_all(&resp_command(&[b"SUBSCRIBE", room.as_bytes()]))
                     .await?;
@@ -630,9 +636,11 @@ impl Publisher {
             System::KsyncMem | System::KsyncFile | System::BareWs | System::SocketIo => {
                 let system = target.system;
                 let ws = match system {
-                    System::BareWs => ws_connect(url, 64 * 1024).await?,
-                    System::SocketIo => socketio_join(target.addr, room, 64 * 1024).await?,
-                    _ => ksync_join(url, 64 * 1024).await?,
+                    System::BareWs => ws_connect(url, CLIENT_READ_BUFFER).await?,
+                    System::SocketIo => {
+                        socketio_join(target.addr, room, CLIENT_READ_BUFFER).await?
+                    }
+                    _ => ksync_join(url, CLIENT_READ_BUFFER).await?,
                 };
                 let (sink, mut stream) = ws.split();
                 // Counts acks (kSync) and keeps the socket read (pongs, the bare "ready"). A
@@ -677,7 +685,7 @@ impl Publisher {
                 tcp.set_nodelay(true)?;
                 let (read, write) = tcp.into_split();
                 let replies = tokio::spawn(async move {
-                    let mut read = BufReader::new(read);
+                    let mut read = BufReader::with_capacity(CLIENT_READ_BUFFER, read);
                     let mut line = String::new();
                     let mut count = 0u64;
                     loop {
