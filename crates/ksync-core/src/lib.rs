@@ -29,8 +29,8 @@ pub use error::SyncError;
 pub use event::{Event, EventLimits, InvalidEvent, RevisionKey};
 pub use ksync::{AutoSync, KSync, KSyncBuilder};
 pub use log::{
-    AppendOutcome, EncodedEvent, EventCodec, LogIndex, MergeOutcome, MergePlan, MergeSummary,
-    Stored,
+    AppendOutcome, EncodedEvent, EncodedKey, EventCodec, IdHasher, KeyFn, LogIndex, MergeOutcome,
+    MergePlan, MergeSummary, Stored,
 };
 pub use middleware::{Direction, Filter, Middleware, MiddlewareError, Pipeline};
 pub use names::{InMemoryProvider, LogName, MAX_NAME_LEN, Name, NameError, StorageProvider};

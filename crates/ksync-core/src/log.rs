@@ -160,6 +160,36 @@ impl EncodedEvent {
     }
 }
 
+/// Hashes ids as one [`LogIndex`] does ([`LogIndex::id_hasher`]), so that a bulk load can
+/// key its records on other threads: see [`LogIndex::push_encoded_keyed`].
+#[derive(Debug, Clone)]
+pub struct IdHasher {
+    state: RandomState,
+    #[cfg(test)]
+    all_collide: bool,
+}
+
+impl IdHasher {
+    /// The key of the revision `(id, version)` for the log this hasher came from.
+    pub fn key(&self, id: &[u8], version: u64) -> EncodedKey {
+        #[cfg(test)]
+        if self.all_collide {
+            return EncodedKey { hash: 7, version };
+        }
+        EncodedKey {
+            hash: self.state.hash_one(id),
+            version,
+        }
+    }
+}
+
+/// A record's `(id, version)` as its log indexes it: made by [`IdHasher::key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodedKey {
+    hash: u64,
+    version: u64,
+}
+
 /// One event of the log: decoded, encoded, or both (decoded from its encoding on first read).
 #[derive(Debug, Clone, Default)]
 struct Slot {
@@ -176,10 +206,14 @@ struct Slot {
 #[derive(Debug, Clone, Default)]
 pub struct LogIndex {
     slots: Vec<Slot>,
-    // hash(id) -> the versions (and their seqs) of the id(s) with that hash. Keyed by the
-    // hash rather than the id so that indexing an event copies no string; the id itself is
-    // read from the slot of one of its seqs.
-    by_id: HashMap<u64, Ids, BuildHasherDefault<Prehashed>>,
+    // hash(id) -> the revisions of the id(s) with that hash. Keyed by the hash rather than
+    // the id so that indexing an event copies no string; ids (and, for a single revision,
+    // its version) are read from the slots. 16 bytes an entry: a replay of a million events
+    // inserts at random into this table, and its size decides the cache and TLB misses.
+    by_id: HashMap<u64, IdRef, BuildHasherDefault<Prehashed>>,
+    // The rare hashes with more than one revision (several versions of an id, or several
+    // ids): `IdRef::multi` indexes here. Never shrinks, like the log.
+    multi: Vec<Ids>,
     // Keys the id hash (random per index, like `HashMap`'s own).
     hasher: RandomState,
     codec: Option<EventCodec>,
@@ -232,22 +266,94 @@ impl std::hash::Hash for BatchKey<'_> {
     }
 }
 
-/// The ids that share one 64-bit hash: almost always one.
+/// The ids that share one 64-bit hash (almost always one), when there is more than one
+/// revision under the hash.
 #[derive(Debug, Clone)]
 enum Ids {
     One(Versions),
     Several(Vec<Versions>),
 }
 
-/// The id of the event at `seq`, as bytes (split from `LogIndex` so it can be called while
-/// `by_id` is borrowed).
-fn id_bytes<'a>(slots: &'a [Slot], codec: Option<&EventCodec>, seq: u64) -> Option<&'a [u8]> {
+impl Ids {
+    fn all(&self) -> &[Versions] {
+        match self {
+            Ids::One(versions) => std::slice::from_ref(versions),
+            Ids::Several(list) => list.as_slice(),
+        }
+    }
+}
+
+/// What `by_id` holds for a hash: the seq of its only revision, or (top bit set) an index
+/// into `multi`.
+#[derive(Debug, Clone, Copy)]
+struct IdRef(u64);
+
+impl IdRef {
+    const MULTI: u64 = 1 << 63;
+
+    fn single(seq: u64) -> Self {
+        Self(seq)
+    }
+
+    fn multi(index: usize) -> Self {
+        Self(index as u64 | Self::MULTI)
+    }
+
+    /// The seq of the only revision, if it is one.
+    fn seq(self) -> Option<u64> {
+        (self.0 & Self::MULTI == 0).then_some(self.0)
+    }
+
+    /// The index into `multi`, if it is one.
+    fn index(self) -> Option<usize> {
+        (self.0 & Self::MULTI != 0)
+            .then(|| usize::try_from(self.0 & !Self::MULTI).ok())
+            .flatten()
+    }
+}
+
+/// The revisions of one id, as found in the index.
+#[derive(Clone, Copy)]
+enum Found<'a> {
+    /// Its only revision: `(version, seq)`.
+    One(u64, u64),
+    Versions(&'a Versions),
+}
+
+impl Found<'_> {
+    fn get(self, version: u64) -> Option<u64> {
+        match self {
+            Found::One(v, seq) => (v == version).then_some(seq),
+            Found::Versions(versions) => versions.get(version),
+        }
+    }
+
+    fn latest(self) -> (u64, u64) {
+        match self {
+            Found::One(v, seq) => (v, seq),
+            Found::Versions(versions) => versions.latest(),
+        }
+    }
+}
+
+/// The `(id, version)` of the event at `seq`, the id as bytes (split from `LogIndex` so it
+/// can be called while `by_id` is borrowed).
+fn slot_key<'a>(
+    slots: &'a [Slot],
+    codec: Option<&EventCodec>,
+    seq: u64,
+) -> Option<(&'a [u8], u64)> {
     let slot = slots.get(usize::try_from(seq.checked_sub(1)?).ok()?)?;
     if let Some(event) = slot.event.get() {
-        return Some(event.id.as_bytes());
+        return Some((event.id.as_bytes(), event.version));
     }
     let key = codec?.key;
-    key(slot.encoded.as_ref()?.bytes()).map(|(id, _)| id)
+    key(slot.encoded.as_ref()?.bytes())
+}
+
+/// The id of the event at `seq`, as bytes.
+fn id_bytes<'a>(slots: &'a [Slot], codec: Option<&EventCodec>, seq: u64) -> Option<&'a [u8]> {
+    slot_key(slots, codec, seq).map(|(id, _)| id)
 }
 
 impl LogIndex {
@@ -309,28 +415,49 @@ impl LogIndex {
     }
 
     fn hash_id(&self, id: &[u8]) -> u64 {
-        #[cfg(test)]
-        if self.all_collide {
-            return 7;
+        self.id_hasher().key(id, 0).hash
+    }
+
+    /// How this log hashes ids (see [`LogIndex::push_encoded_keyed`]).
+    pub fn id_hasher(&self) -> IdHasher {
+        IdHasher {
+            state: self.hasher.clone(),
+            #[cfg(test)]
+            all_collide: self.all_collide,
         }
-        self.hasher.hash_one(id)
     }
 
     /// The versions of `id`.
-    fn versions(&self, id: &str) -> Option<&Versions> {
+    fn versions(&self, id: &str) -> Option<Found<'_>> {
         self.versions_hashed(self.hash_id(id.as_bytes()), id)
     }
 
     /// [`LogIndex::versions`] for an id whose hash is known.
-    fn versions_hashed(&self, hash: u64, id: &str) -> Option<&Versions> {
+    fn versions_hashed(&self, hash: u64, id: &str) -> Option<Found<'_>> {
         let id = id.as_bytes();
-        let is_id = |v: &&Versions| {
-            id_bytes(&self.slots, self.codec.as_ref(), v.any_seq()).is_some_and(|i| i == id)
-        };
-        match self.by_id.get(&hash)? {
-            Ids::One(versions) => Some(versions).filter(is_id),
-            Ids::Several(list) => list.iter().find(is_id),
+        let codec = self.codec.as_ref();
+        let id_ref = *self.by_id.get(&hash)?;
+        if let Some(seq) = id_ref.seq() {
+            let (held, version) = slot_key(&self.slots, codec, seq)?;
+            return (held == id).then_some(Found::One(version, seq));
         }
+        self.multi
+            .get(id_ref.index()?)?
+            .all()
+            .iter()
+            .find(|v| id_bytes(&self.slots, codec, v.any_seq()).is_some_and(|i| i == id))
+            .map(Found::Versions)
+    }
+
+    /// The seq of the latest revision of every id.
+    fn latest_seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        let singles = self.by_id.values().filter_map(|r| r.seq());
+        let multis = self
+            .multi
+            .iter()
+            .flat_map(Ids::all)
+            .map(|versions| versions.latest().1);
+        singles.chain(multis)
     }
 
     /// The revision `(id, version)` and its sequence number.
@@ -363,16 +490,8 @@ impl LogIndex {
 
     /// The materialised state: the highest version of every id.
     pub fn state(&self) -> BTreeMap<String, Event> {
-        self.by_id
-            .values()
-            .flat_map(|ids| match ids {
-                Ids::One(versions) => std::slice::from_ref(versions),
-                Ids::Several(list) => list.as_slice(),
-            })
-            .filter_map(|versions| {
-                let (_, seq) = versions.latest();
-                self.at(seq).map(|e| (e.id.clone(), e.clone()))
-            })
+        self.latest_seqs()
+            .filter_map(|seq| self.at(seq).map(|e| (e.id.clone(), e.clone())))
             .collect()
     }
 
@@ -580,54 +699,107 @@ impl LogIndex {
         true
     }
 
+    /// [`LogIndex::push_encoded`] for a record whose key was computed elsewhere (a replay
+    /// keys records on its decoder threads) with this log's [`LogIndex::id_hasher`]: the
+    /// common case, an id not seen before, then costs no parsing and no hashing here. `key`
+    /// must be the record's own key (checked in debug builds).
+    pub fn push_encoded_keyed(&mut self, encoded: EncodedEvent, key: EncodedKey) -> bool {
+        let Some(codec) = self.codec else {
+            return false;
+        };
+        debug_assert!(
+            (codec.key)(encoded.bytes())
+                .is_some_and(|(id, version)| self.id_hasher().key(id, version) == key),
+            "the key is not the record's"
+        );
+        let seq = self.len() + 1;
+        if let Entry::Vacant(slot) = self.by_id.entry(key.hash) {
+            slot.insert(IdRef::single(seq));
+            self.slots.push(Slot {
+                event: OnceLock::new(),
+                encoded: Some(encoded),
+            });
+            return true;
+        }
+        // Another version of this id, or another id with the same hash: the full path.
+        self.push_encoded(encoded, None)
+    }
+
     /// Records `(id, version)` at the next seq; `false` if it is already present.
     fn insert_key(&mut self, id: &[u8], version: u64) -> bool {
         let seq = self.len() + 1;
         let hash = self.hash_id(id);
-        let (slots, codec) = (&self.slots, self.codec.as_ref());
-        let is_id = |v: &Versions| id_bytes(slots, codec, v.any_seq()).is_some_and(|i| i == id);
+        let Self {
+            by_id,
+            multi,
+            slots,
+            codec,
+            ..
+        } = self;
+        let key_at = |s: u64| slot_key(slots, codec.as_ref(), s);
         // One hash lookup; most ids are new (a replay inserts a million of them).
-        match self.by_id.entry(hash) {
+        let mut entry = match by_id.entry(hash) {
             Entry::Vacant(slot) => {
-                slot.insert(Ids::One(Versions::One(version, seq)));
+                slot.insert(IdRef::single(seq));
+                return true;
             }
-            Entry::Occupied(mut entry) => {
-                let ids = entry.get_mut();
-                let same = match ids {
-                    Ids::One(versions) => is_id(versions).then_some(versions),
-                    Ids::Several(list) => list.iter_mut().find(|v| is_id(v)),
-                };
-                match same {
-                    Some(versions) => {
-                        if versions.get(version).is_some() {
-                            return false;
-                        }
-                        versions.insert(version, seq);
-                    }
-                    // Another id with the same 64-bit hash.
-                    None => match ids {
-                        Ids::One(other) => {
-                            let other = other.clone();
-                            *ids = Ids::Several(vec![other, Versions::One(version, seq)]);
-                        }
-                        Ids::Several(list) => list.push(Versions::One(version, seq)),
-                    },
+            Entry::Occupied(entry) => entry,
+        };
+        let id_ref = *entry.get();
+        if let Some(held) = id_ref.seq() {
+            // A second revision under this hash: move it to `multi`.
+            let Some((held_id, held_version)) = key_at(held) else {
+                return false; // never: every indexed seq has a slot with a key
+            };
+            let ids = if held_id == id {
+                if held_version == version {
+                    return false;
                 }
+                let mut versions = Versions::One(held_version, held);
+                versions.insert(version, seq);
+                Ids::One(versions)
+            } else {
+                Ids::Several(vec![
+                    Versions::One(held_version, held),
+                    Versions::One(version, seq),
+                ])
+            };
+            multi.push(ids);
+            *entry.get_mut() = IdRef::multi(multi.len() - 1);
+            return true;
+        }
+        let Some(ids) = id_ref.index().and_then(|i| multi.get_mut(i)) else {
+            return false; // never: `multi` entries are not removed
+        };
+        let is_id = |v: &Versions| key_at(v.any_seq()).is_some_and(|(i, _)| i == id);
+        let same = match ids {
+            Ids::One(versions) => is_id(versions).then_some(versions),
+            Ids::Several(list) => list.iter_mut().find(|v| is_id(v)),
+        };
+        match same {
+            Some(versions) => {
+                if versions.get(version).is_some() {
+                    return false;
+                }
+                versions.insert(version, seq);
             }
+            // Another id with the same 64-bit hash.
+            None => match ids {
+                Ids::One(other) => {
+                    let other = other.clone();
+                    *ids = Ids::Several(vec![other, Versions::One(version, seq)]);
+                }
+                Ids::Several(list) => list.push(Versions::One(version, seq)),
+            },
         }
         true
     }
 
     /// All distinct ids.
     pub fn ids(&self) -> HashSet<&str> {
-        self.by_id
-            .values()
-            .flat_map(|ids| match ids {
-                Ids::One(versions) => std::slice::from_ref(versions),
-                Ids::Several(list) => list.as_slice(),
-            })
-            .filter_map(|versions| {
-                id_bytes(&self.slots, self.codec.as_ref(), versions.any_seq())
+        self.latest_seqs()
+            .filter_map(|seq| {
+                id_bytes(&self.slots, self.codec.as_ref(), seq)
                     .and_then(|id| std::str::from_utf8(id).ok())
             })
             .collect()
@@ -713,7 +885,8 @@ mod tests {
         key: toy_key,
     };
 
-    /// `events` pushed encoded, in one shared buffer; every other one keeps its decoded form.
+    /// `events` pushed encoded, in one shared buffer: the even ones with their decoded form,
+    /// the odd ones keyed by the caller (as a replay does).
     fn encoded_log(events: &[Event], all_collide: bool) -> (LogIndex, Vec<bool>) {
         let mut bytes = Vec::new();
         let mut ranges = Vec::new();
@@ -731,7 +904,12 @@ mod tests {
             .enumerate()
             .map(|(i, (e, range))| {
                 let encoded = EncodedEvent::new(Arc::clone(&bytes), range).expect("in range");
-                log.push_encoded(encoded, (i % 2 == 1).then(|| e.clone()))
+                if i % 2 == 0 {
+                    log.push_encoded(encoded, Some(e.clone()))
+                } else {
+                    let key = log.id_hasher().key(e.id.as_bytes(), e.version);
+                    log.push_encoded_keyed(encoded, key)
+                }
             })
             .collect();
         (log, pushed)

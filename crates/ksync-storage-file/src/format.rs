@@ -213,14 +213,16 @@ fn utf8(raw: &[u8]) -> Result<(), String> {
 }
 
 /// Checks that an event payload decodes ([`decode_event`] would succeed), allocating nothing.
-pub(crate) fn check_event(payload: &[u8]) -> Result<(), String> {
+/// Returns its id (checked UTF-8) and version.
+pub(crate) fn check_event(payload: &[u8]) -> Result<(&[u8], u64), String> {
     let raw = read_head(payload).map_err(|e| format!("undecodable event record: {e}"))?;
     utf8(raw.id)?;
     utf8(raw.event_type)?;
     if let Some(origin) = raw.origin {
         utf8(origin)?;
     }
-    crate::value::check(raw.data).map_err(|e| format!("undecodable event data: {e}"))
+    crate::value::check(raw.data).map_err(|e| format!("undecodable event data: {e}"))?;
+    Ok((raw.id, raw.version))
 }
 
 /// An owned, checked copy of a string field (copied first so the check runs on aligned
@@ -335,18 +337,20 @@ fn decode_meta(payload: &[u8]) -> Result<(&str, &str), String> {
 
 /// A checked record whose event payload is left encoded.
 #[derive(Debug)]
-pub(crate) enum CheckedRecord {
-    /// An event; its payload decodes.
-    Event,
+pub(crate) enum CheckedRecord<'a> {
+    /// An event; its payload decodes. Its id and version.
+    Event(&'a [u8], u64),
     /// A metadata entry.
     Meta(String, String),
 }
 
 /// Checks the payload of a record with a good checksum like [`decode`] does, decoding only
 /// metadata: events stay encoded (see `ksync_core::LogIndex::push_encoded`).
-pub(crate) fn check(kind: u8, payload: &[u8]) -> Result<CheckedRecord, String> {
+pub(crate) fn check(kind: u8, payload: &[u8]) -> Result<CheckedRecord<'_>, String> {
     match RecordKind::from_byte(kind) {
-        Some(RecordKind::Event) => check_event(payload).map(|()| CheckedRecord::Event),
+        Some(RecordKind::Event) => {
+            check_event(payload).map(|(id, version)| CheckedRecord::Event(id, version))
+        }
         Some(RecordKind::Meta) => {
             let (key, value) = decode_meta(payload)?;
             Ok(CheckedRecord::Meta(key.to_owned(), value.to_owned()))

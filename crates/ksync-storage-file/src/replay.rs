@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
-use ksync_core::{EncodedEvent, LogIndex, StorageError};
+use ksync_core::{EncodedEvent, EncodedKey, IdHasher, LogIndex, StorageError};
 
 use crate::format::{
     CODEC, CheckedRecord, Frame, HEADER_LEN, MAX_RECORD_LEN, RECORD_HEADER_LEN, check, parse_frame,
@@ -91,8 +91,12 @@ struct Decoded {
 
 /// A checked record of a chunk.
 enum Checked {
-    /// An event whose payload is `bytes[start..end]` of its chunk.
-    Event { start: usize, end: usize },
+    /// An event whose payload is `bytes[start..end]` of its chunk, and its key in the log.
+    Event {
+        start: usize,
+        end: usize,
+        key: EncodedKey,
+    },
     /// A metadata entry.
     Meta(String, String),
 }
@@ -122,7 +126,10 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
         for _ in 0..decoders {
             let (in_tx, in_rx) = sync_channel::<Chunk>(CHUNKS_IN_FLIGHT);
             let (out_tx, out_rx) = sync_channel::<Decoded>(CHUNKS_IN_FLIGHT);
-            scope.spawn(move || decode_chunks(in_rx, out_tx));
+            // Decoders key the records too, so the index thread (the pipeline's bottleneck)
+            // neither parses nor hashes an event it has not seen before.
+            let hasher = log.id_hasher();
+            scope.spawn(move || decode_chunks(in_rx, out_tx, &hasher));
             inputs.push(in_tx);
             outputs.push(out_rx);
         }
@@ -136,9 +143,9 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
             };
             for (offset, record) in decoded.records {
                 match record {
-                    Checked::Event { start, end } => {
+                    Checked::Event { start, end, key } => {
                         let pushed = EncodedEvent::new(Arc::clone(&decoded.bytes), start..end)
-                            .is_some_and(|encoded| log.push_encoded(encoded, None));
+                            .is_some_and(|encoded| log.push_encoded_keyed(encoded, key));
                         if !pushed {
                             // The record was checked, so its key reads: a repeat.
                             stop = Some(Stop::Fatal(StorageError::Corrupt {
@@ -279,7 +286,7 @@ fn read_chunks(
 }
 
 /// A decoder stage: checks and decodes the chunks it is given, in order.
-fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>) {
+fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>, hasher: &IdHasher) {
     for chunk in chunks {
         let mut records = Vec::with_capacity(chunk.bytes.len() / TYPICAL_MIN_RECORD as usize);
         let mut pos = 0usize;
@@ -294,9 +301,10 @@ fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>) {
                 } => match check(kind, payload) {
                     Ok(record) => {
                         let record = match record {
-                            CheckedRecord::Event => Checked::Event {
+                            CheckedRecord::Event(id, version) => Checked::Event {
                                 start: pos + RECORD_HEADER_LEN,
                                 end: pos + total,
+                                key: hasher.key(id, version),
                             },
                             CheckedRecord::Meta(key, value) => Checked::Meta(key, value),
                         };
