@@ -190,6 +190,13 @@ pub struct EncodedKey {
     version: u64,
 }
 
+impl EncodedKey {
+    /// A hash of the whole revision `(id, version)` (equal revisions, equal hashes).
+    pub fn revision_hash(&self) -> u64 {
+        self.hash ^ self.version.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
 /// One event of the log: decoded, encoded, or both (decoded from its encoding on first read).
 #[derive(Debug, Clone, Default)]
 struct Slot {
@@ -702,8 +709,14 @@ impl LogIndex {
     /// [`LogIndex::push_encoded`] for a record whose key was computed elsewhere (a replay
     /// keys records on its decoder threads) with this log's [`LogIndex::id_hasher`]: the
     /// common case, an id not seen before, then costs no parsing and no hashing here. `key`
-    /// must be the record's own key (checked in debug builds).
-    pub fn push_encoded_keyed(&mut self, encoded: EncodedEvent, key: EncodedKey) -> bool {
+    /// must be the record's own key (checked in debug builds); `event` is as in
+    /// [`LogIndex::push_encoded`].
+    pub fn push_encoded_keyed(
+        &mut self,
+        encoded: EncodedEvent,
+        key: EncodedKey,
+        event: Option<Event>,
+    ) -> bool {
         let Some(codec) = self.codec else {
             return false;
         };
@@ -716,13 +729,13 @@ impl LogIndex {
         if let Entry::Vacant(slot) = self.by_id.entry(key.hash) {
             slot.insert(IdRef::single(seq));
             self.slots.push(Slot {
-                event: OnceLock::new(),
+                event: event.map(Box::new).map(OnceLock::from).unwrap_or_default(),
                 encoded: Some(encoded),
             });
             return true;
         }
         // Another version of this id, or another id with the same hash: the full path.
-        self.push_encoded(encoded, None)
+        self.push_encoded(encoded, event)
     }
 
     /// Records `(id, version)` at the next seq; `false` if it is already present.
@@ -908,7 +921,7 @@ mod tests {
                     log.push_encoded(encoded, Some(e.clone()))
                 } else {
                     let key = log.id_hasher().key(e.id.as_bytes(), e.version);
-                    log.push_encoded_keyed(encoded, key)
+                    log.push_encoded_keyed(encoded, key, None)
                 }
             })
             .collect();

@@ -145,7 +145,7 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
                 match record {
                     Checked::Event { start, end, key } => {
                         let pushed = EncodedEvent::new(Arc::clone(&decoded.bytes), start..end)
-                            .is_some_and(|encoded| log.push_encoded_keyed(encoded, key));
+                            .is_some_and(|encoded| log.push_encoded_keyed(encoded, key, None));
                         if !pushed {
                             // The record was checked, so its key reads: a repeat.
                             stop = Some(Stop::Fatal(StorageError::Corrupt {

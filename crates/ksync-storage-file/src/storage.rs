@@ -1,10 +1,9 @@
 //! [`FileStorage`]: the log on disk, its writer thread and group commit.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
@@ -13,8 +12,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ksync_core::{
-    AppendOutcome, BoxFuture, EncodedEvent, Event, LogIndex, MergeOutcome, MergeSummary, Storage,
-    StorageError, Stored,
+    AppendOutcome, BoxFuture, EncodedEvent, EncodedKey, Event, IdHasher, LogIndex, MergeOutcome,
+    MergeSummary, Storage, StorageError, Stored,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
@@ -178,6 +177,8 @@ struct EncodedAppend {
     /// Whether the answer carries the appended events ([`Storage::append`]) or the index
     /// keeps them decoded ([`Storage::append_summary`]).
     answer_events: bool,
+    /// Each event's key in the index, computed by the caller (off the writer thread).
+    keys: Vec<EncodedKey>,
 }
 
 /// What the writer answers an append.
@@ -259,6 +260,8 @@ impl Shared {
 /// ```
 pub struct FileStorage {
     state: Arc<RwLock<State>>,
+    /// The index's id hasher: callers key their events before queueing them.
+    hasher: IdHasher,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     writer: Option<JoinHandle<()>>,
@@ -362,6 +365,7 @@ impl FileStorage {
         file.seek(SeekFrom::Start(valid_len))
             .map_err(io_err(format!("seeking the end of {}", path.display())))?;
 
+        let hasher = replayed.log.id_hasher();
         let state = Arc::new(RwLock::new(State {
             log: replayed.log,
             meta: replayed.meta,
@@ -399,7 +403,6 @@ impl FileStorage {
             in_flight: VecDeque::new(),
             in_flight_appended: 0,
             in_flight_keys: HashMap::default(),
-            key_seed: RandomState::new().hash_one(0u8),
         };
         let name = format!("ksync-log-writer {}", path.display());
         let handle = std::thread::Builder::new()
@@ -408,6 +411,7 @@ impl FileStorage {
             .map_err(io_err("spawning the log writer thread"))?;
         Ok(Self {
             state,
+            hasher,
             shared,
             slots: Arc::new(Semaphore::new(options.queue_capacity.max(1))),
             writer: Some(handle),
@@ -478,8 +482,10 @@ impl FileStorage {
         // one thing all appends of a log share.
         let mut bytes = Vec::with_capacity(events.len() * 256);
         let mut ends = Vec::new();
+        let mut keys = Vec::with_capacity(events.len());
         for event in &events {
             format::encode_event(event, &mut bytes)?;
+            keys.push(self.hasher.key(event.id.as_bytes(), event.version));
             if events.len() > 1 {
                 ends.push(bytes.len());
             }
@@ -491,6 +497,7 @@ impl FileStorage {
                     bytes,
                     ends,
                     answer_events,
+                    keys,
                 },
                 reply,
             )
@@ -696,8 +703,6 @@ struct Writer {
     /// keys may share a hash: then a batch waits for the groups in flight when it need not,
     /// which is slower but never wrong.
     in_flight_keys: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
-    /// Seeds [`Writer::key_hash`], so which keys share a hash differs from log to log.
-    key_seed: u64,
 }
 
 /// A `Hasher` for keys that already are hashes.
@@ -750,8 +755,8 @@ struct GroupEvent {
     seq: u64,
     /// Where its record's payload is in the group's bytes.
     payload: std::ops::Range<usize>,
-    /// Hash of its `(id, version)`, see [`Writer::in_flight_keys`].
-    key_hash: u64,
+    /// Its key in the index (its `revision_hash` is what [`Writer::in_flight_keys`] counts).
+    key: EncodedKey,
     /// The event itself, when the index keeps it decoded (its append did not ask for it).
     event: Option<Event>,
 }
@@ -879,6 +884,7 @@ impl Writer {
     /// Plans, writes and starts syncing the requests in `self.taken`.
     fn start_group(&mut self) {
         let mut batch: Vec<Event> = Vec::new();
+        let mut batch_keys: Vec<EncodedKey> = Vec::new();
         let mut appends: Vec<PendingAppend> = Vec::new();
         let mut metas: Vec<(String, String, UnitReply)> = Vec::new();
         let mut flushes: Vec<UnitReply> = Vec::new();
@@ -896,6 +902,7 @@ impl Writer {
                         bytes,
                         ends,
                         answer_events,
+                        keys,
                     },
                     reply,
                 ) => {
@@ -907,6 +914,7 @@ impl Writer {
                         answer_events,
                     });
                     batch.extend(events);
+                    batch_keys.extend(keys);
                 }
                 Op::Meta(key, value, reply) => metas.push((key, value, reply)),
                 Op::Flush(reply) => flushes.push(reply),
@@ -917,11 +925,7 @@ impl Writer {
             return;
         }
 
-        let key_hashes: Vec<u64> = batch
-            .iter()
-            .map(|e| self.key_hash(e.id.as_bytes(), e.version))
-            .collect();
-        if self.collides_with_in_flight(&key_hashes) {
+        if self.collides_with_in_flight(&batch_keys) {
             // The same revision is still syncing: judge this batch against the log once that
             // is published, never against a log that lacks it.
             self.wait_for_in_flight();
@@ -950,7 +954,7 @@ impl Writer {
         // Where each new event's payload lands in `buf`, in log order.
         // (And the hash of its key.)
         let mut payloads = Vec::with_capacity(plan.outcome.appended.len());
-        let mut outcomes = plan.outcome.outcomes.iter().zip(key_hashes);
+        let mut outcomes = plan.outcome.outcomes.iter().zip(batch_keys);
         for p in &appends {
             let mut from = 0;
             let single = [p.bytes.len()];
@@ -959,13 +963,13 @@ impl Writer {
             } else {
                 &p.ends[..]
             };
-            for (&end, (outcome, key_hash)) in ends.iter().zip(outcomes.by_ref().take(p.count)) {
+            for (&end, (outcome, key)) in ends.iter().zip(outcomes.by_ref().take(p.count)) {
                 if matches!(outcome, AppendOutcome::Appended { .. })
                     && let Some(record) = p.bytes.get(from..end)
                 {
                     let start = self.buf.len();
                     self.buf.extend_from_slice(record);
-                    payloads.push((start + RECORD_HEADER_LEN..self.buf.len(), key_hash));
+                    payloads.push((start + RECORD_HEADER_LEN..self.buf.len(), key));
                 }
                 from = end;
             }
@@ -996,7 +1000,7 @@ impl Writer {
                 outcomes,
                 appended: Vec::with_capacity(if p.answer_events { count } else { 0 }),
             };
-            for (stored, (payload, key_hash)) in new_events.by_ref().take(count) {
+            for (stored, (payload, key)) in new_events.by_ref().take(count) {
                 let seq = stored.seq;
                 let event = if p.answer_events {
                     answer.appended.push(stored);
@@ -1007,7 +1011,7 @@ impl Writer {
                 appended.push(GroupEvent {
                     seq,
                     payload,
-                    key_hash,
+                    key,
                     event,
                 });
             }
@@ -1045,7 +1049,10 @@ impl Writer {
         }
         self.in_flight_appended += group.appended.len() as u64;
         for new in &group.appended {
-            *self.in_flight_keys.entry(new.key_hash).or_default() += 1;
+            *self
+                .in_flight_keys
+                .entry(new.key.revision_hash())
+                .or_default() += 1;
         }
         self.in_flight.push_back(group);
         self.publish_ready();
@@ -1158,29 +1165,11 @@ impl Writer {
 
     /// Whether a key of the batch being planned (by hash) may be one that a group in flight
     /// appends. (Its duplicates and conflicts with the committed log are `plan`'s business.)
-    fn collides_with_in_flight(&self, key_hashes: &[u64]) -> bool {
+    fn collides_with_in_flight(&self, keys: &[EncodedKey]) -> bool {
         !self.in_flight_keys.is_empty()
-            && key_hashes
+            && keys
                 .iter()
-                .any(|h| self.in_flight_keys.contains_key(h))
-    }
-
-    /// A fast, seeded hash of `(id, version)` (a multiply-rotate over 8-byte words). It needs
-    /// no resistance to chosen collisions: a collision only makes a batch wait for the groups
-    /// in flight, which it may always do.
-    fn key_hash(&self, id: &[u8], version: u64) -> u64 {
-        const K: u64 = 0x517c_c1b7_2722_0a95;
-        let mix = |h: u64, word: u64| (h.rotate_left(5) ^ word).wrapping_mul(K);
-        let mut h = mix(self.key_seed, version);
-        let mut words = id.chunks_exact(8);
-        for word in &mut words {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            h = mix(h, u64::from_le_bytes(w));
-        }
-        let mut last = [0u8; 8];
-        last[..words.remainder().len()].copy_from_slice(words.remainder());
-        mix(h, u64::from_le_bytes(last) ^ ((id.len() as u64) << 56))
+                .any(|k| self.in_flight_keys.contains_key(&k.revision_hash()))
     }
 
     /// Waits until every group in flight is published (or failed).
@@ -1209,10 +1198,11 @@ impl Writer {
             };
             self.in_flight_appended -= group.appended.len() as u64;
             for new in &group.appended {
-                if let Some(count) = self.in_flight_keys.get_mut(&new.key_hash) {
+                let hash = new.key.revision_hash();
+                if let Some(count) = self.in_flight_keys.get_mut(&hash) {
                     *count -= 1;
                     if *count == 0 {
-                        self.in_flight_keys.remove(&new.key_hash);
+                        self.in_flight_keys.remove(&hash);
                     }
                 }
             }
@@ -1241,8 +1231,9 @@ impl Writer {
                 let seq = new.seq;
                 // The index keeps the record (and the event itself if the caller did not
                 // take it back): no event is cloned.
-                let pushed = EncodedEvent::new(Arc::clone(&group.bytes), new.payload)
-                    .is_some_and(|encoded| state.log.push_encoded(encoded, new.event));
+                let pushed = EncodedEvent::new(Arc::clone(&group.bytes), new.payload).is_some_and(
+                    |encoded| state.log.push_encoded_keyed(encoded, new.key, new.event),
+                );
                 if !pushed || state.log.len() != seq {
                     tracing::error!(seq, "a planned event did not land at its seq");
                     debug_assert!(false, "stale merge plan at seq {seq}");
