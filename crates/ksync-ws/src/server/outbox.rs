@@ -1,13 +1,12 @@
 //! A subscriber's outgoing side, shared by its connection task and its room.
 //!
-//! Frames reach the socket in one of two ways. Directly: the room writes the frame into the
-//! socket itself (non-blocking), so the event costs no task wake-up; the room asks for this
-//! when its fan-out is small (see `room::DIRECT_WRITE_MAX_CONNECTIONS`). Queued: the frame
-//! waits in the bounded queue here and the connection task is woken to write it; a large
-//! fan-out goes this way so that both runtime workers share the writes, and a direct write
-//! falls back to it when it cannot finish at once (the socket's send buffer is full, the
-//! connection task is using the socket, or it has not finished its catch-up yet). Order is
-//! kept: the room writes directly only while the queue is empty and nothing is unflushed.
+//! The room writes each frame straight into the subscriber's socket when nothing else is
+//! waiting to go out (the common case): a non-blocking write from the room's task, so one
+//! published event costs no task wake-up per subscriber. Only when that write cannot finish at
+//! once (the socket's send buffer is full, the connection task is using the socket, or it has
+//! not finished its catch-up yet) does the frame wait in the bounded queue here, and the
+//! connection task is woken to write it. Order is kept: the room writes directly only while
+//! the queue is empty and nothing is left unflushed.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -130,18 +129,16 @@ impl Outbox {
 
     // ----- the room's side -----
 
-    /// Hands `frames` (in order) to the connection: with `direct`, written into its socket now
-    /// when nothing is waiting before them; otherwise (or when that cannot finish) queued for
-    /// the connection task. Never waits.
-    pub(crate) fn deliver(&self, frames: &[Arc<Frame>], direct: bool) -> Result<(), Refused> {
+    /// Hands `frames` (in order) to the connection: written into its socket now when nothing
+    /// is waiting before them, queued otherwise. Never waits.
+    pub(crate) fn deliver(&self, frames: &[Arc<Frame>]) -> Result<(), Refused> {
         let mut state = self.lock();
         let state = &mut *state;
         if state.gone {
             return Err(Refused::Gone);
         }
         let mut rest = frames;
-        if direct
-            && state.live
+        if state.live
             && state.queue.is_empty()
             && !state.unflushed
             && let Some(sink) = state.sink.as_mut()
