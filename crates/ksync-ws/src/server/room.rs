@@ -161,22 +161,8 @@ fn write_events(text: &mut String, events: &[(u64, Box<str>)]) {
 }
 
 /// Appends `n` in decimal (what serde_json writes for a `u64`), without `core::fmt`.
-fn push_u64(text: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        // n % 10 < 10: the cast cannot truncate.
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // Always ASCII digits.
-    if let Ok(digits) = std::str::from_utf8(&digits[at..]) {
-        text.push_str(digits);
-    }
+fn push_u64(text: &mut String, n: u64) {
+    text.push_str(itoa::Buffer::new().format(n));
 }
 
 pub(crate) struct Subscriber {
