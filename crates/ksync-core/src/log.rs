@@ -4,11 +4,12 @@
 //! duplicate (dropped silently) or conflict (reported, not stored). Storages wrap it: the
 //! in-memory storage directly, the file storage after making the new records durable.
 
+use std::borrow::Cow;
 use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -197,19 +198,36 @@ impl EncodedKey {
     }
 }
 
-/// One event of the log: decoded, encoded, or both (decoded from its encoding on first read).
-#[derive(Debug, Clone, Default)]
-struct Slot {
-    // Boxed: a slot that is only encoded costs 40 bytes, not the size of an `Event`.
-    event: OnceLock<Box<Event>>,
-    encoded: Option<EncodedEvent>,
+/// One event of the log, as it was given: decoded, or as its record.
+///
+/// A record is decoded on every read, straight into what the reader gets, and the result is
+/// not kept: a reader gets its own copy anyway (decoding costs about what cloning a decoded
+/// event does), and a process that reads its whole log once (a catch-up, a push) would
+/// otherwise hold every event twice, record and decoded, for good.
+#[derive(Debug, Clone)]
+enum Slot {
+    // Boxed: a slot costs 24 bytes either way, not the size of an `Event`.
+    Decoded(Box<Event>),
+    Encoded(EncodedEvent),
+}
+
+impl Slot {
+    /// The slot for a record and, if the caller has it, its decoded form (kept instead).
+    #[inline(always)] // keeps a replay's per-record push as cheap as before (measured)
+    fn new(encoded: EncodedEvent, event: Option<Event>) -> Self {
+        match event {
+            Some(event) => Slot::Decoded(Box::new(event)),
+            None => Slot::Encoded(encoded),
+        }
+    }
 }
 
 /// In-memory index of a log. Pure data; no IO, no clock.
 ///
 /// Events are kept decoded, or (from a durable storage, see [`LogIndex::push_encoded`]) as
-/// the bytes of their records, decoded once when first read. Reopening a big log then costs
-/// checking and indexing its records, not allocating every event.
+/// the bytes of their records, decoded whenever read. Reopening a big log then costs
+/// checking and indexing its records, not allocating every event; reading it costs what
+/// copying decoded events would, and leaves nothing behind.
 #[derive(Debug, Clone, Default)]
 pub struct LogIndex {
     slots: Vec<Slot>,
@@ -350,12 +368,10 @@ fn slot_key<'a>(
     codec: Option<&EventCodec>,
     seq: u64,
 ) -> Option<(&'a [u8], u64)> {
-    let slot = slots.get(usize::try_from(seq.checked_sub(1)?).ok()?)?;
-    if let Some(event) = slot.event.get() {
-        return Some((event.id.as_bytes(), event.version));
+    match slots.get(usize::try_from(seq.checked_sub(1)?).ok()?)? {
+        Slot::Decoded(event) => Some((event.id.as_bytes(), event.version)),
+        Slot::Encoded(encoded) => (codec?.key)(encoded.bytes()),
     }
-    let key = codec?.key;
-    key(slot.encoded.as_ref()?.bytes())
 }
 
 /// The id of the event at `seq`, as bytes.
@@ -394,24 +410,24 @@ impl LogIndex {
         self.slots.is_empty()
     }
 
-    /// The event at `seq`.
-    pub fn at(&self, seq: u64) -> Option<&Event> {
+    /// The event at `seq`: borrowed when the log holds it decoded, else decoded from its
+    /// record into a copy of the caller's (kept by nobody else).
+    pub fn at(&self, seq: u64) -> Option<Cow<'_, Event>> {
         seq.checked_sub(1)
             .and_then(|i| usize::try_from(i).ok())
             .and_then(|i| self.slots.get(i))
             .and_then(|slot| self.event(slot))
     }
 
-    /// A slot's event, decoding it on first use.
-    fn event<'a>(&self, slot: &'a Slot) -> Option<&'a Event> {
-        if let Some(event) = slot.event.get() {
-            return Some(event);
-        }
-        let encoded = slot.encoded.as_ref()?;
+    /// A slot's event: borrowed, or decoded (every time: see [`Slot`]).
+    fn event<'a>(&'a self, slot: &'a Slot) -> Option<Cow<'a, Event>> {
+        let encoded = match slot {
+            Slot::Decoded(event) => return Some(Cow::Borrowed(event)),
+            Slot::Encoded(encoded) => encoded,
+        };
         let decode = self.codec?.decode;
         match decode(encoded.bytes()) {
-            // Two readers may decode at once; the first to finish wins, both get its copy.
-            Some(event) => Some(slot.event.get_or_init(|| Box::new(event))),
+            Some(event) => Some(Cow::Owned(event)),
             None => {
                 // Storages check records before pushing them, so this is a bug, not damage.
                 tracing::error!("an encoded event in the log index does not decode");
@@ -472,7 +488,7 @@ impl LogIndex {
         let seq = self.versions(id)?.get(version)?;
         self.at(seq).map(|e| Stored {
             seq,
-            event: e.clone(),
+            event: e.into_owned(),
         })
     }
 
@@ -481,7 +497,7 @@ impl LogIndex {
         let (_, seq) = self.versions(id)?.latest();
         self.at(seq).map(|e| Stored {
             seq,
-            event: e.clone(),
+            event: e.into_owned(),
         })
     }
 
@@ -490,7 +506,7 @@ impl LogIndex {
         self.iter_since(after, limit)
             .map(|(seq, e)| Stored {
                 seq,
-                event: e.clone(),
+                event: e.into_owned(),
             })
             .collect()
     }
@@ -498,7 +514,12 @@ impl LogIndex {
     /// The materialised state: the highest version of every id.
     pub fn state(&self) -> BTreeMap<String, Event> {
         self.latest_seqs()
-            .filter_map(|seq| self.at(seq).map(|e| (e.id.clone(), e.clone())))
+            .filter_map(|seq| {
+                self.at(seq).map(|e| {
+                    let e = e.into_owned();
+                    (e.id.clone(), e)
+                })
+            })
             .collect()
     }
 
@@ -579,13 +600,14 @@ impl LogIndex {
                     outcome.outcomes.push(AppendOutcome::Duplicate { seq });
                     continue;
                 }
-                Decision::ConflictWithLog { seq } => self.at(seq),
+                // Decoded again if the log holds it encoded: conflicts are rare.
+                Decision::ConflictWithLog { seq } => self.at(seq).map(Cow::into_owned),
                 Decision::ConflictWithBatch { appended } => {
-                    outcome.appended.get(appended).map(|s| &s.event)
+                    outcome.appended.get(appended).map(|s| s.event.clone())
                 }
             };
             // Both lookups succeed: the decision was made on this log and this batch.
-            let held = held.cloned().unwrap_or_else(|| event.clone());
+            let held = held.unwrap_or_else(|| event.clone());
             let conflict = Conflict::concurrent_edit(held, event);
             outcome.conflicts.push(conflict.clone());
             outcome
@@ -636,9 +658,14 @@ impl LogIndex {
         }
     }
 
-    /// Up to `limit` events with `seq > after`, in order, borrowed: [`LogIndex::read_since`]
-    /// without the copies.
-    pub fn iter_since(&self, after: u64, limit: usize) -> impl Iterator<Item = (u64, &Event)> {
+    /// Up to `limit` events with `seq > after`, in order: [`LogIndex::read_since`] without
+    /// copies of the events the log holds decoded (those it holds as records are decoded into
+    /// a copy that lives as long as the caller keeps it, see [`LogIndex::at`]).
+    pub fn iter_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> impl Iterator<Item = (u64, Cow<'_, Event>)> {
         let start = usize::try_from(after).unwrap_or(usize::MAX);
         self.slots
             .get(start..)
@@ -659,7 +686,7 @@ impl LogIndex {
     ) -> usize {
         let mut visited = 0;
         for (seq, event) in self.iter_since(after, limit) {
-            visit(seq, event);
+            visit(seq, &event);
             visited += 1;
         }
         visited
@@ -671,16 +698,13 @@ impl LogIndex {
         if !self.insert_key(event.id.as_bytes(), event.version) {
             return false;
         }
-        self.slots.push(Slot {
-            event: OnceLock::from(Box::new(event)),
-            encoded: None,
-        });
+        self.slots.push(Slot::Decoded(Box::new(event)));
         true
     }
 
     /// Appends an event kept as its encoded record, read back with the log's [`EventCodec`]
-    /// (see [`LogIndex::with_codec`]); `event`, when given, is its decoded form, kept so it is
-    /// not decoded again. Returns `false` (and stores nothing) when `(id, version)` is already
+    /// (see [`LogIndex::with_codec`]) whenever it is read; `event`, when given, is its decoded
+    /// form, which the log keeps instead of the record (reads then only copy it). Returns `false` (and stores nothing) when `(id, version)` is already
     /// present, or when there is no codec or it cannot read the record's key.
     pub fn push_encoded(&mut self, encoded: EncodedEvent, event: Option<Event>) -> bool {
         let Some(codec) = self.codec else {
@@ -699,10 +723,7 @@ impl LogIndex {
         if !self.insert_key(id, version) {
             return false;
         }
-        self.slots.push(Slot {
-            event: event.map(Box::new).map(OnceLock::from).unwrap_or_default(),
-            encoded: Some(encoded),
-        });
+        self.slots.push(Slot::new(encoded, event));
         true
     }
 
@@ -728,10 +749,7 @@ impl LogIndex {
         let seq = self.len() + 1;
         if let Entry::Vacant(slot) = self.by_id.entry(key.hash) {
             slot.insert(IdRef::single(seq));
-            self.slots.push(Slot {
-                event: event.map(Box::new).map(OnceLock::from).unwrap_or_default(),
-                encoded: Some(encoded),
-            });
+            self.slots.push(Slot::new(encoded, event));
             return true;
         }
         // Another version of this id, or another id with the same hash: the full path.
@@ -953,6 +971,22 @@ mod tests {
             assert_eq!(encoded.get("a", 1).map(|s| s.event.data), Some(json!(1)));
             assert_eq!(encoded.get("c", 1).map(|s| s.seq), Some(4));
             assert_eq!(encoded.get("d", 1), None);
+            // Records are decoded into each read's own copy, every time (nothing cached);
+            // events pushed with their decoded form are lent.
+            let kinds: Vec<(u64, bool)> = encoded
+                .iter_since(0, 10)
+                .map(|(seq, e)| (seq, matches!(e, Cow::Owned(_))))
+                .collect();
+            assert_eq!(kinds, vec![(1, false), (2, true), (3, false), (4, false)]);
+            for _ in 0..2 {
+                assert!(matches!(encoded.at(2), Some(Cow::Owned(e)) if e == events[1]));
+            }
+            let mut visited = Vec::new();
+            encoded.visit_since(1, 2, &mut |seq, e| visited.push((seq, e.clone())));
+            assert_eq!(
+                visited,
+                vec![(2, events[1].clone()), (3, events[2].clone())]
+            );
             // Merging against encoded events dedups and conflicts as usual.
             let mut merged = encoded.clone();
             let out = merged.merge(vec![ev("b", 1, 2), ev("b", 1, 5), ev("d", 1, 6)]);
@@ -1014,7 +1048,10 @@ mod tests {
         log.merge((0..10).map(|i| ev(&format!("e{i}"), 1, i)).collect());
         let borrowed: Vec<(u64, Event)> = log
             .iter_since(3, 4)
-            .map(|(seq, e)| (seq, e.clone()))
+            .map(|(seq, e)| {
+                assert!(matches!(e, Cow::Borrowed(_)), "held decoded: not copied");
+                (seq, e.into_owned())
+            })
             .collect();
         let copied: Vec<(u64, Event)> = log
             .read_since(3, 4)

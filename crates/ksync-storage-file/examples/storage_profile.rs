@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release -p ksync-storage-file --example storage_profile -- build <path> <events>
 //! cargo run --release -p ksync-storage-file --example storage_profile -- reopen <path>
+//! cargo run --release -p ksync-storage-file --example storage_profile -- read <path>
 //! cargo run --release -p ksync-storage-file --example storage_profile -- group <dir> <appenders> <appends-each> [syncs-in-flight] [window-us]
 //! ```
 
@@ -61,6 +62,32 @@ fn reopen(path: &Path) -> Result<(), StorageError> {
     println!("reopened {} events in {elapsed:?}", storage.len());
     // Freeing a million events is not part of opening: leave it to process exit so a
     // profile of this run shows the open alone.
+    std::mem::forget(storage);
+    Ok(())
+}
+
+/// Reopens the log and reads it all once, in pages of 10,000 (as a catch-up or a push does),
+/// dropping each page: for the peak memory of a process that reads its whole log
+/// (`/usr/bin/time -v`).
+fn read(path: &Path) -> Result<(), StorageError> {
+    let started = Instant::now();
+    let storage = FileStorage::open(path)?;
+    let opened = started.elapsed();
+    let mut read = 0;
+    let mut bytes = 0;
+    loop {
+        let page = storage.read_since(read, 10_000)?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        read = last.seq;
+        bytes += page.iter().map(|s| s.event.id.len()).sum::<usize>();
+    }
+    println!(
+        "reopened {} events in {opened:?}, read them ({bytes} id bytes) in {:?}",
+        storage.len(),
+        started.elapsed() - opened
+    );
     std::mem::forget(storage);
     Ok(())
 }
@@ -126,6 +153,7 @@ fn main() -> Result<(), StorageError> {
     match args.first().map(String::as_str) {
         Some("build") => build(Path::new(&args[1]), num(2)),
         Some("reopen") => reopen(Path::new(&args[1])),
+        Some("read") => read(Path::new(&args[1])),
         Some("group") => group(
             Path::new(&args[1]),
             num(2),
@@ -135,7 +163,7 @@ fn main() -> Result<(), StorageError> {
         ),
         _ => {
             eprintln!(
-                "usage: storage_profile build <path> <events> | reopen <path> | group <dir> <appenders> <each>"
+                "usage: storage_profile build <path> <events> | reopen <path> | read <path> | group <dir> <appenders> <each>"
             );
             std::process::exit(2);
         }
