@@ -199,8 +199,8 @@ async fn the_page_its_assets_and_the_client_module_are_served() {
         .text()
         .await
         .unwrap();
-    let kept = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/ksync.js"))
-    .unwrap();
+    let kept =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/ksync.js")).unwrap();
     assert_eq!(served, kept);
     running.shutdown().await.unwrap();
 }
