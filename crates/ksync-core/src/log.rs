@@ -704,8 +704,9 @@ impl LogIndex {
 
     /// Appends an event kept as its encoded record, read back with the log's [`EventCodec`]
     /// (see [`LogIndex::with_codec`]) whenever it is read; `event`, when given, is its decoded
-    /// form, which the log keeps instead of the record (reads then only copy it). Returns `false` (and stores nothing) when `(id, version)` is already
-    /// present, or when there is no codec or it cannot read the record's key.
+    /// form, which the log keeps instead of the record (reads then only copy it). Returns
+    /// `false` (and stores nothing) when `(id, version)` is already present, or when there is
+    /// no codec or it cannot read the record's key.
     pub fn push_encoded(&mut self, encoded: EncodedEvent, event: Option<Event>) -> bool {
         let Some(codec) = self.codec else {
             return false;
@@ -1001,6 +1002,13 @@ mod tests {
         let encoded = EncodedEvent::new(bytes, 0..len).expect("in range");
         assert!(!log.push_encoded(encoded.clone(), None));
         assert!(EncodedEvent::new(Arc::new(vec![1, 2]), 1..3).is_none());
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_slot_is_three_words() {
+        // A million-event log holds a million slots: no room for a cache beside the record.
+        assert_eq!(std::mem::size_of::<Slot>(), 24);
     }
 
     #[test]

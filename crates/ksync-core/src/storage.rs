@@ -73,7 +73,8 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Calls `visit` with `(seq, event)` for up to `limit` events with `seq > after`, in order:
     /// [`Storage::read_since`] for callers that only look at the events (e.g. to encode them),
-    /// so a storage that keeps them in memory need not copy them. `visit` may run while the
+    /// so a storage that keeps them in memory need not copy them (one that keeps records
+    /// decodes each into a temporary that lives for its visit). `visit` may run while the
     /// storage holds a lock: keep it short and do not call back into the storage. Returns how
     /// many events were visited.
     fn visit_since(

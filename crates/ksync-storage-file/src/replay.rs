@@ -4,9 +4,10 @@
 //! record boundaries (lengths only); decoder threads (one per core, at most 4) check
 //! checksums and check that every record decodes, in parallel; the calling thread takes the
 //! checked chunks back in file order and indexes them. Events are not decoded: the index keeps
-//! each as a range of its chunk ([`ksync_core::EncodedEvent`]) and decodes it when first
-//! read, so a reopen allocates a few bytes per event instead of the whole event (a million
-//! decoded events take over a gigabyte, and faulting that memory in cost more than decoding).
+//! each as a range of its chunk ([`ksync_core::EncodedEvent`]) and decodes it into each
+//! read's copy, so a reopen allocates a few bytes per event instead of the whole event (a
+//! million decoded events take over a gigabyte, and faulting that memory in cost more than
+//! decoding), and reading the log does not bring that memory back.
 
 use std::collections::HashMap;
 use std::fs::File;
