@@ -11,6 +11,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::ops::Range;
 use std::sync::Arc;
 
+use nohash_hasher::BuildNoHashHasher;
 use serde::{Deserialize, Serialize};
 
 use crate::conflict::Conflict;
@@ -235,7 +236,7 @@ pub struct LogIndex {
     // the id so that indexing an event copies no string; ids (and, for a single revision,
     // its version) are read from the slots. 16 bytes an entry: a replay of a million events
     // inserts at random into this table, and its size decides the cache and TLB misses.
-    by_id: HashMap<u64, IdRef, BuildHasherDefault<Prehashed>>,
+    by_id: HashMap<u64, IdRef, BuildNoHashHasher<u64>>,
     // The rare hashes with more than one revision (several versions of an id, or several
     // ids): `IdRef::multi` indexes here. Never shrinks, like the log.
     multi: Vec<Ids>,
@@ -245,27 +246,6 @@ pub struct LogIndex {
     // Tests: every id hashes alike, to exercise ids that share a hash.
     #[cfg(test)]
     all_collide: bool,
-}
-
-/// A `Hasher` for keys that already are hashes.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed with it; fold anything else in so it is still a hash.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 /// A revision of a batch being planned, with its id's hash (so the map need not hash the id
@@ -283,6 +263,9 @@ impl PartialEq for BatchKey<'_> {
 }
 
 impl Eq for BatchKey<'_> {}
+
+// Its `Hash` writes one `u64`, already a hash: no need to hash it again.
+impl nohash_hasher::IsEnabled for BatchKey<'_> {}
 
 impl std::hash::Hash for BatchKey<'_> {
     fn hash<H: Hasher>(&self, state: &mut H) {
@@ -540,8 +523,11 @@ impl LogIndex {
         {
             // (id, version) -> (input index, position in `appended`) of the batch's new
             // revisions.
-            let mut in_batch: HashMap<BatchKey<'_>, (usize, usize), BuildHasherDefault<Prehashed>> =
-                HashMap::with_capacity_and_hasher(batch.len(), BuildHasherDefault::default());
+            let mut in_batch: HashMap<
+                BatchKey<'_>,
+                (usize, usize),
+                BuildNoHashHasher<BatchKey<'_>>,
+            > = HashMap::with_capacity_and_hasher(batch.len(), BuildHasherDefault::default());
             let mut next_seq = self.len();
             let mut appended = 0;
             for (input, event) in batch.iter().enumerate() {

@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
@@ -702,28 +701,7 @@ struct Writer {
     /// Hashes of the `(id, version)`s the groups in flight append, with their counts. Two
     /// keys may share a hash: then a batch waits for the groups in flight when it need not,
     /// which is slower but never wrong.
-    in_flight_keys: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
-}
-
-/// A `Hasher` for keys that already are hashes.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed with it; fold anything else in so it is still a hash.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
+    in_flight_keys: HashMap<u64, u32, nohash_hasher::BuildNoHashHasher<u64>>,
 }
 
 /// A sync thread: `fdatasync`s on its own file descriptor when the writer asks.
