@@ -199,7 +199,9 @@ async fn ws_room() -> Result<(Vec<Arc<WebSocketSyncClient>>, tokio::task::JoinHa
     let addr: SocketAddr = listener.local_addr()?;
     let router = relay.router();
     let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        // As `ksync serve` does: without TCP_NODELAY on accepted sockets, Nagle's algorithm
+        // and the peer's delayed ACK hold small frames back by ~40 ms.
+        let _ = axum::serve(ksync_ws::server::nodelay(listener), router).await;
     });
     let mut clients = Vec::new();
     for i in 0..=RECEIVERS {
