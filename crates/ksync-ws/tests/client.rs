@@ -54,15 +54,27 @@ async fn next_event(
     .await
 }
 
-#[tokio::test]
-async fn spec_complete_example_two_replicas_converge() {
+/// A relay and two connected replicas on its default room, with the second's notifications
+/// watched: `(server, first, second, second's notifications)`.
+async fn connected_pair() -> (
+    Server,
+    KSync<WebSocketSyncClient>,
+    KSync<WebSocketSyncClient>,
+    ksync_core::NotificationStream,
+) {
     let server = start(RelayConfig::default()).await;
     let url = server.url(None);
-    let a = ksync(&url).await;
-    let b = ksync(&url).await;
-    let mut b_events = b.notifications();
-    a.connect().await.expect("a connects");
-    b.connect().await.expect("b connects");
+    let first = ksync(&url).await;
+    let second = ksync(&url).await;
+    let seen = second.notifications();
+    first.connect().await.expect("first connects");
+    second.connect().await.expect("second connects");
+    (server, first, second, seen)
+}
+
+#[tokio::test]
+async fn spec_complete_example_two_replicas_converge() {
+    let (server, a, b, mut b_events) = connected_pair().await;
     let sent = a
         .emit(
             "user_action",
@@ -94,14 +106,8 @@ async fn spec_complete_example_two_replicas_converge() {
 
 #[tokio::test]
 async fn an_attached_client_forwards_another_replicas_event_with_its_origin() {
-    let server = start(RelayConfig::default()).await;
-    let url = server.url(None);
     // The bridge: a KSync whose client is handed events made elsewhere (e.g. a P2P peer).
-    let bridge = ksync(&url).await;
-    let reader = ksync(&url).await;
-    let mut seen = reader.notifications();
-    bridge.connect().await.expect("bridge connects");
-    reader.connect().await.expect("reader connects");
+    let (server, bridge, reader, mut seen) = connected_pair().await;
     let relayed = Event::new("from-p2p", "note", json!({"n": 1}), 7).with_origin("peer-p");
     bridge
         .client()
@@ -134,13 +140,7 @@ async fn an_attached_client_forwards_another_replicas_event_with_its_origin() {
 
 #[tokio::test]
 async fn forwarding_an_event_the_client_already_scanned_past_still_sends_it() {
-    let server = start(RelayConfig::default()).await;
-    let url = server.url(None);
-    let bridge = ksync(&url).await;
-    let reader = ksync(&url).await;
-    let mut seen = reader.notifications();
-    bridge.connect().await.expect("bridge connects");
-    reader.connect().await.expect("reader connects");
+    let (server, bridge, reader, mut seen) = connected_pair().await;
     // Stored by another transport sharing this storage (e.g. P2P): not pending here.
     let arrived = Event::new("arrived", "note", json!(1), 5).with_origin("peer-p");
     bridge
