@@ -140,16 +140,22 @@ async fn offline_edits_resolved_merged() {
     assert_eq!(value, json!("\"b\"+\"a\""));
 }
 
+/// Sends events `e{i}` (data and timestamp `i`) for each `i` of `range`.
+async fn send_numbered(client: &GitSyncClient, range: std::ops::Range<u64>) {
+    for i in range {
+        client
+            .send(Event::new(format!("e{i}"), "t", json!(i), i))
+            .await
+            .expect("send");
+    }
+}
+
 #[tokio::test]
 async fn push_reports_server_version_and_pull_pages() {
     let server = start(&["r"]).await;
     let url = server.repo_url("r");
     let a = client(&url);
-    for i in 0..25 {
-        a.send(Event::new(format!("e{i}"), "t", json!(i), i))
-            .await
-            .expect("send");
-    }
+    send_numbered(&a, 0..25).await;
     let before = a.local_status().expect("status");
     assert_eq!(
         (
@@ -214,11 +220,7 @@ async fn pulls_follow_the_server_page_cap_and_a_growing_branch() {
     .await;
     let url = server.repo_url("r");
     let a = client(&url);
-    for i in 0..25 {
-        a.send(Event::new(format!("e{i}"), "t", json!(i), i))
-            .await
-            .expect("send");
-    }
+    send_numbered(&a, 0..25).await;
     a.push().await.expect("push");
     let b = GitSyncClient::builder(&url)
         .auth(ksync_core::Auth::api_key("key-1"))
@@ -233,9 +235,7 @@ async fn pulls_follow_the_server_page_cap_and_a_growing_branch() {
             .expect("client");
         tokio::spawn(async move {
             for i in 25..40 {
-                a.send(Event::new(format!("e{i}"), "t", json!(i), i))
-                    .await
-                    .expect("send");
+                send_numbered(&a, i..i + 1).await;
                 a.push().await.expect("push");
             }
         })
