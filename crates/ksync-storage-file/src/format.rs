@@ -15,6 +15,8 @@
 
 use ksync_core::{Event, EventCodec, StorageError};
 
+use crate::value::owned_str;
+
 /// The first 8 bytes of every kSync log.
 pub const MAGIC: [u8; 8] = *b"KSYNCLOG";
 /// The format version this build writes and the newest it reads.
@@ -205,7 +207,7 @@ fn read_head(payload: &[u8]) -> Result<RawEvent<'_>, String> {
 }
 
 fn utf8(raw: &[u8]) -> Result<(), String> {
-    if raw.is_ascii() || std::str::from_utf8(raw).is_ok() {
+    if crate::value::is_utf8(raw) {
         Ok(())
     } else {
         Err("event string is not UTF-8".into())
@@ -225,24 +227,18 @@ pub(crate) fn check_event(payload: &[u8]) -> Result<(&[u8], u64), String> {
     Ok((raw.id, raw.version))
 }
 
-/// An owned, checked copy of a string field (copied first so the check runs on aligned
-/// bytes, see `value::Reader::string`).
-fn owned(raw: &[u8]) -> Result<String, String> {
-    String::from_utf8(raw.to_vec()).map_err(|_| "event string is not UTF-8".to_string())
-}
-
 /// Decodes an event payload.
 pub(crate) fn decode_event(payload: &[u8]) -> Result<Event, String> {
     let raw = read_head(payload).map_err(|e| format!("undecodable event record: {e}"))?;
     let data =
         crate::value::decode(raw.data).map_err(|e| format!("undecodable event data: {e}"))?;
     Ok(Event {
-        id: owned(raw.id)?,
-        event_type: owned(raw.event_type)?,
+        id: owned_str(raw.id)?,
+        event_type: owned_str(raw.event_type)?,
         data,
         timestamp: raw.timestamp,
         version: raw.version,
-        origin: raw.origin.map(owned).transpose()?,
+        origin: raw.origin.map(owned_str).transpose()?,
     })
 }
 

@@ -114,8 +114,24 @@ pub(crate) fn check(bytes: &[u8]) -> Result<(), String> {
 
 /// Whether `raw` is UTF-8. ASCII (the common case) is checked a word at a time first:
 /// `str::from_utf8` goes byte by byte over short, unaligned strings like ours.
-fn is_utf8(raw: &[u8]) -> bool {
+pub(crate) fn is_utf8(raw: &[u8]) -> bool {
     raw.is_ascii() || std::str::from_utf8(raw).is_ok()
+}
+
+/// An owned, checked copy of a string's bytes. Copied first, then checked in place: the copy
+/// is aligned, so `from_utf8` takes its word-at-a-time path, which is several times faster
+/// than on the unaligned original.
+pub(crate) fn owned_str(raw: &[u8]) -> Result<String, String> {
+    String::from_utf8(raw.to_vec()).map_err(|_| "string is not UTF-8".to_string())
+}
+
+/// Refuses a container at `depth` when it would nest deeper than [`MAX_DEPTH`].
+fn nest(depth: usize) -> Result<(), String> {
+    if depth >= MAX_DEPTH {
+        Err("event data nests too deep".into())
+    } else {
+        Ok(())
+    }
 }
 
 /// A cursor over encoded bytes (event data, and the fixed fields of an event record).
@@ -142,10 +158,7 @@ impl<'a> Reader<'a> {
 
     /// A length-prefixed string, checked and copied.
     pub(crate) fn string(&mut self) -> Result<String, String> {
-        let raw = self.str_bytes()?;
-        // Copied first, then checked in place: the copy is aligned, so `from_utf8` takes its
-        // word-at-a-time path, which is several times faster than on the unaligned original.
-        String::from_utf8(raw.to_vec()).map_err(|_| "string is not UTF-8".to_string())
+        owned_str(self.str_bytes()?)
     }
 
     /// A length-prefixed string that must be UTF-8, skipped.
@@ -223,18 +236,13 @@ impl<'a> Reader<'a> {
                 let i = ((z >> 1) as i64) ^ -((z & 1) as i64);
                 Value::Number(Number::from(i))
             }
-            F64 => {
-                let raw = self.take(8)?;
-                let mut b = [0u8; 8];
-                b.copy_from_slice(raw);
-                let f = f64::from_le_bytes(b);
-                Value::Number(Number::from_f64(f).ok_or_else(|| "non-finite number".to_string())?)
-            }
+            F64 => Value::Number(
+                Number::from_f64(self.finite_f64()?)
+                    .ok_or_else(|| "non-finite number".to_string())?,
+            ),
             STRING => Value::String(self.string()?),
             ARRAY => {
-                if depth >= MAX_DEPTH {
-                    return Err("event data nests too deep".into());
-                }
+                nest(depth)?;
                 let n = self.count()?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -243,9 +251,7 @@ impl<'a> Reader<'a> {
                 Value::Array(items)
             }
             OBJECT => {
-                if depth >= MAX_DEPTH {
-                    return Err("event data nests too deep".into());
-                }
+                nest(depth)?;
                 let n = self.count()?;
                 let mut map = Map::new();
                 for _ in 0..n {
@@ -259,6 +265,19 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// An 8-byte little-endian float, which must be finite (JSON has no NaN or infinity).
+    fn finite_f64(&mut self) -> Result<f64, String> {
+        let raw = self.take(8)?;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(raw);
+        let f = f64::from_le_bytes(b);
+        if f.is_finite() {
+            Ok(f)
+        } else {
+            Err("non-finite number".into())
+        }
+    }
+
     /// Reads past one value, checking it like [`Reader::value`] does.
     fn skip_value(&mut self, depth: usize) -> Result<(), String> {
         match self.byte()? {
@@ -267,26 +286,17 @@ impl<'a> Reader<'a> {
                 self.varint()?;
             }
             F64 => {
-                let raw = self.take(8)?;
-                let mut b = [0u8; 8];
-                b.copy_from_slice(raw);
-                if !f64::from_le_bytes(b).is_finite() {
-                    return Err("non-finite number".into());
-                }
+                self.finite_f64()?;
             }
             STRING => self.skip_str()?,
             ARRAY => {
-                if depth >= MAX_DEPTH {
-                    return Err("event data nests too deep".into());
-                }
+                nest(depth)?;
                 for _ in 0..self.count()? {
                     self.skip_value(depth + 1)?;
                 }
             }
             OBJECT => {
-                if depth >= MAX_DEPTH {
-                    return Err("event data nests too deep".into());
-                }
+                nest(depth)?;
                 for _ in 0..self.count()? {
                     self.skip_str()?;
                     self.skip_value(depth + 1)?;
