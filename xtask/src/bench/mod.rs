@@ -215,12 +215,11 @@ pub fn run(args: &[String]) -> Result<()> {
         cmd_args.extend(wanted.iter().copied());
         return crate::cargo(&cmd_args);
     }
-    let mut report = Report::default();
-    if ws::is_relay_child() {
-        // A relay process of the ws scenario (ourselves, re-executed): it serves, prints no
-        // header and no table.
-        return ws::run(&mut report);
+    // A relay process of the ws scenario (ourselves, re-executed) serves; no header, no table.
+    if let Some(served) = ws::serve_if_relay_child() {
+        return served;
     }
+    let mut report = Report::default();
     for (name, about, scenario) in SCENARIOS {
         if wanted.is_empty() || wanted.contains(name) {
             eprintln!("== bench {name}: {about}");

@@ -1163,17 +1163,15 @@ struct Samples {
     p99: Vec<f64>,
 }
 
-/// Whether this process is a relay child of the scenario (see [`CHILD_ENV`]).
-pub fn is_relay_child() -> bool {
-    std::env::var_os(CHILD_ENV).is_some()
+/// When this process is a relay child of the scenario (see [`CHILD_ENV`]), serves as that
+/// relay until its stdin closes and returns `Some`; otherwise `None`.
+pub fn serve_if_relay_child() -> Option<Result<()>> {
+    let kind = std::env::var(CHILD_ENV).ok()?;
+    Some(child_relay(&kind))
 }
 
 /// `cargo xtask bench ws`.
 pub fn run(report: &mut Report) -> Result<()> {
-    if let Ok(kind) = std::env::var(CHILD_ENV) {
-        child_relay(&kind)?;
-        std::process::exit(0);
-    }
     epoch();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
