@@ -61,6 +61,19 @@ const DIGEST_STEP: usize = 16 * 1024;
 const COMMAND_DRAIN: usize = 256;
 /// How often mDNS asks the LAN who is there.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Dial options for an address. Every dial of ours takes a new local port
+/// (`allocate_new_port`): libp2p's default reuses the listening port, so two peers that find
+/// each other at the same moment (mDNS answers arrive together) dial from their listen ports
+/// to each other's, and TCP's simultaneous open joins the two dials into one connection on
+/// which both sides start the Noise handshake as initiator and fail. Port reuse only helps NAT
+/// hole punching, which kSync does not do.
+fn dial_address(addr: Multiaddr) -> DialOpts {
+    DialOpts::unknown_peer_id()
+        .address(addr)
+        .allocate_new_port()
+        .build()
+}
 /// Idle connections close after this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Most connections being set up at once, each way.
@@ -476,7 +489,7 @@ impl Node {
                     tracing::warn!(%addr, "bootstrap address has no /p2p/<peer id>; dialing it anyway")
                 }
             }
-            if let Err(e) = self.swarm.dial(addr.clone()) {
+            if let Err(e) = self.swarm.dial(dial_address(addr.clone())) {
                 tracing::warn!(%addr, error = %e, "dialing bootstrap peer failed");
             }
         }
@@ -621,7 +634,7 @@ impl Node {
     fn connect(&mut self, target: Target, reply: oneshot::Sender<Result<PeerId, P2PError>>) {
         match target {
             Target::Addr(addr) => {
-                let opts = DialOpts::from(addr.clone());
+                let opts = dial_address(addr.clone());
                 let id = opts.connection_id();
                 match self.swarm.dial(opts) {
                     Ok(()) => {
@@ -651,6 +664,7 @@ impl Node {
     fn dial_peer(&mut self, peer: PeerId, lookup: bool) {
         let opts = DialOpts::peer_id(peer)
             .condition(PeerCondition::DisconnectedAndNotDialing)
+            .allocate_new_port()
             .build();
         match self.swarm.dial(opts) {
             Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
@@ -814,6 +828,7 @@ impl Node {
                         let opts = DialOpts::peer_id(peer)
                             .addresses(addrs)
                             .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .allocate_new_port()
                             .build();
                         let _ = self.swarm.dial(opts);
                     }
@@ -855,6 +870,7 @@ impl Node {
                     let opts = DialOpts::peer_id(target)
                         .addresses(info.addrs)
                         .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .allocate_new_port()
                         .build();
                     match self.swarm.dial(opts) {
                         Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
@@ -875,6 +891,7 @@ impl Node {
                     // peer among the closest: try once more before giving up.
                     let opts = DialOpts::peer_id(target)
                         .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .allocate_new_port()
                         .build();
                     match self.swarm.dial(opts) {
                         Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
