@@ -1,7 +1,10 @@
 //! `cargo xtask bench storage`: FileStorage against raw file IO with the same record sizes.
 //!
 //! - group commit: many concurrent appenders of ~200-byte events vs a raw loop that writes
-//!   the same number of same-sized records per `write` and calls `fdatasync` after each batch;
+//!   the same number of same-sized records per `write` and calls `fdatasync` after each batch,
+//!   and vs the least any async group commit can do here ([`minimal_group_commit`]: the same
+//!   appender tasks, one writer thread, no encoding and no index), which shows how much of
+//!   the distance to the raw loop is kSync's and how much is the appenders' round trips;
 //! - durability `None` (same appenders) vs raw buffered writes of the same records;
 //! - reopen (replay) of a 1,000,000-event log vs reading the same file raw.
 //!
@@ -10,7 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -117,6 +120,138 @@ fn ksync_appenders(
     })
 }
 
+/// Records queued for [`minimal_group_commit`]'s writer, each with its appender's answer.
+struct FloorQueue {
+    records: Vec<(Vec<u8>, tokio::sync::oneshot::Sender<()>)>,
+    /// While the writer waits: the queue length at which an appender wakes it (so a group
+    /// costs one wake-up of the writer, not one per record).
+    wake_at: usize,
+    closed: bool,
+}
+
+fn lock(queue: &Mutex<FloorQueue>) -> std::sync::MutexGuard<'_, FloorQueue> {
+    queue.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The least work an async group commit can do with the same appenders: `APPENDERS` tasks
+/// each hand `each` ready-made records (one at a time, waiting for each to be durable) to one
+/// writer thread, which takes what is queued (waiting up to 1 ms for as many as its last group
+/// had, so groups stay full), writes it in one `write`, `fdatasync`s and answers. No encoding,
+/// no index, no checks: what remains is the round trip every appender makes (a queue, a
+/// wake-up of the writer, a wake-up of the task) around the raw loop's work.
+fn minimal_group_commit(
+    rt: &tokio::runtime::Runtime,
+    path: &Path,
+    record: usize,
+    each: usize,
+) -> Result<f64> {
+    let mut file = File::create(path)?;
+    let queue = Arc::new((
+        Mutex::new(FloorQueue {
+            records: Vec::new(),
+            wake_at: 1,
+            closed: false,
+        }),
+        Condvar::new(),
+    ));
+    let writer = {
+        let queue = Arc::clone(&queue);
+        std::thread::spawn(move || -> std::io::Result<usize> {
+            let (mutex, ready) = &*queue;
+            let (mut last_group, mut written) = (1, 0);
+            let mut buf = Vec::new();
+            loop {
+                let group = {
+                    let mut q = lock(mutex);
+                    while q.records.is_empty() && !q.closed {
+                        q.wake_at = 1;
+                        q = ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                    }
+                    let deadline = Instant::now() + Duration::from_millis(1);
+                    while q.records.len() < last_group && !q.closed {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        q.wake_at = last_group;
+                        q = ready
+                            .wait_timeout(q, left)
+                            .map(|(q, _)| q)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
+                    if q.records.is_empty() {
+                        return Ok(written);
+                    }
+                    q.wake_at = usize::MAX;
+                    std::mem::take(&mut q.records)
+                };
+                last_group = group.len();
+                buf.clear();
+                for (bytes, _) in &group {
+                    buf.extend_from_slice(bytes);
+                }
+                file.write_all(&buf)?;
+                file.sync_data()?;
+                written += group.len();
+                for (_, answer) in group {
+                    let _ = answer.send(());
+                }
+            }
+        })
+    };
+    let records: Vec<Vec<Vec<u8>>> = (0..APPENDERS)
+        .map(|_| (0..each).map(|_| vec![0x5au8; record]).collect())
+        .collect();
+    let started = Instant::now();
+    let appended = rt.block_on(async {
+        let tasks: Vec<_> = records
+            .into_iter()
+            .map(|records| {
+                let queue = Arc::clone(&queue);
+                tokio::spawn(async move {
+                    for bytes in records {
+                        let (answer, durable) = tokio::sync::oneshot::channel();
+                        {
+                            let (mutex, ready) = &*queue;
+                            let mut q = lock(mutex);
+                            q.records.push((bytes, answer));
+                            if q.records.len() >= q.wake_at {
+                                q.wake_at = usize::MAX;
+                                ready.notify_one();
+                            }
+                        }
+                        durable.await?;
+                    }
+                    Ok::<_, tokio::sync::oneshot::error::RecvError>(())
+                })
+            })
+            .collect();
+        let mut done = 0;
+        for task in tasks {
+            task.await??;
+            done += 1;
+        }
+        Ok::<_, anyhow::Error>(done)
+    });
+    let elapsed = started.elapsed();
+    {
+        let (mutex, ready) = &*queue;
+        lock(mutex).closed = true;
+        ready.notify_one();
+    }
+    let written = writer
+        .join()
+        .map_err(|_| anyhow!("the minimal group commit writer panicked"))??;
+    anyhow::ensure!(appended? == APPENDERS, "an appender failed");
+    anyhow::ensure!(
+        written == APPENDERS * each,
+        "minimal group commit lost records: {written} of {}",
+        APPENDERS * each
+    );
+    std::fs::remove_file(path)?;
+    Ok((APPENDERS * each) as f64 / elapsed.as_secs_f64())
+}
+
 /// Median time of one small `write` + `fdatasync` in `dir`, in microseconds.
 fn fdatasync_cost_us(dir: &Path) -> Result<f64> {
     let path = dir.join("probe.bin");
@@ -221,20 +356,26 @@ fn alternate(
     mut ksync: impl FnMut() -> Result<f64>,
     mut baseline: impl FnMut() -> Result<f64>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    ksync()?;
-    baseline()?;
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let mut samples = rotate(&mut [&mut ksync, &mut baseline])?.into_iter();
+    let a = samples.next().unwrap_or_default();
+    let b = samples.next().unwrap_or_default();
+    Ok((a, b))
+}
+
+/// Runs each of `runs` once per round after a warm-up round, starting each round with the
+/// next one (so none always runs first, on a colder or warmer cache); one sample list per run.
+fn rotate(runs: &mut [&mut dyn FnMut() -> Result<f64>]) -> Result<Vec<Vec<f64>>> {
+    for run in runs.iter_mut() {
+        run()?;
+    }
+    let mut samples = vec![Vec::with_capacity(ROUNDS); runs.len()];
     for round in 0..ROUNDS {
-        // Swap the order every round so neither side always runs on a warmer cache.
-        if round % 2 == 0 {
-            a.push(ksync()?);
-            b.push(baseline()?);
-        } else {
-            b.push(baseline()?);
-            a.push(ksync()?);
+        for k in 0..runs.len() {
+            let i = (round + k) % runs.len();
+            samples[i].push(runs[i]()?);
         }
     }
-    Ok((a, b))
+    Ok(samples)
 }
 
 /// The `storage` scenario.
@@ -272,16 +413,24 @@ pub fn run(report: &mut Report) -> Result<()> {
         eprintln!("group commit vs write+fdatasync loop ...");
         let mut p50 = Vec::new();
         let mut p99 = Vec::new();
-        let (ks, base) = alternate(
-            || {
+        let floor_log = dir.path().join("floor.bin");
+        let mut samples = rotate(&mut [
+            &mut || {
                 let mut round =
                     ksync_appenders(&rt, &log, Durability::GroupCommit, SYNCED_APPENDS_EACH)?;
                 p50.push(percentile(&mut round.latencies_ms, 50.0));
                 p99.push(percentile(&mut round.latencies_ms, 99.0));
                 Ok(round.events_per_sec)
             },
-            || raw_synced(&raw, record, SYNCED_APPENDS_EACH),
-        )?;
+            &mut || raw_synced(&raw, record, SYNCED_APPENDS_EACH),
+            &mut || minimal_group_commit(&rt, &floor_log, record, SYNCED_APPENDS_EACH),
+        ])?
+        .into_iter();
+        let (ks, base, floor) = (
+            samples.next().unwrap_or_default(),
+            samples.next().unwrap_or_default(),
+            samples.next().unwrap_or_default(),
+        );
         // The first entries come from the warm-up round.
         let (p50, p99) = (p50.split_off(1), p99.split_off(1));
         let k = scenario.series(Series::new("ksync file group commit", "events/s", true, ks));
@@ -291,7 +440,20 @@ pub fn run(report: &mut Report) -> Result<()> {
             true,
             base,
         ));
+        let f = scenario.series(Series::new(
+            "minimal async group commit (no encoding, no index)",
+            "events/s",
+            true,
+            floor,
+        ));
         scenario.ratio("group commit / raw fdatasync loop", k, b, Some(0.8));
+        scenario.ratio(
+            "minimal async group commit / raw fdatasync loop",
+            f,
+            b,
+            None,
+        );
+        scenario.ratio("group commit / minimal async group commit", k, f, None);
         scenario.series(Series::new(
             "group commit append latency p50",
             "ms",
