@@ -270,3 +270,56 @@ async fn slow_consumers_are_closed_with_4008_and_resume_without_loss() {
     }
     server.stop().await;
 }
+
+/// Messages that arrive together (read in one go, the publishes committed together) are
+/// answered in the order they were sent: publishes before a bad message are acknowledged
+/// before its error, and publishes before a fatal frame are stored and acknowledged before
+/// the close.
+#[tokio::test]
+async fn answers_keep_the_order_of_messages_sent_back_to_back() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("burst"));
+    let (mut ws, _) = join(&url, hello()).await;
+    let (mut other, _) = join(&url, hello()).await;
+    // Fed without flushing, then flushed at once: one write, one read on the server.
+    for message in [
+        json!({"type":"publish","ref":1,"events":[event("b1",1)]}).to_string(),
+        json!({"type":"publish","ref":2,"events":[event("b2",2)]}).to_string(),
+        "{not json".to_owned(),
+        json!({"type":"publish","ref":3,"events":[event("b3",3)]}).to_string(),
+    ] {
+        ws.feed(Message::text(message)).await.expect("feed");
+    }
+    ws.feed(Message::binary(vec![0xde, 0xad]))
+        .await
+        .expect("feed");
+    ws.flush().await.expect("flush");
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let answer = recv_json(&mut ws).await;
+        answers.push(match answer["type"].as_str() {
+            Some("ack") => format!("ack {} seq {}", answer["ref"], answer["results"][0]["seq"]),
+            _ => format!("error {}", answer["code"].as_str().unwrap_or("?")),
+        });
+    }
+    assert_eq!(
+        answers,
+        [
+            "ack 1 seq 1",
+            "ack 2 seq 2",
+            "error bad_message",
+            "ack 3 seq 3",
+            "error bad_binary"
+        ]
+    );
+    assert_eq!(recv_close(&mut ws).await.0, 1003);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let batch = recv_json(&mut other).await;
+        for e in batch["events"].as_array().expect("events") {
+            seen.push(e["event"]["id"].as_str().expect("id").to_owned());
+        }
+    }
+    assert_eq!(seen, ["b1", "b2", "b3"]);
+    server.stop().await;
+}

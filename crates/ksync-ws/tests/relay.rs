@@ -234,3 +234,180 @@ async fn joining_mid_stream_sees_every_seq_once_in_order_with_or_without_compres
     }
     server.stop().await;
 }
+
+/// A storage whose appends wait (as a durable one's do while on disk): rooms over it commit
+/// from their queue, never on a publisher's task.
+struct WaitingStorage(ksync_core::InMemoryStorage);
+
+impl ksync_core::Storage for WaitingStorage {
+    fn append(
+        &self,
+        events: Vec<ksync_core::Event>,
+    ) -> ksync_core::BoxFuture<'_, Result<ksync_core::MergeOutcome, ksync_core::StorageError>> {
+        Box::pin(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            self.0.append(events).await
+        })
+    }
+    fn read_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ksync_core::Stored>, ksync_core::StorageError> {
+        self.0.read_since(after, limit)
+    }
+    fn get(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<ksync_core::Stored>, ksync_core::StorageError> {
+        self.0.get(id, version)
+    }
+    fn latest(&self, id: &str) -> Result<Option<ksync_core::Stored>, ksync_core::StorageError> {
+        self.0.latest(id)
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn state(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, ksync_core::Event>, ksync_core::StorageError>
+    {
+        self.0.state()
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, ksync_core::StorageError> {
+        self.0.meta(key)
+    }
+    fn set_meta(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> ksync_core::BoxFuture<'_, Result<(), ksync_core::StorageError>> {
+        self.0.set_meta(key, value)
+    }
+}
+
+/// One [`WaitingStorage`] per log.
+#[derive(Default)]
+struct WaitingProvider(
+    std::sync::Mutex<
+        std::collections::HashMap<ksync_core::LogName, std::sync::Arc<WaitingStorage>>,
+    >,
+);
+
+impl ksync_core::StorageProvider for WaitingProvider {
+    fn open(
+        &self,
+        name: &ksync_core::LogName,
+    ) -> Result<std::sync::Arc<dyn ksync_core::Storage>, ksync_core::StorageError> {
+        let mut logs = self.0.lock().expect("lock");
+        let log = logs
+            .entry(name.clone())
+            .or_insert_with(|| std::sync::Arc::new(WaitingStorage(Default::default())));
+        Ok(log.clone())
+    }
+    fn existing(
+        &self,
+        name: &ksync_core::LogName,
+    ) -> Result<Option<std::sync::Arc<dyn ksync_core::Storage>>, ksync_core::StorageError> {
+        let logs = self.0.lock().expect("lock");
+        Ok(logs
+            .get(name)
+            .map(|log| log.clone() as std::sync::Arc<dyn ksync_core::Storage>))
+    }
+    fn list(&self) -> Result<Vec<ksync_core::LogName>, ksync_core::StorageError> {
+        Ok(self.0.lock().expect("lock").keys().cloned().collect())
+    }
+}
+
+/// Publishers streaming into one room at once (commits on their own tasks when the room is
+/// free, through the room's small queue when it is not, or always through the queue when the
+/// storage waits): each publisher's events keep its order, every ack names the seq its event
+/// was delivered with, and a subscriber sees every seq once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_keep_their_order_and_every_seq_reaches_subscribers_once() {
+    let providers: [std::sync::Arc<dyn ksync_core::StorageProvider>; 2] = [
+        std::sync::Arc::new(ksync_core::InMemoryProvider::new()),
+        std::sync::Arc::new(WaitingProvider::default()),
+    ];
+    for provider in providers {
+        let server = start_with(
+            RelayConfig {
+                room_queue: 2,
+                ..RelayConfig::default()
+            },
+            provider,
+            std::sync::Arc::new(ksync_core::AllowAll),
+        )
+        .await;
+        let url = server.url(Some("busy"));
+        let (mut subscriber, _) = join(&url, hello()).await;
+        let (publishers, per_publisher) = (4u64, 60u64);
+        let mut tasks = Vec::new();
+        for p in 0..publishers {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut ws, _) = join(&url, hello()).await;
+                for n in 1..=per_publisher {
+                    let e = event(&format!("p{p}-{n}"), n);
+                    send_json(&mut ws, json!({"type":"publish","ref":n,"events":[e]})).await;
+                }
+                let mut seqs = Vec::new();
+                for n in 1..=per_publisher {
+                    // The other publishers' events arrive in between.
+                    let ack = loop {
+                        let message = recv_json(&mut ws).await;
+                        if message["type"] != "events" {
+                            break message;
+                        }
+                    };
+                    assert_eq!(ack["type"], "ack", "{ack}");
+                    assert_eq!(ack["ref"], n, "{ack}");
+                    assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+                    seqs.push(ack["results"][0]["seq"].as_u64().expect("seq"));
+                }
+                (ws, seqs)
+            }));
+        }
+        let mut acked = std::collections::HashMap::new();
+        let mut sockets = Vec::new();
+        for (p, task) in tasks.into_iter().enumerate() {
+            let (ws, seqs) = task.await.expect("publisher");
+            for (n, seq) in seqs.into_iter().enumerate() {
+                acked.insert(seq, format!("p{p}-{}", n + 1));
+            }
+            sockets.push(ws);
+        }
+        let total = publishers * per_publisher;
+        let mut delivered = Vec::new();
+        while delivered.len() < total as usize {
+            let batch = recv_json(&mut subscriber).await;
+            assert_eq!(batch["type"], "events", "{batch}");
+            for e in batch["events"].as_array().expect("array") {
+                let seq = e["seq"].as_u64().expect("seq");
+                assert_eq!(
+                    acked.get(&seq).map(String::as_str),
+                    e["event"]["id"].as_str(),
+                    "the ack and the delivery of seq {seq} name the same event"
+                );
+                delivered.push((seq, e["event"]["data"]["n"].as_u64().expect("n")));
+            }
+        }
+        let seqs: Vec<u64> = delivered.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
+        for p in 0..publishers {
+            let order: Vec<u64> = delivered
+                .iter()
+                .filter(|(seq, _)| acked[seq].starts_with(&format!("p{p}-")))
+                .map(|(_, n)| *n)
+                .collect();
+            assert_eq!(
+                order,
+                (1..=per_publisher).collect::<Vec<_>>(),
+                "publisher {p}"
+            );
+        }
+        drop(sockets);
+        server.stop().await;
+    }
+}

@@ -7,11 +7,11 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use ksync_core::{Access, Event, EventLimits, Grant, Name, PROTOCOL_VERSION, ResourceKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 
 use super::outbox::{Outbox, Sink, frame_message};
-use super::room::{Frame, Incoming, PublishCommand, RoomCommand, Subscribed};
+use super::room::{Frame, Incoming, PublishCommand, RoomCommand, RoomLink, Subscribed};
 use super::{ConnectionSlot, Shared};
 use crate::protocol::{
     self, CLIENT_TYPES, ClientMessage, DecodeError, EventsBatch, Hello, Publish, ServerMessage,
@@ -23,7 +23,7 @@ pub(crate) struct Connection {
     pub(crate) socket: WebSocket,
     pub(crate) room: Name,
     pub(crate) grant: Grant,
-    pub(crate) room_tx: mpsc::Sender<RoomCommand>,
+    pub(crate) room_link: RoomLink,
     pub(crate) id: u64,
     pub(crate) _slot: ConnectionSlot,
 }
@@ -126,7 +126,7 @@ pub(crate) async fn serve(connection: Connection) {
         socket,
         room,
         grant,
-        room_tx,
+        room_link,
         id,
         _slot,
     } = connection;
@@ -147,7 +147,7 @@ pub(crate) async fn serve(connection: Connection) {
         &mut stream,
         &room,
         &grant,
-        &room_tx,
+        &room_link,
         id,
     )
     .await
@@ -155,7 +155,7 @@ pub(crate) async fn serve(connection: Connection) {
         Ok(()) => End::Close(close::NORMAL, String::new()),
         Err(end) => end,
     };
-    let _ = room_tx.try_send(RoomCommand::Unsubscribe { conn: id });
+    let _ = room_link.tx.try_send(RoomCommand::Unsubscribe { conn: id });
     if let End::Close(code, reason) = end {
         tracing::debug!(code, %reason, "closing connection");
         writer.close(code, reason).await;
@@ -168,7 +168,7 @@ async fn run(
     stream: &mut Stream,
     room: &Name,
     grant: &Grant,
-    room_tx: &mpsc::Sender<RoomCommand>,
+    room_link: &RoomLink,
     id: u64,
 ) -> Result<(), End> {
     let config = &shared.config;
@@ -205,7 +205,8 @@ async fn run(
     // Join the room: from here on the room queues every new batch for us (and writes them
     // directly once we are live, after the catch-up).
     let (reply, joined) = oneshot::channel();
-    room_tx
+    room_link
+        .tx
         .send(RoomCommand::Subscribe {
             conn: id,
             state: hello.state,
@@ -257,42 +258,27 @@ async fn run(
     let mut ping = interval_at(Instant::now() + config.heartbeat, config.heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut awaiting_pong = false;
+    // The two waits below live across iterations: made anew for every message, each would
+    // register with (and then leave) its `Notify` once per message read.
+    let outbox = Arc::clone(&writer.outbox);
+    let mut room_notified = std::pin::pin!(outbox.notified());
+    let mut shutdown_changed = std::pin::pin!(shutdown.changed());
+    let mut burst = Burst::default();
     loop {
         tokio::select! {
-            () = writer.outbox.notified() => {
+            () = &mut room_notified => {
+                room_notified.set(outbox.notified());
                 writer.serve_room().await?;
                 if let Some((code, reason)) = writer.outbox.closed() {
                     return Err(End::Close(code, reason.into()));
                 }
             },
             message = stream.next(), if !shutting_down => {
-                let message = match message {
-                    None => return Err(End::Drop),
-                    Some(Err(e)) => return Err(read_error(&e)),
-                    Some(Ok(m)) => m,
-                };
                 awaiting_pong = false;
-                let inflated;
-                // The JSON, and the same as `str` when it is valid UTF-8: tungstenite checked
-                // text frames already, an inflated frame is checked here, once.
-                let (text, utf8): (&[u8], Option<&str>) = match &message {
-                    Message::Text(t) => (t.as_bytes(), Some(t.as_str())),
-                    Message::Binary(b) => {
-                        if !writer.compression {
-                            return Err(bad_binary(writer, "binary frame without negotiated compression").await);
-                        }
-                        match protocol::inflate(b, config.max_message_size) {
-                            Ok(json) => {
-                                inflated = json;
-                                (&inflated, std::str::from_utf8(&inflated).ok())
-                            }
-                            Err(e) => return Err(bad_binary(writer, &e.to_string()).await),
-                        }
-                    }
-                    Message::Ping(_) | Message::Pong(_) => continue,
-                    Message::Close(_) => return Ok(()),
-                };
-                Box::pin(handle(writer, text, utf8, room, grant, room_tx, id)).await?;
+                let read = Reader { shared, room, grant, room_link, id };
+                if Box::pin(read.burst(writer, stream, message, &mut burst)).await? {
+                    return Ok(());
+                }
             },
             _ = ping.tick() => {
                 if awaiting_pong {
@@ -301,12 +287,146 @@ async fn run(
                 writer.send(Message::Ping(bytes::Bytes::new())).await?;
                 awaiting_pong = true;
             },
-            changed = shutdown.changed(), if !shutting_down => {
+            changed = &mut shutdown_changed, if !shutting_down => {
                 // Stop reading; keep writing until the room closes our queue.
                 let _ = changed;
                 shutting_down = true;
             },
         }
+    }
+}
+
+/// Publishes read in one go (see [`Reader::burst`]), committed together.
+#[derive(Default)]
+struct Burst {
+    publishes: Vec<PublishCommand>,
+    events: usize,
+}
+
+/// What reading a connection's messages needs.
+struct Reader<'a> {
+    shared: &'a Shared,
+    room: &'a Name,
+    grant: &'a Grant,
+    room_link: &'a RoomLink,
+    id: u64,
+}
+
+impl Reader<'_> {
+    /// Handles `first` and every further message already readable without waiting: plain
+    /// publishes are gathered and committed together (one append, one frame to the others, as
+    /// the room's queue would group them), anything else is handled in turn after the
+    /// publishes before it are committed, so answers keep the order of the messages. `true`
+    /// when the client closed.
+    async fn burst(
+        &self,
+        writer: &mut Writer,
+        stream: &mut Stream,
+        first: Option<Result<Message, axum::Error>>,
+        burst: &mut Burst,
+    ) -> Result<bool, End> {
+        let mut next = first;
+        let result = loop {
+            let message = match next {
+                None => break Err(End::Drop),
+                Some(Err(e)) => break Err(read_error(&e)),
+                Some(Ok(m)) => m,
+            };
+            match self.message(writer, message, burst).await {
+                Ok(false) => {}
+                other => break other,
+            }
+            if burst.events >= self.shared.config.max_batch_events {
+                break Ok(false);
+            }
+            // Cancel-safe: a message is either returned or stays in the stream's buffer.
+            match futures_util::FutureExt::now_or_never(stream.next()) {
+                Some(message) => next = message,
+                None => break Ok(false),
+            }
+        };
+        // Publishes read before an error or a close are committed and acknowledged first.
+        self.commit(burst).await?;
+        result
+    }
+
+    /// One message: a plain publish joins `burst`; anything else is handled after the
+    /// publishes gathered so far are committed. `true` for a close.
+    async fn message(
+        &self,
+        writer: &mut Writer,
+        message: Message,
+        burst: &mut Burst,
+    ) -> Result<bool, End> {
+        let inflated;
+        // The JSON, and the same as `str` when it is valid UTF-8: tungstenite checked text
+        // frames already, an inflated frame is checked here, once.
+        let (text, utf8): (&[u8], Option<&str>) = match &message {
+            Message::Text(t) => (t.as_bytes(), Some(t.as_str())),
+            Message::Binary(b) => {
+                if !writer.compression {
+                    self.commit(burst).await?;
+                    let why = "binary frame without negotiated compression";
+                    return Err(bad_binary(writer, why).await);
+                }
+                match protocol::inflate(b, self.shared.config.max_message_size) {
+                    Ok(json) => {
+                        inflated = json;
+                        (&inflated, std::str::from_utf8(&inflated).ok())
+                    }
+                    Err(e) => {
+                        self.commit(burst).await?;
+                        return Err(bad_binary(writer, &e.to_string()).await);
+                    }
+                }
+            }
+            Message::Ping(_) | Message::Pong(_) => return Ok(false),
+            Message::Close(_) => return Ok(true),
+        };
+        if let Some(publish) = utf8.and_then(|json| self.plain_publish(json)) {
+            burst.events += publish.items.len();
+            burst.publishes.push(publish);
+            return Ok(false);
+        }
+        self.commit(burst).await?;
+        let (room, grant, link, id) = (self.room, self.grant, self.room_link, self.id);
+        Box::pin(handle(writer, text, utf8, room, grant, link, id)).await?;
+        Ok(false)
+    }
+
+    /// A publish the fast path reads, from a client allowed to write (`None`: anything else,
+    /// for [`handle`]).
+    fn plain_publish(&self, json: &str) -> Option<PublishCommand> {
+        let publish = serde_json::from_str::<RawPublish<'_>>(json).ok()?;
+        if publish.kind != "publish"
+            || !self
+                .grant
+                .allows(ResourceKind::Room, self.room.as_str(), Access::Write)
+        {
+            return None;
+        }
+        let limits = EventLimits::default();
+        Some(PublishCommand {
+            conn: self.id,
+            reference: publish.reference,
+            items: publish
+                .events
+                .iter()
+                .map(|raw| incoming(raw.get(), &limits))
+                .collect(),
+        })
+    }
+
+    /// Commits the gathered publishes (if any).
+    async fn commit(&self, burst: &mut Burst) -> Result<(), End> {
+        if burst.publishes.is_empty() {
+            return Ok(());
+        }
+        burst.events = 0;
+        self.room_link
+            .publish(&mut burst.publishes)
+            .await
+            .map_err(|_| going_away())
     }
 }
 
@@ -483,14 +603,16 @@ fn incoming(json: &str, limits: &EventLimits) -> Result<Incoming, String> {
     })
 }
 
-/// Handles one message: `text` is its JSON, `utf8` the same when it is valid UTF-8.
+/// Handles one message that [`Reader::plain_publish`] does not take (anything but a publish
+/// from a client allowed to write, or a publish only the full decoder reads): `text` is its
+/// JSON, `utf8` the same when it is valid UTF-8.
 async fn handle(
     writer: &mut Writer,
     text: &[u8],
     utf8: Option<&str>,
     room: &Name,
     grant: &Grant,
-    room_tx: &mpsc::Sender<RoomCommand>,
+    room_link: &RoomLink,
     id: u64,
 ) -> Result<(), End> {
     let limits = EventLimits::default();
@@ -523,12 +645,13 @@ async fn handle(
             (publish.reference, items)
         }
     };
-    room_tx
-        .send(RoomCommand::Publish(PublishCommand {
-            conn: id,
-            reference,
-            items,
-        }))
+    let mut publishes = vec![PublishCommand {
+        conn: id,
+        reference,
+        items,
+    }];
+    room_link
+        .publish(&mut publishes)
         .await
         .map_err(|_| going_away())
 }

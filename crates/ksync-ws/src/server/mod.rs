@@ -31,9 +31,9 @@ use ksync_core::{
     Access, AuthError, Authenticator, Credentials, LogName, Name, ResourceKind, StorageProvider,
     Stored,
 };
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
-use room::{Room, RoomCommand};
+use room::{Room, RoomCommand, RoomLink};
 
 /// The subprotocol the relay speaks (echoed in `Sec-WebSocket-Protocol` when offered).
 pub const SUBPROTOCOL: &str = "ksync.v1";
@@ -155,7 +155,7 @@ pub struct ClientInfo {
 }
 
 struct RoomHandle {
-    tx: mpsc::Sender<RoomCommand>,
+    link: RoomLink,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -175,10 +175,11 @@ pub(crate) struct Shared {
     pub(crate) shutdown: watch::Sender<bool>,
 }
 
-/// The WebSocket relay: rooms, each with one log, one writer task and a fan-out.
+/// The WebSocket relay: rooms, each with one log, one writer at a time and a fan-out.
 ///
-/// Cheap to clone (shared state). One relay per storage provider: the room task is the only
-/// writer of a room's log, so two relays must not serve the same rooms from one provider.
+/// Cheap to clone (shared state). One relay per storage provider: a room's lock makes its
+/// commits the only writes to its log, so two relays must not serve the same rooms from one
+/// provider.
 #[derive(Clone)]
 pub struct Relay {
     shared: Arc<Shared>,
@@ -346,7 +347,13 @@ impl Relay {
         };
         for handle in rooms {
             let (done, wait) = oneshot::channel();
-            if handle.tx.send(RoomCommand::Shutdown { done }).await.is_ok() {
+            if handle
+                .link
+                .tx
+                .send(RoomCommand::Shutdown { done })
+                .await
+                .is_ok()
+            {
                 let _ = wait.await;
             }
             let _ = handle.task.await;
@@ -391,8 +398,8 @@ impl Relay {
             drop(slot);
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections");
         }
-        let room_tx = match self.room(&room) {
-            Ok(tx) => tx,
+        let room_link = match self.room(&room) {
+            Ok(link) => link,
             Err(e) => {
                 tracing::error!(error = %e, "cannot open room");
                 return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot open room");
@@ -421,7 +428,7 @@ impl Relay {
                     socket,
                     room,
                     grant,
-                    room_tx,
+                    room_link,
                     id: conn_id,
                     _slot: slot,
                 })
@@ -430,12 +437,12 @@ impl Relay {
             })
     }
 
-    fn room(&self, name: &Name) -> Result<mpsc::Sender<RoomCommand>, RelayError> {
+    fn room(&self, name: &Name) -> Result<RoomLink, RelayError> {
         let mut rooms = self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(handle) = rooms.get(name)
-            && !handle.tx.is_closed()
+            && !handle.link.tx.is_closed()
         {
-            return Ok(handle.tx.clone());
+            return Ok(handle.link.clone());
         }
         let storage = self
             .shared
@@ -445,24 +452,22 @@ impl Relay {
                 room: name.to_string(),
                 source,
             })?;
-        // Bounded: see RelayConfig::room_queue for the overflow policy.
-        let (tx, rx) = mpsc::channel(self.shared.config.room_queue);
-        let room = Room::new(
+        let (link, task) = Room::open(
             name.clone(),
             storage,
-            rx,
+            self.shared.config.room_queue,
             self.shared.config.max_batch_events,
             self.shared.activity.clone(),
         );
-        let task = tokio::spawn(room.run());
+        let task = tokio::spawn(task);
         rooms.insert(
             name.clone(),
             RoomHandle {
-                tx: tx.clone(),
+                link: link.clone(),
                 task,
             },
         );
-        Ok(tx)
+        Ok(link)
     }
 }
 

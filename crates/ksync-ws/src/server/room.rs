@@ -1,13 +1,19 @@
-//! One task per room: the only writer of the room's log. It batches queued publishes into one
-//! storage append (group commit), acknowledges after the append returns (durable first when
-//! the storage is durable), and fans each new batch out as one shared, encoded-once frame.
+//! One room: its log, its subscribers and its sequence numbers, behind one lock, so that one
+//! writer at a time commits. A publish is committed on the publisher's own connection task
+//! when the room is free and nothing is queued before it (no hand-over to another task);
+//! otherwise it waits in the room's bounded queue, and the room's task takes every queued
+//! publish into one storage append (group commit). Either way each commit acknowledges after
+//! the append returns (durable first when the storage is durable), and fans its new events out
+//! as one shared, encoded-once frame.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use ksync_core::{AppendOutcome, Event, Name, Storage, Stored};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
 
 use super::RelayActivity;
 use super::outbox::{Outbox, Refused};
@@ -227,16 +233,75 @@ struct Run {
     stored: Vec<Stored>,
 }
 
+/// How connections reach a room: its lock (for committing in place) and its queue.
+#[derive(Clone)]
+pub(crate) struct RoomLink {
+    /// Commands for the room's task. Bounded: see `RelayConfig::room_queue` for the overflow
+    /// policy (senders wait).
+    pub(crate) tx: mpsc::Sender<RoomCommand>,
+    shared: Arc<RoomShared>,
+}
+
+struct RoomShared {
+    room: Mutex<Room>,
+    /// Publishes sent to the room's task and not yet committed. A publish is committed in
+    /// place only while this is 0: then nothing published before it is still waiting, so each
+    /// connection's publishes keep their order.
+    queued: AtomicUsize,
+}
+
+/// Why a room refused a command: it has shut down.
+pub(crate) struct RoomClosed;
+
+impl RoomLink {
+    /// Commits `publishes` (one connection's, in order; drained) in one append on the
+    /// caller's task when the room is free, nothing is queued and the storage answers appends
+    /// at once (in memory); queues them for the room's task otherwise (waiting while the queue
+    /// is full).
+    pub(crate) async fn publish(
+        &self,
+        publishes: &mut Vec<PublishCommand>,
+    ) -> Result<(), RoomClosed> {
+        let shared = &*self.shared;
+        if shared.queued.load(Ordering::Acquire) == 0
+            && let Ok(mut room) = shared.room.try_lock()
+            && room.storage_immediate
+            && shared.queued.load(Ordering::Acquire) == 0
+        {
+            if room.closed {
+                publishes.clear();
+                return Err(RoomClosed);
+            }
+            room.commit(publishes).await;
+            return Ok(());
+        }
+        for publish in publishes.drain(..) {
+            shared.queued.fetch_add(1, Ordering::AcqRel);
+            if self.tx.send(RoomCommand::Publish(publish)).await.is_err() {
+                shared.queued.fetch_sub(1, Ordering::AcqRel);
+                return Err(RoomClosed);
+            }
+        }
+        Ok(())
+    }
+}
+
 pub(crate) struct Room {
     pub(crate) name: String,
     room: Name,
     /// Observers' feed (see `super::ACTIVITY_CAPACITY`).
     activity: broadcast::Sender<RelayActivity>,
-    pub(crate) storage: Arc<dyn Storage>,
-    pub(crate) rx: mpsc::Receiver<RoomCommand>,
-    pub(crate) max_batch_events: usize,
+    storage: Arc<dyn Storage>,
+    max_batch_events: usize,
     subs: Vec<Subscriber>,
     last_seq: u64,
+    /// Every append so far completed at its first poll (an in-memory storage): publishes may
+    /// be committed on their connection's task. Cleared for good by the first append that
+    /// waits (a durable storage): a connection waiting for its own commit would stop reading,
+    /// where the room's task lets it keep sending while a group commit is on disk.
+    storage_immediate: bool,
+    /// The room shut down: nothing more is committed.
+    closed: bool,
     /// Buffers reused by every commit, so that a commit allocates little besides the frames
     /// it sends (they keep the capacity the largest batch needed).
     scratch: Scratch,
@@ -261,101 +326,137 @@ struct Scratch {
 }
 
 impl Room {
-    pub(crate) fn new(
+    /// A room over `storage`, its queue bounded by `queue` commands, and its task (to spawn).
+    pub(crate) fn open(
         room: Name,
         storage: Arc<dyn Storage>,
-        rx: mpsc::Receiver<RoomCommand>,
+        queue: usize,
         max_batch_events: usize,
         activity: broadcast::Sender<RelayActivity>,
-    ) -> Self {
+    ) -> (RoomLink, impl Future<Output = ()> + Send + 'static) {
         let last_seq = storage.len();
-        Self {
+        let room = Self {
             name: room.to_string(),
             room,
             activity,
             storage,
-            rx,
             max_batch_events,
             subs: Vec::new(),
             last_seq,
+            storage_immediate: true,
+            closed: false,
             scratch: Scratch::default(),
+        };
+        // Bounded: see RelayConfig::room_queue for the overflow policy.
+        let (tx, rx) = mpsc::channel(queue);
+        let shared = Arc::new(RoomShared {
+            room: Mutex::new(room),
+            queued: AtomicUsize::new(0),
+        });
+        let task = run(Arc::clone(&shared), rx);
+        (RoomLink { tx, shared }, task)
+    }
+}
+
+/// The room's task: runs the queued commands, in order, each under the room's lock.
+async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>) {
+    let mut deferred: Option<RoomCommand> = None;
+    loop {
+        let command = match deferred.take() {
+            Some(c) => c,
+            None => match rx.recv().await {
+                Some(c) => c,
+                None => break,
+            },
+        };
+        let mut room = shared.room.lock().await;
+        if room
+            .run(command, &mut rx, &mut deferred, &shared.queued)
+            .await
+        {
+            break;
         }
     }
+}
 
-    pub(crate) async fn run(mut self) {
-        let mut deferred: Option<RoomCommand> = None;
-        loop {
-            let command = match deferred.take() {
-                Some(c) => c,
-                None => match self.rx.recv().await {
-                    Some(c) => c,
-                    None => break,
-                },
-            };
-            match command {
-                RoomCommand::Publish(first) => {
-                    // Group commit: take every publish already queued (up to the limit) into
-                    // one append. A non-publish command ends the batch and runs after it, so a
-                    // subscriber joining now sees this batch in its catch-up, not twice.
-                    let mut count = first.items.len();
-                    let mut batch = std::mem::take(&mut self.scratch.batch);
-                    batch.push(first);
-                    while count < self.max_batch_events {
-                        match self.rx.try_recv() {
-                            Ok(RoomCommand::Publish(p)) => {
-                                count += p.items.len();
-                                batch.push(p);
-                            }
-                            Ok(other) => {
-                                deferred = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
+impl Room {
+    /// Runs one command from the queue (a publish takes every publish queued behind it);
+    /// `true` once the room has shut down.
+    async fn run(
+        &mut self,
+        command: RoomCommand,
+        rx: &mut mpsc::Receiver<RoomCommand>,
+        deferred: &mut Option<RoomCommand>,
+        queued: &AtomicUsize,
+    ) -> bool {
+        match command {
+            RoomCommand::Publish(first) => {
+                // Group commit: take every publish already queued (up to the limit) into
+                // one append. A non-publish command ends the batch and runs after it, so a
+                // subscriber joining now sees this batch in its catch-up, not twice.
+                let mut count = first.items.len();
+                let mut batch = std::mem::take(&mut self.scratch.batch);
+                batch.push(first);
+                while count < self.max_batch_events {
+                    match rx.try_recv() {
+                        Ok(RoomCommand::Publish(p)) => {
+                            count += p.items.len();
+                            batch.push(p);
+                        }
+                        Ok(other) => {
+                            *deferred = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let publishes = batch.len();
+                self.commit(&mut batch).await;
+                self.scratch.batch = batch;
+                // Only now (still holding the lock) may later publishes commit in place.
+                queued.fetch_sub(publishes, Ordering::AcqRel);
+            }
+            RoomCommand::Subscribe {
+                conn,
+                state,
+                outbox,
+                reply,
+            } => {
+                let snapshot = if state {
+                    match self.storage.state() {
+                        Ok(map) => Some(map.into_values().collect()),
+                        Err(e) => {
+                            let _ = reply.send(Err(e.to_string()));
+                            return false;
                         }
                     }
-                    self.commit(&mut batch).await;
-                    self.scratch.batch = batch;
+                } else {
+                    None
+                };
+                self.subs.push(Subscriber { conn, outbox });
+                let _ = reply.send(Ok(Subscribed {
+                    server_version: self.last_seq,
+                    snapshot,
+                }));
+            }
+            RoomCommand::Unsubscribe { conn } => {
+                self.subs.retain(|s| s.conn != conn);
+            }
+            RoomCommand::Shutdown { done } => {
+                // Everything queued before the shutdown was committed above; make it
+                // durable, then let the connections flush and close.
+                if let Err(e) = self.storage.flush().await {
+                    tracing::error!(room = %self.name, error = %e, "flushing the room log failed");
                 }
-                RoomCommand::Subscribe {
-                    conn,
-                    state,
-                    outbox,
-                    reply,
-                } => {
-                    let snapshot = if state {
-                        match self.storage.state() {
-                            Ok(map) => Some(map.into_values().collect()),
-                            Err(e) => {
-                                let _ = reply.send(Err(e.to_string()));
-                                continue;
-                            }
-                        }
-                    } else {
-                        None
-                    };
-                    self.subs.push(Subscriber { conn, outbox });
-                    let _ = reply.send(Ok(Subscribed {
-                        server_version: self.last_seq,
-                        snapshot,
-                    }));
+                for sub in self.subs.drain(..) {
+                    sub.outbox.close(close::GOING_AWAY, "server shutting down");
                 }
-                RoomCommand::Unsubscribe { conn } => {
-                    self.subs.retain(|s| s.conn != conn);
-                }
-                RoomCommand::Shutdown { done } => {
-                    // Everything queued before the shutdown was committed above; make it
-                    // durable, then let the connections flush and close.
-                    if let Err(e) = self.storage.flush().await {
-                        tracing::error!(room = %self.name, error = %e, "flushing the room log failed");
-                    }
-                    for sub in self.subs.drain(..) {
-                        sub.outbox.close(close::GOING_AWAY, "server shutting down");
-                    }
-                    let _ = done.send(());
-                    break;
-                }
+                self.closed = true;
+                let _ = done.send(());
+                return true;
             }
         }
+        false
     }
 
     /// Appends the batch's valid events in one storage append, then acknowledges each publish
@@ -385,15 +486,13 @@ impl Room {
         let outcome = if events.is_empty() {
             Ok((Vec::new(), Vec::new()))
         } else if observed {
-            self.storage
-                .append(events)
-                .await
-                .map(|out| (out.outcomes, out.appended))
+            let (result, waited) = settle(self.storage.append(events)).await;
+            self.storage_immediate &= !waited;
+            result.map(|out| (out.outcomes, out.appended))
         } else {
-            self.storage
-                .append_summary(events)
-                .await
-                .map(|summary| (summary.outcomes, Vec::new()))
+            let (result, waited) = settle(self.storage.append_summary(events)).await;
+            self.storage_immediate &= !waited;
+            result.map(|summary| (summary.outcomes, Vec::new()))
         };
         let mut slots_left = slots.drain(..);
         match outcome {
@@ -491,6 +590,15 @@ impl Room {
         fan_out(&self.name, &mut self.subs, run.conn, &run.acks, events);
         run.acks.clear();
         run.events.clear();
+    }
+}
+
+/// Awaits a storage append; `true` with its result when it had to wait (see
+/// `Room::storage_immediate`).
+async fn settle<T>(mut append: ksync_core::BoxFuture<'_, T>) -> (T, bool) {
+    match std::future::poll_fn(|cx| Poll::Ready(append.as_mut().poll(cx))).await {
+        Poll::Ready(done) => (done, false),
+        Poll::Pending => (append.await, true),
     }
 }
 
