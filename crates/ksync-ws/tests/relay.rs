@@ -411,3 +411,54 @@ async fn concurrent_publishers_keep_their_order_and_every_seq_reaches_subscriber
         server.stop().await;
     }
 }
+
+/// A stream of publishes (empty ones too) sent back to back is read in bounded bursts: with a
+/// small batch limit, every publish is still acknowledged once, in order, and the events of
+/// the others reach a subscriber in order.
+#[tokio::test]
+async fn back_to_back_publishes_are_committed_in_bounded_bursts() {
+    use futures_util::SinkExt;
+    let server = start(RelayConfig {
+        max_batch_events: 8,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("bursts"));
+    let (mut subscriber, _) = join(&url, hello()).await;
+    let (mut ws, _) = join(&url, hello()).await;
+    let total = 500u64;
+    for n in 1..=total {
+        let events = if n % 2 == 0 {
+            json!([event(&format!("e{n}"), n)])
+        } else {
+            json!([])
+        };
+        let publish = json!({"type":"publish","ref":n,"events":events});
+        ws.feed(tokio_tungstenite::tungstenite::Message::text(
+            publish.to_string(),
+        ))
+        .await
+        .expect("feed");
+    }
+    ws.flush().await.expect("flush");
+    let mut stored = 0;
+    for n in 1..=total {
+        let ack = recv_json(&mut ws).await;
+        assert_eq!(ack["ref"], n, "{ack}");
+        if n % 2 == 0 {
+            stored += 1;
+            assert_eq!(ack["results"][0], json!({"status":"stored","seq":stored}));
+        } else {
+            assert_eq!(ack["results"], json!([]));
+        }
+    }
+    let mut seen = Vec::new();
+    while seen.len() < stored as usize {
+        let batch = recv_json(&mut subscriber).await;
+        for e in batch["events"].as_array().expect("events") {
+            seen.push(e["seq"].as_u64().expect("seq"));
+        }
+    }
+    assert_eq!(seen, (1..=stored).collect::<Vec<_>>());
+    server.stop().await;
+}

@@ -296,11 +296,22 @@ async fn run(
     }
 }
 
-/// Publishes read in one go (see [`Reader::burst`]), committed together.
+/// Publishes read in one go (see [`Reader::burst`]), committed together. Bounded: a burst
+/// ends (is committed) once it holds `RelayConfig::max_batch_events` events or publishes, or
+/// `RelayConfig::max_message_size` bytes of JSON; the rest stays unread until then.
 #[derive(Default)]
 struct Burst {
     publishes: Vec<PublishCommand>,
+    /// Events gathered, counting an empty publish as one.
     events: usize,
+    /// Bytes of the gathered messages.
+    bytes: usize,
+}
+
+impl Burst {
+    fn full(&self, config: &super::RelayConfig) -> bool {
+        self.events >= config.max_batch_events || self.bytes >= config.max_message_size
+    }
 }
 
 /// What reading a connection's messages needs.
@@ -336,7 +347,7 @@ impl Reader<'_> {
                 Ok(false) => {}
                 other => break other,
             }
-            if burst.events >= self.shared.config.max_batch_events {
+            if burst.full(&self.shared.config) {
                 break Ok(false);
             }
             // Cancel-safe: a message is either returned or stays in the stream's buffer.
@@ -384,7 +395,8 @@ impl Reader<'_> {
             Message::Close(_) => return Ok(true),
         };
         if let Some(publish) = utf8.and_then(|json| self.plain_publish(json)) {
-            burst.events += publish.items.len();
+            burst.events += publish.items.len().max(1);
+            burst.bytes += text.len();
             burst.publishes.push(publish);
             return Ok(false);
         }
@@ -423,6 +435,7 @@ impl Reader<'_> {
             return Ok(());
         }
         burst.events = 0;
+        burst.bytes = 0;
         self.room_link
             .publish(&mut burst.publishes)
             .await

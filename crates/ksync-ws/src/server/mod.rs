@@ -66,7 +66,8 @@ pub struct RelayConfig {
     pub room_queue: usize,
     /// Most open connections; more are refused before the upgrade with 503. Default 10 000.
     pub max_connections: usize,
-    /// Most events committed in one storage append (group commit). Default 4096.
+    /// Most events committed in one storage append (group commit), and most gathered from
+    /// one connection's back-to-back publishes before they are committed. Default 4096.
     pub max_batch_events: usize,
     /// Events per frame when catching up or sending a snapshot. Default 512.
     pub page_size: usize,
