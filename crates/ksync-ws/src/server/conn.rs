@@ -1,6 +1,7 @@
 //! One task per connection: reads the client's messages, forwards publishes to the room, and
 //! writes what the room queued for it (shared frames) plus its own catch-up.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -11,7 +12,8 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 
 use super::outbox::{Outbox, Sink, frame_message};
-use super::room::{Frame, Incoming, PublishCommand, RoomCommand, RoomLink, Subscribed};
+use super::publish::{RawPublish, incoming, read_publish};
+use super::room::{Frame, PublishCommand, RoomCommand, RoomLink, Subscribed};
 use super::{ConnectionSlot, Shared};
 use crate::protocol::{
     self, CLIENT_TYPES, ClientMessage, DecodeError, EventsBatch, Hello, Publish, ServerMessage,
@@ -409,23 +411,36 @@ impl Reader<'_> {
     /// A publish the fast path reads, from a client allowed to write (`None`: anything else,
     /// for [`handle`]).
     fn plain_publish(&self, json: &str) -> Option<PublishCommand> {
-        let publish = serde_json::from_str::<RawPublish<'_>>(json).ok()?;
-        if publish.kind != "publish"
+        let limits = EventLimits::default();
+        let (kind, reference, items) = match read_publish(json, &limits) {
+            Some(publish) => (
+                Cow::Borrowed(publish.kind),
+                publish.reference,
+                Ok(publish.items),
+            ),
+            None => {
+                let publish = serde_json::from_str::<RawPublish<'_>>(json).ok()?;
+                (publish.kind, publish.reference, Err(publish.events))
+            }
+        };
+        if kind != "publish"
             || !self
                 .grant
                 .allows(ResourceKind::Room, self.room.as_str(), Access::Write)
         {
             return None;
         }
-        let limits = EventLimits::default();
-        Some(PublishCommand {
-            conn: self.id,
-            reference: publish.reference,
-            items: publish
-                .events
+        let items = match items {
+            Ok(items) => items,
+            Err(events) => events
                 .iter()
                 .map(|raw| incoming(raw.get(), &limits))
                 .collect(),
+        };
+        Some(PublishCommand {
+            conn: self.id,
+            reference,
+            items,
         })
     }
 
@@ -590,30 +605,6 @@ async fn send_bounded<T: Clone>(
         writer.send(message).await?;
     }
     Ok(())
-}
-
-/// A `publish` as the relay reads it: each event kept as the JSON the client sent, so that it
-/// is decoded once (into an [`Event`] for the storage) and relayed as is. Any other message,
-/// or a publish this does not read, goes through [`protocol::decode`], which gives the
-/// precise error.
-#[derive(serde::Deserialize)]
-struct RawPublish<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
-    #[serde(rename = "ref")]
-    reference: u64,
-    #[serde(borrow)]
-    events: Vec<&'a serde_json::value::RawValue>,
-}
-
-/// Decodes and checks one published event.
-fn incoming(json: &str, limits: &EventLimits) -> Result<Incoming, String> {
-    let event: Event = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    event.validate(limits).map_err(|e| e.to_string())?;
-    Ok(Incoming {
-        event,
-        json: json.into(),
-    })
 }
 
 /// Handles one message that [`Reader::plain_publish`] does not take (anything but a publish

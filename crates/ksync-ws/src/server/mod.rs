@@ -14,6 +14,7 @@
 
 mod conn;
 mod outbox;
+mod publish;
 mod room;
 
 use std::collections::HashMap;

@@ -1,0 +1,254 @@
+//! Reading a `publish`: each event decoded once (into an [`Event`] for the storage) and kept
+//! as the JSON the client sent (relayed as is, never re-encoded).
+//!
+//! [`read_publish`] does it in one pass over the message: serde_json decodes each event in
+//! place and says where it ended, so the event's text is the slice it was decoded from. It
+//! reads only plain messages (string keys without escapes, events that decode); anything else
+//! gets `None` and goes through [`RawPublish`] (a scan for each event's extent, then a decode
+//! of it), which accepts the same messages and gives each bad event its own error.
+
+use std::borrow::Cow;
+
+use ksync_core::{Event, EventLimits};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use super::room::Incoming;
+
+/// A `publish` as the two-pass reader sees it (see the module docs). Any other message, or a
+/// publish this does not read, goes through `protocol::decode`, which gives the precise error.
+#[derive(Deserialize)]
+pub(super) struct RawPublish<'a> {
+    #[serde(rename = "type", borrow)]
+    pub(super) kind: Cow<'a, str>,
+    #[serde(rename = "ref")]
+    pub(super) reference: u64,
+    #[serde(borrow)]
+    pub(super) events: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// Decodes and checks one published event given as its JSON text.
+pub(super) fn incoming(json: &str, limits: &EventLimits) -> Result<Incoming, String> {
+    let event: Event = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    checked(event, json, limits)
+}
+
+fn checked(event: Event, json: &str, limits: &EventLimits) -> Result<Incoming, String> {
+    event.validate(limits).map_err(|e| e.to_string())?;
+    Ok(Incoming {
+        event,
+        json: json.into(),
+    })
+}
+
+/// A message read by [`read_publish`].
+pub(super) struct ReadPublish<'a> {
+    /// Its `type` (the caller checks for `publish`).
+    pub(super) kind: &'a str,
+    /// Its `ref`.
+    pub(super) reference: u64,
+    /// Each event, or why it is invalid (as [`incoming`] says it).
+    pub(super) items: Vec<Result<Incoming, String>>,
+}
+
+/// Reads `{"type": .., "ref": .., "events": [..]}` (keys in any order, others ignored) in one
+/// pass; `None` for anything it does not read (see the module docs).
+pub(super) fn read_publish<'a>(json: &'a str, limits: &EventLimits) -> Option<ReadPublish<'a>> {
+    let mut at = Cursor { json, pos: 0 };
+    at.expect(b'{')?;
+    let (mut kind, mut reference, mut items) = (None, None, None);
+    if at.peek() == Some(b'}') {
+        return None;
+    }
+    loop {
+        let key: &str = at.value()?;
+        at.expect(b':')?;
+        match key {
+            "type" if kind.is_none() => kind = Some(at.value::<&str>()?),
+            "ref" if reference.is_none() => reference = Some(at.value::<u64>()?),
+            "events" if items.is_none() => items = Some(at.events(limits)?),
+            "type" | "ref" | "events" => return None,
+            _ => {
+                at.value::<IgnoredAny>()?;
+            }
+        }
+        match at.next_byte()? {
+            b',' => {}
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    if at.peek().is_some() {
+        return None;
+    }
+    Some(ReadPublish {
+        kind: kind?,
+        reference: reference?,
+        items: items?,
+    })
+}
+
+/// A position in the message being read.
+struct Cursor<'a> {
+    json: &'a str,
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// The next byte that is not JSON whitespace (without taking it).
+    fn peek(&mut self) -> Option<u8> {
+        let bytes = self.json.as_bytes();
+        while let Some(&b) = bytes.get(self.pos) {
+            if !matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
+                return Some(b);
+            }
+            self.pos += 1;
+        }
+        None
+    }
+
+    fn next_byte(&mut self) -> Option<u8> {
+        let b = self.peek()?;
+        self.pos += 1;
+        Some(b)
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.next_byte()? == byte).then_some(())
+    }
+
+    /// Decodes the JSON value here with serde_json and moves past it; its text with it.
+    fn value_text<T: Deserialize<'a>>(&mut self) -> Option<(T, &'a str)> {
+        self.peek()?;
+        let rest = self.json.get(self.pos..)?;
+        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<T>();
+        let value = values.next()?.ok()?;
+        let end = values.byte_offset();
+        let text = rest.get(..end)?;
+        self.pos += end;
+        Some((value, text))
+    }
+
+    fn value<T: Deserialize<'a>>(&mut self) -> Option<T> {
+        self.value_text().map(|(value, _)| value)
+    }
+
+    /// The `events` array: each event decoded where it is, with the text it was decoded from.
+    fn events(&mut self, limits: &EventLimits) -> Option<Vec<Result<Incoming, String>>> {
+        self.expect(b'[')?;
+        let mut items = Vec::new();
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            return Some(items);
+        }
+        loop {
+            let (event, text) = self.value_text::<Event>()?;
+            items.push(checked(event, text, limits));
+            match self.next_byte()? {
+                b',' => {}
+                b']' => return Some(items),
+                _ => return None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a reader made of a message: kind, ref, and per event its text or error.
+    type Read = (String, u64, Vec<Result<String, String>>);
+
+    /// What the two-pass reader makes of `json`.
+    fn two_pass(json: &str) -> Option<Read> {
+        let limits = EventLimits::default();
+        let publish = serde_json::from_str::<RawPublish<'_>>(json).ok()?;
+        let items = publish
+            .events
+            .iter()
+            .map(|raw| incoming(raw.get(), &limits).map(|i| i.json.to_string()))
+            .collect();
+        Some((publish.kind.into_owned(), publish.reference, items))
+    }
+
+    fn one_pass(json: &str) -> Option<Read> {
+        let limits = EventLimits::default();
+        let publish = read_publish(json, &limits)?;
+        let items = publish
+            .items
+            .into_iter()
+            .map(|item| item.map(|i| i.json.to_string()))
+            .collect();
+        Some((publish.kind.to_owned(), publish.reference, items))
+    }
+
+    const EVENT: &str = r#"{"id":"a","type":"t","data":{"x":[1,2.5,"]},{\"é"],"y":null},"timestamp":1,"version":1}"#;
+
+    #[test]
+    fn reads_what_the_two_pass_reader_reads_the_same_way() {
+        let messages = [
+            format!(r#"{{"type":"publish","ref":7,"events":[{EVENT}]}}"#),
+            format!(
+                " \n{{ \"events\" : [ {EVENT} ,\t{EVENT} ] , \"ref\" : 0 , \"type\" : \"publish\" }} \r\n"
+            ),
+            r#"{"type":"publish","ref":1,"events":[]}"#.to_owned(),
+            r#"{"type":"publish","ref":1,"events":[ ]}"#.to_owned(),
+            format!(
+                r#"{{"extra":{{"a":[1,{{"b":"}}"}}]}},"type":"publish","more":-1.5e3,"ref":18446744073709551615,"events":[{EVENT}],"last":"x"}}"#
+            ),
+            // An event that decodes but is invalid keeps its own error.
+            r#"{"type":"publish","ref":2,"events":[{"id":"","type":"t","data":1,"timestamp":1,"version":1}]}"#
+                .to_owned(),
+            format!(r#"{{"type":"other","ref":3,"events":[{EVENT}]}}"#),
+        ];
+        for message in &messages {
+            let expected = two_pass(message);
+            assert!(expected.is_some(), "{message}");
+            assert_eq!(one_pass(message), expected, "{message}");
+        }
+        let one = one_pass(&messages[1]).expect("read");
+        assert_eq!(one.2[0].as_deref(), Ok(EVENT));
+    }
+
+    #[test]
+    fn leaves_everything_else_to_the_two_pass_reader() {
+        let messages = [
+            // Events that do not decode: the two-pass reader names each one's error.
+            format!(r#"{{"type":"publish","ref":1,"events":[5,{EVENT}]}}"#),
+            format!(r#"{{"type":"publish","ref":1,"events":[{{"id":"a"}},{EVENT}]}}"#),
+            // Escaped keys and values.
+            format!(r#"{{"\u0074ype":"publish","ref":1,"events":[{EVENT}]}}"#),
+            format!(r#"{{"type":"publi\u0073h","ref":1,"events":[{EVENT}]}}"#),
+        ];
+        for message in &messages {
+            assert!(one_pass(message).is_none(), "{message}");
+            assert!(two_pass(message).is_some(), "{message}");
+        }
+        // Not publishes at all, or broken: neither reader takes them.
+        let broken = [
+            String::new(),
+            "{}".to_owned(),
+            "[]".to_owned(),
+            r#"{"type":"publish","ref":1}"#.to_owned(),
+            r#"{"type":"publish","events":[]}"#.to_owned(),
+            r#"{"type":"publish","ref":-1,"events":[]}"#.to_owned(),
+            r#"{"type":"publish","ref":1.5,"events":[]}"#.to_owned(),
+            r#"{"type":"publish","ref":1,"events":{}}"#.to_owned(),
+            r#"{"type":"publish","ref":1,"ref":2,"events":[]}"#.to_owned(),
+            r#"{"type":"publish","ref":1,"events":[],}"#.to_owned(),
+            r#"{"type":"publish","ref":1,"events":[,]}"#.to_owned(),
+            format!(r#"{{"type":"publish","ref":1,"events":[{EVENT},]}}"#),
+            format!(r#"{{"type":"publish","ref":1,"events":[{EVENT} {EVENT}]}}"#),
+            r#"{"type":"publish","ref":1,"events":[]} x"#.to_owned(),
+            r#"{"type":"publish","ref":1,"events":[]"#.to_owned(),
+            r#"{"type":"publish","ref":1 "events":[]}"#.to_owned(),
+            r#"{"type":"publish","ref":1x,"events":[]}"#.to_owned(),
+            r#"{type:"publish","ref":1,"events":[]}"#.to_owned(),
+        ];
+        for message in &broken {
+            assert!(one_pass(message).is_none(), "{message}");
+            assert!(two_pass(message).is_none(), "{message}");
+        }
+    }
+}
