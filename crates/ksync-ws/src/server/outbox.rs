@@ -1,8 +1,9 @@
 //! A subscriber's outgoing side, shared by its connection task and its room.
 //!
 //! The room writes each frame straight into the subscriber's socket when nothing else is
-//! waiting to go out (the common case): a non-blocking write from the room's task, so one
-//! published event costs no task wake-up per subscriber. Only when that write cannot finish at
+//! waiting to go out (the common case): a non-blocking write from the task committing (the
+//! publisher's connection task, or the room's task for queued publishes), so one published
+//! event costs no task wake-up per subscriber. Only when that write cannot finish at
 //! once (the socket's send buffer is full, the connection task is using the socket, or it has
 //! not finished its catch-up yet) does the frame wait in the bounded queue here, and the
 //! connection task is woken to write it. Order is kept: the room writes directly only while

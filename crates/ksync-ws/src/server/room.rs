@@ -605,8 +605,8 @@ async fn settle<T>(mut append: ksync_core::BoxFuture<'_, T>) -> (T, bool) {
 /// The publisher gets its ack, everyone else the new events, at the same position in their
 /// streams, so every connection sees every sequence number in order exactly once.
 ///
-/// The room task writes every frame itself when it can (see `super::outbox`): no task wake-up
-/// per subscriber. Measured against handing large fan-outs to the connection tasks (so that
+/// The committing task (the publisher's, or the room's for queued publishes) writes every
+/// frame itself when it can (see `super::outbox`): no task wake-up per subscriber. Measured against handing large fan-outs to the connection tasks (so that
 /// both runtime workers share them): the same N=10 p99 at 1,000 events/s on a busy 2-core
 /// machine (median of 12 rounds about 0.95 ms either way; nats-server 0.25-2.4 ms in the same
 /// runs), about 5% more deliveries/s at full speed, a quarter fewer instructions per event.
