@@ -164,9 +164,11 @@ impl EncodedEvent {
 
 /// Hashes ids as one [`LogIndex`] does ([`LogIndex::id_hasher`]), so that a bulk load can
 /// key its records on other threads: see [`LogIndex::push_encoded_keyed`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct IdHasher {
+    // Random per log, like `HashMap`'s own.
     state: RandomState,
+    // Tests: every id hashes alike, to exercise ids that share a hash.
     #[cfg(test)]
     all_collide: bool,
 }
@@ -240,12 +242,9 @@ pub struct LogIndex {
     // The rare hashes with more than one revision (several versions of an id, or several
     // ids): `IdRef::multi` indexes here. Never shrinks, like the log.
     multi: Vec<Ids>,
-    // Keys the id hash (random per index, like `HashMap`'s own).
-    hasher: RandomState,
+    // Keys the id hash.
+    hasher: IdHasher,
     codec: Option<EventCodec>,
-    // Tests: every id hashes alike, to exercise ids that share a hash.
-    #[cfg(test)]
-    all_collide: bool,
 }
 
 /// A revision of a batch being planned, with its id's hash (so the map need not hash the id
@@ -421,16 +420,12 @@ impl LogIndex {
     }
 
     fn hash_id(&self, id: &[u8]) -> u64 {
-        self.id_hasher().key(id, 0).hash
+        self.hasher.key(id, 0).hash
     }
 
     /// How this log hashes ids (see [`LogIndex::push_encoded_keyed`]).
     pub fn id_hasher(&self) -> IdHasher {
-        IdHasher {
-            state: self.hasher.clone(),
-            #[cfg(test)]
-            all_collide: self.all_collide,
-        }
+        self.hasher.clone()
     }
 
     /// The versions of `id`.
@@ -730,7 +725,7 @@ impl LogIndex {
         };
         debug_assert!(
             (codec.key)(encoded.bytes())
-                .is_some_and(|(id, version)| self.id_hasher().key(id, version) == key),
+                .is_some_and(|(id, version)| self.hasher.key(id, version) == key),
             "the key is not the record's"
         );
         let seq = self.len() + 1;
@@ -915,7 +910,7 @@ mod tests {
         }
         let bytes = Arc::new(bytes);
         let mut log = LogIndex::with_codec(TOY);
-        log.all_collide = all_collide;
+        log.hasher.all_collide = all_collide;
         let pushed = events
             .iter()
             .zip(ranges)
@@ -946,7 +941,7 @@ mod tests {
             let (encoded, pushed) = encoded_log(&events, all_collide);
             assert_eq!(pushed, vec![true, true, true, false, true]);
             let mut plain = LogIndex::new();
-            plain.all_collide = all_collide;
+            plain.hasher.all_collide = all_collide;
             for e in &events {
                 plain.push(e.clone());
             }
@@ -1109,7 +1104,7 @@ mod tests {
         fn ids_sharing_a_hash_are_kept_apart(batch in arb_events(), more in arb_events()) {
             let mut normal = LogIndex::new();
             let mut colliding = LogIndex::new();
-            colliding.all_collide = true;
+            colliding.hasher.all_collide = true;
             for b in [batch, more] {
                 prop_assert_eq!(normal.merge(b.clone()), colliding.merge(b));
             }
