@@ -319,30 +319,6 @@ impl IdRef {
     }
 }
 
-/// The revisions of one id, as found in the index.
-#[derive(Clone, Copy)]
-enum Found<'a> {
-    /// Its only revision: `(version, seq)`.
-    One(u64, u64),
-    Versions(&'a Versions),
-}
-
-impl Found<'_> {
-    fn get(self, version: u64) -> Option<u64> {
-        match self {
-            Found::One(v, seq) => (v == version).then_some(seq),
-            Found::Versions(versions) => versions.get(version),
-        }
-    }
-
-    fn latest(self) -> (u64, u64) {
-        match self {
-            Found::One(v, seq) => (v, seq),
-            Found::Versions(versions) => versions.latest(),
-        }
-    }
-}
-
 /// The `(id, version)` of the event at `seq`, the id as bytes (split from `LogIndex` so it
 /// can be called while `by_id` is borrowed).
 fn slot_key<'a>(
@@ -428,26 +404,27 @@ impl LogIndex {
         self.hasher.clone()
     }
 
-    /// The versions of `id`.
-    fn versions(&self, id: &str) -> Option<Found<'_>> {
+    /// The versions of `id` (made up on the spot for an id with one revision, which `by_id`
+    /// holds as its seq alone).
+    fn versions(&self, id: &str) -> Option<Cow<'_, Versions>> {
         self.versions_hashed(self.hash_id(id.as_bytes()), id)
     }
 
     /// [`LogIndex::versions`] for an id whose hash is known.
-    fn versions_hashed(&self, hash: u64, id: &str) -> Option<Found<'_>> {
+    fn versions_hashed(&self, hash: u64, id: &str) -> Option<Cow<'_, Versions>> {
         let id = id.as_bytes();
         let codec = self.codec.as_ref();
         let id_ref = *self.by_id.get(&hash)?;
         if let Some(seq) = id_ref.seq() {
             let (held, version) = slot_key(&self.slots, codec, seq)?;
-            return (held == id).then_some(Found::One(version, seq));
+            return (held == id).then_some(Cow::Owned(Versions::One(version, seq)));
         }
         self.multi
             .get(id_ref.index()?)?
             .all()
             .iter()
             .find(|v| id_bytes(&self.slots, codec, v.any_seq()).is_some_and(|i| i == id))
-            .map(Found::Versions)
+            .map(Cow::Borrowed)
     }
 
     /// The seq of the latest revision of every id.
