@@ -1,7 +1,6 @@
 //! One task per connection: reads the client's messages, forwards publishes to the room, and
 //! writes what the room queued for it (shared frames) plus its own catch-up.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -12,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 
 use super::outbox::{Outbox, Sink, frame_message};
-use super::publish::{RawPublish, incoming, read_publish};
+use super::publish::{self, incoming};
 use super::room::{Frame, PublishCommand, RoomCommand, RoomLink, Subscribed};
 use super::{ConnectionSlot, Shared};
 use crate::protocol::{
@@ -396,52 +395,29 @@ impl Reader<'_> {
             Message::Ping(_) | Message::Pong(_) => return Ok(false),
             Message::Close(_) => return Ok(true),
         };
-        if let Some(publish) = utf8.and_then(|json| self.plain_publish(json)) {
-            burst.events += publish.items.len().max(1);
+        let limits = EventLimits::default();
+        if let Some((reference, items)) = utf8.and_then(|json| publish::read(json, &limits)) {
+            if !self
+                .grant
+                .allows(ResourceKind::Room, self.room.as_str(), Access::Write)
+            {
+                self.commit(burst).await?;
+                refuse_write(writer, reference).await?;
+                return Ok(false);
+            }
+            burst.events += items.len().max(1);
             burst.bytes += text.len();
-            burst.publishes.push(publish);
+            burst.publishes.push(PublishCommand {
+                conn: self.id,
+                reference,
+                items,
+            });
             return Ok(false);
         }
         self.commit(burst).await?;
         let (room, grant, link, id) = (self.room, self.grant, self.room_link, self.id);
-        Box::pin(handle(writer, text, utf8, room, grant, link, id)).await?;
+        Box::pin(handle(writer, text, room, grant, link, id)).await?;
         Ok(false)
-    }
-
-    /// A publish the fast path reads, from a client allowed to write (`None`: anything else,
-    /// for [`handle`]).
-    fn plain_publish(&self, json: &str) -> Option<PublishCommand> {
-        let limits = EventLimits::default();
-        let (kind, reference, items) = match read_publish(json, &limits) {
-            Some(publish) => (
-                Cow::Borrowed(publish.kind),
-                publish.reference,
-                Ok(publish.items),
-            ),
-            None => {
-                let publish = serde_json::from_str::<RawPublish<'_>>(json).ok()?;
-                (publish.kind, publish.reference, Err(publish.events))
-            }
-        };
-        if kind != "publish"
-            || !self
-                .grant
-                .allows(ResourceKind::Room, self.room.as_str(), Access::Write)
-        {
-            return None;
-        }
-        let items = match items {
-            Ok(items) => items,
-            Err(events) => events
-                .iter()
-                .map(|raw| incoming(raw.get(), &limits))
-                .collect(),
-        };
-        Some(PublishCommand {
-            conn: self.id,
-            reference,
-            items,
-        })
     }
 
     /// Commits the gathered publishes (if any).
@@ -607,51 +583,32 @@ async fn send_bounded<T: Clone>(
     Ok(())
 }
 
-/// Handles one message that [`Reader::plain_publish`] does not take (anything but a publish
-/// from a client allowed to write, or a publish only the full decoder reads): `text` is its
-/// JSON, `utf8` the same when it is valid UTF-8.
+/// Handles one message that [`publish::read`] does not read as a publish: decoded in full, so
+/// that anything but a publish gets its precise answer, and a publish only the full decoder
+/// reads is still stored.
 async fn handle(
     writer: &mut Writer,
     text: &[u8],
-    utf8: Option<&str>,
     room: &Name,
     grant: &Grant,
     room_link: &RoomLink,
     id: u64,
 ) -> Result<(), End> {
-    let limits = EventLimits::default();
-    // Parsing from `str` spares serde_json checking every string again.
-    let fast = utf8.and_then(|text| serde_json::from_str::<RawPublish<'_>>(text).ok());
-    let (reference, items) = match fast {
-        Some(publish) if publish.kind == "publish" => {
-            if !grant.allows(ResourceKind::Room, room.as_str(), Access::Write) {
-                return refuse_write(writer, publish.reference).await;
-            }
-            let items = publish
-                .events
-                .iter()
-                .map(|raw| incoming(raw.get(), &limits))
-                .collect();
-            (publish.reference, items)
-        }
-        _ => {
-            let Some(publish) = Box::pin(decode_other(writer, text)).await? else {
-                return Ok(());
-            };
-            if !grant.allows(ResourceKind::Room, room.as_str(), Access::Write) {
-                return refuse_write(writer, publish.reference).await;
-            }
-            let items = publish
-                .events
-                .into_iter()
-                .map(|value| incoming(&value.to_string(), &limits))
-                .collect();
-            (publish.reference, items)
-        }
+    let Some(publish) = Box::pin(decode_other(writer, text)).await? else {
+        return Ok(());
     };
+    if !grant.allows(ResourceKind::Room, room.as_str(), Access::Write) {
+        return refuse_write(writer, publish.reference).await;
+    }
+    let limits = EventLimits::default();
+    let items = publish
+        .events
+        .into_iter()
+        .map(|value| incoming(&value.to_string(), &limits))
+        .collect();
     let mut publishes = vec![PublishCommand {
         conn: id,
-        reference,
+        reference: publish.reference,
         items,
     }];
     room_link

@@ -18,13 +18,13 @@ use super::room::Incoming;
 /// A `publish` as the two-pass reader sees it (see the module docs). Any other message, or a
 /// publish this does not read, goes through `protocol::decode`, which gives the precise error.
 #[derive(Deserialize)]
-pub(super) struct RawPublish<'a> {
+struct RawPublish<'a> {
     #[serde(rename = "type", borrow)]
-    pub(super) kind: Cow<'a, str>,
+    kind: Cow<'a, str>,
     #[serde(rename = "ref")]
-    pub(super) reference: u64,
+    reference: u64,
     #[serde(borrow)]
-    pub(super) events: Vec<&'a serde_json::value::RawValue>,
+    events: Vec<&'a serde_json::value::RawValue>,
 }
 
 /// Decodes and checks one published event given as its JSON text.
@@ -41,19 +41,41 @@ fn checked(event: Event, json: &str, limits: &EventLimits) -> Result<Incoming, S
     })
 }
 
+/// A publish's `ref` and its events (each decoded, or why it is invalid), read in one pass by
+/// [`read_publish`], else by the two-pass [`RawPublish`]. `None` for anything these do not
+/// read as a `publish`: the full decoder (`protocol::decode`) then gives the precise answer.
+pub(super) fn read(
+    json: &str,
+    limits: &EventLimits,
+) -> Option<(u64, Vec<Result<Incoming, String>>)> {
+    if let Some(publish) = read_publish(json, limits) {
+        return (publish.kind == "publish").then_some((publish.reference, publish.items));
+    }
+    let publish = serde_json::from_str::<RawPublish<'_>>(json).ok()?;
+    if publish.kind != "publish" {
+        return None;
+    }
+    let items = publish
+        .events
+        .iter()
+        .map(|raw| incoming(raw.get(), limits))
+        .collect();
+    Some((publish.reference, items))
+}
+
 /// A message read by [`read_publish`].
-pub(super) struct ReadPublish<'a> {
+struct ReadPublish<'a> {
     /// Its `type` (the caller checks for `publish`).
-    pub(super) kind: &'a str,
+    kind: &'a str,
     /// Its `ref`.
-    pub(super) reference: u64,
+    reference: u64,
     /// Each event, or why it is invalid (as [`incoming`] says it).
-    pub(super) items: Vec<Result<Incoming, String>>,
+    items: Vec<Result<Incoming, String>>,
 }
 
 /// Reads `{"type": .., "ref": .., "events": [..]}` (keys in any order, others ignored) in one
 /// pass; `None` for anything it does not read (see the module docs).
-pub(super) fn read_publish<'a>(json: &'a str, limits: &EventLimits) -> Option<ReadPublish<'a>> {
+fn read_publish<'a>(json: &'a str, limits: &EventLimits) -> Option<ReadPublish<'a>> {
     let mut at = Cursor { json, pos: 0 };
     at.expect(b'{')?;
     let (mut kind, mut reference, mut items) = (None, None, None);

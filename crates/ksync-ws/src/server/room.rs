@@ -371,7 +371,7 @@ async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>) {
         };
         let mut room = shared.room.lock().await;
         if room
-            .run(command, &mut rx, &mut deferred, &shared.queued)
+            .run_command(command, &mut rx, &mut deferred, &shared.queued)
             .await
         {
             break;
@@ -382,7 +382,7 @@ async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>) {
 impl Room {
     /// Runs one command from the queue (a publish takes every publish queued behind it);
     /// `true` once the room has shut down.
-    async fn run(
+    async fn run_command(
         &mut self,
         command: RoomCommand,
         rx: &mut mpsc::Receiver<RoomCommand>,
