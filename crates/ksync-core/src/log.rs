@@ -494,12 +494,13 @@ impl LogIndex {
         let mut decisions = Vec::with_capacity(batch.len());
         {
             // (id, version) -> (input index, position in `appended`) of the batch's new
-            // revisions.
-            let mut in_batch: HashMap<
-                BatchKey<'_>,
-                (usize, usize),
-                BuildNoHashHasher<BatchKey<'_>>,
-            > = HashMap::with_capacity_and_hasher(batch.len(), BuildHasherDefault::default());
+            // revisions. None for a batch of one, which has no repeats to find (an entry
+            // would allocate the map even when nothing is inserted).
+            let mut in_batch: Option<
+                HashMap<BatchKey<'_>, (usize, usize), BuildNoHashHasher<BatchKey<'_>>>,
+            > = (batch.len() > 1).then(|| {
+                HashMap::with_capacity_and_hasher(batch.len(), BuildHasherDefault::default())
+            });
             let mut next_seq = self.len();
             let mut appended = 0;
             for (input, event) in batch.iter().enumerate() {
@@ -509,15 +510,16 @@ impl LogIndex {
                     .versions_hashed(hash, &event.id)
                     .and_then(|v| v.get(event.version))
                     .and_then(|seq| self.at(seq).map(|held| (seq, held)));
+                let key = BatchKey {
+                    hash,
+                    id: &event.id,
+                    version: event.version,
+                };
                 let decision = match in_log {
                     Some((seq, held)) if held.same_content(event) => Decision::Duplicate { seq },
                     Some((seq, _)) => Decision::ConflictWithLog { seq },
-                    None => match in_batch.entry(BatchKey {
-                        hash,
-                        id: &event.id,
-                        version: event.version,
-                    }) {
-                        Entry::Occupied(o) => {
+                    None => match in_batch.as_mut().map(|map| map.entry(key)) {
+                        Some(Entry::Occupied(o)) => {
                             let (first, position) = *o.get();
                             if batch
                                 .get(first)
@@ -530,8 +532,11 @@ impl LogIndex {
                                 Decision::ConflictWithBatch { appended: position }
                             }
                         }
-                        Entry::Vacant(v) => {
-                            v.insert((input, appended));
+                        // New to the batch (remembered, unless the batch is of one).
+                        not_seen => {
+                            if let Some(Entry::Vacant(v)) = not_seen {
+                                v.insert((input, appended));
+                            }
                             appended += 1;
                             next_seq += 1;
                             Decision::New { seq: next_seq }
