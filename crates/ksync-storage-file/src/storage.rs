@@ -929,8 +929,7 @@ impl Writer {
 
         // A fresh buffer per group: once written it is shared with the index.
         self.buf = Vec::with_capacity(appends.iter().map(|p| p.bytes.len()).sum());
-        // Where each new event's payload lands in `buf`, in log order.
-        // (And the hash of its key.)
+        // Where each new event's payload lands in `buf`, in log order, with its key.
         let mut payloads = Vec::with_capacity(plan.outcome.appended.len());
         let mut outcomes = plan.outcome.outcomes.iter().zip(batch_keys);
         for p in &appends {
