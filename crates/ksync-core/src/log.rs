@@ -483,11 +483,11 @@ impl LogIndex {
     pub fn plan(&self, batch: Vec<Event>) -> MergePlan {
         // What happens to each input. Decided first, borrowing the batch's ids (no key copy
         // per event), then carried out by moving the events.
-        enum Decision {
+        enum Decision<'a> {
             New { seq: u64 },
             Duplicate { seq: u64 },
-            // Collides with the log's revision at this seq.
-            ConflictWithLog { seq: u64 },
+            // Collides with this revision of the log (decoded once, if held as a record).
+            ConflictWithLog(Cow<'a, Event>),
             // Collides with the batch's new revision at this position of `outcome.appended`.
             ConflictWithBatch { appended: usize },
         }
@@ -501,7 +501,6 @@ impl LogIndex {
             > = (batch.len() > 1).then(|| {
                 HashMap::with_capacity_and_hasher(batch.len(), BuildHasherDefault::default())
             });
-            let mut next_seq = self.len();
             let mut appended = 0;
             for (input, event) in batch.iter().enumerate() {
                 // One hash of the id serves the log lookup and the batch map.
@@ -517,7 +516,7 @@ impl LogIndex {
                 };
                 let decision = match in_log {
                     Some((seq, held)) if held.same_content(event) => Decision::Duplicate { seq },
-                    Some((seq, _)) => Decision::ConflictWithLog { seq },
+                    Some((_, held)) => Decision::ConflictWithLog(held),
                     None => match in_batch.as_mut().map(|map| map.entry(key)) {
                         Some(Entry::Occupied(o)) => {
                             let (first, position) = *o.get();
@@ -538,8 +537,9 @@ impl LogIndex {
                                 v.insert((input, appended));
                             }
                             appended += 1;
-                            next_seq += 1;
-                            Decision::New { seq: next_seq }
+                            Decision::New {
+                                seq: self.len() + appended as u64,
+                            }
                         }
                     },
                 };
@@ -563,13 +563,12 @@ impl LogIndex {
                     outcome.outcomes.push(AppendOutcome::Duplicate { seq });
                     continue;
                 }
-                // Decoded again if the log holds it encoded: conflicts are rare.
-                Decision::ConflictWithLog { seq } => self.at(seq).map(Cow::into_owned),
+                Decision::ConflictWithLog(held) => Some(held.into_owned()),
                 Decision::ConflictWithBatch { appended } => {
                     outcome.appended.get(appended).map(|s| s.event.clone())
                 }
             };
-            // Both lookups succeed: the decision was made on this log and this batch.
+            // The lookup succeeds: the decision was made on this batch.
             let held = held.unwrap_or_else(|| event.clone());
             let conflict = Conflict::concurrent_edit(held, event);
             outcome.conflicts.push(conflict.clone());
