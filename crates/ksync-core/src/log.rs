@@ -176,14 +176,18 @@ pub struct IdHasher {
 impl IdHasher {
     /// The key of the revision `(id, version)` for the log this hasher came from.
     pub fn key(&self, id: &[u8], version: u64) -> EncodedKey {
-        #[cfg(test)]
-        if self.all_collide {
-            return EncodedKey { hash: 7, version };
-        }
         EncodedKey {
-            hash: self.state.hash_one(id),
+            hash: self.hash_id(id),
             version,
         }
+    }
+
+    fn hash_id(&self, id: &[u8]) -> u64 {
+        #[cfg(test)]
+        if self.all_collide {
+            return 7;
+        }
+        self.state.hash_one(id)
     }
 }
 
@@ -395,10 +399,6 @@ impl LogIndex {
         }
     }
 
-    fn hash_id(&self, id: &[u8]) -> u64 {
-        self.hasher.key(id, 0).hash
-    }
-
     /// How this log hashes ids (see [`LogIndex::push_encoded_keyed`]).
     pub fn id_hasher(&self) -> IdHasher {
         self.hasher.clone()
@@ -407,7 +407,7 @@ impl LogIndex {
     /// The versions of `id` (made up on the spot for an id with one revision, which `by_id`
     /// holds as its seq alone).
     fn versions(&self, id: &str) -> Option<Cow<'_, Versions>> {
-        self.versions_hashed(self.hash_id(id.as_bytes()), id)
+        self.versions_hashed(self.hasher.hash_id(id.as_bytes()), id)
     }
 
     /// [`LogIndex::versions`] for an id whose hash is known.
@@ -440,16 +440,16 @@ impl LogIndex {
 
     /// The revision `(id, version)` and its sequence number.
     pub fn get(&self, id: &str, version: u64) -> Option<Stored> {
-        let seq = self.versions(id)?.get(version)?;
-        self.at(seq).map(|e| Stored {
-            seq,
-            event: e.into_owned(),
-        })
+        self.stored(self.versions(id)?.get(version)?)
     }
 
     /// The highest version of `id`.
     pub fn latest(&self, id: &str) -> Option<Stored> {
-        let (_, seq) = self.versions(id)?.latest();
+        self.stored(self.versions(id)?.latest().1)
+    }
+
+    /// The event at `seq`, copied out with its seq.
+    fn stored(&self, seq: u64) -> Option<Stored> {
         self.at(seq).map(|e| Stored {
             seq,
             event: e.into_owned(),
@@ -504,7 +504,7 @@ impl LogIndex {
             let mut appended = 0;
             for (input, event) in batch.iter().enumerate() {
                 // One hash of the id serves the log lookup and the batch map.
-                let hash = self.hash_id(event.id.as_bytes());
+                let hash = self.hasher.hash_id(event.id.as_bytes());
                 let in_log = self
                     .versions_hashed(hash, &event.id)
                     .and_then(|v| v.get(event.version))
@@ -722,7 +722,7 @@ impl LogIndex {
     /// Records `(id, version)` at the next seq; `false` if it is already present.
     fn insert_key(&mut self, id: &[u8], version: u64) -> bool {
         let seq = self.len() + 1;
-        let hash = self.hash_id(id);
+        let hash = self.hasher.hash_id(id);
         let Self {
             by_id,
             multi,
