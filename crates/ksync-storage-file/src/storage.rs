@@ -259,7 +259,8 @@ impl Shared {
 /// ```
 pub struct FileStorage {
     state: Arc<RwLock<State>>,
-    /// The index's id hasher: callers key their events before queueing them.
+    /// A copy of the index's id hasher (it never changes): appends key their events with it
+    /// before queueing them, without locking `state`.
     hasher: IdHasher,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
