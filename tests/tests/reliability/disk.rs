@@ -186,7 +186,7 @@ fn bit_flips_mid_file_are_detected_and_name_the_offset() {
 }
 
 /// Fails one `fdatasync` (EIO) or one write (ENOSPC, half written) at a chosen call, and
-/// remembers how long the file was at the last successful sync.
+/// remembers the longest the file was when a sync succeeded.
 struct Faults {
     path: PathBuf,
     fail_sync_at: AtomicUsize,
@@ -230,9 +230,11 @@ impl FaultHook for Faults {
             self.failed.store(true, Ordering::SeqCst);
             return Err(io::Error::from_raw_os_error(5)); // EIO
         }
-        // Everything written so far is what this sync makes durable.
+        // Everything written so far is what this sync makes durable. The largest such length
+        // wins: two sync threads may read the length and record it in either order, and a
+        // smaller length recorded last would model the later sync's data as lost.
         let len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-        self.durable_len.store(len, Ordering::SeqCst);
+        self.durable_len.fetch_max(len, Ordering::SeqCst);
         Ok(())
     }
 }
