@@ -27,6 +27,7 @@ mod digests;
 mod error;
 mod identity;
 mod node;
+mod transport;
 mod wire;
 
 pub use client::{P2PStats, P2PSyncClient, P2PSyncClientBuilder};

@@ -12,26 +12,23 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use ksync_core::{Event, EventLimits, Notification, Notifier, Replica, RevisionKey, SyncError};
-use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::Boxed;
-use libp2p::core::upgrade::Version;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, connection_limits, identify,
-    kad, mdns, noise, ping, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, kad, mdns,
+    ping,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{DiscoveryMethod, Options};
 use crate::digests::Digests;
 use crate::error::P2PError;
+use crate::transport::{self, BoxError};
 use crate::wire::{
     self, KeyEntry, MAX_FETCH, MAX_PAGE, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, RESPONSE_BUDGET,
     SyncRequest, SyncResponse,
@@ -62,18 +59,6 @@ const COMMAND_DRAIN: usize = 256;
 /// How often mDNS asks the LAN who is there.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Dial options for an address. Every dial of ours takes a new local port
-/// (`allocate_new_port`): libp2p's default reuses the listening port, so two peers that find
-/// each other at the same moment (mDNS answers arrive together) dial from their listen ports
-/// to each other's, and TCP's simultaneous open joins the two dials into one connection on
-/// which both sides start the Noise handshake as initiator and fail. Port reuse only helps NAT
-/// hole punching, which kSync does not do.
-fn dial_address(addr: Multiaddr) -> DialOpts {
-    DialOpts::unknown_peer_id()
-        .address(addr)
-        .allocate_new_port()
-        .build()
-}
 /// Idle connections close after this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Most connections being set up at once, each way.
@@ -140,33 +125,6 @@ pub(crate) struct Behaviour {
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// TCP, then (with a network key) the pnet layer, then Noise and Yamux.
-fn transport(
-    key: &Keypair,
-    psk: Option<PreSharedKey>,
-) -> Result<Boxed<(PeerId, StreamMuxerBox)>, BoxError> {
-    let noise = noise::Config::new(key)?;
-    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-    let yamux = yamux::Config::default();
-    Ok(match psk {
-        Some(psk) => tcp
-            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux)
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-        None => tcp
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise)
-            .multiplex(yamux)
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-    })
 }
 
 pub(crate) fn max_batch_bytes(opts: &Options) -> usize {
@@ -294,7 +252,7 @@ pub(crate) fn build_swarm(keypair: Keypair, opts: &Options) -> Result<Swarm<Beha
     let psk = opts.network_key.map(|k| k.psk());
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_other_transport(move |key| transport(key, psk))
+        .with_other_transport(move |key| transport::build(key, psk))
         .map_err(|e| P2PError::Build(Box::new(e)))?
         .with_behaviour(|key| behaviour(key, opts))
         .map_err(|e| P2PError::Build(Box::new(e)))?
@@ -489,7 +447,7 @@ impl Node {
                     tracing::warn!(%addr, "bootstrap address has no /p2p/<peer id>; dialing it anyway")
                 }
             }
-            if let Err(e) = self.swarm.dial(dial_address(addr.clone())) {
+            if let Err(e) = self.swarm.dial(addr.clone()) {
                 tracing::warn!(%addr, error = %e, "dialing bootstrap peer failed");
             }
         }
@@ -634,7 +592,7 @@ impl Node {
     fn connect(&mut self, target: Target, reply: oneshot::Sender<Result<PeerId, P2PError>>) {
         match target {
             Target::Addr(addr) => {
-                let opts = dial_address(addr.clone());
+                let opts = DialOpts::from(addr.clone());
                 let id = opts.connection_id();
                 match self.swarm.dial(opts) {
                     Ok(()) => {
@@ -659,15 +617,30 @@ impl Node {
         }
     }
 
+    /// Dials `peer` unless it is connected or being dialed (then there is nothing to do, not an
+    /// error): at `found` when given (what mDNS or a lookup just reported), else at the
+    /// addresses the behaviours know (mDNS, Kademlia).
+    fn dial_known_peer(
+        &mut self,
+        peer: PeerId,
+        found: Option<Vec<Multiaddr>>,
+    ) -> Result<(), DialError> {
+        let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing);
+        let opts = match found {
+            Some(addrs) => opts.addresses(addrs).build(),
+            None => opts.build(),
+        };
+        match self.swarm.dial(opts) {
+            Err(DialError::DialPeerConditionFalse(_)) => Ok(()),
+            done => done,
+        }
+    }
+
     /// Dials a peer by id with the addresses the behaviours know (mDNS, Kademlia). Without
     /// any, a Kademlia lookup runs first (when `lookup` and DHT discovery is on).
     fn dial_peer(&mut self, peer: PeerId, lookup: bool) {
-        let opts = DialOpts::peer_id(peer)
-            .condition(PeerCondition::DisconnectedAndNotDialing)
-            .allocate_new_port()
-            .build();
-        match self.swarm.dial(opts) {
-            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+        match self.dial_known_peer(peer, None) {
+            Ok(()) => {}
             Err(DialError::NoAddresses) if lookup && self.swarm.behaviour().kad.is_enabled() => {
                 if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
                     let query = kad.get_closest_peers(peer);
@@ -825,12 +798,7 @@ impl Node {
                         }
                     }
                     if !self.swarm.is_connected(&peer) {
-                        let opts = DialOpts::peer_id(peer)
-                            .addresses(addrs)
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
-                            .allocate_new_port()
-                            .build();
-                        let _ = self.swarm.dial(opts);
+                        let _ = self.dial_known_peer(peer, Some(addrs));
                     }
                 }
             }
@@ -867,20 +835,14 @@ impl Node {
                             kad.add_address(&target, addr.clone());
                         }
                     }
-                    let opts = DialOpts::peer_id(target)
-                        .addresses(info.addrs)
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .allocate_new_port()
-                        .build();
-                    match self.swarm.dial(opts) {
-                        Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
-                        Err(e) => self.fail_peer_dials(
+                    if let Err(e) = self.dial_known_peer(target, Some(info.addrs)) {
+                        self.fail_peer_dials(
                             target,
                             P2PError::Dial {
                                 target: target.to_string(),
                                 source: Box::new(e),
                             },
-                        ),
+                        );
                     }
                 } else if step.last {
                     self.lookups.remove(&id);
@@ -889,13 +851,8 @@ impl Node {
                     }
                     // The lookup may have taught Kademlia an address without listing the
                     // peer among the closest: try once more before giving up.
-                    let opts = DialOpts::peer_id(target)
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .allocate_new_port()
-                        .build();
-                    match self.swarm.dial(opts) {
-                        Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
-                        Err(_) => self.fail_peer_dials(target, P2PError::PeerNotFound(target)),
+                    if self.dial_known_peer(target, None).is_err() {
+                        self.fail_peer_dials(target, P2PError::PeerNotFound(target));
                     }
                 }
             }
@@ -1415,4 +1372,131 @@ pub(crate) fn peers_of(shared: &Shared) -> Vec<PeerId> {
 /// The current listen addresses.
 pub(crate) fn listen_addrs_of(shared: &Shared) -> Vec<Multiaddr> {
     lock(&shared.listen_addrs).clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use libp2p::core::ConnectedPoint;
+
+    use super::*;
+    use crate::config::DEFAULT_NETWORK;
+
+    fn dht_options() -> Options {
+        Options {
+            peer_id: "port-test".into(),
+            discovery: DiscoveryMethod::Dht {
+                bootstrap: Vec::new(),
+            },
+            port: 0,
+            listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            network: DEFAULT_NETWORK.into(),
+            network_key: None,
+            key_dir: std::env::temp_dir(),
+            anti_entropy_interval: Duration::from_secs(15),
+            max_peers: 8,
+            max_event_bytes: 64 * 1024,
+            command_capacity: 16,
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The node's swarm, listening on 127.0.0.1 (port 0), and its listen address.
+    async fn listening_swarm() -> (Swarm<Behaviour>, Multiaddr) {
+        let mut swarm = build_swarm(Keypair::generate_ed25519(), &dht_options()).expect("swarm");
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+            .expect("listen");
+        loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                return (swarm, address);
+            }
+        }
+    }
+
+    fn tcp_port(addr: &Multiaddr) -> u16 {
+        addr.iter()
+            .find_map(|p| match p {
+                Protocol::Tcp(port) => Some(port),
+                _ => None,
+            })
+            .expect("a TCP address")
+    }
+
+    /// A dialer knows a listening peer only through Kademlia's routing table; `dial_through`
+    /// makes one of its behaviours dial it with that behaviour's own (default) dial options.
+    /// Returns the dialer's listen port and the remote port the listener saw.
+    async fn ports_of_a_behaviour_dial(
+        dial_through: impl FnOnce(&mut Behaviour, PeerId),
+    ) -> (u16, u16) {
+        let (mut dialer, dialer_addr) = listening_swarm().await;
+        let (mut listener, listener_addr) = listening_swarm().await;
+        let dialer_id = *dialer.local_peer_id();
+        let listener_id = *listener.local_peer_id();
+        let behaviour = dialer.behaviour_mut();
+        behaviour
+            .kad
+            .as_mut()
+            .expect("DHT discovery")
+            .add_address(&listener_id, listener_addr);
+        dial_through(behaviour, listener_id);
+        let seen_from = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::select! {
+                    _ = dialer.select_next_some() => {}
+                    event = listener.select_next_some() => {
+                        if let SwarmEvent::ConnectionEstablished {
+                            peer_id,
+                            endpoint: ConnectedPoint::Listener { send_back_addr, .. },
+                            ..
+                        } = event
+                            && peer_id == dialer_id
+                        {
+                            return send_back_addr;
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the dialer connects in time");
+        (tcp_port(&dialer_addr), tcp_port(&seen_from))
+    }
+
+    #[tokio::test]
+    async fn request_response_dials_leave_from_a_new_port() {
+        let (listen_port, seen_port) = ports_of_a_behaviour_dial(|behaviour, peer| {
+            behaviour.sync.send_request(
+                &peer,
+                SyncRequest::Keys {
+                    network: DEFAULT_NETWORK.into(),
+                    after: 0,
+                    limit: 1,
+                },
+            );
+        })
+        .await;
+        assert_ne!(
+            seen_port, listen_port,
+            "a request-response dial left from the listen port"
+        );
+    }
+
+    #[tokio::test]
+    async fn kademlia_dials_leave_from_a_new_port() {
+        let (listen_port, seen_port) = ports_of_a_behaviour_dial(|behaviour, _| {
+            behaviour
+                .kad
+                .as_mut()
+                .expect("DHT discovery")
+                .get_closest_peers(PeerId::random());
+        })
+        .await;
+        assert_ne!(
+            seen_port, listen_port,
+            "a Kademlia dial left from the listen port"
+        );
+    }
 }

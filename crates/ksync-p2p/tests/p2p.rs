@@ -500,3 +500,73 @@ async fn oversized_and_invalid_local_events_are_refused() {
     ));
     assert_eq!(keys(&a).len(), 1);
 }
+
+/// The port of a TCP multiaddr.
+fn tcp_port(addr: &ksync_p2p::Multiaddr) -> u16 {
+    addr.iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("a TCP address")
+}
+
+/// Our dials leave from a new local port, not the listening one (a simultaneous dial between
+/// two peers from their listen ports would merge into one TCP connection that fails Noise).
+/// The remote end is a raw libp2p swarm, which reports where the connection came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_peer_dials_from_a_new_port() {
+    use futures_util::StreamExt;
+    use libp2p::core::ConnectedPoint;
+    use libp2p::swarm::SwarmEvent;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = peer(dir.path(), "a").await;
+    let mut remote = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(10)))
+        .build();
+    remote
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+        .expect("listen");
+    let remote_addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = remote.select_next_some().await {
+            break address;
+        }
+    };
+    let a_id = a.local_peer_id();
+    let seen_from = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint: ConnectedPoint::Listener { send_back_addr, .. },
+                ..
+            } = remote.select_next_some().await
+                && peer_id == a_id
+            {
+                return send_back_addr;
+            }
+        }
+    });
+    a.connect_to_peer(&remote_addr.to_string())
+        .await
+        .expect("connect");
+    let seen_from = tokio::time::timeout(Duration::from_secs(10), seen_from)
+        .await
+        .expect("the remote sees the connection in time")
+        .expect("remote task");
+    let listen_port = tcp_port(&a.listen_addrs()[0]);
+    assert_ne!(
+        tcp_port(&seen_from),
+        listen_port,
+        "the dial left from the listen port"
+    );
+}
