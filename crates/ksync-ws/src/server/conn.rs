@@ -9,6 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use ksync_core::{Access, Event, EventLimits, Grant, Name, PROTOCOL_VERSION, ResourceKind};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tracing::Instrument as _;
 
 use super::outbox::{Outbox, Sink, frame_message};
 use super::publish::{self, incoming};
@@ -140,27 +141,32 @@ pub(crate) async fn serve(connection: Connection) {
         compression: false,
         write_timeout: shared.config.write_timeout,
     };
+    // Instrumented, not entered: an entered span's guard held across an await would stay
+    // entered on the worker thread while other tasks run there.
     let span = tracing::debug_span!("ws_conn", conn = id, room = %room, subject = %grant.subject);
-    let _enter = span.enter();
-    let end = match run(
-        &shared,
-        &mut writer,
-        &mut stream,
-        &room,
-        &grant,
-        &room_link,
-        id,
-    )
-    .await
-    {
-        Ok(()) => End::Close(close::NORMAL, String::new()),
-        Err(end) => end,
-    };
-    let _ = room_link.tx.try_send(RoomCommand::Unsubscribe { conn: id });
-    if let End::Close(code, reason) = end {
-        tracing::debug!(code, %reason, "closing connection");
-        writer.close(code, reason).await;
+    async move {
+        let end = match run(
+            &shared,
+            &mut writer,
+            &mut stream,
+            &room,
+            &grant,
+            &room_link,
+            id,
+        )
+        .await
+        {
+            Ok(()) => End::Close(close::NORMAL, String::new()),
+            Err(end) => end,
+        };
+        let _ = room_link.tx.try_send(RoomCommand::Unsubscribe { conn: id });
+        if let End::Close(code, reason) = end {
+            tracing::debug!(code, %reason, "closing connection");
+            writer.close(code, reason).await;
+        }
     }
+    .instrument(span)
+    .await;
 }
 
 async fn run(
