@@ -11,7 +11,9 @@
 //!
 //! Every server runs in its own process (the three Rust relays in a child of this one, on a
 //! 2-thread runtime); every client runs here, with the same code for every system except the
-//! wire framing, so the client cost is the same for all.
+//! wire framing, so the client cost is the same for all. The publisher reads the replies to
+//! its publishes (kSync's acks, redis' answers) on its own task, as a separate publishing
+//! process would, not on the subscribers' runtime (see [`Publisher`]).
 //!
 //! Two measures per (system, N): deliveries/s at full speed (the publisher may run at most
 //! [`WINDOW`] events ahead of the slowest subscriber, the same flow control for every system),
