@@ -39,7 +39,9 @@ pub async fn ws_connect(url: &str, headers: &[(&str, String)]) -> Result<Ws, u16
             v.parse().expect("header value"),
         );
     }
-    match tokio::time::timeout(ANSWER, tokio_tungstenite::connect_async(request)).await {
+    // With TCP_NODELAY, as kSync's own clients connect.
+    let connect = tokio_tungstenite::connect_async_with_config(request, None, true);
+    match tokio::time::timeout(ANSWER, connect).await {
         Ok(Ok((ws, _))) => Ok(ws),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => Err(resp.status().as_u16()),
         Ok(Err(e)) => panic!("connect {url}: {e}"),

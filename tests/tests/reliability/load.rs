@@ -132,7 +132,12 @@ async fn small_queue_relay() -> (String, Relay) {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let router = relay.router();
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    // As the server does (`ksync-server`): without TCP_NODELAY, deliveries wait on delayed ACKs.
+    tokio::spawn(async move {
+        axum::serve(ksync_ws::server::nodelay(listener), router)
+            .await
+            .expect("serve")
+    });
     (format!("ws://{addr}/ws/"), relay)
 }
 
