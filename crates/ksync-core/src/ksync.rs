@@ -160,24 +160,29 @@ impl<C: SyncClient + ?Sized> KSync<C> {
         event_type: impl Into<String>,
         data: serde_json::Value,
     ) -> Result<Event, SyncError> {
-        let version = self
+        let event_type = event_type.into();
+        let stored = self
             .replica
-            .storage()
-            .latest(id)?
-            .map_or(1, |s| s.event.version + 1);
-        let event = Event {
-            id: id.to_owned(),
-            event_type: event_type.into(),
-            data,
-            timestamp: self.clock.now_millis(),
-            version,
-            origin: Some(self.replica.id().to_owned()),
-        };
-        self.store_and_send(event).await
+            .record_local_revision(id, |version| Event {
+                id: id.to_owned(),
+                event_type: event_type.clone(),
+                data: data.clone(),
+                timestamp: self.clock.now_millis(),
+                version,
+                origin: Some(self.replica.id().to_owned()),
+            })
+            .await?;
+        self.send(stored.event).await
     }
 
     async fn store_and_send(&self, event: Event) -> Result<Event, SyncError> {
         self.replica.record_local(event.clone()).await?;
+        self.send(event).await
+    }
+
+    /// Hands a locally stored event to the client; not being connected is no error (the event
+    /// is in the log and goes out when the client next syncs).
+    async fn send(&self, event: Event) -> Result<Event, SyncError> {
         match self.client.send(event.clone()).await {
             Ok(()) | Err(SyncError::NotConnected) => {}
             Err(e) => self

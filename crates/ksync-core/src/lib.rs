@@ -38,7 +38,7 @@ pub use notify::{
     Handler, HandlerId, Metrics, Notification, NotificationKind, NotificationStream, Notifier,
     STREAM_CAPACITY, Status, StreamError, Subscription,
 };
-pub use replica::{Ingested, Replica};
+pub use replica::{Ingested, REVISION_ATTEMPTS, Replica};
 pub use storage::{BoxFuture, InMemoryStorage, Storage, StorageError};
 
 /// Version of kSync's wire protocols (WebSocket messages, HTTP bodies, P2P messages). Peers

@@ -12,6 +12,10 @@ use crate::notify::{Notification, Notifier};
 use crate::storage::{InMemoryStorage, Storage};
 
 const REPLICA_ID_KEY: &str = "replica.id";
+/// How many times [`Replica::record_local_revision`] builds a revision again after another
+/// revision of the same id took its version meanwhile (one retry almost always suffices: the
+/// window is between one read and one append).
+pub const REVISION_ATTEMPTS: u32 = 8;
 const CURSOR_PREFIX: &str = "cursor/";
 /// Meta key prefix marking an event (by sequence number) that this replica passes on although
 /// another replica made it.
@@ -183,6 +187,40 @@ impl Replica {
         Ok(Stored { seq, event })
     }
 
+    /// Stores a new revision of `id` made on this replica: the one after the latest revision
+    /// held, built by `revision(version)`. A revision of `id` ingested from elsewhere between
+    /// reading the latest and appending (the transport ingests on its own task) would make
+    /// the append conflict; the revision is then built again on top of the new latest, at
+    /// most [`REVISION_ATTEMPTS`] times in all (then [`SyncError::Rejected`]).
+    pub async fn record_local_revision(
+        &self,
+        id: &str,
+        revision: impl Fn(u64) -> Event,
+    ) -> Result<Stored, SyncError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let version = self
+                .inner
+                .storage
+                .latest(id)?
+                .map_or(1, |s| s.event.version + 1);
+            let event = revision(version);
+            match self.append_one(event.clone()).await? {
+                AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq } => {
+                    return Ok(Stored { seq, event });
+                }
+                AppendOutcome::Conflict(c) if attempts >= REVISION_ATTEMPTS => {
+                    return Err(SyncError::Rejected(format!(
+                        "event {:?}: another revision took version {} each of {attempts} times",
+                        c.ours.id, c.ours.version
+                    )));
+                }
+                AppendOutcome::Conflict(_) => {}
+            }
+        }
+    }
+
     /// Appends one event and returns what the log did with it.
     async fn append_one(&self, event: Event) -> Result<AppendOutcome, SyncError> {
         let summary = self.inner.storage.append_summary(vec![event]).await?;
@@ -335,6 +373,100 @@ mod tests {
         let a = Replica::open(Arc::clone(&storage)).await.expect("open");
         let b = Replica::open(storage).await.expect("reopen");
         assert_eq!(a.id(), b.id());
+    }
+
+    /// Lands a revision from elsewhere (`remote`, while it is `Some`) right before each append,
+    /// as an ingest on the transport's task can between a local update's read of the latest
+    /// revision and its append.
+    struct IngestBeforeAppend {
+        inner: InMemoryStorage,
+        remote: std::sync::Mutex<Vec<Event>>,
+    }
+
+    impl Storage for IngestBeforeAppend {
+        fn append(
+            &self,
+            events: Vec<Event>,
+        ) -> crate::BoxFuture<'_, Result<crate::MergeOutcome, crate::StorageError>> {
+            Box::pin(async move {
+                let remote = self.remote.lock().expect("lock").pop();
+                if let Some(remote) = remote {
+                    self.inner.append(vec![remote]).await?;
+                }
+                self.inner.append(events).await
+            })
+        }
+        fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, crate::StorageError> {
+            self.inner.read_since(after, limit)
+        }
+        fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, crate::StorageError> {
+            self.inner.get(id, version)
+        }
+        fn latest(&self, id: &str) -> Result<Option<Stored>, crate::StorageError> {
+            self.inner.latest(id)
+        }
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn state(&self) -> Result<std::collections::BTreeMap<String, Event>, crate::StorageError> {
+            self.inner.state()
+        }
+        fn meta(&self, key: &str) -> Result<Option<String>, crate::StorageError> {
+            self.inner.meta(key)
+        }
+        fn set_meta(
+            &self,
+            key: &str,
+            value: &str,
+        ) -> crate::BoxFuture<'_, Result<(), crate::StorageError>> {
+            self.inner.set_meta(key, value)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_revision_goes_on_top_of_one_ingested_meanwhile() {
+        let remote = |version: u64| Event {
+            version,
+            ..Event::new("s0", "t", json!({"by": "them"}), 1).with_origin("them")
+        };
+        // Two remote revisions land, each just before one of our appends: versions 1 and 2.
+        let storage = Arc::new(IngestBeforeAppend {
+            inner: InMemoryStorage::new(),
+            remote: std::sync::Mutex::new(vec![remote(2), remote(1)]),
+        });
+        let replica = Replica::with_id(storage, "me");
+        let mine = |version: u64| Event {
+            version,
+            ..Event::new("s0", "t", json!({"by": "me"}), 2).with_origin("me")
+        };
+        let stored = replica
+            .record_local_revision("s0", mine)
+            .await
+            .expect("stored on top");
+        assert_eq!(stored.event, mine(3));
+        let held = replica.storage().latest("s0").expect("read").expect("held");
+        assert_eq!(held.event, mine(3));
+        assert_eq!(replica.storage().len(), 3);
+
+        // A revision that keeps losing its version gives up with a clear error.
+        let storage = Arc::new(IngestBeforeAppend {
+            inner: InMemoryStorage::new(),
+            remote: std::sync::Mutex::new(
+                (1..=u64::from(REVISION_ATTEMPTS))
+                    .rev()
+                    .map(remote)
+                    .collect(),
+            ),
+        });
+        let replica = Replica::with_id(storage, "me");
+        let err = replica
+            .record_local_revision("s0", mine)
+            .await
+            .expect_err("every attempt lost");
+        assert!(
+            matches!(&err, SyncError::Rejected(why) if why.contains("s0")),
+            "{err}"
+        );
     }
 
     #[tokio::test]
