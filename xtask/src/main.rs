@@ -11,11 +11,6 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-/// The same allocator as the `ksync` binary (see `crates/ksync-cli/src/main.rs`): the
-/// benchmarks' relay children run in this binary and should measure what users run.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {

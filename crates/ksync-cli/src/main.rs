@@ -31,15 +31,6 @@ enum Command {
     Peer(peer::PeerArgs),
 }
 
-/// mimalloc instead of glibc's malloc. A relay keeping a room's log in memory grows its heap
-/// with every event; glibc grows a thread's arena a page at a time with `mprotect` (which must
-/// flush the TLB of every CPU running the process) and touches a fresh page about every third
-/// event. Measured on the relay in `cargo xtask bench ws` (N=1, 6,000 events): 1,424
-/// `mprotect` calls and 1,678 page faults with glibc, none and 388 with mimalloc; the relay's
-/// read-to-delivery time p90 fell from 64-69 µs to 48-52 µs (perf trace, three runs each).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
