@@ -1,10 +1,13 @@
 //! Shared pieces: a raw protocol WebSocket client, in-process servers, event builders.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use ksync_core::{AllowAll, InMemoryProvider};
 use ksync_server::{RunningServer, Server, ServerConfig};
+use ksync_ws::server::{Relay, RelayConfig};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -103,4 +106,26 @@ pub async fn read_room(url: &str) -> Vec<(u64, String)> {
 pub async fn start_server(mut config: ServerConfig) -> RunningServer {
     config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
     Server::bind(config).await.expect("server")
+}
+
+/// A bare relay (in memory, no auth) on 127.0.0.1:0, served like `ksync-server` serves it:
+/// with TCP_NODELAY (without it, deliveries wait on delayed ACKs).
+pub async fn start_relay(config: RelayConfig) -> (SocketAddr, Relay) {
+    let relay = Relay::new(
+        config,
+        Arc::new(InMemoryProvider::new()),
+        Arc::new(AllowAll),
+    )
+    .expect("relay");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = relay.router();
+    tokio::spawn(async move {
+        axum::serve(ksync_ws::server::nodelay(listener), router)
+            .await
+            .expect("serve")
+    });
+    (addr, relay)
 }

@@ -6,12 +6,10 @@
 //! serving well-behaved clients afterwards.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use ksync_core::{AllowAll, InMemoryProvider};
 use ksync_tests::{budget, figures};
-use ksync_ws::server::{Relay, RelayConfig};
+use ksync_ws::server::RelayConfig;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,27 +17,6 @@ use tokio::net::TcpStream;
 use crate::common::*;
 
 const LIMIT: usize = 64 * 1024;
-
-async fn relay(config: RelayConfig) -> (SocketAddr, Relay) {
-    let relay = Relay::new(
-        config,
-        Arc::new(InMemoryProvider::new()),
-        Arc::new(AllowAll),
-    )
-    .expect("relay");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = relay.router();
-    // As the server does (`ksync-server`): without TCP_NODELAY, deliveries wait on delayed ACKs.
-    tokio::spawn(async move {
-        axum::serve(ksync_ws::server::nodelay(listener), router)
-            .await
-            .expect("serve")
-    });
-    (addr, relay)
-}
 
 /// Opens TCP and performs the HTTP upgrade by hand.
 async fn upgrade(addr: SocketAddr, room: &str) -> TcpStream {
@@ -360,7 +337,7 @@ fn cases() -> Vec<Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_frames_fail_the_connection_and_the_relay_stays_up() {
-    let (addr, relay) = relay(RelayConfig {
+    let (addr, relay) = start_relay(RelayConfig {
         max_message_size: LIMIT,
         handshake_timeout: Duration::from_secs(5),
         ..RelayConfig::default()
@@ -431,7 +408,7 @@ async fn hostile_frames_fail_the_connection_and_the_relay_stays_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fragmented_and_interleaved_control_frames_are_accepted() {
     // The legal side of the same rules: a hello in 1-byte fragments with a ping in between.
-    let (addr, _relay) = relay(RelayConfig::default()).await;
+    let (addr, _relay) = start_relay(RelayConfig::default()).await;
     let mut tcp = upgrade(addr, "legal").await;
     let hello = hello_bytes();
     let mut bytes = frame(TEXT, &hello[..1], false, None);
@@ -458,7 +435,7 @@ async fn fragmented_and_interleaved_control_frames_are_accepted() {
 async fn slowloris_half_open_upgrades_are_closed_by_the_handshake_timeout() {
     let n = budget(200, 600) as usize;
     let timeout = Duration::from_secs(1);
-    let (addr, relay) = relay(RelayConfig {
+    let (addr, relay) = start_relay(RelayConfig {
         handshake_timeout: timeout,
         ..RelayConfig::default()
     })

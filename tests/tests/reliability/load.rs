@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use ksync_core::{AllowAll, InMemoryProvider};
 use ksync_tests::{budget, child, figures, stats};
 use ksync_ws::server::{Relay, RelayConfig};
 use serde_json::json;
@@ -118,27 +117,24 @@ async fn reconnect_storm_of_a_thousand_clients() {
 /// A relay with a small subscriber queue, so the slow-consumer policy is reached quickly, and
 /// the base of its room URLs (`ws://ADDR/ws/`).
 async fn small_queue_relay() -> (String, Relay) {
-    let relay = Relay::new(
-        RelayConfig {
-            subscriber_queue: 64,
-            ..RelayConfig::default()
-        },
-        Arc::new(InMemoryProvider::new()),
-        Arc::new(AllowAll),
-    )
-    .expect("relay");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = relay.router();
-    // As the server does (`ksync-server`): without TCP_NODELAY, deliveries wait on delayed ACKs.
-    tokio::spawn(async move {
-        axum::serve(ksync_ws::server::nodelay(listener), router)
-            .await
-            .expect("serve")
-    });
+    let (addr, relay) = start_relay(RelayConfig {
+        subscriber_queue: 64,
+        ..RelayConfig::default()
+    })
+    .await;
     (format!("ws://{addr}/ws/"), relay)
+}
+
+/// Moves `cursor` over the events frames `texts` (in order), failing on a gap.
+fn advance(cursor: &mut u64, texts: impl Iterator<Item = String>) {
+    for text in texts {
+        let msg: serde_json::Value = serde_json::from_str(&text).expect("json");
+        for s in msg["events"].as_array().into_iter().flatten() {
+            let seq = s["seq"].as_u64().expect("seq");
+            assert_eq!(seq, *cursor + 1, "gap in the slow consumer's stream");
+            *cursor = seq;
+        }
+    }
 }
 
 /// Joins with a 4 KiB receive buffer, so a slow reader backs up into the relay quickly.
@@ -278,19 +274,7 @@ async fn slow_consumer_neither_slows_fast_subscribers_nor_misses_events() {
                         Some(Ok(Message::Text(t))) => {
                             unread.push(t.as_str().to_owned());
                             if measured.load(std::sync::atomic::Ordering::Acquire) {
-                                for text in unread.drain(..) {
-                                    let msg: serde_json::Value =
-                                        serde_json::from_str(&text).expect("json");
-                                    for s in msg["events"].as_array().into_iter().flatten() {
-                                        let seq = s["seq"].as_u64().expect("seq");
-                                        assert_eq!(
-                                            seq,
-                                            cursor + 1,
-                                            "gap in the slow consumer's stream"
-                                        );
-                                        cursor = seq;
-                                    }
-                                }
+                                advance(&mut cursor, unread.drain(..));
                             }
                             tokio::time::sleep(Duration::from_millis(25)).await;
                         }
@@ -303,14 +287,7 @@ async fn slow_consumer_neither_slows_fast_subscribers_nor_misses_events() {
                     }
                 }
                 // What it read before it was dropped counts towards its cursor.
-                for text in unread.drain(..) {
-                    let msg: serde_json::Value = serde_json::from_str(&text).expect("json");
-                    for s in msg["events"].as_array().into_iter().flatten() {
-                        let seq = s["seq"].as_u64().expect("seq");
-                        assert_eq!(seq, cursor + 1, "gap in the slow consumer's stream");
-                        cursor = seq;
-                    }
-                }
+                advance(&mut cursor, unread.drain(..));
                 drop(slow);
                 (cursor, dropped_with)
             })
