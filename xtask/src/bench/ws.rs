@@ -648,8 +648,8 @@ enum Publisher {
 #[derive(Default)]
 struct RespReplies {
     count: u64,
-    /// The next byte starts a line.
-    at_line_start: bool,
+    /// Inside a line (the next byte does not start one).
+    mid_line: bool,
     /// An error line (`-...`) being read.
     error: Option<Vec<u8>>,
 }
@@ -657,10 +657,10 @@ struct RespReplies {
 impl RespReplies {
     fn feed(&mut self, bytes: &[u8]) -> Result<()> {
         for &b in bytes {
-            if self.at_line_start && b == b'-' {
+            if !self.mid_line && b == b'-' {
                 self.error = Some(Vec::new());
             }
-            self.at_line_start = b == b'\n';
+            self.mid_line = b != b'\n';
             if let Some(error) = self.error.as_mut() {
                 if b == b'\n' {
                     bail!("redis: {}", String::from_utf8_lossy(error).trim());
@@ -711,10 +711,7 @@ impl Publisher {
                     write,
                     channel: room.to_owned(),
                     read,
-                    replies: RespReplies {
-                        at_line_start: true,
-                        ..RespReplies::default()
-                    },
+                    replies: RespReplies::default(),
                 }
             }
         })
