@@ -173,6 +173,9 @@ mod tests {
         let tap = Tap::new("ws-out");
         let event = Event::new("e-17", "chat", json!({"text": "hello"}), 1);
         tracing::subscriber::with_default(subscriber, || {
+            // Another test thread may have cached this callsite's interest as "never" (no
+            // subscriber then): ask again now that this thread has one.
+            tracing::callsite::rebuild_interest_cache();
             let out = tap.process(event.clone()).expect("ok").expect("kept");
             assert_eq!(out, event);
             tap.clone()
