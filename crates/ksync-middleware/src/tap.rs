@@ -147,51 +147,23 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// Collects what the fmt subscriber writes.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
+    // The log line itself is checked in `tests/tap_log.rs`, a test binary of its own with a
+    // global subscriber: tracing caches each callsite's interest process-wide, so a thread-local
+    // subscriber here could be missed when another test thread registered the callsite first.
     #[test]
-    fn counts_and_logs_without_changing_events() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
+    fn counts_without_changing_events() {
         let tap = Tap::new("ws-out");
         let event = Event::new("e-17", "chat", json!({"text": "hello"}), 1);
-        tracing::subscriber::with_default(subscriber, || {
-            // Another test thread may have cached this callsite's interest as "never" (no
-            // subscriber then): ask again now that this thread has one.
-            tracing::callsite::rebuild_interest_cache();
-            let out = tap.process(event.clone()).expect("ok").expect("kept");
-            assert_eq!(out, event);
-            tap.clone()
-                .process(Event::new("e-18", "presence", json!(null), 1))
-                .expect("ok");
-        });
+        let out = tap.process(event.clone()).expect("ok").expect("kept");
+        assert_eq!(out, event);
+        tap.clone()
+            .process(Event::new("e-18", "presence", json!(null), 1))
+            .expect("ok");
         let stats = tap.stats();
         assert_eq!(stats.events, 2);
         assert_eq!(stats.data_bytes, r#"{"text":"hello"}"#.len() as u64 + 4);
         assert_eq!(stats.by_type.get("chat"), Some(&1));
         assert_eq!(stats.by_type.get("presence"), Some(&1));
-        let log = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf8");
-        assert!(
-            log.contains("tap=ws-out") && log.contains("id=e-17") && log.contains("type=chat"),
-            "{log}"
-        );
         assert_eq!(tap.name(), "ws-out");
     }
 
