@@ -513,6 +513,11 @@ fn name(kind: &str, raw: &str) -> Result<Name, ApiError> {
 }
 
 /// Validates the `{repo}/{branch}` of a request path (400 before anything else is looked at).
+fn repo_path(path: Result<Path<String>, PathRejection>) -> Result<Name, ApiError> {
+    let Path(repo) = path.map_err(path_error)?;
+    name("repository", &repo)
+}
+
 fn branch_path(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<(Name, Name), ApiError> {
@@ -553,8 +558,7 @@ async fn create_repo(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Handled {
-    let Path(repo) = path.map_err(path_error)?;
-    let repo = name("repository", &repo)?;
+    let repo = repo_path(path)?;
     let grant = s.authorize(req.headers(), peer_of(&req), &repo, Access::Write)?;
     let created = s.create_repo(&repo).await?;
     if created {
@@ -578,8 +582,7 @@ async fn repo_info(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Handled {
-    let Path(repo) = path.map_err(path_error)?;
-    let repo = name("repository", &repo)?;
+    let repo = repo_path(path)?;
     s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
     let body = RepoInfo {
         repo: repo.to_string(),
@@ -599,8 +602,7 @@ async fn list_branches(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Handled {
-    let Path(repo) = path.map_err(path_error)?;
-    let repo = name("repository", &repo)?;
+    let repo = repo_path(path)?;
     s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
     let body = BranchList {
         branches: s.branches(&repo)?,
@@ -625,8 +627,7 @@ async fn create_branch(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Handled {
-    let Path(repo) = path.map_err(path_error)?;
-    let repo = name("repository", &repo)?;
+    let repo = repo_path(path)?;
     let headers = req.headers().clone();
     let grant = s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
     let request: CreateBranchRequest = s.body(req).await?;
@@ -828,8 +829,7 @@ async fn merge(
     path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Handled {
-    let Path(repo) = path.map_err(path_error)?;
-    let repo = name("repository", &repo)?;
+    let repo = repo_path(path)?;
     let headers = req.headers().clone();
     s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
     let request: MergeRequest = s.body(req).await?;

@@ -210,32 +210,15 @@ async fn run_git_case(
 
 #[test]
 fn git_replicas_with_branches_merges_and_restarts_converge() {
-    let cases = budget(24, 10_000) as u32;
     let rt = tokio::runtime::Runtime::new().expect("rt");
-    let server = rt.block_on(start_server(ksync_server::ServerConfig {
-        in_memory: true,
-        ..ksync_server::ServerConfig::default()
-    }));
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let ran = std::sync::atomic::AtomicU32::new(0);
-    let result = runner.run(&git_case(), |(clients, ops)| {
-        ran.fetch_add(1, Ordering::Relaxed);
-        rt.block_on(run_git_case(&server, clients, ops))
-            .map_err(TestCaseError::fail)
-    });
-    let divergent = u32::from(result.is_err());
-    figures::report(
-        "convergence",
+    let server = rt.block_on(start_server(in_memory_server()));
+    run_cases(
+        budget(24, 10_000),
+        git_case(),
+        |(clients, ops)| rt.block_on(run_git_case(&server, clients, ops)),
         "Git replicas (2-4, branches, merges, restarts, concurrent edits): cases / divergent",
-        format!("{} / {divergent}", ran.load(Ordering::Relaxed)),
         ">= 10,000 in chaos / 0",
-        divergent == 0,
     );
-    result.expect("divergence");
 }
 
 #[derive(Debug, Clone)]
@@ -320,29 +303,50 @@ async fn run_ws_case(server: &RunningServer, clients: usize, ops: Vec<WsOp>) -> 
 
 #[test]
 fn websocket_replicas_with_concurrent_edits_and_reconnects_converge() {
-    let cases = budget(12, 1_000) as u32;
     let rt = tokio::runtime::Runtime::new().expect("rt");
-    let server = rt.block_on(start_server(ksync_server::ServerConfig {
+    let server = rt.block_on(start_server(in_memory_server()));
+    run_cases(
+        budget(12, 1_000),
+        ws_case(),
+        |(clients, ops)| rt.block_on(run_ws_case(&server, clients, ops)),
+        "WebSocket replicas (2-3, concurrent edits, reconnects): cases / divergent",
+        "0 divergent",
+    );
+}
+
+fn in_memory_server() -> ksync_server::ServerConfig {
+    ksync_server::ServerConfig {
         in_memory: true,
         ..ksync_server::ServerConfig::default()
-    }));
+    }
+}
+
+/// Runs `cases` cases of `strategy` through `run_case` (an `Err` is a divergence, which
+/// proptest then shrinks), reports the figure `what` against `target`, and fails on a
+/// divergence.
+fn run_cases<S: Strategy>(
+    cases: u64,
+    strategy: S,
+    run_case: impl Fn(S::Value) -> Result<(), String>,
+    what: &str,
+    target: &str,
+) {
     let mut runner = TestRunner::new(Config {
-        cases,
+        cases: u32::try_from(cases).unwrap_or(u32::MAX),
         failure_persistence: None,
         ..Config::default()
     });
     let ran = std::sync::atomic::AtomicU32::new(0);
-    let result = runner.run(&ws_case(), |(clients, ops)| {
+    let result = runner.run(&strategy, |case| {
         ran.fetch_add(1, Ordering::Relaxed);
-        rt.block_on(run_ws_case(&server, clients, ops))
-            .map_err(TestCaseError::fail)
+        run_case(case).map_err(TestCaseError::fail)
     });
     let divergent = u32::from(result.is_err());
     figures::report(
         "convergence",
-        "WebSocket replicas (2-3, concurrent edits, reconnects): cases / divergent",
+        what,
         format!("{} / {divergent}", ran.load(Ordering::Relaxed)),
-        "0 divergent",
+        target,
         divergent == 0,
     );
     result.expect("divergence");
