@@ -419,7 +419,13 @@ impl Relay {
         ws.protocols([SUBPROTOCOL])
             .read_buffer_size(config.read_buffer_size)
             .write_buffer_size(config.write_buffer_size)
-            .max_write_buffer_size(config.write_buffer_size + 2 * config.max_message_size)
+            // No cap of our own on one frame: every write waits for the socket to be ready
+            // (the buffer holds at most `write_buffer_size` plus the frame being written),
+            // and frames are bounded where they are made, except an `ack`, which carries each
+            // conflicting held revision and may exceed any multiple of the message limit. A
+            // cap refused such an ack and reset the publisher, whose client resent the same
+            // publish after every reconnect.
+            .max_write_buffer_size(usize::MAX)
             .max_message_size(config.max_message_size)
             .max_frame_size(config.max_message_size)
             .on_upgrade(move |socket| async move {
@@ -459,6 +465,7 @@ impl Relay {
             storage,
             self.shared.config.room_queue,
             self.shared.config.max_batch_events,
+            self.shared.config.max_message_size,
             self.shared.activity.clone(),
         );
         let task = tokio::spawn(task);

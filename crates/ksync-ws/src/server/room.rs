@@ -4,7 +4,7 @@
 //! otherwise it waits in the room's bounded queue, and the room's task takes every queued
 //! publish into one storage append (group commit). Either way each commit acknowledges after
 //! the append returns (durable first when the storage is durable), and fans its new events out
-//! as one shared, encoded-once frame.
+//! in shared, encoded-once frames (one per `maxMessageSize` of events).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -166,6 +166,12 @@ fn write_events(text: &mut String, events: &[(u64, Box<str>)]) {
     text.push_str("]}");
 }
 
+/// Bytes of an `events` frame around its entries: `{"type":"events","events":[` and `]}`.
+const EVENTS_FRAME_OVERHEAD: usize = 29;
+/// Most bytes an entry adds besides its event's JSON: `{"seq":`, 20 digits, `,"event":`,
+/// `}` and the separating `,`.
+const EVENTS_ENTRY_OVERHEAD: usize = 38;
+
 /// Appends `n` in decimal (what serde_json writes for a `u64`), without `core::fmt`.
 fn push_u64(text: &mut String, n: u64) {
     text.push_str(itoa::Buffer::new().format(n));
@@ -293,6 +299,12 @@ pub(crate) struct Room {
     activity: broadcast::Sender<RelayActivity>,
     storage: Arc<dyn Storage>,
     max_batch_events: usize,
+    /// Largest live `events` frame, in bytes (`RelayConfig::max_message_size`): a commit's
+    /// new events are split into frames of at most this size (an event too big for it on its
+    /// own goes alone), as catch-up pages are. Without it, publishes committed together (a
+    /// connection's burst, or a group commit of many queued publishes) made one frame of any
+    /// size, which clients are not told to accept and the subscriber's socket refused.
+    max_frame_bytes: usize,
     subs: Vec<Subscriber>,
     last_seq: u64,
     /// Every append so far completed at its first poll (an in-memory storage): publishes may
@@ -323,6 +335,8 @@ struct Scratch {
     run: Run,
     /// Where frames are written before they are copied into their exact-size allocation.
     text: String,
+    /// The events frames of the run being sent.
+    frames: Vec<Arc<Frame>>,
 }
 
 impl Room {
@@ -332,6 +346,7 @@ impl Room {
         storage: Arc<dyn Storage>,
         queue: usize,
         max_batch_events: usize,
+        max_frame_bytes: usize,
         activity: broadcast::Sender<RelayActivity>,
     ) -> (RoomLink, impl Future<Output = ()> + Send + 'static) {
         let last_seq = storage.len();
@@ -341,6 +356,7 @@ impl Room {
             activity,
             storage,
             max_batch_events,
+            max_frame_bytes,
             subs: Vec::new(),
             last_seq,
             storage_immediate: true,
@@ -461,7 +477,8 @@ impl Room {
 
     /// Appends the batch's valid events in one storage append, then acknowledges each publish
     /// and fans the new events out. Consecutive publishes of one connection become one run:
-    /// one shared events frame for everyone else, and that connection's acks, in order.
+    /// shared events frames for everyone else (see `max_frame_bytes`), and that connection's acks,
+    /// in order.
     async fn commit(&mut self, batch: &mut Vec<PublishCommand>) {
         let mut plans = std::mem::take(&mut self.scratch.plans);
         let mut slots = std::mem::take(&mut self.scratch.slots);
@@ -555,7 +572,7 @@ impl Room {
                     }
                     ack.finish(self.last_seq);
                     let ack = Frame::text(&text, false);
-                    fan_out(&self.name, &mut self.subs, conn, &[ack], None);
+                    fan_out(&self.name, &mut self.subs, conn, &[ack], &[]);
                 }
                 self.scratch.text = text;
             }
@@ -583,11 +600,27 @@ impl Room {
             });
         }
         run.stored.clear();
-        let events = (!run.events.is_empty()).then(|| {
-            write_events(&mut self.scratch.text, &run.events);
-            Frame::text(&self.scratch.text, true)
-        });
-        fan_out(&self.name, &mut self.subs, run.conn, &run.acks, events);
+        let frames = &mut self.scratch.frames;
+        let text = &mut self.scratch.text;
+        // Frames of at most `max_frame_bytes` (counting every seq at its widest).
+        let mut start = 0;
+        let mut bytes = EVENTS_FRAME_OVERHEAD;
+        for (i, (_, json)) in run.events.iter().enumerate() {
+            let entry = json.len() + EVENTS_ENTRY_OVERHEAD;
+            if i > start && bytes + entry > self.max_frame_bytes {
+                write_events(text, &run.events[start..i]);
+                frames.push(Frame::text(text, true));
+                start = i;
+                bytes = EVENTS_FRAME_OVERHEAD;
+            }
+            bytes += entry;
+        }
+        if start < run.events.len() {
+            write_events(text, &run.events[start..]);
+            frames.push(Frame::text(text, true));
+        }
+        fan_out(&self.name, &mut self.subs, run.conn, &run.acks, frames);
+        frames.clear();
         run.acks.clear();
         run.events.clear();
     }
@@ -615,9 +648,8 @@ fn fan_out(
     subs: &mut Vec<Subscriber>,
     publisher: u64,
     acks: &[Arc<Frame>],
-    events: Option<Arc<Frame>>,
+    events: &[Arc<Frame>],
 ) {
-    let events = events.as_slice();
     subs.retain(|sub| {
         let frames = if sub.conn == publisher { acks } else { events };
         if frames.is_empty() {

@@ -1,0 +1,611 @@
+//! Edges of the relay's contract (docs/PROTOCOL.md), spoken to with raw WebSocket frames as a
+//! client written from the document alone would: frame sizes of the live stream, resuming
+//! from odd cursors, state-based starts racing with publishes, exact limits, bad input on an
+//! authorised connection.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use ksync_core::{
+    BoxFuture, Event, InMemoryStorage, LogName, MergeOutcome, Name, Storage, StorageError,
+    StorageProvider, Stored,
+};
+use ksync_ws::server::RelayConfig;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A log whose appends can be held at a gate, as a durable storage's wait on the disk: the
+/// first append waits one poll (so the room commits from its queue from then on), the next
+/// ones wait while the gate is closed.
+struct GatedStorage {
+    log: InMemoryStorage,
+    appends: AtomicUsize,
+    open: Arc<AtomicBool>,
+    opened: Arc<Notify>,
+}
+
+impl Storage for GatedStorage {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        Box::pin(async move {
+            if self.appends.fetch_add(1, Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+            while !self.open.load(Ordering::SeqCst) {
+                let opened = self.opened.notified();
+                if self.open.load(Ordering::SeqCst) {
+                    break;
+                }
+                opened.await;
+            }
+            self.log.append(events).await
+        })
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+        self.log.get(id, version)
+    }
+    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+        self.log.latest(id)
+    }
+    fn len(&self) -> u64 {
+        self.log.len()
+    }
+    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+        self.log.state()
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+        self.log.meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.set_meta(key, value)
+    }
+}
+
+/// Every log is a [`GatedStorage`] sharing one gate.
+struct GatedProvider {
+    logs: std::sync::Mutex<std::collections::HashMap<LogName, Arc<GatedStorage>>>,
+    open: Arc<AtomicBool>,
+    opened: Arc<Notify>,
+}
+
+impl GatedProvider {
+    fn new() -> Self {
+        Self {
+            logs: Default::default(),
+            open: Arc::new(AtomicBool::new(true)),
+            opened: Arc::new(Notify::new()),
+        }
+    }
+
+    fn close_gate(&self) {
+        self.open.store(false, Ordering::SeqCst);
+    }
+
+    fn open_gate(&self) {
+        self.open.store(true, Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+}
+
+impl StorageProvider for GatedProvider {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        let mut logs = self.logs.lock().expect("lock");
+        let log = logs.entry(name.clone()).or_insert_with(|| {
+            Arc::new(GatedStorage {
+                log: InMemoryStorage::default(),
+                appends: AtomicUsize::new(0),
+                open: Arc::clone(&self.open),
+                opened: Arc::clone(&self.opened),
+            })
+        });
+        Ok(log.clone())
+    }
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        let logs = self.logs.lock().expect("lock");
+        Ok(logs.get(name).map(|log| log.clone() as Arc<dyn Storage>))
+    }
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        Ok(Vec::new())
+    }
+}
+
+/// The next data frame's text (inflated when binary) and its JSON, skipping pings.
+async fn recv_text(ws: &mut Raw) -> (usize, Value) {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("stream open")
+            .expect("no error");
+        match message {
+            Message::Text(t) => {
+                return (t.len(), serde_json::from_str(t.as_str()).expect("json"));
+            }
+            Message::Binary(b) => {
+                let json = ksync_ws::protocol::inflate(&b, 1 << 26).expect("inflate");
+                return (json.len(), serde_json::from_slice(&json).expect("json"));
+            }
+            Message::Close(frame) => panic!("closed: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Live `events` frames are at most `maxMessageSize` bytes, as catch-up pages are: publishes
+/// queued behind a slow append are committed together, and the events the others get for
+/// them come in several frames (they came as one frame of any size, which the subscribers'
+/// sockets refused: they were reset without a close).
+#[tokio::test]
+async fn a_group_commit_of_large_publishes_reaches_subscribers_in_bounded_frames() {
+    let provider = Arc::new(GatedProvider::new());
+    let max = 64 * 1024;
+    let server = start_with(
+        RelayConfig {
+            max_message_size: max,
+            ..RelayConfig::default()
+        },
+        provider.clone(),
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("big"));
+    let (mut subscriber, _) = join(&url, hello()).await;
+    let (mut compressed, _) = join(
+        &url,
+        json!({"type":"hello","protocol":1,"compression":true}),
+    )
+    .await;
+    let (mut publisher, _) = join(&url, hello()).await;
+    // The first append waits once: the room commits from its queue from now on.
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","ref":0,"events":[event("first",0)]}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut publisher).await["results"][0]["status"],
+        "stored"
+    );
+    provider.close_gate();
+    let total = 40u64;
+    for n in 1..=total {
+        let mut e = event(&format!("big{n}"), n);
+        e["data"] = json!("z".repeat(max / 3));
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","ref":n,"events":[e]}),
+        )
+        .await;
+    }
+    // Let the publishes queue up behind the held append (no assertion rests on this wait).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    provider.open_gate();
+    for n in 1..=total {
+        let ack = recv_json(&mut publisher).await;
+        assert_eq!(ack["ref"], n, "{ack}");
+        assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+    }
+    for ws in [&mut subscriber, &mut compressed] {
+        let mut seqs = Vec::new();
+        while seqs.len() < total as usize + 1 {
+            let (len, batch) = recv_text(ws).await;
+            assert!(
+                len <= max,
+                "an events frame of {len} bytes, over maxMessageSize ({max})"
+            );
+            for e in batch["events"].as_array().expect("events") {
+                seqs.push(e["seq"].as_u64().expect("seq"));
+            }
+        }
+        assert_eq!(seqs, (1..=total + 1).collect::<Vec<_>>());
+    }
+    server.stop().await;
+}
+
+/// `since` beyond the head: the documented `cursor_ahead` error (no `ref`), the connection
+/// stays, the stream continues from `welcome.serverVersion`.
+#[tokio::test]
+async fn a_cursor_beyond_the_head_gets_cursor_ahead_and_the_live_stream() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("ahead"));
+    let (mut publisher, _) = join(&url, hello()).await;
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","ref":1,"events":[event("a",1), event("b",2)]}),
+    )
+    .await;
+    recv_json(&mut publisher).await;
+    let (mut ahead, welcome) = join(&url, json!({"type":"hello","protocol":1,"since":99})).await;
+    assert_eq!(welcome["serverVersion"], 2);
+    let error = recv_json(&mut ahead).await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], "cursor_ahead", "{error}");
+    assert!(error["message"].is_string(), "{error}");
+    assert!(error.get("ref").is_none(), "{error}");
+    // `since` equal to the head: no catch-up at all, then live.
+    let (mut at_head, _) = join(&url, json!({"type":"hello","protocol":1,"since":2})).await;
+    // `since` 0 on this room: the whole history.
+    let (mut whole, _) = join(&url, json!({"type":"hello","protocol":1,"since":0})).await;
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","ref":2,"events":[event("c",3)]}),
+    )
+    .await;
+    recv_json(&mut publisher).await;
+    for ws in [&mut ahead, &mut at_head] {
+        let batch = recv_json(ws).await;
+        assert_eq!(batch["type"], "events", "{batch}");
+        assert_eq!(batch["events"][0]["seq"], 3, "{batch}");
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        for e in recv_json(&mut whole).await["events"]
+            .as_array()
+            .expect("events")
+        {
+            seqs.push(e["seq"].as_u64().expect("seq"));
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3]);
+    // The connection that was ahead still publishes.
+    send_json(
+        &mut ahead,
+        json!({"type":"publish","ref":7,"events":[event("d",4)]}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut ahead).await["results"][0],
+        json!({"status":"stored","seq":4})
+    );
+    // An empty room: `since` 0 means nothing to catch up, then live.
+    let empty = server.url(Some("empty"));
+    let (mut fresh, welcome) = join(&empty, json!({"type":"hello","protocol":1,"since":0})).await;
+    assert_eq!(welcome["serverVersion"], 0);
+    let (mut p, _) = join(&empty, hello()).await;
+    send_json(
+        &mut p,
+        json!({"type":"publish","ref":1,"events":[event("x",1)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut fresh).await["events"][0]["seq"], 1);
+    server.stop().await;
+}
+
+/// State-based starts while a publisher streams updates of a few ids: each snapshot is the
+/// latest version of every id as of its `serverVersion`, and the tail continues right after
+/// it, every seq once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_subscribers_joining_mid_stream_get_a_consistent_snapshot_and_tail() {
+    let server = start(RelayConfig {
+        page_size: 2,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("state"));
+    let (mut publisher, _) = join(&url, hello()).await;
+    let total = 240u64;
+    let ids = 5u64;
+    let revision = |n: u64| {
+        // Seq n (1-based) is version (n-1)/ids + 1 of id k{(n-1) % ids}.
+        let mut e = event(&format!("k{}", (n - 1) % ids), n);
+        e["version"] = json!((n - 1) / ids + 1);
+        e
+    };
+    let sender = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut joined = Vec::new();
+            for n in 1..=total {
+                if n % 40 == 0 {
+                    let compression = n % 80 == 0;
+                    let h = json!({"type":"hello","protocol":1,"state":true,"since":3,"compression":compression});
+                    joined.push(join(&url, h).await);
+                }
+                tokio::task::yield_now().await;
+            }
+            joined
+        })
+    };
+    for n in 1..=total {
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","ref":n,"events":[revision(n)]}),
+        )
+        .await;
+        if n % 16 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let joined = sender.await.expect("joiners");
+    for n in 1..=total {
+        let ack = recv_json(&mut publisher).await;
+        assert_eq!(
+            ack["results"][0],
+            json!({"status":"stored","seq":n}),
+            "{ack}"
+        );
+    }
+    for (mut ws, welcome) in joined {
+        let version = welcome["serverVersion"].as_u64().expect("serverVersion");
+        let mut state = BTreeMap::new();
+        loop {
+            let page = recv_json(&mut ws).await;
+            assert_eq!(page["type"], "snapshot", "{page}");
+            assert_eq!(page["serverVersion"], version, "{page}");
+            for e in page["events"].as_array().expect("events") {
+                let id = e["id"].as_str().expect("id").to_owned();
+                assert!(
+                    state
+                        .insert(id, e["version"].as_u64().expect("v"))
+                        .is_none()
+                );
+            }
+            if page["last"] == true {
+                assert_eq!(page["events"], json!([]), "{page}");
+                break;
+            }
+        }
+        let mut expected = BTreeMap::new();
+        for n in 1..=version {
+            let e = revision(n);
+            expected.insert(
+                e["id"].as_str().expect("id").to_owned(),
+                e["version"].as_u64().expect("v"),
+            );
+        }
+        assert_eq!(state, expected, "snapshot as of {version}");
+        let mut seqs = Vec::new();
+        while seqs.len() < (total - version) as usize {
+            let batch = recv_json(&mut ws).await;
+            assert_eq!(batch["type"], "events", "{batch}");
+            for e in batch["events"].as_array().expect("events") {
+                seqs.push(e["seq"].as_u64().expect("seq"));
+            }
+        }
+        assert_eq!(seqs, (version + 1..=total).collect::<Vec<_>>());
+    }
+    server.stop().await;
+}
+
+/// A message of exactly `maxMessageSize` bytes is accepted, one byte more closes with 1009;
+/// a compressed publish may inflate to exactly the limit, not beyond (`bad_binary`, 1003).
+#[tokio::test]
+async fn messages_exactly_at_the_size_limit_are_accepted() {
+    let max = 16 * 1024;
+    let server = start(RelayConfig {
+        max_message_size: max,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("limit"));
+    let (mut other, _) = join(&url, hello()).await;
+    let publish_of = |id: &str, len: usize| {
+        let mut e = event(id, 1);
+        e["data"] = json!("");
+        let bare = json!({"type":"publish","ref":1,"events":[e.clone()]}).to_string();
+        e["data"] = json!("p".repeat(len - bare.len()));
+        let text = json!({"type":"publish","ref":1,"events":[e]}).to_string();
+        assert_eq!(text.len(), len);
+        text
+    };
+    let (mut ws, _) = join(&url, hello()).await;
+    ws.send(Message::text(publish_of("exact", max)))
+        .await
+        .expect("send");
+    assert_eq!(recv_json(&mut ws).await["results"][0]["status"], "stored");
+    assert_eq!(
+        recv_json(&mut other).await["events"][0]["event"]["id"],
+        "exact"
+    );
+    ws.send(Message::text(publish_of("over", max + 1)))
+        .await
+        .expect("send");
+    assert_eq!(recv_close(&mut ws).await.0, 1009);
+
+    let (mut deflating, _) = join(
+        &url,
+        json!({"type":"hello","protocol":1,"compression":true}),
+    )
+    .await;
+    let packed = ksync_ws::protocol::deflate(publish_of("inflated-exact", max).as_bytes());
+    deflating.send(Message::binary(packed)).await.expect("send");
+    assert_eq!(
+        recv_json(&mut deflating).await["results"][0]["status"],
+        "stored"
+    );
+    let packed = ksync_ws::protocol::deflate(publish_of("inflated-over", max + 1).as_bytes());
+    deflating.send(Message::binary(packed)).await.expect("send");
+    assert_eq!(recv_json(&mut deflating).await["code"], "bad_binary");
+    assert_eq!(recv_close(&mut deflating).await.0, 1003);
+    assert_eq!(
+        recv_json(&mut other).await["events"][0]["event"]["id"],
+        "inflated-exact"
+    );
+    server.stop().await;
+}
+
+/// Publishes with a bad `ref` or duplicate keys are `bad_message` (nothing stored, the
+/// connection stays); events with duplicate keys or of the wrong shape are `invalid` one by
+/// one; ids with path tricks and control characters are just ids, relayed and stored as sent.
+#[tokio::test]
+async fn bad_publishes_on_an_authorised_connection_are_refused_and_store_nothing() {
+    let provider = Arc::new(ksync_core::InMemoryProvider::new());
+    let server = start_with(RelayConfig::default(), provider.clone(), Arc::new(TestKeys)).await;
+    let url = server.url(Some("bad"));
+    let mut ws = raw_connect(&url, &[("x-api-key", "rw-key")])
+        .await
+        .expect("connect");
+    send_json(&mut ws, hello()).await;
+    assert_eq!(recv_json(&mut ws).await["type"], "welcome");
+    let e = event("e", 1).to_string();
+    let bad = [
+        format!(r#"{{"type":"publish","ref":18446744073709551616,"events":[{e}]}}"#),
+        format!(r#"{{"type":"publish","ref":-1,"events":[{e}]}}"#),
+        format!(r#"{{"type":"publish","ref":1.5,"events":[{e}]}}"#),
+        format!(r#"{{"type":"publish","ref":"1","events":[{e}]}}"#),
+        format!(r#"{{"type":"publish","ref":1,"ref":2,"events":[{e}]}}"#),
+        format!(r#"{{"type":"publish","type":"publish","ref":1,"events":[{e}]}}"#),
+        format!(r#"{{"type":"publish","ref":1,"events":[{e}],"events":[{e}]}}"#),
+        format!(r#"{{"type":"publish","ref":1,"events":{e}}}"#),
+        format!(r#"{{"type":"publish","ref":1,"events":[{e}]"#),
+    ];
+    for message in &bad {
+        ws.send(Message::text(message.clone())).await.expect("send");
+        let answer = recv_json(&mut ws).await;
+        assert_eq!(answer["type"], "error", "{message} -> {answer}");
+        assert_eq!(answer["code"], "bad_message", "{message} -> {answer}");
+    }
+    let room = LogName::Room(Name::new("bad").expect("name"));
+    let stored = || {
+        provider
+            .existing(&room)
+            .expect("ok")
+            .map_or(0, |log| log.len())
+    };
+    assert_eq!(stored(), 0);
+    // Events one by one.
+    let events = [
+        r#"{"id":"a","id":"b","type":"t","data":1,"timestamp":1,"version":1}"#,
+        r#"{"id":"a","type":"t","data":1,"timestamp":1,"version":-1}"#,
+        r#"{"id":"a","type":"t","data":1,"timestamp":1.5,"version":1}"#,
+        r#"{"id":"a","type":"t","data":1,"timestamp":1,"version":0}"#,
+        r#"{"id":"a","type":"t","data":1,"timestamp":1,"version":1,"extra":true}"#,
+        r#"{"id":5,"type":"t","data":1,"timestamp":1,"version":1}"#,
+        r#"[1,2]"#,
+        r#"null"#,
+    ];
+    let message = format!(
+        r#"{{"type":"publish","ref":5,"events":[{}]}}"#,
+        events.join(",")
+    );
+    ws.send(Message::text(message)).await.expect("send");
+    let ack = recv_json(&mut ws).await;
+    assert_eq!(ack["ref"], 5, "{ack}");
+    let results = ack["results"].as_array().expect("results");
+    assert_eq!(results.len(), events.len(), "{ack}");
+    for (result, event) in results.iter().zip(events) {
+        assert_eq!(result["status"], "invalid", "{event} -> {result}");
+        assert!(result["message"].is_string(), "{result}");
+    }
+    assert_eq!(stored(), 0);
+    // Odd but valid ids.
+    let odd = [
+        "../../etc/passwd",
+        "a/b\\c",
+        "%2E%2E%2F",
+        "nul\u{0}byte",
+        "tab\tnew\nline\u{1b}[31m",
+        "\u{202e}rtl",
+    ];
+    let events: Vec<Value> = odd
+        .iter()
+        .enumerate()
+        .map(|(i, id)| event(id, i as u64))
+        .collect();
+    send_json(&mut ws, json!({"type":"publish","ref":6,"events":events})).await;
+    let ack = recv_json(&mut ws).await;
+    for (i, result) in ack["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(*result, json!({"status":"stored","seq":i + 1}), "{ack}");
+    }
+    let (mut reader, _) = {
+        let mut r = raw_connect(&url, &[("x-api-key", "ro-key")])
+            .await
+            .expect("connect");
+        send_json(&mut r, json!({"type":"hello","protocol":1,"since":0})).await;
+        let w = recv_json(&mut r).await;
+        (r, w)
+    };
+    let batch = recv_json(&mut reader).await;
+    let ids: Vec<&str> = batch["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["event"]["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, odd);
+    // The read-only reader may not publish, whatever it sends.
+    send_json(
+        &mut reader,
+        json!({"type":"publish","ref":8,"events":[event("ro",1)]}),
+    )
+    .await;
+    let refusal = recv_json(&mut reader).await;
+    assert_eq!(
+        (refusal["code"].as_str(), refusal["ref"].as_u64()),
+        (Some("forbidden"), Some(8))
+    );
+    assert_eq!(stored(), odd.len() as u64);
+    server.stop().await;
+}
+
+/// A small publish that conflicts with large held revisions gets an `ack` carrying each of
+/// them, larger than twice `maxMessageSize`: it is delivered (the relay used to refuse to
+/// write it and reset the publisher's connection, whose client then resent the same publish
+/// after every reconnect), and the conflict comes back the same way after a reconnect.
+#[tokio::test]
+async fn an_ack_holding_large_conflicting_revisions_is_delivered() {
+    let max = 16 * 1024;
+    let server = start(RelayConfig {
+        max_message_size: max,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("held"));
+    let (mut writer, _) = join(&url, hello()).await;
+    let held = 6u64;
+    for n in 1..=held {
+        let mut e = event(&format!("doc{n}"), n);
+        e["data"] = json!("h".repeat(max - 300));
+        send_json(&mut writer, json!({"type":"publish","ref":n,"events":[e]})).await;
+        assert_eq!(
+            recv_json(&mut writer).await["results"][0]["status"],
+            "stored"
+        );
+    }
+    let small: Vec<Value> = (1..=held)
+        .map(|n| {
+            let mut e = event(&format!("doc{n}"), n);
+            e["data"] = json!("mine");
+            e
+        })
+        .collect();
+    for attempt in 0..2 {
+        let (mut ws, _) = join(&url, hello()).await;
+        send_json(&mut ws, json!({"type":"publish","ref":9,"events":small})).await;
+        let (len, ack) = recv_text(&mut ws).await;
+        assert!(len > 2 * max, "attempt {attempt}: the ack is {len} bytes");
+        assert_eq!(ack["ref"], 9, "{ack}");
+        let results = ack["results"].as_array().expect("results");
+        assert_eq!(results.len(), held as usize);
+        for (n, result) in (1..=held).zip(results) {
+            assert_eq!(result["status"], "conflict");
+            assert_eq!(result["held"]["id"], format!("doc{n}"));
+            assert_eq!(
+                result["held"]["data"].as_str().map(str::len),
+                Some(max - 300)
+            );
+        }
+        // The connection is still usable.
+        send_json(
+            &mut ws,
+            json!({"type":"publish","ref":10,"events":[event(&format!("after{attempt}"), 1)]}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut ws).await["results"][0]["status"], "stored");
+    }
+    server.stop().await;
+}
