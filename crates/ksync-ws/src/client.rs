@@ -575,6 +575,7 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             inner.notifier.emit(Notification::Disconnected);
         }
         let fatal = end.error.as_ref().is_some_and(WsError::is_fatal);
+        let resync = matches!(end.error, Some(WsError::RoomReset { .. }));
         if let Some(error) = end.error {
             dlog!(config.debug, %error, "session ended");
             if !end.was_connected {
@@ -587,7 +588,16 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
                 .notifier
                 .emit(Notification::Error(Arc::new(error.into())));
         }
-        if end.stopped || fatal || !config.reconnect || *stop.borrow() {
+        if end.stopped || fatal || *stop.borrow() {
+            break;
+        }
+        if resync {
+            // Part of joining the reset room, not a lost connection: at once, also without
+            // `reconnect`.
+            attempt = 0;
+            continue;
+        }
+        if !config.reconnect {
             break;
         }
         attempt = if end.was_connected { 1 } else { attempt + 1 };
@@ -649,6 +659,16 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> Sessio
                 was_connected: true,
                 error: None,
                 stopped,
+            }
+        }
+        Err(error @ WsError::RoomReset { .. }) => {
+            session
+                .close(close::NORMAL, "room reset: syncing again")
+                .await;
+            SessionEnd {
+                was_connected: true,
+                error: Some(error),
+                stopped: false,
             }
         }
         Err(error) => SessionEnd {
@@ -1161,6 +1181,27 @@ impl Session {
         Ok(())
     }
 
+    /// `cursor_ahead`: the room no longer holds what our cursors point at (reset, or another
+    /// log at this address). Continuing from its head would skip what it holds now and never
+    /// give it our events again, so both cursors go back to the start; the session ends with
+    /// the returned error and the next one asks for the whole room and publishes our events
+    /// again (the room drops exact duplicates).
+    async fn room_reset(&mut self) -> Result<WsError, WsError> {
+        let reset = WsError::RoomReset {
+            cursor: self.room_cursor,
+            server_version: self.server_version,
+        };
+        self.room_cursor = 0;
+        self.save_room_cursor().await?;
+        self.acked_upto = 0;
+        if let Some(r) = &self.replica {
+            r.set_cursor(&self.cursors.acked, 0)
+                .await
+                .map_err(|e| WsError::Protocol(format!("storing the ack cursor: {e}")))?;
+        }
+        Ok(reset)
+    }
+
     async fn save_room_cursor(&mut self) -> Result<(), WsError> {
         match &self.replica {
             Some(r) => r
@@ -1227,8 +1268,7 @@ impl Session {
             ServerMessage::Error(e) => {
                 dlog!(self.debug(), code = %e.code, message = %e.message, "server error");
                 if e.code == protocol::code::CURSOR_AHEAD {
-                    self.room_cursor = self.server_version;
-                    self.save_room_cursor().await?;
+                    return Err(self.room_reset().await?);
                 }
                 if let Some(reference) = e.reference
                     && let Some(flight) = self

@@ -85,6 +85,18 @@ pub enum WsError {
     /// The connection ended without a close frame.
     #[error("connection lost")]
     ConnectionLost,
+    /// The room's log is shorter than this client's cursor (`cursor_ahead`: the room was reset,
+    /// or the address now serves another log). The client reconnects at once from the start
+    /// of the room and publishes its own events again.
+    #[error(
+        "the room ends at seq {server_version}, before this client's cursor {cursor} (room reset?): syncing again from the start"
+    )]
+    RoomReset {
+        /// The cursor this client resumed from.
+        cursor: u64,
+        /// The room's last sequence number.
+        server_version: u64,
+    },
 }
 
 impl WsError {

@@ -1,0 +1,385 @@
+//! WebSocketSyncClient: resuming after the connection or the room went away (room reset,
+//! slow-consumer close, `disconnect` then `connect`, backoff across reconnects).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use ksync_core::{
+    AllowAll, Event, InMemoryProvider, InMemoryStorage, KSync, LogName, Name, Notification,
+    Storage, StorageProvider, SyncClient,
+};
+use ksync_ws::WebSocketSyncClient;
+use ksync_ws::server::RelayConfig;
+use serde_json::json;
+
+/// Every notification a client emitted, in order.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<Notification>>>);
+
+impl Recorder {
+    fn attach(client: &impl SyncClient) -> Self {
+        let rec = Recorder::default();
+        for kind in [
+            "connected",
+            "disconnected",
+            "reconnecting",
+            "event",
+            "sync",
+            "error",
+            "status",
+        ] {
+            let sink = rec.0.clone();
+            let _sub = client
+                .notifier()
+                .on(kind, move |n| sink.lock().expect("lock").push(n.clone()))
+                .expect("known kind");
+        }
+        rec
+    }
+    fn all(&self) -> Vec<Notification> {
+        self.0.lock().expect("lock").clone()
+    }
+    fn count(&self, f: impl Fn(&Notification) -> bool) -> usize {
+        self.all().iter().filter(|n| f(n)).count()
+    }
+    fn event_ids(&self) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter_map(|n| match n {
+                Notification::Event(e) => Some(e.id),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Waits until `f` holds, polling; panics after 10 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn quick(url: &str) -> WebSocketSyncClient {
+    WebSocketSyncClient::builder(url)
+        .reconnect_delay(Duration::from_millis(10), Duration::from_millis(50))
+        .build()
+        .expect("client")
+}
+
+async fn ksync_with(client: WebSocketSyncClient) -> KSync<WebSocketSyncClient> {
+    KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(client))
+        .build()
+        .await
+        .expect("ksync")
+}
+
+fn room_log(provider: &Arc<dyn StorageProvider>, room: &str) -> Arc<dyn Storage> {
+    provider
+        .existing(&LogName::Room(Name::new(room).expect("name")))
+        .expect("ok")
+        .expect("room exists")
+}
+
+fn sorted_keys(storage: &dyn Storage) -> Vec<ksync_core::RevisionKey> {
+    let mut keys: Vec<_> = storage
+        .read_since(0, 10_000)
+        .expect("read")
+        .into_iter()
+        .map(|s| s.event.key())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Publishes `events` on a raw connection and waits for the ack.
+async fn publish_raw(url: &str, events: Vec<serde_json::Value>) {
+    let (mut ws, _) = join(url, hello()).await;
+    send_json(
+        &mut ws,
+        json!({"type": "publish", "ref": 1, "events": events}),
+    )
+    .await;
+    loop {
+        let reply = recv_json(&mut ws).await;
+        if reply["type"] == "ack" {
+            assert!(
+                reply["results"]
+                    .as_array()
+                    .expect("results")
+                    .iter()
+                    .all(|r| r["status"] == "stored"),
+                "{reply}"
+            );
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reset_room_gets_the_replicas_events_back_and_the_replica_gets_the_rooms() {
+    // The server comes back with an empty room (in-memory storage, or another server on the
+    // same address): the replica's cursor is beyond the room's last seq (`cursor_ahead`).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let first: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
+    let server = serve_on(
+        listener,
+        RelayConfig::default(),
+        first.clone(),
+        Arc::new(AllowAll),
+    );
+    let url = server.url(Some("reset"));
+    // Without auto-reconnect: syncing again with the reset room is part of connecting.
+    let a = ksync_with(
+        WebSocketSyncClient::builder(&url)
+            .reconnect(false)
+            .build()
+            .expect("client"),
+    )
+    .await;
+    let rec = Recorder::attach(a.client().as_ref());
+    a.connect().await.expect("connect");
+    for i in 0..5 {
+        a.emit("before-reset", json!(i)).await.expect("emit");
+    }
+    let old_room = room_log(&first, "reset");
+    eventually("the first room stored a's events", || old_room.len() == 5).await;
+    a.disconnect().await.expect("disconnect");
+    server.stop().await;
+
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("same port");
+    let second: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
+    let server = serve_on(
+        listener,
+        RelayConfig::default(),
+        second.clone(),
+        Arc::new(AllowAll),
+    );
+    // Someone else publishes to the new room before `a` comes back.
+    publish_raw(&url, vec![event("other-1", 1), event("other-2", 2)]).await;
+    a.connect().await.expect("reconnect");
+    let new_room = room_log(&second, "reset");
+    eventually("a has the new room's events", || {
+        a.replica().storage().len() == 7
+    })
+    .await;
+    eventually("the new room has a's events back", || new_room.len() == 7).await;
+    assert_eq!(
+        sorted_keys(a.replica().storage().as_ref()),
+        sorted_keys(new_room.as_ref())
+    );
+    // Told once why it connected again; the other side's events notified once each.
+    assert_eq!(
+        rec.count(|n| matches!(n, Notification::Error(e) if matches!(ksync_ws::WsError::find(e), Some(ksync_ws::WsError::RoomReset { cursor: 5, server_version: 2 })))),
+        1,
+        "{:?}",
+        rec.all()
+    );
+    let mut others = rec.event_ids();
+    others.sort();
+    assert_eq!(others, ["other-1", "other-2"]);
+    assert!(a.client().is_connected());
+    a.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
+/// A relay stand-in: each connection reads the `hello`, sends `welcome` and the given
+/// frames, then closes with `close_code` (or stays open when `None`). Reports each hello.
+async fn scripted_server(
+    listener: tokio::net::TcpListener,
+    script: Vec<(u64, Vec<serde_json::Value>, Option<u16>)>,
+    hellos: tokio::sync::mpsc::Sender<serde_json::Value>,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let mut open = Vec::new();
+    for (server_version, frames, close_code) in script {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        let hello = loop {
+            match ws.next().await.expect("hello").expect("frame") {
+                Message::Text(t) => break serde_json::from_str(t.as_str()).expect("json"),
+                _ => continue,
+            }
+        };
+        hellos.send(hello).await.expect("report");
+        let welcome = json!({"type": "welcome", "protocol": 1, "room": "default",
+            "serverVersion": server_version, "compression": false, "heartbeatMs": 30000,
+            "maxMessageSize": 1048576});
+        ws.send(Message::text(welcome.to_string()))
+            .await
+            .expect("welcome");
+        for frame in frames {
+            ws.send(Message::text(frame.to_string()))
+                .await
+                .expect("frame");
+        }
+        match close_code {
+            Some(code) => {
+                let frame = CloseFrame {
+                    code: code.into(),
+                    reason: "slow consumer".into(),
+                };
+                let _ = ws.close(Some(frame)).await;
+                // Let the client read the close before the socket goes.
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+            None => open.push(ws),
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+fn events_frame(from: u64, to: u64) -> serde_json::Value {
+    let events: Vec<_> = (from..=to)
+        .map(|seq| json!({"seq": seq, "event": event(&format!("e{seq}"), seq)}))
+        .collect();
+    json!({"type": "events", "events": events})
+}
+
+#[tokio::test]
+async fn a_slow_consumer_closed_with_4008_resumes_from_its_cursor() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (hellos_tx, mut hellos) = tokio::sync::mpsc::channel(4);
+    // The first connection gets seq 11-13 live and is then dropped as a slow consumer; the
+    // second must resume after 13 (the relay would catch it up with 14-15).
+    let script = vec![
+        (10, vec![events_frame(11, 13)], Some(4008)),
+        (15, vec![events_frame(14, 15)], None),
+    ];
+    let server = tokio::spawn(scripted_server(listener, script, hellos_tx));
+    let client = quick(&format!("ws://{addr}/ws"));
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    let first = hellos.recv().await.expect("first hello");
+    assert!(first.get("since").is_none_or(|s| s.is_null()), "{first}");
+    let second = tokio::time::timeout(Duration::from_secs(10), hellos.recv())
+        .await
+        .expect("reconnects")
+        .expect("second hello");
+    assert_eq!(second["since"], 13, "{second}");
+    eventually("every event", || rec.event_ids().len() >= 5).await;
+    assert_eq!(rec.event_ids(), ["e11", "e12", "e13", "e14", "e15"]);
+    assert!(
+        rec.count(|n| matches!(n, Notification::Error(e) if matches!(ksync_ws::WsError::find(e), Some(ksync_ws::WsError::Closed { code: 4008, .. })))) == 1
+    );
+    client.disconnect().await.expect("disconnect");
+    server.abort();
+}
+
+#[tokio::test]
+async fn disconnect_then_connect_catches_up_and_sends_what_waited() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("again"));
+    let a = quick(&url);
+    let b = quick(&url);
+    let ra = Recorder::attach(&a);
+    let rb = Recorder::attach(&b);
+    a.connect().await.expect("a");
+    b.connect().await.expect("b");
+    a.send(Event::new("a1", "t", json!(1), 1))
+        .await
+        .expect("send");
+    eventually("b got a1", || rb.event_ids() == ["a1"]).await;
+    b.disconnect().await.expect("b off");
+    a.send(Event::new("a2", "t", json!(2), 1))
+        .await
+        .expect("send");
+    // Sent while disconnected: queued, goes out on connect.
+    b.send(Event::new("b1", "t", json!(3), 1))
+        .await
+        .expect("queued");
+    assert_eq!(b.outbox_len(), 1);
+    eventually("a2 acknowledged", || a.outbox_len() == 0).await;
+    b.connect().await.expect("b on again");
+    eventually("a got b1", || ra.event_ids() == ["b1"]).await;
+    eventually("b caught up with a2", || rb.event_ids() == ["a1", "a2"]).await;
+    eventually("b1 acknowledged", || b.outbox_len() == 0).await;
+    a.send(Event::new("a3", "t", json!(4), 1))
+        .await
+        .expect("send");
+    eventually("b got a3 live", || rb.event_ids() == ["a1", "a2", "a3"]).await;
+    assert_eq!(ra.event_ids(), ["b1"]);
+    assert_eq!(rb.count(|n| matches!(n, Notification::Connected)), 2);
+    assert_eq!(rb.count(|n| matches!(n, Notification::Disconnected)), 1);
+    assert_eq!(rb.count(|n| matches!(n, Notification::Error(_))), 0);
+    a.disconnect().await.expect("a off");
+    b.disconnect().await.expect("b off");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reconnect_attempts_count_again_from_one_after_a_successful_connection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let provider: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
+    let server = serve_on(
+        listener,
+        RelayConfig::default(),
+        provider.clone(),
+        Arc::new(AllowAll),
+    );
+    let client = quick(&server.url(None));
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    let attempts = |rec: &Recorder| -> Vec<u32> {
+        rec.all()
+            .into_iter()
+            .filter_map(|n| match n {
+                Notification::Reconnecting { attempt } => Some(attempt),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut server = Some(server);
+    for round in 1..=2 {
+        let before = attempts(&rec).len();
+        if let Some(s) = server.take() {
+            s.stop().await;
+        }
+        eventually("three failed attempts", || {
+            attempts(&rec).len() >= before + 3
+        })
+        .await;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("same port");
+        server = Some(serve_on(
+            listener,
+            RelayConfig::default(),
+            provider.clone(),
+            Arc::new(AllowAll),
+        ));
+        eventually("connected again", || {
+            rec.count(|n| matches!(n, Notification::Connected)) == round + 1
+        })
+        .await;
+        let seen = attempts(&rec);
+        assert_eq!(&seen[before..before + 3], &[1, 2, 3], "round {round}");
+    }
+    client.disconnect().await.expect("disconnect");
+    if let Some(s) = server {
+        s.stop().await;
+    }
+}
