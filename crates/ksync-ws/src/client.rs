@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use ksync_core::{
-    Auth, BoxFuture, Direction, Event, Filter, Metrics, Middleware, Notification, Notifier,
-    PROTOCOL_VERSION, Pipeline, Replica, Status, Stored, SyncClient, SyncError,
+    Auth, BoxFuture, Direction, Event, EventLimits, Filter, Metrics, Middleware, Notification,
+    Notifier, PROTOCOL_VERSION, Pipeline, Replica, Status, Stored, SyncClient, SyncError,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot, watch};
@@ -410,6 +410,9 @@ impl WebSocketSyncClient {
     }
 
     async fn send_inner(&self, event: Event) -> Result<(), SyncError> {
+        // The relay refuses what breaks the event rules (with its default limits): refused
+        // here, the caller learns it now and nothing unsendable is stored or queued.
+        event.validate(&EventLimits::default())?;
         let replica = lock(&self.inner.replica).clone();
         match replica {
             Some(replica) => {
@@ -447,7 +450,9 @@ impl SyncClient for WebSocketSyncClient {
         Box::pin(self.disconnect_inner())
     }
 
-    /// Queues `event` to go out (now, or on the next connect). Returns once queued.
+    /// Queues `event` to go out (now, or on the next connect). Returns once queued; an event
+    /// that breaks the event rules ([`Event::validate`]) is refused with
+    /// [`SyncError::InvalidEvent`] and neither stored nor queued.
     fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(self.send_inner(event))
     }
@@ -537,6 +542,13 @@ impl Outbox {
                 event: event.clone(),
             })
             .collect()
+    }
+
+    /// Whether `event` (same revision and content) waits here.
+    fn holds(&self, event: &Event) -> bool {
+        self.items
+            .iter()
+            .any(|(_, e)| e.id == event.id && e.version == event.version && e.same_content(event))
     }
 
     fn acked(&mut self, upto: u64) {
@@ -1401,8 +1413,16 @@ impl Session {
                 }
             }
             None => {
-                // Our own events come back only after a reconnect; they are not news.
-                kept.retain(|e| e.origin.as_deref() != Some(self.inner.client_id.as_str()));
+                // Our own events come back only after a reconnect (stored, but the ack was
+                // lost); they are not news. Ours: our origin, or still in the outbox (a
+                // forwarded event keeps the origin it was given).
+                {
+                    let outbox = lock(&self.inner.outbox);
+                    kept.retain(|e| {
+                        e.origin.as_deref() != Some(self.inner.client_id.as_str())
+                            && !outbox.holds(e)
+                    });
+                }
                 if kept.is_empty() {
                     return Ok(());
                 }

@@ -198,43 +198,61 @@ async fn a_reset_room_gets_the_replicas_events_back_and_the_replica_gets_the_roo
     server.stop().await;
 }
 
-/// A relay stand-in: each connection reads the `hello`, sends `welcome` and the given
-/// frames, then closes with `close_code` (or stays open when `None`). Reports each hello.
+/// One connection of [`scripted_server`].
+struct Step {
+    server_version: u64,
+    /// Sent after `welcome`.
+    frames: Vec<serde_json::Value>,
+    /// Read until the client's first `publish` before closing (never acknowledged).
+    wait_for_publish: bool,
+    /// Close with this code; `None`: keep the connection open.
+    close: Option<u16>,
+}
+
+/// A relay stand-in: each connection reads the `hello` (reported), then plays its [`Step`].
 async fn scripted_server(
     listener: tokio::net::TcpListener,
-    script: Vec<(u64, Vec<serde_json::Value>, Option<u16>)>,
+    script: Vec<Step>,
     hellos: tokio::sync::mpsc::Sender<serde_json::Value>,
 ) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-    let mut open = Vec::new();
-    for (server_version, frames, close_code) in script {
-        let (tcp, _) = listener.accept().await.expect("accept");
-        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
-        let hello = loop {
-            match ws.next().await.expect("hello").expect("frame") {
+    async fn next_text(
+        ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    ) -> serde_json::Value {
+        loop {
+            match ws.next().await.expect("open").expect("frame") {
                 Message::Text(t) => break serde_json::from_str(t.as_str()).expect("json"),
                 _ => continue,
             }
-        };
+        }
+    }
+    let mut open = Vec::new();
+    for step in script {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        let hello = next_text(&mut ws).await;
         hellos.send(hello).await.expect("report");
         let welcome = json!({"type": "welcome", "protocol": 1, "room": "default",
-            "serverVersion": server_version, "compression": false, "heartbeatMs": 30000,
+            "serverVersion": step.server_version, "compression": false, "heartbeatMs": 30000,
             "maxMessageSize": 1048576});
         ws.send(Message::text(welcome.to_string()))
             .await
             .expect("welcome");
-        for frame in frames {
+        for frame in step.frames {
             ws.send(Message::text(frame.to_string()))
                 .await
                 .expect("frame");
         }
-        match close_code {
+        if step.wait_for_publish {
+            while next_text(&mut ws).await["type"] != "publish" {}
+        }
+        match step.close {
             Some(code) => {
                 let frame = CloseFrame {
                     code: code.into(),
-                    reason: "slow consumer".into(),
+                    reason: "scripted close".into(),
                 };
                 let _ = ws.close(Some(frame)).await;
                 // Let the client read the close before the socket goes.
@@ -263,8 +281,18 @@ async fn a_slow_consumer_closed_with_4008_resumes_from_its_cursor() {
     // The first connection gets seq 11-13 live and is then dropped as a slow consumer; the
     // second must resume after 13 (the relay would catch it up with 14-15).
     let script = vec![
-        (10, vec![events_frame(11, 13)], Some(4008)),
-        (15, vec![events_frame(14, 15)], None),
+        Step {
+            server_version: 10,
+            frames: vec![events_frame(11, 13)],
+            wait_for_publish: false,
+            close: Some(4008),
+        },
+        Step {
+            server_version: 15,
+            frames: vec![events_frame(14, 15)],
+            wait_for_publish: false,
+            close: None,
+        },
     ];
     let server = tokio::spawn(scripted_server(listener, script, hellos_tx));
     let client = quick(&format!("ws://{addr}/ws"));
@@ -382,4 +410,52 @@ async fn reconnect_attempts_count_again_from_one_after_a_successful_connection()
     if let Some(s) = server {
         s.stop().await;
     }
+}
+
+#[tokio::test]
+async fn a_standalone_clients_own_unacknowledged_event_is_not_news_after_a_reconnect() {
+    // A bridge forwards events made elsewhere with their origin. One is stored by the room but
+    // the connection drops before the ack: after the reconnect the catch-up holds it, and it
+    // is still this client's own (in its outbox), not an incoming event.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let ours = Event::new("fwd-1", "t", json!({"n": 1}), 1).with_origin("elsewhere");
+    let stored = json!({"seq": 1, "event": serde_json::to_value(&ours).expect("json")});
+    let news = json!({"seq": 2, "event": event("news", 2)});
+    let script = vec![
+        Step {
+            server_version: 0,
+            frames: Vec::new(),
+            wait_for_publish: true,
+            close: Some(1001),
+        },
+        Step {
+            server_version: 2,
+            frames: vec![json!({"type": "events", "events": [stored, news]})],
+            wait_for_publish: false,
+            close: None,
+        },
+    ];
+    let (hellos_tx, mut hellos) = tokio::sync::mpsc::channel(4);
+    let server = tokio::spawn(scripted_server(listener, script, hellos_tx));
+    let client = quick(&format!("ws://{addr}/ws"));
+    let rec = Recorder::attach(&client);
+    client.send(ours.clone()).await.expect("queued");
+    client.connect().await.expect("connect");
+    let _first = hellos.recv().await.expect("first hello");
+    let second = tokio::time::timeout(Duration::from_secs(10), hellos.recv())
+        .await
+        .expect("reconnects")
+        .expect("second hello");
+    assert_eq!(second["since"], 0, "{second}");
+    eventually("the other event", || {
+        rec.event_ids().contains(&"news".to_owned())
+    })
+    .await;
+    assert_eq!(rec.event_ids(), ["news"]);
+    assert_eq!(client.outbox_len(), 1, "still waiting for its ack");
+    client.disconnect().await.expect("disconnect");
+    server.abort();
 }
