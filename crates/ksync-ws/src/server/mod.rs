@@ -329,12 +329,14 @@ impl Relay {
     /// # }
     /// ```
     ///
-    /// A request that is not a WebSocket upgrade gets axum's rejection (400/405/426).
+    /// A request that is not a WebSocket upgrade gets axum's rejection status (400/405/426)
+    /// with the relay's JSON refusal body.
     pub async fn handle_upgrade(&self, room: Option<&str>, request: Request) -> Response {
         let (mut parts, _body) = request.into_parts();
         match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
             Ok(ws) => self.accept(room, &parts.headers, ws),
-            Err(rejection) => rejection.into_response(),
+            // The documented refusal shape (`{"error": ..}`), not axum's plain text.
+            Err(rejection) => refuse(rejection.status(), &rejection.body_text()),
         }
     }
 
