@@ -167,7 +167,9 @@ impl WebSocketSyncClientBuilder {
     }
 
     /// Backoff range between reconnect attempts (doubling from `min`, capped at `max`, each
-    /// delay randomised between half and all of it). Default 250 ms to 30 s.
+    /// delay randomised between half and all of it). The count starts again from `min` after
+    /// a connection that stayed up for `max`; one that drops sooner keeps counting. Default
+    /// 250 ms to 30 s.
     pub fn reconnect_delay(mut self, min: Duration, max: Duration) -> Self {
         self.config.reconnect_min = min;
         self.config.reconnect_max = max;
@@ -563,6 +565,8 @@ type Socket = WebSocketStream<TcpStream>;
 /// How a session ended.
 struct SessionEnd {
     was_connected: bool,
+    /// Connected for at least `reconnect_max`: the backoff starts again from `min`.
+    stayed_up: bool,
     error: Option<WsError>,
     stopped: bool,
 }
@@ -612,7 +616,10 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         if !config.reconnect {
             break;
         }
-        attempt = if end.was_connected { 1 } else { attempt + 1 };
+        // A connection that drops soon after `welcome` (a server failing on every catch-up,
+        // a slow consumer closed again and again) keeps counting, so a flapping server is not
+        // hit at the shortest delay forever.
+        attempt = if end.stayed_up { 1 } else { attempt + 1 };
     }
     // Whoever still waits for a connection will not get one from this task.
     lock(&inner.waiters).clear();
@@ -637,6 +644,7 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> Sessio
         Err(error) => {
             return SessionEnd {
                 was_connected: false,
+                stayed_up: false,
                 error: Some(error),
                 stopped: false,
             };
@@ -648,11 +656,12 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> Sessio
             Ok(r) => r,
             Err(_) => Err(WsError::ConnectTimeout(config.connect_timeout)),
         },
-        _ = stop.changed() => return SessionEnd { was_connected: false, error: None, stopped: true },
+        _ = stop.changed() => return SessionEnd { was_connected: false, stayed_up: false, error: None, stopped: true },
     };
     if let Err(error) = result {
         return SessionEnd {
             was_connected: false,
+            stayed_up: false,
             error: Some(error),
             stopped: false,
         };
@@ -663,12 +672,15 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> Sessio
     }
     inner.notifier.emit(Notification::Connected);
     session.set_status(Status::Connected);
+    let up_since = Instant::now();
     let result = session.run(stop).await;
+    let stayed_up = up_since.elapsed() >= config.reconnect_max;
     match result {
         Ok(stopped) => {
             session.close(close::NORMAL, "client disconnecting").await;
             SessionEnd {
                 was_connected: true,
+                stayed_up,
                 error: None,
                 stopped,
             }
@@ -679,12 +691,14 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> Sessio
                 .await;
             SessionEnd {
                 was_connected: true,
+                stayed_up,
                 error: Some(error),
                 stopped: false,
             }
         }
         Err(error) => SessionEnd {
             was_connected: true,
+            stayed_up,
             error: Some(error),
             stopped: false,
         },

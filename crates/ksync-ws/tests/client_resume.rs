@@ -356,7 +356,7 @@ async fn disconnect_then_connect_catches_up_and_sends_what_waited() {
 }
 
 #[tokio::test]
-async fn reconnect_attempts_count_again_from_one_after_a_successful_connection() {
+async fn reconnect_attempts_count_again_from_one_after_a_connection_that_stayed_up() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -403,6 +403,8 @@ async fn reconnect_attempts_count_again_from_one_after_a_successful_connection()
             rec.count(|n| matches!(n, Notification::Connected)) == round + 1
         })
         .await;
+        // Up for longer than the longest delay (50 ms): the next loss counts from 1 again.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let seen = attempts(&rec);
         assert_eq!(&seen[before..before + 3], &[1, 2, 3], "round {round}");
     }
@@ -456,6 +458,65 @@ async fn a_standalone_clients_own_unacknowledged_event_is_not_news_after_a_recon
     .await;
     assert_eq!(rec.event_ids(), ["news"]);
     assert_eq!(client.outbox_len(), 1, "still waiting for its ack");
+    client.disconnect().await.expect("disconnect");
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_server_that_drops_every_connection_at_once_gets_growing_delays() {
+    // Each connection is welcomed and closed at once (as a relay whose storage fails on every
+    // catch-up would, 1011): the attempt count, and so the delay, keeps growing.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let flaps = 4;
+    let mut script: Vec<Step> = (0..flaps)
+        .map(|_| Step {
+            server_version: 0,
+            frames: Vec::new(),
+            wait_for_publish: false,
+            close: Some(1011),
+        })
+        .collect();
+    script.push(Step {
+        server_version: 0,
+        frames: Vec::new(),
+        wait_for_publish: false,
+        close: None,
+    });
+    let (hellos_tx, mut hellos) = tokio::sync::mpsc::channel(8);
+    let server = tokio::spawn(scripted_server(listener, script, hellos_tx));
+    // A long `max`: each connection here is shorter, so none counts as having stayed up.
+    let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
+        .reconnect_delay(Duration::from_millis(5), Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    for _ in 0..=flaps {
+        tokio::time::timeout(Duration::from_secs(10), hellos.recv())
+            .await
+            .expect("a hello")
+            .expect("open");
+    }
+    eventually("the last connection", || {
+        rec.count(|n| matches!(n, Notification::Connected)) == flaps + 1
+    })
+    .await;
+    let attempts: Vec<u32> = rec
+        .all()
+        .into_iter()
+        .filter_map(|n| match n {
+            Notification::Reconnecting { attempt } => Some(attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attempts, [1, 2, 3, 4]);
+    assert_eq!(
+        rec.count(|n| matches!(n, Notification::Disconnected)),
+        flaps
+    );
     client.disconnect().await.expect("disconnect");
     server.abort();
 }
