@@ -609,3 +609,28 @@ async fn an_ack_holding_large_conflicting_revisions_is_delivered() {
     }
     server.stop().await;
 }
+
+/// A connection that has not said `hello` yet when the relay shuts down is closed with 1001
+/// at once, like the others: it neither waits out the handshake timeout nor holds up the
+/// shutdown.
+#[tokio::test]
+async fn a_connection_still_in_its_handshake_is_closed_with_1001_at_shutdown() {
+    let server = start(RelayConfig {
+        handshake_timeout: Duration::from_secs(60),
+        write_timeout: Duration::from_secs(60),
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("early"));
+    let mut silent = raw_connect(&url, &[]).await.expect("connect");
+    let (mut joined, _) = join(&url, hello()).await;
+    let relay = server.relay.clone();
+    let stopping = tokio::spawn(async move { relay.shutdown().await });
+    assert_eq!(recv_close(&mut joined).await.0, 1001);
+    assert_eq!(recv_close(&mut silent).await.0, 1001);
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the shutdown does not wait for the handshake timeout")
+        .expect("shutdown");
+    server.task.abort();
+}

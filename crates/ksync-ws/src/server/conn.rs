@@ -179,19 +179,24 @@ async fn run(
     id: u64,
 ) -> Result<(), End> {
     let config = &shared.config;
-    let hello = match timeout(
-        config.handshake_timeout,
-        Box::pin(read_hello(writer, stream)),
-    )
-    .await
-    {
-        Ok(hello) => hello?,
-        Err(_) => {
+    // A shutdown closes a connection still waiting for its `hello` at once (1001), as it
+    // closes the joined ones: it would otherwise hold the shutdown up until the timeout.
+    let handshake = async {
+        let mut shutdown = shared.shutdown.subscribe();
+        tokio::select! {
+            read = timeout(config.handshake_timeout, read_hello(writer, stream)) => Some(read),
+            _ = shutdown.wait_for(|stopping| *stopping) => None,
+        }
+    };
+    let hello = match Box::pin(handshake).await {
+        Some(Ok(hello)) => hello?,
+        Some(Err(_)) => {
             return Err(End::Close(
                 close::HANDSHAKE_TIMEOUT,
                 "no hello within the handshake timeout".into(),
             ));
         }
+        None => return Err(going_away()),
     };
     if hello.protocol != PROTOCOL_VERSION {
         let message = format!(
