@@ -1361,13 +1361,25 @@ impl Session {
             // replica settles the conflict and the resolution goes out as a new revision.
             match &self.replica {
                 Some(replica) => {
-                    let ingested = replica
-                        .ingest(held)
-                        .await
-                        .map_err(|e| WsError::Protocol(format!("storing: {e}")))?;
-                    ingested.notify(&self.inner.notifier);
-                    if !ingested.resolutions.is_empty() {
-                        self.inner.wake.notify_one();
+                    // Wire form, like any received event: decrypting middleware and the
+                    // filter come first (what the filter refuses is not taken in).
+                    let mut kept = Vec::with_capacity(held.len());
+                    for theirs in held {
+                        match self.incoming(theirs) {
+                            Ok(Some(event)) => kept.push(event),
+                            Ok(None) => {}
+                            Err(e) => self.inner.notifier.emit(Notification::Error(Arc::new(e))),
+                        }
+                    }
+                    if !kept.is_empty() {
+                        let ingested = replica
+                            .ingest(kept)
+                            .await
+                            .map_err(|e| WsError::Protocol(format!("storing: {e}")))?;
+                        ingested.notify(&self.inner.notifier);
+                        if !ingested.resolutions.is_empty() {
+                            self.inner.wake.notify_one();
+                        }
                     }
                 }
                 None => {

@@ -57,3 +57,96 @@ async fn send_refuses_an_event_the_relay_would_refuse_and_queues_nothing() {
         .expect("queued");
     assert_eq!(storage.len(), 1);
 }
+
+mod common;
+
+/// Waits until `f` holds, polling; panics after 10 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_conflicting_event_the_room_holds_goes_through_the_incoming_filter() {
+    // `a` syncs everything; `b` only public events. Both write revision ("x", 1): a's is
+    // private and reaches the room first. b's publish gets `conflict` with a's event as
+    // held: b must not take it in past its filter (it would settle the conflict with a's
+    // private content and keep it).
+    let server = common::start(ksync_ws::server::RelayConfig::default()).await;
+    let url = server.url(Some("held"));
+    let a_storage = Arc::new(InMemoryStorage::new());
+    let a = KSync::builder()
+        .storage(a_storage.clone())
+        .sync_client(Arc::new(WebSocketSyncClient::new(&url).expect("a")))
+        .build()
+        .await
+        .expect("a");
+    let b_storage = Arc::new(InMemoryStorage::new());
+    let b = KSync::builder()
+        .storage(b_storage.clone())
+        .sync_client(Arc::new(
+            WebSocketSyncClient::builder(&url)
+                .filter(ksync_core::Filter::PublicOnly)
+                .build()
+                .expect("b"),
+        ))
+        .build()
+        .await
+        .expect("b");
+    a.connect().await.expect("a connects");
+    a.client()
+        .send(Event::new(
+            "x",
+            "t",
+            json!({"private": true, "from": "a"}),
+            2_000,
+        ))
+        .await
+        .expect("a sends");
+    eventually("a's event acknowledged", || {
+        a.replica()
+            .cursor(&format!("ws:{url}/acked"))
+            .is_ok_and(|c| c == 1)
+    })
+    .await;
+    let conflicts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let conflicts = conflicts.clone();
+        let _sub = b
+            .on("conflict", move |n| {
+                conflicts.lock().expect("lock").push(n.clone())
+            })
+            .expect("kind");
+    }
+    b.client()
+        .send(Event::new("x", "t", json!({"from": "b"}), 1_000))
+        .await
+        .expect("b queues");
+    b.connect().await.expect("b connects");
+    eventually("b's publish acknowledged", || {
+        b.replica()
+            .cursor(&format!("ws:{url}/acked"))
+            .is_ok_and(|c| c >= 1)
+    })
+    .await;
+    let private: Vec<_> = b_storage
+        .read_since(0, 100)
+        .expect("read")
+        .into_iter()
+        .filter(|s| s.event.data.get("private").is_some())
+        .collect();
+    assert!(private.is_empty(), "b keeps private data: {private:?}");
+    assert!(
+        conflicts.lock().expect("lock").is_empty(),
+        "b never saw a's revision, so it has no conflict to report"
+    );
+    a.disconnect().await.expect("a");
+    b.disconnect().await.expect("b");
+    server.stop().await;
+}
