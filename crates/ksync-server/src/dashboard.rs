@@ -347,8 +347,13 @@ impl Feed {
     }
 
     async fn run(&mut self) -> Result<End, End> {
-        let (tail, recent) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.read_hello()).await
-        {
+        let relay = self.dashboard.relay.clone();
+        // A shutdown closes a monitor still waiting for its hello at once, as the others.
+        let hello = tokio::select! {
+            read = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.read_hello()) => read,
+            () = relay.shutting_down() => return Ok((close::GOING_AWAY, "server shutting down")),
+        };
+        let (tail, recent) = match hello {
             Ok(hello) => hello?,
             Err(_) => return Err((close::HANDSHAKE_TIMEOUT, "no hello in time")),
         };
@@ -367,7 +372,6 @@ impl Feed {
             self.send_recent(recent).await?;
         }
         self.send_stats(tail).await?;
-        let relay = self.dashboard.relay.clone();
         let shutting_down = relay.shutting_down();
         tokio::pin!(shutting_down);
         let mut ticks =

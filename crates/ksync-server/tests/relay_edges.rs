@@ -249,3 +249,39 @@ async fn refusals_have_the_documented_status_and_json_body() {
     assert_eq!(recv(&mut b).await["results"][0]["seq"], 1);
     running.shutdown().await.unwrap();
 }
+
+/// A monitor (or a relay connection) that has not said `hello` yet when the server shuts down
+/// is closed with 1001 at once, as the doc says of monitors at shutdown.
+#[tokio::test]
+async fn connections_still_in_their_handshake_are_closed_with_1001_at_shutdown() {
+    let running = Server::bind(ServerConfig {
+        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        in_memory: true,
+        ..ServerConfig::default()
+    })
+    .await
+    .unwrap();
+    let addr = running.local_addr();
+    let (mut monitor, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/monitor"))
+        .await
+        .unwrap();
+    let (mut relay, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/early"))
+        .await
+        .unwrap();
+    let stopping = tokio::spawn(running.shutdown());
+    for ws in [&mut monitor, &mut relay] {
+        // Well within the 10 s handshake timeout.
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("closed within 5 s")
+            {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(close, Some(1001));
+    }
+    stopping.await.unwrap().unwrap();
+}
