@@ -442,7 +442,8 @@ impl WebSocketSyncClient {
 impl SyncClient for WebSocketSyncClient {
     /// Connects and waits for the server's `welcome`. With `reconnect(true)` a failed first
     /// attempt is returned as an error and retried in the background (until `disconnect`),
-    /// except for refused credentials (401/403), which stop the client.
+    /// except for a refused request (400, e.g. a bad room name) or refused credentials
+    /// (401/403), which stop the client.
     fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(self.connect_inner())
     }

@@ -30,8 +30,8 @@ pub enum WsError {
     /// Connecting (TCP + upgrade + `welcome`) took longer than the connect timeout.
     #[error("connecting timed out after {0:?}")]
     ConnectTimeout(Duration),
-    /// The server answered the upgrade with an HTTP error (401/403: credentials or rights;
-    /// 503: full or shutting down). 401 and 403 are not retried.
+    /// The server answered the upgrade with an HTTP error (400: bad room name; 401/403:
+    /// credentials or rights; 503: full or shutting down). 400, 401 and 403 are not retried.
     #[error("server refused the connection with HTTP {status}: {message}")]
     Refused {
         /// The HTTP status.
@@ -108,13 +108,13 @@ impl WsError {
         }
     }
 
-    /// Whether retrying cannot help (refused credentials or rights, bad URL).
+    /// Whether retrying cannot help (bad URL or room name, refused credentials or rights).
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
             WsError::InvalidUrl { .. }
                 | WsError::Refused {
-                    status: 401 | 403,
+                    status: 400 | 401 | 403,
                     ..
                 }
         )

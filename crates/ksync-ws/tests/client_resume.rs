@@ -520,3 +520,35 @@ async fn a_server_that_drops_every_connection_at_once_gets_growing_delays() {
     client.disconnect().await.expect("disconnect");
     server.abort();
 }
+
+#[tokio::test]
+async fn a_room_name_the_server_refuses_is_not_retried() {
+    // 400 (bad room name): the same request can only be refused again, like a bad URL.
+    let server = start(RelayConfig::default()).await;
+    let client = quick(&server.url(Some(".hidden")));
+    let rec = Recorder::attach(&client);
+    let error = client.connect().await.expect_err("refused");
+    assert!(
+        matches!(
+            ksync_ws::WsError::find(&error),
+            Some(ksync_ws::WsError::Refused { status: 400, .. })
+        ),
+        "{error}"
+    );
+    // The manager stopped: a second connect tries once more and fails the same way.
+    let again = client.connect().await.expect_err("refused again");
+    assert!(
+        matches!(
+            ksync_ws::WsError::find(&again),
+            Some(ksync_ws::WsError::Refused { status: 400, .. })
+        ),
+        "{again}"
+    );
+    assert_eq!(
+        rec.count(|n| matches!(n, Notification::Reconnecting { .. })),
+        0,
+        "{:?}",
+        rec.all()
+    );
+    server.stop().await;
+}
