@@ -21,9 +21,9 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-/// A log whose appends can be held at a gate, as a durable storage's wait on the disk: the
-/// first append waits one poll (so the room commits from its queue from then on), the next
-/// ones wait while the gate is closed.
+/// A log whose appends wait, as a durable storage's wait on the disk: each append waits one
+/// poll (so the room commits from its queue, in group commits), and waits while the gate is
+/// closed.
 struct GatedStorage {
     log: InMemoryStorage,
     appends: AtomicUsize,
@@ -34,9 +34,9 @@ struct GatedStorage {
 impl Storage for GatedStorage {
     fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
         Box::pin(async move {
-            if self.appends.fetch_add(1, Ordering::SeqCst) == 0 {
-                tokio::task::yield_now().await;
-            }
+            // Every append waits once, as a durable one does.
+            self.appends.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
             while !self.open.load(Ordering::SeqCst) {
                 let opened = self.opened.notified();
                 if self.open.load(Ordering::SeqCst) {
@@ -633,4 +633,120 @@ async fn a_connection_still_in_its_handshake_is_closed_with_1001_at_shutdown() {
         .expect("the shutdown does not wait for the handshake timeout")
         .expect("shutdown");
     server.task.abort();
+}
+
+/// While one subscriber stops reading and is closed with 4008, the others (plain and
+/// compressed) keep receiving every event, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_dropped_while_the_others_receive_everything() {
+    let server = start(RelayConfig {
+        subscriber_queue: 4,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("mixed"));
+    let (mut slow, _) = join(&url, hello()).await;
+    let total = 150u64;
+    let mut readers = Vec::new();
+    for compression in [false, true, false] {
+        let h = json!({"type":"hello","protocol":1,"compression":compression});
+        let (mut ws, _) = join(&url, h).await;
+        readers.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            while seqs.len() < total as usize {
+                let (_, batch) = recv_text(&mut ws).await;
+                assert_eq!(batch["type"], "events", "{batch}");
+                for e in batch["events"].as_array().expect("events") {
+                    seqs.push(e["seq"].as_u64().expect("seq"));
+                }
+            }
+            seqs
+        }));
+    }
+    let (mut publisher, _) = join(&url, hello()).await;
+    for n in 1..=total {
+        let mut e = event(&format!("e{n}"), n);
+        e["data"] = json!("w".repeat(64 * 1024));
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","ref":n,"events":[e]}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut publisher).await["results"][0]["seq"], n);
+    }
+    for reader in readers {
+        assert_eq!(
+            reader.await.expect("reader"),
+            (1..=total).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(recv_close(&mut slow).await.0, 4008);
+    server.stop().await;
+}
+
+/// Subscribers resuming from a cursor in the middle of the history while a publisher streams
+/// into a room whose appends wait (group commits from the room's queue, joins queued between
+/// them): each sees every seq after its cursor once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_mid_history_during_group_commits_has_no_gap_and_no_duplicate() {
+    let provider = Arc::new(GatedProvider::new());
+    let server = start_with(
+        RelayConfig {
+            page_size: 5,
+            ..RelayConfig::default()
+        },
+        provider,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("seam"));
+    let (publisher, _) = join(&url, hello()).await;
+    let (mut sink, mut acks) = publisher.split();
+    let total = 400u64;
+    let sending = tokio::spawn(async move {
+        for n in 1..=total {
+            let publish = json!({"type":"publish","ref":n,"events":[event(&format!("e{n}"), n)]});
+            sink.send(Message::text(publish.to_string()))
+                .await
+                .expect("send");
+        }
+        sink
+    });
+    let mut joined = Vec::new();
+    for n in 1..=total {
+        let message = tokio::time::timeout(Duration::from_secs(10), acks.next())
+            .await
+            .expect("an ack within 10 s")
+            .expect("open")
+            .expect("ok");
+        let ack: Value = serde_json::from_str(message.to_text().expect("text")).expect("json");
+        assert_eq!(
+            ack["results"][0],
+            json!({"status":"stored","seq":n}),
+            "{ack}"
+        );
+        if n % 50 == 0 {
+            let since = n - 17;
+            let compression = n % 100 == 0;
+            let h = json!({"type":"hello","protocol":1,"since":since,"compression":compression});
+            joined.push((since, join(&url, h).await.0));
+        }
+    }
+    let _sink = sending.await.expect("sender");
+    for (since, mut ws) in joined {
+        let mut seqs = Vec::new();
+        while seqs.len() < (total - since) as usize {
+            let (_, batch) = recv_text(&mut ws).await;
+            assert_eq!(batch["type"], "events", "{batch}");
+            for e in batch["events"].as_array().expect("events") {
+                seqs.push(e["seq"].as_u64().expect("seq"));
+            }
+        }
+        assert_eq!(
+            seqs,
+            (since + 1..=total).collect::<Vec<_>>(),
+            "since {since}"
+        );
+    }
+    server.stop().await;
 }
