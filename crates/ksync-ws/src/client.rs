@@ -169,7 +169,7 @@ impl WebSocketSyncClientBuilder {
     /// Backoff range between reconnect attempts (doubling from `min`, capped at `max`, each
     /// delay randomised between half and all of it). The count starts again from `min` after
     /// a connection that stayed up for `max`; one that drops sooner keeps counting. Default
-    /// 250 ms to 30 s.
+    /// 250 ms to 30 s; `build` refuses a zero `min` or `min > max`.
     pub fn reconnect_delay(mut self, min: Duration, max: Duration) -> Self {
         self.config.reconnect_min = min;
         self.config.reconnect_max = max;
@@ -199,6 +199,12 @@ impl WebSocketSyncClientBuilder {
                 ));
             }
             _ => {}
+        }
+        if c.reconnect_min.is_zero() || c.reconnect_min > c.reconnect_max {
+            // Doubling zero stays zero: a dead server would be retried in a busy loop.
+            return Err(SyncError::Config(
+                "reconnect_delay needs 0 < min <= max".into(),
+            ));
         }
         if c.outbox_capacity == 0 || c.metrics_interval.is_zero() {
             return Err(SyncError::Config(
@@ -631,8 +637,8 @@ fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
     let capped = exp.min(max);
     // Jitter: between half and all of the delay, so clients that lost the same server do not
     // come back in lockstep.
-    let factor = 0.5 + rand::random::<f64>() * 0.5;
-    capped.mul_f64(factor)
+    // (Taking off up to half cannot overflow, whatever `max` is.)
+    capped.saturating_sub(capped.mul_f64(rand::random::<f64>() * 0.5))
 }
 
 /// One connection from TCP connect to close.

@@ -150,3 +150,24 @@ async fn a_conflicting_event_the_room_holds_goes_through_the_incoming_filter() {
     b.disconnect().await.expect("b");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_reconnect_delay_that_cannot_grow_is_refused_at_build() {
+    use std::time::Duration;
+    // A zero minimum doubles to zero: a dead server would be retried in a busy loop.
+    for (min, max) in [
+        (Duration::ZERO, Duration::from_secs(5)),
+        (Duration::from_secs(10), Duration::from_secs(1)),
+    ] {
+        let error = WebSocketSyncClient::builder("ws://127.0.0.1:9/ws")
+            .reconnect_delay(min, max)
+            .build()
+            .expect_err("refused");
+        assert!(matches!(error, SyncError::Config(_)), "{error}");
+    }
+    // Equal bounds are fine: a constant delay (with jitter).
+    WebSocketSyncClient::builder("ws://127.0.0.1:9/ws")
+        .reconnect_delay(Duration::from_secs(1), Duration::from_secs(1))
+        .build()
+        .expect("accepted");
+}
