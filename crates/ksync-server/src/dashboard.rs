@@ -299,8 +299,15 @@ impl Feed {
             code,
             reason: reason.into(),
         };
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(Message::Close(Some(frame))))
-            .await;
+        let socket = &mut self.socket;
+        let close = async {
+            if socket.send(Message::Close(Some(frame))).await.is_err() {
+                // The client closed first: tungstenite refuses our close frame and has queued
+                // the echo of the client's (RFC 6455 5.5.1); reading once more writes it.
+                let _ = socket.recv().await;
+            }
+        };
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, close).await;
     }
 
     async fn error(&mut self, code: &str, message: &str) -> Result<(), End> {

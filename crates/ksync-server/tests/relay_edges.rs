@@ -285,3 +285,42 @@ async fn connections_still_in_their_handshake_are_closed_with_1001_at_shutdown()
     }
     stopping.await.unwrap().unwrap();
 }
+
+/// A monitor that closes gets its close frame echoed (RFC 6455 5.5.1), not a dropped socket.
+#[tokio::test]
+async fn a_monitor_close_is_answered_with_a_close_frame() {
+    let running = Server::bind(ServerConfig {
+        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        in_memory: true,
+        ..ServerConfig::default()
+    })
+    .await
+    .unwrap();
+    let addr = running.local_addr();
+    for say_hello in [true, false] {
+        let (mut monitor, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/monitor"))
+            .await
+            .unwrap();
+        if say_hello {
+            let hello = json!({"type":"hello","protocol":1});
+            monitor
+                .send(Message::text(hello.to_string()))
+                .await
+                .unwrap();
+            assert_eq!(recv(&mut monitor).await["type"], "welcome");
+        }
+        monitor.close(None).await.unwrap();
+        let answer = loop {
+            match tokio::time::timeout(Duration::from_secs(5), monitor.next())
+                .await
+                .expect("an answer within 5 s")
+            {
+                Some(Ok(Message::Close(_))) => break "close",
+                Some(Ok(_)) => {}
+                other => panic!("hello {say_hello}: expected the close echoed, got {other:?}"),
+            }
+        };
+        assert_eq!(answer, "close");
+    }
+    running.shutdown().await.unwrap();
+}

@@ -750,3 +750,41 @@ async fn resuming_mid_history_during_group_commits_has_no_gap_and_no_duplicate()
     }
     server.stop().await;
 }
+
+/// A client that closes (after `hello`, or before it) gets the close handshake completed
+/// (RFC 6455 5.5.1: the server echoes the close frame), not a dropped socket, and its
+/// connection slot is freed.
+#[tokio::test]
+async fn a_client_close_is_answered_with_a_close_frame() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("bye"));
+    let (joined, _) = join(&url, hello()).await;
+    let early = raw_connect(&url, &[]).await.expect("connect");
+    for (what, mut ws) in [("after hello", joined), ("before hello", early)] {
+        ws.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        })))
+        .await
+        .expect("close");
+        let answer = loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("an answer within 5 s")
+            {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("{what}: expected the close echoed, got {other:?}"),
+            }
+        };
+        assert_eq!(answer, Some(1000), "{what}");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.relay.connections() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "slots not freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.stop().await;
+}

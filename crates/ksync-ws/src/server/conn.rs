@@ -108,7 +108,15 @@ impl Writer {
             code,
             reason: reason.into(),
         };
-        let _ = timeout(self.write_timeout, sink.send(Message::Close(Some(frame)))).await;
+        let close = async {
+            if sink.send(Message::Close(Some(frame))).await.is_err() {
+                // The client closed first: tungstenite refuses our close frame and has queued
+                // the echo of the client's (RFC 6455 5.5.1), which a flush writes. Without it
+                // the client saw its close answered by a dropped socket.
+                let _ = sink.flush().await;
+            }
+        };
+        let _ = timeout(self.write_timeout, close).await;
     }
 }
 
@@ -486,7 +494,8 @@ async fn read_hello(writer: &mut Writer, stream: &mut Stream) -> Result<Hello, E
                 return Err(bad_binary(writer, "the first message must be a text hello").await);
             }
             Message::Ping(_) | Message::Pong(_) => continue,
-            Message::Close(_) => return Err(End::Drop),
+            // Answered with the echo of the client's close frame (see `Writer::close`).
+            Message::Close(_) => return Err(End::Close(close::NORMAL, String::new())),
         };
         let why = match protocol::decode::<ClientMessage>(text.as_bytes(), CLIENT_TYPES) {
             Ok(ClientMessage::Hello(hello)) => return Ok(hello),
