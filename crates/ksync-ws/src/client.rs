@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use ksync_core::{
     Auth, BoxFuture, Direction, Event, EventLimits, Filter, Metrics, Middleware, Notification,
     Notifier, PROTOCOL_VERSION, Pipeline, Replica, Status, Stored, SyncClient, SyncError,
@@ -223,6 +223,7 @@ impl WebSocketSyncClientBuilder {
             control: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
             wake: Notify::new(),
+            retry_now: Notify::new(),
             queued: AtomicUsize::new(0),
             rescan_from: AtomicU64::new(u64::MAX),
             standalone_cursor: Mutex::new(None),
@@ -320,6 +321,9 @@ struct Inner {
     waiters: Mutex<Vec<oneshot::Sender<Result<(), WsError>>>>,
     /// Poked by `send` so the session looks for new local events.
     wake: Notify,
+    /// Poked by `connect` so a manager waiting out a backoff delay tries at once. Holds at
+    /// most one permit; the manager drops a stale one when it answers the waiters.
+    retry_now: Notify,
     /// Events sent since the last flush (drives `Strategy::Batch`).
     queued: AtomicUsize,
     /// The lowest seq of an already-stored event marked for forwarding since the last pump
@@ -392,7 +396,10 @@ impl WebSocketSyncClient {
         {
             let mut control = lock(&self.inner.control);
             let running = control.as_ref().is_some_and(|c| !c.task.is_finished());
-            if !running {
+            if running {
+                // Asked now (e.g. the network is back): do not wait out a backoff delay.
+                self.inner.retry_now.notify_one();
+            } else {
                 let (stop, stop_rx) = watch::channel(false);
                 let task = tokio::spawn(manage(Arc::clone(&self.inner), stop_rx));
                 *control = Some(Control { stop, task });
@@ -449,7 +456,8 @@ impl SyncClient for WebSocketSyncClient {
     /// Connects and waits for the server's `welcome`. With `reconnect(true)` a failed first
     /// attempt is returned as an error and retried in the background (until `disconnect`),
     /// except for a refused request (400, e.g. a bad room name) or refused credentials
-    /// (401/403), which stop the client.
+    /// (401/403), which stop the client. Called while the client waits out a reconnect delay,
+    /// it tries at once.
     fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(self.connect_inner())
     }
@@ -589,6 +597,7 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             dlog!(config.debug, ?delay, attempt, "reconnecting");
             tokio::select! {
                 () = sleep(delay) => {}
+                () = inner.retry_now.notified() => {}
                 _ = stop.changed() => break,
             }
         }
@@ -605,6 +614,8 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
                 for waiter in lock(&inner.waiters).drain(..) {
                     let _ = waiter.send(Err(error.clone()));
                 }
+                // A `connect` during this attempt has its answer: no skipping the next delay.
+                let _ = inner.retry_now.notified().now_or_never();
             }
             inner.notifier.emit(Notification::Status(Status::Error));
             inner
@@ -677,6 +688,8 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> Sessio
     for waiter in lock(&inner.waiters).drain(..) {
         let _ = waiter.send(Ok(()));
     }
+    // Answered: a `connect` during this attempt must not skip a later delay.
+    let _ = inner.retry_now.notified().now_or_never();
     inner.notifier.emit(Notification::Connected);
     session.set_status(Status::Connected);
     let up_since = Instant::now();

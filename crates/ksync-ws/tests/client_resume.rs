@@ -552,3 +552,40 @@ async fn a_room_name_the_server_refuses_is_not_retried() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn connect_during_a_long_backoff_tries_at_once() {
+    // Nothing listens yet (bound, then dropped).
+    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
+        .reconnect_delay(Duration::from_secs(60), Duration::from_secs(60))
+        .build()
+        .expect("client");
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect_err("nothing listens");
+    eventually("waiting out the first delay (30-60 s)", || {
+        rec.count(|n| matches!(n, Notification::Reconnecting { .. })) == 1
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("same port");
+    let server = serve_on(
+        listener,
+        RelayConfig::default(),
+        Arc::new(InMemoryProvider::new()),
+        Arc::new(AllowAll),
+    );
+    // The user asks now (e.g. the network is back): no waiting out the delay.
+    tokio::time::timeout(Duration::from_secs(10), client.connect())
+        .await
+        .expect("connect does not wait for the backoff")
+        .expect("connects");
+    assert!(client.is_connected());
+    client.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
