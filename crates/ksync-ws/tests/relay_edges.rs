@@ -788,3 +788,47 @@ async fn a_client_close_is_answered_with_a_close_frame() {
     }
     server.stop().await;
 }
+
+/// A `hello` that does not decode is a bad first message (`protocol`, 4000); one that decodes
+/// with another protocol number is `unsupported_protocol` (4001), as PROTOCOL.md says.
+#[tokio::test]
+async fn hellos_that_do_not_decode_are_bad_first_messages() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("hello"));
+    let cases = [
+        (json!({"type":"hello"}), "protocol", 4000),
+        (json!({"type":"hello","protocol":"1"}), "protocol", 4000),
+        (
+            json!({"type":"hello","protocol":1,"since":-1}),
+            "protocol",
+            4000,
+        ),
+        (
+            json!({"type":"hello","protocol":1,"state":"yes"}),
+            "protocol",
+            4000,
+        ),
+        (
+            json!({"type":"hello","protocol":2}),
+            "unsupported_protocol",
+            4001,
+        ),
+        (
+            json!({"type":"hello","protocol":0}),
+            "unsupported_protocol",
+            4001,
+        ),
+    ];
+    for (hello, code, close) in cases {
+        let mut ws = raw_connect(&url, &[]).await.expect("connect");
+        send_json(&mut ws, hello.clone()).await;
+        let error = recv_json(&mut ws).await;
+        assert_eq!(
+            (error["type"].as_str(), error["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{hello}"
+        );
+        assert_eq!(recv_close(&mut ws).await.0, close, "{hello}");
+    }
+    server.stop().await;
+}
