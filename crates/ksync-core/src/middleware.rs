@@ -77,7 +77,9 @@ where
 pub enum Filter {
     /// Sync events for which the predicate is true.
     Predicate(Arc<dyn Fn(&Event) -> bool + Send + Sync>),
-    /// The built-in `public-only`: drops events whose `data.private` is `true`.
+    /// The built-in `public-only`, the spec's `!event.data.private`: drops events whose
+    /// `data.private` is truthy as JavaScript counts it (anything but absent, `null`, `false`,
+    /// `0` and `""`), so a private flag written as `1` or `"yes"` keeps the event home too.
     PublicOnly,
 }
 
@@ -91,8 +93,19 @@ impl Filter {
     pub fn allows(&self, event: &Event) -> bool {
         match self {
             Filter::Predicate(f) => f(event),
-            Filter::PublicOnly => event.data.get("private") != Some(&serde_json::Value::Bool(true)),
+            Filter::PublicOnly => !event.data.get("private").is_some_and(truthy),
         }
+    }
+}
+
+/// JavaScript truthiness of a JSON value (what the spec's `!event.data.private` tests).
+fn truthy(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Null => false,
+        serde_json::Value::Bool(b) => *b,
+        serde_json::Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        serde_json::Value::String(s) => !s.is_empty(),
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => true,
     }
 }
 
@@ -210,6 +223,15 @@ mod tests {
         assert!(filter.allows(&Event::new("1", "t", json!({"private": false}), 1)));
         assert!(filter.allows(&Event::new("1", "t", json!("scalar"), 1)));
         assert!(!filter.allows(&Event::new("1", "t", json!({"private": true}), 1)));
+        // The spec's `!event.data.private`: JavaScript truthiness.
+        for private in [json!(1), json!("yes"), json!({}), json!([])] {
+            let event = Event::new("1", "t", json!({ "private": private }), 1);
+            assert!(!filter.allows(&event), "{private}");
+        }
+        for public in [json!(null), json!(0), json!(0.0), json!("")] {
+            let event = Event::new("1", "t", json!({ "private": public }), 1);
+            assert!(filter.allows(&event), "{public}");
+        }
         assert!(matches!(
             "nope".parse::<Filter>(),
             Err(MiddlewareError::UnknownFilter(_))
