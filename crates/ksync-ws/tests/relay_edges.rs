@@ -832,3 +832,44 @@ async fn hellos_that_do_not_decode_are_bad_first_messages() {
     }
     server.stop().await;
 }
+
+/// One publish is one append whatever the group-commit limit: a publish of many more events
+/// than `max_batch_events` is acknowledged in one `ack`, seqs in order, and the others get
+/// its events in frames of at most `maxMessageSize`.
+#[tokio::test]
+async fn a_publish_larger_than_the_group_commit_limit_is_one_append() {
+    let server = start(RelayConfig {
+        max_batch_events: 8,
+        max_message_size: 64 * 1024,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("many"));
+    let (mut other, _) = join(&url, hello()).await;
+    let (mut ws, _) = join(&url, hello()).await;
+    // Just under the message limit: with their seqs, the events need more than one frame.
+    let total = 780u64;
+    let events: Vec<Value> = (1..=total).map(|n| event(&format!("m{n}"), n)).collect();
+    let publish = json!({"type":"publish","ref":1,"events":events}).to_string();
+    assert!(publish.len() < 64 * 1024 && publish.len() + 20 * total as usize > 64 * 1024);
+    ws.send(Message::text(publish)).await.expect("send");
+    let ack = recv_json(&mut ws).await;
+    let results = ack["results"].as_array().expect("results");
+    assert_eq!(results.len(), total as usize);
+    for (n, result) in (1..=total).zip(results) {
+        assert_eq!(*result, json!({"status":"stored","seq":n}));
+    }
+    assert_eq!(ack["serverVersion"], total);
+    let (mut seqs, mut frames) = (Vec::new(), 0);
+    while seqs.len() < total as usize {
+        let (len, batch) = recv_text(&mut other).await;
+        frames += 1;
+        assert!(len <= 64 * 1024, "{len}");
+        for e in batch["events"].as_array().expect("events") {
+            seqs.push(e["seq"].as_u64().expect("seq"));
+        }
+    }
+    assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
+    assert!(frames > 1);
+    server.stop().await;
+}
