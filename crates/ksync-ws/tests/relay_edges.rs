@@ -873,3 +873,100 @@ async fn a_publish_larger_than_the_group_commit_limit_is_one_append() {
     assert!(frames > 1);
     server.stop().await;
 }
+
+/// Logs whose opening blocks until released (as a large file log's replay does), for one room
+/// name; every other log opens at once.
+struct SlowOpening {
+    logs: ksync_core::InMemoryProvider,
+    slow: &'static str,
+    started: AtomicBool,
+    released: std::sync::Mutex<bool>,
+    release: std::sync::Condvar,
+}
+
+impl StorageProvider for SlowOpening {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        if *name == LogName::Room(Name::new(self.slow).expect("name")) {
+            self.started.store(true, Ordering::SeqCst);
+            let mut released = self.released.lock().expect("lock");
+            while !*released {
+                released = self.release.wait(released).expect("wait");
+            }
+        }
+        self.logs.open(name)
+    }
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        self.logs.existing(name)
+    }
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        self.logs.list()
+    }
+}
+
+/// A room whose log takes long to open (a big log replayed after a restart) holds up only
+/// the connections to that room: the relay runs on its own two-worker runtime, and a client
+/// of another room connects, publishes and is acknowledged meanwhile (the opening ran on a
+/// runtime worker under the relay's room-map lock: both workers stalled, every room froze).
+#[tokio::test]
+async fn a_slow_opening_room_does_not_hold_up_other_rooms() {
+    let provider = Arc::new(SlowOpening {
+        logs: ksync_core::InMemoryProvider::new(),
+        slow: "big",
+        started: AtomicBool::new(false),
+        released: std::sync::Mutex::new(false),
+        release: std::sync::Condvar::new(),
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let served = Arc::clone(&provider);
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let _server = serve_on(
+                listener,
+                RelayConfig::default(),
+                served,
+                Arc::new(ksync_core::AllowAll),
+            );
+            std::future::pending::<()>().await;
+        });
+    });
+    let slow = tokio::spawn(async move {
+        let url = format!("ws://{addr}/ws/big");
+        join(&url, json!({"type":"hello","protocol":1,"since":0})).await
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !provider.started.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow room never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let other_room = tokio::time::timeout(Duration::from_secs(10), async {
+        for room in ["a", "b", "c"] {
+            let (mut ws, _) = join(&format!("ws://{addr}/ws/{room}"), hello()).await;
+            send_json(
+                &mut ws,
+                json!({"type":"publish","ref":1,"events":[event("x", 1)]}),
+            )
+            .await;
+            assert_eq!(recv_json(&mut ws).await["results"][0]["seq"], 1);
+        }
+    })
+    .await;
+    *provider.released.lock().expect("lock") = true;
+    provider.release.notify_all();
+    other_room.expect("other rooms work while one is opening");
+    let (_ws, welcome) = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("the slow room opens once released")
+        .expect("join");
+    assert_eq!(welcome["room"], "big");
+}

@@ -264,7 +264,7 @@ async fn run(
     Box::pin(catch_up(
         shared,
         writer,
-        room,
+        room_link,
         &hello,
         server_version,
         snapshot,
@@ -512,7 +512,7 @@ async fn read_hello(writer: &mut Writer, stream: &mut Stream) -> Result<Hello, E
 async fn catch_up(
     shared: &Shared,
     writer: &mut Writer,
-    room: &Name,
+    room_link: &RoomLink,
     hello: &Hello,
     server_version: u64,
     snapshot: Option<Vec<Event>>,
@@ -552,13 +552,7 @@ async fn catch_up(
             )
             .await;
     }
-    let storage = shared
-        .provider
-        .open(&ksync_core::LogName::Room(room.clone()))
-        .map_err(|e| {
-            tracing::error!(error = %e, "opening room log for catch-up failed");
-            End::Close(close::INTERNAL, "storage failed".into())
-        })?;
+    let storage = room_link.storage();
     let mut after = since;
     while after < server_version {
         let limit = usize::try_from(server_version - after)

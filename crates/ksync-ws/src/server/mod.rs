@@ -107,6 +107,9 @@ pub enum RelayError {
     /// A configuration value is out of range.
     #[error("invalid relay configuration: {0}")]
     Config(String),
+    /// The relay is shutting down: no room is opened any more.
+    #[error("the relay is shutting down")]
+    ShuttingDown,
     /// A room's log could not be opened.
     #[error("opening the log of room {room}: {source}")]
     Storage {
@@ -334,7 +337,7 @@ impl Relay {
     pub async fn handle_upgrade(&self, room: Option<&str>, request: Request) -> Response {
         let (mut parts, _body) = request.into_parts();
         match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(ws) => self.accept(room, &parts.headers, ws),
+            Ok(ws) => self.accept(room, &parts.headers, ws).await,
             // The documented refusal shape (`{"error": ..}`), not axum's plain text.
             Err(rejection) => refuse(rejection.status(), &rejection.body_text()),
         }
@@ -372,7 +375,12 @@ impl Relay {
         }
     }
 
-    fn accept(&self, room: Option<&str>, headers: &HeaderMap, ws: WebSocketUpgrade) -> Response {
+    async fn accept(
+        &self,
+        room: Option<&str>,
+        headers: &HeaderMap,
+        ws: WebSocketUpgrade,
+    ) -> Response {
         let shared = &self.shared;
         if *shared.shutdown.borrow() {
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
@@ -402,8 +410,11 @@ impl Relay {
             drop(slot);
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections");
         }
-        let room_link = match self.room(&room) {
+        let room_link = match self.room(&room).await {
             Ok(link) => link,
+            Err(RelayError::ShuttingDown) => {
+                return refuse(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot open room");
                 return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot open room");
@@ -447,21 +458,45 @@ impl Relay {
             })
     }
 
-    fn room(&self, name: &Name) -> Result<RoomLink, RelayError> {
-        let mut rooms = self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(handle) = rooms.get(name)
-            && !handle.link.tx.is_closed()
+    /// The room `name`, opened (its log and its task) on first use.
+    async fn room(&self, name: &Name) -> Result<RoomLink, RelayError> {
+        let open_room = |rooms: &HashMap<Name, RoomHandle>| {
+            rooms
+                .get(name)
+                .filter(|handle| !handle.link.tx.is_closed())
+                .map(|handle| handle.link.clone())
+        };
+        if let Some(link) = open_room(&self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner()))
         {
-            return Ok(handle.link.clone());
+            return Ok(link);
         }
-        let storage = self
-            .shared
-            .provider
-            .open(&LogName::Room(name.clone()))
-            .map_err(|source| RelayError::Storage {
-                room: name.to_string(),
-                source,
-            })?;
+        // Opening a log may take long (a file log replays itself): off the runtime's workers
+        // and outside the room map's lock, so that other rooms keep working meanwhile.
+        let provider = Arc::clone(&self.shared.provider);
+        let log = LogName::Room(name.clone());
+        let opened = tokio::task::spawn_blocking(move || provider.open(&log))
+            .await
+            .unwrap_or_else(|panicked| {
+                Err(ksync_core::StorageError::Io {
+                    context: "opening the log panicked".into(),
+                    source: std::io::Error::other(panicked),
+                })
+            });
+        let storage = opened.map_err(|source| RelayError::Storage {
+            room: name.to_string(),
+            source,
+        })?;
+        let mut rooms = self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        // Another connection may have opened it meanwhile (the provider hands out one log
+        // per name, so both opened the same one).
+        if let Some(link) = open_room(&rooms) {
+            return Ok(link);
+        }
+        // Checked under the lock that `shutdown` drains the rooms under after setting the
+        // flag: a room made now would never be shut down.
+        if *self.shared.shutdown.borrow() {
+            return Err(RelayError::ShuttingDown);
+        }
         let (link, task) = Room::open(
             name.clone(),
             storage,

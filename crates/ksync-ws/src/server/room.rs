@@ -250,6 +250,8 @@ pub(crate) struct RoomLink {
 
 struct RoomShared {
     room: Mutex<Room>,
+    /// The room's log, for reads that need not wait for the room (catch-up).
+    storage: Arc<dyn Storage>,
     /// Publishes sent to the room's task and not yet committed. A publish is committed in
     /// place only while this is 0: then nothing published before it is still waiting, so each
     /// connection's publishes keep their order.
@@ -260,6 +262,11 @@ struct RoomShared {
 pub(crate) struct RoomClosed;
 
 impl RoomLink {
+    /// The room's log (reads only: the room makes every write).
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.shared.storage
+    }
+
     /// Commits `publishes` (one connection's, in order; drained) in one append on the
     /// caller's task when the room is free, nothing is queued and the storage answers appends
     /// at once (in memory); queues them for the room's task otherwise (waiting while the queue
@@ -366,6 +373,7 @@ impl Room {
         // Bounded: see RelayConfig::room_queue for the overflow policy.
         let (tx, rx) = mpsc::channel(queue);
         let shared = Arc::new(RoomShared {
+            storage: Arc::clone(&room.storage),
             room: Mutex::new(room),
             queued: AtomicUsize::new(0),
         });
