@@ -282,13 +282,28 @@ async fn a_cursor_beyond_the_head_gets_cursor_ahead_and_the_live_stream() {
 
 /// State-based starts while a publisher streams updates of a few ids: each snapshot is the
 /// latest version of every id as of its `serverVersion`, and the tail continues right after
-/// it, every seq once, in order.
+/// it, every seq once, in order (commits in place or from the room's queue).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_subscribers_joining_mid_stream_get_a_consistent_snapshot_and_tail() {
-    let server = start(RelayConfig {
-        page_size: 2,
-        ..RelayConfig::default()
-    })
+    // Committed in place (in memory), and from the room's queue (appends that wait).
+    let providers: [Arc<dyn StorageProvider>; 2] = [
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        Arc::new(GatedProvider::new()),
+    ];
+    for provider in providers {
+        state_start_racing_publishes(provider).await;
+    }
+}
+
+async fn state_start_racing_publishes(provider: Arc<dyn StorageProvider>) {
+    let server = start_with(
+        RelayConfig {
+            page_size: 2,
+            ..RelayConfig::default()
+        },
+        provider,
+        Arc::new(ksync_core::AllowAll),
+    )
     .await;
     let url = server.url(Some("state"));
     let (mut publisher, _) = join(&url, hello()).await;
