@@ -222,6 +222,7 @@ impl WebSocketSyncClientBuilder {
             outbox: Mutex::new(Outbox::default()),
             control: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
+            generations: AtomicU64::new(0),
             wake: Notify::new(),
             retry_now: Notify::new(),
             queued: AtomicUsize::new(0),
@@ -306,6 +307,8 @@ enum Link {
 struct Control {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// Which manager this is (a manager that ends removes its own `Control` only).
+    generation: u64,
 }
 
 struct Inner {
@@ -317,8 +320,11 @@ struct Inner {
     replica: Mutex<Option<Replica>>,
     outbox: Mutex<Outbox>,
     control: Mutex<Option<Control>>,
-    /// `connect()` calls waiting for the outcome of the next attempt.
+    /// `connect()` calls waiting for the outcome of the next attempt. Locked after `control`
+    /// when both are needed.
     waiters: Mutex<Vec<oneshot::Sender<Result<(), WsError>>>>,
+    /// Numbers the managers `connect` starts.
+    generations: AtomicU64,
     /// Poked by `send` so the session looks for new local events.
     wake: Notify,
     /// Poked by `connect` so a manager waiting out a backoff delay tries at once. Holds at
@@ -392,17 +398,25 @@ impl WebSocketSyncClient {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
-        lock(&self.inner.waiters).push(tx);
         {
+            // Under the control lock, so a manager that is ending either sees this waiter
+            // (and tries again for it) or has already removed itself (and a new one starts).
             let mut control = lock(&self.inner.control);
+            lock(&self.inner.waiters).push(tx);
+            // (A finished task without `retire`: it panicked.)
             let running = control.as_ref().is_some_and(|c| !c.task.is_finished());
             if running {
                 // Asked now (e.g. the network is back): do not wait out a backoff delay.
                 self.inner.retry_now.notify_one();
             } else {
+                let generation = self.inner.generations.fetch_add(1, Ordering::Relaxed);
                 let (stop, stop_rx) = watch::channel(false);
-                let task = tokio::spawn(manage(Arc::clone(&self.inner), stop_rx));
-                *control = Some(Control { stop, task });
+                let task = tokio::spawn(manage(Arc::clone(&self.inner), stop_rx, generation));
+                *control = Some(Control {
+                    stop,
+                    task,
+                    generation,
+                });
             }
         }
         if self.is_connected() {
@@ -587,7 +601,7 @@ struct SessionEnd {
 }
 
 /// Reconnects until stopped (or until a fatal error / `reconnect(false)`).
-async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, generation: u64) {
     let config = &inner.config;
     let mut attempt: u32 = 0;
     loop {
@@ -622,7 +636,7 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
                 .notifier
                 .emit(Notification::Error(Arc::new(error.into())));
         }
-        if end.stopped || fatal || *stop.borrow() {
+        if end.stopped || *stop.borrow() {
             break;
         }
         if resync {
@@ -631,16 +645,42 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             attempt = 0;
             continue;
         }
-        if !config.reconnect {
-            break;
+        if fatal || !config.reconnect {
+            if retire(&inner, generation, false) {
+                return;
+            }
+            // Someone called `connect` after this attempt was answered: one more, now.
+            attempt = 0;
+            continue;
         }
         // A connection that drops soon after `welcome` (a server failing on every catch-up,
         // a slow consumer closed again and again) keeps counting, so a flapping server is not
         // hit at the shortest delay forever.
         attempt = if end.stayed_up { 1 } else { attempt + 1 };
     }
-    // Whoever still waits for a connection will not get one from this task.
-    lock(&inner.waiters).clear();
+    retire(&inner, generation, true);
+}
+
+/// Ends manager `generation` unless (`stopped` false) a `connect` is waiting: then it must
+/// try again (`false`). Removes its own `Control`, so the next `connect` starts a new manager.
+fn retire(inner: &Inner, generation: u64, stopped: bool) -> bool {
+    let mut control = lock(&inner.control);
+    let mine = control.as_ref().is_some_and(|c| c.generation == generation);
+    let mut waiters = lock(&inner.waiters);
+    // (A `connect` that saw the session come up returned without its answer.)
+    waiters.retain(|w| !w.is_closed());
+    if mine && !stopped && !waiters.is_empty() {
+        return false;
+    }
+    if mine {
+        *control = None;
+    }
+    if control.is_none() {
+        // Whoever still waits for a connection will not get one from this task. (Waiters of
+        // a newer manager are its own.)
+        waiters.clear();
+    }
+    true
 }
 
 fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {

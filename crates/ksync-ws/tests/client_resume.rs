@@ -589,3 +589,65 @@ async fn connect_during_a_long_backoff_tries_at_once() {
     client.disconnect().await.expect("disconnect");
     server.stop().await;
 }
+
+// Two threads: the application's reconnect runs while the client's task is still ending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_called_from_a_disconnected_handler_connects_again() {
+    // Without auto-reconnect the application reconnects itself when told the connection
+    // went away: that connect must not race the ending background task (lost or refused).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let script = vec![
+        Step {
+            server_version: 0,
+            frames: Vec::new(),
+            wait_for_publish: false,
+            close: Some(1001),
+        },
+        Step {
+            server_version: 0,
+            frames: Vec::new(),
+            wait_for_publish: false,
+            close: None,
+        },
+    ];
+    let (hellos_tx, _hellos) = tokio::sync::mpsc::channel(4);
+    let server = tokio::spawn(scripted_server(listener, script, hellos_tx));
+    let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
+        .reconnect(false)
+        .build()
+        .expect("client");
+    let (done_tx, mut done) = tokio::sync::mpsc::channel(1);
+    {
+        let handle = client.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let _sub = client
+            .notifier()
+            .on("disconnected", move |_| {
+                let handle = handle.clone();
+                let done = done_tx.clone();
+                let runtime = runtime.clone();
+                // From another thread, while the client is still busy with the loss (this
+                // handler holding it up a little makes sure of that).
+                std::thread::spawn(move || {
+                    runtime.block_on(async move {
+                        let result = handle.connect().await.map_err(|e| e.to_string());
+                        let _ = done.send(result).await;
+                    });
+                });
+                std::thread::sleep(Duration::from_millis(200));
+            })
+            .expect("kind");
+    }
+    client.connect().await.expect("first connect");
+    let result = tokio::time::timeout(Duration::from_secs(10), done.recv())
+        .await
+        .expect("the application's connect returns")
+        .expect("reported");
+    assert_eq!(result, Ok(()));
+    assert!(client.is_connected());
+    client.disconnect().await.expect("disconnect");
+    server.abort();
+}
