@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 
 use flate2::Compression;
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 
 /// Why a gzip body could not be used.
@@ -37,10 +37,14 @@ pub(crate) fn gzip(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// Decompresses `bytes`, refusing to produce more than `limit` bytes.
+///
+/// Every byte must belong to a gzip member: several members are one body (RFC 1952), and
+/// anything else after the first member is corruption, not something to ignore (a single
+/// member decoder stops at the first trailer and would accept whatever follows).
 pub(crate) fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, GunzipError> {
     let mut out = Vec::with_capacity(bytes.len().saturating_mul(4).min(limit));
     let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    GzDecoder::new(bytes)
+    MultiGzDecoder::new(bytes)
         .take(cap)
         .read_to_end(&mut out)
         .map_err(GunzipError::Corrupt)?;
@@ -79,6 +83,16 @@ mod tests {
         ));
         assert!(matches!(
             gunzip(b"not gzip", 100),
+            Err(GunzipError::Corrupt(_))
+        ));
+        // Two members are one body; bytes after a member that start no member are refused.
+        let mut two = gzip(b"hello ");
+        two.extend_from_slice(&gzip(b"world"));
+        assert_eq!(gunzip(&two, 100).expect("two members"), b"hello world");
+        let mut trailing = gzip(b"hello");
+        trailing.extend_from_slice(b"garbage!");
+        assert!(matches!(
+            gunzip(&trailing, 100),
             Err(GunzipError::Corrupt(_))
         ));
     }

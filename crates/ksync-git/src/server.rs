@@ -19,7 +19,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use ksync_core::{
     Access, AppendOutcome, AuthError, Authenticator, Credentials, EventLimits, Grant, LogName,
     Name, ResourceKind, Storage, StorageError, StorageProvider,
@@ -151,15 +151,27 @@ impl GitServer {
     /// server's router; serve with `into_make_service_with_connect_info::<SocketAddr>()` so
     /// failed logins are counted per client address.
     pub fn router(&self) -> Router {
+        // Every answer under `/git` is a JSON error body when it is an error, also for a path
+        // or a method the service does not have (axum's own 404 and 405 have empty bodies).
         let routes = Router::new()
-            .route("/git/{repo}", get(repo_info).put(create_repo))
+            .route(
+                "/git/{repo}",
+                get(repo_info).put(create_repo).fallback(no_method),
+            )
             .route(
                 "/git/{repo}/branches",
-                get(list_branches).post(create_branch),
+                get(list_branches).post(create_branch).fallback(no_method),
             )
-            .route("/git/{repo}/branches/{branch}", get(branch_info))
-            .route("/git/{repo}/branches/{branch}/events", get(pull).post(push))
-            .route("/git/{repo}/merge", post(merge))
+            .route(
+                "/git/{repo}/branches/{branch}",
+                get(branch_info).fallback(no_method),
+            )
+            .route(
+                "/git/{repo}/branches/{branch}/events",
+                get(pull).post(push).fallback(no_method),
+            )
+            .route("/git/{repo}/merge", post(merge).fallback(no_method))
+            .route("/git/{repo}/{*rest}", any(no_path))
             .with_state(self.clone());
         routes.layer(axum::middleware::from_fn(protocol_version))
     }
@@ -241,7 +253,7 @@ impl GitServer {
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "{} may not {} repository {repo:?}",
+                    "{} may not {} repository \"{repo}\"",
                     grant.subject,
                     match access {
                         Access::Read => "read",
@@ -419,7 +431,7 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             "repo_not_found",
-            format!("repository {repo:?} does not exist"),
+            format!("repository \"{repo}\" does not exist"),
         )
     }
 
@@ -427,7 +439,7 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             "branch_not_found",
-            format!("branch {branch:?} does not exist in repository {repo:?}"),
+            format!("branch \"{branch}\" does not exist in repository \"{repo}\""),
         )
     }
 
@@ -553,6 +565,27 @@ fn pull_query(query: Option<&str>) -> Result<(u64, Option<usize>), ApiError> {
 
 type Handled = Result<Response, ApiError>;
 
+/// A path under `/git/{repo}/` that is none of the service's endpoints.
+async fn no_path(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!(
+            "no endpoint {} (see the Git-like HTTP section of PROTOCOL.md)",
+            req.uri().path()
+        ),
+    )
+}
+
+/// An endpoint asked with a method it does not have.
+async fn no_method(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not answer {}", req.uri().path(), req.method()),
+    )
+}
+
 async fn create_repo(
     State(s): State<GitServer>,
     path: Result<Path<String>, PathRejection>,
@@ -641,7 +674,7 @@ async fn create_branch(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "version_ahead",
-            format!("cannot fork {from:?} at version {at}: it is at version {head}"),
+            format!("cannot fork \"{from}\" at version {at}: it is at version {head}"),
         ));
     }
     if let Some((storage, record)) = s.branch(&repo, &new)? {
@@ -652,7 +685,7 @@ async fn create_branch(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "branch_exists",
-            format!("branch {new:?} already exists in repository {repo:?}"),
+            format!("branch \"{new}\" already exists in repository \"{repo}\""),
         ));
     }
     let target = s.inner.provider.open(&branch_log(&repo, &new))?;
@@ -696,7 +729,7 @@ async fn pull(
             StatusCode::CONFLICT,
             "version_ahead",
             format!(
-                "since={since} is past branch {branch:?}'s version {server_version}: the \
+                "since={since} is past branch \"{branch}\"'s version {server_version}: the \
                  branch was reset or recreated; clone it again"
             ),
         ));
@@ -789,7 +822,7 @@ async fn push(
             StatusCode::CONFLICT,
             "version_ahead",
             format!(
-                "baseVersion {} is past branch {branch:?}'s version {before}: the branch was \
+                "baseVersion {} is past branch \"{branch}\"'s version {before}: the branch was \
                  reset or recreated; clone it again",
                 request.base_version
             ),
@@ -839,7 +872,7 @@ async fn merge(
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "same_branch",
-            format!("cannot merge branch {into_name:?} into itself"),
+            format!("cannot merge branch \"{into_name}\" into itself"),
         ));
     }
     let (into, _) = s.existing_branch(&repo, &into_name)?;
