@@ -603,17 +603,21 @@ impl GitSyncClient {
         let url = repo_url(url).map_err(GitError::into_sync)?;
         branch_name(branch)?;
         let _op = self.inner.op.lock().await;
-        *write(&self.inner.url) = url;
-        let info = self.repo_info().await?;
+        // Checked before anything changes: a clone that fails (a mistyped URL, a missing
+        // branch) leaves the client on its repository and branch.
+        let info: RepoInfo = self
+            .request(reqwest::Method::GET, &url, None::<&()>)
+            .await?;
         if !info.branches.iter().any(|b| b.name == branch) {
             return Err(GitError::Server {
-                url: self.url(),
+                url,
                 status: 404,
                 code: "branch_not_found".into(),
                 message: format!("branch {branch:?} does not exist in {}", info.repo),
             }
             .into_sync());
         }
+        *write(&self.inner.url) = url;
         self.set_head(branch).await?;
         let replica = self.replica();
         self.pull_branch(&replica, branch).await

@@ -1,0 +1,182 @@
+//! Edges of the contract found by reading `docs/PROTOCOL.md` against the service and the
+//! client: raw requests written from the protocol text only, and client state after failures.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use ksync_core::{Event, PullPushClient, SyncClient};
+use ksync_git::GitError;
+use serde_json::{Value, json};
+
+use common::{branch_events, client, start};
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .gzip(false)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http")
+}
+
+/// Sends a request as `writer`; the status and the body, which must be JSON.
+async fn call(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = req
+        .header("authorization", "Bearer writer")
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("answer {status} is not JSON ({e}): {text:?}"));
+    (status, body)
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no code>")
+}
+
+fn message(body: &Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or("<no message>")
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).expect("gzip");
+    encoder.finish().expect("gzip")
+}
+
+/// PROTOCOL.md: "Every error answer is `{"error":{"code","message"}}`", so also a path or a
+/// method the service does not have, and messages name repositories and branches as written.
+#[tokio::test]
+async fn every_error_answer_is_a_json_error_body() {
+    let server = start(&["r"]).await;
+    let http = http();
+    for path in [
+        "/git/r/unknown",
+        "/git/r/branches/main/extra",
+        "/git/r/branches/main/events/more",
+    ] {
+        let (status, body) = call(http.get(server.url(path))).await;
+        assert_eq!((status, code(&body)), (404, "not_found"), "{path}");
+    }
+    for (method, path) in [
+        (reqwest::Method::DELETE, "/git/r"),
+        (reqwest::Method::POST, "/git/r"),
+        (reqwest::Method::PUT, "/git/r/branches/main/events"),
+        (reqwest::Method::DELETE, "/git/r/branches/main"),
+        (reqwest::Method::GET, "/git/r/merge"),
+        (reqwest::Method::PATCH, "/git/r/branches"),
+    ] {
+        let (status, body) = call(http.request(method.clone(), server.url(path))).await;
+        assert_eq!(
+            (status, code(&body)),
+            (405, "method_not_allowed"),
+            "{method} {path}"
+        );
+    }
+    let (status, body) = call(http.get(server.url("/git/r/branches/ghost"))).await;
+    assert_eq!((status, code(&body)), (404, "branch_not_found"));
+    assert_eq!(
+        message(&body),
+        "branch \"ghost\" does not exist in repository \"r\""
+    );
+    let (status, body) = call(
+        http.post(server.url("/git/r/branches"))
+            .json(&json!({"name": "main"})),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (409, "branch_exists"));
+    assert_eq!(
+        message(&body),
+        "branch \"main\" already exists in repository \"r\""
+    );
+    // The endpoints themselves still answer.
+    let (status, body) = call(http.get(server.url("/git/r/branches"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["branches"][0]["name"], "main");
+}
+
+/// A gzip body is all gzip: several members make one body (RFC 1952), bytes after a member
+/// that start no member are a corrupt body (400, nothing stored), not something to ignore.
+#[tokio::test]
+async fn a_gzip_body_with_bytes_after_its_member_is_refused() {
+    let server = start(&["r"]).await;
+    let http = http();
+    let url = server.url("/git/r/branches/main/events");
+    let body = serde_json::to_vec(&json!({
+        "baseVersion": 0,
+        "events": [Event::new("a", "t", json!(1), 1)],
+    }))
+    .expect("json");
+    let mut trailing = gzip(&body);
+    trailing.extend_from_slice(b"not part of the body");
+    let (status, reply) = call(
+        http.post(&url)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(trailing),
+    )
+    .await;
+    assert_eq!((status, code(&reply)), (400, "malformed_body"));
+    assert!(branch_events(&server, "r", "main").is_empty());
+
+    let (head, tail) = body.split_at(body.len() / 2);
+    let mut members = gzip(head);
+    members.extend_from_slice(&gzip(tail));
+    let (status, reply) = call(
+        http.post(&url)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(members),
+    )
+    .await;
+    assert_eq!((status, reply["appended"].as_u64()), (200, Some(1)));
+    assert_eq!(branch_events(&server, "r", "main").len(), 1);
+}
+
+/// A clone that fails (no such repository, no such branch) changes nothing: the client still
+/// talks to its repository and branch, and what it had pulled and not pushed stays as it was.
+#[tokio::test]
+async fn a_failed_clone_leaves_the_client_where_it_was() {
+    let server = start(&["r", "other"]).await;
+    let url = server.repo_url("r");
+    let writer = client(&url);
+    writer
+        .send(Event::new("a", "t", json!(1), 1))
+        .await
+        .expect("send");
+    writer.push().await.expect("push");
+
+    let c = client(&url);
+    c.pull().await.expect("pull");
+    c.send(Event::new("b", "t", json!(2), 2))
+        .await
+        .expect("send");
+    for (target, branch, status) in [
+        (server.repo_url("missing"), "main", 404),
+        (server.repo_url("other"), "ghost", 404),
+    ] {
+        let err = c
+            .clone_repo(&target, branch)
+            .await
+            .expect_err("nothing to clone");
+        assert_eq!(
+            GitError::of(&err).and_then(GitError::status),
+            Some(status),
+            "{target} {branch}: {err}"
+        );
+        assert_eq!(c.url(), url);
+        assert_eq!(c.current_branch(), "main");
+    }
+    let pushed = c.push().await.expect("push goes to r");
+    assert_eq!(pushed.pushed_events.len(), 1);
+    let ids: Vec<String> = branch_events(&server, "r", "main")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert!(branch_events(&server, "other", "main").is_empty());
+}
