@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use ksync_core::{
-    Auth, BoxFuture, Conflict, ConflictResolver, Event, Name, Notification, NotificationKind,
-    Notifier, PullPushClient, PullResult, PushResult, Replica, Resolution, Status, SyncClient,
-    SyncError, resolve,
+    Auth, BoxFuture, Conflict, ConflictResolver, Event, EventLimits, Name, Notification,
+    NotificationKind, Notifier, PullPushClient, PullResult, PushResult, Replica, Resolution,
+    Status, SyncClient, SyncError, resolve,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -1282,9 +1282,12 @@ impl SyncClient for GitSyncClient {
 
     /// Stores `event` locally (once; `KSync::emit` already did) on the checked-out branch; the
     /// next `push` sends it. An event without `origin` gets this replica's id; another
-    /// replica's event (a bridge) is pushed with its origin.
+    /// replica's event (a bridge) is pushed with its origin. An event that breaks the event
+    /// rules ([`Event::validate`]) is refused with [`SyncError::InvalidEvent`] and not stored:
+    /// the service would refuse every push batch holding it, and nothing after it would go.
     fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
+            event.validate(&EventLimits::default())?;
             let replica = self.replica();
             let Some(seq) = replica.record_forward(event).await? else {
                 return Ok(());

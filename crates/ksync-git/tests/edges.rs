@@ -180,3 +180,39 @@ async fn a_failed_clone_leaves_the_client_where_it_was() {
     assert_eq!(ids, ["a", "b"]);
     assert!(branch_events(&server, "other", "main").is_empty());
 }
+
+/// An event the service would refuse (empty id, version 0, an over-long type) is refused by
+/// `send` and not stored: stored, it would sit in every later push batch, each refused whole
+/// with 400 `invalid_event`, and nothing written after it would ever reach the server.
+#[tokio::test]
+async fn send_refuses_an_invalid_event_and_later_pushes_go_through() {
+    let server = start(&["r"]).await;
+    let c = client(&server.repo_url("r"));
+    c.send(Event::new("first", "t", json!(1), 1))
+        .await
+        .expect("send");
+    let mut version_zero = Event::new("v0", "t", json!(1), 1);
+    version_zero.version = 0;
+    for bad in [
+        Event::new("", "t", json!(1), 1),
+        version_zero,
+        Event::new("long-type", "t".repeat(257), json!(1), 1),
+    ] {
+        let err = c.send(bad.clone()).await.expect_err("invalid");
+        assert!(
+            matches!(err, ksync_core::SyncError::InvalidEvent(_)),
+            "{bad:?}: {err:?}"
+        );
+    }
+    c.send(Event::new("second", "t", json!(2), 2))
+        .await
+        .expect("send");
+    assert_eq!(c.replica().storage().len(), 2, "nothing invalid was stored");
+    let pushed = c.push().await.expect("push");
+    assert_eq!(pushed.pushed_events.len(), 2);
+    let ids: Vec<String> = branch_events(&server, "r", "main")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, ["first", "second"]);
+}
