@@ -8,7 +8,7 @@ use crate::client::{PullPushClient, PullResult, PushResult, SyncClient, SyncResu
 use crate::clock::{Clock, SystemClock};
 use crate::conflict::{Conflict, Resolution};
 use crate::error::SyncError;
-use crate::event::Event;
+use crate::event::{Event, EventLimits};
 use crate::log::Stored;
 use crate::notify::{Notification, NotificationStream, Subscription};
 use crate::replica::Replica;
@@ -137,6 +137,9 @@ impl<C: SyncClient + ?Sized> KSync<C> {
     ///
     /// Returns once the event is stored. If the client is not connected, the event waits in
     /// storage and goes out on connect; a send failure is reported as an `error` notification.
+    /// An event outside the default [`EventLimits`] (empty or over-long `type`) is
+    /// [`SyncError::InvalidEvent`] and is not stored: every server would refuse it, and it
+    /// would wait in the log forever.
     pub async fn emit(
         &self,
         event_type: impl Into<String>,
@@ -150,10 +153,13 @@ impl<C: SyncClient + ?Sized> KSync<C> {
             version: 1,
             origin: Some(self.replica.id().to_owned()),
         };
+        event.validate(&EventLimits::default())?;
         self.store_and_send(event).await
     }
 
-    /// Writes a new revision of `id` (its latest version + 1) with new content.
+    /// Writes a new revision of `id` (its latest version + 1, or 1 for an id not held yet)
+    /// with new content. An empty or over-long `id` or `type` is [`SyncError::InvalidEvent`],
+    /// as for [`KSync::emit`].
     pub async fn update(
         &self,
         id: &str,
@@ -161,6 +167,9 @@ impl<C: SyncClient + ?Sized> KSync<C> {
         data: serde_json::Value,
     ) -> Result<Event, SyncError> {
         let event_type = event_type.into();
+        // Checked once up front: only the version changes between attempts.
+        Event::new(id, event_type.as_str(), serde_json::Value::Null, 0)
+            .validate(&EventLimits::default())?;
         let stored = self
             .replica
             .record_local_revision(id, |version| Event {

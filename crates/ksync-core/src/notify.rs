@@ -265,6 +265,10 @@ impl Notifier {
 
     /// Delivers a notification: handlers run synchronously on the caller's task, in
     /// registration order; streams get a copy. Handlers must be quick.
+    ///
+    /// A handler that panics is logged and skipped: the panic reaches neither the other
+    /// handlers nor the caller (often a transport's connection task, which it would kill,
+    /// or `emit`, which would panic after storing the event). The handler stays registered.
     pub fn emit(&self, notification: Notification) {
         let handlers: Vec<_> = self
             .lock_handlers()
@@ -272,7 +276,15 @@ impl Notifier {
             .map(|list| list.iter().map(|(_, h)| Arc::clone(h)).collect())
             .unwrap_or_default();
         for handler in handlers {
-            handler(&notification);
+            // Unwind safety: the handler sees the notification by shared reference only, and
+            // nothing of the hub is borrowed or locked while it runs.
+            let call = std::panic::AssertUnwindSafe(|| handler(&notification));
+            if std::panic::catch_unwind(call).is_err() {
+                tracing::error!(
+                    kind = %notification.kind(),
+                    "a notification handler panicked; the panic was contained"
+                );
+            }
         }
         // No receivers is fine: nobody is listening.
         let _ = self.inner.stream.send(notification);

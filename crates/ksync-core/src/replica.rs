@@ -17,6 +17,9 @@ const REPLICA_ID_KEY: &str = "replica.id";
 /// window is between one read and one append).
 pub const REVISION_ATTEMPTS: u32 = 8;
 const CURSOR_PREFIX: &str = "cursor/";
+/// Meta key prefix recording, per id, the version of the last revision this replica wrote to
+/// settle a conflict (see [`Replica::ingest`]).
+const SETTLED_PREFIX: &str = "settled/";
 /// Meta key prefix marking an event (by sequence number) that this replica passes on although
 /// another replica made it.
 const FORWARD_PREFIX: &str = "forward/";
@@ -154,6 +157,10 @@ impl Replica {
 
     /// The resolution the configured policy picks for `conflict` (last-write-wins without a
     /// resolver). For transports that settle conflicts found elsewhere (e.g. a server-side merge).
+    ///
+    /// A resolver that panics is logged and last-write-wins applies: the same callback on
+    /// every replica then still settles the conflict the same way, and the panic does not
+    /// kill the transport task that is storing received events.
     pub fn resolution_for(&self, conflict: &Conflict) -> Resolution {
         let resolver = self
             .inner
@@ -161,10 +168,32 @@ impl Replica {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        match resolver {
-            Some(resolver) => resolver(conflict),
-            None => Resolution::LastWriteWins,
+        let Some(resolver) = resolver else {
+            return Resolution::LastWriteWins;
+        };
+        // Unwind safety: the resolver only sees the conflict by shared reference, and no lock
+        // of the replica is held while it runs.
+        let call = std::panic::AssertUnwindSafe(|| resolver(conflict));
+        std::panic::catch_unwind(call).unwrap_or_else(|_| {
+            tracing::error!(
+                id = %conflict.ours.id,
+                version = conflict.ours.version,
+                "the conflict resolver panicked; settled by last-write-wins"
+            );
+            Resolution::LastWriteWins
+        })
+    }
+
+    /// Whether `ours` is a revision this replica wrote to settle an earlier conflict.
+    fn settled_here(&self, ours: &Event) -> Result<bool, SyncError> {
+        if ours.origin.as_deref() != Some(self.id()) {
+            return Ok(false);
         }
+        let mark = self
+            .inner
+            .storage
+            .meta(&format!("{SETTLED_PREFIX}{}", ours.id))?;
+        Ok(mark.is_some_and(|v| v == ours.version.to_string()))
     }
 
     /// Stores an event made on this replica like [`Replica::record_local`], but moves it into
@@ -235,6 +264,15 @@ impl Replica {
     /// conflict at the latest version of its id is settled by the policy with a new revision
     /// (see [`resolve`]) that supersedes both sides, written as a local event so it travels on
     /// the next send. Every conflict is reported, settled or not.
+    ///
+    /// A conflict whose `ours` is a revision this replica wrote to settle an earlier conflict
+    /// is settled by last-write-wins, whatever the policy: two replicas that settled the same
+    /// conflict at once with a policy that favours one side (`Ours`, `Theirs`, or a callback
+    /// that is not deterministic) wrote different revisions; settled by that policy again,
+    /// each would keep its own and they would answer each other with ever higher versions,
+    /// never converging. The policy had its say; last-write-wins picks the same winner on
+    /// both. (The mark is kept in the storage's metadata; lost in a crash right after the
+    /// append, the policy applies once more and the other replica's mark still ends it.)
     pub async fn ingest(&self, events: Vec<Event>) -> Result<Ingested, SyncError> {
         let _guard = self.inner.ingest_lock.lock().await;
         let outcome = self.inner.storage.append(events).await?;
@@ -250,12 +288,21 @@ impl Replica {
             {
                 continue;
             }
-            let resolution = self.resolution_for(conflict);
+            let resolution = if self.settled_here(&conflict.ours)? {
+                Resolution::LastWriteWins
+            } else {
+                self.resolution_for(conflict)
+            };
             let mut event = resolve(conflict, &resolution, self.id());
             if let Some(latest) = latest {
                 event.version = event.version.max(latest.event.version + 1);
             }
+            let mark = (format!("{SETTLED_PREFIX}{}", event.id), event.version);
             resolutions.extend(self.inner.storage.append(vec![event]).await?.appended);
+            self.inner
+                .storage
+                .set_meta(&mark.0, &mark.1.to_string())
+                .await?;
         }
         Ok(Ingested {
             appended: outcome.appended,

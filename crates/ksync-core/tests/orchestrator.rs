@@ -1,0 +1,247 @@
+//! `KSync`, `Replica` and `Notifier` as an application uses them, over a minimal in-process
+//! client: what must hold whatever the transport.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ksync_core::{
+    BoxFuture, Conflict, Event, InMemoryStorage, InvalidEvent, KSync, Notification, Notifier,
+    Replica, Resolution, SyncClient, SyncError,
+};
+use serde_json::json;
+
+/// Sends nothing while disconnected (the events wait in the replica), records what it sends.
+#[derive(Default)]
+struct RecordingClient {
+    notifier: Notifier,
+    connected: AtomicBool,
+    /// Sends fail with a protocol error (as a server refusing them would).
+    refuse_sends: AtomicBool,
+    sent: Mutex<Vec<Event>>,
+}
+
+impl SyncClient for RecordingClient {
+    fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            self.connected.store(true, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+    fn disconnect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            self.connected.store(false, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            if !self.connected.load(Ordering::SeqCst) {
+                return Err(SyncError::NotConnected);
+            }
+            if self.refuse_sends.load(Ordering::SeqCst) {
+                return Err(SyncError::Protocol("refused".into()));
+            }
+            self.sent.lock().unwrap().push(event);
+            Ok(())
+        })
+    }
+    fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+}
+
+async fn ksync() -> KSync<RecordingClient> {
+    KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(RecordingClient::default()))
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn events_every_server_would_refuse_are_refused_before_they_are_stored() {
+    let ksync = ksync().await;
+    ksync.connect().await.unwrap();
+    let empty_type = ksync.emit("", json!(1)).await;
+    assert!(
+        matches!(
+            empty_type,
+            Err(SyncError::InvalidEvent(InvalidEvent::EmptyType))
+        ),
+        "{empty_type:?}"
+    );
+    let empty_id = ksync.update("", "t", json!(1)).await;
+    assert!(
+        matches!(
+            empty_id,
+            Err(SyncError::InvalidEvent(InvalidEvent::EmptyId))
+        ),
+        "{empty_id:?}"
+    );
+    let long_id = ksync.update(&"x".repeat(257), "t", json!(1)).await;
+    assert!(
+        matches!(
+            long_id,
+            Err(SyncError::InvalidEvent(InvalidEvent::IdTooLong {
+                len: 257,
+                ..
+            }))
+        ),
+        "{long_id:?}"
+    );
+    let long_type = ksync.emit("t".repeat(300), json!(1)).await;
+    assert!(
+        matches!(
+            long_type,
+            Err(SyncError::InvalidEvent(InvalidEvent::TypeTooLong { .. }))
+        ),
+        "{long_type:?}"
+    );
+    // Nothing was stored (it would wait in the log, refused by every server, forever) and
+    // nothing was sent.
+    assert_eq!(ksync.replica().storage().len(), 0);
+    assert!(ksync.client().sent.lock().unwrap().is_empty());
+    // At the limits, and with ids a file system or URL would not like, all is well.
+    for id in ["x".repeat(256), "../a/b\\c".into(), "日本語 🎉".into()] {
+        let first = ksync.update(&id, "t", json!(1)).await.unwrap();
+        let second = ksync.update(&id, "t", json!(2)).await.unwrap();
+        assert_eq!((first.version, second.version), (1, 2));
+        assert_eq!(ksync.state().unwrap()[&id].data, json!(2));
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_neither_reaches_the_caller_nor_starves_other_handlers() {
+    let ksync = ksync().await;
+    ksync.connect().await.unwrap();
+    ksync.client().refuse_sends.store(true, Ordering::SeqCst);
+    let _bad = ksync
+        .on("error", |_| panic!("a bug in the application's handler"))
+        .unwrap();
+    let later = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&later);
+    let _good = ksync
+        .on("error", move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    let mut stream = ksync.notifications();
+    // The send fails after the event is stored; `emit` reports that as an `error` notification
+    // and returns the stored event. The panicking handler must not turn that into a panic in
+    // `emit` (or, on a transport's task, kill the connection).
+    let event = ksync.emit("t", json!(1)).await.unwrap();
+    assert_eq!(ksync.state().unwrap()[&event.id], event);
+    assert_eq!(
+        later.load(Ordering::SeqCst),
+        1,
+        "the next handler still ran"
+    );
+    assert!(matches!(
+        stream.recv().await.unwrap(),
+        Notification::Error(e) if matches!(*e, SyncError::Protocol(_))
+    ));
+    // The handler stays registered: each later notification is delivered the same way.
+    ksync.emit("t", json!(2)).await.unwrap();
+    assert_eq!(later.load(Ordering::SeqCst), 2);
+}
+
+fn replica_with(
+    id: &str,
+    resolver: impl Fn(&Conflict) -> Resolution + Send + Sync + 'static,
+) -> Replica {
+    let replica = Replica::with_id(Arc::new(InMemoryStorage::new()), id);
+    replica.set_resolver(Some(Arc::new(resolver)));
+    replica
+}
+
+fn log(replica: &Replica) -> Vec<Event> {
+    let stored = replica.storage().read_since(0, usize::MAX).unwrap();
+    stored.into_iter().map(|s| s.event).collect()
+}
+
+/// Two replicas edit `x` at once, then exchange their whole logs at the same moment (as P2P
+/// peers gossiping do), round after round until a round brings nothing new. Returns how many
+/// rounds that took (at most `max_rounds`) and the two final revisions of `x`.
+async fn concurrent_edit_then_exchange(
+    a: &Replica,
+    b: &Replica,
+    max_rounds: usize,
+) -> (usize, Event, Event) {
+    a.record_local(Event::new("x", "t", json!("a's edit"), 10).with_origin(a.id()))
+        .await
+        .unwrap();
+    b.record_local(Event::new("x", "t", json!("b's edit"), 20).with_origin(b.id()))
+        .await
+        .unwrap();
+    let mut rounds = 0;
+    while rounds < max_rounds {
+        rounds += 1;
+        let (from_a, from_b) = (log(a), log(b));
+        let at_b = b.ingest(from_a).await.unwrap();
+        let at_a = a.ingest(from_b).await.unwrap();
+        if at_a.appended.len()
+            + at_a.resolutions.len()
+            + at_b.appended.len()
+            + at_b.resolutions.len()
+            == 0
+        {
+            break;
+        }
+    }
+    let latest = |r: &Replica| r.storage().latest("x").unwrap().unwrap().event;
+    (rounds, latest(a), latest(b))
+}
+
+#[tokio::test]
+async fn replicas_that_both_keep_their_own_side_still_converge() {
+    type Policy = fn(&Conflict) -> Resolution;
+    let policies: [(&str, Policy); 3] = [
+        ("ours", |_| Resolution::Ours),
+        ("theirs", |_| Resolution::Theirs),
+        // Not deterministic across replicas: each merges with its own side first.
+        ("merged, ours first", |c| {
+            Resolution::Merged(Event::new(
+                "ignored",
+                "merged",
+                json!([c.ours.data, c.theirs.data]),
+                c.ours.timestamp,
+            ))
+        }),
+    ];
+    for (name, policy) in policies {
+        let a = replica_with("a", policy);
+        let b = replica_with("b", policy);
+        let (rounds, at_a, at_b) = concurrent_edit_then_exchange(&a, &b, 10).await;
+        assert!(
+            rounds < 10,
+            "{name}: still exchanging new revisions after {rounds} rounds"
+        );
+        assert!(
+            at_a.same_content(&at_b) && at_a.version == at_b.version,
+            "{name}: a holds {at_a:?}, b holds {at_b:?}"
+        );
+        assert_eq!(a.storage().state().unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_conflict_callback_settles_by_last_write_wins_on_every_replica() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let panicking = |calls: &Arc<AtomicUsize>| {
+        let calls = Arc::clone(calls);
+        move |_: &Conflict| -> Resolution {
+            calls.fetch_add(1, Ordering::SeqCst);
+            panic!("a bug in the application's conflict callback")
+        }
+    };
+    let a = replica_with("a", panicking(&calls));
+    let b = replica_with("b", panicking(&calls));
+    let (_, at_a, at_b) = concurrent_edit_then_exchange(&a, &b, 10).await;
+    assert!(calls.load(Ordering::SeqCst) >= 2, "the callback was asked");
+    // Both settled (the ingest did not panic half-way, leaving the conflict unsettled), the
+    // same way: the later edit.
+    assert_eq!((at_a.version, &at_a.data), (2, &json!("b's edit")));
+    assert!(at_a.same_content(&at_b) && at_a.version == at_b.version);
+}
