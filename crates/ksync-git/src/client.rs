@@ -582,7 +582,9 @@ impl GitSyncClient {
     }
 
     /// The spec's `clone(url, branch)`: points this client at the repository `url`, checks out
-    /// `branch` and pulls all of it.
+    /// `branch` and pulls all of it (from version 0, whatever was pulled before). It is also
+    /// the way back after the service answered 409 `version_ahead` (the branch was reset):
+    /// then this replica's own events of `branch` are pushed again by the next push.
     ///
     /// Through an `Arc` (as `KSync::client()` hands it out), `client.clone(..)` names
     /// `Arc::clone` first; call [`GitSyncClient::clone_repo`] there, or
@@ -620,6 +622,22 @@ impl GitSyncClient {
         *write(&self.inner.url) = url;
         self.set_head(branch).await?;
         let replica = self.replica();
+        // A clone pulls the whole branch (what the replica holds deduplicates). From a
+        // cursor past the branch's version the service answers 409 `version_ahead` ("the
+        // branch was reset: clone again"), so a clone must not start there; and what this
+        // replica pushed before the reset may be gone from the server: send it again too.
+        let pulled = self.cursor_key(branch, "pulled");
+        let head = info
+            .branches
+            .iter()
+            .find(|b| b.name == branch)
+            .map_or(0, |b| b.server_version);
+        if replica.cursor(&pulled)? > head {
+            replica
+                .set_cursor(&self.cursor_key(branch, "pushed"), 0)
+                .await?;
+        }
+        replica.set_cursor(&pulled, 0).await?;
         self.pull_branch(&replica, branch).await
     }
 

@@ -216,3 +216,93 @@ async fn send_refuses_an_invalid_event_and_later_pushes_go_through() {
         .collect();
     assert_eq!(ids, ["first", "second"]);
 }
+
+/// The service says "the branch was reset or recreated; clone it again" (409
+/// `version_ahead`): cloning again must work. A clone pulls from 0 whatever the replica pulled
+/// before, and the replica's own events, which the reset server lost, are pushed again.
+#[tokio::test]
+async fn clone_again_recovers_from_a_reset_branch() {
+    use ksync_core::{InMemoryProvider, KSync, Storage};
+    use std::sync::Arc;
+
+    let first = start(&["r"]).await;
+    let addr = first.addr;
+    let url = first.repo_url("r");
+    let storage: Arc<dyn Storage> = Arc::new(ksync_core::InMemoryStorage::new());
+    let open = |storage: Arc<dyn Storage>, url: String| async move {
+        KSync::builder()
+            .storage(storage)
+            .sync_client(Arc::new(client(&url)))
+            .replica_id("a")
+            .build()
+            .await
+            .expect("ksync")
+    };
+    let a = open(Arc::clone(&storage), url.clone()).await;
+    for i in 0..3 {
+        a.emit("t", json!(i)).await.expect("emit");
+    }
+    a.push().await.expect("push");
+    a.pull().await.expect("pull");
+    drop(a);
+
+    // The server loses its data and comes back on the same address with one event of
+    // another replica.
+    drop(first);
+    let mut bound = None;
+    for _ in 0..100 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                bound = Some(listener);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let listener = bound.expect("the address is free again");
+    let service = ksync_git::server::GitServer::new(
+        Arc::new(InMemoryProvider::new()),
+        Arc::new(common::TestAuth),
+    );
+    service
+        .create_repo(&ksync_core::Name::new("r").expect("name"))
+        .await
+        .expect("repo");
+    let app = service.router();
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .expect("serve");
+    });
+    let other = client(&url);
+    other
+        .send(Event::new("b", "t", json!("b"), 1))
+        .await
+        .expect("send");
+    other.push().await.expect("push");
+
+    // The application restarts over its storage.
+    let a = open(Arc::clone(&storage), url.clone()).await;
+    let err = a.pull().await.expect_err("the branch is behind the cursor");
+    assert_eq!(
+        GitError::of(&err).and_then(GitError::code),
+        Some("version_ahead")
+    );
+    let cloned = a
+        .client()
+        .clone_repo(&url, "main")
+        .await
+        .expect("clone again");
+    assert_eq!(cloned.new_events.len(), 1, "b is new; nothing else was");
+    assert_eq!(cloned.server_version, 1);
+    a.emit("t", json!("after")).await.expect("emit");
+    let pushed = a.push().await.expect("push");
+    assert_eq!(pushed.pushed_events.len(), 4);
+    let events = other.pull().await.expect("pull").new_events;
+    assert_eq!(events.len(), 4, "a's events are on the server again");
+    assert_eq!(a.state().expect("state").len(), 5);
+    task.abort();
+}
