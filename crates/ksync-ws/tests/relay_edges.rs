@@ -985,3 +985,74 @@ async fn a_slow_opening_room_does_not_hold_up_other_rooms() {
         .expect("join");
     assert_eq!(welcome["room"], "big");
 }
+
+/// Logs that cannot build their state (a storage failure): a state-based start is closed
+/// with 1011 (server storage failure), and the room keeps serving everyone else.
+struct NoState(ksync_core::InMemoryProvider);
+
+struct NoStateLog(Arc<dyn Storage>);
+
+impl Storage for NoStateLog {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        self.0.append(events)
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.0.read_since(after, limit)
+    }
+    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+        self.0.get(id, version)
+    }
+    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+        self.0.latest(id)
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+        Err(StorageError::Format("state unavailable".into()))
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+        self.0.meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.0.set_meta(key, value)
+    }
+}
+
+impl StorageProvider for NoState {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(Arc::new(NoStateLog(self.0.open(name)?)))
+    }
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        self.0.existing(name)
+    }
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        self.0.list()
+    }
+}
+
+#[tokio::test]
+async fn a_storage_failure_while_joining_closes_with_1011() {
+    let server = start_with(
+        RelayConfig::default(),
+        Arc::new(NoState(ksync_core::InMemoryProvider::new())),
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("broken"));
+    let (mut ws, _) = join(&url, hello()).await;
+    let mut failing = raw_connect(&url, &[]).await.expect("connect");
+    send_json(
+        &mut failing,
+        json!({"type":"hello","protocol":1,"state":true}),
+    )
+    .await;
+    assert_eq!(recv_close(&mut failing).await.0, 1011);
+    send_json(
+        &mut ws,
+        json!({"type":"publish","ref":1,"events":[event("ok", 1)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut ws).await["results"][0]["status"], "stored");
+    server.stop().await;
+}
