@@ -556,7 +556,11 @@ fn pull_query(query: Option<&str>) -> Result<(u64, Option<usize>), ApiError> {
         };
         match key {
             "since" => since = value.parse().map_err(|_| bad())?,
-            "limit" => limit = Some(value.parse().map_err(|_| bad())?),
+            // Any larger limit is cut to the cap anyway, also one too large for a `usize`.
+            "limit" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                limit = Some(value.parse().unwrap_or(usize::MAX));
+            }
+            "limit" => return Err(bad()),
             _ => {}
         }
     }
@@ -975,5 +979,11 @@ mod tests {
         );
         assert!(pull_query(Some("since=-1")).is_err());
         assert!(pull_query(Some("limit=abc")).is_err());
+        assert!(pull_query(Some("limit=")).is_err());
+        assert!(pull_query(Some("limit=+5")).is_err());
+        assert_eq!(
+            pull_query(Some("limit=99999999999999999999999")).expect("capped later"),
+            (0, Some(usize::MAX))
+        );
     }
 }
