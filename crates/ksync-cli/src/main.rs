@@ -54,10 +54,28 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("ksync: {error:#}");
+            eprintln!("ksync: {}", report(&error));
             ExitCode::from(git::exit_code(&error))
         }
     }
+}
+
+/// The error and its causes, `: `-separated, each said once: many error types put their
+/// source's message in their own as well (`relay: {0}` with `#[from]`), so printing the whole
+/// chain (`{:#}`) repeated them. A cause already contained in the message before it is
+/// skipped.
+fn report(error: &anyhow::Error) -> String {
+    let mut out = error.to_string();
+    let mut previous = out.clone();
+    for cause in error.chain().skip(1) {
+        let message = cause.to_string();
+        if !previous.contains(&message) {
+            out.push_str(": ");
+            out.push_str(&message);
+        }
+        previous = message;
+    }
+    out
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).

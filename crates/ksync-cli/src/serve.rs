@@ -23,8 +23,9 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_DATA_DIR", default_value = ksync_server::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
 
-    /// Keep logs in memory only (lost on exit).
-    #[arg(long, env = "KSYNC_IN_MEMORY")]
+    /// Keep logs in memory only (lost on exit). KSYNC_IN_MEMORY takes true/false, 1/0,
+    /// yes/no or on/off.
+    #[arg(long, env = "KSYNC_IN_MEMORY", value_parser = clap::builder::BoolishValueParser::new())]
     in_memory: bool,
 
     /// HS256 secret for JWTs (at least 32 bytes). Visible in `ps` when given here: prefer

@@ -351,3 +351,67 @@ fn bad_configuration_exits_with_a_clear_error() {
     assert!(stderr.contains("at least 32 bytes"), "{stderr}");
     assert!(!stderr.contains("short\n"), "{stderr}");
 }
+
+/// Runs `ksync serve` with `args` to its end (it must fail at start-up); its stderr.
+fn serve_fails(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_ksync"))
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .expect("run ksync");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    stderr
+}
+
+#[test]
+fn start_up_errors_say_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let file = file.to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--in-memory", "--heartbeat-secs", "0"],
+            "must be positive",
+        ),
+        (
+            &["--in-memory", "--max-message-bytes", "10"],
+            "at least 1024 bytes",
+        ),
+        (&["--data-dir", file], "File exists"),
+    ];
+    for (args, cause) in cases {
+        let stderr = serve_fails(args);
+        assert_eq!(stderr.matches(cause).count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("ksync: starting the server"), "{stderr}");
+    }
+    // The data directory is named in its error.
+    assert!(serve_fails(&["--data-dir", file]).contains(file));
+}
+
+#[test]
+fn ksync_in_memory_takes_the_usual_spellings_of_a_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    for on in ["1", "true", "yes", "on"] {
+        let served = serve(&["--data-dir", data_dir], &[("KSYNC_IN_MEMORY", on)]);
+        assert!(
+            served.first_line.contains("data in memory"),
+            "KSYNC_IN_MEMORY={on}: {}",
+            served.first_line
+        );
+        stop(served);
+    }
+    for off in ["0", "false", "no", "off"] {
+        let served = serve(&["--data-dir", data_dir], &[("KSYNC_IN_MEMORY", off)]);
+        assert!(
+            served.first_line.contains(&format!("data in {data_dir}")),
+            "KSYNC_IN_MEMORY={off}: {}",
+            served.first_line
+        );
+        stop(served);
+    }
+}
