@@ -282,3 +282,26 @@ async fn refused_events_and_failures_have_exit_codes() {
         .expect("doc");
     assert_eq!(latest.version, 2);
 }
+
+#[tokio::test]
+async fn an_event_the_server_would_refuse_is_refused_by_emit_and_never_waits_to_be_pushed() {
+    let svc = service().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = ksync(tmp.path(), &["clone", &svc.url("notes"), "wd"]).await;
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let wd = tmp.path().join("wd");
+    let long_type = "t".repeat(257);
+    for (event_type, why) in [
+        ("", "event type is empty"),
+        (long_type.as_str(), "257 bytes"),
+    ] {
+        let out = ksync(&wd, &["emit", event_type, "{}"]).await;
+        assert_eq!(code(&out), 2, "a usage error: {}", text(&out));
+        assert!(text(&out).contains(why), "{}", text(&out));
+    }
+    // Nothing was recorded: no push is refused over it, again and again.
+    let out = ksync(&wd, &["push"]).await;
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(text(&out).contains("Nothing to push"), "{}", text(&out));
+    assert!(svc.branch("main").is_empty());
+}
