@@ -624,6 +624,11 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, generation: 
         let resync = matches!(end.error, Some(WsError::RoomReset { .. }));
         if let Some(error) = end.error {
             dlog!(config.debug, %error, "session ended");
+            // Notified before a waiting `connect` returns the error.
+            inner.notifier.emit(Notification::Status(Status::Error));
+            inner
+                .notifier
+                .emit(Notification::Error(Arc::new(error.clone().into())));
             if !end.was_connected {
                 for waiter in lock(&inner.waiters).drain(..) {
                     let _ = waiter.send(Err(error.clone()));
@@ -631,10 +636,6 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, generation: 
                 // A `connect` during this attempt has its answer: no skipping the next delay.
                 let _ = inner.retry_now.notified().now_or_never();
             }
-            inner.notifier.emit(Notification::Status(Status::Error));
-            inner
-                .notifier
-                .emit(Notification::Error(Arc::new(error.into())));
         }
         if end.stopped || *stop.borrow() {
             break;
@@ -725,13 +726,14 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> Sessio
         };
     }
     inner.state.send_replace(Link::Up);
+    // Notified before `connect` returns, as a caller of `connect` would expect.
+    inner.notifier.emit(Notification::Connected);
+    session.set_status(Status::Connected);
     for waiter in lock(&inner.waiters).drain(..) {
         let _ = waiter.send(Ok(()));
     }
     // Answered: a `connect` during this attempt must not skip a later delay.
     let _ = inner.retry_now.notified().now_or_never();
-    inner.notifier.emit(Notification::Connected);
-    session.set_status(Status::Connected);
     let up_since = Instant::now();
     let result = session.run(stop).await;
     let stayed_up = up_since.elapsed() >= config.reconnect_max;

@@ -651,3 +651,56 @@ async fn connect_called_from_a_disconnected_handler_connects_again() {
     client.disconnect().await.expect("disconnect");
     server.abort();
 }
+
+// Two threads: the caller of `connect` could otherwise run ahead of the notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_and_error_are_notified_before_connect_returns() {
+    // Nothing listens yet (bound, then dropped): the first connect fails.
+    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let refused = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
+        .reconnect(false)
+        .build()
+        .expect("client");
+    let told_error = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let told = told_error.clone();
+        let _sub = refused
+            .notifier()
+            .on("error", move |_| {
+                std::thread::sleep(Duration::from_millis(100));
+                told.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+            .expect("kind");
+    }
+    refused.connect().await.expect_err("nothing listens");
+    assert!(
+        told_error.load(std::sync::atomic::Ordering::SeqCst),
+        "`error` handlers ran before connect() returned the error"
+    );
+
+    let server = start(RelayConfig::default()).await;
+    let client = quick(&server.url(None));
+    let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let told = told.clone();
+        let _sub = client
+            .notifier()
+            .on("connected", move |_| {
+                // A handler that takes a moment (logging, UI).
+                std::thread::sleep(Duration::from_millis(100));
+                told.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+            .expect("kind");
+    }
+    client.connect().await.expect("connect");
+    assert!(
+        told.load(std::sync::atomic::Ordering::SeqCst),
+        "`connected` handlers ran before connect() returned"
+    );
+    client.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
