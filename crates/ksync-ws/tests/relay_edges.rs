@@ -1056,3 +1056,66 @@ async fn a_storage_failure_while_joining_closes_with_1011() {
     assert_eq!(recv_json(&mut ws).await["results"][0]["status"], "stored");
     server.stop().await;
 }
+
+/// A connection in the middle of a long catch-up when the relay shuts down stops it and is
+/// closed with 1001 (resume later from the cursor), instead of sending the rest of the
+/// history first while the shutdown waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_catch_up_stops_at_shutdown_with_1001() {
+    let server = start(RelayConfig {
+        page_size: 1,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("history"));
+    let (mut publisher, _) = join(&url, hello()).await;
+    let total = 3000u64;
+    for chunk in (1..=total).collect::<Vec<_>>().chunks(100) {
+        let events: Vec<Value> = chunk
+            .iter()
+            .map(|&n| {
+                let mut e = event(&format!("h{n}"), n);
+                e["data"] = json!("d".repeat(4096));
+                e
+            })
+            .collect();
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","ref":chunk[0],"events":events}),
+        )
+        .await;
+        recv_json(&mut publisher).await;
+    }
+    let (mut reader, _) = join(&url, json!({"type":"hello","protocol":1,"since":0})).await;
+    let mut last = 0;
+    let mut stopping = None;
+    let code = loop {
+        let message = tokio::time::timeout(Duration::from_secs(20), reader.next())
+            .await
+            .expect("progress")
+            .expect("open")
+            .expect("ok");
+        match message {
+            Message::Text(text) => {
+                let batch: Value = serde_json::from_str(text.as_str()).expect("json");
+                for e in batch["events"].as_array().expect("events") {
+                    let seq = e["seq"].as_u64().expect("seq");
+                    assert_eq!(seq, last + 1);
+                    last = seq;
+                }
+                if last == 10 {
+                    let relay = server.relay.clone();
+                    stopping = Some(tokio::spawn(async move { relay.shutdown().await }));
+                }
+                // A slow reader: the history cannot all be on its way already.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Message::Close(frame) => break frame.map(|f| u16::from(f.code)),
+            _ => {}
+        }
+    };
+    assert_eq!(code, Some(1001));
+    assert!(last < total, "the whole history was sent before the close");
+    stopping.expect("shutdown started").await.expect("shutdown");
+    server.task.abort();
+}

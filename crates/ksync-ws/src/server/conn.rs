@@ -521,6 +521,7 @@ async fn catch_up(
     if let Some(state) = snapshot {
         let limit = shared.config.max_message_size;
         for chunk in state.chunks(page) {
+            catch_up_goes_on(shared, writer)?;
             send_bounded(writer, chunk.to_vec(), limit, |events| {
                 ServerMessage::Snapshot(SnapshotPage {
                     server_version,
@@ -555,6 +556,7 @@ async fn catch_up(
     let storage = room_link.storage();
     let mut after = since;
     while after < server_version {
+        catch_up_goes_on(shared, writer)?;
         let limit = usize::try_from(server_version - after)
             .unwrap_or(usize::MAX)
             .min(page);
@@ -571,6 +573,20 @@ async fn catch_up(
         .await?;
     }
     Ok(())
+}
+
+/// Whether a catch-up should send its next page: not once the relay shuts down (1001) or the
+/// room dropped this connection (e.g. 4008, its queue overflowed meanwhile); the rest of a
+/// long history would hold the shutdown up, or be sent for nothing. The client resumes from
+/// its cursor either way.
+fn catch_up_goes_on(shared: &Shared, writer: &Writer) -> Result<(), End> {
+    if *shared.shutdown.borrow() {
+        return Err(going_away());
+    }
+    match writer.outbox.close_reason() {
+        Some((code, reason)) => Err(End::Close(code, reason.into())),
+        None => Ok(()),
+    }
 }
 
 /// Sends `items` in as few messages as possible, each at most `limit` bytes of JSON (halving

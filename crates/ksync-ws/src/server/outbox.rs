@@ -230,6 +230,12 @@ impl Outbox {
         }
     }
 
+    /// Why the room stopped sending, as soon as it did (frames may still be queued): a
+    /// catch-up stops there, the client resumes from its cursor.
+    pub(crate) fn close_reason(&self) -> Option<(u16, &'static str)> {
+        self.lock().closed
+    }
+
     /// The connection ended: drop the socket's write half now (the room may hold the outbox a
     /// little longer) and refuse further frames.
     pub(crate) fn leave(&self) {
