@@ -83,9 +83,14 @@ pub fn lww_cmp(a: &Event, b: &Event) -> Ordering {
 /// Every resolution writes a new revision at `max(ours.version, theirs.version) + 1` carrying
 /// the chosen content, so that it supersedes both conflicting revisions everywhere it travels.
 /// Two replicas that resolve the same conflict the same way produce revisions with the same
-/// content, which deduplicate (origin is not content).
+/// content, which deduplicate (origin is not content). At `u64::MAX` the version saturates:
+/// that revision conflicts again and cannot be written, and the conflict stays unsettled.
 pub fn resolve(conflict: &Conflict, resolution: &Resolution, resolver_origin: &str) -> Event {
-    let version = conflict.ours.version.max(conflict.theirs.version) + 1;
+    let version = conflict
+        .ours
+        .version
+        .max(conflict.theirs.version)
+        .saturating_add(1);
     let chosen: Event = match resolution {
         Resolution::Ours => conflict.ours.clone(),
         Resolution::Theirs => conflict.theirs.clone(),

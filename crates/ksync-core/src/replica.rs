@@ -229,11 +229,16 @@ impl Replica {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let version = self
-                .inner
-                .storage
-                .latest(id)?
-                .map_or(1, |s| s.event.version + 1);
+            let version = match self.inner.storage.latest(id)? {
+                None => 1,
+                // A revision at u64::MAX (only another replica can write one) is the last.
+                Some(latest) => latest.event.version.checked_add(1).ok_or_else(|| {
+                    SyncError::Rejected(format!(
+                        "event {id:?} is at the highest version ({}); no revision can follow it",
+                        latest.event.version
+                    ))
+                })?,
+            };
             let event = revision(version);
             match self.append_one(event.clone()).await? {
                 AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq } => {
@@ -295,14 +300,21 @@ impl Replica {
             };
             let mut event = resolve(conflict, &resolution, self.id());
             if let Some(latest) = latest {
-                event.version = event.version.max(latest.event.version + 1);
+                event.version = event.version.max(latest.event.version.saturating_add(1));
             }
-            let mark = (format!("{SETTLED_PREFIX}{}", event.id), event.version);
-            resolutions.extend(self.inner.storage.append(vec![event]).await?.appended);
-            self.inner
-                .storage
-                .set_meta(&mark.0, &mark.1.to_string())
-                .await?;
+            // At u64::MAX no revision can supersede the conflict (`resolve` saturates): the
+            // append is the conflict again, nothing is written and the conflict stays reported.
+            let appended = self.inner.storage.append(vec![event]).await?.appended;
+            if let Some(settled) = appended.first() {
+                self.inner
+                    .storage
+                    .set_meta(
+                        &format!("{SETTLED_PREFIX}{}", settled.event.id),
+                        &settled.event.version.to_string(),
+                    )
+                    .await?;
+            }
+            resolutions.extend(appended);
         }
         Ok(Ingested {
             appended: outcome.appended,

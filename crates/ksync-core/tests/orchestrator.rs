@@ -245,3 +245,26 @@ async fn a_panicking_conflict_callback_settles_by_last_write_wins_on_every_repli
     assert_eq!((at_a.version, &at_a.data), (2, &json!("b's edit")));
     assert!(at_a.same_content(&at_b) && at_a.version == at_b.version);
 }
+
+#[tokio::test]
+async fn the_highest_version_neither_overflows_nor_wraps_to_zero() {
+    let ksync = ksync().await;
+    let top = Event::new("x", "t", json!("theirs"), 5)
+        .with_version(u64::MAX)
+        .with_origin("peer");
+    let ingested = ksync.replica().ingest(vec![top.clone()]).await.unwrap();
+    assert_eq!(ingested.appended.len(), 1);
+    // No revision can come after it: a local update is refused with a typed error...
+    let update = ksync.update("x", "t", json!("mine")).await;
+    assert!(matches!(update, Err(SyncError::Rejected(_))), "{update:?}");
+    // ... and a conflict at that version is reported but cannot be settled by a new revision.
+    let other = Event::new("x", "t", json!("another"), 9)
+        .with_version(u64::MAX)
+        .with_origin("elsewhere");
+    let ingested = ksync.replica().ingest(vec![other]).await.unwrap();
+    assert_eq!(ingested.conflicts.len(), 1);
+    assert!(ingested.resolutions.is_empty());
+    let stored = ksync.replica().storage().read_since(0, usize::MAX).unwrap();
+    assert!(stored.iter().all(|s| s.event.version != 0), "{stored:?}");
+    assert_eq!(ksync.state().unwrap()["x"], top);
+}
