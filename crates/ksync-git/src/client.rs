@@ -910,11 +910,6 @@ impl GitSyncClient {
         };
         let result = pushed?;
         recorded?;
-        if !result.pushed_events.is_empty() && self.inner.notifier.wants(NotificationKind::Sync) {
-            self.inner
-                .notifier
-                .emit(Notification::Sync(result.pushed_events.clone()));
-        }
         Ok(result)
     }
 
@@ -937,6 +932,7 @@ impl GitSyncClient {
         // At most one batch in flight while the next one is read and encoded. Batches are sent
         // one after the other, so the server applies them in log order.
         let mut in_flight: Option<InFlight> = None;
+        let wants_sync = self.inner.notifier.wants(NotificationKind::Sync);
         loop {
             let batch = self.pending_batch(replica, &segments, branch, scanned)?;
             scanned = batch.end;
@@ -947,8 +943,16 @@ impl GitSyncClient {
             }
             let mut acknowledged = None;
             if let Some(previous) = in_flight.take() {
+                let before = result.pushed_events.len();
                 acknowledged = Some(settle(previous, &mut pulled, &mut result).await?);
                 answered = true;
+                // One `sync` per acknowledged batch (as a pull has one per page): a later
+                // batch that fails must not hide the ones the server took.
+                if result.pushed_events.len() > before && wants_sync {
+                    self.inner
+                        .notifier
+                        .emit(Notification::Sync(result.pushed_events[before..].to_vec()));
+                }
                 self.report(
                     Phase::Push,
                     (result.pushed_events.len() + result.rejected_events.len()) as u64,

@@ -445,3 +445,132 @@ async fn a_pull_cut_off_mid_page_resumes_without_loss_or_duplicates() {
     drop(sub);
     task.abort();
 }
+
+/// A push in batches whose second batch fails: the first batch is on the server, its events
+/// are reported (`sync` notification) and no longer pending; the retry sends only the rest.
+/// Across both pushes every event is reported once and stored once.
+#[tokio::test]
+async fn a_push_that_fails_part_way_reports_and_keeps_what_the_server_took() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::Request;
+    use axum::middleware::Next;
+    use axum::response::IntoResponse;
+    use ksync_core::{InMemoryProvider, Notification};
+
+    const EVENTS: usize = 30;
+    let provider = Arc::new(InMemoryProvider::new());
+    let service = ksync_git::server::GitServer::new(
+        Arc::clone(&provider) as Arc<dyn ksync_core::StorageProvider>,
+        Arc::new(common::TestAuth),
+    );
+    service
+        .create_repo(&ksync_core::Name::new("r").expect("name"))
+        .await
+        .expect("repo");
+    // While armed, the second push request fails (the server is "down") without being applied.
+    let armed = Arc::new(AtomicBool::new(true));
+    let pushes = Arc::new(AtomicUsize::new(0));
+    let fail = {
+        let armed = Arc::clone(&armed);
+        let pushes = Arc::clone(&pushes);
+        move |req: Request, next: Next| {
+            let armed = Arc::clone(&armed);
+            let pushes = Arc::clone(&pushes);
+            async move {
+                let is_push = req.method() == axum::http::Method::POST
+                    && req.uri().path().ends_with("/events");
+                if is_push
+                    && armed.load(Ordering::SeqCst)
+                    && pushes.fetch_add(1, Ordering::SeqCst) == 1
+                {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                }
+                next.run(req).await
+            }
+        }
+    };
+    let app = service.router().layer(axum::middleware::from_fn(fail));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .expect("serve");
+    });
+    let url = format!("http://{addr}/git/r");
+    let c = ksync_git::GitSyncClient::builder(&url)
+        .auth(ksync_core::Auth::token("writer"))
+        .push_batch_size(10)
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let synced: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sub = {
+        let synced = Arc::clone(&synced);
+        c.on(
+            "sync",
+            Box::new(move |n: &Notification| {
+                if let Notification::Sync(events) = n {
+                    synced
+                        .lock()
+                        .expect("lock")
+                        .extend(events.iter().map(|e| e.id.clone()));
+                }
+            }),
+        )
+        .expect("on")
+    };
+    for i in 0..EVENTS {
+        c.send(Event::new(format!("e{i}"), "t", json!(i), 1))
+            .await
+            .expect("send");
+    }
+    let err = c.push().await.expect_err("the second batch fails");
+    assert_eq!(GitError::of(&err).and_then(GitError::status), Some(503));
+    assert_eq!(
+        branch_ids(provider.as_ref(), "r").len(),
+        10,
+        "the first batch landed"
+    );
+    assert_eq!(c.local_status().expect("status").pending_events, 20);
+    armed.store(false, Ordering::SeqCst);
+    let pushed = c.push().await.expect("push again");
+    assert_eq!(pushed.pushed_events.len(), 20, "only what did not land");
+    let expected: Vec<String> = (0..EVENTS).map(|i| format!("e{i}")).collect();
+    assert_eq!(branch_ids(provider.as_ref(), "r"), expected);
+    // Notifications are delivered by a task: wait (bounded) for all of them.
+    for _ in 0..200 {
+        if synced.lock().expect("lock").len() >= EVENTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut reported = synced.lock().expect("lock").clone();
+    reported.sort_by_key(|id| id[1..].parse::<usize>().expect("number"));
+    assert_eq!(reported, expected, "each pushed event reported once");
+    drop(sub);
+    task.abort();
+}
+
+/// The ids on branch `main` of `repo`, in order, read from the service's storage.
+fn branch_ids(provider: &dyn ksync_core::StorageProvider, repo: &str) -> Vec<String> {
+    provider
+        .existing(&ksync_core::LogName::Branch {
+            repo: ksync_core::Name::new(repo).expect("valid"),
+            branch: ksync_core::Name::new("main").expect("valid"),
+        })
+        .expect("provider")
+        .expect("branch exists")
+        .read_since(0, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|s| s.event.id)
+        .collect()
+}
