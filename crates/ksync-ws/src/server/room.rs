@@ -485,8 +485,8 @@ impl Room {
 
     /// Appends the batch's valid events in one storage append, then acknowledges each publish
     /// and fans the new events out. Consecutive publishes of one connection become one run:
-    /// shared events frames for everyone else (see `max_frame_bytes`), and that connection's acks,
-    /// in order.
+    /// shared events frames for everyone else (see `max_frame_bytes`), and that connection's
+    /// acks, in order.
     async fn commit(&mut self, batch: &mut Vec<PublishCommand>) {
         let mut plans = std::mem::take(&mut self.scratch.plans);
         let mut slots = std::mem::take(&mut self.scratch.slots);
