@@ -96,7 +96,8 @@ pub struct WebSocketSyncClientBuilder {
 }
 
 impl WebSocketSyncClientBuilder {
-    /// Credentials: `Auth::jwt(..)` or `Auth::api_key(..)`. Default none.
+    /// Credentials: `Auth::jwt(..)` or `Auth::api_key(..)`. Default none. `build` refuses
+    /// credentials that cannot go in an HTTP header (control characters, e.g. a newline).
     pub fn auth(mut self, auth: Auth) -> Self {
         self.config.auth = Some(auth);
         self
@@ -209,6 +210,15 @@ impl WebSocketSyncClientBuilder {
         if c.outbox_capacity == 0 || c.metrics_interval.is_zero() {
             return Err(SyncError::Config(
                 "outbox_capacity and metrics_interval must be positive".into(),
+            ));
+        }
+        if let Some(auth) = &c.auth
+            && http::HeaderValue::from_str(&auth.header().1).is_err()
+        {
+            // Never sendable: refused here rather than failing every attempt. (No secret in
+            // the message.)
+            return Err(SyncError::Config(
+                "credentials contain characters not allowed in an HTTP header".into(),
             ));
         }
         let target = Target::parse(&c.url)?;

@@ -171,3 +171,20 @@ async fn a_reconnect_delay_that_cannot_grow_is_refused_at_build() {
         .build()
         .expect("accepted");
 }
+
+#[tokio::test]
+async fn credentials_that_cannot_be_sent_in_a_header_are_refused_at_build() {
+    // A key with a line break (e.g. read from a file with its newline) can never be sent:
+    // refused up front instead of failing every connection attempt forever.
+    for auth in [
+        ksync_core::Auth::api_key("key\n"),
+        ksync_core::Auth::jwt("a\u{0}b"),
+    ] {
+        let error = WebSocketSyncClient::builder("ws://127.0.0.1:9/ws")
+            .auth(auth)
+            .build()
+            .expect_err("refused");
+        assert!(matches!(error, SyncError::Config(_)), "{error}");
+        assert!(!error.to_string().contains("key\n"), "no secret in {error}");
+    }
+}
