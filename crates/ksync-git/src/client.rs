@@ -112,7 +112,10 @@ impl GitSyncClientBuilder {
         self
     }
 
-    /// Pull on this period once connected (default zero: off).
+    /// Pull on this period once connected (default zero: off). A failed pull is reported
+    /// (`error` notification) and tried again on the next tick, except a refusal of the
+    /// credentials (401/403, [`SyncError::Auth`]), which stops auto-pull until the next
+    /// `connect()`.
     pub fn pull_interval(mut self, interval: Duration) -> Self {
         self.pull_interval = interval;
         self
@@ -1263,9 +1266,20 @@ fn spawn_auto_pull(inner: Weak<Inner>, period: Duration) -> tokio::task::JoinHan
             interval.tick().await;
             let Some(inner) = inner.upgrade() else { break };
             let client = GitSyncClient { inner };
-            if let Err(e) = client.pull().await {
-                tracing::debug!(error = %e, "git: auto-pull failed");
-                client.inner.notifier.emit(Notification::Error(Arc::new(e)));
+            match client.pull().await {
+                Ok(_) => {}
+                // The credentials are the builder's: refused once, refused on every tick.
+                // Stop rather than knock forever (and feed the server's failed-login count);
+                // `connect()` starts auto-pull again.
+                Err(e @ SyncError::Auth(_)) => {
+                    tracing::warn!(error = %e, "git: auto-pull refused; auto-pull stopped");
+                    client.inner.notifier.emit(Notification::Error(Arc::new(e)));
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "git: auto-pull failed");
+                    client.inner.notifier.emit(Notification::Error(Arc::new(e)));
+                }
             }
         }
     })

@@ -574,3 +574,119 @@ fn branch_ids(provider: &dyn ksync_core::StorageProvider, repo: &str) -> Vec<Str
         .map(|s| s.event.id)
         .collect()
 }
+
+/// Credentials that stop working (a token revoked or expired) make auto-pull fail with
+/// `SyncError::Auth`; it reports that once and stops rather than knocking on every tick
+/// (the builder's credentials cannot change by themselves). `connect()` starts it again.
+#[tokio::test]
+async fn auto_pull_stops_when_the_credentials_are_refused() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use ksync_core::{AuthError, Authenticator, Credentials, Grant, InMemoryProvider};
+
+    struct Revocable {
+        revoked: AtomicBool,
+        refused: AtomicUsize,
+    }
+    impl Authenticator for Revocable {
+        fn authenticate(&self, _: &Credentials) -> Result<Grant, AuthError> {
+            if self.revoked.load(Ordering::SeqCst) {
+                self.refused.fetch_add(1, Ordering::SeqCst);
+                return Err(AuthError::Invalid("revoked".into()));
+            }
+            Ok(Grant {
+                subject: "app".into(),
+                rooms: None,
+                repos: None,
+                read: true,
+                write: true,
+            })
+        }
+    }
+    let auth = Arc::new(Revocable {
+        revoked: AtomicBool::new(false),
+        refused: AtomicUsize::new(0),
+    });
+    let service = ksync_git::server::GitServer::new(
+        Arc::new(InMemoryProvider::new()),
+        Arc::clone(&auth) as Arc<dyn Authenticator>,
+    );
+    service
+        .create_repo(&ksync_core::Name::new("r").expect("name"))
+        .await
+        .expect("repo");
+    let app = service.router();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .expect("serve");
+    });
+    let c = ksync_git::GitSyncClient::builder(format!("http://{addr}/git/r"))
+        .auth(ksync_core::Auth::token("app-token"))
+        .pull_interval(Duration::from_millis(20))
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sub = c
+        .on(
+            "error",
+            Box::new(move |n: &ksync_core::Notification| {
+                if let ksync_core::Notification::Error(e) = n {
+                    let _ = tx.send(e.clone());
+                }
+            }),
+        )
+        .expect("on");
+    c.connect().await.expect("connect");
+    auth.revoked.store(true, Ordering::SeqCst);
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an error is reported")
+        .expect("open");
+    assert!(
+        matches!(*first, ksync_core::SyncError::Auth(_)),
+        "{first:?}"
+    );
+    // Many ticks later: no further attempt was made, nothing more was reported.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(auth.refused.load(Ordering::SeqCst), 1);
+    assert!(rx.try_recv().is_err());
+
+    // Once the credentials work again, connect() starts auto-pull again.
+    auth.revoked.store(false, Ordering::SeqCst);
+    c.connect().await.expect("connect");
+    let writer_ok = ksync_git::GitSyncClient::builder(format!("http://{addr}/git/r"))
+        .auth(ksync_core::Auth::token("app-token"))
+        .build()
+        .expect("client");
+    writer_ok
+        .send(Event::new("late", "t", json!(1), 1))
+        .await
+        .expect("send");
+    writer_ok.push().await.expect("push");
+    let mut pulled = false;
+    for _ in 0..400 {
+        if c.replica()
+            .storage()
+            .latest("late")
+            .expect("read")
+            .is_some()
+        {
+            pulled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(pulled, "auto-pull runs again after connect()");
+    drop(sub);
+    task.abort();
+}
