@@ -407,11 +407,15 @@ async fn refuse_rate_limited(
         if let Some(counters) = &state.auth_counters {
             counters.rate_limited.fetch_add(1, Ordering::Relaxed);
         }
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed authentication attempts",
-        )
-            .into_response();
+        // In the error shape each protocol documents (PROTOCOL.md): the repository service's
+        // `{"error": {"code", "message"}}`, the WebSocket refusals' `{"error": "..."}`.
+        let message = "too many failed authentication attempts";
+        let body = if request.uri().path().starts_with("/git") {
+            serde_json::json!({"error": {"code": "rate_limited", "message": message}})
+        } else {
+            serde_json::json!({ "error": message })
+        };
+        return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
     }
     match peer {
         // Routers that authenticate without passing the client's address still get it counted.

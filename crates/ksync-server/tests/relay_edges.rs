@@ -324,3 +324,55 @@ async fn a_monitor_close_is_answered_with_a_close_frame() {
     }
     running.shutdown().await.unwrap();
 }
+
+/// A client refused for too many failed attempts gets 429 with the body each protocol
+/// documents: `{"error": "..."}` for WebSocket upgrades (relay and monitor),
+/// `{"error": {"code": "rate_limited", ...}}` for `/git`.
+#[tokio::test]
+async fn rate_limited_refusals_have_the_documented_json_bodies() {
+    let running = Server::bind(ServerConfig {
+        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        in_memory: true,
+        auth: ksync_server::AuthConfig {
+            api_keys: vec![ksync_server::ApiKey::new("app", "right-key-0123")],
+            rate_limit: ksync_server::RateLimit {
+                max_failures: 1,
+                ..ksync_server::RateLimit::default()
+            },
+            ..ksync_server::AuthConfig::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await
+    .unwrap();
+    let addr = running.local_addr();
+    let upgrade = |path: &str, key: &str| {
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!("ws://{addr}{path}"),
+            )
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("x-api-key", key.parse().unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+    let (status, _) = refusal(upgrade("/ws/lobby", "wrong").await.expect_err("wrong key"));
+    assert_eq!(status, 401);
+    for path in ["/ws/lobby", "/", "/monitor"] {
+        let (status, body) = refusal(upgrade(path, "right-key-0123").await.expect_err("limited"));
+        assert_eq!(status, 429, "{path}");
+        assert!(body["error"].is_string(), "{path}: {body}");
+    }
+    let git = reqwest::Client::new()
+        .get(format!("http://{addr}/git/notes"))
+        .header("x-api-key", "right-key-0123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(git.status(), 429);
+    let body: Value = git.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    running.shutdown().await.unwrap();
+}
