@@ -523,7 +523,8 @@ impl GitSyncClient {
     /// conflict policy (`ours` = `into`'s revision, `theirs` = `from`'s), and the resolutions
     /// are pushed to `into`. A collision under an id that `into` already superseded with a
     /// newer revision is reported but not settled again. When `into` is checked out, it is
-    /// pulled afterwards.
+    /// pulled afterwards. When pushing the resolutions fails, the same `merge` again pushes
+    /// them (the server reports a collision only once).
     pub async fn merge(&self, into: &str, from: &str) -> Result<MergeResult, SyncError> {
         let into_name = branch_name(into)?;
         branch_name(from)?;
@@ -564,7 +565,13 @@ impl GitSyncClient {
             result.resolutions.push(event);
         }
         let head = self.current_branch();
+        // The server's merge cursor has moved past these conflicts: a later merge will not
+        // report them again. Until the resolutions are on `into`, a durable mark says they
+        // are owed, so a merge retried after a failed push sends them.
+        let owed = self.cursor_key(into_name.as_str(), "merge-owed");
+        let owes = replica.cursor(&owed)? > 0;
         if !result.resolutions.is_empty() {
+            replica.set_cursor(&owed, 1).await?;
             let mut segments = self.segments(&replica)?;
             let next = replica.storage().len() + 1;
             segments.start(next, into_name.as_str());
@@ -574,7 +581,10 @@ impl GitSyncClient {
             }
             segments.start(replica.storage().len() + 1, &head);
             self.save_segments(&replica, &segments).await?;
+        }
+        if owes || !result.resolutions.is_empty() {
             let pushed = self.push_branch(&replica, into_name.as_str()).await?;
+            replica.set_cursor(&owed, 0).await?;
             result.server_version = pushed.server_version;
         }
         if head == into_name.as_str() {

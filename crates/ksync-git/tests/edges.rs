@@ -690,3 +690,134 @@ async fn auto_pull_stops_when_the_credentials_are_refused() {
     drop(sub);
     task.abort();
 }
+
+/// Serves `app` on 127.0.0.1:0.
+async fn serve(app: axum::Router) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .expect("serve");
+    });
+    (addr, task)
+}
+
+/// A merge whose conflict resolutions cannot be pushed (the server fails the push) returns
+/// the error; the server's merge cursor has moved on and will not report the collision
+/// again, so the same merge retried must push the resolutions it owes.
+#[tokio::test]
+async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use axum::extract::Request;
+    use axum::middleware::Next;
+    use axum::response::IntoResponse;
+    use ksync_core::{InMemoryProvider, KSync, ManualClock};
+
+    let provider = Arc::new(InMemoryProvider::new());
+    let service = ksync_git::server::GitServer::new(
+        Arc::clone(&provider) as Arc<dyn ksync_core::StorageProvider>,
+        Arc::new(common::TestAuth),
+    );
+    service
+        .create_repo(&ksync_core::Name::new("r").expect("name"))
+        .await
+        .expect("repo");
+    // While armed, pushes to `main` fail.
+    let armed = Arc::new(AtomicBool::new(false));
+    let fail = {
+        let armed = Arc::clone(&armed);
+        move |req: Request, next: Next| {
+            let armed = Arc::clone(&armed);
+            async move {
+                if req.method() == axum::http::Method::POST
+                    && req.uri().path().ends_with("/branches/main/events")
+                    && armed.load(Ordering::SeqCst)
+                {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                }
+                next.run(req).await
+            }
+        }
+    };
+    let (addr, task) = serve(service.router().layer(axum::middleware::from_fn(fail))).await;
+    let url = format!("http://{addr}/git/r");
+    let clock = ManualClock::new(10);
+    let node = |id: &'static str| {
+        let url = url.clone();
+        let clock = clock.clone();
+        async move {
+            KSync::builder()
+                .storage(Arc::new(ksync_core::InMemoryStorage::new()))
+                .sync_client(Arc::new(client(&url)))
+                .replica_id(id)
+                .clock(Arc::new(clock))
+                .build()
+                .await
+                .expect("ksync")
+        }
+    };
+    let a = node("a").await;
+    let b = node("b").await;
+    a.client().create_branch("feature").await.expect("branch");
+    a.client().checkout("feature").await.expect("checkout");
+    clock.set(50);
+    a.update("doc", "d", json!("feature text"))
+        .await
+        .expect("edit");
+    a.push().await.expect("push feature");
+    clock.set(40);
+    b.update("doc", "d", json!("main text"))
+        .await
+        .expect("edit");
+    b.push().await.expect("push main");
+
+    armed.store(true, Ordering::SeqCst);
+    let err = a
+        .client()
+        .merge("main", "feature")
+        .await
+        .expect_err("the resolution cannot be pushed");
+    assert_eq!(GitError::of(&err).and_then(GitError::status), Some(503));
+    let main_doc = |provider: &dyn ksync_core::StorageProvider| {
+        provider
+            .existing(&ksync_core::LogName::Branch {
+                repo: ksync_core::Name::new("r").expect("valid"),
+                branch: ksync_core::Name::new("main").expect("valid"),
+            })
+            .expect("provider")
+            .expect("main")
+            .latest("doc")
+            .expect("read")
+            .expect("doc")
+            .event
+    };
+    assert_eq!(main_doc(provider.as_ref()).data, json!("main text"));
+
+    armed.store(false, Ordering::SeqCst);
+    let again = a.client().merge("main", "feature").await.expect("merge");
+    assert!(
+        again.conflicts.is_empty(),
+        "the server reports a collision once"
+    );
+    let doc = main_doc(provider.as_ref());
+    assert_eq!(
+        (doc.version, doc.data),
+        (2, json!("feature text")),
+        "the owed resolution (last write wins: feature's) is on main"
+    );
+    b.pull().await.expect("pull");
+    assert_eq!(b.state().expect("state")["doc"].data, json!("feature text"));
+    // Nothing is owed any more: a third merge pushes nothing.
+    let third = a.client().merge("main", "feature").await.expect("merge");
+    assert_eq!((third.appended, third.resolutions.len()), (0, 0));
+    assert_eq!(main_doc(provider.as_ref()).version, 2);
+    task.abort();
+}
