@@ -415,3 +415,41 @@ fn ksync_in_memory_takes_the_usual_spellings_of_a_switch() {
         stop(served);
     }
 }
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let first = serve(&["--data-dir", data_dir], &[]);
+    let mut second = Command::new(env!("CARGO_BIN_EXE_ksync"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir", data_dir])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(second.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if !line.is_empty() {
+        // It started: both would write the same logs (each room's file is locked, so the
+        // second would fail on every room the first has open, at run time).
+        sigterm(&second);
+        second.wait().unwrap();
+        panic!("a second server started on the same data directory: {line}");
+    }
+    let status = second.wait().unwrap();
+    let mut stderr = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another"), "{stderr}");
+    assert!(stderr.contains(data_dir), "{stderr}");
+    // Once the first is gone, the directory can be served again.
+    stop(first);
+    stop(serve(&["--data-dir", data_dir], &[]));
+}

@@ -12,6 +12,8 @@ use crate::storage::{FileStorage, FileStorageOptions, sync_dir};
 
 /// File name suffix of every log.
 const LOG_SUFFIX: &str = ".log";
+/// The file in the data directory that a provider keeps locked while it lives.
+const LOCK_FILE: &str = ".lock";
 
 /// Opens a [`FileStorage`] per log under one data directory:
 ///
@@ -24,6 +26,11 @@ const LOG_SUFFIX: &str = ".log";
 /// can leave the directory. The same `Arc` is returned for a name while the provider holds it;
 /// logs stay open until [`FileProvider::close`] or the provider is dropped.
 ///
+/// One provider per data directory: it holds an exclusive lock on `<dir>/.lock` while it lives
+/// (released when it is dropped, or when its process dies), so a second one, in this process
+/// or another (a second server started on the same directory by mistake), is refused when it
+/// is made, not on each room or branch the first one happens to hold open.
+///
 /// Opening a log replays it on the calling thread while holding the provider's lock (a large
 /// log takes a while: about 3 s per million events on a busy 2-core machine); async callers
 /// with big logs should call `open` from `spawn_blocking`.
@@ -32,11 +39,35 @@ pub struct FileProvider {
     dir: PathBuf,
     options: FileStorageOptions,
     open: Mutex<HashMap<LogName, Arc<FileStorage>>>,
+    /// Holds the directory's lock (see the type's docs) until the provider is dropped.
+    _lock: fs::File,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
     let context = context.into();
     move |source| StorageError::Io { context, source }
+}
+
+/// Takes the exclusive lock on `dir`'s [`LOCK_FILE`] (made if missing; it holds nothing).
+fn lock_dir(dir: &Path) -> Result<fs::File, StorageError> {
+    let path = dir.join(LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(StorageError::Io {
+            context: format!(
+                "data directory {} is in use by another ksync process or FileProvider",
+                dir.display()
+            ),
+            source: io::Error::new(io::ErrorKind::WouldBlock, "data directory is locked"),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(format!("locking {}", path.display()))(e)),
+    }
 }
 
 impl FileProvider {
@@ -53,10 +84,12 @@ impl FileProvider {
         let dir = data_dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir)
             .map_err(io_err(format!("creating data directory {}", dir.display())))?;
+        let lock = lock_dir(&dir)?;
         Ok(Self {
             dir,
             options,
             open: Mutex::new(HashMap::new()),
+            _lock: lock,
         })
     }
 

@@ -426,3 +426,27 @@ async fn provider_options_reach_every_log() {
     provider.flush_all().await.expect("flush");
     assert_eq!(faults.syncs.load(Ordering::SeqCst), 1, "flush syncs");
 }
+
+#[tokio::test]
+async fn one_provider_per_data_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = FileProvider::new(dir.path()).expect("provider");
+    first
+        .open(&LogName::Room(name("r")))
+        .expect("open")
+        .append(vec![ev("a", 1)])
+        .await
+        .expect("append");
+    match FileProvider::new(dir.path()) {
+        Err(StorageError::Io { context, .. }) => {
+            assert!(context.contains("in use"), "{context}");
+        }
+        other => panic!("a second provider on the directory: {other:?}"),
+    }
+    // The lock file is no log: nothing else is listed.
+    assert_eq!(first.list().expect("list"), vec![LogName::Room(name("r"))]);
+    drop(first);
+    let again = FileProvider::new(dir.path()).expect("free again once dropped");
+    let log = again.open(&LogName::Room(name("r"))).expect("open");
+    assert_eq!(log.len(), 1);
+}
