@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::conflict::{Conflict, ConflictResolver, Resolution, resolve};
 use crate::error::SyncError;
-use crate::event::Event;
+use crate::event::{Event, EventLimits};
 use crate::log::{AppendOutcome, Stored};
 use crate::notify::{Notification, Notifier};
 use crate::storage::{InMemoryStorage, Storage};
@@ -299,6 +299,12 @@ impl Replica {
                 self.resolution_for(conflict)
             };
             let mut event = resolve(conflict, &resolution, self.id());
+            if let Err(why) = event.validate(&EventLimits::default()) {
+                // A merged event with an empty or over-long type would be stored and then
+                // refused by every server: keep one of the two sides instead.
+                tracing::error!(id = %event.id, %why, "the merged resolution is not a valid event; settled by last-write-wins");
+                event = resolve(conflict, &Resolution::LastWriteWins, self.id());
+            }
             if let Some(latest) = latest {
                 event.version = event.version.max(latest.event.version.saturating_add(1));
             }

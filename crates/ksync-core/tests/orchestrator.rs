@@ -268,3 +268,25 @@ async fn the_highest_version_neither_overflows_nor_wraps_to_zero() {
     assert!(stored.iter().all(|s| s.event.version != 0), "{stored:?}");
     assert_eq!(ksync.state().unwrap()["x"], top);
 }
+
+#[tokio::test]
+async fn a_merged_resolution_that_is_no_valid_event_is_not_written() {
+    // The callback's event has another id and version (both replaced) and an empty type
+    // (which no server accepts): last-write-wins settles it instead, the same on both sides.
+    let merge_badly = |c: &Conflict| {
+        Resolution::Merged(
+            Event::new("other-id", "", json!("merged"), c.ours.timestamp).with_version(99),
+        )
+    };
+    let a = replica_with("a", merge_badly);
+    let b = replica_with("b", merge_badly);
+    let (_, at_a, at_b) = concurrent_edit_then_exchange(&a, &b, 10).await;
+    assert_eq!(
+        (at_a.id.as_str(), at_a.version, &at_a.data),
+        ("x", 2, &json!("b's edit"))
+    );
+    assert!(at_a.same_content(&at_b) && at_a.version == at_b.version);
+    for replica in [&a, &b] {
+        assert!(log(replica).iter().all(|e| !e.event_type.is_empty()));
+    }
+}
