@@ -1297,22 +1297,32 @@ fn spawn_auto_pull(inner: Weak<Inner>, period: Duration) -> tokio::task::JoinHan
 
 impl SyncClient for GitSyncClient {
     /// Checks that the repository answers (and the credentials work), then starts auto-pull
-    /// when `pull_interval` is set.
+    /// when `pull_interval` is set. Reports `connected` and the status `connected` (the
+    /// spec's statuses), or the status `error` when the check fails.
     fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
-            self.repo_info().await?;
-            {
+            let checked = async {
+                self.repo_info().await?;
                 let _op = self.inner.op.lock().await;
                 let replica = self.replica();
-                self.ensure_head(&replica).await?;
+                self.ensure_head(&replica).await
+            };
+            if let Err(e) = checked.await {
+                self.inner
+                    .notifier
+                    .emit(Notification::Status(Status::Error));
+                return Err(e);
             }
             self.stop_auto_pull();
+            self.inner.notifier.emit(Notification::Connected);
+            self.inner
+                .notifier
+                .emit(Notification::Status(Status::Connected));
+            // After the notifications: the first auto-pull's `syncing` comes after them.
             if !self.inner.pull_interval.is_zero() {
                 let task = spawn_auto_pull(Arc::downgrade(&self.inner), self.inner.pull_interval);
                 *lock(&self.inner.auto_pull) = Some(task);
             }
-            self.inner.notifier.emit(Notification::Connected);
-            self.inner.notifier.emit(Notification::Status(Status::Idle));
             Ok(())
         })
     }

@@ -821,3 +821,68 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
     assert_eq!(main_doc(provider.as_ref()).version, 2);
     task.abort();
 }
+
+/// The spec's statuses (`connected`, `syncing`, `idle`, `error`), each change reported once
+/// and in order: connect, a pull, a push, a pull of a missing branch, a failed connect.
+#[tokio::test]
+async fn statuses_follow_connect_pull_push_and_failures() {
+    use std::sync::{Arc, Mutex};
+
+    use ksync_core::{Notification, Status, Subscription};
+
+    /// Each client's statuses (one client's notifications arrive in order).
+    fn watch(c: &ksync_git::GitSyncClient) -> (Subscription, Arc<Mutex<Vec<Status>>>) {
+        let seen: Arc<Mutex<Vec<Status>>> = Arc::default();
+        let sink = Arc::clone(&seen);
+        let sub = c
+            .on(
+                "status",
+                Box::new(move |n: &Notification| {
+                    if let Notification::Status(s) = n {
+                        sink.lock().expect("lock").push(*s);
+                    }
+                }),
+            )
+            .expect("on");
+        (sub, seen)
+    }
+    /// Waits (bounded: notifications are delivered by a task) for `want`.
+    async fn expect(seen: &Mutex<Vec<Status>>, want: &[Status]) {
+        for _ in 0..200 {
+            if seen.lock().expect("lock").len() >= want.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(*seen.lock().expect("lock"), want);
+    }
+
+    let server = start(&["r"]).await;
+    let c = ksync_git::GitSyncClient::builder(server.repo_url("r"))
+        .auth(ksync_core::Auth::token("writer"))
+        .build()
+        .expect("client");
+    let (_sub, seen) = watch(&c);
+    c.connect().await.expect("connect");
+    c.pull().await.expect("pull");
+    c.send(Event::new("a", "t", json!(1), 1))
+        .await
+        .expect("send");
+    c.push().await.expect("push");
+    use Status::{Connected, Error, Idle, Syncing};
+    expect(&seen, &[Connected, Syncing, Idle, Syncing, Idle]).await;
+
+    let ghost = ksync_git::GitSyncClient::builder(server.repo_url("r"))
+        .auth(ksync_core::Auth::token("writer"))
+        .branch("ghost")
+        .build()
+        .expect("client");
+    let (_ghost_sub, ghost_seen) = watch(&ghost);
+    ghost.pull().await.expect_err("no such branch");
+    expect(&ghost_seen, &[Syncing, Error]).await;
+
+    let nothing = client(&server.repo_url("missing"));
+    let (_nothing_sub, nothing_seen) = watch(&nothing);
+    nothing.connect().await.expect_err("no such repository");
+    expect(&nothing_seen, &[Error]).await;
+}
