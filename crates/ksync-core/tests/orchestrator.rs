@@ -290,3 +290,55 @@ async fn a_merged_resolution_that_is_no_valid_event_is_not_written() {
         assert!(log(replica).iter().all(|e| !e.event_type.is_empty()));
     }
 }
+
+#[tokio::test]
+async fn a_handler_can_unsubscribe_itself_and_subscribe_others() {
+    let ksync = Arc::new(ksync().await);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let slot: Arc<Mutex<Option<ksync_core::Subscription>>> = Arc::default();
+    let later: Arc<Mutex<Vec<ksync_core::Subscription>>> = Arc::default();
+    let (c, s, l, k) = (
+        Arc::clone(&calls),
+        Arc::clone(&slot),
+        Arc::clone(&later),
+        Arc::downgrade(&ksync),
+    );
+    let once = ksync
+        .on("connected", move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+            // Inside the handler, while the notification is being delivered: no deadlock.
+            if let Some(own) = s.lock().unwrap().take() {
+                assert!(own.unsubscribe());
+            }
+            if let Some(ksync) = k.upgrade() {
+                let c = Arc::clone(&c);
+                l.lock().unwrap().push(
+                    ksync
+                        .on("connected", move |_| {
+                            c.fetch_add(100, Ordering::SeqCst);
+                        })
+                        .unwrap(),
+                );
+            }
+        })
+        .unwrap();
+    *slot.lock().unwrap() = Some(once);
+    let hub = ksync.client().notifier().clone();
+    hub.emit(Notification::Connected);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the new handler starts with the next one"
+    );
+    hub.emit(Notification::Connected);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        101,
+        "the first ran once, the second once"
+    );
+    // An unknown name is a typed error, not a silent no-op.
+    assert!(matches!(
+        ksync.on("conflicts", |_| {}),
+        Err(SyncError::UnknownNotification(name)) if name == "conflicts"
+    ));
+}
