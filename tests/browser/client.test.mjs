@@ -93,6 +93,44 @@ test('a page publishes to a Rust client and receives what the Rust client sends'
   }
 });
 
+test('a page whose room was reset reads it again from 0', async () => {
+  // In memory: the restarted server's room starts empty, behind the page's cursor.
+  const first = await startServer();
+  const url = `${first.ws}/ws/reset`;
+  let server = first;
+  try {
+    const page = await pageClient(first.http, url);
+    for (let i = 0; i < 3; i++) await page.evaluate((e) => window.sendTracked(e), makeEvent('old', { i }));
+    assert.equal(await page.evaluate(() => window.client.cursor), 3);
+    await page.evaluate(() => window.client.disconnect());
+    await first.stop();
+
+    server = await startServer({ bind: first.addr });
+    const other = await pageClient(server.http, url);
+    const fresh = [0, 1].map((i) => makeEvent('fresh', { i }));
+    const results = await other.evaluate((events) => Promise.all(events.map((e) => window.sendTracked(e))), fresh);
+    assert.deepEqual(results.map((r) => r.seq), [1, 2]);
+
+    // The page comes back with since 3 > 2: cursor_ahead, then it reads the new room from 0.
+    await page.evaluate(() => window.client.connect());
+    await waitFor(async () => (await receivedIds(page)).length === 2, 10000, 'the page got the new room\'s events');
+    assert.deepEqual(await receivedIds(page), fresh.map((e) => e.id));
+    assert.deepEqual(await page.evaluate(() => window.received.map((r) => r.seq)), [1, 2]);
+    assert.equal(await page.evaluate(() => window.client.cursor), 2);
+    assert.ok((await page.evaluate(() => window.errors)).some((e) => e.startsWith('cursor_ahead')));
+    // Live events keep coming after the resync.
+    const later = makeEvent('later');
+    await other.evaluate((e) => window.sendTracked(e), later);
+    await waitFor(async () => (await receivedIds(page)).includes(later.id), 10000, 'the page got a live event');
+    await page.evaluate(() => window.client.disconnect());
+    await other.evaluate(() => window.client.disconnect());
+    await page.close();
+    await other.close();
+  } finally {
+    await server.stop();
+  }
+});
+
 test('after a server restart the page resumes from its cursor without losing events', async () => {
   const dataDir = tempDir('ksync-browser-data-');
   let server = await startServer({ args: ['--data-dir', dataDir] });

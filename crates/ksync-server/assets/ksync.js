@@ -155,6 +155,8 @@ export class WebSocketSyncClient extends Emitter {
   #retryTimer = null;
   #cursor = null;
   #serverVersion = 0;
+  // Set on `cursor_ahead`: this session ends and the next one reads the room from 0.
+  #resyncing = false;
   #room = null;
   #nextRef = 1;
   #outbox = [];
@@ -300,6 +302,8 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   #events(batch) {
+    // Ending a session to read the room again from 0: all of this comes again there.
+    if (this.#resyncing) return;
     const events = [];
     for (const { seq, event } of batch) {
       // Each seq arrives once; anything at or below the cursor was already seen.
@@ -344,9 +348,12 @@ export class WebSocketSyncClient extends Emitter {
 
   #serverError(message) {
     const error = new KSyncError(message.code, message.message, { ref: message.ref });
-    if (message.code === 'cursor_ahead') {
-      // The room is behind our cursor (reset, or another server): continue from its version.
-      this.#cursor = this.#serverVersion;
+    if (message.code === 'cursor_ahead' && this.#socket) {
+      // The room is behind our cursor (reset, or another log at this address): what it holds
+      // now is not what we saw. Read it again from 0, at once, on a new session.
+      this.#cursor = 0;
+      this.#resyncing = true;
+      this.#socket.close(1000, 'resync from 0');
     }
     if (message.ref !== undefined && this.#inFlight.has(message.ref)) {
       for (const item of this.#inFlight.get(message.ref)) item.reject(error);
@@ -373,7 +380,13 @@ export class WebSocketSyncClient extends Emitter {
     const wasConnected = this.#connected;
     this.#connected = false;
     if (wasConnected) this.emit('disconnected', { code: close.code, reason: close.reason });
+    const resync = this.#resyncing;
+    this.#resyncing = false;
     if (this.#stopped) return;
+    if (resync) {
+      this.#open();
+      return;
+    }
     if (FATAL_CLOSE_CODES.has(close.code)) {
       const error = new KSyncError('closed', `server closed the connection: ${close.code} ${close.reason}`, { closeCode: close.code });
       this.#stopped = true;
