@@ -232,6 +232,8 @@ impl GitSyncClientBuilder {
 /// notification, and its resolution is a new revision that the next push sends. An event the
 /// server refuses because it holds other content under the same `(id, version)` comes back in
 /// `PushResult::rejected_events`; the next pull brings the server's revision and settles it.
+/// So does an event too large for the service's body limit even alone (413): it stays local
+/// and is not sent again, and the events after it are pushed.
 ///
 /// [`KSync`]: ksync_core::KSync
 ///
@@ -957,8 +959,9 @@ impl GitSyncClient {
             let mut acknowledged = None;
             if let Some(previous) = in_flight.take() {
                 let before = result.pushed_events.len();
-                acknowledged = Some(settle(previous, &mut pulled, &mut result).await?);
-                answered = true;
+                let settled = settle(previous, &mut pulled, &mut result).await?;
+                answered |= settled.answered;
+                acknowledged = Some(settled);
                 // One `sync` per acknowledged batch (as a pull has one per page): a later
                 // batch that fails must not hide the ones the server took.
                 if result.pushed_events.len() > before && wants_sync {
@@ -1052,7 +1055,25 @@ async fn settle(
     pulled: &mut u64,
     result: &mut PushResult,
 ) -> Result<Acknowledged, SyncError> {
-    let answer: PushResponse = joined(batch.answer).await?;
+    let answer: PushResponse = match joined(batch.answer).await {
+        Ok(answer) => answer,
+        // One event alone over the service's body limit: no retry can ever send it, and
+        // failing on it would hold back every event after it. It is refused like a
+        // collision (kept here, reported in `rejected_events`, not sent again).
+        Err(e)
+            if batch.events.len() == 1
+                && GitError::of(&e).and_then(GitError::status) == Some(413) =>
+        {
+            tracing::warn!(error = %e, "git: an event larger than the service accepts was not pushed");
+            result.rejected_events.extend(batch.events);
+            return Ok(Acknowledged {
+                end: batch.end,
+                fast_forward_to: None,
+                answered: false,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     let mut rejected = vec![false; batch.events.len()];
     for r in &answer.rejected {
         if let Some(slot) = rejected.get_mut(r.index) {
@@ -1076,6 +1097,7 @@ async fn settle(
     Ok(Acknowledged {
         end: batch.end,
         fast_forward_to,
+        answered: true,
     })
 }
 
@@ -1113,6 +1135,8 @@ struct Acknowledged {
     end: u64,
     /// The pull cursor, when the batch was a fast-forward.
     fast_forward_to: Option<u64>,
+    /// Whether the service stored the batch (and told its version).
+    answered: bool,
 }
 
 /// Pull pages requested at once (the one awaited and the ones after it).

@@ -886,3 +886,84 @@ async fn statuses_follow_connect_pull_push_and_failures() {
     nothing.connect().await.expect_err("no such repository");
     expect(&nothing_seen, &[Error]).await;
 }
+
+/// One event larger than the service's body limit (413 even when sent alone) can never be
+/// pushed: it comes back in `rejected_events` and stays local, and the events written after
+/// it are pushed (they waited behind it forever, every push failing with 413).
+#[tokio::test]
+async fn an_event_over_the_body_limit_is_rejected_and_does_not_hold_back_the_rest() {
+    use std::sync::Arc;
+
+    let server = common::start_with(
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        ksync_git::server::GitServerConfig {
+            max_body_bytes: 64 * 1024,
+            ..ksync_git::server::GitServerConfig::default()
+        },
+        &["r"],
+    )
+    .await;
+    let c = ksync_git::GitSyncClient::builder(server.repo_url("r"))
+        .auth(ksync_core::Auth::token("writer"))
+        .push_batch_bytes(32 * 1024)
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    c.send(Event::new("before", "t", json!(1), 1))
+        .await
+        .expect("send");
+    c.send(Event::new("huge", "t", json!("x".repeat(100 * 1024)), 2))
+        .await
+        .expect("send");
+    c.send(Event::new("after", "t", json!(3), 3))
+        .await
+        .expect("send");
+    let pushed = c.push().await.expect("push");
+    let ids = |events: &[Event]| events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&pushed.pushed_events), ["before", "after"]);
+    assert_eq!(ids(&pushed.rejected_events), ["huge"]);
+    assert_eq!(pushed.server_version, 2);
+    assert_eq!(
+        ids(&branch_events(&server, "r", "main")),
+        ["before", "after"]
+    );
+    assert!(
+        c.replica()
+            .storage()
+            .latest("huge")
+            .expect("read")
+            .is_some(),
+        "kept locally"
+    );
+    // Not sent again.
+    let again = c.push().await.expect("push");
+    assert!(again.pushed_events.is_empty() && again.rejected_events.is_empty());
+    // A batch of several events over the limit is still an error (smaller batches would
+    // fit: see `push_batch_bytes`), and nothing of it is skipped.
+    let small_batches = ksync_git::GitSyncClient::builder(server.repo_url("r"))
+        .auth(ksync_core::Auth::token("writer"))
+        .compression(false)
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    for i in 0..4 {
+        small_batches
+            .send(Event::new(
+                format!("mid{i}"),
+                "t",
+                json!("y".repeat(20 * 1024)),
+                i,
+            ))
+            .await
+            .expect("send");
+    }
+    let err = small_batches
+        .push()
+        .await
+        .expect_err("one batch over the limit");
+    assert_eq!(GitError::of(&err).and_then(GitError::status), Some(413));
+    assert_eq!(
+        small_batches.local_status().expect("status").pending_events,
+        4
+    );
+}
