@@ -1240,6 +1240,21 @@ impl Http {
             .into_sync()
         };
         let response = request.send().await.map_err(http)?;
+        // A service that announces another protocol version is refused, whatever it answered
+        // (one that announces none, e.g. behind a proxy that drops the header, is trusted).
+        if let Some(theirs) = response.headers().get(PROTOCOL_HEADER) {
+            let ours = ksync_core::PROTOCOL_VERSION.to_string();
+            if theirs.as_bytes() != ours.as_bytes() {
+                return Err(GitError::Protocol {
+                    url,
+                    reason: format!(
+                        "the service speaks protocol version {:?}, this client speaks {ours}",
+                        String::from_utf8_lossy(theirs.as_bytes())
+                    ),
+                }
+                .into_sync());
+            }
+        }
         let status = response.status();
         let bytes = response.bytes().await.map_err(http)?;
         if !status.is_success() {

@@ -967,3 +967,35 @@ async fn an_event_over_the_body_limit_is_rejected_and_does_not_hold_back_the_res
         4
     );
 }
+
+/// PROTOCOL.md: "a peer announcing another version is refused with a clear error". A service
+/// answering with `X-KSync-Protocol: 2` is refused by the client, whatever its body says.
+#[tokio::test]
+async fn a_service_announcing_another_protocol_version_is_refused() {
+    let info = json!({"repo": "r", "defaultBranch": "main", "branches": [
+        {"name": "main", "serverVersion": 0, "forkedFrom": null, "forkedAt": null}]});
+    let app = axum::Router::new().route(
+        "/git/r",
+        axum::routing::get(move || {
+            let info = info.to_string();
+            async move {
+                (
+                    [
+                        ("x-ksync-protocol", "2"),
+                        ("content-type", "application/json"),
+                    ],
+                    info,
+                )
+            }
+        }),
+    );
+    let (addr, task) = serve(app).await;
+    let c = client(&format!("http://{addr}/git/r"));
+    let err = c.connect().await.expect_err("another protocol version");
+    let git = GitError::of(&err).expect("a git error");
+    assert!(
+        matches!(git, GitError::Protocol { reason, .. } if reason.contains("version \"2\"")),
+        "{git:?}"
+    );
+    task.abort();
+}
