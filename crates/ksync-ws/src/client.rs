@@ -1416,7 +1416,20 @@ impl Session {
             match result {
                 PublishResult::Stored { seq } => self.room_cursor = self.room_cursor.max(seq),
                 PublishResult::Duplicate { .. } => {}
-                PublishResult::Conflict { held: theirs } => held.push(theirs),
+                PublishResult::Conflict { held: Some(theirs) } => held.push(theirs),
+                // The ack had no room for the revision: it is in the room's log, at a seq
+                // this client reads (or has read) from the stream, where a replica takes it
+                // in and settles the conflict like any received event.
+                PublishResult::Conflict { held: None } => match &self.replica {
+                    Some(_) => {
+                        dlog!(self.inner.config.debug, id = %id, "conflict; held revision comes from the stream")
+                    }
+                    None => self.inner.notifier.emit(Notification::Error(Arc::new(
+                        SyncError::Rejected(format!(
+                            "event {id:?} already exists on the server with other content"
+                        )),
+                    ))),
+                },
                 PublishResult::Invalid { message } => self.inner.notifier.emit(
                     Notification::Error(Arc::new(WsError::InvalidEvent { id, message }.into())),
                 ),

@@ -187,8 +187,12 @@ pub enum PublishResult {
     },
     /// The room holds other content under the same `(id, version)`; nothing was stored.
     Conflict {
-        /// The revision the room holds.
-        held: Event,
+        /// The revision the room holds. Absent once the ack's revisions would take it past
+        /// the server's `maxMessageSize`: the revision is in the room's log at a sequence
+        /// number the client reads (or has read) from the stream, where it settles the
+        /// conflict like any received event.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held: Option<Event>,
     },
     /// The event is not valid; nothing was stored.
     Invalid {

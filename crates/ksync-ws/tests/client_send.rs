@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use ksync_core::{Event, InMemoryStorage, InvalidEvent, KSync, Storage, SyncClient, SyncError};
+use ksync_core::{
+    Event, InMemoryStorage, InvalidEvent, KSync, Storage, StorageProvider, SyncClient, SyncError,
+};
 use ksync_ws::WebSocketSyncClient;
 use serde_json::json;
 
@@ -187,4 +189,85 @@ async fn credentials_that_cannot_be_sent_in_a_header_are_refused_at_build() {
         assert!(matches!(error, SyncError::Config(_)), "{error}");
         assert!(!error.to_string().contains("key\n"), "no secret in {error}");
     }
+}
+
+#[tokio::test]
+async fn conflicts_acknowledged_without_their_held_revision_settle_from_the_stream() {
+    // The room holds large revisions; a client that wrote the same (id, version) offline
+    // publishes them in one go. The ack has room for one `held` revision only (the others
+    // come without it): the client must not fail or loop on those, and settles every
+    // conflict from the room's stream, so the room and the replica end with the same state.
+    let max = 16 * 1024;
+    let provider = Arc::new(ksync_core::InMemoryProvider::new());
+    let server = common::start_with(
+        ksync_ws::server::RelayConfig {
+            max_message_size: max,
+            ..ksync_ws::server::RelayConfig::default()
+        },
+        provider.clone(),
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("big"));
+    let ids: Vec<String> = (0..6).map(|n| format!("big{n}")).collect();
+    let (mut writer, _) = common::join(&url, common::hello()).await;
+    for (n, id) in ids.iter().enumerate() {
+        let mut e = common::event(id, n as u64);
+        e["data"] = json!("h".repeat(max - 300));
+        common::send_json(&mut writer, json!({"type":"publish","ref":n,"events":[e]})).await;
+        assert_eq!(
+            common::recv_json(&mut writer).await["results"][0]["status"],
+            "stored"
+        );
+    }
+    let storage = Arc::new(InMemoryStorage::new());
+    let b = KSync::builder()
+        .storage(storage.clone())
+        .sync_client(Arc::new(
+            // Everything queued offline goes out in one publish, answered by one ack.
+            WebSocketSyncClient::builder(&url)
+                .strategy(ksync_ws::Strategy::EventLevel { batch_size: 100 })
+                .build()
+                .expect("b"),
+        ))
+        .build()
+        .await
+        .expect("b");
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _sub = {
+        let errors = errors.clone();
+        b.on("error", move |n| {
+            errors.lock().expect("lock").push(format!("{n:?}"))
+        })
+        .expect("kind")
+    };
+    for id in &ids {
+        b.client()
+            .send(Event::new(id.as_str(), "t", json!("mine"), 1))
+            .await
+            .expect("queued");
+    }
+    b.connect().await.expect("b connects");
+    let room = provider
+        .open(&ksync_core::LogName::Room(
+            ksync_core::Name::new("big").expect("name"),
+        ))
+        .expect("room log");
+    eventually("the room and the replica agree", || {
+        let (ours, theirs) = (
+            storage.state().expect("state"),
+            room.state().expect("state"),
+        );
+        ids.iter()
+            .all(|id| theirs.get(id).is_some_and(|e| e.version >= 2))
+            && ours == theirs
+    })
+    .await;
+    assert!(
+        errors.lock().expect("lock").is_empty(),
+        "{:?}",
+        errors.lock().expect("lock")
+    );
+    b.disconnect().await.expect("b");
+    server.stop().await;
 }

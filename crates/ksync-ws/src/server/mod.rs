@@ -432,13 +432,17 @@ impl Relay {
         ws.protocols([SUBPROTOCOL])
             .read_buffer_size(config.read_buffer_size)
             .write_buffer_size(config.write_buffer_size)
-            // No cap of our own on one frame: every write waits for the socket to be ready
-            // (the buffer holds at most `write_buffer_size` plus the frame being written),
-            // and frames are bounded where they are made, except an `ack`, which carries each
-            // conflicting held revision and may exceed any multiple of the message limit. A
-            // cap refused such an ack and reset the publisher, whose client resent the same
-            // publish after every reconnect.
-            .max_write_buffer_size(usize::MAX)
+            // Every write waits for the socket to be ready, so the buffer holds at most
+            // `write_buffer_size` plus the frame being written; frames are bounded where they
+            // are made: events frames at `max_message_size` plus one event, acks at
+            // `max_message_size` of `held` revisions plus one short result per event (see
+            // `room::AckText`). The cap leaves room for re-encoded catch-up events, which may
+            // be longer than sent (`1e9` is written `1000000000.0`).
+            .max_write_buffer_size(
+                config
+                    .write_buffer_size
+                    .saturating_add(config.max_message_size.saturating_mul(4)),
+            )
             .max_message_size(config.max_message_size)
             .max_frame_size(config.max_message_size)
             .on_upgrade(move |socket| async move {

@@ -61,7 +61,7 @@ impl Frame {
     #[cfg(test)]
     pub(crate) fn ack(ack: &crate::protocol::Ack) -> Arc<Frame> {
         let mut text = String::new();
-        let mut writer = AckText::start(&mut text, ack.reference);
+        let mut writer = AckText::start(&mut text, ack.reference, usize::MAX);
         for result in &ack.results {
             writer.push(result);
         }
@@ -87,18 +87,36 @@ impl Frame {
 /// Writes an `ack` result by result, by hand for the common results (`stored`, `duplicate`):
 /// the same text as [`Frame::encode`] of the [`Ack`](crate::protocol::Ack) gives (a unit test holds them equal),
 /// without building the `Ack` or going through serde for every publish.
+///
+/// `held` revisions count against a budget (`RelayConfig::max_message_size`): each goes in
+/// while the ack, with it and its end, stays within the budget; from the first one that does
+/// not fit on, `conflict` results go without `held` (the client reads that revision from the
+/// room's log). Without it one large stored revision named by many small conflicting events
+/// of one publish made an ack of their product (18 GiB for a 1 MiB publish).
 struct AckText<'a> {
     text: &'a mut String,
     first: bool,
+    /// Most bytes of the ack that `held` revisions may take it to.
+    budget: usize,
+    /// A `held` did not fit: the rest of this ack goes without.
+    held_spent: bool,
 }
 
+/// Most bytes [`AckText::finish`] adds: `],"serverVersion":`, 20 digits and `}`.
+const ACK_END_MAX: usize = 39;
+
 impl<'a> AckText<'a> {
-    fn start(text: &'a mut String, reference: u64) -> Self {
+    fn start(text: &'a mut String, reference: u64, budget: usize) -> Self {
         text.clear();
         text.push_str(r#"{"type":"ack","ref":"#);
         push_u64(text, reference);
         text.push_str(r#","results":["#);
-        Self { text, first: true }
+        Self {
+            text,
+            first: true,
+            budget,
+            held_spent: false,
+        }
     }
 
     fn push(&mut self, result: &PublishResult) {
@@ -116,9 +134,20 @@ impl<'a> AckText<'a> {
                 push_u64(self.text, *seq);
                 self.text.push('}');
             }
+            PublishResult::Conflict { held: Some(_) } if self.held_spent => {
+                self.text.push_str(r#"{"status":"conflict"}"#);
+            }
             other => {
+                let mark = self.text.len();
                 // Writing our own result types into a String cannot fail.
                 let _ = serde_json::to_writer(&mut Utf8Sink(self.text), other);
+                if matches!(other, PublishResult::Conflict { held: Some(_) })
+                    && self.text.len() + ACK_END_MAX > self.budget
+                {
+                    self.text.truncate(mark);
+                    self.text.push_str(r#"{"status":"conflict"}"#);
+                    self.held_spent = true;
+                }
             }
         }
     }
@@ -530,7 +559,7 @@ impl Room {
                         self.scratch.run.conn = conn;
                     }
                     let mut text = std::mem::take(&mut self.scratch.text);
-                    let mut ack = AckText::start(&mut text, reference);
+                    let mut ack = AckText::start(&mut text, reference, self.max_frame_bytes);
                     for slot in slots_left.by_ref().take(count) {
                         let result = match slot {
                             Err(message) => PublishResult::Invalid { message },
@@ -548,7 +577,7 @@ impl Room {
                                 }
                                 Some(AppendOutcome::Conflict(conflict)) => {
                                     PublishResult::Conflict {
-                                        held: conflict.ours,
+                                        held: Some(conflict.ours),
                                     }
                                 }
                                 None => PublishResult::Failed {
@@ -569,7 +598,7 @@ impl Room {
                 let failure = format!("storage failed: {e}");
                 let mut text = std::mem::take(&mut self.scratch.text);
                 for &(conn, reference, count) in &plans {
-                    let mut ack = AckText::start(&mut text, reference);
+                    let mut ack = AckText::start(&mut text, reference, self.max_frame_bytes);
                     for slot in slots_left.by_ref().take(count) {
                         ack.push(&match slot {
                             Err(message) => PublishResult::Invalid { message },
@@ -692,7 +721,8 @@ mod tests {
             results: vec![
                 PublishResult::Stored { seq: 7 },
                 PublishResult::Duplicate { seq: 3 },
-                PublishResult::Conflict { held },
+                PublishResult::Conflict { held: Some(held) },
+                PublishResult::Conflict { held: None },
                 PublishResult::Invalid {
                     message: "bad \"id\"".into(),
                 },
