@@ -999,3 +999,73 @@ async fn a_service_announcing_another_protocol_version_is_refused() {
     );
     task.abort();
 }
+
+/// `merge(into, from)` settles each collision with the policy (`ours` = `into`'s revision):
+/// `ours` keeps `into`'s content and `merged` the handler's, each as a new revision on
+/// `into` that supersedes both sides; `from` is not written.
+#[tokio::test]
+async fn merge_settles_collisions_with_ours_and_merged() {
+    use std::sync::Arc;
+
+    use ksync_core::{KSync, ManualClock, Resolution};
+
+    for policy in ["ours", "merged"] {
+        let server = start(&["r"]).await;
+        let url = server.repo_url("r");
+        let clock = ManualClock::new(10);
+        let node = |id: &'static str| {
+            let url = url.clone();
+            let clock = clock.clone();
+            async move {
+                KSync::builder()
+                    .storage(Arc::new(ksync_core::InMemoryStorage::new()))
+                    .sync_client(Arc::new(client(&url)))
+                    .replica_id(id)
+                    .clock(Arc::new(clock))
+                    .build()
+                    .await
+                    .expect("ksync")
+            }
+        };
+        let a = node("a").await;
+        let b = node("b").await;
+        a.client().create_branch("feature").await.expect("branch");
+        a.client().checkout("feature").await.expect("checkout");
+        clock.set(50);
+        a.update("doc", "d", json!("feature")).await.expect("edit");
+        a.push().await.expect("push");
+        clock.set(40);
+        b.update("doc", "d", json!("main")).await.expect("edit");
+        b.push().await.expect("push");
+        match policy {
+            "ours" => a.on_conflict(|_| Resolution::Ours),
+            _ => a.on_conflict(|c| {
+                let mut event = c.ours.clone();
+                event.data = json!(format!("{}+{}", c.ours.data, c.theirs.data));
+                Resolution::Merged(event)
+            }),
+        }
+        let merged = a.client().merge("main", "feature").await.expect("merge");
+        assert_eq!((merged.conflicts.len(), merged.resolutions.len()), (1, 1));
+        let latest = |branch: &str| {
+            branch_events(&server, "r", branch)
+                .into_iter()
+                .filter(|e| e.id == "doc")
+                .max_by_key(|e| e.version)
+                .expect("doc")
+        };
+        let want = match policy {
+            "ours" => json!("main"),
+            _ => json!("\"main\"+\"feature\""),
+        };
+        let main = latest("main");
+        assert_eq!((main.version, main.data), (2, want.clone()), "{policy}");
+        assert_eq!(
+            latest("feature").version,
+            1,
+            "{policy}: from is not written"
+        );
+        b.pull().await.expect("pull");
+        assert_eq!(b.state().expect("state")["doc"].data, want, "{policy}");
+    }
+}
