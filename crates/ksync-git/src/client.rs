@@ -528,6 +528,11 @@ impl GitSyncClient {
     /// pulled afterwards. When pushing the resolutions fails, the same `merge` again pushes
     /// them (the server reports a collision only once).
     pub async fn merge(&self, into: &str, from: &str) -> Result<MergeResult, SyncError> {
+        // A merge moves events (and pushes, pulls): `syncing`, then `idle` or `error`.
+        self.run(self.merge_branches(into, from)).await
+    }
+
+    async fn merge_branches(&self, into: &str, from: &str) -> Result<MergeResult, SyncError> {
         let into_name = branch_name(into)?;
         branch_name(from)?;
         let _op = self.inner.op.lock().await;
@@ -617,6 +622,11 @@ impl GitSyncClient {
     /// # Ok(()) }
     /// ```
     pub async fn clone_repo(&self, url: &str, branch: &str) -> Result<PullResult, SyncError> {
+        // A clone is a pull: `syncing`, then `idle` or `error`.
+        self.run(self.clone_branch(url, branch)).await
+    }
+
+    async fn clone_branch(&self, url: &str, branch: &str) -> Result<PullResult, SyncError> {
         let url = repo_url(url).map_err(GitError::into_sync)?;
         branch_name(branch)?;
         let _op = self.inner.op.lock().await;

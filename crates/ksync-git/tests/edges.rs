@@ -823,7 +823,8 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
 }
 
 /// The spec's statuses (`connected`, `syncing`, `idle`, `error`), each change reported once
-/// and in order: connect, a pull, a push, a pull of a missing branch, a failed connect.
+/// and in order: connect, a pull, a push, a merge, clones, a pull of a missing branch, a
+/// failed connect.
 #[tokio::test]
 async fn statuses_follow_connect_pull_push_and_failures() {
     use std::sync::{Arc, Mutex};
@@ -871,6 +872,22 @@ async fn statuses_follow_connect_pull_push_and_failures() {
     c.push().await.expect("push");
     use Status::{Connected, Error, Idle, Syncing};
     expect(&seen, &[Connected, Syncing, Idle, Syncing, Idle]).await;
+    // A clone and a merge sync too.
+    c.create_branch("side").await.expect("branch");
+    c.merge("side", "main").await.expect("merge");
+    c.clone_repo(&server.repo_url("r"), "main")
+        .await
+        .expect("clone");
+    c.clone_repo(&server.repo_url("r"), "ghost")
+        .await
+        .expect_err("no such branch");
+    expect(
+        &seen,
+        &[
+            Connected, Syncing, Idle, Syncing, Idle, Syncing, Idle, Syncing, Idle, Syncing, Error,
+        ],
+    )
+    .await;
 
     let ghost = ksync_git::GitSyncClient::builder(server.repo_url("r"))
         .auth(ksync_core::Auth::token("writer"))
