@@ -99,11 +99,23 @@ fn given_on_command_line(flag: &str) -> bool {
     std::env::args().any(|arg| arg == flag || arg.starts_with(&with_value))
 }
 
+/// `values` without blank entries: an empty list variable (`KSYNC_JWT_AUDIENCE=`, as a compose
+/// file's `${X:-}` gives it) or a stray comma means no entry, not one empty audience (which
+/// refused every token) or API key (which refused to start).
+fn non_blank(values: Vec<String>) -> Vec<String> {
+    values
+        .into_iter()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
 impl ServeArgs {
     fn into_config(self) -> anyhow::Result<ServerConfig> {
+        let api_keys = non_blank(self.api_keys);
         let mut auth = AuthConfig {
-            audience: self.jwt_audience,
-            issuer: self.jwt_issuer,
+            audience: non_blank(self.jwt_audience),
+            issuer: non_blank(self.jwt_issuer),
             leeway: Duration::from_secs(self.jwt_leeway_secs),
             rate_limit: RateLimit {
                 max_failures: self.auth_max_failures,
@@ -128,12 +140,12 @@ impl ServeArgs {
         if let Some(path) = &self.jwt_eddsa_public_key {
             auth.jwt_keys.push(JwtKey::eddsa_pem_file(path)?);
         }
-        if !self.api_keys.is_empty() && given_on_command_line("--api-key") {
+        if !api_keys.is_empty() && given_on_command_line("--api-key") {
             tracing::warn!(
                 "--api-key on the command line is visible to other users (ps); prefer KSYNC_API_KEYS or --api-keys-file"
             );
         }
-        for spec in &self.api_keys {
+        for spec in &api_keys {
             auth.api_keys.push(ApiKey::parse_spec(spec)?);
         }
         if let Some(path) = &self.api_keys_file {

@@ -453,3 +453,33 @@ fn a_second_server_on_the_same_data_dir_is_refused_at_start() {
     stop(first);
     stop(serve(&["--data-dir", data_dir], &[]));
 }
+
+/// `KSYNC_X=` (empty, as `KSYNC_X=${X:-}` in a compose file or unit gives it) means "none",
+/// not one empty audience, issuer or API key.
+#[tokio::test]
+async fn empty_list_variables_configure_nothing() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
+    let served = serve(
+        &["--in-memory"],
+        &[
+            ("KSYNC_JWT_SECRET", JWT_SECRET),
+            ("KSYNC_JWT_AUDIENCE", ""),
+            ("KSYNC_JWT_ISSUER", ""),
+            ("KSYNC_API_KEYS", ""),
+        ],
+    );
+    let claims = json!({"sub": "t", "exp": get_current_timestamp() + 300});
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let url = format!("http://{}/git/notes", served.addr);
+    let client = reqwest::Client::new();
+    let response = client.put(&url).bearer_auth(&token).send().await.unwrap();
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    stop(served);
+}
