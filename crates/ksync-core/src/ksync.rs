@@ -217,7 +217,10 @@ impl<C: SyncClient + ?Sized> KSync<C> {
     }
 
     /// Sets how conflicts are settled (default: last-write-wins). Conflicts are still reported
-    /// as `conflict` notifications.
+    /// as `conflict` notifications. A resolver that panics, or a `Merged` event that is not
+    /// valid, means last-write-wins for that conflict; a conflict with a revision this replica
+    /// wrote to settle an earlier one is settled by last-write-wins too, so that replicas that
+    /// each keep their own side still converge (see [`Replica::ingest`]).
     pub fn on_conflict(&self, resolver: impl Fn(&Conflict) -> Resolution + Send + Sync + 'static) {
         self.replica.set_resolver(Some(Arc::new(resolver)));
     }

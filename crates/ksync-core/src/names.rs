@@ -100,6 +100,14 @@ pub trait StorageProvider: Send + Sync + 'static {
     fn flush_all(&self) -> crate::storage::BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Says that a server stopped using `name` (e.g. the relay closed an idle room) and
+    /// dropped its `Arc`s of it. A provider that keeps logs open (a file handle each) may
+    /// close the log once nobody else holds it; the next [`open`](Self::open) reopens it.
+    /// Default: nothing (the log stays open; an in-memory log must, or it would be lost).
+    fn release(&self, name: &LogName) {
+        let _ = name;
+    }
 }
 
 /// Keeps every log in memory.
