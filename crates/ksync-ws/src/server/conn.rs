@@ -13,8 +13,8 @@ use tracing::Instrument as _;
 
 use super::outbox::{Outbox, Sink, frame_message};
 use super::publish::{self, incoming};
-use super::room::{Frame, PublishCommand, RoomCommand, RoomLink, Subscribed};
-use super::{ConnectionSlot, Shared};
+use super::room::{Frame, Member, PublishCommand, RoomCommand, RoomLink, Subscribed};
+use super::{ConnectionSlot, RelayError, Shared};
 use crate::protocol::{
     self, CLIENT_TYPES, ClientMessage, DecodeError, EventsBatch, Hello, Publish, ServerMessage,
     SnapshotPage, Welcome, close, code,
@@ -25,7 +25,8 @@ pub(crate) struct Connection {
     pub(crate) socket: WebSocket,
     pub(crate) room: Name,
     pub(crate) grant: Grant,
-    pub(crate) room_link: RoomLink,
+    /// The room joined (replaced when the room closed before the connection joined it).
+    pub(crate) member: Member,
     pub(crate) id: u64,
     pub(crate) _slot: ConnectionSlot,
 }
@@ -136,7 +137,7 @@ pub(crate) async fn serve(connection: Connection) {
         socket,
         room,
         grant,
-        room_link,
+        mut member,
         id,
         _slot,
     } = connection;
@@ -159,7 +160,7 @@ pub(crate) async fn serve(connection: Connection) {
             &mut stream,
             &room,
             &grant,
-            &room_link,
+            &mut member.link,
             id,
         )
         .await
@@ -167,7 +168,8 @@ pub(crate) async fn serve(connection: Connection) {
             Ok(()) => End::Close(close::NORMAL, String::new()),
             Err(end) => end,
         };
-        let _ = room_link.tx.try_send(RoomCommand::Unsubscribe { conn: id });
+        // Leaves the room (before the close handshake, which may take a while).
+        drop(member);
         if let End::Close(code, reason) = end {
             tracing::debug!(code, %reason, "closing connection");
             writer.close(code, reason).await;
@@ -178,12 +180,12 @@ pub(crate) async fn serve(connection: Connection) {
 }
 
 async fn run(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     writer: &mut Writer,
     stream: &mut Stream,
     room: &Name,
     grant: &Grant,
-    room_link: &RoomLink,
+    room_link: &mut RoomLink,
     id: u64,
 ) -> Result<(), End> {
     let config = &shared.config;
@@ -224,28 +226,11 @@ async fn run(
 
     // Join the room: from here on the room queues every new batch for us (and writes them
     // directly once we are live, after the catch-up).
-    let (reply, joined) = oneshot::channel();
-    room_link
-        .tx
-        .send(RoomCommand::Subscribe {
-            conn: id,
-            state: hello.state,
-            outbox: Arc::clone(&writer.outbox),
-            reply,
-        })
-        .await
-        .map_err(|_| going_away())?;
     let Subscribed {
         server_version,
         snapshot,
-    } = match joined.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "joining room failed");
-            return Err(End::Close(close::INTERNAL, "storage failed".into()));
-        }
-        Err(_) => return Err(going_away()),
-    };
+    } = Box::pin(join(shared, writer, room, room_link, id, hello.state)).await?;
+    let room_link = &*room_link;
     writer
         .message(
             &ServerMessage::Welcome(Welcome {
@@ -314,6 +299,57 @@ async fn run(
             },
         }
     }
+}
+
+/// Subscribes to the room. A room that closed (idle) before it took this connection in
+/// refuses it: the connection joins the room opened anew from its log (the relay opens it only
+/// after the old one made its last commit, so nothing is missed).
+async fn join(
+    shared: &Arc<Shared>,
+    writer: &Writer,
+    room: &Name,
+    room_link: &mut RoomLink,
+    id: u64,
+    state: bool,
+) -> Result<Subscribed, End> {
+    // Each attempt finds the room closed only when every other connection left it meanwhile:
+    // a few suffice.
+    const ATTEMPTS: usize = 8;
+    for _ in 0..ATTEMPTS {
+        let (reply, joined) = oneshot::channel();
+        let sent = room_link
+            .tx
+            .send(RoomCommand::Subscribe {
+                conn: id,
+                state,
+                outbox: Arc::clone(&writer.outbox),
+                reply,
+            })
+            .await;
+        let answer = match sent {
+            Ok(()) => joined.await.ok(),
+            Err(_) => None,
+        };
+        match answer {
+            Some(Ok(subscribed)) => return Ok(subscribed),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "joining room failed");
+                return Err(End::Close(close::INTERNAL, "storage failed".into()));
+            }
+            None if *shared.shutdown.borrow() => return Err(going_away()),
+            None => {
+                *room_link = match shared.room(room).await {
+                    Ok(link) => link,
+                    Err(RelayError::ShuttingDown) => return Err(going_away()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reopening room failed");
+                        return Err(End::Close(close::INTERNAL, "storage failed".into()));
+                    }
+                };
+            }
+        }
+    }
+    Err(going_away())
 }
 
 /// Publishes read in one go (see [`Reader::burst`]), committed together. Bounded: a burst

@@ -34,7 +34,7 @@ use ksync_core::{
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
-use room::{Room, RoomCommand, RoomLink};
+use room::{Member, Room, RoomCommand, RoomLink};
 
 /// The subprotocol the relay speaks (echoed in `Sec-WebSocket-Protocol` when offered).
 pub const SUBPROTOCOL: &str = "ksync.v1";
@@ -66,6 +66,8 @@ pub struct RelayConfig {
     /// reading), which is back-pressure on the fastest writers. Default 1024.
     pub room_queue: usize,
     /// Most open connections; more are refused before the upgrade with 503. Default 10 000.
+    /// Also bounds the open rooms (each a log and a task): a room closes once its last
+    /// connection has left, so at most one room per connection is open.
     pub max_connections: usize,
     /// Most events committed in one storage append (group commit), and most gathered from
     /// one connection's back-to-back publishes before they are committed. Default 4096.
@@ -162,6 +164,11 @@ pub struct ClientInfo {
 struct RoomHandle {
     link: RoomLink,
     task: tokio::task::JoinHandle<()>,
+    /// Tells this handle from a later room of the same name.
+    generation: u64,
+    /// Closed (its sender dropped) once the room's task has ended and left the map: a join
+    /// that finds the room closing waits for it before opening the room anew.
+    ended: watch::Receiver<()>,
 }
 
 pub(crate) struct Shared {
@@ -169,7 +176,10 @@ pub(crate) struct Shared {
     default_room: Name,
     pub(crate) provider: Arc<dyn StorageProvider>,
     auth: Arc<dyn Authenticator>,
+    /// Open rooms. A room closes (and leaves the map) once no connection uses it; see
+    /// [`Relay::open_rooms`].
     rooms: Mutex<HashMap<Name, RoomHandle>>,
+    next_room: AtomicU64,
     connections: AtomicUsize,
     next_conn: AtomicU64,
     /// Observers' feed; see [`ACTIVITY_CAPACITY`] for the overflow policy.
@@ -267,6 +277,7 @@ impl Relay {
                 provider,
                 auth,
                 rooms: Mutex::new(HashMap::new()),
+                next_room: AtomicU64::new(0),
                 connections: AtomicUsize::new(0),
                 next_conn: AtomicU64::new(1),
                 activity,
@@ -284,6 +295,18 @@ impl Relay {
     /// Open WebSocket connections.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::Acquire)
+    }
+
+    /// Rooms open now, each with its log and its task (including one that is closing). A
+    /// room opens with its first connection and closes once its last connection has left and
+    /// nothing it was sent is still queued; the next connection opens it again from its log.
+    /// So at most one room per open connection is open, whatever names clients ask for.
+    pub fn open_rooms(&self) -> usize {
+        self.shared
+            .rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// A feed of what happens in the relay: connections opening and closing, events stored in
@@ -410,7 +433,7 @@ impl Relay {
             drop(slot);
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections");
         }
-        let room_link = match self.room(&room).await {
+        let room_link = match self.shared.room(&room).await {
             Ok(link) => link,
             Err(RelayError::ShuttingDown) => {
                 return refuse(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
@@ -445,79 +468,130 @@ impl Relay {
             )
             .max_message_size(config.max_message_size)
             .max_frame_size(config.max_message_size)
-            .on_upgrade(move |socket| async move {
-                let observed = Arc::clone(&shared);
-                observed.client_joined(info.clone());
-                conn::serve(conn::Connection {
-                    shared,
-                    socket,
-                    room,
-                    grant,
-                    room_link,
-                    id: conn_id,
-                    _slot: slot,
-                })
-                .await;
-                observed.client_left(info);
+            .on_upgrade({
+                // Dropped with the callback when the upgrade never completes: the room then
+                // hears that this connection is gone.
+                let member = Member {
+                    link: room_link,
+                    conn: conn_id,
+                };
+                move |socket| async move {
+                    let observed = Arc::clone(&shared);
+                    observed.client_joined(info.clone());
+                    conn::serve(conn::Connection {
+                        shared,
+                        socket,
+                        room,
+                        grant,
+                        member,
+                        id: conn_id,
+                        _slot: slot,
+                    })
+                    .await;
+                    observed.client_left(info);
+                }
             })
     }
+}
 
-    /// The room `name`, opened (its log and its task) on first use.
-    async fn room(&self, name: &Name) -> Result<RoomLink, RelayError> {
-        let open_room = |rooms: &HashMap<Name, RoomHandle>| {
-            rooms
-                .get(name)
-                .filter(|handle| !handle.link.tx.is_closed())
-                .map(|handle| handle.link.clone())
-        };
-        if let Some(link) = open_room(&self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner()))
-        {
-            return Ok(link);
-        }
-        // Opening a log may take long (a file log replays itself): off the runtime's workers
-        // and outside the room map's lock, so that other rooms keep working meanwhile.
-        let provider = Arc::clone(&self.shared.provider);
-        let log = LogName::Room(name.clone());
-        let opened = tokio::task::spawn_blocking(move || provider.open(&log))
-            .await
-            .unwrap_or_else(|panicked| {
-                Err(ksync_core::StorageError::Io {
-                    context: "opening the log panicked".into(),
-                    source: std::io::Error::other(panicked),
-                })
+/// A room name in the map: open, closing, or not there.
+enum Lookup {
+    Open(RoomLink),
+    Closing(watch::Receiver<()>),
+    Absent,
+}
+
+impl Shared {
+    /// The room `name`, opened (its log and its task) on first use, and again after it closed.
+    pub(crate) async fn room(self: &Arc<Self>, name: &Name) -> Result<RoomLink, RelayError> {
+        loop {
+            let found = Self::lookup(&self.rooms.lock().unwrap_or_else(|p| p.into_inner()), name);
+            match found {
+                Lookup::Open(link) => return Ok(link),
+                Lookup::Closing(mut ended) => {
+                    // Wait until its task has ended (so that it made its last commit), then
+                    // open it anew. Err: it has ended.
+                    let _ = ended.changed().await;
+                    continue;
+                }
+                Lookup::Absent => {}
+            }
+            // Opening a log may take long (a file log replays itself): off the runtime's
+            // workers and outside the room map's lock, so that other rooms keep working.
+            let provider = Arc::clone(&self.provider);
+            let log = LogName::Room(name.clone());
+            let opened = tokio::task::spawn_blocking(move || provider.open(&log))
+                .await
+                .unwrap_or_else(|panicked| {
+                    Err(ksync_core::StorageError::Io {
+                        context: "opening the log panicked".into(),
+                        source: std::io::Error::other(panicked),
+                    })
+                });
+            let storage = opened.map_err(|source| RelayError::Storage {
+                room: name.to_string(),
+                source,
+            })?;
+            let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+            // Another connection may have opened it meanwhile (the provider hands out one log
+            // per name, so both opened the same one), or it may be closing again.
+            match Self::lookup(&rooms, name) {
+                Lookup::Open(link) => return Ok(link),
+                Lookup::Closing(_) => continue,
+                Lookup::Absent => {}
+            }
+            // Checked under the lock that `shutdown` drains the rooms under after setting the
+            // flag: a room made now would never be shut down.
+            if *self.shutdown.borrow() {
+                return Err(RelayError::ShuttingDown);
+            }
+            let (link, task) = Room::open(
+                name.clone(),
+                storage,
+                Arc::clone(&self.provider),
+                self.config.room_queue,
+                self.config.max_batch_events,
+                self.config.max_message_size,
+                self.activity.clone(),
+            );
+            let generation = self.next_room.fetch_add(1, Ordering::Relaxed);
+            let (ended_tx, ended) = watch::channel(());
+            let relay = Arc::downgrade(self);
+            let key = name.clone();
+            let task = tokio::spawn(async move {
+                task.await;
+                // An idle room takes itself out of the map (at shutdown the map is drained).
+                if let Some(shared) = relay.upgrade() {
+                    let mut rooms = shared.rooms.lock().unwrap_or_else(|p| p.into_inner());
+                    let gone = match rooms.get(&key) {
+                        Some(handle) if handle.generation == generation => rooms.remove(&key),
+                        _ => None,
+                    };
+                    drop(rooms);
+                    drop(gone);
+                }
+                drop(ended_tx);
             });
-        let storage = opened.map_err(|source| RelayError::Storage {
-            room: name.to_string(),
-            source,
-        })?;
-        let mut rooms = self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner());
-        // Another connection may have opened it meanwhile (the provider hands out one log
-        // per name, so both opened the same one).
-        if let Some(link) = open_room(&rooms) {
+            rooms.insert(
+                name.clone(),
+                RoomHandle {
+                    link: link.clone(),
+                    task,
+                    generation,
+                    ended,
+                },
+            );
             return Ok(link);
         }
-        // Checked under the lock that `shutdown` drains the rooms under after setting the
-        // flag: a room made now would never be shut down.
-        if *self.shared.shutdown.borrow() {
-            return Err(RelayError::ShuttingDown);
+    }
+
+    /// What the map holds for `name`.
+    fn lookup(rooms: &HashMap<Name, RoomHandle>, name: &Name) -> Lookup {
+        match rooms.get(name) {
+            Some(handle) if !handle.link.tx.is_closed() => Lookup::Open(handle.link.clone()),
+            Some(handle) => Lookup::Closing(handle.ended.clone()),
+            None => Lookup::Absent,
         }
-        let (link, task) = Room::open(
-            name.clone(),
-            storage,
-            self.shared.config.room_queue,
-            self.shared.config.max_batch_events,
-            self.shared.config.max_message_size,
-            self.shared.activity.clone(),
-        );
-        let task = tokio::spawn(task);
-        rooms.insert(
-            name.clone(),
-            RoomHandle {
-                link: link.clone(),
-                task,
-            },
-        );
-        Ok(link)
     }
 }
 

@@ -12,7 +12,7 @@ use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use ksync_core::{AppendOutcome, Event, Name, Storage, Stored};
+use ksync_core::{AppendOutcome, Event, LogName, Name, Storage, StorageProvider, Stored};
 use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
 
 use super::RelayActivity;
@@ -285,6 +285,21 @@ struct RoomShared {
     /// place only while this is 0: then nothing published before it is still waiting, so each
     /// connection's publishes keep their order.
     queued: AtomicUsize,
+    /// Last, so that it drops after every `Arc` of the log above.
+    _release: Release,
+}
+
+/// Tells the provider the room let go of its log (see `StorageProvider::release`) when the
+/// room's last handle goes: after it closed idle and the connections that knew it let go.
+struct Release {
+    provider: Arc<dyn StorageProvider>,
+    log: LogName,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.provider.release(&self.log);
+    }
 }
 
 /// Why a room refused a command: it has shut down.
@@ -380,12 +395,17 @@ impl Room {
     pub(crate) fn open(
         room: Name,
         storage: Arc<dyn Storage>,
+        provider: Arc<dyn StorageProvider>,
         queue: usize,
         max_batch_events: usize,
         max_frame_bytes: usize,
         activity: broadcast::Sender<RelayActivity>,
     ) -> (RoomLink, impl Future<Output = ()> + Send + 'static) {
         let last_seq = storage.len();
+        let release = Release {
+            provider,
+            log: LogName::Room(room.clone()),
+        };
         let room = Self {
             name: room.to_string(),
             room,
@@ -405,13 +425,15 @@ impl Room {
             storage: Arc::clone(&room.storage),
             room: Mutex::new(room),
             queued: AtomicUsize::new(0),
+            _release: release,
         });
         let task = run(Arc::clone(&shared), rx);
         (RoomLink { tx, shared }, task)
     }
 }
 
-/// The room's task: runs the queued commands, in order, each under the room's lock.
+/// The room's task: runs the queued commands, in order, each under the room's lock, until
+/// shutdown or until the room is idle: no subscriber, nothing queued (see [`Room::close_idle`]).
 async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>) {
     let mut deferred: Option<RoomCommand> = None;
     loop {
@@ -429,10 +451,72 @@ async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>) {
         {
             break;
         }
+        if room.subs.is_empty()
+            && deferred.is_none()
+            && rx.is_empty()
+            && shared.queued.load(Ordering::Acquire) == 0
+        {
+            room.close_idle(&mut rx, &shared.queued).await;
+            break;
+        }
+    }
+}
+
+/// A connection's hold on its room: however the connection ends (also when its upgrade never
+/// completes), the room hears that it left, so that a room nobody uses closes.
+pub(crate) struct Member {
+    pub(crate) link: RoomLink,
+    pub(crate) conn: u64,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        // Err when the room is gone, or its queue is full: it then checks whether it is idle
+        // after those commands, and prunes a departed subscriber at its next fan-out.
+        let _ = self
+            .link
+            .tx
+            .try_send(RoomCommand::Unsubscribe { conn: self.conn });
     }
 }
 
 impl Room {
+    /// Closes the room: nobody subscribes and nothing is queued. New commands are refused
+    /// (a connection joining gets its subscribe refused and joins the room opened anew);
+    /// those sent just before are still run (a subscribe is answered with a refusal, so it
+    /// retries), then the log is flushed. The relay opens no new room of this name until this
+    /// task has ended, so no two rooms ever write one log.
+    async fn close_idle(&mut self, rx: &mut mpsc::Receiver<RoomCommand>, queued: &AtomicUsize) {
+        self.closed = true;
+        rx.close();
+        let mut deferred = None;
+        loop {
+            let command = match deferred.take() {
+                Some(c) => c,
+                None => match rx.recv().await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            match command {
+                // Dropping `reply`: the joiner sees the room closed and retries.
+                RoomCommand::Subscribe { .. } | RoomCommand::Unsubscribe { .. } => {}
+                RoomCommand::Shutdown { done } => {
+                    let _ = done.send(());
+                }
+                // Sent just before the close by a connection that has left: stored all
+                // the same (its ack has nobody to go to).
+                publish @ RoomCommand::Publish(_) => {
+                    self.run_command(publish, rx, &mut deferred, queued).await;
+                }
+            }
+        }
+        if let Err(e) = self.storage.flush().await {
+            tracing::error!(room = %self.name, error = %e, "flushing the room log failed");
+        }
+        tracing::debug!(room = %self.name, "closed idle room");
+    }
+
     /// Runs one command from the queue (a publish takes every publish queued behind it);
     /// `true` once the room has shut down.
     async fn run_command(

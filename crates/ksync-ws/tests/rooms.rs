@@ -1,0 +1,165 @@
+//! Rooms close once nobody uses them and reopen from their log: a client asking for many
+//! room names (everyone may, without auth) cannot keep a log and a task open per name.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use ksync_core::{AllowAll, InMemoryProvider, StorageProvider};
+use ksync_storage_file::FileProvider;
+use ksync_ws::server::RelayConfig;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Waits until `f` holds, polling; panics after 10 s.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn leave(mut ws: Raw) {
+    ws.send(Message::Close(None)).await.expect("close");
+    // Until the server's answer (or the end): the connection is then gone on its side too.
+    while let Some(Ok(message)) = ws.next().await {
+        if message.is_close() {
+            break;
+        }
+    }
+}
+
+/// Joins `room`, publishes `events` (if any) and returns the acknowledged seqs.
+async fn publish(url: &str, events: Vec<Value>) -> Vec<u64> {
+    let (mut ws, _) = join(url, hello()).await;
+    send_json(
+        &mut ws,
+        json!({"type": "publish", "ref": 1, "events": events}),
+    )
+    .await;
+    let ack = recv_json(&mut ws).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let seqs = ack["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["seq"].as_u64().expect("stored"))
+        .collect();
+    leave(ws).await;
+    seqs
+}
+
+/// Everything the room holds, by catch-up from 0.
+async fn history(url: &str) -> Vec<(u64, String)> {
+    let (mut ws, welcome) = join(url, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+    let last = welcome["serverVersion"].as_u64().expect("serverVersion");
+    let mut seen = Vec::new();
+    while seen.last().map_or(0, |(seq, _)| *seq) < last {
+        let page = recv_json(&mut ws).await;
+        for entry in page["events"].as_array().expect("events") {
+            seen.push((
+                entry["seq"].as_u64().expect("seq"),
+                entry["event"]["id"].as_str().expect("id").to_owned(),
+            ));
+        }
+    }
+    leave(ws).await;
+    seen
+}
+
+async fn connect_to_many_names(server: &Server, names: usize) {
+    let relay = &server.relay;
+    let mut most_open = 0;
+    for batch in 0..names / 50 {
+        let mut open = Vec::new();
+        for n in 0..50 {
+            let url = server.url(Some(&format!("r{batch}-{n}")));
+            open.push(join(&url, hello()).await.0);
+        }
+        // Some never finish their handshake: they leave without a `hello`.
+        let silent = raw_connect(&server.url(Some(&format!("silent{batch}"))), &[])
+            .await
+            .expect("connect");
+        most_open = most_open.max(relay.open_rooms());
+        for ws in open {
+            leave(ws).await;
+        }
+        drop(silent);
+        eventually("every room to close", || relay.open_rooms() == 0).await;
+    }
+    // One batch's rooms at a time, never thousands.
+    assert!(most_open <= 51, "{most_open} rooms open at once");
+    assert!(most_open >= 50, "the joined rooms were open: {most_open}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_nobody_uses_close_and_reopen_with_their_history_in_memory() {
+    let server = start(RelayConfig::default()).await;
+    closed_rooms_reopen_with_their_history(&server).await;
+    connect_to_many_names(&server, 2000).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_nobody_uses_close_and_reopen_with_their_history_from_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider: Arc<dyn StorageProvider> =
+        Arc::new(FileProvider::new(dir.path()).expect("provider"));
+    let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
+    closed_rooms_reopen_with_their_history(&server).await;
+    connect_to_many_names(&server, 500).await;
+    server.stop().await;
+}
+
+async fn closed_rooms_reopen_with_their_history(server: &Server) {
+    let relay = &server.relay;
+    let url = server.url(Some("kept"));
+    let mut expected = Vec::new();
+    for round in 0..3u64 {
+        let events: Vec<Value> = (0..3).map(|n| event(&format!("e{round}-{n}"), n)).collect();
+        let ids: Vec<String> = events
+            .iter()
+            .map(|e| e["id"].as_str().expect("id").to_owned())
+            .collect();
+        let seqs = publish(&url, events).await;
+        expected.extend(seqs.into_iter().zip(ids));
+        eventually("the room to close", || relay.open_rooms() == 0).await;
+        assert_eq!(history(&url).await, expected, "round {round}");
+        eventually("the room to close", || relay.open_rooms() == 0).await;
+    }
+}
+
+/// Joins racing the room's closing (the last subscriber leaving while others join) miss
+/// nothing: each joiner either joins the closing room before it closes or the room opened
+/// anew after its last commit, and sees every event stored before it joined, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_racing_a_closing_room_see_all_history() {
+    let provider = Arc::new(InMemoryProvider::new());
+    let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
+    let url = server.url(Some("race"));
+    let mut stored = 0u64;
+    for round in 0..100u64 {
+        stored += publish(&url, vec![event(&format!("a{round}"), round)])
+            .await
+            .len() as u64;
+        // The publisher just left: the room is closing while these join.
+        let joins = (0..3).map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { history(&url).await })
+        });
+        for joined in joins {
+            let seen = joined.await.expect("join");
+            let seqs: Vec<u64> = seen.iter().map(|(seq, _)| *seq).collect();
+            assert_eq!(seqs, (1..=stored).collect::<Vec<_>>(), "round {round}");
+        }
+    }
+    eventually("every room to close", || server.relay.open_rooms() == 0).await;
+    server.stop().await;
+}
