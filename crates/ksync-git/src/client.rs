@@ -561,13 +561,20 @@ impl GitSyncClient {
                 result.conflicts.push(found.conflict);
                 continue;
             }
-            let resolution = replica.resolution_for(&found.conflict);
-            let mut event = resolve(&found.conflict, &resolution, replica.id());
             let local = replica
                 .storage()
-                .latest(&event.id)?
+                .latest(&found.conflict.ours.id)?
                 .map_or(0, |l| l.event.version);
-            event.version = event.version.max(found.latest_version + 1).max(local + 1);
+            // A resolution goes above every revision of the id; at u64::MAX (a version any
+            // replica may write) there is no room: the collision is reported, left unsettled,
+            // as `Replica::ingest` leaves it.
+            let Some(above) = found.latest_version.max(local).checked_add(1) else {
+                result.conflicts.push(found.conflict);
+                continue;
+            };
+            let resolution = replica.resolution_for(&found.conflict);
+            let mut event = resolve(&found.conflict, &resolution, replica.id());
+            event.version = event.version.max(above);
             result.conflicts.push(found.conflict);
             result.resolutions.push(event);
         }

@@ -1086,3 +1086,43 @@ async fn merge_settles_collisions_with_ours_and_merged() {
         assert_eq!(b.state().expect("state")["doc"].data, want, "{policy}");
     }
 }
+
+/// Any replica may write a revision at `u64::MAX`. A merge collision there has no version
+/// above it for a resolution: the merge reports it, leaves it unsettled and does not panic or
+/// wrap to version 0.
+#[tokio::test]
+async fn a_merge_collision_at_the_highest_version_is_reported_not_settled() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let (status, _) = call(
+        http()
+            .post(format!("{url}/branches"))
+            .json(&json!({"name": "feature"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for (branch, data) in [("main", "main text"), ("feature", "feature text")] {
+        let event = Event::new("doc", "d", json!(data), 1).with_version(u64::MAX);
+        let (status, body) = call(
+            http()
+                .post(format!("{url}/branches/{branch}/events"))
+                .json(&json!({"baseVersion": 0, "events": [event]})),
+        )
+        .await;
+        assert_eq!(
+            (status, body["appended"].as_u64()),
+            (200, Some(1)),
+            "{body}"
+        );
+    }
+    let merger = client(&url);
+    let merged = merger.merge("main", "feature").await.expect("merge");
+    assert_eq!(merged.conflicts.len(), 1);
+    assert!(merged.resolutions.is_empty(), "{:?}", merged.resolutions);
+    let main: Vec<Event> = branch_events(&server, "r", "main");
+    assert_eq!(main.len(), 1, "nothing written to main: {main:?}");
+    assert_eq!(
+        (main[0].version, &main[0].data),
+        (u64::MAX, &json!("main text"))
+    );
+}
