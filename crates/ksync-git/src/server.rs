@@ -837,7 +837,7 @@ async fn push(
     let outcome = storage.append_summary(request.events).await?;
     let fast_forward_to = (batch_len > 0
         && outcome.appended == batch_len
-        && outcome.first_seq() == Some(request.base_version + 1))
+        && outcome.first_seq() == request.base_version.checked_add(1))
     .then(|| outcome.last_seq())
     .flatten();
     let mut rejected = Vec::new();
