@@ -190,6 +190,19 @@ impl StorageProvider for FileProvider {
         Ok(names)
     }
 
+    /// Closes the log (its file handle and writer thread) when nobody but this provider
+    /// holds it; a log still in use elsewhere stays open. The log is closed under the map's
+    /// lock, so an `open` of the same name waits for the file lock to be released rather than
+    /// find it taken.
+    fn release(&self, name: &LogName) {
+        let mut open = self.lock();
+        if open.get(name).is_some_and(|s| Arc::strong_count(s) == 1) {
+            // Dropping it here joins its writer thread, which has already answered every
+            // append (they were all awaited by whoever held the log).
+            drop(open.remove(name));
+        }
+    }
+
     fn flush_all(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         let storages: Vec<Arc<FileStorage>> = self.lock().values().cloned().collect();
         Box::pin(async move {

@@ -450,3 +450,32 @@ async fn one_provider_per_data_directory() {
     let log = again.open(&LogName::Room(name("r"))).expect("open");
     assert_eq!(log.len(), 1);
 }
+
+/// `release` closes a log nobody else holds (its file lock is free again, the next `open`
+/// reopens it with its history) and leaves a log in use alone.
+#[tokio::test]
+async fn release_closes_a_log_only_once_nobody_holds_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = FileProvider::new(dir.path()).expect("provider");
+    let room = LogName::Room(name("r"));
+    let path = dir.path().join("rooms").join("r.log");
+    let log = provider.open(&room).expect("open");
+    log.append(vec![ev("a", 1)]).await.expect("append");
+    // Held here: released in name only, the log stays open (its file stays locked).
+    provider.release(&room);
+    assert!(
+        FileStorage::open(&path).is_err(),
+        "still open by the provider"
+    );
+    log.append(vec![ev("b", 2)]).await.expect("still usable");
+    assert!(Arc::ptr_eq(&provider.open(&room).expect("open"), &log));
+    drop(log);
+    provider.release(&room);
+    let direct = FileStorage::open(&path).expect("closed: the file lock is free");
+    assert_eq!(direct.len(), 2);
+    drop(direct);
+    let reopened = provider.open(&room).expect("reopen");
+    assert_eq!(reopened.len(), 2);
+    // A name the provider never opened: nothing to do.
+    provider.release(&LogName::Room(name("other")));
+}
