@@ -333,7 +333,8 @@ export class WebSocketSyncClient extends Emitter {
           item.resolve(result);
           break;
         case 'conflict':
-          this.emit('conflict', { type: 'concurrent-edit', ours: item.event, theirs: result.held });
+          // `held` is left out of acks past their size bound: the room's revision is in its stream.
+          this.emit('conflict', { type: 'concurrent-edit', ours: item.event, theirs: result.held ?? null });
           item.resolve(result);
           break;
         case 'invalid':
