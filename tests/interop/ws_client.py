@@ -64,7 +64,9 @@ async def main(url, key):
         expect(live_welcome["compression"] is True, "compression granted")
 
         # 3. Publish from Python; the ack carries our sequence number.
-        event = {"id": "from-python", "type": "interop", "data": {"lang": "python"},
+        # Over 1 KiB of JSON, so that the compressing connection gets it deflated (PROTOCOL:
+        # shorter batches stay text frames).
+        event = {"id": "from-python", "type": "interop", "data": {"lang": "python", "pad": "p" * 1200},
                  "timestamp": 1732615200000, "version": 1}
         await reader.send(json.dumps({"type": "publish", "ref": 1, "events": [event]}))
         ack = await recv(reader)

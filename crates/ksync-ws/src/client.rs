@@ -1213,7 +1213,7 @@ impl Session {
                 }
                 self.next_ref += 1;
                 dlog!(debug, reference, events = piece.len(), "publish");
-                let message = if self.compression {
+                let message = if self.compression && json.len() >= protocol::DEFLATE_MIN_BYTES {
                     Message::binary(protocol::deflate(&json))
                 } else {
                     Message::text(String::from_utf8_lossy(&json).into_owned())

@@ -268,6 +268,11 @@ pub const CLIENT_TYPES: &[&str] = &["hello", "publish"];
 /// The `type` names of [`ServerMessage`].
 pub const SERVER_TYPES: &[&str] = &["welcome", "events", "snapshot", "ack", "error"];
 
+/// Shortest message, in bytes of JSON, that goes deflated when compression is negotiated:
+/// shorter ones (a single small event) stay text frames. Compression is for batches; a
+/// compressor run per tiny message costs more than the few bytes it saves.
+pub const DEFLATE_MIN_BYTES: usize = 1024;
+
 /// Deflates (raw RFC 1951 deflate, no zlib header) a JSON message for a binary frame.
 pub fn deflate(json: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::DeflateEncoder::new(

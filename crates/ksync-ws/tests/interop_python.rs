@@ -117,7 +117,10 @@ async fn python_websockets_client_publishes_and_receives() {
         unreachable!()
     };
     assert_eq!(event.id, "from-python");
-    assert_eq!(event.data, json!({"lang": "python"}));
+    assert_eq!(
+        event.data,
+        json!({"lang": "python", "pad": "p".repeat(1200)})
+    );
     rust.disconnect().await.expect("disconnect");
     server.stop().await;
 }

@@ -1135,3 +1135,54 @@ async fn a_long_catch_up_stops_at_shutdown_with_1001() {
     stopping.expect("shutdown started").await.expect("shutdown");
     server.task.abort();
 }
+
+/// With compression negotiated, `events` frames of at least `DEFLATE_MIN_BYTES` go deflated
+/// in binary frames and shorter ones stay text (compression is for batches, not per tiny
+/// message); both carry the same JSON.
+#[tokio::test]
+async fn compression_deflates_batches_and_leaves_tiny_frames_as_text() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("zip"));
+    let (mut zipped, welcome) = join(
+        &url,
+        json!({"type":"hello","protocol":1,"compression":true}),
+    )
+    .await;
+    assert_eq!(welcome["compression"], true);
+    let (mut publisher, _) = join(&url, hello()).await;
+    let mut big = event("big", 2);
+    big["data"] = json!("compressible ".repeat(200));
+    for (n, e) in [(1u64, event("small", 1)), (2, big.clone())] {
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","ref":n,"events":[e]}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut publisher).await["results"][0]["seq"], n);
+    }
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(10), zipped.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("open")
+            .expect("no error");
+        match message {
+            Message::Text(t) => frames.push((
+                false,
+                serde_json::from_str::<Value>(t.as_str()).expect("json"),
+            )),
+            Message::Binary(b) => {
+                let json = ksync_ws::protocol::inflate(&b, 1 << 20).expect("inflate");
+                assert!(json.len() >= ksync_ws::protocol::DEFLATE_MIN_BYTES);
+                frames.push((true, serde_json::from_slice(&json).expect("json")));
+            }
+            _ => {}
+        }
+    }
+    assert!(!frames[0].0, "a one-event frame of ~100 bytes stays text");
+    assert_eq!(frames[0].1["events"][0]["event"]["id"], "small");
+    assert!(frames[1].0, "a frame over the threshold is deflated");
+    assert_eq!(frames[1].1["events"][0]["event"], big);
+    server.stop().await;
+}

@@ -24,9 +24,10 @@ use super::room::Frame;
 /// The write half of a connection's WebSocket.
 pub(crate) type Sink = SplitSink<WebSocket, Message>;
 
-/// The message for `frame` on a connection (deflated event batches when it compresses).
+/// The message for `frame` on a connection (deflated event batches of at least
+/// `DEFLATE_MIN_BYTES` when it compresses).
 pub(crate) fn frame_message(frame: &Frame, compression: bool) -> Message {
-    if compression && frame.batch {
+    if compression && frame.batch && frame.text.len() >= crate::protocol::DEFLATE_MIN_BYTES {
         Message::Binary(frame.deflated())
     } else {
         Message::Text(frame.text.clone())
