@@ -31,12 +31,20 @@ async fn publish_is_acked_stored_and_fanned_out_to_others_only() {
     // The same revision again is a duplicate; other content under the same key a conflict.
     let mut changed = event("e1", 1);
     changed["data"] = json!("other");
-    send_json(&mut b, json!({"type":"publish","ref":9,"events":[event("e1",1), changed, {"id":"","type":"t","data":1,"timestamp":1,"version":1}]})).await;
+    // (One publish names a revision once: see relay_edges for repeats.)
+    send_json(&mut b, json!({"type":"publish","ref":9,"events":[event("e1",1), {"id":"","type":"t","data":1,"timestamp":1,"version":1}, event("e2",2)]})).await;
     let ack = recv_json(&mut b).await;
     assert_eq!(ack["results"][0], json!({"status":"duplicate","seq":1}));
-    assert_eq!(ack["results"][1]["status"], "conflict");
-    assert_eq!(ack["results"][1]["held"]["data"], json!({"n":1}));
-    assert_eq!(ack["results"][2]["status"], "invalid");
+    assert_eq!(ack["results"][1]["status"], "invalid");
+    assert_eq!(ack["results"][2], json!({"status":"duplicate","seq":2}));
+    send_json(
+        &mut b,
+        json!({"type":"publish","ref":10,"events":[changed]}),
+    )
+    .await;
+    let ack = recv_json(&mut b).await;
+    assert_eq!(ack["results"][0]["status"], "conflict");
+    assert_eq!(ack["results"][0]["held"]["data"], json!({"n":1}));
     // Nothing new was stored, so a has nothing to receive: its next message is its own ack.
     send_json(
         &mut a,

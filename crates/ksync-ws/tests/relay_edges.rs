@@ -583,35 +583,39 @@ async fn an_ack_for_many_conflicts_with_a_large_revision_stays_within_the_messag
     .await;
     let url = server.url(Some("held"));
     let (mut writer, _) = join(&url, hello()).await;
-    let mut large = event("doc", 1);
-    large["data"] = json!("h".repeat(max - 300));
-    send_json(
-        &mut writer,
-        json!({"type":"publish","ref":1,"events":[large]}),
-    )
-    .await;
-    assert_eq!(
-        recv_json(&mut writer).await["results"][0]["status"],
-        "stored"
-    );
-    // As many tiny conflicting revisions as one message holds.
-    let conflicting: Vec<Value> = (0..140)
+    // Large stored revisions, each alone nearly a message.
+    let docs = 6;
+    for n in 0..docs {
+        let mut large = event(&format!("doc{n}"), 1);
+        large["data"] = json!("h".repeat(max - 300));
+        send_json(
+            &mut writer,
+            json!({"type":"publish","ref":n + 1,"events":[large]}),
+        )
+        .await;
+        assert_eq!(
+            recv_json(&mut writer).await["results"][0]["status"],
+            "stored"
+        );
+    }
+    // One tiny conflicting revision of each, in one publish.
+    let conflicting: Vec<Value> = (0..docs)
         .map(|n| {
-            let mut e = event("doc", 1);
+            let mut e = event(&format!("doc{n}"), 1);
             e["data"] = json!(n);
             e
         })
         .collect();
-    let publish = json!({"type":"publish","ref":9,"events":conflicting});
+    let publish = json!({"type":"publish","ref":99,"events":conflicting});
     assert!(publish.to_string().len() <= max);
-    for attempt in 0..2 {
+    for attempt in 0..2u64 {
         let (mut ws, _) = join(&url, hello()).await;
         send_json(&mut ws, publish.clone()).await;
         let (len, ack) = recv_text(&mut ws).await;
-        // With `held` in every result it was 140 times the revision (2.2 MiB).
+        // With `held` in every result it was `docs` times a near-message revision.
         assert!(len <= 2 * max, "attempt {attempt}: the ack is {len} bytes");
-        assert_eq!(ack["ref"], 9);
-        assert_eq!(ack["serverVersion"], 1 + attempt);
+        assert_eq!(ack["ref"], 99);
+        assert_eq!(ack["serverVersion"], docs + attempt);
         let results = ack["results"].as_array().expect("results");
         assert_eq!(results.len(), conflicting.len());
         assert!(results.iter().all(|r| r["status"] == "conflict"));
@@ -624,10 +628,10 @@ async fn an_ack_for_many_conflicts_with_a_large_revision_stays_within_the_messag
             results[1..].iter().all(|r| r.get("held").is_none()),
             "the others go without"
         );
-        // The connection is still usable, and the revision is in the log for the client.
+        // The connection is still usable, and the revisions are in the log for the client.
         send_json(
             &mut ws,
-            json!({"type":"publish","ref":10,"events":[event(&format!("after{attempt}"), 1)]}),
+            json!({"type":"publish","ref":100,"events":[event(&format!("after{attempt}"), 1)]}),
         )
         .await;
         assert_eq!(recv_json(&mut ws).await["results"][0]["status"], "stored");
@@ -1184,5 +1188,43 @@ async fn compression_deflates_batches_and_leaves_tiny_frames_as_text() {
     assert_eq!(frames[0].1["events"][0]["event"]["id"], "small");
     assert!(frames[1].0, "a frame over the threshold is deflated");
     assert_eq!(frames[1].1["events"][0]["event"], big);
+    server.stop().await;
+}
+
+/// One publish naming a revision `(id, version)` more than once: the first copy is taken, the
+/// later ones are `invalid` (each copy colliding with a large stored revision would make the
+/// storage copy that revision again), and the rest of the publish goes through.
+#[tokio::test]
+async fn a_revision_repeated_in_one_publish_is_taken_once() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("repeats"));
+    let (mut publisher, _) = join(&url, hello()).await;
+    let mut other = event("a", 1);
+    other["data"] = json!("other content");
+    let events = json!([event("a", 1), event("a", 1), other, event("b", 2)]);
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","ref":1,"events":events}),
+    )
+    .await;
+    let ack = recv_json(&mut publisher).await;
+    let statuses: Vec<&str> = ack["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["status"].as_str().expect("status"))
+        .collect();
+    assert_eq!(
+        statuses,
+        ["stored", "invalid", "invalid", "stored"],
+        "{ack}"
+    );
+    assert!(
+        ack["results"][1]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("more than once")),
+        "{ack}"
+    );
+    assert_eq!(ack["serverVersion"], 2);
     server.stop().await;
 }

@@ -48,19 +48,54 @@ pub(super) fn read(
     json: &str,
     limits: &EventLimits,
 ) -> Option<(u64, Vec<Result<Incoming, String>>)> {
-    if let Some(publish) = read_publish(json, limits) {
-        return (publish.kind == "publish").then_some((publish.reference, publish.items));
+    let (reference, mut items) = match read_publish(json, limits) {
+        Some(publish) if publish.kind == "publish" => (publish.reference, publish.items),
+        Some(_) => return None,
+        None => {
+            let publish = serde_json::from_str::<RawPublish<'_>>(json).ok()?;
+            if publish.kind != "publish" {
+                return None;
+            }
+            let items = publish
+                .events
+                .iter()
+                .map(|raw| incoming(raw.get(), limits))
+                .collect();
+            (publish.reference, items)
+        }
+    };
+    refuse_repeated_revisions(&mut items);
+    Some((reference, items))
+}
+
+/// Refuses the later copies of a revision `(id, version)` that one publish names more than
+/// once. No client needs that (a revision is one event), and each copy that collides with a
+/// stored revision makes the storage copy that revision into its conflict: ~17,000 tiny
+/// copies in one 1 MiB publish against a 1 MiB stored revision would make tens of GiB.
+fn refuse_repeated_revisions(items: &mut [Result<Incoming, String>]) {
+    if items.len() < 2 {
+        return;
     }
-    let publish = serde_json::from_str::<RawPublish<'_>>(json).ok()?;
-    if publish.kind != "publish" {
-        return None;
-    }
-    let items = publish
-        .events
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    let repeats: Vec<usize> = items
         .iter()
-        .map(|raw| incoming(raw.get(), limits))
+        .enumerate()
+        .filter_map(|(i, item)| {
+            let event = &item.as_ref().ok()?.event;
+            (!seen.insert((event.id.as_str(), event.version))).then_some(i)
+        })
         .collect();
-    Some((publish.reference, items))
+    for i in repeats {
+        if let Some(item) = items.get_mut(i)
+            && let Ok(incoming) = item
+        {
+            let message = format!(
+                "revision ({:?}, {}) appears more than once in this publish",
+                incoming.event.id, incoming.event.version
+            );
+            *item = Err(message);
+        }
+    }
 }
 
 /// A message read by [`read_publish`].
