@@ -173,59 +173,6 @@ async fn forwarding_an_event_the_client_already_scanned_past_still_sends_it() {
     server.stop().await;
 }
 
-/// Records every notification of a client, for assertions on what a user sees.
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<Notification>>>);
-
-impl Recorder {
-    fn attach(client: &impl SyncClient) -> Self {
-        let rec = Recorder::default();
-        for kind in [
-            "connected",
-            "disconnected",
-            "reconnecting",
-            "event",
-            "sync",
-            "error",
-            "metrics",
-            "status",
-            "conflict",
-        ] {
-            let sink = rec.0.clone();
-            // The subscription stays registered for the client's life.
-            let _sub = client
-                .notifier()
-                .on(kind, move |n| sink.lock().expect("lock").push(n.clone()))
-                .expect("known kind");
-        }
-        rec
-    }
-    fn all(&self) -> Vec<Notification> {
-        self.0.lock().expect("lock").clone()
-    }
-    fn count(&self, f: impl Fn(&Notification) -> bool) -> usize {
-        self.all().iter().filter(|n| f(n)).count()
-    }
-    fn events(&self) -> Vec<Event> {
-        self.all()
-            .into_iter()
-            .filter_map(|n| match n {
-                Notification::Event(e) => Some(e),
-                _ => None,
-            })
-            .collect()
-    }
-    fn statuses(&self) -> Vec<Status> {
-        self.all()
-            .into_iter()
-            .filter_map(|n| match n {
-                Notification::Status(s) => Some(s),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
 async fn ksync_with(client: WebSocketSyncClient) -> KSync<WebSocketSyncClient> {
     KSync::builder()
         .storage(Arc::new(InMemoryStorage::new()))

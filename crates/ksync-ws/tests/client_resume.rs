@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -14,47 +14,6 @@ use ksync_core::{
 use ksync_ws::WebSocketSyncClient;
 use ksync_ws::server::RelayConfig;
 use serde_json::json;
-
-/// Every notification a client emitted, in order.
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<Notification>>>);
-
-impl Recorder {
-    fn attach(client: &impl SyncClient) -> Self {
-        let rec = Recorder::default();
-        for kind in [
-            "connected",
-            "disconnected",
-            "reconnecting",
-            "event",
-            "sync",
-            "error",
-            "status",
-        ] {
-            let sink = rec.0.clone();
-            let _sub = client
-                .notifier()
-                .on(kind, move |n| sink.lock().expect("lock").push(n.clone()))
-                .expect("known kind");
-        }
-        rec
-    }
-    fn all(&self) -> Vec<Notification> {
-        self.0.lock().expect("lock").clone()
-    }
-    fn count(&self, f: impl Fn(&Notification) -> bool) -> usize {
-        self.all().iter().filter(|n| f(n)).count()
-    }
-    fn event_ids(&self) -> Vec<String> {
-        self.all()
-            .into_iter()
-            .filter_map(|n| match n {
-                Notification::Event(e) => Some(e.id),
-                _ => None,
-            })
-            .collect()
-    }
-}
 
 /// Waits until `f` holds, polling; panics after 10 s.
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -371,15 +330,7 @@ async fn reconnect_attempts_count_again_from_one_after_a_connection_that_stayed_
     let client = quick(&server.url(None));
     let rec = Recorder::attach(&client);
     client.connect().await.expect("connect");
-    let attempts = |rec: &Recorder| -> Vec<u32> {
-        rec.all()
-            .into_iter()
-            .filter_map(|n| match n {
-                Notification::Reconnecting { attempt } => Some(attempt),
-                _ => None,
-            })
-            .collect()
-    };
+    let attempts = |rec: &Recorder| rec.reconnect_attempts();
     let mut server = Some(server);
     for round in 1..=2 {
         let before = attempts(&rec).len();
@@ -504,15 +455,7 @@ async fn a_server_that_drops_every_connection_at_once_gets_growing_delays() {
         rec.count(|n| matches!(n, Notification::Connected)) == flaps + 1
     })
     .await;
-    let attempts: Vec<u32> = rec
-        .all()
-        .into_iter()
-        .filter_map(|n| match n {
-            Notification::Reconnecting { attempt } => Some(attempt),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(attempts, [1, 2, 3, 4]);
+    assert_eq!(rec.reconnect_attempts(), [1, 2, 3, 4]);
     assert_eq!(
         rec.count(|n| matches!(n, Notification::Disconnected)),
         flaps

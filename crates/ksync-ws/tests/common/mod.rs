@@ -196,3 +196,75 @@ pub fn event(id: &str, n: u64) -> Value {
 pub fn hello() -> Value {
     json!({"type": "hello", "protocol": ksync_core::PROTOCOL_VERSION})
 }
+
+/// Records every notification of a client, in order, for assertions on what a user sees.
+#[derive(Clone, Default)]
+pub struct Recorder(Arc<std::sync::Mutex<Vec<ksync_core::Notification>>>);
+
+impl Recorder {
+    pub fn attach(client: &impl ksync_core::SyncClient) -> Self {
+        let rec = Recorder::default();
+        for kind in [
+            "connected",
+            "disconnected",
+            "reconnecting",
+            "event",
+            "sync",
+            "error",
+            "metrics",
+            "status",
+            "conflict",
+        ] {
+            let sink = rec.0.clone();
+            // The subscription stays registered for the client's life.
+            let _sub = client
+                .notifier()
+                .on(kind, move |n| sink.lock().expect("lock").push(n.clone()))
+                .expect("known kind");
+        }
+        rec
+    }
+
+    pub fn all(&self) -> Vec<ksync_core::Notification> {
+        self.0.lock().expect("lock").clone()
+    }
+
+    pub fn count(&self, f: impl Fn(&ksync_core::Notification) -> bool) -> usize {
+        self.all().iter().filter(|n| f(n)).count()
+    }
+
+    pub fn events(&self) -> Vec<ksync_core::Event> {
+        self.all()
+            .into_iter()
+            .filter_map(|n| match n {
+                ksync_core::Notification::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn event_ids(&self) -> Vec<String> {
+        self.events().into_iter().map(|e| e.id).collect()
+    }
+
+    pub fn statuses(&self) -> Vec<ksync_core::Status> {
+        self.all()
+            .into_iter()
+            .filter_map(|n| match n {
+                ksync_core::Notification::Status(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The `attempt` of each `reconnecting`, in order.
+    pub fn reconnect_attempts(&self) -> Vec<u32> {
+        self.all()
+            .into_iter()
+            .filter_map(|n| match n {
+                ksync_core::Notification::Reconnecting { attempt } => Some(attempt),
+                _ => None,
+            })
+            .collect()
+    }
+}
