@@ -719,7 +719,7 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
     use axum::extract::Request;
     use axum::middleware::Next;
     use axum::response::IntoResponse;
-    use ksync_core::{InMemoryProvider, KSync, ManualClock};
+    use ksync_core::InMemoryProvider;
 
     let provider = Arc::new(InMemoryProvider::new());
     let service = ksync_git::server::GitServer::new(
@@ -749,35 +749,7 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
     };
     let (addr, task) = serve(service.router().layer(axum::middleware::from_fn(fail))).await;
     let url = format!("http://{addr}/git/r");
-    let clock = ManualClock::new(10);
-    let node = |id: &'static str| {
-        let url = url.clone();
-        let clock = clock.clone();
-        async move {
-            KSync::builder()
-                .storage(Arc::new(ksync_core::InMemoryStorage::new()))
-                .sync_client(Arc::new(client(&url)))
-                .replica_id(id)
-                .clock(Arc::new(clock))
-                .build()
-                .await
-                .expect("ksync")
-        }
-    };
-    let a = node("a").await;
-    let b = node("b").await;
-    a.client().create_branch("feature").await.expect("branch");
-    a.client().checkout("feature").await.expect("checkout");
-    clock.set(50);
-    a.update("doc", "d", json!("feature text"))
-        .await
-        .expect("edit");
-    a.push().await.expect("push feature");
-    clock.set(40);
-    b.update("doc", "d", json!("main text"))
-        .await
-        .expect("edit");
-    b.push().await.expect("push main");
+    let (a, b) = colliding_edits(&url, "feature text", "main text").await;
 
     armed.store(true, Ordering::SeqCst);
     let err = a
@@ -1022,38 +994,12 @@ async fn a_service_announcing_another_protocol_version_is_refused() {
 /// `into` that supersedes both sides; `from` is not written.
 #[tokio::test]
 async fn merge_settles_collisions_with_ours_and_merged() {
-    use std::sync::Arc;
-
-    use ksync_core::{KSync, ManualClock, Resolution};
+    use ksync_core::Resolution;
 
     for policy in ["ours", "merged"] {
         let server = start(&["r"]).await;
         let url = server.repo_url("r");
-        let clock = ManualClock::new(10);
-        let node = |id: &'static str| {
-            let url = url.clone();
-            let clock = clock.clone();
-            async move {
-                KSync::builder()
-                    .storage(Arc::new(ksync_core::InMemoryStorage::new()))
-                    .sync_client(Arc::new(client(&url)))
-                    .replica_id(id)
-                    .clock(Arc::new(clock))
-                    .build()
-                    .await
-                    .expect("ksync")
-            }
-        };
-        let a = node("a").await;
-        let b = node("b").await;
-        a.client().create_branch("feature").await.expect("branch");
-        a.client().checkout("feature").await.expect("checkout");
-        clock.set(50);
-        a.update("doc", "d", json!("feature")).await.expect("edit");
-        a.push().await.expect("push");
-        clock.set(40);
-        b.update("doc", "d", json!("main")).await.expect("edit");
-        b.push().await.expect("push");
+        let (a, b) = colliding_edits(&url, "feature", "main").await;
         match policy {
             "ours" => a.on_conflict(|_| Resolution::Ours),
             _ => a.on_conflict(|c| {
@@ -1125,4 +1071,39 @@ async fn a_merge_collision_at_the_highest_version_is_reported_not_settled() {
         (main[0].version, &main[0].data),
         (u64::MAX, &json!("main text"))
     );
+}
+
+/// Two replicas over `url`: `a` forks `feature` and writes `doc` there (at t=50), `b` writes
+/// `doc` on `main` (at t=40), both pushed. The same revision with other content on each
+/// branch: merging them collides (last-write-wins picks `a`'s).
+async fn colliding_edits(
+    url: &str,
+    feature: &str,
+    main: &str,
+) -> (
+    ksync_core::KSync<ksync_git::GitSyncClient>,
+    ksync_core::KSync<ksync_git::GitSyncClient>,
+) {
+    use std::sync::Arc;
+
+    let clock = ksync_core::ManualClock::new(10);
+    let node = |id: &'static str| {
+        ksync_core::KSync::builder()
+            .storage(Arc::new(ksync_core::InMemoryStorage::new()))
+            .sync_client(Arc::new(client(url)))
+            .replica_id(id)
+            .clock(Arc::new(clock.clone()))
+            .build()
+    };
+    let a = node("a").await.expect("ksync a");
+    let b = node("b").await.expect("ksync b");
+    a.client().create_branch("feature").await.expect("branch");
+    a.client().checkout("feature").await.expect("checkout");
+    clock.set(50);
+    a.update("doc", "d", json!(feature)).await.expect("edit");
+    a.push().await.expect("push feature");
+    clock.set(40);
+    b.update("doc", "d", json!(main)).await.expect("edit");
+    b.push().await.expect("push main");
+    (a, b)
 }

@@ -25,18 +25,6 @@ async fn ksync(url: &str) -> KSync<WebSocketSyncClient> {
         .expect("ksync")
 }
 
-/// Waits until `f` holds, polling; panics after 5 s.
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// The next `event` notification, or `Err` after `wait`.
 async fn next_event(
     seen: &mut ksync_core::NotificationStream,
@@ -689,12 +677,7 @@ async fn connect_times_out_when_the_upgrade_never_completes() {
 
 #[tokio::test]
 async fn refused_connections_are_retried_with_reconnecting_attempts() {
-    // Nothing listens on this port (bound then dropped).
-    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let addr = closed_port().await;
     let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
         .reconnect_delay(Duration::from_millis(10), Duration::from_millis(40))
         .build()

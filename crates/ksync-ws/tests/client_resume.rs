@@ -15,18 +15,6 @@ use ksync_ws::WebSocketSyncClient;
 use ksync_ws::server::RelayConfig;
 use serde_json::json;
 
-/// Waits until `f` holds, polling; panics after 10 s.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn quick(url: &str) -> WebSocketSyncClient {
     WebSocketSyncClient::builder(url)
         .reconnect_delay(Duration::from_millis(10), Duration::from_millis(50))
@@ -498,12 +486,7 @@ async fn a_room_name_the_server_refuses_is_not_retried() {
 
 #[tokio::test]
 async fn connect_during_a_long_backoff_tries_at_once() {
-    // Nothing listens yet (bound, then dropped).
-    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let addr = closed_port().await;
     let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
         .reconnect_delay(Duration::from_secs(60), Duration::from_secs(60))
         .build()
@@ -598,12 +581,7 @@ async fn connect_called_from_a_disconnected_handler_connects_again() {
 // Two threads: the caller of `connect` could otherwise run ahead of the notification.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connected_and_error_are_notified_before_connect_returns() {
-    // Nothing listens yet (bound, then dropped): the first connect fails.
-    let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let addr = closed_port().await;
     let refused = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
         .reconnect(false)
         .build()

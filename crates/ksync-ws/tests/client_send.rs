@@ -61,18 +61,7 @@ async fn send_refuses_an_event_the_relay_would_refuse_and_queues_nothing() {
 }
 
 mod common;
-
-/// Waits until `f` holds, polling; panics after 10 s.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
+use common::eventually;
 
 #[tokio::test]
 async fn a_conflicting_event_the_room_holds_goes_through_the_incoming_filter() {

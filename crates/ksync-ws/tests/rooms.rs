@@ -4,7 +4,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -13,18 +12,6 @@ use ksync_storage_file::FileProvider;
 use ksync_ws::server::RelayConfig;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-/// Waits until `f` holds, polling; panics after 10 s.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 async fn leave(mut ws: Raw) {
     ws.send(Message::Close(None)).await.expect("close");

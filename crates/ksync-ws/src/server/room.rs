@@ -437,12 +437,8 @@ impl Room {
 async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>) {
     let mut deferred: Option<RoomCommand> = None;
     loop {
-        let command = match deferred.take() {
-            Some(c) => c,
-            None => match rx.recv().await {
-                Some(c) => c,
-                None => break,
-            },
+        let Some(command) = next_command(&mut deferred, &mut rx).await else {
+            break;
         };
         let mut room = shared.room.lock().await;
         if room
@@ -459,6 +455,18 @@ async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>) {
             room.close_idle(&mut rx, &shared.queued).await;
             break;
         }
+    }
+}
+
+/// The command a batch left over (see `Room::run_command`), else the next one queued; `None`
+/// once the queue is closed and empty.
+async fn next_command(
+    deferred: &mut Option<RoomCommand>,
+    rx: &mut mpsc::Receiver<RoomCommand>,
+) -> Option<RoomCommand> {
+    match deferred.take() {
+        Some(command) => Some(command),
+        None => rx.recv().await,
     }
 }
 
@@ -491,12 +499,8 @@ impl Room {
         rx.close();
         let mut deferred = None;
         loop {
-            let command = match deferred.take() {
-                Some(c) => c,
-                None => match rx.recv().await {
-                    Some(c) => c,
-                    None => break,
-                },
+            let Some(command) = next_command(&mut deferred, rx).await else {
+                break;
             };
             match command {
                 // Dropping `reply`: the joiner sees the room closed and retries.
