@@ -19,12 +19,20 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-fn on_disk(dir: &std::path::Path) -> ServerConfig {
+/// A loopback server on a free port with in-memory logs.
+fn in_memory() -> ServerConfig {
     ServerConfig {
         bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        in_memory: true,
+        ..ServerConfig::default()
+    }
+}
+
+fn on_disk(dir: &std::path::Path) -> ServerConfig {
+    ServerConfig {
         in_memory: false,
         data_dir: dir.to_owned(),
-        ..ServerConfig::default()
+        ..in_memory()
     }
 }
 
@@ -194,13 +202,11 @@ fn refusal(error: tokio_tungstenite::tungstenite::Error) -> (u16, Value) {
 #[tokio::test]
 async fn refusals_have_the_documented_status_and_json_body() {
     let running = Server::bind(ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
         limits: ksync_server::Limits {
             max_connections: 2,
             ..ksync_server::Limits::default()
         },
-        ..ServerConfig::default()
+        ..in_memory()
     })
     .await
     .unwrap();
@@ -254,13 +260,7 @@ async fn refusals_have_the_documented_status_and_json_body() {
 /// is closed with 1001 at once, as the doc says of monitors at shutdown.
 #[tokio::test]
 async fn connections_still_in_their_handshake_are_closed_with_1001_at_shutdown() {
-    let running = Server::bind(ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
-        ..ServerConfig::default()
-    })
-    .await
-    .unwrap();
+    let running = Server::bind(in_memory()).await.unwrap();
     let addr = running.local_addr();
     let (mut monitor, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/monitor"))
         .await
@@ -289,13 +289,7 @@ async fn connections_still_in_their_handshake_are_closed_with_1001_at_shutdown()
 /// A monitor that closes gets its close frame echoed (RFC 6455 5.5.1), not a dropped socket.
 #[tokio::test]
 async fn a_monitor_close_is_answered_with_a_close_frame() {
-    let running = Server::bind(ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
-        ..ServerConfig::default()
-    })
-    .await
-    .unwrap();
+    let running = Server::bind(in_memory()).await.unwrap();
     let addr = running.local_addr();
     for say_hello in [true, false] {
         let (mut monitor, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/monitor"))
@@ -331,8 +325,6 @@ async fn a_monitor_close_is_answered_with_a_close_frame() {
 #[tokio::test]
 async fn rate_limited_refusals_have_the_documented_json_bodies() {
     let running = Server::bind(ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
         auth: ksync_server::AuthConfig {
             api_keys: vec![ksync_server::ApiKey::new("app", "right-key-0123")],
             rate_limit: ksync_server::RateLimit {
@@ -341,7 +333,7 @@ async fn rate_limited_refusals_have_the_documented_json_bodies() {
             },
             ..ksync_server::AuthConfig::default()
         },
-        ..ServerConfig::default()
+        ..in_memory()
     })
     .await
     .unwrap();
