@@ -13,31 +13,7 @@ use ksync_git::{GitError, GitSyncClient};
 use ksync_storage_file::FileProvider;
 use serde_json::{Value, json};
 
-use common::{branch_events, client, start, start_with};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .gzip(false)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("http")
-}
-
-/// Sends a request as `writer` and returns the status and the JSON body.
-async fn call(req: reqwest::RequestBuilder) -> (u16, Value) {
-    let response = req
-        .header("authorization", "Bearer writer")
-        .send()
-        .await
-        .expect("send");
-    let status = response.status().as_u16();
-    let body = response.json().await.unwrap_or(Value::Null);
-    (status, body)
-}
-
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or("<no code>")
-}
+use common::{branch_events, call, client, code, http, start, start_with};
 
 fn push_body(events: &[Event]) -> Value {
     json!({"baseVersion": 0, "events": events})

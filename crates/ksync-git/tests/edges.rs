@@ -10,33 +10,7 @@ use ksync_core::{Event, PullPushClient, SyncClient};
 use ksync_git::GitError;
 use serde_json::{Value, json};
 
-use common::{branch_events, client, start};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .gzip(false)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("http")
-}
-
-/// Sends a request as `writer`; the status and the body, which must be JSON.
-async fn call(req: reqwest::RequestBuilder) -> (u16, Value) {
-    let response = req
-        .header("authorization", "Bearer writer")
-        .send()
-        .await
-        .expect("send");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("body");
-    let body = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("answer {status} is not JSON ({e}): {text:?}"));
-    (status, body)
-}
-
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or("<no code>")
-}
+use common::{branch_events, call, client, code, http, start};
 
 fn message(body: &Value) -> &str {
     body["error"]["message"].as_str().unwrap_or("<no message>")

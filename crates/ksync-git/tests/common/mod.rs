@@ -131,3 +131,31 @@ pub fn branch_events(server: &Server, repo: &str, branch: &str) -> Vec<ksync_cor
         .map(|s| s.event)
         .collect()
 }
+
+/// A plain HTTP client (no transparent gzip) with a 10 s timeout.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .gzip(false)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http")
+}
+
+/// Sends a request as `writer`; the status and the body, which must be JSON.
+pub async fn call(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    let response = req
+        .header("authorization", "Bearer writer")
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("answer {status} is not JSON ({e}): {text:?}"));
+    (status, body)
+}
+
+/// The `error.code` of an error body.
+pub fn code(body: &serde_json::Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no code>")
+}
