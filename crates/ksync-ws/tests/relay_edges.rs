@@ -27,6 +27,8 @@ use tokio_tungstenite::tungstenite::Message;
 struct GatedStorage {
     log: InMemoryStorage,
     appends: AtomicUsize,
+    /// Most events one append carried.
+    largest_append: AtomicUsize,
     open: Arc<AtomicBool>,
     opened: Arc<Notify>,
 }
@@ -36,6 +38,7 @@ impl Storage for GatedStorage {
         Box::pin(async move {
             // Every append waits once, as a durable one does.
             self.appends.fetch_add(1, Ordering::SeqCst);
+            self.largest_append.fetch_max(events.len(), Ordering::SeqCst);
             tokio::task::yield_now().await;
             while !self.open.load(Ordering::SeqCst) {
                 let opened = self.opened.notified();
@@ -103,6 +106,7 @@ impl StorageProvider for GatedProvider {
             Arc::new(GatedStorage {
                 log: InMemoryStorage::default(),
                 appends: AtomicUsize::new(0),
+                largest_append: AtomicUsize::new(0),
                 open: Arc::clone(&self.open),
                 opened: Arc::clone(&self.opened),
             })
@@ -1226,5 +1230,113 @@ async fn a_revision_repeated_in_one_publish_is_taken_once() {
         "{ack}"
     );
     assert_eq!(ack["serverVersion"], 2);
+    server.stop().await;
+}
+
+/// A subscriber that stops reading is dropped with 4008 once its queue holds
+/// `subscriber_queue_bytes`, long before it holds `subscriber_queue` frames of large events;
+/// the subscriber that reads gets every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_dropped_at_its_byte_budget() {
+    let server = start(RelayConfig {
+        subscriber_queue_bytes: 256 * 1024,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("bytes"));
+    let (mut slow, _) = join(&url, hello()).await;
+    let (mut reader, _) = join(&url, hello()).await;
+    // Far fewer frames than the 1,024 the frame count allows, far more bytes than the socket
+    // buffers and the byte budget hold.
+    let total = 250u64;
+    let reading = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        while seqs.len() < total as usize {
+            let (_, batch) = recv_text(&mut reader).await;
+            for e in batch["events"].as_array().expect("events") {
+                seqs.push(e["seq"].as_u64().expect("seq"));
+            }
+        }
+        seqs
+    });
+    let (mut publisher, _) = join(&url, hello()).await;
+    for n in 1..=total {
+        let mut e = event(&format!("e{n}"), n);
+        e["data"] = json!("w".repeat(64 * 1024));
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","ref":n,"events":[e]}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut publisher).await["results"][0]["seq"], n);
+    }
+    assert_eq!(
+        reading.await.expect("reader"),
+        (1..=total).collect::<Vec<_>>()
+    );
+    assert_eq!(recv_close(&mut slow).await.0, 4008);
+    server.stop().await;
+}
+
+/// Behind a log whose appends wait, a room queues publishes only up to `room_queue_bytes`:
+/// the publisher's further publishes wait unread, so no group commit gathers more than the
+/// budget, and every publish is still acknowledged once the log moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_queues_publishes_only_up_to_its_byte_budget() {
+    let provider = Arc::new(GatedProvider::new());
+    let server = start_with(
+        RelayConfig {
+            room_queue_bytes: 100 * 1024,
+            ..RelayConfig::default()
+        },
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("budget"));
+    let (publisher, _) = join(&url, hello()).await;
+    let (mut sink, mut acks) = publisher.split();
+    // The first append waits once: from then on the room commits from its queue.
+    let first = json!({"type":"publish","ref":0,"events":[event("warm", 1)]});
+    sink.send(Message::text(first.to_string())).await.expect("send");
+    let ack = acks.next().await.expect("open").expect("ok");
+    assert!(ack.to_text().expect("text").contains("stored"), "{ack:?}");
+    provider.close_gate();
+    let total = 10u64;
+    let sending = tokio::spawn(async move {
+        for n in 1..=total {
+            let mut e = event(&format!("e{n}"), 1);
+            e["data"] = json!("w".repeat(64 * 1024));
+            let publish = json!({"type":"publish","ref":n,"events":[e]});
+            sink.send(Message::text(publish.to_string()))
+                .await
+                .expect("send");
+        }
+        sink
+    });
+    // Time for the relay to read (and, without a byte budget, queue) every publish.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    provider.open_gate();
+    for n in 1..=total {
+        let message = tokio::time::timeout(Duration::from_secs(10), acks.next())
+            .await
+            .expect("an ack within 10 s")
+            .expect("open")
+            .expect("ok");
+        let ack: Value = serde_json::from_str(message.to_text().expect("text")).expect("json");
+        assert_eq!(ack["ref"], n, "{ack}");
+        assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+    }
+    let _sink = sending.await.expect("sender");
+    let log = provider
+        .logs
+        .lock()
+        .expect("lock")
+        .get(&LogName::Room(Name::new("budget").expect("name")))
+        .cloned()
+        .expect("the room's log");
+    // 100 KiB holds one 64 KiB publish: each was committed on its own.
+    assert_eq!(log.largest_append.load(Ordering::SeqCst), 1);
+    assert_eq!(log.len(), total + 1);
     server.stop().await;
 }

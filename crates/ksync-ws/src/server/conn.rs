@@ -143,7 +143,11 @@ pub(crate) async fn serve(connection: Connection) {
     } = connection;
     let (sink, mut stream) = socket.split();
     // Bounded: see RelayConfig::subscriber_queue for the overflow policy.
-    let outbox = Outbox::new(sink, shared.config.subscriber_queue);
+    let outbox = Outbox::new(
+        sink,
+        shared.config.subscriber_queue,
+        shared.config.subscriber_queue_bytes,
+    );
     let _leave = Leave(Arc::clone(&outbox));
     let mut writer = Writer {
         outbox,
@@ -462,11 +466,9 @@ impl Reader<'_> {
             }
             burst.events += items.len().max(1);
             burst.bytes += text.len();
-            burst.publishes.push(PublishCommand {
-                conn: self.id,
-                reference,
-                items,
-            });
+            burst
+                .publishes
+                .push(PublishCommand::new(self.id, reference, items, text.len()));
             return Ok(false);
         }
         self.commit(burst).await?;
@@ -672,11 +674,12 @@ async fn handle(
         .into_iter()
         .map(|value| incoming(&value.to_string(), &limits))
         .collect();
-    let mut publishes = vec![PublishCommand {
-        conn: id,
-        reference: publish.reference,
+    let mut publishes = vec![PublishCommand::new(
+        id,
+        publish.reference,
         items,
-    }];
+        text.len(),
+    )];
     room_link
         .publish(&mut publishes)
         .await

@@ -62,9 +62,18 @@ pub struct RelayConfig {
     /// with 4008 ("resume from your cursor"); the room never waits for a slow client.
     /// Default 1024.
     pub subscriber_queue: usize,
+    /// Bytes of frames queued per subscriber (their JSON; a frame shared by many subscribers
+    /// counts for each). Same overflow policy as `subscriber_queue`: the subscriber is closed
+    /// with 4008. One commit's frames are always taken into an empty queue, so a queue may
+    /// exceed this by one commit. Default 64 MiB (nats-server's default `max_pending`).
+    pub subscriber_queue_bytes: usize,
     /// Commands queued per room. Overflow policy: publishers wait (their connection stops
     /// reading), which is back-pressure on the fastest writers. Default 1024.
     pub room_queue: usize,
+    /// Bytes of publishes (their JSON as read) queued per room, at most `u32::MAX`. Same
+    /// overflow policy as `room_queue`: publishers wait. A publish larger than this waits for
+    /// the whole budget. Default 64 MiB.
+    pub room_queue_bytes: usize,
     /// Most open connections; more are refused before the upgrade with 503. Default 10 000.
     /// Also bounds the open rooms (each a log and a task): a room closes once its last
     /// connection has left, so at most one room per connection is open.
@@ -92,7 +101,9 @@ impl Default for RelayConfig {
             heartbeat: Duration::from_secs(30),
             write_timeout: Duration::from_secs(10),
             subscriber_queue: 1024,
+            subscriber_queue_bytes: 64 << 20,
             room_queue: 1024,
+            room_queue_bytes: 64 << 20,
             max_connections: 10_000,
             max_batch_events: 4096,
             page_size: 512,
@@ -249,7 +260,9 @@ impl Relay {
             .map_err(|e| RelayError::Config(format!("default_room: {e}")))?;
         for (field, value) in [
             ("subscriber_queue", config.subscriber_queue),
+            ("subscriber_queue_bytes", config.subscriber_queue_bytes),
             ("room_queue", config.room_queue),
+            ("room_queue_bytes", config.room_queue_bytes),
             ("max_batch_events", config.max_batch_events),
             ("page_size", config.page_size),
             ("max_connections", config.max_connections),
@@ -262,6 +275,12 @@ impl Relay {
             return Err(RelayError::Config(
                 "max_message_size must be at least 1024 bytes".into(),
             ));
+        }
+        if u32::try_from(config.room_queue_bytes).is_err() {
+            return Err(RelayError::Config(format!(
+                "room_queue_bytes must be at most {} bytes",
+                u32::MAX
+            )));
         }
         if config.heartbeat.is_zero() || config.handshake_timeout.is_zero() {
             return Err(RelayError::Config(
@@ -549,9 +568,7 @@ impl Shared {
                 name.clone(),
                 storage,
                 Arc::clone(&self.provider),
-                self.config.room_queue,
-                self.config.max_batch_events,
-                self.config.max_message_size,
+                &self.config,
                 self.activity.clone(),
             );
             let generation = self.next_room.fetch_add(1, Ordering::Relaxed);
@@ -673,11 +690,14 @@ fn auth_refusal(error: &AuthError) -> Response {
         _ => StatusCode::UNAUTHORIZED,
     };
     let mut response = refuse(status, &error.to_string());
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            axum::http::HeaderValue::from_static("Bearer"),
-        );
+    // RFC 9110 11.6.1: every 401 carries a challenge.
+    if let Some(challenge) = error
+        .www_authenticate()
+        .and_then(|c| axum::http::HeaderValue::from_str(&c).ok())
+    {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
     }
     response
 }

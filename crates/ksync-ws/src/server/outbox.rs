@@ -51,7 +51,8 @@ impl Wake for ConnWaker {
 
 /// Why the room could not hand a frame over.
 pub(crate) enum Refused {
-    /// The queue holds `capacity` frames: the slow-consumer policy applies.
+    /// The queue holds `capacity` frames or `capacity_bytes` bytes: the slow-consumer policy
+    /// applies.
     Full,
     /// The connection ended.
     Gone,
@@ -68,6 +69,9 @@ pub(crate) struct Outbox {
     /// [`Refused::Full`] and the room drops the subscriber (close 4008, resume from the
     /// cursor); see `RelayConfig::subscriber_queue`.
     capacity: usize,
+    /// Most bytes queued (frames' JSON). Same overflow policy, except that an empty queue takes
+    /// whatever one delivery brings; see `RelayConfig::subscriber_queue_bytes`.
+    capacity_bytes: usize,
 }
 
 struct State {
@@ -82,6 +86,8 @@ struct State {
     compression: bool,
     /// Frames waiting for the connection task, oldest first; at most `capacity`.
     queue: VecDeque<Arc<Frame>>,
+    /// Bytes of the frames in `queue`.
+    queued_bytes: usize,
     /// A direct write left bytes in the sink's buffer: the connection task must flush them
     /// before anything else is written directly.
     unflushed: bool,
@@ -102,8 +108,9 @@ enum Direct {
 }
 
 impl Outbox {
-    /// An outbox owning `sink`, queueing at most `capacity` frames.
-    pub(crate) fn new(sink: Sink, capacity: usize) -> Arc<Self> {
+    /// An outbox owning `sink`, queueing at most `capacity` frames and `capacity_bytes`
+    /// bytes.
+    pub(crate) fn new(sink: Sink, capacity: usize, capacity_bytes: usize) -> Arc<Self> {
         let conn = Arc::new(ConnWaker(Notify::new()));
         Arc::new(Self {
             state: Mutex::new(State {
@@ -111,6 +118,7 @@ impl Outbox {
                 live: false,
                 compression: false,
                 queue: VecDeque::new(),
+                queued_bytes: 0,
                 unflushed: false,
                 closed: None,
                 gone: false,
@@ -118,6 +126,7 @@ impl Outbox {
             waker: Waker::from(Arc::clone(&conn)),
             conn,
             capacity,
+            capacity_bytes,
         })
     }
 
@@ -164,13 +173,18 @@ impl Outbox {
         if rest.is_empty() {
             return Ok(());
         }
-        if state.queue.len() + rest.len() > self.capacity {
+        let bytes: usize = rest.iter().map(|frame| frame.text.len()).sum();
+        if state.queue.len() + rest.len() > self.capacity
+            || (!state.queue.is_empty()
+                && state.queued_bytes.saturating_add(bytes) > self.capacity_bytes)
+        {
             return Err(Refused::Full);
         }
         if state.queue.is_empty() {
             self.wake_conn();
         }
         state.queue.extend(rest.iter().cloned());
+        state.queued_bytes += bytes;
         Ok(())
     }
 
@@ -207,6 +221,7 @@ impl Outbox {
         let mut state = self.lock();
         if state.live && (state.unflushed || !state.queue.is_empty()) {
             state.unflushed = false;
+            state.queued_bytes = 0;
             return Err((sink, std::mem::take(&mut state.queue)));
         }
         state.sink = Some(sink);
@@ -243,6 +258,7 @@ impl Outbox {
         let mut state = self.lock();
         state.gone = true;
         state.queue.clear();
+        state.queued_bytes = 0;
         let sink = state.sink.take();
         drop(state);
         drop(sink);

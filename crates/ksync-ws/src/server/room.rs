@@ -13,9 +13,9 @@ use std::task::Poll;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use ksync_core::{AppendOutcome, Event, LogName, Name, Storage, StorageProvider, Stored};
-use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 
-use super::RelayActivity;
+use super::{RelayActivity, RelayConfig};
 use super::outbox::{Outbox, Refused};
 
 use crate::protocol::{self, PublishResult, ServerMessage, close};
@@ -249,6 +249,29 @@ pub(crate) struct PublishCommand {
     pub(crate) reference: u64,
     /// Each published event, or why it is invalid.
     pub(crate) items: Vec<Result<Incoming, String>>,
+    /// Size of the publish as read (its message's JSON), what it costs in the room's queue.
+    pub(crate) bytes: usize,
+    /// Its share of the room queue's byte budget while it waits there (see
+    /// `RelayConfig::room_queue_bytes`); released once it is committed.
+    pub(crate) queue_permit: Option<OwnedSemaphorePermit>,
+}
+
+impl PublishCommand {
+    /// A publish of `items`, read from a message of `bytes` bytes, not queued yet.
+    pub(crate) fn new(
+        conn: u64,
+        reference: u64,
+        items: Vec<Result<Incoming, String>>,
+        bytes: usize,
+    ) -> Self {
+        Self {
+            conn,
+            reference,
+            items,
+            bytes,
+            queue_permit: None,
+        }
+    }
 }
 
 /// A valid published event, with its JSON as the publisher sent it (relayed as is).
@@ -272,7 +295,7 @@ struct Run {
 #[derive(Clone)]
 pub(crate) struct RoomLink {
     /// Commands for the room's task. Bounded: see `RelayConfig::room_queue` for the overflow
-    /// policy (senders wait).
+    /// policy (senders wait). Also bounded in bytes by `RoomShared::queue_bytes`.
     pub(crate) tx: mpsc::Sender<RoomCommand>,
     shared: Arc<RoomShared>,
 }
@@ -285,6 +308,14 @@ struct RoomShared {
     /// place only while this is 0: then nothing published before it is still waiting, so each
     /// connection's publishes keep their order.
     queued: AtomicUsize,
+    /// Bytes the queued publishes may take, as permits (`RelayConfig::room_queue_bytes`; a
+    /// publish larger than the whole budget takes all of it). Overflow policy: publishers wait
+    /// for permits (their connection stops reading), like for a full queue. Without it the
+    /// queue's 1,024 commands of up to `max_message_size` each could hold gigabytes behind a
+    /// slow disk.
+    queue_bytes: Arc<Semaphore>,
+    /// The permits the semaphore started with.
+    queue_bytes_total: u32,
     /// Last, so that it drops after every `Arc` of the log above.
     _release: Release,
 }
@@ -332,7 +363,16 @@ impl RoomLink {
             room.commit(publishes).await;
             return Ok(());
         }
-        for publish in publishes.drain(..) {
+        for mut publish in publishes.drain(..) {
+            let cost = u32::try_from(publish.bytes)
+                .unwrap_or(u32::MAX)
+                .clamp(1, shared.queue_bytes_total);
+            // Fair (first come, first served): a large publish is not starved by small ones.
+            let permit = Arc::clone(&shared.queue_bytes)
+                .acquire_many_owned(cost)
+                .await
+                .map_err(|_| RoomClosed)?;
+            publish.queue_permit = Some(permit);
             shared.queued.fetch_add(1, Ordering::AcqRel);
             if self.tx.send(RoomCommand::Publish(publish)).await.is_err() {
                 shared.queued.fetch_sub(1, Ordering::AcqRel);
@@ -391,14 +431,13 @@ struct Scratch {
 }
 
 impl Room {
-    /// A room over `storage`, its queue bounded by `queue` commands, and its task (to spawn).
+    /// A room over `storage`, with the queue, batch and frame limits of `config`, and its task
+    /// (to spawn).
     pub(crate) fn open(
         room: Name,
         storage: Arc<dyn Storage>,
         provider: Arc<dyn StorageProvider>,
-        queue: usize,
-        max_batch_events: usize,
-        max_frame_bytes: usize,
+        config: &RelayConfig,
         activity: broadcast::Sender<RelayActivity>,
     ) -> (RoomLink, impl Future<Output = ()> + Send + 'static) {
         let last_seq = storage.len();
@@ -411,8 +450,8 @@ impl Room {
             room,
             activity,
             storage,
-            max_batch_events,
-            max_frame_bytes,
+            max_batch_events: config.max_batch_events,
+            max_frame_bytes: config.max_message_size,
             subs: Vec::new(),
             last_seq,
             storage_immediate: true,
@@ -420,11 +459,15 @@ impl Room {
             scratch: Scratch::default(),
         };
         // Bounded: see RelayConfig::room_queue for the overflow policy.
-        let (tx, rx) = mpsc::channel(queue);
+        let (tx, rx) = mpsc::channel(config.room_queue);
+        // `Relay::new` keeps the budget within 1..=u32::MAX.
+        let queue_bytes_total = u32::try_from(config.room_queue_bytes).unwrap_or(u32::MAX);
         let shared = Arc::new(RoomShared {
             storage: Arc::clone(&room.storage),
             room: Mutex::new(room),
             queued: AtomicUsize::new(0),
+            queue_bytes: Arc::new(Semaphore::new(queue_bytes_total as usize)),
+            queue_bytes_total,
             _release: release,
         });
         let task = run(Arc::clone(&shared), rx);
@@ -610,7 +653,11 @@ impl Room {
         plans.clear();
         slots.clear();
         let mut events = Vec::with_capacity(batch.iter().map(|p| p.items.len()).sum());
+        // The queued publishes' bytes stay counted until their commit is over: their events
+        // are held until then.
+        let mut queue_permits = Vec::new();
         for publish in batch.drain(..) {
+            queue_permits.extend(publish.queue_permit);
             plans.push((publish.conn, publish.reference, publish.items.len()));
             for item in publish.items {
                 match item {
@@ -709,6 +756,7 @@ impl Room {
             // One large batch should not cost an idle room its size for good.
             self.scratch.text = String::new();
         }
+        drop(queue_permits);
     }
 
     /// Sends the current run (if any) and empties it.
