@@ -1,5 +1,6 @@
 //! `ksync peer`: run a P2P peer: print its addresses, connect to others, emit events, and
-//! print every event it receives (one JSON line each on stdout) until Ctrl-C or `--duration`.
+//! print every event it receives (one JSON line each on stdout) until SIGINT (Ctrl-C), SIGTERM
+//! or `--duration`; then it stops the node and flushes the log, like `ksync serve`.
 //!
 //! ```text
 //! ksync peer --id laptop --discovery mdns
@@ -16,6 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use ksync_core::{InMemoryStorage, KSync, Notification, Storage, StreamError};
 use ksync_p2p::{DiscoveryMethod, Multiaddr, NetworkKey, P2PSyncClient};
+use ksync_server::ShutdownSignal;
 
 /// Options of `ksync peer`.
 #[derive(Debug, clap::Args)]
@@ -70,7 +72,7 @@ pub struct PeerArgs {
     #[arg(long)]
     emit: Vec<String>,
 
-    /// Exit after this many seconds (default: run until Ctrl-C).
+    /// Exit after this many seconds (default: run until SIGINT or SIGTERM).
     #[arg(long)]
     duration: Option<u64>,
 
@@ -79,8 +81,11 @@ pub struct PeerArgs {
     anti_entropy_secs: u64,
 }
 
-/// Runs `ksync peer`.
+/// Runs `ksync peer` until SIGINT/SIGTERM (or `--duration`), then stops the node and flushes
+/// the log.
 pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
+    // Before anything is printed: a SIGTERM right after the banner must stop cleanly, not kill.
+    let mut signal = ShutdownSignal::install().context("installing signal handlers")?;
     if let Some(path) = &args.generate_network_key {
         let key = NetworkKey::generate();
         write_secret(path, key.to_key_file().as_bytes())
@@ -131,7 +136,7 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
         None => Arc::new(InMemoryStorage::new()),
     };
     let ksync = KSync::builder()
-        .storage(storage)
+        .storage(Arc::clone(&storage))
         .sync_client(Arc::clone(&client))
         .replica_id(args.id.clone())
         .build()
@@ -165,13 +170,13 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
 
     let until = async {
         match args.duration {
-            Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
-            None => {
-                // Without a signal handler we run until killed.
-                if tokio::signal::ctrl_c().await.is_err() {
-                    std::future::pending::<()>().await;
+            Some(secs) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
+                    _ = signal.recv() => {}
                 }
             }
+            None => signal.recv().await,
         }
     };
     tokio::pin!(until);
@@ -194,6 +199,8 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
         }
     }
     ksync.disconnect().await?;
+    storage.flush().await.context("flushing the log")?;
+    eprintln!("stopped");
     Ok(())
 }
 

@@ -115,3 +115,72 @@ fn bad_options_fail_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--bootstrap needs --discovery dht"));
 }
+
+/// SIGTERM (what `docker stop` and systemd send) stops the peer like Ctrl-C: it disconnects,
+/// flushes its log and exits 0, and the log file holds what it emitted.
+#[test]
+fn sigterm_stops_the_peer_cleanly_and_keeps_its_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("peer.log");
+    let mut peer = ksync()
+        .args([
+            "peer",
+            "--id",
+            "cli-term",
+            "--discovery",
+            "manual",
+            "--listen",
+            "127.0.0.1",
+            "--emit",
+            r#"note={"text":"before the signal"}"#,
+        ])
+        .arg("--key-dir")
+        .arg(dir.path())
+        .arg("--log-file")
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn peer");
+    let stderr = peer.stderr.take().expect("stderr");
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let emitted = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the peer emits");
+        if let Some(rest) = line.strip_prefix("emitted ") {
+            break rest.split(' ').next().expect("an id").to_owned();
+        }
+    };
+    let status = Command::new("kill")
+        .args(["-TERM", &peer.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let (done_tx, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(peer.wait());
+    });
+    let status = done
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the peer exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "clean exit after SIGTERM, got {status}");
+    // The reader ends at EOF: the process is gone, so this does not block for long.
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(rest.iter().any(|l| l == "stopped"), "{rest:?}");
+
+    let storage = ksync_storage_file::FileStorage::open(&log).expect("the log reopens");
+    let held = ksync_core::Storage::read_since(&storage, 0, usize::MAX).expect("read");
+    assert!(
+        held.iter().any(|s| s.event.id == emitted),
+        "the emitted event is in the log"
+    );
+}
