@@ -1,6 +1,8 @@
 //! Middleware (transform or drop events on their way in or out) and filters.
 
+use std::any::Any;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
@@ -43,6 +45,15 @@ pub enum MiddlewareError {
         name: String,
         /// Why.
         reason: String,
+    },
+    /// A middleware panicked while processing the event ([`Pipeline::run`] catches it, so a
+    /// bug in one middleware costs that event, not the client's task).
+    #[error("middleware {name} panicked: {message}")]
+    Panicked {
+        /// The middleware's name.
+        name: String,
+        /// The panic's message (`"<no message>"` when it was not a string).
+        message: String,
     },
 }
 
@@ -182,7 +193,9 @@ impl Pipeline {
         }
     }
 
-    /// Runs one chain. `Ok(None)`: some middleware dropped the event.
+    /// Runs one chain. `Ok(None)`: some middleware dropped the event. A middleware that
+    /// panics is [`MiddlewareError::Panicked`]: the transports run their chains on their own
+    /// tasks, which a panic would end, silently stopping the sync.
     pub fn run(
         &self,
         direction: Direction,
@@ -197,7 +210,16 @@ impl Pipeline {
         };
         let mut current = event;
         for middleware in chain {
-            match middleware.process(current)? {
+            // Unwind safety: the event moves in and is gone if it panics (callers run chains
+            // on copies, from storage or the wire); a middleware's own state behind a lock is
+            // poisoned, which this crate's and ksync-middleware's locks tolerate.
+            let processed =
+                std::panic::catch_unwind(AssertUnwindSafe(|| middleware.process(current)))
+                    .map_err(|payload| MiddlewareError::Panicked {
+                        name: middleware.name().to_owned(),
+                        message: panic_message(payload.as_ref()),
+                    })?;
+            match processed? {
                 Some(next) => current = next,
                 None => return Ok(None),
             }
@@ -210,6 +232,15 @@ impl Pipeline {
         let chains = self.inner.read().unwrap_or_else(|p| p.into_inner());
         chains.incoming.is_empty() && chains.outgoing.is_empty()
     }
+}
+
+/// The text a panic was raised with (`panic!("..")` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "<no message>".to_owned())
 }
 
 #[cfg(test)]
@@ -266,5 +297,34 @@ mod tests {
             "sideways".parse::<Direction>(),
             Err(MiddlewareError::UnknownDirection(_))
         ));
+    }
+
+    #[test]
+    fn a_panicking_middleware_is_an_error_not_a_panic() {
+        let pipeline = Pipeline::new();
+        pipeline.use_middleware(Direction::Incoming, |e: Event| {
+            assert!(e.id != "bad", "no bad ids");
+            Some(e)
+        });
+        pipeline.use_middleware(Direction::Outgoing, |_: Event| -> Option<Event> {
+            std::panic::panic_any(7_u32)
+        });
+        let err = pipeline
+            .run(Direction::Incoming, Event::new("bad", "t", json!(null), 1))
+            .expect_err("panicked");
+        assert!(
+            matches!(&err, MiddlewareError::Panicked { name, message } if name == "closure" && message == "no bad ids"),
+            "{err:?}"
+        );
+        assert!(
+            pipeline
+                .run(Direction::Incoming, Event::new("good", "t", json!(null), 1))
+                .expect("the chain still runs")
+                .is_some()
+        );
+        let err = pipeline
+            .run(Direction::Outgoing, Event::new("1", "t", json!(null), 1))
+            .expect_err("panicked");
+        assert_eq!(err.to_string(), "middleware closure panicked: <no message>");
     }
 }

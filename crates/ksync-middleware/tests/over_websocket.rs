@@ -2,26 +2,14 @@
 //! 127.0.0.1:0: the relay stores only ciphertext, a replica with the key reads the plaintext,
 //! a replica with another key stores nothing and is told why.
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use ksync_core::{
-    Direction, InMemoryProvider, InMemoryStorage, KSync, LogName, Name, Notification,
-    StorageProvider,
-};
+use ksync_core::{Direction, KSync};
 use ksync_middleware::{Decrypt, Encrypt, FieldCipher, Tap};
 use ksync_ws::WebSocketSyncClient;
-use ksync_ws::server::{Relay, RelayConfig};
 use serde_json::json;
 
-async fn replica(url: &str) -> KSync<WebSocketSyncClient> {
-    KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(WebSocketSyncClient::new(url).expect("client")))
-        .build()
-        .await
-        .expect("ksync")
-}
+use common::{TestRelay, next_error, replica, until};
 
 fn with_cipher(ksync: &KSync<WebSocketSyncClient>, cipher: &FieldCipher) {
     ksync.client().use_middleware(
@@ -34,33 +22,10 @@ fn with_cipher(ksync: &KSync<WebSocketSyncClient>, cipher: &FieldCipher) {
     );
 }
 
-async fn until(mut f: impl FnMut() -> bool) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("condition reached within 10 s");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_sees_only_ciphertext() {
-    let provider = Arc::new(InMemoryProvider::new());
-    let relay = Relay::new(
-        RelayConfig::default(),
-        Arc::clone(&provider) as Arc<dyn StorageProvider>,
-        Arc::new(ksync_core::AllowAll),
-    )
-    .expect("relay");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("ws://{}/ws/secrets", listener.local_addr().expect("addr"));
-    let router = relay.router();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router).await.expect("serve");
-    });
+    let relay = TestRelay::start().await;
+    let url = relay.url("secrets");
 
     let cipher = FieldCipher::from_key([42; 32]);
     let (alice, bob, eve) = (
@@ -102,9 +67,7 @@ async fn the_relay_sees_only_ciphertext() {
     assert_eq!(tap.stats().events, 2);
 
     // The relay's log: the secret is an envelope, the page view is plain.
-    let room = provider
-        .open(&LogName::Room(Name::new("secrets").expect("name")))
-        .expect("room");
+    let room = relay.room("secrets");
     let stored = room.get(&secret.id, 1).expect("read").expect("stored");
     assert!(FieldCipher::is_encrypted(&stored.event.data));
     assert!(!stored.event.data.to_string().contains("123-45"));
@@ -119,21 +82,12 @@ async fn the_relay_sees_only_ciphertext() {
 
     // Eve (another key) gets the page view, an error for the secret, and never stores it.
     until(|| eve.state().expect("state").contains_key(&public.id)).await;
-    let error = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(Notification::Error(e)) = eve_notes.recv().await {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("an error notification");
+    let error = next_error(&mut eve_notes).await;
     assert!(error.to_string().contains("decryption failed"), "{error}");
     assert!(!eve.state().expect("state").contains_key(&secret.id));
 
     for k in [&alice, &bob, &eve] {
         k.disconnect().await.expect("disconnect");
     }
-    relay.shutdown().await;
-    server.abort();
+    relay.stop().await;
 }
