@@ -11,7 +11,8 @@ use crate::error::Error;
 /// A token bucket: holds at most `burst` tokens, earns one every `refill_every`, and starts full.
 ///
 /// Pure: time comes in as an argument (milliseconds, as [`Clock`] gives them), so it can be
-/// driven by a test or a simulation. A clock that goes backwards earns nothing.
+/// driven by a test or a simulation. A clock that goes backwards earns nothing, and the bucket
+/// counts on from the earlier time (the system clock is wall time, which NTP may step back).
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     burst: u64,
@@ -61,7 +62,13 @@ impl TokenBucket {
             self.last_ms = Some(now_ms);
             return;
         };
-        if now_ms <= last {
+        if now_ms < last {
+            // Counting from the later time would earn nothing until the clock caught up again.
+            self.last_ms = Some(now_ms);
+            self.carry_ns = 0;
+            return;
+        }
+        if now_ms == last {
             return;
         }
         let elapsed_ns = u128::from(now_ms - last) * 1_000_000 + self.carry_ns;
@@ -214,6 +221,30 @@ mod tests {
         // Going backwards earns nothing and takes nothing.
         assert!(b.try_take(500));
         assert_eq!(b.available(500), 2);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_keeps_refilling() {
+        // The system clock is wall time: NTP may step it back an hour.
+        let mut b = TokenBucket::new(1, Duration::from_secs(1)).expect("valid");
+        let hour = 3_600_000;
+        assert!(b.try_take(10 * hour));
+        assert!(!b.try_take(9 * hour), "a step back earns nothing");
+        assert!(
+            b.try_take(9 * hour + 1_000),
+            "one second after the step, a token"
+        );
+
+        let clock = ManualClock::new(10 * hour);
+        let limit = RateLimit::new(1, Duration::from_secs(1), Overflow::Drop)
+            .expect("valid")
+            .with_clock(Arc::new(clock.clone()));
+        let ev = || Event::new("1", "t", json!(1), 1);
+        assert!(limit.process(ev()).expect("ok").is_some());
+        clock.set(9 * hour);
+        assert!(limit.process(ev()).expect("ok").is_none());
+        clock.advance(1_000);
+        assert!(limit.process(ev()).expect("ok").is_some());
     }
 
     #[test]
