@@ -1,5 +1,6 @@
 //! Redaction of named fields in an event's `data`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use ksync_core::{Event, Middleware, MiddlewareError};
@@ -15,7 +16,9 @@ pub const REDACTED: &str = "[redacted]";
 ///
 /// A path is dot-separated object keys: `password`, `card.number`. Arrays on the way are
 /// walked element by element, so `items.secret` redacts `secret` in every element of
-/// `items`. Paths that are absent leave the event unchanged.
+/// `items`. A key whose name contains dots matches too: `card.number` also redacts
+/// `{"card.number": ..}` (and `a.b.c` redacts `{"a": {"b.c": ..}}`). Paths that are absent
+/// leave the event unchanged.
 ///
 /// ```
 /// use ksync_core::{Event, Middleware};
@@ -95,23 +98,35 @@ impl Redact {
 }
 
 fn redact_path(value: &mut Value, path: &[String], replacement: Option<&Value>) {
-    let Some((first, rest)) = path.split_first() else {
+    if path.is_empty() {
         return;
-    };
+    }
     match value {
-        Value::Object(map) if rest.is_empty() => match replacement {
-            Some(r) => {
-                if let Some(v) = map.get_mut(first) {
-                    *v = r.clone();
-                }
-            }
-            None => {
-                map.remove(first);
-            }
-        },
         Value::Object(map) => {
-            if let Some(child) = map.get_mut(first) {
-                redact_path(child, rest, replacement);
+            // A key may itself contain dots (`{"card.number": ..}`): every way of reading the
+            // path's first segments as one key is redacted, so a secret is never missed
+            // because of how its name is spelled.
+            for taken in 1..=path.len() {
+                let key = if taken == 1 {
+                    Cow::Borrowed(path[0].as_str())
+                } else {
+                    Cow::Owned(path[..taken].join("."))
+                };
+                let rest = &path[taken..];
+                if rest.is_empty() {
+                    match replacement {
+                        Some(r) => {
+                            if let Some(v) = map.get_mut(key.as_ref()) {
+                                *v = r.clone();
+                            }
+                        }
+                        None => {
+                            map.remove(key.as_ref());
+                        }
+                    }
+                } else if let Some(child) = map.get_mut(key.as_ref()) {
+                    redact_path(child, rest, replacement);
+                }
             }
         }
         Value::Array(items) => {
@@ -165,6 +180,32 @@ mod tests {
         assert_eq!(run(&r, json!({"card": "none"})), json!({"card": "none"}));
         assert_eq!(run(&r, json!(null)), json!(null));
         assert_eq!(run(&r, json!({"other": 1})), json!({"other": 1}));
+    }
+
+    #[test]
+    fn keys_with_dots_in_their_names() {
+        let r = Redact::fields(["card.number", "a.b.c"]).expect("paths");
+        assert_eq!(
+            run(
+                &r,
+                json!({"card.number": "4111", "a": {"b.c": 1, "b": {"c": 2}}, "a.b": {"c": 3},
+                       "a.b.c": 4})
+            ),
+            json!({"card.number": "[redacted]", "a": {"b.c": "[redacted]", "b": {"c": "[redacted]"}},
+                   "a.b": {"c": "[redacted]"}, "a.b.c": "[redacted]"})
+        );
+        assert_eq!(
+            run(&r, json!([{"card.number": 5}, {"a": [{"b.c": 6}]}])),
+            json!([{"card.number": "[redacted]"}, {"a": [{"b.c": "[redacted]"}]}])
+        );
+        let removed = Redact::fields(["card.number"]).expect("paths").remove();
+        assert_eq!(
+            run(
+                &removed,
+                json!({"card.number": "4111", "card": {"number": 1, "exp": 2}})
+            ),
+            json!({"card": {"exp": 2}})
+        );
     }
 
     #[test]
