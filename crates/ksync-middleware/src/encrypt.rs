@@ -46,10 +46,16 @@ pub enum NonceMode {
     Random,
 }
 
+/// The most memory [`KdfParams::memory_kib`] may ask for: 4 GiB (Argon2 allocates it in one
+/// piece; far more than any recommended cost, and a larger ask fails to allocate, which
+/// aborts the process instead of returning an error).
+pub const MAX_KDF_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+
 /// Cost of turning a passphrase into a key with Argon2id ([`FieldCipher::from_passphrase_with`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KdfParams {
-    /// Memory in KiB. Default 19 456 (19 MiB), the OWASP recommendation for Argon2id.
+    /// Memory in KiB. Default 19 456 (19 MiB), the OWASP recommendation for Argon2id; at most
+    /// [`MAX_KDF_MEMORY_KIB`].
     pub memory_kib: u32,
     /// Passes over the memory. Default 2.
     pub iterations: u32,
@@ -128,12 +134,24 @@ impl FieldCipher {
         Self::from_passphrase_with(passphrase, salt, KdfParams::default())
     }
 
-    /// Like [`FieldCipher::from_passphrase`] with an explicit Argon2id cost.
+    /// Like [`FieldCipher::from_passphrase`] with an explicit Argon2id cost. An empty
+    /// passphrase, or memory above [`MAX_KDF_MEMORY_KIB`], is [`Error::Kdf`].
     pub fn from_passphrase_with(
         passphrase: &str,
         salt: &[u8],
         params: KdfParams,
     ) -> Result<Self, Error> {
+        if passphrase.is_empty() {
+            return Err(Error::Kdf(
+                "the passphrase is empty (anyone could derive the key)".into(),
+            ));
+        }
+        if params.memory_kib > MAX_KDF_MEMORY_KIB {
+            return Err(Error::Kdf(format!(
+                "memory cost {} KiB is above the limit of {MAX_KDF_MEMORY_KIB} KiB",
+                params.memory_kib
+            )));
+        }
         let argon_params = argon2::Params::new(params.memory_kib, params.iterations, 1, Some(32))
             .map_err(|e| Error::Kdf(e.to_string()))?;
         let argon = argon2::Argon2::new(
@@ -569,6 +587,29 @@ mod tests {
             Err(Error::Kdf(_))
         ));
         assert!(!format!("{a:?}").contains('9'));
+    }
+
+    #[test]
+    fn absurd_kdf_costs_and_empty_passphrases_are_typed_errors() {
+        // 4 TiB of Argon2 memory: an allocation failure would abort the process.
+        let absurd = KdfParams {
+            memory_kib: u32::MAX,
+            iterations: 1,
+        };
+        assert!(matches!(
+            FieldCipher::from_passphrase_with("pw", b"my-app/user_data", absurd),
+            Err(Error::Kdf(m)) if m.contains("memory")
+        ));
+        let at_the_cap = KdfParams {
+            memory_kib: MAX_KDF_MEMORY_KIB + 1,
+            iterations: 1,
+        };
+        assert!(FieldCipher::from_passphrase_with("pw", b"my-app/user_data", at_the_cap).is_err());
+        // An empty passphrase (an unset variable read as "") is a key anyone can derive.
+        assert!(matches!(
+            FieldCipher::from_passphrase_with("", b"my-app/user_data", CHEAP),
+            Err(Error::Kdf(m)) if m.contains("empty")
+        ));
     }
 
     #[test]

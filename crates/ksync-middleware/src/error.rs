@@ -38,7 +38,8 @@ pub enum Error {
     /// A raw key must be exactly 32 bytes.
     #[error("a ChaCha20-Poly1305 key is 32 bytes, got {0}")]
     KeyLength(usize),
-    /// Deriving a key from a passphrase failed (salt shorter than 8 bytes, bad parameters).
+    /// Deriving a key from a passphrase failed (empty passphrase, salt shorter than 8 bytes,
+    /// bad or oversized parameters).
     #[error("passphrase key derivation failed: {0}")]
     Kdf(String),
     /// A redaction path is empty or has an empty segment (`a..b`).

@@ -51,7 +51,9 @@ mod redact;
 mod tap;
 mod types;
 
-pub use encrypt::{CIPHER_NAME, Decrypt, Encrypt, FieldCipher, KdfParams, NonceMode};
+pub use encrypt::{
+    CIPHER_NAME, Decrypt, Encrypt, FieldCipher, KdfParams, MAX_KDF_MEMORY_KIB, NonceMode,
+};
 pub use error::Error;
 pub use filter::{Filter, TypeFilter};
 pub use rate_limit::{Overflow, RateLimit, TokenBucket};
