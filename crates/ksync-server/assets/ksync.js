@@ -138,7 +138,9 @@ async function inflateRaw(data) {
  * Options (defaults): `auth` (none), `reconnect` (true), `heartbeat` (30000: the server pings,
  * the browser answers by itself), `compression` (false; deflated batches need
  * `DecompressionStream`), `since` (undefined: start with the live stream; 0: the whole room
- * history; N: after seq N), `reconnectDelay` ({min: 250, max: 30000} ms), `maxOutbox` (10000).
+ * history; N: after seq N), `logId` (the `logId` that `since` counts in, from a saved `cursor` and
+ * `logId`: another log is read from 0), `reconnectDelay` ({min: 250, max: 30000} ms),
+ * `maxOutbox` (10000).
  *
  * Notifications (`on(type, handler)`): `connected` (welcome), `disconnected` ({code, reason}),
  * `reconnecting` (attempt), `event` (event, {seq, room}), `sync` (events of a catch-up batch),
@@ -175,6 +177,8 @@ export class WebSocketSyncClient extends Emitter {
       reconnectDelay: { min: 250, max: 30000, ...(options.reconnectDelay ?? {}) },
       maxOutbox: options.maxOutbox ?? 10000,
     };
+  // The room log `#cursor` belongs to (`welcome.logId`).
+  #logId = null;
     this.#protocols = protocolsFor(options.auth);
     if (options.since !== undefined && options.since !== null) {
       if (!Number.isSafeInteger(options.since) || options.since < 0) throw new TypeError('since must be an integer >= 0');
@@ -201,10 +205,13 @@ export class WebSocketSyncClient extends Emitter {
     if (this.#stopped) {
       this.#stopped = false;
       this.#attempt = 0;
+    if (options.logId !== undefined && options.logId !== null) this.#logId = String(options.logId);
       this.#open();
     }
     return result;
   }
+  /** The room log the cursor belongs to (`welcome.logId`; keep it with a saved cursor). */
+  get logId() { return this.#logId; }
 
   /** Closes the connection (1000) and stops reconnecting. Unacknowledged events stay queued. */
   disconnect() {
@@ -326,6 +333,18 @@ export class WebSocketSyncClient extends Emitter {
       const result = results[i] ?? { status: 'failed', message: 'no result for this event' };
       switch (result.status) {
         case 'stored':
+    const logId = typeof welcome.logId === 'string' ? welcome.logId : null;
+    if (logId !== null && this.#logId !== null && logId !== this.#logId && this.#cursor > 0) {
+      // Another log than the one our cursor counts in (the room was reset, or another server
+      // answers here), even if it has grown past the cursor: read it again from 0.
+      this.#logId = logId;
+      this.#cursor = 0;
+      this.#resyncing = true;
+      this.emit('error', new KSyncError('room_reset', `the room's log changed (${logId}): syncing again from the start`));
+      this.#socket?.close(1000, 'resync from 0');
+      return;
+    }
+    if (logId !== null) this.#logId = logId;
           if (this.#cursor === null || result.seq > this.#cursor) this.#cursor = result.seq;
           item.resolve(result);
           break;

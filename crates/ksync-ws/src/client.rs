@@ -230,6 +230,7 @@ impl WebSocketSyncClientBuilder {
             pipeline: Pipeline::new(),
             replica: Mutex::new(None),
             outbox: Mutex::new(Outbox::default()),
+            standalone_log: Mutex::new(0),
             control: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
             generations: AtomicU64::new(0),
@@ -341,6 +342,9 @@ struct Inner {
     /// most one permit; the manager drops a stale one when it answers the waiters.
     retry_now: Notify,
     /// Events sent since the last flush (drives `Strategy::Batch`).
+    /// The room log a standalone client's cursor belongs to ([`log_fingerprint`]; 0: none
+    /// seen yet).
+    standalone_log: Mutex<u64>,
     queued: AtomicUsize,
     /// The lowest seq of an already-stored event marked for forwarding since the last pump
     /// (`u64::MAX`: none): the session's scan may have passed it and looks again from there.
@@ -639,7 +643,8 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, generation: 
             inner
                 .notifier
                 .emit(Notification::Error(Arc::new(error.clone().into())));
-            if !end.was_connected {
+            // A reset found at `welcome` is part of joining: `connect` waits for the resync.
+            if !end.was_connected && !resync {
                 for waiter in lock(&inner.waiters).drain(..) {
                     let _ = waiter.send(Err(error.clone()));
                 }
@@ -804,6 +809,9 @@ struct Flight {
     ids: Vec<String>,
     done: bool,
 }
+    /// The room log both cursors belong to ([`log_fingerprint`] of `welcome.logId`; 0: none
+    /// seen yet).
+    log: String,
 
 #[derive(Default)]
 struct Counters {
@@ -811,10 +819,20 @@ struct Counters {
     bytes: u64,
     latency_ms_sum: f64,
     latency_n: u64,
+            log: format!("ws:{url}/log"),
 }
 
 struct Session {
     inner: Arc<Inner>,
+/// A room log's id (`welcome.logId`, any string) as a non-zero number for the replica's cursor
+/// store (FNV-1a: stable across runs and platforms).
+fn log_fingerprint(log_id: &str) -> u64 {
+    let hash = log_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    hash.max(1)
+}
+
     replica: Option<Replica>,
     cursors: Cursors,
     socket: Option<Socket>,
@@ -845,13 +863,19 @@ impl Session {
         cursors: Cursors,
     ) -> Result<Self, WsError> {
         let storage_error = |e: SyncError| WsError::Protocol(format!("reading cursors: {e}"));
-        let (room_cursor, acked_upto) = match &replica {
+    /// The room log the cursors belong to ([`log_fingerprint`]; 0: none seen yet).
+    known_log: u64,
+        let (room_cursor, acked_upto, known_log) = match &replica {
             Some(r) => (
                 r.cursor(&cursors.room).map_err(storage_error)?,
                 r.cursor(&cursors.acked).map_err(storage_error)?,
             ),
             // Standalone: acknowledged events leave the outbox, so everything in it is unacked.
-            None => ((*lock(&inner.standalone_cursor)).unwrap_or(0), 0),
+            None => (
+                (*lock(&inner.standalone_cursor)).unwrap_or(0),
+                0,
+                *lock(&inner.standalone_log),
+            ),
         };
         Ok(Self {
             inner: Arc::clone(inner),
@@ -870,6 +894,7 @@ impl Session {
             compression: false,
             server_max_message: 1 << 20,
         })
+                r.cursor(&cursors.log).map_err(storage_error)?,
     }
 
     fn debug(&self) -> bool {
@@ -882,6 +907,7 @@ impl Session {
         let target = &self.inner.target;
         let addr = format!("{}:{}", target.host, target.port);
         dlog!(config.debug, %addr, url = %config.url, "connecting");
+            known_log,
         let tcp = TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(|e| WsError::Connect {
@@ -973,6 +999,12 @@ impl Session {
                 Message::Binary(_) => {
                     return Err(WsError::Protocol("binary frame before welcome".into()));
                 }
+                            if let Some(log_id) = &w.log_id
+                                && let Err(reset) = self.check_log(log_id).await?
+                            {
+                                let _ = socket.close(None).await;
+                                return Err(reset);
+                            }
             }
         }
         self.socket = Some(socket);
@@ -1322,6 +1354,34 @@ impl Session {
                     return Err(WsError::Protocol(
                         "binary frame without negotiated compression".into(),
                     ));
+    /// Compares the room's log (`welcome.logId`) with the one our cursors belong to. Another
+    /// log (the room was reset, or another server answers here) is a reset as for
+    /// `cursor_ahead`, even when it has grown past our cursor: `Ok(Err(RoomReset))` ends the
+    /// session and the next one syncs the room from the start. The new log is recorded after
+    /// the cursors went back, so a crash in between only costs another resync.
+    async fn check_log(&mut self, log_id: &str) -> Result<Result<(), WsError>, WsError> {
+        let log = log_fingerprint(log_id);
+        if log == self.known_log {
+            return Ok(Ok(()));
+        }
+        // A first log, or cursors still at the start: nothing to reset.
+        let reset = if self.known_log != 0 && (self.room_cursor > 0 || self.acked_upto > 0) {
+            dlog!(self.debug(), log_id, "the room's log changed: syncing again");
+            Err(self.room_reset().await?)
+        } else {
+            Ok(())
+        };
+        self.known_log = log;
+        match &self.replica {
+            Some(r) => r
+                .set_cursor(&self.cursors.log, log)
+                .await
+                .map_err(|e| WsError::Protocol(format!("storing the room log's id: {e}")))?,
+            None => *lock(&self.inner.standalone_log) = log,
+        }
+        Ok(reset)
+    }
+
                 }
                 protocol::inflate(&b, self.inner.config.max_message_size)
                     .map_err(|e| WsError::Protocol(e.to_string()))?

@@ -85,11 +85,12 @@ pub enum WsError {
     /// The connection ended without a close frame.
     #[error("connection lost")]
     ConnectionLost,
-    /// The room's log is shorter than this client's cursor (`cursor_ahead`: the room was reset,
-    /// or the address now serves another log). The client reconnects at once from the start
-    /// of the room and publishes its own events again.
+    /// The room's log is not the one this client's cursor was read in: the room was reset, or
+    /// the address now serves another log (`welcome.logId` changed, or the log is shorter than
+    /// the cursor: `cursor_ahead`). The client reconnects at once from the start of the room
+    /// and publishes its own events again.
     #[error(
-        "the room ends at seq {server_version}, before this client's cursor {cursor} (room reset?): syncing again from the start"
+        "the room was reset (its log now ends at seq {server_version}; this client's cursor was {cursor}): syncing again from the start"
     )]
     RoomReset {
         /// The cursor this client resumed from.

@@ -140,6 +140,13 @@ pub struct Welcome {
 }
 
 /// `events`.
+    /// Names the room's log: it changes when the room is reset (its log deleted, an in-memory
+    /// server restarted) or another server answers at this address, and only then. A cursor
+    /// read from another log does not apply to this one: a client seeing a new `logId` syncs
+    /// the room again from `since: 0` and publishes its events again. Absent from servers
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<String>,
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventsBatch {
     /// The events in sequence order.

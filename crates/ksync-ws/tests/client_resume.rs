@@ -145,6 +145,108 @@ async fn a_reset_room_gets_the_replicas_events_back_and_the_replica_gets_the_roo
     server.stop().await;
 }
 
+/// Stops `server` and serves the provider `open` gives (called once the server stopped) on the
+/// same address.
+async fn restart_on(server: Server, open: impl FnOnce() -> Arc<dyn StorageProvider>) -> Server {
+    let addr = server.addr;
+    server.stop().await;
+    let provider = open();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("same port");
+    serve_on(listener, RelayConfig::default(), provider, Arc::new(AllowAll))
+}
+
+/// The room comes back empty (another in-memory server on the same address) and has grown
+/// past the replica's cursor before the replica returns: no `cursor_ahead` to tell, but
+/// `welcome.logId` names another log. The replica syncs the whole room and gives it its
+/// events back, where resuming from its cursor would skip the room's first events and never
+/// republish its own.
+#[tokio::test]
+async fn a_reset_room_that_grew_past_the_cursor_is_synced_from_the_start() {
+    let first: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
+    let server = start_with(RelayConfig::default(), first.clone(), Arc::new(AllowAll)).await;
+    let url = server.url(Some("regrown"));
+    let a = ksync_with(
+        WebSocketSyncClient::builder(&url)
+            .reconnect(false)
+            .build()
+            .expect("client"),
+    )
+    .await;
+    let rec = Recorder::attach(a.client().as_ref());
+    a.connect().await.expect("connect");
+    for i in 0..3 {
+        a.emit("before-reset", json!(i)).await.expect("emit");
+    }
+    let old_room = room_log(&first, "regrown");
+    eventually("the first room stored a's events", || old_room.len() == 3).await;
+    a.disconnect().await.expect("disconnect");
+
+    let second: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
+    let server = restart_on(server, || second.clone()).await;
+    let others: Vec<_> = (1..=8).map(|n| event(&format!("other-{n}"), 1)).collect();
+    publish_raw(&url, others).await;
+    a.connect().await.expect("reconnect");
+    let new_room = room_log(&second, "regrown");
+    eventually("a has the new room's events", || {
+        a.replica().storage().len() == 11
+    })
+    .await;
+    eventually("the new room has a's events back", || new_room.len() == 11).await;
+    assert_eq!(
+        sorted_keys(a.replica().storage().as_ref()),
+        sorted_keys(new_room.as_ref())
+    );
+    assert_eq!(
+        rec.count(|n| matches!(n, Notification::Error(e) if matches!(ksync_ws::WsError::find(e), Some(ksync_ws::WsError::RoomReset { cursor: 3, server_version: 8 })))),
+        1,
+        "{:?}",
+        rec.all()
+    );
+    assert_eq!(rec.event_ids().len(), 8, "{:?}", rec.all());
+    assert!(a.client().is_connected());
+    a.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
+/// A durable room keeps its log id across server restarts: a replica resumes from its cursor
+/// with no resync.
+#[tokio::test]
+async fn a_durable_room_keeps_its_log_id_across_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = |dir: &std::path::Path| -> Arc<dyn StorageProvider> {
+        Arc::new(ksync_storage_file::FileProvider::new(dir).expect("provider"))
+    };
+    let server = start_with(
+        RelayConfig::default(),
+        provider(dir.path()),
+        Arc::new(AllowAll),
+    )
+    .await;
+    let url = server.url(Some("kept"));
+    let a = ksync_with(quick(&url)).await;
+    let rec = Recorder::attach(a.client().as_ref());
+    a.connect().await.expect("connect");
+    a.emit("mine", json!(1)).await.expect("emit");
+    publish_raw(&url, vec![event("other-1", 1)]).await;
+    eventually("a has both", || a.replica().storage().len() == 2).await;
+    a.disconnect().await.expect("disconnect");
+    let server = restart_on(server, || provider(dir.path())).await;
+    publish_raw(&url, vec![event("other-2", 1)]).await;
+    a.connect().await.expect("reconnect");
+    eventually("a has the new event", || a.replica().storage().len() == 3).await;
+    assert_eq!(
+        rec.count(|n| matches!(n, Notification::Error(_))),
+        0,
+        "{:?}",
+        rec.all()
+    );
+    assert_eq!(rec.event_ids(), ["other-1", "other-2"]);
+    a.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
 /// One connection of [`scripted_server`].
 struct Step {
     server_version: u64,

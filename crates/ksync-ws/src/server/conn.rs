@@ -244,6 +244,7 @@ async fn run(
                 compression: hello.compression,
                 heartbeat_ms: u64::try_from(config.heartbeat.as_millis()).unwrap_or(u64::MAX),
                 max_message_size: config.max_message_size,
+                log_id: Some(room_link.log_id().to_owned()),
             }),
             false,
         )

@@ -316,8 +316,28 @@ struct RoomShared {
     queue_bytes: Arc<Semaphore>,
     /// The permits the semaphore started with.
     queue_bytes_total: u32,
+    /// The log's id (`welcome.logId`), kept in the log's metadata under [`LOG_ID_KEY`].
+    log_id: String,
     /// Last, so that it drops after every `Arc` of the log above.
     _release: Release,
+}
+
+/// The metadata key of a room log's id.
+const LOG_ID_KEY: &str = "relay.log-id";
+
+/// The id of `storage`'s log: the one it keeps, else a new random one and whether it still has
+/// to be stored. A log that loses a new id to a crash before storing it gets another one next
+/// time; its clients then sync again from the start, which loses nothing.
+fn log_id(storage: &dyn Storage) -> (String, bool) {
+    match storage.meta(LOG_ID_KEY) {
+        Ok(Some(id)) if !id.is_empty() => (id, false),
+        Ok(_) => (format!("{:016x}", rand::random::<u64>()), true),
+        Err(e) => {
+            // Unreadable: a new id means a resync for the clients, never a skipped event.
+            tracing::warn!(error = %e, "reading the room log's id failed");
+            (format!("{:016x}", rand::random::<u64>()), true)
+        }
+    }
 }
 
 /// Tells the provider the room let go of its log (see `StorageProvider::release`) when the
@@ -340,6 +360,11 @@ impl RoomLink {
     /// The room's log (reads only: the room makes every write).
     pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
         &self.shared.storage
+    }
+
+    /// The room log's id (see `Welcome::log_id`).
+    pub(crate) fn log_id(&self) -> &str {
+        &self.shared.log_id
     }
 
     /// Commits `publishes` (one connection's, in order; drained) in one append on the
@@ -441,6 +466,7 @@ impl Room {
         activity: broadcast::Sender<RelayActivity>,
     ) -> (RoomLink, impl Future<Output = ()> + Send + 'static) {
         let last_seq = storage.len();
+        let (log_id, store_log_id) = log_id(&*storage);
         let release = Release {
             provider,
             log: LogName::Room(room.clone()),
@@ -468,16 +494,22 @@ impl Room {
             queued: AtomicUsize::new(0),
             queue_bytes: Arc::new(Semaphore::new(queue_bytes_total as usize)),
             queue_bytes_total,
+            log_id,
             _release: release,
         });
-        let task = run(Arc::clone(&shared), rx);
+        let task = run(Arc::clone(&shared), rx, store_log_id);
         (RoomLink { tx, shared }, task)
     }
 }
 
 /// The room's task: runs the queued commands, in order, each under the room's lock, until
 /// shutdown or until the room is idle: no subscriber, nothing queued (see [`Room::close_idle`]).
-async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>) {
+async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>, store_log_id: bool) {
+    if store_log_id
+        && let Err(e) = shared.storage.set_meta(LOG_ID_KEY, &shared.log_id).await
+    {
+        tracing::warn!(error = %e, "storing the room log's id failed");
+    }
     let mut deferred: Option<RoomCommand> = None;
     loop {
         let Some(command) = next_command(&mut deferred, &mut rx).await else {
