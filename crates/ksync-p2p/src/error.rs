@@ -89,6 +89,17 @@ pub enum P2PError {
     /// The local replica (storage) failed or refused the event.
     #[error("local replica: {0}")]
     Replica(#[source] SyncError),
+    /// A peer answered catch-up with something no honest peer sends (a page that does not
+    /// follow the request, a log id that changes mid-round, events nobody asked for or the
+    /// same revision twice). The answer is refused (in part or whole) and nothing of ours is
+    /// touched; reported as an `error` notification.
+    #[error("peer {peer} broke the catch-up protocol: {reason}")]
+    PeerMisbehaved {
+        /// The peer.
+        peer: PeerId,
+        /// What it did.
+        reason: String,
+    },
 }
 
 impl From<P2PError> for SyncError {

@@ -276,6 +276,10 @@ struct Session {
     fetched: HashSet<RevisionKey>,
     /// Run again when the current round ends.
     again: bool,
+    /// The log id the peer's first answer of this round named: an honest peer's log id does
+    /// not change while it stays connected, and a change restarts the walk, so one that
+    /// changed on every answer would restart it forever.
+    round_log_id: Option<u64>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
@@ -290,7 +294,10 @@ enum SessionState {
 
 /// What an outstanding catch-up request was.
 enum Outstanding {
-    Keys,
+    /// A `Keys` page after this sequence number (and at most `MAX_PAGE` long).
+    Keys {
+        after: u64,
+    },
     Fetch(Vec<RevisionKey>),
 }
 
@@ -978,13 +985,15 @@ impl Node {
             return;
         };
         session.state = SessionState::AwaitingKeys;
+        let after = session.cursor;
         let request = SyncRequest::Keys {
             network: self.opts.network.clone(),
-            after: session.cursor,
+            after,
             limit: MAX_PAGE,
         };
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
-        self.requests.insert(id, (peer, Outstanding::Keys));
+        self.requests
+            .insert(id, (peer, Outstanding::Keys { after }));
     }
 
     fn end_round(&mut self, peer: PeerId) {
@@ -994,6 +1003,7 @@ impl Node {
         session.state = SessionState::Idle;
         session.page.clear();
         session.fetched.clear();
+        session.round_log_id = None;
         if std::mem::take(&mut session.again) {
             self.request_keys(peer);
         }
@@ -1023,14 +1033,14 @@ impl Node {
                 };
                 match (outstanding, response) {
                     (
-                        Outstanding::Keys,
+                        Outstanding::Keys { after },
                         SyncResponse::Keys {
                             log_id,
                             len,
                             entries,
                         },
                     ) => {
-                        self.on_keys(peer, log_id, len, entries).await;
+                        self.on_keys(peer, after, log_id, len, entries).await;
                     }
                     (Outstanding::Fetch(keys), SyncResponse::Events { events, too_large }) => {
                         self.on_events(peer, keys, events, too_large).await;
@@ -1172,10 +1182,32 @@ impl Node {
         }
     }
 
-    async fn on_keys(&mut self, peer: PeerId, log_id: u64, len: u64, entries: Vec<KeyEntry>) {
+    async fn on_keys(
+        &mut self,
+        peer: PeerId,
+        after: u64,
+        log_id: u64,
+        len: u64,
+        entries: Vec<KeyEntry>,
+    ) {
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
+        // The cursor moves to the page's last entry, so a page that does not rise past the
+        // request (or a log id that keeps changing, which restarts the walk) would have us
+        // ask again forever: such an answer is refused and the round ends.
+        let broken = match session.round_log_id {
+            Some(first) if first != log_id => Some(format!(
+                "its log id changed from {first} to {log_id} within one catch-up round"
+            )),
+            _ => check_page(after, MAX_PAGE, &entries).err(),
+        };
+        if let Some(reason) = broken {
+            self.misbehaved(peer, reason);
+            self.end_round(peer);
+            return;
+        }
+        session.round_log_id = Some(log_id);
         if session.log_id != log_id || session.cursor > len {
             // Another log than the one our cursor counts in (the peer lost its storage, or we
             // never met): walk it from the start.
@@ -1277,23 +1309,35 @@ impl Node {
         let requested: HashSet<RevisionKey> = requested.into_iter().collect();
         let mut valid = Vec::with_capacity(events.len());
         let mut received = HashSet::with_capacity(events.len());
-        let mut bad = 0usize;
+        let (mut unrequested, mut repeated, mut invalid) = (0usize, 0usize, 0usize);
         for event in events {
             let key = event.key();
             if !requested.contains(&key) {
-                bad += 1;
+                unrequested += 1;
                 continue;
             }
-            received.insert(key);
+            // The first copy of a revision is taken. Later ones would each conflict with our
+            // copy (and the storage clones our revision into every conflict: a 16 MiB answer of
+            // tiny copies of one large revision would cost gigabytes).
+            if !received.insert(key) {
+                repeated += 1;
+                continue;
+            }
             let size = wire::json_len(&event);
             if event.validate(&self.limits).is_err() || size > self.opts.max_event_bytes {
-                bad += 1;
+                invalid += 1;
                 continue;
             }
             valid.push(event);
         }
-        if bad > 0 {
-            tracing::info!(%peer, bad, "catch-up response held invalid or unrequested events; skipped");
+        if unrequested + repeated + invalid > 0 {
+            self.misbehaved(
+                peer,
+                format!(
+                    "its answer held {unrequested} events not asked for, {repeated} repeated \
+                     revisions and {invalid} invalid or oversized events (all skipped)"
+                ),
+            );
         }
         let got_any = !received.is_empty() || !too_large.is_empty();
         self.shared
@@ -1315,6 +1359,16 @@ impl Node {
         }
     }
 
+    /// Reports a peer's catch-up answer that no honest peer sends (see
+    /// [`P2PError::PeerMisbehaved`]).
+    fn misbehaved(&self, peer: PeerId, reason: String) {
+        tracing::info!(%peer, %reason, "refused a catch-up answer");
+        self.notifier
+            .emit(Notification::Error(Arc::new(SyncError::from(
+                P2PError::PeerMisbehaved { peer, reason },
+            ))));
+    }
+
     /// Sessions waiting on keys another session fetched look at their page again.
     async fn wake_waiting(&mut self) {
         let waiting: Vec<PeerId> = self
@@ -1327,6 +1381,29 @@ impl Node {
             self.continue_page(peer).await;
         }
     }
+}
+
+/// Checks a `Keys` page against the request it answers: at most `limit` entries, sequence
+/// numbers rising, all past `after`. (Not against the answer's `len`: the responder's log may
+/// grow between reading its length and its page.)
+fn check_page(after: u64, limit: u32, entries: &[KeyEntry]) -> Result<(), String> {
+    if entries.len() > limit as usize {
+        return Err(format!(
+            "a page of {} keys, at most {limit} were asked for",
+            entries.len()
+        ));
+    }
+    let mut previous = after;
+    for entry in entries {
+        if entry.seq <= previous {
+            return Err(format!(
+                "a page after seq {after} lists seq {} after seq {previous}",
+                entry.seq
+            ));
+        }
+        previous = entry.seq;
+    }
+    Ok(())
 }
 
 /// Like `Ingested::notify` (`conflict`s, one `event` per new event, then one `sync`), but

@@ -1,6 +1,9 @@
 //! What goes over the wire: the gossip payload, gossipsub message ids, and the catch-up
 //! (anti-entropy) request-response messages. See `docs/PROTOCOL.md`, section P2P.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
 use ksync_core::{Event, EventLimits, PROTOCOL_VERSION, RevisionKey};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -63,6 +66,8 @@ pub(crate) enum Rejected {
     TooLarge { size: usize, max: usize },
     #[error("invalid event: {0}")]
     Invalid(String),
+    #[error("event {id:?} version {version} appears twice with different content")]
+    Repeated { id: String, version: u64 },
 }
 
 /// Builds the payload from already-encoded events: one event plain, several as a batch with
@@ -92,7 +97,10 @@ pub(crate) fn encode_payload(events: &[Vec<u8>]) -> Vec<u8> {
 }
 
 /// Parses and checks a gossip payload: every event must parse, pass [`Event::validate`] and
-/// be at most `max_event_bytes` long. One bad event rejects the whole message.
+/// be at most `max_event_bytes` long. One bad event rejects the whole message, and so does a
+/// revision named twice with different content (no honest sender does that, and every such
+/// copy would conflict with the stored revision, which the storage clones into each
+/// conflict). A repeated identical copy is dropped.
 pub(crate) fn decode_payload(data: &[u8], max_event_bytes: usize) -> Result<Vec<Event>, Rejected> {
     let raw: RawPayload<'_> =
         serde_json::from_slice(data).map_err(|e| Rejected::Malformed(e.to_string()))?;
@@ -111,7 +119,8 @@ pub(crate) fn decode_payload(data: &[u8], max_event_bytes: usize) -> Result<Vec<
         });
     }
     let limits = EventLimits::default();
-    raw.events
+    let events = raw
+        .events
         .into_iter()
         .map(|raw| {
             let size = raw.get().len();
@@ -128,7 +137,36 @@ pub(crate) fn decode_payload(data: &[u8], max_event_bytes: usize) -> Result<Vec<
                 .map_err(|e| Rejected::Invalid(e.to_string()))?;
             Ok(event)
         })
-        .collect()
+        .collect::<Result<Vec<Event>, Rejected>>()?;
+    if events.len() == 1 {
+        return Ok(events);
+    }
+    // Index of the first copy of each revision.
+    let mut first: HashMap<(&str, u64), usize> = HashMap::with_capacity(events.len());
+    let mut repeats = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        match first.entry((event.id.as_str(), event.version)) {
+            Entry::Vacant(v) => {
+                v.insert(i);
+            }
+            Entry::Occupied(o) if events[*o.get()].same_content(event) => repeats.push(i),
+            Entry::Occupied(_) => {
+                return Err(Rejected::Repeated {
+                    id: event.id.clone(),
+                    version: event.version,
+                });
+            }
+        }
+    }
+    if repeats.is_empty() {
+        return Ok(events);
+    }
+    Ok(events
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| repeats.binary_search(i).is_err())
+        .map(|(_, e)| e)
+        .collect())
 }
 
 #[derive(Deserialize)]
@@ -372,6 +410,24 @@ mod tests {
             ),
             Err(Rejected::Count { said: 2, held: 1 })
         ));
+        // A revision twice: with other content the message is refused, the same copy dropped.
+        let a2 = String::from_utf8(enc(&Event::new("a", "t", json!(2), 1))).expect("utf-8");
+        assert!(matches!(
+            decode_payload(
+                format!(r#"{{"v":1,"events":[{one},{a2}]}}"#).as_bytes(),
+                1024
+            ),
+            Err(Rejected::Repeated { version: 1, .. })
+        ));
+        assert_eq!(
+            decode_payload(
+                format!(r#"{{"v":1,"n":2,"events":[{one},{one}]}}"#).as_bytes(),
+                1024
+            )
+            .expect("decodes")
+            .len(),
+            1
+        );
         // Both forms are accepted: a counted batch of one, an uncounted batch of two.
         assert!(
             decode_payload(

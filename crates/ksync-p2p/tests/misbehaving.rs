@@ -49,14 +49,13 @@ fn bad_payloads() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_and_oversized_gossip_is_rejected_and_honest_peers_keep_syncing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let a = peer(dir.path(), "a").await;
-    let b = peer(dir.path(), "b").await;
-    link(&a, &b).await;
+type EvilSwarm = libp2p::Swarm<
+    gossipsub::Behaviour<gossipsub::IdentityTransform, gossipsub::AllowAllSubscriptionFilter>,
+>;
 
-    // The misbehaving peer: plain gossipsub with a generous size limit of its own.
+/// The misbehaving peer: plain gossipsub with a generous size limit of its own, joined to
+/// `a`'s topic through a connection to `a`; returns once `a` has subscribed.
+async fn evil_joins(a: &ksync_p2p::P2PSyncClient) -> (EvilSwarm, IdentTopic) {
     let mut evil = SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -78,7 +77,6 @@ async fn malformed_and_oversized_gossip_is_rejected_and_honest_peers_keep_syncin
         })
         .expect("behaviour")
         .build();
-    let evil_id = *evil.local_peer_id();
     let topic = IdentTopic::new(ksync_p2p::gossip_topic(a.network()));
     evil.behaviour_mut().subscribe(&topic).expect("subscribe");
     let a_addr: Multiaddr = a.addresses()[0].clone();
@@ -96,6 +94,17 @@ async fn malformed_and_oversized_gossip_is_rejected_and_honest_peers_keep_syncin
             break;
         }
     }
+    (evil, topic)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_gossip_is_rejected_and_honest_peers_keep_syncing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = peer(dir.path(), "a").await;
+    let b = peer(dir.path(), "b").await;
+    link(&a, &b).await;
+    let (mut evil, topic) = evil_joins(&a).await;
+    let evil_id = *evil.local_peer_id();
     let payloads = bad_payloads();
     let sent = payloads.len();
     for (what, data) in payloads {
@@ -163,5 +172,42 @@ async fn malformed_and_oversized_gossip_is_rejected_and_honest_peers_keep_syncin
         0,
         "a did not forward bad messages"
     );
+    evil_task.abort();
+}
+
+/// A gossip batch naming one revision twice with different content is rejected whole: no
+/// honest publisher sends it, and every copy would conflict with the stored revision (the
+/// storage clones that revision into each conflict).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_naming_one_revision_twice_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = peer(dir.path(), "a").await;
+    let conflicts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&conflicts);
+    let _sub = a
+        .notifier()
+        .on_kind(ksync_core::NotificationKind::Conflict, move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+    let (mut evil, topic) = evil_joins(&a).await;
+    let copies: Vec<serde_json::Value> = (0..50)
+        .map(|n| json!({"id": "evil-dup", "type": "t", "data": n, "timestamp": 1, "version": 1}))
+        .collect();
+    let data = json!({"v": 1, "n": copies.len(), "events": copies}).to_string();
+    evil.behaviour_mut()
+        .publish(topic, data.into_bytes())
+        .expect("publish");
+    let evil_task = tokio::spawn(async move {
+        loop {
+            evil.select_next_some().await;
+        }
+    });
+    wait_until(10, "a judges the batch", || {
+        a.stats().rejected_messages + a.stats().accepted_messages >= 1
+    })
+    .await;
+    assert_eq!(a.stats().rejected_messages, 1);
+    assert!(keys(&a).is_empty(), "nothing of the batch is stored");
+    assert_eq!(conflicts.load(std::sync::atomic::Ordering::SeqCst), 0);
     evil_task.abort();
 }
