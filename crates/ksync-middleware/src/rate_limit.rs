@@ -90,11 +90,13 @@ impl TokenBucket {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overflow {
     /// Drop the event: the middleware returns `Ok(None)`, like a filter, and counts it
-    /// ([`RateLimit::dropped`]). On the outgoing side the event stays in local storage; on the
-    /// incoming side it is not stored.
+    /// ([`RateLimit::dropped`]). On the outgoing side the event stays in local storage and is
+    /// not sent later either (the client's send position moves past it); on the incoming side
+    /// it is not stored (nor received again: the client's cursor moves past it).
     Drop,
     /// Fail: the middleware returns [`Error::RateLimited`] as a
-    /// [`MiddlewareError::Failed`], which the client reports as an `error` notification.
+    /// [`MiddlewareError::Failed`], which the client reports as an `error` notification; the
+    /// event is then held back as with [`Overflow::Drop`].
     Error,
 }
 

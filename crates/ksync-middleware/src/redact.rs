@@ -20,6 +20,15 @@ pub const REDACTED: &str = "[redacted]";
 /// `{"card.number": ..}` (and `a.b.c` redacts `{"a": {"b.c": ..}}`). Paths that are absent
 /// leave the event unchanged.
 ///
+/// Outgoing, it is a one-sided transform: the emitter keeps the fields, everyone else holds
+/// the redacted copy under the same `(id, version)`. Should the emitter read its own event back
+/// (its acknowledgement lost with a dropped connection, or the room read from the start, e.g.
+/// through another address), the two copies are a `concurrent-edit` conflict, settled like any
+/// other (last-write-wins writes one of them as a new version, so the local copy may lose the
+/// fields). Where the local copy need not keep them, redact before emitting
+/// ([`Redact::redact`]); where replicas holding a key must read them, encrypt them instead
+/// ([`Encrypt`](crate::Encrypt) / [`Decrypt`](crate::Decrypt) give every side the same content).
+///
 /// ```
 /// use ksync_core::{Event, Middleware};
 /// use ksync_middleware::Redact;
