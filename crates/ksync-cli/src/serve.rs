@@ -72,7 +72,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_API_KEYS_FILE")]
     api_keys_file: Option<PathBuf>,
 
-    /// Failed authentications per client within a minute before it is refused.
+    /// Failed authentications per client within a minute before it is refused (for the rest
+    /// of that minute, with 429). 0 means no limit.
     #[arg(long, env = "KSYNC_AUTH_MAX_FAILURES", default_value_t = RateLimit::default().max_failures)]
     auth_max_failures: u32,
 

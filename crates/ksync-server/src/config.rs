@@ -316,7 +316,8 @@ impl ApiKey {
 /// Failed-authentication throttling per client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimit {
-    /// Failures allowed within `window` before the client is refused (10).
+    /// Failures allowed within `window` before the client is refused (10). 0 means no
+    /// limit: failures are not counted and nobody is refused for them.
     pub max_failures: u32,
     /// The window, counted from a client's first failure in it (60 s). A client that reached
     /// `max_failures` is refused until its window ends.

@@ -19,6 +19,7 @@ struct Window {
 /// are dropped first, then the client whose window started earliest; so memory stays fixed
 /// under a flood of addresses, at the price that such a flood can make the limiter forget an
 /// older client. IPv6 clients are grouped by their /64 (one host usually owns a whole /64).
+/// A policy with `max_failures` 0 is no limit: nothing is tracked and nobody is refused.
 #[derive(Debug)]
 pub(crate) struct FailureLimiter {
     policy: RateLimit,
@@ -46,12 +47,20 @@ impl FailureLimiter {
         }
     }
 
+    /// Whether the policy sets no limit (`max_failures` 0).
+    fn unlimited(&self) -> bool {
+        self.policy.max_failures == 0
+    }
+
     /// Whether `ip` has used up its failures in its current window.
     pub(crate) fn is_blocked(&self, ip: IpAddr) -> bool {
         self.is_blocked_at(ip, Instant::now())
     }
 
     pub(crate) fn is_blocked_at(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.unlimited() {
+            return false;
+        }
         let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients.get(&Self::key(ip)).is_some_and(|w| {
             now.duration_since(w.started) < self.policy.window
@@ -65,6 +74,9 @@ impl FailureLimiter {
     }
 
     pub(crate) fn record_failure_at(&self, ip: IpAddr, now: Instant) {
+        if self.unlimited() {
+            return;
+        }
         let key = Self::key(ip);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if !clients.contains_key(&key) && clients.len() >= self.policy.max_clients.max(1) {
@@ -129,6 +141,17 @@ mod tests {
         assert!(!l.is_blocked_at(ip, later));
         l.record_failure_at(ip, later);
         assert!(!l.is_blocked_at(ip, later), "a new window starts from zero");
+    }
+
+    #[test]
+    fn zero_max_failures_is_no_limit() {
+        let l = limiter(0, 100);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..50 {
+            l.record_failure(ip);
+            assert!(!l.is_blocked(ip));
+        }
+        assert_eq!(l.tracked(), 0, "nothing is tracked without a limit");
     }
 
     #[test]
