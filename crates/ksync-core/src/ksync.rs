@@ -284,7 +284,10 @@ impl<C: PullPushClient + ?Sized> KSync<C> {
     }
 
     /// Pushes and pulls on timers until [`KSync::disable_auto_sync`] or `disconnect`.
-    /// Failures are reported as `error` notifications and retried on the next tick.
+    /// Failures are reported as `error` notifications and retried on the next tick, except
+    /// refused credentials or rights ([`SyncError::Auth`]): the same credentials would be
+    /// refused on every tick (and count as failed logins on the server), so auto-sync reports
+    /// that once and stops until `enable_auto_sync` is called again.
     /// Must be called inside a Tokio runtime.
     pub fn enable_auto_sync(&self, intervals: AutoSync) {
         self.disable_auto_sync();
@@ -297,8 +300,14 @@ impl<C: PullPushClient + ?Sized> KSync<C> {
                     _ = tick(&mut push) => client.push().await.map(|_| ()),
                     _ = tick(&mut pull) => client.pull().await.map(|_| ()),
                 };
-                if let Err(e) = result {
-                    client.notifier().emit(Notification::Error(Arc::new(e)));
+                match result {
+                    Ok(()) => {}
+                    Err(e @ SyncError::Auth(_)) => {
+                        tracing::warn!(error = %e, "auto-sync refused by the server; auto-sync stopped");
+                        client.notifier().emit(Notification::Error(Arc::new(e)));
+                        break;
+                    }
+                    Err(e) => client.notifier().emit(Notification::Error(Arc::new(e))),
                 }
             }
         });

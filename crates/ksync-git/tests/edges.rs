@@ -549,60 +549,57 @@ fn branch_ids(provider: &dyn ksync_core::StorageProvider, repo: &str) -> Vec<Str
         .collect()
 }
 
-/// Credentials that stop working (a token revoked or expired) make auto-pull fail with
-/// `SyncError::Auth`; it reports that once and stops rather than knocking on every tick
-/// (the builder's credentials cannot change by themselves). `connect()` starts it again.
-#[tokio::test]
-async fn auto_pull_stops_when_the_credentials_are_refused() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+/// Accepts every credential until revoked, then refuses them all; counts the refusals.
+struct Revocable {
+    revoked: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicUsize,
+}
 
-    use ksync_core::{AuthError, Authenticator, Credentials, Grant, InMemoryProvider};
-
-    struct Revocable {
-        revoked: AtomicBool,
-        refused: AtomicUsize,
-    }
-    impl Authenticator for Revocable {
-        fn authenticate(&self, _: &Credentials) -> Result<Grant, AuthError> {
-            if self.revoked.load(Ordering::SeqCst) {
-                self.refused.fetch_add(1, Ordering::SeqCst);
-                return Err(AuthError::Invalid("revoked".into()));
-            }
-            Ok(Grant {
-                subject: "app".into(),
-                rooms: None,
-                repos: None,
-                read: true,
-                write: true,
-            })
+impl ksync_core::Authenticator for Revocable {
+    fn authenticate(
+        &self,
+        _: &ksync_core::Credentials,
+    ) -> Result<ksync_core::Grant, ksync_core::AuthError> {
+        use std::sync::atomic::Ordering;
+        if self.revoked.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(ksync_core::AuthError::Invalid("revoked".into()));
         }
+        Ok(ksync_core::Grant::anonymous())
     }
+}
+
+/// A service with repository `r` behind a [`Revocable`], on 127.0.0.1:0.
+async fn revocable_service() -> (
+    std::sync::Arc<Revocable>,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::Arc;
     let auth = Arc::new(Revocable {
-        revoked: AtomicBool::new(false),
-        refused: AtomicUsize::new(0),
+        revoked: std::sync::atomic::AtomicBool::new(false),
+        refused: std::sync::atomic::AtomicUsize::new(0),
     });
     let service = ksync_git::server::GitServer::new(
-        Arc::new(InMemoryProvider::new()),
-        Arc::clone(&auth) as Arc<dyn Authenticator>,
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        Arc::clone(&auth) as Arc<dyn ksync_core::Authenticator>,
     );
     service
         .create_repo(&ksync_core::Name::new("r").expect("name"))
         .await
         .expect("repo");
-    let app = service.router();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-        .expect("serve");
-    });
+    let (addr, task) = serve(service.router()).await;
+    (auth, addr, task)
+}
+
+/// Credentials that stop working (a token revoked or expired) make auto-pull fail with
+/// `SyncError::Auth`; it reports that once and stops rather than knocking on every tick
+/// (the builder's credentials cannot change by themselves). `connect()` starts it again.
+#[tokio::test]
+async fn auto_pull_stops_when_the_credentials_are_refused() {
+    use std::sync::atomic::Ordering;
+
+    let (auth, addr, task) = revocable_service().await;
     let c = ksync_git::GitSyncClient::builder(format!("http://{addr}/git/r"))
         .auth(ksync_core::Auth::token("app-token"))
         .pull_interval(Duration::from_millis(20))
@@ -662,6 +659,83 @@ async fn auto_pull_stops_when_the_credentials_are_refused() {
     }
     assert!(pulled, "auto-pull runs again after connect()");
     drop(sub);
+    task.abort();
+}
+
+/// `KSync::enable_auto_sync` does what auto-pull does: refused credentials are reported
+/// once and stop it (they were retried on every tick, forever, each attempt a failed login
+/// on the server); `enable_auto_sync` again starts it again.
+#[tokio::test]
+async fn ksync_auto_sync_stops_when_the_credentials_are_refused() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use ksync_core::{AutoSync, InMemoryStorage, KSync, Notification, SyncError};
+
+    let (auth, addr, task) = revocable_service().await;
+    let client = ksync_git::GitSyncClient::builder(format!("http://{addr}/git/r"))
+        .auth(ksync_core::Auth::token("app-token"))
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let ksync = KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(client))
+        .build()
+        .await
+        .expect("ksync");
+    ksync.connect().await.expect("connect");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _sub = ksync
+        .on("error", move |n: &Notification| {
+            if let Notification::Error(e) = n {
+                let _ = tx.send(e.clone());
+            }
+        })
+        .expect("on");
+    auth.revoked.store(true, Ordering::SeqCst);
+    let every = AutoSync {
+        push_interval: Duration::from_millis(20),
+        pull_interval: Duration::from_millis(20),
+    };
+    ksync.enable_auto_sync(every);
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an error is reported")
+        .expect("open");
+    assert!(matches!(*first, SyncError::Auth(_)), "{first:?}");
+    // Many ticks later: no further attempt was made, nothing more was reported.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(auth.refused.load(Ordering::SeqCst), 1);
+    assert!(rx.try_recv().is_err());
+
+    // Enabled again with working credentials: events move.
+    auth.revoked.store(false, Ordering::SeqCst);
+    ksync.enable_auto_sync(every);
+    let event = ksync.emit("note", json!({"n": 1})).await.expect("emit");
+    let reader = ksync_git::GitSyncClient::builder(format!("http://{addr}/git/r"))
+        .auth(ksync_core::Auth::token("app-token"))
+        .build()
+        .expect("reader");
+    let pushed = async {
+        loop {
+            reader.pull().await.expect("pull");
+            if reader
+                .replica()
+                .storage()
+                .latest(&event.id)
+                .expect("read")
+                .is_some()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), pushed)
+        .await
+        .expect("auto-sync pushes again");
+    ksync.disable_auto_sync();
     task.abort();
 }
 
