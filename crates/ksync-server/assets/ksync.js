@@ -156,6 +156,8 @@ export class WebSocketSyncClient extends Emitter {
   #attempt = 0;
   #retryTimer = null;
   #cursor = null;
+  // The room log `#cursor` belongs to (`welcome.logId`).
+  #logId = null;
   #serverVersion = 0;
   // Set on `cursor_ahead`: this session ends and the next one reads the room from 0.
   #resyncing = false;
@@ -177,17 +179,18 @@ export class WebSocketSyncClient extends Emitter {
       reconnectDelay: { min: 250, max: 30000, ...(options.reconnectDelay ?? {}) },
       maxOutbox: options.maxOutbox ?? 10000,
     };
-  // The room log `#cursor` belongs to (`welcome.logId`).
-  #logId = null;
     this.#protocols = protocolsFor(options.auth);
     if (options.since !== undefined && options.since !== null) {
       if (!Number.isSafeInteger(options.since) || options.since < 0) throw new TypeError('since must be an integer >= 0');
       this.#cursor = options.since;
     }
+    if (options.logId !== undefined && options.logId !== null) this.#logId = String(options.logId);
   }
 
   /** The highest sequence number seen (null before the first session without `since`). */
   get cursor() { return this.#cursor; }
+  /** The room log the cursor belongs to (`welcome.logId`; keep it with a saved cursor). */
+  get logId() { return this.#logId; }
   /** Whether a session is up (after `welcome`). */
   get connected() { return this.#connected; }
   /** The room of the current or last session. */
@@ -205,13 +208,10 @@ export class WebSocketSyncClient extends Emitter {
     if (this.#stopped) {
       this.#stopped = false;
       this.#attempt = 0;
-    if (options.logId !== undefined && options.logId !== null) this.#logId = String(options.logId);
       this.#open();
     }
     return result;
   }
-  /** The room log the cursor belongs to (`welcome.logId`; keep it with a saved cursor). */
-  get logId() { return this.#logId; }
 
   /** Closes the connection (1000) and stops reconnecting. Unacknowledged events stay queued. */
   disconnect() {
@@ -293,6 +293,18 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   #welcome(welcome) {
+    const logId = typeof welcome.logId === 'string' ? welcome.logId : null;
+    if (logId !== null && this.#logId !== null && logId !== this.#logId && this.#cursor > 0) {
+      // Another log than the one our cursor counts in (the room was reset, or another server
+      // answers here), even if it has grown past the cursor: read it again from 0.
+      this.#logId = logId;
+      this.#cursor = 0;
+      this.#resyncing = true;
+      this.emit('error', new KSyncError('room_reset', `the room's log changed (${logId}): syncing again from the start`));
+      this.#socket?.close(1000, 'resync from 0');
+      return;
+    }
+    if (logId !== null) this.#logId = logId;
     this.#serverVersion = welcome.serverVersion;
     this.#room = welcome.room;
     // Without a cursor the session starts with the live stream: we hold everything up to here.
@@ -333,18 +345,6 @@ export class WebSocketSyncClient extends Emitter {
       const result = results[i] ?? { status: 'failed', message: 'no result for this event' };
       switch (result.status) {
         case 'stored':
-    const logId = typeof welcome.logId === 'string' ? welcome.logId : null;
-    if (logId !== null && this.#logId !== null && logId !== this.#logId && this.#cursor > 0) {
-      // Another log than the one our cursor counts in (the room was reset, or another server
-      // answers here), even if it has grown past the cursor: read it again from 0.
-      this.#logId = logId;
-      this.#cursor = 0;
-      this.#resyncing = true;
-      this.emit('error', new KSyncError('room_reset', `the room's log changed (${logId}): syncing again from the start`));
-      this.#socket?.close(1000, 'resync from 0');
-      return;
-    }
-    if (logId !== null) this.#logId = logId;
           if (this.#cursor === null || result.seq > this.#cursor) this.#cursor = result.seq;
           item.resolve(result);
           break;

@@ -230,7 +230,6 @@ impl WebSocketSyncClientBuilder {
             pipeline: Pipeline::new(),
             replica: Mutex::new(None),
             outbox: Mutex::new(Outbox::default()),
-            standalone_log: Mutex::new(0),
             control: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
             generations: AtomicU64::new(0),
@@ -239,6 +238,7 @@ impl WebSocketSyncClientBuilder {
             queued: AtomicUsize::new(0),
             rescan_from: AtomicU64::new(u64::MAX),
             standalone_cursor: Mutex::new(None),
+            standalone_log: Mutex::new(0),
             state,
             config: self.config,
         });
@@ -342,9 +342,6 @@ struct Inner {
     /// most one permit; the manager drops a stale one when it answers the waiters.
     retry_now: Notify,
     /// Events sent since the last flush (drives `Strategy::Batch`).
-    /// The room log a standalone client's cursor belongs to ([`log_fingerprint`]; 0: none
-    /// seen yet).
-    standalone_log: Mutex<u64>,
     queued: AtomicUsize,
     /// The lowest seq of an already-stored event marked for forwarding since the last pump
     /// (`u64::MAX`: none): the session's scan may have passed it and looks again from there.
@@ -352,6 +349,9 @@ struct Inner {
     /// The room cursor of a standalone client (`None` before its first session: it starts
     /// with the live stream).
     standalone_cursor: Mutex<Option<u64>>,
+    /// The room log a standalone client's cursor belongs to ([`log_fingerprint`]; 0: none
+    /// seen yet).
+    standalone_log: Mutex<u64>,
     state: watch::Sender<Link>,
 }
 
@@ -788,6 +788,9 @@ struct Cursors {
     room: String,
     /// The last local sequence number acknowledged by the server (contiguous prefix).
     acked: String,
+    /// The room log both cursors belong to ([`log_fingerprint`] of `welcome.logId`; 0: none
+    /// seen yet).
+    log: String,
 }
 
 impl Cursors {
@@ -795,8 +798,18 @@ impl Cursors {
         Self {
             room: format!("ws:{url}/room"),
             acked: format!("ws:{url}/acked"),
+            log: format!("ws:{url}/log"),
         }
     }
+}
+
+/// A room log's id (`welcome.logId`, any string) as a non-zero number for the replica's cursor
+/// store (FNV-1a: stable across runs and platforms).
+fn log_fingerprint(log_id: &str) -> u64 {
+    let hash = log_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    hash.max(1)
 }
 
 /// One publish waiting for its ack.
@@ -809,9 +822,6 @@ struct Flight {
     ids: Vec<String>,
     done: bool,
 }
-    /// The room log both cursors belong to ([`log_fingerprint`] of `welcome.logId`; 0: none
-    /// seen yet).
-    log: String,
 
 #[derive(Default)]
 struct Counters {
@@ -819,20 +829,10 @@ struct Counters {
     bytes: u64,
     latency_ms_sum: f64,
     latency_n: u64,
-            log: format!("ws:{url}/log"),
 }
 
 struct Session {
     inner: Arc<Inner>,
-/// A room log's id (`welcome.logId`, any string) as a non-zero number for the replica's cursor
-/// store (FNV-1a: stable across runs and platforms).
-fn log_fingerprint(log_id: &str) -> u64 {
-    let hash = log_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    hash.max(1)
-}
-
     replica: Option<Replica>,
     cursors: Cursors,
     socket: Option<Socket>,
@@ -842,6 +842,8 @@ fn log_fingerprint(log_id: &str) -> u64 {
     sent_upto: u64,
     /// Last local sequence number acknowledged (contiguously).
     acked_upto: u64,
+    /// The room log the cursors belong to ([`log_fingerprint`]; 0: none seen yet).
+    known_log: u64,
     /// Publishes awaiting their ack. Bounded: no new publish is sent while `in_flight_events`
     /// is at `max_in_flight` (10 000); the rest waits in the replica / outbox.
     in_flight: VecDeque<Flight>,
@@ -863,12 +865,11 @@ impl Session {
         cursors: Cursors,
     ) -> Result<Self, WsError> {
         let storage_error = |e: SyncError| WsError::Protocol(format!("reading cursors: {e}"));
-    /// The room log the cursors belong to ([`log_fingerprint`]; 0: none seen yet).
-    known_log: u64,
         let (room_cursor, acked_upto, known_log) = match &replica {
             Some(r) => (
                 r.cursor(&cursors.room).map_err(storage_error)?,
                 r.cursor(&cursors.acked).map_err(storage_error)?,
+                r.cursor(&cursors.log).map_err(storage_error)?,
             ),
             // Standalone: acknowledged events leave the outbox, so everything in it is unacked.
             None => (
@@ -885,6 +886,7 @@ impl Session {
             room_cursor,
             sent_upto: acked_upto,
             acked_upto,
+            known_log,
             in_flight: VecDeque::new(),
             in_flight_events: 0,
             next_ref: 1,
@@ -894,7 +896,6 @@ impl Session {
             compression: false,
             server_max_message: 1 << 20,
         })
-                r.cursor(&cursors.log).map_err(storage_error)?,
     }
 
     fn debug(&self) -> bool {
@@ -907,7 +908,6 @@ impl Session {
         let target = &self.inner.target;
         let addr = format!("{}:{}", target.host, target.port);
         dlog!(config.debug, %addr, url = %config.url, "connecting");
-            known_log,
         let tcp = TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(|e| WsError::Connect {
@@ -977,6 +977,12 @@ impl Session {
                             self.server_version = w.server_version;
                             self.compression = w.compression;
                             self.server_max_message = w.max_message_size;
+                            if let Some(log_id) = &w.log_id
+                                && let Err(reset) = self.check_log(log_id).await?
+                            {
+                                let _ = socket.close(None).await;
+                                return Err(reset);
+                            }
                             if since.is_none() && !state {
                                 // A new standalone client starts with the live stream.
                                 self.room_cursor = w.server_version;
@@ -999,12 +1005,6 @@ impl Session {
                 Message::Binary(_) => {
                     return Err(WsError::Protocol("binary frame before welcome".into()));
                 }
-                            if let Some(log_id) = &w.log_id
-                                && let Err(reset) = self.check_log(log_id).await?
-                            {
-                                let _ = socket.close(None).await;
-                                return Err(reset);
-                            }
             }
         }
         self.socket = Some(socket);
@@ -1332,28 +1332,6 @@ impl Session {
         Ok(reset)
     }
 
-    async fn save_room_cursor(&mut self) -> Result<(), WsError> {
-        match &self.replica {
-            Some(r) => r
-                .set_cursor(&self.cursors.room, self.room_cursor)
-                .await
-                .map_err(|e| WsError::Protocol(format!("storing the room cursor: {e}"))),
-            None => {
-                *lock(&self.inner.standalone_cursor) = Some(self.room_cursor);
-                Ok(())
-            }
-        }
-    }
-
-    async fn on_message(&mut self, socket: &mut Socket, message: Message) -> Result<(), WsError> {
-        self.counters.bytes += message.len() as u64;
-        let json = match message {
-            Message::Text(t) => Vec::from(t.as_bytes()),
-            Message::Binary(b) => {
-                if !self.compression {
-                    return Err(WsError::Protocol(
-                        "binary frame without negotiated compression".into(),
-                    ));
     /// Compares the room's log (`welcome.logId`) with the one our cursors belong to. Another
     /// log (the room was reset, or another server answers here) is a reset as for
     /// `cursor_ahead`, even when it has grown past our cursor: `Ok(Err(RoomReset))` ends the
@@ -1382,6 +1360,28 @@ impl Session {
         Ok(reset)
     }
 
+    async fn save_room_cursor(&mut self) -> Result<(), WsError> {
+        match &self.replica {
+            Some(r) => r
+                .set_cursor(&self.cursors.room, self.room_cursor)
+                .await
+                .map_err(|e| WsError::Protocol(format!("storing the room cursor: {e}"))),
+            None => {
+                *lock(&self.inner.standalone_cursor) = Some(self.room_cursor);
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_message(&mut self, socket: &mut Socket, message: Message) -> Result<(), WsError> {
+        self.counters.bytes += message.len() as u64;
+        let json = match message {
+            Message::Text(t) => Vec::from(t.as_bytes()),
+            Message::Binary(b) => {
+                if !self.compression {
+                    return Err(WsError::Protocol(
+                        "binary frame without negotiated compression".into(),
+                    ));
                 }
                 protocol::inflate(&b, self.inner.config.max_message_size)
                     .map_err(|e| WsError::Protocol(e.to_string()))?

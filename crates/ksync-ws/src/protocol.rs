@@ -137,9 +137,6 @@ pub struct Welcome {
     pub heartbeat_ms: u64,
     /// The largest message the server accepts, in bytes.
     pub max_message_size: usize,
-}
-
-/// `events`.
     /// Names the room's log: it changes when the room is reset (its log deleted, an in-memory
     /// server restarted) or another server answers at this address, and only then. A cursor
     /// read from another log does not apply to this one: a client seeing a new `logId` syncs
@@ -147,6 +144,9 @@ pub struct Welcome {
     /// before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_id: Option<String>,
+}
+
+/// `events`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventsBatch {
     /// The events in sequence order.
