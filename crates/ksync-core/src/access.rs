@@ -62,6 +62,10 @@ pub struct Grant {
     pub read: bool,
     /// May write.
     pub write: bool,
+    /// When the credentials stop being valid (a JWT's `exp`, plus the server's leeway);
+    /// `None` = they do not expire (API keys, no auth). Long-lived connections opened with
+    /// them are closed at this time: a connection must not outlive its token.
+    pub expires_at: Option<std::time::SystemTime>,
 }
 
 impl Grant {
@@ -73,7 +77,13 @@ impl Grant {
             repos: None,
             read: true,
             write: true,
+            expires_at: None,
         }
+    }
+
+    /// Whether the credentials behind this grant have expired at `now`.
+    pub fn expired_at(&self, now: std::time::SystemTime) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
     }
 
     /// Whether this grant allows `access` to the resource `name` of `kind`.
@@ -116,6 +126,47 @@ pub enum AuthError {
     /// Too many failed attempts from this client; try later.
     #[error("too many failed authentication attempts")]
     RateLimited,
+}
+
+/// The realm named in `WWW-Authenticate` challenges.
+pub const AUTH_REALM: &str = "ksync";
+
+impl AuthError {
+    /// The `WWW-Authenticate` value for the HTTP 401 answer to this refusal (RFC 9110 11.6.1
+    /// requires one on every 401; the form is RFC 6750's), or `None` for refusals that are not
+    /// 401 (`Forbidden`: 403, `RateLimited`: 429).
+    ///
+    /// Without credentials the challenge only names the scheme and realm; refused credentials
+    /// add `error="invalid_token"` and this error's message, which never holds the credential.
+    /// An API key is accepted in the same `Authorization: Bearer` header (or `X-Api-Key`).
+    ///
+    /// ```
+    /// use ksync_core::AuthError;
+    /// assert_eq!(AuthError::Missing.www_authenticate().as_deref(), Some(r#"Bearer realm="ksync""#));
+    /// assert_eq!(
+    ///     AuthError::Expired.www_authenticate().as_deref(),
+    ///     Some(r#"Bearer realm="ksync", error="invalid_token", error_description="token expired""#)
+    /// );
+    /// assert_eq!(AuthError::RateLimited.www_authenticate(), None);
+    /// ```
+    pub fn www_authenticate(&self) -> Option<String> {
+        match self {
+            AuthError::Forbidden(_) | AuthError::RateLimited => None,
+            AuthError::Missing => Some(format!("Bearer realm=\"{AUTH_REALM}\"")),
+            AuthError::Invalid(_) | AuthError::Expired | AuthError::NotYetValid => {
+                // A quoted-string may not hold `"` or `\` unescaped, and a header value only
+                // visible ASCII and spaces: anything else is left out of the description.
+                let description: String = self
+                    .to_string()
+                    .chars()
+                    .filter(|c| (c.is_ascii_graphic() || *c == ' ') && !matches!(c, '"' | '\\'))
+                    .collect();
+                Some(format!(
+                    "Bearer realm=\"{AUTH_REALM}\", error=\"invalid_token\", error_description=\"{description}\""
+                ))
+            }
+        }
+    }
 }
 
 /// Checks credentials. Implemented by `ksync-server` (JWT + API keys); [`AllowAll`] when auth
@@ -169,6 +220,7 @@ mod tests {
             repos: None,
             read: true,
             write: false,
+            expires_at: None,
         };
         assert!(grant.allows(ResourceKind::Room, "a", Access::Read));
         assert!(!grant.allows(ResourceKind::Room, "a", Access::Write));

@@ -20,7 +20,9 @@ mod notify;
 mod replica;
 mod storage;
 
-pub use access::{Access, AllowAll, AuthError, Authenticator, Credentials, Grant, ResourceKind};
+pub use access::{
+    AUTH_REALM, Access, AllowAll, AuthError, Authenticator, Credentials, Grant, ResourceKind,
+};
 pub use auth::Auth;
 pub use client::{PullPushClient, PullResult, PushResult, SyncClient, SyncResult};
 pub use clock::{Clock, ManualClock, SystemClock};

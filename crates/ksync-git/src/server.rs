@@ -416,6 +416,8 @@ struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The `WWW-Authenticate` challenge of a 401 (RFC 9110 11.6.1 requires one).
+    challenge: Option<String>,
 }
 
 impl ApiError {
@@ -424,6 +426,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            challenge: None,
         }
     }
 
@@ -467,7 +470,10 @@ impl ApiError {
             StatusCode::TOO_MANY_REQUESTS => "rate_limited",
             _ => "unauthorized",
         };
-        Self::new(status, code, e.to_string())
+        Self {
+            challenge: e.www_authenticate(),
+            ..Self::new(status, code, e.to_string())
+        }
     }
 }
 
@@ -510,6 +516,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(challenge) = self.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
         response
     }
 }

@@ -39,6 +39,8 @@ pub const MIN_HS256_SECRET_BYTES: usize = 32;
 /// - `scope`: `"read"`, `"write"` or `"read write"`; absent = both.
 #[derive(Debug, Deserialize)]
 struct KsyncClaims {
+    /// Checked (and required) by `jsonwebtoken`; kept for the grant's expiry.
+    exp: Option<u64>,
     sub: Option<String>,
     rooms: Option<Vec<String>>,
     repos: Option<Vec<String>>,
@@ -81,6 +83,8 @@ pub struct ServerAuthenticator {
     api_keys: Vec<StoredApiKey>,
     limiter: FailureLimiter,
     counters: Arc<AuthCounters>,
+    /// Tolerated clock skew: a token stays valid until `exp + leeway`.
+    leeway: std::time::Duration,
 }
 
 impl std::fmt::Debug for ServerAuthenticator {
@@ -212,6 +216,7 @@ impl ServerAuthenticator {
             api_keys,
             limiter: FailureLimiter::new(config.rate_limit.clone()),
             counters: Arc::new(AuthCounters::default()),
+            leeway: config.leeway,
         })
     }
 
@@ -259,6 +264,7 @@ impl ServerAuthenticator {
             repos: key.repos.clone(),
             read: key.scope.read,
             write: key.scope.write,
+            expires_at: None,
         })
     }
 
@@ -298,7 +304,16 @@ impl ServerAuthenticator {
         let mut last = AuthError::Invalid("bad signature".into());
         for key in candidates {
             match jsonwebtoken::decode::<KsyncClaims>(token, &key.key, &key.validation) {
-                Ok(data) => return Ok(grant_from_claims(data.claims)),
+                Ok(data) => {
+                    let grant = grant_from_claims(data.claims, self.leeway);
+                    // RFC 7519 4.1.4: not accepted *on* or after `exp` (jsonwebtoken still
+                    // accepts the second of `exp` itself); the same instant at which the relay
+                    // closes a connection opened with it.
+                    if grant.expired_at(std::time::SystemTime::now()) {
+                        return Err(AuthError::Expired);
+                    }
+                    return Ok(grant);
+                }
                 Err(e) => {
                     last = map_jwt_error(e.kind());
                     // A valid signature with bad claims is the answer; another key won't help.
@@ -312,17 +327,23 @@ impl ServerAuthenticator {
     }
 }
 
-fn grant_from_claims(claims: KsyncClaims) -> Grant {
+fn grant_from_claims(claims: KsyncClaims, leeway: std::time::Duration) -> Grant {
     let scope = claims
         .scope
         .as_deref()
         .map_or(Scope::READ_WRITE, Scope::parse);
+    // Valid until `exp` plus the leeway the check allowed: the instant an upgrade with this
+    // token would be refused. (Past what `SystemTime` holds: no expiry to enforce.)
+    let expires_at = claims.exp.and_then(|exp| {
+        std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(exp).checked_add(leeway)?)
+    });
     Grant {
         subject: claims.sub.unwrap_or_else(|| "jwt".into()),
         rooms: claims.rooms,
         repos: claims.repos,
         read: scope.read,
         write: scope.write,
+        expires_at,
     }
 }
 

@@ -212,15 +212,7 @@ impl WebSocketSyncClientBuilder {
                 "outbox_capacity and metrics_interval must be positive".into(),
             ));
         }
-        if let Some(auth) = &c.auth
-            && http::HeaderValue::from_str(&auth.header().1).is_err()
-        {
-            // Never sendable: refused here rather than failing every attempt. (No secret in
-            // the message.)
-            return Err(SyncError::Config(
-                "credentials contain characters not allowed in an HTTP header".into(),
-            ));
-        }
+        check_auth(c.auth.as_ref())?;
         let target = Target::parse(&c.url)?;
         let (state, _) = watch::channel(Link::Down);
         let inner = Arc::new(Inner {
@@ -240,6 +232,7 @@ impl WebSocketSyncClientBuilder {
             standalone_cursor: Mutex::new(None),
             standalone_log: Mutex::new(0),
             state,
+            auth: Mutex::new(self.config.auth.clone()),
             config: self.config,
         });
         Ok(WebSocketSyncClient {
@@ -353,6 +346,21 @@ struct Inner {
     /// seen yet).
     standalone_log: Mutex<u64>,
     state: watch::Sender<Link>,
+    /// The credentials of the next connection attempt (the builder's, or `set_auth`'s).
+    auth: Mutex<Option<Auth>>,
+}
+
+/// Refuses credentials that can never be sent (control characters, e.g. a newline), rather
+/// than failing every attempt. (No secret in the message.)
+fn check_auth(auth: Option<&Auth>) -> Result<(), SyncError> {
+    if let Some(auth) = auth
+        && http::HeaderValue::from_str(&auth.header().1).is_err()
+    {
+        return Err(SyncError::Config(
+            "credentials contain characters not allowed in an HTTP header".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl WebSocketSyncClient {
@@ -400,6 +408,17 @@ impl WebSocketSyncClient {
     /// This client's id: the `origin` given to standalone events that have none.
     pub fn client_id(&self) -> &str {
         &self.inner.client_id
+    }
+
+    /// Replaces the credentials (`None`: none) for the next connection attempt, e.g. a fresh
+    /// token after the server closed the connection with 4401 (credentials expired) or
+    /// refused the old one; call `connect()` afterwards if the client stopped. The open
+    /// connection, if any, keeps going until the server closes it. Refuses credentials that
+    /// cannot go in an HTTP header, as the builder does.
+    pub fn set_auth(&self, auth: Option<Auth>) -> Result<(), SyncError> {
+        check_auth(auth.as_ref())?;
+        *lock(&self.inner.auth) = auth;
+        Ok(())
     }
 
     /// Events waiting in the standalone outbox (sent but not yet acknowledged).
@@ -483,9 +502,11 @@ impl WebSocketSyncClient {
 impl SyncClient for WebSocketSyncClient {
     /// Connects and waits for the server's `welcome`. With `reconnect(true)` a failed first
     /// attempt is returned as an error and retried in the background (until `disconnect`),
-    /// except for a refused request (400, e.g. a bad room name) or refused credentials
-    /// (401/403), which stop the client. Called while the client waits out a reconnect delay,
-    /// it tries at once.
+    /// except for a refused request (400, e.g. a bad room name), refused credentials
+    /// (401/403) or a close code that reconnecting cannot fix (1002, 1003, 1007, 4000, 4001,
+    /// and 4401 when the credentials expire; [`WsError::is_fatal`]), which stop the client
+    /// with an `error` notification until the next `connect()`. Called while the client waits
+    /// out a reconnect delay, it tries at once.
     fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(self.connect_inner())
     }
@@ -928,7 +949,8 @@ impl Session {
                     url: config.url.clone(),
                     reason: e.to_string(),
                 })?;
-        if let Some(auth) = &config.auth {
+        let auth = lock(&self.inner.auth).clone();
+        if let Some(auth) = &auth {
             let (name, value) = auth.header();
             let value = http::HeaderValue::from_str(&value).map_err(|_| {
                 WsError::Protocol("credentials contain characters not allowed in a header".into())

@@ -42,10 +42,13 @@ pub enum WsError {
     /// The WebSocket layer failed (handshake or framing).
     #[error("websocket error: {0}")]
     WebSocket(String),
-    /// The server closed the connection with a close code (see `docs/PROTOCOL.md`).
+    /// The server closed the connection with a close code (see `docs/PROTOCOL.md`). Codes
+    /// that retrying cannot fix (see [`WsError::is_fatal`], e.g. 4401: the credentials
+    /// expired) stop the client; the others are reconnected from.
     #[error("server closed the connection with code {code}: {reason}")]
     Closed {
-        /// The close code, e.g. 4008 (slow consumer: resume) or 1001 (server going away).
+        /// The close code, e.g. 4008 (slow consumer: resume), 1001 (server going away) or
+        /// 4401 (credentials expired).
         code: u16,
         /// The server's reason.
         reason: String,
@@ -109,13 +112,27 @@ impl WsError {
         }
     }
 
-    /// Whether retrying cannot help (bad URL or room name, refused credentials or rights).
+    /// Whether retrying cannot help: a bad URL or room name, refused credentials or rights
+    /// (HTTP 400, 401, 403), or a close code that `docs/PROTOCOL.md` answers with "fix the
+    /// client", "upgrade" or "fresh credentials" (1002, 1003, 1007, 4000, 4001, 4401). The
+    /// client stops reconnecting after such an error (with an `error` notification); a later
+    /// explicit `connect()` tries again.
     pub fn is_fatal(&self) -> bool {
+        use crate::protocol::close;
         matches!(
             self,
             WsError::InvalidUrl { .. }
                 | WsError::Refused {
                     status: 400 | 401 | 403,
+                    ..
+                }
+                | WsError::Closed {
+                    code: close::WEBSOCKET_PROTOCOL
+                        | close::UNSUPPORTED_DATA
+                        | close::INVALID_DATA
+                        | close::PROTOCOL_ERROR
+                        | close::UNSUPPORTED_PROTOCOL
+                        | close::CREDENTIALS_EXPIRED,
                     ..
                 }
         )

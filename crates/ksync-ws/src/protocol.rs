@@ -39,6 +39,9 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// The client did not answer a ping before the next one was due.
     pub const HEARTBEAT_TIMEOUT: u16 = 4009;
+    /// The credentials the connection was opened with expired (a JWT's `exp`, plus the
+    /// server's leeway): reconnect with fresh ones (the same ones are refused with 401).
+    pub const CREDENTIALS_EXPIRED: u16 = 4401;
 }
 
 /// Error codes carried by [`ServerMessage::Error`].

@@ -24,6 +24,7 @@ impl Authenticator for TestAuth {
             repos,
             read: true,
             write,
+            expires_at: None,
         };
         match (c.bearer.as_deref(), c.api_key.as_deref()) {
             (Some("writer"), _) | (None, Some("key-1")) => Ok(grant("writer", None, true)),

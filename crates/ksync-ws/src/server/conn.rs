@@ -274,8 +274,14 @@ async fn run(
     let mut room_notified = std::pin::pin!(outbox.notified());
     let mut shutdown_changed = std::pin::pin!(shutdown.changed());
     let mut burst = Burst::default();
+    // A connection must not outlive its credentials (a JWT's `exp`).
+    let mut expired = std::pin::pin!(expiry(grant));
     loop {
         tokio::select! {
+            () = &mut expired => {
+                tracing::info!("credentials expired; closing the connection");
+                return Err(End::Close(close::CREDENTIALS_EXPIRED, "credentials expired".into()));
+            },
             () = &mut room_notified => {
                 room_notified.set(outbox.notified());
                 writer.serve_room().await?;
@@ -489,6 +495,19 @@ impl Reader<'_> {
             .publish(&mut burst.publishes)
             .await
             .map_err(|_| going_away())
+    }
+}
+
+/// Resolves when `grant`'s credentials expire (never for credentials without an expiry).
+async fn expiry(grant: &Grant) {
+    match grant.expires_at {
+        Some(at) => {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -92,6 +92,7 @@ impl Authenticator for TestKeys {
             repos: None,
             read: true,
             write,
+            expires_at: None,
         };
         match key {
             "rw-key" => Ok(grant("rw", None, true)),
