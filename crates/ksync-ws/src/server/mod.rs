@@ -690,11 +690,14 @@ fn auth_refusal(error: &AuthError) -> Response {
         _ => StatusCode::UNAUTHORIZED,
     };
     let mut response = refuse(status, &error.to_string());
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            axum::http::HeaderValue::from_static("Bearer"),
-        );
+    // RFC 9110 11.6.1: every 401 carries a challenge.
+    if let Some(challenge) = error
+        .www_authenticate()
+        .and_then(|c| axum::http::HeaderValue::from_str(&c).ok())
+    {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
     }
     response
 }
