@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ksync_core::{
-    BoxFuture, Event, EventLimits, InMemoryStorage, Name, Notification, Notifier, Replica,
-    SyncClient, SyncError,
+    BoxFuture, Direction, Event, EventLimits, Filter, InMemoryStorage, Middleware, Name,
+    Notification, Notifier, Replica, Status, SyncClient, SyncError,
 };
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -24,6 +24,7 @@ use crate::config::{
 use crate::error::P2PError;
 use crate::identity;
 use crate::node::{self, Command, Node, Shared, Target};
+use crate::shaping::Shaping;
 
 /// Counters of one client since it was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,9 +56,18 @@ pub struct P2PSyncClientBuilder {
     opts: Options,
     encryption: bool,
     replica: Option<Replica>,
+    filter: Option<Filter>,
 }
 
 impl P2PSyncClientBuilder {
+    /// The spec's `filter`: only events it allows are published, served in catch-up, or taken
+    /// in from peers (checked after the middleware, on the wire form going out and the
+    /// stored form coming in). Events kept home stay in the local log.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = Some(filter);
+        self
+    }
+
     /// The port to listen on (spec: `port`). Default 0: any free port.
     pub fn port(mut self, port: u16) -> Self {
         self.opts.port = port;
@@ -183,6 +193,7 @@ impl P2PSyncClientBuilder {
             opts,
             key_path,
             notifier: Notifier::new(),
+            shaping: Shaping::new(self.filter),
             replica: Mutex::new(replica),
             shared: Arc::new(Shared::default()),
             commands: Mutex::new(None),
@@ -226,6 +237,7 @@ pub struct P2PSyncClient {
     local_peer_id: PeerId,
     key_path: PathBuf,
     notifier: Notifier,
+    shaping: Shaping,
     replica: Mutex<Replica>,
     shared: Arc<Shared>,
     /// The command channel to the running node (bounded: `command_capacity`; a full channel
@@ -269,6 +281,7 @@ impl P2PSyncClient {
             },
             encryption: false,
             replica: None,
+            filter: None,
         }
     }
 
@@ -300,10 +313,19 @@ impl P2PSyncClient {
             .clone()
     }
 
-    /// The notification hub (`connected`, `event`, `sync`, `error`, `peer-connected`,
-    /// `peer-disconnected`, `conflict`).
+    /// The notification hub (`connected`, `disconnected`, `status`, `event`, `sync`,
+    /// `error`, `conflict`, `peer-connected`, `peer-disconnected`).
     pub fn notifier(&self) -> &Notifier {
         &self.notifier
+    }
+
+    /// The spec's `use(direction, middleware)`: adds a middleware to the `incoming` or
+    /// `outgoing` chain (run in registration order, before the filter). Outgoing runs on what
+    /// is published and what catch-up serves (the local log keeps the event as made);
+    /// incoming on what arrives, before it is stored. An incoming failure (e.g. a decryption
+    /// with the wrong key) is an `error` notification and the event is not stored.
+    pub fn use_middleware(&self, direction: Direction, middleware: impl Middleware) {
+        self.shaping.use_middleware(direction, middleware);
     }
 
     /// Starts the node: listens, joins the network's topic, starts discovery. Returns once
@@ -320,6 +342,7 @@ impl P2PSyncClient {
             self.opts.clone(),
             self.replica(),
             self.notifier.clone(),
+            self.shaping.clone(),
             Arc::clone(&self.shared),
             rx,
         )
@@ -328,6 +351,7 @@ impl P2PSyncClient {
         *self.commands.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         tracing::info!(peer = %self.local_peer_id, addrs = ?self.listen_addrs(), "P2P node started");
         self.notifier.emit(Notification::Connected);
+        self.notifier.emit(Notification::Status(Status::Connected));
         Ok(())
     }
 
@@ -354,6 +378,16 @@ impl P2PSyncClient {
         Ok(())
     }
 
+    fn check_size(&self, size: usize) -> Result<(), P2PError> {
+        if size > self.opts.max_event_bytes {
+            return Err(P2PError::EventTooLarge {
+                size,
+                max: self.opts.max_event_bytes,
+            });
+        }
+        Ok(())
+    }
+
     fn sender(&self) -> Result<mpsc::Sender<Command>, P2PError> {
         self.commands
             .lock()
@@ -362,22 +396,33 @@ impl P2PSyncClient {
             .ok_or(P2PError::NotStarted)
     }
 
-    /// Stores `event` in the replica and publishes it to the network. Returns once stored
-    /// and queued (waiting while the command queue is full). Before `start` the event is
-    /// stored and [`P2PError::NotStarted`] returned; peers get it by catch-up later.
+    /// Stores `event` in the replica and publishes it to the network (in the form the
+    /// outgoing middleware and the filter give it; one they keep home is only stored).
+    /// Returns once stored and queued (waiting while the command queue is full). Before
+    /// `start` the event is stored and [`P2PError::NotStarted`] returned; peers get it by
+    /// catch-up later.
     pub async fn broadcast(&self, event: Event) -> Result<(), P2PError> {
         event.validate(&EventLimits::default())?;
         let bytes = serde_json::to_vec(&event)?;
-        if bytes.len() > self.opts.max_event_bytes {
-            return Err(P2PError::EventTooLarge {
-                size: bytes.len(),
-                max: self.opts.max_event_bytes,
-            });
-        }
-        self.replica()
-            .record_local_seq(event)
-            .await
-            .map_err(P2PError::Replica)?;
+        self.check_size(bytes.len())?;
+        let bytes = if self.shaping.is_noop() {
+            self.replica()
+                .record_local_seq(event)
+                .await
+                .map_err(P2PError::Replica)?;
+            bytes
+        } else {
+            self.replica()
+                .record_local_seq(event.clone())
+                .await
+                .map_err(P2PError::Replica)?;
+            let Some(wire) = self.shaping.outgoing(event)? else {
+                return Ok(());
+            };
+            let bytes = serde_json::to_vec(&wire)?;
+            self.check_size(bytes.len())?;
+            bytes
+        };
         self.sender()?
             .send(Command::Broadcast(bytes))
             .await

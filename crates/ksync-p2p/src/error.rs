@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use ksync_core::{InvalidEvent, SyncError};
+use ksync_core::{InvalidEvent, MiddlewareError, SyncError};
 use libp2p::PeerId;
 
 /// Errors from the P2P client.
@@ -86,6 +86,9 @@ pub enum P2PError {
     /// Encoding an event failed.
     #[error("encoding an event failed: {0}")]
     Encode(#[from] serde_json::Error),
+    /// An outgoing middleware failed on the event (it is stored; it was not published).
+    #[error("middleware: {0}")]
+    Middleware(#[from] MiddlewareError),
     /// The local replica (storage) failed or refused the event.
     #[error("local replica: {0}")]
     Replica(#[source] SyncError),
@@ -111,6 +114,7 @@ impl From<P2PError> for SyncError {
             P2PError::Replica(e) => e,
             P2PError::Timeout(what) => SyncError::Timeout(what),
             P2PError::Config(what) => SyncError::Config(what),
+            P2PError::Middleware(e) => SyncError::Middleware(e),
             other => SyncError::transport(other),
         }
     }

@@ -27,6 +27,7 @@ mod digests;
 mod error;
 mod identity;
 mod node;
+mod shaping;
 mod transport;
 mod wire;
 

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use ksync_core::{Event, EventLimits, Notification, Notifier, Replica, RevisionKey, SyncError};
+use ksync_core::{
+    Event, EventLimits, Notification, Notifier, Replica, RevisionKey, Status, SyncError,
+};
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -28,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{DiscoveryMethod, Options};
 use crate::digests::Digests;
 use crate::error::P2PError;
+use crate::shaping::Shaping;
 use crate::transport::{self, BoxError};
 use crate::wire::{
     self, KeyEntry, MAX_FETCH, MAX_PAGE, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, RESPONSE_BUDGET,
@@ -307,9 +310,12 @@ pub(crate) struct Node {
     opts: Options,
     replica: Replica,
     notifier: Notifier,
+    shaping: Shaping,
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Command>,
     log_id: u64,
+    /// Whether the last `status` said `syncing` (some catch-up round is running).
+    syncing: bool,
     limits: EventLimits,
     max_batch_bytes: usize,
     sessions: HashMap<PeerId, Session>,
@@ -351,6 +357,7 @@ impl Node {
         opts: Options,
         replica: Replica,
         notifier: Notifier,
+        shaping: Shaping,
         shared: Arc<Shared>,
         commands: mpsc::Receiver<Command>,
     ) -> Result<Self, P2PError> {
@@ -411,9 +418,11 @@ impl Node {
             opts,
             replica,
             notifier,
+            shaping,
             shared,
             commands,
             log_id,
+            syncing: false,
             limits: EventLimits::default(),
             max_batch_bytes,
             sessions: HashMap::new(),
@@ -495,9 +504,16 @@ impl Node {
                     self.release_forwards(tokio::time::Instant::now());
                 }
             }
+            self.update_status();
         }
         self.flush_batch();
-        lock(&self.shared.peers).clear();
+        // Dropping the swarm closes every connection without a `ConnectionClosed` event: each
+        // peer reported connected is reported gone here.
+        let peers = std::mem::take(&mut *lock(&self.shared.peers));
+        for peer in peers {
+            self.notifier
+                .emit(Notification::PeerDisconnected(peer.to_string()));
+        }
         lock(&self.shared.listen_addrs).clear();
         for (_, reply) in self.dials.drain() {
             let _ = reply.send(Err(P2PError::Stopped));
@@ -507,6 +523,44 @@ impl Node {
                 let _ = reply.send(Err(P2PError::Stopped));
             }
         }
+    }
+
+    /// `status`: `syncing` while a catch-up round runs with some peer, `idle` once none does.
+    fn update_status(&mut self) {
+        let busy = self
+            .sessions
+            .values()
+            .any(|s| s.state != SessionState::Idle);
+        if busy != self.syncing {
+            self.syncing = busy;
+            self.notifier.emit(Notification::Status(if busy {
+                Status::Syncing
+            } else {
+                Status::Idle
+            }));
+        }
+    }
+
+    /// Runs the incoming middleware and the filter over received (valid) events: what they
+    /// keep is stored. A failure (e.g. decryption with another key) is an `error`
+    /// notification, and that event is not stored.
+    fn take_in(&self, events: Vec<Event>) -> Vec<Event> {
+        if self.shaping.is_noop() {
+            return events;
+        }
+        let mut kept = Vec::with_capacity(events.len());
+        for event in events {
+            match self.shaping.incoming(event) {
+                Ok(Some(event)) => kept.push(event),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::info!(error = %e, "incoming middleware refused a received event");
+                    self.notifier
+                        .emit(Notification::Error(Arc::new(SyncError::Middleware(e))));
+                }
+            }
+        }
+        kept
     }
 
     async fn periodic(&mut self) {
@@ -887,6 +941,8 @@ impl Node {
                 counters
                     .gossip_events
                     .fetch_add(events.len() as u64, Ordering::Relaxed);
+                // Valid on the wire, so it is forwarded even if our own chain refuses it.
+                let events = self.take_in(events);
                 self.ingest(events).await;
             }
             Err(why) => {
@@ -939,7 +995,18 @@ impl Node {
                 let resolutions: Vec<Vec<u8>> = ingested
                     .resolutions
                     .iter()
-                    .filter_map(|s| serde_json::to_vec(&s.event).ok())
+                    .filter_map(|s| {
+                        if self.shaping.is_noop() {
+                            return serde_json::to_vec(&s.event).ok();
+                        }
+                        match self.shaping.outgoing(s.event.clone()) {
+                            Ok(wire) => wire.and_then(|e| serde_json::to_vec(&e).ok()),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "outgoing middleware failed on a conflict resolution; not published");
+                                None
+                            }
+                        }
+                    })
                     .collect();
                 notify(&self.notifier, ingested);
                 self.publish(resolutions);
@@ -1166,7 +1233,24 @@ impl Node {
                     let Ok(Some(stored)) = storage.get(&key.id, key.version) else {
                         continue;
                     };
-                    let size = wire::json_len(&stored.event);
+                    let event = if self.shaping.is_noop() {
+                        stored.event
+                    } else {
+                        match self.shaping.outgoing(stored.event) {
+                            Ok(Some(event)) => event,
+                            // Kept home by the filter or a middleware: never sent.
+                            Ok(None) => {
+                                too_large.push(key);
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, id = %key.id, "outgoing middleware failed on an event catch-up asked for; not sent");
+                                too_large.push(key);
+                                continue;
+                            }
+                        }
+                    };
+                    let size = wire::json_len(&event);
                     if size > RESPONSE_BUDGET {
                         too_large.push(key);
                         continue;
@@ -1175,7 +1259,7 @@ impl Node {
                         break;
                     }
                     budget -= size;
-                    events.push(stored.event);
+                    events.push(event);
                 }
                 SyncResponse::Events { events, too_large }
             }
@@ -1344,6 +1428,7 @@ impl Node {
             .counters
             .catch_up_events
             .fetch_add(valid.len() as u64, Ordering::Relaxed);
+        let valid = self.take_in(valid);
         self.ingest(valid).await;
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;

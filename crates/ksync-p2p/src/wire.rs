@@ -348,7 +348,8 @@ pub(crate) enum SyncResponse {
         entries: Vec<KeyEntry>,
     },
     /// The requested revisions the responder holds, in request order, up to
-    /// [`RESPONSE_BUDGET`]; `too_large` lists those it will never send (larger than the budget).
+    /// [`RESPONSE_BUDGET`]; `too_large` lists those it will never send (larger than the
+    /// budget, or kept home by its filter or outgoing middleware).
     Events {
         events: Vec<Event>,
         too_large: Vec<RevisionKey>,

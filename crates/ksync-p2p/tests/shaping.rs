@@ -1,0 +1,213 @@
+//! The spec's options and notifications on P2P: middleware (`use('incoming' | 'outgoing')`,
+//! here the field encryption of `ksync-middleware`), the filter, and `status` /
+//! `peer-disconnected`, on real peers over loopback, by gossip and by catch-up.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use ksync_core::{Direction, Event, Filter, Notification, NotificationKind, Subscription};
+use ksync_core::{Status, SyncError};
+use ksync_middleware::{Decrypt, Encrypt, FieldCipher};
+use ksync_p2p::P2PSyncClient;
+use serde_json::json;
+
+/// Every notification of the given kinds, in order.
+struct Recorder {
+    seen: Arc<Mutex<Vec<Notification>>>,
+    _subs: Vec<Subscription>,
+}
+
+impl Recorder {
+    fn new(p: &P2PSyncClient, kinds: &[NotificationKind]) -> Self {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subs = kinds
+            .iter()
+            .map(|kind| {
+                let s = Arc::clone(&seen);
+                p.notifier().on_kind(*kind, move |n| {
+                    s.lock().expect("lock").push(n.clone());
+                })
+            })
+            .collect();
+        Self { seen, _subs: subs }
+    }
+
+    fn all(&self) -> Vec<Notification> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+fn stored(p: &P2PSyncClient, id: &str) -> Option<Event> {
+    p.replica()
+        .storage()
+        .get(id, 1)
+        .expect("read")
+        .map(|s| s.event)
+}
+
+fn encrypting(p: &P2PSyncClient, key: [u8; 32]) {
+    let cipher = FieldCipher::from_key(key);
+    p.use_middleware(Direction::Outgoing, Encrypt::new(cipher.clone()));
+    p.use_middleware(Direction::Incoming, Decrypt::new(cipher));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypting_middleware_covers_gossip_and_catch_up_and_a_wrong_key_stores_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = peer(dir.path(), "a").await;
+    let b = peer(dir.path(), "b").await;
+    let wrong = peer(dir.path(), "wrong").await;
+    encrypting(&a, [1; 32]);
+    encrypting(&b, [1; 32]);
+    encrypting(&wrong, [2; 32]);
+    let errors = Recorder::new(&wrong, &[NotificationKind::Error]);
+    link(&b, &a).await;
+    link(&wrong, &a).await;
+    wait_mesh(&[Arc::clone(&a), Arc::clone(&b)]).await;
+
+    let secret = Event::new("s-1", "note", json!({"pin": 4711}), 1).with_origin("a");
+    a.broadcast(secret.clone()).await.expect("broadcast");
+    // Gossip: b decrypts and stores the plaintext, as a made it.
+    wait_until(10, "b gets the event", || stored(&b, "s-1").is_some()).await;
+    assert_eq!(stored(&b, "s-1").expect("held").data, secret.data);
+    // The wrong key: a typed error, and no ciphertext stored.
+    wait_until(10, "the wrong key is reported", || {
+        errors.all().iter().any(|n| {
+            matches!(n, Notification::Error(e) if matches!(e.as_ref(), SyncError::Middleware(_)))
+        })
+    })
+    .await;
+    assert!(keys(&wrong).is_empty(), "{:?}", keys(&wrong));
+
+    // Catch-up from a to a late relay without middleware: it holds only the ciphertext.
+    let relay = peer(dir.path(), "relay").await;
+    link(&relay, &a).await;
+    wait_until(10, "the relay catches up", || {
+        stored(&relay, "s-1").is_some()
+    })
+    .await;
+    let on_the_wire = stored(&relay, "s-1").expect("held");
+    assert_eq!(
+        on_the_wire.data["enc"], "chacha20poly1305",
+        "{on_the_wire:?}"
+    );
+    assert!(!on_the_wire.data.to_string().contains("4711"));
+    // Catch-up from the relay to a late peer with the key: decrypted before it is stored.
+    let late = peer(dir.path(), "late").await;
+    encrypting(&late, [1; 32]);
+    link(&late, &relay).await;
+    wait_until(10, "the late peer catches up", || {
+        stored(&late, "s-1").is_some()
+    })
+    .await;
+    assert_eq!(stored(&late, "s-1").expect("held").data, secret.data);
+    assert!(keys(&wrong).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_filter_keeps_events_home_and_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Arc::new(
+        builder(dir.path(), "a")
+            .filter(Filter::PublicOnly)
+            .build()
+            .expect("build"),
+    );
+    a.start().await.expect("start");
+    let b = peer(dir.path(), "b").await;
+    link(&b, &a).await;
+    wait_mesh(&[Arc::clone(&a), Arc::clone(&b)]).await;
+    let public = |n: usize| Event::new(format!("pub-{n}"), "t", json!({"n": n}), 1);
+    let private = |n: usize| Event::new(format!("priv-{n}"), "t", json!({"private": true}), 1);
+    a.broadcast(public(1)).await.expect("broadcast");
+    a.broadcast(private(1)).await.expect("broadcast");
+    a.broadcast(public(2)).await.expect("broadcast");
+    assert_eq!(keys(&a).len(), 3, "kept home, but kept");
+    wait_until(10, "b gets the public events", || keys(&b).len() == 2).await;
+
+    // Catch-up: a late peer gets the public events on both sides of the private one.
+    let late = peer(dir.path(), "late").await;
+    link(&late, &a).await;
+    wait_until(10, "the late peer catches up", || keys(&late).len() == 2).await;
+
+    // Coming in: a private event from b is not taken in by a.
+    b.broadcast(private(2)).await.expect("broadcast");
+    b.broadcast(public(3)).await.expect("broadcast");
+    wait_until(10, "a gets b's public event", || {
+        stored(&a, "pub-3").is_some()
+    })
+    .await;
+    a.sync_now().await.expect("sync");
+    late.sync_now().await.expect("sync");
+    wait_until(10, "late gets b's public event through a", || {
+        stored(&late, "pub-3").is_some()
+    })
+    .await;
+    for p in [&b, &late] {
+        assert!(
+            stored(p, "priv-1").is_none(),
+            "{} got a private event",
+            p.peer_id()
+        );
+    }
+    assert!(stored(&a, "priv-2").is_none(), "a took in a private event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_follows_catch_up_and_stop_reports_every_peer_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Arc::new(builder(dir.path(), "a").build().expect("build"));
+    let seen = Recorder::new(
+        &a,
+        &[
+            NotificationKind::Status,
+            NotificationKind::PeerConnected,
+            NotificationKind::PeerDisconnected,
+        ],
+    );
+    a.start().await.expect("start");
+    let b = peer(dir.path(), "b").await;
+    b.broadcast(event("b", 1))
+        .await
+        .expect("stored, published to nobody");
+    let c = peer(dir.path(), "c").await;
+    link(&a, &b).await;
+    link(&a, &c).await;
+    wait_until(10, "a catches up", || keys(&a).len() == 1).await;
+    let statuses = || -> Vec<Status> {
+        seen.all()
+            .into_iter()
+            .filter_map(|n| match n {
+                Notification::Status(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    };
+    wait_until(10, "idle after the catch-up", || {
+        statuses().last() == Some(&Status::Idle)
+    })
+    .await;
+    let so_far = statuses();
+    assert_eq!(so_far.first(), Some(&Status::Connected), "{so_far:?}");
+    assert!(so_far.contains(&Status::Syncing), "{so_far:?}");
+
+    a.stop().await.expect("stop");
+    let gone: Vec<String> = seen
+        .all()
+        .into_iter()
+        .filter_map(|n| match n {
+            Notification::PeerDisconnected(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let mut expected = vec![b.local_peer_id().to_string(), c.local_peer_id().to_string()];
+    expected.sort();
+    let mut gone_sorted = gone.clone();
+    gone_sorted.sort();
+    assert_eq!(
+        gone_sorted, expected,
+        "each connected peer is reported gone once"
+    );
+}
