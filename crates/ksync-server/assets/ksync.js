@@ -29,8 +29,11 @@ const AUTH_PREFIX = 'ksync.auth.';
 const APIKEY_PREFIX = 'ksync.apikey.';
 // RFC 7230 token characters: what a Sec-WebSocket-Protocol entry may hold.
 const TOKEN_CHARS = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
-// Close codes after which reconnecting cannot help (docs/PROTOCOL.md, "Close codes").
-const FATAL_CLOSE_CODES = new Set([1003, 4000, 4001]);
+// Close codes after which reconnecting cannot help (docs/PROTOCOL.md, "Close codes"): a
+// client the server cannot read (1002, 1003, 1007, 4000), another protocol version (4001),
+// expired credentials (4401: the same token would be refused). The Rust client stops on the
+// same ones.
+const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 4000, 4001, 4401]);
 // Events per `publish` when the outbox is flushed after a reconnect.
 const RESEND_BATCH = 256;
 
@@ -52,6 +55,23 @@ export function protocolsFor(auth) {
     throw new TypeError('the credential must be non-empty and made of letters, digits and -._~+ (a JWT is)');
   }
   return [SUBPROTOCOL, entry];
+}
+
+/**
+ * When a JWT in `auth` expires (its `exp`, as a Date), or null: not a JWT, or no `exp`.
+ * Only read, never verified: the server decides; this spares it a token known to be stale.
+ */
+export function tokenExpiry(auth) {
+  if (!auth || auth.type === 'apikey' || auth.type === 'apiKey') return null;
+  const parts = String(auth.token ?? '').split('.');
+  if (parts.length !== 3) return null;
+  try {
+    const base64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(atob(base64.padEnd(Math.ceil(base64.length / 4) * 4, '=')));
+    return Number.isFinite(claims?.exp) ? new Date(claims.exp * 1000) : null;
+  } catch {
+    return null;
+  }
 }
 
 /** HTTP headers carrying `auth`, for `fetch` (which, unlike WebSocket, may set headers). */
@@ -149,6 +169,7 @@ async function inflateRaw(data) {
 export class WebSocketSyncClient extends Emitter {
   #url;
   #protocols;
+  #expiry;
   #options;
   #socket = null;
   #connected = false;
@@ -179,7 +200,7 @@ export class WebSocketSyncClient extends Emitter {
       reconnectDelay: { min: 250, max: 30000, ...(options.reconnectDelay ?? {}) },
       maxOutbox: options.maxOutbox ?? 10000,
     };
-    this.#protocols = protocolsFor(options.auth);
+    this.setAuth(options.auth);
     if (options.since !== undefined && options.since !== null) {
       if (!Number.isSafeInteger(options.since) || options.since < 0) throw new TypeError('since must be an integer >= 0');
       this.#cursor = options.since;
@@ -199,8 +220,21 @@ export class WebSocketSyncClient extends Emitter {
   get pending() { return this.#outbox.length + [...this.#inFlight.values()].reduce((n, items) => n + items.length, 0); }
 
   /**
+   * Replaces the credentials for the next connection (e.g. a fresh token after the server
+   * closed the connection with 4401, credentials expired); call `connect()` afterwards if the
+   * client stopped. The open connection, if any, goes on until the server closes it.
+   */
+  setAuth(auth) {
+    this.#protocols = protocolsFor(auth);
+    this.#expiry = tokenExpiry(auth);
+  }
+
+  /**
    * Connects and resolves on the server's `welcome`. When the first attempt fails it rejects,
    * and with `reconnect` the client keeps trying in the background (until `disconnect`).
+   * It stops (rejecting, with an `error` notification) on close codes that reconnecting
+   * cannot fix (1002, 1003, 1007, 4000, 4001, 4401) and, without trying, on a JWT whose `exp`
+   * has passed (code `token_expired`): bring fresh credentials with `setAuth`, then connect.
    */
   connect() {
     if (this.#connected) return Promise.resolve();
@@ -250,6 +284,12 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   #open() {
+    // A browser never sees the 401 of a refused upgrade (only a failed connection): a token
+    // known to be expired would be retried, and counted as a failed login, forever.
+    if (this.#expiry !== null && this.#expiry.getTime() <= Date.now()) {
+      this.#stop(new KSyncError('token_expired', `the token expired at ${this.#expiry.toISOString()}; setAuth() a fresh one`));
+      return;
+    }
     let socket;
     try {
       socket = new WebSocket(this.#url, this.#protocols);
@@ -408,16 +448,20 @@ export class WebSocketSyncClient extends Emitter {
       return;
     }
     if (FATAL_CLOSE_CODES.has(close.code)) {
-      const error = new KSyncError('closed', `server closed the connection: ${close.code} ${close.reason}`, { closeCode: close.code });
-      this.#stopped = true;
-      this.#settleWaiters(error);
-      this.emit('error', error);
+      this.#stop(new KSyncError('closed', `server closed the connection: ${close.code} ${close.reason}`, { closeCode: close.code }));
       return;
     }
     const reason = opened
       ? `connection closed (${close.code}${close.reason ? ` ${close.reason}` : ''})`
       : 'connection refused (server down, or credentials refused)';
     this.#failed(new KSyncError('connect', reason, { closeCode: close.code }));
+  }
+
+  /** Stops reconnecting: `error` rejects the waiting `connect()` calls and is notified once. */
+  #stop(error) {
+    this.#stopped = true;
+    this.#settleWaiters(error);
+    this.emit('error', error);
   }
 
   #failed(error) {
