@@ -659,17 +659,27 @@ impl GitSyncClient {
         // branch was reset: clone again"), so a clone must not start there; and what this
         // replica pushed before the reset may be gone from the server: send it again too.
         let pulled = self.cursor_key(branch, "pulled");
-        let head = info
-            .branches
-            .iter()
-            .find(|b| b.name == branch)
-            .map_or(0, |b| b.server_version);
-        if replica.cursor(&pulled)? > head {
+        let found = info.branches.iter().find(|b| b.name == branch);
+        let head = found.map_or(0, |b| b.server_version);
+        let log_id = found.and_then(|b| b.log_id.as_deref());
+        // Another branch log (the branch was made again) holds none of what we pushed to the
+        // old one, even once it has grown past our cursors.
+        let other_log = matches!(
+            (self.known_log(&replica, branch)?, log_id),
+            (Some(known), Some(now)) if known != now
+        );
+        if other_log || replica.cursor(&pulled)? > head {
             replica
                 .set_cursor(&self.cursor_key(branch, "pushed"), 0)
                 .await?;
         }
         replica.set_cursor(&pulled, 0).await?;
+        // Last: a crash before it leaves the old log named, and the next pull is refused
+        // again rather than resumed from a cursor of the old log.
+        replica
+            .storage()
+            .set_meta(&self.cursor_key(branch, "log"), log_id.unwrap_or(""))
+            .await?;
         self.pull_branch(&replica, branch).await
     }
 
@@ -746,12 +756,47 @@ impl GitSyncClient {
         }
     }
 
-    fn pull_url(&self, branch: &str, since: u64) -> String {
-        format!(
+    fn pull_url(&self, branch: &str, since: u64, log_id: Option<&str>) -> String {
+        let mut url = format!(
             "{}/branches/{branch}/events?since={since}&limit={}",
             self.url(),
             self.inner.page_size
-        )
+        );
+        // Ids as kSync makes them need no escaping; another service's odd ids go unchecked.
+        if let Some(log_id) = log_id.filter(|id| id.bytes().all(|b| b.is_ascii_alphanumeric())) {
+            url.push_str("&logId=");
+            url.push_str(log_id);
+        }
+        url
+    }
+
+    /// The branch log this replica's cursors of `branch` count in (`BranchInfo::log_id`, as
+    /// the service last named it), if known.
+    fn known_log(&self, replica: &Replica, branch: &str) -> Result<Option<String>, SyncError> {
+        let known = replica.storage().meta(&self.cursor_key(branch, "log"))?;
+        Ok(known.filter(|id| !id.is_empty()))
+    }
+
+    /// Records the branch log the service named (`seen`) when none was known: from then on
+    /// pulls and pushes name it, and the service refuses them (409 `branch_reset`) once the
+    /// branch is another log. A differing `seen` cannot come: the service refused already.
+    async fn learn_log(
+        &self,
+        replica: &Replica,
+        branch: &str,
+        known: &mut Option<String>,
+        seen: Option<&str>,
+    ) -> Result<(), SyncError> {
+        if known.is_none()
+            && let Some(seen) = seen
+        {
+            replica
+                .storage()
+                .set_meta(&self.cursor_key(branch, "log"), seen)
+                .await?;
+            *known = Some(seen.to_owned());
+        }
+        Ok(())
     }
 
     /// Fetches a pull page on its own task, so the next page travels while this one is stored.
@@ -759,9 +804,10 @@ impl GitSyncClient {
         &self,
         branch: &str,
         since: u64,
+        log_id: Option<&str>,
     ) -> tokio::task::JoinHandle<Result<PullResponse, SyncError>> {
         let http = self.inner.http.clone();
-        let url = self.pull_url(branch, since);
+        let url = self.pull_url(branch, since, log_id);
         tokio::spawn(async move { http.call(reqwest::Method::GET, url, None).await })
     }
 
@@ -774,8 +820,9 @@ impl GitSyncClient {
         let wants_sync = self.inner.notifier.wants(NotificationKind::Sync);
         // Pages requested ahead: the server encodes the next ones while this one is decoded
         // and stored. Positions follow the size of the first full page.
+        let mut known = self.known_log(replica, branch)?;
         let mut ahead = Prefetch::default();
-        ahead.push(since, self.fetch_page(branch, since));
+        ahead.push(since, self.fetch_page(branch, since, known.as_deref()));
         let mut step: Option<u64> = None;
         // The cursor over the last ingested page, written while the next page arrives.
         let mut unrecorded: Option<u64> = None;
@@ -791,7 +838,7 @@ impl GitSyncClient {
             let page = page?;
             if page.since != since {
                 return Err(GitError::Protocol {
-                    url: self.pull_url(branch, since),
+                    url: self.pull_url(branch, since, known.as_deref()),
                     reason: format!(
                         "asked for events after {since}, got a page after {}",
                         page.since
@@ -806,7 +853,7 @@ impl GitSyncClient {
                     if ahead.first() != Some(n) {
                         // Not where the pages requested ahead start: ask again from `n`.
                         ahead.cancel();
-                        ahead.push(n, self.fetch_page(branch, n));
+                        ahead.push(n, self.fetch_page(branch, n, known.as_deref()));
                     }
                     let step = *step.get_or_insert(count);
                     while ahead.len() < PULL_AHEAD {
@@ -814,17 +861,19 @@ impl GitSyncClient {
                         if at >= page.server_version {
                             break;
                         }
-                        ahead.push(at, self.fetch_page(branch, at));
+                        ahead.push(at, self.fetch_page(branch, at, known.as_deref()));
                     }
                 }
                 Some(n) => {
                     return Err(GitError::Protocol {
-                        url: self.pull_url(branch, since),
+                        url: self.pull_url(branch, since, known.as_deref()),
                         reason: format!("next page after {n}, expected {}", since + count),
                     }
                     .into_sync());
                 }
             }
+            self.learn_log(replica, branch, &mut known, page.log_id.as_deref())
+                .await?;
             let ingested = replica.ingest(page.events).await?;
             since += count;
             // After the events: a crash in between re-pulls the page, which deduplicates.
@@ -961,6 +1010,7 @@ impl GitSyncClient {
         let mut answered = false;
         // The pull cursor as this push moves it (it holds the op lock: nobody else does).
         let mut pulled = replica.cursor(&pulled_key)?;
+        let mut known = self.known_log(replica, branch)?;
         // At most one batch in flight while the next one is read and encoded. Batches are sent
         // one after the other, so the server applies them in log order.
         let mut in_flight: Option<InFlight> = None;
@@ -978,6 +1028,8 @@ impl GitSyncClient {
                 let before = result.pushed_events.len();
                 let settled = settle(previous, &mut pulled, &mut result).await?;
                 answered |= settled.answered;
+                self.learn_log(replica, branch, &mut known, settled.log_id.as_deref())
+                    .await?;
                 acknowledged = Some(settled);
                 // One `sync` per acknowledged batch (as a pull has one per page): a later
                 // batch that fails must not hide the ones the server took.
@@ -994,7 +1046,7 @@ impl GitSyncClient {
             }
             if !batch.events.is_empty() {
                 let http = self.inner.http.clone();
-                let body = push_body(pulled, &batch.json);
+                let body = push_body(pulled, known.as_deref(), &batch.json);
                 let target = url.clone();
                 in_flight = Some(InFlight {
                     answer: tokio::spawn(async move {
@@ -1085,6 +1137,7 @@ async fn settle(
             result.rejected_events.extend(batch.events);
             return Ok(Acknowledged {
                 end: batch.end,
+                log_id: None,
                 fast_forward_to: None,
                 answered: false,
             });
@@ -1113,6 +1166,7 @@ async fn settle(
     }
     Ok(Acknowledged {
         end: batch.end,
+        log_id: answer.log_id,
         fast_forward_to,
         answered: true,
     })
@@ -1150,6 +1204,8 @@ async fn record(
 struct Acknowledged {
     /// The push cursor.
     end: u64,
+    /// The branch log the service named.
+    log_id: Option<String>,
     /// The pull cursor, when the batch was a fast-forward.
     fast_forward_to: Option<u64>,
     /// Whether the service stored the batch (and told its version).
@@ -1312,10 +1368,15 @@ fn encode<B: Serialize + ?Sized>(url: &str, body: &B) -> Result<Vec<u8>, SyncErr
 
 /// A push body with its events already encoded: `baseVersion` is only known when the previous
 /// batch is answered, and the events are encoded while it is in flight.
-fn push_body(base_version: u64, events_json: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(events_json.len() + 40);
+fn push_body(base_version: u64, log_id: Option<&str>, events_json: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(events_json.len() + 80);
     body.extend_from_slice(b"{\"baseVersion\":");
     body.extend_from_slice(base_version.to_string().as_bytes());
+    if let Some(log_id) = log_id {
+        body.extend_from_slice(b",\"logId\":");
+        // A string always encodes.
+        let _ = serde_json::to_writer(&mut body, log_id);
+    }
     body.extend_from_slice(b",\"events\":");
     body.extend_from_slice(events_json);
     body.push(b'}');
@@ -1510,8 +1571,11 @@ mod tests {
         let events = vec![Event::new("a", "t", serde_json::json!({"x": 1}), 5)];
         let json = encode("u", &events).expect("encode");
         let request: crate::wire::PushRequest =
-            serde_json::from_slice(&push_body(42, &json)).expect("a valid PushRequest");
-        assert_eq!((request.base_version, request.events), (42, events));
+            serde_json::from_slice(&push_body(42, None, &json)).expect("a valid PushRequest");
+        assert_eq!((request.base_version, request.events), (42, events.clone()));
+        let request: crate::wire::PushRequest =
+            serde_json::from_slice(&push_body(7, Some("a\"1"), &json)).expect("with a log id");
+        assert_eq!(request.log_id.as_deref(), Some("a\"1"));
     }
 
     #[test]

@@ -123,6 +123,31 @@ type BranchLog = (Arc<dyn Storage>, ForkRecord);
 struct ForkRecord {
     forked_from: Option<String>,
     forked_at: Option<u64>,
+    /// The branch log's id (`BranchInfo::log_id`), made with the branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log_id: Option<String>,
+}
+
+/// A new branch log's id: random, so that a branch made again never takes an old one's.
+fn new_log_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// 409 `branch_reset` when the client's cursors count in another log than the branch's
+/// (`given`: the `logId` it sent). Without it a client whose branch was made again pulls from
+/// its old cursor, skipping the new branch's first events, once the branch has grown past it.
+fn check_log(branch: &Name, record: &ForkRecord, given: Option<&str>) -> Result<(), ApiError> {
+    match (given, record.log_id.as_deref()) {
+        (Some(given), Some(ours)) if given != ours => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "branch_reset",
+            format!(
+                "branch \"{branch}\" is another log ({ours}) than the one this client synced \
+                 with ({given}): it was reset or made again; clone it again"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 impl GitServer {
@@ -185,8 +210,12 @@ impl GitServer {
         if storage.meta(BRANCH_META)?.is_some() {
             return Ok(false);
         }
-        let record = serde_json::to_string(&ForkRecord::default())
-            .map_err(|e| StorageError::Codec(e.to_string()))?;
+        let record = ForkRecord {
+            log_id: Some(new_log_id()),
+            ..ForkRecord::default()
+        };
+        let record =
+            serde_json::to_string(&record).map_err(|e| StorageError::Codec(e.to_string()))?;
         storage.set_meta(BRANCH_META, &record).await?;
         Ok(true)
     }
@@ -381,6 +410,7 @@ fn info(name: &Name, storage: &dyn Storage, record: ForkRecord) -> BranchInfo {
         server_version: storage.len(),
         forked_from: record.forked_from,
         forked_at: record.forked_at,
+        log_id: record.log_id,
     }
 }
 
@@ -553,9 +583,11 @@ fn path_error(e: PathRejection) -> ApiError {
 }
 
 /// `?since=N&limit=M`, both optional non-negative integers.
-fn pull_query(query: Option<&str>) -> Result<(u64, Option<usize>), ApiError> {
+/// `since`, `limit` and `logId` of a pull.
+fn pull_query(query: Option<&str>) -> Result<(u64, Option<usize>, Option<String>), ApiError> {
     let mut since = 0;
     let mut limit = None;
+    let mut log_id = None;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let bad = || {
@@ -572,10 +604,12 @@ fn pull_query(query: Option<&str>) -> Result<(u64, Option<usize>), ApiError> {
                 limit = Some(value.parse().unwrap_or(usize::MAX));
             }
             "limit" => return Err(bad()),
+            // Ids are made of `[0-9a-f]`: nothing to decode.
+            "logId" => log_id = Some(value.to_owned()),
             _ => {}
         }
     }
-    Ok((since, limit))
+    Ok((since, limit, log_id))
 }
 
 type Handled = Result<Response, ApiError>;
@@ -721,6 +755,7 @@ async fn create_branch(
     let record = ForkRecord {
         forked_from: Some(from.to_string()),
         forked_at: Some(at),
+        log_id: Some(new_log_id()),
     };
     let raw = serde_json::to_string(&record).map_err(|e| ApiError::internal(e.to_string()))?;
     target.set_meta(BRANCH_META, &raw).await?;
@@ -735,9 +770,10 @@ async fn pull(
     req: Request,
 ) -> Handled {
     let (repo, branch) = branch_path(path)?;
-    let (since, limit) = pull_query(req.uri().query())?;
+    let (since, limit, log_id) = pull_query(req.uri().query())?;
     s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
-    let (storage, _) = s.existing_branch(&repo, &branch)?;
+    let (storage, record) = s.existing_branch(&repo, &branch)?;
+    check_log(&branch, &record, log_id.as_deref())?;
     let server_version = storage.len();
     if since > server_version {
         return Err(ApiError::new(
@@ -754,7 +790,13 @@ async fn pull(
         .clamp(1, s.inner.config.max_page);
     // No further than the version reported with the page, so the two agree.
     let count = usize::try_from(server_version - since).map_or(limit, |left| left.min(limit));
-    let json = pull_page(storage.as_ref(), since, count, server_version)?;
+    let json = pull_page(
+        storage.as_ref(),
+        since,
+        count,
+        server_version,
+        record.log_id.as_deref(),
+    )?;
     Ok(s.respond_json(StatusCode::OK, req.headers(), json))
 }
 
@@ -769,6 +811,7 @@ fn pull_page(
     since: u64,
     count: usize,
     server_version: u64,
+    log_id: Option<&str>,
 ) -> Result<Vec<u8>, ApiError> {
     // ~200-300 bytes per typical event; the Vec grows past a wrong guess.
     let mut json = Vec::with_capacity(count.min(ENCODE_SLICE * 16) * 256 + 96);
@@ -808,6 +851,12 @@ fn pull_page(
     } else {
         json.extend_from_slice(b"null");
     }
+    if let Some(log_id) = log_id {
+        json.extend_from_slice(b",\"logId\":");
+        // Escaped like any string (ids made here are hex; older records may hold anything).
+        serde_json::to_writer(&mut json, log_id)
+            .map_err(|e| ApiError::internal(format!("encoding the log id: {e}")))?;
+    }
     json.push(b'}');
     Ok(json)
 }
@@ -820,8 +869,9 @@ async fn push(
     let (repo, branch) = branch_path(path)?;
     let headers = req.headers().clone();
     s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
-    let (storage, _) = s.existing_branch(&repo, &branch)?;
+    let (storage, record) = s.existing_branch(&repo, &branch)?;
     let request: PushRequest = s.body(req).await?;
+    check_log(&branch, &record, request.log_id.as_deref())?;
     for (index, event) in request.events.iter().enumerate() {
         event.validate(&s.inner.config.event_limits).map_err(|e| {
             ApiError::new(
@@ -866,6 +916,7 @@ async fn push(
         duplicates: outcome.duplicates as u64,
         rejected,
         fast_forward_to,
+        log_id: record.log_id,
     };
     tracing::debug!(%repo, %branch, appended = body.appended, duplicates = body.duplicates,
         rejected = body.rejected.len(), "git: push");
@@ -963,7 +1014,7 @@ mod tests {
             .collect();
         storage.append(events.clone()).await.expect("append");
         for (since, count, next) in [(0, 2500, None), (10, 1200, Some(1210)), (2400, 500, None)] {
-            let body = pull_page(&storage, since, count, 2500).expect("encode");
+            let body = pull_page(&storage, since, count, 2500, Some("a\"b")).expect("encode");
             let page: crate::wire::PullResponse =
                 serde_json::from_slice(&body).expect("a PullResponse");
             let from = usize::try_from(since).expect("small");
@@ -973,8 +1024,9 @@ mod tests {
                 (page.since, page.server_version, page.next),
                 (since, 2500, next)
             );
+            assert_eq!(page.log_id.as_deref(), Some("a\"b"));
         }
-        let body = pull_page(&storage, 2500, 10, 2500).expect("encode");
+        let body = pull_page(&storage, 2500, 10, 2500, None).expect("encode");
         assert_eq!(
             body,
             br#"{"since":2500,"events":[],"serverVersion":2500,"next":null}"#
@@ -983,10 +1035,10 @@ mod tests {
 
     #[test]
     fn query_parsing() {
-        assert_eq!(pull_query(None).expect("ok"), (0, None));
+        assert_eq!(pull_query(None).expect("ok"), (0, None, None));
         assert_eq!(
-            pull_query(Some("since=5&limit=10&x=y")).expect("ok"),
-            (5, Some(10))
+            pull_query(Some("since=5&limit=10&x=y&logId=ab12")).expect("ok"),
+            (5, Some(10), Some("ab12".to_owned()))
         );
         assert!(pull_query(Some("since=-1")).is_err());
         assert!(pull_query(Some("limit=abc")).is_err());
@@ -994,7 +1046,7 @@ mod tests {
         assert!(pull_query(Some("limit=+5")).is_err());
         assert_eq!(
             pull_query(Some("limit=99999999999999999999999")).expect("capped later"),
-            (0, Some(usize::MAX))
+            (0, Some(usize::MAX), None)
         );
     }
 }

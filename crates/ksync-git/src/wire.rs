@@ -126,6 +126,10 @@ pub struct PushRequest {
     pub base_version: u64,
     /// The events, in the client's log order.
     pub events: Vec<Event>,
+    /// The branch log the client's `base_version` counts in (the `logId` of its last pull or
+    /// push). Another branch log is refused with 409 `branch_reset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<String>,
 }
 
 /// The answer to a push.
@@ -145,6 +149,9 @@ pub struct PushResponse {
     /// treat it as pulled up to this version (a fast-forward) without fetching its own events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fast_forward_to: Option<u64>,
+    /// Names the branch's log (see [`BranchInfo::log_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<String>,
 }
 
 /// One refused event of a push.
@@ -169,6 +176,9 @@ pub struct PullResponse {
     pub server_version: u64,
     /// The `since` of the next page, or `None` when this page reaches the end.
     pub next: Option<u64>,
+    /// Names the branch's log (see [`BranchInfo::log_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<String>,
 }
 
 /// A branch as the service describes it.
@@ -184,6 +194,13 @@ pub struct BranchInfo {
     /// The version of `forked_from` it was forked at: its first `forked_at` events are a copy
     /// of that prefix.
     pub forked_at: Option<u64>,
+    /// Names the branch's log: it stays the same for the branch's life (across restarts of a
+    /// durable service) and changes when the branch is another one (the repository was
+    /// deleted and made again, an in-memory service restarted). Versions count within one
+    /// log: a client's cursors mean nothing in another. Absent for branches made before it
+    /// existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<String>,
 }
 
 /// `GET /git/{repo}`: a repository and its branches.

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use ksync_core::{Event, PullPushClient, SyncClient};
-use ksync_git::GitError;
+use ksync_git::{GitError, GitSyncClient};
 use serde_json::{Value, json};
 
 use common::{branch_events, call, client, code, http, start};
@@ -191,12 +191,52 @@ async fn send_refuses_an_invalid_event_and_later_pushes_go_through() {
     assert_eq!(ids, ["first", "second"]);
 }
 
-/// The service says "the branch was reset or recreated; clone it again" (409
-/// `version_ahead`): cloning again must work. A clone pulls from 0 whatever the replica pulled
-/// before, and the replica's own events, which the reset server lost, are pushed again.
-#[tokio::test]
-async fn clone_again_recovers_from_a_reset_branch() {
-    use ksync_core::{InMemoryProvider, KSync, Storage};
+/// Serves a new in-memory service with repository `r` on `addr` (once the old one let go).
+async fn serve_again_on(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    use std::sync::Arc;
+    let mut bound = None;
+    for _ in 0..100 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                bound = Some(listener);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let listener = bound.expect("the address is free again");
+    let service = ksync_git::server::GitServer::new(
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        Arc::new(common::TestAuth),
+    );
+    service
+        .create_repo(&ksync_core::Name::new("r").expect("name"))
+        .await
+        .expect("repo");
+    let app = service.router();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .expect("serve");
+    })
+}
+
+/// A replica `a` over `storage` that pushed and pulled 3 events of its own to repository `r`
+/// of a server that then lost its data: `r` is served again, empty, on the same address, and
+/// replica `b` pushes `others` events to it. Returns the new server's task, `b`, and `a`
+/// opened again over its storage.
+async fn reset_with_others(
+    others: usize,
+) -> (
+    tokio::task::JoinHandle<()>,
+    GitSyncClient,
+    ksync_core::KSync<GitSyncClient>,
+    String,
+) {
+    use ksync_core::{KSync, Storage};
     use std::sync::Arc;
 
     let first = start(&["r"]).await;
@@ -220,50 +260,31 @@ async fn clone_again_recovers_from_a_reset_branch() {
     a.pull().await.expect("pull");
     drop(a);
 
-    // The server loses its data and comes back on the same address with one event of
-    // another replica.
     drop(first);
-    let mut bound = None;
-    for _ in 0..100 {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(listener) => {
-                bound = Some(listener);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-    let listener = bound.expect("the address is free again");
-    let service = ksync_git::server::GitServer::new(
-        Arc::new(InMemoryProvider::new()),
-        Arc::new(common::TestAuth),
-    );
-    service
-        .create_repo(&ksync_core::Name::new("r").expect("name"))
-        .await
-        .expect("repo");
-    let app = service.router();
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-        .expect("serve");
-    });
+    let task = serve_again_on(addr).await;
     let other = client(&url);
-    other
-        .send(Event::new("b", "t", json!("b"), 1))
-        .await
-        .expect("send");
+    for i in 0..others {
+        other
+            .send(Event::new(format!("b{i}"), "t", json!("b"), 1))
+            .await
+            .expect("send");
+    }
     other.push().await.expect("push");
-
     // The application restarts over its storage.
     let a = open(Arc::clone(&storage), url.clone()).await;
-    let err = a.pull().await.expect_err("the branch is behind the cursor");
+    (task, other, a, url)
+}
+
+/// The service says "the branch was reset or recreated; clone it again" (409): cloning again
+/// must work. A clone pulls from 0 whatever the replica pulled before, and the replica's own
+/// events, which the reset server lost, are pushed again.
+#[tokio::test]
+async fn clone_again_recovers_from_a_reset_branch() {
+    let (task, other, a, url) = reset_with_others(1).await;
+    let err = a.pull().await.expect_err("the branch is another log");
     assert_eq!(
         GitError::of(&err).and_then(GitError::code),
-        Some("version_ahead")
+        Some("branch_reset")
     );
     let cloned = a
         .client()
@@ -278,6 +299,45 @@ async fn clone_again_recovers_from_a_reset_branch() {
     let events = other.pull().await.expect("pull").new_events;
     assert_eq!(events.len(), 4, "a's events are on the server again");
     assert_eq!(a.state().expect("state").len(), 5);
+    task.abort();
+}
+
+/// The same once the new branch has grown past the replica's cursors: no `version_ahead` can
+/// tell then, the branch's `logId` does. Pulling from the old cursor would skip the new
+/// branch's first events, and pushing from the old push cursor would never send the replica's
+/// own events again.
+#[tokio::test]
+async fn a_reset_branch_that_grew_past_the_cursors_is_refused_until_cloned_again() {
+    let (task, other, a, url) = reset_with_others(8).await;
+    let err = a.pull().await.expect_err("the branch is another log");
+    assert_eq!(
+        GitError::of(&err).and_then(GitError::code),
+        Some("branch_reset")
+    );
+    a.emit("t", json!("after")).await.expect("emit");
+    let err = a.push().await.expect_err("pushing to another log");
+    assert_eq!(
+        GitError::of(&err).and_then(GitError::code),
+        Some("branch_reset")
+    );
+    let cloned = a
+        .client()
+        .clone_repo(&url, "main")
+        .await
+        .expect("clone again");
+    assert_eq!(cloned.new_events.len(), 8);
+    let pushed = a.push().await.expect("push");
+    assert_eq!(
+        pushed.pushed_events.len(),
+        4,
+        "a's 3 old events and the new one"
+    );
+    assert_eq!(other.pull().await.expect("pull").new_events.len(), 4);
+    assert_eq!(a.state().expect("state").len(), 12);
+    // From now on a syncs with the new branch as usual.
+    a.emit("t", json!("later")).await.expect("emit");
+    a.push().await.expect("push");
+    a.pull().await.expect("pull");
     task.abort();
 }
 
