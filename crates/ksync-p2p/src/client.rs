@@ -401,32 +401,86 @@ impl P2PSyncClient {
     /// Returns once stored and queued (waiting while the command queue is full). Before
     /// `start` the event is stored and [`P2PError::NotStarted`] returned; peers get it by
     /// catch-up later.
-    pub async fn broadcast(&self, event: Event) -> Result<(), P2PError> {
+    ///
+    /// As with the other transports' `send`: an event without `origin` is ours and gets our
+    /// replica id. Another replica's event (an application bridging it in) keeps its origin
+    /// and is taken in like a received one: one that collides with a stored revision is
+    /// settled by the conflict policy (a `conflict` notification) and the settling revision
+    /// is published instead. (No forward mark, unlike `Replica::record_forward`: catch-up
+    /// serves every stored event anyway, and a mark would make other clients of the same
+    /// replica send it too.)
+    pub async fn broadcast(&self, mut event: Event) -> Result<(), P2PError> {
         event.validate(&EventLimits::default())?;
+        let replica = self.replica();
+        let origin = event.origin.get_or_insert_with(|| replica.id().to_owned());
+        let ours = origin == replica.id();
         let bytes = serde_json::to_vec(&event)?;
         self.check_size(bytes.len())?;
-        let bytes = if self.shaping.is_noop() {
-            self.replica()
+        let copy = (!self.shaping.is_noop()).then(|| event.clone());
+        let mut settled = Vec::new();
+        // The common case (ours, or another's revision that collides with nothing) is one
+        // append; only a collision goes through the conflict settlement.
+        let collides = !ours
+            && replica
+                .storage()
+                .get(&event.id, event.version)
+                .map_err(|e| P2PError::Replica(e.into()))?
+                .is_some_and(|held| !held.event.same_content(&event));
+        if !collides {
+            replica
                 .record_local_seq(event)
                 .await
                 .map_err(P2PError::Replica)?;
-            bytes
         } else {
-            self.replica()
-                .record_local_seq(event.clone())
+            let ingested = replica
+                .ingest(vec![event])
                 .await
                 .map_err(P2PError::Replica)?;
-            let Some(wire) = self.shaping.outgoing(event)? else {
-                return Ok(());
-            };
-            let bytes = serde_json::to_vec(&wire)?;
-            self.check_size(bytes.len())?;
-            bytes
+            if !ingested.conflicts.is_empty() {
+                for conflict in ingested.conflicts {
+                    self.notifier.emit(Notification::Conflict(conflict));
+                }
+                settled = ingested.resolutions.into_iter().map(|s| s.event).collect();
+                if settled.is_empty() {
+                    // Superseded history: nothing new to tell the network.
+                    return Ok(());
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(1 + settled.len());
+        if settled.is_empty() {
+            match copy {
+                None => out.push(bytes),
+                Some(event) => out.extend(self.wire_form(event)?),
+            }
+        }
+        for event in settled {
+            out.extend(self.wire_form(event)?);
+        }
+        let sender = self.sender()?;
+        for bytes in out {
+            sender
+                .send(Command::Broadcast(bytes))
+                .await
+                .map_err(|_| P2PError::Stopped)?;
+        }
+        Ok(())
+    }
+
+    /// The encoded form of a stored event as this peer publishes it (after the outgoing
+    /// middleware and the filter; `None`: kept home).
+    fn wire_form(&self, event: Event) -> Result<Option<Vec<u8>>, P2PError> {
+        let wire = if self.shaping.is_noop() {
+            event
+        } else {
+            match self.shaping.outgoing(event)? {
+                Some(wire) => wire,
+                None => return Ok(None),
+            }
         };
-        self.sender()?
-            .send(Command::Broadcast(bytes))
-            .await
-            .map_err(|_| P2PError::Stopped)
+        let bytes = serde_json::to_vec(&wire)?;
+        self.check_size(bytes.len())?;
+        Ok(Some(bytes))
     }
 
     /// Connects to a peer: a peer id (`12D3Koo...`) whose address discovery knows or finds
