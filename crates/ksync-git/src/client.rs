@@ -538,9 +538,22 @@ impl GitSyncClient {
         let _op = self.inner.op.lock().await;
         let replica = self.replica();
         let url = format!("{}/merge", self.url());
+        // The merge's id is stored before it is sent and forgotten once its answer is settled
+        // here: a merge whose answer was lost is retried under the same id, and the service
+        // answers it again (its collisions are past the merge cursor, never reported again).
+        let merge_id_key = self.cursor_key(into_name.as_str(), &format!("merge-id.{from}"));
+        let merge_id = match replica.storage().meta(&merge_id_key)? {
+            Some(id) if !id.is_empty() => id,
+            _ => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                replica.storage().set_meta(&merge_id_key, &id).await?;
+                id
+            }
+        };
         let body = MergeRequest {
             into: into.to_owned(),
             from: from.to_owned(),
+            merge_id: Some(merge_id),
         };
         let response: MergeResponse = self
             .request(reqwest::Method::POST, &url, Some(&body))
@@ -596,6 +609,8 @@ impl GitSyncClient {
             segments.start(replica.storage().len() + 1, &head);
             self.save_segments(&replica, &segments).await?;
         }
+        // Settled (the resolutions are recorded and owed): the next merge is a new one.
+        replica.storage().set_meta(&merge_id_key, "").await?;
         if owes || !result.resolutions.is_empty() {
             let pushed = self.push_branch(&replica, into_name.as_str()).await?;
             replica.set_cursor(&owed, 0).await?;

@@ -21,8 +21,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use ksync_core::{
-    Access, AppendOutcome, AuthError, Authenticator, Credentials, EventLimits, Grant, LogName,
-    Name, ResourceKind, Storage, StorageError, StorageProvider,
+    Access, AppendOutcome, AuthError, Authenticator, Conflict, Credentials, EventLimits, Grant,
+    LogName, Name, ResourceKind, Storage, StorageError, StorageProvider,
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,56 @@ use crate::wire::{
 const BRANCH_META: &str = "git.branch";
 /// Metadata key prefix of `into`'s merge cursor per `from` branch.
 const MERGED_META_PREFIX: &str = "git.merged.";
+/// Prefix of the metadata key (in `into`'s log) of the last merge answer from a branch (see
+/// [`MergeAnswer`]).
+const MERGE_ANSWER_META_PREFIX: &str = "git.merge-answer.";
+
+/// The last merge of a pair of branches, kept so that a client that lost the answer and
+/// retries with the same `mergeId` gets it again: its collisions are past the merge cursor and
+/// would never be reported otherwise. Collisions are kept as keys; the revisions are read
+/// again from both logs when the answer is replayed.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MergeAnswer {
+    merge_id: String,
+    appended: u64,
+    duplicates: u64,
+    server_version: u64,
+    from_version: u64,
+    /// `(id, version)` of each colliding revision.
+    conflicts: Vec<(String, u64)>,
+}
+
+impl MergeAnswer {
+    /// The answer as it was given, from the revisions in `into` (ours) and `from` (theirs).
+    fn replay(&self, into: &dyn Storage, from: &dyn Storage) -> Result<MergeResponse, ApiError> {
+        let mut body = MergeResponse {
+            appended: self.appended,
+            duplicates: self.duplicates,
+            server_version: self.server_version,
+            from_version: self.from_version,
+            ..MergeResponse::default()
+        };
+        for (id, version) in &self.conflicts {
+            // Logs only grow: both revisions are still there.
+            let (Some(ours), Some(theirs)) = (into.get(id, *version)?, from.get(id, *version)?)
+            else {
+                continue;
+            };
+            let latest_version = into.latest(id)?.map_or(*version, |l| l.event.version);
+            body.conflicts.push(MergeConflict {
+                conflict: Conflict::concurrent_edit(ours.event, theirs.event),
+                latest_version,
+            });
+        }
+        Ok(body)
+    }
+}
+
+/// A `mergeId` as the protocol allows it.
+fn valid_merge_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
 /// Events copied or merged per storage append.
 const COPY_PAGE: usize = 10_000;
 
@@ -941,8 +991,27 @@ async fn merge(
             format!("cannot merge branch \"{into_name}\" into itself"),
         ));
     }
+    if let Some(id) = request.merge_id.as_deref()
+        && !valid_merge_id(id)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            "mergeId must be 1 to 64 letters, digits or '-'",
+        ));
+    }
     let (into, _) = s.existing_branch(&repo, &into_name)?;
     let (from, _) = s.existing_branch(&repo, &from_name)?;
+    let answer_key = format!("{MERGE_ANSWER_META_PREFIX}{from_name}");
+    if let Some(id) = request.merge_id.as_deref()
+        && let Some(raw) = into.meta(&answer_key)?
+        && let Ok(last) = serde_json::from_str::<MergeAnswer>(&raw)
+        && last.merge_id == id
+    {
+        tracing::info!(%repo, into = %into_name, from = %from_name, "git: merge answered again");
+        let body = last.replay(into.as_ref(), from.as_ref())?;
+        return Ok(s.respond(StatusCode::OK, &headers, &body));
+    }
     let cursor_key = format!("{MERGED_META_PREFIX}{from_name}");
     let mut cursor: u64 = into
         .meta(&cursor_key)?
@@ -972,11 +1041,29 @@ async fn merge(
             });
         }
     }
+    body.server_version = into.len();
+    body.from_version = cursor;
+    // Before the cursor moves past the collisions: a crash in between leaves them to be
+    // reported again by the next merge, never by none.
+    if let Some(merge_id) = request.merge_id {
+        let answer = MergeAnswer {
+            merge_id,
+            appended: body.appended,
+            duplicates: body.duplicates,
+            server_version: body.server_version,
+            from_version: body.from_version,
+            conflicts: body
+                .conflicts
+                .iter()
+                .map(|c| (c.conflict.theirs.id.clone(), c.conflict.theirs.version))
+                .collect(),
+        };
+        let raw = serde_json::to_string(&answer).map_err(|e| ApiError::internal(e.to_string()))?;
+        into.set_meta(&answer_key, &raw).await?;
+    }
     // The cursor is recorded after the events: a merge cut short is redone, and the redone part
     // deduplicates.
     into.set_meta(&cursor_key, &cursor.to_string()).await?;
-    body.server_version = into.len();
-    body.from_version = cursor;
     tracing::info!(%repo, into = %into_name, from = %from_name, appended = body.appended,
         conflicts = body.conflicts.len(), "git: merge");
     Ok(s.respond(StatusCode::OK, &headers, &body))

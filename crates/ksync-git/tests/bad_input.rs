@@ -119,6 +119,19 @@ async fn malformed_requests_are_400_and_store_nothing() {
     )
     .await;
     assert_eq!((status, code(&reply)), (400, "same_branch"));
+    // A merge id is stored under the pair's key: only letters, digits and '-', at most 64.
+    for merge_id in [json!(""), json!("../x"), json!("a".repeat(65)), json!(5)] {
+        let (status, reply) = call(
+            http.post(server.url("/git/r/merge"))
+                .json(&json!({"into": "main", "from": "main2", "mergeId": merge_id})),
+        )
+        .await;
+        assert_eq!(
+            (status, code(&reply)),
+            (400, "malformed_body"),
+            "{merge_id}"
+        );
+    }
     assert!(branch_events(&server, "r", "main").is_empty());
 }
 

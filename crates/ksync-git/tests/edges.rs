@@ -902,6 +902,69 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
     task.abort();
 }
 
+/// A merge whose answer is lost (the service merged, the client got an error): its collisions
+/// are past the service's merge cursor. The same merge retried gets them again (same
+/// `mergeId`), settles them and pushes the resolutions, so both branches' replicas converge.
+#[tokio::test]
+async fn a_merge_whose_answer_was_lost_reports_its_collisions_when_retried() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use axum::extract::Request;
+    use axum::middleware::Next;
+    use axum::response::IntoResponse;
+    use ksync_core::InMemoryProvider;
+
+    let provider = Arc::new(InMemoryProvider::new());
+    let service = ksync_git::server::GitServer::new(
+        Arc::clone(&provider) as Arc<dyn ksync_core::StorageProvider>,
+        Arc::new(common::TestAuth),
+    );
+    service
+        .create_repo(&ksync_core::Name::new("r").expect("name"))
+        .await
+        .expect("repo");
+    // While armed, a merge is carried out and its answer replaced by a 502 (a proxy that
+    // lost the connection to the service after forwarding the request).
+    let armed = Arc::new(AtomicBool::new(false));
+    let lose = {
+        let armed = Arc::clone(&armed);
+        move |req: Request, next: Next| {
+            let armed = Arc::clone(&armed);
+            async move {
+                let merge = req.uri().path().ends_with("/merge");
+                let answer = next.run(req).await;
+                if merge && armed.load(Ordering::SeqCst) {
+                    return axum::http::StatusCode::BAD_GATEWAY.into_response();
+                }
+                answer
+            }
+        }
+    };
+    let (addr, task) = serve(service.router().layer(axum::middleware::from_fn(lose))).await;
+    let url = format!("http://{addr}/git/r");
+    let (a, b) = colliding_edits(&url, "feature text", "main text").await;
+
+    armed.store(true, Ordering::SeqCst);
+    let err = a
+        .client()
+        .merge("main", "feature")
+        .await
+        .expect_err("the answer was lost");
+    assert_eq!(GitError::of(&err).and_then(GitError::status), Some(502));
+
+    armed.store(false, Ordering::SeqCst);
+    let again = a.client().merge("main", "feature").await.expect("merge");
+    assert_eq!(again.conflicts.len(), 1, "the lost answer's collision");
+    assert_eq!(again.resolutions.len(), 1);
+    b.pull().await.expect("pull");
+    assert_eq!(b.state().expect("state")["doc"].data, json!("feature text"));
+    // Settled: the next merge is a new one, with nothing to report.
+    let third = a.client().merge("main", "feature").await.expect("merge");
+    assert_eq!((third.conflicts.len(), third.resolutions.len()), (0, 0));
+    task.abort();
+}
+
 /// The spec's statuses (`connected`, `syncing`, `idle`, `error`), each change reported once
 /// and in order: connect, a pull, a push, a merge, clones, a pull of a missing branch, a
 /// failed connect.
