@@ -91,3 +91,41 @@ async fn the_relay_sees_only_ciphertext() {
     }
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_empty_payloads_round_trip_encrypted() {
+    let relay = TestRelay::start().await;
+    let url = relay.url("sizes");
+    let cipher = FieldCipher::from_key([5; 32]);
+    let (alice, bob) = (replica(&url).await, replica(&url).await);
+    with_cipher(&alice, &cipher);
+    with_cipher(&bob, &cipher);
+    alice.connect().await.expect("connect");
+    bob.connect().await.expect("connect");
+
+    // 600 KiB of text becomes about 800 KiB of base64: still under the relay's 1 MiB.
+    let large = json!({"blob": "x".repeat(600 * 1024), "n": 1});
+    let mut sent = Vec::new();
+    for data in [json!(null), json!({}), json!(""), json!([]), large] {
+        sent.push(alice.emit("user_data", data).await.expect("emit"));
+    }
+    until(|| {
+        let state = bob.state().expect("state");
+        sent.iter().all(|e| state.contains_key(&e.id))
+    })
+    .await;
+    let (at_bob, room) = (bob.state().expect("state"), relay.room("sizes"));
+    for event in &sent {
+        assert_eq!(&at_bob[&event.id], event);
+        let stored = room.get(&event.id, 1).expect("read").expect("stored");
+        assert!(
+            FieldCipher::is_encrypted(&stored.event.data),
+            "{}",
+            event.id
+        );
+    }
+
+    alice.disconnect().await.expect("disconnect");
+    bob.disconnect().await.expect("disconnect");
+    relay.stop().await;
+}
