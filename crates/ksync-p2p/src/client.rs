@@ -25,6 +25,7 @@ use crate::error::P2PError;
 use crate::identity;
 use crate::node::{self, Command, Node, Shared, Target};
 use crate::shaping::Shaping;
+use crate::wire::RESPONSE_BUDGET;
 
 /// Counters of one client since it was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -122,7 +123,9 @@ impl P2PSyncClientBuilder {
         self
     }
 
-    /// Largest event (JSON-encoded bytes) sent or accepted. Default 64 KiB.
+    /// Largest event (JSON-encoded bytes) sent or accepted. Default 64 KiB; at least 1 and
+    /// at most 8 MiB (what one catch-up answer carries: a larger event could be broadcast but
+    /// never caught up on).
     pub fn max_event_bytes(mut self, max: usize) -> Self {
         self.opts.max_event_bytes = max;
         self
@@ -173,6 +176,12 @@ impl P2PSyncClientBuilder {
             return Err(P2PError::Config(
                 "command_capacity must be at least 1".into(),
             ));
+        }
+        if opts.max_event_bytes == 0 || opts.max_event_bytes > RESPONSE_BUDGET {
+            return Err(P2PError::Config(format!(
+                "max_event_bytes must be between 1 and {RESPONSE_BUDGET} (one catch-up answer), got {}",
+                opts.max_event_bytes
+            )));
         }
         if opts.max_peers == 0 {
             return Err(P2PError::Config("max_peers must be at least 1".into()));
@@ -637,6 +646,14 @@ mod tests {
             .key_dir(dir.path())
             .build()
             .expect("builds");
+        for max in [0, RESPONSE_BUDGET + 1] {
+            let err = P2PSyncClient::builder("a", DiscoveryMethod::Manual)
+                .key_dir(dir.path())
+                .max_event_bytes(max)
+                .build()
+                .expect_err("out of range");
+            assert!(matches!(err, P2PError::Config(_)), "{err:?}");
+        }
         assert_eq!(client.peer_id(), "a");
         assert!(client.key_path().exists());
         assert!(client.listen_addrs().is_empty());

@@ -118,3 +118,28 @@ async fn a_peer_restarted_on_its_log_file_resumes() {
     assert!(told.all_once());
     assert_eq!(keys(&a), keys(&b));
 }
+
+/// The largest `max_event_bytes` the builder takes is one a late peer can still catch up on
+/// (larger values were accepted, and such events were broadcast but never caught up on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_the_largest_allowed_size_is_caught_up_on() {
+    const MAX: usize = 8 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big_peer = |name: &str| {
+        builder(dir.path(), name)
+            .max_event_bytes(MAX)
+            .build()
+            .expect("the largest allowed size")
+    };
+    let too_big = builder(dir.path(), "x").max_event_bytes(MAX + 1).build();
+    assert!(matches!(too_big, Err(ksync_p2p::P2PError::Config(_))));
+    let a = Arc::new(big_peer("a"));
+    a.start().await.expect("start");
+    let data = json!("x".repeat(MAX - 200));
+    let big = Event::new("big", "t", data, 1).with_origin("a");
+    a.broadcast(big).await.expect("stored");
+    let b = Arc::new(big_peer("b"));
+    b.start().await.expect("start");
+    link(&b, &a).await;
+    wait_until(20, "b catches up on the big event", || keys(&b).len() == 1).await;
+}
