@@ -100,11 +100,24 @@ impl Filter {
         Filter::Predicate(Arc::new(f))
     }
 
-    /// Whether `event` passes.
+    /// Whether `event` passes. A predicate that panics holds the event back (`false`, logged
+    /// at `error`): transports call this on their own tasks, which a panic would end.
     pub fn allows(&self, event: &Event) -> bool {
+        self.check(event).unwrap_or_else(|error| {
+            tracing::error!(id = %event.id, %error, "filter failed; the event is held back");
+            false
+        })
+    }
+
+    /// Whether `event` passes; a predicate that panics is [`MiddlewareError::Panicked`].
+    pub fn check(&self, event: &Event) -> Result<bool, MiddlewareError> {
         match self {
-            Filter::Predicate(f) => f(event),
-            Filter::PublicOnly => !event.data.get("private").is_some_and(truthy),
+            Filter::Predicate(f) => std::panic::catch_unwind(AssertUnwindSafe(|| f(event)))
+                .map_err(|payload| MiddlewareError::Panicked {
+                    name: "filter".to_owned(),
+                    message: panic_message(payload.as_ref()),
+                }),
+            Filter::PublicOnly => Ok(!event.data.get("private").is_some_and(truthy)),
         }
     }
 }
@@ -141,7 +154,7 @@ impl FromStr for Filter {
 
 impl Middleware for Filter {
     fn process(&self, event: Event) -> Result<Option<Event>, MiddlewareError> {
-        Ok(self.allows(&event).then_some(event))
+        Ok(self.check(&event)?.then_some(event))
     }
 
     fn name(&self) -> &str {
@@ -326,5 +339,17 @@ mod tests {
             .run(Direction::Outgoing, Event::new("1", "t", json!(null), 1))
             .expect_err("panicked");
         assert_eq!(err.to_string(), "middleware closure panicked: <no message>");
+
+        let filter = Filter::predicate(|e| {
+            assert!(e.id != "bad", "no bad ids");
+            true
+        });
+        let bad = Event::new("bad", "t", json!(null), 1);
+        assert!(!filter.allows(&bad), "held back");
+        assert!(filter.allows(&Event::new("good", "t", json!(null), 1)));
+        assert!(matches!(
+            filter.process(bad),
+            Err(MiddlewareError::Panicked { ref name, ref message }) if name == "filter" && message == "no bad ids"
+        ));
     }
 }
