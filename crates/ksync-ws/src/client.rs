@@ -827,9 +827,11 @@ impl Cursors {
 /// A room log's id (`welcome.logId`, any string) as a non-zero number for the replica's cursor
 /// store (FNV-1a: stable across runs and platforms).
 fn log_fingerprint(log_id: &str) -> u64 {
-    let hash = log_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = log_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
     hash.max(1)
 }
 
@@ -1366,7 +1368,11 @@ impl Session {
         }
         // A first log, or cursors still at the start: nothing to reset.
         let reset = if self.known_log != 0 && (self.room_cursor > 0 || self.acked_upto > 0) {
-            dlog!(self.debug(), log_id, "the room's log changed: syncing again");
+            dlog!(
+                self.debug(),
+                log_id,
+                "the room's log changed: syncing again"
+            );
             Err(self.room_reset().await?)
         } else {
             Ok(())

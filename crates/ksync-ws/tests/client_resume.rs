@@ -154,7 +154,12 @@ async fn restart_on(server: Server, open: impl FnOnce() -> Arc<dyn StorageProvid
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .expect("same port");
-    serve_on(listener, RelayConfig::default(), provider, Arc::new(AllowAll))
+    serve_on(
+        listener,
+        RelayConfig::default(),
+        provider,
+        Arc::new(AllowAll),
+    )
 }
 
 /// The room comes back empty (another in-memory server on the same address) and has grown

@@ -38,7 +38,8 @@ impl Storage for GatedStorage {
         Box::pin(async move {
             // Every append waits once, as a durable one does.
             self.appends.fetch_add(1, Ordering::SeqCst);
-            self.largest_append.fetch_max(events.len(), Ordering::SeqCst);
+            self.largest_append
+                .fetch_max(events.len(), Ordering::SeqCst);
             tokio::task::yield_now().await;
             while !self.open.load(Ordering::SeqCst) {
                 let opened = self.opened.notified();
@@ -1298,7 +1299,9 @@ async fn a_room_queues_publishes_only_up_to_its_byte_budget() {
     let (mut sink, mut acks) = publisher.split();
     // The first append waits once: from then on the room commits from its queue.
     let first = json!({"type":"publish","ref":0,"events":[event("warm", 1)]});
-    sink.send(Message::text(first.to_string())).await.expect("send");
+    sink.send(Message::text(first.to_string()))
+        .await
+        .expect("send");
     let ack = acks.next().await.expect("open").expect("ok");
     assert!(ack.to_text().expect("text").contains("stored"), "{ack:?}");
     provider.close_gate();

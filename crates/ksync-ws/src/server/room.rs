@@ -15,8 +15,8 @@ use bytes::Bytes;
 use ksync_core::{AppendOutcome, Event, LogName, Name, Storage, StorageProvider, Stored};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 
-use super::{RelayActivity, RelayConfig};
 use super::outbox::{Outbox, Refused};
+use super::{RelayActivity, RelayConfig};
 
 use crate::protocol::{self, PublishResult, ServerMessage, close};
 
@@ -505,9 +505,7 @@ impl Room {
 /// The room's task: runs the queued commands, in order, each under the room's lock, until
 /// shutdown or until the room is idle: no subscriber, nothing queued (see [`Room::close_idle`]).
 async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>, store_log_id: bool) {
-    if store_log_id
-        && let Err(e) = shared.storage.set_meta(LOG_ID_KEY, &shared.log_id).await
-    {
+    if store_log_id && let Err(e) = shared.storage.set_meta(LOG_ID_KEY, &shared.log_id).await {
         tracing::warn!(error = %e, "storing the room log's id failed");
     }
     let mut deferred: Option<RoomCommand> = None;
