@@ -373,6 +373,11 @@ impl Middleware for Encrypt {
 /// Events of a selected type with plain `data` fail ([`Error::NotEncrypted`]) rather than pass:
 /// accepting them would let anyone who can send events bypass the encryption. Wrong keys and
 /// tampering fail with [`Error::Decrypt`].
+///
+/// A client reports a refused event (an `error` notification), does not store it, and moves
+/// past it, so one undecryptable event cannot stall the stream. A replica that ran with a
+/// wrong key therefore does not read those events again once given the right one; it reads
+/// the room from the start only on a fresh storage.
 #[derive(Debug, Clone)]
 pub struct Decrypt {
     cipher: FieldCipher,

@@ -4,7 +4,9 @@
 
 mod common;
 
-use ksync_core::{Direction, KSync};
+use std::sync::Arc;
+
+use ksync_core::{Direction, InMemoryStorage, KSync, Storage};
 use ksync_middleware::{Decrypt, Encrypt, FieldCipher, Tap};
 use ksync_ws::WebSocketSyncClient;
 use serde_json::json;
@@ -124,6 +126,59 @@ async fn large_and_empty_payloads_round_trip_encrypted() {
             event.id
         );
     }
+
+    alice.disconnect().await.expect("disconnect");
+    bob.disconnect().await.expect("disconnect");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_given_the_right_key_later_does_not_read_back_what_it_skipped() {
+    let relay = TestRelay::start().await;
+    let url = relay.url("rekeyed");
+    let cipher = FieldCipher::from_key([21; 32]);
+    let alice = replica(&url).await;
+    with_cipher(&alice, &cipher);
+    alice.connect().await.expect("connect");
+    let secret = alice
+        .emit("user_data", json!({"pin": "0000"}))
+        .await
+        .expect("emit");
+
+    // Bob first runs with a wrong key: the secret is refused and not stored.
+    let storage = Arc::new(InMemoryStorage::new());
+    let bob_with = |cipher: FieldCipher| {
+        let (storage, url) = (Arc::clone(&storage), url.clone());
+        async move {
+            let bob = KSync::builder()
+                .storage(storage as Arc<dyn Storage>)
+                .sync_client(Arc::new(
+                    WebSocketSyncClient::new(url.as_str()).expect("client"),
+                ))
+                .build()
+                .await
+                .expect("ksync");
+            with_cipher(&bob, &cipher);
+            bob
+        }
+    };
+    let bob = bob_with(FieldCipher::from_key([22; 32])).await;
+    let mut notes = bob.notifications();
+    bob.connect().await.expect("connect");
+    assert!(next_error(&mut notes).await.contains("decryption failed"));
+    assert!(!bob.state().expect("state").contains_key(&secret.id));
+    bob.disconnect().await.expect("disconnect");
+    drop(bob);
+
+    // With the right key, later events arrive; the skipped one does not come back.
+    let bob = bob_with(cipher).await;
+    bob.connect().await.expect("connect");
+    let later = alice
+        .emit("user_data", json!({"pin": "1111"}))
+        .await
+        .expect("emit");
+    until(|| bob.state().expect("state").contains_key(&later.id)).await;
+    assert!(!bob.state().expect("state").contains_key(&secret.id));
 
     alice.disconnect().await.expect("disconnect");
     bob.disconnect().await.expect("disconnect");
