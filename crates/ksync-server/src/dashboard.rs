@@ -157,18 +157,12 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
 }
 
 fn refuse(status: StatusCode, message: &str) -> Response {
-    let mut response = (
+    (
         status,
         [(header::CONTENT_TYPE, "application/json")],
         json!({ "error": message }).to_string(),
     )
-        .into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    response
+        .into_response()
 }
 
 fn auth_refusal(error: &AuthError) -> Response {
@@ -177,7 +171,28 @@ fn auth_refusal(error: &AuthError) -> Response {
         AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::UNAUTHORIZED,
     };
-    refuse(status, &error.to_string())
+    let mut response = refuse(status, &error.to_string());
+    // RFC 9110 11.6.1: every 401 carries a challenge.
+    if let Some(challenge) = error
+        .www_authenticate()
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    response
+}
+
+/// Resolves when credentials valid until `at` expire (never for `None`).
+async fn credentials_expiry(at: Option<SystemTime>) {
+    match at {
+        Some(at) => {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Decrements the monitor count when a monitor (or a refused upgrade) ends.
@@ -381,12 +396,18 @@ impl Feed {
         self.send_stats(tail).await?;
         let shutting_down = relay.shutting_down();
         tokio::pin!(shutting_down);
+        // A feed must not outlive its credentials (a JWT's `exp`), as relay connections.
+        let expired = credentials_expiry(self.grant.expires_at);
+        tokio::pin!(expired);
         let mut ticks =
             tokio::time::interval_at(tokio::time::Instant::now() + STATS_INTERVAL, STATS_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = &mut shutting_down => return Ok((close::GOING_AWAY, "server shutting down")),
+                () = &mut expired => {
+                    return Ok((close::CREDENTIALS_EXPIRED, "credentials expired"));
+                }
                 _ = ticks.tick() => self.send_stats(tail).await?,
                 item = activity.recv() => match item {
                     Ok(RelayActivity::Connected(info)) => self.send_client("joined", &info).await?,

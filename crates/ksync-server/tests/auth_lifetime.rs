@@ -1,5 +1,5 @@
-//! Credentials against the composed server on 127.0.0.1:0: a WebSocket does not outlive its
-//! JWT (close 4401), every 401 carries a `WWW-Authenticate` challenge (WebSocket upgrade and
+//! Credentials against the composed server on 127.0.0.1:0: a WebSocket (relay or monitor
+//! feed) does not outlive its JWT (close 4401), every 401 carries a `WWW-Authenticate` challenge (WebSocket upgrade and
 //! repository service alike), and the failure limiter's 0 means "no limit".
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
@@ -83,8 +83,9 @@ async fn hello(ws: &mut Ws) {
 
 /// The close frame's code, skipping data frames; panics after 10 s.
 async fn close_code(ws: &mut Ws) -> u16 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        let frame = tokio::time::timeout_at(deadline, ws.next())
             .await
             .expect("closed within 10 s");
         match frame {
@@ -132,7 +133,18 @@ async fn a_websocket_is_closed_with_4401_when_its_jwt_expires() {
     let mut keyed = connect(&url, Some(("x-api-key", KEY))).await.unwrap();
     hello(&mut keyed).await;
 
+    // The monitor feed, opened with the same token, ends with it too.
+    let monitor_url = format!("ws://{addr}/monitor");
+    let mut monitor = connect(
+        &monitor_url,
+        Some(("authorization", &format!("Bearer {short}"))),
+    )
+    .await
+    .unwrap();
+    hello(&mut monitor).await;
+
     assert_eq!(close_code(&mut expiring).await, 4401);
+    assert_eq!(close_code(&mut monitor).await, 4401);
     // The same token cannot open a new connection, ...
     let (status, challenge) =
         refusal(connect(&url, Some(("authorization", &format!("Bearer {short}")))).await);
@@ -181,6 +193,29 @@ async fn every_401_carries_a_www_authenticate_challenge() {
     assert!(!challenge.contains("k-wrong-9"), "{challenge}");
     let (status, challenge) =
         refusal(connect(&url, Some(("authorization", &format!("Bearer {expired}")))).await);
+    assert_eq!(status, 401);
+    assert!(
+        challenge
+            .unwrap()
+            .contains(r#"error_description="token expired""#)
+    );
+
+    // The monitor feed, plain GET and upgrade alike.
+    let monitor = reqwest::get(format!("http://{addr}/monitor"))
+        .await
+        .unwrap();
+    assert_eq!(monitor.status(), 401);
+    assert_eq!(
+        monitor.headers().get("www-authenticate").unwrap(),
+        r#"Bearer realm="ksync""#
+    );
+    let (status, challenge) = refusal(
+        connect(
+            &format!("ws://{addr}/monitor"),
+            Some(("authorization", &format!("Bearer {expired}"))),
+        )
+        .await,
+    );
     assert_eq!(status, 401);
     assert!(
         challenge
