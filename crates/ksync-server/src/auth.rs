@@ -233,8 +233,10 @@ impl ServerAuthenticator {
 
     fn check(&self, credentials: &Credentials) -> Result<Grant, AuthError> {
         if let Some(bearer) = credentials.bearer.as_deref() {
-            // An API key sent as a bearer token (clients that only know `Authorization`).
-            if !bearer.contains('.') && !self.api_keys.is_empty() {
+            // An API key sent as a bearer token (clients that only know `Authorization`):
+            // whatever is not a JWT (a header that decodes) is one, dots or not (keys like
+            // `team.ci.k3y` were read as malformed JWTs).
+            if !self.api_keys.is_empty() && jsonwebtoken::decode_header(bearer).is_err() {
                 return self.check_api_key(bearer);
             }
             return self.check_jwt(bearer);

@@ -1,6 +1,7 @@
 //! Credentials against the composed server on 127.0.0.1:0: a WebSocket (relay or monitor
 //! feed) does not outlive its JWT (close 4401), every 401 carries a `WWW-Authenticate` challenge (WebSocket upgrade and
-//! repository service alike), and the failure limiter's 0 means "no limit".
+//! repository service alike), the failure limiter's 0 means "no limit", and an API key works
+//! as a bearer token whatever its characters.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::net::SocketAddr;
@@ -288,6 +289,52 @@ async fn max_failures_zero_means_no_limit() {
     assert!(
         metrics.contains("ksync_auth_rate_limited_total 0"),
         "{metrics}"
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_api_key_with_dots_works_as_a_bearer_token() {
+    const DOTTED: &str = "team.ci-bot.k3y";
+    let mut config = auth(100);
+    config.api_keys.push(ApiKey::new("dotted", DOTTED));
+    let running = Server::bind(self::config(config)).await.unwrap();
+    let addr = running.local_addr();
+    let bearer = format!("Bearer {DOTTED}");
+    let mut ws = connect(
+        &format!("ws://{addr}/ws/lobby"),
+        Some(("authorization", &bearer)),
+    )
+    .await
+    .unwrap();
+    hello(&mut ws).await;
+    let created = reqwest::Client::new()
+        .put(format!("http://{addr}/git/notes"))
+        .bearer_auth(DOTTED)
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{}", created.status());
+    // A JWT is still read as one, and a wrong dotted key is still refused.
+    let jwt = token(&json!({"exp": get_current_timestamp() + 60}));
+    assert!(
+        connect(
+            &format!("ws://{addr}/ws/lobby"),
+            Some(("authorization", &format!("Bearer {jwt}")))
+        )
+        .await
+        .is_ok()
+    );
+    assert_eq!(
+        refusal(
+            connect(
+                &format!("ws://{addr}/ws/lobby"),
+                Some(("authorization", "Bearer team.ci-bot.wrong"))
+            )
+            .await
+        )
+        .0,
+        401
     );
     running.shutdown().await.unwrap();
 }
