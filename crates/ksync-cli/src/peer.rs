@@ -64,7 +64,8 @@ pub struct PeerArgs {
     #[arg(long, env = "KSYNC_LOG_FILE")]
     log_file: Option<PathBuf>,
 
-    /// Connect to this peer: a multiaddr, or a peer id discovery can resolve; repeatable.
+    /// Connect to this peer: a multiaddr, a libp2p peer id discovery can resolve, or the
+    /// --id of a peer already met (e.g. found by mDNS); repeatable.
     #[arg(long)]
     connect: Vec<String>,
 

@@ -492,9 +492,11 @@ impl P2PSyncClient {
         Ok(Some(bytes))
     }
 
-    /// Connects to a peer: a peer id (`12D3Koo...`) whose address discovery knows or finds
-    /// (mDNS, Kademlia lookup), or a full multiaddr (`/ip4/1.2.3.4/tcp/9000/p2p/12D3Koo...`).
-    /// Returns the connected peer's id.
+    /// Connects to a peer (the spec's `connectToPeer(peerId)`): the spec's `peerId` of a peer
+    /// this node has met (peers announce it when they connect; discovery connects to the
+    /// peers it finds), a libp2p peer id (`12D3Koo...`) whose address discovery knows or
+    /// finds (mDNS, Kademlia lookup), or a full multiaddr
+    /// (`/ip4/1.2.3.4/tcp/9000/p2p/12D3Koo...`). Returns the connected peer's libp2p id.
     pub async fn connect_to_peer(&self, target: &str) -> Result<PeerId, P2PError> {
         let target = parse_target(target)?;
         let (reply, answer) = oneshot::channel();
@@ -575,10 +577,11 @@ fn parse_target(target: &str) -> Result<Target, P2PError> {
             .map(Target::Addr)
             .map_err(|_| P2PError::InvalidTarget(target.to_owned()))
     } else {
-        target
-            .parse::<PeerId>()
-            .map(Target::Peer)
-            .map_err(|_| P2PError::InvalidTarget(target.to_owned()))
+        match target.parse::<PeerId>() {
+            Ok(peer) => Ok(Target::Peer(peer)),
+            Err(_) if Name::new(target).is_ok() => Ok(Target::Name(target.to_owned())),
+            Err(_) => Err(P2PError::InvalidTarget(target.to_owned())),
+        }
     }
 }
 
@@ -620,6 +623,10 @@ mod tests {
         ));
         assert!(matches!(
             parse_target("peer-123"),
+            Ok(Target::Name(n)) if n == "peer-123"
+        ));
+        assert!(matches!(
+            parse_target("not a name"),
             Err(P2PError::InvalidTarget(_))
         ));
         assert!(matches!(

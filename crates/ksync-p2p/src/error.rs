@@ -54,8 +54,9 @@ pub enum P2PError {
     /// The node stopped (after `disconnect`, or its task ended).
     #[error("the P2P node has stopped")]
     Stopped,
-    /// `connect_to_peer` got something that is neither a peer id nor a multiaddr.
-    #[error("{0:?} is neither a peer id nor a multiaddr")]
+    /// `connect_to_peer` got something that is neither a peer name, a peer id nor a
+    /// multiaddr.
+    #[error("{0:?} is neither a peer name, a peer id nor a multiaddr")]
     InvalidTarget(String),
     /// Dialing a peer failed.
     #[error("dialing {target} failed: {source}")]
@@ -66,6 +67,10 @@ pub enum P2PError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+    /// `connect_to_peer` got a peer name (the spec's `peerId`) that no peer this node has
+    /// met announced.
+    #[error("no peer named {0:?} is known (connect by address first, or let discovery find it)")]
+    UnknownPeer(String),
     /// No address is known for this peer and discovery did not find one.
     #[error("no address known for peer {0} (discovery did not find it)")]
     PeerNotFound(PeerId),

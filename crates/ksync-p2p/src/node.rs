@@ -94,7 +94,15 @@ pub(crate) enum Command {
 pub(crate) enum Target {
     Peer(PeerId),
     Addr(Multiaddr),
+    /// The spec's `peerId` of a peer this node has met (announced in identify).
+    Name(String),
 }
+
+/// Most peer names remembered for `connect_to_peer(name)`. Overflow policy: a new name
+/// replaces one of a peer that is not connected (or, if all are, an arbitrary one).
+const MAX_KNOWN_NAMES: usize = 1024;
+/// Most addresses remembered per named peer.
+const MAX_NAME_ADDRS: usize = 8;
 
 /// Counters the node keeps; read with `P2PSyncClient::stats`.
 #[derive(Debug, Default)]
@@ -182,7 +190,7 @@ fn behaviour(key: &Keypair, opts: &Options) -> Result<Behaviour, BoxError> {
 
     let identify = identify::Behaviour::new(
         identify::Config::new(wire::identify_version(&opts.network), key.public())
-            .with_agent_version(format!("ksync-p2p/{}", env!("CARGO_PKG_VERSION"))),
+            .with_agent_version(wire::agent_version(&opts.peer_id)),
     );
 
     let mdns = match opts.discovery {
@@ -324,6 +332,9 @@ pub(crate) struct Node {
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, P2PError>>>,
     peer_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, P2PError>>>>,
     lookups: HashMap<kad::QueryId, PeerId>,
+    /// The spec's `peerId`s of the peers met, with the addresses they listen on (bounded by
+    /// `MAX_KNOWN_NAMES`).
+    names: HashMap<String, (PeerId, Vec<Multiaddr>)>,
     stopping: bool,
     /// Broadcasts waiting to be published together (bounded by `MAX_BATCH_EVENTS` and
     /// `max_batch_bytes`; published at `batch_deadline` at the latest).
@@ -431,6 +442,7 @@ impl Node {
             dials: HashMap::new(),
             peer_dials: HashMap::new(),
             lookups: HashMap::new(),
+            names: HashMap::new(),
             stopping: false,
             batch: Vec::new(),
             batch_bytes: 0,
@@ -675,7 +687,44 @@ impl Node {
                 self.peer_dials.entry(peer).or_default().push(reply);
                 self.dial_peer(peer, true);
             }
+            Target::Name(name) => {
+                let Some((peer, addrs)) = self.names.get(&name).cloned() else {
+                    let _ = reply.send(Err(P2PError::UnknownPeer(name)));
+                    return;
+                };
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                self.peer_dials.entry(peer).or_default().push(reply);
+                if let Err(e) = self.dial_known_peer(peer, Some(addrs)) {
+                    self.fail_peer_dials(
+                        peer,
+                        P2PError::Dial {
+                            target: name,
+                            source: Box::new(e),
+                        },
+                    );
+                }
+            }
         }
+    }
+
+    /// Remembers the spec's `peerId` a peer announced, for `connect_to_peer(name)`.
+    fn learn_name(&mut self, peer: PeerId, name: String, mut addrs: Vec<Multiaddr>) {
+        if !self.names.contains_key(&name) && self.names.len() >= MAX_KNOWN_NAMES {
+            let evict = self
+                .names
+                .iter()
+                .find(|(_, (p, _))| !self.swarm.is_connected(p))
+                .or_else(|| self.names.iter().next())
+                .map(|(n, _)| n.clone());
+            if let Some(evict) = evict {
+                self.names.remove(&evict);
+            }
+        }
+        addrs.truncate(MAX_NAME_ADDRS);
+        self.names.insert(name, (peer, addrs));
     }
 
     /// Dials `peer` unless it is connected or being dialed (then there is nothing to do, not an
@@ -751,6 +800,10 @@ impl Node {
                 num_established,
                 ..
             } => {
+                // Listed before `connect_to_peer` returns, so `connected_peers` agrees with it.
+                if num_established.get() == 1 {
+                    lock(&self.shared.peers).insert(peer_id);
+                }
                 if let Some(reply) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
@@ -760,7 +813,6 @@ impl Node {
                     }
                 }
                 if num_established.get() == 1 {
-                    lock(&self.shared.peers).insert(peer_id);
                     tracing::debug!(peer = %peer_id, "peer connected");
                     self.notifier
                         .emit(Notification::PeerConnected(peer_id.to_string()));
@@ -833,6 +885,9 @@ impl Node {
                         )))));
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
+                }
+                if let Some(name) = wire::peer_name(&info.agent_version) {
+                    self.learn_name(peer_id, name, info.listen_addrs.clone());
                 }
                 if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
                     for addr in info.listen_addrs {

@@ -23,6 +23,20 @@ pub(crate) fn identify_version(network: &str) -> String {
     format!("/ksync/{PROTOCOL_VERSION}/{network}")
 }
 
+/// The identify `agent_version`: the crate and the spec's `peerId` of this peer, so others can
+/// `connect_to_peer` it by that name.
+pub(crate) fn agent_version(peer_name: &str) -> String {
+    format!("ksync-p2p/{} peer/{peer_name}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The spec's `peerId` in a peer's identify `agent_version` (see [`agent_version`]), if it is
+/// a valid name.
+pub(crate) fn peer_name(agent_version: &str) -> Option<String> {
+    let (_, name) = agent_version.rsplit_once(" peer/")?;
+    ksync_core::Name::new(name).ok()?;
+    Some(name.to_owned())
+}
+
 /// Most keys in one `Keys` page.
 pub(crate) const MAX_PAGE: u32 = 1024;
 /// Most keys in one `Fetch` request.

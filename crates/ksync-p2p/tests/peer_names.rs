@@ -1,0 +1,66 @@
+//! The spec's `connectToPeer('peer-123')`: peers announce their `peerId` when they connect,
+//! and `connect_to_peer` takes it for a peer this node has met (also after it restarted).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use ksync_p2p::P2PError;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_peer_takes_the_spec_peer_id_of_a_peer_met_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = peer(dir.path(), "a").await;
+    let b = peer(dir.path(), "peer-123").await;
+    let b_id = b.local_peer_id();
+    let err = a.connect_to_peer("peer-123").await.expect_err("never met");
+    assert!(
+        matches!(&err, P2PError::UnknownPeer(name) if name == "peer-123"),
+        "{err:?}"
+    );
+    assert!(matches!(
+        a.connect_to_peer("not a name").await,
+        Err(P2PError::InvalidTarget(_))
+    ));
+
+    link(&a, &b).await;
+    // The name arrives with identify, just after the connection.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match a.connect_to_peer("peer-123").await {
+            Ok(peer) => {
+                assert_eq!(peer, b_id);
+                break;
+            }
+            Err(P2PError::UnknownPeer(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("connecting by name: {e}"),
+        }
+    }
+
+    // It goes away and comes back on the same address: the name still reaches it.
+    let port = b.listen_addrs()[0]
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("tcp port");
+    b.stop().await.expect("stop");
+    drop(b);
+    let a2 = Arc::clone(&a);
+    wait_until(10, "a sees b gone", move || a2.connected_peers().is_empty()).await;
+    let b = builder(dir.path(), "peer-123")
+        .port(port)
+        .build()
+        .expect("build");
+    b.start().await.expect("restart on the same port");
+    assert_eq!(
+        a.connect_to_peer("peer-123").await.expect("by name again"),
+        b_id
+    );
+    assert_eq!(a.connected_peers(), vec![b_id]);
+}
