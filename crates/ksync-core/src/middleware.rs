@@ -240,6 +240,46 @@ impl Pipeline {
         Ok(Some(current))
     }
 
+    /// Runs one chain together with a client's `filter`, in the order that lets the filter
+    /// see events as the application has them: outgoing, the filter first and then the chain
+    /// (which may encrypt or redact what the filter reads, e.g. `data.private`); incoming, the
+    /// chain first (which may decrypt) and then the filter. `Ok(None)`: held back or dropped.
+    ///
+    /// ```
+    /// use ksync_core::{Direction, Event, Filter, Pipeline};
+    /// use serde_json::json;
+    /// let pipeline = Pipeline::new();
+    /// // Stands in for an encrypting middleware: `data` becomes opaque.
+    /// pipeline.use_middleware(Direction::Outgoing, |mut e: Event| {
+    ///     e.data = json!({"enc": "opaque"});
+    ///     Some(e)
+    /// });
+    /// let private = Event::new("1", "note", json!({"private": true}), 1);
+    /// let sent = pipeline.run_filtered(Direction::Outgoing, Some(&Filter::PublicOnly), private)?;
+    /// assert!(sent.is_none(), "a private event stays home even though it would go out encrypted");
+    /// # Ok::<(), ksync_core::MiddlewareError>(())
+    /// ```
+    pub fn run_filtered(
+        &self,
+        direction: Direction,
+        filter: Option<&Filter>,
+        event: Event,
+    ) -> Result<Option<Event>, MiddlewareError> {
+        let passes = |event: &Event| filter.map_or(Ok(true), |f| f.check(event));
+        match direction {
+            Direction::Outgoing => {
+                if !passes(&event)? {
+                    return Ok(None);
+                }
+                self.run(direction, event)
+            }
+            Direction::Incoming => match self.run(direction, event)? {
+                Some(event) if passes(&event)? => Ok(Some(event)),
+                _ => Ok(None),
+            },
+        }
+    }
+
     /// Whether both chains are empty (lets hot paths skip cloning).
     pub fn is_empty(&self) -> bool {
         let chains = self.inner.read().unwrap_or_else(|p| p.into_inner());
@@ -310,6 +350,56 @@ mod tests {
             "sideways".parse::<Direction>(),
             Err(MiddlewareError::UnknownDirection(_))
         ));
+    }
+
+    #[test]
+    fn the_filter_sees_events_as_the_application_has_them() {
+        let pipeline = Pipeline::new();
+        let opaque = |mut e: Event| {
+            e.data = json!({"enc": "opaque"});
+            Some(e)
+        };
+        let restore = |mut e: Event| {
+            e.data = json!({"private": e.id == "secret"});
+            Some(e)
+        };
+        pipeline.use_middleware(Direction::Outgoing, opaque);
+        pipeline.use_middleware(Direction::Incoming, restore);
+        let public_only = Some(&Filter::PublicOnly);
+        let private = Event::new("secret", "t", json!({"private": true}), 1);
+        let public = Event::new("open", "t", json!({"private": false}), 1);
+        assert!(
+            pipeline
+                .run_filtered(Direction::Outgoing, public_only, private.clone())
+                .expect("ok")
+                .is_none()
+        );
+        let sent = pipeline
+            .run_filtered(Direction::Outgoing, public_only, public.clone())
+            .expect("ok")
+            .expect("sent");
+        assert_eq!(sent.data, json!({"enc": "opaque"}));
+        assert!(
+            pipeline
+                .run_filtered(Direction::Incoming, public_only, sent.clone())
+                .expect("ok")
+                .is_some()
+        );
+        let mut arriving = sent;
+        arriving.id = "secret".into();
+        assert!(
+            pipeline
+                .run_filtered(Direction::Incoming, public_only, arriving)
+                .expect("ok")
+                .is_none(),
+            "filtered after decryption"
+        );
+        assert!(
+            pipeline
+                .run_filtered(Direction::Outgoing, None, private)
+                .expect("ok")
+                .is_some()
+        );
     }
 
     #[test]
