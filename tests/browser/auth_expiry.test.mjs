@@ -1,6 +1,7 @@
 // Credentials that expire, the browser way: the server closes a connection whose JWT expired
 // (4401) and the browser client stops there instead of reconnecting with the stale token; it
 // never opens a connection with a token it can see has expired; `setAuth` + `connect()` go on.
+// The dashboard, whose monitor feed is closed the same way, asks for credentials again.
 import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { after, before, test } from 'node:test';
@@ -78,5 +79,21 @@ test('a connection whose JWT expires is closed with 4401 and not reopened with i
   }, jwt({ sub: 'fresh', exp: now() + 3600 }));
   assert.equal(await page.evaluate(() => window.client.connected), true);
   await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('the dashboard asks for credentials again when its token expires', async () => {
+  const page = await browser.newPage();
+  await page.goto(`${server.http}/`);
+  await page.waitForSelector('#auth-panel', { state: 'visible', timeout: 10000 });
+  await page.selectOption('#auth-type', 'jwt');
+  await page.fill('#auth-secret', jwt({ sub: 'dash', exp: now() + 2 }));
+  await page.click('#auth-form button');
+  await page.waitForSelector('#status[data-state="live"]', { timeout: 10000 });
+  // The monitor feed is closed with 4401 at expiry, and the page says so instead of
+  // "reconnecting" for ever.
+  await page.waitForSelector('#auth-panel', { state: 'visible', timeout: 10000 });
+  assert.match(await page.textContent('#auth-error'), /expired/);
+  assert.equal(await page.getAttribute('#status', 'data-state'), 'unauthorized');
   await page.close();
 });

@@ -76,7 +76,15 @@ function connectMonitor(auth) {
   const monitor = new MonitorClient(url.href, { auth, recent: 20 });
   state.monitor = monitor;
   monitor.on('open', () => setStatus('ok', 'live'));
-  monitor.on('close', ({ opened }) => setStatus(opened ? 'wait' : 'bad', opened ? 'reconnecting' : 'disconnected'));
+  monitor.on('close', ({ code, opened }) => {
+    if (code === 4401) {
+      // The credentials expired: the monitor stops (the same token would be refused).
+      setStatus('bad', 'unauthorized');
+      showAuth('The credentials expired: sign in again.');
+      return;
+    }
+    setStatus(opened ? 'wait' : 'bad', opened ? 'reconnecting' : 'disconnected');
+  });
   monitor.on('reconnecting', () => setStatus('wait', 'reconnecting'));
   monitor.on('stats', onStats);
   monitor.on('client', onClient);
