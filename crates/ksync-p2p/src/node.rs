@@ -1187,6 +1187,20 @@ impl Node {
                 ..
             } => {
                 tracing::debug!(%peer, %error, "catch-up request failed");
+                // An answer that arrived but does not decode (over the response limit, so cut
+                // short, or not a message of the protocol) is the peer's doing; a dropped
+                // connection or a timeout is not reported.
+                if let request_response::OutboundFailure::Io(e) = &error
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::InvalidData
+                            | std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::Unsupported
+                            | std::io::ErrorKind::Other
+                    )
+                {
+                    self.misbehaved(peer, format!("its catch-up answer could not be read: {e}"));
+                }
                 if let Some((_, outstanding)) = self.requests.remove(&request_id) {
                     self.forget(outstanding);
                 }

@@ -51,6 +51,8 @@ enum Response {
         events: Vec<Event>,
         too_large: Vec<RevisionKey>,
     },
+    /// Not a message of the protocol.
+    Bogus(u64),
 }
 
 /// PROTOCOL's catch-up digest: FNV-1a (64) of `type`, NUL, `timestamp` (8 bytes big-endian)
@@ -104,7 +106,11 @@ async fn liar(mut answer: impl FnMut(&Request) -> Response + Send + 'static) -> 
         )
         .expect("tcp")
         .with_behaviour(|_| {
-            request_response::cbor::Behaviour::<Request, Response>::new(
+            // Room to send answers larger than any honest peer's.
+            let codec = request_response::cbor::codec::Codec::<Request, Response>::default()
+                .set_response_size_maximum(64 * 1024 * 1024);
+            request_response::Behaviour::with_codec(
+                codec,
                 [(StreamProtocol::new("/ksync/sync/1"), ProtocolSupport::Full)],
                 request_response::Config::default(),
             )
@@ -351,4 +357,48 @@ async fn many_copies_of_one_revision_count_once_and_unasked_events_are_skipped()
     let held = keys(&a);
     assert!(held.contains(&("shared".to_owned(), 1)), "ours is kept");
     assert!(!held.iter().any(|(id, _)| id == "unasked-1"));
+}
+
+/// Answers a reader cannot take (over the 16 MiB response limit, or not a message of the
+/// protocol) end the round with a typed error; what the peer already holds stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_answers_are_reported_and_lose_nothing() {
+    for oversized in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = honest(dir.path(), "a").await;
+        a.broadcast(event("a", 1)).await.expect("stored");
+        let watch = Watch::new(&a);
+        let liar = liar(move |_| {
+            if oversized {
+                let huge = "k".repeat(20 * 1024);
+                Response::Keys {
+                    log_id: 1,
+                    len: 1024,
+                    entries: (1..=1024)
+                        .map(|seq| Entry {
+                            seq,
+                            id: format!("{huge}{seq}"),
+                            version: 1,
+                            hash: 0,
+                        })
+                        .collect(),
+                }
+            } else {
+                Response::Bogus(7)
+            }
+        })
+        .await;
+        a.connect_to_peer(&liar.addr.to_string())
+            .await
+            .expect("connect");
+        wait_until(10, "the unreadable answer is reported", || {
+            !watch.blamed().is_empty()
+        })
+        .await;
+        let (peer, reason) = watch.blamed()[0].clone();
+        assert_eq!(peer, peer_of(&liar.addr));
+        assert!(reason.contains("could not be read"), "{reason}");
+        assert_eq!(keys(&a).len(), 1, "what a held is kept");
+        assert!(liar.keys_requests.load(Ordering::SeqCst) >= 1);
+    }
 }
