@@ -53,7 +53,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_JWT_ISSUER", value_delimiter = ',')]
     jwt_issuer: Vec<String>,
 
-    /// Clock skew tolerated on JWT `exp`/`nbf`, in seconds.
+    /// Clock skew tolerated on JWT `exp`/`nbf`, in seconds (at most 86400, a day).
     #[arg(long, env = "KSYNC_JWT_LEEWAY_SECS", default_value_t = 5)]
     jwt_leeway_secs: u64,
 

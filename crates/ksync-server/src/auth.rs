@@ -30,6 +30,11 @@ pub(crate) async fn with_client_ip<F: std::future::Future>(ip: IpAddr, future: F
 /// Shortest accepted HS256 secret: RFC 7518 §3.2 asks for a key at least as long as the hash.
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
+/// Largest accepted JWT clock leeway (`AuthConfig::leeway`): a day. Leeway is for clock skew;
+/// more would keep expired tokens alive (and past the epoch `jsonwebtoken`'s arithmetic
+/// overflows).
+pub const MAX_JWT_LEEWAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 /// The claims kSync reads from a JWT besides the registered ones that `jsonwebtoken` checks
 /// (`exp` required; `nbf`, `aud`, `iss` when present or configured).
 ///
@@ -130,6 +135,12 @@ impl ServerAuthenticator {
             return Err(ServerError::Config(
                 "no JWT key and no API key configured".into(),
             ));
+        }
+        if config.leeway > MAX_JWT_LEEWAY {
+            return Err(ServerError::Config(format!(
+                "JWT leeway {:?} is more than the largest accepted, {MAX_JWT_LEEWAY:?}",
+                config.leeway
+            )));
         }
         let mut jwt_keys = Vec::with_capacity(config.jwt_keys.len());
         for key in &config.jwt_keys {

@@ -347,7 +347,7 @@ pub struct AuthConfig {
     pub audience: Vec<String>,
     /// Accepted `iss` values; when non-empty, tokens must carry one of them.
     pub issuer: Vec<String>,
-    /// Clock skew tolerated on `exp` and `nbf` (5 s).
+    /// Clock skew tolerated on `exp` and `nbf` (5 s; at most `MAX_JWT_LEEWAY`, a day).
     pub leeway: Duration,
     /// API keys.
     pub api_keys: Vec<ApiKey>,

@@ -21,7 +21,9 @@ mod error;
 mod ratelimit;
 mod server;
 
-pub use auth::{AuthCounters, MIN_HS256_SECRET_BYTES, ServerAuthenticator, authenticator_for};
+pub use auth::{
+    AuthCounters, MAX_JWT_LEEWAY, MIN_HS256_SECRET_BYTES, ServerAuthenticator, authenticator_for,
+};
 pub use config::{
     ApiKey, AuthConfig, DEFAULT_BIND, DEFAULT_DATA_DIR, DEFAULT_MAX_MESSAGE_BYTES, JwtKey,
     JwtKeyMaterial, Limits, RateLimit, Scope, Secret, ServerConfig,

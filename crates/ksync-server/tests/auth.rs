@@ -415,3 +415,36 @@ fn no_configured_credentials_means_allow_all() {
         Err(AuthError::Missing)
     );
 }
+
+#[test]
+fn a_leeway_beyond_a_day_is_a_configuration_error() {
+    // jsonwebtoken computes `now - leeway` and `now + leeway` in u64: a leeway past the epoch
+    // panicked on every JWT (overflow) in debug builds and accepted any `exp` in release.
+    let absurd = AuthConfig {
+        leeway: Duration::from_secs(10_000_000_000),
+        ..config()
+    };
+    match ServerAuthenticator::new(&absurd) {
+        Err(ServerError::Config(message)) => assert!(message.contains("leeway"), "{message}"),
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(a) => {
+            let token = hs256(&claims(json!({})));
+            let outcome = std::panic::catch_unwind(|| a.authenticate(&bearer(&token)));
+            panic!("accepted; a request then gave {outcome:?}");
+        }
+    }
+    // A day is still accepted, and an expired token still refused with it.
+    let day = ServerAuthenticator::new(&AuthConfig {
+        leeway: ksync_server::MAX_JWT_LEEWAY,
+        ..config()
+    })
+    .unwrap();
+    assert!(
+        day.authenticate(&bearer(&hs256(&claims(json!({})))))
+            .is_ok()
+    );
+    assert_eq!(
+        day.authenticate(&bearer(&hs256(&json!({"exp": now() - 2 * 86_400})))),
+        Err(AuthError::Expired)
+    );
+}
