@@ -116,9 +116,15 @@ impl WsError {
     /// (HTTP 400, 401, 403), or a close code that `docs/PROTOCOL.md` answers with "fix the
     /// client", "upgrade" or "fresh credentials" (1002, 1003, 1007, 4000, 4001, 4401). The
     /// client stops reconnecting after such an error (with an `error` notification); a later
-    /// explicit `connect()` tries again.
+    /// explicit `connect()` tries again. The relay sends an `error` message before some of
+    /// those closes (`protocol` before 4000, `unsupported_protocol` before 4001, `bad_binary`
+    /// before 1003): a session that ends on one of these is fatal as well.
     pub fn is_fatal(&self) -> bool {
-        use crate::protocol::close;
+        use crate::protocol::{close, code};
+        if let WsError::Server { code: sent, .. } = self {
+            return [code::PROTOCOL, code::UNSUPPORTED_PROTOCOL, code::BAD_BINARY]
+                .contains(&sent.as_str());
+        }
         matches!(
             self,
             WsError::InvalidUrl { .. }

@@ -181,8 +181,12 @@ async fn the_client_stops_on_expired_credentials_and_connects_again_with_fresh_o
     server.stop().await;
 }
 
-/// A server that answers every `hello` by closing with `code`; counts connections.
-async fn closing_server(code: u16) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+/// A server that answers every `hello` by closing with `code`, after the `error` message
+/// the relay sends before that close (`None`: a close alone); counts connections.
+async fn closing_server(
+    code: u16,
+    error: Option<&'static str>,
+) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}/ws/a", listener.local_addr().unwrap());
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -198,6 +202,10 @@ async fn closing_server(code: u16) -> (String, Arc<AtomicUsize>, tokio::task::Jo
                     return;
                 };
                 let _hello = ws.next().await;
+                if let Some(error) = error {
+                    let message = json!({"type": "error", "code": error, "message": "test"});
+                    let _ = ws.send(Message::text(message.to_string())).await;
+                }
                 let frame = CloseFrame {
                     code: code.into(),
                     reason: "test close".into(),
@@ -212,18 +220,33 @@ async fn closing_server(code: u16) -> (String, Arc<AtomicUsize>, tokio::task::Jo
 
 #[tokio::test]
 async fn close_codes_that_reconnecting_cannot_fix_stop_the_client() {
-    for code in [1002u16, 1003, 1007, 4000, 4001, 4401] {
-        let (url, accepted, server) = closing_server(code).await;
+    // As the relay ends them: 1003, 4000 and 4001 come after an `error` message.
+    for (code, error) in [
+        (1002u16, None),
+        (1003, Some("bad_binary")),
+        (1003, None),
+        (1007, None),
+        (4000, Some("protocol")),
+        (4000, None),
+        (4001, Some("unsupported_protocol")),
+        (4001, None),
+        (4401, None),
+    ] {
+        let (url, accepted, server) = closing_server(code, error).await;
         let client = WebSocketSyncClient::builder(url)
             .reconnect_delay(Duration::from_millis(5), Duration::from_millis(10))
             .build()
             .unwrap();
         let recorder = Recorder::attach(&client);
+        let error_code = error;
         let error = client.connect().await.unwrap_err();
-        match WsError::find(&error) {
-            Some(WsError::Closed { code: got, .. }) => assert_eq!(*got, code),
-            other => panic!("close {code}: expected Closed, got {other:?}"),
+        let found = WsError::find(&error);
+        match (found, error_code) {
+            (Some(WsError::Closed { code: got, .. }), None) => assert_eq!(*got, code),
+            (Some(WsError::Server { code: got, .. }), Some(sent)) => assert_eq!(got, sent),
+            (other, _) => panic!("close {code}: unexpected {other:?}"),
         }
+        assert!(found.is_some_and(WsError::is_fatal), "close {code}");
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
             accepted.load(Ordering::SeqCst),
@@ -236,7 +259,7 @@ async fn close_codes_that_reconnecting_cannot_fix_stop_the_client() {
     }
 
     // Codes that a reconnect can fix (here: slow consumer) are retried.
-    let (url, accepted, server) = closing_server(4008).await;
+    let (url, accepted, server) = closing_server(4008, None).await;
     let client = WebSocketSyncClient::builder(url)
         .reconnect_delay(Duration::from_millis(5), Duration::from_millis(10))
         .build()
