@@ -329,7 +329,8 @@ impl P2PSyncClient {
     }
 
     /// The spec's `use(direction, middleware)`: adds a middleware to the `incoming` or
-    /// `outgoing` chain (run in registration order, before the filter). Outgoing runs on what
+    /// `outgoing` chain (run in registration order; the filter sees events as the application
+    /// made them: before the outgoing chain, after the incoming one). Outgoing runs on what
     /// is published and what catch-up serves (the local log keeps the event as made);
     /// incoming on what arrives, before it is stored. An incoming failure (e.g. a decryption
     /// with the wrong key) is an `error` notification and the event is not stored.

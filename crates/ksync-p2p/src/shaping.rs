@@ -41,14 +41,10 @@ impl Shaping {
         self.run(Direction::Incoming, event)
     }
 
+    /// The filter sees events as the application made them: before the outgoing chain (an
+    /// encrypting middleware would hide `data.private` from it), after the incoming one.
     fn run(&self, direction: Direction, event: Event) -> Result<Option<Event>, MiddlewareError> {
-        let Some(event) = self.pipeline.run(direction, event)? else {
-            return Ok(None);
-        };
-        Ok(self
-            .filter
-            .as_ref()
-            .is_none_or(|f| f.allows(&event))
-            .then_some(event))
+        self.pipeline
+            .run_filtered(direction, self.filter.as_ref(), event)
     }
 }

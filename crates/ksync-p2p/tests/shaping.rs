@@ -155,6 +155,40 @@ async fn the_filter_keeps_events_home_and_out() {
     assert!(stored(&a, "priv-2").is_none(), "a took in a private event");
 }
 
+/// `public-only` with an encrypting middleware: the filter sees the event as the application
+/// made it, so a private event stays home although it would leave encrypted (the filter used
+/// to see only the envelope, which has no `private`, and let it out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_filter_sees_events_before_the_outgoing_middleware() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Arc::new(
+        builder(dir.path(), "a")
+            .filter(Filter::PublicOnly)
+            .build()
+            .expect("build"),
+    );
+    encrypting(&a, [7; 32]);
+    a.start().await.expect("start");
+    let b = peer(dir.path(), "b").await;
+    encrypting(&b, [7; 32]);
+    link(&b, &a).await;
+    wait_mesh(&[Arc::clone(&a), Arc::clone(&b)]).await;
+    a.broadcast(Event::new("secret", "t", json!({"private": true}), 1))
+        .await
+        .expect("broadcast");
+    a.broadcast(Event::new("open", "t", json!({"n": 1}), 1))
+        .await
+        .expect("broadcast");
+    wait_until(10, "b gets the public event", || {
+        stored(&b, "open").is_some()
+    })
+    .await;
+    // Catch-up offers what gossip sent: the private event is not among it either.
+    b.sync_now().await.expect("sync");
+    assert!(stored(&b, "secret").is_none(), "the private event left a");
+    assert_eq!(stored(&b, "open").map(|e| e.data), Some(json!({"n": 1})));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_follows_catch_up_and_stop_reports_every_peer_gone() {
     let dir = tempfile::tempdir().expect("tempdir");

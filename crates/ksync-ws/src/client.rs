@@ -395,7 +395,8 @@ impl WebSocketSyncClient {
     }
 
     /// The spec's `use(direction, middleware)`: adds a middleware to the `incoming` or
-    /// `outgoing` chain (run in registration order, before the filter).
+    /// `outgoing` chain (run in registration order). The filter sees events as the
+    /// application made them: before the outgoing chain, after the incoming one.
     pub fn use_middleware(&self, direction: Direction, middleware: impl Middleware) {
         self.inner.pipeline.use_middleware(direction, middleware);
     }
@@ -1289,30 +1290,25 @@ impl Session {
         self.settle().await
     }
 
+    /// The form `event` is published in; `None`: it stays home. The filter sees it as the
+    /// application made it, before the outgoing chain: an encrypting middleware would hide
+    /// `data.private` from `public-only`, and private events would go out.
     fn outgoing(&self, event: Event) -> Result<Option<Event>, SyncError> {
-        let Some(event) = self.inner.pipeline.run(Direction::Outgoing, event)? else {
-            return Ok(None);
-        };
+        let filter = self.inner.config.filter.as_ref();
         Ok(self
             .inner
-            .config
-            .filter
-            .as_ref()
-            .is_none_or(|f| f.allows(&event))
-            .then_some(event))
+            .pipeline
+            .run_filtered(Direction::Outgoing, filter, event)?)
     }
 
+    /// The form a received `event` is stored in; `None`: it is not taken in. The filter sees
+    /// it after the incoming chain (decrypted).
     fn incoming(&self, event: Event) -> Result<Option<Event>, SyncError> {
-        let Some(event) = self.inner.pipeline.run(Direction::Incoming, event)? else {
-            return Ok(None);
-        };
+        let filter = self.inner.config.filter.as_ref();
         Ok(self
             .inner
-            .config
-            .filter
-            .as_ref()
-            .is_none_or(|f| f.allows(&event))
-            .then_some(event))
+            .pipeline
+            .run_filtered(Direction::Incoming, filter, event)?)
     }
 
     /// Advances the acknowledged cursor over the contiguous prefix of settled publishes.
