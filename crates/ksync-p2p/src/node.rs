@@ -57,6 +57,10 @@ const MAX_HELD_FORWARDS: usize = 4096;
 /// Most events of our own log digested per catch-up step (see `Digests::refresh`): a long
 /// log is digested over several steps instead of stalling the node once.
 const DIGEST_STEP: usize = 16 * 1024;
+/// How long a catch-up session leaves keys of its page to another session's fetch before it
+/// fetches them itself: a peer that lists what others hold and never sends it delays them by
+/// this much, not by the request timeout.
+const IN_FLIGHT_PATIENCE: Duration = Duration::from_secs(1);
 /// Most queued commands handled in one turn of the node loop.
 const COMMAND_DRAIN: usize = 256;
 /// How often mDNS asks the LAN who is there.
@@ -328,7 +332,11 @@ pub(crate) struct Node {
     max_batch_bytes: usize,
     sessions: HashMap<PeerId, Session>,
     requests: HashMap<OutboundRequestId, (PeerId, Outstanding)>,
-    in_flight: HashSet<RevisionKey>,
+    /// Keys being fetched, with when their fetch was sent (bounded by the sessions' pages).
+    in_flight: HashMap<RevisionKey, tokio::time::Instant>,
+    /// When the earliest session waiting on another's fetch stops waiting (see
+    /// `IN_FLIGHT_PATIENCE`).
+    wait_deadline: Option<tokio::time::Instant>,
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, P2PError>>>,
     peer_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, P2PError>>>>,
     lookups: HashMap<kad::QueryId, PeerId>,
@@ -438,7 +446,8 @@ impl Node {
             max_batch_bytes,
             sessions: HashMap::new(),
             requests: HashMap::new(),
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
+            wait_deadline: None,
             dials: HashMap::new(),
             peer_dials: HashMap::new(),
             lookups: HashMap::new(),
@@ -514,6 +523,10 @@ impl Node {
                 _ = sleep_until_some(self.batch_deadline) => self.flush_batch(),
                 _ = sleep_until_some(self.held.front().map(|h| h.0)) => {
                     self.release_forwards(tokio::time::Instant::now());
+                }
+                _ = sleep_until_some(self.wait_deadline) => {
+                    self.wait_deadline = None;
+                    self.wake_waiting().await;
                 }
             }
             self.update_status();
@@ -1403,6 +1416,8 @@ impl Node {
         };
         let mut to_fetch = Vec::new();
         let mut elsewhere = false;
+        let now = tokio::time::Instant::now();
+        let mut wait_until = None;
         for entry in &session.page {
             let ours = match self.digests.get(&entry.id, entry.version) {
                 Some(digest) => Some(digest),
@@ -1419,15 +1434,20 @@ impl Node {
             if session.fetched.contains(&key) {
                 continue;
             }
-            if self.in_flight.contains(&key) {
-                elsewhere = true;
-            } else if to_fetch.len() < MAX_FETCH {
-                to_fetch.push(key);
+            match self.in_flight.get(&key) {
+                Some(sent) if *sent + IN_FLIGHT_PATIENCE > now => {
+                    elsewhere = true;
+                    let until = *sent + IN_FLIGHT_PATIENCE;
+                    wait_until =
+                        Some(wait_until.map_or(until, |w: tokio::time::Instant| w.min(until)));
+                }
+                _ if to_fetch.len() < MAX_FETCH => to_fetch.push(key),
+                _ => {}
             }
         }
         if !to_fetch.is_empty() {
             for key in &to_fetch {
-                self.in_flight.insert(key.clone());
+                self.in_flight.insert(key.clone(), now);
             }
             session.state = SessionState::AwaitingEvents;
             let request = SyncRequest::Fetch {
@@ -1439,6 +1459,9 @@ impl Node {
                 .insert(id, (peer, Outstanding::Fetch(to_fetch)));
         } else if elsewhere {
             session.state = SessionState::Waiting;
+            if let Some(until) = wait_until {
+                self.wait_deadline = Some(self.wait_deadline.map_or(until, |w| w.min(until)));
+            }
         } else {
             let last = session.page.last().map_or(session.cursor, |e| e.seq);
             session.cursor = last;

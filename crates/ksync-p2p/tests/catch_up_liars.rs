@@ -97,6 +97,13 @@ impl Drop for Liar {
 }
 
 async fn liar(mut answer: impl FnMut(&Request) -> Response + Send + 'static) -> Liar {
+    sometimes_silent_liar(move |request| Some(answer(request))).await
+}
+
+/// A liar that leaves a request unanswered (holding it open) where `answer` gives `None`.
+async fn sometimes_silent_liar(
+    mut answer: impl FnMut(&Request) -> Option<Response> + Send + 'static,
+) -> Liar {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -112,7 +119,8 @@ async fn liar(mut answer: impl FnMut(&Request) -> Response + Send + 'static) -> 
             request_response::Behaviour::with_codec(
                 codec,
                 [(StreamProtocol::new("/ksync/sync/1"), ProtocolSupport::Full)],
-                request_response::Config::default(),
+                // Holds an unanswered request open as long as the requester waits.
+                request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
             )
         })
         .expect("behaviour")
@@ -130,6 +138,7 @@ async fn liar(mut answer: impl FnMut(&Request) -> Response + Send + 'static) -> 
     let keys_requests = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&keys_requests);
     let task = tokio::spawn(async move {
+        let mut unanswered = Vec::new();
         loop {
             if let SwarmEvent::Behaviour(request_response::Event::Message {
                 message:
@@ -142,8 +151,12 @@ async fn liar(mut answer: impl FnMut(&Request) -> Response + Send + 'static) -> 
                 if matches!(request, Request::Keys { .. }) {
                     counter.fetch_add(1, Ordering::SeqCst);
                 }
-                let response = answer(&request);
-                let _ = swarm.behaviour_mut().send_response(channel, response);
+                match answer(&request) {
+                    Some(response) => {
+                        let _ = swarm.behaviour_mut().send_response(channel, response);
+                    }
+                    None => unanswered.push(channel),
+                }
             }
         }
     });
@@ -401,4 +414,54 @@ async fn oversized_and_malformed_answers_are_reported_and_lose_nothing() {
         assert_eq!(keys(&a).len(), 1, "what a held is kept");
         assert!(liar.keys_requests.load(Ordering::SeqCst) >= 1);
     }
+}
+
+/// A peer that lists what others hold and never sends it: the honest peer's session, which
+/// leaves keys being fetched elsewhere to that fetch, fetches them itself after a short wait
+/// instead of waiting for the liar's request to time out (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_sends_what_it_lists_does_not_hold_up_catch_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = peer(dir.path(), "b").await;
+    let events: Vec<Event> = (0..50).map(|n| event("b", n)).collect();
+    for e in &events {
+        b.broadcast(e.clone()).await.expect("stored");
+    }
+    let page: Vec<Entry> = events
+        .iter()
+        .zip(1..)
+        .map(|(e, seq)| entry(seq, e, digest(e)))
+        .collect();
+    let liar = sometimes_silent_liar(move |request| match request {
+        Request::Keys { after: 0, .. } => Some(Response::Keys {
+            log_id: 3,
+            len: page.len() as u64,
+            entries: page.clone(),
+        }),
+        Request::Keys { .. } => Some(Response::Keys {
+            log_id: 3,
+            len: page.len() as u64,
+            entries: Vec::new(),
+        }),
+        Request::Fetch { .. } => None,
+    })
+    .await;
+    let a = Arc::new(
+        builder(dir.path(), "a")
+            .anti_entropy_interval(Duration::from_secs(3600))
+            .request_timeout(Duration::from_secs(30))
+            .build()
+            .expect("build"),
+    );
+    a.start().await.expect("start");
+    a.connect_to_peer(&liar.addr.to_string())
+        .await
+        .expect("connect");
+    wait_until(10, "a asks the liar for the events", || {
+        liar.keys_requests.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    link(&a, &b).await;
+    wait_until(10, "a gets b's events from b", || keys(&a).len() == 50).await;
 }

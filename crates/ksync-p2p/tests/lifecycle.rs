@@ -54,7 +54,10 @@ async fn a_stopped_client_releases_its_port_and_starts_again() {
     a.stop().await.expect("stop");
     assert!(a.connected_peers().is_empty());
     assert!(a.listen_addrs().is_empty());
-    assert!(port_is_free(port).await, "stop returned with the port still bound");
+    assert!(
+        port_is_free(port).await,
+        "stop returned with the port still bound"
+    );
     a.start().await.expect("start again");
     link(&a, &b).await;
     a.broadcast(event("a", 1)).await.expect("broadcast");
