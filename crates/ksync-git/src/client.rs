@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use ksync_core::{
-    Auth, BoxFuture, Conflict, ConflictResolver, Event, EventLimits, Name, Notification,
-    NotificationKind, Notifier, PullPushClient, PullResult, PushResult, Replica, Resolution,
-    Status, SyncClient, SyncError, resolve,
+    Auth, BoxFuture, Conflict, ConflictResolver, Direction, Event, EventLimits, Filter, Middleware,
+    Name, Notification, NotificationKind, Notifier, Pipeline, PullPushClient, PullResult,
+    PushResult, Replica, Resolution, Status, SyncClient, SyncError, resolve,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -96,9 +96,19 @@ pub struct GitSyncClientBuilder {
     page_size: usize,
     push_batch: usize,
     push_batch_bytes: usize,
+    filter: Option<Filter>,
 }
 
 impl GitSyncClientBuilder {
+    /// The spec's `filter`: which events are pushed and which pulled ones are taken in
+    /// (a predicate or `Filter::PublicOnly`). Default none. It sees events as the application
+    /// made them: before the outgoing middleware, after the incoming one. An event it keeps
+    /// home stays in the local log and is never pushed; a pulled one it refuses is skipped.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = Some(filter);
+        self
+    }
+
     /// Credentials (`Auth::jwt`, `Auth::api_key` or a plain bearer `Auth::token`). Default none.
     pub fn auth(mut self, auth: Auth) -> Self {
         self.auth = Some(auth);
@@ -192,6 +202,8 @@ impl GitSyncClientBuilder {
                 page_size: self.page_size,
                 push_batch: self.push_batch,
                 push_batch_bytes: self.push_batch_bytes,
+                pipeline: Pipeline::new(),
+                filter: self.filter,
                 notifier: Notifier::new(),
                 replica: RwLock::new(None),
                 resolver: RwLock::new(None),
@@ -275,6 +287,10 @@ struct Inner {
     page_size: usize,
     push_batch: usize,
     push_batch_bytes: usize,
+    /// The `use(direction, ..)` chains: outgoing on what is pushed (the local log keeps events
+    /// as made), incoming on what is pulled and on merge collisions, before they are stored.
+    pipeline: Pipeline,
+    filter: Option<Filter>,
     notifier: Notifier,
     replica: RwLock<Option<Replica>>,
     resolver: RwLock<Option<ConflictResolver>>,
@@ -370,7 +386,40 @@ impl GitSyncClient {
             page_size: DEFAULT_PAGE,
             push_batch: DEFAULT_PUSH_BATCH,
             push_batch_bytes: DEFAULT_PUSH_BATCH_BYTES,
+            filter: None,
         }
+    }
+
+    /// The spec's `use(direction, middleware)`: adds a middleware to the `incoming` chain
+    /// (pulled events and merge collisions, before they are stored or settled) or the
+    /// `outgoing` one (pushed events; the local log keeps them as made), run in registration
+    /// order. A middleware that fails on an event is an `error` notification: an outgoing
+    /// event is then not pushed, an incoming one not taken in.
+    pub fn use_middleware(&self, direction: Direction, middleware: impl Middleware) {
+        self.inner.pipeline.use_middleware(direction, middleware);
+    }
+
+    /// Runs the filter and the `direction` chain on `event` (see [`Self::use_middleware`]);
+    /// a failure is reported and counts as `None`.
+    fn shape(&self, direction: Direction, event: Event) -> Option<Event> {
+        match self
+            .inner
+            .pipeline
+            .run_filtered(direction, self.inner.filter.as_ref(), event)
+        {
+            Ok(shaped) => shaped,
+            Err(e) => {
+                self.inner
+                    .notifier
+                    .emit(Notification::Error(Arc::new(e.into())));
+                None
+            }
+        }
+    }
+
+    /// No filter and no middleware: events go as they are (hot paths skip copies).
+    fn shapes_nothing(&self) -> bool {
+        self.inner.filter.is_none() && self.inner.pipeline.is_empty()
     }
 
     /// The repository URL.
@@ -564,7 +613,20 @@ impl GitSyncClient {
             server_version: response.server_version,
             ..MergeResult::default()
         };
-        for found in response.conflicts {
+        for mut found in response.conflicts {
+            // Both sides as the application sees them (e.g. decrypted); a side the incoming
+            // chain refuses leaves nothing to settle here.
+            if !self.shapes_nothing() {
+                let conflict = &mut found.conflict;
+                let ours = self.shape(Direction::Incoming, conflict.ours.clone());
+                let theirs = self.shape(Direction::Incoming, conflict.theirs.clone());
+                let (Some(ours), Some(theirs)) = (ours, theirs) else {
+                    result.conflicts.push(found.conflict);
+                    continue;
+                };
+                conflict.ours = ours;
+                conflict.theirs = theirs;
+            }
             self.inner
                 .notifier
                 .emit(Notification::Conflict(found.conflict.clone()));
@@ -889,7 +951,15 @@ impl GitSyncClient {
             }
             self.learn_log(replica, branch, &mut known, page.log_id.as_deref())
                 .await?;
-            let ingested = replica.ingest(page.events).await?;
+            let events = if self.shapes_nothing() {
+                page.events
+            } else {
+                page.events
+                    .into_iter()
+                    .filter_map(|event| self.shape(Direction::Incoming, event))
+                    .collect()
+            };
+            let ingested = replica.ingest(events).await?;
             since += count;
             // After the events: a crash in between re-pulls the page, which deduplicates.
             if count > 0 {
@@ -960,19 +1030,34 @@ impl GitSyncClient {
             if page.is_empty() {
                 break;
             }
+            let shapes_nothing = self.shapes_nothing();
             for stored in page {
                 if segments.branch_of(stored.seq) == Some(branch) && replica.sends(&stored)? {
+                    // The form it is pushed in (`None`: it stays home, for good).
+                    let shaped = if shapes_nothing {
+                        None
+                    } else {
+                        match self.shape(Direction::Outgoing, stored.event.clone()) {
+                            Some(shaped) => Some(shaped),
+                            None => {
+                                scanned = stored.seq;
+                                continue;
+                            }
+                        }
+                    };
                     let mark = json.len();
                     if !events.is_empty() {
                         json.push(b',');
                     }
-                    write_event(&mut json, &stored.event).map_err(|e| {
-                        GitError::Protocol {
-                            url: self.url(),
-                            reason: format!("encoding event {:?}: {e}", stored.event.id),
-                        }
-                        .into_sync()
-                    })?;
+                    write_event(&mut json, shaped.as_ref().unwrap_or(&stored.event)).map_err(
+                        |e| {
+                            GitError::Protocol {
+                                url: self.url(),
+                                reason: format!("encoding event {:?}: {e}", stored.event.id),
+                            }
+                            .into_sync()
+                        },
+                    )?;
                     if !events.is_empty() && json.len() >= self.inner.push_batch_bytes {
                         // Over the byte budget: this event starts the next batch.
                         json.truncate(mark);
