@@ -338,3 +338,37 @@ async fn an_api_key_with_dots_works_as_a_bearer_token() {
     );
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn empty_credential_headers_are_no_credentials_on_both_transports() {
+    // One presented-and-refused credential would lock this client out.
+    let running = Server::bind(config(auth(1))).await.unwrap();
+    let addr = running.local_addr();
+    let url = format!("ws://{addr}/ws/lobby");
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        for (name, value) in [("x-api-key", ""), ("authorization", "Bearer ")] {
+            // "credentials required": the challenge without an error, and nothing counted.
+            assert_eq!(
+                refusal(connect(&url, Some((name, value))).await),
+                (401, Some(r#"Bearer realm="ksync""#.to_owned())),
+                "{name}: {value:?} over WebSocket"
+            );
+            let git = http
+                .get(format!("http://{addr}/git/notes"))
+                .header(name, value)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(git.status(), 401);
+            assert_eq!(
+                git.headers().get("www-authenticate").unwrap(),
+                r#"Bearer realm="ksync""#,
+                "{name}: {value:?} over HTTP"
+            );
+        }
+    }
+    let mut ws = connect(&url, Some(("x-api-key", KEY))).await.unwrap();
+    hello(&mut ws).await;
+    running.shutdown().await.unwrap();
+}

@@ -656,7 +656,8 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 
 /// Takes credentials from `Authorization: Bearer ..`, `X-Api-Key: ..`, or (for browsers, which
 /// cannot set headers on a WebSocket) `Sec-WebSocket-Protocol` entries `ksync.auth.<token>` and
-/// `ksync.apikey.<key>`.
+/// `ksync.apikey.<key>`. An empty value is no credential (as for the repository service): a
+/// blank header is "credentials required", not a failed attempt counted against the client.
 pub fn credentials_from_headers(headers: &HeaderMap) -> Credentials {
     let mut credentials = Credentials::default();
     if let Some(value) = headers
@@ -664,18 +665,25 @@ pub fn credentials_from_headers(headers: &HeaderMap) -> Credentials {
         .and_then(|v| v.to_str().ok())
         && let Some((scheme, token)) = value.trim().split_once(' ')
         && scheme.eq_ignore_ascii_case("bearer")
+        && !token.trim().is_empty()
     {
         credentials.bearer = Some(token.trim().to_owned());
     }
-    if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+    if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok())
+        && !key.trim().is_empty()
+    {
         credentials.api_key = Some(key.trim().to_owned());
     }
     for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
         let Ok(value) = value.to_str() else { continue };
         for entry in value.split(',').map(str::trim) {
-            if let Some(token) = entry.strip_prefix(AUTH_PROTOCOL_PREFIX) {
+            if let Some(token) = entry.strip_prefix(AUTH_PROTOCOL_PREFIX)
+                && !token.is_empty()
+            {
                 credentials.bearer.get_or_insert_with(|| token.to_owned());
-            } else if let Some(key) = entry.strip_prefix(APIKEY_PROTOCOL_PREFIX) {
+            } else if let Some(key) = entry.strip_prefix(APIKEY_PROTOCOL_PREFIX)
+                && !key.is_empty()
+            {
                 credentials.api_key.get_or_insert_with(|| key.to_owned());
             }
         }
