@@ -110,6 +110,7 @@ impl GitSyncClientBuilder {
     }
 
     /// Credentials (`Auth::jwt`, `Auth::api_key` or a plain bearer `Auth::token`). Default none.
+    /// `build` refuses credentials that cannot go in an HTTP header (control characters).
     pub fn auth(mut self, auth: Auth) -> Self {
         self.auth = Some(auth);
         self
@@ -173,6 +174,15 @@ impl GitSyncClientBuilder {
     /// Checks the options and makes the client. No network traffic happens here.
     pub fn build(self) -> Result<GitSyncClient, SyncError> {
         let url = repo_url(&self.url).map_err(GitError::into_sync)?;
+        if let Some(auth) = &self.auth
+            && reqwest::header::HeaderValue::from_str(&auth.header().1).is_err()
+        {
+            // Never sendable (every request would fail to build): refused here, as the
+            // WebSocket client does. (No secret in the message.)
+            return Err(SyncError::Config(
+                "credentials contain characters not allowed in an HTTP header".into(),
+            ));
+        }
         if let Some(branch) = &self.branch {
             branch_name(branch)?;
         }

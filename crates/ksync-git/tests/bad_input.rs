@@ -532,3 +532,24 @@ async fn a_stalled_server_gives_a_timeout_error() {
     );
     hold.abort();
 }
+
+/// Credentials that cannot go in an HTTP header (a control character, e.g. a newline pasted
+/// with a token) are refused by the builder, as the WebSocket client's are, without the secret
+/// in the message; they built a client whose every request failed.
+#[test]
+fn credentials_that_cannot_be_sent_are_refused_at_build() {
+    for auth in [
+        Auth::token("s3cret\nline"),
+        Auth::jwt("s3cret\r"),
+        Auth::api_key("s3cret\u{7f}"),
+    ] {
+        match GitSyncClient::builder("http://127.0.0.1:9/git/r")
+            .auth(auth)
+            .build()
+        {
+            Err(SyncError::Config(message)) => assert!(!message.contains("s3cret"), "{message}"),
+            Err(other) => panic!("expected a configuration error, got {other}"),
+            Ok(_) => panic!("built a client whose credentials cannot be sent"),
+        }
+    }
+}
