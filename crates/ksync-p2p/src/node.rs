@@ -63,6 +63,9 @@ const DIGEST_STEP: usize = 16 * 1024;
 const IN_FLIGHT_PATIENCE: Duration = Duration::from_secs(1);
 /// Most queued commands handled in one turn of the node loop.
 const COMMAND_DRAIN: usize = 256;
+/// Listening on every interface, `start` waits this long after each reported address for
+/// the next interface's (they come in quick succession).
+const LISTEN_SETTLE: Duration = Duration::from_millis(100);
 /// How often mDNS asks the LAN who is there.
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -343,6 +346,9 @@ pub(crate) struct Node {
     /// The spec's `peerId`s of the peers met, with the addresses they listen on (bounded by
     /// `MAX_KNOWN_NAMES`).
     names: HashMap<String, (PeerId, Vec<Multiaddr>)>,
+    /// Swarm events that arrived while `start` collected listen addresses (at most
+    /// `MAX_PENDING`), handled first thing in `run`.
+    backlog: Vec<SwarmEvent<BehaviourEvent>>,
     stopping: bool,
     /// Broadcasts waiting to be published together (bounded by `MAX_BATCH_EVENTS` and
     /// `max_batch_bytes`; published at `batch_deadline` at the latest).
@@ -419,6 +425,25 @@ impl Node {
                 _ => {}
             }
         }
+        // On every interface, the listener reports one address per interface, one after the
+        // other: take those that come in quick succession too, so `listen_addrs` right after
+        // `start` holds the addresses other hosts can reach, not only the first (often
+        // loopback). Anything else that happens meanwhile is handled first thing in `run`.
+        let mut backlog = Vec::new();
+        if opts.listen_host.is_unspecified() {
+            while backlog.len() < MAX_PENDING as usize {
+                match tokio::time::timeout(LISTEN_SETTLE, swarm.select_next_some()).await {
+                    Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+                        let mut addrs = lock(&shared.listen_addrs);
+                        if !addrs.contains(&address) {
+                            addrs.push(address);
+                        }
+                    }
+                    Ok(other) => backlog.push(other),
+                    Err(_) => break,
+                }
+            }
+        }
         let log_id = match replica.cursor(LOG_ID_CURSOR).map_err(P2PError::Replica)? {
             0 => {
                 let id = rand::random::<u64>().max(1);
@@ -452,6 +477,7 @@ impl Node {
             peer_dials: HashMap::new(),
             lookups: HashMap::new(),
             names: HashMap::new(),
+            backlog,
             stopping: false,
             batch: Vec::new(),
             batch_bytes: 0,
@@ -496,6 +522,9 @@ impl Node {
 
     /// Runs until shutdown.
     pub(crate) async fn run(mut self) {
+        for event in std::mem::take(&mut self.backlog) {
+            self.on_swarm_event(event).await;
+        }
         let mut round = tokio::time::interval(self.opts.anti_entropy_interval);
         round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         round.tick().await;

@@ -63,3 +63,24 @@ async fn a_stopped_client_releases_its_port_and_starts_again() {
     a.broadcast(event("a", 1)).await.expect("broadcast");
     wait_until(10, "b gets the event", || keys(&b).len() == 1).await;
 }
+
+/// Listening on every interface (the default), `start` returns with an address for each, so
+/// what an application prints right away (`ksync peer` does) includes the ones other hosts
+/// can reach, not only loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_returns_with_an_address_per_interface() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = builder(dir.path(), "a")
+        .listen_host(ksync_p2p::DEFAULT_LISTEN_HOST)
+        .build()
+        .expect("build");
+    a.start().await.expect("start");
+    let mut at_start = a.listen_addrs();
+    at_start.sort();
+    // Give interfaces reported late every chance to show up before comparing.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut settled = a.listen_addrs();
+    settled.sort();
+    assert!(!at_start.is_empty());
+    assert_eq!(at_start, settled, "addresses reported after start returned");
+}
