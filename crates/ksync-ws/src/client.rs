@@ -14,7 +14,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -943,32 +942,13 @@ impl Session {
             addr,
             source: Arc::new(e),
         })?;
-        let mut request =
-            config
-                .url
-                .as_str()
-                .into_client_request()
-                .map_err(|e| WsError::InvalidUrl {
-                    url: config.url.clone(),
-                    reason: e.to_string(),
-                })?;
         let auth = lock(&self.inner.auth).clone();
-        if let Some(auth) = &auth {
-            let (name, value) = auth.header();
-            let value = http::HeaderValue::from_str(&value).map_err(|_| {
-                WsError::Protocol("credentials contain characters not allowed in a header".into())
-            })?;
-            request.headers_mut().insert(name, value);
-        }
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size))
             .read_buffer_size(16 * 1024)
             .write_buffer_size(0);
-        let (mut socket, _) =
-            tokio_tungstenite::client_async_with_config(request, tcp, Some(ws_config))
-                .await
-                .map_err(handshake_error)?;
+        let mut socket = upgrade(tcp, &config.url, auth.as_ref(), ws_config).await?;
         let (since, state) = match (&self.replica, config.strategy) {
             (_, Strategy::StateBased { .. }) if self.room_cursor == 0 => (None, true),
             (Some(_), _) => (Some(self.room_cursor), false),
@@ -1670,22 +1650,125 @@ struct PublishOut<'a> {
 // Keeps the wire type and the borrowed form in step.
 const _: fn(Publish) = |_| {};
 
-fn handshake_error(error: tungstenite::Error) -> WsError {
-    match error {
-        tungstenite::Error::Http(response) => {
-            let status = response.status().as_u16();
-            let body = response
-                .body()
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(&b[..b.len().min(512)]).into_owned())
-                .unwrap_or_default();
-            WsError::Refused {
-                status,
-                message: body,
+/// Longest upgrade answer head read (status line and headers).
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+/// Most bytes of a refusal's body kept for [`WsError::Refused`].
+const MAX_REFUSAL_BODY: usize = 512;
+
+/// The WebSocket upgrade (RFC 6455 4.1) on `tcp`, done here rather than by tungstenite: its
+/// client handshake logs the whole request at TRACE, credentials included. A refusal is
+/// [`WsError::Refused`] with the status and (the start of) the body.
+async fn upgrade(
+    mut tcp: TcpStream,
+    url: &str,
+    auth: Option<&Auth>,
+    config: WebSocketConfig,
+) -> Result<Socket, WsError> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let invalid = |reason: &str| WsError::InvalidUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let uri: http::Uri = url.parse().map_err(|_| invalid("not a URL"))?;
+    let host = uri.authority().ok_or_else(|| invalid("no host"))?;
+    let path = uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let path = if path.is_empty() { "/" } else { path };
+    let key = tungstenite::handshake::client::generate_key();
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+    );
+    if let Some(auth) = auth {
+        let (name, value) = auth.header();
+        // Checked by the builder and `set_auth`; never sent broken.
+        if http::HeaderValue::from_str(&value).is_err() {
+            return Err(WsError::Protocol(
+                "credentials contain characters not allowed in a header".into(),
+            ));
+        }
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    let io = |e: std::io::Error| WsError::WebSocket(format!("upgrade: {e}"));
+    tcp.write_all(request.as_bytes()).await.map_err(io)?;
+    drop(request);
+
+    let mut buffer = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if buffer.len() > MAX_RESPONSE_HEAD {
+            return Err(WsError::WebSocket("upgrade: answer head too long".into()));
+        }
+        let mut chunk = [0u8; 2048];
+        let read = tcp.read(&mut chunk).await.map_err(io)?;
+        if read == 0 {
+            return Err(WsError::ConnectionLost);
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    };
+    let rest = buffer.split_off(head_end);
+    let head = String::from_utf8_lossy(&buffer);
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| WsError::WebSocket("upgrade: no HTTP status line".into()))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if status != 101 {
+        let length = header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(MAX_REFUSAL_BODY);
+        let mut body = rest;
+        while body.len() < length {
+            let mut chunk = [0u8; 512];
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => body.extend_from_slice(&chunk[..read]),
             }
         }
-        other => WsError::WebSocket(other.to_string()),
+        body.truncate(length);
+        return Err(WsError::Refused {
+            status,
+            message: String::from_utf8_lossy(&body).into_owned(),
+        });
     }
+    let has = |name: &str, token: &str| {
+        header(name).is_some_and(|v| {
+            v.split(',')
+                .any(|part| part.trim().eq_ignore_ascii_case(token))
+        })
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if !has("upgrade", "websocket")
+        || !has("connection", "upgrade")
+        || header("sec-websocket-accept") != Some(accept.as_str())
+    {
+        return Err(WsError::WebSocket(
+            "upgrade: the answer is not a valid WebSocket handshake".into(),
+        ));
+    }
+    Ok(WebSocketStream::from_partially_read(
+        tcp,
+        rest,
+        tungstenite::protocol::Role::Client,
+        Some(config),
+    )
+    .await)
 }
 
 fn closed(frame: Option<CloseFrame>) -> WsError {
