@@ -10,7 +10,10 @@
 //! 4. P2P: two peers on a private libp2p network and a `KSync` bridge (one P2P client plus one
 //!    WebSocket client) joining them to room `bridge`, where a plain WebSocket client also writes;
 //! 5. checks every replica of each group ends equal, stops the server with SIGTERM (clean exit),
-//!    restarts it on the same data directory and checks that everything acknowledged is there.
+//!    restarts it on the same data directory and checks that everything acknowledged is there;
+//! 6. runs every example of the `ksync` crate that talks to a server (the spec's snippets,
+//!    compiled) against a fresh `ksync serve` without auth, each in its own empty directory:
+//!    each must exit 0 (`quick_start` runs until Ctrl-C: it gets SIGINT once it has synced).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -44,7 +47,92 @@ pub fn run(args: &[String]) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(scenario(binary, data.path().to_path_buf()))
+    runtime.block_on(scenario(binary.clone(), data.path().to_path_buf()))?;
+    examples(&binary)
+}
+
+/// The `ksync` examples that need a server, run to completion. `quick_start` last: it waits
+/// for Ctrl-C.
+const EXAMPLES: [&str; 13] = [
+    "websocket_client",
+    "websocket_auth",
+    "websocket_complete",
+    "sync_strategies",
+    "sync_filters",
+    "middleware",
+    "monitoring",
+    "git_pull_push",
+    "git_conflicts",
+    "git_branching",
+    "git_complete",
+    "p2p",
+    "custom_sync_client",
+];
+/// Longest an example may take.
+const EXAMPLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Step 6 (see the module docs).
+fn examples(binary: &PathBuf) -> Result<()> {
+    crate::cargo(&["build", "-p", "ksync", "--examples", "--features", "full"])?;
+    let data = tempfile::tempdir().context("temporary data directory")?;
+    let server = ServerProcess::start_open(binary, data.path())?;
+    let dir = target_dir().join("debug").join("examples");
+    for name in EXAMPLES {
+        let cwd = tempfile::tempdir().context("example directory")?;
+        let mut child = Command::new(dir.join(name))
+            .current_dir(cwd.path())
+            .env("KSYNC_SERVER", &server.addr)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting example {name}"))?;
+        let status =
+            wait_within(&mut child, EXAMPLE_TIMEOUT).with_context(|| format!("example {name}"))?;
+        ensure!(status.success(), "example {name} exited with {status}");
+        println!("example {name}: ok");
+    }
+    // Syncs, prints "N events here; Ctrl-C to stop", then waits for Ctrl-C.
+    let cwd = tempfile::tempdir().context("example directory")?;
+    let mut child = Command::new(dir.join("quick_start"))
+        .current_dir(cwd.path())
+        .env("KSYNC_SERVER", &server.addr)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting example quick_start")?;
+    let stdout = child.stdout.take().context("quick_start stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let synced = lines.find_map(|line| line.ok().filter(|l| l.contains("Ctrl-C to stop")));
+    ensure!(synced.is_some(), "quick_start ended before it synced");
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-INT", &pid]).status()?;
+    ensure!(sent.success(), "kill -INT {pid} failed");
+    let status = wait_within(&mut child, EXAMPLE_TIMEOUT).context("example quick_start")?;
+    ensure!(
+        status.success(),
+        "example quick_start exited with {status} after SIGINT"
+    );
+    println!("example quick_start: ok");
+    server.stop()?;
+    println!("examples: {} ran against ksync serve", EXAMPLES.len() + 1);
+    Ok(())
+}
+
+/// Waits for `child` to exit; kills it (and fails) after `limit`.
+fn wait_within(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("did not finish within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 pub(crate) fn target_dir() -> PathBuf {
@@ -67,13 +155,28 @@ pub(crate) struct ServerProcess {
 
 impl ServerProcess {
     pub(crate) fn start(binary: &PathBuf, data_dir: &std::path::Path) -> Result<Self> {
-        let mut child = Command::new(binary)
+        Self::spawn(
+            binary,
+            data_dir,
+            Some(&format!("writer={WRITER_KEY},reader:read={READER_KEY}")),
+        )
+    }
+
+    /// A server without auth (what the examples' fallback credentials expect).
+    fn start_open(binary: &PathBuf, data_dir: &std::path::Path) -> Result<Self> {
+        Self::spawn(binary, data_dir, None)
+    }
+
+    fn spawn(binary: &PathBuf, data_dir: &std::path::Path, api_keys: Option<&str>) -> Result<Self> {
+        let mut command = Command::new(binary);
+        command
             .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .env(
-                "KSYNC_API_KEYS",
-                format!("writer={WRITER_KEY},reader:read={READER_KEY}"),
-            )
+            .env_remove("KSYNC_API_KEYS");
+        if let Some(keys) = api_keys {
+            command.env("KSYNC_API_KEYS", keys);
+        }
+        let mut child = command
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
