@@ -174,15 +174,7 @@ impl GitSyncClientBuilder {
     /// Checks the options and makes the client. No network traffic happens here.
     pub fn build(self) -> Result<GitSyncClient, SyncError> {
         let url = repo_url(&self.url).map_err(GitError::into_sync)?;
-        if let Some(auth) = &self.auth
-            && reqwest::header::HeaderValue::from_str(&auth.header().1).is_err()
-        {
-            // Never sendable (every request would fail to build): refused here, as the
-            // WebSocket client does. (No secret in the message.)
-            return Err(SyncError::Config(
-                "credentials contain characters not allowed in an HTTP header".into(),
-            ));
-        }
+        check_auth(self.auth.as_ref())?;
         if let Some(branch) = &self.branch {
             branch_name(branch)?;
         }
@@ -203,7 +195,7 @@ impl GitSyncClientBuilder {
             inner: Arc::new(Inner {
                 http: Http {
                     client,
-                    auth: self.auth,
+                    auth: Arc::new(RwLock::new(self.auth)),
                     compression: self.compression,
                 },
                 url: RwLock::new(url),
@@ -318,7 +310,7 @@ impl fmt::Debug for GitSyncClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GitSyncClient")
             .field("url", &self.url())
-            .field("auth", &self.inner.http.auth)
+            .field("auth", &*read(&self.inner.http.auth))
             .field("pull_interval", &self.inner.pull_interval)
             .field("compression", &self.inner.http.compression)
             .finish_non_exhaustive()
@@ -430,6 +422,16 @@ impl GitSyncClient {
     /// No filter and no middleware: events go as they are (hot paths skip copies).
     fn shapes_nothing(&self) -> bool {
         self.inner.filter.is_none() && self.inner.pipeline.is_empty()
+    }
+
+    /// Replaces the credentials (`None`: none) for the next requests, e.g. a fresh token after
+    /// the service refused the old one (401: auto-pull stopped; call `connect()` to check the
+    /// new ones and start it again). Refuses credentials that cannot go in an HTTP header, as
+    /// the builder does.
+    pub fn set_auth(&self, auth: Option<Auth>) -> Result<(), SyncError> {
+        check_auth(auth.as_ref())?;
+        *write(&self.inner.http.auth) = auth;
+        Ok(())
     }
 
     /// The repository URL.
@@ -1380,12 +1382,27 @@ async fn joined<T>(task: tokio::task::JoinHandle<Result<T, SyncError>>) -> Resul
     task.await.unwrap_or_else(|e| Err(SyncError::transport(e)))
 }
 
+/// Refuses credentials that can never be sent (a control character, e.g. a newline pasted with
+/// a token: every request would fail to build), as the WebSocket client does. (No secret in
+/// the message.)
+fn check_auth(auth: Option<&Auth>) -> Result<(), SyncError> {
+    if let Some(auth) = auth
+        && reqwest::header::HeaderValue::from_str(&auth.header().1).is_err()
+    {
+        return Err(SyncError::Config(
+            "credentials contain characters not allowed in an HTTP header".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The HTTP side of a client: owned and cheap to clone, so a request can run on its own task
 /// while the caller works on the previous answer.
 #[derive(Clone)]
 struct Http {
     client: reqwest::Client,
-    auth: Option<Auth>,
+    /// Shared by the clones a request takes, so that `set_auth` reaches them all.
+    auth: Arc<RwLock<Option<Auth>>>,
     compression: bool,
 }
 
@@ -1401,8 +1418,7 @@ impl Http {
             .client
             .request(method, &url)
             .header(PROTOCOL_HEADER, ksync_core::PROTOCOL_VERSION.to_string());
-        if let Some(auth) = &self.auth {
-            let (name, value) = auth.header();
+        if let Some((name, value)) = read(&self.auth).as_ref().map(Auth::header) {
             request = request.header(name, value);
         }
         if let Some(json) = json {

@@ -722,6 +722,39 @@ async fn auto_pull_stops_when_the_credentials_are_refused() {
     task.abort();
 }
 
+/// Refused credentials are replaced with `set_auth`; `connect()` then checks the new ones and
+/// the client syncs with them (a token refreshed after it expired).
+#[tokio::test]
+async fn set_auth_brings_fresh_credentials_after_a_refusal() {
+    let server = start(&["r"]).await;
+    let c = ksync_git::GitSyncClient::builder(server.url("/git/r"))
+        .auth(ksync_core::Auth::token("stale-token"))
+        .build()
+        .expect("client");
+    let refused = c.connect().await.expect_err("refused");
+    assert!(
+        matches!(refused, ksync_core::SyncError::Auth(_)),
+        "{refused}"
+    );
+    assert!(
+        c.set_auth(Some(ksync_core::Auth::token("bad\ntoken")))
+            .is_err(),
+        "credentials that cannot be sent are refused"
+    );
+    c.set_auth(Some(ksync_core::Auth::token("writer")))
+        .expect("set_auth");
+    c.connect().await.expect("connect with fresh credentials");
+    c.send(Event::new("fresh", "t", json!(1), 1))
+        .await
+        .expect("send");
+    assert_eq!(c.push().await.expect("push").pushed_events.len(), 1);
+    let stored: Vec<String> = branch_events(&server, "r", "main")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(stored, vec!["fresh".to_owned()]);
+}
+
 /// `KSync::enable_auto_sync` does what auto-pull does: refused credentials are reported
 /// once and stop it (they were retried on every tick, forever, each attempt a failed login
 /// on the server); `enable_auto_sync` again starts it again.
