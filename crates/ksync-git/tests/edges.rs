@@ -849,6 +849,33 @@ async fn serve(app: axum::Router) -> (std::net::SocketAddr, tokio::task::JoinHan
     (addr, task)
 }
 
+/// An in-memory service with repository `r` behind `fault` (an axum middleware), served on
+/// 127.0.0.1:0: its provider (to look at the branches), URL and task.
+async fn faulty_service<F, Fut>(
+    fault: F,
+) -> (
+    std::sync::Arc<ksync_core::InMemoryProvider>,
+    String,
+    tokio::task::JoinHandle<()>,
+)
+where
+    F: Fn(axum::extract::Request, axum::middleware::Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = axum::response::Response> + Send + 'static,
+{
+    use std::sync::Arc;
+    let provider = Arc::new(ksync_core::InMemoryProvider::new());
+    let service = ksync_git::server::GitServer::new(
+        Arc::clone(&provider) as Arc<dyn ksync_core::StorageProvider>,
+        Arc::new(common::TestAuth),
+    );
+    service
+        .create_repo(&ksync_core::Name::new("r").expect("name"))
+        .await
+        .expect("repo");
+    let (addr, task) = serve(service.router().layer(axum::middleware::from_fn(fault))).await;
+    (provider, format!("http://{addr}/git/r"), task)
+}
+
 /// A merge whose conflict resolutions cannot be pushed (the server fails the push) returns
 /// the error; the server's merge cursor has moved on and will not report the collision
 /// again, so the same merge retried must push the resolutions it owes.
@@ -860,17 +887,7 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
     use axum::extract::Request;
     use axum::middleware::Next;
     use axum::response::IntoResponse;
-    use ksync_core::InMemoryProvider;
 
-    let provider = Arc::new(InMemoryProvider::new());
-    let service = ksync_git::server::GitServer::new(
-        Arc::clone(&provider) as Arc<dyn ksync_core::StorageProvider>,
-        Arc::new(common::TestAuth),
-    );
-    service
-        .create_repo(&ksync_core::Name::new("r").expect("name"))
-        .await
-        .expect("repo");
     // While armed, pushes to `main` fail.
     let armed = Arc::new(AtomicBool::new(false));
     let fail = {
@@ -888,8 +905,7 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
             }
         }
     };
-    let (addr, task) = serve(service.router().layer(axum::middleware::from_fn(fail))).await;
-    let url = format!("http://{addr}/git/r");
+    let (provider, url, task) = faulty_service(fail).await;
     let (a, b) = colliding_edits(&url, "feature text", "main text").await;
 
     armed.store(true, Ordering::SeqCst);
@@ -946,17 +962,7 @@ async fn a_merge_whose_answer_was_lost_reports_its_collisions_when_retried() {
     use axum::extract::Request;
     use axum::middleware::Next;
     use axum::response::IntoResponse;
-    use ksync_core::InMemoryProvider;
 
-    let provider = Arc::new(InMemoryProvider::new());
-    let service = ksync_git::server::GitServer::new(
-        Arc::clone(&provider) as Arc<dyn ksync_core::StorageProvider>,
-        Arc::new(common::TestAuth),
-    );
-    service
-        .create_repo(&ksync_core::Name::new("r").expect("name"))
-        .await
-        .expect("repo");
     // While armed, a merge is carried out and its answer replaced by a 502 (a proxy that
     // lost the connection to the service after forwarding the request).
     let armed = Arc::new(AtomicBool::new(false));
@@ -974,8 +980,7 @@ async fn a_merge_whose_answer_was_lost_reports_its_collisions_when_retried() {
             }
         }
     };
-    let (addr, task) = serve(service.router().layer(axum::middleware::from_fn(lose))).await;
-    let url = format!("http://{addr}/git/r");
+    let (_provider, url, task) = faulty_service(lose).await;
     let (a, b) = colliding_edits(&url, "feature text", "main text").await;
 
     armed.store(true, Ordering::SeqCst);

@@ -73,78 +73,6 @@ async fn publish_raw(url: &str, events: Vec<serde_json::Value>) {
     }
 }
 
-#[tokio::test]
-async fn a_reset_room_gets_the_replicas_events_back_and_the_replica_gets_the_rooms() {
-    // The server comes back with an empty room (in-memory storage, or another server on the
-    // same address): the replica's cursor is beyond the room's last seq (`cursor_ahead`).
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let first: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
-    let server = serve_on(
-        listener,
-        RelayConfig::default(),
-        first.clone(),
-        Arc::new(AllowAll),
-    );
-    let url = server.url(Some("reset"));
-    // Without auto-reconnect: syncing again with the reset room is part of connecting.
-    let a = ksync_with(
-        WebSocketSyncClient::builder(&url)
-            .reconnect(false)
-            .build()
-            .expect("client"),
-    )
-    .await;
-    let rec = Recorder::attach(a.client().as_ref());
-    a.connect().await.expect("connect");
-    for i in 0..5 {
-        a.emit("before-reset", json!(i)).await.expect("emit");
-    }
-    let old_room = room_log(&first, "reset");
-    eventually("the first room stored a's events", || old_room.len() == 5).await;
-    a.disconnect().await.expect("disconnect");
-    server.stop().await;
-
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .expect("same port");
-    let second: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
-    let server = serve_on(
-        listener,
-        RelayConfig::default(),
-        second.clone(),
-        Arc::new(AllowAll),
-    );
-    // Someone else publishes to the new room before `a` comes back.
-    publish_raw(&url, vec![event("other-1", 1), event("other-2", 2)]).await;
-    a.connect().await.expect("reconnect");
-    let new_room = room_log(&second, "reset");
-    eventually("a has the new room's events", || {
-        a.replica().storage().len() == 7
-    })
-    .await;
-    eventually("the new room has a's events back", || new_room.len() == 7).await;
-    assert_eq!(
-        sorted_keys(a.replica().storage().as_ref()),
-        sorted_keys(new_room.as_ref())
-    );
-    // Told once why it connected again; the other side's events notified once each.
-    assert_eq!(
-        rec.count(|n| matches!(n, Notification::Error(e) if matches!(ksync_ws::WsError::find(e), Some(ksync_ws::WsError::RoomReset { cursor: 5, server_version: 2 })))),
-        1,
-        "{:?}",
-        rec.all()
-    );
-    let mut others = rec.event_ids();
-    others.sort();
-    assert_eq!(others, ["other-1", "other-2"]);
-    assert!(a.client().is_connected());
-    a.disconnect().await.expect("disconnect");
-    server.stop().await;
-}
-
 /// Stops `server` and serves the provider `open` gives (called once the server stopped) on the
 /// same address.
 async fn restart_on(server: Server, open: impl FnOnce() -> Arc<dyn StorageProvider>) -> Server {
@@ -162,16 +90,15 @@ async fn restart_on(server: Server, open: impl FnOnce() -> Arc<dyn StorageProvid
     )
 }
 
-/// The room comes back empty (another in-memory server on the same address) and has grown
-/// past the replica's cursor before the replica returns: no `cursor_ahead` to tell, but
-/// `welcome.logId` names another log. The replica syncs the whole room and gives it its
-/// events back, where resuming from its cursor would skip the room's first events and never
-/// republish its own.
-#[tokio::test]
-async fn a_reset_room_that_grew_past_the_cursor_is_synced_from_the_start() {
+/// A replica publishes `mine` events; the server comes back with an empty room (another
+/// in-memory server on the same address) where someone else publishes `others` events before
+/// the replica returns. The replica must sync the whole new room and give it its events back,
+/// told once why (`RoomReset`), with each of the others' events notified once.
+async fn reset_room_case(room: &str, mine: u64, others: u64) {
     let first: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
     let server = start_with(RelayConfig::default(), first.clone(), Arc::new(AllowAll)).await;
-    let url = server.url(Some("regrown"));
+    let url = server.url(Some(room));
+    // Without auto-reconnect: syncing again with the reset room is part of connecting.
     let a = ksync_with(
         WebSocketSyncClient::builder(&url)
             .reconnect(false)
@@ -181,38 +108,65 @@ async fn a_reset_room_that_grew_past_the_cursor_is_synced_from_the_start() {
     .await;
     let rec = Recorder::attach(a.client().as_ref());
     a.connect().await.expect("connect");
-    for i in 0..3 {
+    for i in 0..mine {
         a.emit("before-reset", json!(i)).await.expect("emit");
     }
-    let old_room = room_log(&first, "regrown");
-    eventually("the first room stored a's events", || old_room.len() == 3).await;
+    let old_room = room_log(&first, room);
+    eventually("the first room stored a's events", || {
+        old_room.len() == mine
+    })
+    .await;
     a.disconnect().await.expect("disconnect");
 
     let second: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
     let server = restart_on(server, || second.clone()).await;
-    let others: Vec<_> = (1..=8).map(|n| event(&format!("other-{n}"), 1)).collect();
-    publish_raw(&url, others).await;
+    let theirs: Vec<_> = (1..=others)
+        .map(|n| event(&format!("other-{n}"), n))
+        .collect();
+    publish_raw(&url, theirs).await;
     a.connect().await.expect("reconnect");
-    let new_room = room_log(&second, "regrown");
+    let new_room = room_log(&second, room);
+    let total = mine + others;
     eventually("a has the new room's events", || {
-        a.replica().storage().len() == 11
+        a.replica().storage().len() == total
     })
     .await;
-    eventually("the new room has a's events back", || new_room.len() == 11).await;
+    eventually("the new room has a's events back", || {
+        new_room.len() == total
+    })
+    .await;
     assert_eq!(
         sorted_keys(a.replica().storage().as_ref()),
         sorted_keys(new_room.as_ref())
     );
     assert_eq!(
-        rec.count(|n| matches!(n, Notification::Error(e) if matches!(ksync_ws::WsError::find(e), Some(ksync_ws::WsError::RoomReset { cursor: 3, server_version: 8 })))),
+        rec.count(|n| matches!(n, Notification::Error(e) if matches!(ksync_ws::WsError::find(e), Some(ksync_ws::WsError::RoomReset { cursor, server_version }) if *cursor == mine && *server_version == others))),
         1,
         "{:?}",
         rec.all()
     );
-    assert_eq!(rec.event_ids().len(), 8, "{:?}", rec.all());
+    let mut notified = rec.event_ids();
+    notified.sort();
+    let mut expected: Vec<_> = (1..=others).map(|n| format!("other-{n}")).collect();
+    expected.sort();
+    assert_eq!(notified, expected);
     assert!(a.client().is_connected());
     a.disconnect().await.expect("disconnect");
     server.stop().await;
+}
+
+/// The new room is behind the replica's cursor: the relay says `cursor_ahead`.
+#[tokio::test]
+async fn a_reset_room_gets_the_replicas_events_back_and_the_replica_gets_the_rooms() {
+    reset_room_case("reset", 5, 2).await;
+}
+
+/// The new room has grown past the replica's cursor before the replica returns: no
+/// `cursor_ahead` can tell, but `welcome.logId` names another log. Resuming from the cursor
+/// would skip the room's first events and never republish the replica's own.
+#[tokio::test]
+async fn a_reset_room_that_grew_past_the_cursor_is_synced_from_the_start() {
+    reset_room_case("regrown", 3, 8).await;
 }
 
 /// A durable room keeps its log id across server restarts: a replica resumes from its cursor

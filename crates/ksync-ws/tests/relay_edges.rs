@@ -675,20 +675,15 @@ async fn a_connection_still_in_its_handshake_is_closed_with_1001_at_shutdown() {
     server.task.abort();
 }
 
-/// While one subscriber stops reading and is closed with 4008, the others (plain and
-/// compressed) keep receiving every event, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_consumer_is_dropped_while_the_others_receive_everything() {
-    let server = start(RelayConfig {
-        subscriber_queue: 4,
-        ..RelayConfig::default()
-    })
-    .await;
-    let url = server.url(Some("mixed"));
+/// One subscriber stops reading while a publisher sends `total` events of 64 KiB to room
+/// `room` and a reader per entry of `compression` (asking for deflated batches or not) reads:
+/// the readers get every event, in order, and the slow one is closed with 4008.
+async fn slow_consumer_case(config: RelayConfig, room: &str, compression: &[bool], total: u64) {
+    let server = start(config).await;
+    let url = server.url(Some(room));
     let (mut slow, _) = join(&url, hello()).await;
-    let total = 150u64;
     let mut readers = Vec::new();
-    for compression in [false, true, false] {
+    for &compression in compression {
         let h = json!({"type":"hello","protocol":1,"compression":compression});
         let (mut ws, _) = join(&url, h).await;
         readers.push(tokio::spawn(async move {
@@ -722,6 +717,17 @@ async fn a_slow_consumer_is_dropped_while_the_others_receive_everything() {
     }
     assert_eq!(recv_close(&mut slow).await.0, 4008);
     server.stop().await;
+}
+
+/// While one subscriber stops reading and is closed with 4008, the others (plain and
+/// compressed) keep receiving every event, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_dropped_while_the_others_receive_everything() {
+    let config = RelayConfig {
+        subscriber_queue: 4,
+        ..RelayConfig::default()
+    };
+    slow_consumer_case(config, "mixed", &[false, true, false], 150).await;
 }
 
 /// Subscribers resuming from a cursor in the middle of the history while a publisher streams
@@ -1235,48 +1241,15 @@ async fn a_revision_repeated_in_one_publish_is_taken_once() {
 }
 
 /// A subscriber that stops reading is dropped with 4008 once its queue holds
-/// `subscriber_queue_bytes`, long before it holds `subscriber_queue` frames of large events;
-/// the subscriber that reads gets every event.
+/// `subscriber_queue_bytes`: 250 frames are far fewer than the 1,024 the frame count allows,
+/// and far more bytes than the socket buffers and the byte budget hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_dropped_at_its_byte_budget() {
-    let server = start(RelayConfig {
+    let config = RelayConfig {
         subscriber_queue_bytes: 256 * 1024,
         ..RelayConfig::default()
-    })
-    .await;
-    let url = server.url(Some("bytes"));
-    let (mut slow, _) = join(&url, hello()).await;
-    let (mut reader, _) = join(&url, hello()).await;
-    // Far fewer frames than the 1,024 the frame count allows, far more bytes than the socket
-    // buffers and the byte budget hold.
-    let total = 250u64;
-    let reading = tokio::spawn(async move {
-        let mut seqs = Vec::new();
-        while seqs.len() < total as usize {
-            let (_, batch) = recv_text(&mut reader).await;
-            for e in batch["events"].as_array().expect("events") {
-                seqs.push(e["seq"].as_u64().expect("seq"));
-            }
-        }
-        seqs
-    });
-    let (mut publisher, _) = join(&url, hello()).await;
-    for n in 1..=total {
-        let mut e = event(&format!("e{n}"), n);
-        e["data"] = json!("w".repeat(64 * 1024));
-        send_json(
-            &mut publisher,
-            json!({"type":"publish","ref":n,"events":[e]}),
-        )
-        .await;
-        assert_eq!(recv_json(&mut publisher).await["results"][0]["seq"], n);
-    }
-    assert_eq!(
-        reading.await.expect("reader"),
-        (1..=total).collect::<Vec<_>>()
-    );
-    assert_eq!(recv_close(&mut slow).await.0, 4008);
-    server.stop().await;
+    };
+    slow_consumer_case(config, "bytes", &[false], 250).await;
 }
 
 /// Behind a log whose appends wait, a room queues publishes only up to `room_queue_bytes`:
