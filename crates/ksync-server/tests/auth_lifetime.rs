@@ -4,31 +4,21 @@
 //! as a bearer token whatever its characters.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::net::SocketAddr;
+mod common;
+
+use common::*;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
-use ksync_server::{ApiKey, AuthConfig, JwtKey, RateLimit, Server, ServerConfig};
+use ksync_server::{ApiKey, AuthConfig, JwtKey, RateLimit, Server};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const SECRET: &str = "lifetime-test-secret-0123456789abcdef";
 const KEY: &str = "k-lifetime-0001";
-
-fn config(auth: AuthConfig) -> ServerConfig {
-    ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
-        auth,
-        ..ServerConfig::default()
-    }
-}
 
 fn auth(max_failures: u32) -> AuthConfig {
     AuthConfig {

@@ -3,31 +3,22 @@
 //! Chromium in `cargo xtask browser`.)
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
+mod common;
+
+use common::*;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use ksync_server::{ApiKey, AuthConfig, MONITOR_PATH, Server, ServerConfig};
+use futures_util::StreamExt;
+use ksync_server::{ApiKey, AuthConfig, MONITOR_PATH, Server};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const DASH_KEY: &str = "dashKey7f3a9c2e";
 const ROOM_A_KEY: &str = "roomAKey1b2c3d4";
-
-fn config(auth: AuthConfig) -> ServerConfig {
-    ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
-        auth,
-        ..ServerConfig::default()
-    }
-}
 
 fn keys() -> AuthConfig {
     AuthConfig {
@@ -55,25 +46,6 @@ async fn connect(url: &str, protocols: &[String]) -> Result<(Ws, Option<String>)
         .get("sec-websocket-protocol")
         .map(|v| v.to_str().unwrap().to_owned());
     Ok((ws, chosen))
-}
-
-async fn send(ws: &mut Ws, message: Value) {
-    ws.send(Message::text(message.to_string())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a message within 10 s")
-            .expect("stream open")
-            .unwrap();
-        match frame {
-            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
 }
 
 /// The next message of `kind`, skipping others (stats tick every second in between); panics
@@ -132,10 +104,6 @@ async fn join_room(addr: SocketAddr, room: &str, protocols: &[String]) -> Ws {
     send(&mut ws, json!({"type": "hello", "protocol": 1})).await;
     assert_eq!(recv(&mut ws).await["type"], "welcome");
     ws
-}
-
-fn event(id: &str) -> Value {
-    json!({"id": id, "type": "note", "data": {"text": id}, "timestamp": 1_732_615_200_000u64, "version": 1})
 }
 
 async fn get(url: &str, accept: Option<&str>) -> reqwest::Response {

@@ -3,31 +3,21 @@
 //! WebSockets with 1001 and flushes.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::net::SocketAddr;
+mod common;
+
+use common::*;
+
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use ksync_server::{ApiKey, AuthConfig, RateLimit, Scope, Server, ServerConfig};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const FULL_KEY: &str = "full-key-7f3a9c";
 const READ_KEY: &str = "read-key-1b2c3d";
-
-fn config(auth: AuthConfig) -> ServerConfig {
-    ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
-        auth,
-        ..ServerConfig::default()
-    }
-}
 
 fn keys(max_failures: u32) -> AuthConfig {
     AuthConfig {
@@ -63,35 +53,11 @@ fn refusal_status(result: Result<Ws, WsError>) -> u16 {
     }
 }
 
-async fn send(ws: &mut Ws, message: Value) {
-    ws.send(Message::text(message.to_string())).await.unwrap();
-}
-
-/// The next JSON message (pings and pongs skipped).
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a message within 10 s")
-            .expect("stream open")
-            .unwrap();
-        match frame {
-            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
-}
-
 async fn hello(ws: &mut Ws) -> Value {
     send(ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
     let welcome = recv(ws).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     welcome
-}
-
-fn event(id: &str) -> Value {
-    json!({"id": id, "type": "note", "data": {"text": id}, "timestamp": 1_732_615_200_000u64, "version": 1})
 }
 
 #[tokio::test]
