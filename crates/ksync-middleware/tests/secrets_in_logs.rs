@@ -8,29 +8,14 @@
 
 mod common;
 
-use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ksync_core::{Auth, Direction, InMemoryStorage, KSync};
 use ksync_middleware::{Decrypt, Encrypt, FieldCipher, Tap};
 use ksync_ws::WebSocketSyncClient;
 use serde_json::json;
 
-use common::{TestRelay, until};
-
-/// Collects what the fmt subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+use common::{Captured, TestRelay, until};
 
 const API_KEY: &str = "k-live-4f1c9a7e2b";
 const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2IifQ.c2lnbmF0dXJlLXNlY3JldA";

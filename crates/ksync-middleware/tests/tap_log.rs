@@ -4,26 +4,12 @@
 //! thread-local subscriber in a multi-test binary can be missed when another thread registered
 //! the callsite first. Here the global subscriber is set before any event is logged.
 
-use std::io;
-use std::sync::{Arc, Mutex};
+mod common;
 
+use common::Captured;
 use ksync_core::{Event, Middleware};
 use ksync_middleware::Tap;
 use serde_json::json;
-
-/// Collects what the fmt subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 #[test]
 fn logs_each_event_with_its_label_id_and_type() {

@@ -97,3 +97,17 @@ pub async fn next_error(notes: &mut ksync_core::NotificationStream) -> String {
     .await
     .expect("an error notification within 10 s")
 }
+
+/// Collects what a fmt subscriber writes (`.with_writer(move || captured.clone())`).
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
