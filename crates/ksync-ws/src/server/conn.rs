@@ -1,6 +1,7 @@
 //! One task per connection: reads the client's messages, forwards publishes to the room, and
 //! writes what the room queued for it (shared frames) plus its own catch-up.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -274,11 +275,12 @@ async fn run(
     let mut room_notified = std::pin::pin!(outbox.notified());
     let mut shutdown_changed = std::pin::pin!(shutdown.changed());
     let mut burst = Burst::default();
-    // A connection must not outlive its credentials (a JWT's `exp`).
-    let mut expired = std::pin::pin!(expiry(grant));
+    // A connection must not outlive its credentials (a JWT's `exp`). Boxed, and only for
+    // credentials that expire: every idle connection would carry a timer otherwise.
+    let mut expiry = expiry_timer(grant);
     loop {
         tokio::select! {
-            () = &mut expired => {
+            () = expired(&mut expiry) => {
                 tracing::info!("credentials expired; closing the connection");
                 return Err(End::Close(close::CREDENTIALS_EXPIRED, "credentials expired".into()));
             },
@@ -498,15 +500,20 @@ impl Reader<'_> {
     }
 }
 
-/// Resolves when `grant`'s credentials expire (never for credentials without an expiry).
-async fn expiry(grant: &Grant) {
-    match grant.expires_at {
-        Some(at) => {
-            let left = at
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default();
-            tokio::time::sleep(left).await;
-        }
+/// A timer for when `grant`'s credentials expire (none for credentials without an expiry).
+fn expiry_timer(grant: &Grant) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    grant.expires_at.map(|at| {
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        Box::pin(tokio::time::sleep(left))
+    })
+}
+
+/// Resolves when `timer` fires (never without one).
+async fn expired(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
         None => std::future::pending().await,
     }
 }
