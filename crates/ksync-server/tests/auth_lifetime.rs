@@ -269,12 +269,7 @@ async fn max_failures_zero_means_no_limit() {
     }
     let mut ws = connect(&url, Some(("x-api-key", KEY))).await.unwrap();
     hello(&mut ws).await;
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(addr).await;
     assert!(metrics.contains("ksync_auth_refused_total 30"), "{metrics}");
     assert!(
         metrics.contains("ksync_auth_rate_limited_total 0"),

@@ -238,12 +238,7 @@ async fn repeated_websocket_failures_are_rate_limited() {
         .await
         .unwrap();
     assert_eq!(git.status(), 429);
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(addr).await;
     assert!(metrics.contains("ksync_auth_refused_total 3"), "{metrics}");
     assert!(
         metrics.contains("ksync_auth_rate_limited_total 2"),

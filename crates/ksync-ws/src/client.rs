@@ -229,7 +229,7 @@ impl WebSocketSyncClientBuilder {
             queued: AtomicUsize::new(0),
             rescan_from: AtomicU64::new(u64::MAX),
             standalone_cursor: Mutex::new(None),
-            standalone_log: Mutex::new(0),
+            standalone_log: Mutex::new(None),
             state,
             auth: Mutex::new(self.config.auth.clone()),
             config: self.config,
@@ -341,9 +341,9 @@ struct Inner {
     /// The room cursor of a standalone client (`None` before its first session: it starts
     /// with the live stream).
     standalone_cursor: Mutex<Option<u64>>,
-    /// The room log a standalone client's cursor belongs to ([`log_fingerprint`]; 0: none
-    /// seen yet).
-    standalone_log: Mutex<u64>,
+    /// The room log a standalone client's cursor belongs to (`welcome.logId`; `None` before
+    /// the first).
+    standalone_log: Mutex<Option<String>>,
     state: watch::Sender<Link>,
     /// The credentials of the next connection attempt (the builder's, or `set_auth`'s).
     auth: Mutex<Option<Auth>>,
@@ -809,8 +809,7 @@ struct Cursors {
     room: String,
     /// The last local sequence number acknowledged by the server (contiguous prefix).
     acked: String,
-    /// The room log both cursors belong to ([`log_fingerprint`] of `welcome.logId`; 0: none
-    /// seen yet).
+    /// The metadata key of the room log both cursors belong to (`welcome.logId`).
     log: String,
 }
 
@@ -822,17 +821,6 @@ impl Cursors {
             log: format!("ws:{url}/log"),
         }
     }
-}
-
-/// A room log's id (`welcome.logId`, any string) as a non-zero number for the replica's cursor
-/// store (FNV-1a: stable across runs and platforms).
-fn log_fingerprint(log_id: &str) -> u64 {
-    let hash = log_id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-    hash.max(1)
 }
 
 /// One publish waiting for its ack.
@@ -865,8 +853,8 @@ struct Session {
     sent_upto: u64,
     /// Last local sequence number acknowledged (contiguously).
     acked_upto: u64,
-    /// The room log the cursors belong to ([`log_fingerprint`]; 0: none seen yet).
-    known_log: u64,
+    /// The room log the cursors belong to (`welcome.logId`; `None` before the first).
+    known_log: Option<String>,
     /// Publishes awaiting their ack. Bounded: no new publish is sent while `in_flight_events`
     /// is at `max_in_flight` (10 000); the rest waits in the replica / outbox.
     in_flight: VecDeque<Flight>,
@@ -892,13 +880,15 @@ impl Session {
             Some(r) => (
                 r.cursor(&cursors.room).map_err(storage_error)?,
                 r.cursor(&cursors.acked).map_err(storage_error)?,
-                r.cursor(&cursors.log).map_err(storage_error)?,
+                r.storage()
+                    .meta(&cursors.log)
+                    .map_err(|e| storage_error(e.into()))?,
             ),
             // Standalone: acknowledged events leave the outbox, so everything in it is unacked.
             None => (
                 (*lock(&inner.standalone_cursor)).unwrap_or(0),
                 0,
-                *lock(&inner.standalone_log),
+                lock(&inner.standalone_log).clone(),
             ),
         };
         Ok(Self {
@@ -983,7 +973,7 @@ impl Session {
                             self.compression = w.compression;
                             self.server_max_message = w.max_message_size;
                             if let Some(log_id) = &w.log_id
-                                && let Err(reset) = self.check_log(log_id).await?
+                                && let Some(reset) = self.check_log(log_id).await?
                             {
                                 let _ = socket.close(None).await;
                                 return Err(reset);
@@ -1334,32 +1324,32 @@ impl Session {
 
     /// Compares the room's log (`welcome.logId`) with the one our cursors belong to. Another
     /// log (the room was reset, or another server answers here) is a reset as for
-    /// `cursor_ahead`, even when it has grown past our cursor: `Ok(Err(RoomReset))` ends the
+    /// `cursor_ahead`, even when it has grown past our cursor: `Some(RoomReset)` ends the
     /// session and the next one syncs the room from the start. The new log is recorded after
     /// the cursors went back, so a crash in between only costs another resync.
-    async fn check_log(&mut self, log_id: &str) -> Result<Result<(), WsError>, WsError> {
-        let log = log_fingerprint(log_id);
-        if log == self.known_log {
-            return Ok(Ok(()));
+    async fn check_log(&mut self, log_id: &str) -> Result<Option<WsError>, WsError> {
+        if self.known_log.as_deref() == Some(log_id) {
+            return Ok(None);
         }
         // A first log, or cursors still at the start: nothing to reset.
-        let reset = if self.known_log != 0 && (self.room_cursor > 0 || self.acked_upto > 0) {
+        let reset = if self.known_log.is_some() && (self.room_cursor > 0 || self.acked_upto > 0) {
             dlog!(
                 self.debug(),
                 log_id,
                 "the room's log changed: syncing again"
             );
-            Err(self.room_reset().await?)
+            Some(self.room_reset().await?)
         } else {
-            Ok(())
+            None
         };
-        self.known_log = log;
+        self.known_log = Some(log_id.to_owned());
         match &self.replica {
             Some(r) => r
-                .set_cursor(&self.cursors.log, log)
+                .storage()
+                .set_meta(&self.cursors.log, log_id)
                 .await
                 .map_err(|e| WsError::Protocol(format!("storing the room log's id: {e}")))?,
-            None => *lock(&self.inner.standalone_log) = log,
+            None => *lock(&self.inner.standalone_log) = Some(log_id.to_owned()),
         }
         Ok(reset)
     }

@@ -50,3 +50,13 @@ pub async fn recv(ws: &mut Ws) -> Value {
 pub fn event(id: &str) -> Value {
     json!({"id": id, "type": "note", "data": {"text": id}, "timestamp": 1_732_615_200_000u64, "version": 1})
 }
+
+/// The server's `/metrics` text.
+pub async fn metrics(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}

@@ -331,11 +331,11 @@ const LOG_ID_KEY: &str = "relay.log-id";
 fn log_id(storage: &dyn Storage) -> (String, bool) {
     match storage.meta(LOG_ID_KEY) {
         Ok(Some(id)) if !id.is_empty() => (id, false),
-        Ok(_) => (format!("{:016x}", rand::random::<u64>()), true),
+        Ok(_) => (uuid::Uuid::new_v4().simple().to_string(), true),
         Err(e) => {
             // Unreadable: a new id means a resync for the clients, never a skipped event.
             tracing::warn!(error = %e, "reading the room log's id failed");
-            (format!("{:016x}", rand::random::<u64>()), true)
+            (uuid::Uuid::new_v4().simple().to_string(), true)
         }
     }
 }
