@@ -304,6 +304,10 @@ impl std::fmt::Debug for WebSocketSyncClient {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Link {
     Down,
+    /// Established; `connected` handlers are running. `connect()` waits for `Up`, so it
+    /// returns after them, while the handlers already see `is_connected()`.
+    Announcing,
+    /// Established and announced.
     Up,
 }
 
@@ -402,6 +406,11 @@ impl WebSocketSyncClient {
 
     /// Whether a session is established (after `welcome`).
     pub fn is_connected(&self) -> bool {
+        *self.inner.state.borrow() != Link::Down
+    }
+
+    /// Connected, and `connected` handlers have run.
+    fn is_announced(&self) -> bool {
         *self.inner.state.borrow() == Link::Up
     }
 
@@ -427,7 +436,7 @@ impl WebSocketSyncClient {
     }
 
     async fn connect_inner(&self) -> Result<(), SyncError> {
-        if self.is_connected() {
+        if self.is_announced() {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
@@ -452,7 +461,8 @@ impl WebSocketSyncClient {
                 });
             }
         }
-        if self.is_connected() {
+        // Up before waiters are answered: a waiter pushed too late to be answered sees it.
+        if self.is_announced() {
             return Ok(());
         }
         match rx.await {
@@ -761,10 +771,11 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> Sessio
             stopped: false,
         };
     }
-    inner.state.send_replace(Link::Up);
+    inner.state.send_replace(Link::Announcing);
     // Notified before `connect` returns, as a caller of `connect` would expect.
     inner.notifier.emit(Notification::Connected);
     session.set_status(Status::Connected);
+    inner.state.send_replace(Link::Up);
     for waiter in lock(&inner.waiters).drain(..) {
         let _ = waiter.send(Ok(()));
     }

@@ -116,6 +116,15 @@ async fn reset_room_case(room: &str, mine: u64, others: u64) {
         old_room.len() == mine
     })
     .await;
+    // Stored is not yet acknowledged: until the acks are in, a's cursors are still at 0, and a
+    // replica with nothing to rewind rightly reports no reset.
+    let acked = format!("ws:{url}/acked");
+    let room_cursor = format!("ws:{url}/room");
+    eventually("a's events acknowledged", || {
+        a.replica().cursor(&acked).is_ok_and(|c| c == mine)
+            && a.replica().cursor(&room_cursor).is_ok_and(|c| c == mine)
+    })
+    .await;
     a.disconnect().await.expect("disconnect");
 
     let second: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
