@@ -69,6 +69,10 @@ pub struct Common {
     /// Request timeout in seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// PEM file of root certificates to trust for https:// besides the system's (a private
+    /// CA, or the server's self-signed certificate).
+    #[arg(long, env = "KSYNC_TLS_ROOT_CERT", value_name = "PEM")]
+    tls_root_cert: Option<PathBuf>,
 }
 
 /// `ksync clone URL [--branch B] [DIR]`.
@@ -349,6 +353,11 @@ fn build_client(url: &str, common: &Common) -> Result<GitSyncClient> {
     let mut builder = GitSyncClient::builder(url)
         .request_timeout(Duration::from_secs(common.timeout.max(1)))
         .connect_timeout(Duration::from_secs(common.timeout.clamp(1, 10)));
+    if let Some(path) = &common.tls_root_cert {
+        let pem = std::fs::read(path)
+            .map_err(|e| Usage(format!("cannot read {}: {e}", path.display())))?;
+        builder = builder.tls_root_certificates_pem(pem);
+    }
     if let Some(token) = &common.token {
         builder = builder.auth(Auth::token(token.clone()));
     } else if let Some(key) = &common.api_key {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use ksync_server::{
     ApiKey, AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, JwtKey, Limits, RateLimit, Secret, Server,
-    ServerConfig, ShutdownSignal,
+    ServerConfig, ShutdownSignal, TlsConfig,
 };
 
 /// Options of `ksync serve`. Every option can also come from its `KSYNC_*` environment
@@ -89,6 +89,14 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_HEARTBEAT_SECS", default_value_t = 30)]
     heartbeat_secs: u64,
 
+    /// PEM certificate chain: serve HTTPS and wss:// (needs --tls-key).
+    #[arg(long, env = "KSYNC_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KSYNC_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
     /// Seconds shutdown waits for connections to close before flushing anyway.
     #[arg(long, env = "KSYNC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     shutdown_timeout_secs: u64,
@@ -163,6 +171,11 @@ impl ServeArgs {
                 heartbeat: Duration::from_secs(self.heartbeat_secs),
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             },
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
+                // clap requires both or neither.
+                _ => None,
+            },
         })
     }
 }
@@ -176,9 +189,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addr = running.local_addr();
     // stdout, flushed: scripts and tests read the real address from this line.
     let mut stdout = std::io::stdout().lock();
+    let (ws, http) = if running.tls() {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
     writeln!(
         stdout,
-        "ksync listening on ws://{addr} (http://{addr}/health), data in {}",
+        "ksync listening on {ws}://{addr} ({http}://{addr}/health), data in {}",
         running.storage()
     )?;
     stdout.flush()?;

@@ -37,6 +37,7 @@ fn serve(args: &[&str], envs: &[(&str, &str)]) -> Served {
         .expect("read first line");
     let addr = first_line
         .strip_prefix("ksync listening on ws://")
+        .or_else(|| first_line.strip_prefix("ksync listening on wss://"))
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("unexpected first line {first_line:?}"))
         .to_owned();
@@ -482,4 +483,121 @@ async fn empty_list_variables_configure_nothing() {
     let body = response.text().await.unwrap();
     assert!(status.is_success(), "{status}: {body}");
     stop(served);
+}
+
+/// `ksync serve --tls-cert --tls-key`: HTTPS and wss:// on the port it prints; `ksync clone`
+/// over https:// with `--tls-root-cert`; one TLS flag without the other is a usage error.
+#[tokio::test]
+async fn serve_with_a_certificate_speaks_tls_and_the_git_commands_trust_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_arg, key_arg) = (cert_path.to_str().unwrap(), key_path.to_str().unwrap());
+
+    let served = serve(
+        &["--in-memory", "--tls-cert", cert_arg, "--tls-key", key_arg],
+        &[],
+    );
+    let port = served.addr.rsplit(':').next().unwrap().to_owned();
+    assert!(
+        served
+            .first_line
+            .contains(&format!("wss://{}", served.addr))
+            && served
+                .first_line
+                .contains(&format!("https://{}/health", served.addr)),
+        "{}",
+        served.first_line
+    );
+    let https = reqwest::Client::builder()
+        .tls_certs_merge([reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let health = https
+        .get(format!("https://localhost:{port}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // Plain HTTP on that port gets no answer.
+    assert!(
+        reqwest::get(format!("http://{}/health", served.addr))
+            .await
+            .is_err()
+    );
+
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let url = format!("https://localhost:{port}/git/notes");
+    let ksync = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ksync"))
+            .args(args)
+            .current_dir(&work)
+            .output()
+            .expect("run ksync")
+    };
+    let untrusted = ksync(&["clone", "--create", &url]);
+    assert!(!untrusted.status.success());
+    let said = String::from_utf8_lossy(&untrusted.stderr).to_lowercase();
+    assert!(said.contains("certificate"), "{said}");
+    let cloned = ksync(&["clone", "--create", "--tls-root-cert", cert_arg, &url]);
+    assert!(
+        cloned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cloned.stderr)
+    );
+    let repo = work.join("notes");
+    let in_repo = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ksync"))
+            .args(args)
+            .current_dir(&repo)
+            .env("KSYNC_TLS_ROOT_CERT", cert_arg)
+            .output()
+            .expect("run ksync")
+    };
+    assert!(
+        in_repo(&["emit", "note", r#"{"text":"over tls"}"#])
+            .status
+            .success()
+    );
+    let pushed = in_repo(&["push"]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let branches: Value = serde_json::from_str(
+        &https
+            .get(format!("https://localhost:{port}/git/notes/branches/main"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(branches["serverVersion"], 1, "{branches}");
+    stop(served);
+
+    for args in [
+        vec!["--in-memory", "--tls-cert", cert_arg],
+        vec!["--in-memory", "--tls-key", key_arg],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_ksync"))
+            .args(["serve", "--bind", "127.0.0.1:0"])
+            .args(&args)
+            .output()
+            .expect("run ksync");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--tls-"), "{stderr}");
+    }
 }

@@ -97,6 +97,8 @@ pub struct GitSyncClientBuilder {
     push_batch: usize,
     push_batch_bytes: usize,
     filter: Option<Filter>,
+    /// PEM root certificates trusted for `https://` besides the system's.
+    tls_roots_pem: Vec<Vec<u8>>,
 }
 
 impl GitSyncClientBuilder {
@@ -106,6 +108,14 @@ impl GitSyncClientBuilder {
     /// home stays in the local log and is never pushed; a pulled one it refuses is skipped.
     pub fn filter(mut self, filter: Filter) -> Self {
         self.filter = Some(filter);
+        self
+    }
+
+    /// Also trusts the root certificates in `pem` (one or more `CERTIFICATE` blocks) for
+    /// `https://`, besides the system's: a private CA, or a self-signed server certificate.
+    /// Can be called more than once. `build` refuses PEM without a certificate.
+    pub fn tls_root_certificates_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.tls_roots_pem.push(pem.as_ref().to_vec());
         self
     }
 
@@ -178,7 +188,20 @@ impl GitSyncClientBuilder {
         if let Some(branch) = &self.branch {
             branch_name(branch)?;
         }
+        let mut roots = Vec::new();
+        for pem in &self.tls_roots_pem {
+            let certificates = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                SyncError::Config(format!("reading the PEM root certificates: {e}"))
+            })?;
+            if certificates.is_empty() {
+                return Err(SyncError::Config(
+                    "no CERTIFICATE block in the PEM root certificates".into(),
+                ));
+            }
+            roots.extend(certificates);
+        }
         let client = reqwest::Client::builder()
+            .tls_certs_merge(roots)
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
             .gzip(self.compression)
@@ -388,6 +411,7 @@ impl GitSyncClient {
             page_size: DEFAULT_PAGE,
             push_batch: DEFAULT_PUSH_BATCH,
             push_batch_bytes: DEFAULT_PUSH_BATCH_BYTES,
+            tls_roots_pem: Vec::new(),
             filter: None,
         }
     }

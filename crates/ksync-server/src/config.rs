@@ -28,6 +28,18 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// Limits on connections and messages.
     pub limits: Limits,
+    /// Serve HTTPS and `wss://` with this certificate (none: plain HTTP and `ws://`).
+    pub tls: Option<TlsConfig>,
+}
+
+/// The server's certificate chain and private key, as PEM files (e.g. from Let's Encrypt:
+/// `fullchain.pem` and `privkey.pem`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate, then its intermediates.
+    pub cert: PathBuf,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +50,7 @@ impl Default for ServerConfig {
             in_memory: false,
             auth: AuthConfig::default(),
             limits: Limits::default(),
+            tls: None,
         }
     }
 }

@@ -20,14 +20,16 @@ mod dashboard;
 mod error;
 mod ratelimit;
 mod server;
+mod tls;
 
 pub use auth::{
     AuthCounters, MAX_JWT_LEEWAY, MIN_HS256_SECRET_BYTES, ServerAuthenticator, authenticator_for,
 };
 pub use config::{
     ApiKey, AuthConfig, DEFAULT_BIND, DEFAULT_DATA_DIR, DEFAULT_MAX_MESSAGE_BYTES, JwtKey,
-    JwtKeyMaterial, Limits, RateLimit, Scope, Secret, ServerConfig,
+    JwtKeyMaterial, Limits, RateLimit, Scope, Secret, ServerConfig, TlsConfig,
 };
 pub use dashboard::MONITOR_PATH;
 pub use error::ServerError;
 pub use server::{RunningServer, Server, ShutdownSignal, StorageLocation};
+pub use tls::{MAX_TLS_HANDSHAKES, TLS_HANDSHAKE_TIMEOUT};

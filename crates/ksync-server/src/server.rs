@@ -62,6 +62,8 @@ pub struct Server {
     relay: Relay,
     git: GitServer,
     state: Arc<AppState>,
+    /// Loaded from `config.tls`.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl std::fmt::Debug for Server {
@@ -70,6 +72,7 @@ impl std::fmt::Debug for Server {
             .field("bind", &self.config.bind)
             .field("storage", &self.storage)
             .field("auth", &self.authenticator.required())
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -88,6 +91,7 @@ impl Server {
         provider: Arc<dyn StorageProvider>,
         storage: StorageLocation,
     ) -> Result<Self, ServerError> {
+        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let (authenticator, auth): (Arc<dyn Authenticator>, Option<Arc<ServerAuthenticator>>) =
             if config.auth.is_enabled() {
                 let auth = Arc::new(ServerAuthenticator::new(&config.auth)?);
@@ -118,6 +122,7 @@ impl Server {
             relay,
             git,
             state,
+            tls,
         })
     }
 
@@ -178,22 +183,23 @@ impl Server {
             .map_err(|source| ServerError::Bind { addr, source })?;
         let local_addr = listener.local_addr()?;
         let app = self.router();
-        let (stop_tx, mut stop_rx) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            axum::serve(
-                // Small frames must not wait for Nagle's algorithm (it added ~10 ms p50).
-                ksync_ws::server::nodelay(listener),
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                // Err: the sender is gone, which also means stop.
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
-            .await
-        });
-        tracing::info!(%local_addr, storage = %self.storage, auth = self.authenticator.required(), "ksync server listening");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let tls = self.tls.is_some();
+        let task = match self.tls {
+            // Small frames must not wait for Nagle's algorithm (it added ~10 ms p50).
+            None => tokio::spawn(serve(ksync_ws::server::nodelay(listener), app, stop_rx)),
+            Some(acceptor) => {
+                // The tap gives axum's connect-info impl for a custom listener; TLS
+                // connections already have TCP_NODELAY.
+                let listener = crate::tls::TlsListener::new(listener, acceptor);
+                let listener = axum::serve::ListenerExt::tap_io(listener, |_: &mut _| {});
+                tokio::spawn(serve(listener, app, stop_rx))
+            }
+        };
+        tracing::info!(%local_addr, tls, storage = %self.storage, auth = self.authenticator.required(), "ksync server listening");
         Ok(RunningServer {
             local_addr,
+            tls,
             storage: self.storage,
             provider: self.provider,
             relay: self.relay,
@@ -203,6 +209,23 @@ impl Server {
             shutdown_timeout: self.config.limits.shutdown_timeout,
         })
     }
+}
+
+/// Serves `app` on `listener` until `stop` says so.
+async fn serve<L>(listener: L, app: Router, mut stop: watch::Receiver<bool>) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    SocketAddr: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        // Err: the sender is gone, which also means stop.
+        let _ = stop.wait_for(|stop| *stop).await;
+    })
+    .await
 }
 
 fn open_storage(
@@ -231,6 +254,7 @@ fn relay_config(limits: &Limits) -> RelayConfig {
 /// call [`shutdown`](Self::shutdown) to stop it cleanly.
 pub struct RunningServer {
     local_addr: SocketAddr,
+    tls: bool,
     storage: StorageLocation,
     provider: Arc<dyn StorageProvider>,
     relay: Relay,
@@ -253,6 +277,11 @@ impl RunningServer {
     /// The address actually bound (the real port when configured with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Whether it serves HTTPS and `wss://` (a certificate was configured).
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     /// Where the logs are kept.

@@ -23,6 +23,7 @@ use crate::error::WsError;
 use crate::protocol::{
     self, ClientMessage, Hello, Publish, PublishResult, SERVER_TYPES, ServerMessage, close,
 };
+use crate::tls::ClientStream;
 
 /// Logs at DEBUG when the client was built with `debug(true)`, at TRACE otherwise.
 macro_rules! dlog {
@@ -85,6 +86,8 @@ struct Config {
     reconnect_max: Duration,
     max_message_size: usize,
     max_in_flight: usize,
+    /// PEM root certificates trusted for `wss://` besides the system's.
+    tls_roots_pem: Vec<Vec<u8>>,
 }
 
 /// Builds a [`WebSocketSyncClient`]; see each method for its default.
@@ -99,6 +102,14 @@ impl WebSocketSyncClientBuilder {
     /// credentials that cannot go in an HTTP header (control characters, e.g. a newline).
     pub fn auth(mut self, auth: Auth) -> Self {
         self.config.auth = Some(auth);
+        self
+    }
+
+    /// Also trusts the root certificates in `pem` (one or more `CERTIFICATE` blocks) for
+    /// `wss://`, besides the system's: a private CA, or a self-signed server certificate.
+    /// Can be called more than once. `build` refuses PEM without a certificate.
+    pub fn tls_root_certificates_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.config.tls_roots_pem.push(pem.as_ref().to_vec());
         self
     }
 
@@ -213,9 +224,18 @@ impl WebSocketSyncClientBuilder {
         }
         check_auth(c.auth.as_ref())?;
         let target = Target::parse(&c.url)?;
+        let mut roots = Vec::new();
+        for pem in &c.tls_roots_pem {
+            roots.extend(crate::tls::parse_roots(pem).map_err(SyncError::Config)?);
+        }
+        let tls = match target.tls {
+            true => Some(crate::tls::connector(&roots).map_err(SyncError::Config)?),
+            false => None,
+        };
         let (state, _) = watch::channel(Link::Down);
         let inner = Arc::new(Inner {
             target,
+            tls,
             client_id: uuid::Uuid::new_v4().simple().to_string(),
             notifier: Notifier::new(),
             pipeline: Pipeline::new(),
@@ -321,6 +341,8 @@ struct Control {
 struct Inner {
     config: Config,
     target: Target,
+    /// For `wss://`.
+    tls: Option<tokio_rustls::TlsConnector>,
     client_id: String,
     notifier: Notifier,
     pipeline: Pipeline,
@@ -388,6 +410,7 @@ impl WebSocketSyncClient {
                 reconnect_max: Duration::from_secs(30),
                 max_message_size: 16 << 20,
                 max_in_flight: 10_000,
+                tls_roots_pem: Vec::new(),
             },
         }
     }
@@ -564,6 +587,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Target {
     host: String,
     port: u16,
+    /// `wss://`.
+    tls: bool,
 }
 
 impl Target {
@@ -573,11 +598,11 @@ impl Target {
             reason: reason.to_owned(),
         };
         let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
-        match uri.scheme_str() {
-            Some("ws") => {}
-            Some("wss") => return Err(bad("wss:// (TLS) is not supported by this build")),
-            _ => return Err(bad("the scheme must be ws://")),
-        }
+        let tls = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(bad("the scheme must be ws:// or wss://")),
+        };
         let host = uri.host().ok_or_else(|| bad("no host"))?;
         let host = host
             .trim_start_matches('[')
@@ -585,7 +610,8 @@ impl Target {
             .to_owned();
         Ok(Self {
             host,
-            port: uri.port_u16().unwrap_or(80),
+            port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            tls,
         })
     }
 }
@@ -634,7 +660,7 @@ impl Outbox {
     }
 }
 
-type Socket = WebSocketStream<TcpStream>;
+type Socket = WebSocketStream<ClientStream>;
 
 /// How a session ended.
 struct SessionEnd {
@@ -943,13 +969,17 @@ impl Session {
             addr,
             source: Arc::new(e),
         })?;
+        let stream = match &self.inner.tls {
+            Some(connector) => crate::tls::handshake(connector, &target.host, tcp).await?,
+            None => ClientStream::Plain(tcp),
+        };
         let auth = lock(&self.inner.auth).clone();
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size))
             .read_buffer_size(16 * 1024)
             .write_buffer_size(0);
-        let mut socket = upgrade(tcp, &config.url, auth.as_ref(), ws_config).await?;
+        let mut socket = upgrade(stream, &config.url, auth.as_ref(), ws_config).await?;
         let (since, state) = match (&self.replica, config.strategy) {
             (_, Strategy::StateBased { .. }) if self.room_cursor == 0 => (None, true),
             (Some(_), _) => (Some(self.room_cursor), false),
@@ -1660,7 +1690,7 @@ const MAX_REFUSAL_BODY: usize = 512;
 /// client handshake logs the whole request at TRACE, credentials included. A refusal is
 /// [`WsError::Refused`] with the status and (the start of) the body.
 async fn upgrade(
-    mut tcp: TcpStream,
+    mut tcp: ClientStream,
     url: &str,
     auth: Option<&Auth>,
     config: WebSocketConfig,

@@ -10,7 +10,7 @@ use ksync_core::SyncError;
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum WsError {
-    /// The URL is not a `ws://` URL we can connect to.
+    /// The URL is not a `ws://` or `wss://` URL we can connect to.
     #[error("invalid url {url:?}: {reason}")]
     InvalidUrl {
         /// The URL given.
@@ -27,7 +27,19 @@ pub enum WsError {
         #[source]
         source: Arc<std::io::Error>,
     },
-    /// Connecting (TCP + upgrade + `welcome`) took longer than the connect timeout.
+    /// The TLS handshake of a `wss://` connection failed. A refused certificate (unknown
+    /// issuer, wrong name, expired) stops the client: trust its root with
+    /// `tls_root_certificates_pem`, or fix the server's certificate.
+    #[error("TLS with {host} failed: {reason}")]
+    Tls {
+        /// The server name checked against the certificate.
+        host: String,
+        /// rustls' explanation.
+        reason: String,
+        /// Whether the server's certificate was refused (retrying cannot help).
+        certificate: bool,
+    },
+    /// Connecting (TCP, TLS, upgrade, `welcome`) took longer than the connect timeout.
     #[error("connecting timed out after {0:?}")]
     ConnectTimeout(Duration),
     /// The server answered the upgrade with an HTTP error (400: bad room name; 401/403:
@@ -128,6 +140,10 @@ impl WsError {
         matches!(
             self,
             WsError::InvalidUrl { .. }
+                | WsError::Tls {
+                    certificate: true,
+                    ..
+                }
                 | WsError::Refused {
                     status: 400 | 401 | 403,
                     ..

@@ -14,6 +14,7 @@ mod error;
 pub mod protocol;
 #[cfg(feature = "server")]
 pub mod server;
+mod tls;
 
 pub use client::{Strategy, WebSocketSyncClient, WebSocketSyncClientBuilder};
 pub use error::WsError;

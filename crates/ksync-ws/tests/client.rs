@@ -483,7 +483,7 @@ async fn standalone_outbox_is_bounded_and_refuses_the_newest() {
 
 #[tokio::test]
 async fn bad_urls_and_options_are_refused_at_build() {
-    for url in ["http://x", "not a url", "wss://secure.example/ws"] {
+    for url in ["http://x", "not a url", "ftp://secure.example/ws"] {
         let err = WebSocketSyncClient::builder(url).build().expect_err(url);
         assert!(
             matches!(WsError::find(&err), Some(WsError::InvalidUrl { .. })),

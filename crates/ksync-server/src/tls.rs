@@ -1,0 +1,143 @@
+//! HTTPS and `wss://`: TLS (rustls) on the listening socket, when a certificate is configured.
+//!
+//! Handshakes run in their own tasks, so a client that connects and never says hello holds
+//! one slot for [`TLS_HANDSHAKE_TIMEOUT`] and nobody else waits for it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::TlsConfig;
+use crate::error::ServerError;
+
+/// How long a client has to finish its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes in progress at once. Overflow policy: the server stops accepting until
+/// one ends; further clients wait in the kernel's listen backlog.
+pub const MAX_TLS_HANDSHAKES: usize = 1024;
+
+/// Loads the certificate chain and key (PEM) and checks that they belong together.
+pub(crate) fn acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ServerError> {
+    let invalid = |path: &Path, reason: String| ServerError::Tls {
+        path: path.to_owned(),
+        reason,
+    };
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| ServerError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(&tls.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(&tls.cert, format!("not a PEM certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(invalid(&tls.cert, "no CERTIFICATE block".into()));
+    }
+    // The message never quotes the key file's content.
+    let key = PrivateKeyDer::from_pem_slice(&read(&tls.key)?).map_err(|e| {
+        invalid(
+            &tls.key,
+            format!("no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(&tls.cert, format!("TLS configuration: {e}")))?
+        .with_no_client_auth()
+        // Also checks that the key is the certificate's.
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid(&tls.key, format!("key and certificate do not match: {e}")))?;
+    // axum serves HTTP/1.1 here (WebSocket upgrades need it).
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A listener whose connections have completed a TLS handshake.
+pub(crate) struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
+}
+
+impl TlsListener {
+    pub(crate) fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> Self {
+        Self {
+            tcp,
+            acceptor,
+            handshakes: JoinSet::new(),
+        }
+    }
+
+    fn start_handshake(&mut self, tcp: TcpStream, peer: SocketAddr) {
+        // Small frames must not wait for Nagle's algorithm.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+        }
+        let acceptor = self.acceptor.clone();
+        self.handshakes.spawn(async move {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => Some((stream, peer)),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    None
+                }
+            }
+        });
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let room = self.handshakes.len() < MAX_TLS_HANDSHAKES;
+            tokio::select! {
+                accepted = self.tcp.accept(), if room => match accepted {
+                    Ok((tcp, peer)) => self.start_handshake(tcp, peer),
+                    Err(e) => accept_failed(e).await,
+                },
+                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
+                    if let Ok(Some(connection)) = done {
+                        return connection;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// As axum's own listener: a failed connection is skipped; anything else (e.g. out of file
+/// descriptors) is logged and waited out, so the loop does not spin.
+async fn accept_failed(e: io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
