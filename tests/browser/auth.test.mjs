@@ -85,15 +85,71 @@ test('the browser client authenticates with a JWT and exchanges events with a Ru
   assert.equal(result.status, 'stored');
   await waitFor(() => rust.received().length === 1, 5000, 'the Rust client received the page event');
 
-  // Without credentials the browser client cannot connect.
+  // Without credentials the browser client cannot connect, and is told why (in-band: a
+  // browser cannot read the HTTP status of a refused upgrade).
   const refused = await page.evaluate(async (url) => {
     const { WebSocketSyncClient } = await import('/ksync.js');
     const client = new WebSocketSyncClient(url, { reconnect: false });
-    return client.connect().then(() => 'connected', (error) => error.code);
+    return client.connect().then(() => 'connected', (error) => `${error.code} ${error.closeCode}`);
   }, `${server.ws}/ws/secure`);
-  assert.equal(refused, 'connect');
+  assert.equal(refused, 'unauthorized 4401');
   await page.evaluate(() => window.client.disconnect());
   await rust.quit();
+  await page.close();
+});
+
+async function refusedCount() {
+  const metrics = await (await fetch(`${server.http}/metrics`)).text();
+  return Number(/ksync_auth_refused_total (\d+)/.exec(metrics)[1]);
+}
+
+test('a wrong key stops the browser client once, with the reason, instead of retrying it forever', async () => {
+  const page = await browser.newPage();
+  await page.goto(`${server.http}/health`);
+  const before = await refusedCount();
+  const outcome = await page.evaluate(async ({ url, key }) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    // Reconnect on, with short delays: a client that retried would try many times below.
+    const client = new WebSocketSyncClient(url, {
+      auth: { type: 'apikey', key },
+      reconnectDelay: { min: 50, max: 100 },
+    });
+    const errors = [];
+    let reconnecting = 0;
+    client.on('error', (error) => errors.push(`${error.code} ${error.closeCode}`));
+    client.on('reconnecting', () => { reconnecting += 1; });
+    const rejected = await client.connect().then(() => 'connected', (error) => `${error.code} ${error.closeCode} ${error.message}`);
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    return { rejected, errors, reconnecting };
+  }, { url: `${server.ws}/ws/secure`, key: WRONG_KEY });
+  assert.match(outcome.rejected, /^unauthorized 4401 /);
+  assert.deepEqual(outcome.errors, ['unauthorized 4401'], 'one error notification');
+  assert.equal(outcome.reconnecting, 0, 'no reconnect with refused credentials');
+  assert.equal(await refusedCount(), before + 1, 'the server saw one attempt');
+
+  // A token limited to other rooms: `forbidden` (4403), also final.
+  const roomToken = jwt({ sub: 'lobby-only', rooms: ['lobby'], exp: Math.floor(Date.now() / 1000) + 3600 });
+  const forbidden = await page.evaluate(async ({ url, token }) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { auth: { type: 'jwt', token }, reconnectDelay: { min: 50, max: 100 } });
+    let reconnecting = 0;
+    client.on('reconnecting', () => { reconnecting += 1; });
+    const rejected = await client.connect().then(() => 'connected', (error) => `${error.code} ${error.closeCode}`);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    return { rejected, reconnecting };
+  }, { url: `${server.ws}/ws/secure`, token: roomToken });
+  assert.deepEqual(forbidden, { rejected: 'forbidden 4403', reconnecting: 0 });
+
+  // The same room with the right key still works from this page.
+  const stored = await page.evaluate(async ({ url, key, event }) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { auth: { type: 'apikey', key } });
+    await client.connect();
+    const result = await client.send(event);
+    await client.disconnect();
+    return result.status;
+  }, { url: `${server.ws}/ws/secure`, key: API_KEY, event: makeEvent('after-refusals') });
+  assert.equal(stored, 'stored');
   await page.close();
 });
 

@@ -31,9 +31,13 @@ const APIKEY_PREFIX = 'ksync.apikey.';
 const TOKEN_CHARS = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 // Close codes after which reconnecting cannot help (docs/PROTOCOL.md, "Close codes"): a
 // client the server cannot read (1002, 1003, 1007, 4000), another protocol version (4001),
-// expired credentials (4401: the same token would be refused). The Rust client stops on the
+// missing, wrong or expired credentials (4401: the same ones would be refused), a bad room
+// name (4400) or a room the credentials do not cover (4403). The Rust client stops on the
 // same ones.
-const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 4000, 4001, 4401]);
+const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 4000, 4001, 4400, 4401, 4403]);
+// `error` codes the relay sends just before refusing a connection in-band (close 4400, 4401,
+// 4403 or 4429): a browser cannot see the HTTP status of a refused upgrade.
+const REFUSAL_CODES = new Set(['unauthorized', 'forbidden', 'rate_limited', 'bad_room']);
 // Events per `publish` when the outbox is flushed after a reconnect.
 const RESEND_BATCH = 256;
 
@@ -182,6 +186,8 @@ export class WebSocketSyncClient extends Emitter {
   #serverVersion = 0;
   // Set on `cursor_ahead`: this session ends and the next one reads the room from 0.
   #resyncing = false;
+  // The `error` of an in-band refusal, until its close arrives.
+  #refusal = null;
   #room = null;
   #nextRef = 1;
   #outbox = [];
@@ -233,8 +239,11 @@ export class WebSocketSyncClient extends Emitter {
    * Connects and resolves on the server's `welcome`. When the first attempt fails it rejects,
    * and with `reconnect` the client keeps trying in the background (until `disconnect`).
    * It stops (rejecting, with an `error` notification) on close codes that reconnecting
-   * cannot fix (1002, 1003, 1007, 4000, 4001, 4401) and, without trying, on a JWT whose `exp`
-   * has passed (code `token_expired`): bring fresh credentials with `setAuth`, then connect.
+   * cannot fix (1002, 1003, 1007, 4000, 4001, 4400, 4401, 4403): e.g. refused credentials
+   * (code `unauthorized`, `closeCode` 4401) or a room they do not cover (`forbidden`, 4403),
+   * and, without trying, on a JWT whose `exp` has passed (code `token_expired`): bring fresh
+   * credentials with `setAuth`, then connect. Too many failed logins (`rate_limited`, 4429)
+   * are retried later, with backoff.
    */
   connect() {
     if (this.#connected) return Promise.resolve();
@@ -408,6 +417,11 @@ export class WebSocketSyncClient extends Emitter {
 
   #serverError(message) {
     const error = new KSyncError(message.code, message.message, { ref: message.ref });
+    if (REFUSAL_CODES.has(message.code) && !this.#connected) {
+      // Told once, when the close that follows it arrives (see `#closed`).
+      this.#refusal = error;
+      return;
+    }
     if (message.code === 'cursor_ahead' && this.#socket) {
       // The room is behind our cursor (reset, or another log at this address): what it holds
       // now is not what we saw. Read it again from 0, at once, on a new session.
@@ -442,9 +456,19 @@ export class WebSocketSyncClient extends Emitter {
     if (wasConnected) this.emit('disconnected', { code: close.code, reason: close.reason });
     const resync = this.#resyncing;
     this.#resyncing = false;
+    const refusal = this.#refusal;
+    this.#refusal = null;
     if (this.#stopped) return;
     if (resync) {
       this.#open();
+      return;
+    }
+    if (refusal !== null) {
+      // Refused in-band: why (`unauthorized`, `forbidden`, `bad_room`: stop; `rate_limited`:
+      // retry later, with backoff).
+      refusal.closeCode = close.code;
+      if (FATAL_CLOSE_CODES.has(close.code)) this.#stop(refusal);
+      else this.#failed(refusal);
       return;
     }
     if (FATAL_CLOSE_CODES.has(close.code)) {
@@ -453,7 +477,7 @@ export class WebSocketSyncClient extends Emitter {
     }
     const reason = opened
       ? `connection closed (${close.code}${close.reason ? ` ${close.reason}` : ''})`
-      : 'connection refused (server down, or credentials refused)';
+      : 'connection failed (server down, unreachable, or full)';
     this.#failed(new KSyncError('connect', reason, { closeCode: close.code }));
   }
 

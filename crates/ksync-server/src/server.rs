@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use ksync_core::{Authenticator, InMemoryProvider, LogName, StorageProvider};
 use ksync_git::server::GitServer;
 use ksync_storage_file::FileProvider;
-use ksync_ws::server::{Relay, RelayConfig, is_websocket_upgrade};
+use ksync_ws::server::{Relay, RelayConfig, is_websocket_upgrade, wants_in_band_refusal};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -430,8 +430,11 @@ async fn refuse_rate_limited(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
+    // A WebSocket client that takes refusals in-band (a browser) hears it from the relay,
+    // which checks the same limit (and counts it) when it authenticates.
     if let (Some(auth), Some(ip)) = (&state.auth, peer)
         && auth.is_rate_limited(ip)
+        && !wants_in_band_refusal(request.headers())
     {
         if let Some(counters) = &state.auth_counters {
             counters.rate_limited.fetch_add(1, Ordering::Relaxed);

@@ -72,23 +72,6 @@ async fn hello(ws: &mut Ws) {
     }
 }
 
-/// The close frame's code, skipping data frames; panics after 10 s.
-async fn close_code(ws: &mut Ws) -> u16 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let frame = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("closed within 10 s");
-        match frame {
-            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
-            Some(Ok(Message::Close(None))) => return 1005,
-            Some(Ok(_)) => {}
-            Some(Err(e)) => panic!("socket error before the close frame: {e}"),
-            None => panic!("stream ended without a close frame"),
-        }
-    }
-}
-
 /// The status and `WWW-Authenticate` of a refused upgrade.
 fn refusal(result: Result<Ws, WsError>) -> (u16, Option<String>) {
     match result {

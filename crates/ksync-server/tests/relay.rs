@@ -291,6 +291,98 @@ async fn shutdown_closes_websockets_with_going_away_and_keeps_data() {
     restarted.shutdown().await.unwrap();
 }
 
+/// Connects the browser way: the `ksync.v1` subprotocol, and the credential (if any) as
+/// another entry (`ksync.apikey.<key>`, `ksync.auth.<token>`).
+async fn connect_offering_subprotocol(url: &str, credential: Option<&str>) -> Ws {
+    let mut request = url.into_client_request().unwrap();
+    let mut protocols = "ksync.v1".to_owned();
+    if let Some(entry) = credential {
+        protocols.push_str(&format!(", {entry}"));
+    }
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", protocols.parse().unwrap());
+    let (ws, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("upgraded: refusals come in-band");
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "ksync.v1",
+        "only ksync.v1 is echoed"
+    );
+    ws
+}
+
+/// The `error` code and the close code of an in-band refusal.
+async fn in_band_refusal(ws: &mut Ws) -> (String, u16) {
+    let error = recv(ws).await;
+    assert_eq!(error["type"], "error", "{error}");
+    let code = error["code"].as_str().unwrap().to_owned();
+    (code, close_code(ws).await)
+}
+
+/// A browser cannot read the status of a refused upgrade, so a client offering `ksync.v1` is
+/// refused after the upgrade, with an `error` and a close code it can act on; the HTTP
+/// refusals stay for everyone else.
+#[tokio::test]
+async fn clients_offering_the_subprotocol_are_refused_in_band() {
+    let running = Server::bind(config(keys(3))).await.unwrap();
+    let addr = running.local_addr();
+    let lobby = format!("ws://{addr}/ws/lobby");
+    let full = format!("ksync.apikey.{FULL_KEY}");
+
+    let mut ws = connect_offering_subprotocol(&lobby, None).await;
+    assert_eq!(
+        in_band_refusal(&mut ws).await,
+        ("unauthorized".into(), 4401)
+    );
+    let mut ws = connect_offering_subprotocol(&lobby, Some("ksync.apikey.not-a-key")).await;
+    assert_eq!(
+        in_band_refusal(&mut ws).await,
+        ("unauthorized".into(), 4401)
+    );
+    let bad_room = format!("ws://{addr}/ws/{}", "r".repeat(300));
+    let mut ws = connect_offering_subprotocol(&bad_room, Some(&full)).await;
+    assert_eq!(in_band_refusal(&mut ws).await, ("bad_room".into(), 4400));
+    // Without the subprotocol: the HTTP answer, as before.
+    assert_eq!(
+        refusal_status(connect(&bad_room, Some(FULL_KEY)).await),
+        400
+    );
+
+    // The right key through the subprotocol is admitted.
+    let mut ws = connect_offering_subprotocol(&lobby, Some(&full)).await;
+    hello(&mut ws).await;
+    drop(ws);
+
+    // One wrong key so far (no credential is not a failure); two more make this client
+    // rate-limited. The relay then refuses it in-band with 4429 even with the right key, and
+    // the HTTP path still says 429.
+    for guess in ["ksync.apikey.guess-1", "ksync.apikey.guess-2"] {
+        let mut ws = connect_offering_subprotocol(&lobby, Some(guess)).await;
+        assert_eq!(
+            in_band_refusal(&mut ws).await,
+            ("unauthorized".into(), 4401)
+        );
+    }
+    let mut ws = connect_offering_subprotocol(&lobby, Some(&full)).await;
+    assert_eq!(
+        in_band_refusal(&mut ws).await,
+        ("rate_limited".into(), 4429)
+    );
+    assert_eq!(refusal_status(connect(&lobby, Some(FULL_KEY)).await), 429);
+    let metrics = metrics(addr).await;
+    // Refused: none, not-a-key, guess-1, guess-2.
+    assert!(metrics.contains("ksync_auth_refused_total 4"), "{metrics}");
+    assert!(
+        metrics.contains("ksync_auth_rate_limited_total 2"),
+        "{metrics}"
+    );
+    // Refused connections are not relay connections.
+    assert!(metrics.contains("ksync_ws_connections 0"), "{metrics}");
+    running.shutdown().await.unwrap();
+}
+
 async fn connect_bearer(url: &str, token: &str) -> Result<Ws, WsError> {
     let mut request = url.into_client_request().unwrap();
     request
@@ -327,10 +419,18 @@ async fn websocket_jwt_matrix() {
     let good = token(json!({"sub": "u1", "exp": now + 300, "aud": "ksync", "rooms": ["lobby"]}));
     let mut ws = connect_bearer(&lobby, &good).await.unwrap();
     hello(&mut ws).await;
+    let secret_room = format!("ws://{addr}/ws/secret");
     assert_eq!(
-        refusal_status(connect_bearer(&format!("ws://{addr}/ws/secret"), &good).await),
+        refusal_status(connect_bearer(&secret_room, &good).await),
         403,
         "wrong room"
+    );
+    let mut ws =
+        connect_offering_subprotocol(&secret_room, Some(&format!("ksync.auth.{good}"))).await;
+    assert_eq!(
+        in_band_refusal(&mut ws).await,
+        ("forbidden".into(), 4403),
+        "wrong room, in-band"
     );
     let expired = token(json!({"exp": now - 60, "aud": "ksync"}));
     assert_eq!(refusal_status(connect_bearer(&lobby, &expired).await), 401);

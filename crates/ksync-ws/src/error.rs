@@ -126,7 +126,8 @@ impl WsError {
 
     /// Whether retrying cannot help: a bad URL or room name, refused credentials or rights
     /// (HTTP 400, 401, 403), or a close code that `docs/PROTOCOL.md` answers with "fix the
-    /// client", "upgrade" or "fresh credentials" (1002, 1003, 1007, 4000, 4001, 4401). The
+    /// client", "upgrade" or "fresh credentials" (1002, 1003, 1007, 4000, 4001, 4400, 4401,
+    /// 4403; the last three are also the in-band refusals of clients that offer `ksync.v1`). The
     /// client stops reconnecting after such an error (with an `error` notification); a later
     /// explicit `connect()` tries again. The relay sends an `error` message before some of
     /// those closes (`protocol` before 4000, `unsupported_protocol` before 4001, `bad_binary`
@@ -154,7 +155,9 @@ impl WsError {
                         | close::INVALID_DATA
                         | close::PROTOCOL_ERROR
                         | close::UNSUPPORTED_PROTOCOL
-                        | close::CREDENTIALS_EXPIRED,
+                        | close::BAD_ROOM
+                        | close::CREDENTIALS_EXPIRED
+                        | close::FORBIDDEN,
                     ..
                 }
         )

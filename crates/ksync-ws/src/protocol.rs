@@ -41,7 +41,15 @@ pub mod close {
     pub const HEARTBEAT_TIMEOUT: u16 = 4009;
     /// The credentials the connection was opened with expired (a JWT's `exp`, plus the
     /// server's leeway): reconnect with fresh ones (the same ones are refused with 401).
+    /// Also the in-band refusal of missing or wrong credentials (see [`code::UNAUTHORIZED`]).
     pub const CREDENTIALS_EXPIRED: u16 = 4401;
+    /// In-band refusal of an upgrade the client had no right to (HTTP 400 and 403 as close
+    /// codes): a bad room name, or credentials without read access to the room.
+    pub const BAD_ROOM: u16 = 4400;
+    /// In-band refusal: the credentials do not allow this room.
+    pub const FORBIDDEN: u16 = 4403;
+    /// In-band refusal: too many failed logins from this address; try again later.
+    pub const RATE_LIMITED: u16 = 4429;
 }
 
 /// Error codes carried by [`ServerMessage::Error`].
@@ -54,8 +62,15 @@ pub mod code {
     pub const PROTOCOL: &str = "protocol";
     /// The `hello` named a protocol version the server does not speak.
     pub const UNSUPPORTED_PROTOCOL: &str = "unsupported_protocol";
-    /// The caller may not do this (e.g. publish with a read-only grant).
+    /// The caller may not do this (e.g. publish with a read-only grant, or open a room its
+    /// credentials do not cover).
     pub const FORBIDDEN: &str = "forbidden";
+    /// No credentials, or refused ones (in-band refusal of an upgrade, before close 4401).
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// Too many failed logins from this address (in-band, before close 4429).
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The room name is not valid (in-band, before close 4400).
+    pub const BAD_ROOM: &str = "bad_room";
     /// A binary frame arrived without negotiated compression, or did not inflate.
     pub const BAD_BINARY: &str = "bad_binary";
     /// The server's storage failed; nothing from the publish was stored.

@@ -131,13 +131,33 @@ async fn browser_credentials_in_the_subprotocol_header_and_only_ksync_v1_is_echo
         url.as_str(),
     )
     .expect("request");
+    // Without `ksync.v1` on offer, a refusal is the HTTP status.
+    let mut without_v1 = bad.clone();
+    without_v1.headers_mut().insert(
+        "sec-websocket-protocol",
+        "ksync.auth.bad-token".parse().expect("header"),
+    );
+    match tokio_tungstenite::connect_async(without_v1).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    // With it (a browser, which cannot read that status), the refusal comes in-band: an
+    // `error`, then close 4401.
     bad.headers_mut().insert(
         "sec-websocket-protocol",
         "ksync.v1, ksync.auth.bad-token".parse().expect("header"),
     );
-    match tokio_tungstenite::connect_async(bad).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
-        other => panic!("expected 401, got {other:?}"),
+    let (mut refused, _) = tokio_tungstenite::connect_async(bad)
+        .await
+        .expect("upgraded to be told why");
+    let error = recv_json(&mut refused).await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], "unauthorized", "{error}");
+    match futures_util::StreamExt::next(&mut refused).await {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 4401);
+        }
+        other => panic!("expected close 4401, got {other:?}"),
     }
     server.stop().await;
 }

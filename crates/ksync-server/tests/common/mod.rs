@@ -46,6 +46,23 @@ pub async fn recv(ws: &mut Ws) -> Value {
     }
 }
 
+/// The close frame's code, skipping data frames; panics after 10 s.
+pub async fn close_code(ws: &mut Ws) -> u16 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("closed within 10 s");
+        match frame {
+            Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+            Some(Ok(Message::Close(None))) => return 1005,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("socket error before the close frame: {e}"),
+            None => panic!("stream ended without a close frame"),
+        }
+    }
+}
+
 /// A valid event `id` (version 1) as JSON.
 pub fn event(id: &str) -> Value {
     json!({"id": id, "type": "note", "data": {"text": id}, "timestamp": 1_732_615_200_000u64, "version": 1})

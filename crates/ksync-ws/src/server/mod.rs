@@ -34,6 +34,7 @@ use ksync_core::{
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
+use crate::protocol::{self, close, code};
 use room::{Member, Room, RoomCommand, RoomLink};
 
 /// The subprotocol the relay speaks (echoed in `Sec-WebSocket-Protocol` when offered).
@@ -427,11 +428,22 @@ impl Relay {
         if *shared.shutdown.borrow() {
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
         }
+        // A browser never sees the status of a refused upgrade, only a failed connection, and
+        // would retry wrong credentials forever: a client that offers our subprotocol (the
+        // browser client does) is refused after the upgrade instead, with an `error` and a
+        // close code it can act on.
+        let in_band = wants_in_band_refusal(headers);
         let room = match room {
             None => shared.default_room.clone(),
             Some(r) => match Name::new(r) {
                 Ok(name) => name,
-                Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("bad room name: {e}")),
+                Err(e) => {
+                    let message = format!("bad room name: {e}");
+                    return match in_band {
+                        true => refuse_in_band(ws, code::BAD_ROOM, close::BAD_ROOM, message),
+                        false => refuse(StatusCode::BAD_REQUEST, &message),
+                    };
+                }
             },
         };
         let credentials = credentials_from_headers(headers);
@@ -439,12 +451,24 @@ impl Relay {
             Ok(grant) => grant,
             Err(e) => {
                 tracing::info!(room = %room, error = %e, "websocket auth refused");
+                if in_band {
+                    let (code, close) = match e {
+                        AuthError::Forbidden(_) => (code::FORBIDDEN, close::FORBIDDEN),
+                        AuthError::RateLimited => (code::RATE_LIMITED, close::RATE_LIMITED),
+                        _ => (code::UNAUTHORIZED, close::CREDENTIALS_EXPIRED),
+                    };
+                    return refuse_in_band(ws, code, close, e.to_string());
+                }
                 return auth_refusal(&e);
             }
         };
         if !grant.allows(ResourceKind::Room, room.as_str(), Access::Read) {
             tracing::info!(room = %room, subject = %grant.subject, "room not allowed");
-            return refuse(StatusCode::FORBIDDEN, "not allowed to read this room");
+            let message = "not allowed to read this room";
+            return match in_band {
+                true => refuse_in_band(ws, code::FORBIDDEN, close::FORBIDDEN, message.into()),
+                false => refuse(StatusCode::FORBIDDEN, message),
+            };
         }
         let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
         let slot = ConnectionSlot(Arc::clone(shared));
@@ -708,6 +732,60 @@ fn auth_refusal(error: &AuthError) -> Response {
             .insert(header::WWW_AUTHENTICATE, challenge);
     }
     response
+}
+
+/// Whether a request is a WebSocket upgrade that offers the `ksync.v1` subprotocol: the relay
+/// refuses such a client in-band (an `error`, then close 4400, 4401, 4403 or 4429) rather
+/// than with an HTTP status, which a browser cannot read. Servers that refuse requests before
+/// the relay sees them (e.g. a rate limit) should let these through to it.
+pub fn wants_in_band_refusal(headers: &HeaderMap) -> bool {
+    is_websocket_upgrade(headers)
+        && headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == SUBPROTOCOL)
+}
+
+/// Most time an in-band refusal spends on its socket.
+const IN_BAND_REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts the upgrade only to say no: an `error` message, then a close with `close_code`.
+/// The connection is not counted against `max_connections` and lives at most
+/// [`IN_BAND_REFUSAL_TIMEOUT`] with small buffers.
+fn refuse_in_band(
+    ws: WebSocketUpgrade,
+    error_code: &'static str,
+    close_code: u16,
+    message: String,
+) -> Response {
+    use axum::extract::ws::{CloseFrame, Message};
+
+    ws.protocols([SUBPROTOCOL])
+        .read_buffer_size(1024)
+        .write_buffer_size(1024)
+        .max_message_size(1024)
+        .on_upgrade(move |mut socket| async move {
+            let error = protocol::ServerMessage::error(error_code, message, None);
+            let text = serde_json::to_string(&error).unwrap_or_default();
+            let refuse = async {
+                socket.send(Message::text(text)).await?;
+                socket
+                    .send(Message::Close(Some(CloseFrame {
+                        code: close_code,
+                        reason: error_code.into(),
+                    })))
+                    .await
+            };
+            if let Err(e) = tokio::time::timeout(IN_BAND_REFUSAL_TIMEOUT, refuse)
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|sent| sent.map_err(|e| e.to_string()))
+            {
+                tracing::debug!(error = %e, "in-band refusal not delivered");
+            }
+        })
 }
 
 fn refuse(status: StatusCode, message: &str) -> Response {
