@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { after, before, test } from 'node:test';
 
-import { launchBrowser, makeEvent, startPeer, startServer, waitFor } from './lib.mjs';
+import { launchBrowser, makeEvent, refusedCount, startPeer, startServer, waitFor } from './lib.mjs';
 
 const API_KEY = 'dashKey7f3a9c2e41b8d605';
 const WRONG_KEY = 'wrongKey0a1b2c3d4e5f6789';
@@ -98,15 +98,10 @@ test('the browser client authenticates with a JWT and exchanges events with a Ru
   await page.close();
 });
 
-async function refusedCount() {
-  const metrics = await (await fetch(`${server.http}/metrics`)).text();
-  return Number(/ksync_auth_refused_total (\d+)/.exec(metrics)[1]);
-}
-
 test('a wrong key stops the browser client once, with the reason, instead of retrying it forever', async () => {
   const page = await browser.newPage();
   await page.goto(`${server.http}/health`);
-  const before = await refusedCount();
+  const before = await refusedCount(server);
   const outcome = await page.evaluate(async ({ url, key }) => {
     const { WebSocketSyncClient } = await import('/ksync.js');
     // Reconnect on, with short delays: a client that retried would try many times below.
@@ -125,7 +120,7 @@ test('a wrong key stops the browser client once, with the reason, instead of ret
   assert.match(outcome.rejected, /^unauthorized 4401 /);
   assert.deepEqual(outcome.errors, ['unauthorized 4401'], 'one error notification');
   assert.equal(outcome.reconnecting, 0, 'no reconnect with refused credentials');
-  assert.equal(await refusedCount(), before + 1, 'the server saw one attempt');
+  assert.equal(await refusedCount(server), before + 1, 'the server saw one attempt');
 
   // A token limited to other rooms: `forbidden` (4403), also final.
   const roomToken = jwt({ sub: 'lobby-only', rooms: ['lobby'], exp: Math.floor(Date.now() / 1000) + 3600 });

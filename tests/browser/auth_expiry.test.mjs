@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { after, before, test } from 'node:test';
 
-import { launchBrowser, startServer, waitFor } from './lib.mjs';
+import { launchBrowser, refusedCount, startServer, waitFor } from './lib.mjs';
 
 const JWT_SECRET = 'browser-expiry-secret-0123456789abcdef-xyz';
 
@@ -34,11 +34,6 @@ after(async () => {
   await server?.stop();
 });
 
-async function refusedCount() {
-  const metrics = await (await fetch(`${server.http}/metrics`)).text();
-  return Number(/ksync_auth_refused_total (\d+)/.exec(metrics)[1]);
-}
-
 test('a connection whose JWT expires is closed with 4401 and not reopened with it', async () => {
   const page = await browser.newPage();
   await page.goto(`${server.http}/health`);
@@ -59,18 +54,18 @@ test('a connection whose JWT expires is closed with 4401 and not reopened with i
     'the expiry reported',
   );
   assert.deepEqual(error, { type: 'error', code: 'closed', closeCode: 4401 });
-  const refusedBefore = await refusedCount();
+  const refusedBefore = await refusedCount(server);
   // Many reconnect delays later: still stopped, nothing sent to the server with that token.
   await new Promise((resolve) => setTimeout(resolve, 300));
   const seen = await page.evaluate(() => window.seen.map((n) => n.type));
   assert.deepEqual(seen, ['connected', 'disconnected', 'error']);
   assert.equal(await page.evaluate(() => window.client.connected), false);
-  assert.equal(await refusedCount(), refusedBefore);
+  assert.equal(await refusedCount(server), refusedBefore);
 
   // `connect()` again with the same (now visibly expired) token: refused without a request.
   const outcome = await page.evaluate(() => window.client.connect().then(() => 'connected', (e) => e.code));
   assert.equal(outcome, 'token_expired');
-  assert.equal(await refusedCount(), refusedBefore);
+  assert.equal(await refusedCount(server), refusedBefore);
 
   // Fresh credentials: connected again.
   await page.evaluate(async (token) => {

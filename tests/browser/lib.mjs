@@ -176,3 +176,9 @@ export function makeEvent(prefix, data = {}) {
     version: 1,
   };
 }
+
+/** The server's `ksync_auth_refused_total`. */
+export async function refusedCount(server) {
+  const metrics = await (await fetch(`${server.http}/metrics`)).text();
+  return Number(/ksync_auth_refused_total (\d+)/.exec(metrics)[1]);
+}

@@ -579,7 +579,8 @@ impl Node {
         }
     }
 
-    /// `status`: `syncing` while a catch-up round runs with some peer, `idle` once none does.
+    /// `status`: `syncing` while a catch-up round runs with some peer, `idle` once none does
+    /// (`error` after a failure, see `report`, until the next of those).
     fn update_status(&mut self) {
         let busy = self
             .sessions
@@ -609,8 +610,7 @@ impl Node {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::info!(error = %e, "incoming middleware refused a received event");
-                    self.notifier
-                        .emit(Notification::Error(Arc::new(SyncError::Middleware(e))));
+                    self.report(SyncError::Middleware(e));
                 }
             }
         }
@@ -696,10 +696,7 @@ impl Node {
             | Err(gossipsub::PublishError::Duplicate) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "publishing failed; catch-up will deliver");
-                self.notifier
-                    .emit(Notification::Error(Arc::new(SyncError::transport(
-                        P2PError::Publish(e.to_string()),
-                    ))));
+                self.report(SyncError::transport(P2PError::Publish(e.to_string())));
             }
         }
     }
@@ -919,12 +916,11 @@ impl Node {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 if info.protocol_version != wire::identify_version(&self.opts.network) {
                     tracing::info!(peer = %peer_id, theirs = %info.protocol_version, "dropping peer of another network or protocol version");
-                    self.notifier
-                        .emit(Notification::Error(Arc::new(SyncError::Protocol(format!(
-                            "peer {peer_id} speaks {:?}, we speak {:?}; disconnected",
-                            info.protocol_version,
-                            wire::identify_version(&self.opts.network)
-                        )))));
+                    self.report(SyncError::Protocol(format!(
+                        "peer {peer_id} speaks {:?}, we speak {:?}; disconnected",
+                        info.protocol_version,
+                        wire::identify_version(&self.opts.network)
+                    )));
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
@@ -1110,7 +1106,7 @@ impl Node {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "storing received events failed");
-                self.notifier.emit(Notification::Error(Arc::new(e)));
+                self.report(e);
             }
         }
     }
@@ -1569,10 +1565,14 @@ impl Node {
     /// [`P2PError::PeerMisbehaved`]).
     fn misbehaved(&self, peer: PeerId, reason: String) {
         tracing::info!(%peer, %reason, "refused a catch-up answer");
-        self.notifier
-            .emit(Notification::Error(Arc::new(SyncError::from(
-                P2PError::PeerMisbehaved { peer, reason },
-            ))));
+        self.report(SyncError::from(P2PError::PeerMisbehaved { peer, reason }));
+    }
+
+    /// `status: error`, then the `error` notification. The status says `syncing` or `idle`
+    /// again when catch-up next starts or ends (see `update_status`).
+    fn report(&self, error: SyncError) {
+        self.notifier.emit(Notification::Status(Status::Error));
+        self.notifier.emit(Notification::Error(Arc::new(error)));
     }
 
     /// Sessions waiting on keys another session fetched look at their page again.

@@ -62,7 +62,7 @@ async fn encrypting_middleware_covers_gossip_and_catch_up_and_a_wrong_key_stores
     encrypting(&a, [1; 32]);
     encrypting(&b, [1; 32]);
     encrypting(&wrong, [2; 32]);
-    let errors = Recorder::new(&wrong, &[NotificationKind::Error]);
+    let errors = Recorder::new(&wrong, &[NotificationKind::Error, NotificationKind::Status]);
     link(&b, &a).await;
     link(&wrong, &a).await;
     wait_mesh(&[Arc::clone(&a), Arc::clone(&b)]).await;
@@ -80,6 +80,16 @@ async fn encrypting_middleware_covers_gossip_and_catch_up_and_a_wrong_key_stores
     })
     .await;
     assert!(keys(&wrong).is_empty(), "{:?}", keys(&wrong));
+    // Each error is announced by `status: error` just before it (the spec's statuses).
+    let seen = errors.all();
+    for (i, n) in seen.iter().enumerate() {
+        if matches!(n, Notification::Error(_)) {
+            assert!(
+                i > 0 && matches!(seen[i - 1], Notification::Status(Status::Error)),
+                "{seen:?}"
+            );
+        }
+    }
 
     // Catch-up from a to a late relay without middleware: it holds only the ciphertext.
     let relay = peer(dir.path(), "relay").await;

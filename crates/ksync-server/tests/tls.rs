@@ -15,7 +15,7 @@ use ksync_server::{AuthConfig, RunningServer, Server, ServerConfig, ServerError,
 use ksync_ws::{WebSocketSyncClient, WsError};
 use serde_json::json;
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM files.
+/// A self-signed certificate for `names`, written as PEM files.
 struct TestCert {
     _dir: tempfile::TempDir,
     cert: PathBuf,
@@ -23,12 +23,13 @@ struct TestCert {
     pem: String,
 }
 
-fn test_cert() -> TestCert {
+fn test_cert_for(names: &[&str]) -> TestCert {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap();
-    let cert = params.self_signed(&key).unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let cert = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cert_path = dir.path().join("cert.pem");
     let key_path = dir.path().join("key.pem");
@@ -40,6 +41,11 @@ fn test_cert() -> TestCert {
         key: key_path,
         pem: cert.pem(),
     }
+}
+
+/// For `localhost` and 127.0.0.1.
+fn test_cert() -> TestCert {
+    test_cert_for(&["localhost", "127.0.0.1"])
 }
 
 fn tls_config(cert: &TestCert) -> ServerConfig {
@@ -140,7 +146,7 @@ async fn an_untrusted_certificate_is_a_typed_fatal_error() {
     assert!(!client.is_connected());
 
     // A certificate for another name is refused as well, even with its root trusted.
-    let other = test_cert_for("example.org");
+    let other = test_cert_for(&["example.org"]);
     let running_other = start(&other).await;
     let url = format!("wss://localhost:{}/ws", running_other.local_addr().port());
     let client = WebSocketSyncClient::builder(&url)
@@ -161,25 +167,6 @@ async fn an_untrusted_certificate_is_a_typed_fatal_error() {
     );
     running.shutdown().await.unwrap();
     running_other.shutdown().await.unwrap();
-}
-
-fn test_cert_for(name: &str) -> TestCert {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    TestCert {
-        _dir: dir,
-        cert: cert_path,
-        key: key_path,
-        pem: cert.pem(),
-    }
 }
 
 #[tokio::test]

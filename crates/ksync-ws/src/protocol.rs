@@ -41,7 +41,8 @@ pub mod close {
     pub const HEARTBEAT_TIMEOUT: u16 = 4009;
     /// The credentials the connection was opened with expired (a JWT's `exp`, plus the
     /// server's leeway): reconnect with fresh ones (the same ones are refused with 401).
-    /// Also the in-band refusal of missing or wrong credentials (see [`code::UNAUTHORIZED`]).
+    /// Also the in-band refusal of missing or wrong credentials (see
+    /// [`super::code::UNAUTHORIZED`]).
     pub const CREDENTIALS_EXPIRED: u16 = 4401;
     /// In-band refusal of an upgrade the client had no right to (HTTP 400 and 403 as close
     /// codes): a bad room name, or credentials without read access to the room.
