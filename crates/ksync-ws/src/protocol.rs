@@ -44,8 +44,10 @@ pub mod close {
     /// Also the in-band refusal of missing or wrong credentials (see
     /// [`super::code::UNAUTHORIZED`]).
     pub const CREDENTIALS_EXPIRED: u16 = 4401;
-    /// In-band refusal of an upgrade the client had no right to (HTTP 400 and 403 as close
-    /// codes): a bad room name, or credentials without read access to the room.
+    /// In-band refusal of missing or refused credentials (HTTP 401 as a close code); the same
+    /// code as [`CREDENTIALS_EXPIRED`]: either way, fresh credentials are needed.
+    pub const UNAUTHORIZED: u16 = CREDENTIALS_EXPIRED;
+    /// In-band refusal: a bad room name (HTTP 400 as a close code).
     pub const BAD_ROOM: u16 = 4400;
     /// In-band refusal: the credentials do not allow this room.
     pub const FORBIDDEN: u16 = 4403;

@@ -455,7 +455,7 @@ impl Relay {
                     let (code, close) = match e {
                         AuthError::Forbidden(_) => (code::FORBIDDEN, close::FORBIDDEN),
                         AuthError::RateLimited => (code::RATE_LIMITED, close::RATE_LIMITED),
-                        _ => (code::UNAUTHORIZED, close::CREDENTIALS_EXPIRED),
+                        _ => (code::UNAUTHORIZED, close::UNAUTHORIZED),
                     };
                     return refuse_in_band(ws, code, close, e.to_string());
                 }
