@@ -22,12 +22,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use ksync_core::{
-    Access, AuthError, Authenticator, Grant, LogName, PROTOCOL_VERSION, ResourceKind,
-    StorageProvider, Stored,
+    Access, Authenticator, Grant, LogName, PROTOCOL_VERSION, ResourceKind, StorageProvider, Stored,
 };
 use ksync_ws::protocol::{close, code};
 use ksync_ws::server::{
-    ClientInfo, Relay, RelayActivity, SUBPROTOCOL, credentials_from_headers, is_websocket_upgrade,
+    ClientInfo, Refusal, Relay, RelayActivity, SUBPROTOCOL, credentials_from_headers,
+    is_websocket_upgrade,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -156,34 +156,6 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
         .into_response()
 }
 
-fn refuse(status: StatusCode, message: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        json!({ "error": message }).to_string(),
-    )
-        .into_response()
-}
-
-fn auth_refusal(error: &AuthError) -> Response {
-    let status = match error {
-        AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
-        AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::UNAUTHORIZED,
-    };
-    let mut response = refuse(status, &error.to_string());
-    // RFC 9110 11.6.1: every 401 carries a challenge.
-    if let Some(challenge) = error
-        .www_authenticate()
-        .and_then(|c| HeaderValue::from_str(&c).ok())
-    {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, challenge);
-    }
-    response
-}
-
 /// Resolves when credentials valid until `at` expire (never for `None`).
 async fn credentials_expiry(at: Option<SystemTime>) {
     match at {
@@ -215,11 +187,11 @@ async fn monitor(State(dashboard): State<Arc<Dashboard>>, request: Request) -> R
         Ok(grant) => grant,
         Err(error) => {
             tracing::info!(%error, "monitor auth refused");
-            return auth_refusal(&error);
+            return Refusal::auth(&error).http();
         }
     };
     if !grant.read {
-        return refuse(StatusCode::FORBIDDEN, "these credentials may not read");
+        return Refusal::new(StatusCode::FORBIDDEN, "these credentials may not read").http();
     }
     if !is_websocket_upgrade(&parts.headers) {
         return axum::Json(json!({
@@ -236,7 +208,7 @@ async fn monitor(State(dashboard): State<Arc<Dashboard>>, request: Request) -> R
     let previous = dashboard.monitors.fetch_add(1, Ordering::AcqRel);
     let slot = MonitorSlot(Arc::clone(&dashboard));
     if previous >= MAX_MONITORS {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many monitors");
+        return Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "too many monitors").http();
     }
     upgrade
         .protocols([SUBPROTOCOL])

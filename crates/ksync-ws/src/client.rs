@@ -589,6 +589,10 @@ struct Target {
     port: u16,
     /// `wss://`.
     tls: bool,
+    /// The upgrade's `Host` header (the URL's authority).
+    authority: String,
+    /// The upgrade's request target (path and query; `/` when empty).
+    path: String,
 }
 
 impl Target {
@@ -608,10 +612,20 @@ impl Target {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?.to_string();
+        let path = match uri
+            .path_and_query()
+            .map_or("", http::uri::PathAndQuery::as_str)
+        {
+            "" => "/".to_owned(),
+            path => path.to_owned(),
+        };
         Ok(Self {
             host,
             port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             tls,
+            authority,
+            path,
         })
     }
 }
@@ -971,7 +985,7 @@ impl Session {
         })?;
         let stream = match &self.inner.tls {
             Some(connector) => crate::tls::handshake(connector, &target.host, tcp).await?,
-            None => ClientStream::Plain(tcp),
+            None => tokio_tungstenite::MaybeTlsStream::Plain(tcp),
         };
         let auth = lock(&self.inner.auth).clone();
         let ws_config = WebSocketConfig::default()
@@ -979,7 +993,7 @@ impl Session {
             .max_frame_size(Some(config.max_message_size))
             .read_buffer_size(16 * 1024)
             .write_buffer_size(0);
-        let mut socket = upgrade(stream, &config.url, auth.as_ref(), ws_config).await?;
+        let mut socket = upgrade(stream, target, auth.as_ref(), ws_config).await?;
         let (since, state) = match (&self.replica, config.strategy) {
             (_, Strategy::StateBased { .. }) if self.room_cursor == 0 => (None, true),
             (Some(_), _) => (Some(self.room_cursor), false),
@@ -1691,22 +1705,13 @@ const MAX_REFUSAL_BODY: usize = 512;
 /// [`WsError::Refused`] with the status and (the start of) the body.
 async fn upgrade(
     mut tcp: ClientStream,
-    url: &str,
+    target: &Target,
     auth: Option<&Auth>,
     config: WebSocketConfig,
 ) -> Result<Socket, WsError> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    let invalid = |reason: &str| WsError::InvalidUrl {
-        url: url.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let uri: http::Uri = url.parse().map_err(|_| invalid("not a URL"))?;
-    let host = uri.authority().ok_or_else(|| invalid("no host"))?;
-    let path = uri
-        .path_and_query()
-        .map_or("/", http::uri::PathAndQuery::as_str);
-    let path = if path.is_empty() { "/" } else { path };
+    let (host, path) = (&target.authority, &target.path);
     let key = tungstenite::handshake::client::generate_key();
     let mut request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"

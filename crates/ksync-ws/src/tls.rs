@@ -4,26 +4,17 @@
 //! reqwest does for the Git client) plus any roots the application adds, e.g. a private CA
 //! or a self-signed test certificate.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::MaybeTlsStream;
 
 use crate::WsError;
 
 /// The byte stream under the WebSocket: TCP for `ws://`, TLS over TCP for `wss://`.
-#[derive(Debug)]
-pub(crate) enum ClientStream {
-    Plain(TcpStream),
-    // Boxed: a TLS session is about 1 KiB, a TCP stream a few words.
-    Tls(Box<TlsStream<TcpStream>>),
-}
+pub(crate) type ClientStream = MaybeTlsStream<TcpStream>;
 
 /// Parses the PEM certificates a builder was given (one or more `CERTIFICATE` blocks).
 pub(crate) fn parse_roots(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -70,7 +61,7 @@ pub(crate) async fn handshake(
     let name = ServerName::try_from(host.to_owned())
         .map_err(|e| failed(format!("not a TLS server name: {e}"), true))?;
     match connector.connect(name, tcp).await {
-        Ok(stream) => Ok(ClientStream::Tls(Box::new(stream))),
+        Ok(stream) => Ok(MaybeTlsStream::Rustls(stream)),
         Err(e) => {
             let certificate = e
                 .get_ref()
@@ -83,64 +74,6 @@ pub(crate) async fn handshake(
                     )
                 });
             Err(failed(e.to_string(), certificate))
-        }
-    }
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientStream::Plain(s) => s.is_write_vectored(),
-            ClientStream::Tls(s) => s.is_write_vectored(),
         }
     }
 }

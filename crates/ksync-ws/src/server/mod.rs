@@ -438,11 +438,8 @@ impl Relay {
             Some(r) => match Name::new(r) {
                 Ok(name) => name,
                 Err(e) => {
-                    let message = format!("bad room name: {e}");
-                    return match in_band {
-                        true => refuse_in_band(ws, code::BAD_ROOM, close::BAD_ROOM, message),
-                        false => refuse(StatusCode::BAD_REQUEST, &message),
-                    };
+                    return Refusal::new(StatusCode::BAD_REQUEST, format!("bad room name: {e}"))
+                        .upgrade(ws, in_band);
                 }
             },
         };
@@ -451,24 +448,13 @@ impl Relay {
             Ok(grant) => grant,
             Err(e) => {
                 tracing::info!(room = %room, error = %e, "websocket auth refused");
-                if in_band {
-                    let (code, close) = match e {
-                        AuthError::Forbidden(_) => (code::FORBIDDEN, close::FORBIDDEN),
-                        AuthError::RateLimited => (code::RATE_LIMITED, close::RATE_LIMITED),
-                        _ => (code::UNAUTHORIZED, close::UNAUTHORIZED),
-                    };
-                    return refuse_in_band(ws, code, close, e.to_string());
-                }
-                return auth_refusal(&e);
+                return Refusal::auth(&e).upgrade(ws, in_band);
             }
         };
         if !grant.allows(ResourceKind::Room, room.as_str(), Access::Read) {
             tracing::info!(room = %room, subject = %grant.subject, "room not allowed");
-            let message = "not allowed to read this room";
-            return match in_band {
-                true => refuse_in_band(ws, code::FORBIDDEN, close::FORBIDDEN, message.into()),
-                false => refuse(StatusCode::FORBIDDEN, message),
-            };
+            return Refusal::new(StatusCode::FORBIDDEN, "not allowed to read this room")
+                .upgrade(ws, in_band);
         }
         let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
         let slot = ConnectionSlot(Arc::clone(shared));
@@ -715,25 +701,6 @@ pub fn credentials_from_headers(headers: &HeaderMap) -> Credentials {
     credentials
 }
 
-fn auth_refusal(error: &AuthError) -> Response {
-    let status = match error {
-        AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
-        AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::UNAUTHORIZED,
-    };
-    let mut response = refuse(status, &error.to_string());
-    // RFC 9110 11.6.1: every 401 carries a challenge.
-    if let Some(challenge) = error
-        .www_authenticate()
-        .and_then(|c| axum::http::HeaderValue::from_str(&c).ok())
-    {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, challenge);
-    }
-    response
-}
-
 /// Whether a request is a WebSocket upgrade that offers the `ksync.v1` subprotocol: the relay
 /// refuses such a client in-band (an `error`, then close 4400, 4401, 4403 or 4429) rather
 /// than with an HTTP status, which a browser cannot read. Servers that refuse requests before
@@ -750,6 +717,77 @@ pub fn wants_in_band_refusal(headers: &HeaderMap) -> bool {
 
 /// Most time an in-band refusal spends on its socket.
 const IN_BAND_REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a request (a WebSocket upgrade, or a request to a WebSocket endpoint) is refused. It
+/// is answered with its HTTP status and `{"error": message}` (401s with their
+/// `WWW-Authenticate` challenge), or, for an upgrade that takes refusals in-band (see
+/// [`wants_in_band_refusal`]), after the upgrade with the status's `error` code and close
+/// code: 400 `bad_room` 4400, 401 `unauthorized` 4401, 403 `forbidden` 4403, 429
+/// `rate_limited` 4429. Other statuses (503...) are always HTTP answers: retrying is right.
+#[derive(Debug)]
+pub struct Refusal {
+    status: StatusCode,
+    message: String,
+    challenge: Option<String>,
+}
+
+impl Refusal {
+    /// A refusal with `status`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            challenge: None,
+        }
+    }
+
+    /// Refused credentials: 401, 403 (rights) or 429 (rate-limited), with the challenge.
+    pub fn auth(error: &AuthError) -> Self {
+        let status = match error {
+            AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AuthError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        Self {
+            status,
+            message: error.to_string(),
+            // RFC 9110 11.6.1: every 401 carries a challenge.
+            challenge: error.www_authenticate(),
+        }
+    }
+
+    /// As an HTTP answer.
+    pub fn http(self) -> Response {
+        let mut response = refuse(self.status, &self.message);
+        if let Some(challenge) = self
+            .challenge
+            .and_then(|c| axum::http::HeaderValue::from_str(&c).ok())
+        {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        response
+    }
+
+    /// The answer to the upgrade `ws`: in-band when `in_band` and the status has an in-band
+    /// form, else the HTTP answer.
+    pub fn upgrade(self, ws: WebSocketUpgrade, in_band: bool) -> Response {
+        let in_band_form = match self.status {
+            StatusCode::BAD_REQUEST => Some((code::BAD_ROOM, close::BAD_ROOM)),
+            StatusCode::UNAUTHORIZED => Some((code::UNAUTHORIZED, close::UNAUTHORIZED)),
+            StatusCode::FORBIDDEN => Some((code::FORBIDDEN, close::FORBIDDEN)),
+            StatusCode::TOO_MANY_REQUESTS => Some((code::RATE_LIMITED, close::RATE_LIMITED)),
+            _ => None,
+        };
+        match in_band_form {
+            Some((error_code, close_code)) if in_band => {
+                refuse_in_band(ws, error_code, close_code, self.message)
+            }
+            _ => self.http(),
+        }
+    }
+}
 
 /// Accepts the upgrade only to say no: an `error` message, then a close with `close_code`.
 /// The connection is not counted against `max_connections` and lives at most
