@@ -68,6 +68,26 @@ impl Auth {
         }
     }
 
+    /// Refuses credentials that can never be sent in [`Auth::header`]: a control character
+    /// (e.g. a newline pasted with a token) or anything outside visible ASCII would make every
+    /// request fail to build. Clients check this when built and in `set_auth`. The message
+    /// never holds the secret.
+    pub fn check_sendable(auth: Option<&Auth>) -> Result<(), crate::SyncError> {
+        // RFC 9110 field values as `http::HeaderValue::from_str` takes them: visible ASCII,
+        // space and tab.
+        let sendable = |value: &str| {
+            value
+                .bytes()
+                .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        };
+        match auth {
+            Some(auth) if !sendable(&auth.header().1) => Err(crate::SyncError::Config(
+                "credentials contain characters not allowed in an HTTP header".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The secret itself (for transports that must place it somewhere other than a header).
     pub fn secret(&self) -> &str {
         match self {

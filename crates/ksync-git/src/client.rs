@@ -184,7 +184,7 @@ impl GitSyncClientBuilder {
     /// Checks the options and makes the client. No network traffic happens here.
     pub fn build(self) -> Result<GitSyncClient, SyncError> {
         let url = repo_url(&self.url).map_err(GitError::into_sync)?;
-        check_auth(self.auth.as_ref())?;
+        Auth::check_sendable(self.auth.as_ref())?;
         if let Some(branch) = &self.branch {
             branch_name(branch)?;
         }
@@ -453,7 +453,7 @@ impl GitSyncClient {
     /// new ones and start it again). Refuses credentials that cannot go in an HTTP header, as
     /// the builder does.
     pub fn set_auth(&self, auth: Option<Auth>) -> Result<(), SyncError> {
-        check_auth(auth.as_ref())?;
+        Auth::check_sendable(auth.as_ref())?;
         *write(&self.inner.http.auth) = auth;
         Ok(())
     }
@@ -1404,20 +1404,6 @@ struct InFlight {
 /// The result of a request task (a task that panicked or was cancelled is a transport error).
 async fn joined<T>(task: tokio::task::JoinHandle<Result<T, SyncError>>) -> Result<T, SyncError> {
     task.await.unwrap_or_else(|e| Err(SyncError::transport(e)))
-}
-
-/// Refuses credentials that can never be sent (a control character, e.g. a newline pasted with
-/// a token: every request would fail to build), as the WebSocket client does. (No secret in
-/// the message.)
-fn check_auth(auth: Option<&Auth>) -> Result<(), SyncError> {
-    if let Some(auth) = auth
-        && reqwest::header::HeaderValue::from_str(&auth.header().1).is_err()
-    {
-        return Err(SyncError::Config(
-            "credentials contain characters not allowed in an HTTP header".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// The HTTP side of a client: owned and cheap to clone, so a request can run on its own task

@@ -222,7 +222,7 @@ impl WebSocketSyncClientBuilder {
                 "outbox_capacity and metrics_interval must be positive".into(),
             ));
         }
-        check_auth(c.auth.as_ref())?;
+        Auth::check_sendable(c.auth.as_ref())?;
         let target = Target::parse(&c.url)?;
         let mut roots = Vec::new();
         for pem in &c.tls_roots_pem {
@@ -375,19 +375,6 @@ struct Inner {
     auth: Mutex<Option<Auth>>,
 }
 
-/// Refuses credentials that can never be sent (control characters, e.g. a newline), rather
-/// than failing every attempt. (No secret in the message.)
-fn check_auth(auth: Option<&Auth>) -> Result<(), SyncError> {
-    if let Some(auth) = auth
-        && http::HeaderValue::from_str(&auth.header().1).is_err()
-    {
-        return Err(SyncError::Config(
-            "credentials contain characters not allowed in an HTTP header".into(),
-        ));
-    }
-    Ok(())
-}
-
 impl WebSocketSyncClient {
     /// Starts a builder for `url` (`ws://host:port` for the default room, or
     /// `ws://host:port/ws/<room>`).
@@ -448,7 +435,7 @@ impl WebSocketSyncClient {
     /// connection, if any, keeps going until the server closes it. Refuses credentials that
     /// cannot go in an HTTP header, as the builder does.
     pub fn set_auth(&self, auth: Option<Auth>) -> Result<(), SyncError> {
-        check_auth(auth.as_ref())?;
+        Auth::check_sendable(auth.as_ref())?;
         *lock(&self.inner.auth) = auth;
         Ok(())
     }
