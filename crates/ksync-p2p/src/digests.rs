@@ -1,26 +1,47 @@
 //! Content digests of the node's own log, kept as the log grows, so a catch-up round reads
-//! them instead of copying and hashing every event once per peer and direction.
+//! them instead of copying and hashing every event once per peer and direction. Each also
+//! records whether the node's filter lets its event out: `Keys` pages list only those.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ksync_core::{Event, Storage, StorageError};
+use ksync_core::{Event, Filter, Storage, StorageError};
 
 use crate::wire::{self, KeyEntry};
 
 /// How many events one storage visit covers.
 const REFRESH_PAGE: usize = 1024;
 
-/// `(id, version, digest)` of every event in the log, by sequence number, and the digests by
+/// What is recorded of every event in the log, by sequence number, and the digests by
 /// revision. Memory: one entry per event of the log (the id is shared by both indexes), the
 /// same order as the log's own index. The log is append-only with gap-free sequence numbers,
 /// so entries never change once recorded.
 #[derive(Debug, Default)]
 pub(crate) struct Digests {
     /// Index `seq - 1`.
-    by_seq: Vec<(Arc<str>, u64, u64)>,
+    by_seq: Vec<Recorded>,
     /// `(version, digest)` pairs of each id.
     by_id: HashMap<Arc<str>, Versions>,
+    /// The node's filter: events it keeps home are listed in no `Keys` page.
+    filter: Option<Filter>,
+}
+
+/// One event of the log.
+#[derive(Debug)]
+struct Recorded {
+    id: Arc<str>,
+    version: u64,
+    digest: u64,
+    /// The filter lets the event out (see [`Digests::page`]).
+    listed: bool,
+}
+
+/// A `Keys` page: its entries, and the last sequence number it covers (entries kept home are
+/// skipped, so it may be past the last entry's).
+#[derive(Debug, PartialEq)]
+pub(crate) struct Page {
+    pub(crate) entries: Vec<KeyEntry>,
+    pub(crate) through: u64,
 }
 
 /// The `(version, digest)` pairs of one id: most ids have a single version, kept inline.
@@ -47,6 +68,15 @@ impl Versions {
 }
 
 impl Digests {
+    /// Digests for a node whose filter is `filter` (a filter is a pure function of the event:
+    /// each event is asked once).
+    pub(crate) fn new(filter: Option<Filter>) -> Self {
+        Self {
+            filter,
+            ..Self::default()
+        }
+    }
+
     /// How many events are recorded (the last sequence number covered).
     pub(crate) fn len(&self) -> u64 {
         self.by_seq.len() as u64
@@ -67,7 +97,13 @@ impl Digests {
                     .insert(Arc::clone(&id), Versions::One(event.version, digest));
             }
         }
-        self.by_seq.push((id, event.version, digest));
+        let listed = self.filter.as_ref().is_none_or(|f| f.allows(event));
+        self.by_seq.push(Recorded {
+            id,
+            version: event.version,
+            digest,
+            listed,
+        });
     }
 
     /// Records up to `budget` more of what the storage holds beyond what is recorded (in
@@ -95,22 +131,31 @@ impl Digests {
         self.by_id.get(id)?.get(version)
     }
 
-    /// Up to `limit` entries with `seq > after`, in order.
-    pub(crate) fn page(&self, after: u64, limit: usize) -> Vec<KeyEntry> {
+    /// Up to `limit` entries the filter lets out with `seq > after`, in order, looking at most
+    /// `scan` events (a long run of events kept home gives an empty page that still moves the
+    /// requester on).
+    pub(crate) fn page(&self, after: u64, limit: usize, scan: usize) -> Page {
         let start = usize::try_from(after).unwrap_or(usize::MAX);
-        self.by_seq
-            .get(start..)
-            .unwrap_or_default()
-            .iter()
-            .take(limit)
-            .zip(after.saturating_add(1)..)
-            .map(|((id, version, hash), seq)| KeyEntry {
-                seq,
-                id: id.to_string(),
-                version: *version,
-                hash: *hash,
-            })
-            .collect()
+        let mut page = Page {
+            entries: Vec::new(),
+            through: after,
+        };
+        let recorded = self.by_seq.get(start..).unwrap_or_default();
+        for (event, seq) in recorded.iter().take(scan).zip(after.saturating_add(1)..) {
+            if page.entries.len() == limit {
+                break;
+            }
+            page.through = seq;
+            if event.listed {
+                page.entries.push(KeyEntry {
+                    seq,
+                    id: event.id.to_string(),
+                    version: event.version,
+                    hash: event.digest,
+                });
+            }
+        }
+        page
     }
 }
 
@@ -145,7 +190,7 @@ mod tests {
         assert_eq!(d.get("b", 1), Some(wire::content_hash(&b)));
         assert_eq!(d.get("b", 2), None);
         assert_eq!(d.get("c", 1), None);
-        let page = d.page(1, 10);
+        let page = d.page(1, 10, 100).entries;
         assert_eq!(
             page.iter()
                 .map(|e| (e.seq, e.id.as_str(), e.version))
@@ -153,7 +198,38 @@ mod tests {
             vec![(2, "a", 2), (3, "b", 1)]
         );
         assert_eq!(page[1].hash, wire::content_hash(&b));
-        assert!(d.page(3, 10).is_empty());
-        assert!(d.page(u64::MAX, 10).is_empty());
+        assert!(d.page(3, 10, 100).entries.is_empty());
+        assert!(d.page(u64::MAX, 10, 100).entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn pages_list_only_what_the_filter_lets_out() {
+        let storage = InMemoryStorage::new();
+        let public = |id: &str| Event::new(id, "t", json!({"x": 1}), 1);
+        let private = |id: &str| Event::new(id, "t", json!({"private": true}), 1);
+        storage
+            .append(vec![public("a"), private("p1"), private("p2"), public("b")])
+            .await
+            .expect("append");
+        let mut d = Digests::new(Some(Filter::PublicOnly));
+        assert!(d.refresh(&storage, 100).expect("refresh"));
+        let listed = |page: &Page| -> Vec<(u64, String)> {
+            page.entries.iter().map(|e| (e.seq, e.id.clone())).collect()
+        };
+        let all = d.page(0, 10, 100);
+        assert_eq!(listed(&all), vec![(1, "a".into()), (4, "b".into())]);
+        assert_eq!(all.through, 4);
+        // Full after one entry: covers up to it.
+        let first = d.page(0, 1, 100);
+        assert_eq!((listed(&first), first.through), (vec![(1, "a".into())], 1));
+        // Only kept-home events within the scan: empty, yet past them.
+        let hidden = d.page(1, 10, 2);
+        assert_eq!((listed(&hidden), hidden.through), (vec![], 3));
+        let rest = d.page(3, 10, 100);
+        assert_eq!((listed(&rest), rest.through), (vec![(4, "b".into())], 4));
+        let end = d.page(4, 10, 100);
+        assert_eq!((listed(&end), end.through), (vec![], 4));
+        // Our own digests still cover every revision, listed or not.
+        assert!(d.get("p1", 1).is_some());
     }
 }

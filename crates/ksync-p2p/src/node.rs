@@ -28,13 +28,13 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{DiscoveryMethod, Options};
-use crate::digests::Digests;
+use crate::digests::{Digests, Page};
 use crate::error::P2PError;
 use crate::shaping::Shaping;
 use crate::transport::{self, BoxError};
 use crate::wire::{
-    self, KeyEntry, MAX_FETCH, MAX_PAGE, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, RESPONSE_BUDGET,
-    SyncRequest, SyncResponse,
+    self, KeyEntry, MAX_FETCH, MAX_PAGE, MAX_PAGE_SCAN, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+    RESPONSE_BUDGET, SyncRequest, SyncResponse,
 };
 
 /// Largest batch of events packed into one gossip message, in encoded bytes (never less than
@@ -290,6 +290,8 @@ struct Session {
     state: SessionState,
     /// The current page.
     page: Vec<KeyEntry>,
+    /// The last sequence number the current page covers (see `SyncResponse::Keys`).
+    page_through: u64,
     /// Keys of the page fetched by this session (done, even if ingest found a conflict).
     fetched: HashSet<RevisionKey>,
     /// Run again when the current round ends.
@@ -456,6 +458,7 @@ impl Node {
             id => id,
         };
         let max_batch_bytes = max_batch_bytes(&opts);
+        let digests = Digests::new(shaping.filter().cloned());
         let mut node = Node {
             swarm,
             topic,
@@ -484,7 +487,7 @@ impl Node {
             batch_deadline: None,
             last_publish: tokio::time::Instant::now(),
             held: VecDeque::new(),
-            digests: Digests::default(),
+            digests,
         };
         node.join_dht();
         Ok(node)
@@ -1198,9 +1201,16 @@ impl Node {
                             log_id,
                             len,
                             entries,
+                            through,
                         },
                     ) => {
-                        self.on_keys(peer, after, log_id, len, entries).await;
+                        let page = ReceivedPage {
+                            log_id,
+                            len,
+                            entries,
+                            through,
+                        };
+                        self.on_keys(peer, after, page).await;
                     }
                     (Outstanding::Fetch(keys), SyncResponse::Events { events, too_large }) => {
                         self.on_events(peer, keys, events, too_large).await;
@@ -1303,30 +1313,38 @@ impl Node {
             SyncRequest::Keys { after, limit, .. } => {
                 let limit = limit.min(MAX_PAGE) as usize;
                 let len = storage.len();
-                if self.digests.len() >= len.min(after.saturating_add(limit as u64)) {
-                    return SyncResponse::Keys {
-                        log_id: self.log_id,
-                        len,
-                        entries: self.digests.page(after, limit),
+                let page = if self.digests.len() >= len.min(after.saturating_add(limit as u64)) {
+                    self.digests.page(after, limit, MAX_PAGE_SCAN)
+                } else {
+                    // Digests not there yet: one storage page, filtered the same way.
+                    let page = match storage.read_since(after, limit) {
+                        Ok(page) => page,
+                        Err(e) => {
+                            return SyncResponse::Refused {
+                                reason: format!("storage: {e}"),
+                            };
+                        }
                     };
-                }
-                match storage.read_since(after, limit) {
-                    Ok(page) => SyncResponse::Keys {
-                        log_id: self.log_id,
-                        len,
-                        entries: page
-                            .into_iter()
-                            .map(|s| KeyEntry {
-                                seq: s.seq,
-                                hash: wire::content_hash(&s.event),
-                                id: s.event.id,
-                                version: s.event.version,
-                            })
-                            .collect(),
-                    },
-                    Err(e) => SyncResponse::Refused {
-                        reason: format!("storage: {e}"),
-                    },
+                    let through = page.last().map_or(after, |s| s.seq);
+                    let filter = self.shaping.filter();
+                    let entries = page
+                        .into_iter()
+                        .filter(|s| filter.is_none_or(|f| f.allows(&s.event)))
+                        .map(|s| KeyEntry {
+                            seq: s.seq,
+                            hash: wire::content_hash(&s.event),
+                            id: s.event.id,
+                            version: s.event.version,
+                        })
+                        .collect();
+                    Page { entries, through }
+                };
+                SyncResponse::Keys {
+                    log_id: self.log_id,
+                    // The log may have grown since its length was read.
+                    len: len.max(page.through),
+                    entries: page.entries,
+                    through: Some(page.through),
                 }
             }
             SyncRequest::Fetch { keys, .. } if keys.len() > MAX_FETCH => SyncResponse::Refused {
@@ -1373,31 +1391,33 @@ impl Node {
         }
     }
 
-    async fn on_keys(
-        &mut self,
-        peer: PeerId,
-        after: u64,
-        log_id: u64,
-        len: u64,
-        entries: Vec<KeyEntry>,
-    ) {
+    async fn on_keys(&mut self, peer: PeerId, after: u64, page: ReceivedPage) {
+        let ReceivedPage {
+            log_id,
+            len,
+            entries,
+            through,
+        } = page;
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
-        // The cursor moves to the page's last entry, so a page that does not rise past the
+        // The cursor moves to the page's end, so a page that does not rise past the
         // request (or a log id that keeps changing, which restarts the walk) would have us
         // ask again forever: such an answer is refused and the round ends.
-        let broken = match session.round_log_id {
-            Some(first) if first != log_id => Some(format!(
+        let checked = match session.round_log_id {
+            Some(first) if first != log_id => Err(format!(
                 "its log id changed from {first} to {log_id} within one catch-up round"
             )),
-            _ => check_page(after, MAX_PAGE, &entries).err(),
+            _ => check_page(after, MAX_PAGE, &entries, through, len),
         };
-        if let Some(reason) = broken {
-            self.misbehaved(peer, reason);
-            self.end_round(peer);
-            return;
-        }
+        let through = match checked {
+            Ok(through) => through,
+            Err(reason) => {
+                self.misbehaved(peer, reason);
+                self.end_round(peer);
+                return;
+            }
+        };
         session.round_log_id = Some(log_id);
         if session.log_id != log_id || session.cursor > len {
             // Another log than the one our cursor counts in (the peer lost its storage, or we
@@ -1416,10 +1436,18 @@ impl Node {
             return;
         };
         if entries.is_empty() {
-            self.end_round(peer);
+            if through > after {
+                // Only events the peer keeps home: nothing to fetch, walk on past them.
+                session.cursor = through;
+                let _ = self.replica.set_cursor(&cursor_name(&peer), through).await;
+                self.request_keys(peer);
+            } else {
+                self.end_round(peer);
+            }
             return;
         }
         session.page = entries;
+        session.page_through = through;
         session.fetched.clear();
         self.continue_page(peer).await;
     }
@@ -1488,7 +1516,7 @@ impl Node {
                 self.wait_deadline = Some(self.wait_deadline.map_or(until, |w| w.min(until)));
             }
         } else {
-            let last = session.page.last().map_or(session.cursor, |e| e.seq);
+            let last = session.page_through;
             session.cursor = last;
             session.page.clear();
             session.fetched.clear();
@@ -1589,10 +1617,26 @@ impl Node {
     }
 }
 
+/// A `Keys` answer (see `SyncResponse::Keys`).
+struct ReceivedPage {
+    log_id: u64,
+    len: u64,
+    entries: Vec<KeyEntry>,
+    through: Option<u64>,
+}
+
 /// Checks a `Keys` page against the request it answers: at most `limit` entries, sequence
-/// numbers rising, all past `after`. (Not against the answer's `len`: the responder's log may
-/// grow between reading its length and its page.)
-fn check_page(after: u64, limit: u32, entries: &[KeyEntry]) -> Result<(), String> {
+/// numbers rising, all past `after`, and a `through` (if given) no earlier than the last
+/// entry and no later than the log's `len` (a responder that sends `through` counts its
+/// length past its page). (Without `through`, not against `len`: such a responder may read
+/// its length first, and its log grow before the page is read.) Returns where the page ends.
+fn check_page(
+    after: u64,
+    limit: u32,
+    entries: &[KeyEntry],
+    through: Option<u64>,
+    len: u64,
+) -> Result<u64, String> {
     if entries.len() > limit as usize {
         return Err(format!(
             "a page of {} keys, at most {limit} were asked for",
@@ -1609,7 +1653,16 @@ fn check_page(after: u64, limit: u32, entries: &[KeyEntry]) -> Result<(), String
         }
         previous = entry.seq;
     }
-    Ok(())
+    match through {
+        None => Ok(previous),
+        Some(through) if through < previous => Err(format!(
+            "a page after seq {after} ends at seq {through}, before its last entry (seq {previous}) or the request"
+        )),
+        Some(through) if through > len => Err(format!(
+            "a page through seq {through} of a log of {len} events"
+        )),
+        Some(through) => Ok(through),
+    }
 }
 
 /// Like `Ingested::notify` (`conflict`s, one `event` per new event, then one `sync`), but

@@ -26,6 +26,11 @@ impl Shaping {
         self.pipeline.use_middleware(direction, middleware);
     }
 
+    /// The filter, if any.
+    pub(crate) fn filter(&self) -> Option<&Filter> {
+        self.filter.as_ref()
+    }
+
     /// Nothing to run (lets hot paths skip copying events).
     pub(crate) fn is_noop(&self) -> bool {
         self.filter.is_none() && self.pipeline.is_empty()

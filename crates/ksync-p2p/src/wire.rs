@@ -39,6 +39,10 @@ pub(crate) fn peer_name(agent_version: &str) -> Option<String> {
 
 /// Most keys in one `Keys` page.
 pub(crate) const MAX_PAGE: u32 = 1024;
+/// Most events of its log a responder looks at for one `Keys` page: a long run of events its
+/// filter keeps home costs one bounded walk per page, and an empty page that moves the
+/// requester past it.
+pub(crate) const MAX_PAGE_SCAN: usize = 8 * MAX_PAGE as usize;
 /// Most keys in one `Fetch` request.
 pub(crate) const MAX_FETCH: usize = 1024;
 /// Largest catch-up request on the wire (1024 keys of up to 256-byte ids fit).
@@ -355,11 +359,16 @@ pub(crate) enum SyncRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum SyncResponse {
     /// A page of the responder's log. `log_id` names the log (a new one, e.g. a fresh in-memory
-    /// store, restarts the requester's cursor at 0); `len` is its length.
+    /// store, restarts the requester's cursor at 0); `len` is its length. `entries` list the
+    /// revisions the responder's filter lets out; `through` is the last sequence number the
+    /// page covers (past the last entry's when events kept home follow it; `None` from peers
+    /// that list every revision: the last entry's).
     Keys {
         log_id: u64,
         len: u64,
         entries: Vec<KeyEntry>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        through: Option<u64>,
     },
     /// The requested revisions the responder holds, in request order, up to
     /// [`RESPONSE_BUDGET`]; `too_large` lists those it will never send (larger than the

@@ -9,79 +9,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::raw::*;
 use common::*;
 use futures_util::StreamExt;
-use ksync_core::{Event, Notification, NotificationKind, RevisionKey, Subscription, SyncError};
+use ksync_core::{Event, Notification, NotificationKind, Subscription, SyncError};
 use ksync_p2p::{Multiaddr, P2PError, P2PSyncClient, PeerId};
-use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{StreamProtocol, SwarmBuilder, noise, tcp, yamux};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum Request {
-    Keys {
-        network: String,
-        after: u64,
-        limit: u32,
-    },
-    Fetch {
-        network: String,
-        keys: Vec<RevisionKey>,
-    },
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Entry {
-    seq: u64,
-    id: String,
-    version: u64,
-    hash: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum Response {
-    Keys {
-        log_id: u64,
-        len: u64,
-        entries: Vec<Entry>,
-    },
-    Events {
-        events: Vec<Event>,
-        too_large: Vec<RevisionKey>,
-    },
-    /// Not a message of the protocol.
-    Bogus(u64),
-}
-
-/// PROTOCOL's catch-up digest: FNV-1a (64) of `type`, NUL, `timestamp` (8 bytes big-endian)
-/// and `data` as compact JSON.
-fn digest(event: &Event) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let data = serde_json::to_vec(&event.data).expect("encode");
-    for b in event
-        .event_type
-        .as_bytes()
-        .iter()
-        .chain([0u8].iter())
-        .chain(event.timestamp.to_be_bytes().iter())
-        .chain(data.iter())
-    {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-fn entry(seq: u64, event: &Event, hash: u64) -> Entry {
-    Entry {
-        seq,
-        id: event.id.clone(),
-        version: event.version,
-        hash,
-    }
-}
 
 /// The lying peer: answers every request with `answer`, counting `Keys` requests.
 struct Liar {
@@ -104,37 +39,7 @@ async fn liar(mut answer: impl FnMut(&Request) -> Response + Send + 'static) -> 
 async fn sometimes_silent_liar(
     mut answer: impl FnMut(&Request) -> Option<Response> + Send + 'static,
 ) -> Liar {
-    let mut swarm = SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| {
-            // Room to send answers larger than any honest peer's.
-            let codec = request_response::cbor::codec::Codec::<Request, Response>::default()
-                .set_response_size_maximum(64 * 1024 * 1024);
-            request_response::Behaviour::with_codec(
-                codec,
-                [(StreamProtocol::new("/ksync/sync/1"), ProtocolSupport::Full)],
-                // Holds an unanswered request open as long as the requester waits.
-                request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
-            )
-        })
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
-    swarm
-        .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
-        .expect("listen");
-    let listen = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
-            break address;
-        }
-    };
-    let addr = listen.with(libp2p::multiaddr::Protocol::P2p(*swarm.local_peer_id()));
+    let (mut swarm, addr) = raw_peer().await;
     let keys_requests = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&keys_requests);
     let task = tokio::spawn(async move {
@@ -238,6 +143,7 @@ async fn a_page_that_does_not_advance_is_refused_not_asked_for_forever() {
             log_id: 7,
             len: 1,
             entries: page.clone(),
+            through: None,
         },
         Request::Fetch { .. } => Response::Events {
             events: vec![served.clone()],
@@ -290,6 +196,7 @@ async fn a_log_id_that_changes_on_every_answer_is_refused() {
                 } else {
                     Vec::new()
                 },
+                through: None,
             }
         }
         Request::Fetch { .. } => Response::Events {
@@ -341,6 +248,7 @@ async fn many_copies_of_one_revision_count_once_and_unasked_events_are_skipped()
             } else {
                 Vec::new()
             },
+            through: None,
         },
         Request::Fetch { .. } => Response::Events {
             events: (0..300).map(theirs).chain([event("unasked", 1)]).collect(),
@@ -395,6 +303,7 @@ async fn oversized_and_malformed_answers_are_reported_and_lose_nothing() {
                             hash: 0,
                         })
                         .collect(),
+                    through: None,
                 }
             } else {
                 Response::Bogus(7)
@@ -437,11 +346,13 @@ async fn a_peer_that_never_sends_what_it_lists_does_not_hold_up_catch_up() {
             log_id: 3,
             len: page.len() as u64,
             entries: page.clone(),
+            through: None,
         }),
         Request::Keys { .. } => Some(Response::Keys {
             log_id: 3,
             len: page.len() as u64,
             entries: Vec::new(),
+            through: None,
         }),
         Request::Fetch { .. } => None,
     })
@@ -464,4 +375,41 @@ async fn a_peer_that_never_sends_what_it_lists_does_not_hold_up_catch_up() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     link(&a, &b).await;
     wait_until(10, "a gets b's events from b", || keys(&a).len() == 50).await;
+}
+
+/// A page's `through` (where it ends, past events kept home) must lie between its last entry
+/// and the log's length: one past the log would move the cursor past events not yet written,
+/// one before its entries would have the same page asked for again. Either is refused before
+/// anything of the page is fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_ends_past_its_log_or_before_its_entries_is_refused() {
+    for (through, said) in [(5, "a log of 1 events"), (0, "ends at seq 0")] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = honest(dir.path(), "a").await;
+        let watch = Watch::new(&a);
+        let held = event("liar", 1);
+        let page = vec![entry(1, &held, digest(&held))];
+        let served = held.clone();
+        let liar = liar(move |request| match request {
+            Request::Keys { .. } => Response::Keys {
+                log_id: 4,
+                len: 1,
+                entries: page.clone(),
+                through: Some(through),
+            },
+            Request::Fetch { .. } => Response::Events {
+                events: vec![served.clone()],
+                too_large: Vec::new(),
+            },
+        })
+        .await;
+        a.connect_to_peer(&liar.addr.to_string())
+            .await
+            .expect("connect");
+        wait_until(10, "the liar is blamed", || !watch.blamed().is_empty()).await;
+        let (peer, reason) = watch.blamed()[0].clone();
+        assert_eq!(peer, peer_of(&liar.addr));
+        assert!(reason.contains(said), "{reason}");
+        assert!(keys(&a).is_empty(), "nothing of a refused page is fetched");
+    }
 }

@@ -6,11 +6,16 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
+use common::raw::{RawSwarm, Request, Response, raw_peer};
 use common::*;
+use futures_util::StreamExt;
 use ksync_core::{Direction, Event, Filter, Notification, NotificationKind, Subscription};
 use ksync_core::{Status, SyncError};
 use ksync_middleware::{Decrypt, Encrypt, FieldCipher};
 use ksync_p2p::P2PSyncClient;
+use ksync_p2p::PeerId;
+use libp2p::request_response;
+use libp2p::swarm::SwarmEvent;
 use serde_json::json;
 
 /// Every notification of the given kinds, in order.
@@ -163,6 +168,126 @@ async fn the_filter_keeps_events_home_and_out() {
         );
     }
     assert!(stored(&a, "priv-2").is_none(), "a took in a private event");
+}
+
+/// Asks `peer` for the `Keys` page after `after` from a raw peer, answering the honest peer's
+/// own catch-up requests meanwhile with an empty log.
+async fn keys_page(swarm: &mut RawSwarm, peer: PeerId, after: u64) -> Response {
+    let asked = swarm.behaviour_mut().send_request(
+        &peer,
+        Request::Keys {
+            network: "ksync".into(),
+            after,
+            limit: 1024,
+        },
+    );
+    let answer = async {
+        loop {
+            let SwarmEvent::Behaviour(event) = swarm.select_next_some().await else {
+                continue;
+            };
+            match event {
+                request_response::Event::Message {
+                    message: request_response::Message::Request { channel, .. },
+                    ..
+                } => {
+                    let empty = Response::Keys {
+                        log_id: 1,
+                        len: 0,
+                        entries: Vec::new(),
+                        through: Some(0),
+                    };
+                    let _ = swarm.behaviour_mut().send_response(channel, empty);
+                }
+                request_response::Event::Message {
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                } if request_id == asked => return response,
+                request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                } if request_id == asked => panic!("the Keys request failed: {error}"),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("a Keys answer in time")
+}
+
+/// `Keys` pages list only what the filter lets out: walking a filtered peer's log page by
+/// page, a raw peer sees the ids of its public events and of no private one, and walks past a
+/// run of private events longer than one page's scan through an empty page that moves on. An
+/// honest late peer gets every public event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_pages_list_only_what_the_filter_lets_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Arc::new(
+        builder(dir.path(), "a")
+            .filter(Filter::PublicOnly)
+            .build()
+            .expect("build"),
+    );
+    let public = |n: usize| Event::new(format!("pub-{n}"), "t", json!({"n": n}), 1);
+    let private = |n: usize| Event::new(format!("priv-{n}"), "t", json!({"private": true}), 1);
+    // 9,000 private events (more than the 8,192 one page looks at), a public one, 50 private
+    // ones, a public one: the log as the application wrote it.
+    let log: Vec<Event> = (0..9_000)
+        .map(private)
+        .chain([public(1)])
+        .chain((9_000..9_050).map(private))
+        .chain([public(2)])
+        .collect();
+    a.replica().storage().append(log).await.expect("append");
+    a.start().await.expect("start");
+
+    let (mut raw, _) = raw_peer().await;
+    let a_addr = a.addresses().into_iter().next().expect("listening");
+    raw.add_peer_address(a.local_peer_id(), a_addr);
+    let (mut after, mut listed, mut empty_pages_moving_on) = (0, Vec::new(), 0);
+    loop {
+        let Response::Keys {
+            entries,
+            through,
+            len,
+            ..
+        } = keys_page(&mut raw, a.local_peer_id(), after).await
+        else {
+            panic!("not a Keys page");
+        };
+        assert_eq!(len, 9_052);
+        let through = through.expect("a filtering peer says where its page ends");
+        if entries.is_empty() && through > after {
+            empty_pages_moving_on += 1;
+        }
+        listed.extend(entries.into_iter().map(|e| e.id));
+        if through == after {
+            break;
+        }
+        after = through;
+    }
+    assert_eq!(
+        listed,
+        ["pub-1", "pub-2"],
+        "pages list what the filter lets out"
+    );
+    assert_eq!(after, 9_052, "the walk covers the whole log");
+    assert!(
+        empty_pages_moving_on >= 1,
+        "a page of private events only moves on"
+    );
+
+    let late = peer(dir.path(), "late").await;
+    link(&late, &a).await;
+    wait_until(10, "the late peer gets the public events", || {
+        keys(&late).len() == 2
+    })
+    .await;
+    assert!(stored(&late, "pub-1").is_some() && stored(&late, "pub-2").is_some());
 }
 
 /// `public-only` with an encrypting middleware: the filter sees the event as the application
