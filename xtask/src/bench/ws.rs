@@ -28,7 +28,9 @@
 //! `KSYNC_BENCH_WS_RELAY_WRAP="valgrind --tool=callgrind"` starts the Rust relay children
 //! under that command (they exit cleanly at the end so the tool writes its output),
 //! `KSYNC_BENCH_WS_MODE=steady` (or `full`) runs only the steady-rate (or full-speed) runs, and
-//! `KSYNC_BENCH_WS_IDLE_ONLY=1` measures only the idle connections.
+//! `KSYNC_BENCH_WS_IDLE_ONLY=1` measures only the idle connections, and
+//! `KSYNC_BENCH_WS_DISTRIBUTION=1` prints more percentiles of each steady run (whether a
+//! p99 gap is a shift of the whole distribution or a few stalls).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -57,6 +59,8 @@ const FAN_OUT: [usize; 3] = [1, 10, 100];
 /// 2-core machine one scheduling stall can decide a round's p99, and the median of five is
 /// less at the mercy of one such round (the run still takes only a few minutes).
 const ROUNDS: usize = 5;
+/// Percentiles shown per steady run with `KSYNC_BENCH_WS_DISTRIBUTION=1`.
+const DISTRIBUTION: [f64; 8] = [50.0, 90.0, 95.0, 98.0, 99.0, 99.5, 99.9, 100.0];
 /// Steady rate for the latency measure.
 const STEADY_PER_SEC: u64 = 1_000;
 /// Events in a steady run (one second).
@@ -1338,6 +1342,7 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
             });
         }
     }
+    let show_distribution = std::env::var_os("KSYNC_BENCH_WS_DISTRIBUTION").is_some();
     let mut checked: u64 = 0;
     // For iterating on the idle-memory measure alone.
     let rounds = if std::env::var_os("KSYNC_BENCH_WS_IDLE_ONLY").is_some() {
@@ -1380,6 +1385,14 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
                     percentile(&mut steady.latencies_ms.clone(), 50.0),
                     percentile(&mut steady.latencies_ms, 99.0),
                 );
+                if show_distribution {
+                    let mut all = steady.latencies_ms.clone();
+                    let shown: Vec<String> = DISTRIBUTION
+                        .iter()
+                        .map(|p| format!("p{p} {:.3}", percentile(&mut all, *p)))
+                        .collect();
+                    eprintln!("    latency ms: {}", shown.join("  "));
+                }
                 if round == 0 {
                     continue; // warm-up
                 }
