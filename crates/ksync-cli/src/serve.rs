@@ -89,7 +89,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_HEARTBEAT_SECS", default_value_t = 30)]
     heartbeat_secs: u64,
 
-    /// PEM certificate chain: serve HTTPS and wss:// (needs --tls-key).
+    /// PEM certificate chain: serve HTTPS and wss:// (needs --tls-key). SIGHUP reads both
+    /// files again (after a renewal) without dropping connections.
     #[arg(long, env = "KSYNC_TLS_CERT", value_name = "PEM", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
 
@@ -180,11 +181,13 @@ impl ServeArgs {
     }
 }
 
-/// Runs the server until SIGINT/SIGTERM, then drains and flushes.
+/// Runs the server until SIGINT/SIGTERM, then drains and flushes. With TLS, SIGHUP reads the
+/// certificate and key files again.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     // Before anything is printed: a SIGTERM right after the "listening" line must drain, not kill.
     let mut signal = ShutdownSignal::install().context("installing signal handlers")?;
+    let mut reload = ReloadSignal::install(config.tls.is_some())?;
     let running = Server::bind(config).await.context("starting the server")?;
     let addr = running.local_addr();
     // stdout, flushed: scripts and tests read the real address from this line.
@@ -201,6 +204,58 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     stdout.flush()?;
     drop(stdout);
-    running.run_until(signal.recv()).await?;
+    loop {
+        tokio::select! {
+            // A reload asked for before a stop is done first.
+            biased;
+            () = reload.recv() => {
+                if let Err(error) = running.reload_tls() {
+                    tracing::error!(%error, "TLS certificate not reloaded; still serving the one loaded before");
+                }
+            }
+            () = signal.recv() => break,
+        }
+    }
+    running.shutdown().await?;
     Ok(())
+}
+
+/// SIGHUP, which asks a TLS server to read its certificate again after a renewal (as nginx
+/// does; e.g. certbot's `--deploy-hook "pkill -HUP -x ksync"`). Only listened for when TLS is
+/// configured: without it SIGHUP keeps its default (the process ends).
+struct ReloadSignal {
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl ReloadSignal {
+    fn install(tls: bool) -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let hangup = tls
+                .then(|| signal(SignalKind::hangup()))
+                .transpose()
+                .context("installing the SIGHUP handler")?;
+            Ok(Self { hangup })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tls;
+            Ok(Self {})
+        }
+    }
+
+    /// Resolves on the next SIGHUP; never without a handler.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(hangup) = self.hangup.as_mut() {
+            // None: the handler is gone, which does not happen while the runtime runs.
+            if hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP received: reloading the TLS certificate");
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    }
 }

@@ -601,3 +601,84 @@ async fn serve_with_a_certificate_speaks_tls_and_the_git_commands_trust_it() {
         assert!(stderr.contains("--tls-"), "{stderr}");
     }
 }
+
+/// A renewed certificate: `kill -HUP` makes `ksync serve` present it to new handshakes,
+/// without a restart; a renewal it cannot use is logged and the certificate it had stays.
+#[tokio::test]
+async fn sighup_reloads_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = || {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (first, renewed) = (make(), make());
+    let cert_path = dir.path().join("fullchain.pem");
+    let key_path = dir.path().join("privkey.pem");
+    let install = |(cert, key): &(String, String)| {
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+    };
+    install(&first);
+    let served = serve(
+        &[
+            "--in-memory",
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let port = served.addr.rsplit(':').next().unwrap().to_owned();
+    // Whether a client trusting only `cert` gets /health.
+    let trusted_by = |cert: &str| {
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(cert.as_bytes()).unwrap()])
+            .build()
+            .unwrap();
+        let url = format!("https://localhost:{port}/health");
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    };
+    let hangup = |child: &Child| {
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    assert!(trusted_by(&first.0).await);
+    install(&renewed);
+    assert!(!trusted_by(&renewed.0).await, "served before the reload");
+    hangup(&served.child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !trusted_by(&renewed.0).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reloaded on SIGHUP"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!trusted_by(&first.0).await);
+
+    // A key that is not the certificate's: refused, the renewed certificate stays.
+    install(&(renewed.0.clone(), first.1.clone()));
+    hangup(&served.child);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        trusted_by(&renewed.0).await,
+        "still serving after a bad reload"
+    );
+    let stderr = stop(served);
+    assert!(stderr.contains("TLS certificate not reloaded"), "{stderr}");
+    assert!(stderr.contains("do not match"), "{stderr}");
+}

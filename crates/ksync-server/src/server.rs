@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use crate::auth::{AuthCounters, ServerAuthenticator, with_client_ip};
 use crate::config::{Limits, ServerConfig};
 use crate::error::ServerError;
+use crate::tls::Certificates;
 
 /// Where the server keeps its logs, as printed at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +64,7 @@ pub struct Server {
     git: GitServer,
     state: Arc<AppState>,
     /// Loaded from `config.tls`.
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<Certificates>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -91,7 +92,7 @@ impl Server {
         provider: Arc<dyn StorageProvider>,
         storage: StorageLocation,
     ) -> Result<Self, ServerError> {
-        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+        let tls = config.tls.as_ref().map(Certificates::load).transpose()?;
         let (authenticator, auth): (Arc<dyn Authenticator>, Option<Arc<ServerAuthenticator>>) =
             if config.auth.is_enabled() {
                 let auth = Arc::new(ServerAuthenticator::new(&config.auth)?);
@@ -185,13 +186,13 @@ impl Server {
         let app = self.router();
         let (stop_tx, stop_rx) = watch::channel(false);
         let tls = self.tls.is_some();
-        let task = match self.tls {
+        let task = match &self.tls {
             // Small frames must not wait for Nagle's algorithm (it added ~10 ms p50).
             None => tokio::spawn(serve(ksync_ws::server::nodelay(listener), app, stop_rx)),
-            Some(acceptor) => {
+            Some(certificates) => {
                 // The tap gives axum's connect-info impl for a custom listener; TLS
                 // connections already have TCP_NODELAY.
-                let listener = crate::tls::TlsListener::new(listener, acceptor);
+                let listener = crate::tls::TlsListener::new(listener, Arc::clone(certificates));
                 let listener = axum::serve::ListenerExt::tap_io(listener, |_: &mut _| {});
                 tokio::spawn(serve(listener, app, stop_rx))
             }
@@ -199,7 +200,7 @@ impl Server {
         tracing::info!(%local_addr, tls, storage = %self.storage, auth = self.authenticator.required(), "ksync server listening");
         Ok(RunningServer {
             local_addr,
-            tls,
+            tls: self.tls,
             storage: self.storage,
             provider: self.provider,
             relay: self.relay,
@@ -254,7 +255,7 @@ fn relay_config(limits: &Limits) -> RelayConfig {
 /// call [`shutdown`](Self::shutdown) to stop it cleanly.
 pub struct RunningServer {
     local_addr: SocketAddr,
-    tls: bool,
+    tls: Option<Arc<Certificates>>,
     storage: StorageLocation,
     provider: Arc<dyn StorageProvider>,
     relay: Relay,
@@ -281,7 +282,18 @@ impl RunningServer {
 
     /// Whether it serves HTTPS and `wss://` (a certificate was configured).
     pub fn tls(&self) -> bool {
-        self.tls
+        self.tls.is_some()
+    }
+
+    /// Reads the certificate and key files again (e.g. after a renewal): TLS handshakes from
+    /// now on present the new certificate; connections already open keep theirs. On an error
+    /// (a missing or unreadable file, a key that is not the certificate's) the current
+    /// certificate stays. Does nothing on a server without TLS.
+    pub fn reload_tls(&self) -> Result<(), ServerError> {
+        match &self.tls {
+            Some(certificates) => certificates.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Where the logs are kept.

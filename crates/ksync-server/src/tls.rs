@@ -1,12 +1,14 @@
 //! HTTPS and `wss://`: TLS (rustls) on the listening socket, when a certificate is configured.
 //!
 //! Handshakes run in their own tasks, so a client that connects and never says hello holds
-//! one slot for [`TLS_HANDSHAKE_TIMEOUT`] and nobody else waits for it.
+//! one slot for [`TLS_HANDSHAKE_TIMEOUT`] and nobody else waits for it. The certificate can be
+//! read again while the server runs ([`Certificates::reload`]): handshakes from then on
+//! present the new one, connections already open keep theirs.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject as _;
@@ -25,8 +27,48 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// one ends; further clients wait in the kernel's listen backlog.
 pub const MAX_TLS_HANDSHAKES: usize = 1024;
 
+/// The certificate and key the server presents, as last loaded from their files.
+pub(crate) struct Certificates {
+    files: TlsConfig,
+    current: RwLock<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificates")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Certificates {
+    /// Loads `files` (see [`acceptor`]).
+    pub(crate) fn load(files: &TlsConfig) -> Result<Arc<Self>, ServerError> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(acceptor(files)?),
+            files: files.clone(),
+        }))
+    }
+
+    /// What handshakes present now.
+    fn acceptor(&self) -> TlsAcceptor {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reads the files again; on any error the current certificate stays.
+    pub(crate) fn reload(&self) -> Result<(), ServerError> {
+        let loaded = acceptor(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+        tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+        Ok(())
+    }
+}
+
 /// Loads the certificate chain and key (PEM) and checks that they belong together.
-pub(crate) fn acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ServerError> {
+fn acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ServerError> {
     let invalid = |path: &Path, reason: String| ServerError::Tls {
         path: path.to_owned(),
         reason,
@@ -66,15 +108,15 @@ pub(crate) fn acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ServerError> {
 /// A listener whose connections have completed a TLS handshake.
 pub(crate) struct TlsListener {
     tcp: TcpListener,
-    acceptor: TlsAcceptor,
+    certificates: Arc<Certificates>,
     handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
 }
 
 impl TlsListener {
-    pub(crate) fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> Self {
+    pub(crate) fn new(tcp: TcpListener, certificates: Arc<Certificates>) -> Self {
         Self {
             tcp,
-            acceptor,
+            certificates,
             handshakes: JoinSet::new(),
         }
     }
@@ -84,7 +126,7 @@ impl TlsListener {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "setting TCP_NODELAY failed");
         }
-        let acceptor = self.acceptor.clone();
+        let acceptor = self.certificates.acceptor();
         self.handshakes.spawn(async move {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => Some((stream, peer)),

@@ -316,3 +316,84 @@ async fn unusable_certificate_files_are_typed_errors_that_never_quote_the_key() 
         assert!(matches!(git, Err(SyncError::Config(_))), "{pem:?}");
     }
 }
+
+/// Whether connecting `replica` fails because its client refused the server's certificate.
+async fn refuses_the_certificate(replica: &KSync<WebSocketSyncClient>) -> bool {
+    match replica.connect().await {
+        Ok(()) => false,
+        Err(error) => matches!(
+            WsError::find(&error),
+            Some(WsError::Tls {
+                certificate: true,
+                ..
+            })
+        ),
+    }
+}
+
+/// A renewed certificate is served after `reload_tls`, without a restart: new handshakes
+/// present it, a connection opened before keeps working, and files that cannot be used leave
+/// the current certificate in place.
+#[tokio::test]
+async fn a_renewed_certificate_is_served_after_a_reload() {
+    let (first, renewed) = (test_cert(), test_cert());
+    // The server reads one pair of paths, as from Let's Encrypt's `live/` directory.
+    let live = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (
+        live.path().join("fullchain.pem"),
+        live.path().join("privkey.pem"),
+    );
+    let install = |cert: &TestCert| {
+        std::fs::copy(&cert.cert, &cert_path).unwrap();
+        std::fs::copy(&cert.key, &key_path).unwrap();
+    };
+    install(&first);
+    let running = Server::bind(ServerConfig {
+        tls: Some(TlsConfig {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+        }),
+        ..common::config(AuthConfig::default())
+    })
+    .await
+    .unwrap();
+    let url = format!("wss://localhost:{}/ws/renew", running.local_addr().port());
+    let before = ws_replica(&url, Some(&first.pem)).await;
+    before.connect().await.unwrap();
+
+    // Renewed on disk: until the reload, handshakes still present the first certificate.
+    install(&renewed);
+    let early = ws_replica(&url, Some(&renewed.pem)).await;
+    assert!(refuses_the_certificate(&early).await);
+    running.reload_tls().unwrap();
+    let after = ws_replica(&url, Some(&renewed.pem)).await;
+    after.connect().await.unwrap();
+    let stale = ws_replica(&url, Some(&first.pem)).await;
+    assert!(refuses_the_certificate(&stale).await);
+
+    // The connection from before the reload still carries events both ways.
+    before
+        .emit("note", json!({"from": "before"}))
+        .await
+        .unwrap();
+    after.emit("note", json!({"from": "after"})).await.unwrap();
+    eventually("both replicas hold both events", || {
+        before.replica().storage().len() == 2 && after.replica().storage().len() == 2
+    })
+    .await;
+
+    // A broken renewal is a typed error, and the working certificate stays.
+    std::fs::write(&key_path, "not a key").unwrap();
+    let error = running.reload_tls().unwrap_err();
+    assert!(matches!(error, ServerError::Tls { .. }), "{error}");
+    std::fs::remove_file(&cert_path).unwrap();
+    let error = running.reload_tls().unwrap_err();
+    assert!(matches!(error, ServerError::ReadFile { .. }), "{error}");
+    let still = ws_replica(&url, Some(&renewed.pem)).await;
+    still.connect().await.unwrap();
+
+    for replica in [&before, &after, &still] {
+        replica.disconnect().await.unwrap();
+    }
+    running.shutdown().await.unwrap();
+}
