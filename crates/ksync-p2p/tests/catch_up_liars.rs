@@ -35,6 +35,23 @@ async fn liar(mut answer: impl FnMut(&Request) -> Response + Send + 'static) -> 
     sometimes_silent_liar(move |request| Some(answer(request))).await
 }
 
+/// A liar that holds one event, `liar-1` at seq 1: `keys` answers each `Keys` request (given
+/// the request's `after` and the page listing that event), and a `Fetch` gets the event.
+async fn liar_holding_one(
+    mut keys: impl FnMut(u64, Vec<Entry>) -> Response + Send + 'static,
+) -> Liar {
+    let held = event("liar", 1);
+    let page = vec![entry(1, &held, digest(&held))];
+    liar(move |request| match request {
+        Request::Keys { after, .. } => keys(*after, page.clone()),
+        Request::Fetch { .. } => Response::Events {
+            events: vec![held.clone()],
+            too_large: Vec::new(),
+        },
+    })
+    .await
+}
+
 /// A liar that leaves a request unanswered (holding it open) where `answer` gives `None`.
 async fn sometimes_silent_liar(
     mut answer: impl FnMut(&Request) -> Option<Response> + Send + 'static,
@@ -135,20 +152,12 @@ async fn a_page_that_does_not_advance_is_refused_not_asked_for_forever() {
     let a = honest(dir.path(), "a").await;
     let watch = Watch::new(&a);
     let held = event("liar", 1);
-    let page = vec![entry(1, &held, digest(&held))];
-    let served = held.clone();
     // Whatever cursor it is asked from, the liar answers with its first page again.
-    let liar = liar(move |request| match request {
-        Request::Keys { .. } => Response::Keys {
-            log_id: 7,
-            len: 1,
-            entries: page.clone(),
-            through: None,
-        },
-        Request::Fetch { .. } => Response::Events {
-            events: vec![served.clone()],
-            too_large: Vec::new(),
-        },
+    let liar = liar_holding_one(|_, page| Response::Keys {
+        log_id: 7,
+        len: 1,
+        entries: page,
+        through: None,
     })
     .await;
     a.connect_to_peer(&liar.addr.to_string())
@@ -180,29 +189,16 @@ async fn a_log_id_that_changes_on_every_answer_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = honest(dir.path(), "a").await;
     let watch = Watch::new(&a);
-    let held = event("liar", 1);
-    let hash = digest(&held);
-    let served = held.clone();
     let mut log_id = 0u64;
     // Honest-looking pages, but a new log id each time: each would restart the walk at 0.
-    let liar = liar(move |request| match request {
-        Request::Keys { after, .. } => {
-            log_id += 1;
-            Response::Keys {
-                log_id,
-                len: 1,
-                entries: if *after == 0 {
-                    vec![entry(1, &held, hash)]
-                } else {
-                    Vec::new()
-                },
-                through: None,
-            }
+    let liar = liar_holding_one(move |after, page| {
+        log_id += 1;
+        Response::Keys {
+            log_id,
+            len: 1,
+            entries: if after == 0 { page } else { Vec::new() },
+            through: None,
         }
-        Request::Fetch { .. } => Response::Events {
-            events: vec![served.clone()],
-            too_large: Vec::new(),
-        },
     })
     .await;
     a.connect_to_peer(&liar.addr.to_string())
@@ -387,20 +383,11 @@ async fn a_page_that_ends_past_its_log_or_before_its_entries_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = honest(dir.path(), "a").await;
         let watch = Watch::new(&a);
-        let held = event("liar", 1);
-        let page = vec![entry(1, &held, digest(&held))];
-        let served = held.clone();
-        let liar = liar(move |request| match request {
-            Request::Keys { .. } => Response::Keys {
-                log_id: 4,
-                len: 1,
-                entries: page.clone(),
-                through: Some(through),
-            },
-            Request::Fetch { .. } => Response::Events {
-                events: vec![served.clone()],
-                too_large: Vec::new(),
-            },
+        let liar = liar_holding_one(move |_, page| Response::Keys {
+            log_id: 4,
+            len: 1,
+            entries: page,
+            through: Some(through),
         })
         .await;
         a.connect_to_peer(&liar.addr.to_string())

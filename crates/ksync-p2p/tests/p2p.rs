@@ -534,14 +534,7 @@ async fn connect_to_peer_dials_from_a_new_port() {
         .expect("behaviour")
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(10)))
         .build();
-    remote
-        .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
-        .expect("listen");
-    let remote_addr = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = remote.select_next_some().await {
-            break address;
-        }
-    };
+    let remote_addr = listen_on_loopback(&mut remote).await;
     let a_id = a.local_peer_id();
     let seen_from = tokio::spawn(async move {
         loop {

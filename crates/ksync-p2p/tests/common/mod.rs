@@ -122,3 +122,20 @@ impl EventCounter {
         self.counts.lock().expect("lock").values().all(|&n| n == 1)
     }
 }
+
+/// Starts `swarm` listening on 127.0.0.1:0 and returns its address (without `/p2p/`).
+pub async fn listen_on_loopback<B: libp2p::swarm::NetworkBehaviour>(
+    swarm: &mut libp2p::Swarm<B>,
+) -> libp2p::Multiaddr {
+    use futures_util::StreamExt;
+    swarm
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+        .expect("listen");
+    loop {
+        if let libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } =
+            swarm.select_next_some().await
+        {
+            return address;
+        }
+    }
+}

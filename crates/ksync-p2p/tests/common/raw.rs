@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use ksync_core::{Event, RevisionKey};
 use libp2p::request_response::{self, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
 use serde::{Deserialize, Serialize};
 
@@ -106,14 +104,7 @@ pub async fn raw_peer() -> (RawSwarm, Multiaddr) {
         .expect("behaviour")
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
-    swarm
-        .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
-        .expect("listen");
-    let listen = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
-            break address;
-        }
-    };
+    let listen = super::listen_on_loopback(&mut swarm).await;
     let addr = listen.with(libp2p::multiaddr::Protocol::P2p(*swarm.local_peer_id()));
     (swarm, addr)
 }
