@@ -1516,7 +1516,12 @@ impl Node {
                 self.wait_deadline = Some(self.wait_deadline.map_or(until, |w| w.min(until)));
             }
         } else {
-            let last = session.page_through;
+            // (An empty page never gets here: `on_keys` walks past it.)
+            let last = if session.page.is_empty() {
+                session.cursor
+            } else {
+                session.page_through
+            };
             session.cursor = last;
             session.page.clear();
             session.fetched.clear();
