@@ -34,7 +34,7 @@ use crate::shaping::Shaping;
 use crate::transport::{self, BoxError};
 use crate::wire::{
     self, KeyEntry, MAX_FETCH, MAX_PAGE, MAX_PAGE_SCAN, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
-    RESPONSE_BUDGET, SyncRequest, SyncResponse,
+    MAX_SYNC_STREAMS, RESPONSE_BUDGET, SyncRequest, SyncResponse,
 };
 
 /// Largest batch of events packed into one gossip message, in encoded bytes (never less than
@@ -192,7 +192,7 @@ fn behaviour(key: &Keypair, opts: &Options) -> Result<Behaviour, BoxError> {
         )],
         request_response::Config::default()
             .with_request_timeout(opts.request_timeout)
-            .with_max_concurrent_streams(64),
+            .with_max_concurrent_streams(MAX_SYNC_STREAMS),
     );
 
     let identify = identify::Behaviour::new(

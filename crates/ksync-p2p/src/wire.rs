@@ -47,6 +47,13 @@ pub(crate) const MAX_PAGE_SCAN: usize = 8 * MAX_PAGE as usize;
 pub(crate) const MAX_FETCH: usize = 1024;
 /// Largest catch-up request on the wire (1024 keys of up to 256-byte ids fit).
 pub(crate) const MAX_REQUEST_BYTES: u64 = 512 * 1024;
+/// Most catch-up requests one connection may have in progress at once, both ways (libp2p's
+/// `max_concurrent_streams`). An honest peer has one outstanding request per session (so one
+/// each way per connection); each answer can take [`MAX_RESPONSE_BYTES`], so libp2p's 100 (or
+/// our earlier 64) let one connection hold up to a GiB of answers. Overflow policy: a
+/// further request is dropped, inbound (its asker sees it fail) or outbound (ours fails and
+/// that catch-up round ends; the next one asks again).
+pub(crate) const MAX_SYNC_STREAMS: usize = 8;
 /// Largest catch-up response on the wire.
 pub(crate) const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
 /// A responder stops adding events to a `Events` response past this many (JSON) bytes, leaving
