@@ -38,7 +38,7 @@ pub use middleware::{Direction, Filter, Middleware, MiddlewareError, Pipeline};
 pub use names::{InMemoryProvider, LogName, MAX_NAME_LEN, Name, NameError, StorageProvider};
 pub use notify::{
     Handler, HandlerId, Metrics, Notification, NotificationKind, NotificationStream, Notifier,
-    STREAM_CAPACITY, Status, StreamError, Subscription,
+    STREAM_CAPACITY, STREAM_CAPACITY_BYTES, Status, StreamError, Subscription,
 };
 pub use replica::{Ingested, REVISION_ATTEMPTS, Replica};
 pub use storage::{BoxFuture, InMemoryStorage, Storage, StorageError};

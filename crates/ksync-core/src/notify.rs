@@ -1,23 +1,33 @@
 //! Notifications (`connected`, `event`, `sync`, ...) and the hub that delivers them to
 //! callbacks registered with `on` and to async streams.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::Notify;
 
 use crate::conflict::Conflict;
 use crate::error::SyncError;
 use crate::event::Event;
 
-/// Capacity of each notification stream. Overflow policy: a stream that falls this far behind
-/// loses the oldest notifications and is told how many it missed ([`StreamError::Lagged`]);
-/// callbacks and the client itself are never slowed by a slow stream.
+/// Capacity of each notification stream, in notifications. Overflow policy: a stream that
+/// falls this far behind loses the oldest notifications and is told how many it missed
+/// ([`StreamError::Lagged`]); callbacks, other streams and the client itself are never slowed
+/// by a slow stream.
 pub const STREAM_CAPACITY: usize = 1024;
+
+/// Capacity of each notification stream, in bytes of the events it holds (as JSON; other
+/// notifications count [`SMALL_NOTIFICATION_BYTES`]), so a stream read slowly during a large
+/// catch-up does not hold 1,024 large `sync` batches. Same overflow policy as
+/// [`STREAM_CAPACITY`]; the newest notification is always kept, however large.
+pub const STREAM_CAPACITY_BYTES: usize = 64 * 1024 * 1024;
+
+/// What a notification without events counts against [`STREAM_CAPACITY_BYTES`].
+const SMALL_NOTIFICATION_BYTES: usize = 64;
 
 /// The names that `on` and `off` accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -185,7 +195,96 @@ type HandlerList = Vec<(HandlerId, Arc<dyn Fn(&Notification) + Send + Sync>)>;
 struct HubInner {
     handlers: Mutex<HashMap<NotificationKind, HandlerList>>,
     next_id: AtomicU64,
-    stream: broadcast::Sender<Notification>,
+    /// The streams' queues (a stream that is dropped leaves a dead entry, pruned on emit).
+    streams: Mutex<Vec<Weak<StreamQueue>>>,
+    /// Streams alive now (lets `emit` and `wants` skip them without a lock).
+    live_streams: AtomicUsize,
+}
+
+impl Drop for HubInner {
+    fn drop(&mut self) {
+        let streams = self.streams.get_mut().unwrap_or_else(|p| p.into_inner());
+        for queue in streams.iter().filter_map(Weak::upgrade) {
+            queue.lock().closed = true;
+            queue.ready.notify_one();
+        }
+    }
+}
+
+/// One stream's notifications, oldest first (see [`STREAM_CAPACITY`]).
+#[derive(Default)]
+struct StreamQueue {
+    state: Mutex<QueueState>,
+    /// Woken on every push and when the hub goes away.
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Each notification (shared by every stream it went to) with what it counts.
+    items: VecDeque<(Arc<Notification>, usize)>,
+    bytes: usize,
+    /// Notifications dropped since the stream last read.
+    lagged: u64,
+    /// The hub is gone: nothing more will come.
+    closed: bool,
+}
+
+impl StreamQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, notification: Arc<Notification>, bytes: usize) {
+        let mut state = self.lock();
+        state.items.push_back((notification, bytes));
+        state.bytes += bytes;
+        while state.items.len() > STREAM_CAPACITY
+            || (state.bytes > STREAM_CAPACITY_BYTES && state.items.len() > 1)
+        {
+            if let Some((_, dropped)) = state.items.pop_front() {
+                state.bytes -= dropped;
+                state.lagged += 1;
+            }
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+}
+
+/// What `notification` counts against [`STREAM_CAPACITY_BYTES`]: its events as JSON.
+fn notification_bytes(notification: &Notification) -> usize {
+    let events: &[Event] = match notification {
+        Notification::Event(event) => std::slice::from_ref(event),
+        Notification::Sync(events) => events,
+        Notification::Conflict(conflict) => {
+            return json_bytes(&conflict.ours) + json_bytes(&conflict.theirs);
+        }
+        _ => return SMALL_NOTIFICATION_BYTES,
+    };
+    events
+        .iter()
+        .map(json_bytes)
+        .sum::<usize>()
+        .max(SMALL_NOTIFICATION_BYTES)
+}
+
+fn json_bytes(event: &Event) -> usize {
+    /// Counts what is written to it.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // An event always encodes; if not, it counts as small.
+    let _ = serde_json::to_writer(&mut counter, event);
+    counter.0
 }
 
 /// Delivers notifications to `on` handlers and to [`NotificationStream`]s.
@@ -211,12 +310,12 @@ impl Default for Notifier {
 impl Notifier {
     /// A hub with no handlers.
     pub fn new() -> Self {
-        let (stream, _) = broadcast::channel(STREAM_CAPACITY);
         Self {
             inner: Arc::new(HubInner {
                 handlers: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
-                stream,
+                streams: Mutex::new(Vec::new()),
+                live_streams: AtomicUsize::new(0),
             }),
         }
     }
@@ -258,8 +357,12 @@ impl Notifier {
 
     /// A stream of every notification from now on.
     pub fn stream(&self) -> NotificationStream {
+        let queue = Arc::new(StreamQueue::default());
+        self.lock_streams().push(Arc::downgrade(&queue));
+        self.inner.live_streams.fetch_add(1, Ordering::AcqRel);
         NotificationStream {
-            rx: self.inner.stream.subscribe(),
+            queue,
+            hub: Arc::downgrade(&self.inner),
         }
     }
 
@@ -286,17 +389,35 @@ impl Notifier {
                 );
             }
         }
-        // No receivers is fine: nobody is listening.
-        let _ = self.inner.stream.send(notification);
+        if self.inner.live_streams.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let queues: Vec<Arc<StreamQueue>> = {
+            let mut streams = self.lock_streams();
+            streams.retain(|queue| queue.strong_count() > 0);
+            streams.iter().filter_map(Weak::upgrade).collect()
+        };
+        if queues.is_empty() {
+            return;
+        }
+        let bytes = notification_bytes(&notification);
+        let shared = Arc::new(notification);
+        for queue in queues {
+            queue.push(Arc::clone(&shared), bytes);
+        }
     }
 
     /// Whether anything listens for `kind` (lets hot paths skip building notifications).
     pub fn wants(&self, kind: NotificationKind) -> bool {
-        self.inner.stream.receiver_count() > 0
+        self.inner.live_streams.load(Ordering::Acquire) > 0
             || self
                 .lock_handlers()
                 .get(&kind)
                 .is_some_and(|l| !l.is_empty())
+    }
+
+    fn lock_streams(&self) -> MutexGuard<'_, Vec<Weak<StreamQueue>>> {
+        self.inner.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_handlers(&self) -> std::sync::MutexGuard<'_, HashMap<NotificationKind, HandlerList>> {
@@ -356,19 +477,53 @@ pub enum StreamError {
     Closed,
 }
 
-/// Typed notifications for async code (see [`STREAM_CAPACITY`] for the overflow policy).
-#[derive(Debug)]
+/// Typed notifications for async code: every notification from its creation on, in order,
+/// each stream with its own queue (see [`STREAM_CAPACITY`] and [`STREAM_CAPACITY_BYTES`] for
+/// the overflow policy).
 pub struct NotificationStream {
-    rx: broadcast::Receiver<Notification>,
+    queue: Arc<StreamQueue>,
+    hub: Weak<HubInner>,
+}
+
+impl fmt::Debug for NotificationStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.queue.lock();
+        f.debug_struct("NotificationStream")
+            .field("queued", &state.items.len())
+            .field("bytes", &state.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for NotificationStream {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade() {
+            hub.live_streams.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl NotificationStream {
-    /// The next notification.
+    /// The next notification; [`StreamError::Lagged`] first when some were dropped since the
+    /// last one (the next `recv` continues with the oldest kept).
     pub async fn recv(&mut self) -> Result<Notification, StreamError> {
-        self.rx.recv().await.map_err(|e| match e {
-            broadcast::error::RecvError::Lagged(n) => StreamError::Lagged(n),
-            broadcast::error::RecvError::Closed => StreamError::Closed,
-        })
+        loop {
+            {
+                let mut state = self.queue.lock();
+                if state.lagged > 0 {
+                    return Err(StreamError::Lagged(std::mem::take(&mut state.lagged)));
+                }
+                if let Some((notification, bytes)) = state.items.pop_front() {
+                    state.bytes -= bytes;
+                    return Ok(Arc::unwrap_or_clone(notification));
+                }
+                if state.closed {
+                    return Err(StreamError::Closed);
+                }
+            }
+            // A push between the check and here leaves a permit: no wake-up is lost.
+            self.queue.ready.notified().await;
+        }
     }
 
     /// The next notification of one kind, skipping others (and lag notices).
@@ -446,5 +601,79 @@ mod tests {
             stream.recv().await,
             Ok(Notification::Status(Status::Idle))
         ));
+    }
+
+    /// A `sync` of one event with `bytes` of data.
+    fn big_sync(n: usize, bytes: usize) -> Notification {
+        let data = serde_json::json!({"n": n, "pad": "x".repeat(bytes)});
+        Notification::Sync(vec![crate::Event::new(format!("e{n}"), "t", data, 1)])
+    }
+
+    #[tokio::test]
+    async fn a_stream_holds_at_most_its_byte_capacity_and_a_slow_one_slows_no_other() {
+        let hub = Notifier::new();
+        let mut slow = hub.stream();
+        let mut fast = hub.stream();
+        let size = notification_bytes(&big_sync(0, 1 << 20));
+        let sent = 70;
+        for n in 0..sent {
+            hub.emit(big_sync(n, 1 << 20));
+            // The fast stream reads each as it comes: it never lags.
+            match fast.recv().await {
+                Ok(Notification::Sync(events)) => assert_eq!(events[0].id, format!("e{n}")),
+                other => panic!("fast stream got {other:?}"),
+            }
+        }
+        let kept = STREAM_CAPACITY_BYTES / size;
+        assert!(
+            kept >= 1 && kept < sent,
+            "the test needs a bound below {sent}"
+        );
+        {
+            let state = slow.queue.lock();
+            assert_eq!(state.items.len(), kept);
+            assert!(
+                state.bytes <= STREAM_CAPACITY_BYTES,
+                "{} bytes held",
+                state.bytes
+            );
+        }
+        // The slow one is told what it lost, then gets the newest `kept`, in order.
+        let lost = (sent - kept) as u64;
+        assert!(matches!(slow.recv().await, Err(StreamError::Lagged(n)) if n == lost));
+        for n in sent - kept..sent {
+            match slow.recv().await {
+                Ok(Notification::Sync(events)) => assert_eq!(events[0].id, format!("e{n}")),
+                other => panic!("slow stream got {other:?}"),
+            }
+        }
+        // The hub gone: what is queued still arrives, then the stream ends.
+        hub.emit(Notification::Connected);
+        drop(hub);
+        assert!(matches!(slow.recv().await, Ok(Notification::Connected)));
+        assert!(matches!(slow.recv().await, Err(StreamError::Closed)));
+        assert!(matches!(fast.recv().await, Ok(Notification::Connected)));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_stream_is_woken_by_the_next_notification_and_dropped_streams_cost_nothing() {
+        let hub = Notifier::new();
+        let dropped = hub.stream();
+        assert!(hub.wants(NotificationKind::Metrics));
+        drop(dropped);
+        assert!(
+            !hub.wants(NotificationKind::Metrics),
+            "no stream, no handler"
+        );
+        let mut stream = hub.stream();
+        let waiting = tokio::spawn(async move { stream.recv().await });
+        tokio::task::yield_now().await;
+        hub.emit(Notification::Status(Status::Syncing));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert!(matches!(got, Ok(Notification::Status(Status::Syncing))));
+        assert_eq!(hub.lock_streams().len(), 1, "the dropped stream was pruned");
     }
 }
