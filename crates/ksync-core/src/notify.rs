@@ -20,8 +20,8 @@ use crate::event::Event;
 /// by a slow stream.
 pub const STREAM_CAPACITY: usize = 1024;
 
-/// Capacity of each notification stream, in bytes of the events it holds (as JSON; other
-/// notifications count [`SMALL_NOTIFICATION_BYTES`]), so a stream read slowly during a large
+/// Capacity of each notification stream, in bytes of the events it holds (as JSON; a
+/// notification without events counts 64 bytes), so a stream read slowly during a large
 /// catch-up does not hold 1,024 large `sync` batches. Same overflow policy as
 /// [`STREAM_CAPACITY`]; the newest notification is always kept, however large.
 pub const STREAM_CAPACITY_BYTES: usize = 64 * 1024 * 1024;
