@@ -94,6 +94,26 @@ impl Event {
             && self.data == other.data
     }
 
+    /// The length of its JSON encoding, without building it.
+    pub fn json_len(&self) -> usize {
+        /// Counts the bytes written to it.
+        struct Counter(usize);
+        impl std::io::Write for Counter {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut counter = Counter(0);
+        // Writing to a counter cannot fail, and an `Event` (strings, numbers, a `Value`)
+        // always encodes.
+        let _ = serde_json::to_writer(&mut counter, self);
+        counter.0
+    }
+
     /// Checks the invariants that every stored event must satisfy.
     pub fn validate(&self, limits: &EventLimits) -> Result<(), InvalidEvent> {
         if self.id.is_empty() {

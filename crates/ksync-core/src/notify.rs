@@ -258,33 +258,15 @@ fn notification_bytes(notification: &Notification) -> usize {
         Notification::Event(event) => std::slice::from_ref(event),
         Notification::Sync(events) => events,
         Notification::Conflict(conflict) => {
-            return json_bytes(&conflict.ours) + json_bytes(&conflict.theirs);
+            return conflict.ours.json_len() + conflict.theirs.json_len();
         }
         _ => return SMALL_NOTIFICATION_BYTES,
     };
     events
         .iter()
-        .map(json_bytes)
+        .map(Event::json_len)
         .sum::<usize>()
         .max(SMALL_NOTIFICATION_BYTES)
-}
-
-fn json_bytes(event: &Event) -> usize {
-    /// Counts what is written to it.
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    // An event always encodes; if not, it counts as small.
-    let _ = serde_json::to_writer(&mut counter, event);
-    counter.0
 }
 
 /// Delivers notifications to `on` handlers and to [`NotificationStream`]s.

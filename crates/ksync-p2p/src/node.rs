@@ -1375,7 +1375,7 @@ impl Node {
                             }
                         }
                     };
-                    let size = wire::json_len(&event);
+                    let size = event.json_len();
                     if size > RESPONSE_BUDGET {
                         too_large.push(key);
                         continue;
@@ -1557,7 +1557,7 @@ impl Node {
                 repeated += 1;
                 continue;
             }
-            let size = wire::json_len(&event);
+            let size = event.json_len();
             if event.validate(&self.limits).is_err() || size > self.opts.max_event_bytes {
                 invalid += 1;
                 continue;

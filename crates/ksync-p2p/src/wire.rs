@@ -306,28 +306,6 @@ pub(crate) fn content_hash(event: &Event) -> u64 {
     h.finish()
 }
 
-/// The length of an event's JSON encoding, without building it.
-pub(crate) fn json_len(event: &Event) -> usize {
-    let mut counter = Counter(0);
-    match serde_json::to_writer(&mut counter, event) {
-        Ok(()) => counter.0,
-        Err(_) => usize::MAX,
-    }
-}
-
-/// Counts the bytes written to it.
-struct Counter(usize);
-
-impl std::io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// One entry of a `Keys` page: where a revision sits in the responder's log, and its digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct KeyEntry {
@@ -517,7 +495,7 @@ mod tests {
     #[test]
     fn json_len_is_the_encoded_length() {
         let e = Event::new("a\"b", "t", json!({"k": ["é", 1.5, null]}), 5).with_origin("o");
-        assert_eq!(json_len(&e), enc(&e).len());
+        assert_eq!(e.json_len(), enc(&e).len());
     }
 
     #[test]

@@ -8,12 +8,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::raw::{Request, Response, raw_peer};
+use common::raw::{Request, Response, next_answer, raw_peer};
 use common::*;
-use futures_util::StreamExt;
 use ksync_core::{Event, RevisionKey};
-use libp2p::request_response;
-use libp2p::swarm::SwarmEvent;
 use serde_json::json;
 
 /// Requests one connection may have in progress at a node (`wire::MAX_SYNC_STREAMS`).
@@ -52,43 +49,15 @@ async fn a_peer_asking_for_too_much_at_once_gets_a_bounded_number_of_answers() {
     let (mut answered, mut dropped) = (0, 0);
     let outcomes = async {
         while !waiting.is_empty() {
-            let SwarmEvent::Behaviour(event) = raw.select_next_some().await else {
-                continue;
-            };
-            match event {
-                // The node's own catch-up asks us too: an empty log.
-                request_response::Event::Message {
-                    message: request_response::Message::Request { channel, .. },
-                    ..
-                } => {
-                    let empty = Response::Keys {
-                        log_id: 1,
-                        len: 0,
-                        entries: Vec::new(),
-                        through: Some(0),
-                    };
-                    let _ = raw.behaviour_mut().send_response(channel, empty);
-                }
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                } if waiting.remove(&request_id) => {
-                    let Response::Events { events, .. } = response else {
-                        panic!("not an Events answer");
-                    };
+            let (id, outcome) = next_answer(&mut raw, |id| waiting.contains(id)).await;
+            waiting.remove(&id);
+            match outcome {
+                Ok(Response::Events { events, .. }) => {
                     assert_eq!(events, vec![big.clone()]);
                     answered += 1;
                 }
-                request_response::Event::OutboundFailure { request_id, .. }
-                    if waiting.remove(&request_id) =>
-                {
-                    dropped += 1;
-                }
-                _ => {}
+                Ok(_) => panic!("not an Events answer"),
+                Err(_) => dropped += 1,
             }
         }
     };

@@ -6,16 +6,13 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::raw::{RawSwarm, Request, Response, raw_peer};
+use common::raw::{RawSwarm, Request, Response, next_answer, raw_peer};
 use common::*;
-use futures_util::StreamExt;
 use ksync_core::{Direction, Event, Filter, Notification, NotificationKind, Subscription};
 use ksync_core::{Status, SyncError};
 use ksync_middleware::{Decrypt, Encrypt, FieldCipher};
 use ksync_p2p::P2PSyncClient;
 use ksync_p2p::PeerId;
-use libp2p::request_response;
-use libp2p::swarm::SwarmEvent;
 use serde_json::json;
 
 /// Every notification of the given kinds, in order.
@@ -170,8 +167,7 @@ async fn the_filter_keeps_events_home_and_out() {
     assert!(stored(&a, "priv-2").is_none(), "a took in a private event");
 }
 
-/// Asks `peer` for the `Keys` page after `after` from a raw peer, answering the honest peer's
-/// own catch-up requests meanwhile with an empty log.
+/// Asks `peer` for the `Keys` page after `after` from a raw peer.
 async fn keys_page(swarm: &mut RawSwarm, peer: PeerId, after: u64) -> Response {
     let asked = swarm.behaviour_mut().send_request(
         &peer,
@@ -182,36 +178,9 @@ async fn keys_page(swarm: &mut RawSwarm, peer: PeerId, after: u64) -> Response {
         },
     );
     let answer = async {
-        loop {
-            let SwarmEvent::Behaviour(event) = swarm.select_next_some().await else {
-                continue;
-            };
-            match event {
-                request_response::Event::Message {
-                    message: request_response::Message::Request { channel, .. },
-                    ..
-                } => {
-                    let empty = Response::Keys {
-                        log_id: 1,
-                        len: 0,
-                        entries: Vec::new(),
-                        through: Some(0),
-                    };
-                    let _ = swarm.behaviour_mut().send_response(channel, empty);
-                }
-                request_response::Event::Message {
-                    message:
-                        request_response::Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                } if request_id == asked => return response,
-                request_response::Event::OutboundFailure {
-                    request_id, error, ..
-                } if request_id == asked => panic!("the Keys request failed: {error}"),
-                _ => {}
-            }
+        match next_answer(swarm, |id| *id == asked).await {
+            (_, Ok(response)) => response,
+            (_, Err(error)) => panic!("the Keys request failed: {error}"),
         }
     };
     tokio::time::timeout(std::time::Duration::from_secs(10), answer)

@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use ksync_core::{Event, RevisionKey};
-use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
 use serde::{Deserialize, Serialize};
 
@@ -107,4 +109,44 @@ pub async fn raw_peer() -> (RawSwarm, Multiaddr) {
     let listen = super::listen_on_loopback(&mut swarm).await;
     let addr = listen.with(libp2p::multiaddr::Protocol::P2p(*swarm.local_peer_id()));
     (swarm, addr)
+}
+
+/// The next answer to one of our requests that `ours` accepts, or why it failed. Meanwhile,
+/// requests the peer under test makes of us (an honest peer asks every peer it meets for its
+/// pages) are answered as by a peer with an empty log.
+pub async fn next_answer(
+    swarm: &mut RawSwarm,
+    ours: impl Fn(&OutboundRequestId) -> bool,
+) -> (OutboundRequestId, Result<Response, OutboundFailure>) {
+    loop {
+        let SwarmEvent::Behaviour(event) = swarm.select_next_some().await else {
+            continue;
+        };
+        match event {
+            request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            } => {
+                let empty = Response::Keys {
+                    log_id: 1,
+                    len: 0,
+                    entries: Vec::new(),
+                    through: Some(0),
+                };
+                let _ = swarm.behaviour_mut().send_response(channel, empty);
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } if ours(&request_id) => return (request_id, Ok(response)),
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } if ours(&request_id) => return (request_id, Err(error)),
+            _ => {}
+        }
+    }
 }
