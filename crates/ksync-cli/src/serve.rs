@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use ksync_server::{
-    ApiKey, AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, JwtKey, Limits, RateLimit, Secret, Server,
-    ServerConfig, ShutdownSignal, TlsConfig,
+    ApiKey, AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, JwtKey, Limits, RateLimit, ReloadSignal, Secret,
+    Server, ServerConfig, ShutdownSignal, TlsConfig,
 };
 
 /// Options of `ksync serve`. Every option can also come from its `KSYNC_*` environment
@@ -186,8 +186,9 @@ impl ServeArgs {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     // Before anything is printed: a SIGTERM right after the "listening" line must drain, not kill.
-    let mut signal = ShutdownSignal::install().context("installing signal handlers")?;
-    let mut reload = ReloadSignal::install(config.tls.is_some())?;
+    let signal = ShutdownSignal::install().context("installing signal handlers")?;
+    let reload =
+        ReloadSignal::install(config.tls.is_some()).context("installing the SIGHUP handler")?;
     let running = Server::bind(config).await.context("starting the server")?;
     let addr = running.local_addr();
     // stdout, flushed: scripts and tests read the real address from this line.
@@ -204,58 +205,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     stdout.flush()?;
     drop(stdout);
-    loop {
-        tokio::select! {
-            // A reload asked for before a stop is done first.
-            biased;
-            () = reload.recv() => {
-                if let Err(error) = running.reload_tls() {
-                    tracing::error!(%error, "TLS certificate not reloaded; still serving the one loaded before");
-                }
-            }
-            () = signal.recv() => break,
-        }
-    }
-    running.shutdown().await?;
+    running.run_until_signals(signal, reload).await?;
     Ok(())
-}
-
-/// SIGHUP, which asks a TLS server to read its certificate again after a renewal (as nginx
-/// does; e.g. certbot's `--deploy-hook "pkill -HUP -x ksync"`). Only listened for when TLS is
-/// configured: without it SIGHUP keeps its default (the process ends).
-struct ReloadSignal {
-    #[cfg(unix)]
-    hangup: Option<tokio::signal::unix::Signal>,
-}
-
-impl ReloadSignal {
-    fn install(tls: bool) -> anyhow::Result<Self> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let hangup = tls
-                .then(|| signal(SignalKind::hangup()))
-                .transpose()
-                .context("installing the SIGHUP handler")?;
-            Ok(Self { hangup })
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tls;
-            Ok(Self {})
-        }
-    }
-
-    /// Resolves on the next SIGHUP; never without a handler.
-    async fn recv(&mut self) {
-        #[cfg(unix)]
-        if let Some(hangup) = self.hangup.as_mut() {
-            // None: the handler is gone, which does not happen while the runtime runs.
-            if hangup.recv().await.is_some() {
-                tracing::info!("SIGHUP received: reloading the TLS certificate");
-                return;
-            }
-        }
-        std::future::pending::<()>().await;
-    }
 }

@@ -20,6 +20,7 @@ mod dashboard;
 mod error;
 mod ratelimit;
 mod server;
+mod signal;
 mod tls;
 
 pub use auth::{
@@ -31,5 +32,6 @@ pub use config::{
 };
 pub use dashboard::MONITOR_PATH;
 pub use error::ServerError;
-pub use server::{RunningServer, Server, ShutdownSignal, StorageLocation};
+pub use server::{RunningServer, Server, StorageLocation};
+pub use signal::{ReloadSignal, ShutdownSignal};
 pub use tls::{MAX_TLS_HANDSHAKES, TLS_HANDSHAKE_TIMEOUT};

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use crate::auth::{AuthCounters, ServerAuthenticator, with_client_ip};
 use crate::config::{Limits, ServerConfig};
 use crate::error::ServerError;
+use crate::signal::{ReloadSignal, ShutdownSignal};
 use crate::tls::Certificates;
 
 /// Where the server keeps its logs, as printed at start-up.
@@ -340,13 +341,37 @@ impl RunningServer {
         served
     }
 
-    /// Serves until SIGINT or SIGTERM, then shuts down cleanly (see [`shutdown`](Self::shutdown)).
-    /// The handlers are installed when this is called; to close the window between printing
-    /// "listening" and calling this, install a [`ShutdownSignal`] first and use
-    /// [`run_until`](Self::run_until).
+    /// Serves until SIGINT or SIGTERM, then shuts down cleanly (see [`shutdown`](Self::shutdown));
+    /// with TLS, each SIGHUP meanwhile [reloads the certificate](Self::reload_tls). The
+    /// handlers are installed when this is called; to close the window between printing
+    /// "listening" and calling this, install them first and use
+    /// [`run_until_signals`](Self::run_until_signals).
     pub async fn run_until_signal(self) -> Result<(), ServerError> {
-        let mut signal = ShutdownSignal::install()?;
-        self.run_until(signal.recv()).await
+        let shutdown = ShutdownSignal::install()?;
+        let reload = ReloadSignal::install(self.tls())?;
+        self.run_until_signals(shutdown, reload).await
+    }
+
+    /// Serves until `shutdown` fires, then shuts down cleanly; each `reload` meanwhile reloads
+    /// the TLS certificate (a failed reload is logged and the current certificate stays). A
+    /// reload asked for before a stop is done first.
+    pub async fn run_until_signals(
+        self,
+        mut shutdown: ShutdownSignal,
+        mut reload: ReloadSignal,
+    ) -> Result<(), ServerError> {
+        loop {
+            tokio::select! {
+                biased;
+                () = reload.recv() => {
+                    if let Err(error) = self.reload_tls() {
+                        tracing::error!(%error, "TLS certificate not reloaded; still serving the one loaded before");
+                    }
+                }
+                () = shutdown.recv() => break,
+            }
+        }
+        self.shutdown().await
     }
 
     /// Serves until `stop` resolves, then shuts down cleanly.
@@ -356,49 +381,6 @@ impl RunningServer {
     ) -> Result<(), ServerError> {
         stop.await;
         self.shutdown().await
-    }
-}
-
-/// SIGINT (Ctrl-C) and, on Unix, SIGTERM, listened for from the moment of
-/// [`install`](Self::install): a signal that arrives before [`recv`](Self::recv) is awaited is
-/// not lost (and does not kill the process).
-#[derive(Debug)]
-pub struct ShutdownSignal {
-    #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl ShutdownSignal {
-    /// Installs the handlers. Needs a running tokio runtime.
-    pub fn install() -> Result<Self, ServerError> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Ok(Self {
-                interrupt: signal(SignalKind::interrupt())?,
-                terminate: signal(SignalKind::terminate())?,
-            })
-        }
-        #[cfg(not(unix))]
-        {
-            Ok(Self {})
-        }
-    }
-
-    /// Resolves on the next SIGINT or SIGTERM.
-    pub async fn recv(&mut self) {
-        #[cfg(unix)]
-        tokio::select! {
-            _ = self.interrupt.recv() => tracing::info!("SIGINT received"),
-            _ = self.terminate.recv() => tracing::info!("SIGTERM received"),
-        }
-        #[cfg(not(unix))]
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
     }
 }
 
