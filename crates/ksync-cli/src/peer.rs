@@ -23,9 +23,13 @@ use ksync_server::ShutdownSignal;
 #[derive(Debug, clap::Args)]
 pub struct PeerArgs {
     /// This peer's id (the spec's `peerId`): the `origin` of what it emits and the name of its
-    /// identity key file.
-    #[arg(long, env = "KSYNC_PEER_ID")]
-    id: String,
+    /// identity key file. Needed except with --generate-network-key.
+    #[arg(
+        long,
+        env = "KSYNC_PEER_ID",
+        required_unless_present = "generate_network_key"
+    )]
+    id: Option<String>,
 
     /// How to find peers: mdns (LAN), dht (Kademlia, with --bootstrap) or manual (--connect).
     #[arg(long, env = "KSYNC_DISCOVERY", default_value = "mdns")]
@@ -52,8 +56,8 @@ pub struct PeerArgs {
     #[arg(long, env = "KSYNC_NETWORK_KEY_FILE")]
     network_key_file: Option<PathBuf>,
 
-    /// Write a fresh network key file here and exit.
-    #[arg(long)]
+    /// Write a fresh network key file here (readable by its owner only) and exit.
+    #[arg(long, value_name = "PATH")]
     generate_network_key: Option<PathBuf>,
 
     /// Where identity key files are kept (default $KSYNC_HOME/p2p or ~/.ksync/p2p).
@@ -98,6 +102,8 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // clap asks for --id unless --generate-network-key was given, which returned above.
+    let id = args.id.clone().context("--id is required")?;
     let discovery = match args.discovery.parse::<DiscoveryMethod>()? {
         DiscoveryMethod::Dht { .. } => DiscoveryMethod::Dht {
             bootstrap: args.bootstrap.clone(),
@@ -113,7 +119,7 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
         .map(|spec| parse_emit(spec))
         .collect::<anyhow::Result<_>>()?;
 
-    let mut builder = P2PSyncClient::builder(args.id.clone(), discovery)
+    let mut builder = P2PSyncClient::builder(id.clone(), discovery)
         .port(args.port)
         .listen_host(args.listen)
         .network(args.network.clone())
@@ -139,7 +145,7 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
     let ksync = KSync::builder()
         .storage(Arc::clone(&storage))
         .sync_client(Arc::clone(&client))
-        .replica_id(args.id.clone())
+        .replica_id(id.clone())
         .build()
         .await?;
     let mut notifications = ksync.notifications();

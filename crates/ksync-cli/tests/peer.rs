@@ -184,3 +184,54 @@ fn sigterm_stops_the_peer_cleanly_and_keeps_its_log() {
         "the emitted event is in the log"
     );
 }
+
+/// `--generate-network-key` needs no `--id` (as README shows it): it writes a key file only its
+/// owner can read, in the format `--network-key-file` takes, prints its fingerprint, and never
+/// overwrites a key that is already there.
+#[test]
+fn generate_network_key_writes_a_private_key_file_and_keeps_an_existing_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("swarm.key");
+    let out = ksync()
+        .env_remove("KSYNC_PEER_ID")
+        .args(["peer", "--generate-network-key"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&path).expect("key file");
+    let key = ksync_p2p::NetworkKey::parse(&text).expect("a network key file");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&key.fingerprint()), "{stdout}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    }
+
+    let again = ksync()
+        .env_remove("KSYNC_PEER_ID")
+        .args(["peer", "--generate-network-key"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(&path).expect("key file"), text);
+
+    // Without it, --id is still required.
+    let out = ksync()
+        .env_remove("KSYNC_PEER_ID")
+        .args(["peer", "--duration", "1"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--id"));
+}
