@@ -205,7 +205,7 @@ fn deny(root: &Path) -> Result<()> {
     if !installed {
         bail!(
             "cargo-deny is not installed. Install it with `cargo install cargo-deny --locked` \
-             (about 6 minutes on 2 cores; .ci/run does this), then run `cargo xtask ci deny` again."
+             (.ci/run does this, with a faster release profile), then run `cargo xtask ci deny` again."
         );
     }
     // `cargo deny` reads the manifests of every package in Cargo.lock, for every target
