@@ -4,7 +4,8 @@
 //! A working directory holds `.ksync/config.json` (the repository URL) and `.ksync/events.log`
 //! (the local replica, a `FileStorage`). Commands find it from the current directory (or
 //! `-C DIR`) upwards, as git does. Credentials come from `--token` / `--api-key` or the
-//! `KSYNC_TOKEN` / `KSYNC_API_KEY` environment variables and are never written to disk.
+//! `KSYNC_TOKEN` / `KSYNC_API_KEY` environment variables (one of the two kinds: both is a usage
+//! error) and are never written to disk.
 //!
 //! Exit codes (see [`exit_code`]): 0 done; 1 other failure; 2 usage or local problem (not a
 //! working directory, bad JSON, invalid name); 3 server unreachable, timed out or failing;
@@ -60,10 +61,10 @@ pub struct Common {
     /// Run as if started in DIR.
     #[arg(short = 'C', value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// Bearer token (a JWT or an opaque token).
+    /// Bearer token (a JWT or an opaque token). Not together with an API key.
     #[arg(long, env = "KSYNC_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// API key (sent as X-Api-Key).
+    /// API key (sent as X-Api-Key). Not together with a token.
     #[arg(long, env = "KSYNC_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Request timeout in seconds.
@@ -358,10 +359,18 @@ fn build_client(url: &str, common: &Common) -> Result<GitSyncClient> {
             .map_err(|e| Usage(format!("cannot read {}: {e}", path.display())))?;
         builder = builder.tls_root_certificates_pem(pem);
     }
-    if let Some(token) = &common.token {
-        builder = builder.auth(Auth::token(token.clone()));
-    } else if let Some(key) = &common.api_key {
-        builder = builder.auth(Auth::api_key(key.clone()));
+    match (&common.token, &common.api_key) {
+        // Neither wins silently: a token left in the environment would hide the key given on
+        // the command line, and the server would refuse (or grant) the wrong identity.
+        (Some(_), Some(_)) => {
+            return Err(Usage(
+                "both a token (--token or KSYNC_TOKEN) and an API key (--api-key or KSYNC_API_KEY) are set: give one".into(),
+            )
+            .into());
+        }
+        (Some(token), None) => builder = builder.auth(Auth::token(token.clone())),
+        (None, Some(key)) => builder = builder.auth(Auth::api_key(key.clone())),
+        (None, None) => {}
     }
     builder.build().map_err(|e| match e {
         SyncError::Transport(_) | SyncError::Config(_) => anyhow::Error::new(Usage(e.to_string())),

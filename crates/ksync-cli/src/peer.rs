@@ -3,7 +3,7 @@
 //! or `--duration`; then it stops the node and flushes the log, like `ksync serve`.
 //!
 //! ```text
-//! ksync peer --id laptop --discovery mdns
+//! ksync peer --id laptop --discovery mdns --port 9000
 //! ksync peer --id desk --discovery manual --listen 127.0.0.1 \
 //!     --connect /ip4/127.0.0.1/tcp/9000/p2p/12D3Koo... --emit note='{"text":"hi"}'
 //! ```

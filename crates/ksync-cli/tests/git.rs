@@ -234,6 +234,12 @@ async fn refused_events_and_failures_have_exit_codes() {
         .await
         .expect("run");
     assert_eq!(code(&out), 4, "{}", text(&out));
+    // A token in the environment and an API key on the command line: neither silently wins
+    // (usage, exit 2, nothing cloned).
+    let out = ksync(tmp.path(), &["clone", "--api-key", "k3y", &url, "both"]).await;
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("give one"), "{}", text(&out));
+    assert!(!tmp.path().join("both").exists());
     // Nobody listening: exit 3.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

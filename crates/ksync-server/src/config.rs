@@ -291,20 +291,23 @@ impl ApiKey {
         self
     }
 
-    /// Parses `NAME=KEY` or `NAME:SCOPE=KEY` (SCOPE as in [`Scope::parse`], e.g.
-    /// `reader:read=k3y`). The error never contains the key.
+    /// Parses `NAME=KEY` (read and write) or `NAME:SCOPE=KEY`, SCOPE being `read`, `write` or
+    /// `read+write` (e.g. `reader:read=k3y`); any other scope word is an error, not ignored.
+    /// The error never contains the key.
     pub fn parse_spec(spec: &str) -> Result<Self, ServerError> {
         let (head, key) = spec.split_once('=').ok_or_else(|| {
             ServerError::Config("API key must be given as NAME=KEY or NAME:SCOPE=KEY".into())
         })?;
-        let (name, scope) = match head.split_once(':') {
-            Some((name, scope)) => (name, Scope::parse(scope)),
-            None => (head, Scope::READ_WRITE),
-        };
+        let (name, scope) = head.split_once(':').unwrap_or((head, ""));
         let name = name.trim();
         if name.is_empty() {
             return Err(ServerError::Config("API key name is empty".into()));
         }
+        let scope = if head.contains(':') {
+            api_key_scope(name, scope)?
+        } else {
+            Scope::READ_WRITE
+        };
         if key.is_empty() {
             return Err(ServerError::Config(format!("API key {name:?} is empty")));
         }
@@ -324,6 +327,37 @@ impl ApiKey {
             .map(Self::parse_spec)
             .collect()
     }
+}
+
+/// An API key's SCOPE: `read`, `write` or both (separated by `+`, `,` or spaces). Strict,
+/// unlike [`Scope::parse`] for tokens' claims: an operator's typo (`rw`, `raed`) would start
+/// the server with a key that grants less than meant, so it is refused instead.
+fn api_key_scope(name: &str, text: &str) -> Result<Scope, ServerError> {
+    let mut words = text
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '+')
+        .filter(|word| !word.is_empty())
+        .peekable();
+    if words.peek().is_none() {
+        return Err(ServerError::Config(format!(
+            "API key {name:?}: empty scope (use read, write or read+write)"
+        )));
+    }
+    let mut scope = Scope {
+        read: false,
+        write: false,
+    };
+    for word in words {
+        match word {
+            "read" => scope.read = true,
+            "write" => scope.write = true,
+            other => {
+                return Err(ServerError::Config(format!(
+                    "API key {name:?}: unknown scope {other:?} (use read, write or read+write)"
+                )));
+            }
+        }
+    }
+    Ok(scope)
 }
 
 /// Failed-authentication throttling per client.

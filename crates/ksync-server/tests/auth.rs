@@ -400,6 +400,23 @@ fn configuration_errors_are_typed_and_do_not_leak_secrets() {
     assert!(!format!("{spec:?}").contains("s3cr3t-value"));
     let err = ApiKey::parse_spec("no-equals-s3cr3t").unwrap_err();
     assert!(!err.to_string().contains("s3cr3t"));
+    let both = ApiKey::parse_spec("ci:read+write=s3cr3t-value").unwrap();
+    assert_eq!(both.scope, Scope::READ_WRITE);
+    assert_eq!(
+        ApiKey::parse_spec("ci=s3cr3t-value").unwrap().scope,
+        Scope::READ_WRITE
+    );
+    // A typo in a scope refuses to start rather than grant less than meant.
+    for spec in [
+        "ci:rw=s3cr3t-value",
+        "ci:read+wirte=s3cr3t-value",
+        "ci:=s3cr3t-value",
+    ] {
+        let err = ApiKey::parse_spec(spec).unwrap_err();
+        assert!(matches!(err, ServerError::Config(_)), "{spec}: {err}");
+        assert!(err.to_string().contains("scope"), "{spec}: {err}");
+        assert!(!err.to_string().contains("s3cr3t"), "{spec}: {err}");
+    }
     assert!(!format!("{:?}", auth()).contains("k-full-0001"));
 }
 

@@ -3,7 +3,9 @@
 //!
 //! Needs a server: `cargo run --release -p ksync-cli -- serve`, then
 //! `cargo run -p ksync --features git --example git_complete`. Events are kept in
-//! `./local-events` (run it twice: the second run finds the first run's events on disk).
+//! `./local-events` (run it twice: the second run finds the first run's events on disk). The
+//! client presents `KSYNC_TOKEN` (default `github-token`, which a server without authentication
+//! accepts).
 
 mod common;
 

@@ -11,7 +11,9 @@
 //! notification and the event is not stored), never garbage.
 //!
 //! Needs a server: `cargo run --release -p ksync-cli -- serve`, then
-//! `cargo run -p ksync --features middleware --example middleware`.
+//! `cargo run -p ksync --features middleware --example middleware`. The passphrase is
+//! `KSYNC_PASSPHRASE` (default `correct horse battery staple`): replicas with another one
+//! cannot read the `user_data` events.
 
 mod common;
 

@@ -6,8 +6,12 @@
 //! KSYNC_API_KEYS=demo=your-api-key KSYNC_JWT_SECRET=<32+ byte secret> \
 //!     cargo run --release -p ksync-cli -- serve
 //! KSYNC_API_KEY=your-api-key cargo run -p ksync --example websocket_auth -- apikey
-//! KSYNC_JWT=<a token signed with that secret> cargo run -p ksync --example websocket_auth -- jwt
+//! KSYNC_JWT=<an HS256 JWT signed with that secret> cargo run -p ksync --example websocket_auth -- jwt
 //! ```
+//!
+//! The JWT needs an `exp` claim (the server refuses tokens without one), e.g. with PyJWT
+//! (`pip install pyjwt`):
+//! `python3 -c 'import jwt,time; print(jwt.encode({"sub": "me", "exp": int(time.time()) + 3600}, "<the secret>", algorithm="HS256"))'`.
 //!
 //! A server started without authentication lets every client in, whatever it presents.
 //! Refused credentials are an error from `connect` (the client does not retry them).

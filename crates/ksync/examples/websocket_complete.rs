@@ -2,8 +2,10 @@
 //! `WebSocketSyncClient` (JWT auth, reconnect, 30 s heartbeat); events emitted sync in real
 //! time.
 //!
-//! Needs a server: `cargo run --release -p ksync-cli -- serve`, then
-//! `cargo run -p ksync --example websocket_complete`.
+//! Needs a server without authentication (its second replica connects without credentials):
+//! `cargo run --release -p ksync-cli -- serve`, then
+//! `cargo run -p ksync --example websocket_complete`. The first replica presents `KSYNC_JWT`
+//! (default `your-token`, which such a server accepts).
 
 mod common;
 
