@@ -38,8 +38,38 @@ const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 4000, 4001, 4400, 4401, 440
 // `error` codes the relay sends just before refusing a connection in-band (close 4400, 4401,
 // 4403 or 4429): a browser cannot see the HTTP status of a refused upgrade.
 const REFUSAL_CODES = new Set(['unauthorized', 'forbidden', 'rate_limited', 'bad_room']);
-// Events per `publish` when the outbox is flushed after a reconnect.
-const RESEND_BATCH = 256;
+// Most events per `publish` (the relay's own limit per message is larger).
+const MAX_BATCH = 256;
+// Bytes of a `publish` besides its events: `{"type":"publish","ref":N,"events":[...]}`.
+const PUBLISH_OVERHEAD = 64;
+// What the relay takes when its `welcome` does not say (docs/PROTOCOL.md, limits).
+const DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024;
+const STRATEGIES = new Set(['event-level', 'batch', 'state-based']);
+
+/** Whether this browser can inflate raw DEFLATE (`DecompressionStream('deflate-raw')`). */
+function canInflateRaw() {
+  if (typeof DecompressionStream === 'undefined') return false;
+  try {
+    new DecompressionStream('deflate-raw');
+    return true;
+  } catch {
+    return false; // The API without the format (older browsers): ask for no compression.
+  }
+}
+
+function positiveInteger(value, name, fallback) {
+  if (value === undefined || value === null) return fallback;
+  if (!Number.isSafeInteger(value) || value < 1) throw new TypeError(`${name} must be an integer >= 1`);
+  return value;
+}
+
+/** The spec's `filter` option as a predicate (`'public-only'` keeps events whose `data.private` is not true). */
+function filterFor(filter) {
+  if (filter === undefined || filter === null) return null;
+  if (filter === 'public-only') return (event) => event?.data?.private !== true;
+  if (typeof filter === 'function') return filter;
+  throw new TypeError(`filter must be a function or 'public-only', not ${JSON.stringify(filter)}`);
+}
 
 /**
  * The `Sec-WebSocket-Protocol` entries for `auth` (`{type: 'jwt', token}`,
@@ -160,15 +190,21 @@ async function inflateRaw(data) {
  * The spec's WebSocketSyncClient for browsers.
  *
  * Options (defaults): `auth` (none), `reconnect` (true), `heartbeat` (30000: the server pings,
- * the browser answers by itself), `compression` (false; deflated batches need
- * `DecompressionStream`), `since` (undefined: start with the live stream; 0: the whole room
- * history; N: after seq N), `logId` (the `logId` that `since` counts in, from a saved `cursor` and
- * `logId`: another log is read from 0), `reconnectDelay` ({min: 250, max: 30000} ms),
- * `maxOutbox` (10000).
+ * the browser answers by itself), `compression` (false; honoured where
+ * `DecompressionStream('deflate-raw')` works), `strategy` ('event-level' with `batchSize` 1;
+ * 'batch' with `batchSize` (50) and `batchInterval` (5000 ms); 'state-based': the first
+ * session starts from the room's snapshot, and the latest version of each id sent goes out
+ * every `snapshotInterval` (300000 ms)), `filter` (a predicate or 'public-only'), `debug`
+ * (false: `console.debug` what goes in and out), `since` (undefined: start with the live
+ * stream; 0: the whole room history; N: after seq N), `logId` (the `logId` that `since` counts
+ * in, from a saved `cursor` and `logId`: another log is read from 0), `reconnectDelay`
+ * ({min: 250, max: 30000} ms), `maxOutbox` (10000), `metricsInterval` (5000 ms).
  *
  * Notifications (`on(type, handler)`): `connected` (welcome), `disconnected` ({code, reason}),
  * `reconnecting` (attempt), `event` (event, {seq, room}), `sync` (events of a catch-up batch),
- * `ack` (results), `conflict` ({ours, theirs}), `error` (KSyncError).
+ * `ack` (results), `conflict` ({type, ours, theirs}), `error` (KSyncError), `status`
+ * ('connected', 'syncing', 'idle' or 'error'), `metrics` ({eventsPerSecond, averageLatency,
+ * bandwidthUsage}: events and bytes sent plus received per second, mean ack round trip in ms).
  */
 export class WebSocketSyncClient extends Emitter {
   #url;
@@ -195,17 +231,35 @@ export class WebSocketSyncClient extends Emitter {
   #waiters = [];
   #closeWaiters = [];
   #chain = Promise.resolve();
+  #middleware = { incoming: [], outgoing: [] };
+  #filter = null;
+  #maxMessageSize = DEFAULT_MAX_MESSAGE_SIZE;
+  #flushTimer = null;
+  #status = null;
+  // A snapshot being read (`state-based`): its `serverVersion` becomes the cursor at its end.
+  #snapshotting = false;
+  #metricsTimer = null;
+  #meter = { since: 0, events: 0, bytes: 0, rtt: 0, acks: 0 };
 
   constructor(url, options = {}) {
     super();
     this.#url = toWebSocketUrl(url).href;
+    const strategy = options.strategy ?? 'event-level';
+    if (!STRATEGIES.has(strategy)) throw new TypeError(`strategy must be one of ${[...STRATEGIES].join(', ')}`);
     this.#options = {
       reconnect: options.reconnect ?? true,
       heartbeat: options.heartbeat ?? 30000,
-      compression: Boolean(options.compression) && typeof DecompressionStream !== 'undefined',
+      compression: Boolean(options.compression) && canInflateRaw(),
+      strategy,
+      batchSize: positiveInteger(options.batchSize, 'batchSize', strategy === 'batch' ? 50 : 1),
+      batchInterval: positiveInteger(options.batchInterval, 'batchInterval', 5000),
+      snapshotInterval: positiveInteger(options.snapshotInterval, 'snapshotInterval', 300000),
+      debug: Boolean(options.debug),
       reconnectDelay: { min: 250, max: 30000, ...(options.reconnectDelay ?? {}) },
       maxOutbox: options.maxOutbox ?? 10000,
+      metricsInterval: positiveInteger(options.metricsInterval, 'metricsInterval', 5000),
     };
+    this.#filter = filterFor(options.filter);
     this.setAuth(options.auth);
     if (options.since !== undefined && options.since !== null) {
       if (!Number.isSafeInteger(options.since) || options.since < 0) throw new TypeError('since must be an integer >= 0');
@@ -213,6 +267,24 @@ export class WebSocketSyncClient extends Emitter {
     }
     if (options.logId !== undefined && options.logId !== null) this.#logId = String(options.logId);
   }
+
+  /**
+   * Adds `middleware` to the `incoming` or `outgoing` chain (run in the order added): it gets
+   * an event and returns it (changed or not), or null/undefined to drop it; it may be async.
+   * Outgoing: the filter first, then the chain, when `send` is called (a dropped event resolves
+   * `{status: 'filtered'}` and never leaves). Incoming: the chain, then the filter, before
+   * `event` is notified (a dropped event is still counted as seen). A middleware that throws
+   * rejects that `send`, or skips that received event with an `error` (code `middleware`).
+   */
+  use(direction, middleware) {
+    if (direction !== 'incoming' && direction !== 'outgoing') throw new TypeError("direction must be 'incoming' or 'outgoing'");
+    if (typeof middleware !== 'function') throw new TypeError('middleware must be a function');
+    this.#middleware[direction].push(middleware);
+    return this;
+  }
+
+  /** The last `status` notified ('connected', 'syncing', 'idle', 'error'; null before any). */
+  get status() { return this.#status; }
 
   /** The highest sequence number seen (null before the first session without `since`). */
   get cursor() { return this.#cursor; }
@@ -223,7 +295,7 @@ export class WebSocketSyncClient extends Emitter {
   /** The room of the current or last session. */
   get room() { return this.#room; }
   /** Sent events not yet acknowledged. */
-  get pending() { return this.#outbox.length + [...this.#inFlight.values()].reduce((n, items) => n + items.length, 0); }
+  get pending() { return this.#outbox.length + [...this.#inFlight.values()].reduce((n, sent) => n + sent.items.length, 0); }
 
   /**
    * Replaces the credentials for the next connection (e.g. a fresh token after the server
@@ -275,21 +347,83 @@ export class WebSocketSyncClient extends Emitter {
    * Rejects for an event the server refuses (`invalid`). While disconnected the event waits
    * and goes out on the next connection.
    */
-  send(event) {
-    try {
-      checkEvent(event);
-    } catch (error) {
-      return Promise.reject(error);
-    }
+  async send(event) {
+    checkEvent(event);
     if (this.pending >= this.#options.maxOutbox) {
-      return Promise.reject(new KSyncError('outbox_full', `more than ${this.#options.maxOutbox} events wait for the server`));
+      throw new KSyncError('outbox_full', `more than ${this.#options.maxOutbox} events wait for the server`);
     }
-    const wire = { id: event.id, type: event.type, data: event.data ?? null, timestamp: event.timestamp, version: event.version };
-    if (event.origin !== undefined) wire.origin = event.origin;
+    if (this.#filter !== null && !this.#filter(event)) return { status: 'filtered' };
+    let out = event;
+    for (const middleware of this.#middleware.outgoing) {
+      try {
+        out = await middleware(out);
+      } catch (error) {
+        throw new KSyncError('middleware', `outgoing middleware failed: ${error?.message ?? error}`, { event });
+      }
+      if (out === null || out === undefined) return { status: 'filtered' };
+    }
+    checkEvent(out);
+    const wire = { id: out.id, type: out.type, data: out.data ?? null, timestamp: out.timestamp, version: out.version };
+    if (out.origin !== undefined) wire.origin = out.origin;
+    const text = JSON.stringify(wire);
+    if (text.length + PUBLISH_OVERHEAD > this.#maxMessageSize) {
+      throw new KSyncError('invalid', `the event is ${text.length} bytes of JSON; the server takes messages of at most ${this.#maxMessageSize}`, { event });
+    }
     return new Promise((resolve, reject) => {
-      this.#outbox.push({ event: wire, resolve, reject });
-      if (this.#connected) this.#flush();
+      this.#outbox.push({ event: wire, bytes: text.length, resolve, reject });
+      if (this.#connected) this.#schedule();
     });
+  }
+
+  #debug(...args) {
+    if (this.#options.debug) console.debug('[ksync]', ...args);
+  }
+
+  /** Sends now, or when the strategy says (`batch`: `batchSize` waiting, else the timer). */
+  #schedule() {
+    const { strategy, batchSize } = this.#options;
+    if (strategy === 'event-level' || (strategy === 'batch' && this.#outbox.length >= batchSize)) this.#flush();
+  }
+
+  #startTimers() {
+    const { strategy, batchInterval, snapshotInterval, metricsInterval } = this.#options;
+    this.#stopTimers();
+    if (strategy !== 'event-level') {
+      this.#flushTimer = setInterval(() => this.#flush(), strategy === 'batch' ? batchInterval : snapshotInterval);
+    }
+    this.#meter = { since: Date.now(), events: 0, bytes: 0, rtt: 0, acks: 0 };
+    this.#metricsTimer = setInterval(() => this.#reportMetrics(), metricsInterval);
+  }
+
+  #stopTimers() {
+    clearInterval(this.#flushTimer);
+    clearInterval(this.#metricsTimer);
+    this.#flushTimer = null;
+    this.#metricsTimer = null;
+  }
+
+  #reportMetrics() {
+    const now = Date.now();
+    const seconds = Math.max((now - this.#meter.since) / 1000, 0.001);
+    const { events, bytes, rtt, acks } = this.#meter;
+    this.emit('metrics', {
+      eventsPerSecond: events / seconds,
+      averageLatency: acks ? rtt / acks : 0,
+      bandwidthUsage: bytes / seconds,
+    });
+    this.#meter = { since: now, events: 0, bytes: 0, rtt: 0, acks: 0 };
+  }
+
+  #setStatus(status) {
+    if (this.#status === status) return;
+    this.#status = status;
+    this.emit('status', status);
+  }
+
+  #updateStatus() {
+    if (!this.#connected) return;
+    const busy = this.#inFlight.size > 0 || this.#snapshotting || (this.#cursor ?? 0) < this.#serverVersion;
+    this.#setStatus(busy ? 'syncing' : 'idle');
   }
 
   #open() {
@@ -312,8 +446,11 @@ export class WebSocketSyncClient extends Emitter {
     socket.onopen = () => {
       opened = true;
       const hello = { type: 'hello', protocol: PROTOCOL_VERSION };
-      if (this.#cursor !== null) hello.since = this.#cursor;
+      // `state-based` starts from the room's snapshot; a client that holds a cursor resumes.
+      if (this.#options.strategy === 'state-based' && !this.#cursor) hello.state = true;
+      else if (this.#cursor !== null) hello.since = this.#cursor;
       if (this.#options.compression) hello.compression = true;
+      this.#debug('hello', hello);
       socket.send(JSON.stringify(hello));
     };
     socket.onmessage = (message) => {
@@ -329,12 +466,14 @@ export class WebSocketSyncClient extends Emitter {
 
   async #receive(socket, data) {
     if (socket !== this.#socket) return;
+    this.#meter.bytes += typeof data === 'string' ? data.length : data.byteLength;
     const text = typeof data === 'string' ? data : await inflateRaw(data);
     const message = JSON.parse(text);
+    this.#debug('received', message.type, text.length, 'bytes');
     switch (message.type) {
       case 'welcome': return this.#welcome(message);
       case 'events': return this.#events(message.events ?? []);
-      case 'snapshot': return undefined;
+      case 'snapshot': return this.#snapshot(message);
       case 'ack': return this.#ack(message);
       case 'error': return this.#serverError(message);
       default: return undefined; // Newer servers may add messages: ignore what we do not know.
@@ -356,20 +495,44 @@ export class WebSocketSyncClient extends Emitter {
     if (logId !== null) this.#logId = logId;
     this.#serverVersion = welcome.serverVersion;
     this.#room = welcome.room;
+    if (Number.isSafeInteger(welcome.maxMessageSize) && welcome.maxMessageSize > PUBLISH_OVERHEAD) {
+      this.#maxMessageSize = welcome.maxMessageSize;
+    }
+    this.#snapshotting = this.#options.strategy === 'state-based' && !this.#cursor;
     // Without a cursor the session starts with the live stream: we hold everything up to here.
     if (this.#cursor === null) this.#cursor = welcome.serverVersion;
     this.#connected = true;
     this.#attempt = 0;
+    this.#startTimers();
     this.emit('connected', welcome);
+    this.#setStatus('connected');
     for (const waiter of this.#waiters.splice(0)) waiter.resolve();
     // Everything that was in flight when the last connection dropped goes out again first.
-    const resend = [...this.#inFlight.values()].flat();
+    const resend = [...this.#inFlight.values()].flatMap((sent) => sent.items);
     this.#inFlight.clear();
     this.#outbox.unshift(...resend);
+    // What waited while offline goes out now, whatever the strategy.
     this.#flush();
+    this.#updateStatus();
   }
 
-  #events(batch) {
+  /** A received event after the incoming chain and the filter; null when dropped. */
+  async #incoming(event) {
+    let current = event;
+    for (const middleware of this.#middleware.incoming) {
+      try {
+        current = await middleware(current);
+      } catch (error) {
+        this.emit('error', new KSyncError('middleware', `incoming middleware failed: ${error?.message ?? error}`, { event }));
+        return null;
+      }
+      if (current === null || current === undefined) return null;
+    }
+    if (this.#filter !== null && !this.#filter(current)) return null;
+    return current;
+  }
+
+  async #events(batch) {
     // Ending a session to read the room again from 0: all of this comes again there.
     if (this.#resyncing) return;
     const events = [];
@@ -377,17 +540,43 @@ export class WebSocketSyncClient extends Emitter {
       // Each seq arrives once; anything at or below the cursor was already seen.
       if (this.#cursor !== null && seq <= this.#cursor) continue;
       this.#cursor = seq;
-      events.push(event);
-      this.emit('event', event, { seq, room: this.#room });
+      this.#meter.events += 1;
+      const taken = await this.#incoming(event);
+      if (taken === null) continue;
+      events.push(taken);
+      this.emit('event', taken, { seq, room: this.#room });
     }
     const last = batch.length ? batch[batch.length - 1].seq : 0;
     if (events.length && last <= this.#serverVersion) this.emit('sync', events);
+    this.#updateStatus();
+  }
+
+  /** A page of the room's snapshot (`state-based`): the latest version of each id, no seq. */
+  async #snapshot(page) {
+    if (this.#resyncing) return;
+    const events = [];
+    for (const event of page.events ?? []) {
+      this.#meter.events += 1;
+      const taken = await this.#incoming(event);
+      if (taken === null) continue;
+      events.push(taken);
+      this.emit('event', taken, { seq: null, room: this.#room });
+    }
+    if (events.length) this.emit('sync', events);
+    if (page.last) {
+      this.#snapshotting = false;
+      if (Number.isSafeInteger(page.serverVersion) && page.serverVersion > (this.#cursor ?? 0)) this.#cursor = page.serverVersion;
+    }
+    this.#updateStatus();
   }
 
   #ack(ack) {
-    const items = this.#inFlight.get(ack.ref);
-    if (!items) return;
+    const sent = this.#inFlight.get(ack.ref);
+    if (!sent) return;
     this.#inFlight.delete(ack.ref);
+    const { items } = sent;
+    this.#meter.rtt += Date.now() - sent.at;
+    this.#meter.acks += 1;
     const results = ack.results ?? [];
     this.emit('ack', results);
     items.forEach((item, i) => {
@@ -413,6 +602,7 @@ export class WebSocketSyncClient extends Emitter {
           this.#outbox.push(item);
       }
     });
+    this.#updateStatus();
   }
 
   #serverError(message) {
@@ -430,20 +620,54 @@ export class WebSocketSyncClient extends Emitter {
       this.#socket.close(1000, 'resync from 0');
     }
     if (message.ref !== undefined && this.#inFlight.has(message.ref)) {
-      for (const item of this.#inFlight.get(message.ref)) item.reject(error);
+      for (const item of this.#inFlight.get(message.ref).items) item.reject(error);
       this.#inFlight.delete(message.ref);
     }
     this.emit('error', error);
+    this.#setStatus('error');
   }
 
   #flush() {
     const socket = this.#socket;
-    while (this.#outbox.length && socket && socket.readyState === WebSocket.OPEN) {
-      const items = this.#outbox.splice(0, RESEND_BATCH);
+    if (!this.#connected || !socket || socket.readyState !== WebSocket.OPEN) return;
+    if (this.#options.strategy === 'state-based') this.#coalesce();
+    // At most `batchSize` events (`state-based`: `MAX_BATCH`) and `maxMessageSize` bytes a
+    // message: the relay closes with 1009 past its size, and the same batch would be resent
+    // forever.
+    const limit = this.#options.strategy === 'state-based' ? MAX_BATCH : Math.min(this.#options.batchSize, MAX_BATCH);
+    while (this.#outbox.length) {
+      let count = 0;
+      let bytes = PUBLISH_OVERHEAD;
+      while (count < this.#outbox.length && count < limit) {
+        const next = this.#outbox[count].bytes + 1;
+        if (count > 0 && bytes + next > this.#maxMessageSize) break;
+        bytes += next;
+        count += 1;
+      }
+      const items = this.#outbox.splice(0, count);
       const ref = this.#nextRef++;
-      this.#inFlight.set(ref, items);
-      socket.send(JSON.stringify({ type: 'publish', ref, events: items.map((item) => item.event) }));
+      this.#inFlight.set(ref, { items, at: Date.now() });
+      const text = JSON.stringify({ type: 'publish', ref, events: items.map((item) => item.event) });
+      this.#meter.events += items.length;
+      this.#meter.bytes += text.length;
+      this.#debug('publish', ref, items.length, 'events', text.length, 'bytes');
+      socket.send(text);
     }
+    this.#updateStatus();
+  }
+
+  /** `state-based`: of several waiting versions of one id only the latest goes out; the
+   * others resolve `{status: 'superseded'}`. */
+  #coalesce() {
+    const latest = new Map();
+    for (const item of this.#outbox) {
+      const held = latest.get(item.event.id);
+      if (!held || item.event.version >= held.event.version) latest.set(item.event.id, item);
+    }
+    if (latest.size === this.#outbox.length) return;
+    const kept = new Set(latest.values());
+    for (const item of this.#outbox) if (!kept.has(item)) item.resolve({ status: 'superseded' });
+    this.#outbox = this.#outbox.filter((item) => kept.has(item));
   }
 
   #closed(socket, close, opened) {
@@ -453,6 +677,8 @@ export class WebSocketSyncClient extends Emitter {
     this.#socket = null;
     const wasConnected = this.#connected;
     this.#connected = false;
+    this.#snapshotting = false;
+    this.#stopTimers();
     if (wasConnected) this.emit('disconnected', { code: close.code, reason: close.reason });
     const resync = this.#resyncing;
     this.#resyncing = false;
@@ -486,6 +712,7 @@ export class WebSocketSyncClient extends Emitter {
     this.#stopped = true;
     this.#settleWaiters(error);
     this.emit('error', error);
+    this.#setStatus('error');
   }
 
   #failed(error) {
@@ -493,6 +720,7 @@ export class WebSocketSyncClient extends Emitter {
     if (!this.#options.reconnect) {
       this.#stopped = true;
       this.emit('error', error);
+      this.#setStatus('error');
       return;
     }
     this.#attempt += 1;

@@ -104,16 +104,26 @@ pub(crate) fn router(dashboard: Arc<Dashboard>) -> Router {
             "/dashboard/app.css",
             get(|| async { asset(DASHBOARD_CSS, "text/css") }),
         )
-        .route(
-            "/ksync.js",
-            get(|| async { asset(CLIENT_JS, "text/javascript") }),
-        )
+        .route("/ksync.js", get(client_module))
         .route(
             "/favicon.ico",
             get(|| async { asset(FAVICON_SVG, "image/svg+xml") }),
         )
         .route(MONITOR_PATH, any(monitor))
         .with_state(dashboard)
+}
+
+/// The browser client module, importable from any origin (module scripts are fetched with
+/// CORS): apps are served from their own origin and import it from the server's. It holds no
+/// data and is the same for everyone, so `*` gives nothing away; credentials are not allowed
+/// with `*`, and none are needed to fetch it.
+async fn client_module() -> Response {
+    let mut response = asset(CLIENT_JS, "text/javascript");
+    response.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    response
 }
 
 /// The dashboard page (public: it holds no data; the feed it opens is authenticated).

@@ -161,12 +161,13 @@ async fn the_page_its_assets_and_the_client_module_are_served() {
         assert_eq!(response.headers()["x-content-type-options"], "nosniff");
         assert!(response.text().await.unwrap().contains(needle), "{path}");
     }
-    // The module served is the one kept in the repository.
-    let served = get(&format!("http://{addr}/ksync.js"), None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    // The module served is the one kept in the repository, importable from any origin (apps
+    // live on their own); the dashboard's own assets stay same-origin.
+    let module = get(&format!("http://{addr}/ksync.js"), None).await;
+    assert_eq!(module.headers()["access-control-allow-origin"], "*");
+    let app = get(&format!("http://{addr}/dashboard/app.js"), None).await;
+    assert!(app.headers().get("access-control-allow-origin").is_none());
+    let served = module.text().await.unwrap();
     let kept =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/ksync.js")).unwrap();
     assert_eq!(served, kept);

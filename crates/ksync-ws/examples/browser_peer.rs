@@ -5,6 +5,9 @@
 //! cargo run -p ksync-ws --example browser_peer -- ws://127.0.0.1:8080/ws/chat [--api-key KEY | --token JWT]
 //! ```
 //!
+//! It needs a server there: `ksync serve --in-memory` (with `--api-key NAME=KEY` or
+//! `KSYNC_JWT_SECRET` for the credential options to mean anything).
+//!
 //! Commands on stdin, one JSON object a line:
 //! - `{"cmd":"send","event":{...}}`: send one event (the spec's shape);
 //! - `{"cmd":"burst","count":N,"type":"t","prefix":"p","perSecond":R}`: send N generated events

@@ -814,7 +814,17 @@ fn refuse_in_band(
                         code: close_code,
                         reason: error_code.into(),
                     })))
-                    .await
+                    .await?;
+                // Wait for the client's Close (RFC 6455 §7.1.1) before the TCP connection
+                // ends: closing it with the client's `hello` still unread sends a reset,
+                // which browsers may act on before our Close frame (they then see 1006, not
+                // the code that says why). What the client sends meanwhile is discarded.
+                while let Some(message) = socket.recv().await {
+                    if matches!(message?, Message::Close(_)) {
+                        break;
+                    }
+                }
+                Ok::<(), axum::Error>(())
             };
             if let Err(e) = tokio::time::timeout(IN_BAND_REFUSAL_TIMEOUT, refuse)
                 .await

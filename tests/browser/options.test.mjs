@@ -1,0 +1,195 @@
+// The spec's WebSocketSyncClient options in the browser client (`/ksync.js`): filter, middleware,
+// strategies, status and metrics, and message size limits, against the real server with a Rust
+// client on the other side of the room.
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+
+import { launchBrowser, makeEvent, sharedServer, startPeer, startServer, waitFor } from './lib.mjs';
+
+let browser;
+
+before(async () => {
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+/**
+ * Opens a page on `http` with a client for `url` (as `window.client`) built with `options`;
+ * `setup` (source of a function of the client) runs before `connect()`. Records events,
+ * statuses, metrics and errors on `window`.
+ */
+async function pageClient(http, url, options = {}, setup = '() => {}') {
+  const page = await browser.newPage();
+  await page.goto(`${http}/health`);
+  await page.evaluate(async ({ url, options, setup }) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { ...options, reconnectDelay: { min: 100, max: 1000 } });
+    window.received = [];
+    window.statuses = [];
+    window.metrics = [];
+    window.errors = [];
+    client.on('event', (event, meta) => window.received.push({ seq: meta.seq, event }));
+    client.on('status', (status) => window.statuses.push(status));
+    client.on('metrics', (metrics) => window.metrics.push(metrics));
+    client.on('error', (error) => window.errors.push(`${error.code}: ${error.message}`));
+    // eslint-disable-next-line no-eval
+    (0, eval)(`(${setup})`)(client);
+    window.client = client;
+    await client.connect();
+  }, { url, options, setup });
+  return page;
+}
+
+test("filter 'public-only' and middleware shape what leaves and what is taken in", async () => {
+  const server = await sharedServer();
+  const room = `${server.ws}/ws/shaping`;
+  const rust = startPeer(room);
+  try {
+    await rust.waitConnected();
+    const page = await pageClient(server.http, room, { filter: 'public-only' }, `(client) => {
+      client.use('outgoing', (event) => ({ ...event, data: { ...event.data, sealed: true } }));
+      client.use('outgoing', (event) => (event.data.drop ? null : event));
+      client.use('incoming', async (event) => ({ ...event, data: { ...event.data, opened: true } }));
+      client.use('incoming', (event) => { if (event.data.explode) throw new Error('boom'); return event; });
+    }`);
+
+    const secret = makeEvent('secret', { private: true, text: 'stays in the page' });
+    const dropped = makeEvent('dropped', { drop: true });
+    const open = makeEvent('open', { text: 'for everyone' });
+    assert.deepEqual(await page.evaluate((e) => window.client.send(e), secret), { status: 'filtered' });
+    assert.deepEqual(await page.evaluate((e) => window.client.send(e), dropped), { status: 'filtered' });
+    const sent = await page.evaluate((e) => window.client.send(e), open);
+    assert.equal(sent.status, 'stored');
+    await waitFor(() => rust.received().some((e) => e.id === open.id), 5000, 'the Rust client got the public event');
+    assert.deepEqual(rust.received().find((e) => e.id === open.id).data, { text: 'for everyone', sealed: true });
+    assert.ok(!rust.received().some((e) => e.id === secret.id || e.id === dropped.id), 'nothing filtered left the page');
+
+    // Incoming: the chain runs (async too), then the filter; a throwing middleware is an error.
+    const theirsPrivate = makeEvent('their-secret', { private: true });
+    const theirsBad = makeEvent('bad', { explode: true });
+    const theirs = makeEvent('theirs', { text: 'hello page' });
+    for (const event of [theirsPrivate, theirsBad, theirs]) rust.send(event);
+    await waitFor(() => page.evaluate((id) => window.received.some((r) => r.event.id === id), theirs.id), 5000, 'the page got the public event');
+    const received = await page.evaluate(() => window.received.map((r) => r.event));
+    assert.deepEqual(received.find((e) => e.id === theirs.id).data, { text: 'hello page', opened: true });
+    assert.ok(!received.some((e) => e.id === theirsPrivate.id || e.id === theirsBad.id), JSON.stringify(received));
+    assert.ok((await page.evaluate(() => window.errors)).some((e) => e.startsWith('middleware:') && e.includes('boom')));
+    // Dropped ones still count as seen: the cursor is past all three.
+    const seqs = await page.evaluate(() => window.received.map((r) => r.seq));
+    assert.equal(await page.evaluate(() => window.client.cursor), Math.max(...seqs));
+    await page.close();
+  } finally {
+    await rust.quit();
+    await server.stop();
+  }
+});
+
+test('status and metrics are notified; bad options are refused', async () => {
+  const server = await sharedServer();
+  const room = `${server.ws}/ws/metered`;
+  const page = await pageClient(server.http, room, { metricsInterval: 200 });
+  try {
+    for (let i = 0; i < 5; i += 1) await page.evaluate((e) => window.client.send(e), makeEvent('m', { i }));
+    const metrics = await waitFor(async () => {
+      const all = await page.evaluate(() => window.metrics);
+      return all.find((m) => m.eventsPerSecond > 0 && m.averageLatency > 0 && m.bandwidthUsage > 0);
+    }, 5000, 'a metrics notification with traffic');
+    assert.ok(metrics.averageLatency < 5000, JSON.stringify(metrics));
+    const statuses = await page.evaluate(() => window.statuses);
+    assert.equal(statuses[0], 'connected');
+    assert.ok(statuses.includes('syncing') && statuses.at(-1) === 'idle', statuses.join(','));
+    assert.equal(await page.evaluate(() => window.client.status), 'idle');
+
+    const refused = await page.evaluate(async () => {
+      const { WebSocketSyncClient } = await import('/ksync.js');
+      const bad = [{ strategy: 'eventual' }, { filter: 'private-only' }, { batchSize: 0 }, { snapshotInterval: -1 }];
+      return bad.map((options) => {
+        try {
+          new WebSocketSyncClient('ws://127.0.0.1:9/ws/x', options);
+          return 'accepted';
+        } catch (error) {
+          return error.name;
+        }
+      });
+    });
+    assert.deepEqual(refused, ['TypeError', 'TypeError', 'TypeError', 'TypeError']);
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  } finally {
+    await server.stop();
+  }
+});
+
+test("'batch' waits for batchSize events; batches keep under the server's message size", async () => {
+  // 64 KiB messages: four 20 KB events cannot share one publish.
+  const server = await startServer({ args: ['--in-memory', '--max-message-bytes', '65536'] });
+  const room = `${server.ws}/ws/batched`;
+  const rust = startPeer(room);
+  try {
+    await rust.waitConnected();
+    const page = await pageClient(server.http, room, { strategy: 'batch', batchSize: 4, batchInterval: 60000 });
+    const events = Array.from({ length: 4 }, (_, i) => makeEvent('big', { i, blob: 'x'.repeat(20000) }));
+    await page.evaluate((list) => { window.results = list.slice(0, 3).map((e) => window.client.send(e)); }, events);
+    // Three of four: nothing leaves before the batch is full (the interval is a minute).
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    assert.equal(await page.evaluate(() => window.client.pending), 3);
+    assert.equal(rust.received().length, 0);
+    const results = await page.evaluate(async (last) => {
+      window.results.push(window.client.send(last));
+      return Promise.all(window.results);
+    }, events[3]);
+    assert.deepEqual(results.map((r) => r.status), ['stored', 'stored', 'stored', 'stored']);
+    await waitFor(() => rust.received().length === 4, 5000, 'the Rust client got all four');
+    assert.deepEqual(rust.received().map((e) => e.data.i), [0, 1, 2, 3]);
+    // One event larger than a message is refused at once, not resent forever.
+    const huge = makeEvent('huge', { blob: 'y'.repeat(70000) });
+    const error = await page.evaluate((e) => window.client.send(e).then(() => 'sent', (err) => err.code), huge);
+    assert.equal(error, 'invalid');
+    assert.equal(await page.evaluate(() => window.client.pending), 0);
+    await page.close();
+  } finally {
+    await rust.quit();
+    await server.stop();
+  }
+});
+
+test("'state-based' starts from the snapshot and sends only the latest version of each id", async () => {
+  const server = await sharedServer();
+  const room = `${server.ws}/ws/state`;
+  const rust = startPeer(room);
+  try {
+    await rust.waitConnected();
+    const doc = makeEvent('doc', { rev: 1 });
+    rust.send(doc);
+    rust.send({ ...doc, version: 2, data: { rev: 2 } });
+    const other = makeEvent('other', { rev: 1 });
+    rust.send(other);
+    // The page joins after: it gets the latest of each id, not the history. The peer's events
+    // are stored in order, so a snapshot with both ids has the second version of `doc`.
+    const page = await waitFor(async () => {
+      const p = await pageClient(server.http, room, { strategy: 'state-based', snapshotInterval: 300 });
+      const got = await p.evaluate(() => window.received.length);
+      if (got === 2) return p;
+      await p.close();
+      return null;
+    }, 10000, 'a snapshot of two ids');
+    const snapshot = await page.evaluate(() => window.received.map((r) => [r.event.id, r.event.version, r.seq]));
+    assert.deepEqual(snapshot.sort(), [[doc.id, 2, null], [other.id, 1, null]].sort());
+    await waitFor(() => page.evaluate(() => window.client.status === 'idle'), 5000, 'idle after the snapshot');
+    assert.ok((await page.evaluate(() => window.client.cursor)) >= 3);
+
+    // Three versions of one id sent within an interval: one goes out, the others are superseded.
+    const mine = makeEvent('mine', { rev: 1 });
+    const results = await page.evaluate((e) => Promise.all([1, 2, 3].map((v) => window.client.send({ ...e, version: v, data: { rev: v } }))), mine);
+    assert.deepEqual(results.map((r) => r.status), ['superseded', 'superseded', 'stored']);
+    await waitFor(() => rust.received().some((e) => e.id === mine.id), 5000, 'the Rust client got the latest version');
+    assert.deepEqual(rust.received().filter((e) => e.id === mine.id).map((e) => e.version), [3]);
+    await page.close();
+  } finally {
+    await rust.quit();
+    await server.stop();
+  }
+});
