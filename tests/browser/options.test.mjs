@@ -124,14 +124,15 @@ test('status and metrics are notified; bad options are refused', async () => {
 });
 
 test("'batch' waits for batchSize events; batches keep under the server's message size", async () => {
-  // 64 KiB messages: four 20 KB events cannot share one publish.
+  // 64 KiB messages: four events of 30 KB (10,000 three-byte characters: 10,000 in
+  // `text.length`) cannot share one publish.
   const server = await startServer({ args: ['--in-memory', '--max-message-bytes', '65536'] });
   const room = `${server.ws}/ws/batched`;
   const rust = startPeer(room);
   try {
     await rust.waitConnected();
     const page = await pageClient(server.http, room, { strategy: 'batch', batchSize: 4, batchInterval: 60000 });
-    const events = Array.from({ length: 4 }, (_, i) => makeEvent('big', { i, blob: 'x'.repeat(20000) }));
+    const events = Array.from({ length: 4 }, (_, i) => makeEvent('big', { i, blob: '€'.repeat(10000) }));
     await page.evaluate((list) => { window.results = list.slice(0, 3).map((e) => window.client.send(e)); }, events);
     // Three of four: nothing leaves before the batch is full (the interval is a minute).
     await new Promise((resolve) => setTimeout(resolve, 500));

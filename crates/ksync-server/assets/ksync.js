@@ -46,6 +46,12 @@ const PUBLISH_OVERHEAD = 64;
 const DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024;
 const STRATEGIES = new Set(['event-level', 'batch', 'state-based']);
 
+const UTF8 = new TextEncoder();
+/** Bytes of `text` on the wire (UTF-8; `text.length` counts UTF-16 units). */
+function utf8Length(text) {
+  return UTF8.encode(text).byteLength;
+}
+
 /** Whether this browser can inflate raw DEFLATE (`DecompressionStream('deflate-raw')`). */
 function canInflateRaw() {
   if (typeof DecompressionStream === 'undefined') return false;
@@ -236,8 +242,12 @@ export class WebSocketSyncClient extends Emitter {
   #maxMessageSize = DEFAULT_MAX_MESSAGE_SIZE;
   #flushTimer = null;
   #status = null;
-  // A snapshot being read (`state-based`): its `serverVersion` becomes the cursor at its end.
+  // `state-based` without a cursor (or after a reset): the next session asks for the snapshot,
+  // until its last page arrives (its `serverVersion` then becomes the cursor).
+  #needSnapshot = false;
   #snapshotting = false;
+  // Outgoing middleware runs one send at a time, so events leave in the order of `send` calls.
+  #sendChain = Promise.resolve();
   #metricsTimer = null;
   #meter = { since: 0, events: 0, bytes: 0, rtt: 0, acks: 0 };
 
@@ -266,6 +276,7 @@ export class WebSocketSyncClient extends Emitter {
       this.#cursor = options.since;
     }
     if (options.logId !== undefined && options.logId !== null) this.#logId = String(options.logId);
+    this.#needSnapshot = strategy === 'state-based' && this.#cursor === null;
   }
 
   /**
@@ -347,12 +358,19 @@ export class WebSocketSyncClient extends Emitter {
    * Rejects for an event the server refuses (`invalid`). While disconnected the event waits
    * and goes out on the next connection.
    */
-  async send(event) {
+  send(event) {
+    const queued = this.#sendChain.then(() => this.#enqueue(event));
+    // The next send waits for this one's middleware, not for its ack.
+    this.#sendChain = queued.then(() => undefined, () => undefined);
+    return queued.then(({ ack }) => ack);
+  }
+
+  /** Runs `event` through the filter and the outgoing chain and queues it; resolves with
+   * `{ack}`: the promise of its result (wrapped, so that waiting for the queueing does not
+   * wait for the ack). */
+  async #enqueue(event) {
     checkEvent(event);
-    if (this.pending >= this.#options.maxOutbox) {
-      throw new KSyncError('outbox_full', `more than ${this.#options.maxOutbox} events wait for the server`);
-    }
-    if (this.#filter !== null && !this.#filter(event)) return { status: 'filtered' };
+    if (this.#filter !== null && !this.#filter(event)) return { ack: Promise.resolve({ status: 'filtered' }) };
     let out = event;
     for (const middleware of this.#middleware.outgoing) {
       try {
@@ -360,19 +378,26 @@ export class WebSocketSyncClient extends Emitter {
       } catch (error) {
         throw new KSyncError('middleware', `outgoing middleware failed: ${error?.message ?? error}`, { event });
       }
-      if (out === null || out === undefined) return { status: 'filtered' };
+      if (out === null || out === undefined) return { ack: Promise.resolve({ status: 'filtered' }) };
     }
     checkEvent(out);
+    if (this.pending >= this.#options.maxOutbox) {
+      throw new KSyncError('outbox_full', `more than ${this.#options.maxOutbox} events wait for the server`);
+    }
     const wire = { id: out.id, type: out.type, data: out.data ?? null, timestamp: out.timestamp, version: out.version };
     if (out.origin !== undefined) wire.origin = out.origin;
-    const text = JSON.stringify(wire);
-    if (text.length + PUBLISH_OVERHEAD > this.#maxMessageSize) {
-      throw new KSyncError('invalid', `the event is ${text.length} bytes of JSON; the server takes messages of at most ${this.#maxMessageSize}`, { event });
-    }
-    return new Promise((resolve, reject) => {
-      this.#outbox.push({ event: wire, bytes: text.length, resolve, reject });
-      if (this.#connected) this.#schedule();
+    const bytes = utf8Length(JSON.stringify(wire));
+    if (bytes + PUBLISH_OVERHEAD > this.#maxMessageSize) throw this.#tooLarge(wire, bytes);
+    const ack = new Promise((resolve, reject) => {
+      this.#outbox.push({ event: wire, bytes, resolve, reject });
     });
+    if (this.#connected) this.#schedule();
+    this.#updateStatus();
+    return { ack };
+  }
+
+  #tooLarge(event, bytes) {
+    return new KSyncError('invalid', `the event is ${bytes} bytes of JSON; the server takes messages of at most ${this.#maxMessageSize}`, { event });
   }
 
   #debug(...args) {
@@ -422,7 +447,8 @@ export class WebSocketSyncClient extends Emitter {
 
   #updateStatus() {
     if (!this.#connected) return;
-    const busy = this.#inFlight.size > 0 || this.#snapshotting || (this.#cursor ?? 0) < this.#serverVersion;
+    const busy = this.#inFlight.size > 0 || this.#outbox.length > 0 || this.#snapshotting
+      || (this.#cursor ?? 0) < this.#serverVersion;
     this.#setStatus(busy ? 'syncing' : 'idle');
   }
 
@@ -447,7 +473,7 @@ export class WebSocketSyncClient extends Emitter {
       opened = true;
       const hello = { type: 'hello', protocol: PROTOCOL_VERSION };
       // `state-based` starts from the room's snapshot; a client that holds a cursor resumes.
-      if (this.#options.strategy === 'state-based' && !this.#cursor) hello.state = true;
+      if (this.#needSnapshot) hello.state = true;
       else if (this.#cursor !== null) hello.since = this.#cursor;
       if (this.#options.compression) hello.compression = true;
       this.#debug('hello', hello);
@@ -466,7 +492,7 @@ export class WebSocketSyncClient extends Emitter {
 
   async #receive(socket, data) {
     if (socket !== this.#socket) return;
-    this.#meter.bytes += typeof data === 'string' ? data.length : data.byteLength;
+    this.#meter.bytes += typeof data === 'string' ? utf8Length(data) : data.byteLength;
     const text = typeof data === 'string' ? data : await inflateRaw(data);
     const message = JSON.parse(text);
     this.#debug('received', message.type, text.length, 'bytes');
@@ -487,6 +513,7 @@ export class WebSocketSyncClient extends Emitter {
       // answers here), even if it has grown past the cursor: read it again from 0.
       this.#logId = logId;
       this.#cursor = 0;
+      this.#needSnapshot = this.#options.strategy === 'state-based';
       this.#resyncing = true;
       this.emit('error', new KSyncError('room_reset', `the room's log changed (${logId}): syncing again from the start`));
       this.#socket?.close(1000, 'resync from 0');
@@ -498,9 +525,10 @@ export class WebSocketSyncClient extends Emitter {
     if (Number.isSafeInteger(welcome.maxMessageSize) && welcome.maxMessageSize > PUBLISH_OVERHEAD) {
       this.#maxMessageSize = welcome.maxMessageSize;
     }
-    this.#snapshotting = this.#options.strategy === 'state-based' && !this.#cursor;
+    this.#snapshotting = this.#needSnapshot;
     // Without a cursor the session starts with the live stream: we hold everything up to here.
-    if (this.#cursor === null) this.#cursor = welcome.serverVersion;
+    // (A snapshot sets it at its last page: a session cut short asks for the snapshot again.)
+    if (this.#cursor === null && !this.#needSnapshot) this.#cursor = welcome.serverVersion;
     this.#connected = true;
     this.#attempt = 0;
     this.#startTimers();
@@ -565,7 +593,8 @@ export class WebSocketSyncClient extends Emitter {
     if (events.length) this.emit('sync', events);
     if (page.last) {
       this.#snapshotting = false;
-      if (Number.isSafeInteger(page.serverVersion) && page.serverVersion > (this.#cursor ?? 0)) this.#cursor = page.serverVersion;
+      this.#needSnapshot = false;
+      if (Number.isSafeInteger(page.serverVersion)) this.#cursor = Math.max(this.#cursor ?? 0, page.serverVersion);
     }
     this.#updateStatus();
   }
@@ -616,6 +645,7 @@ export class WebSocketSyncClient extends Emitter {
       // The room is behind our cursor (reset, or another log at this address): what it holds
       // now is not what we saw. Read it again from 0, at once, on a new session.
       this.#cursor = 0;
+      this.#needSnapshot = this.#options.strategy === 'state-based';
       this.#resyncing = true;
       this.#socket.close(1000, 'resync from 0');
     }
@@ -631,6 +661,13 @@ export class WebSocketSyncClient extends Emitter {
     const socket = this.#socket;
     if (!this.#connected || !socket || socket.readyState !== WebSocket.OPEN) return;
     if (this.#options.strategy === 'state-based') this.#coalesce();
+    // Queued before this server said its limit (or under another server's): refused now, or
+    // the relay would close with 1009 and the same message would go out after every reconnect.
+    this.#outbox = this.#outbox.filter((item) => {
+      if (item.bytes + PUBLISH_OVERHEAD <= this.#maxMessageSize) return true;
+      item.reject(this.#tooLarge(item.event, item.bytes));
+      return false;
+    });
     // At most `batchSize` events (`state-based`: `MAX_BATCH`) and `maxMessageSize` bytes a
     // message: the relay closes with 1009 past its size, and the same batch would be resent
     // forever.
@@ -649,7 +686,7 @@ export class WebSocketSyncClient extends Emitter {
       this.#inFlight.set(ref, { items, at: Date.now() });
       const text = JSON.stringify({ type: 'publish', ref, events: items.map((item) => item.event) });
       this.#meter.events += items.length;
-      this.#meter.bytes += text.length;
+      this.#meter.bytes += utf8Length(text);
       this.#debug('publish', ref, items.length, 'events', text.length, 'bytes');
       socket.send(text);
     }
@@ -717,10 +754,10 @@ export class WebSocketSyncClient extends Emitter {
 
   #failed(error) {
     this.#settleWaiters(error);
+    this.#setStatus('error');
     if (!this.#options.reconnect) {
       this.#stopped = true;
       this.emit('error', error);
-      this.#setStatus('error');
       return;
     }
     this.#attempt += 1;

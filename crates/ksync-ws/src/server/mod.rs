@@ -804,6 +804,7 @@ fn refuse_in_band(
         .read_buffer_size(1024)
         .write_buffer_size(1024)
         .max_message_size(1024)
+        .max_frame_size(1024)
         .on_upgrade(move |mut socket| async move {
             let error = protocol::ServerMessage::error(error_code, message, None);
             let text = serde_json::to_string(&error).unwrap_or_default();
