@@ -4,8 +4,9 @@
 //! - `ksync-mem`: `ksync_ws::server::Relay` over `InMemoryProvider` (sequenced, stored, acked);
 //! - `ksync-file`: the same relay over `ksync_storage_file::FileProvider` (fsync'd group commit);
 //! - `bare-ws`: a bare tokio-tungstenite broadcast relay (no storage, no sequence, no acks);
-//! - `nats`: `nats-server` (Debian package), text protocol over TcpStream;
-//! - `redis`: `redis-server` (Debian package) PUBLISH/SUBSCRIBE over RESP;
+//! - `nats`: `nats-server` (Debian package, installed with apt-get when missing and root),
+//!   text protocol over TcpStream;
+//! - `redis`: `redis-server` (Debian package, likewise) PUBLISH/SUBSCRIBE over RESP;
 //! - `socketio`: a Socket.IO 4 relay on Node (`socket.io` from npm, installed into
 //!   `target/bench/socketio`): `socket.to(room).emit(..)`, engine.io over WebSocket only.
 //!
@@ -961,6 +962,37 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
     })
 }
 
+/// Installs the Debian package named `program` (`nats-server`, `redis-server`) with apt-get
+/// when running as root, so that a new machine compares against the baselines without a
+/// manual step; `None` (the system is then reported as skipped) when that is not possible.
+fn install_debian_package(program: &str) -> Option<std::path::PathBuf> {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !is_root {
+        eprintln!(
+            "  {program} is not installed and this is not root: it is skipped (apt-get install {program})"
+        );
+        return None;
+    }
+    eprintln!("  {program} is not installed: installing Debian's package");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    // A new machine may have no package lists yet.
+    let installed = apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", program]);
+    if !installed {
+        eprintln!("  apt-get install {program} failed: it is skipped");
+    }
+    which(program)
+}
+
 async fn wait_listening(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -1004,7 +1036,7 @@ async fn start_external(system: System) -> Result<Option<(SocketAddr, ChildGuard
         }
         _ => return Ok(None),
     };
-    let Some(path) = which(program) else {
+    let Some(path) = which(program).or_else(|| install_debian_package(program)) else {
         return Ok(None);
     };
     let port: u16 = match system {
