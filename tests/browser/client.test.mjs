@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { after, before, test } from 'node:test';
 
-import { launchBrowser, makeEvent, sharedServer, startPeer, startServer, tempDir, waitFor } from './lib.mjs';
+import { launchBrowser, makeEvent, pageClient, sharedServer, startPeer, startServer, tempDir, waitFor } from './lib.mjs';
 
 let browser;
 
@@ -16,31 +16,6 @@ after(async () => {
   await browser?.close();
 });
 
-/** Opens a page on `http` and starts a WebSocketSyncClient there (as `window.client`). */
-async function pageClient(http, url, options = {}) {
-  const page = await browser.newPage();
-  // Any page of the server's origin can import the module; /health is a small one.
-  await page.goto(`${http}/health`);
-  await page.evaluate(async ({ url, options }) => {
-    const { WebSocketSyncClient } = await import('/ksync.js');
-    const client = new WebSocketSyncClient(url, { ...options, reconnectDelay: { min: 100, max: 1000 } });
-    window.received = [];
-    window.acked = [];
-    window.connects = 0;
-    window.errors = [];
-    client.on('event', (event, meta) => window.received.push({ seq: meta.seq, event }));
-    client.on('connected', () => { window.connects += 1; });
-    client.on('error', (error) => window.errors.push(`${error.code}: ${error.message}`));
-    window.client = client;
-    window.sendTracked = (event) => client.send(event).then((result) => {
-      window.acked.push({ id: event.id, ...result });
-      return result;
-    });
-    await client.connect();
-  }, { url, options });
-  return page;
-}
-
 const receivedIds = (page) => page.evaluate(() => window.received.map((r) => r.event.id));
 
 test('a page publishes to a Rust client and receives what the Rust client sends', async () => {
@@ -48,7 +23,7 @@ test('a page publishes to a Rust client and receives what the Rust client sends'
   const rust = startPeer(`${server.ws}/ws/interop`);
   try {
     await rust.waitConnected();
-    const page = await pageClient(server.http, `${server.ws}/ws/interop`);
+    const page = await pageClient(browser, server.http, `${server.ws}/ws/interop`);
     assert.equal(await page.evaluate(() => window.client.room), 'interop');
 
     const fromPage = makeEvent('page', { text: 'hello from the browser', nested: { list: [1, 2, 3] } });
@@ -100,14 +75,14 @@ test('a page whose room was reset reads it again from 0, even once it grew past 
   const url = `${first.ws}/ws/reset`;
   let server = first;
   try {
-    const page = await pageClient(first.http, url);
+    const page = await pageClient(browser, first.http, url);
     for (let i = 0; i < 3; i++) await page.evaluate((e) => window.sendTracked(e), makeEvent('old', { i }));
     assert.equal(await page.evaluate(() => window.client.cursor), 3);
     await page.evaluate(() => window.client.disconnect());
     await first.stop();
 
     server = await startServer({ bind: first.addr });
-    const other = await pageClient(server.http, url);
+    const other = await pageClient(browser, server.http, url);
     const fresh = [0, 1, 2, 3, 4].map((i) => makeEvent('fresh', { i }));
     const results = await other.evaluate((events) => Promise.all(events.map((e) => window.sendTracked(e))), fresh);
     assert.deepEqual(results.map((r) => r.seq), [1, 2, 3, 4, 5]);
@@ -139,7 +114,7 @@ test('after a server restart the page resumes from its cursor without losing eve
   const rust = startPeer(`${server.ws}/ws/resume`);
   try {
     await rust.waitConnected(1);
-    const page = await pageClient(server.http, `${server.ws}/ws/resume`);
+    const page = await pageClient(browser, server.http, `${server.ws}/ws/resume`);
     const pageSent = [];
     const rustSent = [];
     for (let i = 0; i < 5; i++) {

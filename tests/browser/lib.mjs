@@ -182,3 +182,34 @@ export async function refusedCount(server) {
   const metrics = await (await fetch(`${server.http}/metrics`)).text();
   return Number(/ksync_auth_refused_total (\d+)/.exec(metrics)[1]);
 }
+
+/**
+ * Opens a page of the server at `http` and starts a WebSocketSyncClient for `url` there (as
+ * `window.client`) with `options` (short reconnect delays unless given). `setup`, the source of
+ * a function of the client, runs before `connect()` (e.g. to add middleware). The page records
+ * `received` ({seq, event}), `connects`, `errors` ("code: message"), `statuses`, `metrics`,
+ * and `acked` for sends made through `window.sendTracked(event)`.
+ */
+export async function pageClient(browser, http, url, options = {}, setup = '() => {}') {
+  const page = await browser.newPage();
+  // Any page of the server's origin can import the module; /health is a small one.
+  await page.goto(`${http}/health`);
+  await page.evaluate(async ({ url, options, setup }) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 100, max: 1000 }, ...options });
+    Object.assign(window, { received: [], acked: [], connects: 0, errors: [], statuses: [], metrics: [] });
+    client.on('event', (event, meta) => window.received.push({ seq: meta.seq, event }));
+    client.on('connected', () => { window.connects += 1; });
+    client.on('error', (error) => window.errors.push(`${error.code}: ${error.message}`));
+    client.on('status', (status) => window.statuses.push(status));
+    client.on('metrics', (metrics) => window.metrics.push(metrics));
+    window.client = client;
+    window.sendTracked = (event) => client.send(event).then((result) => {
+      window.acked.push({ id: event.id, ...result });
+      return result;
+    });
+    (0, eval)(`(${setup})`)(client);
+    await client.connect();
+  }, { url, options, setup });
+  return page;
+}

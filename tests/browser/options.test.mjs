@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 
-import { launchBrowser, makeEvent, sharedServer, startPeer, startServer, waitFor } from './lib.mjs';
+import { launchBrowser, makeEvent, pageClient, sharedServer, startPeer, startServer, waitFor } from './lib.mjs';
 
 let browser;
 
@@ -16,40 +16,13 @@ after(async () => {
   await browser?.close();
 });
 
-/**
- * Opens a page on `http` with a client for `url` (as `window.client`) built with `options`;
- * `setup` (source of a function of the client) runs before `connect()`. Records events,
- * statuses, metrics and errors on `window`.
- */
-async function pageClient(http, url, options = {}, setup = '() => {}') {
-  const page = await browser.newPage();
-  await page.goto(`${http}/health`);
-  await page.evaluate(async ({ url, options, setup }) => {
-    const { WebSocketSyncClient } = await import('/ksync.js');
-    const client = new WebSocketSyncClient(url, { ...options, reconnectDelay: { min: 100, max: 1000 } });
-    window.received = [];
-    window.statuses = [];
-    window.metrics = [];
-    window.errors = [];
-    client.on('event', (event, meta) => window.received.push({ seq: meta.seq, event }));
-    client.on('status', (status) => window.statuses.push(status));
-    client.on('metrics', (metrics) => window.metrics.push(metrics));
-    client.on('error', (error) => window.errors.push(`${error.code}: ${error.message}`));
-    // eslint-disable-next-line no-eval
-    (0, eval)(`(${setup})`)(client);
-    window.client = client;
-    await client.connect();
-  }, { url, options, setup });
-  return page;
-}
-
 test("filter 'public-only' and middleware shape what leaves and what is taken in", async () => {
   const server = await sharedServer();
   const room = `${server.ws}/ws/shaping`;
   const rust = startPeer(room);
   try {
     await rust.waitConnected();
-    const page = await pageClient(server.http, room, { filter: 'public-only' }, `(client) => {
+    const page = await pageClient(browser, server.http, room, { filter: 'public-only' }, `(client) => {
       client.use('outgoing', (event) => ({ ...event, data: { ...event.data, sealed: true } }));
       client.use('outgoing', (event) => (event.data.drop ? null : event));
       client.use('incoming', async (event) => ({ ...event, data: { ...event.data, opened: true } }));
@@ -90,7 +63,7 @@ test("filter 'public-only' and middleware shape what leaves and what is taken in
 test('status and metrics are notified; bad options are refused', async () => {
   const server = await sharedServer();
   const room = `${server.ws}/ws/metered`;
-  const page = await pageClient(server.http, room, { metricsInterval: 200 });
+  const page = await pageClient(browser, server.http, room, { metricsInterval: 200 });
   try {
     for (let i = 0; i < 5; i += 1) await page.evaluate((e) => window.client.send(e), makeEvent('m', { i }));
     const metrics = await waitFor(async () => {
@@ -131,7 +104,7 @@ test("'batch' waits for batchSize events; batches keep under the server's messag
   const rust = startPeer(room);
   try {
     await rust.waitConnected();
-    const page = await pageClient(server.http, room, { strategy: 'batch', batchSize: 4, batchInterval: 60000 });
+    const page = await pageClient(browser, server.http, room, { strategy: 'batch', batchSize: 4, batchInterval: 60000 });
     const events = Array.from({ length: 4 }, (_, i) => makeEvent('big', { i, blob: '€'.repeat(10000) }));
     await page.evaluate((list) => { window.results = list.slice(0, 3).map((e) => window.client.send(e)); }, events);
     // Three of four: nothing leaves before the batch is full (the interval is a minute).
@@ -171,7 +144,7 @@ test("'state-based' starts from the snapshot and sends only the latest version o
     // The page joins after: it gets the latest of each id, not the history. The peer's events
     // are stored in order, so a snapshot with both ids has the second version of `doc`.
     const page = await waitFor(async () => {
-      const p = await pageClient(server.http, room, { strategy: 'state-based', snapshotInterval: 300 });
+      const p = await pageClient(browser, server.http, room, { strategy: 'state-based', snapshotInterval: 300 });
       const got = await p.evaluate(() => window.received.length);
       if (got === 2) return p;
       await p.close();

@@ -205,34 +205,17 @@ fn ensure_chromium() -> Result<PathBuf> {
         return Ok(path);
     }
     eprintln!("chromium is not installed: installing Debian's package");
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !is_root {
+    if !crate::apt::is_root() {
         bail!(
             "Chromium is missing at {DEFAULT_CHROMIUM} and this is not root, so it cannot be \
              installed here. Install it (`sudo apt-get install -y chromium`) or point \
              KSYNC_CHROMIUM at a Chromium binary; the browser tests cannot run without one."
         );
     }
-    let apt = |args: &[&str]| -> Result<()> {
-        let status = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .with_context(|| format!("running apt-get {}", args.join(" ")))?;
-        if !status.success() {
-            bail!("apt-get {} failed ({status})", args.join(" "));
-        }
-        Ok(())
-    };
-    apt(&["update", "-qq"])
-        .and_then(|()| apt(&["install", "-y", "-qq", "chromium"]))
-        .context(
-            "Chromium could not be installed with apt-get; the browser tests need Debian's \
-             `chromium` package (browser downloads by Playwright do not work here)",
-        )?;
+    crate::apt::install("chromium").context(
+        "Chromium could not be installed with apt-get; the browser tests need Debian's \
+         `chromium` package (browser downloads by Playwright do not work here)",
+    )?;
     if !runs(DEFAULT_CHROMIUM, "--version") {
         bail!("apt-get installed chromium, but {DEFAULT_CHROMIUM} --version does not run");
     }

@@ -1,5 +1,6 @@
 //! Project automation: `cargo xtask <ci | bench [scenario..]>`.
 
+mod apt;
 mod bench;
 mod browser;
 mod chaos;

@@ -245,7 +245,6 @@ export class WebSocketSyncClient extends Emitter {
   // `state-based` without a cursor (or after a reset): the next session asks for the snapshot,
   // until its last page arrives (its `serverVersion` then becomes the cursor).
   #needSnapshot = false;
-  #snapshotting = false;
   // Outgoing middleware runs one send at a time, so events leave in the order of `send` calls.
   #sendChain = Promise.resolve();
   #metricsTimer = null;
@@ -447,7 +446,7 @@ export class WebSocketSyncClient extends Emitter {
 
   #updateStatus() {
     if (!this.#connected) return;
-    const busy = this.#inFlight.size > 0 || this.#outbox.length > 0 || this.#snapshotting
+    const busy = this.#inFlight.size > 0 || this.#outbox.length > 0 || this.#needSnapshot
       || (this.#cursor ?? 0) < this.#serverVersion;
     this.#setStatus(busy ? 'syncing' : 'idle');
   }
@@ -525,7 +524,6 @@ export class WebSocketSyncClient extends Emitter {
     if (Number.isSafeInteger(welcome.maxMessageSize) && welcome.maxMessageSize > PUBLISH_OVERHEAD) {
       this.#maxMessageSize = welcome.maxMessageSize;
     }
-    this.#snapshotting = this.#needSnapshot;
     // Without a cursor the session starts with the live stream: we hold everything up to here.
     // (A snapshot sets it at its last page: a session cut short asks for the snapshot again.)
     if (this.#cursor === null && !this.#needSnapshot) this.#cursor = welcome.serverVersion;
@@ -592,7 +590,6 @@ export class WebSocketSyncClient extends Emitter {
     }
     if (events.length) this.emit('sync', events);
     if (page.last) {
-      this.#snapshotting = false;
       this.#needSnapshot = false;
       if (Number.isSafeInteger(page.serverVersion)) this.#cursor = Math.max(this.#cursor ?? 0, page.serverVersion);
     }
@@ -714,7 +711,6 @@ export class WebSocketSyncClient extends Emitter {
     this.#socket = null;
     const wasConnected = this.#connected;
     this.#connected = false;
-    this.#snapshotting = false;
     this.#stopTimers();
     if (wasConnected) this.emit('disconnected', { code: close.code, reason: close.reason });
     const resync = this.#resyncing;

@@ -235,7 +235,7 @@ impl Scope {
             read: false,
             write: false,
         };
-        for word in s.split(|c: char| c.is_whitespace() || c == ',' || c == '+') {
+        for word in scope_words(s) {
             match word {
                 "read" => scope.read = true,
                 "write" => scope.write = true,
@@ -329,14 +329,17 @@ impl ApiKey {
     }
 }
 
+/// The words of a scope string, separated by spaces, commas or `+`.
+fn scope_words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| c.is_whitespace() || c == ',' || c == '+')
+        .filter(|word| !word.is_empty())
+}
+
 /// An API key's SCOPE: `read`, `write` or both (separated by `+`, `,` or spaces). Strict,
 /// unlike [`Scope::parse`] for tokens' claims: an operator's typo (`rw`, `raed`) would start
 /// the server with a key that grants less than meant, so it is refused instead.
 fn api_key_scope(name: &str, text: &str) -> Result<Scope, ServerError> {
-    let mut words = text
-        .split(|c: char| c.is_whitespace() || c == ',' || c == '+')
-        .filter(|word| !word.is_empty())
-        .peekable();
+    let mut words = scope_words(text).peekable();
     if words.peek().is_none() {
         return Err(ServerError::Config(format!(
             "API key {name:?}: empty scope (use read, write or read+write)"

@@ -962,33 +962,14 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-/// Installs the Debian package named `program` (`nats-server`, `redis-server`) with apt-get
-/// when running as root, so that a new machine compares against the baselines without a
-/// manual step; `None` (the system is then reported as skipped) when that is not possible.
+/// Installs the Debian package named `program` (`nats-server`, `redis-server`) when it is
+/// missing, so that a new machine compares against the baselines without a manual step;
+/// `None` (the system is then reported as skipped) when that is not possible.
 fn install_debian_package(program: &str) -> Option<std::path::PathBuf> {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !is_root {
-        eprintln!(
-            "  {program} is not installed and this is not root: it is skipped (apt-get install {program})"
-        );
-        return None;
-    }
     eprintln!("  {program} is not installed: installing Debian's package");
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-    };
-    // A new machine may have no package lists yet.
-    let installed = apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", program]);
-    if !installed {
-        eprintln!("  apt-get install {program} failed: it is skipped");
+    if let Err(error) = crate::apt::install(program) {
+        eprintln!("  {error:#}: {program} is skipped");
+        return None;
     }
     which(program)
 }
