@@ -18,8 +18,10 @@
 //!
 //! Two measures per (system, N): deliveries/s at full speed (the publisher may run at most
 //! [`WINDOW`] events ahead of the slowest subscriber, the same flow control for every system),
-//! and the one-way latency p50/p99 at a steady 1,000 events/s. Every subscriber must receive
-//! every event exactly once and in order; a lost, duplicated or reordered event fails the run.
+//! and the one-way latency p50/p99 at a steady 1,000 events/s. The full-speed runs go one
+//! system after the other; the steady runs of all systems are interleaved in turns of 100
+//! events, so that every system meets the same host stalls (see [`steady_interleaved`]).
+//! Every subscriber must receive every event exactly once and in order; a lost, duplicated or reordered event fails the run.
 //! Plus the memory of 10,000 idle connections held by a relay in a child process, against
 //! nats-server.
 //!
@@ -31,7 +33,10 @@
 //! `KSYNC_BENCH_WS_MODE=steady` (or `full`) runs only the steady-rate (or full-speed) runs, and
 //! `KSYNC_BENCH_WS_IDLE_ONLY=1` measures only the idle connections, and
 //! `KSYNC_BENCH_WS_DISTRIBUTION=1` prints more percentiles of each steady run (whether a
-//! p99 gap is a shift of the whole distribution or a few stalls).
+//! p99 gap is a shift of the whole distribution or a few stalls), and
+//! `KSYNC_BENCH_WS_DUMP=<dir>` writes every steady run's latencies there, one file per run
+//! and system, subscriber after subscriber, each in event order (to see when the slow events
+//! came and whether every subscriber had them).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -64,8 +69,10 @@ const ROUNDS: usize = 5;
 const DISTRIBUTION: [f64; 8] = [50.0, 90.0, 95.0, 98.0, 99.0, 99.5, 99.9, 100.0];
 /// Steady rate for the latency measure.
 const STEADY_PER_SEC: u64 = 1_000;
-/// Events in a steady run (one second).
+/// Events each system publishes in a steady run (one second of its own).
 const STEADY_EVENTS: u64 = 1_000;
+/// Events a system publishes in one turn of a steady run (see [`steady_interleaved`]).
+const STEADY_SEGMENT: u64 = 100;
 /// Most events the publisher may be ahead of the slowest subscriber at full speed.
 const WINDOW: u64 = 256;
 /// Read buffer of every measuring client's connection, in bytes (the WebSocket clients'
@@ -163,11 +170,13 @@ enum System {
 }
 
 impl System {
+    /// In the order they run. kSync (in memory) and nats-server, the pair whose p99 is
+    /// compared, are next to each other: their turns of a steady run are adjacent.
     const ALL: [System; 6] = [
         System::KsyncMem,
+        System::Nats,
         System::KsyncFile,
         System::BareWs,
-        System::Nats,
         System::Redis,
         System::SocketIo,
     ];
@@ -513,113 +522,212 @@ async fn redis_subscriber(
 
 type SubTask = tokio::task::JoinHandle<Result<Vec<f64>>>;
 
-async fn run_once(target: &Target, room: &str, n: usize, mode: Mode) -> Result<RunResult> {
-    let total = match mode {
-        Mode::FullSpeed => full_speed_events(n),
-        Mode::Steady => STEADY_EVENTS,
-    };
-    let progress = Arc::new(Progress {
-        received: (0..n).map(|_| AtomicU64::new(0)).collect(),
-    });
-    let url = match target.system {
-        System::BareWs => format!("ws://{}/", target.addr),
-        _ => format!("ws://{}/ws/{room}", target.addr),
-    };
-    // Subscribers first, each ready before the publisher starts.
-    let mut subs: Vec<SubTask> = Vec::with_capacity(n);
-    for index in 0..n {
-        let p = Arc::clone(&progress);
-        let system = target.system;
-        let task = match system {
-            System::KsyncMem | System::KsyncFile => {
-                let ws = ksync_join(&url, CLIENT_READ_BUFFER).await?;
-                tokio::spawn(ws_subscriber(ws, system, total, p, index))
-            }
-            System::BareWs => {
-                let mut ws = ws_connect(&url, CLIENT_READ_BUFFER).await?;
-                // The bare relay says "ready" once it subscribed this connection.
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) if t.as_str() == "ready" => {}
-                    other => bail!("bare relay: expected ready, got {other:?}"),
-                }
-                tokio::spawn(ws_subscriber(ws, system, total, p, index))
-            }
-            System::SocketIo => {
-                let ws = socketio_join(target.addr, room, CLIENT_READ_BUFFER).await?;
-                tokio::spawn(ws_subscriber(ws, system, total, p, index))
-            }
-            System::Nats => {
-                let (mut read, mut write) = nats_connect(target.addr).await?;
-                write
-                    .write_all(format!("SUB {room} 1\r\n").as_bytes())
-                    .await?;
-                nats_expect_pong(&mut read, &mut write).await?;
-                tokio::spawn(nats_subscriber(read, write, total, p, index))
-            }
-            System::Redis => {
-                let tcp = TcpStream::connect(target.addr).await?;
-                tcp.set_nodelay(true)?;
-                let mut read = BufReader::with_capacity(CLIENT_READ_BUFFER, tcp);
-                read.get_mut()
-                    .write_all(&resp_command(&[b"SUBSCRIBE", room.as_bytes()]))
-                    .await?;
-                let confirm = resp_read_array(&mut read).await?;
-                if confirm.first().map(Vec::as_slice) != Some(b"subscribe") {
-                    bail!("redis: subscribe not confirmed");
-                }
-                tokio::spawn(redis_subscriber(read, total, p, index))
-            }
+/// One system's clients for one run: its subscribers (each a task counting and timing what
+/// it receives) and its publisher, connected and ready.
+struct Run {
+    system: System,
+    n: usize,
+    total: u64,
+    progress: Arc<Progress>,
+    subs: Vec<SubTask>,
+    publisher: Publisher,
+    started: Instant,
+}
+
+impl Run {
+    /// Connects `n` subscribers to `room` of `target` (each ready before the publisher
+    /// connects), then the publisher; every subscriber expects `total` events.
+    async fn connect(target: &Target, room: &str, n: usize, total: u64) -> Result<Self> {
+        let progress = Arc::new(Progress {
+            received: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        });
+        let url = match target.system {
+            System::BareWs => format!("ws://{}/", target.addr),
+            _ => format!("ws://{}/ws/{room}", target.addr),
         };
-        subs.push(task);
+        let mut subs: Vec<SubTask> = Vec::with_capacity(n);
+        for index in 0..n {
+            let p = Arc::clone(&progress);
+            let system = target.system;
+            let task = match system {
+                System::KsyncMem | System::KsyncFile => {
+                    let ws = ksync_join(&url, CLIENT_READ_BUFFER).await?;
+                    tokio::spawn(ws_subscriber(ws, system, total, p, index))
+                }
+                System::BareWs => {
+                    let mut ws = ws_connect(&url, CLIENT_READ_BUFFER).await?;
+                    // The bare relay says "ready" once it subscribed this connection.
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.as_str() == "ready" => {}
+                        other => bail!("bare relay: expected ready, got {other:?}"),
+                    }
+                    tokio::spawn(ws_subscriber(ws, system, total, p, index))
+                }
+                System::SocketIo => {
+                    let ws = socketio_join(target.addr, room, CLIENT_READ_BUFFER).await?;
+                    tokio::spawn(ws_subscriber(ws, system, total, p, index))
+                }
+                System::Nats => {
+                    let (mut read, mut write) = nats_connect(target.addr).await?;
+                    write
+                        .write_all(format!("SUB {room} 1\r\n").as_bytes())
+                        .await?;
+                    nats_expect_pong(&mut read, &mut write).await?;
+                    tokio::spawn(nats_subscriber(read, write, total, p, index))
+                }
+                System::Redis => {
+                    let tcp = TcpStream::connect(target.addr).await?;
+                    tcp.set_nodelay(true)?;
+                    let mut read = BufReader::with_capacity(CLIENT_READ_BUFFER, tcp);
+                    read.get_mut()
+                        .write_all(&resp_command(&[b"SUBSCRIBE", room.as_bytes()]))
+                        .await?;
+                    let confirm = resp_read_array(&mut read).await?;
+                    if confirm.first().map(Vec::as_slice) != Some(b"subscribe") {
+                        bail!("redis: subscribe not confirmed");
+                    }
+                    tokio::spawn(redis_subscriber(read, total, p, index))
+                }
+            };
+            subs.push(task);
+        }
+        let publisher = Publisher::connect(target, &url, room).await?;
+        Ok(Self {
+            system: target.system,
+            n,
+            total,
+            progress,
+            subs,
+            publisher,
+            started: Instant::now(),
+        })
     }
 
-    let publisher = Publisher::connect(target, &url, room).await?;
-    let started = Instant::now();
-    let mut publisher = publisher;
-    for i in 0..total {
-        match mode {
-            Mode::Steady => {
-                let due = started + Duration::from_micros(i * 1_000_000 / STEADY_PER_SEC);
-                publisher.wait_until(due).await?;
-            }
-            Mode::FullSpeed => {
-                let waiting = Instant::now();
-                while i >= progress.slowest() + WINDOW {
-                    if waiting.elapsed() > RUN_TIMEOUT {
-                        bail!(
-                            "{} N={n}: lost events: the slowest subscriber is stuck at {} of {total}",
-                            target.system.name(),
-                            progress.slowest()
-                        );
-                    }
-                    // Not a busy loop: the relays and subscribers share our two cores.
-                    publisher
-                        .wait_until(Instant::now() + Duration::from_micros(250))
-                        .await?;
+    /// Publishes every event as fast as the slowest subscriber allows (at most [`WINDOW`]
+    /// events ahead of it).
+    async fn publish_at_full_speed(&mut self) -> Result<()> {
+        self.started = Instant::now();
+        for i in 0..self.total {
+            let waiting = Instant::now();
+            while i >= self.progress.slowest() + WINDOW {
+                if waiting.elapsed() > RUN_TIMEOUT {
+                    bail!(
+                        "{} N={}: lost events: the slowest subscriber is stuck at {} of {}",
+                        self.system.name(),
+                        self.n,
+                        self.progress.slowest(),
+                        self.total
+                    );
                 }
+                // Not a busy loop: the relays and subscribers share our two cores.
+                self.publisher
+                    .wait_until(Instant::now() + Duration::from_micros(250))
+                    .await?;
             }
+            self.publisher.publish(i, payload(i)).await?;
         }
-        publisher.publish(i, payload(i)).await?;
+        Ok(())
     }
-    let mut latencies = Vec::with_capacity(usize::try_from(total)? * n);
-    let all = futures_util::future::join_all(subs);
-    let results = match tokio::time::timeout(RUN_TIMEOUT, all).await {
-        Ok(results) => results,
-        Err(_) => bail!(
-            "{} N={n}: lost events: the slowest subscriber got {} of {total}",
-            target.system.name(),
-            progress.slowest()
-        ),
-    };
-    let elapsed = started.elapsed();
-    for result in results {
-        latencies.extend(result.context("subscriber task")??);
+
+    /// Publishes events `range` at [`STEADY_PER_SEC`], the first one at once.
+    async fn publish_steady(&mut self, range: std::ops::Range<u64>) -> Result<()> {
+        let start = Instant::now();
+        for (k, i) in range.enumerate() {
+            let due = start + Duration::from_micros(k as u64 * 1_000_000 / STEADY_PER_SEC);
+            self.publisher.wait_until(due).await?;
+            self.publisher.publish(i, payload(i)).await?;
+        }
+        Ok(())
     }
-    publisher.finish(total).await?;
-    Ok(RunResult {
-        deliveries_per_sec: (total as f64 * n as f64) / elapsed.as_secs_f64(),
-        latencies_ms: latencies,
-    })
+
+    /// Waits until every subscriber has every event (in order, exactly once) and the
+    /// publisher every answer; the deliveries per second since the publishing started, and
+    /// every delivery's latency.
+    async fn finish(self) -> Result<RunResult> {
+        let all = futures_util::future::join_all(self.subs);
+        let results = match tokio::time::timeout(RUN_TIMEOUT, all).await {
+            Ok(results) => results,
+            Err(_) => bail!(
+                "{} N={}: lost events: the slowest subscriber got {} of {}",
+                self.system.name(),
+                self.n,
+                self.progress.slowest(),
+                self.total
+            ),
+        };
+        let elapsed = self.started.elapsed();
+        let mut latencies = Vec::with_capacity(usize::try_from(self.total)? * self.n);
+        for result in results {
+            latencies.extend(result.context("subscriber task")??);
+        }
+        self.publisher.finish(self.total).await?;
+        Ok(RunResult {
+            deliveries_per_sec: (self.total as f64 * self.n as f64) / elapsed.as_secs_f64(),
+            latencies_ms: latencies,
+        })
+    }
+}
+
+/// One full-speed run of `target` with `n` subscribers.
+async fn full_speed(target: &Target, room: &str, n: usize) -> Result<RunResult> {
+    let mut run = Run::connect(target, room, n, full_speed_events(n)).await?;
+    run.publish_at_full_speed().await?;
+    run.finish().await
+}
+
+/// One steady run of every target with `n` subscribers, interleaved: the systems take turns
+/// publishing [`STEADY_SEGMENT`] events each at [`STEADY_PER_SEC`], in an order reversed at
+/// every turn, until each has published [`STEADY_EVENTS`]. Each system's latencies, in the
+/// order of `targets`.
+///
+/// Why: on a shared 2-core machine the p99 of a one-second run is decided by whether a host
+/// stall (milliseconds, delaying every event behind it) fell in it. Runs one after the other
+/// meet different stalls; turns of a tenth of a second spread each second's stalls over every
+/// system, so a p99 difference is the systems', not the host's. Only one system publishes at a
+/// time (their clients stay connected, idle): none competes with another for the cores.
+async fn steady_interleaved(targets: &[&Target], room: &str, n: usize) -> Result<Vec<Vec<f64>>> {
+    let mut runs = Vec::with_capacity(targets.len());
+    for target in targets {
+        let run = Run::connect(target, room, n, STEADY_EVENTS)
+            .await
+            .with_context(|| format!("{} N={n} steady", target.system.name()))?;
+        runs.push(run);
+    }
+    let turns = STEADY_EVENTS.div_ceil(STEADY_SEGMENT);
+    for turn in 0..turns {
+        let range = turn * STEADY_SEGMENT..((turn + 1) * STEADY_SEGMENT).min(STEADY_EVENTS);
+        let order: Vec<usize> = if turn % 2 == 0 {
+            (0..runs.len()).collect()
+        } else {
+            (0..runs.len()).rev().collect()
+        };
+        for index in order {
+            let run = &mut runs[index];
+            let name = run.system.name();
+            run.publish_steady(range.clone())
+                .await
+                .with_context(|| format!("{name} N={n} steady"))?;
+        }
+    }
+    let mut latencies = Vec::with_capacity(runs.len());
+    for run in runs {
+        let name = run.system.name();
+        let result = run
+            .finish()
+            .await
+            .with_context(|| format!("{name} N={n} steady"))?;
+        if let Some(dir) = std::env::var_os("KSYNC_BENCH_WS_DUMP") {
+            let path = std::path::Path::new(&dir).join(format!("{room}-{name}.txt"));
+            let text: Vec<String> = result
+                .latencies_ms
+                .iter()
+                .map(|l| format!("{l:.4}"))
+                .collect();
+            std::fs::write(path, text.join("\n"))?;
+        }
+        latencies.push(result.latencies_ms);
+    }
+    Ok(latencies)
 }
 
 /// The publishing client. It reads the relay's replies to its publishes (kSync's acks, redis'
@@ -1372,34 +1480,33 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
             } else {
                 targets.iter().rev().collect()
             };
-            for target in order {
-                let room = format!("r{round}-n{n}-full");
-                let full = if modes.contains(&Mode::FullSpeed) {
+            let mut full = Vec::with_capacity(order.len());
+            for target in &order {
+                full.push(if modes.contains(&Mode::FullSpeed) {
                     checked += full_speed_events(n) * n as u64;
-                    run_once(target, &room, n, Mode::FullSpeed)
+                    full_speed(target, &format!("r{round}-n{n}-full"), n)
                         .await
                         .with_context(|| format!("{} N={n} full speed", target.system.name()))?
                 } else {
                     RunResult::skipped()
-                };
-                let room = format!("r{round}-n{n}-steady");
-                let mut steady = if modes.contains(&Mode::Steady) {
-                    checked += STEADY_EVENTS * n as u64;
-                    run_once(target, &room, n, Mode::Steady)
-                        .await
-                        .with_context(|| format!("{} N={n} steady", target.system.name()))?
-                } else {
-                    RunResult::skipped()
-                };
+                });
+            }
+            let steady = if modes.contains(&Mode::Steady) {
+                checked += STEADY_EVENTS * n as u64 * order.len() as u64;
+                steady_interleaved(&order, &format!("r{round}-n{n}-steady"), n).await?
+            } else {
+                vec![Vec::new(); order.len()]
+            };
+            for ((target, full), mut steady) in order.iter().zip(full).zip(steady) {
                 eprintln!(
                     "round {round} N={n:<3} {:<10} {:>10.0} deliveries/s  p50 {:.3} ms  p99 {:.3} ms",
                     target.system.name(),
                     full.deliveries_per_sec,
-                    percentile(&mut steady.latencies_ms.clone(), 50.0),
-                    percentile(&mut steady.latencies_ms, 99.0),
+                    percentile(&mut steady.clone(), 50.0),
+                    percentile(&mut steady, 99.0),
                 );
                 if show_distribution {
-                    let mut all = steady.latencies_ms.clone();
+                    let mut all = steady.clone();
                     let shown: Vec<String> = DISTRIBUTION
                         .iter()
                         .map(|p| format!("p{p} {:.3}", percentile(&mut all, *p)))
@@ -1414,10 +1521,8 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
                     .find(|e| e.system == target.system && e.n == n)
                     .ok_or_else(|| anyhow!("no sample slot"))?;
                 entry.deliveries.push(full.deliveries_per_sec);
-                entry
-                    .p50
-                    .push(percentile(&mut steady.latencies_ms.clone(), 50.0));
-                entry.p99.push(percentile(&mut steady.latencies_ms, 99.0));
+                entry.p50.push(percentile(&mut steady.clone(), 50.0));
+                entry.p99.push(percentile(&mut steady, 99.0));
             }
         }
     }
@@ -1533,7 +1638,7 @@ async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
         }
     }
     section.note(format!(
-        "{checked} deliveries checked (every event to every subscriber exactly once, in order); {ROUNDS} rounds after a warm-up; full speed with a {WINDOW}-event window behind the slowest subscriber"
+        "{checked} deliveries checked (every event to every subscriber exactly once, in order); {ROUNDS} rounds after a warm-up; full speed with a {WINDOW}-event window behind the slowest subscriber; steady runs of all systems interleaved in turns of {STEADY_SEGMENT} events"
     ));
     section.note(
         "every server in its own process (the Rust relays in a child on a 2-thread runtime), every client in this one, the same client code for all but the framing",
