@@ -167,3 +167,51 @@ test("'state-based' starts from the snapshot and sends only the latest version o
     await server.stop();
   }
 });
+
+test('heartbeat: a server that stops answering is given up on, and joined again when it is back', async () => {
+  const server = await startServer();
+  const room = `${server.ws}/ws/heartbeat`;
+  const options = { heartbeat: 300, heartbeatTimeout: 700 };
+  const setup = `(client) => {
+    window.disconnects = [];
+    client.on('disconnected', (d) => window.disconnects.push(d));
+  }`;
+  const page = await pageClient(browser, server.http, room, options, setup);
+  try {
+    // Several pings answered: nothing happens.
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    assert.deepEqual(await page.evaluate(() => window.disconnects), []);
+    const bad = await page.evaluate(async () => {
+      const { WebSocketSyncClient } = await import('/ksync.js');
+      return [{ heartbeat: 0 }, { heartbeatTimeout: 'soon' }].map((options) => {
+        try {
+          new WebSocketSyncClient('ws://127.0.0.1:9/ws/x', options);
+          return 'accepted';
+        } catch (error) {
+          return error.name;
+        }
+      });
+    });
+    assert.deepEqual(bad, ['TypeError', 'TypeError']);
+
+    // A stopped process keeps its sockets open (the kernel still acknowledges): only the
+    // heartbeat can tell.
+    server.child.kill('SIGSTOP');
+    const gone = await waitFor(async () => (await page.evaluate(() => window.disconnects))[0], 10000,
+      'disconnected after the server stopped');
+    assert.equal(gone.code, 4009, JSON.stringify(gone));
+    assert.equal(await page.evaluate(() => window.client.status), 'error');
+    assert.equal(await page.evaluate(() => window.client.connected), false);
+
+    server.child.kill('SIGCONT');
+    await waitFor(() => page.evaluate(() => window.connects >= 2), 15000, 'connected again');
+    const event = makeEvent('hb');
+    assert.equal((await page.evaluate((e) => window.sendTracked(e), event)).status, 'stored');
+    assert.deepEqual(page.problems, []);
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  } finally {
+    server.child.kill('SIGCONT');
+    await server.stop();
+  }
+});

@@ -195,8 +195,10 @@ async function inflateRaw(data) {
 /**
  * The spec's WebSocketSyncClient for browsers.
  *
- * Options (defaults): `auth` (none), `reconnect` (true), `heartbeat` (30000: the server pings,
- * the browser answers by itself), `compression` (false; honoured where
+ * Options (defaults): `auth` (none), `reconnect` (true), `heartbeat` (30000: every this many ms
+ * the client sends a `ping` message, and a server that sends nothing within `heartbeatTimeout`
+ * (10000 ms) after it is given up on: `disconnected` with code 4009, then a reconnect; the
+ * server's own pings are answered by the browser), `compression` (false; honoured where
  * `DecompressionStream('deflate-raw')` works), `strategy` ('event-level' with `batchSize` 1;
  * 'batch' with `batchSize` (50) and `batchInterval` (5000 ms); 'state-based': the first
  * session starts from the room's snapshot, and the latest version of each id sent goes out
@@ -248,6 +250,10 @@ export class WebSocketSyncClient extends Emitter {
   // Outgoing middleware runs one send at a time, so events leave in the order of `send` calls.
   #sendChain = Promise.resolve();
   #metricsTimer = null;
+  #heartbeatTimer = null;
+  // Set while a `ping` waits for an answer (anything the server sends counts).
+  #pongTimer = null;
+  #pingRef = 0;
   #meter = { since: 0, events: 0, bytes: 0, rtt: 0, acks: 0 };
 
   constructor(url, options = {}) {
@@ -257,7 +263,8 @@ export class WebSocketSyncClient extends Emitter {
     if (!STRATEGIES.has(strategy)) throw new TypeError(`strategy must be one of ${[...STRATEGIES].join(', ')}`);
     this.#options = {
       reconnect: options.reconnect ?? true,
-      heartbeat: options.heartbeat ?? 30000,
+      heartbeat: positiveInteger(options.heartbeat, 'heartbeat', 30000),
+      heartbeatTimeout: positiveInteger(options.heartbeatTimeout, 'heartbeatTimeout', 10000),
       compression: Boolean(options.compression) && canInflateRaw(),
       strategy,
       batchSize: positiveInteger(options.batchSize, 'batchSize', strategy === 'batch' ? 50 : 1),
@@ -417,13 +424,44 @@ export class WebSocketSyncClient extends Emitter {
     }
     this.#meter = { since: Date.now(), events: 0, bytes: 0, rtt: 0, acks: 0 };
     this.#metricsTimer = setInterval(() => this.#reportMetrics(), metricsInterval);
+    const socket = this.#socket;
+    this.#heartbeatTimer = setInterval(() => this.#ping(socket), this.#options.heartbeat);
   }
 
   #stopTimers() {
     clearInterval(this.#flushTimer);
     clearInterval(this.#metricsTimer);
+    clearInterval(this.#heartbeatTimer);
+    clearTimeout(this.#pongTimer);
     this.#flushTimer = null;
     this.#metricsTimer = null;
+    this.#heartbeatTimer = null;
+    this.#pongTimer = null;
+  }
+
+  // A page cannot send WebSocket pings (the browser answers the server's, unseen): a `ping`
+  // message checks that the server, and the path to it, are still there. A dead path can take
+  // minutes to close by itself, while the page believes it is connected.
+  #ping(socket) {
+    if (socket !== this.#socket || socket.readyState !== WebSocket.OPEN) return;
+    if (this.#pongTimer === null) {
+      this.#pongTimer = setTimeout(() => this.#heartbeatLost(socket), this.#options.heartbeatTimeout);
+    }
+    this.#pingRef += 1;
+    this.#debug('sending', 'ping', this.#pingRef);
+    socket.send(JSON.stringify({ type: 'ping', ref: this.#pingRef }));
+  }
+
+  #heartbeatLost(socket) {
+    this.#pongTimer = null;
+    if (socket !== this.#socket) return;
+    this.#debug('heartbeat', `nothing from the server within ${this.#options.heartbeatTimeout} ms`);
+    // Give up on this socket now; its own close event, whenever it comes, is not waited for.
+    socket.onmessage = null;
+    socket.onclose = null;
+    socket.close(4009, 'heartbeat timeout');
+    const close = { code: 4009, reason: 'heartbeat timeout: the server did not answer a ping' };
+    this.#chain = this.#chain.then(() => this.#closed(socket, close, true));
   }
 
   #reportMetrics() {
@@ -479,6 +517,11 @@ export class WebSocketSyncClient extends Emitter {
       socket.send(JSON.stringify(hello));
     };
     socket.onmessage = (message) => {
+      if (socket === this.#socket) {
+        // The server is alive: a waiting `ping` is answered (by this or the `pong` after it).
+        clearTimeout(this.#pongTimer);
+        this.#pongTimer = null;
+      }
       // Decompression is asynchronous: a chain keeps messages in arrival order.
       this.#chain = this.#chain.then(() => this.#receive(socket, message.data)).catch((error) => {
         this.emit('error', error instanceof KSyncError ? error : new KSyncError('bad_message', String(error?.message ?? error)));
@@ -501,6 +544,7 @@ export class WebSocketSyncClient extends Emitter {
       case 'snapshot': return this.#snapshot(message);
       case 'ack': return this.#ack(message);
       case 'error': return this.#serverError(message);
+      case 'pong': return undefined; // Seen in `onmessage`: the heartbeat.
       default: return undefined; // Newer servers may add messages: ignore what we do not know.
     }
   }

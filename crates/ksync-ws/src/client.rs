@@ -1486,6 +1486,9 @@ impl Session {
             ServerMessage::Welcome(_) => {
                 return Err(WsError::Protocol("unexpected second welcome".into()));
             }
+            // This client checks liveness with WebSocket pings; it sends no `ping` messages,
+            // and a `pong` it did not ask for changes nothing.
+            ServerMessage::Pong(_) => {}
         }
         Ok(())
     }

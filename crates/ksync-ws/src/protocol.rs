@@ -91,6 +91,17 @@ pub enum ClientMessage {
     Hello(Hello),
     /// Events to store and fan out, acknowledged by an `ack` with the same `ref`.
     Publish(Publish),
+    /// Asks for a `pong`: a liveness check for clients that cannot send WebSocket pings
+    /// (browsers). Allowed any time after `hello`.
+    Ping(Ping),
+}
+
+/// `ping` (client) and `pong` (server): the `pong` echoes the `ping`'s `ref`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Chosen by the client; echoed in the `pong`.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<u64>,
 }
 
 /// `hello`: protocol version and where to start.
@@ -139,6 +150,8 @@ pub enum ServerMessage {
     Ack(Ack),
     /// Something the client sent was refused.
     Error(ErrorMessage),
+    /// The answer to a `ping`, after everything the server sent before it.
+    Pong(Ping),
 }
 
 /// `welcome`.
@@ -292,9 +305,9 @@ pub fn decode<T: serde::de::DeserializeOwned>(
 }
 
 /// The `type` names of [`ClientMessage`].
-pub const CLIENT_TYPES: &[&str] = &["hello", "publish"];
+pub const CLIENT_TYPES: &[&str] = &["hello", "publish", "ping"];
 /// The `type` names of [`ServerMessage`].
-pub const SERVER_TYPES: &[&str] = &["welcome", "events", "snapshot", "ack", "error"];
+pub const SERVER_TYPES: &[&str] = &["welcome", "events", "snapshot", "ack", "error", "pong"];
 
 /// Shortest message, in bytes of JSON, that goes deflated when compression is negotiated:
 /// shorter ones (a single small event) stay text frames. Compression is for batches; a

@@ -1316,3 +1316,33 @@ async fn a_room_queues_publishes_only_up_to_its_byte_budget() {
     assert_eq!(log.len(), total + 1);
     server.stop().await;
 }
+
+/// `ping` is answered by a `pong` echoing its `ref`, after what the server sent before it
+/// (here the ack of the publish before it); before `hello` it is a protocol error like any
+/// other first message.
+#[tokio::test]
+async fn a_ping_message_gets_a_pong_in_order() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("pings"));
+    let (mut ws, _) = join(&url, hello()).await;
+    send_json(
+        &mut ws,
+        json!({"type":"publish","ref":7,"events":[event("p1", 1)]}),
+    )
+    .await;
+    send_json(&mut ws, json!({"type":"ping","ref":8})).await;
+    send_json(&mut ws, json!({"type":"ping"})).await;
+    let ack = recv_json(&mut ws).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["ref"].as_u64()),
+        (Some("ack"), Some(7))
+    );
+    assert_eq!(recv_json(&mut ws).await, json!({"type":"pong","ref":8}));
+    assert_eq!(recv_json(&mut ws).await, json!({"type":"pong"}));
+
+    let mut early = raw_connect(&url, &[]).await.expect("connect");
+    send_json(&mut early, json!({"type":"ping","ref":1})).await;
+    assert_eq!(recv_json(&mut early).await["code"], "protocol");
+    assert_eq!(recv_close(&mut early).await.0, 4000);
+    server.stop().await;
+}

@@ -564,7 +564,9 @@ async fn read_hello(writer: &mut Writer, stream: &mut Stream) -> Result<Hello, E
         };
         let why = match protocol::decode::<ClientMessage>(text.as_bytes(), CLIENT_TYPES) {
             Ok(ClientMessage::Hello(hello)) => return Ok(hello),
-            Ok(ClientMessage::Publish(_)) => "the first message must be hello".to_owned(),
+            Ok(ClientMessage::Publish(_) | ClientMessage::Ping(_)) => {
+                "the first message must be hello".to_owned()
+            }
             Err(e) => format!("the first message must be hello: {e}"),
         };
         writer
@@ -736,9 +738,13 @@ async fn decode_other(writer: &mut Writer, text: &[u8]) -> Result<Option<Publish
         Ok(ClientMessage::Hello(_)) => {
             ServerMessage::error(code::PROTOCOL, "hello was already received", None)
         }
+        Ok(ClientMessage::Ping(ping)) => ServerMessage::Pong(ping),
         Err(DecodeError::UnknownType(kind)) => ServerMessage::error(
             code::UNKNOWN_TYPE,
-            format!("unknown message type {kind:?} (known: hello, publish)"),
+            format!(
+                "unknown message type {kind:?} (known: {})",
+                CLIENT_TYPES.join(", ")
+            ),
             None,
         ),
         Err(e) => ServerMessage::error(code::BAD_MESSAGE, e.to_string(), None),
