@@ -1504,6 +1504,30 @@ impl Session {
                 ack.reference
             )));
         };
+        // A server that answers fewer (or more) events than were sent, or places one past its
+        // own last seq, is not believed: nothing of this publish counts as acknowledged, and
+        // the reconnect sends it again (the room drops what it already holds as duplicates).
+        let sent = self.in_flight[index].ids.len();
+        if ack.results.len() != sent {
+            return Err(WsError::Protocol(format!(
+                "ack for ref {} has {} results for {sent} events",
+                ack.reference,
+                ack.results.len()
+            )));
+        }
+        if let Some(seq) = ack.results.iter().find_map(|r| match r {
+            PublishResult::Stored { seq } | PublishResult::Duplicate { seq }
+                if *seq > ack.server_version =>
+            {
+                Some(*seq)
+            }
+            _ => None,
+        }) {
+            return Err(WsError::Protocol(format!(
+                "ack for ref {} places an event at seq {seq}, past its serverVersion {}",
+                ack.reference, ack.server_version
+            )));
+        }
         let ids = std::mem::take(&mut self.in_flight[index].ids);
         let latency = self.in_flight[index].sent_at.elapsed();
         self.counters.latency_ms_sum += latency.as_secs_f64() * 1000.0;

@@ -695,3 +695,95 @@ async fn connected_and_error_are_notified_before_connect_returns() {
     client.disconnect().await.expect("disconnect");
     server.stop().await;
 }
+
+/// A server whose ack does not match its publish (too few results, or a seq past its own
+/// `serverVersion`) is not believed: the event stays unacknowledged and goes out again on the
+/// next connection, until an ack that makes sense.
+#[tokio::test]
+async fn an_ack_that_does_not_match_its_publish_acknowledges_nothing() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Per connection: the ack for its first publish (given its `ref`).
+    let acks: Vec<fn(u64) -> serde_json::Value> = vec![
+        |r| json!({"type": "ack", "ref": r, "results": [], "serverVersion": 1}),
+        |r| json!({"type": "ack", "ref": r, "results": [{"status": "stored", "seq": 5}], "serverVersion": 1}),
+        |r| json!({"type": "ack", "ref": r, "results": [{"status": "stored", "seq": 1}], "serverVersion": 1}),
+    ];
+    let (published_tx, mut published) = tokio::sync::mpsc::channel(4);
+    let server = tokio::spawn(async move {
+        let mut open = Vec::new();
+        for ack in acks {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+            let welcome = json!({"type": "welcome", "protocol": 1, "room": "default",
+                "serverVersion": 0, "compression": false, "heartbeatMs": 30000,
+                "maxMessageSize": 1048576});
+            let mut welcomed = false;
+            while let Some(Ok(message)) = ws.next().await {
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let value: serde_json::Value = serde_json::from_str(text.as_str()).expect("json");
+                if !welcomed {
+                    ws.send(Message::text(welcome.to_string()))
+                        .await
+                        .expect("welcome");
+                    welcomed = true;
+                } else if value["type"] == "publish" {
+                    published_tx
+                        .send(value["events"][0]["id"].clone())
+                        .await
+                        .expect("report");
+                    let reference = value["ref"].as_u64().expect("ref");
+                    ws.send(Message::text(ack(reference).to_string()))
+                        .await
+                        .expect("ack");
+                    break;
+                }
+            }
+            open.push(ws);
+        }
+        std::future::pending::<()>().await;
+    });
+    let client = quick(&format!("ws://{addr}/ws"));
+    let rec = Recorder::attach(&client);
+    client
+        .send(Event::new("once", "t", json!({"n": 1}), 1))
+        .await
+        .expect("queued");
+    client.connect().await.expect("connect");
+    for attempt in 0..3 {
+        let id = tokio::time::timeout(Duration::from_secs(10), published.recv())
+            .await
+            .expect("published again")
+            .expect("report");
+        assert_eq!(id, "once", "publish {attempt}");
+    }
+    eventually("acknowledged by the third ack", || client.outbox_len() == 0).await;
+    let protocol_errors: Vec<String> = rec
+        .all()
+        .iter()
+        .filter_map(|n| match n {
+            Notification::Error(e) => match ksync_ws::WsError::find(e) {
+                Some(ksync_ws::WsError::Protocol(m)) => Some(m.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(protocol_errors.len(), 2, "{protocol_errors:?}");
+    assert!(
+        protocol_errors[0].contains("0 results for 1 events"),
+        "{protocol_errors:?}"
+    );
+    assert!(
+        protocol_errors[1].contains("past its serverVersion"),
+        "{protocol_errors:?}"
+    );
+    client.disconnect().await.expect("disconnect");
+    server.abort();
+}
