@@ -96,6 +96,7 @@ pub struct GitSyncClientBuilder {
     page_size: usize,
     push_batch: usize,
     push_batch_bytes: usize,
+    create_repo_if_missing: bool,
     filter: Option<Filter>,
     /// PEM root certificates trusted for `https://` besides the system's.
     tls_roots_pem: Vec<Vec<u8>>,
@@ -181,6 +182,19 @@ impl GitSyncClientBuilder {
         self
     }
 
+    /// Whether `pull`, `push` (so `sync`) and `connect` create the repository when the service
+    /// answers 404 `repo_not_found`, then try once more (default true). The spec's flow
+    /// (`new GitSyncClient({url})`, then `pull()` / `push()`) has no step that creates the
+    /// repository, and the service serves none it was not asked to create. Creating needs
+    /// write access: a read-only credential gets [`SyncError::Auth`] (the service's 403) and
+    /// nothing is created. Off: those calls fail with the typed 404 ([`GitError::code`]
+    /// `repo_not_found`), and only [`GitSyncClient::create_repo`] creates. `clone` and the
+    /// branch calls never create (a mistyped URL must not make a repository).
+    pub fn create_repo_if_missing(mut self, on: bool) -> Self {
+        self.create_repo_if_missing = on;
+        self
+    }
+
     /// Checks the options and makes the client. No network traffic happens here.
     pub fn build(self) -> Result<GitSyncClient, SyncError> {
         let url = repo_url(&self.url).map_err(GitError::into_sync)?;
@@ -227,6 +241,7 @@ impl GitSyncClientBuilder {
                 page_size: self.page_size,
                 push_batch: self.push_batch,
                 push_batch_bytes: self.push_batch_bytes,
+                create_repo_if_missing: self.create_repo_if_missing,
                 pipeline: Pipeline::new(),
                 filter: self.filter,
                 notifier: Notifier::new(),
@@ -312,6 +327,7 @@ struct Inner {
     page_size: usize,
     push_batch: usize,
     push_batch_bytes: usize,
+    create_repo_if_missing: bool,
     /// The `use(direction, ..)` chains: outgoing on what is pushed (the local log keeps events
     /// as made), incoming on what is pulled and on merge collisions, before they are stored.
     pipeline: Pipeline,
@@ -411,6 +427,7 @@ impl GitSyncClient {
             page_size: DEFAULT_PAGE,
             push_batch: DEFAULT_PUSH_BATCH,
             push_batch_bytes: DEFAULT_PUSH_BATCH_BYTES,
+            create_repo_if_missing: true,
             tls_roots_pem: Vec::new(),
             filter: None,
         }
@@ -545,9 +562,41 @@ impl GitSyncClient {
     }
 
     /// Creates the repository on the server (with an empty `main`); fine if it exists.
+    /// `pull`, `push` and `connect` call it themselves when the repository is missing, unless
+    /// [`GitSyncClientBuilder::create_repo_if_missing`] is off.
     pub async fn create_repo(&self) -> Result<RepoInfo, SyncError> {
         let url = self.url();
         self.request(reqwest::Method::PUT, &url, None::<&()>).await
+    }
+
+    /// Runs `op`; when the service answers that the repository does not exist and
+    /// `create_repo_if_missing` is on, creates it and runs `op` once more (a second
+    /// `repo_not_found` is returned as it is: someone deleted it meanwhile, no loop).
+    /// Safe to redo: a `repo_not_found` comes before anything was stored or any cursor moved.
+    async fn creating_repo<T, F, Fut>(&self, op: F) -> Result<T, SyncError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, SyncError>>,
+    {
+        match op().await {
+            Err(e) if self.inner.create_repo_if_missing && is_repo_not_found(&e) => {
+                match self.create_repo().await {
+                    Ok(info) => {
+                        tracing::info!(repo = %info.repo, "git: repository did not exist; created it");
+                    }
+                    // Say why a write was asked for: the caller only pulled.
+                    Err(SyncError::Auth(reason)) => {
+                        return Err(SyncError::Auth(format!(
+                            "repository {:?} does not exist, and creating it was refused: {reason}",
+                            self.repo()
+                        )));
+                    }
+                    Err(e) => return Err(e),
+                }
+                op().await
+            }
+            done => done,
+        }
     }
 
     /// The server's branches, sorted by name.
@@ -1492,6 +1541,11 @@ impl Http {
     }
 }
 
+/// Whether `error` is the service's 404 `repo_not_found`.
+fn is_repo_not_found(error: &SyncError) -> bool {
+    GitError::of(error).and_then(GitError::code) == Some("repo_not_found")
+}
+
 fn encode<B: Serialize + ?Sized>(url: &str, body: &B) -> Result<Vec<u8>, SyncError> {
     serde_json::to_vec(body).map_err(|e| {
         GitError::Protocol {
@@ -1549,13 +1603,14 @@ fn spawn_auto_pull(inner: Weak<Inner>, period: Duration) -> tokio::task::JoinHan
 }
 
 impl SyncClient for GitSyncClient {
-    /// Checks that the repository answers (and the credentials work), then starts auto-pull
+    /// Checks that the repository answers (and the credentials work; a missing repository is
+    /// created unless [`GitSyncClientBuilder::create_repo_if_missing`] is off), then starts auto-pull
     /// when `pull_interval` is set. Reports `connected` and the status `connected` (the
     /// spec's statuses), or the status `error` when the check fails.
     fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
             let checked = async {
-                self.repo_info().await?;
+                self.creating_repo(|| self.repo_info()).await?;
                 let _op = self.inner.op.lock().await;
                 let replica = self.replica();
                 self.ensure_head(&replica).await
@@ -1640,7 +1695,8 @@ impl PullPushClient for GitSyncClient {
             let _op = self.inner.op.lock().await;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;
-            self.pull_branch(&replica, &head).await
+            self.creating_repo(|| self.pull_branch(&replica, &head))
+                .await
         }))
     }
 
@@ -1650,7 +1706,8 @@ impl PullPushClient for GitSyncClient {
             let _op = self.inner.op.lock().await;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;
-            self.push_branch(&replica, &head).await
+            self.creating_repo(|| self.push_branch(&replica, &head))
+                .await
         }))
     }
 }

@@ -48,8 +48,12 @@ async fn unknown_repo_and_branch_are_404() {
     .await;
     assert_eq!((status, code(&body)), (404, "branch_not_found"));
 
-    // The client reports it as a typed error.
-    let c = client(&server.repo_url("nope"));
+    // The client reports it as a typed error (when it is not to create the repository).
+    let c = GitSyncClient::builder(server.repo_url("nope"))
+        .auth(Auth::token("writer"))
+        .create_repo_if_missing(false)
+        .build()
+        .expect("client");
     let err = c.pull().await.expect_err("unknown repo");
     let git = GitError::of(&err).expect("a git error");
     assert_eq!(

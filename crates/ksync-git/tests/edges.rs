@@ -1079,7 +1079,12 @@ async fn statuses_follow_connect_pull_push_and_failures() {
     ghost.pull().await.expect_err("no such branch");
     expect(&ghost_seen, &[Syncing, Error]).await;
 
-    let nothing = client(&server.repo_url("missing"));
+    // Without creating it: connect() would make the repository.
+    let nothing = ksync_git::GitSyncClient::builder(server.repo_url("missing"))
+        .auth(ksync_core::Auth::token("writer"))
+        .create_repo_if_missing(false)
+        .build()
+        .expect("client");
     let (_nothing_sub, nothing_seen) = watch(&nothing);
     nothing.connect().await.expect_err("no such repository");
     expect(&nothing_seen, &[Error]).await;

@@ -22,7 +22,6 @@ async fn main() -> anyhow::Result<()> {
         .build()
         .await?;
     let sync_client = ksync.client();
-    sync_client.create_repo().await?;
     ksync.emit("page_created", json!({"title": "Home"})).await?;
     ksync.push().await?;
 

@@ -31,9 +31,9 @@ async fn main() -> anyhow::Result<()> {
         ))
         .build()
         .await?;
-    ksync.client().create_repo().await?; // fine if it exists
 
-    // Manual sync operations.
+    // Manual sync operations. (The first one creates `my-repo` on the server when it does not
+    // exist yet: `create_repo_if_missing`, on by default.)
     let pulled = ksync.pull().await?; // get latest changes
     println!("pulled {} new events", pulled.new_events.len());
     ksync

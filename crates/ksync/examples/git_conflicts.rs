@@ -32,7 +32,6 @@ async fn main() -> anyhow::Result<()> {
 
     let laptop = replica(&url).await?;
     let phone = replica(&url).await?;
-    laptop.client().create_repo().await?;
 
     // Conflict detected: log it. (Notifications report; the resolver decides.)
     let _sub = phone.on("conflict", |n| {

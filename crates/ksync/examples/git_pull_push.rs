@@ -17,7 +17,6 @@ async fn main() -> anyhow::Result<()> {
 
     // new GitSyncClient({ url })  (branch 'main', compression on, no auto-pull: the defaults)
     let sync_client = GitSyncClient::builder(url.as_str()).build()?;
-    sync_client.create_repo().await?; // fine if it exists
     let ksync = KSync::builder()
         .storage(Arc::new(InMemoryStorage::new()))
         .sync_client(Arc::new(sync_client))
@@ -30,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
         .emit("todo_added", json!({"title": "write the report"}))
         .await?;
 
-    // pull(): latest events from the server.
+    // pull(): latest events from the server (creating the repository if it does not exist).
     let result = sync_client.pull().await?;
     println!("Pulled {} new events", result.new_events.len());
     println!("Conflicts: {}", result.conflicts.len());
