@@ -134,10 +134,14 @@ impl GitSyncClientBuilder {
         self
     }
 
-    /// Pull on this period once connected (default zero: off). A failed pull is reported
-    /// (`error` notification) and tried again on the next tick, except a refusal of the
-    /// credentials (401/403, [`SyncError::Auth`]), which stops auto-pull until the next
-    /// `connect()`.
+    /// Pull on this period (default zero: off). Auto-pull starts by itself, as the spec's
+    /// example expects (it never calls `connect()`): when the client is attached to a replica
+    /// inside a Tokio runtime (`KSync`'s builder does that), or else at the client's first
+    /// `pull`, `push` or `sync`; `connect()` starts it as well (again). The first auto-pull
+    /// comes one period after the start. A failed pull is reported (`error` notification) and
+    /// tried again on the next tick, except a refusal of the credentials (401/403,
+    /// [`SyncError::Auth`]), which stops auto-pull; after that, or after `disconnect()`, only
+    /// `connect()` starts it again.
     pub fn pull_interval(mut self, interval: Duration) -> Self {
         self.pull_interval = interval;
         self
@@ -250,7 +254,10 @@ impl GitSyncClientBuilder {
                 head: RwLock::new(None),
                 attached_at: std::sync::atomic::AtomicU64::new(0),
                 op: tokio::sync::Mutex::new(()),
-                auto_pull: Mutex::new(None),
+                auto_pull: Mutex::new(AutoPull {
+                    task: None,
+                    armed: !self.pull_interval.is_zero(),
+                }),
                 progress: RwLock::new(None),
             }),
         })
@@ -341,7 +348,7 @@ struct Inner {
     attached_at: std::sync::atomic::AtomicU64,
     // One pull / push / merge / checkout at a time: they read and move the same cursors.
     op: tokio::sync::Mutex<()>,
-    auto_pull: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    auto_pull: Mutex<AutoPull>,
     progress: RwLock<Option<ProgressFn>>,
 }
 
@@ -354,6 +361,16 @@ impl fmt::Debug for GitSyncClient {
             .field("compression", &self.inner.http.compression)
             .finish_non_exhaustive()
     }
+}
+
+/// The auto-pull task, and whether it is still to start by itself (see
+/// [`GitSyncClientBuilder::pull_interval`]). One lock for both, so a start by itself and a
+/// `connect()` at the same moment cannot leave two tasks.
+struct AutoPull {
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Set at build when a pull interval is given; cleared by the first start (by itself or by
+    /// `connect()`) and by `disconnect()`: from then on only `connect()` starts it.
+    armed: bool,
 }
 
 /// Which branch each range of the local log belongs to: `(first local seq, branch)` in
@@ -1293,10 +1310,44 @@ impl GitSyncClient {
         result
     }
 
+    /// Stops auto-pull; it no longer starts by itself (only `connect()` starts it).
     fn stop_auto_pull(&self) {
-        if let Some(task) = lock(&self.inner.auto_pull).take() {
+        let mut auto = lock(&self.inner.auto_pull);
+        auto.armed = false;
+        if let Some(task) = auto.task.take() {
             task.abort();
         }
+    }
+
+    /// Starts auto-pull (`connect()`), replacing a running one. Needs a Tokio runtime.
+    fn start_auto_pull(&self) {
+        if self.inner.pull_interval.is_zero() {
+            return;
+        }
+        let mut auto = lock(&self.inner.auto_pull);
+        auto.armed = false;
+        if let Some(task) = auto.task.take() {
+            task.abort();
+        }
+        auto.task = Some(spawn_auto_pull(
+            Arc::downgrade(&self.inner),
+            self.inner.pull_interval,
+        ));
+    }
+
+    /// Starts auto-pull by itself the first time the client is attached or used, so a
+    /// `pull_interval` works without `connect()` (the spec's example never calls it). Outside
+    /// a Tokio runtime (an `attach` from plain code) it waits for the next chance.
+    fn start_auto_pull_once(&self) {
+        let mut auto = lock(&self.inner.auto_pull);
+        if !auto.armed || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        auto.armed = false;
+        auto.task = Some(spawn_auto_pull(
+            Arc::downgrade(&self.inner),
+            self.inner.pull_interval,
+        ));
     }
 }
 
@@ -1577,7 +1628,8 @@ fn spawn_auto_pull(inner: Weak<Inner>, period: Duration) -> tokio::task::JoinHan
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is immediate; connect() just talked to the server.
+        // The first tick is immediate; whatever started auto-pull (connect(), attach before
+        // the app's own first pull, a pull or push) just talked to the server or is about to.
         interval.tick().await;
         loop {
             interval.tick().await;
@@ -1604,8 +1656,8 @@ fn spawn_auto_pull(inner: Weak<Inner>, period: Duration) -> tokio::task::JoinHan
 
 impl SyncClient for GitSyncClient {
     /// Checks that the repository answers (and the credentials work; a missing repository is
-    /// created unless [`GitSyncClientBuilder::create_repo_if_missing`] is off), then starts auto-pull
-    /// when `pull_interval` is set. Reports `connected` and the status `connected` (the
+    /// created unless [`GitSyncClientBuilder::create_repo_if_missing`] is off), then starts
+    /// auto-pull (again) when `pull_interval` is set. Reports `connected` and the status `connected` (the
     /// spec's statuses), or the status `error` when the check fails.
     fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
@@ -1627,15 +1679,12 @@ impl SyncClient for GitSyncClient {
                 .notifier
                 .emit(Notification::Status(Status::Connected));
             // After the notifications: the first auto-pull's `syncing` comes after them.
-            if !self.inner.pull_interval.is_zero() {
-                let task = spawn_auto_pull(Arc::downgrade(&self.inner), self.inner.pull_interval);
-                *lock(&self.inner.auto_pull) = Some(task);
-            }
+            self.start_auto_pull();
             Ok(())
         })
     }
 
-    /// Stops auto-pull. Pending events stay pending.
+    /// Stops auto-pull (until the next `connect()`). Pending events stay pending.
     fn disconnect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
             self.stop_auto_pull();
@@ -1685,6 +1734,8 @@ impl SyncClient for GitSyncClient {
         );
         *write(&self.inner.replica) = Some(replica);
         *write(&self.inner.head) = None;
+        // `KSync` attaches as it is built: the spec's `pullInterval` runs from there on.
+        self.start_auto_pull_once();
     }
 }
 
@@ -1692,6 +1743,7 @@ impl PullPushClient for GitSyncClient {
     /// Pulls the checked-out branch from the version pulled last, page by page.
     fn pull(&self) -> BoxFuture<'_, Result<PullResult, SyncError>> {
         Box::pin(self.run(async move {
+            self.start_auto_pull_once();
             let _op = self.inner.op.lock().await;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;
@@ -1703,6 +1755,7 @@ impl PullPushClient for GitSyncClient {
     /// Pushes the checked-out branch's local events that the server has not acknowledged.
     fn push(&self) -> BoxFuture<'_, Result<PushResult, SyncError>> {
         Box::pin(self.run(async move {
+            self.start_auto_pull_once();
             let _op = self.inner.op.lock().await;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;

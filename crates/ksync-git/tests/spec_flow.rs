@@ -122,3 +122,108 @@ async fn a_read_only_credential_gets_forbidden_and_creates_nothing() {
     assert!(matches!(err, SyncError::Auth(_)), "{err:?}");
     assert!(!exists(&server, "notes"));
 }
+
+/// Waits (bounded) until `client`'s replica holds an event with `id`.
+async fn eventually_holds(client: &GitSyncClient, id: &str) -> bool {
+    for _ in 0..400 {
+        if client
+            .replica()
+            .storage()
+            .latest(id)
+            .expect("read")
+            .is_some()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+/// `pull_interval` works as in the spec's complete example, which never calls `connect()`:
+/// auto-pull starts when `KSync` attaches the client, and for a client used on its own at its
+/// first push (or pull). Both then receive another client's pushed events by themselves.
+#[tokio::test]
+async fn pull_interval_pulls_without_connect() {
+    use std::sync::Arc;
+
+    use ksync_core::{InMemoryStorage, KSync};
+
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let every = Duration::from_millis(30);
+    let attached = GitSyncClient::builder(&url)
+        .auth(Auth::token("writer"))
+        .pull_interval(every)
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let ksync = KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(attached))
+        .build()
+        .await
+        .expect("ksync");
+    let alone = GitSyncClient::builder(&url)
+        .auth(Auth::token("writer"))
+        .pull_interval(every)
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    alone
+        .send(Event::new("mine", "t", json!(1), 1))
+        .await
+        .expect("send");
+    alone.push().await.expect("push");
+
+    let other = client(&url);
+    other
+        .send(Event::new("theirs", "t", json!(2), 1))
+        .await
+        .expect("send");
+    other.push().await.expect("push");
+
+    assert!(
+        eventually_holds(ksync.client(), "theirs").await,
+        "auto-pull ran for the client attached to KSync"
+    );
+    assert!(
+        eventually_holds(&alone, "theirs").await,
+        "auto-pull ran for the client used on its own"
+    );
+    assert!(eventually_holds(ksync.client(), "mine").await);
+}
+
+/// `disconnect()` stops an auto-pull that started by itself, and a later pull does not start
+/// it again (only `connect()` does).
+#[tokio::test]
+async fn disconnect_stops_an_auto_pull_that_started_by_itself() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let c = GitSyncClient::builder(&url)
+        .auth(Auth::token("writer"))
+        .pull_interval(Duration::from_millis(20))
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    c.pull().await.expect("pull starts auto-pull");
+    c.disconnect().await.expect("disconnect");
+    c.pull().await.expect("pull");
+    let other = client(&url);
+    other
+        .send(Event::new("late", "t", json!(1), 1))
+        .await
+        .expect("send");
+    other.push().await.expect("push");
+    // Ten periods and more: nothing pulled it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        c.replica()
+            .storage()
+            .latest("late")
+            .expect("read")
+            .is_none()
+    );
+    c.connect().await.expect("connect starts it again");
+    assert!(eventually_holds(&c, "late").await);
+}

@@ -61,6 +61,21 @@ const DIGEST_STEP: usize = 16 * 1024;
 /// fetches them itself: a peer that lists what others hold and never sends it delays them by
 /// this much, not by the request timeout.
 const IN_FLIGHT_PATIENCE: Duration = Duration::from_secs(1);
+/// Most `Keys` pages one catch-up round asks one peer for, whatever its log length says. An
+/// honest page that is not the end of the log covers at least `MAX_PAGE` sequence numbers (see
+/// `check_page`), so this walks at least a million events per round; a peer that claims an
+/// endless log (answering `len = u64::MAX` with pages that do advance) costs this many
+/// requests per round, not an endless walk. Overflow policy: the round ends, its cursor is
+/// stored, and the next round walks on from it.
+const MAX_ROUND_PAGES: u32 = 1024;
+/// Pages a round may take beyond what the first answer's `len` says it needs: a restarted
+/// walk, the end-of-log page, and what the log grows by during the round (a log growing faster
+/// than we walk it is left to the next round, not chased).
+const ROUND_SLACK_PAGES: u64 = 16;
+/// A long round stores its cursor every this many pages (besides at its end), so a crash
+/// costs at most this many pages walked again. Each store is a durable meta record, so it is
+/// not done per page.
+const CURSOR_SAVE_PAGES: u32 = 64;
 /// Most queued commands handled in one turn of the node loop.
 const COMMAND_DRAIN: usize = 256;
 /// Listening on every interface, `start` waits this long after each reported address for
@@ -300,6 +315,12 @@ struct Session {
     /// not change while it stays connected, and a change restarts the walk, so one that
     /// changed on every answer would restart it forever.
     round_log_id: Option<u64>,
+    /// `Keys` answers taken this round, and how many the round may take (see `round_budget`).
+    round_pages: u32,
+    round_budget: u32,
+    /// The cursor and log id as stored in the replica (see `Node::save_cursor`).
+    saved_cursor: u64,
+    saved_log_id: u64,
 }
 
 #[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
@@ -564,6 +585,10 @@ impl Node {
             self.update_status();
         }
         self.flush_batch();
+        let walked: Vec<PeerId> = self.sessions.keys().copied().collect();
+        for peer in walked {
+            self.save_cursor(peer).await;
+        }
         // Dropping the swarm closes every connection without a `ConnectionClosed` event: each
         // peer reported connected is reported gone here.
         let peers = std::mem::take(&mut *lock(&self.shared.peers));
@@ -867,6 +892,8 @@ impl Node {
                 ..
             } => {
                 lock(&self.shared.peers).remove(&peer_id);
+                // What the round walked so far is kept (see `save_cursor`).
+                self.save_cursor(peer_id).await;
                 self.sessions.remove(&peer_id);
                 tracing::debug!(peer = %peer_id, "peer disconnected");
                 self.notifier
@@ -1125,6 +1152,8 @@ impl Node {
                 Session {
                     cursor,
                     log_id,
+                    saved_cursor: cursor,
+                    saved_log_id: log_id,
                     ..Default::default()
                 },
             );
@@ -1159,7 +1188,8 @@ impl Node {
             .insert(id, (peer, Outstanding::Keys { after }));
     }
 
-    fn end_round(&mut self, peer: PeerId) {
+    async fn end_round(&mut self, peer: PeerId) {
+        self.save_cursor(peer).await;
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
@@ -1167,8 +1197,59 @@ impl Node {
         session.page.clear();
         session.fetched.clear();
         session.round_log_id = None;
+        session.round_pages = 0;
         if std::mem::take(&mut session.again) {
             self.request_keys(peer);
+        }
+    }
+
+    /// Asks for the next page of the round, unless the round has taken its budget of pages
+    /// (then it ends, and the next round walks on from the cursor).
+    async fn next_page(&mut self, peer: PeerId) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if session.round_pages >= session.round_budget {
+            tracing::debug!(%peer, pages = session.round_pages, cursor = session.cursor,
+                "catch-up round took its budget of pages; the next round walks on");
+            // A round cut short is not asked again at once: that would make the cap moot.
+            session.again = false;
+            self.end_round(peer).await;
+            return;
+        }
+        if session.round_pages % CURSOR_SAVE_PAGES == 0 {
+            self.save_cursor(peer).await;
+        }
+        self.request_keys(peer);
+    }
+
+    /// Stores the session's cursor (and the log id it counts in) where it differs from what
+    /// is stored: at the end of a round, every `CURSOR_SAVE_PAGES` pages, when the peer goes
+    /// and when the node stops, never per page. The cursor is written before the log id: a
+    /// crash between the two leaves the old log id, which the peer's next answer does not
+    /// match, so the walk restarts at 0 (never a cursor of one log applied to another). A
+    /// cursor of 0 needs no log id (a walk from the start is right in any log).
+    async fn save_cursor(&mut self, peer: PeerId) {
+        let Some(session) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        let (cursor, log_id) = (session.cursor, session.log_id);
+        let write_cursor = cursor != session.saved_cursor;
+        let write_log_id = log_id != session.saved_log_id && cursor != 0;
+        if write_cursor {
+            match self.replica.set_cursor(&cursor_name(&peer), cursor).await {
+                Ok(()) => session.saved_cursor = cursor,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "storing a catch-up cursor failed");
+                    return;
+                }
+            }
+        }
+        if write_log_id {
+            match self.replica.set_cursor(&log_id_name(&peer), log_id).await {
+                Ok(()) => session.saved_log_id = log_id,
+                Err(e) => tracing::warn!(%peer, error = %e, "storing a catch-up log id failed"),
+            }
         }
     }
 
@@ -1218,12 +1299,12 @@ impl Node {
                     (outstanding, SyncResponse::Refused { reason }) => {
                         tracing::debug!(%peer, %reason, "catch-up request refused");
                         self.forget(outstanding);
-                        self.end_round(peer);
+                        self.end_round(peer).await;
                     }
                     (outstanding, _) => {
                         tracing::info!(%peer, "catch-up response does not match the request");
                         self.forget(outstanding);
-                        self.end_round(peer);
+                        self.end_round(peer).await;
                     }
                 }
                 self.wake_waiting().await;
@@ -1252,7 +1333,7 @@ impl Node {
                 if let Some((_, outstanding)) = self.requests.remove(&request_id) {
                     self.forget(outstanding);
                 }
-                self.end_round(peer);
+                self.end_round(peer).await;
                 self.wake_waiting().await;
             }
             request_response::Event::InboundFailure { .. }
@@ -1414,35 +1495,35 @@ impl Node {
             Ok(through) => through,
             Err(reason) => {
                 self.misbehaved(peer, reason);
-                self.end_round(peer);
+                self.end_round(peer).await;
                 return;
             }
         };
+        let first = session.round_log_id.is_none();
         session.round_log_id = Some(log_id);
+        session.round_pages = session.round_pages.saturating_add(1);
+        let mut restart = false;
         if session.log_id != log_id || session.cursor > len {
             // Another log than the one our cursor counts in (the peer lost its storage, or we
-            // never met): walk it from the start.
-            let restart = session.cursor != 0;
+            // never met): walk it from the start. Nothing is stored yet (see `save_cursor`).
+            restart = session.cursor != 0;
             session.log_id = log_id;
             session.cursor = 0;
-            let _ = self.replica.set_cursor(&log_id_name(&peer), log_id).await;
-            let _ = self.replica.set_cursor(&cursor_name(&peer), 0).await;
-            if restart {
-                self.request_keys(peer);
-                return;
-            }
         }
-        let Some(session) = self.sessions.get_mut(&peer) else {
+        if first {
+            session.round_budget = round_budget(session.cursor, len);
+        }
+        if restart {
+            self.next_page(peer).await;
             return;
-        };
+        }
         if entries.is_empty() {
             if through > after {
                 // Only events the peer keeps home: nothing to fetch, walk on past them.
                 session.cursor = through;
-                let _ = self.replica.set_cursor(&cursor_name(&peer), through).await;
-                self.request_keys(peer);
+                self.next_page(peer).await;
             } else {
-                self.end_round(peer);
+                self.end_round(peer).await;
             }
             return;
         }
@@ -1525,8 +1606,7 @@ impl Node {
             session.cursor = last;
             session.page.clear();
             session.fetched.clear();
-            let _ = self.replica.set_cursor(&cursor_name(&peer), last).await;
-            self.request_keys(peer);
+            self.next_page(peer).await;
         }
     }
 
@@ -1590,7 +1670,7 @@ impl Node {
         if got_any {
             self.continue_page(peer).await;
         } else {
-            self.end_round(peer);
+            self.end_round(peer).await;
         }
     }
 
@@ -1630,11 +1710,26 @@ struct ReceivedPage {
     through: Option<u64>,
 }
 
+/// How many `Keys` pages a round may take, from the cursor it walks from and the log length
+/// the peer's first answer gave: the pages an honest walk to that length needs (each page
+/// short of the end covers at least `MAX_PAGE` sequence numbers, see `check_page`), plus
+/// `ROUND_SLACK_PAGES`, at most `MAX_ROUND_PAGES`.
+fn round_budget(cursor: u64, len: u64) -> u32 {
+    let need = len
+        .saturating_sub(cursor)
+        .div_ceil(u64::from(MAX_PAGE))
+        .saturating_add(ROUND_SLACK_PAGES);
+    u32::try_from(need).map_or(MAX_ROUND_PAGES, |n| n.min(MAX_ROUND_PAGES))
+}
+
 /// Checks a `Keys` page against the request it answers: at most `limit` entries, sequence
 /// numbers rising, all past `after`, and a `through` (if given) no earlier than the last
 /// entry and no later than the log's `len` (a responder that sends `through` counts its
 /// length past its page). (Without `through`, not against `len`: such a responder may read
-/// its length first, and its log grow before the page is read.) Returns where the page ends.
+/// its length first, and its log grow before the page is read.) A page that ends before `len`
+/// must be full: `limit` entries, or at least `limit` sequence numbers covered (an honest
+/// responder stops short of that only at its log's end), else a peer could walk us one
+/// sequence number per request through a log it says is endless. Returns where the page ends.
 fn check_page(
     after: u64,
     limit: u32,
@@ -1668,6 +1763,19 @@ fn check_page(
         )),
         Some(through) => Ok(through),
     }
+    .and_then(|end| {
+        let covered = end - after;
+        if end < len && entries.len() < limit as usize && covered < u64::from(limit) {
+            Err(format!(
+                "a page after seq {after} ends at seq {end} with {} keys, short of its log of \
+                 {len} events: a page before the end lists {limit} keys or covers {limit} \
+                 sequence numbers",
+                entries.len()
+            ))
+        } else {
+            Ok(end)
+        }
+    })
 }
 
 /// Like `Ingested::notify` (`conflict`s, one `event` per new event, then one `sync`), but
@@ -1804,6 +1912,36 @@ mod tests {
         .await
         .expect("the dialer connects in time");
         (tcp_port(&dialer_addr), tcp_port(&seen_from))
+    }
+
+    #[test]
+    fn a_round_takes_the_pages_its_peer_log_needs_plus_slack_at_most_the_cap() {
+        assert_eq!(round_budget(0, 0), 16);
+        assert_eq!(round_budget(0, 8192), 8 + 16);
+        assert_eq!(round_budget(9000, 8192), 16, "a cursor past len restarts");
+        assert_eq!(round_budget(0, u64::MAX), MAX_ROUND_PAGES);
+    }
+
+    #[test]
+    fn a_page_short_of_the_log_end_must_be_full() {
+        let entry = |seq| KeyEntry {
+            seq,
+            id: format!("e{seq}"),
+            version: 1,
+            hash: 0,
+        };
+        // One sequence number on, of an endless log: refused.
+        assert!(check_page(7, MAX_PAGE, &[], Some(8), u64::MAX).is_err());
+        assert!(check_page(7, MAX_PAGE, &[entry(8)], None, u64::MAX).is_err());
+        // A run kept home (a page's worth of sequence numbers), the log's end, a full page.
+        assert_eq!(
+            check_page(7, MAX_PAGE, &[], Some(7 + 1024), u64::MAX),
+            Ok(1031)
+        );
+        assert_eq!(check_page(7, MAX_PAGE, &[entry(8)], Some(9), 9), Ok(9));
+        assert_eq!(check_page(7, MAX_PAGE, &[], Some(7), 7), Ok(7));
+        let full: Vec<KeyEntry> = (8..8 + 1024).map(entry).collect();
+        assert_eq!(check_page(7, MAX_PAGE, &full, None, u64::MAX), Ok(1031));
     }
 
     #[tokio::test]

@@ -400,3 +400,151 @@ async fn a_page_that_ends_past_its_log_or_before_its_entries_is_refused() {
         assert!(keys(&a).is_empty(), "nothing of a refused page is fetched");
     }
 }
+
+/// An honest peer that runs catch-up only on connecting, on a log file at `path`.
+async fn honest_on_file(dir: &std::path::Path, path: &std::path::Path) -> Arc<P2PSyncClient> {
+    let storage: Arc<dyn ksync_core::Storage> =
+        Arc::new(ksync_storage_file::FileStorage::open(path).expect("open the log"));
+    let replica = ksync_core::Replica::open(storage).await.expect("replica");
+    let client = builder(dir, "a")
+        .anti_entropy_interval(Duration::from_secs(3600))
+        .replica(replica)
+        .build()
+        .expect("build");
+    client.start().await.expect("start");
+    Arc::new(client)
+}
+
+fn file_len(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).expect("the log file").len()
+}
+
+/// Waits until the liar has been asked for `n` pages, then a little longer, and returns how
+/// many it was asked for in all (so a test sees that the asking stopped at `n`).
+async fn asked_after(liar: &Liar, n: usize) -> usize {
+    let counter = Arc::clone(&liar.keys_requests);
+    wait_until(20, "the liar is asked for its pages", || {
+        counter.load(Ordering::SeqCst) >= n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    liar.keys_requests.load(Ordering::SeqCst)
+}
+
+/// A peer that says its log is endless and moves each page on by one sequence number: no
+/// honest responder ends a page short of its log's end with fewer than `limit` keys and fewer
+/// than `limit` sequence numbers covered, so the first such page is refused (a typed error),
+/// the round ends and nothing is stored for it, instead of a cursor record per page forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_log_walked_one_seq_at_a_time_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.log");
+    let a = honest_on_file(dir.path(), &path).await;
+    let watch = Watch::new(&a);
+    let liar = liar(|request| match request {
+        Request::Keys { after, .. } => Response::Keys {
+            log_id: 5,
+            len: u64::MAX,
+            entries: Vec::new(),
+            through: Some(after + 1),
+        },
+        Request::Fetch { .. } => Response::Events {
+            events: Vec::new(),
+            too_large: Vec::new(),
+        },
+    })
+    .await;
+    let before = file_len(&path);
+    a.connect_to_peer(&liar.addr.to_string())
+        .await
+        .expect("connect");
+    wait_until(10, "the liar is blamed", || !watch.blamed().is_empty()).await;
+    let (peer, reason) = watch.blamed()[0].clone();
+    assert_eq!(peer, peer_of(&liar.addr));
+    assert!(reason.contains("short of its log"), "{reason}");
+    assert_eq!(asked_after(&liar, 1).await, 1, "one page, refused");
+    let cursor = a.replica().cursor(&format!("p2p/{peer}")).expect("cursor");
+    assert_eq!(cursor, 0, "the cursor stays where it was");
+    assert_eq!(file_len(&path), before, "nothing stored for a refused page");
+}
+
+/// A peer whose log grows by a full page with every answer (each page its log's end): the
+/// round takes the pages the first answer's length called for plus a slack (8 + 16), then
+/// ends without blame; the next round walks on from where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_outgrows_the_walk_is_left_to_the_next_round() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = honest(dir.path(), "a").await;
+    let watch = Watch::new(&a);
+    let afters = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&afters);
+    let liar = liar(move |request| match request {
+        Request::Keys { after, .. } => {
+            seen.lock().expect("lock").push(*after);
+            Response::Keys {
+                log_id: 6,
+                len: after + 8192,
+                entries: Vec::new(),
+                through: Some(after + 8192),
+            }
+        }
+        Request::Fetch { .. } => Response::Events {
+            events: Vec::new(),
+            too_large: Vec::new(),
+        },
+    })
+    .await;
+    a.connect_to_peer(&liar.addr.to_string())
+        .await
+        .expect("connect");
+    assert_eq!(
+        asked_after(&liar, 24).await,
+        24,
+        "8 pages needed + 16 slack"
+    );
+    let peer = peer_of(&liar.addr);
+    let cursor = a.replica().cursor(&format!("p2p/{peer}")).expect("cursor");
+    assert_eq!(cursor, 24 * 8192, "stored at the round's end");
+    a.sync_now().await.expect("sync");
+    assert_eq!(asked_after(&liar, 48).await, 48);
+    assert_eq!(afters.lock().expect("lock")[24], 24 * 8192, "walks on");
+    assert!(watch.blamed().is_empty(), "{:?}", watch.blamed());
+}
+
+/// A peer that says its log is endless (`len = u64::MAX`) and answers with honest-looking
+/// empty pages, each covering 8,192 sequence numbers: one round asks it for at most 1,024
+/// pages, and stores its cursor every 64 pages and at the end, not once per page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_walks_an_endless_log_for_a_bounded_number_of_pages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.log");
+    let a = honest_on_file(dir.path(), &path).await;
+    let watch = Watch::new(&a);
+    let liar = liar(|request| match request {
+        Request::Keys { after, .. } => Response::Keys {
+            log_id: 8,
+            len: u64::MAX,
+            entries: Vec::new(),
+            through: Some(after + 8192),
+        },
+        Request::Fetch { .. } => Response::Events {
+            events: Vec::new(),
+            too_large: Vec::new(),
+        },
+    })
+    .await;
+    let before = file_len(&path);
+    a.connect_to_peer(&liar.addr.to_string())
+        .await
+        .expect("connect");
+    assert_eq!(asked_after(&liar, 1024).await, 1024);
+    let peer = peer_of(&liar.addr);
+    let cursor = a.replica().cursor(&format!("p2p/{peer}")).expect("cursor");
+    assert_eq!(cursor, 1024 * 8192);
+    // A cursor record names the peer (52 characters) and its value: one per page would grow
+    // the file by well over 50 KiB; one every 64 pages (17 in all, and the log id) by a
+    // few KiB.
+    let grown = file_len(&path) - before;
+    assert!(grown < 1024 * 16, "the log file grew by {grown} bytes");
+    assert!(watch.blamed().is_empty(), "{:?}", watch.blamed());
+}
