@@ -96,6 +96,21 @@ pub trait StorageProvider: Send + Sync + 'static {
     /// Every log that exists.
     fn list(&self) -> Result<Vec<LogName>, StorageError>;
 
+    /// The storage for `name` if it is open now; never opens (nor replays) a log. For
+    /// observers (a dashboard) that must not keep every log in memory. Default:
+    /// [`existing`](Self::existing), for providers that keep every log open anyway.
+    fn opened(&self, name: &LogName) -> Option<Arc<dyn Storage>> {
+        self.existing(name).ok().flatten()
+    }
+
+    /// How many events `name` holds, when that is known without opening it: a log that is
+    /// open, or one this provider closed (a closed log does not change until it is opened
+    /// again through the provider). `None` for a log not opened since the provider started.
+    /// Default: the length of [`opened`](Self::opened).
+    fn known_len(&self, name: &LogName) -> Option<u64> {
+        self.opened(name).map(|storage| storage.len())
+    }
+
     /// Makes every open log durable (for shutdown).
     fn flush_all(&self) -> crate::storage::BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async { Ok(()) })

@@ -171,11 +171,19 @@ function renderClients(total) {
   $('clients-empty').hidden = clients.length > 0;
 }
 
+// A log not opened since the server started has no known seq (the server does not open every
+// log on disk to count it).
+function seqCell(seq) {
+  const cell = el('td', 'num', seq === null ? '–' : String(seq));
+  if (seq === null) cell.title = 'not loaded since the server started';
+  return cell;
+}
+
 function renderRooms(rooms) {
   $('rooms').tBodies[0].replaceChildren(...rooms.map((r) => {
     const tr = el('tr');
     tr.dataset.room = r.name;
-    tr.append(el('td', '', r.name), el('td', 'num', String(r.seq)), el('td', 'num', String(r.clients)));
+    tr.append(el('td', '', r.name), seqCell(r.seq), el('td', 'num', String(r.clients)));
     return tr;
   }));
   $('rooms-empty').hidden = rooms.length > 0;
@@ -186,7 +194,7 @@ function renderRepos(repos) {
   for (const repo of repos) {
     for (const branch of repo.branches) {
       const tr = el('tr');
-      tr.append(el('td', '', repo.name), el('td', '', branch.name), el('td', 'num', String(branch.seq)));
+      tr.append(el('td', '', repo.name), el('td', '', branch.name), seqCell(branch.seq));
       rows.push(tr);
     }
   }

@@ -469,7 +469,8 @@ impl Feed {
         };
         let names: Vec<LogName> = names.into_iter().filter(|n| self.visible(n)).collect();
         for name in names {
-            let Ok(Some(storage)) = provider.existing(&name) else {
+            // Open logs only: opening one would replay it and keep it in memory.
+            let Some(storage) = provider.opened(&name) else {
                 continue;
             };
             let len = storage.len();
@@ -523,9 +524,24 @@ impl Feed {
         let mut grown: Vec<(LogName, u64, u64)> = Vec::new();
         let names: Vec<LogName> = names.into_iter().filter(|n| self.visible(n)).collect();
         for name in &names {
-            let seq = match provider.existing(name) {
-                Ok(Some(storage)) => storage.len(),
-                _ => continue,
+            // Known without opening the log (see `StorageProvider::known_len`): a monitor must
+            // not open every log on disk once a second. `null` for a log not opened since the
+            // server started.
+            let Some(seq) = provider.known_len(name) else {
+                match name {
+                    LogName::Room(room) => {
+                        let clients = per_room.get(room.as_str()).copied().unwrap_or(0);
+                        rooms.insert(
+                            room.to_string(),
+                            json!({"name": room.as_str(), "seq": null, "clients": clients}),
+                        );
+                    }
+                    LogName::Branch { repo, branch } => repos
+                        .entry(repo.to_string())
+                        .or_default()
+                        .push(json!({"name": branch.as_str(), "seq": null})),
+                }
+                continue;
             };
             total += seq;
             match name {
@@ -605,7 +621,7 @@ impl Feed {
                 let LogName::Branch { repo, branch } = &name else {
                     continue;
                 };
-                let Ok(Some(storage)) = provider.existing(&name) else {
+                let Some(storage) = provider.opened(&name) else {
                     continue;
                 };
                 let wanted = usize::try_from(seq - seen).unwrap_or(usize::MAX);

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use ksync_server::{ApiKey, AuthConfig, MONITOR_PATH, Server};
+use ksync_server::{ApiKey, AuthConfig, MONITOR_PATH, Server, ServerConfig};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -385,5 +385,55 @@ async fn a_monitor_must_start_with_hello() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4001),
         other => panic!("expected close 4001, got {other:?}"),
     }
+    running.shutdown().await.unwrap();
+}
+
+/// A monitor on a file-backed server never opens a log to count it: a room on disk from an
+/// earlier run shows `seq: null` until a client opens it, and keeps its count after the room
+/// closes again (a closed log does not change).
+#[tokio::test]
+async fn the_monitor_counts_file_logs_without_opening_them() {
+    use ksync_core::{Event, LogName, Name, StorageProvider};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let provider = ksync_storage_file::FileProvider::new(dir.path()).unwrap();
+        let old = provider
+            .open(&LogName::Room(Name::new("old").unwrap()))
+            .unwrap();
+        let events = (1..=3)
+            .map(|i| Event::new(format!("old-{i}"), "note", json!({"i": i}), 1))
+            .collect();
+        old.append(events).await.unwrap();
+        provider.flush_all().await.unwrap();
+    }
+    let config = ServerConfig {
+        in_memory: false,
+        data_dir: dir.path().to_path_buf(),
+        ..config(AuthConfig::default())
+    };
+    let running = Server::bind(config).await.unwrap();
+    let addr = running.local_addr();
+    let mut ws = monitor(addr, &[], 0).await;
+    let room = |stats: &Value| {
+        stats["rooms"]
+            .as_array()
+            .and_then(|rooms| rooms.iter().find(|r| r["name"] == "old").cloned())
+    };
+    // Two ticks: the monitor has looked at the room and still has not opened it.
+    for _ in 0..2 {
+        let stats = recv_kind(&mut ws, "stats").await;
+        assert_eq!(room(&stats).unwrap()["seq"], Value::Null, "{stats}");
+        assert_eq!(stats["eventsStored"], 0, "{stats}");
+    }
+    let client = join_room(addr, "old", &[]).await;
+    stats_until(&mut ws, |s| {
+        room(s).is_some_and(|r| r["seq"] == 3 && r["clients"] == 1)
+    })
+    .await;
+    drop(client);
+    // The room closes once its client has gone; its count stays known.
+    let stats = stats_until(&mut ws, |s| room(s).is_some_and(|r| r["clients"] == 0)).await;
+    assert_eq!(room(&stats).unwrap()["seq"], 3, "{stats}");
+    assert_eq!(stats["eventsStored"], 3, "{stats}");
     running.shutdown().await.unwrap();
 }

@@ -39,6 +39,10 @@ pub struct FileProvider {
     dir: PathBuf,
     options: FileStorageOptions,
     open: Mutex<HashMap<LogName, Arc<FileStorage>>>,
+    /// The length of each log this provider closed, as it was then (see
+    /// [`StorageProvider::known_len`]). One entry per log closed since the provider started:
+    /// bounded by the logs in the directory.
+    closed_lens: Mutex<HashMap<LogName, u64>>,
     /// Holds the directory's lock (see the type's docs) until the provider is dropped.
     _lock: fs::File,
 }
@@ -89,6 +93,7 @@ impl FileProvider {
             dir,
             options,
             open: Mutex::new(HashMap::new()),
+            closed_lens: Mutex::new(HashMap::new()),
             _lock: lock,
         })
     }
@@ -116,7 +121,15 @@ impl FileProvider {
     /// Forgets the open handle of `name`; the log closes when the last user drops its `Arc`.
     /// The next [`StorageProvider::open`] reopens (and replays) it.
     pub fn close(&self, name: &LogName) {
-        self.lock().remove(name);
+        let closed = self.lock().remove(name);
+        if let Some(storage) = closed {
+            self.remember_len(name, storage.len());
+        }
+    }
+
+    fn remember_len(&self, name: &LogName, len: u64) {
+        let mut lens = self.closed_lens.lock().unwrap_or_else(|p| p.into_inner());
+        lens.insert(name.clone(), len);
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<LogName, Arc<FileStorage>>> {
@@ -196,11 +209,28 @@ impl StorageProvider for FileProvider {
     /// find it taken.
     fn release(&self, name: &LogName) {
         let mut open = self.lock();
-        if open.get(name).is_some_and(|s| Arc::strong_count(s) == 1) {
+        if open.get(name).is_some_and(|s| Arc::strong_count(s) == 1)
+            && let Some(storage) = open.remove(name)
+        {
+            self.remember_len(name, storage.len());
             // Dropping it here joins its writer thread, which has already answered every
             // append (they were all awaited by whoever held the log).
-            drop(open.remove(name));
+            drop(storage);
         }
+    }
+
+    fn opened(&self, name: &LogName) -> Option<Arc<dyn Storage>> {
+        self.lock()
+            .get(name)
+            .map(|storage| Arc::clone(storage) as Arc<dyn Storage>)
+    }
+
+    fn known_len(&self, name: &LogName) -> Option<u64> {
+        if let Some(storage) = self.lock().get(name) {
+            return Some(storage.len());
+        }
+        let lens = self.closed_lens.lock().unwrap_or_else(|p| p.into_inner());
+        lens.get(name).copied()
     }
 
     fn flush_all(&self) -> BoxFuture<'_, Result<(), StorageError>> {

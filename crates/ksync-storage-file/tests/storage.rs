@@ -459,8 +459,10 @@ async fn release_closes_a_log_only_once_nobody_holds_it() {
     let provider = FileProvider::new(dir.path()).expect("provider");
     let room = LogName::Room(name("r"));
     let path = dir.path().join("rooms").join("r.log");
+    assert_eq!(provider.known_len(&room), None, "never opened");
     let log = provider.open(&room).expect("open");
     log.append(vec![ev("a", 1)]).await.expect("append");
+    assert_eq!(provider.known_len(&room), Some(1));
     // Held here: released in name only, the log stays open (its file stays locked).
     provider.release(&room);
     assert!(
@@ -471,6 +473,9 @@ async fn release_closes_a_log_only_once_nobody_holds_it() {
     assert!(Arc::ptr_eq(&provider.open(&room).expect("open"), &log));
     drop(log);
     provider.release(&room);
+    // Closed: known by the length it had, and not opened again to tell.
+    assert!(provider.opened(&room).is_none());
+    assert_eq!(provider.known_len(&room), Some(2));
     let direct = FileStorage::open(&path).expect("closed: the file lock is free");
     assert_eq!(direct.len(), 2);
     drop(direct);
