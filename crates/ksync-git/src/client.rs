@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::GitError;
 use crate::gzip::gzip;
 use crate::wire::{
-    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, DEFAULT_PUSH_BATCH,
-    DEFAULT_PUSH_BATCH_BYTES, ErrorBody, MergeRequest, MergeResponse, PROTOCOL_HEADER,
-    PullResponse, PushResponse, RepoInfo, from_json, write_event,
+    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_PAGE,
+    DEFAULT_PUSH_BATCH, DEFAULT_PUSH_BATCH_BYTES, ErrorBody, MergeRequest, MergeResponse,
+    PROTOCOL_HEADER, PullResponse, PushResponse, RepoInfo, from_json, write_event,
 };
 
 /// Replica metadata: the checked-out branch.
@@ -97,6 +97,7 @@ pub struct GitSyncClientBuilder {
     push_batch: usize,
     push_batch_bytes: usize,
     create_repo_if_missing: bool,
+    max_response_bytes: usize,
     filter: Option<Filter>,
     /// PEM root certificates trusted for `https://` besides the system's.
     tls_roots_pem: Vec<Vec<u8>>,
@@ -199,6 +200,16 @@ impl GitSyncClientBuilder {
         self
     }
 
+    /// Most bytes of one answer this client reads, after gzip decoding (default
+    /// [`DEFAULT_MAX_RESPONSE_BYTES`], 64 MiB). Answers are read in chunks and the read stops
+    /// at the limit with [`GitError::ResponseTooLarge`], so a hostile server or a gzip bomb
+    /// cannot exhaust memory. The service's pull pages stay under 8 MiB unless one event alone
+    /// is larger: keep this above the largest event the service accepts.
+    pub fn max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes.max(1);
+        self
+    }
+
     /// Checks the options and makes the client. No network traffic happens here.
     pub fn build(self) -> Result<GitSyncClient, SyncError> {
         let url = repo_url(&self.url).map_err(GitError::into_sync)?;
@@ -238,6 +249,7 @@ impl GitSyncClientBuilder {
                     client,
                     auth: Arc::new(RwLock::new(self.auth)),
                     compression: self.compression,
+                    max_response_bytes: self.max_response_bytes,
                 },
                 url: RwLock::new(url),
                 branch: self.branch,
@@ -445,6 +457,7 @@ impl GitSyncClient {
             push_batch: DEFAULT_PUSH_BATCH,
             push_batch_bytes: DEFAULT_PUSH_BATCH_BYTES,
             create_repo_if_missing: true,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             tls_roots_pem: Vec::new(),
             filter: None,
         }
@@ -1514,6 +1527,8 @@ struct Http {
     /// Shared by the clones a request takes, so that `set_auth` reaches them all.
     auth: Arc<RwLock<Option<Auth>>>,
     compression: bool,
+    /// Most bytes of one answer read (see [`GitSyncClientBuilder::max_response_bytes`]).
+    max_response_bytes: usize,
 }
 
 impl Http {
@@ -1565,7 +1580,7 @@ impl Http {
             }
         }
         let status = response.status();
-        let bytes = response.bytes().await.map_err(http)?;
+        let bytes = self.read_body(&url, response).await?;
         if !status.is_success() {
             let (code, message) = match from_json::<ErrorBody>(&bytes) {
                 Ok(body) => (body.error.code, body.error.message),
@@ -1595,6 +1610,46 @@ impl Http {
 /// Whether `error` is the service's 404 `repo_not_found`.
 fn is_repo_not_found(error: &SyncError) -> bool {
     GitError::of(error).and_then(GitError::code) == Some("repo_not_found")
+}
+
+impl Http {
+    /// Reads an answer's body (gzip already decoded by reqwest, so a bomb is counted as it
+    /// inflates) in chunks, up to `max_response_bytes`; past it the read stops (the
+    /// connection is dropped) with [`GitError::ResponseTooLarge`].
+    async fn read_body(
+        &self,
+        url: &str,
+        mut response: reqwest::Response,
+    ) -> Result<Vec<u8>, SyncError> {
+        let limit = self.max_response_bytes;
+        let too_large = || {
+            GitError::ResponseTooLarge {
+                url: url.to_owned(),
+                limit,
+            }
+            .into_sync()
+        };
+        // A declared length (absent when reqwest decodes gzip) refuses early, and sizes the
+        // buffer: never past the limit, whatever the server claims.
+        let declared = response.content_length().unwrap_or(0);
+        if declared > limit as u64 {
+            return Err(too_large());
+        }
+        let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(limit));
+        while let Some(chunk) = response.chunk().await.map_err(|source| {
+            GitError::Http {
+                url: url.to_owned(),
+                source,
+            }
+            .into_sync()
+        })? {
+            if chunk.len() > limit - body.len() {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
 }
 
 fn encode<B: Serialize + ?Sized>(url: &str, body: &B) -> Result<Vec<u8>, SyncError> {

@@ -39,6 +39,19 @@ pub enum GitError {
         /// The service's message.
         message: String,
     },
+    /// The answer was larger than the client reads ([`max_response_bytes`]); it was not read
+    /// further.
+    ///
+    /// [`max_response_bytes`]: crate::GitSyncClientBuilder::max_response_bytes
+    #[error(
+        "{url} answered with more than {limit} bytes (after decompression), the most this client reads"
+    )]
+    ResponseTooLarge {
+        /// The request URL.
+        url: String,
+        /// The client's limit, in bytes.
+        limit: usize,
+    },
     /// The answer could not be understood.
     #[error("unexpected answer from {url}: {reason}")]
     Protocol {

@@ -28,6 +28,12 @@ pub const DEFAULT_PUSH_BATCH: usize = 10_000;
 /// a 413. A single event larger than this is still sent, alone.
 pub const DEFAULT_PUSH_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
+/// Most bytes of one answer a client reads by default (after gzip decoding): four times the
+/// service's default body limit, so a page holding one event as large as the service accepts
+/// still fits, while a hostile server or a gzip bomb cannot make the client buffer without
+/// bound.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Decodes a JSON body. JSON text is UTF-8: checking the whole body once and parsing it as a
 /// `str` spares serde_json a UTF-8 check per string (about an eighth of decoding an event).
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
