@@ -97,6 +97,19 @@ pub enum P2PError {
     /// The local replica (storage) failed or refused the event.
     #[error("local replica: {0}")]
     Replica(#[source] SyncError),
+    /// A peer's catch-up answer held events over this node's `max_event_bytes` (the peer's
+    /// own limit may be larger, so this is no misbehaviour): they were skipped, not stored,
+    /// and are not asked for again from this peer. Reported as an `error` notification
+    /// without `status: error`.
+    #[error("skipped {} events from peer {peer} over max_event_bytes ({max} bytes): too large", keys.len())]
+    ReceivedTooLarge {
+        /// The peer.
+        peer: PeerId,
+        /// The skipped revisions.
+        keys: Vec<ksync_core::RevisionKey>,
+        /// This node's limit.
+        max: usize,
+    },
     /// A peer answered catch-up with something no honest peer sends (a page that does not
     /// follow the request, a log id that changes mid-round, events nobody asked for or the
     /// same revision twice). The answer is refused (in part or whole) and nothing of ours is

@@ -1369,7 +1369,7 @@ impl Node {
                 tracing::warn!(error = %e, "reading the log for catch-up failed");
             }
         }
-        let response = self.response_to(request);
+        let response = self.response_to(peer, request);
         if self
             .swarm
             .behaviour_mut()
@@ -1381,7 +1381,7 @@ impl Node {
         }
     }
 
-    fn response_to(&self, request: SyncRequest) -> SyncResponse {
+    fn response_to(&self, peer: PeerId, request: SyncRequest) -> SyncResponse {
         let storage = self.replica.storage();
         match request {
             SyncRequest::Keys { network, .. } | SyncRequest::Fetch { network, .. }
@@ -1457,6 +1457,17 @@ impl Node {
                         }
                     };
                     let size = event.json_len();
+                    // An event over our own limit (stored through `KSync::emit`, which stores
+                    // before `broadcast` refuses it, or received under a larger limit) is not
+                    // served, as it is not published: listed in `too_large`, so the requester
+                    // counts it done instead of taking it for a lie.
+                    if size > self.opts.max_event_bytes {
+                        tracing::info!(%peer, id = %key.id, version = key.version, size,
+                            max = self.opts.max_event_bytes,
+                            "an event catch-up asked for is over max_event_bytes; not sent");
+                        too_large.push(key);
+                        continue;
+                    }
                     if size > RESPONSE_BUDGET {
                         too_large.push(key);
                         continue;
@@ -1624,6 +1635,7 @@ impl Node {
         let mut valid = Vec::with_capacity(events.len());
         let mut received = HashSet::with_capacity(events.len());
         let (mut unrequested, mut repeated, mut invalid) = (0usize, 0usize, 0usize);
+        let mut oversized = Vec::new();
         for event in events {
             let key = event.key();
             if !requested.contains(&key) {
@@ -1637,19 +1649,36 @@ impl Node {
                 repeated += 1;
                 continue;
             }
-            let size = event.json_len();
-            if event.validate(&self.limits).is_err() || size > self.opts.max_event_bytes {
+            if event.validate(&self.limits).is_err() {
                 invalid += 1;
                 continue;
             }
+            // Over our limit is no lie: the peer's limit may be larger. Skipped, and said so.
+            if event.json_len() > self.opts.max_event_bytes {
+                oversized.push(event.key());
+                continue;
+            }
             valid.push(event);
+        }
+        if !oversized.is_empty() {
+            tracing::info!(%peer, skipped = oversized.len(), max = self.opts.max_event_bytes,
+                "catch-up answer held events over max_event_bytes; skipped");
+            // An `error` notification without `status: error`: nothing failed here.
+            self.notifier
+                .emit(Notification::Error(Arc::new(SyncError::from(
+                    P2PError::ReceivedTooLarge {
+                        peer,
+                        keys: oversized,
+                        max: self.opts.max_event_bytes,
+                    },
+                ))));
         }
         if unrequested + repeated + invalid > 0 {
             self.misbehaved(
                 peer,
                 format!(
                     "its answer held {unrequested} events not asked for, {repeated} repeated \
-                     revisions and {invalid} invalid or oversized events (all skipped)"
+                     revisions and {invalid} invalid events (all skipped)"
                 ),
             );
         }

@@ -357,7 +357,8 @@ pub(crate) enum SyncResponse {
     },
     /// The requested revisions the responder holds, in request order, up to
     /// [`RESPONSE_BUDGET`]; `too_large` lists those it will never send (larger than the
-    /// budget, or kept home by its filter or outgoing middleware).
+    /// budget or its own `max_event_bytes`, or kept home by its filter or outgoing
+    /// middleware).
     Events {
         events: Vec<Event>,
         too_large: Vec<RevisionKey>,
