@@ -40,7 +40,7 @@ pub(crate) enum RecordKind {
 }
 
 impl RecordKind {
-    fn from_byte(b: u8) -> Option<Self> {
+    pub(crate) fn from_byte(b: u8) -> Option<Self> {
         match b {
             1 => Some(Self::Event),
             2 => Some(Self::Meta),

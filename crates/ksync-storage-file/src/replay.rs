@@ -19,7 +19,8 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use ksync_core::{EncodedEvent, EncodedKey, IdHasher, LogIndex, StorageError};
 
 use crate::format::{
-    CODEC, CheckedRecord, Frame, HEADER_LEN, MAX_RECORD_LEN, RECORD_HEADER_LEN, check, parse_frame,
+    CODEC, CheckedRecord, Frame, HEADER_LEN, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordKind, check,
+    parse_frame,
 };
 
 /// Bytes the reader reads at a time (and about the size of one chunk of records).
@@ -350,7 +351,18 @@ fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>, hasher: 
     }
 }
 
+/// The longest a record can be on disk, header included.
+const MAX_FRAME_LEN: usize = RECORD_HEADER_LEN + MAX_RECORD_LEN;
+
+/// Bytes [`next_valid_record`] holds at once: a record starting anywhere in the first half fits
+/// whole, so the scan never needs more than this, however long the damaged tail.
+const SCAN_WINDOW: usize = 2 * MAX_FRAME_LEN;
+
 /// The offset of the first valid, decodable record that starts after `bad` (exclusive).
+///
+/// Reads the tail through a sliding window of [`SCAN_WINDOW`] bytes (reading it whole made
+/// a log damaged early allocate its whole size), and computes a checksum only where the
+/// length and kind could start a record.
 fn next_valid_record(path: &Path, bad: u64, end: u64) -> Result<Option<u64>, StorageError> {
     let mut file = File::open(path).map_err(io_err("reopening the log to scan its tail"))?;
     let from = bad + 1;
@@ -359,16 +371,47 @@ fn next_valid_record(path: &Path, bad: u64, end: u64) -> Result<Option<u64>, Sto
     }
     file.seek(SeekFrom::Start(from))
         .map_err(io_err("seeking the log tail"))?;
-    let mut rest = Vec::new();
-    file.take(end - from)
-        .read_to_end(&mut rest)
-        .map_err(io_err("reading the log tail"))?;
-    for i in 0..rest.len() {
-        if let Frame::Good { kind, payload, .. } = parse_frame(&rest[i..])
-            && check(kind, payload).is_ok()
-        {
-            return Ok(Some(from + i as u64));
+    let mut tail = file.take(end - from);
+    let mut window: Vec<u8> = Vec::new();
+    // The file offset of `window[0]`.
+    let mut window_at = from;
+    loop {
+        let wanted = SCAN_WINDOW - window.len();
+        let read = (&mut tail)
+            .take(wanted as u64)
+            .read_to_end(&mut window)
+            .map_err(io_err("reading the log tail"))?;
+        let at_end = read < wanted;
+        // Every start whose longest possible record is in the window (all of them at the end).
+        let starts = if at_end {
+            window.len()
+        } else {
+            window.len() - MAX_FRAME_LEN
+        };
+        for i in 0..starts {
+            if could_start_record(&window[i..])
+                && let Frame::Good { kind, payload, .. } = parse_frame(&window[i..])
+                && check(kind, payload).is_ok()
+            {
+                return Ok(Some(window_at + i as u64));
+            }
         }
+        if at_end {
+            return Ok(None);
+        }
+        window.drain(..starts);
+        window_at += starts as u64;
     }
-    Ok(None)
+}
+
+/// Whether `buf` could start a record: a length in range and a known kind (cheap; the
+/// checksum decides).
+fn could_start_record(buf: &[u8]) -> bool {
+    match buf {
+        [l0, l1, l2, l3, _, _, _, _, kind, ..] => {
+            u32::from_le_bytes([*l0, *l1, *l2, *l3]) as usize <= MAX_RECORD_LEN
+                && RecordKind::from_byte(*kind).is_some()
+        }
+        _ => false,
+    }
 }

@@ -305,3 +305,42 @@ fn large_logs_replay_across_chunks() {
         Some(true)
     );
 }
+
+/// Damage followed by more than a scan window (two of the largest records) of bytes that
+/// cannot start a record: the scan for a later valid record slides over it (it no longer
+/// reads the whole tail at once) and still finds the records beyond, so the damage is
+/// refused; with nothing valid beyond, it is a torn tail and cut.
+#[test]
+fn a_long_damaged_stretch_is_scanned_in_windows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log");
+    let ends = write_log(&path, 3);
+    let bytes = fs::read(&path).expect("read");
+    let garbage = vec![0xff_u8; 2 * (16 << 20) + (5 << 20) + 3];
+    let at = usize::try_from(ends[1]).expect("offset");
+
+    let mut refused = bytes[..at].to_vec();
+    refused.extend_from_slice(&garbage);
+    refused.extend_from_slice(&bytes[at..]);
+    fs::write(&path, &refused).expect("write");
+    match FileStorage::open(&path) {
+        Err(StorageError::Corrupt { offset, .. }) => assert_eq!(offset, ends[1]),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(
+        fs::read(&path).expect("read").len(),
+        refused.len(),
+        "left alone"
+    );
+
+    let mut torn = bytes[..at].to_vec();
+    torn.extend_from_slice(&garbage);
+    fs::write(&path, &torn).expect("write");
+    let storage = FileStorage::open(&path).expect("open");
+    assert_eq!(storage.len(), 1);
+    let tail = storage.recovery().cut_tail.clone().expect("tail");
+    assert_eq!(
+        (tail.offset, tail.bytes_cut),
+        (ends[1], garbage.len() as u64)
+    );
+}
