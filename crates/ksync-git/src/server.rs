@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::gzip::{GunzipError, accepts_gzip, gunzip, gzip};
 use crate::wire::{
-    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, ErrorBody, ErrorDetail,
-    MergeConflict, MergeRequest, MergeResponse, PROTOCOL_HEADER, PushRequest, PushResponse,
-    RejectedEvent, RepoInfo, from_json, write_event,
+    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, DEFAULT_PAGE_BYTES, ErrorBody,
+    ErrorDetail, MergeConflict, MergeRequest, MergeResponse, PROTOCOL_HEADER, PushRequest,
+    PushResponse, RejectedEvent, RepoInfo, from_json, write_event,
 };
 
 /// Metadata key of a branch's fork record; a log without it is not (yet) a branch.
@@ -99,6 +99,12 @@ pub struct GitServerConfig {
     pub default_page: usize,
     /// Largest `limit` honoured; larger ones are cut to it. Default 10,000.
     pub max_page: usize,
+    /// Most bytes of encoded events in one pull page (default [`DEFAULT_PAGE_BYTES`], 8 MiB):
+    /// a page ends before the event that would take it past this, unless that event is the
+    /// page's first (an event larger than the budget goes alone), and `next` says where the
+    /// rest starts. Without it a page could hold `max_page` events of up to the body limit
+    /// each: gigabytes built in memory for one answer.
+    pub max_page_bytes: usize,
     /// Responses at least this large are gzip-compressed for clients that accept gzip.
     /// Default 1 KiB.
     pub compress_min_bytes: usize,
@@ -112,6 +118,7 @@ impl Default for GitServerConfig {
             max_body_bytes: 16 * 1024 * 1024,
             default_page: DEFAULT_PAGE,
             max_page: 10_000,
+            max_page_bytes: DEFAULT_PAGE_BYTES,
             compress_min_bytes: 1024,
             event_limits: EventLimits::default(),
         }
@@ -842,8 +849,11 @@ async fn pull(
     let count = usize::try_from(server_version - since).map_or(limit, |left| left.min(limit));
     let json = pull_page(
         storage.as_ref(),
-        since,
-        count,
+        PageSpan {
+            since,
+            count,
+            bytes: s.inner.config.max_page_bytes,
+        },
         server_version,
         record.log_id.as_deref(),
     )?;
@@ -853,41 +863,76 @@ async fn pull(
 /// Events encoded per storage visit: the in-memory storage holds its lock while a visit runs,
 /// so a page is encoded in slices that leave room for appends in between.
 const ENCODE_SLICE: usize = 1000;
+/// Events in a page's first visit, before their size is known: a visit reads (decodes, for a
+/// file log) every event it covers, also those past the byte budget, so slices after it are
+/// sized by the events seen so far.
+const FIRST_SLICE: usize = 64;
 
-/// A [`PullResponse`](crate::wire::PullResponse) of up to `count` events after `since`,
-/// encoded straight from the storage (no copies of the events).
-fn pull_page(
-    storage: &dyn Storage,
+/// Which events a pull page may hold: after `since`, up to `count` events and `bytes` of
+/// encoded events (at least one event).
+#[derive(Debug, Clone, Copy)]
+struct PageSpan {
     since: u64,
     count: usize,
+    bytes: usize,
+}
+
+/// A [`PullResponse`](crate::wire::PullResponse) of the events `span` allows, encoded straight
+/// from the storage (no copies of the events).
+fn pull_page(
+    storage: &dyn Storage,
+    span: PageSpan,
     server_version: u64,
     log_id: Option<&str>,
 ) -> Result<Vec<u8>, ApiError> {
+    let PageSpan {
+        since,
+        count,
+        bytes: budget,
+    } = span;
     // ~200-300 bytes per typical event; the Vec grows past a wrong guess.
-    let mut json = Vec::with_capacity(count.min(ENCODE_SLICE * 16) * 256 + 96);
+    let mut json = Vec::with_capacity((count.min(ENCODE_SLICE * 16) * 256).min(budget) + 96);
     json.extend_from_slice(b"{\"since\":");
     json.extend_from_slice(since.to_string().as_bytes());
     json.extend_from_slice(b",\"events\":[");
     let first = json.len();
     let mut read = 0;
     let mut failed = None;
-    while read < count {
-        let want = (count - read).min(ENCODE_SLICE);
+    let mut full = false;
+    while read < count && !full {
+        let written = json.len() - first;
+        // After the first slice: as many as the budget left holds at the average size so far,
+        // plus one (the event that fills it).
+        let fits = match written.checked_div(read) {
+            Some(per_event) => budget.saturating_sub(written) / per_event.max(1) + 1,
+            None => FIRST_SLICE,
+        };
+        let want = (count - read).min(ENCODE_SLICE).min(fits);
+        let mut taken = 0;
         let visited = storage.visit_since(since + read as u64, want, &mut |_, event| {
-            if failed.is_some() {
+            if failed.is_some() || full {
                 return;
             }
+            let mark = json.len();
             if json.len() > first {
                 json.push(b',');
             }
             if let Err(e) = write_event(&mut json, event) {
                 failed = Some(e);
+                return;
             }
+            if json.len() - first > budget && read + taken > 0 {
+                // Over the budget: this event starts the next page.
+                json.truncate(mark);
+                full = true;
+                return;
+            }
+            taken += 1;
         })?;
         if let Some(e) = failed {
             return Err(ApiError::internal(format!("encoding events: {e}")));
         }
-        read += visited;
+        read += taken;
         if visited < want {
             break;
         }
@@ -1101,7 +1146,12 @@ mod tests {
             .collect();
         storage.append(events.clone()).await.expect("append");
         for (since, count, next) in [(0, 2500, None), (10, 1200, Some(1210)), (2400, 500, None)] {
-            let body = pull_page(&storage, since, count, 2500, Some("a\"b")).expect("encode");
+            let span = PageSpan {
+                since,
+                count,
+                bytes: usize::MAX,
+            };
+            let body = pull_page(&storage, span, 2500, Some("a\"b")).expect("encode");
             let page: crate::wire::PullResponse =
                 serde_json::from_slice(&body).expect("a PullResponse");
             let from = usize::try_from(since).expect("small");
@@ -1113,11 +1163,60 @@ mod tests {
             );
             assert_eq!(page.log_id.as_deref(), Some("a\"b"));
         }
-        let body = pull_page(&storage, 2500, 10, 2500, None).expect("encode");
+        let span = PageSpan {
+            since: 2500,
+            count: 10,
+            bytes: usize::MAX,
+        };
+        let body = pull_page(&storage, span, 2500, None).expect("encode");
         assert_eq!(
             body,
             br#"{"since":2500,"events":[],"serverVersion":2500,"next":null}"#
         );
+    }
+
+    /// A page stops before the event that would take its events past the byte budget, and
+    /// holds at least one event, however large.
+    #[tokio::test]
+    async fn pages_stop_at_the_byte_budget() {
+        use ksync_core::{Event, InMemoryStorage};
+        let storage = InMemoryStorage::new();
+        let mut events: Vec<Event> = (0..300)
+            .map(|i| Event::new(format!("e{i}"), "t", serde_json::json!("x".repeat(100)), 1))
+            .collect();
+        events[150] = Event::new("big", "t", serde_json::json!("y".repeat(5000)), 1);
+        storage.append(events.clone()).await.expect("append");
+        let budget = 1000;
+        let mut since = 0;
+        let mut got = Vec::new();
+        while since < 300 {
+            let span = PageSpan {
+                since,
+                count: 1000,
+                bytes: budget,
+            };
+            let body = pull_page(&storage, span, 300, None).expect("encode");
+            let page: crate::wire::PullResponse =
+                serde_json::from_slice(&body).expect("a PullResponse");
+            let n = page.events.len();
+            assert!(n >= 1);
+            let events_json = serde_json::to_vec(&page.events).expect("json").len();
+            assert!(
+                events_json <= budget + 2 || n == 1,
+                "{events_json} bytes in {n}"
+            );
+            let end = since + n as u64;
+            assert_eq!(page.next, (end < 300).then_some(end));
+            // Not cut short: the next event would not have fitted.
+            if let Some(next) = page.next {
+                let mut more = page.events.clone();
+                more.push(events[usize::try_from(next).expect("small")].clone());
+                assert!(serde_json::to_vec(&more).expect("json").len() > budget + 2);
+            }
+            since += n as u64;
+            got.extend(page.events);
+        }
+        assert_eq!(got, events);
     }
 
     #[test]

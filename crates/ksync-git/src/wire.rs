@@ -34,6 +34,10 @@ pub const DEFAULT_PUSH_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// bound.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Most bytes of events in one pull page by default (`GitServerConfig::max_page_bytes`): a
+/// page ends before the event that would take it past this, unless it is the page's first.
+pub const DEFAULT_PAGE_BYTES: usize = 8 * 1024 * 1024;
+
 /// Decodes a JSON body. JSON text is UTF-8: checking the whole body once and parsing it as a
 /// `str` spares serde_json a UTF-8 check per string (about an eighth of decoding an event).
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {

@@ -117,3 +117,68 @@ async fn answers_under_the_limit_are_read() {
     let pulled = c.pull().await.expect("pull");
     assert_eq!(pulled.server_version, 0);
 }
+
+/// The service cuts a pull page at `max_page_bytes` of events (one event larger than that
+/// goes alone) and says where the rest starts; a client pulls everything, in order.
+#[tokio::test]
+async fn pull_pages_stop_at_the_byte_budget_and_the_client_gets_everything_in_order() {
+    use std::sync::Arc;
+
+    use ksync_core::{Event, SyncClient};
+    use ksync_git::server::GitServerConfig;
+    use serde_json::json;
+
+    let budget = 64 * 1024;
+    let server = common::start_with(
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        GitServerConfig {
+            max_page_bytes: budget,
+            ..GitServerConfig::default()
+        },
+        &["r"],
+    )
+    .await;
+    let url = server.repo_url("r");
+    let writer = common::client(&url);
+    for i in 0..40 {
+        // ~10 KiB each, and one of ~100 KiB, over the budget on its own.
+        let size = if i == 17 { 100 * 1024 } else { 10 * 1024 };
+        writer
+            .send(Event::new(
+                format!("e{i:02}"),
+                "blob",
+                json!("x".repeat(size)),
+                1,
+            ))
+            .await
+            .expect("send");
+    }
+    assert_eq!(writer.push().await.expect("push").pushed_events.len(), 40);
+
+    // Raw: the first page asks for 1000 events and gets what fits in the budget.
+    let (status, page) = common::call(
+        common::http().get(server.url("/git/r/branches/main/events?since=0&limit=1000")),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let events = page["events"].as_array().expect("events");
+    assert!((1..40).contains(&events.len()), "{} events", events.len());
+    assert!(serde_json::to_vec(events).expect("json").len() <= budget + 2);
+    assert_eq!(page["next"], json!(events.len()));
+    assert_eq!(page["serverVersion"], json!(40));
+    // The large event alone.
+    let (_, page) = common::call(
+        common::http().get(server.url("/git/r/branches/main/events?since=17&limit=1000")),
+    )
+    .await;
+    assert_eq!(page["events"].as_array().expect("events").len(), 1);
+    assert_eq!(page["next"], json!(18));
+
+    let reader = common::client(&url);
+    let pulled = reader.pull().await.expect("pull");
+    let ids: Vec<String> = pulled.new_events.iter().map(|e| e.id.clone()).collect();
+    let expected: Vec<String> = (0..40).map(|i| format!("e{i:02}")).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(pulled.server_version, 40);
+    assert_eq!(reader.local_status().expect("status").pulled_version, 40);
+}
