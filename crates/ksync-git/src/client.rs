@@ -385,6 +385,38 @@ struct AutoPull {
     armed: bool,
 }
 
+/// The branch argument of [`GitSyncClient::clone`], which the spec lets callers leave out
+/// (`clone(url, branch?)`): a name (`&str`, `&String`, `String`) or an `Option<&str>`, where
+/// `None` is the repository's default branch (`main`).
+pub trait OptionalBranch {
+    /// The branch named, if any.
+    fn branch(&self) -> Option<&str>;
+}
+
+impl OptionalBranch for &str {
+    fn branch(&self) -> Option<&str> {
+        Some(self)
+    }
+}
+
+impl OptionalBranch for &String {
+    fn branch(&self) -> Option<&str> {
+        Some(self.as_str())
+    }
+}
+
+impl OptionalBranch for String {
+    fn branch(&self) -> Option<&str> {
+        Some(self.as_str())
+    }
+}
+
+impl OptionalBranch for Option<&str> {
+    fn branch(&self) -> Option<&str> {
+        *self
+    }
+}
+
 /// Which branch each range of the local log belongs to: `(first local seq, branch)` in
 /// order. A checkout starts a new range at the next sequence number.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -800,15 +832,19 @@ impl GitSyncClient {
         Ok(result)
     }
 
-    /// The spec's `clone(url, branch)`: points this client at the repository `url`, checks out
-    /// `branch` and pulls all of it (from version 0, whatever was pulled before). It is also
+    /// The spec's `clone(url, branch?)`: points this client at the repository `url`, checks out
+    /// `branch` (a name, or `None`: the repository's default branch, `main`) and pulls all of it (from version 0, whatever was pulled before). It is also
     /// the way back after the service answered 409 `version_ahead` (the branch was reset):
     /// then this replica's own events of `branch` are pushed again by the next push.
     ///
     /// Through an `Arc` (as `KSync::client()` hands it out), `client.clone(..)` names
     /// `Arc::clone` first; call [`GitSyncClient::clone_repo`] there, or
     /// `GitSyncClient::clone(&client, url, branch)`.
-    pub async fn clone(&self, url: &str, branch: &str) -> Result<PullResult, SyncError> {
+    pub async fn clone(
+        &self,
+        url: &str,
+        branch: impl OptionalBranch,
+    ) -> Result<PullResult, SyncError> {
         self.clone_repo(url, branch).await
     }
 
@@ -818,22 +854,39 @@ impl GitSyncClient {
     /// # async fn demo(ksync: ksync_core::KSync<ksync_git::GitSyncClient>) -> Result<(), ksync_core::SyncError> {
     /// let cloned = ksync.client().clone_repo("http://127.0.0.1:8080/git/notes", "main").await?;
     /// println!("{} events", cloned.new_events.len());
+    /// // The branch may be left out: the repository's default branch, `main`.
+    /// ksync.client().clone_repo("http://127.0.0.1:8080/git/notes", None).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn clone_repo(&self, url: &str, branch: &str) -> Result<PullResult, SyncError> {
+    pub async fn clone_repo(
+        &self,
+        url: &str,
+        branch: impl OptionalBranch,
+    ) -> Result<PullResult, SyncError> {
         // A clone is a pull: `syncing`, then `idle` or `error`.
-        self.run(self.clone_branch(url, branch)).await
+        self.run(self.clone_branch(url, branch.branch())).await
     }
 
-    async fn clone_branch(&self, url: &str, branch: &str) -> Result<PullResult, SyncError> {
+    async fn clone_branch(&self, url: &str, branch: Option<&str>) -> Result<PullResult, SyncError> {
         let url = repo_url(url).map_err(GitError::into_sync)?;
-        branch_name(branch)?;
+        if let Some(branch) = branch {
+            branch_name(branch)?;
+        }
         let _op = self.inner.op.lock().await;
         // Checked before anything changes: a clone that fails (a mistyped URL, a missing
         // branch) leaves the client on its repository and branch.
         let info: RepoInfo = self
             .request(reqwest::Method::GET, &url, None::<&()>)
             .await?;
+        // No branch named: the one the service calls the default (`main`).
+        let branch = match branch {
+            Some(branch) => branch.to_owned(),
+            None => {
+                branch_name(&info.default_branch)?;
+                info.default_branch.clone()
+            }
+        };
+        let branch = branch.as_str();
         if !info.branches.iter().any(|b| b.name == branch) {
             return Err(GitError::Server {
                 url,

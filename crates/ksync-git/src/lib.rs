@@ -15,7 +15,8 @@ pub mod server;
 pub mod wire;
 
 pub use client::{
-    GitSyncClient, GitSyncClientBuilder, LocalStatus, MergeResult, Phase, Progress, ProgressFn,
+    GitSyncClient, GitSyncClientBuilder, LocalStatus, MergeResult, OptionalBranch, Phase, Progress,
+    ProgressFn,
 };
 pub use error::GitError;
 pub use wire::{BranchInfo, RepoInfo};

@@ -227,3 +227,30 @@ async fn disconnect_stops_an_auto_pull_that_started_by_itself() {
     c.connect().await.expect("connect starts it again");
     assert!(eventually_holds(&c, "late").await);
 }
+
+/// The spec's `clone(url, branch?)`: without a branch, the repository's default (`main`).
+#[tokio::test]
+async fn clone_without_a_branch_clones_main() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let writer = client(&url);
+    writer
+        .send(Event::new("a", "t", json!(1), 1))
+        .await
+        .expect("send");
+    writer.push().await.expect("push");
+    writer.create_branch("side").await.expect("branch");
+
+    let c = client(&server.repo_url("elsewhere"));
+    let cloned = c.clone(&url, None).await.expect("clone");
+    let ids: Vec<&str> = cloned.new_events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["a"]);
+    assert_eq!(c.current_branch(), "main");
+    assert_eq!(c.url(), url);
+    // A name still works, also as a `&String` (as the CLI passes it) or a `String`.
+    let name = String::from("side");
+    let side = client(&url);
+    side.clone_repo(&url, &name).await.expect("clone side");
+    side.clone_repo(&url, name).await.expect("clone side again");
+    assert_eq!(side.current_branch(), "side");
+}
