@@ -202,3 +202,66 @@ async fn client_with_bad_credentials_fails_fast_and_does_not_retry() {
     ok.disconnect().await.expect("disconnect");
     server.stop().await;
 }
+
+/// In-band refusals hold an upgraded socket for a while each: at most
+/// `max_in_band_refusals` at once. Past that the refusal is the HTTP status; a slot frees
+/// once its refusal is over.
+#[tokio::test]
+async fn in_band_refusals_are_bounded() {
+    let config = RelayConfig {
+        max_in_band_refusals: 2,
+        ..RelayConfig::default()
+    };
+    let server = start_with(
+        config,
+        Arc::new(InMemoryProvider::new()),
+        Arc::new(TestKeys),
+    )
+    .await;
+    let url = server.url(Some("a"));
+    let request = || {
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                url.as_str(),
+            )
+            .expect("request");
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            "ksync.v1, ksync.auth.bad-token".parse().expect("header"),
+        );
+        request
+    };
+    // Two refusals in progress: told in-band, and held (these clients do not answer the close).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (mut refused, _) = tokio_tungstenite::connect_async(request())
+            .await
+            .expect("upgraded to be told why");
+        assert_eq!(recv_json(&mut refused).await["code"], "unauthorized");
+        held.push(refused);
+    }
+    match tokio_tungstenite::connect_async(request()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("expected a plain 401, got {other:?}"),
+    }
+    // One answers its close: its refusal is over, and the next is in-band again.
+    let mut done = held.pop().expect("held");
+    futures_util::SinkExt::close(&mut done)
+        .await
+        .expect("close");
+    while futures_util::StreamExt::next(&mut done).await.is_some() {}
+    let mut again = None;
+    for _ in 0..100 {
+        match tokio_tungstenite::connect_async(request()).await {
+            Ok((ws, _)) => {
+                again = Some(ws);
+                break;
+            }
+            // The slot is freed when the refusal's task ends, just after the close.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    let mut again = again.expect("in-band again once a slot is free");
+    assert_eq!(recv_json(&mut again).await["code"], "unauthorized");
+    server.stop().await;
+}

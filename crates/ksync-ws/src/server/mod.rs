@@ -32,7 +32,7 @@ use ksync_core::{
     Access, AuthError, Authenticator, Credentials, LogName, Name, ResourceKind, StorageProvider,
     Stored,
 };
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot, watch};
 
 use crate::protocol::{self, close, code};
 use room::{Member, Room, RoomCommand, RoomLink};
@@ -91,6 +91,12 @@ pub struct RelayConfig {
     /// WebSocket write buffer per connection, in bytes (frames are flushed once it holds this
     /// much, and after each batch of queued frames). Default 4096.
     pub write_buffer_size: usize,
+    /// Most in-band refusals in progress at once (each an upgraded socket, held for at most
+    /// 5 s while the refusal is delivered, and not counted in `max_connections`). Overflow
+    /// policy: past it a refusal is the plain HTTP status, as for clients that do not take
+    /// refusals in-band (a browser then sees a failed connection and retries with backoff).
+    /// Default 1024.
+    pub max_in_band_refusals: usize,
 }
 
 impl Default for RelayConfig {
@@ -110,6 +116,7 @@ impl Default for RelayConfig {
             page_size: 512,
             read_buffer_size: 2048,
             write_buffer_size: 4096,
+            max_in_band_refusals: 1024,
         }
     }
 }
@@ -193,6 +200,8 @@ pub(crate) struct Shared {
     rooms: Mutex<HashMap<Name, RoomHandle>>,
     next_room: AtomicU64,
     connections: AtomicUsize,
+    /// One permit per in-band refusal in progress (`RelayConfig::max_in_band_refusals`).
+    in_band_refusals: Arc<Semaphore>,
     next_conn: AtomicU64,
     /// Observers' feed; see [`ACTIVITY_CAPACITY`] for the overflow policy.
     activity: broadcast::Sender<RelayActivity>,
@@ -290,6 +299,9 @@ impl Relay {
         }
         let (shutdown, _) = watch::channel(false);
         let (activity, _) = broadcast::channel(ACTIVITY_CAPACITY);
+        let in_band_refusals = Arc::new(Semaphore::new(
+            config.max_in_band_refusals.min(Semaphore::MAX_PERMITS),
+        ));
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -299,6 +311,7 @@ impl Relay {
                 rooms: Mutex::new(HashMap::new()),
                 next_room: AtomicU64::new(0),
                 connections: AtomicUsize::new(0),
+                in_band_refusals,
                 next_conn: AtomicU64::new(1),
                 activity,
                 clients: Mutex::new(std::collections::BTreeMap::new()),
@@ -432,14 +445,23 @@ impl Relay {
         // would retry wrong credentials forever: a client that offers our subprotocol (the
         // browser client does) is refused after the upgrade instead, with an `error` and a
         // close code it can act on.
-        let in_band = wants_in_band_refusal(headers);
+        // A slot for an in-band refusal, when the client takes them and one is free.
+        let in_band = || {
+            wants_in_band_refusal(headers)
+                .then(|| {
+                    Arc::clone(&shared.in_band_refusals)
+                        .try_acquire_owned()
+                        .ok()
+                })
+                .flatten()
+        };
         let room = match room {
             None => shared.default_room.clone(),
             Some(r) => match Name::new(r) {
                 Ok(name) => name,
                 Err(e) => {
                     return Refusal::new(StatusCode::BAD_REQUEST, format!("bad room name: {e}"))
-                        .upgrade(ws, in_band);
+                        .upgrade(ws, in_band());
                 }
             },
         };
@@ -448,13 +470,13 @@ impl Relay {
             Ok(grant) => grant,
             Err(e) => {
                 tracing::info!(room = %room, error = %e, "websocket auth refused");
-                return Refusal::auth(&e).upgrade(ws, in_band);
+                return Refusal::auth(&e).upgrade(ws, in_band());
             }
         };
         if !grant.allows(ResourceKind::Room, room.as_str(), Access::Read) {
             tracing::info!(room = %room, subject = %grant.subject, "room not allowed");
             return Refusal::new(StatusCode::FORBIDDEN, "not allowed to read this room")
-                .upgrade(ws, in_band);
+                .upgrade(ws, in_band());
         }
         let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
         let slot = ConnectionSlot(Arc::clone(shared));
@@ -770,9 +792,14 @@ impl Refusal {
         response
     }
 
-    /// The answer to the upgrade `ws`: in-band when `in_band` and the status has an in-band
-    /// form, else the HTTP answer.
-    pub fn upgrade(self, ws: WebSocketUpgrade, in_band: bool) -> Response {
+    /// The answer to the upgrade `ws`: in-band when given an in-band refusal slot (see
+    /// `RelayConfig::max_in_band_refusals`) and the status has an in-band form, else the HTTP
+    /// answer.
+    pub(crate) fn upgrade(
+        self,
+        ws: WebSocketUpgrade,
+        in_band: Option<OwnedSemaphorePermit>,
+    ) -> Response {
         let in_band_form = match self.status {
             StatusCode::BAD_REQUEST => Some((code::BAD_ROOM, close::BAD_ROOM)),
             StatusCode::UNAUTHORIZED => Some((code::UNAUTHORIZED, close::UNAUTHORIZED)),
@@ -780,9 +807,9 @@ impl Refusal {
             StatusCode::TOO_MANY_REQUESTS => Some((code::RATE_LIMITED, close::RATE_LIMITED)),
             _ => None,
         };
-        match in_band_form {
-            Some((error_code, close_code)) if in_band => {
-                refuse_in_band(ws, error_code, close_code, self.message)
+        match (in_band_form, in_band) {
+            (Some((error_code, close_code)), Some(slot)) => {
+                refuse_in_band(ws, error_code, close_code, self.message, slot)
             }
             _ => self.http(),
         }
@@ -790,13 +817,14 @@ impl Refusal {
 }
 
 /// Accepts the upgrade only to say no: an `error` message, then a close with `close_code`.
-/// The connection is not counted against `max_connections` and lives at most
-/// [`IN_BAND_REFUSAL_TIMEOUT`] with small buffers.
+/// The connection is not counted against `max_connections`: it holds `slot` (one of
+/// `max_in_band_refusals`) and lives at most [`IN_BAND_REFUSAL_TIMEOUT`] with small buffers.
 fn refuse_in_band(
     ws: WebSocketUpgrade,
     error_code: &'static str,
     close_code: u16,
     message: String,
+    slot: OwnedSemaphorePermit,
 ) -> Response {
     use axum::extract::ws::{CloseFrame, Message};
 
@@ -806,6 +834,9 @@ fn refuse_in_band(
         .max_message_size(1024)
         .max_frame_size(1024)
         .on_upgrade(move |mut socket| async move {
+            // Held until the refusal is over (or dropped with this callback when the upgrade
+            // never completes).
+            let _slot = slot;
             let error = protocol::ServerMessage::error(error_code, message, None);
             let text = serde_json::to_string(&error).unwrap_or_default();
             let refuse = async {
