@@ -117,7 +117,10 @@ impl<C: SyncClient + ?Sized> KSyncBuilder<C> {
 }
 
 impl<C: SyncClient + ?Sized> KSync<C> {
-    /// Connects the client; pending events go out.
+    /// Connects the client. What follows depends on the transport: a real-time client
+    /// (WebSocket, peer-to-peer) sends the pending events and keeps syncing; a pull/push client
+    /// (Git-like HTTP) checks its repository and starts its automatic pulls, and pending events
+    /// wait for [`push`](Self::push) or [`sync`](Self::sync) (or auto-sync).
     pub async fn connect(&self) -> Result<(), SyncError> {
         self.client.connect().await
     }
