@@ -351,7 +351,10 @@ async fn clone(args: CloneArgs) -> Result<()> {
 }
 
 fn build_client(url: &str, common: &Common) -> Result<GitSyncClient> {
+    // As git does: the CLI works on a clone of a repository that exists, and a repository
+    // gone from the server is an error (exit 5), not silently made anew and empty.
     let mut builder = GitSyncClient::builder(url)
+        .create_repo_if_missing(false)
         .request_timeout(Duration::from_secs(common.timeout.max(1)))
         .connect_timeout(Duration::from_secs(common.timeout.clamp(1, 10)));
     if let Some(path) = &common.tls_root_cert {

@@ -85,6 +85,16 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     max_connections: usize,
 
+    /// Most repository (`/git/...`) requests handled at once; more get 503 `busy` at once.
+    #[arg(long, env = "KSYNC_MAX_GIT_REQUESTS", default_value_t = u32::try_from(Limits::default().max_git_requests).unwrap_or(u32::MAX),
+        value_parser = clap::value_parser!(u32).range(1..))]
+    max_git_requests: u32,
+
+    /// Longest wait, in seconds, for the next piece of a request body before 408.
+    #[arg(long, env = "KSYNC_REQUEST_BODY_TIMEOUT_SECS", default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..))]
+    request_body_timeout_secs: u64,
+
     /// Seconds between heartbeats (pings) on idle WebSockets.
     #[arg(long, env = "KSYNC_HEARTBEAT_SECS", default_value_t = 30)]
     heartbeat_secs: u64,
@@ -171,6 +181,8 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 heartbeat: Duration::from_secs(self.heartbeat_secs),
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+                max_git_requests: usize::try_from(self.max_git_requests).unwrap_or(usize::MAX),
+                request_body_timeout: Duration::from_secs(self.request_body_timeout_secs),
             },
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),

@@ -371,7 +371,7 @@ impl GitServer {
         };
         let raw = axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|_| ApiError::too_large(limit))?;
+            .map_err(|e| body_error(&e, limit))?;
         let unpacked;
         let plain: &[u8] = if gzipped {
             unpacked = gunzip(&raw, limit).map_err(|e| match e {
@@ -530,6 +530,14 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "branch_not_found",
             format!("branch \"{branch}\" does not exist in repository \"{repo}\""),
+        )
+    }
+
+    fn body_incomplete() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_incomplete",
+            "the request body stopped arriving before it was complete",
         )
     }
 
@@ -1112,6 +1120,19 @@ async fn merge(
     tracing::info!(%repo, into = %into_name, from = %from_name, appended = body.appended,
         conflicts = body.conflicts.len(), "git: merge");
     Ok(s.respond(StatusCode::OK, &headers, &body))
+}
+
+/// Why a request body could not be read: over `limit` (413), or it stopped arriving (408:
+/// the server's body timeout, or the client went away mid-body).
+fn body_error(error: &axum::Error, limit: usize) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return ApiError::too_large(limit);
+        }
+        cause = e.source();
+    }
+    ApiError::body_incomplete()
 }
 
 #[cfg(test)]

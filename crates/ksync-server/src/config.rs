@@ -68,6 +68,13 @@ pub struct Limits {
     pub heartbeat: Duration,
     /// How long shutdown waits for open connections to close before flushing anyway (10 s).
     pub shutdown_timeout: Duration,
+    /// Most repository requests (`/git/...`) handled at once (256). Each may hold a body of up
+    /// to the push limit in memory; more are answered at once with 503 `busy` and
+    /// `Retry-After: 1` (load shedding: nothing waits in an unbounded queue).
+    pub max_git_requests: usize,
+    /// Longest wait for the next piece of a request body (30 s); a client that stops sending
+    /// mid-body gets 408 and its request's memory is freed. The whole body may take longer.
+    pub request_body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -77,6 +84,8 @@ impl Default for Limits {
             max_connections: 10_000,
             heartbeat: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            max_git_requests: 256,
+            request_body_timeout: Duration::from_secs(30),
         }
     }
 }

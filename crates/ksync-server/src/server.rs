@@ -17,8 +17,9 @@ use ksync_core::{Authenticator, InMemoryProvider, LogName, StorageProvider};
 use ksync_git::server::GitServer;
 use ksync_storage_file::FileProvider;
 use ksync_ws::server::{Relay, RelayConfig, is_websocket_upgrade, wants_in_band_refusal};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::auth::{AuthCounters, ServerAuthenticator, with_client_ip};
 use crate::config::{Limits, ServerConfig};
@@ -63,6 +64,8 @@ pub struct Server {
     authenticator: Arc<dyn Authenticator>,
     relay: Relay,
     git: GitServer,
+    /// One permit per repository request being handled (`Limits::max_git_requests`).
+    git_requests: Arc<Semaphore>,
     state: Arc<AppState>,
     /// Loaded from `config.tls`.
     tls: Option<Arc<Certificates>>,
@@ -117,6 +120,7 @@ impl Server {
             stopping: AtomicBool::new(false),
         });
         Ok(Self {
+            git_requests: Arc::new(Semaphore::new(config.limits.max_git_requests.max(1))),
             config,
             provider,
             storage,
@@ -160,7 +164,17 @@ impl Server {
             .with_state(Arc::clone(&self.state));
         let transports = root
             .merge(self.relay.router())
-            .merge(self.git.router())
+            .merge(
+                self.git
+                    .router()
+                    .layer(RequestBodyTimeoutLayer::new(
+                        self.config.limits.request_body_timeout,
+                    ))
+                    .layer(axum::middleware::from_fn_with_state(
+                        Arc::clone(&self.git_requests),
+                        shed_git_requests,
+                    )),
+            )
             .merge(crate::dashboard::router(crate::dashboard::Dashboard::new(
                 self.relay.clone(),
                 Arc::clone(&self.provider),
@@ -412,6 +426,26 @@ async fn root(State(state): State<Arc<AppState>>, request: Request) -> Response 
         "metrics": "/metrics",
     }))
     .into_response()
+}
+
+/// Answers 503 `busy` when `max_git_requests` repository requests are being handled already
+/// (see `Limits::max_git_requests`); the permit is held until the response is ready.
+async fn shed_git_requests(
+    State(slots): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(_slot) = slots.try_acquire() else {
+        let body = serde_json::json!({"error": {"code": "busy",
+            "message": "too many repository requests at once; retry shortly"}});
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            Json(body),
+        )
+            .into_response();
+    };
+    next.run(request).await
 }
 
 /// Turns away clients that failed authentication too often before any router does work.

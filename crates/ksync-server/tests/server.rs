@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use ksync_server::{Server, ServerConfig};
 use serde_json::Value;
@@ -87,4 +88,67 @@ async fn a_taken_port_is_a_bind_error() {
     let error = Server::bind(config).await.unwrap_err();
     assert!(matches!(error, ksync_server::ServerError::Bind { .. }));
     first.shutdown().await.unwrap();
+}
+
+/// Repository requests are bounded: past `max_git_requests` in flight the next is answered
+/// 503 `busy` at once, and a client that stops sending its body mid-way gets 408 once
+/// `request_body_timeout` passes, which frees its slot.
+#[tokio::test]
+async fn git_requests_are_shed_past_the_limit_and_stalled_bodies_time_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = loopback_config();
+    config.limits.max_git_requests = 1;
+    config.limits.request_body_timeout = Duration::from_millis(500);
+    let running = Server::bind(config).await.unwrap();
+    let addr = running.local_addr();
+    let client = reqwest::Client::new();
+    let created = client
+        .put(format!("http://{addr}/git/slow"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+
+    // A push that announces 1000 bytes and sends 10: it holds the only slot.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /git/slow/branches/main/events HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"baseVersi"
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    // Until its body times out, every other repository request is shed.
+    let busy = loop {
+        let response = client
+            .get(format!("http://{addr}/git/slow"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 503 {
+            break response;
+        }
+        // The stalled request may not hold its slot yet.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(busy.headers()["retry-after"], "1");
+    let body: serde_json::Value = busy.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "busy", "{body}");
+    // Other routes are not limited.
+    assert_eq!(get(format!("http://{addr}/health")).await.status(), 200);
+
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut answer))
+        .await
+        .expect("the stalled request is answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"body_incomplete\""), "{answer}");
+    // Its slot is free again.
+    let info = client
+        .get(format!("http://{addr}/git/slow"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(info.status(), 200);
+    running.shutdown().await.unwrap();
 }
