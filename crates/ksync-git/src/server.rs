@@ -110,6 +110,11 @@ pub struct GitServerConfig {
     pub compress_min_bytes: usize,
     /// Limits applied to every pushed event.
     pub event_limits: EventLimits,
+    /// Most branch logs this service keeps open (default 256). Past it the least recently
+    /// used one the service does not use at that moment is released to the provider (a file
+    /// log then closes: its file handle, writer thread and index go; the next request
+    /// replays it). Without it every repository and branch ever touched stayed in memory.
+    pub max_open_branches: usize,
 }
 
 impl Default for GitServerConfig {
@@ -121,6 +126,7 @@ impl Default for GitServerConfig {
             max_page_bytes: DEFAULT_PAGE_BYTES,
             compress_min_bytes: 1024,
             event_limits: EventLimits::default(),
+            max_open_branches: 256,
         }
     }
 }
@@ -147,6 +153,9 @@ struct Inner {
     config: GitServerConfig,
     // Creating repositories and branches is check-then-write; one at a time keeps it atomic.
     create_lock: tokio::sync::Mutex<()>,
+    /// Branch logs this service opened, least recently used first (see
+    /// `GitServerConfig::max_open_branches`).
+    open_logs: std::sync::Mutex<std::collections::VecDeque<LogName>>,
 }
 
 impl std::fmt::Debug for GitServer {
@@ -225,6 +234,7 @@ impl GitServer {
                 auth,
                 config,
                 create_lock: tokio::sync::Mutex::new(()),
+                open_logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
             }),
         }
     }
@@ -264,6 +274,7 @@ impl GitServer {
         let _guard = self.inner.create_lock.lock().await;
         let main = branch_log(repo, &default_branch());
         let storage = self.inner.provider.open(&main)?;
+        self.used(&main);
         if storage.meta(BRANCH_META)?.is_some() {
             return Ok(false);
         }
@@ -275,6 +286,44 @@ impl GitServer {
             serde_json::to_string(&record).map_err(|e| StorageError::Codec(e.to_string()))?;
         storage.set_meta(BRANCH_META, &record).await?;
         Ok(true)
+    }
+
+    /// Notes that `name` was just opened (or used): it becomes the most recently used, and the
+    /// least recently used logs past `max_open_branches` are released, except those still in
+    /// use (a request holds them), which are tried again at the next calls. The list may pass
+    /// the bound by the logs in use (bounded by the requests in flight), or, with a provider
+    /// that never closes a log (in memory), hold every branch (as that provider does).
+    fn used(&self, name: &LogName) {
+        let mut open = self
+            .inner
+            .open_logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = open.iter().position(|n| n == name) {
+            open.remove(at);
+        }
+        open.push_back(name.clone());
+        let mut excess = open
+            .len()
+            .saturating_sub(self.inner.config.max_open_branches);
+        let mut at = 0;
+        // A few tries per call: logs in use, or a provider that keeps every log (in memory),
+        // must not make every request walk the whole list.
+        let mut tries = 8;
+        // Never the one just used (last): its caller holds it.
+        while excess > 0 && tries > 0 && at + 1 < open.len() {
+            tries -= 1;
+            let Some(candidate) = open.get(at).cloned() else {
+                break;
+            };
+            self.inner.provider.release(&candidate);
+            if self.inner.provider.opened(&candidate).is_none() {
+                open.remove(at);
+                excess -= 1;
+            } else {
+                at += 1;
+            }
+        }
     }
 
     /// The repository's branches, sorted by name.
@@ -296,9 +345,11 @@ impl GitServer {
     }
 
     fn branch(&self, repo: &Name, branch: &Name) -> Result<Option<BranchLog>, StorageError> {
-        let Some(storage) = self.inner.provider.existing(&branch_log(repo, branch))? else {
+        let name = branch_log(repo, branch);
+        let Some(storage) = self.inner.provider.existing(&name)? else {
             return Ok(None);
         };
+        self.used(&name);
         // A log without its record is a branch whose creation did not finish.
         let Some(raw) = storage.meta(BRANCH_META)? else {
             return Ok(None);
@@ -802,7 +853,9 @@ async fn create_branch(
             format!("branch \"{new}\" already exists in repository \"{repo}\""),
         ));
     }
-    let target = s.inner.provider.open(&branch_log(&repo, &new))?;
+    let target_name = branch_log(&repo, &new);
+    let target = s.inner.provider.open(&target_name)?;
+    s.used(&target_name);
     // Copy the prefix. Re-running after a crash is safe: the copy deduplicates, and the branch
     // exists only once its record is written.
     let mut copied = target.len();

@@ -182,3 +182,57 @@ async fn pull_pages_stop_at_the_byte_budget_and_the_client_gets_everything_in_or
     assert_eq!(pulled.server_version, 40);
     assert_eq!(reader.local_status().expect("status").pulled_version, 40);
 }
+
+/// The service keeps at most `max_open_branches` branch logs open: touching more releases
+/// the least recently used to the provider (a file log closes), and a released branch
+/// reopens with its history at its next request.
+#[tokio::test]
+async fn the_service_keeps_a_bounded_number_of_branch_logs_open() {
+    use std::sync::Arc;
+
+    use ksync_core::{Event, LogName, Name, StorageProvider, SyncClient};
+    use ksync_git::server::GitServerConfig;
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = Arc::new(ksync_storage_file::FileProvider::new(dir.path()).expect("provider"));
+    let repos = ["r1", "r2", "r3", "r4"];
+    let server = common::start_with(
+        provider.clone(),
+        GitServerConfig {
+            max_open_branches: 2,
+            ..GitServerConfig::default()
+        },
+        &repos,
+    )
+    .await;
+    for repo in repos {
+        let client = common::client(&server.repo_url(repo));
+        client
+            .send(Event::new(
+                format!("{repo}-e"),
+                "note",
+                json!({"repo": repo}),
+                1,
+            ))
+            .await
+            .expect("send");
+        assert_eq!(client.push().await.expect("push").pushed_events.len(), 1);
+    }
+    let main = |repo: &str| LogName::Branch {
+        repo: Name::new(repo).expect("name"),
+        branch: Name::new("main").expect("name"),
+    };
+    let open: Vec<&str> = repos
+        .iter()
+        .copied()
+        .filter(|r| provider.opened(&main(r)).is_some())
+        .collect();
+    assert_eq!(open, ["r3", "r4"], "the two used last stay open");
+    // r1 was closed: its next pull opens it again, history intact.
+    let reader = common::client(&server.repo_url("r1"));
+    let pulled = reader.pull().await.expect("pull");
+    assert_eq!(pulled.new_events.len(), 1);
+    assert_eq!(pulled.new_events[0].id, "r1-e");
+    assert!(provider.opened(&main("r1")).is_some());
+}
