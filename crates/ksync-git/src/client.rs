@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use ksync_core::{
-    Auth, BoxFuture, Conflict, ConflictResolver, Direction, Event, EventLimits, Filter, Middleware,
-    Name, Notification, NotificationKind, Notifier, Pipeline, PullPushClient, PullResult,
-    PushResult, Replica, Resolution, Status, SyncClient, SyncError, resolve,
+    Auth, BoxFuture, Conflict, ConflictResolver, Direction, Event, EventLimits, Filter, Metrics,
+    Middleware, Name, Notification, NotificationKind, Notifier, Pipeline, PullPushClient,
+    PullResult, PushResult, Replica, Resolution, Status, SyncClient, SyncError, resolve,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,7 @@ pub struct GitSyncClientBuilder {
     push_batch_bytes: usize,
     create_repo_if_missing: bool,
     max_response_bytes: usize,
+    debug: bool,
     filter: Option<Filter>,
     /// PEM root certificates trusted for `https://` besides the system's.
     tls_roots_pem: Vec<Vec<u8>>,
@@ -210,6 +211,14 @@ impl GitSyncClientBuilder {
         self
     }
 
+    /// The spec's `debug`: log every request (method, URL, status, bytes, round trip) and
+    /// every pull and push at `debug` level (target `ksync_git::client`) instead of `trace`.
+    /// Default false.
+    pub fn debug(mut self, on: bool) -> Self {
+        self.debug = on;
+        self
+    }
+
     /// Checks the options and makes the client. No network traffic happens here.
     pub fn build(self) -> Result<GitSyncClient, SyncError> {
         let url = repo_url(&self.url).map_err(GitError::into_sync)?;
@@ -250,6 +259,8 @@ impl GitSyncClientBuilder {
                     auth: Arc::new(RwLock::new(self.auth)),
                     compression: self.compression,
                     max_response_bytes: self.max_response_bytes,
+                    debug: self.debug,
+                    meter: Arc::new(Meter::default()),
                 },
                 url: RwLock::new(url),
                 branch: self.branch,
@@ -490,6 +501,7 @@ impl GitSyncClient {
             push_batch_bytes: DEFAULT_PUSH_BATCH_BYTES,
             create_repo_if_missing: true,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            debug: false,
             tls_roots_pem: Vec::new(),
             filter: None,
         }
@@ -1373,6 +1385,8 @@ impl GitSyncClient {
             Status::Error
         };
         self.inner.notifier.emit(Notification::Status(status));
+        let metrics = self.inner.http.meter.report();
+        self.inner.notifier.emit(Notification::Metrics(metrics));
         result
     }
 
@@ -1582,6 +1596,81 @@ struct Http {
     compression: bool,
     /// Most bytes of one answer read (see [`GitSyncClientBuilder::max_response_bytes`]).
     max_response_bytes: usize,
+    /// See [`GitSyncClientBuilder::debug`].
+    debug: bool,
+    /// Traffic since the last `metrics` notification.
+    meter: Arc<Meter>,
+}
+
+/// Logs at `debug` when the client's `debug` option is on, else at `trace`.
+macro_rules! dlog {
+    ($debug:expr, $($arg:tt)+) => {
+        if $debug {
+            tracing::debug!(target: "ksync_git::client", $($arg)+);
+        } else {
+            tracing::trace!(target: "ksync_git::client", $($arg)+);
+        }
+    };
+}
+
+/// What the client did since its last `metrics` notification (one is sent after every pull,
+/// push, sync, merge and clone: this client has no connection to report on in between).
+#[derive(Debug)]
+struct Meter {
+    since: Mutex<std::time::Instant>,
+    events: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+    requests: std::sync::atomic::AtomicU64,
+    round_trip_micros: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Self {
+            since: Mutex::new(std::time::Instant::now()),
+            events: Default::default(),
+            bytes: Default::default(),
+            requests: Default::default(),
+            round_trip_micros: Default::default(),
+        }
+    }
+}
+
+impl Meter {
+    fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn request(&self, bytes: usize, round_trip: Duration) {
+        Self::add(&self.bytes, bytes as u64);
+        Self::add(&self.requests, 1);
+        let micros = u64::try_from(round_trip.as_micros()).unwrap_or(u64::MAX);
+        Self::add(&self.round_trip_micros, micros);
+    }
+
+    /// The figures since the last report, and a new period from now.
+    fn report(&self) -> Metrics {
+        use std::sync::atomic::Ordering::Relaxed;
+        let secs = {
+            let mut since = lock(&self.since);
+            let secs = since.elapsed().as_secs_f64().max(1e-3);
+            *since = std::time::Instant::now();
+            secs
+        };
+        let events = self.events.swap(0, Relaxed) as f64;
+        let bytes = self.bytes.swap(0, Relaxed) as f64;
+        let requests = self.requests.swap(0, Relaxed);
+        let micros = self.round_trip_micros.swap(0, Relaxed) as f64;
+        Metrics {
+            events_per_second: events / secs,
+            average_latency: if requests == 0 {
+                0.0
+            } else {
+                micros / requests as f64 / 1000.0
+            },
+            bandwidth_usage: bytes / secs,
+        }
+    }
 }
 
 impl Http {
@@ -1592,6 +1681,9 @@ impl Http {
         url: String,
         json: Option<Vec<u8>>,
     ) -> Result<T, SyncError> {
+        let started = std::time::Instant::now();
+        let sent = json.as_ref().map_or(0, Vec::len);
+        dlog!(self.debug, %method, %url, bytes = sent, "request");
         let mut request = self
             .client
             .request(method, &url)
@@ -1634,6 +1726,10 @@ impl Http {
         }
         let status = response.status();
         let bytes = self.read_body(&url, response).await?;
+        let round_trip = started.elapsed();
+        // Bytes as the application sees them (before gzip one way, after it the other).
+        self.meter.request(sent + bytes.len(), round_trip);
+        dlog!(self.debug, %url, status = status.as_u16(), bytes = bytes.len(), ms = round_trip.as_secs_f64() * 1000.0, "answer");
         if !status.is_success() {
             let (code, message) = match from_json::<ErrorBody>(&bytes) {
                 Ok(body) => (body.error.code, body.error.message),
@@ -1855,8 +1951,12 @@ impl PullPushClient for GitSyncClient {
             let _op = self.inner.op.lock().await;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;
-            self.creating_repo(|| self.pull_branch(&replica, &head))
-                .await
+            let pulled = self
+                .creating_repo(|| self.pull_branch(&replica, &head))
+                .await?;
+            Meter::add(&self.inner.http.meter.events, pulled.new_events.len() as u64);
+            dlog!(self.inner.http.debug, branch = %head, events = pulled.new_events.len(), server_version = pulled.server_version, "pulled");
+            Ok(pulled)
         }))
     }
 
@@ -1867,8 +1967,12 @@ impl PullPushClient for GitSyncClient {
             let _op = self.inner.op.lock().await;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;
-            self.creating_repo(|| self.push_branch(&replica, &head))
-                .await
+            let pushed = self
+                .creating_repo(|| self.push_branch(&replica, &head))
+                .await?;
+            Meter::add(&self.inner.http.meter.events, pushed.pushed_events.len() as u64);
+            dlog!(self.inner.http.debug, branch = %head, events = pushed.pushed_events.len(), rejected = pushed.rejected_events.len(), server_version = pushed.server_version, "pushed");
+            Ok(pushed)
         }))
     }
 }

@@ -254,3 +254,59 @@ async fn clone_without_a_branch_clones_main() {
     side.clone_repo(&url, name).await.expect("clone side again");
     assert_eq!(side.current_branch(), "side");
 }
+
+/// The spec's `metrics` notification: after each pull and push, the events, bytes and mean
+/// request round trip since the previous one. (`debug` only changes the log level.)
+#[tokio::test]
+async fn metrics_are_notified_after_each_pull_and_push() {
+    use std::sync::{Arc, Mutex};
+
+    use ksync_core::{Metrics, Notification};
+
+    let server = start(&["m"]).await;
+    let writer = GitSyncClient::builder(server.repo_url("m"))
+        .auth(Auth::token("writer"))
+        .debug(true)
+        .build()
+        .expect("client");
+    let seen: Arc<Mutex<Vec<Metrics>>> = Arc::default();
+    let _sub = {
+        let seen = Arc::clone(&seen);
+        writer
+            .on(
+                "metrics",
+                Box::new(move |n: &Notification| {
+                    if let Notification::Metrics(m) = n {
+                        seen.lock().expect("lock").push(*m);
+                    }
+                }),
+            )
+            .expect("on")
+    };
+    for i in 0..3 {
+        writer
+            .send(Event::new(format!("m{i}"), "note", json!({"i": i}), 1))
+            .await
+            .expect("send");
+    }
+    writer.push().await.expect("push");
+    let after_push = *seen
+        .lock()
+        .expect("lock")
+        .last()
+        .expect("metrics after the push");
+    assert!(after_push.events_per_second > 0.0, "{after_push:?}");
+    assert!(after_push.average_latency > 0.0, "{after_push:?}");
+    assert!(after_push.bandwidth_usage > 0.0, "{after_push:?}");
+
+    // Nothing new to pull: no events, but the request still counts.
+    writer.pull().await.expect("pull");
+    let after_pull = *seen
+        .lock()
+        .expect("lock")
+        .last()
+        .expect("metrics after the pull");
+    assert_eq!(after_pull.events_per_second, 0.0, "{after_pull:?}");
+    assert!(after_pull.average_latency > 0.0, "{after_pull:?}");
+    assert_eq!(seen.lock().expect("lock").len(), 2);
+}
