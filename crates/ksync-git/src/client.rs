@@ -701,7 +701,15 @@ impl GitSyncClient {
         let _op = self.inner.op.lock().await;
         let replica = self.replica();
         let head = self.current_branch();
-        let at = replica.cursor(&self.cursor_key(&head, "pulled"))?;
+        let pulled_version = replica.cursor(&self.cursor_key(&head, "pulled"))?;
+        // As git branches from the local head, which has this client's pushed events: fork at
+        // the version its last push reached when that is past the pulled one (a push that was
+        // not a fast-forward leaves the pull cursor behind its own events). The fork may then
+        // hold others' events this client has not pulled: the new branch's pull cursor stays
+        // at the pulled version, so its first pull brings them (and its own back, as
+        // duplicates).
+        let acked = replica.cursor(&self.cursor_key(&head, "acked"))?;
+        let at = pulled_version.max(acked);
         let url = format!("{}/branches", self.url());
         let body = CreateBranchRequest {
             name: new.to_string(),
@@ -711,10 +719,10 @@ impl GitSyncClient {
         let info: BranchInfo = self
             .request(reqwest::Method::POST, &url, Some(&body))
             .await?;
-        // The new branch's first `at` events are the ones we already pulled.
+        // The new branch's first `pulled_version` events are the ones we already pulled.
         let pulled = self.cursor_key(new.as_str(), "pulled");
-        if replica.cursor(&pulled)? < at {
-            replica.set_cursor(&pulled, at).await?;
+        if replica.cursor(&pulled)? < pulled_version {
+            replica.set_cursor(&pulled, pulled_version).await?;
         }
         Ok(info)
     }
@@ -931,6 +939,10 @@ impl GitSyncClient {
                 .await?;
         }
         replica.set_cursor(&pulled, 0).await?;
+        // What a push reached counts in the old log too (and the clone pulls everything).
+        replica
+            .set_cursor(&self.cursor_key(branch, "acked"), 0)
+            .await?;
         // Last: a crash before it leaves the old log named, and the next pull is refused
         // again rather than resumed from a cursor of the old log.
         replica
@@ -1970,6 +1982,13 @@ impl PullPushClient for GitSyncClient {
             let pushed = self
                 .creating_repo(|| self.push_branch(&replica, &head))
                 .await?;
+            if !pushed.pushed_events.is_empty() {
+                // Where this client's own events reach on the server (see `create_branch`).
+                let acked = self.cursor_key(&head, "acked");
+                if replica.cursor(&acked)? < pushed.server_version {
+                    replica.set_cursor(&acked, pushed.server_version).await?;
+                }
+            }
             Meter::add(&self.inner.http.meter.events, pushed.pushed_events.len() as u64);
             dlog!(self.inner.http.debug, branch = %head, events = pushed.pushed_events.len(), rejected = pushed.rejected_events.len(), server_version = pushed.server_version, "pushed");
             Ok(pushed)

@@ -640,3 +640,29 @@ async fn forwarding_an_event_behind_the_push_cursor_pushes_it() {
     assert!(pulled.new_events.contains(&arrived));
     assert!(pulled.new_events.contains(&mine));
 }
+
+/// A branch made right after a push that was not a fast-forward (another replica pushed in
+/// between) still holds this replica's pushed events, as `git branch` from the local head
+/// does; what the other replica pushed comes with it and is pulled on the new branch.
+#[tokio::test]
+async fn a_branch_made_after_a_push_holds_the_pushed_events() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let clock = ManualClock::new(10);
+    let a = node(&url, "a", &clock).await;
+    let b = node(&url, "b", &clock).await;
+    a.pull().await.expect("pull");
+    b.emit("e", json!("b's")).await.expect("emit");
+    b.push().await.expect("push");
+    // A pushes without pulling first: its events land after B's, its pull cursor stays at 0.
+    a.emit("e", json!("a's 1")).await.expect("emit");
+    a.emit("e", json!("a's 2")).await.expect("emit");
+    assert_eq!(a.push().await.expect("push").pushed_events.len(), 2);
+    let created = a.client().create_branch("feature").await.expect("create");
+    assert_eq!(created.forked_at, Some(3), "{created:?}");
+    assert_eq!(branch_events(&server, "r", "feature").len(), 3);
+    a.client().checkout("feature").await.expect("checkout");
+    let pulled = a.pull().await.expect("pull");
+    let ids: Vec<_> = pulled.new_events.iter().map(|e| e.data.clone()).collect();
+    assert_eq!(ids, [json!("b's")], "only B's event is new to A");
+}
