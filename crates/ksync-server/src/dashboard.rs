@@ -394,8 +394,10 @@ impl Feed {
                 item = activity.recv() => match item {
                     Ok(RelayActivity::Connected(info)) => self.send_client("joined", &info).await?,
                     Ok(RelayActivity::Disconnected(info)) => self.send_client("left", &info).await?,
-                    Ok(RelayActivity::Stored { room, events }) => {
+                    Ok(RelayActivity::Stored { room, events, omitted }) => {
                         if tail && self.grant.allows(ResourceKind::Room, room.as_str(), Access::Read) {
+                            // Too large to carry (see `ACTIVITY_ITEM_BYTES`): counted as left out.
+                            self.skipped += omitted;
                             let events = self.take_budget(&events);
                             if !events.is_empty() {
                                 self.send(&json!({"type": "events", "room": room.as_str(), "events": events})).await?;

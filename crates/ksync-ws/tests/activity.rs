@@ -38,7 +38,12 @@ async fn observers_see_connections_and_stored_events() {
     .await;
     assert_eq!(recv_json(&mut a).await["type"], "ack");
     match next(&mut feed).await {
-        RelayActivity::Stored { room, events } => {
+        RelayActivity::Stored {
+            room,
+            events,
+            omitted,
+        } => {
+            assert_eq!(omitted, 0);
             assert_eq!(room.as_str(), "chat");
             let seqs: Vec<u64> = events.iter().map(|s| s.seq).collect();
             assert_eq!(seqs, vec![1, 2]);
@@ -80,4 +85,40 @@ async fn shutting_down_resolves_when_shutdown_begins() {
     tokio::time::timeout(Duration::from_secs(1), relay.shutting_down())
         .await
         .expect("resolves at once");
+}
+
+/// One activity item carries at most `ACTIVITY_ITEM_BYTES` of events: the rest of a large
+/// commit is counted in `omitted`, so a slow observer cannot pin gigabytes.
+#[tokio::test]
+async fn a_large_commit_is_counted_not_carried_past_the_item_bound() {
+    use ksync_ws::server::ACTIVITY_ITEM_BYTES;
+    let server = start(RelayConfig::default()).await;
+    let mut feed = server.relay.activity();
+    let (mut a, _) = join(&server.url(Some("big")), hello()).await;
+    assert!(matches!(next(&mut feed).await, RelayActivity::Connected(_)));
+    // Eight events of ~20 KiB in one publish (one commit): three fit in 64 KiB.
+    let events: Vec<_> = (0..8)
+        .map(|i| json!({"id": format!("big-{i}"), "type": "blob", "data": "x".repeat(20 * 1024), "timestamp": 1, "version": 1}))
+        .collect();
+    send_json(&mut a, json!({"type":"publish","ref":1,"events":events})).await;
+    let ack = recv_json(&mut a).await;
+    assert_eq!(ack["results"].as_array().map(Vec::len), Some(8), "{ack}");
+    match next(&mut feed).await {
+        RelayActivity::Stored {
+            events, omitted, ..
+        } => {
+            assert_eq!(events.len(), 3);
+            assert_eq!(omitted, 5);
+            let carried: usize = events
+                .iter()
+                .map(|s| serde_json::to_string(&s.event).expect("json").len())
+                .sum();
+            assert!(carried <= ACTIVITY_ITEM_BYTES + 3 * 64, "{carried}");
+            let seqs: Vec<u64> = events.iter().map(|s| s.seq).collect();
+            assert_eq!(seqs, [1, 2, 3]);
+        }
+        other => panic!("expected stored events, got {other:?}"),
+    }
+    drop(a);
+    server.stop().await;
 }

@@ -144,8 +144,14 @@ pub enum RelayError {
 
 /// Activity items buffered for [`Relay::activity`] observers. Overflow policy: a receiver
 /// that falls this far behind loses the oldest items and is told how many
-/// (`broadcast::error::RecvError::Lagged`); the relay never waits for an observer.
+/// (`broadcast::error::RecvError::Lagged`); the relay never waits for an observer. With
+/// [`ACTIVITY_ITEM_BYTES`], a slow observer pins at most about 64 MiB of events.
 pub const ACTIVITY_CAPACITY: usize = 1024;
+
+/// Most bytes of events (their JSON) one [`RelayActivity::Stored`] item holds; the rest of
+/// the commit is only counted (`omitted`). Without it, 1024 items of large commits held by
+/// one slow observer pinned gigabytes.
+pub const ACTIVITY_ITEM_BYTES: usize = 64 * 1024;
 
 /// Something that happened in a [`Relay`], for observers such as the server's dashboard
 /// ([`Relay::activity`]).
@@ -161,8 +167,11 @@ pub enum RelayActivity {
     Stored {
         /// The room.
         room: Name,
-        /// The new events with their sequence numbers.
+        /// The new events with their sequence numbers, in order, up to
+        /// [`ACTIVITY_ITEM_BYTES`] of them.
         events: Arc<[Stored]>,
+        /// The commit's events left out of `events` (past the byte bound).
+        omitted: u64,
     },
 }
 

@@ -289,6 +289,10 @@ struct Run {
     acks: Vec<Arc<Frame>>,
     events: Vec<(u64, Box<str>)>,
     stored: Vec<Stored>,
+    /// JSON bytes of `stored` (see `super::ACTIVITY_ITEM_BYTES`).
+    stored_bytes: usize,
+    /// New events left out of `stored`.
+    omitted: u64,
 }
 
 /// How connections reach a room: its lock (for committing in place) and its queue.
@@ -731,9 +735,16 @@ impl Room {
                             Ok(json) => match outcomes.next() {
                                 Some(AppendOutcome::Appended { seq }) => {
                                     self.last_seq = seq;
-                                    self.scratch.run.events.push((seq, json));
+                                    let bytes = json.len();
+                                    let run = &mut self.scratch.run;
+                                    run.events.push((seq, json));
                                     if observed && let Some(s) = appended.next() {
-                                        self.scratch.run.stored.push(s);
+                                        if run.stored_bytes + bytes <= super::ACTIVITY_ITEM_BYTES {
+                                            run.stored_bytes += bytes;
+                                            run.stored.push(s);
+                                        } else {
+                                            run.omitted += 1;
+                                        }
                                     }
                                     PublishResult::Stored { seq }
                                 }
@@ -795,14 +806,17 @@ impl Room {
         if run.acks.is_empty() && run.events.is_empty() {
             return;
         }
-        if !run.stored.is_empty() && self.activity.receiver_count() > 0 {
+        if (!run.stored.is_empty() || run.omitted > 0) && self.activity.receiver_count() > 0 {
             // Err: the last observer left meanwhile.
             let _ = self.activity.send(RelayActivity::Stored {
                 room: self.room.clone(),
                 events: std::mem::take(&mut run.stored).into(),
+                omitted: run.omitted,
             });
         }
         run.stored.clear();
+        run.stored_bytes = 0;
+        run.omitted = 0;
         let frames = &mut self.scratch.frames;
         let text = &mut self.scratch.text;
         // Frames of at most `max_frame_bytes` (counting every seq at its widest).
