@@ -548,3 +548,77 @@ async fn a_round_walks_an_endless_log_for_a_bounded_number_of_pages() {
     assert!(grown < 1024 * 16, "the log file grew by {grown} bytes");
     assert!(watch.blamed().is_empty(), "{:?}", watch.blamed());
 }
+
+/// The `cursor/p2p/...` meta records a peer holds for `peer` (cursor, log id).
+fn stored_cursor(p: &P2PSyncClient, peer: &PeerId) -> (Option<String>, Option<String>) {
+    let replica = p.replica();
+    let storage = replica.storage();
+    let meta = |key: String| storage.meta(&key).expect("meta");
+    (
+        meta(format!("cursor/p2p/{peer}")),
+        meta(format!("cursor/p2p/{peer}/log-id")),
+    )
+}
+
+/// Cursors are stored only when they change: a peer with an empty log leaves no record at
+/// all, and rounds that find nothing new write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_are_stored_only_when_they_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.log");
+    let a = honest_on_file(dir.path(), &path).await;
+    let empty = liar(|_| Response::Keys {
+        log_id: 11,
+        len: 0,
+        entries: Vec::new(),
+        through: Some(0),
+    })
+    .await;
+    let holding = liar_holding_one(|after, page| Response::Keys {
+        log_id: 12,
+        len: 1,
+        entries: if after == 0 { page } else { Vec::new() },
+        through: Some(1),
+    })
+    .await;
+    // Each request after a `sync_now` comes once the round before it has ended (and stored
+    // what it would store).
+    let rounds = |liar: &Liar, from: usize| {
+        let a = Arc::clone(&a);
+        let counter = Arc::clone(&liar.keys_requests);
+        async move {
+            for n in from..from + 2 {
+                a.sync_now().await.expect("sync");
+                let c = Arc::clone(&counter);
+                wait_until(10, "the next round", move || c.load(Ordering::SeqCst) > n).await;
+            }
+        }
+    };
+    a.connect_to_peer(&empty.addr.to_string())
+        .await
+        .expect("connect");
+    rounds(&empty, 1).await;
+    assert_eq!(stored_cursor(&a, &peer_of(&empty.addr)), (None, None));
+
+    a.connect_to_peer(&holding.addr.to_string())
+        .await
+        .expect("connect");
+    let counter = Arc::clone(&holding.keys_requests);
+    wait_until(10, "the first round", || {
+        counter.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    rounds(&holding, 2).await;
+    let peer = peer_of(&holding.addr);
+    assert_eq!(
+        stored_cursor(&a, &peer),
+        (Some("1".to_owned()), Some("12".to_owned()))
+    );
+    let size = file_len(&path);
+    rounds(&holding, 4).await;
+    assert_eq!(
+        file_len(&path),
+        size,
+        "rounds with nothing new store nothing"
+    );
+}
