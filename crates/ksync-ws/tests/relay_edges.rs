@@ -1346,3 +1346,64 @@ async fn a_ping_message_gets_a_pong_in_order() {
     assert_eq!(recv_close(&mut early).await.0, 4000);
     server.stop().await;
 }
+
+/// Catch-up frames are encoded from the log event by event: each is at most
+/// `maxMessageSize` (an event too large for it goes alone), small events share frames, and
+/// every event comes once, in order, whatever the mix of sizes, from a file log too.
+#[tokio::test]
+async fn catch_up_frames_stay_within_the_message_size_for_any_mix_of_event_sizes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = Arc::new(ksync_storage_file::FileProvider::new(dir.path()).expect("provider"));
+    let max = 64 * 1024;
+    let server = start_with(
+        RelayConfig {
+            max_message_size: max,
+            ..RelayConfig::default()
+        },
+        provider,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("mixed"));
+    let (mut publisher, _) = join(&url, hello()).await;
+    let total = 300u64;
+    for n in 1..=total {
+        let mut e = event(&format!("m{n}"), n);
+        // Mostly small; every 50th nearly a whole frame, every 97th over half of one.
+        let size = if n % 50 == 0 {
+            max - 200
+        } else if n % 97 == 0 {
+            max / 2 + 10
+        } else {
+            100
+        };
+        e["data"] = json!("y".repeat(size));
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","ref":n,"events":[e]}),
+        )
+        .await;
+        assert_eq!(
+            recv_json(&mut publisher).await["results"][0]["status"],
+            "stored"
+        );
+    }
+    for compression in [false, true] {
+        let hello = json!({"type":"hello","protocol":1,"since":0,"compression":compression});
+        let (mut reader, _) = join(&url, hello).await;
+        let (mut seqs, mut frames) = (Vec::new(), 0);
+        while seqs.len() < total as usize {
+            let (len, batch) = recv_text(&mut reader).await;
+            let events = batch["events"].as_array().expect("events");
+            assert!(len <= max || events.len() == 1, "a frame of {len} bytes");
+            seqs.extend(events.iter().map(|e| e["seq"].as_u64().expect("seq")));
+            frames += 1;
+        }
+        assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
+        assert!(
+            frames < total as usize / 2,
+            "{frames} frames: small events share frames"
+        );
+    }
+    server.stop().await;
+}

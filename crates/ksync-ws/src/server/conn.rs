@@ -14,11 +14,14 @@ use tracing::Instrument as _;
 
 use super::outbox::{Outbox, Sink, frame_message};
 use super::publish::{self, incoming};
-use super::room::{Frame, Member, PublishCommand, RoomCommand, RoomLink, Subscribed};
+use super::room::{
+    EVENTS_ENTRY_OVERHEAD, EVENTS_FRAME_OVERHEAD, Frame, Member, PublishCommand, RoomCommand,
+    RoomLink, Subscribed,
+};
 use super::{ConnectionSlot, RelayError, Shared};
 use crate::protocol::{
-    self, CLIENT_TYPES, ClientMessage, DecodeError, EventsBatch, Hello, Publish, ServerMessage,
-    SnapshotPage, Welcome, close, code,
+    self, CLIENT_TYPES, ClientMessage, DecodeError, Hello, Publish, ServerMessage, SnapshotPage,
+    Welcome, close, code,
 };
 
 pub(crate) struct Connection {
@@ -621,26 +624,67 @@ async fn catch_up(
             .await;
     }
     let storage = room_link.storage();
+    let limit = shared.config.max_message_size;
+    let storage_failed = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "reading room log for catch-up failed");
+        End::Close(close::INTERNAL, "storage failed".into())
+    };
+    // Each frame is encoded straight from the log, event by event, up to `limit` bytes (an
+    // event larger than that goes alone): a page is never held decoded (512 events of up to
+    // 1 MiB of JSON each, many times that as values). Events read per visit are sized by
+    // those seen so far, so that large events are not decoded by the page only to be dropped.
+    let mut want = page.min(CATCH_UP_FIRST_READ);
+    let mut entries: Vec<(u64, Box<str>)> = Vec::new();
     let mut after = since;
     while after < server_version {
         catch_up_goes_on(shared, writer)?;
-        let limit = usize::try_from(server_version - after)
-            .unwrap_or(usize::MAX)
-            .min(page);
-        let events = storage.read_since(after, limit).map_err(|e| {
-            tracing::error!(error = %e, "reading room log for catch-up failed");
-            End::Close(close::INTERNAL, "storage failed".into())
-        })?;
-        let Some(last) = events.last() else { break };
-        after = last.seq;
-        let limit = shared.config.max_message_size;
-        send_bounded(writer, events, limit, |events| {
-            ServerMessage::Events(EventsBatch { events })
-        })
-        .await?;
+        let left = usize::try_from(server_version - after).unwrap_or(usize::MAX);
+        let (mut bytes, mut seen, mut seen_bytes) = (EVENTS_FRAME_OVERHEAD, 0usize, 0usize);
+        let mut full = false;
+        let mut unencodable = None;
+        storage
+            .visit_since(after, want.min(left), &mut |seq, event| {
+                if full {
+                    return;
+                }
+                let json = match serde_json::to_string(event) {
+                    Ok(json) => json,
+                    Err(e) => {
+                        unencodable = Some(e);
+                        full = true;
+                        return;
+                    }
+                };
+                seen += 1;
+                seen_bytes += json.len();
+                let entry = json.len() + EVENTS_ENTRY_OVERHEAD;
+                if !entries.is_empty() && bytes + entry > limit {
+                    full = true;
+                    return;
+                }
+                bytes += entry;
+                entries.push((seq, json.into_boxed_str()));
+            })
+            .map_err(|e| storage_failed(&e))?;
+        if let Some(e) = unencodable {
+            return Err(storage_failed(&e));
+        }
+        let Some(&(last, _)) = entries.last() else {
+            break;
+        };
+        after = last;
+        let frame = Frame::events(&entries);
+        entries.clear();
+        let message = writer.frame_message(&frame);
+        writer.send(message).await?;
+        let average = seen_bytes / seen.max(1) + EVENTS_ENTRY_OVERHEAD;
+        want = (limit / average).clamp(1, page);
     }
     Ok(())
 }
+
+/// Events read by a catch-up's first visit of the log, before their size is known.
+const CATCH_UP_FIRST_READ: usize = 64;
 
 /// Whether a catch-up should send its next page: not once the relay shuts down (1001) or the
 /// room dropped this connection (e.g. 4008, its queue overflowed meanwhile); the rest of a

@@ -70,7 +70,6 @@ impl Frame {
     }
 
     /// An `events` frame (see [`write_events`]).
-    #[cfg(test)]
     pub(crate) fn events(events: &[(u64, Box<str>)]) -> Arc<Frame> {
         let mut text = String::new();
         write_events(&mut text, events);
@@ -196,10 +195,10 @@ fn write_events(text: &mut String, events: &[(u64, Box<str>)]) {
 }
 
 /// Bytes of an `events` frame around its entries: `{"type":"events","events":[` and `]}`.
-const EVENTS_FRAME_OVERHEAD: usize = 29;
+pub(crate) const EVENTS_FRAME_OVERHEAD: usize = 29;
 /// Most bytes an entry adds besides its event's JSON: `{"seq":`, 20 digits, `,"event":`,
 /// `}` and the separating `,`.
-const EVENTS_ENTRY_OVERHEAD: usize = 38;
+pub(crate) const EVENTS_ENTRY_OVERHEAD: usize = 38;
 
 /// Appends `n` in decimal (what serde_json writes for a `u64`), without `core::fmt`.
 fn push_u64(text: &mut String, n: u64) {
