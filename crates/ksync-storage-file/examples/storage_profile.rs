@@ -143,28 +143,56 @@ fn group(
     })
 }
 
+const USAGE: &str = "usage: storage_profile build <path> <events> | reopen <path> | read <path> | group <dir> <appenders> <each> [<group size> [<delay µs>]]";
+
+/// Argument `i`, or a usage error naming `what`.
+fn arg<'a>(args: &'a [String], i: usize, what: &str) -> Result<&'a str, String> {
+    args.get(i)
+        .map(String::as_str)
+        .ok_or_else(|| format!("missing {what}"))
+}
+
+/// Argument `i` as a number (`default` when absent and one is given).
+fn number<T: std::str::FromStr>(
+    args: &[String],
+    i: usize,
+    what: &str,
+    default: Option<T>,
+) -> Result<T, String> {
+    match (args.get(i), default) {
+        (None, Some(default)) => Ok(default),
+        (None, None) => Err(format!("missing {what}")),
+        (Some(s), _) => s
+            .parse()
+            .map_err(|_| format!("{what} must be a number, not {s:?}")),
+    }
+}
+
 fn main() -> Result<(), StorageError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let num = |i: usize| -> usize {
-        args.get(i)
-            .and_then(|s| s.parse().ok())
-            .expect("a number argument")
+    let run = || -> Result<Result<(), StorageError>, String> {
+        Ok(match args.first().map(String::as_str) {
+            Some("build") => build(
+                Path::new(arg(&args, 1, "<path>")?),
+                number(&args, 2, "<events>", None)?,
+            ),
+            Some("reopen") => reopen(Path::new(arg(&args, 1, "<path>")?)),
+            Some("read") => read(Path::new(arg(&args, 1, "<path>")?)),
+            Some("group") => group(
+                Path::new(arg(&args, 1, "<dir>")?),
+                number(&args, 2, "<appenders>", None)?,
+                number(&args, 3, "<each>", None)?,
+                number(&args, 4, "<group size>", Some(2))?,
+                Duration::from_micros(number(&args, 5, "<delay µs>", Some(0))?),
+            ),
+            Some(other) => return Err(format!("unknown command {other:?}")),
+            None => return Err("no command".into()),
+        })
     };
-    match args.first().map(String::as_str) {
-        Some("build") => build(Path::new(&args[1]), num(2)),
-        Some("reopen") => reopen(Path::new(&args[1])),
-        Some("read") => read(Path::new(&args[1])),
-        Some("group") => group(
-            Path::new(&args[1]),
-            num(2),
-            num(3),
-            args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2),
-            Duration::from_micros(args.get(5).and_then(|s| s.parse().ok()).unwrap_or(0)),
-        ),
-        _ => {
-            eprintln!(
-                "usage: storage_profile build <path> <events> | reopen <path> | read <path> | group <dir> <appenders> <each>"
-            );
+    match run() {
+        Ok(result) => result,
+        Err(why) => {
+            eprintln!("storage_profile: {why}\n{USAGE}");
             std::process::exit(2);
         }
     }

@@ -16,7 +16,7 @@
 //!
 //! Reports on stdout, one JSON object a line: `{"kind":"connected"}`, `{"kind":"disconnected"}`,
 //! `{"kind":"event","event":{...}}`, `{"kind":"sent","id":".."}`,
-//! `{"kind":"burst-done","count":N}`, `{"kind":"error","message":".."}`.
+//! `{"kind":"burst-done","count":N}` (N sent: fewer than asked after an `error`), `{"kind":"error","message":".."}`.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -112,6 +112,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .as_f64()
                     .filter(|r| *r > 0.0)
                     .map(|r| Duration::from_secs_f64(1.0 / r));
+                let mut sent = 0;
                 for n in 0..count {
                     let event = Event::new(
                         format!("{prefix}-{n}"),
@@ -123,11 +124,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         report(&json!({"kind": "error", "message": error.to_string()}));
                         break;
                     }
+                    sent += 1;
                     if let Some(pause) = pause {
                         tokio::time::sleep(pause).await;
                     }
                 }
-                report(&json!({"kind": "burst-done", "count": count}));
+                // How many were handed to the client (fewer than asked after an error).
+                report(&json!({"kind": "burst-done", "count": sent}));
             }
             Some("quit") => break,
             _ => report(&json!({"kind": "error", "message": "unknown command"})),
