@@ -117,6 +117,21 @@ impl P2PSyncClientBuilder {
         self
     }
 
+    /// How often `metrics` is notified: events published plus received (gossip and catch-up)
+    /// per second, gossip bytes sent plus received per second, and the mean ping round trip to
+    /// the connected peers, each over the period. Default 5 s.
+    pub fn metrics_interval(mut self, every: Duration) -> Self {
+        self.opts.metrics_interval = every;
+        self
+    }
+
+    /// The spec's `debug`: log what is gossiped and taken in at `debug` level (target
+    /// `ksync_p2p::node`) instead of `trace`. Default false.
+    pub fn debug(mut self, on: bool) -> Self {
+        self.opts.debug = on;
+        self
+    }
+
     /// Most established connections. Default 64.
     pub fn max_peers(mut self, max: u32) -> Self {
         self.opts.max_peers = max;
@@ -186,9 +201,9 @@ impl P2PSyncClientBuilder {
         if opts.max_peers == 0 {
             return Err(P2PError::Config("max_peers must be at least 1".into()));
         }
-        if opts.anti_entropy_interval.is_zero() {
+        if opts.anti_entropy_interval.is_zero() || opts.metrics_interval.is_zero() {
             return Err(P2PError::Config(
-                "anti_entropy_interval must be positive".into(),
+                "anti_entropy_interval and metrics_interval must be positive".into(),
             ));
         }
         let key_path = identity::key_path(&opts.key_dir, &opts.peer_id);
@@ -287,6 +302,8 @@ impl P2PSyncClient {
                 command_capacity: DEFAULT_COMMAND_CAPACITY,
                 request_timeout: Duration::from_secs(30),
                 connect_timeout: Duration::from_secs(10),
+                metrics_interval: crate::config::DEFAULT_METRICS_INTERVAL,
+                debug: false,
             },
             encryption: false,
             replica: None,

@@ -135,6 +135,10 @@ pub(crate) struct Options {
     pub command_capacity: usize,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Period of the `metrics` notification.
+    pub metrics_interval: Duration,
+    /// The spec's `debug`: gossip and catch-up logged at `debug` instead of `trace`.
+    pub debug: bool,
 }
 
 /// Default network name (the gossipsub topic and the sync protocol's network).
@@ -144,6 +148,8 @@ pub const DEFAULT_NETWORK: &str = "ksync";
 pub const DEFAULT_LISTEN_HOST: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 /// Default period of the anti-entropy round with every connected peer.
 pub const DEFAULT_ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(15);
+/// Default period of the `metrics` notification (as the WebSocket client's).
+pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
 /// Default cap on established connections (all peers together).
 pub const DEFAULT_MAX_PEERS: u32 = 64;
 /// Default largest event, JSON-encoded. Larger events are refused locally and rejected from

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use ksync_core::{
-    Event, EventLimits, Notification, Notifier, Replica, RevisionKey, Status, SyncError,
+    Event, EventLimits, Metrics, Notification, Notifier, Replica, RevisionKey, Status, SyncError,
 };
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
@@ -138,6 +138,75 @@ pub(crate) struct Counters {
     pub new_events: AtomicU64,
     pub duplicate_events: AtomicU64,
     pub catch_up_rounds: AtomicU64,
+    /// Gossip payload bytes published and received (for `metrics`).
+    pub gossip_bytes: AtomicU64,
+    /// Ping round trips measured, and their sum in microseconds (for `metrics`).
+    pub pings: AtomicU64,
+    pub ping_micros: AtomicU64,
+}
+
+/// Logs at `debug` when the client's `debug` option is on, else at `trace`.
+macro_rules! dlog {
+    ($debug:expr, $($arg:tt)+) => {
+        if $debug {
+            tracing::debug!(target: "ksync_p2p::node", $($arg)+);
+        } else {
+            tracing::trace!(target: "ksync_p2p::node", $($arg)+);
+        }
+    };
+}
+
+/// The counters as of the last `metrics` notification, to report the period's differences.
+struct Meter {
+    at: tokio::time::Instant,
+    events: u64,
+    bytes: u64,
+    pings: u64,
+    ping_micros: u64,
+}
+
+impl Meter {
+    fn totals(c: &Counters) -> (u64, u64, u64, u64) {
+        let events =
+            c.published_events.load(Ordering::Relaxed) + c.new_events.load(Ordering::Relaxed);
+        (
+            events,
+            c.gossip_bytes.load(Ordering::Relaxed),
+            c.pings.load(Ordering::Relaxed),
+            c.ping_micros.load(Ordering::Relaxed),
+        )
+    }
+
+    fn start(c: &Counters) -> Self {
+        let (events, bytes, pings, ping_micros) = Self::totals(c);
+        Self {
+            at: tokio::time::Instant::now(),
+            events,
+            bytes,
+            pings,
+            ping_micros,
+        }
+    }
+
+    /// The period since the last report (events published or newly stored, gossip bytes,
+    /// mean ping round trip in ms), and a new period from now.
+    fn report(&mut self, c: &Counters) -> Metrics {
+        let now = Self::start(c);
+        let secs = now.at.duration_since(self.at).as_secs_f64().max(1e-3);
+        let pings = now.pings.saturating_sub(self.pings);
+        let micros = now.ping_micros.saturating_sub(self.ping_micros);
+        let metrics = Metrics {
+            events_per_second: now.events.saturating_sub(self.events) as f64 / secs,
+            average_latency: if pings == 0 {
+                0.0
+            } else {
+                micros as f64 / pings as f64 / 1000.0
+            },
+            bandwidth_usage: now.bytes.saturating_sub(self.bytes) as f64 / secs,
+        };
+        *self = now;
+        metrics
+    }
 }
 
 /// State the node publishes for the handle to read without a round trip.
@@ -552,6 +621,10 @@ impl Node {
         let mut round = tokio::time::interval(self.opts.anti_entropy_interval);
         round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         round.tick().await;
+        let mut metrics = tokio::time::interval(self.opts.metrics_interval);
+        metrics.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        metrics.tick().await;
+        let mut meter = Meter::start(&self.shared.counters);
         while !self.stopping {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
@@ -573,6 +646,10 @@ impl Node {
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
                 _ = round.tick() => self.periodic().await,
+                _ = metrics.tick() => {
+                    let report = meter.report(&self.shared.counters);
+                    self.notifier.emit(Notification::Metrics(report));
+                }
                 _ = sleep_until_some(self.batch_deadline) => self.flush_batch(),
                 _ = sleep_until_some(self.held.front().map(|h| h.0)) => {
                     self.release_forwards(tokio::time::Instant::now());
@@ -707,6 +784,8 @@ impl Node {
         }
         let count = batch.len() as u64;
         let data = wire::encode_payload(&batch);
+        let bytes = data.len() as u64;
+        dlog!(self.opts.debug, events = count, bytes, "publishing");
         match self
             .swarm
             .behaviour_mut()
@@ -717,6 +796,7 @@ impl Node {
                 let c = &self.shared.counters;
                 c.published_messages.fetch_add(1, Ordering::Relaxed);
                 c.published_events.fetch_add(count, Ordering::Relaxed);
+                c.gossip_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
             // Nobody to send to, or already sent: the events are stored and catch-up carries
             // them to peers that connect later.
@@ -963,6 +1043,14 @@ impl Node {
                     }
                 }
             }
+            BehaviourEvent::Ping(ping::Event {
+                result: Ok(rtt), ..
+            }) => {
+                let c = &self.shared.counters;
+                c.pings.fetch_add(1, Ordering::Relaxed);
+                let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+                c.ping_micros.fetch_add(micros, Ordering::Relaxed);
+            }
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) | BehaviourEvent::Limits(_) => {}
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 // One dial per peer with all its addresses: some (e.g. its loopback) do not
@@ -1064,6 +1152,10 @@ impl Node {
                 counters
                     .gossip_events
                     .fetch_add(events.len() as u64, Ordering::Relaxed);
+                counters
+                    .gossip_bytes
+                    .fetch_add(message.data.len() as u64, Ordering::Relaxed);
+                dlog!(self.opts.debug, peer = %source, events = events.len(), bytes = message.data.len(), "gossip received");
                 // Valid on the wire, so it is forwarded even if our own chain refuses it.
                 let events = self.take_in(events);
                 self.ingest(events).await;
@@ -1878,6 +1970,8 @@ mod tests {
             command_capacity: 16,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            metrics_interval: crate::config::DEFAULT_METRICS_INTERVAL,
+            debug: false,
         }
     }
 

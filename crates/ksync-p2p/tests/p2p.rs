@@ -563,3 +563,64 @@ async fn connect_to_peer_dials_from_a_new_port() {
         "the dial left from the listen port"
     );
 }
+
+/// The spec's `metrics`: every `metrics_interval`, the events published and taken in per
+/// second, the gossip bytes per second and the mean ping round trip to the peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_notified_every_interval() {
+    use std::sync::Mutex;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metered = |name: &str| {
+        builder(dir.path(), name)
+            .metrics_interval(Duration::from_millis(200))
+            .debug(true)
+            .build()
+            .expect("build")
+    };
+    let a = Arc::new(metered("a"));
+    let b = Arc::new(metered("b"));
+    let seen: Arc<Mutex<Vec<ksync_core::Metrics>>> = Arc::default();
+    let _sub = {
+        let seen = Arc::clone(&seen);
+        b.on(
+            "metrics",
+            Box::new(move |n: &Notification| {
+                if let Notification::Metrics(m) = n {
+                    seen.lock().expect("lock").push(*m);
+                }
+            }),
+        )
+        .expect("on")
+    };
+    a.start().await.expect("start");
+    b.start().await.expect("start");
+    link(&a, &b).await;
+    wait_mesh(&[a.clone(), b.clone()]).await;
+    for n in 0..20 {
+        a.broadcast(event(a.peer_id(), n)).await.expect("broadcast");
+    }
+    wait_until(10, "b has a's events", || keys(&b).len() == 20).await;
+    let any = |f: fn(&ksync_core::Metrics) -> bool| seen.lock().expect("lock").iter().any(f);
+    wait_until(10, "metrics with the events", || {
+        any(|m| m.events_per_second > 0.0)
+    })
+    .await;
+    wait_until(10, "metrics with a ping", || {
+        any(|m| m.average_latency > 0.0)
+    })
+    .await;
+    // Bandwidth counts gossip; events that came by catch-up instead (before the gossip mesh
+    // formed, on a busy machine) move none.
+    if b.stats().gossip_events > 0 {
+        wait_until(10, "metrics with gossip bytes", || {
+            any(|m| m.bandwidth_usage > 0.0)
+        })
+        .await;
+    }
+    let bad = builder(dir.path(), "c")
+        .metrics_interval(Duration::ZERO)
+        .build()
+        .expect_err("a zero interval is refused");
+    assert!(bad.to_string().contains("metrics_interval"), "{bad}");
+}
