@@ -34,6 +34,13 @@ pub trait SyncClient: Send + Sync + 'static {
         let _ = replica;
     }
 
+    /// The replica id this client would have its replica use (a P2P client's `peerId`):
+    /// `KSync` gives it to a storage used for the first time, so the events made there carry
+    /// it as their `origin`. Default `None` (a random id).
+    fn preferred_replica_id(&self) -> Option<String> {
+        None
+    }
+
     /// Registers a handler for the notification named `kind` (`connected`, `event`, ...).
     /// Returns the unsubscribe handle; unknown names are an error.
     fn on(&self, kind: &str, handler: Handler) -> Result<Subscription, SyncError> {

@@ -88,7 +88,9 @@ impl<C: SyncClient + ?Sized> KSyncBuilder<C> {
         self
     }
 
-    /// Fixes the replica id instead of the one kept in storage (e.g. a P2P `peerId`).
+    /// Fixes the replica id instead of the one kept in storage. Without it, a storage used for
+    /// the first time takes the client's [`SyncClient::preferred_replica_id`] (a P2P
+    /// `peerId`), else a random id, and keeps it.
     pub fn replica_id(mut self, id: impl Into<String>) -> Self {
         self.replica_id = Some(id.into());
         self
@@ -104,7 +106,7 @@ impl<C: SyncClient + ?Sized> KSyncBuilder<C> {
             .ok_or_else(|| SyncError::Config("KSync needs a sync client".into()))?;
         let replica = match self.replica_id {
             Some(id) => Replica::with_id(storage, id),
-            None => Replica::open(storage).await?,
+            None => Replica::open_preferring(storage, client.preferred_replica_id()).await?,
         };
         client.attach(replica.clone());
         Ok(KSync {

@@ -102,10 +102,22 @@ impl Replica {
     /// Opens the replica kept in `storage`: its id is read from the storage, or made and stored
     /// the first time.
     pub async fn open(storage: Arc<dyn Storage>) -> Result<Self, SyncError> {
+        Self::open_preferring(storage, None).await
+    }
+
+    /// As [`open`](Self::open), but a storage without an id yet takes `preferred` (e.g. a P2P
+    /// `peerId`) rather than a random one. A storage that has an id keeps it: its own events
+    /// (`origin` = that id) must stay its own, or they would never be sent.
+    pub async fn open_preferring(
+        storage: Arc<dyn Storage>,
+        preferred: Option<String>,
+    ) -> Result<Self, SyncError> {
         let id = match storage.meta(REPLICA_ID_KEY)? {
             Some(id) => id,
             None => {
-                let id = uuid::Uuid::new_v4().simple().to_string();
+                let id = preferred
+                    .filter(|id| !id.is_empty())
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
                 storage.set_meta(REPLICA_ID_KEY, &id).await?;
                 id
             }

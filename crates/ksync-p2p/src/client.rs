@@ -625,6 +625,11 @@ impl SyncClient for P2PSyncClient {
     fn attach(&self, replica: Replica) {
         *self.replica.lock().unwrap_or_else(|p| p.into_inner()) = replica;
     }
+
+    /// The spec's `peerId`: under `KSync`, a fresh storage's events carry it as their origin.
+    fn preferred_replica_id(&self) -> Option<String> {
+        Some(self.opts.peer_id.clone())
+    }
 }
 
 #[cfg(test)]

@@ -346,20 +346,21 @@ async fn ksync_drives_a_p2p_client_as_in_the_spec() {
     let make = |name: &str| Arc::new(builder(dir.path(), name).build().expect("build"));
     let client_a = make("peer-a");
     let client_b = make("peer-b");
+    // As the spec writes it: no replica id given, the client's `peerId` is the replica's.
     let ka = KSync::builder()
         .storage(Arc::new(InMemoryStorage::new()))
         .sync_client(Arc::clone(&client_a))
-        .replica_id("peer-a")
         .build()
         .await
         .expect("ksync a");
     let kb = KSync::builder()
         .storage(Arc::new(InMemoryStorage::new()))
         .sync_client(Arc::clone(&client_b))
-        .replica_id("peer-b")
         .build()
         .await
         .expect("ksync b");
+    assert_eq!(ka.replica().id(), "peer-a");
+    assert_eq!(kb.replica().id(), "peer-b");
     let mut connected = ka.notifications();
     // Emitted before start: stored, sent when peers meet.
     let early = ka
@@ -623,4 +624,35 @@ async fn metrics_are_notified_every_interval() {
         .build()
         .expect_err("a zero interval is refused");
     assert!(bad.to_string().contains("metrics_interval"), "{bad}");
+}
+
+/// A storage that already has a replica id keeps it under a P2P client with another `peerId`:
+/// the events it made carry that id, and must stay its own (to be sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_keeps_its_replica_id_under_a_new_peer_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage: Arc<dyn ksync_core::Storage> = Arc::new(InMemoryStorage::new());
+    let first = KSync::builder()
+        .storage(Arc::clone(&storage))
+        .sync_client(Arc::new(
+            builder(dir.path(), "first").build().expect("build"),
+        ))
+        .build()
+        .await
+        .expect("ksync");
+    let made = first
+        .emit("note", serde_json::json!({"n": 1}))
+        .await
+        .expect("emit");
+    assert_eq!(made.origin.as_deref(), Some("first"));
+    drop(first);
+    let again = KSync::builder()
+        .storage(storage)
+        .sync_client(Arc::new(
+            builder(dir.path(), "renamed").build().expect("build"),
+        ))
+        .build()
+        .await
+        .expect("ksync");
+    assert_eq!(again.replica().id(), "first");
 }

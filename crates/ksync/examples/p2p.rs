@@ -36,7 +36,6 @@ async fn main() -> anyhow::Result<()> {
     let ksync = KSync::builder()
         .storage(Arc::new(InMemoryStorage::new()))
         .sync_client(Arc::new(sync_client))
-        .replica_id("my-unique-peer-id")
         .build()
         .await?;
 
