@@ -1162,10 +1162,18 @@ impl Node {
             }
             Err(why) => {
                 // Reject: not forwarded, and the P4 penalty lands on the peer that sent it.
+                // An event over our limit only is Ignore (not forwarded, no penalty): a peer
+                // configured with a larger `max_event_bytes` is honest, and catch-up brings the
+                // rest of its batch (and skips the large event without blame too).
+                let verdict = if matches!(why, wire::Rejected::TooLarge { .. }) {
+                    MessageAcceptance::Ignore
+                } else {
+                    MessageAcceptance::Reject
+                };
                 self.swarm
                     .behaviour_mut()
                     .gossipsub
-                    .report_message_validation_result(&id, &source, MessageAcceptance::Reject);
+                    .report_message_validation_result(&id, &source, verdict);
                 self.shared
                     .counters
                     .rejected_messages

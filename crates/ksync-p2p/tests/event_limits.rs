@@ -164,3 +164,40 @@ async fn an_event_over_the_receivers_limit_is_skipped_not_blamed() {
     assert_eq!(*watch_b.blamed.lock().expect("lock"), 0, "nobody is blamed");
     assert_eq!(*watch_b.status_errors.lock().expect("lock"), 0);
 }
+
+/// Gossip between peers with different limits: a message with an event over the receiver's
+/// limit only is ignored (not forwarded), not rejected, so the honest sender's score does not
+/// drop; the rest comes by catch-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_over_the_receivers_limit_costs_the_sender_no_score() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Arc::new(
+        builder(dir.path(), "a")
+            .max_event_bytes(256 * 1024)
+            .build()
+            .expect("build"),
+    );
+    a.start().await.expect("start");
+    let b = peer(dir.path(), "b").await;
+    let watch_b = Watch::new(&b);
+    link(&b, &a).await;
+    wait_mesh(&[a.clone(), b.clone()]).await;
+    for n in 0..5 {
+        a.broadcast(big(&format!("a-big-{n}"), 100))
+            .await
+            .expect("within a's limit");
+    }
+    a.broadcast(event("a", 1)).await.expect("broadcast");
+    wait_until(10, "b gets the normal event", || {
+        keys(&b).contains(&("a-1".to_owned(), 1))
+    })
+    .await;
+    wait_until(10, "b has seen the large messages", || {
+        b.stats().rejected_messages >= 1
+    })
+    .await;
+    let score = b.peer_score(a.local_peer_id()).await.expect("score");
+    assert!(score.is_none_or(|s| s >= 0.0), "a lost score: {score:?}");
+    assert_eq!(keys(&b).len(), 1);
+    assert_eq!(*watch_b.blamed.lock().expect("lock"), 0, "nobody is blamed");
+}
