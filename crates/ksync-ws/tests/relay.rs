@@ -110,7 +110,7 @@ async fn state_request_gets_snapshot_then_tail() {
     recv_json(&mut p).await;
     let mut h = hello();
     h["state"] = json!(true);
-    let (mut s, welcome) = join(&url, h).await;
+    let (mut s, welcome) = join(&url, h.clone()).await;
     assert_eq!(welcome["serverVersion"], 3);
     let snap = recv_json(&mut s).await;
     assert_eq!(snap["type"], "snapshot");
@@ -144,6 +144,19 @@ async fn state_request_gets_snapshot_then_tail() {
     .await;
     let tail = recv_json(&mut s).await;
     assert_eq!(tail["events"][0]["seq"], 4);
+    // A state join after that publish sees it: the snapshot the first join made (and two
+    // joins between commits share) is not reused once the room has committed.
+    let (mut later, welcome) = join(&url, h).await;
+    assert_eq!(welcome["serverVersion"], 4);
+    let snap = recv_json(&mut later).await;
+    let mut ids: Vec<_> = snap["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["x", "y", "z"]);
     server.stop().await;
 }
 

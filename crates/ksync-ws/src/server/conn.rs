@@ -585,7 +585,7 @@ async fn catch_up(
     room_link: &RoomLink,
     hello: &Hello,
     server_version: u64,
-    snapshot: Option<Vec<Event>>,
+    snapshot: Option<Arc<[Event]>>,
 ) -> Result<(), End> {
     let page = shared.config.page_size;
     if let Some(state) = snapshot {

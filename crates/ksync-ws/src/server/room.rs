@@ -222,8 +222,9 @@ pub(crate) struct Subscribed {
     /// The last sequence number at the moment of joining: catch-up covers up to it, the live
     /// stream starts after it.
     pub(crate) server_version: u64,
-    /// The latest version of every id as of `server_version`, when asked for.
-    pub(crate) snapshot: Option<Vec<Event>>,
+    /// The latest version of every id as of `server_version`, when asked for (shared by the
+    /// connections that join between two commits).
+    pub(crate) snapshot: Option<Arc<[Event]>>,
 }
 
 pub(crate) enum RoomCommand {
@@ -433,6 +434,10 @@ pub(crate) struct Room {
     storage_immediate: bool,
     /// The room shut down: nothing more is committed.
     closed: bool,
+    /// The last snapshot made for a state-based join, while nothing was committed since:
+    /// clients joining together (a reconnect storm) share one copy of the room's state
+    /// instead of one each. Cleared by every commit.
+    snapshot: Option<Arc<[Event]>>,
     /// Buffers reused by every commit, so that a commit allocates little besides the frames
     /// it sends (they keep the capacity the largest batch needed).
     scratch: Scratch,
@@ -485,6 +490,7 @@ impl Room {
             last_seq,
             storage_immediate: true,
             closed: false,
+            snapshot: None,
             scratch: Scratch::default(),
         };
         // Bounded: see RelayConfig::room_queue for the overflow policy.
@@ -639,16 +645,20 @@ impl Room {
                 outbox,
                 reply,
             } => {
-                let snapshot = if state {
-                    match self.storage.state() {
-                        Ok(map) => Some(map.into_values().collect()),
+                let snapshot = match (state, &self.snapshot) {
+                    (false, _) => None,
+                    (true, Some(made)) => Some(Arc::clone(made)),
+                    (true, None) => match self.storage.state() {
+                        Ok(map) => {
+                            let made: Arc<[Event]> = map.into_values().collect();
+                            self.snapshot = Some(Arc::clone(&made));
+                            Some(made)
+                        }
                         Err(e) => {
                             let _ = reply.send(Err(e.to_string()));
                             return false;
                         }
-                    }
-                } else {
-                    None
+                    },
                 };
                 self.subs.push(Subscriber { conn, outbox });
                 let _ = reply.send(Ok(Subscribed {
@@ -681,6 +691,8 @@ impl Room {
     /// shared events frames for everyone else (see `max_frame_bytes`), and that connection's
     /// acks, in order.
     async fn commit(&mut self, batch: &mut Vec<PublishCommand>) {
+        // Whatever this commit stores, a snapshot made before it is out of date.
+        self.snapshot = None;
         let mut plans = std::mem::take(&mut self.scratch.plans);
         let mut slots = std::mem::take(&mut self.scratch.slots);
         plans.clear();
