@@ -171,7 +171,7 @@ test("'state-based' starts from the snapshot and sends only the latest version o
 test('heartbeat: a server that stops answering is given up on, and joined again when it is back', async () => {
   const server = await startServer();
   const room = `${server.ws}/ws/heartbeat`;
-  const options = { heartbeat: 300, heartbeatTimeout: 700 };
+  const options = { heartbeat: 300, heartbeatTimeout: 1500 };
   const setup = `(client) => {
     window.disconnects = [];
     client.on('disconnected', (d) => window.disconnects.push(d));

@@ -98,7 +98,8 @@ async fn git_requests_are_shed_past_the_limit_and_stalled_bodies_time_out() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut config = loopback_config();
     config.limits.max_git_requests = 1;
-    config.limits.request_body_timeout = Duration::from_millis(500);
+    // Long enough for the requests below to meet the stalled one on a busy machine.
+    config.limits.request_body_timeout = Duration::from_secs(3);
     let running = Server::bind(config).await.unwrap();
     let addr = running.local_addr();
     let client = reqwest::Client::new();
@@ -117,18 +118,21 @@ async fn git_requests_are_shed_past_the_limit_and_stalled_bodies_time_out() {
     );
     stalled.write_all(head.as_bytes()).await.unwrap();
     // Until its body times out, every other repository request is shed.
-    let busy = loop {
+    let mut busy = None;
+    for _ in 0..100 {
         let response = client
             .get(format!("http://{addr}/git/slow"))
             .send()
             .await
             .unwrap();
         if response.status() == 503 {
-            break response;
+            busy = Some(response);
+            break;
         }
         // The stalled request may not hold its slot yet.
         tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    }
+    let busy = busy.expect("a request shed while the stalled one holds the only slot");
     assert_eq!(busy.headers()["retry-after"], "1");
     let body: serde_json::Value = busy.json().await.unwrap();
     assert_eq!(body["error"]["code"], "busy", "{body}");
