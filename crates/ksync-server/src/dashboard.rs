@@ -529,23 +529,8 @@ impl Feed {
             // Known without opening the log (see `StorageProvider::known_len`): a monitor must
             // not open every log on disk once a second. `null` for a log not opened since the
             // server started.
-            let Some(seq) = provider.known_len(name) else {
-                match name {
-                    LogName::Room(room) => {
-                        let clients = per_room.get(room.as_str()).copied().unwrap_or(0);
-                        rooms.insert(
-                            room.to_string(),
-                            json!({"name": room.as_str(), "seq": null, "clients": clients}),
-                        );
-                    }
-                    LogName::Branch { repo, branch } => repos
-                        .entry(repo.to_string())
-                        .or_default()
-                        .push(json!({"name": branch.as_str(), "seq": null})),
-                }
-                continue;
-            };
-            total += seq;
+            let seq = provider.known_len(name);
+            total += seq.unwrap_or(0);
             match name {
                 LogName::Room(room) => {
                     let clients = per_room.get(room.as_str()).copied().unwrap_or(0);
@@ -559,6 +544,7 @@ impl Feed {
                         .entry(repo.to_string())
                         .or_default()
                         .push(json!({"name": branch.as_str(), "seq": seq}));
+                    let Some(seq) = seq else { continue };
                     let key = (repo.to_string(), branch.to_string());
                     // A branch that appears after the first stats is new: all of it is news.
                     let first = self.previous_total.is_none();
