@@ -10,6 +10,7 @@ mod auth;
 mod client;
 mod clock;
 mod conflict;
+mod debug_log;
 mod error;
 mod event;
 mod ksync;
@@ -42,6 +43,10 @@ pub use notify::{
 };
 pub use replica::{Ingested, REVISION_ATTEMPTS, Replica};
 pub use storage::{BoxFuture, InMemoryStorage, Storage, StorageError};
+
+/// `tracing`, for [`debug_log!`]'s expansion in other crates.
+#[doc(hidden)]
+pub use tracing as __tracing;
 
 /// Version of kSync's wire protocols (WebSocket messages, HTTP bodies, P2P messages). Peers
 /// announce it; a peer with another major version is refused with a clear error.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ksync_core::{
     Auth, BoxFuture, Conflict, ConflictResolver, Direction, Event, EventLimits, Filter, Metrics,
     Middleware, Name, Notification, NotificationKind, Notifier, Pipeline, PullPushClient,
-    PullResult, PushResult, Replica, Resolution, Status, SyncClient, SyncError, resolve,
+    PullResult, PushResult, Replica, Resolution, Status, SyncClient, SyncError, debug_log, resolve,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -1614,16 +1614,8 @@ struct Http {
     meter: Arc<Meter>,
 }
 
-/// Logs at `debug` when the client's `debug` option is on, else at `trace`.
-macro_rules! dlog {
-    ($debug:expr, $($arg:tt)+) => {
-        if $debug {
-            tracing::debug!(target: "ksync_git::client", $($arg)+);
-        } else {
-            tracing::trace!(target: "ksync_git::client", $($arg)+);
-        }
-    };
-}
+/// Target of this file's [`debug_log!`] lines, fixed because users filter on it.
+const LOG_TARGET: &str = "ksync_git::client";
 
 /// What the client did since its last `metrics` notification (one is sent after every pull,
 /// push, sync, merge and clone: this client has no connection to report on in between).
@@ -1695,7 +1687,7 @@ impl Http {
     ) -> Result<T, SyncError> {
         let started = std::time::Instant::now();
         let sent = json.as_ref().map_or(0, Vec::len);
-        dlog!(self.debug, %method, %url, bytes = sent, "request");
+        debug_log!(self.debug, target: LOG_TARGET, %method, %url, bytes = sent, "request");
         let mut request = self
             .client
             .request(method, &url)
@@ -1741,7 +1733,7 @@ impl Http {
         let round_trip = started.elapsed();
         // Bytes as the application sees them (before gzip one way, after it the other).
         self.meter.request(sent + bytes.len(), round_trip);
-        dlog!(self.debug, %url, status = status.as_u16(), bytes = bytes.len(), ms = round_trip.as_secs_f64() * 1000.0, "answer");
+        debug_log!(self.debug, target: LOG_TARGET, %url, status = status.as_u16(), bytes = bytes.len(), ms = round_trip.as_secs_f64() * 1000.0, "answer");
         if !status.is_success() {
             let (code, message) = match from_json::<ErrorBody>(&bytes) {
                 Ok(body) => (body.error.code, body.error.message),
@@ -1967,7 +1959,7 @@ impl PullPushClient for GitSyncClient {
                 .creating_repo(|| self.pull_branch(&replica, &head))
                 .await?;
             Meter::add(&self.inner.http.meter.events, pulled.new_events.len() as u64);
-            dlog!(self.inner.http.debug, branch = %head, events = pulled.new_events.len(), server_version = pulled.server_version, "pulled");
+            debug_log!(self.inner.http.debug, target: LOG_TARGET, branch = %head, events = pulled.new_events.len(), server_version = pulled.server_version, "pulled");
             Ok(pulled)
         }))
     }
@@ -1990,7 +1982,7 @@ impl PullPushClient for GitSyncClient {
                 }
             }
             Meter::add(&self.inner.http.meter.events, pushed.pushed_events.len() as u64);
-            dlog!(self.inner.http.debug, branch = %head, events = pushed.pushed_events.len(), rejected = pushed.rejected_events.len(), server_version = pushed.server_version, "pushed");
+            debug_log!(self.inner.http.debug, target: LOG_TARGET, branch = %head, events = pushed.pushed_events.len(), rejected = pushed.rejected_events.len(), server_version = pushed.server_version, "pushed");
             Ok(pushed)
         }))
     }

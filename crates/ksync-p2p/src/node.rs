@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use ksync_core::{
     Event, EventLimits, Metrics, Notification, Notifier, Replica, RevisionKey, Status, SyncError,
+    debug_log,
 };
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
@@ -145,16 +146,8 @@ pub(crate) struct Counters {
     pub ping_micros: AtomicU64,
 }
 
-/// Logs at `debug` when the client's `debug` option is on, else at `trace`.
-macro_rules! dlog {
-    ($debug:expr, $($arg:tt)+) => {
-        if $debug {
-            tracing::debug!(target: "ksync_p2p::node", $($arg)+);
-        } else {
-            tracing::trace!(target: "ksync_p2p::node", $($arg)+);
-        }
-    };
-}
+/// Target of this file's [`debug_log!`] lines, fixed because users filter on it.
+const LOG_TARGET: &str = "ksync_p2p::node";
 
 /// The counters as of the last `metrics` notification, to report the period's differences.
 struct Meter {
@@ -785,7 +778,7 @@ impl Node {
         let count = batch.len() as u64;
         let data = wire::encode_payload(&batch);
         let bytes = data.len() as u64;
-        dlog!(self.opts.debug, events = count, bytes, "publishing");
+        debug_log!(self.opts.debug, target: LOG_TARGET, events = count, bytes, "publishing");
         match self
             .swarm
             .behaviour_mut()
@@ -1155,7 +1148,7 @@ impl Node {
                 counters
                     .gossip_bytes
                     .fetch_add(message.data.len() as u64, Ordering::Relaxed);
-                dlog!(self.opts.debug, peer = %source, events = events.len(), bytes = message.data.len(), "gossip received");
+                debug_log!(self.opts.debug, target: LOG_TARGET, peer = %source, events = events.len(), bytes = message.data.len(), "gossip received");
                 // Valid on the wire, so it is forwarded even if our own chain refuses it.
                 let events = self.take_in(events);
                 self.ingest(events).await;

@@ -9,6 +9,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use ksync_core::{
     Auth, BoxFuture, Direction, Event, EventLimits, Filter, Metrics, Middleware, Notification,
     Notifier, PROTOCOL_VERSION, Pipeline, Replica, Status, Stored, SyncClient, SyncError,
+    debug_log,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot, watch};
@@ -25,16 +26,8 @@ use crate::protocol::{
 };
 use crate::tls::ClientStream;
 
-/// Logs at DEBUG when the client was built with `debug(true)`, at TRACE otherwise.
-macro_rules! dlog {
-    ($debug:expr, $($arg:tt)+) => {
-        if $debug {
-            tracing::debug!(target: "ksync_ws::client", $($arg)+);
-        } else {
-            tracing::trace!(target: "ksync_ws::client", $($arg)+);
-        }
-    };
-}
+/// Target of this file's [`debug_log!`] lines, fixed because users filter on it.
+const LOG_TARGET: &str = "ksync_ws::client";
 
 /// How outgoing events are grouped (the spec's `strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -680,7 +673,7 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, generation: 
         if attempt > 0 {
             inner.notifier.emit(Notification::Reconnecting { attempt });
             let delay = backoff(config.reconnect_min, config.reconnect_max, attempt);
-            dlog!(config.debug, ?delay, attempt, "reconnecting");
+            debug_log!(config.debug, target: LOG_TARGET, ?delay, attempt, "reconnecting");
             tokio::select! {
                 () = sleep(delay) => {}
                 () = inner.retry_now.notified() => {}
@@ -695,7 +688,7 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, generation: 
         let fatal = end.error.as_ref().is_some_and(WsError::is_fatal);
         let resync = matches!(end.error, Some(WsError::RoomReset { .. }));
         if let Some(error) = end.error {
-            dlog!(config.debug, %error, "session ended");
+            debug_log!(config.debug, target: LOG_TARGET, %error, "session ended");
             // Notified before a waiting `connect` returns the error.
             inner.notifier.emit(Notification::Status(Status::Error));
             inner
@@ -958,7 +951,7 @@ impl Session {
         let config = &self.inner.config;
         let target = &self.inner.target;
         let addr = format!("{}:{}", target.host, target.port);
-        dlog!(config.debug, %addr, url = %config.url, "connecting");
+        debug_log!(config.debug, target: LOG_TARGET, %addr, url = %config.url, "connecting");
         let tcp = TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(|e| WsError::Connect {
@@ -1010,7 +1003,7 @@ impl Session {
                 Message::Text(t) => {
                     match protocol::decode::<ServerMessage>(t.as_bytes(), SERVER_TYPES) {
                         Ok(ServerMessage::Welcome(w)) => {
-                            dlog!(config.debug, room = %w.room, server_version = w.server_version, "welcome");
+                            debug_log!(config.debug, target: LOG_TARGET, room = %w.room, server_version = w.server_version, "welcome");
                             self.server_version = w.server_version;
                             self.compression = w.compression;
                             self.server_max_message = w.max_message_size;
@@ -1281,7 +1274,7 @@ impl Session {
                     continue;
                 }
                 self.next_ref += 1;
-                dlog!(debug, reference, events = piece.len(), "publish");
+                debug_log!(debug, target: LOG_TARGET, reference, events = piece.len(), "publish");
                 let message = if self.compression && json.len() >= protocol::DEFLATE_MIN_BYTES {
                     Message::binary(protocol::deflate(&json))
                 } else {
@@ -1375,8 +1368,9 @@ impl Session {
         }
         // A first log, or cursors still at the start: nothing to reset.
         let reset = if self.known_log.is_some() && (self.room_cursor > 0 || self.acked_upto > 0) {
-            dlog!(
+            debug_log!(
                 self.debug(),
+                target: LOG_TARGET,
                 log_id,
                 "the room's log changed: syncing again"
             );
@@ -1438,8 +1432,9 @@ impl Session {
         match message {
             ServerMessage::Events(batch) => self.receive(batch.events).await?,
             ServerMessage::Snapshot(page) => {
-                dlog!(
+                debug_log!(
                     self.debug(),
+                    target: LOG_TARGET,
                     events = page.events.len(),
                     last = page.last,
                     "snapshot page"
@@ -1460,7 +1455,7 @@ impl Session {
                 self.pump(socket, false).await?;
             }
             ServerMessage::Error(e) => {
-                dlog!(self.debug(), code = %e.code, message = %e.message, "server error");
+                debug_log!(self.debug(), target: LOG_TARGET, code = %e.code, message = %e.message, "server error");
                 if e.code == protocol::code::CURSOR_AHEAD {
                     return Err(self.room_reset().await?);
                 }
@@ -1545,7 +1540,7 @@ impl Session {
                 // in and settles the conflict like any received event.
                 PublishResult::Conflict { held: None } => match &self.replica {
                     Some(_) => {
-                        dlog!(self.inner.config.debug, id = %id, "conflict; held revision comes from the stream")
+                        debug_log!(self.inner.config.debug, target: LOG_TARGET, id = %id, "conflict; held revision comes from the stream")
                     }
                     None => self.inner.notifier.emit(Notification::Error(Arc::new(
                         SyncError::Rejected(format!(
@@ -1615,7 +1610,7 @@ impl Session {
         let Some(last) = fresh.last().map(|s| s.seq) else {
             return Ok(());
         };
-        dlog!(self.debug(), events = fresh.len(), last, "events");
+        debug_log!(self.debug(), target: LOG_TARGET, events = fresh.len(), last, "events");
         self.deliver(fresh).await?;
         self.room_cursor = last;
         self.save_room_cursor().await
