@@ -123,6 +123,17 @@ pub trait StorageProvider: Send + Sync + 'static {
     fn release(&self, name: &LogName) {
         let _ = name;
     }
+
+    /// [`release`](Self::release), and deletes the log when nobody else holds it and it has
+    /// no events: a name that was only looked at (a read-only subscriber's room that nobody
+    /// wrote to) then leaves no file or entry behind, so the logs a server keeps grow with
+    /// what was written, not with the names asked for. Deleting an empty log loses no event;
+    /// its metadata goes with it (a relay's log id: its clients then resync from 0, which
+    /// sends them nothing). Not for logs whose existence means something while empty (a
+    /// Git branch someone created). Default: [`release`](Self::release).
+    fn release_discarding_empty(&self, name: &LogName) {
+        self.release(name);
+    }
 }
 
 /// Keeps every log in memory.
@@ -155,6 +166,18 @@ impl StorageProvider for InMemoryProvider {
         let mut names: Vec<_> = logs.keys().cloned().collect();
         names.sort();
         Ok(names)
+    }
+
+    /// Forgets an empty log nobody else holds (see the trait); every other log stays, as the
+    /// memory is its only copy.
+    fn release_discarding_empty(&self, name: &LogName) {
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        if logs
+            .get(name)
+            .is_some_and(|log| Arc::strong_count(log) == 1 && log.len() == 0)
+        {
+            logs.remove(name);
+        }
     }
 }
 
@@ -189,5 +212,26 @@ mod tests {
                 .is_none()
         );
         assert_eq!(provider.list().expect("list"), vec![room]);
+    }
+
+    #[tokio::test]
+    async fn the_memory_provider_forgets_only_empty_logs_nobody_holds() {
+        let provider = InMemoryProvider::new();
+        let name = |n: &str| LogName::Room(Name::new(n).expect("valid"));
+        let (empty, held, written) = (name("empty"), name("held"), name("written"));
+        drop(provider.open(&empty).expect("open"));
+        let held_log = provider.open(&held).expect("open");
+        let written_log = provider.open(&written).expect("open");
+        let event = crate::Event::new("e", "t", serde_json::json!({}), 1);
+        written_log.append(vec![event]).await.expect("append");
+        drop(written_log);
+        for log in [&empty, &held, &written] {
+            provider.release_discarding_empty(log);
+        }
+        // The empty one is gone; the one still held and the one with an event stay.
+        assert_eq!(provider.list().expect("list"), vec![held.clone(), written]);
+        drop(held_log);
+        provider.release_discarding_empty(&held);
+        assert_eq!(provider.list().expect("list").len(), 1);
     }
 }

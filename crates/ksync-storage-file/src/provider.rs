@@ -219,6 +219,40 @@ impl StorageProvider for FileProvider {
         }
     }
 
+    /// [`release`](Self::release), deleting the file when the log has no events (see the
+    /// trait). Under the map's lock, like `release`: an `open` of the same name waits and
+    /// then creates the log anew.
+    fn release_discarding_empty(&self, name: &LogName) {
+        let mut open = self.lock();
+        if !open.get(name).is_some_and(|s| Arc::strong_count(s) == 1) {
+            return;
+        }
+        let Some(storage) = open.remove(name) else {
+            return;
+        };
+        let len = storage.len();
+        drop(storage);
+        if len > 0 {
+            self.remember_len(name, len);
+            return;
+        }
+        let path = self.path_of(name);
+        let removed =
+            fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())));
+        // Best effort: a file left behind (or brought back by a crash before the directory
+        // is synced) is an empty log, which loses nothing and is deleted next time.
+        match removed.and_then(|()| path.parent().map_or(Ok(()), sync_dir)) {
+            Ok(()) => {
+                let mut lens = self.closed_lens.lock().unwrap_or_else(|p| p.into_inner());
+                lens.remove(name);
+            }
+            Err(e) => {
+                tracing::warn!(log = %path.display(), error = %e, "deleting an empty log failed");
+                self.remember_len(name, 0);
+            }
+        }
+    }
+
     fn opened(&self, name: &LogName) -> Option<Arc<dyn Storage>> {
         self.lock()
             .get(name)

@@ -484,3 +484,47 @@ async fn release_closes_a_log_only_once_nobody_holds_it() {
     // A name the provider never opened: nothing to do.
     provider.release(&LogName::Room(name("other")));
 }
+
+/// `release_discarding_empty` deletes a log with no events that nobody holds (metadata and
+/// all), and treats every other log as `release` does.
+#[tokio::test]
+async fn release_discarding_empty_deletes_only_empty_logs_nobody_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = FileProvider::new(dir.path()).expect("provider");
+    let (empty, held, written) = (
+        LogName::Room(name("empty")),
+        LogName::Room(name("held")),
+        LogName::Room(name("written")),
+    );
+    let path = |n: &str| dir.path().join("rooms").join(format!("{n}.log"));
+    // Metadata alone does not count as content.
+    let log = provider.open(&empty).expect("open");
+    log.set_meta("relay.log-id", "abc").await.expect("meta");
+    drop(log);
+    let held_log = provider.open(&held).expect("open");
+    let log = provider.open(&written).expect("open");
+    log.append(vec![ev("a", 1)]).await.expect("append");
+    drop(log);
+    for name in [&empty, &held, &written] {
+        provider.release_discarding_empty(name);
+    }
+    assert!(!path("empty").exists(), "the empty log's file is deleted");
+    assert_eq!(provider.known_len(&empty), None, "and forgotten");
+    assert!(path("held").exists(), "a log still held stays");
+    assert!(Arc::ptr_eq(&provider.open(&held).expect("open"), &held_log));
+    assert_eq!(provider.known_len(&written), Some(1), "closed, not deleted");
+    assert_eq!(
+        provider.list().expect("list"),
+        vec![held.clone(), written.clone()]
+    );
+    assert_eq!(provider.open(&written).expect("reopen").len(), 1);
+    // Opened again after its deletion: a new, empty log.
+    let again = provider.open(&empty).expect("open anew");
+    assert_eq!(
+        (again.len(), again.meta("relay.log-id").expect("meta")),
+        (0, None)
+    );
+    drop(held_log);
+    provider.release_discarding_empty(&held);
+    assert!(!path("held").exists(), "deleted once let go");
+}

@@ -150,3 +150,84 @@ async fn joins_racing_a_closing_room_see_all_history() {
     eventually("every room to close", || server.relay.open_rooms() == 0).await;
     server.stop().await;
 }
+
+/// Joins `room` with `key` (hello, welcome) and leaves.
+async fn visit(server: &Server, room: &str, key: &str) {
+    let url = server.url(Some(room));
+    let mut ws = raw_connect(&url, &[("x-api-key", key)])
+        .await
+        .unwrap_or_else(|status| panic!("join {room}: HTTP {status}"));
+    send_json(&mut ws, hello()).await;
+    let welcome = recv_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    leave(ws).await;
+}
+
+/// A read-only grant may subscribe to any room name it is allowed; the rooms it only looked
+/// at leave no log behind once they close (on disk or in memory), so the data directory grows
+/// with what was written, not with the names asked for. A room with events keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_only_looked_at_leave_no_log_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let on_disk: Arc<dyn StorageProvider> =
+        Arc::new(FileProvider::new(dir.path()).expect("provider"));
+    let in_memory: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
+    for provider in [on_disk, in_memory] {
+        let server = start_with(
+            RelayConfig::default(),
+            Arc::clone(&provider),
+            Arc::new(TestKeys),
+        )
+        .await;
+        // Written to, then only looked at: it keeps its event through every close.
+        let url = server.url(Some("kept"));
+        let (mut ws, _) = {
+            let mut ws = raw_connect(&url, &[("x-api-key", "rw-key")])
+                .await
+                .expect("join");
+            send_json(&mut ws, hello()).await;
+            let welcome = recv_json(&mut ws).await;
+            (ws, welcome)
+        };
+        send_json(
+            &mut ws,
+            json!({"type": "publish", "ref": 1, "events": [event("k", 1)]}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut ws).await["type"], "ack");
+        leave(ws).await;
+        for n in 0..100 {
+            visit(&server, &format!("peek{n}"), "ro-key").await;
+        }
+        // A writer that joins and writes nothing leaves nothing either.
+        visit(&server, "quiet", "rw-key").await;
+        visit(&server, "kept", "ro-key").await;
+        let relay = &server.relay;
+        eventually("every room to close", || relay.open_rooms() == 0).await;
+        let kept = vec![ksync_core::LogName::Room(
+            ksync_core::Name::new("kept").expect("name"),
+        )];
+        eventually("the empty logs to go", || {
+            provider.list().expect("list") == kept
+        })
+        .await;
+        let mut ws = raw_connect(&url, &[("x-api-key", "ro-key")])
+            .await
+            .expect("join");
+        send_json(&mut ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+        let welcome = recv_json(&mut ws).await;
+        assert_eq!(
+            welcome["serverVersion"], 1,
+            "the written room keeps its event"
+        );
+        let page = recv_json(&mut ws).await;
+        assert_eq!(page["events"][0]["event"]["id"], "k", "{page}");
+        leave(ws).await;
+        server.stop().await;
+    }
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("rooms"))
+        .expect("rooms dir")
+        .map(|entry| entry.expect("entry").file_name())
+        .collect();
+    assert_eq!(files, vec![std::ffi::OsString::from("kept.log")]);
+}

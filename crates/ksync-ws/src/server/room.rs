@@ -344,7 +344,8 @@ fn log_id(storage: &dyn Storage) -> (String, bool) {
     }
 }
 
-/// Tells the provider the room let go of its log (see `StorageProvider::release`) when the
+/// Tells the provider the room let go of its log (see
+/// `StorageProvider::release_discarding_empty`) when the
 /// room's last handle goes: after it closed idle and the connections that knew it let go.
 struct Release {
     provider: Arc<dyn StorageProvider>,
@@ -353,7 +354,9 @@ struct Release {
 
 impl Drop for Release {
     fn drop(&mut self) {
-        self.provider.release(&self.log);
+        // A room nobody wrote to leaves nothing behind: otherwise every name a read-only
+        // grant may subscribe to would leave a log on disk for good.
+        self.provider.release_discarding_empty(&self.log);
     }
 }
 
