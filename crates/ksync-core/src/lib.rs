@@ -15,6 +15,7 @@ mod error;
 mod event;
 mod ksync;
 mod log;
+mod metrics;
 mod middleware;
 mod names;
 mod notify;
@@ -35,6 +36,7 @@ pub use log::{
     AppendOutcome, EncodedEvent, EncodedKey, EventCodec, IdHasher, KeyFn, LogIndex, MergeOutcome,
     MergePlan, MergeSummary, Stored,
 };
+pub use metrics::{MeterTotals, MetricsMeter};
 pub use middleware::{Direction, Filter, Middleware, MiddlewareError, Pipeline};
 pub use names::{InMemoryProvider, LogName, MAX_NAME_LEN, Name, NameError, StorageProvider};
 pub use notify::{

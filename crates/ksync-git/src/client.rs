@@ -5,9 +5,10 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use ksync_core::{
-    Auth, BoxFuture, Conflict, ConflictResolver, Direction, Event, EventLimits, Filter, Metrics,
-    Middleware, Name, Notification, NotificationKind, Notifier, Pipeline, PullPushClient,
-    PullResult, PushResult, Replica, Resolution, Status, SyncClient, SyncError, debug_log, resolve,
+    Auth, BoxFuture, Conflict, ConflictResolver, Direction, Event, EventLimits, Filter,
+    MeterTotals, Metrics, MetricsMeter, Middleware, Name, Notification, NotificationKind, Notifier,
+    Pipeline, PullPushClient, PullResult, PushResult, Replica, Resolution, Status, SyncClient,
+    SyncError, debug_log, resolve,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -1620,60 +1621,48 @@ const LOG_TARGET: &str = "ksync_git::client";
 /// What the client did since its last `metrics` notification (one is sent after every pull,
 /// push, sync, merge and clone: this client has no connection to report on in between).
 #[derive(Debug)]
-struct Meter {
-    since: Mutex<std::time::Instant>,
-    events: std::sync::atomic::AtomicU64,
-    bytes: std::sync::atomic::AtomicU64,
-    requests: std::sync::atomic::AtomicU64,
-    round_trip_micros: std::sync::atomic::AtomicU64,
+struct Meter(Mutex<Metered>);
+
+#[derive(Debug)]
+struct Metered {
+    /// Since the client was built: events pulled or pushed, bytes of requests and answers,
+    /// requests and their round trips.
+    totals: MeterTotals,
+    meter: MetricsMeter,
+    /// When the current period began.
+    since: std::time::Instant,
 }
 
 impl Default for Meter {
     fn default() -> Self {
-        Self {
-            since: Mutex::new(std::time::Instant::now()),
-            events: Default::default(),
-            bytes: Default::default(),
-            requests: Default::default(),
-            round_trip_micros: Default::default(),
-        }
+        Self(Mutex::new(Metered {
+            totals: MeterTotals::default(),
+            meter: MetricsMeter::default(),
+            since: std::time::Instant::now(),
+        }))
     }
 }
 
 impl Meter {
-    fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
-        counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    fn events(&self, n: usize) {
+        let mut m = lock(&self.0);
+        m.totals.events = m.totals.events.saturating_add(n as u64);
     }
 
     fn request(&self, bytes: usize, round_trip: Duration) {
-        Self::add(&self.bytes, bytes as u64);
-        Self::add(&self.requests, 1);
-        let micros = u64::try_from(round_trip.as_micros()).unwrap_or(u64::MAX);
-        Self::add(&self.round_trip_micros, micros);
+        let mut m = lock(&self.0);
+        m.totals.bytes = m.totals.bytes.saturating_add(bytes as u64);
+        m.totals.add_round_trip(round_trip);
     }
 
     /// The figures since the last report, and a new period from now.
     fn report(&self) -> Metrics {
-        use std::sync::atomic::Ordering::Relaxed;
-        let secs = {
-            let mut since = lock(&self.since);
-            let secs = since.elapsed().as_secs_f64().max(1e-3);
-            *since = std::time::Instant::now();
-            secs
-        };
-        let events = self.events.swap(0, Relaxed) as f64;
-        let bytes = self.bytes.swap(0, Relaxed) as f64;
-        let requests = self.requests.swap(0, Relaxed);
-        let micros = self.round_trip_micros.swap(0, Relaxed) as f64;
-        Metrics {
-            events_per_second: events / secs,
-            average_latency: if requests == 0 {
-                0.0
-            } else {
-                micros / requests as f64 / 1000.0
-            },
-            bandwidth_usage: bytes / secs,
-        }
+        let mut m = lock(&self.0);
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(m.since);
+        m.since = now;
+        let totals = m.totals;
+        m.meter.report(totals, elapsed)
     }
 }
 
@@ -1958,7 +1947,7 @@ impl PullPushClient for GitSyncClient {
             let pulled = self
                 .creating_repo(|| self.pull_branch(&replica, &head))
                 .await?;
-            Meter::add(&self.inner.http.meter.events, pulled.new_events.len() as u64);
+            self.inner.http.meter.events(pulled.new_events.len());
             debug_log!(self.inner.http.debug, target: LOG_TARGET, branch = %head, events = pulled.new_events.len(), server_version = pulled.server_version, "pulled");
             Ok(pulled)
         }))
@@ -1981,7 +1970,7 @@ impl PullPushClient for GitSyncClient {
                     replica.set_cursor(&acked, pushed.server_version).await?;
                 }
             }
-            Meter::add(&self.inner.http.meter.events, pushed.pushed_events.len() as u64);
+            self.inner.http.meter.events(pushed.pushed_events.len());
             debug_log!(self.inner.http.debug, target: LOG_TARGET, branch = %head, events = pushed.pushed_events.len(), rejected = pushed.rejected_events.len(), server_version = pushed.server_version, "pushed");
             Ok(pushed)
         }))

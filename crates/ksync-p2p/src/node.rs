@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use ksync_core::{
-    Event, EventLimits, Metrics, Notification, Notifier, Replica, RevisionKey, Status, SyncError,
-    debug_log,
+    Event, EventLimits, MeterTotals, MetricsMeter, Notification, Notifier, Replica, RevisionKey,
+    Status, SyncError, debug_log,
 };
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
@@ -149,56 +149,19 @@ pub(crate) struct Counters {
 /// Target of this file's [`debug_log!`] lines, fixed because users filter on it.
 const LOG_TARGET: &str = "ksync_p2p::node";
 
-/// The counters as of the last `metrics` notification, to report the period's differences.
-struct Meter {
-    at: tokio::time::Instant,
-    events: u64,
-    bytes: u64,
-    pings: u64,
-    ping_micros: u64,
-}
-
-impl Meter {
-    fn totals(c: &Counters) -> (u64, u64, u64, u64) {
-        let events =
-            c.published_events.load(Ordering::Relaxed) + c.new_events.load(Ordering::Relaxed);
-        (
-            events,
-            c.gossip_bytes.load(Ordering::Relaxed),
-            c.pings.load(Ordering::Relaxed),
-            c.ping_micros.load(Ordering::Relaxed),
-        )
-    }
-
-    fn start(c: &Counters) -> Self {
-        let (events, bytes, pings, ping_micros) = Self::totals(c);
-        Self {
-            at: tokio::time::Instant::now(),
-            events,
-            bytes,
-            pings,
-            ping_micros,
+impl Counters {
+    /// The running totals `metrics` reports on: events published or newly stored, gossip
+    /// bytes, ping round trips.
+    fn meter_totals(&self) -> MeterTotals {
+        MeterTotals {
+            events: self
+                .published_events
+                .load(Ordering::Relaxed)
+                .saturating_add(self.new_events.load(Ordering::Relaxed)),
+            bytes: self.gossip_bytes.load(Ordering::Relaxed),
+            round_trips: self.pings.load(Ordering::Relaxed),
+            round_trip_micros: self.ping_micros.load(Ordering::Relaxed),
         }
-    }
-
-    /// The period since the last report (events published or newly stored, gossip bytes,
-    /// mean ping round trip in ms), and a new period from now.
-    fn report(&mut self, c: &Counters) -> Metrics {
-        let now = Self::start(c);
-        let secs = now.at.duration_since(self.at).as_secs_f64().max(1e-3);
-        let pings = now.pings.saturating_sub(self.pings);
-        let micros = now.ping_micros.saturating_sub(self.ping_micros);
-        let metrics = Metrics {
-            events_per_second: now.events.saturating_sub(self.events) as f64 / secs,
-            average_latency: if pings == 0 {
-                0.0
-            } else {
-                micros as f64 / pings as f64 / 1000.0
-            },
-            bandwidth_usage: now.bytes.saturating_sub(self.bytes) as f64 / secs,
-        };
-        *self = now;
-        metrics
     }
 }
 
@@ -617,7 +580,8 @@ impl Node {
         let mut metrics = tokio::time::interval(self.opts.metrics_interval);
         metrics.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         metrics.tick().await;
-        let mut meter = Meter::start(&self.shared.counters);
+        let mut meter = MetricsMeter::new(self.shared.counters.meter_totals());
+        let mut metered_since = tokio::time::Instant::now();
         while !self.stopping {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
@@ -640,7 +604,10 @@ impl Node {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
                 _ = round.tick() => self.periodic().await,
                 _ = metrics.tick() => {
-                    let report = meter.report(&self.shared.counters);
+                    let now = tokio::time::Instant::now();
+                    let totals = self.shared.counters.meter_totals();
+                    let report = meter.report(totals, now.duration_since(metered_since));
+                    metered_since = now;
                     self.notifier.emit(Notification::Metrics(report));
                 }
                 _ = sleep_until_some(self.batch_deadline) => self.flush_batch(),

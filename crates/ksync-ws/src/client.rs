@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use ksync_core::{
-    Auth, BoxFuture, Direction, Event, EventLimits, Filter, Metrics, Middleware, Notification,
-    Notifier, PROTOCOL_VERSION, Pipeline, Replica, Status, Stored, SyncClient, SyncError,
-    debug_log,
+    Auth, BoxFuture, Direction, Event, EventLimits, Filter, MeterTotals, MetricsMeter, Middleware,
+    Notification, Notifier, PROTOCOL_VERSION, Pipeline, Replica, Status, Stored, SyncClient,
+    SyncError, debug_log,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot, watch};
@@ -865,14 +865,6 @@ struct Flight {
     done: bool,
 }
 
-#[derive(Default)]
-struct Counters {
-    events: u64,
-    bytes: u64,
-    latency_ms_sum: f64,
-    latency_n: u64,
-}
-
 struct Session {
     inner: Arc<Inner>,
     replica: Option<Replica>,
@@ -892,7 +884,9 @@ struct Session {
     in_flight_events: usize,
     next_ref: u64,
     server_version: u64,
-    counters: Counters,
+    /// This session's traffic (events and bytes both ways, acknowledged publishes' round
+    /// trips), counted from its start; `metrics` reports their growth.
+    counters: MeterTotals,
     status: Option<Status>,
     /// Whether the server agreed to deflate batches.
     compression: bool,
@@ -935,7 +929,7 @@ impl Session {
             in_flight_events: 0,
             next_ref: 1,
             server_version: 0,
-            counters: Counters::default(),
+            counters: MeterTotals::default(),
             status: None,
             compression: false,
             server_max_message: 1 << 20,
@@ -1065,6 +1059,8 @@ impl Session {
         let mut metrics = interval_at(now + config.metrics_interval, config.metrics_interval);
         metrics.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut metrics_since = now;
+        // From zero, as `counters` are: the first period includes the handshake (hello, welcome).
+        let mut meter = MetricsMeter::default();
         let flush_every = match config.strategy {
             Strategy::EventLevel { .. } => None,
             Strategy::Batch { batch_interval, .. } => Some(batch_interval),
@@ -1105,14 +1101,10 @@ impl Session {
                     return Err(WsError::HeartbeatTimeout(config.heartbeat_timeout));
                 }
                 _ = metrics.tick() => {
-                    let secs = metrics_since.elapsed().as_secs_f64().max(1e-3);
-                    metrics_since = Instant::now();
-                    let c = std::mem::take(&mut self.counters);
-                    inner.notifier.emit(Notification::Metrics(Metrics {
-                        events_per_second: c.events as f64 / secs,
-                        average_latency: if c.latency_n == 0 { 0.0 } else { c.latency_ms_sum / c.latency_n as f64 },
-                        bandwidth_usage: c.bytes as f64 / secs,
-                    }));
+                    let now = Instant::now();
+                    let report = meter.report(self.counters, now.duration_since(metrics_since));
+                    metrics_since = now;
+                    inner.notifier.emit(Notification::Metrics(report));
                 }
                 () = tick(&mut flush) => {
                     self.pump(socket, true).await?;
@@ -1525,8 +1517,7 @@ impl Session {
         }
         let ids = std::mem::take(&mut self.in_flight[index].ids);
         let latency = self.in_flight[index].sent_at.elapsed();
-        self.counters.latency_ms_sum += latency.as_secs_f64() * 1000.0;
-        self.counters.latency_n += 1;
+        self.counters.add_round_trip(latency);
         self.in_flight_events = self.in_flight_events.saturating_sub(ids.len());
         let mut held = Vec::new();
         let mut failure = None;
