@@ -114,6 +114,39 @@ impl Event {
         counter.0
     }
 
+    /// About how many bytes the event takes in memory, decoded: its strings and every node of
+    /// its `data`. For memory budgets that hold decoded events: the JSON length undercounts
+    /// them, most for arrays of small numbers (`[1,2,3]` is 2 bytes of JSON a number and
+    /// `size_of::<Value>()`, 32, decoded). Allocator overhead and spare capacity are left out.
+    pub fn decoded_len(&self) -> usize {
+        use serde_json::Value;
+        let node = std::mem::size_of::<Value>();
+        let mut total = std::mem::size_of::<Event>()
+            + self.id.len()
+            + self.event_type.len()
+            + self.origin.as_ref().map_or(0, String::len);
+        // An explicit stack: nesting is as deep as the caller's JSON allowed.
+        let mut pending: Vec<&Value> = vec![&self.data];
+        while let Some(value) = pending.pop() {
+            match value {
+                Value::String(text) => total += text.len(),
+                Value::Array(items) => {
+                    total += items.len() * node;
+                    pending.extend(items);
+                }
+                Value::Object(entries) => {
+                    for (key, item) in entries {
+                        // The key's `String` and its text, and the value's node.
+                        total += std::mem::size_of::<String>() + key.len() + node;
+                        pending.push(item);
+                    }
+                }
+                Value::Null | Value::Bool(_) | Value::Number(_) => {}
+            }
+        }
+        total
+    }
+
     /// Checks the invariants that every stored event must satisfy.
     pub fn validate(&self, limits: &EventLimits) -> Result<(), InvalidEvent> {
         if self.id.is_empty() {
@@ -194,6 +227,34 @@ pub enum InvalidEvent {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn decoded_len_counts_every_node_and_string() {
+        let node = std::mem::size_of::<serde_json::Value>();
+        let base = std::mem::size_of::<Event>() + "e".len() + "t".len();
+        let event = |data| Event::new("e", "t", data, 1);
+        assert_eq!(event(json!(null)).decoded_len(), base);
+        assert_eq!(event(json!("abcd")).decoded_len(), base + 4);
+        assert_eq!(event(json!([1, 2, 3])).decoded_len(), base + 3 * node);
+        let keyed = std::mem::size_of::<String>() + node;
+        assert_eq!(
+            event(json!({"ab": [true], "c": {"d": "xyz"}})).decoded_len(),
+            base + (keyed + 2 + node) + (keyed + 1) + (keyed + 1 + 3)
+        );
+        // What the relay's budgets are about: numbers cost far more decoded than as JSON.
+        let numbers: Vec<u8> = vec![0; 10_000];
+        let many = event(json!(numbers));
+        assert!(
+            many.decoded_len() > 10 * many.json_len(),
+            "{}",
+            many.decoded_len()
+        );
+        let mut deep = json!(1);
+        for _ in 0..1_000 {
+            deep = json!([deep]);
+        }
+        assert_eq!(event(deep).decoded_len(), base + 1_000 * node);
+    }
 
     #[test]
     fn spec_literal_round_trips() {

@@ -1257,6 +1257,18 @@ async fn a_slow_consumer_is_dropped_at_its_byte_budget() {
 /// budget, and every publish is still acknowledged once the log moves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_queues_publishes_only_up_to_its_byte_budget() {
+    room_byte_budget_case("budget", json!("w".repeat(64 * 1024))).await;
+}
+
+/// The budget counts publishes as the room holds them, decoded too: 20 KiB of JSON that is
+/// 10,000 small numbers (320 KiB decoded) is more than a 100 KiB budget on its own, so these
+/// are committed one by one as well (by their JSON alone, five would fit at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_byte_budget_counts_publishes_decoded() {
+    room_byte_budget_case("numbers", json!(vec![0u8; 10_000])).await;
+}
+
+async fn room_byte_budget_case(room: &str, data: Value) {
     let provider = Arc::new(GatedProvider::new());
     let server = start_with(
         RelayConfig {
@@ -1267,7 +1279,7 @@ async fn a_room_queues_publishes_only_up_to_its_byte_budget() {
         Arc::new(ksync_core::AllowAll),
     )
     .await;
-    let url = server.url(Some("budget"));
+    let url = server.url(Some(room));
     let (publisher, _) = join(&url, hello()).await;
     let (mut sink, mut acks) = publisher.split();
     // The first append waits once: from then on the room commits from its queue.
@@ -1282,7 +1294,7 @@ async fn a_room_queues_publishes_only_up_to_its_byte_budget() {
     let sending = tokio::spawn(async move {
         for n in 1..=total {
             let mut e = event(&format!("e{n}"), 1);
-            e["data"] = json!("w".repeat(64 * 1024));
+            e["data"] = data.clone();
             let publish = json!({"type":"publish","ref":n,"events":[e]});
             sink.send(Message::text(publish.to_string()))
                 .await
@@ -1308,10 +1320,10 @@ async fn a_room_queues_publishes_only_up_to_its_byte_budget() {
         .logs
         .lock()
         .expect("lock")
-        .get(&LogName::Room(Name::new("budget").expect("name")))
+        .get(&LogName::Room(Name::new(room).expect("name")))
         .cloned()
         .expect("the room's log");
-    // 100 KiB holds one 64 KiB publish: each was committed on its own.
+    // 100 KiB holds one of these publishes: each was committed on its own.
     assert_eq!(log.largest_append.load(Ordering::SeqCst), 1);
     assert_eq!(log.len(), total + 1);
     server.stop().await;

@@ -71,9 +71,9 @@ pub struct RelayConfig {
     /// Commands queued per room. Overflow policy: publishers wait (their connection stops
     /// reading), which is back-pressure on the fastest writers. Default 1024.
     pub room_queue: usize,
-    /// Bytes of publishes (their JSON as read) queued per room, at most `u32::MAX`. Same
-    /// overflow policy as `room_queue`: publishers wait. A publish larger than this waits for
-    /// the whole budget. Default 64 MiB.
+    /// Bytes of publishes queued per room (their JSON as read plus their events decoded,
+    /// `Event::decoded_len`), at most `u32::MAX`. Same overflow policy as `room_queue`:
+    /// publishers wait. A publish larger than this waits for the whole budget. Default 64 MiB.
     pub room_queue_bytes: usize,
     /// Most open connections; more are refused before the upgrade with 503. Default 10 000.
     /// Also bounds the open rooms (each a log and a task): a room closes once its last
