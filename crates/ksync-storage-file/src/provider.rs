@@ -224,7 +224,7 @@ impl StorageProvider for FileProvider {
     /// then creates the log anew.
     fn release_discarding_empty(&self, name: &LogName) {
         let mut open = self.lock();
-        if !open.get(name).is_some_and(|s| Arc::strong_count(s) == 1) {
+        if open.get(name).is_none_or(|s| Arc::strong_count(s) != 1) {
             return;
         }
         let Some(storage) = open.remove(name) else {
