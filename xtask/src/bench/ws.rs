@@ -717,13 +717,17 @@ async fn steady_interleaved(targets: &[&Target], room: &str, n: usize) -> Result
             .await
             .with_context(|| format!("{name} N={n} steady"))?;
         if let Some(dir) = std::env::var_os("KSYNC_BENCH_WS_DUMP") {
-            let path = std::path::Path::new(&dir).join(format!("{room}-{name}.txt"));
+            let dir = std::path::Path::new(&dir);
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("KSYNC_BENCH_WS_DUMP: creating {}", dir.display()))?;
+            let path = dir.join(format!("{room}-{name}.txt"));
             let text: Vec<String> = result
                 .latencies_ms
                 .iter()
                 .map(|l| format!("{l:.4}"))
                 .collect();
-            std::fs::write(path, text.join("\n"))?;
+            std::fs::write(&path, text.join("\n"))
+                .with_context(|| format!("KSYNC_BENCH_WS_DUMP: writing {}", path.display()))?;
         }
         latencies.push(result.latencies_ms);
     }
@@ -1389,6 +1393,18 @@ fn env_list(name: &str) -> Option<Vec<String>> {
 
 async fn scenario(section: &mut super::ScenarioReport) -> Result<()> {
     let only = env_list("KSYNC_BENCH_WS_ONLY");
+    // A misspelt name would otherwise select nothing and report an empty run as a result.
+    if let Some(unknown) = only
+        .iter()
+        .flatten()
+        .find(|x| !System::ALL.iter().any(|s| s.name() == x.as_str()))
+    {
+        let names: Vec<&str> = System::ALL.iter().map(|s| s.name()).collect();
+        bail!(
+            "KSYNC_BENCH_WS_ONLY: no system is called {unknown:?} (known: {})",
+            names.join(", ")
+        );
+    }
     let fan_out: Vec<usize> = match env_list("KSYNC_BENCH_WS_N") {
         Some(list) => list
             .iter()
