@@ -118,8 +118,9 @@ impl P2PSyncClientBuilder {
     }
 
     /// How often `metrics` is notified: events published plus received (gossip and catch-up)
-    /// per second, gossip bytes sent plus received per second, and the mean ping round trip to
-    /// the connected peers, each over the period. Default 5 s.
+    /// per second, bytes sent plus received per second (gossip payloads, and catch-up requests
+    /// and answers as encoded on their streams), and the mean ping round trip to the connected
+    /// peers, each over the period. Default 5 s.
     pub fn metrics_interval(mut self, every: Duration) -> Self {
         self.opts.metrics_interval = every;
         self
@@ -362,7 +363,11 @@ impl P2PSyncClient {
         if task.as_ref().is_some_and(|t| !t.is_finished()) {
             return Ok(());
         }
-        let swarm = node::build_swarm(self.keypair.clone(), &self.opts)?;
+        let swarm = node::build_swarm(
+            self.keypair.clone(),
+            &self.opts,
+            Arc::clone(&self.shared.counters.catch_up_bytes),
+        )?;
         let (tx, rx) = mpsc::channel(self.opts.command_capacity);
         let node = Node::start(
             swarm,

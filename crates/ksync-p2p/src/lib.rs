@@ -22,6 +22,7 @@
 //! Wire details: `docs/PROTOCOL.md`, section "P2P".
 
 mod client;
+mod codec;
 mod config;
 mod digests;
 mod error;

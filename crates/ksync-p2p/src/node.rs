@@ -28,6 +28,7 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::codec::CountingCodec;
 use crate::config::{DiscoveryMethod, Options};
 use crate::digests::{Digests, Page};
 use crate::error::P2PError;
@@ -141,6 +142,9 @@ pub(crate) struct Counters {
     pub catch_up_rounds: AtomicU64,
     /// Gossip payload bytes published and received (for `metrics`).
     pub gossip_bytes: AtomicU64,
+    /// Catch-up requests and answers sent and received, as encoded on their streams (for
+    /// `metrics`). Shared with the catch-up codec, which counts on the connections' tasks.
+    pub catch_up_bytes: Arc<AtomicU64>,
     /// Ping round trips measured, and their sum in microseconds (for `metrics`).
     pub pings: AtomicU64,
     pub ping_micros: AtomicU64,
@@ -151,14 +155,17 @@ const LOG_TARGET: &str = "ksync_p2p::node";
 
 impl Counters {
     /// The running totals `metrics` reports on: events published or newly stored, gossip
-    /// bytes, ping round trips.
+    /// and catch-up bytes, ping round trips.
     fn meter_totals(&self) -> MeterTotals {
         MeterTotals {
             events: self
                 .published_events
                 .load(Ordering::Relaxed)
                 .saturating_add(self.new_events.load(Ordering::Relaxed)),
-            bytes: self.gossip_bytes.load(Ordering::Relaxed),
+            bytes: self
+                .gossip_bytes
+                .load(Ordering::Relaxed)
+                .saturating_add(self.catch_up_bytes.load(Ordering::Relaxed)),
             round_trips: self.pings.load(Ordering::Relaxed),
             round_trip_micros: self.ping_micros.load(Ordering::Relaxed),
         }
@@ -178,7 +185,7 @@ pub(crate) struct Shared {
 pub(crate) struct Behaviour {
     limits: connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
-    sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    sync: request_response::Behaviour<CountingCodec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -189,7 +196,11 @@ pub(crate) fn max_batch_bytes(opts: &Options) -> usize {
     MIN_BATCH_BYTES.max(opts.max_event_bytes)
 }
 
-fn behaviour(key: &Keypair, opts: &Options) -> Result<Behaviour, BoxError> {
+fn behaviour(
+    key: &Keypair,
+    opts: &Options,
+    catch_up_bytes: Arc<AtomicU64>,
+) -> Result<Behaviour, BoxError> {
     let local = key.public().to_peer_id();
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(opts.max_peers))
@@ -221,9 +232,12 @@ fn behaviour(key: &Keypair, opts: &Options) -> Result<Behaviour, BoxError> {
     let (params, thresholds) = score_params(&topic);
     gossipsub.with_peer_score(params, thresholds)?;
 
-    let codec = request_response::cbor::codec::Codec::default()
-        .set_request_size_maximum(MAX_REQUEST_BYTES)
-        .set_response_size_maximum(MAX_RESPONSE_BYTES);
+    let codec = CountingCodec::new(
+        request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(MAX_REQUEST_BYTES)
+            .set_response_size_maximum(MAX_RESPONSE_BYTES),
+        catch_up_bytes,
+    );
     let sync = request_response::Behaviour::with_codec(
         codec,
         [(
@@ -305,14 +319,19 @@ fn score_params(
     (params, gossipsub::PeerScoreThresholds::default())
 }
 
-/// Builds the swarm (transport + behaviours); nothing listens yet.
-pub(crate) fn build_swarm(keypair: Keypair, opts: &Options) -> Result<Swarm<Behaviour>, P2PError> {
+/// Builds the swarm (transport + behaviours); nothing listens yet. The catch-up protocol
+/// adds the bytes it moves to `catch_up_bytes`.
+pub(crate) fn build_swarm(
+    keypair: Keypair,
+    opts: &Options,
+    catch_up_bytes: Arc<AtomicU64>,
+) -> Result<Swarm<Behaviour>, P2PError> {
     let psk = opts.network_key.map(|k| k.psk());
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_other_transport(move |key| transport::build(key, psk))
         .map_err(|e| P2PError::Build(Box::new(e)))?
-        .with_behaviour(|key| behaviour(key, opts))
+        .with_behaviour(|key| behaviour(key, opts, catch_up_bytes))
         .map_err(|e| P2PError::Build(Box::new(e)))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
         .build();
@@ -1945,7 +1964,8 @@ mod tests {
 
     /// The node's swarm, listening on 127.0.0.1 (port 0), and its listen address.
     async fn listening_swarm() -> (Swarm<Behaviour>, Multiaddr) {
-        let mut swarm = build_swarm(Keypair::generate_ed25519(), &dht_options()).expect("swarm");
+        let mut swarm = build_swarm(Keypair::generate_ed25519(), &dht_options(), Arc::default())
+            .expect("swarm");
         swarm
             .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
             .expect("listen");

@@ -566,7 +566,8 @@ async fn connect_to_peer_dials_from_a_new_port() {
 }
 
 /// The spec's `metrics`: every `metrics_interval`, the events published and taken in per
-/// second, the gossip bytes per second and the mean ping round trip to the peers.
+/// second, the bytes per second (gossip and catch-up) and the mean ping round trip to the
+/// peers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_notified_every_interval() {
     use std::sync::Mutex;
@@ -611,19 +612,120 @@ async fn metrics_are_notified_every_interval() {
         any(|m| m.average_latency > 0.0)
     })
     .await;
-    // Bandwidth counts gossip; events that came by catch-up instead (before the gossip mesh
-    // formed, on a busy machine) move none.
-    if b.stats().gossip_events > 0 {
-        wait_until(10, "metrics with gossip bytes", || {
-            any(|m| m.bandwidth_usage > 0.0)
-        })
-        .await;
-    }
+    // The events moved bytes whether they came by gossip or (before the gossip mesh formed,
+    // on a busy machine) by catch-up: both count.
+    wait_until(10, "metrics with bytes", || {
+        any(|m| m.bandwidth_usage > 0.0)
+    })
+    .await;
     let bad = builder(dir.path(), "c")
         .metrics_interval(Duration::ZERO)
         .build()
         .expect_err("a zero interval is refused");
     assert!(bad.to_string().contains("metrics_interval"), "{bad}");
+}
+
+/// Catch-up traffic counts in `metrics` bandwidth: a peer that gets a known amount of data by
+/// catch-up alone (stored at the source before the two meet, never broadcast, so nothing is
+/// gossiped) reports at least that many bytes moved, and so does the source that served it.
+///
+/// No assumption on timing: each report is bytes over the node's own period, and the periods
+/// up to a report span no more than from before the node started to when the test read that
+/// report. So the highest rate reported, times that span, is at least the bytes moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_bytes_count_in_metrics_bandwidth() {
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    const EVENTS: usize = 64;
+    const BLOB: usize = 8 * 1024;
+    const INTERVAL: Duration = Duration::from_millis(200);
+    type Seen = Arc<Mutex<Vec<(ksync_core::Metrics, Instant)>>>;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metered = |name: &str| {
+        builder(dir.path(), name)
+            .metrics_interval(INTERVAL)
+            .build()
+            .expect("build")
+    };
+    let source = Arc::new(metered("source"));
+    let late = Arc::new(metered("late"));
+    let record = |p: &P2PSyncClient| {
+        let seen: Seen = Arc::default();
+        let sink = Arc::clone(&seen);
+        // Handlers run on the node's task as it reports, so the receipt time follows the
+        // end of the period at once.
+        let sub = p
+            .on(
+                "metrics",
+                Box::new(move |n: &Notification| {
+                    if let Notification::Metrics(m) = n {
+                        sink.lock().expect("lock").push((*m, Instant::now()));
+                    }
+                }),
+            )
+            .expect("on");
+        (seen, sub)
+    };
+    let (source_seen, _source_sub) = record(&source);
+    let (late_seen, _late_sub) = record(&late);
+
+    // Before either node starts, so before either one's first period.
+    let began = Instant::now();
+    source.start().await.expect("start");
+    late.start().await.expect("start");
+    // Each event's data holds BLOB bytes of text: any encoding of it carries them.
+    let events: Vec<_> = (0..EVENTS)
+        .map(|n| {
+            ksync_core::Event::new(
+                format!("blob-{n}"),
+                "test",
+                serde_json::json!({ "blob": "x".repeat(BLOB) }),
+                1_700_000_000_000 + n as u64,
+            )
+        })
+        .collect();
+    source
+        .replica()
+        .storage()
+        .append(events)
+        .await
+        .expect("append");
+    link(&late, &source).await;
+    wait_until(15, "late peer caught up", || keys(&late).len() == EVENTS).await;
+    let caught_up = Instant::now();
+    assert_eq!(late.stats().gossip_events, 0, "nothing came by gossip");
+
+    let moved = (EVENTS * BLOB) as f64;
+    for (who, seen) in [("late", &late_seen), ("source", &source_seen)] {
+        // Every catch-up byte was counted before the late peer stored the events. The first
+        // report read after that may still close a period that ended before; the second
+        // closes one that ended after.
+        wait_until(10, "two reports after the catch-up", || {
+            let seen = seen.lock().expect("lock");
+            seen.iter().filter(|(_, at)| *at > caught_up).count() >= 2
+        })
+        .await;
+        let seen = seen.lock().expect("lock");
+        let last = seen
+            .iter()
+            .filter(|(_, at)| *at > caught_up)
+            .nth(1)
+            .map(|(_, at)| *at)
+            .expect("two reports");
+        let reports: Vec<_> = seen.iter().filter(|(_, at)| *at <= last).collect();
+        let highest = reports
+            .iter()
+            .map(|(m, _)| m.bandwidth_usage)
+            .fold(0.0, f64::max);
+        // A period shorter than 1 ms is counted as 1 ms: allow that much per report.
+        let span = (last - began).as_secs_f64() + reports.len() as f64 * 1e-3;
+        assert!(
+            highest * span >= moved,
+            "{who}: highest bandwidth {highest} B/s over {span} s is under the {moved} bytes caught up"
+        );
+    }
 }
 
 /// A storage that already has a replica id keeps it under a P2P client with another `peerId`:

@@ -1,0 +1,191 @@
+//! The catch-up protocol's codec: libp2p's CBOR codec, counting the bytes of every request
+//! and answer it reads or writes, so that `metrics` bandwidth covers catch-up as well as
+//! gossip.
+//!
+//! What is counted is each message's encoded CBOR as it goes over the protocol's stream
+//! (below that, yamux and noise add their framing, which gossip bytes leave out too). The
+//! codec runs on the connections' tasks, hence the shared atomic.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use libp2p::StreamProtocol;
+use libp2p::futures::{AsyncRead, AsyncWrite};
+use libp2p::request_response::{self, cbor};
+
+use crate::wire::{SyncRequest, SyncResponse};
+
+type Cbor = cbor::codec::Codec<SyncRequest, SyncResponse>;
+
+/// [`Cbor`], adding every byte it reads or writes to `bytes`.
+#[derive(Clone)]
+pub(crate) struct CountingCodec {
+    inner: Cbor,
+    bytes: Arc<AtomicU64>,
+}
+
+impl CountingCodec {
+    pub(crate) fn new(inner: Cbor, bytes: Arc<AtomicU64>) -> Self {
+        Self { inner, bytes }
+    }
+}
+
+impl request_response::Codec for CountingCodec {
+    type Protocol = StreamProtocol;
+    type Request = SyncRequest;
+    type Response = SyncResponse;
+
+    async fn read_request<T>(
+        &mut self,
+        protocol: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<SyncRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let mut io = Counted {
+            io,
+            bytes: &self.bytes,
+        };
+        self.inner.read_request(protocol, &mut io).await
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        protocol: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<SyncResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let mut io = Counted {
+            io,
+            bytes: &self.bytes,
+        };
+        self.inner.read_response(protocol, &mut io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        protocol: &StreamProtocol,
+        io: &mut T,
+        request: SyncRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let mut io = Counted {
+            io,
+            bytes: &self.bytes,
+        };
+        self.inner.write_request(protocol, &mut io, request).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        protocol: &StreamProtocol,
+        io: &mut T,
+        response: SyncResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let mut io = Counted {
+            io,
+            bytes: &self.bytes,
+        };
+        self.inner.write_response(protocol, &mut io, response).await
+    }
+}
+
+/// A stream that adds what passes through it to `bytes` as it goes (so a message cut short
+/// still counts what did cross).
+struct Counted<'a, T> {
+    io: &'a mut T,
+    bytes: &'a AtomicU64,
+}
+
+impl<T> Counted<'_, T> {
+    fn count(&self, poll: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = poll {
+            self.bytes.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut *self.io).poll_read(cx, buf);
+        self.count(&poll);
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut *self.io).poll_write(cx, buf);
+        self.count(&poll);
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_close(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::futures::io::Cursor;
+    use libp2p::request_response::Codec as _;
+
+    use super::*;
+
+    fn codec() -> (CountingCodec, Arc<AtomicU64>) {
+        let bytes = Arc::new(AtomicU64::new(0));
+        (
+            CountingCodec::new(Cbor::default(), Arc::clone(&bytes)),
+            bytes,
+        )
+    }
+
+    #[tokio::test]
+    async fn what_is_written_and_read_back_is_counted_both_ways() {
+        let protocol = StreamProtocol::new(crate::wire::SYNC_PROTOCOL);
+        let response = SyncResponse::Refused {
+            reason: "x".repeat(1000),
+        };
+        let (mut writer, written) = codec();
+        let mut wire = Cursor::new(Vec::new());
+        writer
+            .write_response(&protocol, &mut wire, response)
+            .await
+            .expect("write");
+        let sent = wire.get_ref().len() as u64;
+        assert!(sent > 1000, "the reason alone is 1000 bytes: {sent}");
+        assert_eq!(written.load(Ordering::Relaxed), sent);
+
+        let (mut reader, read) = codec();
+        wire.set_position(0);
+        let back = reader
+            .read_response(&protocol, &mut wire)
+            .await
+            .expect("read");
+        assert!(matches!(back, SyncResponse::Refused { reason } if reason.len() == 1000));
+        assert_eq!(read.load(Ordering::Relaxed), sent);
+    }
+}
