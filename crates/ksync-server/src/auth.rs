@@ -127,6 +127,64 @@ fn api_key_digest(key: &[u8]) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// The algorithm and verification key of `material`, or what is wrong with it: the kind of
+/// key (`"RS256 public key"`, ...) and the reason, never the material itself.
+pub(crate) fn decoding_key(
+    material: &JwtKeyMaterial,
+) -> Result<(Algorithm, DecodingKey), (&'static str, String)> {
+    match material {
+        JwtKeyMaterial::Hs256(secret) => {
+            if secret.expose().len() < MIN_HS256_SECRET_BYTES {
+                return Err((
+                    "HS256 secret",
+                    format!("must be at least {MIN_HS256_SECRET_BYTES} bytes"),
+                ));
+            }
+            Ok((Algorithm::HS256, DecodingKey::from_secret(secret.expose())))
+        }
+        JwtKeyMaterial::Rs256PublicPem(pem) => {
+            const KIND: &str = "RS256 public key";
+            refuse_private_pem(pem).map_err(|reason| (KIND, reason))?;
+            let key = DecodingKey::from_rsa_pem(pem).map_err(|_| {
+                (
+                    KIND,
+                    "not an RSA public key in PEM (-----BEGIN PUBLIC KEY----- or -----BEGIN RSA PUBLIC KEY-----)"
+                        .to_owned(),
+                )
+            })?;
+            Ok((Algorithm::RS256, key))
+        }
+        JwtKeyMaterial::EdDsaPublicPem(pem) => {
+            const KIND: &str = "EdDSA public key";
+            refuse_private_pem(pem).map_err(|reason| (KIND, reason))?;
+            let key = DecodingKey::from_ed_pem(pem).map_err(|_| {
+                (
+                    KIND,
+                    "not an Ed25519 public key in PEM (-----BEGIN PUBLIC KEY-----)".to_owned(),
+                )
+            })?;
+            Ok((Algorithm::EdDSA, key))
+        }
+    }
+}
+
+/// Refuses a PEM whose first block is a private key where a public key belongs.
+/// `jsonwebtoken` takes an RSA private key as an RS256 "public" key without complaint, and
+/// then no token ever verifies; the private key has no business on the server either.
+fn refuse_private_pem(pem: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(pem);
+    let label = text
+        .split_once("-----BEGIN ")
+        .and_then(|(_, rest)| rest.split_once("-----"))
+        .map(|(label, _)| label);
+    match label {
+        Some(label) if label.ends_with("PRIVATE KEY") => Err(format!(
+            "this is a private key ({label}); give its public key (`openssl pkey -in KEY -pubout`)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl ServerAuthenticator {
     /// Loads every configured key. Fails on an unusable key (a short HS256 secret, a PEM that
     /// does not parse), duplicate API key names, or a configuration without any credential.
@@ -149,27 +207,8 @@ impl ServerAuthenticator {
                 name: label(kind),
                 reason,
             };
-            let (algorithm, decoding) = match &key.material {
-                JwtKeyMaterial::Hs256(secret) => {
-                    if secret.expose().len() < MIN_HS256_SECRET_BYTES {
-                        return Err(invalid(
-                            "HS256 secret",
-                            format!("must be at least {MIN_HS256_SECRET_BYTES} bytes"),
-                        ));
-                    }
-                    (Algorithm::HS256, DecodingKey::from_secret(secret.expose()))
-                }
-                JwtKeyMaterial::Rs256PublicPem(pem) => (
-                    Algorithm::RS256,
-                    DecodingKey::from_rsa_pem(pem)
-                        .map_err(|e| invalid("RS256 public key", e.to_string()))?,
-                ),
-                JwtKeyMaterial::EdDsaPublicPem(pem) => (
-                    Algorithm::EdDSA,
-                    DecodingKey::from_ed_pem(pem)
-                        .map_err(|e| invalid("EdDSA public key", e.to_string()))?,
-                ),
-            };
+            let (algorithm, decoding) =
+                decoding_key(&key.material).map_err(|(kind, reason)| invalid(kind, reason))?;
             let mut validation = Validation::new(algorithm);
             validation.leeway = config.leeway.as_secs();
             validation.validate_exp = true;

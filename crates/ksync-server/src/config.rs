@@ -186,14 +186,25 @@ impl JwtKey {
         }
     }
 
-    /// An RS256 key read from a PEM file.
+    /// An RS256 key read from a PEM file, checked as it is read: an error names the file.
     pub fn rs256_pem_file(path: &Path) -> Result<Self, ServerError> {
-        Ok(Self::rs256_pem(read(path)?))
+        Self::rs256_pem(read(path)?).checked(path)
     }
 
-    /// An EdDSA key read from a PEM file.
+    /// An EdDSA key read from a PEM file, checked as it is read: an error names the file.
     pub fn eddsa_pem_file(path: &Path) -> Result<Self, ServerError> {
-        Ok(Self::eddsa_pem(read(path)?))
+        Self::eddsa_pem(read(path)?).checked(path)
+    }
+
+    /// This key if it is usable; otherwise an error naming the kind of key and `path`.
+    fn checked(self, path: &Path) -> Result<Self, ServerError> {
+        match crate::auth::decoding_key(&self.material) {
+            Ok(_) => Ok(self),
+            Err((kind, reason)) => Err(ServerError::InvalidKey {
+                name: format!("{kind} {}", path.display()),
+                reason,
+            }),
+        }
     }
 
     /// Names this key with a `kid`.
@@ -324,16 +335,24 @@ impl ApiKey {
     }
 
     /// Reads keys from a file: one `NAME=KEY` / `NAME:SCOPE=KEY` a line; blank lines and lines
-    /// starting with `#` are skipped.
+    /// starting with `#` are skipped. An error names the file and the line (never the key).
     pub fn parse_file(path: &Path) -> Result<Vec<Self>, ServerError> {
         let text = std::fs::read_to_string(path).map_err(|source| ServerError::ReadFile {
             path: path.to_owned(),
             source,
         })?;
         text.lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .map(Self::parse_spec)
+            .enumerate()
+            .map(|(index, line)| (index + 1, line.trim()))
+            .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+            .map(|(number, line)| {
+                Self::parse_spec(line).map_err(|error| match error {
+                    ServerError::Config(message) => {
+                        ServerError::Config(format!("{} line {number}: {message}", path.display()))
+                    }
+                    other => other,
+                })
+            })
             .collect()
     }
 }

@@ -47,8 +47,8 @@ pub enum ServerError {
     /// Serving failed (the accept loop ended with an error).
     #[error("server IO error: {0}")]
     Io(#[from] std::io::Error),
-    /// Opening or flushing storage failed.
-    #[error("storage: {0}")]
+    /// Opening or flushing storage failed (the storage error says what it was doing).
+    #[error("{0}")]
     Storage(#[from] ksync_core::StorageError),
     /// The WebSocket relay could not be built (e.g. a limit out of range).
     #[error("relay: {0}")]

@@ -56,6 +56,32 @@ struct AppState {
     stopping: AtomicBool,
 }
 
+/// What `config` says about TLS and auth, loaded and checked.
+struct Credentials {
+    tls: Option<Arc<Certificates>>,
+    authenticator: Arc<dyn Authenticator>,
+    /// The same authenticator when auth is on.
+    auth: Option<Arc<ServerAuthenticator>>,
+}
+
+impl Credentials {
+    fn load(config: &ServerConfig) -> Result<Self, ServerError> {
+        let tls = config.tls.as_ref().map(Certificates::load).transpose()?;
+        let (authenticator, auth): (Arc<dyn Authenticator>, Option<Arc<ServerAuthenticator>>) =
+            if config.auth.is_enabled() {
+                let auth = Arc::new(ServerAuthenticator::new(&config.auth)?);
+                (Arc::clone(&auth) as Arc<dyn Authenticator>, Some(auth))
+            } else {
+                (Arc::new(ksync_core::AllowAll), None)
+            };
+        Ok(Self {
+            tls,
+            authenticator,
+            auth,
+        })
+    }
+}
+
 /// The kSync server: composes the routers over one storage provider and one authenticator.
 pub struct Server {
     config: ServerConfig,
@@ -85,9 +111,13 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Prepares a server for `config`: loads auth keys and opens storage (in memory or under
     /// `config.data_dir`). Does not listen yet.
+    ///
+    /// The certificate and the auth keys are loaded first: a configuration that cannot start
+    /// neither creates nor locks the data directory.
     pub fn new(config: ServerConfig) -> Result<Self, ServerError> {
+        let credentials = Credentials::load(&config)?;
         let (provider, storage) = open_storage(&config)?;
-        Self::with_provider(config, provider, storage)
+        Self::assemble(config, provider, storage, credentials)
     }
 
     /// Like [`new`](Self::new) with a storage provider of the caller's choosing.
@@ -96,14 +126,21 @@ impl Server {
         provider: Arc<dyn StorageProvider>,
         storage: StorageLocation,
     ) -> Result<Self, ServerError> {
-        let tls = config.tls.as_ref().map(Certificates::load).transpose()?;
-        let (authenticator, auth): (Arc<dyn Authenticator>, Option<Arc<ServerAuthenticator>>) =
-            if config.auth.is_enabled() {
-                let auth = Arc::new(ServerAuthenticator::new(&config.auth)?);
-                (Arc::clone(&auth) as Arc<dyn Authenticator>, Some(auth))
-            } else {
-                (Arc::new(ksync_core::AllowAll), None)
-            };
+        let credentials = Credentials::load(&config)?;
+        Self::assemble(config, provider, storage, credentials)
+    }
+
+    fn assemble(
+        config: ServerConfig,
+        provider: Arc<dyn StorageProvider>,
+        storage: StorageLocation,
+        credentials: Credentials,
+    ) -> Result<Self, ServerError> {
+        let Credentials {
+            tls,
+            authenticator,
+            auth,
+        } = credentials;
         let relay = Relay::new(
             relay_config(&config.limits),
             Arc::clone(&provider),

@@ -465,3 +465,88 @@ fn a_leeway_beyond_a_day_is_a_configuration_error() {
         Err(AuthError::Expired)
     );
 }
+
+/// A private key where the public key belongs: `jsonwebtoken` takes an RSA one as an RS256
+/// "public" key, and then no token ever verifies. Refused at start, saying so, and the file
+/// loaders name the file.
+#[test]
+fn a_private_key_given_as_a_public_key_is_refused_at_start() {
+    for key in [
+        JwtKey::rs256_pem(RSA_PRIVATE),
+        JwtKey::eddsa_pem(ED_PRIVATE),
+    ] {
+        let result = ServerAuthenticator::new(&AuthConfig {
+            jwt_keys: vec![key.clone()],
+            ..AuthConfig::default()
+        });
+        match result {
+            Err(error @ ServerError::InvalidKey { .. }) => {
+                let message = error.to_string();
+                assert!(message.contains("private key"), "{message}");
+                assert!(message.contains("public key"), "{message}");
+                assert!(!message.contains("MII"), "no key material: {message}");
+            }
+            Err(other) => panic!("{key:?}: expected InvalidKey, got {other}"),
+            Ok(auth) => {
+                let rs = rs256(&claims(json!({})), RSA_PRIVATE, None);
+                panic!(
+                    "{key:?} accepted; a token signed by it then gives {:?}",
+                    auth.authenticate(&bearer(&rs))
+                );
+            }
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("jwt-private.pem");
+    std::fs::write(&private, RSA_PRIVATE).unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a pem").unwrap();
+    for (load, path, says) in [
+        (
+            JwtKey::rs256_pem_file as fn(&std::path::Path) -> Result<JwtKey, ServerError>,
+            &private,
+            "private key",
+        ),
+        (JwtKey::rs256_pem_file, &garbage, "not an RSA public key"),
+        (
+            JwtKey::eddsa_pem_file,
+            &garbage,
+            "not an Ed25519 public key",
+        ),
+    ] {
+        let message = load(path).unwrap_err().to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains(says), "{message}");
+    }
+    let public = dir.path().join("jwt-public.pem");
+    std::fs::write(&public, RSA_PUBLIC).unwrap();
+    assert!(JwtKey::rs256_pem_file(&public).is_ok());
+}
+
+/// A bad line of an API key file is reported with the file and its line number, never the
+/// key.
+#[test]
+fn api_key_file_errors_name_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys");
+    std::fs::write(
+        &path,
+        "# keys\napp=first-s3cr3t\n\nbroken-s3cr3t-line\nci:read=second-s3cr3t\n",
+    )
+    .unwrap();
+    let error = ApiKey::parse_file(&path).unwrap_err();
+    assert!(matches!(error, ServerError::Config(_)), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("{} line 4", path.display())),
+        "{message}"
+    );
+    assert!(!message.contains("s3cr3t"), "{message}");
+    std::fs::write(&path, "# keys\napp=first-s3cr3t\nci:read=second-s3cr3t\n").unwrap();
+    let keys = ApiKey::parse_file(&path).unwrap();
+    assert_eq!(
+        keys.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+        ["app", "ci"]
+    );
+}

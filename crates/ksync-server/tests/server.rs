@@ -156,3 +156,42 @@ async fn git_requests_are_shed_past_the_limit_and_stalled_bodies_time_out() {
     assert_eq!(info.status(), 200);
     running.shutdown().await.unwrap();
 }
+
+/// A configuration that cannot start (here a bad key, or a certificate file that is not
+/// there) leaves no data directory behind and holds no lock on it.
+#[tokio::test]
+async fn a_bad_configuration_does_not_create_the_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut bad_key = ServerConfig {
+        in_memory: false,
+        data_dir: data_dir.clone(),
+        ..loopback_config()
+    };
+    bad_key
+        .auth
+        .jwt_keys
+        .push(ksync_server::JwtKey::hs256("too-short"));
+    let mut bad_tls = bad_key.clone();
+    bad_tls.auth = ksync_server::AuthConfig::default();
+    bad_tls.tls = Some(ksync_server::TlsConfig {
+        cert: dir.path().join("missing-cert.pem"),
+        key: dir.path().join("missing-key.pem"),
+    });
+    for config in [bad_key, bad_tls] {
+        let error = Server::new(config).unwrap_err();
+        assert!(
+            !data_dir.exists(),
+            "created for a config failing with {error}"
+        );
+    }
+    // The directory is free: a good configuration takes it.
+    let good = ServerConfig {
+        in_memory: false,
+        data_dir: data_dir.clone(),
+        ..loopback_config()
+    };
+    let running = Server::bind(good).await.unwrap();
+    assert!(data_dir.is_dir());
+    running.shutdown().await.unwrap();
+}
