@@ -7,20 +7,22 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use ksync_server::{
-    ApiKey, AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, JwtKey, Limits, RateLimit, ReloadSignal, Secret,
-    Server, ServerConfig, ShutdownSignal, TlsConfig,
+    ApiKey, AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, JwtKey, Limits, MAX_JWT_LEEWAY, RateLimit,
+    ReloadSignal, Secret, Server, ServerConfig, ServerError, ShutdownSignal, TlsConfig,
 };
 
 /// Options of `ksync serve`. Every option can also come from its `KSYNC_*` environment
 /// variable; prefer the environment or files for secrets, which command lines show to `ps`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on (port 0 picks a free one; the real address is printed).
-    #[arg(long, env = "KSYNC_BIND", default_value = "127.0.0.1:8080")]
+    /// Address to listen on, IP:PORT (0.0.0.0 or [::] for every interface; port 0 picks a
+    /// free one; the real address is printed).
+    #[arg(long, env = "KSYNC_BIND", value_name = "IP:PORT", default_value = "127.0.0.1:8080",
+        value_parser = parse_bind)]
     bind: SocketAddr,
 
-    /// Directory for the on-disk logs.
-    #[arg(long, env = "KSYNC_DATA_DIR", default_value = ksync_server::DEFAULT_DATA_DIR)]
+    /// Directory for the on-disk logs (created if missing; one server per directory).
+    #[arg(long, env = "KSYNC_DATA_DIR", value_name = "DIR", default_value = ksync_server::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
 
     /// Keep logs in memory only (lost on exit). KSYNC_IN_MEMORY takes true/false, 1/0,
@@ -34,27 +36,38 @@ pub struct ServeArgs {
     jwt_secret: Option<String>,
 
     /// File holding the HS256 secret for JWTs (one trailing newline is ignored).
-    #[arg(long, env = "KSYNC_JWT_SECRET_FILE")]
+    #[arg(long, env = "KSYNC_JWT_SECRET_FILE", value_name = "FILE")]
     jwt_hs256_secret_file: Option<PathBuf>,
 
     /// PEM file with an RSA public key: accept RS256 JWTs signed by its private key.
-    #[arg(long, env = "KSYNC_JWT_RS256_PUBLIC_KEY")]
+    #[arg(long, env = "KSYNC_JWT_RS256_PUBLIC_KEY", value_name = "PEM")]
     jwt_rs256_public_key: Option<PathBuf>,
 
     /// PEM file with an Ed25519 public key: accept EdDSA JWTs signed by its private key.
-    #[arg(long, env = "KSYNC_JWT_EDDSA_PUBLIC_KEY")]
+    #[arg(long, env = "KSYNC_JWT_EDDSA_PUBLIC_KEY", value_name = "PEM")]
     jwt_eddsa_public_key: Option<PathBuf>,
 
     /// Accepted JWT audience (`aud`); repeat or comma-separate for several. Tokens must carry one.
-    #[arg(long, env = "KSYNC_JWT_AUDIENCE", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "KSYNC_JWT_AUDIENCE",
+        value_name = "AUD",
+        value_delimiter = ','
+    )]
     jwt_audience: Vec<String>,
 
     /// Accepted JWT issuer (`iss`); repeat or comma-separate for several. Tokens must carry one.
-    #[arg(long, env = "KSYNC_JWT_ISSUER", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "KSYNC_JWT_ISSUER",
+        value_name = "ISS",
+        value_delimiter = ','
+    )]
     jwt_issuer: Vec<String>,
 
     /// Clock skew tolerated on JWT `exp`/`nbf`, in seconds (at most 86400, a day).
-    #[arg(long, env = "KSYNC_JWT_LEEWAY_SECS", default_value_t = 5)]
+    #[arg(long, env = "KSYNC_JWT_LEEWAY_SECS", value_name = "SECS", default_value_t = 5,
+        allow_negative_numbers = true, value_parser = parse_leeway_secs)]
     jwt_leeway_secs: u64,
 
     /// API key as NAME=KEY or NAME:SCOPE=KEY (SCOPE: read, write or read+write); repeat for
@@ -63,40 +76,50 @@ pub struct ServeArgs {
     #[arg(
         long = "api-key",
         env = "KSYNC_API_KEYS",
+        value_name = "NAME[:SCOPE]=KEY",
         value_delimiter = ',',
         hide_env_values = true
     )]
     api_keys: Vec<String>,
 
-    /// File of API keys, one NAME=KEY or NAME:SCOPE=KEY a line (`#` comments).
-    #[arg(long, env = "KSYNC_API_KEYS_FILE")]
+    /// File of API keys, one NAME=KEY or NAME:SCOPE=KEY a line (`#` comments); a file with
+    /// no key is an error, not a server without auth.
+    #[arg(long, env = "KSYNC_API_KEYS_FILE", value_name = "FILE")]
     api_keys_file: Option<PathBuf>,
 
     /// Failed authentications per client within a minute before it is refused (for the rest
     /// of that minute, with 429). 0 means no limit.
-    #[arg(long, env = "KSYNC_AUTH_MAX_FAILURES", default_value_t = RateLimit::default().max_failures)]
+    #[arg(long, env = "KSYNC_AUTH_MAX_FAILURES", value_name = "N",
+        default_value_t = RateLimit::default().max_failures,
+        allow_negative_numbers = true, value_parser = at_least::<u32, 0>)]
     auth_max_failures: u32,
 
-    /// Largest accepted WebSocket message, in bytes.
-    #[arg(long, env = "KSYNC_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    /// Largest accepted WebSocket message, in bytes (at least 1024).
+    #[arg(long, env = "KSYNC_MAX_MESSAGE_BYTES", value_name = "BYTES",
+        default_value_t = DEFAULT_MAX_MESSAGE_BYTES,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1024>)]
     max_message_bytes: usize,
 
-    /// Most simultaneous WebSocket connections.
-    #[arg(long, env = "KSYNC_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    /// Most simultaneous WebSocket connections; more are refused.
+    #[arg(long, env = "KSYNC_MAX_CONNECTIONS", value_name = "N",
+        default_value_t = Limits::default().max_connections,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_connections: usize,
 
     /// Most repository (`/git/...`) requests handled at once; more get 503 `busy` at once.
-    #[arg(long, env = "KSYNC_MAX_GIT_REQUESTS", default_value_t = u32::try_from(Limits::default().max_git_requests).unwrap_or(u32::MAX),
-        value_parser = clap::value_parser!(u32).range(1..))]
-    max_git_requests: u32,
+    #[arg(long, env = "KSYNC_MAX_GIT_REQUESTS", value_name = "N",
+        default_value_t = Limits::default().max_git_requests,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_git_requests: usize,
 
     /// Longest wait, in seconds, for the next piece of a request body before 408.
-    #[arg(long, env = "KSYNC_REQUEST_BODY_TIMEOUT_SECS", default_value_t = 30,
-        value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "KSYNC_REQUEST_BODY_TIMEOUT_SECS", value_name = "SECS", default_value_t = 30,
+        allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
     request_body_timeout_secs: u64,
 
     /// Seconds between heartbeats (pings) on idle WebSockets.
-    #[arg(long, env = "KSYNC_HEARTBEAT_SECS", default_value_t = 30)]
+    #[arg(long, env = "KSYNC_HEARTBEAT_SECS", value_name = "SECS", default_value_t = 30,
+        allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
     heartbeat_secs: u64,
 
     /// PEM certificate chain: serve HTTPS and wss:// (needs --tls-key). SIGHUP reads both
@@ -108,9 +131,42 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 
-    /// Seconds shutdown waits for connections to close before flushing anyway.
-    #[arg(long, env = "KSYNC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    /// Seconds shutdown waits for connections to close before flushing anyway (0: does not
+    /// wait).
+    #[arg(long, env = "KSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10,
+        allow_negative_numbers = true, value_parser = at_least::<u64, 0>)]
     shutdown_timeout_secs: u64,
+}
+
+/// `--bind`: an IP address and a port. Host names are not resolved (`localhost` may mean
+/// 127.0.0.1, ::1 or both), so the error says what to write instead.
+fn parse_bind(text: &str) -> Result<SocketAddr, String> {
+    text.trim().parse().map_err(|_| {
+        "expected IP:PORT, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::]:8080 (host names are not resolved)"
+            .to_owned()
+    })
+}
+
+/// A whole number of at least `MIN` that fits `T`, for the limit flags: `-1`, `abc` and `0`
+/// (where 0 is meaningless) are usage errors naming the flag, not start-up failures.
+fn at_least<T: TryFrom<u64>, const MIN: u64>(text: &str) -> Result<T, String> {
+    let number: u64 = match text.trim().parse() {
+        Ok(number) if number >= MIN => number,
+        _ if MIN == 0 => return Err("expected a whole number (0 or more)".to_owned()),
+        _ => return Err(format!("expected a whole number of at least {MIN}")),
+    };
+    T::try_from(number).map_err(|_| format!("{number} is too large"))
+}
+
+/// `--jwt-leeway-secs`: 0 to a day (`MAX_JWT_LEEWAY`).
+fn parse_leeway_secs(text: &str) -> Result<u64, String> {
+    let max = MAX_JWT_LEEWAY.as_secs();
+    match text.trim().parse() {
+        Ok(secs) if secs <= max => Ok(secs),
+        _ => Err(format!(
+            "expected a whole number of seconds from 0 to {max} (a day)"
+        )),
+    }
 }
 
 /// Whether `flag` was given on the command line (as opposed to the environment).
@@ -169,7 +225,17 @@ impl ServeArgs {
             auth.api_keys.push(ApiKey::parse_spec(spec)?);
         }
         if let Some(path) = &self.api_keys_file {
-            auth.api_keys.extend(ApiKey::parse_file(path)?);
+            let keys = ApiKey::parse_file(path)?;
+            if keys.is_empty() {
+                // Starting without auth because a key file came out empty (a failed mount, a
+                // template gone wrong) would open every room and repository to anyone.
+                return Err(ServerError::Config(format!(
+                    "--api-keys-file {} holds no API key (one NAME=KEY or NAME:SCOPE=KEY a line)",
+                    path.display()
+                ))
+                .into());
+            }
+            auth.api_keys.extend(keys);
         }
         Ok(ServerConfig {
             bind: self.bind,
@@ -181,7 +247,7 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 heartbeat: Duration::from_secs(self.heartbeat_secs),
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
-                max_git_requests: usize::try_from(self.max_git_requests).unwrap_or(usize::MAX),
+                max_git_requests: self.max_git_requests,
                 request_body_timeout: Duration::from_secs(self.request_body_timeout_secs),
             },
             tls: match (self.tls_cert, self.tls_key) {
@@ -197,26 +263,55 @@ impl ServeArgs {
 /// certificate and key files again.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
+    let auth = auth_summary(&config.auth);
+    if !config.auth.is_enabled() && !config.bind.ip().is_loopback() {
+        tracing::warn!(
+            bind = %config.bind,
+            "no credentials configured and the server is reachable from other hosts: anyone who can connect may read and write every room and repository (see --api-keys-file and the --jwt-* options)"
+        );
+    }
     // Before anything is printed: a SIGTERM right after the "listening" line must drain, not kill.
     let signal = ShutdownSignal::install().context("installing signal handlers")?;
     let reload =
         ReloadSignal::install(config.tls.is_some()).context("installing the SIGHUP handler")?;
     let running = Server::bind(config).await.context("starting the server")?;
     let addr = running.local_addr();
-    // stdout, flushed: scripts and tests read the real address from this line.
-    let mut stdout = std::io::stdout().lock();
     let (ws, http) = if running.tls() {
         ("wss", "https")
     } else {
         ("ws", "http")
     };
-    writeln!(
-        stdout,
-        "ksync listening on {ws}://{addr} ({http}://{addr}/health), data in {}",
+    let line = format!(
+        "ksync listening on {ws}://{addr} ({http}://{addr}/health), {auth}, data in {}",
         running.storage()
-    )?;
-    stdout.flush()?;
+    );
+    // stdout, flushed: scripts and tests read the real address from this line. A stdout
+    // nobody reads any more (a closed pipe) is no reason to stop serving.
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        tracing::warn!(%error, "cannot print the listening line on stdout");
+    }
     drop(stdout);
     running.run_until_signals(signal, reload).await?;
     Ok(())
+}
+
+/// `auth off`, or `auth on` and which credentials (counts only: never a name or a secret).
+fn auth_summary(auth: &AuthConfig) -> String {
+    if !auth.is_enabled() {
+        return "auth off".to_owned();
+    }
+    let count = |n: usize, what: &str| match n {
+        0 => None,
+        1 => Some(format!("1 {what}")),
+        n => Some(format!("{n} {what}s")),
+    };
+    let parts: Vec<String> = [
+        count(auth.api_keys.len(), "API key"),
+        count(auth.jwt_keys.len(), "JWT key"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    format!("auth on ({})", parts.join(", "))
 }

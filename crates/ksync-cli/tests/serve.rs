@@ -87,7 +87,14 @@ async fn serve_prints_its_address_answers_health_and_exits_cleanly_on_sigterm() 
         "{}",
         served.first_line
     );
-    assert!(served.first_line.trim_end().ends_with("data in memory"));
+    assert!(
+        served
+            .first_line
+            .trim_end()
+            .ends_with(", auth off, data in memory"),
+        "{}",
+        served.first_line
+    );
     let body = health(&served.addr).await;
     assert_eq!(body["status"], "ok");
     let stderr = stop(served);
@@ -102,6 +109,13 @@ async fn secrets_from_env_and_files_never_reach_the_logs() {
     let served = serve(
         &["--in-memory", "--api-keys-file", keys.to_str().unwrap()],
         &[("KSYNC_JWT_SECRET", JWT_SECRET)],
+    );
+    assert!(
+        served
+            .first_line
+            .contains(", auth on (1 API key, 1 JWT key), data in memory"),
+        "{}",
+        served.first_line
     );
     let body = health(&served.addr).await;
     assert_eq!(body["status"], "ok");
@@ -355,11 +369,9 @@ fn bad_configuration_exits_with_a_clear_error() {
 
 /// Runs `ksync serve` with `args` to its end (it must fail at start-up); its stderr.
 fn serve_fails(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_ksync"))
-        .args(["serve", "--bind", "127.0.0.1:0"])
-        .args(args)
-        .output()
-        .expect("run ksync");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ksync"));
+    command.args(["serve", "--bind", "127.0.0.1:0"]).args(args);
+    let output = finishes(command);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
@@ -372,24 +384,246 @@ fn start_up_errors_say_each_cause_once() {
     let file = dir.path().join("a-file");
     std::fs::write(&file, "not a directory").unwrap();
     let file = file.to_str().unwrap();
-    let cases: [(&[&str], &str); 3] = [
-        (
-            &["--in-memory", "--heartbeat-secs", "0"],
-            "must be positive",
-        ),
-        (
-            &["--in-memory", "--max-message-bytes", "10"],
-            "at least 1024 bytes",
-        ),
-        (&["--data-dir", file], "File exists"),
-    ];
-    for (args, cause) in cases {
-        let stderr = serve_fails(args);
-        assert_eq!(stderr.matches(cause).count(), 1, "{args:?}: {stderr}");
-        assert!(stderr.contains("ksync: starting the server"), "{stderr}");
+    let stderr = serve_fails(&["--data-dir", file]);
+    assert_eq!(stderr.matches("File exists").count(), 1, "{stderr}");
+    assert!(stderr.contains("ksync: starting the server"), "{stderr}");
+    // The data directory is named in its error, and "storage" is not said twice.
+    assert!(stderr.contains(file), "{stderr}");
+    assert!(!stderr.contains("storage: storage"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+}
+
+/// Runs `command` (piped output) to its end, which must come within 10 s: a start-up
+/// failure taken for a good configuration would otherwise serve (and wait) forever.
+fn finishes(mut command: Command) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ksync");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "{command:?} is still running: {}",
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // The data directory is named in its error.
-    assert!(serve_fails(&["--data-dir", file]).contains(file));
+    child.wait_with_output().unwrap()
+}
+
+/// Runs `command` to its end, a usage error: exit code 2, nothing on stdout; its stderr.
+fn usage_error(command: Command) -> String {
+    let output = finishes(command);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(output.stdout.is_empty(), "started: {stderr}");
+    stderr
+}
+
+/// A limit flag given a negative, non-numeric or meaningless value is a usage error (exit 2)
+/// naming the flag and what it takes, from the command line and from its variable alike; it
+/// used to be "unexpected argument '-1'" for negatives, and a start-up failure naming an
+/// internal field (`max_message_size`) for 0.
+#[test]
+fn bad_limit_values_are_usage_errors_naming_the_flag() {
+    let cases: [(&str, &str, &[&str], &str); 9] = [
+        (
+            "--max-message-bytes",
+            "KSYNC_MAX_MESSAGE_BYTES",
+            &["0", "1023", "-1", "1k"],
+            "at least 1024",
+        ),
+        (
+            "--max-connections",
+            "KSYNC_MAX_CONNECTIONS",
+            &["0", "-1", "many"],
+            "at least 1",
+        ),
+        (
+            "--max-git-requests",
+            "KSYNC_MAX_GIT_REQUESTS",
+            &["0", "-5"],
+            "at least 1",
+        ),
+        (
+            "--heartbeat-secs",
+            "KSYNC_HEARTBEAT_SECS",
+            &["0", "-30", "30s"],
+            "at least 1",
+        ),
+        (
+            "--request-body-timeout-secs",
+            "KSYNC_REQUEST_BODY_TIMEOUT_SECS",
+            &["0", "-1"],
+            "at least 1",
+        ),
+        (
+            "--shutdown-timeout-secs",
+            "KSYNC_SHUTDOWN_TIMEOUT_SECS",
+            &["-1", "ten"],
+            "whole number",
+        ),
+        (
+            "--auth-max-failures",
+            "KSYNC_AUTH_MAX_FAILURES",
+            &["-1", "1.5"],
+            "whole number",
+        ),
+        (
+            "--jwt-leeway-secs",
+            "KSYNC_JWT_LEEWAY_SECS",
+            &["-1", "86401"],
+            "0 to 86400",
+        ),
+        (
+            "--bind",
+            "KSYNC_BIND",
+            &["localhost:8080", "8080"],
+            "IP:PORT",
+        ),
+    ];
+    for (flag, variable, values, says) in cases {
+        // Any other flag's case also binds port 0: a value taken by mistake starts a server
+        // that `usage_error` stops, instead of one on 8080.
+        let bind: &[&str] = if flag == "--bind" {
+            &[]
+        } else {
+            &["--bind", "127.0.0.1:0"]
+        };
+        for value in values {
+            let mut on_line = Command::new(env!("CARGO_BIN_EXE_ksync"));
+            on_line
+                .args(["serve", "--in-memory"])
+                .args(bind)
+                .args([flag, value]);
+            let mut in_env = Command::new(env!("CARGO_BIN_EXE_ksync"));
+            in_env
+                .args(["serve", "--in-memory"])
+                .args(bind)
+                .env(variable, value);
+            for command in [on_line, in_env] {
+                let stderr = usage_error(command);
+                assert!(
+                    stderr.starts_with("error: invalid value"),
+                    "{flag} {value}: {stderr}"
+                );
+                assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+                assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+            }
+        }
+    }
+    // The edges that are valid still start: 0 for the two flags where it means something.
+    for args in [
+        ["--shutdown-timeout-secs", "0"],
+        ["--auth-max-failures", "0"],
+        ["--max-message-bytes", "1024"],
+        ["--jwt-leeway-secs", "86400"],
+    ] {
+        stop(serve(&["--in-memory", args[0], args[1]], &[]));
+    }
+}
+
+/// Key files that cannot be what they are given as: a private key (or garbage) given as a
+/// JWT public key, an API key file with no key in it (which started a server open to anyone)
+/// or a malformed line. Each is one line naming the file, exit 1, no secret, and no data
+/// directory made.
+#[test]
+fn unusable_key_files_are_refused_naming_the_file() {
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ksync-server/tests/fixtures"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_arg = data_dir.to_str().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "garbage").unwrap();
+    let no_keys = dir.path().join("no-keys");
+    std::fs::write(&no_keys, "# nothing here yet\n\n").unwrap();
+    let bad_line = dir.path().join("bad-line");
+    std::fs::write(&bad_line, "ok=first-s3cr3t\nbroken-s3cr3t\n").unwrap();
+    let rsa_private = format!("{fixtures}/rsa-private.pem");
+    let ed_private = format!("{fixtures}/ed25519-private.pem");
+    let (garbage, no_keys, bad_line) = (
+        garbage.to_str().unwrap(),
+        no_keys.to_str().unwrap(),
+        bad_line.to_str().unwrap(),
+    );
+    let cases: [(&str, &str, &str); 6] = [
+        (
+            "--jwt-rs256-public-key",
+            &rsa_private,
+            "this is a private key",
+        ),
+        (
+            "--jwt-eddsa-public-key",
+            &ed_private,
+            "this is a private key",
+        ),
+        ("--jwt-rs256-public-key", garbage, "not an RSA public key"),
+        (
+            "--jwt-eddsa-public-key",
+            garbage,
+            "not an Ed25519 public key",
+        ),
+        ("--api-keys-file", no_keys, "holds no API key"),
+        (
+            "--api-keys-file",
+            bad_line,
+            "line 2: API key must be given as NAME=KEY",
+        ),
+    ];
+    for (flag, file, says) in cases {
+        let stderr = serve_fails(&["--data-dir", data_arg, flag, file]);
+        assert!(stderr.contains(file), "{flag} {file}: {stderr}");
+        assert!(stderr.contains(says), "{flag} {file}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{flag} {file}: {stderr}");
+        assert!(!stderr.contains("s3cr3t"), "{stderr}");
+        assert!(!stderr.contains("MII"), "no key material: {stderr}");
+        assert!(!data_dir.exists(), "{flag} {file}: data directory made");
+    }
+}
+
+/// A stdout nobody reads (a closed pipe: the reader of the "listening" line went away) does
+/// not stop the server: it was "ksync: Broken pipe" and exit 1 right after binding.
+#[tokio::test]
+async fn a_closed_stdout_does_not_stop_the_server() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ksync"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--in-memory"])
+        .env("RUST_LOG", "info")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The address from the log line on stderr.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    let mut log = String::new();
+    while addr.is_none() {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("ksync serve exited: {log}");
+        }
+        addr = line
+            .split("local_addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned);
+        log.push_str(&line);
+    }
+    let addr = addr.unwrap();
+    assert_eq!(health(&addr).await["status"], "ok");
+    sigterm(&child);
+    stderr.read_to_string(&mut log).unwrap();
+    assert!(child.wait().unwrap().success(), "{log}");
+    assert!(log.contains("cannot print the listening line"), "{log}");
 }
 
 #[test]
