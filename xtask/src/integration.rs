@@ -187,7 +187,7 @@ impl ServerProcess {
         let line = lines
             .next()
             .context("ksync serve exited before listening")??;
-        // "ksync listening on ws://ADDR (http://ADDR/health), data in DIR"
+        // "ksync listening on ws://ADDR (http://ADDR/health), auth off, data in DIR"
         let addr = line
             .split("ws://")
             .nth(1)
