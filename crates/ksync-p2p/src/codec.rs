@@ -46,10 +46,7 @@ impl request_response::Codec for CountingCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut io = Counted {
-            io,
-            bytes: &self.bytes,
-        };
+        let mut io = Counted::new(io, &self.bytes);
         self.inner.read_request(protocol, &mut io).await
     }
 
@@ -61,10 +58,7 @@ impl request_response::Codec for CountingCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let mut io = Counted {
-            io,
-            bytes: &self.bytes,
-        };
+        let mut io = Counted::new(io, &self.bytes);
         self.inner.read_response(protocol, &mut io).await
     }
 
@@ -77,10 +71,7 @@ impl request_response::Codec for CountingCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let mut io = Counted {
-            io,
-            bytes: &self.bytes,
-        };
+        let mut io = Counted::new(io, &self.bytes);
         self.inner.write_request(protocol, &mut io, request).await
     }
 
@@ -93,10 +84,7 @@ impl request_response::Codec for CountingCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let mut io = Counted {
-            io,
-            bytes: &self.bytes,
-        };
+        let mut io = Counted::new(io, &self.bytes);
         self.inner.write_response(protocol, &mut io, response).await
     }
 }
@@ -108,7 +96,11 @@ struct Counted<'a, T> {
     bytes: &'a AtomicU64,
 }
 
-impl<T> Counted<'_, T> {
+impl<'a, T> Counted<'a, T> {
+    fn new(io: &'a mut T, bytes: &'a AtomicU64) -> Self {
+        Self { io, bytes }
+    }
+
     fn count(&self, poll: &Poll<io::Result<usize>>) {
         if let Poll::Ready(Ok(n)) = poll {
             self.bytes.fetch_add(*n as u64, Ordering::Relaxed);
