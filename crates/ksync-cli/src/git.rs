@@ -152,7 +152,7 @@ struct Config {
 /// A local failure that is the user's to fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct Usage(String);
+pub(crate) struct Usage(pub(crate) String);
 
 /// Some pushed events were refused (exit code 6).
 #[derive(Debug, thiserror::Error)]

@@ -47,7 +47,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_JWT_EDDSA_PUBLIC_KEY", value_name = "PEM")]
     jwt_eddsa_public_key: Option<PathBuf>,
 
-    /// Accepted JWT audience (`aud`); repeat or comma-separate for several. Tokens must carry one.
+    /// Accepted JWT audience (`aud`); repeat or comma-separate for several. Tokens must carry
+    /// one. Needs a JWT key (--jwt-secret, --jwt-hs256-secret-file or a --jwt-*-public-key).
     #[arg(
         long,
         env = "KSYNC_JWT_AUDIENCE",
@@ -56,7 +57,8 @@ pub struct ServeArgs {
     )]
     jwt_audience: Vec<String>,
 
-    /// Accepted JWT issuer (`iss`); repeat or comma-separate for several. Tokens must carry one.
+    /// Accepted JWT issuer (`iss`); repeat or comma-separate for several. Tokens must carry
+    /// one. Needs a JWT key.
     #[arg(
         long,
         env = "KSYNC_JWT_ISSUER",
@@ -65,10 +67,12 @@ pub struct ServeArgs {
     )]
     jwt_issuer: Vec<String>,
 
-    /// Clock skew tolerated on JWT `exp`/`nbf`, in seconds (at most 86400, a day).
-    #[arg(long, env = "KSYNC_JWT_LEEWAY_SECS", value_name = "SECS", default_value_t = 5,
+    /// Clock skew tolerated on JWT `exp`/`nbf`, in seconds (at most 86400, a day; 5 when not
+    /// given). Needs a JWT key.
+    // An Option, not a default value: given without a JWT key, it is refused (see `jwt_only`).
+    #[arg(long, env = "KSYNC_JWT_LEEWAY_SECS", value_name = "SECS",
         allow_negative_numbers = true, value_parser = parse_leeway_secs)]
-    jwt_leeway_secs: u64,
+    jwt_leeway_secs: Option<u64>,
 
     /// API key as NAME=KEY or NAME:SCOPE=KEY (SCOPE: read, write or read+write); repeat for
     /// several. Visible in `ps` when given here: prefer KSYNC_API_KEYS (comma-separated) or
@@ -187,12 +191,48 @@ fn non_blank(values: Vec<String>) -> Vec<String> {
 }
 
 impl ServeArgs {
+    /// The first option given that only shapes how JWTs are checked: without a JWT key no
+    /// token is checked, so such an option would be ignored while the operator believes
+    /// tokens are checked for it. `into_config` makes it a usage error (exit 2). Checked here,
+    /// not with clap's `requires`: clap counts an empty `KSYNC_JWT_AUDIENCE=` (a compose
+    /// file's `${X:-}`) as given, where it means no audience (`non_blank`).
+    fn jwt_only(
+        audience: &[String],
+        issuer: &[String],
+        leeway: Option<u64>,
+    ) -> Option<&'static str> {
+        if !audience.is_empty() {
+            Some("--jwt-audience (KSYNC_JWT_AUDIENCE)")
+        } else if !issuer.is_empty() {
+            Some("--jwt-issuer (KSYNC_JWT_ISSUER)")
+        } else if leeway.is_some() {
+            Some("--jwt-leeway-secs (KSYNC_JWT_LEEWAY_SECS)")
+        } else {
+            None
+        }
+    }
+
     fn into_config(self) -> anyhow::Result<ServerConfig> {
         let api_keys = non_blank(self.api_keys);
+        let audience = non_blank(self.jwt_audience);
+        let issuer = non_blank(self.jwt_issuer);
+        let has_jwt_key = self.jwt_secret.is_some()
+            || self.jwt_hs256_secret_file.is_some()
+            || self.jwt_rs256_public_key.is_some()
+            || self.jwt_eddsa_public_key.is_some();
+        if !has_jwt_key && let Some(flag) = Self::jwt_only(&audience, &issuer, self.jwt_leeway_secs)
+        {
+            return Err(crate::git::Usage(format!(
+                "{flag} needs a JWT key to check tokens with: give --jwt-secret (KSYNC_JWT_SECRET), --jwt-hs256-secret-file, --jwt-rs256-public-key or --jwt-eddsa-public-key"
+            ))
+            .into());
+        }
         let mut auth = AuthConfig {
-            audience: non_blank(self.jwt_audience),
-            issuer: non_blank(self.jwt_issuer),
-            leeway: Duration::from_secs(self.jwt_leeway_secs),
+            audience,
+            issuer,
+            leeway: self
+                .jwt_leeway_secs
+                .map_or(AuthConfig::default().leeway, Duration::from_secs),
             rate_limit: RateLimit {
                 max_failures: self.auth_max_failures,
                 ..RateLimit::default()

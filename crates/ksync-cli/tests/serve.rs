@@ -524,8 +524,90 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
         ["--max-message-bytes", "1024"],
         ["--jwt-leeway-secs", "86400"],
     ] {
-        stop(serve(&["--in-memory", args[0], args[1]], &[]));
+        // The leeway needs a JWT key (see `jwt_claim_options_without_a_jwt_key_are_usage_errors`).
+        stop(serve(
+            &["--in-memory", args[0], args[1]],
+            &[("KSYNC_JWT_SECRET", JWT_SECRET)],
+        ));
     }
+}
+
+/// `--jwt-audience`, `--jwt-issuer` and an explicit `--jwt-leeway-secs` only shape how JWTs
+/// are checked: without a JWT key none is checked, and they were ignored silently while the
+/// operator believed tokens were checked for them. Now a usage error (exit 2) naming the
+/// flag and asking for a key, from the command line and the environment alike; with any one
+/// key, or when the variable is empty, the server starts.
+#[test]
+fn jwt_claim_options_without_a_jwt_key_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("api-keys");
+    std::fs::write(&keys, format!("ci={API_KEY}\n")).unwrap();
+    let keys = keys.to_str().unwrap();
+    let cases = [
+        ("--jwt-audience", "KSYNC_JWT_AUDIENCE", "ksync"),
+        ("--jwt-issuer", "KSYNC_JWT_ISSUER", "https://issuer.example"),
+        ("--jwt-leeway-secs", "KSYNC_JWT_LEEWAY_SECS", "5"),
+    ];
+    for (flag, variable, value) in cases {
+        // With and without other credentials: API keys are not JWT keys.
+        for other in [&[][..], &["--api-keys-file", keys][..]] {
+            let mut on_line = Command::new(env!("CARGO_BIN_EXE_ksync"));
+            on_line
+                .args(["serve", "--in-memory", "--bind", "127.0.0.1:0"])
+                .args(other)
+                .args([flag, value]);
+            let mut in_env = Command::new(env!("CARGO_BIN_EXE_ksync"));
+            in_env
+                .args(["serve", "--in-memory", "--bind", "127.0.0.1:0"])
+                .args(other)
+                .env(variable, value);
+            for command in [on_line, in_env] {
+                let stderr = usage_error(command);
+                assert!(stderr.contains(flag), "{flag}: {stderr}");
+                assert!(stderr.contains("needs a JWT key"), "{flag}: {stderr}");
+                assert!(stderr.contains("--jwt-secret"), "{flag}: {stderr}");
+                assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+            }
+        }
+    }
+    // Empty variables configure nothing, so there is nothing to refuse.
+    stop(serve(
+        &["--in-memory"],
+        &[("KSYNC_JWT_AUDIENCE", ""), ("KSYNC_JWT_ISSUER", "")],
+    ));
+    // Any JWT key will do, from a flag or a variable.
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ksync-server/tests/fixtures"
+    );
+    let ed_public = format!("{fixtures}/ed25519-public.pem");
+    let served = serve(
+        &[
+            "--in-memory",
+            "--jwt-eddsa-public-key",
+            &ed_public,
+            "--jwt-audience",
+            "ksync",
+            "--jwt-issuer",
+            "https://issuer.example",
+            "--jwt-leeway-secs",
+            "30",
+        ],
+        &[],
+    );
+    assert!(
+        served.first_line.contains("auth on (1 JWT key)"),
+        "{}",
+        served.first_line
+    );
+    stop(served);
+    stop(serve(
+        &["--in-memory"],
+        &[
+            ("KSYNC_JWT_SECRET", JWT_SECRET),
+            ("KSYNC_JWT_AUDIENCE", "ksync"),
+        ],
+    ));
 }
 
 /// Key files that cannot be what they are given as: a private key (or garbage) given as a
