@@ -55,6 +55,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("ksync: {}", report(&error));
+            if let Some(code) = serve::exit_code(&error) {
+                // Cut short on purpose: no waiting for blocking tasks either.
+                runtime.shutdown_background();
+                return ExitCode::from(code);
+            }
             ExitCode::from(git::exit_code(&error))
         }
     }

@@ -136,7 +136,7 @@ pub struct ServeArgs {
     tls_key: Option<PathBuf>,
 
     /// Seconds shutdown waits for connections to close before flushing anyway (0: does not
-    /// wait).
+    /// wait). A second SIGINT/SIGTERM meanwhile stops at once (exit code 130).
     #[arg(long, env = "KSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10,
         allow_negative_numbers = true, value_parser = at_least::<u64, 0>)]
     shutdown_timeout_secs: u64,
@@ -299,8 +299,9 @@ impl ServeArgs {
     }
 }
 
-/// Runs the server until SIGINT/SIGTERM, then drains and flushes. With TLS, SIGHUP reads the
-/// certificate and key files again.
+/// Runs the server until SIGINT/SIGTERM, then drains and flushes; a second SIGINT/SIGTERM
+/// during the drain stops at once ([`ServerError::Interrupted`], exit code 130). With TLS,
+/// SIGHUP reads the certificate and key files again.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let auth = auth_summary(&config.auth);
@@ -334,6 +335,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     drop(stdout);
     running.run_until_signals(signal, reload).await?;
     Ok(())
+}
+
+/// The exit code of a `ksync serve` error that has its own: 130 (as a shell reports a process
+/// ended by SIGINT) when a second SIGINT/SIGTERM cut the drain short.
+pub fn exit_code(error: &anyhow::Error) -> Option<u8> {
+    error
+        .chain()
+        .any(|cause| matches!(cause.downcast_ref(), Some(ServerError::Interrupted)))
+        .then_some(130)
 }
 
 /// `auth off`, or `auth on` and which credentials (counts only: never a name or a secret).

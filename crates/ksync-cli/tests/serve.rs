@@ -998,3 +998,114 @@ async fn sighup_reloads_the_certificate() {
     assert!(stderr.contains("TLS certificate not reloaded"), "{stderr}");
     assert!(stderr.contains("do not match"), "{stderr}");
 }
+
+/// A second SIGTERM while the drain waits (here for a client that sent half a request, with
+/// a 120 s shutdown timeout) stops the process at once with exit code 130, saying the drain
+/// was cut short; what was acknowledged before is on disk after a restart.
+#[tokio::test]
+async fn a_second_sigterm_during_the_drain_stops_at_once_with_130() {
+    use std::io::Write as _;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--shutdown-timeout-secs",
+        "120",
+    ];
+    let api_keys = format!("app={API_KEY}");
+    let env = [("KSYNC_API_KEYS", api_keys.as_str())];
+    let mut served = serve(&args, &env);
+
+    let mut ws = ws_connect(&format!("ws://{}/ws/journal", served.addr), API_KEY).await;
+    ws_send(&mut ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+    assert_eq!(ws_recv(&mut ws).await["type"], "welcome");
+    let events: Vec<Value> = (1..=3)
+        .map(|i| json!({"id": format!("e{i}"), "type": "entry", "data": {"i": i}, "timestamp": 1_732_615_200_000u64 + i, "version": 1}))
+        .collect();
+    ws_send(
+        &mut ws,
+        json!({"type": "publish", "ref": 1, "events": events}),
+    )
+    .await;
+    let ack = ws_recv(&mut ws).await;
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(ack["serverVersion"], 3);
+
+    // Half a request: the drain waits for it (up to the shutdown timeout).
+    let mut stalled = std::net::TcpStream::connect(&served.addr).unwrap();
+    stalled.write_all(b"GET /health HTTP/1.1\r\nHo").unwrap();
+
+    // stderr line by line, so the test knows when the drain has begun.
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = served.child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let wait_for = |log: &mut Vec<String>, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !log.iter().any(|line| line.contains(what)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => log.push(line),
+                Err(_) => panic!("no {what:?} within 10 s: {}", log.join("\n")),
+            }
+        }
+    };
+
+    sigterm(&served.child);
+    wait_for(&mut log, "shutting down");
+    // The drain is waiting for the stalled request, not done.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        served.child.try_wait().unwrap().is_none(),
+        "the drain did not wait: {}",
+        log.join("\n")
+    );
+
+    sigterm(&served.child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            served.child.kill().unwrap();
+            panic!(
+                "still draining 10 s after the second SIGTERM: {}",
+                log.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    log.extend(lines.try_iter());
+    let log = log.join("\n");
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("second signal: drain cut short"), "{log}");
+    assert!(
+        log.contains("every acknowledged event is already on disk"),
+        "{log}"
+    );
+    assert!(
+        log.contains("ksync: drain cut short by a second signal"),
+        "{log}"
+    );
+    assert!(!log.contains("storage flushed"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    drop(stalled);
+
+    // What was acknowledged is there after a restart.
+    let served = serve(&args, &env);
+    let mut ws = ws_connect(&format!("ws://{}/ws/journal", served.addr), API_KEY).await;
+    ws_send(&mut ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+    assert_eq!(ws_recv(&mut ws).await["serverVersion"], 3);
+    stop(served);
+}

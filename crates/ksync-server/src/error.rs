@@ -56,4 +56,11 @@ pub enum ServerError {
     /// The server task panicked or was cancelled.
     #[error("server task failed: {0}")]
     Task(String),
+    /// A second SIGINT/SIGTERM arrived while
+    /// [`run_until_signals`](crate::RunningServer::run_until_signals) was draining: it stopped
+    /// waiting for open connections and did not flush. Every acknowledged event was already
+    /// durable (an ack follows the append's `fdatasync`); what was not acknowledged may not
+    /// have been stored. `ksync serve` exits with 130.
+    #[error("drain cut short by a second signal; open connections were dropped")]
+    Interrupted,
 }

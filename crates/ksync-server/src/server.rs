@@ -406,6 +406,11 @@ impl RunningServer {
     /// Serves until `shutdown` fires, then shuts down cleanly; each `reload` meanwhile reloads
     /// the TLS certificate (a failed reload is logged and the current certificate stays). A
     /// reload asked for before a stop is done first.
+    ///
+    /// A second signal during the drain stops waiting at once: the server task is aborted, no
+    /// flush is done, and this returns [`ServerError::Interrupted`]. Connections still open
+    /// are dropped with the runtime (a process that exits then, as `ksync serve` does). Acks
+    /// are sent only once their append is durable, so nothing acknowledged is lost.
     pub async fn run_until_signals(
         self,
         mut shutdown: ShutdownSignal,
@@ -422,7 +427,25 @@ impl RunningServer {
                 () = shutdown.recv() => break,
             }
         }
-        self.shutdown().await
+        let task = self.task.abort_handle();
+        let storage = self.storage.clone();
+        tokio::select! {
+            biased;
+            result = self.shutdown() => result,
+            () = shutdown.recv() => {
+                task.abort();
+                match storage {
+                    StorageLocation::Directory(_) => tracing::warn!(
+                        %storage,
+                        "second signal: drain cut short, open connections dropped, storage not flushed; every acknowledged event is already on disk (an ack waits for its fdatasync), what was not acknowledged may not be stored"
+                    ),
+                    StorageLocation::Memory => tracing::warn!(
+                        "second signal: drain cut short, open connections dropped (storage is in memory: nothing is kept anyway)"
+                    ),
+                }
+                Err(ServerError::Interrupted)
+            }
+        }
     }
 
     /// Serves until `stop` resolves, then shuts down cleanly.
