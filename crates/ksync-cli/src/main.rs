@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod git;
 mod peer;
 mod serve;
+mod watch;
 
 /// kSync: keep event logs in step across replicas.
 #[derive(Debug, Parser)]
@@ -29,6 +30,8 @@ enum Command {
     Git(git::GitCommand),
     /// Run a P2P peer: print its addresses, connect, emit, and print received events.
     Peer(peer::PeerArgs),
+    /// Join a server's room over WebSocket and print its events (history, then live).
+    Watch(watch::WatchArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Git(command) => git::run(command).await,
             Command::Peer(args) => peer::run(args).await,
+            Command::Watch(args) => watch::run(args).await,
         }
     });
     match result {

@@ -212,7 +212,7 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
 }
 
 /// `TYPE=JSON`; JSON that does not parse is taken as a string.
-fn parse_emit(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
+pub(crate) fn parse_emit(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
     let Some((event_type, data)) = spec.split_once('=') else {
         bail!("--emit wants TYPE=JSON, got {spec:?}");
     };

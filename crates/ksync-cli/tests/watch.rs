@@ -1,0 +1,146 @@
+//! The real `ksync` binary: `ksync watch` against `ksync serve` on 127.0.0.1:0 prints a room's
+//! history, then what arrives live; `--emit` publishes; refusals are errors, not retries.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const API_KEY: &str = "watch-test-api-key-0123456789";
+
+/// `ksync serve` on a free port, in memory; its address.
+fn serve(envs: &[(&str, &str)]) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ksync"));
+    command
+        .args(["serve", "--bind", "127.0.0.1:0", "--in-memory"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("spawn ksync serve");
+    let mut first_line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first_line)
+        .expect("read first line");
+    let addr = first_line
+        .split("ws://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {first_line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
+fn watch(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ksync"));
+    command.arg("watch").args(args).env_remove("KSYNC_API_KEY");
+    command
+}
+
+/// Runs `ksync watch URL --emit note=DATA` long enough for the ack; it must exit cleanly.
+fn emit(url: &str, data: &str, extra: &[&str]) {
+    let output = watch(&[url, "--emit", &format!("note={data}"), "--duration", "5"])
+        .args(extra)
+        .output()
+        .expect("run ksync watch --emit");
+    assert!(
+        output.status.success(),
+        "emitter: {:?}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// The next event line the watcher printed (at most 30 s away).
+fn next_event(lines: &mpsc::Receiver<String>) -> Value {
+    let line = lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("an event line within 30 s");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?} is not an event: {e}"))
+}
+
+#[test]
+fn watch_prints_history_then_live_events_and_emit_publishes() {
+    let (mut server, addr) = serve(&[]);
+    let url = format!("ws://{addr}/ws/watched");
+    emit(&url, r#"{"n":1}"#, &[]);
+
+    let mut watcher = watch(&[&url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ksync watch");
+    let stdout = watcher.stdout.take().expect("stdout");
+    let (tx, lines) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // From the room's history.
+    let first = next_event(&lines);
+    assert_eq!(
+        (first["type"].as_str(), &first["data"]["n"]),
+        (Some("note"), &Value::from(1))
+    );
+    // Live, from another process.
+    emit(&url, r#"{"n":2}"#, &[]);
+    let second = next_event(&lines);
+    assert_eq!(second["data"]["n"], 2, "{second}");
+    assert_ne!(first["id"], second["id"]);
+
+    sigterm(&watcher);
+    let status = watcher.wait().expect("wait");
+    assert!(status.success(), "watch exits cleanly on SIGTERM: {status}");
+    reader.join().expect("reader");
+    assert!(lines.try_recv().is_err(), "nothing else was printed");
+    sigterm(&server);
+    server.wait().expect("server exits");
+}
+
+#[test]
+fn refusals_are_errors_naming_the_url_not_retries() {
+    let (mut server, addr) = serve(&[("KSYNC_API_KEYS", &format!("tester={API_KEY}"))]);
+    let url = format!("ws://{addr}/ws/locked");
+    for (args, expected) in [
+        (vec![url.as_str()], "401"),
+        (vec![url.as_str(), "--api-key", "wrong-key"], "401"),
+    ] {
+        let output = watch(&args).output().expect("run ksync watch");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} must fail: {stderr}");
+        assert!(
+            stderr.contains(&url) && stderr.contains(expected),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("wrong-key"),
+            "the key is never printed: {stderr}"
+        );
+    }
+    // With the key: it publishes, and a second watcher with the key reads it back.
+    emit(&url, r#"{"ok":true}"#, &["--api-key", API_KEY]);
+    let output = watch(&[&url, "--api-key", API_KEY, "--duration", "3"])
+        .output()
+        .expect("run ksync watch");
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(r#""ok":true"#), "{stdout}");
+    sigterm(&server);
+    server.wait().expect("server exits");
+}
