@@ -87,6 +87,20 @@ fn report(error: &anyhow::Error) -> String {
     out
 }
 
+/// Until SIGINT or SIGTERM, or `duration` seconds when given (`--duration` of the commands
+/// that run until stopped: `peer`, `watch`).
+async fn until_stopped(signal: &mut ksync_server::ShutdownSignal, duration: Option<u64>) {
+    match duration {
+        Some(secs) => {
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(secs)) => {}
+                () = signal.recv() => {}
+            }
+        }
+        None => signal.recv().await,
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -175,17 +175,7 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
         eprintln!("emitted {} ({})", event.id, event.event_type);
     }
 
-    let until = async {
-        match args.duration {
-            Some(secs) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
-                    _ = signal.recv() => {}
-                }
-            }
-            None => signal.recv().await,
-        }
-    };
+    let until = crate::until_stopped(&mut signal, args.duration);
     tokio::pin!(until);
     loop {
         tokio::select! {

@@ -9,7 +9,6 @@
 
 use std::io::Write as _;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use ksync_core::{Auth, InMemoryStorage, KSync, Notification, StreamError};
@@ -95,17 +94,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         let event = ksync.emit(event_type, data).await?;
         eprintln!("emitted {} ({})", event.id, event.event_type);
     }
-    let until = async {
-        match args.duration {
-            Some(secs) => {
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(secs)) => {}
-                    () = signal.recv() => {}
-                }
-            }
-            None => signal.recv().await,
-        }
-    };
+    let until = crate::until_stopped(&mut signal, args.duration);
     tokio::pin!(until);
     loop {
         tokio::select! {
