@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod emit;
 mod git;
 mod peer;
 mod serve;

@@ -113,11 +113,7 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
         }
         other => other,
     };
-    let events: Vec<(String, serde_json::Value)> = args
-        .emit
-        .iter()
-        .map(|spec| parse_emit(spec))
-        .collect::<anyhow::Result<_>>()?;
+    let events = crate::emit::parse_all(&args.emit)?;
 
     let mut builder = P2PSyncClient::builder(id.clone(), discovery)
         .port(args.port)
@@ -170,10 +166,7 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("connecting to {target}"))?;
         eprintln!("connected to {peer}");
     }
-    for (event_type, data) in events {
-        let event = ksync.emit(event_type, data).await?;
-        eprintln!("emitted {} ({})", event.id, event.event_type);
-    }
+    crate::emit::emit_all(&ksync, events).await?;
 
     let until = crate::until_stopped(&mut signal, args.duration);
     tokio::pin!(until);
@@ -201,19 +194,6 @@ pub async fn run(args: PeerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `TYPE=JSON`; JSON that does not parse is taken as a string.
-pub(crate) fn parse_emit(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
-    let Some((event_type, data)) = spec.split_once('=') else {
-        bail!("--emit wants TYPE=JSON, got {spec:?}");
-    };
-    if event_type.is_empty() {
-        bail!("--emit {spec:?}: the event type is empty");
-    }
-    let data =
-        serde_json::from_str(data).unwrap_or_else(|_| serde_json::Value::String(data.into()));
-    Ok((event_type.to_owned(), data))
-}
-
 fn write_secret(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -223,19 +203,4 @@ fn write_secret(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
         options.mode(0o600);
     }
     options.open(path)?.write_all(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn emit_specs() {
-        let (t, d) = parse_emit(r#"note={"text":"hi"}"#).expect("parses");
-        assert_eq!((t.as_str(), d), ("note", serde_json::json!({"text": "hi"})));
-        let (_, d) = parse_emit("note=plain words").expect("parses");
-        assert_eq!(d, serde_json::json!("plain words"));
-        assert!(parse_emit("no-equals").is_err());
-        assert!(parse_emit("=1").is_err());
-    }
 }

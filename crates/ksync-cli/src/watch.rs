@@ -15,8 +15,6 @@ use ksync_core::{Auth, InMemoryStorage, KSync, Notification, StreamError};
 use ksync_server::ShutdownSignal;
 use ksync_ws::WebSocketSyncClient;
 
-use crate::peer::parse_emit;
-
 /// Options of `ksync watch`.
 #[derive(Debug, clap::Args)]
 pub struct WatchArgs {
@@ -54,11 +52,7 @@ pub struct WatchArgs {
 /// Runs `ksync watch` until SIGINT/SIGTERM (or `--duration`).
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let mut signal = ShutdownSignal::install().context("installing signal handlers")?;
-    let events: Vec<(String, serde_json::Value)> = args
-        .emit
-        .iter()
-        .map(|spec| parse_emit(spec))
-        .collect::<anyhow::Result<_>>()?;
+    let events = crate::emit::parse_all(&args.emit)?;
     // Blank variables (KSYNC_API_KEY= from a compose file) mean no credential.
     let auth = match (
         args.api_key.filter(|k| !k.is_empty()),
@@ -90,10 +84,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to {}", args.url))?;
     eprintln!("watching {}", args.url);
-    for (event_type, data) in events {
-        let event = ksync.emit(event_type, data).await?;
-        eprintln!("emitted {} ({})", event.id, event.event_type);
-    }
+    crate::emit::emit_all(&ksync, events).await?;
     let until = crate::until_stopped(&mut signal, args.duration);
     tokio::pin!(until);
     loop {

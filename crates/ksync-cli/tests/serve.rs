@@ -184,6 +184,26 @@ async fn ws_recv(ws: &mut Ws) -> Value {
     }
 }
 
+/// Joins room `journal` with the API key and publishes entries `e1..=count` in one publish;
+/// returns the socket once they are acknowledged (as seqs 1..=count).
+async fn publish_entries(addr: &str, count: u64) -> Ws {
+    let mut ws = ws_connect(&format!("ws://{addr}/ws/journal"), API_KEY).await;
+    ws_send(&mut ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+    assert_eq!(ws_recv(&mut ws).await["type"], "welcome");
+    let events: Vec<Value> = (1..=count)
+        .map(|i| json!({"id": format!("e{i}"), "type": "entry", "data": {"i": i}, "timestamp": 1_732_615_200_000u64 + i, "version": 1}))
+        .collect();
+    ws_send(
+        &mut ws,
+        json!({"type": "publish", "ref": 1, "events": events}),
+    )
+    .await;
+    let ack = ws_recv(&mut ws).await;
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(ack["serverVersion"], count);
+    ws
+}
+
 #[tokio::test]
 async fn events_published_before_sigterm_are_on_disk_after_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -201,20 +221,7 @@ async fn events_published_before_sigterm_are_on_disk_after_restart() {
         "{}",
         served.first_line
     );
-    let mut ws = ws_connect(&format!("ws://{}/ws/journal", served.addr), API_KEY).await;
-    ws_send(&mut ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
-    assert_eq!(ws_recv(&mut ws).await["type"], "welcome");
-    let events: Vec<Value> = (1..=20)
-        .map(|i| json!({"id": format!("e{i}"), "type": "entry", "data": {"i": i}, "timestamp": 1_732_615_200_000u64 + i, "version": 1}))
-        .collect();
-    ws_send(
-        &mut ws,
-        json!({"type": "publish", "ref": 1, "events": events}),
-    )
-    .await;
-    let ack = ws_recv(&mut ws).await;
-    assert_eq!(ack["type"], "ack");
-    assert_eq!(ack["serverVersion"], 20);
+    let _ws = publish_entries(&served.addr, 20).await;
     let stderr = stop(served);
     assert!(stderr.contains("storage flushed"), "{stderr}");
     assert!(!stderr.contains(API_KEY), "{stderr}");
@@ -1018,20 +1025,7 @@ async fn a_second_sigterm_during_the_drain_stops_at_once_with_130() {
     let env = [("KSYNC_API_KEYS", api_keys.as_str())];
     let mut served = serve(&args, &env);
 
-    let mut ws = ws_connect(&format!("ws://{}/ws/journal", served.addr), API_KEY).await;
-    ws_send(&mut ws, json!({"type": "hello", "protocol": 1, "since": 0})).await;
-    assert_eq!(ws_recv(&mut ws).await["type"], "welcome");
-    let events: Vec<Value> = (1..=3)
-        .map(|i| json!({"id": format!("e{i}"), "type": "entry", "data": {"i": i}, "timestamp": 1_732_615_200_000u64 + i, "version": 1}))
-        .collect();
-    ws_send(
-        &mut ws,
-        json!({"type": "publish", "ref": 1, "events": events}),
-    )
-    .await;
-    let ack = ws_recv(&mut ws).await;
-    assert_eq!(ack["type"], "ack");
-    assert_eq!(ack["serverVersion"], 3);
+    let _ws = publish_entries(&served.addr, 3).await;
 
     // Half a request: the drain waits for it (up to the shutdown timeout).
     let mut stalled = std::net::TcpStream::connect(&served.addr).unwrap();

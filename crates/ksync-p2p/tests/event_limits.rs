@@ -133,13 +133,7 @@ async fn an_event_over_the_senders_limit_is_not_served_and_nobody_is_blamed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_over_the_receivers_limit_is_skipped_not_blamed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = Arc::new(
-        builder(dir.path(), "a")
-            .max_event_bytes(256 * 1024)
-            .build()
-            .expect("build"),
-    );
-    a.start().await.expect("start");
+    let a = wide_peer(dir.path(), "a").await;
     let oversized = big("a-big", 100);
     a.broadcast(oversized.clone())
         .await
@@ -171,13 +165,7 @@ async fn an_event_over_the_receivers_limit_is_skipped_not_blamed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_over_the_receivers_limit_costs_the_sender_no_score() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = Arc::new(
-        builder(dir.path(), "a")
-            .max_event_bytes(256 * 1024)
-            .build()
-            .expect("build"),
-    );
-    a.start().await.expect("start");
+    let a = wide_peer(dir.path(), "a").await;
     let b = peer(dir.path(), "b").await;
     let watch_b = Watch::new(&b);
     link(&b, &a).await;
@@ -200,4 +188,14 @@ async fn gossip_over_the_receivers_limit_costs_the_sender_no_score() {
     assert!(score.is_none_or(|s| s >= 0.0), "a lost score: {score:?}");
     assert_eq!(keys(&b).len(), 1);
     assert_eq!(*watch_b.blamed.lock().expect("lock"), 0, "nobody is blamed");
+}
+
+/// A started peer whose event limit (256 KiB) is four times the default one.
+async fn wide_peer(dir: &std::path::Path, name: &str) -> Arc<P2PSyncClient> {
+    let client = builder(dir, name)
+        .max_event_bytes(256 * 1024)
+        .build()
+        .expect("build");
+    client.start().await.expect("start");
+    Arc::new(client)
 }

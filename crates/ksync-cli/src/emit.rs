@@ -1,0 +1,50 @@
+//! `--emit TYPE=JSON` of `ksync peer` and `ksync watch`: parsed up front (a bad one is an
+//! error before anything connects), emitted once connected.
+
+use anyhow::bail;
+use ksync_core::{KSync, SyncClient};
+
+/// Every `--emit` value, as (type, data).
+pub(crate) fn parse_all(specs: &[String]) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    specs.iter().map(|spec| parse(spec)).collect()
+}
+
+/// Emits `events` through `ksync`, saying each one on stderr.
+pub(crate) async fn emit_all<C: SyncClient + ?Sized>(
+    ksync: &KSync<C>,
+    events: Vec<(String, serde_json::Value)>,
+) -> anyhow::Result<()> {
+    for (event_type, data) in events {
+        let event = ksync.emit(event_type, data).await?;
+        eprintln!("emitted {} ({})", event.id, event.event_type);
+    }
+    Ok(())
+}
+
+/// `TYPE=JSON`; JSON that does not parse is taken as a string.
+fn parse(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
+    let Some((event_type, data)) = spec.split_once('=') else {
+        bail!("--emit wants TYPE=JSON, got {spec:?}");
+    };
+    if event_type.is_empty() {
+        bail!("--emit {spec:?}: the event type is empty");
+    }
+    let data =
+        serde_json::from_str(data).unwrap_or_else(|_| serde_json::Value::String(data.into()));
+    Ok((event_type.to_owned(), data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emit_specs() {
+        let (t, d) = parse(r#"note={"text":"hi"}"#).expect("parses");
+        assert_eq!((t.as_str(), d), ("note", serde_json::json!({"text": "hi"})));
+        let (_, d) = parse("note=plain words").expect("parses");
+        assert_eq!(d, serde_json::json!("plain words"));
+        assert!(parse("no-equals").is_err());
+        assert!(parse("=1").is_err());
+    }
+}
