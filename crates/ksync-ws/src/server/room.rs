@@ -880,6 +880,11 @@ async fn settle<T>(mut append: ksync_core::BoxFuture<'_, T>) -> (T, bool) {
 /// both runtime workers share them): the same N=10 p99 at 1,000 events/s on a busy 2-core
 /// machine (median of 12 rounds about 0.95 ms either way; nats-server 0.25-2.4 ms in the same
 /// runs), about 5% more deliveries/s at full speed, a quarter fewer instructions per event.
+/// Sharing each fan-out of 4+ subscribers with a helper thread (nats-server writes a fan-out
+/// from two threads; the second half's frames buffered, handed over, flushed by whoever came
+/// first) was measured too: the median latency no longer rose along the subscriber list, but
+/// the N=10 p99 ratio to nats-server did not improve (median of 10 interleaved runs 1.39
+/// with it, 1.19 without) and N=10 deliveries/s fell (0.89-1.11× nats against 1.20-1.30×).
 fn fan_out(
     name: &str,
     subs: &mut Vec<Subscriber>,
