@@ -437,6 +437,15 @@ impl Replica {
             .await?;
         Ok(())
     }
+
+    /// Deletes a named cursor, durably: it reads 0 again (see [`Storage::remove_meta`]).
+    pub async fn remove_cursor(&self, name: &str) -> Result<(), SyncError> {
+        self.inner
+            .storage
+            .remove_meta(&format!("{CURSOR_PREFIX}{name}"))
+            .await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -497,6 +506,9 @@ mod tests {
             value: &str,
         ) -> crate::BoxFuture<'_, Result<(), crate::StorageError>> {
             self.inner.set_meta(key, value)
+        }
+        fn remove_meta(&self, key: &str) -> crate::BoxFuture<'_, Result<(), crate::StorageError>> {
+            self.inner.remove_meta(key)
         }
     }
 
@@ -597,6 +609,9 @@ mod tests {
         replica.set_cursor("x", 7).await.expect("set");
         assert_eq!(replica.cursor("x").expect("get"), 7);
         assert_eq!(replica.cursor("never").expect("get"), 0);
+        replica.remove_cursor("x").await.expect("remove");
+        assert_eq!(replica.cursor("x").expect("get"), 0);
+        assert_eq!(replica.storage().meta("cursor/x").expect("meta"), None);
     }
 
     #[tokio::test]

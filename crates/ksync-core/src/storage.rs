@@ -41,6 +41,10 @@ pub enum StorageError {
     /// Encoding or decoding a record failed.
     #[error("storage codec error: {0}")]
     Codec(String),
+    /// The storage does not implement this operation (e.g. [`Storage::remove_meta`] on a
+    /// storage written before it existed).
+    #[error("storage does not support {0}")]
+    Unsupported(&'static str),
 }
 
 /// Where kSync keeps a log: append-only, idempotent, sequence-numbered.
@@ -112,6 +116,18 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Writes a piece of metadata, as durably as events.
     fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>>;
+
+    /// Deletes a piece of metadata, as durably as [`Storage::set_meta`] writes one: afterwards
+    /// (and after a reopen) [`Storage::meta`] answers `None` for `key`. Removing a key that is
+    /// not there is not an error. What callers use to keep metadata bounded (e.g. a cursor
+    /// kept per remote peer is dropped when the peer is evicted).
+    ///
+    /// The provided version fails with [`StorageError::Unsupported`]: a storage that cannot
+    /// delete must not pretend it did. Every storage of the workspace implements it.
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        let _ = key;
+        Box::pin(async { Err(StorageError::Unsupported("removing metadata")) })
+    }
 
     /// Makes everything written so far durable (a no-op for storages without durability).
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
@@ -208,6 +224,11 @@ impl Storage for InMemoryStorage {
         self.lock().meta.insert(key.to_owned(), value.to_owned());
         Box::pin(async { Ok(()) })
     }
+
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.lock().meta.remove(key);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 #[cfg(test)]
@@ -278,5 +299,27 @@ mod tests {
         assert_eq!(summaries[0], summaries[1]);
         assert_eq!(visits[0], visits[1]);
         assert_eq!(visits[0], vec![(2, "b".to_owned()), (3, "c".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn removed_meta_is_gone_and_the_provided_removal_refuses() {
+        let memory = InMemoryStorage::new();
+        memory.set_meta("k", "v").await.expect("set");
+        memory.set_meta("other", "w").await.expect("set");
+        memory.remove_meta("k").await.expect("remove");
+        memory
+            .remove_meta("never-set")
+            .await
+            .expect("absent is fine");
+        assert_eq!(memory.meta("k").expect("meta"), None);
+        assert_eq!(memory.meta("other").expect("meta").as_deref(), Some("w"));
+        memory.set_meta("k", "again").await.expect("set");
+        assert_eq!(memory.meta("k").expect("meta").as_deref(), Some("again"));
+
+        let plain = Plain(InMemoryStorage::new());
+        plain.set_meta("k", "v").await.expect("set");
+        let err = plain.remove_meta("k").await.expect_err("not implemented");
+        assert!(matches!(err, StorageError::Unsupported(_)), "{err}");
+        assert_eq!(plain.meta("k").expect("meta").as_deref(), Some("v"));
     }
 }

@@ -11,7 +11,11 @@
 //!
 //! Event payloads are postcard for the fixed fields (`id`, `type`, `timestamp`, `version`,
 //! `origin`) followed by the event's `data` in a compact binary value encoding (a tagged tree
-//! with LEB128 varints; see `encode_event` for why). Meta payloads are postcard `(key, value)`.
+//! with LEB128 varints; see `encode_event` for why). Meta payloads are postcard `(key, value)`;
+//! a meta removal (a tombstone: the key reads as absent from there on) is postcard `key`.
+//! Record kinds: 1 event, 2 meta, 3 meta removal. Kind 3 came later within format version 1:
+//! files without one read as before, and a build that predates it refuses a file holding one
+//! (an unknown kind under a good checksum is damage to it, never a tail to cut).
 
 use ksync_core::{Event, EventCodec, StorageError};
 
@@ -37,6 +41,8 @@ pub(crate) enum RecordKind {
     Event = 1,
     /// A metadata entry (`key`, `value`); the latest record for a key wins.
     Meta = 2,
+    /// A metadata removal (`key`): the key is absent until a later `Meta` record sets it.
+    MetaRemove = 3,
 }
 
 impl RecordKind {
@@ -44,6 +50,7 @@ impl RecordKind {
         match b {
             1 => Some(Self::Event),
             2 => Some(Self::Meta),
+            3 => Some(Self::MetaRemove),
             _ => None,
         }
     }
@@ -172,6 +179,15 @@ pub(crate) fn encode_meta(key: &str, value: &str, out: &mut Vec<u8>) -> Result<(
     })
 }
 
+/// Appends one metadata removal record (a tombstone) to `out` (nothing is appended on error).
+pub(crate) fn encode_meta_remove(key: &str, out: &mut Vec<u8>) -> Result<(), StorageError> {
+    frame(out, RecordKind::MetaRemove, |out| {
+        postcard::to_io(&key, &mut *out)
+            .map(|_| ())
+            .map_err(|e| StorageError::Codec(format!("encoding meta removal: {e}")))
+    })
+}
+
 /// The fields of an event payload, borrowed, `data` still encoded.
 struct RawEvent<'a> {
     id: &'a [u8],
@@ -261,6 +277,8 @@ pub(crate) enum Record {
     Event(Event),
     /// A metadata entry.
     Meta(String, String),
+    /// A metadata removal.
+    MetaRemove(String),
 }
 
 /// What [`parse_frame`] found at the start of a buffer.
@@ -318,6 +336,7 @@ pub(crate) fn decode(kind: u8, payload: &[u8]) -> Result<Record, String> {
             let (key, value) = decode_meta(payload)?;
             Ok(Record::Meta(key.to_owned(), value.to_owned()))
         }
+        Some(RecordKind::MetaRemove) => decode_meta_remove(payload).map(Record::MetaRemove),
         None => Err(format!("unknown record kind {kind}")),
     }
 }
@@ -331,6 +350,15 @@ fn decode_meta(payload: &[u8]) -> Result<(&str, &str), String> {
     Ok((key, value))
 }
 
+fn decode_meta_remove(payload: &[u8]) -> Result<String, String> {
+    let (key, rest): (&str, &[u8]) = postcard::take_from_bytes(payload)
+        .map_err(|e| format!("undecodable meta removal record: {e}"))?;
+    if !rest.is_empty() {
+        return Err("trailing bytes in meta removal record".into());
+    }
+    Ok(key.to_owned())
+}
+
 /// A checked record whose event payload is left encoded.
 #[derive(Debug)]
 pub(crate) enum CheckedRecord<'a> {
@@ -338,6 +366,8 @@ pub(crate) enum CheckedRecord<'a> {
     Event(&'a [u8], u64),
     /// A metadata entry.
     Meta(String, String),
+    /// A metadata removal.
+    MetaRemove(String),
 }
 
 /// Checks the payload of a record with a good checksum like [`decode`] does, decoding only
@@ -351,6 +381,7 @@ pub(crate) fn check(kind: u8, payload: &[u8]) -> Result<CheckedRecord<'_>, Strin
             let (key, value) = decode_meta(payload)?;
             Ok(CheckedRecord::Meta(key.to_owned(), value.to_owned()))
         }
+        Some(RecordKind::MetaRemove) => decode_meta_remove(payload).map(CheckedRecord::MetaRemove),
         None => Err(format!("unknown record kind {kind}")),
     }
 }
@@ -398,6 +429,44 @@ mod tests {
             Frame::Good { kind, payload, .. }
                 if matches!(decode(kind, payload), Ok(Record::Meta(ref k, ref v)) if k == "k" && v == "v")
         ));
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x40;
+            assert!(
+                !matches!(parse_frame(&bad), Frame::Good { .. }),
+                "flip at {i} undetected"
+            );
+        }
+        for cut in 0..buf.len() {
+            assert!(matches!(parse_frame(&buf[..cut]), Frame::Incomplete));
+        }
+    }
+
+    #[test]
+    fn meta_removal_round_trips_and_damage_is_seen() {
+        let mut buf = Vec::new();
+        encode_meta_remove("cursor/p2p/x", &mut buf).expect("encodes");
+        match parse_frame(&buf) {
+            Frame::Good {
+                kind,
+                payload,
+                total,
+            } => {
+                assert_eq!((kind, total), (RecordKind::MetaRemove as u8, buf.len()));
+                assert!(
+                    matches!(decode(kind, payload), Ok(Record::MetaRemove(ref k)) if k == "cursor/p2p/x")
+                );
+                assert!(
+                    matches!(check(kind, payload), Ok(CheckedRecord::MetaRemove(ref k)) if k == "cursor/p2p/x")
+                );
+                // A removal's payload is not a meta entry's, nor the other way round.
+                assert!(check(RecordKind::Meta as u8, payload).is_err());
+                let mut meta = Vec::new();
+                encode_meta("k", "v", &mut meta).expect("encodes");
+                assert!(check(RecordKind::MetaRemove as u8, &meta[RECORD_HEADER_LEN..]).is_err());
+            }
+            other => panic!("bad frame {other:?}"),
+        }
         for i in 0..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x40;

@@ -39,7 +39,8 @@ const TYPICAL_MIN_RECORD: u64 = 128;
 pub struct RecoveryReport {
     /// Events replayed.
     pub events: u64,
-    /// Metadata records replayed (several may set the same key; the latest wins).
+    /// Metadata records replayed, removals included (several may set or remove the same key;
+    /// the latest wins).
     pub meta_records: u64,
     /// Length of the log after recovery, in bytes (header included).
     pub valid_len: u64,
@@ -101,6 +102,8 @@ enum Checked {
     },
     /// A metadata entry.
     Meta(String, String),
+    /// A metadata removal.
+    MetaRemove(String),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StorageError {
@@ -160,6 +163,10 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
                     Checked::Meta(key, value) => {
                         meta_records += 1;
                         meta.insert(key, value);
+                    }
+                    Checked::MetaRemove(key) => {
+                        meta_records += 1;
+                        meta.remove(&key);
                     }
                 }
             }
@@ -309,6 +316,7 @@ fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>, hasher: 
                                 key: hasher.key(id, version),
                             },
                             CheckedRecord::Meta(key, value) => Checked::Meta(key, value),
+                            CheckedRecord::MetaRemove(key) => Checked::MetaRemove(key),
                         };
                         records.push((offset, record));
                         pos += total;

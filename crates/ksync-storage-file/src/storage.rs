@@ -195,7 +195,8 @@ type UnitReply = oneshot::Sender<Result<(), StorageError>>;
 /// One request to the writer thread.
 enum Op {
     Append(EncodedAppend, AppendReply),
-    Meta(String, String, UnitReply),
+    /// Sets (`Some`) or removes (`None`) a metadata key.
+    Meta(String, Option<String>, UnitReply),
     Flush(UnitReply),
 }
 
@@ -590,7 +591,12 @@ impl Storage for FileStorage {
 
     fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
         let (key, value) = (key.to_owned(), value.to_owned());
-        Box::pin(async move { self.submit(|reply| Op::Meta(key, value, reply)).await })
+        Box::pin(async move { self.submit(|reply| Op::Meta(key, Some(value), reply)).await })
+    }
+
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        let key = key.to_owned();
+        Box::pin(async move { self.submit(|reply| Op::Meta(key, None, reply)).await })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
@@ -725,7 +731,7 @@ struct Group {
     appended: Vec<GroupEvent>,
     /// Each append's answer, sent once the group is published.
     appends: Vec<(AppendReply, AppendAnswer)>,
-    metas: Vec<(String, String, UnitReply)>,
+    metas: Vec<(String, Option<String>, UnitReply)>,
     flushes: Vec<UnitReply>,
 }
 
@@ -865,7 +871,7 @@ impl Writer {
         let mut batch: Vec<Event> = Vec::new();
         let mut batch_keys: Vec<EncodedKey> = Vec::new();
         let mut appends: Vec<PendingAppend> = Vec::new();
-        let mut metas: Vec<(String, String, UnitReply)> = Vec::new();
+        let mut metas: Vec<(String, Option<String>, UnitReply)> = Vec::new();
         let mut flushes: Vec<UnitReply> = Vec::new();
         let mut taken = std::mem::take(&mut self.taken);
         self.last_group = taken.len();
@@ -954,7 +960,11 @@ impl Writer {
         }
         let mut kept_metas = Vec::with_capacity(metas.len());
         for (key, value, reply) in metas {
-            match format::encode_meta(&key, &value, &mut self.buf) {
+            let encoded = match &value {
+                Some(value) => format::encode_meta(&key, value, &mut self.buf),
+                None => format::encode_meta_remove(&key, &mut self.buf),
+            };
+            match encoded {
                 Ok(()) => kept_metas.push((key, value, reply)),
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -1218,7 +1228,10 @@ impl Writer {
                 }
             }
             for (key, value, reply) in group.metas {
-                state.meta.insert(key, value);
+                match value {
+                    Some(value) => state.meta.insert(key, value),
+                    None => state.meta.remove(&key),
+                };
                 meta_replies.push(reply);
             }
         }
@@ -1269,7 +1282,7 @@ fn fail_group(group: Group, error: &io::Error) {
 /// [`fail_group`] for a group not yet made.
 fn fail_group_replies(
     appends: Vec<(AppendReply, AppendAnswer)>,
-    metas: Vec<(String, String, UnitReply)>,
+    metas: Vec<(String, Option<String>, UnitReply)>,
     flushes: Vec<UnitReply>,
     error: &io::Error,
 ) {

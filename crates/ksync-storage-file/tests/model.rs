@@ -12,6 +12,7 @@ enum Op {
     /// The same, through `append_summary`.
     AppendSummary(Vec<(u8, u64, u8)>),
     SetMeta(u8, u8),
+    RemoveMeta(u8),
     Reopen,
     Read(u64, usize),
 }
@@ -21,6 +22,7 @@ fn op() -> impl Strategy<Value = Op> {
         5 => prop::collection::vec((0u8..6, 1u64..4, 0u8..3), 0..6).prop_map(Op::Append),
         2 => prop::collection::vec((0u8..6, 1u64..4, 0u8..3), 0..6).prop_map(Op::AppendSummary),
         1 => (0u8..3, any::<u8>()).prop_map(|(k, v)| Op::SetMeta(k, v)),
+        1 => (0u8..3).prop_map(Op::RemoveMeta),
         1 => Just(Op::Reopen),
         1 => (0u64..30, 0usize..10).prop_map(|(a, l)| Op::Read(a, l)),
     ]
@@ -133,6 +135,11 @@ proptest! {
                     let (key, value) = (format!("k{k}"), format!("v{v}"));
                     rt.block_on(file.set_meta(&key, &value)).expect("file meta");
                     rt.block_on(model.set_meta(&key, &value)).expect("model meta");
+                }
+                Op::RemoveMeta(k) => {
+                    let key = format!("k{k}");
+                    rt.block_on(file.remove_meta(&key)).expect("file remove");
+                    rt.block_on(model.remove_meta(&key)).expect("model remove");
                 }
                 Op::Reopen => {
                     drop(file);

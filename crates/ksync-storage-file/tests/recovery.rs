@@ -130,6 +130,80 @@ fn damage_in_the_last_record_is_a_torn_tail() {
     assert_eq!(tail.bytes_cut, ends[3] - ends[2]);
 }
 
+/// A metadata removal (tombstone) written last and cut anywhere inside: the cut tail is
+/// reported and dropped like any torn record, so the key is back as it was before the
+/// removal (never half-removed, never a refused log); whole, the removal holds after reopen.
+#[test]
+fn a_torn_meta_removal_is_cut_like_any_torn_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = dir.path().join("full.log");
+    let rt = rt();
+    let (before_removal, end) = {
+        let storage = FileStorage::builder(&full)
+            .durability(Durability::None)
+            .open()
+            .expect("open");
+        rt.block_on(storage.append(vec![event(0)])).expect("append");
+        rt.block_on(storage.set_meta("cursor/p2p/gone", "7"))
+            .expect("meta");
+        rt.block_on(storage.set_meta("kept", "1")).expect("meta");
+        let before_removal = fs::metadata(&full).expect("meta").len();
+        rt.block_on(storage.remove_meta("cursor/p2p/gone"))
+            .expect("remove");
+        assert_eq!(storage.meta("cursor/p2p/gone").expect("meta"), None);
+        (before_removal, fs::metadata(&full).expect("meta").len())
+    };
+    assert!(end > before_removal, "the removal is a record");
+    let whole = FileStorage::open(&full).expect("reopen");
+    assert_eq!(whole.meta("cursor/p2p/gone").expect("meta"), None);
+    assert_eq!(whole.meta("kept").expect("meta").as_deref(), Some("1"));
+    assert_eq!(whole.recovery().cut_tail, None);
+    assert_eq!(whole.recovery().meta_records, 3);
+    drop(whole);
+    let bytes = fs::read(&full).expect("read");
+    for cut in before_removal as usize..bytes.len() {
+        let path = dir.path().join(format!("cut-{cut}.log"));
+        fs::write(&path, &bytes[..cut]).expect("write");
+        let storage = FileStorage::open(&path)
+            .unwrap_or_else(|e| panic!("reopen after cut at {cut} failed: {e}"));
+        let report = storage.recovery().clone();
+        assert_eq!(report.valid_len, before_removal, "cut at {cut}");
+        assert_eq!(report.meta_records, 2, "cut at {cut}");
+        if cut as u64 == before_removal {
+            assert_eq!(report.cut_tail, None);
+        } else {
+            let tail = report.cut_tail.expect("torn tail reported");
+            assert_eq!(tail.offset, before_removal);
+            assert_eq!(tail.bytes_cut, cut as u64 - before_removal);
+        }
+        assert_eq!(
+            storage.meta("cursor/p2p/gone").expect("meta").as_deref(),
+            Some("7"),
+            "cut at {cut}: the torn removal did not happen"
+        );
+        assert_eq!(storage.len(), 1);
+        assert_eq!(fs::metadata(&path).expect("meta").len(), before_removal);
+        drop(storage);
+        fs::remove_file(&path).expect("rm");
+    }
+    // Damaged with a valid record after it: refused, nothing cut (as for every record).
+    let path = dir.path().join("damaged.log");
+    fs::write(&path, &bytes).expect("write");
+    {
+        let storage = FileStorage::open(&path).expect("open");
+        rt.block_on(storage.set_meta("after", "x")).expect("meta");
+    }
+    let mut bad = fs::read(&path).expect("read");
+    assert!(bad.len() as u64 > end);
+    bad[before_removal as usize + 12] ^= 0x20;
+    fs::write(&path, &bad).expect("write");
+    match FileStorage::open(&path) {
+        Err(StorageError::Corrupt { offset, .. }) => assert_eq!(offset, before_removal),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(fs::read(&path).expect("read"), bad, "nothing cut");
+}
+
 fn assert_refused_unchanged(path: &Path, what: &str) {
     let before = fs::read(path).expect("read");
     match FileStorage::open(path) {

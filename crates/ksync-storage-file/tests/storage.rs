@@ -189,6 +189,44 @@ async fn meta_survives_reopen_latest_wins() {
     assert_eq!(storage.len(), 1);
 }
 
+/// A removed key reads as absent at once and after a reopen; a key set again after its
+/// removal holds the new value; a removal and a set of the same key in one write group
+/// apply in the order they were asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_meta_stays_removed_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("m.log");
+    {
+        let storage = FileStorage::open(&path).expect("open");
+        for key in ["gone", "back", "kept", "raced"] {
+            storage.set_meta(key, "1").await.expect("meta");
+        }
+        storage.remove_meta("gone").await.expect("remove");
+        storage.remove_meta("back").await.expect("remove");
+        storage.set_meta("back", "2").await.expect("meta");
+        storage
+            .remove_meta("never-set")
+            .await
+            .expect("absent is fine");
+        // Queued back to back (most often one write group): the removal comes second and
+        // wins.
+        let (set, removed) =
+            tokio::join!(storage.set_meta("raced", "3"), storage.remove_meta("raced"));
+        set.expect("meta");
+        removed.expect("remove");
+        assert_eq!(storage.meta("gone").expect("meta"), None);
+        assert_eq!(storage.meta("raced").expect("meta"), None);
+    }
+    let storage = FileStorage::open(&path).expect("reopen");
+    assert_eq!(storage.meta("gone").expect("meta"), None);
+    assert_eq!(storage.meta("raced").expect("meta"), None);
+    assert_eq!(storage.meta("never-set").expect("meta"), None);
+    assert_eq!(storage.meta("back").expect("meta").as_deref(), Some("2"));
+    assert_eq!(storage.meta("kept").expect("meta").as_deref(), Some("1"));
+    assert_eq!(storage.recovery().meta_records, 10);
+    assert_eq!(storage.recovery().cut_tail, None);
+}
+
 #[tokio::test]
 async fn every_durability_mode_persists() {
     for durability in [
