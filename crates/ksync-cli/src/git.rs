@@ -65,10 +65,15 @@ pub struct Common {
     #[arg(long, env = "KSYNC_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// API key (sent as X-Api-Key). Not together with a token.
-    #[arg(long, env = "KSYNC_API_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "KSYNC_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
     api_key: Option<String>,
     /// Request timeout in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
     timeout: u64,
     /// PEM file of root certificates to trust for https:// besides the system's (a private
     /// CA, or the server's self-signed certificate).
@@ -110,7 +115,7 @@ pub struct EmitArgs {
 #[derive(Debug, Args)]
 pub struct LogArgs {
     /// How many events to show.
-    #[arg(short = 'n', long, default_value_t = 20)]
+    #[arg(short = 'n', long, value_name = "N", default_value_t = 20)]
     max_count: usize,
     #[command(flatten)]
     common: Common,

@@ -32,11 +32,21 @@ pub struct PeerArgs {
     id: Option<String>,
 
     /// How to find peers: mdns (LAN), dht (Kademlia, with --bootstrap) or manual (--connect).
-    #[arg(long, env = "KSYNC_DISCOVERY", default_value = "mdns")]
+    #[arg(
+        long,
+        env = "KSYNC_DISCOVERY",
+        value_name = "MODE",
+        default_value = "mdns"
+    )]
     discovery: String,
 
     /// DHT bootstrap peer, a multiaddr ending in `/p2p/<peer id>`; repeat for several.
-    #[arg(long, env = "KSYNC_BOOTSTRAP", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "KSYNC_BOOTSTRAP",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
     bootstrap: Vec<Multiaddr>,
 
     /// TCP port to listen on (0: any free port).
@@ -44,16 +54,21 @@ pub struct PeerArgs {
     port: u16,
 
     /// Address to listen on (0.0.0.0: every interface; 127.0.0.1: this host only).
-    #[arg(long, env = "KSYNC_LISTEN", default_value = "0.0.0.0")]
+    #[arg(
+        long,
+        env = "KSYNC_LISTEN",
+        value_name = "IP",
+        default_value = "0.0.0.0"
+    )]
     listen: IpAddr,
 
     /// Network name: peers sync only within one network.
-    #[arg(long, env = "KSYNC_NETWORK", default_value = ksync_p2p::DEFAULT_NETWORK)]
+    #[arg(long, env = "KSYNC_NETWORK", value_name = "NAME", default_value = ksync_p2p::DEFAULT_NETWORK)]
     network: String,
 
     /// Private network: a go-libp2p `swarm.key` file (or a file with 64 hex digits). Peers
     /// without the same key cannot connect.
-    #[arg(long, env = "KSYNC_NETWORK_KEY_FILE")]
+    #[arg(long, env = "KSYNC_NETWORK_KEY_FILE", value_name = "FILE")]
     network_key_file: Option<PathBuf>,
 
     /// Write a fresh network key file here (readable by its owner only) and exit.
@@ -61,28 +76,28 @@ pub struct PeerArgs {
     generate_network_key: Option<PathBuf>,
 
     /// Where identity key files are kept (default $KSYNC_HOME/p2p or ~/.ksync/p2p).
-    #[arg(long, env = "KSYNC_KEY_DIR")]
+    #[arg(long, env = "KSYNC_KEY_DIR", value_name = "DIR")]
     key_dir: Option<PathBuf>,
 
     /// Keep the event log in this file (default: in memory, lost on exit).
-    #[arg(long, env = "KSYNC_LOG_FILE")]
+    #[arg(long, env = "KSYNC_LOG_FILE", value_name = "FILE")]
     log_file: Option<PathBuf>,
 
     /// Connect to this peer: a multiaddr, a libp2p peer id discovery can resolve, or the
     /// --id of a peer already met (e.g. found by mDNS); repeatable.
-    #[arg(long)]
+    #[arg(long, value_name = "PEER")]
     connect: Vec<String>,
 
     /// Emit an event after connecting, as TYPE=JSON (e.g. note='{"text":"hi"}'); repeatable.
-    #[arg(long)]
+    #[arg(long, value_name = "TYPE=JSON")]
     emit: Vec<String>,
 
     /// Exit after this many seconds (default: run until SIGINT or SIGTERM).
-    #[arg(long)]
+    #[arg(long, value_name = "SECS")]
     duration: Option<u64>,
 
     /// Seconds between catch-up rounds with every peer.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
     anti_entropy_secs: u64,
 }
 

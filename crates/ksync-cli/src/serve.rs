@@ -32,7 +32,12 @@ pub struct ServeArgs {
 
     /// HS256 secret for JWTs (at least 32 bytes). Visible in `ps` when given here: prefer
     /// KSYNC_JWT_SECRET or --jwt-hs256-secret-file.
-    #[arg(long, env = "KSYNC_JWT_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "KSYNC_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
     jwt_secret: Option<String>,
 
     /// File holding the HS256 secret for JWTs (one trailing newline is ignored).

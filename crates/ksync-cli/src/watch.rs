@@ -20,32 +20,34 @@ use ksync_ws::WebSocketSyncClient;
 pub struct WatchArgs {
     /// The room's URL: ws://HOST:PORT/ws/ROOM (wss:// with TLS; ws://HOST:PORT/ws is the
     /// default room).
+    #[arg(value_name = "URL")]
     url: String,
 
     /// API key (sent as X-Api-Key).
     #[arg(
         long,
         env = "KSYNC_API_KEY",
+        value_name = "KEY",
         hide_env_values = true,
         conflicts_with = "token"
     )]
     api_key: Option<String>,
 
     /// JWT (sent as Authorization: Bearer).
-    #[arg(long, env = "KSYNC_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "KSYNC_TOKEN", value_name = "JWT", hide_env_values = true)]
     token: Option<String>,
 
     /// PEM file of the CA certificate(s) to trust for wss:// (besides the system's).
-    #[arg(long, env = "KSYNC_TLS_ROOT_CERT")]
+    #[arg(long, env = "KSYNC_TLS_ROOT_CERT", value_name = "PEM")]
     tls_root_cert: Option<std::path::PathBuf>,
 
     /// Publish an event to the room after connecting, as TYPE=JSON (e.g.
     /// note='{"text":"hi"}'); repeatable.
-    #[arg(long)]
+    #[arg(long, value_name = "TYPE=JSON")]
     emit: Vec<String>,
 
     /// Exit after this many seconds (default: run until SIGINT or SIGTERM).
-    #[arg(long)]
+    #[arg(long, value_name = "SECS")]
     duration: Option<u64>,
 }
 

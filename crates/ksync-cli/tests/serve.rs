@@ -1103,3 +1103,46 @@ async fn a_second_sigterm_during_the_drain_stops_at_once_with_130() {
     assert_eq!(ws_recv(&mut ws).await["serverVersion"], 3);
     stop(served);
 }
+
+/// Every option's value in `--help` says what it takes (`--jwt-secret <SECRET>`,
+/// `--timeout <SECS>`), not clap's default of the flag's own name in capitals
+/// (`--jwt-secret <JWT_SECRET>`), which tells nothing.
+#[test]
+fn help_names_what_each_option_takes() {
+    let commands = [
+        "serve", "watch", "peer", "clone", "emit", "pull", "push", "sync", "log", "branch",
+        "checkout", "merge", "status",
+    ];
+    for command in commands {
+        let output = Command::new(env!("CARGO_BIN_EXE_ksync"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{command} --help");
+        let help = String::from_utf8(output.stdout).unwrap();
+        let mut options = 0;
+        for line in help.lines() {
+            let Some(start) = line.find("--") else {
+                continue;
+            };
+            let mut words = line[start + 2..].split_whitespace();
+            let (Some(flag), Some(value)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Some(value) = value.strip_prefix('<').and_then(|v| v.strip_suffix('>')) else {
+                continue;
+            };
+            options += 1;
+            // Where the flag's name is what it takes, it may stay.
+            if ["id", "port", "token", "branch"].contains(&flag) {
+                continue;
+            }
+            let own_name = flag.to_uppercase().replace('-', "_");
+            assert_ne!(value, own_name, "{command} --{flag}: {line}");
+        }
+        assert!(
+            options > 0,
+            "{command}: no option with a value found in\n{help}"
+        );
+    }
+}
