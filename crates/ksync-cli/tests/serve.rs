@@ -400,6 +400,57 @@ fn start_up_errors_say_each_cause_once() {
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }
 
+/// A data directory the server could not write in was noticed only when the first room
+/// opened. Each directory it writes into is checked at start-up: here a file stands where a
+/// directory must be (what stops root too, as chmod would not in CI). The error names the
+/// path, the exit code is 1 as for other start-up failures, nothing listens, and nothing is
+/// created (no lock file, no probe left behind, no other directory).
+#[test]
+fn a_data_directory_the_server_cannot_write_in_is_refused_at_start() {
+    for blocked in ["rooms", "repos", "repos/notes"] {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path();
+        if let Some((parent, _)) = blocked.split_once('/') {
+            std::fs::create_dir(data_dir.join(parent)).unwrap();
+        }
+        let path = data_dir.join(blocked);
+        std::fs::write(&path, "a file where a directory must be").unwrap();
+        let before = tree(data_dir);
+
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ksync"));
+        command
+            .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir);
+        let output = finishes(command);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{blocked}: {stderr}");
+        assert!(output.stdout.is_empty(), "{blocked}: it listened: {stderr}");
+        assert!(
+            stderr.contains(&format!("data directory not writable: {}", path.display())),
+            "{blocked}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert_eq!(tree(data_dir), before, "{blocked}: something was created");
+    }
+}
+
+/// Every path under `dir`, sorted (relative, directories included).
+fn tree(dir: &std::path::Path) -> Vec<String> {
+    let mut paths = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).unwrap() {
+            let path = entry.unwrap().path();
+            paths.push(path.strip_prefix(dir).unwrap().display().to_string());
+            if path.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    paths.sort();
+    paths
+}
+
 /// Runs `command` (piped output) to its end, which must come within 10 s: a start-up
 /// failure taken for a good configuration would otherwise serve (and wait) forever.
 fn finishes(mut command: Command) -> std::process::Output {

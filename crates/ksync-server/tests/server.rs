@@ -195,3 +195,31 @@ async fn a_bad_configuration_does_not_create_the_data_directory() {
     assert!(data_dir.is_dir());
     running.shutdown().await.unwrap();
 }
+
+/// `rooms/` (where room logs go) being a file is refused when the server is made, naming it,
+/// before the data directory is locked; a directory that can be written is served.
+#[tokio::test]
+async fn a_data_directory_the_server_cannot_write_in_is_refused_when_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let rooms = dir.path().join("rooms");
+    std::fs::write(&rooms, "not a directory").unwrap();
+    let config = ServerConfig {
+        in_memory: false,
+        data_dir: dir.path().to_owned(),
+        ..loopback_config()
+    };
+    match Server::new(config.clone()) {
+        Err(ksync_server::ServerError::DataDirNotWritable { path, source }) => {
+            assert_eq!(path, rooms);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotADirectory);
+        }
+        other => panic!("expected DataDirNotWritable, got {other:?}"),
+    }
+    assert!(!dir.path().join(".lock").exists(), "locked anyway");
+    std::fs::remove_file(&rooms).unwrap();
+    std::fs::create_dir(&rooms).unwrap();
+    let running = Server::bind(config).await.unwrap();
+    running.shutdown().await.unwrap();
+    let left: Vec<_> = std::fs::read_dir(&rooms).unwrap().collect();
+    assert!(left.is_empty(), "the probe is removed: {left:?}");
+}
