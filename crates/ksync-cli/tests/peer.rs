@@ -1,14 +1,13 @@
 //! `ksync peer`: two real processes on 127.0.0.1; one prints its address, the other connects
 //! to it and emits; the first prints the event.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
-fn ksync() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ksync"))
-}
+use common::{ksync, sigterm};
 
 #[test]
 fn two_peers_connect_and_exchange_an_event() {
@@ -30,15 +29,7 @@ fn two_peers_connect_and_exchange_an_event() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn peer a");
-    let stdout = listener.stdout.take().expect("stdout");
-    let (lines_tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (lines, _reader) = common::lines(listener.stdout.take().expect("stdout"));
     let first = lines.recv_timeout(Duration::from_secs(20)).expect("banner");
     assert!(first.starts_with("peer cli-a ("), "{first}");
     let addr_line = lines.recv_timeout(Duration::from_secs(5)).expect("address");
@@ -142,15 +133,7 @@ fn sigterm_stops_the_peer_cleanly_and_keeps_its_log() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn peer");
-    let stderr = peer.stderr.take().expect("stderr");
-    let (lines_tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (lines, _reader) = common::lines(peer.stderr.take().expect("stderr"));
     let emitted = loop {
         let line = lines
             .recv_timeout(Duration::from_secs(20))
@@ -159,11 +142,7 @@ fn sigterm_stops_the_peer_cleanly_and_keeps_its_log() {
             break rest.split(' ').next().expect("an id").to_owned();
         }
     };
-    let status = Command::new("kill")
-        .args(["-TERM", &peer.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    sigterm(&peer);
     let (done_tx, done) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = done_tx.send(peer.wait());

@@ -2,8 +2,12 @@
 //! secret in the logs.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
+
+use common::{Served, finishes, ksync, signal, sigterm};
 
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -11,49 +15,12 @@ use tokio_tungstenite::tungstenite::Message;
 const JWT_SECRET: &str = "process-test-secret-0123456789abcdef-XYZ";
 const API_KEY: &str = "process-test-api-key-QWERTY";
 
-struct Served {
-    child: Child,
-    addr: String,
-    first_line: String,
-}
-
+/// `ksync serve --bind 127.0.0.1:0 ARGS` with `envs`, logging at debug level to a pipe that
+/// [`stop`] reads.
 fn serve(args: &[&str], envs: &[(&str, &str)]) -> Served {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ksync"));
-    command
-        .arg("serve")
-        .args(["--bind", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in envs {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("spawn ksync");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut first_line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut first_line)
-        .expect("read first line");
-    let addr = first_line
-        .strip_prefix("ksync listening on ws://")
-        .or_else(|| first_line.strip_prefix("ksync listening on wss://"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {first_line:?}"))
-        .to_owned();
-    Served {
-        child,
-        addr,
-        first_line,
-    }
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    let mut all = vec![("RUST_LOG", "debug")];
+    all.extend_from_slice(envs);
+    common::serve(args, &all, Stdio::piped())
 }
 
 fn stop(mut served: Served) -> String {
@@ -248,7 +215,7 @@ async fn events_published_before_sigterm_are_on_disk_after_restart() {
 #[tokio::test]
 async fn default_data_dir_is_ksync_data_in_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ksync"))
+    let mut child = ksync()
         .args(["serve", "--bind", "127.0.0.1:0"])
         .current_dir(dir.path())
         .env_remove("KSYNC_DATA_DIR")
@@ -343,11 +310,7 @@ async fn jwt_key_flags_are_wired_end_to_end() {
 #[test]
 fn sigint_also_drains_and_exits_cleanly() {
     let mut served = serve(&["--in-memory"], &[]);
-    let status = Command::new("kill")
-        .args(["-INT", &served.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&served.child, "INT");
     assert!(served.child.wait().unwrap().success());
     let mut stderr = String::new();
     served
@@ -363,7 +326,7 @@ fn sigint_also_drains_and_exits_cleanly() {
 
 #[test]
 fn bad_configuration_exits_with_a_clear_error() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ksync"))
+    let output = ksync()
         .args(["serve", "--bind", "127.0.0.1:0", "--in-memory"])
         .env("KSYNC_JWT_SECRET", "short")
         .output()
@@ -376,7 +339,7 @@ fn bad_configuration_exits_with_a_clear_error() {
 
 /// Runs `ksync serve` with `args` to its end (it must fail at start-up); its stderr.
 fn serve_fails(args: &[&str]) -> String {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ksync"));
+    let mut command = ksync();
     command.args(["serve", "--bind", "127.0.0.1:0"]).args(args);
     let output = finishes(command);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -417,7 +380,7 @@ fn a_data_directory_the_server_cannot_write_in_is_refused_at_start() {
         std::fs::write(&path, "a file where a directory must be").unwrap();
         let before = tree(data_dir);
 
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ksync"));
+        let mut command = ksync();
         command
             .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir);
@@ -449,29 +412,6 @@ fn tree(dir: &std::path::Path) -> Vec<String> {
     }
     paths.sort();
     paths
-}
-
-/// Runs `command` (piped output) to its end, which must come within 10 s: a start-up
-/// failure taken for a good configuration would otherwise serve (and wait) forever.
-fn finishes(mut command: Command) -> std::process::Output {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run ksync");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            let output = child.wait_with_output().unwrap();
-            panic!(
-                "{command:?} is still running: {}",
-                String::from_utf8_lossy(&output.stdout)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// Runs `command` to its end, a usage error: exit code 2, nothing on stdout; its stderr.
@@ -554,12 +494,12 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
             &["--bind", "127.0.0.1:0"]
         };
         for value in values {
-            let mut on_line = Command::new(env!("CARGO_BIN_EXE_ksync"));
+            let mut on_line = ksync();
             on_line
                 .args(["serve", "--in-memory"])
                 .args(bind)
                 .args([flag, value]);
-            let mut in_env = Command::new(env!("CARGO_BIN_EXE_ksync"));
+            let mut in_env = ksync();
             in_env
                 .args(["serve", "--in-memory"])
                 .args(bind)
@@ -609,12 +549,12 @@ fn jwt_claim_options_without_a_jwt_key_are_usage_errors() {
     for (flag, variable, value) in cases {
         // With and without other credentials: API keys are not JWT keys.
         for other in [&[][..], &["--api-keys-file", keys][..]] {
-            let mut on_line = Command::new(env!("CARGO_BIN_EXE_ksync"));
+            let mut on_line = ksync();
             on_line
                 .args(["serve", "--in-memory", "--bind", "127.0.0.1:0"])
                 .args(other)
                 .args([flag, value]);
-            let mut in_env = Command::new(env!("CARGO_BIN_EXE_ksync"));
+            let mut in_env = ksync();
             in_env
                 .args(["serve", "--in-memory", "--bind", "127.0.0.1:0"])
                 .args(other)
@@ -735,7 +675,7 @@ fn unusable_key_files_are_refused_naming_the_file() {
 async fn a_closed_stdout_does_not_stop_the_server() {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ksync"))
+    let mut child = ksync()
         .args(["serve", "--bind", "127.0.0.1:0", "--in-memory"])
         .env("RUST_LOG", "info")
         .stdout(writer)
@@ -796,7 +736,7 @@ fn a_second_server_on_the_same_data_dir_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().to_str().unwrap();
     let first = serve(&["--data-dir", data_dir], &[]);
-    let mut second = Command::new(env!("CARGO_BIN_EXE_ksync"))
+    let mut second = ksync()
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir", data_dir])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -910,18 +850,18 @@ async fn serve_with_a_certificate_speaks_tls_and_the_git_commands_trust_it() {
     let work = dir.path().join("work");
     std::fs::create_dir(&work).unwrap();
     let url = format!("https://localhost:{port}/git/notes");
-    let ksync = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_ksync"))
+    let in_work = |args: &[&str]| {
+        ksync()
             .args(args)
             .current_dir(&work)
             .output()
             .expect("run ksync")
     };
-    let untrusted = ksync(&["clone", "--create", &url]);
+    let untrusted = in_work(&["clone", "--create", &url]);
     assert!(!untrusted.status.success());
     let said = String::from_utf8_lossy(&untrusted.stderr).to_lowercase();
     assert!(said.contains("certificate"), "{said}");
-    let cloned = ksync(&["clone", "--create", "--tls-root-cert", cert_arg, &url]);
+    let cloned = in_work(&["clone", "--create", "--tls-root-cert", cert_arg, &url]);
     assert!(
         cloned.status.success(),
         "{}",
@@ -929,7 +869,7 @@ async fn serve_with_a_certificate_speaks_tls_and_the_git_commands_trust_it() {
     );
     let repo = work.join("notes");
     let in_repo = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_ksync"))
+        ksync()
             .args(args)
             .current_dir(&repo)
             .env("KSYNC_TLS_ROOT_CERT", cert_arg)
@@ -965,7 +905,7 @@ async fn serve_with_a_certificate_speaks_tls_and_the_git_commands_trust_it() {
         vec!["--in-memory", "--tls-cert", cert_arg],
         vec!["--in-memory", "--tls-key", key_arg],
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_ksync"))
+        let output = ksync()
             .args(["serve", "--bind", "127.0.0.1:0"])
             .args(&args)
             .output()
@@ -1023,13 +963,7 @@ async fn sighup_reloads_the_certificate() {
                 .is_ok_and(|r| r.status() == 200)
         }
     };
-    let hangup = |child: &Child| {
-        let status = Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
+    let hangup = |child: &Child| signal(child, "HUP");
     assert!(trusted_by(&first.0).await);
     install(&renewed);
     assert!(!trusted_by(&renewed.0).await, "served before the reload");
@@ -1083,16 +1017,7 @@ async fn a_second_sigterm_during_the_drain_stops_at_once_with_130() {
     stalled.write_all(b"GET /health HTTP/1.1\r\nHo").unwrap();
 
     // stderr line by line, so the test knows when the drain has begun.
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    let stderr = served.child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (lines, reader) = common::lines(served.child.stderr.take().unwrap());
     let mut log = Vec::new();
     let wait_for = |log: &mut Vec<String>, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1165,10 +1090,7 @@ fn help_names_what_each_option_takes() {
         "checkout", "merge", "status",
     ];
     for command in commands {
-        let output = Command::new(env!("CARGO_BIN_EXE_ksync"))
-            .args([command, "--help"])
-            .output()
-            .unwrap();
+        let output = ksync().args([command, "--help"]).output().unwrap();
         assert!(output.status.success(), "{command} --help");
         let help = String::from_utf8(output.stdout).unwrap();
         let mut options = 0;

@@ -2,10 +2,13 @@
 //! history, then what arrives live; `--emit` publishes; refusals are errors, not retries.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+use common::{ksync, sigterm};
 
 use serde_json::Value;
 
@@ -13,30 +16,12 @@ const API_KEY: &str = "watch-test-api-key-0123456789";
 
 /// `ksync serve` on a free port, in memory; its address.
 fn serve(envs: &[(&str, &str)]) -> (Child, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ksync"));
-    command
-        .args(["serve", "--bind", "127.0.0.1:0", "--in-memory"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in envs {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("spawn ksync serve");
-    let mut first_line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut first_line)
-        .expect("read first line");
-    let addr = first_line
-        .split("ws://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {first_line:?}"))
-        .to_owned();
-    (child, addr)
+    let served = common::serve(&["--in-memory"], envs, Stdio::null());
+    (served.child, served.addr)
 }
 
 fn watch(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ksync"));
+    let mut command = ksync();
     command.arg("watch").args(args).env_remove("KSYNC_API_KEY");
     command
 }
@@ -53,14 +38,6 @@ fn emit(url: &str, data: &str, extra: &[&str]) {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
 }
 
 /// The next event line the watcher printed (at most 30 s away).
@@ -82,16 +59,7 @@ fn watch_prints_history_then_live_events_and_emit_publishes() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn ksync watch");
-    let stdout = watcher.stdout.take().expect("stdout");
-    let (tx, lines) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (lines, reader) = common::lines(watcher.stdout.take().expect("stdout"));
     // From the room's history.
     let first = next_event(&lines);
     assert_eq!(
