@@ -139,6 +139,17 @@ impl P2PSyncClientBuilder {
         self
     }
 
+    /// Most peers whose catch-up cursor (how far we hold their log) is kept in the replica's
+    /// metadata, one record each. Default 1,024
+    /// ([`DEFAULT_MAX_PEER_CURSORS`](crate::DEFAULT_MAX_PEER_CURSORS)); at least 1. A new
+    /// peer beyond it takes the record of the least recently used one, which is walked from
+    /// the start of its log at its next session: pages walked again, never an event lost or
+    /// stored twice. Keep it above `max_peers`, or connected peers evict each other's cursors.
+    pub fn max_peer_cursors(mut self, max: usize) -> Self {
+        self.opts.max_peer_cursors = max;
+        self
+    }
+
     /// Largest event (JSON-encoded bytes) sent or accepted. Default 64 KiB; at least 1 and
     /// at most 8 MiB (what one catch-up answer carries: a larger event could be broadcast but
     /// never caught up on).
@@ -201,6 +212,11 @@ impl P2PSyncClientBuilder {
         }
         if opts.max_peers == 0 {
             return Err(P2PError::Config("max_peers must be at least 1".into()));
+        }
+        if opts.max_peer_cursors == 0 {
+            return Err(P2PError::Config(
+                "max_peer_cursors must be at least 1".into(),
+            ));
         }
         if opts.anti_entropy_interval.is_zero() || opts.metrics_interval.is_zero() {
             return Err(P2PError::Config(
@@ -299,6 +315,7 @@ impl P2PSyncClient {
                 key_dir: default_key_dir(),
                 anti_entropy_interval: DEFAULT_ANTI_ENTROPY_INTERVAL,
                 max_peers: DEFAULT_MAX_PEERS,
+                max_peer_cursors: crate::config::DEFAULT_MAX_PEER_CURSORS,
                 max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
                 command_capacity: DEFAULT_COMMAND_CAPACITY,
                 request_timeout: Duration::from_secs(30),

@@ -131,6 +131,8 @@ pub(crate) struct Options {
     pub key_dir: PathBuf,
     pub anti_entropy_interval: Duration,
     pub max_peers: u32,
+    /// Most peers whose catch-up cursor is stored (see `cursors.rs`).
+    pub max_peer_cursors: usize,
     pub max_event_bytes: usize,
     pub command_capacity: usize,
     pub request_timeout: Duration,
@@ -152,6 +154,10 @@ pub const DEFAULT_ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
 /// Default cap on established connections (all peers together).
 pub const DEFAULT_MAX_PEERS: u32 = 64;
+/// Default cap on the peers whose catch-up cursor is kept in the replica's metadata: beyond
+/// it, the least recently used peer's cursor is dropped and that peer is walked from the
+/// start of its log at its next session (nothing is lost; what we hold is not fetched again).
+pub const DEFAULT_MAX_PEER_CURSORS: usize = 1024;
 /// Default largest event, JSON-encoded. Larger events are refused locally and rejected from
 /// peers.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;

@@ -24,6 +24,7 @@
 mod client;
 mod codec;
 mod config;
+mod cursors;
 mod digests;
 mod error;
 mod identity;
@@ -35,9 +36,10 @@ mod wire;
 pub use client::{P2PStats, P2PSyncClient, P2PSyncClientBuilder};
 pub use config::{
     DEFAULT_ANTI_ENTROPY_INTERVAL, DEFAULT_COMMAND_CAPACITY, DEFAULT_LISTEN_HOST,
-    DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEERS, DEFAULT_NETWORK, DiscoveryMethod, NetworkKey,
-    default_key_dir,
+    DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEER_CURSORS, DEFAULT_MAX_PEERS, DEFAULT_NETWORK,
+    DiscoveryMethod, NetworkKey, default_key_dir,
 };
+pub use cursors::stored_peer_cursor;
 pub use error::P2PError;
 pub use libp2p::{Multiaddr, PeerId};
 pub use wire::gossip_topic;

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::CountingCodec;
 use crate::config::{DiscoveryMethod, Options};
+use crate::cursors::{Cursor, PeerCursors};
 use crate::digests::{Digests, Page};
 use crate::error::P2PError;
 use crate::shaping::Shaping;
@@ -362,9 +363,9 @@ struct Session {
     /// `Keys` answers taken this round, and how many the round may take (see `round_budget`).
     round_pages: u32,
     round_budget: u32,
-    /// The cursor and log id as stored in the replica (see `Node::save_cursor`).
-    saved_cursor: u64,
-    saved_log_id: u64,
+    /// The cursor came from the records kept before the cursor slots (see `cursors.rs`):
+    /// they are removed once it is stored in a slot.
+    legacy: bool,
 }
 
 #[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
@@ -429,14 +430,19 @@ pub(crate) struct Node {
     /// Accepted messages whose forward is held (see `FORWARD_HOLD`), oldest first; bounded
     /// by `MAX_HELD_FORWARDS`.
     held: VecDeque<(tokio::time::Instant, gossipsub::MessageId, PeerId)>,
+    /// The catch-up cursors stored per peer (at most `Options::max_peer_cursors`, least
+    /// recently used evicted).
+    cursors: PeerCursors,
 }
 
 const LOG_ID_CURSOR: &str = "p2p/log-id";
 
+/// The cursor name of a peer's cursor as stored before the cursor slots (see `cursors.rs`).
 fn cursor_name(peer: &PeerId) -> String {
     format!("p2p/{peer}")
 }
 
+/// The cursor name of the log id of [`cursor_name`].
 fn log_id_name(peer: &PeerId) -> String {
     format!("p2p/{peer}/log-id")
 }
@@ -522,6 +528,9 @@ impl Node {
             }
             id => id,
         };
+        let cursors = PeerCursors::load(&**replica.storage(), opts.max_peer_cursors)
+            .await
+            .map_err(|e| P2PError::Replica(e.into()))?;
         let max_batch_bytes = max_batch_bytes(&opts);
         let digests = Digests::new(shaping.filter().cloned());
         let mut node = Node {
@@ -553,6 +562,7 @@ impl Node {
             last_publish: tokio::time::Instant::now(),
             held: VecDeque::new(),
             digests,
+            cursors,
         };
         node.join_dht();
         Ok(node)
@@ -1224,15 +1234,22 @@ impl Node {
 
     async fn start_session(&mut self, peer: PeerId) {
         if !self.sessions.contains_key(&peer) {
-            let cursor = self.replica.cursor(&cursor_name(&peer)).unwrap_or(0);
-            let log_id = self.replica.cursor(&log_id_name(&peer)).unwrap_or(0);
+            let (at, legacy) = match self.cursors.get(&peer) {
+                Some(at) => (at, false),
+                None => {
+                    let at = Cursor {
+                        cursor: self.replica.cursor(&cursor_name(&peer)).unwrap_or(0),
+                        log_id: self.replica.cursor(&log_id_name(&peer)).unwrap_or(0),
+                    };
+                    (at, at != Cursor::default())
+                }
+            };
             self.sessions.insert(
                 peer,
                 Session {
-                    cursor,
-                    log_id,
-                    saved_cursor: cursor,
-                    saved_log_id: log_id,
+                    cursor: at.cursor,
+                    log_id: at.log_id,
+                    legacy,
                     ..Default::default()
                 },
             );
@@ -1302,32 +1319,46 @@ impl Node {
         self.request_keys(peer);
     }
 
-    /// Stores the session's cursor (and the log id it counts in) where it differs from what
-    /// is stored: at the end of a round, every `CURSOR_SAVE_PAGES` pages, when the peer goes
-    /// and when the node stops, never per page. The cursor is written before the log id: a
-    /// crash between the two leaves the old log id, which the peer's next answer does not
-    /// match, so the walk restarts at 0 (never a cursor of one log applied to another). A
-    /// cursor of 0 needs no log id (a walk from the start is right in any log).
+    /// Stores the session's cursor and the log id it counts in (one record, see `cursors.rs`)
+    /// when they differ from what is stored: at the end of a round, every `CURSOR_SAVE_PAGES`
+    /// pages, when the peer goes and when the node stops, never per page. A cursor of 0 with
+    /// nothing stored is not stored (a walk from the start is right in any log), so a peer
+    /// with nothing to walk takes no slot. Storing a new peer's cursor when every slot is
+    /// taken evicts the least recently used peer's.
     async fn save_cursor(&mut self, peer: PeerId) {
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };
-        let (cursor, log_id) = (session.cursor, session.log_id);
-        let write_cursor = cursor != session.saved_cursor;
-        let write_log_id = log_id != session.saved_log_id && cursor != 0;
-        if write_cursor {
-            match self.replica.set_cursor(&cursor_name(&peer), cursor).await {
-                Ok(()) => session.saved_cursor = cursor,
+        let at = Cursor {
+            cursor: session.cursor,
+            log_id: session.log_id,
+        };
+        let legacy = std::mem::take(&mut session.legacy);
+        let write = match self.cursors.stored(&peer) {
+            Some(stored) => stored != at,
+            None => at.cursor != 0,
+        };
+        if write {
+            let storage = Arc::clone(self.replica.storage());
+            match self.cursors.store(&*storage, peer, at).await {
+                Ok(Some(evicted)) => {
+                    tracing::debug!(%peer, %evicted, "catch-up cursor slots full; the least recently used peer's cursor is dropped");
+                }
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "storing a catch-up cursor failed");
+                    if let Some(session) = self.sessions.get_mut(&peer) {
+                        session.legacy = legacy;
+                    }
                     return;
                 }
             }
         }
-        if write_log_id {
-            match self.replica.set_cursor(&log_id_name(&peer), log_id).await {
-                Ok(()) => session.saved_log_id = log_id,
-                Err(e) => tracing::warn!(%peer, error = %e, "storing a catch-up log id failed"),
+        if legacy {
+            for name in [cursor_name(&peer), log_id_name(&peer)] {
+                if let Err(e) = self.replica.remove_cursor(&name).await {
+                    tracing::warn!(%peer, error = %e, "removing a catch-up cursor of the old layout failed");
+                }
             }
         }
     }
@@ -1595,7 +1626,8 @@ impl Node {
         let mut restart = false;
         if session.log_id != log_id || session.cursor > len {
             // Another log than the one our cursor counts in (the peer lost its storage, or we
-            // never met): walk it from the start. Nothing is stored yet (see `save_cursor`).
+            // never met, or its cursor was evicted): walk it from the start. Nothing is stored
+            // yet (see `save_cursor`).
             restart = session.cursor != 0;
             session.log_id = log_id;
             session.cursor = 0;
@@ -1953,6 +1985,7 @@ mod tests {
             key_dir: std::env::temp_dir(),
             anti_entropy_interval: Duration::from_secs(15),
             max_peers: 8,
+            max_peer_cursors: crate::DEFAULT_MAX_PEER_CURSORS,
             max_event_bytes: 64 * 1024,
             command_capacity: 16,
             request_timeout: Duration::from_secs(10),

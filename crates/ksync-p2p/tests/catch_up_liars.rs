@@ -463,8 +463,7 @@ async fn an_endless_log_walked_one_seq_at_a_time_is_refused() {
     assert_eq!(peer, peer_of(&liar.addr));
     assert!(reason.contains("short of its log"), "{reason}");
     assert_eq!(asked_after(&liar, 1).await, 1, "one page, refused");
-    let cursor = a.replica().cursor(&format!("p2p/{peer}")).expect("cursor");
-    assert_eq!(cursor, 0, "the cursor stays where it was");
+    assert_eq!(stored_cursor(&a, &peer), None, "no cursor is stored");
     assert_eq!(file_len(&path), before, "nothing stored for a refused page");
 }
 
@@ -503,8 +502,11 @@ async fn a_log_that_outgrows_the_walk_is_left_to_the_next_round() {
         "8 pages needed + 16 slack"
     );
     let peer = peer_of(&liar.addr);
-    let cursor = a.replica().cursor(&format!("p2p/{peer}")).expect("cursor");
-    assert_eq!(cursor, 24 * 8192, "stored at the round's end");
+    assert_eq!(
+        stored_cursor(&a, &peer),
+        Some((24 * 8192, 6)),
+        "stored at the round's end"
+    );
     a.sync_now().await.expect("sync");
     assert_eq!(asked_after(&liar, 48).await, 48);
     assert_eq!(afters.lock().expect("lock")[24], 24 * 8192, "walks on");
@@ -539,25 +541,18 @@ async fn a_round_walks_an_endless_log_for_a_bounded_number_of_pages() {
         .expect("connect");
     assert_eq!(asked_after(&liar, 1024).await, 1024);
     let peer = peer_of(&liar.addr);
-    let cursor = a.replica().cursor(&format!("p2p/{peer}")).expect("cursor");
-    assert_eq!(cursor, 1024 * 8192);
-    // A cursor record names the peer (52 characters) and its value: one per page would grow
-    // the file by well over 50 KiB; one every 64 pages (17 in all, and the log id) by a
-    // few KiB.
+    assert_eq!(stored_cursor(&a, &peer), Some((1024 * 8192, 8)));
+    // A cursor record names the peer (52 characters), the cursor, the log id and a use
+    // stamp: one per page would grow the file by well over 50 KiB; one every 64 pages (17 in
+    // all) by a few KiB.
     let grown = file_len(&path) - before;
     assert!(grown < 1024 * 16, "the log file grew by {grown} bytes");
     assert!(watch.blamed().is_empty(), "{:?}", watch.blamed());
 }
 
-/// The `cursor/p2p/...` meta records a peer holds for `peer` (cursor, log id).
-fn stored_cursor(p: &P2PSyncClient, peer: &PeerId) -> (Option<String>, Option<String>) {
-    let replica = p.replica();
-    let storage = replica.storage();
-    let meta = |key: String| storage.meta(&key).expect("meta");
-    (
-        meta(format!("cursor/p2p/{peer}")),
-        meta(format!("cursor/p2p/{peer}/log-id")),
-    )
+/// The catch-up cursor and log id `p` stored for `peer`.
+fn stored_cursor(p: &P2PSyncClient, peer: &PeerId) -> Option<(u64, u64)> {
+    ksync_p2p::stored_peer_cursor(&**p.replica().storage(), peer).expect("meta")
 }
 
 /// Cursors are stored only when they change: a peer with an empty log leaves no record at
@@ -598,7 +593,7 @@ async fn cursors_are_stored_only_when_they_change() {
         .await
         .expect("connect");
     rounds(&empty, 1).await;
-    assert_eq!(stored_cursor(&a, &peer_of(&empty.addr)), (None, None));
+    assert_eq!(stored_cursor(&a, &peer_of(&empty.addr)), None);
 
     a.connect_to_peer(&holding.addr.to_string())
         .await
@@ -610,10 +605,7 @@ async fn cursors_are_stored_only_when_they_change() {
     .await;
     rounds(&holding, 2).await;
     let peer = peer_of(&holding.addr);
-    assert_eq!(
-        stored_cursor(&a, &peer),
-        (Some("1".to_owned()), Some("12".to_owned()))
-    );
+    assert_eq!(stored_cursor(&a, &peer), Some((1, 12)));
     let size = file_len(&path);
     rounds(&holding, 4).await;
     assert_eq!(
@@ -621,4 +613,195 @@ async fn cursors_are_stored_only_when_they_change() {
         size,
         "rounds with nothing new store nothing"
     );
+}
+
+/// A peer whose log holds one event of its own, `<name>-1`, in log `log_id`: records the
+/// `after` of every `Keys` request and counts `Fetch` requests.
+struct Holder {
+    liar: Liar,
+    afters: Arc<Mutex<Vec<u64>>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+async fn holder(name: &str, log_id: u64) -> Holder {
+    let held = event(name, 1);
+    let page = vec![entry(1, &held, digest(&held))];
+    let afters = Arc::new(Mutex::new(Vec::new()));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (seen, fetched) = (Arc::clone(&afters), Arc::clone(&fetches));
+    let liar = liar(move |request| match request {
+        Request::Keys { after, .. } => {
+            seen.lock().expect("lock").push(*after);
+            Response::Keys {
+                log_id,
+                len: 1,
+                entries: if *after == 0 {
+                    page.clone()
+                } else {
+                    Vec::new()
+                },
+                through: Some(1),
+            }
+        }
+        Request::Fetch { .. } => {
+            fetched.fetch_add(1, Ordering::SeqCst);
+            Response::Events {
+                events: vec![held.clone()],
+                too_large: Vec::new(),
+            }
+        }
+    })
+    .await;
+    Holder {
+        liar,
+        afters,
+        fetches,
+    }
+}
+
+/// More peers than `max_peer_cursors` (2 here) leave at most 2 cursor records, in the log
+/// file and after restarts: each new peer's cursor takes the least recently used peer's
+/// record. The evicted peer is walked from 0 at its next session, which fetches nothing we
+/// hold (no event stored twice, none lost) and stores its cursor again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_peers_than_the_cursor_cap_keep_cap_cursors_and_the_evicted_walks_from_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.log");
+    let start_a = || async {
+        let storage: Arc<dyn ksync_core::Storage> =
+            Arc::new(ksync_storage_file::FileStorage::open(&path).expect("open the log"));
+        let replica = ksync_core::Replica::open(storage).await.expect("replica");
+        let a = builder(dir.path(), "a")
+            .anti_entropy_interval(Duration::from_secs(3600))
+            .max_peer_cursors(2)
+            .replica(replica)
+            .build()
+            .expect("build");
+        a.start().await.expect("start");
+        Arc::new(a)
+    };
+    let holders = [
+        holder("h0", 20).await,
+        holder("h1", 21).await,
+        holder("h2", 22).await,
+    ];
+    let peers: Vec<PeerId> = holders.iter().map(|h| peer_of(&h.liar.addr)).collect();
+    let slot_records = |a: &P2PSyncClient| {
+        let replica = a.replica();
+        (0..8)
+            .filter(|i| {
+                let key = format!("p2p/cursor-slot/{i}");
+                replica.storage().meta(&key).expect("meta").is_some()
+            })
+            .count()
+    };
+    // One session per run of `a`, so the order of use is the order of the runs.
+    for (n, h) in holders.iter().enumerate() {
+        let a = start_a().await;
+        a.connect_to_peer(&h.liar.addr.to_string())
+            .await
+            .expect("connect");
+        wait_until(10, "the holder's cursor is stored", || {
+            stored_cursor(&a, &peers[n]) == Some((1, 20 + n as u64))
+        })
+        .await;
+        assert_eq!(h.fetches.load(Ordering::SeqCst), 1, "its event fetched");
+        assert_eq!(slot_records(&a), (n + 1).min(2));
+        a.stop().await.expect("stop");
+        drop(a);
+    }
+    let a = start_a().await;
+    assert_eq!(slot_records(&a), 2, "at most the cap, after a restart too");
+    assert_eq!(
+        stored_cursor(&a, &peers[0]),
+        None,
+        "the least recently used"
+    );
+    assert_eq!(stored_cursor(&a, &peers[1]), Some((1, 21)));
+    assert_eq!(stored_cursor(&a, &peers[2]), Some((1, 22)));
+    assert_eq!(a.replica().storage().len(), 3);
+
+    // The evicted peer again: walked from 0, nothing fetched twice, its cursor back (the
+    // least recently used, h1's, goes).
+    holders[0].afters.lock().expect("lock").clear();
+    a.connect_to_peer(&holders[0].liar.addr.to_string())
+        .await
+        .expect("connect");
+    wait_until(10, "the evicted holder's cursor is stored again", || {
+        stored_cursor(&a, &peers[0]) == Some((1, 20))
+    })
+    .await;
+    assert_eq!(holders[0].afters.lock().expect("lock")[0], 0, "from 0");
+    assert_eq!(
+        holders[0].fetches.load(Ordering::SeqCst),
+        1,
+        "what we hold is not fetched again"
+    );
+    assert_eq!(a.replica().storage().len(), 3, "no event stored twice");
+    assert_eq!(stored_cursor(&a, &peers[1]), None);
+    assert_eq!(stored_cursor(&a, &peers[2]), Some((1, 22)));
+    assert_eq!(slot_records(&a), 2);
+    // A peer kept in a slot resumes from its cursor.
+    holders[2].afters.lock().expect("lock").clear();
+    a.connect_to_peer(&holders[2].liar.addr.to_string())
+        .await
+        .expect("connect");
+    let afters = Arc::clone(&holders[2].afters);
+    wait_until(10, "the kept holder is asked", || {
+        !afters.lock().expect("lock").is_empty()
+    })
+    .await;
+    assert_eq!(
+        holders[2].afters.lock().expect("lock")[0],
+        1,
+        "from its cursor"
+    );
+    assert_eq!(holders[2].fetches.load(Ordering::SeqCst), 1);
+}
+
+/// A cursor stored before the cursor slots (`cursor/p2p/<peer>` and its log id) is used,
+/// moved into a slot at the next store and its old records removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_of_the_old_layout_is_used_and_moved_into_a_slot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.log");
+    let h = holder("h", 30).await;
+    let peer = peer_of(&h.liar.addr);
+    {
+        let storage: Arc<dyn ksync_core::Storage> =
+            Arc::new(ksync_storage_file::FileStorage::open(&path).expect("open the log"));
+        let replica = ksync_core::Replica::open(storage).await.expect("replica");
+        // As if we had walked the whole log before (its event came by gossip).
+        replica.ingest(vec![event("h", 1)]).await.expect("ingest");
+        replica
+            .set_cursor(&format!("p2p/{peer}"), 1)
+            .await
+            .expect("cursor");
+        replica
+            .set_cursor(&format!("p2p/{peer}/log-id"), 30)
+            .await
+            .expect("log id");
+    }
+    let a = honest_on_file(dir.path(), &path).await;
+    a.connect_to_peer(&h.liar.addr.to_string())
+        .await
+        .expect("connect");
+    let afters = Arc::clone(&h.afters);
+    wait_until(10, "the holder is asked", || {
+        !afters.lock().expect("lock").is_empty()
+    })
+    .await;
+    assert_eq!(h.afters.lock().expect("lock")[0], 1, "from the old cursor");
+    // Moved at the round's end (or at the stop, whichever comes first).
+    a.stop().await.expect("stop");
+    let replica = a.replica();
+    let storage = replica.storage();
+    assert_eq!(stored_cursor(&a, &peer), Some((1, 30)));
+    for key in [
+        format!("cursor/p2p/{peer}"),
+        format!("cursor/p2p/{peer}/log-id"),
+    ] {
+        assert_eq!(storage.meta(&key).expect("meta"), None, "{key} removed");
+    }
+    assert_eq!(h.fetches.load(Ordering::SeqCst), 0);
 }

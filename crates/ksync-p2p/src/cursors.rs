@@ -1,0 +1,309 @@
+//! The catch-up cursors kept per peer: bounded, least recently used evicted.
+//!
+//! A catch-up session walks a peer's log from a cursor (how far we hold that log) that counts
+//! in the peer's log id. Both are stored in the replica's metadata so a restart does not walk
+//! every log from the start again. Peer identities are free to make (a peer that lies can
+//! present a new one on every connection), so one record per peer ever met would grow our
+//! state without bound: the records live in at most `cap` slots
+//! ([`DEFAULT_MAX_PEER_CURSORS`](crate::DEFAULT_MAX_PEER_CURSORS) by default), meta keys
+//! `p2p/cursor-slot/<i>` for `i < cap`, each holding `<peer> <cursor> <log id> <last use>`.
+//!
+//! Overflow policy: a peer that needs a slot when all are taken takes the one of the least
+//! recently used peer (by its last session start or store; the stored stamps order the slots
+//! across restarts), whose record is overwritten. That peer has no cursor any more: its next
+//! session walks its log from 0, fetches only the revisions we lack (duplicates are dropped on
+//! ingest as always) and stores a cursor again. Eviction costs pages walked again, never an
+//! event. A slot is one record, so the cursor and its log id are written together: no crash
+//! leaves a cursor with another log's id.
+//!
+//! Cursors stored before the slots (`cursor/p2p/<peer>` and `cursor/p2p/<peer>/log-id`,
+//! unbounded) are read when their peer's session starts and moved into a slot at its first
+//! store (the old records removed); those of peers never met again stay as they were.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use ksync_core::{Storage, StorageError};
+use libp2p::PeerId;
+
+/// Meta key prefix of the slots.
+const SLOT_PREFIX: &str = "p2p/cursor-slot/";
+
+/// A stored cursor: everything in the peer's log `log_id` up to `cursor` is in ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Cursor {
+    pub(crate) cursor: u64,
+    pub(crate) log_id: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    peer: PeerId,
+    at: Cursor,
+    /// When it was last used (a stamp of [`PeerCursors::clock`]).
+    used: u64,
+}
+
+/// The slots as stored, in memory (what [`PeerCursors::stored`] answers is what the storage
+/// holds).
+#[derive(Debug)]
+pub(crate) struct PeerCursors {
+    /// `cap` slots; a free one is `None`. Slots are taken lowest first and never freed, so the
+    /// taken ones are a prefix.
+    slots: Vec<Option<Slot>>,
+    by_peer: HashMap<PeerId, usize>,
+    /// The next use stamp (above every stored one).
+    clock: u64,
+}
+
+fn slot_key(index: usize) -> String {
+    format!("{SLOT_PREFIX}{index}")
+}
+
+fn parse_slot(value: &str) -> Option<Slot> {
+    let mut parts = value.split(' ');
+    let peer = PeerId::from_str(parts.next()?).ok()?;
+    let cursor = parts.next()?.parse().ok()?;
+    let log_id = parts.next()?.parse().ok()?;
+    let used = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Slot {
+        peer,
+        at: Cursor { cursor, log_id },
+        used,
+    })
+}
+
+impl PeerCursors {
+    /// Reads the slots from `storage`. Slots at `cap` and beyond (stored with a larger cap)
+    /// are removed; a slot that does not parse is free (and overwritten when taken).
+    pub(crate) async fn load(storage: &dyn Storage, cap: usize) -> Result<Self, StorageError> {
+        let cap = cap.max(1);
+        let mut slots: Vec<Option<Slot>> = Vec::with_capacity(cap);
+        let mut by_peer = HashMap::new();
+        let mut clock = 0;
+        for index in 0..cap {
+            let Some(raw) = storage.meta(&slot_key(index))? else {
+                // Taken slots are a prefix: the rest are free.
+                slots.resize_with(cap, || None);
+                break;
+            };
+            let slot = parse_slot(&raw).filter(|slot| {
+                // The same peer twice (only a damaged store could do it): keep the first.
+                !by_peer.contains_key(&slot.peer)
+            });
+            match slot {
+                Some(slot) => {
+                    clock = clock.max(slot.used.saturating_add(1));
+                    by_peer.insert(slot.peer, index);
+                    slots.push(Some(slot));
+                }
+                None => {
+                    tracing::warn!(
+                        key = slot_key(index),
+                        "unreadable catch-up cursor slot; its peer walks from 0"
+                    );
+                    slots.push(None);
+                }
+            }
+        }
+        // Beyond the cap: what a larger cap left.
+        let mut index = cap;
+        while storage.meta(&slot_key(index))?.is_some() {
+            storage.remove_meta(&slot_key(index)).await?;
+            index += 1;
+        }
+        Ok(Self {
+            slots,
+            by_peer,
+            clock,
+        })
+    }
+
+    /// The cursor stored for `peer`, marking it used.
+    pub(crate) fn get(&mut self, peer: &PeerId) -> Option<Cursor> {
+        let index = *self.by_peer.get(peer)?;
+        let stamp = self.tick();
+        let slot = self.slots[index].as_mut()?;
+        slot.used = stamp;
+        Some(slot.at)
+    }
+
+    /// The cursor stored for `peer`.
+    pub(crate) fn stored(&self, peer: &PeerId) -> Option<Cursor> {
+        let index = *self.by_peer.get(peer)?;
+        self.slots[index].as_ref().map(|slot| slot.at)
+    }
+
+    /// How many peers have a stored cursor.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.by_peer.len()
+    }
+
+    fn tick(&mut self) -> u64 {
+        let stamp = self.clock;
+        self.clock = self.clock.saturating_add(1);
+        stamp
+    }
+
+    /// Stores `at` for `peer`, durably: in its slot, else a free one, else the least recently
+    /// used peer's (returned: it has no cursor any more). Nothing changes if the write fails.
+    pub(crate) async fn store(
+        &mut self,
+        storage: &dyn Storage,
+        peer: PeerId,
+        at: Cursor,
+    ) -> Result<Option<PeerId>, StorageError> {
+        let index = match self.by_peer.get(&peer) {
+            Some(&index) => index,
+            None => match self.slots.iter().position(Option::is_none) {
+                Some(free) => free,
+                None => self
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, slot)| slot.as_ref().map(|s| (s.used, i)))
+                    .min()
+                    .map_or(0, |(_, i)| i),
+            },
+        };
+        let used = self.tick();
+        let value = format!("{peer} {} {} {used}", at.cursor, at.log_id);
+        storage.set_meta(&slot_key(index), &value).await?;
+        let previous = self.slots[index].replace(Slot { peer, at, used });
+        let evicted = previous.map(|slot| slot.peer).filter(|&p| p != peer);
+        if let Some(evicted) = evicted {
+            self.by_peer.remove(&evicted);
+        }
+        self.by_peer.insert(peer, index);
+        Ok(evicted)
+    }
+}
+
+/// The catch-up cursor into `peer`'s log and the log id it counts in, as a node stored them in
+/// `storage` (its replica's storage), if it stored any: for diagnostics and tests. A running
+/// node keeps its own copy and stores it at the end of each round (see `docs/PROTOCOL.md`,
+/// P2P catch-up).
+pub fn stored_peer_cursor(
+    storage: &dyn Storage,
+    peer: &PeerId,
+) -> Result<Option<(u64, u64)>, StorageError> {
+    for index in 0.. {
+        let Some(raw) = storage.meta(&slot_key(index))? else {
+            break;
+        };
+        if let Some(slot) = parse_slot(&raw)
+            && slot.peer == *peer
+        {
+            return Ok(Some((slot.at.cursor, slot.at.log_id)));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ksync_storage_file::FileStorage;
+
+    fn at(cursor: u64) -> Cursor {
+        Cursor { cursor, log_id: 7 }
+    }
+
+    fn slot_records(storage: &dyn Storage) -> usize {
+        (0..64)
+            .filter(|&i| storage.meta(&slot_key(i)).expect("meta").is_some())
+            .count()
+    }
+
+    /// More peers than the cap leave at most cap records, in a real log and after a reopen;
+    /// the least recently used peer (here: the one whose session started longest ago) is the
+    /// one evicted, and the order survives the reopen.
+    #[tokio::test]
+    async fn more_peers_than_the_cap_leave_cap_records_least_recently_used_evicted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.log");
+        let peers: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+        {
+            let storage = FileStorage::open(&path).expect("open");
+            let mut cursors = PeerCursors::load(&storage, 3).await.expect("load");
+            for (n, peer) in peers[..3].iter().enumerate() {
+                let evicted = cursors.store(&storage, *peer, at(n as u64 + 1)).await;
+                assert_eq!(evicted.expect("store"), None);
+            }
+            // Peer 0 is used again: peer 1 is now the least recently used.
+            assert_eq!(cursors.get(&peers[0]), Some(at(1)));
+            cursors
+                .store(&storage, peers[0], at(10))
+                .await
+                .expect("store");
+            let evicted = cursors.store(&storage, peers[3], at(4)).await;
+            assert_eq!(evicted.expect("store"), Some(peers[1]));
+            assert_eq!(cursors.stored(&peers[1]), None);
+            assert_eq!(cursors.len(), 3);
+            assert_eq!(slot_records(&storage), 3);
+        }
+        let storage = FileStorage::open(&path).expect("reopen");
+        assert_eq!(slot_records(&storage), 3);
+        let mut cursors = PeerCursors::load(&storage, 3).await.expect("load");
+        assert_eq!(cursors.stored(&peers[0]), Some(at(10)));
+        assert_eq!(cursors.stored(&peers[1]), None);
+        assert_eq!(cursors.stored(&peers[2]), Some(at(3)));
+        assert_eq!(cursors.stored(&peers[3]), Some(at(4)));
+        assert_eq!(
+            stored_peer_cursor(&storage, &peers[3]).expect("read"),
+            Some((4, 7))
+        );
+        assert_eq!(stored_peer_cursor(&storage, &peers[1]).expect("read"), None);
+        // Peer 2 was stored longest ago (before peer 0's second store): it goes next.
+        let evicted = cursors.store(&storage, peers[4], at(5)).await;
+        assert_eq!(evicted.expect("store"), Some(peers[2]));
+        assert_eq!(cursors.len(), 3);
+        assert_eq!(slot_records(&storage), 3);
+    }
+
+    /// A smaller cap than the slots stored drops the slots beyond it (their records removed).
+    #[tokio::test]
+    async fn a_lower_cap_removes_the_slots_beyond_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.log");
+        let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        {
+            let storage = FileStorage::open(&path).expect("open");
+            let mut cursors = PeerCursors::load(&storage, 8).await.expect("load");
+            for peer in &peers {
+                cursors.store(&storage, *peer, at(1)).await.expect("store");
+            }
+            assert_eq!(slot_records(&storage), 4);
+            let smaller = PeerCursors::load(&storage, 2).await.expect("load");
+            assert_eq!(smaller.len(), 2);
+        }
+        let storage = FileStorage::open(&path).expect("reopen");
+        assert_eq!(slot_records(&storage), 2);
+        let cursors = PeerCursors::load(&storage, 2).await.expect("load");
+        assert_eq!(cursors.stored(&peers[0]), Some(at(1)));
+        assert_eq!(cursors.stored(&peers[2]), None);
+    }
+
+    /// An unreadable slot is free: the next new peer takes it.
+    #[tokio::test]
+    async fn an_unreadable_slot_is_free() {
+        let storage = ksync_core::InMemoryStorage::new();
+        storage
+            .set_meta(&slot_key(0), "not a slot")
+            .await
+            .expect("meta");
+        let mut cursors = PeerCursors::load(&storage, 2).await.expect("load");
+        assert_eq!(cursors.len(), 0);
+        let peer = PeerId::random();
+        cursors.store(&storage, peer, at(3)).await.expect("store");
+        assert_eq!(
+            stored_peer_cursor(&storage, &peer).expect("read"),
+            Some((3, 7))
+        );
+        assert_eq!(slot_records(&storage), 1);
+    }
+}
