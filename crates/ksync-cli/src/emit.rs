@@ -1,8 +1,9 @@
 //! `--emit TYPE=JSON` of `ksync peer` and `ksync watch`: parsed up front (a bad one is an
-//! error before anything connects), emitted once connected.
+//! error before anything connects), emitted once connected (through `KSync`, or straight
+//! through the client for `ksync watch --live`).
 
 use anyhow::bail;
-use ksync_core::{KSync, SyncClient};
+use ksync_core::{Clock as _, Event, EventLimits, KSync, SyncClient, SystemClock};
 
 /// Every `--emit` value, as (type, data).
 pub(crate) fn parse_all(specs: &[String]) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
@@ -17,6 +18,28 @@ pub(crate) async fn emit_all<C: SyncClient + ?Sized>(
     for (event_type, data) in events {
         let event = ksync.emit(event_type, data).await?;
         eprintln!("emitted {} ({})", event.id, event.event_type);
+    }
+    Ok(())
+}
+
+/// Sends `events` through a client with no replica (`ksync watch --live`), made as
+/// [`KSync::emit`] makes them (a UUID v7 id, the clock's time, version 1; the client gives
+/// them its id as `origin`), saying each one on stderr.
+pub(crate) async fn send_all<C: SyncClient + ?Sized>(
+    client: &C,
+    events: Vec<(String, serde_json::Value)>,
+) -> anyhow::Result<()> {
+    for (event_type, data) in events {
+        let event = Event::new(
+            uuid::Uuid::now_v7().to_string(),
+            event_type,
+            data,
+            SystemClock.now_millis(),
+        );
+        event.validate(&EventLimits::default())?;
+        let (id, event_type) = (event.id.clone(), event.event_type.clone());
+        client.send(event).await?;
+        eprintln!("emitted {id} ({event_type})");
     }
     Ok(())
 }

@@ -31,7 +31,8 @@ enum Command {
     Git(git::GitCommand),
     /// Run a P2P peer: print its addresses, connect, emit, and print received events.
     Peer(peer::PeerArgs),
-    /// Join a server's room over WebSocket and print its events (history, then live).
+    /// Join a server's room over WebSocket and print its events (history or --since SEQ or
+    /// --live, then live).
     Watch(watch::WatchArgs),
 }
 
