@@ -11,7 +11,7 @@
 //!
 //! Where it starts is the `hello` cursor of the protocol (docs/PROTOCOL.md): the history and
 //! `--since` go through `KSync` over an in-memory replica whose room cursor
-//! (`ws:<url>/room`) is 0 or SEQ when it connects, so the hello says `since: 0` or
+//! (`WebSocketSyncClient::room_cursor_name`) is 0 or SEQ when it connects, so the hello says `since: 0` or
 //! `since: SEQ`. `--live` uses the client alone (no replica), whose first hello omits
 //! `since`: the server starts it at the room's head as of its `welcome`, and the client
 //! resumes from the last seq it saw after a reconnect, so no live event is skipped or printed
@@ -73,12 +73,6 @@ pub struct WatchArgs {
     /// Print only the events the room stores after this watcher joined (no history).
     #[arg(long)]
     live: bool,
-}
-
-/// The room cursor a replica keeps for the WebSocket client of `url` (see the client's
-/// cursors in docs/ARCHITECTURE.md): the last seq it holds, which its `hello` sends as `since`.
-fn room_cursor(url: &str) -> String {
-    format!("ws:{url}/room")
 }
 
 /// What prints: `KSync` over an in-memory replica (the history, or `--since`), or the client
@@ -164,7 +158,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         if let Some(since) = args.since {
             ksync
                 .replica()
-                .set_cursor(&room_cursor(&args.url), since)
+                .set_cursor(&client.room_cursor_name(), since)
                 .await?;
         }
         Watcher::Replica(ksync)

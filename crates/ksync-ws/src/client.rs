@@ -417,6 +417,14 @@ impl WebSocketSyncClient {
         *self.inner.state.borrow() == Link::Up
     }
 
+    /// The name of the cursor this client keeps in its replica's metadata for the room: the
+    /// last room sequence number it holds, which its `hello` sends as `since`. Setting it
+    /// (`Replica::set_cursor`) before the first connection starts the client after that
+    /// sequence number, as `ksync watch --since` does.
+    pub fn room_cursor_name(&self) -> String {
+        Cursors::new(&self.inner.config.url).room
+    }
+
     /// This client's id: the `origin` given to standalone events that have none.
     pub fn client_id(&self) -> &str {
         &self.inner.client_id
