@@ -44,18 +44,6 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    /// The data directory, or a directory in it that the server writes logs into (`rooms`,
-    /// `repos`, `repos/<repo>`), is not a directory or cannot be written: a probe file could
-    /// not be created and removed there. Checked when the server is made, before it listens,
-    /// instead of when the first room or branch opens.
-    #[error("data directory not writable: {path}: {source}")]
-    DataDirNotWritable {
-        /// The directory (or the file standing where it must be).
-        path: PathBuf,
-        /// Why: the IO error of the probe, or `NotADirectory`.
-        #[source]
-        source: std::io::Error,
-    },
     /// Serving failed (the accept loop ended with an error).
     #[error("server IO error: {0}")]
     Io(#[from] std::io::Error),

@@ -3,7 +3,6 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -14,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
-use ksync_core::{Authenticator, InMemoryProvider, LogName, Name, StorageProvider};
+use ksync_core::{Authenticator, InMemoryProvider, LogName, StorageProvider};
 use ksync_git::server::GitServer;
 use ksync_storage_file::FileProvider;
 use ksync_ws::server::{Relay, RelayConfig, is_websocket_upgrade, wants_in_band_refusal};
@@ -288,103 +287,11 @@ fn open_storage(
     if config.in_memory {
         return Ok((Arc::new(InMemoryProvider::new()), StorageLocation::Memory));
     }
-    check_writable(&config.data_dir)?;
     let provider = FileProvider::new(&config.data_dir)?;
     Ok((
         Arc::new(provider),
         StorageLocation::Directory(config.data_dir.clone()),
     ))
-}
-
-/// The directories of `FileProvider`'s layout that the server writes into, below the data
-/// directory: `rooms/<room>.log` and `repos/<repo>/<branch>.log`.
-const ROOMS_DIR: &str = "rooms";
-const REPOS_DIR: &str = "repos";
-
-/// Checks, before the provider creates or locks anything, that the server can write where it
-/// will: the data directory, `rooms/` and `repos/` and every repository's directory in it,
-/// as far as they exist (what is missing is created in a directory checked here). Otherwise
-/// a directory the server cannot write in (wrong owner, a read-only mount, a file where a
-/// directory must be) was noticed only when the first room or branch opened, by a client.
-///
-/// A data directory that is not there, or not a directory, is left to `FileProvider::new`,
-/// which creates it or says why it cannot.
-fn check_writable(data_dir: &Path) -> Result<(), ServerError> {
-    if !data_dir.is_dir() {
-        return Ok(());
-    }
-    probe(data_dir)?;
-    for sub in [ROOMS_DIR, REPOS_DIR] {
-        let dir = data_dir.join(sub);
-        if existing_dir(&dir)? {
-            probe(&dir)?;
-        }
-    }
-    let repos = data_dir.join(REPOS_DIR);
-    if !repos.is_dir() {
-        return Ok(());
-    }
-    let entries = std::fs::read_dir(&repos).map_err(|source| ServerError::DataDirNotWritable {
-        path: repos.clone(),
-        source,
-    })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| ServerError::DataDirNotWritable {
-            path: repos.clone(),
-            source,
-        })?;
-        // Only names the server would use: a repository's directory is named by a valid
-        // `Name` (no leading dot, no separator), anything else there is not its.
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| Name::new(n).is_ok())
-        {
-            let dir = entry.path();
-            if existing_dir(&dir)? {
-                probe(&dir)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Whether `path` is a directory (`false`: not there); something else there is an error.
-fn existing_dir(path: &Path) -> Result<bool, ServerError> {
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => Ok(true),
-        Ok(_) => Err(ServerError::DataDirNotWritable {
-            path: path.to_owned(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotADirectory,
-                "exists but is not a directory",
-            ),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(ServerError::DataDirNotWritable {
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
-/// Creates and removes a probe file in `dir`. Its name (a leading dot, no `.log`) is never
-/// taken for a log, and the process id keeps two servers started on one directory at once
-/// (the second is refused by the lock right after) from removing each other's probe; one
-/// left behind by a crash is taken over (not `create_new`), not an error.
-fn probe(dir: &Path) -> Result<(), ServerError> {
-    let path = dir.join(format!(".ksync-write-probe-{}", std::process::id()));
-    let error = |source| ServerError::DataDirNotWritable {
-        path: dir.to_owned(),
-        source,
-    };
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(error)?;
-    std::fs::remove_file(&path).map_err(error)
 }
 
 fn relay_config(limits: &Limits) -> RelayConfig {

@@ -209,11 +209,17 @@ async fn a_data_directory_the_server_cannot_write_in_is_refused_when_made() {
         ..loopback_config()
     };
     match Server::new(config.clone()) {
-        Err(ksync_server::ServerError::DataDirNotWritable { path, source }) => {
-            assert_eq!(path, rooms);
+        Err(ksync_server::ServerError::Storage(ksync_core::StorageError::Io {
+            context,
+            source,
+        })) => {
+            assert_eq!(
+                context,
+                format!("data directory not writable: {}", rooms.display())
+            );
             assert_eq!(source.kind(), std::io::ErrorKind::NotADirectory);
         }
-        other => panic!("expected DataDirNotWritable, got {other:?}"),
+        other => panic!("expected a storage IO error naming rooms/, got {other:?}"),
     }
     assert!(!dir.path().join(".lock").exists(), "locked anyway");
     std::fs::remove_file(&rooms).unwrap();

@@ -14,6 +14,11 @@ use crate::storage::{FileStorage, FileStorageOptions, sync_dir};
 const LOG_SUFFIX: &str = ".log";
 /// The file in the data directory that a provider keeps locked while it lives.
 const LOCK_FILE: &str = ".lock";
+/// The directory of the rooms' logs, in the data directory.
+const ROOMS_DIR: &str = "rooms";
+/// The directory of the repositories' directories (one per repository, holding its branches'
+/// logs), in the data directory.
+const REPOS_DIR: &str = "repos";
 
 /// Opens a [`FileStorage`] per log under one data directory:
 ///
@@ -52,6 +57,63 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError 
     move |source| StorageError::Io { context, source }
 }
 
+/// Checks, before anything is created or locked in `dir`, that the logs can be written where
+/// they will go: `dir`, [`ROOMS_DIR`], [`REPOS_DIR`] and each repository's directory, as far
+/// as they exist (what is missing is created later in a directory checked here). Otherwise a
+/// directory that cannot be written (wrong owner, a read-only mount, a file where a directory
+/// must be) was noticed only when the first room or branch opened, by a client.
+fn check_writable(dir: &Path) -> Result<(), StorageError> {
+    probe(dir)?;
+    let rooms = dir.join(ROOMS_DIR);
+    if existing_dir(&rooms)? {
+        probe(&rooms)?;
+    }
+    let repos = dir.join(REPOS_DIR);
+    if !existing_dir(&repos)? {
+        return Ok(());
+    }
+    probe(&repos)?;
+    for repo in dir_entries(&repos)? {
+        // Only the names a repository's directory can have: anything else there is not one.
+        if valid_name(&repo.file_name()).is_some() && existing_dir(&repo.path())? {
+            probe(&repo.path())?;
+        }
+    }
+    Ok(())
+}
+
+fn not_writable(path: &Path) -> impl FnOnce(io::Error) -> StorageError {
+    io_err(format!("data directory not writable: {}", path.display()))
+}
+
+/// Whether `path` is a directory (`false`: not there); something else there is an error.
+fn existing_dir(path: &Path) -> Result<bool, StorageError> {
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(true),
+        Ok(_) => Err(not_writable(path)(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "exists but is not a directory",
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(not_writable(path)(e)),
+    }
+}
+
+/// Creates and removes a probe file in `dir`. Its name (a leading dot, no `.log`) is never
+/// taken for a log, and the process id keeps two providers started on one directory at once
+/// (the second is refused by the lock right after) from removing each other's probe; one
+/// left behind by a crash is taken over (not `create_new`), not an error.
+fn probe(dir: &Path) -> Result<(), StorageError> {
+    let path = dir.join(format!(".ksync-write-probe-{}", std::process::id()));
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(not_writable(dir))?;
+    fs::remove_file(&path).map_err(not_writable(dir))
+}
+
 /// Takes the exclusive lock on `dir`'s [`LOCK_FILE`] (made if missing; it holds nothing).
 fn lock_dir(dir: &Path) -> Result<fs::File, StorageError> {
     let path = dir.join(LOCK_FILE);
@@ -88,6 +150,7 @@ impl FileProvider {
         let dir = data_dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir)
             .map_err(io_err(format!("creating data directory {}", dir.display())))?;
+        check_writable(&dir)?;
         let lock = lock_dir(&dir)?;
         Ok(Self {
             dir,
@@ -108,11 +171,11 @@ impl FileProvider {
         match name {
             LogName::Room(room) => self
                 .dir
-                .join("rooms")
+                .join(ROOMS_DIR)
                 .join(format!("{}{LOG_SUFFIX}", room.as_str())),
             LogName::Branch { repo, branch } => self
                 .dir
-                .join("repos")
+                .join(REPOS_DIR)
                 .join(repo.as_str())
                 .join(format!("{}{LOG_SUFFIX}", branch.as_str())),
         }
@@ -181,10 +244,10 @@ impl StorageProvider for FileProvider {
 
     fn list(&self) -> Result<Vec<LogName>, StorageError> {
         let mut names = Vec::new();
-        for room in log_names_in(&self.dir.join("rooms"))? {
+        for room in log_names_in(&self.dir.join(ROOMS_DIR))? {
             names.push(LogName::Room(room));
         }
-        let repos = self.dir.join("repos");
+        let repos = self.dir.join(REPOS_DIR);
         for repo in dir_entries(&repos)? {
             let Some(repo_name) = valid_name(&repo.file_name()) else {
                 continue;

@@ -465,6 +465,41 @@ async fn provider_options_reach_every_log() {
     assert_eq!(faults.syncs.load(Ordering::SeqCst), 1, "flush syncs");
 }
 
+/// A directory the logs go into that cannot be written (here a file where it must be, which
+/// stops root too) is refused when the provider is made, naming it, before anything is
+/// locked; a probe leaves nothing behind in a directory that can be written.
+#[test]
+fn provider_refuses_a_layout_it_cannot_write_in() {
+    for blocked in ["rooms", "repos", "repos/notes"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if let Some((parent, _)) = blocked.split_once('/') {
+            fs::create_dir(dir.path().join(parent)).expect("mkdir");
+        }
+        let path = dir.path().join(blocked);
+        fs::write(&path, b"not a directory").expect("write");
+        match FileProvider::new(dir.path()) {
+            Err(StorageError::Io { context, source }) => {
+                assert_eq!(
+                    context,
+                    format!("data directory not writable: {}", path.display())
+                );
+                assert_eq!(source.kind(), io::ErrorKind::NotADirectory);
+            }
+            Err(other) => panic!("{blocked}: wrong error {other:?}"),
+            Ok(_) => panic!("{blocked}: accepted"),
+        }
+        assert!(
+            !dir.path().join(".lock").exists(),
+            "{blocked}: locked anyway"
+        );
+        fs::remove_file(&path).expect("remove");
+        fs::create_dir(&path).expect("mkdir");
+        drop(FileProvider::new(dir.path()).expect("provider"));
+        let left: Vec<_> = fs::read_dir(&path).expect("read").collect();
+        assert!(left.is_empty(), "{blocked}: probe left behind: {left:?}");
+    }
+}
+
 #[tokio::test]
 async fn one_provider_per_data_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
