@@ -403,19 +403,10 @@ mod tests {
         for event in events {
             let mut buf = Vec::new();
             encode_event(&event, &mut buf).expect("encodes");
-            match parse_frame(&buf) {
-                Frame::Good {
-                    kind,
-                    payload,
-                    total,
-                } => {
-                    assert_eq!(total, buf.len());
-                    match decode(kind, payload).expect("decodes") {
-                        Record::Event(back) => assert_eq!(back, event),
-                        other => panic!("wrong record {other:?}"),
-                    }
-                }
-                other => panic!("bad frame {other:?}"),
+            let (kind, payload) = whole_record(&buf);
+            match decode(kind, payload).expect("decodes") {
+                Record::Event(back) => assert_eq!(back, event),
+                other => panic!("wrong record {other:?}"),
             }
         }
     }
@@ -424,11 +415,10 @@ mod tests {
     fn meta_round_trips_and_damage_is_seen() {
         let mut buf = Vec::new();
         encode_meta("k", "v", &mut buf).expect("encodes");
-        assert!(matches!(
-            parse_frame(&buf),
-            Frame::Good { kind, payload, .. }
-                if matches!(decode(kind, payload), Ok(Record::Meta(ref k, ref v)) if k == "k" && v == "v")
-        ));
+        let (kind, payload) = whole_record(&buf);
+        assert!(
+            matches!(decode(kind, payload), Ok(Record::Meta(ref k, ref v)) if k == "k" && v == "v")
+        );
         assert_damage_is_seen(&buf);
     }
 
@@ -436,28 +426,35 @@ mod tests {
     fn meta_removal_round_trips_and_damage_is_seen() {
         let mut buf = Vec::new();
         encode_meta_remove("cursor/p2p/x", &mut buf).expect("encodes");
-        match parse_frame(&buf) {
+        let (kind, payload) = whole_record(&buf);
+        assert_eq!(kind, RecordKind::MetaRemove as u8);
+        assert!(
+            matches!(decode(kind, payload), Ok(Record::MetaRemove(ref k)) if k == "cursor/p2p/x")
+        );
+        assert!(
+            matches!(check(kind, payload), Ok(CheckedRecord::MetaRemove(ref k)) if k == "cursor/p2p/x")
+        );
+        // A removal's payload is not a meta entry's, nor the other way round.
+        assert!(check(RecordKind::Meta as u8, payload).is_err());
+        let mut meta = Vec::new();
+        encode_meta("k", "v", &mut meta).expect("encodes");
+        assert!(check(RecordKind::MetaRemove as u8, &meta[RECORD_HEADER_LEN..]).is_err());
+        assert_damage_is_seen(&buf);
+    }
+
+    /// The kind and payload of `buf`, which must be one whole good record.
+    fn whole_record(buf: &[u8]) -> (u8, &[u8]) {
+        match parse_frame(buf) {
             Frame::Good {
                 kind,
                 payload,
                 total,
             } => {
-                assert_eq!((kind, total), (RecordKind::MetaRemove as u8, buf.len()));
-                assert!(
-                    matches!(decode(kind, payload), Ok(Record::MetaRemove(ref k)) if k == "cursor/p2p/x")
-                );
-                assert!(
-                    matches!(check(kind, payload), Ok(CheckedRecord::MetaRemove(ref k)) if k == "cursor/p2p/x")
-                );
-                // A removal's payload is not a meta entry's, nor the other way round.
-                assert!(check(RecordKind::Meta as u8, payload).is_err());
-                let mut meta = Vec::new();
-                encode_meta("k", "v", &mut meta).expect("encodes");
-                assert!(check(RecordKind::MetaRemove as u8, &meta[RECORD_HEADER_LEN..]).is_err());
+                assert_eq!(total, buf.len());
+                (kind, payload)
             }
             other => panic!("bad frame {other:?}"),
         }
-        assert_damage_is_seen(&buf);
     }
 
     /// Every flipped byte of the record `buf` fails its check, every cut of it is incomplete.
