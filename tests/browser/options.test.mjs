@@ -40,6 +40,18 @@ test("filter 'public-only' and middleware shape what leaves and what is taken in
     assert.deepEqual(rust.received().find((e) => e.id === open.id).data, { text: 'for everyone', sealed: true });
     assert.ok(!rust.received().some((e) => e.id === secret.id || e.id === dropped.id), 'nothing filtered left the page');
 
+    // 'public-only' is `!data.private`, as in the Rust client: truthy flags stay home, falsy go out.
+    const truthy = [makeEvent('one', { private: 1 }), makeEvent('yes', { private: 'yes' })];
+    const falsy = [makeEvent('zero', { private: 0 }), makeEvent('false', { private: false }), makeEvent('absent', {})];
+    for (const event of truthy) {
+      assert.deepEqual(await page.evaluate((e) => window.client.send(e), event), { status: 'filtered' }, event.type);
+    }
+    for (const event of falsy) {
+      assert.equal((await page.evaluate((e) => window.client.send(e), event)).status, 'stored', event.type);
+    }
+    await waitFor(() => falsy.every((f) => rust.received().some((e) => e.id === f.id)), 5000, 'the Rust client got the falsy-private events');
+    assert.ok(!rust.received().some((e) => truthy.some((t) => t.id === e.id)), 'truthy-private events left the page');
+
     // Incoming: the chain runs (async too), then the filter; a throwing middleware is an error.
     const theirsPrivate = makeEvent('their-secret', { private: true });
     const theirsBad = makeEvent('bad', { explode: true });

@@ -69,10 +69,14 @@ function positiveInteger(value, name, fallback) {
   return value;
 }
 
-/** The spec's `filter` option as a predicate (`'public-only'` keeps events whose `data.private` is not true). */
+/**
+ * The spec's `filter` option as a predicate. `'public-only'` is the spec's `!event.data.private`:
+ * an event whose `data.private` is truthy (`true`, `1`, `"yes"`, `{}` ...) stays home, as in the
+ * Rust client, so both keep the same events private.
+ */
 function filterFor(filter) {
   if (filter === undefined || filter === null) return null;
-  if (filter === 'public-only') return (event) => event?.data?.private !== true;
+  if (filter === 'public-only') return (event) => !event?.data?.private;
   if (typeof filter === 'function') return filter;
   throw new TypeError(`filter must be a function or 'public-only', not ${JSON.stringify(filter)}`);
 }
