@@ -62,8 +62,9 @@ pub struct P2PSyncClientBuilder {
 
 impl P2PSyncClientBuilder {
     /// The spec's `filter`: only events it allows are published, served in catch-up, or taken
-    /// in from peers (checked after the middleware, on the wire form going out and the
-    /// stored form coming in). Events kept home stay in the local log.
+    /// in from peers. It sees events as the application made them: going out before the
+    /// outgoing middleware, coming in after the incoming middleware (the form stored). Events
+    /// kept home stay in the local log.
     pub fn filter(mut self, filter: Filter) -> Self {
         self.filter = Some(filter);
         self
@@ -445,8 +446,8 @@ impl P2PSyncClient {
             .ok_or(P2PError::NotStarted)
     }
 
-    /// Stores `event` in the replica and publishes it to the network (in the form the
-    /// outgoing middleware and the filter give it; one they keep home is only stored).
+    /// Stores `event` in the replica and publishes it to the network (in the form the filter,
+    /// then the outgoing middleware, give it; one they keep home is only stored).
     /// Returns once stored and queued (waiting while the command queue is full). Before
     /// `start` the event is stored and [`P2PError::NotStarted`] returned; peers get it by
     /// catch-up later.
@@ -516,8 +517,8 @@ impl P2PSyncClient {
         Ok(())
     }
 
-    /// The encoded form of a stored event as this peer publishes it (after the outgoing
-    /// middleware and the filter; `None`: kept home).
+    /// The encoded form of a stored event as this peer publishes it (after the filter, then
+    /// the outgoing middleware; `None`: kept home).
     fn wire_form(&self, event: Event) -> Result<Option<Vec<u8>>, P2PError> {
         let wire = if self.shaping.is_noop() {
             event

@@ -690,7 +690,7 @@ impl Node {
         }
     }
 
-    /// Runs the incoming middleware and the filter over received (valid) events: what they
+    /// Runs the incoming middleware, then the filter, over received (valid) events: what they
     /// keep is stored. A failure (e.g. decryption with another key) is an `error`
     /// notification, and that event is not stored.
     fn take_in(&self, events: Vec<Event>) -> Vec<Event> {

@@ -1,6 +1,6 @@
 //! The spec's filter and middleware (`use('incoming' | 'outgoing', ..)`) for P2P: what this
-//! peer publishes or serves in catch-up goes through the outgoing chain and the filter; what
-//! it receives, by gossip or catch-up, through the incoming chain and the filter, before it
+//! peer publishes or serves in catch-up goes through the filter, then the outgoing chain; what
+//! it receives, by gossip or catch-up, through the incoming chain, then the filter, before it
 //! is stored. The log holds events as the application made or took them in (e.g. plaintext
 //! with an encrypting middleware), so catch-up digests compare like with like on both sides.
 
