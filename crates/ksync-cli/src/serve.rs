@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use ksync_server::{
-    ApiKey, AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, JwtKey, Limits, MAX_JWT_LEEWAY, RateLimit,
-    ReloadSignal, Secret, Server, ServerConfig, ServerError, ShutdownSignal, TlsConfig,
+    ApiKey, AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, JwtKey, Limits, MAX_JWT_LEEWAY,
+    MAX_MESSAGE_SIZE_RANGE, RateLimit, ReloadSignal, Secret, Server, ServerConfig, ServerError,
+    ShutdownSignal, TlsConfig,
 };
 
 /// Options of `ksync serve`. Every option can also come from its `KSYNC_*` environment
@@ -103,10 +104,10 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<u32, 0>)]
     auth_max_failures: u32,
 
-    /// Largest accepted WebSocket message, in bytes (at least 1024).
+    /// Largest accepted WebSocket message, in bytes (1024 to 8388608, 8 MiB).
     #[arg(long, env = "KSYNC_MAX_MESSAGE_BYTES", value_name = "BYTES",
         default_value_t = DEFAULT_MAX_MESSAGE_BYTES,
-        allow_negative_numbers = true, value_parser = at_least::<usize, 1024>)]
+        allow_negative_numbers = true, value_parser = parse_max_message_bytes)]
     max_message_bytes: usize,
 
     /// Most simultaneous WebSocket connections; more are refused.
@@ -165,6 +166,18 @@ fn at_least<T: TryFrom<u64>, const MIN: u64>(text: &str) -> Result<T, String> {
         _ => return Err(format!("expected a whole number of at least {MIN}")),
     };
     T::try_from(number).map_err(|_| format!("{number} is too large"))
+}
+
+/// `--max-message-bytes`: within `MAX_MESSAGE_SIZE_RANGE` (1 KiB to 8 MiB).
+fn parse_max_message_bytes(text: &str) -> Result<usize, String> {
+    match text.trim().parse() {
+        Ok(bytes) if MAX_MESSAGE_SIZE_RANGE.contains(&bytes) => Ok(bytes),
+        _ => Err(format!(
+            "expected a whole number of bytes from {} to {} (8 MiB)",
+            MAX_MESSAGE_SIZE_RANGE.start(),
+            MAX_MESSAGE_SIZE_RANGE.end()
+        )),
+    }
 }
 
 /// `--jwt-leeway-secs`: 0 to a day (`MAX_JWT_LEEWAY`).

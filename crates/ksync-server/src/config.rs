@@ -14,6 +14,9 @@ pub const DEFAULT_BIND: SocketAddr =
 pub const DEFAULT_DATA_DIR: &str = "./ksync-data";
 /// Default maximum size of one WebSocket message: 1 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// The maximum message sizes the relay takes: 1 KiB to 8 MiB (see
+/// [`ksync_ws::protocol::MAX_MESSAGE_SIZE_RANGE`]).
+pub use ksync_ws::protocol::MAX_MESSAGE_SIZE_RANGE;
 
 /// Everything `ksync serve` can be told.
 #[derive(Debug, Clone)]

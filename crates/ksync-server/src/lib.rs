@@ -28,7 +28,8 @@ pub use auth::{
 };
 pub use config::{
     ApiKey, AuthConfig, DEFAULT_BIND, DEFAULT_DATA_DIR, DEFAULT_MAX_MESSAGE_BYTES, JwtKey,
-    JwtKeyMaterial, Limits, RateLimit, Scope, Secret, ServerConfig, TlsConfig,
+    JwtKeyMaterial, Limits, MAX_MESSAGE_SIZE_RANGE, RateLimit, Scope, Secret, ServerConfig,
+    TlsConfig,
 };
 pub use dashboard::MONITOR_PATH;
 pub use error::ServerError;

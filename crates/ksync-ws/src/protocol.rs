@@ -309,6 +309,16 @@ pub const CLIENT_TYPES: &[&str] = &["hello", "publish", "ping"];
 /// The `type` names of [`ServerMessage`].
 pub const SERVER_TYPES: &[&str] = &["welcome", "events", "snapshot", "ack", "error", "pong"];
 
+/// Largest message kSync's Rust client accepts (and inflates a compressed frame to), in bytes.
+pub const CLIENT_MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// The `maxMessageSize` a relay may announce, in bytes: at least 1 KiB, at most 8 MiB. An
+/// `ack` can be about twice that limit (see docs/PROTOCOL.md, "Frame sizes"), and every
+/// message must still fit [`CLIENT_MAX_MESSAGE_SIZE`], or clients would refuse a frame the
+/// relay sends them again after each reconnect.
+pub const MAX_MESSAGE_SIZE_RANGE: std::ops::RangeInclusive<usize> =
+    1024..=CLIENT_MAX_MESSAGE_SIZE / 2;
+
 /// Shortest message, in bytes of JSON, that goes deflated when compression is negotiated:
 /// shorter ones (a single small event) stay text frames. Compression is for batches; a
 /// compressor run per tiny message costs more than the few bytes it saves.

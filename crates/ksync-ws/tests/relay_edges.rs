@@ -1419,3 +1419,36 @@ async fn catch_up_frames_stay_within_the_message_size_for_any_mix_of_event_sizes
     }
     server.stop().await;
 }
+
+/// `max_message_size` is refused outside 1 KiB..=8 MiB, naming the bounds: above 8 MiB an ack
+/// (up to about twice the limit) could outgrow what clients accept, and each reconnect would
+/// meet the same refused frame again.
+#[test]
+fn max_message_size_outside_its_range_is_a_config_error() {
+    use ksync_ws::protocol::{CLIENT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_RANGE};
+    use ksync_ws::server::{Relay, RelayError};
+
+    assert!(2 * MAX_MESSAGE_SIZE_RANGE.end() <= CLIENT_MAX_MESSAGE_SIZE);
+    let relay = |max_message_size| {
+        Relay::new(
+            RelayConfig {
+                max_message_size,
+                ..RelayConfig::default()
+            },
+            Arc::new(ksync_core::InMemoryProvider::new()),
+            Arc::new(ksync_core::AllowAll),
+        )
+    };
+    for bad in [0, 1023, 8 * 1024 * 1024 + 1, usize::MAX] {
+        match relay(bad) {
+            Err(RelayError::Config(message)) => {
+                assert!(message.contains("from 1024 to 8388608"), "{bad}: {message}")
+            }
+            Err(other) => panic!("{bad}: not a config error: {other}"),
+            Ok(_) => panic!("{bad}: accepted"),
+        }
+    }
+    for good in [1024, 1 << 20, 8 * 1024 * 1024] {
+        assert!(relay(good).is_ok(), "{good} refused");
+    }
+}

@@ -34,7 +34,7 @@ use ksync_core::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot, watch};
 
-use crate::protocol::{self, close, code};
+use crate::protocol::{self, CLIENT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_RANGE, close, code};
 use room::{Member, Room, RoomCommand, RoomLink};
 
 /// The subprotocol the relay speaks (echoed in `Sec-WebSocket-Protocol` when offered).
@@ -50,7 +50,8 @@ pub struct RelayConfig {
     /// The room of `/ws` and of `ws://host:port` without a path. Default `"default"`.
     pub default_room: String,
     /// Largest accepted message (and frame), in bytes; larger ones close the connection with
-    /// 1009. Also the inflate limit of compressed frames. Default 1 MiB.
+    /// 1009. Also the inflate limit of compressed frames. Default 1 MiB; from 1 KiB to
+    /// 8 MiB ([`protocol::MAX_MESSAGE_SIZE_RANGE`]).
     pub max_message_size: usize,
     /// How long a client has to send `hello` after the upgrade (closed with 4002). Default 10 s.
     pub handshake_timeout: Duration,
@@ -290,10 +291,13 @@ impl Relay {
                 return Err(RelayError::Config(format!("{field} must be at least 1")));
             }
         }
-        if config.max_message_size < 1024 {
-            return Err(RelayError::Config(
-                "max_message_size must be at least 1024 bytes".into(),
-            ));
+        if !MAX_MESSAGE_SIZE_RANGE.contains(&config.max_message_size) {
+            return Err(RelayError::Config(format!(
+                "max_message_size must be from {} to {} bytes (an ack can be twice as large, \
+                 and clients take {CLIENT_MAX_MESSAGE_SIZE})",
+                MAX_MESSAGE_SIZE_RANGE.start(),
+                MAX_MESSAGE_SIZE_RANGE.end()
+            )));
         }
         if u32::try_from(config.room_queue_bytes).is_err() {
             return Err(RelayError::Config(format!(
