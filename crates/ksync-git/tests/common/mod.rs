@@ -160,3 +160,115 @@ pub async fn call(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
 pub fn code(body: &serde_json::Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no code>")
 }
+
+/// One request the service got, as it arrived (before the service decoded it), with what the
+/// service answered.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    /// The request's `Content-Encoding`.
+    pub content_encoding: Option<String>,
+    /// The request's `Accept-Encoding`.
+    pub accept_encoding: Option<String>,
+    /// The request body as sent.
+    pub body: Vec<u8>,
+    pub status: u16,
+    /// The answer's `Content-Encoding`.
+    pub response_encoding: Option<String>,
+}
+
+/// The requests a [`start_recording`] service got, in order.
+pub type Requests = Arc<std::sync::Mutex<Vec<Seen>>>;
+
+/// Like [`start`], with every request and its answer's encoding recorded.
+pub async fn start_recording(repos: &[&str]) -> (Server, Requests) {
+    use axum::extract::Request;
+    use axum::middleware::Next;
+
+    let provider: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
+    let service = GitServer::with_config(
+        Arc::clone(&provider),
+        Arc::new(TestAuth),
+        GitServerConfig::default(),
+    );
+    for repo in repos {
+        service
+            .create_repo(&Name::new(repo).expect("valid"))
+            .await
+            .expect("create repo");
+    }
+    let requests = Requests::default();
+    let record = {
+        let requests = Arc::clone(&requests);
+        move |req: Request, next: Next| {
+            let requests = Arc::clone(&requests);
+            async move {
+                let header = |req: &Request, name| {
+                    req.headers()
+                        .get(name)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                };
+                let content_encoding = header(&req, axum::http::header::CONTENT_ENCODING);
+                let accept_encoding = header(&req, axum::http::header::ACCEPT_ENCODING);
+                let method = req.method().to_string();
+                let path = req.uri().path().to_owned();
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .expect("request body");
+                let response = next
+                    .run(Request::from_parts(
+                        parts,
+                        axum::body::Body::from(body.clone()),
+                    ))
+                    .await;
+                let response_encoding = response
+                    .headers()
+                    .get(axum::http::header::CONTENT_ENCODING)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                requests.lock().expect("lock").push(Seen {
+                    method,
+                    path,
+                    content_encoding,
+                    accept_encoding,
+                    body: body.to_vec(),
+                    status: response.status().as_u16(),
+                    response_encoding,
+                });
+                response
+            }
+        }
+    };
+    let app = service.router().layer(axum::middleware::from_fn(record));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .expect("serve");
+    });
+    let server = Server {
+        addr,
+        service,
+        provider,
+        task,
+    };
+    (server, requests)
+}
+
+/// The recorded requests with `method` on `path`.
+pub fn requests_to(requests: &Requests, method: &str, path: &str) -> Vec<Seen> {
+    requests
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|s| s.method == method && s.path == path)
+        .cloned()
+        .collect()
+}
