@@ -14,6 +14,7 @@ use ksync_core::{
 use ksync_ws::server::RelayConfig;
 use ksync_ws::{Strategy, WebSocketSyncClient, WsError};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 async fn ksync(url: &str) -> KSync<WebSocketSyncClient> {
     let client = WebSocketSyncClient::builder(url).build().expect("client");
@@ -384,35 +385,235 @@ async fn filter_and_middleware_apply_in_both_directions() {
     server.stop().await;
 }
 
+/// One data frame a [`Tap`] forwarded: its direction, whether it was a binary (deflated)
+/// frame, its size on the wire and its JSON (inflated first; `None` if it did not decode).
+#[derive(Debug, Clone)]
+struct TapFrame {
+    up: bool,
+    binary: bool,
+    wire_bytes: usize,
+    json: Option<serde_json::Value>,
+}
+
+impl TapFrame {
+    fn kind(&self) -> Option<&str> {
+        self.json.as_ref()?.get("type")?.as_str()
+    }
+
+    /// Whether this is a `publish` (up) or `events` batch (down) holding the event `id`.
+    fn carries(&self, id: &str) -> bool {
+        matches!(self.kind(), Some("publish" | "events"))
+            && self.json.as_ref().is_some_and(|json| {
+                json["events"].as_array().is_some_and(|events| {
+                    // `events` batches wrap each event as {seq, event}.
+                    events
+                        .iter()
+                        .any(|e| e["id"] == id || e["event"]["id"] == id)
+                })
+            })
+    }
+}
+
+/// A WebSocket proxy on 127.0.0.1:0 in front of one room of a relay (every connection goes to
+/// that room's URL) that records every data frame it forwards, so a test sees what the client
+/// and the relay really put on the wire.
+struct Tap {
+    addr: std::net::SocketAddr,
+    frames: Arc<Mutex<Vec<TapFrame>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Tap {
+    async fn start(upstream: String) -> Tap {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&frames);
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(Tap::relay_one(tcp, upstream.clone(), Arc::clone(&log)));
+            }
+        });
+        Tap { addr, frames, task }
+    }
+
+    async fn relay_one(
+        tcp: tokio::net::TcpStream,
+        upstream: String,
+        log: Arc<Mutex<Vec<TapFrame>>>,
+    ) {
+        let Ok(client) = tokio_tungstenite::accept_async(tcp).await else {
+            return;
+        };
+        let Ok((upstream, _)) = tokio_tungstenite::connect_async(upstream.as_str()).await else {
+            return;
+        };
+        let (client_tx, client_rx) = client.split();
+        let (upstream_tx, upstream_rx) = upstream.split();
+        // Either side closing ends both.
+        tokio::select! {
+            () = Tap::forward(client_rx, upstream_tx, true, Arc::clone(&log)) => {}
+            () = Tap::forward(upstream_rx, client_tx, false, log) => {}
+        }
+    }
+
+    async fn forward<R, W>(mut from: R, mut to: W, up: bool, log: Arc<Mutex<Vec<TapFrame>>>)
+    where
+        R: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+        W: futures_util::Sink<Message> + Unpin,
+    {
+        while let Some(Ok(message)) = from.next().await {
+            let json = match &message {
+                Message::Text(t) => serde_json::from_str(t.as_str()).ok(),
+                Message::Binary(b) => ksync_ws::protocol::inflate(b, 1 << 24)
+                    .ok()
+                    .and_then(|json| serde_json::from_slice(&json).ok()),
+                // Each hop answers pings itself; only data and closes go through.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                Message::Close(_) => {
+                    let _ = to.send(message).await;
+                    return;
+                }
+            };
+            log.lock().expect("lock").push(TapFrame {
+                up,
+                binary: message.is_binary(),
+                wire_bytes: message.len(),
+                json,
+            });
+            if to.send(message).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    fn frames(&self) -> Vec<TapFrame> {
+        self.frames.lock().expect("lock").clone()
+    }
+
+    /// The first frame going `up` (or down) that is of `kind`.
+    fn first(&self, up: bool, kind: &str) -> TapFrame {
+        self.frames()
+            .into_iter()
+            .find(|f| f.up == up && f.kind() == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind} frame went {}", if up { "up" } else { "down" }))
+    }
+
+    /// The frame going `up` (or down) that carried event `id`.
+    fn carrying(&self, up: bool, id: &str) -> TapFrame {
+        let found: Vec<_> = self
+            .frames()
+            .into_iter()
+            .filter(|f| f.up == up && f.carries(id))
+            .collect();
+        assert_eq!(found.len(), 1, "frames carrying {id} (up: {up}): {found:?}");
+        found.into_iter().next().expect("one frame")
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[tokio::test]
-async fn compression_round_trips_both_ways() {
+async fn compression_deflates_big_batches_at_the_wire_both_ways_and_is_off_by_default() {
     let server = start(RelayConfig::default()).await;
-    let url = server.url(None);
-    let zipped = WebSocketSyncClient::builder(&url)
+    // Each client talks to the relay through its own tap.
+    let zipped_tap = Tap::start(server.url(Some("zip"))).await;
+    let plain_tap = Tap::start(server.url(Some("zip"))).await;
+    let zipped = WebSocketSyncClient::builder(zipped_tap.url())
         .compression(true)
         .build()
         .expect("zipped");
-    let plain = WebSocketSyncClient::builder(&url).build().expect("plain");
+    let plain = WebSocketSyncClient::builder(plain_tap.url())
+        .build()
+        .expect("plain");
     let rz = Recorder::attach(&zipped);
     let rp = Recorder::attach(&plain);
     zipped.connect().await.expect("connect");
     plain.connect().await.expect("connect");
+
+    // The compressing client asks, and the relay agrees; the default client does not ask.
+    assert_eq!(
+        zipped_tap.first(true, "hello").json.expect("json")["compression"],
+        true
+    );
+    let welcome = zipped_tap.first(false, "welcome");
+    assert!(!welcome.binary);
+    assert_eq!(welcome.json.expect("json")["compression"], true);
+    let plain_hello = plain_tap.first(true, "hello").json.expect("json");
+    assert_ne!(
+        plain_hello.get("compression"),
+        Some(&json!(true)),
+        "{plain_hello}"
+    );
+    assert_eq!(
+        plain_tap.first(false, "welcome").json.expect("json")["compression"],
+        false
+    );
+
+    // One event each way below the threshold, then one far above it, each received before
+    // the next is sent so every batch holds one event.
+    let small = json!({"text": "short"});
     let big = json!({"text": "compressible ".repeat(2000)});
-    zipped
-        .send(Event::new("z1", "t", big.clone(), 1))
-        .await
-        .expect("send");
-    plain
-        .send(Event::new("p1", "t", big.clone(), 1))
-        .await
-        .expect("send");
-    eventually("both received", || {
-        rz.events().len() == 1 && rp.events().len() == 1
-    })
-    .await;
-    assert_eq!(rp.events()[0].data, big);
-    assert_eq!(rz.events()[0].data, big);
-    assert_eq!(rz.events()[0].id, "p1");
+    let exchanges = [
+        (&plain, "p-small", &small, &rz),
+        (&zipped, "z-small", &small, &rp),
+        (&plain, "p-big", &big, &rz),
+        (&zipped, "z-big", &big, &rp),
+    ];
+    for (n, (from, id, data, to)) in exchanges.into_iter().enumerate() {
+        from.send(Event::new(id, "t", data.clone(), 1))
+            .await
+            .expect("send");
+        eventually("the other client got it", || to.events().len() > n / 2).await;
+        assert_eq!(
+            to.events().last().map(|e| (e.id.clone(), e.data.clone())),
+            Some((id.to_owned(), data.clone()))
+        );
+    }
+
+    // The compressing client's link: big batches are deflated binary frames both ways (and
+    // smaller than their JSON), small ones stay text.
+    for (up, id) in [(true, "z-big"), (false, "p-big")] {
+        let frame = zipped_tap.carrying(up, id);
+        let json_len = frame.json.as_ref().map_or(0, |j| j.to_string().len());
+        assert!(frame.binary, "{id} (up: {up}) went as text");
+        assert!(
+            json_len >= ksync_ws::protocol::DEFLATE_MIN_BYTES,
+            "{json_len}"
+        );
+        assert!(
+            frame.wire_bytes * 10 < json_len,
+            "{} bytes for {json_len} of JSON",
+            frame.wire_bytes
+        );
+    }
+    for (up, id) in [(true, "z-small"), (false, "p-small")] {
+        assert!(
+            !zipped_tap.carrying(up, id).binary,
+            "{id} (up: {up}) went deflated"
+        );
+    }
+    // The default client's link: the same big batches, as text only.
+    assert!(!plain_tap.carrying(true, "p-big").binary);
+    assert!(!plain_tap.carrying(false, "z-big").binary);
+    let binary: Vec<_> = plain_tap
+        .frames()
+        .into_iter()
+        .filter(|f| f.binary)
+        .collect();
+    assert!(binary.is_empty(), "{binary:?}");
+    zipped.disconnect().await.expect("disconnect");
+    plain.disconnect().await.expect("disconnect");
     server.stop().await;
 }
 
@@ -627,11 +828,9 @@ async fn heartbeat_detects_a_server_that_stops_answering() {
         let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
         let _hello = ws.next().await;
         let welcome = json!({"type":"welcome","protocol":1,"room":"default","serverVersion":0,"compression":false,"heartbeatMs":30000,"maxMessageSize":1048576});
-        ws.send(tokio_tungstenite::tungstenite::Message::text(
-            welcome.to_string(),
-        ))
-        .await
-        .expect("welcome");
+        ws.send(Message::text(welcome.to_string()))
+            .await
+            .expect("welcome");
         tokio::time::sleep(Duration::from_secs(30)).await;
         drop(ws);
     });
