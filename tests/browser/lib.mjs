@@ -145,6 +145,21 @@ export async function launchBrowser() {
       });
       page.on('pageerror', (error) => problems.push(`page error: ${error.message}`));
       page.problems = problems;
+      // What the page logs with console.debug (the client's `debug` option).
+      page.debugLines = [];
+      page.on('console', (message) => {
+        if (message.type() === 'debug') page.debugLines.push(message.text());
+      });
+      // The page's WebSocket frames as the browser sent and received them: {sent, binary, bytes, text}.
+      page.wsFrames = [];
+      page.on('websocket', (socket) => {
+        const record = (sent) => ({ payload }) => {
+          const binary = typeof payload !== 'string';
+          page.wsFrames.push({ sent, binary, bytes: binary ? payload.length : Buffer.byteLength(payload), text: binary ? null : payload });
+        };
+        socket.on('framesent', record(true));
+        socket.on('framereceived', record(false));
+      });
       return page;
     },
     async close() {
@@ -187,8 +202,9 @@ export async function refusedCount(server) {
  * Opens a page of the server at `http` and starts a WebSocketSyncClient for `url` there (as
  * `window.client`) with `options` (short reconnect delays unless given). `setup`, the source of
  * a function of the client, runs before `connect()` (e.g. to add middleware). The page records
- * `received` ({seq, event}), `connects`, `errors` ("code: message"), `statuses`, `metrics`,
- * and `acked` for sends made through `window.sendTracked(event)`.
+ * `received` ({seq, event}), `connects`, `welcome` (the last), `errors` ("code: message"),
+ * `statuses`, `metrics`, `syncs` (each `sync`'s events), `conflicts`, and `acked` for sends
+ * made through `window.sendTracked(event)`.
  */
 export async function pageClient(browser, http, url, options = {}, setup = '() => {}') {
   const page = await browser.newPage();
@@ -197,9 +213,11 @@ export async function pageClient(browser, http, url, options = {}, setup = '() =
   await page.evaluate(async ({ url, options, setup }) => {
     const { WebSocketSyncClient } = await import('/ksync.js');
     const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 100, max: 1000 }, ...options });
-    Object.assign(window, { received: [], acked: [], connects: 0, errors: [], statuses: [], metrics: [] });
+    Object.assign(window, { received: [], acked: [], connects: 0, errors: [], statuses: [], metrics: [], syncs: [], conflicts: [], welcome: null });
     client.on('event', (event, meta) => window.received.push({ seq: meta.seq, event }));
-    client.on('connected', () => { window.connects += 1; });
+    client.on('connected', (welcome) => { window.connects += 1; window.welcome = welcome; });
+    client.on('sync', (events) => window.syncs.push(events));
+    client.on('conflict', (conflict) => window.conflicts.push(conflict));
     client.on('error', (error) => window.errors.push(`${error.code}: ${error.message}`));
     client.on('status', (status) => window.statuses.push(status));
     client.on('metrics', (metrics) => window.metrics.push(metrics));

@@ -1,0 +1,140 @@
+// The browser client's `sync` and `conflict` notifications and its `compression` and `debug`
+// options, against the real server with a Rust client on the other side of the room.
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+
+import { launchBrowser, makeEvent, pageClient, sharedServer, startPeer, waitFor } from './lib.mjs';
+
+let browser;
+
+before(async () => {
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+const ids = (events) => events.map((e) => e.id);
+
+test('`sync` carries the events of a catch-up batch', async () => {
+  const server = await sharedServer();
+  const room = `${server.ws}/ws/sync-catch-up`;
+  const history = [makeEvent('h', { n: 1 }), makeEvent('h', { n: 2 }), makeEvent('h', { n: 3 })];
+  const writer = await pageClient(browser, server.http, room);
+  try {
+    for (const event of history) assert.equal((await writer.evaluate((e) => window.client.send(e), event)).status, 'stored');
+
+    // A page reading the room from 0 gets the three in one catch-up batch, and one `sync`.
+    const reader = await pageClient(browser, server.http, room, { since: 0 });
+    const syncs = await waitFor(async () => {
+      const all = await reader.evaluate(() => window.syncs);
+      return all.length ? all : null;
+    }, 5000, 'a sync notification');
+    assert.deepEqual(syncs.map(ids), [ids(history)]);
+    assert.deepEqual(syncs[0].map((e) => e.data), history.map((e) => e.data));
+    assert.deepEqual(await reader.evaluate(() => window.received.map((r) => r.event.id)), ids(history));
+    await reader.close();
+  } finally {
+    await writer.close();
+    await server.stop();
+  }
+});
+
+test('`conflict` is notified when the room holds other content under the same id and version', async () => {
+  const server = await sharedServer();
+  const room = `${server.ws}/ws/conflicted`;
+  const rust = startPeer(room);
+  try {
+    await rust.waitConnected();
+    const page = await pageClient(browser, server.http, room);
+    const theirs = makeEvent('doc', { text: 'written by rust' });
+    rust.send(theirs);
+    await waitFor(() => page.evaluate((id) => window.received.some((r) => r.event.id === id), theirs.id), 5000, 'the page saw the Rust revision');
+
+    const ours = { ...theirs, data: { text: 'written by the page' } };
+    const result = await page.evaluate((e) => window.client.send(e), ours);
+    assert.equal(result.status, 'conflict');
+    assert.deepEqual(result.held.data, theirs.data);
+    const conflicts = await page.evaluate(() => window.conflicts);
+    assert.equal(conflicts.length, 1, JSON.stringify(conflicts));
+    assert.equal(conflicts[0].type, 'concurrent-edit');
+    assert.equal(conflicts[0].ours.id, theirs.id);
+    assert.deepEqual(conflicts[0].ours.data, ours.data);
+    assert.deepEqual(conflicts[0].theirs.data, theirs.data);
+    assert.equal(conflicts[0].theirs.version, 1);
+    // The Rust client never got the page's revision: the room kept its own.
+    assert.ok(!rust.received().some((e) => e.id === theirs.id));
+    await page.close();
+  } finally {
+    await rust.quit();
+    await server.stop();
+  }
+});
+
+test('`compression: true`: the server agrees and big batches arrive deflated and are inflated', async () => {
+  const server = await sharedServer();
+  const room = `${server.ws}/ws/deflated`;
+  const rust = startPeer(room);
+  try {
+    await rust.waitConnected();
+    const zipped = await pageClient(browser, server.http, room, { compression: true });
+    const plain = await pageClient(browser, server.http, room);
+    assert.equal(await zipped.evaluate(() => window.welcome.compression), true);
+    assert.equal(await plain.evaluate(() => window.welcome.compression), false);
+    const hello = (page) => JSON.parse(page.wsFrames.find((f) => f.sent && f.text?.includes('"hello"')).text);
+    assert.equal(hello(zipped).compression, true);
+    assert.equal(hello(plain).compression, undefined);
+
+    // Far past the 1 KiB threshold, and very compressible.
+    const big = makeEvent('big', { text: 'compressible '.repeat(2000) });
+    rust.send(big);
+    for (const page of [zipped, plain]) {
+      await waitFor(() => page.evaluate((id) => window.received.some((r) => r.event.id === id), big.id), 5000, 'the page got the big event');
+      const got = await page.evaluate((id) => window.received.find((r) => r.event.id === id).event, big.id);
+      assert.deepEqual(got.data, big.data);
+    }
+    const json = JSON.stringify(big).length;
+    const deflated = zipped.wsFrames.filter((f) => !f.sent && f.binary);
+    assert.equal(deflated.length, 1, JSON.stringify(zipped.wsFrames.map(({ sent, binary, bytes }) => ({ sent, binary, bytes }))));
+    assert.ok(deflated[0].bytes * 10 < json, `${deflated[0].bytes} bytes for ${json} of JSON`);
+    // The page without compression got the same batch as text.
+    assert.ok(!plain.wsFrames.some((f) => f.binary));
+    assert.ok(plain.wsFrames.some((f) => !f.sent && f.text?.includes(big.id) && f.bytes > json));
+    assert.deepEqual(zipped.problems, []);
+    await zipped.close();
+    await plain.close();
+  } finally {
+    await rust.quit();
+    await server.stop();
+  }
+});
+
+test('`debug: true` logs what goes in and out with console.debug; the default logs nothing', async () => {
+  const server = await sharedServer();
+  const room = `${server.ws}/ws/debugged`;
+  const rust = startPeer(room);
+  try {
+    await rust.waitConnected();
+    const loud = await pageClient(browser, server.http, room, { debug: true });
+    const quiet = await pageClient(browser, server.http, room);
+    const sent = makeEvent('loud', { n: 1 });
+    assert.equal((await loud.evaluate((e) => window.client.send(e), sent)).status, 'stored');
+    const theirs = makeEvent('theirs', { n: 2 });
+    rust.send(theirs);
+    for (const page of [loud, quiet]) {
+      await waitFor(() => page.evaluate((id) => window.received.some((r) => r.event.id === id), theirs.id), 5000, 'the page got the Rust event');
+    }
+    const lines = loud.debugLines.filter((line) => line.startsWith('[ksync] '));
+    for (const expected of [/^\[ksync\] hello /, /^\[ksync\] received welcome \d+ bytes$/, /^\[ksync\] publish 1 1 events \d+ bytes$/,
+      /^\[ksync\] received ack \d+ bytes$/, /^\[ksync\] received events \d+ bytes$/]) {
+      assert.ok(lines.some((line) => expected.test(line)), `${expected} in ${JSON.stringify(lines)}`);
+    }
+    assert.deepEqual(quiet.debugLines.filter((line) => line.includes('[ksync]')), []);
+    await loud.close();
+    await quiet.close();
+  } finally {
+    await rust.quit();
+    await server.stop();
+  }
+});
