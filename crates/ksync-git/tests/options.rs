@@ -1,5 +1,6 @@
 //! The spec's client options as a user sees them, checked on the requests a real service gets:
-//! `compression` (gzip both ways unless turned off); and in the logs: `debug`.
+//! `compression` (gzip both ways unless turned off) and `pullInterval` (off unless set); and in
+//! the logs: `debug`.
 
 mod common;
 
@@ -222,4 +223,79 @@ async fn debug_option_turns_on_debug_logs_for_that_client() {
         assert_eq!(at(Level::DEBUG, message, ""), 1, "{lines:#?}");
         assert_eq!(at(Level::TRACE, message, ""), 1, "{lines:#?}");
     }
+}
+
+/// The spec's `pullInterval` (default 0: off). A client built without it, attached to a
+/// replica as `KSync` does and pulled once, sends no pull of its own while another replica's
+/// event waits on the server, for several times the period that the client with one set
+/// needs to fetch it. Absence is counted on the server, not raced.
+#[tokio::test]
+async fn without_pull_interval_the_client_never_pulls_by_itself() {
+    use std::sync::Arc;
+
+    use ksync_core::{InMemoryStorage, KSync};
+
+    const PERIOD: Duration = Duration::from_millis(100);
+    let (server, requests) = start_recording(&["idle", "ticking"]).await;
+    let open = |client: GitSyncClient| async move {
+        KSync::builder()
+            .storage(Arc::new(InMemoryStorage::new()))
+            .sync_client(Arc::new(client))
+            .build()
+            .await
+            .expect("ksync")
+    };
+    let idle = open(client_with(&server.repo_url("idle"), None)).await;
+    // A pull would start auto-pull were an interval set: it must not here.
+    idle.pull().await.expect("first pull");
+    let pulls_of = |repo: &str| {
+        requests_to(
+            &requests,
+            "GET",
+            &format!("/git/{repo}/branches/main/events"),
+        )
+        .len()
+    };
+    let idle_pulls = pulls_of("idle");
+    assert_eq!(idle_pulls, 1);
+
+    let waiting = std::time::Instant::now();
+    for repo in ["idle", "ticking"] {
+        let writer = client_with(&server.repo_url(repo), None);
+        writer
+            .send(Event::new("later", "note", json!(repo), 1))
+            .await
+            .expect("send");
+        writer.push().await.expect("push");
+    }
+    let ticking = open(
+        GitSyncClient::builder(server.repo_url("ticking"))
+            .auth(Auth::token("writer"))
+            .pull_interval(PERIOD)
+            .build()
+            .expect("client"),
+    )
+    .await;
+    let has_later = |k: &KSync<GitSyncClient>| k.state().expect("state").contains_key("later");
+    // With the interval set it comes on its own (the first auto-pull is a period after the
+    // attach).
+    let deadline = waiting + Duration::from_millis(1500);
+    while !has_later(&ticking) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "auto-pull never brought it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(pulls_of("ticking") >= 1);
+    // Five periods at least since the event was there to pull.
+    let quiet_for = 5 * PERIOD;
+    if let Some(left) = quiet_for.checked_sub(waiting.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    assert_eq!(pulls_of("idle"), idle_pulls, "no pull of its own");
+    assert!(!has_later(&idle));
+    // It was there to get all along.
+    idle.pull().await.expect("pull");
+    assert!(has_later(&idle));
 }
