@@ -666,3 +666,73 @@ async fn a_branch_made_after_a_push_holds_the_pushed_events() {
     let ids: Vec<_> = pulled.new_events.iter().map(|e| e.data.clone()).collect();
     assert_eq!(ids, [json!("b's")], "only B's event is new to A");
 }
+
+/// The `sync` notification is one exchange's events: for a push, the events the service
+/// stored (not one it refused as a collision; nothing for a push it refused outright); for a
+/// pull, the events taken in.
+#[tokio::test]
+async fn sync_notifies_what_the_server_stored_and_what_a_pull_took_in() {
+    use std::sync::Mutex;
+
+    use ksync_core::{Auth, Notification, NotificationKind, Subscription, SyncError};
+
+    type Batches = Arc<Mutex<Vec<Vec<String>>>>;
+    fn synced(client: &GitSyncClient) -> (Batches, Subscription) {
+        let batches = Batches::default();
+        let seen = Arc::clone(&batches);
+        let sub = client.notifier().on_kind(NotificationKind::Sync, move |n| {
+            if let Notification::Sync(events) = n {
+                let ids = events.iter().map(|e| e.id.clone()).collect();
+                seen.lock().expect("lock").push(ids);
+            }
+        });
+        (batches, sub)
+    }
+    fn ids(events: &[Event]) -> Vec<&str> {
+        events.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    let server = start(&["s"]).await;
+    let url = server.repo_url("s");
+    let other = client(&url);
+    other
+        .send(Event::new("doc", "note", json!("theirs"), 1))
+        .await
+        .expect("send");
+    other.push().await.expect("push");
+
+    // Other content under the server's (id, version): refused, the rest stored.
+    let ours = client(&url);
+    let (batches, _sub) = synced(&ours);
+    ours.send(Event::new("doc", "note", json!("ours"), 1))
+        .await
+        .expect("send");
+    ours.send(Event::new("fresh", "note", json!(1), 1))
+        .await
+        .expect("send");
+    let pushed = ours.push().await.expect("push");
+    assert_eq!(ids(&pushed.rejected_events), ["doc"]);
+    assert_eq!(ids(&pushed.pushed_events), ["fresh"]);
+    // Handlers run as the notification is emitted: all of them have run by now.
+    assert_eq!(*batches.lock().expect("lock"), [["fresh"]]);
+
+    let reader = GitSyncClient::builder(&url)
+        .auth(Auth::token("reader"))
+        .build()
+        .expect("client");
+    let (refused, _sub) = synced(&reader);
+    reader
+        .send(Event::new("nope", "note", json!(1), 1))
+        .await
+        .expect("send");
+    let err = reader.push().await.expect_err("a reader may not push");
+    assert!(matches!(err, SyncError::Auth(_)), "{err}");
+    assert!(refused.lock().expect("lock").is_empty());
+    assert_eq!(ids(&branch_events(&server, "s", "main")), ["doc", "fresh"]);
+
+    let fresh = client(&url);
+    let (pulled_batches, _sub) = synced(&fresh);
+    let pulled = fresh.pull().await.expect("pull");
+    assert_eq!(ids(&pulled.new_events), ["doc", "fresh"]);
+    assert_eq!(*pulled_batches.lock().expect("lock"), [["doc", "fresh"]]);
+}

@@ -1,4 +1,5 @@
-//! What a user observes of a peer besides its log: its debug logs (the spec's `debug`).
+//! What a user observes of a peer besides its log: its debug logs (the spec's `debug`) and
+//! its `sync` notifications.
 
 mod common;
 
@@ -170,4 +171,51 @@ async fn debug_option_turns_on_debug_logs_for_that_client() {
     );
     loud.stop().await.expect("stop");
     quiet.stop().await.expect("stop");
+}
+
+/// `sync` is a batch taken in from another peer: the receiver is notified of the events it got,
+/// the sender never of what it sent (P2P has no acknowledgement to report). The notifications
+/// are read once both sends were taken in, so one for a send would be there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_notifies_the_events_received_never_the_ones_sent() {
+    use ksync_core::{Notification, NotificationKind, Subscription};
+
+    type Batches = Arc<Mutex<Vec<Vec<String>>>>;
+    fn synced(client: &P2PSyncClient) -> (Batches, Subscription) {
+        let batches = Batches::default();
+        let seen = Arc::clone(&batches);
+        let sub = client.notifier().on_kind(NotificationKind::Sync, move |n| {
+            if let Notification::Sync(events) = n {
+                let ids = events.iter().map(|e| e.id.clone()).collect();
+                seen.lock().expect("lock").push(ids);
+            }
+        });
+        (batches, sub)
+    }
+    let flat = |batches: &Batches| batches.lock().expect("lock").concat();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = peer(dir.path(), "a").await;
+    let b = peer(dir.path(), "b").await;
+    let (at_a, _sub_a) = synced(&a);
+    let (at_b, _sub_b) = synced(&b);
+    link(&a, &b).await;
+    wait_mesh(&[a.clone(), b.clone()]).await;
+
+    let from_a = event(a.peer_id(), 0);
+    a.broadcast(from_a.clone()).await.expect("broadcast");
+    wait_until(10, "b has a's event", || {
+        keys(&b).contains(&(from_a.id.clone(), from_a.version))
+    })
+    .await;
+    let from_b = event(b.peer_id(), 0);
+    b.broadcast(from_b.clone()).await.expect("broadcast");
+    wait_until(10, "a has b's event", || {
+        keys(&a).contains(&(from_b.id.clone(), from_b.version))
+    })
+    .await;
+    assert_eq!(flat(&at_b), [from_a.id.as_str()]);
+    assert_eq!(flat(&at_a), [from_b.id.as_str()]);
+    a.stop().await.expect("stop");
+    b.stop().await.expect("stop");
 }
