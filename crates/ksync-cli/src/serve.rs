@@ -127,6 +127,20 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
     request_body_timeout_secs: u64,
 
+    /// Longest wait, in seconds, for a request's headers (from connecting, or from the
+    /// previous response on a keep-alive connection) before the connection is closed.
+    #[arg(long, env = "KSYNC_REQUEST_HEADER_TIMEOUT_SECS", value_name = "SECS",
+        default_value_t = Limits::default().request_header_timeout.as_secs(),
+        allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
+    request_header_timeout_secs: u64,
+
+    /// Most plain HTTP connections open at once (WebSockets count against
+    /// --max-connections); past it new clients wait until one closes.
+    #[arg(long, env = "KSYNC_MAX_HTTP_CONNECTIONS", value_name = "N",
+        default_value_t = Limits::default().max_http_connections,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_http_connections: usize,
+
     /// Seconds between heartbeats (pings) on idle WebSockets.
     #[arg(long, env = "KSYNC_HEARTBEAT_SECS", value_name = "SECS", default_value_t = 30,
         allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
@@ -307,6 +321,8 @@ impl ServeArgs {
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
                 max_git_requests: self.max_git_requests,
                 request_body_timeout: Duration::from_secs(self.request_body_timeout_secs),
+                request_header_timeout: Duration::from_secs(self.request_header_timeout_secs),
+                max_http_connections: self.max_http_connections,
             },
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),

@@ -429,7 +429,7 @@ fn usage_error(command: Command) -> String {
 /// internal field (`max_message_size`) for 0.
 #[test]
 fn bad_limit_values_are_usage_errors_naming_the_flag() {
-    let cases: [(&str, &str, &[&str], &str); 9] = [
+    let cases: [(&str, &str, &[&str], &str); 11] = [
         (
             "--max-message-bytes",
             "KSYNC_MAX_MESSAGE_BYTES",
@@ -453,6 +453,18 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
             "--heartbeat-secs",
             "KSYNC_HEARTBEAT_SECS",
             &["0", "-30", "30s"],
+            "at least 1",
+        ),
+        (
+            "--request-header-timeout-secs",
+            "KSYNC_REQUEST_HEADER_TIMEOUT_SECS",
+            &["0", "-1", "30s"],
+            "at least 1",
+        ),
+        (
+            "--max-http-connections",
+            "KSYNC_MAX_HTTP_CONNECTIONS",
+            &["0", "-1"],
             "at least 1",
         ),
         (

@@ -78,6 +78,16 @@ pub struct Limits {
     /// Longest wait for the next piece of a request body (30 s); a client that stops sending
     /// mid-body gets 408 and its request's memory is freed. The whole body may take longer.
     pub request_body_timeout: Duration,
+    /// Longest wait for a request's headers (30 s), from the connection's start or from the
+    /// end of its previous response: a client that sends them too slowly, or leaves a
+    /// keep-alive connection idle that long, is disconnected. WebSockets are not affected
+    /// once upgraded (the heartbeat watches them).
+    pub request_header_timeout: Duration,
+    /// Most plain HTTP connections open at once (1,024), idle keep-alive ones included;
+    /// WebSockets count against `max_connections` instead once upgraded. Past it the server
+    /// stops accepting until one closes: new clients wait in the listen backlog (nothing is
+    /// refused, no file descriptor is spent on them).
+    pub max_http_connections: usize,
 }
 
 impl Default for Limits {
@@ -89,6 +99,8 @@ impl Default for Limits {
             shutdown_timeout: Duration::from_secs(10),
             max_git_requests: 256,
             request_body_timeout: Duration::from_secs(30),
+            request_header_timeout: Duration::from_secs(30),
+            max_http_connections: 1024,
         }
     }
 }

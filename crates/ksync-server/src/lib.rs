@@ -18,6 +18,7 @@ mod auth;
 mod config;
 mod dashboard;
 mod error;
+mod http;
 mod ratelimit;
 mod server;
 mod signal;

@@ -238,15 +238,22 @@ impl Server {
         let app = self.router();
         let (stop_tx, stop_rx) = watch::channel(false);
         let tls = self.tls.is_some();
+        let limits = crate::http::ConnectionLimits {
+            max_connections: self.config.limits.max_http_connections,
+            header_timeout: self.config.limits.request_header_timeout,
+        };
         let task = match &self.tls {
             // Small frames must not wait for Nagle's algorithm (it added ~10 ms p50).
-            None => tokio::spawn(serve(ksync_ws::server::nodelay(listener), app, stop_rx)),
+            None => tokio::spawn(crate::http::serve(
+                ksync_ws::server::nodelay(listener),
+                app,
+                limits,
+                stop_rx,
+            )),
+            // TLS connections already have TCP_NODELAY.
             Some(certificates) => {
-                // The tap gives axum's connect-info impl for a custom listener; TLS
-                // connections already have TCP_NODELAY.
                 let listener = crate::tls::TlsListener::new(listener, Arc::clone(certificates));
-                let listener = axum::serve::ListenerExt::tap_io(listener, |_: &mut _| {});
-                tokio::spawn(serve(listener, app, stop_rx))
+                tokio::spawn(crate::http::serve(listener, app, limits, stop_rx))
             }
         };
         tracing::info!(%local_addr, tls, storage = %self.storage, auth = self.authenticator.required(), "ksync server listening");
@@ -262,23 +269,6 @@ impl Server {
             shutdown_timeout: self.config.limits.shutdown_timeout,
         })
     }
-}
-
-/// Serves `app` on `listener` until `stop` says so.
-async fn serve<L>(listener: L, app: Router, mut stop: watch::Receiver<bool>) -> std::io::Result<()>
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-    SocketAddr: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
-{
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        // Err: the sender is gone, which also means stop.
-        let _ = stop.wait_for(|stop| *stop).await;
-    })
-    .await
 }
 
 fn open_storage(

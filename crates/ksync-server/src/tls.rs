@@ -100,7 +100,7 @@ fn acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ServerError> {
         // Also checks that the key is the certificate's.
         .with_single_cert(chain, key)
         .map_err(|e| invalid(&tls.key, format!("key and certificate do not match: {e}")))?;
-    // axum serves HTTP/1.1 here (WebSocket upgrades need it).
+    // The server speaks HTTP/1.1 (WebSocket upgrades need it; see `http.rs`).
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -1,0 +1,171 @@
+//! The HTTP accept loop's bounds: connections that send no request (or half of one, or go
+//! idle between requests) are closed after `request_header_timeout`, and at most
+//! `max_http_connections` plain HTTP connections are open at once, without counting
+//! WebSockets once upgraded.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ksync_server::{AuthConfig, Limits, Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn with_limits(limits: Limits) -> ServerConfig {
+    ServerConfig {
+        limits,
+        ..config(AuthConfig::default())
+    }
+}
+
+/// Reads until the server closes the connection; panics if it is still open after `within`.
+/// Returns what was read.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut read = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return read,
+            Ok(Ok(n)) => read.extend_from_slice(&buffer[..n]),
+            Err(_) => panic!(
+                "still open after {within:?}; read {:?}",
+                String::from_utf8_lossy(&read)
+            ),
+        }
+    }
+}
+
+const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+/// Reads one response to `GET /health` (its head and body) off a keep-alive connection.
+async fn read_health_response(stream: &mut TcpStream) -> String {
+    let mut read = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("a response within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed before the response: {read:?}");
+        read.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&read).into_owned();
+        // /health answers a small JSON object.
+        if text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
+            return text;
+        }
+    }
+}
+
+#[tokio::test]
+async fn silent_half_sent_and_idle_connections_are_closed_after_the_header_timeout() {
+    let running = Server::bind(with_limits(Limits {
+        request_header_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    }))
+    .await
+    .expect("server");
+    let addr = running.local_addr();
+
+    // Connects and sends nothing.
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    // Sends part of a request's headers and stops.
+    let mut half = TcpStream::connect(addr).await.expect("connect");
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: loc")
+        .await
+        .expect("write");
+    // One whole request, answered, then nothing more on the keep-alive connection.
+    let mut idle = TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(HEALTH).await.expect("write");
+    let response = read_health_response(&mut idle).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    // The timeout is 1 s; the margin is for a loaded machine.
+    closed_within(&mut silent, Duration::from_secs(10)).await;
+    closed_within(&mut half, Duration::from_secs(10)).await;
+    let after = closed_within(&mut idle, Duration::from_secs(10)).await;
+    assert!(after.is_empty() || String::from_utf8_lossy(&after).starts_with("HTTP/1.1 408"));
+
+    // The server still answers new clients.
+    let health = reqwest::get(format!("http://{addr}/health"))
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 200);
+    running.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn past_max_http_connections_new_clients_wait_until_one_closes() {
+    let running = Server::bind(with_limits(Limits {
+        max_http_connections: 2,
+        ..Limits::default()
+    }))
+    .await
+    .expect("server");
+    let addr = running.local_addr();
+
+    let mut first = TcpStream::connect(addr).await.expect("connect");
+    let second = TcpStream::connect(addr).await.expect("connect");
+    // The first two are served.
+    first.write_all(HEALTH).await.expect("write");
+    assert!(
+        read_health_response(&mut first)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+
+    // A third is accepted by the kernel (the backlog), not by the server: its request waits.
+    let mut third = TcpStream::connect(addr).await.expect("connect");
+    third.write_all(HEALTH).await.expect("write");
+    let mut buffer = [0u8; 256];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buffer)).await;
+    assert!(
+        early.is_err(),
+        "the third connection was served while two were open: {early:?}"
+    );
+
+    // One closes: the third is taken and answered.
+    drop(second);
+    assert!(
+        read_health_response(&mut third)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    drop(first);
+    running.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn websockets_leave_the_http_connection_count_once_upgraded() {
+    let running = Server::bind(with_limits(Limits {
+        max_http_connections: 1,
+        ..Limits::default()
+    }))
+    .await
+    .expect("server");
+    let url = format!("ws://{}/ws/room", running.local_addr());
+
+    // Three WebSockets at once through a cap of one HTTP connection, each joined.
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        let (mut ws, _) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await
+        .expect("upgraded within 10 s")
+        .expect("connect");
+        send(&mut ws, serde_json::json!({"type": "hello", "protocol": 1})).await;
+        assert_eq!(recv(&mut ws).await["type"], "welcome");
+        sockets.push(ws);
+    }
+    assert_eq!(running.connections(), 3);
+    // And plain HTTP still gets its one connection.
+    let health = reqwest::get(format!("http://{}/health", running.local_addr()))
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 200);
+    drop(sockets);
+    running.shutdown().await.expect("shutdown");
+}
