@@ -41,6 +41,42 @@ test('`sync` carries the events of a catch-up batch', async () => {
   }
 });
 
+test('`sync` follows each acknowledged send (stored or duplicate) and each live batch', async () => {
+  const server = await sharedServer();
+  const room = `${server.ws}/ws/sync-acked`;
+  const rust = startPeer(room);
+  try {
+    await rust.waitConnected();
+    const page = await pageClient(browser, server.http, room, {}, `(client) => {
+      client.use('outgoing', (event) => ({ ...event, data: { ...event.data, stamped: true } }));
+    }`);
+    const syncs = () => page.evaluate(() => window.syncs);
+    const mine = makeEvent('mine', { n: 1 });
+    // Notified with the ack, before `send` resolves; as given to `send`, before middleware.
+    assert.equal((await page.evaluate((e) => window.client.send(e), mine)).status, 'stored');
+    assert.deepEqual(await syncs(), [[mine]]);
+    await waitFor(() => rust.received().some((e) => e.id === mine.id), 5000, 'the Rust client got it');
+    assert.deepEqual(rust.received().find((e) => e.id === mine.id).data, { n: 1, stamped: true });
+    assert.equal((await page.evaluate((e) => window.client.send(e), mine)).status, 'duplicate');
+    assert.deepEqual(await syncs(), [[mine], [mine]]);
+    // A conflict is not in the room: no `sync`.
+    const clash = { ...mine, data: { n: 2 } };
+    assert.equal((await page.evaluate((e) => window.client.send(e), clash)).status, 'conflict');
+    assert.equal((await syncs()).length, 2);
+
+    // A live batch from the Rust client.
+    const theirs = makeEvent('theirs', { from: 'rust' });
+    rust.send(theirs);
+    await waitFor(async () => (await syncs()).length === 3, 5000, 'a sync for the live batch');
+    const live = (await syncs())[2];
+    assert.deepEqual(live.map((e) => [e.id, e.data]), [[theirs.id, theirs.data]]);
+    await page.close();
+  } finally {
+    await rust.quit();
+    await server.stop();
+  }
+});
+
 test('`conflict` is notified when the room holds other content under the same id and version', async () => {
   const server = await sharedServer();
   const room = `${server.ws}/ws/conflicted`;

@@ -148,7 +148,13 @@ pub enum Notification {
     },
     /// An event arrived from elsewhere (after dedup and incoming middleware).
     Event(Event),
-    /// A batch of events was synced (received or sent) in one exchange.
+    /// A batch of events exchanged with the remote in one exchange, never empty, as the
+    /// application has them: the events received from it (one batch, page or message, after
+    /// incoming middleware, only those new here), or the events it acknowledged storing, now
+    /// safely on it (before outgoing middleware). WebSocket: one per received `events` batch or
+    /// `snapshot` page, and one per `ack` with the events whose result is `stored` or
+    /// `duplicate` (none for an ack without such results). Git: one per pulled page and one
+    /// per acknowledged push batch. P2P has no acknowledgement: received events only.
     Sync(Vec<Event>),
     /// Something failed.
     Error(Arc<SyncError>),

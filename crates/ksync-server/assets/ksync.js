@@ -191,6 +191,13 @@ function checkEvent(event) {
   if (!Number.isSafeInteger(event.timestamp) || event.timestamp < 0) throw new TypeError('event.timestamp must be milliseconds since the epoch');
 }
 
+/** The fields of `event` that go on the wire. */
+function wireForm(event) {
+  const wire = { id: event.id, type: event.type, data: event.data ?? null, timestamp: event.timestamp, version: event.version };
+  if (event.origin !== undefined) wire.origin = event.origin;
+  return wire;
+}
+
 async function inflateRaw(data) {
   const stream = new Blob([data]).stream().pipeThrough(new DecompressionStream('deflate-raw'));
   return new Response(stream).text();
@@ -213,8 +220,9 @@ async function inflateRaw(data) {
  * ({min: 250, max: 30000} ms), `maxOutbox` (10000), `metricsInterval` (5000 ms).
  *
  * Notifications (`on(type, handler)`): `connected` (welcome), `disconnected` ({code, reason}),
- * `reconnecting` (attempt), `event` (event, {seq, room}), `sync` (events of a catch-up batch),
- * `ack` (results), `conflict` ({type, ours, theirs}), `error` (KSyncError), `status`
+ * `reconnecting` (attempt), `event` (event, {seq, room}), `sync` (the events of one exchange:
+ * a received batch or snapshot page, or an `ack`'s `stored` and `duplicate` events as given to
+ * `send`), `ack` (results), `conflict` ({type, ours, theirs}), `error` (KSyncError), `status`
  * ('connected', 'syncing', 'idle' or 'error'), `metrics` ({eventsPerSecond, averageLatency,
  * bandwidthUsage}: events and bytes sent plus received per second, mean ack round trip in ms).
  */
@@ -394,12 +402,14 @@ export class WebSocketSyncClient extends Emitter {
     if (this.pending >= this.#options.maxOutbox) {
       throw new KSyncError('outbox_full', `more than ${this.#options.maxOutbox} events wait for the server`);
     }
-    const wire = { id: out.id, type: out.type, data: out.data ?? null, timestamp: out.timestamp, version: out.version };
-    if (out.origin !== undefined) wire.origin = out.origin;
+    const wire = wireForm(out);
     const bytes = utf8Length(JSON.stringify(wire));
     if (bytes + PUBLISH_OVERHEAD > this.#maxMessageSize) throw this.#tooLarge(wire, bytes);
+    // The `sync` of its ack carries the event as given to `send`, as a received one's carries
+    // it after the incoming middleware.
+    const local = out === event ? wire : wireForm(event);
     const ack = new Promise((resolve, reject) => {
-      this.#outbox.push({ event: wire, bytes, resolve, reject });
+      this.#outbox.push({ event: wire, local, bytes, resolve, reject });
     });
     if (this.#connected) this.#schedule();
     this.#updateStatus();
@@ -620,8 +630,8 @@ export class WebSocketSyncClient extends Emitter {
       events.push(taken);
       this.emit('event', taken, { seq, room: this.#room });
     }
-    const last = batch.length ? batch[batch.length - 1].seq : 0;
-    if (events.length && last <= this.#serverVersion) this.emit('sync', events);
+    // One `sync` per batch received, catch-up or live (as the Rust client).
+    if (events.length) this.emit('sync', events);
     this.#updateStatus();
   }
 
@@ -653,14 +663,18 @@ export class WebSocketSyncClient extends Emitter {
     this.#meter.acks += 1;
     const results = ack.results ?? [];
     this.emit('ack', results);
+    // The events now safely in the room: this exchange's `sync`.
+    const synced = [];
     items.forEach((item, i) => {
       const result = results[i] ?? { status: 'failed', message: 'no result for this event' };
       switch (result.status) {
         case 'stored':
           if (this.#cursor === null || result.seq > this.#cursor) this.#cursor = result.seq;
+          synced.push(item.local);
           item.resolve(result);
           break;
         case 'duplicate':
+          synced.push(item.local);
           item.resolve(result);
           break;
         case 'conflict':
@@ -676,6 +690,7 @@ export class WebSocketSyncClient extends Emitter {
           this.#outbox.push(item);
       }
     });
+    if (synced.length) this.emit('sync', synced);
     this.#updateStatus();
   }
 

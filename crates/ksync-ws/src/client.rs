@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use ksync_core::{
     Auth, BoxFuture, Direction, Event, EventLimits, Filter, MeterTotals, MetricsMeter, Middleware,
-    Notification, Notifier, PROTOCOL_VERSION, Pipeline, Replica, Status, Stored, SyncClient,
-    SyncError, debug_log,
+    Notification, NotificationKind, Notifier, PROTOCOL_VERSION, Pipeline, Replica, Status, Stored,
+    SyncClient, SyncError, debug_log,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot, watch};
@@ -870,7 +870,27 @@ struct Flight {
     sent_at: Instant,
     /// The events sent, for matching results.
     ids: Vec<String>,
+    /// The events sent as the application made them, for the `sync` of the ack: kept only
+    /// when something listened for `sync` as they went out (in-flight events are otherwise
+    /// not held twice).
+    synced: Option<Vec<Event>>,
     done: bool,
+}
+
+/// An event on its way out.
+struct Outgoing {
+    /// The form it is published in (after the outgoing middleware).
+    wire: Event,
+    /// The form the application made, when a `sync` will need it and middleware may have
+    /// changed it (`None`: `wire` is that form). A received batch's `sync` carries events
+    /// after the incoming middleware, so an ack's carries them before the outgoing one.
+    local: Option<Event>,
+}
+
+impl Outgoing {
+    fn into_local(self) -> Event {
+        self.local.unwrap_or(self.wire)
+    }
 }
 
 struct Session {
@@ -1196,6 +1216,9 @@ impl Session {
         self.inner.queued.store(0, Ordering::Release);
         let max_in_flight = config.max_in_flight;
         let debug = config.debug;
+        let wants_sync = self.inner.notifier.wants(NotificationKind::Sync);
+        // The application's form differs from the wire's only through middleware.
+        let keep_local = wants_sync && !self.inner.pipeline.is_empty();
         let rescan = self.inner.rescan_from.swap(u64::MAX, Ordering::AcqRel);
         if rescan <= self.sent_upto {
             // A forwarded event lies behind the scan: look again from there (what was sent
@@ -1214,8 +1237,9 @@ impl Session {
             self.sent_upto = upto.max(scanned);
             let mut events = Vec::with_capacity(pending.len());
             for stored in pending {
+                let local = keep_local.then(|| stored.event.clone());
                 match self.outgoing(stored.event) {
-                    Ok(Some(event)) => events.push(event),
+                    Ok(Some(wire)) => events.push(Outgoing { wire, local }),
                     Ok(None) => {}
                     Err(e) => self.inner.notifier.emit(Notification::Error(Arc::new(e))),
                 }
@@ -1229,20 +1253,25 @@ impl Session {
                     upto,
                     sent_at: Instant::now(),
                     ids: Vec::new(),
+                    synced: None,
                     done: true,
                 });
                 continue;
             }
-            let mut pieces: VecDeque<Vec<Event>> =
-                events.chunks(limit).map(<[Event]>::to_vec).collect();
+            let mut pieces: VecDeque<Vec<Outgoing>> = VecDeque::new();
+            let mut rest = events.into_iter().peekable();
+            while rest.peek().is_some() {
+                pieces.push_back(rest.by_ref().take(limit).collect());
+            }
             while let Some(piece) = pieces.pop_front() {
                 // Only the last piece covers the whole page.
                 let flight_upto = if pieces.is_empty() { upto } else { previous };
                 let reference = self.next_ref;
+                let wire: Vec<&Event> = piece.iter().map(|o| &o.wire).collect();
                 let json = serde_json::to_vec(&PublishOut {
                     kind: "publish",
                     reference,
-                    events: &piece,
+                    events: &wire,
                 })
                 .map_err(|e| WsError::Protocol(e.to_string()))?;
                 if json.len() > self.server_max_message {
@@ -1255,7 +1284,7 @@ impl Session {
                     }
                     // One event larger than the server accepts: sending it would only get the
                     // connection closed (1009) again and again. Report it and skip it.
-                    let id = piece.first().map(|e| e.id.clone()).unwrap_or_default();
+                    let id = piece.first().map(|o| o.wire.id.clone()).unwrap_or_default();
                     let message = format!(
                         "{} bytes encoded; the server accepts at most {}",
                         json.len(),
@@ -1269,6 +1298,7 @@ impl Session {
                         upto: flight_upto,
                         sent_at: Instant::now(),
                         ids: Vec::new(),
+                        synced: None,
                         done: true,
                     });
                     continue;
@@ -1286,7 +1316,9 @@ impl Session {
                     reference: Some(reference),
                     upto: flight_upto,
                     sent_at: Instant::now(),
-                    ids: piece.iter().map(|e| e.id.clone()).collect(),
+                    ids: piece.iter().map(|o| o.wire.id.clone()).collect(),
+                    synced: wants_sync
+                        .then(|| piece.into_iter().map(Outgoing::into_local).collect()),
                     done: false,
                 });
                 self.write(socket, message).await?;
@@ -1524,15 +1556,22 @@ impl Session {
             )));
         }
         let ids = std::mem::take(&mut self.in_flight[index].ids);
+        // The sent events in the application's form, in the order of `ids` and the results.
+        let mut synced = self.in_flight[index].synced.take().map(Vec::into_iter);
+        let mut on_server = Vec::new();
         let latency = self.in_flight[index].sent_at.elapsed();
         self.counters.add_round_trip(latency);
         self.in_flight_events = self.in_flight_events.saturating_sub(ids.len());
         let mut held = Vec::new();
         let mut failure = None;
         for (result, id) in ack.results.into_iter().zip(ids) {
+            let local = synced.as_mut().and_then(Iterator::next);
             match result {
-                PublishResult::Stored { seq } => self.room_cursor = self.room_cursor.max(seq),
-                PublishResult::Duplicate { .. } => {}
+                PublishResult::Stored { seq } => {
+                    self.room_cursor = self.room_cursor.max(seq);
+                    on_server.extend(local);
+                }
+                PublishResult::Duplicate { .. } => on_server.extend(local),
                 PublishResult::Conflict { held: Some(theirs) } => held.push(theirs),
                 // The ack had no room for the revision: it is in the room's log, at a seq
                 // this client reads (or has read) from the stream, where a replica takes it
@@ -1554,7 +1593,9 @@ impl Session {
             }
         }
         if let Some(message) = failure {
-            // Not stored: reconnecting resends from the acknowledged cursor.
+            // What this ack did place in the room is there; the rest is not stored:
+            // reconnecting resends the publish from the acknowledged cursor.
+            self.notify_synced(on_server);
             return Err(WsError::StoreFailed(message));
         }
         self.in_flight[index].done = true;
@@ -1597,7 +1638,17 @@ impl Session {
             }
         }
         self.save_room_cursor().await?;
-        self.settle().await
+        self.settle().await?;
+        self.notify_synced(on_server);
+        Ok(())
+    }
+
+    /// The `sync` of an ack: the events it says are now safely in the room (stored, or
+    /// already there) were synced in this exchange, as a received batch is. None: no `sync`.
+    fn notify_synced(&self, events: Vec<Event>) {
+        if !events.is_empty() {
+            self.inner.notifier.emit(Notification::Sync(events));
+        }
     }
 
     /// Live or catch-up events with sequence numbers.
@@ -1671,18 +1722,18 @@ const STATE_CHUNK: usize = 500;
 const STATE_SCAN: usize = 10_000;
 
 /// Keeps the highest version of each id, in first-seen order.
-fn latest_per_id(events: Vec<Event>) -> Vec<Event> {
+fn latest_per_id(events: Vec<Outgoing>) -> Vec<Outgoing> {
     let mut index: HashMap<String, usize> = HashMap::new();
-    let mut out: Vec<Event> = Vec::new();
+    let mut out: Vec<Outgoing> = Vec::new();
     for event in events {
-        match index.get(&event.id) {
+        match index.get(&event.wire.id) {
             Some(&i) => {
-                if event.version >= out[i].version {
+                if event.wire.version >= out[i].wire.version {
                     out[i] = event;
                 }
             }
             None => {
-                index.insert(event.id.clone(), out.len());
+                index.insert(event.wire.id.clone(), out.len());
                 out.push(event);
             }
         }
@@ -1697,7 +1748,7 @@ struct PublishOut<'a> {
     kind: &'static str,
     #[serde(rename = "ref")]
     reference: u64,
-    events: &'a [Event],
+    events: &'a [&'a Event],
 }
 
 // Keeps the wire type and the borrowed form in step.

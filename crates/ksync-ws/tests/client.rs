@@ -657,6 +657,94 @@ async fn notifications_connected_status_event_sync_metrics_disconnected() {
     server.stop().await;
 }
 
+/// The events of each `sync` notification a recorder saw, as `(id, data)`, in order.
+fn syncs(rec: &Recorder) -> Vec<Vec<(String, serde_json::Value)>> {
+    rec.all()
+        .into_iter()
+        .filter_map(|n| match n {
+            Notification::Sync(events) => {
+                Some(events.into_iter().map(|e| (e.id, e.data)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sync_is_notified_for_each_acknowledged_send_and_each_received_batch() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("synced"));
+    // `a` keeps a replica and stamps what it publishes; `b` is standalone.
+    let a = ksync_with(WebSocketSyncClient::builder(&url).build().expect("a")).await;
+    a.client()
+        .use_middleware(Direction::Outgoing, |mut e: Event| {
+            e.data["stamped"] = json!(true);
+            Some(e)
+        });
+    let b = WebSocketSyncClient::builder(&url).build().expect("b");
+    let ra = Recorder::attach(a.client().as_ref());
+    let rb = Recorder::attach(&b);
+    a.connect().await.expect("a");
+    b.connect().await.expect("b");
+
+    // Acknowledged (stored): the sender's `sync` has the event as the application made it;
+    // the receiver's has the received batch, as it arrived.
+    let sent = a.emit("note", json!({"n": 1})).await.expect("emit");
+    eventually("a's ack gave a sync", || !syncs(&ra).is_empty()).await;
+    assert_eq!(syncs(&ra), vec![vec![(sent.id.clone(), json!({"n": 1}))]]);
+    eventually("b's batch gave a sync", || !syncs(&rb).is_empty()).await;
+    assert_eq!(
+        syncs(&rb),
+        vec![vec![(sent.id.clone(), json!({"n": 1, "stamped": true}))]]
+    );
+
+    // Acknowledged as a duplicate: the room holds it, so it is synced too.
+    let mine = Event::new("mine", "t", json!("b's"), 1);
+    b.send(mine.clone()).await.expect("send");
+    eventually("b's first ack", || syncs(&rb).len() == 2).await;
+    b.send(mine.clone()).await.expect("send again");
+    eventually("b's duplicate ack", || syncs(&rb).len() == 3).await;
+    // A conflict is not on the server: no `sync` for its ack (the next send's ack, answered
+    // after it, shows the conflict's ack was handled).
+    b.send(Event::new(sent.id.clone(), "note", json!("other"), 1))
+        .await
+        .expect("send conflicting");
+    b.send(Event::new("last", "t", json!("end"), 1))
+        .await
+        .expect("send");
+    eventually("b's last ack", || {
+        syncs(&rb)
+            .last()
+            .and_then(|s| s.first())
+            .is_some_and(|(id, _)| id == "last")
+    })
+    .await;
+    let one = |id: &str, data: serde_json::Value| vec![(id.to_owned(), data)];
+    assert_eq!(
+        syncs(&rb)[1..],
+        [
+            one("mine", json!("b's")),
+            one("mine", json!("b's")),
+            one("last", json!("end"))
+        ]
+    );
+    assert_eq!(
+        rb.count(|n| matches!(n, Notification::Error(e) if e.to_string().contains(&sent.id))),
+        1,
+        "the conflict was reported: {:?}",
+        rb.all()
+    );
+    // `a` got b's two stored events as received batches (the duplicate stored nothing new).
+    eventually("a received b's events", || syncs(&ra).len() == 3).await;
+    assert_eq!(
+        syncs(&ra)[1..],
+        [one("mine", json!("b's")), one("last", json!("end"))]
+    );
+    a.disconnect().await.expect("a");
+    b.disconnect().await.expect("b");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn standalone_outbox_is_bounded_and_refuses_the_newest() {
     let client = WebSocketSyncClient::builder("ws://127.0.0.1:9/ws")
