@@ -1452,3 +1452,65 @@ fn max_message_size_outside_its_range_is_a_config_error() {
         assert!(relay(good).is_ok(), "{good} refused");
     }
 }
+
+/// A connection that leaves while its room's queue is full still leaves the room: its
+/// unsubscribe waits for room in the queue rather than being dropped. Here the departed
+/// subscriber gets no fan-out afterwards (the only publish after it is a duplicate), which
+/// was the one other way its departure could be noticed; without the unsubscribe the room
+/// stayed open, with its log, after everyone had gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_closes_after_its_last_connection_even_if_one_left_while_the_queue_was_full() {
+    let provider = Arc::new(GatedProvider::new());
+    let server = start_with(
+        RelayConfig {
+            room_queue: 2,
+            ..RelayConfig::default()
+        },
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("full"));
+    let (mut publisher, _) = join(&url, hello()).await;
+    let (mut leaver, _) = join(&url, hello()).await;
+    let publish = json!({"type":"publish","ref":1,"events":[event("x", 1)]});
+    send_json(&mut publisher, publish.clone()).await;
+    assert_eq!(
+        recv_json(&mut publisher).await["results"][0]["status"],
+        "stored"
+    );
+    assert_eq!(recv_json(&mut leaver).await["type"], "events");
+
+    // The room waits in the append of a duplicate; two joiners fill its queue of 2.
+    provider.close_gate();
+    let mut again = publish.clone();
+    again["ref"] = json!(2);
+    send_json(&mut publisher, again).await;
+    let joiners: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { join(&url, hello()).await.0 })
+        })
+        .collect();
+    // Time for the joiners' subscribes to be queued, then for the leaver's connection to end
+    // while the queue is full.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(leaver);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    provider.open_gate();
+
+    let ack = recv_json(&mut publisher).await;
+    assert_eq!(ack["results"][0]["status"], "duplicate", "{ack}");
+    let mut joined = Vec::new();
+    for joiner in joiners {
+        joined.push(joiner.await.expect("joiner"));
+    }
+    assert_eq!(server.relay.open_rooms(), 1);
+    drop(joined);
+    drop(publisher);
+    eventually("the room to close after everyone left", || {
+        server.relay.open_rooms() == 0
+    })
+    .await;
+    server.stop().await;
+}

@@ -13,6 +13,7 @@ use std::task::Poll;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use ksync_core::{AppendOutcome, Event, LogName, Name, Storage, StorageProvider, Stored};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 
 use super::outbox::{Outbox, Refused};
@@ -570,12 +571,23 @@ pub(crate) struct Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
-        // Err when the room is gone, or its queue is full: it then checks whether it is idle
-        // after those commands, and prunes a departed subscriber at its next fan-out.
-        let _ = self
-            .link
-            .tx
-            .try_send(RoomCommand::Unsubscribe { conn: self.conn });
+        let leave = RoomCommand::Unsubscribe { conn: self.conn };
+        match self.link.tx.try_send(leave) {
+            // Closed: the room is gone already.
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            // The queue is full: wait for room in a task of its own (one per connection
+            // leaving, so at most `max_connections`). Dropped instead, the departure would be
+            // noticed only at the room's next fan-out of events, and a room that got none
+            // would stay open, with its log, for good.
+            Err(TrySendError::Full(leave)) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let tx = self.link.tx.clone();
+                    runtime.spawn(async move {
+                        let _ = tx.send(leave).await;
+                    });
+                }
+            }
+        }
     }
 }
 
