@@ -425,6 +425,12 @@ impl WebSocketSyncClient {
         Cursors::new(&self.inner.config.url).room
     }
 
+    /// How often the client pings the server: the spec's `heartbeat` (30 000 ms unless
+    /// [`WebSocketSyncClientBuilder::heartbeat`] set another).
+    pub fn heartbeat(&self) -> Duration {
+        self.inner.config.heartbeat
+    }
+
     /// This client's id: the `origin` given to standalone events that have none.
     pub fn client_id(&self) -> &str {
         &self.inner.client_id

@@ -745,6 +745,17 @@ async fn sync_is_notified_for_each_acknowledged_send_and_each_received_batch() {
     server.stop().await;
 }
 
+#[test]
+fn heartbeat_defaults_to_the_specs_30000_ms() {
+    let default = WebSocketSyncClient::new("ws://127.0.0.1:9/ws").expect("client");
+    assert_eq!(default.heartbeat(), Duration::from_millis(30_000));
+    let tuned = WebSocketSyncClient::builder("ws://127.0.0.1:9/ws")
+        .heartbeat(Duration::from_millis(1_500))
+        .build()
+        .expect("client");
+    assert_eq!(tuned.heartbeat(), Duration::from_millis(1_500));
+}
+
 #[tokio::test]
 async fn standalone_outbox_is_bounded_and_refuses_the_newest() {
     let client = WebSocketSyncClient::builder("ws://127.0.0.1:9/ws")
