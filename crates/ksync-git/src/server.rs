@@ -1124,6 +1124,7 @@ async fn merge(
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let target = from.len();
+    let start = cursor;
     let mut body = MergeResponse::default();
     while cursor < target {
         let want = usize::try_from(target - cursor)
@@ -1149,9 +1150,13 @@ async fn merge(
     }
     body.server_version = into.len();
     body.from_version = cursor;
+    // A merge that read nothing writes nothing: metadata records are appended to the log (a
+    // file log never compacts), so every no-op merge grew it. Its answer need not be kept
+    // either: it reports no collision, so a retry that merges afresh loses none.
+    let moved = cursor != start;
     // Before the cursor moves past the collisions: a crash in between leaves them to be
     // reported again by the next merge, never by none.
-    if let Some(merge_id) = request.merge_id {
+    if let Some(merge_id) = request.merge_id.filter(|_| moved) {
         let answer = MergeAnswer {
             merge_id,
             appended: body.appended,
@@ -1169,7 +1174,9 @@ async fn merge(
     }
     // The cursor is recorded after the events: a merge cut short is redone, and the redone part
     // deduplicates.
-    into.set_meta(&cursor_key, &cursor.to_string()).await?;
+    if moved {
+        into.set_meta(&cursor_key, &cursor.to_string()).await?;
+    }
     tracing::info!(%repo, into = %into_name, from = %from_name, appended = body.appended,
         conflicts = body.conflicts.len(), "git: merge");
     Ok(s.respond(StatusCode::OK, &headers, &body))

@@ -249,7 +249,9 @@ pub struct MergeRequest {
     pub from: String,
     /// Chosen by the client (up to 64 letters, digits and `-`) and sent again when it retries
     /// a merge whose answer it did not get: the service then answers what it answered that
-    /// merge (it keeps the last answer per pair of branches), so no collision goes unreported.
+    /// merge (it keeps the last answer per pair of branches, of a merge that found something
+    /// new: one that found nothing reports no collision, and a retry merges afresh), so no
+    /// collision goes unreported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge_id: Option<String>,
 }
