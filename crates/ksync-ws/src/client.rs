@@ -388,7 +388,7 @@ impl WebSocketSyncClient {
                 metrics_interval: Duration::from_secs(5),
                 reconnect_min: Duration::from_millis(250),
                 reconnect_max: Duration::from_secs(30),
-                max_message_size: 16 << 20,
+                max_message_size: protocol::CLIENT_MAX_MESSAGE_SIZE,
                 max_in_flight: 10_000,
                 tls_roots_pem: Vec::new(),
             },
