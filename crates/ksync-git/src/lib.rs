@@ -8,6 +8,8 @@
 //! - [`wire`]: the JSON bodies both sides speak (documented in `docs/PROTOCOL.md`).
 
 mod client;
+#[cfg(feature = "server")]
+mod decoded;
 mod error;
 mod gzip;
 #[cfg(feature = "server")]

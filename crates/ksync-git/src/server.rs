@@ -8,10 +8,12 @@
 //! kept in the branch's metadata (`git.branch`) and reported by the branch endpoints.
 //!
 //! Request handling order: names are validated first (400, before any storage is touched),
-//! then credentials (401/403), then existence (404), then the body (413/400).
+//! then credentials (401/403), then existence (404), then the body (413/503/400; see
+//! `GitServerConfig::body_memory_bytes` for the 503).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::body::Body;
@@ -21,11 +23,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use ksync_core::{
-    Access, AppendOutcome, AuthError, Authenticator, Conflict, Credentials, EventLimits, Grant,
-    LogName, Name, ResourceKind, Storage, StorageError, StorageProvider,
+    Access, AppendOutcome, AuthError, Authenticator, Conflict, Credentials, Event, EventLimits,
+    Grant, LogName, Name, ResourceKind, Storage, StorageError, StorageProvider,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::decoded::decoded_bound;
 use crate::gzip::{GunzipError, accepts_gzip, gunzip, gzip};
 use crate::wire::{
     BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_PAGE, DEFAULT_PAGE_BYTES, ErrorBody,
@@ -115,6 +118,17 @@ pub struct GitServerConfig {
     /// log then closes: its file handle, writer thread and index go; the next request
     /// replays it). Without it every repository and branch ever touched stayed in memory.
     pub max_open_branches: usize,
+    /// Most memory that the bodies of the requests being handled (pushes, merges, branch
+    /// creations) may take at once, decoded, in the measure of
+    /// [`Event::decoded_len`](ksync_core::Event::decoded_len) (as the WebSocket relay's
+    /// `room_queue_bytes`); default 256 MiB. A body's JSON decodes larger than it is (a
+    /// `[0,0,...]` of 16 MiB is 256 MiB of `Value`s), and `max_body_bytes` bounds only the
+    /// JSON. Before a body is decoded its JSON is scanned for a bound of what it decodes into
+    /// (no values are built); the body holds that plus its text while it is decoded, then what
+    /// it measures decoded until its answer is ready. A body whose bound is larger than the
+    /// whole budget is refused with 413 `payload_too_large`; one that does not fit beside the
+    /// others in flight gets 503 `busy` with `Retry-After: 1` (load shedding: nothing waits).
+    pub body_memory_bytes: usize,
 }
 
 impl Default for GitServerConfig {
@@ -127,6 +141,7 @@ impl Default for GitServerConfig {
             compress_min_bytes: 1024,
             event_limits: EventLimits::default(),
             max_open_branches: 256,
+            body_memory_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -156,6 +171,60 @@ struct Inner {
     /// Branch logs this service opened, least recently used first (see
     /// `GitServerConfig::max_open_branches`).
     open_logs: std::sync::Mutex<std::collections::VecDeque<LogName>>,
+    /// Bytes of request bodies held by the requests in flight (see
+    /// `GitServerConfig::body_memory_bytes`).
+    body_memory: AtomicUsize,
+}
+
+/// A request's share of `Inner::body_memory`, given back when it is dropped.
+struct BodyShare<'a> {
+    memory: &'a AtomicUsize,
+    held: usize,
+}
+
+impl BodyShare<'_> {
+    /// Gives back what the request holds past `bytes`.
+    fn shrink_to(&mut self, bytes: usize) {
+        let freed = self.held.saturating_sub(bytes);
+        self.memory.fetch_sub(freed, Ordering::AcqRel);
+        self.held -= freed;
+    }
+}
+
+impl Drop for BodyShare<'_> {
+    fn drop(&mut self) {
+        self.memory.fetch_sub(self.held, Ordering::AcqRel);
+    }
+}
+
+/// What a decoded body holds, in the measure of [`Event::decoded_len`](ksync_core::Event::decoded_len).
+trait DecodedLen {
+    fn decoded_len(&self) -> usize;
+}
+
+impl DecodedLen for PushRequest {
+    fn decoded_len(&self) -> usize {
+        let spare = self.events.capacity() - self.events.len();
+        std::mem::size_of::<Self>()
+            + self.events.iter().map(Event::decoded_len).sum::<usize>()
+            + spare * std::mem::size_of::<Event>()
+            + self.log_id.as_ref().map_or(0, String::len)
+    }
+}
+
+impl DecodedLen for MergeRequest {
+    fn decoded_len(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.into.len()
+            + self.from.len()
+            + self.merge_id.as_ref().map_or(0, String::len)
+    }
+}
+
+impl DecodedLen for CreateBranchRequest {
+    fn decoded_len(&self) -> usize {
+        std::mem::size_of::<Self>() + self.name.len() + self.from.as_ref().map_or(0, String::len)
+    }
 }
 
 impl std::fmt::Debug for GitServer {
@@ -235,6 +304,7 @@ impl GitServer {
                 config,
                 create_lock: tokio::sync::Mutex::new(()),
                 open_logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
+                body_memory: AtomicUsize::new(0),
             }),
         }
     }
@@ -402,8 +472,13 @@ impl GitServer {
         Ok(grant)
     }
 
-    /// Reads, decompresses (when `Content-Encoding: gzip`) and parses a JSON body.
-    async fn body<T: serde::de::DeserializeOwned>(&self, req: Request) -> Result<T, ApiError> {
+    /// Reads, decompresses (when `Content-Encoding: gzip`) and parses a JSON body, with the
+    /// request's share of the body memory (`GitServerConfig::body_memory_bytes`), to be held
+    /// as long as the body is.
+    async fn body<T: serde::de::DeserializeOwned + DecodedLen>(
+        &self,
+        req: Request,
+    ) -> Result<(T, BodyShare<'_>), ApiError> {
         let limit = self.inner.config.max_body_bytes;
         let gzipped = match req.headers().get(header::CONTENT_ENCODING) {
             None => false,
@@ -435,12 +510,45 @@ impl GitServer {
         } else {
             &raw
         };
-        from_json(plain).map_err(|e| {
+        // The text (and its gzip form) is held while it is decoded, beside the values.
+        let text = raw.len() + if gzipped { plain.len() } else { 0 };
+        let mut share = self.share_body_memory(text.saturating_add(decoded_bound(plain)))?;
+        let body: T = from_json(plain).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed_body",
                 format!("request body is not valid JSON for this endpoint: {e}"),
             )
+        })?;
+        share.shrink_to(body.decoded_len());
+        Ok((body, share))
+    }
+
+    /// Reserves `bytes` of the body memory: 413 when they are more than all of it, 503 `busy`
+    /// when they do not fit now beside the other requests' bodies.
+    fn share_body_memory(&self, bytes: usize) -> Result<BodyShare<'_>, ApiError> {
+        let limit = self.inner.config.body_memory_bytes;
+        if bytes > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "request body would take up to {bytes} bytes decoded, more than the \
+                     {limit} the server allows all bodies in flight; push smaller batches"
+                ),
+            ));
+        }
+        let memory = &self.inner.body_memory;
+        memory
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&after| after <= limit)
+            })
+            .map_err(|_| {
+                ApiError::busy("too many large request bodies at once; retry shortly".into())
+            })?;
+        Ok(BodyShare {
+            memory,
+            held: bytes,
         })
     }
 
@@ -556,6 +664,8 @@ struct ApiError {
     message: String,
     /// The `WWW-Authenticate` challenge of a 401 (RFC 9110 11.6.1 requires one).
     challenge: Option<String>,
+    /// The `Retry-After` of a 503 `busy`.
+    retry_after: Option<&'static str>,
 }
 
 impl ApiError {
@@ -565,6 +675,16 @@ impl ApiError {
             code,
             message: message.into(),
             challenge: None,
+            retry_after: None,
+        }
+    }
+
+    /// 503 `busy` with `Retry-After: 1`, as the server's load shedding of repository requests
+    /// answers (`ksync-server`'s `max_git_requests`), so clients handle both alike.
+    fn busy(message: String) -> Self {
+        Self {
+            retry_after: Some("1"),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
         }
     }
 
@@ -666,6 +786,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
         }
         response
     }
@@ -828,7 +953,7 @@ async fn create_branch(
     let repo = repo_path(path)?;
     let headers = req.headers().clone();
     let grant = s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
-    let request: CreateBranchRequest = s.body(req).await?;
+    let (request, _body_memory) = s.body::<CreateBranchRequest>(req).await?;
     let new = name("branch", &request.name)?;
     let from = name("branch", request.from.as_deref().unwrap_or(DEFAULT_BRANCH))?;
     let _guard = s.inner.create_lock.lock().await;
@@ -1026,7 +1151,7 @@ async fn push(
     let headers = req.headers().clone();
     s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
     let (storage, record) = s.existing_branch(&repo, &branch)?;
-    let request: PushRequest = s.body(req).await?;
+    let (request, _body_memory) = s.body::<PushRequest>(req).await?;
     check_log(&branch, &record, request.log_id.as_deref())?;
     for (index, event) in request.events.iter().enumerate() {
         event.validate(&s.inner.config.event_limits).map_err(|e| {
@@ -1087,7 +1212,7 @@ async fn merge(
     let repo = repo_path(path)?;
     let headers = req.headers().clone();
     s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
-    let request: MergeRequest = s.body(req).await?;
+    let (request, _body_memory) = s.body::<MergeRequest>(req).await?;
     let into_name = name("branch", &request.into)?;
     let from_name = name("branch", &request.from)?;
     if into_name == from_name {

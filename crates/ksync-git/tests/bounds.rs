@@ -3,10 +3,15 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ksync_core::{LogName, Name};
+use ksync_core::{
+    BoxFuture, Event, InMemoryProvider, LogName, MergeOutcome, Name, Storage, StorageError,
+    StorageProvider, Stored,
+};
 use ksync_git::server::GitServerConfig;
 use ksync_storage_file::FileProvider;
 use serde_json::{Value, json};
@@ -187,4 +192,248 @@ async fn no_op_merges_do_not_grow_the_log() {
         .map(|e| e.id)
         .collect();
     assert_eq!(ids, ["x", "y", "z"]);
+}
+
+/// A push body of one event whose `data` is `zeros` zeros: 2 bytes of JSON each, a
+/// `serde_json::Value` (32 bytes) each once decoded.
+fn zeros_push(id: &str, zeros: usize) -> Vec<u8> {
+    let mut body =
+        format!(r#"{{"baseVersion":0,"events":[{{"id":"{id}","type":"t","data":["#).into_bytes();
+    body.reserve(2 * zeros + 64);
+    for i in 0..zeros {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.push(b'0');
+    }
+    body.extend_from_slice(br#"],"timestamp":1,"version":1}]}"#);
+    body
+}
+
+fn gzipped(body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(body).expect("gzip");
+    gz.finish().expect("gzip")
+}
+
+/// 32 MiB for the decoded bodies of all requests in flight (the default is 256 MiB; smaller
+/// keeps the test quick). A zero decodes to 32 bytes: about 1,048,000 of them fill it.
+const BODY_MEMORY: usize = 32 * 1024 * 1024;
+
+/// A few KB of gzip that decode to more than the whole budget (the audit's case: a 16 KB push
+/// of a number array took 280 MB) are refused with 413 before anything is decoded, although
+/// the JSON is far under `max_body_bytes`; the service goes on serving, and a body that
+/// decodes large but fits is taken.
+#[tokio::test]
+async fn a_body_that_decodes_past_the_whole_budget_is_refused() {
+    let config = GitServerConfig {
+        body_memory_bytes: BODY_MEMORY,
+        ..GitServerConfig::default()
+    };
+    let server = common::start_with(Arc::new(InMemoryProvider::new()), config, &["r"]).await;
+    let http = common::http();
+    let huge = zeros_push("huge", 1_100_000);
+    let packed = gzipped(&huge);
+    assert!(packed.len() < 16 * 1024, "{} bytes of gzip", packed.len());
+    assert!(huge.len() < GitServerConfig::default().max_body_bytes);
+    let response = http
+        .post(server.url("/git/r/branches/main/events"))
+        .header("authorization", "Bearer writer")
+        .header("content-encoding", "gzip")
+        .header("content-type", "application/json")
+        .body(packed)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 413);
+    let body: Value = response.json().await.expect("a JSON error");
+    assert_eq!(common::code(&body), "payload_too_large", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("decoded")),
+        "{body}"
+    );
+
+    // Others are served: a small push and a pull, and a body that decodes to most of the
+    // budget (28 MiB from 1.8 MB of JSON) is taken.
+    push(
+        &server,
+        &http,
+        "main",
+        vec![event("small", json!({"n": 1}))],
+    )
+    .await;
+    let (status, page) = common::call(http.get(server.url("/git/r/branches/main/events"))).await;
+    assert_eq!((status, &page["events"][0]["id"]), (200, &json!("small")));
+    let (status, body) = common::call(
+        http.post(server.url("/git/r/branches/main/events"))
+            .header("content-type", "application/json")
+            .body(zeros_push("large", 900_000)),
+    )
+    .await;
+    assert_eq!((status, &body["appended"]), (200, &json!(1)), "{body}");
+    let ids: Vec<String> = common::branch_events(&server, "r", "main")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, ["small", "large"]);
+}
+
+/// A log whose appends wait until its gate opens (a slow disk), counting the appends waiting.
+struct GatedStorage {
+    log: Arc<dyn Storage>,
+    open: tokio::sync::watch::Receiver<bool>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Storage for GatedStorage {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        Box::pin(async move {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let mut open = self.open.clone();
+            // The sender lives as long as the test's provider.
+            let _ = open.wait_for(|open| *open).await;
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.log.append(events).await
+        })
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+        self.log.get(id, version)
+    }
+    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+        self.log.latest(id)
+    }
+    fn len(&self) -> u64 {
+        self.log.len()
+    }
+    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+        self.log.state()
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+        self.log.meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.set_meta(key, value)
+    }
+}
+
+/// In memory, with the logs of repository `slow` gated (see [`GatedStorage`]).
+struct GatedProvider {
+    logs: InMemoryProvider,
+    open: tokio::sync::watch::Sender<bool>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl GatedProvider {
+    fn gate(&self, name: &LogName, log: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        match name {
+            LogName::Branch { repo, .. } if repo.as_str() == "slow" => Arc::new(GatedStorage {
+                log,
+                open: self.open.subscribe(),
+                waiting: Arc::clone(&self.waiting),
+            }),
+            _ => log,
+        }
+    }
+}
+
+impl StorageProvider for GatedProvider {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(self.gate(name, self.logs.open(name)?))
+    }
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        Ok(self.logs.existing(name)?.map(|log| self.gate(name, log)))
+    }
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        self.logs.list()
+    }
+}
+
+/// Bodies that fit the budget alone but not beside the ones in flight get 503 `busy` with
+/// `Retry-After: 1` (the server's load shedding answer); smaller ones and reads are served
+/// meanwhile, and the refused one is taken once the others are done (their memory is given
+/// back: a body needing nearly all of it fits afterwards).
+#[tokio::test]
+async fn a_body_that_does_not_fit_beside_others_gets_busy() {
+    let (open, _) = tokio::sync::watch::channel(false);
+    let provider = Arc::new(GatedProvider {
+        logs: InMemoryProvider::new(),
+        open,
+        waiting: Arc::new(AtomicUsize::new(0)),
+    });
+    let config = GitServerConfig {
+        body_memory_bytes: BODY_MEMORY,
+        ..GitServerConfig::default()
+    };
+    let server = common::start_with(Arc::clone(&provider) as _, config, &["r", "slow"]).await;
+    let http = common::http();
+    let push_to = |repo: &str, body: Vec<u8>| {
+        http.post(server.url(&format!("/git/{repo}/branches/main/events")))
+            .header("authorization", "Bearer writer")
+            .header("content-type", "application/json")
+            .body(body)
+    };
+
+    // 600,000 zeros: about 19 MiB decoded, held while the append waits.
+    let first = tokio::spawn(push_to("slow", zeros_push("first", 600_000)).send());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while provider.waiting.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first push never reached its append"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+
+    // As much again does not fit now, in another repository too.
+    let refused = push_to("r", zeros_push("second", 600_000))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: Value = refused.json().await.expect("a JSON error");
+    assert_eq!(common::code(&body), "busy", "{body}");
+
+    // Small bodies fit beside it, and reads need none.
+    push(&server, &http, "main", vec![event("small", json!(1))]).await;
+    let (status, page) = common::call(http.get(server.url("/git/r/branches/main/events"))).await;
+    assert_eq!((status, &page["serverVersion"]), (200, &json!(1)), "{page}");
+
+    provider.open.send_replace(true);
+    let first = first.await.expect("task").expect("answer");
+    assert_eq!(first.status().as_u16(), 200);
+    let (status, body) = common::call(
+        http.post(server.url("/git/r/branches/main/events"))
+            .header("content-type", "application/json")
+            .body(zeros_push("second", 600_000)),
+    )
+    .await;
+    assert_eq!((status, &body["appended"]), (200, &json!(1)), "{body}");
+    let (status, body) = common::call(
+        http.post(server.url("/git/r/branches/main/events"))
+            .header("content-type", "application/json")
+            .body(zeros_push("third", 950_000)),
+    )
+    .await;
+    assert_eq!((status, &body["appended"]), (200, &json!(1)), "{body}");
+    let ids = |repo| -> Vec<String> {
+        common::branch_events(&server, repo, "main")
+            .into_iter()
+            .map(|e| e.id)
+            .collect()
+    };
+    assert_eq!(ids("slow"), ["first"]);
+    assert_eq!(ids("r"), ["small", "second", "third"]);
 }
