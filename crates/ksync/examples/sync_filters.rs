@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ksync::{Filter, InMemoryStorage, KSync, WebSocketSyncClient};
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -20,8 +20,14 @@ async fn main() -> anyhow::Result<()> {
     // filter: (event) => !event.data.private
     let with_predicate = WebSocketSyncClient::builder(url.as_str())
         .filter(Filter::predicate(|event| {
-            // Only sync public events.
-            event.data.get("private") != Some(&json!(true))
+            // Only sync public events: `!event.data.private`, truthiness as JavaScript counts.
+            match event.data.get("private") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(private)) => !private,
+                Some(Value::Number(n)) => n.as_f64() == Some(0.0),
+                Some(Value::String(s)) => s.is_empty(),
+                Some(Value::Array(_) | Value::Object(_)) => false,
+            }
         }))
         .build()?;
 
