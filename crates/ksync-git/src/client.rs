@@ -71,6 +71,18 @@ pub struct MergeResult {
     pub server_version: u64,
 }
 
+/// What one merge works with (see `GitSyncClient::merge_branches`).
+struct MergeKeys {
+    /// The branch merged into.
+    into: Name,
+    /// The checked-out branch, whose segment resumes after the resolutions.
+    head: String,
+    /// The replica metadata key that says resolutions are owed to `into`.
+    owed: String,
+    /// The replica metadata key of the id of the merge page being asked for.
+    merge_id: String,
+}
+
 /// Where this client stands locally (no network): see [`GitSyncClient::local_status`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalStatus {
@@ -743,7 +755,10 @@ impl GitSyncClient {
     /// are pushed to `into`. A collision under an id that `into` already superseded with a
     /// newer revision is reported but not settled again. When `into` is checked out, it is
     /// pulled afterwards. When pushing the resolutions fails, the same `merge` again pushes
-    /// them (the server reports a collision only once).
+    /// them (the server reports a collision only once). The service answers a bounded number
+    /// of collisions at a time (its `max_page` and `max_page_bytes`); the merge asks again
+    /// until `from` is merged to its end, settling each answer's collisions (and notifying
+    /// `conflict` for each) before asking for the next, and returns them all.
     pub async fn merge(&self, into: &str, from: &str) -> Result<MergeResult, SyncError> {
         // A merge moves events (and pushes, pulls): `syncing`, then `idle` or `error`.
         self.run(self.merge_branches(into, from)).await
@@ -755,33 +770,94 @@ impl GitSyncClient {
         let _op = self.inner.op.lock().await;
         let replica = self.replica();
         let url = format!("{}/merge", self.url());
-        // The merge's id is stored before it is sent and forgotten once its answer is settled
-        // here: a merge whose answer was lost is retried under the same id, and the service
-        // answers it again (its collisions are past the merge cursor, never reported again).
-        let merge_id_key = self.cursor_key(into_name.as_str(), &format!("merge-id.{from}"));
-        let merge_id = match replica.storage().meta(&merge_id_key)? {
+        let keys = MergeKeys {
+            head: self.current_branch(),
+            owed: self.cursor_key(into_name.as_str(), "merge-owed"),
+            merge_id: self.cursor_key(into_name.as_str(), &format!("merge-id.{from}")),
+            into: into_name,
+        };
+        let owes = replica.cursor(&keys.owed)? > 0;
+        let mut result = MergeResult::default();
+        // An answer holds a bounded number of collisions (`next` set when more remain): each
+        // page is settled before the next is asked for, so a lost answer loses nothing.
+        let mut merged_to: Option<u64> = None;
+        loop {
+            let page = self.merge_page(&replica, &url, &keys, from).await?;
+            result.appended += page.appended;
+            result.duplicates += page.duplicates;
+            result.server_version = page.server_version;
+            let next = page.next;
+            let from_version = page.from_version;
+            self.settle_merge_page(&replica, &keys, page, &mut result)
+                .await?;
+            if next.is_none() {
+                break;
+            }
+            // Every page moves on (a collision at least): one that does not would be asked for
+            // again forever.
+            if merged_to.is_some_and(|before| from_version <= before) {
+                return Err(GitError::Protocol {
+                    url,
+                    reason: format!(
+                        "a merge answer said more remains but did not move past version \
+                         {from_version} of {from:?}"
+                    ),
+                }
+                .into_sync());
+            }
+            merged_to = Some(from_version);
+        }
+        if owes || !result.resolutions.is_empty() {
+            let pushed = self.push_branch(&replica, keys.into.as_str()).await?;
+            replica.set_cursor(&keys.owed, 0).await?;
+            result.server_version = pushed.server_version;
+        }
+        if keys.head == keys.into.as_str() {
+            let pulled = self.pull_branch(&replica, &keys.head).await?;
+            result.server_version = pulled.server_version;
+        }
+        Ok(result)
+    }
+
+    /// Asks the service for the next page of a merge, under the merge's id (made and stored
+    /// before it is first sent, forgotten once its answer is settled: a merge whose answer was
+    /// lost is asked for again under the same id, and the service answers it again, since its
+    /// collisions are past the merge cursor and would never be reported otherwise).
+    async fn merge_page(
+        &self,
+        replica: &Replica,
+        url: &str,
+        keys: &MergeKeys,
+        from: &str,
+    ) -> Result<MergeResponse, SyncError> {
+        let merge_id = match replica.storage().meta(&keys.merge_id)? {
             Some(id) if !id.is_empty() => id,
             _ => {
                 let id = uuid::Uuid::new_v4().simple().to_string();
-                replica.storage().set_meta(&merge_id_key, &id).await?;
+                replica.storage().set_meta(&keys.merge_id, &id).await?;
                 id
             }
         };
         let body = MergeRequest {
-            into: into.to_owned(),
+            into: keys.into.to_string(),
             from: from.to_owned(),
             merge_id: Some(merge_id),
         };
-        let response: MergeResponse = self
-            .request(reqwest::Method::POST, &url, Some(&body))
-            .await?;
-        let mut result = MergeResult {
-            appended: response.appended,
-            duplicates: response.duplicates,
-            server_version: response.server_version,
-            ..MergeResult::default()
-        };
-        for mut found in response.conflicts {
+        self.request(reqwest::Method::POST, url, Some(&body)).await
+    }
+
+    /// Settles one merge answer's collisions (reported as `conflict` notifications and in
+    /// `result`; resolutions recorded locally on `into`, owed to the service until pushed),
+    /// then forgets its id: the next page is a new merge.
+    async fn settle_merge_page(
+        &self,
+        replica: &Replica,
+        keys: &MergeKeys,
+        page: MergeResponse,
+        result: &mut MergeResult,
+    ) -> Result<(), SyncError> {
+        let mut resolutions = Vec::new();
+        for mut found in page.conflicts {
             // Both sides as the application sees them (e.g. decrypted); a side the incoming
             // chain refuses leaves nothing to settle here.
             if !self.shapes_nothing() {
@@ -819,38 +895,27 @@ impl GitSyncClient {
             let mut event = resolve(&found.conflict, &resolution, replica.id());
             event.version = event.version.max(above);
             result.conflicts.push(found.conflict);
-            result.resolutions.push(event);
+            resolutions.push(event);
         }
-        let head = self.current_branch();
         // The server's merge cursor has moved past these conflicts: a later merge will not
         // report them again. Until the resolutions are on `into`, a durable mark says they
         // are owed, so a merge retried after a failed push sends them.
-        let owed = self.cursor_key(into_name.as_str(), "merge-owed");
-        let owes = replica.cursor(&owed)? > 0;
-        if !result.resolutions.is_empty() {
-            replica.set_cursor(&owed, 1).await?;
-            let mut segments = self.segments(&replica)?;
+        if !resolutions.is_empty() {
+            replica.set_cursor(&keys.owed, 1).await?;
+            let mut segments = self.segments(replica)?;
             let next = replica.storage().len() + 1;
-            segments.start(next, into_name.as_str());
-            self.save_segments(&replica, &segments).await?;
-            for event in &result.resolutions {
+            segments.start(next, keys.into.as_str());
+            self.save_segments(replica, &segments).await?;
+            for event in &resolutions {
                 replica.record_local(event.clone()).await?;
             }
-            segments.start(replica.storage().len() + 1, &head);
-            self.save_segments(&replica, &segments).await?;
+            segments.start(replica.storage().len() + 1, &keys.head);
+            self.save_segments(replica, &segments).await?;
         }
+        result.resolutions.extend(resolutions);
         // Settled (the resolutions are recorded and owed): the next merge is a new one.
-        replica.storage().set_meta(&merge_id_key, "").await?;
-        if owes || !result.resolutions.is_empty() {
-            let pushed = self.push_branch(&replica, into_name.as_str()).await?;
-            replica.set_cursor(&owed, 0).await?;
-            result.server_version = pushed.server_version;
-        }
-        if head == into_name.as_str() {
-            let pulled = self.pull_branch(&replica, &head).await?;
-            result.server_version = pulled.server_version;
-        }
-        Ok(result)
+        replica.storage().set_meta(&keys.merge_id, "").await?;
+        Ok(())
     }
 
     /// The spec's `clone(url, branch?)`: points this client at the repository `url`, checks out

@@ -58,6 +58,9 @@ struct MergeAnswer {
     from_version: u64,
     /// `(id, version)` of each colliding revision.
     conflicts: Vec<(String, u64)>,
+    /// The answer's `next` (none in answers kept before merges were paged).
+    #[serde(default)]
+    next: Option<u64>,
 }
 
 impl MergeAnswer {
@@ -68,6 +71,7 @@ impl MergeAnswer {
             duplicates: self.duplicates,
             server_version: self.server_version,
             from_version: self.from_version,
+            next: self.next,
             ..MergeResponse::default()
         };
         for (id, version) in &self.conflicts {
@@ -100,13 +104,18 @@ pub struct GitServerConfig {
     pub max_body_bytes: usize,
     /// Events per pull page when the client gives no `limit`. Default 1000.
     pub default_page: usize,
-    /// Largest `limit` honoured; larger ones are cut to it. Default 10,000.
+    /// Largest `limit` honoured; larger ones are cut to it. Default 10,000. Also the most
+    /// collisions in one merge answer (the rest come with the next merge, see
+    /// [`MergeResponse::next`](crate::wire::MergeResponse::next)).
     pub max_page: usize,
     /// Most bytes of encoded events in one pull page (default [`DEFAULT_PAGE_BYTES`], 8 MiB):
     /// a page ends before the event that would take it past this, unless that event is the
     /// page's first (an event larger than the budget goes alone), and `next` says where the
     /// rest starts. Without it a page could hold `max_page` events of up to the body limit
-    /// each: gigabytes built in memory for one answer.
+    /// each: gigabytes built in memory for one answer. A merge answer's collisions (both
+    /// revisions each) are cut the same way; without it one answer held every collision of
+    /// the branch, past what a client reads (`max_response_bytes`, 64 MiB), and the client
+    /// asked for it again forever.
     pub max_page_bytes: usize,
     /// Responses at least this large are gzip-compressed for clients that accept gzip.
     /// Default 1 KiB.
@@ -1244,37 +1253,12 @@ async fn merge(
         return Ok(s.respond(StatusCode::OK, &headers, &body));
     }
     let cursor_key = format!("{MERGED_META_PREFIX}{from_name}");
-    let mut cursor: u64 = into
-        .meta(&cursor_key)?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let target = from.len();
-    let start = cursor;
-    let mut body = MergeResponse::default();
-    while cursor < target {
-        let want = usize::try_from(target - cursor)
-            .unwrap_or(COPY_PAGE)
-            .min(COPY_PAGE);
-        let page = from.read_since(cursor, want)?;
-        let Some(last) = page.last() else { break };
-        cursor = last.seq;
-        let outcome = into
-            .append(page.into_iter().map(|s| s.event).collect())
-            .await?;
-        body.appended += outcome.appended.len() as u64;
-        body.duplicates += outcome.duplicates as u64;
-        for conflict in outcome.conflicts {
-            let latest_version = into
-                .latest(&conflict.ours.id)?
-                .map_or(conflict.ours.version, |l| l.event.version);
-            body.conflicts.push(MergeConflict {
-                conflict,
-                latest_version,
-            });
-        }
-    }
-    body.server_version = into.len();
-    body.from_version = cursor;
+    let start = MergeCursor::parse(into.meta(&cursor_key)?.as_deref());
+    let limits = AnswerLimits {
+        conflicts: s.inner.config.max_page,
+        bytes: s.inner.config.max_page_bytes,
+    };
+    let (body, cursor) = merge_page(into.as_ref(), from.as_ref(), start, limits).await?;
     // A merge that read nothing writes nothing: metadata records are appended to the log (a
     // file log never compacts), so every no-op merge grew it. Its answer need not be kept
     // either: it reports no collision, so a retry that merges afresh loses none.
@@ -1293,6 +1277,7 @@ async fn merge(
                 .iter()
                 .map(|c| (c.conflict.theirs.id.clone(), c.conflict.theirs.version))
                 .collect(),
+            next: body.next,
         };
         let raw = serde_json::to_string(&answer).map_err(|e| ApiError::internal(e.to_string()))?;
         into.set_meta(&answer_key, &raw).await?;
@@ -1300,11 +1285,174 @@ async fn merge(
     // The cursor is recorded after the events: a merge cut short is redone, and the redone part
     // deduplicates.
     if moved {
-        into.set_meta(&cursor_key, &cursor.to_string()).await?;
+        into.set_meta(&cursor_key, &cursor.to_meta()).await?;
     }
     tracing::info!(%repo, into = %into_name, from = %from_name, appended = body.appended,
-        conflicts = body.conflicts.len(), "git: merge");
+        conflicts = body.conflicts.len(), next = ?body.next, "git: merge");
     Ok(s.respond(StatusCode::OK, &headers, &body))
+}
+
+/// `into`'s merge cursor for one `from` branch (metadata `git.merged.<from>`): `from` is
+/// merged up to `at`. Written as `at`, or `at until after upto` with a [`Carry`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct MergeCursor {
+    at: u64,
+    carry: Option<Carry>,
+}
+
+/// Events that a merge page stored past the collision it stopped before: a batch is appended
+/// whole, and the page can end only where its answer is full, inside the batch. They are in
+/// `into` at `(after, upto]`, and the next pages read them again from `from` (up to `until`),
+/// where they are duplicates of what the merge itself stored, counted as appended then (they
+/// were not counted before). Without it a merge's counts would depend on where its pages end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Carry {
+    until: u64,
+    after: u64,
+    upto: u64,
+}
+
+impl MergeCursor {
+    /// A record as [`MergeCursor::to_meta`] writes it; none, or an unreadable one, is the
+    /// start (merging again from there only finds duplicates).
+    fn parse(raw: Option<&str>) -> Self {
+        let numbers: Option<Vec<u64>> =
+            raw.and_then(|r| r.split(' ').map(|n| n.parse().ok()).collect());
+        match numbers.as_deref() {
+            Some(&[at]) => Self { at, carry: None },
+            Some(&[at, until, after, upto]) => Self {
+                at,
+                carry: Some(Carry { until, after, upto }),
+            },
+            _ => Self::default(),
+        }
+    }
+
+    fn to_meta(self) -> String {
+        match self.carry {
+            None => self.at.to_string(),
+            Some(c) => format!("{} {} {} {}", self.at, c.until, c.after, c.upto),
+        }
+    }
+
+    /// Whether `into`'s event at `seq` is one the merge stored before it was read again.
+    fn carried(&self, seq: u64) -> bool {
+        self.carry.is_some_and(|c| c.after < seq && seq <= c.upto)
+    }
+}
+
+/// The JSON length of a merge answer's collision: both revisions and the text around them
+/// (`{"conflict":{"type":"concurrent-edit","ours":..,"theirs":..},"latestVersion":N},`).
+fn conflict_json_len(conflict: &Conflict) -> usize {
+    conflict.ours.json_len() + conflict.theirs.json_len() + 96
+}
+
+/// How much one merge answer may hold.
+#[derive(Debug, Clone, Copy)]
+struct AnswerLimits {
+    /// Collisions.
+    conflicts: usize,
+    /// Bytes of collisions, as JSON.
+    bytes: usize,
+}
+
+/// One page of a merge of `from` into `into` from `cursor`: appends what `into` lacks until
+/// `from`'s end, or until the answer is full (it ends before the collision that would take it
+/// past either limit, unless that is its first). Returns the answer (`next` set when it ended
+/// early) and the cursor to record.
+async fn merge_page(
+    into: &dyn Storage,
+    from: &dyn Storage,
+    mut cursor: MergeCursor,
+    limits: AnswerLimits,
+) -> Result<(MergeResponse, MergeCursor), ApiError> {
+    let target = from.len();
+    let mut body = MergeResponse::default();
+    let mut bytes: usize = 0;
+    while cursor.at < target && body.next.is_none() {
+        // While events stored past an earlier page's end are read again, batches end where
+        // they do: there every event of `from` is in `into` (or collides), so no batch there
+        // appends anything, and a page that ends there leaves a single carry.
+        let end = match cursor.carry {
+            Some(carry) if carry.until > cursor.at => carry.until.min(target),
+            _ => target,
+        };
+        let want = usize::try_from(end - cursor.at)
+            .unwrap_or(COPY_PAGE)
+            .min(COPY_PAGE);
+        let batch = from.read_since(cursor.at, want)?;
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            break;
+        };
+        let (first, last) = (first.seq, last.seq);
+        let outcome = into
+            .append_summary(batch.into_iter().map(|s| s.event).collect())
+            .await?;
+        let mut outcomes = outcome.outcomes.into_iter().enumerate();
+        let mut cut = None;
+        for (index, o) in outcomes.by_ref() {
+            match o {
+                AppendOutcome::Appended { .. } => body.appended += 1,
+                AppendOutcome::Duplicate { seq } if cursor.carried(seq) => body.appended += 1,
+                AppendOutcome::Duplicate { .. } => body.duplicates += 1,
+                AppendOutcome::Conflict(conflict) => {
+                    let len = conflict_json_len(&conflict);
+                    let full = body.conflicts.len() >= limits.conflicts
+                        || bytes.saturating_add(len) > limits.bytes;
+                    if full && !body.conflicts.is_empty() {
+                        cut = Some(index as u64);
+                        break;
+                    }
+                    bytes += len;
+                    let latest_version = into
+                        .latest(&conflict.ours.id)?
+                        .map_or(conflict.ours.version, |l| l.event.version);
+                    body.conflicts.push(MergeConflict {
+                        conflict: *conflict,
+                        latest_version,
+                    });
+                }
+            }
+        }
+        let Some(index) = cut else {
+            cursor.at = last;
+            if cursor.carry.is_some_and(|c| c.until <= cursor.at) {
+                cursor.carry = None;
+            }
+            continue;
+        };
+        // The page ends before the collision that did not fit; what the batch stored past it
+        // is carried (see `Carry`).
+        cursor.at = first + index - 1;
+        body.next = Some(cursor.at);
+        let stored: Vec<u64> = outcomes
+            .filter_map(|(_, o)| match o {
+                AppendOutcome::Appended { seq } => Some(seq),
+                _ => None,
+            })
+            .collect();
+        if let (Some(&low), Some(&high)) = (stored.first(), stored.last()) {
+            // Appends are in order and alone on the log: the stored events are `low..=high`.
+            let fresh = Carry {
+                until: last,
+                after: low - 1,
+                upto: high,
+            };
+            // A batch that stores something starts past any carry's `until` (see above), so an
+            // older carry is gone by then; should one not be, both are kept as one range.
+            cursor.carry = Some(match cursor.carry {
+                Some(old) => Carry {
+                    until: old.until.max(fresh.until),
+                    after: old.after.min(fresh.after),
+                    upto: old.upto.max(fresh.upto),
+                },
+                None => fresh,
+            });
+        }
+    }
+    body.server_version = into.len();
+    body.from_version = cursor.at;
+    Ok((body, cursor))
 }
 
 /// Why a request body could not be read: over `limit` (413), or it stopped arriving (408:
@@ -1423,6 +1571,39 @@ mod tests {
             got.extend(page.events);
         }
         assert_eq!(got, events);
+    }
+
+    #[test]
+    fn merge_cursors_are_written_and_read_back() {
+        let plain = MergeCursor {
+            at: 12,
+            carry: None,
+        };
+        let carried = MergeCursor {
+            at: 12,
+            carry: Some(Carry {
+                until: 40,
+                after: 100,
+                upto: 128,
+            }),
+        };
+        for cursor in [MergeCursor::default(), plain, carried] {
+            assert_eq!(MergeCursor::parse(Some(&cursor.to_meta())), cursor);
+        }
+        // Written before merges were paged: a plain number.
+        assert_eq!(MergeCursor::parse(Some("12")), plain);
+        for unreadable in [
+            None,
+            Some(""),
+            Some("x"),
+            Some("1 2"),
+            Some("-1"),
+            Some("1 2 3 4 5"),
+        ] {
+            assert_eq!(MergeCursor::parse(unreadable), MergeCursor::default());
+        }
+        assert!(carried.carried(101) && carried.carried(128));
+        assert!(!carried.carried(100) && !carried.carried(129) && !plain.carried(101));
     }
 
     #[test]

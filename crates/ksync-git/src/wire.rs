@@ -270,6 +270,12 @@ pub struct MergeResponse {
     pub server_version: u64,
     /// The version of `from` merged up to (the next merge starts after it).
     pub from_version: u64,
+    /// Set (to `from_version`) when the answer was full (`GitServerConfig::max_page`
+    /// collisions, or `max_page_bytes` of them) before `from`'s end: merge again (with a new
+    /// `mergeId`) for the rest. `None` once the merge reached the end of `from`, as it was when
+    /// the request came. As a pull page's `next`.
+    #[serde(default)]
+    pub next: Option<u64>,
 }
 
 /// One collision found by a merge.

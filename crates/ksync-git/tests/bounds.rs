@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ksync_core::{
-    BoxFuture, Event, InMemoryProvider, LogName, MergeOutcome, Name, Storage, StorageError,
-    StorageProvider, Stored,
+    BoxFuture, Event, InMemoryProvider, InMemoryStorage, KSync, LogName, MergeOutcome, Name,
+    Notification, Storage, StorageError, StorageProvider, Stored,
 };
 use ksync_git::server::GitServerConfig;
 use ksync_storage_file::FileProvider;
@@ -436,4 +436,179 @@ async fn a_body_that_does_not_fit_beside_others_gets_busy() {
     };
     assert_eq!(ids("slow"), ["first"]);
     assert_eq!(ids("r"), ["small", "second", "third"]);
+}
+
+/// `r` with `main` and `feature` forked at 0; `main` holds `c0..c{n}` ("main", t=1), `feature`
+/// the same ids with other content ("feature ..", t=2) after each of `n0..n{n}`: `n`
+/// collisions and `n` events new to `main`, interleaved. `pad` bytes of padding per revision.
+async fn colliding_branches(server: &common::Server, http: &reqwest::Client, n: usize, pad: usize) {
+    let (status, body) = common::call(
+        http.post(server.url("/git/r/branches"))
+            .json(&json!({"name": "feature", "at": 0})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let padding = "p".repeat(pad);
+    let revision = |id: String, data: String, timestamp: u64| json!({"id": id, "type": "t", "data": data, "timestamp": timestamp, "version": 1});
+    let main = (0..n)
+        .map(|i| revision(format!("c{i}"), format!("main {padding}"), 1))
+        .collect();
+    push(server, http, "main", main).await;
+    let feature = (0..n)
+        .flat_map(|i| {
+            [
+                revision(format!("n{i}"), format!("new {padding}"), 2),
+                revision(format!("c{i}"), format!("feature {padding}"), 2),
+            ]
+        })
+        .collect();
+    push(server, http, "feature", feature).await;
+}
+
+/// A merge answer holds at most `max_page` collisions and says with `next` that more remain;
+/// asked again, the service goes on from there. Across the pages every collision is reported
+/// exactly once, every new event is appended (and counted once, although a page ends inside a
+/// storage batch whose later events it already stored), and a page's answer is kept for a
+/// retry under its `mergeId`.
+#[tokio::test]
+async fn merge_answers_are_paged_by_collisions() {
+    let config = GitServerConfig {
+        max_page: 10,
+        ..GitServerConfig::default()
+    };
+    let server = common::start_with(Arc::new(InMemoryProvider::new()), config, &["r"]).await;
+    let http = common::http();
+    colliding_branches(&server, &http, 55, 0).await;
+
+    let mut reported = Vec::new();
+    let (mut appended, mut duplicates) = (0, 0);
+    let mut from_version = 0;
+    for page in 0.. {
+        let id = format!("page-{page}");
+        let answer = merge(&server, &http, "main", "feature", Some(&id)).await;
+        let found = conflicts(&answer);
+        assert!(
+            (1..=10).contains(&found.len()),
+            "page {page}: {} collisions",
+            found.len()
+        );
+        let next = answer["fromVersion"].as_u64().expect("fromVersion");
+        assert!(next > from_version, "page {page} did not move on");
+        from_version = next;
+        if page == 1 {
+            // Its answer lost: asked again under its id, the same answer, nothing merged.
+            let again = merge(&server, &http, "main", "feature", Some(&id)).await;
+            assert_eq!(again, answer);
+        }
+        appended += answer["appended"].as_u64().expect("appended");
+        duplicates += answer["duplicates"].as_u64().expect("duplicates");
+        reported.extend(found);
+        if answer["next"].is_null() {
+            break;
+        }
+        assert_eq!(answer["next"], answer["fromVersion"], "{answer}");
+        assert_eq!(found_len(&answer), 10, "only a full page says more remain");
+    }
+    assert_eq!(from_version, 110);
+    let expected: Vec<_> = (0..55)
+        .map(|i| (format!("c{i}"), json!("main "), json!("feature ")))
+        .collect();
+    assert_eq!(reported, expected, "each collision once, in order");
+    assert_eq!((appended, duplicates), (55, 0));
+    let main = common::branch_events(&server, "r", "main");
+    let new: Vec<_> = main.iter().filter(|e| e.id.starts_with('n')).collect();
+    assert_eq!(new.len(), 55);
+    assert_eq!(main.len(), 110);
+    // Done: the next merge finds nothing.
+    let after = merge(&server, &http, "main", "feature", Some("after")).await;
+    assert_eq!(
+        (&after["appended"], &after["next"], conflicts(&after).len()),
+        (&json!(0), &Value::Null, 0)
+    );
+}
+
+fn found_len(answer: &Value) -> usize {
+    answer["conflicts"].as_array().map_or(0, Vec::len)
+}
+
+/// `GitSyncClient::merge` follows `next` until the merge is done: with answers cut at a few KB
+/// of collisions, all 120 collisions of a branch are reported (`MergeResult` and one
+/// `conflict` notification each) and settled, once each, and every new event reaches `into`.
+#[tokio::test]
+async fn the_client_merges_across_answer_pages() {
+    let config = GitServerConfig {
+        max_page_bytes: 4096,
+        ..GitServerConfig::default()
+    };
+    let server = common::start_with(Arc::new(InMemoryProvider::new()), config, &["r"]).await;
+    let http = common::http();
+    colliding_branches(&server, &http, 120, 200).await;
+    let node = KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(common::client(&server.repo_url("r"))))
+        .replica_id("a")
+        .build()
+        .await
+        .expect("ksync");
+    let notified = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _sub = {
+        let notified = Arc::clone(&notified);
+        node.on("conflict", move |n: &Notification| {
+            if let Notification::Conflict(c) = n {
+                notified.lock().expect("lock").push(c.theirs.id.clone());
+            }
+        })
+        .expect("on")
+    };
+
+    let merged = node.client().merge("main", "feature").await.expect("merge");
+    let ids: Vec<String> = (0..120).map(|i| format!("c{i}")).collect();
+    let reported: Vec<String> = merged
+        .conflicts
+        .iter()
+        .map(|c| c.theirs.id.clone())
+        .collect();
+    assert_eq!(reported, ids, "every collision once, in order");
+    assert_eq!(
+        *notified.lock().expect("lock"),
+        ids,
+        "one notification each"
+    );
+    assert_eq!((merged.appended, merged.duplicates), (120, 0));
+    // Settled by last-write-wins (feature's revisions are later), each once, on `main`.
+    assert_eq!(merged.resolutions.len(), 120);
+    let main = common::branch_events(&server, "r", "main");
+    assert_eq!(main.len(), 360, "120 + 120 new + 120 resolutions");
+    for id in &ids {
+        let revisions: Vec<_> = main.iter().filter(|e| &e.id == id).collect();
+        assert_eq!(revisions.len(), 2, "{id}");
+        assert!(
+            revisions[1].version == 2
+                && revisions[1]
+                    .data
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("feature")),
+            "{id}: {:?}",
+            revisions[1]
+        );
+    }
+    // `main` is checked out: the merge pulled it, new events and resolutions alike.
+    let state = node.state().expect("state");
+    assert_eq!(state.len(), 240);
+    assert!((0..120).all(|i| state.contains_key(&format!("n{i}"))));
+
+    // Each answer was a page: merging by hand from the start, with the same limits, takes many.
+    let (status, body) = common::call(
+        http.post(server.url("/git/r/branches"))
+            .json(&json!({"name": "again", "at": 120})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let page = merge(&server, &http, "again", "feature", None).await;
+    assert!(
+        (1..20).contains(&found_len(&page)) && page["next"].is_u64(),
+        "{page}"
+    );
+    let again = node.client().merge("main", "feature").await.expect("merge");
+    assert_eq!((again.appended, again.conflicts.len()), (0, 0));
 }
