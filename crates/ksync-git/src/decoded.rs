@@ -5,109 +5,122 @@
 //! become 256 MiB. The service reserves memory for a body before decoding it (see
 //! `GitServerConfig::body_memory_bytes`), so it needs a bound that does not build the values.
 //!
-//! Why a scan and not a bounded decoder: the only unbounded part of a body is an event's
+//! serde_json's own parser walks the body into a visitor that only adds up sizes (as
+//! `serde::de::IgnoredAny` walks and keeps nothing): the same grammar, escapes and depth limit
+//! as the decode it guards, and text it refuses is refused here first, before anything is
+//! built. Why not a bounded decoder instead: the only unbounded part of a body is an event's
 //! `data` (a `Value`); bounding its decode would mean deserialising `Event` by hand, beside
-//! the derive in `ksync-core`, and keeping the two in step. One pass over the bytes, with no
-//! allocation past a small stack, costs little next to the decode it guards.
+//! the derive in `ksync-core`.
 
+use std::fmt;
 use std::mem::size_of;
 
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
-
-/// Deepest nesting serde_json decodes (its recursion limit): it fails at the next level,
-/// having built no more than what the scan counted up to there, so the scan stops there too.
-const MAX_DEPTH: usize = 128;
 
 /// An upper bound of what `json` takes decoded, in the measure of
 /// [`ksync_core::Event::decoded_len`] (strings' bytes and a `Value` per JSON value; an object
 /// member also a `String` for its key), whatever serde types it decodes into whose only
 /// dynamic parts are strings, `Vec`s, `Value`s and `Event`s:
 ///
-/// - every value in an array (and the top-level one) counts `size_of::<Value>()`;
-/// - every object member counts `size_of::<String>() + size_of::<Value>()` and its key's bytes;
-/// - every string counts its bytes as written (escapes only shrink when decoded).
+/// - every value counts `size_of::<Value>()`, a string also its decoded bytes;
+/// - every object member also counts `size_of::<String>()` and its key's bytes.
 ///
 /// An `Event` is an object of at least five members (so at least 280 bytes here), which
 /// covers its `size_of::<Event>()` (120) and the `Vec<Event>` slot it occupies.
 ///
-/// Text that is not JSON gets some number; decoding it then fails, having built no more than
-/// the values before the error, which the scan counted.
-pub(crate) fn decoded_bound(json: &[u8]) -> usize {
-    const NODE: usize = size_of::<Value>();
-    const MEMBER: usize = size_of::<String>() + NODE;
-    /// What the next token is, where it matters.
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    enum Next {
-        /// A value (its node is counted here, except in an object: counted with the key).
-        Value,
-        /// An object member's key.
-        Key,
-        /// A separator or a closing bracket (or the rest of a number or a literal).
-        Other,
+/// Errs, as decoding it would, when `json` is not JSON (or nests deeper than serde_json
+/// decodes).
+pub(crate) fn decoded_bound(json: &[u8]) -> Result<usize, serde_json::Error> {
+    serde_json::from_slice::<Size>(json).map(|size| size.0)
+}
+
+/// A JSON value's decoded size (see [`decoded_bound`]); deserializing one keeps nothing else.
+struct Size(usize);
+
+/// An object key's decoded bytes.
+struct KeyBytes(usize);
+
+const NODE: usize = size_of::<Value>();
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SizeVisitor)
     }
-    // `true` for an object, `false` for an array.
-    let mut stack: Vec<bool> = Vec::with_capacity(16);
-    let mut next = Next::Value;
-    let mut total: usize = 0;
-    let mut at = 0;
-    while let Some(&byte) = json.get(at) {
-        at += 1;
-        // A value's node: in an array (or at the top) here, in an object with its key.
-        let node = |stack: &[bool]| if stack.last() == Some(&true) { 0 } else { NODE };
-        match byte {
-            b'"' => {
-                let start = at;
-                while let Some(&b) = json.get(at) {
-                    match b {
-                        b'"' => break,
-                        b'\\' => at += 2,
-                        _ => at += 1,
-                    }
-                }
-                let len = at.min(json.len()) - start;
-                at += 1;
-                total = total.saturating_add(len);
-                match next {
-                    Next::Key => total = total.saturating_add(MEMBER),
-                    Next::Value => total = total.saturating_add(node(&stack)),
-                    Next::Other => {}
-                }
-                next = Next::Other;
-            }
-            b'[' | b'{' => {
-                if next == Next::Value {
-                    total = total.saturating_add(node(&stack));
-                }
-                if stack.len() == MAX_DEPTH {
-                    break;
-                }
-                let object = byte == b'{';
-                stack.push(object);
-                next = if object { Next::Key } else { Next::Value };
-            }
-            b']' | b'}' => {
-                stack.pop();
-                next = Next::Other;
-            }
-            b',' => {
-                next = if stack.last() == Some(&true) {
-                    Next::Key
-                } else {
-                    Next::Value
-                };
-            }
-            b':' => next = Next::Value,
-            b' ' | b'\t' | b'\n' | b'\r' => {}
-            // The first byte of a number or a literal (`true`, `false`, `null`).
-            _ => {
-                if next == Next::Value {
-                    total = total.saturating_add(node(&stack));
-                }
-                next = Next::Other;
-            }
+}
+
+impl<'de> Deserialize<'de> for KeyBytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+struct SizeVisitor;
+
+impl<'de> Visitor<'de> for SizeVisitor {
+    type Value = Size;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Size, E> {
+        Ok(Size(NODE))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Size, E> {
+        Ok(Size(NODE))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Size, E> {
+        Ok(Size(NODE))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Size, E> {
+        Ok(Size(NODE))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Size, E> {
+        Ok(Size(NODE.saturating_add(text.len())))
+    }
+
+    fn visit_unit<E>(self) -> Result<Size, E> {
+        Ok(Size(NODE))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Size, A::Error> {
+        let mut total = NODE;
+        while let Some(Size(item)) = items.next_element()? {
+            total = total.saturating_add(item);
         }
+        Ok(Size(total))
     }
-    total
+
+    fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<Size, A::Error> {
+        let mut total = NODE;
+        while let Some(KeyBytes(key)) = members.next_key()? {
+            let Size(value) = members.next_value()?;
+            total = total
+                .saturating_add(size_of::<String>())
+                .saturating_add(key)
+                .saturating_add(value);
+        }
+        Ok(Size(total))
+    }
+}
+
+struct KeyVisitor;
+
+impl<'de> Visitor<'de> for KeyVisitor {
+    type Value = KeyBytes;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<KeyBytes, E> {
+        Ok(KeyBytes(key.len()))
+    }
 }
 
 #[cfg(test)]
@@ -154,7 +167,7 @@ mod tests {
             let body = push_of(&events);
             let decoded: PushRequest = serde_json::from_slice(&body).expect("decodes");
             assert_eq!(decoded.events, events);
-            let bound = decoded_bound(&body);
+            let bound = decoded_bound(&body).expect("json");
             let measure = measured(&events);
             assert!(bound >= measure, "{bound} < {measure} for {events:?}");
             assert!(
@@ -178,7 +191,7 @@ mod tests {
         let decoded: PushRequest = serde_json::from_slice(&body).expect("decodes");
         let measure = measured(&decoded.events);
         assert!(measure >= 100_000 * size_of::<Value>());
-        let bound = decoded_bound(&body);
+        let bound = decoded_bound(&body).expect("json");
         assert!(
             bound >= measure && bound < measure + 1024,
             "{bound} vs {measure}"
@@ -186,10 +199,10 @@ mod tests {
         assert!(bound > 15 * body.len());
     }
 
-    /// Malformed text gets a number without panicking: cut strings, stray brackets, nesting
-    /// past serde_json's limit (the scan stops where the decode would).
+    /// Text the decode would refuse is refused here too, before anything is built: cut
+    /// strings, stray brackets, nesting past serde_json's limit.
     #[test]
-    fn any_bytes_get_a_number() {
+    fn what_is_not_json_is_refused() {
         for text in [
             &b""[..],
             b"\"",
@@ -199,9 +212,21 @@ mod tests {
             b"[1,,2:3]",
             b"\xff\xfe",
         ] {
-            let _ = decoded_bound(text);
+            assert!(
+                decoded_bound(text).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+            assert!(serde_json::from_slice::<Value>(text).is_err());
         }
         let deep = vec![b'['; 1_000_000];
-        assert!(decoded_bound(&deep) <= (MAX_DEPTH + 1) * size_of::<Value>());
+        assert!(decoded_bound(&deep).is_err());
+    }
+
+    /// Escapes count as the bytes they decode to.
+    #[test]
+    fn strings_count_their_decoded_bytes() {
+        let bound = decoded_bound(br#"["\u00e9\n"]"#).expect("json");
+        assert_eq!(bound, 2 * NODE + "é\n".len());
     }
 }

@@ -521,14 +521,16 @@ impl GitServer {
         };
         // The text (and its gzip form) is held while it is decoded, beside the values.
         let text = raw.len() + if gzipped { plain.len() } else { 0 };
-        let mut share = self.share_body_memory(text.saturating_add(decoded_bound(plain)))?;
-        let body: T = from_json(plain).map_err(|e| {
+        let malformed = |e: serde_json::Error| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed_body",
                 format!("request body is not valid JSON for this endpoint: {e}"),
             )
-        })?;
+        };
+        let mut share =
+            self.share_body_memory(text.saturating_add(decoded_bound(plain).map_err(malformed)?))?;
+        let body: T = from_json(plain).map_err(malformed)?;
         share.shrink_to(body.decoded_len());
         Ok((body, share))
     }
