@@ -16,9 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::GitError;
 use crate::gzip::gzip;
 use crate::wire::{
-    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_PAGE,
-    DEFAULT_PUSH_BATCH, DEFAULT_PUSH_BATCH_BYTES, ErrorBody, MergeRequest, MergeResponse,
-    PROTOCOL_HEADER, PullResponse, PushResponse, RepoInfo, from_json, write_event,
+    BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_BUSY_ATTEMPTS,
+    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_PAGE, DEFAULT_PUSH_BATCH, DEFAULT_PUSH_BATCH_BYTES,
+    ErrorBody, MAX_BUSY_WAIT, MAX_BUSY_WAIT_TOTAL, MergeRequest, MergeResponse, PROTOCOL_HEADER,
+    PullResponse, PushResponse, RepoInfo, from_json, write_event,
 };
 
 /// Replica metadata: the checked-out branch.
@@ -31,6 +32,8 @@ const SCAN_PAGE: usize = 4096;
 const RESERVE_MAX: usize = 1 << 18;
 /// Request bodies at least this large are gzip-compressed when compression is on.
 const COMPRESS_MIN_BYTES: usize = 1024;
+/// Wait when a busy answer gives no usable `Retry-After` (as the service's own `busy` asks).
+const DEFAULT_BUSY_WAIT: Duration = Duration::from_secs(1);
 
 /// Reports transfer progress: how many events of a pull or push are done, of how many (an
 /// estimate for pushes). Called on the task doing the transfer; keep it quick.
@@ -111,6 +114,7 @@ pub struct GitSyncClientBuilder {
     push_batch_bytes: usize,
     create_repo_if_missing: bool,
     max_response_bytes: usize,
+    busy_attempts: u32,
     debug: bool,
     filter: Option<Filter>,
     /// PEM root certificates trusted for `https://` besides the system's.
@@ -224,6 +228,19 @@ impl GitSyncClientBuilder {
         self
     }
 
+    /// Most times one request is sent while the service answers that it is busy (default
+    /// [`DEFAULT_BUSY_ATTEMPTS`](crate::wire::DEFAULT_BUSY_ATTEMPTS), 5; 1 never retries). A 503, or a 429 with `Retry-After`, is
+    /// sent again after the `Retry-After` seconds it gives (1 s when absent or not a number
+    /// of seconds, at most [`MAX_BUSY_WAIT`](crate::wire::MAX_BUSY_WAIT), plus up to 250 ms of jitter so that clients
+    /// turned away together do not come back together), for at most [`MAX_BUSY_WAIT_TOTAL`](crate::wire::MAX_BUSY_WAIT_TOTAL)
+    /// of waits in all; then the call fails with [`GitError::Server`] naming the status. Every
+    /// request of this client may be repeated: pulls read, pushes are deduplicated by the
+    /// service, branch creations name their fork point, merges carry their `mergeId`.
+    pub fn busy_attempts(mut self, attempts: u32) -> Self {
+        self.busy_attempts = attempts.max(1);
+        self
+    }
+
     /// The spec's `debug`: log every request (method, URL, status, bytes, round trip) and
     /// every pull and push at `debug` level (target `ksync_git::client`) instead of `trace`.
     /// Default false.
@@ -272,6 +289,7 @@ impl GitSyncClientBuilder {
                     auth: Arc::new(RwLock::new(self.auth)),
                     compression: self.compression,
                     max_response_bytes: self.max_response_bytes,
+                    busy_attempts: self.busy_attempts,
                     debug: self.debug,
                     meter: Arc::new(Meter::default()),
                 },
@@ -514,6 +532,7 @@ impl GitSyncClient {
             push_batch_bytes: DEFAULT_PUSH_BATCH_BYTES,
             create_repo_if_missing: true,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            busy_attempts: DEFAULT_BUSY_ATTEMPTS,
             debug: false,
             tls_roots_pem: Vec::new(),
             filter: None,
@@ -1674,6 +1693,8 @@ struct Http {
     compression: bool,
     /// Most bytes of one answer read (see [`GitSyncClientBuilder::max_response_bytes`]).
     max_response_bytes: usize,
+    /// See [`GitSyncClientBuilder::busy_attempts`].
+    busy_attempts: u32,
     /// See [`GitSyncClientBuilder::debug`].
     debug: bool,
     /// Traffic since the last `metrics` notification.
@@ -1733,14 +1754,51 @@ impl Meter {
 
 impl Http {
     /// Sends `json` (already encoded) and decodes the answer, or the service's error body.
+    /// Sent again while the service answers that it is busy (see
+    /// [`GitSyncClientBuilder::busy_attempts`]).
     async fn call<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         url: String,
         json: Option<Vec<u8>>,
     ) -> Result<T, SyncError> {
+        // Compressed once: a retry sends the same bytes (`Bytes` clones share them).
+        let body = json.map(|json| {
+            let sent = json.len();
+            if self.compression && sent >= COMPRESS_MIN_BYTES {
+                (bytes::Bytes::from(gzip(&json)), true, sent)
+            } else {
+                (bytes::Bytes::from(json), false, sent)
+            }
+        });
+        let mut attempt = 1;
+        let mut waited = Duration::ZERO;
+        loop {
+            let (error, wait) = match self.attempt(method.clone(), &url, body.clone()).await {
+                Attempt::Done(result) => return result,
+                Attempt::Busy { error, wait } => (error, wait),
+            };
+            if attempt >= self.busy_attempts || waited + wait > MAX_BUSY_WAIT_TOTAL {
+                return Err(error);
+            }
+            let wait = wait + jitter();
+            debug_log!(self.debug, target: LOG_TARGET, %method, %url, attempt, wait_ms = wait.as_millis() as u64, error = %error, "service busy: retrying");
+            tokio::time::sleep(wait).await;
+            waited += wait;
+            attempt += 1;
+        }
+    }
+
+    /// One sending of a request: its decoded answer or error, or that the service is busy.
+    async fn attempt<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<(bytes::Bytes, bool, usize)>,
+    ) -> Attempt<T> {
+        let url = url.to_owned();
         let started = std::time::Instant::now();
-        let sent = json.as_ref().map_or(0, Vec::len);
+        let sent = body.as_ref().map_or(0, |(_, _, sent)| *sent);
         debug_log!(self.debug, target: LOG_TARGET, %method, %url, bytes = sent, "request");
         let mut request = self
             .client
@@ -1749,15 +1807,12 @@ impl Http {
         if let Some((name, value)) = read(&self.auth).as_ref().map(Auth::header) {
             request = request.header(name, value);
         }
-        if let Some(json) = json {
+        if let Some((bytes, gzipped, _)) = body {
             request = request.header(reqwest::header::CONTENT_TYPE, "application/json");
-            request = if self.compression && json.len() >= COMPRESS_MIN_BYTES {
-                request
-                    .header(reqwest::header::CONTENT_ENCODING, "gzip")
-                    .body(gzip(&json))
-            } else {
-                request.body(json)
-            };
+            if gzipped {
+                request = request.header(reqwest::header::CONTENT_ENCODING, "gzip");
+            }
+            request = request.body(bytes);
         }
         let http = |source| {
             GitError::Http {
@@ -1766,24 +1821,49 @@ impl Http {
             }
             .into_sync()
         };
-        let response = request.send().await.map_err(http)?;
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return Attempt::Done(Err(http(e))),
+        };
         // A service that announces another protocol version is refused, whatever it answered
         // (one that announces none, e.g. behind a proxy that drops the header, is trusted).
         if let Some(theirs) = response.headers().get(PROTOCOL_HEADER) {
             let ours = ksync_core::PROTOCOL_VERSION.to_string();
             if theirs.as_bytes() != ours.as_bytes() {
-                return Err(GitError::Protocol {
+                return Attempt::Done(Err(GitError::Protocol {
                     url,
                     reason: format!(
                         "the service speaks protocol version {:?}, this client speaks {ours}",
                         String::from_utf8_lossy(theirs.as_bytes())
                     ),
                 }
-                .into_sync());
+                .into_sync()));
             }
         }
         let status = response.status();
-        let bytes = self.read_body(&url, response).await?;
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .map(|v| {
+                // Seconds; an HTTP date (or anything else) gets the default wait.
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map_or(DEFAULT_BUSY_WAIT, |s| {
+                        Duration::from_secs(s).min(MAX_BUSY_WAIT)
+                    })
+            });
+        // Busy: 503 (the service sheds load before doing anything), or 429 that says when to
+        // come back (one without `Retry-After` is not a load the client can wait out).
+        let busy = match status.as_u16() {
+            503 => Some(retry_after.unwrap_or(DEFAULT_BUSY_WAIT)),
+            429 => retry_after,
+            _ => None,
+        };
+        let bytes = match self.read_body(&url, response).await {
+            Ok(bytes) => bytes,
+            Err(e) => return Attempt::Done(Err(e)),
+        };
         let round_trip = started.elapsed();
         // Bytes as the application sees them (before gzip one way, after it the other).
         self.meter.request(sent + bytes.len(), round_trip);
@@ -1796,22 +1876,41 @@ impl Http {
                     String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
                 ),
             };
-            return Err(GitError::Server {
+            let error = GitError::Server {
                 url,
                 status: status.as_u16(),
                 code,
                 message,
             }
-            .into_sync());
+            .into_sync();
+            return match busy {
+                Some(wait) => Attempt::Busy { error, wait },
+                None => Attempt::Done(Err(error)),
+            };
         }
-        from_json(&bytes).map_err(|e| {
+        Attempt::Done(from_json(&bytes).map_err(|e| {
             GitError::Protocol {
                 url,
                 reason: format!("undecodable answer: {e}"),
             }
             .into_sync()
-        })
+        }))
     }
+}
+
+/// What one sending of a request came to.
+enum Attempt<T> {
+    /// An answer, or an error a retry would not change.
+    Done(Result<T, SyncError>),
+    /// The service is busy (`error` is its answer): worth sending again after `wait`.
+    Busy { error: SyncError, wait: Duration },
+}
+
+/// Up to 250 ms, so that clients turned away at once do not all come back at once.
+fn jitter() -> Duration {
+    // A v4 UUID's random bits: no random number generator needed besides it.
+    let random = uuid::Uuid::new_v4().as_u128() as u64;
+    Duration::from_millis(random % 251)
 }
 
 /// Whether `error` is the service's 404 `repo_not_found`.

@@ -138,6 +138,12 @@ pub struct GitServerConfig {
     /// whole budget is refused with 413 `payload_too_large`; one that does not fit beside the
     /// others in flight gets 503 `busy` with `Retry-After: 1` (load shedding: nothing waits).
     pub body_memory_bytes: usize,
+    /// Most branches one repository may have, `main` included (default 1,000). Creating one
+    /// more is refused with 409 `too_many_branches` and creates nothing (asking again for a
+    /// branch that exists, at its fork point, still answers it). A fork copies its source's
+    /// events up to the fork point: without a cap, one small request after another multiplied
+    /// a repository's disk use by as many branches as a writer cared to ask for.
+    pub max_branches_per_repo: usize,
 }
 
 impl Default for GitServerConfig {
@@ -151,6 +157,7 @@ impl Default for GitServerConfig {
             event_limits: EventLimits::default(),
             max_open_branches: 256,
             body_memory_bytes: 256 * 1024 * 1024,
+            max_branches_per_repo: 1000,
         }
     }
 }
@@ -990,6 +997,25 @@ async fn create_branch(
         ));
     }
     let target_name = branch_log(&repo, &new);
+    // Logs and not finished branches are counted: a log whose creation did not finish holds
+    // its copy on disk too. Its own (a retry finishing it) is not one more.
+    let mut branches = 0;
+    for name in s.inner.provider.list()? {
+        if let LogName::Branch { repo: r, .. } = &name
+            && *r == repo
+            && name != target_name
+        {
+            branches += 1;
+        }
+    }
+    let max = s.inner.config.max_branches_per_repo;
+    if branches >= max {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "too_many_branches",
+            format!("repository \"{repo}\" has {branches} branches, the most it may have ({max})"),
+        ));
+    }
     let target = s.inner.provider.open(&target_name)?;
     s.used(&target_name);
     // Copy the prefix. Re-running after a crash is safe: the copy deduplicates, and the branch

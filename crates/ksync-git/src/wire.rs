@@ -34,6 +34,17 @@ pub const DEFAULT_PUSH_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// bound.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Most times a client sends one request while the service answers that it is busy (503, or
+/// 429 with `Retry-After`) by default: four retries, about 4 s at the service's `Retry-After: 1`.
+pub const DEFAULT_BUSY_ATTEMPTS: u32 = 5;
+
+/// Longest wait of a client before it sends a busy-refused request again, whatever
+/// `Retry-After` asks: a service asking for an hour would otherwise hold the call that long.
+pub const MAX_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Most time a client waits on a busy service for one request, across its retries.
+pub const MAX_BUSY_WAIT_TOTAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Most bytes of events in one pull page by default (`GitServerConfig::max_page_bytes`): a
 /// page ends before the event that would take it past this, unless it is the page's first.
 pub const DEFAULT_PAGE_BYTES: usize = 8 * 1024 * 1024;

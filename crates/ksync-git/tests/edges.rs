@@ -503,7 +503,8 @@ async fn a_push_that_fails_part_way_reports_and_keeps_what_the_server_took() {
         .create_repo(&ksync_core::Name::new("r").expect("name"))
         .await
         .expect("repo");
-    // While armed, the second push request fails (the server is "down") without being applied.
+    // While armed, the second push request fails (the server is "down") without being applied:
+    // a 500, which the client does not send again (a 503 it would).
     let armed = Arc::new(AtomicBool::new(true));
     let pushes = Arc::new(AtomicUsize::new(0));
     let fail = {
@@ -519,7 +520,7 @@ async fn a_push_that_fails_part_way_reports_and_keeps_what_the_server_took() {
                     && armed.load(Ordering::SeqCst)
                     && pushes.fetch_add(1, Ordering::SeqCst) == 1
                 {
-                    return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
                 }
                 next.run(req).await
             }
@@ -567,7 +568,7 @@ async fn a_push_that_fails_part_way_reports_and_keeps_what_the_server_took() {
             .expect("send");
     }
     let err = c.push().await.expect_err("the second batch fails");
-    assert_eq!(GitError::of(&err).and_then(GitError::status), Some(503));
+    assert_eq!(GitError::of(&err).and_then(GitError::status), Some(500));
     assert_eq!(
         branch_ids(provider.as_ref(), "r").len(),
         10,
@@ -888,7 +889,7 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
     use axum::middleware::Next;
     use axum::response::IntoResponse;
 
-    // While armed, pushes to `main` fail.
+    // While armed, pushes to `main` fail (500: the client does not retry it).
     let armed = Arc::new(AtomicBool::new(false));
     let fail = {
         let armed = Arc::clone(&armed);
@@ -899,7 +900,7 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
                     && req.uri().path().ends_with("/branches/main/events")
                     && armed.load(Ordering::SeqCst)
                 {
-                    return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
                 }
                 next.run(req).await
             }
@@ -914,7 +915,7 @@ async fn a_merge_retried_after_its_resolutions_failed_to_push_sends_them() {
         .merge("main", "feature")
         .await
         .expect_err("the resolution cannot be pushed");
-    assert_eq!(GitError::of(&err).and_then(GitError::status), Some(503));
+    assert_eq!(GitError::of(&err).and_then(GitError::status), Some(500));
     let main_doc = |provider: &dyn ksync_core::StorageProvider| {
         provider
             .existing(&ksync_core::LogName::Branch {

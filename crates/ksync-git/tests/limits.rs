@@ -236,3 +236,81 @@ async fn the_service_keeps_a_bounded_number_of_branch_logs_open() {
     assert_eq!(pulled.new_events[0].id, "r1-e");
     assert!(provider.opened(&main("r1")).is_some());
 }
+
+/// A repository has at most `max_branches_per_repo` branches (`main` included): creating one
+/// more gets 409 `too_many_branches` and leaves no log behind; asking again for an existing
+/// branch at its fork point still answers it, and other repositories are not limited by it.
+#[tokio::test]
+async fn branch_creation_stops_at_max_branches_per_repo() {
+    use std::sync::Arc;
+
+    use ksync_core::LogName;
+    use ksync_git::server::GitServerConfig;
+    use serde_json::json;
+
+    let server = common::start_with(
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        GitServerConfig {
+            max_branches_per_repo: 3,
+            ..GitServerConfig::default()
+        },
+        &["r", "s"],
+    )
+    .await;
+    let http = common::http();
+    let create = |repo: &str, name: &str| {
+        common::call(
+            http.post(server.url(&format!("/git/{repo}/branches")))
+                .json(&json!({"name": name, "from": "main", "at": 0})),
+        )
+    };
+    let logs = |repo: &str| -> Vec<String> {
+        let mut names: Vec<String> = server
+            .provider
+            .list()
+            .expect("list")
+            .into_iter()
+            .filter_map(|name| match name {
+                LogName::Branch { repo: r, branch } if r.as_str() == repo => {
+                    Some(branch.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names
+    };
+
+    assert_eq!(create("r", "b1").await.0, 201);
+    assert_eq!(create("r", "b2").await.0, 201);
+    let (status, body) = create("r", "b3").await;
+    assert_eq!(
+        (status, common::code(&body)),
+        (409, "too_many_branches"),
+        "{body}"
+    );
+    assert_eq!(logs("r"), ["b1", "b2", "main"], "no log made for b3");
+    let (status, listed) = common::call(http.get(server.url("/git/r/branches"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        listed["branches"].as_array().map(Vec::len),
+        Some(3),
+        "{listed}"
+    );
+
+    // The same request for an existing branch is still answered (a retried creation).
+    let (status, body) = create("r", "b1").await;
+    assert_eq!((status, &body["name"]), (200, &json!("b1")), "{body}");
+    // Another repository has its own count.
+    assert_eq!(create("s", "b1").await.0, 201);
+    assert_eq!(logs("s"), ["b1", "main"]);
+    // The client gets the typed error.
+    let client = common::client(&server.repo_url("r"));
+    let error = client.create_branch("b4").await.expect_err("over the cap");
+    let git = GitError::of(&error).expect("a GitError");
+    assert_eq!(
+        (git.status(), git.code()),
+        (Some(409), Some("too_many_branches"))
+    );
+    assert_eq!(logs("r"), ["b1", "b2", "main"]);
+}
