@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod emit;
+mod fdlimit;
 mod git;
 mod peer;
 mod serve;

@@ -338,6 +338,11 @@ impl ServeArgs {
 /// SIGHUP reads the certificate and key files again.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
+    let connections = config
+        .limits
+        .max_connections
+        .saturating_add(config.limits.max_http_connections);
+    crate::fdlimit::raise_open_file_limit(u64::try_from(connections).unwrap_or(u64::MAX));
     let auth = auth_summary(&config.auth);
     if !config.auth.is_enabled() && !config.bind.ip().is_loopback() {
         tracing::warn!(

@@ -7,7 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 
-use common::{Served, finishes, ksync, signal, sigterm};
+use common::{Served, finishes, ksync, serve_from, signal, sigterm};
 
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -1131,4 +1131,62 @@ fn help_names_what_each_option_takes() {
             "{command}: no option with a value found in\n{help}"
         );
     }
+}
+
+/// The soft and hard open-file limits of process `pid` (`None`: unlimited), from
+/// `/proc/PID/limits`.
+fn open_file_limits(pid: u32) -> (Option<u64>, Option<u64>) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut values = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().ok());
+    let soft = values.next().expect("soft");
+    let hard = values.next().expect("hard");
+    (soft, hard)
+}
+
+/// `ksync serve` raises its soft open-file limit to the hard one (the soft one is often 1,024,
+/// below the 10,000 WebSockets it allows by default), and warns when even that is below what
+/// its connection limits need.
+#[test]
+fn serve_raises_its_open_file_limit_and_warns_when_it_stays_too_low() {
+    let (_, hard) = open_file_limits(std::process::id());
+    // Past the hard limit (or far past the usual ceiling when there is none): the warning.
+    let max_connections = hard.map_or(1 << 21, |hard| hard + 1).to_string();
+    let mut shell = Command::new("sh");
+    shell.args([
+        "-c",
+        r#"ulimit -Sn 256 && exec "$0" "$@""#,
+        env!("CARGO_BIN_EXE_ksync"),
+    ]);
+    let Served { mut child, .. } = serve_from(
+        shell,
+        &["--in-memory", "--max-connections", &max_connections],
+        &[],
+        Stdio::piped(),
+    );
+    let (soft, _) = open_file_limits(child.id());
+    match hard {
+        Some(hard) => assert_eq!(soft, Some(hard), "soft limit not raised to the hard one"),
+        None => assert!(soft.is_none_or(|soft| soft > 256), "{soft:?}"),
+    }
+    sigterm(&child);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert!(
+        stderr.contains("open-file limit is below what the connection limits need"),
+        "{stderr}"
+    );
 }

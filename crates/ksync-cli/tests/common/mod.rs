@@ -39,7 +39,17 @@ pub struct Served {
 /// Starts `ksync serve --bind 127.0.0.1:0 ARGS` with `envs`, its stderr going to `stderr`
 /// (a pipe that is read at the end, or `Stdio::null()`), and waits for its listening line.
 pub fn serve(args: &[&str], envs: &[(&str, &str)], stderr: Stdio) -> Served {
-    let mut command = ksync();
+    serve_from(ksync(), args, envs, stderr)
+}
+
+/// [`serve`] through `command`, which runs `ksync` with the arguments it is given (the
+/// binary itself, or a shell that sets something up and execs it).
+pub fn serve_from(
+    mut command: Command,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    stderr: Stdio,
+) -> Served {
     command
         .arg("serve")
         .args(["--bind", "127.0.0.1:0"])
