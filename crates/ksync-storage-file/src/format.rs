@@ -16,6 +16,9 @@
 //! Record kinds: 1 event, 2 meta, 3 meta removal. Kind 3 came later within format version 1:
 //! files without one read as before, and a build that predates it refuses a file holding one
 //! (an unknown kind under a good checksum is damage to it, never a tail to cut).
+//!
+//! Compaction at open (see `compact.rs`) may drop metadata records that no longer count
+//! (overwritten, removed, removals); it copies the others unchanged and never drops an event.
 
 use ksync_core::{Event, EventCodec, StorageError};
 

@@ -7,9 +7,12 @@
 //!   record and reported in [`RecoveryReport`]; damage before valid records is refused with
 //!   `StorageError::Corrupt`; a file that is not a kSync log, or of a newer format, is refused
 //!   with `StorageError::Format` and left untouched.
+//! - Reopening also compacts a log whose superseded metadata records (overwritten or removed
+//!   keys) take much of it: see [`FileStorageOptions::compaction_min_bytes`].
 //!
 //! The format is described in [`mod@format`].
 
+mod compact;
 mod fault;
 pub mod format;
 mod provider;
@@ -19,8 +22,8 @@ mod value;
 
 pub use fault::{FaultHook, WriteFault};
 pub use provider::FileProvider;
-pub use replay::{RecoveryReport, TailCut};
+pub use replay::{Compaction, RecoveryReport, TailCut};
 pub use storage::{
-    DEFAULT_GROUP_COMMIT_WINDOW, DEFAULT_QUEUE_CAPACITY, DEFAULT_SYNCS_IN_FLIGHT, Durability,
-    FileStorage, FileStorageBuilder, FileStorageOptions,
+    DEFAULT_COMPACTION_MIN_BYTES, DEFAULT_GROUP_COMMIT_WINDOW, DEFAULT_QUEUE_CAPACITY,
+    DEFAULT_SYNCS_IN_FLIGHT, Durability, FileStorage, FileStorageBuilder, FileStorageOptions,
 };

@@ -46,6 +46,22 @@ pub struct RecoveryReport {
     pub valid_len: u64,
     /// The torn or damaged tail that was cut off, if any.
     pub cut_tail: Option<TailCut>,
+    /// The compaction this open did, if any (see
+    /// [`FileStorageOptions::compaction_min_bytes`](crate::FileStorageOptions::compaction_min_bytes)).
+    /// When there is one, `valid_len` is the compacted length.
+    pub compacted: Option<Compaction>,
+}
+
+/// A compaction at open: the log was rewritten without its superseded metadata records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Compaction {
+    /// Length of the log before, in bytes (after any torn tail was cut).
+    pub bytes_before: u64,
+    /// Length of the compacted log, in bytes.
+    pub bytes_after: u64,
+    /// Metadata records left out: values overwritten later, removed keys, and removals.
+    pub records_dropped: u64,
 }
 
 /// A tail cut off during recovery: the final record was incomplete or damaged and no valid
@@ -66,7 +82,26 @@ pub struct TailCut {
 pub(crate) struct Replayed {
     pub(crate) log: LogIndex,
     pub(crate) meta: HashMap<String, String>,
+    /// Where the live metadata records are, for compaction.
+    pub(crate) meta_layout: MetaLayout,
     pub(crate) report: RecoveryReport,
+}
+
+/// The metadata records of a replayed log, as compaction needs them.
+#[derive(Debug, Default)]
+pub(crate) struct MetaLayout {
+    /// Bytes of every metadata record (sets and removals, headers included).
+    pub(crate) total_bytes: u64,
+    /// For each live key, the file offset and length of the record that set it last.
+    pub(crate) live: HashMap<String, (u64, u64)>,
+}
+
+impl MetaLayout {
+    /// Bytes of the metadata records that no longer matter: overwritten, removed, removals.
+    pub(crate) fn superseded_bytes(&self) -> u64 {
+        let live: u64 = self.live.values().map(|&(_, len)| len).sum();
+        self.total_bytes.saturating_sub(live)
+    }
 }
 
 /// Where and why replay stopped before the end of the file.
@@ -100,10 +135,10 @@ enum Checked {
         end: usize,
         key: EncodedKey,
     },
-    /// A metadata entry.
-    Meta(String, String),
-    /// A metadata removal.
-    MetaRemove(String),
+    /// A metadata entry, and the length of its record.
+    Meta(String, String, u64),
+    /// A metadata removal, and the length of its record.
+    MetaRemove(String, u64),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StorageError {
@@ -124,6 +159,7 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
     log.reserve(usize::try_from(estimate).unwrap_or(0));
     let mut meta = HashMap::new();
     let mut meta_records = 0u64;
+    let mut meta_layout = MetaLayout::default();
 
     let (index_stop, reader_result) = std::thread::scope(|scope| {
         let mut inputs = Vec::with_capacity(decoders);
@@ -160,12 +196,16 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
                             break 'chunks;
                         }
                     }
-                    Checked::Meta(key, value) => {
+                    Checked::Meta(key, value, len) => {
                         meta_records += 1;
+                        meta_layout.total_bytes += len;
+                        meta_layout.live.insert(key.clone(), (offset, len));
                         meta.insert(key, value);
                     }
-                    Checked::MetaRemove(key) => {
+                    Checked::MetaRemove(key, len) => {
                         meta_records += 1;
+                        meta_layout.total_bytes += len;
+                        meta_layout.live.remove(&key);
                         meta.remove(&key);
                     }
                 }
@@ -194,6 +234,7 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
         meta_records,
         valid_len: file_len,
         cut_tail: None,
+        compacted: None,
     };
     match stop {
         None => {}
@@ -215,7 +256,12 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
             });
         }
     }
-    Ok(Replayed { log, meta, report })
+    Ok(Replayed {
+        log,
+        meta,
+        meta_layout,
+        report,
+    })
 }
 
 /// The reader stage: reads `[start, end)` of `file` and hands out chunks of whole records
@@ -315,8 +361,12 @@ fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>, hasher: 
                                 end: pos + total,
                                 key: hasher.key(id, version),
                             },
-                            CheckedRecord::Meta(key, value) => Checked::Meta(key, value),
-                            CheckedRecord::MetaRemove(key) => Checked::MetaRemove(key),
+                            CheckedRecord::Meta(key, value) => {
+                                Checked::Meta(key, value, total as u64)
+                            }
+                            CheckedRecord::MetaRemove(key) => {
+                                Checked::MetaRemove(key, total as u64)
+                            }
                         };
                         records.push((offset, record));
                         pos += total;

@@ -16,6 +16,7 @@ use ksync_core::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
+use crate::compact;
 use crate::fault::FaultHook;
 use crate::format::{self, HEADER_LEN, RECORD_HEADER_LEN};
 use crate::replay::{RecoveryReport, replay};
@@ -45,6 +46,12 @@ pub const DEFAULT_GROUP_COMMIT_WINDOW: Duration = Duration::ZERO;
 pub const DEFAULT_SYNCS_IN_FLIGHT: usize = 2;
 /// Most requests one commit group takes.
 const MAX_GROUP_REQUESTS: usize = 4096;
+/// Default of [`FileStorageOptions::compaction_min_bytes`]: 1 MiB of superseded metadata.
+/// Below that a rewrite saves too little to be worth copying the log at open.
+pub const DEFAULT_COMPACTION_MIN_BYTES: u64 = 1 << 20;
+/// Times an open retries when the file it locked was meanwhile replaced at its path (by
+/// another open compacting it, or a provider deleting an empty log).
+const LOCK_ATTEMPTS: usize = 8;
 
 /// Options of a [`FileStorage`]; `Default` gives the spec's defaults.
 #[derive(Clone)]
@@ -66,6 +73,13 @@ pub struct FileStorageOptions {
     /// one). A group is acknowledged only after its own sync and those of all earlier groups
     /// succeeded. Default: [`DEFAULT_SYNCS_IN_FLIGHT`].
     pub syncs_in_flight: usize,
+    /// Compaction at open: when the metadata records that no longer count (values overwritten
+    /// later, removed keys, the removals themselves) take at least this many bytes and at
+    /// least half the log, opening rewrites the log without them (events and each live key's
+    /// latest record are kept as they are; see [`RecoveryReport::compacted`]). The half
+    /// keeps a big log from being copied whole to save a small part of it. `None` never
+    /// compacts. Default: [`DEFAULT_COMPACTION_MIN_BYTES`].
+    pub compaction_min_bytes: Option<u64>,
     /// Fault injection for reliability tests. Default: none.
     pub fault_hook: Option<Arc<dyn FaultHook>>,
 }
@@ -77,6 +91,7 @@ impl Default for FileStorageOptions {
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             group_commit_window: DEFAULT_GROUP_COMMIT_WINDOW,
             syncs_in_flight: DEFAULT_SYNCS_IN_FLIGHT,
+            compaction_min_bytes: Some(DEFAULT_COMPACTION_MIN_BYTES),
             fault_hook: None,
         }
     }
@@ -89,6 +104,7 @@ impl fmt::Debug for FileStorageOptions {
             .field("queue_capacity", &self.queue_capacity)
             .field("group_commit_window", &self.group_commit_window)
             .field("syncs_in_flight", &self.syncs_in_flight)
+            .field("compaction_min_bytes", &self.compaction_min_bytes)
             .field("fault_hook", &self.fault_hook.is_some())
             .finish()
     }
@@ -135,6 +151,14 @@ impl FileStorageBuilder {
     #[must_use]
     pub fn syncs_in_flight(mut self, syncs: usize) -> Self {
         self.options.syncs_in_flight = syncs;
+        self
+    }
+
+    /// Sets the compaction threshold at open (`None`: never compact); see
+    /// [`FileStorageOptions::compaction_min_bytes`].
+    #[must_use]
+    pub fn compaction_min_bytes(mut self, min_bytes: Option<u64>) -> Self {
+        self.options.compaction_min_bytes = min_bytes;
         self
     }
 
@@ -315,19 +339,9 @@ impl FileStorage {
         options: FileStorageOptions,
     ) -> Result<Self, StorageError> {
         let path = path.as_ref().to_path_buf();
-        let mut file = open_or_create(&path)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StorageError::Io {
-                    context: format!("{} is already open in another FileStorage", path.display()),
-                    source: io::Error::new(io::ErrorKind::WouldBlock, "log file is locked"),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(io_err(format!("locking {}", path.display()))(e));
-            }
-        }
+        let mut file = open_locked(&path)?;
+        // Locked, so a `.compact` here is no open's work in progress: a crash left it.
+        compact::remove_stale(&path);
         let mut len = file
             .metadata()
             .map_err(io_err(format!("reading metadata of {}", path.display())))?
@@ -346,7 +360,7 @@ impl FileStorage {
                 .map_err(io_err(format!("reading the header of {}", path.display())))?;
             format::check_header(&head)?;
         }
-        let replayed = replay(&path, len)?;
+        let mut replayed = replay(&path, len)?;
         if let Some(cut) = &replayed.report.cut_tail {
             tracing::warn!(
                 path = %path.display(),
@@ -362,7 +376,17 @@ impl FileStorage {
                     path.display()
                 )))?;
         }
-        let valid_len = replayed.report.valid_len;
+        let mut valid_len = replayed.report.valid_len;
+        if compact::worth_it(&replayed, valid_len, options.compaction_min_bytes)
+            && let Some((compacted, done)) = compact::compact(&path, &file, valid_len, &replayed)?
+        {
+            // The old file (now unlinked) is closed and unlocked here; opens that locked it
+            // meanwhile see it is no longer the log (`open_locked`).
+            file = compacted;
+            valid_len = done.bytes_after;
+            replayed.report.valid_len = valid_len;
+            replayed.report.compacted = Some(done);
+        }
         file.seek(SeekFrom::Start(valid_len))
             .map_err(io_err(format!("seeking the end of {}", path.display())))?;
 
@@ -606,6 +630,57 @@ impl Storage for FileStorage {
 
 /// Opens `path` read-write; when missing, creates it with a header via a temporary file and a
 /// rename, so a crash never leaves a half-written header under the real name.
+/// Opens (or creates) the log at `path` and locks it exclusively.
+///
+/// The lock belongs to the open file, not the path: when the path was renamed over (a
+/// compaction by another open) or deleted (an empty log dropped by a provider) between the
+/// open and the lock, the lock is on a file that is no longer the log, so it opens again.
+fn open_locked(path: &Path) -> Result<File, StorageError> {
+    for _ in 0..LOCK_ATTEMPTS {
+        let file = open_or_create(path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StorageError::Io {
+                    context: format!("{} is already open in another FileStorage", path.display()),
+                    source: io::Error::new(io::ErrorKind::WouldBlock, "log file is locked"),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io_err(format!("locking {}", path.display()))(e));
+            }
+        }
+        if is_at_path(&file, path)? {
+            return Ok(file);
+        }
+    }
+    Err(StorageError::Io {
+        context: format!("{} kept being replaced while opening it", path.display()),
+        source: io::Error::new(io::ErrorKind::WouldBlock, "log file keeps changing"),
+    })
+}
+
+/// Whether `file` is the file at `path` (same device and inode).
+#[cfg(unix)]
+fn is_at_path(file: &File, path: &Path) -> Result<bool, StorageError> {
+    use std::os::unix::fs::MetadataExt;
+    let at_path = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err(format!("reading metadata of {}", path.display()))(e)),
+    };
+    let open = file
+        .metadata()
+        .map_err(io_err(format!("reading metadata of {}", path.display())))?;
+    Ok(at_path.dev() == open.dev() && at_path.ino() == open.ino())
+}
+
+/// Without inode numbers to compare, this is not checked.
+#[cfg(not(unix))]
+fn is_at_path(_file: &File, _path: &Path) -> Result<bool, StorageError> {
+    Ok(true)
+}
+
 fn open_or_create(path: &Path) -> Result<File, StorageError> {
     let open = || OpenOptions::new().read(true).write(true).open(path);
     match open() {
