@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -125,18 +124,7 @@ async fn start() -> Busy {
     let app = service
         .router()
         .layer(axum::middleware::from_fn_with_state(state.clone(), shed));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .expect("serve");
-    });
+    let (addr, task) = common::serve_router(app).await;
     Busy {
         url: format!("http://{addr}/git/r"),
         slots: state.slots,

@@ -10,7 +10,7 @@ use ksync_core::{Event, PullPushClient, SyncClient};
 use ksync_git::{GitError, GitSyncClient};
 use serde_json::{Value, json};
 
-use common::{branch_events, call, client, code, http, start};
+use common::{branch_events, call, client, code, http, serve_router, start};
 
 fn message(body: &Value) -> &str {
     body["error"]["message"].as_str().unwrap_or("<no message>")
@@ -396,18 +396,7 @@ async fn a_pull_cut_off_mid_page_resumes_without_loss_or_duplicates() {
         }
     };
     let app = service.router().layer(axum::middleware::from_fn(cut));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-        .expect("serve");
-    });
+    let (addr, task) = serve_router(app).await;
     let url = format!("http://{addr}/git/r");
     let writer = client(&url);
     for i in 0..EVENTS {
@@ -527,18 +516,7 @@ async fn a_push_that_fails_part_way_reports_and_keeps_what_the_server_took() {
         }
     };
     let app = service.router().layer(axum::middleware::from_fn(fail));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-        .expect("serve");
-    });
+    let (addr, task) = serve_router(app).await;
     let url = format!("http://{addr}/git/r");
     let c = ksync_git::GitSyncClient::builder(&url)
         .auth(ksync_core::Auth::token("writer"))
@@ -835,18 +813,7 @@ async fn ksync_auto_sync_stops_when_the_credentials_are_refused() {
 
 /// Serves `app` on 127.0.0.1:0.
 async fn serve(app: axum::Router) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-        .expect("serve");
-    });
+    let (addr, task) = serve_router(app).await;
     (addr, task)
 }
 

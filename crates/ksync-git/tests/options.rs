@@ -131,51 +131,6 @@ async fn compression_gzips_requests_and_accepts_gzip_answers_by_default_and_not_
     }
 }
 
-/// Records the events of target `ksync_git::client` (level, message, other fields), whatever
-/// their level.
-#[derive(Clone, Default)]
-struct Logs(std::sync::Arc<std::sync::Mutex<Vec<Line>>>);
-
-#[derive(Debug, Clone)]
-struct Line {
-    level: tracing::Level,
-    message: String,
-    fields: String,
-}
-
-impl tracing::field::Visit for Line {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.message = format!("{value:?}");
-        } else {
-            self.fields
-                .push_str(&format!("{}={value:?} ", field.name()));
-        }
-    }
-}
-
-impl tracing::Subscriber for Logs {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        metadata.target() == "ksync_git::client"
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut line = Line {
-            level: *event.metadata().level(),
-            message: String::new(),
-            fields: String::new(),
-        };
-        event.record(&mut line);
-        self.0.lock().expect("lock").push(line);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 /// The spec's `debug`: the client built with `debug(true)` logs its requests, answers, pushes
 /// and pulls at `debug` level; the one without logs the same lines at `trace` only, side by
 /// side in the same process.
@@ -184,15 +139,7 @@ async fn debug_option_turns_on_debug_logs_for_that_client() {
     use tracing::Level;
 
     let (server, _) = start_recording(&["loud", "quiet"]).await;
-    let logs = Logs::default();
-    // This thread's subscriber: the test's runtime runs every task (the client's requests
-    // too) on it.
-    let _guard = tracing::subscriber::set_default(logs.clone());
-    // tracing caches per call site whether anyone wants it. With a single dispatcher
-    // registered it asks only the thread that reaches the call site first: another test's
-    // thread (no subscriber) would have the `trace` lines cached as unwanted everywhere. A
-    // second one, never made a default, makes it ask every registered dispatcher.
-    let _second = tracing::Dispatch::new(logs.clone());
+    let (logs, _capture) = ksync_testkit::LogCapture::install("ksync_git::client");
     for (repo, debug) in [("loud", true), ("quiet", false)] {
         let c = GitSyncClient::builder(server.repo_url(repo))
             .auth(Auth::token("writer"))
@@ -205,7 +152,7 @@ async fn debug_option_turns_on_debug_logs_for_that_client() {
         c.push().await.expect("push");
         c.pull().await.expect("pull");
     }
-    let lines = logs.0.lock().expect("lock").clone();
+    let lines = logs.lines();
     let at = |level: Level, message: &str, repo: &str| {
         lines
             .iter()

@@ -672,22 +672,9 @@ async fn a_branch_made_after_a_push_holds_the_pushed_events() {
 /// pull, the events taken in.
 #[tokio::test]
 async fn sync_notifies_what_the_server_stored_and_what_a_pull_took_in() {
-    use std::sync::Mutex;
+    use ksync_core::{Auth, SyncError};
+    use ksync_testkit::SyncRecorder;
 
-    use ksync_core::{Auth, Notification, NotificationKind, Subscription, SyncError};
-
-    type Batches = Arc<Mutex<Vec<Vec<String>>>>;
-    fn synced(client: &GitSyncClient) -> (Batches, Subscription) {
-        let batches = Batches::default();
-        let seen = Arc::clone(&batches);
-        let sub = client.notifier().on_kind(NotificationKind::Sync, move |n| {
-            if let Notification::Sync(events) = n {
-                let ids = events.iter().map(|e| e.id.clone()).collect();
-                seen.lock().expect("lock").push(ids);
-            }
-        });
-        (batches, sub)
-    }
     fn ids(events: &[Event]) -> Vec<&str> {
         events.iter().map(|e| e.id.as_str()).collect()
     }
@@ -703,7 +690,7 @@ async fn sync_notifies_what_the_server_stored_and_what_a_pull_took_in() {
 
     // Other content under the server's (id, version): refused, the rest stored.
     let ours = client(&url);
-    let (batches, _sub) = synced(&ours);
+    let batches = SyncRecorder::new(ours.notifier());
     ours.send(Event::new("doc", "note", json!("ours"), 1))
         .await
         .expect("send");
@@ -714,25 +701,25 @@ async fn sync_notifies_what_the_server_stored_and_what_a_pull_took_in() {
     assert_eq!(ids(&pushed.rejected_events), ["doc"]);
     assert_eq!(ids(&pushed.pushed_events), ["fresh"]);
     // Handlers run as the notification is emitted: all of them have run by now.
-    assert_eq!(*batches.lock().expect("lock"), [["fresh"]]);
+    assert_eq!(batches.batches(), [["fresh"]]);
 
     let reader = GitSyncClient::builder(&url)
         .auth(Auth::token("reader"))
         .build()
         .expect("client");
-    let (refused, _sub) = synced(&reader);
+    let refused = SyncRecorder::new(reader.notifier());
     reader
         .send(Event::new("nope", "note", json!(1), 1))
         .await
         .expect("send");
     let err = reader.push().await.expect_err("a reader may not push");
     assert!(matches!(err, SyncError::Auth(_)), "{err}");
-    assert!(refused.lock().expect("lock").is_empty());
+    assert!(refused.batches().is_empty());
     assert_eq!(ids(&branch_events(&server, "s", "main")), ["doc", "fresh"]);
 
     let fresh = client(&url);
-    let (pulled_batches, _sub) = synced(&fresh);
+    let pulled_batches = SyncRecorder::new(fresh.notifier());
     let pulled = fresh.pull().await.expect("pull");
     assert_eq!(ids(&pulled.new_events), ["doc", "fresh"]);
-    assert_eq!(*pulled_batches.lock().expect("lock"), [["doc", "fresh"]]);
+    assert_eq!(pulled_batches.batches(), [["doc", "fresh"]]);
 }

@@ -3,72 +3,18 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use common::*;
 use ksync_p2p::P2PSyncClient;
+use ksync_testkit::{LogCapture, SyncRecorder};
 use tracing::Level;
-
-/// Records the events of target `ksync_p2p::node` (level, message, other fields), whatever
-/// their level.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<Line>>>);
-
-#[derive(Debug, Clone)]
-struct Line {
-    level: Level,
-    message: String,
-    fields: String,
-}
-
-impl tracing::field::Visit for Line {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.message = format!("{value:?}");
-        } else {
-            self.fields
-                .push_str(&format!("{}={value:?} ", field.name()));
-        }
-    }
-}
-
-impl tracing::Subscriber for Logs {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        metadata.target() == "ksync_p2p::node"
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut line = Line {
-            level: *event.metadata().level(),
-            message: String::new(),
-            fields: String::new(),
-        };
-        event.record(&mut line);
-        self.0.lock().expect("lock").push(line);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
-impl Logs {
-    fn lines(&self) -> Vec<Line> {
-        self.0.lock().expect("lock").clone()
-    }
-
-    fn count(&self, message: &str) -> usize {
-        self.lines().iter().filter(|l| l.message == message).count()
-    }
-}
 
 /// `from` broadcasts one event at a time, each published (logged) before the next, until
 /// `to` has taken one in by gossip: catch-up may carry the first ones before the gossip mesh
 /// forms, and only gossip logs on receipt.
 async fn gossip_until_received(
-    logs: &Logs,
+    logs: &LogCapture,
     from: &P2PSyncClient,
     to: &P2PSyncClient,
     n: &mut usize,
@@ -108,13 +54,7 @@ async fn gossip_until_received(
 // tasks run on it.
 #[tokio::test]
 async fn debug_option_turns_on_debug_logs_for_that_client() {
-    let logs = Logs::default();
-    let _guard = tracing::subscriber::set_default(logs.clone());
-    // tracing caches per call site whether anyone wants it. With a single dispatcher
-    // registered it asks only the thread that reaches the call site first: another test's
-    // thread (no subscriber) would have the `trace` lines cached as unwanted everywhere. A
-    // second one, never made a default, makes it ask every registered dispatcher.
-    let _second = tracing::Dispatch::new(logs.clone());
+    let (logs, _capture) = LogCapture::install("ksync_p2p::node");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let loud = Arc::new(
@@ -178,27 +118,11 @@ async fn debug_option_turns_on_debug_logs_for_that_client() {
 /// are read once both sends were taken in, so one for a send would be there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_notifies_the_events_received_never_the_ones_sent() {
-    use ksync_core::{Notification, NotificationKind, Subscription};
-
-    type Batches = Arc<Mutex<Vec<Vec<String>>>>;
-    fn synced(client: &P2PSyncClient) -> (Batches, Subscription) {
-        let batches = Batches::default();
-        let seen = Arc::clone(&batches);
-        let sub = client.notifier().on_kind(NotificationKind::Sync, move |n| {
-            if let Notification::Sync(events) = n {
-                let ids = events.iter().map(|e| e.id.clone()).collect();
-                seen.lock().expect("lock").push(ids);
-            }
-        });
-        (batches, sub)
-    }
-    let flat = |batches: &Batches| batches.lock().expect("lock").concat();
-
     let dir = tempfile::tempdir().expect("tempdir");
     let a = peer(dir.path(), "a").await;
     let b = peer(dir.path(), "b").await;
-    let (at_a, _sub_a) = synced(&a);
-    let (at_b, _sub_b) = synced(&b);
+    let at_a = SyncRecorder::new(a.notifier());
+    let at_b = SyncRecorder::new(b.notifier());
     link(&a, &b).await;
     wait_mesh(&[a.clone(), b.clone()]).await;
 
@@ -214,8 +138,8 @@ async fn sync_notifies_the_events_received_never_the_ones_sent() {
         keys(&a).contains(&(from_b.id.clone(), from_b.version))
     })
     .await;
-    assert_eq!(flat(&at_b), [from_a.id.as_str()]);
-    assert_eq!(flat(&at_a), [from_b.id.as_str()]);
+    assert_eq!(at_b.ids(), [from_a.id.as_str()]);
+    assert_eq!(at_a.ids(), [from_b.id.as_str()]);
     a.stop().await.expect("stop");
     b.stop().await.expect("stop");
 }

@@ -62,6 +62,24 @@ impl Drop for Server {
     }
 }
 
+/// Serves `app` (a service's router, with any test layers) on an ephemeral loopback port, with
+/// the peer address handlers see in production (the server's `ConnectInfo`).
+pub async fn serve_router(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .expect("serve");
+    });
+    (addr, task)
+}
+
 /// Starts the service over `provider` on an ephemeral port, with repository `repo` created.
 pub async fn start_with(
     provider: Arc<dyn StorageProvider>,
@@ -75,19 +93,8 @@ pub async fn start_with(
             .await
             .expect("create repo");
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let app = service.router();
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .expect("serve");
-    });
+    let (addr, task) = serve_router(app).await;
     Server {
         addr,
         service,
@@ -241,18 +248,7 @@ pub async fn start_recording(repos: &[&str]) -> (Server, Requests) {
         }
     };
     let app = service.router().layer(axum::middleware::from_fn(record));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .expect("serve");
-    });
+    let (addr, task) = serve_router(app).await;
     let server = Server {
         addr,
         service,

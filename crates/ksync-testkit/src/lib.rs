@@ -1,0 +1,147 @@
+//! Test helpers shared by kSync's test suites (a dev-dependency only; never published):
+//! capturing what one log target says ([`LogCapture`]) and recording the `sync` notifications
+//! of a client ([`SyncRecorder`]).
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ksync_core::{Notification, NotificationKind, Notifier, Subscription};
+use tracing::Level;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::subscriber::DefaultGuard;
+
+/// One captured event: its level, its message and its other fields (`name=value `, in order).
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// The event's level.
+    pub level: Level,
+    /// Its `message` field.
+    pub message: String,
+    /// Its other fields, each `name=value ` (values in their `Debug` form).
+    pub fields: String,
+}
+
+impl Visit for LogLine {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.fields
+                .push_str(&format!("{}={value:?} ", field.name()));
+        }
+    }
+}
+
+/// Records every event of one target, whatever its level, on the thread that installed it
+/// (a test's single-threaded runtime runs the client's tasks there too).
+#[derive(Clone)]
+pub struct LogCapture {
+    target: &'static str,
+    lines: Arc<Mutex<Vec<LogLine>>>,
+}
+
+/// Keeps a [`LogCapture`] installed; dropping it uninstalls it.
+pub struct CaptureGuard {
+    _default: DefaultGuard,
+    _registered: tracing::Dispatch,
+}
+
+impl LogCapture {
+    /// Captures `target`'s events on this thread until the guard is dropped.
+    pub fn install(target: &'static str) -> (Self, CaptureGuard) {
+        let capture = Self {
+            target,
+            lines: Arc::default(),
+        };
+        let default = tracing::subscriber::set_default(capture.clone());
+        // tracing caches per call site whether anyone wants it. With a single dispatcher
+        // registered it asks only the thread that reaches the call site first: another test's
+        // thread (no subscriber) would have the `trace` lines cached as unwanted everywhere.
+        // A second one, never made a default, makes it ask every registered dispatcher.
+        let registered = tracing::Dispatch::new(capture.clone());
+        (
+            capture,
+            CaptureGuard {
+                _default: default,
+                _registered: registered,
+            },
+        )
+    }
+
+    fn locked(&self) -> MutexGuard<'_, Vec<LogLine>> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lines captured so far.
+    pub fn lines(&self) -> Vec<LogLine> {
+        self.locked().clone()
+    }
+
+    /// How many lines so far have `message`.
+    pub fn count(&self, message: &str) -> usize {
+        self.locked()
+            .iter()
+            .filter(|l| l.message == message)
+            .count()
+    }
+}
+
+impl tracing::Subscriber for LogCapture {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.target() == self.target
+    }
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut line = LogLine {
+            level: *event.metadata().level(),
+            message: String::new(),
+            fields: String::new(),
+        };
+        event.record(&mut line);
+        self.locked().push(line);
+    }
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
+/// The `sync` notifications of one client, each as the ids of its events, in order.
+pub struct SyncRecorder {
+    batches: Arc<Mutex<Vec<Vec<String>>>>,
+    _subscription: Subscription,
+}
+
+impl SyncRecorder {
+    /// Records `notifier`'s `sync` notifications from now on, until dropped.
+    pub fn new(notifier: &Notifier) -> Self {
+        let batches: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+        let seen = Arc::clone(&batches);
+        let subscription = notifier.on_kind(NotificationKind::Sync, move |n| {
+            if let Notification::Sync(events) = n {
+                let ids = events.iter().map(|e| e.id.clone()).collect();
+                seen.lock().unwrap_or_else(|p| p.into_inner()).push(ids);
+            }
+        });
+        Self {
+            batches,
+            _subscription: subscription,
+        }
+    }
+
+    /// Each notification's event ids, in the order they came.
+    pub fn batches(&self) -> Vec<Vec<String>> {
+        self.batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every notified event id, in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.batches().concat()
+    }
+}
