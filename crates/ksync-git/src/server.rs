@@ -22,6 +22,7 @@ use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
+use http_body_util::BodyExt as _;
 use ksync_core::{
     Access, AppendOutcome, AuthError, Authenticator, Conflict, Credentials, Event, EventLimits,
     Grant, LogName, Name, ResourceKind, Storage, StorageError, StorageProvider,
@@ -132,9 +133,9 @@ pub struct GitServerConfig {
     /// [`Event::decoded_len`](ksync_core::Event::decoded_len) (as the WebSocket relay's
     /// `room_queue_bytes`); default 256 MiB. A body's JSON decodes larger than it is (a
     /// `[0,0,...]` of 16 MiB is 256 MiB of `Value`s), and `max_body_bytes` bounds only the
-    /// JSON. Before a body is decoded its JSON is scanned for a bound of what it decodes into
-    /// (no values are built); the body holds that plus its text while it is decoded, then what
-    /// it measures decoded until its answer is ready. A body whose bound is larger than the
+    /// JSON. A body holds its bytes as they arrive; before it is decoded its JSON is walked for
+    /// a bound of what it decodes into (no values are built), which it holds too while it is
+    /// decoded, then what it measures decoded until its answer is ready. A body whose bound is larger than the
     /// whole budget is refused with 413 `payload_too_large`; one that does not fit beside the
     /// others in flight gets 503 `busy` with `Retry-After: 1` (load shedding: nothing waits).
     pub body_memory_bytes: usize,
@@ -195,10 +196,39 @@ struct Inner {
 /// A request's share of `Inner::body_memory`, given back when it is dropped.
 struct BodyShare<'a> {
     memory: &'a AtomicUsize,
+    /// `GitServerConfig::body_memory_bytes`.
+    limit: usize,
     held: usize,
 }
 
 impl BodyShare<'_> {
+    /// Takes `bytes` more: 413 when this body alone would pass the whole budget, 503 `busy`
+    /// when it does not fit now beside the other requests' bodies.
+    fn grow(&mut self, bytes: usize) -> Result<(), ApiError> {
+        let wanted = self.held.saturating_add(bytes);
+        if wanted > self.limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "request body would take up to {wanted} bytes decoded, more than the {} \
+                     the server allows all bodies in flight; push smaller batches",
+                    self.limit
+                ),
+            ));
+        }
+        let limit = self.limit;
+        self.memory
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&after| after <= limit)
+            })
+            .map_err(|_| {
+                ApiError::busy("too many large request bodies at once; retry shortly".into())
+            })?;
+        self.held = wanted;
+        Ok(())
+    }
+
     /// Gives back what the request holds past `bytes`.
     fn shrink_to(&mut self, bytes: usize) {
         let freed = self.held.saturating_sub(bytes);
@@ -511,9 +541,23 @@ impl GitServer {
                 ));
             }
         };
-        let raw = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|e| body_error(&e, limit))?;
+        // The body counts against the budget as it arrives, not only once read: bodies being
+        // received were up to `max_git_requests` × `max_body_bytes` (4 GiB by default).
+        let mut share = self.body_share();
+        let mut raw = Vec::new();
+        let mut incoming = req.into_body();
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame.map_err(|e| body_error(&e, limit))?;
+            let Ok(data) = frame.into_data() else {
+                // Trailers: nothing to read.
+                continue;
+            };
+            if raw.len().saturating_add(data.len()) > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            share.grow(data.len())?;
+            raw.extend_from_slice(&data);
+        }
         let unpacked;
         let plain: &[u8] = if gzipped {
             unpacked = gunzip(&raw, limit).map_err(|e| match e {
@@ -527,7 +571,7 @@ impl GitServer {
             &raw
         };
         // The text (and its gzip form) is held while it is decoded, beside the values.
-        let text = raw.len() + if gzipped { plain.len() } else { 0 };
+        let unpacked_len = if gzipped { plain.len() } else { 0 };
         let malformed = |e: serde_json::Error| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -535,39 +579,19 @@ impl GitServer {
                 format!("request body is not valid JSON for this endpoint: {e}"),
             )
         };
-        let mut share =
-            self.share_body_memory(text.saturating_add(decoded_bound(plain).map_err(malformed)?))?;
+        share.grow(unpacked_len.saturating_add(decoded_bound(plain).map_err(malformed)?))?;
         let body: T = from_json(plain).map_err(malformed)?;
         share.shrink_to(body.decoded_len());
         Ok((body, share))
     }
 
-    /// Reserves `bytes` of the body memory: 413 when they are more than all of it, 503 `busy`
-    /// when they do not fit now beside the other requests' bodies.
-    fn share_body_memory(&self, bytes: usize) -> Result<BodyShare<'_>, ApiError> {
-        let limit = self.inner.config.body_memory_bytes;
-        if bytes > limit {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "request body would take up to {bytes} bytes decoded, more than the \
-                     {limit} the server allows all bodies in flight; push smaller batches"
-                ),
-            ));
+    /// An empty share of the body memory, for one request's body to grow.
+    fn body_share(&self) -> BodyShare<'_> {
+        BodyShare {
+            memory: &self.inner.body_memory,
+            limit: self.inner.config.body_memory_bytes,
+            held: 0,
         }
-        let memory = &self.inner.body_memory;
-        memory
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes).filter(|&after| after <= limit)
-            })
-            .map_err(|_| {
-                ApiError::busy("too many large request bodies at once; retry shortly".into())
-            })?;
-        Ok(BodyShare {
-            memory,
-            held: bytes,
-        })
     }
 
     fn respond<T: Serialize>(&self, status: StatusCode, headers: &HeaderMap, body: &T) -> Response {

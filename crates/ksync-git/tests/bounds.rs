@@ -281,6 +281,85 @@ async fn a_body_that_decodes_past_the_whole_budget_is_refused() {
     assert_eq!(ids, ["small", "large"]);
 }
 
+/// A body counts against the budget while it arrives: an upload stalled after 3 MiB of a
+/// declared 3.5 MiB holds them, so a push that would fit alone gets 503 `busy` (small ones
+/// still fit beside it); once the stalled client goes away, the push is taken. Bodies being
+/// received were not counted at all, up to `max_git_requests` × `max_body_bytes` at once.
+#[tokio::test]
+async fn a_body_counts_against_the_budget_while_it_arrives() {
+    use tokio::io::AsyncWriteExt;
+
+    const BUDGET: usize = 4 * 1024 * 1024;
+    let config = GitServerConfig {
+        body_memory_bytes: BUDGET,
+        ..GitServerConfig::default()
+    };
+    let server = common::start_with(Arc::new(InMemoryProvider::new()), config, &["r"]).await;
+    let http = common::http();
+
+    let mut stalled = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /git/r/branches/main/events HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: Bearer writer\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        3 * 1024 * 1024 + 512 * 1024
+    );
+    stalled.write_all(head.as_bytes()).await.expect("head");
+    stalled
+        .write_all(&vec![b' '; 3 * 1024 * 1024])
+        .await
+        .expect("3 MiB of the body");
+
+    // 100,000 zeros: about 3.2 MiB decoded, which fits the budget alone but not beside the
+    // stalled 3 MiB. Until the service has read those, it may be taken (a retry is then a
+    // duplicate): what must come is the refusal.
+    let big = || {
+        http.post(server.url("/git/r/branches/main/events"))
+            .header("authorization", "Bearer writer")
+            .header("content-type", "application/json")
+            .body(zeros_push("big", 100_000))
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let response = big().send().await.expect("send");
+        if response.status().as_u16() == 503 {
+            let body: Value = response.json().await.expect("a JSON error");
+            assert_eq!(common::code(&body), "busy", "{body}");
+            break;
+        }
+        assert_eq!(response.status().as_u16(), 200);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled upload's bytes were never counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    push(&server, &http, "main", vec![event("small", json!(1))]).await;
+
+    drop(stalled);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let response = big().send().await.expect("send");
+        if response.status().as_u16() == 200 {
+            break;
+        }
+        assert_eq!(response.status().as_u16(), 503);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled upload's share was never given back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut ids: Vec<String> = common::branch_events(&server, "r", "main")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["big", "small"]);
+}
+
 /// A log whose appends wait until its gate opens (a slow disk), counting the appends waiting.
 struct GatedStorage {
     log: Arc<dyn Storage>,
