@@ -122,6 +122,19 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_git_requests: usize,
 
+    /// Memory, in bytes, the bodies of the repository requests in flight may take once
+    /// decoded; a body that does not fit now gets 503 `busy`, one that never could 413.
+    #[arg(long, env = "KSYNC_GIT_BODY_MEMORY_BYTES", value_name = "BYTES",
+        default_value_t = Limits::default().git_body_memory_bytes,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1024>)]
+    git_body_memory_bytes: usize,
+
+    /// Most branches one repository may have, `main` included; one more gets 409.
+    #[arg(long, env = "KSYNC_MAX_BRANCHES_PER_REPO", value_name = "N",
+        default_value_t = Limits::default().max_branches_per_repo,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_branches_per_repo: usize,
+
     /// Longest wait, in seconds, for the next piece of a request body before 408.
     #[arg(long, env = "KSYNC_REQUEST_BODY_TIMEOUT_SECS", value_name = "SECS", default_value_t = 30,
         allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
@@ -323,6 +336,8 @@ impl ServeArgs {
                 request_body_timeout: Duration::from_secs(self.request_body_timeout_secs),
                 request_header_timeout: Duration::from_secs(self.request_header_timeout_secs),
                 max_http_connections: self.max_http_connections,
+                git_body_memory_bytes: self.git_body_memory_bytes,
+                max_branches_per_repo: self.max_branches_per_repo,
             },
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),

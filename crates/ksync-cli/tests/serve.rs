@@ -429,7 +429,7 @@ fn usage_error(command: Command) -> String {
 /// internal field (`max_message_size`) for 0.
 #[test]
 fn bad_limit_values_are_usage_errors_naming_the_flag() {
-    let cases: [(&str, &str, &[&str], &str); 11] = [
+    let cases: [(&str, &str, &[&str], &str); 13] = [
         (
             "--max-message-bytes",
             "KSYNC_MAX_MESSAGE_BYTES",
@@ -466,6 +466,18 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
             "KSYNC_MAX_HTTP_CONNECTIONS",
             &["0", "-1"],
             "at least 1",
+        ),
+        (
+            "--max-branches-per-repo",
+            "KSYNC_MAX_BRANCHES_PER_REPO",
+            &["0", "-1"],
+            "at least 1",
+        ),
+        (
+            "--git-body-memory-bytes",
+            "KSYNC_GIT_BODY_MEMORY_BYTES",
+            &["0", "1023", "-1"],
+            "at least 1024",
         ),
         (
             "--request-body-timeout-secs",
@@ -1189,4 +1201,64 @@ fn serve_raises_its_open_file_limit_and_warns_when_it_stays_too_low() {
         stderr.contains("open-file limit is below what the connection limits need"),
         "{stderr}"
     );
+}
+
+/// The repository service's limits are `ksync serve` flags: `--max-branches-per-repo` (one
+/// more branch is 409 `too_many_branches`) and `--git-body-memory-bytes` (a push that would
+/// decode past it is 413), against the real binary.
+#[tokio::test]
+async fn git_limits_are_serve_flags() {
+    let Served { child, addr, .. } = common::serve(
+        &[
+            "--in-memory",
+            "--max-branches-per-repo",
+            "2",
+            "--git-body-memory-bytes",
+            "2048",
+        ],
+        &[],
+        Stdio::null(),
+    );
+    let http = reqwest::Client::new();
+    let created = http
+        .put(format!("http://{addr}/git/notes"))
+        .send()
+        .await
+        .expect("create repo");
+    assert!(created.status().is_success(), "{}", created.status());
+    let branch = |name: &str| {
+        http.post(format!("http://{addr}/git/notes/branches"))
+            .json(&json!({"name": name}))
+            .send()
+    };
+    assert_eq!(branch("b1").await.expect("b1").status().as_u16(), 201);
+    let refused = branch("b2").await.expect("b2");
+    assert_eq!(refused.status().as_u16(), 409);
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "too_many_branches", "{body}");
+
+    // 200 numbers: a few hundred bytes of JSON, over 6 KB decoded.
+    let push = json!({"baseVersion": 0, "events": [
+        {"id": "a", "type": "t", "data": vec![0; 200], "timestamp": 1, "version": 1}
+    ]});
+    let too_big = http
+        .post(format!("http://{addr}/git/notes/branches/main/events"))
+        .json(&push)
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(too_big.status().as_u16(), 413);
+    let small = json!({"baseVersion": 0, "events": [
+        {"id": "b", "type": "t", "data": 1, "timestamp": 1, "version": 1}
+    ]});
+    let taken = http
+        .post(format!("http://{addr}/git/notes/branches/main/events"))
+        .json(&small)
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(taken.status().as_u16(), 200);
+    sigterm(&child);
+    let mut child = child;
+    assert!(child.wait().expect("wait").success());
 }

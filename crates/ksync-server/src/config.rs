@@ -88,6 +88,12 @@ pub struct Limits {
     /// stops accepting until one closes: new clients wait in the listen backlog (nothing is
     /// refused, no file descriptor is spent on them).
     pub max_http_connections: usize,
+    /// Memory the bodies of repository requests in flight may take, decoded (256 MiB; see
+    /// `ksync_git::server::GitServerConfig::body_memory_bytes`): past it, 503 `busy`.
+    pub git_body_memory_bytes: usize,
+    /// Most branches one repository may have, `main` included (1,000; see
+    /// `ksync_git::server::GitServerConfig::max_branches_per_repo`): past it, 409.
+    pub max_branches_per_repo: usize,
 }
 
 impl Default for Limits {
@@ -101,6 +107,9 @@ impl Default for Limits {
             request_body_timeout: Duration::from_secs(30),
             request_header_timeout: Duration::from_secs(30),
             max_http_connections: 1024,
+            git_body_memory_bytes: ksync_git::server::GitServerConfig::default().body_memory_bytes,
+            max_branches_per_repo: ksync_git::server::GitServerConfig::default()
+                .max_branches_per_repo,
         }
     }
 }

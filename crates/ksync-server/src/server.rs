@@ -146,7 +146,15 @@ impl Server {
             Arc::clone(&provider),
             Arc::clone(&authenticator),
         )?;
-        let git = GitServer::new(Arc::clone(&provider), Arc::clone(&authenticator));
+        let git = GitServer::with_config(
+            Arc::clone(&provider),
+            Arc::clone(&authenticator),
+            ksync_git::server::GitServerConfig {
+                body_memory_bytes: config.limits.git_body_memory_bytes,
+                max_branches_per_repo: config.limits.max_branches_per_repo,
+                ..ksync_git::server::GitServerConfig::default()
+            },
+        );
         let state = Arc::new(AppState {
             started: Instant::now(),
             provider: Arc::clone(&provider),
