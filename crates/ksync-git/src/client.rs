@@ -932,14 +932,8 @@ impl GitSyncClient {
             self.save_segments(replica, &segments).await?;
         }
         result.resolutions.extend(resolutions);
-        // Settled (the resolutions are recorded and owed): the next merge is a new one. The id
-        // is removed; a storage that cannot remove keys keeps it empty (read as none).
-        match replica.storage().remove_meta(&keys.merge_id).await {
-            Err(ksync_core::StorageError::Unsupported(_)) => {
-                replica.storage().set_meta(&keys.merge_id, "").await?;
-            }
-            removed => removed?,
-        }
+        // Settled (the resolutions are recorded and owed): the next merge is a new one.
+        replica.storage().set_meta(&keys.merge_id, "").await?;
         Ok(())
     }
 

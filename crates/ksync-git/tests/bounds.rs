@@ -615,49 +615,6 @@ fn found_len(answer: &Value) -> usize {
 /// `conflict` notification each) and settled, once each, and every new event reaches `into`.
 #[tokio::test]
 async fn the_client_merges_across_answer_pages() {
-    client_merges_across_answer_pages(Arc::new(InMemoryStorage::new())).await;
-}
-
-/// A storage that cannot remove metadata keys (a `Storage` written before `remove_meta`
-/// existed: the provided method refuses with `Unsupported`).
-struct NoRemoval(InMemoryStorage);
-
-impl Storage for NoRemoval {
-    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
-        self.0.append(events)
-    }
-    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
-        self.0.read_since(after, limit)
-    }
-    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
-        self.0.get(id, version)
-    }
-    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
-        self.0.latest(id)
-    }
-    fn len(&self) -> u64 {
-        self.0.len()
-    }
-    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
-        self.0.state()
-    }
-    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
-        self.0.meta(key)
-    }
-    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
-        self.0.set_meta(key, value)
-    }
-}
-
-/// The same on a replica storage that cannot remove keys: a settled merge's id is then
-/// emptied instead, and the next merge is a new one all the same (asking under the old id
-/// would bring back the first merge's 120 collisions).
-#[tokio::test]
-async fn the_client_merges_across_pages_on_a_storage_that_cannot_remove_keys() {
-    client_merges_across_answer_pages(Arc::new(NoRemoval(InMemoryStorage::new()))).await;
-}
-
-async fn client_merges_across_answer_pages(storage: Arc<dyn Storage>) {
     let config = GitServerConfig {
         max_page_bytes: 4096,
         ..GitServerConfig::default()
@@ -666,7 +623,7 @@ async fn client_merges_across_answer_pages(storage: Arc<dyn Storage>) {
     let http = common::http();
     colliding_branches(&server, &http, 120, 200).await;
     let node = KSync::builder()
-        .storage(storage)
+        .storage(Arc::new(InMemoryStorage::new()))
         .sync_client(Arc::new(common::client(&server.repo_url("r"))))
         .replica_id("a")
         .build()
