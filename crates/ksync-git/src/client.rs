@@ -1908,9 +1908,7 @@ enum Attempt<T> {
 
 /// Up to 250 ms, so that clients turned away at once do not all come back at once.
 fn jitter() -> Duration {
-    // A v4 UUID's random bits: no random number generator needed besides it.
-    let random = uuid::Uuid::new_v4().as_u128() as u64;
-    Duration::from_millis(random % 251)
+    Duration::from_millis(rand::random_range(0..=250))
 }
 
 /// Whether `error` is the service's 404 `repo_not_found`.

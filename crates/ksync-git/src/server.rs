@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use axum::Router;
 use axum::body::Body;
@@ -138,6 +138,7 @@ pub struct GitServerConfig {
     /// decoded, then what it measures decoded until its answer is ready. A body whose bound is larger than the
     /// whole budget is refused with 413 `payload_too_large`; one that does not fit beside the
     /// others in flight gets 503 `busy` with `Retry-After: 1` (load shedding: nothing waits).
+    /// At most 4 GiB - 1 (a semaphore's permits, one a byte); more counts as that.
     pub body_memory_bytes: usize,
     /// Most branches one repository may have, `main` included (default 1,000). Creating one
     /// more is refused with 409 `too_many_branches` and creates nothing (asking again for a
@@ -188,59 +189,59 @@ struct Inner {
     /// Branch logs this service opened, least recently used first (see
     /// `GitServerConfig::max_open_branches`).
     open_logs: std::sync::Mutex<std::collections::VecDeque<LogName>>,
-    /// Bytes of request bodies held by the requests in flight (see
-    /// `GitServerConfig::body_memory_bytes`).
-    body_memory: AtomicUsize,
+    /// One permit per byte of `GitServerConfig::body_memory_bytes`, held by the bodies of the
+    /// requests in flight (as the WebSocket relay's `room_queue_bytes`).
+    body_memory: Arc<Semaphore>,
 }
 
 /// A request's share of `Inner::body_memory`, given back when it is dropped.
-struct BodyShare<'a> {
-    memory: &'a AtomicUsize,
-    /// `GitServerConfig::body_memory_bytes`.
+struct BodyShare {
+    memory: Arc<Semaphore>,
+    /// The whole budget (the semaphore's permits).
     limit: usize,
-    held: usize,
+    held: Option<OwnedSemaphorePermit>,
 }
 
-impl BodyShare<'_> {
+impl BodyShare {
+    fn held(&self) -> usize {
+        self.held
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits)
+    }
+
     /// Takes `bytes` more: 413 when this body alone would pass the whole budget, 503 `busy`
-    /// when it does not fit now beside the other requests' bodies.
+    /// when it does not fit now beside the other requests' bodies (nothing waits).
     fn grow(&mut self, bytes: usize) -> Result<(), ApiError> {
-        let wanted = self.held.saturating_add(bytes);
+        let wanted = self.held().saturating_add(bytes);
         if wanted > self.limit {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "request body would take up to {wanted} bytes decoded, more than the {} \
-                     the server allows all bodies in flight; push smaller batches",
-                    self.limit
-                ),
-            ));
+            return Err(ApiError::too_large_decoded(wanted, self.limit));
         }
-        let limit = self.limit;
-        self.memory
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes).filter(|&after| after <= limit)
-            })
+        // `wanted` is within the budget, which fits a u32 (see `body_memory_permits`).
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let more = Arc::clone(&self.memory)
+            .try_acquire_many_owned(bytes)
             .map_err(|_| {
                 ApiError::busy("too many large request bodies at once; retry shortly".into())
             })?;
-        self.held = wanted;
+        match &mut self.held {
+            Some(held) => held.merge(more),
+            None => self.held = Some(more),
+        }
         Ok(())
     }
 
     /// Gives back what the request holds past `bytes`.
     fn shrink_to(&mut self, bytes: usize) {
-        let freed = self.held.saturating_sub(bytes);
-        self.memory.fetch_sub(freed, Ordering::AcqRel);
-        self.held -= freed;
+        if let Some(held) = &mut self.held {
+            let freed = held.num_permits().saturating_sub(bytes);
+            drop(held.split(freed));
+        }
     }
 }
 
-impl Drop for BodyShare<'_> {
-    fn drop(&mut self) {
-        self.memory.fetch_sub(self.held, Ordering::AcqRel);
-    }
+/// The budget of body memory as semaphore permits: `try_acquire_many` counts in u32.
+fn body_memory_permits(bytes: usize) -> usize {
+    bytes.min(u32::MAX as usize)
 }
 
 /// What a decoded body holds, in the measure of [`Event::decoded_len`](ksync_core::Event::decoded_len).
@@ -343,6 +344,9 @@ impl GitServer {
         auth: Arc<dyn Authenticator>,
         config: GitServerConfig,
     ) -> Self {
+        let body_memory = Arc::new(Semaphore::new(body_memory_permits(
+            config.body_memory_bytes,
+        )));
         Self {
             inner: Arc::new(Inner {
                 provider,
@@ -350,7 +354,7 @@ impl GitServer {
                 config,
                 create_lock: tokio::sync::Mutex::new(()),
                 open_logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
-                body_memory: AtomicUsize::new(0),
+                body_memory,
             }),
         }
     }
@@ -442,18 +446,29 @@ impl GitServer {
         }
     }
 
+    /// The names of the branch logs of `repo` that the provider holds.
+    fn branch_names(&self, repo: &Name) -> Result<Vec<Name>, ServerError> {
+        Ok(self
+            .inner
+            .provider
+            .list()?
+            .into_iter()
+            .filter_map(|name| match name {
+                LogName::Branch { repo: r, branch } if &r == repo => Some(branch),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The repository's branches, sorted by name.
     pub fn branches(&self, repo: &Name) -> Result<Vec<BranchInfo>, ServerError> {
         if self.branch(repo, &default_branch())?.is_none() {
             return Err(ServerError::RepoNotFound(repo.to_string()));
         }
         let mut out = Vec::new();
-        for name in self.inner.provider.list()? {
-            if let LogName::Branch { repo: r, branch } = &name
-                && r == repo
-                && let Some((storage, record)) = self.branch(repo, branch)?
-            {
-                out.push(info(branch, storage.as_ref(), record));
+        for branch in self.branch_names(repo)? {
+            if let Some((storage, record)) = self.branch(repo, &branch)? {
+                out.push(info(&branch, storage.as_ref(), record));
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -524,7 +539,7 @@ impl GitServer {
     async fn body<T: serde::de::DeserializeOwned + DecodedLen>(
         &self,
         req: Request,
-    ) -> Result<(T, BodyShare<'_>), ApiError> {
+    ) -> Result<(T, BodyShare), ApiError> {
         let limit = self.inner.config.max_body_bytes;
         let gzipped = match req.headers().get(header::CONTENT_ENCODING) {
             None => false,
@@ -586,11 +601,11 @@ impl GitServer {
     }
 
     /// An empty share of the body memory, for one request's body to grow.
-    fn body_share(&self) -> BodyShare<'_> {
+    fn body_share(&self) -> BodyShare {
         BodyShare {
-            memory: &self.inner.body_memory,
-            limit: self.inner.config.body_memory_bytes,
-            held: 0,
+            memory: Arc::clone(&self.inner.body_memory),
+            limit: body_memory_permits(self.inner.config.body_memory_bytes),
+            held: None,
         }
     }
 
@@ -759,6 +774,18 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("request body exceeds the limit of {limit} bytes; push smaller batches"),
+        )
+    }
+
+    /// 413 for a body that would decode to more than all bodies in flight may take.
+    fn too_large_decoded(bytes: usize, limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "request body would take up to {bytes} bytes decoded, more than the {limit} \
+                 the server allows all bodies in flight; push smaller batches"
+            ),
         )
     }
 
@@ -1023,15 +1050,11 @@ async fn create_branch(
     let target_name = branch_log(&repo, &new);
     // Logs and not finished branches are counted: a log whose creation did not finish holds
     // its copy on disk too. Its own (a retry finishing it) is not one more.
-    let mut branches = 0;
-    for name in s.inner.provider.list()? {
-        if let LogName::Branch { repo: r, .. } = &name
-            && *r == repo
-            && name != target_name
-        {
-            branches += 1;
-        }
-    }
+    let branches = s
+        .branch_names(&repo)?
+        .into_iter()
+        .filter(|branch| *branch != new)
+        .count();
     let max = s.inner.config.max_branches_per_repo;
     if branches >= max {
         return Err(ApiError::new(
