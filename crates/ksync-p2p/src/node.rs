@@ -1358,6 +1358,10 @@ impl Node {
             for name in [cursor_name(&peer), log_id_name(&peer)] {
                 if let Err(e) = self.replica.remove_cursor(&name).await {
                     tracing::warn!(%peer, error = %e, "removing a catch-up cursor of the old layout failed");
+                    // Tried again at the next save, as when storing the slot fails.
+                    if let Some(session) = self.sessions.get_mut(&peer) {
+                        session.legacy = true;
+                    }
                 }
             }
         }

@@ -20,15 +20,10 @@ use ksync_core::StorageError;
 
 use crate::format::{Frame, HEADER_LEN, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordKind};
 use crate::replay::{Compaction, Replayed};
-use crate::storage::sync_dir;
+use crate::storage::{io_err, sync_dir};
 
 /// Buffer size of the copy, each way.
 const COPY_BUFFER: usize = 1 << 20;
-
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
-    let context = context.into();
-    move |source| StorageError::Io { context, source }
-}
 
 /// Where a log is compacted before it is renamed over the log: `<log>.compact`. (Not a
 /// `.log` name, so a provider never lists it as a log.)
@@ -61,7 +56,7 @@ pub(crate) fn worth_it(replayed: &Replayed, valid_len: u64, min_bytes: Option<u6
         return false;
     };
     let superseded = replayed.meta_layout.superseded_bytes();
-    superseded > 0 && superseded >= min_bytes && superseded >= valid_len / 2
+    superseded >= min_bytes && superseded >= valid_len / 2
 }
 
 /// Compacts the log at `log` (`old` being it, open and locked, `valid_len` bytes of records
@@ -126,6 +121,13 @@ fn write_compacted(
         .truncate(true)
         .open(tmp)
         .map_err(io_err(context("creating")))?;
+    // The log's mode (an operator's 0600 stays 0600 once the copy is the log).
+    let mode = old
+        .metadata()
+        .map_err(io_err("reading the log's permissions"))?
+        .permissions();
+    file.set_permissions(mode)
+        .map_err(io_err(context("setting the permissions of")))?;
     // Locked before it becomes the log, so it is never the log unlocked.
     file.try_lock().map_err(|e| StorageError::Io {
         context: context("locking"),

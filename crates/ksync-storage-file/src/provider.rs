@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ksync_core::{BoxFuture, LogName, Name, Storage, StorageError, StorageProvider};
 
-use crate::storage::{FileStorage, FileStorageOptions, sync_dir};
+use crate::storage::{FileStorage, FileStorageOptions, io_err, sync_dir};
 
 /// File name suffix of every log.
 const LOG_SUFFIX: &str = ".log";
@@ -50,11 +50,6 @@ pub struct FileProvider {
     closed_lens: Mutex<HashMap<LogName, u64>>,
     /// Holds the directory's lock (see the type's docs) until the provider is dropped.
     _lock: fs::File,
-}
-
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
-    let context = context.into();
-    move |source| StorageError::Io { context, source }
 }
 
 /// Checks, before anything is created or locked in `dir`, that the logs can be written where

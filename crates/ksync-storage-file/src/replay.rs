@@ -22,6 +22,7 @@ use crate::format::{
     CODEC, CheckedRecord, Frame, HEADER_LEN, MAX_RECORD_LEN, RECORD_HEADER_LEN, RecordKind, check,
     parse_frame,
 };
+use crate::storage::io_err;
 
 /// Bytes the reader reads at a time (and about the size of one chunk of records).
 const CHUNK: usize = 1 << 20;
@@ -139,11 +140,6 @@ enum Checked {
     Meta(String, String, u64),
     /// A metadata removal, and the length of its record.
     MetaRemove(String, u64),
-}
-
-fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StorageError {
-    let context = context.into();
-    move |source| StorageError::Io { context, source }
 }
 
 /// Replays `path`, whose header was already checked and which is `file_len` bytes long.

@@ -305,7 +305,8 @@ impl fmt::Debug for FileStorage {
     }
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
+/// Wraps an IO error with what was being done (every `StorageError::Io` of this crate).
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
     let context = context.into();
     move |source| StorageError::Io { context, source }
 }
@@ -628,8 +629,6 @@ impl Storage for FileStorage {
     }
 }
 
-/// Opens `path` read-write; when missing, creates it with a header via a temporary file and a
-/// rename, so a crash never leaves a half-written header under the real name.
 /// Opens (or creates) the log at `path` and locks it exclusively.
 ///
 /// The lock belongs to the open file, not the path: when the path was renamed over (a
@@ -681,6 +680,8 @@ fn is_at_path(_file: &File, _path: &Path) -> Result<bool, StorageError> {
     Ok(true)
 }
 
+/// Opens `path` read-write; when missing, creates it with a header via a temporary file and a
+/// rename, so a crash never leaves a half-written header under the real name.
 fn open_or_create(path: &Path) -> Result<File, StorageError> {
     let open = || OpenOptions::new().read(true).write(true).open(path);
     match open() {

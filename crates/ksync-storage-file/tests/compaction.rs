@@ -117,9 +117,21 @@ async fn a_churned_log_compacts_at_reopen_and_reads_back_the_same() {
     assert_eq!(events.len(), 50);
     assert_eq!(fs::metadata(&path).expect("stat").len(), before_len);
 
+    // An operator's mode on the log survives its compaction (the copy takes it).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
     let live_keys = KEPT.len() as u64 + 1;
     {
         let storage = open(&path, Some(1024));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).expect("stat").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        }
         let done = storage
             .recovery()
             .compacted
