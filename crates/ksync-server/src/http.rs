@@ -5,7 +5,7 @@
 //! task, and up to ~400 KB of header buffer) for good, and enough of them ran the process out
 //! of file descriptors. Here every connection must send each request's headers within
 //! `header_timeout` of connecting or of its previous response, and at most
-//! `max_connections` plain HTTP connections are open at once: past that the loop stops
+//! `max_http_connections` plain HTTP connections are open at once: past that the loop stops
 //! accepting and new clients wait in the kernel's listen backlog. A connection upgraded to a
 //! WebSocket leaves this count at the upgrade (the relay caps those with its own
 //! `max_connections`).
@@ -25,7 +25,7 @@ use tokio::sync::{Semaphore, watch};
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConnectionLimits {
     /// Most plain HTTP connections open at once (WebSockets not counted once upgraded).
-    pub max_connections: usize,
+    pub max_http_connections: usize,
     /// Longest wait for a request's headers, counted from the connection's start or from the
     /// end of its previous response; the connection is closed then.
     pub header_timeout: Duration,
@@ -43,7 +43,7 @@ where
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
     // `Semaphore::MAX_PERMITS` is far above any useful cap; `acquire_many` takes a u32.
-    let capacity = limits.max_connections.clamp(1, u32::MAX as usize);
+    let capacity = limits.max_http_connections.clamp(1, u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(capacity));
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
@@ -80,6 +80,8 @@ where
         let connection = http1
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
+        // Not hyper-util's `GracefulShutdown`: it does not take hyper's HTTP/1 connection with
+        // upgrades. The slot also tells the loop's end when every connection is gone.
         let mut stop = stop.clone();
         tokio::spawn(async move {
             // Given back when the connection ends (for an upgrade: once the WebSocket has its

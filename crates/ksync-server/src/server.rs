@@ -247,7 +247,7 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let tls = self.tls.is_some();
         let limits = crate::http::ConnectionLimits {
-            max_connections: self.config.limits.max_http_connections,
+            max_http_connections: self.config.limits.max_http_connections,
             header_timeout: self.config.limits.request_header_timeout,
         };
         let task = match &self.tls {
