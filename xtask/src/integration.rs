@@ -105,6 +105,9 @@ fn examples(binary: &PathBuf) -> Result<()> {
     let mut lines = BufReader::new(stdout).lines();
     let synced = lines.find_map(|line| line.ok().filter(|l| l.contains("Ctrl-C to stop")));
     ensure!(synced.is_some(), "quick_start ended before it synced");
+    // The example prints before its first poll of `ctrl_c()`, which is when tokio installs the
+    // handler: a SIGINT sent in between kills it. Wait until the kernel says it catches SIGINT.
+    wait_for_sigint_handler(child.id(), EXAMPLE_TIMEOUT).context("example quick_start")?;
     let pid = child.id().to_string();
     let sent = Command::new("kill").args(["-INT", &pid]).status()?;
     ensure!(sent.success(), "kill -INT {pid} failed");
@@ -117,6 +120,31 @@ fn examples(binary: &PathBuf) -> Result<()> {
     server.stop()?;
     println!("examples: {} ran against ksync serve", EXAMPLES.len() + 1);
     Ok(())
+}
+
+/// Waits until process `pid` has a handler for SIGINT (bit 2 of `SigCgt` in
+/// `/proc/PID/status`), so that a SIGINT asks it to stop instead of killing it.
+fn wait_for_sigint_handler(pid: u32, limit: Duration) -> Result<()> {
+    const SIGINT_MASK: u64 = 1 << (2 - 1);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let caught = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .with_context(|| format!("no SigCgt in /proc/{pid}/status"))?;
+        if caught & SIGINT_MASK != 0 {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no SIGINT handler within {} s",
+            limit.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Waits for `child` to exit; kills it (and fails) after `limit`.
