@@ -170,8 +170,41 @@ impl Event {
         if self.version == 0 {
             return Err(InvalidEvent::ZeroVersion);
         }
+        if data_depth_exceeds(&self.data, MAX_DATA_DEPTH) {
+            return Err(InvalidEvent::DataTooDeep {
+                max: MAX_DATA_DEPTH,
+            });
+        }
         Ok(())
     }
+}
+
+/// Most levels of arrays and objects nested in an event's `data` that [`Event::validate`]
+/// accepts (`[[1]]` is two). serde_json refuses deeper JSON text anyway, so this only ever
+/// refuses events decoded from other formats (CBOR between peers) or built in code; storages
+/// rely on it (the file storage's encoding has the same limit), so that a valid event received
+/// from anywhere can always be stored.
+pub const MAX_DATA_DEPTH: usize = 128;
+
+/// Whether `data` nests arrays and objects more than `max` levels deep.
+fn data_depth_exceeds(data: &serde_json::Value, max: usize) -> bool {
+    use serde_json::Value;
+    // An explicit stack: `data` may be deeper than the call stack allows.
+    let mut pending: Vec<(&Value, usize)> = vec![(data, 1)];
+    while let Some((value, depth)) = pending.pop() {
+        let containers = |child: &&Value| matches!(child, Value::Array(_) | Value::Object(_));
+        match value {
+            Value::Array(_) | Value::Object(_) if depth > max => return true,
+            Value::Array(items) => {
+                pending.extend(items.iter().filter(containers).map(|c| (c, depth + 1)));
+            }
+            Value::Object(entries) => {
+                pending.extend(entries.values().filter(containers).map(|c| (c, depth + 1)));
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+        }
+    }
+    false
 }
 
 /// Size limits applied by [`Event::validate`].
@@ -221,6 +254,12 @@ pub enum InvalidEvent {
     /// Versions start at 1.
     #[error("event version must be at least 1")]
     ZeroVersion,
+    /// `data` nests arrays and objects deeper than [`MAX_DATA_DEPTH`].
+    #[error("event data nests arrays and objects more than {max} levels deep")]
+    DataTooDeep {
+        /// Limit.
+        max: usize,
+    },
 }
 
 #[cfg(test)]
@@ -254,6 +293,39 @@ mod tests {
             deep = json!([deep]);
         }
         assert_eq!(event(deep).decoded_len(), base + 1_000 * node);
+    }
+
+    #[test]
+    fn data_may_nest_128_levels_and_no_more() {
+        let nested = |levels: usize, innermost: serde_json::Value| {
+            let mut data = innermost;
+            for level in 0..levels {
+                data = if level % 2 == 0 {
+                    json!([1, data, "x"])
+                } else {
+                    json!({"a": data, "b": null})
+                };
+            }
+            Event::new("e", "t", data, 1)
+        };
+        let limits = EventLimits::default();
+        assert_eq!(nested(MAX_DATA_DEPTH, json!(7)).validate(&limits), Ok(()));
+        assert_eq!(
+            nested(MAX_DATA_DEPTH - 1, json!([])).validate(&limits),
+            Ok(())
+        );
+        let too_deep = InvalidEvent::DataTooDeep {
+            max: MAX_DATA_DEPTH,
+        };
+        assert_eq!(
+            nested(MAX_DATA_DEPTH, json!({})).validate(&limits),
+            Err(too_deep.clone())
+        );
+        assert_eq!(nested(1_000, json!(1)).validate(&limits), Err(too_deep));
+        // Nothing serde_json parses is refused: its own limit is lower.
+        let text = format!("{}1{}", "[".repeat(126), "]".repeat(126));
+        let data: serde_json::Value = serde_json::from_str(&text).expect("126 levels parse");
+        assert_eq!(Event::new("e", "t", data, 1).validate(&limits), Ok(()));
     }
 
     #[test]

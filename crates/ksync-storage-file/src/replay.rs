@@ -33,6 +33,10 @@ const CHUNKS_IN_FLIGHT: usize = 2;
 const MAX_DECODERS: usize = 4;
 /// Smallest plausible record on disk, used to size the index up front from the file length.
 const TYPICAL_MIN_RECORD: u64 = 128;
+/// Most events reserved for up front from the file's length: a sparse or hostile file claiming
+/// terabytes must not make opening it allocate (or abort) for slots it will never fill. Past
+/// this the index grows as records are read.
+const MAX_RESERVED_EVENTS: u64 = 1 << 21;
 
 /// What reopening a log found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -152,7 +156,7 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
         .clamp(1, MAX_DECODERS);
     let mut log = LogIndex::with_codec(CODEC);
     let estimate = file_len.saturating_sub(HEADER_LEN as u64) / TYPICAL_MIN_RECORD;
-    log.reserve(usize::try_from(estimate).unwrap_or(0));
+    log.reserve(usize::try_from(estimate.min(MAX_RESERVED_EVENTS)).unwrap_or(0));
     let mut meta = HashMap::new();
     let mut meta_records = 0u64;
     let mut meta_layout = MetaLayout::default();

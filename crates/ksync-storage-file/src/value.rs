@@ -12,8 +12,9 @@
 
 use serde_json::{Map, Number, Value};
 
-/// Deepest nesting accepted (the same limit serde_json applies when parsing JSON text).
-pub(crate) const MAX_DEPTH: usize = 128;
+/// Deepest nesting accepted: the one every valid event keeps (`Event::validate`), so that a
+/// valid event always encodes.
+pub(crate) const MAX_DEPTH: usize = ksync_core::MAX_DATA_DEPTH;
 
 const NULL: u8 = 0;
 const FALSE: u8 = 1;

@@ -283,6 +283,33 @@ async fn an_oversized_event_is_refused_alone() {
     assert!(storage.get("big", 1).expect("get").is_none());
 }
 
+/// Every event `Event::validate` accepts encodes, however deep its data: the file's encoding
+/// has the same nesting limit, so a valid event received from a peer is never refused here.
+#[tokio::test]
+async fn data_as_deep_as_validation_allows_is_stored_and_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("deep.log");
+    let mut data = json!("innermost");
+    for level in 0..ksync_core::MAX_DATA_DEPTH {
+        data = if level % 2 == 0 {
+            json!([data])
+        } else {
+            json!({ "k": data })
+        };
+    }
+    let deep = Event::new("deep", "t", data, 1);
+    deep.validate(&ksync_core::EventLimits::default())
+        .expect("valid");
+    {
+        let storage = FileStorage::open(&path).expect("open");
+        let stored = storage.append(vec![deep.clone()]).await.expect("append");
+        assert_eq!(stored.last_seq(), Some(1));
+    }
+    let storage = FileStorage::open(&path).expect("reopen");
+    let read = storage.get("deep", 1).expect("get").expect("stored");
+    assert_eq!(read.event, deep);
+}
+
 #[derive(Default)]
 struct Faults {
     fail_next_write: AtomicBool,
