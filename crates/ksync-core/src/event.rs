@@ -187,24 +187,23 @@ impl Event {
 pub const MAX_DATA_DEPTH: usize = 128;
 
 /// Whether `data` nests arrays and objects more than `max` levels deep.
+///
+/// Recursive, without allocating (this runs for every published event): the recursion stops
+/// `max` levels down, however deep `data` goes.
 fn data_depth_exceeds(data: &serde_json::Value, max: usize) -> bool {
     use serde_json::Value;
-    // An explicit stack: `data` may be deeper than the call stack allows.
-    let mut pending: Vec<(&Value, usize)> = vec![(data, 1)];
-    while let Some((value, depth)) = pending.pop() {
-        let containers = |child: &&Value| matches!(child, Value::Array(_) | Value::Object(_));
-        match value {
-            Value::Array(_) | Value::Object(_) if depth > max => return true,
-            Value::Array(items) => {
-                pending.extend(items.iter().filter(containers).map(|c| (c, depth + 1)));
-            }
-            Value::Object(entries) => {
-                pending.extend(entries.values().filter(containers).map(|c| (c, depth + 1)));
-            }
-            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+    match data {
+        Value::Array(items) => {
+            max == 0 || items.iter().any(|item| data_depth_exceeds(item, max - 1))
         }
+        Value::Object(entries) => {
+            max == 0
+                || entries
+                    .values()
+                    .any(|item| data_depth_exceeds(item, max - 1))
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => false,
     }
-    false
 }
 
 /// Size limits applied by [`Event::validate`].
