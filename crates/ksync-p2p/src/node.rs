@@ -1147,7 +1147,8 @@ impl Node {
                 debug_log!(self.opts.debug, target: LOG_TARGET, peer = %source, events = events.len(), bytes = message.data.len(), "gossip received");
                 // Valid on the wire, so it is forwarded even if our own chain refuses it.
                 let events = self.take_in(events);
-                self.ingest(events).await;
+                // Not stored: catch-up finds them missing and fetches them again.
+                let _ = self.ingest(events).await;
             }
             Err(why) => {
                 // Reject: not forwarded, and the P4 penalty lands on the peer that sent it.
@@ -1190,10 +1191,12 @@ impl Node {
         }
     }
 
-    /// Stores received events; emits `conflict`, `event` and `sync` for what was new.
-    async fn ingest(&mut self, events: Vec<Event>) {
+    /// Stores received events; emits `conflict`, `event` and `sync` for what was new. Returns
+    /// whether they are stored (a storage failure is reported here; catch-up must then not
+    /// count them as held).
+    async fn ingest(&mut self, events: Vec<Event>) -> bool {
         if events.is_empty() {
-            return;
+            return true;
         }
         match self.replica.ingest(events).await {
             Ok(ingested) => {
@@ -1222,10 +1225,12 @@ impl Node {
                     .collect();
                 notify(&self.notifier, ingested);
                 self.publish(resolutions);
+                true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "storing received events failed");
                 self.report(e);
+                false
             }
         }
     }
@@ -1788,12 +1793,22 @@ impl Node {
                     },
                 ))));
         }
-        if unrequested + repeated + invalid > 0 {
+        // Only keys we asked for count as too large: others would each be remembered for the
+        // page (up to a 16 MiB answer of them) and make an empty answer look like progress, so
+        // the same `Fetch` would be sent forever.
+        let answered = too_large.len();
+        let too_large: Vec<RevisionKey> = too_large
+            .into_iter()
+            .filter(|key| requested.contains(key))
+            .collect();
+        let unrequested_large = answered - too_large.len();
+        if unrequested + repeated + invalid + unrequested_large > 0 {
             self.misbehaved(
                 peer,
                 format!(
                     "its answer held {unrequested} events not asked for, {repeated} repeated \
-                     revisions and {invalid} invalid events (all skipped)"
+                     revisions, {invalid} invalid events and {unrequested_large} keys not \
+                     asked for called too large (all skipped)"
                 ),
             );
         }
@@ -1803,7 +1818,13 @@ impl Node {
             .catch_up_events
             .fetch_add(valid.len() as u64, Ordering::Relaxed);
         let valid = self.take_in(valid);
-        self.ingest(valid).await;
+        let stored = self.ingest(valid).await;
+        if !stored {
+            // Nothing of this answer counts as held: the round ends with the cursor before
+            // this page, so the next round asks for these events again.
+            self.end_round(peer).await;
+            return;
+        }
         let Some(session) = self.sessions.get_mut(&peer) else {
             return;
         };

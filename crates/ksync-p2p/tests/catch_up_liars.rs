@@ -805,3 +805,207 @@ async fn a_cursor_of_the_old_layout_is_used_and_moved_into_a_slot() {
     }
     assert_eq!(h.fetches.load(Ordering::SeqCst), 0);
 }
+
+/// A log whose appends fail while `failing` is set (as a full disk's would); everything else
+/// is an in-memory log's.
+struct FailingStorage {
+    log: ksync_core::InMemoryStorage,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ksync_core::Storage for FailingStorage {
+    fn append(
+        &self,
+        events: Vec<Event>,
+    ) -> ksync_core::BoxFuture<'_, Result<ksync_core::MergeOutcome, ksync_core::StorageError>> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(ksync_core::StorageError::Io {
+                    context: "appending".into(),
+                    source: std::io::Error::other("disk full"),
+                })
+            });
+        }
+        self.log.append(events)
+    }
+    fn read_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ksync_core::Stored>, ksync_core::StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn get(
+        &self,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<ksync_core::Stored>, ksync_core::StorageError> {
+        self.log.get(id, version)
+    }
+    fn latest(&self, id: &str) -> Result<Option<ksync_core::Stored>, ksync_core::StorageError> {
+        self.log.latest(id)
+    }
+    fn len(&self) -> u64 {
+        self.log.len()
+    }
+    fn state(&self) -> Result<std::collections::BTreeMap<String, Event>, ksync_core::StorageError> {
+        self.log.state()
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, ksync_core::StorageError> {
+        self.log.meta(key)
+    }
+    fn set_meta(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> ksync_core::BoxFuture<'_, Result<(), ksync_core::StorageError>> {
+        self.log.set_meta(key, value)
+    }
+    fn remove_meta(
+        &self,
+        key: &str,
+    ) -> ksync_core::BoxFuture<'_, Result<(), ksync_core::StorageError>> {
+        self.log.remove_meta(key)
+    }
+}
+
+/// Events a catch-up round received but could not store (the storage failed) are not
+/// counted as held: the round ends with the cursor before them, and once the storage works
+/// again the next round fetches every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_storage_failed_to_store_are_fetched_again_by_the_next_round() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let storage: Arc<dyn ksync_core::Storage> = Arc::new(FailingStorage {
+        log: ksync_core::InMemoryStorage::new(),
+        failing: Arc::clone(&failing),
+    });
+    let replica = ksync_core::Replica::open(storage).await.expect("replica");
+    let a = Arc::new(
+        builder(dir.path(), "a")
+            .anti_entropy_interval(Duration::from_secs(3600))
+            .replica(replica)
+            .build()
+            .expect("build"),
+    );
+    a.start().await.expect("start");
+    let storage_errors = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::clone(&storage_errors);
+    let _sub = a.notifier().on_kind(NotificationKind::Error, move |n| {
+        if let Notification::Error(e) = n
+            && matches!(e.as_ref(), SyncError::Storage(_))
+        {
+            errors.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // An honest raw peer (no gossip: only catch-up can deliver) holding five events.
+    let held: Vec<Event> = (1..=5).map(|n| event("h", n)).collect();
+    let page: Vec<Entry> = held
+        .iter()
+        .zip(1..)
+        .map(|(e, seq)| entry(seq, e, digest(e)))
+        .collect();
+    let serving = held.clone();
+    let h = liar(move |request| match request {
+        Request::Keys { after, .. } => Response::Keys {
+            log_id: 40,
+            len: 5,
+            entries: page.iter().filter(|e| e.seq > *after).cloned().collect(),
+            through: Some(5),
+        },
+        Request::Fetch { keys, .. } => Response::Events {
+            events: serving
+                .iter()
+                .filter(|e| keys.contains(&e.key()))
+                .cloned()
+                .collect(),
+            too_large: Vec::new(),
+        },
+    })
+    .await;
+    a.connect_to_peer(&h.addr.to_string())
+        .await
+        .expect("connect");
+    wait_until(10, "storing the fetched events fails", || {
+        storage_errors.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    assert!(keys(&a).is_empty());
+    // The failed answer is handled (and the round over) before the node takes this command.
+    failing.store(false, Ordering::SeqCst);
+    a.sync_now().await.expect("sync");
+    wait_until(10, "the next round stores every event", || {
+        keys(&a).len() == 5
+    })
+    .await;
+    let peer = peer_of(&h.addr);
+    wait_until(10, "the cursor is stored past them", || {
+        stored_cursor(&a, &peer) == Some((5, 40))
+    })
+    .await;
+}
+
+/// An `Events` answer that calls keys too large which were never asked for is no progress:
+/// the keys are ignored (the peer is blamed), the round ends instead of sending the same
+/// `Fetch` forever, and nothing is remembered for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_keys_not_asked_for_do_not_keep_a_round_fetching() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = honest(dir.path(), "a").await;
+    let watch = Watch::new(&a);
+    let fetches = Arc::new(AtomicUsize::new(0));
+    // Fetches seen when each `Keys` request came.
+    let fetches_at_keys = Arc::new(Mutex::new(Vec::new()));
+    let (f, at) = (Arc::clone(&fetches), Arc::clone(&fetches_at_keys));
+    let wanted = event("liar", 1);
+    let page = vec![entry(1, &wanted, digest(&wanted))];
+    let liar = liar(move |request| match request {
+        Request::Keys { after, .. } => {
+            at.lock().expect("lock").push(f.load(Ordering::SeqCst));
+            Response::Keys {
+                log_id: 41,
+                len: 1,
+                entries: if *after == 0 {
+                    page.clone()
+                } else {
+                    Vec::new()
+                },
+                through: Some(1),
+            }
+        }
+        Request::Fetch { .. } => {
+            f.fetch_add(1, Ordering::SeqCst);
+            Response::Events {
+                events: Vec::new(),
+                too_large: (0..1000)
+                    .map(|n| ksync_core::RevisionKey {
+                        id: format!("bogus-{n}"),
+                        version: 1,
+                    })
+                    .collect(),
+            }
+        }
+    })
+    .await;
+    a.connect_to_peer(&liar.addr.to_string())
+        .await
+        .expect("connect");
+    // A round asked for now starts only once the connect-time round has ended.
+    a.sync_now().await.expect("sync");
+    let at = Arc::clone(&fetches_at_keys);
+    wait_until(10, "the next round", || at.lock().expect("lock").len() >= 2).await;
+    assert_eq!(
+        fetches_at_keys.lock().expect("lock")[1],
+        1,
+        "one fetch in the first round"
+    );
+    wait_until(10, "the liar is blamed", || !watch.blamed().is_empty()).await;
+    let (peer, reason) = watch.blamed()[0].clone();
+    assert_eq!(peer, peer_of(&liar.addr));
+    assert!(
+        reason.contains("1000 keys not asked for called too large"),
+        "{reason}"
+    );
+    assert!(keys(&a).is_empty());
+    assert_eq!(stored_cursor(&a, &peer), None, "the cursor did not move");
+}
