@@ -46,11 +46,11 @@ test('a connection whose JWT expires is closed with 4401 and not reopened with i
     }
     await client.connect();
     window.client = client;
-  }, { url: `${server.ws}/ws/expiring`, token: jwt({ sub: 'short', exp: now() + 2 }) });
+  }, { url: `${server.ws}/ws/expiring`, token: jwt({ sub: 'short', exp: now() + 5 }) });
 
   const error = await waitFor(
     () => page.evaluate(() => window.seen.find((n) => n.type === 'error')),
-    10000,
+    15000,
     'the expiry reported',
   );
   assert.deepEqual(error, { type: 'error', code: 'closed', closeCode: 4401 });
@@ -82,12 +82,12 @@ test('the dashboard asks for credentials again when its token expires', async ()
   await page.goto(`${server.http}/`);
   await page.waitForSelector('#auth-panel', { state: 'visible', timeout: 10000 });
   await page.selectOption('#auth-type', 'jwt');
-  await page.fill('#auth-secret', jwt({ sub: 'dash', exp: now() + 2 }));
+  await page.fill('#auth-secret', jwt({ sub: 'dash', exp: now() + 5 }));
   await page.click('#auth-form button');
   await page.waitForSelector('#status[data-state="live"]', { timeout: 10000 });
   // The monitor feed is closed with 4401 at expiry, and the page says so instead of
   // "reconnecting" for ever.
-  await page.waitForSelector('#auth-panel', { state: 'visible', timeout: 10000 });
+  await page.waitForSelector('#auth-panel', { state: 'visible', timeout: 15000 });
   assert.match(await page.textContent('#auth-error'), /expired/);
   assert.equal(await page.getAttribute('#status', 'data-state'), 'unauthorized');
   await page.close();

@@ -550,6 +550,10 @@ async fn p2p_bridge(addr: &str) -> Result<State> {
             .encryption(true)
             .network_key(network)
             .key_dir(keys.path())
+            // Events emitted right after a connect can miss gossip (the new peer's
+            // subscription has not arrived); catch-up then carries them, and a bridge path may
+            // take two rounds: 1 s rounds keep that well inside CONVERGE.
+            .anti_entropy_interval(Duration::from_secs(1))
             .build()?)
     };
     // The bridge: a KSync replica on the P2P network, plus a WebSocket client in room `bridge`.

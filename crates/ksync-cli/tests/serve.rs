@@ -17,8 +17,16 @@ const API_KEY: &str = "process-test-api-key-QWERTY";
 
 /// `ksync serve --bind 127.0.0.1:0 ARGS` with `envs`, logging at debug level to a pipe that
 /// [`stop`] reads.
+///
+/// The pipe is read only at the end, so the libraries that log every connection at debug
+/// (TLS, HTTP, WebSocket) stay at info: a test that polls the server (the SIGHUP one, more
+/// the slower the machine) would otherwise fill the pipe's 64 KiB and block the server.
 fn serve(args: &[&str], envs: &[(&str, &str)]) -> Served {
-    let mut all = vec![("RUST_LOG", "debug")];
+    let mut all = vec![(
+        "RUST_LOG",
+        "debug,rustls=info,hyper=info,hyper_util=info,h2=info,tungstenite=info,\
+         tokio_tungstenite=info,tower=info,tower_http=info,axum=info,mio=info",
+    )];
     all.extend_from_slice(envs);
     common::serve(args, &all, Stdio::piped())
 }
@@ -1040,6 +1048,10 @@ async fn a_second_sigterm_during_the_drain_stops_at_once_with_130() {
     // Half a request: the drain waits for it (up to the shutdown timeout).
     let mut stalled = std::net::TcpStream::connect(&served.addr).unwrap();
     stalled.write_all(b"GET /health HTTP/1.1\r\nHo").unwrap();
+    // `connect` returns once the kernel queued the connection; a whole request made after it
+    // is answered only once the server has accepted the stalled one (the backlog is taken in
+    // order), so the drain knows about it.
+    health(&served.addr).await;
 
     // stderr line by line, so the test knows when the drain has begun.
     let (lines, reader) = common::lines(served.child.stderr.take().unwrap());
