@@ -245,6 +245,7 @@ impl WebSocketSyncClientBuilder {
             standalone_log: Mutex::new(None),
             state,
             auth: Mutex::new(self.config.auth.clone()),
+            auth_changes: watch::channel(0).0,
             config: self.config,
         });
         Ok(WebSocketSyncClient {
@@ -282,6 +283,13 @@ impl WebSocketSyncClientBuilder {
 /// kept in the replica's storage, and local events go out in sequence order on every
 /// (re)connect. Standalone, sent events wait in a bounded in-memory outbox
 /// ([`WebSocketSyncClientBuilder::outbox_capacity`]).
+///
+/// A publish the server refuses as a whole (an `error` with its `ref`) is not acknowledged:
+/// its events stay queued and the error is notified. After `storage` the connection ends and
+/// they go again after the reconnect delay; after `forbidden` (or a code this client does not
+/// know) nothing more is published on that connection, which keeps receiving, and the events
+/// wait for the next one ([`WebSocketSyncClient::set_auth`] starts it). Received events that
+/// break the event rules are skipped with a [`WsError::Protocol`] notification.
 #[derive(Clone)]
 pub struct WebSocketSyncClient {
     inner: Arc<Inner>,
@@ -366,6 +374,9 @@ struct Inner {
     state: watch::Sender<Link>,
     /// The credentials of the next connection attempt (the builder's, or `set_auth`'s).
     auth: Mutex<Option<Auth>>,
+    /// Counts `set_auth` calls: a session whose publishes were refused ends when it moves, so
+    /// the next one publishes with the new credentials.
+    auth_changes: watch::Sender<u64>,
 }
 
 impl WebSocketSyncClient {
@@ -439,11 +450,17 @@ impl WebSocketSyncClient {
     /// Replaces the credentials (`None`: none) for the next connection attempt, e.g. a fresh
     /// token after the server closed the connection with 4401 (credentials expired) or
     /// refused the old one; call `connect()` afterwards if the client stopped. The open
-    /// connection, if any, keeps going until the server closes it. Refuses credentials that
-    /// cannot go in an HTTP header, as the builder does.
+    /// connection, if any, keeps going until the server closes it, unless the server refused
+    /// a publish on it (e.g. `forbidden`: read-only credentials): then it ends now and the
+    /// client reconnects (after the usual backoff delay) with these credentials, and the
+    /// events that waited go out. Refuses credentials that cannot go in an HTTP header, as the
+    /// builder does.
     pub fn set_auth(&self, auth: Option<Auth>) -> Result<(), SyncError> {
         Auth::check_sendable(auth.as_ref())?;
         *lock(&self.inner.auth) = auth;
+        self.inner
+            .auth_changes
+            .send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
 
@@ -926,6 +943,12 @@ struct Session {
     compression: bool,
     /// The largest message the server accepts (from `welcome`).
     server_max_message: usize,
+    /// The server refused a publish of this connection as a whole (an `error` with its `ref`,
+    /// e.g. `forbidden`): nothing more is published on it. The refused events stay
+    /// unacknowledged and go again on the next connection.
+    publish_refused: bool,
+    /// Marks the `set_auth` calls seen when this session started (see `publish_refused`).
+    auth_changes: watch::Receiver<u64>,
 }
 
 impl Session {
@@ -967,6 +990,9 @@ impl Session {
             status: None,
             compression: false,
             server_max_message: 1 << 20,
+            publish_refused: false,
+            // Before `open` reads the credentials: a change after this point is a change.
+            auth_changes: inner.auth_changes.subscribe(),
         })
     }
 
@@ -1032,6 +1058,20 @@ impl Session {
                     match protocol::decode::<ServerMessage>(t.as_bytes(), SERVER_TYPES) {
                         Ok(ServerMessage::Welcome(w)) => {
                             debug_log!(config.debug, target: LOG_TARGET, room = %w.room, server_version = w.server_version, "welcome");
+                            // Every publish is cut to this size, and an event larger than
+                            // it is reported and skipped: a server announcing a limit no relay
+                            // may have (0, say) would have every queued event skipped. Refused
+                            // like any broken answer: nothing is settled, and the next attempt
+                            // (after the backoff) tries again.
+                            if !protocol::MAX_MESSAGE_SIZE_RANGE.contains(&w.max_message_size) {
+                                let _ = socket.close(None).await;
+                                return Err(WsError::Protocol(format!(
+                                    "welcome announces maxMessageSize {}, outside {}..={}",
+                                    w.max_message_size,
+                                    protocol::MAX_MESSAGE_SIZE_RANGE.start(),
+                                    protocol::MAX_MESSAGE_SIZE_RANGE.end()
+                                )));
+                            }
                             self.server_version = w.server_version;
                             self.compression = w.compression;
                             self.server_max_message = w.max_message_size;
@@ -1108,9 +1148,16 @@ impl Session {
         // Whatever waited while we were offline goes out now.
         self.pump(socket, true).await?;
         self.update_status();
+        let mut auth_changes = self.auth_changes.clone();
         loop {
             tokio::select! {
                 _ = stop.changed() => return Ok(true),
+                // Publishes were refused on this connection and the credentials changed: a
+                // new connection publishes with them.
+                Ok(()) = auth_changes.changed(), if self.publish_refused => {
+                    debug_log!(config.debug, target: LOG_TARGET, "credentials changed after a refused publish: reconnecting");
+                    return Ok(false);
+                }
                 message = socket.next() => {
                     let message = match message {
                         Some(Ok(m)) => m,
@@ -1170,7 +1217,9 @@ impl Session {
     }
 
     fn update_status(&mut self) {
-        let busy = !self.in_flight.is_empty() || self.room_cursor < self.server_version;
+        // Refused publishes wait for another connection, not for this one.
+        let sending = !self.in_flight.is_empty() && !self.publish_refused;
+        let busy = sending || self.room_cursor < self.server_version;
         self.set_status(if busy { Status::Syncing } else { Status::Idle });
     }
 
@@ -1203,6 +1252,10 @@ impl Session {
     /// Sends local events after `sent_upto`, as the strategy says. `force`: regardless of how
     /// many are waiting (connect, timer).
     async fn pump(&mut self, socket: &mut Socket, force: bool) -> Result<(), WsError> {
+        if self.publish_refused {
+            // Sending more would only be refused again (see the `error` arm of `on_message`).
+            return Ok(());
+        }
         let config = &self.inner.config;
         let (limit, coalesce) = match config.strategy {
             Strategy::EventLevel { batch_size } => (batch_size, false),
@@ -1345,13 +1398,28 @@ impl Session {
     }
 
     /// The form a received `event` is stored in; `None`: it is not taken in. The filter sees
-    /// it after the incoming chain (decrypted).
+    /// it after the incoming chain (decrypted). One that breaks the event rules
+    /// ([`Event::validate`]) in that form is refused with [`WsError::Protocol`]: the caller
+    /// reports it and moves on, as no storage may hold it (taken in, it would be stored as it
+    /// is, or refused by the storage again at every reconnect, stalling the room cursor).
     fn incoming(&self, event: Event) -> Result<Option<Event>, SyncError> {
         let filter = self.inner.config.filter.as_ref();
-        Ok(self
+        let shaped = self
             .inner
             .pipeline
-            .run_filtered(Direction::Incoming, filter, event)?)
+            .run_filtered(Direction::Incoming, filter, event)?;
+        if let Some(event) = &shaped
+            && let Err(why) = event.validate(&EventLimits::default())
+        {
+            return Err(WsError::Protocol(format!(
+                "received event {:?} version {} is not a valid event ({why}): skipped",
+                // (An over-long id is part of the fault: not repeated whole.)
+                event.id.chars().take(64).collect::<String>(),
+                event.version
+            ))
+            .into());
+        }
+        Ok(shaped)
     }
 
     /// Advances the acknowledged cursor over the contiguous prefix of settled publishes.
@@ -1497,24 +1565,36 @@ impl Session {
                 if e.code == protocol::code::CURSOR_AHEAD {
                     return Err(self.room_reset().await?);
                 }
-                if let Some(reference) = e.reference
-                    && let Some(flight) = self
-                        .in_flight
+                let refused = e.reference.and_then(|reference| {
+                    self.in_flight
                         .iter_mut()
-                        .find(|f| f.reference == Some(reference))
-                {
-                    // Refused as a whole (e.g. forbidden): retrying cannot help.
-                    flight.done = true;
-                    self.in_flight_events = self.in_flight_events.saturating_sub(flight.ids.len());
-                    self.settle().await?;
-                }
-                self.inner.notifier.emit(Notification::Error(Arc::new(
-                    WsError::Server {
-                        code: e.code,
-                        message: e.message,
+                        .find(|f| f.reference == Some(reference) && !f.done)
+                });
+                let error = WsError::Server {
+                    code: e.code,
+                    message: e.message,
+                };
+                if let Some(flight) = refused {
+                    // A publish refused as a whole: nothing of it was stored. It is not
+                    // settled (the acknowledged cursor stops before it, and the events go
+                    // again on the next connection), and an ack naming it later is a lie.
+                    flight.reference = None;
+                    if let WsError::Server { code, .. } = &error
+                        && code == protocol::code::STORAGE
+                    {
+                        // The server's storage failed: the session ends, and the next one
+                        // (after the backoff delay) sends the events again.
+                        return Err(error);
                     }
-                    .into(),
-                )));
+                    // `forbidden` (credentials without the write right), or a refusal this
+                    // client does not know: publishing again on this connection would be
+                    // refused again. The rest waits for the next connection, which `set_auth`
+                    // starts at once (after the backoff delay).
+                    self.publish_refused = true;
+                }
+                self.inner
+                    .notifier
+                    .emit(Notification::Error(Arc::new(error.into())));
             }
             ServerMessage::Welcome(_) => {
                 return Err(WsError::Protocol("unexpected second welcome".into()));
