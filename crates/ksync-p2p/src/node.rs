@@ -57,6 +57,10 @@ const FORWARD_HOLD: Duration = Duration::from_millis(20);
 /// Most accepted messages waiting for their forward. Overflow policy: the oldest is forwarded
 /// at once (never dropped).
 const MAX_HELD_FORWARDS: usize = 4096;
+/// Most payloads, and bytes of them, kept while no peer is subscribed to the topic (see
+/// `Node::keep_unsent`). Overflow policy: the oldest is dropped (catch-up carries its events).
+const MAX_UNSENT_PAYLOADS: usize = 64;
+const MAX_UNSENT_BYTES: usize = 1024 * 1024;
 /// Most events of our own log digested per catch-up step (see `Digests::refresh`): a long
 /// log is digested over several steps instead of stalling the node once.
 const DIGEST_STEP: usize = 16 * 1024;
@@ -424,6 +428,10 @@ pub(crate) struct Node {
     batch_bytes: usize,
     batch_deadline: Option<tokio::time::Instant>,
     last_publish: tokio::time::Instant,
+    /// Payloads (with their event counts) published while no peer was subscribed to the
+    /// topic, oldest first, published again when one subscribes (see `keep_unsent`).
+    unsent: VecDeque<(Vec<u8>, u64)>,
+    unsent_bytes: usize,
     /// Digests of our own log for catch-up, extended from storage when catch-up needs them
     /// (not on the delivery path).
     digests: Digests,
@@ -560,6 +568,8 @@ impl Node {
             batch_bytes: 0,
             batch_deadline: None,
             last_publish: tokio::time::Instant::now(),
+            unsent: VecDeque::new(),
+            unsent_bytes: 0,
             held: VecDeque::new(),
             digests,
             cursors,
@@ -773,7 +783,24 @@ impl Node {
         }
         let count = batch.len() as u64;
         let data = wire::encode_payload(&batch);
+        self.publish_payload(data, count);
+    }
+
+    /// Publishes one encoded batch of `count` events; kept for later when no peer is
+    /// subscribed to the topic yet (gossipsub would refuse it).
+    fn publish_payload(&mut self, data: Vec<u8>, count: u64) {
         let bytes = data.len() as u64;
+        let hash = self.topic.hash();
+        let subscribed = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .any(|(_, topics)| topics.contains(&&hash));
+        if !subscribed {
+            self.keep_unsent(data, count);
+            return;
+        }
         debug_log!(self.opts.debug, target: LOG_TARGET, events = count, bytes, "publishing");
         match self
             .swarm
@@ -787,14 +814,42 @@ impl Node {
                 c.published_events.fetch_add(count, Ordering::Relaxed);
                 c.gossip_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
-            // Nobody to send to, or already sent: the events are stored and catch-up carries
-            // them to peers that connect later.
+            // Nobody to send to (every subscribed peer scores below the publish threshold),
+            // or already sent: the events are stored and catch-up carries them.
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
             | Err(gossipsub::PublishError::Duplicate) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "publishing failed; catch-up will deliver");
                 self.report(SyncError::transport(P2PError::Publish(e.to_string())));
             }
+        }
+    }
+
+    /// Keeps a payload no peer could be sent, to publish it when a peer subscribes: a peer
+    /// that just connected may not have said it subscribes yet, and its connect-time
+    /// catch-up round may have run before the event was stored, so without this it waited
+    /// for the next round. At most `MAX_UNSENT_PAYLOADS` payloads and `MAX_UNSENT_BYTES`,
+    /// the oldest dropped first: the events are stored, and catch-up still carries dropped
+    /// ones.
+    fn keep_unsent(&mut self, data: Vec<u8>, count: u64) {
+        self.unsent_bytes += data.len();
+        self.unsent.push_back((data, count));
+        while self.unsent.len() > MAX_UNSENT_PAYLOADS || self.unsent_bytes > MAX_UNSENT_BYTES {
+            match self.unsent.pop_front() {
+                Some((dropped, _)) => self.unsent_bytes -= dropped.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Publishes the kept payloads (a peer subscribed to the topic). They never reached
+    /// gossipsub's `publish` (nor so its duplicate cache, which only a sent message enters),
+    /// so none comes back `Duplicate`.
+    fn publish_unsent(&mut self) {
+        let unsent = std::mem::take(&mut self.unsent);
+        self.unsent_bytes = 0;
+        for (data, count) in unsent {
+            self.publish_payload(data, count);
         }
     }
 
@@ -1007,8 +1062,11 @@ impl Node {
                 self.on_gossip(propagation_source, message_id, message)
                     .await
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, .. }) => {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic, .. }) => {
                 tracing::debug!(peer = %peer_id, "peer joined the topic");
+                if topic == self.topic.hash() {
+                    self.publish_unsent();
+                }
             }
             BehaviourEvent::Gossipsub(_) => {}
             BehaviourEvent::Sync(event) => self.on_sync_event(event).await,

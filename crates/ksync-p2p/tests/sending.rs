@@ -81,3 +81,37 @@ async fn another_replicas_colliding_event_is_settled_not_refused() {
     })
     .await;
 }
+
+/// An event broadcast while no peer is subscribed to the topic is published once a peer
+/// subscribes, not left to the next catch-up round (an hour here). The connect-time round
+/// would carry it too, so the gossip path is observed through the counters: `a` publishes a
+/// message when `b` subscribes, and `b` accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_broadcast_before_any_peer_subscribed_is_published_when_one_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = |name: &'static str| {
+        let dir = dir.path().to_owned();
+        async move {
+            let client = builder(&dir, name)
+                .anti_entropy_interval(std::time::Duration::from_secs(3600))
+                .build()
+                .expect("build");
+            client.start().await.expect("start");
+            Arc::new(client)
+        }
+    };
+    let a = start("a").await;
+    a.broadcast(event("a", 1)).await.expect("broadcast");
+    let b = start("b").await;
+    link(&b, &a).await;
+    wait_until(10, "a publishes the kept event", || {
+        a.stats().published_messages == 1
+    })
+    .await;
+    assert_eq!(a.stats().published_events, 1);
+    wait_until(10, "b accepts it by gossip", || {
+        b.stats().accepted_messages == 1
+    })
+    .await;
+    wait_until(10, "b holds it", || keys(&b).len() == 1).await;
+}
