@@ -22,7 +22,10 @@ fn two_peers_connect_and_exchange_an_event() {
             "--listen",
             "127.0.0.1",
         ])
-        .args(["--duration", "20"])
+        // Killed at the end; long enough for a slow (busy) machine.
+        .args(["--duration", "60"])
+        // A round each second: the event reaches A even if gossip misses it.
+        .args(["--anti-entropy-secs", "1"])
         .arg("--key-dir")
         .arg(keys.path())
         .stdout(Stdio::piped())
@@ -58,6 +61,7 @@ fn two_peers_connect_and_exchange_an_event() {
             r#"note={"text":"hello from b"}"#,
         ])
         .args(["--duration", "3"])
+        .args(["--anti-entropy-secs", "1"])
         .arg("--key-dir")
         .arg(keys.path())
         .stdout(Stdio::null())
