@@ -34,6 +34,9 @@ const RESERVE_MAX: usize = 1 << 18;
 const COMPRESS_MIN_BYTES: usize = 1024;
 /// Wait when a busy answer gives no usable `Retry-After` (as the service's own `busy` asks).
 const DEFAULT_BUSY_WAIT: Duration = Duration::from_secs(1);
+/// Most collisions one `merge` call settles (and returns); past it the call ends with
+/// [`GitError::MergeUnfinished`], and the next `merge` goes on where it stopped.
+pub const MERGE_MAX_CONFLICTS: usize = 100_000;
 
 /// Reports transfer progress: how many events of a pull or push are done, of how many (an
 /// estimate for pushes). Called on the task doing the transfer; keep it quick.
@@ -776,8 +779,13 @@ impl GitSyncClient {
     /// pulled afterwards. When pushing the resolutions fails, the same `merge` again pushes
     /// them (the server reports a collision only once). The service answers a bounded number
     /// of collisions at a time (its `max_page` and `max_page_bytes`); the merge asks again
-    /// until `from` is merged to its end, settling each answer's collisions (and notifying
-    /// `conflict` for each) before asking for the next, and returns them all.
+    /// until `from` is merged to its end (as it was when the merge started: what is pushed to
+    /// `from` meanwhile is for the next merge), settling each answer's collisions (and
+    /// notifying `conflict` for each) before asking for the next, and returns them all. One
+    /// call settles at most [`MERGE_MAX_CONFLICTS`] collisions (past them it ends with
+    /// [`GitError::MergeUnfinished`]; `merge` again goes on from there). An answer that says
+    /// more remains without a collision, or without moving on, is refused
+    /// ([`GitError::Protocol`]).
     pub async fn merge(&self, into: &str, from: &str) -> Result<MergeResult, SyncError> {
         // A merge moves events (and pushes, pulls): `syncing`, then `idle` or `error`.
         self.run(self.merge_branches(into, from)).await
@@ -796,17 +804,54 @@ impl GitSyncClient {
             into: into_name,
         };
         let owes = replica.cursor(&keys.owed)? > 0;
+        // How far `from` goes now: the merge asks for pages up to there (what is pushed to
+        // `from` meanwhile is for the next merge), so a service that keeps saying more remains
+        // cannot keep it asking.
+        let from_end = self.branch_info(from).await?.server_version;
         let mut result = MergeResult::default();
         // An answer holds a bounded number of collisions (`next` set when more remain): each
         // page is settled before the next is asked for, so a lost answer loses nothing.
         let mut merged_to: Option<u64> = None;
         loop {
             let page = self.merge_page(&replica, &url, &keys, from).await?;
+            let lie = |reason: String| {
+                Err(GitError::Protocol {
+                    url: url.clone(),
+                    reason,
+                }
+                .into_sync())
+            };
+            let next = page.next;
+            let from_version = page.from_version;
+            // A page ends early only where it is full: with a collision at least, and where
+            // it says it ends.
+            if let Some(next) = next {
+                if page.conflicts.is_empty() {
+                    return lie(format!(
+                        "a merge answer said more remains (next {next}) but held no collision"
+                    ));
+                }
+                if next != from_version {
+                    return lie(format!(
+                        "a merge answer's next ({next}) is not its fromVersion ({from_version})"
+                    ));
+                }
+            }
+            // (A first page is always settled, whatever it holds: refusing it would refuse
+            // it again at every merge.)
+            if !result.conflicts.is_empty()
+                && result.conflicts.len().saturating_add(page.conflicts.len()) > MERGE_MAX_CONFLICTS
+            {
+                // Before settling: this page is answered again to the next merge (same id).
+                return Err(GitError::MergeUnfinished {
+                    from: from.to_owned(),
+                    limit: MERGE_MAX_CONFLICTS,
+                }
+                .into_sync());
+            }
             result.appended += page.appended;
             result.duplicates += page.duplicates;
             result.server_version = page.server_version;
-            let next = page.next;
-            let from_version = page.from_version;
             self.settle_merge_page(&replica, &keys, page, &mut result)
                 .await?;
             if next.is_none() {
@@ -815,16 +860,16 @@ impl GitSyncClient {
             // Every page moves on (a collision at least): one that does not would be asked for
             // again forever.
             if merged_to.is_some_and(|before| from_version <= before) {
-                return Err(GitError::Protocol {
-                    url,
-                    reason: format!(
-                        "a merge answer said more remains but did not move past version \
-                         {from_version} of {from:?}"
-                    ),
-                }
-                .into_sync());
+                return lie(format!(
+                    "a merge answer said more remains but did not move past version \
+                     {from_version} of {from:?}"
+                ));
             }
             merged_to = Some(from_version);
+            if from_version >= from_end {
+                // `from` is merged as far as it went when the merge started.
+                break;
+            }
         }
         if owes || !result.resolutions.is_empty() {
             let pushed = self.push_branch(&replica, keys.into.as_str()).await?;
@@ -1228,7 +1273,7 @@ impl GitSyncClient {
             }
             self.learn_log(replica, branch, &mut known, page.log_id.as_deref())
                 .await?;
-            let events = if self.shapes_nothing() {
+            let mut events = if self.shapes_nothing() {
                 page.events
             } else {
                 page.events
@@ -1236,6 +1281,27 @@ impl GitSyncClient {
                     .filter_map(|event| self.shape(Direction::Incoming, event))
                     .collect()
             };
+            // No storage may hold an event that breaks the event rules: taken in, it would be
+            // stored as it is, or refused by the storage at every pull of this page. Skipped
+            // (the cursor passes it) and reported.
+            events.retain(|event| match event.validate(&EventLimits::default()) {
+                Ok(()) => true,
+                Err(why) => {
+                    let error = GitError::Protocol {
+                        url: self.pull_url(branch, since, known.as_deref()),
+                        reason: format!(
+                            "received event {:?} version {} is not a valid event ({why}): skipped",
+                            // (An over-long id is part of the fault: not repeated whole.)
+                            event.id.chars().take(64).collect::<String>(),
+                            event.version
+                        ),
+                    };
+                    self.inner
+                        .notifier
+                        .emit(Notification::Error(Arc::new(error.into_sync())));
+                    false
+                }
+            });
             let ingested = replica.ingest(events).await?;
             since += count;
             // After the events: a crash in between re-pulls the page, which deduplicates.

@@ -60,6 +60,18 @@ pub enum GitError {
         /// What was wrong with it.
         reason: String,
     },
+    /// A merge found more collisions than one `merge` call settles
+    /// ([`MERGE_MAX_CONFLICTS`](crate::MERGE_MAX_CONFLICTS)): those settled are kept
+    /// (their resolutions are pushed by the next `merge`), and `merge` again goes on from there.
+    #[error(
+        "merging {from:?} found more than {limit} collisions, the most one merge call settles: merge again for the rest"
+    )]
+    MergeUnfinished {
+        /// The branch merged from.
+        from: String,
+        /// [`MERGE_MAX_CONFLICTS`](crate::MERGE_MAX_CONFLICTS).
+        limit: usize,
+    },
 }
 
 impl GitError {

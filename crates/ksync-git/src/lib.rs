@@ -17,8 +17,8 @@ pub mod server;
 pub mod wire;
 
 pub use client::{
-    GitSyncClient, GitSyncClientBuilder, LocalStatus, MergeResult, OptionalBranch, Phase, Progress,
-    ProgressFn,
+    GitSyncClient, GitSyncClientBuilder, LocalStatus, MERGE_MAX_CONFLICTS, MergeResult,
+    OptionalBranch, Phase, Progress, ProgressFn,
 };
 pub use error::GitError;
 pub use wire::{BranchInfo, RepoInfo};
