@@ -187,16 +187,29 @@ async fn server_pings_and_drops_a_client_that_never_answers() {
     })
     .await;
     let (mut mute, _) = join(&server.url(None), hello()).await;
-    // Not polling the socket means tungstenite never answers the pings.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Not polling the socket means tungstenite never answers the pings (reading it would:
+    // so wait for the relay to drop it before reading the close).
+    eventually("the mute client dropped", || {
+        server.relay.connections() == 0
+    })
+    .await;
     assert_eq!(recv_close(&mut mute).await.0, 4009);
-    // A client that reads (and so answers pings) stays.
+    server.stop().await;
+
+    // A client that reads (and so answers pings) stays, over several heartbeats. The
+    // heartbeat is longer here: a pong is late only if this test's runtime stalls longer.
+    let server = start(RelayConfig {
+        heartbeat: Duration::from_millis(500),
+        ..RelayConfig::default()
+    })
+    .await;
     let (mut live, _) = join(&server.url(None), hello()).await;
-    let outcome = tokio::time::timeout(Duration::from_millis(600), recv_json(&mut live)).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(3), recv_json(&mut live)).await;
     assert!(
         outcome.is_err(),
         "no close and no data while answering pings"
     );
+    assert_eq!(server.relay.connections(), 1);
     server.stop().await;
 }
 
