@@ -535,7 +535,8 @@ impl P2PSyncClient {
 
     /// Connects to a peer (the spec's `connectToPeer(peerId)`): the spec's `peerId` of a peer
     /// this node has met (peers announce it when they connect; discovery connects to the
-    /// peers it finds), a libp2p peer id (`12D3Koo...`) whose address discovery knows or
+    /// peers it finds; a name stays with the first peer announcing it while that peer is
+    /// connected, a second one is refused with `PeerMisbehaved`), a libp2p peer id (`12D3Koo...`) whose address discovery knows or
     /// finds (mDNS, Kademlia lookup), or a full multiaddr
     /// (`/ip4/1.2.3.4/tcp/9000/p2p/12D3Koo...`). Returns the connected peer's libp2p id.
     pub async fn connect_to_peer(&self, target: &str) -> Result<PeerId, P2PError> {

@@ -110,11 +110,12 @@ pub enum P2PError {
         /// This node's limit.
         max: usize,
     },
-    /// A peer answered catch-up with something no honest peer sends (a page that does not
-    /// follow the request, a log id that changes mid-round, events nobody asked for or the
-    /// same revision twice). The answer is refused (in part or whole) and nothing of ours is
-    /// touched; reported as an `error` notification.
-    #[error("peer {peer} broke the catch-up protocol: {reason}")]
+    /// A peer sent something no honest peer sends: a catch-up answer that breaks the
+    /// protocol (a page that does not follow the request, a log id that changes mid-round,
+    /// events nobody asked for or the same revision twice), or a name (the spec's `peerId`)
+    /// another connected peer holds. What it sent is refused (in part or whole) and nothing
+    /// of ours is touched; reported as an `error` notification.
+    #[error("peer {peer} broke the protocol: {reason}")]
     PeerMisbehaved {
         /// The peer.
         peer: PeerId,

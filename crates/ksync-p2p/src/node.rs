@@ -901,8 +901,22 @@ impl Node {
         }
     }
 
-    /// Remembers the spec's `peerId` a peer announced, for `connect_to_peer(name)`.
+    /// Remembers the spec's `peerId` a peer announced, for `connect_to_peer(name)`. A name
+    /// another connected peer holds stays with it: anyone may announce any name, and a
+    /// takeover would have `connect_to_peer(name)` dial the newcomer. (Once the holder is
+    /// gone, the name goes to whoever announces it next: a restarted peer may have a new key.)
     fn learn_name(&mut self, peer: PeerId, name: String, mut addrs: Vec<Multiaddr>) {
+        if let Some((holder, _)) = self.names.get(&name)
+            && *holder != peer
+            && self.swarm.is_connected(holder)
+        {
+            let holder = *holder;
+            self.misbehaved(
+                peer,
+                format!("it announced the name {name:?}, which connected peer {holder} holds"),
+            );
+            return;
+        }
         if !self.names.contains_key(&name) && self.names.len() >= MAX_KNOWN_NAMES {
             let evict = self
                 .names
@@ -1897,10 +1911,10 @@ impl Node {
         }
     }
 
-    /// Reports a peer's catch-up answer that no honest peer sends (see
-    /// [`P2PError::PeerMisbehaved`]).
+    /// Reports what a peer sent that no honest peer sends (a catch-up answer, a name another
+    /// peer holds; see [`P2PError::PeerMisbehaved`]).
     fn misbehaved(&self, peer: PeerId, reason: String) {
-        tracing::info!(%peer, %reason, "refused a catch-up answer");
+        tracing::info!(%peer, %reason, "refused what a peer sent");
         self.report(SyncError::from(P2PError::PeerMisbehaved { peer, reason }));
     }
 
