@@ -44,25 +44,34 @@ pub(crate) struct Page {
     pub(crate) through: u64,
 }
 
-/// The `(version, digest)` pairs of one id: most ids have a single version, kept inline.
+/// The `(version, digest)` pairs of one id: most ids have a single version, kept inline; an
+/// id with many has a map (a list searched per lookup cost O(V²) to look up all V versions
+/// of one id, which a peer can make as many as it likes).
 #[derive(Debug)]
 enum Versions {
     One(u64, u64),
-    Many(Vec<(u64, u64)>),
+    Many(HashMap<u64, u64>),
 }
 
 impl Versions {
+    /// Records `version` unless recorded (the log holds each revision once; the first
+    /// recorded is kept, as the log keeps it).
     fn push(&mut self, version: u64, digest: u64) {
         match self {
-            Versions::One(v, d) => *self = Versions::Many(vec![(*v, *d), (version, digest)]),
-            Versions::Many(all) => all.push((version, digest)),
+            Versions::One(v, _) if *v == version => {}
+            Versions::One(v, d) => {
+                *self = Versions::Many(HashMap::from([(*v, *d), (version, digest)]));
+            }
+            Versions::Many(all) => {
+                all.entry(version).or_insert(digest);
+            }
         }
     }
 
     fn get(&self, version: u64) -> Option<u64> {
         match self {
             Versions::One(v, d) => (*v == version).then_some(*d),
-            Versions::Many(all) => all.iter().find(|(v, _)| *v == version).map(|(_, d)| *d),
+            Versions::Many(all) => all.get(&version).copied(),
         }
     }
 }
@@ -200,6 +209,25 @@ mod tests {
         assert_eq!(page[1].hash, wire::content_hash(&b));
         assert!(d.page(3, 10, 100).entries.is_empty());
         assert!(d.page(u64::MAX, 10, 100).entries.is_empty());
+    }
+
+    #[test]
+    fn every_version_of_an_id_is_found_in_any_order() {
+        let mut d = Digests::default();
+        // Versions out of order, as revisions arrive from several peers.
+        let versions: Vec<u64> = (1..=2000u64).map(|n| (n * 7919) % 2003 + 1).collect();
+        for (seq, version) in (1..).zip(&versions) {
+            let event = Event::new("doc", "t", json!(version), *version).with_version(*version);
+            d.record(seq, &event);
+        }
+        assert_eq!(d.len(), 2000);
+        for version in &versions {
+            let event = Event::new("doc", "t", json!(version), *version).with_version(*version);
+            assert_eq!(d.get("doc", *version), Some(wire::content_hash(&event)));
+        }
+        let held: std::collections::HashSet<u64> = versions.iter().copied().collect();
+        let missing = (1..=2003).find(|v| !held.contains(v)).expect("one missing");
+        assert_eq!(d.get("doc", missing), None);
     }
 
     #[tokio::test]
