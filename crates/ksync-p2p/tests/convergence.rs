@@ -113,6 +113,8 @@ async fn a_peer_restarted_on_its_log_file_resumes() {
     a.broadcast(event("a", 1)).await.expect("broadcast");
     wait_until(10, "a catches up", || keys(&a).len() == 42).await;
     wait_until(10, "b gets a's new event", || keys(&b).len() == 42).await;
+    wait_until(10, "a told of what it missed", || told.distinct() >= 20).await;
+    // Then a while for a repeat to show up, if there were one.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(told.distinct(), 20, "only what was missed is news");
     assert!(told.all_once());
