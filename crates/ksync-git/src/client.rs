@@ -849,8 +849,9 @@ impl GitSyncClient {
                 }
                 .into_sync());
             }
-            result.appended += page.appended;
-            result.duplicates += page.duplicates;
+            // Counts from the server: saturating, whatever it says.
+            result.appended = result.appended.saturating_add(page.appended);
+            result.duplicates = result.duplicates.saturating_add(page.duplicates);
             result.server_version = page.server_version;
             self.settle_merge_page(&replica, &keys, page, &mut result)
                 .await?;
@@ -1248,7 +1249,7 @@ impl GitSyncClient {
             let count = page.events.len() as u64;
             match page.next {
                 None => ahead.cancel(),
-                Some(n) if n == since + count && count > 0 => {
+                Some(n) if Some(n) == since.checked_add(count) && count > 0 => {
                     if ahead.first() != Some(n) {
                         // Not where the pages requested ahead start: ask again from `n`.
                         ahead.cancel();
@@ -1256,7 +1257,7 @@ impl GitSyncClient {
                     }
                     let step = *step.get_or_insert(count);
                     while ahead.len() < PULL_AHEAD {
-                        let at = ahead.last().unwrap_or(n) + step;
+                        let at = ahead.last().unwrap_or(n).saturating_add(step);
                         if at >= page.server_version {
                             break;
                         }
@@ -1266,7 +1267,10 @@ impl GitSyncClient {
                 Some(n) => {
                     return Err(GitError::Protocol {
                         url: self.pull_url(branch, since, known.as_deref()),
-                        reason: format!("next page after {n}, expected {}", since + count),
+                        reason: format!(
+                            "next page after {n}, expected {}",
+                            since.saturating_add(count)
+                        ),
                     }
                     .into_sync());
                 }
@@ -1303,7 +1307,7 @@ impl GitSyncClient {
                 }
             });
             let ingested = replica.ingest(events).await?;
-            since += count;
+            since = since.saturating_add(count);
             // After the events: a crash in between re-pulls the page, which deduplicates.
             if count > 0 {
                 unrecorded = Some(since);
@@ -1623,6 +1627,12 @@ async fn settle(
         }
         Err(e) => return Err(e),
     };
+    // A fast-forward is to exactly what the client had plus this batch (see PROTOCOL.md):
+    // any other version is not one, and trusting it would move the pull cursor past events
+    // never pulled (or to u64::MAX, overflowing the next pull's arithmetic).
+    let fast_forward_end = u64::try_from(batch.events.len())
+        .ok()
+        .and_then(|len| batch.base_version.checked_add(len));
     let mut rejected = vec![false; batch.events.len()];
     for r in &answer.rejected {
         if let Some(slot) = rejected.get_mut(r.index) {
@@ -1637,9 +1647,11 @@ async fn settle(
         }
     }
     result.server_version = answer.server_version;
-    let fast_forward_to = answer
-        .fast_forward_to
-        .filter(|&version| version > batch.base_version && *pulled == batch.base_version);
+    let fast_forward_to = answer.fast_forward_to.filter(|&version| {
+        version > batch.base_version
+            && Some(version) == fast_forward_end
+            && *pulled == batch.base_version
+    });
     if let Some(version) = fast_forward_to {
         *pulled = version;
     }

@@ -175,3 +175,59 @@ async fn pulled_events_that_break_the_event_rules_are_skipped_and_the_cursor_mov
     assert!(errors[1].contains("\"untyped\""), "{errors:?}");
     task.abort();
 }
+
+#[tokio::test]
+async fn a_push_answer_fast_forwarding_past_the_batch_is_not_trusted() {
+    // An honest fast-forward is to exactly what the client had plus its batch (here 0 + 1).
+    // This one names u64::MAX: trusted, it moved the pull cursor past every event of the
+    // branch (and overflowed the next pull's arithmetic).
+    let asked_since = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&asked_since);
+    let app = Router::new()
+        .route(
+            "/git/r/branches/main",
+            get(|| async {
+                answer(
+                    json!({"name": "main", "serverVersion": 0, "forkedFrom": null,
+                    "forkedAt": null}),
+                )
+            }),
+        )
+        .route(
+            "/git/r/branches/main/events",
+            post(|| async {
+                answer(
+                    json!({"serverVersion": 1, "appended": 1, "duplicates": 0, "rejected": [],
+                "fastForwardTo": u64::MAX}),
+                )
+            })
+            .get(
+                move |query: axum::extract::Query<std::collections::HashMap<String, String>>| {
+                    recorded
+                        .lock()
+                        .expect("lock")
+                        .push(query.get("since").cloned().unwrap_or_default());
+                    async {
+                        answer(
+                            json!({"since": 0, "serverVersion": 1, "next": null, "events": [
+                        {"id": "mine", "type": "t", "data": 1, "timestamp": 1, "version": 1}]}),
+                        )
+                    }
+                },
+            ),
+        );
+    let (addr, task) = serve_router(app).await;
+    let c = client(&format!("http://{addr}/git/r"));
+    c.send(Event::new("mine", "t", json!(1), 1))
+        .await
+        .expect("a local event to push");
+    let pushed = c.push().await.expect("push");
+    assert_eq!(pushed.pushed_events.len(), 1, "{pushed:?}");
+    c.pull().await.expect("pull");
+    assert_eq!(
+        *asked_since.lock().expect("lock"),
+        ["0"],
+        "the pull starts where the client really is, not where the lie said"
+    );
+    task.abort();
+}
