@@ -27,6 +27,9 @@ use crate::node::{self, Command, Node, Shared, Target};
 use crate::shaping::Shaping;
 use crate::wire::RESPONSE_BUDGET;
 
+/// Longest interval or timeout a P2P client takes (a day): see
+/// [`P2PSyncClientBuilder::anti_entropy_interval`].
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 /// Counters of one client since it was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -112,7 +115,8 @@ impl P2PSyncClientBuilder {
     }
 
     /// How often a catch-up round runs with every connected peer (one also runs on every new
-    /// connection). Default 15 s.
+    /// connection). Default 15 s. This and the other intervals and timeouts: positive, at most
+    /// [`MAX_CONFIG_DURATION`] (`build` refuses others).
     pub fn anti_entropy_interval(mut self, every: Duration) -> Self {
         self.opts.anti_entropy_interval = every;
         self
@@ -219,10 +223,20 @@ impl P2PSyncClientBuilder {
                 "max_peer_cursors must be at least 1".into(),
             ));
         }
-        if opts.anti_entropy_interval.is_zero() || opts.metrics_interval.is_zero() {
-            return Err(P2PError::Config(
-                "anti_entropy_interval and metrics_interval must be positive".into(),
-            ));
+        for (field, value) in [
+            ("anti_entropy_interval", opts.anti_entropy_interval),
+            ("metrics_interval", opts.metrics_interval),
+            ("request_timeout", opts.request_timeout),
+            ("connect_timeout", opts.connect_timeout),
+        ] {
+            // Past a day a timer is a misconfiguration; far past it, the node's first tick
+            // (`Instant + value`) overflows and its task panics.
+            if value.is_zero() || value > MAX_CONFIG_DURATION {
+                return Err(P2PError::Config(format!(
+                    "{field} must be positive and at most {} s",
+                    MAX_CONFIG_DURATION.as_secs()
+                )));
+            }
         }
         let key_path = identity::key_path(&opts.key_dir, &opts.peer_id);
         let keypair = identity::load_or_create(&key_path)?;

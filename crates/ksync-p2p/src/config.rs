@@ -89,9 +89,14 @@ impl NetworkKey {
             )));
         }
         let mut bytes = [0u8; 32];
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
-                .map_err(|_| P2PError::NetworkKey("not hex".into()))?;
+        // By bytes: a 64-byte text may hold multi-byte characters (slicing it could cut one),
+        // and `from_str_radix` alone would take a sign ("+1").
+        for (byte, pair) in bytes.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+            *byte = std::str::from_utf8(pair)
+                .ok()
+                .filter(|pair| pair.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or_else(|| P2PError::NetworkKey("not hex".into()))?;
         }
         Ok(Self::from_bytes(bytes))
     }
@@ -174,4 +179,35 @@ pub fn default_key_dir() -> PathBuf {
         return PathBuf::from(home).join(".ksync").join("p2p");
     }
     PathBuf::from(".ksync").join("p2p")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_keys_parse_from_hex_and_refuse_anything_else_without_panicking() {
+        let hex = "00ff".repeat(16);
+        let key = NetworkKey::parse(&hex).expect("64 hex digits");
+        assert_eq!(
+            NetworkKey::parse(&key.to_key_file())
+                .expect("swarm.key")
+                .fingerprint(),
+            key.fingerprint()
+        );
+        // 64 bytes, but '€' is three of them: slicing the text by bytes cut inside it.
+        let multibyte = format!("0€{}", "a".repeat(60));
+        assert_eq!(multibyte.len(), 64);
+        for bad in [
+            multibyte.as_str(),
+            &"g".repeat(64),
+            &"ab".repeat(31),
+            "+1".repeat(32).as_str(),
+        ] {
+            assert!(
+                matches!(NetworkKey::parse(bad), Err(P2PError::NetworkKey(_))),
+                "{bad:?}"
+            );
+        }
+    }
 }

@@ -33,7 +33,7 @@ mod shaping;
 mod transport;
 mod wire;
 
-pub use client::{P2PStats, P2PSyncClient, P2PSyncClientBuilder};
+pub use client::{MAX_CONFIG_DURATION, P2PStats, P2PSyncClient, P2PSyncClientBuilder};
 pub use config::{
     DEFAULT_ANTI_ENTROPY_INTERVAL, DEFAULT_COMMAND_CAPACITY, DEFAULT_LISTEN_HOST,
     DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEER_CURSORS, DEFAULT_MAX_PEERS, DEFAULT_NETWORK,

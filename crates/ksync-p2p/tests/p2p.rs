@@ -623,6 +623,28 @@ async fn metrics_are_notified_every_interval() {
         .build()
         .expect_err("a zero interval is refused");
     assert!(bad.to_string().contains("metrics_interval"), "{bad}");
+    // Past a day is refused too: far past it, the node's first tick overflowed and its task
+    // panicked, leaving a client that did nothing.
+    let huge = Duration::from_secs(u64::MAX);
+    let past_a_day = ksync_p2p::MAX_CONFIG_DURATION + Duration::from_secs(1);
+    for (field, bad) in [
+        (
+            "anti_entropy_interval",
+            builder(dir.path(), "d").anti_entropy_interval(huge).build(),
+        ),
+        (
+            "metrics_interval",
+            builder(dir.path(), "e")
+                .metrics_interval(past_a_day)
+                .build(),
+        ),
+    ] {
+        let bad = bad.expect_err("past a day is refused");
+        assert!(
+            bad.to_string().contains(field) && bad.to_string().contains("at most 86400 s"),
+            "{bad}"
+        );
+    }
 }
 
 /// Catch-up traffic counts in `metrics` bandwidth: a peer that gets a known amount of data by

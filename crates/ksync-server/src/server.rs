@@ -165,7 +165,12 @@ impl Server {
             stopping: AtomicBool::new(false),
         });
         Ok(Self {
-            git_requests: Arc::new(Semaphore::new(config.limits.max_git_requests.max(1))),
+            git_requests: Arc::new(Semaphore::new(
+                config
+                    .limits
+                    .max_git_requests
+                    .clamp(1, Semaphore::MAX_PERMITS),
+            )),
             config,
             provider,
             storage,

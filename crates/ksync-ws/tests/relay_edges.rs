@@ -1453,6 +1453,65 @@ fn max_message_size_outside_its_range_is_a_config_error() {
     }
 }
 
+/// The relay's timers are refused at zero and past a day: far past it, `Instant + heartbeat`
+/// overflowed and panicked every connection's task right after its handshake.
+#[test]
+fn relay_timers_outside_zero_to_a_day_are_config_errors() {
+    use ksync_ws::server::{MAX_CONFIG_DURATION, Relay, RelayError};
+
+    let relay = |config: RelayConfig| {
+        Relay::new(
+            config,
+            Arc::new(ksync_core::InMemoryProvider::new()),
+            Arc::new(ksync_core::AllowAll),
+        )
+    };
+    let huge = Duration::from_secs(u64::MAX);
+    let past_a_day = MAX_CONFIG_DURATION + Duration::from_secs(1);
+    for bad in [Duration::ZERO, past_a_day, huge] {
+        let configs = [
+            (
+                "heartbeat",
+                RelayConfig {
+                    heartbeat: bad,
+                    ..RelayConfig::default()
+                },
+            ),
+            (
+                "handshake_timeout",
+                RelayConfig {
+                    handshake_timeout: bad,
+                    ..RelayConfig::default()
+                },
+            ),
+            (
+                "write_timeout",
+                RelayConfig {
+                    write_timeout: bad,
+                    ..RelayConfig::default()
+                },
+            ),
+        ];
+        for (field, config) in configs {
+            match relay(config) {
+                Err(RelayError::Config(message)) => assert!(
+                    message.contains(field) && message.contains("at most 86400 s"),
+                    "{field} {bad:?}: {message}"
+                ),
+                Err(other) => panic!("{field} {bad:?}: not a config error: {other}"),
+                Ok(_) => panic!("{field} {bad:?}: accepted"),
+            }
+        }
+    }
+    let a_day = RelayConfig {
+        heartbeat: MAX_CONFIG_DURATION,
+        handshake_timeout: MAX_CONFIG_DURATION,
+        write_timeout: MAX_CONFIG_DURATION,
+        ..RelayConfig::default()
+    };
+    assert!(relay(a_day).is_ok());
+}
+
 /// A connection that leaves while its room's queue is full still leaves the room: its
 /// unsubscribe waits for room in the queue rather than being dropped. Here the departed
 /// subscriber gets no fan-out afterwards (the only publish after it is a duplicate), which

@@ -54,6 +54,7 @@ pub struct RelayConfig {
     /// 8 MiB ([`protocol::MAX_MESSAGE_SIZE_RANGE`]).
     pub max_message_size: usize,
     /// How long a client has to send `hello` after the upgrade (closed with 4002). Default 10 s.
+    /// This and the two below: positive, at most [`MAX_CONFIG_DURATION`].
     pub handshake_timeout: Duration,
     /// The server pings every `heartbeat`; a client that has not answered (any frame counts)
     /// when the next ping is due is closed with 4009. Default 30 s.
@@ -142,6 +143,9 @@ pub enum RelayError {
         source: ksync_core::StorageError,
     },
 }
+
+/// Longest `handshake_timeout`, `heartbeat` and `write_timeout` a relay takes (a day).
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Activity items buffered for [`Relay::activity`] observers. Overflow policy: a receiver
 /// that falls this far behind loses the oldest items and is told how many
@@ -305,10 +309,19 @@ impl Relay {
                 u32::MAX
             )));
         }
-        if config.heartbeat.is_zero() || config.handshake_timeout.is_zero() {
-            return Err(RelayError::Config(
-                "heartbeat and handshake_timeout must be positive".into(),
-            ));
+        for (field, value) in [
+            ("heartbeat", config.heartbeat),
+            ("handshake_timeout", config.handshake_timeout),
+            ("write_timeout", config.write_timeout),
+        ] {
+            // Past a day a timer is a misconfiguration; far past it, `Instant + value`
+            // overflows and panics every connection's task.
+            if value.is_zero() || value > MAX_CONFIG_DURATION {
+                return Err(RelayError::Config(format!(
+                    "{field} must be positive and at most {} s",
+                    MAX_CONFIG_DURATION.as_secs()
+                )));
+            }
         }
         let (shutdown, _) = watch::channel(false);
         let (activity, _) = broadcast::channel(ACTIVITY_CAPACITY);
