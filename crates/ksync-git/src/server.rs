@@ -105,7 +105,7 @@ pub struct GitServerConfig {
     pub max_body_bytes: usize,
     /// Events per pull page when the client gives no `limit`. Default 1000.
     pub default_page: usize,
-    /// Largest `limit` honoured; larger ones are cut to it. Default 10,000. Also the most
+    /// Largest `limit` honoured; larger ones are cut to it. Default 10,000 (0 counts as 1). Also the most
     /// collisions in one merge answer (the rest come with the next merge, see
     /// [`MergeResponse::next`](crate::wire::MergeResponse::next)).
     pub max_page: usize,
@@ -342,8 +342,10 @@ impl GitServer {
     pub fn with_config(
         provider: Arc<dyn StorageProvider>,
         auth: Arc<dyn Authenticator>,
-        config: GitServerConfig,
+        mut config: GitServerConfig,
     ) -> Self {
+        // A page of nothing would stall every pull and merge (and `clamp(1, 0)` panics).
+        config.max_page = config.max_page.max(1);
         let body_memory = Arc::new(Semaphore::new(body_memory_permits(
             config.body_memory_bytes,
         )));

@@ -204,6 +204,29 @@ async fn push_reports_server_version_and_pull_pages() {
     assert!(b.pull().await.expect("pull").new_events.is_empty());
 }
 
+/// `max_page: 0` counts as 1: a page of nothing stalled every pull (and panicked the service's
+/// `clamp(1, 0)`).
+#[tokio::test]
+async fn a_service_configured_with_max_page_zero_serves_pages_of_one() {
+    let config = ksync_git::server::GitServerConfig {
+        max_page: 0,
+        ..Default::default()
+    };
+    let server = common::start_with(
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        config,
+        &["r"],
+    )
+    .await;
+    let url = server.repo_url("r");
+    let a = client(&url);
+    send_numbered(&a, 0..3).await;
+    a.push().await.expect("push");
+    let b = client(&url);
+    assert_eq!(b.pull().await.expect("pull").new_events.len(), 3);
+    assert_eq!(b.replica().storage().len(), 3);
+}
+
 #[tokio::test]
 async fn pulls_follow_the_server_page_cap_and_a_growing_branch() {
     // Pages requested ahead are placed by the size of the first full page: here the server's
