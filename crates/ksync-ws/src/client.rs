@@ -1527,13 +1527,18 @@ impl Session {
         };
         let message = match protocol::decode::<ServerMessage>(&json, SERVER_TYPES) {
             Ok(m) => m,
-            Err(e) => {
+            Err(e @ protocol::DecodeError::UnknownType(_)) => {
                 // A newer server may send types we do not know: report, keep going.
                 self.inner.notifier.emit(Notification::Error(Arc::new(
                     WsError::Protocol(e.to_string()).into(),
                 )));
                 return Ok(());
             }
+            // A message of a known type that does not decode (an `events` batch with one
+            // broken event, say) may hold events: skipping it, the next batch would move the
+            // cursor past them. The session ends instead, and the next one (after the backoff
+            // delay) reads from the cursor again.
+            Err(e) => return Err(WsError::Protocol(e.to_string())),
         };
         match message {
             ServerMessage::Events(batch) => self.receive(batch.events).await?,

@@ -286,3 +286,70 @@ async fn received_events_that_break_the_event_rules_are_skipped_and_the_cursor_m
     ksync.disconnect().await.expect("disconnect");
     fake.await.expect("fake");
 }
+
+#[tokio::test]
+async fn a_known_message_that_does_not_decode_ends_the_session_and_loses_nothing() {
+    // An `events` batch with one broken event does not decode. Skipped, its good event was
+    // lost: the next batch moved the cursor past it. The session ends instead, and the next
+    // one asks from the cursor it had.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (hellos_tx, mut hellos) = mpsc::channel(4);
+    let fake = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        hellos_tx
+            .send(next_json(&mut ws).await.expect("hello"))
+            .await
+            .expect("report");
+        send(&mut ws, welcome(0, 1 << 20)).await;
+        let broken = json!({"id": 5, "type": "t", "data": 1, "timestamp": 1, "version": 1});
+        send(
+            &mut ws,
+            json!({"type": "events", "events": [
+                {"seq": 1, "event": event("first", 1)}, {"seq": 2, "event": broken}]}),
+        )
+        .await;
+        let _ = ws
+            .send(Message::text(
+                json!({"type": "events", "events": [{"seq": 3, "event": event("third", 3)}]})
+                    .to_string(),
+            ))
+            .await;
+        while next_json(&mut ws).await.is_some() {}
+        // The next connection gets the room as it really is.
+        let (tcp, _) = listener.accept().await.expect("accept again");
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        hellos_tx
+            .send(next_json(&mut ws).await.expect("hello"))
+            .await
+            .expect("report");
+        send(&mut ws, welcome(3, 1 << 20)).await;
+        send(
+            &mut ws,
+            json!({"type": "events", "events": [
+                {"seq": 1, "event": event("first", 1)}, {"seq": 2, "event": event("second", 2)},
+                {"seq": 3, "event": event("third", 3)}]}),
+        )
+        .await;
+        while next_json(&mut ws).await.is_some() {}
+    });
+    let ksync = KSync::builder()
+        .storage(Arc::new(InMemoryStorage::new()))
+        .sync_client(Arc::new(quick(&format!("ws://{addr}/ws"))))
+        .build()
+        .await
+        .expect("ksync");
+    ksync.connect().await.expect("connect");
+    let first = hellos.recv().await.expect("first hello");
+    assert_eq!(first["type"], "hello", "{first}");
+    let again = tokio::time::timeout(Duration::from_secs(10), hellos.recv())
+        .await
+        .expect("a second connection")
+        .expect("second hello");
+    assert_eq!(again["since"], 0, "asks again from where it was: {again}");
+    let replica = ksync.replica().clone();
+    eventually("every event stored", || replica.storage().len() == 3).await;
+    ksync.disconnect().await.expect("disconnect");
+    fake.await.expect("fake");
+}
