@@ -204,20 +204,21 @@ async fn push_reports_server_version_and_pull_pages() {
     assert!(b.pull().await.expect("pull").new_events.is_empty());
 }
 
+/// An in-memory service with repository `r` whose pages hold at most `max_page` events.
+async fn start_with_max_page(max_page: usize) -> common::Server {
+    let config = ksync_git::server::GitServerConfig {
+        max_page,
+        ..Default::default()
+    };
+    let provider = Arc::new(ksync_core::InMemoryProvider::new());
+    common::start_with(provider, config, &["r"]).await
+}
+
 /// `max_page: 0` counts as 1: a page of nothing stalled every pull (and panicked the service's
 /// `clamp(1, 0)`).
 #[tokio::test]
 async fn a_service_configured_with_max_page_zero_serves_pages_of_one() {
-    let config = ksync_git::server::GitServerConfig {
-        max_page: 0,
-        ..Default::default()
-    };
-    let server = common::start_with(
-        Arc::new(ksync_core::InMemoryProvider::new()),
-        config,
-        &["r"],
-    )
-    .await;
+    let server = start_with_max_page(0).await;
     let url = server.repo_url("r");
     let a = client(&url);
     send_numbered(&a, 0..3).await;
@@ -231,16 +232,7 @@ async fn a_service_configured_with_max_page_zero_serves_pages_of_one() {
 async fn pulls_follow_the_server_page_cap_and_a_growing_branch() {
     // Pages requested ahead are placed by the size of the first full page: here the server's
     // cap (4), not the client's page size (100).
-    let config = ksync_git::server::GitServerConfig {
-        max_page: 4,
-        ..Default::default()
-    };
-    let server = common::start_with(
-        Arc::new(ksync_core::InMemoryProvider::new()),
-        config,
-        &["r"],
-    )
-    .await;
+    let server = start_with_max_page(4).await;
     let url = server.repo_url("r");
     let a = client(&url);
     send_numbered(&a, 0..25).await;
