@@ -8,6 +8,8 @@
 //   KSYNC_PLAYWRIGHT  the playwright-core package directory
 //   KSYNC_CHROMIUM    the Chromium executable (default /usr/bin/chromium)
 //   KSYNC_ARTIFACTS   where screenshots go (default target/artifacts)
+// and, when set, KSYNC_CLIENT_JS: a file the pages get as `/ksync.js` instead of the server's
+// (to try a changed or an older client without rebuilding the server).
 import { spawn } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
@@ -139,6 +141,9 @@ export async function launchBrowser() {
     context,
     async newPage() {
       const page = await context.newPage();
+      if (process.env.KSYNC_CLIENT_JS) {
+        await page.route('**/ksync.js', (route) => route.fulfill({ path: process.env.KSYNC_CLIENT_JS, contentType: 'text/javascript' }));
+      }
       const problems = [];
       page.on('console', (message) => {
         if (message.type() === 'error') problems.push(`console error: ${message.text()}`);
@@ -200,20 +205,30 @@ export async function refusedCount(server) {
 
 /**
  * Opens a page of the server at `http` and starts a WebSocketSyncClient for `url` there (as
- * `window.client`) with `options` (short reconnect delays unless given). `setup`, the source of
- * a function of the client, runs before `connect()` (e.g. to add middleware). The page records
- * `received` ({seq, event}), `connects`, `welcome` (the last), `errors` ("code: message"),
- * `statuses`, `metrics`, `syncs` (each `sync`'s events), `conflicts`, and `acked` for sends
- * made through `window.sendTracked(event)`.
+ * `window.client`) with `options` (short reconnect delays unless given; `filterSource`, the
+ * source of a function, becomes the `filter` option). `setup`, the source of a function of the
+ * client, runs before `connect()` (e.g. to add middleware). The page records `received` ({seq,
+ * event}), `connects`, `welcome` (the last), `errors` ("code: message"), `statuses`, `metrics`,
+ * `syncs` (each `sync`'s events), `conflicts`, and `acked` (results) and `refused` ({id, code})
+ * for sends made through `window.sendTracked(event)`.
  */
 export async function pageClient(browser, http, url, options = {}, setup = '() => {}') {
   const page = await browser.newPage();
   // Any page of the server's origin can import the module; /health is a small one.
   await page.goto(`${http}/health`);
-  await page.evaluate(async ({ url, options, setup }) => {
+  await startClient(page, url, options, setup, true);
+  return page;
+}
+
+/** Starts the client of `pageClient` in `page`; waits for its `connect()` if `wait`, else
+ * records a rejected first `connect()` in `window.connectErrors` (codes). */
+async function startClient(page, url, options, setup, wait) {
+  await page.evaluate(async ({ url, options, setup, wait }) => {
     const { WebSocketSyncClient } = await import('/ksync.js');
-    const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 100, max: 1000 }, ...options });
-    Object.assign(window, { received: [], acked: [], connects: 0, errors: [], statuses: [], metrics: [], syncs: [], conflicts: [], welcome: null });
+    const { filterSource, ...rest } = options;
+    if (filterSource !== undefined) rest.filter = (0, eval)(`(${filterSource})`);
+    const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 100, max: 1000 }, ...rest });
+    Object.assign(window, { received: [], acked: [], connects: 0, errors: [], statuses: [], metrics: [], syncs: [], conflicts: [], welcome: null, connectErrors: [], refused: [] });
     client.on('event', (event, meta) => window.received.push({ seq: meta.seq, event }));
     client.on('connected', (welcome) => { window.connects += 1; window.welcome = welcome; });
     client.on('sync', (events) => window.syncs.push(events));
@@ -225,9 +240,75 @@ export async function pageClient(browser, http, url, options = {}, setup = '() =
     window.sendTracked = (event) => client.send(event).then((result) => {
       window.acked.push({ id: event.id, ...result });
       return result;
+    }, (error) => {
+      window.refused.push({ id: event.id, code: error.code });
+      throw error;
     });
     (0, eval)(`(${setup})`)(client);
-    await client.connect();
-  }, { url, options, setup });
-  return page;
+    const connected = client.connect();
+    if (wait) await connected;
+    else connected.catch((error) => window.connectErrors.push(error.code));
+  }, { url, options, setup, wait });
+}
+
+/** What a scripted relay's `welcome` says unless the script says otherwise. */
+export const FAKE_WELCOME = {
+  type: 'welcome', protocol: 1, room: 'fake', serverVersion: 0, compression: false,
+  heartbeatMs: 30000, maxMessageSize: 1048576, logId: 'fake-log',
+};
+
+/**
+ * A page whose client talks to a scripted relay instead of a server: playwright's
+ * `page.routeWebSocket` answers the page's WebSockets to `ws://fake.invalid/...` from this
+ * process (nothing goes to the network). The page is one of the real server at `http` (for
+ * `/ksync.js`), with the recorders of `pageClient`; `connect()` is not waited for (a first
+ * session the client refuses rejects it: `window.connectErrors`).
+ *
+ * Each WebSocket is a session: `{index, at (ms when it opened), messages (what the client sent,
+ * parsed), closed ({code, reason} when the client closed it), send(object | string | Buffer),
+ * close(code, reason)}`. A `hello` is answered with `FAKE_WELCOME` and the fields
+ * `welcome(session, hello)` returns (null: no welcome; an `undefined` field leaves it out), a
+ * `ping` with a `pong`; then `onMessage(session, message)` sees every message (the `hello`
+ * too, after the welcome went out). Resolves `{page, relay}`: `relay.sessions`,
+ * `relay.waitSessions(n)`, `relay.publishes()` (every `publish`, in order, with its session).
+ */
+export async function fakeRelayClient(browser, http, { room = 'fake', options = {}, setup = '() => {}', welcome = () => ({}), onMessage = () => {} } = {}) {
+  const page = await browser.newPage();
+  const relay = { sessions: [] };
+  relay.waitSessions = (n, ms = 10000) => waitFor(() => relay.sessions.length >= n, ms, `${n} session(s) with the scripted relay`)
+    .catch((error) => {
+      const seen = relay.sessions.map((s) => [s.messages.map((m) => m.type), s.closed]);
+      throw new Error(`${error.message} (${relay.sessions.length}: ${JSON.stringify(seen)})`);
+    });
+  relay.publishes = () => relay.sessions.flatMap((session) => session.messages
+    .filter((m) => m.type === 'publish').map((m) => ({ session: session.index, ...m })));
+  await page.routeWebSocket(/^ws:\/\/fake\.invalid\//, (ws) => {
+    const session = { index: relay.sessions.length, at: Date.now(), messages: [], closed: null };
+    session.send = (message) => ws.send(typeof message === 'string' || Buffer.isBuffer(message) ? message : JSON.stringify(message));
+    session.close = (code = 1000, reason = '') => ws.close({ code, reason });
+    relay.sessions.push(session);
+    ws.onMessage((raw) => {
+      let message;
+      try {
+        message = JSON.parse(raw.toString());
+      } catch {
+        message = { type: '(not JSON)', raw: raw.toString() };
+      }
+      session.messages.push(message);
+      if (message.type === 'hello') {
+        const fields = welcome(session, message);
+        if (fields !== null) session.send({ ...FAKE_WELCOME, ...fields });
+      } else if (message.type === 'ping') {
+        session.send({ type: 'pong', ref: message.ref });
+      }
+      onMessage(session, message);
+    });
+    ws.onClose((code, reason) => {
+      session.closed = { code, reason };
+      ws.close({ code, reason });
+    });
+  });
+  await page.goto(`${http}/health`);
+  await startClient(page, `ws://fake.invalid/ws/${room}`, options, setup, false);
+  return { page, relay };
 }

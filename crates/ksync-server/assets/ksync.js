@@ -302,8 +302,9 @@ export class WebSocketSyncClient extends Emitter {
    * an event and returns it (changed or not), or null/undefined to drop it; it may be async.
    * Outgoing: the filter first, then the chain, when `send` is called (a dropped event resolves
    * `{status: 'filtered'}` and never leaves). Incoming: the chain, then the filter, before
-   * `event` is notified (a dropped event is still counted as seen). A middleware that throws
-   * rejects that `send`, or skips that received event with an `error` (code `middleware`).
+   * `event` is notified (a dropped event is still counted as seen). A middleware (or a filter)
+   * that throws rejects that `send`, or skips that received event with an `error` (code
+   * `middleware`).
    */
   use(direction, middleware) {
     if (direction !== 'incoming' && direction !== 'outgoing') throw new TypeError("direction must be 'incoming' or 'outgoing'");
@@ -612,7 +613,18 @@ export class WebSocketSyncClient extends Emitter {
       }
       if (current === null || current === undefined) return null;
     }
-    if (this.#filter !== null && !this.#filter(current)) return null;
+    if (this.#filter !== null) {
+      // A filter that throws is a middleware that throws: that event is skipped, and the rest
+      // of its batch (the cursor has moved past all of it) is still delivered.
+      let keep;
+      try {
+        keep = this.#filter(current);
+      } catch (error) {
+        this.emit('error', new KSyncError('middleware', `the filter failed: ${error?.message ?? error}`, { event }));
+        return null;
+      }
+      if (!keep) return null;
+    }
     return current;
   }
 

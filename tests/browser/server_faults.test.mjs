@@ -1,0 +1,68 @@
+// The browser client (`/ksync.js`) against faults: a filter that throws (with the real server),
+// and a relay that breaks the protocol, scripted inside the browser (`fakeRelayClient`, with
+// playwright's routeWebSocket). Nothing sent or received may be lost silently: what the client
+// cannot follow ends the session, is notified as a KSyncError, and the next session (after the
+// reconnect delay) reads from the cursor and resends what is not acknowledged.
+import assert from 'node:assert/strict';
+import { deflateRawSync } from 'node:zlib';
+import { after, before, test } from 'node:test';
+
+import { fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, waitFor } from './lib.mjs';
+
+let browser;
+let server;
+
+before(async () => {
+  browser = await launchBrowser();
+  server = await sharedServer();
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+});
+
+const errorsOf = (page) => page.evaluate(() => window.errors);
+const receivedOf = (page) => page.evaluate(() => window.received.map((r) => [r.seq, r.event.id]));
+/** An ack storing every event of `publish` at 1, 2, ... */
+const storedAck = (publish) => ({
+  type: 'ack', ref: publish.ref, serverVersion: publish.events.length,
+  results: publish.events.map((_, i) => ({ status: 'stored', seq: i + 1 })),
+});
+/** Waits for `count` errors whose "code: message" starts with `prefix`. */
+const waitErrors = (page, prefix, count = 1) => waitFor(async () => {
+  const errors = await errorsOf(page);
+  return errors.filter((e) => e.startsWith(prefix)).length >= count && errors;
+}, 10000, `${count} error(s) ${prefix}`);
+
+test('a filter that throws skips that event only: the rest of the batch and of the snapshot page arrive', async () => {
+  const room = `${server.ws}/ws/filter-throws-${process.pid}`;
+  const publisher = await pageClient(browser, server.http, room);
+  const events = [1, 2, 3].map((n) => makeEvent('f', { n }));
+  for (const event of events) {
+    assert.equal((await publisher.evaluate((e) => window.client.send(e), event)).status, 'stored');
+  }
+  const seqs = [];
+  // One catch-up batch holds all three; the filter throws on the second.
+  const filterSource = "(event) => { if (event.data.n === 2) throw new Error('filter boom'); return true; }";
+  for (const options of [{ since: 0 }, { strategy: 'state-based' }]) {
+    const page = await pageClient(browser, server.http, room, { ...options, filterSource });
+    await waitFor(async () => (await receivedOf(page)).some(([, id]) => id === events[2].id), 5000,
+      `${JSON.stringify(options)}: the event after the one the filter threw on`);
+    const received = await receivedOf(page);
+    // Catch-up in seq order; a snapshot in an order of its own.
+    const ids = received.map(([, id]) => id);
+    if (options.strategy) ids.sort((a, b) => events.findIndex((e) => e.id === a) - events.findIndex((e) => e.id === b));
+    assert.deepEqual(ids, [events[0].id, events[2].id], JSON.stringify(options));
+    seqs.push(received.map(([seq]) => seq));
+    const errors = await errorsOf(page);
+    assert.ok(errors.some((e) => e.startsWith('middleware:') && e.includes('filter boom')), errors.join('\n'));
+    await waitFor(() => page.evaluate(() => window.client.cursor >= 3), 5000, 'the cursor past the three');
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  }
+  assert.equal(seqs[0][1], seqs[0][0] + 2);
+  assert.deepEqual(seqs[1], [null, null]);
+  await publisher.evaluate(() => window.client.disconnect());
+  await publisher.close();
+});
