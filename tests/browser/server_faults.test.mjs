@@ -66,3 +66,31 @@ test('a filter that throws skips that event only: the rest of the batch and of t
   await publisher.evaluate(() => window.client.disconnect());
   await publisher.close();
 });
+
+test("an ack result 'failed' ends the session: the event goes again after the reconnect delay", async () => {
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    onMessage: (session, message) => {
+      if (message.type !== 'publish') return;
+      if (session.index === 0) {
+        session.send({
+          type: 'ack', ref: message.ref, serverVersion: 0,
+          results: message.events.map(() => ({ status: 'failed', message: 'storage failed: disk full' })),
+        });
+      } else {
+        session.send(storedAck(message));
+      }
+    },
+  });
+  await relay.waitSessions(1);
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected');
+  const event = makeEvent('retry');
+  await page.evaluate((e) => { window.sendTracked(e).catch(() => {}); }, event);
+  const acked = await waitFor(() => page.evaluate(() => window.acked[0]), 10000, 'the event acknowledged after a reconnect');
+  assert.deepEqual(acked, { id: event.id, status: 'stored', seq: 1 });
+  assert.deepEqual(relay.publishes().map((p) => [p.session, p.events.map((e) => e.id)]), [[0, [event.id]], [1, [event.id]]]);
+  assert.deepEqual(relay.sessions[0].closed, { code: 1000, reason: 'ending the session' });
+  assert.ok((await errorsOf(page)).some((e) => e.startsWith('failed:') && e.includes('disk full')));
+  assert.equal(await page.evaluate(() => window.client.pending), 0);
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});

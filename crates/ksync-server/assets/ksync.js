@@ -244,6 +244,11 @@ export class WebSocketSyncClient extends Emitter {
   #resyncing = false;
   // The `error` of an in-band refusal, until its close arrives.
   #refusal = null;
+  // Set when this client ends the session itself (`#endSession`): nothing more of that socket
+  // is read, until its close reconnects.
+  #ending = false;
+  // Errors already notified (by `#endSession`), not notified again when the session ends.
+  #notified = new WeakSet();
   #room = null;
   #nextRef = 1;
   #outbox = [];
@@ -520,6 +525,7 @@ export class WebSocketSyncClient extends Emitter {
     }
     socket.binaryType = 'arraybuffer';
     this.#socket = socket;
+    this.#ending = false;
     let opened = false;
     socket.onopen = () => {
       opened = true;
@@ -548,7 +554,7 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   async #receive(socket, data) {
-    if (socket !== this.#socket) return;
+    if (socket !== this.#socket || this.#ending) return;
     this.#meter.bytes += typeof data === 'string' ? utf8Length(data) : data.byteLength;
     const text = typeof data === 'string' ? data : await inflateRaw(data);
     const message = JSON.parse(text);
@@ -669,7 +675,6 @@ export class WebSocketSyncClient extends Emitter {
   #ack(ack) {
     const sent = this.#inFlight.get(ack.ref);
     if (!sent) return;
-    this.#inFlight.delete(ack.ref);
     const { items } = sent;
     this.#meter.rtt += Date.now() - sent.at;
     this.#meter.acks += 1;
@@ -677,9 +682,12 @@ export class WebSocketSyncClient extends Emitter {
     this.emit('ack', results);
     // The events now safely in the room: this exchange's `sync`.
     const synced = [];
+    // Not stored (`failed`, or no result): sent again.
+    const failed = [];
+    let failure = null;
     items.forEach((item, i) => {
       const result = results[i] ?? { status: 'failed', message: 'no result for this event' };
-      switch (result.status) {
+      switch (result?.status) {
         case 'stored':
           if (this.#cursor === null || result.seq > this.#cursor) this.#cursor = result.seq;
           synced.push(item.local);
@@ -699,10 +707,21 @@ export class WebSocketSyncClient extends Emitter {
           break;
         default:
           // `failed`: the server could not store it; it goes out again after a reconnect.
-          this.#outbox.push(item);
+          failed.push(item);
+          failure ??= String(result?.message ?? `result ${JSON.stringify(result?.status)}`);
       }
     });
     if (synced.length) this.emit('sync', synced);
+    if (failed.length) {
+      // The relay answers `failed` and keeps the connection: nothing would send these again
+      // until the next send or disconnect. They stay in flight, in their place, and this
+      // session ends: the next one (after the reconnect delay) sends them first, as the Rust
+      // client does.
+      sent.items = failed;
+      this.#endSession(new KSyncError('failed', `the server could not store ${failed.length} event(s): ${failure}`));
+    } else {
+      this.#inFlight.delete(ack.ref);
+    }
     this.#updateStatus();
   }
 
@@ -779,6 +798,29 @@ export class WebSocketSyncClient extends Emitter {
     this.#outbox = this.#outbox.filter((item) => kept.has(item));
   }
 
+  /**
+   * Ends the session over `error` (something this client cannot follow or must retry): the
+   * error is notified now, nothing more of this socket is read, and it closes with 1000;
+   * `#closed` reconnects after the reconnect delay (`error` rejects a waiting `connect()`)
+   * without waiting for the server's side of the close. What is in flight stays there and
+   * goes out again at the next `welcome`.
+   */
+  #endSession(error) {
+    const socket = this.#socket;
+    if (!socket || this.#ending) return;
+    this.#ending = true;
+    this.#refusal = error;
+    this.#notified.add(error);
+    this.#debug('ending the session:', error.code, error.message);
+    this.emit('error', error);
+    this.#setStatus('error');
+    socket.onmessage = null;
+    socket.onclose = null;
+    socket.close(1000, 'ending the session');
+    const close = { code: 1000, reason: `ending the session: ${error.code}` };
+    this.#chain = this.#chain.then(() => this.#closed(socket, close, true));
+  }
+
   #closed(socket, close, opened) {
     // `disconnect()` waits for the socket it closed, even if `connect()` opened another since.
     for (const resolve of this.#closeWaiters.splice(0)) resolve();
@@ -819,7 +861,7 @@ export class WebSocketSyncClient extends Emitter {
   #stop(error) {
     this.#stopped = true;
     this.#settleWaiters(error);
-    this.emit('error', error);
+    if (!this.#notified.has(error)) this.emit('error', error);
     this.#setStatus('error');
   }
 
@@ -828,7 +870,7 @@ export class WebSocketSyncClient extends Emitter {
     this.#setStatus('error');
     if (!this.#options.reconnect) {
       this.#stopped = true;
-      this.emit('error', error);
+      if (!this.#notified.has(error)) this.emit('error', error);
       return;
     }
     this.#attempt += 1;
