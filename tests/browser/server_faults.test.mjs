@@ -94,3 +94,38 @@ test("an ack result 'failed' ends the session: the event goes again after the re
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });
+
+test('binary frames: refused without negotiated compression, when they do not inflate, or inflate past 16 MiB', async () => {
+  const [e1, e2] = [makeEvent('b1'), makeEvent('b2')];
+  const batch = (...entries) => JSON.stringify({ type: 'events', events: entries });
+  const bomb = deflateRawSync(Buffer.from(`{"type":"pong"${' '.repeat(17 * 1024 * 1024)}}`));
+  for (const compression of [false, true]) {
+    const { page, relay } = await fakeRelayClient(browser, server.http, {
+      options: { since: 0, compression },
+      welcome: () => ({ serverVersion: 2, compression }),
+      onMessage: (session, message) => {
+        if (message.type !== 'hello') return;
+        if (compression && session.index === 0) session.send(Buffer.from([0xff, 0xfe, 0xfd, 0xfc, 0xfb]));
+        else if (compression && session.index === 1) session.send(bomb);
+        else if (!compression && session.index === 0) session.send(deflateRawSync(Buffer.from(batch({ seq: 1, event: e1 }))));
+        // A text frame that is not JSON may have held events too.
+        else if (!compression && session.index === 1) session.send('{"type":"events","events":[{"seq":1');
+        // The refused frame's events must come again: only what follows it is sent here.
+        if (session.index < 2) session.send(batch({ seq: 2, event: e2 }));
+        else session.send(batch({ seq: 1, event: e1 }, { seq: 2, event: e2 }));
+      },
+    });
+    await relay.waitSessions(3);
+    await waitFor(async () => (await receivedOf(page)).length >= 2, 10000, 'both events');
+    assert.deepEqual(await receivedOf(page), [[1, e1.id], [2, e2.id]], `compression ${compression}`);
+    assert.deepEqual(relay.sessions.map((s) => s.messages[0].since), [0, 0, 0]);
+    assert.deepEqual(relay.sessions.slice(0, 2).map((s) => s.closed?.code), [1000, 1000]);
+    const errors = await errorsOf(page);
+    const expected = compression
+      ? ['bad_binary: a compressed frame does not inflate', 'bad_binary: a compressed frame inflates past 16777216 bytes']
+      : ['bad_binary: the server sent a binary frame without negotiated compression', 'bad_message: the server sent a frame that is not a JSON message'];
+    for (const prefix of expected) assert.ok(errors.some((e) => e.startsWith(prefix)), `${prefix}\n${errors.join('\n')}`);
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  }
+});

@@ -44,6 +44,9 @@ const MAX_BATCH = 256;
 const PUBLISH_OVERHEAD = 64;
 // What the relay takes when its `welcome` does not say (docs/PROTOCOL.md, limits).
 const DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024;
+// The most bytes a compressed frame may inflate to (the Rust client's CLIENT_MAX_MESSAGE_SIZE:
+// twice the largest `maxMessageSize`). Past it the frame is refused (`bad_binary`).
+const MAX_INFLATED_SIZE = 16 * 1024 * 1024;
 const STRATEGIES = new Set(['event-level', 'batch', 'state-based']);
 
 const UTF8 = new TextEncoder();
@@ -198,9 +201,41 @@ function wireForm(event) {
   return wire;
 }
 
-async function inflateRaw(data) {
-  const stream = new Blob([data]).stream().pipeThrough(new DecompressionStream('deflate-raw'));
-  return new Response(stream).text();
+/**
+ * Inflates a raw DEFLATE frame into its UTF-8 text. Refuses (`bad_binary`) one that does not
+ * inflate, is not UTF-8 or inflates past `limit` bytes: read in chunks, since a small frame
+ * can inflate to gigabytes.
+ */
+async function inflateRaw(data, limit) {
+  const reader = new Blob([data]).stream().pipeThrough(new DecompressionStream('deflate-raw')).getReader();
+  const chunks = [];
+  let total = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      total += value.byteLength;
+      if (total > limit) {
+        reader.cancel().catch(() => {});
+        throw new KSyncError('bad_binary', `a compressed frame inflates past ${limit} bytes`);
+      }
+      chunks.push(value);
+    }
+  } catch (error) {
+    if (error instanceof KSyncError) throw error;
+    throw new KSyncError('bad_binary', `a compressed frame does not inflate: ${error?.message ?? error}`);
+  }
+  const bytes = new Uint8Array(total);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  try {
+    return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    throw new KSyncError('bad_binary', 'a compressed frame does not inflate to UTF-8 text');
+  }
 }
 
 /**
@@ -247,6 +282,8 @@ export class WebSocketSyncClient extends Emitter {
   // Set when this client ends the session itself (`#endSession`): nothing more of that socket
   // is read, until its close reconnects.
   #ending = false;
+  // Whether this session's `welcome` agreed to compression (binary frames are refused else).
+  #compressed = false;
   // Errors already notified (by `#endSession`), not notified again when the session ends.
   #notified = new WeakSet();
   #room = null;
@@ -526,6 +563,7 @@ export class WebSocketSyncClient extends Emitter {
     socket.binaryType = 'arraybuffer';
     this.#socket = socket;
     this.#ending = false;
+    this.#compressed = false;
     let opened = false;
     socket.onopen = () => {
       opened = true;
@@ -555,9 +593,36 @@ export class WebSocketSyncClient extends Emitter {
 
   async #receive(socket, data) {
     if (socket !== this.#socket || this.#ending) return;
-    this.#meter.bytes += typeof data === 'string' ? utf8Length(data) : data.byteLength;
-    const text = typeof data === 'string' ? data : await inflateRaw(data);
-    const message = JSON.parse(text);
+    const binary = typeof data !== 'string';
+    this.#meter.bytes += binary ? data.byteLength : utf8Length(data);
+    let text = data;
+    if (binary) {
+      // Binary frames only with negotiated compression (docs/PROTOCOL.md, Frames). A frame
+      // refused may hold events: skipping it, the next batch would move the cursor past them,
+      // so the session ends and the next one reads from the cursor again.
+      if (!this.#compressed) {
+        this.#endSession(new KSyncError('bad_binary', 'the server sent a binary frame without negotiated compression'));
+        return;
+      }
+      try {
+        text = await inflateRaw(data, MAX_INFLATED_SIZE);
+      } catch (error) {
+        this.#endSession(error instanceof KSyncError ? error : new KSyncError('bad_binary', String(error?.message ?? error)));
+        return;
+      }
+      if (socket !== this.#socket || this.#ending) return;
+    }
+    let message;
+    try {
+      message = JSON.parse(text);
+    } catch {
+      message = null;
+    }
+    if (message === null || typeof message !== 'object' || Array.isArray(message)) {
+      // Not a message: it may have held events (see above).
+      this.#endSession(new KSyncError('bad_message', `the server sent a frame that is not a JSON message (${text.length} characters)`));
+      return;
+    }
     this.#debug('received', message.type, text.length, 'bytes');
     switch (message.type) {
       case 'welcome': return this.#welcome(message);
@@ -584,6 +649,7 @@ export class WebSocketSyncClient extends Emitter {
       return;
     }
     if (logId !== null) this.#logId = logId;
+    this.#compressed = this.#options.compression && welcome.compression === true;
     this.#serverVersion = welcome.serverVersion;
     this.#room = welcome.room;
     if (Number.isSafeInteger(welcome.maxMessageSize) && welcome.maxMessageSize > PUBLISH_OVERHEAD) {
