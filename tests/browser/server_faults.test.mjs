@@ -129,3 +129,66 @@ test('binary frames: refused without negotiated compression, when they do not in
     await page.close();
   }
 });
+
+test('sequence numbers: entries without a valid seq are skipped, and acks and welcomes with bad ones refused', async () => {
+  const [e1, e2, bad] = [makeEvent('s1'), makeEvent('s2'), makeEvent('bad')];
+
+  // `events` entries: skipped with an error, the cursor untouched.
+  {
+    const { page, relay } = await fakeRelayClient(browser, server.http, {
+      options: { since: 0 },
+      welcome: () => ({ serverVersion: 2 }),
+      onMessage: (session, message) => {
+        if (message.type !== 'hello') return;
+        session.send({ type: 'events', events: [{ seq: '1', event: bad }, { event: bad }, 7, null, { seq: 1.5, event: bad }, { seq: 0, event: bad }] });
+      },
+    });
+    await relay.waitSessions(1);
+    await waitErrors(page, 'protocol:', 6);
+    assert.equal(await page.evaluate(() => window.client.cursor), 0);
+    assert.deepEqual(await receivedOf(page), []);
+    relay.sessions[0].send({ type: 'events', events: [{ seq: 1, event: e1 }, { seq: 2, event: e2 }] });
+    await waitFor(async () => (await receivedOf(page)).length === 2, 5000, 'the valid events');
+    assert.deepEqual(await receivedOf(page), [[1, e1.id], [2, e2.id]]);
+    assert.equal(await page.evaluate(() => window.client.cursor), 2);
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  }
+
+  // `ack`: a seq past the ack's serverVersion, or none, is not believed: sent again.
+  {
+    const { page, relay } = await fakeRelayClient(browser, server.http, {
+      onMessage: (session, message) => {
+        if (message.type !== 'publish') return;
+        if (session.index === 0) session.send({ type: 'ack', ref: message.ref, serverVersion: 1, results: [{ status: 'stored', seq: 1000 }] });
+        else if (session.index === 1) session.send({ type: 'ack', ref: message.ref, serverVersion: 1, results: [{ status: 'duplicate' }] });
+        else session.send(storedAck(message));
+      },
+    });
+    await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected');
+    const event = makeEvent('acked');
+    await page.evaluate((e) => { window.sendTracked(e).catch(() => {}); }, event);
+    const acked = await waitFor(() => page.evaluate(() => window.acked[0]), 10000, 'the event acknowledged believably');
+    assert.deepEqual(acked, { id: event.id, status: 'stored', seq: 1 });
+    assert.deepEqual(relay.publishes().map((p) => p.session), [0, 1, 2]);
+    assert.equal(await page.evaluate(() => window.client.cursor), 1);
+    assert.equal((await errorsOf(page)).filter((e) => e.startsWith('protocol:') && e.includes('past its serverVersion')).length, 2);
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  }
+
+  // `welcome`: a serverVersion that is not an integer >= 0 is refused (the first rejects connect()).
+  {
+    const versions = [undefined, '12', -1, 3];
+    const { page, relay } = await fakeRelayClient(browser, server.http, {
+      welcome: (session) => ({ serverVersion: versions[Math.min(session.index, 3)] }),
+    });
+    await relay.waitSessions(4);
+    await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected to the fourth');
+    assert.equal(await page.evaluate(() => window.client.cursor), 3);
+    assert.deepEqual(await page.evaluate(() => window.connectErrors), ['protocol']);
+    assert.equal((await errorsOf(page)).filter((e) => e.startsWith("protocol: the server's welcome was refused")).length, 3);
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  }
+});

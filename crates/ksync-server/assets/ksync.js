@@ -238,6 +238,20 @@ async function inflateRaw(data, limit) {
   }
 }
 
+/** Why a `welcome` cannot be followed, or null. */
+function welcomeFault(welcome) {
+  const { serverVersion } = welcome;
+  if (!Number.isSafeInteger(serverVersion) || serverVersion < 0) {
+    return `its serverVersion ${JSON.stringify(serverVersion)} is not an integer >= 0`;
+  }
+  return null;
+}
+
+/** Whether `seq` is a sequence number (an integer >= 1). */
+function isSeq(seq) {
+  return Number.isSafeInteger(seq) && seq >= 1;
+}
+
 /**
  * The spec's WebSocketSyncClient for browsers.
  *
@@ -636,6 +650,13 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   #welcome(welcome) {
+    // A welcome this client cannot follow is refused: nothing of it is taken, and the next
+    // session (after the reconnect delay) tries again (as the Rust client).
+    const fault = welcomeFault(welcome);
+    if (fault !== null) {
+      this.#endSession(new KSyncError('protocol', `the server's welcome was refused: ${fault}`));
+      return;
+    }
     const logId = typeof welcome.logId === 'string' ? welcome.logId : null;
     if (logId !== null && this.#logId !== null && logId !== this.#logId && this.#cursor > 0) {
       // Another log than the one our cursor counts in (the room was reset, or another server
@@ -703,8 +724,19 @@ export class WebSocketSyncClient extends Emitter {
   async #events(batch) {
     // Ending a session to read the room again from 0: all of this comes again there.
     if (this.#resyncing) return;
+    if (!Array.isArray(batch)) {
+      this.#endSession(new KSyncError('protocol', 'the server sent an events message without a list of events'));
+      return;
+    }
     const events = [];
-    for (const { seq, event } of batch) {
+    for (const entry of batch) {
+      // An entry without a sequence number cannot move the cursor (an `undefined` or a
+      // string there would let later events slip past the `seq <= cursor` check).
+      if (entry === null || typeof entry !== 'object' || !isSeq(entry.seq)) {
+        this.emit('error', new KSyncError('protocol', `the server sent an event without a valid seq (${JSON.stringify(entry?.seq) ?? 'none'}): skipped`));
+        continue;
+      }
+      const { seq, event } = entry;
       // Each seq arrives once; anything at or below the cursor was already seen.
       if (this.#cursor !== null && seq <= this.#cursor) continue;
       this.#cursor = seq;
@@ -741,10 +773,21 @@ export class WebSocketSyncClient extends Emitter {
   #ack(ack) {
     const sent = this.#inFlight.get(ack.ref);
     if (!sent) return;
+    // An ack that places an event at no seq, or past the ack's own serverVersion, is not
+    // believed (the cursor would skip live events below that seq): nothing of this publish
+    // counts as acknowledged, it stays in flight and the session ends, so it goes out again
+    // (the room answers `duplicate` for what it holds). As the Rust client.
+    const placed = Array.isArray(ack.results) ? ack.results.slice(0, sent.items.length) : [];
+    const misplaced = placed.find((result) => (result?.status === 'stored' || result?.status === 'duplicate')
+      && !(isSeq(result.seq) && Number.isSafeInteger(ack.serverVersion) && result.seq <= ack.serverVersion));
+    if (misplaced !== undefined) {
+      this.#endSession(new KSyncError('protocol', `the ack for publish ${ack.ref} places an event at seq ${JSON.stringify(misplaced.seq)}, past its serverVersion ${JSON.stringify(ack.serverVersion)}: sending it again`));
+      return;
+    }
     const { items } = sent;
     this.#meter.rtt += Date.now() - sent.at;
     this.#meter.acks += 1;
-    const results = ack.results ?? [];
+    const results = Array.isArray(ack.results) ? ack.results : [];
     this.emit('ack', results);
     // The events now safely in the room: this exchange's `sync`.
     const synced = [];
