@@ -192,3 +192,24 @@ test('sequence numbers: entries without a valid seq are skipped, and acks and we
     await page.close();
   }
 });
+
+test("welcome.maxMessageSize outside 1 KiB..8 MiB is refused; a welcome without it means the default", async () => {
+  const sizes = [100, 8 * 1024 * 1024 + 1, 1024, undefined];
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    welcome: (session) => ({ maxMessageSize: sizes[Math.min(session.index, 3)] }),
+    onMessage: (session, message) => {
+      // The third (1 KiB) goes away at once; the fourth does not say its limit.
+      if (message.type === 'hello' && session.index === 2) session.close(1001, 'going away');
+      if (message.type === 'publish') session.send(storedAck(message));
+    },
+  });
+  await relay.waitSessions(4);
+  await waitFor(() => page.evaluate(() => window.connects === 2), 10000, 'connected to the third and fourth');
+  const errors = await errorsOf(page);
+  assert.equal(errors.filter((e) => e.startsWith('protocol:') && e.includes('maxMessageSize')).length, 2, errors.join('\n'));
+  // 2 KB: more than the third's limit, within the default.
+  const event = makeEvent('sized', { text: 'x'.repeat(2000) });
+  assert.deepEqual(await page.evaluate((e) => window.sendTracked(e).catch((error) => error.code), event), { status: 'stored', seq: 1 });
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});

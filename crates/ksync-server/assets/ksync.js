@@ -44,6 +44,11 @@ const MAX_BATCH = 256;
 const PUBLISH_OVERHEAD = 64;
 // What the relay takes when its `welcome` does not say (docs/PROTOCOL.md, limits).
 const DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024;
+// The range of `welcome.maxMessageSize` (a relay refuses to start with another value): a
+// `welcome` outside it would have every queued event refused as too large (or let publishes
+// grow past what the relay reads), so it is refused, as by the Rust client.
+const MIN_SERVER_MESSAGE_SIZE = 1024;
+const MAX_SERVER_MESSAGE_SIZE = 8 * 1024 * 1024;
 // The most bytes a compressed frame may inflate to (the Rust client's CLIENT_MAX_MESSAGE_SIZE:
 // twice the largest `maxMessageSize`). Past it the frame is refused (`bad_binary`).
 const MAX_INFLATED_SIZE = 16 * 1024 * 1024;
@@ -243,6 +248,11 @@ function welcomeFault(welcome) {
   const { serverVersion } = welcome;
   if (!Number.isSafeInteger(serverVersion) || serverVersion < 0) {
     return `its serverVersion ${JSON.stringify(serverVersion)} is not an integer >= 0`;
+  }
+  const { maxMessageSize } = welcome;
+  if (maxMessageSize !== undefined && (!Number.isSafeInteger(maxMessageSize)
+    || maxMessageSize < MIN_SERVER_MESSAGE_SIZE || maxMessageSize > MAX_SERVER_MESSAGE_SIZE)) {
+    return `its maxMessageSize ${JSON.stringify(maxMessageSize)} is not within ${MIN_SERVER_MESSAGE_SIZE} to ${MAX_SERVER_MESSAGE_SIZE} bytes`;
   }
   return null;
 }
@@ -673,9 +683,8 @@ export class WebSocketSyncClient extends Emitter {
     this.#compressed = this.#options.compression && welcome.compression === true;
     this.#serverVersion = welcome.serverVersion;
     this.#room = welcome.room;
-    if (Number.isSafeInteger(welcome.maxMessageSize) && welcome.maxMessageSize > PUBLISH_OVERHEAD) {
-      this.#maxMessageSize = welcome.maxMessageSize;
-    }
+    // Without it, the relay's default (not a previous server's limit).
+    this.#maxMessageSize = welcome.maxMessageSize ?? DEFAULT_MAX_MESSAGE_SIZE;
     // Without a cursor the session starts with the live stream: we hold everything up to here.
     // (A snapshot sets it at its last page: a session cut short asks for the snapshot again.)
     if (this.#cursor === null && !this.#needSnapshot) this.#cursor = welcome.serverVersion;
