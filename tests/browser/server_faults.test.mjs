@@ -213,3 +213,31 @@ test("welcome.maxMessageSize outside 1 KiB..8 MiB is refused; a welcome without 
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });
+
+test("an error naming a publish: 'storage' and unknown codes send it again, 'forbidden' rejects it", async () => {
+  const [kept, refused] = [makeEvent('kept'), makeEvent('refused')];
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    onMessage: (session, message) => {
+      if (message.type !== 'publish') return;
+      const error = (code) => session.send({ type: 'error', code, message: `${code} (scripted)`, ref: message.ref });
+      if (message.events[0].id === refused.id) error('forbidden');
+      else if (session.index === 0) error('storage');
+      else if (session.index === 1) error('mystery');
+      else session.send(storedAck(message));
+    },
+  });
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected');
+  await page.evaluate((e) => { window.sendTracked(e).catch(() => {}); }, kept);
+  const acked = await waitFor(() => page.evaluate(() => window.acked[0]), 10000, 'acknowledged on the third session');
+  assert.deepEqual(acked, { id: kept.id, status: 'stored', seq: 1 });
+  assert.deepEqual(relay.publishes().map((p) => p.session), [0, 1, 2]);
+  const errors = await errorsOf(page);
+  for (const code of ['storage', 'mystery']) assert.ok(errors.includes(`${code}: ${code} (scripted)`), errors.join('\n'));
+
+  const code = await page.evaluate((e) => window.client.send(e).then(() => 'sent', (error) => error.code), refused);
+  assert.equal(code, 'forbidden');
+  assert.equal(await page.evaluate(() => window.client.pending), 0);
+  assert.equal(relay.sessions.length, 3);
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});

@@ -859,6 +859,14 @@ export class WebSocketSyncClient extends Emitter {
       this.#socket.close(1000, 'resync from 0');
     }
     if (message.ref !== undefined && this.#inFlight.has(message.ref)) {
+      if (message.code !== 'forbidden') {
+        // Nothing of that publish was stored (`storage`: a server's storage failure, or a
+        // code this client does not know): its events stay in flight and the session ends,
+        // so they go out again after the reconnect delay (as the Rust client).
+        this.#endSession(error);
+        return;
+      }
+      // `forbidden`: these credentials may not write here; sending again would be refused.
       for (const item of this.#inFlight.get(message.ref).items) item.reject(error);
       this.#inFlight.delete(message.ref);
     }
