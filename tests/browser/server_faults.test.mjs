@@ -241,3 +241,59 @@ test("an error naming a publish: 'storage' and unknown codes send it again, 'for
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });
+
+test('received events that break the event rules are skipped with an error; the cursor moves past them', async () => {
+  const nest = (levels) => {
+    let data = 1;
+    for (let i = 0; i < levels; i += 1) data = [data];
+    return data;
+  };
+  const good = makeEvent('good');
+  const deep = { ...makeEvent('deep'), data: nest(128) };
+  const { data: _, ...noData } = makeEvent('nodata');
+  const entries = [
+    good,
+    { ...makeEvent('x'), id: '' },
+    { ...makeEvent('x'), version: 0 },
+    { ...makeEvent('x'), type: 't'.repeat(257) },
+    noData,
+    { ...makeEvent('x'), data: nest(129) },
+    deep,
+    // 86 characters, 258 bytes of UTF-8.
+    { ...makeEvent('x'), id: '€'.repeat(86) },
+    'not an event',
+  ].map((event, i) => ({ seq: i + 1, event }));
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 0 },
+    welcome: () => ({ serverVersion: entries.length }),
+    onMessage: (session, message) => {
+      if (message.type === 'hello') session.send({ type: 'events', events: entries });
+    },
+  });
+  await relay.waitSessions(1);
+  await waitFor(() => page.evaluate(() => window.client.cursor === 9), 5000, 'the cursor past the batch');
+  assert.deepEqual(await receivedOf(page), [[1, good.id], [7, deep.id]]);
+  const errors = (await errorsOf(page)).filter((e) => e.startsWith('protocol:'));
+  assert.equal(errors.length, 7, errors.join('\n'));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('cursor_ahead to since 0 is a protocol error: the next session comes after the reconnect delay', async () => {
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 5, reconnectDelay: { min: 400, max: 400 } },
+    onMessage: (session, message) => {
+      if (message.type === 'hello') session.send({ type: 'error', code: 'cursor_ahead', message: 'since is past the last seq 0' });
+    },
+  });
+  await relay.waitSessions(4);
+  assert.deepEqual(relay.sessions.slice(0, 4).map((s) => s.messages[0].since), [5, 0, 0, 0]);
+  // Backoff of 400 ms with jitter: 200 to 400 ms between the sessions from 0.
+  for (const i of [2, 3]) {
+    const gap = relay.sessions[i].at - relay.sessions[i - 1].at;
+    assert.ok(gap >= 150, `session ${i} came ${gap} ms after the one before`);
+  }
+  await waitErrors(page, 'protocol: the server answered cursor_ahead to since 0', 2);
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});

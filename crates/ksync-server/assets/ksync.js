@@ -52,6 +52,9 @@ const MAX_SERVER_MESSAGE_SIZE = 8 * 1024 * 1024;
 // The most bytes a compressed frame may inflate to (the Rust client's CLIENT_MAX_MESSAGE_SIZE:
 // twice the largest `maxMessageSize`). Past it the frame is refused (`bad_binary`).
 const MAX_INFLATED_SIZE = 16 * 1024 * 1024;
+// The event rules (those `publish` enforces, docs/PROTOCOL.md), checked on received events.
+const MAX_NAME_BYTES = 256;
+const MAX_DATA_DEPTH = 128;
 const STRATEGIES = new Set(['event-level', 'batch', 'state-based']);
 
 const UTF8 = new TextEncoder();
@@ -206,6 +209,36 @@ function wireForm(event) {
   return wire;
 }
 
+/** Whether `value` nests arrays and objects more than `max` levels deep (`[[1]]` is two). */
+function depthExceeds(value, max) {
+  if (value === null || typeof value !== 'object') return false;
+  if (max === 0) return true;
+  for (const item of Array.isArray(value) ? value : Object.values(value)) {
+    if (depthExceeds(item, max - 1)) return true;
+  }
+  return false;
+}
+
+/** Why a received `event` breaks the event rules, or null when it keeps them. */
+function eventFault(event) {
+  if (event === null || typeof event !== 'object' || Array.isArray(event)) return 'not an object';
+  for (const field of ['id', 'type']) {
+    const value = event[field];
+    if (typeof value !== 'string' || value === '') return `its ${field} is not a non-empty string`;
+    if (utf8Length(value) > MAX_NAME_BYTES) return `its ${field} is longer than ${MAX_NAME_BYTES} bytes`;
+  }
+  if (!Number.isSafeInteger(event.version) || event.version < 1) return 'its version is not an integer >= 1';
+  if (event.data === undefined) return 'it has no data';
+  if (depthExceeds(event.data, MAX_DATA_DEPTH)) return `its data nests more than ${MAX_DATA_DEPTH} levels`;
+  return null;
+}
+
+/** A received event, named in an error (an over-long id is cut). */
+function describe(event) {
+  const id = typeof event?.id === 'string' ? JSON.stringify(event.id.slice(0, 64)) : String(event?.id);
+  return `event ${id} version ${JSON.stringify(event?.version) ?? 'none'}`;
+}
+
 /**
  * Inflates a raw DEFLATE frame into its UTF-8 text. Refuses (`bad_binary`) one that does not
  * inflate, is not UTF-8 or inflates past `limit` bytes: read in chunks, since a small frame
@@ -301,6 +334,8 @@ export class WebSocketSyncClient extends Emitter {
   #serverVersion = 0;
   // Set on `cursor_ahead`: this session ends and the next one reads the room from 0.
   #resyncing = false;
+  // The `since` of this session's `hello` (null: none).
+  #sinceSent = null;
   // The `error` of an in-band refusal, until its close arrives.
   #refusal = null;
   // Set when this client ends the session itself (`#endSession`): nothing more of that socket
@@ -595,6 +630,7 @@ export class WebSocketSyncClient extends Emitter {
       // `state-based` starts from the room's snapshot; a client that holds a cursor resumes.
       if (this.#needSnapshot) hello.state = true;
       else if (this.#cursor !== null) hello.since = this.#cursor;
+      this.#sinceSent = hello.since ?? null;
       if (this.#options.compression) hello.compression = true;
       this.#debug('hello', hello);
       socket.send(JSON.stringify(hello));
@@ -705,6 +741,10 @@ export class WebSocketSyncClient extends Emitter {
 
   /** A received event after the incoming chain and the filter; null when dropped. */
   async #incoming(event) {
+    if (event === null || typeof event !== 'object' || Array.isArray(event)) {
+      this.emit('error', new KSyncError('protocol', `the server sent ${JSON.stringify(event) ?? 'nothing'} as an event: skipped`));
+      return null;
+    }
     let current = event;
     for (const middleware of this.#middleware.incoming) {
       try {
@@ -726,6 +766,13 @@ export class WebSocketSyncClient extends Emitter {
         return null;
       }
       if (!keep) return null;
+    }
+    // The event rules, after the incoming middleware (which may decrypt): an event that breaks
+    // them is not taken in (the cursor moves past it), as in the Rust client.
+    const fault = eventFault(current);
+    if (fault !== null) {
+      this.emit('error', new KSyncError('protocol', `received ${describe(current)} is not a valid event (${fault}): skipped`, { event }));
+      return null;
     }
     return current;
   }
@@ -848,6 +895,12 @@ export class WebSocketSyncClient extends Emitter {
     if (REFUSAL_CODES.has(message.code) && !this.#connected) {
       // Told once, when the close that follows it arrives (see `#closed`).
       this.#refusal = error;
+      return;
+    }
+    if (message.code === 'cursor_ahead' && this.#socket && !(this.#sinceSent > 0)) {
+      // Reading from 0 again cannot help (nothing is ahead of 0): a server that says so is
+      // not followed; the next session comes after the reconnect delay, not at once.
+      this.#endSession(new KSyncError('protocol', `the server answered cursor_ahead to since ${this.#sinceSent ?? '(none)'}`));
       return;
     }
     if (message.code === 'cursor_ahead' && this.#socket) {
