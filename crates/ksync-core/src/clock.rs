@@ -48,3 +48,20 @@ impl Clock for ManualClock {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// Longest interval or timeout a transport's configuration takes (a day): past it a timer is
+/// a misconfiguration, and far past it `Instant + value` overflows and panics the task that
+/// arms it. See [`check_config_duration`].
+pub const MAX_CONFIG_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
+/// Refuses a configured interval or timeout `value` named `field` unless it is positive and at
+/// most [`MAX_CONFIG_DURATION`]; the message names both, for the transport's config error.
+pub fn check_config_duration(field: &str, value: std::time::Duration) -> Result<(), String> {
+    if value.is_zero() || value > MAX_CONFIG_DURATION {
+        return Err(format!(
+            "{field} must be positive and at most {} s",
+            MAX_CONFIG_DURATION.as_secs()
+        ));
+    }
+    Ok(())
+}

@@ -147,6 +147,20 @@ impl Event {
         total
     }
 
+    /// [`validate`](Self::validate) with the default limits, for an event received from a
+    /// remote: `Err` says which event broke which rule, for a transport's protocol error (the
+    /// id cut to 64 characters: an over-long id is part of the fault). No storage may hold
+    /// such an event, so a client skips it and reports this.
+    pub fn check_received(&self) -> Result<(), String> {
+        self.validate(&EventLimits::default()).map_err(|why| {
+            format!(
+                "received event {:?} version {} is not a valid event ({why}): skipped",
+                self.id.chars().take(64).collect::<String>(),
+                self.version
+            )
+        })
+    }
+
     /// Checks the invariants that every stored event must satisfy.
     pub fn validate(&self, limits: &EventLimits) -> Result<(), InvalidEvent> {
         if self.id.is_empty() {
@@ -182,8 +196,8 @@ impl Event {
 /// Most levels of arrays and objects nested in an event's `data` that [`Event::validate`]
 /// accepts (`[[1]]` is two). serde_json refuses deeper JSON text anyway, so this only ever
 /// refuses events decoded from other formats (CBOR between peers) or built in code; storages
-/// rely on it (the file storage's encoding has the same limit), so that a valid event received
-/// from anywhere can always be stored.
+/// rely on it (the file storage's encoding has the same limit), so that no valid event is
+/// refused by a storage for its nesting.
 pub const MAX_DATA_DEPTH: usize = 128;
 
 /// Whether `data` nests arrays and objects more than `max` levels deep.

@@ -27,7 +27,7 @@ pub use access::{
 };
 pub use auth::Auth;
 pub use client::{PullPushClient, PullResult, PushResult, SyncClient, SyncResult};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, MAX_CONFIG_DURATION, ManualClock, SystemClock, check_config_duration};
 pub use conflict::{Conflict, ConflictKind, ConflictResolver, Resolution, lww_cmp, resolve};
 pub use error::SyncError;
 pub use event::{Event, EventLimits, InvalidEvent, MAX_DATA_DEPTH, RevisionKey};

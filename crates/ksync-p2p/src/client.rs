@@ -29,7 +29,7 @@ use crate::wire::RESPONSE_BUDGET;
 
 /// Longest interval or timeout a P2P client takes (a day): see
 /// [`P2PSyncClientBuilder::anti_entropy_interval`].
-pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+pub use ksync_core::MAX_CONFIG_DURATION;
 /// Counters of one client since it was built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -229,14 +229,7 @@ impl P2PSyncClientBuilder {
             ("request_timeout", opts.request_timeout),
             ("connect_timeout", opts.connect_timeout),
         ] {
-            // Past a day a timer is a misconfiguration; far past it, the node's first tick
-            // (`Instant + value`) overflows and its task panics.
-            if value.is_zero() || value > MAX_CONFIG_DURATION {
-                return Err(P2PError::Config(format!(
-                    "{field} must be positive and at most {} s",
-                    MAX_CONFIG_DURATION.as_secs()
-                )));
-            }
+            ksync_core::check_config_duration(field, value).map_err(P2PError::Config)?;
         }
         let key_path = identity::key_path(&opts.key_dir, &opts.peer_id);
         let keypair = identity::load_or_create(&key_path)?;

@@ -1408,16 +1408,8 @@ impl Session {
             .inner
             .pipeline
             .run_filtered(Direction::Incoming, filter, event)?;
-        if let Some(event) = &shaped
-            && let Err(why) = event.validate(&EventLimits::default())
-        {
-            return Err(WsError::Protocol(format!(
-                "received event {:?} version {} is not a valid event ({why}): skipped",
-                // (An over-long id is part of the fault: not repeated whole.)
-                event.id.chars().take(64).collect::<String>(),
-                event.version
-            ))
-            .into());
+        if let Some(event) = &shaped {
+            event.check_received().map_err(WsError::Protocol)?;
         }
         Ok(shaped)
     }

@@ -145,7 +145,7 @@ pub enum RelayError {
 }
 
 /// Longest `handshake_timeout`, `heartbeat` and `write_timeout` a relay takes (a day).
-pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+pub use ksync_core::MAX_CONFIG_DURATION;
 
 /// Activity items buffered for [`Relay::activity`] observers. Overflow policy: a receiver
 /// that falls this far behind loses the oldest items and is told how many
@@ -314,14 +314,7 @@ impl Relay {
             ("handshake_timeout", config.handshake_timeout),
             ("write_timeout", config.write_timeout),
         ] {
-            // Past a day a timer is a misconfiguration; far past it, `Instant + value`
-            // overflows and panics every connection's task.
-            if value.is_zero() || value > MAX_CONFIG_DURATION {
-                return Err(RelayError::Config(format!(
-                    "{field} must be positive and at most {} s",
-                    MAX_CONFIG_DURATION.as_secs()
-                )));
-            }
+            ksync_core::check_config_duration(field, value).map_err(RelayError::Config)?;
         }
         let (shutdown, _) = watch::channel(false);
         let (activity, _) = broadcast::channel(ACTIVITY_CAPACITY);
