@@ -936,6 +936,23 @@ impl GitSyncClient {
                 conflict.ours = ours;
                 conflict.theirs = theirs;
             }
+            // A side that breaks the event rules (a lying service) is not one to resolve
+            // from: its resolution would be refused by the storage, or by the service at every
+            // push. Reported and left unsettled, as pulled events are skipped.
+            let conflict = &found.conflict;
+            if let Err(reason) = conflict
+                .ours
+                .check_received()
+                .and_then(|()| conflict.theirs.check_received())
+            {
+                let url = format!("{}/merge", self.url());
+                let error = GitError::Protocol { url, reason };
+                self.inner
+                    .notifier
+                    .emit(Notification::Error(Arc::new(error.into_sync())));
+                result.conflicts.push(found.conflict);
+                continue;
+            }
             self.inner
                 .notifier
                 .emit(Notification::Conflict(found.conflict.clone()));
@@ -1288,17 +1305,12 @@ impl GitSyncClient {
             // No storage may hold an event that breaks the event rules: taken in, it would be
             // stored as it is, or refused by the storage at every pull of this page. Skipped
             // (the cursor passes it) and reported.
-            events.retain(|event| match event.validate(&EventLimits::default()) {
+            events.retain(|event| match event.check_received() {
                 Ok(()) => true,
-                Err(why) => {
+                Err(reason) => {
                     let error = GitError::Protocol {
                         url: self.pull_url(branch, since, known.as_deref()),
-                        reason: format!(
-                            "received event {:?} version {} is not a valid event ({why}): skipped",
-                            // (An over-long id is part of the fault: not repeated whole.)
-                            event.id.chars().take(64).collect::<String>(),
-                            event.version
-                        ),
+                        reason,
                     };
                     self.inner
                         .notifier
@@ -1630,9 +1642,7 @@ async fn settle(
     // A fast-forward is to exactly what the client had plus this batch (see PROTOCOL.md):
     // any other version is not one, and trusting it would move the pull cursor past events
     // never pulled (or to u64::MAX, overflowing the next pull's arithmetic).
-    let fast_forward_end = u64::try_from(batch.events.len())
-        .ok()
-        .and_then(|len| batch.base_version.checked_add(len));
+    let fast_forward_end = batch.base_version.checked_add(batch.events.len() as u64);
     let mut rejected = vec![false; batch.events.len()];
     for r in &answer.rejected {
         if let Some(slot) = rejected.get_mut(r.index) {
@@ -1650,6 +1660,7 @@ async fn settle(
     let fast_forward_to = answer.fast_forward_to.filter(|&version| {
         version > batch.base_version
             && Some(version) == fast_forward_end
+            && answer.rejected.is_empty()
             && *pulled == batch.base_version
     });
     if let Some(version) = fast_forward_to {

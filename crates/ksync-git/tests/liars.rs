@@ -231,3 +231,40 @@ async fn a_push_answer_fast_forwarding_past_the_batch_is_not_trusted() {
     );
     task.abort();
 }
+
+#[tokio::test]
+async fn a_merge_collision_whose_side_breaks_the_event_rules_is_reported_not_resolved() {
+    // A resolution made from an invalid side would be refused by the storage (or by the
+    // service at every push). The collision is reported, with an error, and left unsettled.
+    let (url, _merges, task) = merge_liar(1, |_| {
+        let side = |kind: &str| {
+            json!({"id": "doc", "type": kind, "data": 1, "timestamp": 1, "version": 1})
+        };
+        let bad = json!({"conflict": {"type": "concurrent-edit", "ours": side("t"),
+            "theirs": side("")}, "latestVersion": 1});
+        json!({"appended": 0, "duplicates": 0, "conflicts": [bad], "serverVersion": 1,
+            "fromVersion": 1, "next": null})
+    })
+    .await;
+    let c = client(&url);
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&errors);
+    let _sub = c
+        .notifier()
+        .on("error", move |n| {
+            if let Notification::Error(e) = n {
+                sink.lock().expect("lock").push(e.to_string());
+            }
+        })
+        .expect("error notifications");
+    let merged = c.merge("other", "feature").await.expect("merge");
+    assert_eq!(merged.conflicts.len(), 1);
+    assert!(merged.resolutions.is_empty(), "{:?}", merged.resolutions);
+    assert_eq!(c.replica().storage().len(), 0, "nothing recorded");
+    let errors = errors.lock().expect("lock").clone();
+    assert!(
+        errors.iter().any(|e| e.contains("not a valid event")),
+        "{errors:?}"
+    );
+    task.abort();
+}
