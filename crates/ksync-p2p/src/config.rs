@@ -77,21 +77,30 @@ impl NetworkKey {
     /// (`/key/swarm/psk/1.0.0/`, `/base16/`, hex).
     pub fn parse(text: &str) -> Result<Self, P2PError> {
         let text = text.trim();
-        if text.starts_with("/key/") {
-            return PreSharedKey::from_str(text)
-                .map(Self)
-                .map_err(|e| P2PError::NetworkKey(e.to_string()));
-        }
-        if text.len() != 64 {
+        let hex = match text.strip_prefix("/key/") {
+            // Read here rather than by libp2p-pnet's parser, which slices the hex line by
+            // bytes (a multi-byte character there panicked) and takes signs as digits.
+            Some(_) => match text.lines().map(str::trim).collect::<Vec<_>>()[..] {
+                ["/key/swarm/psk/1.0.0/", "/base16/", hex] => hex,
+                _ => {
+                    return Err(P2PError::NetworkKey(
+                        "not a swarm.key file (/key/swarm/psk/1.0.0/, /base16/, 64 hex digits)"
+                            .into(),
+                    ));
+                }
+            },
+            None => text,
+        };
+        if hex.len() != 64 {
             return Err(P2PError::NetworkKey(format!(
                 "expected 64 hex digits, got {} characters",
-                text.len()
+                hex.len()
             )));
         }
         let mut bytes = [0u8; 32];
         // By bytes: a 64-byte text may hold multi-byte characters (slicing it could cut one),
         // and `from_str_radix` alone would take a sign ("+1").
-        for (byte, pair) in bytes.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+        for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
             *byte = std::str::from_utf8(pair)
                 .ok()
                 .filter(|pair| pair.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -198,6 +207,19 @@ mod tests {
         // 64 bytes, but '€' is three of them: slicing the text by bytes cut inside it.
         let multibyte = format!("0€{}", "a".repeat(60));
         assert_eq!(multibyte.len(), 64);
+        let file = |hex: &str| format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n");
+        assert!(matches!(
+            NetworkKey::parse(&file(&multibyte)),
+            Err(P2PError::NetworkKey(_))
+        ));
+        assert!(matches!(
+            NetworkKey::parse(&file(&"+1".repeat(32))),
+            Err(P2PError::NetworkKey(_))
+        ));
+        assert!(matches!(
+            NetworkKey::parse(&format!("/key/swarm/psk/1.0.0/\n/base64/\n{hex}")),
+            Err(P2PError::NetworkKey(_))
+        ));
         for bad in [
             multibyte.as_str(),
             &"g".repeat(64),

@@ -431,7 +431,6 @@ pub(crate) struct Node {
     /// Payloads (with their event counts) published while no peer was subscribed to the
     /// topic, oldest first, published again when one subscribes (see `keep_unsent`).
     unsent: VecDeque<(Vec<u8>, u64)>,
-    unsent_bytes: usize,
     /// Digests of our own log for catch-up, extended from storage when catch-up needs them
     /// (not on the delivery path).
     digests: Digests,
@@ -569,7 +568,6 @@ impl Node {
             batch_deadline: None,
             last_publish: tokio::time::Instant::now(),
             unsent: VecDeque::new(),
-            unsent_bytes: 0,
             held: VecDeque::new(),
             digests,
             cursors,
@@ -832,13 +830,13 @@ impl Node {
     /// the oldest dropped first: the events are stored, and catch-up still carries dropped
     /// ones.
     fn keep_unsent(&mut self, data: Vec<u8>, count: u64) {
-        self.unsent_bytes += data.len();
         self.unsent.push_back((data, count));
-        while self.unsent.len() > MAX_UNSENT_PAYLOADS || self.unsent_bytes > MAX_UNSENT_BYTES {
-            match self.unsent.pop_front() {
-                Some((dropped, _)) => self.unsent_bytes -= dropped.len(),
-                None => break,
-            }
+        // At most 65 entries: summed, not counted alongside.
+        let bytes = |unsent: &VecDeque<(Vec<u8>, u64)>| -> usize {
+            unsent.iter().map(|(data, _)| data.len()).sum()
+        };
+        while self.unsent.len() > MAX_UNSENT_PAYLOADS || bytes(&self.unsent) > MAX_UNSENT_BYTES {
+            self.unsent.pop_front();
         }
     }
 
@@ -847,7 +845,6 @@ impl Node {
     /// so none comes back `Duplicate`.
     fn publish_unsent(&mut self) {
         let unsent = std::mem::take(&mut self.unsent);
-        self.unsent_bytes = 0;
         for (data, count) in unsent {
             self.publish_payload(data, count);
         }
@@ -1869,10 +1866,8 @@ impl Node {
         // page (up to a 16 MiB answer of them) and make an empty answer look like progress, so
         // the same `Fetch` would be sent forever.
         let answered = too_large.len();
-        let too_large: Vec<RevisionKey> = too_large
-            .into_iter()
-            .filter(|key| requested.contains(key))
-            .collect();
+        let mut too_large = too_large;
+        too_large.retain(|key| requested.contains(key));
         let unrequested_large = answered - too_large.len();
         if unrequested + repeated + invalid + unrequested_large > 0 {
             self.misbehaved(
