@@ -667,7 +667,8 @@ export class WebSocketSyncClient extends Emitter {
       try {
         text = await inflateRaw(data, MAX_INFLATED_SIZE);
       } catch (error) {
-        this.#endSession(error instanceof KSyncError ? error : new KSyncError('bad_binary', String(error?.message ?? error)));
+        // `inflateRaw` throws only `bad_binary` errors.
+        this.#endSession(error);
         return;
       }
       if (socket !== this.#socket || this.#ending) return;
@@ -883,10 +884,11 @@ export class WebSocketSyncClient extends Emitter {
       // session ends: the next one (after the reconnect delay) sends them first, as the Rust
       // client does.
       sent.items = failed;
+      // (No status update after it: the session is over, its status says `error`.)
       this.#endSession(new KSyncError('failed', `the server could not store ${failed.length} event(s): ${failure}`));
-    } else {
-      this.#inFlight.delete(ack.ref);
+      return;
     }
+    this.#inFlight.delete(ack.ref);
     this.#updateStatus();
   }
 
@@ -915,7 +917,8 @@ export class WebSocketSyncClient extends Emitter {
       if (message.code !== 'forbidden') {
         // Nothing of that publish was stored (`storage`: a server's storage failure, or a
         // code this client does not know): its events stay in flight and the session ends,
-        // so they go out again after the reconnect delay (as the Rust client).
+        // so they go out again after the reconnect delay (the Rust client ends the session
+        // for `storage` too; for an unknown code it stops publishing on that connection).
         this.#endSession(error);
         return;
       }
