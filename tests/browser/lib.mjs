@@ -275,7 +275,11 @@ export const FAKE_WELCOME = {
 export async function fakeRelayClient(browser, http, { room = 'fake', options = {}, setup = '() => {}', welcome = () => ({}), onMessage = () => {} } = {}) {
   const page = await browser.newPage();
   const relay = { sessions: [] };
-  relay.waitSessions = (n, ms = 10000) => waitFor(() => relay.sessions.length >= n, ms, `${n} session(s) with the scripted relay`)
+  // A session counts once its first message (the client's `hello`) has arrived: the socket
+  // opens before it, and a test reading `messages[0]` right after would race it.
+  relay.waitSessions = (n, ms = 10000) => waitFor(
+    () => relay.sessions.length >= n && relay.sessions.slice(0, n).every((s) => s.messages.length > 0),
+    ms, `${n} session(s) with the scripted relay`)
     .catch((error) => {
       const seen = relay.sessions.map((s) => [s.messages.map((m) => m.type), s.closed]);
       throw new Error(`${error.message} (${relay.sessions.length}: ${JSON.stringify(seen)})`);

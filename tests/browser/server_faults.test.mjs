@@ -118,7 +118,7 @@ test('binary frames: refused without negotiated compression, when they do not in
     await relay.waitSessions(3);
     await waitFor(async () => (await receivedOf(page)).length >= 2, 10000, 'both events');
     assert.deepEqual(await receivedOf(page), [[1, e1.id], [2, e2.id]], `compression ${compression}`);
-    assert.deepEqual(relay.sessions.map((s) => s.messages[0].since), [0, 0, 0]);
+    assert.deepEqual(relay.sessions.slice(0, 3).map((s) => s.messages[0].since), [0, 0, 0]);
     assert.deepEqual(relay.sessions.slice(0, 2).map((s) => s.closed?.code), [1000, 1000]);
     const errors = await errorsOf(page);
     const expected = compression
