@@ -278,7 +278,8 @@ fn read_chunks(
     let mut base = start;
     let mut read_offset = start;
     let mut need = RECORD_HEADER_LEN;
-    for turn in 0usize.. {
+    let mut sent = 0usize;
+    loop {
         let mut bytes = Vec::with_capacity(CHUNK.max(need) + RECORD_HEADER_LEN);
         bytes.append(&mut carry);
         // Fill to at least one chunk, or to the end of the file.
@@ -328,16 +329,19 @@ fn read_chunks(
         carry = bytes.split_off(pos);
         if !bytes.is_empty() {
             let chunk = Chunk { bytes, base };
-            if decoders[turn % decoders.len()].send(chunk).is_err() {
+            // Numbered by chunks sent, not by turns: a turn that only gathers part of a record
+            // longer than a chunk sends nothing, and the index side takes chunk i from decoder
+            // i % decoders (counting turns, everything after such a record went unread).
+            if decoders[sent % decoders.len()].send(chunk).is_err() {
                 return Ok(None); // the index side stopped first and has its reason
             }
+            sent += 1;
         }
         base += pos as u64;
         if stop.is_some() || at_end {
             return Ok(stop);
         }
     }
-    Ok(None)
 }
 
 /// A decoder stage: checks and decodes the chunks it is given, in order.
