@@ -332,15 +332,10 @@ export class WebSocketSyncClient extends Emitter {
   // The room log `#cursor` belongs to (`welcome.logId`).
   #logId = null;
   #serverVersion = 0;
-  // Set on `cursor_ahead`: this session ends and the next one reads the room from 0.
-  #resyncing = false;
   // The `since` of this session's `hello` (null: none).
   #sinceSent = null;
   // The `error` of an in-band refusal, until its close arrives.
   #refusal = null;
-  // Set when this client ends the session itself (`#endSession`): nothing more of that socket
-  // is read, until its close reconnects.
-  #ending = false;
   // Whether this session's `welcome` agreed to compression (binary frames are refused else).
   #compressed = false;
   // Errors already notified (by `#endSession`), not notified again when the session ends.
@@ -572,12 +567,7 @@ export class WebSocketSyncClient extends Emitter {
     this.#pongTimer = null;
     if (socket !== this.#socket) return;
     this.#debug('heartbeat', `nothing from the server within ${this.#options.heartbeatTimeout} ms`);
-    // Give up on this socket now; its own close event, whenever it comes, is not waited for.
-    socket.onmessage = null;
-    socket.onclose = null;
-    socket.close(4009, 'heartbeat timeout');
-    const close = { code: 4009, reason: 'heartbeat timeout: the server did not answer a ping' };
-    this.#chain = this.#chain.then(() => this.#closed(socket, close, true));
+    this.#dropSocket(4009, 'heartbeat timeout', { told: 'heartbeat timeout: the server did not answer a ping' });
   }
 
   #reportMetrics() {
@@ -621,7 +611,6 @@ export class WebSocketSyncClient extends Emitter {
     }
     socket.binaryType = 'arraybuffer';
     this.#socket = socket;
-    this.#ending = false;
     this.#compressed = false;
     let opened = false;
     socket.onopen = () => {
@@ -647,12 +636,14 @@ export class WebSocketSyncClient extends Emitter {
       });
     };
     socket.onclose = (close) => {
-      this.#chain = this.#chain.then(() => this.#closed(socket, close, opened));
+      this.#chain = this.#chain.then(() => this.#socketClosed(socket, close, opened));
     };
   }
 
   async #receive(socket, data) {
-    if (socket !== this.#socket || this.#ending) return;
+    // Only the session's socket is read: one given up (`#dropSocket`) is no longer `#socket`,
+    // and what it sent before that is still queued on `#chain` is skipped here.
+    if (socket !== this.#socket) return;
     const binary = typeof data !== 'string';
     this.#meter.bytes += binary ? data.byteLength : utf8Length(data);
     let text = data;
@@ -671,7 +662,7 @@ export class WebSocketSyncClient extends Emitter {
         this.#endSession(error);
         return;
       }
-      if (socket !== this.#socket || this.#ending) return;
+      if (socket !== this.#socket) return;
     }
     let message;
     try {
@@ -687,8 +678,8 @@ export class WebSocketSyncClient extends Emitter {
     this.#debug('received', message.type, text.length, 'bytes');
     switch (message.type) {
       case 'welcome': return this.#welcome(message);
-      case 'events': return this.#events(message.events ?? []);
-      case 'snapshot': return this.#snapshot(message);
+      case 'events': return this.#events(socket, message.events ?? []);
+      case 'snapshot': return this.#snapshot(socket, message);
       case 'ack': return this.#ack(message);
       case 'error': return this.#serverError(message);
       case 'pong': return undefined; // Seen in `onmessage`: the heartbeat.
@@ -711,9 +702,8 @@ export class WebSocketSyncClient extends Emitter {
       this.#logId = logId;
       this.#cursor = 0;
       this.#needSnapshot = this.#options.strategy === 'state-based';
-      this.#resyncing = true;
       this.emit('error', new KSyncError('room_reset', `the room's log changed (${logId}): syncing again from the start`));
-      this.#socket?.close(1000, 'resync from 0');
+      this.#dropSocket(1000, 'resync from 0', { resync: true });
       return;
     }
     if (logId !== null) this.#logId = logId;
@@ -778,9 +768,7 @@ export class WebSocketSyncClient extends Emitter {
     return current;
   }
 
-  async #events(batch) {
-    // Ending a session to read the room again from 0: all of this comes again there.
-    if (this.#resyncing) return;
+  async #events(socket, batch) {
     if (!Array.isArray(batch)) {
       this.#endSession(new KSyncError('protocol', 'the server sent an events message without a list of events'));
       return;
@@ -796,9 +784,11 @@ export class WebSocketSyncClient extends Emitter {
       const { seq, event } = entry;
       // Each seq arrives once; anything at or below the cursor was already seen.
       if (this.#cursor !== null && seq <= this.#cursor) continue;
-      this.#cursor = seq;
       this.#meter.events += 1;
       const taken = await this.#incoming(event);
+      // Given up while the middleware ran (the heartbeat): the rest comes again, from the cursor.
+      if (socket !== this.#socket) return;
+      this.#cursor = seq;
       if (taken === null) continue;
       events.push(taken);
       this.emit('event', taken, { seq, room: this.#room });
@@ -809,12 +799,13 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   /** A page of the room's snapshot (`state-based`): the latest version of each id, no seq. */
-  async #snapshot(page) {
-    if (this.#resyncing) return;
+  async #snapshot(socket, page) {
     const events = [];
     for (const event of page.events ?? []) {
       this.#meter.events += 1;
       const taken = await this.#incoming(event);
+      // Given up while the middleware ran: the next session asks for the snapshot again.
+      if (socket !== this.#socket) return;
       if (taken === null) continue;
       events.push(taken);
       this.emit('event', taken, { seq: null, room: this.#room });
@@ -895,23 +886,27 @@ export class WebSocketSyncClient extends Emitter {
   #serverError(message) {
     const error = new KSyncError(message.code, message.message, { ref: message.ref });
     if (REFUSAL_CODES.has(message.code) && !this.#connected) {
-      // Told once, when the close that follows it arrives (see `#closed`).
+      // Told once, when the close that follows it arrives (see `#sessionEnded`).
       this.#refusal = error;
       return;
     }
-    if (message.code === 'cursor_ahead' && this.#socket && !(this.#sinceSent > 0)) {
+    if (message.code === 'cursor_ahead' && !(this.#sinceSent > 0)) {
       // Reading from 0 again cannot help (nothing is ahead of 0): a server that says so is
       // not followed; the next session comes after the reconnect delay, not at once.
       this.#endSession(new KSyncError('protocol', `the server answered cursor_ahead to since ${this.#sinceSent ?? '(none)'}`));
       return;
     }
-    if (message.code === 'cursor_ahead' && this.#socket) {
+    if (message.code === 'cursor_ahead') {
       // The room is behind our cursor (reset, or another log at this address): what it holds
-      // now is not what we saw. Read it again from 0, at once, on a new session.
+      // now is not what we saw. Read it again from 0, at once, on a new session; nothing more
+      // of this one is read (an `ack` behind this error would move the cursor again). A publish
+      // this error names stays in flight and goes out again there.
       this.#cursor = 0;
       this.#needSnapshot = this.#options.strategy === 'state-based';
-      this.#resyncing = true;
-      this.#socket.close(1000, 'resync from 0');
+      this.#dropSocket(1000, 'resync from 0', { resync: true });
+      this.emit('error', error);
+      this.#setStatus('error');
+      return;
     }
     if (message.ref !== undefined && this.#inFlight.has(message.ref)) {
       if (message.code !== 'forbidden') {
@@ -982,38 +977,58 @@ export class WebSocketSyncClient extends Emitter {
 
   /**
    * Ends the session over `error` (something this client cannot follow or must retry): the
-   * error is notified now, nothing more of this socket is read, and it closes with 1000;
-   * `#closed` reconnects after the reconnect delay (`error` rejects a waiting `connect()`)
-   * without waiting for the server's side of the close. What is in flight stays there and
-   * goes out again at the next `welcome`.
+   * error is notified now and the socket is given up (`#dropSocket`); the next session comes
+   * after the reconnect delay (`error` rejects a waiting `connect()`). What is in flight stays
+   * there and goes out again at the next `welcome`.
    */
   #endSession(error) {
-    const socket = this.#socket;
-    if (!socket || this.#ending) return;
-    this.#ending = true;
+    if (this.#socket === null) return;
     this.#refusal = error;
     this.#notified.add(error);
     this.#debug('ending the session:', error.code, error.message);
     this.emit('error', error);
     this.#setStatus('error');
-    socket.onmessage = null;
-    socket.onclose = null;
-    socket.close(1000, 'ending the session');
-    const close = { code: 1000, reason: `ending the session: ${error.code}` };
-    this.#chain = this.#chain.then(() => this.#closed(socket, close, true));
+    this.#dropSocket(1000, 'ending the session', { told: `ending the session: ${error.code}` });
   }
 
-  #closed(socket, close, opened) {
+  /**
+   * Gives up the session's socket: the one way this client drops a connection (`#endSession`,
+   * the heartbeat, the resyncs). It stops being `#socket` at once, so nothing more of it is
+   * read (its handlers are detached, and `#receive` skips what it sent that is still queued);
+   * it closes with `code` and `reason`, and `#sessionEnded` follows on `#chain` without
+   * waiting for the server's side of the close (`told`: the reason in `disconnected`).
+   * `resync`: the next session opens at once, to read the room again from 0.
+   */
+  #dropSocket(code, reason, { told = reason, resync = false } = {}) {
+    const socket = this.#socket;
+    if (socket === null) return;
+    this.#socket = null;
+    socket.onmessage = null;
+    socket.onclose = null;
+    socket.close(code, reason);
+    const close = { code, reason: told };
+    this.#chain = this.#chain.then(() => this.#sessionEnded(close, { opened: true, resync }));
+  }
+
+  /** The socket's own close event (the server's close, or the answer to `disconnect()`). */
+  #socketClosed(socket, close, opened) {
     // `disconnect()` waits for the socket it closed, even if `connect()` opened another since.
     for (const resolve of this.#closeWaiters.splice(0)) resolve();
+    // A socket given up already (`#dropSocket`) has had its session end.
     if (socket !== this.#socket) return;
     this.#socket = null;
+    this.#sessionEnded(close, { opened, resync: false });
+  }
+
+  /** After the session's socket is gone: notifies, then reconnects (at once for a resync,
+   * else after the reconnect delay) or stops. */
+  #sessionEnded(close, { opened, resync }) {
+    // A `disconnect()` that closed a socket given up since waits for no close event.
+    for (const resolve of this.#closeWaiters.splice(0)) resolve();
     const wasConnected = this.#connected;
     this.#connected = false;
     this.#stopTimers();
     if (wasConnected) this.emit('disconnected', { code: close.code, reason: close.reason });
-    const resync = this.#resyncing;
-    this.#resyncing = false;
     const refusal = this.#refusal;
     this.#refusal = null;
     if (this.#stopped) return;

@@ -1,0 +1,117 @@
+// The browser client (`/ksync.js`) against a relay scripted inside the browser
+// (`fakeRelayClient`): what it does when it gives up a socket, when the relay breaks the
+// protocol, and with events that break the event rules (refused before they leave, skipped when
+// they arrive), and how its reconnects are paced.
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+
+import { fakeRelayClient, launchBrowser, makeEvent, sharedServer, waitFor } from './lib.mjs';
+
+let browser;
+let server;
+
+before(async () => {
+  browser = await launchBrowser();
+  server = await sharedServer();
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+});
+
+const errorsOf = (page) => page.evaluate(() => window.errors);
+/** An ack storing every event of `publish` at 1, 2, ... */
+const storedAck = (publish) => ({
+  type: 'ack', ref: publish.ref, serverVersion: publish.events.length,
+  results: publish.events.map((_, i) => ({ status: 'stored', seq: i + 1 })),
+});
+
+// Page setup (the source of a function of the client): while `window.holdFrames` is N > 0, the
+// next N frames the relay sends are held back, then handed to the page together, in one task,
+// as frames read from the network in one go are. So the client has them all before it acts on
+// the first (the scripted relay cannot reach a socket the page has begun to close).
+const HOLD_FRAMES = `() => {
+  window.holdFrames = 0;
+  const Base = window.WebSocket;
+  window.WebSocket = class extends Base {
+    #held = [];
+    dispatchEvent(event) {
+      if (event.type !== 'message' || window.holdFrames === 0) return super.dispatchEvent(event);
+      this.#held.push(event);
+      if (this.#held.length < window.holdFrames) return true;
+      window.holdFrames = 0;
+      for (const held of this.#held.splice(0)) super.dispatchEvent(held);
+      return true;
+    }
+  };
+}`;
+
+test('cursor_ahead: an ack right behind it does not move the cursor; the resync asks from 0', async () => {
+  const event = makeEvent('behind');
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 5 },
+    setup: HOLD_FRAMES,
+    welcome: (session) => ({ serverVersion: session.index === 0 ? 10 : 0 }),
+    onMessage: (session, message) => {
+      if (message.type !== 'publish') return;
+      if (session.index === 0) {
+        // The room was reset under us, and (a relay lying, or a reset between the two) an ack
+        // at seq 7 follows: the resync must still read the new room from its start.
+        session.send({ type: 'error', code: 'cursor_ahead', message: 'since 5 is past the last seq 0' });
+        session.send({ type: 'ack', ref: message.ref, serverVersion: 7, results: [{ status: 'stored', seq: 7 }] });
+      } else {
+        session.send(storedAck(message));
+      }
+    },
+  });
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected');
+  // The error and the ack reach the client together.
+  await page.evaluate((e) => { window.holdFrames = 2; window.sendTracked(e).catch(() => {}); }, event);
+  await relay.waitSessions(2);
+  assert.deepEqual(relay.sessions.slice(0, 2).map((s) => s.messages[0].since), [5, 0]);
+  assert.deepEqual(relay.sessions[0].closed, { code: 1000, reason: 'resync from 0' });
+  // The event was not acknowledged by the ack that came after the reset: it goes again.
+  const acked = await waitFor(() => page.evaluate(() => window.acked[0]), 10000, 'acknowledged in the new room');
+  assert.deepEqual(acked, { id: event.id, status: 'stored', seq: 1 });
+  assert.deepEqual(relay.publishes().map((p) => p.session), [0, 1]);
+  assert.equal(await page.evaluate(() => window.client.cursor), 1);
+  assert.ok((await errorsOf(page)).some((e) => e.startsWith('cursor_ahead:')));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('room reset at welcome: an ack right behind the welcome does not move the cursor; the resync asks from 0', async () => {
+  const event = makeEvent('reset');
+  let refOfFirst = null;
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 5 },
+    setup: HOLD_FRAMES,
+    welcome: (session) => ({ serverVersion: session.index === 0 ? 5 : 3, logId: session.index === 0 ? 'old-log' : 'new-log' }),
+    onMessage: (session, message) => {
+      if (session.index === 0 && message.type === 'publish') {
+        // Not acknowledged here: the connection drops with the publish in flight.
+        refOfFirst = message.ref;
+        session.close(1001, 'going away');
+      } else if (session.index === 1 && message.type === 'hello') {
+        // Another log answers (the welcome went out before this), and an ack for the publish
+        // of the old session follows it.
+        session.send({ type: 'ack', ref: refOfFirst, serverVersion: 3, results: [{ status: 'stored', seq: 3 }] });
+      } else if (message.type === 'publish') {
+        session.send(storedAck(message));
+      }
+    },
+  });
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected');
+  // The second session's welcome and ack reach the client together.
+  await page.evaluate((e) => { window.holdFrames = 2; window.sendTracked(e).catch(() => {}); }, event);
+  await relay.waitSessions(3);
+  assert.deepEqual(relay.sessions.slice(0, 3).map((s) => s.messages[0].since), [5, 5, 0]);
+  assert.deepEqual(relay.sessions[1].closed, { code: 1000, reason: 'resync from 0' });
+  const acked = await waitFor(() => page.evaluate(() => window.acked[0]), 10000, 'acknowledged in the new log');
+  assert.deepEqual(acked, { id: event.id, status: 'stored', seq: 1 });
+  assert.deepEqual(relay.publishes().map((p) => p.session), [0, 2]);
+  assert.ok((await errorsOf(page)).some((e) => e.startsWith('room_reset:')));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
