@@ -184,14 +184,40 @@ impl Event {
         if self.version == 0 {
             return Err(InvalidEvent::ZeroVersion);
         }
-        if data_depth_exceeds(&self.data, MAX_DATA_DEPTH) {
+        let Some(data_bound) = data_json_bound(&self.data, MAX_DATA_DEPTH) else {
             return Err(InvalidEvent::DataTooDeep {
                 max: MAX_DATA_DEPTH,
             });
+        };
+        // The bound costs nothing beyond the depth walk; only an event it cannot clear (over
+        // about 1.3 MiB of strings, or 330,000 numbers) is counted exactly.
+        let bound = data_bound
+            .saturating_add(string_json_bound(&self.id))
+            .saturating_add(string_json_bound(&self.event_type))
+            .saturating_add(self.origin.as_deref().map_or(0, string_json_bound))
+            .saturating_add(EVENT_JSON_FIXED_BOUND);
+        if bound > MAX_EVENT_JSON_BYTES {
+            let len = self.json_len();
+            if len > MAX_EVENT_JSON_BYTES {
+                return Err(InvalidEvent::TooLarge {
+                    len,
+                    max: MAX_EVENT_JSON_BYTES,
+                });
+            }
         }
         Ok(())
     }
 }
+
+/// Largest event [`Event::validate`] accepts, in bytes of its compact JSON
+/// ([`Event::json_len`]): 8 MiB.
+///
+/// Every kSync transport sends events encoded this way (catch-up pages, Git pulls, P2P
+/// answers), and storages size their records from it, so an event that one place accepts,
+/// every other can store and send on. The JSON a publisher sent can be shorter than this
+/// encoding (`1e15` comes back as `1000000000000000.0`), so a relay's message limit alone does
+/// not bound it.
+pub const MAX_EVENT_JSON_BYTES: usize = 8 << 20;
 
 /// Most levels of arrays and objects nested in an event's `data` that [`Event::validate`]
 /// accepts (`[[1]]` is two). serde_json refuses deeper JSON text anyway, so this only ever
@@ -200,23 +226,50 @@ impl Event {
 /// refused by a storage for its nesting.
 pub const MAX_DATA_DEPTH: usize = 128;
 
-/// Whether `data` nests arrays and objects more than `max` levels deep.
+/// Longest compact JSON of one number: `-2.2250738585072014e-308` (an `f64`; `u64` and `i64`
+/// take at most 20).
+const NUMBER_JSON_BOUND: usize = 24;
+
+/// The compact JSON of an event apart from its strings and `data`: the field names, braces,
+/// quotes and separators, and two `u64`s.
+const EVENT_JSON_FIXED_BOUND: usize = 128;
+
+/// At least the length of `text` as a JSON string: quotes, and every byte escaped at its
+/// longest (`\u001f`).
+fn string_json_bound(text: &str) -> usize {
+    text.len().saturating_mul(6).saturating_add(2)
+}
+
+/// `None` when `data` nests arrays and objects more than `max_depth` levels deep; otherwise an
+/// upper bound of its compact JSON length.
 ///
 /// Recursive, without allocating (this runs for every published event): the recursion stops
-/// `max` levels down, however deep `data` goes.
-fn data_depth_exceeds(data: &serde_json::Value, max: usize) -> bool {
+/// `max_depth` levels down, however deep `data` goes.
+fn data_json_bound(data: &serde_json::Value, max_depth: usize) -> Option<usize> {
     use serde_json::Value;
     match data {
+        Value::Null | Value::Bool(_) => Some("false".len()),
+        Value::Number(_) => Some(NUMBER_JSON_BOUND),
+        Value::String(text) => Some(string_json_bound(text)),
         Value::Array(items) => {
-            max == 0 || items.iter().any(|item| data_depth_exceeds(item, max - 1))
+            let depth = max_depth.checked_sub(1)?;
+            // Brackets, and a comma after each item (one too many: a bound).
+            items.iter().try_fold(2 + items.len(), |sum, item| {
+                Some(sum.saturating_add(data_json_bound(item, depth)?))
+            })
         }
         Value::Object(entries) => {
-            max == 0
-                || entries
-                    .values()
-                    .any(|item| data_depth_exceeds(item, max - 1))
+            let depth = max_depth.checked_sub(1)?;
+            // Braces, and a colon and a comma for each entry.
+            entries
+                .iter()
+                .try_fold(2 + 2 * entries.len(), |sum, (key, item)| {
+                    Some(
+                        sum.saturating_add(string_json_bound(key))
+                            .saturating_add(data_json_bound(item, depth)?),
+                    )
+                })
         }
-        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => false,
     }
 }
 
@@ -270,6 +323,14 @@ pub enum InvalidEvent {
     /// `data` nests arrays and objects deeper than [`MAX_DATA_DEPTH`].
     #[error("event data nests arrays and objects more than {max} levels deep")]
     DataTooDeep {
+        /// Limit.
+        max: usize,
+    },
+    /// Its compact JSON is longer than [`MAX_EVENT_JSON_BYTES`].
+    #[error("event is {len} bytes as JSON, the limit is {max}")]
+    TooLarge {
+        /// Its length ([`Event::json_len`]).
+        len: usize,
         /// Limit.
         max: usize,
     },
@@ -339,6 +400,82 @@ mod tests {
         let text = format!("{}1{}", "[".repeat(126), "]".repeat(126));
         let data: serde_json::Value = serde_json::from_str(&text).expect("126 levels parse");
         assert_eq!(Event::new("e", "t", data, 1).validate(&limits), Ok(()));
+    }
+
+    #[test]
+    fn events_up_to_8_mib_of_json_are_valid_and_no_larger() {
+        let limits = EventLimits::default();
+        // A string filled to the limit exactly, then one byte over.
+        let base = Event::new("e", "t", json!(""), 1).json_len();
+        let sized = |len: usize| Event::new("e", "t", json!("x".repeat(len - base)), 1);
+        let at_limit = sized(MAX_EVENT_JSON_BYTES);
+        assert_eq!(at_limit.json_len(), MAX_EVENT_JSON_BYTES);
+        assert_eq!(at_limit.validate(&limits), Ok(()));
+        assert_eq!(
+            sized(MAX_EVENT_JSON_BYTES + 1).validate(&limits),
+            Err(InvalidEvent::TooLarge {
+                len: MAX_EVENT_JSON_BYTES + 1,
+                max: MAX_EVENT_JSON_BYTES,
+            })
+        );
+        // Counted as kSync sends it on, not as a publisher wrote it: `1e15,` is 5 bytes of the
+        // text below and 19 of the event's JSON.
+        let count = MAX_EVENT_JSON_BYTES / 16;
+        let text = format!("[{}1e15]", "1e15,".repeat(count - 1));
+        assert!(text.len() < MAX_EVENT_JSON_BYTES / 2);
+        let data: serde_json::Value = serde_json::from_str(&text).expect("numbers parse");
+        let event = Event::new("e", "t", data, 1);
+        let len = event.json_len();
+        assert!(len > MAX_EVENT_JSON_BYTES);
+        assert_eq!(
+            event.validate(&limits),
+            Err(InvalidEvent::TooLarge {
+                len,
+                max: MAX_EVENT_JSON_BYTES,
+            })
+        );
+        // Keys, ids and types count too.
+        let mut keyed = serde_json::Map::new();
+        keyed.insert("k".repeat(MAX_EVENT_JSON_BYTES), json!(null));
+        assert!(matches!(
+            Event::new("e", "t", serde_json::Value::Object(keyed), 1).validate(&limits),
+            Err(InvalidEvent::TooLarge { .. })
+        ));
+        let long_ids = EventLimits {
+            max_id_len: usize::MAX,
+            max_type_len: usize::MAX,
+        };
+        assert!(matches!(
+            Event::new("i".repeat(MAX_EVENT_JSON_BYTES), "t", json!(1), 1).validate(&long_ids),
+            Err(InvalidEvent::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn the_size_bound_is_never_below_the_json_length() {
+        let samples = [
+            json!(null),
+            json!(true),
+            json!(-9_223_372_036_854_775_808_i64),
+            json!(u64::MAX),
+            json!(-2.2250738585072014e-308),
+            json!("\u{1f}\"\\é"),
+            json!([[], {}, [1, [2.5, "a"]], {"\u{0}": {"b": [null, false]}}]),
+        ];
+        for data in samples {
+            let json = serde_json::to_string(&data).expect("encodes").len();
+            let bound = data_json_bound(&data, MAX_DATA_DEPTH).expect("shallow");
+            assert!(bound >= json, "{data}: bound {bound} < {json}");
+            let event = Event::new("\u{1}id", "é", data, u64::MAX)
+                .with_version(u64::MAX)
+                .with_origin("\"");
+            let event_bound = data_json_bound(&event.data, MAX_DATA_DEPTH).expect("shallow")
+                + string_json_bound(&event.id)
+                + string_json_bound(&event.event_type)
+                + event.origin.as_deref().map_or(0, string_json_bound)
+                + EVENT_JSON_FIXED_BOUND;
+            assert!(event_bound >= event.json_len());
+        }
     }
 
     #[test]

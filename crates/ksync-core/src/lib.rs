@@ -30,7 +30,9 @@ pub use client::{PullPushClient, PullResult, PushResult, SyncClient, SyncResult}
 pub use clock::{Clock, MAX_CONFIG_DURATION, ManualClock, SystemClock, check_config_duration};
 pub use conflict::{Conflict, ConflictKind, ConflictResolver, Resolution, lww_cmp, resolve};
 pub use error::SyncError;
-pub use event::{Event, EventLimits, InvalidEvent, MAX_DATA_DEPTH, RevisionKey};
+pub use event::{
+    Event, EventLimits, InvalidEvent, MAX_DATA_DEPTH, MAX_EVENT_JSON_BYTES, RevisionKey,
+};
 pub use ksync::{AutoSync, KSync, KSyncBuilder};
 pub use log::{
     AppendOutcome, EncodedEvent, EncodedKey, EventCodec, IdHasher, KeyFn, LogIndex, MergeOutcome,

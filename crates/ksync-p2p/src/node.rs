@@ -1832,7 +1832,7 @@ impl Node {
                 continue;
             }
             // The first copy of a revision is taken. Later ones would each conflict with our
-            // copy (and the storage clones our revision into every conflict: a 16 MiB answer of
+            // copy (and the storage clones our revision into every conflict: a 20 MiB answer of
             // tiny copies of one large revision would cost gigabytes).
             if !received.insert(key) {
                 repeated += 1;
@@ -1863,7 +1863,7 @@ impl Node {
                 ))));
         }
         // Only keys we asked for count as too large: others would each be remembered for the
-        // page (up to a 16 MiB answer of them) and make an empty answer look like progress, so
+        // page (up to a 20 MiB answer of them) and make an empty answer look like progress, so
         // the same `Fetch` would be sent forever.
         let answered = too_large.len();
         let mut too_large = too_large;

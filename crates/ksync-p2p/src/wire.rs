@@ -54,11 +54,16 @@ pub(crate) const MAX_REQUEST_BYTES: u64 = 512 * 1024;
 /// further request is dropped, inbound (its asker sees it fail) or outbound (ours fails and
 /// that catch-up round ends; the next one asks again).
 pub(crate) const MAX_SYNC_STREAMS: usize = 8;
-/// Largest catch-up response on the wire.
-pub(crate) const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest catch-up response on the wire (20 MiB): a full [`RESPONSE_BUDGET`] of events in
+/// CBOR, which is at most 9/4 of their JSON (a float, `0.5,`, is 4 bytes of JSON and 9 of
+/// CBOR), plus the `too_large` keys ([`MAX_FETCH`] of them at most).
+pub(crate) const MAX_RESPONSE_BYTES: u64 = 20 * 1024 * 1024;
 /// A responder stops adding events to a `Events` response past this many (JSON) bytes, leaving
-/// room under [`MAX_RESPONSE_BYTES`] for the encoding's overhead.
-pub(crate) const RESPONSE_BUDGET: usize = 8 * 1024 * 1024;
+/// room under [`MAX_RESPONSE_BYTES`] for the encoding's overhead: the largest valid event, so
+/// that any one fits an answer.
+pub(crate) const RESPONSE_BUDGET: usize = ksync_core::MAX_EVENT_JSON_BYTES;
+const _: () =
+    assert!(MAX_RESPONSE_BYTES as usize >= RESPONSE_BUDGET / 4 * 9 + MAX_FETCH * 512 + 64 * 1024);
 
 /// One gossip message: one event, JSON `{"v":1,"events":[<event>]}`, or a batch,
 /// `{"v":1,"n":<count>,"events":[...]}` (written with `n` first, see [`BATCH_PREFIX`]).

@@ -32,9 +32,13 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 16;
 /// Length of a record header (`len`, `crc`, `kind`).
 pub const RECORD_HEADER_LEN: usize = 9;
-/// Largest record payload accepted, in bytes (16 MiB). An event bigger than this is refused
-/// at append time with [`StorageError::Codec`].
-pub const MAX_RECORD_LEN: usize = 16 << 20;
+/// Largest record payload accepted, in bytes (20 MiB): enough for every valid event. An
+/// event's encoding is at most 9/4 of its compact JSON (a float, `0.5,`, is 4 bytes of JSON and
+/// 9 here; nothing else grows), and a valid event is at most
+/// [`ksync_core::MAX_EVENT_JSON_BYTES`] (8 MiB) of JSON. Anything bigger (an event that skipped
+/// validation) is refused at append time with [`StorageError::Codec`].
+pub const MAX_RECORD_LEN: usize = 20 << 20;
+const _: () = assert!(MAX_RECORD_LEN >= ksync_core::MAX_EVENT_JSON_BYTES / 4 * 9 + 4096);
 
 /// Record kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -629,6 +629,31 @@ async fn release_discarding_empty_deletes_only_empty_logs_nobody_holds() {
     assert!(!path("held").exists(), "deleted once let go");
 }
 
+/// Every event `Event::validate` accepts fits a record, however its size is made up: the
+/// worst case is an array of short floats (`0.5,` is 4 bytes of JSON and 9 in the file), which
+/// at the JSON limit needed more than the 16 MiB records once allowed.
+#[tokio::test]
+async fn an_event_at_the_json_size_limit_made_of_floats_is_stored_and_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("floats.log");
+    let base = Event::new("floats", "t", json!([]), 1).json_len();
+    // `[0.5,...,0.5]`: 3 bytes for the first float and 4 for each further one.
+    let count = (ksync_core::MAX_EVENT_JSON_BYTES - base + 1) / 4;
+    let floats = Event::new("floats", "t", json!(vec![0.5; count]), 1);
+    assert!(floats.json_len() > ksync_core::MAX_EVENT_JSON_BYTES - 4);
+    floats
+        .validate(&ksync_core::EventLimits::default())
+        .expect("valid");
+    {
+        let storage = FileStorage::open(&path).expect("open");
+        let stored = storage.append(vec![floats.clone()]).await.expect("append");
+        assert_eq!(stored.last_seq(), Some(1));
+    }
+    let storage = FileStorage::open(&path).expect("reopen");
+    let read = storage.get("floats", 1).expect("get").expect("stored");
+    assert_eq!(read.event, floats);
+}
+
 /// Events larger than the replay's 1 MiB read chunk, between small ones, all come back after a
 /// reopen, in order. (The reader handed chunks to its decoders by turn, and a turn that only
 /// gathered part of a long record sent nothing: on a machine with two or more cores, every
