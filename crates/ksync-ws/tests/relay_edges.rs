@@ -1573,3 +1573,38 @@ async fn a_room_closes_after_its_last_connection_even_if_one_left_while_the_queu
     .await;
     server.stop().await;
 }
+
+/// An event is measured as kSync sends it on, not as its publisher wrote it: `1e15` is 4 bytes
+/// of a publish and 18 of every catch-up page after (`1000000000000000.0`). A publish well
+/// under the message limit whose event re-encodes past 8 MiB is `invalid`: stored, it would
+/// have made a catch-up frame over what clients accept, refused again after every reconnect.
+#[tokio::test]
+async fn an_event_that_re_encodes_past_8_mib_is_invalid_and_the_connection_stays() {
+    let config = RelayConfig {
+        max_message_size: 8 << 20,
+        ..RelayConfig::default()
+    };
+    let server = start(config).await;
+    let url = server.url(Some("numbers"));
+    let (mut ws, _) = join(&url, hello()).await;
+    let count = 450_000;
+    let numbers = format!("[{}1e15]", "1e15,".repeat(count - 1));
+    let message = format!(
+        r#"{{"type":"publish","ref":1,"events":[{{"id":"n","type":"t","data":{numbers},"timestamp":1,"version":1}}]}}"#
+    );
+    assert!(message.len() < 3 << 20);
+    ws.send(Message::text(message)).await.expect("send");
+    let ack = recv_json(&mut ws).await;
+    assert_eq!(ack["results"][0]["status"], "invalid", "{}", ack["results"]);
+    let why = ack["results"][0]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("bytes as JSON"), "{why}");
+    assert_eq!(ack["serverVersion"], 0);
+    send_json(
+        &mut ws,
+        json!({"type":"publish","ref":2,"events":[event("after", 1)]}),
+    )
+    .await;
+    let ack = recv_json(&mut ws).await;
+    assert_eq!(ack["results"][0], json!({"status":"stored","seq":1}));
+    server.stop().await;
+}
