@@ -115,3 +115,76 @@ test('room reset at welcome: an ack right behind the welcome does not move the c
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });
+
+/** `data` nested `levels` arrays deep (`[[1]]` is two). */
+const nest = (levels) => {
+  let data = 1;
+  for (let i = 0; i < levels; i += 1) data = [data];
+  return data;
+};
+
+test('an event the app sends that breaks the event rules is refused before it leaves (invalid)', async () => {
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    // What the outgoing middleware makes of an event is checked too.
+    setup: "(client) => client.use('outgoing', (e) => (e.data?.grow ? { ...e, type: 't'.repeat(300) } : e))",
+    onMessage: (session, message) => {
+      if (message.type === 'publish') session.send(storedAck(message));
+    },
+  });
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected');
+  const send = (event) => page.evaluate((e) => window.client.send(e).then(
+    (result) => result.status,
+    (error) => `${error.name} ${error.code}: ${error.message}`,
+  ), event);
+  const refused = {
+    'id of 257 bytes': { ...makeEvent('r'), id: 'i'.repeat(257) },
+    // 86 characters, 258 bytes of UTF-8.
+    'id of 258 bytes in 86 characters': { ...makeEvent('r'), id: '€'.repeat(86) },
+    'type of 257 bytes': { ...makeEvent('r'), type: 't'.repeat(257) },
+    'data 129 levels deep': { ...makeEvent('r'), data: nest(129) },
+    'empty id': { ...makeEvent('r'), id: '' },
+    'version 0': { ...makeEvent('r'), version: 0 },
+    'a type the middleware makes 300 bytes': makeEvent('r', { grow: true }),
+  };
+  for (const [what, event] of Object.entries(refused)) {
+    const outcome = await send(event);
+    assert.match(outcome, /^KSyncError invalid: the event breaks the event rules: /, what);
+  }
+  assert.match(await send(refused['id of 258 bytes in 86 characters']), /its id is 258 bytes of UTF-8, the limit is 256/);
+  assert.match(await send(refused['data 129 levels deep']), /nests arrays and objects more than 128 levels deep/);
+  // At the limits: sent and stored.
+  const atLimits = [
+    { ...makeEvent('ok'), id: `${'€'.repeat(85)}i`, type: 't'.repeat(256) },
+    { ...makeEvent('ok'), data: nest(128) },
+  ];
+  for (const event of atLimits) assert.equal(await send(event), 'stored');
+  // Only those left: nothing that breaks the rules reached the relay.
+  assert.deepEqual(relay.publishes().flatMap((p) => p.events.map((e) => e.id)), atLimits.map((e) => e.id));
+  assert.equal(await page.evaluate(() => window.client.pending), 0);
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('received events are held to the same rules as sent ones: a timestamp that is not an integer >= 0 is skipped', async () => {
+  const good = makeEvent('good');
+  const entries = [
+    { ...makeEvent('x'), timestamp: -1 },
+    { ...makeEvent('x'), timestamp: 1.5 },
+    { ...makeEvent('x'), timestamp: '2026-01-01' },
+    good,
+  ].map((event, i) => ({ seq: i + 1, event }));
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 0 },
+    welcome: () => ({ serverVersion: entries.length }),
+    onMessage: (session, message) => {
+      if (message.type === 'hello') session.send({ type: 'events', events: entries });
+    },
+  });
+  await relay.waitSessions(1);
+  await waitFor(() => page.evaluate(() => window.client.cursor === 4), 5000, 'the cursor past the batch');
+  assert.deepEqual(await page.evaluate(() => window.received.map((r) => r.event.id)), [good.id]);
+  const errors = (await errorsOf(page)).filter((e) => e.startsWith('protocol:') && e.includes('its timestamp is not an integer >= 0'));
+  assert.equal(errors.length, 3, errors.join('\n'));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});

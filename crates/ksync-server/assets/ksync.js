@@ -52,7 +52,8 @@ const MAX_SERVER_MESSAGE_SIZE = 8 * 1024 * 1024;
 // The most bytes a compressed frame may inflate to (the Rust client's CLIENT_MAX_MESSAGE_SIZE:
 // twice the largest `maxMessageSize`). Past it the frame is refused (`bad_binary`).
 const MAX_INFLATED_SIZE = 16 * 1024 * 1024;
-// The event rules (those `publish` enforces, docs/PROTOCOL.md), checked on received events.
+// The event rules (ksync-core's `Event::validate`, which the relay applies to every publish):
+// checked on the events the app sends and on those received.
 const MAX_NAME_BYTES = 256;
 const MAX_DATA_DEPTH = 128;
 const STRATEGIES = new Set(['event-level', 'batch', 'state-based']);
@@ -194,14 +195,6 @@ function backoff(attempt, min, max) {
   return base / 2 + Math.random() * (base / 2);
 }
 
-function checkEvent(event) {
-  if (!event || typeof event !== 'object') throw new TypeError('an event is an object');
-  if (typeof event.id !== 'string' || event.id === '') throw new TypeError('event.id must be a non-empty string');
-  if (typeof event.type !== 'string' || event.type === '') throw new TypeError('event.type must be a non-empty string');
-  if (!Number.isSafeInteger(event.version) || event.version < 1) throw new TypeError('event.version must be an integer >= 1');
-  if (!Number.isSafeInteger(event.timestamp) || event.timestamp < 0) throw new TypeError('event.timestamp must be milliseconds since the epoch');
-}
-
 /** The fields of `event` that go on the wire. */
 function wireForm(event) {
   const wire = { id: event.id, type: event.type, data: event.data ?? null, timestamp: event.timestamp, version: event.version };
@@ -219,18 +212,31 @@ function depthExceeds(value, max) {
   return false;
 }
 
-/** Why a received `event` breaks the event rules, or null when it keeps them. */
+/**
+ * Why `event` breaks the event rules, or null when it keeps them: the one rule set for the
+ * events the app sends (refused before they are queued) and those received (skipped). Those of
+ * `Event::validate` (non-empty id and type of at most 256 UTF-8 bytes, version >= 1, data nested
+ * at most 128 levels), plus what its types ask of JSON (integers for version and timestamp).
+ */
 function eventFault(event) {
-  if (event === null || typeof event !== 'object' || Array.isArray(event)) return 'not an object';
+  if (event === null || typeof event !== 'object' || Array.isArray(event)) return 'it is not an object';
   for (const field of ['id', 'type']) {
     const value = event[field];
     if (typeof value !== 'string' || value === '') return `its ${field} is not a non-empty string`;
-    if (utf8Length(value) > MAX_NAME_BYTES) return `its ${field} is longer than ${MAX_NAME_BYTES} bytes`;
+    const bytes = utf8Length(value);
+    if (bytes > MAX_NAME_BYTES) return `its ${field} is ${bytes} bytes of UTF-8, the limit is ${MAX_NAME_BYTES}`;
   }
   if (!Number.isSafeInteger(event.version) || event.version < 1) return 'its version is not an integer >= 1';
-  if (event.data === undefined) return 'it has no data';
-  if (depthExceeds(event.data, MAX_DATA_DEPTH)) return `its data nests more than ${MAX_DATA_DEPTH} levels`;
+  if (!Number.isSafeInteger(event.timestamp) || event.timestamp < 0) return 'its timestamp is not an integer >= 0 (milliseconds since the epoch)';
+  if (depthExceeds(event.data, MAX_DATA_DEPTH)) return `its data nests arrays and objects more than ${MAX_DATA_DEPTH} levels deep`;
   return null;
+}
+
+/** Refuses (`invalid`) an event the app sends that breaks the event rules: the relay would
+ * refuse it too, after a round trip (as the Rust client's `send`). */
+function refuseInvalid(event) {
+  const fault = eventFault(event);
+  if (fault !== null) throw new KSyncError('invalid', `the event breaks the event rules: ${fault}`, { event });
 }
 
 /** A received event, named in an error (an over-long id is cut). */
@@ -470,7 +476,8 @@ export class WebSocketSyncClient extends Emitter {
   /**
    * Queues `event` and resolves with its result once the server acknowledged it
    * (`{status: 'stored', seq}`, `{status: 'duplicate', seq}` or `{status: 'conflict', held}`).
-   * Rejects for an event the server refuses (`invalid`). While disconnected the event waits
+   * Rejects (`invalid`) for an event that breaks the event rules (before it leaves) or that
+   * the server refuses. While disconnected the event waits
    * and goes out on the next connection.
    */
   send(event) {
@@ -484,7 +491,7 @@ export class WebSocketSyncClient extends Emitter {
    * `{ack}`: the promise of its result (wrapped, so that waiting for the queueing does not
    * wait for the ack). */
   async #enqueue(event) {
-    checkEvent(event);
+    refuseInvalid(event);
     if (this.#filter !== null && !this.#filter(event)) return { ack: Promise.resolve({ status: 'filtered' }) };
     let out = event;
     for (const middleware of this.#middleware.outgoing) {
@@ -495,7 +502,8 @@ export class WebSocketSyncClient extends Emitter {
       }
       if (out === null || out === undefined) return { ack: Promise.resolve({ status: 'filtered' }) };
     }
-    checkEvent(out);
+    // What the middleware made of it goes on the wire: the same rules.
+    refuseInvalid(out);
     if (this.pending >= this.#options.maxOutbox) {
       throw new KSyncError('outbox_full', `more than ${this.#options.maxOutbox} events wait for the server`);
     }
@@ -759,8 +767,9 @@ export class WebSocketSyncClient extends Emitter {
       if (!keep) return null;
     }
     // The event rules, after the incoming middleware (which may decrypt): an event that breaks
-    // them is not taken in (the cursor moves past it), as in the Rust client.
-    const fault = eventFault(current);
+    // them is not taken in (the cursor moves past it), as in the Rust client. A received event
+    // carries all its fields (one sent without `data` goes with `data: null`).
+    const fault = eventFault(current) ?? (current.data === undefined ? 'it has no data' : null);
     if (fault !== null) {
       this.emit('error', new KSyncError('protocol', `received ${describe(current)} is not a valid event (${fault}): skipped`, { event }));
       return null;
