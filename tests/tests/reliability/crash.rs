@@ -37,14 +37,21 @@ fn storage_child() {
                 let run = run.clone();
                 tokio::spawn(async move {
                     for i in 0u64.. {
-                        // Batches of 1..=3 events, so multi-event appends are killed too.
-                        let n = 1 + (i % 3);
+                        // Batches of 1..=3 events, so multi-event appends are killed too. Now
+                        // and then two events longer than replay's 1 MiB read chunk, one after
+                        // the other (a long record starting a chunk was once lost at reopen).
+                        let long = task == 0 && i % 25 == 24;
+                        let (n, pad) = if long {
+                            (2, 1_200_000)
+                        } else {
+                            (1 + (i % 3), 64)
+                        };
                         let batch: Vec<Event> = (0..n)
                             .map(|k| {
                                 Event::new(
                                     format!("r{run}-t{task}-{i}-{k}"),
                                     "crash",
-                                    json!({"i": i, "pad": "p".repeat(64)}),
+                                    json!({"i": i, "pad": "p".repeat(pad)}),
                                     i,
                                 )
                             })
