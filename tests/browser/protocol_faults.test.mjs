@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 
-import { fakeRelayClient, launchBrowser, makeEvent, sharedServer, waitFor } from './lib.mjs';
+import { FAKE_WELCOME, fakeRelayClient, launchBrowser, makeEvent, sharedServer, waitFor } from './lib.mjs';
 
 let browser;
 let server;
@@ -185,6 +185,29 @@ test('received events are held to the same rules as sent ones: a timestamp that 
   assert.deepEqual(await page.evaluate(() => window.received.map((r) => r.event.id)), [good.id]);
   const errors = (await errorsOf(page)).filter((e) => e.startsWith('protocol:') && e.includes('its timestamp is not an integer >= 0'));
   assert.equal(errors.length, 3, errors.join('\n'));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('a second welcome on one connection is a protocol error: the session ends, the next one resumes', async () => {
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 0 },
+    welcome: (session) => ({ serverVersion: session.index === 0 ? 0 : 1 }),
+    onMessage: (session, message) => {
+      if (message.type !== 'hello') return;
+      if (session.index === 0) session.send({ ...FAKE_WELCOME, room: 'other', serverVersion: 1 });
+      else session.send({ type: 'events', events: [{ seq: 1, event: makeEvent('after') }] });
+    },
+  });
+  await relay.waitSessions(2);
+  await waitFor(() => page.evaluate(() => window.received.length === 1), 5000, 'the event of the second session');
+  const errors = await errorsOf(page);
+  assert.ok(errors.includes('protocol: the server sent a second welcome on this connection'), errors.join('\n'));
+  assert.deepEqual(relay.sessions[0].closed, { code: 1000, reason: 'ending the session' });
+  // One `connected` per connection, and the second session resumes where the first stood.
+  assert.equal(await page.evaluate(() => window.connects), 2);
+  assert.deepEqual(relay.sessions.slice(0, 2).map((s) => s.messages[0].since), [0, 0]);
+  assert.equal(await page.evaluate(() => window.client.room), 'fake');
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });

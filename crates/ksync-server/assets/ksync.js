@@ -696,6 +696,13 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   #welcome(welcome) {
+    // One `welcome` a connection: a second one would start this session over mid-way (its
+    // serverVersion, limits and log taken in, in-flight events sent twice). A protocol error,
+    // as in the Rust client: the session ends, the next one comes after the reconnect delay.
+    if (this.#connected) {
+      this.#endSession(new KSyncError('protocol', 'the server sent a second welcome on this connection'));
+      return;
+    }
     // A welcome this client cannot follow is refused: nothing of it is taken, and the next
     // session (after the reconnect delay) tries again (as the Rust client).
     const fault = welcomeFault(welcome);
