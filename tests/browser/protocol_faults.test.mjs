@@ -211,3 +211,37 @@ test('a second welcome on one connection is a protocol error: the session ends, 
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });
+
+test("an ack's held revision that breaks the event rules is not passed on: a protocol error, the conflict without it", async () => {
+  const [valid, longType, deep] = [makeEvent('held-ok'), makeEvent('held-type'), makeEvent('held-deep')];
+  // The room's revision under the same id and version, with other content (and broken for two).
+  const heldFor = new Map([
+    [valid.id, { ...valid, data: { theirs: true } }],
+    [longType.id, { ...longType, type: 't'.repeat(300) }],
+    [deep.id, { ...deep, data: nest(129) }],
+  ]);
+  const { page } = await fakeRelayClient(browser, server.http, {
+    onMessage: (session, message) => {
+      if (message.type !== 'publish') return;
+      session.send({
+        type: 'ack', ref: message.ref, serverVersion: 1,
+        results: message.events.map((e) => ({ status: 'conflict', held: heldFor.get(e.id) })),
+      });
+    },
+  });
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected');
+  for (const event of [valid, longType, deep]) await page.evaluate((e) => window.sendTracked(e), event);
+  const acked = await page.evaluate(() => window.acked);
+  assert.deepEqual(acked, [
+    { id: valid.id, status: 'conflict', held: heldFor.get(valid.id) },
+    { id: longType.id, status: 'conflict' },
+    { id: deep.id, status: 'conflict' },
+  ]);
+  const conflicts = await page.evaluate(() => window.conflicts.map((c) => [c.ours.id, c.theirs]));
+  assert.deepEqual(conflicts, [[valid.id, heldFor.get(valid.id)], [longType.id, null], [deep.id, null]]);
+  const errors = (await errorsOf(page)).filter((e) => e.startsWith('protocol:') && e.includes('holds a revision'));
+  assert.equal(errors.length, 2, errors.join('\n'));
+  assert.ok(errors[0].includes('its type is 300 bytes of UTF-8') && errors[1].includes('more than 128 levels deep'), errors.join('\n'));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});

@@ -232,6 +232,12 @@ function eventFault(event) {
   return null;
 }
 
+/** Why a received `event` (or an ack's `held` revision) breaks the event rules, or null: it
+ * also carries all its fields (one the app sends without `data` goes with `data: null`). */
+function receivedFault(event) {
+  return eventFault(event) ?? (event.data === undefined ? 'it has no data' : null);
+}
+
 /** Refuses (`invalid`) an event the app sends that breaks the event rules: the relay would
  * refuse it too, after a round trip (as the Rust client's `send`). */
 function refuseInvalid(event) {
@@ -774,9 +780,8 @@ export class WebSocketSyncClient extends Emitter {
       if (!keep) return null;
     }
     // The event rules, after the incoming middleware (which may decrypt): an event that breaks
-    // them is not taken in (the cursor moves past it), as in the Rust client. A received event
-    // carries all its fields (one sent without `data` goes with `data: null`).
-    const fault = eventFault(current) ?? (current.data === undefined ? 'it has no data' : null);
+    // them is not taken in (the cursor moves past it), as in the Rust client.
+    const fault = receivedFault(current);
     if (fault !== null) {
       this.emit('error', new KSyncError('protocol', `received ${describe(current)} is not a valid event (${fault}): skipped`, { event }));
       return null;
@@ -870,11 +875,20 @@ export class WebSocketSyncClient extends Emitter {
           synced.push(item.local);
           item.resolve(result);
           break;
-        case 'conflict':
+        case 'conflict': {
           // `held` is left out of acks past their size bound: the room's revision is in its stream.
-          this.emit('conflict', { type: 'concurrent-edit', ours: item.event, theirs: result.held ?? null });
-          item.resolve(result);
+          const { held = null, ...conflict } = result;
+          // The room's revision is a received event: one that breaks the event rules is not
+          // passed on (reported, and the conflict is told without it), as in the Rust client.
+          const fault = held === null ? null : receivedFault(held);
+          if (fault !== null) {
+            this.emit('error', new KSyncError('protocol', `the ack for publish ${ack.ref} holds a revision of ${describe(item.event)} that is not a valid event (${fault}): left out`, { event: held }));
+          }
+          const theirs = fault === null ? held : null;
+          this.emit('conflict', { type: 'concurrent-edit', ours: item.event, theirs });
+          item.resolve(theirs === null ? conflict : result);
           break;
+        }
         case 'invalid':
           item.reject(new KSyncError('invalid', result.message ?? 'invalid event', { event: item.event }));
           break;
