@@ -158,7 +158,8 @@ pub enum Notification {
     Sync(Vec<Event>),
     /// Something failed.
     Error(Arc<SyncError>),
-    /// A conflict was found (and resolved by the configured policy).
+    /// A conflict was found (and resolved by the configured policy; a WebSocket client used
+    /// without a replica has none: the room keeps its revision, `theirs`).
     Conflict(Conflict),
     /// Periodic figures.
     Metrics(Metrics),

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use ksync_core::{
-    Auth, BoxFuture, Direction, Event, EventLimits, Filter, MeterTotals, MetricsMeter, Middleware,
-    Notification, NotificationKind, Notifier, PROTOCOL_VERSION, Pipeline, Replica, Status, Stored,
-    SyncClient, SyncError, debug_log,
+    Auth, BoxFuture, Conflict, Direction, Event, EventLimits, Filter, MeterTotals, MetricsMeter,
+    Middleware, Notification, NotificationKind, Notifier, PROTOCOL_VERSION, Pipeline, Replica,
+    Status, Stored, SyncClient, SyncError, debug_log,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot, watch};
@@ -893,9 +893,9 @@ struct Flight {
     sent_at: Instant,
     /// The events sent, for matching results.
     ids: Vec<String>,
-    /// The events sent as the application made them, for the `sync` of the ack: kept only
-    /// when something listened for `sync` as they went out (in-flight events are otherwise
-    /// not held twice).
+    /// The events sent as the application made them, for the `sync` of the ack (and, without
+    /// a replica, a conflict's `ours`): kept only when something listened for `sync` (or
+    /// `conflict`) as they went out (in-flight events are otherwise not held twice).
     synced: Option<Vec<Event>>,
     done: bool,
 }
@@ -1276,8 +1276,12 @@ impl Session {
         let max_in_flight = config.max_in_flight;
         let debug = config.debug;
         let wants_sync = self.inner.notifier.wants(NotificationKind::Sync);
+        // Without a replica, a conflict's `ours` is the event as sent: nothing else holds it.
+        let wants_conflict =
+            self.replica.is_none() && self.inner.notifier.wants(NotificationKind::Conflict);
+        let keep_sent = wants_sync || wants_conflict;
         // The application's form differs from the wire's only through middleware.
-        let keep_local = wants_sync && !self.inner.pipeline.is_empty();
+        let keep_local = keep_sent && !self.inner.pipeline.is_empty();
         let rescan = self.inner.rescan_from.swap(u64::MAX, Ordering::AcqRel);
         if rescan <= self.sent_upto {
             // A forwarded event lies behind the scan: look again from there (what was sent
@@ -1376,7 +1380,7 @@ impl Session {
                     upto: flight_upto,
                     sent_at: Instant::now(),
                     ids: piece.iter().map(|o| o.wire.id.clone()).collect(),
-                    synced: wants_sync
+                    synced: keep_sent
                         .then(|| piece.into_iter().map(Outgoing::into_local).collect()),
                     done: false,
                 });
@@ -1655,7 +1659,7 @@ impl Session {
                     on_server.extend(local);
                 }
                 PublishResult::Duplicate { .. } => on_server.extend(local),
-                PublishResult::Conflict { held: Some(theirs) } => held.push(theirs),
+                PublishResult::Conflict { held: Some(theirs) } => held.push((theirs, local)),
                 // The ack had no room for the revision: it is in the room's log, at a seq
                 // this client reads (or has read) from the stream, where a replica takes it
                 // in and settles the conflict like any received event.
@@ -1690,7 +1694,7 @@ impl Session {
                     // Wire form, like any received event: decrypting middleware and the
                     // filter come first (what the filter refuses is not taken in).
                     let mut kept = Vec::with_capacity(held.len());
-                    for theirs in held {
+                    for (theirs, _) in held {
                         match self.incoming(theirs) {
                             Ok(Some(event)) => kept.push(event),
                             Ok(None) => {}
@@ -1708,14 +1712,28 @@ impl Session {
                         }
                     }
                 }
+                // No replica to settle it: the room keeps its revision, and the application
+                // hears of both sides, as it made ours and as it would receive theirs.
                 None => {
-                    for theirs in held {
-                        self.inner.notifier.emit(Notification::Error(Arc::new(
-                            SyncError::Rejected(format!(
-                                "event {:?} version {} already exists on the server with other content",
-                                theirs.id, theirs.version
-                            )),
-                        )));
+                    for (theirs, ours) in held {
+                        let rejected = SyncError::Rejected(format!(
+                            "event {:?} version {} already exists on the server with other content",
+                            theirs.id, theirs.version
+                        ));
+                        match (self.incoming(theirs), ours) {
+                            (Ok(Some(theirs)), Some(ours)) => self.inner.notifier.emit(
+                                Notification::Conflict(Conflict::concurrent_edit(ours, theirs)),
+                            ),
+                            // Nobody listened for conflicts when it went out, or the filter
+                            // keeps theirs from the application: refused, all the same.
+                            (Ok(_), _) => self
+                                .inner
+                                .notifier
+                                .emit(Notification::Error(Arc::new(rejected))),
+                            (Err(e), _) => {
+                                self.inner.notifier.emit(Notification::Error(Arc::new(e)))
+                            }
+                        }
                     }
                 }
             }

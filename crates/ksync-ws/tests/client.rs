@@ -1055,6 +1055,67 @@ async fn conflicts_from_the_room_are_settled_by_the_replica() {
     server.stop().await;
 }
 
+/// Without a replica there is nothing to settle a conflict with, but the application still
+/// hears of it as a conflict (not an error), with both sides in its own form: ours as it sent
+/// it (before outgoing middleware), theirs as it would receive it (after incoming middleware).
+/// The room keeps theirs.
+#[tokio::test]
+async fn a_standalone_client_reports_a_conflict_with_both_sides_in_the_applications_form() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("standalone-conflict"));
+    let (mut other, _) = join(&url, hello()).await;
+    // The room's revision, as an encoding client would have written it.
+    send_json(&mut other, json!({"type":"publish","ref":1,"events":[{"id":"doc","type":"t","data":{"wrapped":"theirs"},"timestamp":5,"version":1}]})).await;
+    recv_json(&mut other).await;
+    let client = WebSocketSyncClient::new(&url).expect("client");
+    client.use_middleware(Direction::Outgoing, |mut e: Event| {
+        e.data = json!({ "wrapped": e.data });
+        Some(e)
+    });
+    client.use_middleware(Direction::Incoming, |mut e: Event| {
+        e.data = e.data["wrapped"].take();
+        Some(e)
+    });
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    let ours = Event::new("doc", "t", json!("ours"), 10);
+    client.send(ours.clone()).await.expect("queued");
+    eventually("conflict reported", || {
+        rec.count(|n| matches!(n, Notification::Conflict(_))) == 1
+    })
+    .await;
+    let conflict = rec
+        .all()
+        .into_iter()
+        .find_map(|n| match n {
+            Notification::Conflict(conflict) => Some(conflict),
+            _ => None,
+        })
+        .expect("conflict");
+    assert_eq!(conflict.kind.to_string(), "concurrent-edit");
+    // (The client stamps its origin on what it sends.)
+    assert!(
+        conflict.ours.key() == ours.key() && conflict.ours.same_content(&ours),
+        "{:?}",
+        conflict.ours
+    );
+    assert_eq!(
+        (conflict.theirs.data, conflict.theirs.timestamp),
+        (json!("theirs"), 5)
+    );
+    assert_eq!(
+        rec.count(|n| matches!(n, Notification::Error(_))),
+        0,
+        "a conflict is not an error"
+    );
+    // Nothing was stored over the room's revision.
+    send_json(&mut other, json!({"type":"publish","ref":2,"events":[{"id":"doc","type":"t","data":{"wrapped":"theirs"},"timestamp":5,"version":1}]})).await;
+    let ack = recv_json(&mut other).await;
+    assert_eq!(ack["results"][0]["status"], "duplicate", "{ack}");
+    client.disconnect().await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn debug_option_turns_on_debug_logs_for_that_client() {
     use tracing_subscriber::fmt::MakeWriter;
