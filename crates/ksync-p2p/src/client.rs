@@ -198,7 +198,10 @@ impl P2PSyncClientBuilder {
             .map_err(|e| P2PError::Config(format!("network {:?}: {e}", opts.network)))?;
         if self.encryption && opts.network_key.is_none() {
             return Err(P2PError::Config(
-                "encryption is on but no network key was given".into(),
+                "encryption is on but no network key was given: encryption makes a private \
+                 network, whose peers all hold the same key (NetworkKey::generate, or \
+                 `ksync peer --generate-network-key FILE`; then network_key)"
+                    .into(),
             ));
         }
         if !self.encryption {
