@@ -245,3 +245,29 @@ test("an ack's held revision that breaks the event rules is not passed on: a pro
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });
+
+test('a snapshot page whose events are not a list is a protocol error: the session ends, the next asks for the snapshot again', async () => {
+  const good = makeEvent('snap');
+  const pages = [{}, 'not a list', [good]];
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { strategy: 'state-based' },
+    welcome: () => ({ serverVersion: 1 }),
+    onMessage: (session, message) => {
+      if (message.type !== 'hello') return;
+      session.send({ type: 'snapshot', serverVersion: 1, events: pages[Math.min(session.index, 2)], last: true });
+    },
+  });
+  await relay.waitSessions(3);
+  await waitFor(() => page.evaluate(() => window.client.cursor === 1), 5000, 'the snapshot of the third session');
+  assert.deepEqual(await page.evaluate(() => window.received.map((r) => r.event.id)), [good.id]);
+  assert.deepEqual(relay.sessions.slice(0, 3).map((s) => s.messages[0].state), [true, true, true]);
+  assert.deepEqual(relay.sessions.slice(0, 2).map((s) => s.closed), [
+    { code: 1000, reason: 'ending the session' }, { code: 1000, reason: 'ending the session' },
+  ]);
+  const errors = await errorsOf(page);
+  for (const kind of ['an object', 'a string']) {
+    assert.ok(errors.includes(`protocol: the server sent a snapshot page without a list of events (its events is ${kind})`), errors.join('\n'));
+  }
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});

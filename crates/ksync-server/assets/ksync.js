@@ -302,6 +302,14 @@ function welcomeFault(welcome) {
   return null;
 }
 
+/** What kind of JSON value `value` is, for an error (`null`, `an array`, `a string` ...). */
+function kindOf(value) {
+  if (value === null) return 'null';
+  if (value === undefined) return 'missing';
+  if (Array.isArray(value)) return 'an array';
+  return typeof value === 'object' ? 'an object' : `a ${typeof value}`;
+}
+
 /** Whether `seq` is a sequence number (an integer >= 1). */
 function isSeq(seq) {
   return Number.isSafeInteger(seq) && seq >= 1;
@@ -692,7 +700,7 @@ export class WebSocketSyncClient extends Emitter {
     this.#debug('received', message.type, text.length, 'bytes');
     switch (message.type) {
       case 'welcome': return this.#welcome(message);
-      case 'events': return this.#events(socket, message.events ?? []);
+      case 'events': return this.#events(socket, message.events);
       case 'snapshot': return this.#snapshot(socket, message);
       case 'ack': return this.#ack(message);
       case 'error': return this.#serverError(message);
@@ -791,7 +799,7 @@ export class WebSocketSyncClient extends Emitter {
 
   async #events(socket, batch) {
     if (!Array.isArray(batch)) {
-      this.#endSession(new KSyncError('protocol', 'the server sent an events message without a list of events'));
+      this.#endSession(new KSyncError('protocol', `the server sent an events message without a list of events (its events is ${kindOf(batch)})`));
       return;
     }
     const events = [];
@@ -821,8 +829,15 @@ export class WebSocketSyncClient extends Emitter {
 
   /** A page of the room's snapshot (`state-based`): the latest version of each id, no seq. */
   async #snapshot(socket, page) {
+    // A page whose events are not a list may have held some (a string would be read character
+    // by character): the session ends and the next one asks for the snapshot again, as the
+    // Rust client does (its protocol error).
+    if (!Array.isArray(page.events)) {
+      this.#endSession(new KSyncError('protocol', `the server sent a snapshot page without a list of events (its events is ${kindOf(page.events)})`));
+      return;
+    }
     const events = [];
-    for (const event of page.events ?? []) {
+    for (const event of page.events) {
       this.#meter.events += 1;
       const taken = await this.#incoming(event);
       // Given up while the middleware ran: the next session asks for the snapshot again.
