@@ -271,3 +271,58 @@ test('a snapshot page whose events are not a list is a protocol error: the sessi
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });
+
+// Page setup: records the attempt numbers of `reconnecting` in `window.attempts`.
+const RECORD_ATTEMPTS = "(client) => { window.attempts = []; client.on('reconnecting', (n) => window.attempts.push(n)); }";
+
+test('backoff: a server that welcomes and then closes keeps counting attempts; a session that stayed up starts them again', async () => {
+  // Up for the backoff maximum: the fourth session, until the test closes it.
+  const max = 300;
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { reconnectDelay: { min: 20, max } },
+    setup: RECORD_ATTEMPTS,
+    onMessage: (session, message) => {
+      if (message.type === 'hello' && session.index < 3) session.close(1011, 'failing after the welcome');
+    },
+  });
+  await relay.waitSessions(4);
+  assert.deepEqual(await page.evaluate(() => window.attempts), [1, 2, 3]);
+  // Each session was welcomed: counting on is not for failed connections only.
+  await waitFor(() => page.evaluate(() => window.connects === 4), 5000, 'the fourth session connected');
+  const fourth = relay.sessions[3];
+  await waitFor(() => Date.now() - fourth.at >= max + 200, 5000, 'the fourth session up for the backoff maximum');
+  fourth.close(1011, 'failing after a while');
+  await relay.waitSessions(5);
+  assert.deepEqual(await page.evaluate(() => window.attempts), [1, 2, 3, 1]);
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('backoff: the monitor feed also keeps counting attempts against a server that welcomes and then closes', async () => {
+  const page = await browser.newPage();
+  await page.routeWebSocket(/^ws:\/\/fake\.invalid\//, (ws) => {
+    ws.onMessage(() => {
+      ws.send(JSON.stringify({ type: 'welcome', protocol: 1 }));
+      ws.close({ code: 1011, reason: 'failing after the welcome' });
+    });
+  });
+  await page.goto(`${server.http}/health`);
+  await page.evaluate(async () => {
+    const { MonitorClient } = await import('/ksync.js');
+    window.opens = 0;
+    window.attempts = [];
+    const monitor = new MonitorClient('ws://fake.invalid/monitor', { reconnectDelay: { min: 20, max: 60000 } });
+    monitor.on('open', () => { window.opens += 1; });
+    monitor.on('reconnecting', (attempt) => window.attempts.push(attempt));
+    monitor.start();
+    window.monitor = monitor;
+  });
+  const attempts = await waitFor(async () => {
+    const seen = await page.evaluate(() => window.attempts);
+    return seen.length >= 3 && seen;
+  }, 5000, 'three reconnects of the monitor');
+  assert.deepEqual(attempts.slice(0, 3), [1, 2, 3]);
+  assert.ok(await page.evaluate(() => window.opens) >= 3);
+  await page.evaluate(() => window.monitor.stop());
+  await page.close();
+});

@@ -329,7 +329,8 @@ function isSeq(seq) {
  * (false: `console.debug` what goes in and out), `since` (undefined: start with the live
  * stream; 0: the whole room history; N: after seq N), `logId` (the `logId` that `since` counts
  * in, from a saved `cursor` and `logId`: another log is read from 0), `reconnectDelay`
- * ({min: 250, max: 30000} ms), `maxOutbox` (10000), `metricsInterval` (5000 ms).
+ * ({min: 250, max: 30000} ms; the attempts count on until a session stays up `max` ms),
+ * `maxOutbox` (10000), `metricsInterval` (5000 ms).
  *
  * Notifications (`on(type, handler)`): `connected` (welcome), `disconnected` ({code, reason}),
  * `reconnecting` (attempt), `event` (event, {seq, room}), `sync` (the events of one exchange:
@@ -346,7 +347,10 @@ export class WebSocketSyncClient extends Emitter {
   #socket = null;
   #connected = false;
   #stopped = true;
+  // Reconnects since the last session that stayed up (see `#sessionEnded`): paces the backoff.
   #attempt = 0;
+  // When this session's `welcome` came (ms since the epoch).
+  #upSince = 0;
   #retryTimer = null;
   #cursor = null;
   // The room log `#cursor` belongs to (`welcome.logId`).
@@ -745,7 +749,7 @@ export class WebSocketSyncClient extends Emitter {
     // (A snapshot sets it at its last page: a session cut short asks for the snapshot again.)
     if (this.#cursor === null && !this.#needSnapshot) this.#cursor = welcome.serverVersion;
     this.#connected = true;
-    this.#attempt = 0;
+    this.#upSince = Date.now();
     this.#startTimers();
     this.emit('connected', welcome);
     this.#setStatus('connected');
@@ -1078,9 +1082,15 @@ export class WebSocketSyncClient extends Emitter {
     this.#refusal = null;
     if (this.#stopped) return;
     if (resync) {
+      // Part of joining the reset room, not a lost connection (as the Rust client).
+      this.#attempt = 0;
       this.#open();
       return;
     }
+    // The backoff starts again from its minimum only after a session that stayed up for its
+    // maximum (as the Rust client): a server that welcomes and then fails at once (closes,
+    // refuses every publish) keeps counting, and is not hit at the shortest delay forever.
+    if (wasConnected && Date.now() - this.#upSince >= this.#options.reconnectDelay.max) this.#attempt = 0;
     if (refusal !== null) {
       // Refused in-band: why (`unauthorized`, `forbidden`, `bad_room`: stop; `rate_limited`:
       // retry later, with backoff).
@@ -1158,6 +1168,7 @@ export class MonitorClient extends Emitter {
   start() {
     if (!this.#stopped) return;
     this.#stopped = false;
+    this.#attempt = 0;
     this.#open();
   }
 
@@ -1172,6 +1183,8 @@ export class MonitorClient extends Emitter {
     const socket = new WebSocket(this.#url, this.#protocols);
     this.#socket = socket;
     let opened = false;
+    // When the `welcome` came (ms since the epoch; null before it).
+    let upSince = null;
     socket.onopen = () => {
       socket.send(JSON.stringify({ type: 'hello', protocol: PROTOCOL_VERSION, tail: this.#options.tail, recent: this.#options.recent }));
     };
@@ -1186,7 +1199,7 @@ export class MonitorClient extends Emitter {
       }
       if (parsed.type === 'welcome') {
         opened = true;
-        this.#attempt = 0;
+        upSince = Date.now();
         this.emit('open', parsed);
       } else if (parsed.type === 'error') {
         this.emit('error', new KSyncError(parsed.code, parsed.message));
@@ -1199,8 +1212,11 @@ export class MonitorClient extends Emitter {
       this.#socket = null;
       this.emit('close', { code: close.code, reason: close.reason, opened });
       if (this.#stopped || FATAL_CLOSE_CODES.has(close.code)) return;
-      this.#attempt += 1;
       const { min, max } = this.#options.reconnectDelay;
+      // As the sync client: the backoff starts again only after a connection that stayed up
+      // for its maximum, so a server that welcomes and then drops is not hit ever faster.
+      if (upSince !== null && Date.now() - upSince >= max) this.#attempt = 0;
+      this.#attempt += 1;
       const delay = backoff(this.#attempt, min, max);
       this.emit('reconnecting', this.#attempt, delay);
       this.#timer = setTimeout(() => { if (!this.#stopped) this.#open(); }, delay);
