@@ -729,7 +729,7 @@ async fn sync_is_notified_for_each_acknowledged_send_and_each_received_batch() {
         ]
     );
     assert_eq!(
-        rb.count(|n| matches!(n, Notification::Error(e) if e.to_string().contains(&sent.id))),
+        rb.count(|n| matches!(n, Notification::Conflict(c) if c.theirs.id == sent.id)),
         1,
         "the conflict was reported: {:?}",
         rb.all()
