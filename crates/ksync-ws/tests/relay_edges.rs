@@ -1608,3 +1608,51 @@ async fn an_event_that_re_encodes_past_8_mib_is_invalid_and_the_connection_stays
     assert_eq!(ack["results"][0], json!({"status":"stored","seq":1}));
     server.stop().await;
 }
+
+/// A publish of many tiny things that are not events (`[0,0,...]`) would need an ack of fifty
+/// times its size (one result with a message each: the connection was reset with no answer
+/// past ~84 KB of them). It is refused whole with one `error` carrying its ref, nothing is
+/// stored, and the connection goes on. A few such items get their `invalid` results, each
+/// message at most 256 bytes.
+#[tokio::test]
+async fn a_publish_whose_ack_would_be_huge_is_refused_whole_and_the_connection_stays() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("zeros"));
+    let (mut ws, _) = join(&url, hello()).await;
+    for count in [10_000usize, 300_000] {
+        let zeros = vec!["0"; count].join(",");
+        let message = format!(r#"{{"type":"publish","ref":{count},"events":[{zeros}]}}"#);
+        ws.send(Message::text(message)).await.expect("send");
+        let answer = recv_json(&mut ws).await;
+        // (An ack of them would be a megabyte: only its start goes in a failure message.)
+        let start: String = answer.to_string().chars().take(300).collect();
+        assert_eq!(answer["type"], "error", "{start}");
+        assert_eq!(answer["code"], "bad_message", "{start}");
+        assert_eq!(answer["ref"], count, "{start}");
+        let why = answer["message"].as_str().unwrap_or_default();
+        assert!(why.contains("nothing was stored"), "{why}");
+    }
+    // A long unknown field makes a long message: cut.
+    let long_field = format!(r#"{{"{}":1}}"#, "f".repeat(5_000));
+    let message = format!(
+        r#"{{"type":"publish","ref":1,"events":[0,{long_field},{}]}}"#,
+        event("ok", 1)
+    );
+    ws.send(Message::text(message)).await.expect("send");
+    let ack = recv_json(&mut ws).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let results = ack["results"].as_array().expect("results");
+    assert_eq!(results.len(), 3);
+    for result in &results[..2] {
+        assert_eq!(result["status"], "invalid", "{result}");
+        let message = result["message"].as_str().expect("message");
+        assert!(message.len() <= 256, "{} bytes", message.len());
+    }
+    assert!(
+        results[1]["message"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("..."))
+    );
+    assert_eq!(results[2], json!({"status":"stored","seq":1}));
+    server.stop().await;
+}

@@ -13,7 +13,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tracing::Instrument as _;
 
 use super::outbox::{Outbox, Sink, frame_message};
-use super::publish::{self, incoming};
+use super::publish::{self, Read, checked_publish, incoming};
 use super::room::{
     EVENTS_ENTRY_OVERHEAD, EVENTS_FRAME_OVERHEAD, Frame, Member, PublishCommand, RoomCommand,
     RoomLink, Subscribed,
@@ -467,7 +467,11 @@ impl Reader<'_> {
             Message::Close(_) => return Ok(true),
         };
         let limits = EventLimits::default();
-        if let Some((reference, items)) = utf8.and_then(|json| publish::read(json, &limits)) {
+        let max_results = self.shared.config.max_message_size;
+        if let Some(read) = utf8.and_then(|json| publish::read(json, &limits, max_results)) {
+            let reference = match &read {
+                Read::Publish(reference, _) | Read::Refused(reference, _) => *reference,
+            };
             if !self
                 .grant
                 .allows(ResourceKind::Room, self.room.as_str(), Access::Write)
@@ -476,6 +480,14 @@ impl Reader<'_> {
                 refuse_write(writer, reference).await?;
                 return Ok(false);
             }
+            let items = match read {
+                Read::Publish(_, items) => items,
+                Read::Refused(reference, why) => {
+                    self.commit(burst).await?;
+                    refuse_publish(writer, reference, why).await?;
+                    return Ok(false);
+                }
+            };
             burst.events += items.len().max(1);
             burst.bytes += text.len();
             burst
@@ -485,7 +497,7 @@ impl Reader<'_> {
         }
         self.commit(burst).await?;
         let (room, grant, link, id) = (self.room, self.grant, self.room_link, self.id);
-        Box::pin(handle(writer, text, room, grant, link, id)).await?;
+        Box::pin(handle(writer, text, room, grant, link, id, max_results)).await?;
         Ok(false)
     }
 
@@ -734,6 +746,7 @@ async fn handle(
     grant: &Grant,
     room_link: &RoomLink,
     id: u64,
+    max_results: usize,
 ) -> Result<(), End> {
     let Some(publish) = Box::pin(decode_other(writer, text)).await? else {
         return Ok(());
@@ -747,6 +760,10 @@ async fn handle(
         .into_iter()
         .map(|value| incoming(&value.to_string(), &limits))
         .collect();
+    let items = match checked_publish(publish.reference, items, max_results) {
+        Read::Publish(_, items) => items,
+        Read::Refused(reference, why) => return refuse_publish(writer, reference, why).await,
+    };
     let mut publishes = vec![PublishCommand::new(
         id,
         publish.reference,
@@ -757,6 +774,18 @@ async fn handle(
         .publish(&mut publishes)
         .await
         .map_err(|_| going_away())
+}
+
+/// Tells a client that its publish was refused whole (see `publish::AckBudget`); the
+/// connection stays open.
+async fn refuse_publish(writer: &mut Writer, reference: u64, why: String) -> Result<(), End> {
+    tracing::info!("publish refused: its ack would be too large");
+    writer
+        .message(
+            &ServerMessage::error(code::BAD_MESSAGE, why, Some(reference)),
+            false,
+        )
+        .await
 }
 
 /// Tells a client without the write right that nothing was stored (the connection stays open).

@@ -41,14 +41,20 @@ fn checked(event: Event, json: &str, limits: &EventLimits) -> Result<Incoming, S
     })
 }
 
-/// A publish's `ref` and its events (each decoded, or why it is invalid), read in one pass by
-/// [`read_publish`], else by the two-pass [`RawPublish`]. `None` for anything these do not
-/// read as a `publish`: the full decoder (`protocol::decode`) then gives the precise answer.
-pub(super) fn read(
-    json: &str,
-    limits: &EventLimits,
-) -> Option<(u64, Vec<Result<Incoming, String>>)> {
-    let (reference, mut items) = match read_publish(json, limits) {
+/// A publish as read: its events to commit, or refused whole.
+pub(super) enum Read {
+    /// Its `ref` and its events (each decoded, or why it is invalid, as its ack will say).
+    Publish(u64, Vec<Result<Incoming, String>>),
+    /// Its `ref`, and why nothing of it is stored (see [`AckBudget`]).
+    Refused(u64, String),
+}
+
+/// A publish's `ref` and its events, read in one pass by [`read_publish`], else by the two-pass
+/// [`RawPublish`]. `None` for anything these do not read as a `publish`: the full decoder
+/// (`protocol::decode`) then gives the precise answer. `max_results` is the relay's
+/// `max_message_size` (see [`AckBudget`]).
+pub(super) fn read(json: &str, limits: &EventLimits, max_results: usize) -> Option<Read> {
+    let (reference, items) = match read_publish(json, limits) {
         Some(publish) if publish.kind == "publish" => (publish.reference, publish.items),
         Some(_) => return None,
         None => {
@@ -56,16 +62,116 @@ pub(super) fn read(
             if publish.kind != "publish" {
                 return None;
             }
-            let items = publish
-                .events
-                .iter()
-                .map(|raw| incoming(raw.get(), limits))
-                .collect();
+            // Charged as they are decoded: a publish of a million `0`s stops at the budget
+            // instead of holding a million error messages first.
+            let mut budget = AckBudget::new(max_results);
+            let mut items = Vec::with_capacity(publish.events.len());
+            for raw in &publish.events {
+                let mut item = incoming(raw.get(), limits);
+                if let Err(why) = budget.charge(&mut item) {
+                    return Some(Read::Refused(publish.reference, why));
+                }
+                items.push(item);
+            }
             (publish.reference, items)
         }
     };
+    Some(checked_publish(reference, items, max_results))
+}
+
+/// The last checks of a decoded publish, whichever reader read it: later copies of a revision
+/// refused, and its ack's results within [`AckBudget`].
+pub(super) fn checked_publish(
+    reference: u64,
+    mut items: Vec<Result<Incoming, String>>,
+    max_results: usize,
+) -> Read {
     refuse_repeated_revisions(&mut items);
-    Some((reference, items))
+    let mut budget = AckBudget::new(max_results);
+    for item in &mut items {
+        if let Err(why) = budget.charge(item) {
+            return Read::Refused(reference, why);
+        }
+    }
+    Read::Publish(reference, items)
+}
+
+/// Longest `message` of an `invalid` result, in bytes (longer ones are cut, marked `...`).
+const MAX_INVALID_MESSAGE: usize = 256;
+
+/// Most bytes of an ack result besides an invalid event's message: `{"status":"duplicate",
+/// "seq":` with 20 digits and `}`, or `{"status":"invalid","message":""}`, and a comma.
+const ACK_RESULT_BYTES: usize = 50;
+
+/// The bytes an ack's results (apart from `held` revisions, which have a budget of their own
+/// in the room) may take: `max_message_size`. A publish of valid events never comes near it
+/// (an event is at least 54 bytes, its result at most 50); one of many tiny non-events
+/// (`[0,0,...]`: 2 bytes each, and a result with a message each) would make an ack fifty times
+/// the publish, over what the connection may buffer and clients accept. Such a publish is
+/// refused whole instead.
+struct AckBudget {
+    left: usize,
+    max: usize,
+    /// The first invalid event's message, for the refusal.
+    first_invalid: Option<String>,
+}
+
+impl AckBudget {
+    fn new(max: usize) -> Self {
+        Self {
+            left: max,
+            max,
+            first_invalid: None,
+        }
+    }
+
+    /// Charges `item`'s result (cutting a long message first); `Err` once over the budget.
+    fn charge(&mut self, item: &mut Result<Incoming, String>) -> Result<(), String> {
+        let bytes = match item {
+            Ok(_) => ACK_RESULT_BYTES,
+            Err(message) => {
+                shorten(message);
+                if self.first_invalid.is_none() {
+                    self.first_invalid = Some(message.clone());
+                }
+                ACK_RESULT_BYTES + json_string_len(message)
+            }
+        };
+        self.left = self.left.checked_sub(bytes).ok_or_else(|| {
+            format!(
+                "the ack of this publish would pass {} bytes: too many of its events are not \
+                 valid events (the first: {}); nothing was stored",
+                self.max,
+                self.first_invalid.as_deref().unwrap_or("none")
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// Cuts `message` to [`MAX_INVALID_MESSAGE`] bytes (at a character boundary, with `...`).
+fn shorten(message: &mut String) {
+    if message.len() <= MAX_INVALID_MESSAGE {
+        return;
+    }
+    let mut end = MAX_INVALID_MESSAGE - 3;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str("...");
+}
+
+/// The length of `text` as a JSON string's contents, escapes included (as serde_json writes
+/// them).
+fn json_string_len(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 /// Refuses the later copies of a revision `(id, version)` that one publish names more than
