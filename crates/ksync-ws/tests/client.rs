@@ -1112,7 +1112,7 @@ async fn a_standalone_client_reports_a_conflict_with_both_sides_in_the_applicati
     send_json(&mut other, json!({"type":"publish","ref":2,"events":[{"id":"doc","type":"t","data":{"wrapped":"theirs"},"timestamp":5,"version":1}]})).await;
     let ack = recv_json(&mut other).await;
     assert_eq!(ack["results"][0]["status"], "duplicate", "{ack}");
-    client.disconnect().await;
+    client.disconnect().await.expect("disconnect");
     server.stop().await;
 }
 
