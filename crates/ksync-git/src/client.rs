@@ -1367,24 +1367,27 @@ impl GitSyncClient {
         Ok(result)
     }
 
-    /// Local events of `branch` after `after`: up to one batch (at most `push_batch` events
+    /// Local events of `branch` after `after`: up to one batch (at most `max_events` events
     /// and, unless one event alone is larger, `push_batch_bytes` of JSON), encoded as a JSON
     /// array while they are read, and the last sequence number examined (the push cursor may
-    /// move there once the batch is acknowledged).
+    /// move there once the batch is acknowledged). Events that outgoing middleware made break
+    /// the event rules are reported and set apart in `refused`, not encoded.
     fn pending_batch(
         &self,
         replica: &Replica,
         segments: &Segments,
         branch: &str,
         after: u64,
+        max_events: usize,
     ) -> Result<PendingBatch, SyncError> {
         let mut events = Vec::new();
+        let mut refused = Vec::new();
         let mut json = vec![b'['];
         let mut scanned = after;
         'scan: loop {
             // Read no more than the batch can still take (reads copy events), but not in
             // tiny steps when other replicas' events are interleaved.
-            let want = (self.inner.push_batch - events.len()).clamp(64, SCAN_PAGE);
+            let want = max_events.saturating_sub(events.len()).clamp(64, SCAN_PAGE);
             let page = replica.storage().read_since(scanned, want)?;
             if page.is_empty() {
                 break;
@@ -1404,6 +1407,26 @@ impl GitSyncClient {
                             }
                         }
                     };
+                    // The service refuses a whole batch holding an event that breaks the
+                    // rules, at every push: this one goes no further, like an event the
+                    // service refused (the cursor passes it once the batch is acknowledged).
+                    if let Some(Err(reason)) = shaped
+                        .as_ref()
+                        .map(|shaped| shaped.validate(&EventLimits::default()))
+                    {
+                        let error = GitError::InvalidOutgoing {
+                            id: stored.event.id.chars().take(64).collect(),
+                            version: stored.event.version,
+                            reason,
+                        };
+                        tracing::warn!(error = %error, "git: an event was not pushed");
+                        self.inner
+                            .notifier
+                            .emit(Notification::Error(Arc::new(error.into_sync())));
+                        refused.push(stored.event);
+                        scanned = stored.seq;
+                        continue;
+                    }
                     let mark = json.len();
                     if !events.is_empty() {
                         json.push(b',');
@@ -1425,7 +1448,7 @@ impl GitSyncClient {
                     events.push(stored.event);
                 }
                 scanned = stored.seq;
-                if events.len() >= self.inner.push_batch {
+                if events.len() >= max_events {
                     break 'scan;
                 }
             }
@@ -1433,6 +1456,7 @@ impl GitSyncClient {
         json.push(b']');
         Ok(PendingBatch {
             events,
+            refused,
             json,
             end: scanned,
         })
@@ -1474,8 +1498,12 @@ impl GitSyncClient {
         // one after the other, so the server applies them in log order.
         let mut in_flight: Option<InFlight> = None;
         let wants_sync = self.inner.notifier.wants(NotificationKind::Sync);
+        // Most events per batch: halved for the rest of this push each time the service
+        // answers a batch of several events 413 (it says to push smaller batches).
+        let mut max_events = self.inner.push_batch;
         loop {
-            let batch = self.pending_batch(replica, &segments, branch, scanned)?;
+            let batch = self.pending_batch(replica, &segments, branch, scanned, max_events)?;
+            let start = scanned;
             scanned = batch.end;
             if result.pushed_events.capacity() == 0 && !batch.events.is_empty() {
                 // Room for the whole push at once rather than regrowing batch after batch.
@@ -1485,7 +1513,18 @@ impl GitSyncClient {
             let mut acknowledged = None;
             if let Some(previous) = in_flight.take() {
                 let before = result.pushed_events.len();
-                let settled = settle(previous, &mut pulled, &mut result).await?;
+                let (previous_start, previous_len) = (previous.start, previous.events.len());
+                let settled = match settle(previous, &mut pulled, &mut result).await? {
+                    Settled::Acknowledged(settled) => settled,
+                    Settled::TooLarge => {
+                        // Sent again from its start in halves, down to one event (which a
+                        // 413 then rejects, see `settle`). The batch just read was not sent:
+                        // it is read again after them.
+                        max_events = (previous_len / 2).max(1);
+                        scanned = previous_start;
+                        continue;
+                    }
+                };
                 answered |= settled.answered;
                 self.learn_log(replica, branch, &mut known, settled.log_id.as_deref())
                     .await?;
@@ -1503,6 +1542,9 @@ impl GitSyncClient {
                     total,
                 );
             }
+            // Taken: what the middleware made invalid in it is rejected now (not before: a
+            // batch read again after a 413 reads them again).
+            result.rejected_events.extend(batch.refused);
             if !batch.events.is_empty() {
                 let http = self.inner.http.clone();
                 let body = push_body(pulled, known.as_deref(), &batch.json);
@@ -1512,6 +1554,7 @@ impl GitSyncClient {
                         http.call(reqwest::Method::POST, target, Some(body)).await
                     }),
                     events: batch.events,
+                    start,
                     end: scanned,
                     base_version: pulled,
                 });
@@ -1613,29 +1656,33 @@ impl GitSyncClient {
 /// Waits for a push batch's answer and takes its results: pushed and rejected events into
 /// `result`, and a fast-forward of `pulled` when the branch is now exactly what was pulled plus
 /// this batch (no need to pull it back). The cursors are made durable afterwards (see
-/// [`record`]).
+/// [`record`]). A 413 for a batch of several events takes nothing ([`Settled::TooLarge`]).
 async fn settle(
     batch: InFlight,
     pulled: &mut u64,
     result: &mut PushResult,
-) -> Result<Acknowledged, SyncError> {
+) -> Result<Settled, SyncError> {
     let answer: PushResponse = match joined(batch.answer).await {
         Ok(answer) => answer,
-        // One event alone over the service's body limit: no retry can ever send it, and
-        // failing on it would hold back every event after it. It is refused like a
-        // collision (kept here, reported in `rejected_events`, not sent again).
-        Err(e)
-            if batch.events.len() == 1
-                && GitError::of(&e).and_then(GitError::status) == Some(413) =>
-        {
+        Err(e) if GitError::of(&e).and_then(GitError::status) == Some(413) => {
+            if batch.events.len() > 1 {
+                // The service asks for smaller batches: sending this one again would get
+                // the same answer at every push.
+                tracing::debug!(error = %e, events = batch.events.len(),
+                    "git: a push batch was too large; sending it again in smaller ones");
+                return Ok(Settled::TooLarge);
+            }
+            // One event alone over the service's body limit: no retry can ever send it, and
+            // failing on it would hold back every event after it. It is refused like a
+            // collision (kept here, reported in `rejected_events`, not sent again).
             tracing::warn!(error = %e, "git: an event larger than the service accepts was not pushed");
             result.rejected_events.extend(batch.events);
-            return Ok(Acknowledged {
+            return Ok(Settled::Acknowledged(Acknowledged {
                 end: batch.end,
                 log_id: None,
                 fast_forward_to: None,
                 answered: false,
-            });
+            }));
         }
         Err(e) => return Err(e),
     };
@@ -1666,18 +1713,29 @@ async fn settle(
     if let Some(version) = fast_forward_to {
         *pulled = version;
     }
-    Ok(Acknowledged {
+    Ok(Settled::Acknowledged(Acknowledged {
         end: batch.end,
         log_id: answer.log_id,
         fast_forward_to,
         answered: true,
-    })
+    }))
+}
+
+/// How a push batch's answer was taken.
+enum Settled {
+    /// The service took it (or refused its one event for good).
+    Acknowledged(Acknowledged),
+    /// 413 for a batch of several events: nothing of it was taken; smaller batches may go.
+    TooLarge,
 }
 
 /// One push batch as read from the local log: the events (kept for the result), the same
 /// events as a JSON array, and the last local sequence number examined.
 struct PendingBatch {
     events: Vec<Event>,
+    /// Events of this stretch of the log that outgoing middleware made invalid: not sent,
+    /// rejected once the batch is taken.
+    refused: Vec<Event>,
     json: Vec<u8>,
     end: u64,
 }
@@ -1762,6 +1820,9 @@ impl Drop for Prefetch {
 struct InFlight {
     answer: tokio::task::JoinHandle<Result<PushResponse, SyncError>>,
     events: Vec<Event>,
+    /// The push cursor before this batch (where it is read again from, in smaller batches,
+    /// after a 413).
+    start: u64,
     /// The push cursor once this batch is acknowledged.
     end: u64,
     base_version: u64,

@@ -1,6 +1,6 @@
 //! The client's error type.
 
-use ksync_core::SyncError;
+use ksync_core::{InvalidEvent, SyncError};
 
 /// What went wrong talking to a repository service.
 ///
@@ -59,6 +59,21 @@ pub enum GitError {
         url: String,
         /// What was wrong with it.
         reason: String,
+    },
+    /// Outgoing middleware made a local event break the event rules
+    /// ([`Event::validate`](ksync_core::Event::validate)): the service would refuse every batch
+    /// holding it, so it is not pushed (it comes back in the push's `rejected_events`).
+    #[error(
+        "outgoing middleware made event {id:?} version {version} break the event rules ({reason}): not pushed"
+    )]
+    InvalidOutgoing {
+        /// The event's id (cut to 64 characters: an over-long id may be the fault).
+        id: String,
+        /// The event's version.
+        version: u64,
+        /// The rule it breaks.
+        #[source]
+        reason: InvalidEvent,
     },
     /// A merge found more collisions than one `merge` call settles
     /// ([`MERGE_MAX_CONFLICTS`](crate::MERGE_MAX_CONFLICTS)): those settled are kept

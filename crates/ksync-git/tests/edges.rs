@@ -1109,8 +1109,8 @@ async fn an_event_over_the_body_limit_is_rejected_and_does_not_hold_back_the_res
     // Not sent again.
     let again = c.push().await.expect("push");
     assert!(again.pushed_events.is_empty() && again.rejected_events.is_empty());
-    // A batch of several events over the limit is still an error (smaller batches would
-    // fit: see `push_batch_bytes`), and nothing of it is skipped.
+    // A batch of several events over the limit is sent again in smaller batches (each of
+    // these fits alone), and nothing of it is skipped.
     let small_batches = ksync_git::GitSyncClient::builder(server.repo_url("r"))
         .auth(ksync_core::Auth::token("writer"))
         .compression(false)
@@ -1128,14 +1128,12 @@ async fn an_event_over_the_body_limit_is_rejected_and_does_not_hold_back_the_res
             .await
             .expect("send");
     }
-    let err = small_batches
-        .push()
-        .await
-        .expect_err("one batch over the limit");
-    assert_eq!(GitError::of(&err).and_then(GitError::status), Some(413));
+    let halved = small_batches.push().await.expect("push in smaller batches");
+    assert_eq!(ids(&halved.pushed_events), ["mid0", "mid1", "mid2", "mid3"]);
+    assert!(halved.rejected_events.is_empty());
     assert_eq!(
         small_batches.local_status().expect("status").pending_events,
-        4
+        0
     );
 }
 

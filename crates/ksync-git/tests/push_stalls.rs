@@ -1,0 +1,126 @@
+//! Pushes that used to stall for good: the same batch sent again at every push, and nothing
+//! after it ever pushed.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ksync_core::{Direction, Event, InMemoryProvider, Notification, PullPushClient, SyncClient};
+use ksync_git::GitError;
+use ksync_git::server::GitServerConfig;
+use serde_json::{Value, json};
+
+use common::{branch_events, client, start, start_with};
+
+fn ids(events: &[Event]) -> Vec<String> {
+    events.iter().map(|e| e.id.clone()).collect()
+}
+
+/// Outgoing middleware that makes an event break the event rules (here: `data` doubled past
+/// `MAX_EVENT_JSON_BYTES`, as the shipped `Encrypt` does to a 6.5 MB event) used to make the
+/// service refuse the whole batch with 400 `invalid_event` at every push. The client checks
+/// the shaped event, reports it (naming the event and the rule) and rejects it, and the
+/// events after it are pushed; the next push does not send it again.
+#[tokio::test]
+async fn an_event_middleware_made_invalid_is_rejected_and_does_not_hold_back_the_rest() {
+    let server = start(&["r"]).await;
+    let c = client(&server.repo_url("r"));
+    c.use_middleware(Direction::Outgoing, |mut event: Event| {
+        if let Value::String(text) = &event.data {
+            event.data = Value::String(text.repeat(2));
+        }
+        Some(event)
+    });
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = Arc::clone(&errors);
+    let _subscription = c
+        .on(
+            "error",
+            Box::new(move |n: &Notification| {
+                if let Notification::Error(e) = n {
+                    sink.lock().expect("lock").push(e.to_string());
+                }
+            }),
+        )
+        .expect("on");
+    // 5 MiB: valid as made, 10 MiB once doubled (the limit is 8 MiB).
+    c.send(Event::new("big", "t", json!("x".repeat(5 << 20)), 1))
+        .await
+        .expect("send");
+    c.send(Event::new("small", "t", json!("y"), 1))
+        .await
+        .expect("send");
+
+    let pushed = c.push().await.expect("push");
+    assert_eq!(ids(&pushed.pushed_events), ["small"]);
+    assert_eq!(ids(&pushed.rejected_events), ["big"]);
+    let on_service = branch_events(&server, "r", "main");
+    assert_eq!(ids(&on_service), ["small"]);
+    assert_eq!(on_service[0].data, json!("yy"), "pushed as shaped");
+    // Reported, naming the event and the rule (notifications come from a task: wait for it).
+    for _ in 0..200 {
+        if !errors.lock().expect("lock").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let reported = errors.lock().expect("lock").clone();
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert!(
+        reported[0].contains("\"big\"") && reported[0].contains("the limit is"),
+        "{reported:?}"
+    );
+
+    // Not sent again.
+    let again = c.push().await.expect("push");
+    assert!(again.pushed_events.is_empty() && again.rejected_events.is_empty());
+    assert_eq!(c.local_status().expect("status").pending_events, 0);
+    assert!(
+        c.replica().storage().latest("big").expect("read").is_some(),
+        "kept locally"
+    );
+}
+
+/// A batch of several events answered 413 (the service's body-memory budget: two 1.5 MB
+/// `[0,0,...]` events decode to a bound of about 51 MB, over a 32 MiB budget, though each
+/// alone fits) used to fail the push, and the same batch went at every push. The client sends
+/// it again in smaller batches, and both events arrive.
+#[tokio::test]
+async fn a_batch_answered_413_is_sent_again_in_smaller_batches() {
+    let server = start_with(
+        Arc::new(InMemoryProvider::new()),
+        GitServerConfig {
+            body_memory_bytes: 32 << 20,
+            ..GitServerConfig::default()
+        },
+        &["r"],
+    )
+    .await;
+    let c = client(&server.repo_url("r"));
+    let zeros = json!(vec![0u8; 750_000]);
+    c.send(Event::new("first", "t", zeros.clone(), 1))
+        .await
+        .expect("send");
+    c.send(Event::new("second", "t", zeros, 1))
+        .await
+        .expect("send");
+    c.send(Event::new("third", "t", json!(3), 1))
+        .await
+        .expect("send");
+
+    let pushed = match c.push().await {
+        Ok(pushed) => pushed,
+        Err(e) => panic!(
+            "push failed ({:?}): {e}",
+            GitError::of(&e).and_then(GitError::status)
+        ),
+    };
+    assert_eq!(ids(&pushed.pushed_events), ["first", "second", "third"]);
+    assert!(pushed.rejected_events.is_empty());
+    assert_eq!(
+        ids(&branch_events(&server, "r", "main")),
+        ["first", "second", "third"]
+    );
+    assert_eq!(c.local_status().expect("status").pending_events, 0);
+}
