@@ -399,6 +399,9 @@ impl Replica {
     /// there, so events that only arrived are read once, not on every scan. With fewer than
     /// `limit` events returned, the position is the end of the log.
     pub fn pending_page(&self, after: u64, limit: usize) -> Result<(Vec<Stored>, u64), SyncError> {
+        if !self.inner.has_forwards.load(Ordering::Acquire) {
+            return self.own_pending_page(after, limit);
+        }
         let mut out = Vec::new();
         let mut scanned = after;
         'scan: while out.len() < limit {
@@ -414,6 +417,38 @@ impl Replica {
                         break 'scan;
                     }
                 }
+            }
+        }
+        Ok((out, scanned))
+    }
+
+    /// [`Replica::pending_page`] when nothing was ever forwarded, so that what is sent is what
+    /// was made here: each event is looked at where the storage keeps it and only those sent
+    /// are copied (a page of others' large events, which a transport scans past, is never
+    /// held at once).
+    fn own_pending_page(&self, after: u64, limit: usize) -> Result<(Vec<Stored>, u64), SyncError> {
+        let mut out = Vec::new();
+        let mut scanned = after;
+        while out.len() < limit {
+            let mut visited_to = scanned;
+            let visited =
+                self.inner
+                    .storage
+                    .visit_since(scanned, SCAN_PAGE, &mut |seq, event| {
+                        if out.len() == limit {
+                            return;
+                        }
+                        visited_to = seq;
+                        if event.origin.as_deref() == Some(self.id()) {
+                            out.push(Stored {
+                                seq,
+                                event: event.clone(),
+                            });
+                        }
+                    })?;
+            scanned = visited_to;
+            if visited == 0 {
+                break;
             }
         }
         Ok((out, scanned))
@@ -572,6 +607,59 @@ mod tests {
         let stored = replica.storage().get("a", 1).expect("read").expect("held");
         assert_eq!(stored.event, a);
         assert_eq!(replica.pending(0, 10).expect("pending").len(), 1);
+    }
+
+    /// Over several scan pages, with and without forwarded events (two ways of scanning):
+    /// the events sent after the cursor, the first `limit` of them, and the scan position
+    /// (the last one returned when the page is full, else the end of the log).
+    #[tokio::test]
+    async fn pending_pages_span_scan_pages_with_and_without_forwards() {
+        let replica = Replica::with_id(Arc::new(InMemoryStorage::new()), "me");
+        let total = 2 * SCAN_PAGE as u64 + 300;
+        for i in 1..=total {
+            let origin = if i % 3 == 0 { "me" } else { "other" };
+            let event = Event::new(format!("e{i}"), "t", json!(i), i).with_origin(origin);
+            if origin == "me" {
+                replica.record_local(event).await.expect("local");
+            } else {
+                replica.ingest(vec![event]).await.expect("remote");
+            }
+        }
+        let check = |sent: &dyn Fn(u64) -> bool| {
+            for after in [0, 1, 1023, 1024, 2047, total - 5, total] {
+                for limit in [1, 2, 500, 5_000] {
+                    let wanted: Vec<u64> = (after + 1..=total)
+                        .filter(|&seq| sent(seq))
+                        .take(limit)
+                        .collect();
+                    let scanned = if wanted.len() == limit {
+                        wanted.last().copied().unwrap_or(after)
+                    } else {
+                        total.max(after)
+                    };
+                    let (page, at) = replica.pending_page(after, limit).expect("page");
+                    let seqs: Vec<u64> = page.iter().map(|s| s.seq).collect();
+                    assert_eq!(
+                        (seqs, at),
+                        (wanted, scanned),
+                        "after {after}, limit {limit}"
+                    );
+                }
+            }
+        };
+        check(&|seq| seq % 3 == 0);
+        // One of the others' events handed over: scanned the other way, same answers.
+        let forwarded = replica
+            .storage()
+            .read_since(1, 1)
+            .expect("read")
+            .pop()
+            .expect("event 2");
+        replica
+            .record_forward(forwarded.event)
+            .await
+            .expect("forward");
+        check(&|seq| seq % 3 == 0 || seq == 2);
     }
 
     #[tokio::test]
