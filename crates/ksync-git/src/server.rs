@@ -25,7 +25,7 @@ use axum::routing::{any, get, post};
 use http_body_util::BodyExt as _;
 use ksync_core::{
     Access, AppendOutcome, AuthError, Authenticator, Conflict, Credentials, Event, EventLimits,
-    Grant, LogName, Name, ResourceKind, Storage, StorageError, StorageProvider,
+    Grant, LogName, Name, ResourceKind, Storage, StorageError, StorageProvider, Stored,
 };
 use serde::{Deserialize, Serialize};
 
@@ -116,7 +116,8 @@ pub struct GitServerConfig {
     /// each: gigabytes built in memory for one answer. A merge answer's collisions (both
     /// revisions each) are cut the same way; without it one answer held every collision of
     /// the branch, past what a client reads (`max_response_bytes`, 64 MiB), and the client
-    /// asked for it again forever.
+    /// asked for it again forever. A fork's copy and a merge read their source in pages of
+    /// about this many bytes decoded ([`Event::decoded_len`]), as they hold each page decoded.
     pub max_page_bytes: usize,
     /// Responses at least this large are gzip-compressed for clients that accept gzip.
     /// Default 1 KiB.
@@ -1074,7 +1075,7 @@ async fn create_branch(
         let want = usize::try_from(at - copied)
             .unwrap_or(COPY_PAGE)
             .min(COPY_PAGE);
-        let page = source.read_since(copied, want)?;
+        let page = read_page(source.as_ref(), copied, want, s.inner.config.max_page_bytes)?;
         let Some(last) = page.last() else { break };
         copied = last.seq;
         target
@@ -1140,6 +1141,50 @@ const ENCODE_SLICE: usize = 1000;
 /// sized by the events seen so far.
 const FIRST_SLICE: usize = 64;
 
+/// Events in the first read of a fork's or a merge's page, before their size is known:
+/// `read_since` returns every event it reads decoded (a 64-event first read of 16 MiB events
+/// held 1 GiB), so it starts with one.
+const FIRST_COPY_READ: usize = 1;
+
+/// How many events the next read of a page takes, after `read` events that measured `measured`
+/// bytes: `first` before any size is known, then as many as the rest of `budget` holds at the
+/// average size so far, plus one (the event that fills it).
+fn sized_read(read: usize, measured: usize, budget: usize, first: usize) -> usize {
+    match measured.checked_div(read) {
+        Some(per_event) => budget.saturating_sub(measured) / per_event.max(1) + 1,
+        None => first,
+    }
+}
+
+/// The events after `after`: up to `count` of them, and about `budget` bytes of them decoded
+/// ([`Event::decoded_len`], at least one event). One page of a
+/// fork's copy or of a merge: those pages are held decoded (and appended whole), so they are
+/// bounded by their memory rather than by their count, and read in slices sized as a pull
+/// page's are.
+fn read_page(
+    storage: &dyn Storage,
+    after: u64,
+    count: usize,
+    budget: usize,
+) -> Result<Vec<Stored>, StorageError> {
+    let mut page: Vec<Stored> = Vec::new();
+    let mut measured: usize = 0;
+    while page.len() < count && measured < budget {
+        let fits = sized_read(page.len(), measured, budget, FIRST_COPY_READ);
+        let want = (count - page.len()).min(fits);
+        let slice = storage.read_since(page.last().map_or(after, |s| s.seq), want)?;
+        let ended = slice.len() < want;
+        measured = slice
+            .iter()
+            .fold(measured, |sum, s| sum.saturating_add(s.event.decoded_len()));
+        page.extend(slice);
+        if ended {
+            break;
+        }
+    }
+    Ok(page)
+}
+
 /// Which events a pull page may hold: after `since`, up to `count` events and `bytes` of
 /// encoded events (at least one event).
 #[derive(Debug, Clone, Copy)]
@@ -1173,12 +1218,7 @@ fn pull_page(
     let mut full = false;
     while read < count && !full {
         let written = json.len() - first;
-        // After the first slice: as many as the budget left holds at the average size so far,
-        // plus one (the event that fills it).
-        let fits = match written.checked_div(read) {
-            Some(per_event) => budget.saturating_sub(written) / per_event.max(1) + 1,
-            None => FIRST_SLICE,
-        };
+        let fits = sized_read(read, written, budget, FIRST_SLICE);
         let want = (count - read).min(ENCODE_SLICE).min(fits);
         let mut taken = 0;
         let visited = storage.visit_since(since + read as u64, want, &mut |_, event| {
@@ -1335,7 +1375,14 @@ async fn merge(
         conflicts: s.inner.config.max_page,
         bytes: s.inner.config.max_page_bytes,
     };
-    let (body, cursor) = merge_page(into.as_ref(), from.as_ref(), start, limits).await?;
+    let (body, cursor) = merge_page(
+        into.as_ref(),
+        from.as_ref(),
+        start,
+        limits,
+        s.inner.config.max_page_bytes,
+    )
+    .await?;
     // A merge that read nothing writes nothing: metadata records are appended to the log (a
     // file log never compacts), so every no-op merge grew it. Its answer need not be kept
     // either: it reports no collision, so a retry that merges afresh loses none.
@@ -1435,13 +1482,15 @@ struct AnswerLimits {
 
 /// One page of a merge of `from` into `into` from `cursor`: appends what `into` lacks until
 /// `from`'s end, or until the answer is full (it ends before the collision that would take it
-/// past either limit, unless that is its first). Returns the answer (`next` set when it ended
-/// early) and the cursor to record.
+/// past either limit, unless that is its first). `from` is read in batches of about
+/// `read_budget` bytes decoded (see [`read_page`]). Returns the answer (`next` set when it
+/// ended early) and the cursor to record.
 async fn merge_page(
     into: &dyn Storage,
     from: &dyn Storage,
     mut cursor: MergeCursor,
     limits: AnswerLimits,
+    read_budget: usize,
 ) -> Result<(MergeResponse, MergeCursor), ApiError> {
     let target = from.len();
     let mut body = MergeResponse::default();
@@ -1457,7 +1506,7 @@ async fn merge_page(
         let want = usize::try_from(end - cursor.at)
             .unwrap_or(COPY_PAGE)
             .min(COPY_PAGE);
-        let batch = from.read_since(cursor.at, want)?;
+        let batch = read_page(from, cursor.at, want, read_budget)?;
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             break;
         };
