@@ -108,6 +108,51 @@ test('`conflict` is notified when the room holds other content under the same id
   }
 });
 
+// Page setup: an encode/decode middleware pair (the app's data goes out as `{enc}`, a reversed
+// JSON text, and comes back decoded), as an encrypting app would have.
+const ENCODING = `(client) => {
+  const flip = (text) => [...text].reverse().join('');
+  client.use('outgoing', (event) => ({ ...event, data: { enc: flip(JSON.stringify(event.data)) } }));
+  client.use('incoming', (event) => ({ ...event, data: JSON.parse(flip(event.data.enc)) }));
+}`;
+
+test('`conflict` gives both sides in the app\'s form: ours before outgoing, theirs after incoming middleware', async () => {
+  const server = await sharedServer();
+  const room = `${server.ws}/ws/conflicted-encoded-${process.pid}`;
+  const writer = await pageClient(browser, server.http, room, {}, ENCODING);
+  const page = await pageClient(browser, server.http, room, {}, ENCODING);
+  // A filter that keeps the room's revision from the app: the conflict comes without it.
+  const filtered = await pageClient(browser, server.http, room, { filterSource: "(event) => event.data.text !== 'written first'" }, ENCODING);
+  try {
+    const theirs = makeEvent('doc', { text: 'written first' });
+    assert.equal((await writer.evaluate((e) => window.client.send(e), theirs)).status, 'stored');
+    await waitFor(() => page.evaluate((id) => window.received.some((r) => r.event.id === id), theirs.id), 5000, 'the page saw the first revision');
+    // What the room holds is the encoded form.
+    assert.ok(page.wsFrames.some((f) => !f.sent && f.text?.includes('"enc"') && f.text.includes(theirs.id)));
+
+    const ours = { ...theirs, data: { text: 'written second' } };
+    const result = await page.evaluate((e) => window.client.send(e), ours);
+    assert.equal(result.status, 'conflict');
+    assert.deepEqual(result.held.data, theirs.data);
+    const conflicts = await page.evaluate(() => window.conflicts);
+    assert.equal(conflicts.length, 1, JSON.stringify(conflicts));
+    assert.equal(conflicts[0].type, 'concurrent-edit');
+    assert.deepEqual(conflicts[0].ours, ours);
+    assert.deepEqual(conflicts[0].theirs, theirs);
+
+    const alsoOurs = { ...theirs, data: { text: 'written third' } };
+    const refused = await filtered.evaluate((e) => window.client.send(e), alsoOurs);
+    assert.deepEqual(refused, { status: 'conflict' });
+    const seen = await filtered.evaluate(() => window.conflicts);
+    assert.deepEqual(seen, [{ type: 'concurrent-edit', ours: alsoOurs, theirs: null }]);
+    assert.deepEqual(await filtered.evaluate(() => window.received), []);
+    assert.deepEqual(await page.evaluate(() => window.errors), []);
+  } finally {
+    for (const p of [writer, page, filtered]) await p.close();
+    await server.stop();
+  }
+});
+
 test('`compression: true`: the server agrees and big batches arrive deflated and are inflated', async () => {
   const server = await sharedServer();
   const room = `${server.ws}/ws/deflated`;

@@ -335,7 +335,9 @@ function isSeq(seq) {
  * Notifications (`on(type, handler)`): `connected` (welcome), `disconnected` ({code, reason}),
  * `reconnecting` (attempt), `event` (event, {seq, room}), `sync` (the events of one exchange:
  * a received batch or snapshot page, or an `ack`'s `stored` and `duplicate` events as given to
- * `send`), `ack` (results), `conflict` ({type, ours, theirs}), `error` (KSyncError), `status`
+ * `send`), `ack` (results), `conflict` ({type, ours, theirs}: ours as given to `send`, theirs
+ * as it would be received, after the incoming middleware and the filter; null when left out,
+ * dropped or invalid), `error` (KSyncError), `status`
  * ('connected', 'syncing', 'idle' or 'error'), `metrics` ({eventsPerSecond, averageLatency,
  * bandwidthUsage}: events and bytes sent plus received per second, mean ack round trip in ms).
  */
@@ -706,7 +708,7 @@ export class WebSocketSyncClient extends Emitter {
       case 'welcome': return this.#welcome(message);
       case 'events': return this.#events(socket, message.events);
       case 'snapshot': return this.#snapshot(socket, message);
-      case 'ack': return this.#ack(message);
+      case 'ack': return this.#ack(socket, message);
       case 'error': return this.#serverError(message);
       case 'pong': return undefined; // Seen in `onmessage`: the heartbeat.
       default: return undefined; // Newer servers may add messages: ignore what we do not know.
@@ -763,8 +765,9 @@ export class WebSocketSyncClient extends Emitter {
     this.#updateStatus();
   }
 
-  /** A received event after the incoming chain and the filter; null when dropped. */
-  async #incoming(event) {
+  /** A received event after the incoming chain and the filter; null when dropped. `faulty`:
+   * the message of the error for one that breaks the event rules (given it and the fault). */
+  async #incoming(event, faulty = (current, fault) => `received ${describe(current)} is not a valid event (${fault}): skipped`) {
     if (event === null || typeof event !== 'object' || Array.isArray(event)) {
       this.emit('error', new KSyncError('protocol', `the server sent ${JSON.stringify(event) ?? 'nothing'} as an event: skipped`));
       return null;
@@ -795,7 +798,7 @@ export class WebSocketSyncClient extends Emitter {
     // them is not taken in (the cursor moves past it), as in the Rust client.
     const fault = receivedFault(current);
     if (fault !== null) {
-      this.emit('error', new KSyncError('protocol', `received ${describe(current)} is not a valid event (${fault}): skipped`, { event }));
+      this.emit('error', new KSyncError('protocol', faulty(current, fault), { event }));
       return null;
     }
     return current;
@@ -858,7 +861,7 @@ export class WebSocketSyncClient extends Emitter {
     this.#updateStatus();
   }
 
-  #ack(ack) {
+  async #ack(socket, ack) {
     const sent = this.#inFlight.get(ack.ref);
     if (!sent) return;
     // An ack that places an event at no seq, or past the ack's own serverVersion, is not
@@ -873,9 +876,20 @@ export class WebSocketSyncClient extends Emitter {
       return;
     }
     const { items } = sent;
+    const results = Array.isArray(ack.results) ? ack.results : [];
+    // The room's revision of each conflict in the app's form (its incoming middleware may
+    // decrypt), taken before anything of this ack counts.
+    const theirs = new Map();
+    for (const [i, item] of items.entries()) {
+      const held = results[i]?.status === 'conflict' ? results[i].held ?? null : null;
+      if (held === null) continue;
+      theirs.set(i, await this.#theirs(ack.ref, item, held));
+      // Given up while the middleware ran (the heartbeat): the publish stays in flight and
+      // goes out again on the next session.
+      if (socket !== this.#socket) return;
+    }
     this.#meter.rtt += Date.now() - sent.at;
     this.#meter.acks += 1;
-    const results = Array.isArray(ack.results) ? ack.results : [];
     this.emit('ack', results);
     // The events now safely in the room: this exchange's `sync`.
     const synced = [];
@@ -895,17 +909,14 @@ export class WebSocketSyncClient extends Emitter {
           item.resolve(result);
           break;
         case 'conflict': {
-          // `held` is left out of acks past their size bound: the room's revision is in its stream.
-          const { held = null, ...conflict } = result;
-          // The room's revision is a received event: one that breaks the event rules is not
-          // passed on (reported, and the conflict is told without it), as in the Rust client.
-          const fault = held === null ? null : receivedFault(held);
-          if (fault !== null) {
-            this.emit('error', new KSyncError('protocol', `the ack for publish ${ack.ref} holds a revision of ${describe(item.event)} that is not a valid event (${fault}): left out`, { event: held }));
-          }
-          const theirs = fault === null ? held : null;
-          this.emit('conflict', { type: 'concurrent-edit', ours: item.event, theirs });
-          item.resolve(theirs === null ? conflict : result);
+          // Both sides in the app's form, as in the Rust client: ours as given to `send`
+          // (before the outgoing middleware), theirs as the app would receive it (see
+          // `#theirs`; null when the ack left `held` out, past its size bound: the room's
+          // revision is in its stream).
+          const { held: _held, ...conflict } = result;
+          const their = theirs.get(i) ?? null;
+          this.emit('conflict', { type: 'concurrent-edit', ours: item.local, theirs: their });
+          item.resolve(their === null ? conflict : { ...conflict, held: their });
           break;
         }
         case 'invalid':
@@ -930,6 +941,20 @@ export class WebSocketSyncClient extends Emitter {
     }
     this.#inFlight.delete(ack.ref);
     this.#updateStatus();
+  }
+
+  /**
+   * The room's revision in a conflict (an ack's `held`) as the app would receive it: a received
+   * event, so through the incoming chain and the filter, then the event rules. Null when the
+   * chain or the filter drops it (the app does not see it) or it breaks the rules (reported).
+   */
+  async #theirs(ref, item, held) {
+    const faulty = (_, fault) => `the ack for publish ${ref} holds a revision of ${describe(item.local)} that is not a valid event (${fault}): left out`;
+    if (typeof held !== 'object' || Array.isArray(held)) {
+      this.emit('error', new KSyncError('protocol', faulty(held, 'it is not an object'), { event: held }));
+      return null;
+    }
+    return this.#incoming(held, faulty);
   }
 
   #serverError(message) {
