@@ -227,3 +227,80 @@ test('heartbeat: a server that stops answering is given up on, and joined again 
     await server.stop();
   }
 });
+
+test('non-positive, non-integer and crossed sizes and delays are a TypeError from the constructor', async () => {
+  const server = await sharedServer();
+  const page = await browser.newPage();
+  try {
+    await page.goto(`${server.http}/health`);
+    const outcome = await page.evaluate(async () => {
+      const { WebSocketSyncClient, MonitorClient } = await import('/ksync.js');
+      const attempt = (Client, options) => {
+        try {
+          new Client('ws://127.0.0.1:9/ws/x', options);
+          return 'accepted';
+        } catch (error) {
+          return error.name;
+        }
+      };
+      const bad = [
+        { maxOutbox: 0 }, { maxOutbox: -1 }, { maxOutbox: 'abc' }, { maxOutbox: 1.5 }, { maxOutbox: NaN },
+        { reconnectDelay: { min: 0 } }, { reconnectDelay: { min: 'x' } }, { reconnectDelay: { min: -5 } },
+        { reconnectDelay: { max: 0 } }, { reconnectDelay: { min: 500, max: 100 } },
+        { reconnectDelay: 100 }, { reconnectDelay: { max: 2 ** 31 } },
+        { batchSize: -2 }, { batchSize: '10' }, { batchInterval: 0 }, { batchInterval: Infinity },
+        { snapshotInterval: 'later' }, { heartbeat: -1 }, { heartbeat: 2 ** 31 }, { heartbeatTimeout: 0 },
+        { metricsInterval: 0 }, { metricsInterval: 0.5 },
+      ];
+      const good = [
+        {}, { maxOutbox: 1 }, { reconnectDelay: { min: 1, max: 1 } }, { reconnectDelay: { min: 50000 } },
+        { reconnectDelay: { max: 100 } }, { reconnectDelay: {} }, { batchSize: 3, batchInterval: 10 },
+        { heartbeat: 2 ** 31 - 1 }, { metricsInterval: 1, snapshotInterval: 1 },
+      ];
+      return {
+        bad: bad.map((options) => [JSON.stringify(options), attempt(WebSocketSyncClient, options)]),
+        good: good.map((options) => [JSON.stringify(options), attempt(WebSocketSyncClient, options)]),
+        monitor: [{ reconnectDelay: { min: 0 } }, { reconnectDelay: { min: 'x' } }, { reconnectDelay: { min: 20, max: 10 } }, {}]
+          .map((options) => attempt(MonitorClient, options)),
+      };
+    });
+    for (const [options, result] of outcome.bad) assert.equal(result, 'TypeError', options);
+    for (const [options, result] of outcome.good) assert.equal(result, 'accepted', options);
+    assert.deepEqual(outcome.monitor, ['TypeError', 'TypeError', 'TypeError', 'accepted']);
+  } finally {
+    await page.close();
+    await server.stop();
+  }
+});
+
+test('the outbox is bounded by maxOutbox: the newest send is refused (outbox_full), the queued ones go out', async () => {
+  const server = await sharedServer();
+  const page = await browser.newPage();
+  try {
+    await page.goto(`${server.http}/health`);
+    const events = [1, 2, 3].map((n) => makeEvent('bounded', { n }));
+    const outcome = await page.evaluate(async ({ url, events }) => {
+      const { WebSocketSyncClient } = await import('/ksync.js');
+      // Not connected: whatever is sent waits in the outbox.
+      const client = new WebSocketSyncClient(url, { maxOutbox: 2 });
+      window.client = client;
+      window.queued = events.slice(0, 2).map((e) => client.send(e));
+      const refused = await client.send(events[2]).then(() => 'queued', (error) => `${error.name} ${error.code}`);
+      return { refused, pending: client.pending };
+    }, { url: `${server.ws}/ws/bounded-${process.pid}`, events });
+    assert.deepEqual(outcome, { refused: 'KSyncError outbox_full', pending: 2 });
+    // Once connected the two go out, and there is room again.
+    const results = await page.evaluate(async (last) => {
+      await window.client.connect();
+      const first = await Promise.all(window.queued);
+      const third = await window.client.send(last);
+      return [...first, third].map((r) => r.status);
+    }, events[2]);
+    assert.deepEqual(results, ['stored', 'stored', 'stored']);
+    assert.equal(await page.evaluate(() => window.client.pending), 0);
+    await page.evaluate(() => window.client.disconnect());
+  } finally {
+    await page.close();
+    await server.stop();
+  }
+});

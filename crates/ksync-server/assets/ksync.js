@@ -75,10 +75,44 @@ function canInflateRaw() {
   }
 }
 
-function positiveInteger(value, name, fallback) {
+// The longest delay a timer takes: past it `setTimeout` and `setInterval` fire at once (a
+// `heartbeat` or reconnect delay of 2^31 ms would spin).
+const MAX_DELAY_MS = 2 ** 31 - 1;
+
+/** `value` (`fallback` when absent), an integer of 1 to `max`; a TypeError else (`0`, `-1`,
+ * `'abc'`, `1.5`, `NaN` ...: a size or delay that cannot be meant). */
+function positiveInteger(value, name, fallback, max = Number.MAX_SAFE_INTEGER) {
   if (value === undefined || value === null) return fallback;
-  if (!Number.isSafeInteger(value) || value < 1) throw new TypeError(`${name} must be an integer >= 1`);
+  if (!Number.isSafeInteger(value) || value < 1 || value > max) {
+    throw new TypeError(`${name} must be an integer from 1 to ${max}, not ${JSON.stringify(value) ?? String(value)}`);
+  }
   return value;
+}
+
+/** A delay in ms (1 ms to `MAX_DELAY_MS`). */
+function delayOption(value, name, fallback) {
+  return positiveInteger(value, name, fallback, MAX_DELAY_MS);
+}
+
+/**
+ * The `reconnectDelay` option ({min, max} ms; either may be left out): both delays of at least
+ * 1 ms and `min <= max`, as the Rust builder asks (a zero or non-numeric `min` made the backoff
+ * retry a failing server as fast as the browser could). A left-out bound follows the other
+ * when the default would cross it (`{max: 100}` is 100 to 100).
+ */
+function reconnectDelayOption(value, defaults) {
+  if (value === undefined || value === null) return { ...defaults };
+  if (typeof value !== 'object' || Array.isArray(value)) {
+    throw new TypeError(`reconnectDelay must be an object {min, max} (ms), not ${JSON.stringify(value) ?? String(value)}`);
+  }
+  const given = {
+    min: delayOption(value.min, 'reconnectDelay.min', undefined),
+    max: delayOption(value.max, 'reconnectDelay.max', undefined),
+  };
+  const min = given.min ?? Math.min(defaults.min, given.max ?? defaults.min);
+  const max = given.max ?? Math.max(defaults.max, min);
+  if (min > max) throw new TypeError(`reconnectDelay.min (${min}) must not be above reconnectDelay.max (${max})`);
+  return { min, max };
 }
 
 /**
@@ -330,7 +364,9 @@ function isSeq(seq) {
  * stream; 0: the whole room history; N: after seq N), `logId` (the `logId` that `since` counts
  * in, from a saved `cursor` and `logId`: another log is read from 0), `reconnectDelay`
  * ({min: 250, max: 30000} ms; the attempts count on until a session stays up `max` ms),
- * `maxOutbox` (10000), `metricsInterval` (5000 ms).
+ * `maxOutbox` (10000: a `send` past it rejects with `outbox_full`), `metricsInterval` (5000 ms).
+ * Sizes and delays are integers >= 1 (delays at most 2^31 - 1 ms, reconnectDelay min <= max):
+ * anything else is a TypeError from the constructor.
  *
  * Notifications (`on(type, handler)`): `connected` (welcome), `disconnected` ({code, reason}),
  * `reconnecting` (attempt), `event` (event, {seq, room}), `sync` (the events of one exchange:
@@ -397,17 +433,17 @@ export class WebSocketSyncClient extends Emitter {
     if (!STRATEGIES.has(strategy)) throw new TypeError(`strategy must be one of ${[...STRATEGIES].join(', ')}`);
     this.#options = {
       reconnect: options.reconnect ?? true,
-      heartbeat: positiveInteger(options.heartbeat, 'heartbeat', 30000),
-      heartbeatTimeout: positiveInteger(options.heartbeatTimeout, 'heartbeatTimeout', 10000),
+      heartbeat: delayOption(options.heartbeat, 'heartbeat', 30000),
+      heartbeatTimeout: delayOption(options.heartbeatTimeout, 'heartbeatTimeout', 10000),
       compression: Boolean(options.compression) && canInflateRaw(),
       strategy,
       batchSize: positiveInteger(options.batchSize, 'batchSize', strategy === 'batch' ? 50 : 1),
-      batchInterval: positiveInteger(options.batchInterval, 'batchInterval', 5000),
-      snapshotInterval: positiveInteger(options.snapshotInterval, 'snapshotInterval', 300000),
+      batchInterval: delayOption(options.batchInterval, 'batchInterval', 5000),
+      snapshotInterval: delayOption(options.snapshotInterval, 'snapshotInterval', 300000),
       debug: Boolean(options.debug),
-      reconnectDelay: { min: 250, max: 30000, ...(options.reconnectDelay ?? {}) },
-      maxOutbox: options.maxOutbox ?? 10000,
-      metricsInterval: positiveInteger(options.metricsInterval, 'metricsInterval', 5000),
+      reconnectDelay: reconnectDelayOption(options.reconnectDelay, { min: 250, max: 30000 }),
+      maxOutbox: positiveInteger(options.maxOutbox, 'maxOutbox', 10000),
+      metricsInterval: delayOption(options.metricsInterval, 'metricsInterval', 5000),
     };
     this.#filter = filterFor(options.filter);
     this.setAuth(options.auth);
@@ -1186,7 +1222,7 @@ export class MonitorClient extends Emitter {
     this.#options = {
       recent: options.recent ?? 20,
       tail: options.tail ?? true,
-      reconnectDelay: { min: 250, max: 10000, ...(options.reconnectDelay ?? {}) },
+      reconnectDelay: reconnectDelayOption(options.reconnectDelay, { min: 250, max: 10000 }),
     };
   }
 
