@@ -1,6 +1,7 @@
 //! Test helpers shared by kSync's test suites (a dev-dependency only; never published):
 //! capturing what one log target says ([`LogCapture`]) and recording the `sync` notifications
-//! of a client ([`SyncRecorder`]).
+//! of a client ([`SyncRecorder`]), and the storage methods a test wrapper passes on unchanged
+//! ([`storage_pass_through!`]).
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -144,4 +145,32 @@ impl SyncRecorder {
     pub fn ids(&self) -> Vec<String> {
         self.batches().concat()
     }
+}
+
+/// Inside `impl Storage for Wrapper`, the methods a test wrapper passes on unchanged to the
+/// storage in its field `$log` (`get`, `latest`, `len`, `state`, `meta`, `set_meta`): for
+/// wrappers that change only `append` or `read_since` (to gate, fail or measure them). Needs
+/// `BTreeMap`, `BoxFuture`, `Event`, `StorageError` and `Stored` in scope.
+#[macro_export]
+macro_rules! storage_pass_through {
+    ($log:ident) => {
+        fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+            self.$log.get(id, version)
+        }
+        fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+            self.$log.latest(id)
+        }
+        fn len(&self) -> u64 {
+            self.$log.len()
+        }
+        fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+            self.$log.state()
+        }
+        fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+            self.$log.meta(key)
+        }
+        fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+            self.$log.set_meta(key, value)
+        }
+    };
 }

@@ -54,24 +54,7 @@ impl Storage for GatedStorage {
     fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
         self.log.read_since(after, limit)
     }
-    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
-        self.log.get(id, version)
-    }
-    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
-        self.log.latest(id)
-    }
-    fn len(&self) -> u64 {
-        self.log.len()
-    }
-    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
-        self.log.state()
-    }
-    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
-        self.log.meta(key)
-    }
-    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
-        self.log.set_meta(key, value)
-    }
+    ksync_testkit::storage_pass_through!(log);
 }
 
 /// Every log is a [`GatedStorage`] sharing one gate.
