@@ -6,8 +6,9 @@
 import assert from 'node:assert/strict';
 import { deflateRawSync } from 'node:zlib';
 import { after, before, test } from 'node:test';
+import { createServer } from 'node:net';
 
-import { fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, waitFor } from './lib.mjs';
+import { fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, startServer, waitFor } from './lib.mjs';
 
 let browser;
 let server;
@@ -296,4 +297,79 @@ test('cursor_ahead to since 0 is a protocol error: the next session comes after 
   await waitErrors(page, 'protocol: the server answered cursor_ahead to since 0', 2);
   await page.evaluate(() => window.client.disconnect());
   await page.close();
+});
+
+/** A local port nothing listens on (bound, then closed). */
+async function closedPort() {
+  const listener = createServer();
+  await new Promise((resolve) => listener.listen(0, '127.0.0.1', resolve));
+  const { port } = listener.address();
+  await new Promise((resolve) => listener.close(resolve));
+  return port;
+}
+
+// Page setup: records `reconnecting` attempts and `disconnected` closes.
+const RECORD_RECONNECTS = `(client) => {
+  window.attempts = [];
+  window.disconnects = [];
+  client.on('reconnecting', (n) => window.attempts.push(n));
+  client.on('disconnected', (d) => window.disconnects.push(d.code));
+}`;
+
+test('every failed attempt and lost connection is an error, alongside reconnecting (as the Rust client)', async () => {
+  // Nothing listens: the first attempt rejects connect(), and each one after is told too.
+  const port = await closedPort();
+  const page = await browser.newPage();
+  await page.goto(`${server.http}/health`);
+  await page.evaluate(async ({ url, setup }) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 50, max: 100 } });
+    window.client = client;
+    window.errors = [];
+    window.statuses = [];
+    client.on('error', (error) => window.errors.push({ code: error.code, name: error.name }));
+    client.on('status', (status) => window.statuses.push(status));
+    (0, eval)(`(${setup})`)(client);
+    window.rejected = await client.connect().then(() => 'connected', (error) => error.code);
+  }, { url: `ws://127.0.0.1:${port}/ws/unreachable`, setup: RECORD_RECONNECTS });
+  assert.equal(await page.evaluate(() => window.rejected), 'connect');
+  const seen = await waitFor(async () => {
+    const now = await page.evaluate(() => ({ errors: window.errors, attempts: window.attempts }));
+    return now.attempts.length >= 3 && now.errors.length >= 4 && now;
+  }, 10000, 'three reconnect attempts that failed');
+  // One error a failed attempt: the first, and one per retry (its `reconnecting` follows it).
+  assert.ok(seen.errors.every((e) => e.code === 'connect' && e.name === 'KSyncError'), JSON.stringify(seen.errors));
+  const counts = await page.evaluate(() => [window.errors.length, window.attempts.length]);
+  assert.equal(counts[0], counts[1], `errors and reconnecting attempts: ${counts}`);
+  assert.equal(await page.evaluate(() => window.client.status), 'error');
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+
+  // A session that was up and drops: `connection_lost`, then one `connect` error per attempt
+  // while the server is away; back once it is.
+  let own = await startServer();
+  const addr = own.addr;
+  const room = `${own.ws}/ws/dropped`;
+  const live = await pageClient(browser, server.http, room, { reconnectDelay: { min: 50, max: 100 } }, RECORD_RECONNECTS);
+  try {
+    await own.stop();
+    const errors = await waitFor(async () => {
+      const all = await live.evaluate(() => window.errors);
+      return all.filter((e) => e.startsWith('connect:')).length >= 2 && all;
+    }, 10000, 'failed attempts while the server is away');
+    assert.ok(errors[0].startsWith('connection_lost: connection lost ('), errors.join('\n'));
+    assert.ok(errors.slice(1).every((e) => e.startsWith('connect:')), errors.join('\n'));
+    assert.equal((await live.evaluate(() => window.disconnects)).length, 1);
+    const counts = await live.evaluate(() => [window.errors.length, window.attempts.length]);
+    assert.equal(counts[0], counts[1], `errors and reconnecting attempts: ${counts}`);
+
+    own = await startServer({ bind: addr });
+    await waitFor(() => live.evaluate(() => window.connects === 2), 10000, 'connected again');
+    const event = makeEvent('back');
+    assert.equal((await live.evaluate((e) => window.sendTracked(e), event)).status, 'stored');
+    await live.evaluate(() => window.client.disconnect());
+  } finally {
+    await live.close();
+    await own.stop();
+  }
 });

@@ -373,7 +373,8 @@ function isSeq(seq) {
  * a received batch or snapshot page, or an `ack`'s `stored` and `duplicate` events as given to
  * `send`), `ack` (results), `conflict` ({type, ours, theirs}: ours as given to `send`, theirs
  * as it would be received, after the incoming middleware and the filter; null when left out,
- * dropped or invalid), `error` (KSyncError), `status`
+ * dropped or invalid), `error` (KSyncError; also one for every failed attempt, code `connect`,
+ * and lost connection, `connection_lost`, before its `reconnecting`), `status`
  * ('connected', 'syncing', 'idle' or 'error'), `metrics` ({eventsPerSecond, averageLatency,
  * bandwidthUsage}: events and bytes sent plus received per second, mean ack round trip in ms).
  */
@@ -1164,9 +1165,14 @@ export class WebSocketSyncClient extends Emitter {
       this.#stop(new KSyncError('closed', `server closed the connection: ${close.code} ${close.reason}`, { closeCode: close.code }));
       return;
     }
-    const reason = opened
-      ? `connection closed (${close.code}${close.reason ? ` ${close.reason}` : ''})`
-      : 'connection failed (server down, unreachable, or full)';
+    // `connection_lost`: a session that was up ended; `connect`: an attempt got no session
+    // (no connection, or one closed before its `welcome`: what rejects a waiting `connect()`).
+    const closed = `${close.code}${close.reason ? ` ${close.reason}` : ''}`;
+    if (wasConnected) {
+      this.#failed(new KSyncError('connection_lost', `connection lost (${closed})`, { closeCode: close.code }));
+      return;
+    }
+    const reason = opened ? `connection closed (${closed})` : 'connection failed (server down, unreachable, or full)';
     this.#failed(new KSyncError('connect', reason, { closeCode: close.code }));
   }
 
@@ -1178,12 +1184,16 @@ export class WebSocketSyncClient extends Emitter {
     this.#setStatus('error');
   }
 
+  /** A session that ended, or an attempt that got none: `error` is notified (unless it was
+   * already, by `#endSession`) for every one, as the Rust client does, and rejects the waiting
+   * `connect()` calls; then the next attempt after the reconnect delay (`reconnecting`), or,
+   * without `reconnect`, the client stops. */
   #failed(error) {
     this.#settleWaiters(error);
     this.#setStatus('error');
+    if (!this.#notified.has(error)) this.emit('error', error);
     if (!this.#options.reconnect) {
       this.#stopped = true;
-      if (!this.#notified.has(error)) this.emit('error', error);
       return;
     }
     this.#attempt += 1;
