@@ -377,7 +377,7 @@ impl Replica {
     /// Whether this replica sends `stored` on: it was made here (origin = our id) or handed
     /// over with [`Replica::record_forward`]. Events that merely arrived are not sent back.
     pub fn sends(&self, stored: &Stored) -> Result<bool, SyncError> {
-        if stored.event.origin.as_deref() == Some(self.id()) {
+        if self.made_here(&stored.event) {
             return Ok(true);
         }
         if !self.inner.has_forwards.load(Ordering::Acquire) {
@@ -393,6 +393,11 @@ impl Replica {
     /// Up to `limit` events this replica sends (see [`Replica::sends`]) with `seq > after`.
     pub fn pending(&self, after: u64, limit: usize) -> Result<Vec<Stored>, SyncError> {
         self.pending_page(after, limit).map(|(events, _)| events)
+    }
+
+    /// Whether `event` was made here (its origin is this replica's id).
+    fn made_here(&self, event: &Event) -> bool {
+        event.origin.as_deref() == Some(self.id())
     }
 
     /// [`Replica::pending`], plus how far the scan got: the caller may start its next scan
@@ -439,7 +444,7 @@ impl Replica {
                             return;
                         }
                         visited_to = seq;
-                        if event.origin.as_deref() == Some(self.id()) {
+                        if self.made_here(event) {
                             out.push(Stored {
                                 seq,
                                 event: event.clone(),

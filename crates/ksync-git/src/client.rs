@@ -633,13 +633,13 @@ impl GitSyncClient {
         let mut after = replica.cursor(&self.cursor_key(&branch, "pushed"))?;
         let mut pending_events = 0;
         loop {
-            let page = replica.storage().read_since(after, SCAN_PAGE)?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
+            let (page, page_end) = replica.pending_page(after, SCAN_PAGE)?;
+            if page.is_empty() {
+                break;
+            }
+            after = page_end;
             for stored in &page {
-                if segments.branch_of(stored.seq) == Some(branch.as_str())
-                    && replica.sends(stored)?
-                {
+                if segments.branch_of(stored.seq) == Some(branch.as_str()) {
                     pending_events += 1;
                 }
             }
@@ -1386,15 +1386,17 @@ impl GitSyncClient {
         let mut scanned = after;
         'scan: loop {
             // Read no more than the batch can still take (reads copy events), but not in
-            // tiny steps when other replicas' events are interleaved.
+            // tiny steps when other branches' events are interleaved. (Other replicas'
+            // events are scanned past where the storage keeps them, never copied.)
             let want = max_events.saturating_sub(events.len()).clamp(64, SCAN_PAGE);
-            let page = replica.storage().read_since(scanned, want)?;
+            let (page, page_end) = replica.pending_page(scanned, want)?;
             if page.is_empty() {
+                scanned = scanned.max(page_end);
                 break;
             }
             let shapes_nothing = self.shapes_nothing();
             for stored in page {
-                if segments.branch_of(stored.seq) == Some(branch) && replica.sends(&stored)? {
+                if segments.branch_of(stored.seq) == Some(branch) {
                     // The form it is pushed in (`None`: it stays home, for good).
                     let shaped = if shapes_nothing {
                         None
@@ -1419,11 +1421,7 @@ impl GitSyncClient {
                             version: stored.event.version,
                             reason,
                         };
-                        tracing::warn!(error = %error, "git: an event was not pushed");
-                        self.inner
-                            .notifier
-                            .emit(Notification::Error(Arc::new(error.into_sync())));
-                        refused.push(stored.event);
+                        refused.push((stored.event, error));
                         scanned = stored.seq;
                         continue;
                     }
@@ -1452,6 +1450,7 @@ impl GitSyncClient {
                     break 'scan;
                 }
             }
+            scanned = scanned.max(page_end);
         }
         json.push(b']');
         Ok(PendingBatch {
@@ -1511,11 +1510,17 @@ impl GitSyncClient {
                 result.pushed_events.reserve(room.max(batch.events.len()));
             }
             let mut acknowledged = None;
-            if let Some(previous) = in_flight.take() {
+            if let Some(mut previous) = in_flight.take() {
                 let before = result.pushed_events.len();
                 let (previous_start, previous_len) = (previous.start, previous.events.len());
+                let refused = std::mem::take(&mut previous.refused);
                 let settled = match settle(previous, &mut pulled, &mut result).await? {
-                    Settled::Acknowledged(settled) => settled,
+                    Settled::Acknowledged(settled) => {
+                        // Taken: what the middleware made invalid in its stretch is rejected
+                        // now, once (a batch answered 413 is read again, refusals and all).
+                        self.reject_refused(refused, &mut result);
+                        settled
+                    }
                     Settled::TooLarge => {
                         // Sent again from its start in halves, down to one event (which a
                         // 413 then rejects, see `settle`). The batch just read was not sent:
@@ -1542,10 +1547,10 @@ impl GitSyncClient {
                     total,
                 );
             }
-            // Taken: what the middleware made invalid in it is rejected now (not before: a
-            // batch read again after a 413 reads them again).
-            result.rejected_events.extend(batch.refused);
-            if !batch.events.is_empty() {
+            if batch.events.is_empty() {
+                // Nothing to send: what the middleware made invalid in it is rejected now.
+                self.reject_refused(batch.refused, &mut result);
+            } else {
                 let http = self.inner.http.clone();
                 let body = push_body(pulled, known.as_deref(), &batch.json);
                 let target = url.clone();
@@ -1554,6 +1559,7 @@ impl GitSyncClient {
                         http.call(reqwest::Method::POST, target, Some(body)).await
                     }),
                     events: batch.events,
+                    refused: batch.refused,
                     start,
                     end: scanned,
                     base_version: pulled,
@@ -1584,6 +1590,18 @@ impl GitSyncClient {
             result.server_version = self.branch_info(branch).await?.server_version;
         }
         Ok(result)
+    }
+
+    /// Reports events outgoing middleware made break the event rules (an error notification
+    /// each) and returns them among the push's rejected events.
+    fn reject_refused(&self, refused: Vec<(Event, GitError)>, result: &mut PushResult) {
+        for (event, error) in refused {
+            tracing::warn!(error = %error, "git: an event was not pushed");
+            self.inner
+                .notifier
+                .emit(Notification::Error(Arc::new(error.into_sync())));
+            result.rejected_events.push(event);
+        }
     }
 
     async fn request<B: Serialize, T: DeserializeOwned>(
@@ -1733,9 +1751,9 @@ enum Settled {
 /// events as a JSON array, and the last local sequence number examined.
 struct PendingBatch {
     events: Vec<Event>,
-    /// Events of this stretch of the log that outgoing middleware made invalid: not sent,
-    /// rejected once the batch is taken.
-    refused: Vec<Event>,
+    /// Events of this stretch of the log that outgoing middleware made invalid, and why: not
+    /// sent, rejected once the batch is taken.
+    refused: Vec<(Event, GitError)>,
     json: Vec<u8>,
     end: u64,
 }
@@ -1820,6 +1838,8 @@ impl Drop for Prefetch {
 struct InFlight {
     answer: tokio::task::JoinHandle<Result<PushResponse, SyncError>>,
     events: Vec<Event>,
+    /// Its stretch's events the middleware made invalid (see [`PendingBatch::refused`]).
+    refused: Vec<(Event, GitError)>,
     /// The push cursor before this batch (where it is read again from, in smaller batches,
     /// after a 413).
     start: u64,

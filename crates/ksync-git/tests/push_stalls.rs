@@ -124,3 +124,56 @@ async fn a_batch_answered_413_is_sent_again_in_smaller_batches() {
     );
     assert_eq!(c.local_status().expect("status").pending_events, 0);
 }
+
+/// Both at once: a batch holding an event the middleware made invalid, answered 413 and read
+/// again in halves. The invalid event is rejected and reported once, not once per reading.
+#[tokio::test]
+async fn an_invalid_event_in_a_batch_answered_413_is_rejected_once() {
+    let server = start_with(
+        Arc::new(InMemoryProvider::new()),
+        GitServerConfig {
+            body_memory_bytes: 32 << 20,
+            ..GitServerConfig::default()
+        },
+        &["r"],
+    )
+    .await;
+    let c = client(&server.repo_url("r"));
+    c.use_middleware(Direction::Outgoing, |mut event: Event| {
+        if let Value::String(text) = &event.data {
+            event.data = Value::String(text.repeat(2));
+        }
+        Some(event)
+    });
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = Arc::clone(&errors);
+    let _subscription = c
+        .on(
+            "error",
+            Box::new(move |n: &Notification| {
+                if let Notification::Error(e) = n {
+                    sink.lock().expect("lock").push(e.to_string());
+                }
+            }),
+        )
+        .expect("on");
+    let zeros = json!(vec![0u8; 750_000]);
+    c.send(Event::new("first", "t", zeros.clone(), 1))
+        .await
+        .expect("send");
+    c.send(Event::new("big", "t", json!("x".repeat(5 << 20)), 1))
+        .await
+        .expect("send");
+    c.send(Event::new("second", "t", zeros, 1))
+        .await
+        .expect("send");
+
+    let pushed = c.push().await.expect("push");
+    assert_eq!(ids(&pushed.pushed_events), ["first", "second"]);
+    assert_eq!(ids(&pushed.rejected_events), ["big"]);
+    // Notifications come from a task: give a second report the time to arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reported = errors.lock().expect("lock").clone();
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert!(reported[0].contains("\"big\""), "{reported:?}");
+}
