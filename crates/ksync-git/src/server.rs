@@ -1142,8 +1142,8 @@ const ENCODE_SLICE: usize = 1000;
 const FIRST_SLICE: usize = 64;
 
 /// Events in the first read of a fork's or a merge's page, before their size is known:
-/// `read_since` returns every event it reads decoded (a 64-event first read of 16 MiB events
-/// held 1 GiB), so it starts with one.
+/// `read_since` returns every event it reads decoded (a 64-event first read of 1 MiB
+/// `[0,0,...]` events, 16 MiB each decoded, held 1 GiB), so it starts with one.
 const FIRST_COPY_READ: usize = 1;
 
 /// How many events the next read of a page takes, after `read` events that measured `measured`

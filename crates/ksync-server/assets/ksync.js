@@ -251,6 +251,8 @@ function depthExceeds(value, max) {
  * events the app sends (refused before they are queued) and those received (skipped). Those of
  * `Event::validate` (non-empty id and type of at most 256 UTF-8 bytes, version >= 1, data nested
  * at most 128 levels), plus what its types ask of JSON (integers for version and timestamp).
+ * Not its size rule (8 MiB of JSON as serde_json writes it, whose numbers JavaScript does not
+ * print the same way): the relay answers a larger event `invalid`, and never sends one.
  */
 function eventFault(event) {
   if (event === null || typeof event !== 'object' || Array.isArray(event)) return 'it is not an object';
@@ -859,8 +861,12 @@ export class WebSocketSyncClient extends Emitter {
       if (this.#cursor !== null && seq <= this.#cursor) continue;
       this.#meter.events += 1;
       const taken = await this.#incoming(event);
-      // Given up while the middleware ran (the heartbeat): the rest comes again, from the cursor.
-      if (socket !== this.#socket) return;
+      // Given up while the middleware ran (the heartbeat): the rest comes again, from the
+      // cursor; those already taken (past the cursor, never sent again) get their `sync` now.
+      if (socket !== this.#socket) {
+        if (events.length) this.emit('sync', events);
+        return;
+      }
       this.#cursor = seq;
       if (taken === null) continue;
       events.push(taken);

@@ -1277,6 +1277,7 @@ impl Session {
         let debug = config.debug;
         let wants_sync = self.inner.notifier.wants(NotificationKind::Sync);
         // Without a replica, a conflict's `ours` is the event as sent: nothing else holds it.
+        // (So a `conflict` listener keeps a copy of every event in flight, as a `sync` one does.)
         let wants_conflict =
             self.replica.is_none() && self.inner.notifier.wants(NotificationKind::Conflict);
         let keep_sent = wants_sync || wants_conflict;

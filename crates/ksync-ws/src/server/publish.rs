@@ -104,11 +104,13 @@ const MAX_INVALID_MESSAGE: usize = 256;
 const ACK_RESULT_BYTES: usize = 50;
 
 /// The bytes an ack's results (apart from `held` revisions, which have a budget of their own
-/// in the room) may take: `max_message_size`. A publish of valid events never comes near it
-/// (an event is at least 54 bytes, its result at most 50); one of many tiny non-events
+/// in the room, `max_message_size` too) may take: `max_message_size`, so that an ack stays
+/// within about twice that (PROTOCOL.md, "Frame sizes"). A publish of valid events never comes
+/// near it (an event is at least 54 bytes, its result at most 50); one of many tiny non-events
 /// (`[0,0,...]`: 2 bytes each, and a result with a message each) would make an ack fifty times
 /// the publish, over what the connection may buffer and clients accept. Such a publish is
-/// refused whole instead.
+/// refused whole instead. (A publish only the full decoder reads, `conn::handle`, has all its
+/// events decoded before it is charged: bounded by the message size, as that decoding is.)
 struct AckBudget {
     left: usize,
     max: usize,
