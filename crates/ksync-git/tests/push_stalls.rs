@@ -6,15 +6,43 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ksync_core::{Direction, Event, InMemoryProvider, Notification, PullPushClient, SyncClient};
-use ksync_git::GitError;
+use ksync_core::{
+    Direction, Event, InMemoryProvider, Notification, PullPushClient, Subscription, SyncClient,
+};
 use ksync_git::server::GitServerConfig;
+use ksync_git::{GitError, GitSyncClient};
 use serde_json::{Value, json};
 
 use common::{branch_events, client, start, start_with};
 
 fn ids(events: &[Event]) -> Vec<String> {
     events.iter().map(|e| e.id.clone()).collect()
+}
+
+/// Gives `c` an outgoing middleware that doubles string `data` (so a 5 MiB event becomes an
+/// invalid 10 MiB one) and records its error notifications (kept while the subscription is).
+fn doubling_strings_and_recording_errors(
+    c: &GitSyncClient,
+) -> (Arc<Mutex<Vec<String>>>, Subscription) {
+    c.use_middleware(Direction::Outgoing, |mut event: Event| {
+        if let Value::String(text) = &event.data {
+            event.data = Value::String(text.repeat(2));
+        }
+        Some(event)
+    });
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = Arc::clone(&errors);
+    let subscription = c
+        .on(
+            "error",
+            Box::new(move |n: &Notification| {
+                if let Notification::Error(e) = n {
+                    sink.lock().expect("lock").push(e.to_string());
+                }
+            }),
+        )
+        .expect("on");
+    (errors, subscription)
 }
 
 /// Outgoing middleware that makes an event break the event rules (here: `data` doubled past
@@ -26,24 +54,7 @@ fn ids(events: &[Event]) -> Vec<String> {
 async fn an_event_middleware_made_invalid_is_rejected_and_does_not_hold_back_the_rest() {
     let server = start(&["r"]).await;
     let c = client(&server.repo_url("r"));
-    c.use_middleware(Direction::Outgoing, |mut event: Event| {
-        if let Value::String(text) = &event.data {
-            event.data = Value::String(text.repeat(2));
-        }
-        Some(event)
-    });
-    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = Arc::clone(&errors);
-    let _subscription = c
-        .on(
-            "error",
-            Box::new(move |n: &Notification| {
-                if let Notification::Error(e) = n {
-                    sink.lock().expect("lock").push(e.to_string());
-                }
-            }),
-        )
-        .expect("on");
+    let (errors, _subscription) = doubling_strings_and_recording_errors(&c);
     // 5 MiB: valid as made, 10 MiB once doubled (the limit is 8 MiB).
     c.send(Event::new("big", "t", json!("x".repeat(5 << 20)), 1))
         .await
@@ -139,24 +150,7 @@ async fn an_invalid_event_in_a_batch_answered_413_is_rejected_once() {
     )
     .await;
     let c = client(&server.repo_url("r"));
-    c.use_middleware(Direction::Outgoing, |mut event: Event| {
-        if let Value::String(text) = &event.data {
-            event.data = Value::String(text.repeat(2));
-        }
-        Some(event)
-    });
-    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = Arc::clone(&errors);
-    let _subscription = c
-        .on(
-            "error",
-            Box::new(move |n: &Notification| {
-                if let Notification::Error(e) = n {
-                    sink.lock().expect("lock").push(e.to_string());
-                }
-            }),
-        )
-        .expect("on");
+    let (errors, _subscription) = doubling_strings_and_recording_errors(&c);
     let zeros = json!(vec![0u8; 750_000]);
     c.send(Event::new("first", "t", zeros.clone(), 1))
         .await
