@@ -3,12 +3,13 @@
 
 mod common;
 
+use ksync_testkit::ErrorRecorder;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::routing::{get, post};
-use ksync_core::{Event, Notification, PullPushClient, SyncClient};
+use ksync_core::{Event, PullPushClient, SyncClient};
 use ksync_git::GitError;
 use serde_json::{Value, json};
 
@@ -146,16 +147,7 @@ async fn pulled_events_that_break_the_event_rules_are_skipped_and_the_cursor_mov
     );
     let (addr, task) = serve_router(app).await;
     let c = client(&format!("http://{addr}/git/r"));
-    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = Arc::clone(&errors);
-    let _sub = c
-        .notifier()
-        .on("error", move |n| {
-            if let Notification::Error(e) = n {
-                sink.lock().expect("lock").push(e.to_string());
-            }
-        })
-        .expect("error notifications");
+    let errors = ErrorRecorder::new(c.notifier());
     let pulled = c.pull().await.expect("pull");
     let ids = |events: Vec<Event>| events.into_iter().map(|e| e.id).collect::<Vec<_>>();
     assert_eq!(ids(pulled.new_events), ["good"]);
@@ -169,7 +161,7 @@ async fn pulled_events_that_break_the_event_rules_are_skipped_and_the_cursor_mov
         .collect();
     assert_eq!(ids(stored), ["good"], "the invalid ones are not stored");
     assert_eq!(pulled.server_version, 3);
-    let errors = errors.lock().expect("lock").clone();
+    let errors = errors.messages();
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(errors[0].contains("\"bad\""), "{errors:?}");
     assert!(errors[1].contains("\"untyped\""), "{errors:?}");
@@ -247,21 +239,12 @@ async fn a_merge_collision_whose_side_breaks_the_event_rules_is_reported_not_res
     })
     .await;
     let c = client(&url);
-    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = Arc::clone(&errors);
-    let _sub = c
-        .notifier()
-        .on("error", move |n| {
-            if let Notification::Error(e) = n {
-                sink.lock().expect("lock").push(e.to_string());
-            }
-        })
-        .expect("error notifications");
+    let errors = ErrorRecorder::new(c.notifier());
     let merged = c.merge("other", "feature").await.expect("merge");
     assert_eq!(merged.conflicts.len(), 1);
     assert!(merged.resolutions.is_empty(), "{:?}", merged.resolutions);
     assert_eq!(c.replica().storage().len(), 0, "nothing recorded");
-    let errors = errors.lock().expect("lock").clone();
+    let errors = errors.messages();
     assert!(
         errors.iter().any(|e| e.contains("not a valid event")),
         "{errors:?}"

@@ -3,14 +3,13 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use ksync_core::{
-    Direction, Event, InMemoryProvider, Notification, PullPushClient, Subscription, SyncClient,
-};
+use ksync_core::{Direction, Event, InMemoryProvider, PullPushClient, SyncClient};
 use ksync_git::server::GitServerConfig;
 use ksync_git::{GitError, GitSyncClient};
+use ksync_testkit::ErrorRecorder;
 use serde_json::{Value, json};
 
 use common::{branch_events, client, start, start_with};
@@ -20,29 +19,29 @@ fn ids(events: &[Event]) -> Vec<String> {
 }
 
 /// Gives `c` an outgoing middleware that doubles string `data` (so a 5 MiB event becomes an
-/// invalid 10 MiB one) and records its error notifications (kept while the subscription is).
-fn doubling_strings_and_recording_errors(
-    c: &GitSyncClient,
-) -> (Arc<Mutex<Vec<String>>>, Subscription) {
+/// invalid 10 MiB one), and records its error notifications.
+fn doubling_strings_and_recording_errors(c: &GitSyncClient) -> ErrorRecorder {
     c.use_middleware(Direction::Outgoing, |mut event: Event| {
         if let Value::String(text) = &event.data {
             event.data = Value::String(text.repeat(2));
         }
         Some(event)
     });
-    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = Arc::clone(&errors);
-    let subscription = c
-        .on(
-            "error",
-            Box::new(move |n: &Notification| {
-                if let Notification::Error(e) = n {
-                    sink.lock().expect("lock").push(e.to_string());
-                }
-            }),
-        )
-        .expect("on");
-    (errors, subscription)
+    ErrorRecorder::new(c.notifier())
+}
+
+/// A service whose decoded bodies in flight may take 32 MiB: two 1.5 MB `[0,0,...]` events
+/// (a decoded bound of about 51 MB) are too much in one push batch, each alone fits.
+async fn service_with_32_mib_of_body_memory() -> common::Server {
+    start_with(
+        Arc::new(InMemoryProvider::new()),
+        GitServerConfig {
+            body_memory_bytes: 32 << 20,
+            ..GitServerConfig::default()
+        },
+        &["r"],
+    )
+    .await
 }
 
 /// Outgoing middleware that makes an event break the event rules (here: `data` doubled past
@@ -54,7 +53,7 @@ fn doubling_strings_and_recording_errors(
 async fn an_event_middleware_made_invalid_is_rejected_and_does_not_hold_back_the_rest() {
     let server = start(&["r"]).await;
     let c = client(&server.repo_url("r"));
-    let (errors, _subscription) = doubling_strings_and_recording_errors(&c);
+    let errors = doubling_strings_and_recording_errors(&c);
     // 5 MiB: valid as made, 10 MiB once doubled (the limit is 8 MiB).
     c.send(Event::new("big", "t", json!("x".repeat(5 << 20)), 1))
         .await
@@ -71,12 +70,12 @@ async fn an_event_middleware_made_invalid_is_rejected_and_does_not_hold_back_the
     assert_eq!(on_service[0].data, json!("yy"), "pushed as shaped");
     // Reported, naming the event and the rule (notifications come from a task: wait for it).
     for _ in 0..200 {
-        if !errors.lock().expect("lock").is_empty() {
+        if !errors.messages().is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let reported = errors.lock().expect("lock").clone();
+    let reported = errors.messages();
     assert_eq!(reported.len(), 1, "{reported:?}");
     assert!(
         reported[0].contains("\"big\"") && reported[0].contains("the limit is"),
@@ -99,15 +98,7 @@ async fn an_event_middleware_made_invalid_is_rejected_and_does_not_hold_back_the
 /// it again in smaller batches, and both events arrive.
 #[tokio::test]
 async fn a_batch_answered_413_is_sent_again_in_smaller_batches() {
-    let server = start_with(
-        Arc::new(InMemoryProvider::new()),
-        GitServerConfig {
-            body_memory_bytes: 32 << 20,
-            ..GitServerConfig::default()
-        },
-        &["r"],
-    )
-    .await;
+    let server = service_with_32_mib_of_body_memory().await;
     let c = client(&server.repo_url("r"));
     let zeros = json!(vec![0u8; 750_000]);
     c.send(Event::new("first", "t", zeros.clone(), 1))
@@ -140,17 +131,9 @@ async fn a_batch_answered_413_is_sent_again_in_smaller_batches() {
 /// again in halves. The invalid event is rejected and reported once, not once per reading.
 #[tokio::test]
 async fn an_invalid_event_in_a_batch_answered_413_is_rejected_once() {
-    let server = start_with(
-        Arc::new(InMemoryProvider::new()),
-        GitServerConfig {
-            body_memory_bytes: 32 << 20,
-            ..GitServerConfig::default()
-        },
-        &["r"],
-    )
-    .await;
+    let server = service_with_32_mib_of_body_memory().await;
     let c = client(&server.repo_url("r"));
-    let (errors, _subscription) = doubling_strings_and_recording_errors(&c);
+    let errors = doubling_strings_and_recording_errors(&c);
     let zeros = json!(vec![0u8; 750_000]);
     c.send(Event::new("first", "t", zeros.clone(), 1))
         .await
@@ -167,7 +150,7 @@ async fn an_invalid_event_in_a_batch_answered_413_is_rejected_once() {
     assert_eq!(ids(&pushed.rejected_events), ["big"]);
     // Notifications come from a task: give a second report the time to arrive.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let reported = errors.lock().expect("lock").clone();
+    let reported = errors.messages();
     assert_eq!(reported.len(), 1, "{reported:?}");
     assert!(reported[0].contains("\"big\""), "{reported:?}");
 }

@@ -1,7 +1,7 @@
 //! Test helpers shared by kSync's test suites (a dev-dependency only; never published):
-//! capturing what one log target says ([`LogCapture`]) and recording the `sync` notifications
-//! of a client ([`SyncRecorder`]), and the storage methods a test wrapper passes on unchanged
-//! ([`storage_pass_through!`]).
+//! capturing what one log target says ([`LogCapture`]), recording the `sync` or `error`
+//! notifications of a client ([`SyncRecorder`], [`ErrorRecorder`]), and the storage methods a
+//! test wrapper passes on unchanged ([`storage_pass_through!`]).
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -144,6 +144,39 @@ impl SyncRecorder {
     /// Every notified event id, in order.
     pub fn ids(&self) -> Vec<String> {
         self.batches().concat()
+    }
+}
+
+/// The `error` notifications of one client, each as its message, in order.
+pub struct ErrorRecorder {
+    messages: Arc<Mutex<Vec<String>>>,
+    _subscription: Subscription,
+}
+
+impl ErrorRecorder {
+    /// Records `notifier`'s `error` notifications from now on, until dropped.
+    pub fn new(notifier: &Notifier) -> Self {
+        let messages: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = Arc::clone(&messages);
+        let subscription = notifier.on_kind(NotificationKind::Error, move |n| {
+            if let Notification::Error(e) = n {
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(e.to_string());
+            }
+        });
+        Self {
+            messages,
+            _subscription: subscription,
+        }
+    }
+
+    /// Each notification's message, in the order they came.
+    pub fn messages(&self) -> Vec<String> {
+        self.messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
