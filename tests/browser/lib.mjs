@@ -251,6 +251,15 @@ async function startClient(page, url, options, setup, wait) {
   }, { url, options, setup, wait });
 }
 
+/** The errors a page's client notified (its setup collects them in `window.errors`). */
+export const errorsOf = (page) => page.evaluate(() => window.errors);
+
+/** A scripted relay's ack storing every event of `publish` at 1, 2, ... */
+export const storedAck = (publish) => ({
+  type: 'ack', ref: publish.ref, serverVersion: publish.events.length,
+  results: publish.events.map((_, i) => ({ status: 'stored', seq: i + 1 })),
+});
+
 /** What a scripted relay's `welcome` says unless the script says otherwise. */
 export const FAKE_WELCOME = {
   type: 'welcome', protocol: 1, room: 'fake', serverVersion: 0, compression: false,

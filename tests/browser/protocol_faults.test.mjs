@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 
-import { FAKE_WELCOME, fakeRelayClient, launchBrowser, makeEvent, sharedServer, waitFor } from './lib.mjs';
+import { errorsOf, FAKE_WELCOME, fakeRelayClient, launchBrowser, makeEvent, sharedServer, waitFor, storedAck } from './lib.mjs';
 
 let browser;
 let server;
@@ -20,12 +20,6 @@ after(async () => {
   await server?.stop();
 });
 
-const errorsOf = (page) => page.evaluate(() => window.errors);
-/** An ack storing every event of `publish` at 1, 2, ... */
-const storedAck = (publish) => ({
-  type: 'ack', ref: publish.ref, serverVersion: publish.events.length,
-  results: publish.events.map((_, i) => ({ status: 'stored', seq: i + 1 })),
-});
 
 // Page setup (the source of a function of the client): while `window.holdFrames` is N > 0, the
 // next N frames the relay sends are held back, then handed to the page together, in one task,

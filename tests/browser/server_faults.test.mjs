@@ -8,7 +8,7 @@ import { deflateRawSync } from 'node:zlib';
 import { after, before, test } from 'node:test';
 import { createServer } from 'node:net';
 
-import { fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, startServer, waitFor } from './lib.mjs';
+import { errorsOf, fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, startServer, waitFor, storedAck } from './lib.mjs';
 
 let browser;
 let server;
@@ -23,13 +23,7 @@ after(async () => {
   await server?.stop();
 });
 
-const errorsOf = (page) => page.evaluate(() => window.errors);
 const receivedOf = (page) => page.evaluate(() => window.received.map((r) => [r.seq, r.event.id]));
-/** An ack storing every event of `publish` at 1, 2, ... */
-const storedAck = (publish) => ({
-  type: 'ack', ref: publish.ref, serverVersion: publish.events.length,
-  results: publish.events.map((_, i) => ({ status: 'stored', seq: i + 1 })),
-});
 /** Waits for `count` errors whose "code: message" starts with `prefix`. */
 const waitErrors = (page, prefix, count = 1) => waitFor(async () => {
   const errors = await errorsOf(page);
