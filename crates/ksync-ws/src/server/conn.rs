@@ -468,10 +468,9 @@ impl Reader<'_> {
         };
         let limits = EventLimits::default();
         let max_results = self.shared.config.max_message_size;
-        if let Some(read) = utf8.and_then(|json| publish::read(json, &limits, max_results)) {
-            let reference = match &read {
-                Read::Publish(reference, _) | Read::Refused(reference, _) => *reference,
-            };
+        if let Some(Read { reference, items }) =
+            utf8.and_then(|json| publish::read(json, &limits, max_results))
+        {
             if !self
                 .grant
                 .allows(ResourceKind::Room, self.room.as_str(), Access::Write)
@@ -480,9 +479,9 @@ impl Reader<'_> {
                 refuse_write(writer, reference).await?;
                 return Ok(false);
             }
-            let items = match read {
-                Read::Publish(_, items) => items,
-                Read::Refused(reference, why) => {
+            let items = match items {
+                Ok(items) => items,
+                Err(why) => {
                     self.commit(burst).await?;
                     refuse_publish(writer, reference, why).await?;
                     return Ok(false);
@@ -760,9 +759,9 @@ async fn handle(
         .into_iter()
         .map(|value| incoming(&value.to_string(), &limits))
         .collect();
-    let items = match checked_publish(publish.reference, items, max_results) {
-        Read::Publish(_, items) => items,
-        Read::Refused(reference, why) => return refuse_publish(writer, reference, why).await,
+    let items = match checked_publish(publish.reference, items, max_results).items {
+        Ok(items) => items,
+        Err(why) => return refuse_publish(writer, publish.reference, why).await,
     };
     let mut publishes = vec![PublishCommand::new(
         id,

@@ -41,12 +41,11 @@ fn checked(event: Event, json: &str, limits: &EventLimits) -> Result<Incoming, S
     })
 }
 
-/// A publish as read: its events to commit, or refused whole.
-pub(super) enum Read {
-    /// Its `ref` and its events (each decoded, or why it is invalid, as its ack will say).
-    Publish(u64, Vec<Result<Incoming, String>>),
-    /// Its `ref`, and why nothing of it is stored (see [`AckBudget`]).
-    Refused(u64, String),
+/// A publish as read: its `ref`, and its events to commit (each decoded, or why it is
+/// invalid, as its ack will say), or why nothing of it is stored (see [`AckBudget`]).
+pub(super) struct Read {
+    pub(super) reference: u64,
+    pub(super) items: Result<Vec<Result<Incoming, String>>, String>,
 }
 
 /// A publish's `ref` and its events, read in one pass by [`read_publish`], else by the two-pass
@@ -69,7 +68,10 @@ pub(super) fn read(json: &str, limits: &EventLimits, max_results: usize) -> Opti
             for raw in &publish.events {
                 let mut item = incoming(raw.get(), limits);
                 if let Err(why) = budget.charge(&mut item) {
-                    return Some(Read::Refused(publish.reference, why));
+                    return Some(Read {
+                        reference: publish.reference,
+                        items: Err(why),
+                    });
                 }
                 items.push(item);
             }
@@ -88,12 +90,11 @@ pub(super) fn checked_publish(
 ) -> Read {
     refuse_repeated_revisions(&mut items);
     let mut budget = AckBudget::new(max_results);
-    for item in &mut items {
-        if let Err(why) = budget.charge(item) {
-            return Read::Refused(reference, why);
-        }
+    let charged = items.iter_mut().try_for_each(|item| budget.charge(item));
+    Read {
+        reference,
+        items: charged.map(|()| items),
     }
-    Read::Publish(reference, items)
 }
 
 /// Longest `message` of an `invalid` result, in bytes (longer ones are cut, marked `...`).
