@@ -277,8 +277,8 @@ export const FAKE_WELCOME = {
  * parsed), closed ({code, reason} when the client closed it), send(object | string | Buffer),
  * close(code, reason)}`. A `hello` is answered with `FAKE_WELCOME` and the fields
  * `welcome(session, hello)` returns (null: no welcome; an `undefined` field leaves it out), a
- * `ping` with a `pong`; then `onMessage(session, message)` sees every message (the `hello`
- * too, after the welcome went out). Resolves `{page, relay}`: `relay.sessions`,
+ * `ping` with a `pong` (unless the test set `session.silent`); then `onMessage(session,
+ * message)` sees every message (the `hello` too, after the welcome went out). Resolves `{page, relay}`: `relay.sessions`,
  * `relay.waitSessions(n)`, `relay.publishes()` (every `publish`, in order, with its session).
  */
 export async function fakeRelayClient(browser, http, { room = 'fake', options = {}, setup = '() => {}', welcome = () => ({}), onMessage = () => {} } = {}) {
@@ -311,7 +311,7 @@ export async function fakeRelayClient(browser, http, { room = 'fake', options = 
       if (message.type === 'hello') {
         const fields = welcome(session, message);
         if (fields !== null) session.send({ ...FAKE_WELCOME, ...fields });
-      } else if (message.type === 'ping') {
+      } else if (message.type === 'ping' && !session.silent) {
         session.send({ type: 'pong', ref: message.ref });
       }
       onMessage(session, message);

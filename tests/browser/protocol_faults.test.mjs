@@ -206,6 +206,46 @@ test('a second welcome on one connection is a protocol error: the session ends, 
   await page.close();
 });
 
+test('a session given up during incoming middleware: the events of its batch already taken get their sync', async () => {
+  const [first, held, last] = [makeEvent('taken'), makeEvent('held', { hold: true }), makeEvent('last')];
+  const entries = [first, held, last].map((event, i) => ({ seq: i + 1, event }));
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 0, heartbeat: 200, heartbeatTimeout: 400 },
+    // The middleware holds the second event the first time it sees it, until the test lets go.
+    setup: `(client) => client.use('incoming', async (e) => {
+      if (e.data?.hold && !window.heldOnce) {
+        window.heldOnce = true;
+        await new Promise((resolve) => { window.release = resolve; });
+      }
+      return e;
+    })`,
+    welcome: () => ({ serverVersion: entries.length }),
+    onMessage: (session, message) => {
+      if (message.type === 'hello' && session.index === 0) session.send({ type: 'events', events: entries });
+    },
+  });
+  await relay.waitSessions(1);
+  await waitFor(() => page.evaluate(() => typeof window.release === 'function'), 5000, 'the middleware holding the second event');
+  // The relay goes silent while the middleware holds the batch, and the heartbeat gives the
+  // socket up: the first event is past the cursor (the next session resumes after it) and
+  // must not lose its `sync`.
+  relay.sessions[0].silent = true;
+  await waitFor(() => relay.sessions[0].closed !== null, 5000, 'the heartbeat giving the socket up');
+  assert.equal(relay.sessions[0].closed.code, 4009);
+  // The next session begins once the middleware returns (the session's end waits for it).
+  await page.evaluate(() => window.release());
+  await waitFor(() => page.evaluate(() => window.syncs.length === 1), 5000, "the first event's sync");
+  await relay.waitSessions(2);
+  assert.deepEqual(relay.sessions.slice(0, 2).map((s) => s.messages[0].since), [0, 1]);
+  relay.sessions[1].send({ type: 'events', events: entries.slice(1) });
+  await waitFor(() => page.evaluate(() => window.client.cursor === 3), 5000, 'the rest, from the second session');
+  const ids = (events) => events.map((e) => e.id);
+  assert.deepEqual(await page.evaluate(() => window.syncs.map((s) => s.map((e) => e.id))), [ids([first]), ids([held, last])]);
+  assert.deepEqual(await page.evaluate(() => window.received.map((r) => r.event.id)), ids([first, held, last]));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
 test("an ack's held revision that breaks the event rules is not passed on: a protocol error, the conflict without it", async () => {
   const [valid, longType, deep] = [makeEvent('held-ok'), makeEvent('held-type'), makeEvent('held-deep')];
   // The room's revision under the same id and version, with other content (and broken for two).
