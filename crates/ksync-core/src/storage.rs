@@ -45,6 +45,9 @@ pub enum StorageError {
     /// storage written before it existed).
     #[error("storage does not support {0}")]
     Unsupported(&'static str),
+    /// The storage's options are out of range (which option, and its range).
+    #[error("storage options: {0}")]
+    Config(String),
 }
 
 /// Where kSync keeps a log: append-only, idempotent, sequence-numbered.

@@ -61,12 +61,15 @@ pub struct FileStorageOptions {
     pub durability: Durability,
     /// Capacity of the bounded request queue in front of the writer thread (appends,
     /// `set_meta`, flushes). When it is full, callers wait asynchronously for a free slot (no
-    /// executor thread blocks, nothing is dropped). Default: [`DEFAULT_QUEUE_CAPACITY`].
+    /// executor thread blocks, nothing is dropped). At least 1; at most
+    /// `tokio::sync::Semaphore::MAX_PERMITS` (more is taken as that). Default:
+    /// [`DEFAULT_QUEUE_CAPACITY`].
     pub queue_capacity: usize,
     /// Under group commit, how long the writer may wait for more appends to join a group once
     /// it has fewer than the previous group had. Without a wait (the default) a group is
     /// whatever queued while the previous syncs ran, which adapts to the sync time by itself.
-    /// Default: [`DEFAULT_GROUP_COMMIT_WINDOW`].
+    /// At most [`ksync_core::MAX_CONFIG_DURATION`] (a day; opening refuses a longer one with
+    /// `StorageError::Config`). Default: [`DEFAULT_GROUP_COMMIT_WINDOW`].
     pub group_commit_window: Duration,
     /// How many groups may be syncing at once (at least 1), each on its own sync thread and
     /// file descriptor (started when first needed: a log with one appender at a time uses
@@ -340,6 +343,13 @@ impl FileStorage {
         options: FileStorageOptions,
     ) -> Result<Self, StorageError> {
         let path = path.as_ref().to_path_buf();
+        // Past a day, `Instant + window` overflows: the writer thread died at its first wait.
+        if options.group_commit_window > ksync_core::MAX_CONFIG_DURATION {
+            return Err(StorageError::Config(format!(
+                "group_commit_window must be at most {} s",
+                ksync_core::MAX_CONFIG_DURATION.as_secs()
+            )));
+        }
         let mut file = open_locked(&path)?;
         // Locked, so a `.compact` here is no open's work in progress: a crash left it.
         compact::remove_stale(&path);
@@ -439,7 +449,9 @@ impl FileStorage {
             state,
             hasher,
             shared,
-            slots: Arc::new(Semaphore::new(options.queue_capacity.max(1))),
+            slots: Arc::new(Semaphore::new(
+                options.queue_capacity.clamp(1, Semaphore::MAX_PERMITS),
+            )),
             writer: Some(handle),
             path,
             durability: options.durability,

@@ -695,3 +695,40 @@ async fn events_larger_than_a_read_chunk_survive_a_reopen() {
         "the reopened log differs from what was written"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_out_of_range_are_refused_or_bounded_not_a_dead_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A window past a day was taken, and the writer thread died at its first wait
+    // (`Instant + window` overflowed): every append after it failed as `Closed`.
+    let past_a_day = ksync_core::MAX_CONFIG_DURATION + std::time::Duration::from_secs(1);
+    for window in [past_a_day, std::time::Duration::MAX] {
+        let refused = FileStorage::builder(dir.path().join("w.log"))
+            .group_commit_window(window)
+            .open();
+        match refused {
+            Err(StorageError::Config(message)) => {
+                assert!(message.contains("group_commit_window"), "{message}");
+            }
+            other => panic!("a {window:?} window: {other:?}"),
+        }
+    }
+    // A queue larger than a semaphore can count (it panicked at open) is as large as one.
+    let storage = Arc::new(
+        FileStorage::builder(dir.path().join("q.log"))
+            .queue_capacity(usize::MAX)
+            .group_commit_window(std::time::Duration::from_millis(1))
+            .open()
+            .expect("open"),
+    );
+    let appends: Vec<_> = (0..16)
+        .map(|n| {
+            let storage = Arc::clone(&storage);
+            tokio::spawn(async move { storage.append(vec![ev(&format!("q{n}"), 1)]).await })
+        })
+        .collect();
+    for append in appends {
+        append.await.expect("task").expect("append");
+    }
+    assert_eq!(storage.len(), 16);
+}
