@@ -179,6 +179,84 @@ async fn bad_room_names_and_the_connection_cap_are_refused_before_the_upgrade() 
     server.stop().await;
 }
 
+/// The answer to a raw upgrade request for `path` (headers and body), read up to its
+/// `Content-Length`.
+async fn raw_upgrade_answer(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let read = async {
+        loop {
+            let text = String::from_utf8_lossy(&answer).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match tcp.read(&mut chunk).await.expect("read") {
+                0 => return,
+                n => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("an answer within 5 s");
+    String::from_utf8(answer).expect("UTF-8 answer")
+}
+
+/// A room that is not UTF-8 once percent-decoded is a bad room name like any other: axum's own
+/// path rejection (400, plain text) answered it before, which a browser (`ksync.v1`) only saw
+/// as a failed connection and retried for ever.
+#[tokio::test]
+async fn a_room_name_that_is_not_utf8_gets_the_bad_room_refusal() {
+    let server = start(RelayConfig::default()).await;
+    let answer = raw_upgrade_answer(server.addr, "/ws/%FF").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{answer}"
+    );
+    let body = answer.split_once("\r\n\r\n").expect("body").1;
+    let body: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("bad room name")),
+        "{body}"
+    );
+    // A browser gets the refusal in-band, as for any other bad name.
+    let mut ws = raw_connect(
+        &server.url(Some("%FF")),
+        &[("sec-websocket-protocol", "ksync.v1")],
+    )
+    .await
+    .expect("upgraded to be refused in-band");
+    let error = recv_json(&mut ws).await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], "bad_room", "{error}");
+    assert_eq!(recv_close(&mut ws).await.0, 4400);
+    still_fine(&server.url(None), 1).await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn server_pings_and_drops_a_client_that_never_answers() {
     let server = start(RelayConfig {

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -410,6 +411,14 @@ impl Relay {
     /// A request that is not a WebSocket upgrade gets axum's rejection status (400/405/426)
     /// with the relay's JSON refusal body.
     pub async fn handle_upgrade(&self, room: Option<&str>, request: Request) -> Response {
+        let room = match room {
+            None => RoomPath::Default,
+            Some(r) => RoomPath::Named(r),
+        };
+        self.upgrade(room, request).await
+    }
+
+    async fn upgrade(&self, room: RoomPath<'_>, request: Request) -> Response {
         let (mut parts, _body) = request.into_parts();
         match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
             Ok(ws) => self.accept(room, &parts.headers, ws).await,
@@ -452,7 +461,7 @@ impl Relay {
 
     async fn accept(
         &self,
-        room: Option<&str>,
+        room: RoomPath<'_>,
         headers: &HeaderMap,
         ws: WebSocketUpgrade,
     ) -> Response {
@@ -475,14 +484,16 @@ impl Relay {
                 .flatten()
         };
         let room = match room {
-            None => shared.default_room.clone(),
-            Some(r) => match Name::new(r) {
-                Ok(name) => name,
-                Err(e) => {
-                    return Refusal::new(StatusCode::BAD_REQUEST, format!("bad room name: {e}"))
-                        .upgrade(ws, in_band());
-                }
-            },
+            RoomPath::Default => Ok(shared.default_room.clone()),
+            RoomPath::Named(r) => Name::new(r).map_err(|e| e.to_string()),
+            RoomPath::Unreadable(why) => Err(why),
+        };
+        let room = match room {
+            Ok(name) => name,
+            Err(why) => {
+                return Refusal::new(StatusCode::BAD_REQUEST, format!("bad room name: {why}"))
+                    .upgrade(ws, in_band());
+            }
         };
         let credentials = credentials_from_headers(headers);
         let grant = match shared.auth.authenticate(&credentials) {
@@ -667,12 +678,29 @@ async fn default_room_handler(State(relay): State<Relay>, request: Request) -> R
     relay.handle_upgrade(None, request).await
 }
 
+/// The room an upgrade asks for.
+enum RoomPath<'a> {
+    /// `/ws`, or the relay mounted elsewhere without a room.
+    Default,
+    Named(&'a str),
+    /// A path segment axum could not take as a string (not UTF-8 once percent-decoded): why.
+    Unreadable(String),
+}
+
 async fn room_handler(
     State(relay): State<Relay>,
-    Path(room): Path<String>,
+    room: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
-    relay.handle_upgrade(Some(&room), request).await
+    // A rejected path is a bad room name: refused as the others are (JSON, or in-band for a
+    // browser), not with the extractor's plain-text 400, which a browser cannot read.
+    match &room {
+        Ok(Path(room)) => relay.upgrade(RoomPath::Named(room), request).await,
+        Err(rejection) => {
+            let why = RoomPath::Unreadable(rejection.body_text());
+            relay.upgrade(why, request).await
+        }
+    }
 }
 
 /// The listener to serve the relay with: every accepted socket gets `TCP_NODELAY`, so small
