@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::Event;
+use crate::event::{Event, MAX_EVENT_INTEGER};
 
 /// What kind of conflict was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -83,14 +83,16 @@ pub fn lww_cmp(a: &Event, b: &Event) -> Ordering {
 /// Every resolution writes a new revision at `max(ours.version, theirs.version) + 1` carrying
 /// the chosen content, so that it supersedes both conflicting revisions everywhere it travels.
 /// Two replicas that resolve the same conflict the same way produce revisions with the same
-/// content, which deduplicate (origin is not content). At `u64::MAX` the version saturates:
-/// that revision conflicts again and cannot be written, and the conflict stays unsettled.
+/// content, which deduplicate (origin is not content). At [`MAX_EVENT_INTEGER`] (the highest
+/// valid version) the version stays there: that revision conflicts again and cannot be
+/// written, and the conflict stays unsettled.
 pub fn resolve(conflict: &Conflict, resolution: &Resolution, resolver_origin: &str) -> Event {
     let version = conflict
         .ours
         .version
         .max(conflict.theirs.version)
-        .saturating_add(1);
+        .saturating_add(1)
+        .min(MAX_EVENT_INTEGER);
     let chosen: Event = match resolution {
         Resolution::Ours => conflict.ours.clone(),
         Resolution::Theirs => conflict.theirs.clone(),

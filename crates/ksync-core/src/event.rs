@@ -184,6 +184,16 @@ impl Event {
         if self.version == 0 {
             return Err(InvalidEvent::ZeroVersion);
         }
+        if self.version > MAX_EVENT_INTEGER {
+            return Err(InvalidEvent::VersionTooLarge {
+                max: MAX_EVENT_INTEGER,
+            });
+        }
+        if self.timestamp > MAX_EVENT_INTEGER {
+            return Err(InvalidEvent::TimestampTooLarge {
+                max: MAX_EVENT_INTEGER,
+            });
+        }
         let Some(data_bound) = data_json_bound(&self.data, MAX_DATA_DEPTH) else {
             return Err(InvalidEvent::DataTooDeep {
                 max: MAX_DATA_DEPTH,
@@ -218,6 +228,12 @@ impl Event {
 /// encoding (`1e15` comes back as `1000000000000000.0`), so a relay's message limit alone does
 /// not bound it.
 pub const MAX_EVENT_JSON_BYTES: usize = 8 << 20;
+
+/// Largest `version` and `timestamp` [`Event::validate`] accepts: 2^53 - 1, the largest
+/// integer a JavaScript number holds exactly. Past it ksync.js (and any JSON reader that
+/// takes numbers as doubles) cannot read the event, so replicas in browsers would skip what
+/// the others store, and never converge. (As a timestamp it is the year 287,396.)
+pub const MAX_EVENT_INTEGER: u64 = (1 << 53) - 1;
 
 /// Most levels of arrays and objects nested in an event's `data` that [`Event::validate`]
 /// accepts (`[[1]]` is two). serde_json refuses deeper JSON text anyway, so this only ever
@@ -320,6 +336,18 @@ pub enum InvalidEvent {
     /// Versions start at 1.
     #[error("event version must be at least 1")]
     ZeroVersion,
+    /// `version` is past [`MAX_EVENT_INTEGER`].
+    #[error("event version must be at most {max} (2^53 - 1)")]
+    VersionTooLarge {
+        /// Limit.
+        max: u64,
+    },
+    /// `timestamp` is past [`MAX_EVENT_INTEGER`].
+    #[error("event timestamp must be at most {max} (2^53 - 1)")]
+    TimestampTooLarge {
+        /// Limit.
+        max: u64,
+    },
     /// `data` nests arrays and objects deeper than [`MAX_DATA_DEPTH`].
     #[error("event data nests arrays and objects more than {max} levels deep")]
     DataTooDeep {
@@ -476,6 +504,32 @@ mod tests {
                 + EVENT_JSON_FIXED_BOUND;
             assert!(event_bound >= event.json_len());
         }
+    }
+
+    #[test]
+    fn version_and_timestamp_stay_within_what_javascript_reads_exactly() {
+        let limits = EventLimits::default();
+        let mut event = Event::new("x", "t", json!(1), 1);
+        event.timestamp = MAX_EVENT_INTEGER;
+        event.version = MAX_EVENT_INTEGER;
+        assert_eq!(event.validate(&limits), Ok(()));
+        event.timestamp = MAX_EVENT_INTEGER + 1;
+        assert_eq!(
+            event.validate(&limits),
+            Err(InvalidEvent::TimestampTooLarge {
+                max: MAX_EVENT_INTEGER
+            })
+        );
+        event.timestamp = u64::MAX;
+        event.version = u64::MAX;
+        assert_eq!(
+            event.validate(&limits),
+            Err(InvalidEvent::VersionTooLarge {
+                max: MAX_EVENT_INTEGER
+            })
+        );
+        // The limit is JavaScript's Number.MAX_SAFE_INTEGER.
+        assert_eq!(MAX_EVENT_INTEGER, 9_007_199_254_740_991);
     }
 
     #[test]

@@ -31,7 +31,8 @@ pub use clock::{Clock, MAX_CONFIG_DURATION, ManualClock, SystemClock, check_conf
 pub use conflict::{Conflict, ConflictKind, ConflictResolver, Resolution, lww_cmp, resolve};
 pub use error::SyncError;
 pub use event::{
-    Event, EventLimits, InvalidEvent, MAX_DATA_DEPTH, MAX_EVENT_JSON_BYTES, RevisionKey,
+    Event, EventLimits, InvalidEvent, MAX_DATA_DEPTH, MAX_EVENT_INTEGER, MAX_EVENT_JSON_BYTES,
+    RevisionKey,
 };
 pub use ksync::{AutoSync, KSync, KSyncBuilder};
 pub use log::{

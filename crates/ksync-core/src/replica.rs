@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::conflict::{Conflict, ConflictResolver, Resolution, resolve};
 use crate::error::SyncError;
-use crate::event::{Event, EventLimits};
+use crate::event::{Event, EventLimits, MAX_EVENT_INTEGER};
 use crate::log::{AppendOutcome, Stored};
 use crate::notify::{Notification, Notifier};
 use crate::storage::{InMemoryStorage, Storage};
@@ -243,8 +243,8 @@ impl Replica {
             attempts += 1;
             let version = match self.inner.storage.latest(id)? {
                 None => 1,
-                // A revision at u64::MAX (only another replica can write one) is the last.
-                Some(latest) => latest.event.version.checked_add(1).ok_or_else(|| {
+                // A revision at the highest valid version is the last.
+                Some(latest) => latest.event.version.checked_add(1).filter(|v| *v <= MAX_EVENT_INTEGER).ok_or_else(|| {
                     SyncError::Rejected(format!(
                         "event {id:?} is at the highest version ({}); no revision can follow it",
                         latest.event.version
@@ -318,10 +318,14 @@ impl Replica {
                 event = resolve(conflict, &Resolution::LastWriteWins, self.id());
             }
             if let Some(latest) = latest {
-                event.version = event.version.max(latest.event.version.saturating_add(1));
+                event.version = event
+                    .version
+                    .max(latest.event.version.saturating_add(1))
+                    .min(MAX_EVENT_INTEGER);
             }
-            // At u64::MAX no revision can supersede the conflict (`resolve` saturates): the
-            // append is the conflict again, nothing is written and the conflict stays reported.
+            // At MAX_EVENT_INTEGER no revision can supersede the conflict (`resolve` stays
+            // there): the append is the conflict again, nothing is written and the conflict
+            // stays reported.
             let appended = self.inner.storage.append(vec![event]).await?.appended;
             if let Some(settled) = appended.first() {
                 self.inner

@@ -247,10 +247,10 @@ async fn a_panicking_conflict_callback_settles_by_last_write_wins_on_every_repli
 }
 
 #[tokio::test]
-async fn the_highest_version_neither_overflows_nor_wraps_to_zero() {
+async fn the_highest_version_neither_overflows_nor_leaves_the_valid_range() {
     let ksync = ksync().await;
     let top = Event::new("x", "t", json!("theirs"), 5)
-        .with_version(u64::MAX)
+        .with_version(ksync_core::MAX_EVENT_INTEGER)
         .with_origin("peer");
     let ingested = ksync.replica().ingest(vec![top.clone()]).await.unwrap();
     assert_eq!(ingested.appended.len(), 1);
@@ -259,13 +259,18 @@ async fn the_highest_version_neither_overflows_nor_wraps_to_zero() {
     assert!(matches!(update, Err(SyncError::Rejected(_))), "{update:?}");
     // ... and a conflict at that version is reported but cannot be settled by a new revision.
     let other = Event::new("x", "t", json!("another"), 9)
-        .with_version(u64::MAX)
+        .with_version(ksync_core::MAX_EVENT_INTEGER)
         .with_origin("elsewhere");
     let ingested = ksync.replica().ingest(vec![other]).await.unwrap();
     assert_eq!(ingested.conflicts.len(), 1);
     assert!(ingested.resolutions.is_empty());
     let stored = ksync.replica().storage().read_since(0, usize::MAX).unwrap();
-    assert!(stored.iter().all(|s| s.event.version != 0), "{stored:?}");
+    assert!(
+        stored
+            .iter()
+            .all(|s| (1..=ksync_core::MAX_EVENT_INTEGER).contains(&s.event.version)),
+        "{stored:?}"
+    );
     assert_eq!(ksync.state().unwrap()["x"], top);
 }
 

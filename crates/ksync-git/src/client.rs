@@ -966,10 +966,15 @@ impl GitSyncClient {
                 .storage()
                 .latest(&found.conflict.ours.id)?
                 .map_or(0, |l| l.event.version);
-            // A resolution goes above every revision of the id; at u64::MAX (a version any
-            // replica may write) there is no room: the collision is reported, left unsettled,
-            // as `Replica::ingest` leaves it.
-            let Some(above) = found.latest_version.max(local).checked_add(1) else {
+            // A resolution goes above every revision of the id; at MAX_EVENT_INTEGER (the
+            // highest valid version) there is no room: the collision is reported, left
+            // unsettled, as `Replica::ingest` leaves it.
+            let Some(above) = found
+                .latest_version
+                .max(local)
+                .checked_add(1)
+                .filter(|v| *v <= ksync_core::MAX_EVENT_INTEGER)
+            else {
                 result.conflicts.push(found.conflict);
                 continue;
             };

@@ -1213,7 +1213,8 @@ async fn merge_settles_collisions_with_ours_and_merged() {
     }
 }
 
-/// Any replica may write a revision at `u64::MAX`. A merge collision there has no version
+/// Any replica may write a revision at `MAX_EVENT_INTEGER` (2^53 - 1, the highest valid
+/// version; one above it is refused). A merge collision there has no version
 /// above it for a resolution: the merge reports it, leaves it unsettled and does not panic or
 /// wrap to version 0.
 #[tokio::test]
@@ -1228,7 +1229,8 @@ async fn a_merge_collision_at_the_highest_version_is_reported_not_settled() {
     .await;
     assert_eq!(status, 201);
     for (branch, data) in [("main", "main text"), ("feature", "feature text")] {
-        let event = Event::new("doc", "d", json!(data), 1).with_version(u64::MAX);
+        let event =
+            Event::new("doc", "d", json!(data), 1).with_version(ksync_core::MAX_EVENT_INTEGER);
         let (status, body) = call(
             http()
                 .post(format!("{url}/branches/{branch}/events"))
@@ -1249,7 +1251,7 @@ async fn a_merge_collision_at_the_highest_version_is_reported_not_settled() {
     assert_eq!(main.len(), 1, "nothing written to main: {main:?}");
     assert_eq!(
         (main[0].version, &main[0].data),
-        (u64::MAX, &json!("main text"))
+        (ksync_core::MAX_EVENT_INTEGER, &json!("main text"))
     );
 }
 

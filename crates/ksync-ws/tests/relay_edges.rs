@@ -481,6 +481,9 @@ async fn bad_publishes_on_an_authorised_connection_are_refused_and_store_nothing
         r#"{"id":"a","type":"t","data":1,"timestamp":1,"version":-1}"#,
         r#"{"id":"a","type":"t","data":1,"timestamp":1.5,"version":1}"#,
         r#"{"id":"a","type":"t","data":1,"timestamp":1,"version":0}"#,
+        // Past 2^53 - 1: ksync.js could not read them (it would skip what others store).
+        r#"{"id":"a","type":"t","data":1,"timestamp":9007199254740992,"version":1}"#,
+        r#"{"id":"a","type":"t","data":1,"timestamp":1,"version":18446744073709551615}"#,
         r#"{"id":"a","type":"t","data":1,"timestamp":1,"version":1,"extra":true}"#,
         r#"{"id":5,"type":"t","data":1,"timestamp":1,"version":1}"#,
         r#"[1,2]"#,
