@@ -1608,6 +1608,19 @@ impl Node {
                         .collect();
                     Page { entries, through }
                 };
+                // Asked past the end (our log got shorter under the same id: a backup
+                // restored, a torn tail cut; re-read, as it may have grown up to `after`):
+                // the real length, so the requester walks us again from 0, and no `through`,
+                // as the page covers nothing of the log (`after` would be past its end).
+                let now = storage.len();
+                if page.through == after && after > now {
+                    return SyncResponse::Keys {
+                        log_id: self.log_id,
+                        len: now,
+                        entries: page.entries,
+                        through: None,
+                    };
+                }
                 SyncResponse::Keys {
                     log_id: self.log_id,
                     // The log may have grown since its length was read.
@@ -1688,6 +1701,10 @@ impl Node {
             Some(first) if first != log_id => Err(format!(
                 "its log id changed from {first} to {log_id} within one catch-up round"
             )),
+            // Asked past the end of its log (it got shorter under the same id): an empty page
+            // without `through`, or one that stays at `after`, is honest; the restart below
+            // walks the log again from 0.
+            _ if past_the_end(after, &entries, through, len) => Ok(after),
             _ => check_page(after, MAX_PAGE, &entries, through, len),
         };
         let through = match checked {
@@ -2010,6 +2027,13 @@ fn check_page(
     })
 }
 
+/// Whether a `Keys` answer says that `after` is past the end of the responder's log: its
+/// `len` is below `after` and the page lists nothing and ends nowhere else. (A page that
+/// lists entries or ends elsewhere is left to `check_page`.)
+fn past_the_end(after: u64, entries: &[KeyEntry], through: Option<u64>, len: u64) -> bool {
+    after > len && entries.is_empty() && through.is_none_or(|through| through == after)
+}
+
 /// Like `Ingested::notify` (`conflict`s, one `event` per new event, then one `sync`), but
 /// builds only the notifications someone listens to, and moves the new events into their
 /// `event` notifications instead of copying them (a `sync` listener gets the only copies).
@@ -2178,6 +2202,24 @@ mod tests {
         assert_eq!(check_page(7, MAX_PAGE, &[], Some(7), 7), Ok(7));
         let full: Vec<KeyEntry> = (8..8 + 1024).map(entry).collect();
         assert_eq!(check_page(7, MAX_PAGE, &full, None, u64::MAX), Ok(1031));
+    }
+
+    #[test]
+    fn only_an_empty_page_that_stays_put_is_past_the_end() {
+        let entry = KeyEntry {
+            seq: 11,
+            id: "e".into(),
+            version: 1,
+            hash: 0,
+        };
+        // Asked after 10 of a log of 3: no `through`, or `through` at `after`.
+        assert!(past_the_end(10, &[], None, 3));
+        assert!(past_the_end(10, &[], Some(10), 3));
+        // Within the log, or a page that lists or moves: for `check_page` to judge.
+        assert!(!past_the_end(3, &[], Some(3), 3));
+        assert!(!past_the_end(10, &[], Some(11), 3));
+        assert!(!past_the_end(10, &[], Some(3), 3));
+        assert!(!past_the_end(10, &[entry], None, 3));
     }
 
     #[tokio::test]

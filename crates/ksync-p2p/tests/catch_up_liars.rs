@@ -1009,3 +1009,78 @@ async fn too_large_keys_not_asked_for_do_not_keep_a_round_fetching() {
     assert!(keys(&a).is_empty());
     assert_eq!(stored_cursor(&a, &peer), None, "the cursor did not move");
 }
+
+/// No lie: a peer whose log got shorter under the same log id (a backup restored) answers a
+/// page past its end with its real `len` and `through` at the request's `after` (the form
+/// PROTOCOL allows besides no `through`). The requester takes that for the end of a shorter
+/// log, not a page past the log: it walks the log again from 0, fetches what was appended
+/// since, and blames no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_past_the_end_of_a_shorter_log_restarts_the_walk_without_blame() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = honest(dir.path(), "a").await;
+    let watch = Watch::new(&a);
+    let before: Vec<Event> = (1..=5).map(|n| event("h", n)).collect();
+    let after_restore: Vec<Event> = before[..2]
+        .iter()
+        .cloned()
+        .chain([event("new", 0), event("new", 1)])
+        .collect();
+    let restored = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = Arc::clone(&restored);
+    let h = liar(move |request| {
+        let log = if r.load(Ordering::SeqCst) {
+            &after_restore
+        } else {
+            &before
+        };
+        let len = log.len() as u64;
+        match request {
+            Request::Keys { after, .. } if *after > len => Response::Keys {
+                log_id: 60,
+                len,
+                entries: Vec::new(),
+                through: Some(*after),
+            },
+            Request::Keys { after, .. } => Response::Keys {
+                log_id: 60,
+                len,
+                entries: log
+                    .iter()
+                    .zip(1..)
+                    .filter(|(_, seq)| seq > after)
+                    .map(|(e, seq)| entry(seq, e, digest(e)))
+                    .collect(),
+                through: Some(len),
+            },
+            Request::Fetch { keys, .. } => Response::Events {
+                events: log
+                    .iter()
+                    .filter(|e| keys.contains(&e.key()))
+                    .cloned()
+                    .collect(),
+                too_large: Vec::new(),
+            },
+        }
+    })
+    .await;
+    a.connect_to_peer(&h.addr.to_string())
+        .await
+        .expect("connect");
+    let peer = peer_of(&h.addr);
+    wait_until(10, "a walks the whole log", || {
+        stored_cursor(&a, &peer) == Some((5, 60))
+    })
+    .await;
+    restored.store(true, Ordering::SeqCst);
+    a.sync_now().await.expect("sync");
+    wait_until(10, "a gets what was appended after the restore", || {
+        keys(&a).len() == 7
+    })
+    .await;
+    wait_until(10, "the cursor is stored at the shorter log's end", || {
+        stored_cursor(&a, &peer) == Some((4, 60))
+    })
+    .await;
+    assert!(watch.blamed().is_empty(), "{:?}", watch.blamed());
+}
