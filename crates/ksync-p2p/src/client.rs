@@ -14,7 +14,7 @@ use ksync_core::{
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::config::{
     DEFAULT_ANTI_ENTROPY_INTERVAL, DEFAULT_COMMAND_CAPACITY, DEFAULT_LISTEN_HOST,
@@ -164,7 +164,8 @@ impl P2PSyncClientBuilder {
     }
 
     /// Capacity of the command channel to the node task (broadcasts wait when it is full).
-    /// Default 1024.
+    /// Default 1024; at least 1 and at most [`tokio::sync::Semaphore::MAX_PERMITS`] (the
+    /// largest tokio channel).
     pub fn command_capacity(mut self, capacity: usize) -> Self {
         self.opts.command_capacity = capacity;
         self
@@ -207,10 +208,13 @@ impl P2PSyncClientBuilder {
         if !self.encryption {
             opts.network_key = None;
         }
-        if opts.command_capacity == 0 {
-            return Err(P2PError::Config(
-                "command_capacity must be at least 1".into(),
-            ));
+        // A tokio channel holds at most `MAX_PERMITS` (`mpsc::channel` panics above it).
+        if opts.command_capacity == 0 || opts.command_capacity > Semaphore::MAX_PERMITS {
+            return Err(P2PError::Config(format!(
+                "command_capacity must be between 1 and {}, got {}",
+                Semaphore::MAX_PERMITS,
+                opts.command_capacity
+            )));
         }
         if opts.max_event_bytes == 0 || opts.max_event_bytes > RESPONSE_BUDGET {
             return Err(P2PError::Config(format!(

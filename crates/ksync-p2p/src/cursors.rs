@@ -48,9 +48,13 @@ struct Slot {
 /// holds).
 #[derive(Debug)]
 pub(crate) struct PeerCursors {
-    /// `cap` slots; a free one is `None`. Slots are taken lowest first and never freed, so the
-    /// taken ones are a prefix.
+    /// The slots up to the highest one taken; a free one is `None`, and so is every index
+    /// from `slots.len()` to `cap`. Grown as peers take slots, not sized to `cap`: the cap
+    /// may be far above the peers ever met (`usize::MAX` for no practical bound). Slots are
+    /// taken lowest first and never freed, so the taken ones are a prefix.
     slots: Vec<Option<Slot>>,
+    /// Most slots.
+    cap: usize,
     by_peer: HashMap<PeerId, usize>,
     /// The next use stamp (above every stored one).
     clock: u64,
@@ -81,13 +85,12 @@ impl PeerCursors {
     /// are removed; a slot that does not parse is free (and overwritten when taken).
     pub(crate) async fn load(storage: &dyn Storage, cap: usize) -> Result<Self, StorageError> {
         let cap = cap.max(1);
-        let mut slots: Vec<Option<Slot>> = Vec::with_capacity(cap);
+        let mut slots: Vec<Option<Slot>> = Vec::new();
         let mut by_peer = HashMap::new();
         let mut clock = 0;
         for index in 0..cap {
             let Some(raw) = storage.meta(&slot_key(index))? else {
                 // Taken slots are a prefix: the rest are free.
-                slots.resize_with(cap, || None);
                 break;
             };
             let slot = parse_slot(&raw).filter(|slot| {
@@ -111,16 +114,19 @@ impl PeerCursors {
         }
         // Beyond the cap: what a larger cap left. Tidying only (they are never read): a
         // removal that fails is logged, and does not keep the node from starting.
-        let mut index = cap;
-        while storage.meta(&slot_key(index))?.is_some() {
-            if let Err(e) = storage.remove_meta(&slot_key(index)).await {
-                tracing::warn!(key = slot_key(index), error = %e, "removing a catch-up cursor slot beyond the cap failed");
+        let mut index = Some(cap);
+        while let Some(at) = index
+            && storage.meta(&slot_key(at))?.is_some()
+        {
+            if let Err(e) = storage.remove_meta(&slot_key(at)).await {
+                tracing::warn!(key = slot_key(at), error = %e, "removing a catch-up cursor slot beyond the cap failed");
                 break;
             }
-            index += 1;
+            index = at.checked_add(1);
         }
         Ok(Self {
             slots,
+            cap,
             by_peer,
             clock,
         })
@@ -130,7 +136,7 @@ impl PeerCursors {
     pub(crate) fn get(&mut self, peer: &PeerId) -> Option<Cursor> {
         let index = *self.by_peer.get(peer)?;
         let stamp = self.tick();
-        let slot = self.slots[index].as_mut()?;
+        let slot = self.slots.get_mut(index)?.as_mut()?;
         slot.used = stamp;
         Some(slot.at)
     }
@@ -138,7 +144,7 @@ impl PeerCursors {
     /// The cursor stored for `peer`.
     pub(crate) fn stored(&self, peer: &PeerId) -> Option<Cursor> {
         let index = *self.by_peer.get(peer)?;
-        self.slots[index].as_ref().map(|slot| slot.at)
+        self.slots.get(index)?.as_ref().map(|slot| slot.at)
     }
 
     /// How many peers have a stored cursor.
@@ -165,6 +171,8 @@ impl PeerCursors {
             Some(&index) => index,
             None => match self.slots.iter().position(Option::is_none) {
                 Some(free) => free,
+                // Past the slots so far: free, while under the cap.
+                None if self.slots.len() < self.cap => self.slots.len(),
                 None => self
                     .slots
                     .iter()
@@ -177,6 +185,9 @@ impl PeerCursors {
         let used = self.tick();
         let value = format!("{peer} {} {} {used}", at.cursor, at.log_id);
         storage.set_meta(&slot_key(index), &value).await?;
+        if index == self.slots.len() {
+            self.slots.push(None);
+        }
         let previous = self.slots[index].replace(Slot { peer, at, used });
         let evicted = previous.map(|slot| slot.peer).filter(|&p| p != peer);
         if let Some(evicted) = evicted {
@@ -290,6 +301,26 @@ mod tests {
         let cursors = PeerCursors::load(&storage, 2).await.expect("load");
         assert_eq!(cursors.stored(&peers[0]), Some(at(1)));
         assert_eq!(cursors.stored(&peers[2]), None);
+    }
+
+    /// A cap far above the peers met costs only their slots: nothing is set aside for it
+    /// (`usize::MAX` used to fail to allocate at start), and slots are taken in order.
+    #[tokio::test]
+    async fn slots_grow_with_the_peers_not_the_cap() {
+        let storage = ksync_core::InMemoryStorage::new();
+        let peers: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        let mut cursors = PeerCursors::load(&storage, usize::MAX).await.expect("load");
+        assert_eq!(cursors.slots.len(), 0);
+        for (n, peer) in peers.iter().enumerate() {
+            let evicted = cursors.store(&storage, *peer, at(n as u64)).await;
+            assert_eq!(evicted.expect("store"), None);
+        }
+        assert_eq!(cursors.slots.len(), 3);
+        assert_eq!(slot_records(&storage), 3);
+        let reloaded = PeerCursors::load(&storage, usize::MAX).await.expect("load");
+        assert_eq!(reloaded.slots.len(), 3);
+        assert_eq!(reloaded.stored(&peers[2]), Some(at(2)));
+        assert_eq!(reloaded.stored(&PeerId::random()), None);
     }
 
     /// An unreadable slot is free: the next new peer takes it.
