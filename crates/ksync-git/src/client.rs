@@ -2109,12 +2109,16 @@ impl Http {
             .into_sync()
         };
         // A declared length (absent when reqwest decodes gzip) refuses early, and sizes the
-        // buffer: never past the limit, whatever the server claims.
+        // buffer: never past the limit nor `MAX_BODY_RESERVE`, whatever the server claims (a
+        // claim of 2^63 bytes under a limit that high panicked; the rest grows as it arrives).
         let declared = response.content_length().unwrap_or(0);
         if declared > limit as u64 {
             return Err(too_large());
         }
-        let mut body = Vec::with_capacity(usize::try_from(declared).unwrap_or(limit));
+        let reserve = usize::try_from(declared)
+            .unwrap_or(limit)
+            .min(MAX_BODY_RESERVE);
+        let mut body = Vec::with_capacity(reserve);
         while let Some(chunk) = response.chunk().await.map_err(|source| {
             GitError::Http {
                 url: url.to_owned(),
@@ -2130,6 +2134,9 @@ impl Http {
         Ok(body)
     }
 }
+
+/// Most bytes an answer's buffer takes before they arrive (see `read_body`).
+const MAX_BODY_RESERVE: usize = 8 << 20;
 
 fn encode<B: Serialize + ?Sized>(url: &str, body: &B) -> Result<Vec<u8>, SyncError> {
     serde_json::to_vec(body).map_err(|e| {

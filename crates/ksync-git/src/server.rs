@@ -122,8 +122,6 @@ pub struct GitServerConfig {
     /// Responses at least this large are gzip-compressed for clients that accept gzip.
     /// Default 1 KiB.
     pub compress_min_bytes: usize,
-    /// Limits applied to every pushed event.
-    pub event_limits: EventLimits,
     /// Most branch logs this service keeps open (default 256). Past it the least recently
     /// used one the service does not use at that moment is released to the provider (a file
     /// log then closes: its file handle, writer thread and index go; the next request
@@ -157,7 +155,6 @@ impl Default for GitServerConfig {
             max_page: 10_000,
             max_page_bytes: DEFAULT_PAGE_BYTES,
             compress_min_bytes: 1024,
-            event_limits: EventLimits::default(),
             max_open_branches: 256,
             body_memory_bytes: 256 * 1024 * 1024,
             max_branches_per_repo: 1000,
@@ -1280,7 +1277,9 @@ async fn push(
     let (request, _body_memory) = s.body::<PushRequest>(req).await?;
     check_log(&branch, &record, request.log_id.as_deref())?;
     for (index, event) in request.events.iter().enumerate() {
-        event.validate(&s.inner.config.event_limits).map_err(|e| {
+        // The event rules every part applies (no looser or stricter ones here: an event
+        // another replica took and this service refused would stall its pushes for ever).
+        event.validate(&EventLimits::default()).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_event",

@@ -314,3 +314,35 @@ async fn branch_creation_stops_at_max_branches_per_repo() {
     );
     assert_eq!(logs("r"), ["b1", "b2", "main"]);
 }
+
+/// A server that declares a body of 2^63 bytes (and sends one byte) to a client whose limit is
+/// as high: a typed error, not a panic (the client reserved the declared length up front:
+/// "capacity overflow").
+#[tokio::test]
+async fn a_declared_length_past_what_memory_holds_is_not_reserved() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9223372036854775808\r\n\r\n{")
+                .await;
+            // Closed with the body cut short.
+        }
+    });
+    let pulled = tokio::spawn(async move { client(addr, usize::MAX).pull().await })
+        .await
+        .expect("the pull does not panic");
+    let err = pulled.expect_err("a cut body");
+    assert!(
+        matches!(GitError::of(&err), Some(GitError::Http { .. })),
+        "{err}"
+    );
+    task.abort();
+}
