@@ -248,9 +248,18 @@ impl ServerAuthenticator {
                     reason: "empty API key".into(),
                 });
             }
+            let digest = api_key_digest(key.key.expose());
+            // One secret under two names would get whichever came last: its scope and rooms
+            // (a key meant read-only could write). The value itself is never shown.
+            if let Some(first) = api_keys.iter().find(|k| k.digest == digest) {
+                return Err(ServerError::Config(format!(
+                    "API keys {:?} and {:?} have the same value; give each its own",
+                    first.name, key.name
+                )));
+            }
             api_keys.push(StoredApiKey {
                 name: key.name.clone(),
-                digest: api_key_digest(key.key.expose()),
+                digest,
                 scope: key.scope,
                 rooms: key.rooms.clone(),
                 repos: key.repos.clone(),

@@ -96,6 +96,22 @@ pub struct Limits {
     pub max_branches_per_repo: usize,
 }
 
+impl Limits {
+    /// Refuses limits the HTTP layer cannot run with: request timeouts past
+    /// [`ksync_core::MAX_CONFIG_DURATION`] (hyper adds the header timeout to an `Instant`,
+    /// and past that it overflowed in every connection's task: the server answered nothing).
+    /// The relay checks its own (the heartbeat).
+    pub(crate) fn check(&self) -> Result<(), ServerError> {
+        for (field, value) in [
+            ("request_header_timeout", self.request_header_timeout),
+            ("request_body_timeout", self.request_body_timeout),
+        ] {
+            ksync_core::check_config_duration(field, value).map_err(ServerError::Config)?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {

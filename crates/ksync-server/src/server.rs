@@ -115,6 +115,7 @@ impl Server {
     /// The certificate and the auth keys are loaded first: a configuration that cannot start
     /// neither creates nor locks the data directory.
     pub fn new(config: ServerConfig) -> Result<Self, ServerError> {
+        config.limits.check()?;
         let credentials = Credentials::load(&config)?;
         let (provider, storage) = open_storage(&config)?;
         Self::assemble(config, provider, storage, credentials)
@@ -126,6 +127,7 @@ impl Server {
         provider: Arc<dyn StorageProvider>,
         storage: StorageLocation,
     ) -> Result<Self, ServerError> {
+        config.limits.check()?;
         let credentials = Credentials::load(&config)?;
         Self::assemble(config, provider, storage, credentials)
     }

@@ -393,6 +393,22 @@ fn configuration_errors_are_typed_and_do_not_leak_secrets() {
     })
     .unwrap_err();
     assert!(matches!(dup, ServerError::Config(_)));
+    // One value under two names: which name (and scope) it got depended on their order.
+    let same = ServerAuthenticator::new(&AuthConfig {
+        api_keys: vec![
+            ApiKey::parse_spec("dashboard:read=s3cr3t-value").unwrap(),
+            ApiKey::parse_spec("admin=s3cr3t-value").unwrap(),
+        ],
+        ..AuthConfig::default()
+    })
+    .unwrap_err();
+    let message = same.to_string();
+    assert!(matches!(same, ServerError::Config(_)), "{message}");
+    assert!(
+        message.contains("dashboard") && message.contains("admin"),
+        "{message}"
+    );
+    assert!(!message.contains("s3cr3t"), "{message}");
 
     let spec = ApiKey::parse_spec("reader:read=s3cr3t-value").unwrap();
     assert_eq!(spec.name, "reader");

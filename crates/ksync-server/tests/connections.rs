@@ -169,3 +169,52 @@ async fn websockets_leave_the_http_connection_count_once_upgraded() {
     drop(sockets);
     running.shutdown().await.expect("shutdown");
 }
+
+/// A request timeout past a day is refused at start, naming it: hyper adds the header
+/// timeout to an `Instant`, and `Duration::MAX` made every connection's task panic (the
+/// server listened and answered nothing).
+#[tokio::test]
+async fn request_timeouts_past_a_day_are_refused_at_start() {
+    let past_a_day = ksync_core::MAX_CONFIG_DURATION + Duration::from_secs(1);
+    for (field, limits) in [
+        (
+            "request_header_timeout",
+            Limits {
+                request_header_timeout: Duration::MAX,
+                ..Limits::default()
+            },
+        ),
+        (
+            "request_body_timeout",
+            Limits {
+                request_body_timeout: past_a_day,
+                ..Limits::default()
+            },
+        ),
+    ] {
+        let refused = Server::bind(with_limits(limits)).await;
+        match refused {
+            Err(ksync_server::ServerError::Config(message)) => {
+                assert!(message.contains(field), "{message}");
+            }
+            Err(other) => panic!("{field}: {other}"),
+            Ok(_) => panic!("{field}: started"),
+        }
+    }
+    // A day is taken, and the server answers.
+    let running = Server::bind(with_limits(Limits {
+        request_header_timeout: ksync_core::MAX_CONFIG_DURATION,
+        ..Limits::default()
+    }))
+    .await
+    .expect("server");
+    let mut stream = TcpStream::connect(running.local_addr())
+        .await
+        .expect("connect");
+    stream.write_all(HEALTH).await.expect("write");
+    assert!(
+        read_health_response(&mut stream)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+}
