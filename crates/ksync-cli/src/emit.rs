@@ -54,7 +54,20 @@ fn parse(spec: &str) -> anyhow::Result<(String, serde_json::Value)> {
     }
     let data =
         serde_json::from_str(data).unwrap_or_else(|_| serde_json::Value::String(data.into()));
+    // The event rules now, with an id as long as the UUID it will get: one that breaks them
+    // was refused only when its turn came, after the ones before it had been sent.
+    Event::new(uuid::Uuid::nil().to_string(), event_type, data.clone(), 0)
+        .validate(&EventLimits::default())
+        .map_err(|e| anyhow::anyhow!("--emit of type {:?}: {e}", shorten(event_type)))?;
     Ok((event_type.to_owned(), data))
+}
+
+/// At most 64 characters of `text`, for an error message.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -69,5 +82,10 @@ mod tests {
         assert_eq!(d, serde_json::json!("plain words"));
         assert!(parse("no-equals").is_err());
         assert!(parse("=1").is_err());
+        // The event rules are checked up front, before anything is sent.
+        let long_type = format!("{}=1", "t".repeat(257));
+        let err = parse(&long_type).expect_err("a type over 256 bytes");
+        assert!(err.to_string().contains("257 bytes"), "{err}");
+        assert!(parse(&format!("{}=1", "t".repeat(256))).is_ok());
     }
 }
