@@ -171,3 +171,51 @@ test('after a server restart the page resumes from its cursor without losing eve
     rmSync(dataDir, { recursive: true, force: true });
   }
 });
+
+test("a URL with '.' or '..' path segments, or a room name the server refuses, is refused up front (bad_room): nothing is opened", async () => {
+  const server = await sharedServer();
+  const page = await browser.newPage();
+  await page.goto(`${server.http}/health`);
+  const seen = await page.evaluate(async (base) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const opened = [];
+    const Base = window.WebSocket;
+    window.WebSocket = class extends Base {
+      constructor(url, protocols) {
+        opened.push(url);
+        super(url, protocols);
+      }
+    };
+    const outcomes = {};
+    // `URL` would resolve the first three (to `/`, the default room, and to `/x`); the server
+    // refuses the last one's name. Each outcome within 3 s (a 404 is retried for ever).
+    for (const path of ['/ws/%2e%2e', '/ws/..', '/ws/.%2e/x', '/ws/.hidden']) {
+      let client;
+      try {
+        client = new WebSocketSyncClient(base + path, { reconnectDelay: { min: 10, max: 20 } });
+      } catch (error) {
+        outcomes[path] = `${error.name} ${error.code}`;
+        continue;
+      }
+      const timeout = new Promise((resolve) => setTimeout(() => resolve('no outcome in 3 s'), 3000));
+      outcomes[path] = await Promise.race([client.connect().then(() => `connected to ${client.room}`, (e) => `connect() rejected: ${e.code}`), timeout]);
+      await client.disconnect();
+    }
+    const refused = opened.splice(0);
+    // The server's address alone is still the default room.
+    const plain = new WebSocketSyncClient(base, { reconnectDelay: { min: 10, max: 20 } });
+    await plain.connect();
+    const room = plain.room;
+    await plain.disconnect();
+    return { outcomes, refused, room };
+  }, server.ws);
+  assert.deepEqual(seen.outcomes, {
+    '/ws/%2e%2e': 'KSyncError bad_room',
+    '/ws/..': 'KSyncError bad_room',
+    '/ws/.%2e/x': 'KSyncError bad_room',
+    '/ws/.hidden': 'KSyncError bad_room',
+  });
+  assert.deepEqual(seen.refused, []);
+  assert.equal(seen.room, 'default');
+  await page.close();
+});

@@ -213,12 +213,41 @@ export class KSyncError extends Error {
   }
 }
 
+// A room name (ksync-core's `Name`): 1 to 128 of `[A-Za-z0-9._-]`, not starting with a dot.
+const ROOM_NAME = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;
+
+/**
+ * `url` as a WebSocket URL (`http(s):` becomes `ws(s):`). Refuses (`bad_room`) a path with
+ * `.` or `..` segments, raw or percent-encoded (`%2e`): `URL` resolves them, so
+ * `ws://h/ws/%2e%2e` would open `ws://h/` (the default room) and `/ws/.%2e/x` open `/x`,
+ * where the server refuses `/ws/%2e%2e` as a bad room name (the Rust client sends the path as
+ * given). Refuses a room (the segment after `ws`, percent-decoded) that breaks the name rules:
+ * the server would refuse it too (`bad_room`, 400).
+ */
 function toWebSocketUrl(url) {
+  // The URL as `URL` reads it: without tabs and newlines (anywhere) or spaces and controls
+  // at its ends, `\` taken for `/`, the path ending at `?` or `#`.
+  const written = String(url).replace(/[\t\n\r]/g, '').replace(/^[\0- ]+|[\0- ]+$/g, '').split(/[?#]/)[0];
+  if (written.split(/[/\\]/).some((segment) => /^(\.|%2e){1,2}$/i.test(segment))) {
+    throw new KSyncError('bad_room', `${url} has a '.' or '..' path segment: it would open another path than the one given`);
+  }
   const parsed = new URL(url, typeof location === 'undefined' ? undefined : location.href);
   if (parsed.protocol === 'http:') parsed.protocol = 'ws:';
   if (parsed.protocol === 'https:') parsed.protocol = 'wss:';
   if (parsed.protocol !== 'ws:' && parsed.protocol !== 'wss:') {
     throw new TypeError(`not a WebSocket URL: ${url}`);
+  }
+  const segments = parsed.pathname.split('/');
+  if (segments.length >= 2 && segments[segments.length - 2] === 'ws') {
+    let room = null;
+    try {
+      room = decodeURIComponent(segments[segments.length - 1]);
+    } catch {
+      // Not percent-decodable: no name.
+    }
+    if (room === null || !ROOM_NAME.test(room)) {
+      throw new KSyncError('bad_room', `${url} names a room the server refuses: a room name is 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'`);
+    }
   }
   return parsed;
 }
