@@ -360,3 +360,78 @@ test('backoff: the monitor feed also keeps counting attempts against a server th
   await page.evaluate(() => window.monitor.stop());
   await page.close();
 });
+
+// Page setup: the page's wall clock (`Date.now`) runs `window.clockStep` ms off, as after an
+// NTP step or a user's change of the clock.
+const STEPPED_CLOCK = `() => {
+  const real = Date.now;
+  window.clockStep = 0;
+  Date.now = () => real() + window.clockStep;
+}`;
+
+test('a wall-clock step back while a send is in flight: metrics stay sane (elapsed times on the monotonic clock)', async () => {
+  let publish = null;
+  const { page } = await fakeRelayClient(browser, server.http, {
+    options: { metricsInterval: 300 },
+    setup: STEPPED_CLOCK,
+    onMessage: (session, message) => {
+      if (message.type === 'publish') publish = { session, message };
+    },
+  });
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected to the scripted relay');
+  const sent = page.evaluate((event) => window.sendTracked(event), makeEvent('stepped'));
+  await waitFor(() => publish, 5000, 'the publish');
+  // A minute back while the publish waits for its ack.
+  await page.evaluate(() => { window.clockStep = -60000; });
+  publish.session.send(storedAck(publish.message));
+  assert.deepEqual(await sent, { status: 'stored', seq: 1 });
+  const metrics = await waitFor(async () => {
+    const all = await page.evaluate(() => window.metrics);
+    return all.some((m) => m.averageLatency !== 0) && all;
+  }, 5000, 'the metrics of the ack');
+  for (const m of metrics) {
+    // One event sent in some 300 ms, a round trip of a few ms: not 1000 events a second, nor
+    // a negative latency.
+    assert.ok(m.eventsPerSecond >= 0 && m.eventsPerSecond < 100, JSON.stringify(metrics));
+    assert.ok(m.averageLatency >= 0 && m.averageLatency < 5000, JSON.stringify(metrics));
+    assert.ok(m.bandwidthUsage >= 0 && m.bandwidthUsage < 100000, JSON.stringify(metrics));
+  }
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('backoff: a wall-clock step forward does not make a session that failed at once count as one that stayed up', async () => {
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { reconnectDelay: { min: 20, max: 60000 } },
+    // The clock jumps a minute (the backoff maximum) ahead during each session.
+    setup: `(client) => {
+      (${STEPPED_CLOCK})();
+      (${RECORD_ATTEMPTS})(client);
+      client.on('connected', () => { window.clockStep += 60000; });
+    }`,
+    onMessage: (session, message) => {
+      if (message.type === 'hello') session.close(1011, 'failing after the welcome');
+    },
+  });
+  await relay.waitSessions(4);
+  assert.deepEqual((await page.evaluate(() => window.attempts)).slice(0, 3), [1, 2, 3]);
+  await page.evaluate(() => window.client.disconnect());
+
+  // The monitor feed the same way.
+  await page.evaluate(async () => {
+    const { MonitorClient } = await import('/ksync.js');
+    window.monitorAttempts = [];
+    const monitor = new MonitorClient('ws://fake.invalid/monitor', { reconnectDelay: { min: 20, max: 60000 } });
+    monitor.on('open', () => { window.clockStep += 60000; });
+    monitor.on('reconnecting', (attempt) => window.monitorAttempts.push(attempt));
+    monitor.start();
+    window.monitor = monitor;
+  });
+  const attempts = await waitFor(async () => {
+    const seen = await page.evaluate(() => window.monitorAttempts);
+    return seen.length >= 3 && seen;
+  }, 5000, 'three reconnects of the monitor');
+  assert.deepEqual(attempts.slice(0, 3), [1, 2, 3]);
+  await page.evaluate(() => window.monitor.stop());
+  await page.close();
+});

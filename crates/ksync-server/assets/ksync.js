@@ -419,7 +419,8 @@ export class WebSocketSyncClient extends Emitter {
   #stopped = true;
   // Reconnects since the last session that stayed up (see `#sessionEnded`): paces the backoff.
   #attempt = 0;
-  // When this session's `welcome` came (ms since the epoch).
+  // When this session's `welcome` came (`performance.now()`, as every elapsed time here: a
+  // monotonic clock, which a wall-clock step (NTP, a user's change) does not move).
   #upSince = 0;
   #retryTimer = null;
   #cursor = null;
@@ -629,7 +630,7 @@ export class WebSocketSyncClient extends Emitter {
     if (strategy !== 'event-level') {
       this.#flushTimer = setInterval(() => this.#flush(), strategy === 'batch' ? batchInterval : snapshotInterval);
     }
-    this.#meter = { since: Date.now(), events: 0, bytes: 0, rtt: 0, acks: 0 };
+    this.#meter = { since: performance.now(), events: 0, bytes: 0, rtt: 0, acks: 0 };
     this.#metricsTimer = setInterval(() => this.#reportMetrics(), metricsInterval);
     const socket = this.#socket;
     this.#heartbeatTimer = setInterval(() => this.#ping(socket), this.#options.heartbeat);
@@ -667,7 +668,7 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   #reportMetrics() {
-    const now = Date.now();
+    const now = performance.now();
     const seconds = Math.max((now - this.#meter.since) / 1000, 0.001);
     const { events, bytes, rtt, acks } = this.#meter;
     this.emit('metrics', {
@@ -819,7 +820,7 @@ export class WebSocketSyncClient extends Emitter {
     // (A snapshot sets it at its last page: a session cut short asks for the snapshot again.)
     if (this.#cursor === null && !this.#needSnapshot) this.#cursor = welcome.serverVersion;
     this.#connected = true;
-    this.#upSince = Date.now();
+    this.#upSince = performance.now();
     this.#startTimers();
     this.emit('connected', welcome);
     this.#setStatus('connected');
@@ -960,7 +961,7 @@ export class WebSocketSyncClient extends Emitter {
       // goes out again on the next session.
       if (socket !== this.#socket) return;
     }
-    this.#meter.rtt += Date.now() - sent.at;
+    this.#meter.rtt += performance.now() - sent.at;
     this.#meter.acks += 1;
     this.emit('ack', results);
     // The events now safely in the room: this exchange's `sync`.
@@ -1097,7 +1098,7 @@ export class WebSocketSyncClient extends Emitter {
       }
       const items = this.#outbox.splice(0, count);
       const ref = this.#nextRef++;
-      this.#inFlight.set(ref, { items, at: Date.now() });
+      this.#inFlight.set(ref, { items, at: performance.now() });
       const text = JSON.stringify({ type: 'publish', ref, events: items.map((item) => item.event) });
       this.#meter.events += items.length;
       this.#meter.bytes += utf8Length(text);
@@ -1187,7 +1188,7 @@ export class WebSocketSyncClient extends Emitter {
     // The backoff starts again from its minimum only after a session that stayed up for its
     // maximum (as the Rust client): a server that welcomes and then fails at once (closes,
     // refuses every publish) keeps counting, and is not hit at the shortest delay forever.
-    if (wasConnected && Date.now() - this.#upSince >= this.#options.reconnectDelay.max) this.#attempt = 0;
+    if (wasConnected && performance.now() - this.#upSince >= this.#options.reconnectDelay.max) this.#attempt = 0;
     if (refusal !== null) {
       // Refused in-band: why (`unauthorized`, `forbidden`, `bad_room`: stop; `rate_limited`:
       // retry later, with backoff).
@@ -1289,7 +1290,7 @@ export class MonitorClient extends Emitter {
     const socket = new WebSocket(this.#url, this.#protocols);
     this.#socket = socket;
     let opened = false;
-    // When the `welcome` came (ms since the epoch; null before it).
+    // When the `welcome` came (`performance.now()`, monotonic; null before it).
     let upSince = null;
     socket.onopen = () => {
       socket.send(JSON.stringify({ type: 'hello', protocol: PROTOCOL_VERSION, tail: this.#options.tail, recent: this.#options.recent }));
@@ -1305,7 +1306,7 @@ export class MonitorClient extends Emitter {
       }
       if (parsed.type === 'welcome') {
         opened = true;
-        upSince = Date.now();
+        upSince = performance.now();
         this.emit('open', parsed);
       } else if (parsed.type === 'error') {
         this.emit('error', new KSyncError(parsed.code, parsed.message));
@@ -1321,7 +1322,7 @@ export class MonitorClient extends Emitter {
       const { min, max } = this.#options.reconnectDelay;
       // As the sync client: the backoff starts again only after a connection that stayed up
       // for its maximum, so a server that welcomes and then drops is not hit ever faster.
-      if (upSince !== null && Date.now() - upSince >= max) this.#attempt = 0;
+      if (upSince !== null && performance.now() - upSince >= max) this.#attempt = 0;
       this.#attempt += 1;
       const delay = backoff(this.#attempt, min, max);
       this.emit('reconnecting', this.#attempt, delay);
