@@ -148,6 +148,31 @@ test('a wrong key stops the browser client once, with the reason, instead of ret
   await page.close();
 });
 
+test("a JWT just past its exp, within the server's leeway (5 s by default), connects; one long expired is refused up front", async () => {
+  const page = await browser.newPage();
+  await page.goto(`${server.http}/health`);
+  const now = Math.floor(Date.now() / 1000);
+  const before = await refusedCount(server);
+  // The page's clock may run a little ahead of the server's: the server takes the first token
+  // until exp + 5 s, so the client must not refuse it first.
+  const outcomes = await page.evaluate(async ({ url, tokens }) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const outcomes = [];
+    for (const token of tokens) {
+      const client = new WebSocketSyncClient(url, { auth: { type: 'jwt', token }, reconnect: false });
+      outcomes.push(await client.connect().then(() => 'connected', (error) => error.code));
+      await client.disconnect();
+    }
+    return outcomes;
+  }, {
+    url: `${server.ws}/ws/secure`,
+    tokens: [jwt({ sub: 'skewed', exp: now - 2 }), jwt({ sub: 'stale', exp: now - 60 })],
+  });
+  assert.deepEqual(outcomes, ['connected', 'token_expired']);
+  assert.equal(await refusedCount(server), before, 'no attempt with the stale token');
+  await page.close();
+});
+
 test('the server never logs the credentials', async () => {
   // Give the log a moment to be written, then look for every secret we presented.
   await new Promise((resolve) => setTimeout(resolve, 200));

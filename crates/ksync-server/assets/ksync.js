@@ -57,6 +57,9 @@ const MAX_INFLATED_SIZE = 16 * 1024 * 1024;
 const MAX_NAME_BYTES = 256;
 const MAX_DATA_DEPTH = 128;
 const STRATEGIES = new Set(['event-level', 'batch', 'state-based']);
+// The clock leeway a server gives a JWT's `exp` unless configured otherwise (ksync-server's
+// `AuthConfig::leeway`, `--jwt-leeway-secs`): the client refuses a token up front only past it.
+const JWT_LEEWAY_MS = 5000;
 
 const UTF8 = new TextEncoder();
 /** Bytes of `text` on the wire (UTF-8; `text.length` counts UTF-16 units). */
@@ -534,9 +537,9 @@ export class WebSocketSyncClient extends Emitter {
    * It stops (rejecting, with an `error` notification) on close codes that reconnecting
    * cannot fix (1002, 1003, 1007, 4000, 4001, 4400, 4401, 4403): e.g. refused credentials
    * (code `unauthorized`, `closeCode` 4401) or a room they do not cover (`forbidden`, 4403),
-   * and, without trying, on a JWT whose `exp` has passed (code `token_expired`): bring fresh
-   * credentials with `setAuth`, then connect. Too many failed logins (`rate_limited`, 4429)
-   * are retried later, with backoff.
+   * and, without trying, on a JWT whose `exp` plus 5 s (the server's default leeway) has
+   * passed (code `token_expired`): bring fresh credentials with `setAuth`, then connect. Too
+   * many failed logins (`rate_limited`, 4429) are retried later, with backoff.
    */
   connect() {
     if (this.#connected) return Promise.resolve();
@@ -694,8 +697,11 @@ export class WebSocketSyncClient extends Emitter {
 
   #open() {
     // A browser never sees the 401 of a refused upgrade (only a failed connection): a token
-    // known to be expired would be retried, and counted as a failed login, forever.
-    if (this.#expiry !== null && this.#expiry.getTime() <= Date.now()) {
+    // known to be expired would be retried, and counted as a failed login, forever. Known to
+    // be expired: past its `exp` plus the server's default leeway (a JWT is valid until then),
+    // so a page whose clock runs ahead still uses the end of the token's life. (Wall time, as
+    // `exp`; the server decides anyway.)
+    if (this.#expiry !== null && this.#expiry.getTime() + JWT_LEEWAY_MS <= Date.now()) {
       this.#stop(new KSyncError('token_expired', `the token expired at ${this.#expiry.toISOString()}; setAuth() a fresh one`));
       return;
     }
