@@ -219,3 +219,26 @@ test("a URL with '.' or '..' path segments, or a room name the server refuses, i
   assert.equal(seen.room, 'default');
   await page.close();
 });
+
+test('disconnect() then connect() at once, before the old socket has closed: connected again, and a send is acknowledged', async () => {
+  const server = await sharedServer();
+  const page = await pageClient(browser, server.http, `${server.ws}/ws/rejoined-${process.pid}`);
+  await page.evaluate(async () => {
+    window.client.disconnect();
+    await window.client.connect();
+  });
+  const event = makeEvent('rejoined');
+  // Within 5 s (the old socket's close must not end the new session; a client left
+  // disconnected would keep the event queued for ever).
+  const result = await page.evaluate((e) => Promise.race([
+    window.sendTracked(e),
+    new Promise((resolve) => setTimeout(() => resolve('no ack in 5 s'), 5000)),
+  ]), event);
+  assert.equal(result.status, 'stored', JSON.stringify(result));
+  const state = await page.evaluate(() => ({ connected: window.client.connected, connects: window.connects, statuses: window.statuses }));
+  assert.equal(state.connected, true, JSON.stringify(state));
+  assert.equal(state.connects, 2, JSON.stringify(state));
+  assert.equal(state.statuses.at(-1), 'idle', JSON.stringify(state));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});

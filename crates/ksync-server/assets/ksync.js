@@ -443,7 +443,9 @@ export class WebSocketSyncClient extends Emitter {
   #outbox = [];
   #inFlight = new Map();
   #waiters = [];
-  #closeWaiters = [];
+  // Counts `disconnect()` calls: the end of a session given up before one (`#dropSocket`),
+  // still queued on `#chain`, is then not run (`disconnect()` ended the session).
+  #disconnects = 0;
   #chain = Promise.resolve();
   #middleware = { incoming: [], outgoing: [] };
   #filter = null;
@@ -552,15 +554,31 @@ export class WebSocketSyncClient extends Emitter {
     return result;
   }
 
-  /** Closes the connection (1000) and stops reconnecting. Unacknowledged events stay queued. */
+  /**
+   * Closes the connection (1000) and stops reconnecting; resolves once the socket is closed.
+   * Unacknowledged events stay queued. The session ends at once (`disconnected` is notified
+   * now): a `connect()` right after opens a new connection, instead of taking this one for
+   * still up and then losing it to this close.
+   */
   disconnect() {
     this.#stopped = true;
     clearTimeout(this.#retryTimer);
     this.#retryTimer = null;
     this.#settleWaiters(new KSyncError('disconnected', 'disconnect() was called'));
+    this.#disconnects += 1;
+    this.#refusal = null;
     const socket = this.#socket;
+    // Nothing more of it is read: `#receive` skips what it sent that is still queued.
+    this.#socket = null;
+    if (this.#connected) {
+      this.#connected = false;
+      this.#stopTimers();
+      this.emit('disconnected', { code: 1000, reason: 'client disconnect' });
+    }
     if (!socket || socket.readyState === WebSocket.CLOSED) return Promise.resolve();
-    const closed = new Promise((resolve) => this.#closeWaiters.push(resolve));
+    socket.onopen = null;
+    socket.onmessage = null;
+    const closed = new Promise((resolve) => { socket.onclose = () => resolve(); });
     socket.close(1000, 'client disconnect');
     return closed;
   }
@@ -1160,14 +1178,15 @@ export class WebSocketSyncClient extends Emitter {
     socket.onclose = null;
     socket.close(code, reason);
     const close = { code, reason: told };
-    this.#chain = this.#chain.then(() => this.#sessionEnded(close, { opened: true, resync }));
+    const disconnects = this.#disconnects;
+    this.#chain = this.#chain.then(() => {
+      if (disconnects === this.#disconnects) this.#sessionEnded(close, { opened: true, resync });
+    });
   }
 
-  /** The socket's own close event (the server's close, or the answer to `disconnect()`). */
+  /** The socket's own close event (the server's: `disconnect()` and `#dropSocket` detach it). */
   #socketClosed(socket, close, opened) {
-    // `disconnect()` waits for the socket it closed, even if `connect()` opened another since.
-    for (const resolve of this.#closeWaiters.splice(0)) resolve();
-    // A socket given up already (`#dropSocket`) has had its session end.
+    // A socket given up already (`#dropSocket`, `disconnect()`) has had its session end.
     if (socket !== this.#socket) return;
     this.#socket = null;
     this.#sessionEnded(close, { opened, resync: false });
@@ -1176,8 +1195,6 @@ export class WebSocketSyncClient extends Emitter {
   /** After the session's socket is gone: notifies, then reconnects (at once for a resync,
    * else after the reconnect delay) or stops. */
   #sessionEnded(close, { opened, resync }) {
-    // A `disconnect()` that closed a socket given up since waits for no close event.
-    for (const resolve of this.#closeWaiters.splice(0)) resolve();
     const wasConnected = this.#connected;
     this.#connected = false;
     this.#stopTimers();
