@@ -195,6 +195,14 @@ impl P2PSyncClientBuilder {
         let mut opts = self.opts;
         Name::new(&opts.peer_id)
             .map_err(|e| P2PError::Config(format!("peer_id {:?}: {e}", opts.peer_id)))?;
+        // `connect_to_peer` reads a target as a libp2p peer id first: a name that also reads
+        // as one could never be reached by name.
+        if opts.peer_id.parse::<PeerId>().is_ok() {
+            return Err(P2PError::Config(format!(
+                "peer_id {:?} reads as a libp2p peer id, which connect_to_peer would take it                  for; choose another name",
+                opts.peer_id
+            )));
+        }
         Name::new(&opts.network)
             .map_err(|e| P2PError::Config(format!("network {:?}: {e}", opts.network)))?;
         if self.encryption && opts.network_key.is_none() {
@@ -317,7 +325,8 @@ impl fmt::Debug for P2PSyncClient {
 
 impl P2PSyncClient {
     /// Starts a builder with the spec's required options: `peerId` (this replica's id; it
-    /// also names the identity key file) and `discoveryMethod`.
+    /// also names the identity key file: a room-style name, not one that reads as a libp2p
+    /// peer id) and `discoveryMethod`.
     pub fn builder(peer_id: impl Into<String>, discovery: DiscoveryMethod) -> P2PSyncClientBuilder {
         P2PSyncClientBuilder {
             opts: Options {

@@ -117,3 +117,22 @@ async fn a_name_a_connected_peer_holds_is_not_taken_over() {
         alice.local_peer_id()
     );
 }
+
+/// A spec `peerId` that also reads as a libp2p peer id is refused by `build`:
+/// `connect_to_peer` takes such a target for a libp2p id, so that peer could never be reached
+/// by its name.
+#[test]
+fn a_peer_name_that_reads_as_a_libp2p_peer_id_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let libp2p_id = libp2p::PeerId::random().to_string();
+    let Err(err) = builder(dir.path(), &libp2p_id).build() else {
+        panic!("{libp2p_id} was taken as a peer name");
+    };
+    assert!(
+        matches!(&err, P2PError::Config(reason) if reason.contains("libp2p peer id")),
+        "{err:?}"
+    );
+    builder(dir.path(), "peer-123")
+        .build()
+        .expect("an ordinary name");
+}
