@@ -61,6 +61,8 @@ pub enum Resolution {
     /// Use this content instead (its id is forced to the conflict's id).
     Merged(Event),
     /// Last write wins: the later `timestamp`, ties broken deterministically (see [`lww_cmp`]).
+    /// It trusts the writers' clocks: a revision stamped in the future wins every conflict of
+    /// its version (and the settling revision keeps its timestamp).
     LastWriteWins,
 }
 
