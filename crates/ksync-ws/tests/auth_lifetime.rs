@@ -116,6 +116,128 @@ async fn a_connection_is_closed_with_4401_when_its_credentials_expire() {
     server.stop().await;
 }
 
+/// A raw connection to `url` whose socket takes in little at a time (a small receive buffer),
+/// so that the relay's writes wait for this reader rather than for the kernel's buffers.
+async fn slow_raw_connect(url: &str, bearer: &str) -> Raw {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {bearer}").parse().unwrap());
+    let host = request.uri().authority().unwrap().as_str().to_owned();
+    let addr: std::net::SocketAddr = host.parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap()
+        .0
+}
+
+/// Credentials that expire during a long catch-up end it there with 4401, as they end a live
+/// connection: the expiry used to be watched only from the end of the catch-up, so a slow
+/// reader was sent the whole room past its credentials' end (4401 came after it).
+#[tokio::test]
+async fn credentials_that_expire_during_a_catch_up_end_it_with_4401() {
+    use ksync_core::{Event, LogName, Name, StorageProvider};
+
+    let auth = Expiring::new(Duration::from_millis(500));
+    let provider = Arc::new(InMemoryProvider::new());
+    // About 6 MiB: at a frame (64 KiB) per 30 ms, the whole catch-up takes about 3 s.
+    let log = provider
+        .open(&LogName::Room(Name::new("big").unwrap()))
+        .unwrap();
+    let events: Vec<Event> = (0..1500)
+        .map(|n| Event::new(format!("e{n}"), "t", json!("x".repeat(4096)), 1))
+        .collect();
+    let room_bytes: usize = events
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap().len())
+        .sum();
+    log.append(events).await.unwrap();
+    drop(log);
+    // Small socket buffers on the relay's side too (accepted sockets inherit the listener's):
+    // the relay's writes then follow the reader instead of filling megabytes of kernel buffer
+    // before the expiry.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(16 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server = serve_on(
+        socket.listen(64).unwrap(),
+        RelayConfig {
+            max_message_size: 64 * 1024,
+            ..RelayConfig::default()
+        },
+        provider,
+        auth,
+    );
+    // A catch-up from a cursor, and a state-based start (snapshot pages): each token's
+    // lifetime starts at its upgrade.
+    let starts = [
+        (
+            "short-1",
+            json!({"type": "hello", "protocol": 1, "since": 0}),
+        ),
+        (
+            "short-2",
+            json!({"type": "hello", "protocol": 1, "state": true}),
+        ),
+    ];
+    for (token, hello) in starts {
+        let mut ws = slow_raw_connect(&server.url(Some("big")), token).await;
+        send_json(&mut ws, hello.clone()).await;
+        assert_eq!(recv_json(&mut ws).await["type"], "welcome");
+        let mut received = 0;
+        let close = loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("progress")
+                .expect("open")
+                .expect("no error");
+            match message {
+                Message::Text(t) => received += t.len(),
+                Message::Close(frame) => break frame.map(|f| u16::from(f.code)),
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        };
+        assert_eq!(close, Some(4401), "{hello}");
+        assert!(
+            received < room_bytes / 3,
+            "{hello}: {received} bytes of a {room_bytes}-byte room sent before the close"
+        );
+    }
+    server.stop().await;
+}
+
+/// Credentials that expire before the `hello` end the connection then (4401), not at the
+/// handshake timeout.
+#[tokio::test]
+async fn credentials_that_expire_before_the_hello_end_the_connection_with_4401() {
+    let auth = Expiring::new(Duration::from_millis(300));
+    let server = start_with(
+        RelayConfig::default(),
+        Arc::new(InMemoryProvider::new()),
+        auth,
+    )
+    .await;
+    let mut ws = raw_connect(
+        &server.url(Some("a")),
+        &[("authorization", "Bearer short-1")],
+    )
+    .await
+    .unwrap();
+    // The handshake timeout (10 s) is far off; recv_close waits 5 s at most.
+    assert_eq!(
+        recv_close(&mut ws).await,
+        (4401, "credentials expired".to_owned())
+    );
+    server.stop().await;
+}
+
 /// The error of each `error` notification that carries a `WsError`.
 fn ws_errors(recorder: &Recorder) -> Vec<WsError> {
     recorder

@@ -197,24 +197,29 @@ async fn run(
     id: u64,
 ) -> Result<(), End> {
     let config = &shared.config;
+    // A connection must not outlive its credentials (a JWT's `exp`), from the upgrade on:
+    // watched here while waiting for `hello`, between catch-up pages (`catch_up_goes_on`) and
+    // then live. Boxed, and only for credentials that expire: every idle connection would
+    // carry a timer otherwise.
+    let mut expiry = expiry_timer(grant);
     // A shutdown closes a connection still waiting for its `hello` at once (1001), as it
     // closes the joined ones: it would otherwise hold the shutdown up until the timeout.
     let handshake = async {
         let mut shutdown = shared.shutdown.subscribe();
         tokio::select! {
-            read = timeout(config.handshake_timeout, read_hello(writer, stream)) => Some(read),
-            _ = shutdown.wait_for(|stopping| *stopping) => None,
+            read = timeout(config.handshake_timeout, read_hello(writer, stream)) => Ok(read),
+            _ = shutdown.wait_for(|stopping| *stopping) => Err(going_away()),
+            () = expired(&mut expiry) => Err(credentials_expired()),
         }
     };
-    let hello = match Box::pin(handshake).await {
-        Some(Ok(hello)) => hello?,
-        Some(Err(_)) => {
+    let hello = match Box::pin(handshake).await? {
+        Ok(hello) => hello?,
+        Err(_) => {
             return Err(End::Close(
                 close::HANDSHAKE_TIMEOUT,
                 "no hello within the handshake timeout".into(),
             ));
         }
-        None => return Err(going_away()),
     };
     if hello.protocol != PROTOCOL_VERSION {
         let message = format!(
@@ -238,6 +243,8 @@ async fn run(
         server_version,
         snapshot,
     } = Box::pin(join(shared, writer, room, room_link, id, hello.state)).await?;
+    // Expired while joining (which may wait for a closing room): no welcome, no catch-up.
+    check_expiry(grant)?;
     let room_link = &*room_link;
     writer
         .message(
@@ -259,6 +266,7 @@ async fn run(
         shared,
         writer,
         room_link,
+        grant,
         &hello,
         server_version,
         snapshot,
@@ -278,15 +286,9 @@ async fn run(
     let mut room_notified = std::pin::pin!(outbox.notified());
     let mut shutdown_changed = std::pin::pin!(shutdown.changed());
     let mut burst = Burst::default();
-    // A connection must not outlive its credentials (a JWT's `exp`). Boxed, and only for
-    // credentials that expire: every idle connection would carry a timer otherwise.
-    let mut expiry = expiry_timer(grant);
     loop {
         tokio::select! {
-            () = expired(&mut expiry) => {
-                tracing::info!("credentials expired; closing the connection");
-                return Err(End::Close(close::CREDENTIALS_EXPIRED, "credentials expired".into()));
-            },
+            () = expired(&mut expiry) => return Err(credentials_expired()),
             () = &mut room_notified => {
                 room_notified.set(outbox.notified());
                 writer.serve_room().await?;
@@ -532,6 +534,20 @@ async fn expired(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
+/// Whether `grant`'s credentials have expired by now (for the steps that wait on a write
+/// rather than on the timer: the catch-up).
+fn check_expiry(grant: &Grant) -> Result<(), End> {
+    match grant.expires_at {
+        Some(at) if std::time::SystemTime::now() >= at => Err(credentials_expired()),
+        _ => Ok(()),
+    }
+}
+
+fn credentials_expired() -> End {
+    tracing::info!("credentials expired; closing the connection");
+    End::Close(close::CREDENTIALS_EXPIRED, "credentials expired".into())
+}
+
 fn going_away() -> End {
     End::Close(close::GOING_AWAY, "server shutting down".into())
 }
@@ -594,6 +610,7 @@ async fn catch_up(
     shared: &Shared,
     writer: &mut Writer,
     room_link: &RoomLink,
+    grant: &Grant,
     hello: &Hello,
     server_version: u64,
     snapshot: Option<Arc<[Event]>>,
@@ -602,8 +619,8 @@ async fn catch_up(
     if let Some(state) = snapshot {
         let limit = shared.config.max_message_size;
         for chunk in state.chunks(page) {
-            catch_up_goes_on(shared, writer)?;
-            send_bounded(writer, chunk.to_vec(), limit, |events| {
+            let goes_on = |writer: &Writer| catch_up_goes_on(shared, writer, grant);
+            send_bounded(writer, chunk.to_vec(), limit, goes_on, |events| {
                 ServerMessage::Snapshot(SnapshotPage {
                     server_version,
                     events,
@@ -648,7 +665,7 @@ async fn catch_up(
     let mut entries: Vec<(u64, Box<str>)> = Vec::new();
     let mut after = since;
     while after < server_version {
-        catch_up_goes_on(shared, writer)?;
+        catch_up_goes_on(shared, writer, grant)?;
         let left = usize::try_from(server_version - after).unwrap_or(usize::MAX);
         let (mut bytes, mut seen, mut seen_bytes) = (EVENTS_FRAME_OVERHEAD, 0usize, 0usize);
         let mut full = false;
@@ -697,14 +714,16 @@ async fn catch_up(
 /// Events read by a catch-up's first visit of the log, before their size is known.
 const CATCH_UP_FIRST_READ: usize = 64;
 
-/// Whether a catch-up should send its next page: not once the relay shuts down (1001) or the
-/// room dropped this connection (e.g. 4008, its queue overflowed meanwhile); the rest of a
-/// long history would hold the shutdown up, or be sent for nothing. The client resumes from
-/// its cursor either way.
-fn catch_up_goes_on(shared: &Shared, writer: &Writer) -> Result<(), End> {
+/// Whether a catch-up should send its next page: not once the relay shuts down (1001), the
+/// room dropped this connection (e.g. 4008, its queue overflowed meanwhile) or the
+/// credentials expired (4401, as documented: at that moment, not once a long history is
+/// sent); the rest of a long history would hold the shutdown up, be sent for nothing, or be
+/// sent to someone no longer allowed to read it. The client resumes from its cursor.
+fn catch_up_goes_on(shared: &Shared, writer: &Writer, grant: &Grant) -> Result<(), End> {
     if *shared.shutdown.borrow() {
         return Err(going_away());
     }
+    check_expiry(grant)?;
     match writer.outbox.close_reason() {
         Some((code, reason)) => Err(End::Close(code, reason.into())),
         None => Ok(()),
@@ -712,11 +731,13 @@ fn catch_up_goes_on(shared: &Shared, writer: &Writer) -> Result<(), End> {
 }
 
 /// Sends `items` in as few messages as possible, each at most `limit` bytes of JSON (halving
-/// a page until it fits; a single oversized item still goes alone).
+/// a page until it fits; a single oversized item still goes alone), each only if `goes_on`
+/// (a page of many small frames takes as long as many pages to a slow reader).
 async fn send_bounded<T: Clone>(
     writer: &mut Writer,
     items: Vec<T>,
     limit: usize,
+    goes_on: impl Fn(&Writer) -> Result<(), End>,
     wrap: impl Fn(Vec<T>) -> ServerMessage,
 ) -> Result<(), End> {
     let mut stack = vec![items];
@@ -729,6 +750,7 @@ async fn send_bounded<T: Clone>(
             stack.push(first);
             continue;
         }
+        goes_on(writer)?;
         let message = writer.frame_message(&frame);
         writer.send(message).await?;
     }
