@@ -1498,6 +1498,50 @@ fn relay_timers_outside_zero_to_a_day_are_config_errors() {
     assert!(relay(a_day).is_ok());
 }
 
+/// A `room_queue` past what a tokio channel holds (`Semaphore::MAX_PERMITS`) is refused at
+/// `Relay::new`: it was taken, and then every connection's task panicked opening its room.
+#[tokio::test]
+async fn a_room_queue_past_what_a_channel_holds_is_a_config_error() {
+    use ksync_ws::server::{Relay, RelayError};
+
+    let relay = |room_queue| {
+        Relay::new(
+            RelayConfig {
+                room_queue,
+                ..RelayConfig::default()
+            },
+            Arc::new(ksync_core::InMemoryProvider::new()),
+            Arc::new(ksync_core::AllowAll),
+        )
+    };
+    let max = tokio::sync::Semaphore::MAX_PERMITS;
+    for bad in [max + 1, usize::MAX] {
+        match relay(bad) {
+            Err(RelayError::Config(message)) => assert!(
+                message.contains("room_queue") && message.contains(&max.to_string()),
+                "{bad}: {message}"
+            ),
+            Err(other) => panic!("{bad}: not a config error: {other}"),
+            Ok(_) => panic!("{bad}: accepted"),
+        }
+    }
+    assert!(relay(max).is_ok());
+    // The largest taken serves a room.
+    let server = start(RelayConfig {
+        room_queue: max,
+        ..RelayConfig::default()
+    })
+    .await;
+    let (mut ws, _) = join(&server.url(Some("q")), hello()).await;
+    send_json(
+        &mut ws,
+        json!({"type": "publish", "ref": 1, "events": [event("q", 1)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut ws).await["results"][0]["status"], "stored");
+    server.stop().await;
+}
+
 /// A connection that leaves while its room's queue is full still leaves the room: its
 /// unsubscribe waits for room in the queue rather than being dropped. Here the departed
 /// subscriber gets no fan-out afterwards (the only publish after it is a duplicate), which

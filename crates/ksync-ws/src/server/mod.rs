@@ -72,7 +72,8 @@ pub struct RelayConfig {
     /// exceed this by one commit. Default 64 MiB (nats-server's default `max_pending`).
     pub subscriber_queue_bytes: usize,
     /// Commands queued per room. Overflow policy: publishers wait (their connection stops
-    /// reading), which is back-pressure on the fastest writers. Default 1024.
+    /// reading), which is back-pressure on the fastest writers. Default 1024; at most
+    /// `tokio::sync::Semaphore::MAX_PERMITS`.
     pub room_queue: usize,
     /// Bytes of publishes queued per room (their JSON as read plus their events decoded,
     /// `Event::decoded_len`), at most `u32::MAX`. Same overflow policy as `room_queue`:
@@ -302,6 +303,14 @@ impl Relay {
                  and clients take {CLIENT_MAX_MESSAGE_SIZE})",
                 MAX_MESSAGE_SIZE_RANGE.start(),
                 MAX_MESSAGE_SIZE_RANGE.end()
+            )));
+        }
+        // The room's queue is a tokio channel, which panics (in every connection's task, at
+        // its room's opening) past this.
+        if config.room_queue > Semaphore::MAX_PERMITS {
+            return Err(RelayError::Config(format!(
+                "room_queue must be at most {}",
+                Semaphore::MAX_PERMITS
             )));
         }
         if u32::try_from(config.room_queue_bytes).is_err() {
