@@ -48,6 +48,18 @@ pub enum StorageError {
     /// The storage's options are out of range (which option, and its range).
     #[error("storage options: {0}")]
     Config(String),
+    /// A log name that differs only in case from one already stored (`Notes` beside
+    /// `notes`): file systems that ignore case (macOS's and Windows' defaults) would keep both
+    /// in one file, so a storage that names files after logs refuses the second everywhere.
+    #[error(
+        "{requested:?} differs only in case from the existing {existing:?}; use that name or another"
+    )]
+    NameClash {
+        /// The name asked for.
+        requested: String,
+        /// The name already stored.
+        existing: String,
+    },
 }
 
 /// Where kSync keeps a log: append-only, idempotent, sequence-numbered.

@@ -814,7 +814,13 @@ impl ApiError {
 
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
-        ApiError::internal(format!("storage: {e}"))
+        match e {
+            // The client's to change (another name), not the service's failure.
+            StorageError::NameClash { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "name_taken", e.to_string())
+            }
+            e => ApiError::internal(format!("storage: {e}")),
+        }
     }
 }
 

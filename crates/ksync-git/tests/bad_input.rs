@@ -560,3 +560,33 @@ fn credentials_that_cannot_be_sent_are_refused_at_build() {
         }
     }
 }
+
+/// A repository or branch name that differs only in case from a stored one is refused (409
+/// `name_taken`, naming the stored one): where the file system ignores case they would be
+/// one file, and two repositories would share their branches' logs.
+#[tokio::test]
+async fn names_that_differ_only_in_case_from_stored_ones_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = Arc::new(FileProvider::new(dir.path()).expect("provider"));
+    let server = start_with(provider, GitServerConfig::default(), &["Notes"]).await;
+    let http = http();
+    let (status, body) = call(http.put(server.url("/git/notes"))).await;
+    assert_eq!((status, code(&body)), (409, "name_taken"), "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("\"Notes\""), "{message}");
+    let (status, body) = call(
+        http.post(server.url("/git/Notes/branches"))
+            .json(&json!({"name": "MAIN"})),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (409, "name_taken"), "{body}");
+    // The stored names work as before.
+    let (status, body) = call(http.put(server.url("/git/Notes"))).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(
+        http.post(server.url("/git/Notes/branches"))
+            .json(&json!({"name": "feature"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}

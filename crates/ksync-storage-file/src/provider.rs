@@ -200,6 +200,16 @@ impl FileProvider {
         open: &mut HashMap<LogName, Arc<FileStorage>>,
         name: &LogName,
     ) -> Result<Arc<FileStorage>, StorageError> {
+        match name {
+            LogName::Room(room) => {
+                check_case(&self.dir.join(ROOMS_DIR), room.as_str(), LOG_SUFFIX)?;
+            }
+            LogName::Branch { repo, branch } => {
+                let repos = self.dir.join(REPOS_DIR);
+                check_case(&repos, repo.as_str(), "")?;
+                check_case(&repos.join(repo.as_str()), branch.as_str(), LOG_SUFFIX)?;
+            }
+        }
         let path = self.path_of(name);
         if let Some(parent) = path.parent()
             && !parent.is_dir()
@@ -349,6 +359,36 @@ fn dir_entries(dir: &Path) -> Result<Vec<fs::DirEntry>, StorageError> {
     };
     read.collect::<Result<Vec<_>, _>>()
         .map_err(io_err(format!("listing {}", dir.display())))
+}
+
+/// Refuses the entry `name` + `suffix` of `dir` when another entry there has the same name
+/// but for case and none has exactly this one: on a file system that ignores case (macOS's
+/// and Windows' defaults) the two names are one file, so two rooms would share a log (and a
+/// token for one could read the other). Refused on every file system, so that a data
+/// directory means the same wherever it is. Names are ASCII ([`Name`]): ASCII case is all
+/// there is. Costs a listing of `dir`, once per open of a log not open yet.
+fn check_case(dir: &Path, name: &str, suffix: &str) -> Result<(), StorageError> {
+    let wanted = format!("{name}{suffix}");
+    let mut clash = None;
+    for entry in dir_entries(dir)? {
+        let entry_name = entry.file_name();
+        let Some(entry_name) = entry_name.to_str() else {
+            continue;
+        };
+        if entry_name == wanted {
+            return Ok(());
+        }
+        if entry_name.eq_ignore_ascii_case(&wanted) {
+            clash = entry_name.strip_suffix(suffix).map(str::to_owned);
+        }
+    }
+    match clash {
+        Some(existing) => Err(StorageError::NameClash {
+            requested: name.to_owned(),
+            existing,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn valid_name(os: &std::ffi::OsStr) -> Option<Name> {

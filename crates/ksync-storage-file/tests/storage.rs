@@ -473,6 +473,59 @@ async fn provider_lays_out_rooms_and_branches() {
     assert_eq!(reopened.len(), 1);
 }
 
+/// Names that differ only in case are one file where the file system ignores case (macOS's
+/// and Windows' defaults): two rooms would share a log. The second is refused on every file
+/// system; the first opens as before.
+#[tokio::test]
+async fn provider_refuses_a_name_that_differs_only_in_case_from_a_stored_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = FileProvider::new(dir.path()).expect("provider");
+    let room = |s: &str| LogName::Room(name(s));
+    let branch = |repo: &str, branch: &str| LogName::Branch {
+        repo: name(repo),
+        branch: name(branch),
+    };
+    provider
+        .open(&room("Notes"))
+        .expect("open")
+        .append(vec![ev("x", 1)])
+        .await
+        .expect("append");
+    provider.open(&branch("Repo", "main")).expect("open branch");
+    for (asked, requested, existing) in [
+        (room("notes"), "notes", "Notes"),
+        (room("NOTES"), "NOTES", "Notes"),
+        (branch("repo", "main"), "repo", "Repo"),
+        (branch("Repo", "MAIN"), "MAIN", "main"),
+    ] {
+        for result in [
+            provider.open(&asked).map(|_| ()),
+            provider.existing(&asked).map(|_| ()),
+        ] {
+            match result {
+                Err(StorageError::NameClash {
+                    requested: r,
+                    existing: e,
+                }) => assert_eq!((r.as_str(), e.as_str()), (requested, existing)),
+                // `existing` of a name whose file is not there (a file system that keeps
+                // case) finds nothing, and makes nothing.
+                Ok(()) => assert!(!provider.path_of(&asked).is_file(), "{asked:?}"),
+                Err(other) => panic!("{asked:?}: {other}"),
+            }
+        }
+    }
+    assert_eq!(
+        provider.list().expect("list"),
+        vec![room("Notes"), branch("Repo", "main")]
+    );
+    // The stored names open as before, also after a release.
+    provider.release(&room("Notes"));
+    assert_eq!(provider.open(&room("Notes")).expect("reopen").len(), 1);
+    provider
+        .open(&branch("Repo", "feature"))
+        .expect("another branch of the same repository");
+}
+
 #[tokio::test]
 async fn provider_options_reach_every_log() {
     let dir = tempfile::tempdir().expect("tempdir");
