@@ -231,3 +231,35 @@ async fn rooms_only_looked_at_leave_no_log_behind() {
         .collect();
     assert_eq!(files, vec![std::ffi::OsString::from("kept.log")]);
 }
+
+/// With the file storage, a room name that differs only in case from a stored one (`notes`
+/// beside `Notes`) is refused as a bad room name (one file where the file system ignores
+/// case: the two rooms would share a log); the stored room works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_name_that_differs_only_in_case_from_a_stored_one_is_a_bad_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider: Arc<dyn StorageProvider> =
+        Arc::new(FileProvider::new(dir.path()).expect("provider"));
+    let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
+    assert_eq!(
+        publish(&server.url(Some("Notes")), vec![event("a", 1)]).await,
+        [1]
+    );
+    let mut ws = raw_connect(
+        &server.url(Some("notes")),
+        &[("sec-websocket-protocol", "ksync.v1")],
+    )
+    .await
+    .expect("upgraded to be refused in-band");
+    let error = recv_json(&mut ws).await;
+    assert_eq!(
+        (error["type"].as_str(), error["code"].as_str()),
+        (Some("error"), Some("bad_room")),
+        "{error}"
+    );
+    let message = error["message"].as_str().expect("message");
+    assert!(message.contains("\"Notes\""), "{message}");
+    assert_eq!(recv_close(&mut ws).await.0, 4400);
+    assert_eq!(history(&server.url(Some("Notes"))).await.len(), 1);
+    server.stop().await;
+}

@@ -528,6 +528,14 @@ impl Relay {
             Err(RelayError::ShuttingDown) => {
                 return refuse(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
             }
+            // `notes` beside a stored `Notes`: the client's to change, like any bad name.
+            Err(RelayError::Storage {
+                source: source @ ksync_core::StorageError::NameClash { .. },
+                ..
+            }) => {
+                return Refusal::new(StatusCode::BAD_REQUEST, format!("bad room name: {source}"))
+                    .upgrade(ws, in_band());
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot open room");
                 return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot open room");
