@@ -173,47 +173,53 @@ impl WebSocketSyncClientBuilder {
     /// Backoff range between reconnect attempts (doubling from `min`, capped at `max`, each
     /// delay randomised between half and all of it). The count starts again from `min` after
     /// a connection that stayed up for `max`; one that drops sooner keeps counting. Default
-    /// 250 ms to 30 s; `build` refuses a zero `min` or `min > max`.
+    /// 250 ms to 30 s; `build` refuses a zero `min`, `min > max` or a bound past a day.
     pub fn reconnect_delay(mut self, min: Duration, max: Duration) -> Self {
         self.config.reconnect_min = min;
         self.config.reconnect_max = max;
         self
     }
 
-    /// Builds the client (no connection yet).
+    /// Builds the client (no connection yet). Every duration (`heartbeat`,
+    /// `heartbeat_timeout`, `connect_timeout`, `metrics_interval`, the strategy's interval,
+    /// both `reconnect_delay` bounds) must be positive and at most
+    /// [`ksync_core::MAX_CONFIG_DURATION`] (a day); the error names the one that is not.
     pub fn build(self) -> Result<WebSocketSyncClient, SyncError> {
         let c = &self.config;
-        if c.heartbeat.is_zero() || c.heartbeat_timeout.is_zero() || c.connect_timeout.is_zero() {
-            return Err(SyncError::Config(
-                "heartbeat, heartbeat_timeout and connect_timeout must be positive".into(),
-            ));
-        }
-        match c.strategy {
+        let interval = match c.strategy {
             Strategy::EventLevel { batch_size } | Strategy::Batch { batch_size, .. }
                 if batch_size == 0 =>
             {
                 return Err(SyncError::Config("batch_size must be at least 1".into()));
             }
-            Strategy::Batch { batch_interval, .. } if batch_interval.is_zero() => {
-                return Err(SyncError::Config("batch_interval must be positive".into()));
+            Strategy::EventLevel { .. } => None,
+            Strategy::Batch { batch_interval, .. } => Some(("batch_interval", batch_interval)),
+            Strategy::StateBased { snapshot_interval } => {
+                Some(("snapshot_interval", snapshot_interval))
             }
-            Strategy::StateBased { snapshot_interval } if snapshot_interval.is_zero() => {
-                return Err(SyncError::Config(
-                    "snapshot_interval must be positive".into(),
-                ));
-            }
-            _ => {}
+        };
+        // Far past a day, the session's `Instant::now() + timer` overflowed and panicked its
+        // task after `connect` had succeeded: the client then stayed connected doing nothing.
+        // A zero `reconnect_delay` min doubles to zero: a dead server would be retried in a
+        // busy loop.
+        for (field, value) in [
+            ("heartbeat", c.heartbeat),
+            ("heartbeat_timeout", c.heartbeat_timeout),
+            ("connect_timeout", c.connect_timeout),
+            ("metrics_interval", c.metrics_interval),
+            ("reconnect_delay min", c.reconnect_min),
+            ("reconnect_delay max", c.reconnect_max),
+        ]
+        .into_iter()
+        .chain(interval)
+        {
+            ksync_core::check_config_duration(field, value).map_err(SyncError::Config)?;
         }
-        if c.reconnect_min.is_zero() || c.reconnect_min > c.reconnect_max {
-            // Doubling zero stays zero: a dead server would be retried in a busy loop.
-            return Err(SyncError::Config(
-                "reconnect_delay needs 0 < min <= max".into(),
-            ));
+        if c.reconnect_min > c.reconnect_max {
+            return Err(SyncError::Config("reconnect_delay needs min <= max".into()));
         }
-        if c.outbox_capacity == 0 || c.metrics_interval.is_zero() {
-            return Err(SyncError::Config(
-                "outbox_capacity and metrics_interval must be positive".into(),
-            ));
+        if c.outbox_capacity == 0 {
+            return Err(SyncError::Config("outbox_capacity must be positive".into()));
         }
         Auth::check_sendable(c.auth.as_ref())?;
         let target = Target::parse(&c.url)?;

@@ -802,6 +802,57 @@ async fn bad_urls_and_options_are_refused_at_build() {
     assert!(matches!(err, SyncError::Config(_)));
 }
 
+/// Every timer of the builder is refused past a day, naming it: far past it (e.g.
+/// `Duration::MAX`) `build` and `connect` succeeded, then the session task panicked adding the
+/// timer to `Instant::now()`, and the client stayed "connected" relaying nothing.
+#[tokio::test]
+async fn client_timers_past_a_day_are_refused_at_build() {
+    use ksync_core::MAX_CONFIG_DURATION;
+    use ksync_ws::WebSocketSyncClientBuilder;
+
+    type Set = fn(WebSocketSyncClientBuilder, Duration) -> WebSocketSyncClientBuilder;
+    let timers: [(&str, Set); 8] = [
+        ("heartbeat", |b, d| b.heartbeat(d)),
+        ("heartbeat_timeout", |b, d| b.heartbeat_timeout(d)),
+        ("connect_timeout", |b, d| b.connect_timeout(d)),
+        ("metrics_interval", |b, d| b.metrics_interval(d)),
+        ("batch_interval", |b, d| {
+            b.strategy(Strategy::Batch {
+                batch_size: 10,
+                batch_interval: d,
+            })
+        }),
+        ("snapshot_interval", |b, d| {
+            b.strategy(Strategy::StateBased {
+                snapshot_interval: d,
+            })
+        }),
+        // Both bounds: a min past a day is past the max too.
+        ("reconnect_delay", |b, d| b.reconnect_delay(d, d)),
+        ("reconnect_delay", |b, d| {
+            b.reconnect_delay(Duration::from_secs(1), d)
+        }),
+    ];
+    for (field, set) in timers {
+        for bad in [MAX_CONFIG_DURATION + Duration::from_secs(1), Duration::MAX] {
+            let error = set(WebSocketSyncClient::builder("ws://127.0.0.1:9/ws"), bad)
+                .build()
+                .expect_err(field);
+            assert!(matches!(error, SyncError::Config(_)), "{field}: {error}");
+            assert!(
+                error.to_string().contains(field) && error.to_string().contains("86400 s"),
+                "{field}: {error}"
+            );
+        }
+        set(
+            WebSocketSyncClient::builder("ws://127.0.0.1:9/ws"),
+            MAX_CONFIG_DURATION,
+        )
+        .build()
+        .unwrap_or_else(|e| panic!("{field}: a day refused: {e}"));
+    }
+}
+
 #[tokio::test]
 async fn server_restart_mid_stream_loses_nothing_and_duplicates_nothing() {
     let provider: Arc<dyn ksync_core::StorageProvider> =
