@@ -295,7 +295,12 @@ impl<C: PullPushClient + ?Sized> KSync<C> {
     /// that once and stops until `enable_auto_sync` is called again.
     /// Must be called inside a Tokio runtime.
     pub fn enable_auto_sync(&self, intervals: AutoSync) {
-        self.disable_auto_sync();
+        // One lock over the swap: two calls at once each stopped nothing and then stored their
+        // task over the other's, which ran on, out of reach of `disable_auto_sync` and drop.
+        let mut slot = self.auto_sync.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(previous) = slot.take() {
+            previous.abort();
+        }
         let client = Arc::clone(&self.client);
         let task = tokio::spawn(async move {
             let mut push = ticker(intervals.push_interval);
@@ -316,7 +321,7 @@ impl<C: PullPushClient + ?Sized> KSync<C> {
                 }
             }
         });
-        *self.auto_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        *slot = Some(task);
     }
 }
 

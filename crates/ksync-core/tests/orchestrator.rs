@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ksync_core::{
-    BoxFuture, Conflict, Event, InMemoryStorage, InvalidEvent, KSync, Notification, Notifier,
-    Replica, Resolution, SyncClient, SyncError,
+    AutoSync, BoxFuture, Conflict, Event, InMemoryStorage, InvalidEvent, KSync, Notification,
+    Notifier, PullPushClient, PullResult, PushResult, Replica, Resolution, SyncClient, SyncError,
 };
 use serde_json::json;
 
@@ -19,6 +19,20 @@ struct RecordingClient {
     /// Sends fail with a protocol error (as a server refusing them would).
     refuse_sends: AtomicBool,
     sent: Mutex<Vec<Event>>,
+    /// Pushes asked of it (auto-sync).
+    pushes: AtomicUsize,
+}
+
+impl PullPushClient for RecordingClient {
+    fn pull(&self) -> BoxFuture<'_, Result<PullResult, SyncError>> {
+        Box::pin(async { Ok(PullResult::default()) })
+    }
+    fn push(&self) -> BoxFuture<'_, Result<PushResult, SyncError>> {
+        Box::pin(async move {
+            self.pushes.fetch_add(1, Ordering::SeqCst);
+            Ok(PushResult::default())
+        })
+    }
 }
 
 impl SyncClient for RecordingClient {
@@ -346,4 +360,43 @@ async fn a_handler_can_unsubscribe_itself_and_subscribe_others() {
         ksync.on("conflicts", |_| {}),
         Err(SyncError::UnknownNotification(name)) if name == "conflicts"
     ));
+}
+
+/// Two `enable_auto_sync` calls at once leave one auto-sync task, which `disable_auto_sync`
+/// stops: each used to stop nothing and store its task over the other's, which ran on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_sync_enabled_from_two_threads_at_once_is_one_task_that_stops() {
+    let ksync = Arc::new(ksync().await);
+    let intervals = AutoSync {
+        push_interval: std::time::Duration::from_millis(1),
+        pull_interval: std::time::Duration::ZERO,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    for round in 0..100 {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let enablers: Vec<_> = (0..2)
+            .map(|_| {
+                let (ksync, barrier, runtime) =
+                    (Arc::clone(&ksync), Arc::clone(&barrier), runtime.clone());
+                std::thread::spawn(move || {
+                    let _entered = runtime.enter();
+                    barrier.wait();
+                    ksync.enable_auto_sync(intervals);
+                })
+            })
+            .collect();
+        for enabler in enablers {
+            enabler.join().unwrap();
+        }
+        ksync.disable_auto_sync();
+        // Aborted tasks end at their next poll; then nothing pushes any more.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let pushes = ksync.client().pushes.load(Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(
+            ksync.client().pushes.load(Ordering::SeqCst),
+            pushes,
+            "an auto-sync task ran on after disable_auto_sync (round {round})"
+        );
+    }
 }
