@@ -308,12 +308,22 @@ async fn clone(args: CloneArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("."));
     let target = base.join(args.target.unwrap_or_else(|| PathBuf::from(&repo)));
-    if target.join(DIR_NAME).exists() {
-        return Err(Usage(format!(
-            "{} is already a ksync working directory",
-            target.display()
-        ))
-        .into());
+    let marker = target.join(DIR_NAME);
+    if marker.exists() {
+        // An empty one is what a clone killed before it wrote its config leaves (its cleanup
+        // never ran): no command takes it, so it is not a working directory to protect.
+        let empty = std::fs::read_dir(&marker)
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return Err(Usage(format!(
+                "{} is already a ksync working directory",
+                target.display()
+            ))
+            .into());
+        }
+        std::fs::remove_dir(&marker)
+            .with_context(|| format!("removing the empty {}", marker.display()))?;
     }
     let created_dir = !target.exists();
     std::fs::create_dir_all(target.join(DIR_NAME))

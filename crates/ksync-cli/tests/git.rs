@@ -225,6 +225,18 @@ async fn refused_events_and_failures_have_exit_codes() {
     // `--create` makes it.
     let out = ksync(tmp.path(), &["clone", "--create", &svc.url("fresh")]).await;
     assert_eq!(code(&out), 0, "{}", text(&out));
+    // What a clone killed before it wrote its config leaves (an empty `.ksync`) does not stop
+    // the next clone; a working directory does.
+    std::fs::create_dir_all(tmp.path().join("interrupted/.ksync")).expect("mkdir");
+    let out = ksync(tmp.path(), &["clone", &url, "interrupted"]).await;
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let out = ksync(tmp.path(), &["clone", &url, "interrupted"]).await;
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(
+        text(&out).contains("already a ksync working directory"),
+        "{}",
+        text(&out)
+    );
     // Refused credentials: exit 4.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ksync"))
         .args(["clone", &url, "denied"])
