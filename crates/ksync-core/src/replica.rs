@@ -328,13 +328,20 @@ impl Replica {
             // stays reported.
             let appended = self.inner.storage.append(vec![event]).await?.appended;
             if let Some(settled) = appended.first() {
-                self.inner
+                let marked = self
+                    .inner
                     .storage
                     .set_meta(
                         &format!("{SETTLED_PREFIX}{}", settled.event.id),
                         &settled.event.version.to_string(),
                     )
-                    .await?;
+                    .await;
+                // The mark may be lost (see above), so a failure to write it is not worth
+                // failing the whole ingest over: the events appended above would then never
+                // be reported (a retry finds them stored: duplicates).
+                if let Err(e) = marked {
+                    tracing::warn!(id = %settled.event.id, error = %e, "writing the settled mark failed; the conflict is settled all the same");
+                }
             }
             resolutions.extend(appended);
         }
@@ -508,9 +515,11 @@ mod tests {
     /// Lands a revision from elsewhere (`remote`, while it is `Some`) right before each append,
     /// as an ingest on the transport's task can between a local update's read of the latest
     /// revision and its append.
+    /// Also refuses (IO error) metadata writes of keys starting with `refused_meta`, if set.
     struct IngestBeforeAppend {
         inner: InMemoryStorage,
         remote: std::sync::Mutex<Vec<Event>>,
+        refused_meta: Option<&'static str>,
     }
 
     impl Storage for IngestBeforeAppend {
@@ -549,11 +558,64 @@ mod tests {
             key: &str,
             value: &str,
         ) -> crate::BoxFuture<'_, Result<(), crate::StorageError>> {
+            if self
+                .refused_meta
+                .is_some_and(|prefix| key.starts_with(prefix))
+            {
+                return Box::pin(async {
+                    Err(crate::StorageError::Io {
+                        context: "writing metadata".into(),
+                        source: std::io::Error::from_raw_os_error(28),
+                    })
+                });
+            }
             self.inner.set_meta(key, value)
         }
         fn remove_meta(&self, key: &str) -> crate::BoxFuture<'_, Result<(), crate::StorageError>> {
             self.inner.remove_meta(key)
         }
+    }
+
+    /// The settled mark is best effort (see `ingest`): failing to write it fails nothing,
+    /// and the events of the ingest are reported (they were stored; a retry would find them
+    /// duplicates and never report them).
+    #[tokio::test]
+    async fn a_settled_mark_that_cannot_be_written_fails_no_ingest() {
+        let storage = Arc::new(IngestBeforeAppend {
+            inner: InMemoryStorage::new(),
+            remote: std::sync::Mutex::new(Vec::new()),
+            refused_meta: Some(SETTLED_PREFIX),
+        });
+        let replica = Replica::with_id(storage, "me");
+        replica
+            .record_local_revision("x", |version| {
+                Event {
+                    version,
+                    ..Event::new("x", "t", json!("mine"), 1)
+                }
+                .with_origin("me")
+            })
+            .await
+            .expect("local");
+        let theirs = Event::new("x", "t", json!("theirs"), 2).with_origin("them");
+        let new = Event::new("y", "t", json!("new"), 2).with_origin("them");
+        let ingested = replica
+            .ingest(vec![new.clone(), theirs])
+            .await
+            .expect("ingested although the mark failed");
+        assert_eq!(ingested.new_events(), vec![new]);
+        assert_eq!(ingested.conflicts.len(), 1);
+        assert_eq!(ingested.resolutions.len(), 1);
+        assert_eq!(
+            replica
+                .storage()
+                .latest("x")
+                .expect("read")
+                .expect("held")
+                .event
+                .version,
+            2
+        );
     }
 
     #[tokio::test]
@@ -566,6 +628,7 @@ mod tests {
         let storage = Arc::new(IngestBeforeAppend {
             inner: InMemoryStorage::new(),
             remote: std::sync::Mutex::new(vec![remote(2), remote(1)]),
+            refused_meta: None,
         });
         let replica = Replica::with_id(storage, "me");
         let mine = |version: u64| Event {
@@ -590,6 +653,7 @@ mod tests {
                     .map(remote)
                     .collect(),
             ),
+            refused_meta: None,
         });
         let replica = Replica::with_id(storage, "me");
         let err = replica
