@@ -400,8 +400,10 @@ struct Inner {
     replica: RwLock<Option<Replica>>,
     resolver: RwLock<Option<ConflictResolver>>,
     head: RwLock<Option<String>>,
-    // The local sequence number at which the attached replica was handed to us: events from
-    // there on belong to this client's checked-out branch (see `ensure_head`). 0 = unknown.
+    // The local sequence number from which events belong to this client's checked-out branch
+    // when `ensure_head` has to (re)start its range: where the attached replica was handed to
+    // us, or where a checkout or merge cut short in this process left the branch map giving
+    // the range to another branch. 0 = unknown (the next event).
     attached_at: std::sync::atomic::AtomicU64,
     // One pull / push / merge / checkout at a time: they read and move the same cursors.
     op: tokio::sync::Mutex<()>,
@@ -1141,22 +1143,33 @@ impl GitSyncClient {
         let seq = seq.max(segments.0.last().map_or(1, |(start, _)| *start));
         segments.start(seq, branch);
         self.save_segments(&replica, &segments).await?;
-        replica.storage().set_meta(HEAD_META, branch).await?;
+        if let Err(e) = replica.storage().set_meta(HEAD_META, branch).await {
+            // The map gives `branch` the events from `seq` on, but the head is still the
+            // old one, whose events they are: `ensure_head` takes the range back from there.
+            self.inner
+                .attached_at
+                .store(seq, std::sync::atomic::Ordering::SeqCst);
+            return Err(e.into());
+        }
         *write(&self.inner.head) = Some(branch.to_owned());
         Ok(())
     }
 
-    /// Records the checked-out branch the first time this client touches the storage, so
-    /// that the branch map starts where this client started. Caller holds the op lock.
+    /// Makes sure the checked-out branch is recorded (`git.head`) and owns the branch map's
+    /// last range: the first time this client touches the storage, so that the map starts
+    /// where this client started; and after a checkout or merge cut short (a crash or a
+    /// failed write between the map and `git.head`, or before a merge gave the map back),
+    /// which leaves the last range to another branch: events written on the checked-out
+    /// branch would go to that one's pushes, never to their own. Caller holds the op lock.
     async fn ensure_head(&self, replica: &Replica) -> Result<String, SyncError> {
-        if let Some(head) = read(&self.inner.head).clone() {
-            return Ok(head);
-        }
-        let head = self.current_branch();
+        let known = read(&self.inner.head).clone();
+        let head = known.clone().unwrap_or_else(|| self.current_branch());
         let stored = replica.storage().meta(HEAD_META)?;
-        if stored.as_deref() != Some(head.as_str()) {
-            // Events written since the replica was attached were made with `head` in mind
-            // (e.g. `KSync::emit` before the first push).
+        let segments = self.segments(replica)?;
+        let mapped = segments.0.last().map(|(_, branch)| branch.as_str());
+        if stored.as_deref() != Some(head.as_str()) || mapped != Some(head.as_str()) {
+            // Events written since the replica was attached (or since the cut) were made
+            // with `head` in mind (e.g. `KSync::emit` before the first push).
             let from = match self
                 .inner
                 .attached_at
@@ -1166,7 +1179,7 @@ impl GitSyncClient {
                 seq => seq,
             };
             self.set_head_from(&head, from).await?;
-        } else {
+        } else if known.is_none() {
             *write(&self.inner.head) = Some(head.clone());
         }
         Ok(head)

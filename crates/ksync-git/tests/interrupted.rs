@@ -1,0 +1,101 @@
+//! Checkouts, merges and pushes cut short (a failed write, a crash, a cancelled future): the
+//! branch map, the merge resolutions and the push cursor stay right.
+
+mod common;
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+use ksync_core::{KSync, Storage};
+use ksync_git::GitSyncClient;
+use ksync_storage_file::{FaultHook, FileStorage, WriteFault};
+use serde_json::json;
+
+use common::{Server, branch_events, client, start};
+
+/// Lets `left` more writes through once armed, then fails every later one with ENOSPC: a
+/// crash at that point, once the state is dropped and the file reopened.
+#[derive(Default)]
+struct FailAfter {
+    armed: AtomicBool,
+    left: AtomicUsize,
+}
+
+impl FailAfter {
+    fn arm(&self, writes: usize) {
+        self.left.store(writes, SeqCst);
+        self.armed.store(true, SeqCst);
+    }
+}
+
+impl FaultHook for FailAfter {
+    fn before_write(&self, _: usize) -> Result<(), WriteFault> {
+        if !self.armed.load(SeqCst) {
+            return Ok(());
+        }
+        if self.left.load(SeqCst) == 0 {
+            return Err(WriteFault {
+                written: 0,
+                error: io::Error::from_raw_os_error(28),
+            });
+        }
+        self.left.fetch_sub(1, SeqCst);
+        Ok(())
+    }
+}
+
+async fn open(path: &Path, url: &str, hook: Option<Arc<FailAfter>>) -> KSync<GitSyncClient> {
+    let mut builder = FileStorage::builder(path);
+    if let Some(hook) = hook {
+        builder = builder.fault_hook(hook);
+    }
+    let storage: Arc<dyn Storage> = Arc::new(builder.open().expect("file storage"));
+    KSync::builder()
+        .storage(storage)
+        .sync_client(Arc::new(client(url)))
+        .build()
+        .await
+        .expect("ksync")
+}
+
+fn has(server: &Server, branch: &str, id: &str) -> bool {
+    branch_events(server, "r", branch)
+        .iter()
+        .any(|e| e.id == id)
+}
+
+#[tokio::test]
+async fn an_interrupted_checkout_leaves_new_events_on_the_checked_out_branch() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("local.log");
+    let hook = Arc::new(FailAfter::default());
+    let node = open(&path, &url, Some(Arc::clone(&hook))).await;
+    node.emit("t", json!({"n": 0})).await.expect("emit");
+    node.push().await.expect("push");
+    node.client()
+        .create_branch("feature")
+        .await
+        .expect("branch");
+    // A checkout writes the branch map, then `git.head`: the second write fails.
+    hook.arm(1);
+    assert!(node.client().checkout("feature").await.is_err());
+    let map = node.replica().storage().meta("git.segments").expect("meta");
+    assert!(
+        map.is_some_and(|m| m.contains("feature")),
+        "the map was written"
+    );
+    drop(node);
+
+    let node = open(&path, &url, None).await;
+    assert_eq!(node.client().current_branch(), "main");
+    let event = node.emit("t", json!({"n": 1})).await.expect("emit");
+    let pushed = node.push().await.expect("push");
+    let ids: Vec<_> = pushed.pushed_events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, vec![event.id.clone()]);
+    assert!(has(&server, "main", &event.id));
+    assert!(!has(&server, "feature", &event.id));
+}
