@@ -231,7 +231,7 @@ impl WebSocketSyncClientBuilder {
             true => Some(crate::tls::connector(&roots).map_err(SyncError::Config)?),
             false => None,
         };
-        let (state, _) = watch::channel(Link::Down);
+        let (state, _) = watch::channel((0, Link::Down));
         let inner = Arc::new(Inner {
             target,
             tls,
@@ -241,6 +241,7 @@ impl WebSocketSyncClientBuilder {
             replica: Mutex::new(None),
             outbox: Mutex::new(Outbox::default()),
             control: Mutex::new(None),
+            manager_end: Mutex::new(None),
             waiters: Mutex::new(Vec::new()),
             generations: AtomicU64::new(0),
             wake: Notify::new(),
@@ -338,6 +339,9 @@ enum Link {
     Up,
 }
 
+/// A `connect()` waiting for the outcome of manager `.0`'s next attempt.
+type Waiter = (u64, oneshot::Sender<Result<(), WsError>>);
+
 struct Control {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -356,9 +360,14 @@ struct Inner {
     replica: Mutex<Option<Replica>>,
     outbox: Mutex<Outbox>,
     control: Mutex<Option<Control>>,
-    /// `connect()` calls waiting for the outcome of the next attempt. Locked after `control`
-    /// when both are needed.
-    waiters: Mutex<Vec<oneshot::Sender<Result<(), WsError>>>>,
+    /// Closes when the newest manager's task has ended, however it ended (its sender lives
+    /// in the task): what `disconnect` waits for, also a second one that finds `control`
+    /// already taken, and what a manager started after it waits for before connecting, so
+    /// two managers never run sessions at once. Locked after `control`.
+    manager_end: Mutex<Option<watch::Receiver<()>>>,
+    /// `connect()` calls waiting for the outcome of the next attempt of the manager of the
+    /// given generation. Locked after `control` when both are needed.
+    waiters: Mutex<Vec<Waiter>>,
     /// Numbers the managers `connect` starts.
     generations: AtomicU64,
     /// Poked by `send` so the session looks for new local events.
@@ -377,7 +386,9 @@ struct Inner {
     /// The room log a standalone client's cursor belongs to (`welcome.logId`; `None` before
     /// the first).
     standalone_log: Mutex<Option<String>>,
-    state: watch::Sender<Link>,
+    /// The manager generation that set it, and its link: a `connect` takes only the session
+    /// of the manager it would wait for as its own (not one that `disconnect` is stopping).
+    state: watch::Sender<(u64, Link)>,
     /// The credentials of the next connection attempt (the builder's, or `set_auth`'s).
     auth: Mutex<Option<Auth>>,
     /// Counts `set_auth` calls: a session whose publishes were refused ends when it moves, so
@@ -426,12 +437,12 @@ impl WebSocketSyncClient {
 
     /// Whether a session is established (after `welcome`).
     pub fn is_connected(&self) -> bool {
-        *self.inner.state.borrow() != Link::Down
+        self.inner.state.borrow().1 != Link::Down
     }
 
-    /// Connected, and `connected` handlers have run.
-    fn is_announced(&self) -> bool {
-        *self.inner.state.borrow() == Link::Up
+    /// Manager `generation` is connected, and `connected` handlers have run.
+    fn is_announced(&self, generation: u64) -> bool {
+        *self.inner.state.borrow() == (generation, Link::Up)
     }
 
     /// The name of the cursor this client keeps in its replica's metadata for the room: the
@@ -476,34 +487,46 @@ impl WebSocketSyncClient {
     }
 
     async fn connect_inner(&self) -> Result<(), SyncError> {
-        if self.is_announced() {
-            return Ok(());
-        }
         let (tx, rx) = oneshot::channel();
         {
             // Under the control lock, so a manager that is ending either sees this waiter
             // (and tries again for it) or has already removed itself (and a new one starts).
             let mut control = lock(&self.inner.control);
-            lock(&self.inner.waiters).push(tx);
-            // (A finished task without `retire`: it panicked.)
-            let running = control.as_ref().is_some_and(|c| !c.task.is_finished());
-            if running {
+            // (A finished task without `retire`: it panicked. A stopping one is ending: its
+            // session, though still up, is not this call's.)
+            let running = control
+                .as_ref()
+                .filter(|c| !c.task.is_finished() && !*c.stop.borrow())
+                .map(|c| c.generation);
+            if let Some(generation) = running {
+                lock(&self.inner.waiters).push((generation, tx));
+                // Up before waiters are answered: a waiter pushed too late to be answered
+                // sees it.
+                if self.is_announced(generation) {
+                    return Ok(());
+                }
                 // Asked now (e.g. the network is back): do not wait out a backoff delay.
                 self.inner.retry_now.notify_one();
             } else {
-                let generation = self.inner.generations.fetch_add(1, Ordering::Relaxed);
+                let generation = self.inner.generations.fetch_add(1, Ordering::Relaxed) + 1;
                 let (stop, stop_rx) = watch::channel(false);
-                let task = tokio::spawn(manage(Arc::clone(&self.inner), stop_rx, generation));
+                let (end, end_rx) = watch::channel(());
+                // A manager `disconnect` stopped may still be closing its session.
+                let previous = lock(&self.inner.manager_end).replace(end_rx);
+                lock(&self.inner.waiters).push((generation, tx));
+                let task = tokio::spawn(manage(
+                    Arc::clone(&self.inner),
+                    stop_rx,
+                    generation,
+                    previous,
+                    end,
+                ));
                 *control = Some(Control {
                     stop,
                     task,
                     generation,
                 });
             }
-        }
-        // Up before waiters are answered: a waiter pushed too late to be answered sees it.
-        if self.is_announced() {
-            return Ok(());
         }
         match rx.await {
             Ok(Ok(())) => Ok(()),
@@ -513,10 +536,17 @@ impl WebSocketSyncClient {
     }
 
     async fn disconnect_inner(&self) -> Result<(), SyncError> {
-        let control = lock(&self.inner.control).take();
-        if let Some(control) = control {
-            control.stop.send_replace(true);
-            let _ = control.task.await;
+        let end = {
+            let mut control = lock(&self.inner.control);
+            if let Some(control) = control.take() {
+                control.stop.send_replace(true);
+            }
+            // Also when another `disconnect` took `control` first: both return once the
+            // manager has ended, not while its session is still closing.
+            lock(&self.inner.manager_end).clone()
+        };
+        if let Some(end) = end {
+            wait_end(end).await;
         }
         Ok(())
     }
@@ -562,6 +592,8 @@ impl SyncClient for WebSocketSyncClient {
     }
 
     /// Closes the connection (code 1000) and stops reconnecting. Unsent events stay queued.
+    /// Returns once the connection is closed, also when another `disconnect` runs at the same
+    /// time. A `connect` called meanwhile starts a new connection after this one closed.
     fn disconnect(&self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(self.disconnect_inner())
     }
@@ -702,11 +734,29 @@ struct SessionEnd {
     stopped: bool,
 }
 
-/// Reconnects until stopped (or until a fatal error / `reconnect(false)`).
-async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, generation: u64) {
+/// Returns once the sender of `end` is gone (its manager's task ended).
+async fn wait_end(mut end: watch::Receiver<()>) {
+    while end.changed().await.is_ok() {}
+}
+
+/// Reconnects until stopped (or until a fatal error / `reconnect(false)`). Starts once the
+/// manager before it (`previous`) has ended; `_end` goes when this one ends.
+async fn manage(
+    inner: Arc<Inner>,
+    mut stop: watch::Receiver<bool>,
+    generation: u64,
+    previous: Option<watch::Receiver<()>>,
+    _end: watch::Sender<()>,
+) {
+    if let Some(previous) = previous {
+        wait_end(previous).await;
+    }
     let config = &inner.config;
     let mut attempt: u32 = 0;
     loop {
+        if *stop.borrow() {
+            break;
+        }
         if attempt > 0 {
             inner.notifier.emit(Notification::Reconnecting { attempt });
             let delay = backoff(config.reconnect_min, config.reconnect_max, attempt);
@@ -717,8 +767,8 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, generation: 
                 _ = stop.changed() => break,
             }
         }
-        let end = session(&inner, &mut stop).await;
-        inner.state.send_replace(Link::Down);
+        let end = session(&inner, &mut stop, generation).await;
+        inner.state.send_replace((generation, Link::Down));
         if end.was_connected {
             inner.notifier.emit(Notification::Disconnected);
         }
@@ -733,7 +783,7 @@ async fn manage(inner: Arc<Inner>, mut stop: watch::Receiver<bool>, generation: 
                 .emit(Notification::Error(Arc::new(error.clone().into())));
             // A reset found at `welcome` is part of joining: `connect` waits for the resync.
             if !end.was_connected && !resync {
-                for waiter in lock(&inner.waiters).drain(..) {
+                for waiter in take_waiters(&inner, generation) {
                     let _ = waiter.send(Err(error.clone()));
                 }
                 // A `connect` during this attempt has its answer: no skipping the next delay.
@@ -772,19 +822,27 @@ fn retire(inner: &Inner, generation: u64, stopped: bool) -> bool {
     let mine = control.as_ref().is_some_and(|c| c.generation == generation);
     let mut waiters = lock(&inner.waiters);
     // (A `connect` that saw the session come up returned without its answer.)
-    waiters.retain(|w| !w.is_closed());
-    if mine && !stopped && !waiters.is_empty() {
+    waiters.retain(|(_, w)| !w.is_closed());
+    if mine && !stopped && waiters.iter().any(|(g, _)| *g == generation) {
         return false;
     }
     if mine {
         *control = None;
     }
-    if control.is_none() {
-        // Whoever still waits for a connection will not get one from this task. (Waiters of
-        // a newer manager are its own.)
-        waiters.clear();
-    }
+    // Whoever still waits for a connection from this task will not get one. (Waiters of a
+    // newer manager are its own.)
+    waiters.retain(|(g, _)| *g != generation);
     true
+}
+
+/// The waiters of manager `generation`, removed.
+fn take_waiters(inner: &Inner, generation: u64) -> Vec<oneshot::Sender<Result<(), WsError>>> {
+    let mut waiters = lock(&inner.waiters);
+    let (mine, others) = std::mem::take(&mut *waiters)
+        .into_iter()
+        .partition(|(g, _)| *g == generation);
+    *waiters = others;
+    mine.into_iter().map(|(_, w)| w).collect()
 }
 
 fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
@@ -797,7 +855,11 @@ fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
 }
 
 /// One connection from TCP connect to close.
-async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> SessionEnd {
+async fn session(
+    inner: &Arc<Inner>,
+    stop: &mut watch::Receiver<bool>,
+    generation: u64,
+) -> SessionEnd {
     let config = &inner.config;
     let replica = lock(&inner.replica).clone();
     let cursors = Cursors::new(&config.url);
@@ -828,12 +890,22 @@ async fn session(inner: &Arc<Inner>, stop: &mut watch::Receiver<bool>) -> Sessio
             stopped: false,
         };
     }
-    inner.state.send_replace(Link::Announcing);
+    if *stop.borrow() {
+        // Stopped as the connection came up: never announced.
+        session.close(close::NORMAL, "client disconnecting").await;
+        return SessionEnd {
+            was_connected: false,
+            stayed_up: false,
+            error: None,
+            stopped: true,
+        };
+    }
+    inner.state.send_replace((generation, Link::Announcing));
     // Notified before `connect` returns, as a caller of `connect` would expect.
     inner.notifier.emit(Notification::Connected);
     session.set_status(Status::Connected);
-    inner.state.send_replace(Link::Up);
-    for waiter in lock(&inner.waiters).drain(..) {
+    inner.state.send_replace((generation, Link::Up));
+    for waiter in take_waiters(inner, generation) {
         let _ = waiter.send(Ok(()));
     }
     // Answered: a `connect` during this attempt must not skip a later delay.
