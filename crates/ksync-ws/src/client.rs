@@ -248,6 +248,7 @@ impl WebSocketSyncClientBuilder {
             retry_now: Notify::new(),
             queued: AtomicUsize::new(0),
             rescan_from: AtomicU64::new(u64::MAX),
+            acked_writes: tokio::sync::Mutex::new(()),
             standalone_cursor: Mutex::new(None),
             standalone_log: Mutex::new(None),
             state,
@@ -380,6 +381,10 @@ struct Inner {
     /// The lowest seq of an already-stored event marked for forwarding since the last pump
     /// (`u64::MAX`: none): the session's scan may have passed it and looks again from there.
     rescan_from: AtomicU64,
+    /// Held while the acknowledged cursor (`ws:<url>/acked`) is computed and written: `send`
+    /// moves it back below a forwarded event, and a session's `settle` must not write its
+    /// older, higher value over that.
+    acked_writes: tokio::sync::Mutex<()>,
     /// The room cursor of a standalone client (`None` before its first session: it starts
     /// with the live stream).
     standalone_cursor: Mutex<Option<u64>>,
@@ -561,8 +566,17 @@ impl WebSocketSyncClient {
                 // Stored if new (through KSync it already is) and pending here: our own, or
                 // another replica's handed to us (a bridge), kept with its origin.
                 if let Some(seq) = replica.record_forward(event).await? {
-                    // Already stored, perhaps behind this client's scan: look again.
+                    // Already stored, perhaps behind this client's scan: look again. Perhaps
+                    // also behind the acknowledged cursor, where the next session (also after
+                    // a restart) starts: moved back durably, so it goes out even if this
+                    // session ends before it is acknowledged (what goes twice, the room
+                    // answers as duplicates). Later acks move the cursor forward again.
+                    let _writes = self.inner.acked_writes.lock().await;
                     self.inner.rescan_from.fetch_min(seq, Ordering::AcqRel);
+                    let acked = Cursors::new(&self.inner.config.url).acked;
+                    if replica.cursor(&acked)? >= seq {
+                        replica.set_cursor(&acked, seq - 1).await?;
+                    }
                 }
             }
             None => {
@@ -1366,6 +1380,7 @@ impl Session {
             // A forwarded event lies behind the scan: look again from there (what was sent
             // since goes again; the server drops exact duplicates).
             self.sent_upto = rescan.saturating_sub(1);
+            self.hold_back(rescan);
         }
         while self.in_flight_events < max_in_flight {
             let page = if coalesce { STATE_SCAN } else { limit };
@@ -1497,9 +1512,27 @@ impl Session {
         Ok(shaped)
     }
 
+    /// Keeps the acknowledged cursor below `rescan`, a forwarded event behind the scan:
+    /// publishes already in flight did not carry it, so their acks must not move past it.
+    fn hold_back(&mut self, rescan: u64) {
+        let below = rescan.saturating_sub(1);
+        self.acked_upto = self.acked_upto.min(below);
+        for flight in &mut self.in_flight {
+            flight.upto = flight.upto.min(below);
+        }
+    }
+
     /// Advances the acknowledged cursor over the contiguous prefix of settled publishes.
     async fn settle(&mut self) -> Result<(), WsError> {
+        let inner = Arc::clone(&self.inner);
+        let _writes = inner.acked_writes.lock().await;
+        // A forward `send` recorded since the last pump moved the stored cursor back: this
+        // session's must not go past it either.
+        let rescan = inner.rescan_from.load(Ordering::Acquire);
         let before = self.acked_upto;
+        if rescan != u64::MAX {
+            self.hold_back(rescan);
+        }
         while self.in_flight.front().is_some_and(|f| f.done) {
             if let Some(flight) = self.in_flight.pop_front() {
                 self.acked_upto = self.acked_upto.max(flight.upto);
@@ -1530,6 +1563,10 @@ impl Session {
         self.room_cursor = 0;
         self.save_room_cursor().await?;
         self.acked_upto = 0;
+        let inner = Arc::clone(&self.inner);
+        // Not between a `send`'s reading and lowering of the cursor, which would leave it
+        // above 0.
+        let _writes = inner.acked_writes.lock().await;
         if let Some(r) = &self.replica {
             r.set_cursor(&self.cursors.acked, 0)
                 .await
