@@ -800,7 +800,9 @@ impl GitSyncClient {
         let replica = self.replica();
         let url = format!("{}/merge", self.url());
         let keys = MergeKeys {
-            head: self.current_branch(),
+            // A map left to another branch by an earlier checkout or merge is taken back
+            // first: this merge hands the map back to the head's range as it is now.
+            head: self.ensure_head(&replica).await?,
             owed: self.cursor_key(into_name.as_str(), "merge-owed"),
             merge_id: self.cursor_key(into_name.as_str(), &format!("merge-id.{from}")),
             into: into_name,
@@ -995,11 +997,32 @@ impl GitSyncClient {
             let next = replica.storage().len() + 1;
             segments.start(next, keys.into.as_str());
             self.save_segments(replica, &segments).await?;
+            // From here the map gives `into` what comes next, the checked-out branch's events
+            // too, until it is given back: should that not happen (a failed write, a cancelled
+            // merge), `ensure_head` takes the range back after the resolutions.
+            let resumes = next.saturating_add(resolutions.len() as u64);
+            let resume_at = |seq| {
+                self.inner
+                    .attached_at
+                    .store(seq, std::sync::atomic::Ordering::SeqCst);
+            };
+            resume_at(resumes);
+            let mut recorded = Ok(());
             for event in &resolutions {
-                replica.record_local(event.clone()).await?;
+                if let Err(e) = replica.record_local(event.clone()).await {
+                    recorded = Err(e);
+                    break;
+                }
             }
-            segments.start(replica.storage().len() + 1, &keys.head);
-            self.save_segments(replica, &segments).await?;
+            // Given back whatever happened to the resolutions (best effort when that failed).
+            let back = replica.storage().len() + 1;
+            segments.start(back, &keys.head);
+            let saved = self.save_segments(replica, &segments).await;
+            if saved.is_err() {
+                resume_at(back);
+            }
+            recorded?;
+            saved?;
         }
         result.resolutions.extend(resolutions);
         // Settled (the resolutions are recorded and owed): the next merge is a new one.

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 
-use ksync_core::{KSync, Storage};
+use ksync_core::{Event, KSync, PullPushClient, Storage, SyncClient};
 use ksync_git::GitSyncClient;
 use ksync_storage_file::{FaultHook, FileStorage, WriteFault};
 use serde_json::json;
@@ -27,6 +27,10 @@ impl FailAfter {
     fn arm(&self, writes: usize) {
         self.left.store(writes, SeqCst);
         self.armed.store(true, SeqCst);
+    }
+
+    fn disarm(&self) {
+        self.armed.store(false, SeqCst);
     }
 }
 
@@ -66,6 +70,14 @@ fn has(server: &Server, branch: &str, id: &str) -> bool {
         .any(|e| e.id == id)
 }
 
+fn versions_of(server: &Server, branch: &str, id: &str) -> Vec<u64> {
+    branch_events(server, "r", branch)
+        .iter()
+        .filter(|e| e.id == id)
+        .map(|e| e.version)
+        .collect()
+}
+
 #[tokio::test]
 async fn an_interrupted_checkout_leaves_new_events_on_the_checked_out_branch() {
     let server = start(&["r"]).await;
@@ -98,4 +110,84 @@ async fn an_interrupted_checkout_leaves_new_events_on_the_checked_out_branch() {
     assert_eq!(ids, vec![event.id.clone()]);
     assert!(has(&server, "main", &event.id));
     assert!(!has(&server, "feature", &event.id));
+}
+
+/// A node on `feature` (over `path`, with `hook`), and `x` version 1 with other content on
+/// `main` and on `feature` (pushed by others).
+async fn diverged(server: &Server, path: &Path, hook: &Arc<FailAfter>) -> KSync<GitSyncClient> {
+    let url = server.repo_url("r");
+    let node = open(path, &url, Some(Arc::clone(hook))).await;
+    node.pull().await.expect("pull");
+    node.client()
+        .create_branch("feature")
+        .await
+        .expect("branch");
+    node.client().checkout("feature").await.expect("checkout");
+    let on_main = client(&url);
+    on_main
+        .send(Event::new("x", "t", json!("main"), 1))
+        .await
+        .expect("send");
+    on_main.push().await.expect("push main");
+    let on_feature = GitSyncClient::builder(&url)
+        .auth(ksync_core::Auth::token("writer"))
+        .branch("feature")
+        .build()
+        .expect("client");
+    on_feature
+        .send(Event::new("x", "t", json!("feature"), 2))
+        .await
+        .expect("send");
+    on_feature.push().await.expect("push feature");
+    node
+}
+
+/// Merges `main` <- `feature` with `writes` more writes let through: the merge id, the owed
+/// mark, the map (to `main`), the resolution, the map (back to `feature`), the merge id cleared.
+async fn interrupted_merge(node: &KSync<GitSyncClient>, hook: &FailAfter, writes: usize) {
+    hook.arm(writes);
+    assert!(node.client().merge("main", "feature").await.is_err());
+    let latest = node.replica().storage().latest("x").expect("latest");
+    assert_eq!(
+        latest.map(|s| s.event.version),
+        Some(2),
+        "the resolution was recorded"
+    );
+}
+
+async fn emitted_on_feature_lands_on_feature(server: &Server, node: &KSync<GitSyncClient>) {
+    assert_eq!(node.client().current_branch(), "feature");
+    let event = node.emit("t", json!({"n": 1})).await.expect("emit");
+    let pushed = node.push().await.expect("push");
+    assert!(pushed.pushed_events.iter().any(|e| e.id == event.id));
+    assert!(has(server, "feature", &event.id));
+    assert!(!has(server, "main", &event.id));
+    // The resolution is still `main`'s.
+    assert_eq!(versions_of(server, "feature", "x"), vec![1]);
+}
+
+#[tokio::test]
+async fn a_merge_cut_after_its_resolutions_leaves_new_events_on_the_checked_out_branch() {
+    let server = start(&["r"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("local.log");
+    let hook = Arc::new(FailAfter::default());
+    let node = diverged(&server, &path, &hook).await;
+    interrupted_merge(&node, &hook, 4).await;
+    drop(node);
+
+    let node = open(&path, &server.repo_url("r"), None).await;
+    emitted_on_feature_lands_on_feature(&server, &node).await;
+}
+
+#[tokio::test]
+async fn a_merge_failing_after_its_resolutions_leaves_new_events_on_the_checked_out_branch() {
+    let server = start(&["r"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("local.log");
+    let hook = Arc::new(FailAfter::default());
+    let node = diverged(&server, &path, &hook).await;
+    interrupted_merge(&node, &hook, 4).await;
+    hook.disarm();
+    emitted_on_feature_lands_on_feature(&server, &node).await;
 }
