@@ -20,7 +20,10 @@ pub struct WriteFault {
 /// events is acknowledged or becomes visible. After a failed write the writer cuts the file
 /// back to its last durable length and carries on; after a failed sync it stops (a failed
 /// `fsync` leaves the page cache in an unknown state) and later calls get
-/// [`StorageError::Closed`](ksync_core::StorageError::Closed) until the log is reopened.
+/// [`StorageError::Closed`](ksync_core::StorageError::Closed) until the log is reopened (it
+/// cuts the file back to the end of its last acknowledged group and unlocks it, so a reopen
+/// finds exactly what was acknowledged; see
+/// [`FileStorage::is_closed`](crate::FileStorage::is_closed)).
 pub trait FaultHook: Send + Sync + 'static {
     /// Called before writing a group of `len` bytes.
     fn before_write(&self, len: usize) -> Result<(), WriteFault> {

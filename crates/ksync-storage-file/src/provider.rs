@@ -29,7 +29,9 @@ const REPOS_DIR: &str = "repos";
 ///
 /// Paths are built only from validated [`Name`]s (no separators, no leading dot), so no name
 /// can leave the directory. The same `Arc` is returned for a name while the provider holds it;
-/// logs stay open until [`FileProvider::close`] or the provider is dropped.
+/// logs stay open until [`FileProvider::close`] or the provider is dropped. A log a failure
+/// closed ([`FileStorage::is_closed`]) is opened again by the next `open` or `existing` of
+/// its name (replayed as it stood at its last good sync), whoever still holds the closed one.
 ///
 /// One provider per data directory: it holds an exclusive lock on `<dir>/.lock` while it lives
 /// (released when it is dropped, or when its process dies), so a second one, in this process
@@ -227,19 +229,48 @@ impl FileProvider {
     }
 }
 
+impl FileProvider {
+    /// The open log of `name`, if any, unless a failure closed it
+    /// ([`FileStorage::is_closed`]): that one is forgotten once its file is released, so that
+    /// the caller opens the file again (replay finds the log as it was at its last good sync;
+    /// those who still hold the closed one get `Closed` and let it go). Without this, one
+    /// failed sync closed a room or branch until the server restarted.
+    fn live(
+        &self,
+        open: &mut HashMap<LogName, Arc<FileStorage>>,
+        name: &LogName,
+    ) -> Result<Option<Arc<FileStorage>>, StorageError> {
+        let Some(storage) = open.get(name) else {
+            return Ok(None);
+        };
+        if !storage.is_closed() {
+            return Ok(Some(Arc::clone(storage)));
+        }
+        // Under the map's lock, so no other open of this name runs meanwhile; the wait is the
+        // closed log's last syncs in flight. Until its file is released it stays in the map:
+        // one file, one `FileStorage` at a time.
+        storage.wait_released()?;
+        if let Some(closed) = open.remove(name) {
+            tracing::warn!(log = %closed.path().display(), "reopening a log closed by a failure");
+            self.remember_len(name, closed.len());
+        }
+        Ok(None)
+    }
+}
+
 impl StorageProvider for FileProvider {
     fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
         let mut open = self.lock();
-        if let Some(storage) = open.get(name) {
-            return Ok(Arc::clone(storage) as Arc<dyn Storage>);
+        if let Some(storage) = self.live(&mut open, name)? {
+            return Ok(storage as Arc<dyn Storage>);
         }
         Ok(self.open_file(&mut open, name)? as Arc<dyn Storage>)
     }
 
     fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
         let mut open = self.lock();
-        if let Some(storage) = open.get(name) {
-            return Ok(Some(Arc::clone(storage) as Arc<dyn Storage>));
+        if let Some(storage) = self.live(&mut open, name)? {
+            return Ok(Some(storage as Arc<dyn Storage>));
         }
         if !self.path_of(name).is_file() {
             return Ok(None);
@@ -336,7 +367,13 @@ impl StorageProvider for FileProvider {
     }
 
     fn flush_all(&self) -> BoxFuture<'_, Result<(), StorageError>> {
-        let storages: Vec<Arc<FileStorage>> = self.lock().values().cloned().collect();
+        // A log closed by a failure has nothing to flush: all it acknowledged was synced.
+        let storages: Vec<Arc<FileStorage>> = self
+            .lock()
+            .values()
+            .filter(|s| !s.is_closed())
+            .cloned()
+            .collect();
         Box::pin(async move {
             let mut first_error = None;
             for storage in storages {

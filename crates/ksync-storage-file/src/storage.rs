@@ -238,6 +238,8 @@ struct Shared {
     inner: Mutex<Inner>,
     /// Wakes the writer (see [`Inner::wake_at`]).
     wake: Condvar,
+    /// Wakes those waiting for the writer to stop (see [`Inner::stopped`]).
+    stopped: Condvar,
 }
 
 struct Inner {
@@ -255,6 +257,15 @@ struct Inner {
     /// Finished syncs not yet seen by the writer: (sync thread, job, result). At most one
     /// per sync thread.
     synced: Vec<(usize, u64, io::Result<()>)>,
+    /// Set (with `closed`) when a failure stopped the log (see [`FileStorage::is_closed`]).
+    failed: bool,
+    /// The writer thread has ended; after a failure, the file is cut back to its last
+    /// published length and released, unless that failed (`held`).
+    stopped: bool,
+    /// After a failure: the file, still locked, and the length to cut it back to, when
+    /// cutting it back failed. Kept so that nothing reopens a file that may still hold
+    /// records nobody was told are stored (see [`FileStorage::wait_released`]).
+    held: Option<(File, u64)>,
 }
 
 impl Shared {
@@ -271,7 +282,9 @@ impl Shared {
 /// never sees an event that is not durable. Reopening replays the file; a torn tail left by a
 /// crash is cut off and reported in [`FileStorage::recovery`], damage anywhere else is refused
 /// with [`StorageError::Corrupt`]. The file is locked while open: a second `FileStorage` on
-/// the same file (in this or another process) gets an IO error.
+/// the same file (in this or another process) gets an IO error. A failure that stops the log
+/// ([`FileStorage::is_closed`]) cuts the file back to what was acknowledged and unlocks it, so
+/// it can be opened again while this one is still held.
 ///
 /// Dropping a `FileStorage` waits for its writer thread to answer what is queued and exit
 /// (normally at most the syncs in flight), so the file is unlocked when `drop` returns.
@@ -413,8 +426,12 @@ impl FileStorage {
                 wake_at: usize::MAX,
                 writer_sleeps: false,
                 synced: Vec::new(),
+                failed: false,
+                stopped: false,
+                held: None,
             }),
             wake: Condvar::new(),
+            stopped: Condvar::new(),
         });
         let writer = Writer {
             file,
@@ -422,6 +439,7 @@ impl FileStorage {
             // working directory does not matter.
             path: std::path::absolute(&path).unwrap_or_else(|_| path.clone()),
             len: valid_len,
+            published_len: valid_len,
             dirty: false,
             state: Arc::clone(&state),
             shared: Arc::clone(&shared),
@@ -472,6 +490,46 @@ impl FileStorage {
     /// The durability policy in force.
     pub fn durability(&self) -> Durability {
         self.durability
+    }
+
+    /// Whether a failure (a failed sync, or a failed write that could not be cut back)
+    /// stopped the log: every append, metadata change and flush now gets
+    /// [`StorageError::Closed`], and reads show what was acknowledged before it. Reopen the
+    /// file to go on (a [`FileProvider`](crate::FileProvider) does so by itself): the log then
+    /// stands as it was at its last good sync.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().failed
+    }
+
+    /// For a log that [`is_closed`](Self::is_closed): waits until its writer has cut the file
+    /// back to what it acknowledged and unlocked it, so that it can be opened again. An error
+    /// when cutting it back failed (tried again here): the file then stays locked, since a
+    /// reopen would take records that were never synced for stored.
+    pub(crate) fn wait_released(&self) -> Result<(), StorageError> {
+        let mut inner = self.shared.lock();
+        while !inner.stopped {
+            inner = self
+                .shared
+                .stopped
+                .wait(inner)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        let Some((file, len)) = inner.held.take() else {
+            return Ok(());
+        };
+        match cut_back(&self.path, &file, len) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                inner.held = Some((file, len));
+                Err(StorageError::Io {
+                    context: format!(
+                        "reopening {}: cutting it back to its last sync after a failure",
+                        self.path.display()
+                    ),
+                    source: e,
+                })
+            }
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -555,7 +613,25 @@ impl Drop for FileStorage {
         {
             tracing::error!(path = %self.path.display(), "log writer thread panicked");
         }
+        let held = self.shared.lock().held.take();
+        if let Some((file, len)) = held
+            && let Err(e) = cut_back(&self.path, &file, len)
+        {
+            // Unlocked, the file would be replayed with records that were never synced and
+            // never acknowledged: keep it locked until the process ends.
+            tracing::error!(path = %self.path.display(), error = %e,
+                "cutting the log back after a failure failed; it stays locked");
+            std::mem::forget(file);
+        }
     }
+}
+
+/// Cuts a stopped log back to `len` (the end of what it acknowledged) and makes that durable.
+/// The sync goes through a new file description: the writer's may still report the failure
+/// that stopped the log (Linux reports a writeback error once per description).
+fn cut_back(path: &Path, file: &File, len: u64) -> io::Result<()> {
+    file.set_len(len)?;
+    OpenOptions::new().write(true).open(path)?.sync_all()
 }
 
 impl Storage for FileStorage {
@@ -766,6 +842,9 @@ struct Writer {
     path: PathBuf,
     /// Length of the file up to the last written group.
     len: u64,
+    /// Length of the file up to the last published group: what a log stopped by a failure
+    /// is cut back to.
+    published_len: u64,
     /// Whether bytes were written since the last sync was started.
     dirty: bool,
     state: Arc<RwLock<State>>,
@@ -799,6 +878,16 @@ struct Writer {
     in_flight_keys: HashMap<u64, u32, nohash_hasher::BuildNoHashHasher<u64>>,
 }
 
+/// Marks the writer ended when dropped (see [`Inner::stopped`]).
+struct Stopped(Arc<Shared>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.lock().stopped = true;
+        self.0.stopped.notify_all();
+    }
+}
+
 /// A sync thread: `fdatasync`s on its own file descriptor when the writer asks.
 struct Syncer {
     /// Jobs for it; at most one is outstanding (`busy`), so the channel never grows.
@@ -811,6 +900,8 @@ struct Syncer {
 struct Group {
     /// The sync job that covers it (meaningless when none was needed).
     job: u64,
+    /// Where the file ends after it.
+    end: u64,
     /// Its sync's result; `None` while the sync runs.
     synced: Option<io::Result<()>>,
     /// The records it wrote (shared with the index, which keeps events encoded).
@@ -846,7 +937,14 @@ struct PendingAppend {
 }
 
 impl Writer {
-    fn run(mut self) {
+    fn run(self) {
+        // Dropped after `work` has dropped the writer and its file (the lock), also if it
+        // panics: whoever waits for the file to be released waits for that.
+        let _stopped = Stopped(Arc::clone(&self.shared));
+        self.work();
+    }
+
+    fn work(mut self) {
         loop {
             let (synced, closed) = self.wait_for_work();
             self.finish_syncs(synced);
@@ -867,6 +965,17 @@ impl Writer {
             // Clean close under `Durability::None`: sync what was written (best effort).
             if let Err(e) = self.file.sync_data() {
                 tracing::warn!(error = %e, "syncing the log on close failed");
+            }
+        }
+        if self.failure.is_some() {
+            // Stopped by a failure: whatever follows the last published group was never
+            // acknowledged (and after a failed sync the kernel may have dropped it); cut it,
+            // so that a reopen finds only what was acknowledged, then let the file go (so
+            // it can be reopened while this `FileStorage` is still held).
+            let len = self.published_len;
+            if let Err(e) = cut_back(&self.path, &self.file, len) {
+                tracing::error!(error = %e, "cutting the log back after a failure failed");
+                self.shared.lock().held = Some((self.file, len));
             }
         }
     }
@@ -1106,6 +1215,7 @@ impl Writer {
         }
         let mut group = Group {
             job: 0,
+            end: self.len,
             synced: Some(Ok(())),
             bytes: Arc::new(written),
             appended,
@@ -1159,7 +1269,7 @@ impl Writer {
                 .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(|_| ()));
             if let Err(e2) = restore {
                 tracing::error!(error = %e2, "cutting a failed write failed; closing the log");
-                self.failure.get_or_insert(e2);
+                self.stop(e2);
             }
         }
         result
@@ -1287,7 +1397,7 @@ impl Writer {
                 // written since the last good sync can be trusted, and retrying could report
                 // success for lost data. Stop; a reopen replays what really is on disk.
                 tracing::error!(error = %e, "syncing the log failed; closing the log");
-                self.failure.get_or_insert(e);
+                self.stop(e);
             }
             match &self.failure {
                 // A group behind a failure is never published: its seqs would follow
@@ -1298,8 +1408,19 @@ impl Writer {
         }
     }
 
+    /// Stops the log after `error`: refuses new requests at once (before the failed ones
+    /// are answered, so a caller told of the failure finds the log closed), answers those
+    /// queued with `Closed`, then ends (see [`Writer::run`]).
+    fn stop(&mut self, error: io::Error) {
+        self.failure.get_or_insert(error);
+        let mut inner = self.shared.lock();
+        inner.failed = true;
+        inner.closed = true;
+    }
+
     /// Durable (per policy): commit to the index, then answer.
     fn publish(&mut self, group: Group) {
+        self.published_len = group.end;
         let mut meta_replies = Vec::with_capacity(group.metas.len());
         {
             let mut state = self.write_state();

@@ -415,6 +415,122 @@ async fn a_failed_sync_acknowledges_nothing_and_closes_the_log() {
     assert!(storage.get("c", 1).expect("get").is_none());
 }
 
+/// A log stopped by a failed sync lets go of its file (cut back to its last good sync)
+/// while it is still held, so that the file can be opened again at once; the reopened log
+/// holds what was acknowledged, and nothing else.
+#[tokio::test]
+async fn a_log_a_failed_sync_closed_can_be_reopened_while_it_is_still_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("r.log");
+    let faults = Arc::new(Faults::default());
+    let closed = FileStorage::builder(&path)
+        .fault_hook(faults.clone())
+        .open()
+        .expect("open");
+    closed.append(vec![ev("a", 1)]).await.expect("append");
+    assert!(!closed.is_closed());
+    faults.fail_next_sync.store(true, Ordering::SeqCst);
+    closed
+        .append(vec![ev("b", 2)])
+        .await
+        .expect_err("sync fails");
+    // Closed as soon as the failure is answered.
+    assert!(closed.is_closed());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let reopened = loop {
+        match FileStorage::open(&path) {
+            Ok(storage) => break storage,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("the closed log never let go of its file: {e}"),
+        }
+    };
+    assert_eq!(
+        reopened.recovery().cut_tail,
+        None,
+        "cut back before the reopen"
+    );
+    assert_eq!(reopened.len(), 1);
+    assert!(reopened.get("b", 2).expect("get").is_none());
+    reopened.append(vec![ev("b", 2)]).await.expect("append b");
+    // The closed one still reads what it acknowledged, and writes nothing.
+    assert_eq!(closed.len(), 1);
+    assert!(matches!(
+        closed.append(vec![ev("c", 3)]).await,
+        Err(StorageError::Closed)
+    ));
+    drop(closed);
+    drop(reopened);
+    let storage = FileStorage::open(&path).expect("reopen");
+    let ids: Vec<(String, u64)> = storage
+        .read_since(0, 10)
+        .expect("read")
+        .into_iter()
+        .map(|s| (s.event.id, s.seq))
+        .collect();
+    assert_eq!(ids, [("a".to_owned(), 1), ("b".to_owned(), 2)]);
+}
+
+/// The provider hands out a log a failed sync closed only until its file is free: then it
+/// opens the file again, for rooms and branches alike (`open` and `existing`), even while
+/// someone still holds the closed one. One failed sync no longer closes a log until restart.
+#[tokio::test]
+async fn the_provider_reopens_a_log_a_failed_sync_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = Arc::new(Faults::default());
+    let mut options = FileStorageOptions::default();
+    options.fault_hook = Some(faults.clone());
+    let provider = FileProvider::with_options(dir.path(), options).expect("provider");
+    let room = LogName::Room(name("lobby"));
+    let branch = LogName::Branch {
+        repo: name("repo"),
+        branch: name("main"),
+    };
+    for (log, by_existing) in [(room, false), (branch, true)] {
+        let open = |log: &LogName| -> Arc<dyn Storage> {
+            if by_existing {
+                provider.existing(log).expect("existing").expect("present")
+            } else {
+                provider.open(log).expect("open")
+            }
+        };
+        provider.open(&log).expect("create");
+        let first = open(&log);
+        first.append(vec![ev("a", 1)]).await.expect("append a");
+        faults.fail_next_sync.store(true, Ordering::SeqCst);
+        first
+            .append(vec![ev("b", 2)])
+            .await
+            .expect_err("sync fails");
+        assert!(matches!(
+            first.append(vec![ev("b", 2)]).await,
+            Err(StorageError::Closed)
+        ));
+        // `first` is still held (by a room, a request): the provider reopens the file all
+        // the same, and hands the new log out from then on.
+        let second = open(&log);
+        assert!(!Arc::ptr_eq(&first, &second), "{log:?}");
+        assert!(Arc::ptr_eq(&second, &open(&log)));
+        assert_eq!(second.len(), 1, "{log:?}: b was never acknowledged");
+        let out = second.append(vec![ev("b", 2)]).await.expect("append b");
+        assert_eq!(out.last_seq(), Some(2));
+        drop(first);
+        assert_eq!(provider.known_len(&log), Some(2));
+        provider.flush_all().await.expect("flush_all");
+        drop(second);
+        provider.close(&log);
+        let ids: Vec<String> = open(&log)
+            .read_since(0, 10)
+            .expect("read")
+            .into_iter()
+            .map(|s| s.event.id)
+            .collect();
+        assert_eq!(ids, ["a", "b"], "{log:?}");
+    }
+}
+
 fn name(s: &str) -> Name {
     Name::new(s).expect("valid name")
 }
