@@ -12,7 +12,9 @@ use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use ksync_core::{AppendOutcome, Event, LogName, Name, Storage, StorageProvider, Stored};
+use ksync_core::{
+    AppendOutcome, Event, LogName, Name, Storage, StorageError, StorageProvider, Stored,
+};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 
@@ -444,6 +446,8 @@ pub(crate) struct Room {
     storage_immediate: bool,
     /// The room shut down: nothing more is committed.
     closed: bool,
+    /// The log refuses every write until it is reopened (see [`Room::close_for_reopen`]).
+    log_closed: bool,
     /// The last snapshot made for a state-based join, while nothing was committed since:
     /// clients joining together (a reconnect storm) share one copy of the room's state
     /// instead of one each. Cleared by every commit.
@@ -500,6 +504,7 @@ impl Room {
             last_seq,
             storage_immediate: true,
             closed: false,
+            log_closed: false,
             snapshot: None,
             scratch: Scratch::default(),
         };
@@ -533,18 +538,26 @@ async fn run(shared: Arc<RoomShared>, mut rx: mpsc::Receiver<RoomCommand>, store
             break;
         };
         let mut room = shared.room.lock().await;
+        if room.closed {
+            // A commit on a publisher's task found the log closed (`close_for_reopen`).
+            room.close_idle(Some(command), &mut rx, &shared.queued)
+                .await;
+            break;
+        }
         if room
             .run_command(command, &mut rx, &mut deferred, &shared.queued)
             .await
         {
             break;
         }
-        if room.subs.is_empty()
-            && deferred.is_none()
-            && rx.is_empty()
-            && shared.queued.load(Ordering::Acquire) == 0
+        if room.closed
+            || (room.subs.is_empty()
+                && deferred.is_none()
+                && rx.is_empty()
+                && shared.queued.load(Ordering::Acquire) == 0)
         {
-            room.close_idle(&mut rx, &shared.queued).await;
+            room.close_idle(deferred.take(), &mut rx, &shared.queued)
+                .await;
             break;
         }
     }
@@ -592,15 +605,21 @@ impl Drop for Member {
 }
 
 impl Room {
-    /// Closes the room: nobody subscribes and nothing is queued. New commands are refused
+    /// Closes the room: nobody subscribes and nothing is queued (or its log closed: see
+    /// [`Room::close_for_reopen`]). New commands are refused
     /// (a connection joining gets its subscribe refused and joins the room opened anew);
-    /// those sent just before are still run (a subscribe is answered with a refusal, so it
-    /// retries), then the log is flushed. The relay opens no new room of this name until this
-    /// task has ended, so no two rooms ever write one log.
-    async fn close_idle(&mut self, rx: &mut mpsc::Receiver<RoomCommand>, queued: &AtomicUsize) {
+    /// those sent just before (`first`, then the queue) are still run (a subscribe is
+    /// answered with a refusal, so it retries), then the log is flushed. The relay opens no
+    /// new room of this name until this task has ended, so no two rooms ever write one log.
+    async fn close_idle(
+        &mut self,
+        first: Option<RoomCommand>,
+        rx: &mut mpsc::Receiver<RoomCommand>,
+        queued: &AtomicUsize,
+    ) {
         self.closed = true;
         rx.close();
-        let mut deferred = None;
+        let mut deferred = first;
         loop {
             let Some(command) = next_command(&mut deferred, rx).await else {
                 break;
@@ -618,7 +637,10 @@ impl Room {
                 }
             }
         }
-        if let Err(e) = self.storage.flush().await {
+        // A closed log has nothing to flush: all it acknowledged was made durable.
+        if !self.log_closed
+            && let Err(e) = self.storage.flush().await
+        {
             tracing::error!(room = %self.name, error = %e, "flushing the room log failed");
         }
         tracing::debug!(room = %self.name, "closed idle room");
@@ -820,6 +842,15 @@ impl Room {
                     fan_out(&self.name, &mut self.subs, conn, &[ack], &[]);
                 }
                 self.scratch.text = text;
+                // The failure may have closed the log for good (a file log after a failed
+                // sync: its first error is the failure itself, `Closed` only comes after);
+                // a flush tells, at once and without writing anything.
+                if !self.log_closed
+                    && (matches!(e, StorageError::Closed)
+                        || matches!(self.storage.flush().await, Err(StorageError::Closed)))
+                {
+                    self.close_for_reopen();
+                }
             }
         }
         drop(slots_left);
@@ -830,6 +861,22 @@ impl Room {
             self.scratch.text = String::new();
         }
         drop(queue_permits);
+    }
+
+    /// The log refuses every write until it is reopened: close the room (its subscribers are
+    /// closed with 1001 and resume from their cursors; the failed publishes were acknowledged
+    /// `failed` first, so the clients send them again), so that the next join opens the log
+    /// again, as it stands after its last good sync. Kept open, the room answered every
+    /// publish `failed` for as long as anyone stayed connected.
+    fn close_for_reopen(&mut self) {
+        tracing::warn!(
+            room = %self.name,
+            "the room's log closed after a failure; closing the room to reopen it"
+        );
+        self.log_closed = true;
+        self.closed = true;
+        // Each subscriber's drop closes its connection (1001, "room closed").
+        self.subs.clear();
     }
 
     /// Sends the current run (if any) and empties it.
