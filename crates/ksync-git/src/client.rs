@@ -925,7 +925,9 @@ impl GitSyncClient {
         page: MergeResponse,
         result: &mut MergeResult,
     ) -> Result<(), SyncError> {
-        let mut resolutions = Vec::new();
+        // Each settled collision's resolution, and whether it is new (to be recorded).
+        let mut settled: Vec<(Event, bool)> = Vec::new();
+        let segments = self.segments(replica)?;
         for mut found in page.conflicts {
             // Both sides as the application sees them (e.g. decrypted); a side the incoming
             // chain refuses leaves nothing to settle here.
@@ -966,10 +968,23 @@ impl GitSyncClient {
                 result.conflicts.push(found.conflict);
                 continue;
             }
-            let local = replica
-                .storage()
-                .latest(&found.conflict.ours.id)?
-                .map_or(0, |l| l.event.version);
+            let held = replica.storage().latest(&found.conflict.ours.id)?;
+            let local = held.as_ref().map_or(0, |l| l.event.version);
+            let resolution = replica.resolution_for(&found.conflict);
+            let mut event = resolve(&found.conflict, &resolution, replica.id());
+            // This merge's answer asked for again after its resolutions were recorded (its id
+            // outlived them: a crash, a failed write) brings the same collisions back. A
+            // revision on `into` above what `into` has, with this content, is this one's
+            // resolution, still owed: another would be one revision more of the same.
+            if let Some(held) = held.filter(|held| {
+                held.event.version > found.latest_version
+                    && held.event.same_content(&event)
+                    && segments.branch_of(held.seq) == Some(keys.into.as_str())
+            }) {
+                result.conflicts.push(found.conflict);
+                settled.push((held.event, false));
+                continue;
+            }
             // A resolution goes above every revision of the id; at MAX_EVENT_INTEGER (the
             // highest valid version) there is no room: the collision is reported, left
             // unsettled, as `Replica::ingest` leaves it.
@@ -982,18 +997,23 @@ impl GitSyncClient {
                 result.conflicts.push(found.conflict);
                 continue;
             };
-            let resolution = replica.resolution_for(&found.conflict);
-            let mut event = resolve(&found.conflict, &resolution, replica.id());
             event.version = event.version.max(above);
             result.conflicts.push(found.conflict);
-            resolutions.push(event);
+            settled.push((event, true));
         }
+        // The resolutions to record (the others are held already).
+        let resolutions: Vec<&Event> = settled
+            .iter()
+            .filter_map(|(event, new)| new.then_some(event))
+            .collect();
         // The server's merge cursor has moved past these conflicts: a later merge will not
         // report them again. Until the resolutions are on `into`, a durable mark says they
         // are owed, so a merge retried after a failed push sends them.
-        if !resolutions.is_empty() {
+        if !settled.is_empty() {
             replica.set_cursor(&keys.owed, 1).await?;
-            let mut segments = self.segments(replica)?;
+        }
+        if !resolutions.is_empty() {
+            let mut segments = segments;
             let next = replica.storage().len() + 1;
             segments.start(next, keys.into.as_str());
             self.save_segments(replica, &segments).await?;
@@ -1009,7 +1029,7 @@ impl GitSyncClient {
             resume_at(resumes);
             let mut recorded = Ok(());
             for event in &resolutions {
-                if let Err(e) = replica.record_local(event.clone()).await {
+                if let Err(e) = replica.record_local((*event).clone()).await {
                     recorded = Err(e);
                     break;
                 }
@@ -1024,7 +1044,9 @@ impl GitSyncClient {
             recorded?;
             saved?;
         }
-        result.resolutions.extend(resolutions);
+        result
+            .resolutions
+            .extend(settled.into_iter().map(|(event, _)| event));
         // Settled (the resolutions are recorded and owed): the next merge is a new one.
         replica.storage().set_meta(&keys.merge_id, "").await?;
         Ok(())

@@ -178,6 +178,9 @@ async fn a_merge_cut_after_its_resolutions_leaves_new_events_on_the_checked_out_
 
     let node = open(&path, &server.repo_url("r"), None).await;
     emitted_on_feature_lands_on_feature(&server, &node).await;
+    // The owed resolution goes to `main` with the next merge.
+    node.client().merge("main", "feature").await.expect("merge");
+    assert_eq!(versions_of(&server, "main", "x"), vec![1, 2]);
 }
 
 #[tokio::test]
@@ -190,4 +193,35 @@ async fn a_merge_failing_after_its_resolutions_leaves_new_events_on_the_checked_
     interrupted_merge(&node, &hook, 4).await;
     hook.disarm();
     emitted_on_feature_lands_on_feature(&server, &node).await;
+    node.client().merge("main", "feature").await.expect("merge");
+    assert_eq!(versions_of(&server, "main", "x"), vec![1, 2]);
+}
+
+#[tokio::test]
+async fn a_merge_retried_after_its_resolutions_were_recorded_settles_once() {
+    let server = start(&["r"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("local.log");
+    let hook = Arc::new(FailAfter::default());
+    let node = diverged(&server, &path, &hook).await;
+    // Everything but clearing the merge id.
+    interrupted_merge(&node, &hook, 5).await;
+    drop(node);
+
+    let node = open(&path, &server.repo_url("r"), None).await;
+    let merged = node.client().merge("main", "feature").await.expect("merge");
+    assert_eq!(merged.conflicts.len(), 1, "the answer replayed");
+    assert_eq!(
+        versions_of(&server, "main", "x"),
+        vec![1, 2],
+        "settled once"
+    );
+    assert_eq!(
+        node.replica()
+            .storage()
+            .latest("x")
+            .expect("latest")
+            .map(|s| s.event.version),
+        Some(2)
+    );
 }
