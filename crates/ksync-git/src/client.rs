@@ -311,6 +311,7 @@ impl GitSyncClientBuilder {
                 head: RwLock::new(None),
                 attached_at: std::sync::atomic::AtomicU64::new(0),
                 op: tokio::sync::Mutex::new(()),
+                recording: tokio::sync::Mutex::new(None),
                 auto_pull: Mutex::new(AutoPull {
                     task: None,
                     armed: !self.pull_interval.is_zero(),
@@ -406,7 +407,13 @@ struct Inner {
     // the range to another branch. 0 = unknown (the next event).
     attached_at: std::sync::atomic::AtomicU64,
     // One pull / push / merge / checkout at a time: they read and move the same cursors.
+    // Taken through `lock_op`.
     op: tokio::sync::Mutex<()>,
+    // An acknowledged push batch's cursor writes, on their own task while the push goes on.
+    // Kept here, not by the push: a push cancelled meanwhile (a timeout, a dropped future)
+    // leaves them running, and the next holder of the op lock awaits them before it reads or
+    // moves a cursor, so they cannot land after its writes (and undo them).
+    recording: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), SyncError>>>>,
     auto_pull: Mutex<AutoPull>,
     progress: RwLock<Option<ProgressFn>>,
 }
@@ -735,7 +742,7 @@ impl GitSyncClient {
     /// pushed stay with the branch they were written on. Does not check `name` out.
     pub async fn create_branch(&self, name: &str) -> Result<BranchInfo, SyncError> {
         let new = branch_name(name)?;
-        let _op = self.inner.op.lock().await;
+        let _op = self.lock_op().await;
         let replica = self.replica();
         let head = self.current_branch();
         let pulled_version = replica.cursor(&self.cursor_key(&head, "pulled"))?;
@@ -768,7 +775,7 @@ impl GitSyncClient {
     /// it, and events written from now on belong to it.
     pub async fn checkout(&self, branch: &str) -> Result<BranchInfo, SyncError> {
         let info = self.branch_info(branch).await?;
-        let _op = self.inner.op.lock().await;
+        let _op = self.lock_op().await;
         self.set_head(branch).await?;
         Ok(info)
     }
@@ -796,7 +803,7 @@ impl GitSyncClient {
     async fn merge_branches(&self, into: &str, from: &str) -> Result<MergeResult, SyncError> {
         let into_name = branch_name(into)?;
         branch_name(from)?;
-        let _op = self.inner.op.lock().await;
+        let _op = self.lock_op().await;
         let replica = self.replica();
         let url = format!("{}/merge", self.url());
         let keys = MergeKeys {
@@ -1092,7 +1099,7 @@ impl GitSyncClient {
         if let Some(branch) = branch {
             branch_name(branch)?;
         }
-        let _op = self.inner.op.lock().await;
+        let _op = self.lock_op().await;
         // Checked before anything changes: a clone that fails (a mistyped URL, a missing
         // branch) leaves the client on its repository and branch.
         let info: RepoInfo = self
@@ -1524,27 +1531,50 @@ impl GitSyncClient {
         })
     }
 
+    /// Takes the op lock, once the cursor writes of a push cancelled meanwhile are done (see
+    /// `Inner::recording`).
+    async fn lock_op(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        let op = self.inner.op.lock().await;
+        if let Err(e) = self.finish_recording().await {
+            // The cursor stayed: the next push sends that batch again (duplicates).
+            tracing::debug!(error = %e, "git: a cancelled push's cursor write failed");
+        }
+        op
+    }
+
+    /// Awaits the push cursor writes in progress, if any. Cancelled, it leaves them in place
+    /// for the next holder of the op lock. Caller holds the op lock.
+    async fn finish_recording(&self) -> Result<(), SyncError> {
+        let mut slot = self.inner.recording.lock().await;
+        let Some(task) = slot.as_mut() else {
+            return Ok(());
+        };
+        let done = task.await;
+        *slot = None;
+        done.unwrap_or_else(|e| Err(SyncError::transport(e)))
+    }
+
+    /// Starts cursor writes on their own task (see `Inner::recording`); the previous ones are
+    /// finished. Caller holds the op lock.
+    async fn start_recording(
+        &self,
+        write: impl Future<Output = Result<(), SyncError>> + Send + 'static,
+    ) {
+        *self.inner.recording.lock().await = Some(tokio::spawn(write));
+    }
+
     async fn push_branch(&self, replica: &Replica, branch: &str) -> Result<PushResult, SyncError> {
         // The last acknowledged batch's cursor writes, running while the next batch is read,
         // encoded and sent. Awaited before the next ones start (cursors only move forward)
         // and before returning, also on errors (a late write must not undo a later push's).
-        let mut recording = None;
-        let pushed = self.push_batches(replica, branch, &mut recording).await;
-        let recorded = match recording {
-            Some(task) => joined(task).await,
-            None => Ok(()),
-        };
+        let pushed = self.push_batches(replica, branch).await;
+        let recorded = self.finish_recording().await;
         let result = pushed?;
         recorded?;
         Ok(result)
     }
 
-    async fn push_batches(
-        &self,
-        replica: &Replica,
-        branch: &str,
-        recording: &mut Option<tokio::task::JoinHandle<Result<(), SyncError>>>,
-    ) -> Result<PushResult, SyncError> {
+    async fn push_batches(&self, replica: &Replica, branch: &str) -> Result<PushResult, SyncError> {
         let key = self.cursor_key(branch, "pushed");
         let pulled_key = self.cursor_key(branch, "pulled");
         let segments = self.segments(replica)?;
@@ -1629,22 +1659,24 @@ impl GitSyncClient {
                 });
             }
             if let Some(acknowledged) = acknowledged {
-                if let Some(previous) = recording.take() {
-                    joined(previous).await?;
-                }
-                *recording = Some(tokio::spawn(record(
+                self.finish_recording().await?;
+                self.start_recording(record(
                     replica.clone(),
                     key.clone(),
                     pulled_key.clone(),
                     acknowledged,
-                )));
+                ))
+                .await;
             }
             if in_flight.is_none() {
-                if let Some(previous) = recording.take() {
-                    joined(previous).await?;
-                }
+                self.finish_recording().await?;
                 if scanned > replica.cursor(&key)? {
-                    replica.set_cursor(&key, scanned).await?;
+                    // On its task too: a push cancelled here must not leave a write that
+                    // lands after someone else's.
+                    let (replica, key) = (replica.clone(), key.clone());
+                    self.start_recording(async move { replica.set_cursor(&key, scanned).await })
+                        .await;
+                    self.finish_recording().await?;
                 }
                 break;
             }
@@ -2262,7 +2294,7 @@ impl SyncClient for GitSyncClient {
         Box::pin(async move {
             let checked = async {
                 self.creating_repo(|| self.repo_info()).await?;
-                let _op = self.inner.op.lock().await;
+                let _op = self.lock_op().await;
                 let replica = self.replica();
                 self.ensure_head(&replica).await
             };
@@ -2306,8 +2338,9 @@ impl SyncClient for GitSyncClient {
             };
             // It was already stored, perhaps behind its branch's push cursor: move the cursor
             // back so the next push looks again (what goes twice, the server drops as
-            // duplicates). Under the op lock, so a push in progress cannot undo it.
-            let _op = self.inner.op.lock().await;
+            // duplicates). Under the op lock, so a push in progress cannot undo it (nor the
+            // cursor writes of a cancelled one: `lock_op` awaits them first).
+            let _op = self.lock_op().await;
             let segments = self.segments(&replica)?;
             if let Some(branch) = segments.branch_of(seq) {
                 let key = self.cursor_key(branch, "pushed");
@@ -2343,7 +2376,7 @@ impl PullPushClient for GitSyncClient {
     fn pull(&self) -> BoxFuture<'_, Result<PullResult, SyncError>> {
         Box::pin(self.run(async move {
             self.start_auto_pull_once();
-            let _op = self.inner.op.lock().await;
+            let _op = self.lock_op().await;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;
             let pulled = self
@@ -2359,7 +2392,7 @@ impl PullPushClient for GitSyncClient {
     fn push(&self) -> BoxFuture<'_, Result<PushResult, SyncError>> {
         Box::pin(self.run(async move {
             self.start_auto_pull_once();
-            let _op = self.inner.op.lock().await;
+            let _op = self.lock_op().await;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;
             let pushed = self

@@ -3,12 +3,17 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
 
-use ksync_core::{Event, KSync, PullPushClient, Storage, SyncClient};
+use ksync_core::{
+    BoxFuture, Event, InMemoryStorage, KSync, MergeOutcome, PullPushClient, Storage, StorageError,
+    Stored, SyncClient,
+};
 use ksync_git::GitSyncClient;
 use ksync_storage_file::{FaultHook, FileStorage, WriteFault};
 use serde_json::json;
@@ -223,5 +228,82 @@ async fn a_merge_retried_after_its_resolutions_were_recorded_settles_once() {
             .expect("latest")
             .map(|s| s.event.version),
         Some(2)
+    );
+}
+
+/// Writes of the push cursor take 500 ms.
+struct SlowPushCursor {
+    log: Arc<dyn Storage>,
+}
+
+impl Storage for SlowPushCursor {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        self.log.append(events)
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+        self.log.get(id, version)
+    }
+    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+        self.log.latest(id)
+    }
+    fn len(&self) -> u64 {
+        self.log.len()
+    }
+    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+        self.log.state()
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+        self.log.meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        Box::pin(async move {
+            if key.contains("pushed") {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            self.log.set_meta(&key, &value).await
+        })
+    }
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.remove_meta(key)
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_push_does_not_move_the_cursor_past_an_event_sent_after_it() {
+    let server = start(&["r"]).await;
+    let storage: Arc<dyn Storage> = Arc::new(SlowPushCursor {
+        log: Arc::new(InMemoryStorage::new()),
+    });
+    let k = KSync::builder()
+        .storage(storage)
+        .sync_client(Arc::new(client(&server.repo_url("r"))))
+        .build()
+        .await
+        .expect("ksync");
+    // Another replica's event, merely arrived (not ours to send, yet).
+    let foreign = Event::new("foreign", "t", json!(0), 1).with_origin("other");
+    k.replica()
+        .ingest(vec![foreign.clone()])
+        .await
+        .expect("ingest");
+    assert_eq!(k.replica().storage().len(), 1);
+    for n in 0..3 {
+        k.emit("t", json!({"n": n})).await.expect("emit");
+    }
+    // Cancelled while its cursor write runs (the batch was acknowledged).
+    let cancelled = tokio::time::timeout(Duration::from_millis(200), k.push()).await;
+    assert!(cancelled.is_err(), "cancelled: {cancelled:?}");
+    assert_eq!(branch_events(&server, "r", "main").len(), 3);
+    // Now handed over to be sent on: behind the push cursor, which must go back for it.
+    k.client().send(foreign.clone()).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    k.push().await.expect("push");
+    assert!(
+        has(&server, "main", "foreign"),
+        "the forwarded event was pushed"
     );
 }
