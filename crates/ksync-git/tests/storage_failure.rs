@@ -4,30 +4,15 @@
 
 mod common;
 
-use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ksync_core::StorageProvider;
 use ksync_git::server::GitServerConfig;
-use ksync_storage_file::{FaultHook, FileProvider, FileStorageOptions};
+use ksync_storage_file::{FailNextSync, FileProvider, FileStorageOptions};
 use serde_json::{Value, json};
 
 use common::{branch_events, call, http, start_with};
-
-/// Fails the next sync once armed (EIO), as a disk does on a transient error.
-#[derive(Default)]
-struct FailOneSync(AtomicBool);
-
-impl FaultHook for FailOneSync {
-    fn before_sync(&self) -> io::Result<()> {
-        if self.0.swap(false, Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(5));
-        }
-        Ok(())
-    }
-}
 
 fn event(id: &str) -> Value {
     json!({"id": id, "type": "t", "data": {"id": id}, "timestamp": 1, "version": 1})
@@ -36,7 +21,7 @@ fn event(id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_log_a_failed_sync_closed_is_reopened_by_the_next_push() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let faults = Arc::new(FailOneSync::default());
+    let faults = Arc::new(FailNextSync::default());
     let mut options = FileStorageOptions::default();
     options.fault_hook = Some(faults.clone());
     let provider: Arc<dyn StorageProvider> =
@@ -53,7 +38,7 @@ async fn a_branch_log_a_failed_sync_closed_is_reopened_by_the_next_push() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["appended"], 1);
 
-    faults.0.store(true, Ordering::SeqCst);
+    faults.arm();
     let (status, body) = call(push(1, "b")).await;
     assert_eq!(status, 500, "the push that met the failure: {body}");
 

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// An injected write failure: `written` bytes of the buffer reach the file (a torn write),
 /// then the write fails with `error`.
@@ -40,5 +41,26 @@ pub trait FaultHook: Send + Sync + 'static {
 impl fmt::Debug for dyn FaultHook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("FaultHook")
+    }
+}
+
+/// A [`FaultHook`] that fails the next `fdatasync` with EIO once [`arm`](Self::arm)ed, as a
+/// disk does on a transient error; every other write and sync goes through.
+#[derive(Debug, Default)]
+pub struct FailNextSync(AtomicBool);
+
+impl FailNextSync {
+    /// Makes the next sync fail (once).
+    pub fn arm(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl FaultHook for FailNextSync {
+    fn before_sync(&self) -> io::Result<()> {
+        if self.0.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
+        Ok(())
     }
 }

@@ -20,7 +20,7 @@ mod replay;
 mod storage;
 mod value;
 
-pub use fault::{FaultHook, WriteFault};
+pub use fault::{FailNextSync, FaultHook, WriteFault};
 pub use provider::FileProvider;
 pub use replay::{Compaction, RecoveryReport, TailCut};
 pub use storage::{

@@ -4,30 +4,15 @@
 
 mod common;
 
-use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
 use ksync_core::{AllowAll, InMemoryStorage, KSync, LogName, Name, StorageProvider};
-use ksync_storage_file::{FaultHook, FileProvider, FileStorageOptions};
+use ksync_storage_file::{FailNextSync, FileProvider, FileStorageOptions};
 use ksync_ws::WebSocketSyncClient;
 use ksync_ws::server::RelayConfig;
 use serde_json::{Value, json};
-
-/// Fails the next sync once armed (EIO), as a disk does on a transient error.
-#[derive(Default)]
-struct FailOneSync(AtomicBool);
-
-impl FaultHook for FailOneSync {
-    fn before_sync(&self) -> io::Result<()> {
-        if self.0.swap(false, Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(5));
-        }
-        Ok(())
-    }
-}
 
 /// Publishes `events` with `reference` and returns the ack's results.
 async fn publish(ws: &mut Raw, reference: u64, events: Vec<Value>) -> Vec<Value> {
@@ -47,7 +32,7 @@ async fn publish(ws: &mut Raw, reference: u64, events: Vec<Value>) -> Vec<Value>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_reopens_its_log_after_a_failed_sync_while_a_watcher_stays() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let faults = Arc::new(FailOneSync::default());
+    let faults = Arc::new(FailNextSync::default());
     let mut options = FileStorageOptions::default();
     options.fault_hook = Some(faults.clone());
     let provider = Arc::new(FileProvider::with_options(dir.path(), options).expect("provider"));
@@ -87,7 +72,7 @@ async fn a_room_reopens_its_log_after_a_failed_sync_while_a_watcher_stays() {
     assert_eq!(results, [json!({"status": "stored", "seq": 1})]);
     eventually("the watcher has a", || seen(&watcher) == ["a"]).await;
 
-    faults.0.store(true, Ordering::SeqCst);
+    faults.arm();
     let results = publish(&mut ws, 2, vec![event("b", 2)]).await;
     assert_eq!(results.len(), 1);
     assert_eq!(results[0]["status"], "failed", "{results:?}");
