@@ -202,7 +202,8 @@ type HandlerList = Vec<(HandlerId, Arc<dyn Fn(&Notification) + Send + Sync>)>;
 struct HubInner {
     handlers: Mutex<HashMap<NotificationKind, HandlerList>>,
     next_id: AtomicU64,
-    /// The streams' queues (a stream that is dropped leaves a dead entry, pruned on emit).
+    /// The streams' queues (a stream that is dropped leaves a dead entry, pruned on emit and
+    /// when a stream is made: at most one more than the live ones between two of those).
     streams: Mutex<Vec<Weak<StreamQueue>>>,
     /// Streams alive now (lets `emit` and `wants` skip them without a lock).
     live_streams: AtomicUsize,
@@ -347,7 +348,14 @@ impl Notifier {
     /// A stream of every notification from now on.
     pub fn stream(&self) -> NotificationStream {
         let queue = Arc::new(StreamQueue::default());
-        self.lock_streams().push(Arc::downgrade(&queue));
+        {
+            let mut streams = self.lock_streams();
+            // Dropped streams are pruned here too, not only on `emit`: an application that
+            // takes a stream per view and drops it, with nothing emitted meanwhile (emit skips
+            // the list when no stream lives), grew the list by one dead entry each time.
+            streams.retain(|queue| queue.strong_count() > 0);
+            streams.push(Arc::downgrade(&queue));
+        }
         self.inner.live_streams.fetch_add(1, Ordering::AcqRel);
         NotificationStream {
             queue,
@@ -531,6 +539,24 @@ impl NotificationStream {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn streams_taken_and_dropped_leave_no_entries_behind() {
+        let hub = Notifier::new();
+        let kept = hub.stream();
+        for _ in 0..1000 {
+            drop(hub.stream());
+        }
+        // Emitting nothing meanwhile (each used to leave a dead entry until an emit).
+        assert_eq!(
+            hub.lock_streams().len(),
+            2,
+            "the kept stream and the last dropped one"
+        );
+        drop(kept);
+        drop(hub.stream());
+        assert!(hub.lock_streams().len() <= 1);
+    }
 
     #[test]
     fn on_off_and_unknown_names() {
