@@ -477,7 +477,12 @@ impl Feed {
             };
             let len = storage.len();
             let from = len.saturating_sub(recent);
-            let Ok(events) = storage.read_since(from, usize::try_from(recent).unwrap_or(0)) else {
+            let read = storage.read_since(from, usize::try_from(recent).unwrap_or(0));
+            // Not held across the send (up to the write timeout on a slow monitor): a room
+            // closing meanwhile releases its log only if nobody else holds it, once; a log
+            // held here then stayed open for good.
+            drop(storage);
+            let Ok(events) = read else {
                 continue;
             };
             if events.is_empty() {
@@ -613,7 +618,10 @@ impl Feed {
                     continue;
                 };
                 let wanted = usize::try_from(seq - seen).unwrap_or(usize::MAX);
-                let Ok(events) = storage.read_since(seen, wanted.min(self.budget)) else {
+                let read = storage.read_since(seen, wanted.min(self.budget));
+                // Not held across the send (see `send_recent`).
+                drop(storage);
+                let Ok(events) = read else {
                     continue;
                 };
                 self.skipped += (wanted - events.len()) as u64;
