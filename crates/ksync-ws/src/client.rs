@@ -926,6 +926,11 @@ async fn session(
     let _ = inner.retry_now.notified().now_or_never();
     let up_since = Instant::now();
     let result = session.run(stop).await;
+    // The room cursor write still owed (its events are stored), however the session ended.
+    // Best effort: lost, the next session only gets those events again.
+    if let Err(error) = session.write_room_cursor().await {
+        debug_log!(config.debug, target: LOG_TARGET, %error, "storing the room cursor at the end of the session");
+    }
     let stayed_up = up_since.elapsed() >= config.reconnect_max;
     match result {
         Ok(stopped) => {
@@ -1015,6 +1020,11 @@ struct Session {
     socket: Option<Socket>,
     /// Last room sequence number received (events or our own acks).
     room_cursor: u64,
+    /// The room cursor as stored in the replica (read at the start, then each value written):
+    /// `room_cursor` ahead of it is a write still owed (`write_room_cursor`).
+    room_stored: u64,
+    /// When this session last wrote the room cursor (`None`: not yet).
+    room_written_at: Option<Instant>,
     /// Last local sequence number handed to the socket.
     sent_upto: u64,
     /// Last local sequence number acknowledged (contiguously).
@@ -1071,6 +1081,8 @@ impl Session {
             cursors,
             socket: None,
             room_cursor,
+            room_stored: room_cursor,
+            room_written_at: None,
             sent_upto: acked_upto,
             acked_upto,
             known_log,
@@ -1242,6 +1254,7 @@ impl Session {
         self.update_status();
         let mut auth_changes = self.auth_changes.clone();
         loop {
+            let cursor_due = self.room_cursor_due();
             tokio::select! {
                 _ = stop.changed() => return Ok(true),
                 // Publishes were refused on this connection and the credentials changed: a
@@ -1283,6 +1296,7 @@ impl Session {
                     self.pump(socket, true).await?;
                     self.update_status();
                 }
+                () = deadline(cursor_due) => self.write_room_cursor().await?,
             }
         }
     }
@@ -1540,10 +1554,7 @@ impl Session {
         }
         if self.acked_upto != before {
             match &self.replica {
-                Some(r) => r
-                    .set_cursor(&self.cursors.acked, self.acked_upto)
-                    .await
-                    .map_err(|e| WsError::Protocol(format!("storing the ack cursor: {e}")))?,
+                Some(r) => store_acked(r, &self.cursors.acked, self.acked_upto).await?,
                 None => lock(&self.inner.outbox).acked(self.acked_upto),
             }
         }
@@ -1561,16 +1572,16 @@ impl Session {
             server_version: self.server_version,
         };
         self.room_cursor = 0;
-        self.save_room_cursor().await?;
+        // At once, not held back: the new log's id is stored next, and the old log's cursor
+        // kept with it would skip the new log's first events.
+        self.write_room_cursor().await?;
         self.acked_upto = 0;
         let inner = Arc::clone(&self.inner);
         // Not between a `send`'s reading and lowering of the cursor, which would leave it
         // above 0.
         let _writes = inner.acked_writes.lock().await;
         if let Some(r) = &self.replica {
-            r.set_cursor(&self.cursors.acked, 0)
-                .await
-                .map_err(|e| WsError::Protocol(format!("storing the ack cursor: {e}")))?;
+            store_acked(r, &self.cursors.acked, 0).await?;
         }
         Ok(reset)
     }
@@ -1608,17 +1619,51 @@ impl Session {
         Ok(reset)
     }
 
+    /// Records `room_cursor`, which only ever covers events already taken in. In a replica
+    /// each write is a durable metadata record (a file log appends and syncs one, and drops
+    /// superseded ones only when reopened), so it is written at most once per
+    /// `CURSOR_WRITE_INTERVAL`; a newer value waits for the select loop's timer or the end of
+    /// the session. A stored cursor that lags only means the next session gets some events
+    /// again, which `Replica::ingest` drops as duplicates without notifying them.
     async fn save_room_cursor(&mut self) -> Result<(), WsError> {
-        match &self.replica {
-            Some(r) => r
-                .set_cursor(&self.cursors.room, self.room_cursor)
-                .await
-                .map_err(|e| WsError::Protocol(format!("storing the room cursor: {e}"))),
-            None => {
-                *lock(&self.inner.standalone_cursor) = Some(self.room_cursor);
-                Ok(())
-            }
+        if self.replica.is_none() {
+            *lock(&self.inner.standalone_cursor) = Some(self.room_cursor);
+            return Ok(());
         }
+        if self
+            .room_written_at
+            .is_some_and(|at| at.elapsed() < CURSOR_WRITE_INTERVAL)
+        {
+            return Ok(());
+        }
+        self.write_room_cursor().await
+    }
+
+    /// When the owed room cursor write is due (`None`: nothing owed).
+    fn room_cursor_due(&self) -> Option<Instant> {
+        if self.replica.is_none() || self.room_cursor == self.room_stored {
+            return None;
+        }
+        Some(
+            self.room_written_at
+                .map_or_else(Instant::now, |at| at + CURSOR_WRITE_INTERVAL),
+        )
+    }
+
+    /// Writes the room cursor now, unless the replica already holds that value.
+    async fn write_room_cursor(&mut self) -> Result<(), WsError> {
+        let Some(r) = &self.replica else {
+            return Ok(());
+        };
+        if self.room_cursor == self.room_stored {
+            return Ok(());
+        }
+        r.set_cursor(&self.cursors.room, self.room_cursor)
+            .await
+            .map_err(|e| WsError::Protocol(format!("storing the room cursor: {e}")))?;
+        self.room_stored = self.room_cursor;
+        self.room_written_at = Some(Instant::now());
+        Ok(())
     }
 
     async fn on_message(&mut self, socket: &mut Socket, message: Message) -> Result<(), WsError> {
@@ -1932,6 +1977,25 @@ impl Session {
         Ok(())
     }
 }
+
+/// Writes the acknowledged cursor `name` (the caller holds `acked_writes`), unless it already
+/// holds `value` (a `send` may have moved it there): each write is a durable record.
+async fn store_acked(replica: &Replica, name: &str, value: u64) -> Result<(), WsError> {
+    let stored = replica
+        .cursor(name)
+        .map_err(|e| WsError::Protocol(format!("reading the ack cursor: {e}")))?;
+    if stored != value {
+        replica
+            .set_cursor(name, value)
+            .await
+            .map_err(|e| WsError::Protocol(format!("storing the ack cursor: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Least time between two writes of the room cursor to the replica (see
+/// `Session::save_room_cursor`): one per received frame grew a file log without bound.
+const CURSOR_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Events per publish for `Strategy::StateBased`.
 const STATE_CHUNK: usize = 500;
