@@ -207,7 +207,15 @@ test("a URL with '.' or '..' path segments, or a room name the server refuses, i
     await plain.connect();
     const room = plain.room;
     await plain.disconnect();
-    return { outcomes, refused, room };
+    // A relative URL's leading `./` or `../` resolves against the page, as meant.
+    const relative = [];
+    for (const url of ['./ws/relative-room', '../ws/relative-room']) {
+      const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 10, max: 20 } });
+      await client.connect();
+      relative.push(client.room);
+      await client.disconnect();
+    }
+    return { outcomes, refused, room, relative };
   }, server.ws);
   assert.deepEqual(seen.outcomes, {
     '/ws/%2e%2e': 'KSyncError bad_room',
@@ -217,6 +225,7 @@ test("a URL with '.' or '..' path segments, or a room name the server refuses, i
   });
   assert.deepEqual(seen.refused, []);
   assert.equal(seen.room, 'default');
+  assert.deepEqual(seen.relative, ['relative-room', 'relative-room']);
   await page.close();
 });
 

@@ -199,7 +199,8 @@ impl P2PSyncClientBuilder {
         // as one could never be reached by name.
         if opts.peer_id.parse::<PeerId>().is_ok() {
             return Err(P2PError::Config(format!(
-                "peer_id {:?} reads as a libp2p peer id, which connect_to_peer would take it                  for; choose another name",
+                "peer_id {:?} reads as a libp2p peer id, which connect_to_peer would take it \
+                 for; choose another name",
                 opts.peer_id
             )));
         }

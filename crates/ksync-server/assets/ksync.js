@@ -231,7 +231,12 @@ function toWebSocketUrl(url) {
   // The URL as `URL` reads it: without tabs and newlines (anywhere) or spaces and controls
   // at its ends, `\` taken for `/`, the path ending at `?` or `#`.
   const written = String(url).replace(/[\t\n\r]/g, '').replace(/^[\0- ]+|[\0- ]+$/g, '').split(/[?#]/)[0];
-  if (written.split(/[/\\]/).some((segment) => /^(\.|%2e){1,2}$/i.test(segment))) {
+  const dots = (segment) => /^(\.|%2e){1,2}$/i.test(segment);
+  const writtenSegments = written.split(/[/\\]/);
+  // A relative URL's leading `./` or `../` (`'./ws/chat'`) is how it is meant to resolve:
+  // only dot segments after the first other one are refused.
+  const first = writtenSegments.findIndex((segment) => segment !== '' && !dots(segment));
+  if (first >= 0 && writtenSegments.slice(first).some(dots)) {
     throw new KSyncError('bad_room', `${url} has a '.' or '..' path segment: it would open another path than the one given`);
   }
   const parsed = new URL(url, typeof location === 'undefined' ? undefined : location.href);
@@ -555,7 +560,8 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   /**
-   * Closes the connection (1000) and stops reconnecting; resolves once the socket is closed.
+   * Closes the connection (1000) and stops reconnecting; resolves once the session's socket
+   * is closed (at once when there is none, e.g. one the heartbeat already gave up).
    * Unacknowledged events stay queued. The session ends at once (`disconnected` is notified
    * now): a `connect()` right after opens a new connection, instead of taking this one for
    * still up and then losing it to this close.

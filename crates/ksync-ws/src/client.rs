@@ -450,8 +450,9 @@ impl WebSocketSyncClient {
         *self.inner.state.borrow() == (generation, Link::Up)
     }
 
-    /// The name of the cursor this client keeps in its replica's metadata for the room: the
-    /// last room sequence number it holds, which its `hello` sends as `since`. Setting it
+    /// The name of the cursor this client keeps in its replica's metadata for the room: up to
+    /// the last room sequence number it holds (written at most once a second while connected,
+    /// and at the session's end), which its `hello` sends as `since`. Setting it
     /// (`Replica::set_cursor`) before the first connection starts the client after that
     /// sequence number, as `ksync watch --since` does.
     pub fn room_cursor_name(&self) -> String {
