@@ -10,6 +10,9 @@ use ksync_core::{BoxFuture, LogName, Name, Storage, StorageError, StorageProvide
 
 use crate::storage::{FileStorage, FileStorageOptions, io_err, sync_dir};
 
+/// The provider's map of open logs, locked.
+type OpenLogs<'a> = MutexGuard<'a, HashMap<LogName, Arc<FileStorage>>>;
+
 /// File name suffix of every log.
 const LOG_SUFFIX: &str = ".log";
 /// The file in the data directory that a provider keeps locked while it lives.
@@ -192,7 +195,7 @@ impl FileProvider {
         lens.insert(name.clone(), len);
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<LogName, Arc<FileStorage>>> {
+    fn lock(&self) -> OpenLogs<'_> {
         // The map is only inserted into / removed from; a panic cannot leave it inconsistent.
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -230,46 +233,56 @@ impl FileProvider {
 }
 
 impl FileProvider {
-    /// The open log of `name`, if any, unless a failure closed it
-    /// ([`FileStorage::is_closed`]): that one is forgotten once its file is released, so that
-    /// the caller opens the file again (replay finds the log as it was at its last good sync;
-    /// those who still hold the closed one get `Closed` and let it go). Without this, one
-    /// failed sync closed a room or branch until the server restarted.
-    fn live(
+    /// The map, locked, and the open log of `name` if there is one a failure did not close
+    /// ([`FileStorage::is_closed`]). A closed one is forgotten once its file is released, so
+    /// that the caller opens the file again (replay finds the log as it was at its last good
+    /// sync; those who still hold the closed one get `Closed` and let it go). Without this,
+    /// one failed sync closed a room or branch until the server restarted.
+    fn lock_live(
         &self,
-        open: &mut HashMap<LogName, Arc<FileStorage>>,
         name: &LogName,
-    ) -> Result<Option<Arc<FileStorage>>, StorageError> {
-        let Some(storage) = open.get(name) else {
-            return Ok(None);
-        };
-        if !storage.is_closed() {
-            return Ok(Some(Arc::clone(storage)));
+    ) -> Result<(OpenLogs<'_>, Option<Arc<FileStorage>>), StorageError> {
+        loop {
+            let open = self.lock();
+            let Some(storage) = open.get(name).map(Arc::clone) else {
+                return Ok((open, None));
+            };
+            if !storage.is_closed() {
+                return Ok((open, Some(storage)));
+            }
+            // Waited for outside the map's lock: the closed log's last syncs (long, on a
+            // failing disk) must not hold up every other log's open and release. It stays in
+            // the map meanwhile, so other opens of this name wait too: one file, one
+            // `FileStorage` at a time.
+            drop(open);
+            storage.wait_released()?;
+            let mut open = self.lock();
+            if open
+                .get(name)
+                .is_some_and(|held| Arc::ptr_eq(held, &storage))
+            {
+                open.remove(name);
+                tracing::warn!(log = %storage.path().display(), "reopening a log closed by a failure");
+                self.remember_len(name, storage.len());
+                return Ok((open, None));
+            }
+            // Another open of this name got there first: look again.
         }
-        // Under the map's lock, so no other open of this name runs meanwhile; the wait is the
-        // closed log's last syncs in flight. Until its file is released it stays in the map:
-        // one file, one `FileStorage` at a time.
-        storage.wait_released()?;
-        if let Some(closed) = open.remove(name) {
-            tracing::warn!(log = %closed.path().display(), "reopening a log closed by a failure");
-            self.remember_len(name, closed.len());
-        }
-        Ok(None)
     }
 }
 
 impl StorageProvider for FileProvider {
     fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
-        let mut open = self.lock();
-        if let Some(storage) = self.live(&mut open, name)? {
+        let (mut open, live) = self.lock_live(name)?;
+        if let Some(storage) = live {
             return Ok(storage as Arc<dyn Storage>);
         }
         Ok(self.open_file(&mut open, name)? as Arc<dyn Storage>)
     }
 
     fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
-        let mut open = self.lock();
-        if let Some(storage) = self.live(&mut open, name)? {
+        let (mut open, live) = self.lock_live(name)?;
+        if let Some(storage) = live {
             return Ok(Some(storage as Arc<dyn Storage>));
         }
         if !self.path_of(name).is_file() {
