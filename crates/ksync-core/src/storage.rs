@@ -148,6 +148,13 @@ pub trait Storage: Send + Sync + 'static {
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Whether a failure stopped this storage for good: every write now gets
+    /// [`StorageError::Closed`] until it is opened again (a file log after a failed sync).
+    /// Its holder lets it go so that its provider reopens it. The provided version: never.
+    fn is_closed(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Storage`] held in memory. Fast, not durable; the spec's `InMemoryStorage`.

@@ -712,6 +712,10 @@ impl Storage for FileStorage {
         Box::pin(async move { self.submit(|reply| Op::Meta(key, None, reply)).await })
     }
 
+    fn is_closed(&self) -> bool {
+        FileStorage::is_closed(self)
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move { self.submit(Op::Flush).await })
     }

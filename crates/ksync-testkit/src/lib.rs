@@ -181,8 +181,9 @@ impl ErrorRecorder {
 }
 
 /// Inside `impl Storage for Wrapper`, the methods a test wrapper passes on unchanged to the
-/// storage in its field `$log` (`get`, `latest`, `len`, `state`, `meta`, `set_meta`): for
-/// wrappers that change only `append` or `read_since` (to gate, fail or measure them). Needs
+/// storage in its field `$log` (`get`, `latest`, `len`, `state`, `meta`, `set_meta`,
+/// `is_closed`): for wrappers that change only `append` or `read_since` (to gate, fail or
+/// measure them). Needs
 /// `BTreeMap`, `BoxFuture`, `Event`, `StorageError` and `Stored` in scope.
 #[macro_export]
 macro_rules! storage_pass_through {
@@ -204,6 +205,9 @@ macro_rules! storage_pass_through {
         }
         fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
             self.$log.set_meta(key, value)
+        }
+        fn is_closed(&self) -> bool {
+            self.$log.is_closed()
         }
     };
 }

@@ -843,11 +843,9 @@ impl Room {
                 }
                 self.scratch.text = text;
                 // The failure may have closed the log for good (a file log after a failed
-                // sync: its first error is the failure itself, `Closed` only comes after);
-                // a flush tells, at once and without writing anything.
+                // sync: its first error is the failure itself, `Closed` only comes after).
                 if !self.log_closed
-                    && (matches!(e, StorageError::Closed)
-                        || matches!(self.storage.flush().await, Err(StorageError::Closed)))
+                    && (matches!(e, StorageError::Closed) || self.storage.is_closed())
                 {
                     self.close_for_reopen();
                 }
