@@ -597,9 +597,10 @@ impl WebSocketSyncClient {
 impl SyncClient for WebSocketSyncClient {
     /// Connects and waits for the server's `welcome`. With `reconnect(true)` a failed first
     /// attempt is returned as an error and retried in the background (until `disconnect`),
-    /// except for a refused request (400, e.g. a bad room name), refused credentials
-    /// (401/403) or a close code that reconnecting cannot fix (1002, 1003, 1007, 4000, 4001,
-    /// and 4401 when the credentials expire; [`WsError::is_fatal`]), which stop the client
+    /// except for a refused request (400, e.g. a bad room name; 404, no such endpoint; any
+    /// 4xx but 408, 425 and 429), refused credentials (401/403) or a close code that
+    /// reconnecting cannot fix (1002, 1003, 1007, 4000, 4001, and 4401 when the credentials
+    /// expire; [`WsError::is_fatal`]), which stop the client
     /// with an `error` notification until the next `connect()`. Called while the client waits
     /// out a reconnect delay, it tries at once.
     fn connect(&self) -> BoxFuture<'_, Result<(), SyncError>> {

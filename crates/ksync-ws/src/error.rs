@@ -43,7 +43,8 @@ pub enum WsError {
     #[error("connecting timed out after {0:?}")]
     ConnectTimeout(Duration),
     /// The server answered the upgrade with an HTTP error (400: bad room name; 401/403:
-    /// credentials or rights; 503: full or shutting down). 400, 401 and 403 are not retried.
+    /// credentials or rights; 404: no such endpoint; 503: full or shutting down). A 4xx
+    /// other than 408, 425 and 429 is final and not retried ([`WsError::is_fatal`]); 5xx are.
     #[error("server refused the connection with HTTP {status}: {message}")]
     Refused {
         /// The HTTP status.
@@ -124,8 +125,9 @@ impl WsError {
         }
     }
 
-    /// Whether retrying cannot help: a bad URL or room name, refused credentials or rights
-    /// (HTTP 400, 401, 403), or a close code that `docs/PROTOCOL.md` answers with "fix the
+    /// Whether retrying cannot help: a bad URL or room name, an upgrade refused with a 4xx
+    /// status other than 408, 425 and 429 (400 bad room, 401/403 credentials or rights, 404
+    /// no such endpoint, 405...: the same request gets the same answer), or a close code that `docs/PROTOCOL.md` answers with "fix the
     /// client", "upgrade" or "fresh credentials" (1002, 1003, 1007, 4000, 4001, 4400, 4401,
     /// 4403; the last three are also the in-band refusals of clients that offer `ksync.v1`). The
     /// client stops reconnecting after such an error (with an `error` notification); a later
@@ -146,7 +148,7 @@ impl WsError {
                     ..
                 }
                 | WsError::Refused {
-                    status: 400 | 401 | 403,
+                    status: 400..=407 | 409..=424 | 426..=428 | 430..=499,
                     ..
                 }
                 | WsError::Closed {

@@ -1053,6 +1053,89 @@ async fn refused_connections_are_retried_with_reconnecting_attempts() {
     client.disconnect().await.expect("stop");
 }
 
+/// An HTTP server on 127.0.0.1:0 answering every request with `status`, and how many it got.
+async fn answering(status: u16) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&hits);
+    let status = axum::http::StatusCode::from_u16(status).expect("status");
+    let router = axum::Router::new().fallback(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(status)
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    (format!("ws://{addr}/ws/room"), hits)
+}
+
+/// A refused upgrade the same request would get again (a 4xx but 408, 425 and 429; here 404,
+/// from the relay itself and from a server without it, and 405, 410) stops the client: one
+/// request, `connect` returns `WsError::Refused`, an `error` notification and status `error`,
+/// no `reconnecting`. 404 was retried for ever. 429 and 5xx are retried.
+#[tokio::test]
+async fn upgrade_refusals_that_retrying_cannot_fix_stop_the_client() {
+    use std::sync::atomic::Ordering;
+    let relay = start(RelayConfig::default()).await;
+    // `/ws/a/b` is no endpoint of the relay: 404.
+    let mut urls = vec![(format!("ws://{}/ws/a/b", relay.addr), 404, None)];
+    for status in [404, 405, 410] {
+        let (url, hits) = answering(status).await;
+        urls.push((url, status, Some(hits)));
+    }
+    for (url, status, hits) in urls {
+        let client = WebSocketSyncClient::builder(url)
+            .reconnect_delay(Duration::from_millis(5), Duration::from_millis(10))
+            .build()
+            .expect("client");
+        let rec = Recorder::attach(&client);
+        let error = client.connect().await.expect_err("refused");
+        match WsError::find(&error) {
+            Some(found @ WsError::Refused { status: got, .. }) => {
+                assert_eq!(*got, status);
+                assert!(found.is_fatal(), "{status}");
+            }
+            other => panic!("{status}: expected a refusal, got {other:?} ({error})"),
+        }
+        // Enough time for dozens of attempts at this reconnect delay.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            rec.reconnect_attempts().is_empty(),
+            "{status} was retried: {:?}",
+            rec.reconnect_attempts()
+        );
+        if let Some(hits) = hits {
+            assert_eq!(hits.load(Ordering::SeqCst), 1, "{status}");
+        }
+        let refusals = rec.count(|n| match n {
+            Notification::Error(e) => {
+                matches!(WsError::find(e), Some(WsError::Refused { status: got, .. }) if *got == status)
+            }
+            _ => false,
+        });
+        assert_eq!(refusals, 1, "{status}: one error notification");
+        assert_eq!(rec.statuses().last(), Some(&Status::Error), "{status}");
+        assert!(!client.is_connected());
+    }
+    for status in [429, 500, 503] {
+        let (url, hits) = answering(status).await;
+        let client = WebSocketSyncClient::builder(url)
+            .reconnect_delay(Duration::from_millis(5), Duration::from_millis(10))
+            .build()
+            .expect("client");
+        let error = client.connect().await.expect_err("refused");
+        assert!(
+            WsError::find(&error).is_some_and(|e| !e.is_fatal()),
+            "{status}: {error}"
+        );
+        eventually("retries", || hits.load(Ordering::SeqCst) >= 3).await;
+        client.disconnect().await.expect("stop");
+    }
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn jwt_auth_is_sent_as_a_bearer_token() {
     let server = start_with(
