@@ -642,13 +642,12 @@ impl GitServer {
     }
 }
 
-/// Refuses requests announcing another protocol version; stamps ours on every answer.
+/// Refuses requests announcing another protocol version; stamps ours on every answer, the
+/// refusal too: it is the one a client of another version reads to learn which one we speak.
 async fn protocol_version(req: Request, next: axum::middleware::Next) -> Response {
     let ours = ksync_core::PROTOCOL_VERSION.to_string();
-    if let Some(theirs) = req.headers().get(PROTOCOL_HEADER)
-        && theirs.as_bytes() != ours.as_bytes()
-    {
-        return ApiError::new(
+    let mut response = match req.headers().get(PROTOCOL_HEADER) {
+        Some(theirs) if theirs.as_bytes() != ours.as_bytes() => ApiError::new(
             StatusCode::BAD_REQUEST,
             "unsupported_protocol",
             format!(
@@ -656,9 +655,9 @@ async fn protocol_version(req: Request, next: axum::middleware::Next) -> Respons
                 String::from_utf8_lossy(theirs.as_bytes())
             ),
         )
-        .into_response();
-    }
-    let mut response = next.run(req).await;
+        .into_response(),
+        _ => next.run(req).await,
+    };
     if let Ok(value) = HeaderValue::from_str(&ours) {
         response.headers_mut().insert(PROTOCOL_HEADER, value);
     }

@@ -1169,6 +1169,36 @@ async fn a_service_announcing_another_protocol_version_is_refused() {
     task.abort();
 }
 
+/// PROTOCOL.md: `X-KSync-Protocol` is "on every answer of the repository service", so also on
+/// its refusal of a request announcing another version (400 `unsupported_protocol`): that
+/// answer is the one a client of another version reads to learn which one the service speaks.
+#[tokio::test]
+async fn the_refusal_of_another_protocol_version_announces_ours() {
+    let server = start(&["r"]).await;
+    for theirs in ["2", "1.0", ""] {
+        let response = http()
+            .get(server.url("/git/r"))
+            .header("authorization", "Bearer writer")
+            .header("x-ksync-protocol", theirs)
+            .send()
+            .await
+            .expect("send");
+        let status = response.status().as_u16();
+        let ours = response.headers().get("x-ksync-protocol").cloned();
+        let body: Value = response.json().await.expect("a JSON error body");
+        assert_eq!(
+            (status, code(&body)),
+            (400, "unsupported_protocol"),
+            "{theirs:?}"
+        );
+        assert_eq!(
+            ours.as_ref().map(|v| v.as_bytes()),
+            Some(ksync_core::PROTOCOL_VERSION.to_string().as_bytes()),
+            "{theirs:?}: the refusal names the version the service speaks"
+        );
+    }
+}
+
 /// `merge(into, from)` settles each collision with the policy (`ours` = `into`'s revision):
 /// `ours` keeps `into`'s content and `merged` the handler's, each as a new revision on
 /// `into` that supersedes both sides; `from` is not written.
