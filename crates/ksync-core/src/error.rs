@@ -2,6 +2,7 @@
 
 use crate::event::InvalidEvent;
 use crate::middleware::MiddlewareError;
+use crate::replica::Ingested;
 use crate::storage::StorageError;
 
 /// Errors from sync operations, common to every transport.
@@ -53,11 +54,33 @@ pub enum SyncError {
     /// A transport-specific failure; the source has the detail.
     #[error("transport: {0}")]
     Transport(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// [`Replica::ingest`](crate::Replica::ingest) stored part of a batch, then failed
+    /// (settling a conflict: reading for it or writing its revision). `stored` is what the
+    /// storage now holds of the batch; a caller must report it, as a retry finds those
+    /// events duplicates and never reports them. The conflicts not in `stored` are found
+    /// again by a retry of the batch.
+    #[error("stored {} received events, then failed: {error}", .stored.appended.len())]
+    PartlyIngested {
+        /// What was stored before the failure (new events, duplicates, the conflicts
+        /// settled and the revisions written for them).
+        stored: Box<Ingested>,
+        /// The failure.
+        #[source]
+        error: Box<SyncError>,
+    },
 }
 
 impl SyncError {
     /// Wraps a transport's own error.
     pub fn transport(error: impl std::error::Error + Send + Sync + 'static) -> Self {
         SyncError::Transport(Box::new(error))
+    }
+
+    /// What a [`SyncError::PartlyIngested`] says is stored; `None` for any other error.
+    pub fn ingested(&self) -> Option<&Ingested> {
+        match self {
+            SyncError::PartlyIngested { stored, .. } => Some(stored),
+            _ => None,
+        }
     }
 }

@@ -290,67 +290,92 @@ impl Replica {
     /// never converging. The policy had its say; last-write-wins picks the same winner on
     /// both. (The mark is kept in the storage's metadata; lost in a crash right after the
     /// append, the policy applies once more and the other replica's mark still ends it.)
+    ///
+    /// A failure after the batch's events were appended (while settling a conflict) is
+    /// [`SyncError::PartlyIngested`], holding what was stored: those events are in the
+    /// storage, so a retry of the batch finds them duplicates and would never report them.
     pub async fn ingest(&self, events: Vec<Event>) -> Result<Ingested, SyncError> {
         let _guard = self.inner.ingest_lock.lock().await;
         let outcome = self.inner.storage.append(events).await?;
-        let mut resolutions = Vec::new();
-        for conflict in &outcome.conflicts {
-            let latest = self.inner.storage.latest(&conflict.ours.id)?;
-            // A conflict under a revision this replica already superseded (by an earlier
-            // resolution, or a newer version that arrived) is history: settling it again would
-            // write a new revision every time the same logs are exchanged, and never quiesce.
-            if latest
-                .as_ref()
-                .is_some_and(|l| l.event.version > conflict.ours.version)
-            {
-                continue;
-            }
-            let resolution = if self.settled_here(&conflict.ours)? {
-                Resolution::LastWriteWins
-            } else {
-                self.resolution_for(conflict)
-            };
-            let mut event = resolve(conflict, &resolution, self.id());
-            if let Err(why) = event.validate(&EventLimits::default()) {
-                // A merged event with an empty or over-long type would be stored and then
-                // refused by every server: keep one of the two sides instead.
-                tracing::error!(id = %event.id, %why, "the merged resolution is not a valid event; settled by last-write-wins");
-                event = resolve(conflict, &Resolution::LastWriteWins, self.id());
-            }
-            if let Some(latest) = latest {
-                event.version = event
-                    .version
-                    .max(latest.event.version.saturating_add(1))
-                    .min(MAX_EVENT_INTEGER);
-            }
-            // At MAX_EVENT_INTEGER no revision can supersede the conflict (`resolve` stays
-            // there): the append is the conflict again, nothing is written and the conflict
-            // stays reported.
-            let appended = self.inner.storage.append(vec![event]).await?.appended;
-            if let Some(settled) = appended.first() {
-                let marked = self
-                    .inner
-                    .storage
-                    .set_meta(
-                        &format!("{SETTLED_PREFIX}{}", settled.event.id),
-                        &settled.event.version.to_string(),
-                    )
-                    .await;
-                // The mark may be lost (see above), so a failure to write it is not worth
-                // failing the whole ingest over: the events appended above would then never
-                // be reported (a retry finds them stored: duplicates).
-                if let Err(e) = marked {
-                    tracing::warn!(id = %settled.event.id, error = %e, "writing the settled mark failed; the conflict is settled all the same");
-                }
-            }
-            resolutions.extend(appended);
-        }
-        Ok(Ingested {
+        let mut done = Ingested {
             appended: outcome.appended,
             duplicates: outcome.duplicates,
-            conflicts: outcome.conflicts,
-            resolutions,
-        })
+            conflicts: Vec::with_capacity(outcome.conflicts.len()),
+            resolutions: Vec::new(),
+        };
+        for conflict in outcome.conflicts {
+            match self.settle(&conflict).await {
+                Ok(written) => {
+                    done.resolutions.extend(written);
+                    done.conflicts.push(conflict);
+                }
+                // Nothing of the batch stored: a plain failure, the retry does it all.
+                Err(error) if done.appended.is_empty() && done.resolutions.is_empty() => {
+                    return Err(error);
+                }
+                Err(error) => {
+                    return Err(SyncError::PartlyIngested {
+                        stored: Box::new(done),
+                        error: Box::new(error),
+                    });
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Settles one conflict [`Replica::ingest`] found (see there): the revision written for
+    /// it, if any.
+    async fn settle(&self, conflict: &Conflict) -> Result<Option<Stored>, SyncError> {
+        let latest = self.inner.storage.latest(&conflict.ours.id)?;
+        // A conflict under a revision this replica already superseded (by an earlier
+        // resolution, or a newer version that arrived) is history: settling it again would
+        // write a new revision every time the same logs are exchanged, and never quiesce.
+        if latest
+            .as_ref()
+            .is_some_and(|l| l.event.version > conflict.ours.version)
+        {
+            return Ok(None);
+        }
+        let resolution = if self.settled_here(&conflict.ours)? {
+            Resolution::LastWriteWins
+        } else {
+            self.resolution_for(conflict)
+        };
+        let mut event = resolve(conflict, &resolution, self.id());
+        if let Err(why) = event.validate(&EventLimits::default()) {
+            // A merged event with an empty or over-long type would be stored and then
+            // refused by every server: keep one of the two sides instead.
+            tracing::error!(id = %event.id, %why, "the merged resolution is not a valid event; settled by last-write-wins");
+            event = resolve(conflict, &Resolution::LastWriteWins, self.id());
+        }
+        if let Some(latest) = latest {
+            event.version = event
+                .version
+                .max(latest.event.version.saturating_add(1))
+                .min(MAX_EVENT_INTEGER);
+        }
+        // At MAX_EVENT_INTEGER no revision can supersede the conflict (`resolve` stays
+        // there): the append is the conflict again, nothing is written and the conflict
+        // stays reported.
+        let settled = self.inner.storage.append(vec![event]).await?.appended.pop();
+        if let Some(settled) = &settled {
+            let marked = self
+                .inner
+                .storage
+                .set_meta(
+                    &format!("{SETTLED_PREFIX}{}", settled.event.id),
+                    &settled.event.version.to_string(),
+                )
+                .await;
+            // The mark may be lost (see `ingest`), so a failure to write it is not worth
+            // failing the whole ingest over: the events appended before would then never
+            // be reported (a retry finds them stored: duplicates).
+            if let Err(e) = marked {
+                tracing::warn!(id = %settled.event.id, error = %e, "writing the settled mark failed; the conflict is settled all the same");
+            }
+        }
+        Ok(settled)
     }
 
     /// Stores an event handed to a transport's `send`, so that it is pending here. Our own
@@ -520,6 +545,8 @@ mod tests {
         inner: InMemoryStorage,
         remote: std::sync::Mutex<Vec<Event>>,
         refused_meta: Option<&'static str>,
+        // An append holding this (id, version) fails.
+        refused_append: Option<(&'static str, u64)>,
     }
 
     impl Storage for IngestBeforeAppend {
@@ -528,6 +555,14 @@ mod tests {
             events: Vec<Event>,
         ) -> crate::BoxFuture<'_, Result<crate::MergeOutcome, crate::StorageError>> {
             Box::pin(async move {
+                if let Some((id, version)) = self.refused_append
+                    && events.iter().any(|e| e.id == id && e.version == version)
+                {
+                    return Err(crate::StorageError::Io {
+                        context: "appending".into(),
+                        source: std::io::Error::from_raw_os_error(5),
+                    });
+                }
                 let remote = self.remote.lock().expect("lock").pop();
                 if let Some(remote) = remote {
                     self.inner.append(vec![remote]).await?;
@@ -585,6 +620,7 @@ mod tests {
             inner: InMemoryStorage::new(),
             remote: std::sync::Mutex::new(Vec::new()),
             refused_meta: Some(SETTLED_PREFIX),
+            refused_append: None,
         });
         let replica = Replica::with_id(storage, "me");
         replica
@@ -618,6 +654,43 @@ mod tests {
         );
     }
 
+    /// A resolution that cannot be written fails the ingest after the batch's new events
+    /// were stored: the error holds them (a retry finds them duplicates, so this is the only
+    /// chance to report them), and the retry settles the conflict.
+    #[tokio::test]
+    async fn a_resolution_that_cannot_be_written_reports_what_was_stored() {
+        let storage = Arc::new(IngestBeforeAppend {
+            inner: InMemoryStorage::new(),
+            remote: std::sync::Mutex::new(Vec::new()),
+            refused_meta: None,
+            refused_append: Some(("x", 2)),
+        });
+        let replica = Replica::with_id(storage, "me");
+        replica
+            .record_local(Event::new("x", "t", json!("mine"), 1).with_origin("me"))
+            .await
+            .expect("local");
+        let theirs = Event::new("x", "t", json!("theirs"), 2).with_origin("them");
+        let new = Event::new("y", "t", json!("new"), 2).with_origin("them");
+        let err = replica
+            .ingest(vec![new.clone(), theirs.clone()])
+            .await
+            .expect_err("the resolution failed");
+        let stored = err.ingested().expect("partly ingested");
+        assert_eq!(stored.new_events(), vec![new.clone()]);
+        assert!(stored.conflicts.is_empty() && stored.resolutions.is_empty());
+        assert!(
+            matches!(&err, SyncError::PartlyIngested { error, .. } if matches!(**error, SyncError::Storage(_)))
+        );
+
+        // Nothing stored before the failure: a plain error.
+        let err = replica
+            .ingest(vec![new.clone(), theirs.clone()])
+            .await
+            .expect_err("the resolution failed again");
+        assert!(matches!(err, SyncError::Storage(_)), "{err}");
+    }
+
     #[tokio::test]
     async fn a_local_revision_goes_on_top_of_one_ingested_meanwhile() {
         let remote = |version: u64| Event {
@@ -629,6 +702,7 @@ mod tests {
             inner: InMemoryStorage::new(),
             remote: std::sync::Mutex::new(vec![remote(2), remote(1)]),
             refused_meta: None,
+            refused_append: None,
         });
         let replica = Replica::with_id(storage, "me");
         let mine = |version: u64| Event {
@@ -654,6 +728,7 @@ mod tests {
                     .collect(),
             ),
             refused_meta: None,
+            refused_append: None,
         });
         let replica = Replica::with_id(storage, "me");
         let err = replica

@@ -1388,7 +1388,35 @@ impl GitSyncClient {
                     false
                 }
             });
-            let ingested = replica.ingest(events).await?;
+            let ingested = match replica.ingest(events).await {
+                Ok(ingested) => ingested,
+                Err(e) => {
+                    // Part of the page may be stored (a conflict's resolution failed after
+                    // it): reported now, as pulling the page again finds those events
+                    // duplicates. The cursor stays before this page: its conflicts are not
+                    // all settled, and the pull again settles them.
+                    if let Some(stored) = e.ingested() {
+                        for conflict in &stored.conflicts {
+                            self.inner
+                                .notifier
+                                .emit(Notification::Conflict(conflict.clone()));
+                        }
+                        if wants_events {
+                            for stored in &stored.appended {
+                                self.inner
+                                    .notifier
+                                    .emit(Notification::Event(stored.event.clone()));
+                            }
+                        }
+                        if wants_sync && !stored.appended.is_empty() {
+                            self.inner
+                                .notifier
+                                .emit(Notification::Sync(stored.new_events()));
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             since = since.saturating_add(count);
             // After the events: a crash in between re-pulls the page, which deduplicates.
             if count > 0 {

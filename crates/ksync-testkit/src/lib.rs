@@ -1,12 +1,18 @@
 //! Test helpers shared by kSync's test suites (a dev-dependency only; never published):
 //! capturing what one log target says ([`LogCapture`]), recording the `sync` or `error`
-//! notifications of a client ([`SyncRecorder`], [`ErrorRecorder`]), and the storage methods a
-//! test wrapper passes on unchanged ([`storage_pass_through!`]).
+//! notifications of a client ([`SyncRecorder`], [`ErrorRecorder`]), the storage methods a
+//! test wrapper passes on unchanged ([`storage_pass_through!`]), and a storage that fails
+//! one chosen append ([`FailAppend`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ksync_core::{Notification, NotificationKind, Notifier, Subscription};
+use ksync_core::{
+    BoxFuture, Event, MergeOutcome, Notification, NotificationKind, Notifier, Storage,
+    StorageError, Stored, Subscription,
+};
 use tracing::Level;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -210,4 +216,61 @@ macro_rules! storage_pass_through {
             self.$log.is_closed()
         }
     };
+}
+
+/// Picks the appends [`FailAppend`] fails, by their events.
+pub type AppendPicker = dyn Fn(&[Event]) -> bool + Send + Sync;
+
+/// A storage that passes everything on to another, except that it fails (once, with an I/O
+/// error, storing nothing) the first append whose events `fails` picks: a fault hook for an
+/// operation whose later append fails after its earlier ones stored something (a conflict's
+/// resolution written after the batch that brought the conflict).
+pub struct FailAppend {
+    log: Arc<dyn Storage>,
+    fails: Box<AppendPicker>,
+    failed: AtomicBool,
+}
+
+impl FailAppend {
+    /// Wraps `log`; the first append of events `fails` picks fails.
+    pub fn new(
+        log: Arc<dyn Storage>,
+        fails: impl Fn(&[Event]) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            log,
+            fails: Box::new(fails),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the append failed yet.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+}
+
+impl Storage for FailAppend {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        Box::pin(async move {
+            if !self.failed() && (self.fails)(&events) && !self.failed.swap(true, Ordering::SeqCst)
+            {
+                return Err(StorageError::Io {
+                    context: "appending (test fault)".into(),
+                    source: std::io::Error::other("disk gone"),
+                });
+            }
+            self.log.append(events).await
+        })
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.remove_meta(key)
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.flush()
+    }
+    storage_pass_through!(log);
 }
