@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use ksync_core::{
-    Auth, BoxFuture, Conflict, Direction, Event, EventLimits, Filter, MeterTotals, MetricsMeter,
-    Middleware, Notification, NotificationKind, Notifier, PROTOCOL_VERSION, Pipeline, Replica,
-    Status, Stored, SyncClient, SyncError, debug_log,
+    Auth, BoxFuture, Conflict, Direction, Event, EventLimits, Filter, Ingested, MeterTotals,
+    MetricsMeter, Middleware, Notification, NotificationKind, Notifier, PROTOCOL_VERSION, Pipeline,
+    Replica, Status, Stored, SyncClient, SyncError, debug_log,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot, watch};
@@ -1868,11 +1868,8 @@ impl Session {
                         let ingested = replica
                             .ingest(kept)
                             .await
-                            .map_err(|e| WsError::Protocol(format!("storing: {e}")))?;
-                        ingested.notify(&self.inner.notifier);
-                        if !ingested.resolutions.is_empty() {
-                            self.inner.wake.notify_one();
-                        }
+                            .map_err(|e| self.ingest_failed(e, "storing"))?;
+                        self.ingested(&ingested);
                     }
                 }
                 // No replica to settle it: the room keeps its revision, and the application
@@ -1905,6 +1902,24 @@ impl Session {
         self.settle().await?;
         self.notify_synced(on_server);
         Ok(())
+    }
+
+    /// Reports what `Replica::ingest` stored (and sends the resolutions it wrote).
+    fn ingested(&self, ingested: &Ingested) {
+        ingested.notify(&self.inner.notifier);
+        if !ingested.resolutions.is_empty() {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// The session's error for a failed `Replica::ingest` (`doing`: what it was for). What
+    /// it stored before failing is reported first: the events the next session brings again
+    /// are duplicates then, never reported.
+    fn ingest_failed(&self, error: SyncError, doing: &str) -> WsError {
+        if let Some(stored) = error.ingested() {
+            self.ingested(stored);
+        }
+        WsError::Protocol(format!("{doing}: {error}"))
     }
 
     /// The `sync` of an ack: the events it says are now safely in the room (stored, or
@@ -1949,11 +1964,8 @@ impl Session {
                 let ingested = replica
                     .ingest(kept)
                     .await
-                    .map_err(|e| WsError::Protocol(format!("storing received events: {e}")))?;
-                ingested.notify(&self.inner.notifier);
-                if !ingested.resolutions.is_empty() {
-                    self.inner.wake.notify_one();
-                }
+                    .map_err(|e| self.ingest_failed(e, "storing received events"))?;
+                self.ingested(&ingested);
             }
             None => {
                 // Our own events come back only after a reconnect (stored, but the ack was
