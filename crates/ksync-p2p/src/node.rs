@@ -1269,39 +1269,49 @@ impl Node {
         }
         match self.replica.ingest(events).await {
             Ok(ingested) => {
-                let c = &self.shared.counters;
-                c.new_events
-                    .fetch_add(ingested.appended.len() as u64, Ordering::Relaxed);
-                c.duplicate_events
-                    .fetch_add(ingested.duplicates as u64, Ordering::Relaxed);
-                // Revisions written to settle conflicts are ours: publish them (they are
-                // stored, so catch-up carries them if this fails).
-                let resolutions: Vec<Vec<u8>> = ingested
-                    .resolutions
-                    .iter()
-                    .filter_map(|s| {
-                        if self.shaping.is_noop() {
-                            return serde_json::to_vec(&s.event).ok();
-                        }
-                        match self.shaping.outgoing(s.event.clone()) {
-                            Ok(wire) => wire.and_then(|e| serde_json::to_vec(&e).ok()),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "outgoing middleware failed on a conflict resolution; not published");
-                                None
-                            }
-                        }
-                    })
-                    .collect();
-                notify(&self.notifier, ingested);
-                self.publish(resolutions);
+                self.took_in(ingested);
                 true
             }
             Err(e) => {
+                // Part of the batch may be stored (a conflict's resolution failed after it):
+                // reported now, as fetching the batch again finds those events duplicates.
+                if let Some(stored) = e.ingested() {
+                    self.took_in(stored.clone());
+                }
                 tracing::warn!(error = %e, "storing received events failed");
                 self.report(e);
                 false
             }
         }
+    }
+
+    /// Counts, reports and publishes (the resolutions) what `Replica::ingest` stored.
+    fn took_in(&mut self, ingested: ksync_core::Ingested) {
+        let c = &self.shared.counters;
+        c.new_events
+            .fetch_add(ingested.appended.len() as u64, Ordering::Relaxed);
+        c.duplicate_events
+            .fetch_add(ingested.duplicates as u64, Ordering::Relaxed);
+        // Revisions written to settle conflicts are ours: publish them (they are
+        // stored, so catch-up carries them if this fails).
+        let resolutions: Vec<Vec<u8>> = ingested
+            .resolutions
+            .iter()
+            .filter_map(|s| {
+                if self.shaping.is_noop() {
+                    return serde_json::to_vec(&s.event).ok();
+                }
+                match self.shaping.outgoing(s.event.clone()) {
+                    Ok(wire) => wire.and_then(|e| serde_json::to_vec(&e).ok()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outgoing middleware failed on a conflict resolution; not published");
+                        None
+                    }
+                }
+            })
+            .collect();
+        notify(&self.notifier, ingested);
+        self.publish(resolutions);
     }
 
     // ---- catch-up -------------------------------------------------------------------------

@@ -945,6 +945,88 @@ async fn events_the_storage_failed_to_store_are_fetched_again_by_the_next_round(
     .await;
 }
 
+/// A catch-up answer brings a new event and a revision that conflicts with one held here;
+/// writing the revision that settles the conflict fails after the new event was stored. The
+/// new event is reported (`event`) all the same: the next round fetches the answer again and
+/// finds it a duplicate, and reports it no more. That round settles the conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stored_before_a_failed_resolution_are_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Arc::new(ksync_testkit::FailAppend::new(
+        Arc::new(ksync_core::InMemoryStorage::new()),
+        // The revision settling the conflict over `x`.
+        |events| events.iter().any(|e| e.id == "x" && e.version == 2),
+    ));
+    let replica = ksync_core::Replica::open(storage.clone() as Arc<dyn ksync_core::Storage>)
+        .await
+        .expect("replica");
+    replica
+        .ingest(vec![
+            Event::new("x", "t", json!("elsewhere"), 1).with_origin("other"),
+        ])
+        .await
+        .expect("held");
+    let a = Arc::new(
+        builder(dir.path(), "a")
+            .anti_entropy_interval(Duration::from_secs(3600))
+            .replica(replica)
+            .build()
+            .expect("build"),
+    );
+    a.start().await.expect("start");
+    let reported = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&reported);
+    let _sub = a.notifier().on_kind(NotificationKind::Event, move |n| {
+        if let Notification::Event(e) = n {
+            sink.lock().expect("lock").push(e.id.clone());
+        }
+    });
+    // An honest raw peer (no gossip: only catch-up can deliver) holding y and its x.
+    let held = vec![
+        Event::new("y", "t", json!("new"), 2).with_origin("them"),
+        Event::new("x", "t", json!("theirs"), 2).with_origin("them"),
+    ];
+    let page: Vec<Entry> = held
+        .iter()
+        .zip(1..)
+        .map(|(e, seq)| entry(seq, e, digest(e)))
+        .collect();
+    let serving = held.clone();
+    let h = liar(move |request| match request {
+        Request::Keys { after, .. } => Response::Keys {
+            log_id: 41,
+            len: 2,
+            entries: page.iter().filter(|e| e.seq > *after).cloned().collect(),
+            through: Some(2),
+        },
+        Request::Fetch { keys, .. } => Response::Events {
+            events: serving
+                .iter()
+                .filter(|e| keys.contains(&e.key()))
+                .cloned()
+                .collect(),
+            too_large: Vec::new(),
+        },
+    })
+    .await;
+    a.connect_to_peer(&h.addr.to_string())
+        .await
+        .expect("connect");
+    wait_until(10, "writing the resolution fails", || storage.failed()).await;
+    // The failed answer is handled (and the round over) before the node takes this command.
+    a.sync_now().await.expect("sync");
+    wait_until(10, "the next round settles x", || {
+        a.replica()
+            .storage()
+            .latest("x")
+            .ok()
+            .flatten()
+            .is_some_and(|x| x.event.version == 2)
+    })
+    .await;
+    assert_eq!(*reported.lock().expect("lock"), ["y"], "y reported once");
+}
+
 /// An `Events` answer that calls keys too large which were never asked for is no progress:
 /// the keys are ignored (the peer is blamed), the round ends instead of sending the same
 /// `Fetch` forever, and nothing is remembered for them.
