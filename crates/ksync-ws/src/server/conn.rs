@@ -286,6 +286,13 @@ async fn run(
     let mut room_notified = std::pin::pin!(outbox.notified());
     let mut shutdown_changed = std::pin::pin!(shutdown.changed());
     let mut burst = Burst::default();
+    let reader = Reader {
+        shared,
+        room,
+        grant,
+        room_link,
+        id,
+    };
     loop {
         tokio::select! {
             () = expired(&mut expiry) => return Err(credentials_expired()),
@@ -298,14 +305,27 @@ async fn run(
             },
             message = stream.next(), if !shutting_down => {
                 awaiting_pong = false;
-                let read = Reader { shared, room, grant, room_link, id };
-                if Box::pin(read.burst(writer, stream, message, &mut burst)).await? {
+                if Box::pin(reader.burst(writer, stream, message, &mut burst)).await? {
                     return Ok(());
                 }
             },
             _ = ping.tick() => {
                 if awaiting_pong {
-                    return Err(End::Close(close::HEARTBEAT_TIMEOUT, "no pong before the next ping".into()));
+                    // After a stall of this loop (a slow append or write) the answer may
+                    // already wait in the socket while the tick is due too, and `select!`
+                    // picks among ready branches at random: a frame there now counts. (Not
+                    // `biased`: a client that keeps sending would starve the room's frames.)
+                    // Cancel-safe: a message is either returned or stays buffered.
+                    let ready = match shutting_down {
+                        false => futures_util::FutureExt::now_or_never(stream.next()),
+                        true => None,
+                    };
+                    let Some(message) = ready else {
+                        return Err(End::Close(close::HEARTBEAT_TIMEOUT, "no pong before the next ping".into()));
+                    };
+                    if Box::pin(reader.burst(writer, stream, message, &mut burst)).await? {
+                        return Ok(());
+                    }
                 }
                 writer.send(Message::Ping(bytes::Bytes::new())).await?;
                 awaiting_pong = true;
