@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use ksync_core::{
-    Auth, BoxFuture, Conflict, ConflictResolver, Direction, Event, EventLimits, Filter,
+    Auth, BoxFuture, Conflict, ConflictResolver, Direction, Event, EventLimits, Filter, Ingested,
     MeterTotals, Metrics, MetricsMeter, Middleware, Name, Notification, NotificationKind, Notifier,
     Pipeline, PullPushClient, PullResult, PushResult, Replica, Resolution, Status, SyncClient,
     SyncError, debug_log, resolve,
@@ -1388,52 +1388,22 @@ impl GitSyncClient {
                     false
                 }
             });
-            let ingested = match replica.ingest(events).await {
-                Ok(ingested) => ingested,
-                Err(e) => {
-                    // Part of the page may be stored (a conflict's resolution failed after
-                    // it): reported now, as pulling the page again finds those events
-                    // duplicates. The cursor stays before this page: its conflicts are not
-                    // all settled, and the pull again settles them.
-                    if let Some(stored) = e.ingested() {
-                        for conflict in &stored.conflicts {
-                            self.inner
-                                .notifier
-                                .emit(Notification::Conflict(conflict.clone()));
-                        }
-                        if wants_events {
-                            for stored in &stored.appended {
-                                self.inner
-                                    .notifier
-                                    .emit(Notification::Event(stored.event.clone()));
-                            }
-                        }
-                        if wants_sync && !stored.appended.is_empty() {
-                            self.inner
-                                .notifier
-                                .emit(Notification::Sync(stored.new_events()));
-                        }
-                    }
-                    return Err(e);
-                }
-            };
+            // On its own task, reporting what it stored: a pull cut short (a `disconnect`
+            // stopping auto-pull, a caller's timeout) while the storage settles a conflict
+            // would otherwise leave the page's new events stored and never reported (the
+            // next pull finds them duplicates).
+            let ingesting = tokio::spawn(ingest_page(
+                replica.clone(),
+                self.inner.notifier.clone(),
+                events,
+                wants_events,
+                wants_sync,
+            ));
+            let ingested = ingesting.await.map_err(SyncError::transport)??;
             since = since.saturating_add(count);
             // After the events: a crash in between re-pulls the page, which deduplicates.
             if count > 0 {
                 unrecorded = Some(since);
-            }
-            for conflict in &ingested.conflicts {
-                self.inner
-                    .notifier
-                    .emit(Notification::Conflict(conflict.clone()));
-            }
-            // Notifications cost a copy of every event: only when somebody listens.
-            if wants_events {
-                for stored in &ingested.appended {
-                    self.inner
-                        .notifier
-                        .emit(Notification::Event(stored.event.clone()));
-                }
             }
             if result.new_events.is_empty() {
                 // Room for the whole pull at once rather than regrowing page after page;
@@ -1442,15 +1412,9 @@ impl GitSyncClient {
                 let room = usize::try_from(left).unwrap_or(usize::MAX).min(RESERVE_MAX);
                 result.new_events.reserve(room.max(ingested.appended.len()));
             }
-            let before = result.new_events.len();
             result
                 .new_events
                 .extend(ingested.appended.into_iter().map(|s| s.event));
-            if wants_sync && result.new_events.len() > before {
-                self.inner
-                    .notifier
-                    .emit(Notification::Sync(result.new_events[before..].to_vec()));
-            }
             result.conflicts.extend(ingested.conflicts);
             result.server_version = page.server_version.max(since);
             self.report(
@@ -1791,6 +1755,46 @@ impl GitSyncClient {
             Arc::downgrade(&self.inner),
             self.inner.pull_interval,
         ));
+    }
+}
+
+/// Stores a pulled page and reports what it stored: `conflict`s, then (when somebody listens)
+/// an `event` per new event and one `sync`. A failure after part of the page was stored
+/// ([`SyncError::PartlyIngested`]) reports that part before it is returned: pulling the page
+/// again finds those events duplicates. The cursor stays before the page then, as its
+/// conflicts are not all settled, and the next pull settles them.
+async fn ingest_page(
+    replica: Replica,
+    notifier: Notifier,
+    events: Vec<Event>,
+    wants_events: bool,
+    wants_sync: bool,
+) -> Result<Ingested, SyncError> {
+    let report = |stored: &Ingested| {
+        for conflict in &stored.conflicts {
+            notifier.emit(Notification::Conflict(conflict.clone()));
+        }
+        // Notifications cost a copy of every event: only when somebody listens.
+        if wants_events {
+            for stored in &stored.appended {
+                notifier.emit(Notification::Event(stored.event.clone()));
+            }
+        }
+        if wants_sync && !stored.appended.is_empty() {
+            notifier.emit(Notification::Sync(stored.new_events()));
+        }
+    };
+    match replica.ingest(events).await {
+        Ok(ingested) => {
+            report(&ingested);
+            Ok(ingested)
+        }
+        Err(e) => {
+            if let Some(stored) = e.ingested() {
+                report(stored);
+            }
+            Err(e)
+        }
     }
 }
 

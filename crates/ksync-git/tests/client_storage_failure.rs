@@ -1,12 +1,15 @@
-//! The client's own storage failing in the middle of a pull: what was stored before the
-//! failure is reported, once.
+//! The client's own storage failing, or held up, in the middle of a pull: what was stored
+//! is reported, once, also when the pull fails or is cut short.
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ksync_core::{
-    Event, InMemoryStorage, KSync, Notification, PullPushClient, Storage, SyncClient,
+    AutoSync, BoxFuture, Event, InMemoryStorage, KSync, MergeOutcome, Notification, PullPushClient,
+    Storage, StorageError, Stored, SyncClient,
 };
 use ksync_testkit::FailAppend;
 use serde_json::json;
@@ -80,4 +83,104 @@ async fn a_pull_whose_resolution_cannot_be_written_reports_what_it_stored() {
     );
     assert_eq!(*events.lock().expect("lock"), ["y"], "y reported once");
     assert_eq!(synced.ids(), ["y"], "y synced once");
+}
+
+/// A storage whose first append of `x` version 2 (the revision settling a conflict over
+/// `x`) waits until `open` is notified: a slow disk, long enough for the pull to be cut
+/// short meanwhile.
+struct Gate {
+    log: InMemoryStorage,
+    reached: AtomicBool,
+    open: tokio::sync::Notify,
+}
+
+impl Storage for Gate {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        Box::pin(async move {
+            if events.iter().any(|e| e.id == "x" && e.version == 2)
+                && !self.reached.swap(true, Ordering::SeqCst)
+            {
+                self.open.notified().await;
+            }
+            self.log.append(events).await
+        })
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.remove_meta(key)
+    }
+    ksync_testkit::storage_pass_through!(log);
+}
+
+/// An auto-sync pull stops (`disconnect`) while it waits for the storage to write the
+/// revision settling a conflict, after the page's new event `y` was stored. `y` is reported
+/// all the same: the next pull finds it a duplicate and reports it no more.
+#[tokio::test]
+async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
+    let server = start(&["r"]).await;
+    let (status, body) = call(
+        http()
+            .post(server.url("/git/r/branches/main/events"))
+            .json(&json!({"baseVersion": 0, "events": [
+                {"id": "y", "type": "t", "data": "new", "timestamp": 2, "version": 1, "origin": "them"},
+                {"id": "x", "type": "t", "data": "theirs", "timestamp": 2, "version": 1, "origin": "them"},
+            ]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let storage = Arc::new(Gate {
+        log: InMemoryStorage::new(),
+        reached: AtomicBool::new(false),
+        open: tokio::sync::Notify::new(),
+    });
+    let ksync = KSync::builder()
+        .storage(storage.clone() as Arc<dyn Storage>)
+        .sync_client(Arc::new(common::client(&server.repo_url("r"))))
+        .build()
+        .await
+        .expect("ksync");
+    // Held here already, from a third replica.
+    ksync
+        .replica()
+        .ingest(vec![
+            Event::new("x", "t", json!("elsewhere"), 1).with_origin("other"),
+        ])
+        .await
+        .expect("held");
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&events);
+    let _sub = ksync
+        .client()
+        .notifier()
+        .on("event", move |n| {
+            if let Notification::Event(e) = n {
+                sink.lock().expect("lock").push(e.id.clone());
+            }
+        })
+        .expect("event");
+
+    ksync.enable_auto_sync(AutoSync {
+        push_interval: std::time::Duration::ZERO,
+        pull_interval: std::time::Duration::from_secs(3600),
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !storage.reached.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pull never wrote the resolution"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    ksync.disconnect().await.expect("disconnect");
+    storage.open.notify_one();
+
+    let pulled = ksync.client().pull().await.expect("the next pull");
+    assert_eq!(pulled.conflicts.len(), 1);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while events.lock().expect("lock").is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(*events.lock().expect("lock"), ["y"], "y reported once");
 }
