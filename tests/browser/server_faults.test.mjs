@@ -209,6 +209,30 @@ test("welcome.maxMessageSize outside 1 KiB..8 MiB is refused; a welcome without 
   await page.close();
 });
 
+test('a welcome of another protocol version is refused: the client closes with 4001 and stops, as after the relay\'s 4001', async () => {
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { reconnectDelay: { min: 10, max: 20 } },
+    welcome: () => ({ protocol: 2 }),
+    onMessage: (session, message) => {
+      if (message.type === 'publish') session.send(storedAck(message));
+    },
+  });
+  await relay.waitSessions(1);
+  await waitFor(() => page.evaluate(() => window.connectErrors.length === 1), 5000, 'connect() rejected');
+  assert.deepEqual(await page.evaluate(() => window.connectErrors), ['unsupported_protocol']);
+  await waitFor(() => relay.sessions[0].closed, 5000, 'the client closed the connection');
+  assert.equal(relay.sessions[0].closed.code, 4001);
+  // Nothing of the welcome was taken, and reconnecting would get the same answer: it stops.
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal(relay.sessions.length, 1, 'no reconnect after a welcome of another version');
+  assert.equal(await page.evaluate(() => window.connects), 0);
+  const errors = await errorsOf(page);
+  assert.deepEqual(errors.filter((e) => e.startsWith('unsupported_protocol:')).length, 1, errors.join('\n'));
+  assert.equal(await page.evaluate(() => window.client.connected), false);
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
 test("an error naming a publish: 'storage' and unknown codes send it again, 'forbidden' rejects it", async () => {
   const [kept, refused] = [makeEvent('kept'), makeEvent('refused')];
   const { page, relay } = await fakeRelayClient(browser, server.http, {

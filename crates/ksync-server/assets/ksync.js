@@ -822,6 +822,14 @@ export class WebSocketSyncClient extends Emitter {
       this.#endSession(new KSyncError('protocol', 'the server sent a second welcome on this connection'));
       return;
     }
+    // A server of another protocol version (docs/PROTOCOL.md: such a peer is refused): nothing
+    // of its welcome is taken, and reconnecting would meet the same server, so the client
+    // closes with 4001 and stops, as after the relay's own 4001 (as the Rust client).
+    if (welcome.protocol !== PROTOCOL_VERSION) {
+      this.#refusal = new KSyncError('unsupported_protocol', `the server speaks protocol ${JSON.stringify(welcome.protocol) ?? '(none)'}, this client ${PROTOCOL_VERSION}`);
+      this.#dropSocket(4001, 'unsupported protocol version');
+      return;
+    }
     // A welcome this client cannot follow is refused: nothing of it is taken, and the next
     // session (after the reconnect delay) tries again (as the Rust client).
     const fault = welcomeFault(welcome);

@@ -72,6 +72,18 @@ pub enum WsError {
     /// The server sent something that breaks the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The server's `welcome` announced another protocol version than this client speaks
+    /// ([`ksync_core::PROTOCOL_VERSION`]). The client closes with 4001 and stops, as after the
+    /// relay's own 4001 (reconnecting would meet the same server): upgrade the client, or
+    /// point it at a server of its version.
+    #[error(
+        "the server speaks protocol version {server}, this client {}: upgrade",
+        ksync_core::PROTOCOL_VERSION
+    )]
+    UnsupportedProtocol {
+        /// The version the server's `welcome` announced.
+        server: u32,
+    },
     /// The server reported an error message (`{"type":"error"}`).
     #[error("server error {code}: {message}")]
     Server {
@@ -143,6 +155,7 @@ impl WsError {
         matches!(
             self,
             WsError::InvalidUrl { .. }
+                | WsError::UnsupportedProtocol { .. }
                 | WsError::Tls {
                     certificate: true,
                     ..

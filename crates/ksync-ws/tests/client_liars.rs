@@ -104,6 +104,63 @@ async fn a_welcome_with_an_impossible_max_message_size_is_refused_and_nothing_is
     fake.await.expect("fake");
 }
 
+/// PROTOCOL.md: "a peer announcing another version is refused with a clear error". A server
+/// whose `welcome` announces protocol 2 is refused as the relay refuses a `hello` of another
+/// version: the client closes with 4001, takes nothing of the welcome, settles nothing, and
+/// stops (a typed, fatal error) instead of reconnecting to the same server for ever.
+#[tokio::test]
+async fn a_welcome_of_another_protocol_version_is_refused_and_the_client_stops() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (seen_tx, mut seen) = mpsc::channel(4);
+    let fake = tokio::spawn(async move {
+        loop {
+            let mut ws = accept(&listener).await;
+            let mut newer = welcome(0, 1 << 20);
+            newer["protocol"] = json!(2);
+            send(&mut ws, newer).await;
+            // What the client says, and how it closes.
+            let mut said = Vec::new();
+            let close = loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                    Some(Ok(Message::Text(t))) => said.push(t.to_string()),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break None,
+                }
+            };
+            seen_tx.send((said, close)).await.expect("report");
+        }
+    });
+    let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
+        .reconnect_delay(Duration::from_millis(5), Duration::from_millis(10))
+        .build()
+        .expect("client");
+    let recorder = Recorder::attach(&client);
+    client
+        .send(Event::new("kept", "t", json!({"n": 1}), 1))
+        .await
+        .expect("queued");
+    let error = client.connect().await.expect_err("a server of protocol 2");
+    let found = WsError::find(&error);
+    assert!(
+        matches!(found, Some(WsError::UnsupportedProtocol { server: 2 })),
+        "{error}"
+    );
+    assert!(found.is_some_and(WsError::is_fatal));
+    let (said, close) = seen.recv().await.expect("the connection ended");
+    assert!(said.is_empty(), "nothing published: {said:?}");
+    assert_eq!(close, Some(4001));
+    // No second attempt, however long the reconnect delays have passed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(seen.try_recv().is_err(), "the client connected again");
+    assert!(recorder.reconnect_attempts().is_empty());
+    assert_eq!(client.outbox_len(), 1, "the event still waits");
+    assert!(!client.is_connected());
+    client.disconnect().await.expect("disconnect");
+    fake.abort();
+}
+
 #[tokio::test]
 async fn a_publish_refused_as_forbidden_stays_queued_and_goes_out_after_set_auth() {
     let provider: Arc<dyn StorageProvider> = Arc::new(InMemoryProvider::new());
