@@ -198,7 +198,17 @@ async fn receive(
             Err(e) => notifier.emit(Notification::Error(Arc::new(e.into()))),
         }
     }
-    replica.ingest(accepted).await?.notify(notifier);
+    match replica.ingest(accepted).await {
+        Ok(ingested) => ingested.notify(notifier),
+        Err(e) => {
+            // Part of the batch may be stored before the failure: report it now, as the
+            // batch received again finds those events duplicates and never reports them.
+            if let Some(stored) = e.ingested() {
+                stored.notify(notifier);
+            }
+            return Err(e);
+        }
+    }
     Ok(())
 }
 
@@ -343,6 +353,88 @@ mod tests {
                 sb.get(id)
                     .is_some_and(|f| f.version == e.version && f.same_content(e))
             })
+    }
+
+    /// A storage whose appends of `x` version 2 (the revision settling a conflict over `x`)
+    /// fail, as a full disk's would.
+    struct RefusesX2(InMemoryStorage);
+
+    impl Storage for RefusesX2 {
+        fn append(
+            &self,
+            events: Vec<Event>,
+        ) -> BoxFuture<'_, Result<ksync::MergeOutcome, ksync::StorageError>> {
+            if events.iter().any(|e| e.id == "x" && e.version == 2) {
+                return Box::pin(async {
+                    Err(ksync::StorageError::Io {
+                        context: "appending".into(),
+                        source: std::io::Error::other("disk full"),
+                    })
+                });
+            }
+            self.0.append(events)
+        }
+        fn read_since(
+            &self,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<ksync::Stored>, ksync::StorageError> {
+            self.0.read_since(after, limit)
+        }
+        fn get(
+            &self,
+            id: &str,
+            version: u64,
+        ) -> Result<Option<ksync::Stored>, ksync::StorageError> {
+            self.0.get(id, version)
+        }
+        fn latest(&self, id: &str) -> Result<Option<ksync::Stored>, ksync::StorageError> {
+            self.0.latest(id)
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn state(&self) -> Result<std::collections::BTreeMap<String, Event>, ksync::StorageError> {
+            self.0.state()
+        }
+        fn meta(&self, key: &str) -> Result<Option<String>, ksync::StorageError> {
+            self.0.meta(key)
+        }
+        fn set_meta(
+            &self,
+            key: &str,
+            value: &str,
+        ) -> BoxFuture<'_, Result<(), ksync::StorageError>> {
+            self.0.set_meta(key, value)
+        }
+    }
+
+    /// A received batch whose conflict's resolution cannot be written fails, but the new
+    /// event stored before the failure is reported: received again, it is a duplicate.
+    #[tokio::test]
+    async fn events_stored_before_a_failed_resolution_are_reported() {
+        let replica = Replica::with_id(Arc::new(RefusesX2(InMemoryStorage::new())), "me");
+        replica
+            .record_local(Event::new("x", "t", json!("mine"), 1).with_origin("me"))
+            .await
+            .expect("local");
+        let notifier = Notifier::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let _sub = notifier.on_kind(NotificationKind::Event, move |n| {
+            if let Notification::Event(e) = n {
+                sink.lock().expect("lock").push(e.id.clone());
+            }
+        });
+        let batch = vec![
+            Event::new("y", "t", json!("new"), 2).with_origin("them"),
+            Event::new("x", "t", json!("theirs"), 2).with_origin("them"),
+        ];
+        let err = receive(&replica, &Pipeline::new(), &notifier, batch.clone()).await;
+        assert!(err.is_err(), "the resolution failed");
+        assert_eq!(*seen.lock().expect("lock"), ["y"]);
+        let _ = receive(&replica, &Pipeline::new(), &notifier, batch).await;
+        assert_eq!(*seen.lock().expect("lock"), ["y"], "reported once");
     }
 
     #[tokio::test]
