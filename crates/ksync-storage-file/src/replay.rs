@@ -173,11 +173,26 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
             // Decoders key the records too, so the index thread (the pipeline's bottleneck)
             // neither parses nor hashes an event it has not seen before.
             let hasher = log.id_hasher();
-            scope.spawn(move || decode_chunks(in_rx, out_tx, &hasher));
+            // Not `scope.spawn`, which panics when the process has no thread to give (a
+            // thread or memory limit reached by many open logs): the open fails with an error
+            // instead. Returning drops the inputs, so the decoders started end.
+            let spawned = std::thread::Builder::new()
+                .name("ksync-log-decode".into())
+                .spawn_scoped(scope, move || decode_chunks(in_rx, out_tx, &hasher));
+            if let Err(e) = spawned {
+                return (Some(Stop::Fatal(spawn_failed(e))), Ok(None));
+            }
             inputs.push(in_tx);
             outputs.push(out_rx);
         }
-        let reader = scope.spawn(move || read_chunks(file, HEADER_LEN as u64, file_len, inputs));
+        let reader = match std::thread::Builder::new()
+            .name("ksync-log-read".into())
+            .spawn_scoped(scope, move || {
+                read_chunks(file, HEADER_LEN as u64, file_len, inputs)
+            }) {
+            Ok(reader) => reader,
+            Err(e) => return (Some(Stop::Fatal(spawn_failed(e))), Ok(None)),
+        };
 
         // Take the chunks back in file order: chunk i went to decoder i % decoders.
         let mut stop = None;
@@ -265,6 +280,10 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
         meta_layout,
         report,
     })
+}
+
+fn spawn_failed(e: std::io::Error) -> StorageError {
+    io_err("spawning a log replay thread")(e)
 }
 
 /// The reader stage: reads `[start, end)` of `file` and hands out chunks of whole records
