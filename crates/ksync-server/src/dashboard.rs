@@ -24,7 +24,7 @@ use axum::routing::{any, get};
 use ksync_core::{
     Access, Authenticator, Grant, LogName, PROTOCOL_VERSION, ResourceKind, StorageProvider, Stored,
 };
-use ksync_ws::protocol::{close, code};
+use ksync_ws::protocol::{close, code, hello_protocol};
 use ksync_ws::server::{
     ClientInfo, Refusal, Relay, RelayActivity, SUBPROTOCOL, credentials_from_headers,
     is_websocket_upgrade,
@@ -251,7 +251,10 @@ async fn monitor(State(dashboard): State<Arc<Dashboard>>, request: Request) -> R
 #[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
 enum MonitorHello {
     Hello {
-        protocol: u32,
+        /// Required; checked before the rest is decoded (`hello_protocol`), so only ours
+        /// comes here.
+        #[serde(rename = "protocol")]
+        _protocol: u32,
         /// Whether to receive stored events (default true).
         #[serde(default = "yes")]
         tail: bool,
@@ -325,22 +328,21 @@ impl Feed {
                 }
                 Some(Ok(_)) => continue,
             };
+            // The version first: a `hello` of another version may hold fields this one
+            // refuses (any unknown field is a bad first message here).
+            if hello_protocol(text.as_bytes())
+                .is_some_and(|theirs| theirs != u64::from(PROTOCOL_VERSION))
+            {
+                self.error(
+                    code::UNSUPPORTED_PROTOCOL,
+                    &format!("this server speaks protocol {PROTOCOL_VERSION}"),
+                )
+                .await?;
+                return Err((close::UNSUPPORTED_PROTOCOL, "unsupported protocol"));
+            }
             return match serde_json::from_str::<MonitorHello>(text.as_str()) {
-                Ok(MonitorHello::Hello {
-                    protocol,
-                    tail,
-                    recent,
-                }) => {
-                    if protocol != PROTOCOL_VERSION {
-                        self.error(
-                            code::UNSUPPORTED_PROTOCOL,
-                            &format!("this server speaks protocol {PROTOCOL_VERSION}"),
-                        )
-                        .await?;
-                        return Err((close::UNSUPPORTED_PROTOCOL, "unsupported protocol"));
-                    }
-                    Ok((tail, recent.min(MAX_RECENT)))
-                }
+                // `protocol` is ours: another one was answered above.
+                Ok(MonitorHello::Hello { tail, recent, .. }) => Ok((tail, recent.min(MAX_RECENT))),
                 Err(e) => {
                     self.error(code::PROTOCOL, &format!("expected hello: {e}"))
                         .await?;

@@ -385,6 +385,22 @@ async fn a_monitor_must_start_with_hello() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4001),
         other => panic!("expected close 4001, got {other:?}"),
     }
+
+    // The version is read first: a monitor of another version whose `hello` has fields this
+    // one does not know (refused in a version-1 `hello`) is told the version differs.
+    let (mut ws, _) = connect(&format!("ws://{addr}{MONITOR_PATH}"), &[])
+        .await
+        .unwrap();
+    send(
+        &mut ws,
+        json!({"type": "hello", "protocol": 2, "rooms": ["chat"], "recent": "all"}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "unsupported_protocol");
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 4001),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
     running.shutdown().await.unwrap();
 }
 

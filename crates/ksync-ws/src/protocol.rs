@@ -304,6 +304,23 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The `protocol` a `hello` names (relay or monitor feed), read before the rest of it: a
+/// client of another version is answered `unsupported_protocol` (4001) even when its other
+/// fields have shapes this version does not read. `None` for text that is not a `hello` with
+/// an integer `protocol` >= 0 (the full decode then says what is wrong with it).
+pub fn hello_protocol(text: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Announced {
+        #[serde(rename = "type")]
+        kind: String,
+        protocol: u64,
+    }
+    serde_json::from_slice::<Announced>(text)
+        .ok()
+        .filter(|announced| announced.kind == "hello")
+        .map(|announced| announced.protocol)
+}
+
 /// The `type` names of [`ClientMessage`].
 pub const CLIENT_TYPES: &[&str] = &["hello", "publish", "ping"];
 /// The `type` names of [`ServerMessage`].

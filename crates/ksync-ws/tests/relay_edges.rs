@@ -821,8 +821,11 @@ async fn a_client_close_is_answered_with_a_close_frame() {
     server.stop().await;
 }
 
-/// A `hello` that does not decode is a bad first message (`protocol`, 4000); one that decodes
-/// with another protocol number is `unsupported_protocol` (4001), as PROTOCOL.md says.
+/// A `hello` that does not decode is a bad first message (`protocol`, 4000); one that names
+/// another protocol number is `unsupported_protocol` (4001), as PROTOCOL.md says, whatever its
+/// other fields: the version is read first, so a client of another version whose `hello`
+/// holds fields of other shapes (a `since` that is no longer a number) is told the version
+/// differs, not that its message is malformed.
 #[tokio::test]
 async fn hellos_that_do_not_decode_are_bad_first_messages() {
     let server = start(RelayConfig::default()).await;
@@ -850,6 +853,23 @@ async fn hellos_that_do_not_decode_are_bad_first_messages() {
             "unsupported_protocol",
             4001,
         ),
+        (
+            json!({"type":"hello","protocol":2,"since":"opaque-v2-cursor"}),
+            "unsupported_protocol",
+            4001,
+        ),
+        (
+            json!({"type":"hello","protocol":2,"state":{"mode":"full"},"compression":"zstd"}),
+            "unsupported_protocol",
+            4001,
+        ),
+        (
+            json!({"type":"hello","protocol":4_294_967_297u64}),
+            "unsupported_protocol",
+            4001,
+        ),
+        (json!({"type":"hello","protocol":-1}), "protocol", 4000),
+        (json!({"type":"hello","protocol":1.5}), "protocol", 4000),
     ];
     for (hello, code, close) in cases {
         let mut ws = raw_connect(&url, &[]).await.expect("connect");

@@ -221,19 +221,6 @@ async fn run(
             ));
         }
     };
-    if hello.protocol != PROTOCOL_VERSION {
-        let message = format!(
-            "protocol {} is not supported; this server speaks {PROTOCOL_VERSION}",
-            hello.protocol
-        );
-        writer
-            .message(
-                &ServerMessage::error(code::UNSUPPORTED_PROTOCOL, &message, None),
-                false,
-            )
-            .await?;
-        return Err(End::Close(close::UNSUPPORTED_PROTOCOL, message));
-    }
     writer.compression = hello.compression;
     writer.outbox.set_compression(hello.compression);
 
@@ -612,6 +599,21 @@ async fn read_hello(writer: &mut Writer, stream: &mut Stream) -> Result<Hello, E
             // Answered with the echo of the client's close frame (see `Writer::close`).
             Message::Close(_) => return Err(End::Close(close::NORMAL, String::new())),
         };
+        // The version first: the rest of a `hello` of another version need not decode as ours.
+        if let Some(theirs) = protocol::hello_protocol(text.as_bytes())
+            && theirs != u64::from(PROTOCOL_VERSION)
+        {
+            let message = format!(
+                "protocol {theirs} is not supported; this server speaks {PROTOCOL_VERSION}"
+            );
+            writer
+                .message(
+                    &ServerMessage::error(code::UNSUPPORTED_PROTOCOL, &message, None),
+                    false,
+                )
+                .await?;
+            return Err(End::Close(close::UNSUPPORTED_PROTOCOL, message));
+        }
         let why = match protocol::decode::<ClientMessage>(text.as_bytes(), CLIENT_TYPES) {
             Ok(ClientMessage::Hello(hello)) => return Ok(hello),
             Ok(ClientMessage::Publish(_) | ClientMessage::Ping(_)) => {
