@@ -2127,12 +2127,9 @@ impl Http {
         if let Some(theirs) = response.headers().get(PROTOCOL_HEADER) {
             let ours = ksync_core::PROTOCOL_VERSION.to_string();
             if theirs.as_bytes() != ours.as_bytes() {
-                return Attempt::Done(Err(GitError::Protocol {
+                return Attempt::Done(Err(GitError::UnsupportedProtocol {
                     url,
-                    reason: format!(
-                        "the service speaks protocol version {:?}, this client speaks {ours}",
-                        String::from_utf8_lossy(theirs.as_bytes())
-                    ),
+                    theirs: String::from_utf8_lossy(theirs.as_bytes()).into_owned(),
                 }
                 .into_sync()));
             }
@@ -2305,6 +2302,13 @@ fn spawn_auto_pull(inner: Weak<Inner>, period: Duration) -> tokio::task::JoinHan
                 // `connect()` starts auto-pull again.
                 Err(e @ SyncError::Auth(_)) => {
                     tracing::warn!(error = %e, "git: auto-pull refused; auto-pull stopped");
+                    client.inner.notifier.emit(Notification::Error(Arc::new(e)));
+                    break;
+                }
+                // A service of another protocol version answers every tick the same way:
+                // reported once, as refused credentials are; `connect()` starts it again.
+                Err(e) if GitError::of(&e).is_some_and(GitError::is_unsupported_protocol) => {
+                    tracing::warn!(error = %e, "git: the service speaks another protocol version; auto-pull stopped");
                     client.inner.notifier.emit(Notification::Error(Arc::new(e)));
                     break;
                 }

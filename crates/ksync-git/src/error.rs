@@ -60,6 +60,21 @@ pub enum GitError {
         /// What was wrong with it.
         reason: String,
     },
+    /// The service speaks another protocol version than this client
+    /// ([`ksync_core::PROTOCOL_VERSION`]): its answer announced another `X-KSync-Protocol`.
+    /// Retrying cannot help (auto-pull stops on it, see
+    /// [`GitError::is_unsupported_protocol`]): upgrade the client, or use a service of its
+    /// version.
+    #[error(
+        "{url}: the service speaks protocol version {theirs:?}, this client {}: upgrade",
+        ksync_core::PROTOCOL_VERSION
+    )]
+    UnsupportedProtocol {
+        /// The request URL.
+        url: String,
+        /// The version the answer announced, as sent.
+        theirs: String,
+    },
     /// Outgoing middleware made a local event break the event rules
     /// ([`Event::validate`](ksync_core::Event::validate)): the service would refuse every batch
     /// holding it, so it is not pushed (it comes back in the push's `rejected_events`).
@@ -111,6 +126,18 @@ impl GitError {
         match self {
             GitError::Server { code, .. } => Some(code),
             _ => None,
+        }
+    }
+
+    /// Whether the service and this client speak different protocol versions: an answer
+    /// announcing another one ([`GitError::UnsupportedProtocol`]), or the service refusing
+    /// ours (400 `unsupported_protocol`, also behind a proxy that drops the header). The same
+    /// request gets the same answer, so auto-pull stops on it.
+    pub fn is_unsupported_protocol(&self) -> bool {
+        match self {
+            GitError::UnsupportedProtocol { .. } => true,
+            GitError::Server { code, .. } => code == "unsupported_protocol",
+            _ => false,
         }
     }
 

@@ -1163,10 +1163,86 @@ async fn a_service_announcing_another_protocol_version_is_refused() {
     let err = c.connect().await.expect_err("another protocol version");
     let git = GitError::of(&err).expect("a git error");
     assert!(
-        matches!(git, GitError::Protocol { reason, .. } if reason.contains("version \"2\"")),
+        matches!(git, GitError::UnsupportedProtocol { theirs, .. } if theirs == "2"),
         "{git:?}"
     );
+    assert!(git.is_unsupported_protocol());
     task.abort();
+}
+
+/// A service of another protocol version answers every request alike, whether it announces
+/// its version (`X-KSync-Protocol: 2`) or only refuses ours (400 `unsupported_protocol`, the
+/// header dropped by a proxy): auto-pull reports that once and stops, as for refused
+/// credentials, instead of failing on every tick for ever. `connect()` starts it again.
+#[tokio::test]
+async fn auto_pull_stops_at_a_service_of_another_protocol_version() {
+    use axum::response::IntoResponse;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    for announced in [Some("2"), None] {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&requests);
+        let app = axum::Router::new().fallback(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let body = json!({"error": {"code": "unsupported_protocol",
+                    "message": "this server speaks protocol version 2"}});
+                let mut response = (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    [("content-type", "application/json")],
+                    body.to_string(),
+                )
+                    .into_response();
+                if let Some(version) = announced {
+                    response.headers_mut().insert(
+                        "x-ksync-protocol",
+                        axum::http::HeaderValue::from_static(version),
+                    );
+                }
+                response
+            }
+        });
+        let (addr, task) = serve(app).await;
+        let c = GitSyncClient::builder(format!("http://{addr}/git/r"))
+            .pull_interval(Duration::from_millis(20))
+            .request_timeout(Duration::from_secs(10))
+            .build()
+            .expect("client");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _sub = c
+            .on(
+                "error",
+                Box::new(move |n: &ksync_core::Notification| {
+                    if let ksync_core::Notification::Error(e) = n {
+                        let _ = tx.send(e.clone());
+                    }
+                }),
+            )
+            .expect("on");
+        // The first pull starts auto-pull (the spec's flow calls no connect()).
+        let err = c.pull().await.expect_err("another protocol version");
+        let git = GitError::of(&err).expect("a git error");
+        assert!(git.is_unsupported_protocol(), "{announced:?}: {git:?}");
+        let after_pull = requests.load(Ordering::SeqCst);
+        let reported = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("auto-pull reports it")
+            .expect("open");
+        assert!(
+            GitError::of(&reported).is_some_and(GitError::is_unsupported_protocol),
+            "{announced:?}: {reported:?}"
+        );
+        // Many ticks later: no further attempt was made, nothing more was reported.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            after_pull + 1,
+            "{announced:?}: auto-pull went on"
+        );
+        assert!(rx.try_recv().is_err(), "{announced:?}: reported again");
+        task.abort();
+    }
 }
 
 /// PROTOCOL.md: `X-KSync-Protocol` is "on every answer of the repository service", so also on
