@@ -1278,14 +1278,8 @@ impl Session {
                     return Ok(false);
                 }
                 message = socket.next() => {
-                    let message = match message {
-                        Some(Ok(m)) => m,
-                        Some(Err(e)) => return Err(WsError::WebSocket(e.to_string())),
-                        None => return Err(WsError::ConnectionLost),
-                    };
                     ping_deadline = None;
-                    self.on_message(socket, message).await?;
-                    self.update_status();
+                    self.received(socket, message).await?;
                 }
                 () = inner.wake.notified() => {
                     self.pump(socket, false).await?;
@@ -1298,7 +1292,16 @@ impl Session {
                     }
                 }
                 () = deadline(ping_deadline) => {
-                    return Err(WsError::HeartbeatTimeout(config.heartbeat_timeout));
+                    // After a stall of this loop (slow middleware or storage) the answer may
+                    // already wait in the socket while the deadline has passed too, and
+                    // `select!` picks among ready branches at random: a frame there now
+                    // counts. (Not `biased`: a server that keeps sending would starve the
+                    // sends.) Cancel-safe: a message is either returned or stays buffered.
+                    let Some(message) = socket.next().now_or_never() else {
+                        return Err(WsError::HeartbeatTimeout(config.heartbeat_timeout));
+                    };
+                    ping_deadline = None;
+                    self.received(socket, message).await?;
                 }
                 _ = metrics.tick() => {
                     let now = Instant::now();
@@ -1313,6 +1316,22 @@ impl Session {
                 () = deadline(cursor_due) => self.write_room_cursor().await?,
             }
         }
+    }
+
+    /// Handles what the socket gave (a frame, an error or its end).
+    async fn received(
+        &mut self,
+        socket: &mut Socket,
+        message: Option<Result<Message, tungstenite::Error>>,
+    ) -> Result<(), WsError> {
+        let message = match message {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(WsError::WebSocket(e.to_string())),
+            None => return Err(WsError::ConnectionLost),
+        };
+        self.on_message(socket, message).await?;
+        self.update_status();
+        Ok(())
     }
 
     async fn close(&mut self, code: u16, reason: &str) {

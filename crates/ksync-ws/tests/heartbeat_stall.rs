@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use ksync_core::{
-    AllowAll, BoxFuture, Event, InMemoryStorage, LogName, MergeOutcome, Notification, Storage,
-    StorageError, StorageProvider, Stored, SyncClient,
+    AllowAll, BoxFuture, Direction, Event, InMemoryStorage, LogName, MergeOutcome, Notification,
+    Storage, StorageError, StorageProvider, Stored, SyncClient,
 };
 use ksync_ws::server::RelayConfig;
 use ksync_ws::{WebSocketSyncClient, WsError};
@@ -128,4 +128,49 @@ async fn a_pong_that_arrived_while_the_relay_stalled_counts() {
     publisher.abort();
     clients.shutdown_background();
     server.stop().await;
+}
+
+/// The client's loop stalls in a slow outgoing middleware (each send), longer than its
+/// heartbeat timeout, while the relay (in another runtime) answers every ping at once: when
+/// the loop comes back, the pong waits in the socket and the deadline has passed. The client
+/// gave the connection up as dead about every other ping (`select!` picked the deadline or
+/// the read at random).
+#[tokio::test]
+async fn a_pong_that_arrived_while_the_client_stalled_counts() {
+    let relay = other_runtime();
+    let server = relay
+        .spawn(start(RelayConfig::default()))
+        .await
+        .expect("relay");
+    let client = WebSocketSyncClient::builder(server.url(Some("r")))
+        .heartbeat(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_millis(50))
+        .reconnect(false)
+        .build()
+        .expect("client");
+    client.use_middleware(Direction::Outgoing, |event: Event| {
+        std::thread::sleep(Duration::from_millis(150));
+        Some(event)
+    });
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    let sender = client.clone();
+    let sending = tokio::spawn(async move {
+        for n in 1..=1000u64 {
+            let event = Event::new(format!("e{n}"), "test", json!({"n": n}), n);
+            if sender.send(event).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    });
+    // Dozens of pings, most after a stall.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let failures = heartbeat_failures(&rec);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(client.is_connected());
+    sending.abort();
+    client.disconnect().await.expect("disconnect");
+    relay.spawn(server.stop());
+    relay.shutdown_background();
 }
