@@ -1,8 +1,9 @@
 //! Test helpers shared by kSync's test suites (a dev-dependency only; never published):
 //! capturing what one log target says ([`LogCapture`]), recording the `sync` or `error`
 //! notifications of a client ([`SyncRecorder`], [`ErrorRecorder`]), the storage methods a
-//! test wrapper passes on unchanged ([`storage_pass_through!`]), and a storage that fails
-//! one chosen append ([`FailAppend`]).
+//! test wrapper passes on unchanged ([`storage_pass_through!`]), a storage that fails
+//! one chosen append ([`FailAppend`]), and a `KSync` over a storage and a client
+//! ([`ksync_over`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ksync_core::{
-    BoxFuture, Event, MergeOutcome, Notification, NotificationKind, Notifier, Storage,
-    StorageError, Stored, Subscription,
+    BoxFuture, Event, KSync, MergeOutcome, Notification, NotificationKind, Notifier, Storage,
+    StorageError, Stored, Subscription, SyncClient, SyncError,
 };
 use tracing::Level;
 use tracing::field::{Field, Visit};
@@ -114,6 +115,20 @@ impl tracing::Subscriber for LogCapture {
     }
     fn enter(&self, _: &Id) {}
     fn exit(&self, _: &Id) {}
+}
+
+/// A [`KSync`] over `storage` with `client` attached, nothing else set (replica id from the
+/// storage or the client, system clock): `KSync::builder().storage(..).sync_client(..)
+/// .build()`, which is what its error comes from.
+pub async fn ksync_over<C: SyncClient>(
+    storage: Arc<dyn Storage>,
+    client: C,
+) -> Result<KSync<C>, SyncError> {
+    KSync::builder()
+        .storage(storage)
+        .sync_client(Arc::new(client))
+        .build()
+        .await
 }
 
 /// The `sync` notifications of one client, each as the ids of its events, in order.
