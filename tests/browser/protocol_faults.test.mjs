@@ -361,6 +361,40 @@ test('backoff: the monitor feed also keeps counting attempts against a server th
   await page.close();
 });
 
+test('the monitor feed refuses a welcome of another protocol version: close 4001, an error, no reconnect', async () => {
+  const page = await browser.newPage();
+  const sessions = [];
+  await page.routeWebSocket(/^ws:\/\/fake\.invalid\//, (ws) => {
+    const session = { closed: null };
+    sessions.push(session);
+    ws.onMessage(() => ws.send(JSON.stringify({ type: 'welcome', protocol: 2, feed: 'monitor' })));
+    ws.onClose((code, reason) => {
+      session.closed = { code, reason };
+      ws.close({ code, reason });
+    });
+  });
+  await page.goto(`${server.http}/health`);
+  await page.evaluate(async () => {
+    const { MonitorClient } = await import('/ksync.js');
+    Object.assign(window, { opens: 0, attempts: [], errors: [], closes: [] });
+    const monitor = new MonitorClient('ws://fake.invalid/monitor', { reconnectDelay: { min: 10, max: 20 } });
+    monitor.on('open', () => { window.opens += 1; });
+    monitor.on('reconnecting', (attempt) => window.attempts.push(attempt));
+    monitor.on('error', (error) => window.errors.push([error.code, error.closeCode]));
+    monitor.on('close', (close) => window.closes.push(close.code));
+    monitor.start();
+    window.monitor = monitor;
+  });
+  await waitFor(() => sessions[0]?.closed, 5000, 'the monitor closed the connection');
+  assert.equal(sessions[0].closed.code, 4001);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal(sessions.length, 1, 'no reconnect after a welcome of another version');
+  const seen = await page.evaluate(() => ({ opens: window.opens, attempts: window.attempts, errors: window.errors, closes: window.closes }));
+  assert.deepEqual(seen, { opens: 0, attempts: [], errors: [['unsupported_protocol', 4001]], closes: [4001] });
+  await page.evaluate(() => window.monitor.stop());
+  await page.close();
+});
+
 // Page setup: the page's wall clock (`Date.now`) runs `window.clockStep` ms off, as after an
 // NTP step or a user's change of the clock.
 const STEPPED_CLOCK = `() => {

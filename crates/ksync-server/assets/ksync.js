@@ -1341,7 +1341,15 @@ export class MonitorClient extends Emitter {
         this.emit('error', new KSyncError('bad_message', 'the monitor sent something that is not JSON'));
         return;
       }
-      if (parsed.type === 'welcome') {
+      if (parsed.type === 'welcome' && parsed.protocol !== PROTOCOL_VERSION) {
+        // A feed of another protocol version is refused as the sync client refuses one: close
+        // 4001 and stop (reconnecting would meet the same server); `start()` tries again.
+        this.#socket = null;
+        this.#stopped = true;
+        socket.close(4001, 'unsupported protocol version');
+        this.emit('error', new KSyncError('unsupported_protocol', `the server speaks protocol ${JSON.stringify(parsed.protocol) ?? '(none)'}, this client ${PROTOCOL_VERSION}`, { closeCode: 4001 }));
+        this.emit('close', { code: 4001, reason: 'unsupported protocol version', opened });
+      } else if (parsed.type === 'welcome') {
         opened = true;
         upSince = performance.now();
         this.emit('open', parsed);
