@@ -642,6 +642,60 @@ async fn provider_refuses_a_name_that_differs_only_in_case_from_a_stored_one() {
         .expect("another branch of the same repository");
 }
 
+/// The names the case check compares with are listed once per directory, then kept up to
+/// date by the provider itself: names stored before it started (by an earlier run, or by
+/// hand) and names it made since are refused in another case, and a log deleted as empty
+/// frees its name for any case.
+#[tokio::test]
+async fn provider_case_check_knows_stored_names_and_its_own_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let room = |s: &str| LogName::Room(name(s));
+    let branch = |repo: &str, branch: &str| LogName::Branch {
+        repo: name(repo),
+        branch: name(branch),
+    };
+    {
+        let provider = FileProvider::new(dir.path()).expect("provider");
+        provider
+            .open(&room("Notes"))
+            .expect("open")
+            .append(vec![ev("x", 1)])
+            .await
+            .expect("append");
+        provider.open(&branch("Repo", "main")).expect("open branch");
+    }
+    fs::write(dir.path().join("rooms").join("Hand.log"), b"").expect("a log made by hand");
+    let provider = FileProvider::new(dir.path()).expect("provider");
+    let clash = |asked: &LogName| match provider.open(asked) {
+        Err(StorageError::NameClash { existing, .. }) => existing,
+        Err(other) => panic!("{asked:?}: {other}"),
+        Ok(_) => panic!("{asked:?}: opened"),
+    };
+    assert_eq!(clash(&room("notes")), "Notes");
+    assert_eq!(clash(&room("HAND")), "Hand");
+    assert_eq!(clash(&branch("repo", "main")), "Repo");
+    assert_eq!(clash(&branch("Repo", "Main")), "main");
+    // Made by this provider, after it listed the directories.
+    drop(provider.open(&room("Fresh")).expect("open"));
+    drop(
+        provider
+            .open(&branch("New", "main"))
+            .expect("new repository"),
+    );
+    assert_eq!(clash(&room("fresh")), "Fresh");
+    assert_eq!(clash(&branch("NEW", "main")), "New");
+    // Deleted (no events): the name is free again, in any case.
+    provider.release_discarding_empty(&room("Fresh"));
+    assert!(!provider.path_of(&room("Fresh")).exists());
+    drop(
+        provider
+            .open(&room("fresh"))
+            .expect("a deleted name, in another case"),
+    );
+    assert_eq!(clash(&room("FRESH")), "fresh");
+    assert_eq!(provider.open(&room("Notes")).expect("reopen").len(), 1);
+}
+
 #[tokio::test]
 async fn provider_options_reach_every_log() {
     let dir = tempfile::tempdir().expect("tempdir");
