@@ -13,9 +13,10 @@ use crate::storage::{FileStorage, FileStorageOptions, io_err, sync_dir};
 /// The provider's map of open logs, locked.
 type OpenLogs<'a> = MutexGuard<'a, HashMap<LogName, Arc<FileStorage>>>;
 
-/// The names stored in each directory whose names were checked (see `FileProvider::check_case`): by
-/// directory, the names folded to ASCII lower case, each with the names stored under it (one,
-/// unless a case-keeping file system got two before the check existed or by hand).
+/// The names stored in each directory whose names were checked (see
+/// `FileProvider::check_case`): by directory, the names folded to ASCII lower case, each with
+/// the names stored under it (one, unless a case-keeping file system got two before the check
+/// existed or by hand).
 type CaseIndex = HashMap<PathBuf, HashMap<String, Vec<String>>>;
 
 /// File name suffix of every log.
@@ -58,9 +59,9 @@ pub struct FileProvider {
     /// [`StorageProvider::known_len`]). One entry per log closed since the provider started:
     /// bounded by the logs in the directory.
     closed_lens: Mutex<HashMap<LogName, u64>>,
-    /// What `FileProvider::check_case` compares a name with, instead of listing the directory on each
-    /// open under the map's lock (O(rooms) per open: ~2 ms at 4,000 rooms, every other open
-    /// and release waiting). A directory is listed once, when first checked; the provider
+    /// What `FileProvider::check_case` compares a name with, instead of listing the directory
+    /// on each open under the map's lock (O(rooms) per open: ~2 ms at 4,000 rooms, every other
+    /// open and release waiting). A directory is listed once, when first checked; the provider
     /// then notes the logs and repository directories it makes and deletes (it owns the data
     /// directory: see the lock). About 100 B per name, bounded by the logs in the directory.
     names: Mutex<CaseIndex>,
