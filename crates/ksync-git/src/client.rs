@@ -1618,14 +1618,12 @@ impl GitSyncClient {
                 answered |= settled.answered;
                 self.learn_log(replica, branch, &mut known, settled.log_id.as_deref())
                     .await?;
-                acknowledged = Some(settled);
                 // One `sync` per acknowledged batch (as a pull has one per page): a later
-                // batch that fails must not hide the ones the server took.
-                if result.pushed_events.len() > before && wants_sync {
-                    self.inner
-                        .notifier
-                        .emit(Notification::Sync(result.pushed_events[before..].to_vec()));
-                }
+                // batch that fails must not hide the ones the server took. Sent once its
+                // cursor is recorded (see `record`).
+                let synced = (result.pushed_events.len() > before && wants_sync)
+                    .then(|| result.pushed_events[before..].to_vec());
+                acknowledged = Some((settled, synced));
                 self.report(
                     Phase::Push,
                     (result.pushed_events.len() + result.rejected_events.len()) as u64,
@@ -1650,13 +1648,14 @@ impl GitSyncClient {
                     base_version: pulled,
                 });
             }
-            if let Some(acknowledged) = acknowledged {
+            if let Some((acknowledged, synced)) = acknowledged {
                 self.finish_recording().await?;
                 self.start_recording(record(
                     replica.clone(),
                     key.clone(),
                     pulled_key.clone(),
                     acknowledged,
+                    synced.map(|events| (self.inner.notifier.clone(), events)),
                 ))
                 .await;
             }
@@ -1888,12 +1887,14 @@ struct PendingBatch {
 /// Makes an acknowledged batch's cursors durable: the push cursor (a crash before that
 /// re-sends the batch, which the server deduplicates) and a fast-forward of the pull cursor (a
 /// crash before that pulls the batch back, which deduplicates here). Either may land first, so
-/// both are written at once (a durable storage can sync them together).
+/// both are written at once (a durable storage can sync them together). Then the batch's
+/// `sync` (`synced`), if anyone listens.
 async fn record(
     replica: Replica,
     key: String,
     pulled_key: String,
     acknowledged: Acknowledged,
+    synced: Option<(Notifier, Vec<Event>)>,
 ) -> Result<(), SyncError> {
     let fast_forward = async {
         match acknowledged.fast_forward_to {
@@ -1902,6 +1903,12 @@ async fn record(
         }
     };
     tokio::try_join!(replica.set_cursor(&key, acknowledged.end), fast_forward)?;
+    // The batch's `sync` only now: with the cursor not recorded the push fails, and the
+    // next one sends the batch again (duplicates on the server) and reports it then; told
+    // before, the application heard of the same events twice.
+    if let Some((notifier, events)) = synced {
+        notifier.emit(Notification::Sync(events));
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! The client's own storage failing, or held up, in the middle of a pull: what was stored
-//! is reported, once, also when the pull fails or is cut short.
+//! The client's own storage failing, or held up, in the middle of a pull or a push: what was
+//! stored (here or on the server) is reported once, also when the pull or push fails or is
+//! cut short.
 
 mod common;
 
@@ -183,4 +184,81 @@ async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     assert_eq!(*events.lock().expect("lock"), ["y"], "y reported once");
+}
+
+/// A storage whose first write of a push cursor fails (a full disk), once.
+struct FailsPushedCursor {
+    log: InMemoryStorage,
+    armed: AtomicBool,
+}
+
+impl Storage for FailsPushedCursor {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        self.log.append(events)
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+        self.log.get(id, version)
+    }
+    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+        self.log.latest(id)
+    }
+    fn len(&self) -> u64 {
+        self.log.len()
+    }
+    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+        self.log.state()
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+        self.log.meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        if key.contains("pushed") && self.armed.swap(false, Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(StorageError::Io {
+                    context: "meta".into(),
+                    source: std::io::Error::other("disk full"),
+                })
+            });
+        }
+        self.log.set_meta(key, value)
+    }
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.remove_meta(key)
+    }
+}
+
+/// A push whose batch the server took but whose cursor cannot be recorded fails, without a
+/// `sync`: the next push sends the batch again (duplicates on the server) and reports it
+/// then. The `sync` came before the cursor, so the application heard of the batch twice.
+#[tokio::test]
+async fn a_push_whose_cursor_cannot_be_recorded_reports_its_batch_once() {
+    let server = start(&["r"]).await;
+    let storage = Arc::new(FailsPushedCursor {
+        log: InMemoryStorage::new(),
+        armed: AtomicBool::new(true),
+    });
+    let ksync = KSync::builder()
+        .storage(storage.clone() as Arc<dyn Storage>)
+        .sync_client(Arc::new(common::client(&server.repo_url("r"))))
+        .build()
+        .await
+        .expect("ksync");
+    let synced = ksync_testkit::SyncRecorder::new(ksync.client().notifier());
+    let event = ksync.emit("t", json!(1)).await.expect("emit");
+    let err = ksync
+        .client()
+        .push()
+        .await
+        .expect_err("the cursor was not recorded");
+    assert!(matches!(err, ksync_core::SyncError::Storage(_)), "{err}");
+    assert!(
+        synced.ids().is_empty(),
+        "no sync before the cursor is recorded"
+    );
+    let pushed = ksync.client().push().await.expect("the next push");
+    assert_eq!(pushed.pushed_events, [event.clone()]);
+    assert_eq!(synced.ids(), [event.id], "synced once");
 }
