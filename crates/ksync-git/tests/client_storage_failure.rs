@@ -259,6 +259,6 @@ async fn a_push_whose_cursor_cannot_be_recorded_reports_its_batch_once() {
         "no sync before the cursor is recorded"
     );
     let pushed = ksync.client().push().await.expect("the next push");
-    assert_eq!(pushed.pushed_events, [event.clone()]);
+    assert_eq!(pushed.pushed_events, std::slice::from_ref(&event));
     assert_eq!(synced.ids(), [event.id], "synced once");
 }
