@@ -18,10 +18,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 async fn ksync(url: &str) -> KSync<WebSocketSyncClient> {
     let client = WebSocketSyncClient::builder(url).build().expect("client");
-    KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(client))
-        .build()
+    ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
         .await
         .expect("ksync")
 }
@@ -163,10 +160,7 @@ async fn forwarding_an_event_the_client_already_scanned_past_still_sends_it() {
 }
 
 async fn ksync_with(client: WebSocketSyncClient) -> KSync<WebSocketSyncClient> {
-    KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(client))
-        .build()
+    ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
         .await
         .expect("ksync")
 }

@@ -30,10 +30,7 @@ async fn ksync_over(
     storage: Arc<dyn Storage>,
     client: WebSocketSyncClient,
 ) -> KSync<WebSocketSyncClient> {
-    KSync::builder()
-        .storage(storage)
-        .sync_client(Arc::new(client))
-        .build()
+    ksync_testkit::ksync_over(storage, client)
         .await
         .expect("ksync")
 }

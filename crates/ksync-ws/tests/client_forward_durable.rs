@@ -27,10 +27,7 @@ fn quick(url: &str) -> WebSocketSyncClient {
 }
 
 async fn ksync_over(storage: Arc<dyn Storage>, url: &str) -> KSync<WebSocketSyncClient> {
-    KSync::builder()
-        .storage(storage)
-        .sync_client(Arc::new(quick(url)))
-        .build()
+    ksync_testkit::ksync_over(storage, quick(url))
         .await
         .expect("ksync")
 }

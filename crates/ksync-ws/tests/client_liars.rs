@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use ksync_core::{
-    Auth, Event, InMemoryProvider, InMemoryStorage, KSync, LogName, Name, Notification,
-    StorageProvider, SyncClient,
+    Auth, Event, InMemoryProvider, InMemoryStorage, LogName, Name, Notification, StorageProvider,
+    SyncClient,
 };
 use ksync_ws::server::RelayConfig;
 use ksync_ws::{WebSocketSyncClient, WsError};
@@ -295,10 +295,7 @@ async fn received_events_that_break_the_event_rules_are_skipped_and_the_cursor_m
     let client = quick(&format!("ws://{addr}/ws"));
     let cursor = client.room_cursor_name();
     let rec = Recorder::attach(&client);
-    let ksync = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(client))
-        .build()
+    let ksync = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
         .await
         .expect("ksync");
     ksync.connect().await.expect("connect");
@@ -391,12 +388,12 @@ async fn a_known_message_that_does_not_decode_ends_the_session_and_loses_nothing
         .await;
         while next_json(&mut ws).await.is_some() {}
     });
-    let ksync = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(quick(&format!("ws://{addr}/ws"))))
-        .build()
-        .await
-        .expect("ksync");
+    let ksync = ksync_testkit::ksync_over(
+        Arc::new(InMemoryStorage::new()),
+        quick(&format!("ws://{addr}/ws")),
+    )
+    .await
+    .expect("ksync");
     ksync.connect().await.expect("connect");
     let first = hellos.recv().await.expect("first hello");
     assert_eq!(first["type"], "hello", "{first}");

@@ -16,10 +16,7 @@ async fn ksync(url: &str) -> KSync<WebSocketSyncClient> {
         .reconnect_delay(Duration::from_millis(10), Duration::from_millis(50))
         .build()
         .expect("client");
-    KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(client))
-        .build()
+    ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
         .await
         .expect("ksync")
 }

@@ -23,10 +23,7 @@ fn quick(url: &str) -> WebSocketSyncClient {
 }
 
 async fn ksync_with(client: WebSocketSyncClient) -> KSync<WebSocketSyncClient> {
-    KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(client))
-        .build()
+    ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
         .await
         .expect("ksync")
 }

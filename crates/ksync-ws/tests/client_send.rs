@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ksync_core::{
-    Event, InMemoryStorage, InvalidEvent, KSync, Storage, StorageProvider, SyncClient, SyncError,
+    Event, InMemoryStorage, InvalidEvent, Storage, StorageProvider, SyncClient, SyncError,
 };
 use ksync_ws::WebSocketSyncClient;
 use serde_json::json;
@@ -35,14 +35,12 @@ async fn send_refuses_an_event_the_relay_would_refuse_and_queues_nothing() {
     // Attached to a replica: not stored either (the replica would hold what the room never
     // will).
     let storage = Arc::new(InMemoryStorage::new());
-    let ksync = KSync::builder()
-        .storage(storage.clone())
-        .sync_client(Arc::new(
-            WebSocketSyncClient::new("ws://127.0.0.1:9/ws").expect("client"),
-        ))
-        .build()
-        .await
-        .expect("ksync");
+    let ksync = ksync_testkit::ksync_over(
+        storage.clone(),
+        WebSocketSyncClient::new("ws://127.0.0.1:9/ws").expect("client"),
+    )
+    .await
+    .expect("ksync");
     for (event, why) in invalid_events() {
         let error = ksync.client().send(event).await.expect_err("refused");
         assert!(
@@ -72,24 +70,22 @@ async fn a_conflicting_event_the_room_holds_goes_through_the_incoming_filter() {
     let server = common::start(ksync_ws::server::RelayConfig::default()).await;
     let url = server.url(Some("held"));
     let a_storage = Arc::new(InMemoryStorage::new());
-    let a = KSync::builder()
-        .storage(a_storage.clone())
-        .sync_client(Arc::new(WebSocketSyncClient::new(&url).expect("a")))
-        .build()
-        .await
-        .expect("a");
+    let a = ksync_testkit::ksync_over(
+        a_storage.clone(),
+        WebSocketSyncClient::new(&url).expect("a"),
+    )
+    .await
+    .expect("a");
     let b_storage = Arc::new(InMemoryStorage::new());
-    let b = KSync::builder()
-        .storage(b_storage.clone())
-        .sync_client(Arc::new(
-            WebSocketSyncClient::builder(&url)
-                .filter(ksync_core::Filter::PublicOnly)
-                .build()
-                .expect("b"),
-        ))
-        .build()
-        .await
-        .expect("b");
+    let b = ksync_testkit::ksync_over(
+        b_storage.clone(),
+        WebSocketSyncClient::builder(&url)
+            .filter(ksync_core::Filter::PublicOnly)
+            .build()
+            .expect("b"),
+    )
+    .await
+    .expect("b");
     a.connect().await.expect("a connects");
     a.client()
         .send(Event::new(
@@ -210,18 +206,16 @@ async fn conflicts_acknowledged_without_their_held_revision_settle_from_the_stre
         );
     }
     let storage = Arc::new(InMemoryStorage::new());
-    let b = KSync::builder()
-        .storage(storage.clone())
-        .sync_client(Arc::new(
-            // Everything queued offline goes out in one publish, answered by one ack.
-            WebSocketSyncClient::builder(&url)
-                .strategy(ksync_ws::Strategy::EventLevel { batch_size: 100 })
-                .build()
-                .expect("b"),
-        ))
-        .build()
-        .await
-        .expect("b");
+    let b = ksync_testkit::ksync_over(
+        storage.clone(),
+        // Everything queued offline goes out in one publish, answered by one ack.
+        WebSocketSyncClient::builder(&url)
+            .strategy(ksync_ws::Strategy::EventLevel { batch_size: 100 })
+            .build()
+            .expect("b"),
+    )
+    .await
+    .expect("b");
     let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
     let _sub = {
         let errors = errors.clone();

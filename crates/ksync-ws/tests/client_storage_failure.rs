@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use ksync_core::{
-    AllowAll, Event, InMemoryProvider, InMemoryStorage, KSync, LogName, Name, Notification,
-    Storage, StorageProvider,
+    AllowAll, Event, InMemoryProvider, InMemoryStorage, LogName, Name, Notification,
+    StorageProvider,
 };
 use ksync_testkit::FailAppend;
 use ksync_ws::WebSocketSyncClient;
@@ -45,10 +45,7 @@ async fn received_events_stored_before_a_failed_resolution_are_reported() {
         .reconnect_delay(Duration::from_millis(10), Duration::from_millis(50))
         .build()
         .expect("client");
-    let ksync = KSync::builder()
-        .storage(storage.clone() as Arc<dyn Storage>)
-        .sync_client(Arc::new(client))
-        .build()
+    let ksync = ksync_testkit::ksync_over(storage.clone(), client)
         .await
         .expect("ksync");
     // Held here already, from a third replica: not ours to send, so nothing is published

@@ -49,10 +49,7 @@ async fn a_room_reopens_its_log_after_a_failed_sync_while_a_watcher_stays() {
         .reconnect_delay(Duration::from_millis(10), Duration::from_millis(50))
         .build()
         .expect("client");
-    let watcher = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(client))
-        .build()
+    let watcher = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
         .await
         .expect("ksync");
     watcher.connect().await.expect("connect");
