@@ -111,10 +111,7 @@ async fn child(spec: &str) {
 async fn open_node(dir: &Path, url: &str) -> KSync<GitSyncClient> {
     let storage: Arc<dyn Storage> =
         Arc::new(FileStorage::open(dir.join("local.log")).expect("file storage"));
-    KSync::builder()
-        .storage(storage)
-        .sync_client(Arc::new(client(url)))
-        .build()
+    ksync_testkit::ksync_over(storage, client(url))
         .await
         .expect("ksync")
 }

@@ -742,7 +742,7 @@ async fn ksync_auto_sync_stops_when_the_credentials_are_refused() {
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
 
-    use ksync_core::{AutoSync, InMemoryStorage, KSync, Notification, SyncError};
+    use ksync_core::{AutoSync, InMemoryStorage, Notification, SyncError};
 
     let (auth, addr, task) = revocable_service().await;
     let client = ksync_git::GitSyncClient::builder(format!("http://{addr}/git/r"))
@@ -750,10 +750,7 @@ async fn ksync_auto_sync_stops_when_the_credentials_are_refused() {
         .request_timeout(Duration::from_secs(10))
         .build()
         .expect("client");
-    let ksync = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(client))
-        .build()
+    let ksync = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
         .await
         .expect("ksync");
     ksync.connect().await.expect("connect");

@@ -61,10 +61,7 @@ async fn open(path: &Path, url: &str, hook: Option<Arc<FailAfter>>) -> KSync<Git
         builder = builder.fault_hook(hook);
     }
     let storage: Arc<dyn Storage> = Arc::new(builder.open().expect("file storage"));
-    KSync::builder()
-        .storage(storage)
-        .sync_client(Arc::new(client(url)))
-        .build()
+    ksync_testkit::ksync_over(storage, client(url))
         .await
         .expect("ksync")
 }
@@ -278,10 +275,7 @@ async fn a_cancelled_push_does_not_move_the_cursor_past_an_event_sent_after_it()
     let storage: Arc<dyn Storage> = Arc::new(SlowPushCursor {
         log: Arc::new(InMemoryStorage::new()),
     });
-    let k = KSync::builder()
-        .storage(storage)
-        .sync_client(Arc::new(client(&server.repo_url("r"))))
-        .build()
+    let k = ksync_testkit::ksync_over(storage, client(&server.repo_url("r")))
         .await
         .expect("ksync");
     // Another replica's event, merely arrived (not ours to send, yet).

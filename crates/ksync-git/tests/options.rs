@@ -185,10 +185,7 @@ async fn without_pull_interval_the_client_never_pulls_by_itself() {
     const PERIOD: Duration = Duration::from_millis(100);
     let (server, requests) = start_recording(&["idle", "ticking"]).await;
     let open = |client: GitSyncClient| async move {
-        KSync::builder()
-            .storage(Arc::new(InMemoryStorage::new()))
-            .sync_client(Arc::new(client))
-            .build()
+        ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
             .await
             .expect("ksync")
     };

@@ -147,7 +147,7 @@ async fn eventually_holds(client: &GitSyncClient, id: &str) -> bool {
 async fn pull_interval_pulls_without_connect() {
     use std::sync::Arc;
 
-    use ksync_core::{InMemoryStorage, KSync};
+    use ksync_core::InMemoryStorage;
 
     let server = start(&["r"]).await;
     let url = server.repo_url("r");
@@ -158,10 +158,7 @@ async fn pull_interval_pulls_without_connect() {
         .request_timeout(Duration::from_secs(10))
         .build()
         .expect("client");
-    let ksync = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(attached))
-        .build()
+    let ksync = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), attached)
         .await
         .expect("ksync");
     let alone = GitSyncClient::builder(&url)

@@ -284,10 +284,7 @@ async fn ksync_auto_sync_and_pull_interval_move_events() {
         .pull_interval(Duration::from_millis(50))
         .build()
         .expect("client");
-    let b: Node = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(reader))
-        .build()
+    let b: Node = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), reader)
         .await
         .expect("ksync");
     let received = count(&b, "event");
@@ -488,20 +485,14 @@ async fn checkout_survives_restart_and_builder_branch_checks_out() {
     let url = server.repo_url("r");
     let storage: Arc<dyn Storage> = Arc::new(InMemoryStorage::new());
     let first = client(&url);
-    let ksync = KSync::builder()
-        .storage(Arc::clone(&storage))
-        .sync_client(Arc::new(first))
-        .build()
+    let ksync = ksync_testkit::ksync_over(Arc::clone(&storage), first)
         .await
         .expect("ksync");
     ksync.client().create_branch("dev").await.expect("create");
     ksync.client().checkout("dev").await.expect("checkout");
     drop(ksync);
     // A new client over the same storage resumes on `dev`.
-    let again = KSync::builder()
-        .storage(Arc::clone(&storage))
-        .sync_client(Arc::new(client(&url)))
-        .build()
+    let again = ksync_testkit::ksync_over(Arc::clone(&storage), client(&url))
         .await
         .expect("ksync");
     assert_eq!(again.client().current_branch(), "dev");
@@ -515,10 +506,7 @@ async fn checkout_survives_restart_and_builder_branch_checks_out() {
         .branch("main")
         .build()
         .expect("client");
-    let third = KSync::builder()
-        .storage(storage)
-        .sync_client(Arc::new(explicit))
-        .build()
+    let third = ksync_testkit::ksync_over(storage, explicit)
         .await
         .expect("ksync");
     assert_eq!(third.client().current_branch(), "main");
