@@ -409,10 +409,11 @@ struct Inner {
     // One pull / push / merge / checkout at a time: they read and move the same cursors.
     // Taken through `lock_op`.
     op: tokio::sync::Mutex<()>,
-    // An acknowledged push batch's cursor writes, on their own task while the push goes on.
-    // Kept here, not by the push: a push cancelled meanwhile (a timeout, a dropped future)
-    // leaves them running, and the next holder of the op lock awaits them before it reads or
-    // moves a cursor, so they cannot land after its writes (and undo them).
+    // An acknowledged push batch's cursor writes, on their own task while the push goes on,
+    // or a pulled page being stored and reported. Kept here, not by the push or pull: one
+    // cancelled meanwhile (a timeout, a dropped future) leaves them running, and the next
+    // holder of the op lock awaits them before it reads or moves a cursor or the branch map,
+    // so they cannot land after its writes (and undo them, or go to another branch).
     recording: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), SyncError>>>>,
     auto_pull: Mutex<AutoPull>,
     progress: RwLock<Option<ProgressFn>>,
@@ -1391,15 +1392,28 @@ impl GitSyncClient {
             // On its own task, reporting what it stored: a pull cut short (a `disconnect`
             // stopping auto-pull, a caller's timeout) while the storage settles a conflict
             // would otherwise leave the page's new events stored and never reported (the
-            // next pull finds them duplicates).
-            let ingesting = tokio::spawn(ingest_page(
+            // next pull finds them duplicates). Kept where the op lock's next holder awaits
+            // it (as a push's cursor writes): a checkout must not hand the log to another
+            // branch before the resolutions this writes, which belong to this one.
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            let ingesting = ingest_page(
                 replica.clone(),
                 self.inner.notifier.clone(),
                 events,
                 wants_events,
                 wants_sync,
-            ));
-            let ingested = ingesting.await.map_err(SyncError::transport)??;
+            );
+            self.finish_recording().await?;
+            self.start_recording(async move {
+                // Err: the pull was cut short; what was stored is reported already.
+                let _ = answer.send(ingesting.await);
+                Ok(())
+            })
+            .await;
+            self.finish_recording().await?;
+            let ingested = answered
+                .await
+                .map_err(|_| SyncError::Protocol("storing a pulled page stopped".into()))??;
             since = since.saturating_add(count);
             // After the events: a crash in between re-pulls the page, which deduplicates.
             if count > 0 {

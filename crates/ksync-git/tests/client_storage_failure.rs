@@ -15,7 +15,7 @@ use ksync_core::{
 use ksync_testkit::FailAppend;
 use serde_json::json;
 
-use common::{call, http, start};
+use common::{branch_events, call, http, start};
 
 /// A pull brings a new event `y` and a revision of `x` that conflicts with ours. Writing the
 /// revision that settles the conflict fails, after `y` was stored: the pull fails, but `y`
@@ -261,4 +261,96 @@ async fn a_push_whose_cursor_cannot_be_recorded_reports_its_batch_once() {
     let pushed = ksync.client().push().await.expect("the next push");
     assert_eq!(pushed.pushed_events, std::slice::from_ref(&event));
     assert_eq!(synced.ids(), [event.id], "synced once");
+}
+
+/// A pull cut short while the storage settles a conflict (as above), then a checkout of
+/// another branch: the pull's storing, which goes on by itself, ends before the checkout
+/// hands the log over, so the revision it writes is the pulled branch's. Landed after the
+/// checkout, it was the other branch's, and its next push sent it there.
+#[tokio::test]
+async fn a_checkout_after_a_pull_cut_short_waits_for_what_it_stores() {
+    let server = start(&["r"]).await;
+    let (status, body) = call(
+        http()
+            .post(server.url("/git/r/branches/main/events"))
+            .json(&json!({"baseVersion": 0, "events": [
+                {"id": "y", "type": "t", "data": "new", "timestamp": 2, "version": 1, "origin": "them"},
+                {"id": "x", "type": "t", "data": "theirs", "timestamp": 2, "version": 1, "origin": "them"},
+            ]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(
+        http()
+            .post(server.url("/git/r/branches"))
+            .json(&json!({"name": "b", "from": "main"})),
+    )
+    .await;
+    assert!(status == 200 || status == 201, "{status} {body}");
+    let storage = Arc::new(Gate {
+        log: InMemoryStorage::new(),
+        reached: AtomicBool::new(false),
+        open: tokio::sync::Notify::new(),
+    });
+    let ksync = Arc::new(
+        KSync::builder()
+            .storage(storage.clone() as Arc<dyn Storage>)
+            .sync_client(Arc::new(common::client(&server.repo_url("r"))))
+            .build()
+            .await
+            .expect("ksync"),
+    );
+    ksync
+        .replica()
+        .ingest(vec![
+            Event::new("x", "t", json!("elsewhere"), 1).with_origin("other"),
+        ])
+        .await
+        .expect("held");
+    ksync.enable_auto_sync(AutoSync {
+        push_interval: std::time::Duration::ZERO,
+        pull_interval: std::time::Duration::from_secs(3600),
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !storage.reached.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pull never wrote the resolution"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    ksync.disconnect().await.expect("disconnect");
+    let client = Arc::clone(ksync.client());
+    let mut checkout = tokio::spawn(async move { client.checkout("b").await });
+    // Not an assertion: only gives a checkout that does not wait the time to finish first.
+    let done = tokio::time::timeout(std::time::Duration::from_secs(1), &mut checkout).await;
+    storage.open.notify_one();
+    match done {
+        Ok(joined) => joined.expect("joined").expect("checkout"),
+        Err(_) => checkout.await.expect("joined").expect("checkout"),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ksync
+        .replica()
+        .storage()
+        .latest("x")
+        .ok()
+        .flatten()
+        .is_none_or(|x| x.event.version != 2)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the resolution is never stored"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    ksync.client().push().await.expect("push b");
+    let on_b: Vec<(String, u64)> = branch_events(&server, "r", "b")
+        .into_iter()
+        .map(|e| (e.id, e.version))
+        .collect();
+    assert!(
+        !on_b.contains(&("x".to_owned(), 2)),
+        "main's resolution was pushed to b: {on_b:?}"
+    );
 }
