@@ -756,27 +756,23 @@ async fn catch_up_bytes_count_in_metrics_bandwidth() {
 async fn a_storage_keeps_its_replica_id_under_a_new_peer_id() {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage: Arc<dyn ksync_core::Storage> = Arc::new(InMemoryStorage::new());
-    let first = KSync::builder()
-        .storage(Arc::clone(&storage))
-        .sync_client(Arc::new(
-            builder(dir.path(), "first").build().expect("build"),
-        ))
-        .build()
-        .await
-        .expect("ksync");
+    let first = ksync_testkit::ksync_over(
+        Arc::clone(&storage),
+        builder(dir.path(), "first").build().expect("build"),
+    )
+    .await
+    .expect("ksync");
     let made = first
         .emit("note", serde_json::json!({"n": 1}))
         .await
         .expect("emit");
     assert_eq!(made.origin.as_deref(), Some("first"));
     drop(first);
-    let again = KSync::builder()
-        .storage(storage)
-        .sync_client(Arc::new(
-            builder(dir.path(), "renamed").build().expect("build"),
-        ))
-        .build()
-        .await
-        .expect("ksync");
+    let again = ksync_testkit::ksync_over(
+        storage,
+        builder(dir.path(), "renamed").build().expect("build"),
+    )
+    .await
+    .expect("ksync");
     assert_eq!(again.replica().id(), "first");
 }
