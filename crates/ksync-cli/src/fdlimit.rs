@@ -5,7 +5,8 @@
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
-/// Descriptors needed besides connections: log files, listeners, the runtime's own.
+/// Descriptors needed besides connections and open rooms' logs: listeners, data directory
+/// lock, the runtime's own.
 const SPARE: u64 = 256;
 
 /// Linux's default ceiling (`fs.nr_open`), tried when the hard limit is "unlimited" (which
@@ -13,9 +14,9 @@ const SPARE: u64 = 256;
 const UNLIMITED_TRY: u64 = 1 << 20;
 
 /// Raises the soft limit of open files to the hard one, and warns when what is then in force
-/// is below what `connections` open connections need. Returns the soft limit in force (`None`:
-/// unlimited).
-pub fn raise_open_file_limit(connections: u64) -> Option<u64> {
+/// is below the `descriptors` that connections and open rooms' logs need. Returns
+/// the soft limit in force (`None`: unlimited).
+pub fn raise_open_file_limit(descriptors: u64) -> Option<u64> {
     let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
     let in_force = match current {
         None => return None,
@@ -41,13 +42,14 @@ pub fn raise_open_file_limit(connections: u64) -> Option<u64> {
             }
         }
     };
-    let needed = connections.saturating_add(SPARE);
+    let needed = descriptors.saturating_add(SPARE);
     if in_force < needed {
         tracing::warn!(
             limit = in_force,
             needed,
-            "the open-file limit is below what the connection limits need: connections past it \
-             fail to be accepted (raise it with `ulimit -n`, or LimitNOFILE= under systemd)"
+            "the open-file limit is below what the connection limits need (open rooms' logs \
+             included): connections past it fail to be accepted, rooms past it to open (raise \
+             it with `ulimit -n`, or LimitNOFILE= under systemd)"
         );
     }
     Some(in_force)

@@ -116,6 +116,13 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_connections: usize,
 
+    /// Most WebSocket rooms open at once (each holds its log: up to 3 threads and 3 file
+    /// descriptors); a connection to a room that is not open gets 503 past it.
+    #[arg(long, env = "KSYNC_MAX_OPEN_ROOMS", value_name = "N",
+        default_value_t = Limits::default().max_open_rooms,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_open_rooms: usize,
+
     /// Most repository (`/git/...`) requests handled at once; more get 503 `busy` at once.
     #[arg(long, env = "KSYNC_MAX_GIT_REQUESTS", value_name = "N",
         default_value_t = Limits::default().max_git_requests,
@@ -330,6 +337,7 @@ impl ServeArgs {
             limits: Limits {
                 max_message_bytes: self.max_message_bytes,
                 max_connections: self.max_connections,
+                max_open_rooms: self.max_open_rooms,
                 heartbeat: Duration::from_secs(self.heartbeat_secs),
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
                 max_git_requests: self.max_git_requests,
@@ -353,11 +361,14 @@ impl ServeArgs {
 /// SIGHUP reads the certificate and key files again.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
-    let connections = config
+    // Each open room's log holds a descriptor, and its sync thread another (measured; a
+    // second sync thread, with a third descriptor, only while two syncs overlap).
+    let descriptors = config
         .limits
         .max_connections
-        .saturating_add(config.limits.max_http_connections);
-    crate::fdlimit::raise_open_file_limit(u64::try_from(connections).unwrap_or(u64::MAX));
+        .saturating_add(config.limits.max_http_connections)
+        .saturating_add(config.limits.max_open_rooms.saturating_mul(2));
+    crate::fdlimit::raise_open_file_limit(u64::try_from(descriptors).unwrap_or(u64::MAX));
     let auth = auth_summary(&config.auth);
     if !config.auth.is_enabled() && !config.bind.ip().is_loopback() {
         tracing::warn!(

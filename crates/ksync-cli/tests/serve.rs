@@ -1215,6 +1215,36 @@ fn serve_raises_its_open_file_limit_and_warns_when_it_stays_too_low() {
     );
 }
 
+/// `--max-open-rooms` caps the rooms open at once: with one open, a connection to another
+/// room gets 503 `too many open rooms`, against the real binary.
+#[tokio::test]
+async fn max_open_rooms_is_a_serve_flag() {
+    let Served { child, addr, .. } = common::serve(
+        &["--in-memory", "--max-open-rooms", "1"],
+        &[],
+        Stdio::null(),
+    );
+    let (mut first, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/first"))
+        .await
+        .expect("the first room");
+    ws_send(&mut first, json!({"type": "hello", "protocol": 1})).await;
+    assert_eq!(ws_recv(&mut first).await["type"], "welcome");
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws/second")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503);
+            let body: Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                    .expect("JSON body");
+            assert_eq!(body, json!({"error": "too many open rooms"}));
+        }
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
+    drop(first);
+    sigterm(&child);
+    let mut child = child;
+    assert!(child.wait().expect("wait").success());
+}
+
 /// The repository service's limits are `ksync serve` flags: `--max-branches-per-repo` (one
 /// more branch is 409 `too_many_branches`) and `--git-body-memory-bytes` (a push that would
 /// decode past it is 413), against the real binary.

@@ -66,6 +66,11 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Most simultaneous WebSocket connections (10,000); more are refused.
     pub max_connections: usize,
+    /// Most WebSocket rooms open at once (4,096; see `ksync_ws::server::RelayConfig::
+    /// max_open_rooms`): each open room holds its log, a writer thread and up to 2 sync
+    /// threads, with a file descriptor each. A connection to a room that is not open is
+    /// refused with 503 past it; rooms close once their last connection leaves.
+    pub max_open_rooms: usize,
     /// Interval between server pings on idle WebSockets (30 s); a client that misses a pong
     /// is dropped.
     pub heartbeat: Duration,
@@ -117,6 +122,7 @@ impl Default for Limits {
         Self {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_connections: 10_000,
+            max_open_rooms: ksync_ws::server::RelayConfig::default().max_open_rooms,
             heartbeat: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             max_git_requests: 256,

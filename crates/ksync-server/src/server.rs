@@ -303,6 +303,7 @@ fn relay_config(limits: &Limits) -> RelayConfig {
     RelayConfig {
         max_message_size: limits.max_message_bytes,
         max_connections: limits.max_connections,
+        max_open_rooms: limits.max_open_rooms,
         heartbeat: limits.heartbeat,
         ..RelayConfig::default()
     }

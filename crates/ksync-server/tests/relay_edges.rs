@@ -256,6 +256,75 @@ async fn refusals_have_the_documented_status_and_json_body() {
     running.shutdown().await.unwrap();
 }
 
+/// `max_open_rooms`: once that many rooms are open (each holds its log: a writer thread, sync
+/// threads and their file descriptors), a connection to a room that is not open is refused
+/// with 503 and the documented JSON body; the open rooms keep serving and take more
+/// connections, and a room that closed (its last connection gone) frees its place. Nothing
+/// acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_past_max_open_rooms_are_refused_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Server::bind(ServerConfig {
+        limits: ksync_server::Limits {
+            max_open_rooms: 3,
+            ..ksync_server::Limits::default()
+        },
+        ..on_disk(dir.path())
+    })
+    .await
+    .unwrap();
+    let addr = running.local_addr();
+    let url = |room: &str| format!("ws://{addr}/ws/{room}");
+    async fn publish(ws: &mut Ws, p: u64, n: u64) {
+        let message = json!({"type":"publish","ref":n,"events":[event(p, n)]});
+        ws.send(Message::text(message.to_string())).await.unwrap();
+        let ack = recv(ws).await;
+        assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+    }
+    let mut open = Vec::new();
+    for (p, room) in (1..).zip(["a", "b", "c"]) {
+        let mut ws = join(&url(room)).await;
+        publish(&mut ws, p, 1).await;
+        open.push(ws);
+    }
+    let error = tokio_tungstenite::connect_async(url("d"))
+        .await
+        .expect_err("a fourth room");
+    assert_eq!(
+        refusal(error),
+        (503, json!({"error": "too many open rooms"}))
+    );
+    // An open room takes another connection; the open rooms go on storing.
+    let mut second = join(&url("a")).await;
+    publish(&mut second, 1, 2).await;
+    publish(&mut open[1], 2, 2).await;
+    // Room c's last connection leaves: the room closes (in its own time) and frees its place.
+    let mut c = open.pop().unwrap();
+    c.close(None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut d = loop {
+        match tokio_tungstenite::connect_async(url("d")).await {
+            Ok(_) => break join(&url("d")).await,
+            Err(error) => {
+                assert_eq!(refusal(error).0, 503);
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "room c never closed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    publish(&mut d, 4, 1).await;
+    drop((open, second, d, c));
+    running.shutdown().await.unwrap();
+    let provider: Arc<dyn ksync_core::StorageProvider> =
+        Arc::new(ksync_storage_file::FileProvider::new(dir.path()).unwrap());
+    for (room, events) in [("a", 2), ("b", 2), ("c", 1), ("d", 1)] {
+        assert_eq!(log_of(&provider, room).len(), events, "{room}");
+    }
+}
+
 /// A monitor (or a relay connection) that has not said `hello` yet when the server shuts down
 /// is closed with 1001 at once, as the doc says of monitors at shutdown.
 #[tokio::test]

@@ -80,9 +80,16 @@ pub struct RelayConfig {
     /// publishers wait. A publish larger than this waits for the whole budget. Default 64 MiB.
     pub room_queue_bytes: usize,
     /// Most open connections; more are refused before the upgrade with 503. Default 10 000.
-    /// Also bounds the open rooms (each a log and a task): a room closes once its last
-    /// connection has left, so at most one room per connection is open.
     pub max_connections: usize,
+    /// Most rooms open at once, each with its log and its task (a room closes once its last
+    /// connection has left). A file log costs a writer thread and a file descriptor, and a
+    /// sync thread and descriptor each for up to 2 syncs in flight: without this cap, clients
+    /// joining `max_connections` distinct rooms cost the process ~2 threads and ~3
+    /// descriptors per connection (measured), 20,000 threads at the defaults, past the
+    /// thread or process limits of many hosts. Overflow policy: a connection to a room that
+    /// is not open is refused before the upgrade with 503 `too many open rooms` (clients
+    /// retry it later, as any 5xx); rooms already open take joins as before. Default 4096.
+    pub max_open_rooms: usize,
     /// Most events committed in one storage append (group commit), and most gathered from
     /// one connection's back-to-back publishes before they are committed. Default 4096.
     pub max_batch_events: usize,
@@ -116,6 +123,7 @@ impl Default for RelayConfig {
             room_queue: 1024,
             room_queue_bytes: 64 << 20,
             max_connections: 10_000,
+            max_open_rooms: 4096,
             max_batch_events: 4096,
             page_size: 512,
             read_buffer_size: 2048,
@@ -135,6 +143,9 @@ pub enum RelayError {
     /// The relay is shutting down: no room is opened any more.
     #[error("the relay is shutting down")]
     ShuttingDown,
+    /// The room is not open and `RelayConfig::max_open_rooms` rooms are.
+    #[error("{0} rooms are open, the most the relay opens at once")]
+    TooManyRooms(usize),
     /// A room's log could not be opened.
     #[error("opening the log of room {room}: {source}")]
     Storage {
@@ -216,6 +227,9 @@ pub(crate) struct Shared {
     rooms: Mutex<HashMap<Name, RoomHandle>>,
     next_room: AtomicU64,
     connections: AtomicUsize,
+    /// One permit per open room (`RelayConfig::max_open_rooms`), held by the room until its
+    /// log is released.
+    room_slots: Arc<Semaphore>,
     /// One permit per in-band refusal in progress (`RelayConfig::max_in_band_refusals`).
     in_band_refusals: Arc<Semaphore>,
     next_conn: AtomicU64,
@@ -292,6 +306,7 @@ impl Relay {
             ("max_batch_events", config.max_batch_events),
             ("page_size", config.page_size),
             ("max_connections", config.max_connections),
+            ("max_open_rooms", config.max_open_rooms),
         ] {
             if value == 0 {
                 return Err(RelayError::Config(format!("{field} must be at least 1")));
@@ -328,6 +343,9 @@ impl Relay {
         }
         let (shutdown, _) = watch::channel(false);
         let (activity, _) = broadcast::channel(ACTIVITY_CAPACITY);
+        let room_slots = Arc::new(Semaphore::new(
+            config.max_open_rooms.min(Semaphore::MAX_PERMITS),
+        ));
         let in_band_refusals = Arc::new(Semaphore::new(
             config.max_in_band_refusals.min(Semaphore::MAX_PERMITS),
         ));
@@ -340,6 +358,7 @@ impl Relay {
                 rooms: Mutex::new(HashMap::new()),
                 next_room: AtomicU64::new(0),
                 connections: AtomicUsize::new(0),
+                room_slots,
                 in_band_refusals,
                 next_conn: AtomicU64::new(1),
                 activity,
@@ -362,7 +381,8 @@ impl Relay {
     /// Rooms open now, each with its log and its task (including one that is closing). A
     /// room opens with its first connection and closes once its last connection has left and
     /// nothing it was sent is still queued; the next connection opens it again from its log.
-    /// So at most one room per open connection is open, whatever names clients ask for.
+    /// So at most one room per open connection is open, whatever names clients ask for, and
+    /// at most `RelayConfig::max_open_rooms`.
     pub fn open_rooms(&self) -> usize {
         self.shared
             .rooms
@@ -528,6 +548,10 @@ impl Relay {
             Err(RelayError::ShuttingDown) => {
                 return refuse(StatusCode::SERVICE_UNAVAILABLE, "server shutting down");
             }
+            Err(RelayError::TooManyRooms(open)) => {
+                tracing::warn!(room = %room, open, "room refused: max_open_rooms rooms are open");
+                return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many open rooms");
+            }
             // `notes` beside a stored `Notes`: the client's to change, like any bad name.
             Err(RelayError::Storage {
                 source: source @ ksync_core::StorageError::NameClash { .. },
@@ -614,6 +638,11 @@ impl Shared {
                 }
                 Lookup::Absent => {}
             }
+            // Taken before the log is opened and held by the room until its log is released
+            // (`Room::open`), so no more than `max_open_rooms` logs are open for rooms.
+            let slot = Arc::clone(&self.room_slots)
+                .try_acquire_owned()
+                .map_err(|_| RelayError::TooManyRooms(self.config.max_open_rooms))?;
             // Opening a log may take long (a file log replays itself): off the runtime's
             // workers and outside the room map's lock, so that other rooms keep working.
             let provider = Arc::clone(&self.provider);
@@ -646,6 +675,7 @@ impl Shared {
             let (link, task) = Room::open(
                 name.clone(),
                 storage,
+                slot,
                 Arc::clone(&self.provider),
                 &self.config,
                 self.activity.clone(),

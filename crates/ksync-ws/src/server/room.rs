@@ -333,6 +333,9 @@ struct RoomShared {
     log_id: String,
     /// Last, so that it drops after every `Arc` of the log above.
     _release: Release,
+    /// The room's place among `RelayConfig::max_open_rooms`, given back once the log is
+    /// released (after `_release`).
+    _slot: OwnedSemaphorePermit,
 }
 
 /// The metadata key of a room log's id.
@@ -483,6 +486,7 @@ impl Room {
     pub(crate) fn open(
         room: Name,
         storage: Arc<dyn Storage>,
+        slot: OwnedSemaphorePermit,
         provider: Arc<dyn StorageProvider>,
         config: &RelayConfig,
         activity: broadcast::Sender<RelayActivity>,
@@ -520,6 +524,7 @@ impl Room {
             queue_bytes_total,
             log_id,
             _release: release,
+            _slot: slot,
         });
         let task = run(Arc::clone(&shared), rx, store_log_id);
         (RoomLink { tx, shared }, task)
