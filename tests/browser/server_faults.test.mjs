@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { deflateRawSync } from 'node:zlib';
 import { after, before, test } from 'node:test';
 import { createServer } from 'node:net';
+import { readFileSync } from 'node:fs';
 
 import { errorsOf, fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, startServer, waitFor, storedAck } from './lib.mjs';
 
@@ -229,6 +230,32 @@ test('a welcome of another protocol version is refused: the client closes with 4
   const errors = await errorsOf(page);
   assert.deepEqual(errors.filter((e) => e.startsWith('unsupported_protocol:')).length, 1, errors.join('\n'));
   assert.equal(await page.evaluate(() => window.client.connected), false);
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('a client of another protocol version against the relay: one unsupported_protocol error (closeCode 4001), connect() rejected with it, no reconnect', async () => {
+  // This module as a client of version 2 would be (the real relay speaks 1).
+  const page = await browser.newPage();
+  const v1 = process.env.KSYNC_CLIENT_JS
+    ? readFileSync(process.env.KSYNC_CLIENT_JS, 'utf8')
+    : await (await fetch(`${server.http}/ksync.js`)).text();
+  const v2 = v1.replace('export const PROTOCOL_VERSION = 1;', 'export const PROTOCOL_VERSION = 2;');
+  assert.notEqual(v2, v1);
+  await page.route('**/ksync.js', (route) => route.fulfill({ body: v2, contentType: 'text/javascript' }));
+  await page.goto(`${server.http}/health`);
+  const rejected = await page.evaluate(async (url) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 10, max: 20 } });
+    Object.assign(window, { errors: [], attempts: [], client });
+    client.on('error', (error) => window.errors.push([error.code, error.closeCode ?? null]));
+    client.on('reconnecting', (attempt) => window.attempts.push(attempt));
+    return client.connect().then(() => 'connected', (error) => [error.code, error.closeCode ?? null]);
+  }, `${server.ws}/ws/newer-client`);
+  assert.deepEqual(rejected, ['unsupported_protocol', 4001]);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.deepEqual(await page.evaluate(() => ({ errors: window.errors, attempts: window.attempts })),
+    { errors: [['unsupported_protocol', 4001]], attempts: [] });
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });

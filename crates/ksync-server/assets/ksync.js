@@ -36,8 +36,9 @@ const TOKEN_CHARS = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 // same ones.
 const FATAL_CLOSE_CODES = new Set([1002, 1003, 1007, 4000, 4001, 4400, 4401, 4403]);
 // `error` codes the relay sends just before refusing a connection in-band (close 4400, 4401,
-// 4403 or 4429): a browser cannot see the HTTP status of a refused upgrade.
-const REFUSAL_CODES = new Set(['unauthorized', 'forbidden', 'rate_limited', 'bad_room']);
+// 4403 or 4429): a browser cannot see the HTTP status of a refused upgrade. Also its answer to
+// a `hello` of another protocol version (close 4001): one error, carrying the close code.
+const REFUSAL_CODES = new Set(['unauthorized', 'forbidden', 'rate_limited', 'bad_room', 'unsupported_protocol']);
 // Most events per `publish` (the relay's own limit per message is larger).
 const MAX_BATCH = 256;
 // Bytes of a `publish` besides its events: `{"type":"publish","ref":N,"events":[...]}`.
