@@ -3,7 +3,7 @@
 //! out encrypted (before, the filter saw only the envelope and let it through).
 mod common;
 use common::{TestRelay, replica, until};
-use ksync_core::{Direction, Filter, InMemoryStorage, KSync};
+use ksync_core::{Direction, Filter, InMemoryStorage};
 use ksync_middleware::{Decrypt, Encrypt, FieldCipher};
 use ksync_ws::WebSocketSyncClient;
 use serde_json::json;
@@ -14,17 +14,15 @@ async fn public_only_holds_back_private_events_that_outgoing_middleware_encrypts
     let relay = TestRelay::start().await;
     let url = relay.url("private-encrypted");
     let cipher = FieldCipher::from_key([31; 32]);
-    let alice = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(
-            WebSocketSyncClient::builder(url.as_str())
-                .filter(Filter::PublicOnly)
-                .build()
-                .expect("client"),
-        ))
-        .build()
-        .await
-        .expect("ksync");
+    let alice = ksync_testkit::ksync_over(
+        Arc::new(InMemoryStorage::new()),
+        WebSocketSyncClient::builder(url.as_str())
+            .filter(Filter::PublicOnly)
+            .build()
+            .expect("client"),
+    )
+    .await
+    .expect("ksync");
     alice
         .client()
         .use_middleware(Direction::Outgoing, Encrypt::new(cipher.clone()));

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use ksync_core::{Filter, InMemoryStorage, KSync};
+use ksync_core::{Filter, InMemoryStorage};
 use ksync_ws::WebSocketSyncClient;
 use serde_json::json;
 
@@ -33,10 +33,7 @@ async fn filtered_clients_send_public_events_only() {
     let mut private_ids = Vec::new();
     let mut replicas = Vec::new();
     for client in [with_predicate, with_builtin] {
-        let ksync = KSync::builder()
-            .storage(Arc::new(InMemoryStorage::new()))
-            .sync_client(Arc::new(client))
-            .build()
+        let ksync = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
             .await
             .expect("ksync");
         ksync.connect().await.expect("connect");

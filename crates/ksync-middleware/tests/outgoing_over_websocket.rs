@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ksync_core::{Direction, InMemoryStorage, KSync, ManualClock, Storage};
+use ksync_core::{Direction, InMemoryStorage, ManualClock, Storage};
 use ksync_middleware::{Overflow, RateLimit, Redact};
 use ksync_ws::WebSocketSyncClient;
 use serde_json::json;
@@ -19,14 +19,12 @@ async fn redaction_changes_what_leaves_not_the_local_copy() {
     let relay = TestRelay::start().await;
     let url = relay.url("redacted");
     let storage = Arc::new(InMemoryStorage::new());
-    let alice = KSync::builder()
-        .storage(Arc::clone(&storage) as Arc<dyn Storage>)
-        .sync_client(Arc::new(
-            WebSocketSyncClient::new(url.as_str()).expect("client"),
-        ))
-        .build()
-        .await
-        .expect("ksync");
+    let alice = ksync_testkit::ksync_over(
+        Arc::clone(&storage) as Arc<dyn Storage>,
+        WebSocketSyncClient::new(url.as_str()).expect("client"),
+    )
+    .await
+    .expect("ksync");
     let bob = replica(&url).await;
     alice.client().use_middleware(
         Direction::Outgoing,

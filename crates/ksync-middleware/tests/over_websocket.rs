@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use ksync_core::{Direction, InMemoryStorage, KSync, Storage};
+use ksync_core::{Direction, InMemoryStorage, KSync};
 use ksync_middleware::{Decrypt, Encrypt, FieldCipher, Tap};
 use ksync_ws::WebSocketSyncClient;
 use serde_json::json;
@@ -150,14 +150,12 @@ async fn a_replica_given_the_right_key_later_does_not_read_back_what_it_skipped(
     let bob_with = |cipher: FieldCipher| {
         let (storage, url) = (Arc::clone(&storage), url.clone());
         async move {
-            let bob = KSync::builder()
-                .storage(storage as Arc<dyn Storage>)
-                .sync_client(Arc::new(
-                    WebSocketSyncClient::new(url.as_str()).expect("client"),
-                ))
-                .build()
-                .await
-                .expect("ksync");
+            let bob = ksync_testkit::ksync_over(
+                storage,
+                WebSocketSyncClient::new(url.as_str()).expect("client"),
+            )
+            .await
+            .expect("ksync");
             with_cipher(&bob, &cipher);
             bob
         }

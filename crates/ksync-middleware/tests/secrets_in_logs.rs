@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::Arc;
 
-use ksync_core::{Auth, Direction, InMemoryStorage, KSync};
+use ksync_core::{Auth, Direction, InMemoryStorage};
 use ksync_middleware::{Decrypt, Encrypt, FieldCipher, Tap};
 use ksync_ws::WebSocketSyncClient;
 use serde_json::json;
@@ -37,18 +37,16 @@ async fn credentials_and_encrypted_plaintext_never_reach_the_logs() {
     let replica = |auth: Auth| {
         let url = url.clone();
         async move {
-            KSync::builder()
-                .storage(Arc::new(InMemoryStorage::new()))
-                .sync_client(Arc::new(
-                    WebSocketSyncClient::builder(url.as_str())
-                        .auth(auth)
-                        .debug(true)
-                        .build()
-                        .expect("client"),
-                ))
-                .build()
-                .await
-                .expect("ksync")
+            ksync_testkit::ksync_over(
+                Arc::new(InMemoryStorage::new()),
+                WebSocketSyncClient::builder(url.as_str())
+                    .auth(auth)
+                    .debug(true)
+                    .build()
+                    .expect("client"),
+            )
+            .await
+            .expect("ksync")
         }
     };
     let alice = replica(Auth::api_key(API_KEY)).await;

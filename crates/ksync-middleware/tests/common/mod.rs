@@ -66,12 +66,12 @@ impl TestRelay {
 
 /// A replica with in-memory storage on a default client for `url`.
 pub async fn replica(url: &str) -> KSync<WebSocketSyncClient> {
-    KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(WebSocketSyncClient::new(url).expect("client")))
-        .build()
-        .await
-        .expect("ksync")
+    ksync_testkit::ksync_over(
+        Arc::new(InMemoryStorage::new()),
+        WebSocketSyncClient::new(url).expect("client"),
+    )
+    .await
+    .expect("ksync")
 }
 
 /// Waits (up to 10 s) for `f` to hold.
