@@ -1,17 +1,16 @@
 //! The JSON examples of docs/PROTOCOL.md's WebSocket section are what the relay and the
 //! client speak: each decodes as the message its `type` names, and every field it shows
-//! survives decoding (a field the types do not know would be skipped silently).
+//! survives decoding (a field the types do not know would be skipped silently). And every
+//! ```json block of the document is JSON (a reader may feed it to a parser as it is).
 
 use ksync_ws::protocol::{CLIENT_TYPES, ClientMessage, SERVER_TYPES, ServerMessage, decode};
 use serde_json::Value;
 
 const DOC: &str = include_str!("../../../docs/PROTOCOL.md");
 
-/// Every JSON value of the ```json blocks of the WebSocket section (a block may hold several).
-fn examples() -> Vec<Value> {
-    let start = DOC.find("## WebSocket").expect("the WebSocket section");
-    let end = start + DOC[start..].find("\n## ").expect("the next section");
-    let mut rest = &DOC[start..end];
+/// Every JSON value of the ```json blocks of `text` (a block may hold several).
+fn json_blocks(text: &str) -> Vec<Value> {
+    let mut rest = text;
     let mut found = Vec::new();
     while let Some(open) = rest.find("```json\n") {
         let block = &rest[open + 8..];
@@ -22,6 +21,19 @@ fn examples() -> Vec<Value> {
         rest = &block[close + 3..];
     }
     found
+}
+
+/// The examples of the WebSocket section.
+fn examples() -> Vec<Value> {
+    let start = DOC.find("## WebSocket").expect("the WebSocket section");
+    let end = start + DOC[start..].find("\n## ").expect("the next section");
+    json_blocks(&DOC[start..end])
+}
+
+#[test]
+fn every_json_block_of_the_document_is_json() {
+    // `json_blocks` panics on one that is not.
+    assert!(json_blocks(DOC).len() >= 18, "the examples were found");
 }
 
 /// Whether every field of `example` is in `encoded` with its value, or is a default the
