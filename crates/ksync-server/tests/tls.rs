@@ -71,10 +71,7 @@ async fn ws_replica(url: &str, root_pem: Option<&str>) -> KSync<WebSocketSyncCli
     if let Some(pem) = root_pem {
         builder = builder.tls_root_certificates_pem(pem);
     }
-    KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(builder.build().unwrap()))
-        .build()
+    ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), builder.build().unwrap())
         .await
         .unwrap()
 }
@@ -184,10 +181,7 @@ async fn git_clients_push_and_clone_over_https() {
         }
         builder.build().unwrap()
     };
-    let writer = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(git(Some(&cert.pem))))
-        .build()
+    let writer = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), git(Some(&cert.pem)))
         .await
         .unwrap();
     writer.client().create_repo().await.unwrap();
@@ -195,10 +189,7 @@ async fn git_clients_push_and_clone_over_https() {
     writer.emit("note", json!({"n": 2})).await.unwrap();
     writer.push().await.unwrap();
 
-    let reader = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(git(Some(&cert.pem))))
-        .build()
+    let reader = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), git(Some(&cert.pem)))
         .await
         .unwrap();
     reader.client().clone_repo(&url, "main").await.unwrap();
