@@ -46,7 +46,7 @@ pub use notify::{
     Handler, HandlerId, Metrics, Notification, NotificationKind, NotificationStream, Notifier,
     STREAM_CAPACITY, STREAM_CAPACITY_BYTES, Status, StreamError, Subscription,
 };
-pub use replica::{Ingested, REVISION_ATTEMPTS, Replica};
+pub use replica::{Forwarded, Ingested, REVISION_ATTEMPTS, Replica};
 pub use storage::{BoxFuture, InMemoryStorage, Storage, StorageError};
 
 /// `tracing`, for [`debug_log!`]'s expansion in other crates.

@@ -77,6 +77,18 @@ pub struct Ingested {
     pub resolutions: Vec<Stored>,
 }
 
+/// What [`Replica::forward`] did with an event handed over.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Forwarded {
+    /// The sequence number of another replica's event that was already stored and is now
+    /// marked: it may lie behind a transport's scan position (see
+    /// [`Replica::record_forward`]).
+    pub marked: Option<u64>,
+    /// The conflict found when the event collided with a stored revision (settled as
+    /// [`Replica::ingest`] settles it; the settling revision is pending).
+    pub conflicts: Vec<Conflict>,
+}
+
 impl Ingested {
     /// The new events without sequence numbers.
     pub fn new_events(&self) -> Vec<Event> {
@@ -389,15 +401,33 @@ impl Replica {
     /// Returns the sequence number of another replica's event that was already stored and is
     /// now marked: it may lie behind a transport's scan position, which must then look again
     /// from there. `None` otherwise (new events are at the end of the log).
-    pub async fn record_forward(&self, mut event: Event) -> Result<Option<u64>, SyncError> {
+    ///
+    /// The conflict a collision brings is not returned: see [`Replica::forward`].
+    pub async fn record_forward(&self, event: Event) -> Result<Option<u64>, SyncError> {
+        self.forward(event).await.map(|f| f.marked)
+    }
+
+    /// [`Replica::record_forward`], also returning the conflict that settling a collision
+    /// with a stored revision found, for the transport to report (`conflict`) as it reports
+    /// those of received events.
+    pub async fn forward(&self, mut event: Event) -> Result<Forwarded, SyncError> {
         if event.origin.as_deref().is_none_or(|o| o == self.id()) {
             event.origin = Some(self.id().to_owned());
-            return self.record_local_seq(event).await.map(|_| None);
+            return self
+                .record_local_seq(event)
+                .await
+                .map(|_| Forwarded::default());
         }
         let (seq, already_stored) = match self.append_one(event.clone()).await? {
             AppendOutcome::Appended { seq } => (seq, false),
             AppendOutcome::Duplicate { seq } => (seq, true),
-            AppendOutcome::Conflict(_) => return self.ingest(vec![event]).await.map(|_| None),
+            AppendOutcome::Conflict(_) => {
+                let ingested = self.ingest(vec![event]).await?;
+                return Ok(Forwarded {
+                    marked: None,
+                    conflicts: ingested.conflicts,
+                });
+            }
         };
         if !self.inner.has_forwards.load(Ordering::Acquire) {
             self.inner.storage.set_meta(FORWARDS_KEY, "1").await?;
@@ -407,7 +437,10 @@ impl Replica {
             .storage
             .set_meta(&format!("{FORWARD_PREFIX}{seq}"), "1")
             .await?;
-        Ok(already_stored.then_some(seq))
+        Ok(Forwarded {
+            marked: already_stored.then_some(seq),
+            conflicts: Vec::new(),
+        })
     }
 
     /// Whether this replica sends `stored` on: it was made here (origin = our id) or handed

@@ -2390,7 +2390,12 @@ impl SyncClient for GitSyncClient {
         Box::pin(async move {
             event.validate(&EventLimits::default())?;
             let replica = self.replica();
-            let Some(seq) = replica.record_forward(event).await? else {
+            let forwarded = replica.forward(event).await?;
+            // A collision was settled as for a pulled event: reported as one is.
+            for conflict in forwarded.conflicts {
+                self.inner.notifier.emit(Notification::Conflict(conflict));
+            }
+            let Some(seq) = forwarded.marked else {
                 return Ok(());
             };
             // It was already stored, perhaps behind its branch's push cursor: move the cursor

@@ -565,6 +565,42 @@ async fn another_replicas_event_handed_to_the_client_is_pushed_with_its_origin()
     );
 }
 
+/// Another replica's event handed over that collides with a revision held here is settled
+/// by the conflict policy, as a pulled one is: the application hears of the conflict (a
+/// `conflict` notification, as the P2P client gives), and the settling revision is pushed.
+#[tokio::test]
+async fn a_forward_that_collides_is_reported_as_a_conflict() {
+    let (server, _url, bridge, _reader) = bridge_and_reader().await;
+    bridge
+        .replica()
+        .ingest(vec![
+            Event::new("x", "note", json!({"n": 1}), 50).with_origin("peer-p"),
+        ])
+        .await
+        .expect("held");
+    let conflicts = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&conflicts);
+    let _sub = bridge
+        .on("conflict", move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        })
+        .expect("on");
+    let other = Event::new("x", "note", json!({"n": 2}), 60).with_origin("peer-q");
+    bridge.client().send(other).await.expect("forward");
+    assert_eq!(
+        conflicts.load(Ordering::SeqCst),
+        1,
+        "the collision is reported"
+    );
+    bridge.push().await.expect("push");
+    let versions: Vec<u64> = branch_events(&server, "r", "main")
+        .into_iter()
+        .filter(|e| e.id == "x")
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(versions, [2], "the settling revision is pushed");
+}
+
 #[tokio::test]
 async fn a_push_in_many_batches_fast_forwards_through_all_of_them() {
     let server = start(&["r"]).await;

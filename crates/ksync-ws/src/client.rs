@@ -566,7 +566,12 @@ impl WebSocketSyncClient {
             Some(replica) => {
                 // Stored if new (through KSync it already is) and pending here: our own, or
                 // another replica's handed to us (a bridge), kept with its origin.
-                if let Some(seq) = replica.record_forward(event).await? {
+                let forwarded = replica.forward(event).await?;
+                // A collision was settled as for a received event: reported as one is.
+                for conflict in forwarded.conflicts {
+                    self.inner.notifier.emit(Notification::Conflict(conflict));
+                }
+                if let Some(seq) = forwarded.marked {
                     // Already stored, perhaps behind this client's scan: look again. Perhaps
                     // also behind the acknowledged cursor, where the next session (also after
                     // a restart) starts: moved back durably, so it goes out even if this

@@ -171,3 +171,39 @@ async fn a_forward_behind_the_ack_cursor_goes_out_again_after_a_failed_publish()
     bridge.disconnect().await.expect("disconnect");
     server.stop().await;
 }
+
+/// Another replica's event handed over that collides with a revision held here is settled
+/// by the conflict policy, as a received one is: the application hears of the conflict (a
+/// `conflict` notification, as the P2P client gives), and the settling revision goes out.
+#[tokio::test]
+async fn a_forward_that_collides_is_reported_as_a_conflict() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("bridge-conflict"));
+    let bridge = ksync_over(Arc::new(InMemoryStorage::new()), &url).await;
+    bridge
+        .replica()
+        .ingest(vec![foreign()])
+        .await
+        .expect("ingest");
+    let rec = Recorder::attach(bridge.client().as_ref());
+    bridge.connect().await.expect("connect");
+    let other = Event::new("x", "note", json!({"n": 2}), 2).with_origin("third-replica");
+    bridge.client().send(other).await.expect("forward");
+    assert_eq!(
+        rec.count(|n| matches!(n, ksync_core::Notification::Conflict(_))),
+        1,
+        "the collision is reported"
+    );
+    let storage = Arc::clone(bridge.replica().storage());
+    eventually("the settling revision stored", || {
+        storage
+            .latest("x")
+            .ok()
+            .flatten()
+            .is_some_and(|x| x.event.version == 2)
+    })
+    .await;
+    room_gets(&url, "x").await;
+    bridge.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
