@@ -64,10 +64,7 @@ type GitNode = KSync<GitSyncClient>;
 
 async fn git_node(url: &str, storage: Arc<dyn Storage>) -> GitNode {
     let client = GitSyncClient::builder(url).build().expect("client");
-    KSync::builder()
-        .storage(storage)
-        .sync_client(Arc::new(client))
-        .build()
+    ksync_testkit::ksync_over(storage, client)
         .await
         .expect("ksync")
 }
@@ -251,10 +248,7 @@ async fn run_ws_case(server: &RunningServer, clients: usize, ops: Vec<WsOp>) -> 
             .reconnect_delay(Duration::from_millis(10), Duration::from_millis(100))
             .build()
             .map_err(|e| e.to_string())?;
-        let node = KSync::builder()
-            .storage(Arc::new(InMemoryStorage::new()))
-            .sync_client(Arc::new(client))
-            .build()
+        let node = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
             .await
             .map_err(|e| e.to_string())?;
         node.connect().await.map_err(|e| e.to_string())?;

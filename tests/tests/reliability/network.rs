@@ -30,10 +30,7 @@ fn ws_client(url: &str) -> WebSocketSyncClient {
 }
 
 async fn ws_node(url: &str) -> KSync<WebSocketSyncClient> {
-    KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(ws_client(url)))
-        .build()
+    ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), ws_client(url))
         .await
         .expect("ksync")
 }
@@ -169,10 +166,7 @@ async fn git_client_through_a_faulty_proxy_loses_and_duplicates_nothing() {
         .create_repo()
         .await
         .expect("create repo");
-    let a = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(git_client(&proxied_url)))
-        .build()
+    let a = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), git_client(&proxied_url))
         .await
         .expect("ksync");
     let faults = [
@@ -213,12 +207,10 @@ async fn git_client_through_a_faulty_proxy_loses_and_duplicates_nothing() {
     // Retry until a sync goes through: the client resends what it is not sure of.
     let synced = eventually(Duration::from_secs(30), async || a.sync().await.is_ok()).await;
     assert!(synced, "sync never succeeded after the faults");
-    let reader = KSync::builder()
-        .storage(Arc::new(InMemoryStorage::new()))
-        .sync_client(Arc::new(git_client(&direct_url)))
-        .build()
-        .await
-        .expect("ksync");
+    let reader =
+        ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), git_client(&direct_url))
+            .await
+            .expect("ksync");
     reader.pull().await.expect("pull");
     let server_log: Vec<String> = server
         .provider()
