@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ksync_core::{
-    AutoSync, BoxFuture, Event, InMemoryStorage, KSync, MergeOutcome, Notification, PullPushClient,
+    AutoSync, BoxFuture, Event, InMemoryStorage, MergeOutcome, Notification, PullPushClient,
     Storage, StorageError, Stored, SyncClient,
 };
 use ksync_testkit::FailAppend;
@@ -40,10 +40,7 @@ async fn a_pull_whose_resolution_cannot_be_written_reports_what_it_stored() {
         // The revision settling the conflict over `x`.
         |events| events.iter().any(|e| e.id == "x" && e.version == 2),
     ));
-    let ksync = KSync::builder()
-        .storage(storage.clone() as Arc<dyn Storage>)
-        .sync_client(Arc::new(common::client(&server.repo_url("r"))))
-        .build()
+    let ksync = ksync_testkit::ksync_over(storage.clone(), common::client(&server.repo_url("r")))
         .await
         .expect("ksync");
     let replica = ksync.replica();
@@ -136,10 +133,7 @@ async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
         reached: AtomicBool::new(false),
         open: tokio::sync::Notify::new(),
     });
-    let ksync = KSync::builder()
-        .storage(storage.clone() as Arc<dyn Storage>)
-        .sync_client(Arc::new(common::client(&server.repo_url("r"))))
-        .build()
+    let ksync = ksync_testkit::ksync_over(storage.clone(), common::client(&server.repo_url("r")))
         .await
         .expect("ksync");
     // Held here already, from a third replica.
@@ -240,10 +234,7 @@ async fn a_push_whose_cursor_cannot_be_recorded_reports_its_batch_once() {
         log: InMemoryStorage::new(),
         armed: AtomicBool::new(true),
     });
-    let ksync = KSync::builder()
-        .storage(storage.clone() as Arc<dyn Storage>)
-        .sync_client(Arc::new(common::client(&server.repo_url("r"))))
-        .build()
+    let ksync = ksync_testkit::ksync_over(storage.clone(), common::client(&server.repo_url("r")))
         .await
         .expect("ksync");
     let synced = ksync_testkit::SyncRecorder::new(ksync.client().notifier());
@@ -293,10 +284,7 @@ async fn a_checkout_after_a_pull_cut_short_waits_for_what_it_stores() {
         open: tokio::sync::Notify::new(),
     });
     let ksync = Arc::new(
-        KSync::builder()
-            .storage(storage.clone() as Arc<dyn Storage>)
-            .sync_client(Arc::new(common::client(&server.repo_url("r"))))
-            .build()
+        ksync_testkit::ksync_over(storage.clone(), common::client(&server.repo_url("r")))
             .await
             .expect("ksync"),
     );
