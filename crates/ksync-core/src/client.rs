@@ -100,6 +100,15 @@ pub trait PullPushClient: SyncClient {
     /// Sends what we have that the server lacks.
     fn push(&self) -> BoxFuture<'_, Result<PushResult, SyncError>>;
 
+    /// Whether `error` (from this client's `pull` or `push`) would come back on every try, so
+    /// that automatic syncing ([`KSync::enable_auto_sync`](crate::KSync::enable_auto_sync))
+    /// reports it once and stops instead of repeating it on every tick: refused credentials
+    /// ([`SyncError::Auth`]) by default; a transport adds its own (a service of another
+    /// protocol version, say).
+    fn is_final_error(&self, error: &SyncError) -> bool {
+        matches!(error, SyncError::Auth(_))
+    }
+
     /// Pull, then push.
     fn sync(&self) -> BoxFuture<'_, Result<SyncResult, SyncError>> {
         Box::pin(async move {

@@ -290,9 +290,11 @@ impl<C: PullPushClient + ?Sized> KSync<C> {
 
     /// Pushes and pulls on timers until [`KSync::disable_auto_sync`] or `disconnect`.
     /// Failures are reported as `error` notifications and retried on the next tick, except
-    /// refused credentials or rights ([`SyncError::Auth`]): the same credentials would be
-    /// refused on every tick (and count as failed logins on the server), so auto-sync reports
-    /// that once and stops until `enable_auto_sync` is called again.
+    /// those the client calls final ([`PullPushClient::is_final_error`]): refused credentials
+    /// or rights ([`SyncError::Auth`]), which would be refused on every tick (and count as
+    /// failed logins on the server), or the client's own (the Git client: a service of another
+    /// protocol version). Auto-sync reports such an error once and stops until
+    /// `enable_auto_sync` is called again.
     /// Must be called inside a Tokio runtime.
     pub fn enable_auto_sync(&self, intervals: AutoSync) {
         // One lock over the swap: two calls at once each stopped nothing and then stored their
@@ -312,7 +314,7 @@ impl<C: PullPushClient + ?Sized> KSync<C> {
                 };
                 match result {
                     Ok(()) => {}
-                    Err(e @ SyncError::Auth(_)) => {
+                    Err(e) if client.is_final_error(&e) => {
                         tracing::warn!(error = %e, "auto-sync refused by the server; auto-sync stopped");
                         client.notifier().emit(Notification::Error(Arc::new(e)));
                         break;

@@ -2434,6 +2434,13 @@ impl SyncClient for GitSyncClient {
 }
 
 impl PullPushClient for GitSyncClient {
+    /// Refused credentials, and a service of another protocol version
+    /// ([`GitError::is_unsupported_protocol`]): either answers every try alike.
+    fn is_final_error(&self, error: &SyncError) -> bool {
+        matches!(error, SyncError::Auth(_))
+            || GitError::of(error).is_some_and(GitError::is_unsupported_protocol)
+    }
+
     /// Pulls the checked-out branch from the version pulled last, page by page.
     fn pull(&self) -> BoxFuture<'_, Result<PullResult, SyncError>> {
         Box::pin(self.run(async move {
