@@ -475,6 +475,22 @@ impl GitServer {
         Ok(out)
     }
 
+    /// [`branches`](Self::branches) on the blocking pool: it opens every branch log of the
+    /// repository, and past `max_open_branches` of them each listing replays the ones
+    /// released meanwhile (~2 s for 1,000 branches, measured on a real server), which on a
+    /// runtime worker held up every other request and WebSocket room scheduled there.
+    async fn branches_off_workers(&self, repo: &Name) -> Result<Vec<BranchInfo>, ServerError> {
+        let (service, repo) = (self.clone(), repo.clone());
+        tokio::task::spawn_blocking(move || service.branches(&repo))
+            .await
+            .unwrap_or_else(|panicked| {
+                Err(ServerError::Storage(StorageError::Io {
+                    context: "listing the branches panicked".into(),
+                    source: std::io::Error::other(panicked.to_string()),
+                }))
+            })
+    }
+
     fn branch(&self, repo: &Name, branch: &Name) -> Result<Option<BranchLog>, StorageError> {
         let name = branch_log(repo, branch);
         let Some(storage) = self.inner.provider.existing(&name)? else {
@@ -969,7 +985,7 @@ async fn create_repo(
     let body = RepoInfo {
         repo: repo.to_string(),
         default_branch: DEFAULT_BRANCH.into(),
-        branches: s.branches(&repo)?,
+        branches: s.branches_off_workers(&repo).await?,
     };
     Ok(s.respond(status, req.headers(), &body))
 }
@@ -984,7 +1000,7 @@ async fn repo_info(
     let body = RepoInfo {
         repo: repo.to_string(),
         default_branch: DEFAULT_BRANCH.into(),
-        branches: s.branches(&repo)?,
+        branches: s.branches_off_workers(&repo).await?,
     };
     Ok(s.respond(StatusCode::OK, req.headers(), &body))
 }
@@ -1002,7 +1018,7 @@ async fn list_branches(
     let repo = repo_path(path)?;
     s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
     let body = BranchList {
-        branches: s.branches(&repo)?,
+        branches: s.branches_off_workers(&repo).await?,
     };
     Ok(s.respond(StatusCode::OK, req.headers(), &body))
 }

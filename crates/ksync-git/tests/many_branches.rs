@@ -1,0 +1,143 @@
+//! A repository with more branches than the service keeps open: listing them reopens (and
+//! replays) the released logs, which must not hold up the service's other requests.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use ksync_core::{InMemoryProvider, LogName, Name, Storage, StorageError, StorageProvider};
+use ksync_git::server::{GitServer, GitServerConfig};
+use serde_json::json;
+
+/// An in-memory provider whose `existing` of one log waits until the test lets it go, as
+/// the reopen of a released file log does while it replays (a listing of 1,000 branches,
+/// past `max_open_branches`, spent ~2 s in them on a real server).
+struct SlowOpen {
+    inner: InMemoryProvider,
+    slow: LogName,
+    /// Whether the open of `slow` is slow yet (not while the test sets up).
+    armed: AtomicBool,
+    /// Told when the slow open starts.
+    reached: Mutex<mpsc::Sender<()>>,
+    /// Ends the slow open (a message, or the sender dropped); bounded by a timeout too.
+    release: Mutex<mpsc::Receiver<()>>,
+}
+
+impl StorageProvider for SlowOpen {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        self.inner.open(name)
+    }
+
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        if *name == self.slow && self.armed.load(Ordering::SeqCst) {
+            let _ = self.reached.lock().expect("lock").send(());
+            let _ = self
+                .release
+                .lock()
+                .expect("lock")
+                .recv_timeout(Duration::from_secs(30));
+        }
+        self.inner.existing(name)
+    }
+
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        self.inner.list()
+    }
+}
+
+/// The service on a runtime of its own with one thread, as a server whose workers are all
+/// busy: work that blocks it leaves nothing to answer anything else.
+fn serve_on_one_thread(
+    provider: Arc<dyn StorageProvider>,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let service = GitServer::with_config(
+                provider,
+                Arc::new(common::TestAuth),
+                GitServerConfig::default(),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            addr_tx
+                .send(listener.local_addr().expect("addr"))
+                .expect("addr");
+            let app = service
+                .router()
+                .into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .expect("serve");
+        });
+    });
+    (addr_rx.recv().expect("server address"), stop_tx)
+}
+
+/// A listing of a repository's branches opens every branch log (reopening and replaying the
+/// ones released past `max_open_branches`): while one of those opens is slow, another request
+/// is answered. The listing runs off the runtime's workers; on one, it held up every request
+/// there (and, in `ksync serve`, every WebSocket room) for as long as it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_branch_listing_does_not_hold_up_other_requests() {
+    let (reached_tx, reached) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let provider = Arc::new(SlowOpen {
+        inner: InMemoryProvider::new(),
+        slow: LogName::Branch {
+            repo: Name::new("big").expect("name"),
+            branch: Name::new("b1").expect("name"),
+        },
+        armed: AtomicBool::new(false),
+        reached: Mutex::new(reached_tx),
+        release: Mutex::new(release_rx),
+    });
+    let (addr, stop) = serve_on_one_thread(Arc::clone(&provider) as Arc<dyn StorageProvider>);
+    let http = common::http();
+    let url = |path: &str| format!("http://{addr}{path}");
+    for repo in ["big", "small"] {
+        let (status, body) = common::call(http.put(url(&format!("/git/{repo}")))).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    for branch in ["b0", "b1", "b2"] {
+        let (status, body) = common::call(
+            http.post(url("/git/big/branches"))
+                .json(&json!({"name": branch})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    provider.armed.store(true, Ordering::SeqCst);
+
+    let listing = tokio::spawn(common::call(http.get(url("/git/big/branches"))));
+    tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(10)))
+        .await
+        .expect("wait")
+        .expect("the listing reached the slow open");
+    // Answered while the listing is still in its slow open: the timeout only ends the test
+    // if it is not (the server then waits for the release below).
+    let other = tokio::time::timeout(
+        Duration::from_secs(5),
+        common::call(http.get(url("/git/small"))),
+    )
+    .await;
+    let _ = release.send(());
+    let (status, body) = other.expect("another request answered during the listing");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = listing.await.expect("listing");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["branches"].as_array().map(Vec::len), Some(4));
+    let _ = stop.send(());
+}
