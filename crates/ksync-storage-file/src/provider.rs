@@ -304,8 +304,25 @@ impl FileProvider {
             }
             sync_dir(&self.dir)?;
         }
+        let existed = path.exists();
         let opened = FileStorage::open_with(&path, self.options.clone());
-        // Also when the open failed after making the file: the name is taken on disk.
+        if let Err(e) = &opened
+            && !existed
+            && path.is_file()
+        {
+            // The open made the file and then failed (out of file descriptors or threads,
+            // say): it holds no event, so it goes, or every name refused so would be left on
+            // disk as an empty log. Best effort: one left behind is an empty log.
+            if let Err(removed) = fs::remove_file(&path) {
+                tracing::warn!(
+                    log = %path.display(),
+                    error = %removed,
+                    open_error = %e,
+                    "removing the log of a failed open failed"
+                );
+            }
+        }
+        // Also when the open failed and left the file: the name is taken on disk.
         if opened.is_ok() || path.is_file() {
             self.note_stored(&dir, stem);
         }

@@ -1,6 +1,7 @@
 //! Opening a log when the process cannot start a thread (a thread, process or memory limit,
 //! which many open logs reach: each costs a writer thread and a sync thread, and its replay
-//! three more for a moment): the open fails with an error, and nothing panics.
+//! three more for a moment): the open fails with an error, nothing panics, and a new log's
+//! file made before the failure is removed.
 //!
 //! The test runs itself again with `RUST_MIN_STACK` far beyond any address space, so every
 //! thread the child starts fails in the kernel (EAGAIN), as at a real limit, without limiting
@@ -78,5 +79,9 @@ fn child_opens_logs_without_threads() {
             }
         }
     }
+    // The new log's file, made before the open failed, is gone again: a name refused so is
+    // not left on disk.
+    assert!(!provider.path_of(&room("fresh")).exists());
+    assert_eq!(provider.list().expect("list"), vec![room("kept")]);
     println!("{CHILD_DONE}");
 }
