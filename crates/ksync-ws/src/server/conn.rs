@@ -296,17 +296,17 @@ async fn run(
                     return Ok(());
                 }
             },
-            _ = ping.tick() => {
+            // Not once shutting down: nothing is read then, so a pong could never count and a
+            // room slower to close than a heartbeat would end the connection with 4009 instead
+            // of its 1001. The drain's own timeouts bound a dead client instead.
+            _ = ping.tick(), if !shutting_down => {
                 if awaiting_pong {
                     // After a stall of this loop (a slow append or write) the answer may
                     // already wait in the socket while the tick is due too, and `select!`
                     // picks among ready branches at random: a frame there now counts. (Not
                     // `biased`: a client that keeps sending would starve the room's frames.)
                     // Cancel-safe: a message is either returned or stays buffered.
-                    let ready = match shutting_down {
-                        false => futures_util::FutureExt::now_or_never(stream.next()),
-                        true => None,
-                    };
+                    let ready = futures_util::FutureExt::now_or_never(stream.next());
                     let Some(message) = ready else {
                         return Err(End::Close(close::HEARTBEAT_TIMEOUT, "no pong before the next ping".into()));
                     };
