@@ -258,6 +258,7 @@ pub(crate) fn replay(path: &Path, file_len: u64) -> Result<Replayed, StorageErro
         None => {}
         Some(Stop::Fatal(e)) => return Err(e),
         Some(Stop::Bad { offset, reason }) => {
+            refuse_whole_oversized_record(path, offset, file_len)?;
             if let Some(next) = next_valid_record(path, offset, file_len)? {
                 return Err(StorageError::Corrupt {
                     offset,
@@ -433,6 +434,54 @@ fn decode_chunks(chunks: Receiver<Chunk>, decoded: SyncSender<Decoded>, hasher: 
             return;
         }
     }
+}
+
+/// Refuses the record at `offset` if its length is past [`MAX_RECORD_LEN`] yet the file holds
+/// all of it and its checksum is good: a newer kSync with a larger limit wrote it (a torn or
+/// damaged length almost never checksums), and cutting it as a torn tail would destroy that
+/// version's data. Otherwise (a length in range, a record the file does not hold whole, a bad
+/// checksum) it returns `Ok` and the usual tail rules apply.
+fn refuse_whole_oversized_record(path: &Path, offset: u64, end: u64) -> Result<(), StorageError> {
+    let mut file = File::open(path).map_err(io_err("reopening the log to check a long record"))?;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(io_err("seeking a long record"))?;
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    if offset + RECORD_HEADER_LEN as u64 > end {
+        return Ok(());
+    }
+    file.read_exact(&mut head)
+        .map_err(io_err("reading a long record's header"))?;
+    let len_bytes = [head[0], head[1], head[2], head[3]];
+    let len = u64::from(u32::from_le_bytes(len_bytes));
+    if len <= MAX_RECORD_LEN as u64 || offset + RECORD_HEADER_LEN as u64 + len > end {
+        return Ok(());
+    }
+    // Hashed as it is read: the record may be up to 4 GiB.
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len_bytes);
+    hasher.update(&head[8..9]);
+    let mut payload = (&mut file).take(len);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = payload
+            .read(&mut buf)
+            .map_err(io_err("reading a long record"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    if payload.limit() > 0 {
+        return Ok(()); // the file shrank under us: not a whole record
+    }
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if hasher.finalize() != crc {
+        return Ok(());
+    }
+    Err(StorageError::Format(format!(
+        "the record at byte offset {offset} is {len} bytes, longer than this build reads \
+         ({MAX_RECORD_LEN}), and its checksum is good: a newer kSync wrote it; refusing to cut it"
+    )))
 }
 
 /// The longest a record can be on disk, header included.

@@ -382,9 +382,9 @@ impl FileStorage {
                 .take(HEADER_LEN as u64)
                 .read_to_end(&mut head)
                 .map_err(io_err(format!("reading the header of {}", path.display())))?;
-            format::check_header(&head)?;
+            format::check_header(&head).map_err(|e| naming_file(&path, e))?;
         }
-        let mut replayed = replay(&path, len)?;
+        let mut replayed = replay(&path, len).map_err(|e| naming_file(&path, e))?;
         if let Some(cut) = &replayed.report.cut_tail {
             tracing::warn!(
                 path = %path.display(),
@@ -770,6 +770,19 @@ fn is_at_path(file: &File, path: &Path) -> Result<bool, StorageError> {
 #[cfg(not(unix))]
 fn is_at_path(_file: &File, _path: &Path) -> Result<bool, StorageError> {
     Ok(true)
+}
+
+/// Adds the file's path to a refusal of its contents, so an operator with many logs (a
+/// server's data directory) knows which one a newer or damaged file is.
+fn naming_file(path: &Path, e: StorageError) -> StorageError {
+    match e {
+        StorageError::Format(msg) => StorageError::Format(format!("{}: {msg}", path.display())),
+        StorageError::Corrupt { offset, reason } => StorageError::Corrupt {
+            offset,
+            reason: format!("{reason} (in {})", path.display()),
+        },
+        other => other,
+    }
 }
 
 /// Opens `path` read-write; when missing, creates it with a header via a temporary file and a

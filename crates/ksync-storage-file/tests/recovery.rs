@@ -483,3 +483,115 @@ fn long_records_cut_or_damaged_recover_like_short_ones() {
         assert_eq!(fs::read(&path).expect("read"), bad, "the file was changed");
     }
 }
+
+/// CRC-32 (IEEE), bit by bit: the checksum records carry, computed here from the format's
+/// description rather than with the crate's own code.
+fn crc32(parts: &[&[u8]]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &byte in parts.iter().flat_map(|part| part.iter()) {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A record as the format frames it: `len u32 LE | crc32 u32 LE | kind u8 | payload`, the
+/// checksum covering the length, the kind and the payload.
+fn framed(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len())
+        .expect("payload fits a u32")
+        .to_le_bytes();
+    let mut out = len.to_vec();
+    out.extend_from_slice(&crc32(&[&len, &[kind], payload]).to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(payload);
+    out
+}
+
+#[test]
+fn a_whole_record_longer_than_this_build_reads_is_refused_not_cut() {
+    use ksync_storage_file::format::MAX_RECORD_LEN;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let template = dir.path().join("template.log");
+    write_log(&template, 3);
+    let good = fs::read(&template).expect("read");
+    let long = vec![0x5au8; MAX_RECORD_LEN + 1];
+    // A newer build with a larger limit wrote the last record, whole and well checksummed (an
+    // event, or a kind this build does not know): refused, the file untouched.
+    for kind in [1u8, 9] {
+        let path = dir.path().join(format!("newer-{kind}.log"));
+        let mut bytes = good.clone();
+        bytes.extend_from_slice(&framed(kind, &long));
+        fs::write(&path, &bytes).expect("write");
+        match FileStorage::open(&path) {
+            Err(StorageError::Format(msg)) => {
+                assert!(msg.contains("newer"), "{msg}");
+                assert!(
+                    msg.contains(&good.len().to_string()),
+                    "names the offset: {msg}"
+                );
+            }
+            other => panic!("kind {kind}: expected a Format error, got {other:?}"),
+        }
+        assert!(
+            fs::read(&path).expect("read") == bytes,
+            "kind {kind}: file changed"
+        );
+    }
+    // The same record torn (the file ends inside it) or with a bad checksum is a torn tail.
+    let whole = framed(1, &long);
+    let torn = whole[..whole.len() - 1].to_vec();
+    let mut flipped = whole;
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    for (what, tail) in [("torn", &torn), ("bad checksum", &flipped)] {
+        let path = dir.path().join("tail.log");
+        let mut bytes = good.clone();
+        bytes.extend_from_slice(tail);
+        fs::write(&path, &bytes).expect("write");
+        let storage = FileStorage::open(&path).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(storage.len(), 3, "{what}");
+        assert_eq!(storage.recovery().valid_len, good.len() as u64, "{what}");
+        drop(storage);
+        assert_eq!(fs::read(&path).expect("read"), good, "{what}");
+    }
+}
+
+#[test]
+fn refusals_name_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("room-with-a-name.log");
+    let mut newer = Vec::from(*b"KSYNCLOG");
+    newer.extend_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    newer.extend_from_slice(&[0; 4]);
+    fs::write(&path, &newer).expect("write");
+    match FileStorage::open(&path) {
+        Err(StorageError::Format(msg)) => {
+            assert!(msg.contains("room-with-a-name.log"), "{msg}");
+            assert!(
+                msg.contains(&format!("version {}", FORMAT_VERSION + 1)),
+                "{msg}"
+            );
+        }
+        other => panic!("expected a Format error, got {other:?}"),
+    }
+    fs::remove_file(&path).expect("remove");
+    write_log(&path, 2);
+    let mut bytes = fs::read(&path).expect("read");
+    bytes.extend_from_slice(&framed(9, b"a record kind from a newer build"));
+    fs::write(&path, &bytes).expect("write");
+    match FileStorage::open(&path) {
+        Err(StorageError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("room-with-a-name.log"), "{reason}");
+            assert!(reason.contains("kind 9"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(fs::read(&path).expect("read"), bytes, "file changed");
+}
