@@ -148,8 +148,10 @@ pub struct MergeArgs {
     common: Common,
 }
 
-/// `.ksync/config.json`.
+/// `.ksync/config.json`. A field this build does not know is a newer ksync's: refused (exit
+/// 2, the field named) rather than ignored, since what it configures would not be done.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Config {
     url: String,
 }
@@ -415,8 +417,12 @@ impl Workdir {
         })?;
         let raw = std::fs::read(root.join(DIR_NAME).join(CONFIG_FILE))
             .with_context(|| format!("reading {}", root.join(DIR_NAME).display()))?;
-        let config: Config = serde_json::from_slice(&raw)
-            .map_err(|e| Usage(format!("{DIR_NAME}/{CONFIG_FILE} is damaged: {e}")))?;
+        let config: Config = serde_json::from_slice(&raw).map_err(|e| {
+            Usage(format!(
+                "{} is damaged or from a newer ksync: {e}",
+                root.join(DIR_NAME).join(CONFIG_FILE).display()
+            ))
+        })?;
         let client = build_client(&config.url, common)?;
         Self::with_client(&root, client).await
     }
