@@ -364,6 +364,10 @@ async function inflateRaw(data, limit) {
 
 /** Why a `welcome` cannot be followed, or null. */
 function welcomeFault(welcome) {
+  // Another version is refused before this (`announcesOtherVersion`): here, no version at all.
+  if (welcome.protocol !== PROTOCOL_VERSION) {
+    return `its protocol ${JSON.stringify(welcome.protocol) ?? '(none)'} is not an integer >= 0`;
+  }
   const { serverVersion } = welcome;
   if (!Number.isSafeInteger(serverVersion) || serverVersion < 0) {
     return `its serverVersion ${JSON.stringify(serverVersion)} is not an integer >= 0`;
@@ -374,6 +378,16 @@ function welcomeFault(welcome) {
     return `its maxMessageSize ${JSON.stringify(maxMessageSize)} is not within ${MIN_SERVER_MESSAGE_SIZE} to ${MAX_SERVER_MESSAGE_SIZE} bytes`;
   }
   return null;
+}
+
+/**
+ * Whether a `welcome` announces a protocol version other than ours: an integer >= 0 (as the
+ * relay reads a `hello`'s). One without such a `protocol` announces none: it is a broken
+ * welcome (`welcomeFault`), not one of another version.
+ */
+function announcesOtherVersion(welcome) {
+  const { protocol } = welcome;
+  return Number.isInteger(protocol) && protocol >= 0 && protocol !== PROTOCOL_VERSION;
 }
 
 /** What kind of JSON value `value` is, for an error (`null`, `an array`, `a string` ...). */
@@ -825,8 +839,9 @@ export class WebSocketSyncClient extends Emitter {
     }
     // A server of another protocol version (docs/PROTOCOL.md: such a peer is refused): nothing
     // of its welcome is taken, and reconnecting would meet the same server, so the client
-    // closes with 4001 and stops, as after the relay's own 4001 (as the Rust client).
-    if (welcome.protocol !== PROTOCOL_VERSION) {
+    // closes with 4001 and stops, as after the relay's own 4001 (as the Rust client). A welcome
+    // without an integer `protocol` >= 0 announces no version: a broken welcome (below), retried.
+    if (announcesOtherVersion(welcome)) {
       this.#refusal = new KSyncError('unsupported_protocol', `the server speaks protocol ${JSON.stringify(welcome.protocol) ?? '(none)'}, this client ${PROTOCOL_VERSION}`);
       this.#dropSocket(4001, 'unsupported protocol version');
       return;
@@ -1328,13 +1343,15 @@ export class MonitorClient extends Emitter {
     const socket = new WebSocket(this.#url, this.#protocols);
     this.#socket = socket;
     let opened = false;
+    // A welcome without a version came: what follows on this connection is not read.
+    let broken = false;
     // When the `welcome` came (`performance.now()`, monotonic; null before it).
     let upSince = null;
     socket.onopen = () => {
       socket.send(JSON.stringify({ type: 'hello', protocol: PROTOCOL_VERSION, tail: this.#options.tail, recent: this.#options.recent }));
     };
     socket.onmessage = (message) => {
-      if (socket !== this.#socket) return;
+      if (socket !== this.#socket || broken) return;
       let parsed;
       try {
         parsed = JSON.parse(message.data);
@@ -1342,7 +1359,13 @@ export class MonitorClient extends Emitter {
         this.emit('error', new KSyncError('bad_message', 'the monitor sent something that is not JSON'));
         return;
       }
-      if (parsed.type === 'welcome' && parsed.protocol !== PROTOCOL_VERSION) {
+      if (parsed.type === 'welcome' && parsed.protocol !== PROTOCOL_VERSION && !announcesOtherVersion(parsed)) {
+        // No version at all: a broken welcome, not one of another version. As the sync client:
+        // an error, and the connection is given up and tried again after the reconnect delay.
+        broken = true;
+        this.emit('error', new KSyncError('protocol', `the monitor's welcome was refused: its protocol ${JSON.stringify(parsed.protocol) ?? '(none)'} is not an integer >= 0`));
+        socket.close(1000, 'broken welcome');
+      } else if (parsed.type === 'welcome' && parsed.protocol !== PROTOCOL_VERSION) {
         // A feed of another protocol version is refused as the sync client refuses one: close
         // 4001 and stop (reconnecting would meet the same server); `start()` tries again.
         this.#socket = null;

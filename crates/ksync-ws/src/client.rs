@@ -1166,21 +1166,25 @@ impl Session {
             };
             match message {
                 Message::Text(t) => {
+                    // A server of another protocol version: nothing of its welcome is taken
+                    // (its fields may mean other things, or not decode as ours: the version
+                    // is read first), and reconnecting would meet the same server, so the
+                    // client stops (a fatal error), as after the relay's 4001 for a client
+                    // of another version. A welcome without an integer `protocol` announces
+                    // no version: a broken welcome (below), retried.
+                    if let Some(theirs) = protocol::welcome_protocol(t.as_bytes())
+                        && theirs != u64::from(PROTOCOL_VERSION)
+                    {
+                        let frame = CloseFrame {
+                            code: protocol::close::UNSUPPORTED_PROTOCOL.into(),
+                            reason: "unsupported protocol version".into(),
+                        };
+                        let _ = socket.close(Some(frame)).await;
+                        return Err(WsError::UnsupportedProtocol { server: theirs });
+                    }
                     match protocol::decode::<ServerMessage>(t.as_bytes(), SERVER_TYPES) {
                         Ok(ServerMessage::Welcome(w)) => {
                             debug_log!(config.debug, target: LOG_TARGET, room = %w.room, server_version = w.server_version, "welcome");
-                            // A server of another protocol version: nothing of its welcome is
-                            // taken (its fields may mean other things), and reconnecting would
-                            // meet the same server, so the client stops (a fatal error), as
-                            // after the relay's 4001 for a client of another version.
-                            if w.protocol != PROTOCOL_VERSION {
-                                let frame = CloseFrame {
-                                    code: protocol::close::UNSUPPORTED_PROTOCOL.into(),
-                                    reason: "unsupported protocol version".into(),
-                                };
-                                let _ = socket.close(Some(frame)).await;
-                                return Err(WsError::UnsupportedProtocol { server: w.protocol });
-                            }
                             // Every publish is cut to this size, and an event larger than
                             // it is reported and skipped: a server announcing a limit no relay
                             // may have (0, say) would have every queued event skipped. Refused

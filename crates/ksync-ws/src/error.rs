@@ -81,8 +81,9 @@ pub enum WsError {
         ksync_core::PROTOCOL_VERSION
     )]
     UnsupportedProtocol {
-        /// The version the server's `welcome` announced.
-        server: u32,
+        /// The version the server's `welcome` announced (any integer >= 0: read before the
+        /// rest of the welcome, which may not decode as this version's).
+        server: u64,
     },
     /// The server reported an error message (`{"type":"error"}`).
     #[error("server error {code}: {message}")]

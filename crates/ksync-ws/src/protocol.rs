@@ -309,6 +309,20 @@ pub fn decode<T: serde::de::DeserializeOwned>(
 /// fields have shapes this version does not read. `None` for text that is not a `hello` with
 /// an integer `protocol` >= 0 (the full decode then says what is wrong with it).
 pub fn hello_protocol(text: &[u8]) -> Option<u64> {
+    announced_protocol(text, "hello")
+}
+
+/// The `protocol` a `welcome` names, read before the rest of it, as the relay reads a
+/// `hello`'s: a server of another version is refused as one (`WsError::UnsupportedProtocol`)
+/// even when its other fields have shapes this version does not read. `None` for text that is
+/// not a `welcome` with an integer `protocol` >= 0: such a welcome is one the client cannot
+/// follow (a protocol error, retried), not one of another version.
+pub fn welcome_protocol(text: &[u8]) -> Option<u64> {
+    announced_protocol(text, "welcome")
+}
+
+/// The integer `protocol` >= 0 of a message of type `kind`.
+fn announced_protocol(text: &[u8], kind: &str) -> Option<u64> {
     #[derive(Deserialize)]
     struct Announced {
         #[serde(rename = "type")]
@@ -317,7 +331,7 @@ pub fn hello_protocol(text: &[u8]) -> Option<u64> {
     }
     serde_json::from_slice::<Announced>(text)
         .ok()
-        .filter(|announced| announced.kind == "hello")
+        .filter(|announced| announced.kind == kind)
         .map(|announced| announced.protocol)
 }
 

@@ -104,21 +104,26 @@ async fn a_welcome_with_an_impossible_max_message_size_is_refused_and_nothing_is
     fake.await.expect("fake");
 }
 
-/// PROTOCOL.md: "a peer announcing another version is refused with a clear error". A server
-/// whose `welcome` announces protocol 2 is refused as the relay refuses a `hello` of another
-/// version: the client closes with 4001, takes nothing of the welcome, settles nothing, and
-/// stops (a typed, fatal error) instead of reconnecting to the same server for ever.
-#[tokio::test]
-async fn a_welcome_of_another_protocol_version_is_refused_and_the_client_stops() {
+/// What a client (with an event queued) did against a server whose every `welcome` is
+/// `welcome`: `connect()`'s error, what it said and its close code on the first connection,
+/// and whether it connected again within 200 ms (its reconnect delay is 5-10 ms).
+struct Welcomed {
+    error: ksync_core::SyncError,
+    said: Vec<String>,
+    close: Option<u16>,
+    reconnected: bool,
+    outbox: usize,
+    reconnect_attempts: usize,
+}
+
+async fn against_welcome(welcome: Value) -> Welcomed {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (seen_tx, mut seen) = mpsc::channel(4);
     let fake = tokio::spawn(async move {
         loop {
             let mut ws = accept(&listener).await;
-            let mut newer = welcome(0, 1 << 20);
-            newer["protocol"] = json!(2);
-            send(&mut ws, newer).await;
+            send(&mut ws, welcome.clone()).await;
             // What the client says, and how it closes.
             let mut said = Vec::new();
             let close = loop {
@@ -129,7 +134,9 @@ async fn a_welcome_of_another_protocol_version_is_refused_and_the_client_stops()
                     Some(Err(_)) | None => break None,
                 }
             };
-            seen_tx.send((said, close)).await.expect("report");
+            if seen_tx.send((said, close)).await.is_err() {
+                return;
+            }
         }
     });
     let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
@@ -141,24 +148,90 @@ async fn a_welcome_of_another_protocol_version_is_refused_and_the_client_stops()
         .send(Event::new("kept", "t", json!({"n": 1}), 1))
         .await
         .expect("queued");
-    let error = client.connect().await.expect_err("a server of protocol 2");
-    let found = WsError::find(&error);
-    assert!(
-        matches!(found, Some(WsError::UnsupportedProtocol { server: 2 })),
-        "{error}"
-    );
-    assert!(found.is_some_and(WsError::is_fatal));
+    let error = client
+        .connect()
+        .await
+        .expect_err("a welcome the client refuses");
     let (said, close) = seen.recv().await.expect("the connection ended");
-    assert!(said.is_empty(), "nothing published: {said:?}");
-    assert_eq!(close, Some(4001));
-    // No second attempt, however long the reconnect delays have passed.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(seen.try_recv().is_err(), "the client connected again");
-    assert!(recorder.reconnect_attempts().is_empty());
-    assert_eq!(client.outbox_len(), 1, "the event still waits");
+    let reconnected = tokio::time::timeout(Duration::from_millis(200), seen.recv())
+        .await
+        .is_ok();
+    let outbox = client.outbox_len();
     assert!(!client.is_connected());
     client.disconnect().await.expect("disconnect");
     fake.abort();
+    Welcomed {
+        error,
+        said,
+        close,
+        reconnected,
+        outbox,
+        reconnect_attempts: recorder.reconnect_attempts().len(),
+    }
+}
+
+/// PROTOCOL.md: "a peer announcing another version is refused with a clear error". A server
+/// whose `welcome` announces protocol 2 is refused as the relay refuses a `hello` of another
+/// version: the client closes with 4001, takes nothing of the welcome, settles nothing, and
+/// stops (a typed, fatal error) instead of reconnecting to the same server for ever. The
+/// version is read first, as the relay reads a `hello`'s: the other fields of a welcome of
+/// another version may have other shapes (or a version past `u32`), and it is still that.
+#[tokio::test]
+async fn a_welcome_of_another_protocol_version_is_refused_and_the_client_stops() {
+    let mut newer = welcome(0, 1 << 20);
+    newer["protocol"] = json!(2);
+    let other_shapes = json!({"type": "welcome", "protocol": 2, "room": ["default"],
+        "serverVersion": "42", "maxMessageSize": {"text": 1}});
+    let past_u32 = json!({"type": "welcome", "protocol": 1_u64 << 32, "room": "default",
+        "serverVersion": 0, "compression": false, "heartbeatMs": 30000,
+        "maxMessageSize": 1 << 20});
+    for (welcome, version) in [(newer, 2), (other_shapes, 2), (past_u32, 1_u64 << 32)] {
+        let seen = against_welcome(welcome.clone()).await;
+        let found = WsError::find(&seen.error);
+        assert!(
+            matches!(found, Some(WsError::UnsupportedProtocol { server }) if *server == version),
+            "{welcome}: {}",
+            seen.error
+        );
+        assert!(found.is_some_and(WsError::is_fatal), "{welcome}");
+        assert!(seen.said.is_empty(), "nothing published: {:?}", seen.said);
+        assert_eq!(seen.close, Some(4001), "{welcome}");
+        // No second attempt, however long the reconnect delays have passed.
+        assert!(!seen.reconnected, "{welcome}: the client connected again");
+        assert_eq!(seen.reconnect_attempts, 0, "{welcome}");
+        assert_eq!(seen.outbox, 1, "{welcome}: the event still waits");
+    }
+}
+
+/// A `welcome` without an integer `protocol` >= 0 announces no version: it is a welcome the
+/// client cannot follow (`WsError::Protocol`, retried after the reconnect delay, as one with
+/// an impossible `maxMessageSize`), not one of another version that stops the client, as the
+/// relay answers a `hello` without one with 4000, not 4001 (and as ksync.js does).
+#[tokio::test]
+async fn a_welcome_without_a_protocol_version_is_a_broken_welcome_and_is_retried() {
+    let mut missing = welcome(0, 1 << 20);
+    missing
+        .as_object_mut()
+        .expect("an object")
+        .remove("protocol");
+    let mut text = welcome(0, 1 << 20);
+    text["protocol"] = json!("1");
+    let mut negative = welcome(0, 1 << 20);
+    negative["protocol"] = json!(-1);
+    for welcome in [missing, text, negative] {
+        let seen = against_welcome(welcome.clone()).await;
+        let found = WsError::find(&seen.error);
+        assert!(
+            matches!(found, Some(WsError::Protocol(_))),
+            "{welcome}: {}",
+            seen.error
+        );
+        assert!(!found.is_some_and(WsError::is_fatal), "{welcome}");
+        assert!(seen.said.is_empty(), "nothing published: {:?}", seen.said);
+        assert_ne!(seen.close, Some(4001), "{welcome}");
+        assert!(seen.reconnected, "{welcome}: the client must try again");
+        assert_eq!(seen.outbox, 1, "{welcome}: the event still waits");
+    }
 }
 
 #[tokio::test]
