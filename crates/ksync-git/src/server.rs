@@ -298,8 +298,11 @@ pub enum ServerError {
 /// A branch's log and its fork record.
 type BranchLog = (Arc<dyn Storage>, ForkRecord);
 
+/// A branch's record (`git.branch` in its log's metadata), written once when the branch is
+/// made. A field this build does not know is a newer service's (it may restrict the branch):
+/// the branch is refused (500, the record named) rather than served as if it were absent.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ForkRecord {
     forked_from: Option<String>,
     forked_at: Option<u64>,
@@ -501,8 +504,11 @@ impl GitServer {
         let Some(raw) = storage.meta(BRANCH_META)? else {
             return Ok(None);
         };
-        let record = serde_json::from_str(&raw)
-            .map_err(|e| StorageError::Format(format!("branch record of {repo}/{branch}: {e}")))?;
+        let record = serde_json::from_str(&raw).map_err(|e| {
+            StorageError::Format(format!(
+                "branch record of {repo}/{branch} (damaged, or written by a newer ksync): {e}"
+            ))
+        })?;
         Ok(Some((storage, record)))
     }
 
