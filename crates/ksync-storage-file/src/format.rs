@@ -15,9 +15,10 @@
 //! a meta removal (a tombstone: the key reads as absent from there on) is postcard `key`.
 //! Record kinds: 1 event, 2 meta, 3 meta removal. Kind 3 came later within format version 1:
 //! files without one read as before, and a build that predates it refuses a file holding one
-//! (an unknown kind under a good checksum is damage to it, never a tail to cut). Likewise a
-//! record longer than [`MAX_RECORD_LEN`] that the file holds whole under a good checksum is a
-//! newer build's (a larger limit), refused with [`StorageError::Format`], never cut.
+//! (an unknown kind under a good checksum is damage to it, never a tail to cut, and it proves
+//! that damage before it is no torn tail either). Likewise a record longer than
+//! [`MAX_RECORD_LEN`] that the file holds whole under a good checksum is a newer build's (a
+//! larger limit), refused with [`StorageError::Format`], never cut.
 //!
 //! Compaction at open (see `compact.rs`) may drop metadata records that no longer count
 //! (overwritten, removed, removals); it copies the others unchanged and never drops an event.

@@ -491,11 +491,12 @@ const MAX_FRAME_LEN: usize = RECORD_HEADER_LEN + MAX_RECORD_LEN;
 /// whole, so the scan never needs more than this, however long the damaged tail.
 const SCAN_WINDOW: usize = 2 * MAX_FRAME_LEN;
 
-/// The offset of the first valid, decodable record that starts after `bad` (exclusive).
+/// The offset of the first valid record that starts after `bad` (exclusive): well checksummed,
+/// and decodable if of a kind this build knows.
 ///
 /// Reads the tail through a sliding window of [`SCAN_WINDOW`] bytes (reading it whole made
 /// a log damaged early allocate its whole size), and computes a checksum only where the
-/// length and kind could start a record.
+/// length could start a record.
 fn next_valid_record(path: &Path, bad: u64, end: u64) -> Result<Option<u64>, StorageError> {
     let mut file = File::open(path).map_err(io_err("reopening the log to scan its tail"))?;
     let from = bad + 1;
@@ -524,7 +525,10 @@ fn next_valid_record(path: &Path, bad: u64, end: u64) -> Result<Option<u64>, Sto
         for i in 0..starts {
             if could_start_record(&window[i..])
                 && let Frame::Good { kind, payload, .. } = parse_frame(&window[i..])
-                && check(kind, payload).is_ok()
+                // A well-checksummed record of a kind this build does not know is a newer
+                // build's: as much proof that the damage is no torn tail as one it reads
+                // (cutting it would destroy that build's data).
+                && (RecordKind::from_byte(kind).is_none() || check(kind, payload).is_ok())
             {
                 return Ok(Some(window_at + i as u64));
             }
@@ -537,13 +541,12 @@ fn next_valid_record(path: &Path, bad: u64, end: u64) -> Result<Option<u64>, Sto
     }
 }
 
-/// Whether `buf` could start a record: a length in range and a known kind (cheap; the
-/// checksum decides).
+/// Whether `buf` could start a record: a length in range (cheap; the checksum decides). Any
+/// kind: one this build does not know may be a newer build's record.
 fn could_start_record(buf: &[u8]) -> bool {
     match buf {
-        [l0, l1, l2, l3, _, _, _, _, kind, ..] => {
+        [l0, l1, l2, l3, _, _, _, _, _, ..] => {
             u32::from_le_bytes([*l0, *l1, *l2, *l3]) as usize <= MAX_RECORD_LEN
-                && RecordKind::from_byte(*kind).is_some()
         }
         _ => false,
     }

@@ -595,3 +595,28 @@ fn refusals_name_the_file() {
     }
     assert_eq!(fs::read(&path).expect("read"), bytes, "file changed");
 }
+
+/// Damage in the last record this build reads, followed by a well-checksummed record of a kind
+/// it does not know (a newer build's): not a torn tail, refused at the damage, nothing cut.
+#[test]
+fn damage_before_a_newer_kind_of_record_is_refused_not_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log");
+    let ends = write_log(&path, 3);
+    let mut bytes = fs::read(&path).expect("read");
+    let last = usize::try_from(ends[3]).expect("offset") - 2;
+    bytes[last] ^= 0x40;
+    bytes.extend_from_slice(&framed(9, b"a record kind from a newer build"));
+    fs::write(&path, &bytes).expect("write");
+    match FileStorage::open(&path) {
+        Err(StorageError::Corrupt { offset, reason }) => {
+            assert_eq!(offset, ends[2], "{reason}");
+            assert!(
+                reason.contains(&ends[3].to_string()),
+                "names what follows: {reason}"
+            );
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(fs::read(&path).expect("read"), bytes, "nothing cut");
+}
