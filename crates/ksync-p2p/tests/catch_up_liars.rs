@@ -52,6 +52,34 @@ async fn liar_holding_one(
     .await
 }
 
+/// An honest peer of log `log_id` holding `held` at seqs 1, 2, ...: `Keys` pages list them
+/// with their digests, `Fetch` gives those asked for.
+async fn honest_peer(log_id: u64, held: Vec<Event>) -> Liar {
+    let page: Vec<Entry> = held
+        .iter()
+        .zip(1..)
+        .map(|(e, seq)| entry(seq, e, digest(e)))
+        .collect();
+    let len = held.len() as u64;
+    liar(move |request| match request {
+        Request::Keys { after, .. } => Response::Keys {
+            log_id,
+            len,
+            entries: page.iter().filter(|e| e.seq > *after).cloned().collect(),
+            through: Some(len),
+        },
+        Request::Fetch { keys, .. } => Response::Events {
+            events: held
+                .iter()
+                .filter(|e| keys.contains(&e.key()))
+                .cloned()
+                .collect(),
+            too_large: Vec::new(),
+        },
+    })
+    .await
+}
+
 /// A liar that leaves a request unanswered (holding it open) where `answer` gives `None`.
 async fn sometimes_silent_liar(
     mut answer: impl FnMut(&Request) -> Option<Response> + Send + 'static,
@@ -900,29 +928,7 @@ async fn events_the_storage_failed_to_store_are_fetched_again_by_the_next_round(
     });
     // An honest raw peer (no gossip: only catch-up can deliver) holding five events.
     let held: Vec<Event> = (1..=5).map(|n| event("h", n)).collect();
-    let page: Vec<Entry> = held
-        .iter()
-        .zip(1..)
-        .map(|(e, seq)| entry(seq, e, digest(e)))
-        .collect();
-    let serving = held.clone();
-    let h = liar(move |request| match request {
-        Request::Keys { after, .. } => Response::Keys {
-            log_id: 40,
-            len: 5,
-            entries: page.iter().filter(|e| e.seq > *after).cloned().collect(),
-            through: Some(5),
-        },
-        Request::Fetch { keys, .. } => Response::Events {
-            events: serving
-                .iter()
-                .filter(|e| keys.contains(&e.key()))
-                .cloned()
-                .collect(),
-            too_large: Vec::new(),
-        },
-    })
-    .await;
+    let h = honest_peer(40, held).await;
     a.connect_to_peer(&h.addr.to_string())
         .await
         .expect("connect");
@@ -986,29 +992,7 @@ async fn events_stored_before_a_failed_resolution_are_reported() {
         Event::new("y", "t", json!("new"), 2).with_origin("them"),
         Event::new("x", "t", json!("theirs"), 2).with_origin("them"),
     ];
-    let page: Vec<Entry> = held
-        .iter()
-        .zip(1..)
-        .map(|(e, seq)| entry(seq, e, digest(e)))
-        .collect();
-    let serving = held.clone();
-    let h = liar(move |request| match request {
-        Request::Keys { after, .. } => Response::Keys {
-            log_id: 41,
-            len: 2,
-            entries: page.iter().filter(|e| e.seq > *after).cloned().collect(),
-            through: Some(2),
-        },
-        Request::Fetch { keys, .. } => Response::Events {
-            events: serving
-                .iter()
-                .filter(|e| keys.contains(&e.key()))
-                .cloned()
-                .collect(),
-            too_large: Vec::new(),
-        },
-    })
-    .await;
+    let h = honest_peer(41, held).await;
     a.connect_to_peer(&h.addr.to_string())
         .await
         .expect("connect");
