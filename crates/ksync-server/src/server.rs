@@ -371,17 +371,27 @@ impl RunningServer {
 
     /// Stops cleanly: stops accepting; commits and acknowledges what rooms already queued and
     /// closes WebSockets with 1001; lets open HTTP requests finish (waiting at most the
-    /// configured shutdown timeout); then flushes every log to storage.
+    /// configured shutdown timeout for each of the two; a relay drain still running then goes
+    /// on while the runtime runs); then flushes every log to storage.
     pub async fn shutdown(self) -> Result<(), ServerError> {
         self.state.stopping.store(true, Ordering::SeqCst);
         tracing::info!("shutting down: no new connections");
         // Err: the server task already ended (it holds the receiver).
         let _ = self.stop.send(true);
-        if tokio::time::timeout(self.shutdown_timeout, self.relay.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(timeout = ?self.shutdown_timeout, "relay drain timed out");
+        // On a task of its own: the timeout ends the wait for the drain, not the drain.
+        // Cancelled half-way, it left the rooms it had not reached yet open, their
+        // connections no longer read and never closed (no 1001, no commit of what they
+        // queued); on its task each room still commits, flushes and closes with 1001 while
+        // the runtime runs.
+        let relay = self.relay.clone();
+        let drain = tokio::spawn(async move { relay.shutdown().await });
+        match tokio::time::timeout(self.shutdown_timeout, drain).await {
+            Ok(Ok(())) => {}
+            Ok(Err(join)) => tracing::error!(error = %join, "relay drain failed"),
+            Err(_) => tracing::warn!(
+                timeout = ?self.shutdown_timeout,
+                "relay drain still running at the shutdown timeout; not waiting for it"
+            ),
         }
         let mut task = self.task;
         let served = match tokio::time::timeout(self.shutdown_timeout, &mut task).await {

@@ -325,6 +325,41 @@ async fn rooms_past_max_open_rooms_are_refused_until_one_closes() {
     }
 }
 
+/// A shutdown timeout too short for the relay's drain (here 0) ends the wait for it, not the
+/// drain: every room still commits what it queued and closes its connections with 1001.
+/// The drain was cancelled with the wait, and connections in rooms it had not reached yet
+/// stayed open, no longer read, with nobody to close them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_timeout_of_zero_still_closes_every_room_with_1001() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = on_disk(dir.path());
+    config.limits.shutdown_timeout = Duration::ZERO;
+    let running = Server::bind(config).await.unwrap();
+    let addr = running.local_addr();
+    let mut sockets = Vec::new();
+    for room in 0..6 {
+        let mut ws = join(&format!("ws://{addr}/ws/r{room}")).await;
+        let publish = json!({"type":"publish","ref":1,"events":[event(room, 1)]});
+        ws.send(Message::text(publish.to_string())).await.unwrap();
+        assert_eq!(recv(&mut ws).await["type"], "ack");
+        sockets.push(ws);
+    }
+    running.shutdown().await.unwrap();
+    for (room, ws) in sockets.iter_mut().enumerate() {
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("room r{room}: no close within 10 s"))
+            {
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("room r{room}: expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(close, Some(1001), "room r{room}");
+    }
+}
+
 /// A monitor (or a relay connection) that has not said `hello` yet when the server shuts down
 /// is closed with 1001 at once, as the doc says of monitors at shutdown.
 #[tokio::test]
