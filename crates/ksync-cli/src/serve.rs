@@ -176,7 +176,9 @@ pub struct ServeArgs {
     tls_key: Option<PathBuf>,
 
     /// Seconds shutdown waits for connections to close before flushing anyway (0: does not
-    /// wait). A second SIGINT/SIGTERM meanwhile stops at once (exit code 130).
+    /// wait; WebSockets may then be dropped before their 1001, and their clients reconnect as
+    /// after a lost connection). A second SIGINT/SIGTERM meanwhile stops at once (exit code
+    /// 130).
     #[arg(long, env = "KSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10,
         allow_negative_numbers = true, value_parser = at_least::<u64, 0>)]
     shutdown_timeout_secs: u64,
