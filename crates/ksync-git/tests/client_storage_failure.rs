@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ksync_core::{
-    AutoSync, BoxFuture, Event, InMemoryStorage, MergeOutcome, Notification, PullPushClient,
+    AutoSync, BoxFuture, Event, InMemoryStorage, KSync, MergeOutcome, Notification, PullPushClient,
     Storage, StorageError, Stored, SyncClient,
 };
+use ksync_git::GitSyncClient;
 use ksync_testkit::FailAppend;
 use serde_json::json;
 
-use common::{branch_events, call, http, start};
+use common::{Server, branch_events, call, http, start};
 
 /// A pull brings a new event `y` and a revision of `x` that conflicts with ours. Writing the
 /// revision that settles the conflict fails, after `y` was stored: the pull fails, but `y`
@@ -23,17 +24,7 @@ use common::{branch_events, call, http, start};
 /// reports it no more. That next pull settles the conflict.
 #[tokio::test]
 async fn a_pull_whose_resolution_cannot_be_written_reports_what_it_stored() {
-    let server = start(&["r"]).await;
-    let (status, body) = call(
-        http()
-            .post(server.url("/git/r/branches/main/events"))
-            .json(&json!({"baseVersion": 0, "events": [
-                {"id": "y", "type": "t", "data": "new", "timestamp": 2, "version": 1, "origin": "them"},
-                {"id": "x", "type": "t", "data": "theirs", "timestamp": 2, "version": 1, "origin": "them"},
-            ]})),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    let server = theirs_on_main().await;
 
     let storage = Arc::new(FailAppend::new(
         Arc::new(InMemoryStorage::new()),
@@ -112,11 +103,8 @@ impl Storage for Gate {
     ksync_testkit::storage_pass_through!(log);
 }
 
-/// An auto-sync pull stops (`disconnect`) while it waits for the storage to write the
-/// revision settling a conflict, after the page's new event `y` was stored. `y` is reported
-/// all the same: the next pull finds it a duplicate and reports it no more.
-#[tokio::test]
-async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
+/// A server whose `r` `main` holds `y` (new here) and `x` version 1 from replica `them`.
+async fn theirs_on_main() -> Server {
     let server = start(&["r"]).await;
     let (status, body) = call(
         http()
@@ -128,6 +116,22 @@ async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    server
+}
+
+/// A replica cut short in a pull, as `pull_held_at_the_resolution` leaves it.
+struct HeldPull {
+    ksync: KSync<GitSyncClient>,
+    storage: Arc<Gate>,
+    /// The ids of the `event` notifications, from before the pull.
+    events: Arc<Mutex<Vec<String>>>,
+    _events: ksync_core::Subscription,
+}
+
+/// A replica over a [`Gate`] holding another `x` version 1, whose auto-sync pull of
+/// `theirs_on_main` stored `y` and now waits to write the revision settling `x`; then
+/// `disconnect` stops auto-sync, cutting that pull short. The gate is still closed.
+async fn pull_held_at_the_resolution(server: &Server) -> HeldPull {
     let storage = Arc::new(Gate {
         log: InMemoryStorage::new(),
         reached: AtomicBool::new(false),
@@ -136,17 +140,10 @@ async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
     let ksync = ksync_testkit::ksync_over(storage.clone(), common::client(&server.repo_url("r")))
         .await
         .expect("ksync");
-    // Held here already, from a third replica.
-    ksync
-        .replica()
-        .ingest(vec![
-            Event::new("x", "t", json!("elsewhere"), 1).with_origin("other"),
-        ])
-        .await
-        .expect("held");
+    // Before the pull: it reports events only when somebody listens.
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&events);
-    let _sub = ksync
+    let subscription = ksync
         .client()
         .notifier()
         .on("event", move |n| {
@@ -155,7 +152,14 @@ async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
             }
         })
         .expect("event");
-
+    // Held here already, from a third replica.
+    ksync
+        .replica()
+        .ingest(vec![
+            Event::new("x", "t", json!("elsewhere"), 1).with_origin("other"),
+        ])
+        .await
+        .expect("held");
     ksync.enable_auto_sync(AutoSync {
         push_interval: std::time::Duration::ZERO,
         pull_interval: std::time::Duration::from_secs(3600),
@@ -169,6 +173,26 @@ async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     ksync.disconnect().await.expect("disconnect");
+    HeldPull {
+        ksync,
+        storage,
+        events,
+        _events: subscription,
+    }
+}
+
+/// An auto-sync pull stops (`disconnect`) while it waits for the storage to write the
+/// revision settling a conflict, after the page's new event `y` was stored. `y` is reported
+/// all the same: the next pull finds it a duplicate and reports it no more.
+#[tokio::test]
+async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
+    let server = theirs_on_main().await;
+    let HeldPull {
+        ksync,
+        storage,
+        events,
+        _events,
+    } = pull_held_at_the_resolution(&server).await;
     storage.open.notify_one();
 
     let pulled = ksync.client().pull().await.expect("the next pull");
@@ -260,17 +284,7 @@ async fn a_push_whose_cursor_cannot_be_recorded_reports_its_batch_once() {
 /// checkout, it was the other branch's, and its next push sent it there.
 #[tokio::test]
 async fn a_checkout_after_a_pull_cut_short_waits_for_what_it_stores() {
-    let server = start(&["r"]).await;
-    let (status, body) = call(
-        http()
-            .post(server.url("/git/r/branches/main/events"))
-            .json(&json!({"baseVersion": 0, "events": [
-                {"id": "y", "type": "t", "data": "new", "timestamp": 2, "version": 1, "origin": "them"},
-                {"id": "x", "type": "t", "data": "theirs", "timestamp": 2, "version": 1, "origin": "them"},
-            ]})),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    let server = theirs_on_main().await;
     let (status, body) = call(
         http()
             .post(server.url("/git/r/branches"))
@@ -278,36 +292,7 @@ async fn a_checkout_after_a_pull_cut_short_waits_for_what_it_stores() {
     )
     .await;
     assert!(status == 200 || status == 201, "{status} {body}");
-    let storage = Arc::new(Gate {
-        log: InMemoryStorage::new(),
-        reached: AtomicBool::new(false),
-        open: tokio::sync::Notify::new(),
-    });
-    let ksync = Arc::new(
-        ksync_testkit::ksync_over(storage.clone(), common::client(&server.repo_url("r")))
-            .await
-            .expect("ksync"),
-    );
-    ksync
-        .replica()
-        .ingest(vec![
-            Event::new("x", "t", json!("elsewhere"), 1).with_origin("other"),
-        ])
-        .await
-        .expect("held");
-    ksync.enable_auto_sync(AutoSync {
-        push_interval: std::time::Duration::ZERO,
-        pull_interval: std::time::Duration::from_secs(3600),
-    });
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !storage.reached.load(Ordering::SeqCst) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the pull never wrote the resolution"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    ksync.disconnect().await.expect("disconnect");
+    let HeldPull { ksync, storage, .. } = pull_held_at_the_resolution(&server).await;
     let client = Arc::clone(ksync.client());
     let mut checkout = tokio::spawn(async move { client.checkout("b").await });
     // Not an assertion: only gives a checkout that does not wait the time to finish first.
