@@ -396,7 +396,11 @@ impl GitServer {
     pub async fn create_repo(&self, repo: &Name) -> Result<bool, ServerError> {
         let _guard = self.inner.create_lock.lock().await;
         let main = branch_log(repo, &default_branch());
-        let storage = self.inner.provider.open(&main)?;
+        let storage = {
+            let main = main.clone();
+            self.off_workers(move |s| s.inner.provider.open(&main))
+                .await?
+        };
         self.used(&main);
         if storage.meta(BRANCH_META)?.is_some() {
             return Ok(false);
@@ -478,20 +482,33 @@ impl GitServer {
         Ok(out)
     }
 
-    /// [`branches`](Self::branches) on the blocking pool: it opens every branch log of the
-    /// repository, and past `max_open_branches` of them each listing replays the ones
-    /// released meanwhile (~2 s for 1,000 branches, measured on a real server), which on a
-    /// runtime worker held up every other request and WebSocket room scheduled there.
-    async fn branches_off_workers(&self, repo: &Name) -> Result<Vec<BranchInfo>, ServerError> {
-        let (service, repo) = (self.clone(), repo.clone());
-        tokio::task::spawn_blocking(move || service.branches(&repo))
+    /// Runs `work` on the blocking pool. Use it for anything that may open a branch log: a
+    /// log not open is replayed as it opens (about 3 s a million events from disk), and on a
+    /// runtime worker that held up every other request and WebSocket room scheduled there (a
+    /// listing of 1,000 branches past `max_open_branches`: ~2 s, measured on a real server).
+    async fn off_workers<T, E>(
+        &self,
+        work: impl FnOnce(&GitServer) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StorageError> + Send + 'static,
+    {
+        let service = self.clone();
+        tokio::task::spawn_blocking(move || work(&service))
             .await
             .unwrap_or_else(|panicked| {
-                Err(ServerError::Storage(StorageError::Io {
-                    context: "listing the branches panicked".into(),
+                Err(E::from(StorageError::Io {
+                    context: "opening a branch log panicked".into(),
                     source: std::io::Error::other(panicked.to_string()),
                 }))
             })
+    }
+
+    /// [`branches`](Self::branches), off the runtime's workers (it opens every branch log).
+    async fn branches_off_workers(&self, repo: &Name) -> Result<Vec<BranchInfo>, ServerError> {
+        let repo = repo.clone();
+        self.off_workers(move |s| s.branches(&repo)).await
     }
 
     fn branch(&self, repo: &Name, branch: &Name) -> Result<Option<BranchLog>, StorageError> {
@@ -512,8 +529,16 @@ impl GitServer {
         Ok(Some((storage, record)))
     }
 
-    /// The branch's storage, or 404 (repository or branch, whichever is missing).
-    fn existing_branch(&self, repo: &Name, branch: &Name) -> Result<BranchLog, ApiError> {
+    /// The branch's storage, or 404 (repository or branch, whichever is missing); opened off
+    /// the runtime's workers (see [`off_workers`](Self::off_workers)).
+    async fn existing_branch(&self, repo: &Name, branch: &Name) -> Result<BranchLog, ApiError> {
+        let (repo, branch) = (repo.clone(), branch.clone());
+        self.off_workers(move |s| s.existing_branch_now(&repo, &branch))
+            .await
+    }
+
+    /// [`existing_branch`](Self::existing_branch) on the calling thread.
+    fn existing_branch_now(&self, repo: &Name, branch: &Name) -> Result<BranchLog, ApiError> {
         if let Some(found) = self.branch(repo, branch)? {
             return Ok(found);
         }
@@ -1036,7 +1061,7 @@ async fn branch_info(
 ) -> Handled {
     let (repo, branch) = branch_path(path)?;
     s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
-    let (storage, record) = s.existing_branch(&repo, &branch)?;
+    let (storage, record) = s.existing_branch(&repo, &branch).await?;
     let body = info(&branch, storage.as_ref(), record);
     Ok(s.respond(StatusCode::OK, req.headers(), &body))
 }
@@ -1053,7 +1078,7 @@ async fn create_branch(
     let new = name("branch", &request.name)?;
     let from = name("branch", request.from.as_deref().unwrap_or(DEFAULT_BRANCH))?;
     let _guard = s.inner.create_lock.lock().await;
-    let (source, _) = s.existing_branch(&repo, &from)?;
+    let (source, _) = s.existing_branch(&repo, &from).await?;
     let head = source.len();
     let at = request.at.unwrap_or(head);
     if at > head {
@@ -1063,7 +1088,11 @@ async fn create_branch(
             format!("cannot fork \"{from}\" at version {at}: it is at version {head}"),
         ));
     }
-    if let Some((storage, record)) = s.branch(&repo, &new)? {
+    let found = {
+        let (repo, new) = (repo.clone(), new.clone());
+        s.off_workers(move |s| s.branch(&repo, &new)).await?
+    };
+    if let Some((storage, record)) = found {
         if record.forked_from.as_deref() == Some(from.as_str()) && record.forked_at == Some(at) {
             let body = info(&new, storage.as_ref(), record);
             return Ok(s.respond(StatusCode::OK, &headers, &body));
@@ -1090,7 +1119,10 @@ async fn create_branch(
             format!("repository \"{repo}\" has {branches} branches, the most it may have ({max})"),
         ));
     }
-    let target = s.inner.provider.open(&target_name)?;
+    let target = {
+        let name = target_name.clone();
+        s.off_workers(move |s| s.inner.provider.open(&name)).await?
+    };
     s.used(&target_name);
     // Copy the prefix. Re-running after a crash is safe: the copy deduplicates, and the branch
     // exists only once its record is written.
@@ -1126,7 +1158,7 @@ async fn pull(
     let (repo, branch) = branch_path(path)?;
     let (since, limit, log_id) = pull_query(req.uri().query())?;
     s.authorize(req.headers(), peer_of(&req), &repo, Access::Read)?;
-    let (storage, record) = s.existing_branch(&repo, &branch)?;
+    let (storage, record) = s.existing_branch(&repo, &branch).await?;
     check_log(&branch, &record, log_id.as_deref())?;
     let server_version = storage.len();
     if since > server_version {
@@ -1300,7 +1332,7 @@ async fn push(
     let (repo, branch) = branch_path(path)?;
     let headers = req.headers().clone();
     s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
-    let (storage, record) = s.existing_branch(&repo, &branch)?;
+    let (storage, record) = s.existing_branch(&repo, &branch).await?;
     let (request, _body_memory) = s.body::<PushRequest>(req).await?;
     check_log(&branch, &record, request.log_id.as_deref())?;
     for (index, event) in request.events.iter().enumerate() {
@@ -1383,8 +1415,8 @@ async fn merge(
             "mergeId must be 1 to 64 letters, digits or '-'",
         ));
     }
-    let (into, _) = s.existing_branch(&repo, &into_name)?;
-    let (from, _) = s.existing_branch(&repo, &from_name)?;
+    let (into, _) = s.existing_branch(&repo, &into_name).await?;
+    let (from, _) = s.existing_branch(&repo, &from_name).await?;
     let answer_key = format!("{MERGE_ANSWER_META_PREFIX}{from_name}");
     if let Some(id) = request.merge_id.as_deref()
         && let Some(raw) = into.meta(&answer_key)?

@@ -86,12 +86,9 @@ fn serve_on_one_thread(
     (addr_rx.recv().expect("server address"), stop_tx)
 }
 
-/// A listing of a repository's branches opens every branch log (reopening and replaying the
-/// ones released past `max_open_branches`): while one of those opens is slow, another request
-/// is answered. The listing runs off the runtime's workers; on one, it held up every request
-/// there (and, in `ksync serve`, every WebSocket room) for as long as it took.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_branch_listing_does_not_hold_up_other_requests() {
+/// While `slow_request` (a GET) is in the slow open of branch `big/b1`, another request is
+/// answered; then `slow_request` is answered 200. Returns its body.
+async fn another_request_is_answered_during(slow_request: &str) -> serde_json::Value {
     let (reached_tx, reached) = mpsc::channel();
     let (release, release_rx) = mpsc::channel();
     let provider = Arc::new(SlowOpen {
@@ -121,23 +118,41 @@ async fn a_slow_branch_listing_does_not_hold_up_other_requests() {
     }
     provider.armed.store(true, Ordering::SeqCst);
 
-    let listing = tokio::spawn(common::call(http.get(url("/git/big/branches"))));
+    let slow = tokio::spawn(common::call(http.get(url(slow_request))));
     tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(10)))
         .await
         .expect("wait")
-        .expect("the listing reached the slow open");
-    // Answered while the listing is still in its slow open: the timeout only ends the test
-    // if it is not (the server then waits for the release below).
+        .expect("the request reached the slow open");
+    // Answered while the slow request is still in its slow open: the timeout only ends the
+    // test if it is not (the server then waits for the release below).
     let other = tokio::time::timeout(
         Duration::from_secs(5),
         common::call(http.get(url("/git/small"))),
     )
     .await;
     let _ = release.send(());
-    let (status, body) = other.expect("another request answered during the listing");
+    let (status, body) = other.expect("another request answered during the slow open");
     assert_eq!(status, 200, "{body}");
-    let (status, body) = listing.await.expect("listing");
+    let (status, body) = slow.await.expect("slow request");
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["branches"].as_array().map(Vec::len), Some(4));
     let _ = stop.send(());
+    body
+}
+
+/// A listing of a repository's branches opens every branch log (reopening and replaying the
+/// ones released past `max_open_branches`): while one of those opens is slow, another request
+/// is answered. The listing runs off the runtime's workers; on one, it held up every request
+/// there (and, in `ksync serve`, every WebSocket room) for as long as it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_branch_listing_does_not_hold_up_other_requests() {
+    let body = another_request_is_answered_during("/git/big/branches").await;
+    assert_eq!(body["branches"].as_array().map(Vec::len), Some(4));
+}
+
+/// The same for one branch: a pull of a branch whose log is not open replays it as it opens
+/// (seconds for millions of events), which on a runtime worker held up every other request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_of_a_branch_slow_to_open_does_not_hold_up_other_requests() {
+    let body = another_request_is_answered_during("/git/big/branches/b1/events?since=0").await;
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(0), "{body}");
 }
