@@ -361,13 +361,19 @@ test('backoff: the monitor feed also keeps counting attempts against a server th
   await page.close();
 });
 
-test('the monitor feed refuses a welcome of another protocol version: close 4001, an error, no reconnect', async () => {
+/**
+ * A MonitorClient (reconnect delay 10-20 ms) against a feed scripted here: the welcome of
+ * session i (from 0) is `welcomeFor(i)`. `sessions[i].closed` is how it closed; the page's
+ * `window` records `opens`, `attempts`, `errors` ([code, closeCode]) and `closes`.
+ */
+async function fakeMonitor(welcomeFor) {
   const page = await browser.newPage();
   const sessions = [];
   await page.routeWebSocket(/^ws:\/\/fake\.invalid\//, (ws) => {
     const session = { closed: null };
+    const welcome = welcomeFor(sessions.length);
     sessions.push(session);
-    ws.onMessage(() => ws.send(JSON.stringify({ type: 'welcome', protocol: 2, feed: 'monitor' })));
+    ws.onMessage(() => ws.send(JSON.stringify(welcome)));
     ws.onClose((code, reason) => {
       session.closed = { code, reason };
       ws.close({ code, reason });
@@ -385,12 +391,29 @@ test('the monitor feed refuses a welcome of another protocol version: close 4001
     monitor.start();
     window.monitor = monitor;
   });
+  return { page, sessions };
+}
+
+test('the monitor feed refuses a welcome of another protocol version: close 4001, an error, no reconnect', async () => {
+  const { page, sessions } = await fakeMonitor(() => ({ type: 'welcome', protocol: 2, feed: 'monitor' }));
   await waitFor(() => sessions[0]?.closed, 5000, 'the monitor closed the connection');
   assert.equal(sessions[0].closed.code, 4001);
   await new Promise((resolve) => setTimeout(resolve, 300));
   assert.equal(sessions.length, 1, 'no reconnect after a welcome of another version');
   const seen = await page.evaluate(() => ({ opens: window.opens, attempts: window.attempts, errors: window.errors, closes: window.closes }));
   assert.deepEqual(seen, { opens: 0, attempts: [], errors: [['unsupported_protocol', 4001]], closes: [4001] });
+  await page.evaluate(() => window.monitor.stop());
+  await page.close();
+});
+
+test('the monitor feed takes a welcome without an integer protocol as broken: error protocol, reconnect (not unsupported_protocol)', async () => {
+  // Missing, then a good one.
+  const { page, sessions } = await fakeMonitor((i) => ({ type: 'welcome', protocol: i === 0 ? undefined : 1, feed: 'monitor' }));
+  await waitFor(() => page.evaluate(() => window.opens === 1), 5000, 'the monitor opened on the second connection');
+  assert.equal(sessions.length, 2);
+  assert.notEqual(sessions[0].closed?.code, 4001);
+  assert.deepEqual(await page.evaluate(() => window.errors.map(([code]) => code)), ['protocol']);
+  assert.deepEqual(await page.evaluate(() => window.attempts), [1]);
   await page.evaluate(() => window.monitor.stop());
   await page.close();
 });

@@ -252,37 +252,6 @@ test('a welcome without an integer protocol >= 0 announces no version: a broken 
   await page.close();
 });
 
-test('the monitor feed takes a welcome without an integer protocol as broken: error protocol, reconnect (not unsupported_protocol)', async () => {
-  const page = await browser.newPage();
-  const sessions = [];
-  await page.routeWebSocket(/^ws:\/\/fake\.invalid\//, (ws) => {
-    const session = { closed: null };
-    sessions.push(session);
-    const protocol = sessions.length === 1 ? undefined : 1;
-    ws.onMessage(() => ws.send(JSON.stringify({ type: 'welcome', protocol, feed: 'monitor' })));
-    ws.onClose((code, reason) => {
-      session.closed = { code, reason };
-      ws.close({ code, reason });
-    });
-  });
-  await page.goto(`${server.http}/health`);
-  await page.evaluate(async () => {
-    const { MonitorClient } = await import('/ksync.js');
-    Object.assign(window, { opens: 0, errors: [] });
-    const monitor = new MonitorClient('ws://fake.invalid/monitor', { reconnectDelay: { min: 10, max: 20 } });
-    monitor.on('open', () => { window.opens += 1; });
-    monitor.on('error', (error) => window.errors.push(error.code));
-    monitor.start();
-    window.monitor = monitor;
-  });
-  await waitFor(() => page.evaluate(() => window.opens === 1), 5000, 'the monitor opened on the second connection');
-  assert.equal(sessions.length, 2);
-  assert.notEqual(sessions[0].closed?.code, 4001);
-  assert.deepEqual(await page.evaluate(() => window.errors), ['protocol']);
-  await page.evaluate(() => window.monitor.stop());
-  await page.close();
-});
-
 test('a client of another protocol version against the relay: one unsupported_protocol error (closeCode 4001), connect() rejected with it, no reconnect', async () => {
   // This module as a client of version 2 would be (the real relay speaks 1).
   const page = await browser.newPage();
