@@ -98,3 +98,37 @@ async fn a_drain_longer_than_a_heartbeat_still_closes_with_1001() {
     stopping.await.expect("drained");
     server.task.abort();
 }
+
+/// A caller that gives up on `Relay::shutdown` (a timeout of its own around it) leaves the
+/// drain half-way: the rooms it had not reached get no shutdown, and their connections, no
+/// longer read, were never closed. Each connection closes itself with 1001 by its second
+/// heartbeat of the drain.
+#[tokio::test]
+async fn a_drain_its_caller_abandons_still_closes_every_connection_with_1001() {
+    let dir = tempfile::tempdir().expect("dir");
+    let provider = Arc::new(SlowFlushProvider {
+        files: FileProvider::new(dir.path()).expect("provider"),
+        // The drain sits in the first room's flush until the test has ended.
+        delay: Duration::from_secs(60),
+    });
+    let server = start_with(
+        RelayConfig {
+            heartbeat: Duration::from_millis(100),
+            ..RelayConfig::default()
+        },
+        provider,
+        Arc::new(AllowAll),
+    )
+    .await;
+    let (mut first, _) = join(&server.url(Some("first")), hello()).await;
+    let (mut second, _) = join(&server.url(Some("second")), hello()).await;
+    let relay = server.relay.clone();
+    let stopping = tokio::spawn(async move { relay.shutdown().await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stopping.abort();
+    for ws in [&mut first, &mut second] {
+        let (code, reason) = recv_close(ws).await;
+        assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+    }
+    server.task.abort();
+}

@@ -267,6 +267,8 @@ async fn run(
     let mut ping = interval_at(Instant::now() + config.heartbeat, config.heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut awaiting_pong = false;
+    // Heartbeat ticks since the drain began (see the tick branch).
+    let mut drain_ticks = 0u32;
     // The two waits below live across iterations: made anew for every message, each would
     // register with (and then leave) its `Notify` once per message read.
     let outbox = Arc::clone(&writer.outbox);
@@ -296,10 +298,21 @@ async fn run(
                     return Ok(());
                 }
             },
-            // Not once shutting down: nothing is read then, so a pong could never count and a
-            // room slower to close than a heartbeat would end the connection with 4009 instead
-            // of its 1001. The drain's own timeouts bound a dead client instead.
-            _ = ping.tick(), if !shutting_down => {
+            _ = ping.tick() => {
+                if shutting_down {
+                    // No heartbeat check once shutting down: nothing is read then, so a pong
+                    // could never count (a room slower to close than a heartbeat ended the
+                    // connection with 4009 instead of its 1001). The room closes us with 1001
+                    // once the drain reaches it; if it has not by the second tick (a drain its
+                    // caller abandoned at a timeout never reaches the rest of the rooms) we
+                    // close with 1001 ourselves, so no connection stays open for good. Nothing
+                    // is lost: the client sends again what was not acknowledged.
+                    drain_ticks += 1;
+                    if drain_ticks >= 2 {
+                        return Err(going_away());
+                    }
+                    continue;
+                }
                 if awaiting_pong {
                     // After a stall of this loop (a slow append or write) the answer may
                     // already wait in the socket while the tick is due too, and `select!`
