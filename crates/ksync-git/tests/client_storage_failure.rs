@@ -5,12 +5,12 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use ksync_core::{
-    AutoSync, BoxFuture, Event, InMemoryStorage, KSync, MergeOutcome, Notification, PullPushClient,
-    Storage, StorageError, Stored, SyncClient,
+    AutoSync, BoxFuture, Event, InMemoryStorage, KSync, MergeOutcome, PullPushClient, Storage,
+    StorageError, Stored, SyncClient,
 };
 use ksync_git::GitSyncClient;
 use ksync_testkit::FailAppend;
@@ -39,18 +39,8 @@ async fn a_pull_whose_resolution_cannot_be_written_reports_what_it_stored() {
         .record_local(Event::new("x", "t", json!("mine"), 1).with_origin(replica.id()))
         .await
         .expect("local");
-    let events = Arc::new(Mutex::new(Vec::new()));
+    let events = ksync_testkit::EventRecorder::new(ksync.client().notifier());
     let synced = ksync_testkit::SyncRecorder::new(ksync.client().notifier());
-    let sink = Arc::clone(&events);
-    let _sub = ksync
-        .client()
-        .notifier()
-        .on("event", move |n| {
-            if let Notification::Event(e) = n {
-                sink.lock().expect("lock").push(e.id.clone());
-            }
-        })
-        .expect("event");
 
     let err = ksync
         .client()
@@ -70,7 +60,7 @@ async fn a_pull_whose_resolution_cannot_be_written_reports_what_it_stored() {
             .version,
         2
     );
-    assert_eq!(*events.lock().expect("lock"), ["y"], "y reported once");
+    assert_eq!(events.ids(), ["y"], "y reported once");
     assert_eq!(synced.ids(), ["y"], "y synced once");
 }
 
@@ -123,9 +113,8 @@ async fn theirs_on_main() -> Server {
 struct HeldPull {
     ksync: KSync<GitSyncClient>,
     storage: Arc<Gate>,
-    /// The ids of the `event` notifications, from before the pull.
-    events: Arc<Mutex<Vec<String>>>,
-    _events: ksync_core::Subscription,
+    /// The `event` notifications, from before the pull.
+    events: ksync_testkit::EventRecorder,
 }
 
 /// A replica over a [`Gate`] holding another `x` version 1, whose auto-sync pull of
@@ -141,17 +130,7 @@ async fn pull_held_at_the_resolution(server: &Server) -> HeldPull {
         .await
         .expect("ksync");
     // Before the pull: it reports events only when somebody listens.
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&events);
-    let subscription = ksync
-        .client()
-        .notifier()
-        .on("event", move |n| {
-            if let Notification::Event(e) = n {
-                sink.lock().expect("lock").push(e.id.clone());
-            }
-        })
-        .expect("event");
+    let events = ksync_testkit::EventRecorder::new(ksync.client().notifier());
     // Held here already, from a third replica.
     ksync
         .replica()
@@ -177,7 +156,6 @@ async fn pull_held_at_the_resolution(server: &Server) -> HeldPull {
         ksync,
         storage,
         events,
-        _events: subscription,
     }
 }
 
@@ -191,17 +169,16 @@ async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
         ksync,
         storage,
         events,
-        _events,
     } = pull_held_at_the_resolution(&server).await;
     storage.open.notify_one();
 
     let pulled = ksync.client().pull().await.expect("the next pull");
     assert_eq!(pulled.conflicts.len(), 1);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while events.lock().expect("lock").is_empty() && tokio::time::Instant::now() < deadline {
+    while events.ids().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    assert_eq!(*events.lock().expect("lock"), ["y"], "y reported once");
+    assert_eq!(events.ids(), ["y"], "y reported once");
 }
 
 /// A storage whose first write of a push cursor fails (a full disk), once.

@@ -980,13 +980,7 @@ async fn events_stored_before_a_failed_resolution_are_reported() {
             .expect("build"),
     );
     a.start().await.expect("start");
-    let reported = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&reported);
-    let _sub = a.notifier().on_kind(NotificationKind::Event, move |n| {
-        if let Notification::Event(e) = n {
-            sink.lock().expect("lock").push(e.id.clone());
-        }
-    });
+    let reported = ksync_testkit::EventRecorder::new(a.notifier());
     // An honest raw peer (no gossip: only catch-up can deliver) holding y and its x.
     let held = vec![
         Event::new("y", "t", json!("new"), 2).with_origin("them"),
@@ -1008,7 +1002,7 @@ async fn events_stored_before_a_failed_resolution_are_reported() {
             .is_some_and(|x| x.event.version == 2)
     })
     .await;
-    assert_eq!(*reported.lock().expect("lock"), ["y"], "y reported once");
+    assert_eq!(reported.ids(), ["y"], "y reported once");
 }
 
 /// An `Events` answer that calls keys too large which were never asked for is no progress:

@@ -1,7 +1,7 @@
 //! Test helpers shared by kSync's test suites (a dev-dependency only; never published):
-//! capturing what one log target says ([`LogCapture`]), recording the `sync` or `error`
-//! notifications of a client ([`SyncRecorder`], [`ErrorRecorder`]), the storage methods a
-//! test wrapper passes on unchanged ([`storage_pass_through!`]), a storage that fails
+//! capturing what one log target says ([`LogCapture`]), recording the `sync`, `event` or
+//! `error` notifications of a client ([`SyncRecorder`], [`EventRecorder`], [`ErrorRecorder`]),
+//! the storage methods a test wrapper passes on unchanged ([`storage_pass_through!`]), a storage that fails
 //! one chosen append ([`FailAppend`]), and a `KSync` over a storage and a client
 //! ([`ksync_over`]).
 
@@ -165,6 +165,36 @@ impl SyncRecorder {
     /// Every notified event id, in order.
     pub fn ids(&self) -> Vec<String> {
         self.batches().concat()
+    }
+}
+
+/// The `event` notifications of one client, as the ids of their events, in order.
+pub struct EventRecorder {
+    ids: Arc<Mutex<Vec<String>>>,
+    _subscription: Subscription,
+}
+
+impl EventRecorder {
+    /// Records `notifier`'s `event` notifications from now on, until dropped.
+    pub fn new(notifier: &Notifier) -> Self {
+        let ids: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = Arc::clone(&ids);
+        let subscription = notifier.on_kind(NotificationKind::Event, move |n| {
+            if let Notification::Event(e) = n {
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(e.id.clone());
+            }
+        });
+        Self {
+            ids,
+            _subscription: subscription,
+        }
+    }
+
+    /// Every notified event id, in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
