@@ -175,8 +175,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KSYNC_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 
-    /// Seconds shutdown waits for connections to close before flushing anyway (0: does not
-    /// wait; WebSockets may then be dropped before their 1001, and their clients reconnect as
+    /// Seconds shutdown waits, in all, for the rooms to drain and connections to close before
+    /// flushing anyway (at most 86400, a day; 0: does not wait; WebSockets may then be dropped before their 1001, and their clients reconnect as
     /// after a lost connection). A second SIGINT/SIGTERM meanwhile stops at once (exit code
     /// 130).
     #[arg(long, env = "KSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10,

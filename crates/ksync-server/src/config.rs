@@ -74,7 +74,8 @@ pub struct Limits {
     /// Interval between server pings on idle WebSockets (30 s); a client that misses a pong
     /// is dropped.
     pub heartbeat: Duration,
-    /// How long shutdown waits for open connections to close before flushing anyway (10 s).
+    /// How long shutdown waits for the relay's drain and open connections, in all, before
+    /// flushing anyway (10 s; 0 to a day).
     pub shutdown_timeout: Duration,
     /// Most repository requests (`/git/...`) handled at once (256). Each may hold a body of up
     /// to the push limit in memory; more are answered at once with 503 `busy` and
@@ -112,6 +113,13 @@ impl Limits {
             ("request_body_timeout", self.request_body_timeout),
         ] {
             ksync_core::check_config_duration(field, value).map_err(ServerError::Config)?;
+        }
+        // 0 is allowed (do not wait); the bound keeps the shutdown's deadline representable.
+        if self.shutdown_timeout > ksync_core::MAX_CONFIG_DURATION {
+            return Err(ServerError::Config(format!(
+                "shutdown_timeout must be at most {} s",
+                ksync_core::MAX_CONFIG_DURATION.as_secs()
+            )));
         }
         Ok(())
     }

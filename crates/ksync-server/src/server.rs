@@ -383,9 +383,13 @@ impl RunningServer {
         // connections no longer read and never closed (no 1001, no commit of what they
         // queued); on its task each room still commits, flushes and closes with 1001 while
         // the runtime runs.
+        // One deadline for both waits below, so the whole wait is at most the timeout (two
+        // timeouts of it each made it up to twice that).
+        let deadline = tokio::time::Instant::now()
+            + self.shutdown_timeout.min(ksync_core::MAX_CONFIG_DURATION);
         let relay = self.relay.clone();
         let drain = tokio::spawn(async move { relay.shutdown().await });
-        match tokio::time::timeout(self.shutdown_timeout, drain).await {
+        match tokio::time::timeout_at(deadline, drain).await {
             Ok(Ok(())) => {}
             Ok(Err(join)) => tracing::error!(error = %join, "relay drain failed"),
             Err(_) => tracing::warn!(
@@ -394,7 +398,7 @@ impl RunningServer {
             ),
         }
         let mut task = self.task;
-        let served = match tokio::time::timeout(self.shutdown_timeout, &mut task).await {
+        let served = match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(Ok(result)) => result.map_err(ServerError::Io),
             Ok(Err(join)) => Err(ServerError::Task(join.to_string())),
             Err(_) => {

@@ -172,9 +172,10 @@ async fn websockets_leave_the_http_connection_count_once_upgraded() {
 
 /// A request timeout past a day is refused at start, naming it: hyper adds the header
 /// timeout to an `Instant`, and `Duration::MAX` made every connection's task panic (the
-/// server listened and answered nothing).
+/// server listened and answered nothing). So is a shutdown timeout past a day (the shutdown
+/// adds it to an `Instant` too).
 #[tokio::test]
-async fn request_timeouts_past_a_day_are_refused_at_start() {
+async fn timeouts_past_a_day_are_refused_at_start() {
     let past_a_day = ksync_core::MAX_CONFIG_DURATION + Duration::from_secs(1);
     for (field, limits) in [
         (
@@ -188,6 +189,13 @@ async fn request_timeouts_past_a_day_are_refused_at_start() {
             "request_body_timeout",
             Limits {
                 request_body_timeout: past_a_day,
+                ..Limits::default()
+            },
+        ),
+        (
+            "shutdown_timeout",
+            Limits {
+                shutdown_timeout: Duration::MAX,
                 ..Limits::default()
             },
         ),
