@@ -140,11 +140,12 @@ impl WsError {
 
     /// Whether retrying cannot help: a bad URL or room name, an upgrade refused with a 4xx
     /// status other than 408, 425 and 429 (400 bad room, 401/403 credentials or rights, 404
-    /// no such endpoint, 405...: the same request gets the same answer), or a close code that `docs/PROTOCOL.md` answers with "fix the
+    /// no such endpoint, 405...: the same request gets the same answer), a `welcome` of another
+    /// protocol version, or a close code that `docs/PROTOCOL.md` answers with "fix the
     /// client", "upgrade" or "fresh credentials" (1002, 1003, 1007, 4000, 4001, 4400, 4401,
-    /// 4403; the last three are also the in-band refusals of clients that offer `ksync.v1`). The
-    /// client stops reconnecting after such an error (with an `error` notification); a later
-    /// explicit `connect()` tries again. The relay sends an `error` message before some of
+    /// 4403; the last three are also the in-band refusals of clients that offer `ksync.v1`).
+    /// The client stops reconnecting after such an error (with an `error` notification); a
+    /// later explicit `connect()` tries again. The relay sends an `error` message before some of
     /// those closes (`protocol` before 4000, `unsupported_protocol` before 4001, `bad_binary`
     /// before 1003): a session that ends on one of these is fatal as well.
     pub fn is_fatal(&self) -> bool {
