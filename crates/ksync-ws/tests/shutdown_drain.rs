@@ -132,3 +132,89 @@ async fn a_drain_its_caller_abandons_still_closes_every_connection_with_1001() {
     }
     server.task.abort();
 }
+
+/// File logs whose flushes, once armed, each wait until `rooms` of them have started: a
+/// drain that flushes one room after the other never gets past the first.
+struct FlushTogether {
+    files: FileProvider,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    together: Arc<tokio::sync::Barrier>,
+}
+
+struct FlushTogetherLog {
+    log: Arc<dyn Storage>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    together: Arc<tokio::sync::Barrier>,
+}
+
+impl Storage for FlushTogetherLog {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        self.log.append(events)
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.remove_meta(key)
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+                // Bounded, so a failing run ends instead of hanging.
+                let _ = tokio::time::timeout(Duration::from_secs(20), self.together.wait()).await;
+            }
+            self.log.flush().await
+        })
+    }
+    ksync_testkit::storage_pass_through!(log);
+}
+
+impl FlushTogether {
+    fn wrap(&self, log: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        Arc::new(FlushTogetherLog {
+            log,
+            armed: Arc::clone(&self.armed),
+            together: Arc::clone(&self.together),
+        })
+    }
+}
+
+impl StorageProvider for FlushTogether {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(self.wrap(self.files.open(name)?))
+    }
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        Ok(self.files.existing(name)?.map(|log| self.wrap(log)))
+    }
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        self.files.list()
+    }
+    fn flush_all(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.files.flush_all()
+    }
+}
+
+/// The drain shuts every room down at once: a room's flush (an fsync with file storage) does
+/// not wait for the other rooms' (one after the other, the drain grew by a flush per room).
+#[tokio::test]
+async fn the_drain_flushes_every_room_at_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let provider = Arc::new(FlushTogether {
+        files: FileProvider::new(dir.path()).expect("provider"),
+        armed: Arc::clone(&armed),
+        together: Arc::new(tokio::sync::Barrier::new(2)),
+    });
+    let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
+    let (mut first, _) = join(&server.url(Some("first")), hello()).await;
+    let (mut second, _) = join(&server.url(Some("second")), hello()).await;
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let relay = server.relay.clone();
+    let stopping = tokio::spawn(async move { relay.shutdown().await });
+    for ws in [&mut first, &mut second] {
+        let (code, reason) = recv_close(ws).await;
+        assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+    }
+    stopping.await.expect("drained");
+    server.task.abort();
+}
