@@ -106,7 +106,8 @@ async fn a_welcome_with_an_impossible_max_message_size_is_refused_and_nothing_is
 
 /// What a client (with an event queued) did against a server whose every `welcome` is
 /// `welcome`: `connect()`'s error, what it said and its close code on the first connection,
-/// and whether it connected again within 200 ms (its reconnect delay is 5-10 ms).
+/// and whether it connected again (its reconnect delay is 5-10 ms): waited for up to 10 s
+/// when `retried` is expected, else 200 ms.
 struct Welcomed {
     error: ksync_core::SyncError,
     said: Vec<String>,
@@ -116,7 +117,7 @@ struct Welcomed {
     reconnect_attempts: usize,
 }
 
-async fn against_welcome(welcome: Value) -> Welcomed {
+async fn against_welcome(welcome: Value, retried: bool) -> Welcomed {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (seen_tx, mut seen) = mpsc::channel(4);
@@ -153,9 +154,12 @@ async fn against_welcome(welcome: Value) -> Welcomed {
         .await
         .expect_err("a welcome the client refuses");
     let (said, close) = seen.recv().await.expect("the connection ended");
-    let reconnected = tokio::time::timeout(Duration::from_millis(200), seen.recv())
-        .await
-        .is_ok();
+    let wait = if retried {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_millis(200)
+    };
+    let reconnected = tokio::time::timeout(wait, seen.recv()).await.is_ok();
     let outbox = client.outbox_len();
     assert!(!client.is_connected());
     client.disconnect().await.expect("disconnect");
@@ -186,7 +190,7 @@ async fn a_welcome_of_another_protocol_version_is_refused_and_the_client_stops()
         "serverVersion": 0, "compression": false, "heartbeatMs": 30000,
         "maxMessageSize": 1 << 20});
     for (welcome, version) in [(newer, 2), (other_shapes, 2), (past_u32, 1_u64 << 32)] {
-        let seen = against_welcome(welcome.clone()).await;
+        let seen = against_welcome(welcome.clone(), false).await;
         let found = WsError::find(&seen.error);
         assert!(
             matches!(found, Some(WsError::UnsupportedProtocol { server }) if *server == version),
@@ -219,7 +223,7 @@ async fn a_welcome_without_a_protocol_version_is_a_broken_welcome_and_is_retried
     let mut negative = welcome(0, 1 << 20);
     negative["protocol"] = json!(-1);
     for welcome in [missing, text, negative] {
-        let seen = against_welcome(welcome.clone()).await;
+        let seen = against_welcome(welcome.clone(), true).await;
         let found = WsError::find(&seen.error);
         assert!(
             matches!(found, Some(WsError::Protocol(_))),
