@@ -21,7 +21,7 @@ mod storage;
 mod value;
 
 pub use fault::{FailNextSync, FaultHook, WriteFault};
-pub use provider::FileProvider;
+pub use provider::{DATA_LAYOUT_VERSION, FileProvider};
 pub use replay::{Compaction, RecoveryReport, TailCut};
 pub use storage::{
     DEFAULT_COMPACTION_MIN_BYTES, DEFAULT_GROUP_COMMIT_WINDOW, DEFAULT_QUEUE_CAPACITY,

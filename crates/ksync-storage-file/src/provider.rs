@@ -23,6 +23,12 @@ type CaseIndex = HashMap<PathBuf, HashMap<String, Vec<String>>>;
 const LOG_SUFFIX: &str = ".log";
 /// The file in the data directory that a provider keeps locked while it lives.
 const LOCK_FILE: &str = ".lock";
+/// The file in the data directory that names its layout (see [`check_layout`]).
+const LAYOUT_FILE: &str = "LAYOUT";
+/// The layout this build reads and writes: `rooms/<room>.log`, `repos/<repo>/<branch>.log`.
+pub const DATA_LAYOUT_VERSION: u32 = 1;
+/// What [`LAYOUT_FILE`] holds before the version number.
+const LAYOUT_PREFIX: &str = "ksync data directory layout ";
 /// The directory of the rooms' logs, in the data directory.
 const ROOMS_DIR: &str = "rooms";
 /// The directory of the repositories' directories (one per repository, holding its branches'
@@ -126,6 +132,59 @@ fn probe(dir: &Path) -> Result<(), StorageError> {
     fs::remove_file(&path).map_err(not_writable(dir))
 }
 
+/// Checks the layout `dir` was written in, and names it when nothing does yet (a new
+/// directory, or one from before the marker, which is layout 1). A directory of a newer
+/// layout is refused before anything in it is opened: this build would find none of its logs
+/// where it looks, serve empty rooms and branches, and write new logs beside the real ones.
+fn check_layout(dir: &Path) -> Result<(), StorageError> {
+    let path = dir.join(LAYOUT_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let version = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|text| text.trim_end().strip_prefix(LAYOUT_PREFIX))
+                .and_then(|number| number.parse::<u32>().ok());
+            match version {
+                Some(DATA_LAYOUT_VERSION) => Ok(()),
+                Some(newer) => Err(StorageError::Format(format!(
+                    "data directory {} has layout {newer} ({}), written by a newer kSync; this \
+                     one reads layout {DATA_LAYOUT_VERSION}",
+                    dir.display(),
+                    path.display()
+                ))),
+                None => Err(StorageError::Format(format!(
+                    "{} does not name a data directory layout (expected \"{LAYOUT_PREFIX}N\"); \
+                     damaged, or not a kSync data directory",
+                    path.display()
+                ))),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            write_layout(&path).map_err(io_err(format!("writing {}", path.display())))
+        }
+        Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// Writes [`LAYOUT_FILE`] through a synced temporary file renamed into place: a crash leaves
+/// it whole or missing (then written again), never empty.
+fn write_layout(path: &Path) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp)?;
+    io::Write::write_all(
+        &mut file,
+        format!("{LAYOUT_PREFIX}{DATA_LAYOUT_VERSION}\n").as_bytes(),
+    )?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, path)?;
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Takes the exclusive lock on `dir`'s [`LOCK_FILE`] (made if missing; it holds nothing).
 fn lock_dir(dir: &Path) -> Result<fs::File, StorageError> {
     let path = dir.join(LOCK_FILE);
@@ -164,6 +223,7 @@ impl FileProvider {
             .map_err(io_err(format!("creating data directory {}", dir.display())))?;
         check_writable(&dir)?;
         let lock = lock_dir(&dir)?;
+        check_layout(&dir)?;
         Ok(Self {
             dir,
             options,

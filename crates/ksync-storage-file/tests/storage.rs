@@ -955,3 +955,58 @@ async fn options_out_of_range_are_refused_or_bounded_not_a_dead_writer() {
     }
     assert_eq!(storage.len(), 16);
 }
+
+/// A data directory names its layout (`LAYOUT`): a new one and one from before the marker
+/// (layout 1) get it; one of a newer layout, or whose marker is damaged, is refused before
+/// anything in it is opened, and left as it was.
+#[tokio::test]
+async fn a_data_directory_of_a_newer_layout_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let room = LogName::Room(Name::new("r").expect("name"));
+    {
+        let provider = FileProvider::new(dir.path()).expect("provider");
+        provider
+            .open(&room)
+            .expect("open")
+            .append(vec![ev("a", 1)])
+            .await
+            .expect("append");
+        provider.flush_all().await.expect("flush");
+    }
+    let marker = dir.path().join("LAYOUT");
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("marker"),
+        format!(
+            "ksync data directory layout {}\n",
+            ksync_storage_file::DATA_LAYOUT_VERSION
+        )
+    );
+
+    // From before the marker: layout 1, named now, its logs read.
+    std::fs::remove_file(&marker).expect("remove");
+    {
+        let provider = FileProvider::new(dir.path()).expect("provider");
+        assert_eq!(provider.open(&room).expect("open").len(), 1);
+    }
+    assert!(marker.exists());
+
+    for (written, expected) in [
+        ("ksync data directory layout 2\n", "newer kSync"),
+        ("ksync data directory layout two\n", "does not name"),
+        ("", "does not name"),
+    ] {
+        std::fs::write(&marker, written).expect("write marker");
+        match FileProvider::new(dir.path()) {
+            Err(StorageError::Format(message)) => {
+                assert!(message.contains(expected), "{written:?}: {message}");
+                assert!(
+                    message.contains(&dir.path().display().to_string()),
+                    "{message}"
+                );
+            }
+            Err(other) => panic!("{written:?}: {other}"),
+            Ok(_) => panic!("{written:?}: opened"),
+        }
+        assert_eq!(std::fs::read_to_string(&marker).expect("marker"), written);
+    }
+}
