@@ -263,3 +263,89 @@ async fn a_room_name_that_differs_only_in_case_from_a_stored_one_is_a_bad_room()
     assert_eq!(history(&server.url(Some("Notes"))).await.len(), 1);
     server.stop().await;
 }
+
+/// A provider whose first open waits until `gate` opens (a long log replay, say).
+struct SlowFirstOpen {
+    inner: InMemoryProvider,
+    entered: std::sync::atomic::AtomicBool,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl StorageProvider for SlowFirstOpen {
+    fn open(
+        &self,
+        name: &ksync_core::LogName,
+    ) -> Result<Arc<dyn ksync_core::Storage>, ksync_core::StorageError> {
+        if !self.entered.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let (lock, opened) = &*self.gate;
+            let mut open = lock.lock().expect("lock");
+            while !*open {
+                open = opened.wait(open).expect("wait");
+            }
+        }
+        self.inner.open(name)
+    }
+    fn existing(
+        &self,
+        name: &ksync_core::LogName,
+    ) -> Result<Option<Arc<dyn ksync_core::Storage>>, ksync_core::StorageError> {
+        self.inner.existing(name)
+    }
+    fn list(&self) -> Result<Vec<ksync_core::LogName>, ksync_core::StorageError> {
+        self.inner.list()
+    }
+}
+
+/// `max_open_rooms` counts rooms, not joins: a second connection to a room whose log a first
+/// one is still opening waits for that open, as it would join the room once open. At the cap
+/// it took a place of its own and was refused with 503 `too many open rooms`, though only
+/// one room was opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_of_a_room_being_opened_waits_for_it_at_the_cap() {
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let provider = Arc::new(SlowFirstOpen {
+        inner: InMemoryProvider::new(),
+        entered: std::sync::atomic::AtomicBool::new(false),
+        gate: Arc::clone(&gate),
+    });
+    let server = start_with(
+        RelayConfig {
+            max_open_rooms: 1,
+            ..RelayConfig::default()
+        },
+        provider.clone(),
+        Arc::new(AllowAll),
+    )
+    .await;
+    let url = server.url(Some("a"));
+    let join = |url: String| tokio::spawn(async move { raw_connect(&url, &[]).await });
+    let first = join(url.clone());
+    eventually("the first open started", || {
+        provider.entered.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    let second = join(url.clone());
+    // Not an assertion: only gives the second join the time to be refused, as it was.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    {
+        let (lock, opened) = &*gate;
+        *lock.lock().expect("lock") = true;
+        opened.notify_all();
+    }
+    let mut first = first.await.expect("joined").expect("the first join");
+    let second = second.await.expect("joined");
+    assert_eq!(second.as_ref().err(), None, "the second join was refused");
+    let mut second = second.expect("the second join");
+    for ws in [&mut first, &mut second] {
+        send_json(ws, hello()).await;
+        assert_eq!(recv_json(ws).await["type"], "welcome");
+    }
+    assert_eq!(server.relay.open_rooms(), 1);
+    // Still one room at most: another one is refused.
+    assert_eq!(
+        raw_connect(&server.url(Some("b")), &[]).await.err(),
+        Some(503)
+    );
+    drop((first, second));
+    server.stop().await;
+}

@@ -88,7 +88,8 @@ pub struct RelayConfig {
     /// descriptors per connection (measured), 20,000 threads at the defaults, past the
     /// thread or process limits of many hosts. Overflow policy: a connection to a room that
     /// is not open is refused before the upgrade with 503 `too many open rooms` (clients
-    /// retry it later, as any 5xx); rooms already open take joins as before. Default 4096.
+    /// retry it later, as any 5xx); rooms already open take joins as before, and so does a
+    /// room another connection is opening (the join waits for that open). Default 4096.
     pub max_open_rooms: usize,
     /// Most events committed in one storage append (group commit), and most gathered from
     /// one connection's back-to-back publishes before they are committed. Default 4096.
@@ -230,6 +231,11 @@ pub(crate) struct Shared {
     /// One permit per open room (`RelayConfig::max_open_rooms`), held by the room until its
     /// log is released.
     room_slots: Arc<Semaphore>,
+    /// Rooms whose log one connection is opening, each with what tells the others that the
+    /// open ended (its sender is dropped): they wait for it instead of taking a place of
+    /// their own among `max_open_rooms` (at the cap they were refused with 503 though the
+    /// room was about to open). One entry per room being opened: bounded by the connections.
+    opening: Mutex<HashMap<Name, watch::Receiver<()>>>,
     /// One permit per in-band refusal in progress (`RelayConfig::max_in_band_refusals`).
     in_band_refusals: Arc<Semaphore>,
     next_conn: AtomicU64,
@@ -359,6 +365,7 @@ impl Relay {
                 next_room: AtomicU64::new(0),
                 connections: AtomicUsize::new(0),
                 room_slots,
+                opening: Mutex::new(HashMap::new()),
                 in_band_refusals,
                 next_conn: AtomicU64::new(1),
                 activity,
@@ -619,6 +626,24 @@ impl Relay {
     }
 }
 
+/// A room being opened by one connection (`Shared::opening`): dropped (the open done,
+/// failed or abandoned), it leaves the map, then its sender wakes those waiting for it.
+struct Opening<'a> {
+    shared: &'a Shared,
+    name: Name,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .opening
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
+}
+
 /// A room name in the map: open, closing, or not there.
 enum Lookup {
     Open(RoomLink),
@@ -627,6 +652,22 @@ enum Lookup {
 }
 
 impl Shared {
+    /// Marks `name` as being opened by the caller; `Err`: another connection is opening it
+    /// (its receiver changes, with an error, once that open ended).
+    fn start_opening(&self, name: &Name) -> Result<Opening<'_>, watch::Receiver<()>> {
+        let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pending) = opening.get(name) {
+            return Err(pending.clone());
+        }
+        let (done, pending) = watch::channel(());
+        opening.insert(name.clone(), pending);
+        Ok(Opening {
+            shared: self,
+            name: name.clone(),
+            _done: done,
+        })
+    }
+
     /// The room `name`, opened (its log and its task) on first use, and again after it closed.
     pub(crate) async fn room(self: &Arc<Self>, name: &Name) -> Result<RoomLink, RelayError> {
         loop {
@@ -639,6 +680,22 @@ impl Shared {
                     let _ = ended.changed().await;
                     continue;
                 }
+                Lookup::Absent => {}
+            }
+            // One connection opens a room; the others wait for it (see `Shared::opening`).
+            let _opening = match self.start_opening(name) {
+                Ok(opening) => opening,
+                Err(mut pending) => {
+                    // Err: the open ended (the room is in the map now, or it failed).
+                    let _ = pending.changed().await;
+                    continue;
+                }
+            };
+            // An open that ended between the lookup above and `start_opening` put its room
+            // in the map before it stopped opening: look again.
+            match Self::lookup(&self.rooms.lock().unwrap_or_else(|p| p.into_inner()), name) {
+                Lookup::Open(link) => return Ok(link),
+                Lookup::Closing(_) => continue,
                 Lookup::Absent => {}
             }
             // Taken before the log is opened and held by the room until its log is released
