@@ -14,14 +14,17 @@ use ksync_core::{
 use ksync_storage_file::FileProvider;
 use ksync_ws::server::RelayConfig;
 
-/// A log whose flush takes `delay` longer (a slow disk): a room flushes its log before it
-/// closes its connections at shutdown.
-struct SlowFlush {
+/// What a log does before each flush (see [`FlushHookProvider`]).
+type BeforeFlush = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A log that runs `before` ahead of each flush: a room flushes its log before it closes its
+/// connections at shutdown.
+struct HookedFlush {
     log: Arc<dyn Storage>,
-    delay: Duration,
+    before: BeforeFlush,
 }
 
-impl Storage for SlowFlush {
+impl Storage for HookedFlush {
     fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
         self.log.append(events)
     }
@@ -33,29 +36,41 @@ impl Storage for SlowFlush {
     }
     fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
-            tokio::time::sleep(self.delay).await;
+            (self.before)().await;
             self.log.flush().await
         })
     }
     ksync_testkit::storage_pass_through!(log);
 }
 
-/// File logs whose flushes are slow.
-struct SlowFlushProvider {
+/// File logs whose flushes run `before` first.
+struct FlushHookProvider {
     files: FileProvider,
-    delay: Duration,
+    before: BeforeFlush,
 }
 
-impl SlowFlushProvider {
+impl FlushHookProvider {
+    fn new(dir: &std::path::Path, before: BeforeFlush) -> Arc<Self> {
+        Arc::new(Self {
+            files: FileProvider::new(dir).expect("provider"),
+            before,
+        })
+    }
+
+    /// File logs whose flushes take `delay` longer (a slow disk).
+    fn slow(dir: &std::path::Path, delay: Duration) -> Arc<Self> {
+        Self::new(dir, Arc::new(move || Box::pin(tokio::time::sleep(delay))))
+    }
+
     fn wrap(&self, log: Arc<dyn Storage>) -> Arc<dyn Storage> {
-        Arc::new(SlowFlush {
+        Arc::new(HookedFlush {
             log,
-            delay: self.delay,
+            before: Arc::clone(&self.before),
         })
     }
 }
 
-impl StorageProvider for SlowFlushProvider {
+impl StorageProvider for FlushHookProvider {
     fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
         Ok(self.wrap(self.files.open(name)?))
     }
@@ -76,10 +91,7 @@ impl StorageProvider for SlowFlushProvider {
 #[tokio::test]
 async fn a_drain_longer_than_a_heartbeat_still_closes_with_1001() {
     let dir = tempfile::tempdir().expect("dir");
-    let provider = Arc::new(SlowFlushProvider {
-        files: FileProvider::new(dir.path()).expect("provider"),
-        delay: Duration::from_millis(600),
-    });
+    let provider = FlushHookProvider::slow(dir.path(), Duration::from_millis(600));
     let server = start_with(
         RelayConfig {
             heartbeat: Duration::from_millis(100),
@@ -106,11 +118,8 @@ async fn a_drain_longer_than_a_heartbeat_still_closes_with_1001() {
 #[tokio::test]
 async fn a_drain_its_caller_abandons_still_closes_every_connection_with_1001() {
     let dir = tempfile::tempdir().expect("dir");
-    let provider = Arc::new(SlowFlushProvider {
-        files: FileProvider::new(dir.path()).expect("provider"),
-        // The drain sits in the first room's flush until the test has ended.
-        delay: Duration::from_secs(60),
-    });
+    // The drain sits in the first room's flush until the test has ended.
+    let provider = FlushHookProvider::slow(dir.path(), Duration::from_secs(60));
     let server = start_with(
         RelayConfig {
             heartbeat: Duration::from_millis(100),
@@ -133,78 +142,28 @@ async fn a_drain_its_caller_abandons_still_closes_every_connection_with_1001() {
     server.task.abort();
 }
 
-/// File logs whose flushes, once armed, each wait until `rooms` of them have started: a
-/// drain that flushes one room after the other never gets past the first.
-struct FlushTogether {
-    files: FileProvider,
-    armed: Arc<std::sync::atomic::AtomicBool>,
-    together: Arc<tokio::sync::Barrier>,
-}
-
-struct FlushTogetherLog {
-    log: Arc<dyn Storage>,
-    armed: Arc<std::sync::atomic::AtomicBool>,
-    together: Arc<tokio::sync::Barrier>,
-}
-
-impl Storage for FlushTogetherLog {
-    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
-        self.log.append(events)
-    }
-    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
-        self.log.read_since(after, limit)
-    }
-    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
-        self.log.remove_meta(key)
-    }
-    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
-        Box::pin(async move {
-            if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-                // Bounded, so a failing run ends instead of hanging.
-                let _ = tokio::time::timeout(Duration::from_secs(20), self.together.wait()).await;
-            }
-            self.log.flush().await
-        })
-    }
-    ksync_testkit::storage_pass_through!(log);
-}
-
-impl FlushTogether {
-    fn wrap(&self, log: Arc<dyn Storage>) -> Arc<dyn Storage> {
-        Arc::new(FlushTogetherLog {
-            log,
-            armed: Arc::clone(&self.armed),
-            together: Arc::clone(&self.together),
-        })
-    }
-}
-
-impl StorageProvider for FlushTogether {
-    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
-        Ok(self.wrap(self.files.open(name)?))
-    }
-    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
-        Ok(self.files.existing(name)?.map(|log| self.wrap(log)))
-    }
-    fn list(&self) -> Result<Vec<LogName>, StorageError> {
-        self.files.list()
-    }
-    fn flush_all(&self) -> BoxFuture<'_, Result<(), StorageError>> {
-        self.files.flush_all()
-    }
-}
-
 /// The drain shuts every room down at once: a room's flush (an fsync with file storage) does
 /// not wait for the other rooms' (one after the other, the drain grew by a flush per room).
 #[tokio::test]
 async fn the_drain_flushes_every_room_at_once() {
     let dir = tempfile::tempdir().expect("dir");
+    // Once armed, each flush waits until both rooms' have started: a drain that flushes one
+    // room after the other never gets past the first.
     let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let provider = Arc::new(FlushTogether {
-        files: FileProvider::new(dir.path()).expect("provider"),
-        armed: Arc::clone(&armed),
-        together: Arc::new(tokio::sync::Barrier::new(2)),
-    });
+    let together = Arc::new(tokio::sync::Barrier::new(2));
+    let before: BeforeFlush = {
+        let armed = Arc::clone(&armed);
+        Arc::new(move || {
+            let (armed, together) = (Arc::clone(&armed), Arc::clone(&together));
+            Box::pin(async move {
+                if armed.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Bounded, so a failing run ends instead of hanging.
+                    let _ = tokio::time::timeout(Duration::from_secs(20), together.wait()).await;
+                }
+            })
+        })
+    };
+    let provider = FlushHookProvider::new(dir.path(), before);
     let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
     let (mut first, _) = join(&server.url(Some("first")), hello()).await;
     let (mut second, _) = join(&server.url(Some("second")), hello()).await;
