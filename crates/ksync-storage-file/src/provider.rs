@@ -159,30 +159,29 @@ fn check_layout(dir: &Path) -> Result<(), StorageError> {
                 ))),
             }
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            write_layout(&path).map_err(io_err(format!("writing {}", path.display())))
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => write_layout(dir),
         Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
     }
 }
 
-/// Writes [`LAYOUT_FILE`] through a synced temporary file renamed into place: a crash leaves
-/// it whole or missing (then written again), never empty.
-fn write_layout(path: &Path) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp)?;
+/// Writes [`LAYOUT_FILE`] into `dir` as a new log's header is written (`open_or_create`): a
+/// synced temporary file renamed into place, then the directory synced, so a crash leaves it
+/// whole or missing (then written again), never empty.
+fn write_layout(dir: &Path) -> Result<(), StorageError> {
+    let path = dir.join(LAYOUT_FILE);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ksync-new-")
+        .tempfile_in(dir)
+        .map_err(io_err(format!("writing {}", path.display())))?;
     io::Write::write_all(
-        &mut file,
+        &mut tmp,
         format!("{LAYOUT_PREFIX}{DATA_LAYOUT_VERSION}\n").as_bytes(),
-    )?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
-    #[cfg(unix)]
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    )
+    .and_then(|()| tmp.as_file().sync_all())
+    .map_err(io_err(format!("writing {}", path.display())))?;
+    tmp.persist(&path)
+        .map_err(|e| io_err(format!("writing {}", path.display()))(e.error))?;
+    sync_dir(dir)
 }
 
 /// Takes the exclusive lock on `dir`'s [`LOCK_FILE`] (made if missing; it holds nothing).
