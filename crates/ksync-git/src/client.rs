@@ -175,14 +175,16 @@ impl GitSyncClientBuilder {
         self
     }
 
-    /// Longest wait for a TCP (and TLS) connection (default 10 s).
+    /// Longest wait for a TCP (and TLS) connection (default 10 s). `build` refuses zero or
+    /// more than [`ksync_core::MAX_CONFIG_DURATION`] (a day).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
     /// Longest wait for one whole request and its answer (default 60 s). A stalled server
-    /// gives [`SyncError::Timeout`].
+    /// gives [`SyncError::Timeout`]. `build` refuses zero or more than
+    /// [`ksync_core::MAX_CONFIG_DURATION`] (a day).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -255,6 +257,14 @@ impl GitSyncClientBuilder {
     /// Checks the options and makes the client. No network traffic happens here.
     pub fn build(self) -> Result<GitSyncClient, SyncError> {
         let url = repo_url(&self.url).map_err(GitError::into_sync)?;
+        // The other transports' rule: a zero timeout failed every request with a timeout.
+        // (`pull_interval` is not a timeout: zero turns auto-pull off.)
+        for (field, value) in [
+            ("request_timeout", self.request_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            ksync_core::check_config_duration(field, value).map_err(SyncError::Config)?;
+        }
         Auth::check_sendable(self.auth.as_ref())?;
         if let Some(branch) = &self.branch {
             branch_name(branch)?;

@@ -243,3 +243,44 @@ async fn without_pull_interval_the_client_never_pulls_by_itself() {
     idle.pull().await.expect("pull");
     assert!(has_later(&idle));
 }
+
+/// A zero connect or request timeout fails every request (the user saw only timeouts, one
+/// per pull), and the other transports' builders refuse it: `build` refuses it too, naming
+/// the option, as it does a timeout past a day.
+#[tokio::test]
+async fn timeouts_that_cannot_work_are_refused_at_build() {
+    let server = common::start(&["t"]).await;
+    let url = server.repo_url("t");
+    let day_and_a_second = Duration::from_secs(24 * 60 * 60 + 1);
+    for (field, zero, long) in [
+        (
+            "request_timeout",
+            GitSyncClient::builder(&url).request_timeout(Duration::ZERO),
+            GitSyncClient::builder(&url).request_timeout(day_and_a_second),
+        ),
+        (
+            "connect_timeout",
+            GitSyncClient::builder(&url).connect_timeout(Duration::ZERO),
+            GitSyncClient::builder(&url).connect_timeout(day_and_a_second),
+        ),
+    ] {
+        for builder in [zero, long] {
+            match builder.build() {
+                Err(ksync_core::SyncError::Config(message)) => {
+                    assert!(message.contains(field), "{message}")
+                }
+                Err(other) => panic!("{field}: {other}"),
+                Ok(client) => {
+                    let pulled = client.pull().await;
+                    panic!("{field} accepted; a pull then gave {pulled:?}");
+                }
+            }
+        }
+    }
+    // The bounds themselves are taken.
+    GitSyncClient::builder(&url)
+        .request_timeout(Duration::from_secs(24 * 60 * 60))
+        .connect_timeout(Duration::from_nanos(1))
+        .build()
+        .expect("a day and a nanosecond are within the bounds");
+}
