@@ -335,7 +335,8 @@ async fn clone(args: CloneArgs) -> Result<()> {
             client.create_repo().await?;
         }
         let config = Config { url: client.url() };
-        write_durably(
+        // Whole or not at all: a crash never leaves a config no command would take.
+        ksync_storage_file::write_file_durably(
             &target.join(DIR_NAME).join(CONFIG_FILE),
             &serde_json::to_vec_pretty(&config)?,
         )?;
@@ -365,25 +366,6 @@ async fn clone(args: CloneArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(leftover);
     }
     result
-}
-
-/// Writes `bytes` to `path` through a synced temporary file renamed into place, then syncs
-/// the directory: a crash or power loss leaves the old file or the new one, never an empty or
-/// half-written config that no command would take.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    // (Windows cannot open a directory to sync it; its renames are metadata-journaled.)
-    #[cfg(unix)]
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn build_client(url: &str, common: &Common) -> Result<GitSyncClient> {

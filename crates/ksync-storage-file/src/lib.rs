@@ -26,4 +26,5 @@ pub use replay::{Compaction, RecoveryReport, TailCut};
 pub use storage::{
     DEFAULT_COMPACTION_MIN_BYTES, DEFAULT_GROUP_COMMIT_WINDOW, DEFAULT_QUEUE_CAPACITY,
     DEFAULT_SYNCS_IN_FLIGHT, Durability, FileStorage, FileStorageBuilder, FileStorageOptions,
+    write_file_durably,
 };

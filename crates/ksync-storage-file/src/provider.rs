@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ksync_core::{BoxFuture, LogName, Name, Storage, StorageError, StorageProvider};
 
-use crate::storage::{FileStorage, FileStorageOptions, io_err, sync_dir};
+use crate::storage::{FileStorage, FileStorageOptions, io_err, sync_dir, write_file_durably};
 
 /// The provider's map of open logs, locked.
 type OpenLogs<'a> = MutexGuard<'a, HashMap<LogName, Arc<FileStorage>>>;
@@ -164,24 +164,13 @@ fn check_layout(dir: &Path) -> Result<(), StorageError> {
     }
 }
 
-/// Writes [`LAYOUT_FILE`] into `dir` as a new log's header is written (`open_or_create`): a
-/// synced temporary file renamed into place, then the directory synced, so a crash leaves it
-/// whole or missing (then written again), never empty.
+/// Writes [`LAYOUT_FILE`] into `dir`, whole or not at all (then written again at the next
+/// open), never empty.
 fn write_layout(dir: &Path) -> Result<(), StorageError> {
-    let path = dir.join(LAYOUT_FILE);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".ksync-new-")
-        .tempfile_in(dir)
-        .map_err(io_err(format!("writing {}", path.display())))?;
-    io::Write::write_all(
-        &mut tmp,
+    write_file_durably(
+        &dir.join(LAYOUT_FILE),
         format!("{LAYOUT_PREFIX}{DATA_LAYOUT_VERSION}\n").as_bytes(),
     )
-    .and_then(|()| tmp.as_file().sync_all())
-    .map_err(io_err(format!("writing {}", path.display())))?;
-    tmp.persist(&path)
-        .map_err(|e| io_err(format!("writing {}", path.display()))(e.error))?;
-    sync_dir(dir)
 }
 
 /// Takes the exclusive lock on `dir`'s [`LOCK_FILE`] (made if missing; it holds nothing).

@@ -815,6 +815,27 @@ fn open_or_create(path: &Path) -> Result<File, StorageError> {
     open().map_err(io_err(format!("opening {}", path.display())))
 }
 
+/// Replaces the file at `path` with `bytes` so that a crash or power loss leaves the old
+/// file or the new one, never an empty or half-written one: a synced temporary file in the same
+/// directory (owner-only permissions on Unix), renamed into place, then the directory synced.
+/// For small files written whole (a data directory's `LAYOUT`, a working directory's config).
+pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+    let context = || format!("writing {}", path.display());
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ksync-new-")
+        .tempfile_in(dir)
+        .map_err(io_err(context()))?;
+    std::io::Write::write_all(&mut tmp, bytes)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(io_err(context()))?;
+    tmp.persist(path).map_err(|e| io_err(context())(e.error))?;
+    sync_dir(dir)
+}
+
 /// Makes a directory entry change (a new file) durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     #[cfg(unix)]
