@@ -116,6 +116,13 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_connections: usize,
 
+    /// Most simultaneous WebSocket connections of one client (an API key, a JWT's `sub`, or
+    /// without auth an IP address); more get 429.
+    #[arg(long, env = "KSYNC_MAX_CONNECTIONS_PER_CLIENT", value_name = "N",
+        default_value_t = Limits::default().max_connections_per_client,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_connections_per_client: usize,
+
     /// Most WebSocket rooms open at once (each holds its log: up to 3 threads and 3 file
     /// descriptors); a connection to a room that is not open gets 503 past it.
     #[arg(long, env = "KSYNC_MAX_OPEN_ROOMS", value_name = "N",
@@ -177,8 +184,9 @@ pub struct ServeArgs {
 
     /// Seconds shutdown waits, in all, for the rooms to drain and connections to close before
     /// flushing anyway (at most 86400, a day; 0: does not wait; WebSockets may then be dropped before their 1001, and their clients reconnect as
-    /// after a lost connection). A second SIGINT/SIGTERM meanwhile stops at once (exit code
-    /// 130).
+    /// after a lost connection); then at most as long again (at least 1 s) for the flush (a
+    /// disk whose syncs hang: exit code 1, saying so). A second SIGINT/SIGTERM meanwhile stops
+    /// at once (exit code 130).
     #[arg(long, env = "KSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10,
         allow_negative_numbers = true, value_parser = at_least::<u64, 0>)]
     shutdown_timeout_secs: u64,
@@ -339,6 +347,7 @@ impl ServeArgs {
             limits: Limits {
                 max_message_bytes: self.max_message_bytes,
                 max_connections: self.max_connections,
+                max_connections_per_client: self.max_connections_per_client,
                 max_open_rooms: self.max_open_rooms,
                 heartbeat: Duration::from_secs(self.heartbeat_secs),
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),

@@ -63,4 +63,15 @@ pub enum ServerError {
     /// have been stored. `ksync serve` exits with 130.
     #[error("drain cut short by a second signal; open connections were dropped")]
     Interrupted,
+    /// The final flush at shutdown did not finish within its wait (the shutdown timeout
+    /// again, at least 1 s): a stuck or very slow disk. The stop went on without it. Every
+    /// acknowledged event was already durable (an ack follows the append's `fdatasync`); what
+    /// was not acknowledged may not have been stored.
+    #[error(
+        "storage flush did not finish within {timeout:?} at shutdown (a stuck or very slow disk); every acknowledged event was already durable"
+    )]
+    FlushTimedOut {
+        /// How long the flush was waited for.
+        timeout: std::time::Duration,
+    },
 }

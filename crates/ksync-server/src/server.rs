@@ -27,6 +27,10 @@ use crate::error::ServerError;
 use crate::signal::{ReloadSignal, ShutdownSignal};
 use crate::tls::Certificates;
 
+/// Shortest wait for the final flush at shutdown, whatever the shutdown timeout (0 means not
+/// waiting for connections; a healthy disk flushes in milliseconds).
+const MIN_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where the server keeps its logs, as printed at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -303,6 +307,7 @@ fn relay_config(limits: &Limits) -> RelayConfig {
     RelayConfig {
         max_message_size: limits.max_message_bytes,
         max_connections: limits.max_connections,
+        max_connections_per_client: limits.max_connections_per_client,
         max_open_rooms: limits.max_open_rooms,
         heartbeat: limits.heartbeat,
         ..RelayConfig::default()
@@ -371,8 +376,10 @@ impl RunningServer {
 
     /// Stops cleanly: stops accepting; commits and acknowledges what rooms already queued and
     /// closes WebSockets with 1001; lets open HTTP requests finish (waiting at most the
-    /// configured shutdown timeout for each of the two; a relay drain still running then goes
-    /// on while the runtime runs); then flushes every log to storage.
+    /// configured shutdown timeout for the two together; a relay drain still running then goes
+    /// on while the runtime runs); then flushes every log to storage, waiting at most the
+    /// shutdown timeout again (at least 1 s): past it (a stuck disk) this returns
+    /// [`ServerError::FlushTimedOut`].
     pub async fn shutdown(self) -> Result<(), ServerError> {
         self.state.stopping.store(true, Ordering::SeqCst);
         tracing::info!("shutting down: no new connections");
@@ -407,7 +414,27 @@ impl RunningServer {
                 Ok(())
             }
         };
-        self.provider.flush_all().await?;
+        // Bounded too: a flush waits behind a sync the disk has not finished (a stuck or very
+        // slow disk), and unbounded it held the stop up for as long as the disk did (for good
+        // on a hung one). A window of its own, so a drain that took the whole timeout still
+        // leaves the flush its time. Nothing acknowledged depends on it with a durable
+        // storage (an ack follows its append's fdatasync); it is there for one that is not.
+        let flush_window = self
+            .shutdown_timeout
+            .clamp(MIN_FLUSH_WAIT, ksync_core::MAX_CONFIG_DURATION);
+        match tokio::time::timeout(flush_window, self.provider.flush_all()).await {
+            Ok(flushed) => flushed?,
+            Err(_) => {
+                tracing::error!(
+                    timeout = ?flush_window,
+                    storage = %self.storage,
+                    "storage flush still running at the shutdown timeout (a stuck or very slow disk); stopping without it: every acknowledged event was already synced, what was not acknowledged may not be stored"
+                );
+                return Err(ServerError::FlushTimedOut {
+                    timeout: flush_window,
+                });
+            }
+        }
         tracing::info!(storage = %self.storage, "storage flushed; stopped");
         served
     }
