@@ -45,11 +45,40 @@ pub const MAX_JWT_LEEWAY: std::time::Duration = std::time::Duration::from_secs(8
 #[derive(Debug, Deserialize)]
 struct KsyncClaims {
     /// Checked (and required) by `jsonwebtoken`; kept for the grant's expiry.
+    #[serde(default, deserialize_with = "numeric_date")]
     exp: Option<u64>,
     sub: Option<String>,
     rooms: Option<Vec<String>>,
     repos: Option<Vec<String>>,
     scope: Option<String>,
+}
+
+/// RFC 7519's NumericDate: seconds since the epoch, which may have a fraction (an issuer
+/// computing `Date.now() / 1000 + 3600`). Rounded to whole seconds, as `jsonwebtoken`'s own
+/// `exp` check rounds it, so both agree on when the token ends: read as a `u64` only, such a
+/// valid token was refused as malformed claims.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumericDate {
+        Whole(u64),
+        Fraction(f64),
+    }
+    match Option::<NumericDate>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(NumericDate::Whole(secs)) => Ok(Some(secs)),
+        // `u64::MAX as f64` is 2^64, itself out of range.
+        Some(NumericDate::Fraction(secs))
+            if secs.is_finite() && secs >= 0.0 && secs < u64::MAX as f64 =>
+        {
+            Ok(Some(secs.round() as u64))
+        }
+        Some(NumericDate::Fraction(_)) => Err(serde::de::Error::custom(
+            "not a NumericDate (seconds since the epoch, at least 0)",
+        )),
+    }
 }
 
 struct VerifyingKey {

@@ -170,6 +170,33 @@ fn expired_and_not_yet_valid_tokens_are_refused() {
     assert!(a.authenticate(&bearer(&skewed)).is_ok());
 }
 
+/// RFC 7519's NumericDate may have a fraction (`exp: Date.now() / 1000 + 3600` in a
+/// JavaScript issuer): such a token is checked like any other (its `exp` rounded, as
+/// jsonwebtoken's own check does), not refused as malformed claims.
+#[test]
+fn an_exp_with_a_fraction_of_a_second_is_a_numeric_date() {
+    let a = auth();
+    let exp = now() as f64 + 300.5;
+    let grant = a
+        .authenticate(&bearer(&hs256(&claims(json!({"exp": exp})))))
+        .expect("a valid token with a fractional exp");
+    let leeway = AuthConfig::default().leeway;
+    assert_eq!(
+        grant.expires_at,
+        Some(std::time::UNIX_EPOCH + Duration::from_secs(exp.round() as u64) + leeway),
+        "valid until its exp plus the leeway"
+    );
+    let expired = hs256(&claims(json!({"exp": now() as f64 - 30.5})));
+    assert_eq!(a.authenticate(&bearer(&expired)), Err(AuthError::Expired));
+    for bad in [json!(-1.5), json!("soon"), json!(1e300)] {
+        assert!(
+            a.authenticate(&bearer(&hs256(&claims(json!({"exp": bad.clone()})))))
+                .is_err(),
+            "exp {bad}"
+        );
+    }
+}
+
 #[test]
 fn audience_and_issuer_are_checked_when_configured() {
     let a = ServerAuthenticator::new(&AuthConfig {
