@@ -116,6 +116,13 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_connections: usize,
 
+    /// Most simultaneous WebSocket connections of one client (an API key, a JWT's `sub`, or
+    /// without auth an IP address); more get 429.
+    #[arg(long, env = "KSYNC_MAX_CONNECTIONS_PER_CLIENT", value_name = "N",
+        default_value_t = Limits::default().max_connections_per_client,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_connections_per_client: usize,
+
     /// Most WebSocket rooms open at once (each holds its log: up to 3 threads and 3 file
     /// descriptors); a connection to a room that is not open gets 503 past it.
     #[arg(long, env = "KSYNC_MAX_OPEN_ROOMS", value_name = "N",
@@ -340,6 +347,7 @@ impl ServeArgs {
             limits: Limits {
                 max_message_bytes: self.max_message_bytes,
                 max_connections: self.max_connections,
+                max_connections_per_client: self.max_connections_per_client,
                 max_open_rooms: self.max_open_rooms,
                 heartbeat: Duration::from_secs(self.heartbeat_secs),
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),

@@ -437,7 +437,7 @@ fn usage_error(command: Command) -> String {
 /// internal field (`max_message_size`) for 0.
 #[test]
 fn bad_limit_values_are_usage_errors_naming_the_flag() {
-    let cases: [(&str, &str, &[&str], &str); 13] = [
+    let cases: [(&str, &str, &[&str], &str); 14] = [
         (
             "--max-message-bytes",
             "KSYNC_MAX_MESSAGE_BYTES",
@@ -449,6 +449,12 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
             "--max-connections",
             "KSYNC_MAX_CONNECTIONS",
             &["0", "-1", "many"],
+            "at least 1",
+        ),
+        (
+            "--max-connections-per-client",
+            "KSYNC_MAX_CONNECTIONS_PER_CLIENT",
+            &["0", "-1"],
             "at least 1",
         ),
         (
@@ -1243,6 +1249,56 @@ async fn max_open_rooms_is_a_serve_flag() {
     sigterm(&child);
     let mut child = child;
     assert!(child.wait().expect("wait").success());
+}
+
+/// `--max-connections-per-client` caps the WebSockets of one API key: its second gets 429
+/// while another key still gets in, and the key itself is never in the answer or the logs,
+/// against the real binary.
+#[tokio::test]
+async fn max_connections_per_client_is_a_serve_flag() {
+    const OTHER_KEY: &str = "process-test-other-key-ASDFGH";
+    let api_keys = format!("app={API_KEY},other={OTHER_KEY}");
+    let served = serve(
+        &["--in-memory", "--max-connections-per-client", "1"],
+        &[("KSYNC_API_KEYS", api_keys.as_str())],
+    );
+    let addr = served.addr.clone();
+    let url = format!("ws://{addr}/ws/room");
+    let mut first = ws_connect(&url, API_KEY).await;
+    ws_send(&mut first, json!({"type": "hello", "protocol": 1})).await;
+    assert_eq!(ws_recv(&mut first).await["type"], "welcome");
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            url.as_str(),
+        )
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", API_KEY.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 429);
+            let body: Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                    .expect("JSON body");
+            assert_eq!(
+                body,
+                json!({"error": "too many connections for this client (at most 1)"})
+            );
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+    let mut other = ws_connect(&url, OTHER_KEY).await;
+    ws_send(&mut other, json!({"type": "hello", "protocol": 1})).await;
+    assert_eq!(ws_recv(&mut other).await["type"], "welcome");
+    drop((first, other));
+    let stderr = stop(served);
+    assert!(
+        stderr.contains("connection refused: the client has max_connections_per_client open"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("subject app"), "{stderr}");
+    assert!(!stderr.contains(API_KEY), "{stderr}");
 }
 
 /// The repository service's limits are `ksync serve` flags: `--max-branches-per-repo` (one

@@ -66,6 +66,11 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Most simultaneous WebSocket connections (10,000); more are refused.
     pub max_connections: usize,
+    /// Most simultaneous WebSocket connections of one client (1,000; see `ksync_ws::server::
+    /// RelayConfig::max_connections_per_client`): with auth, a client is an API key (by its
+    /// configured name) or a JWT's `sub`; without auth, the peer's IP address. More are
+    /// refused with 429 (in-band: `rate_limited`, close 4429).
+    pub max_connections_per_client: usize,
     /// Most WebSocket rooms open at once (4,096; see `ksync_ws::server::RelayConfig::
     /// max_open_rooms`): each open room holds its log, a writer thread and up to 2 sync
     /// threads, with a file descriptor each. A connection to a room that is not open is
@@ -130,6 +135,8 @@ impl Default for Limits {
         Self {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_connections: 10_000,
+            max_connections_per_client: ksync_ws::server::RelayConfig::default()
+                .max_connections_per_client,
             max_open_rooms: ksync_ws::server::RelayConfig::default().max_open_rooms,
             heartbeat: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),

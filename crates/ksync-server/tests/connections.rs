@@ -226,3 +226,119 @@ async fn timeouts_past_a_day_are_refused_at_start() {
             .starts_with("HTTP/1.1 200")
     );
 }
+
+/// Opens a WebSocket to `url` from the local address `from` with `headers`, says hello;
+/// returns the socket once welcomed, or the HTTP status and body of the refusal.
+async fn join_from(
+    from: &str,
+    url: &str,
+    headers: &[(&'static str, String)],
+) -> Result<Ws, (u16, serde_json::Value)> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = url.into_client_request().expect("request");
+    for (name, value) in headers {
+        request
+            .headers_mut()
+            .insert(*name, value.parse().expect("header value"));
+    }
+    let host = request.uri().authority().expect("authority").to_string();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("from"))
+        .expect("bind");
+    let tcp = socket
+        .connect(host.parse().expect("addr"))
+        .await
+        .expect("connect");
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((mut ws, _)) => {
+            send(&mut ws, serde_json::json!({"type": "hello", "protocol": 1})).await;
+            assert_eq!(recv(&mut ws).await["type"], "welcome");
+            Ok(ws)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err((
+            response.status().as_u16(),
+            serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                .expect("JSON body"),
+        )),
+        Err(e) => panic!("unexpected connect error: {e}"),
+    }
+}
+
+fn over_the_cap(cap: usize) -> (u16, serde_json::Value) {
+    (
+        429,
+        serde_json::json!({"error": format!("too many connections for this client (at most {cap})")}),
+    )
+}
+
+/// With JWTs, a client is the token's `sub`: a second token of the same subject counts with
+/// the first, a token of another subject still gets in.
+#[tokio::test]
+async fn max_connections_per_client_counts_a_jwt_subject() {
+    const SECRET: &str = "per-client-test-secret-0123456789abcdef";
+    let token = |sub: &str| {
+        let exp = jsonwebtoken::get_current_timestamp() + 300;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({"sub": sub, "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("token")
+    };
+    let running = Server::bind(ServerConfig {
+        limits: Limits {
+            max_connections_per_client: 2,
+            ..Limits::default()
+        },
+        ..config(AuthConfig {
+            jwt_keys: vec![ksync_server::JwtKey::hs256(SECRET)],
+            ..AuthConfig::default()
+        })
+    })
+    .await
+    .expect("server");
+    let url = format!("ws://{}/ws/room", running.local_addr());
+    let bearer = |sub: &str| [("authorization", format!("Bearer {}", token(sub)))];
+    // Two connections with alice's token, then a third.
+    let _a1 = join_from("127.0.0.1", &url, &bearer("alice"))
+        .await
+        .expect("alice's first");
+    let _a2 = join_from("127.0.0.1", &url, &bearer("alice"))
+        .await
+        .expect("alice's second");
+    assert_eq!(
+        join_from("127.0.0.1", &url, &bearer("alice")).await.err(),
+        Some(over_the_cap(2))
+    );
+    let _b = join_from("127.0.0.1", &url, &bearer("bob"))
+        .await
+        .expect("bob, from the same address");
+    assert_eq!(running.connections(), 3);
+    running.shutdown().await.expect("shutdown");
+}
+
+/// Without auth, a client is its IP address (the server passes the peer's address to the
+/// relay).
+#[tokio::test]
+async fn max_connections_per_client_counts_an_address_without_auth() {
+    let running = Server::bind(with_limits(Limits {
+        max_connections_per_client: 1,
+        ..Limits::default()
+    }))
+    .await
+    .expect("server");
+    let url = format!("ws://{}/ws/room", running.local_addr());
+    let _first = join_from("127.0.0.1", &url, &[]).await.expect("first");
+    assert_eq!(
+        join_from("127.0.0.1", &url, &[]).await.err(),
+        Some(over_the_cap(1))
+    );
+    // Linux routes all of 127/8 to the loopback interface.
+    let _other = join_from("127.0.0.2", &url, &[])
+        .await
+        .expect("another address");
+    assert_eq!(running.connections(), 2);
+    running.shutdown().await.expect("shutdown");
+}

@@ -51,7 +51,8 @@ pub mod close {
     pub const BAD_ROOM: u16 = 4400;
     /// In-band refusal: the credentials do not allow this room.
     pub const FORBIDDEN: u16 = 4403;
-    /// In-band refusal: too many failed logins from this address; try again later.
+    /// In-band refusal: too many failed logins from this address, or too many connections
+    /// of this client (`RelayConfig::max_connections_per_client`); try again later.
     pub const RATE_LIMITED: u16 = 4429;
 }
 
@@ -70,7 +71,8 @@ pub mod code {
     pub const FORBIDDEN: &str = "forbidden";
     /// No credentials, or refused ones (in-band refusal of an upgrade, before close 4401).
     pub const UNAUTHORIZED: &str = "unauthorized";
-    /// Too many failed logins from this address (in-band, before close 4429).
+    /// Too many failed logins from this address, or too many connections of this client
+    /// (in-band, before close 4429).
     pub const RATE_LIMITED: &str = "rate_limited";
     /// The room name is not valid (in-band, before close 4400).
     pub const BAD_ROOM: &str = "bad_room";

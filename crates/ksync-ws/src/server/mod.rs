@@ -81,6 +81,21 @@ pub struct RelayConfig {
     pub room_queue_bytes: usize,
     /// Most open connections; more are refused before the upgrade with 503. Default 10 000.
     pub max_connections: usize,
+    /// Most open connections of one client, so that one client cannot take every place of
+    /// `max_connections` (nor, each connection being in one room, every place of
+    /// `max_open_rooms`). A client is its credentials' subject ([`ksync_core::Grant::subject`]:
+    /// an API key's configured name, a JWT's `sub`; never the credential itself) when the
+    /// authenticator requires credentials, else the peer's IP address (known when served with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`, as `ksync serve` does; without
+    /// it clients cannot be told apart and only `max_connections` applies). Overflow policy:
+    /// more are refused before the upgrade with 429 `too many connections for this client`
+    /// (in-band: `rate_limited`, close 4429), which kSync's clients retry with backoff; a
+    /// place frees when one of the client's connections ends, however it ends. Default 1000:
+    /// far above one application instance's needs, while no one client takes more than a
+    /// tenth of the default `max_connections`. Credentials shared by many users (one API key
+    /// in every copy of an app, or every client behind one proxy's address without auth)
+    /// count as one client: raise it for them.
+    pub max_connections_per_client: usize,
     /// Most rooms open at once, each with its log and its task (a room closes once its last
     /// connection has left). A file log costs a writer thread and a file descriptor, and a
     /// sync thread and descriptor each for up to 2 syncs in flight: without this cap, clients
@@ -124,6 +139,7 @@ impl Default for RelayConfig {
             room_queue: 1024,
             room_queue_bytes: 64 << 20,
             max_connections: 10_000,
+            max_connections_per_client: 1000,
             max_open_rooms: 4096,
             max_batch_events: 4096,
             page_size: 512,
@@ -228,6 +244,10 @@ pub(crate) struct Shared {
     rooms: Mutex<HashMap<Name, RoomHandle>>,
     next_room: AtomicU64,
     connections: AtomicUsize,
+    /// Open connections of each client that has one (`RelayConfig::
+    /// max_connections_per_client`); an entry goes when its count drops to zero, so the map
+    /// holds at most one entry per open connection. Touched at connect and disconnect only.
+    per_client: Mutex<HashMap<ClientKey, usize>>,
     /// One permit per open room (`RelayConfig::max_open_rooms`), held by the room until its
     /// log is released.
     room_slots: Arc<Semaphore>,
@@ -285,12 +305,86 @@ impl Shared {
     }
 }
 
-/// Decrements the connection count when a connection (or a refused upgrade) ends.
-pub(crate) struct ConnectionSlot(Arc<Shared>);
+/// Who a connection belongs to, for `RelayConfig::max_connections_per_client`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ClientKey {
+    /// The grant's subject (auth required): an API key's name, a JWT's `sub`.
+    Subject(String),
+    /// The peer's address (no auth).
+    Peer(std::net::IpAddr),
+}
+
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientKey::Subject(subject) => write!(f, "subject {subject}"),
+            ClientKey::Peer(ip) => write!(f, "address {ip}"),
+        }
+    }
+}
+
+/// A connection's place among `max_connections` and, when its client is known, among its
+/// client's `max_connections_per_client`: both are given back when it is dropped, which
+/// happens whenever the connection ends (close, error, timeout, shutdown, a refused or
+/// abandoned upgrade), since it lives in the connection's task.
+pub(crate) struct ConnectionSlot {
+    shared: Arc<Shared>,
+    client: Option<ClientKey>,
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(client) = self.client.take() {
+            let mut per_client = self
+                .shared
+                .per_client
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(count) = per_client.get_mut(&client) {
+                *count -= 1;
+                if *count == 0 {
+                    per_client.remove(&client);
+                }
+            }
+        }
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why [`Shared::take_connection`] refused a connection.
+enum OverCap {
+    /// `max_connections` connections are open.
+    Server,
+    /// The client has `max_connections_per_client` connections open.
+    Client,
+}
+
+impl Shared {
+    /// A place for a new connection of `client` (`None`: clients cannot be told apart), or
+    /// which cap it is over. The client's cap is checked first, so that a client over it
+    /// does not take, even for a moment, a place of the server's.
+    fn take_connection(
+        self: &Arc<Self>,
+        client: Option<ClientKey>,
+    ) -> Result<ConnectionSlot, OverCap> {
+        if let Some(key) = &client {
+            let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+            let count = per_client.entry(key.clone()).or_insert(0);
+            if *count >= self.config.max_connections_per_client {
+                return Err(OverCap::Client);
+            }
+            *count += 1;
+        }
+        // From here the slot gives back what was taken, whatever happens next.
+        let previous = self.connections.fetch_add(1, Ordering::AcqRel);
+        let slot = ConnectionSlot {
+            shared: Arc::clone(self),
+            client,
+        };
+        if previous >= self.config.max_connections {
+            return Err(OverCap::Server);
+        }
+        Ok(slot)
     }
 }
 
@@ -312,6 +406,10 @@ impl Relay {
             ("max_batch_events", config.max_batch_events),
             ("page_size", config.page_size),
             ("max_connections", config.max_connections),
+            (
+                "max_connections_per_client",
+                config.max_connections_per_client,
+            ),
             ("max_open_rooms", config.max_open_rooms),
         ] {
             if value == 0 {
@@ -364,6 +462,7 @@ impl Relay {
                 rooms: Mutex::new(HashMap::new()),
                 next_room: AtomicU64::new(0),
                 connections: AtomicUsize::new(0),
+                per_client: Mutex::new(HashMap::new()),
                 room_slots,
                 opening: Mutex::new(HashMap::new()),
                 in_band_refusals,
@@ -456,8 +555,13 @@ impl Relay {
 
     async fn upgrade(&self, room: RoomPath<'_>, request: Request) -> Response {
         let (mut parts, _body) = request.into_parts();
+        // The client's address, when served with connect info (`ksync serve` is).
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|axum::extract::ConnectInfo(addr)| addr.ip());
         match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(ws) => self.accept(room, &parts.headers, ws).await,
+            Ok(ws) => self.accept(room, &parts.headers, peer, ws).await,
             // The documented refusal shape (`{"error": ..}`), not axum's plain text.
             Err(rejection) => refuse(rejection.status(), &rejection.body_text()),
         }
@@ -502,6 +606,7 @@ impl Relay {
         &self,
         room: RoomPath<'_>,
         headers: &HeaderMap,
+        peer: Option<std::net::IpAddr>,
         ws: WebSocketUpgrade,
     ) -> Response {
         let shared = &self.shared;
@@ -547,12 +652,31 @@ impl Relay {
             return Refusal::new(StatusCode::FORBIDDEN, "not allowed to read this room")
                 .upgrade(ws, in_band());
         }
-        let previous = shared.connections.fetch_add(1, Ordering::AcqRel);
-        let slot = ConnectionSlot(Arc::clone(shared));
-        if previous >= shared.config.max_connections {
-            drop(slot);
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections");
-        }
+        // Without auth every client is "anonymous": its address tells them apart.
+        let client = if shared.auth.required() {
+            Some(ClientKey::Subject(grant.subject.clone()))
+        } else {
+            peer.map(ClientKey::Peer)
+        };
+        let slot = match shared.take_connection(client.clone()) {
+            Ok(slot) => slot,
+            Err(OverCap::Server) => {
+                return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many connections");
+            }
+            Err(OverCap::Client) => {
+                let cap = shared.config.max_connections_per_client;
+                if let Some(client) = &client {
+                    tracing::info!(%client, cap, "connection refused: the client has max_connections_per_client open");
+                }
+                // 429, as for a client that failed to log in too often: kSync's clients retry
+                // it with backoff (a browser hears it in-band, `rate_limited`, 4429).
+                return Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("too many connections for this client (at most {cap})"),
+                )
+                .upgrade(ws, in_band());
+            }
+        };
         let room_link = match self.shared.room(&room).await {
             Ok(link) => link,
             Err(RelayError::ShuttingDown) => {
