@@ -72,8 +72,9 @@ pub struct Common {
         hide_env_values = true
     )]
     api_key: Option<String>,
-    /// Request timeout in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    /// Request timeout in seconds (at most 86400, a day; 0 means 1).
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(0..=86_400))]
     timeout: u64,
     /// PEM file of root certificates to trust for https:// besides the system's (a private
     /// CA, or the server's self-signed certificate).

@@ -361,3 +361,21 @@ async fn a_working_directory_of_a_newer_ksync_is_refused() {
     assert!(text(&out).contains("version 2"), "{}", text(&out));
     assert_eq!(std::fs::read(&log).expect("read"), bytes, "log left alone");
 }
+
+/// `--timeout` past a day is a usage error naming the flag (the Git client refuses a request
+/// timeout past a day); 0 still means the shortest, 1 s.
+#[tokio::test]
+async fn a_timeout_past_a_day_is_a_usage_error() {
+    let svc = service().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let url = svc.url("notes");
+    let out = ksync(tmp.path(), &["clone", "--timeout", "86401", &url, "late"]).await;
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(text(&out).contains("--timeout"), "{}", text(&out));
+    assert!(!tmp.path().join("late").exists());
+    for secs in ["0", "86400"] {
+        let dir = format!("in-bounds-{secs}");
+        let out = ksync(tmp.path(), &["clone", "--timeout", secs, &url, &dir]).await;
+        assert_eq!(code(&out), 0, "--timeout {secs}: {}", text(&out));
+    }
+}
