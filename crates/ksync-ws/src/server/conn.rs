@@ -8,15 +8,14 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use ksync_core::{Access, Event, EventLimits, Grant, Name, PROTOCOL_VERSION, ResourceKind};
-use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tracing::Instrument as _;
 
 use super::outbox::{Outbox, Sink, frame_message};
 use super::publish::{self, Read, checked_publish, incoming};
 use super::room::{
-    EVENTS_ENTRY_OVERHEAD, EVENTS_FRAME_OVERHEAD, Frame, Member, PublishCommand, RoomCommand,
-    RoomLink, Subscribed,
+    EVENTS_ENTRY_OVERHEAD, EVENTS_FRAME_OVERHEAD, Frame, Member, PublishCommand, RoomLink,
+    Subscribed,
 };
 use super::{ConnectionSlot, RelayError, Shared};
 use crate::protocol::{
@@ -354,20 +353,10 @@ async fn join(
     // a few suffice.
     const ATTEMPTS: usize = 8;
     for _ in 0..ATTEMPTS {
-        let (reply, joined) = oneshot::channel();
-        let sent = room_link
-            .tx
-            .send(RoomCommand::Subscribe {
-                conn: id,
-                state,
-                outbox: Arc::clone(&writer.outbox),
-                reply,
-            })
-            .await;
-        let answer = match sent {
-            Ok(()) => joined.await.ok(),
-            Err(_) => None,
-        };
+        let answer = room_link
+            .subscribe(id, state, Arc::clone(&writer.outbox))
+            .await
+            .ok();
         match answer {
             Some(Ok(subscribed)) => return Ok(subscribed),
             Some(Err(e)) => {

@@ -230,21 +230,12 @@ pub(crate) struct Subscribed {
     pub(crate) snapshot: Option<Arc<[Event]>>,
 }
 
+/// What connections send a room's task. (Joining is not among them: see
+/// [`RoomLink::subscribe`].)
 pub(crate) enum RoomCommand {
-    Subscribe {
-        conn: u64,
-        state: bool,
-        /// Where the room writes the connection's frames (bounded: see [`Outbox`]).
-        outbox: Arc<Outbox>,
-        reply: oneshot::Sender<Result<Subscribed, String>>,
-    },
-    Unsubscribe {
-        conn: u64,
-    },
+    Unsubscribe { conn: u64 },
     Publish(PublishCommand),
-    Shutdown {
-        done: oneshot::Sender<()>,
-    },
+    Shutdown { done: oneshot::Sender<()> },
 }
 
 pub(crate) struct PublishCommand {
@@ -384,6 +375,27 @@ impl RoomLink {
     /// The room log's id (see `Welcome::log_id`).
     pub(crate) fn log_id(&self) -> &str {
         &self.shared.log_id
+    }
+
+    /// Takes a subscriber in (`outbox`: where the room writes the connection's frames,
+    /// bounded: see [`Outbox`]), under the room's lock: the join waits for the commit in
+    /// progress, not for the publishes queued behind it. Those are not in the log yet and reach
+    /// the subscriber live, after `server_version`, so catch-up and live stream still meet
+    /// without gap or overlap. Through the room's queue a join waited for every queued group
+    /// commit, each an append that a slow disk makes seconds long: past the clients' connect
+    /// timeout, so readers could not join a room its writers kept busy. `Err`: the room has
+    /// closed (idle, shut down, or its log failed); join the room opened anew.
+    pub(crate) async fn subscribe(
+        &self,
+        conn: u64,
+        state: bool,
+        outbox: Arc<Outbox>,
+    ) -> Result<Result<Subscribed, String>, RoomClosed> {
+        let mut room = self.shared.room.lock().await;
+        if room.closed {
+            return Err(RoomClosed);
+        }
+        Ok(room.subscribe(conn, state, outbox))
     }
 
     /// Commits `publishes` (one connection's, in order; drained) in one append on the
@@ -630,8 +642,7 @@ impl Room {
                 break;
             };
             match command {
-                // Dropping `reply`: the joiner sees the room closed and retries.
-                RoomCommand::Subscribe { .. } | RoomCommand::Unsubscribe { .. } => {}
+                RoomCommand::Unsubscribe { .. } => {}
                 RoomCommand::Shutdown { done } => {
                     let _ = done.send(());
                 }
@@ -687,33 +698,6 @@ impl Room {
                 // Only now (still holding the lock) may later publishes commit in place.
                 queued.fetch_sub(publishes, Ordering::AcqRel);
             }
-            RoomCommand::Subscribe {
-                conn,
-                state,
-                outbox,
-                reply,
-            } => {
-                let snapshot = match (state, &self.snapshot) {
-                    (false, _) => None,
-                    (true, Some(made)) => Some(Arc::clone(made)),
-                    (true, None) => match self.storage.state() {
-                        Ok(map) => {
-                            let made: Arc<[Event]> = map.into_values().collect();
-                            self.snapshot = Some(Arc::clone(&made));
-                            Some(made)
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e.to_string()));
-                            return false;
-                        }
-                    },
-                };
-                self.subs.push(Subscriber { conn, outbox });
-                let _ = reply.send(Ok(Subscribed {
-                    server_version: self.last_seq,
-                    snapshot,
-                }));
-            }
             RoomCommand::Unsubscribe { conn } => {
                 self.subs.retain(|s| s.conn != conn);
             }
@@ -732,6 +716,36 @@ impl Room {
             }
         }
         false
+    }
+
+    /// Adds a subscriber: from here on every commit's frames go to `outbox`. Its catch-up is
+    /// the log up to the returned `server_version` (or the returned snapshot, shared by the
+    /// joins until the next commit).
+    fn subscribe(
+        &mut self,
+        conn: u64,
+        state: bool,
+        outbox: Arc<Outbox>,
+    ) -> Result<Subscribed, String> {
+        let snapshot = match (state, &self.snapshot) {
+            (false, _) => None,
+            (true, Some(made)) => Some(Arc::clone(made)),
+            (true, None) => {
+                let made: Arc<[Event]> = self
+                    .storage
+                    .state()
+                    .map_err(|e| e.to_string())?
+                    .into_values()
+                    .collect();
+                self.snapshot = Some(Arc::clone(&made));
+                Some(made)
+            }
+        };
+        self.subs.push(Subscriber { conn, outbox });
+        Ok(Subscribed {
+            server_version: self.last_seq,
+            snapshot,
+        })
     }
 
     /// Appends the batch's valid events in one storage append, then acknowledges each publish

@@ -1,0 +1,156 @@
+//! The relay on a slow disk (appends that take seconds): what waits for the disk and what
+//! does not.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use ksync_core::{
+    BoxFuture, Event, InMemoryStorage, LogName, MergeOutcome, Storage, StorageError,
+    StorageProvider, Stored,
+};
+use ksync_ws::server::RelayConfig;
+use serde_json::json;
+use tokio::sync::{Semaphore, watch};
+
+/// A log whose every append waits (as a durable one does) and then takes one permit of a
+/// shared semaphore: the test lets appends through one by one, as a slow disk finishes them.
+struct SlowAppends {
+    log: InMemoryStorage,
+    permits: Arc<Semaphore>,
+    started: watch::Sender<usize>,
+}
+
+impl Storage for SlowAppends {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        Box::pin(async move {
+            self.started.send_modify(|n| *n += 1);
+            tokio::task::yield_now().await;
+            if let Ok(permit) = self.permits.acquire().await {
+                permit.forget();
+            }
+            self.log.append(events).await
+        })
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    ksync_testkit::storage_pass_through!(log);
+}
+
+struct SlowProvider {
+    logs: Mutex<HashMap<LogName, Arc<SlowAppends>>>,
+    permits: Arc<Semaphore>,
+    started: watch::Sender<usize>,
+}
+
+impl StorageProvider for SlowProvider {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        let mut logs = self.logs.lock().expect("lock");
+        let log = logs.entry(name.clone()).or_insert_with(|| {
+            Arc::new(SlowAppends {
+                log: InMemoryStorage::default(),
+                permits: Arc::clone(&self.permits),
+                started: self.started.clone(),
+            })
+        });
+        Ok(log.clone())
+    }
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        let logs = self.logs.lock().expect("lock");
+        Ok(logs.get(name).map(|log| log.clone() as Arc<dyn Storage>))
+    }
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A join waits for the append on disk now (the room's lock), not for every publish queued
+/// behind it: those are not in the log yet, and reach the joiner live, after its catch-up,
+/// each once and in order. Through the room's queue a join waited for every queued group
+/// commit, seconds each on a slow disk: past clients' connect timeout (10 s), so readers
+/// could not join a room its writers kept busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_waits_for_the_append_in_progress_not_for_the_queue() {
+    let permits = Arc::new(Semaphore::new(1));
+    let provider = Arc::new(SlowProvider {
+        logs: Mutex::default(),
+        permits: Arc::clone(&permits),
+        started: watch::Sender::new(0),
+    });
+    let mut started = provider.started.subscribe();
+    let server = start_with(
+        RelayConfig {
+            // One publish a group: each queued publish is an append of its own.
+            max_batch_events: 1,
+            ..RelayConfig::default()
+        },
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("slow"));
+    let (mut first, _) = join(&url, hello()).await;
+    let mut others = Vec::new();
+    for _ in 2..=5u64 {
+        others.push(join(&url, hello()).await.0);
+    }
+    send_json(
+        &mut first,
+        json!({"type":"publish","ref":0,"events":[event("warm", 0)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut first).await["type"], "ack");
+    // The disk is slow from here on: one append on it, four publishes queued behind it.
+    send_json(
+        &mut first,
+        json!({"type":"publish","ref":1,"events":[event("e1", 1)]}),
+    )
+    .await;
+    started.wait_for(|n| *n >= 2).await.expect("appends");
+    for (ws, n) in others.iter_mut().zip(2..=5u64) {
+        send_json(
+            ws,
+            json!({"type":"publish","ref":n,"events":[event(&format!("e{n}"), n)]}),
+        )
+        .await;
+    }
+    // Time for the relay to read and queue those publishes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut joining = tokio::spawn({
+        let url = url.clone();
+        async move { join(&url, json!({"type":"hello","protocol":1,"since":0})).await }
+    });
+    // Time for the joiner to get to the room (it waits for the append on disk either way).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The disk finishes one append at a time; each next one starts once the room gets to it.
+    let mut appends = 2;
+    let (mut reader, welcome) = loop {
+        permits.add_permits(1);
+        tokio::select! {
+            joined = &mut joining => break joined.expect("joined"),
+            next = started.wait_for(|n| *n > appends) => {
+                next.expect("appends");
+                appends += 1;
+            }
+        }
+    };
+    // Through the room's queue the join came after all four queued publishes' appends
+    // (serverVersion 6): seconds each on a slow disk.
+    let server_version = welcome["serverVersion"].as_u64().expect("serverVersion");
+    assert!(server_version < 6, "{welcome}");
+    permits.add_permits(100);
+    let mut seqs = Vec::new();
+    while seqs.len() < 6 {
+        let message = recv_json(&mut reader).await;
+        for e in message["events"].as_array().expect("events") {
+            seqs.push(e["seq"].as_u64().expect("seq"));
+        }
+    }
+    assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
+    drop(others);
+    server.stop().await;
+}
