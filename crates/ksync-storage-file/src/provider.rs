@@ -26,6 +26,9 @@ const LOCK_FILE: &str = ".lock";
 /// The file in the data directory that names its layout (see [`check_layout`]).
 const LAYOUT_FILE: &str = "LAYOUT";
 /// The layout this build reads and writes: `rooms/<room>.log`, `repos/<repo>/<branch>.log`.
+/// A next layout should leave files named `rooms` and `repos` in the data directory: builds
+/// from before the marker never read it, but refuse a file where they need a directory (rather
+/// than serve the directory empty).
 pub const DATA_LAYOUT_VERSION: u32 = 1;
 /// What [`LAYOUT_FILE`] holds before the version number.
 const LAYOUT_PREFIX: &str = "ksync data directory layout ";
@@ -132,11 +135,12 @@ fn probe(dir: &Path) -> Result<(), StorageError> {
     fs::remove_file(&path).map_err(not_writable(dir))
 }
 
-/// Checks the layout `dir` was written in, and names it when nothing does yet (a new
-/// directory, or one from before the marker, which is layout 1). A directory of a newer
-/// layout is refused before anything in it is opened: this build would find none of its logs
-/// where it looks, serve empty rooms and branches, and write new logs beside the real ones.
-fn check_layout(dir: &Path) -> Result<(), StorageError> {
+/// Checks the layout `dir` was written in: `Ok(true)` when its marker names this build's,
+/// `Ok(false)` when nothing does yet (a new directory, or one from before the marker, which is
+/// layout 1: see [`write_layout`]). A directory of a newer layout is refused: this build would
+/// find none of its logs where it looks, serve empty rooms and branches, and write new logs
+/// beside the real ones.
+fn check_layout(dir: &Path) -> Result<bool, StorageError> {
     let path = dir.join(LAYOUT_FILE);
     match fs::read(&path) {
         Ok(bytes) => {
@@ -145,7 +149,7 @@ fn check_layout(dir: &Path) -> Result<(), StorageError> {
                 .and_then(|text| text.trim_end().strip_prefix(LAYOUT_PREFIX))
                 .and_then(|number| number.parse::<u32>().ok());
             match version {
-                Some(DATA_LAYOUT_VERSION) => Ok(()),
+                Some(DATA_LAYOUT_VERSION) => Ok(true),
                 Some(newer) => Err(StorageError::Format(format!(
                     "data directory {} has layout {newer} ({}), written by a newer kSync; this \
                      one reads layout {DATA_LAYOUT_VERSION}",
@@ -159,7 +163,7 @@ fn check_layout(dir: &Path) -> Result<(), StorageError> {
                 ))),
             }
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => write_layout(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
     }
 }
@@ -209,9 +213,16 @@ impl FileProvider {
         let dir = data_dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir)
             .map_err(io_err(format!("creating data directory {}", dir.display())))?;
+        // The marker first: a newer layout is refused as one before anything here is probed,
+        // created or locked (it may keep no `rooms/`, or a file by that name).
+        check_layout(&dir)?;
         check_writable(&dir)?;
         let lock = lock_dir(&dir)?;
-        check_layout(&dir)?;
+        // Read again under the lock before naming it: another provider may have named it
+        // between the first read and the lock.
+        if !check_layout(&dir)? {
+            write_layout(&dir)?;
+        }
         Ok(Self {
             dir,
             options,

@@ -183,3 +183,32 @@ async fn a_data_directory_from_before_the_layout_marker_reads_as_it_was_written(
     assert_eq!(after.remove(Path::new(".lock")).as_deref(), Some(&b""[..]));
     assert_eq!(after, before);
 }
+
+/// A directory a newer build laid out is refused as one (`StorageError::Format`, naming its
+/// layout) before anything in it is probed, created or locked, whatever else it holds: a newer
+/// layout need keep no `rooms/` or `repos/` directory, and may keep files under those names
+/// (which also stop builds from before the marker, which never read it: they refuse a data
+/// directory where a directory must be). This build said such a directory was not writable,
+/// naming `rooms`, and wrote its lock file and probe files into it first.
+#[test]
+fn a_newer_layout_is_refused_as_one_before_anything_is_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    std::fs::write(dir.join("LAYOUT"), "ksync data directory layout 2\n").expect("marker");
+    std::fs::write(dir.join("rooms"), "layout 2 keeps its logs elsewhere\n").expect("file");
+    std::fs::create_dir_all(dir.join("logs/chat")).expect("a newer layout's directory");
+    let before = files(dir);
+
+    match FileProvider::new(dir) {
+        Err(ksync_core::StorageError::Format(message)) => assert!(
+            message.contains("has layout 2") && message.contains("newer kSync"),
+            "{message}"
+        ),
+        other => panic!("expected the newer layout refused as one, got {other:?}"),
+    }
+    assert_eq!(
+        files(dir),
+        before,
+        "nothing written into the newer directory"
+    );
+}
