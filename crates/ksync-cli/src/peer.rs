@@ -96,8 +96,9 @@ pub struct PeerArgs {
     #[arg(long, value_name = "SECS")]
     duration: Option<u64>,
 
-    /// Seconds between catch-up rounds with every peer.
-    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    /// Seconds between catch-up rounds with every peer (at most 86400, a day; 0 means 1).
+    #[arg(long, value_name = "SECS", default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(0..=86_400))]
     anti_entropy_secs: u64,
 }
 

@@ -109,6 +109,26 @@ fn bad_options_fail_with_a_message() {
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--bootstrap needs --discovery dht"));
+    // A round period past a day (the P2P client's bound) is a usage error naming the flag,
+    // before anything starts.
+    let out = ksync()
+        .args([
+            "peer",
+            "--id",
+            "x",
+            "--discovery",
+            "manual",
+            "--duration",
+            "1",
+        ])
+        .args(["--anti-entropy-secs", "86401"])
+        .arg("--key-dir")
+        .arg(keys.path())
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--anti-entropy-secs"), "{stderr}");
 }
 
 /// SIGTERM (what `docker stop` and systemd send) stops the peer like Ctrl-C: it disconnects,
