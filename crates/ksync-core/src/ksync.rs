@@ -288,7 +288,9 @@ impl<C: PullPushClient + ?Sized> KSync<C> {
         self.client.sync().await
     }
 
-    /// Pushes and pulls on timers until [`KSync::disable_auto_sync`] or `disconnect`.
+    /// Pushes and pulls on timers until [`KSync::disable_auto_sync`] or `disconnect`: a push
+    /// and a pull at once, then one of each per interval (a tick that comes while the last
+    /// push or pull still runs waits for it, and the next is an interval after it).
     /// Failures are reported as `error` notifications and retried on the next tick, except
     /// those the client calls final ([`PullPushClient::is_final_error`]): refused credentials
     /// or rights ([`SyncError::Auth`]), which would be refused on every tick (and count as

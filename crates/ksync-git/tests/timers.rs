@@ -198,3 +198,90 @@ async fn auto_pull_pulls_once_a_period_from_the_start() {
         assert_eq!(at - start, period * n as u32, "auto-pull {n}");
     }
 }
+
+/// `KSync::enable_auto_sync` (the spec's `enableAutoSync({pushInterval, pullInterval})`):
+/// a push and a pull at once, then each on its own period.
+#[tokio::test(start_paused = true)]
+async fn auto_sync_pushes_and_pulls_at_once_then_once_a_period_each() {
+    let _clock = hold_clock();
+    let server = common::start(&["s"]).await;
+    let requests: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let seen = Arc::clone(&requests);
+    let record = move |request: Request, next: Next| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let path = request.uri().path();
+            let kind = match (request.method().as_str(), path) {
+                ("GET", p) if p.ends_with("/events") => Some("pull"),
+                ("POST", p) if p.ends_with("/events") => Some("push"),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                seen.lock()
+                    .expect("lock")
+                    .push((kind.to_owned(), Instant::now()));
+            }
+            next.run(request).await
+        }
+    };
+    let app = server
+        .service
+        .router()
+        .layer(axum::middleware::from_fn(record));
+    let (addr, _task) = common::serve_router(app).await;
+    let client = GitSyncClient::builder(format!("http://{addr}/git/s"))
+        .auth(Auth::token("writer"))
+        .build()
+        .expect("client");
+    let ksync = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
+        .await
+        .expect("ksync");
+    let start = Instant::now();
+    let (push, pull) = (Duration::from_secs(30), Duration::from_secs(60));
+    ksync.enable_auto_sync(ksync_core::AutoSync {
+        push_interval: push,
+        pull_interval: pull,
+    });
+    // Each tick emits an event first, so that every push has something to send.
+    let mut n = 0;
+    let mut emit = async || {
+        n += 1;
+        ksync
+            .emit("note", serde_json::json!({ "n": n }))
+            .await
+            .expect("emit");
+    };
+    emit().await;
+    let times = |kind: &str| -> Vec<Duration> {
+        requests
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(k, _)| k == kind)
+            .map(|(_, at)| *at - start)
+            .collect()
+    };
+    let settle = async |pushes: usize, pulls: usize| {
+        let waiting = std::time::Instant::now();
+        while times("push").len() < pushes || times("pull").len() < pulls {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(10),
+                "pushes {:?}, pulls {:?}",
+                times("push"),
+                times("pull")
+            );
+            tokio::task::yield_now().await;
+        }
+        run_a_while().await;
+    };
+    settle(1, 1).await;
+    for step in 1..=4u32 {
+        emit().await;
+        tokio::time::advance(push).await;
+        settle(1 + step as usize, 1 + step as usize / 2).await;
+    }
+    let pushes: Vec<Duration> = (0..5).map(|i| push * i).collect();
+    let pulls: Vec<Duration> = (0..3).map(|i| pull * i).collect();
+    assert_eq!(times("push"), pushes);
+    assert_eq!(times("pull"), pulls);
+}
