@@ -29,6 +29,7 @@ mod digests;
 mod error;
 mod identity;
 mod node;
+mod refusals;
 mod shaping;
 mod transport;
 mod wire;

@@ -33,6 +33,7 @@ use crate::config::{DiscoveryMethod, Options};
 use crate::cursors::{Cursor, PeerCursors};
 use crate::digests::{Digests, Page};
 use crate::error::P2PError;
+use crate::refusals::Refusals;
 use crate::shaping::Shaping;
 use crate::transport::{self, BoxError};
 use crate::wire::{
@@ -188,6 +189,8 @@ pub(crate) struct Shared {
 /// The node's behaviours. Discovery behaviours are toggled by the discovery method.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    /// First, so a refused peer's connection is denied before the others set up for it.
+    refusals: Refusals,
     limits: connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
     sync: request_response::Behaviour<CountingCodec>,
@@ -285,6 +288,7 @@ fn behaviour(
         _ => None,
     };
     Ok(Behaviour {
+        refusals: Refusals::default(),
         limits: connection_limits::Behaviour::new(limits),
         gossipsub,
         sync,
@@ -855,6 +859,8 @@ impl Node {
             Target::Addr(addr) => {
                 let opts = DialOpts::from(addr.clone());
                 let id = opts.connection_id();
+                // Asked for: goes through even to a refused peer (see `refusals.rs`).
+                self.swarm.behaviour_mut().refusals.asked_for(id);
                 match self.swarm.dial(opts) {
                     Ok(()) => {
                         self.dials.insert(id, reply);
@@ -942,6 +948,14 @@ impl Node {
             Some(addrs) => opts.addresses(addrs).build(),
             None => opts.build(),
         };
+        if self.peer_dials.contains_key(&peer) {
+            // A `connect_to_peer` waits for this peer: its dial goes through even to a
+            // refused peer (see `refusals.rs`); discovery's do not.
+            self.swarm
+                .behaviour_mut()
+                .refusals
+                .asked_for(opts.connection_id());
+        }
         match self.swarm.dial(opts) {
             Err(DialError::DialPeerConditionFalse(_)) => Ok(()),
             done => done,
@@ -1089,6 +1103,16 @@ impl Node {
                         info.protocol_version,
                         wire::identify_version(&self.opts.network)
                     )));
+                    // Refused for a while (see `refusals.rs`): discovery would find it and
+                    // dial it again every period, and each time it was reported anew. Out of
+                    // the routing table too, so lookups do not keep trying it.
+                    let behaviour = self.swarm.behaviour_mut();
+                    behaviour
+                        .refusals
+                        .refuse(peer_id, tokio::time::Instant::now());
+                    if let Some(kad) = behaviour.kad.as_mut() {
+                        kad.remove_peer(&peer_id);
+                    }
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
@@ -1110,6 +1134,7 @@ impl Node {
                 c.ping_micros.fetch_add(micros, Ordering::Relaxed);
             }
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) | BehaviourEvent::Limits(_) => {}
+            BehaviourEvent::Refusals(never) => match never {},
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 // One dial per peer with all its addresses: some (e.g. its loopback) do not
                 // reach it from here, and a second dial would be refused while one is pending.

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use ksync_core::{Event, RevisionKey};
+use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
 use serde::{Deserialize, Serialize};
 
@@ -82,9 +83,10 @@ pub fn entry(seq: u64, event: &Event, hash: u64) -> Entry {
 pub type RawSwarm =
     Swarm<request_response::Behaviour<request_response::cbor::codec::Codec<Request, Response>>>;
 
-/// A raw peer listening on 127.0.0.1:0, and its full address (with `/p2p/`).
-pub async fn raw_peer() -> (RawSwarm, Multiaddr) {
-    let mut swarm = SwarmBuilder::with_new_identity()
+/// A libp2p swarm of its own identity over TCP (Noise, Yamux) with `behaviour`, not
+/// listening yet: the raw peers these tests play, whatever they speak.
+pub fn swarm<B: NetworkBehaviour>(behaviour: impl FnOnce(&Keypair) -> B) -> Swarm<B> {
+    SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -92,20 +94,25 @@ pub async fn raw_peer() -> (RawSwarm, Multiaddr) {
             yamux::Config::default,
         )
         .expect("tcp")
-        .with_behaviour(|_| {
-            // Room to send answers larger than any honest peer's.
-            let codec = request_response::cbor::codec::Codec::<Request, Response>::default()
-                .set_response_size_maximum(64 * 1024 * 1024);
-            request_response::Behaviour::with_codec(
-                codec,
-                [(StreamProtocol::new("/ksync/sync/1"), ProtocolSupport::Full)],
-                // Holds an unanswered request open as long as the requester waits.
-                request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
-            )
-        })
+        .with_behaviour(behaviour)
         .expect("behaviour")
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+        .build()
+}
+
+/// A raw peer listening on 127.0.0.1:0, and its full address (with `/p2p/`).
+pub async fn raw_peer() -> (RawSwarm, Multiaddr) {
+    let mut swarm = swarm(|_| {
+        // Room to send answers larger than any honest peer's.
+        let codec = request_response::cbor::codec::Codec::<Request, Response>::default()
+            .set_response_size_maximum(64 * 1024 * 1024);
+        request_response::Behaviour::with_codec(
+            codec,
+            [(StreamProtocol::new("/ksync/sync/1"), ProtocolSupport::Full)],
+            // Holds an unanswered request open as long as the requester waits.
+            request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
+        )
+    });
     let listen = super::listen_on_loopback(&mut swarm).await;
     let addr = listen.with(libp2p::multiaddr::Protocol::P2p(*swarm.local_peer_id()));
     (swarm, addr)
