@@ -672,6 +672,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         "Open WebSocket connections.",
         state.relay.connections() as u64,
     );
+    metric(
+        "ksync_ws_client_cap_refusals_total",
+        "counter",
+        "WebSocket upgrades refused because the client had max_connections_per_client open.",
+        state.relay.client_cap_refusals(),
+    );
     if let Ok(counts) = log_counts(state.provider.as_ref()) {
         metric(
             "ksync_rooms",

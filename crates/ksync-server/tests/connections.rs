@@ -340,5 +340,11 @@ async fn max_connections_per_client_counts_an_address_without_auth() {
         .await
         .expect("another address");
     assert_eq!(running.connections(), 2);
+    // Operators see the refusal counted.
+    let metrics = metrics(running.local_addr()).await;
+    assert!(
+        metrics.contains("\nksync_ws_client_cap_refusals_total 1\n"),
+        "{metrics}"
+    );
     running.shutdown().await.expect("shutdown");
 }

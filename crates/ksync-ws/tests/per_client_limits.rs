@@ -299,3 +299,29 @@ fn the_cap_must_be_at_least_one() {
         Some("invalid relay configuration: max_connections_per_client must be at least 1")
     );
 }
+
+#[tokio::test]
+async fn an_upgrade_refused_after_the_count_gives_its_place_back() {
+    // One open room at most: a connection to another room is refused with 503 after its
+    // client's place was taken, and must give it back.
+    let server = start_with(
+        RelayConfig {
+            max_open_rooms: 1,
+            ..capped(1)
+        },
+        Arc::new(InMemoryProvider::new()),
+        Arc::new(TestKeys),
+    )
+    .await;
+    let _holder = join_as(&server.url(Some("open")), RW).await;
+    for _ in 0..3 {
+        assert_eq!(
+            raw_connect(&server.url(Some("other")), RO).await.err(),
+            Some(503)
+        );
+    }
+    // Not 429: the refusals left the read-only key its one place.
+    let _reader = join_as(&server.url(Some("open")), RO).await;
+    assert_eq!(server.relay.connections(), 2);
+    server.stop().await;
+}

@@ -248,6 +248,8 @@ pub(crate) struct Shared {
     /// max_connections_per_client`); an entry goes when its count drops to zero, so the map
     /// holds at most one entry per open connection. Touched at connect and disconnect only.
     per_client: Mutex<HashMap<ClientKey, usize>>,
+    /// Upgrades refused because their client had `max_connections_per_client` open.
+    client_cap_refusals: AtomicU64,
     /// One permit per open room (`RelayConfig::max_open_rooms`), held by the room until its
     /// log is released.
     room_slots: Arc<Semaphore>,
@@ -463,6 +465,7 @@ impl Relay {
                 next_room: AtomicU64::new(0),
                 connections: AtomicUsize::new(0),
                 per_client: Mutex::new(HashMap::new()),
+                client_cap_refusals: AtomicU64::new(0),
                 room_slots,
                 opening: Mutex::new(HashMap::new()),
                 in_band_refusals,
@@ -482,6 +485,13 @@ impl Relay {
     /// Open WebSocket connections.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::Acquire)
+    }
+
+    /// Upgrades refused since the relay started because their client already had
+    /// `RelayConfig::max_connections_per_client` connections open (for metrics: a steady
+    /// rise means a client, or credentials shared by many, needs a higher cap).
+    pub fn client_cap_refusals(&self) -> u64 {
+        self.shared.client_cap_refusals.load(Ordering::Relaxed)
     }
 
     /// Rooms open now, each with its log and its task (including one that is closing). A
@@ -665,6 +675,7 @@ impl Relay {
             }
             Err(OverCap::Client) => {
                 let cap = shared.config.max_connections_per_client;
+                shared.client_cap_refusals.fetch_add(1, Ordering::Relaxed);
                 if let Some(client) = &client {
                     tracing::info!(%client, cap, "connection refused: the client has max_connections_per_client open");
                 }
