@@ -312,6 +312,11 @@ async fn run(
                     }
                     continue;
                 }
+                // The expiry timer runs on the monotonic clock, set from the wall clock at
+                // the upgrade: a suspended host (or a step of the wall clock) leaves it behind
+                // the credentials' end, by up to the suspend's length. Checked against the
+                // wall clock once a heartbeat, such a connection ends by the next one.
+                check_expiry(reader.grant)?;
                 if awaiting_pong {
                     // After a stall of this loop (a slow append or write) the answer may
                     // already wait in the socket while the tick is due too, and `select!`
