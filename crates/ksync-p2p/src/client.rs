@@ -150,6 +150,7 @@ impl P2PSyncClientBuilder {
     /// peer beyond it takes the record of the least recently used one, which is walked from
     /// the start of its log at its next session: pages walked again, never an event lost or
     /// stored twice. Keep it above `max_peers`, or connected peers evict each other's cursors.
+    /// A record this version cannot read (a later version's) is left as it is and not counted.
     pub fn max_peer_cursors(mut self, max: usize) -> Self {
         self.opts.max_peer_cursors = max;
         self

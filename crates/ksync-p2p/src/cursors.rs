@@ -16,6 +16,11 @@
 //! event. A slot is one record, so the cursor and its log id are written together: no crash
 //! leaves a cursor with another log's id.
 //!
+//! A slot whose record does not read as one (a later version may write another shape) is left
+//! as it is: never taken, evicted or tidied away, and not counted in the cap, which bounds the
+//! records this version writes. Overwriting it would destroy a newer version's cursor; leaving
+//! it costs that slot's key, nothing more (the peers met take the slots after it).
+//!
 //! Cursors stored before the slots (`cursor/p2p/<peer>` and `cursor/p2p/<peer>/log-id`,
 //! unbounded) are read when their peer's session starts and moved into a slot at its first
 //! store (the old records removed); those of peers never met again stay as they were.
@@ -36,6 +41,25 @@ pub(crate) struct Cursor {
     pub(crate) log_id: u64,
 }
 
+/// One slot's place.
+#[derive(Debug)]
+enum Place {
+    /// No record, or a record of ours that may be overwritten (the same peer again).
+    Free,
+    Taken(Slot),
+    /// A record this version cannot read: left as it is (see the module's docs).
+    Unreadable,
+}
+
+impl Place {
+    fn slot(&self) -> Option<&Slot> {
+        match self {
+            Place::Taken(slot) => Some(slot),
+            Place::Free | Place::Unreadable => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Slot {
     peer: PeerId,
@@ -48,13 +72,16 @@ struct Slot {
 /// holds).
 #[derive(Debug)]
 pub(crate) struct PeerCursors {
-    /// The slots up to the highest one taken; a free one is `None`, and so is every index
-    /// from `slots.len()` to `cap`. Grown as peers take slots, not sized to `cap`: the cap
-    /// may be far above the peers ever met (`usize::MAX` for no practical bound). Slots are
-    /// taken lowest first and never freed, so the taken ones are a prefix.
-    slots: Vec<Option<Slot>>,
-    /// Most slots.
+    /// The slots up to the highest one taken or unreadable; every index from `slots.len()` on
+    /// is free unless its record turns out unreadable when it is taken. Grown as peers take
+    /// slots, not sized to `cap`: the cap may be far above the peers ever met (`usize::MAX`
+    /// for no practical bound). Slots are taken lowest first and never freed, so the taken
+    /// and unreadable ones are a prefix.
+    slots: Vec<Place>,
+    /// Most slots of ours (taken or free): unreadable ones do not count.
     cap: usize,
+    /// How many of `slots` are unreadable.
+    unreadable: usize,
     by_peer: HashMap<PeerId, usize>,
     /// The next use stamp (above every stored one).
     clock: u64,
@@ -81,52 +108,59 @@ fn parse_slot(value: &str) -> Option<Slot> {
 }
 
 impl PeerCursors {
-    /// Reads the slots from `storage`. Slots at `cap` and beyond (stored with a larger cap)
-    /// are removed; a slot that does not parse is free (and overwritten when taken).
+    /// Reads the slots from `storage`. Slots of ours beyond the first `cap` (stored with a
+    /// larger cap) are removed; a slot that does not parse is left as it is (see the module's
+    /// docs).
     pub(crate) async fn load(storage: &dyn Storage, cap: usize) -> Result<Self, StorageError> {
         let cap = cap.max(1);
-        let mut slots: Vec<Option<Slot>> = Vec::new();
+        let mut slots: Vec<Place> = Vec::new();
+        let mut unreadable = 0;
         let mut by_peer = HashMap::new();
         let mut clock = 0;
-        for index in 0..cap {
+        let mut index = 0;
+        while slots.len() - unreadable < cap {
             let Some(raw) = storage.meta(&slot_key(index))? else {
                 // Taken slots are a prefix: the rest are free.
                 break;
             };
-            let slot = parse_slot(&raw).filter(|slot| {
+            match parse_slot(&raw) {
                 // The same peer twice (only a damaged store could do it): keep the first.
-                !by_peer.contains_key(&slot.peer)
-            });
-            match slot {
+                Some(slot) if by_peer.contains_key(&slot.peer) => slots.push(Place::Free),
                 Some(slot) => {
                     clock = clock.max(slot.used.saturating_add(1));
                     by_peer.insert(slot.peer, index);
-                    slots.push(Some(slot));
+                    slots.push(Place::Taken(slot));
                 }
                 None => {
                     tracing::warn!(
                         key = slot_key(index),
-                        "unreadable catch-up cursor slot; its peer walks from 0"
+                        "catch-up cursor slot this version cannot read (a later version's?); left as it is"
                     );
-                    slots.push(None);
+                    unreadable += 1;
+                    slots.push(Place::Unreadable);
                 }
             }
+            index += 1;
         }
         // Beyond the cap: what a larger cap left. Tidying only (they are never read): a
-        // removal that fails is logged, and does not keep the node from starting.
-        let mut index = Some(cap);
-        while let Some(at) = index
-            && storage.meta(&slot_key(at))?.is_some()
+        // removal that fails is logged, and does not keep the node from starting. A record
+        // this version cannot read is left as it is here too.
+        let mut at = Some(index);
+        while let Some(index) = at
+            && let Some(raw) = storage.meta(&slot_key(index))?
         {
-            if let Err(e) = storage.remove_meta(&slot_key(at)).await {
-                tracing::warn!(key = slot_key(at), error = %e, "removing a catch-up cursor slot beyond the cap failed");
+            if parse_slot(&raw).is_some()
+                && let Err(e) = storage.remove_meta(&slot_key(index)).await
+            {
+                tracing::warn!(key = slot_key(index), error = %e, "removing a catch-up cursor slot beyond the cap failed");
                 break;
             }
-            index = at.checked_add(1);
+            at = index.checked_add(1);
         }
         Ok(Self {
             slots,
             cap,
+            unreadable,
             by_peer,
             clock,
         })
@@ -136,7 +170,9 @@ impl PeerCursors {
     pub(crate) fn get(&mut self, peer: &PeerId) -> Option<Cursor> {
         let index = *self.by_peer.get(peer)?;
         let stamp = self.tick();
-        let slot = self.slots.get_mut(index)?.as_mut()?;
+        let Some(Place::Taken(slot)) = self.slots.get_mut(index) else {
+            return None;
+        };
         slot.used = stamp;
         Some(slot.at)
     }
@@ -144,7 +180,7 @@ impl PeerCursors {
     /// The cursor stored for `peer`.
     pub(crate) fn stored(&self, peer: &PeerId) -> Option<Cursor> {
         let index = *self.by_peer.get(peer)?;
-        self.slots.get(index)?.as_ref().map(|slot| slot.at)
+        self.slots.get(index)?.slot().map(|slot| slot.at)
     }
 
     /// How many peers have a stored cursor.
@@ -169,32 +205,60 @@ impl PeerCursors {
     ) -> Result<Option<PeerId>, StorageError> {
         let index = match self.by_peer.get(&peer) {
             Some(&index) => index,
-            None => match self.slots.iter().position(Option::is_none) {
+            None => match self.slots.iter().position(|p| matches!(p, Place::Free)) {
                 Some(free) => free,
                 // Past the slots so far: free, while under the cap.
-                None if self.slots.len() < self.cap => self.slots.len(),
-                None => self
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, slot)| slot.as_ref().map(|s| (s.used, i)))
-                    .min()
-                    .map_or(0, |(_, i)| i),
+                None if self.slots.len() - self.unreadable < self.cap => {
+                    self.past_the_slots(storage)?
+                }
+                None => {
+                    let least_recent = self
+                        .slots
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, place)| place.slot().map(|s| (s.used, i)))
+                        .min();
+                    match least_recent {
+                        Some((_, i)) => i,
+                        // Not reached: the cap is at least 1 and counts only free and taken
+                        // slots, and none is free.
+                        None => self.past_the_slots(storage)?,
+                    }
+                }
             },
         };
         let used = self.tick();
         let value = format!("{peer} {} {} {used}", at.cursor, at.log_id);
         storage.set_meta(&slot_key(index), &value).await?;
         if index == self.slots.len() {
-            self.slots.push(None);
+            self.slots.push(Place::Free);
         }
-        let previous = self.slots[index].replace(Slot { peer, at, used });
-        let evicted = previous.map(|slot| slot.peer).filter(|&p| p != peer);
+        let previous = std::mem::replace(
+            &mut self.slots[index],
+            Place::Taken(Slot { peer, at, used }),
+        );
+        let evicted = previous.slot().map(|slot| slot.peer).filter(|&p| p != peer);
         if let Some(evicted) = evicted {
             self.by_peer.remove(&evicted);
         }
         self.by_peer.insert(peer, index);
         Ok(evicted)
+    }
+
+    /// The first index past the slots whose record, if any, is not unreadable: those met on
+    /// the way are kept as unreadable (a lower cap's tidying leaves them, past a gap load does
+    /// not read across).
+    fn past_the_slots(&mut self, storage: &dyn Storage) -> Result<usize, StorageError> {
+        loop {
+            let index = self.slots.len();
+            match storage.meta(&slot_key(index))? {
+                Some(raw) if parse_slot(&raw).is_none() => {
+                    self.unreadable += 1;
+                    self.slots.push(Place::Unreadable);
+                }
+                _ => return Ok(index),
+            }
+        }
     }
 }
 
@@ -323,22 +387,53 @@ mod tests {
         assert_eq!(reloaded.stored(&PeerId::random()), None);
     }
 
-    /// An unreadable slot is free: the next new peer takes it.
+    /// An unreadable slot is left as it is, wherever it is: the peers take the others (as many
+    /// as the cap), a lower cap's tidying keeps one beyond it, and one past a gap the tidying
+    /// left is stepped over when the slots grow into it.
     #[tokio::test]
-    async fn an_unreadable_slot_is_free() {
+    async fn an_unreadable_slot_is_left_as_it_is() {
         let storage = ksync_core::InMemoryStorage::new();
+        let unreadable = |storage: &ksync_core::InMemoryStorage, index: usize| {
+            storage.meta(&slot_key(index)).expect("meta").as_deref() == Some("not a slot")
+        };
         storage
             .set_meta(&slot_key(0), "not a slot")
             .await
             .expect("meta");
+        let peers: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
         let mut cursors = PeerCursors::load(&storage, 2).await.expect("load");
         assert_eq!(cursors.len(), 0);
-        let peer = PeerId::random();
-        cursors.store(&storage, peer, at(3)).await.expect("store");
+        for peer in &peers[..3] {
+            cursors.store(&storage, *peer, at(3)).await.expect("store");
+        }
+        assert!(unreadable(&storage, 0));
+        assert_eq!(cursors.len(), 2, "the cap counts only slots of ours");
+        assert_eq!(stored_peer_cursor(&storage, &peers[0]).expect("read"), None);
         assert_eq!(
-            stored_peer_cursor(&storage, &peer).expect("read"),
+            stored_peer_cursor(&storage, &peers[2]).expect("read"),
             Some((3, 7))
         );
-        assert_eq!(slot_records(&storage), 1);
+        // Slots 0 (unreadable), 1, 2 (ours), 3 (unreadable, as a larger cap's newer version
+        // might leave): a cap of 1 removes slot 2, keeps 3.
+        storage
+            .set_meta(&slot_key(3), "not a slot")
+            .await
+            .expect("meta");
+        let cursors = PeerCursors::load(&storage, 1).await.expect("load");
+        assert_eq!(cursors.len(), 1);
+        assert!(unreadable(&storage, 0) && unreadable(&storage, 3));
+        assert_eq!(storage.meta(&slot_key(2)).expect("meta"), None);
+        // A cap of 3 again: slot 2 is taken, then slot 3 stepped over for slot 4.
+        let mut cursors = PeerCursors::load(&storage, 3).await.expect("load");
+        for peer in &peers[2..] {
+            cursors.store(&storage, *peer, at(4)).await.expect("store");
+        }
+        assert_eq!(cursors.len(), 3);
+        assert!(unreadable(&storage, 0) && unreadable(&storage, 3));
+        assert_eq!(
+            stored_peer_cursor(&storage, &peers[4]).expect("read"),
+            Some((4, 7))
+        );
+        assert!(storage.meta(&slot_key(4)).expect("meta").is_some());
     }
 }

@@ -431,11 +431,21 @@ async fn a_page_that_ends_past_its_log_or_before_its_entries_is_refused() {
 
 /// An honest peer that runs catch-up only on connecting, on a log file at `path`.
 async fn honest_on_file(dir: &std::path::Path, path: &std::path::Path) -> Arc<P2PSyncClient> {
+    honest_on_file_capped(dir, path, ksync_p2p::DEFAULT_MAX_PEER_CURSORS).await
+}
+
+/// [`honest_on_file`] keeping cursors for at most `max_peer_cursors` peers.
+async fn honest_on_file_capped(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    max_peer_cursors: usize,
+) -> Arc<P2PSyncClient> {
     let storage: Arc<dyn ksync_core::Storage> =
         Arc::new(ksync_storage_file::FileStorage::open(path).expect("open the log"));
     let replica = ksync_core::Replica::open(storage).await.expect("replica");
     let client = builder(dir, "a")
         .anti_entropy_interval(Duration::from_secs(3600))
+        .max_peer_cursors(max_peer_cursors)
         .replica(replica)
         .build()
         .expect("build");
@@ -695,19 +705,7 @@ async fn holder(name: &str, log_id: u64) -> Holder {
 async fn more_peers_than_the_cursor_cap_keep_cap_cursors_and_the_evicted_walks_from_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("a.log");
-    let start_a = || async {
-        let storage: Arc<dyn ksync_core::Storage> =
-            Arc::new(ksync_storage_file::FileStorage::open(&path).expect("open the log"));
-        let replica = ksync_core::Replica::open(storage).await.expect("replica");
-        let a = builder(dir.path(), "a")
-            .anti_entropy_interval(Duration::from_secs(3600))
-            .max_peer_cursors(2)
-            .replica(replica)
-            .build()
-            .expect("build");
-        a.start().await.expect("start");
-        Arc::new(a)
-    };
+    let start_a = || honest_on_file_capped(dir.path(), &path, 2);
     let holders = [
         holder("h0", 20).await,
         holder("h1", 21).await,
@@ -785,6 +783,60 @@ async fn more_peers_than_the_cursor_cap_keep_cap_cursors_and_the_evicted_walks_f
         "from its cursor"
     );
     assert_eq!(holders[2].fetches.load(Ordering::SeqCst), 1);
+}
+
+/// A cursor slot this version cannot read (here as a newer version might write one: with a
+/// field more) is left as it is, across restarts: not taken by a peer, not the one evicted,
+/// not tidied away by a lower cap. The cap counts only the records this version writes, so
+/// the peers met keep their cursors in the other slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_slot_this_version_cannot_read_is_left_as_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.log");
+    let newer = format!("{} 5 7 3 newer-field", PeerId::random());
+    {
+        let storage = ksync_storage_file::FileStorage::open(&path).expect("open the log");
+        ksync_core::Storage::set_meta(&storage, "p2p/cursor-slot/0", &newer)
+            .await
+            .expect("meta");
+    }
+    let holders = [holder("h0", 40).await, holder("h1", 41).await];
+    let peers: Vec<PeerId> = holders.iter().map(|h| peer_of(&h.liar.addr)).collect();
+    let slot_0 = |a: &P2PSyncClient| {
+        let replica = a.replica();
+        let kept = replica.storage().meta("p2p/cursor-slot/0").expect("meta");
+        assert_eq!(kept.as_deref(), Some(newer.as_str()), "the unreadable slot");
+    };
+    // One run per holder, with a cap of 2: both cursors are stored, beside the slot.
+    for (n, h) in holders.iter().enumerate() {
+        let a = honest_on_file_capped(dir.path(), &path, 2).await;
+        slot_0(&a);
+        a.connect_to_peer(&h.liar.addr.to_string())
+            .await
+            .expect("connect");
+        wait_until(10, "the holder's cursor is stored", || {
+            stored_cursor(&a, &peers[n]) == Some((1, 40 + n as u64))
+        })
+        .await;
+        slot_0(&a);
+        a.stop().await.expect("stop");
+    }
+    // A cap of 1: the cursor beyond it goes, the unreadable slot stays.
+    let a = honest_on_file_capped(dir.path(), &path, 1).await;
+    slot_0(&a);
+    assert_eq!(stored_cursor(&a, &peers[0]), Some((1, 40)));
+    assert_eq!(stored_cursor(&a, &peers[1]), None, "beyond the cap");
+    // Full: a new peer's cursor takes the least recently used peer's slot, not that one.
+    a.connect_to_peer(&holders[1].liar.addr.to_string())
+        .await
+        .expect("connect");
+    wait_until(10, "the second holder's cursor is stored again", || {
+        stored_cursor(&a, &peers[1]) == Some((1, 41))
+    })
+    .await;
+    assert_eq!(stored_cursor(&a, &peers[0]), None, "evicted");
+    slot_0(&a);
+    assert_eq!(a.replica().storage().len(), 2, "each holder's event once");
 }
 
 /// A cursor stored before the cursor slots (`cursor/p2p/<peer>` and its log id) is used,
