@@ -154,3 +154,113 @@ async fn a_join_waits_for_the_append_in_progress_not_for_the_queue() {
     drop(others);
     server.stop().await;
 }
+
+/// The next JSON message, however long it takes (skipping pings).
+async fn recv_json_slowly(ws: &mut Raw) -> serde_json::Value {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match ws.next().await.expect("open").expect("no error") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("json"),
+            Message::Close(frame) => panic!("closed: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// Publishers waiting for room in a full room queue (a stuck disk) hold their publish as JSON,
+/// not decoded: decoded, an array of small numbers is 16 times its JSON, and each waiting
+/// publisher held that outside `room_queue_bytes` (47 publishers of 900 KiB held 814 MiB
+/// beside a 1 MiB budget; measured here: over 17 MiB each). Once the disk goes on, each
+/// publish is decoded again from its JSON, stored and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_waiting_for_a_full_room_queue_hold_json_not_decoded_events() {
+    let permits = Arc::new(Semaphore::new(1));
+    let provider = Arc::new(SlowProvider {
+        logs: Mutex::default(),
+        permits: Arc::clone(&permits),
+        started: watch::Sender::new(0),
+    });
+    let mut started = provider.started.subscribe();
+    let server = start_with(
+        RelayConfig {
+            room_queue_bytes: 1 << 20,
+            ..RelayConfig::default()
+        },
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("mem"));
+    let publishers = 12usize;
+    let mut conns = Vec::new();
+    for _ in 0..=publishers {
+        conns.push(join(&url, hello()).await.0);
+    }
+    let first = &mut conns[0];
+    send_json(
+        first,
+        json!({"type":"publish","ref":0,"events":[event("warm", 0)]}),
+    )
+    .await;
+    assert_eq!(recv_json(first).await["type"], "ack");
+    // The disk hangs on the next append; the queue (1 MiB) fills with the first big publish.
+    send_json(
+        first,
+        json!({"type":"publish","ref":1,"events":[event("stuck", 1)]}),
+    )
+    .await;
+    started.wait_for(|n| *n >= 2).await.expect("appends");
+    let before = rss();
+    for (i, ws) in conns.iter_mut().enumerate().skip(1) {
+        let mut e = event(&format!("big{i}"), 1);
+        // ~900 KiB of JSON, ~14 MiB decoded.
+        e["data"] = json!(vec![0u8; 450_000]);
+        send_json(ws, json!({"type":"publish","ref":2,"events":[e]})).await;
+    }
+    // Time for the relay to read and decode every publish (nothing to await: the publishers
+    // only wait).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held = rss().saturating_sub(before);
+    // Under 8 MiB a publisher (JSON, the socket's buffer, allocator slack); decoded they
+    // hold over 17 MiB each.
+    assert!(
+        held < publishers as u64 * (8 << 20),
+        "{} MiB held for {publishers} waiting publishes of 900 KiB",
+        held >> 20
+    );
+    permits.add_permits(10_000);
+    assert_eq!(
+        recv_json(&mut conns[0]).await["results"][0]["status"],
+        "stored"
+    );
+    // Every connection reads at once (each also gets the others' events: a reader left
+    // waiting would be dropped at the write timeout).
+    let acks = futures_util::future::join_all(conns.iter_mut().skip(1).map(|ws| async move {
+        loop {
+            // Generous: each reader gets every other publisher's 900 KiB event first.
+            let message = tokio::time::timeout(Duration::from_secs(60), recv_json_slowly(ws))
+                .await
+                .expect("the ack within 60 s");
+            if message["type"] == "ack" {
+                break message;
+            }
+        }
+    }))
+    .await;
+    for ack in acks {
+        assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+    }
+    server.stop().await;
+}

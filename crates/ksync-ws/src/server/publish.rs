@@ -33,6 +33,13 @@ pub(super) fn incoming(json: &str, limits: &EventLimits) -> Result<Incoming, Str
     checked(event, json, limits)
 }
 
+/// [`incoming`] of JSON the caller owns (kept as the event's JSON, not copied).
+pub(super) fn incoming_owned(json: Box<str>, limits: &EventLimits) -> Result<Incoming, String> {
+    let event: Event = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    event.validate(limits).map_err(|e| e.to_string())?;
+    Ok(Incoming { event, json })
+}
+
 fn checked(event: Event, json: &str, limits: &EventLimits) -> Result<Incoming, String> {
     event.validate(limits).map_err(|e| e.to_string())?;
     Ok(Incoming {
