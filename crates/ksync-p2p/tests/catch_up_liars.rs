@@ -697,6 +697,18 @@ async fn holder(name: &str, log_id: u64) -> Holder {
     }
 }
 
+/// Connects `a` to `h` (of log `log_id`) and waits until the cursor past its event is stored.
+async fn walk_holder(a: &P2PSyncClient, h: &Holder, log_id: u64) {
+    a.connect_to_peer(&h.liar.addr.to_string())
+        .await
+        .expect("connect");
+    let peer = peer_of(&h.liar.addr);
+    wait_until(10, "the holder's cursor is stored", || {
+        stored_cursor(a, &peer) == Some((1, log_id))
+    })
+    .await;
+}
+
 /// More peers than `max_peer_cursors` (2 here) leave at most 2 cursor records, in the log
 /// file and after restarts: each new peer's cursor takes the least recently used peer's
 /// record. The evicted peer is walked from 0 at its next session, which fetches nothing we
@@ -724,13 +736,7 @@ async fn more_peers_than_the_cursor_cap_keep_cap_cursors_and_the_evicted_walks_f
     // One session per run of `a`, so the order of use is the order of the runs.
     for (n, h) in holders.iter().enumerate() {
         let a = start_a().await;
-        a.connect_to_peer(&h.liar.addr.to_string())
-            .await
-            .expect("connect");
-        wait_until(10, "the holder's cursor is stored", || {
-            stored_cursor(&a, &peers[n]) == Some((1, 20 + n as u64))
-        })
-        .await;
+        walk_holder(&a, h, 20 + n as u64).await;
         assert_eq!(h.fetches.load(Ordering::SeqCst), 1, "its event fetched");
         assert_eq!(slot_records(&a), (n + 1).min(2));
         a.stop().await.expect("stop");
@@ -750,13 +756,7 @@ async fn more_peers_than_the_cursor_cap_keep_cap_cursors_and_the_evicted_walks_f
     // The evicted peer again: walked from 0, nothing fetched twice, its cursor back (the
     // least recently used, h1's, goes).
     holders[0].afters.lock().expect("lock").clear();
-    a.connect_to_peer(&holders[0].liar.addr.to_string())
-        .await
-        .expect("connect");
-    wait_until(10, "the evicted holder's cursor is stored again", || {
-        stored_cursor(&a, &peers[0]) == Some((1, 20))
-    })
-    .await;
+    walk_holder(&a, &holders[0], 20).await;
     assert_eq!(holders[0].afters.lock().expect("lock")[0], 0, "from 0");
     assert_eq!(
         holders[0].fetches.load(Ordering::SeqCst),
@@ -811,13 +811,7 @@ async fn a_cursor_slot_this_version_cannot_read_is_left_as_it_is() {
     for (n, h) in holders.iter().enumerate() {
         let a = honest_on_file_capped(dir.path(), &path, 2).await;
         slot_0(&a);
-        a.connect_to_peer(&h.liar.addr.to_string())
-            .await
-            .expect("connect");
-        wait_until(10, "the holder's cursor is stored", || {
-            stored_cursor(&a, &peers[n]) == Some((1, 40 + n as u64))
-        })
-        .await;
+        walk_holder(&a, h, 40 + n as u64).await;
         slot_0(&a);
         a.stop().await.expect("stop");
     }
@@ -827,13 +821,7 @@ async fn a_cursor_slot_this_version_cannot_read_is_left_as_it_is() {
     assert_eq!(stored_cursor(&a, &peers[0]), Some((1, 40)));
     assert_eq!(stored_cursor(&a, &peers[1]), None, "beyond the cap");
     // Full: a new peer's cursor takes the least recently used peer's slot, not that one.
-    a.connect_to_peer(&holders[1].liar.addr.to_string())
-        .await
-        .expect("connect");
-    wait_until(10, "the second holder's cursor is stored again", || {
-        stored_cursor(&a, &peers[1]) == Some((1, 41))
-    })
-    .await;
+    walk_holder(&a, &holders[1], 41).await;
     assert_eq!(stored_cursor(&a, &peers[0]), None, "evicted");
     slot_0(&a);
     assert_eq!(a.replica().storage().len(), 2, "each holder's event once");

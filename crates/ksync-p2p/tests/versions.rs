@@ -60,6 +60,21 @@ fn newer(dht: bool) -> libp2p::Swarm<Newer> {
     })
 }
 
+/// Drives the newer peer until a connection of its closes (or its dial fails).
+async fn until_closed(newer: &mut libp2p::Swarm<Newer>) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let SwarmEvent::ConnectionClosed { .. }
+            | SwarmEvent::OutgoingConnectionError { .. } = newer.select_next_some().await
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the connection closes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_announcing_another_protocol_version_is_disconnected_and_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -69,19 +84,11 @@ async fn a_peer_announcing_another_protocol_version_is_disconnected_and_reported
     let addr = a.addresses()[0].clone();
     swarm.dial(addr).expect("dial");
     // Ours reads the identify, hangs up and reports it.
-    let mut closed = None;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while closed.is_none() && tokio::time::Instant::now() < deadline {
-        let ev = tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some())
-            .await
-            .expect("event");
-        if let SwarmEvent::ConnectionClosed { cause, .. } = ev {
-            closed = Some(format!("{cause:?}"));
-        }
-    }
-    assert!(closed.is_some(), "the connection was not closed");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(a.connected_peers().is_empty());
+    until_closed(&mut swarm).await;
+    wait_until(10, "ours lists it no longer", || {
+        a.connected_peers().is_empty()
+    })
+    .await;
     let reported = errors.lock().expect("lock").clone();
     assert!(
         reported
@@ -155,20 +162,6 @@ async fn a_refused_peer_is_turned_away_unreported_but_connect_to_peer_still_dial
     let id = *newer.local_peer_id();
     let newer_addr = listen_on_loopback(&mut newer).await.with(Protocol::P2p(id));
     let ours_addr = ours.addresses()[0].clone();
-    // Drives the newer peer until a connection of its closes.
-    async fn until_closed(newer: &mut libp2p::Swarm<Newer>) {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let SwarmEvent::ConnectionClosed { .. }
-                | SwarmEvent::OutgoingConnectionError { .. } = newer.select_next_some().await
-                {
-                    return;
-                }
-            }
-        })
-        .await
-        .expect("the connection closes");
-    }
     newer.dial(ours_addr.clone()).expect("dial");
     until_closed(&mut newer).await;
     wait_until(10, "the newer peer is reported", || {
