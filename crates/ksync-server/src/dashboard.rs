@@ -392,7 +392,14 @@ impl Feed {
                 () = &mut expired => {
                     return Ok((close::CREDENTIALS_EXPIRED, "credentials expired"));
                 }
-                _ = ticks.tick() => self.send_stats(tail).await?,
+                _ = ticks.tick() => {
+                    // The expiry timer runs on the monotonic clock, which a suspended host
+                    // does not advance: the wall clock decides, checked once a tick.
+                    if self.grant.expired_at(SystemTime::now()) {
+                        return Ok((close::CREDENTIALS_EXPIRED, "credentials expired"));
+                    }
+                    self.send_stats(tail).await?;
+                }
                 item = activity.recv() => match item {
                     Ok(RelayActivity::Connected(info)) => self.send_client("joined", &info).await?,
                     Ok(RelayActivity::Disconnected(info)) => self.send_client("left", &info).await?,

@@ -453,3 +453,71 @@ async fn the_monitor_counts_file_logs_without_opening_them() {
     assert_eq!(stats["eventsStored"], 3, "{stats}");
     running.shutdown().await.unwrap();
 }
+
+/// Keeps the runtime busy, so the paused clock never moves by itself, only by
+/// `tokio::time::advance`, while the wall clock goes on.
+fn hold_clock() -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    })
+}
+
+/// The wall clock passes a monitor's JWT expiry while the monotonic clock stands still (a
+/// suspended host, a step of the wall clock: the feed's timers run on the monotonic clock):
+/// the feed closes with 4401 by its next stats tick, not only once the timer set at the
+/// upgrade is due.
+#[tokio::test(start_paused = true)]
+async fn a_monitor_whose_token_the_wall_clock_expired_closes_by_the_next_stats_tick() {
+    use jsonwebtoken::{EncodingKey, Header, encode, get_current_timestamp};
+    use ksync_server::JwtKey;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
+    let _clock = hold_clock();
+    let auth = AuthConfig {
+        jwt_keys: vec![JwtKey::hs256(SECRET)],
+        leeway: Duration::ZERO,
+        ..AuthConfig::default()
+    };
+    let running = Server::bind(config(auth)).await.unwrap();
+    let addr = running.local_addr();
+    // 2 to 3 s of wall-clock time left: more than a stats tick (1 s) on the monotonic clock.
+    let exp = get_current_timestamp() + 3;
+    let token = encode(
+        &Header::default(),
+        &json!({"sub": "watcher", "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut request = format!("ws://{addr}{MONITOR_PATH}")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    send(&mut ws, json!({"type": "hello", "protocol": 1})).await;
+    assert_eq!(recv(&mut ws).await["type"], "welcome");
+    // Wall time only, past the expiry: the virtual clock stands still.
+    while get_current_timestamp() <= exp {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let waiting = std::time::Instant::now();
+    let code = loop {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "the feed went on after its token expired"
+        );
+        match futures_util::FutureExt::now_or_never(ws.next()) {
+            Some(Some(Ok(Message::Close(frame)))) => {
+                break frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+            }
+            Some(Some(Ok(_))) | None => tokio::task::yield_now().await,
+            Some(other) => panic!("ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, 4401);
+    running.shutdown().await.unwrap();
+}
