@@ -198,7 +198,7 @@ fn run(workdir: &Path, args: &[&str]) -> String {
 /// cursors: none is told its room was reset), resumes each cursor with exactly what follows
 /// it, and goes on numbering after the old events. The old `ksync clone`'s working directory
 /// works with this build's commands: its config is read, its cursors say what was pulled and
-/// pushed, and only the one event it never pushed is pushed.
+/// pushed, only the one event it never pushed is pushed, and the old merge is not redone.
 #[tokio::test]
 async fn the_new_build_serves_an_old_data_directory_and_works_in_an_old_working_directory() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -247,7 +247,10 @@ async fn the_new_build_serves_an_old_data_directory_and_works_in_an_old_working_
         .expect("connect");
     send(&mut ws, json!({"type": "hello", "protocol": 1})).await;
     assert_eq!(recv(&mut ws).await["type"], "welcome");
-    let new = json!({"id": "after-upgrade", "type": "note", "data": {"text": "new"}, "timestamp": 1_732_615_300_000u64, "version": 1});
+    let new = json!({
+        "id": "after-upgrade", "type": "note", "data": {"text": "new"},
+        "timestamp": 1_732_615_300_000u64, "version": 1
+    });
     send(
         &mut ws,
         json!({"type": "publish", "ref": 1, "events": [new]}),
@@ -266,8 +269,8 @@ async fn the_new_build_serves_an_old_data_directory_and_works_in_an_old_working_
     let status = run(&workdir, &["status"]);
     assert!(
         status.contains("On branch main")
-            && status.contains("4 local event(s); 1 to push; pulled up to version 2.")
-            && status.contains("Up to date with the server (version 2)."),
+            && status.contains("4 local event(s); 1 to push; pulled up to version 3.")
+            && status.contains("Up to date with the server (version 3)."),
         "{status}"
     );
     let log = run(&workdir, &["log"]);
@@ -276,8 +279,18 @@ async fn the_new_build_serves_an_old_data_directory_and_works_in_an_old_working_
     }
     let pushed = run(&workdir, &["push"]);
     assert!(
-        pushed.contains("Pushed 1 event(s) to main (server version 3)."),
+        pushed.contains("Pushed 1 event(s) to main (server version 4)."),
         "{pushed}"
+    );
+    // The old build merged `feature` into `main` (its merge cursor is in `main`'s log): a
+    // merge now reads only what `feature` got since, nothing.
+    let merged = run(&workdir, &["merge", "feature"]);
+    assert!(
+        merged.contains(
+            "Merged feature into main: 0 new event(s), 0 already present; \
+             main is at version 4."
+        ),
+        "{merged}"
     );
     run(&workdir, &["checkout", "feature"]);
     let pulled = run(&workdir, &["pull"]);
@@ -292,11 +305,11 @@ async fn the_new_build_serves_an_old_data_directory_and_works_in_an_old_working_
     let (main_id, main) = pull(&served.addr, "main").await;
     assert_eq!(main_id, expected["branches"]["main"]["logId"]);
     assert_eq!(
-        main[..2],
+        main[..3],
         events(&expected["branches"]["main"]["events"])[..]
     );
     assert_eq!(
-        main[2].data,
+        main[3].data,
         json!({"t": "local only, not pushed"}),
         "{main:?}"
     );
