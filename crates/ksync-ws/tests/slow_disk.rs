@@ -264,3 +264,91 @@ async fn publishers_waiting_for_a_full_room_queue_hold_json_not_decoded_events()
     }
     server.stop().await;
 }
+
+/// Heartbeats while a room waits on its disk longer than many ping intervals: a subscriber
+/// (the Rust client, pinging too) keeps answering and is not closed with 4009 because its
+/// room is busy, and neither is a publisher whose connection the full queue holds back (it
+/// reads nothing meanwhile; the pong that arrived counts). Both get on once the disk does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_stuck_on_its_disk_closes_no_live_client_for_missed_heartbeats() {
+    let permits = Arc::new(Semaphore::new(1));
+    let provider = Arc::new(SlowProvider {
+        logs: Mutex::default(),
+        permits: Arc::clone(&permits),
+        started: watch::Sender::new(0),
+    });
+    let mut started = provider.started.subscribe();
+    let server = start_with(
+        RelayConfig {
+            heartbeat: Duration::from_millis(100),
+            // Any publish takes it all: the second one queued holds its connection back.
+            room_queue_bytes: 1,
+            ..RelayConfig::default()
+        },
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("stuck"));
+    let subscriber = ksync_ws::WebSocketSyncClient::builder(url.clone())
+        .heartbeat(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_millis(500))
+        .reconnect(false)
+        .build()
+        .expect("client");
+    let rec = Recorder::attach(&subscriber);
+    ksync_core::SyncClient::connect(&subscriber)
+        .await
+        .expect("connect");
+    let (publisher, _) = join(&url, hello()).await;
+    let (mut sink, mut stream) = futures_util::StreamExt::split(publisher);
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let publish = |n: u64| {
+        Message::text(
+            json!({"type":"publish","ref":n,"events":[event(&format!("p{n}"), n)]}).to_string(),
+        )
+    };
+    sink.send(publish(0)).await.expect("send");
+    // Reads (and so answers pings) all along; ends at the ack of ref 3, or a close.
+    let reading = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        while let Some(message) = stream.next().await {
+            match message {
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("json");
+                    if v["type"] == "ack" && v["ref"] == 3 {
+                        return Ok(v);
+                    }
+                }
+                Ok(Message::Close(frame)) => return Err(format!("{frame:?}")),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("ended".into())
+    });
+    started.wait_for(|n| *n >= 1).await.expect("appends");
+    // Ref 0 took the one permit: the disk now hangs on ref 1 (in the queue), ref 2 waits for
+    // the queue with its connection, and ref 3 stays unread.
+    for n in 1..=3 {
+        sink.send(publish(n)).await.expect("send");
+    }
+    started.wait_for(|n| *n >= 2).await.expect("appends");
+    // Twenty ping intervals of the relay and the client, the disk stuck throughout.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!reading.is_finished(), "{:?}", reading.await);
+    assert!(subscriber.is_connected());
+    permits.add_permits(100);
+    let ack = reading.await.expect("reader").expect("the publisher's ack");
+    assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+    eventually("the subscriber gets all four", || {
+        rec.event_ids().len() == 4
+    })
+    .await;
+    let failures = rec.count(|n| matches!(n, ksync_core::Notification::Error(_)));
+    assert_eq!(failures, 0, "{:?}", rec.all());
+    assert!(subscriber.is_connected());
+    drop(sink);
+    server.stop().await;
+}
