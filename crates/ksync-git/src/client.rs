@@ -322,6 +322,7 @@ impl GitSyncClientBuilder {
                 attached_at: std::sync::atomic::AtomicU64::new(0),
                 op: tokio::sync::Mutex::new(()),
                 recording: tokio::sync::Mutex::new(None),
+                owed: Owed::default(),
                 auto_pull: Mutex::new(AutoPull {
                     task: None,
                     armed: !self.pull_interval.is_zero(),
@@ -425,6 +426,8 @@ struct Inner {
     // holder of the op lock awaits them before it reads or moves a cursor or the branch map,
     // so they cannot land after its writes (and undo them, or go to another branch).
     recording: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), SyncError>>>>,
+    /// Cursor writes a push could not make (see [`Owed`]).
+    owed: Owed,
     auto_pull: Mutex<AutoPull>,
     progress: RwLock<Option<ProgressFn>>,
 }
@@ -650,7 +653,8 @@ impl GitSyncClient {
         let replica = self.replica();
         let branch = self.current_branch();
         let segments = self.segments(&replica)?;
-        let mut after = replica.cursor(&self.cursor_key(&branch, "pushed"))?;
+        let owed = &self.inner.owed;
+        let mut after = owed.cursor(&replica, &self.cursor_key(&branch, "pushed"))?;
         let mut pending_events = 0;
         loop {
             let (page, page_end) = replica.pending_page(after, SCAN_PAGE)?;
@@ -665,7 +669,7 @@ impl GitSyncClient {
             }
         }
         Ok(LocalStatus {
-            pulled_version: replica.cursor(&self.cursor_key(&branch, "pulled"))?,
+            pulled_version: owed.cursor(&replica, &self.cursor_key(&branch, "pulled"))?,
             branch,
             pending_events,
             local_events: replica.storage().len(),
@@ -753,7 +757,7 @@ impl GitSyncClient {
     /// pushed stay with the branch they were written on. Does not check `name` out.
     pub async fn create_branch(&self, name: &str) -> Result<BranchInfo, SyncError> {
         let new = branch_name(name)?;
-        let _op = self.lock_op().await;
+        let _op = self.lock_op().await?;
         let replica = self.replica();
         let head = self.current_branch();
         let pulled_version = replica.cursor(&self.cursor_key(&head, "pulled"))?;
@@ -786,7 +790,7 @@ impl GitSyncClient {
     /// it, and events written from now on belong to it.
     pub async fn checkout(&self, branch: &str) -> Result<BranchInfo, SyncError> {
         let info = self.branch_info(branch).await?;
-        let _op = self.lock_op().await;
+        let _op = self.lock_op().await?;
         self.set_head(branch).await?;
         Ok(info)
     }
@@ -814,7 +818,7 @@ impl GitSyncClient {
     async fn merge_branches(&self, into: &str, from: &str) -> Result<MergeResult, SyncError> {
         let into_name = branch_name(into)?;
         branch_name(from)?;
-        let _op = self.lock_op().await;
+        let _op = self.lock_op().await?;
         let replica = self.replica();
         let url = format!("{}/merge", self.url());
         let keys = MergeKeys {
@@ -1110,7 +1114,7 @@ impl GitSyncClient {
         if let Some(branch) = branch {
             branch_name(branch)?;
         }
-        let _op = self.lock_op().await;
+        let _op = self.lock_op().await?;
         // Checked before anything changes: a clone that fails (a mistyped URL, a missing
         // branch) leaves the client on its repository and branch.
         let info: RepoInfo = self
@@ -1311,7 +1315,7 @@ impl GitSyncClient {
 
     async fn pull_branch(&self, replica: &Replica, branch: &str) -> Result<PullResult, SyncError> {
         let key = self.cursor_key(branch, "pulled");
-        let mut since = replica.cursor(&key)?;
+        let mut since = self.inner.owed.cursor(replica, &key)?;
         let start = since;
         let mut result = PullResult::default();
         let wants_events = self.inner.notifier.wants(NotificationKind::Event);
@@ -1322,18 +1326,8 @@ impl GitSyncClient {
         let mut ahead = Prefetch::default();
         ahead.push(since, self.fetch_page(branch, since, known.as_deref()));
         let mut step: Option<u64> = None;
-        // The cursor over the last ingested page, written while the next page arrives.
-        let mut unrecorded: Option<u64> = None;
         while let Some(fetching) = ahead.pop() {
-            let record = async {
-                match unrecorded.take() {
-                    Some(version) => replica.set_cursor(&key, version).await,
-                    None => Ok(()),
-                }
-            };
-            let (page, recorded) = tokio::join!(joined(fetching), record);
-            recorded?;
-            let page = page?;
+            let page = joined(fetching).await?;
             if page.since != since {
                 return Err(GitError::Protocol {
                     url: self.pull_url(branch, since, known.as_deref()),
@@ -1413,10 +1407,23 @@ impl GitSyncClient {
                 wants_events,
                 wants_sync,
             );
+            let end = since.saturating_add(count);
+            let stored_to = (count > 0).then(|| (replica.clone(), key.clone()));
             self.finish_recording().await?;
             self.start_recording(async move {
+                let mut ingested = ingesting.await;
+                // The page's cursor as soon as its events are stored, by the same task: a
+                // pull cut short meanwhile (or failing on a later page) resumes after this
+                // page instead of pulling it again. After the events: a crash in between
+                // re-pulls the page, which deduplicates. Not after a partial store: its
+                // conflicts are not all settled, and the next pull settles them.
+                if let (Ok(_), Some((replica, key))) = (&ingested, stored_to)
+                    && let Err(e) = replica.set_cursor(&key, end).await
+                {
+                    ingested = Err(e);
+                }
                 // Err: the pull was cut short; what was stored is reported already.
-                let _ = answer.send(ingesting.await);
+                let _ = answer.send(ingested);
                 Ok(())
             })
             .await;
@@ -1424,11 +1431,7 @@ impl GitSyncClient {
             let ingested = answered
                 .await
                 .map_err(|_| SyncError::Protocol("storing a pulled page stopped".into()))??;
-            since = since.saturating_add(count);
-            // After the events: a crash in between re-pulls the page, which deduplicates.
-            if count > 0 {
-                unrecorded = Some(since);
-            }
+            since = end;
             if result.new_events.is_empty() {
                 // Room for the whole pull at once rather than regrowing page after page;
                 // bounded, as a pull may bring mostly events this replica already holds.
@@ -1446,9 +1449,6 @@ impl GitSyncClient {
                 since - start,
                 result.server_version.saturating_sub(start),
             );
-        }
-        if let Some(version) = unrecorded {
-            replica.set_cursor(&key, version).await?;
         }
         Ok(result)
     }
@@ -1548,14 +1548,15 @@ impl GitSyncClient {
     }
 
     /// Takes the op lock, once the cursor writes of a push cancelled meanwhile are done (see
-    /// `Inner::recording`).
-    async fn lock_op(&self) -> tokio::sync::MutexGuard<'_, ()> {
+    /// `Inner::recording`) and the cursor writes a push could not make are made (see
+    /// [`Owed`]): while the storage refuses those, nothing goes on that reads a cursor.
+    async fn lock_op(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, SyncError> {
         let op = self.inner.op.lock().await;
         if let Err(e) = self.finish_recording().await {
-            // The cursor stayed: the next push sends that batch again (duplicates).
-            tracing::debug!(error = %e, "git: a cancelled push's cursor write failed");
+            tracing::debug!(error = %e, "git: a cancelled pull's or push's cursor write failed");
         }
-        op
+        self.inner.owed.settle(&self.replica()).await?;
+        Ok(op)
     }
 
     /// Awaits the push cursor writes in progress, if any. Cancelled, it leaves them in place
@@ -1595,12 +1596,13 @@ impl GitSyncClient {
         let pulled_key = self.cursor_key(branch, "pulled");
         let segments = self.segments(replica)?;
         let url = format!("{}/branches/{branch}/events", self.url());
-        let mut scanned = replica.cursor(&key)?;
+        let owed = &self.inner.owed;
+        let mut scanned = owed.cursor(replica, &key)?;
         let total = replica.storage().len().saturating_sub(scanned);
         let mut result = PushResult::default();
         let mut answered = false;
         // The pull cursor as this push moves it (it holds the op lock: nobody else does).
-        let mut pulled = replica.cursor(&pulled_key)?;
+        let mut pulled = owed.cursor(replica, &pulled_key)?;
         let mut known = self.known_log(replica, branch)?;
         // At most one batch in flight while the next one is read and encoded. Batches are sent
         // one after the other, so the server applies them in log order.
@@ -1675,22 +1677,34 @@ impl GitSyncClient {
             if let Some((acknowledged, synced)) = acknowledged {
                 self.finish_recording().await?;
                 self.start_recording(record(
-                    replica.clone(),
+                    Recorder {
+                        replica: replica.clone(),
+                        owed: owed.clone(),
+                        notifier: self.inner.notifier.clone(),
+                    },
                     key.clone(),
                     pulled_key.clone(),
                     acknowledged,
-                    synced.map(|events| (self.inner.notifier.clone(), events)),
+                    synced,
                 ))
                 .await;
             }
             if in_flight.is_none() {
                 self.finish_recording().await?;
-                if scanned > replica.cursor(&key)? {
+                if scanned > owed.cursor(replica, &key)? {
                     // On its task too: a push cancelled here must not leave a write that
                     // lands after someone else's.
-                    let (replica, key) = (replica.clone(), key.clone());
-                    self.start_recording(async move { replica.set_cursor(&key, scanned).await })
-                        .await;
+                    let recorder = Recorder {
+                        replica: replica.clone(),
+                        owed: owed.clone(),
+                        notifier: self.inner.notifier.clone(),
+                    };
+                    let key = key.clone();
+                    self.start_recording(async move {
+                        recorder.write(&key, scanned).await;
+                        Ok(())
+                    })
+                    .await;
                     self.finish_recording().await?;
                 }
                 break;
@@ -1914,26 +1928,97 @@ struct PendingBatch {
 /// both are written at once (a durable storage can sync them together). Then the batch's
 /// `sync` (`synced`), if anyone listens.
 async fn record(
-    replica: Replica,
+    recorder: Recorder,
     key: String,
     pulled_key: String,
     acknowledged: Acknowledged,
-    synced: Option<(Notifier, Vec<Event>)>,
+    synced: Option<Vec<Event>>,
 ) -> Result<(), SyncError> {
     let fast_forward = async {
-        match acknowledged.fast_forward_to {
-            Some(version) => replica.set_cursor(&pulled_key, version).await,
-            None => Ok(()),
+        if let Some(version) = acknowledged.fast_forward_to {
+            recorder.write(&pulled_key, version).await;
         }
     };
-    tokio::try_join!(replica.set_cursor(&key, acknowledged.end), fast_forward)?;
-    // The batch's `sync` only now: with the cursor not recorded the push fails, and the
-    // next one sends the batch again (duplicates on the server) and reports it then; told
-    // before, the application heard of the same events twice.
-    if let Some((notifier, events)) = synced {
-        notifier.emit(Notification::Sync(events));
+    tokio::join!(recorder.write(&key, acknowledged.end), fast_forward);
+    // The batch's `sync` once its cursors are written, or owed (a failed write is retried
+    // before this client sends anything again): either way the batch is not sent, nor
+    // reported, again by this process.
+    if let Some(events) = synced {
+        recorder.notifier.emit(Notification::Sync(events));
     }
     Ok(())
+}
+
+/// Writes the cursors of what the service took (see [`record`]).
+struct Recorder {
+    replica: Replica,
+    owed: Owed,
+    notifier: Notifier,
+}
+
+impl Recorder {
+    /// Writes `key`; a failure is reported (an `error` notification) and the value stays
+    /// owed: the push that got this far succeeds all the same.
+    async fn write(&self, key: &str, value: u64) {
+        if let Err(e) = self.owed.write(&self.replica, key, value).await {
+            tracing::warn!(error = %e, "git: a push cursor was not recorded");
+            self.notifier.emit(Notification::Error(Arc::new(e)));
+        }
+    }
+}
+
+/// Cursor writes that failed after the service had taken what they record (a push batch's
+/// push cursor and fast-forwarded pull cursor, how far a push reached): the values, by key.
+/// The push that met the failure succeeds (the service holds its events), and the next
+/// holder of the op lock writes them first (`lock_op`), so that nothing is sent or reported
+/// again meanwhile. One entry per cursor key, the highest value owed: bounded by the keys
+/// this client writes (three per branch).
+#[derive(Clone, Default)]
+struct Owed(Arc<Mutex<std::collections::BTreeMap<String, u64>>>);
+
+impl Owed {
+    /// `key` as stored, or as owed when that is further.
+    fn cursor(&self, replica: &Replica, key: &str) -> Result<u64, SyncError> {
+        let stored = replica.cursor(key)?;
+        Ok(lock(&self.0)
+            .get(key)
+            .map_or(stored, |&owed| owed.max(stored)))
+    }
+
+    /// Writes `key`; a failure leaves `value` owed ([`GitError::CursorNotRecorded`]).
+    async fn write(&self, replica: &Replica, key: &str, value: u64) -> Result<(), SyncError> {
+        match replica.set_cursor(key, value).await {
+            Ok(()) => {
+                let mut owed = lock(&self.0);
+                if owed.get(key).is_some_and(|&owed| owed <= value) {
+                    owed.remove(key);
+                }
+                Ok(())
+            }
+            Err(source) => {
+                let mut owed = lock(&self.0);
+                let slot = owed.entry(key.to_owned()).or_insert(value);
+                *slot = (*slot).max(value);
+                Err(GitError::CursorNotRecorded {
+                    cursor: key.to_owned(),
+                    source: Box::new(source),
+                }
+                .into_sync())
+            }
+        }
+    }
+
+    /// Writes every owed cursor; the first failure is returned (they stay owed).
+    async fn settle(&self, replica: &Replica) -> Result<(), SyncError> {
+        let owed: Vec<(String, u64)> = lock(&self.0)
+            .iter()
+            .map(|(key, value)| (key.clone(), *value))
+            .collect();
+        for (key, value) in owed {
+            self.write(replica, &key, value).await?;
+        }
+        Ok(())
+    }
 }
 
 /// What an acknowledged push batch moves the cursors to.
@@ -2361,7 +2446,7 @@ impl SyncClient for GitSyncClient {
         Box::pin(async move {
             let checked = async {
                 self.creating_repo(|| self.repo_info()).await?;
-                let _op = self.lock_op().await;
+                let _op = self.lock_op().await?;
                 let replica = self.replica();
                 self.ensure_head(&replica).await
             };
@@ -2412,7 +2497,7 @@ impl SyncClient for GitSyncClient {
             // back so the next push looks again (what goes twice, the server drops as
             // duplicates). Under the op lock, so a push in progress cannot undo it (nor the
             // cursor writes of a cancelled one: `lock_op` awaits them first).
-            let _op = self.lock_op().await;
+            let _op = self.lock_op().await?;
             let segments = self.segments(&replica)?;
             if let Some(branch) = segments.branch_of(seq) {
                 let key = self.cursor_key(branch, "pushed");
@@ -2455,7 +2540,7 @@ impl PullPushClient for GitSyncClient {
     fn pull(&self) -> BoxFuture<'_, Result<PullResult, SyncError>> {
         Box::pin(self.run(async move {
             self.start_auto_pull_once();
-            let _op = self.lock_op().await;
+            let _op = self.lock_op().await?;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;
             let pulled = self
@@ -2471,7 +2556,7 @@ impl PullPushClient for GitSyncClient {
     fn push(&self) -> BoxFuture<'_, Result<PushResult, SyncError>> {
         Box::pin(self.run(async move {
             self.start_auto_pull_once();
-            let _op = self.lock_op().await;
+            let _op = self.lock_op().await?;
             let replica = self.replica();
             let head = self.ensure_head(&replica).await?;
             let pushed = self
@@ -2480,8 +2565,15 @@ impl PullPushClient for GitSyncClient {
             if !pushed.pushed_events.is_empty() {
                 // Where this client's own events reach on the server (see `create_branch`).
                 let acked = self.cursor_key(&head, "acked");
-                if replica.cursor(&acked)? < pushed.server_version {
-                    replica.set_cursor(&acked, pushed.server_version).await?;
+                let owed = &self.inner.owed;
+                if owed.cursor(&replica, &acked)? < pushed.server_version {
+                    Recorder {
+                        replica: replica.clone(),
+                        owed: owed.clone(),
+                        notifier: self.inner.notifier.clone(),
+                    }
+                    .write(&acked, pushed.server_version)
+                    .await;
                 }
             }
             self.inner.http.meter.events(pushed.pushed_events.len());

@@ -102,6 +102,23 @@ pub enum GitError {
         /// [`MERGE_MAX_CONFLICTS`](crate::MERGE_MAX_CONFLICTS).
         limit: usize,
     },
+    /// The service took a push batch, but recording here how far the push got (a cursor in
+    /// the local storage) failed. The push itself succeeds: its events are on the service,
+    /// reported in its result and their `sync` notified, once. This comes as an `error`
+    /// notification, and the write is tried again before the next pull, push, merge or
+    /// branch operation of this client, which fails with it while the storage still refuses
+    /// (nothing is sent again meanwhile). A restart before it is written sends those events
+    /// again (the service keeps them once).
+    #[error(
+        "the service stored the pushed events, but recording cursor {cursor:?} here failed (tried again before the next operation): {source}"
+    )]
+    CursorNotRecorded {
+        /// The cursor (its metadata key).
+        cursor: String,
+        /// The local storage's error.
+        #[source]
+        source: Box<SyncError>,
+    },
 }
 
 impl GitError {

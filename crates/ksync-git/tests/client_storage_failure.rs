@@ -160,8 +160,9 @@ async fn pull_held_at_the_resolution(server: &Server) -> HeldPull {
 }
 
 /// An auto-sync pull stops (`disconnect`) while it waits for the storage to write the
-/// revision settling a conflict, after the page's new event `y` was stored. `y` is reported
-/// all the same: the next pull finds it a duplicate and reports it no more.
+/// revision settling a conflict, after the page's new event `y` was stored. The page is
+/// stored and settled all the same, `y` reported, and the page's cursor recorded: the next
+/// pull does not bring it again (it found `y` a duplicate and reported it no more).
 #[tokio::test]
 async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
     let server = theirs_on_main().await;
@@ -173,7 +174,17 @@ async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
     storage.open.notify_one();
 
     let pulled = ksync.client().pull().await.expect("the next pull");
-    assert_eq!(pulled.conflicts.len(), 1);
+    assert!(
+        pulled.conflicts.is_empty() && pulled.new_events.is_empty(),
+        "pulled again: {pulled:?}"
+    );
+    let x = ksync
+        .replica()
+        .storage()
+        .latest("x")
+        .expect("read")
+        .expect("x");
+    assert_eq!(x.event.version, 2, "settled by the pull cut short");
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while events.ids().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -225,11 +236,13 @@ impl Storage for FailsPushedCursor {
     }
 }
 
-/// A push whose batch the server took but whose cursor cannot be recorded fails, without a
-/// `sync`: the next push sends the batch again (duplicates on the server) and reports it
-/// then. The `sync` came before the cursor, so the application heard of the batch twice.
+/// A push whose batch the server took but whose cursor cannot be recorded (a full disk)
+/// succeeds: the service holds the batch, which it reports (result and `sync`) once, with an
+/// error notification that says so. The write is owed, and made before the next push, which
+/// sends nothing again. The push failed, and the next one sent the batch again (the service
+/// found it duplicates) and reported it a second time.
 #[tokio::test]
-async fn a_push_whose_cursor_cannot_be_recorded_reports_its_batch_once() {
+async fn a_push_whose_cursor_cannot_be_recorded_succeeds_and_reports_its_batch_once() {
     let server = start(&["r"]).await;
     let storage = Arc::new(FailsPushedCursor {
         log: InMemoryStorage::new(),
@@ -239,20 +252,40 @@ async fn a_push_whose_cursor_cannot_be_recorded_reports_its_batch_once() {
         .await
         .expect("ksync");
     let synced = ksync_testkit::SyncRecorder::new(ksync.client().notifier());
+    let errors = ksync_testkit::ErrorRecorder::new(ksync.client().notifier());
     let event = ksync.emit("t", json!(1)).await.expect("emit");
-    let err = ksync
+    let pushed = ksync
         .client()
         .push()
         .await
-        .expect_err("the cursor was not recorded");
-    assert!(matches!(err, ksync_core::SyncError::Storage(_)), "{err}");
-    assert!(
-        synced.ids().is_empty(),
-        "no sync before the cursor is recorded"
-    );
-    let pushed = ksync.client().push().await.expect("the next push");
+        .expect("the service took the batch");
     assert_eq!(pushed.pushed_events, std::slice::from_ref(&event));
-    assert_eq!(synced.ids(), [event.id], "synced once");
+    assert_eq!(pushed.server_version, 1);
+    assert_eq!(synced.ids(), std::slice::from_ref(&event.id), "synced once");
+    let errors = errors.messages();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("the service stored the pushed events")
+            && errors[0].contains("storage IO failed"),
+        "{errors:?}"
+    );
+
+    let again = ksync.client().push().await.expect("the next push");
+    assert!(again.pushed_events.is_empty(), "sent again: {again:?}");
+    assert_eq!(synced.ids(), std::slice::from_ref(&event.id), "still synced once");
+    assert_eq!(branch_events(&server, "r", "main"), [event]);
+    // Written by then: a client starting over this storage has nothing to push.
+    let restarted = ksync_testkit::ksync_over(storage, common::client(&server.repo_url("r")))
+        .await
+        .expect("ksync");
+    assert_eq!(
+        restarted
+            .client()
+            .local_status()
+            .expect("status")
+            .pending_events,
+        0
+    );
 }
 
 /// A pull cut short while the storage settles a conflict (as above), then a checkout of
@@ -302,5 +335,119 @@ async fn a_checkout_after_a_pull_cut_short_waits_for_what_it_stores() {
     assert!(
         !on_b.contains(&("x".to_owned(), 2)),
         "main's resolution was pushed to b: {on_b:?}"
+    );
+}
+
+/// The `since` of every pull request a [`paged_service`] got.
+type Pulled = Arc<std::sync::Mutex<Vec<u64>>>;
+
+/// An in-memory service with repository `r` whose pages hold two events, holding `e0` to
+/// `e5` on `main`, recording the `since` of every pull; and its URL.
+async fn paged_service(pulled: Pulled) -> (tokio::task::JoinHandle<()>, String) {
+    use axum::extract::Request;
+    use axum::middleware::Next;
+
+    let config = ksync_git::server::GitServerConfig {
+        max_page: 2,
+        ..Default::default()
+    };
+    let service = ksync_git::server::GitServer::with_config(
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        Arc::new(common::TestAuth),
+        config,
+    );
+    service
+        .create_repo(&ksync_core::Name::new("r").expect("name"))
+        .await
+        .expect("repo");
+    let record = move |req: Request, next: Next| {
+        let pulled = Arc::clone(&pulled);
+        async move {
+            if req.method() == axum::http::Method::GET && req.uri().path().ends_with("/events") {
+                let since = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("since=")))
+                    .and_then(|s| s.parse::<u64>().ok());
+                pulled.lock().expect("lock").extend(since);
+            }
+            next.run(req).await
+        }
+    };
+    let app = service.router().layer(axum::middleware::from_fn(record));
+    let (addr, task) = common::serve_router(app).await;
+    let url = format!("http://{addr}/git/r");
+    let writer = common::client(&url);
+    for n in 0..6 {
+        writer
+            .send(Event::new(format!("e{n}"), "t", json!(n), 1))
+            .await
+            .expect("send");
+    }
+    writer.push().await.expect("push");
+    (task, url)
+}
+
+/// A storage whose first append holding `e2` waits until `open` is notified.
+struct GateE2 {
+    log: InMemoryStorage,
+    reached: tokio::sync::Notify,
+    open: tokio::sync::Notify,
+    passed: AtomicBool,
+}
+
+impl Storage for GateE2 {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        Box::pin(async move {
+            if events.iter().any(|e| e.id == "e2") && !self.passed.swap(true, Ordering::SeqCst) {
+                self.reached.notify_one();
+                self.open.notified().await;
+            }
+            self.log.append(events).await
+        })
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.remove_meta(key)
+    }
+    ksync_testkit::storage_pass_through!(log);
+}
+
+/// A pull cut short (a caller's timeout, `disconnect` stopping auto-sync) while it stores its
+/// second page: the page is stored all the same, and its cursor with it, so the next pull asks
+/// for the third page only. The cursor was written by the pull itself, after the storing, so
+/// the next pull asked for the second page again.
+#[tokio::test]
+async fn a_pull_cut_short_while_storing_a_page_resumes_after_it() {
+    let pulled = Pulled::default();
+    let (_service, url) = paged_service(Arc::clone(&pulled)).await;
+    let storage = Arc::new(GateE2 {
+        log: InMemoryStorage::new(),
+        reached: tokio::sync::Notify::new(),
+        open: tokio::sync::Notify::new(),
+        passed: AtomicBool::new(false),
+    });
+    let ksync = ksync_testkit::ksync_over(storage.clone(), common::client(&url))
+        .await
+        .expect("ksync");
+    let synced = ksync_testkit::SyncRecorder::new(ksync.client().notifier());
+    let client = Arc::clone(ksync.client());
+    let pull = tokio::spawn(async move { client.pull().await });
+    storage.reached.notified().await;
+    pull.abort();
+    assert!(pull.await.is_err_and(|e| e.is_cancelled()), "cut short");
+    storage.open.notify_one();
+    pulled.lock().expect("lock").clear();
+
+    let again = ksync.client().pull().await.expect("the next pull");
+    assert_eq!(*pulled.lock().expect("lock"), [4], "asked for");
+    let ids: Vec<&str> = again.new_events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["e4", "e5"]);
+    assert_eq!(
+        synced.batches(),
+        [["e0", "e1"], ["e2", "e3"], ["e4", "e5"]],
+        "each page synced once"
     );
 }
