@@ -1,9 +1,10 @@
 //! The client's documented schedules on tokio's paused clock, against real loopback sockets:
 //! the reconnect backoff (doubling from `min`, capped at `max`, each delay between half and
 //! all of it; the count starting again only after a connection that stayed up for `max`), the
-//! heartbeat finding a silent server within `heartbeat + heartbeat_timeout`, and a batch going
-//! out by `batch_interval`. The clock is virtual, so the bounds are exact up to `SLACK` (what
-//! the runtime's waits on the sockets may add, see `fine_clock`), not timing guesses.
+//! heartbeat finding a silent server within `heartbeat + heartbeat_timeout`, a batch going
+//! out by `batch_interval`, and `connect_timeout` ending a connect that gets no `welcome`.
+//! The clock is virtual, so the bounds are exact up to `SLACK` (what the runtime's waits on
+//! the sockets may add, see `fine_clock`), not timing guesses.
 
 mod common;
 
@@ -270,4 +271,39 @@ async fn a_batch_goes_out_by_batch_interval_or_once_batch_size_wait() {
         );
     }
     server.stop().await;
+}
+
+/// `connect_timeout` bounds TCP connect + upgrade + `welcome`: a server that takes the
+/// connection and never answers the upgrade fails `connect()` with `ConnectTimeout` then.
+#[tokio::test(start_paused = true)]
+async fn connect_fails_at_connect_timeout_on_a_server_that_never_answers() {
+    let _clock = fine_clock();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (socket, _) = listener.accept().await.expect("accept");
+            held.push(socket);
+        }
+    });
+    let timeout = Duration::from_secs(10);
+    let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws/r"))
+        .reconnect(false)
+        .connect_timeout(timeout)
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let error = client.connect().await.expect_err("no welcome ever");
+    let took = started.elapsed();
+    assert!(
+        matches!(WsError::find(&error), Some(WsError::ConnectTimeout(_))),
+        "{error}"
+    );
+    assert!(
+        took >= timeout && took <= timeout + SLACK,
+        "gave up after {took:?}"
+    );
 }
