@@ -414,12 +414,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The exit code of a `ksync serve` error that has its own: 130 (as a shell reports a process
-/// ended by SIGINT) when a second SIGINT/SIGTERM cut the drain short.
+/// ended by SIGINT) when a second SIGINT/SIGTERM cut the drain short, 1 when the flush at
+/// shutdown timed out (a hung disk). The caller then exits without waiting for the runtime's
+/// blocking tasks: a log being opened on a hung disk would hold the exit up for good.
 pub fn exit_code(error: &anyhow::Error) -> Option<u8> {
-    error
-        .chain()
-        .any(|cause| matches!(cause.downcast_ref(), Some(ServerError::Interrupted)))
-        .then_some(130)
+    error.chain().find_map(|cause| match cause.downcast_ref() {
+        Some(ServerError::Interrupted) => Some(130),
+        Some(ServerError::FlushTimedOut { .. }) => Some(1),
+        _ => None,
+    })
 }
 
 /// `auth off`, or `auth on` and which credentials (counts only: never a name or a secret).
@@ -440,4 +443,23 @@ fn auth_summary(auth: &AuthConfig) -> String {
     .flatten()
     .collect();
     format!("auth on ({})", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stop whose flush timed out (a hung disk) exits 1 by the path that does not wait for
+    /// the runtime's blocking tasks (a log being opened on that disk can hold one for good).
+    #[test]
+    fn a_flush_that_timed_out_at_shutdown_exits_1_without_waiting() {
+        let error = anyhow::Error::from(ServerError::FlushTimedOut {
+            timeout: Duration::from_secs(1),
+        });
+        assert_eq!(exit_code(&error), Some(1));
+        assert_eq!(
+            exit_code(&anyhow::Error::from(ServerError::Interrupted)),
+            Some(130)
+        );
+    }
 }
