@@ -474,15 +474,42 @@ impl RoomLink {
                 .map_err(|_| RoomClosed)?;
             publish.redecode();
             publish.queue_permit = Some(permit);
-            shared.queued.fetch_add(1, Ordering::AcqRel);
+            // Counted before the send (no publish may commit in place ahead of it), taken
+            // back if the send fails or this future is dropped while it waits for room.
+            let count = QueuedCount::new(&shared.queued);
             if self.tx.send(RoomCommand::Publish(publish)).await.is_err() {
-                shared.queued.fetch_sub(1, Ordering::AcqRel);
                 return Err(RoomClosed);
             }
+            count.sent();
         }
         // Empty: back to the caller with its capacity.
         *publishes = waiting.into();
         Ok(())
+    }
+}
+
+/// A publish counted in `RoomShared::queued` on its way into the queue: dropped before
+/// [`sent`](Self::sent), it takes the count back. Left up (the connection's task dropped while
+/// its publish waited for a full queue), the room would never be idle, so never close.
+struct QueuedCount<'a>(Option<&'a AtomicUsize>);
+
+impl<'a> QueuedCount<'a> {
+    fn new(queued: &'a AtomicUsize) -> Self {
+        queued.fetch_add(1, Ordering::AcqRel);
+        Self(Some(queued))
+    }
+
+    /// In the queue: the room's task takes the count back once it is committed.
+    fn sent(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for QueuedCount<'_> {
+    fn drop(&mut self) {
+        if let Some(queued) = self.0 {
+            queued.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -1040,6 +1067,94 @@ fn fan_out(
 mod tests {
     use super::*;
     use crate::protocol::{Ack, EventsBatch};
+    use ksync_core::{BoxFuture, InMemoryStorage, MergeOutcome};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    /// A log whose appends wait for a permit each (a disk the test lets finish).
+    struct GatedAppends {
+        log: InMemoryStorage,
+        permits: Arc<Semaphore>,
+    }
+
+    impl Storage for GatedAppends {
+        fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+            Box::pin(async move {
+                if let Ok(permit) = self.permits.acquire().await {
+                    permit.forget();
+                }
+                self.log.append(events).await
+            })
+        }
+        fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+            self.log.read_since(after, limit)
+        }
+        ksync_testkit::storage_pass_through!(log);
+    }
+
+    fn publish_of(n: u64) -> Vec<PublishCommand> {
+        let json = format!(r#"{{"id":"e{n}","type":"t","data":1,"timestamp":1,"version":1}}"#);
+        let item = super::super::publish::incoming(&json, &ksync_core::EventLimits::default());
+        vec![PublishCommand::new(1, n, vec![item], json.len())]
+    }
+
+    /// A publish dropped while it waits for room in a full room queue (its connection's task
+    /// gone mid-await) takes back its count of queued publishes: left counted, the room, once
+    /// its queue is empty and nobody subscribes, never closed idle (and no later publish
+    /// committed in place).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_dropped_while_waiting_for_the_queue_lets_the_room_close_idle() {
+        let permits = Arc::new(Semaphore::new(0));
+        let storage = Arc::new(GatedAppends {
+            log: InMemoryStorage::default(),
+            permits: Arc::clone(&permits),
+        });
+        let slot = Arc::new(Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .expect("slot");
+        let config = RelayConfig {
+            room_queue: 1,
+            max_batch_events: 1,
+            ..RelayConfig::default()
+        };
+        let (link, task) = Room::open(
+            Name::new("gated").expect("name"),
+            storage,
+            slot,
+            Arc::new(ksync_core::InMemoryProvider::new()),
+            &config,
+            broadcast::channel(16).0,
+        );
+        let task = tokio::spawn(task);
+        // The first commits in place and waits for the disk, holding the room.
+        let mut held = publish_of(0);
+        let mut first = Box::pin(link.publish(&mut held));
+        assert!(
+            futures_util::FutureExt::now_or_never(&mut first).is_none(),
+            "the first append waits for the disk"
+        );
+        // The next ones queue until the queue is full: the one that then waits is dropped.
+        let mut dropped = false;
+        for n in 1..16 {
+            let mut publish = publish_of(n);
+            if tokio::time::timeout(Duration::from_millis(100), link.publish(&mut publish))
+                .await
+                .is_err()
+            {
+                dropped = true;
+                break;
+            }
+        }
+        assert!(dropped, "no publish waited for the queue");
+        permits.add_permits(64);
+        assert!(first.await.is_ok(), "the first publish is committed");
+        // `link` stays, as the relay's map of rooms keeps it: the room closes by itself.
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the room closes idle")
+            .expect("room task");
+    }
 
     #[test]
     fn a_hand_written_ack_is_the_serde_ack() {
