@@ -149,6 +149,13 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_branches_per_repo: usize,
 
+    /// Most repository pushes of one client (an API key, a JWT's `sub`, or without auth an
+    /// IP address) handled at once; more get 429 `too_many_pushes` (retried after 1 s).
+    #[arg(long, env = "KSYNC_MAX_PUSHES_PER_CLIENT", value_name = "N",
+        default_value_t = Limits::default().max_pushes_per_client,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_pushes_per_client: usize,
+
     /// Longest wait, in seconds, for the next piece of a request body before 408.
     #[arg(long, env = "KSYNC_REQUEST_BODY_TIMEOUT_SECS", value_name = "SECS", default_value_t = 30,
         allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
@@ -357,6 +364,7 @@ impl ServeArgs {
                 max_http_connections: self.max_http_connections,
                 git_body_memory_bytes: self.git_body_memory_bytes,
                 max_branches_per_repo: self.max_branches_per_repo,
+                max_pushes_per_client: self.max_pushes_per_client,
             },
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),

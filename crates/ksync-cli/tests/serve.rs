@@ -437,7 +437,7 @@ fn usage_error(command: Command) -> String {
 /// internal field (`max_message_size`) for 0.
 #[test]
 fn bad_limit_values_are_usage_errors_naming_the_flag() {
-    let cases: [(&str, &str, &[&str], &str); 14] = [
+    let cases: [(&str, &str, &[&str], &str); 15] = [
         (
             "--max-message-bytes",
             "KSYNC_MAX_MESSAGE_BYTES",
@@ -454,6 +454,12 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
         (
             "--max-connections-per-client",
             "KSYNC_MAX_CONNECTIONS_PER_CLIENT",
+            &["0", "-1"],
+            "at least 1",
+        ),
+        (
+            "--max-pushes-per-client",
+            "KSYNC_MAX_PUSHES_PER_CLIENT",
             &["0", "-1"],
             "at least 1",
         ),

@@ -105,6 +105,10 @@ pub struct Limits {
     /// Most branches one repository may have, `main` included (1,000; see
     /// `ksync_git::server::GitServerConfig::max_branches_per_repo`): past it, 409.
     pub max_branches_per_repo: usize,
+    /// Most pushes of one client handled at once (64; see `ksync_git::server::
+    /// GitServerConfig::max_pushes_per_client`): a client as for
+    /// `max_connections_per_client`. More get 429 `too_many_pushes` with `Retry-After: 1`.
+    pub max_pushes_per_client: usize,
 }
 
 impl Limits {
@@ -147,6 +151,8 @@ impl Default for Limits {
             git_body_memory_bytes: ksync_git::server::GitServerConfig::default().body_memory_bytes,
             max_branches_per_repo: ksync_git::server::GitServerConfig::default()
                 .max_branches_per_repo,
+            max_pushes_per_client: ksync_git::server::GitServerConfig::default()
+                .max_pushes_per_client,
         }
     }
 }

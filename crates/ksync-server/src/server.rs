@@ -158,6 +158,7 @@ impl Server {
             ksync_git::server::GitServerConfig {
                 body_memory_bytes: config.limits.git_body_memory_bytes,
                 max_branches_per_repo: config.limits.max_branches_per_repo,
+                max_pushes_per_client: config.limits.max_pushes_per_client,
                 ..ksync_git::server::GitServerConfig::default()
             },
         );

@@ -348,3 +348,88 @@ async fn max_connections_per_client_counts_an_address_without_auth() {
     );
     running.shutdown().await.expect("shutdown");
 }
+
+/// A push from the local address `from` as raw HTTP/1.1 with `Expect: 100-continue`: returns
+/// the connection once the server asked for the body (the push holds its place then), and
+/// the body to send, or the refusal's status line and body.
+async fn push_from(
+    from: &str,
+    addr: std::net::SocketAddr,
+    id: &str,
+) -> Result<(TcpStream, String), String> {
+    let body = serde_json::json!({"baseVersion": 0, "events": [
+        {"id": id, "type": "t", "data": {}, "timestamp": 1, "version": 1}]})
+    .to_string();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("from"))
+        .expect("bind");
+    let mut tcp = socket.connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /git/r/branches/main/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.expect("write");
+    let mut read = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&read).into_owned();
+        if text.contains("100 Continue") {
+            return Ok((tcp, body));
+        }
+        if text.starts_with("HTTP/1.1 4") && text.ends_with('}') {
+            return Err(text);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buffer))
+            .await
+            .expect("an answer within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed early: {text}");
+        read.extend_from_slice(&buffer[..n]);
+    }
+}
+
+/// `max_pushes_per_client` through the composed server: without auth a client is its
+/// address, for repository pushes as for WebSockets.
+#[tokio::test]
+async fn max_pushes_per_client_counts_an_address_without_auth() {
+    let running = Server::bind(with_limits(Limits {
+        max_pushes_per_client: 1,
+        ..Limits::default()
+    }))
+    .await
+    .expect("server");
+    let addr = running.local_addr();
+    let created = reqwest::Client::new()
+        .put(format!("http://{addr}/git/r"))
+        .send()
+        .await
+        .expect("create");
+    assert!(created.status().is_success(), "{}", created.status());
+    let (mut held, body) = push_from("127.0.0.1", addr, "held")
+        .await
+        .expect("the first push");
+    let refused = push_from("127.0.0.1", addr, "refused")
+        .await
+        .expect_err("the second push of the address is refused");
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains(r#""code":"too_many_pushes""#), "{refused}");
+    // Another address pushes meanwhile (it is held too, then let go).
+    let (other, _) = push_from("127.0.0.2", addr, "other")
+        .await
+        .expect("another address");
+    drop(other);
+    held.write_all(body.as_bytes()).await.expect("body");
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("HTTP/1.1 200") {
+        let n = tokio::time::timeout(Duration::from_secs(10), held.read(&mut buffer))
+            .await
+            .expect("answered within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    running.shutdown().await.expect("shutdown");
+}
