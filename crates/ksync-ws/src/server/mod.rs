@@ -84,10 +84,11 @@ pub struct RelayConfig {
     /// Most open connections of one client, so that one client cannot take every place of
     /// `max_connections` (nor, each connection being in one room, every place of
     /// `max_open_rooms`). A client is its credentials' subject ([`ksync_core::Grant::subject`]:
-    /// an API key's configured name, a JWT's `sub`; never the credential itself) when the
-    /// authenticator requires credentials, else the peer's IP address (known when served with
-    /// `into_make_service_with_connect_info::<SocketAddr>()`, as `ksync serve` does; without
-    /// it clients cannot be told apart and only `max_connections` applies). Overflow policy:
+    /// an API key's configured name, a JWT's `sub`, `jwt` for every token without one; never
+    /// the credential itself) when the authenticator requires credentials, else the peer's
+    /// IP address (known when served with `into_make_service_with_connect_info::
+    /// <SocketAddr>()`, as `ksync serve` does; without it clients cannot be told apart and
+    /// only `max_connections` applies). Overflow policy:
     /// more are refused before the upgrade with 429 `too many connections for this client`
     /// (in-band: `rate_limited`, close 4429), which kSync's clients retry with backoff; a
     /// place frees when one of the client's connections ends, however it ends. Default 1000:
