@@ -44,6 +44,12 @@ const MERGED_META_PREFIX: &str = "git.merged.";
 /// Prefix of the metadata key (in `into`'s log) of the last merge answer from a branch (see
 /// [`MergeAnswer`]).
 const MERGE_ANSWER_META_PREFIX: &str = "git.merge-answer.";
+/// Prefix of the metadata key (in `into`'s log) of the merge with a `mergeId` under way from
+/// a branch: `"<mergeId> <into's length before it>"`, written before it appends anything.
+/// A merge whose answer was not kept (a storage failure, a crash between its appends and its
+/// answer) is retried under the same id and meets what it stored as duplicates: those at
+/// sequence numbers past that length are counted as appended, as the first try would have.
+const MERGE_PENDING_META_PREFIX: &str = "git.merge-pending.";
 
 /// The last merge of a pair of branches, kept so that a client that lost the answer and
 /// retries with the same `mergeId` gets it again: its collisions are past the merge cursor and
@@ -145,15 +151,6 @@ pub struct GitServerConfig {
     /// events up to the fork point: without a cap, one small request after another multiplied
     /// a repository's disk use by as many branches as a writer cared to ask for.
     pub max_branches_per_repo: usize,
-    /// Most pushes of one client handled at once (default 64, a quarter of `ksync serve`'s
-    /// 256 repository requests at once; 0 counts as 1). A client is its credentials' subject
-    /// (`Grant::subject`: an API key's name, a JWT's `sub`) when the authenticator requires
-    /// credentials, else its IP address (served with connect info; without it only the
-    /// service-wide bounds apply). A push past it is refused before its body is read with
-    /// 429 `too_many_pushes` and `Retry-After: 1`, which `GitSyncClient` waits out and sends
-    /// again; its place is given back when its answer is ready or the request is dropped.
-    /// One `GitSyncClient` pushes one request at a time.
-    pub max_pushes_per_client: usize,
 }
 
 impl Default for GitServerConfig {
@@ -167,7 +164,6 @@ impl Default for GitServerConfig {
             max_open_branches: 256,
             body_memory_bytes: 256 * 1024 * 1024,
             max_branches_per_repo: 1000,
-            max_pushes_per_client: 64,
         }
     }
 }
@@ -200,37 +196,6 @@ struct Inner {
     /// One permit per byte of `GitServerConfig::body_memory_bytes`, held by the bodies of the
     /// requests in flight (as the WebSocket relay's `room_queue_bytes`).
     body_memory: Arc<Semaphore>,
-    /// Pushes in flight per client (`GitServerConfig::max_pushes_per_client`); an entry goes
-    /// when its count drops to zero, so at most one entry per push in flight.
-    pushes: std::sync::Mutex<std::collections::HashMap<Pusher, usize>>,
-}
-
-/// Who a push belongs to, for `GitServerConfig::max_pushes_per_client`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Pusher {
-    /// The grant's subject (auth required).
-    Subject(String),
-    /// The peer's address (no auth).
-    Peer(std::net::IpAddr),
-}
-
-/// A push's place among its client's `max_pushes_per_client`, given back when dropped (the
-/// answer is ready, or the request was dropped).
-struct PushPlace {
-    inner: Arc<Inner>,
-    pusher: Pusher,
-}
-
-impl Drop for PushPlace {
-    fn drop(&mut self) {
-        let mut pushes = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = pushes.get_mut(&self.pusher) {
-            *count -= 1;
-            if *count == 0 {
-                pushes.remove(&self.pusher);
-            }
-        }
-    }
 }
 
 /// A request's share of `Inner::body_memory`, given back when it is dropped.
@@ -399,45 +364,8 @@ impl GitServer {
                 create_lock: tokio::sync::Mutex::new(()),
                 open_logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 body_memory,
-                pushes: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         }
-    }
-
-    /// A place among the pushes in flight of the client behind `grant` (or `peer` without
-    /// auth), or 429 `too_many_pushes`. `None`: clients cannot be told apart.
-    fn push_place(
-        &self,
-        grant: &Grant,
-        peer: Option<SocketAddr>,
-    ) -> Result<Option<PushPlace>, ApiError> {
-        let pusher = if self.inner.auth.required() {
-            Pusher::Subject(grant.subject.clone())
-        } else {
-            match peer {
-                Some(peer) => Pusher::Peer(peer.ip()),
-                None => return Ok(None),
-            }
-        };
-        let cap = self.inner.config.max_pushes_per_client.max(1);
-        let mut pushes = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner());
-        let count = pushes.entry(pusher.clone()).or_insert(0);
-        if *count >= cap {
-            tracing::info!(client = ?pusher, cap, "git: push refused: the client has max_pushes_per_client in flight");
-            return Err(ApiError {
-                retry_after: Some("1"),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_pushes",
-                    format!("too many pushes in flight for this client (at most {cap})"),
-                )
-            });
-        }
-        *count += 1;
-        Ok(Some(PushPlace {
-            inner: Arc::clone(&self.inner),
-            pusher,
-        }))
     }
 
     /// The routes, all under `/git/{repo}` (see `docs/PROTOCOL.md`). Merge it into the
@@ -1409,9 +1337,7 @@ async fn push(
 ) -> Handled {
     let (repo, branch) = branch_path(path)?;
     let headers = req.headers().clone();
-    let grant = s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
-    // Before the body is read: a client's pushes wait for their bodies holding places.
-    let _place = s.push_place(&grant, peer_of(&req))?;
+    s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
     let (storage, record) = s.existing_branch(&repo, &branch).await?;
     let (request, _body_memory) = s.body::<PushRequest>(req).await?;
     check_log(&branch, &record, request.log_id.as_deref())?;
@@ -1509,6 +1435,29 @@ async fn merge(
     }
     let cursor_key = format!("{MERGED_META_PREFIX}{from_name}");
     let start = MergeCursor::parse(into.meta(&cursor_key)?.as_deref());
+    // Where this merge (this `mergeId`) began storing, kept before it stores anything, so that
+    // a retry after a lost answer counts what it stored as appended (see
+    // `MERGE_PENDING_META_PREFIX`). Only for a merge that will read something: a no-op merge
+    // writes nothing.
+    let mut stored_after = None;
+    if let Some(id) = request.merge_id.as_deref()
+        && start.at < from.len()
+    {
+        let pending_key = format!("{MERGE_PENDING_META_PREFIX}{from_name}");
+        let retried = into.meta(&pending_key)?.and_then(|raw| {
+            let (pending, after) = raw.split_once(' ')?;
+            (pending == id).then(|| after.parse::<u64>().ok())?
+        });
+        stored_after = Some(match retried {
+            Some(after) => after,
+            None => {
+                let after = into.len();
+                into.set_meta(&pending_key, &format!("{id} {after}"))
+                    .await?;
+                after
+            }
+        });
+    }
     let limits = AnswerLimits {
         conflicts: s.inner.config.max_page,
         bytes: s.inner.config.max_page_bytes,
@@ -1516,7 +1465,10 @@ async fn merge(
     let (body, cursor) = merge_page(
         into.as_ref(),
         from.as_ref(),
-        start,
+        MergeStart {
+            cursor: start,
+            stored_after,
+        },
         limits,
         s.inner.config.max_page_bytes,
     )
@@ -1609,6 +1561,15 @@ fn conflict_json_len(conflict: &Conflict) -> usize {
     conflict.ours.json_len() + conflict.theirs.json_len() + 96
 }
 
+/// Where a merge page starts: `into`'s merge cursor, and for a merge retried under the same
+/// `mergeId` after its answer was not kept, `into`'s length before its first try (its
+/// duplicates past it are what that try stored: counted as appended).
+#[derive(Debug, Clone, Copy)]
+struct MergeStart {
+    cursor: MergeCursor,
+    stored_after: Option<u64>,
+}
+
 /// How much one merge answer may hold.
 #[derive(Debug, Clone, Copy)]
 struct AnswerLimits {
@@ -1626,10 +1587,12 @@ struct AnswerLimits {
 async fn merge_page(
     into: &dyn Storage,
     from: &dyn Storage,
-    mut cursor: MergeCursor,
+    start: MergeStart,
     limits: AnswerLimits,
     read_budget: usize,
 ) -> Result<(MergeResponse, MergeCursor), ApiError> {
+    let mut cursor = start.cursor;
+    let stored_before = |seq: u64| start.stored_after.is_some_and(|after| seq > after);
     let target = from.len();
     let mut body = MergeResponse::default();
     let mut bytes: usize = 0;
@@ -1657,7 +1620,9 @@ async fn merge_page(
         for (index, o) in outcomes.by_ref() {
             match o {
                 AppendOutcome::Appended { .. } => body.appended += 1,
-                AppendOutcome::Duplicate { seq } if cursor.carried(seq) => body.appended += 1,
+                AppendOutcome::Duplicate { seq } if cursor.carried(seq) || stored_before(seq) => {
+                    body.appended += 1
+                }
                 AppendOutcome::Duplicate { .. } => body.duplicates += 1,
                 AppendOutcome::Conflict(conflict) => {
                     let len = conflict_json_len(&conflict);

@@ -1,13 +1,20 @@
-//! The service over file logs, one of which fails one `fdatasync`: the push that met the
-//! failure is refused (nothing of it acknowledged), and the next push reopens the branch log
-//! instead of being refused with "storage is closed" until the server restarts.
+//! The service's storage failing: over file logs, one of which fails one `fdatasync`, the push
+//! that met the failure is refused (nothing of it acknowledged), and the next push reopens the
+//! branch log instead of being refused with "storage is closed" until the server restarts; a
+//! merge whose answer cannot be kept is retried and counted as the first try would have been.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ksync_core::StorageProvider;
+use ksync_core::{
+    BoxFuture, Event, InMemoryProvider, LogName, MergeOutcome, PullPushClient, Storage,
+    StorageError, StorageProvider, Stored, SyncClient,
+};
+use ksync_git::GitError;
 use ksync_git::server::GitServerConfig;
 use ksync_storage_file::{FailNextSync, FileProvider, FileStorageOptions};
 use serde_json::{Value, json};
@@ -76,4 +83,115 @@ async fn a_branch_log_a_failed_sync_closed_is_reopened_by_the_next_push() {
         .map(|e| &e["id"])
         .collect();
     assert_eq!(pulled, [&json!("a"), &json!("b")], "{body}");
+}
+
+/// A branch log whose first write of a merge answer fails (a full disk), when `armed`.
+struct FailsMergeAnswer {
+    log: Arc<dyn Storage>,
+    armed: Arc<AtomicBool>,
+}
+
+impl Storage for FailsMergeAnswer {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        self.log.append(events)
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+        self.log.get(id, version)
+    }
+    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+        self.log.latest(id)
+    }
+    fn len(&self) -> u64 {
+        self.log.len()
+    }
+    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+        self.log.state()
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+        self.log.meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        if key.starts_with("git.merge-answer.") && self.armed.swap(false, Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(StorageError::Io {
+                    context: "meta".into(),
+                    source: std::io::Error::other("disk full"),
+                })
+            });
+        }
+        self.log.set_meta(key, value)
+    }
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.remove_meta(key)
+    }
+}
+
+/// An in-memory provider whose logs are [`FailsMergeAnswer`]s sharing one switch.
+struct MergeAnswerFaults {
+    inner: InMemoryProvider,
+    armed: Arc<AtomicBool>,
+}
+
+impl MergeAnswerFaults {
+    fn wrap(&self, log: Arc<dyn Storage>) -> Arc<dyn Storage> {
+        Arc::new(FailsMergeAnswer {
+            log,
+            armed: Arc::clone(&self.armed),
+        })
+    }
+}
+
+impl StorageProvider for MergeAnswerFaults {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(self.wrap(self.inner.open(name)?))
+    }
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        Ok(self.inner.existing(name)?.map(|log| self.wrap(log)))
+    }
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        self.inner.list()
+    }
+}
+
+/// A merge whose answer the service cannot keep (after it stored what it merged) fails (500);
+/// the client merges again under the same `mergeId`, and the summary counts what the merge
+/// brought as appended, not as duplicates of what its first try stored.
+#[tokio::test]
+async fn a_merge_retried_after_its_answer_was_not_kept_counts_what_it_appended() {
+    let armed = Arc::new(AtomicBool::new(false));
+    let provider = Arc::new(MergeAnswerFaults {
+        inner: InMemoryProvider::new(),
+        armed: Arc::clone(&armed),
+    });
+    let server = start_with(provider, GitServerConfig::default(), &["r"]).await;
+    let client = common::client(&server.repo_url("r"));
+    client.create_branch("feature").await.expect("branch");
+    client.checkout("feature").await.expect("checkout");
+    for n in 0..3 {
+        client
+            .send(Event::new(format!("f{n}"), "t", json!(n), 1))
+            .await
+            .expect("send");
+    }
+    client.push().await.expect("push");
+
+    armed.store(true, Ordering::SeqCst);
+    let err = client
+        .merge("main", "feature")
+        .await
+        .expect_err("the answer was not kept");
+    assert_eq!(
+        GitError::of(&err).and_then(GitError::status),
+        Some(500),
+        "{err}"
+    );
+    assert_eq!(branch_events(&server, "r", "main").len(), 3, "merged");
+    let merged = client.merge("main", "feature").await.expect("merge again");
+    assert_eq!((merged.appended, merged.duplicates), (3, 0), "{merged:?}");
+    // A merge with nothing new still counts nothing.
+    let again = client.merge("main", "feature").await.expect("merge again");
+    assert_eq!((again.appended, again.duplicates), (0, 0), "{again:?}");
 }
