@@ -151,6 +151,15 @@ pub struct GitServerConfig {
     /// events up to the fork point: without a cap, one small request after another multiplied
     /// a repository's disk use by as many branches as a writer cared to ask for.
     pub max_branches_per_repo: usize,
+    /// Most pushes of one client handled at once (default 64, a quarter of `ksync serve`'s
+    /// 256 repository requests at once; 0 counts as 1). A client is its credentials' subject
+    /// (`Grant::subject`: an API key's name, a JWT's `sub`) when the authenticator requires
+    /// credentials, else its IP address (served with connect info; without it only the
+    /// service-wide bounds apply). A push past it is refused before its body is read with
+    /// 429 `too_many_pushes` and `Retry-After: 1`, which `GitSyncClient` waits out and sends
+    /// again; its place is given back when its answer is ready or the request is dropped.
+    /// One `GitSyncClient` pushes one request at a time.
+    pub max_pushes_per_client: usize,
 }
 
 impl Default for GitServerConfig {
@@ -164,6 +173,7 @@ impl Default for GitServerConfig {
             max_open_branches: 256,
             body_memory_bytes: 256 * 1024 * 1024,
             max_branches_per_repo: 1000,
+            max_pushes_per_client: 64,
         }
     }
 }
@@ -196,6 +206,37 @@ struct Inner {
     /// One permit per byte of `GitServerConfig::body_memory_bytes`, held by the bodies of the
     /// requests in flight (as the WebSocket relay's `room_queue_bytes`).
     body_memory: Arc<Semaphore>,
+    /// Pushes in flight per client (`GitServerConfig::max_pushes_per_client`); an entry goes
+    /// when its count drops to zero, so at most one entry per push in flight.
+    pushes: std::sync::Mutex<std::collections::HashMap<Pusher, usize>>,
+}
+
+/// Who a push belongs to, for `GitServerConfig::max_pushes_per_client`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Pusher {
+    /// The grant's subject (auth required).
+    Subject(String),
+    /// The peer's address (no auth).
+    Peer(std::net::IpAddr),
+}
+
+/// A push's place among its client's `max_pushes_per_client`, given back when dropped (the
+/// answer is ready, or the request was dropped).
+struct PushPlace {
+    inner: Arc<Inner>,
+    pusher: Pusher,
+}
+
+impl Drop for PushPlace {
+    fn drop(&mut self) {
+        let mut pushes = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = pushes.get_mut(&self.pusher) {
+            *count -= 1;
+            if *count == 0 {
+                pushes.remove(&self.pusher);
+            }
+        }
+    }
 }
 
 /// A request's share of `Inner::body_memory`, given back when it is dropped.
@@ -364,8 +405,45 @@ impl GitServer {
                 create_lock: tokio::sync::Mutex::new(()),
                 open_logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 body_memory,
+                pushes: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         }
+    }
+
+    /// A place among the pushes in flight of the client behind `grant` (or `peer` without
+    /// auth), or 429 `too_many_pushes`. `None`: clients cannot be told apart.
+    fn push_place(
+        &self,
+        grant: &Grant,
+        peer: Option<SocketAddr>,
+    ) -> Result<Option<PushPlace>, ApiError> {
+        let pusher = if self.inner.auth.required() {
+            Pusher::Subject(grant.subject.clone())
+        } else {
+            match peer {
+                Some(peer) => Pusher::Peer(peer.ip()),
+                None => return Ok(None),
+            }
+        };
+        let cap = self.inner.config.max_pushes_per_client.max(1);
+        let mut pushes = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner());
+        let count = pushes.entry(pusher.clone()).or_insert(0);
+        if *count >= cap {
+            tracing::info!(client = ?pusher, cap, "git: push refused: the client has max_pushes_per_client in flight");
+            return Err(ApiError {
+                retry_after: Some("1"),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_pushes",
+                    format!("too many pushes in flight for this client (at most {cap})"),
+                )
+            });
+        }
+        *count += 1;
+        Ok(Some(PushPlace {
+            inner: Arc::clone(&self.inner),
+            pusher,
+        }))
     }
 
     /// The routes, all under `/git/{repo}` (see `docs/PROTOCOL.md`). Merge it into the
@@ -1337,7 +1415,9 @@ async fn push(
 ) -> Handled {
     let (repo, branch) = branch_path(path)?;
     let headers = req.headers().clone();
-    s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
+    let grant = s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
+    // Before the body is read: a client's pushes wait for their bodies holding places.
+    let _place = s.push_place(&grant, peer_of(&req))?;
     let (storage, record) = s.existing_branch(&repo, &branch).await?;
     let (request, _body_memory) = s.body::<PushRequest>(req).await?;
     check_log(&branch, &record, request.log_id.as_deref())?;
