@@ -158,14 +158,14 @@ pub struct ServeArgs {
 
     /// Longest wait, in seconds, for the next piece of a request body before 408.
     #[arg(long, env = "KSYNC_REQUEST_BODY_TIMEOUT_SECS", value_name = "SECS", default_value_t = 30,
-        allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
+        allow_negative_numbers = true, value_parser = secs::<1>)]
     request_body_timeout_secs: u64,
 
     /// Longest wait, in seconds, for a request's headers (from connecting, or from the
     /// previous response on a keep-alive connection) before the connection is closed.
     #[arg(long, env = "KSYNC_REQUEST_HEADER_TIMEOUT_SECS", value_name = "SECS",
         default_value_t = Limits::default().request_header_timeout.as_secs(),
-        allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
+        allow_negative_numbers = true, value_parser = secs::<1>)]
     request_header_timeout_secs: u64,
 
     /// Most plain HTTP connections open at once (WebSockets count against
@@ -177,7 +177,7 @@ pub struct ServeArgs {
 
     /// Seconds between heartbeats (pings) on idle WebSockets.
     #[arg(long, env = "KSYNC_HEARTBEAT_SECS", value_name = "SECS", default_value_t = 30,
-        allow_negative_numbers = true, value_parser = at_least::<u64, 1>)]
+        allow_negative_numbers = true, value_parser = secs::<1>)]
     heartbeat_secs: u64,
 
     /// PEM certificate chain: serve HTTPS and wss:// (needs --tls-key). SIGHUP reads both
@@ -195,7 +195,7 @@ pub struct ServeArgs {
     /// disk whose syncs hang: exit code 1, saying so). A second SIGINT/SIGTERM meanwhile stops
     /// at once (exit code 130).
     #[arg(long, env = "KSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10,
-        allow_negative_numbers = true, value_parser = at_least::<u64, 0>)]
+        allow_negative_numbers = true, value_parser = secs::<0>)]
     shutdown_timeout_secs: u64,
 }
 
@@ -217,6 +217,19 @@ fn at_least<T: TryFrom<u64>, const MIN: u64>(text: &str) -> Result<T, String> {
         _ => return Err(format!("expected a whole number of at least {MIN}")),
     };
     T::try_from(number).map_err(|_| format!("{number} is too large"))
+}
+
+/// A timer flag in seconds: `MIN` to a day ([`ksync_core::MAX_CONFIG_DURATION`], what the
+/// server's limits take), so a value past it is a usage error naming the flag rather than a
+/// start-up failure naming an internal field.
+fn secs<const MIN: u64>(text: &str) -> Result<u64, String> {
+    let max = ksync_core::MAX_CONFIG_DURATION.as_secs();
+    match text.trim().parse() {
+        Ok(secs) if (MIN..=max).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "expected a whole number of seconds from {MIN} to {max}"
+        )),
+    }
 }
 
 /// `--max-message-bytes`: within `MAX_MESSAGE_SIZE_RANGE` (1 KiB to 8 MiB).

@@ -434,7 +434,7 @@ fn usage_error(command: Command) -> String {
 /// A limit flag given a negative, non-numeric or meaningless value is a usage error (exit 2)
 /// naming the flag and what it takes, from the command line and from its variable alike; it
 /// used to be "unexpected argument '-1'" for negatives, and a start-up failure naming an
-/// internal field (`max_message_size`) for 0.
+/// internal field (`max_message_size`) for 0, and for a timer past a day (`heartbeat`).
 #[test]
 fn bad_limit_values_are_usage_errors_naming_the_flag() {
     let cases: [(&str, &str, &[&str], &str); 15] = [
@@ -472,14 +472,14 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
         (
             "--heartbeat-secs",
             "KSYNC_HEARTBEAT_SECS",
-            &["0", "-30", "30s"],
-            "at least 1",
+            &["0", "-30", "30s", "86401"],
+            "from 1 to 86400",
         ),
         (
             "--request-header-timeout-secs",
             "KSYNC_REQUEST_HEADER_TIMEOUT_SECS",
-            &["0", "-1", "30s"],
-            "at least 1",
+            &["0", "-1", "30s", "86401"],
+            "from 1 to 86400",
         ),
         (
             "--max-http-connections",
@@ -502,14 +502,14 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
         (
             "--request-body-timeout-secs",
             "KSYNC_REQUEST_BODY_TIMEOUT_SECS",
-            &["0", "-1"],
-            "at least 1",
+            &["0", "-1", "86401"],
+            "from 1 to 86400",
         ),
         (
             "--shutdown-timeout-secs",
             "KSYNC_SHUTDOWN_TIMEOUT_SECS",
-            &["-1", "ten"],
-            "whole number",
+            &["-1", "ten", "86401"],
+            "from 0 to 86400",
         ),
         (
             "--auth-max-failures",
