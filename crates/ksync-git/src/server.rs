@@ -566,10 +566,11 @@ impl GitServer {
         Ok(out)
     }
 
-    /// Runs `work` on the blocking pool. Use it for anything that may open a branch log: a
-    /// log not open is replayed as it opens (about 3 s a million events from disk), and on a
-    /// runtime worker that held up every other request and WebSocket room scheduled there (a
-    /// listing of 1,000 branches past `max_open_branches`: ~2 s, measured on a real server).
+    /// Runs `work` on the blocking pool. Use it for anything that may open a branch log, or
+    /// reads a page of one: a log not open is replayed as it opens (about 3 s a million events
+    /// from disk), a page is up to `max_page_bytes` read from disk, and on a runtime worker
+    /// that held up every other request and WebSocket room scheduled there (a listing of 1,000
+    /// branches past `max_open_branches`: ~2 s, measured on a real server).
     async fn off_workers<T, E>(
         &self,
         work: impl FnOnce(&GitServer) -> Result<T, E> + Send + 'static,
@@ -583,7 +584,7 @@ impl GitServer {
             .await
             .unwrap_or_else(|panicked| {
                 Err(E::from(StorageError::Io {
-                    context: "opening a branch log panicked".into(),
+                    context: "storage work off the runtime's workers panicked".into(),
                     source: std::io::Error::other(panicked.to_string()),
                 }))
             })
@@ -1215,7 +1216,8 @@ async fn create_branch(
         let want = usize::try_from(at - copied)
             .unwrap_or(COPY_PAGE)
             .min(COPY_PAGE);
-        let page = read_page(source.as_ref(), copied, want, s.inner.config.max_page_bytes)?;
+        let page =
+            read_page_off_workers(&source, copied, want, s.inner.config.max_page_bytes).await?;
         let Some(last) = page.last() else { break };
         copied = last.seq;
         target
@@ -1260,16 +1262,17 @@ async fn pull(
         .clamp(1, s.inner.config.max_page);
     // No further than the version reported with the page, so the two agree.
     let count = usize::try_from(server_version - since).map_or(limit, |left| left.min(limit));
-    let json = pull_page(
-        storage.as_ref(),
-        PageSpan {
-            since,
-            count,
-            bytes: s.inner.config.max_page_bytes,
-        },
-        server_version,
-        record.log_id.as_deref(),
-    )?;
+    let span = PageSpan {
+        since,
+        count,
+        bytes: s.inner.config.max_page_bytes,
+    };
+    // Off the runtime's workers: a page is up to `max_page_bytes` read (from disk, for a file
+    // log) and encoded, which held up every request and WebSocket room scheduled there.
+    let log_id = record.log_id;
+    let json = s
+        .off_workers(move |_| pull_page(storage.as_ref(), span, server_version, log_id.as_deref()))
+        .await?;
     Ok(s.respond_json(StatusCode::OK, req.headers(), json))
 }
 
@@ -1323,6 +1326,26 @@ fn read_page(
         }
     }
     Ok(page)
+}
+
+/// [`read_page`] on the blocking pool (as [`GitServer::off_workers`]): a page is up to
+/// `budget` bytes read (from disk, for a file log) and decoded, which on a runtime worker held
+/// up every request and WebSocket room scheduled there.
+async fn read_page_off_workers(
+    storage: &Arc<dyn Storage>,
+    after: u64,
+    count: usize,
+    budget: usize,
+) -> Result<Vec<Stored>, StorageError> {
+    let storage = Arc::clone(storage);
+    tokio::task::spawn_blocking(move || read_page(storage.as_ref(), after, count, budget))
+        .await
+        .unwrap_or_else(|panicked| {
+            Err(StorageError::Io {
+                context: "reading a branch log page panicked".into(),
+                source: std::io::Error::other(panicked.to_string()),
+            })
+        })
 }
 
 /// Which events a pull page may hold: after `since`, up to `count` events and `bytes` of
@@ -1544,7 +1567,7 @@ async fn merge(
     };
     let (body, cursor) = merge_page(
         into.as_ref(),
-        from.as_ref(),
+        &from,
         MergeStart {
             cursor: start,
             stored_after,
@@ -1666,7 +1689,7 @@ struct AnswerLimits {
 /// ended early) and the cursor to record.
 async fn merge_page(
     into: &dyn Storage,
-    from: &dyn Storage,
+    from: &Arc<dyn Storage>,
     start: MergeStart,
     limits: AnswerLimits,
     read_budget: usize,
@@ -1687,7 +1710,7 @@ async fn merge_page(
         let want = usize::try_from(end - cursor.at)
             .unwrap_or(COPY_PAGE)
             .min(COPY_PAGE);
-        let batch = read_page(from, cursor.at, want, read_budget)?;
+        let batch = read_page_off_workers(from, cursor.at, want, read_budget).await?;
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             break;
         };
