@@ -13,7 +13,7 @@ use ksync_core::{
     StorageError, Stored, SyncClient,
 };
 use ksync_git::GitSyncClient;
-use ksync_testkit::FailAppend;
+use ksync_testkit::{FailAppend, MetaHook};
 use serde_json::json;
 
 use common::{Server, branch_events, call, http, start};
@@ -192,50 +192,6 @@ async fn a_pull_cut_short_while_settling_a_conflict_reports_what_it_stored() {
     assert_eq!(events.ids(), ["y"], "y reported once");
 }
 
-/// A storage whose first write of a push cursor fails (a full disk), once.
-struct FailsPushedCursor {
-    log: InMemoryStorage,
-    armed: AtomicBool,
-}
-
-impl Storage for FailsPushedCursor {
-    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
-        self.log.append(events)
-    }
-    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
-        self.log.read_since(after, limit)
-    }
-    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
-        self.log.get(id, version)
-    }
-    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
-        self.log.latest(id)
-    }
-    fn len(&self) -> u64 {
-        self.log.len()
-    }
-    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
-        self.log.state()
-    }
-    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
-        self.log.meta(key)
-    }
-    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
-        if key.contains("pushed") && self.armed.swap(false, Ordering::SeqCst) {
-            return Box::pin(async {
-                Err(StorageError::Io {
-                    context: "meta".into(),
-                    source: std::io::Error::other("disk full"),
-                })
-            });
-        }
-        self.log.set_meta(key, value)
-    }
-    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
-        self.log.remove_meta(key)
-    }
-}
-
 /// A push whose batch the server took but whose cursor cannot be recorded (a full disk)
 /// succeeds: the service holds the batch, which it reports (result and `sync`) once, with an
 /// error notification that says so. The write is owed, and made before the next push, which
@@ -244,10 +200,11 @@ impl Storage for FailsPushedCursor {
 #[tokio::test]
 async fn a_push_whose_cursor_cannot_be_recorded_succeeds_and_reports_its_batch_once() {
     let server = start(&["r"]).await;
-    let storage = Arc::new(FailsPushedCursor {
-        log: InMemoryStorage::new(),
-        armed: AtomicBool::new(true),
-    });
+    // The first write of a push cursor fails (a full disk), once.
+    let storage = Arc::new(MetaHook::new(
+        Arc::new(InMemoryStorage::new()),
+        MetaHook::fail_once(|key| key.contains("pushed")),
+    ));
     let ksync = ksync_testkit::ksync_over(storage.clone(), common::client(&server.repo_url("r")))
         .await
         .expect("ksync");
@@ -272,7 +229,11 @@ async fn a_push_whose_cursor_cannot_be_recorded_succeeds_and_reports_its_batch_o
 
     let again = ksync.client().push().await.expect("the next push");
     assert!(again.pushed_events.is_empty(), "sent again: {again:?}");
-    assert_eq!(synced.ids(), std::slice::from_ref(&event.id), "still synced once");
+    assert_eq!(
+        synced.ids(),
+        std::slice::from_ref(&event.id),
+        "still synced once"
+    );
     assert_eq!(branch_events(&server, "r", "main"), [event]);
     // Written by then: a client starting over this storage has nothing to push.
     let restarted = ksync_testkit::ksync_over(storage, common::client(&server.repo_url("r")))

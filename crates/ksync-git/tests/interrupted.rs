@@ -3,17 +3,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
-use ksync_core::{
-    BoxFuture, Event, InMemoryStorage, KSync, MergeOutcome, PullPushClient, Storage, StorageError,
-    Stored, SyncClient,
-};
+use ksync_core::{Event, InMemoryStorage, KSync, PullPushClient, Storage, SyncClient};
 use ksync_git::GitSyncClient;
 use ksync_storage_file::{FaultHook, FileStorage, WriteFault};
 use serde_json::json;
@@ -228,53 +224,22 @@ async fn a_merge_retried_after_its_resolutions_were_recorded_settles_once() {
     );
 }
 
-/// Writes of the push cursor take 500 ms.
-struct SlowPushCursor {
-    log: Arc<dyn Storage>,
-}
-
-impl Storage for SlowPushCursor {
-    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
-        self.log.append(events)
-    }
-    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
-        self.log.read_since(after, limit)
-    }
-    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
-        self.log.get(id, version)
-    }
-    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
-        self.log.latest(id)
-    }
-    fn len(&self) -> u64 {
-        self.log.len()
-    }
-    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
-        self.log.state()
-    }
-    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
-        self.log.meta(key)
-    }
-    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
-        let (key, value) = (key.to_owned(), value.to_owned());
-        Box::pin(async move {
-            if key.contains("pushed") {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            self.log.set_meta(&key, &value).await
-        })
-    }
-    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
-        self.log.remove_meta(key)
-    }
-}
-
 #[tokio::test]
 async fn a_cancelled_push_does_not_move_the_cursor_past_an_event_sent_after_it() {
     let server = start(&["r"]).await;
-    let storage: Arc<dyn Storage> = Arc::new(SlowPushCursor {
-        log: Arc::new(InMemoryStorage::new()),
-    });
+    // Writes of the push cursor take 500 ms.
+    let storage: Arc<dyn Storage> = Arc::new(ksync_testkit::MetaHook::new(
+        Arc::new(InMemoryStorage::new()),
+        Arc::new(|key: &str| {
+            let slow = key.contains("pushed");
+            Box::pin(async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Ok(())
+            })
+        }),
+    ));
     let k = ksync_testkit::ksync_over(storage, client(&server.repo_url("r")))
         .await
         .expect("ksync");

@@ -5,18 +5,17 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ksync_core::{
-    BoxFuture, Event, InMemoryProvider, LogName, MergeOutcome, PullPushClient, Storage,
-    StorageError, StorageProvider, Stored, SyncClient,
+    Event, InMemoryProvider, LogName, PullPushClient, Storage, StorageError, StorageProvider,
+    SyncClient,
 };
 use ksync_git::GitError;
 use ksync_git::server::GitServerConfig;
 use ksync_storage_file::{FailNextSync, FileProvider, FileStorageOptions};
+use ksync_testkit::{MetaHook, MetaHookFn};
 use serde_json::{Value, json};
 
 use common::{branch_events, call, http, start_with};
@@ -85,62 +84,15 @@ async fn a_branch_log_a_failed_sync_closed_is_reopened_by_the_next_push() {
     assert_eq!(pulled, [&json!("a"), &json!("b")], "{body}");
 }
 
-/// A branch log whose first write of a merge answer fails (a full disk), when `armed`.
-struct FailsMergeAnswer {
-    log: Arc<dyn Storage>,
-    armed: Arc<AtomicBool>,
-}
-
-impl Storage for FailsMergeAnswer {
-    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
-        self.log.append(events)
-    }
-    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
-        self.log.read_since(after, limit)
-    }
-    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
-        self.log.get(id, version)
-    }
-    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
-        self.log.latest(id)
-    }
-    fn len(&self) -> u64 {
-        self.log.len()
-    }
-    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
-        self.log.state()
-    }
-    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
-        self.log.meta(key)
-    }
-    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
-        if key.starts_with("git.merge-answer.") && self.armed.swap(false, Ordering::SeqCst) {
-            return Box::pin(async {
-                Err(StorageError::Io {
-                    context: "meta".into(),
-                    source: std::io::Error::other("disk full"),
-                })
-            });
-        }
-        self.log.set_meta(key, value)
-    }
-    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
-        self.log.remove_meta(key)
-    }
-}
-
-/// An in-memory provider whose logs are [`FailsMergeAnswer`]s sharing one switch.
+/// An in-memory provider whose logs' first write of a merge answer fails (a full disk).
 struct MergeAnswerFaults {
     inner: InMemoryProvider,
-    armed: Arc<AtomicBool>,
+    hook: Arc<MetaHookFn>,
 }
 
 impl MergeAnswerFaults {
     fn wrap(&self, log: Arc<dyn Storage>) -> Arc<dyn Storage> {
-        Arc::new(FailsMergeAnswer {
-            log,
-            armed: Arc::clone(&self.armed),
-        })
+        Arc::new(MetaHook::new(log, Arc::clone(&self.hook)))
     }
 }
 
@@ -161,10 +113,9 @@ impl StorageProvider for MergeAnswerFaults {
 /// brought as appended, not as duplicates of what its first try stored.
 #[tokio::test]
 async fn a_merge_retried_after_its_answer_was_not_kept_counts_what_it_appended() {
-    let armed = Arc::new(AtomicBool::new(false));
     let provider = Arc::new(MergeAnswerFaults {
         inner: InMemoryProvider::new(),
-        armed: Arc::clone(&armed),
+        hook: MetaHook::fail_once(|key| key.starts_with("git.merge-answer.")),
     });
     let server = start_with(provider, GitServerConfig::default(), &["r"]).await;
     let client = common::client(&server.repo_url("r"));
@@ -178,7 +129,6 @@ async fn a_merge_retried_after_its_answer_was_not_kept_counts_what_it_appended()
     }
     client.push().await.expect("push");
 
-    armed.store(true, Ordering::SeqCst);
     let err = client
         .merge("main", "feature")
         .await

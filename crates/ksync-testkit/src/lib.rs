@@ -2,7 +2,8 @@
 //! capturing what one log target says ([`LogCapture`]), recording the `sync`, `event` or
 //! `error` notifications of a client ([`SyncRecorder`], [`EventRecorder`], [`ErrorRecorder`]),
 //! the storage methods a test wrapper passes on unchanged ([`storage_pass_through!`]), a storage that fails
-//! one chosen append ([`FailAppend`]), and a `KSync` over a storage and a client
+//! one chosen append ([`FailAppend`]), one whose metadata writes go through a hook that may
+//! hold them up or fail them ([`MetaHook`]), and a `KSync` over a storage and a client
 //! ([`ksync_over`]).
 
 use std::collections::BTreeMap;
@@ -318,4 +319,81 @@ impl Storage for FailAppend {
         self.log.flush()
     }
     storage_pass_through!(log);
+}
+
+/// What [`MetaHook`] runs before each metadata write, given its key: `Ok` lets the write
+/// go on (after whatever the future waits for), `Err` fails it (nothing written).
+pub type MetaHookFn = dyn Fn(&str) -> BoxFuture<'static, Result<(), StorageError>> + Send + Sync;
+
+/// A storage that passes everything on to another, except that each `set_meta` first runs a
+/// hook on its key: a fault hook for cursor and record writes (a full disk on one key, a slow
+/// one). The hook is shared ([`Arc`]), so the logs of a provider can share one.
+pub struct MetaHook {
+    log: Arc<dyn Storage>,
+    hook: Arc<MetaHookFn>,
+}
+
+impl MetaHook {
+    /// Wraps `log`; every `set_meta` awaits `hook(key)` first.
+    pub fn new(log: Arc<dyn Storage>, hook: Arc<MetaHookFn>) -> Self {
+        Self { log, hook }
+    }
+
+    /// A hook that fails (once, with an I/O error) the first write of a key `picks` picks.
+    pub fn fail_once(picks: impl Fn(&str) -> bool + Send + Sync + 'static) -> Arc<MetaHookFn> {
+        let armed = AtomicBool::new(true);
+        Arc::new(move |key: &str| {
+            let fail = picks(key) && armed.swap(false, Ordering::SeqCst);
+            Box::pin(async move {
+                if fail {
+                    return Err(StorageError::Io {
+                        context: "writing metadata (test fault)".into(),
+                        source: std::io::Error::other("disk full"),
+                    });
+                }
+                Ok(())
+            })
+        })
+    }
+}
+
+impl Storage for MetaHook {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        self.log.append(events)
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
+        self.log.get(id, version)
+    }
+    fn latest(&self, id: &str) -> Result<Option<Stored>, StorageError> {
+        self.log.latest(id)
+    }
+    fn len(&self) -> u64 {
+        self.log.len()
+    }
+    fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
+        self.log.state()
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
+        self.log.meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        let before = (self.hook)(key);
+        let (key, value) = (key.to_owned(), value.to_owned());
+        Box::pin(async move {
+            before.await?;
+            self.log.set_meta(&key, &value).await
+        })
+    }
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.remove_meta(key)
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.flush()
+    }
+    fn is_closed(&self) -> bool {
+        self.log.is_closed()
+    }
 }
