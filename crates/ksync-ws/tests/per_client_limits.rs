@@ -325,3 +325,60 @@ async fn an_upgrade_refused_after_the_count_gives_its_place_back() {
     assert_eq!(server.relay.connections(), 2);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_rust_client_over_its_cap_retries_and_gets_in_once_a_place_frees() {
+    use ksync_core::SyncClient;
+    use ksync_ws::{WebSocketSyncClient, WsError};
+
+    let server = start_with(
+        capped(1),
+        Arc::new(InMemoryProvider::new()),
+        Arc::new(TestKeys),
+    )
+    .await;
+    let url = server.url(Some("room"));
+    let mut feed = server.relay.activity();
+    let mut holder = join_as(&url, RW).await;
+    let client = WebSocketSyncClient::builder(&url)
+        .auth(ksync_core::Auth::api_key("rw-key"))
+        .reconnect_delay(Duration::from_millis(5), Duration::from_millis(50))
+        .build()
+        .expect("client");
+    let error = client.connect().await.expect_err("over the cap");
+    match WsError::find(&error) {
+        Some(
+            refused @ WsError::Refused {
+                status: 429,
+                message,
+            },
+        ) => {
+            // The refusal's body, as the client reports every refused upgrade.
+            assert!(
+                message.contains("too many connections for this client (at most 1)"),
+                "{message}"
+            );
+            assert!(!refused.is_fatal(), "429 is retried");
+        }
+        other => panic!("expected a 429 refusal, got {other:?}"),
+    }
+    holder.close(None).await.expect("close");
+    // The holder leaves, then one of the client's retries gets in.
+    let mut left = false;
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("activity within 10 s")
+            .expect("feed open");
+        match item {
+            RelayActivity::Disconnected(_) => left = true,
+            RelayActivity::Connected(info) if left => {
+                assert_eq!(info.subject, "rw");
+                break;
+            }
+            _ => {}
+        }
+    }
+    client.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
