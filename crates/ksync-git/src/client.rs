@@ -1551,12 +1551,19 @@ impl GitSyncClient {
     /// `Inner::recording`) and the cursor writes a push could not make are made (see
     /// [`Owed`]): while the storage refuses those, nothing goes on that reads a cursor.
     async fn lock_op(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, SyncError> {
+        let op = self.lock_op_owing().await;
+        self.inner.owed.settle(&self.replica()).await?;
+        Ok(op)
+    }
+
+    /// [`lock_op`](Self::lock_op) without writing the owed cursors: for `send`, which only
+    /// moves a push cursor back (the owed value too, see [`Owed::lower`]).
+    async fn lock_op_owing(&self) -> tokio::sync::MutexGuard<'_, ()> {
         let op = self.inner.op.lock().await;
         if let Err(e) = self.finish_recording().await {
             tracing::debug!(error = %e, "git: a cancelled pull's or push's cursor write failed");
         }
-        self.inner.owed.settle(&self.replica()).await?;
-        Ok(op)
+        op
     }
 
     /// Awaits the push cursor writes in progress, if any. Cancelled, it leaves them in place
@@ -2005,6 +2012,13 @@ impl Owed {
                 }
                 .into_sync())
             }
+        }
+    }
+
+    /// Moves an owed `key` back to `value` if it is further (see `send`).
+    fn lower(&self, key: &str, value: u64) {
+        if let Some(owed) = lock(&self.0).get_mut(key) {
+            *owed = (*owed).min(value);
         }
     }
 
@@ -2496,13 +2510,17 @@ impl SyncClient for GitSyncClient {
             // It was already stored, perhaps behind its branch's push cursor: move the cursor
             // back so the next push looks again (what goes twice, the server drops as
             // duplicates). Under the op lock, so a push in progress cannot undo it (nor the
-            // cursor writes of a cancelled one: `lock_op` awaits them first).
-            let _op = self.lock_op().await?;
+            // cursor writes of a cancelled one: `lock_op` awaits them first). A cursor owed is
+            // moved back too, whether or not the storage takes it now: written later as it
+            // was, it would skip this event.
+            let _op = self.lock_op_owing().await;
             let segments = self.segments(&replica)?;
             if let Some(branch) = segments.branch_of(seq) {
                 let key = self.cursor_key(branch, "pushed");
+                let back = seq.saturating_sub(1);
+                self.inner.owed.lower(&key, back);
                 if replica.cursor(&key)? >= seq {
-                    replica.set_cursor(&key, seq.saturating_sub(1)).await?;
+                    self.inner.owed.write(&replica, &key, back).await?;
                 }
             }
             Ok(())

@@ -412,3 +412,74 @@ async fn a_pull_cut_short_while_storing_a_page_resumes_after_it() {
         "each page synced once"
     );
 }
+
+/// A push whose cursor write fails leaves it owed; a `send` of another replica's event stored
+/// behind that cursor moves the owed cursor back, so that once the storage takes it (not at
+/// the next push: that one fails with the typed error) a push sends the event. `send` wrote
+/// the owed cursor first and failed with it, and the owed cursor, written by the next push,
+/// skipped the event for good.
+#[tokio::test]
+async fn a_send_behind_an_owed_push_cursor_is_pushed() {
+    let server = start(&["r"]).await;
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(2));
+    let hook = {
+        let failures = Arc::clone(&failures);
+        move |key: &str| -> BoxFuture<'static, Result<(), StorageError>> {
+            let fail = key.contains("pushed")
+                && failures
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+            Box::pin(async move {
+                if fail {
+                    return Err(StorageError::Io {
+                        context: "meta".into(),
+                        source: std::io::Error::other("disk full"),
+                    });
+                }
+                Ok(())
+            })
+        }
+    };
+    let storage = Arc::new(MetaHook::new(
+        Arc::new(InMemoryStorage::new()),
+        Arc::new(hook),
+    ));
+    let ksync = ksync_testkit::ksync_over(storage, common::client(&server.repo_url("r")))
+        .await
+        .expect("ksync");
+    let foreign = Event::new("foreign", "t", json!(0), 1).with_origin("other");
+    ksync
+        .replica()
+        .ingest(vec![foreign.clone()])
+        .await
+        .expect("ingest");
+    ksync.emit("t", json!(1)).await.expect("emit");
+    ksync
+        .client()
+        .push()
+        .await
+        .expect("push: its cursor is owed");
+    // Handed over to be sent on: behind the owed cursor.
+    ksync.client().send(foreign.clone()).await.expect("send");
+    // The owed write fails once more: the next push sends nothing.
+    let err = ksync
+        .client()
+        .push()
+        .await
+        .expect_err("the owed cursor is refused again");
+    assert!(
+        matches!(
+            ksync_git::GitError::of(&err),
+            Some(ksync_git::GitError::CursorNotRecorded { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "both faults were met");
+    ksync.client().push().await.expect("push");
+    assert!(
+        branch_events(&server, "r", "main")
+            .iter()
+            .any(|e| e.id == "foreign"),
+        "the forwarded event was pushed"
+    );
+}
