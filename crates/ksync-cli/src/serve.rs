@@ -116,8 +116,8 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_connections: usize,
 
-    /// Most simultaneous WebSocket connections of one client (an API key, a JWT's `sub`, or
-    /// without auth an IP address); more get 429.
+    /// Most simultaneous WebSocket connections of one client (an API key or a JWT's `sub`
+    /// from one IP address, or without auth an IP address); more get 429.
     #[arg(long, env = "KSYNC_MAX_CONNECTIONS_PER_CLIENT", value_name = "N",
         default_value_t = Limits::default().max_connections_per_client,
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]

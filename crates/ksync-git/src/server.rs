@@ -153,9 +153,10 @@ pub struct GitServerConfig {
     pub max_branches_per_repo: usize,
     /// Most pushes of one client handled at once (default 64, a quarter of `ksync serve`'s
     /// 256 repository requests at once; 0 counts as 1). A client is its credentials' subject
-    /// (`Grant::subject`: an API key's name, a JWT's `sub`) when the authenticator requires
-    /// credentials, else its IP address (served with connect info; without it only the
-    /// service-wide bounds apply). A push past it is refused before its body is read with
+    /// (`Grant::subject`: an API key's name, a JWT's `sub`) seen from one IP address when the
+    /// authenticator requires credentials, else its IP address alone (the address is known
+    /// when served with connect info; without it only the subject, or without auth only the
+    /// service-wide bounds, apply). A push past it is refused before its body is read with
     /// 429 `too_many_pushes` and `Retry-After: 1`, which `GitSyncClient` waits out and sends
     /// again; its place is given back when its answer is ready or the request is dropped.
     /// One `GitSyncClient` pushes one request at a time.
@@ -211,13 +212,15 @@ struct Inner {
     pushes: std::sync::Mutex<std::collections::HashMap<Pusher, usize>>,
 }
 
-/// Who a push belongs to, for `GitServerConfig::max_pushes_per_client`.
+/// Who a push belongs to, for `GitServerConfig::max_pushes_per_client`: a subject seen from
+/// one address (as the WebSocket relay counts connections), so that every user of one shared
+/// API key is not one client.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Pusher {
-    /// The grant's subject (auth required).
-    Subject(String),
-    /// The peer's address (no auth).
-    Peer(std::net::IpAddr),
+struct Pusher {
+    /// The grant's subject when auth is required.
+    subject: Option<String>,
+    /// The peer's IP address, when the service knows it.
+    address: Option<std::net::IpAddr>,
 }
 
 /// A push's place among its client's `max_pushes_per_client`, given back when dropped (the
@@ -410,21 +413,20 @@ impl GitServer {
         }
     }
 
-    /// A place among the pushes in flight of the client behind `grant` (or `peer` without
-    /// auth), or 429 `too_many_pushes`. `None`: clients cannot be told apart.
+    /// A place among the pushes in flight of the client behind `grant` from `peer` (`peer`
+    /// alone without auth), or 429 `too_many_pushes`. `None`: clients cannot be told apart.
     fn push_place(
         &self,
         grant: &Grant,
         peer: Option<SocketAddr>,
     ) -> Result<Option<PushPlace>, ApiError> {
-        let pusher = if self.inner.auth.required() {
-            Pusher::Subject(grant.subject.clone())
-        } else {
-            match peer {
-                Some(peer) => Pusher::Peer(peer.ip()),
-                None => return Ok(None),
-            }
+        let pusher = Pusher {
+            subject: self.inner.auth.required().then(|| grant.subject.clone()),
+            address: peer.map(|peer| peer.ip()),
         };
+        if pusher.subject.is_none() && pusher.address.is_none() {
+            return Ok(None);
+        }
         let cap = self.inner.config.max_pushes_per_client.max(1);
         let mut pushes = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner());
         let count = pushes.entry(pusher.clone()).or_insert(0);

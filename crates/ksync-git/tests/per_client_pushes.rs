@@ -84,6 +84,22 @@ async fn a_client_past_its_pushes_in_flight_gets_429_while_another_pushes() {
             "message": "too many pushes in flight for this client (at most 1)"}})
     );
 
+    // The same subject from another machine is another client (a key shared by every copy
+    // of an app is not one client): it pushes meanwhile.
+    let elsewhere = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().expect("address"))
+        .build()
+        .expect("client");
+    let (status, _) = call_as(
+        "writer",
+        elsewhere
+            .post(server.url("/git/r/branches/main/events"))
+            .header("content-type", "application/json")
+            .body(push_body("elsewhere")),
+    )
+    .await;
+    assert_eq!(status, 200);
+
     // Another client pushes meanwhile.
     let (status, _) = call_as(
         "scoped",
@@ -113,7 +129,7 @@ async fn a_client_past_its_pushes_in_flight_gets_429_while_another_pushes() {
         .into_iter()
         .map(|e| e.id)
         .collect();
-    assert_eq!(ids, ["held", "after"]);
+    assert_eq!(ids, ["elsewhere", "held", "after"]);
 }
 
 /// Sends a request with the bearer `token`; the status and the JSON body.

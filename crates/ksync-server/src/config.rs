@@ -68,7 +68,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most simultaneous WebSocket connections of one client (1,000; see `ksync_ws::server::
     /// RelayConfig::max_connections_per_client`): with auth, a client is an API key (by its
-    /// configured name) or a JWT's `sub`; without auth, the peer's IP address. More are
+    /// configured name) or a JWT's `sub`, from one IP address; without auth, the peer's IP
+    /// address. More are
     /// refused with 429 (in-band: `rate_limited`, close 4429).
     pub max_connections_per_client: usize,
     /// Most WebSocket rooms open at once (4,096; see `ksync_ws::server::RelayConfig::

@@ -1,6 +1,6 @@
-//! `RelayConfig::max_connections_per_client`: one client (its credentials' subject, or its
-//! address without auth) cannot take every connection; its places free however its
-//! connections end.
+//! `RelayConfig::max_connections_per_client`: one client (its credentials' subject from one
+//! address, or its address without auth) cannot take every connection; its places free
+//! however its connections end.
 
 mod common;
 
@@ -214,18 +214,16 @@ async fn places_free_when_connections_end_by_error_drop_or_timeout() {
     server.stop().await;
 }
 
-/// A relay served with the peer's address (as `ksync serve` serves it), without auth.
-async fn start_with_connect_info(config: RelayConfig) -> (SocketAddr, Relay) {
+/// A relay served with the peer's address (as `ksync serve` serves it).
+async fn start_with_connect_info(
+    config: RelayConfig,
+    auth: Arc<dyn ksync_core::Authenticator>,
+) -> (SocketAddr, Relay) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let relay = Relay::new(
-        config,
-        Arc::new(InMemoryProvider::new()),
-        Arc::new(ksync_core::AllowAll),
-    )
-    .expect("relay");
+    let relay = Relay::new(config, Arc::new(InMemoryProvider::new()), auth).expect("relay");
     let app = relay
         .router()
         .into_make_service_with_connect_info::<SocketAddr>();
@@ -235,15 +233,23 @@ async fn start_with_connect_info(config: RelayConfig) -> (SocketAddr, Relay) {
     (addr, relay)
 }
 
-/// Connects to `addr` from the local address `from` and says hello.
-async fn join_from(from: &str, addr: SocketAddr) -> Result<Raw, u16> {
+/// Connects to `addr` from the local address `from` with `headers` and says hello.
+async fn join_from(from: &str, addr: SocketAddr, headers: &[(&str, &str)]) -> Result<Raw, u16> {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
         .bind(format!("{from}:0").parse().expect("from"))
         .expect("bind");
     let tcp = socket.connect(addr).await.expect("connect");
-    let url = format!("ws://{addr}/ws/room");
-    match tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)).await {
+    let mut request = format!("ws://{addr}/ws/room")
+        .into_client_request()
+        .expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+            value.parse().expect("header value"),
+        );
+    }
+    match tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)).await {
         Ok((mut ws, _)) => {
             send_json(&mut ws, hello()).await;
             let welcome = recv_json(&mut ws).await;
@@ -259,13 +265,32 @@ async fn join_from(from: &str, addr: SocketAddr) -> Result<Raw, u16> {
 
 #[tokio::test]
 async fn without_auth_a_client_is_its_address() {
-    let (addr, relay) = start_with_connect_info(capped(2)).await;
-    let _a = join_from("127.0.0.1", addr).await.expect("first");
-    let _b = join_from("127.0.0.1", addr).await.expect("second");
-    assert_eq!(join_from("127.0.0.1", addr).await.err(), Some(429));
+    let (addr, relay) = start_with_connect_info(capped(2), Arc::new(ksync_core::AllowAll)).await;
+    let _a = join_from("127.0.0.1", addr, &[]).await.expect("first");
+    let _b = join_from("127.0.0.1", addr, &[]).await.expect("second");
+    assert_eq!(join_from("127.0.0.1", addr, &[]).await.err(), Some(429));
     // Another address (the loopback network holds all of 127/8 on Linux) still gets in.
-    let _c = join_from("127.0.0.2", addr).await.expect("another address");
+    let _c = join_from("127.0.0.2", addr, &[])
+        .await
+        .expect("another address");
     assert_eq!(relay.connections(), 3);
+    relay.shutdown().await;
+}
+
+/// One API key in every copy of an app is not one client: the cap is per key and address,
+/// so users of a shared key on other machines still get in while one machine is at its cap.
+#[tokio::test]
+async fn with_auth_a_client_is_its_subject_from_one_address() {
+    let (addr, relay) = start_with_connect_info(capped(2), Arc::new(TestKeys)).await;
+    let _a = join_from("127.0.0.1", addr, RW).await.expect("first");
+    let _b = join_from("127.0.0.1", addr, RW).await.expect("second");
+    assert_eq!(join_from("127.0.0.1", addr, RW).await.err(), Some(429));
+    // The same key from another machine, and another key from this one, still get in.
+    let _c = join_from("127.0.0.2", addr, RW)
+        .await
+        .expect("the key from another address");
+    let _d = join_from("127.0.0.1", addr, RO).await.expect("another key");
+    assert_eq!(relay.connections(), 4);
     relay.shutdown().await;
 }
 

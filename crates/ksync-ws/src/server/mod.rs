@@ -85,17 +85,17 @@ pub struct RelayConfig {
     /// `max_connections` (nor, each connection being in one room, every place of
     /// `max_open_rooms`). A client is its credentials' subject ([`ksync_core::Grant::subject`]:
     /// an API key's configured name, a JWT's `sub`, `jwt` for every token without one; never
-    /// the credential itself) when the authenticator requires credentials, else the peer's
-    /// IP address (known when served with `into_make_service_with_connect_info::
-    /// <SocketAddr>()`, as `ksync serve` does; without it clients cannot be told apart and
-    /// only `max_connections` applies). Overflow policy:
+    /// the credential itself) seen from one IP address: the same key from another machine is
+    /// another client. Without auth a client is its IP address alone. The address is known
+    /// when served with `into_make_service_with_connect_info::<SocketAddr>()`, as `ksync
+    /// serve` does; without it a client is its subject alone, and without auth clients cannot
+    /// be told apart and only `max_connections` applies. Overflow policy:
     /// more are refused before the upgrade with 429 `too many connections for this client`
     /// (in-band: `rate_limited`, close 4429), which kSync's clients retry with backoff; a
     /// place frees when one of the client's connections ends, however it ends. Default 1000:
     /// far above one application instance's needs, while no one client takes more than a
-    /// tenth of the default `max_connections`. Credentials shared by many users (one API key
-    /// in every copy of an app, or every client behind one proxy's address without auth)
-    /// count as one client: raise it for them.
+    /// tenth of the default `max_connections`. Clients behind one address (a proxy, a NAT)
+    /// with the same credentials, or without auth, count as one client: raise it for them.
     pub max_connections_per_client: usize,
     /// Most rooms open at once, each with its log and its task (a room closes once its last
     /// connection has left). A file log costs a writer thread and a file descriptor, and a
@@ -308,20 +308,25 @@ impl Shared {
     }
 }
 
-/// Who a connection belongs to, for `RelayConfig::max_connections_per_client`.
+/// Who a connection belongs to, for `RelayConfig::max_connections_per_client`: a subject
+/// seen from one address. The subject alone would make every user of one shared API key (or
+/// of JWTs without `sub`) one client, capped together; the address bounds what one machine
+/// (or one proxy) can take with one set of credentials.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum ClientKey {
-    /// The grant's subject (auth required): an API key's name, a JWT's `sub`.
-    Subject(String),
-    /// The peer's address (no auth).
-    Peer(std::net::IpAddr),
+struct ClientKey {
+    /// The grant's subject when auth is required (an API key's name, a JWT's `sub`).
+    subject: Option<String>,
+    /// The peer's IP address, when the server knows it.
+    address: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Display for ClientKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ClientKey::Subject(subject) => write!(f, "subject {subject}"),
-            ClientKey::Peer(ip) => write!(f, "address {ip}"),
+        match (&self.subject, &self.address) {
+            (Some(subject), Some(ip)) => write!(f, "subject {subject} from {ip}"),
+            (Some(subject), None) => write!(f, "subject {subject}"),
+            (None, Some(ip)) => write!(f, "address {ip}"),
+            (None, None) => write!(f, "unknown client"),
         }
     }
 }
@@ -663,12 +668,12 @@ impl Relay {
             return Refusal::new(StatusCode::FORBIDDEN, "not allowed to read this room")
                 .upgrade(ws, in_band());
         }
-        // Without auth every client is "anonymous": its address tells them apart.
-        let client = if shared.auth.required() {
-            Some(ClientKey::Subject(grant.subject.clone()))
-        } else {
-            peer.map(ClientKey::Peer)
-        };
+        // Without auth every client is "anonymous": its address alone tells them apart.
+        let subject = shared.auth.required().then(|| grant.subject.clone());
+        let client = (subject.is_some() || peer.is_some()).then_some(ClientKey {
+            subject,
+            address: peer,
+        });
         let slot = match shared.take_connection(client.clone()) {
             Ok(slot) => slot,
             Err(OverCap::Server) => {
