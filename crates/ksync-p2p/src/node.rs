@@ -1116,6 +1116,10 @@ impl Node {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
+                // Upgraded since it was refused (reached through `connect_to_peer`): kept
+                // refused, it could not reconnect for the rest of the refusal once this
+                // connection dropped.
+                self.swarm.behaviour_mut().refusals.forgive(&peer_id);
                 if let Some(name) = wire::peer_name(&info.agent_version) {
                     self.learn_name(peer_id, name, info.listen_addrs.clone());
                 }

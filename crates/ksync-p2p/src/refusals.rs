@@ -9,7 +9,8 @@
 //! dial that `connect_to_peer` asked for goes through (the user may have upgraded the peer:
 //! one dial, one answer). Once the time is up the peer may be dialed again, and is refused and
 //! reported again if it still speaks another version: at most one report per peer per
-//! [`REFUSE_FOR`].
+//! [`REFUSE_FOR`]. A refused peer that announces our version (reached by `connect_to_peer`
+//! after an upgrade) is refused no longer.
 //!
 //! Bounded: at most [`MAX_REFUSED`] peers (identities are free to make). Overflow policy: a new
 //! refusal first drops those whose time is up, then the one that ends soonest.
@@ -73,6 +74,12 @@ impl Refusals {
             }
             None => false,
         }
+    }
+
+    /// Ends `peer`'s refusal: it announced our version since (the user upgraded it and
+    /// reached it with `connect_to_peer`), so its next connections are let in.
+    pub(crate) fn forgive(&mut self, peer: &PeerId) {
+        self.until.remove(peer);
     }
 
     /// Lets the dial `connection` through whoever it reaches (`connect_to_peer`).

@@ -189,3 +189,94 @@ async fn a_refused_peer_is_turned_away_unreported_but_connect_to_peer_still_dial
     .await;
     driver.abort();
 }
+
+/// A refused peer that the user upgraded and connected to again (`connect_to_peer`), and that
+/// now announces our version, is refused no longer: when that connection drops, it is let in
+/// again at once, not turned away for the rest of the ten minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_peer_that_now_speaks_our_version_is_refused_no_longer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ours = peer(dir.path(), "ours").await;
+    let ours_id = ours.local_peer_id();
+    let ours_addr = ours.addresses()[0].clone();
+    let (errors, _sub) = version_errors(&ours);
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let id = key.public().to_peer_id();
+    let mut before_upgrade = raw::swarm_of(key.clone(), |key| Newer {
+        identify: identify::Behaviour::new(identify::Config::new(NEWER.into(), key.public())),
+        kad: None.into(),
+    });
+    before_upgrade.dial(ours_addr.clone()).expect("dial");
+    until_closed(&mut before_upgrade).await;
+    wait_until(10, "the newer peer is reported", || {
+        errors.lock().expect("lock").len() == 1
+    })
+    .await;
+    drop(before_upgrade);
+
+    // The same peer, upgraded: it speaks our version now.
+    let mut upgraded = raw::swarm_of(key, |key| Newer {
+        identify: identify::Behaviour::new(
+            identify::Config::new("/ksync/1/ksync".into(), key.public())
+                .with_agent_version("ksync-p2p/9.9.9 peer/upgraded".into()),
+        ),
+        kad: None.into(),
+    });
+    let upgraded_addr = listen_on_loopback(&mut upgraded)
+        .await
+        .with(Protocol::P2p(id));
+    // Once told: it hangs up on ours (a restart, say) and dials ours again, then says whether
+    // ours let it in (its identify came) or turned it away (the connection closed first).
+    let (redial, mut redial_asked) = tokio::sync::oneshot::channel::<()>();
+    let (let_in_tx, let_in) = tokio::sync::oneshot::channel::<bool>();
+    let driver = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = upgraded.select_next_some() => {}
+                _ = &mut redial_asked => break,
+            }
+        }
+        let _ = upgraded.disconnect_peer_id(ours_id);
+        while upgraded.is_connected(&ours_id) {
+            upgraded.select_next_some().await;
+        }
+        upgraded.dial(ours_addr).expect("dial");
+        let outcome = loop {
+            match upgraded.select_next_some().await {
+                SwarmEvent::Behaviour(NewerEvent::Identify(identify::Event::Received {
+                    peer_id,
+                    ..
+                })) if peer_id == ours_id => break true,
+                SwarmEvent::ConnectionClosed { peer_id, .. } if peer_id == ours_id => break false,
+                SwarmEvent::OutgoingConnectionError { .. } => break false,
+                _ => {}
+            }
+        };
+        let _ = let_in_tx.send(outcome);
+        loop {
+            upgraded.select_next_some().await;
+        }
+    });
+    let connected = ours.connect_to_peer(&upgraded_addr.to_string()).await;
+    assert_eq!(connected.expect("connect_to_peer dials it"), id);
+    // Ours has read its identify once it knows the name it announces there.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while ours.connect_to_peer("upgraded").await.ok() != Some(id) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("ours reads the upgraded peer's identify");
+    redial.send(()).expect("driver");
+    let let_in = tokio::time::timeout(Duration::from_secs(10), let_in)
+        .await
+        .expect("the dial ends one way or the other")
+        .expect("driver");
+    assert!(let_in, "ours turned the upgraded peer away");
+    wait_until(10, "ours lists the upgraded peer again", || {
+        ours.connected_peers().contains(&id)
+    })
+    .await;
+    assert_eq!(errors.lock().expect("lock").len(), 1, "reported again");
+    driver.abort();
+}

@@ -86,7 +86,15 @@ pub type RawSwarm =
 /// A libp2p swarm of its own identity over TCP (Noise, Yamux) with `behaviour`, not
 /// listening yet: the raw peers these tests play, whatever they speak.
 pub fn swarm<B: NetworkBehaviour>(behaviour: impl FnOnce(&Keypair) -> B) -> Swarm<B> {
-    SwarmBuilder::with_new_identity()
+    swarm_of(Keypair::generate_ed25519(), behaviour)
+}
+
+/// [`swarm`] with the identity `key` (the same peer again, e.g. upgraded).
+pub fn swarm_of<B: NetworkBehaviour>(
+    key: Keypair,
+    behaviour: impl FnOnce(&Keypair) -> B,
+) -> Swarm<B> {
+    SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
