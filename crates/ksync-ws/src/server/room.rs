@@ -415,18 +415,28 @@ impl RoomLink {
     /// without gap or overlap. Through the room's queue a join waited for every queued group
     /// commit, each an append that a slow disk makes seconds long: past the clients' connect
     /// timeout, so readers could not join a room its writers kept busy. `Err`: the room has
-    /// closed (idle, shut down, or its log failed); join the room opened anew.
+    /// closed (idle, shut down, or its log failed); join the room opened anew, which the
+    /// relay opens once this one's queue is closed (returned only then).
     pub(crate) async fn subscribe(
         &self,
         conn: u64,
         state: bool,
         outbox: Arc<Outbox>,
     ) -> Result<Result<Subscribed, String>, RoomClosed> {
-        let mut room = self.shared.room.lock().await;
-        if room.closed {
-            return Err(RoomClosed);
+        let room = self.shared.room.lock().await;
+        if !room.closed {
+            let mut room = room;
+            return Ok(room.subscribe(conn, state, outbox));
         }
-        Ok(room.subscribe(conn, state, outbox))
+        drop(room);
+        // A commit on a publisher's task that found the log failed (`close_for_reopen`)
+        // leaves the room's task asleep until its next command, and the relay's map keeps
+        // handing out this link until the task closes the queue: wake it (leaving a room one
+        // never joined changes nothing; a full queue wakes it anyway) and wait for that, or
+        // every retry of the join would find this closed room again.
+        let _ = self.tx.try_send(RoomCommand::Unsubscribe { conn });
+        self.tx.closed().await;
+        Err(RoomClosed)
     }
 
     /// Commits `publishes` (one connection's, in order; drained) in one append on the
