@@ -582,14 +582,7 @@ impl GitServer {
         E: From<StorageError> + Send + 'static,
     {
         let service = self.clone();
-        tokio::task::spawn_blocking(move || work(&service))
-            .await
-            .unwrap_or_else(|panicked| {
-                Err(E::from(StorageError::Io {
-                    context: "storage work off the runtime's workers panicked".into(),
-                    source: std::io::Error::other(panicked.to_string()),
-                }))
-            })
+        on_blocking_pool(move || work(&service)).await
     }
 
     /// [`branches`](Self::branches), off the runtime's workers (it opens every branch log).
@@ -1340,13 +1333,25 @@ async fn read_page_off_workers(
     budget: usize,
 ) -> Result<Vec<Stored>, StorageError> {
     let storage = Arc::clone(storage);
-    tokio::task::spawn_blocking(move || read_page(storage.as_ref(), after, count, budget))
+    on_blocking_pool(move || read_page(storage.as_ref(), after, count, budget)).await
+}
+
+/// Runs storage `work` on the blocking pool (see [`GitServer::off_workers`]); a panic in it
+/// is a storage error, not a panic of the request's task.
+async fn on_blocking_pool<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<StorageError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|panicked| {
-            Err(StorageError::Io {
-                context: "reading a branch log page panicked".into(),
+            Err(E::from(StorageError::Io {
+                context: "storage work off the runtime's workers panicked".into(),
                 source: std::io::Error::other(panicked.to_string()),
-            })
+            }))
         })
 }
 

@@ -551,10 +551,10 @@ async fn expired(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
 /// Whether `grant`'s credentials have expired by now (for the steps that wait on a write
 /// rather than on the timer: the catch-up).
 fn check_expiry(grant: &Grant) -> Result<(), End> {
-    match grant.expires_at {
-        Some(at) if std::time::SystemTime::now() >= at => Err(credentials_expired()),
-        _ => Ok(()),
+    if grant.expired_at(std::time::SystemTime::now()) {
+        return Err(credentials_expired());
     }
+    Ok(())
 }
 
 fn credentials_expired() -> End {
