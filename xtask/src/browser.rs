@@ -36,7 +36,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let node_dir = target.join("browser-node");
     let playwright = ensure_playwright(&node_dir)?;
 
-    // One invocation: one feature resolution and one lock wait for both.
+    // One invocation: one feature resolution and one lock wait for both. `--workspace`: features
+    // resolved as `cargo test --workspace` resolves them, so after CI's test step nothing but
+    // the two targets is built.
     let manifest = root.join("Cargo.toml");
     let manifest = manifest
         .to_str()
@@ -45,10 +47,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "build",
         "--manifest-path",
         manifest,
-        "-p",
-        "ksync-cli",
-        "-p",
-        "ksync-ws",
+        "--workspace",
         "--bin",
         "ksync",
         "--example",
@@ -137,8 +136,7 @@ fn workspace_root() -> Result<PathBuf> {
 
 /// Where cargo puts this workspace's builds (honours `CARGO_TARGET_DIR` and cargo config).
 fn target_dir(root: &Path) -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
+    let output = crate::cargo_command()
         .args([
             "metadata",
             "--format-version",

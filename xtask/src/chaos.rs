@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -86,8 +86,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let _ = std::fs::remove_file(&figures_path);
 
     let started = Instant::now();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut test = Command::new(&cargo);
+    let mut test = crate::cargo_command();
     test.current_dir(&root)
         .args([
             "test",
@@ -119,7 +118,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 
     let mut fuzz_rows = Vec::new();
     if options.fuzz && options.only.is_none() {
-        fuzz_rows = run_fuzz(&root, &cargo, options.fuzz_secs, &out_dir)?;
+        fuzz_rows = run_fuzz(&root, options.fuzz_secs, &out_dir)?;
     }
 
     let text = std::fs::read_to_string(&figures_path).unwrap_or_default();
@@ -180,12 +179,12 @@ fn print_table(figures: &[Figure]) {
 }
 
 /// Runs every fuzz target for `secs` seconds; one figure per target.
-fn run_fuzz(root: &Path, cargo: &str, secs: u64, out_dir: &Path) -> Result<Vec<Figure>> {
+fn run_fuzz(root: &Path, secs: u64, out_dir: &Path) -> Result<Vec<Figure>> {
     let fuzz_dir = root.join("fuzz");
     if !fuzz_dir.join("Cargo.toml").exists() {
         bail!("no fuzz/Cargo.toml");
     }
-    let has_cargo_fuzz = Command::new(cargo)
+    let has_cargo_fuzz = crate::cargo_command()
         .args(["fuzz", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
@@ -197,7 +196,7 @@ fn run_fuzz(root: &Path, cargo: &str, secs: u64, out_dir: &Path) -> Result<Vec<F
         let log = out_dir.join(format!("fuzz-{target}.log"));
         let log_file = std::fs::File::create(&log).context("creating the fuzz log")?;
         eprintln!("$ cargo fuzz run {target} --sanitizer none -- -max_total_time={secs}");
-        let status = Command::new(cargo)
+        let status = crate::cargo_command()
             .current_dir(&fuzz_dir)
             .args([
                 "fuzz",

@@ -86,10 +86,9 @@ fn workspace_root() -> PathBuf {
 
 /// Runs `cargo <args>` in `dir` with extra environment, failing on a non-zero exit.
 fn cargo_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let shown_env: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
     eprintln!("$ {shown_env}cargo {}", args.join(" "));
-    let status = Command::new(&cargo)
+    let status = crate::cargo_command()
         .args(args)
         .envs(env.iter().copied())
         .current_dir(dir)
@@ -104,8 +103,7 @@ fn cargo_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
 /// The umbrella's features other than `default` and `full`, read from `cargo metadata` so new
 /// features join the matrix without editing this file. Empty when the umbrella does not exist.
 fn umbrella_features(root: &Path) -> Result<Option<Vec<String>>> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
+    let out = crate::cargo_command()
         .args(["metadata", "--no-deps", "--format-version", "1"])
         .current_dir(root)
         .output()
@@ -165,7 +163,7 @@ fn tests(root: &Path) -> Result<()> {
     // do not answer nextest's `--list` protocol. `KSYNC_CI_NEXTEST=1` uses nextest (plus the
     // doc tests, which nextest does not run) where every binary supports it.
     let nextest = std::env::var_os("KSYNC_CI_NEXTEST").is_some()
-        && Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        && crate::cargo_command()
             .args(["nextest", "--version"])
             .output()
             .is_ok_and(|o| o.status.success());
@@ -197,8 +195,7 @@ fn docs(root: &Path) -> Result<()> {
 }
 
 fn deny(root: &Path) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let installed = Command::new(&cargo)
+    let installed = crate::cargo_command()
         .args(["deny", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());

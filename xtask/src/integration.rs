@@ -40,7 +40,19 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(arg) = args.first() {
         bail!("cargo xtask integration takes no arguments (got {arg:?})");
     }
-    crate::cargo(&["build", "-p", "ksync-cli"])?;
+    // One build for the binary and the examples, resolving features over the whole workspace
+    // with its dev-dependencies as `cargo test --workspace` does: after CI's test step it reuses
+    // every dependency (`-p ksync-cli`, then `-p ksync --features full`, rebuilt tokio, hyper,
+    // libp2p and the ksync crates twice: ~80 s).
+    crate::cargo(&[
+        "build",
+        "--workspace",
+        "--bin",
+        "ksync",
+        "--examples",
+        "--features",
+        "ksync/full",
+    ])?;
     let binary = target_dir().join("debug").join("ksync");
     ensure!(binary.exists(), "{} was not built", binary.display());
     let data = tempfile::tempdir().context("temporary data directory")?;
@@ -73,7 +85,6 @@ const EXAMPLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Step 6 (see the module docs).
 fn examples(binary: &PathBuf) -> Result<()> {
-    crate::cargo(&["build", "-p", "ksync", "--examples", "--features", "full"])?;
     let data = tempfile::tempdir().context("temporary data directory")?;
     let server = ServerProcess::start_open(binary, data.path())?;
     let dir = target_dir().join("debug").join("examples");

@@ -41,11 +41,41 @@ const USAGE: &str = "usage: cargo xtask <command>
   browser [file..]      the dashboard and the JS client in headless Chromium (installs chromium
                         and playwright-core when missing; default: every tests/browser/*.test.mjs)";
 
+/// A `cargo` command for a child of xtask, without the package variables `cargo run` gave
+/// xtask (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...). Build scripts such as ring's declare
+/// `rerun-if-env-changed` on them, so a child that inherited them rebuilt ring and everything
+/// above it (libp2p, ksync-p2p, xtask) each time CI went from a shell's cargo to xtask's and
+/// back: ~25 s, three times per CI run.
+pub(crate) fn cargo_command() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_set_by_cargo_run) {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Whether `cargo run` sets `name` for the program it runs (cargo's "Environment variables
+/// Cargo sets for crates"); `CARGO` itself is kept: it names the cargo to use.
+fn is_set_by_cargo_run(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "OUT_DIR"
+        )
+}
+
 /// Runs `cargo <args>`, failing on a non-zero exit.
 pub(crate) fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("$ cargo {}", args.join(" "));
-    let status = Command::new(&cargo)
+    let status = cargo_command()
         .args(args)
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
