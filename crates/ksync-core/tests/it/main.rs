@@ -1,0 +1,8 @@
+//! ksync-core's integration tests as one binary, one module per former test file: one
+//! link instead of one per file (CI time). Tests that must run in their own process
+//! (they re-execute themselves, install a global subscriber or read the process's RSS)
+//! stay in their own files beside this directory.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+mod convergence;
+mod orchestrator;

@@ -1,0 +1,69 @@
+//! Options at the top of their type's range: refused by `build` with a config error, or
+//! honoured without allocating for them up front, never a panic at `start`.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::*;
+use ksync_p2p::P2PError;
+
+/// A command queue larger than a tokio channel can be (`Semaphore::MAX_PERMITS`) is refused
+/// by `build`, with the limit in the message; the largest allowed one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_capacity_over_the_channel_limit_is_refused_by_build() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let max = tokio::sync::Semaphore::MAX_PERMITS;
+    for capacity in [usize::MAX, max + 1] {
+        let Err(err) = builder(dir.path(), "a").command_capacity(capacity).build() else {
+            panic!("command_capacity({capacity}) was accepted");
+        };
+        let P2PError::Config(reason) = &err else {
+            panic!("not a config error: {err:?}");
+        };
+        assert!(
+            reason.contains("command_capacity") && reason.contains(&max.to_string()),
+            "{reason}"
+        );
+    }
+    let a = builder(dir.path(), "a")
+        .command_capacity(max)
+        .build()
+        .expect("the limit itself is allowed");
+    a.start().await.expect("start");
+    a.broadcast(event("a", 0)).await.expect("broadcast");
+    a.stop().await.expect("stop");
+}
+
+/// `max_peer_cursors(usize::MAX)` (no practical bound) starts without reserving a slot per
+/// possible peer, syncs, and stores its peer's cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbounded_cursor_cap_starts_and_syncs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = builder(dir.path(), "a")
+        .anti_entropy_interval(Duration::from_secs(3600))
+        .build()
+        .expect("build");
+    a.replica()
+        .storage()
+        .append((0..3).map(|n| event("a", n)).collect())
+        .await
+        .expect("append");
+    a.start().await.expect("start");
+    let b = builder(dir.path(), "b")
+        .max_peer_cursors(usize::MAX)
+        .build()
+        .expect("build");
+    b.start().await.expect("start");
+    link(&b, &a).await;
+    wait_until(10, "b catches up on a's events", || keys(&b).len() == 3).await;
+    a.broadcast(event("a", 3)).await.expect("broadcast");
+    wait_until(10, "b gets a's broadcast", || keys(&b).len() == 4).await;
+    b.stop().await.expect("stop");
+    let stored =
+        ksync_p2p::stored_peer_cursor(&**b.replica().storage(), &a.local_peer_id()).expect("read");
+    assert!(
+        matches!(stored, Some((cursor, _)) if cursor >= 3),
+        "{stored:?}"
+    );
+}

@@ -1,0 +1,17 @@
+//! ksync-server's integration tests as one binary, one module per former test file: one
+//! link instead of one per file (CI time). Tests that must run in their own process
+//! (they re-execute themselves, install a global subscriber or read the process's RSS)
+//! stay in their own files beside this directory.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod auth;
+mod auth_lifetime;
+mod connections;
+mod dashboard;
+mod relay;
+mod relay_edges;
+mod server;
+mod tls;

@@ -1,0 +1,11 @@
+//! ksync-storage-file's integration tests as one binary, one module per former test file: one
+//! link instead of one per file (CI time). Tests that must run in their own process
+//! (they re-execute themselves, install a global subscriber or read the process's RSS)
+//! stay in their own files beside this directory.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+mod compaction;
+mod model;
+mod recovery;
+mod storage;
+mod upgrade;

@@ -1,0 +1,162 @@
+//! Upgrading an app in place: this build's `WebSocketSyncClient` over a replica log the
+//! client of commit 4aa2aa3 wrote, against this build's relay over that build's data
+//! directory (`tests/fixtures/4aa2aa3`; its README says how they were made). The app had 3
+//! events acknowledged, then emitted 2 while offline (its offline queue); meanwhile another
+//! client published 2. Tests work on copies.
+
+use crate::common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::{Recorder, eventually, start_with};
+use ksync_core::{AllowAll, Event, KSync, LogName, Name, Notification, Storage, StorageProvider};
+use ksync_storage_file::{FileProvider, FileStorage};
+use ksync_ws::WebSocketSyncClient;
+use ksync_ws::server::RelayConfig;
+
+fn fixture() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/4aa2aa3")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create the copy's directory");
+    for entry in std::fs::read_dir(from).expect("read the fixture directory") {
+        let entry = entry.expect("fixture entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a fixture file");
+        }
+    }
+}
+
+/// The app's log, moved to `url`: the client keeps its cursors and the room's log id per URL
+/// (`ws:URL/room`, `ws:URL/acked`, `ws:URL/log`), and the fixture's relay answered at another
+/// address than this test's, so each is copied to `url` as it would read had the relay kept
+/// its address.
+async fn move_to(log: &FileStorage, old: &str, url: &str) {
+    for key in ["cursor/ws:{}/room", "cursor/ws:{}/acked", "ws:{}/log"] {
+        let value = log
+            .meta(&key.replace("{}", old))
+            .expect("meta")
+            .unwrap_or_else(|| panic!("the fixture holds {key}"));
+        log.set_meta(&key.replace("{}", url), &value)
+            .await
+            .expect("set meta");
+    }
+}
+
+/// The relay's room log and the app's replica log written by the old build are taken over:
+/// the client resumes from its old room cursor (it receives only the 2 events published while
+/// it was offline; no room reset, as the room keeps its log id), sends only its offline queue
+/// (the 3 events the old build had acknowledged are not sent again) and ends with both logs
+/// holding the same 7 events, once each.
+#[tokio::test]
+async fn an_old_apps_offline_queue_and_cursors_are_taken_over() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    copy_dir(&fixture().join("data"), &data);
+    std::fs::copy(fixture().join("app.log"), tmp.path().join("app.log")).expect("copy");
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("expected.json")).expect("read"))
+            .expect("expected.json is JSON");
+    let room_events: Vec<Event> = expected["notes"]["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|stored| serde_json::from_value(stored["event"].clone()).expect("event"))
+        .collect();
+    assert_eq!(
+        room_events.len(),
+        5,
+        "3 from the app, then 2 from another client"
+    );
+
+    let provider = Arc::new(FileProvider::new(&data).expect("provider"));
+    let server = start_with(
+        RelayConfig::default(),
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(AllowAll),
+    )
+    .await;
+    let url = server.url(Some("notes"));
+    let app_log = Arc::new(FileStorage::open(tmp.path().join("app.log")).expect("old app log"));
+    move_to(&app_log, expected["url"].as_str().expect("url"), &url).await;
+    let queued: Vec<Event> = app_log
+        .read_since(3, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|stored| stored.event)
+        .collect();
+    assert_eq!(queued.len(), 2, "the offline queue");
+
+    let client = WebSocketSyncClient::builder(&url).build().expect("client");
+    let recorder = Recorder::attach(&client);
+    let app = KSync::builder()
+        .storage(Arc::clone(&app_log) as Arc<dyn Storage>)
+        .sync_client(Arc::new(client))
+        .replica_id("app")
+        .build()
+        .await
+        .expect("ksync");
+    app.connect().await.expect("connect");
+    let room = provider
+        .existing(&LogName::Room(Name::new("notes").expect("name")))
+        .expect("provider")
+        .expect("the room's log");
+    eventually("both logs hold all 7 events", || {
+        app_log.len() == 7 && room.len() == 7
+    })
+    .await;
+    let acked = format!("ws:{url}/acked");
+    eventually("the offline queue is acknowledged", || {
+        app.replica().cursor(&acked).expect("cursor") == 5
+    })
+    .await;
+    app.disconnect().await.expect("disconnect");
+
+    // The room: the old 5, then the app's queue, in the order it was made.
+    let in_room: Vec<Event> = room
+        .read_since(0, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|stored| stored.event)
+        .collect();
+    assert_eq!(in_room[..5], room_events[..]);
+    assert_eq!(in_room[5..], queued[..]);
+    // The app received only what it had not seen, and what went out was only its queue.
+    let others: Vec<String> = room_events[3..].iter().map(|e| e.id.clone()).collect();
+    assert_eq!(recorder.event_ids(), others);
+    let synced: BTreeSet<String> = recorder
+        .all()
+        .into_iter()
+        .filter_map(|n| match n {
+            Notification::Sync(events) => Some(events),
+            _ => None,
+        })
+        .flatten()
+        .map(|e| e.id)
+        .collect();
+    let want: BTreeSet<String> = others
+        .iter()
+        .cloned()
+        .chain(queued.iter().map(|e| e.id.clone()))
+        .collect();
+    assert_eq!(synced, want, "nothing the old build had sent went again");
+    assert_eq!(
+        recorder.count(|n| matches!(n, Notification::Error(_))),
+        0,
+        "{:?}",
+        recorder.all()
+    );
+    assert_eq!(
+        app.replica()
+            .cursor(&format!("ws:{url}/room"))
+            .expect("cursor"),
+        7
+    );
+    server.stop().await;
+}
