@@ -29,10 +29,10 @@ const TEST_TIMEOUT_MS: u32 = 120_000;
 /// Runs the browser tests; `args` may name test files (default: every `tests/browser/*.test.mjs`).
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let started = Instant::now();
-    let root = workspace_root()?;
+    let root = crate::workspace_root();
     let chromium = ensure_chromium()?;
     ensure_node()?;
-    let target = target_dir(&root)?;
+    let target = crate::target_dir(&root)?;
     let node_dir = target.join("browser-node");
     let playwright = ensure_playwright(&node_dir)?;
 
@@ -110,53 +110,6 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// The workspace to test: the one the command was started in (walking up from the current
-/// directory), else the one this binary was built from. Checkouts that share a target
-/// directory share the xtask binary, so the compile-time path can name another checkout.
-fn workspace_root() -> Result<PathBuf> {
-    let cwd = std::env::current_dir().context("reading the current directory")?;
-    for dir in cwd.ancestors() {
-        let manifest = dir.join("Cargo.toml");
-        if dir.join("xtask").is_dir()
-            && std::fs::read_to_string(&manifest).is_ok_and(|text| text.contains("[workspace]"))
-        {
-            return Ok(dir.to_path_buf());
-        }
-    }
-    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    manifest
-        .parent()
-        .map(Path::to_path_buf)
-        .context("xtask has no parent directory")
-}
-
-/// Where cargo puts this workspace's builds (honours `CARGO_TARGET_DIR` and cargo config).
-fn target_dir(root: &Path) -> Result<PathBuf> {
-    let output = crate::cargo_command()
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--manifest-path",
-        ])
-        .arg(root.join("Cargo.toml"))
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo metadata")?;
-    if !output.status.success() {
-        bail!("cargo metadata failed ({})", output.status);
-    }
-    let metadata: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("reading cargo metadata")?;
-    metadata["target_directory"]
-        .as_str()
-        .map(PathBuf::from)
-        .context("cargo metadata gave no target_directory")
 }
 
 fn test_files(root: &Path, args: &[String]) -> Result<Vec<PathBuf>> {

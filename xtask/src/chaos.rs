@@ -7,7 +7,7 @@
 //! cargo-fuzz project outside the workspace) and run with `--sanitizer none` on stable.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use std::time::Instant;
 
@@ -78,7 +78,7 @@ fn parse(args: &[String]) -> Result<Options> {
 /// figure missed its expectation.
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let options = parse(args)?;
-    let root = workspace_root()?;
+    let root = crate::workspace_root();
     let out_dir = root.join("target").join("chaos");
     std::fs::create_dir_all(&out_dir).context("creating target/chaos")?;
     let figures_path = out_dir.join("figures.jsonl");
@@ -144,18 +144,6 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         bail!("chaos: {missed} figure(s) missed their expectation; suite passed: {suite_ok}");
     }
     Ok(())
-}
-
-/// The workspace this run is for. `cargo run` sets `CARGO_MANIFEST_DIR` at run time; prefer it
-/// to the compile-time value, since checkouts that share a target directory share the binary.
-fn workspace_root() -> Result<PathBuf> {
-    let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    xtask
-        .parent()
-        .map(Path::to_path_buf)
-        .context("xtask has no parent directory")
 }
 
 fn print_table(figures: &[Figure]) {

@@ -37,7 +37,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             .filter(|s| args.iter().any(|a| a == s))
             .collect()
     };
-    let root = workspace_root();
+    let root = crate::workspace_root();
     let mut timings: Vec<(&str, Duration)> = Vec::new();
     for step in selected {
         eprintln!("\n==> ci: {step}");
@@ -71,17 +71,6 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let total: Duration = timings.iter().map(|(_, t)| *t).sum();
     eprintln!("  {:<10} {:>7.1}s", "total", total.as_secs_f64());
     Ok(())
-}
-
-/// The workspace this run is for. `cargo run` sets `CARGO_MANIFEST_DIR` at run time; prefer it
-/// to the compile-time value, since checkouts that share a target directory share the binary.
-fn workspace_root() -> PathBuf {
-    let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    xtask
-        .parent()
-        .map_or_else(|| xtask.clone(), Path::to_path_buf)
 }
 
 /// Runs `cargo <args>` in `dir` with extra environment, failing on a non-zero exit.

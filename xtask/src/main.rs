@@ -1,14 +1,13 @@
-//! Project automation: `cargo xtask <ci | bench [scenario..]>`.
+//! Project automation: `cargo xtask <command>` (see `USAGE`).
 
 mod apt;
-mod bench;
 mod browser;
 mod chaos;
 mod ci;
-mod demo;
-mod integration;
+mod harness;
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
@@ -16,11 +15,11 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci::run(&args[1..]),
-        Some("bench") => bench::run(&args[1..]),
+        Some("bench") => harness::bench(&args[1..]),
         Some("chaos") => chaos::run(&args[1..]),
         Some("browser") => browser::run(&args[1..]),
-        Some("integration") => integration::run(&args[1..]),
-        Some("demo") => demo::run(&args[1..]),
+        Some("integration") => harness::integration(&args[1..]),
+        Some("demo") => harness::demo(&args[1..]),
         Some(other) => bail!("unknown xtask {other:?}\n{USAGE}"),
         None => {
             println!("{USAGE}");
@@ -83,4 +82,40 @@ pub(crate) fn cargo(args: &[&str]) -> Result<()> {
         bail!("cargo {} failed with {status}", args.join(" "));
     }
     Ok(())
+}
+
+/// The workspace this run is for. `cargo run` sets `CARGO_MANIFEST_DIR` at run time; prefer it
+/// to the compile-time value, since checkouts that share a target directory share the binary.
+pub(crate) fn workspace_root() -> PathBuf {
+    let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    xtask
+        .parent()
+        .map_or_else(|| xtask.clone(), Path::to_path_buf)
+}
+
+/// Where cargo puts this workspace's builds (honours `CARGO_TARGET_DIR` and cargo config).
+pub(crate) fn target_dir(root: &Path) -> Result<PathBuf> {
+    let output = cargo_command()
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--manifest-path",
+        ])
+        .arg(root.join("Cargo.toml"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !output.status.success() {
+        bail!("cargo metadata failed ({})", output.status);
+    }
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("reading cargo metadata")?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata gave no target_directory")
 }

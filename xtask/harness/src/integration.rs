@@ -40,19 +40,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(arg) = args.first() {
         bail!("cargo xtask integration takes no arguments (got {arg:?})");
     }
-    // One build for the binary and the examples, resolving features over the whole workspace
-    // with its dev-dependencies as `cargo test --workspace` does: after CI's test step it reuses
-    // every dependency (`-p ksync-cli`, then `-p ksync --features full`, rebuilt tokio, hyper,
-    // libp2p and the ksync crates twice: ~80 s).
-    crate::cargo(&[
-        "build",
-        "--workspace",
-        "--bin",
-        "ksync",
-        "--examples",
-        "--features",
-        "ksync/full",
-    ])?;
+    // `cargo xtask integration` built the binary and the examples.
     let binary = target_dir().join("debug").join("ksync");
     ensure!(binary.exists(), "{} was not built", binary.display());
     let data = tempfile::tempdir().context("temporary data directory")?;
@@ -177,9 +165,10 @@ fn wait_within(child: &mut Child, limit: Duration) -> Result<std::process::ExitS
 pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || {
-            // xtask lives one level below the workspace root.
+            // The harness lives two levels below the workspace root.
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .parent()
+                .ancestors()
+                .nth(2)
                 .map_or_else(|| PathBuf::from("target"), |root| root.join("target"))
         },
         PathBuf::from,

@@ -1074,17 +1074,6 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-/// Installs the Debian package named `program` (`nats-server`, `redis-server`) when it is
-/// missing, so that a new machine compares against the baselines without a manual step;
-/// `None` (the system is then reported as skipped) when that is not possible.
-fn install_debian_package(program: &str) -> Option<std::path::PathBuf> {
-    eprintln!("  {program} is not installed: installing Debian's package");
-    if let Err(error) = crate::apt::install(program) {
-        eprintln!("  {error:#}: {program} is skipped");
-        return None;
-    }
-    which(program)
-}
 
 async fn wait_listening(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1129,7 +1118,9 @@ async fn start_external(system: System) -> Result<Option<(SocketAddr, ChildGuard
         }
         _ => return Ok(None),
     };
-    let Some(path) = which(program).or_else(|| install_debian_package(program)) else {
+    // `cargo xtask bench` installs Debian's package first when it can; otherwise skipped.
+    let Some(path) = which(program) else {
+        eprintln!("  {program} is not installed: skipped");
         return Ok(None);
     };
     let port: u16 = match system {

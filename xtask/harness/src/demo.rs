@@ -14,7 +14,7 @@ use crate::integration::{ServerProcess, WRITER_KEY, target_dir};
 /// Entry point.
 pub fn run(args: &[String]) -> Result<()> {
     anyhow::ensure!(args.is_empty(), "cargo xtask demo takes no arguments");
-    crate::cargo(&["build", "-p", "ksync-cli"])?;
+    // `cargo xtask demo` built the binary.
     let binary = target_dir().join("debug").join("ksync");
     let data = tempfile::tempdir().context("temporary data directory")?;
     let server = ServerProcess::start(&binary, data.path())?;

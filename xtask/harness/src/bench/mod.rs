@@ -3,7 +3,7 @@
 //! a lone absolute number means little).
 //!
 //! A scenario module exposes `pub fn run(report: &mut Report) -> Result<()>` and is listed in
-//! [`SCENARIOS`]. A debug build of xtask re-executes itself with `--release` before measuring.
+//! [`SCENARIOS`]. `cargo xtask bench` builds this harness optimised; a debug build refuses to measure.
 //! Results: a table on stdout and `target/bench/report.json`.
 
 mod git;
@@ -210,10 +210,10 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     if cfg!(debug_assertions) && std::env::var_os("KSYNC_BENCH_ALLOW_DEBUG").is_none() {
-        // Benchmarks of a debug build measure the wrong thing: rerun ourselves optimised.
-        let mut cmd_args = vec!["run", "--release", "-p", "xtask", "--", "bench"];
-        cmd_args.extend(wanted.iter().copied());
-        return crate::cargo(&cmd_args);
+        bail!(
+            "benchmarks of a debug build measure the wrong thing: run `cargo xtask bench`, which \
+             builds this harness optimised (KSYNC_BENCH_ALLOW_DEBUG=1 runs it anyway)"
+        );
     }
     // A relay process of the ws scenario (ourselves, re-executed) serves; no header, no table.
     if let Some(served) = ws::serve_if_relay_child() {
