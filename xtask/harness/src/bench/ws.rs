@@ -1074,7 +1074,6 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-
 async fn wait_listening(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
