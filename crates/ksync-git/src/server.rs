@@ -1611,6 +1611,13 @@ async fn merge(
     if moved {
         into.set_meta(&cursor_key, &cursor.to_meta()).await?;
     }
+    // Done: a retry under this id is answered from the answer kept above (or, had nothing
+    // moved, stored nothing to count), so the pending record is dead weight in every replay.
+    // A failure to remove it is a 500: the retry gets the kept answer.
+    if stored_after.is_some() {
+        into.remove_meta(&format!("{MERGE_PENDING_META_PREFIX}{from_name}"))
+            .await?;
+    }
     tracing::info!(%repo, into = %into_name, from = %from_name, appended = body.appended,
         conflicts = body.conflicts.len(), next = ?body.next, "git: merge");
     Ok(s.respond(StatusCode::OK, &headers, &body))
