@@ -373,7 +373,8 @@ async function fakeMonitor(welcomeFor) {
     const session = { closed: null };
     const welcome = welcomeFor(sessions.length);
     sessions.push(session);
-    ws.onMessage(() => ws.send(JSON.stringify(welcome)));
+    // A string goes as it is written (a number JSON.stringify would not write so).
+    ws.onMessage(() => ws.send(typeof welcome === 'string' ? welcome : JSON.stringify(welcome)));
     ws.onClose((code, reason) => {
       session.closed = { code, reason };
       ws.close({ code, reason });
@@ -407,13 +408,20 @@ test('the monitor feed refuses a welcome of another protocol version: close 4001
 });
 
 test('the monitor feed takes a welcome without an integer protocol as broken: error protocol, reconnect (not unsupported_protocol)', async () => {
-  // Missing, then a good one.
-  const { page, sessions } = await fakeMonitor((i) => ({ type: 'welcome', protocol: i === 0 ? undefined : 1, feed: 'monitor' }));
-  await waitFor(() => page.evaluate(() => window.opens === 1), 5000, 'the monitor opened on the second connection');
-  assert.equal(sessions.length, 2);
-  assert.notEqual(sessions[0].closed?.code, 4001);
-  assert.deepEqual(await page.evaluate(() => window.errors.map(([code]) => code)), ['protocol']);
-  assert.deepEqual(await page.evaluate(() => window.attempts), [1]);
+  // Missing, then written as no integer (`2.0`, which JSON.parse reads as 2; `1.0`), then a
+  // good one.
+  const welcomes = [
+    { type: 'welcome', feed: 'monitor' },
+    '{"type":"welcome","protocol":2.0,"feed":"monitor"}',
+    '{"type":"welcome","protocol":1.0,"feed":"monitor"}',
+    { type: 'welcome', protocol: 1, feed: 'monitor' },
+  ];
+  const { page, sessions } = await fakeMonitor((i) => welcomes[Math.min(i, 3)]);
+  await waitFor(() => page.evaluate(() => window.opens === 1), 5000, 'the monitor opened on the fourth connection');
+  assert.equal(sessions.length, 4);
+  for (const session of sessions.slice(0, 3)) assert.notEqual(session.closed?.code, 4001);
+  assert.deepEqual(await page.evaluate(() => window.errors.map(([code]) => code)), ['protocol', 'protocol', 'protocol']);
+  assert.deepEqual(await page.evaluate(() => window.attempts), [1, 2, 3]);
   await page.evaluate(() => window.monitor.stop());
   await page.close();
 });

@@ -9,7 +9,7 @@ import { after, before, test } from 'node:test';
 import { createServer } from 'node:net';
 import { readFileSync } from 'node:fs';
 
-import { errorsOf, fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, startServer, waitFor, storedAck } from './lib.mjs';
+import { errorsOf, FAKE_WELCOME, fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, startServer, waitFor, storedAck } from './lib.mjs';
 
 let browser;
 let server;
@@ -235,19 +235,29 @@ test('a welcome of another protocol version is refused: the client closes with 4
 });
 
 test('a welcome without an integer protocol >= 0 announces no version: a broken welcome (error protocol), retried, not a stop (as the Rust client)', async () => {
-  // Missing, a string, negative, then a good one.
-  const protocols = [undefined, '1', -1, 1];
+  // Missing, a string, negative; numbers written as no integer (`2.0`, `1.0`, `1e0`, which
+  // JSON.parse reads as 2 and 1, and the Rust client, as serde reads a u64, as no version);
+  // then a good one.
+  const protocols = [undefined, '1', -1, '2.0', '1.0', '1e0', 1];
+  const written = ['2.0', '1.0', '1e0'];
+  const protocolOf = (session) => protocols[Math.min(session.index, protocols.length - 1)];
   const { page, relay } = await fakeRelayClient(browser, server.http, {
     options: { reconnectDelay: { min: 10, max: 20 } },
-    welcome: (session) => ({ protocol: protocols[Math.min(session.index, 3)] }),
+    welcome: (session) => (written.includes(protocolOf(session)) ? null : { protocol: protocolOf(session) }),
+    onMessage: (session, message) => {
+      if (message.type !== 'hello' || !written.includes(protocolOf(session))) return;
+      session.send(JSON.stringify({ ...FAKE_WELCOME, protocol: 7 }).replace('"protocol":7', `"protocol":${protocolOf(session)}`));
+    },
   });
-  await relay.waitSessions(4);
-  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected to the fourth');
+  await relay.waitSessions(protocols.length);
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected to the last');
   assert.deepEqual(await page.evaluate(() => window.connectErrors), ['protocol']);
   const errors = await errorsOf(page);
-  assert.equal(errors.filter((e) => e.startsWith("protocol: the server's welcome was refused: its protocol")).length, 3, errors.join('\n'));
+  const refused = errors.filter((e) => e.startsWith("protocol: the server's welcome was refused: its protocol"));
+  assert.equal(refused.length, protocols.length - 1, errors.join('\n'));
+  for (const text of written) assert.ok(refused.some((e) => e.includes(`its protocol ${text} is not`)), errors.join('\n'));
   assert.equal(errors.filter((e) => e.startsWith('unsupported_protocol:')).length, 0, errors.join('\n'));
-  for (const session of relay.sessions.slice(0, 3)) assert.notEqual(session.closed?.code, 4001);
+  for (const session of relay.sessions.slice(0, protocols.length - 1)) assert.notEqual(session.closed?.code, 4001);
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });
@@ -435,4 +445,79 @@ test('every failed attempt and lost connection is an error, alongside reconnecti
     await live.close();
     await own.stop();
   }
+});
+
+test('frames waiting for a slow incoming middleware are bounded (maxIncomingBytes): past it the session ends (slow_consumer) and the next resumes from the cursor', async () => {
+  // 20 live batches of about 10 kB, one event each, sent at once by a relay that does not wait
+  // for the page; the page's middleware holds the first event until released.
+  const events = Array.from({ length: 20 }, (_, n) => makeEvent('flood', { n, pad: 'x'.repeat(10000) }));
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 0, maxIncomingBytes: 50000 },
+    setup: `(client) => {
+      window.held = new Promise((resolve) => { window.release = resolve; });
+      client.use('incoming', async (event) => {
+        if (event.data.n === 0) await window.held;
+        return event;
+      });
+    }`,
+    welcome: () => ({ serverVersion: 20 }),
+    onMessage: (session, message) => {
+      if (message.type !== 'hello') return;
+      for (let i = message.since; i < events.length; i += 1) {
+        session.send({ type: 'events', events: [{ seq: i + 1, event: events[i] }] });
+      }
+    },
+  });
+  await waitErrors(page, 'slow_consumer:');
+  // The client gave the socket up without reading what waited: the cursor did not move.
+  await waitFor(() => relay.sessions[0].closed, 5000, 'the client closed the flooded session');
+  assert.equal(await page.evaluate(() => window.client.cursor), 0);
+  await page.evaluate(() => window.release());
+  // Once the middleware goes on, a later session reads from the cursor: every event once, in order.
+  await waitFor(async () => (await receivedOf(page)).length >= 20, 10000, 'every event received');
+  assert.deepEqual(await receivedOf(page), events.map((e, i) => [i + 1, e.id]));
+  assert.equal(await page.evaluate(() => window.client.cursor), 20);
+  assert.ok(relay.sessions.length >= 2);
+  assert.equal(relay.sessions[1].messages[0].since, 0);
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('a URL with no WebSocket endpoint (an upgrade answered 404) stops the client with no_endpoint, as the Rust client stops; unseen across origins, it is retried', async () => {
+  // The browser hides the 404 of the upgrade; a plain GET of the same URL, from the page's own
+  // origin, shows it.
+  const probe = await browser.newPage();
+  await probe.goto(`${server.http}/health`);
+  const outcome = await probe.evaluate(async (url) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 10, max: 20 } });
+    const seen = { attempts: 0, errors: [] };
+    client.on('reconnecting', () => { seen.attempts += 1; });
+    client.on('error', (error) => seen.errors.push([error.code, error.status ?? null]));
+    const rejected = await client.connect().then(() => 'connected', (error) => [error.code, error.status ?? null]);
+    // Many reconnect delays later: still stopped.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    return { rejected, ...seen };
+  }, `${server.ws}/wrong/chat`);
+  assert.deepEqual(outcome, { rejected: ['no_endpoint', 404], attempts: 0, errors: [['no_endpoint', 404]] });
+
+  // The same from a page of another origin (another server's port): kSync's 404 carries no CORS
+  // header, the page cannot read it, and the client goes on retrying as before.
+  const other = await startServer();
+  try {
+    const outcome2 = await probe.evaluate(async (url) => {
+      const { WebSocketSyncClient } = await import('/ksync.js');
+      const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 10, max: 20 } });
+      const errors = [];
+      client.on('error', (error) => errors.push(error.code));
+      client.connect().catch(() => {});
+      while (errors.length < 3) await new Promise((resolve) => setTimeout(resolve, 10));
+      await client.disconnect();
+      return errors.slice(0, 3);
+    }, `${other.ws}/wrong/chat`);
+    assert.deepEqual(outcome2, ['connect', 'connect', 'connect']);
+  } finally {
+    await other.stop();
+  }
+  await probe.close();
 });
