@@ -126,6 +126,43 @@ test('binary frames: refused without negotiated compression, when they do not in
   }
 });
 
+test('a text frame past 16 MiB is refused as one inflating past it is (bad_message), as the Rust client refuses it: its events come again', async () => {
+  const [e1, e2] = [makeEvent('t1'), makeEvent('t2')];
+  const batch = (...entries) => JSON.stringify({ type: 'events', events: entries });
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 0 },
+    // The page's sockets, to hand one a frame made in the page (16 MiB through the scripted
+    // relay took seconds): the client reads it as any frame from the network.
+    setup: `() => {
+      window.sockets = [];
+      const Base = window.WebSocket;
+      window.WebSocket = class extends Base {
+        constructor(...args) { super(...args); window.sockets.push(this); }
+      };
+    }`,
+    welcome: () => ({ serverVersion: 2 }),
+    onMessage: (session, message) => {
+      if (message.type === 'hello' && session.index > 0) session.send(batch({ seq: 1, event: e1 }, { seq: 2, event: e2 }));
+    },
+  });
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected');
+  // The first session's copy of e1 makes its frame 16 MiB + 1 KiB of JSON; e2 follows it.
+  await page.evaluate(({ e1 }) => {
+    const padded = { ...e1, data: { pad: 'x'.repeat(16 * 1024 * 1024 + 1024) } };
+    window.sockets[0].dispatchEvent(new MessageEvent('message', { data: JSON.stringify({ type: 'events', events: [{ seq: 1, event: padded }] }) }));
+  }, { e1 });
+  relay.sessions[0].send(batch({ seq: 2, event: e2 }));
+  await relay.waitSessions(2);
+  await waitFor(async () => (await receivedOf(page)).length >= 2, 10000, 'both events');
+  assert.deepEqual(await page.evaluate(() => window.received.map((r) => [r.seq, r.event.id, r.event.data.pad === undefined])),
+    [[1, e1.id, true], [2, e2.id, true]]);
+  assert.deepEqual(relay.sessions[1].messages[0].since, 0);
+  const errors = await errorsOf(page);
+  assert.ok(errors.some((e) => e.startsWith('bad_message: the server sent a frame of') && e.includes('past 16777216')), errors.join('\n'));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
 test('sequence numbers: entries without a valid seq are skipped, and acks and welcomes with bad ones refused', async () => {
   const [e1, e2, bad] = [makeEvent('s1'), makeEvent('s2'), makeEvent('bad')];
 

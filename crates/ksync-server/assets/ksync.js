@@ -51,7 +51,8 @@ const DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024;
 const MIN_SERVER_MESSAGE_SIZE = 1024;
 const MAX_SERVER_MESSAGE_SIZE = 8 * 1024 * 1024;
 // The most bytes a compressed frame may inflate to (the Rust client's CLIENT_MAX_MESSAGE_SIZE:
-// twice the largest `maxMessageSize`). Past it the frame is refused (`bad_binary`).
+// twice the largest `maxMessageSize`). Past it the frame is refused (`bad_binary`), and so is a
+// text frame larger than it (`bad_message`).
 const MAX_INFLATED_SIZE = 16 * 1024 * 1024;
 // What frames received and not yet read may hold by default (`maxIncomingBytes`): four of the
 // largest frames a relay sends. Each frame also counts `FRAME_OVERHEAD` (what holding it on
@@ -861,8 +862,16 @@ export class WebSocketSyncClient extends Emitter {
     // and what it sent before that is still queued on `#chain` is skipped here.
     if (socket !== this.#socket) return;
     const binary = typeof data !== 'string';
-    this.#meter.bytes += binary ? data.byteLength : utf8Length(data);
+    const bytes = binary ? data.byteLength : utf8Length(data);
+    this.#meter.bytes += bytes;
     let text = data;
+    if (!binary && bytes > MAX_INFLATED_SIZE) {
+      // Past what any relay sends (about twice its `maxMessageSize`, at most 8 MiB), and what
+      // the Rust client reads (its frame limit): refused as a frame inflating past it is. It
+      // may hold events: the session ends and the next one reads from the cursor again.
+      this.#endSession(new KSyncError('bad_message', `the server sent a frame of ${bytes} bytes, past ${MAX_INFLATED_SIZE}`));
+      return;
+    }
     if (binary) {
       // Binary frames only with negotiated compression (docs/PROTOCOL.md, Frames). A frame
       // refused may hold events: skipping it, the next batch would move the cursor past them,
