@@ -251,11 +251,13 @@ test('non-positive, non-integer and crossed sizes and delays are a TypeError fro
         { batchSize: -2 }, { batchSize: '10' }, { batchInterval: 0 }, { batchInterval: Infinity },
         { snapshotInterval: 'later' }, { heartbeat: -1 }, { heartbeat: 2 ** 31 }, { heartbeatTimeout: 0 },
         { metricsInterval: 0 }, { metricsInterval: 0.5 },
+        { connectTimeout: 0 }, { connectTimeout: 2 ** 31 }, { maxIncomingBytes: 0 }, { maxIncomingBytes: '1MB' },
       ];
       const good = [
         {}, { maxOutbox: 1 }, { reconnectDelay: { min: 1, max: 1 } }, { reconnectDelay: { min: 50000 } },
         { reconnectDelay: { max: 100 } }, { reconnectDelay: {} }, { batchSize: 3, batchInterval: 10 },
         { heartbeat: 2 ** 31 - 1 }, { metricsInterval: 1, snapshotInterval: 1 },
+        { connectTimeout: 1 }, { maxIncomingBytes: 1 },
       ];
       return {
         bad: bad.map((options) => [JSON.stringify(options), attempt(WebSocketSyncClient, options)]),

@@ -558,3 +558,19 @@ test('a URL with no WebSocket endpoint (an upgrade answered 404) stops the clien
   }
   await probe.close();
 });
+
+test('a server that takes the connection and never sends welcome: the attempt ends after connectTimeout (connect_timeout) and the next one connects', async () => {
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { connectTimeout: 200 },
+    // The first session is answered nothing at all.
+    welcome: (session) => (session.index === 0 ? null : {}),
+  });
+  await relay.waitSessions(2);
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected to the second');
+  assert.deepEqual(await page.evaluate(() => window.connectErrors), ['connect_timeout']);
+  assert.deepEqual(relay.sessions[0].closed, { code: 1000, reason: 'ending the session' });
+  const errors = await errorsOf(page);
+  assert.equal(errors.filter((e) => e.startsWith('connect_timeout: no welcome from the server within 200 ms')).length, 1, errors.join('\n'));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});

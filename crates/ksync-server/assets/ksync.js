@@ -461,7 +461,9 @@ function isSeq(seq) {
  * Options (defaults): `auth` (none), `reconnect` (true), `heartbeat` (30000: every this many ms
  * the client sends a `ping` message, and a server that sends nothing within `heartbeatTimeout`
  * (10000 ms) after it is given up on: `disconnected` with code 4009, then a reconnect; the
- * server's own pings are answered by the browser), `compression` (false; honoured where
+ * server's own pings are answered by the browser), `connectTimeout` (10000: an attempt that has
+ * no `welcome` this many ms after it began ends with an `error` of code `connect_timeout`, and
+ * the next comes after the reconnect delay), `compression` (false; honoured where
  * `DecompressionStream('deflate-raw')` works), `strategy` ('event-level' with `batchSize` 1;
  * 'batch' with `batchSize` (50) and `batchInterval` (5000 ms); 'state-based': the first
  * session starts from the room's snapshot, and the latest version of each id sent goes out
@@ -500,6 +502,8 @@ export class WebSocketSyncClient extends Emitter {
   // monotonic clock, which a wall-clock step (NTP, a user's change) does not move).
   #upSince = 0;
   #retryTimer = null;
+  // Runs from an attempt's `new WebSocket` until its `welcome` (`connectTimeout`).
+  #connectTimer = null;
   #cursor = null;
   // The room log `#cursor` belongs to (`welcome.logId`).
   #logId = null;
@@ -547,6 +551,7 @@ export class WebSocketSyncClient extends Emitter {
       reconnect: options.reconnect ?? true,
       heartbeat: delayOption(options.heartbeat, 'heartbeat', 30000),
       heartbeatTimeout: delayOption(options.heartbeatTimeout, 'heartbeatTimeout', 10000),
+      connectTimeout: delayOption(options.connectTimeout, 'connectTimeout', 10000),
       compression: Boolean(options.compression) && canInflateRaw(),
       strategy,
       batchSize: positiveInteger(options.batchSize, 'batchSize', strategy === 'batch' ? 50 : 1),
@@ -641,6 +646,7 @@ export class WebSocketSyncClient extends Emitter {
     this.#stopped = true;
     clearTimeout(this.#retryTimer);
     this.#retryTimer = null;
+    this.#clearConnectTimer();
     this.#settleWaiters(new KSyncError('disconnected', 'disconnect() was called'));
     this.#disconnects += 1;
     this.#refusal = null;
@@ -734,6 +740,11 @@ export class WebSocketSyncClient extends Emitter {
     this.#heartbeatTimer = setInterval(() => this.#ping(socket), this.#options.heartbeat);
   }
 
+  #clearConnectTimer() {
+    clearTimeout(this.#connectTimer);
+    this.#connectTimer = null;
+  }
+
   #stopTimers() {
     clearInterval(this.#flushTimer);
     clearInterval(this.#metricsTimer);
@@ -809,6 +820,17 @@ export class WebSocketSyncClient extends Emitter {
     }
     socket.binaryType = 'arraybuffer';
     this.#socket = socket;
+    // The heartbeat starts at the `welcome`: until then, a server (or a proxy) that takes the
+    // connection and never answers, or a connection that never opens, would hold `connect()`
+    // and every reconnect for good. As the Rust client's `connect_timeout`: the attempt ends
+    // (`connect_timeout`) and the next comes after the reconnect delay.
+    this.#clearConnectTimer();
+    this.#connectTimer = setTimeout(() => {
+      this.#connectTimer = null;
+      if (socket === this.#socket && !this.#connected) {
+        this.#endSession(new KSyncError('connect_timeout', `no welcome from the server within ${this.#options.connectTimeout} ms`));
+      }
+    }, this.#options.connectTimeout);
     this.#compressed = false;
     let opened = false;
     // Bytes of frames of this socket received and not yet read (see `onmessage`).
@@ -957,6 +979,7 @@ export class WebSocketSyncClient extends Emitter {
     // (A snapshot sets it at its last page: a session cut short asks for the snapshot again.)
     if (this.#cursor === null && !this.#needSnapshot) this.#cursor = welcome.serverVersion;
     this.#connected = true;
+    this.#clearConnectTimer();
     this.#upSince = performance.now();
     this.#startTimers();
     this.emit('connected', welcome);
@@ -1311,6 +1334,7 @@ export class WebSocketSyncClient extends Emitter {
     const wasConnected = this.#connected;
     this.#connected = false;
     this.#stopTimers();
+    this.#clearConnectTimer();
     if (wasConnected) this.emit('disconnected', { code: close.code, reason: close.reason });
     const refusal = this.#refusal;
     this.#refusal = null;
