@@ -262,13 +262,13 @@ test('non-positive, non-integer and crossed sizes and delays are a TypeError fro
       return {
         bad: bad.map((options) => [JSON.stringify(options), attempt(WebSocketSyncClient, options)]),
         good: good.map((options) => [JSON.stringify(options), attempt(WebSocketSyncClient, options)]),
-        monitor: [{ reconnectDelay: { min: 0 } }, { reconnectDelay: { min: 'x' } }, { reconnectDelay: { min: 20, max: 10 } }, {}]
+        monitor: [{ reconnectDelay: { min: 0 } }, { reconnectDelay: { min: 'x' } }, { reconnectDelay: { min: 20, max: 10 } }, { timeout: 0 }, { timeout: 2 ** 31 }, {}, { timeout: 1 }]
           .map((options) => attempt(MonitorClient, options)),
       };
     });
     for (const [options, result] of outcome.bad) assert.equal(result, 'TypeError', options);
     for (const [options, result] of outcome.good) assert.equal(result, 'accepted', options);
-    assert.deepEqual(outcome.monitor, ['TypeError', 'TypeError', 'TypeError', 'accepted']);
+    assert.deepEqual(outcome.monitor, ['TypeError', 'TypeError', 'TypeError', 'TypeError', 'TypeError', 'accepted', 'accepted']);
   } finally {
     await page.close();
     await server.stop();

@@ -426,6 +426,44 @@ test('the monitor feed takes a welcome without an integer protocol as broken: er
   await page.close();
 });
 
+test('the monitor feed gives up a feed that falls silent (no stats within its timeout) and one that never welcomes, and connects again', async () => {
+  const page = await browser.newPage();
+  const sessions = [];
+  await page.routeWebSocket(/^ws:\/\/fake\.invalid\//, (ws) => {
+    const session = { index: sessions.length, closed: null };
+    sessions.push(session);
+    ws.onMessage(() => {
+      // The first welcomes, then says nothing more (a dead path); the second never welcomes;
+      // the later ones welcome and send stats.
+      if (session.index === 1) return;
+      ws.send(JSON.stringify({ type: 'welcome', protocol: 1, feed: 'monitor', intervalMs: 50 }));
+      if (session.index >= 2) ws.send(JSON.stringify({ type: 'stats', connections: 0 }));
+    });
+    ws.onClose((code, reason) => {
+      session.closed = { code, reason };
+      ws.close({ code, reason });
+    });
+  });
+  await page.goto(`${server.http}/health`);
+  await page.evaluate(async () => {
+    const { MonitorClient } = await import('/ksync.js');
+    Object.assign(window, { opens: 0, closes: [], stats: 0 });
+    const monitor = new MonitorClient('ws://fake.invalid/monitor', { reconnectDelay: { min: 10, max: 20 }, timeout: 200 });
+    monitor.on('open', () => { window.opens += 1; });
+    monitor.on('close', (close) => window.closes.push([close.code, close.opened]));
+    monitor.on('stats', () => { window.stats += 1; });
+    monitor.start();
+    window.monitor = monitor;
+  });
+  await waitFor(() => page.evaluate(() => window.stats === 1), 5000, 'stats from the third feed');
+  // (The third falls silent too after its stats: it may have been given up since.)
+  assert.deepEqual((await page.evaluate(() => window.closes)).slice(0, 2), [[4009, true], [4009, false]]);
+  assert.ok(await page.evaluate(() => window.opens) >= 2);
+  for (const session of sessions.slice(0, 2)) assert.equal(session.closed?.code, 4009);
+  await page.evaluate(() => window.monitor.stop());
+  await page.close();
+});
+
 // Page setup: the page's wall clock (`Date.now`) runs `window.clockStep` ms off, as after an
 // NTP step or a user's change of the clock.
 const STEPPED_CLOCK = `() => {

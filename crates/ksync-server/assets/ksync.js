@@ -1443,7 +1443,9 @@ export class WebSocketSyncClient extends Emitter {
 /**
  * The server's monitor feed (`/monitor`, docs/PROTOCOL.md "Monitor feed"): `stats` every
  * second, `client` joins and leaves, and the `events` stored in every room the credentials may
- * read. Reconnects with backoff. Notifications: `open` (welcome), `stats`, `client`, `events`,
+ * read. Reconnects with backoff; a feed that says nothing for `timeout` ms (10000, or three of
+ * its `intervalMs` if longer), or sends no `welcome` within it, is given up (`close` 4009) and
+ * connected again. Notifications: `open` (welcome), `stats`, `client`, `events`,
  * `error`, `close` ({code, reason, opened}), `reconnecting` (attempt, delay ms).
  */
 export class MonitorClient extends Emitter {
@@ -1454,6 +1456,8 @@ export class MonitorClient extends Emitter {
   #stopped = true;
   #attempt = 0;
   #timer = null;
+  // Gives up a feed that says nothing for too long (see `#open`).
+  #silence = null;
 
   constructor(url, options = {}) {
     super();
@@ -1463,6 +1467,7 @@ export class MonitorClient extends Emitter {
       recent: options.recent ?? 20,
       tail: options.tail ?? true,
       reconnectDelay: reconnectDelayOption(options.reconnectDelay, { min: 250, max: 10000 }),
+      timeout: delayOption(options.timeout, 'timeout', 10000),
     };
   }
 
@@ -1476,6 +1481,7 @@ export class MonitorClient extends Emitter {
   stop() {
     this.#stopped = true;
     clearTimeout(this.#timer);
+    clearTimeout(this.#silence);
     this.#socket?.close(1000, 'monitor stopped');
     this.#socket = null;
   }
@@ -1491,8 +1497,25 @@ export class MonitorClient extends Emitter {
     socket.onopen = () => {
       socket.send(JSON.stringify({ type: 'hello', protocol: PROTOCOL_VERSION, tail: this.#options.tail, recent: this.#options.recent }));
     };
+    // The feed sends `stats` every `intervalMs` (1 s) after its `welcome`, and a page cannot
+    // ping: a feed silent for `timeout` ms (or three intervals, if longer), or with no
+    // `welcome` within it, is a dead path or a hung server, which the browser may take minutes
+    // to notice while the dashboard says "live". It is given up (`close` with code 4009, as the
+    // sync client's heartbeat) and connected again after the reconnect delay.
+    let silentFor = this.#options.timeout;
+    const listen = () => {
+      clearTimeout(this.#silence);
+      this.#silence = setTimeout(() => {
+        if (socket !== this.#socket) return;
+        socket.onclose = null;
+        socket.close(4009, 'heartbeat timeout');
+        ended({ code: 4009, reason: 'heartbeat timeout: the monitor feed said nothing' });
+      }, silentFor);
+    };
+    listen();
     socket.onmessage = (message) => {
       if (socket !== this.#socket || broken) return;
+      listen();
       let parsed;
       try {
         parsed = JSON.parse(message.data);
@@ -1512,12 +1535,17 @@ export class MonitorClient extends Emitter {
         // 4001 and stop (reconnecting would meet the same server); `start()` tries again.
         this.#socket = null;
         this.#stopped = true;
+        clearTimeout(this.#silence);
         socket.close(4001, 'unsupported protocol version');
         this.emit('error', new KSyncError('unsupported_protocol', `the server speaks protocol ${announced.version}, this client ${PROTOCOL_VERSION}`, { closeCode: 4001 }));
         this.emit('close', { code: 4001, reason: 'unsupported protocol version', opened });
       } else if (parsed.type === 'welcome') {
         opened = true;
         upSince = performance.now();
+        if (Number.isSafeInteger(parsed.intervalMs) && parsed.intervalMs > 0) {
+          silentFor = Math.min(MAX_DELAY_MS, Math.max(this.#options.timeout, 3 * parsed.intervalMs));
+          listen();
+        }
         this.emit('open', parsed);
       } else if (parsed.type === 'error') {
         this.emit('error', new KSyncError(parsed.code, parsed.message));
@@ -1525,9 +1553,10 @@ export class MonitorClient extends Emitter {
         this.emit(parsed.type, parsed);
       }
     };
-    socket.onclose = (close) => {
+    const ended = (close) => {
       if (socket !== this.#socket) return;
       this.#socket = null;
+      clearTimeout(this.#silence);
       this.emit('close', { code: close.code, reason: close.reason, opened });
       if (this.#stopped || FATAL_CLOSE_CODES.has(close.code)) return;
       const { min, max } = this.#options.reconnectDelay;
@@ -1539,6 +1568,7 @@ export class MonitorClient extends Emitter {
       this.emit('reconnecting', this.#attempt, delay);
       this.#timer = setTimeout(() => { if (!this.#stopped) this.#open(); }, delay);
     };
+    socket.onclose = ended;
   }
 }
 
