@@ -483,3 +483,90 @@ async fn a_send_behind_an_owed_push_cursor_is_pushed() {
         "the forwarded event was pushed"
     );
 }
+
+/// A `send` of an event stored behind the push cursor whose moving back the storage refuses
+/// (the value is owed): `local_status` counts from there, as the next push sends. It read the stored cursor, past the event, and said nothing was
+/// pending until the next operation wrote the owed value.
+#[tokio::test]
+async fn local_status_counts_an_event_behind_an_owed_push_cursor() {
+    let server = start(&["r"]).await;
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |key: &str| -> BoxFuture<'static, Result<(), StorageError>> {
+            let fail = key.contains("pushed") && armed.swap(false, Ordering::SeqCst);
+            Box::pin(async move {
+                if fail {
+                    return Err(StorageError::Io {
+                        context: "meta".into(),
+                        source: std::io::Error::other("disk full"),
+                    });
+                }
+                Ok(())
+            })
+        }
+    };
+    let storage = Arc::new(MetaHook::new(
+        Arc::new(InMemoryStorage::new()),
+        Arc::new(hook),
+    ));
+    let ksync = ksync_testkit::ksync_over(storage, common::client(&server.repo_url("r")))
+        .await
+        .expect("ksync");
+    let foreign = Event::new("foreign", "t", json!(0), 1).with_origin("other");
+    ksync
+        .replica()
+        .ingest(vec![foreign.clone()])
+        .await
+        .expect("ingest");
+    ksync.emit("t", json!(1)).await.expect("emit");
+    ksync.client().push().await.expect("push");
+    assert_eq!(
+        ksync
+            .client()
+            .local_status()
+            .expect("status")
+            .pending_events,
+        0
+    );
+    armed.store(true, Ordering::SeqCst);
+    let err = ksync
+        .client()
+        .send(foreign.clone())
+        .await
+        .expect_err("moving the push cursor back is refused");
+    assert!(
+        matches!(
+            ksync_git::GitError::of(&err),
+            Some(ksync_git::GitError::CursorNotRecorded { .. })
+        ),
+        "{err}"
+    );
+    // From the owed cursor, as the next push goes (and as when the write succeeds): the
+    // forwarded event and the one after it, which the service then finds it holds.
+    assert_eq!(
+        ksync
+            .client()
+            .local_status()
+            .expect("status")
+            .pending_events,
+        2,
+        "the forwarded event waits for a push"
+    );
+    let pushed = ksync.client().push().await.expect("push");
+    assert_eq!(pushed.pushed_events.len(), 2, "{pushed:?}");
+    assert!(
+        branch_events(&server, "r", "main")
+            .iter()
+            .any(|e| e.id == "foreign"),
+        "the forwarded event was pushed"
+    );
+    assert_eq!(
+        ksync
+            .client()
+            .local_status()
+            .expect("status")
+            .pending_events,
+        0
+    );
+}
