@@ -363,8 +363,9 @@ test('backoff: the monitor feed also keeps counting attempts against a server th
 
 /**
  * A MonitorClient (reconnect delay 10-20 ms) against a feed scripted here: the welcome of
- * session i (from 0) is `welcomeFor(i)`. `sessions[i].closed` is how it closed; the page's
- * `window` records `opens`, `attempts`, `errors` ([code, closeCode]) and `closes`.
+ * session i (from 0) is `welcomeFor(i)` (an array: several messages). `sessions[i].closed` is
+ * how it closed; the page's `window` records `opens`, `attempts`, `errors` ([code, closeCode]),
+ * `closes` and `stats` (a count).
  */
 async function fakeMonitor(welcomeFor) {
   const page = await browser.newPage();
@@ -373,8 +374,13 @@ async function fakeMonitor(welcomeFor) {
     const session = { closed: null };
     const welcome = welcomeFor(sessions.length);
     sessions.push(session);
-    // A string goes as it is written (a number JSON.stringify would not write so).
-    ws.onMessage(() => ws.send(typeof welcome === 'string' ? welcome : JSON.stringify(welcome)));
+    // A string goes as it is written (a number JSON.stringify would not write so); an array is
+    // several messages.
+    ws.onMessage(() => {
+      for (const message of Array.isArray(welcome) ? welcome : [welcome]) {
+        ws.send(typeof message === 'string' ? message : JSON.stringify(message));
+      }
+    });
     ws.onClose((code, reason) => {
       session.closed = { code, reason };
       ws.close({ code, reason });
@@ -383,12 +389,13 @@ async function fakeMonitor(welcomeFor) {
   await page.goto(`${server.http}/health`);
   await page.evaluate(async () => {
     const { MonitorClient } = await import('/ksync.js');
-    Object.assign(window, { opens: 0, attempts: [], errors: [], closes: [] });
+    Object.assign(window, { opens: 0, attempts: [], errors: [], closes: [], stats: 0 });
     const monitor = new MonitorClient('ws://fake.invalid/monitor', { reconnectDelay: { min: 10, max: 20 } });
     monitor.on('open', () => { window.opens += 1; });
     monitor.on('reconnecting', (attempt) => window.attempts.push(attempt));
     monitor.on('error', (error) => window.errors.push([error.code, error.closeCode]));
     monitor.on('close', (close) => window.closes.push(close.code));
+    monitor.on('stats', () => { window.stats += 1; });
     monitor.start();
     window.monitor = monitor;
   });
@@ -422,6 +429,23 @@ test('the monitor feed takes a welcome without an integer protocol as broken: er
   for (const session of sessions.slice(0, 3)) assert.notEqual(session.closed?.code, 4001);
   assert.deepEqual(await page.evaluate(() => window.errors.map(([code]) => code)), ['protocol', 'protocol', 'protocol']);
   assert.deepEqual(await page.evaluate(() => window.attempts), [1, 2, 3]);
+  await page.evaluate(() => window.monitor.stop());
+  await page.close();
+});
+
+test("the monitor feed does not pass on a server message named as one of its own notifications (open, close, reconnecting)", async () => {
+  const { page, sessions } = await fakeMonitor(() => [
+    { type: 'welcome', protocol: 1, feed: 'monitor' },
+    { type: 'close', code: 4401, reason: 'fake', opened: false },
+    { type: 'open' },
+    { type: 'reconnecting' },
+    { type: 'stats', connections: 3 },
+  ]);
+  // The stats after them arrive: they were read, and not passed on.
+  await waitFor(() => page.evaluate(() => window.stats === 1), 5000, 'the stats after them');
+  const seen = await page.evaluate(() => ({ opens: window.opens, attempts: window.attempts, closes: window.closes }));
+  assert.deepEqual(seen, { opens: 1, attempts: [], closes: [] });
+  assert.equal(sessions.length, 1);
   await page.evaluate(() => window.monitor.stop());
   await page.close();
 });

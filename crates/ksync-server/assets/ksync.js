@@ -1448,6 +1448,9 @@ export class WebSocketSyncClient extends Emitter {
  * connected again. Notifications: `open` (welcome), `stats`, `client`, `events`,
  * `error`, `close` ({code, reason, opened}), `reconnecting` (attempt, delay ms).
  */
+// What `MonitorClient` itself notifies: no server message is passed on under these names.
+const OWN_MONITOR_NOTIFICATIONS = new Set(['open', 'close', 'reconnecting', 'welcome', 'error']);
+
 export class MonitorClient extends Emitter {
   #url;
   #protocols;
@@ -1549,7 +1552,10 @@ export class MonitorClient extends Emitter {
         this.emit('open', parsed);
       } else if (parsed.type === 'error') {
         this.emit('error', new KSyncError(parsed.code, parsed.message));
-      } else {
+      } else if (!OWN_MONITOR_NOTIFICATIONS.has(parsed.type)) {
+        // Feed messages (`stats`, `client`, `events`, and newer ones) pass on under their type;
+        // not under a name of this client's own notifications: a message `{"type": "close",
+        // "code": 4401}` was told as a close, and the dashboard asked for credentials again.
         this.emit(parsed.type, parsed);
       }
     };
