@@ -1440,6 +1440,9 @@ export class WebSocketSyncClient extends Emitter {
   }
 }
 
+// What `MonitorClient` itself notifies: no server message is passed on under these names.
+const OWN_MONITOR_NOTIFICATIONS = new Set(['open', 'close', 'reconnecting', 'welcome', 'error']);
+
 /**
  * The server's monitor feed (`/monitor`, docs/PROTOCOL.md "Monitor feed"): `stats` every
  * second, `client` joins and leaves, and the `events` stored in every room the credentials may
@@ -1448,9 +1451,6 @@ export class WebSocketSyncClient extends Emitter {
  * connected again. Notifications: `open` (welcome), `stats`, `client`, `events`,
  * `error`, `close` ({code, reason, opened}), `reconnecting` (attempt, delay ms).
  */
-// What `MonitorClient` itself notifies: no server message is passed on under these names.
-const OWN_MONITOR_NOTIFICATIONS = new Set(['open', 'close', 'reconnecting', 'welcome', 'error']);
-
 export class MonitorClient extends Emitter {
   #url;
   #protocols;
