@@ -210,7 +210,12 @@ struct Inner {
     /// Pushes in flight per client (`GitServerConfig::max_pushes_per_client`); an entry goes
     /// when its count drops to zero, so at most one entry per push in flight.
     pushes: std::sync::Mutex<std::collections::HashMap<Pusher, usize>>,
+    /// Merges into a branch go one at a time (see [`GitServer::merge_lock`]).
+    merge_locks: Box<[tokio::sync::Mutex<()>]>,
 }
+
+/// Stripes of [`Inner::merge_locks`].
+const MERGE_LOCK_STRIPES: usize = 64;
 
 /// Who a push belongs to, for `GitServerConfig::max_pushes_per_client`: a subject seen from
 /// one address (as the WebSocket relay counts connections), so that every user of one shared
@@ -409,8 +414,25 @@ impl GitServer {
                 open_logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 body_memory,
                 pushes: std::sync::Mutex::new(std::collections::HashMap::new()),
+                merge_locks: (0..MERGE_LOCK_STRIPES)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
             }),
         }
+    }
+
+    /// The lock a merge into `into` of `repo` holds from its first read of `into`'s merge
+    /// records to its answer. Two merges into one branch at once both began at the same
+    /// length of it and took each other's appends for their own (a pair's events and
+    /// collisions reported twice, the collisions then settled by both clients). Striped:
+    /// bounded, nothing to clean up; merges into branches sharing a stripe wait their turn.
+    fn merge_lock(&self, repo: &Name, into: &Name) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (repo.as_str(), into.as_str()).hash(&mut hasher);
+        let stripes = &self.inner.merge_locks;
+        // The modulo keeps it below the stripes' count, a usize.
+        &stripes[(hasher.finish() % stripes.len() as u64) as usize]
     }
 
     /// A place among the pushes in flight of the client behind `grant` from `peer` (`peer`
@@ -1531,6 +1553,7 @@ async fn merge(
             "mergeId must be 1 to 64 letters, digits or '-'",
         ));
     }
+    let _merging = s.merge_lock(&repo, &into_name).lock().await;
     let (into, _) = s.existing_branch(&repo, &into_name).await?;
     let (from, _) = s.existing_branch(&repo, &from_name).await?;
     let answer_key = format!("{MERGE_ANSWER_META_PREFIX}{from_name}");
