@@ -473,8 +473,9 @@ function isSeq(seq) {
  * in, from a saved `cursor` and `logId`: another log is read from 0), `reconnectDelay`
  * ({min: 250, max: 30000} ms; the attempts count on until a session stays up `max` ms),
  * `maxOutbox` (10000: a `send` past it rejects with `outbox_full`), `maxIncomingBytes` (64 MiB
- * of received frames waiting for the incoming middleware: past it the session ends, code
- * `slow_consumer`, and the next resumes from the cursor), `metricsInterval` (5000 ms).
+ * of received frames waiting for the incoming middleware: past it nothing more is read from
+ * the socket, code `slow_consumer`; what arrived before is read, and the next session resumes
+ * after it), `metricsInterval` (5000 ms).
  * Sizes and delays are integers >= 1 (delays at most 2^31 - 1 ms, reconnectDelay min <= max):
  * anything else is a TypeError from the constructor.
  *
@@ -854,15 +855,15 @@ export class WebSocketSyncClient extends Emitter {
       }
       // A page cannot slow a WebSocket down: what the server sends while the incoming
       // middleware (async, e.g. decryption) is still at an earlier frame waits here, in memory.
-      // Bounded: a frame that would have more than `maxIncomingBytes` waiting ends the session
-      // (`slow_consumer`, as the relay closes a subscriber whose queue overflowed with 4008);
-      // nothing of the frames waiting is read, so the cursor stays at the last event taken in
-      // and the next session resumes from it. A frame alone is never refused (one catch-up
-      // page can be larger than a small bound).
+      // Bounded: a frame that would have more than `maxIncomingBytes` waiting is not taken,
+      // and nothing more of this socket is (`slow_consumer`, as the relay closes a subscriber
+      // whose queue overflowed with 4008; see `#stopReading`); the frames that arrived before
+      // it are still read, and the next session resumes after them. A frame alone is never
+      // refused (one catch-up page can be larger than a small bound).
       if (socket !== this.#socket) return;
       const charge = (typeof message.data === 'string' ? message.data.length : message.data.byteLength) + FRAME_OVERHEAD;
       if (waiting > 0 && waiting + charge > this.#options.maxIncomingBytes) {
-        this.#endSession(new KSyncError('slow_consumer', `more than ${this.#options.maxIncomingBytes} bytes of frames wait for the incoming middleware: resuming from the cursor on a new session`));
+        this.#stopReading(socket, new KSyncError('slow_consumer', `more than ${this.#options.maxIncomingBytes} bytes of frames wait for the incoming middleware: the rest comes on a new session, from the cursor`));
         return;
       }
       waiting += charge;
@@ -1296,6 +1297,30 @@ export class WebSocketSyncClient extends Emitter {
     this.emit('error', error);
     this.#setStatus('error');
     this.#dropSocket(1000, 'ending the session', { told: `ending the session: ${error.code}` });
+  }
+
+  /**
+   * Takes nothing more from the session's `socket` (`error`, notified now: why): it is closed,
+   * and the frames that arrived before are still read, in order, on `#chain` (they are valid;
+   * dropping them would only have the next session send them again); after them the session
+   * ends over `error` (as `#endSession`), and the next one comes after the reconnect delay.
+   * Ended otherwise meanwhile (`#endSession` for a frame among them, the heartbeat,
+   * `disconnect()`): that end stands, and what is left of them is skipped.
+   */
+  #stopReading(socket, error) {
+    socket.onmessage = null;
+    socket.onclose = null;
+    socket.close(1000, 'slow consumer');
+    this.#notified.add(error);
+    this.#debug('stopped reading the socket:', error.message);
+    this.emit('error', error);
+    const disconnects = this.#disconnects;
+    this.#chain = this.#chain.then(() => {
+      if (socket !== this.#socket || disconnects !== this.#disconnects) return;
+      this.#socket = null;
+      this.#refusal = error;
+      this.#sessionEnded({ code: 1000, reason: `ending the session: ${error.code}` }, { opened: true, resync: false });
+    });
   }
 
   /**
