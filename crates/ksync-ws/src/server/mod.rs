@@ -211,6 +211,17 @@ pub enum RelayActivity {
     },
 }
 
+/// What waits for one room of a [`Relay`] ([`Relay::backlog`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoomBacklog {
+    /// Publishes the relay has read and not yet stored: in the room's queue (or its commit in
+    /// progress), or waiting for room in that queue (their connections read nothing meanwhile).
+    pub publishes: usize,
+    /// Joins waiting for the room's commit in progress before they catch up.
+    pub joins: usize,
+}
+
 /// One open WebSocket connection of a [`Relay`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -511,6 +522,14 @@ impl Relay {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+
+    /// What waits for `room` now, if it is open (see [`RoomBacklog`]): a backlog that keeps
+    /// growing means the room's disk is slower than its writers.
+    pub fn backlog(&self, room: &str) -> Option<RoomBacklog> {
+        let name = Name::new(room).ok()?;
+        let rooms = self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        rooms.get(&name).map(|handle| handle.link.backlog())
     }
 
     /// A feed of what happens in the relay: connections opening and closing, events stored in
