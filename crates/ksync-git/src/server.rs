@@ -1499,11 +1499,24 @@ async fn push(
     let batch_len = request.events.len();
     // The events are not needed back: the storage may move them in rather than copy them.
     let outcome = storage.append_summary(request.events).await?;
-    let fast_forward_to = (batch_len > 0
-        && outcome.appended == batch_len
-        && outcome.first_seq() == request.base_version.checked_add(1))
-    .then(|| outcome.last_seq())
-    .flatten();
+    // The branch is what the client had plus its batch when every event sits right after
+    // `baseVersion`, in order: stored now, or already (a push sent again after its answer was
+    // lost, or by a client killed before it recorded the answer, which then counted its own
+    // events as the server's for ever, until it pulled them).
+    let in_place = batch_len > 0
+        && outcome.outcomes.iter().enumerate().all(|(index, o)| {
+            let seq = match o {
+                AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq } => *seq,
+                AppendOutcome::Conflict(_) => return false,
+            };
+            (index as u64)
+                .checked_add(1)
+                .and_then(|n| request.base_version.checked_add(n))
+                == Some(seq)
+        });
+    let fast_forward_to = in_place
+        .then(|| request.base_version.checked_add(batch_len as u64))
+        .flatten();
     let mut rejected = Vec::new();
     for (index, o) in outcome.outcomes.into_iter().enumerate() {
         if let AppendOutcome::Conflict(conflict) = o {
