@@ -967,6 +967,21 @@ impl From<StorageError> for ApiError {
             StorageError::NameClash { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "name_taken", e.to_string())
             }
+            // A new repository past the provider's cap on stored ones: nothing was created.
+            StorageError::TooManyLogs { max, .. } => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "too_many_repos",
+                format!("too many repositories stored (at most {max})"),
+            ),
+            // The operator's to fix, the client's to retry later; unlike a failing disk.
+            e if e.is_storage_full() => {
+                tracing::error!(error = %e, "storage full");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "storage_full",
+                    "the server's storage is full; retry later",
+                )
+            }
             e => ApiError::internal(format!("storage: {e}")),
         }
     }

@@ -241,3 +241,59 @@ async fn concurrent_merges_of_a_pair_report_its_events_once() {
     );
     assert_eq!(branch_events(&server, "r", "main").len(), 4);
 }
+
+/// Fails every write with ENOSPC while `full` is set: a full disk, until space is freed.
+#[derive(Default)]
+struct DiskFull {
+    full: std::sync::atomic::AtomicBool,
+}
+
+impl ksync_storage_file::FaultHook for DiskFull {
+    fn before_write(&self, _: usize) -> Result<(), ksync_storage_file::WriteFault> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ksync_storage_file::WriteFault {
+                written: 0,
+                error: std::io::Error::from_raw_os_error(28),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A push that meets a full disk is refused with 507 `storage_full` (the operator's to fix,
+/// the client's to retry later), not 500; nothing of it is stored, the service stays up, and
+/// once space is freed the same push is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_meets_a_full_disk_is_refused_with_507_and_stored_once_space_is_freed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = Arc::new(DiskFull::default());
+    let mut options = FileStorageOptions::default();
+    options.fault_hook = Some(disk.clone());
+    let provider: Arc<dyn StorageProvider> =
+        Arc::new(FileProvider::with_options(dir.path(), options).expect("provider"));
+    let server = start_with(provider, GitServerConfig::default(), &["r"]).await;
+    let http = http();
+    let events = server.url("/git/r/branches/main/events");
+    let push = |id: &str| {
+        http.post(&events)
+            .json(&json!({"baseVersion": 0, "events": [event(id)]}))
+    };
+
+    disk.full.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = call(push("a")).await;
+    assert_eq!(
+        (status, common::code(&body)),
+        (507, "storage_full"),
+        "{body}"
+    );
+    assert!(branch_events(&server, "r", "main").is_empty());
+
+    disk.full.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = call(push("a")).await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<String> = branch_events(&server, "r", "main")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, ["a"]);
+}

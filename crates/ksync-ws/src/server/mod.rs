@@ -730,6 +730,23 @@ impl Relay {
                 return Refusal::new(StatusCode::BAD_REQUEST, format!("bad room name: {source}"))
                     .upgrade(ws, in_band());
             }
+            // A new room past the provider's cap on stored rooms: nothing was created. 507
+            // (not in-band, like 503): kSync's clients retry it later, as any 5xx, by when
+            // the operator may have raised the cap or deleted rooms.
+            Err(RelayError::Storage {
+                source: ksync_core::StorageError::TooManyLogs { max, .. },
+                ..
+            }) => {
+                tracing::warn!(room = %room, max, "room refused: the server keeps at most max_rooms rooms");
+                return refuse(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    &format!("too many rooms stored (at most {max})"),
+                );
+            }
+            Err(RelayError::Storage { room, source }) if source.is_storage_full() => {
+                tracing::error!(room = %room, error = %source, "cannot open room: the disk is full");
+                return refuse(StatusCode::INSUFFICIENT_STORAGE, "storage full");
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot open room");
                 return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot open room");
