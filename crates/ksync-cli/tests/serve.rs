@@ -72,8 +72,24 @@ async fn serve_prints_its_address_answers_health_and_exits_cleanly_on_sigterm() 
     );
     let body = health(&served.addr).await;
     assert_eq!(body["status"], "ok");
+    // The build is named: by its commit when it knew it (ksync-server's tests check that it
+    // does in a checkout).
+    assert_eq!(
+        body["commit"],
+        serde_json::json!(ksync_server::BUILD_COMMIT)
+    );
     let stderr = stop(served);
     assert!(stderr.contains("storage flushed"), "{stderr}");
+    let version = ksync().arg("--version").output().unwrap();
+    assert!(version.status.success());
+    let version = String::from_utf8(version.stdout).unwrap();
+    assert_eq!(
+        version.trim_end(),
+        format!("ksync {}", ksync_server::VERSION)
+    );
+    if let Some(commit) = ksync_server::BUILD_COMMIT {
+        assert!(version.contains(commit), "{version}");
+    }
 }
 
 #[tokio::test]

@@ -630,6 +630,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         Ok(counts) => Json(serde_json::json!({
             "status": status,
             "version": env!("CARGO_PKG_VERSION"),
+            "commit": crate::BUILD_COMMIT,
             "protocolVersion": ksync_core::PROTOCOL_VERSION,
             "uptimeSeconds": state.started.elapsed().as_secs(),
             "rooms": counts.rooms,
@@ -642,6 +643,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             Json(serde_json::json!({
                 "status": "error",
                 "version": env!("CARGO_PKG_VERSION"),
+                "commit": crate::BUILD_COMMIT,
                 "error": error.to_string(),
             })),
         )
