@@ -71,6 +71,15 @@ pub struct RelayConfig {
     /// with 4008. One commit's frames are always taken into an empty queue, so a queue may
     /// exceed this by one commit. Default 64 MiB (nats-server's default `max_pending`).
     pub subscriber_queue_bytes: usize,
+    /// Bytes of frames waiting for subscribers in all, relay-wide: queued for them, or taken
+    /// by their connections and not yet written (their JSON; a frame shared by many
+    /// subscribers, as a room's fan-out is, counts once). Without it only
+    /// `subscriber_queue_bytes` bounded them, once per room with a slow subscriber: 64 MiB ×
+    /// 4,096 open rooms at the defaults. Same overflow policy as `subscriber_queue`: the
+    /// subscriber whose frames would pass it is closed with 4008 (resume from your cursor), and
+    /// what was queued for it is dropped at once. Frames already in a socket's buffers are not
+    /// counted (see docs/RELIABILITY.md, "Memory"). Default 1 GiB.
+    pub subscriber_queues_total_bytes: usize,
     /// Commands queued per room. Overflow policy: publishers wait (their connection stops
     /// reading), which is back-pressure on the fastest writers. Default 1024; at most
     /// `tokio::sync::Semaphore::MAX_PERMITS`.
@@ -137,6 +146,7 @@ impl Default for RelayConfig {
             write_timeout: Duration::from_secs(10),
             subscriber_queue: 1024,
             subscriber_queue_bytes: 64 << 20,
+            subscriber_queues_total_bytes: 1 << 30,
             room_queue: 1024,
             room_queue_bytes: 64 << 20,
             max_connections: 10_000,
@@ -218,6 +228,9 @@ pub struct RoomBacklog {
     /// Publishes the relay has read and not yet stored: in the room's queue (or its commit in
     /// progress), or waiting for room in that queue (their connections read nothing meanwhile).
     pub publishes: usize,
+    /// Of `publishes`, those waiting for room in the queue (`RelayConfig::room_queue_bytes`);
+    /// their connections read nothing meanwhile.
+    pub waiting: usize,
     /// Joins waiting for the room's commit in progress before they catch up.
     pub joins: usize,
 }
@@ -279,6 +292,8 @@ pub(crate) struct Shared {
     clients: Mutex<std::collections::BTreeMap<u64, ClientInfo>>,
     /// `true` once shutdown began: no new upgrades, connections stop reading.
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Frames waiting for subscribers, relay-wide (`RelayConfig::subscriber_queues_total_bytes`).
+    pub(crate) queue_budget: Arc<outbox::QueueBudget>,
 }
 
 /// The WebSocket relay: rooms, each with one log, one writer at a time and a fan-out.
@@ -420,6 +435,10 @@ impl Relay {
         for (field, value) in [
             ("subscriber_queue", config.subscriber_queue),
             ("subscriber_queue_bytes", config.subscriber_queue_bytes),
+            (
+                "subscriber_queues_total_bytes",
+                config.subscriber_queues_total_bytes,
+            ),
             ("room_queue", config.room_queue),
             ("room_queue_bytes", config.room_queue_bytes),
             ("max_batch_events", config.max_batch_events),
@@ -472,6 +491,7 @@ impl Relay {
         let in_band_refusals = Arc::new(Semaphore::new(
             config.max_in_band_refusals.min(Semaphore::MAX_PERMITS),
         ));
+        let config_budget = config.subscriber_queues_total_bytes;
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -490,6 +510,7 @@ impl Relay {
                 activity,
                 clients: Mutex::new(std::collections::BTreeMap::new()),
                 shutdown,
+                queue_budget: outbox::QueueBudget::new(config_budget),
             }),
         })
     }
