@@ -343,7 +343,8 @@ struct RoomShared {
     /// place only while this is 0: then nothing published before it is still waiting, so each
     /// connection's publishes keep their order.
     queued: AtomicUsize,
-    /// Publishes waiting for room in the queue (for `bytes`; read, not yet in `queued`).
+    /// Publishes waiting for room in the queue (its byte budget): read, held as JSON, not yet
+    /// counted in `queued`.
     waiting: AtomicUsize,
     /// Joins waiting for the room's lock (the commit in progress).
     joining: AtomicUsize,
@@ -428,7 +429,7 @@ impl RoomLink {
         outbox: Arc<Outbox>,
     ) -> Result<Result<Subscribed, String>, RoomClosed> {
         let room = {
-            let _joining = Counted::new(&self.shared.joining);
+            let _joining = Counted::new(&self.shared.joining, 1);
             self.shared.room.lock().await
         };
         if !room.closed {
@@ -487,7 +488,8 @@ impl RoomLink {
                         // meanwhile, so this is all it holds.
                         publish.shed();
                         waiting.iter_mut().for_each(PublishCommand::shed);
-                        waited = Some(Counted::new(&shared.waiting));
+                        // This one and those read after it (its connection's burst).
+                        waited = Some(Counted::new(&shared.waiting, 1 + waiting.len()));
                         acquire.await
                     }
                 }
@@ -514,28 +516,29 @@ impl RoomLink {
     /// waiting for room in the queue), and joins waiting for the commit in progress.
     pub(crate) fn backlog(&self) -> super::RoomBacklog {
         let shared = &*self.shared;
+        let waiting = shared.waiting.load(Ordering::Acquire);
         super::RoomBacklog {
-            publishes: shared.queued.load(Ordering::Acquire)
-                + shared.waiting.load(Ordering::Acquire),
+            publishes: shared.queued.load(Ordering::Acquire) + waiting,
+            waiting,
             joins: shared.joining.load(Ordering::Acquire),
         }
     }
 }
 
-/// One more in a gauge while it lives (taken back however the wait ends, a dropped future
+/// `n` more in a gauge while it lives (taken back however the wait ends, a dropped future
 /// included).
-struct Counted<'a>(&'a AtomicUsize);
+struct Counted<'a>(&'a AtomicUsize, usize);
 
 impl<'a> Counted<'a> {
-    fn new(gauge: &'a AtomicUsize) -> Self {
-        gauge.fetch_add(1, Ordering::AcqRel);
-        Self(gauge)
+    fn new(gauge: &'a AtomicUsize, n: usize) -> Self {
+        gauge.fetch_add(n, Ordering::AcqRel);
+        Self(gauge, n)
     }
 }
 
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
     }
 }
 
