@@ -173,6 +173,32 @@ test("a JWT just past its exp, within the server's leeway (5 s by default), conn
   await page.close();
 });
 
+test("a JWT whose exp has a fraction of a second is judged as the server rounds it: refused up front exactly when the server would refuse it", async () => {
+  const page = await browser.newPage();
+  await page.goto(`${server.http}/health`);
+  // S: this second on the server's clock (the real one). The server rounds `exp`, then adds its
+  // leeway (5 s): the first token (exp S - 4.6, rounded S - 5) ends at S, already past, and the
+  // second (exp S + 4.6, rounded S + 5) at S + 10. The page's clock is set to S + 0.2 s, then
+  // to S + 9.7 s (a page clock ahead of the server's): taken as is, the first exp had the page
+  // send a token the server refuses (`unauthorized`), and the second refused one it takes.
+  const S = Math.floor(Date.now() / 1000);
+  const before = await refusedCount(server);
+  const outcomes = [];
+  for (const [exp, pageNow] of [[S - 4.6, S * 1000 + 200], [S + 4.6, S * 1000 + 9700]]) {
+    await page.clock.setFixedTime(pageNow);
+    outcomes.push(await page.evaluate(async ({ url, token }) => {
+      const { WebSocketSyncClient } = await import('/ksync.js');
+      const client = new WebSocketSyncClient(url, { auth: { type: 'jwt', token }, reconnect: false });
+      const outcome = await client.connect().then(() => 'connected', (error) => error.code);
+      await client.disconnect();
+      return outcome;
+    }, { url: `${server.ws}/ws/secure`, token: jwt({ sub: 'fraction', exp }) }));
+  }
+  assert.deepEqual(outcomes, ['token_expired', 'connected']);
+  assert.equal(await refusedCount(server), before, 'no attempt with the expired token');
+  await page.close();
+});
+
 test('the server never logs the credentials', async () => {
   // Give the log a moment to be written, then look for every secret we presented.
   await new Promise((resolve) => setTimeout(resolve, 200));

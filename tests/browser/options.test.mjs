@@ -251,22 +251,24 @@ test('non-positive, non-integer and crossed sizes and delays are a TypeError fro
         { batchSize: -2 }, { batchSize: '10' }, { batchInterval: 0 }, { batchInterval: Infinity },
         { snapshotInterval: 'later' }, { heartbeat: -1 }, { heartbeat: 2 ** 31 }, { heartbeatTimeout: 0 },
         { metricsInterval: 0 }, { metricsInterval: 0.5 },
+        { connectTimeout: 0 }, { connectTimeout: 2 ** 31 }, { maxIncomingBytes: 0 }, { maxIncomingBytes: '1MB' },
       ];
       const good = [
         {}, { maxOutbox: 1 }, { reconnectDelay: { min: 1, max: 1 } }, { reconnectDelay: { min: 50000 } },
         { reconnectDelay: { max: 100 } }, { reconnectDelay: {} }, { batchSize: 3, batchInterval: 10 },
         { heartbeat: 2 ** 31 - 1 }, { metricsInterval: 1, snapshotInterval: 1 },
+        { connectTimeout: 1 }, { maxIncomingBytes: 1 },
       ];
       return {
         bad: bad.map((options) => [JSON.stringify(options), attempt(WebSocketSyncClient, options)]),
         good: good.map((options) => [JSON.stringify(options), attempt(WebSocketSyncClient, options)]),
-        monitor: [{ reconnectDelay: { min: 0 } }, { reconnectDelay: { min: 'x' } }, { reconnectDelay: { min: 20, max: 10 } }, {}]
+        monitor: [{ reconnectDelay: { min: 0 } }, { reconnectDelay: { min: 'x' } }, { reconnectDelay: { min: 20, max: 10 } }, { timeout: 0 }, { timeout: 2 ** 31 }, {}, { timeout: 1 }]
           .map((options) => attempt(MonitorClient, options)),
       };
     });
     for (const [options, result] of outcome.bad) assert.equal(result, 'TypeError', options);
     for (const [options, result] of outcome.good) assert.equal(result, 'accepted', options);
-    assert.deepEqual(outcome.monitor, ['TypeError', 'TypeError', 'TypeError', 'accepted']);
+    assert.deepEqual(outcome.monitor, ['TypeError', 'TypeError', 'TypeError', 'TypeError', 'TypeError', 'accepted', 'accepted']);
   } finally {
     await page.close();
     await server.stop();

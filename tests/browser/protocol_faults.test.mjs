@@ -363,8 +363,9 @@ test('backoff: the monitor feed also keeps counting attempts against a server th
 
 /**
  * A MonitorClient (reconnect delay 10-20 ms) against a feed scripted here: the welcome of
- * session i (from 0) is `welcomeFor(i)`. `sessions[i].closed` is how it closed; the page's
- * `window` records `opens`, `attempts`, `errors` ([code, closeCode]) and `closes`.
+ * session i (from 0) is `welcomeFor(i)` (an array: several messages). `sessions[i].closed` is
+ * how it closed; the page's `window` records `opens`, `attempts`, `errors` ([code, closeCode]),
+ * `closes` and `stats` (a count).
  */
 async function fakeMonitor(welcomeFor) {
   const page = await browser.newPage();
@@ -373,7 +374,13 @@ async function fakeMonitor(welcomeFor) {
     const session = { closed: null };
     const welcome = welcomeFor(sessions.length);
     sessions.push(session);
-    ws.onMessage(() => ws.send(JSON.stringify(welcome)));
+    // A string goes as it is written (a number JSON.stringify would not write so); an array is
+    // several messages.
+    ws.onMessage(() => {
+      for (const message of Array.isArray(welcome) ? welcome : [welcome]) {
+        ws.send(typeof message === 'string' ? message : JSON.stringify(message));
+      }
+    });
     ws.onClose((code, reason) => {
       session.closed = { code, reason };
       ws.close({ code, reason });
@@ -382,12 +389,13 @@ async function fakeMonitor(welcomeFor) {
   await page.goto(`${server.http}/health`);
   await page.evaluate(async () => {
     const { MonitorClient } = await import('/ksync.js');
-    Object.assign(window, { opens: 0, attempts: [], errors: [], closes: [] });
+    Object.assign(window, { opens: 0, attempts: [], errors: [], closes: [], stats: 0 });
     const monitor = new MonitorClient('ws://fake.invalid/monitor', { reconnectDelay: { min: 10, max: 20 } });
     monitor.on('open', () => { window.opens += 1; });
     monitor.on('reconnecting', (attempt) => window.attempts.push(attempt));
     monitor.on('error', (error) => window.errors.push([error.code, error.closeCode]));
     monitor.on('close', (close) => window.closes.push(close.code));
+    monitor.on('stats', () => { window.stats += 1; });
     monitor.start();
     window.monitor = monitor;
   });
@@ -407,13 +415,75 @@ test('the monitor feed refuses a welcome of another protocol version: close 4001
 });
 
 test('the monitor feed takes a welcome without an integer protocol as broken: error protocol, reconnect (not unsupported_protocol)', async () => {
-  // Missing, then a good one.
-  const { page, sessions } = await fakeMonitor((i) => ({ type: 'welcome', protocol: i === 0 ? undefined : 1, feed: 'monitor' }));
-  await waitFor(() => page.evaluate(() => window.opens === 1), 5000, 'the monitor opened on the second connection');
-  assert.equal(sessions.length, 2);
-  assert.notEqual(sessions[0].closed?.code, 4001);
-  assert.deepEqual(await page.evaluate(() => window.errors.map(([code]) => code)), ['protocol']);
-  assert.deepEqual(await page.evaluate(() => window.attempts), [1]);
+  // Missing, then written as no integer (`2.0`, which JSON.parse reads as 2; `1.0`), then a
+  // good one.
+  const welcomes = [
+    { type: 'welcome', feed: 'monitor' },
+    '{"type":"welcome","protocol":2.0,"feed":"monitor"}',
+    '{"type":"welcome","protocol":1.0,"feed":"monitor"}',
+    { type: 'welcome', protocol: 1, feed: 'monitor' },
+  ];
+  const { page, sessions } = await fakeMonitor((i) => welcomes[Math.min(i, 3)]);
+  await waitFor(() => page.evaluate(() => window.opens === 1), 5000, 'the monitor opened on the fourth connection');
+  assert.equal(sessions.length, 4);
+  for (const session of sessions.slice(0, 3)) assert.notEqual(session.closed?.code, 4001);
+  assert.deepEqual(await page.evaluate(() => window.errors.map(([code]) => code)), ['protocol', 'protocol', 'protocol']);
+  assert.deepEqual(await page.evaluate(() => window.attempts), [1, 2, 3]);
+  await page.evaluate(() => window.monitor.stop());
+  await page.close();
+});
+
+test("the monitor feed does not pass on a server message named as one of its own notifications (open, close, reconnecting)", async () => {
+  const { page, sessions } = await fakeMonitor(() => [
+    { type: 'welcome', protocol: 1, feed: 'monitor' },
+    { type: 'close', code: 4401, reason: 'fake', opened: false },
+    { type: 'open' },
+    { type: 'reconnecting' },
+    { type: 'stats', connections: 3 },
+  ]);
+  // The stats after them arrive: they were read, and not passed on.
+  await waitFor(() => page.evaluate(() => window.stats === 1), 5000, 'the stats after them');
+  const seen = await page.evaluate(() => ({ opens: window.opens, attempts: window.attempts, closes: window.closes }));
+  assert.deepEqual(seen, { opens: 1, attempts: [], closes: [] });
+  assert.equal(sessions.length, 1);
+  await page.evaluate(() => window.monitor.stop());
+  await page.close();
+});
+
+test('the monitor feed gives up a feed that falls silent (no stats within its timeout) and one that never welcomes, and connects again', async () => {
+  const page = await browser.newPage();
+  const sessions = [];
+  await page.routeWebSocket(/^ws:\/\/fake\.invalid\//, (ws) => {
+    const session = { index: sessions.length, closed: null };
+    sessions.push(session);
+    ws.onMessage(() => {
+      // The first welcomes, then says nothing more (a dead path); the second never welcomes;
+      // the later ones welcome and send stats.
+      if (session.index === 1) return;
+      ws.send(JSON.stringify({ type: 'welcome', protocol: 1, feed: 'monitor', intervalMs: 50 }));
+      if (session.index >= 2) ws.send(JSON.stringify({ type: 'stats', connections: 0 }));
+    });
+    ws.onClose((code, reason) => {
+      session.closed = { code, reason };
+      ws.close({ code, reason });
+    });
+  });
+  await page.goto(`${server.http}/health`);
+  await page.evaluate(async () => {
+    const { MonitorClient } = await import('/ksync.js');
+    Object.assign(window, { opens: 0, closes: [], stats: 0 });
+    const monitor = new MonitorClient('ws://fake.invalid/monitor', { reconnectDelay: { min: 10, max: 20 }, timeout: 200 });
+    monitor.on('open', () => { window.opens += 1; });
+    monitor.on('close', (close) => window.closes.push([close.code, close.opened]));
+    monitor.on('stats', () => { window.stats += 1; });
+    monitor.start();
+    window.monitor = monitor;
+  });
+  await waitFor(() => page.evaluate(() => window.stats === 1), 5000, 'stats from the third feed');
+  // (The third falls silent too after its stats: it may have been given up since.)
+  assert.deepEqual((await page.evaluate(() => window.closes)).slice(0, 2), [[4009, true], [4009, false]]);
+  assert.ok(await page.evaluate(() => window.opens) >= 2);
+  for (const session of sessions.slice(0, 2)) assert.equal(session.closed?.code, 4009);
   await page.evaluate(() => window.monitor.stop());
   await page.close();
 });

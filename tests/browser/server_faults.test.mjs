@@ -9,7 +9,7 @@ import { after, before, test } from 'node:test';
 import { createServer } from 'node:net';
 import { readFileSync } from 'node:fs';
 
-import { errorsOf, fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, startServer, waitFor, storedAck } from './lib.mjs';
+import { errorsOf, FAKE_WELCOME, fakeRelayClient, launchBrowser, makeEvent, pageClient, sharedServer, startServer, waitFor, storedAck } from './lib.mjs';
 
 let browser;
 let server;
@@ -126,6 +126,43 @@ test('binary frames: refused without negotiated compression, when they do not in
   }
 });
 
+test('a text frame past 16 MiB is refused as one inflating past it is (bad_message), as the Rust client refuses it: its events come again', async () => {
+  const [e1, e2] = [makeEvent('t1'), makeEvent('t2')];
+  const batch = (...entries) => JSON.stringify({ type: 'events', events: entries });
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 0 },
+    // The page's sockets, to hand one a frame made in the page (16 MiB through the scripted
+    // relay took seconds): the client reads it as any frame from the network.
+    setup: `() => {
+      window.sockets = [];
+      const Base = window.WebSocket;
+      window.WebSocket = class extends Base {
+        constructor(...args) { super(...args); window.sockets.push(this); }
+      };
+    }`,
+    welcome: () => ({ serverVersion: 2 }),
+    onMessage: (session, message) => {
+      if (message.type === 'hello' && session.index > 0) session.send(batch({ seq: 1, event: e1 }, { seq: 2, event: e2 }));
+    },
+  });
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected');
+  // The first session's copy of e1 makes its frame 16 MiB + 1 KiB of JSON; e2 follows it.
+  await page.evaluate(({ e1 }) => {
+    const padded = { ...e1, data: { pad: 'x'.repeat(16 * 1024 * 1024 + 1024) } };
+    window.sockets[0].dispatchEvent(new MessageEvent('message', { data: JSON.stringify({ type: 'events', events: [{ seq: 1, event: padded }] }) }));
+  }, { e1 });
+  relay.sessions[0].send(batch({ seq: 2, event: e2 }));
+  await relay.waitSessions(2);
+  await waitFor(async () => (await receivedOf(page)).length >= 2, 10000, 'both events');
+  assert.deepEqual(await page.evaluate(() => window.received.map((r) => [r.seq, r.event.id, r.event.data.pad === undefined])),
+    [[1, e1.id, true], [2, e2.id, true]]);
+  assert.deepEqual(relay.sessions[1].messages[0].since, 0);
+  const errors = await errorsOf(page);
+  assert.ok(errors.some((e) => e.startsWith('bad_message: the server sent a frame of') && e.includes('past 16777216')), errors.join('\n'));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
 test('sequence numbers: entries without a valid seq are skipped, and acks and welcomes with bad ones refused', async () => {
   const [e1, e2, bad] = [makeEvent('s1'), makeEvent('s2'), makeEvent('bad')];
 
@@ -235,19 +272,29 @@ test('a welcome of another protocol version is refused: the client closes with 4
 });
 
 test('a welcome without an integer protocol >= 0 announces no version: a broken welcome (error protocol), retried, not a stop (as the Rust client)', async () => {
-  // Missing, a string, negative, then a good one.
-  const protocols = [undefined, '1', -1, 1];
+  // Missing, a string, negative; numbers written as no integer (`2.0`, `1.0`, `1e0`, which
+  // JSON.parse reads as 2 and 1, and the Rust client, as serde reads a u64, as no version);
+  // then a good one.
+  const protocols = [undefined, '1', -1, '2.0', '1.0', '1e0', 1];
+  const written = ['2.0', '1.0', '1e0'];
+  const protocolOf = (session) => protocols[Math.min(session.index, protocols.length - 1)];
   const { page, relay } = await fakeRelayClient(browser, server.http, {
     options: { reconnectDelay: { min: 10, max: 20 } },
-    welcome: (session) => ({ protocol: protocols[Math.min(session.index, 3)] }),
+    welcome: (session) => (written.includes(protocolOf(session)) ? null : { protocol: protocolOf(session) }),
+    onMessage: (session, message) => {
+      if (message.type !== 'hello' || !written.includes(protocolOf(session))) return;
+      session.send(JSON.stringify({ ...FAKE_WELCOME, protocol: 7 }).replace('"protocol":7', `"protocol":${protocolOf(session)}`));
+    },
   });
-  await relay.waitSessions(4);
-  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected to the fourth');
+  await relay.waitSessions(protocols.length);
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected to the last');
   assert.deepEqual(await page.evaluate(() => window.connectErrors), ['protocol']);
   const errors = await errorsOf(page);
-  assert.equal(errors.filter((e) => e.startsWith("protocol: the server's welcome was refused: its protocol")).length, 3, errors.join('\n'));
+  const refused = errors.filter((e) => e.startsWith("protocol: the server's welcome was refused: its protocol"));
+  assert.equal(refused.length, protocols.length - 1, errors.join('\n'));
+  for (const text of written) assert.ok(refused.some((e) => e.includes(`its protocol ${text} is not`)), errors.join('\n'));
   assert.equal(errors.filter((e) => e.startsWith('unsupported_protocol:')).length, 0, errors.join('\n'));
-  for (const session of relay.sessions.slice(0, 3)) assert.notEqual(session.closed?.code, 4001);
+  for (const session of relay.sessions.slice(0, protocols.length - 1)) assert.notEqual(session.closed?.code, 4001);
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });
@@ -435,4 +482,97 @@ test('every failed attempt and lost connection is an error, alongside reconnecti
     await live.close();
     await own.stop();
   }
+});
+
+test('frames waiting for a slow incoming middleware are bounded (maxIncomingBytes): past it the session ends (slow_consumer) and the next resumes from the cursor', async () => {
+  // 20 live batches of about 10 kB, one event each, sent at once by a relay that does not wait
+  // for the page; the page's middleware holds the first event until released.
+  const events = Array.from({ length: 20 }, (_, n) => makeEvent('flood', { n, pad: 'x'.repeat(10000) }));
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { since: 0, maxIncomingBytes: 50000 },
+    setup: `(client) => {
+      window.held = new Promise((resolve) => { window.release = resolve; });
+      client.use('incoming', async (event) => {
+        if (event.data.n === 0) await window.held;
+        return event;
+      });
+    }`,
+    welcome: () => ({ serverVersion: 20 }),
+    onMessage: (session, message) => {
+      if (message.type !== 'hello') return;
+      for (let i = message.since; i < events.length; i += 1) {
+        session.send({ type: 'events', events: [{ seq: i + 1, event: events[i] }] });
+      }
+    },
+  });
+  await waitErrors(page, 'slow_consumer:');
+  // The client stopped reading the socket and closed it; the frames that had arrived wait.
+  await waitFor(() => relay.sessions[0].closed, 5000, 'the client closed the flooded session');
+  assert.equal(await page.evaluate(() => window.client.cursor), 0);
+  await page.evaluate(() => window.release());
+  // Once the middleware goes on, the frames that arrived are read, and the next session
+  // resumes after them: every event once, in order.
+  await waitFor(async () => (await receivedOf(page)).length >= 20, 10000, 'every event received');
+  assert.deepEqual(await receivedOf(page), events.map((e, i) => [i + 1, e.id]));
+  assert.equal(await page.evaluate(() => window.client.cursor), 20);
+  assert.ok(relay.sessions.length >= 2);
+  const resumed = relay.sessions[1].messages[0].since;
+  assert.ok(resumed >= 2 && resumed < 20, `the second session resumed from ${resumed}`);
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
+});
+
+test('a URL with no WebSocket endpoint (an upgrade answered 404) stops the client with no_endpoint, as the Rust client stops; unseen across origins, it is retried', async () => {
+  // The browser hides the 404 of the upgrade; a plain GET of the same URL, from the page's own
+  // origin, shows it.
+  const probe = await browser.newPage();
+  await probe.goto(`${server.http}/health`);
+  const outcome = await probe.evaluate(async (url) => {
+    const { WebSocketSyncClient } = await import('/ksync.js');
+    const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 10, max: 20 } });
+    const seen = { attempts: 0, errors: [] };
+    client.on('reconnecting', () => { seen.attempts += 1; });
+    client.on('error', (error) => seen.errors.push([error.code, error.status ?? null]));
+    const rejected = await client.connect().then(() => 'connected', (error) => [error.code, error.status ?? null]);
+    // Many reconnect delays later: still stopped.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    return { rejected, ...seen };
+  }, `${server.ws}/wrong/chat`);
+  assert.deepEqual(outcome, { rejected: ['no_endpoint', 404], attempts: 0, errors: [['no_endpoint', 404]] });
+
+  // The same from a page of another origin (another server's port): kSync's 404 carries no CORS
+  // header, the page cannot read it, and the client goes on retrying as before.
+  const other = await startServer();
+  try {
+    const outcome2 = await probe.evaluate(async (url) => {
+      const { WebSocketSyncClient } = await import('/ksync.js');
+      const client = new WebSocketSyncClient(url, { reconnectDelay: { min: 10, max: 20 } });
+      const errors = [];
+      client.on('error', (error) => errors.push(error.code));
+      client.connect().catch(() => {});
+      while (errors.length < 3) await new Promise((resolve) => setTimeout(resolve, 10));
+      await client.disconnect();
+      return errors.slice(0, 3);
+    }, `${other.ws}/wrong/chat`);
+    assert.deepEqual(outcome2, ['connect', 'connect', 'connect']);
+  } finally {
+    await other.stop();
+  }
+  await probe.close();
+});
+
+test('a server that takes the connection and never sends welcome: the attempt ends after connectTimeout (connect_timeout) and the next one connects', async () => {
+  const { page, relay } = await fakeRelayClient(browser, server.http, {
+    options: { connectTimeout: 200 },
+    // The first session is answered nothing at all.
+    welcome: (session) => (session.index === 0 ? null : {}),
+  });
+  await relay.waitSessions(2);
+  await waitFor(() => page.evaluate(() => window.connects === 1), 5000, 'connected to the second');
+  assert.deepEqual(await page.evaluate(() => window.connectErrors), ['connect_timeout']);
+  assert.deepEqual(relay.sessions[0].closed, { code: 1000, reason: 'ending the session' });
+  const errors = await errorsOf(page);
+  assert.equal(errors.filter((e) => e.startsWith('connect_timeout: no welcome from the server within 200 ms')).length, 1, errors.join('\n'));
+  await page.evaluate(() => window.client.disconnect());
+  await page.close();
 });

@@ -18,7 +18,7 @@ mod watch;
 
 /// kSync: keep event logs in step across replicas.
 #[derive(Debug, Parser)]
-#[command(name = "ksync", version, about)]
+#[command(name = "ksync", version = ksync_server::VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

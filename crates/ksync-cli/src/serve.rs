@@ -156,6 +156,20 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_pushes_per_client: usize,
 
+    /// Most rooms kept in the data directory (each a file, kept until deleted by hand); a
+    /// new room past it gets 507 `too many rooms stored`. Stored rooms go on.
+    #[arg(long, env = "KSYNC_MAX_ROOMS", value_name = "N",
+        default_value_t = Limits::default().max_rooms,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_rooms: usize,
+
+    /// Most repositories kept in the data directory (each a directory of branch files); a
+    /// new repository past it gets 507 `too_many_repos`. Stored repositories go on.
+    #[arg(long, env = "KSYNC_MAX_REPOS", value_name = "N",
+        default_value_t = Limits::default().max_repos,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_repos: usize,
+
     /// Longest wait, in seconds, for the next piece of a request body before 408.
     #[arg(long, env = "KSYNC_REQUEST_BODY_TIMEOUT_SECS", value_name = "SECS", default_value_t = 30,
         allow_negative_numbers = true, value_parser = secs::<1>)]
@@ -378,6 +392,8 @@ impl ServeArgs {
                 git_body_memory_bytes: self.git_body_memory_bytes,
                 max_branches_per_repo: self.max_branches_per_repo,
                 max_pushes_per_client: self.max_pushes_per_client,
+                max_rooms: self.max_rooms,
+                max_repos: self.max_repos,
             },
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),

@@ -47,7 +47,7 @@ pub use notify::{
     STREAM_CAPACITY, STREAM_CAPACITY_BYTES, Status, StreamError, Subscription,
 };
 pub use replica::{Forwarded, Ingested, REVISION_ATTEMPTS, Replica};
-pub use storage::{BoxFuture, InMemoryStorage, Storage, StorageError};
+pub use storage::{BoxFuture, InMemoryStorage, LogKind, Storage, StorageError};
 
 /// `tracing`, for [`debug_log!`]'s expansion in other crates.
 #[doc(hidden)]

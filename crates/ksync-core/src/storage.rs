@@ -60,6 +60,48 @@ pub enum StorageError {
         /// The name already stored.
         existing: String,
     },
+    /// Creating the log would take the provider past its cap on the rooms or repositories it
+    /// keeps (one file or directory each, kept until deleted by hand): nothing was created.
+    #[error("{max} {kind} are stored, the most this server keeps; no new one is created")]
+    TooManyLogs {
+        /// What is capped.
+        kind: LogKind,
+        /// The cap.
+        max: usize,
+    },
+}
+
+/// What a provider's cap on stored logs counts ([`StorageError::TooManyLogs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LogKind {
+    /// Rooms (one log each).
+    Rooms,
+    /// Repositories (one directory each, holding their branches' logs).
+    Repos,
+}
+
+impl std::fmt::Display for LogKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogKind::Rooms => "rooms",
+            LogKind::Repos => "repositories",
+        })
+    }
+}
+
+impl StorageError {
+    /// Whether this is an IO error because the disk (or the user's quota) is full: the
+    /// operator's to fix, and a client's to retry later, unlike a failing disk.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// Where kSync keeps a log: append-only, idempotent, sequence-numbered.

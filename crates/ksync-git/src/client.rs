@@ -1409,6 +1409,7 @@ impl GitSyncClient {
             );
             let end = since.saturating_add(count);
             let stored_to = (count > 0).then(|| (replica.clone(), key.clone()));
+            let owed = self.inner.owed.clone();
             self.finish_recording().await?;
             self.start_recording(async move {
                 let mut ingested = ingesting.await;
@@ -1417,10 +1418,13 @@ impl GitSyncClient {
                 // page instead of pulling it again. After the events: a crash in between
                 // re-pulls the page, which deduplicates. Not after a partial store: its
                 // conflicts are not all settled, and the next pull settles them.
-                if let (Ok(_), Some((replica, key))) = (&ingested, stored_to)
-                    && let Err(e) = replica.set_cursor(&key, end).await
-                {
-                    ingested = Err(e);
+                if let (Ok(_), Some((replica, key))) = (&ingested, stored_to) {
+                    match replica.set_cursor(&key, end).await {
+                        // A value owed from a push's fast-forward is behind it (the pull
+                        // started there): written later, it would move the cursor back.
+                        Ok(()) => owed.written(&key, end),
+                        Err(e) => ingested = Err(e),
+                    }
                 }
                 // Err: the pull was cut short; what was stored is reported already.
                 let _ = answer.send(ingested);
@@ -1984,12 +1988,14 @@ impl Recorder {
 struct Owed(Arc<Mutex<std::collections::BTreeMap<String, u64>>>);
 
 impl Owed {
-    /// `key` as stored, or as owed when that is further.
+    /// `key` as owed, or as stored when nothing is owed: an owed value is what the next
+    /// [`settle`](Self::settle) writes, whether further (a push's failed write) or behind (a
+    /// `send` that moved it back, see [`lower`](Self::lower)).
     fn cursor(&self, replica: &Replica, key: &str) -> Result<u64, SyncError> {
-        let stored = replica.cursor(key)?;
-        Ok(lock(&self.0)
-            .get(key)
-            .map_or(stored, |&owed| owed.max(stored)))
+        if let Some(&owed) = lock(&self.0).get(key) {
+            return Ok(owed);
+        }
+        replica.cursor(key)
     }
 
     /// Writes `key`; a failure leaves `value` owed ([`GitError::CursorNotRecorded`]).
@@ -2012,6 +2018,15 @@ impl Owed {
                 }
                 .into_sync())
             }
+        }
+    }
+
+    /// `key` was written as `value` otherwise (a pulled page's cursor): an owed value not
+    /// past it is settled.
+    fn written(&self, key: &str, value: u64) {
+        let mut owed = lock(&self.0);
+        if owed.get(key).is_some_and(|&owed| owed <= value) {
+            owed.remove(key);
         }
     }
 

@@ -210,7 +210,12 @@ struct Inner {
     /// Pushes in flight per client (`GitServerConfig::max_pushes_per_client`); an entry goes
     /// when its count drops to zero, so at most one entry per push in flight.
     pushes: std::sync::Mutex<std::collections::HashMap<Pusher, usize>>,
+    /// Merges into a branch go one at a time (see [`GitServer::merge_lock`]).
+    merge_locks: Box<[tokio::sync::Mutex<()>]>,
 }
+
+/// Stripes of [`Inner::merge_locks`].
+const MERGE_LOCK_STRIPES: usize = 64;
 
 /// Who a push belongs to, for `GitServerConfig::max_pushes_per_client`: a subject seen from
 /// one address (as the WebSocket relay counts connections), so that every user of one shared
@@ -409,8 +414,25 @@ impl GitServer {
                 open_logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 body_memory,
                 pushes: std::sync::Mutex::new(std::collections::HashMap::new()),
+                merge_locks: (0..MERGE_LOCK_STRIPES)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
             }),
         }
+    }
+
+    /// The lock a merge into `into` of `repo` holds from its first read of `into`'s merge
+    /// records to its answer. Two merges into one branch at once both began at the same
+    /// length of it and took each other's appends for their own (a pair's events and
+    /// collisions reported twice, the collisions then settled by both clients). Striped:
+    /// bounded, nothing to clean up; merges into branches sharing a stripe wait their turn.
+    fn merge_lock(&self, repo: &Name, into: &Name) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (repo.as_str(), into.as_str()).hash(&mut hasher);
+        let stripes = &self.inner.merge_locks;
+        // The modulo keeps it below the stripes' count, a usize.
+        &stripes[(hasher.finish() % stripes.len() as u64) as usize]
     }
 
     /// A place among the pushes in flight of the client behind `grant` from `peer` (`peer`
@@ -945,6 +967,21 @@ impl From<StorageError> for ApiError {
             StorageError::NameClash { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "name_taken", e.to_string())
             }
+            // A new repository past the provider's cap on stored ones: nothing was created.
+            StorageError::TooManyLogs { max, .. } => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "too_many_repos",
+                format!("too many repositories stored (at most {max})"),
+            ),
+            // The operator's to fix, the client's to retry later; unlike a failing disk.
+            e if e.is_storage_full() => {
+                tracing::error!(error = %e, "storage full");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "storage_full",
+                    "the server's storage is full; retry later",
+                )
+            }
             e => ApiError::internal(format!("storage: {e}")),
         }
     }
@@ -1477,11 +1514,24 @@ async fn push(
     let batch_len = request.events.len();
     // The events are not needed back: the storage may move them in rather than copy them.
     let outcome = storage.append_summary(request.events).await?;
-    let fast_forward_to = (batch_len > 0
-        && outcome.appended == batch_len
-        && outcome.first_seq() == request.base_version.checked_add(1))
-    .then(|| outcome.last_seq())
-    .flatten();
+    // The branch is what the client had plus its batch when every event sits right after
+    // `baseVersion`, in order: stored now, or already (a push sent again after its answer was
+    // lost, or by a client killed before it recorded the answer, which then counted its own
+    // events as the server's for ever, until it pulled them).
+    let in_place = batch_len > 0
+        && outcome.outcomes.iter().enumerate().all(|(index, o)| {
+            let seq = match o {
+                AppendOutcome::Appended { seq } | AppendOutcome::Duplicate { seq } => *seq,
+                AppendOutcome::Conflict(_) => return false,
+            };
+            (index as u64)
+                .checked_add(1)
+                .and_then(|n| request.base_version.checked_add(n))
+                == Some(seq)
+        });
+    let fast_forward_to = in_place
+        .then(|| request.base_version.checked_add(batch_len as u64))
+        .flatten();
     let mut rejected = Vec::new();
     for (index, o) in outcome.outcomes.into_iter().enumerate() {
         if let AppendOutcome::Conflict(conflict) = o {
@@ -1531,6 +1581,7 @@ async fn merge(
             "mergeId must be 1 to 64 letters, digits or '-'",
         ));
     }
+    let _merging = s.merge_lock(&repo, &into_name).lock().await;
     let (into, _) = s.existing_branch(&repo, &into_name).await?;
     let (from, _) = s.existing_branch(&repo, &from_name).await?;
     let answer_key = format!("{MERGE_ANSWER_META_PREFIX}{from_name}");
@@ -1610,6 +1661,13 @@ async fn merge(
     // deduplicates.
     if moved {
         into.set_meta(&cursor_key, &cursor.to_meta()).await?;
+    }
+    // Done: a retry under this id is answered from the answer kept above (or, had nothing
+    // moved, stored nothing to count), so the pending record is dead weight in every replay.
+    // A failure to remove it is a 500: the retry gets the kept answer.
+    if stored_after.is_some() {
+        into.remove_meta(&format!("{MERGE_PENDING_META_PREFIX}{from_name}"))
+            .await?;
     }
     tracing::info!(%repo, into = %into_name, from = %from_name, appended = body.appended,
         conflicts = body.conflicts.len(), next = ?body.next, "git: merge");

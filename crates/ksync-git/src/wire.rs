@@ -165,7 +165,8 @@ pub struct PushResponse {
     pub duplicates: u64,
     /// Events refused because the branch holds other content under their `(id, version)`.
     pub rejected: Vec<RejectedEvent>,
-    /// Set when every event was new and they were appended right after `baseVersion`: the
+    /// Set when every event sits right after `baseVersion`, in order (appended now, or already
+    /// there: the batch sent again): the
     /// branch is then exactly what the client had pulled plus this batch, so the client may
     /// treat it as pulled up to this version (a fast-forward) without fetching its own events.
     #[serde(default, skip_serializing_if = "Option::is_none")]

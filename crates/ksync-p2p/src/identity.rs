@@ -45,6 +45,10 @@ pub(crate) fn load_or_create(path: &Path) -> Result<Keypair, P2PError> {
     }
 }
 
+/// Writes the key file whole or not at all, owner-only. The same steps as
+/// `ksync_storage_file::write_file_durably`, kept apart on purpose: transports depend on
+/// `ksync-core` only (storage is the application's choice, and `ksync-core` does no IO), so
+/// sharing these lines would make every P2P user build the file storage.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

@@ -51,8 +51,18 @@ const DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024;
 const MIN_SERVER_MESSAGE_SIZE = 1024;
 const MAX_SERVER_MESSAGE_SIZE = 8 * 1024 * 1024;
 // The most bytes a compressed frame may inflate to (the Rust client's CLIENT_MAX_MESSAGE_SIZE:
-// twice the largest `maxMessageSize`). Past it the frame is refused (`bad_binary`).
+// twice the largest `maxMessageSize`). Past it the frame is refused (`bad_binary`), and so is a
+// text frame larger than it (`bad_message`).
 const MAX_INFLATED_SIZE = 16 * 1024 * 1024;
+// What frames received and not yet read may hold by default (`maxIncomingBytes`): four of the
+// largest frames a relay sends. Each frame also counts `FRAME_OVERHEAD` (what holding it on
+// the chain costs besides its text), so a flood of tiny frames is bounded too.
+const DEFAULT_MAX_INCOMING_BYTES = 64 * 1024 * 1024;
+const FRAME_OVERHEAD = 256;
+// After a failed upgrade, the answers to a plain GET of the URL that say there is no endpoint
+// there at all (see `#probe`), and how long that GET may take.
+const NO_ENDPOINT_STATUSES = new Set([404, 405, 410]);
+const PROBE_TIMEOUT_MS = 5000;
 // The event rules (ksync-core's `Event::validate`, which the relay applies to every publish):
 // checked on the events the app sends and on those received.
 const MAX_NAME_BYTES = 256;
@@ -162,7 +172,13 @@ export function tokenExpiry(auth) {
   try {
     const base64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
     const claims = JSON.parse(atob(base64.padEnd(Math.ceil(base64.length / 4) * 4, '=')));
-    return Number.isFinite(claims?.exp) ? new Date(claims.exp * 1000) : null;
+    // `exp` in whole seconds as the server reads it (RFC 7519's NumericDate may have a fraction,
+    // which ksync-server rounds): taken as is, a token the server already refuses (exp 99.4:
+    // 99) was still sent, and refused as `unauthorized`, for up to half a second, and one it
+    // still takes (exp 99.6: 100) refused here up to half a second early. A negative one the
+    // server refuses as malformed: no expiry to foresee.
+    const exp = claims?.exp;
+    return Number.isFinite(exp) && exp >= 0 ? new Date(Math.round(exp) * 1000) : null;
   } catch {
     return null;
   }
@@ -362,11 +378,47 @@ async function inflateRaw(data, limit) {
   }
 }
 
-/** Why a `welcome` cannot be followed, or null. */
-function welcomeFault(welcome) {
+// The largest `protocol` a version can be: the Rust client and the relay read it as a u64.
+const MAX_PROTOCOL = 2n ** 64n - 1n;
+
+/**
+ * The `protocol` a `welcome` (`message`, parsed from `text`) announces, as the Rust client and
+ * the relay read a version (serde's u64, `protocol::welcome_protocol`): `{version, written}`,
+ * `version` the integer its text writes, as a string (`'2'`), or null when it announces none,
+ * and `written` how the text writes it (for errors). `2.0`, `1e0`, `-0` or a number past
+ * 2^64 - 1 are JSON numbers but no u64: `JSON.parse` reads `2.0` as 2, which took it for a
+ * server of version 2 (close 4001, stop) where the Rust client refuses a broken welcome and
+ * retries (and took `1.0` for our version, whose welcome the Rust client refuses). The text of
+ * the number comes from `JSON.parse`'s source access (its reviver's third argument); a browser
+ * without it has only the value, and takes an integer value for an integer.
+ */
+function announcedProtocol(text, message) {
+  const value = message.protocol;
+  let written = JSON.stringify(value) ?? '(none)';
+  if (typeof value !== 'number') return { version: null, written };
+  let source = null;
+  try {
+    // Each object's own `protocol` text; the message's is that of the root, revived last.
+    const sources = new Map();
+    JSON.parse(text, function revive(key, revived, context) {
+      if (key === 'protocol' && typeof context?.source === 'string') sources.set(this, context.source);
+      if (key === '' && sources.has(revived)) source = sources.get(revived);
+      return revived;
+    });
+  } catch {
+    // Parsed once already: cannot fail; if it does, no source.
+  }
+  if (source === null) source = Number.isSafeInteger(value) && value >= 0 ? String(value) : written;
+  written = source;
+  const version = /^(0|[1-9][0-9]*)$/.test(source) && BigInt(source) <= MAX_PROTOCOL ? source : null;
+  return { version, written };
+}
+
+/** Why a `welcome` cannot be followed, or null (`announced`: its `announcedProtocol`). */
+function welcomeFault(welcome, announced) {
   // Another version is refused before this (`announcesOtherVersion`): here, no version at all.
-  if (welcome.protocol !== PROTOCOL_VERSION) {
-    return `its protocol ${JSON.stringify(welcome.protocol) ?? '(none)'} is not an integer >= 0`;
+  if (announced.version !== String(PROTOCOL_VERSION)) {
+    return `its protocol ${announced.written} is not an integer >= 0`;
   }
   const { serverVersion } = welcome;
   if (!Number.isSafeInteger(serverVersion) || serverVersion < 0) {
@@ -381,13 +433,13 @@ function welcomeFault(welcome) {
 }
 
 /**
- * Whether a `welcome` announces a protocol version other than ours: an integer >= 0 (as the
- * relay reads a `hello`'s). One without such a `protocol` announces none: it is a broken
- * welcome (`welcomeFault`), not one of another version.
+ * Whether a `welcome` announces a protocol version other than ours (`announced`: its
+ * `announcedProtocol`, an integer >= 0 written as one, as the relay reads a `hello`'s). One
+ * without such a `protocol` announces none: it is a broken welcome (`welcomeFault`), not one of
+ * another version.
  */
-function announcesOtherVersion(welcome) {
-  const { protocol } = welcome;
-  return Number.isInteger(protocol) && protocol >= 0 && protocol !== PROTOCOL_VERSION;
+function announcesOtherVersion(announced) {
+  return announced.version !== null && announced.version !== String(PROTOCOL_VERSION);
 }
 
 /** What kind of JSON value `value` is, for an error (`null`, `an array`, `a string` ...). */
@@ -409,7 +461,9 @@ function isSeq(seq) {
  * Options (defaults): `auth` (none), `reconnect` (true), `heartbeat` (30000: every this many ms
  * the client sends a `ping` message, and a server that sends nothing within `heartbeatTimeout`
  * (10000 ms) after it is given up on: `disconnected` with code 4009, then a reconnect; the
- * server's own pings are answered by the browser), `compression` (false; honoured where
+ * server's own pings are answered by the browser), `connectTimeout` (10000: an attempt that has
+ * no `welcome` this many ms after it began ends with an `error` of code `connect_timeout`, and
+ * the next comes after the reconnect delay), `compression` (false; honoured where
  * `DecompressionStream('deflate-raw')` works), `strategy` ('event-level' with `batchSize` 1;
  * 'batch' with `batchSize` (50) and `batchInterval` (5000 ms); 'state-based': the first
  * session starts from the room's snapshot, and the latest version of each id sent goes out
@@ -418,7 +472,10 @@ function isSeq(seq) {
  * stream; 0: the whole room history; N: after seq N), `logId` (the `logId` that `since` counts
  * in, from a saved `cursor` and `logId`: another log is read from 0), `reconnectDelay`
  * ({min: 250, max: 30000} ms; the attempts count on until a session stays up `max` ms),
- * `maxOutbox` (10000: a `send` past it rejects with `outbox_full`), `metricsInterval` (5000 ms).
+ * `maxOutbox` (10000: a `send` past it rejects with `outbox_full`), `maxIncomingBytes` (64 MiB
+ * of received frames waiting for the incoming middleware: past it nothing more is read from
+ * the socket, code `slow_consumer`; what arrived before is read, and the next session resumes
+ * after it), `metricsInterval` (5000 ms).
  * Sizes and delays are integers >= 1 (delays at most 2^31 - 1 ms, reconnectDelay min <= max):
  * anything else is a TypeError from the constructor.
  *
@@ -446,6 +503,8 @@ export class WebSocketSyncClient extends Emitter {
   // monotonic clock, which a wall-clock step (NTP, a user's change) does not move).
   #upSince = 0;
   #retryTimer = null;
+  // Runs from an attempt's `new WebSocket` until its `welcome` (`connectTimeout`).
+  #connectTimer = null;
   #cursor = null;
   // The room log `#cursor` belongs to (`welcome.logId`).
   #logId = null;
@@ -493,6 +552,7 @@ export class WebSocketSyncClient extends Emitter {
       reconnect: options.reconnect ?? true,
       heartbeat: delayOption(options.heartbeat, 'heartbeat', 30000),
       heartbeatTimeout: delayOption(options.heartbeatTimeout, 'heartbeatTimeout', 10000),
+      connectTimeout: delayOption(options.connectTimeout, 'connectTimeout', 10000),
       compression: Boolean(options.compression) && canInflateRaw(),
       strategy,
       batchSize: positiveInteger(options.batchSize, 'batchSize', strategy === 'batch' ? 50 : 1),
@@ -501,6 +561,7 @@ export class WebSocketSyncClient extends Emitter {
       debug: Boolean(options.debug),
       reconnectDelay: reconnectDelayOption(options.reconnectDelay, { min: 250, max: 30000 }),
       maxOutbox: positiveInteger(options.maxOutbox, 'maxOutbox', 10000),
+      maxIncomingBytes: positiveInteger(options.maxIncomingBytes, 'maxIncomingBytes', DEFAULT_MAX_INCOMING_BYTES),
       metricsInterval: delayOption(options.metricsInterval, 'metricsInterval', 5000),
     };
     this.#filter = filterFor(options.filter);
@@ -560,8 +621,9 @@ export class WebSocketSyncClient extends Emitter {
    * cannot fix (1002, 1003, 1007, 4000, 4001, 4400, 4401, 4403): e.g. refused credentials
    * (code `unauthorized`, `closeCode` 4401) or a room they do not cover (`forbidden`, 4403),
    * and, without trying, on a JWT whose `exp` plus 5 s (the server's default leeway) has
-   * passed (code `token_expired`): bring fresh credentials with `setAuth`, then connect. Too
-   * many failed logins (`rate_limited`, 4429) are retried later, with backoff.
+   * passed (code `token_expired`): bring fresh credentials with `setAuth`, then connect; and
+   * on a URL with no WebSocket endpoint (code `no_endpoint`, `status` 404, 405 or 410; see
+   * `#probe`). Too many failed logins (`rate_limited`, 4429) are retried later, with backoff.
    */
   connect() {
     if (this.#connected) return Promise.resolve();
@@ -585,6 +647,7 @@ export class WebSocketSyncClient extends Emitter {
     this.#stopped = true;
     clearTimeout(this.#retryTimer);
     this.#retryTimer = null;
+    this.#clearConnectTimer();
     this.#settleWaiters(new KSyncError('disconnected', 'disconnect() was called'));
     this.#disconnects += 1;
     this.#refusal = null;
@@ -678,6 +741,11 @@ export class WebSocketSyncClient extends Emitter {
     this.#heartbeatTimer = setInterval(() => this.#ping(socket), this.#options.heartbeat);
   }
 
+  #clearConnectTimer() {
+    clearTimeout(this.#connectTimer);
+    this.#connectTimer = null;
+  }
+
   #stopTimers() {
     clearInterval(this.#flushTimer);
     clearInterval(this.#metricsTimer);
@@ -753,8 +821,21 @@ export class WebSocketSyncClient extends Emitter {
     }
     socket.binaryType = 'arraybuffer';
     this.#socket = socket;
+    // The heartbeat starts at the `welcome`: until then, a server (or a proxy) that takes the
+    // connection and never answers, or a connection that never opens, would hold `connect()`
+    // and every reconnect for good. As the Rust client's `connect_timeout`: the attempt ends
+    // (`connect_timeout`) and the next comes after the reconnect delay.
+    this.#clearConnectTimer();
+    this.#connectTimer = setTimeout(() => {
+      this.#connectTimer = null;
+      if (socket === this.#socket && !this.#connected) {
+        this.#endSession(new KSyncError('connect_timeout', `no welcome from the server within ${this.#options.connectTimeout} ms`));
+      }
+    }, this.#options.connectTimeout);
     this.#compressed = false;
     let opened = false;
+    // Bytes of frames of this socket received and not yet read (see `onmessage`).
+    let waiting = 0;
     socket.onopen = () => {
       opened = true;
       const hello = { type: 'hello', protocol: PROTOCOL_VERSION };
@@ -772,8 +853,25 @@ export class WebSocketSyncClient extends Emitter {
         clearTimeout(this.#pongTimer);
         this.#pongTimer = null;
       }
+      // A page cannot slow a WebSocket down: what the server sends while the incoming
+      // middleware (async, e.g. decryption) is still at an earlier frame waits here, in memory.
+      // Bounded: a frame that would have more than `maxIncomingBytes` waiting is not taken,
+      // and nothing more of this socket is (`slow_consumer`, as the relay closes a subscriber
+      // whose queue overflowed with 4008; see `#stopReading`); the frames that arrived before
+      // it are still read, and the next session resumes after them. A frame alone is never
+      // refused (one catch-up page can be larger than a small bound).
+      if (socket !== this.#socket) return;
+      const charge = (typeof message.data === 'string' ? message.data.length : message.data.byteLength) + FRAME_OVERHEAD;
+      if (waiting > 0 && waiting + charge > this.#options.maxIncomingBytes) {
+        this.#stopReading(socket, new KSyncError('slow_consumer', `more than ${this.#options.maxIncomingBytes} bytes of frames wait for the incoming middleware: the rest comes on a new session, from the cursor`));
+        return;
+      }
+      waiting += charge;
       // Decompression is asynchronous: a chain keeps messages in arrival order.
-      this.#chain = this.#chain.then(() => this.#receive(socket, message.data)).catch((error) => {
+      this.#chain = this.#chain.then(() => {
+        waiting -= charge;
+        return this.#receive(socket, message.data);
+      }).catch((error) => {
         this.emit('error', error instanceof KSyncError ? error : new KSyncError('bad_message', String(error?.message ?? error)));
       });
     };
@@ -787,8 +885,16 @@ export class WebSocketSyncClient extends Emitter {
     // and what it sent before that is still queued on `#chain` is skipped here.
     if (socket !== this.#socket) return;
     const binary = typeof data !== 'string';
-    this.#meter.bytes += binary ? data.byteLength : utf8Length(data);
+    const bytes = binary ? data.byteLength : utf8Length(data);
+    this.#meter.bytes += bytes;
     let text = data;
+    if (!binary && bytes > MAX_INFLATED_SIZE) {
+      // Past what any relay sends (about twice its `maxMessageSize`, at most 8 MiB), and what
+      // the Rust client reads (its frame limit): refused as a frame inflating past it is. It
+      // may hold events: the session ends and the next one reads from the cursor again.
+      this.#endSession(new KSyncError('bad_message', `the server sent a frame of ${bytes} bytes, past ${MAX_INFLATED_SIZE}`));
+      return;
+    }
     if (binary) {
       // Binary frames only with negotiated compression (docs/PROTOCOL.md, Frames). A frame
       // refused may hold events: skipping it, the next batch would move the cursor past them,
@@ -819,7 +925,7 @@ export class WebSocketSyncClient extends Emitter {
     }
     this.#debug('received', message.type, text.length, 'bytes');
     switch (message.type) {
-      case 'welcome': return this.#welcome(message);
+      case 'welcome': return this.#welcome(message, announcedProtocol(text, message));
       case 'events': return this.#events(socket, message.events);
       case 'snapshot': return this.#snapshot(socket, message);
       case 'ack': return this.#ack(socket, message);
@@ -829,7 +935,7 @@ export class WebSocketSyncClient extends Emitter {
     }
   }
 
-  #welcome(welcome) {
+  #welcome(welcome, announced) {
     // One `welcome` a connection: a second one would start this session over mid-way (its
     // serverVersion, limits and log taken in, in-flight events sent twice). A protocol error,
     // as in the Rust client: the session ends, the next one comes after the reconnect delay.
@@ -841,14 +947,14 @@ export class WebSocketSyncClient extends Emitter {
     // of its welcome is taken, and reconnecting would meet the same server, so the client
     // closes with 4001 and stops, as after the relay's own 4001 (as the Rust client). A welcome
     // without an integer `protocol` >= 0 announces no version: a broken welcome (below), retried.
-    if (announcesOtherVersion(welcome)) {
-      this.#refusal = new KSyncError('unsupported_protocol', `the server speaks protocol ${JSON.stringify(welcome.protocol) ?? '(none)'}, this client ${PROTOCOL_VERSION}`);
+    if (announcesOtherVersion(announced)) {
+      this.#refusal = new KSyncError('unsupported_protocol', `the server speaks protocol ${announced.version}, this client ${PROTOCOL_VERSION}`);
       this.#dropSocket(4001, 'unsupported protocol version');
       return;
     }
     // A welcome this client cannot follow is refused: nothing of it is taken, and the next
     // session (after the reconnect delay) tries again (as the Rust client).
-    const fault = welcomeFault(welcome);
+    const fault = welcomeFault(welcome, announced);
     if (fault !== null) {
       this.#endSession(new KSyncError('protocol', `the server's welcome was refused: ${fault}`));
       return;
@@ -874,6 +980,7 @@ export class WebSocketSyncClient extends Emitter {
     // (A snapshot sets it at its last page: a session cut short asks for the snapshot again.)
     if (this.#cursor === null && !this.#needSnapshot) this.#cursor = welcome.serverVersion;
     this.#connected = true;
+    this.#clearConnectTimer();
     this.#upSince = performance.now();
     this.#startTimers();
     this.emit('connected', welcome);
@@ -1193,6 +1300,30 @@ export class WebSocketSyncClient extends Emitter {
   }
 
   /**
+   * Takes nothing more from the session's `socket` (`error`, notified now: why): it is closed,
+   * and the frames that arrived before are still read, in order, on `#chain` (they are valid;
+   * dropping them would only have the next session send them again); after them the session
+   * ends over `error` (as `#endSession`), and the next one comes after the reconnect delay.
+   * Ended otherwise meanwhile (`#endSession` for a frame among them, the heartbeat,
+   * `disconnect()`): that end stands, and what is left of them is skipped.
+   */
+  #stopReading(socket, error) {
+    socket.onmessage = null;
+    socket.onclose = null;
+    socket.close(1000, 'slow consumer');
+    this.#notified.add(error);
+    this.#debug('stopped reading the socket:', error.message);
+    this.emit('error', error);
+    const disconnects = this.#disconnects;
+    this.#chain = this.#chain.then(() => {
+      if (socket !== this.#socket || disconnects !== this.#disconnects) return;
+      this.#socket = null;
+      this.#refusal = error;
+      this.#sessionEnded({ code: 1000, reason: `ending the session: ${error.code}` }, { opened: true, resync: false });
+    });
+  }
+
+  /**
    * Gives up the session's socket: the one way this client drops a connection (`#endSession`,
    * the heartbeat, the resyncs). It stops being `#socket` at once, so nothing more of it is
    * read (its handlers are detached, and `#receive` skips what it sent that is still queued);
@@ -1228,6 +1359,7 @@ export class WebSocketSyncClient extends Emitter {
     const wasConnected = this.#connected;
     this.#connected = false;
     this.#stopTimers();
+    this.#clearConnectTimer();
     if (wasConnected) this.emit('disconnected', { code: close.code, reason: close.reason });
     const refusal = this.#refusal;
     this.#refusal = null;
@@ -1261,8 +1393,42 @@ export class WebSocketSyncClient extends Emitter {
       this.#failed(new KSyncError('connection_lost', `connection lost (${closed})`, { closeCode: close.code }));
       return;
     }
-    const reason = opened ? `connection closed (${closed})` : 'connection failed (server down, unreachable, or full)';
-    this.#failed(new KSyncError('connect', reason, { closeCode: close.code }));
+    if (opened) {
+      this.#failed(new KSyncError('connect', `connection closed (${closed})`, { closeCode: close.code }));
+      return;
+    }
+    this.#probe(new KSyncError('connect', 'connection failed (server down, unreachable, or full)', { closeCode: close.code }));
+  }
+
+  /**
+   * After an attempt whose upgrade failed: a browser hides the HTTP answer to a refused upgrade
+   * (every failure is a close 1006), so a URL with no WebSocket endpoint behind it (a wrong
+   * path: 404) was retried forever, where the Rust client stops. A plain GET of the same URL
+   * tells: 404, 405 or 410 (nothing takes a GET there, so no upgrade either) stops the client
+   * with `no_endpoint` (`status`), as the Rust client stops on a 4xx upgrade answer; anything
+   * else (kSync answers a plain GET of a room with 400 or 426, or 401 without credentials),
+   * no answer, or one the page may not read (another origin without CORS) is `error` (the
+   * `connect` one) and the next attempt, as before.
+   */
+  async #probe(error) {
+    const disconnects = this.#disconnects;
+    let status = null;
+    try {
+      const url = new URL(this.#url);
+      url.protocol = url.protocol === 'wss:' ? 'https:' : 'http:';
+      const signal = typeof AbortSignal.timeout === 'function' ? AbortSignal.timeout(PROBE_TIMEOUT_MS) : undefined;
+      const response = await fetch(url, { cache: 'no-store', credentials: 'omit', redirect: 'manual', signal });
+      status = response.status;
+    } catch {
+      // Nothing listening, or an answer this page may not read: no more known than before.
+    }
+    // Stopped or disconnected meanwhile (a `connect()` after `disconnect()` started anew).
+    if (this.#stopped || disconnects !== this.#disconnects) return;
+    if (NO_ENDPOINT_STATUSES.has(status)) {
+      this.#stop(new KSyncError('no_endpoint', `nothing at ${this.#url} takes a WebSocket: a plain GET of it is answered ${status} (check the URL's path)`, { status, closeCode: error.closeCode }));
+      return;
+    }
+    this.#failed(error);
   }
 
   /** Stops reconnecting: `error` rejects the waiting `connect()` calls and is notified once. */
@@ -1299,10 +1465,15 @@ export class WebSocketSyncClient extends Emitter {
   }
 }
 
+// What `MonitorClient` itself notifies: no server message is passed on under these names.
+const OWN_MONITOR_NOTIFICATIONS = new Set(['open', 'close', 'reconnecting', 'welcome', 'error']);
+
 /**
  * The server's monitor feed (`/monitor`, docs/PROTOCOL.md "Monitor feed"): `stats` every
  * second, `client` joins and leaves, and the `events` stored in every room the credentials may
- * read. Reconnects with backoff. Notifications: `open` (welcome), `stats`, `client`, `events`,
+ * read. Reconnects with backoff; a feed that says nothing for `timeout` ms (10000, or three of
+ * its `intervalMs` if longer), or sends no `welcome` within it, is given up (`close` 4009) and
+ * connected again. Notifications: `open` (welcome), `stats`, `client`, `events`,
  * `error`, `close` ({code, reason, opened}), `reconnecting` (attempt, delay ms).
  */
 export class MonitorClient extends Emitter {
@@ -1313,6 +1484,8 @@ export class MonitorClient extends Emitter {
   #stopped = true;
   #attempt = 0;
   #timer = null;
+  // Gives up a feed that says nothing for too long (see `#open`).
+  #silence = null;
 
   constructor(url, options = {}) {
     super();
@@ -1322,6 +1495,7 @@ export class MonitorClient extends Emitter {
       recent: options.recent ?? 20,
       tail: options.tail ?? true,
       reconnectDelay: reconnectDelayOption(options.reconnectDelay, { min: 250, max: 10000 }),
+      timeout: delayOption(options.timeout, 'timeout', 10000),
     };
   }
 
@@ -1335,6 +1509,7 @@ export class MonitorClient extends Emitter {
   stop() {
     this.#stopped = true;
     clearTimeout(this.#timer);
+    clearTimeout(this.#silence);
     this.#socket?.close(1000, 'monitor stopped');
     this.#socket = null;
   }
@@ -1350,8 +1525,25 @@ export class MonitorClient extends Emitter {
     socket.onopen = () => {
       socket.send(JSON.stringify({ type: 'hello', protocol: PROTOCOL_VERSION, tail: this.#options.tail, recent: this.#options.recent }));
     };
+    // The feed sends `stats` every `intervalMs` (1 s) after its `welcome`, and a page cannot
+    // ping: a feed silent for `timeout` ms (or three intervals, if longer), or with no
+    // `welcome` within it, is a dead path or a hung server, which the browser may take minutes
+    // to notice while the dashboard says "live". It is given up (`close` with code 4009, as the
+    // sync client's heartbeat) and connected again after the reconnect delay.
+    let silentFor = this.#options.timeout;
+    const listen = () => {
+      clearTimeout(this.#silence);
+      this.#silence = setTimeout(() => {
+        if (socket !== this.#socket) return;
+        socket.onclose = null;
+        socket.close(4009, 'heartbeat timeout');
+        ended({ code: 4009, reason: 'heartbeat timeout: the monitor feed said nothing' });
+      }, silentFor);
+    };
+    listen();
     socket.onmessage = (message) => {
       if (socket !== this.#socket || broken) return;
+      listen();
       let parsed;
       try {
         parsed = JSON.parse(message.data);
@@ -1359,33 +1551,43 @@ export class MonitorClient extends Emitter {
         this.emit('error', new KSyncError('bad_message', 'the monitor sent something that is not JSON'));
         return;
       }
-      if (parsed.type === 'welcome' && parsed.protocol !== PROTOCOL_VERSION && !announcesOtherVersion(parsed)) {
+      const announced = parsed.type === 'welcome' ? announcedProtocol(message.data, parsed) : null;
+      if (announced !== null && announced.version === null) {
         // No version at all: a broken welcome, not one of another version. As the sync client:
         // an error, and the connection is given up and tried again after the reconnect delay.
         broken = true;
-        this.emit('error', new KSyncError('protocol', `the monitor's welcome was refused: its protocol ${JSON.stringify(parsed.protocol) ?? '(none)'} is not an integer >= 0`));
+        this.emit('error', new KSyncError('protocol', `the monitor's welcome was refused: its protocol ${announced.written} is not an integer >= 0`));
         socket.close(1000, 'broken welcome');
-      } else if (parsed.type === 'welcome' && parsed.protocol !== PROTOCOL_VERSION) {
+      } else if (announced !== null && announcesOtherVersion(announced)) {
         // A feed of another protocol version is refused as the sync client refuses one: close
         // 4001 and stop (reconnecting would meet the same server); `start()` tries again.
         this.#socket = null;
         this.#stopped = true;
+        clearTimeout(this.#silence);
         socket.close(4001, 'unsupported protocol version');
-        this.emit('error', new KSyncError('unsupported_protocol', `the server speaks protocol ${JSON.stringify(parsed.protocol) ?? '(none)'}, this client ${PROTOCOL_VERSION}`, { closeCode: 4001 }));
+        this.emit('error', new KSyncError('unsupported_protocol', `the server speaks protocol ${announced.version}, this client ${PROTOCOL_VERSION}`, { closeCode: 4001 }));
         this.emit('close', { code: 4001, reason: 'unsupported protocol version', opened });
       } else if (parsed.type === 'welcome') {
         opened = true;
         upSince = performance.now();
+        if (Number.isSafeInteger(parsed.intervalMs) && parsed.intervalMs > 0) {
+          silentFor = Math.min(MAX_DELAY_MS, Math.max(this.#options.timeout, 3 * parsed.intervalMs));
+          listen();
+        }
         this.emit('open', parsed);
       } else if (parsed.type === 'error') {
         this.emit('error', new KSyncError(parsed.code, parsed.message));
-      } else {
+      } else if (!OWN_MONITOR_NOTIFICATIONS.has(parsed.type)) {
+        // Feed messages (`stats`, `client`, `events`, and newer ones) pass on under their type;
+        // not under a name of this client's own notifications: a message `{"type": "close",
+        // "code": 4401}` was told as a close, and the dashboard asked for credentials again.
         this.emit(parsed.type, parsed);
       }
     };
-    socket.onclose = (close) => {
+    const ended = (close) => {
       if (socket !== this.#socket) return;
       this.#socket = null;
+      clearTimeout(this.#silence);
       this.emit('close', { code: close.code, reason: close.reason, opened });
       if (this.#stopped || FATAL_CLOSE_CODES.has(close.code)) return;
       const { min, max } = this.#options.reconnectDelay;
@@ -1397,6 +1599,7 @@ export class MonitorClient extends Emitter {
       this.emit('reconnecting', this.#attempt, delay);
       this.#timer = setTimeout(() => { if (!this.#stopped) this.#open(); }, delay);
     };
+    socket.onclose = ended;
   }
 }
 

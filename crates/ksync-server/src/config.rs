@@ -110,6 +110,14 @@ pub struct Limits {
     /// GitServerConfig::max_pushes_per_client`): a client as for
     /// `max_connections_per_client`. More get 429 `too_many_pushes` with `Retry-After: 1`.
     pub max_pushes_per_client: usize,
+    /// Most rooms kept in the data directory (100,000; see `ksync_storage_file::StoreLimits`):
+    /// each is a file, kept until deleted by hand. Past it a new room gets 507 `too many rooms
+    /// stored` before the upgrade; stored rooms go on. Not applied with `in_memory` storage.
+    pub max_rooms: usize,
+    /// Most repositories kept in the data directory (10,000): each is a directory of up to
+    /// `max_branches_per_repo` branch files. Past it creating one gets 507 `too_many_repos`.
+    /// Not applied with `in_memory` storage.
+    pub max_repos: usize,
 }
 
 impl Limits {
@@ -123,6 +131,11 @@ impl Limits {
             ("request_body_timeout", self.request_body_timeout),
         ] {
             ksync_core::check_config_duration(field, value).map_err(ServerError::Config)?;
+        }
+        for (field, value) in [("max_rooms", self.max_rooms), ("max_repos", self.max_repos)] {
+            if value == 0 {
+                return Err(ServerError::Config(format!("{field} must be at least 1")));
+            }
         }
         // 0 is allowed (do not wait); the bound keeps the shutdown's deadline representable.
         if self.shutdown_timeout > ksync_core::MAX_CONFIG_DURATION {
@@ -154,6 +167,8 @@ impl Default for Limits {
                 .max_branches_per_repo,
             max_pushes_per_client: ksync_git::server::GitServerConfig::default()
                 .max_pushes_per_client,
+            max_rooms: ksync_storage_file::DEFAULT_MAX_ROOMS,
+            max_repos: ksync_storage_file::DEFAULT_MAX_REPOS,
         }
     }
 }

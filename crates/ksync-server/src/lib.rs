@@ -37,3 +37,19 @@ pub use error::ServerError;
 pub use server::{RunningServer, Server, StorageLocation};
 pub use signal::{ReloadSignal, ShutdownSignal};
 pub use tls::{MAX_TLS_HANDSHAKES, TLS_HANDSHAKE_TIMEOUT};
+
+/// The build's git commit (12 hex digits), `None` when the build did not know it (built
+/// without git or `.git`, and without `KSYNC_BUILD_COMMIT`): see `build.rs`. `/health`
+/// reports it as `commit`, so that builds of one version can be told apart.
+pub const BUILD_COMMIT: Option<&str> = {
+    const COMMIT: &str = env!("KSYNC_BUILD_COMMIT");
+    if COMMIT.is_empty() {
+        None
+    } else {
+        Some(COMMIT)
+    }
+};
+
+/// The version with the build's commit when known: `0.1.0 (commit 0123456789ab)`, else
+/// `0.1.0` (what `ksync --version` prints after the name).
+pub const VERSION: &str = env!("KSYNC_VERSION");

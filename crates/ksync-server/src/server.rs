@@ -15,7 +15,7 @@ use axum::routing::{any, get};
 use axum::{Json, Router};
 use ksync_core::{Authenticator, InMemoryProvider, LogName, StorageProvider};
 use ksync_git::server::GitServer;
-use ksync_storage_file::FileProvider;
+use ksync_storage_file::{FileProvider, StoreLimits};
 use ksync_ws::server::{Relay, RelayConfig, is_websocket_upgrade, wants_in_band_refusal};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -297,7 +297,10 @@ fn open_storage(
     if config.in_memory {
         return Ok((Arc::new(InMemoryProvider::new()), StorageLocation::Memory));
     }
-    let provider = FileProvider::new(&config.data_dir)?;
+    let provider = FileProvider::new(&config.data_dir)?.with_limits(StoreLimits::new(
+        config.limits.max_rooms,
+        config.limits.max_repos,
+    ));
     Ok((
         Arc::new(provider),
         StorageLocation::Directory(config.data_dir.clone()),
@@ -627,6 +630,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         Ok(counts) => Json(serde_json::json!({
             "status": status,
             "version": env!("CARGO_PKG_VERSION"),
+            "commit": crate::BUILD_COMMIT,
             "protocolVersion": ksync_core::PROTOCOL_VERSION,
             "uptimeSeconds": state.started.elapsed().as_secs(),
             "rooms": counts.rooms,
@@ -639,6 +643,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             Json(serde_json::json!({
                 "status": "error",
                 "version": env!("CARGO_PKG_VERSION"),
+                "commit": crate::BUILD_COMMIT,
                 "error": error.to_string(),
             })),
         )

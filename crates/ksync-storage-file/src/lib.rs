@@ -21,7 +21,9 @@ mod storage;
 mod value;
 
 pub use fault::{FailNextSync, FaultHook, WriteFault};
-pub use provider::{DATA_LAYOUT_VERSION, FileProvider};
+pub use provider::{
+    DATA_LAYOUT_VERSION, DEFAULT_MAX_REPOS, DEFAULT_MAX_ROOMS, FileProvider, StoreLimits,
+};
 pub use replay::{Compaction, RecoveryReport, TailCut};
 pub use storage::{
     DEFAULT_COMPACTION_MIN_BYTES, DEFAULT_GROUP_COMMIT_WINDOW, DEFAULT_QUEUE_CAPACITY,

@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ksync_core::{BoxFuture, LogName, Name, Storage, StorageError, StorageProvider};
+use ksync_core::{BoxFuture, LogKind, LogName, Name, Storage, StorageError, StorageProvider};
 
 use crate::storage::{FileStorage, FileStorageOptions, io_err, sync_dir, write_file_durably};
 
@@ -38,6 +38,49 @@ const ROOMS_DIR: &str = "rooms";
 /// logs), in the data directory.
 const REPOS_DIR: &str = "repos";
 
+/// Caps on what a [`FileProvider`] creates in its data directory, where every room is a file
+/// and every repository a directory, kept until deleted by hand: without them any client
+/// allowed to write could fill the directory with names (a million rooms is a million files,
+/// and ~100 B each of the provider's memory). Past a cap, opening a log that would be a new
+/// room or repository fails with [`StorageError::TooManyLogs`] and creates nothing; the ones
+/// stored stay readable and writable (also when a lower cap is set than the directory holds).
+/// A room or repository counts from the moment its log is made (a room joined but never written
+/// to, while open), until it is deleted. Branches per repository are the Git service's cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreLimits {
+    /// Most rooms kept. Default [`DEFAULT_MAX_ROOMS`].
+    pub max_rooms: usize,
+    /// Most repositories kept. Default [`DEFAULT_MAX_REPOS`].
+    pub max_repos: usize,
+}
+
+/// Default [`StoreLimits::max_rooms`]: far above what one application's rooms need, while
+/// listing the directory (at start, by `/health`) stays well under a second.
+pub const DEFAULT_MAX_ROOMS: usize = 100_000;
+/// Default [`StoreLimits::max_repos`]: each may hold up to the Git service's
+/// `max_branches_per_repo` (1,000) branches, a file each.
+pub const DEFAULT_MAX_REPOS: usize = 10_000;
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            max_rooms: DEFAULT_MAX_ROOMS,
+            max_repos: DEFAULT_MAX_REPOS,
+        }
+    }
+}
+
+impl StoreLimits {
+    /// Caps of `max_rooms` rooms and `max_repos` repositories.
+    pub fn new(max_rooms: usize, max_repos: usize) -> Self {
+        Self {
+            max_rooms,
+            max_repos,
+        }
+    }
+}
+
 /// Opens a [`FileStorage`] per log under one data directory:
 ///
 /// ```text
@@ -63,6 +106,7 @@ const REPOS_DIR: &str = "repos";
 pub struct FileProvider {
     dir: PathBuf,
     options: FileStorageOptions,
+    limits: StoreLimits,
     open: Mutex<HashMap<LogName, Arc<FileStorage>>>,
     /// The length of each log this provider closed, as it was then (see
     /// [`StorageProvider::known_len`]). One entry per log closed since the provider started:
@@ -226,11 +270,24 @@ impl FileProvider {
         Ok(Self {
             dir,
             options,
+            limits: StoreLimits::default(),
             open: Mutex::new(HashMap::new()),
             closed_lens: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             _lock: lock,
         })
+    }
+
+    /// This provider with other caps on the rooms and repositories it creates (default:
+    /// [`StoreLimits::default`]).
+    pub fn with_limits(mut self, limits: StoreLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The caps on the rooms and repositories this provider creates.
+    pub fn limits(&self) -> StoreLimits {
+        self.limits
     }
 
     /// The data directory.
@@ -298,6 +355,21 @@ impl FileProvider {
         }
     }
 
+    /// Refuses to make one more entry in `dir` (checked by `check_case` already, so listed)
+    /// when it holds `max`. Summed on each new log, under the map's lock (so two opens cannot
+    /// both take the last place): O(names), ~0.1 ms at 100,000, beside the syncs a new log
+    /// costs anyway.
+    fn check_count(&self, dir: &Path, kind: LogKind, max: usize) -> Result<(), StorageError> {
+        let stored: usize = self
+            .names()
+            .get(dir)
+            .map_or(0, |names| names.values().map(Vec::len).sum());
+        if stored >= max {
+            return Err(StorageError::TooManyLogs { kind, max });
+        }
+        Ok(())
+    }
+
     /// Notes that `dir` now holds `name` (a log or a repository's directory just made), if
     /// its names were listed already (else they are listed, with it, when first checked).
     fn note_stored(&self, dir: &Path, name: &str) {
@@ -306,6 +378,23 @@ impl FileProvider {
             if !names.iter().any(|n| n == name) {
                 names.push(name.to_owned());
             }
+        }
+    }
+
+    /// Removes `dir`, the directory of `repo` made by an open that then failed, if it is still
+    /// empty. Best effort: one left behind is an empty repository directory, which lists no
+    /// branch and counts toward `max_repos` until removed by hand.
+    fn remove_new_repo(&self, repo: Option<&Name>, dir: &Path) {
+        let Some(repo) = repo else {
+            return;
+        };
+        match fs::remove_dir(dir) {
+            Ok(()) => self.note_removed(&self.dir.join(REPOS_DIR), repo.as_str()),
+            Err(e) => tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "removing the directory of a repository whose first log failed failed"
+            ),
         }
     }
 
@@ -345,6 +434,25 @@ impl FileProvider {
             }
         }
         let path = self.path_of(name);
+        match name {
+            LogName::Room(_) if !path.exists() => {
+                self.check_count(
+                    &self.dir.join(ROOMS_DIR),
+                    LogKind::Rooms,
+                    self.limits.max_rooms,
+                )?;
+            }
+            LogName::Branch { repo, .. }
+                if !self.dir.join(REPOS_DIR).join(repo.as_str()).is_dir() =>
+            {
+                self.check_count(
+                    &self.dir.join(REPOS_DIR),
+                    LogKind::Repos,
+                    self.limits.max_repos,
+                )?;
+            }
+            _ => {}
+        }
         let (dir, stem) = match name {
             LogName::Room(room) => (self.dir.join(ROOMS_DIR), room.as_str()),
             LogName::Branch { repo, branch } => (
@@ -352,16 +460,24 @@ impl FileProvider {
                 branch.as_str(),
             ),
         };
+        // A repository's directory made here, removed again if its first log is not made: it
+        // would count toward `StoreLimits::max_repos` as a repository holding nothing.
+        let mut new_repo = None;
         if !dir.is_dir() {
             fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
             if let LogName::Branch { repo, .. } = name {
                 self.note_stored(&self.dir.join(REPOS_DIR), repo.as_str());
+                new_repo = Some(repo);
             }
             // The new directory entries must survive a crash along with the log in them.
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
+            let synced = dir
+                .parent()
+                .map_or(Ok(()), sync_dir)
+                .and_then(|()| sync_dir(&self.dir));
+            if let Err(e) = synced {
+                self.remove_new_repo(new_repo, &dir);
+                return Err(e);
             }
-            sync_dir(&self.dir)?;
         }
         let existed = path.exists();
         let opened = FileStorage::open_with(&path, self.options.clone());
@@ -384,6 +500,8 @@ impl FileProvider {
         // Also when the open failed and left the file: the name is taken on disk.
         if opened.is_ok() || path.is_file() {
             self.note_stored(&dir, stem);
+        } else {
+            self.remove_new_repo(new_repo, &dir);
         }
         let storage = Arc::new(opened?);
         open.insert(name.clone(), Arc::clone(&storage));

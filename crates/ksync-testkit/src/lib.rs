@@ -2,9 +2,10 @@
 //! capturing what one log target says ([`LogCapture`]), recording the `sync`, `event` or
 //! `error` notifications of a client ([`SyncRecorder`], [`EventRecorder`], [`ErrorRecorder`]),
 //! the storage methods a test wrapper passes on unchanged ([`storage_pass_through!`]), a storage that fails
-//! one chosen append ([`FailAppend`]), one whose metadata writes go through a hook that may
-//! hold them up or fail them ([`MetaHook`]), and a `KSync` over a storage and a client
-//! ([`ksync_over`]).
+//! one chosen append ([`FailAppend`]), one whose appends a test lets finish one by one, as a
+//! slow disk would ([`GatedAppends`]), one whose metadata writes go through a hook that may
+//! hold them up or fail them ([`MetaHook`]), a `KSync` over a storage and a client
+//! ([`ksync_over`]), and a copy of a fixture directory to work on ([`copy_dir`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ksync_core::{
-    BoxFuture, Event, KSync, MergeOutcome, Notification, NotificationKind, Notifier, Storage,
-    StorageError, Stored, Subscription, SyncClient, SyncError,
+    BoxFuture, Event, InMemoryStorage, KSync, MergeOutcome, Notification, NotificationKind,
+    Notifier, Storage, StorageError, Stored, Subscription, SyncClient, SyncError,
 };
 use tracing::Level;
 use tracing::field::{Field, Visit};
@@ -321,6 +322,56 @@ impl Storage for FailAppend {
     storage_pass_through!(log);
 }
 
+/// A log in memory whose every append waits (as a durable one does: it never answers on its
+/// first poll) and then takes one permit of a semaphore, which the logs of a test may share:
+/// the test lets appends through one by one, as a slow disk finishes them. `started` counts
+/// the appends that began (shared too), for the test to await.
+pub struct GatedAppends {
+    log: InMemoryStorage,
+    permits: Arc<tokio::sync::Semaphore>,
+    started: tokio::sync::watch::Sender<usize>,
+}
+
+impl GatedAppends {
+    /// An empty log whose appends take `permits` and count themselves in `started`.
+    pub fn new(
+        permits: Arc<tokio::sync::Semaphore>,
+        started: tokio::sync::watch::Sender<usize>,
+    ) -> Self {
+        Self {
+            log: InMemoryStorage::default(),
+            permits,
+            started,
+        }
+    }
+}
+
+impl Storage for GatedAppends {
+    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
+        Box::pin(async move {
+            self.started.send_modify(|n| *n += 1);
+            // Pends once even with a permit free: callers that commit in place while the
+            // storage answers at once must see a disk that does not.
+            tokio::task::yield_now().await;
+            // Err: the semaphore was closed, which lets every append through.
+            if let Ok(permit) = self.permits.acquire().await {
+                permit.forget();
+            }
+            self.log.append(events).await
+        })
+    }
+    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
+        self.log.read_since(after, limit)
+    }
+    fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.remove_meta(key)
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        self.log.flush()
+    }
+    storage_pass_through!(log);
+}
+
 /// What [`MetaHook`] runs before each metadata write, given its key: `Ok` lets the write
 /// go on (after whatever the future waits for), `Err` fails it (nothing written).
 pub type MetaHookFn = dyn Fn(&str) -> BoxFuture<'static, Result<(), StorageError>> + Send + Sync;
@@ -395,5 +446,20 @@ impl Storage for MetaHook {
     }
     fn is_closed(&self) -> bool {
         self.log.is_closed()
+    }
+}
+
+/// Copies the directory `from` into `to` (made), recursively: tests work on a copy of a
+/// fixture, never on the fixture itself. Panics on any failure (a test helper).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("create the copy's directory");
+    for entry in std::fs::read_dir(from).expect("read the fixture directory") {
+        let entry = entry.expect("fixture entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a fixture file");
+        }
     }
 }

@@ -1970,18 +1970,26 @@ impl Session {
         }
     }
 
-    /// Live or catch-up events with sequence numbers.
+    /// Live or catch-up events with sequence numbers. Each seq arrives once and in order: an
+    /// entry at or below the highest seq seen so far (in this batch too) was seen already, or
+    /// comes out of order from a broken server, and is skipped (as ksync.js does). Taking the
+    /// batch's last seq instead moved the cursor back after `[5, 3]`, and 5 came again.
     async fn receive(&mut self, events: Vec<Stored>) -> Result<(), WsError> {
+        let mut highest = self.room_cursor;
         let fresh: Vec<Stored> = events
             .into_iter()
-            .filter(|s| s.seq > self.room_cursor)
+            .filter(|s| {
+                let new = s.seq > highest;
+                highest = highest.max(s.seq);
+                new
+            })
             .collect();
-        let Some(last) = fresh.last().map(|s| s.seq) else {
+        if fresh.is_empty() {
             return Ok(());
-        };
-        debug_log!(self.debug(), target: LOG_TARGET, events = fresh.len(), last, "events");
+        }
+        debug_log!(self.debug(), target: LOG_TARGET, events = fresh.len(), last = highest, "events");
         self.deliver(fresh).await?;
-        self.room_cursor = last;
+        self.room_cursor = highest;
         self.save_room_cursor().await
     }
 

@@ -3,15 +3,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use ksync_core::{
-    BoxFuture, Event, InMemoryStorage, LogName, MergeOutcome, Storage, StorageError,
-    StorageProvider, Stored,
-};
+use ksync_core::{LogName, Storage, StorageError, StorageProvider};
+use ksync_testkit::GatedAppends;
 use ksync_ws::server::RelayConfig;
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
@@ -20,33 +18,9 @@ use tokio::sync::{Semaphore, watch};
 /// others' allocations (running beside it on other threads) would add to.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A log whose every append waits (as a durable one does) and then takes one permit of a
-/// shared semaphore: the test lets appends through one by one, as a slow disk finishes them.
-struct SlowAppends {
-    log: InMemoryStorage,
-    permits: Arc<Semaphore>,
-    started: watch::Sender<usize>,
-}
-
-impl Storage for SlowAppends {
-    fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
-        Box::pin(async move {
-            self.started.send_modify(|n| *n += 1);
-            tokio::task::yield_now().await;
-            if let Ok(permit) = self.permits.acquire().await {
-                permit.forget();
-            }
-            self.log.append(events).await
-        })
-    }
-    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
-        self.log.read_since(after, limit)
-    }
-    ksync_testkit::storage_pass_through!(log);
-}
-
+/// One log per name, all on one slow disk: their appends share `permits` and `started`.
 struct SlowProvider {
-    logs: Mutex<HashMap<LogName, Arc<SlowAppends>>>,
+    logs: Mutex<HashMap<LogName, Arc<GatedAppends>>>,
     permits: Arc<Semaphore>,
     started: watch::Sender<usize>,
 }
@@ -55,11 +29,10 @@ impl StorageProvider for SlowProvider {
     fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
         let mut logs = self.logs.lock().expect("lock");
         let log = logs.entry(name.clone()).or_insert_with(|| {
-            Arc::new(SlowAppends {
-                log: InMemoryStorage::default(),
-                permits: Arc::clone(&self.permits),
-                started: self.started.clone(),
-            })
+            Arc::new(GatedAppends::new(
+                Arc::clone(&self.permits),
+                self.started.clone(),
+            ))
         });
         Ok(log.clone())
     }
@@ -123,14 +96,24 @@ async fn a_join_waits_for_the_append_in_progress_not_for_the_queue() {
         )
         .await;
     }
-    // Time for the relay to read and queue those publishes.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The relay has read and queued those publishes (behind e1, on disk): a join through the
+    // queue would come after them.
+    eventually("e1 to e5 queued", || {
+        server
+            .relay
+            .backlog("slow")
+            .is_some_and(|b| b.publishes == 5)
+    })
+    .await;
     let mut joining = tokio::spawn({
         let url = url.clone();
         async move { join(&url, json!({"type":"hello","protocol":1,"since":0})).await }
     });
-    // Time for the joiner to get to the room (it waits for the append on disk either way).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The joiner waits for the append on disk (through the queue it would wait for all).
+    eventually("the join waiting for the room", || {
+        server.relay.backlog("slow").is_some_and(|b| b.joins == 1)
+    })
+    .await;
     // The disk finishes one append at a time; each next one starts once the room gets to it.
     let mut appends = 2;
     let (mut reader, welcome) = loop {
@@ -235,9 +218,15 @@ async fn publishers_waiting_for_a_full_room_queue_hold_json_not_decoded_events()
         e["data"] = json!(vec![0u8; 450_000]);
         send_json(ws, json!({"type":"publish","ref":2,"events":[e]})).await;
     }
-    // Time for the relay to read and decode every publish (nothing to await: the publishers
-    // only wait).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The relay has read every publish: one in the queue, the others waiting for room in it
+    // (with "stuck", on disk).
+    eventually("every publish read", || {
+        server
+            .relay
+            .backlog("mem")
+            .is_some_and(|b| b.publishes == publishers + 1)
+    })
+    .await;
     let held = rss().saturating_sub(before);
     // Measured about 8 MiB a publisher (JSON, both ends' socket buffers in this process,
     // allocator slack); decoded they held about 20 MiB each (238 MiB for 12). 12 keeps the

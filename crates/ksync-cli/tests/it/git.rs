@@ -379,3 +379,40 @@ async fn a_timeout_past_a_day_is_a_usage_error() {
         assert_eq!(code(&out), 0, "--timeout {secs}: {}", text(&out));
     }
 }
+
+/// A `ksync push` killed after the server stored its batch, before the working directory
+/// recorded it (its `.ksync` as it was before the push): the next push finds the batch on
+/// the server right after the version pulled, and `ksync status` then says up to date. The
+/// status said "Behind the server by 1" for the copy's own event until the next pull, which
+/// then found nothing new.
+#[tokio::test]
+async fn status_after_a_push_killed_before_it_was_recorded() {
+    let svc = service().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = ksync(tmp.path(), &["clone", &svc.url("notes"), "wd"]).await;
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let wd = tmp.path().join("wd");
+    assert_eq!(code(&ksync(&wd, &["emit", "t", "1"]).await), 0);
+    let before = tmp.path().join("before");
+    std::fs::create_dir(&before).expect("mkdir");
+    for file in ["config.json", "events.log"] {
+        std::fs::copy(wd.join(".ksync").join(file), before.join(file)).expect("copy");
+    }
+    assert_eq!(code(&ksync(&wd, &["push"]).await), 0);
+    assert_eq!(svc.branch("main").len(), 1);
+    for file in ["config.json", "events.log"] {
+        std::fs::copy(before.join(file), wd.join(".ksync").join(file)).expect("restore");
+    }
+
+    let out = ksync(&wd, &["push"]).await;
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_eq!(svc.branch("main").len(), 1, "stored once");
+    let out = ksync(&wd, &["status"]).await;
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(text(&out).contains("0 to push"), "{}", text(&out));
+    assert!(
+        text(&out).contains("Up to date with the server (version 1)"),
+        "{}",
+        text(&out)
+    );
+}

@@ -72,8 +72,24 @@ async fn serve_prints_its_address_answers_health_and_exits_cleanly_on_sigterm() 
     );
     let body = health(&served.addr).await;
     assert_eq!(body["status"], "ok");
+    // The build is named: by its commit when it knew it (ksync-server's tests check that it
+    // does in a checkout).
+    assert_eq!(
+        body["commit"],
+        serde_json::json!(ksync_server::BUILD_COMMIT)
+    );
     let stderr = stop(served);
     assert!(stderr.contains("storage flushed"), "{stderr}");
+    let version = ksync().arg("--version").output().unwrap();
+    assert!(version.status.success());
+    let version = String::from_utf8(version.stdout).unwrap();
+    assert_eq!(
+        version.trim_end(),
+        format!("ksync {}", ksync_server::VERSION)
+    );
+    if let Some(commit) = ksync_server::BUILD_COMMIT {
+        assert!(version.contains(commit), "{version}");
+    }
 }
 
 #[tokio::test]
@@ -437,7 +453,7 @@ fn usage_error(command: Command) -> String {
 /// internal field (`max_message_size`) for 0, and for a timer past a day (`heartbeat`).
 #[test]
 fn bad_limit_values_are_usage_errors_naming_the_flag() {
-    let cases: [(&str, &str, &[&str], &str); 15] = [
+    let cases: [(&str, &str, &[&str], &str); 17] = [
         (
             "--max-message-bytes",
             "KSYNC_MAX_MESSAGE_BYTES",
@@ -493,6 +509,13 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
             &["0", "-1"],
             "at least 1",
         ),
+        (
+            "--max-rooms",
+            "KSYNC_MAX_ROOMS",
+            &["0", "-1", "many"],
+            "at least 1",
+        ),
+        ("--max-repos", "KSYNC_MAX_REPOS", &["0", "-1"], "at least 1"),
         (
             "--git-body-memory-bytes",
             "KSYNC_GIT_BODY_MEMORY_BYTES",
@@ -1362,6 +1385,46 @@ async fn git_limits_are_serve_flags() {
         .await
         .expect("push");
     assert_eq!(taken.status().as_u16(), 200);
+    sigterm(&child);
+    let mut child = child;
+    assert!(child.wait().expect("wait").success());
+}
+
+/// `--max-rooms` and `--max-repos` cap what clients can make the server keep in its data
+/// directory, against the real binary: past them a new room gets 507 before the upgrade and
+/// a new repository 507 `too_many_repos`, and nothing is created.
+#[tokio::test]
+async fn stored_rooms_and_repos_caps_are_serve_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf-8 path");
+    let Served { child, addr, .. } = common::serve(
+        &["--data-dir", data, "--max-rooms", "1", "--max-repos", "1"],
+        &[],
+        Stdio::null(),
+    );
+    let http = reqwest::Client::new();
+    let create = |repo: &str| http.put(format!("http://{addr}/git/{repo}")).send();
+    assert_eq!(
+        create("notes").await.expect("create").status().as_u16(),
+        201
+    );
+    let refused = create("other").await.expect("create");
+    assert_eq!(refused.status().as_u16(), 507);
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "too_many_repos", "{body}");
+    assert!(!dir.path().join("repos").join("other").exists());
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/first"))
+        .await
+        .expect("the first room");
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws/second")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 507);
+        }
+        other => panic!("a second room: {:?}", other.map(|_| ())),
+    }
+    assert!(!dir.path().join("rooms").join("second.log").exists());
+    ws.close(None).await.expect("close");
     sigterm(&child);
     let mut child = child;
     assert!(child.wait().expect("wait").success());

@@ -25,19 +25,6 @@ fn data_fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ksync-storage-file/tests/fixtures/4aa2aa3")
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create the copy's directory");
-    for entry in std::fs::read_dir(from).expect("read the fixture directory") {
-        let entry = entry.expect("fixture entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy a fixture file");
-        }
-    }
-}
-
 fn expected() -> Value {
     let raw = std::fs::read(data_fixture().join("expected.json")).expect("expected.json");
     serde_json::from_slice(&raw).expect("expected.json is JSON")
@@ -203,9 +190,9 @@ fn run(workdir: &Path, args: &[&str]) -> String {
 async fn the_new_build_serves_an_old_data_directory_and_works_in_an_old_working_directory() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    copy_dir(&data_fixture().join("data"), &data);
+    ksync_testkit::copy_dir(&data_fixture().join("data"), &data);
     let workdir = tmp.path().join("workdir");
-    copy_dir(
+    ksync_testkit::copy_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/4aa2aa3/workdir"),
         &workdir,
     );

@@ -483,3 +483,172 @@ async fn a_send_behind_an_owed_push_cursor_is_pushed() {
         "the forwarded event was pushed"
     );
 }
+
+/// A `send` of an event stored behind the push cursor whose moving back the storage refuses
+/// (the value is owed): `local_status` counts from there, as the next push sends. It read the stored cursor, past the event, and said nothing was
+/// pending until the next operation wrote the owed value.
+#[tokio::test]
+async fn local_status_counts_an_event_behind_an_owed_push_cursor() {
+    let server = start(&["r"]).await;
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |key: &str| -> BoxFuture<'static, Result<(), StorageError>> {
+            let fail = key.contains("pushed") && armed.swap(false, Ordering::SeqCst);
+            Box::pin(async move {
+                if fail {
+                    return Err(StorageError::Io {
+                        context: "meta".into(),
+                        source: std::io::Error::other("disk full"),
+                    });
+                }
+                Ok(())
+            })
+        }
+    };
+    let storage = Arc::new(MetaHook::new(
+        Arc::new(InMemoryStorage::new()),
+        Arc::new(hook),
+    ));
+    let ksync = ksync_testkit::ksync_over(storage, common::client(&server.repo_url("r")))
+        .await
+        .expect("ksync");
+    let foreign = Event::new("foreign", "t", json!(0), 1).with_origin("other");
+    ksync
+        .replica()
+        .ingest(vec![foreign.clone()])
+        .await
+        .expect("ingest");
+    ksync.emit("t", json!(1)).await.expect("emit");
+    ksync.client().push().await.expect("push");
+    assert_eq!(
+        ksync
+            .client()
+            .local_status()
+            .expect("status")
+            .pending_events,
+        0
+    );
+    armed.store(true, Ordering::SeqCst);
+    let err = ksync
+        .client()
+        .send(foreign.clone())
+        .await
+        .expect_err("moving the push cursor back is refused");
+    assert!(
+        matches!(
+            ksync_git::GitError::of(&err),
+            Some(ksync_git::GitError::CursorNotRecorded { .. })
+        ),
+        "{err}"
+    );
+    // From the owed cursor, as the next push goes (and as when the write succeeds): the
+    // forwarded event and the one after it, which the service then finds it holds.
+    assert_eq!(
+        ksync
+            .client()
+            .local_status()
+            .expect("status")
+            .pending_events,
+        2,
+        "the forwarded event waits for a push"
+    );
+    let pushed = ksync.client().push().await.expect("push");
+    assert_eq!(pushed.pushed_events.len(), 2, "{pushed:?}");
+    assert!(
+        branch_events(&server, "r", "main")
+            .iter()
+            .any(|e| e.id == "foreign"),
+        "the forwarded event was pushed"
+    );
+    assert_eq!(
+        ksync
+            .client()
+            .local_status()
+            .expect("status")
+            .pending_events,
+        0
+    );
+}
+
+/// A merge whose resolution push fast-forwards the pull cursor, a write the storage refuses
+/// (owed), and whose pull of `into` then brings an event pushed meanwhile: the pull cursor
+/// is where that pull got, in `local_status` and for the next pull. The owed value, behind
+/// it, stayed owed and was written by the next operation, moving the cursor back.
+#[tokio::test]
+async fn a_pull_past_an_owed_pull_cursor_settles_it() {
+    let server = start(&["r"]).await;
+    let http = http();
+    let push = |branch: &str, event: serde_json::Value| {
+        http.post(server.url(&format!("/git/r/branches/{branch}/events")))
+            .json(&json!({"baseVersion": 0, "events": [event]}))
+    };
+    let (status, body) = call(
+        http.post(server.url("/git/r/branches"))
+            .json(&json!({"name": "feature", "at": 0})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let x = |data: &str, timestamp: u64| json!({"id": "x", "type": "t", "data": data, "timestamp": timestamp, "version": 1});
+    assert_eq!(call(push("main", x("main", 1))).await.0, 200);
+    // Later: the merge settles the collision with `feature`'s, a revision pushed to main.
+    assert_eq!(call(push("feature", x("feature", 2))).await.0, 200);
+
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        let other = push(
+            "main",
+            json!({"id": "other", "type": "t", "data": 0, "timestamp": 1, "version": 1}),
+        );
+        let other = std::sync::Mutex::new(Some(other));
+        move |key: &str| -> BoxFuture<'static, Result<(), StorageError>> {
+            let fail = key.contains("pulled") && armed.swap(false, Ordering::SeqCst);
+            let other = fail
+                .then(|| other.lock().unwrap_or_else(|p| p.into_inner()).take())
+                .flatten();
+            Box::pin(async move {
+                if let Some(other) = other {
+                    // Someone pushes to main meanwhile; then the write fails.
+                    assert_eq!(call(other).await.0, 200);
+                }
+                if fail {
+                    return Err(StorageError::Io {
+                        context: "meta".into(),
+                        source: std::io::Error::other("disk full"),
+                    });
+                }
+                Ok(())
+            })
+        }
+    };
+    let storage = Arc::new(MetaHook::new(
+        Arc::new(InMemoryStorage::new()),
+        Arc::new(hook),
+    ));
+    let ksync = ksync_testkit::ksync_over(storage, common::client(&server.repo_url("r")))
+        .await
+        .expect("ksync");
+    ksync.client().pull().await.expect("pull");
+    armed.store(true, Ordering::SeqCst);
+    let merged = ksync
+        .client()
+        .merge("main", "feature")
+        .await
+        .expect("merge");
+    assert_eq!(merged.resolutions.len(), 1, "{merged:?}");
+    assert!(!armed.load(Ordering::SeqCst), "the fault was met");
+    assert_eq!(branch_events(&server, "r", "main").len(), 3);
+    let status = ksync.client().local_status().expect("status");
+    assert_eq!(status.pulled_version, 3, "{status:?}");
+    // The next operation writes nothing older.
+    ksync.client().push().await.expect("push");
+    assert_eq!(
+        ksync
+            .client()
+            .local_status()
+            .expect("status")
+            .pulled_version,
+        3
+    );
+}

@@ -346,3 +346,50 @@ async fn a_declared_length_past_what_memory_holds_is_not_reserved() {
     );
     task.abort();
 }
+
+/// Every repository stored is a directory kept until deleted by hand: past the provider's
+/// cap on stored repositories, creating one more gets 507 `too_many_repos` and makes nothing,
+/// while the stored ones take branches and pushes as before.
+#[tokio::test]
+async fn repository_creation_stops_at_the_stored_repositories_cap() {
+    use std::sync::Arc;
+
+    use ksync_git::server::GitServerConfig;
+    use ksync_storage_file::{FileProvider, StoreLimits};
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = FileProvider::new(dir.path())
+        .expect("provider")
+        .with_limits(StoreLimits::new(1, 2));
+    let server = common::start_with(Arc::new(provider), GitServerConfig::default(), &["r"]).await;
+    let http = common::http();
+    assert_eq!(common::call(http.put(server.url("/git/s"))).await.0, 201);
+    let (status, body) = common::call(http.put(server.url("/git/t"))).await;
+    assert_eq!(
+        (status, common::code(&body)),
+        (507, "too_many_repos"),
+        "{body}"
+    );
+    assert_eq!(
+        body["error"]["message"],
+        json!("too many repositories stored (at most 2)")
+    );
+    assert!(!dir.path().join("repos").join("t").exists());
+    let (status, _) = common::call(http.get(server.url("/git/t"))).await;
+    assert_eq!(status, 404);
+    // The stored ones go on: a new branch, a push.
+    let (status, body) = common::call(
+        http.post(server.url("/git/r/branches"))
+            .json(&json!({"name": "b1", "from": "main", "at": 0})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = common::call(http.post(server.url("/git/s/branches/main/events")).json(
+        &json!({"baseVersion": 0, "events": [
+            {"id": "e1", "type": "t", "data": 1, "timestamp": 1, "version": 1}
+        ]}),
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+}

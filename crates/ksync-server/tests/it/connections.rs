@@ -433,3 +433,33 @@ async fn max_pushes_per_client_counts_an_address_without_auth() {
     }
     running.shutdown().await.expect("shutdown");
 }
+
+/// A cap of 0 rooms or repositories kept would refuse every new one: refused at start,
+/// naming it (`ksync serve` refuses it as a usage error before).
+#[tokio::test]
+async fn zero_stored_rooms_or_repos_caps_are_refused_at_start() {
+    for (field, limits) in [
+        (
+            "max_rooms",
+            Limits {
+                max_rooms: 0,
+                ..Limits::default()
+            },
+        ),
+        (
+            "max_repos",
+            Limits {
+                max_repos: 0,
+                ..Limits::default()
+            },
+        ),
+    ] {
+        match Server::bind(with_limits(limits)).await {
+            Err(ksync_server::ServerError::Config(message)) => {
+                assert!(message.contains(field), "{message}");
+            }
+            Err(other) => panic!("{field}: {other}"),
+            Ok(_) => panic!("{field}: started"),
+        }
+    }
+}

@@ -30,6 +30,10 @@ async fn health_and_metrics_answer_and_shutdown_is_clean() {
     let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert_eq!(body["status"], "ok");
     assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        body["commit"],
+        serde_json::json!(ksync_server::BUILD_COMMIT)
+    );
     assert_eq!(body["rooms"], 0);
     assert_eq!(body["repos"], 0);
     assert!(body["uptimeSeconds"].is_u64());
@@ -228,4 +232,36 @@ async fn a_data_directory_the_server_cannot_write_in_is_refused_when_made() {
     running.shutdown().await.unwrap();
     let left: Vec<_> = std::fs::read_dir(&rooms).unwrap().collect();
     assert!(left.is_empty(), "the probe is removed: {left:?}");
+}
+
+/// A build from a git checkout names its commit (`/health`'s `commit`, `ksync --version`):
+/// one of this repository's commits, HEAD or one before it (HEAD may have moved since the
+/// build). Every build had reported just `0.1.0`.
+#[test]
+fn a_build_from_a_checkout_names_its_commit() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    // Given by the builder, or no checkout to compare with (git gone, a source tree).
+    if env!("KSYNC_BUILD_COMMIT_SOURCE") == "environment"
+        || !git(&["ls-files", "--error-unmatch", "build.rs"])
+    {
+        return;
+    }
+    let commit = ksync_server::BUILD_COMMIT.expect("a commit, built in a checkout");
+    assert_eq!(commit.len(), 12, "{commit}");
+    assert!(commit.bytes().all(|b| b.is_ascii_hexdigit()), "{commit}");
+    assert!(
+        git(&["merge-base", "--is-ancestor", commit, "HEAD"]),
+        "{commit} is not HEAD or before it"
+    );
+    assert_eq!(
+        ksync_server::VERSION,
+        format!("{} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
 }

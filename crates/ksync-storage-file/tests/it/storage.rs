@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use ksync_core::{
-    AppendOutcome, Event, LogName, Name, Storage, StorageError, StorageProvider, Stored,
+    AppendOutcome, Event, LogKind, LogName, Name, Storage, StorageError, StorageProvider, Stored,
 };
 use ksync_storage_file::format::MAX_RECORD_LEN;
 use ksync_storage_file::{
-    Durability, FaultHook, FileProvider, FileStorage, FileStorageOptions, WriteFault,
+    Durability, FaultHook, FileProvider, FileStorage, FileStorageOptions, StoreLimits, WriteFault,
 };
 use serde_json::json;
 
@@ -1009,4 +1009,94 @@ async fn a_data_directory_of_a_newer_layout_is_refused() {
         }
         assert_eq!(std::fs::read_to_string(&marker).expect("marker"), written);
     }
+}
+
+/// Every room is a file and every repository a directory, kept until deleted by hand: past
+/// `StoreLimits` a new one is refused (`TooManyLogs`) and nothing is created, while the
+/// stored ones (also those from before the provider started) open and take events as
+/// before, and a room deleted as empty frees its place.
+#[tokio::test]
+async fn provider_caps_the_rooms_and_repositories_it_creates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let room = |s: &str| LogName::Room(name(s));
+    let branch = |repo: &str, branch: &str| LogName::Branch {
+        repo: name(repo),
+        branch: name(branch),
+    };
+    {
+        let provider = FileProvider::new(dir.path()).expect("provider");
+        provider.open(&room("a")).expect("open a");
+        provider.open(&branch("r1", "main")).expect("open r1");
+    }
+    let provider = FileProvider::new(dir.path())
+        .expect("provider")
+        .with_limits(StoreLimits::new(2, 2));
+    provider
+        .open(&room("b"))
+        .expect("the second room")
+        .append(vec![ev("x", 1)])
+        .await
+        .expect("append");
+    provider
+        .open(&branch("r2", "main"))
+        .expect("the second repository");
+    match provider.open(&room("c")) {
+        Err(StorageError::TooManyLogs {
+            kind: LogKind::Rooms,
+            max: 2,
+        }) => {}
+        other => panic!("a third room: {:?}", other.map(|_| ())),
+    }
+    match provider.open(&branch("r3", "main")) {
+        Err(StorageError::TooManyLogs {
+            kind: LogKind::Repos,
+            max: 2,
+        }) => {}
+        other => panic!("a third repository: {:?}", other.map(|_| ())),
+    }
+    assert!(!dir.path().join("rooms").join("c.log").exists());
+    assert!(!dir.path().join("repos").join("r3").exists());
+    // What is stored stays usable: rooms, repositories and new branches of stored ones.
+    provider
+        .open(&room("a"))
+        .expect("a stored room")
+        .append(vec![ev("y", 1)])
+        .await
+        .expect("append");
+    provider
+        .open(&branch("r1", "feature"))
+        .expect("a new branch of a stored repository");
+    // A room deleted as empty (`a` was written to, so only an empty one would go) frees
+    // its place.
+    let empty = room("d");
+    drop(provider);
+    let provider = FileProvider::new(dir.path())
+        .expect("provider")
+        .with_limits(StoreLimits::new(3, 2));
+    drop(provider.open(&empty).expect("the third room"));
+    assert!(matches!(
+        provider.open(&room("e")),
+        Err(StorageError::TooManyLogs { .. })
+    ));
+    provider.release_discarding_empty(&empty);
+    provider
+        .open(&room("e"))
+        .expect("the place of the deleted room");
+}
+
+/// A repository whose first log cannot be made (here: options every open refuses; in
+/// production a full disk) leaves no directory behind: it would list no branch and count
+/// toward `StoreLimits::max_repos` until removed by hand.
+#[test]
+fn a_repository_whose_first_log_failed_leaves_no_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = FileStorageOptions::default();
+    options.group_commit_window = std::time::Duration::from_secs(2 * 86_400);
+    let provider = FileProvider::with_options(dir.path(), options).expect("provider");
+    let main = LogName::Branch {
+        repo: name("r"),
+        branch: name("main"),
+    };
+    assert!(matches!(provider.open(&main), Err(StorageError::Config(_))));
+    assert!(!dir.path().join("repos").join("r").exists());
 }

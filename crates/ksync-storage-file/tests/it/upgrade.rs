@@ -16,20 +16,6 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/4aa2aa3")
 }
 
-/// Copies the directory `from` into `to` (made), recursively.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create the copy's directory");
-    for entry in std::fs::read_dir(from).expect("read the fixture directory") {
-        let entry = entry.expect("fixture entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy a fixture file");
-        }
-    }
-}
-
 /// Every file under `dir` with its bytes, by path relative to `dir`.
 fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
@@ -126,7 +112,7 @@ fn stored_log_id(name: &LogName, storage: &dyn Storage) -> Option<String> {
 async fn a_data_directory_from_before_the_layout_marker_reads_as_it_was_written() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("data");
-    copy_dir(&fixture().join("data"), &dir);
+    ksync_testkit::copy_dir(&fixture().join("data"), &dir);
     assert!(
         !dir.join("LAYOUT").exists(),
         "the fixture predates the marker"

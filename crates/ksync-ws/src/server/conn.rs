@@ -150,6 +150,7 @@ pub(crate) async fn serve(connection: Connection) {
         sink,
         shared.config.subscriber_queue,
         shared.config.subscriber_queue_bytes,
+        Arc::clone(&shared.queue_budget),
     );
     let _leave = Leave(Arc::clone(&outbox));
     let mut writer = Writer {

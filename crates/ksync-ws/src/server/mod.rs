@@ -71,6 +71,15 @@ pub struct RelayConfig {
     /// with 4008. One commit's frames are always taken into an empty queue, so a queue may
     /// exceed this by one commit. Default 64 MiB (nats-server's default `max_pending`).
     pub subscriber_queue_bytes: usize,
+    /// Bytes of frames waiting for subscribers in all, relay-wide: queued for them, or taken
+    /// by their connections and not yet written (their JSON; a frame shared by many
+    /// subscribers, as a room's fan-out is, counts once). Without it only
+    /// `subscriber_queue_bytes` bounded them, once per room with a slow subscriber: 64 MiB ×
+    /// 4,096 open rooms at the defaults. Same overflow policy as `subscriber_queue`: the
+    /// subscriber whose frames would pass it is closed with 4008 (resume from your cursor), and
+    /// what was queued for it is dropped at once. Frames already in a socket's buffers are not
+    /// counted (see docs/RELIABILITY.md, "Memory"). Default 1 GiB.
+    pub subscriber_queues_total_bytes: usize,
     /// Commands queued per room. Overflow policy: publishers wait (their connection stops
     /// reading), which is back-pressure on the fastest writers. Default 1024; at most
     /// `tokio::sync::Semaphore::MAX_PERMITS`.
@@ -137,6 +146,7 @@ impl Default for RelayConfig {
             write_timeout: Duration::from_secs(10),
             subscriber_queue: 1024,
             subscriber_queue_bytes: 64 << 20,
+            subscriber_queues_total_bytes: 1 << 30,
             room_queue: 1024,
             room_queue_bytes: 64 << 20,
             max_connections: 10_000,
@@ -211,6 +221,20 @@ pub enum RelayActivity {
     },
 }
 
+/// What waits for one room of a [`Relay`] ([`Relay::backlog`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoomBacklog {
+    /// Publishes the relay has read and not yet stored: in the room's queue (or its commit in
+    /// progress), or waiting for room in that queue (their connections read nothing meanwhile).
+    pub publishes: usize,
+    /// Of `publishes`, those waiting for room in the queue (`RelayConfig::room_queue_bytes`);
+    /// their connections read nothing meanwhile.
+    pub waiting: usize,
+    /// Joins waiting for the room's commit in progress before they catch up.
+    pub joins: usize,
+}
+
 /// One open WebSocket connection of a [`Relay`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -268,6 +292,8 @@ pub(crate) struct Shared {
     clients: Mutex<std::collections::BTreeMap<u64, ClientInfo>>,
     /// `true` once shutdown began: no new upgrades, connections stop reading.
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Frames waiting for subscribers, relay-wide (`RelayConfig::subscriber_queues_total_bytes`).
+    pub(crate) queue_budget: Arc<outbox::QueueBudget>,
 }
 
 /// The WebSocket relay: rooms, each with one log, one writer at a time and a fan-out.
@@ -409,6 +435,10 @@ impl Relay {
         for (field, value) in [
             ("subscriber_queue", config.subscriber_queue),
             ("subscriber_queue_bytes", config.subscriber_queue_bytes),
+            (
+                "subscriber_queues_total_bytes",
+                config.subscriber_queues_total_bytes,
+            ),
             ("room_queue", config.room_queue),
             ("room_queue_bytes", config.room_queue_bytes),
             ("max_batch_events", config.max_batch_events),
@@ -461,6 +491,7 @@ impl Relay {
         let in_band_refusals = Arc::new(Semaphore::new(
             config.max_in_band_refusals.min(Semaphore::MAX_PERMITS),
         ));
+        let config_budget = config.subscriber_queues_total_bytes;
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -479,6 +510,7 @@ impl Relay {
                 activity,
                 clients: Mutex::new(std::collections::BTreeMap::new()),
                 shutdown,
+                queue_budget: outbox::QueueBudget::new(config_budget),
             }),
         })
     }
@@ -511,6 +543,14 @@ impl Relay {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+
+    /// What waits for `room` now, if it is open (see [`RoomBacklog`]): a backlog that keeps
+    /// growing means the room's disk is slower than its writers.
+    pub fn backlog(&self, room: &str) -> Option<RoomBacklog> {
+        let name = Name::new(room).ok()?;
+        let rooms = self.shared.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        rooms.get(&name).map(|handle| handle.link.backlog())
     }
 
     /// A feed of what happens in the relay: connections opening and closing, events stored in
@@ -710,6 +750,23 @@ impl Relay {
             }) => {
                 return Refusal::new(StatusCode::BAD_REQUEST, format!("bad room name: {source}"))
                     .upgrade(ws, in_band());
+            }
+            // A new room past the provider's cap on stored rooms: nothing was created. 507
+            // (not in-band, like 503): kSync's clients retry it later, as any 5xx, by when
+            // the operator may have raised the cap or deleted rooms.
+            Err(RelayError::Storage {
+                source: ksync_core::StorageError::TooManyLogs { max, .. },
+                ..
+            }) => {
+                tracing::warn!(room = %room, max, "room refused: the server keeps at most max_rooms rooms");
+                return refuse(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    &format!("too many rooms stored (at most {max})"),
+                );
+            }
+            Err(RelayError::Storage { room, source }) if source.is_storage_full() => {
+                tracing::error!(room = %room, error = %source, "cannot open room: the disk is full");
+                return refuse(StatusCode::INSUFFICIENT_STORAGE, "storage full");
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot open room");

@@ -9,7 +9,8 @@
 //! connection task is woken to write it. Order is kept: the room writes directly only while
 //! the queue is empty and nothing is left unflushed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
@@ -49,6 +50,123 @@ impl Wake for ConnWaker {
     }
 }
 
+/// The relay-wide budget of bytes of frames waiting for subscribers: queued in outboxes, or
+/// taken from one by its connection task and not yet written (`RelayConfig::
+/// subscriber_queues_total_bytes`). Each frame counts once however many subscribers hold it
+/// (the room shares one `Arc<Frame>` among them), so a big room's fan-out costs what it
+/// really holds. Without it each subscriber's bound (`subscriber_queue_bytes`) still let
+/// the queues of slow subscribers in many rooms add up to that times the open rooms (64 MiB
+/// × 4,096 at the defaults). Overflow policy: a delivery that would pass it is refused like
+/// a full queue (the subscriber is closed with 4008 and resumes from its cursor), and the
+/// refused subscriber's queue is dropped at once, so its memory comes back before its socket
+/// drains; only while nothing is held does one delivery go in whatever its size.
+pub(crate) struct QueueBudget {
+    limit: usize,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    /// Bytes of the distinct frames held.
+    used: usize,
+    /// Each held frame (by address, valid while it is held: the holders keep it alive) and
+    /// how many holders it has.
+    holders: HashMap<usize, usize>,
+}
+
+impl QueueBudget {
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            state: Mutex::new(BudgetState::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a hold on each of `frames`, or none (`None`) when the frames not held yet would
+    /// pass the limit.
+    fn charge(self: &Arc<Self>, frames: &[Arc<Frame>]) -> Option<Vec<Charged>> {
+        let mut state = self.lock();
+        let added: usize = frames
+            .iter()
+            .filter(|frame| !state.holders.contains_key(&address(frame)))
+            .map(|frame| frame_cost(frame))
+            .sum::<usize>()
+            + frames.len() * HOLD_COST;
+        if state.used > 0 && state.used.saturating_add(added) > self.limit {
+            return None;
+        }
+        state.used = state.used.saturating_add(added);
+        for frame in frames {
+            *state.holders.entry(address(frame)).or_insert(0) += 1;
+        }
+        drop(state);
+        Some(
+            frames
+                .iter()
+                .map(|frame| Charged {
+                    frame: Arc::clone(frame),
+                    budget: Arc::clone(self),
+                })
+                .collect(),
+        )
+    }
+
+    fn release(&self, frame: &Arc<Frame>) {
+        let mut state = self.lock();
+        let key = address(frame);
+        if let Some(count) = state.holders.get_mut(&key) {
+            *count -= 1;
+            let mut freed = HOLD_COST;
+            if *count == 0 {
+                state.holders.remove(&key);
+                freed += frame_cost(frame);
+            }
+            state.used = state.used.saturating_sub(freed);
+        }
+    }
+}
+
+/// What a frame held by anyone costs besides its JSON: the `Frame` and its `Arc`, and its
+/// entry in [`BudgetState::holders`] (a budget of tiny frames, acks of one event, would
+/// otherwise hold millions of them for free).
+const FRAME_COST: usize = 128;
+
+/// What each hold costs: its place in a queue (a [`Charged`]).
+const HOLD_COST: usize = std::mem::size_of::<Charged>();
+
+fn frame_cost(frame: &Frame) -> usize {
+    frame.text.len() + FRAME_COST
+}
+
+fn address(frame: &Arc<Frame>) -> usize {
+    Arc::as_ptr(frame) as usize
+}
+
+/// A frame held for a subscriber, counted in the [`QueueBudget`] until dropped (written, or
+/// the queue dropped).
+pub(crate) struct Charged {
+    frame: Arc<Frame>,
+    budget: Arc<QueueBudget>,
+}
+
+impl Deref for Charged {
+    type Target = Frame;
+
+    fn deref(&self) -> &Frame {
+        &self.frame
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        self.budget.release(&self.frame);
+    }
+}
+
 /// Why the room could not hand a frame over.
 pub(crate) enum Refused {
     /// The queue holds `capacity` frames or `capacity_bytes` bytes: the slow-consumer policy
@@ -72,6 +190,8 @@ pub(crate) struct Outbox {
     /// Most bytes queued (frames' JSON). Same overflow policy, except that an empty queue takes
     /// whatever one delivery brings; see `RelayConfig::subscriber_queue_bytes`.
     capacity_bytes: usize,
+    /// The relay-wide bound on queued frames (see [`QueueBudget`]).
+    budget: Arc<QueueBudget>,
 }
 
 struct State {
@@ -85,7 +205,7 @@ struct State {
     /// The connection asked for deflated event batches.
     compression: bool,
     /// Frames waiting for the connection task, oldest first; at most `capacity`.
-    queue: VecDeque<Arc<Frame>>,
+    queue: VecDeque<Charged>,
     /// Bytes of the frames in `queue`.
     queued_bytes: usize,
     /// A direct write left bytes in the sink's buffer: the connection task must flush them
@@ -109,8 +229,13 @@ enum Direct {
 
 impl Outbox {
     /// An outbox owning `sink`, queueing at most `capacity` frames and `capacity_bytes`
-    /// bytes.
-    pub(crate) fn new(sink: Sink, capacity: usize, capacity_bytes: usize) -> Arc<Self> {
+    /// bytes, and only while `budget` allows.
+    pub(crate) fn new(
+        sink: Sink,
+        capacity: usize,
+        capacity_bytes: usize,
+        budget: Arc<QueueBudget>,
+    ) -> Arc<Self> {
         let conn = Arc::new(ConnWaker(Notify::new()));
         Arc::new(Self {
             state: Mutex::new(State {
@@ -127,6 +252,7 @@ impl Outbox {
             conn,
             capacity,
             capacity_bytes,
+            budget,
         })
     }
 
@@ -180,10 +306,18 @@ impl Outbox {
         {
             return Err(Refused::Full);
         }
+        let Some(charged) = self.budget.charge(rest) else {
+            // Over the relay-wide budget: this subscriber is closed (4008) and what it holds
+            // is given back now, not once its socket drains (up to the write timeout). What
+            // it was already sent is a prefix, so it resumes from its cursor without a gap.
+            state.queue.clear();
+            state.queued_bytes = 0;
+            return Err(Refused::Full);
+        };
         if state.queue.is_empty() {
             self.wake_conn();
         }
-        state.queue.extend(rest.iter().cloned());
+        state.queue.extend(charged);
         state.queued_bytes += bytes;
         Ok(())
     }
@@ -217,7 +351,7 @@ impl Outbox {
     /// Gives the sink back after the connection task's writes, unless (live) frames were
     /// queued meanwhile or a direct write is unflushed: then the sink comes back with those
     /// frames (possibly none, just to flush), to write and flush before trying again.
-    pub(crate) fn put_back(&self, sink: Sink) -> Result<(), (Sink, VecDeque<Arc<Frame>>)> {
+    pub(crate) fn put_back(&self, sink: Sink) -> Result<(), (Sink, VecDeque<Charged>)> {
         let mut state = self.lock();
         if state.live && (state.unflushed || !state.queue.is_empty()) {
             state.unflushed = false;

@@ -343,6 +343,11 @@ struct RoomShared {
     /// place only while this is 0: then nothing published before it is still waiting, so each
     /// connection's publishes keep their order.
     queued: AtomicUsize,
+    /// Publishes waiting for room in the queue (its byte budget): read, held as JSON, not yet
+    /// counted in `queued`.
+    waiting: AtomicUsize,
+    /// Joins waiting for the room's lock (the commit in progress).
+    joining: AtomicUsize,
     /// Bytes the queued publishes may take, as permits (`RelayConfig::room_queue_bytes`; a
     /// publish larger than the whole budget takes all of it). Overflow policy: publishers wait
     /// for permits (their connection stops reading), like for a full queue. Without it the
@@ -423,7 +428,10 @@ impl RoomLink {
         state: bool,
         outbox: Arc<Outbox>,
     ) -> Result<Result<Subscribed, String>, RoomClosed> {
-        let room = self.shared.room.lock().await;
+        let room = {
+            let _joining = Counted::new(&self.shared.joining, 1);
+            self.shared.room.lock().await
+        };
         if !room.closed {
             let mut room = room;
             return Ok(room.subscribe(conn, state, outbox));
@@ -469,6 +477,8 @@ impl RoomLink {
             // Fair (first come, first served): a large publish is not starved by small ones.
             let mut acquire =
                 std::pin::pin!(Arc::clone(&shared.queue_bytes).acquire_many_owned(cost));
+            // Counted as waiting until counted as queued (see `RoomLink::backlog`).
+            let mut waited = None;
             let permit =
                 match std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await {
                     Poll::Ready(permit) => permit,
@@ -478,6 +488,8 @@ impl RoomLink {
                         // meanwhile, so this is all it holds.
                         publish.shed();
                         waiting.iter_mut().for_each(PublishCommand::shed);
+                        // This one and those read after it (its connection's burst).
+                        waited = Some(Counted::new(&shared.waiting, 1 + waiting.len()));
                         acquire.await
                     }
                 }
@@ -487,6 +499,7 @@ impl RoomLink {
             // Counted before the send (no publish may commit in place ahead of it), taken
             // back if the send fails or this future is dropped while it waits for room.
             let count = QueuedCount::new(&shared.queued);
+            drop(waited);
             if self.tx.send(RoomCommand::Publish(publish)).await.is_err() {
                 return Err(RoomClosed);
             }
@@ -495,6 +508,37 @@ impl RoomLink {
         // Empty: back to the caller with its capacity.
         *publishes = waiting.into();
         Ok(())
+    }
+}
+
+impl RoomLink {
+    /// What waits for this room now: publishes read and not yet committed (queued, or
+    /// waiting for room in the queue), and joins waiting for the commit in progress.
+    pub(crate) fn backlog(&self) -> super::RoomBacklog {
+        let shared = &*self.shared;
+        let waiting = shared.waiting.load(Ordering::Acquire);
+        super::RoomBacklog {
+            publishes: shared.queued.load(Ordering::Acquire) + waiting,
+            waiting,
+            joins: shared.joining.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// `n` more in a gauge while it lives (taken back however the wait ends, a dropped future
+/// included).
+struct Counted<'a>(&'a AtomicUsize, usize);
+
+impl<'a> Counted<'a> {
+    fn new(gauge: &'a AtomicUsize, n: usize) -> Self {
+        gauge.fetch_add(n, Ordering::AcqRel);
+        Self(gauge, n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
     }
 }
 
@@ -616,6 +660,8 @@ impl Room {
             storage: Arc::clone(&room.storage),
             room: Mutex::new(room),
             queued: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            joining: AtomicUsize::new(0),
             queue_bytes: Arc::new(Semaphore::new(queue_bytes_total as usize)),
             queue_bytes_total,
             log_id,
@@ -1077,30 +1123,7 @@ fn fan_out(
 mod tests {
     use super::*;
     use crate::protocol::{Ack, EventsBatch};
-    use ksync_core::{BoxFuture, InMemoryStorage, MergeOutcome};
-    use std::collections::BTreeMap;
     use std::time::Duration;
-
-    /// A log whose appends wait for a permit each (a disk the test lets finish).
-    struct GatedAppends {
-        log: InMemoryStorage,
-        permits: Arc<Semaphore>,
-    }
-
-    impl Storage for GatedAppends {
-        fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
-            Box::pin(async move {
-                if let Ok(permit) = self.permits.acquire().await {
-                    permit.forget();
-                }
-                self.log.append(events).await
-            })
-        }
-        fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
-            self.log.read_since(after, limit)
-        }
-        ksync_testkit::storage_pass_through!(log);
-    }
 
     fn publish_of(n: u64) -> Vec<PublishCommand> {
         let json = format!(r#"{{"id":"e{n}","type":"t","data":1,"timestamp":1,"version":1}}"#);
@@ -1115,10 +1138,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_publish_dropped_while_waiting_for_the_queue_lets_the_room_close_idle() {
         let permits = Arc::new(Semaphore::new(0));
-        let storage = Arc::new(GatedAppends {
-            log: InMemoryStorage::default(),
-            permits: Arc::clone(&permits),
-        });
+        let storage = Arc::new(ksync_testkit::GatedAppends::new(
+            Arc::clone(&permits),
+            tokio::sync::watch::Sender::new(0),
+        ));
         let slot = Arc::new(Semaphore::new(1))
             .acquire_owned()
             .await
@@ -1145,13 +1168,22 @@ mod tests {
             "the first append waits for the disk"
         );
         // The next ones queue until the queue is full: the one that then waits is dropped.
+        // A publish pends only while it waits for the queue (its byte budget or its one
+        // place); polled once, unconstrained so that tokio's cooperative budget cannot make
+        // it pend instead.
         let mut dropped = false;
         for n in 1..16 {
             let mut publish = publish_of(n);
-            if tokio::time::timeout(Duration::from_millis(100), link.publish(&mut publish))
-                .await
-                .is_err()
-            {
+            let mut publishing = Box::pin(tokio::task::unconstrained(link.publish(&mut publish)));
+            if futures_util::FutureExt::now_or_never(&mut publishing).is_none() {
+                // Publishes 1..=n (the first commits in place, uncounted).
+                assert_eq!(link.backlog().publishes, n as usize, "waiting, and counted");
+                drop(publishing);
+                assert_eq!(
+                    link.backlog().publishes,
+                    n as usize - 1,
+                    "dropped, uncounted"
+                );
                 dropped = true;
                 break;
             }

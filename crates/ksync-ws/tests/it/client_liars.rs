@@ -484,3 +484,96 @@ async fn a_known_message_that_does_not_decode_ends_the_session_and_loses_nothing
     ksync.disconnect().await.expect("disconnect");
     fake.await.expect("fake");
 }
+
+/// A batch whose seqs go backwards, [5, 3].
+fn backwards_batch() -> Value {
+    json!({"type": "events", "events": [
+        {"seq": 5, "event": event("e5", 5)}, {"seq": 3, "event": event("e3", 3)}]})
+}
+
+#[tokio::test]
+async fn a_batch_whose_seqs_go_backwards_does_not_move_the_cursor_back() {
+    // The cursor was the batch's last seq: after [5, 3] it was 3, and the next batch's 5 was
+    // delivered to the application a second time. The cursor is the highest seq seen, and an
+    // entry at or below it is skipped (as ksync.js does), also across frames of one commit
+    // (the relay splits a large one) and in deflated frames.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let fake = tokio::spawn(async move {
+        let mut ws = accept(&listener).await;
+        // A client without a cursor starts at `serverVersion`: 2, below the batch.
+        let mut welcome = welcome(2, 1 << 20);
+        welcome["compression"] = json!(true);
+        send(&mut ws, welcome).await;
+        send(&mut ws, backwards_batch()).await;
+        let next = json!({"type": "events", "events": [
+            {"seq": 5, "event": event("e5", 5)}, {"seq": 6, "event": event("e6", 6)}]});
+        ws.send(Message::binary(ksync_ws::protocol::deflate(
+            next.to_string().as_bytes(),
+        )))
+        .await
+        .expect("send");
+        while next_json(&mut ws).await.is_some() {}
+    });
+    let client = WebSocketSyncClient::builder(format!("ws://{addr}/ws"))
+        .compression(true)
+        .build()
+        .expect("client");
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    eventually("e6 delivered", || {
+        rec.event_ids().contains(&"e6".to_owned())
+    })
+    .await;
+    assert_eq!(rec.event_ids(), ["e5", "e6"], "each seq once, never back");
+    client.disconnect().await.expect("disconnect");
+    fake.await.expect("fake");
+}
+
+#[tokio::test]
+async fn a_replica_keeps_the_highest_seq_of_a_backwards_batch_as_its_cursor() {
+    // KSync over the client: the stored room cursor was the batch's last seq (3), and the
+    // next session asked for 4 and 5 again.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (hellos_tx, mut hellos) = mpsc::channel(4);
+    let fake = tokio::spawn(async move {
+        let mut ws = accept(&listener).await;
+        send(&mut ws, welcome(5, 1 << 20)).await;
+        send(&mut ws, backwards_batch()).await;
+        // The session ends here; the client reconnects from the cursor it stored.
+        ws.close(None).await.expect("close");
+        while next_json(&mut ws).await.is_some() {}
+        let (tcp, _) = listener.accept().await.expect("accept again");
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        hellos_tx
+            .send(next_json(&mut ws).await.expect("hello"))
+            .await
+            .expect("report");
+        send(&mut ws, welcome(5, 1 << 20)).await;
+        while next_json(&mut ws).await.is_some() {}
+    });
+    let client = quick(&format!("ws://{addr}/ws"));
+    let cursor = client.room_cursor_name();
+    let ksync = ksync_testkit::ksync_over(Arc::new(InMemoryStorage::new()), client)
+        .await
+        .expect("ksync");
+    ksync.connect().await.expect("connect");
+    let again = tokio::time::timeout(Duration::from_secs(10), hellos.recv())
+        .await
+        .expect("a second connection")
+        .expect("second hello");
+    assert_eq!(again["since"], 5, "resumes after the highest seq: {again}");
+    let replica = ksync.replica().clone();
+    assert_eq!(replica.cursor(&cursor).expect("cursor"), 5);
+    let ids: Vec<String> = replica
+        .storage()
+        .read_since(0, 100)
+        .expect("read")
+        .into_iter()
+        .map(|s| s.event.id)
+        .collect();
+    assert_eq!(ids, ["e5"], "the entry below the cursor is not taken in");
+    ksync.disconnect().await.expect("disconnect");
+    fake.await.expect("fake");
+}

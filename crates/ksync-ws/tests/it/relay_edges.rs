@@ -1258,6 +1258,127 @@ async fn a_slow_consumer_is_dropped_at_its_byte_budget() {
     slow_consumer_case(config, "bytes", &[false], 250).await;
 }
 
+/// Publishes `total` events of `size` bytes of data into `url`'s room, each acknowledged
+/// before the next.
+async fn publish_sized(url: &str, total: u64, size: usize) {
+    let (mut publisher, _) = join(url, hello()).await;
+    for n in 1..=total {
+        let mut e = event(&format!("e{n}"), n);
+        e["data"] = json!("w".repeat(size));
+        send_json(
+            &mut publisher,
+            json!({"type":"publish","ref":n,"events":[e]}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut publisher).await["results"][0]["seq"], n);
+    }
+}
+
+/// Joins `url`'s room over a socket with a 4 KiB receive buffer, so that what the relay holds
+/// for a subscriber that stops reading is its queue, not the kernel's buffers.
+async fn join_small_window(url: &str) -> Raw {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let request = url.into_client_request().expect("request");
+    let host = request.uri().authority().expect("authority").as_str();
+    let addr: std::net::SocketAddr = host.parse().expect("address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("upgrade");
+    send_json(&mut ws, hello()).await;
+    assert_eq!(recv_json(&mut ws).await["type"], "welcome");
+    ws
+}
+
+/// Reads a subscriber that had stopped reading: the seqs it was sent, in order and without a
+/// gap, until it has `total` or is closed (with the close code).
+async fn read_slow(ws: &mut Raw, total: u64) -> (u64, Option<u16>) {
+    let mut last = 0;
+    while last < total {
+        let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("progress within 10 s")
+            .expect("open")
+            .expect("ok");
+        match message {
+            Message::Text(t) => {
+                let batch: Value = serde_json::from_str(t.as_str()).expect("json");
+                for e in batch["events"].as_array().expect("events") {
+                    assert_eq!(e["seq"].as_u64(), Some(last + 1), "no gap, no repeat");
+                    last += 1;
+                }
+            }
+            Message::Close(frame) => return (last, frame.map(|f| u16::from(f.code))),
+            _ => {}
+        }
+    }
+    (last, None)
+}
+
+/// Slow subscribers' queues are bounded relay-wide, not only each on its own: 3 rooms each
+/// with a subscriber that stopped reading and 6 MiB published into it. The kernel's buffers
+/// take 2 to 4.5 MiB of each (the relay's send buffer grows by itself up to `tcp_wmem`'s 4
+/// MiB), the rest queues: in all more than the relay's 2 MiB, each far under its own 64 MiB.
+/// Those whose frames would pass it are closed with 4008, each having got a gap-free prefix
+/// to resume from; the others get everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumers_in_many_rooms_are_bounded_relay_wide() {
+    let server = start(RelayConfig {
+        subscriber_queues_total_bytes: 2 << 20,
+        ..RelayConfig::default()
+    })
+    .await;
+    let total = 12;
+    let mut slow = Vec::new();
+    for room in 0..3 {
+        let url = server.url(Some(&format!("room{room}")));
+        slow.push(join_small_window(&url).await);
+        publish_sized(&url, total, 512 * 1024).await;
+    }
+    let mut closed = 0;
+    for ws in &mut slow {
+        match read_slow(ws, total).await {
+            (_, Some(code)) => {
+                assert_eq!(code, 4008);
+                closed += 1;
+            }
+            (got, None) => assert_eq!(got, total),
+        }
+    }
+    assert!(
+        closed > 0,
+        "no subscriber closed at the 2 MiB relay-wide budget"
+    );
+    server.stop().await;
+}
+
+/// The relay-wide budget counts a frame once however many subscribers hold it: 8 slow
+/// subscribers of one room, 6 MiB published, of which each queues 1.5 MiB or more (counted
+/// per subscriber, at least 12 MiB), stay within 7 MiB and get everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_wide_budget_counts_a_shared_frame_once() {
+    let server = start(RelayConfig {
+        subscriber_queues_total_bytes: 7 << 20,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("shared"));
+    let total = 12;
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        slow.push(join_small_window(&url).await);
+    }
+    publish_sized(&url, total, 512 * 1024).await;
+    for ws in &mut slow {
+        assert_eq!(read_slow(ws, total).await, (total, None));
+    }
+    server.stop().await;
+}
+
 /// Behind a log whose appends wait, a room queues publishes only up to `room_queue_bytes`:
 /// the publisher's further publishes wait unread, so no group commit gathers more than the
 /// budget, and every publish is still acknowledged once the log moves again.
@@ -1308,8 +1429,12 @@ async fn room_byte_budget_case(room: &str, data: Value) {
         }
         sink
     });
-    // Time for the relay to read (and, without a byte budget, queue) every publish.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The publisher waits for room in the queue: all that fit the budget is queued (the
+    // connection reads its publishes in order). Without a budget none would ever wait.
+    eventually("a publish waiting for the byte budget", || {
+        server.relay.backlog(room).is_some_and(|b| b.waiting >= 1)
+    })
+    .await;
     provider.open_gate();
     for n in 1..=total {
         let message = tokio::time::timeout(Duration::from_secs(10), acks.next())
@@ -1590,32 +1715,45 @@ async fn a_room_closes_after_its_last_connection_even_if_one_left_while_the_queu
     );
     assert_eq!(recv_json(&mut leaver).await["type"], "events");
 
-    // The room waits in the append of a duplicate; two joiners fill its queue of 2.
+    // The room waits in the append of a duplicate; two more (duplicates too: no fan-out)
+    // fill its queue of 2. Joins do not go through the queue.
+    let log = provider
+        .logs
+        .lock()
+        .expect("lock")
+        .get(&LogName::Room(Name::new("full").expect("name")))
+        .cloned()
+        .expect("the room's log");
+    let appends = log.appends.load(Ordering::SeqCst);
     provider.close_gate();
-    let mut again = publish.clone();
-    again["ref"] = json!(2);
-    send_json(&mut publisher, again).await;
-    let joiners: Vec<_> = (0..2)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { join(&url, hello()).await.0 })
-        })
-        .collect();
-    // Time for the joiners' subscribes to be queued, then for the leaver's connection to end
-    // while the queue is full.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for reference in 2..=4 {
+        let mut again = publish.clone();
+        again["ref"] = json!(reference);
+        send_json(&mut publisher, again).await;
+        if reference == 2 {
+            // In its append, out of the queue (else the others would join its group).
+            eventually("the append under way", || {
+                log.appends.load(Ordering::SeqCst) > appends
+            })
+            .await;
+        }
+    }
+    eventually("the queue full", || {
+        server
+            .relay
+            .backlog("full")
+            .is_some_and(|b| b.publishes == 3)
+    })
+    .await;
     drop(leaver);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the leaver gone", || server.relay.connections() == 1).await;
     provider.open_gate();
 
-    let ack = recv_json(&mut publisher).await;
-    assert_eq!(ack["results"][0]["status"], "duplicate", "{ack}");
-    let mut joined = Vec::new();
-    for joiner in joiners {
-        joined.push(joiner.await.expect("joiner"));
+    for _ in 2..=4 {
+        let ack = recv_json(&mut publisher).await;
+        assert_eq!(ack["results"][0]["status"], "duplicate", "{ack}");
     }
     assert_eq!(server.relay.open_rooms(), 1);
-    drop(joined);
     drop(publisher);
     eventually("the room to close after everyone left", || {
         server.relay.open_rooms() == 0

@@ -126,3 +126,86 @@ async fn a_room_reopens_its_log_after_a_failed_sync_while_a_watcher_stays() {
     watcher.disconnect().await.expect("disconnect");
     server.stop().await;
 }
+
+/// A file provider on a disk that is full while `full` is set: making a new log fails as
+/// `FileProvider` does then (an IO error of kind `StorageFull`, nothing left behind).
+struct FullDisk {
+    inner: FileProvider,
+    full: std::sync::atomic::AtomicBool,
+}
+
+impl StorageProvider for FullDisk {
+    fn open(
+        &self,
+        name: &LogName,
+    ) -> Result<Arc<dyn ksync_core::Storage>, ksync_core::StorageError> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst)
+            && self.inner.existing(name)?.is_none()
+        {
+            return Err(ksync_core::StorageError::Io {
+                context: "writing a new log".into(),
+                source: std::io::Error::from_raw_os_error(28),
+            });
+        }
+        self.inner.open(name)
+    }
+    fn existing(
+        &self,
+        name: &LogName,
+    ) -> Result<Option<Arc<dyn ksync_core::Storage>>, ksync_core::StorageError> {
+        self.inner.existing(name)
+    }
+    fn list(&self) -> Result<Vec<LogName>, ksync_core::StorageError> {
+        self.inner.list()
+    }
+    fn release_discarding_empty(&self, name: &LogName) {
+        self.inner.release_discarding_empty(name)
+    }
+}
+
+/// A new room on a full disk is refused before the upgrade with 507 `storage full` (clients
+/// retry it later), not 500; the relay stays up, stored rooms go on, and once space is freed
+/// the room opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_room_on_a_full_disk_is_refused_with_507_until_space_is_freed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = Arc::new(FullDisk {
+        inner: FileProvider::new(dir.path()).expect("provider"),
+        full: std::sync::atomic::AtomicBool::new(false),
+    });
+    let server = start_with(
+        RelayConfig::default(),
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(AllowAll),
+    )
+    .await;
+    let (mut stored, _) = join(&server.url(Some("stored")), hello()).await;
+    provider
+        .full
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let request = {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        server
+            .url(Some("new"))
+            .into_client_request()
+            .expect("request")
+    };
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 507);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or(b""))
+                .expect("a JSON body");
+            assert_eq!(body, json!({"error": "storage full"}));
+        }
+        other => panic!("a new room on a full disk: {:?}", other.map(|_| ())),
+    }
+    // An open room still answers (its writes would meet the full disk, as any write).
+    let results = publish(&mut stored, 1, vec![]).await;
+    assert!(results.is_empty());
+    provider
+        .full
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (mut new, _) = join(&server.url(Some("new")), hello()).await;
+    let results = publish(&mut new, 1, vec![event("a", 1)]).await;
+    assert_eq!(results, [json!({"status": "stored", "seq": 1})]);
+}

@@ -349,3 +349,47 @@ async fn a_join_of_a_room_being_opened_waits_for_it_at_the_cap() {
     drop((first, second));
     server.stop().await;
 }
+
+/// Every room stored is a file kept until deleted by hand: past the provider's cap on stored
+/// rooms a new room is refused before the upgrade with 507 (which clients retry later) and no
+/// file is made, while the stored rooms take joins and events as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_room_past_the_stored_rooms_cap_is_refused_with_507() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider: Arc<dyn StorageProvider> = Arc::new(
+        FileProvider::new(dir.path())
+            .expect("provider")
+            .with_limits(ksync_storage_file::StoreLimits::new(2, 2)),
+    );
+    let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
+    assert_eq!(
+        publish(&server.url(Some("a")), vec![event("x", 1)]).await,
+        [1]
+    );
+    assert_eq!(
+        publish(&server.url(Some("b")), vec![event("x", 1)]).await,
+        [1]
+    );
+    let request = {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        server
+            .url(Some("c"))
+            .into_client_request()
+            .expect("request")
+    };
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 507);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or(b""))
+                .expect("a JSON body");
+            assert_eq!(body, json!({"error": "too many rooms stored (at most 2)"}));
+        }
+        other => panic!("a third room: {:?}", other.map(|_| ())),
+    }
+    assert!(!dir.path().join("rooms").join("c.log").exists());
+    assert_eq!(
+        publish(&server.url(Some("a")), vec![event("y", 2)]).await,
+        [2]
+    );
+    server.stop().await;
+}

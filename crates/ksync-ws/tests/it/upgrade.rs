@@ -20,19 +20,6 @@ fn fixture() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/4aa2aa3")
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create the copy's directory");
-    for entry in std::fs::read_dir(from).expect("read the fixture directory") {
-        let entry = entry.expect("fixture entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy a fixture file");
-        }
-    }
-}
-
 /// The app's log, moved to `url`: the client keeps its cursors and the room's log id per URL
 /// (`ws:URL/room`, `ws:URL/acked`, `ws:URL/log`), and the fixture's relay answered at another
 /// address than this test's, so each is copied to `url` as it would read had the relay kept
@@ -58,7 +45,7 @@ async fn move_to(log: &FileStorage, old: &str, url: &str) {
 async fn an_old_apps_offline_queue_and_cursors_are_taken_over() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    copy_dir(&fixture().join("data"), &data);
+    ksync_testkit::copy_dir(&fixture().join("data"), &data);
     std::fs::copy(fixture().join("app.log"), tmp.path().join("app.log")).expect("copy");
     let expected: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture().join("expected.json")).expect("read"))
