@@ -174,14 +174,30 @@ async fn a_group_commit_of_large_publishes_reaches_subscribers_in_bounded_frames
         )
         .await;
     }
-    // Let the publishes queue up behind the held append (no assertion rests on this wait).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first in its append at the gate, the others queued behind it: one group commit.
+    eventually("every publish queued", || {
+        server
+            .relay
+            .backlog("big")
+            .is_some_and(|b| b.publishes == total as usize)
+    })
+    .await;
     provider.open_gate();
     for n in 1..=total {
         let ack = recv_json(&mut publisher).await;
         assert_eq!(ack["ref"], n, "{ack}");
         assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
     }
+    let log = provider
+        .logs
+        .lock()
+        .expect("lock")
+        .get(&LogName::Room(Name::new("big").expect("name")))
+        .cloned()
+        .expect("the room's log");
+    // Group commits of many (bounded in bytes, so not all 39 in one).
+    let largest = log.largest_append.load(Ordering::SeqCst);
+    assert!(largest > 10, "{largest} publishes at most in one append");
     for ws in [&mut subscriber, &mut compressed] {
         let mut seqs = Vec::new();
         while seqs.len() < total as usize + 1 {
