@@ -421,3 +421,52 @@ async fn join_small_window(url: &str, hello: serde_json::Value) -> Raw {
     assert_eq!(recv_json_slowly(&mut ws).await["type"], "welcome");
     ws
 }
+
+/// A join waiting for the room's commit in progress (an append that hangs) ends at a shutdown
+/// with 1001 at once: it went on waiting until the append ended, unlike every other wait of a
+/// connection, and held the shutdown up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_waiting_for_a_hung_append_ends_at_shutdown() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let permits = Arc::new(Semaphore::new(1));
+    let provider = Arc::new(SlowProvider {
+        logs: Mutex::default(),
+        permits: Arc::clone(&permits),
+        started: watch::Sender::new(0),
+    });
+    let mut started = provider.started.subscribe();
+    let server = start_with(
+        RelayConfig::default(),
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("hung"));
+    let (mut first, _) = join(&url, hello()).await;
+    send_json(
+        &mut first,
+        json!({"type":"publish","ref":0,"events":[event("warm", 0)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut first).await["type"], "ack");
+    // The next append hangs until permits are added.
+    send_json(
+        &mut first,
+        json!({"type":"publish","ref":1,"events":[event("e1", 1)]}),
+    )
+    .await;
+    started.wait_for(|n| *n >= 2).await.expect("appends");
+    let mut joiner = raw_connect(&url, &[]).await.expect("connect");
+    send_json(&mut joiner, hello()).await;
+    eventually("the join waits for the append", || {
+        server.relay.backlog("hung").is_some_and(|b| b.joins == 1)
+    })
+    .await;
+    let relay = server.relay.clone();
+    let stopping = tokio::spawn(async move { relay.shutdown().await });
+    assert_eq!(recv_close(&mut joiner).await.0, 1001);
+    // The append may end now; so does the rest of the shutdown.
+    permits.add_permits(16);
+    stopping.await.expect("shutdown");
+    server.stop().await;
+}

@@ -226,10 +226,22 @@ async fn run(
 
     // Join the room: from here on the room queues every new batch for us (and writes them
     // directly once we are live, after the catch-up).
+    // A join waits for the room's commit in progress (on a slow disk, as long as its append
+    // takes): a shutdown (1001) or the credentials' end (4401) ends that wait, as they end
+    // every other wait of a connection. Dropping the join is safe: it changes nothing before
+    // it has the room's lock, and nothing it awaits once it has it.
+    let joined = {
+        let mut shutdown = shared.shutdown.subscribe();
+        tokio::select! {
+            joined = Box::pin(join(shared, writer, room, room_link, id, hello.state)) => joined,
+            _ = shutdown.wait_for(|stopping| *stopping) => Err(going_away()),
+            () = expired(&mut expiry) => Err(credentials_expired()),
+        }
+    };
     let Subscribed {
         server_version,
         snapshot,
-    } = Box::pin(join(shared, writer, room, room_link, id, hello.state)).await?;
+    } = joined?;
     // Expired while joining (which may wait for a closing room): no welcome, no catch-up.
     check_expiry(grant)?;
     let room_link = &*room_link;
