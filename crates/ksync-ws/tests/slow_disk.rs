@@ -349,3 +349,124 @@ async fn a_room_stuck_on_its_disk_closes_no_live_client_for_missed_heartbeats() 
     drop(sink);
     server.stop().await;
 }
+
+/// A state-based join holds about one frame of its snapshot while its socket is full, not a
+/// page of it: 3 joiners that stop reading after their first page, in a room whose state is
+/// 40 events of 900 KB. Each copied a whole page (`page_size` events, here the room's 36 MB)
+/// and encoded it before halving it to fit: 3 such joiners held about 3 times the room
+/// beside the snapshot they share (285 MiB for a room of 90 MB); now a frame of at most
+/// `max_message_size` each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_joiners_that_stop_reading_hold_a_frame_not_a_page() {
+    use ksync_core::{Event, InMemoryProvider, Name};
+
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let provider = Arc::new(InMemoryProvider::new());
+    let log = provider
+        .open(&LogName::Room(Name::new("big").expect("name")))
+        .expect("open");
+    let events: Vec<Event> = (0..40)
+        .map(|n| {
+            serde_json::from_value(json!({"id": format!("e{n}"), "type": "t",
+                "data": "s".repeat(900_000), "timestamp": 1, "version": 1}))
+            .expect("event")
+        })
+        .collect();
+    log.append(events).await.expect("append");
+    drop(log);
+    let server = start_with(
+        RelayConfig::default(),
+        provider as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("big"));
+    let _keep = join(&url, hello()).await;
+    let before = rss();
+    let mut joiners = Vec::new();
+    for _ in 0..3 {
+        let mut ws =
+            join_small_window(&url, json!({"type":"hello","protocol":1,"state":true})).await;
+        let page = recv_json_slowly(&mut ws).await;
+        assert_eq!(page["type"], "snapshot", "{}", page["type"]);
+        joiners.push(ws);
+    }
+    let held = rss().saturating_sub(before);
+    assert!(
+        held < 64 << 20,
+        "3 stalled state joiners hold {} MiB beside the room",
+        held >> 20
+    );
+    // Gone before the stop, which would wait for their full sockets until the write timeout.
+    drop(joiners);
+    server.stop().await;
+}
+
+/// Joins `url`'s room with `hello` over a socket with a 4 KiB receive buffer, so that the
+/// relay's writes to it wait once it stops reading.
+async fn join_small_window(url: &str, hello: serde_json::Value) -> Raw {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let request = url.into_client_request().expect("request");
+    let host = request.uri().authority().expect("authority").as_str();
+    let addr: std::net::SocketAddr = host.parse().expect("address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("upgrade");
+    send_json(&mut ws, hello).await;
+    assert_eq!(recv_json_slowly(&mut ws).await["type"], "welcome");
+    ws
+}
+
+/// A join waiting for the room's commit in progress (an append that hangs) ends at a shutdown
+/// with 1001 at once: it went on waiting until the append ended, unlike every other wait of a
+/// connection, and held the shutdown up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_waiting_for_a_hung_append_ends_at_shutdown() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let permits = Arc::new(Semaphore::new(1));
+    let provider = Arc::new(SlowProvider {
+        logs: Mutex::default(),
+        permits: Arc::clone(&permits),
+        started: watch::Sender::new(0),
+    });
+    let mut started = provider.started.subscribe();
+    let server = start_with(
+        RelayConfig::default(),
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("hung"));
+    let (mut first, _) = join(&url, hello()).await;
+    send_json(
+        &mut first,
+        json!({"type":"publish","ref":0,"events":[event("warm", 0)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut first).await["type"], "ack");
+    // The next append hangs until permits are added.
+    send_json(
+        &mut first,
+        json!({"type":"publish","ref":1,"events":[event("e1", 1)]}),
+    )
+    .await;
+    started.wait_for(|n| *n >= 2).await.expect("appends");
+    let mut joiner = raw_connect(&url, &[]).await.expect("connect");
+    send_json(&mut joiner, hello()).await;
+    eventually("the join waits for the append", || {
+        server.relay.backlog("hung").is_some_and(|b| b.joins == 1)
+    })
+    .await;
+    let relay = server.relay.clone();
+    let stopping = tokio::spawn(async move { relay.shutdown().await });
+    assert_eq!(recv_close(&mut joiner).await.0, 1001);
+    // The append may end now; so does the rest of the shutdown.
+    permits.add_permits(16);
+    stopping.await.expect("shutdown");
+    server.stop().await;
+}

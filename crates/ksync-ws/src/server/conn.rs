@@ -226,10 +226,22 @@ async fn run(
 
     // Join the room: from here on the room queues every new batch for us (and writes them
     // directly once we are live, after the catch-up).
+    // A join waits for the room's commit in progress (on a slow disk, as long as its append
+    // takes): a shutdown (1001) or the credentials' end (4401) ends that wait, as they end
+    // every other wait of a connection. Dropping the join is safe: it changes nothing before
+    // it has the room's lock, and nothing it awaits once it has it.
+    let joined = {
+        let mut shutdown = shared.shutdown.subscribe();
+        tokio::select! {
+            joined = Box::pin(join(shared, writer, room, room_link, id, hello.state)) => joined,
+            _ = shutdown.wait_for(|stopping| *stopping) => Err(going_away()),
+            () = expired(&mut expiry) => Err(credentials_expired()),
+        }
+    };
     let Subscribed {
         server_version,
         snapshot,
-    } = Box::pin(join(shared, writer, room, room_link, id, hello.state)).await?;
+    } = joined?;
     // Expired while joining (which may wait for a closing room): no welcome, no catch-up.
     check_expiry(grant)?;
     let room_link = &*room_link;
@@ -647,17 +659,39 @@ async fn catch_up(
 ) -> Result<(), End> {
     let page = shared.config.page_size;
     if let Some(state) = snapshot {
+        // Pages are cut by their events' JSON, measured one event at a time, and only a page's
+        // events are copied out of the shared snapshot: a page of `page_size` events copied
+        // and encoded whole (then halved until it fit) held up to 512 events of up to 1 MiB
+        // each per joiner, for as long as its socket was full.
         let limit = shared.config.max_message_size;
-        for chunk in state.chunks(page) {
-            let goes_on = |writer: &Writer| catch_up_goes_on(shared, writer, grant);
-            send_bounded(writer, chunk.to_vec(), limit, goes_on, |events| {
-                ServerMessage::Snapshot(SnapshotPage {
-                    server_version,
-                    events,
-                    last: false,
-                })
-            })
-            .await?;
+        let mut start = 0;
+        while start < state.len() {
+            catch_up_goes_on(shared, writer, grant)?;
+            let mut bytes = SNAPSHOT_FRAME_OVERHEAD;
+            let mut end = start;
+            while let Some(event) = state.get(end)
+                && end - start < page
+            {
+                let entry = json_len(event) + 1;
+                if end > start && bytes + entry > limit {
+                    break;
+                }
+                bytes += entry;
+                end += 1;
+            }
+            let events = state.get(start..end).unwrap_or_default().to_vec();
+            let page = ServerMessage::Snapshot(SnapshotPage {
+                server_version,
+                events,
+                last: false,
+            });
+            // Only the encoded page waits for the socket, not its events' copy too.
+            let frame = Frame::encode(&page, true);
+            drop(page);
+            let message = writer.frame_message(&frame);
+            drop(frame);
+            writer.send(message).await?;
+            start = end;
         }
         // An explicit end marker keeps the paging rule simple for clients.
         let end = ServerMessage::Snapshot(SnapshotPage {
@@ -760,31 +794,26 @@ fn catch_up_goes_on(shared: &Shared, writer: &Writer, grant: &Grant) -> Result<(
     }
 }
 
-/// Sends `items` in as few messages as possible, each at most `limit` bytes of JSON (halving
-/// a page until it fits; a single oversized item still goes alone), each only if `goes_on`
-/// (a page of many small frames takes as long as many pages to a slow reader).
-async fn send_bounded<T: Clone>(
-    writer: &mut Writer,
-    items: Vec<T>,
-    limit: usize,
-    goes_on: impl Fn(&Writer) -> Result<(), End>,
-    wrap: impl Fn(Vec<T>) -> ServerMessage,
-) -> Result<(), End> {
-    let mut stack = vec![items];
-    while let Some(items) = stack.pop() {
-        let frame = Frame::encode(&wrap(items.clone()), true);
-        if frame.text.len() > limit && items.len() > 1 {
-            let mut first = items;
-            let second = first.split_off(first.len() / 2);
-            stack.push(second);
-            stack.push(first);
-            continue;
+/// A `snapshot` page's JSON besides its events and the commas between them: `{"type":
+/// "snapshot","serverVersion":` with 20 digits, `,"events":[`, `],"last":false}`.
+const SNAPSHOT_FRAME_OVERHEAD: usize = 96;
+
+/// The length of `event`'s JSON, without building it.
+fn json_len(event: &Event) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
         }
-        goes_on(writer)?;
-        let message = writer.frame_message(&frame);
-        writer.send(message).await?;
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
-    Ok(())
+    let mut count = Count(0);
+    // Writing into a counter cannot fail; an event that does not encode is not measured.
+    let _ = serde_json::to_writer(&mut count, event);
+    count.0
 }
 
 /// Handles one message that [`publish::read`] does not read as a publish: decoded in full, so

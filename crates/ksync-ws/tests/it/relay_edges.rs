@@ -81,6 +81,13 @@ impl GatedProvider {
         self.open.store(true, Ordering::SeqCst);
         self.opened.notify_waiters();
     }
+
+    /// The log of `room`, opened already.
+    fn room_log(&self, room: &str) -> Arc<GatedStorage> {
+        let name = LogName::Room(Name::new(room).expect("name"));
+        let logs = self.logs.lock().expect("lock");
+        logs.get(&name).cloned().expect("the room's log")
+    }
 }
 
 impl StorageProvider for GatedProvider {
@@ -174,14 +181,24 @@ async fn a_group_commit_of_large_publishes_reaches_subscribers_in_bounded_frames
         )
         .await;
     }
-    // Let the publishes queue up behind the held append (no assertion rests on this wait).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first in its append at the gate, the others queued behind it: one group commit.
+    eventually("every publish queued", || {
+        server
+            .relay
+            .backlog("big")
+            .is_some_and(|b| b.publishes == total as usize)
+    })
+    .await;
     provider.open_gate();
     for n in 1..=total {
         let ack = recv_json(&mut publisher).await;
         assert_eq!(ack["ref"], n, "{ack}");
         assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
     }
+    let log = provider.room_log("big");
+    // Group commits of many (bounded in bytes, so not all 39 in one).
+    let largest = log.largest_append.load(Ordering::SeqCst);
+    assert!(largest > 10, "{largest} publishes at most in one append");
     for ws in [&mut subscriber, &mut compressed] {
         let mut seqs = Vec::new();
         while seqs.len() < total as usize + 1 {
@@ -1447,13 +1464,7 @@ async fn room_byte_budget_case(room: &str, data: Value) {
         assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
     }
     let _sink = sending.await.expect("sender");
-    let log = provider
-        .logs
-        .lock()
-        .expect("lock")
-        .get(&LogName::Room(Name::new(room).expect("name")))
-        .cloned()
-        .expect("the room's log");
+    let log = provider.room_log(room);
     // 100 KiB holds one of these publishes: each was committed on its own.
     assert_eq!(log.largest_append.load(Ordering::SeqCst), 1);
     assert_eq!(log.len(), total + 1);
@@ -1717,13 +1728,7 @@ async fn a_room_closes_after_its_last_connection_even_if_one_left_while_the_queu
 
     // The room waits in the append of a duplicate; two more (duplicates too: no fan-out)
     // fill its queue of 2. Joins do not go through the queue.
-    let log = provider
-        .logs
-        .lock()
-        .expect("lock")
-        .get(&LogName::Room(Name::new("full").expect("name")))
-        .cloned()
-        .expect("the room's log");
+    let log = provider.room_log("full");
     let appends = log.appends.load(Ordering::SeqCst);
     provider.close_gate();
     for reference in 2..=4 {

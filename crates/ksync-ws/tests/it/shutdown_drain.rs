@@ -118,8 +118,15 @@ async fn a_drain_longer_than_a_heartbeat_still_closes_with_1001() {
 #[tokio::test]
 async fn a_drain_its_caller_abandons_still_closes_every_connection_with_1001() {
     let dir = tempfile::tempdir().expect("dir");
-    // The drain sits in the first room's flush until the test has ended.
-    let provider = FlushHookProvider::slow(dir.path(), Duration::from_secs(60));
+    // The drain sits in the rooms' flushes until the test has ended.
+    let flushing = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let provider = FlushHookProvider::new(dir.path(), {
+        let flushing = Arc::clone(&flushing);
+        Arc::new(move || {
+            flushing.send_modify(|n| *n += 1);
+            Box::pin(tokio::time::sleep(Duration::from_secs(60)))
+        })
+    });
     let server = start_with(
         RelayConfig {
             heartbeat: Duration::from_millis(100),
@@ -133,7 +140,9 @@ async fn a_drain_its_caller_abandons_still_closes_every_connection_with_1001() {
     let (mut second, _) = join(&server.url(Some("second")), hello()).await;
     let relay = server.relay.clone();
     let stopping = tokio::spawn(async move { relay.shutdown().await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Both rooms are in their flush, the drain stuck there: then its caller gives up.
+    let mut flushes = flushing.subscribe();
+    flushes.wait_for(|n| *n >= 2).await.expect("flushes");
     stopping.abort();
     for ws in [&mut first, &mut second] {
         let (code, reason) = recv_close(ws).await;
