@@ -470,3 +470,60 @@ async fn a_join_waiting_for_a_hung_append_ends_at_shutdown() {
     stopping.await.expect("shutdown");
     server.stop().await;
 }
+
+/// Lets everyone in; a bearer token `short` expires 300 ms after it is checked.
+struct ShortLived;
+
+impl ksync_core::Authenticator for ShortLived {
+    fn authenticate(
+        &self,
+        credentials: &ksync_core::Credentials,
+    ) -> Result<ksync_core::Grant, ksync_core::AuthError> {
+        let mut grant = ksync_core::Grant::anonymous();
+        if credentials.bearer.as_deref() == Some("short") {
+            grant.expires_at = Some(std::time::SystemTime::now() + Duration::from_millis(300));
+        }
+        Ok(grant)
+    }
+}
+
+/// A join waiting for the room's commit in progress (an append that hangs) ends with 4401
+/// when its credentials expire, as a live connection does: it waited until the append ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_waiting_for_a_hung_append_ends_when_its_credentials_expire() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let permits = Arc::new(Semaphore::new(1));
+    let provider = Arc::new(SlowProvider {
+        logs: Mutex::default(),
+        permits: Arc::clone(&permits),
+        started: watch::Sender::new(0),
+    });
+    let mut started = provider.started.subscribe();
+    let server = start_with(
+        RelayConfig::default(),
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ShortLived),
+    )
+    .await;
+    let url = server.url(Some("expiring"));
+    let (mut first, _) = join(&url, hello()).await;
+    send_json(
+        &mut first,
+        json!({"type":"publish","ref":0,"events":[event("warm", 0)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut first).await["type"], "ack");
+    send_json(
+        &mut first,
+        json!({"type":"publish","ref":1,"events":[event("e1", 1)]}),
+    )
+    .await;
+    started.wait_for(|n| *n >= 2).await.expect("appends");
+    let mut joiner = raw_connect(&url, &[("authorization", "Bearer short")])
+        .await
+        .expect("connect");
+    send_json(&mut joiner, hello()).await;
+    assert_eq!(recv_close(&mut joiner).await.0, 4401);
+    permits.add_permits(16);
+    server.stop().await;
+}
