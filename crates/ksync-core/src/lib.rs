@@ -8,6 +8,7 @@
 mod access;
 mod auth;
 mod client;
+mod clients;
 mod clock;
 mod conflict;
 mod debug_log;
@@ -27,6 +28,7 @@ pub use access::{
 };
 pub use auth::Auth;
 pub use client::{PullPushClient, PullResult, PushResult, SyncClient, SyncResult};
+pub use clients::{ClientId, ClientPlace, PerClientCounts};
 pub use clock::{Clock, MAX_CONFIG_DURATION, ManualClock, SystemClock, check_config_duration};
 pub use conflict::{Conflict, ConflictKind, ConflictResolver, Resolution, lww_cmp, resolve};
 pub use error::SyncError;

@@ -24,8 +24,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use http_body_util::BodyExt as _;
 use ksync_core::{
-    Access, AppendOutcome, AuthError, Authenticator, Conflict, Credentials, Event, EventLimits,
-    Grant, LogName, Name, ResourceKind, Storage, StorageError, StorageProvider, Stored,
+    Access, AppendOutcome, AuthError, Authenticator, ClientId, ClientPlace, Conflict, Credentials,
+    Event, EventLimits, Grant, LogName, Name, PerClientCounts, ResourceKind, Storage, StorageError,
+    StorageProvider, Stored,
 };
 use serde::{Deserialize, Serialize};
 
@@ -207,45 +208,14 @@ struct Inner {
     /// One permit per byte of `GitServerConfig::body_memory_bytes`, held by the bodies of the
     /// requests in flight (as the WebSocket relay's `room_queue_bytes`).
     body_memory: Arc<Semaphore>,
-    /// Pushes in flight per client (`GitServerConfig::max_pushes_per_client`); an entry goes
-    /// when its count drops to zero, so at most one entry per push in flight.
-    pushes: std::sync::Mutex<std::collections::HashMap<Pusher, usize>>,
+    /// Pushes in flight per client (`GitServerConfig::max_pushes_per_client`).
+    pushes: Arc<PerClientCounts>,
     /// Merges into a branch go one at a time (see [`GitServer::merge_lock`]).
     merge_locks: Box<[tokio::sync::Mutex<()>]>,
 }
 
 /// Stripes of [`Inner::merge_locks`].
 const MERGE_LOCK_STRIPES: usize = 64;
-
-/// Who a push belongs to, for `GitServerConfig::max_pushes_per_client`: a subject seen from
-/// one address (as the WebSocket relay counts connections), so that every user of one shared
-/// API key is not one client.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Pusher {
-    /// The grant's subject when auth is required.
-    subject: Option<String>,
-    /// The peer's IP address, when the service knows it.
-    address: Option<std::net::IpAddr>,
-}
-
-/// A push's place among its client's `max_pushes_per_client`, given back when dropped (the
-/// answer is ready, or the request was dropped).
-struct PushPlace {
-    inner: Arc<Inner>,
-    pusher: Pusher,
-}
-
-impl Drop for PushPlace {
-    fn drop(&mut self) {
-        let mut pushes = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = pushes.get_mut(&self.pusher) {
-            *count -= 1;
-            if *count == 0 {
-                pushes.remove(&self.pusher);
-            }
-        }
-    }
-}
 
 /// A request's share of `Inner::body_memory`, given back when it is dropped.
 struct BodyShare {
@@ -405,6 +375,7 @@ impl GitServer {
         let body_memory = Arc::new(Semaphore::new(body_memory_permits(
             config.body_memory_bytes,
         )));
+        let pushes = PerClientCounts::new(config.max_pushes_per_client);
         Self {
             inner: Arc::new(Inner {
                 provider,
@@ -413,7 +384,7 @@ impl GitServer {
                 create_lock: tokio::sync::Mutex::new(()),
                 open_logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 body_memory,
-                pushes: std::sync::Mutex::new(std::collections::HashMap::new()),
+                pushes,
                 merge_locks: (0..MERGE_LOCK_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
@@ -441,19 +412,14 @@ impl GitServer {
         &self,
         grant: &Grant,
         peer: Option<SocketAddr>,
-    ) -> Result<Option<PushPlace>, ApiError> {
-        let pusher = Pusher {
-            subject: self.inner.auth.required().then(|| grant.subject.clone()),
-            address: peer.map(|peer| peer.ip()),
-        };
-        if pusher.subject.is_none() && pusher.address.is_none() {
+    ) -> Result<Option<ClientPlace>, ApiError> {
+        let Some(client) = ClientId::new(grant, self.inner.auth.required(), peer.map(|p| p.ip()))
+        else {
             return Ok(None);
-        }
-        let cap = self.inner.config.max_pushes_per_client.max(1);
-        let mut pushes = self.inner.pushes.lock().unwrap_or_else(|p| p.into_inner());
-        let count = pushes.entry(pusher.clone()).or_insert(0);
-        if *count >= cap {
-            tracing::info!(client = ?pusher, cap, "git: push refused: the client has max_pushes_per_client in flight");
+        };
+        let Some(place) = self.inner.pushes.take(client.clone()) else {
+            let cap = self.inner.pushes.cap();
+            tracing::info!(%client, cap, "git: push refused: the client has max_pushes_per_client in flight");
             return Err(ApiError {
                 retry_after: Some("1"),
                 ..ApiError::new(
@@ -462,12 +428,8 @@ impl GitServer {
                     format!("too many pushes in flight for this client (at most {cap})"),
                 )
             });
-        }
-        *count += 1;
-        Ok(Some(PushPlace {
-            inner: Arc::clone(&self.inner),
-            pusher,
-        }))
+        };
+        Ok(Some(place))
     }
 
     /// The routes, all under `/git/{repo}` (see `docs/PROTOCOL.md`). Merge it into the

@@ -30,8 +30,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use ksync_core::{
-    Access, AuthError, Authenticator, Credentials, LogName, Name, ResourceKind, StorageProvider,
-    Stored,
+    Access, AuthError, Authenticator, ClientId, ClientPlace, Credentials, LogName, Name,
+    PerClientCounts, ResourceKind, StorageProvider, Stored,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot, watch};
 
@@ -270,9 +270,8 @@ pub(crate) struct Shared {
     next_room: AtomicU64,
     connections: AtomicUsize,
     /// Open connections of each client that has one (`RelayConfig::
-    /// max_connections_per_client`); an entry goes when its count drops to zero, so the map
-    /// holds at most one entry per open connection. Touched at connect and disconnect only.
-    per_client: Mutex<HashMap<ClientKey, usize>>,
+    /// max_connections_per_client`). Touched at connect and disconnect only.
+    per_client: Arc<PerClientCounts>,
     /// Upgrades refused because their client had `max_connections_per_client` open.
     client_cap_refusals: AtomicU64,
     /// One permit per open room (`RelayConfig::max_open_rooms`), held by the room until its
@@ -334,53 +333,18 @@ impl Shared {
     }
 }
 
-/// Who a connection belongs to, for `RelayConfig::max_connections_per_client`: a subject
-/// seen from one address. The subject alone would make every user of one shared API key (or
-/// of JWTs without `sub`) one client, capped together; the address bounds what one machine
-/// (or one proxy) can take with one set of credentials.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct ClientKey {
-    /// The grant's subject when auth is required (an API key's name, a JWT's `sub`).
-    subject: Option<String>,
-    /// The peer's IP address, when the server knows it.
-    address: Option<std::net::IpAddr>,
-}
-
-impl std::fmt::Display for ClientKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.subject, &self.address) {
-            (Some(subject), Some(ip)) => write!(f, "subject {subject} from {ip}"),
-            (Some(subject), None) => write!(f, "subject {subject}"),
-            (None, Some(ip)) => write!(f, "address {ip}"),
-            (None, None) => write!(f, "unknown client"),
-        }
-    }
-}
-
 /// A connection's place among `max_connections` and, when its client is known, among its
 /// client's `max_connections_per_client`: both are given back when it is dropped, which
 /// happens whenever the connection ends (close, error, timeout, shutdown, a refused or
 /// abandoned upgrade), since it lives in the connection's task.
 pub(crate) struct ConnectionSlot {
     shared: Arc<Shared>,
-    client: Option<ClientKey>,
+    /// The client's place (given back when dropped).
+    _client: Option<ClientPlace>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            let mut per_client = self
-                .shared
-                .per_client
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(count) = per_client.get_mut(&client) {
-                *count -= 1;
-                if *count == 0 {
-                    per_client.remove(&client);
-                }
-            }
-        }
         self.shared.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -399,21 +363,17 @@ impl Shared {
     /// does not take, even for a moment, a place of the server's.
     fn take_connection(
         self: &Arc<Self>,
-        client: Option<ClientKey>,
+        client: Option<ClientId>,
     ) -> Result<ConnectionSlot, OverCap> {
-        if let Some(key) = &client {
-            let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
-            let count = per_client.entry(key.clone()).or_insert(0);
-            if *count >= self.config.max_connections_per_client {
-                return Err(OverCap::Client);
-            }
-            *count += 1;
-        }
+        let place = match client {
+            Some(client) => Some(self.per_client.take(client).ok_or(OverCap::Client)?),
+            None => None,
+        };
         // From here the slot gives back what was taken, whatever happens next.
         let previous = self.connections.fetch_add(1, Ordering::AcqRel);
         let slot = ConnectionSlot {
             shared: Arc::clone(self),
-            client,
+            _client: place,
         };
         if previous >= self.config.max_connections {
             return Err(OverCap::Server);
@@ -491,7 +451,8 @@ impl Relay {
         let in_band_refusals = Arc::new(Semaphore::new(
             config.max_in_band_refusals.min(Semaphore::MAX_PERMITS),
         ));
-        let config_budget = config.subscriber_queues_total_bytes;
+        let queue_budget = outbox::QueueBudget::new(config.subscriber_queues_total_bytes);
+        let per_client = PerClientCounts::new(config.max_connections_per_client);
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -501,7 +462,7 @@ impl Relay {
                 rooms: Mutex::new(HashMap::new()),
                 next_room: AtomicU64::new(0),
                 connections: AtomicUsize::new(0),
-                per_client: Mutex::new(HashMap::new()),
+                per_client,
                 client_cap_refusals: AtomicU64::new(0),
                 room_slots,
                 opening: Mutex::new(HashMap::new()),
@@ -510,7 +471,7 @@ impl Relay {
                 activity,
                 clients: Mutex::new(std::collections::BTreeMap::new()),
                 shutdown,
-                queue_budget: outbox::QueueBudget::new(config_budget),
+                queue_budget,
             }),
         })
     }
@@ -708,12 +669,7 @@ impl Relay {
             return Refusal::new(StatusCode::FORBIDDEN, "not allowed to read this room")
                 .upgrade(ws, in_band());
         }
-        // Without auth every client is "anonymous": its address alone tells them apart.
-        let subject = shared.auth.required().then(|| grant.subject.clone());
-        let client = (subject.is_some() || peer.is_some()).then_some(ClientKey {
-            subject,
-            address: peer,
-        });
+        let client = ClientId::new(&grant, shared.auth.required(), peer);
         let slot = match shared.take_connection(client.clone()) {
             Ok(slot) => slot,
             Err(OverCap::Server) => {
