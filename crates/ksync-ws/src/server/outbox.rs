@@ -9,9 +9,10 @@
 //! connection task is woken to write it. Order is kept: the room writes directly only while
 //! the queue is empty and nothing is left unflushed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ops::Deref;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -62,48 +63,41 @@ impl Wake for ConnWaker {
 /// drains; only while nothing is held does one delivery go in whatever its size.
 pub(crate) struct QueueBudget {
     limit: usize,
-    state: Mutex<BudgetState>,
-}
-
-#[derive(Default)]
-struct BudgetState {
-    /// Bytes of the distinct frames held.
-    used: usize,
-    /// Each held frame (by address, valid while it is held: the holders keep it alive) and
-    /// how many holders it has.
-    holders: HashMap<usize, usize>,
+    /// Bytes held: each held frame's cost once (while its `Frame::holds` is above 0) plus
+    /// each hold's. Frames' `holds` change only under this lock.
+    used: Mutex<usize>,
 }
 
 impl QueueBudget {
     pub(crate) fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
             limit,
-            state: Mutex::new(BudgetState::default()),
+            used: Mutex::new(0),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, BudgetState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        self.used.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes a hold on each of `frames`, or none (`None`) when the frames not held yet would
     /// pass the limit.
     fn charge(self: &Arc<Self>, frames: &[Arc<Frame>]) -> Option<Vec<Charged>> {
-        let mut state = self.lock();
+        let mut used = self.lock();
         let added: usize = frames
             .iter()
-            .filter(|frame| !state.holders.contains_key(&address(frame)))
+            .filter(|frame| frame.holds.load(Ordering::Relaxed) == 0)
             .map(|frame| frame_cost(frame))
             .sum::<usize>()
             + frames.len() * HOLD_COST;
-        if state.used > 0 && state.used.saturating_add(added) > self.limit {
+        if *used > 0 && used.saturating_add(added) > self.limit {
             return None;
         }
-        state.used = state.used.saturating_add(added);
+        *used = used.saturating_add(added);
         for frame in frames {
-            *state.holders.entry(address(frame)).or_insert(0) += 1;
+            frame.holds.fetch_add(1, Ordering::Relaxed);
         }
-        drop(state);
+        drop(used);
         Some(
             frames
                 .iter()
@@ -115,24 +109,18 @@ impl QueueBudget {
         )
     }
 
-    fn release(&self, frame: &Arc<Frame>) {
-        let mut state = self.lock();
-        let key = address(frame);
-        if let Some(count) = state.holders.get_mut(&key) {
-            *count -= 1;
-            let mut freed = HOLD_COST;
-            if *count == 0 {
-                state.holders.remove(&key);
-                freed += frame_cost(frame);
-            }
-            state.used = state.used.saturating_sub(freed);
+    fn release(&self, frame: &Frame) {
+        let mut used = self.lock();
+        let mut freed = HOLD_COST;
+        if frame.holds.fetch_sub(1, Ordering::Relaxed) == 1 {
+            freed += frame_cost(frame);
         }
+        *used = used.saturating_sub(freed);
     }
 }
 
-/// What a frame held by anyone costs besides its JSON: the `Frame` and its `Arc`, and its
-/// entry in [`BudgetState::holders`] (a budget of tiny frames, acks of one event, would
-/// otherwise hold millions of them for free).
+/// What a frame held by anyone costs besides its JSON: the `Frame` and its `Arc` (a budget of
+/// tiny frames, acks of one event, would otherwise hold millions of them for free).
 const FRAME_COST: usize = 128;
 
 /// What each hold costs: its place in a queue (a [`Charged`]).
@@ -140,10 +128,6 @@ const HOLD_COST: usize = std::mem::size_of::<Charged>();
 
 fn frame_cost(frame: &Frame) -> usize {
     frame.text.len() + FRAME_COST
-}
-
-fn address(frame: &Arc<Frame>) -> usize {
-    Arc::as_ptr(frame) as usize
 }
 
 /// A frame held for a subscriber, counted in the [`QueueBudget`] until dropped (written, or

@@ -32,6 +32,10 @@ pub(crate) struct Frame {
     pub(crate) batch: bool,
     /// The deflated JSON, made by the first compressing subscriber that needs it.
     deflated: OnceLock<Bytes>,
+    /// Subscribers' queues holding this frame, counted in the relay-wide budget
+    /// (`outbox::QueueBudget`: the frame's bytes count once, while this is above 0). Changed
+    /// only under that budget's lock.
+    pub(crate) holds: AtomicUsize,
 }
 
 impl Frame {
@@ -46,6 +50,7 @@ impl Frame {
             text: text.into(),
             batch,
             deflated: OnceLock::new(),
+            holds: AtomicUsize::new(0),
         })
     }
 
@@ -57,6 +62,7 @@ impl Frame {
             text: text.into(),
             batch,
             deflated: OnceLock::new(),
+            holds: AtomicUsize::new(0),
         })
     }
 
