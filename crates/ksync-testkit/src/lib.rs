@@ -382,12 +382,35 @@ pub type MetaHookFn = dyn Fn(&str) -> BoxFuture<'static, Result<(), StorageError
 pub struct MetaHook {
     log: Arc<dyn Storage>,
     hook: Arc<MetaHookFn>,
+    after: Option<Arc<MetaLandedFn>>,
 }
+
+/// What [`MetaHook::with_after`] calls once a metadata write has landed, with its key and
+/// value: for a test to await a write it cannot otherwise see end (one left running by a
+/// cancelled operation).
+pub type MetaLandedFn = dyn Fn(&str, &str) + Send + Sync;
 
 impl MetaHook {
     /// Wraps `log`; every `set_meta` awaits `hook(key)` first.
     pub fn new(log: Arc<dyn Storage>, hook: Arc<MetaHookFn>) -> Self {
-        Self { log, hook }
+        Self {
+            log,
+            hook,
+            after: None,
+        }
+    }
+
+    /// [`MetaHook::new`], also calling `after(key, value)` once each write succeeded.
+    pub fn with_after(
+        log: Arc<dyn Storage>,
+        hook: Arc<MetaHookFn>,
+        after: Arc<MetaLandedFn>,
+    ) -> Self {
+        Self {
+            log,
+            hook,
+            after: Some(after),
+        }
     }
 
     /// A hook that fails (once, with an I/O error) the first write of a key `picks` picks.
@@ -435,7 +458,11 @@ impl Storage for MetaHook {
         let (key, value) = (key.to_owned(), value.to_owned());
         Box::pin(async move {
             before.await?;
-            self.log.set_meta(&key, &value).await
+            self.log.set_meta(&key, &value).await?;
+            if let Some(after) = &self.after {
+                after(&key, &value);
+            }
+            Ok(())
         })
     }
     fn remove_meta(&self, key: &str) -> BoxFuture<'_, Result<(), StorageError>> {

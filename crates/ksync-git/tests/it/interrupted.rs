@@ -7,7 +7,6 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::time::Duration;
 
 use ksync_core::{Event, InMemoryStorage, KSync, PullPushClient, Storage, SyncClient};
 use ksync_git::GitSyncClient;
@@ -227,17 +226,38 @@ async fn a_merge_retried_after_its_resolutions_were_recorded_settles_once() {
 #[tokio::test]
 async fn a_cancelled_push_does_not_move_the_cursor_past_an_event_sent_after_it() {
     let server = start(&["r"]).await;
-    // Writes of the push cursor take 500 ms.
-    let storage: Arc<dyn Storage> = Arc::new(ksync_testkit::MetaHook::new(
-        Arc::new(InMemoryStorage::new()),
-        Arc::new(|key: &str| {
-            let slow = key.contains("pushed");
-            Box::pin(async move {
-                if slow {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The push cursor's first write is held (`held` says when) until a forward mark is written,
+    // `send`'s first step: a client that does not wait for a cancelled push's cursor write
+    // then reads the cursor before that write lands. `landed` counts push cursor writes done.
+    let held = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (landed_tx, mut landed) = tokio::sync::watch::channel(0_u32);
+    let first = AtomicBool::new(true);
+    let hook = {
+        let (held, gate) = (Arc::clone(&held), Arc::clone(&gate));
+        Arc::new(move |key: &str| {
+            let hold = key.contains("pushed") && first.swap(false, SeqCst);
+            if key.starts_with("forward/") {
+                gate.add_permits(1);
+            }
+            let (held, gate) = (Arc::clone(&held), Arc::clone(&gate));
+            let wait: ksync_core::BoxFuture<'static, _> = Box::pin(async move {
+                if hold {
+                    held.notify_one();
+                    drop(gate.acquire().await.expect("gate"));
                 }
                 Ok(())
-            })
+            });
+            wait
+        })
+    };
+    let storage: Arc<dyn Storage> = Arc::new(ksync_testkit::MetaHook::with_after(
+        Arc::new(InMemoryStorage::new()),
+        hook,
+        Arc::new(move |key: &str, _: &str| {
+            if key.contains("pushed") {
+                landed_tx.send_modify(|n| *n += 1);
+            }
         }),
     ));
     let k = ksync_testkit::ksync_over(storage, client(&server.repo_url("r")))
@@ -253,13 +273,16 @@ async fn a_cancelled_push_does_not_move_the_cursor_past_an_event_sent_after_it()
     for n in 0..3 {
         k.emit("t", json!({"n": n})).await.expect("emit");
     }
-    // Cancelled while its cursor write runs (the batch was acknowledged).
-    let cancelled = tokio::time::timeout(Duration::from_millis(200), k.push()).await;
-    assert!(cancelled.is_err(), "cancelled: {cancelled:?}");
+    // Cancelled while its cursor write is held (the batch was acknowledged).
+    tokio::select! {
+        pushed = k.push() => panic!("the push ended with its cursor write held: {pushed:?}"),
+        () = held.notified() => {}
+    }
     assert_eq!(branch_events(&server, "r", "main").len(), 3);
     // Now handed over to be sent on: behind the push cursor, which must go back for it.
     k.client().send(foreign.clone()).await.expect("send");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The cancelled push's cursor write has landed (awaited by `send`, or on its own).
+    landed.wait_for(|&n| n >= 1).await.expect("landed");
     k.push().await.expect("push");
     assert!(
         has(&server, "main", "foreign"),
