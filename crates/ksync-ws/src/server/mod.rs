@@ -88,6 +88,20 @@ pub struct RelayConfig {
     /// `Event::decoded_len`), at most `u32::MAX`. Same overflow policy as `room_queue`:
     /// publishers wait. A publish larger than this waits for the whole budget. Default 64 MiB.
     pub room_queue_bytes: usize,
+    /// Bytes of publishes queued in all rooms together, relay-wide (counted as for
+    /// `room_queue_bytes`). Without it only `room_queue_bytes` bounded them, once per room: a
+    /// slow disk, shared by the rooms, fills every open room's queue, 64 MiB × 4,096 at the
+    /// defaults. Same overflow policy as `room_queue_bytes`: the publisher waits (its
+    /// connection stops reading; nothing is refused), first come first served across rooms,
+    /// until commits free some. Waiting rather than refusing, because the budget fills only
+    /// when the disk is slower than the writers: a refusal would have clients send again
+    /// (more load on the same disk) and could reorder a connection's publishes, while a
+    /// waiting publisher holds only the JSON it already read. A publish takes its room's
+    /// share first, then this one, so a room stuck on its disk holds at most
+    /// `room_queue_bytes` of it: it takes this / `room_queue_bytes` stuck rooms (16 at the
+    /// defaults) to hold publishes up in other rooms. A publish larger than this waits for
+    /// the whole of it. Default 1 GiB.
+    pub room_queues_total_bytes: usize,
     /// Most open connections; more are refused before the upgrade with 503. Default 10 000.
     pub max_connections: usize,
     /// Most open connections of one client, so that one client cannot take every place of
@@ -149,6 +163,7 @@ impl Default for RelayConfig {
             subscriber_queues_total_bytes: 1 << 30,
             room_queue: 1024,
             room_queue_bytes: 64 << 20,
+            room_queues_total_bytes: 1 << 30,
             max_connections: 10_000,
             max_connections_per_client: 1000,
             max_open_rooms: 4096,
@@ -233,6 +248,10 @@ pub struct RoomBacklog {
     pub waiting: usize,
     /// Joins waiting for the room's commit in progress before they catch up.
     pub joins: usize,
+    /// Bytes of the publishes in the room's queue (or its commit in progress), as
+    /// `RelayConfig::room_queue_bytes` and `room_queues_total_bytes` count them; not those
+    /// `waiting`.
+    pub queued_bytes: usize,
 }
 
 /// One open WebSocket connection of a [`Relay`].
@@ -293,6 +312,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: watch::Sender<bool>,
     /// Frames waiting for subscribers, relay-wide (`RelayConfig::subscriber_queues_total_bytes`).
     pub(crate) queue_budget: Arc<outbox::QueueBudget>,
+    /// Publishes queued in rooms, relay-wide (`RelayConfig::room_queues_total_bytes`).
+    room_queues_budget: Arc<room::ByteBudget>,
 }
 
 /// The WebSocket relay: rooms, each with one log, one writer at a time and a fan-out.
@@ -401,6 +422,7 @@ impl Relay {
             ),
             ("room_queue", config.room_queue),
             ("room_queue_bytes", config.room_queue_bytes),
+            ("room_queues_total_bytes", config.room_queues_total_bytes),
             ("max_batch_events", config.max_batch_events),
             ("page_size", config.page_size),
             ("max_connections", config.max_connections),
@@ -452,6 +474,7 @@ impl Relay {
             config.max_in_band_refusals.min(Semaphore::MAX_PERMITS),
         ));
         let queue_budget = outbox::QueueBudget::new(config.subscriber_queues_total_bytes);
+        let room_queues_budget = room::ByteBudget::new(config.room_queues_total_bytes);
         let per_client = PerClientCounts::new(config.max_connections_per_client);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -472,6 +495,7 @@ impl Relay {
                 clients: Mutex::new(std::collections::BTreeMap::new()),
                 shutdown,
                 queue_budget,
+                room_queues_budget,
             }),
         })
     }
@@ -892,6 +916,7 @@ impl Shared {
                 slot,
                 Arc::clone(&self.provider),
                 &self.config,
+                Arc::clone(&self.room_queues_budget),
                 self.activity.clone(),
             );
             let generation = self.next_room.fetch_add(1, Ordering::Relaxed);

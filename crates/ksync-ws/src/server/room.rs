@@ -252,9 +252,10 @@ pub(crate) struct PublishCommand {
     /// What it costs in the room's queue: its message's JSON, plus its events decoded (held
     /// alongside their JSON; for some JSON, arrays of small numbers, 16 times its size).
     pub(crate) bytes: usize,
-    /// Its share of the room queue's byte budget while it waits there (see
-    /// `RelayConfig::room_queue_bytes`); released once it is committed.
-    pub(crate) queue_permit: Option<OwnedSemaphorePermit>,
+    /// Its share of the room queue's byte budget and of the relay's while it waits there (see
+    /// `RelayConfig::room_queue_bytes`, `room_queues_total_bytes`); released once it is
+    /// committed.
+    pub(crate) queue_permit: Option<QueuePermits>,
     /// While it waits for that share: its items as their JSON only, the decoded events
     /// dropped (see [`PublishCommand::shed`]); `items` is empty then.
     shed: Option<Vec<Result<Box<str>, String>>>,
@@ -354,14 +355,18 @@ struct RoomShared {
     waiting: AtomicUsize,
     /// Joins waiting for the room's lock (the commit in progress).
     joining: AtomicUsize,
-    /// Bytes the queued publishes may take, as permits (`RelayConfig::room_queue_bytes`; a
-    /// publish larger than the whole budget takes all of it). Overflow policy: publishers wait
-    /// for permits (their connection stops reading), like for a full queue. Without it the
-    /// queue's 1,024 commands of up to `max_message_size` each could hold gigabytes behind a
-    /// slow disk.
-    queue_bytes: Arc<Semaphore>,
-    /// The permits the semaphore started with.
-    queue_bytes_total: u32,
+    /// Bytes the queued publishes may take (`RelayConfig::room_queue_bytes`). Overflow
+    /// policy: publishers wait (their connection stops reading), like for a full queue.
+    /// Without it the queue's 1,024 commands of up to `max_message_size` each could hold
+    /// gigabytes behind a slow disk.
+    queue_bytes: Arc<ByteBudget>,
+    /// Bytes all rooms' queued publishes may take (`RelayConfig::room_queues_total_bytes`),
+    /// taken after `queue_bytes` (so a room stuck on its disk holds at most its own budget of
+    /// it). Same overflow policy. Without it the rooms' budgets added up to 64 MiB × 4,096
+    /// open rooms at the defaults.
+    relay_queue_bytes: Arc<ByteBudget>,
+    /// Bytes of the publishes holding both (see [`QueuePermits`]), for `RoomLink::backlog`.
+    queued_bytes: Arc<AtomicUsize>,
     /// The log's id (`welcome.logId`), kept in the log's metadata under [`LOG_ID_KEY`].
     log_id: String,
     /// Last, so that it drops after every `Arc` of the log above.
@@ -477,12 +482,14 @@ impl RoomLink {
         let mut waiting: std::collections::VecDeque<PublishCommand> =
             std::mem::take(publishes).into();
         while let Some(mut publish) = waiting.pop_front() {
-            let cost = u32::try_from(publish.bytes)
-                .unwrap_or(u32::MAX)
-                .clamp(1, shared.queue_bytes_total);
-            // Fair (first come, first served): a large publish is not starved by small ones.
-            let mut acquire =
-                std::pin::pin!(Arc::clone(&shared.queue_bytes).acquire_many_owned(cost));
+            let bytes = publish.bytes;
+            // The room's share first: while the room's own queue is full (its disk stuck)
+            // its publishers wait holding none of the relay's budget.
+            let mut acquire = std::pin::pin!(async {
+                let room = shared.queue_bytes.take(bytes).await?;
+                let relay = shared.relay_queue_bytes.take(bytes).await?;
+                Ok::<_, RoomClosed>(QueuePermits::new(room, relay, &shared.queued_bytes))
+            });
             // Counted as waiting until counted as queued (see `RoomLink::backlog`).
             let mut waited = None;
             let permit =
@@ -498,8 +505,7 @@ impl RoomLink {
                         waited = Some(Counted::new(&shared.waiting, 1 + waiting.len()));
                         acquire.await
                     }
-                }
-                .map_err(|_| RoomClosed)?;
+                }?;
             publish.redecode();
             publish.queue_permit = Some(permit);
             // Counted before the send (no publish may commit in place ahead of it), taken
@@ -527,7 +533,75 @@ impl RoomLink {
             publishes: shared.queued.load(Ordering::Acquire) + waiting,
             waiting,
             joins: shared.joining.load(Ordering::Acquire),
+            queued_bytes: shared.queued_bytes.load(Ordering::Acquire),
         }
+    }
+}
+
+/// A budget of bytes that waiters take in turn: the bytes of publishes queued in one room
+/// (`RelayConfig::room_queue_bytes`) and in all rooms (`RelayConfig::room_queues_total_bytes`).
+/// Overflow policy: a taker waits (first come, first served: a large publish is not starved
+/// by small ones) until earlier takers give theirs back; one larger than the whole budget
+/// takes all of it. (The subscribers' budget, `outbox::QueueBudget`, refuses instead of
+/// waiting, the room never waits for a subscriber, and counts a frame shared by many queues
+/// once: not this type.)
+pub(crate) struct ByteBudget {
+    permits: Arc<Semaphore>,
+    /// The permits the semaphore started with.
+    total: u32,
+}
+
+impl ByteBudget {
+    /// A budget of `limit` bytes (at most `u32::MAX` are used: a publish cannot be larger).
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        let total = u32::try_from(limit).unwrap_or(u32::MAX).max(1);
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+        })
+    }
+
+    /// Waits for `bytes` of the budget (all of it, if that is less); held until the permit
+    /// drops. (`Err` only if the semaphore were closed, which nothing does.)
+    async fn take(&self, bytes: usize) -> Result<OwnedSemaphorePermit, RoomClosed> {
+        let cost = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total);
+        Arc::clone(&self.permits)
+            .acquire_many_owned(cost)
+            .await
+            .map_err(|_| RoomClosed)
+    }
+}
+
+/// A queued publish's share of its room's byte budget and of the relay's, held until its
+/// commit is over; counted in its room's `RoomShared::queued_bytes` meanwhile.
+pub(crate) struct QueuePermits {
+    _room: OwnedSemaphorePermit,
+    relay: OwnedSemaphorePermit,
+    /// `RoomShared::queued_bytes`.
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl QueuePermits {
+    fn new(
+        room: OwnedSemaphorePermit,
+        relay: OwnedSemaphorePermit,
+        queued_bytes: &Arc<AtomicUsize>,
+    ) -> Self {
+        queued_bytes.fetch_add(relay.num_permits(), Ordering::AcqRel);
+        Self {
+            _room: room,
+            relay,
+            queued_bytes: Arc::clone(queued_bytes),
+        }
+    }
+}
+
+impl Drop for QueuePermits {
+    fn drop(&mut self) {
+        self.queued_bytes
+            .fetch_sub(self.relay.num_permits(), Ordering::AcqRel);
     }
 }
 
@@ -635,6 +709,7 @@ impl Room {
         slot: OwnedSemaphorePermit,
         provider: Arc<dyn StorageProvider>,
         config: &RelayConfig,
+        relay_queue_bytes: Arc<ByteBudget>,
         activity: broadcast::Sender<RelayActivity>,
     ) -> (RoomLink, impl Future<Output = ()> + Send + 'static) {
         let last_seq = storage.len();
@@ -660,16 +735,15 @@ impl Room {
         };
         // Bounded: see RelayConfig::room_queue for the overflow policy.
         let (tx, rx) = mpsc::channel(config.room_queue);
-        // `Relay::new` keeps the budget within 1..=u32::MAX.
-        let queue_bytes_total = u32::try_from(config.room_queue_bytes).unwrap_or(u32::MAX);
         let shared = Arc::new(RoomShared {
             storage: Arc::clone(&room.storage),
             room: Mutex::new(room),
             queued: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             joining: AtomicUsize::new(0),
-            queue_bytes: Arc::new(Semaphore::new(queue_bytes_total as usize)),
-            queue_bytes_total,
+            queue_bytes: ByteBudget::new(config.room_queue_bytes),
+            relay_queue_bytes,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
             log_id,
             _release: release,
             _slot: slot,
@@ -1163,6 +1237,7 @@ mod tests {
             slot,
             Arc::new(ksync_core::InMemoryProvider::new()),
             &config,
+            ByteBudget::new(config.room_queues_total_bytes),
             broadcast::channel(16).0,
         );
         let task = tokio::spawn(task);

@@ -28,6 +28,7 @@ mod relay;
 mod relay_edges;
 mod relay_storage_failure;
 mod relay_timers;
+mod room_queues;
 mod rooms;
 mod shutdown_drain;
 mod upgrade;

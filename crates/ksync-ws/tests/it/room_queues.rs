@@ -1,0 +1,147 @@
+//! What the rooms' queues hold relay-wide while the disk is slow
+//! (`RelayConfig::room_queues_total_bytes`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::common::*;
+use ksync_core::{LogName, Storage, StorageError, StorageProvider};
+use ksync_testkit::GatedAppends;
+use ksync_ws::server::RelayConfig;
+use serde_json::json;
+use tokio::sync::{Semaphore, watch};
+
+/// One log per name, all on one slow disk: their appends share `permits` and `started`.
+struct SlowDisk {
+    logs: Mutex<HashMap<LogName, Arc<GatedAppends>>>,
+    permits: Arc<Semaphore>,
+    started: watch::Sender<usize>,
+}
+
+impl StorageProvider for SlowDisk {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        let mut logs = self.logs.lock().expect("lock");
+        let log = logs.entry(name.clone()).or_insert_with(|| {
+            Arc::new(GatedAppends::new(
+                Arc::clone(&self.permits),
+                self.started.clone(),
+            ))
+        });
+        Ok(log.clone())
+    }
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        let logs = self.logs.lock().expect("lock");
+        Ok(logs.get(name).map(|log| log.clone() as Arc<dyn Storage>))
+    }
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Publishes queued in many rooms behind one stuck disk are bounded relay-wide: before,
+/// each room's queue took up to `room_queue_bytes` (64 MiB) whatever the others held, so
+/// the rooms' queues together held up to 64 MiB × `max_open_rooms` (256 GiB at the
+/// defaults). Past the relay-wide budget publishers wait, as for a full room queue, and
+/// every publish is stored and acknowledged once the disk goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_queued_in_many_rooms_are_bounded_relay_wide() {
+    const ROOMS: usize = 4;
+    const PUBLISHERS: usize = 4;
+    const BUDGET: usize = 256 << 10;
+    // One append each for the rooms' first publishes; the next ones hang.
+    let permits = Arc::new(Semaphore::new(ROOMS));
+    let provider = Arc::new(SlowDisk {
+        logs: Mutex::default(),
+        permits: Arc::clone(&permits),
+        started: watch::Sender::new(0),
+    });
+    let mut started = provider.started.subscribe();
+    let server = start_with(
+        RelayConfig {
+            room_queues_total_bytes: BUDGET,
+            ..RelayConfig::default()
+        },
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let names: Vec<String> = (0..ROOMS).map(|r| format!("slow{r}")).collect();
+    // Everyone joins first: a join waits for its room's append in progress.
+    let mut rooms = Vec::new();
+    for name in &names {
+        let url = server.url(Some(name));
+        let mut conns = Vec::new();
+        for _ in 0..=PUBLISHERS {
+            conns.push(join(&url, hello()).await.0);
+        }
+        rooms.push(conns);
+    }
+    for conns in &mut rooms {
+        let first = &mut conns[0];
+        send_json(
+            first,
+            json!({"type":"publish","ref":0,"events":[event("warm", 0)]}),
+        )
+        .await;
+        assert_eq!(recv_json(first).await["type"], "ack");
+    }
+    // The disk hangs from here on: each room's next append waits, holding its room.
+    for conns in &mut rooms {
+        send_json(
+            &mut conns[0],
+            json!({"type":"publish","ref":1,"events":[event("stuck", 1)]}),
+        )
+        .await;
+    }
+    started
+        .wait_for(|n| *n >= 2 * ROOMS)
+        .await
+        .expect("appends");
+    // About 80 KiB each as the queues count it (40 KB of JSON, as much decoded): 1.25 MiB in
+    // all, five times the relay-wide budget, each room's share far below `room_queue_bytes`.
+    for conns in &mut rooms {
+        for (i, ws) in conns.iter_mut().enumerate().skip(1) {
+            let mut e = event(&format!("big{i}"), 1);
+            e["data"] = json!("s".repeat(40_000));
+            send_json(ws, json!({"type":"publish","ref":2,"events":[e]})).await;
+        }
+    }
+    // The relay has read every publish: queued, or waiting for room in the queues.
+    eventually("every publish read", || {
+        names.iter().all(|name| {
+            server
+                .relay
+                .backlog(name)
+                .is_some_and(|b| b.publishes == PUBLISHERS + 1)
+        })
+    })
+    .await;
+    let backlogs: Vec<_> = names
+        .iter()
+        .map(|name| server.relay.backlog(name).expect("open"))
+        .collect();
+    let queued: usize = backlogs.iter().map(|b| b.queued_bytes).sum();
+    assert!(
+        queued <= BUDGET,
+        "the rooms' queues hold {queued} bytes together, past the relay-wide {BUDGET}: \
+         {backlogs:?}"
+    );
+    assert!(
+        backlogs.iter().any(|b| b.waiting > 0),
+        "nothing waits for the budget: {backlogs:?}"
+    );
+    // The disk goes on: every publish is stored, in every room.
+    permits.add_permits(1000);
+    for conns in &mut rooms {
+        for ws in conns.iter_mut() {
+            let ack = loop {
+                let message = recv_json(ws).await;
+                if message["type"] == "ack" {
+                    break message;
+                }
+            };
+            assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+        }
+    }
+    server.stop().await;
+}
