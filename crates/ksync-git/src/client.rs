@@ -1933,11 +1933,14 @@ struct PendingBatch {
     end: u64,
 }
 
-/// Makes an acknowledged batch's cursors durable: the push cursor (a crash before that
-/// re-sends the batch, which the server deduplicates) and a fast-forward of the pull cursor (a
-/// crash before that pulls the batch back, which deduplicates here). Either may land first, so
-/// both are written at once (a durable storage can sync them together). Then the batch's
-/// `sync` (`synced`), if anyone listens.
+/// Makes an acknowledged batch's cursors durable: a fast-forward of the pull cursor (a crash
+/// before that pulls the batch back, which deduplicates here), *then* the push cursor (a crash
+/// before that re-sends the batch, which the server deduplicates). In that order, so a crash
+/// between them reads as "these events to push, up to date", which the next push makes true;
+/// the other way round it read as "nothing to push, behind the server by our own events"
+/// until the next pull. A pull cursor write that fails leaves the push cursor owed too, so it
+/// cannot land first either ([`Owed::settle`] writes in key order, `pulled` before `pushed`).
+/// Then the batch's `sync` (`synced`), if anyone listens.
 async fn record(
     recorder: Recorder,
     key: String,
@@ -1945,12 +1948,15 @@ async fn record(
     acknowledged: Acknowledged,
     synced: Option<Vec<Event>>,
 ) -> Result<(), SyncError> {
-    let fast_forward = async {
-        if let Some(version) = acknowledged.fast_forward_to {
-            recorder.write(&pulled_key, version).await;
-        }
+    let pulled = match acknowledged.fast_forward_to {
+        Some(version) => recorder.write(&pulled_key, version).await,
+        None => true,
     };
-    tokio::join!(recorder.write(&key, acknowledged.end), fast_forward);
+    if pulled {
+        recorder.write(&key, acknowledged.end).await;
+    } else {
+        recorder.owed.owe(&key, acknowledged.end);
+    }
     // The batch's `sync` once its cursors are written, or owed (a failed write is retried
     // before this client sends anything again): either way the batch is not sent, nor
     // reported, again by this process.
@@ -1968,12 +1974,17 @@ struct Recorder {
 }
 
 impl Recorder {
-    /// Writes `key`; a failure is reported (an `error` notification) and the value stays
-    /// owed: the push that got this far succeeds all the same.
-    async fn write(&self, key: &str, value: u64) {
-        if let Err(e) = self.owed.write(&self.replica, key, value).await {
-            tracing::warn!(error = %e, "git: a push cursor was not recorded");
-            self.notifier.emit(Notification::Error(Arc::new(e)));
+    /// Writes `key`, telling whether it was written; a failure is reported (an `error`
+    /// notification) and the value stays owed: the push that got this far succeeds all the
+    /// same.
+    async fn write(&self, key: &str, value: u64) -> bool {
+        match self.owed.write(&self.replica, key, value).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "git: a push cursor was not recorded");
+                self.notifier.emit(Notification::Error(Arc::new(e)));
+                false
+            }
         }
     }
 }
@@ -2019,6 +2030,14 @@ impl Owed {
                 .into_sync())
             }
         }
+    }
+
+    /// Leaves `value` owed for `key` without writing it (it must not land before another
+    /// owed write, see [`record`]).
+    fn owe(&self, key: &str, value: u64) {
+        let mut owed = lock(&self.0);
+        let slot = owed.entry(key.to_owned()).or_insert(value);
+        *slot = (*slot).max(value);
     }
 
     /// `key` was written as `value` otherwise (a pulled page's cursor): an owed value not

@@ -263,3 +263,122 @@ async fn a_killed_client_loses_nothing_and_pushes_nothing_twice() {
     node.client().disconnect().await.expect("disconnect");
     serve.abort();
 }
+
+const BETWEEN_ENV: &str = "KSYNC_GIT_TEST_BETWEEN_CURSORS";
+const BETWEEN_TEST: &str = "a_push_killed_between_its_cursor_writes_reports_what_is_true";
+
+/// Child side of [`a_push_killed_between_its_cursor_writes_reports_what_is_true`]: pushes one
+/// event (the branch's log learned, the pull cursor fast-forwarded), then ten more; of that
+/// push's cursor writes the first lands ("CHILD landed") and the second is held for good
+/// ("CHILD held"), and the parent kills us.
+async fn child_between(spec: &str) {
+    let (url, dir) = spec.split_once('|').expect("url|dir");
+    let armed = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cursor = |key: &str| key.ends_with(":pulled") || key.ends_with(":pushed");
+    let hook = {
+        let (armed, seen) = (Arc::clone(&armed), Arc::clone(&seen));
+        Arc::new(move |key: &str| {
+            let hold = armed.load(Ordering::SeqCst)
+                && cursor(key)
+                && seen.fetch_add(1, Ordering::SeqCst) > 0;
+            let wait: ksync_core::BoxFuture<'static, _> = Box::pin(async move {
+                if hold {
+                    println!("CHILD held");
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            });
+            wait
+        })
+    };
+    let landed = {
+        let armed = Arc::clone(&armed);
+        Arc::new(move |key: &str, _: &str| {
+            if armed.load(Ordering::SeqCst) && cursor(key) {
+                println!("CHILD landed");
+            }
+        })
+    };
+    let file: Arc<dyn Storage> =
+        Arc::new(FileStorage::open(Path::new(dir).join("local.log")).expect("file storage"));
+    let storage: Arc<dyn Storage> =
+        Arc::new(ksync_testkit::MetaHook::with_after(file, hook, landed));
+    let ksync = ksync_testkit::ksync_over(storage, client(url))
+        .await
+        .expect("ksync");
+    ksync.emit("work", json!({"n": 0})).await.expect("emit");
+    ksync.push().await.expect("first push");
+    for n in 1..=10 {
+        ksync.emit("work", json!({"n": n})).await.expect("emit");
+    }
+    armed.store(true, Ordering::SeqCst);
+    let _ = ksync.push().await;
+    // Killed before this ends.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    std::process::exit(3);
+}
+
+/// A push records an acknowledged batch with two cursor writes (how far it pushed, and the
+/// pull cursor fast-forwarded over its own events). Killed after the first lands, the client
+/// must not read as "nothing to push, behind the server" (its own events counted as others'
+/// to pull): either its events still wait to be pushed (re-sent, deduplicated) or it is up to
+/// date with the server.
+#[tokio::test]
+async fn a_push_killed_between_its_cursor_writes_reports_what_is_true() {
+    if let Ok(spec) = std::env::var(BETWEEN_ENV) {
+        child_between(&spec).await;
+        return;
+    }
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = tokio::process::Command::new(exe)
+        .args(["--exact", BETWEEN_TEST, "--nocapture", "--test-threads=1"])
+        .env(BETWEEN_ENV, format!("{url}|{}", dir.path().display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut landed, mut held) = (false, false);
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        while !(landed && held) {
+            match lines.next_line().await {
+                Ok(Some(line)) => {
+                    landed |= line.contains("CHILD landed");
+                    held |= line.contains("CHILD held");
+                }
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(seen, Ok(true), "one cursor write landed, the other held");
+    child.kill().await.expect("kill");
+    assert_eq!(branch_events(&server, "r", "main").len(), 11, "all pushed");
+
+    let storage: Arc<dyn Storage> =
+        Arc::new(FileStorage::open(dir.path().join("local.log")).expect("file storage"));
+    let node = ksync_testkit::ksync_over(storage, client(&url))
+        .await
+        .expect("ksync");
+    let status = node.client().local_status().expect("status");
+    let server_version = node
+        .client()
+        .branch_info("main")
+        .await
+        .expect("branch")
+        .server_version;
+    let behind = server_version.saturating_sub(status.pulled_version);
+    assert!(
+        status.pending_events == 10 || (status.pending_events == 0 && behind == 0),
+        "{} to push; behind the server by {behind}",
+        status.pending_events
+    );
+    node.client().disconnect().await.expect("disconnect");
+}
