@@ -55,8 +55,10 @@ async def main(url, key):
             batch = await recv(reader)
             expect(batch["type"] == "events", "catch-up events: %r" % batch)
             history.extend(batch["events"])
+        # The Rust event is 40 KB: the relay sent its batch as several frames (PROTOCOL).
         report(step="history", ids=[e["event"]["id"] for e in history],
-               seqs=[e["seq"] for e in history])
+               seqs=[e["seq"] for e in history],
+               pads=[len(e["event"]["data"].get("pad", "")) for e in history])
 
         # 2. A second connection asks for compression and only the live stream.
         await live.send(json.dumps({"type": "hello", "protocol": 1, "compression": True}))

@@ -4,11 +4,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use ksync_core::{Access, Event, EventLimits, Grant, Name, PROTOCOL_VERSION, ResourceKind};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument as _;
 
 use super::outbox::{Outbox, Sink, frame_message};
@@ -17,6 +18,7 @@ use super::room::{
     EVENTS_ENTRY_OVERHEAD, EVENTS_FRAME_OVERHEAD, Frame, Member, PublishCommand, RoomLink,
     Subscribed,
 };
+use super::socket::{Fragmented, Socket};
 use super::{ConnectionSlot, RelayError, Shared};
 use crate::protocol::{
     self, CLIENT_TYPES, ClientMessage, DecodeError, Hello, Publish, ServerMessage, SnapshotPage,
@@ -25,7 +27,7 @@ use crate::protocol::{
 
 pub(crate) struct Connection {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) socket: WebSocket,
+    pub(crate) socket: Socket,
     pub(crate) room: Name,
     pub(crate) grant: Grant,
     /// The room joined (replaced when the room closed before the connection joined it).
@@ -34,7 +36,7 @@ pub(crate) struct Connection {
     pub(crate) _slot: ConnectionSlot,
 }
 
-type Stream = SplitStream<WebSocket>;
+type Stream = SplitStream<Socket>;
 
 /// Why the connection loop ended.
 enum End {
@@ -109,7 +111,7 @@ impl Writer {
             return;
         };
         let frame = CloseFrame {
-            code,
+            code: code.into(),
             reason: reason.into(),
         };
         let close = async {
@@ -145,6 +147,7 @@ pub(crate) async fn serve(connection: Connection) {
         _slot,
     } = connection;
     let (sink, mut stream) = socket.split();
+    let sink = Box::new(Fragmented::new(sink));
     // Bounded: see RelayConfig::subscriber_queue for the overflow policy.
     let outbox = Outbox::new(
         sink,
@@ -434,7 +437,7 @@ impl Reader<'_> {
         &self,
         writer: &mut Writer,
         stream: &mut Stream,
-        first: Option<Result<Message, axum::Error>>,
+        first: Option<Result<Message, WsError>>,
         burst: &mut Burst,
     ) -> Result<bool, End> {
         let mut next = first;
@@ -492,7 +495,8 @@ impl Reader<'_> {
                     }
                 }
             }
-            Message::Ping(_) | Message::Pong(_) => return Ok(false),
+            // (`Frame` is never read: tungstenite reassembles fragments.)
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(false),
             Message::Close(_) => return Ok(true),
         };
         let limits = EventLimits::default();
@@ -586,7 +590,7 @@ async fn bad_binary(writer: &mut Writer, why: &str) -> End {
     End::Close(close::UNSUPPORTED_DATA, why.into())
 }
 
-fn read_error(error: &axum::Error) -> End {
+fn read_error(error: &WsError) -> End {
     // tungstenite reports an oversized message as a capacity error; the socket cannot be read
     // any further, but a close frame can still tell the client why.
     let text = error.to_string();
@@ -615,7 +619,7 @@ async fn read_hello(writer: &mut Writer, stream: &mut Stream) -> Result<Hello, E
             Message::Binary(_) => {
                 return Err(bad_binary(writer, "the first message must be a text hello").await);
             }
-            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             // Answered with the echo of the client's close frame (see `Writer::close`).
             Message::Close(_) => return Err(End::Close(close::NORMAL, String::new())),
         };

@@ -16,6 +16,7 @@ mod conn;
 mod outbox;
 mod publish;
 mod room;
+mod socket;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -601,8 +602,10 @@ impl Relay {
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|axum::extract::ConnectInfo(addr)| addr.ip());
+        // Taken first: the extractor takes hyper's upgrade for itself (see `socket`).
+        let pending = socket::Pending::new(parts.version, &parts.headers, &parts.extensions);
         match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(ws) => self.accept(room, &parts.headers, peer, ws).await,
+            Ok(ws) => self.accept(room, &parts.headers, peer, ws, pending).await,
             // The documented refusal shape (`{"error": ..}`), not axum's plain text.
             Err(rejection) => refuse(rejection.status(), &rejection.body_text()),
         }
@@ -649,6 +652,7 @@ impl Relay {
         headers: &HeaderMap,
         peer: Option<std::net::IpAddr>,
         ws: WebSocketUpgrade,
+        pending: socket::Pending,
     ) -> Response {
         let shared = &self.shared;
         if *shared.shutdown.borrow() {
@@ -762,45 +766,47 @@ impl Relay {
             subject: grant.subject.clone(),
             connected_at: SystemTime::now(),
         };
-        ws.protocols([SUBPROTOCOL])
+        let ws = ws.protocols([SUBPROTOCOL]);
+        let socket_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(config.read_buffer_size)
             .write_buffer_size(config.write_buffer_size)
-            // Every write waits for the socket to be ready, so the buffer holds at most
-            // `write_buffer_size` plus the frame being written; frames are bounded where they
-            // are made: events frames at `max_message_size` plus one event, acks at
-            // `max_message_size` of `held` revisions plus one short result per event (see
-            // `room::AckText`). The cap leaves room for re-encoded catch-up events, which may
-            // be longer than sent (`1e9` is written `1000000000.0`).
+            // Every write waits for the socket to be ready, and messages are written in
+            // fragments (`socket::FRAGMENT_BYTES`), so the buffer holds at most
+            // `write_buffer_size` plus a fragment. The cap is what it was for whole frames
+            // (bounded where they are made: events frames at `max_message_size` plus one
+            // event, acks at `max_message_size` of `held` revisions plus one short result per
+            // event, see `room::AckText`; re-encoded catch-up events may be longer than sent,
+            // `1e9` is written `1000000000.0`).
             .max_write_buffer_size(
                 config
                     .write_buffer_size
                     .saturating_add(config.max_message_size.saturating_mul(4)),
             )
-            .max_message_size(config.max_message_size)
-            .max_frame_size(config.max_message_size)
-            .on_upgrade({
-                // Dropped with the callback when the upgrade never completes: the room then
-                // hears that this connection is gone.
-                let member = Member {
-                    link: room_link,
-                    conn: conn_id,
-                };
-                move |socket| async move {
-                    let observed = Arc::clone(&shared);
-                    observed.client_joined(info.clone());
-                    conn::serve(conn::Connection {
-                        shared,
-                        socket,
-                        room,
-                        grant,
-                        member,
-                        id: conn_id,
-                        _slot: slot,
-                    })
-                    .await;
-                    observed.client_left(info);
-                }
-            })
+            .max_message_size(Some(config.max_message_size))
+            .max_frame_size(Some(config.max_message_size));
+        pending.accept(&ws, socket_config, {
+            // Dropped with the callback when the upgrade never completes: the room then
+            // hears that this connection is gone.
+            let member = Member {
+                link: room_link,
+                conn: conn_id,
+            };
+            move |socket| async move {
+                let observed = Arc::clone(&shared);
+                observed.client_joined(info.clone());
+                conn::serve(conn::Connection {
+                    shared,
+                    socket,
+                    room,
+                    grant,
+                    member,
+                    id: conn_id,
+                    _slot: slot,
+                })
+                .await;
+                observed.client_left(info);
+            }
+        })
     }
 }
 

@@ -16,15 +16,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 
-use axum::extract::ws::{Message, WebSocket};
 use futures_util::Sink as _;
 use futures_util::stream::SplitSink;
 use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
 
 use super::room::Frame;
+use super::socket::{Fragmented, Socket};
 
 /// The write half of a connection's WebSocket.
-pub(crate) type Sink = SplitSink<WebSocket, Message>;
+/// A write half that sends large messages as several frames (see `socket`). Boxed: it is
+/// moved in and out of the outbox around every write of the connection task.
+pub(crate) type Sink = Box<Fragmented<SplitSink<Socket, Message>>>;
 
 /// The message for `frame` on a connection (deflated event batches of at least
 /// `DEFLATE_MIN_BYTES` when it compresses).
@@ -32,7 +35,7 @@ pub(crate) fn frame_message(frame: &Frame, compression: bool) -> Message {
     if compression && frame.batch && frame.text.len() >= crate::protocol::DEFLATE_MIN_BYTES {
         Message::Binary(frame.deflated())
     } else {
-        Message::Text(frame.text.clone())
+        super::socket::text(frame.text.clone().into())
     }
 }
 
@@ -390,7 +393,7 @@ fn write_now(
     compression: bool,
     cx: &mut Context<'_>,
 ) -> Direct {
-    let mut sink = Pin::new(sink);
+    let mut sink = Pin::new(&mut **sink);
     for (written, frame) in frames.iter().enumerate() {
         match sink.as_mut().poll_ready(cx) {
             Poll::Ready(Ok(())) => {}

@@ -290,3 +290,79 @@ pub async fn closed_port() -> SocketAddr {
         .local_addr()
         .expect("addr")
 }
+
+/// A subscriber as small as a socket (a client's buffers would blur the relay's memory in a
+/// test's process) that sees the frames of each message: the HTTP upgrade, a `hello` and the
+/// `welcome` by hand.
+pub async fn bare_join(url: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rest = url.strip_prefix("ws://").expect("ws url");
+    let (host, path) = rest.split_at(rest.find('/').expect("path"));
+    let mut tcp = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.expect("request");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.expect("response"));
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // A masked text frame (the zero mask leaves the payload as is).
+    let hello = hello().to_string();
+    let mut frame = vec![0x81, 0x80 | u8::try_from(hello.len()).expect("short hello")];
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(hello.as_bytes());
+    tcp.write_all(&frame).await.expect("hello");
+    let welcome = bare_read_message(&mut tcp).await;
+    assert_eq!(welcome[0].opcode, 1, "a text welcome");
+    tcp
+}
+
+/// One frame of a data message as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BareFrame {
+    pub opcode: u8,
+    pub fin: bool,
+    pub length: usize,
+}
+
+/// Reads one data message (all its frames, skipping control frames; the payload is dropped):
+/// its frames.
+pub async fn bare_read_message(tcp: &mut tokio::net::TcpStream) -> Vec<BareFrame> {
+    use tokio::io::AsyncReadExt;
+
+    let mut buf = [0u8; 4096];
+    let mut frames = Vec::new();
+    loop {
+        let mut head = [0u8; 2];
+        tcp.read_exact(&mut head).await.expect("frame");
+        let (fin, opcode) = (head[0] & 0x80 != 0, head[0] & 0x0f);
+        let mut left = match head[1] & 0x7f {
+            126 => usize::from(tcp.read_u16().await.expect("length")),
+            127 => usize::try_from(tcp.read_u64().await.expect("length")).expect("length"),
+            n => usize::from(n),
+        };
+        if opcode < 8 {
+            frames.push(BareFrame {
+                opcode,
+                fin,
+                length: left,
+            });
+        }
+        while left > 0 {
+            let n = left.min(buf.len());
+            tcp.read_exact(&mut buf[..n]).await.expect("payload");
+            left -= n;
+        }
+        if opcode < 8 && fin {
+            return frames;
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! A Python client (the `websockets` package from PyPI) written from docs/PROTOCOL.md only
-//! talks to the relay with an API key: it catches up, publishes, receives deflated batches.
+//! talks to the relay with an API key: it catches up (a message sent in several frames),
+//! publishes, receives deflated batches.
 
 use crate::common;
 
@@ -46,7 +47,8 @@ async fn python_websockets_client_publishes_and_receives() {
     rust.send(ksync_core::Event::new(
         "from-rust",
         "interop",
-        json!({"lang": "rust"}),
+        // Over a fragment (16 KiB): Python's catch-up gets it as a fragmented message.
+        json!({"lang": "rust", "pad": "r".repeat(40_000)}),
         1,
     ))
     .await
@@ -91,6 +93,7 @@ async fn python_websockets_client_publishes_and_receives() {
     assert_eq!(step("welcome")["room"], "interop");
     assert_eq!(step("history")["ids"], json!(["from-rust"]));
     assert_eq!(step("history")["seqs"], json!([1]));
+    assert_eq!(step("history")["pads"], json!([40_000]));
     assert_eq!(
         step("ack")["results"],
         json!([{"status": "stored", "seq": 2}])

@@ -488,3 +488,76 @@ async fn back_to_back_publishes_are_committed_in_bounded_bursts() {
     assert_eq!(seen, (1..=stored).collect::<Vec<_>>());
     server.stop().await;
 }
+
+/// A message longer than a fragment (16 KiB) comes as a fragmented message, a text frame
+/// without fin, continuation frames, the last with fin (so that each connection's write buffer
+/// holds a fragment, not the message: see `slow_disk.rs`), and clients read it whole: the
+/// Rust client, and tokio-tungstenite on a connection that gets it deflated (binary).
+#[tokio::test]
+async fn a_long_message_comes_in_fragments_that_clients_read_whole() {
+    use ksync_core::{Notification, NotificationKind, SyncClient};
+
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("long"));
+    let (mut publisher, _) = join(&url, hello()).await;
+    let mut bare = bare_join(&url).await;
+    let (mut deflating, _) = join(
+        &url,
+        json!({"type":"hello","protocol":1,"compression":true}),
+    )
+    .await;
+    let client = ksync_ws::WebSocketSyncClient::builder(&url)
+        .build()
+        .expect("client");
+    let mut seen = client.notifications();
+    client.connect().await.expect("connect");
+    // 100 KB that deflate cannot shrink below a fragment.
+    let mut state = 7u64;
+    let data: String = (0..100_000)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            char::from(b'a' + u8::try_from((state >> 33) % 26).unwrap())
+        })
+        .collect();
+    let mut long = event("long", 1);
+    long["data"] = json!(data);
+    send_json(
+        &mut publisher,
+        json!({"type":"publish","ref":1,"events":[long]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut publisher).await["type"], "ack");
+
+    let frames = bare_read_message(&mut bare).await;
+    let (first, rest) = frames.split_first().unwrap();
+    assert_eq!((first.opcode, first.fin), (1, false), "{frames:?}");
+    assert!(!rest.is_empty(), "{frames:?}");
+    for (n, frame) in rest.iter().enumerate() {
+        assert_eq!(frame.opcode, 0, "continuation frames: {frames:?}");
+        assert_eq!(
+            frame.fin,
+            n + 1 == rest.len(),
+            "fin on the last only: {frames:?}"
+        );
+    }
+    assert!(frames.iter().all(|f| f.length <= 16 * 1024), "{frames:?}");
+    assert!(frames.iter().map(|f| f.length).sum::<usize>() > 100_000);
+
+    let got = recv_json(&mut deflating).await;
+    assert_eq!(got["events"][0]["event"]["data"], json!(data));
+    let event = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        seen.next_of(NotificationKind::Event),
+    )
+    .await
+    .expect("the event within 5 s")
+    .expect("notifications");
+    let Notification::Event(event) = event else {
+        unreachable!("next_of(Event)")
+    };
+    assert_eq!(event.data, json!(data));
+    client.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
