@@ -163,18 +163,29 @@ impl<C: SyncClient + ?Sized> KSync<C> {
     }
 
     /// Writes a new revision of `id` (its latest version + 1, or 1 for an id not held yet)
-    /// with new content. An empty or over-long `id` or `type` is [`SyncError::InvalidEvent`],
-    /// as for [`KSync::emit`].
+    /// with new content. An event that breaks the event rules ([`Event::validate`]: an empty
+    /// or over-long `id` or `type`, `data` too deep or too large) is
+    /// [`SyncError::InvalidEvent`], as for [`KSync::emit`], and nothing is stored.
     pub async fn update(
         &self,
         id: &str,
         event_type: impl Into<String>,
         data: serde_json::Value,
     ) -> Result<Event, SyncError> {
-        let event_type = event_type.into();
-        // Checked once up front: only the version changes between attempts.
-        Event::new(id, event_type.as_str(), serde_json::Value::Null, 0)
-            .validate(&EventLimits::default())?;
+        // Checked once up front, data included: only the version (and the clock) changes
+        // between attempts, so the check is of the longest it can be, the highest version.
+        let probe = Event {
+            id: id.to_owned(),
+            event_type: event_type.into(),
+            data,
+            timestamp: self.clock.now_millis(),
+            version: crate::MAX_EVENT_INTEGER,
+            origin: Some(self.replica.id().to_owned()),
+        };
+        probe.validate(&EventLimits::default())?;
+        let Event {
+            event_type, data, ..
+        } = probe;
         let stored = self
             .replica
             .record_local_revision(id, |version| Event {

@@ -113,6 +113,29 @@ async fn events_every_server_would_refuse_are_refused_before_they_are_stored() {
         ),
         "{long_type:?}"
     );
+    // `update` checks its data too (it checked only `id` and `type`: data too deep or too
+    // large was stored, and then refused by every server and peer, for ever).
+    let mut deep = json!(1);
+    for _ in 0..=ksync_core::MAX_DATA_DEPTH {
+        deep = json!([deep]);
+    }
+    let too_deep = ksync.update("deep", "t", deep).await;
+    assert!(
+        matches!(
+            too_deep,
+            Err(SyncError::InvalidEvent(InvalidEvent::DataTooDeep { .. }))
+        ),
+        "{too_deep:?}"
+    );
+    let huge = json!("x".repeat(ksync_core::MAX_EVENT_JSON_BYTES));
+    let too_large = ksync.update("huge", "t", huge).await;
+    assert!(
+        matches!(
+            too_large,
+            Err(SyncError::InvalidEvent(InvalidEvent::TooLarge { .. }))
+        ),
+        "{too_large:?}"
+    );
     // Nothing was stored (it would wait in the log, refused by every server, forever) and
     // nothing was sent.
     assert_eq!(ksync.replica().storage().len(), 0);
