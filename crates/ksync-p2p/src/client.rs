@@ -18,8 +18,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::config::{
     DEFAULT_ANTI_ENTROPY_INTERVAL, DEFAULT_COMMAND_CAPACITY, DEFAULT_LISTEN_HOST,
-    DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEERS, DEFAULT_NETWORK, DiscoveryMethod, NetworkKey,
-    Options, default_key_dir,
+    DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEERS, DEFAULT_MAX_PEERS_PER_IP, DEFAULT_NETWORK,
+    DiscoveryMethod, NetworkKey, Options, default_key_dir,
 };
 use crate::error::P2PError;
 use crate::identity;
@@ -144,6 +144,22 @@ impl P2PSyncClientBuilder {
         self
     }
 
+    /// Most peers connected from one host, both ways, and most incoming connections from it
+    /// in their handshake at once. Default 8
+    /// ([`DEFAULT_MAX_PEERS_PER_IP`](crate::DEFAULT_MAX_PEERS_PER_IP)); at least 1. A host is
+    /// an IPv4 address (IPv4-mapped IPv6 included) or an IPv6 /64; loopback counts like any
+    /// other, so raise this to run more peers on one machine. Without it one machine could
+    /// take all `max_peers` slots with fresh peer ids and keep honest peers out. Overflow: a
+    /// new peer's connection from a host at its cap is closed after its handshake (a dial
+    /// `connect_to_peer` asked for fails, its error naming `max_peers_per_ip`), a handshake
+    /// beyond the cap is closed when accepted; a peer's second connection is let in whenever
+    /// its first is. The first refusal of a host is logged at `warn`, later ones at `debug`
+    /// until the host holds no connection.
+    pub fn max_peers_per_ip(mut self, max: u32) -> Self {
+        self.opts.max_peers_per_ip = max;
+        self
+    }
+
     /// Most peers whose catch-up cursor (how far we hold their log) is kept in the replica's
     /// metadata, one record each. Default 1,024
     /// ([`DEFAULT_MAX_PEER_CURSORS`](crate::DEFAULT_MAX_PEER_CURSORS)); at least 1. A new
@@ -234,6 +250,11 @@ impl P2PSyncClientBuilder {
         }
         if opts.max_peers == 0 {
             return Err(P2PError::Config("max_peers must be at least 1".into()));
+        }
+        if opts.max_peers_per_ip == 0 {
+            return Err(P2PError::Config(
+                "max_peers_per_ip must be at least 1".into(),
+            ));
         }
         if opts.max_peer_cursors == 0 {
             return Err(P2PError::Config(
@@ -341,6 +362,7 @@ impl P2PSyncClient {
                 key_dir: default_key_dir(),
                 anti_entropy_interval: DEFAULT_ANTI_ENTROPY_INTERVAL,
                 max_peers: DEFAULT_MAX_PEERS,
+                max_peers_per_ip: DEFAULT_MAX_PEERS_PER_IP,
                 max_peer_cursors: crate::config::DEFAULT_MAX_PEER_CURSORS,
                 max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
                 command_capacity: DEFAULT_COMMAND_CAPACITY,

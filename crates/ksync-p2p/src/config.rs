@@ -145,6 +145,9 @@ pub(crate) struct Options {
     pub key_dir: PathBuf,
     pub anti_entropy_interval: Duration,
     pub max_peers: u32,
+    /// Most peers connected from one host, and incoming handshakes from it at once (see
+    /// `per_host.rs`).
+    pub max_peers_per_ip: u32,
     /// Most peers whose catch-up cursor is stored (see `cursors.rs`).
     pub max_peer_cursors: usize,
     pub max_event_bytes: usize,
@@ -168,6 +171,12 @@ pub const DEFAULT_ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
 /// Default cap on established connections (all peers together).
 pub const DEFAULT_MAX_PEERS: u32 = 64;
+/// Default cap on the peers connected from one host (an IPv4 address or an IPv6 /64), and on
+/// the incoming connections from it in their handshake at once: one machine cannot take all
+/// `max_peers` slots with fresh peer ids and eclipse the node, while a machine running a few
+/// peers (or a NAT in front of a few) is let in. Overflow: the connection is denied (see
+/// `P2PSyncClientBuilder::max_peers_per_ip`).
+pub const DEFAULT_MAX_PEERS_PER_IP: u32 = 8;
 /// Default cap on the peers whose catch-up cursor is kept in the replica's metadata: beyond
 /// it, the least recently used peer's cursor is dropped and that peer is walked from the
 /// start of its log at its next session (nothing is lost; what we hold is not fetched again).

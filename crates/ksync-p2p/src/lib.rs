@@ -29,6 +29,7 @@ mod digests;
 mod error;
 mod identity;
 mod node;
+mod per_host;
 mod refusals;
 mod shaping;
 mod transport;
@@ -37,8 +38,8 @@ mod wire;
 pub use client::{MAX_CONFIG_DURATION, P2PStats, P2PSyncClient, P2PSyncClientBuilder};
 pub use config::{
     DEFAULT_ANTI_ENTROPY_INTERVAL, DEFAULT_COMMAND_CAPACITY, DEFAULT_LISTEN_HOST,
-    DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEER_CURSORS, DEFAULT_MAX_PEERS, DEFAULT_NETWORK,
-    DiscoveryMethod, NetworkKey, default_key_dir,
+    DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEER_CURSORS, DEFAULT_MAX_PEERS, DEFAULT_MAX_PEERS_PER_IP,
+    DEFAULT_NETWORK, DiscoveryMethod, NetworkKey, default_key_dir,
 };
 pub use cursors::stored_peer_cursor;
 pub use error::P2PError;

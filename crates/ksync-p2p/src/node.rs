@@ -33,6 +33,7 @@ use crate::config::{DiscoveryMethod, Options};
 use crate::cursors::{Cursor, PeerCursors};
 use crate::digests::{Digests, Page};
 use crate::error::P2PError;
+use crate::per_host::PerHostLimits;
 use crate::refusals::Refusals;
 use crate::shaping::Shaping;
 use crate::transport::{self, BoxError};
@@ -191,6 +192,8 @@ pub(crate) struct Shared {
 pub(crate) struct Behaviour {
     /// First, so a refused peer's connection is denied before the others set up for it.
     refusals: Refusals,
+    /// Before `limits`, so a host's connections over its share never take a node-wide slot.
+    per_host: PerHostLimits,
     limits: connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
     sync: request_response::Behaviour<CountingCodec>,
@@ -198,6 +201,18 @@ pub(crate) struct Behaviour {
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
+}
+
+/// What a dial error says, with a denial's reason: libp2p shows `DialError::Denied` as "Dial
+/// error" and keeps why (e.g. `max_peers_per_ip`) in its source.
+fn dial_error_text(error: &DialError) -> String {
+    match error {
+        DialError::Denied { cause } => match std::error::Error::source(cause) {
+            Some(why) => format!("connection denied: {why}"),
+            None => cause.to_string(),
+        },
+        other => other.to_string(),
+    }
 }
 
 pub(crate) fn max_batch_bytes(opts: &Options) -> usize {
@@ -289,6 +304,7 @@ fn behaviour(
     };
     Ok(Behaviour {
         refusals: Refusals::default(),
+        per_host: PerHostLimits::new(opts.max_peers_per_ip),
         limits: connection_limits::Behaviour::new(limits),
         gossipsub,
         sync,
@@ -1053,11 +1069,15 @@ impl Node {
                 peer_id,
                 error,
             } => {
-                let text = error.to_string();
+                let text = dial_error_text(&error);
                 if let Some(reply) = self.dials.remove(&connection_id) {
+                    let source: BoxError = match error {
+                        DialError::Denied { .. } => text.clone().into(),
+                        other => Box::new(other),
+                    };
                     let _ = reply.send(Err(P2PError::Dial {
                         target: peer_id.map_or_else(|| "address".to_owned(), |p| p.to_string()),
-                        source: Box::new(error),
+                        source,
                     }));
                 }
                 if let Some(peer) = peer_id
@@ -1138,7 +1158,7 @@ impl Node {
                 c.ping_micros.fetch_add(micros, Ordering::Relaxed);
             }
             BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) | BehaviourEvent::Limits(_) => {}
-            BehaviourEvent::Refusals(never) => match never {},
+            BehaviourEvent::Refusals(never) | BehaviourEvent::PerHost(never) => match never {},
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 // One dial per peer with all its addresses: some (e.g. its loopback) do not
                 // reach it from here, and a second dial would be refused while one is pending.
@@ -2140,6 +2160,7 @@ mod tests {
             key_dir: std::env::temp_dir(),
             anti_entropy_interval: Duration::from_secs(15),
             max_peers: 8,
+            max_peers_per_ip: crate::DEFAULT_MAX_PEERS_PER_IP,
             max_peer_cursors: crate::DEFAULT_MAX_PEER_CURSORS,
             max_event_bytes: 64 * 1024,
             command_capacity: 16,

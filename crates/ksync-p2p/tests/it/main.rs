@@ -18,6 +18,7 @@ mod misbehaving;
 mod observed;
 mod p2p;
 mod peer_names;
+mod per_host;
 mod sending;
 mod shaping;
 mod upgrade;
