@@ -135,7 +135,7 @@ test('an event the app sends that breaks the event rules is refused before it le
     // 86 characters, 258 bytes of UTF-8.
     'id of 258 bytes in 86 characters': { ...makeEvent('r'), id: '€'.repeat(86) },
     'type of 257 bytes': { ...makeEvent('r'), type: 't'.repeat(257) },
-    'data 129 levels deep': { ...makeEvent('r'), data: nest(129) },
+    'data 101 levels deep': { ...makeEvent('r'), data: nest(101) },
     'empty id': { ...makeEvent('r'), id: '' },
     'version 0': { ...makeEvent('r'), version: 0 },
     'a type the middleware makes 300 bytes': makeEvent('r', { grow: true }),
@@ -145,11 +145,11 @@ test('an event the app sends that breaks the event rules is refused before it le
     assert.match(outcome, /^KSyncError invalid: the event breaks the event rules: /, what);
   }
   assert.match(await send(refused['id of 258 bytes in 86 characters']), /its id is 258 bytes of UTF-8, the limit is 256/);
-  assert.match(await send(refused['data 129 levels deep']), /nests arrays and objects more than 128 levels deep/);
+  assert.match(await send(refused['data 101 levels deep']), /nests arrays and objects more than 100 levels deep/);
   // At the limits: sent and stored.
   const atLimits = [
     { ...makeEvent('ok'), id: `${'€'.repeat(85)}i`, type: 't'.repeat(256) },
-    { ...makeEvent('ok'), data: nest(128) },
+    { ...makeEvent('ok'), data: nest(100) },
   ];
   for (const event of atLimits) assert.equal(await send(event), 'stored');
   // Only those left: nothing that breaks the rules reached the relay.
@@ -252,7 +252,7 @@ test("an ack's held revision that breaks the event rules is not passed on: a pro
   const heldFor = new Map([
     [valid.id, { ...valid, data: { theirs: true } }],
     [longType.id, { ...longType, type: 't'.repeat(300) }],
-    [deep.id, { ...deep, data: nest(129) }],
+    [deep.id, { ...deep, data: nest(101) }],
   ]);
   const { page } = await fakeRelayClient(browser, server.http, {
     onMessage: (session, message) => {
@@ -275,7 +275,7 @@ test("an ack's held revision that breaks the event rules is not passed on: a pro
   assert.deepEqual(conflicts, [[valid.id, heldFor.get(valid.id)], [longType.id, null], [deep.id, null]]);
   const errors = (await errorsOf(page)).filter((e) => e.startsWith('protocol:') && e.includes('holds a revision'));
   assert.equal(errors.length, 2, errors.join('\n'));
-  assert.ok(errors[0].includes('its type is 300 bytes of UTF-8') && errors[1].includes('more than 128 levels deep'), errors.join('\n'));
+  assert.ok(errors[0].includes('its type is 300 bytes of UTF-8') && errors[1].includes('more than 100 levels deep'), errors.join('\n'));
   await page.evaluate(() => window.client.disconnect());
   await page.close();
 });

@@ -360,7 +360,7 @@ test('received events that break the event rules are skipped with an error; the 
     return data;
   };
   const good = makeEvent('good');
-  const deep = { ...makeEvent('deep'), data: nest(128) };
+  const deep = { ...makeEvent('deep'), data: nest(100) };
   const { data: _, ...noData } = makeEvent('nodata');
   const entries = [
     good,
@@ -368,7 +368,7 @@ test('received events that break the event rules are skipped with an error; the 
     { ...makeEvent('x'), version: 0 },
     { ...makeEvent('x'), type: 't'.repeat(257) },
     noData,
-    { ...makeEvent('x'), data: nest(129) },
+    { ...makeEvent('x'), data: nest(101) },
     deep,
     // 86 characters, 258 bytes of UTF-8.
     { ...makeEvent('x'), id: '€'.repeat(86) },

@@ -236,11 +236,24 @@ pub const MAX_EVENT_JSON_BYTES: usize = 8 << 20;
 pub const MAX_EVENT_INTEGER: u64 = (1 << 53) - 1;
 
 /// Most levels of arrays and objects nested in an event's `data` that [`Event::validate`]
-/// accepts (`[[1]]` is two). serde_json refuses deeper JSON text anyway, so this only ever
-/// refuses events decoded from other formats (CBOR between peers) or built in code; storages
-/// rely on it (the file storage's encoding has the same limit), so that no valid event is
-/// refused by a storage for its nesting.
-pub const MAX_DATA_DEPTH: usize = 128;
+/// accepts (`[[1]]` is two).
+///
+/// Every kSync reader is serde_json, which reads at most 127 levels of a whole message, and
+/// events travel inside messages: up to 5 levels around the event itself (a Git push answer's
+/// `rejected[].conflict.ours`; a relay `events` frame or an ack's `held` is 4). 128 let an
+/// event valid where it was made be refused by the relay, or stored there and then break
+/// every Rust subscriber's `events` frame. 100 leaves room for what carries it (see
+/// [`MAX_WRAPPING_DEPTH`]). Storages accept at least this much (the file storage's encoding
+/// reads 128, what it held before).
+pub const MAX_DATA_DEPTH: usize = 100;
+
+/// Most levels of arrays and objects any kSync message puts around one event (the event's
+/// own object included): serde_json reads `MAX_DATA_DEPTH + MAX_WRAPPING_DEPTH` levels and
+/// more, so every valid event can be read in every message that carries it.
+pub const MAX_WRAPPING_DEPTH: usize = 6;
+
+// serde_json's limit: 127 levels of one text.
+const _: () = assert!(MAX_DATA_DEPTH + MAX_WRAPPING_DEPTH <= 127);
 
 /// Longest compact JSON of one number: `-2.2250738585072014e-308` (an `f64`; `u64` and `i64`
 /// take at most 20).
@@ -415,7 +428,7 @@ mod tests {
     }
 
     #[test]
-    fn data_may_nest_128_levels_and_no_more() {
+    fn data_may_nest_max_data_depth_levels_and_no_more() {
         let nested = |levels: usize, innermost: serde_json::Value| {
             let mut data = innermost;
             for level in 0..levels {
@@ -441,10 +454,15 @@ mod tests {
             Err(too_deep.clone())
         );
         assert_eq!(nested(1_000, json!(1)).validate(&limits), Err(too_deep));
-        // Nothing serde_json parses is refused: its own limit is lower.
-        let text = format!("{}1{}", "[".repeat(126), "]".repeat(126));
-        let data: serde_json::Value = serde_json::from_str(&text).expect("126 levels parse");
-        assert_eq!(Event::new("e", "t", data, 1).validate(&limits), Ok(()));
+        // A valid event reads back inside as many levels as any message puts around it.
+        let deepest = nested(MAX_DATA_DEPTH, json!(7));
+        let mut message = serde_json::to_value(&deepest).expect("encodes");
+        for _ in 1..MAX_WRAPPING_DEPTH {
+            message = json!([message]);
+        }
+        let text = serde_json::to_string(&message).expect("encodes");
+        let read: serde_json::Value = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(read, message);
     }
 
     #[test]

@@ -66,7 +66,7 @@ const PROBE_TIMEOUT_MS = 5000;
 // The event rules (ksync-core's `Event::validate`, which the relay applies to every publish):
 // checked on the events the app sends and on those received.
 const MAX_NAME_BYTES = 256;
-const MAX_DATA_DEPTH = 128;
+const MAX_DATA_DEPTH = 100;
 const STRATEGIES = new Set(['event-level', 'batch', 'state-based']);
 // The clock leeway a server gives a JWT's `exp` unless configured otherwise (ksync-server's
 // `AuthConfig::leeway`, `--jwt-leeway-secs`): the client refuses a token up front only past it.
@@ -304,7 +304,7 @@ function depthExceeds(value, max) {
  * Why `event` breaks the event rules, or null when it keeps them: the one rule set for the
  * events the app sends (refused before they are queued) and those received (skipped). Those of
  * `Event::validate` (non-empty id and type of at most 256 UTF-8 bytes, version >= 1, data nested
- * at most 128 levels), plus what its types ask of JSON (integers for version and timestamp).
+ * at most 100 levels), plus what its types ask of JSON (integers for version and timestamp).
  * Not its size rule (8 MiB of JSON as serde_json writes it, whose numbers JavaScript does not
  * print the same way): the relay answers a larger event `invalid`, and never sends one.
  */

@@ -12,9 +12,11 @@
 
 use serde_json::{Map, Number, Value};
 
-/// Deepest nesting accepted: the one every valid event keeps (`Event::validate`), so that a
-/// valid event always encodes.
-pub(crate) const MAX_DEPTH: usize = ksync_core::MAX_DATA_DEPTH;
+/// Deepest nesting accepted: 128, what `Event::validate` allowed until it became
+/// `MAX_DATA_DEPTH` (100), so that files written then still read; at least what every valid
+/// event keeps, so that a valid event always encodes.
+pub(crate) const MAX_DEPTH: usize = 128;
+const _: () = assert!(MAX_DEPTH >= ksync_core::MAX_DATA_DEPTH);
 
 const NULL: u8 = 0;
 const FALSE: u8 = 1;

@@ -799,3 +799,58 @@ async fn floats_round_trip_bit_for_bit() {
     let pulled = b.replica().storage().read_since(0, 10).expect("read");
     assert_eq!(bits(&pulled[0].event), want, "what b pulled");
 }
+
+/// `data` nested `levels` deep (`[[1]]` is two), arrays and objects in turn.
+fn nested_data(levels: usize) -> serde_json::Value {
+    let mut data = json!("innermost");
+    for level in 0..levels {
+        data = if level % 2 == 0 {
+            json!([data])
+        } else {
+            json!({ "k": data })
+        };
+    }
+    data
+}
+
+/// Data as deep as the event rules allow is pushed, pulled, and comes back inside a push's
+/// conflict (`rejected[].conflict.ours`, 5 levels around the event). The limit was 128
+/// while serde_json reads 127 levels of a whole body: such an event, valid where it was
+/// made, could never be pushed, and one a little less deep came back in no readable answer.
+#[tokio::test]
+async fn data_as_deep_as_the_rules_allow_is_pushed_pulled_and_held_in_a_conflict() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let clock = ManualClock::new(100);
+    let a = node(&url, "a", &clock).await;
+    let b = node(&url, "b", &clock).await;
+    let deep = nested_data(ksync_core::MAX_DATA_DEPTH);
+    a.update("x", "t", deep.clone()).await.expect("update");
+    a.push().await.expect("push");
+    b.pull().await.expect("pull");
+    let pulled = b.replica().storage().read_since(0, 10).expect("read");
+    assert_eq!(pulled[0].event.data, deep, "what b pulled");
+    // The same revision with other content: the answer holds the branch's as `ours`.
+    let rival = Event::new("x", "t", deep.clone(), 1);
+    let (status, body) = common::call(
+        common::http()
+            .post(server.url("/git/r/branches/main/events"))
+            .bearer_auth("writer")
+            .json(&json!({"baseVersion": 1, "events": [rival]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["rejected"][0]["conflict"]["ours"]["data"], deep,
+        "{body}"
+    );
+    let too_deep = nested_data(ksync_core::MAX_DATA_DEPTH + 1);
+    let refused = a.update("y", "t", too_deep).await.expect_err("too deep");
+    assert!(
+        matches!(
+            refused,
+            ksync_core::SyncError::InvalidEvent(ksync_core::InvalidEvent::DataTooDeep { .. })
+        ),
+        "{refused:?}"
+    );
+}

@@ -1100,3 +1100,24 @@ fn a_repository_whose_first_log_failed_leaves_no_directory() {
     assert!(matches!(provider.open(&main), Err(StorageError::Config(_))));
     assert!(!dir.path().join("repos").join("r").exists());
 }
+
+/// Data nested 128 levels, as the event rules allowed before `MAX_DATA_DEPTH` became 100
+/// (an older build stored it), still reads back after a reopen: a file is never refused for
+/// what it was allowed to hold.
+#[tokio::test]
+async fn data_as_deep_as_older_builds_stored_still_reads_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("old-deep.log");
+    let mut data = json!(1);
+    for _ in 0..128 {
+        data = json!([data]);
+    }
+    let deep = Event::new("deep", "t", data, 1);
+    {
+        let storage = FileStorage::open(&path).expect("open");
+        storage.append(vec![deep.clone()]).await.expect("append");
+    }
+    let storage = FileStorage::open(&path).expect("reopen");
+    let read = storage.get("deep", 1).expect("get").expect("stored");
+    assert_eq!(read.event, deep);
+}

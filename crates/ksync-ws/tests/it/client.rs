@@ -1388,3 +1388,69 @@ async fn floats_arrive_bit_for_bit() {
     b.disconnect().await.expect("disconnect");
     server.stop().await;
 }
+
+/// `data` nested `levels` deep (`[[1]]` is two), arrays and objects in turn.
+fn nested_data(levels: usize) -> serde_json::Value {
+    let mut data = json!("innermost");
+    for level in 0..levels {
+        data = if level % 2 == 0 {
+            json!([data])
+        } else {
+            json!({ "k": data })
+        };
+    }
+    data
+}
+
+/// Data as deep as the event rules allow goes through every message that carries it: the
+/// publish, the live `events`, a catch-up page and an ack's `held` revision (4 levels around
+/// the event). The limit was 128 while serde_json reads 127 levels of a whole message: the
+/// relay refused data 127 deep as `invalid` after `send` had taken it, and stored data 125
+/// and 126 deep that no Rust subscriber could read (each session ended on `bad_message` and
+/// the next met the same frame: the room stalled for them for ever). One level deeper is
+/// refused by `send`, before it leaves.
+#[tokio::test]
+async fn data_as_deep_as_the_rules_allow_goes_everywhere_and_deeper_is_refused() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("deep"));
+    let a = WebSocketSyncClient::builder(&url).build().expect("a");
+    let b = WebSocketSyncClient::builder(&url).build().expect("b");
+    let rb = Recorder::attach(&b);
+    a.connect().await.expect("a");
+    b.connect().await.expect("b");
+    let deep = Event::new("deep", "t", nested_data(ksync_core::MAX_DATA_DEPTH), 1);
+    a.send(deep.clone()).await.expect("send");
+    eventually("b got it", || rb.events().len() == 1).await;
+    assert_eq!(rb.events()[0].data, deep.data);
+    // A catch-up page from the relay's log, and a conflict's `held` revision.
+    let (mut late, _) = join(&url, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+    let frame = recv_json(&mut late).await;
+    assert_eq!(frame["events"][0]["event"]["data"], deep.data, "{frame}");
+    let mut rival = serde_json::to_value(&deep).expect("encodes");
+    rival["timestamp"] = json!(2);
+    send_json(
+        &mut late,
+        json!({"type": "publish", "ref": 1, "events": [rival]}),
+    )
+    .await;
+    let ack = recv_json(&mut late).await;
+    assert_eq!(ack["results"][0]["held"]["data"], deep.data, "{ack}");
+    let too_deep = Event::new(
+        "deeper",
+        "t",
+        nested_data(ksync_core::MAX_DATA_DEPTH + 1),
+        1,
+    );
+    let refused = a.send(too_deep).await.expect_err("too deep");
+    assert!(
+        matches!(
+            refused,
+            SyncError::InvalidEvent(ksync_core::InvalidEvent::DataTooDeep { .. })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(rb.count(|n| matches!(n, Notification::Error(_))), 0);
+    a.disconnect().await.expect("disconnect");
+    b.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
