@@ -402,6 +402,67 @@ async fn state_joiners_that_stop_reading_hold_a_frame_not_a_page() {
     server.stop().await;
 }
 
+/// State-based joins with a commit between each hold no copy of the room's state each: 4
+/// joiners that stop reading after their first page, in a room of 40 events of 900 KB with
+/// a small publish between the joins. Each join after a commit made a snapshot of its own,
+/// the room's state decoded (36 MB here, 180 MB for 200 such events), held for as long as
+/// its catch-up lasted (the write timeout for a stalled one); now a snapshot is where each
+/// id's latest event is in the log (8 bytes an id), and each joiner holds about a frame.
+/// (What a snapshot sends is checked in `it/relay.rs` and `it/relay_edges.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_joiners_between_commits_hold_no_copy_of_the_state_each() {
+    use ksync_core::{Event, InMemoryProvider, Name};
+
+    const JOINERS: u64 = 4;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let provider = Arc::new(InMemoryProvider::new());
+    let log = provider
+        .open(&LogName::Room(Name::new("busy").expect("name")))
+        .expect("open");
+    let events: Vec<Event> = (0..40)
+        .map(|n| {
+            serde_json::from_value(json!({"id": format!("e{n}"), "type": "t",
+                "data": "s".repeat(900_000), "timestamp": 1, "version": 1}))
+            .expect("event")
+        })
+        .collect();
+    log.append(events).await.expect("append");
+    drop(log);
+    let server = start_with(
+        RelayConfig::default(),
+        provider as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let url = server.url(Some("busy"));
+    let (mut writer, _) = join(&url, hello()).await;
+    let before = rss();
+    let mut joiners = Vec::new();
+    for n in 0..JOINERS {
+        let mut ws =
+            join_small_window(&url, json!({"type":"hello","protocol":1,"state":true})).await;
+        let page = recv_json_slowly(&mut ws).await;
+        assert_eq!(page["type"], "snapshot", "{}", page["type"]);
+        joiners.push(ws);
+        // A commit: the next join cannot share this one's snapshot.
+        send_json(
+            &mut writer,
+            json!({"type":"publish","ref":n,"events":[event(&format!("w{n}"), n)]}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut writer).await["type"], "ack");
+    }
+    let held = rss().saturating_sub(before);
+    assert!(
+        held < 64 << 20,
+        "{JOINERS} stalled state joiners between commits hold {} MiB beside the room",
+        held >> 20
+    );
+    // Gone before the stop, which would wait for their full sockets until the write timeout.
+    drop(joiners);
+    server.stop().await;
+}
+
 /// Joins `url`'s room with `hello` over a socket with a 4 KiB receive buffer, so that the
 /// relay's writes to it wait once it stops reading.
 async fn join_small_window(url: &str, hello: serde_json::Value) -> Raw {

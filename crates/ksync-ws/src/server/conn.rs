@@ -659,31 +659,34 @@ async fn catch_up(
     grant: &Grant,
     hello: &Hello,
     server_version: u64,
-    snapshot: Option<Arc<[Event]>>,
+    snapshot: Option<super::room::Snapshot>,
 ) -> Result<(), End> {
     let page = shared.config.page_size;
     if let Some(state) = snapshot {
         // Pages are cut by their events' JSON, measured one event at a time, and only a page's
-        // events are copied out of the shared snapshot: a page of `page_size` events copied
-        // and encoded whole (then halved until it fit) held up to 512 events of up to 1 MiB
-        // each per joiner, for as long as its socket was full.
+        // events are read out of the log: a page of `page_size` events copied and encoded
+        // whole (then halved until it fit) held up to 512 events of up to 1 MiB each per
+        // joiner, for as long as its socket was full.
         let limit = shared.config.max_message_size;
         let mut start = 0;
         while start < state.len() {
             catch_up_goes_on(shared, writer, grant)?;
             let mut bytes = SNAPSHOT_FRAME_OVERHEAD;
-            let mut end = start;
-            while let Some(event) = state.get(end)
-                && end - start < page
-            {
-                let entry = json_len(event) + 1;
-                if end > start && bytes + entry > limit {
-                    break;
-                }
-                bytes += entry;
-                end += 1;
-            }
-            let events = state.get(start..end).unwrap_or_default().to_vec();
+            let mut events = Vec::new();
+            let end = state
+                .visit(&**room_link.storage(), start, page, &mut |event| {
+                    let entry = json_len(event) + 1;
+                    if !events.is_empty() && bytes + entry > limit {
+                        return false;
+                    }
+                    bytes += entry;
+                    events.push(event.clone());
+                    true
+                })
+                .map_err(|e| {
+                    tracing::error!(error = %e, "reading room log for a snapshot failed");
+                    End::Close(close::INTERNAL, "storage failed".into())
+                })?;
             let page = ServerMessage::Snapshot(SnapshotPage {
                 server_version,
                 events,

@@ -233,7 +233,98 @@ pub(crate) struct Subscribed {
     pub(crate) server_version: u64,
     /// The latest version of every id as of `server_version`, when asked for (shared by the
     /// connections that join between two commits).
-    pub(crate) snapshot: Option<Arc<[Event]>>,
+    pub(crate) snapshot: Option<Snapshot>,
+}
+
+/// A state-based join's snapshot: where in the room's log the latest version of each id is
+/// (as of the join's `server_version`), in id order. Its events are read from the log a
+/// page at a time ([`Snapshot::visit`]), which keeps them anyway and never changes what a
+/// seq names: 8 bytes an id, where the events themselves, decoded, were held by each
+/// snapshot (a room of 200 events of 900 KB: 180 MB, for every join between two commits,
+/// as long as its catch-up lasted).
+#[derive(Clone)]
+pub(crate) struct Snapshot {
+    seqs: Arc<[u64]>,
+}
+
+/// Events read from the log per visit while a snapshot is made (each visit holds the log's
+/// read lock).
+const SNAPSHOT_SCAN: usize = 1024;
+
+impl Snapshot {
+    /// The snapshot of `storage` as it stands, up to `last_seq` (its last seq; the caller
+    /// holds the room, so nothing is appended meanwhile).
+    fn of(storage: &dyn Storage, last_seq: u64) -> Result<Self, StorageError> {
+        // Per id: its highest version so far and that version's seq.
+        let mut latest: std::collections::HashMap<String, (u64, u64)> =
+            std::collections::HashMap::new();
+        let mut after = 0;
+        while after < last_seq {
+            let want = usize::try_from(last_seq - after)
+                .unwrap_or(usize::MAX)
+                .min(SNAPSHOT_SCAN);
+            let mut seen = after;
+            let visited = storage.visit_since(after, want, &mut |seq, event| {
+                seen = seq;
+                match latest.get_mut(event.id.as_str()) {
+                    Some(held) if held.0 >= event.version => {}
+                    Some(held) => *held = (event.version, seq),
+                    None => {
+                        latest.insert(event.id.clone(), (event.version, seq));
+                    }
+                }
+            })?;
+            if visited == 0 {
+                break;
+            }
+            after = seen;
+        }
+        let mut by_id: Vec<(String, u64)> =
+            latest.into_iter().map(|(id, (_, seq))| (id, seq)).collect();
+        by_id.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self {
+            seqs: by_id.into_iter().map(|(_, seq)| seq).collect(),
+        })
+    }
+
+    /// How many ids the snapshot has.
+    pub(crate) fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Calls `take` with the snapshot's events from index `start` on, read from `storage` one
+    /// at a time, until it returns `false` (that event is not taken) or `most` were taken;
+    /// returns the index after the last one taken.
+    pub(crate) fn visit(
+        &self,
+        storage: &dyn Storage,
+        start: usize,
+        most: usize,
+        take: &mut dyn FnMut(&Event) -> bool,
+    ) -> Result<usize, StorageError> {
+        let mut end = start;
+        for &seq in self.seqs.iter().skip(start).take(most) {
+            let mut taken = None;
+            storage.visit_since(seq.saturating_sub(1), 1, &mut |_, event| {
+                taken = Some(take(event));
+            })?;
+            match taken {
+                Some(true) => end += 1,
+                Some(false) => break,
+                // The log keeps every seq it gave: one missing means it is not this log.
+                None => {
+                    return Err(StorageError::Io {
+                        context: format!("reading the snapshot's event at seq {seq}"),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "not in the room's log",
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(end)
+    }
 }
 
 /// What connections send a room's task. (Joining is not among them: see
@@ -672,9 +763,9 @@ pub(crate) struct Room {
     /// The log refuses every write until it is reopened (see [`Room::close_for_reopen`]).
     log_closed: bool,
     /// The last snapshot made for a state-based join, while nothing was committed since:
-    /// clients joining together (a reconnect storm) share one copy of the room's state
-    /// instead of one each. Cleared by every commit.
-    snapshot: Option<Arc<[Event]>>,
+    /// clients joining together (a reconnect storm) share one instead of making one each.
+    /// Cleared by every commit.
+    snapshot: Option<Snapshot>,
     /// Buffers reused by every commit, so that a commit allocates little besides the frames
     /// it sends (they keep the capacity the largest batch needed).
     scratch: Scratch,
@@ -939,15 +1030,11 @@ impl Room {
     ) -> Result<Subscribed, String> {
         let snapshot = match (state, &self.snapshot) {
             (false, _) => None,
-            (true, Some(made)) => Some(Arc::clone(made)),
+            (true, Some(made)) => Some(made.clone()),
             (true, None) => {
-                let made: Arc<[Event]> = self
-                    .storage
-                    .state()
-                    .map_err(|e| e.to_string())?
-                    .into_values()
-                    .collect();
-                self.snapshot = Some(Arc::clone(&made));
+                let made =
+                    Snapshot::of(&*self.storage, self.last_seq).map_err(|e| e.to_string())?;
+                self.snapshot = Some(made.clone());
                 Some(made)
             }
         };

@@ -1040,8 +1040,9 @@ async fn a_slow_opening_room_does_not_hold_up_other_rooms() {
     assert_eq!(welcome["room"], "big");
 }
 
-/// Logs that cannot build their state (a storage failure): a state-based start is closed
-/// with 1011 (server storage failure), and the room keeps serving everyone else.
+/// Logs that cannot build their state nor read their events (a storage failure): a
+/// state-based start is closed with 1011 (server storage failure), and the room keeps
+/// serving everyone else.
 struct NoState(ksync_core::InMemoryProvider);
 
 struct NoStateLog(Arc<dyn Storage>);
@@ -1050,8 +1051,8 @@ impl Storage for NoStateLog {
     fn append(&self, events: Vec<Event>) -> BoxFuture<'_, Result<MergeOutcome, StorageError>> {
         self.0.append(events)
     }
-    fn read_since(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StorageError> {
-        self.0.read_since(after, limit)
+    fn read_since(&self, _after: u64, _limit: usize) -> Result<Vec<Stored>, StorageError> {
+        Err(StorageError::Format("events unavailable".into()))
     }
     fn get(&self, id: &str, version: u64) -> Result<Option<Stored>, StorageError> {
         self.0.get(id, version)
@@ -1095,6 +1096,13 @@ async fn a_storage_failure_while_joining_closes_with_1011() {
     .await;
     let url = server.url(Some("broken"));
     let (mut ws, _) = join(&url, hello()).await;
+    // A snapshot of an empty log reads nothing.
+    send_json(
+        &mut ws,
+        json!({"type":"publish","ref":0,"events":[event("first", 0)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut ws).await["results"][0]["status"], "stored");
     let mut failing = raw_connect(&url, &[]).await.expect("connect");
     send_json(
         &mut failing,
