@@ -1454,3 +1454,52 @@ async fn data_as_deep_as_the_rules_allow_goes_everywhere_and_deeper_is_refused()
     b.disconnect().await.expect("disconnect");
     server.stop().await;
 }
+
+/// An integer in `data` past 2^53 - 1 (either sign) breaks the event rules, as a `version`
+/// or `timestamp` past it does: a JavaScript replica reads it rounded
+/// (9007199254740993 as 9007199254740992), so the Rust replicas and the browser ones held
+/// different data under one revision, and a browser that sent it on met a conflict. Refused
+/// by `send` and by the relay; at the limit it goes through unchanged.
+#[tokio::test]
+async fn integers_in_data_past_2_pow_53_are_refused_and_the_limit_goes_through() {
+    let server = start(RelayConfig::default()).await;
+    let url = server.url(Some("ints"));
+    let a = WebSocketSyncClient::builder(&url).build().expect("a");
+    a.connect().await.expect("a");
+    let max = ksync_core::MAX_EVENT_INTEGER;
+    let at_limit = json!({"up": max, "down": -(max as i64), "float": 1e300});
+    a.send(Event::new("ok", "t", at_limit.clone(), 1))
+        .await
+        .expect("at the limit");
+    for data in [
+        json!({"n": max + 2}),
+        json!([-(max as i64) - 2]),
+        json!(u64::MAX),
+    ] {
+        let refused = a
+            .send(Event::new("big", "t", data.clone(), 1))
+            .await
+            .expect_err("past the limit");
+        assert!(
+            matches!(
+                refused,
+                SyncError::InvalidEvent(ksync_core::InvalidEvent::DataIntegerTooLarge { .. })
+            ),
+            "{data}: {refused:?}"
+        );
+    }
+    // The relay refuses it too, and stores nothing.
+    let (mut raw, _) = join(&url, json!({"type": "hello", "protocol": 1, "since": 0})).await;
+    let frame = recv_json(&mut raw).await;
+    assert_eq!(frame["events"][0]["event"]["data"], at_limit, "{frame}");
+    raw.send(Message::text(
+        r#"{"type":"publish","ref":1,"events":[{"id":"big","type":"t","data":[9007199254740993],"timestamp":1,"version":1}]}"#,
+    ))
+    .await
+    .expect("send");
+    let ack = recv_json(&mut raw).await;
+    assert_eq!(ack["results"][0]["status"], "invalid", "{ack}");
+    assert_eq!(ack["serverVersion"], 1, "{ack}");
+    a.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
