@@ -11,21 +11,22 @@ use ksync_ws::server::RelayConfig;
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 
-/// One log per name, all on one slow disk: their appends share `permits` and `started`.
+/// One log per name: those of rooms named `slow...` on one slow disk (their appends share
+/// `permits` and `started`), the others on a disk whose appends wait for `free`'s permits.
 struct SlowDisk {
     logs: Mutex<HashMap<LogName, Arc<GatedAppends>>>,
     permits: Arc<Semaphore>,
     started: watch::Sender<usize>,
+    free: Arc<Semaphore>,
 }
 
 impl StorageProvider for SlowDisk {
     fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
         let mut logs = self.logs.lock().expect("lock");
+        let slow = matches!(name, LogName::Room(room) if room.as_str().starts_with("slow"));
         let log = logs.entry(name.clone()).or_insert_with(|| {
-            Arc::new(GatedAppends::new(
-                Arc::clone(&self.permits),
-                self.started.clone(),
-            ))
+            let permits = if slow { &self.permits } else { &self.free };
+            Arc::new(GatedAppends::new(Arc::clone(permits), self.started.clone()))
         });
         Ok(log.clone())
     }
@@ -54,6 +55,7 @@ async fn publishes_queued_in_many_rooms_are_bounded_relay_wide() {
         logs: Mutex::default(),
         permits: Arc::clone(&permits),
         started: watch::Sender::new(0),
+        free: Arc::new(Semaphore::new(0)),
     });
     let mut started = provider.started.subscribe();
     let server = start_with(
@@ -142,6 +144,90 @@ async fn publishes_queued_in_many_rooms_are_bounded_relay_wide() {
             };
             assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
         }
+    }
+    server.stop().await;
+}
+
+/// A room stuck on its disk holds at most its own budget (`room_queue_bytes`) of the
+/// relay-wide one: its publishers beyond that wait for their room, holding none of the
+/// relay's, so publishes to other rooms still get through. (Taken the other way round, the
+/// stuck room's waiting publishers took the whole relay-wide budget and every room waited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_stuck_on_its_disk_leaves_the_relay_wide_budget_to_the_others() {
+    const PUBLISHERS: usize = 6;
+    let permits = Arc::new(Semaphore::new(1));
+    let provider = Arc::new(SlowDisk {
+        logs: Mutex::default(),
+        permits: Arc::clone(&permits),
+        started: watch::Sender::new(0),
+        free: Arc::new(Semaphore::new(1000)),
+    });
+    let mut started = provider.started.subscribe();
+    let server = start_with(
+        RelayConfig {
+            room_queue_bytes: 100 << 10,
+            room_queues_total_bytes: 256 << 10,
+            ..RelayConfig::default()
+        },
+        Arc::clone(&provider) as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await;
+    let stuck_url = server.url(Some("slow"));
+    let mut stuck = Vec::new();
+    for _ in 0..=PUBLISHERS {
+        stuck.push(join(&stuck_url, hello()).await.0);
+    }
+    let (mut other, _) = join(&server.url(Some("other")), hello()).await;
+    send_json(
+        &mut stuck[0],
+        json!({"type":"publish","ref":0,"events":[event("warm", 0)]}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut stuck[0]).await["type"], "ack");
+    send_json(
+        &mut stuck[0],
+        json!({"type":"publish","ref":1,"events":[event("stuck", 1)]}),
+    )
+    .await;
+    started.wait_for(|n| *n >= 2).await.expect("appends");
+    // About 80 KiB each as the queues count them: one fits in the stuck room's queue, the
+    // others wait for it.
+    let big = |i: usize| {
+        let mut e = event(&format!("big{i}"), 1);
+        e["data"] = json!("s".repeat(40_000));
+        json!({"type":"publish","ref":2,"events":[e]})
+    };
+    for (i, ws) in stuck.iter_mut().enumerate().skip(1) {
+        send_json(ws, big(i)).await;
+    }
+    eventually("the stuck room's publishes read", || {
+        server
+            .relay
+            .backlog("slow")
+            .is_some_and(|b| b.publishes == PUBLISHERS + 1)
+    })
+    .await;
+    // The other room's publishes, as large, are stored while the stuck room waits.
+    for n in 0..3 {
+        send_json(&mut other, big(100 + n)).await;
+        let ack = recv_json(&mut other).await;
+        assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+    }
+    let stuck_room = server.relay.backlog("slow").expect("open");
+    assert!(
+        stuck_room.queued_bytes <= 100 << 10,
+        "the stuck room holds more than its own budget: {stuck_room:?}"
+    );
+    permits.add_permits(1000);
+    for ws in &mut stuck {
+        let ack = loop {
+            let message = recv_json(ws).await;
+            if message["type"] == "ack" {
+                break message;
+            }
+        };
+        assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
     }
     server.stop().await;
 }
