@@ -130,6 +130,14 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_open_rooms: usize,
 
+    /// Bytes of frames waiting for WebSocket subscribers in all (a frame a room sends to many
+    /// counts once); the subscriber whose frames would pass it is closed with 4008 and resumes
+    /// from its cursor. At least twice --max-message-bytes.
+    #[arg(long, env = "KSYNC_SUBSCRIBER_QUEUES_TOTAL_BYTES", value_name = "BYTES",
+        default_value_t = Limits::default().subscriber_queues_total_bytes,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    subscriber_queues_total_bytes: usize,
+
     /// Most repository (`/git/...`) requests handled at once; more get 503 `busy` at once.
     #[arg(long, env = "KSYNC_MAX_GIT_REQUESTS", value_name = "N",
         default_value_t = Limits::default().max_git_requests,
@@ -323,6 +331,15 @@ impl ServeArgs {
             ))
             .into());
         }
+        // The relay's rule (`RelayConfig::subscriber_queues_total_bytes`), said in flags.
+        let least = self.max_message_bytes.saturating_mul(2);
+        if self.subscriber_queues_total_bytes < least {
+            return Err(crate::git::Usage(format!(
+                "--subscriber-queues-total-bytes (KSYNC_SUBSCRIBER_QUEUES_TOTAL_BYTES) is {}: it must be at least twice --max-message-bytes ({}), {least}: one largest frame would fill it",
+                self.subscriber_queues_total_bytes, self.max_message_bytes
+            ))
+            .into());
+        }
         let mut auth = AuthConfig {
             audience,
             issuer,
@@ -383,6 +400,7 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 max_connections_per_client: self.max_connections_per_client,
                 max_open_rooms: self.max_open_rooms,
+                subscriber_queues_total_bytes: self.subscriber_queues_total_bytes,
                 heartbeat: Duration::from_secs(self.heartbeat_secs),
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
                 max_git_requests: self.max_git_requests,

@@ -77,6 +77,11 @@ pub struct Limits {
     /// threads, with a file descriptor each. A connection to a room that is not open is
     /// refused with 503 past it; rooms close once their last connection leaves.
     pub max_open_rooms: usize,
+    /// Bytes of frames waiting for WebSocket subscribers in all, relay-wide (1 GiB; see
+    /// `ksync_ws::server::RelayConfig::subscriber_queues_total_bytes`): the subscriber whose
+    /// frames would pass it is closed with 4008 and resumes from its cursor. At least twice
+    /// `max_message_bytes`: one largest frame would fill a smaller budget on its own.
+    pub subscriber_queues_total_bytes: usize,
     /// Interval between server pings on idle WebSockets (30 s); a client that misses a pong
     /// is dropped.
     pub heartbeat: Duration,
@@ -137,6 +142,15 @@ impl Limits {
                 return Err(ServerError::Config(format!("{field} must be at least 1")));
             }
         }
+        // The relay's rule (`RelayConfig::subscriber_queues_total_bytes`), said in the names
+        // of these limits (and of their flags).
+        if self.subscriber_queues_total_bytes < self.max_message_bytes.saturating_mul(2) {
+            return Err(ServerError::Config(format!(
+                "subscriber_queues_total_bytes ({}) must be at least twice max_message_bytes \
+                 ({}): one largest frame would fill it",
+                self.subscriber_queues_total_bytes, self.max_message_bytes
+            )));
+        }
         // 0 is allowed (do not wait); the bound keeps the shutdown's deadline representable.
         if self.shutdown_timeout > ksync_core::MAX_CONFIG_DURATION {
             return Err(ServerError::Config(format!(
@@ -156,6 +170,8 @@ impl Default for Limits {
             max_connections_per_client: ksync_ws::server::RelayConfig::default()
                 .max_connections_per_client,
             max_open_rooms: ksync_ws::server::RelayConfig::default().max_open_rooms,
+            subscriber_queues_total_bytes: ksync_ws::server::RelayConfig::default()
+                .subscriber_queues_total_bytes,
             heartbeat: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             max_git_requests: 256,

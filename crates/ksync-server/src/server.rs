@@ -313,6 +313,7 @@ fn relay_config(limits: &Limits) -> RelayConfig {
         max_connections: limits.max_connections,
         max_connections_per_client: limits.max_connections_per_client,
         max_open_rooms: limits.max_open_rooms,
+        subscriber_queues_total_bytes: limits.subscriber_queues_total_bytes,
         heartbeat: limits.heartbeat,
         ..RelayConfig::default()
     }

@@ -1250,6 +1250,50 @@ fn serve_raises_its_open_file_limit_and_warns_when_it_stays_too_low() {
     );
 }
 
+/// `--subscriber-queues-total-bytes` (the relay-wide budget of frames waiting for
+/// subscribers) is a serve flag and variable: a budget that one largest frame fills on its
+/// own (less than twice `--max-message-bytes`) is a usage error naming both values; twice
+/// it starts.
+#[test]
+fn subscriber_queues_total_bytes_is_a_serve_flag() {
+    let mut command = ksync();
+    command.args([
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--in-memory",
+        "--max-message-bytes",
+        "4096",
+        "--subscriber-queues-total-bytes",
+        "8191",
+    ]);
+    let stderr = usage_error(command);
+    assert!(
+        stderr.contains("--subscriber-queues-total-bytes") && stderr.contains("is 8191"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--max-message-bytes (4096)"), "{stderr}");
+    let mut command = ksync();
+    command
+        .args(["serve", "--bind", "127.0.0.1:0", "--in-memory"])
+        .env("KSYNC_SUBSCRIBER_QUEUES_TOTAL_BYTES", "1000");
+    let stderr = usage_error(command);
+    assert!(
+        stderr.contains("is 1000") && stderr.contains("(1048576)"),
+        "{stderr}"
+    );
+    stop(serve(
+        &[
+            "--in-memory",
+            "--max-message-bytes",
+            "4096",
+            "--subscriber-queues-total-bytes",
+            "8192",
+        ],
+        &[],
+    ));
+}
+
 /// `--max-open-rooms` caps the rooms open at once: with one open, a connection to another
 /// room gets 503 `too many open rooms`, against the real binary.
 #[tokio::test]

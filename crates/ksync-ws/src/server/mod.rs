@@ -79,7 +79,11 @@ pub struct RelayConfig {
     /// 4,096 open rooms at the defaults. Same overflow policy as `subscriber_queue`: the
     /// subscriber whose frames would pass it is closed with 4008 (resume from your cursor), and
     /// what was queued for it is dropped at once. Frames already in a socket's buffers are not
-    /// counted (see docs/RELIABILITY.md, "Memory"). Default 1 GiB.
+    /// counted (see docs/RELIABILITY.md, "Memory"). At least twice `max_message_size`
+    /// ([`Relay::new`] refuses less, naming both values): one frame is admitted whatever its
+    /// size while nothing is held, so a budget that one largest frame fills on its own would
+    /// close with 4008 every subscriber after the first that needs that frame, though holding
+    /// it for them costs nothing new. Default 1 GiB.
     pub subscriber_queues_total_bytes: usize,
     /// Commands queued per room. Overflow policy: publishers wait (their connection stops
     /// reading), which is back-pressure on the fastest writers. Default 1024; at most
@@ -443,6 +447,13 @@ impl Relay {
                  and clients take {CLIENT_MAX_MESSAGE_SIZE})",
                 MAX_MESSAGE_SIZE_RANGE.start(),
                 MAX_MESSAGE_SIZE_RANGE.end()
+            )));
+        }
+        if config.subscriber_queues_total_bytes < config.max_message_size.saturating_mul(2) {
+            return Err(RelayError::Config(format!(
+                "subscriber_queues_total_bytes ({}) must be at least twice max_message_size \
+                 ({}): one largest frame would fill it",
+                config.subscriber_queues_total_bytes, config.max_message_size
             )));
         }
         // The room's queue is a tokio channel, which panics (in every connection's task, at

@@ -1570,6 +1570,43 @@ async fn catch_up_frames_stay_within_the_message_size_for_any_mix_of_event_sizes
     server.stop().await;
 }
 
+/// A relay-wide subscriber budget that one largest frame fills on its own is refused at
+/// start, naming both values: the first subscriber needing such a frame took it (nothing
+/// else held), and every other subscriber of the room needing the same frame was closed
+/// with 4008, though holding it for them cost nothing new.
+#[test]
+fn a_subscriber_budget_below_two_largest_frames_is_a_config_error() {
+    use ksync_ws::server::{Relay, RelayError};
+
+    let relay = |subscriber_queues_total_bytes, max_message_size| {
+        Relay::new(
+            RelayConfig {
+                subscriber_queues_total_bytes,
+                max_message_size,
+                ..RelayConfig::default()
+            },
+            Arc::new(ksync_core::InMemoryProvider::new()),
+            Arc::new(ksync_core::AllowAll),
+        )
+    };
+    for (total, max) in [(1024, 1 << 20), ((2 << 20) - 1, 1 << 20), (2047, 1024)] {
+        match relay(total, max) {
+            Err(RelayError::Config(message)) => {
+                assert!(
+                    message.contains(&format!("subscriber_queues_total_bytes ({total})"))
+                        && message.contains(&format!("max_message_size ({max})")),
+                    "{total}, {max}: {message}"
+                );
+            }
+            Err(other) => panic!("{total}, {max}: not a config error: {other}"),
+            Ok(_) => panic!("{total}, {max}: accepted"),
+        }
+    }
+    for (total, max) in [(2 << 20, 1 << 20), (2048, 1024)] {
+        assert!(relay(total, max).is_ok(), "{total}, {max} refused");
+    }
+}
+
 /// `max_message_size` is refused outside 1 KiB..=8 MiB, naming the bounds: above 8 MiB an ack
 /// (up to about twice the limit) could outgrow what clients accept, and each reconnect would
 /// meet the same refused frame again.
