@@ -18,7 +18,7 @@ use super::room::{
     EVENTS_ENTRY_OVERHEAD, EVENTS_FRAME_OVERHEAD, Frame, Member, PublishCommand, RoomLink,
     Subscribed,
 };
-use super::socket::{Fragmented, Socket};
+use super::socket::{Fragmented, Reading, Socket};
 use super::{ConnectionSlot, RelayError, Shared};
 use crate::protocol::{
     self, CLIENT_TYPES, ClientMessage, DecodeError, Hello, Publish, ServerMessage, SnapshotPage,
@@ -36,7 +36,7 @@ pub(crate) struct Connection {
     pub(crate) _slot: ConnectionSlot,
 }
 
-type Stream = SplitStream<Socket>;
+type Stream = Reading<SplitStream<Socket>>;
 
 /// Why the connection loop ended.
 enum End {
@@ -146,7 +146,9 @@ pub(crate) async fn serve(connection: Connection) {
         id,
         _slot,
     } = connection;
-    let (sink, mut stream) = socket.split();
+    let read = socket.get_ref().read_counter();
+    let (sink, stream) = socket.split();
+    let mut stream = Reading::new(stream, read);
     let sink = Box::new(Fragmented::new(sink));
     // Bounded: see RelayConfig::subscriber_queue for the overflow policy.
     let outbox = Outbox::new(
@@ -282,6 +284,8 @@ async fn run(
     let mut ping = interval_at(Instant::now() + config.heartbeat, config.heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut awaiting_pong = false;
+    // A message being received at the last tick: the data messages read before it.
+    let mut unfinished = None;
     // Heartbeat ticks since the drain began (see the tick branch).
     let mut drain_ticks = 0u32;
     // The two waits below live across iterations: made anew for every message, each would
@@ -347,6 +351,14 @@ async fn run(
                         return Ok(());
                     }
                 }
+                // A message unfinished since the last tick (none completed meanwhile) is held
+                // by tungstenite until it ends, up to `max_message_size`: one that never ends
+                // would be held for the connection's life. Closed like a silent client.
+                let now = stream.unfinished();
+                if now.is_some() && now == unfinished {
+                    return Err(End::Close(close::HEARTBEAT_TIMEOUT, "a message unfinished for a heartbeat".into()));
+                }
+                unfinished = now;
                 writer.send(Message::Ping(bytes::Bytes::new())).await?;
                 awaiting_pong = true;
             },

@@ -11,6 +11,8 @@
 //! plus one fragment.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
@@ -20,6 +22,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
@@ -27,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error, Message};
 
 /// An upgraded connection.
-pub(crate) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub(crate) type Socket = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// Messages longer than this go as several frames of at most this many bytes. Small enough
 /// that the write buffer a connection keeps is small (10,000 connections × ~2 fragments), large
@@ -80,12 +83,11 @@ impl Pending {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            let socket = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
+            let io = Counted {
+                io: TokioIo::new(upgraded),
+                read: Arc::new(AtomicU64::new(0)),
+            };
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             serve(socket).await;
         });
         let mut response = match &self.key {
@@ -209,5 +211,125 @@ impl<S: futures_util::Sink<Message, Error = Error> + Unpin> futures_util::Sink<M
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         ready!(self.poll_rest(cx))?;
         Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// The socket under tungstenite, counting the bytes read from it (see [`Reading`]).
+pub(crate) struct Counted<T> {
+    io: T,
+    read: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    /// The count of bytes read, for the connection's [`Reading`].
+    pub(crate) fn read_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.read)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
+        let read = buf.filled().len().saturating_sub(before);
+        self.read
+            .fetch_add(u64::try_from(read).unwrap_or(u64::MAX), Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A control frame from a client on the wire: 2 bytes of header and a 4-byte mask (clients
+/// must mask; their payload is at most 125 bytes, so no extended length) before the payload.
+const CONTROL_FRAME_OVERHEAD: u64 = 6;
+
+/// The read half, telling whether a message is being received: bytes were read that no
+/// message returned so far accounts for. tungstenite assembles a message (up to
+/// `max_message_size`) from its frames as they come and shows nothing until it is whole, so a
+/// client could hold one half sent, answering pings, for the connection's life; the
+/// connection closes it when one stays unfinished from one heartbeat to the next (see
+/// `conn.rs`).
+///
+/// A data message returned accounts for everything read so far (what was read with it and
+/// belongs to the next message, at most a read's worth, is forgiven); a control frame for its
+/// own length on the wire.
+pub(crate) struct Reading<S> {
+    inner: S,
+    read: Arc<AtomicU64>,
+    accounted: u64,
+    /// Data messages returned so far.
+    messages: u64,
+}
+
+impl<S> Reading<S> {
+    pub(crate) fn new(inner: S, read: Arc<AtomicU64>) -> Self {
+        Reading {
+            inner,
+            read,
+            accounted: 0,
+            messages: 0,
+        }
+    }
+
+    /// `Some(n)` while a message is being received, `n` the data messages returned before it.
+    pub(crate) fn unfinished(&self) -> Option<u64> {
+        (self.read.load(Ordering::Relaxed) > self.accounted).then_some(self.messages)
+    }
+}
+
+impl<S: futures_util::Stream<Item = Result<Message, Error>> + Unpin> futures_util::Stream
+    for Reading<S>
+{
+    type Item = Result<Message, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = ready!(Pin::new(&mut self.inner).poll_next(cx));
+        let read = self.read.load(Ordering::Relaxed);
+        match &next {
+            Some(Ok(Message::Ping(payload) | Message::Pong(payload))) => {
+                let length = u64::try_from(payload.len()).unwrap_or(u64::MAX);
+                let frame = CONTROL_FRAME_OVERHEAD.saturating_add(length);
+                self.accounted = self.accounted.saturating_add(frame).min(read);
+            }
+            Some(Ok(_)) => {
+                self.accounted = read;
+                self.messages += 1;
+            }
+            Some(Err(_)) | None => {}
+        }
+        Poll::Ready(next)
     }
 }

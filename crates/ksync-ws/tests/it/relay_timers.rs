@@ -140,3 +140,64 @@ async fn credentials_expired_by_the_wall_clock_end_the_connection_by_the_next_he
     }
     assert_eq!(recv_close(&mut ws).await.0, 4401);
 }
+
+/// A client that begins a message and never finishes it, answering every ping meanwhile, is
+/// closed with 4009 by the second heartbeat after it began: the relay would otherwise hold
+/// the message's first part (up to `max_message_size`) for the connection's life. A client
+/// that sends nothing but pongs stays open.
+#[tokio::test(start_paused = true)]
+async fn a_message_begun_and_never_finished_is_closed_with_4009_within_two_heartbeats() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let _clock = fine_clock();
+    let server = start(RelayConfig::default()).await;
+    let heartbeat = RelayConfig::default().heartbeat;
+    let url = server.url(Some("unfinished"));
+    let (mut idle, _) = join(&url, hello()).await;
+    let (mut partial, _) = join(&url, hello()).await;
+    // The first fragment of a publish; the rest never comes.
+    let first = Frame::message(
+        &br#"{"type":"publish","ref":1,"events":["#[..],
+        OpCode::Data(Data::Text),
+        false,
+    );
+    partial.send(Message::Frame(first)).await.expect("send");
+    let began = tokio::time::Instant::now();
+    // Both read (answering the relay's pings) meanwhile.
+    let idle_read = tokio::spawn(async move {
+        tokio::time::timeout(4 * heartbeat, read_until_close(&mut idle)).await
+    });
+    let closed = tokio::time::timeout(4 * heartbeat, read_until_close(&mut partial))
+        .await
+        .expect("the unfinished message's connection closed");
+    assert_eq!(closed, Some(4009));
+    assert!(
+        began.elapsed() <= 2 * heartbeat + SLACK,
+        "{:?}",
+        began.elapsed()
+    );
+    let idle_read = idle_read.await.expect("idle reader");
+    assert!(
+        idle_read.is_err(),
+        "the idle client was closed: {idle_read:?}"
+    );
+    assert_eq!(server.relay.connections(), 1);
+    server.stop().await;
+}
+
+/// Reads (answering the relay's pings) until the relay closes: its close code.
+async fn read_until_close(ws: &mut Raw) -> Option<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            _ => return None,
+        }
+    }
+}
