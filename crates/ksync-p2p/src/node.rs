@@ -293,6 +293,10 @@ fn behaviour(
         DiscoveryMethod::Dht { .. } => {
             let mut config = kad::Config::new(StreamProtocol::new(wire::KAD_PROTOCOL));
             config.set_query_timeout(Duration::from_secs(30));
+            // kSync reads no record and no provider (the DHT only finds peers): without this
+            // any peer could store up to 1,024 of each here, kept and served to others for
+            // their lifetime. Filtered, they come as events the node drops.
+            config.set_record_filtering(kad::StoreInserts::FilterBoth);
             let mut kad =
                 kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), config);
             // Peers on a LAN or loopback never get a confirmed external address; without
@@ -2314,6 +2318,53 @@ mod tests {
         assert_ne!(
             seen_port, listen_port,
             "a Kademlia dial left from the listen port"
+        );
+    }
+
+    /// A DHT peer storing a record on the node (Kademlia PUT_VALUE): the node kept it (up to
+    /// 1,024 records of up to 16 KiB, a Kademlia message, from anyone, for their whole
+    /// lifetime) and served it to others, though kSync reads no record (the DHT is for
+    /// finding peers). The put is still answered as stored, as libp2p does.
+    #[tokio::test]
+    async fn records_peers_put_are_not_kept() {
+        use libp2p::kad::store::RecordStore;
+
+        let (mut stranger, _) = listening_swarm().await;
+        let (mut node, node_addr) = listening_swarm().await;
+        let node_id = *node.local_peer_id();
+        let key = kad::RecordKey::new(&"free storage");
+        let kad = stranger.behaviour_mut().kad.as_mut().expect("DHT");
+        kad.add_address(&node_id, node_addr);
+        kad.put_record(
+            kad::Record::new(key.clone(), vec![7; 8 * 1024]),
+            kad::Quorum::One,
+        )
+        .expect("stored locally first");
+        let put = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::select! {
+                    event = stranger.select_next_some() => {
+                        if let SwarmEvent::Behaviour(BehaviourEvent::Kad(
+                            kad::Event::OutboundQueryProgressed {
+                                result: kad::QueryResult::PutRecord(result),
+                                ..
+                            },
+                        )) = event
+                        {
+                            return result;
+                        }
+                    }
+                    _ = node.select_next_some() => {}
+                }
+            }
+        })
+        .await
+        .expect("the put ends in time");
+        assert!(put.is_ok(), "the node answered the put: {put:?}");
+        let store = node.behaviour_mut().kad.as_mut().expect("DHT").store_mut();
+        assert!(
+            store.get(&key).is_none(),
+            "the node kept a stranger's record"
         );
     }
 }
