@@ -265,3 +265,51 @@ fn a_build_from_a_checkout_names_its_commit() {
         format!("{} (commit {commit})", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// A page of another origin can read that there is no endpoint at a URL: ksync.js, after a
+/// refused upgrade (which a browser hides), asks for the URL with a plain `GET` and stops with
+/// `no_endpoint` on 404, 405 or 410, but a browser shows a page of another origin such an
+/// answer only with `Access-Control-Allow-Origin`. They carry `*`, as `/ksync.js` does (they
+/// hold nothing); the answers that hold something stay same-origin.
+#[tokio::test]
+async fn not_found_and_method_not_allowed_are_readable_from_another_origin() {
+    let running = Server::bind(loopback_config()).await.unwrap();
+    let addr = running.local_addr();
+    let client = reqwest::Client::new();
+    let origin = "https://app.example";
+    for (method, path, status) in [
+        (reqwest::Method::GET, "/no/such/path", 404),
+        (reqwest::Method::GET, "/wss/room", 404),
+        (reqwest::Method::POST, "/health", 405),
+    ] {
+        let response = client
+            .request(method.clone(), format!("http://{addr}{path}"))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        assert_eq!(
+            response
+                .headers()
+                .get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap()),
+            Some("*"),
+            "{method} {path}"
+        );
+    }
+    let health = client
+        .get(format!("http://{addr}/health"))
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(
+        health
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    running.shutdown().await.unwrap();
+}
