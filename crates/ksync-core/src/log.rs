@@ -438,6 +438,20 @@ impl LogIndex {
         singles.chain(multis)
     }
 
+    /// The seq of the latest revision of every id, in the order of their ids (the order of
+    /// [`LogIndex::state`]'s keys): the state as positions in the log, from the index alone,
+    /// without decoding or copying an event.
+    pub fn state_seqs(&self) -> Vec<u64> {
+        let codec = self.codec.as_ref();
+        let mut by_id: Vec<(&[u8], u64)> = self
+            .latest_seqs()
+            .filter_map(|seq| Some((id_bytes(&self.slots, codec, seq)?, seq)))
+            .collect();
+        // A `String`'s order is its UTF-8 bytes' order.
+        by_id.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        by_id.into_iter().map(|(_, seq)| seq).collect()
+    }
+
     /// The revision `(id, version)` and its sequence number.
     pub fn get(&self, id: &str, version: u64) -> Option<Stored> {
         self.stored(self.versions(id)?.get(version)?)

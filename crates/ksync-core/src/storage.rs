@@ -168,6 +168,40 @@ pub trait Storage: Send + Sync + 'static {
     /// The materialised state: the highest version of every id.
     fn state(&self) -> Result<BTreeMap<String, Event>, StorageError>;
 
+    /// The seq of the highest version of every id, in the order of their ids (as
+    /// [`Storage::state`]'s keys): the state as positions in the log, for a caller that reads
+    /// the events later, a page at a time (a relay's state-based join). The default visits the
+    /// whole log; a storage with an index of ids answers from it without reading an event.
+    fn state_seqs(&self) -> Result<Vec<u64>, StorageError> {
+        /// Events visited at a time.
+        const SCAN: usize = 1024;
+        // Per id: its highest version so far and that version's seq.
+        let mut latest: std::collections::HashMap<String, (u64, u64)> =
+            std::collections::HashMap::new();
+        let mut after = 0;
+        loop {
+            let mut seen = after;
+            let visited = self.visit_since(after, SCAN, &mut |seq, event| {
+                seen = seq;
+                match latest.get_mut(event.id.as_str()) {
+                    Some(held) if held.0 >= event.version => {}
+                    Some(held) => *held = (event.version, seq),
+                    None => {
+                        latest.insert(event.id.clone(), (event.version, seq));
+                    }
+                }
+            })?;
+            if visited == 0 {
+                break;
+            }
+            after = seen;
+        }
+        let mut by_id: Vec<(String, u64)> =
+            latest.into_iter().map(|(id, (_, seq))| (id, seq)).collect();
+        by_id.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(by_id.into_iter().map(|(_, seq)| seq).collect())
+    }
+
     /// Reads a small piece of replica metadata (cursors, the replica id).
     fn meta(&self, key: &str) -> Result<Option<String>, StorageError>;
 
@@ -280,6 +314,10 @@ impl Storage for InMemoryStorage {
         Ok(self.lock().log.state())
     }
 
+    fn state_seqs(&self) -> Result<Vec<u64>, StorageError> {
+        Ok(self.lock().log.state_seqs())
+    }
+
     fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
         Ok(self.lock().meta.get(key).cloned())
     }
@@ -363,6 +401,57 @@ mod tests {
         assert_eq!(summaries[0], summaries[1]);
         assert_eq!(visits[0], visits[1]);
         assert_eq!(visits[0], vec![(2, "b".to_owned()), (3, "c".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn state_seqs_from_the_index_are_the_provided_scan_and_the_state() {
+        let ev = |id: &str, version: u64| {
+            Event::new(id, "t", serde_json::json!({ "v": version }), 1).with_version(version)
+        };
+        // Ids in an order other than their seqs', several versions, an id past the ASCII
+        // range, and a version arriving after a higher one of its id.
+        let batches = [
+            vec![ev("b", 1), ev("\u{e9}t\u{e9}", 1), ev("a", 1)],
+            vec![ev("b", 2), ev("a", 3), ev("c", 1)],
+            vec![ev("a", 2), ev("b", 3)],
+        ];
+        let memory = InMemoryStorage::new();
+        let plain = Plain(InMemoryStorage::new());
+        for batch in batches {
+            memory.append(batch.clone()).await.expect("append");
+            plain.append(batch).await.expect("append");
+        }
+        let indexed = memory.state_seqs().expect("indexed");
+        assert_eq!(indexed, plain.state_seqs().expect("scanned"));
+        let expected: Vec<(String, u64)> = memory
+            .state()
+            .expect("state")
+            .into_iter()
+            .map(|(id, e)| (id, e.version))
+            .collect();
+        let read: Vec<(String, u64)> = indexed
+            .iter()
+            .map(|&seq| {
+                let page = memory.read_since(seq - 1, 1).expect("read");
+                (page[0].event.id.clone(), page[0].event.version)
+            })
+            .collect();
+        assert_eq!(read, expected);
+        assert_eq!(
+            read,
+            [
+                ("a".to_owned(), 3),
+                ("b".to_owned(), 3),
+                ("c".to_owned(), 1),
+                ("\u{e9}t\u{e9}".to_owned(), 1)
+            ]
+        );
+        assert!(
+            InMemoryStorage::new()
+                .state_seqs()
+                .expect("empty")
+                .is_empty()
+        );
     }
 
     #[tokio::test]

@@ -698,6 +698,10 @@ impl Storage for FileStorage {
         Ok(self.read().log.state())
     }
 
+    fn state_seqs(&self) -> Result<Vec<u64>, StorageError> {
+        Ok(self.read().log.state_seqs())
+    }
+
     fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
         Ok(self.read().meta.get(key).cloned())
     }

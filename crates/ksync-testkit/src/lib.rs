@@ -253,6 +253,9 @@ macro_rules! storage_pass_through {
         fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
             self.$log.state()
         }
+        fn state_seqs(&self) -> Result<Vec<u64>, StorageError> {
+            self.$log.state_seqs()
+        }
         fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
             self.$log.meta(key)
         }
@@ -449,6 +452,9 @@ impl Storage for MetaHook {
     }
     fn state(&self) -> Result<BTreeMap<String, Event>, StorageError> {
         self.log.state()
+    }
+    fn state_seqs(&self) -> Result<Vec<u64>, StorageError> {
+        self.log.state_seqs()
     }
     fn meta(&self, key: &str) -> Result<Option<String>, StorageError> {
         self.log.meta(key)

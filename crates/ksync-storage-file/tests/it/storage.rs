@@ -166,6 +166,55 @@ async fn racing_batches_agree_with_the_log() {
     race(9, 6, 120, 700).await;
 }
 
+/// The state as positions in the log, from the index of a file log (events kept as their
+/// encoded records, ids read from them): the latest version of every id, in id order, as
+/// `state()` has them, before and after a reopen.
+#[tokio::test]
+async fn state_seqs_name_the_state_in_id_order_before_and_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("s.log");
+    let ev = |id: &str, version: u64| ev(id, version).with_version(version);
+    let check = |storage: &FileStorage| {
+        let seqs = storage.state_seqs().expect("state seqs");
+        let read: Vec<(String, u64)> = seqs
+            .iter()
+            .map(|&seq| {
+                let page = storage.read_since(seq - 1, 1).expect("read");
+                (page[0].event.id.clone(), page[0].event.version)
+            })
+            .collect();
+        let state: Vec<(String, u64)> = storage
+            .state()
+            .expect("state")
+            .into_iter()
+            .map(|(id, e)| (id, e.version))
+            .collect();
+        assert_eq!(read, state);
+        assert_eq!(
+            read,
+            [
+                ("a\"q".to_owned(), 1),
+                ("b".to_owned(), 3),
+                ("c".to_owned(), 2),
+                ("\u{e9}".to_owned(), 1)
+            ]
+        );
+    };
+    {
+        let storage = FileStorage::open(&path).expect("open");
+        storage
+            .append(vec![ev("c", 1), ev("b", 1), ev("\u{e9}", 1)])
+            .await
+            .expect("append");
+        storage
+            .append(vec![ev("b", 3), ev("a\"q", 1), ev("c", 2), ev("b", 2)])
+            .await
+            .expect("append");
+        check(&storage);
+    }
+    check(&FileStorage::open(&path).expect("reopen"));
+}
+
 #[tokio::test]
 async fn meta_survives_reopen_latest_wins() {
     let dir = tempfile::tempdir().expect("tempdir");
