@@ -284,7 +284,7 @@ async fn run(
     let mut ping = interval_at(Instant::now() + config.heartbeat, config.heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut awaiting_pong = false;
-    // A message being received at the last tick: the data messages read before it.
+    // A message being received at the last tick (see `Reading::unfinished`).
     let mut unfinished = None;
     // Heartbeat ticks since the drain began (see the tick branch).
     let mut drain_ticks = 0u32;
@@ -351,12 +351,16 @@ async fn run(
                         return Ok(());
                     }
                 }
-                // A message unfinished since the last tick (none completed meanwhile) is held
-                // by tungstenite until it ends, up to `max_message_size`: one that never ends
-                // would be held for the connection's life. Closed like a silent client.
+                // A message being received is held by tungstenite until it ends, up to
+                // `max_message_size`: one that never ends would be held for the connection's
+                // life. One with no byte more of it since the last tick is closed like a
+                // silent client; one that keeps coming, however slowly (a large publish on a
+                // slow link), is let finish: cut off, it would be sent again, and again.
                 let now = stream.unfinished();
-                if now.is_some() && now == unfinished {
-                    return Err(End::Close(close::HEARTBEAT_TIMEOUT, "a message unfinished for a heartbeat".into()));
+                if let (Some(now), Some(before)) = (now, unfinished)
+                    && now.stalled_since(&before)
+                {
+                    return Err(End::Close(close::HEARTBEAT_TIMEOUT, "a message stalled for a heartbeat".into()));
                 }
                 unfinished = now;
                 writer.send(Message::Ping(bytes::Bytes::new())).await?;

@@ -280,7 +280,7 @@ const CONTROL_FRAME_OVERHEAD: u64 = 6;
 /// message returned so far accounts for. tungstenite assembles a message (up to
 /// `max_message_size`) from its frames as they come and shows nothing until it is whole, so a
 /// client could hold one half sent, answering pings, for the connection's life; the
-/// connection closes it when one stays unfinished from one heartbeat to the next (see
+/// connection closes it when one makes no progress from one heartbeat to the next (see
 /// `conn.rs`).
 ///
 /// A data message returned accounts for everything read so far (what was read with it and
@@ -304,9 +304,29 @@ impl<S> Reading<S> {
         }
     }
 
-    /// `Some(n)` while a message is being received, `n` the data messages returned before it.
-    pub(crate) fn unfinished(&self) -> Option<u64> {
-        (self.read.load(Ordering::Relaxed) > self.accounted).then_some(self.messages)
+    /// `Some` while a message is being received.
+    pub(crate) fn unfinished(&self) -> Option<Unfinished> {
+        let read = self.read.load(Ordering::Relaxed);
+        (read > self.accounted).then(|| Unfinished {
+            after: self.messages,
+            bytes: read - self.accounted,
+        })
+    }
+}
+
+/// A message being received (see [`Reading::unfinished`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Unfinished {
+    /// The data messages returned before it.
+    after: u64,
+    /// Its bytes read so far (with, at most, a read's worth that came with the one before).
+    bytes: u64,
+}
+
+impl Unfinished {
+    /// Whether this is `earlier`'s message with nothing more of it read since.
+    pub(crate) fn stalled_since(&self, earlier: &Unfinished) -> bool {
+        self.after == earlier.after && self.bytes <= earlier.bytes
     }
 }
 

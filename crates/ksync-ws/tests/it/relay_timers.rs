@@ -188,6 +188,60 @@ async fn a_message_begun_and_never_finished_is_closed_with_4009_within_two_heart
     server.stop().await;
 }
 
+/// A message that keeps coming, however slowly, is not cut off: a publish sent in six parts,
+/// one every half heartbeat (three heartbeats in all), is stored and acknowledged. Closed
+/// like a stalled one, it would be sent again, and again.
+#[tokio::test(start_paused = true)]
+async fn a_message_that_keeps_coming_slowly_is_let_finish() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let _clock = fine_clock();
+    let server = start(RelayConfig::default()).await;
+    let heartbeat = RelayConfig::default().heartbeat;
+    let (mut ws, _) = join(&server.url(Some("slow-link")), hello()).await;
+    let text =
+        serde_json::json!({"type": "publish", "ref": 1, "events": [event("slow", 1)]}).to_string();
+    let bytes = text.as_bytes();
+    let part = bytes.len().div_ceil(6);
+    let parts: Vec<&[u8]> = bytes.chunks(part).collect();
+    assert_eq!(parts.len(), 6);
+    let began = tokio::time::Instant::now();
+    for (i, chunk) in parts.iter().enumerate() {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let fin = i + 1 == parts.len();
+        ws.send(Message::Frame(Frame::message(chunk.to_vec(), opcode, fin)))
+            .await
+            .expect("send a part");
+        if fin {
+            break;
+        }
+        // Reading answers the relay's pings meanwhile; nothing else comes.
+        let pause = tokio::time::sleep(heartbeat / 2);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                message = ws.next() => match message {
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    other => panic!("while the message was coming: {other:?}"),
+                },
+            }
+        }
+    }
+    assert!(began.elapsed() >= 2 * heartbeat + heartbeat / 2);
+    let ack = recv_json(&mut ws).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+    server.stop().await;
+}
+
 /// Reads (answering the relay's pings) until the relay closes: its close code.
 async fn read_until_close(ws: &mut Raw) -> Option<u16> {
     use futures_util::StreamExt;
