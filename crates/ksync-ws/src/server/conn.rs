@@ -355,7 +355,8 @@ async fn run(
                 // `max_message_size`: one that never ends would be held for the connection's
                 // life. One with no byte more of it since the last tick is closed like a
                 // silent client; one that keeps coming, however slowly (a large publish on a
-                // slow link), is let finish: cut off, it would be sent again, and again.
+                // slow link), is let finish: cut off, it would be sent again, and again. (Sent
+                // as one frame it still meets the pong rule above: its pong waits behind it.)
                 let now = stream.unfinished();
                 if let (Some(now), Some(before)) = (now, unfinished)
                     && now.stalled_since(&before)
