@@ -5,7 +5,8 @@
 //! one chosen append ([`FailAppend`]), one whose appends a test lets finish one by one, as a
 //! slow disk would ([`GatedAppends`]), one whose metadata writes go through a hook that may
 //! hold them up or fail them ([`MetaHook`]), a `KSync` over a storage and a client
-//! ([`ksync_over`]), and a copy of a fixture directory to work on ([`copy_dir`]).
+//! ([`ksync_over`]), a copy of a fixture directory to work on ([`copy_dir`]), and event data
+//! at the edges of the event rules ([`edge_data`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -494,5 +495,37 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         } else {
             std::fs::copy(entry.path(), &target).expect("copy a fixture file");
         }
+    }
+}
+
+/// Event data at the edges of the event rules, for the tests that carry it through every path.
+pub mod edge_data {
+    use serde_json::{Value, json};
+
+    /// Doubles that serde_json's default parser (without `float_roundtrip`) read one unit in
+    /// the last place off: `0.9941414234139935` came back `...936`.
+    pub const MISREAD_FLOATS: [f64; 3] =
+        [0.9941414234139935, 408.72700000000003, 954.8880000000001];
+
+    /// The bits of each number of a JSON array of numbers (for exact comparison).
+    pub fn float_bits(data: &Value) -> Vec<u64> {
+        data.as_array()
+            .expect("an array")
+            .iter()
+            .map(|n| n.as_f64().expect("a number").to_bits())
+            .collect()
+    }
+
+    /// `data` nested `levels` deep (`[[1]]` is two), arrays and objects in turn.
+    pub fn nested(levels: usize) -> Value {
+        let mut data = json!("innermost");
+        for level in 0..levels {
+            data = if level % 2 == 0 {
+                json!([data])
+            } else {
+                json!({ "k": data })
+            };
+        }
+        data
     }
 }

@@ -773,23 +773,11 @@ async fn floats_round_trip_bit_for_bit() {
     let clock = ManualClock::new(100);
     let a = node(&url, "a", &clock).await;
     let b = node(&url, "b", &clock).await;
-    let sent = [
-        0.9941414234139935_f64,
-        408.72700000000003,
-        954.8880000000001,
-    ];
+    let sent = ksync_testkit::edge_data::MISREAD_FLOATS;
     a.update("f", "t", json!(sent)).await.expect("update");
     a.push().await.expect("push");
     b.pull().await.expect("pull");
-    let bits = |event: &Event| -> Vec<u64> {
-        event
-            .data
-            .as_array()
-            .expect("an array")
-            .iter()
-            .map(|n| n.as_f64().expect("a number").to_bits())
-            .collect()
-    };
+    let bits = |event: &Event| ksync_testkit::edge_data::float_bits(&event.data);
     let want: Vec<u64> = sent.iter().map(|f| f.to_bits()).collect();
     assert_eq!(
         bits(&branch_events(&server, "r", "main")[0]),
@@ -798,19 +786,6 @@ async fn floats_round_trip_bit_for_bit() {
     );
     let pulled = b.replica().storage().read_since(0, 10).expect("read");
     assert_eq!(bits(&pulled[0].event), want, "what b pulled");
-}
-
-/// `data` nested `levels` deep (`[[1]]` is two), arrays and objects in turn.
-fn nested_data(levels: usize) -> serde_json::Value {
-    let mut data = json!("innermost");
-    for level in 0..levels {
-        data = if level % 2 == 0 {
-            json!([data])
-        } else {
-            json!({ "k": data })
-        };
-    }
-    data
 }
 
 /// Data as deep as the event rules allow is pushed, pulled, and comes back inside a push's
@@ -824,7 +799,7 @@ async fn data_as_deep_as_the_rules_allow_is_pushed_pulled_and_held_in_a_conflict
     let clock = ManualClock::new(100);
     let a = node(&url, "a", &clock).await;
     let b = node(&url, "b", &clock).await;
-    let deep = nested_data(ksync_core::MAX_DATA_DEPTH);
+    let deep = ksync_testkit::edge_data::nested(ksync_core::MAX_DATA_DEPTH);
     a.update("x", "t", deep.clone()).await.expect("update");
     a.push().await.expect("push");
     b.pull().await.expect("pull");
@@ -844,7 +819,7 @@ async fn data_as_deep_as_the_rules_allow_is_pushed_pulled_and_held_in_a_conflict
         body["rejected"][0]["conflict"]["ours"]["data"], deep,
         "{body}"
     );
-    let too_deep = nested_data(ksync_core::MAX_DATA_DEPTH + 1);
+    let too_deep = ksync_testkit::edge_data::nested(ksync_core::MAX_DATA_DEPTH + 1);
     let refused = a.update("y", "t", too_deep).await.expect_err("too deep");
     assert!(
         matches!(

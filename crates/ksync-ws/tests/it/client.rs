@@ -1362,22 +1362,12 @@ async fn floats_arrive_bit_for_bit() {
     let rb = Recorder::attach(&b);
     a.connect().await.expect("a");
     b.connect().await.expect("b");
-    let sent = [
-        0.9941414234139935_f64,
-        408.72700000000003,
-        954.8880000000001,
-    ];
+    let sent = ksync_testkit::edge_data::MISREAD_FLOATS;
     a.send(Event::new("f", "t", json!(sent), 1))
         .await
         .expect("send");
     eventually("b got it", || rb.events().len() == 1).await;
-    let bits = |data: &serde_json::Value| -> Vec<u64> {
-        data.as_array()
-            .expect("an array")
-            .iter()
-            .map(|n| n.as_f64().expect("a number").to_bits())
-            .collect()
-    };
+    let bits = ksync_testkit::edge_data::float_bits;
     let want: Vec<u64> = sent.iter().map(|f| f.to_bits()).collect();
     assert_eq!(bits(&rb.events()[0].data), want, "what b received");
     // And a catch-up, read from the relay's log, is exact too.
@@ -1387,19 +1377,6 @@ async fn floats_arrive_bit_for_bit() {
     a.disconnect().await.expect("disconnect");
     b.disconnect().await.expect("disconnect");
     server.stop().await;
-}
-
-/// `data` nested `levels` deep (`[[1]]` is two), arrays and objects in turn.
-fn nested_data(levels: usize) -> serde_json::Value {
-    let mut data = json!("innermost");
-    for level in 0..levels {
-        data = if level % 2 == 0 {
-            json!([data])
-        } else {
-            json!({ "k": data })
-        };
-    }
-    data
 }
 
 /// Data as deep as the event rules allow goes through every message that carries it: the
@@ -1418,7 +1395,12 @@ async fn data_as_deep_as_the_rules_allow_goes_everywhere_and_deeper_is_refused()
     let rb = Recorder::attach(&b);
     a.connect().await.expect("a");
     b.connect().await.expect("b");
-    let deep = Event::new("deep", "t", nested_data(ksync_core::MAX_DATA_DEPTH), 1);
+    let deep = Event::new(
+        "deep",
+        "t",
+        ksync_testkit::edge_data::nested(ksync_core::MAX_DATA_DEPTH),
+        1,
+    );
     a.send(deep.clone()).await.expect("send");
     eventually("b got it", || rb.events().len() == 1).await;
     assert_eq!(rb.events()[0].data, deep.data);
@@ -1438,7 +1420,7 @@ async fn data_as_deep_as_the_rules_allow_goes_everywhere_and_deeper_is_refused()
     let too_deep = Event::new(
         "deeper",
         "t",
-        nested_data(ksync_core::MAX_DATA_DEPTH + 1),
+        ksync_testkit::edge_data::nested(ksync_core::MAX_DATA_DEPTH + 1),
         1,
     );
     let refused = a.send(too_deep).await.expect_err("too deep");
