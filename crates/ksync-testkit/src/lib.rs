@@ -3,19 +3,21 @@
 //! `error` notifications of a client ([`SyncRecorder`], [`EventRecorder`], [`ErrorRecorder`]),
 //! the storage methods a test wrapper passes on unchanged ([`storage_pass_through!`]), a storage that fails
 //! one chosen append ([`FailAppend`]), one whose appends a test lets finish one by one, as a
-//! slow disk would ([`GatedAppends`]), one whose metadata writes go through a hook that may
+//! slow disk would ([`GatedAppends`]), a provider of such logs, one per name, on one slow
+//! disk or several ([`GatedProvider`]), one whose metadata writes go through a hook that may
 //! hold them up or fail them ([`MetaHook`]), a `KSync` over a storage and a client
 //! ([`ksync_over`]), a copy of a fixture directory to work on ([`copy_dir`]), and event data
 //! at the edges of the event rules ([`edge_data`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ksync_core::{
-    BoxFuture, Event, InMemoryStorage, KSync, MergeOutcome, Notification, NotificationKind,
-    Notifier, Storage, StorageError, Stored, Subscription, SyncClient, SyncError,
+    BoxFuture, Event, InMemoryStorage, KSync, LogName, MergeOutcome, Notification,
+    NotificationKind, Notifier, Storage, StorageError, StorageProvider, Stored, Subscription,
+    SyncClient, SyncError,
 };
 use tracing::Level;
 use tracing::field::{Field, Visit};
@@ -374,6 +376,70 @@ impl Storage for GatedAppends {
         self.log.flush()
     }
     storage_pass_through!(log);
+}
+
+/// Picks, for [`GatedProvider`], the semaphore whose permits a log's appends take, by the
+/// log's name: which disk (of the test's) the log is on.
+pub type GatePicker = dyn Fn(&LogName) -> Arc<tokio::sync::Semaphore> + Send + Sync;
+
+/// A storage provider of [`GatedAppends`] logs, one per name, made at its first open and
+/// kept (a room reopened finds its events): slow disks for a relay's tests. `gate` picks the
+/// permits each log's appends take (one semaphore for all: one slow disk; another for some
+/// names: a second disk); every log counts the appends that began in the one `started`.
+pub struct GatedProvider {
+    logs: Mutex<HashMap<LogName, Arc<GatedAppends>>>,
+    gate: Box<GatePicker>,
+    started: tokio::sync::watch::Sender<usize>,
+}
+
+impl GatedProvider {
+    /// Logs whose appends take the permits `gate` picks by their name.
+    pub fn new(
+        gate: impl Fn(&LogName) -> Arc<tokio::sync::Semaphore> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            logs: Mutex::default(),
+            gate: Box::new(gate),
+            started: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Every log on one disk: their appends take `permits`.
+    pub fn one_disk(permits: Arc<tokio::sync::Semaphore>) -> Self {
+        Self::new(move |_| Arc::clone(&permits))
+    }
+
+    /// The appends that began in all logs so far, to await (`wait_for`).
+    pub fn started(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.started.subscribe()
+    }
+
+    fn logs(&self) -> MutexGuard<'_, HashMap<LogName, Arc<GatedAppends>>> {
+        // A test that panicked while holding it has failed already; its map is still whole.
+        self.logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl StorageProvider for GatedProvider {
+    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
+        let log = self
+            .logs()
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(GatedAppends::new((self.gate)(name), self.started.clone())))
+            .clone();
+        Ok(log)
+    }
+    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
+        Ok(self
+            .logs()
+            .get(name)
+            .map(|log| Arc::clone(log) as Arc<dyn Storage>))
+    }
+    fn list(&self) -> Result<Vec<LogName>, StorageError> {
+        Ok(Vec::new())
+    }
 }
 
 /// What [`MetaHook`] runs before each metadata write, given its key: `Ok` lets the write

@@ -3,47 +3,19 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use ksync_core::{LogName, Storage, StorageError, StorageProvider};
-use ksync_testkit::GatedAppends;
+use ksync_core::{LogName, StorageProvider};
+use ksync_testkit::GatedProvider;
 use ksync_ws::server::RelayConfig;
 use serde_json::json;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 
 /// Taken by every test here: one of them measures this process's resident memory, which the
 /// others' allocations (running beside it on other threads) would add to.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// One log per name, all on one slow disk: their appends share `permits` and `started`.
-struct SlowProvider {
-    logs: Mutex<HashMap<LogName, Arc<GatedAppends>>>,
-    permits: Arc<Semaphore>,
-    started: watch::Sender<usize>,
-}
-
-impl StorageProvider for SlowProvider {
-    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
-        let mut logs = self.logs.lock().expect("lock");
-        let log = logs.entry(name.clone()).or_insert_with(|| {
-            Arc::new(GatedAppends::new(
-                Arc::clone(&self.permits),
-                self.started.clone(),
-            ))
-        });
-        Ok(log.clone())
-    }
-    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
-        let logs = self.logs.lock().expect("lock");
-        Ok(logs.get(name).map(|log| log.clone() as Arc<dyn Storage>))
-    }
-    fn list(&self) -> Result<Vec<LogName>, StorageError> {
-        Ok(Vec::new())
-    }
-}
 
 /// A join waits for the append on disk now (the room's lock), not for every publish queued
 /// behind it: those are not in the log yet, and reach the joiner live, after its catch-up,
@@ -54,12 +26,8 @@ impl StorageProvider for SlowProvider {
 async fn a_join_waits_for_the_append_in_progress_not_for_the_queue() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let permits = Arc::new(Semaphore::new(1));
-    let provider = Arc::new(SlowProvider {
-        logs: Mutex::default(),
-        permits: Arc::clone(&permits),
-        started: watch::Sender::new(0),
-    });
-    let mut started = provider.started.subscribe();
+    let provider = Arc::new(GatedProvider::one_disk(Arc::clone(&permits)));
+    let mut started = provider.started();
     let server = start_with(
         RelayConfig {
             // One publish a group: each queued publish is an append of its own.
@@ -176,12 +144,8 @@ fn rss() -> u64 {
 async fn publishers_waiting_for_a_full_room_queue_hold_json_not_decoded_events() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let permits = Arc::new(Semaphore::new(1));
-    let provider = Arc::new(SlowProvider {
-        logs: Mutex::default(),
-        permits: Arc::clone(&permits),
-        started: watch::Sender::new(0),
-    });
-    let mut started = provider.started.subscribe();
+    let provider = Arc::new(GatedProvider::one_disk(Arc::clone(&permits)));
+    let mut started = provider.started();
     let server = start_with(
         RelayConfig {
             room_queue_bytes: 1 << 20,
@@ -269,12 +233,8 @@ async fn publishers_waiting_for_a_full_room_queue_hold_json_not_decoded_events()
 async fn a_room_stuck_on_its_disk_closes_no_live_client_for_missed_heartbeats() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let permits = Arc::new(Semaphore::new(1));
-    let provider = Arc::new(SlowProvider {
-        logs: Mutex::default(),
-        permits: Arc::clone(&permits),
-        started: watch::Sender::new(0),
-    });
-    let mut started = provider.started.subscribe();
+    let provider = Arc::new(GatedProvider::one_disk(Arc::clone(&permits)));
+    let mut started = provider.started();
     let server = start_with(
         RelayConfig {
             heartbeat: Duration::from_millis(100),
@@ -358,28 +318,8 @@ async fn a_room_stuck_on_its_disk_closes_no_live_client_for_missed_heartbeats() 
 /// `max_message_size` each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_joiners_that_stop_reading_hold_a_frame_not_a_page() {
-    use ksync_core::{Event, InMemoryProvider, Name};
-
     let _alone = ONE_AT_A_TIME.lock().await;
-    let provider = Arc::new(InMemoryProvider::new());
-    let log = provider
-        .open(&LogName::Room(Name::new("big").expect("name")))
-        .expect("open");
-    let events: Vec<Event> = (0..40)
-        .map(|n| {
-            serde_json::from_value(json!({"id": format!("e{n}"), "type": "t",
-                "data": "s".repeat(900_000), "timestamp": 1, "version": 1}))
-            .expect("event")
-        })
-        .collect();
-    log.append(events).await.expect("append");
-    drop(log);
-    let server = start_with(
-        RelayConfig::default(),
-        provider as Arc<dyn StorageProvider>,
-        Arc::new(ksync_core::AllowAll),
-    )
-    .await;
+    let server = relay_with_a_large_room("big").await;
     let url = server.url(Some("big"));
     let _keep = join(&url, hello()).await;
     let before = rss();
@@ -411,29 +351,9 @@ async fn state_joiners_that_stop_reading_hold_a_frame_not_a_page() {
 /// (What a snapshot sends is checked in `it/relay.rs` and `it/relay_edges.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_joiners_between_commits_hold_no_copy_of_the_state_each() {
-    use ksync_core::{Event, InMemoryProvider, Name};
-
     const JOINERS: u64 = 4;
     let _alone = ONE_AT_A_TIME.lock().await;
-    let provider = Arc::new(InMemoryProvider::new());
-    let log = provider
-        .open(&LogName::Room(Name::new("busy").expect("name")))
-        .expect("open");
-    let events: Vec<Event> = (0..40)
-        .map(|n| {
-            serde_json::from_value(json!({"id": format!("e{n}"), "type": "t",
-                "data": "s".repeat(900_000), "timestamp": 1, "version": 1}))
-            .expect("event")
-        })
-        .collect();
-    log.append(events).await.expect("append");
-    drop(log);
-    let server = start_with(
-        RelayConfig::default(),
-        provider as Arc<dyn StorageProvider>,
-        Arc::new(ksync_core::AllowAll),
-    )
-    .await;
+    let server = relay_with_a_large_room("busy").await;
     let url = server.url(Some("busy"));
     let (mut writer, _) = join(&url, hello()).await;
     let before = rss();
@@ -463,6 +383,32 @@ async fn state_joiners_between_commits_hold_no_copy_of_the_state_each() {
     server.stop().await;
 }
 
+/// A relay (default configuration, logs in memory) whose room `room` holds 40 events of
+/// 900 KB, each its own id: a state of 36 MB, for the state joiners' memory tests.
+async fn relay_with_a_large_room(room: &str) -> Server {
+    use ksync_core::{Event, InMemoryProvider, Name};
+
+    let provider = Arc::new(InMemoryProvider::new());
+    let log = provider
+        .open(&LogName::Room(Name::new(room).expect("name")))
+        .expect("open");
+    let events: Vec<Event> = (0..40)
+        .map(|n| {
+            serde_json::from_value(json!({"id": format!("e{n}"), "type": "t",
+                "data": "s".repeat(900_000), "timestamp": 1, "version": 1}))
+            .expect("event")
+        })
+        .collect();
+    log.append(events).await.expect("append");
+    drop(log);
+    start_with(
+        RelayConfig::default(),
+        provider as Arc<dyn StorageProvider>,
+        Arc::new(ksync_core::AllowAll),
+    )
+    .await
+}
+
 /// Joins `url`'s room with `hello` over a socket with a 4 KiB receive buffer, so that the
 /// relay's writes to it wait once it stops reading.
 async fn join_small_window(url: &str, hello: serde_json::Value) -> Raw {
@@ -490,12 +436,8 @@ async fn join_small_window(url: &str, hello: serde_json::Value) -> Raw {
 async fn a_join_waiting_for_a_hung_append_ends_at_shutdown() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let permits = Arc::new(Semaphore::new(1));
-    let provider = Arc::new(SlowProvider {
-        logs: Mutex::default(),
-        permits: Arc::clone(&permits),
-        started: watch::Sender::new(0),
-    });
-    let mut started = provider.started.subscribe();
+    let provider = Arc::new(GatedProvider::one_disk(Arc::clone(&permits)));
+    let mut started = provider.started();
     let server = start_with(
         RelayConfig::default(),
         Arc::clone(&provider) as Arc<dyn StorageProvider>,
@@ -554,12 +496,8 @@ impl ksync_core::Authenticator for ShortLived {
 async fn a_join_waiting_for_a_hung_append_ends_when_its_credentials_expire() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let permits = Arc::new(Semaphore::new(1));
-    let provider = Arc::new(SlowProvider {
-        logs: Mutex::default(),
-        permits: Arc::clone(&permits),
-        started: watch::Sender::new(0),
-    });
-    let mut started = provider.started.subscribe();
+    let provider = Arc::new(GatedProvider::one_disk(Arc::clone(&permits)));
+    let mut started = provider.started();
     let server = start_with(
         RelayConfig::default(),
         Arc::clone(&provider) as Arc<dyn StorageProvider>,

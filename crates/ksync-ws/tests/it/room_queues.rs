@@ -1,42 +1,23 @@
 //! What the rooms' queues hold relay-wide while the disk is slow
 //! (`RelayConfig::room_queues_total_bytes`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::common::*;
-use ksync_core::{LogName, Storage, StorageError, StorageProvider};
-use ksync_testkit::GatedAppends;
+use ksync_core::{LogName, StorageProvider};
+use ksync_testkit::GatedProvider;
 use ksync_ws::server::RelayConfig;
 use serde_json::json;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 
-/// One log per name: those of rooms named `slow...` on one slow disk (their appends share
-/// `permits` and `started`), the others on a disk whose appends wait for `free`'s permits.
-struct SlowDisk {
-    logs: Mutex<HashMap<LogName, Arc<GatedAppends>>>,
-    permits: Arc<Semaphore>,
-    started: watch::Sender<usize>,
-    free: Arc<Semaphore>,
-}
-
-impl StorageProvider for SlowDisk {
-    fn open(&self, name: &LogName) -> Result<Arc<dyn Storage>, StorageError> {
-        let mut logs = self.logs.lock().expect("lock");
-        let slow = matches!(name, LogName::Room(room) if room.as_str().starts_with("slow"));
-        let log = logs.entry(name.clone()).or_insert_with(|| {
-            let permits = if slow { &self.permits } else { &self.free };
-            Arc::new(GatedAppends::new(Arc::clone(permits), self.started.clone()))
-        });
-        Ok(log.clone())
-    }
-    fn existing(&self, name: &LogName) -> Result<Option<Arc<dyn Storage>>, StorageError> {
-        let logs = self.logs.lock().expect("lock");
-        Ok(logs.get(name).map(|log| log.clone() as Arc<dyn Storage>))
-    }
-    fn list(&self) -> Result<Vec<LogName>, StorageError> {
-        Ok(Vec::new())
-    }
+/// Rooms named `slow...` on one slow disk (their appends take `slow`'s permits), the other
+/// logs on a disk whose appends take `free`'s; all count in the provider's `started`.
+fn slow_disk(slow: &Arc<Semaphore>, free: Arc<Semaphore>) -> Arc<GatedProvider> {
+    let slow = Arc::clone(slow);
+    Arc::new(GatedProvider::new(move |name| match name {
+        LogName::Room(room) if room.as_str().starts_with("slow") => Arc::clone(&slow),
+        _ => Arc::clone(&free),
+    }))
 }
 
 /// Publishes queued in many rooms behind one stuck disk are bounded relay-wide: before,
@@ -51,13 +32,8 @@ async fn publishes_queued_in_many_rooms_are_bounded_relay_wide() {
     const BUDGET: usize = 256 << 10;
     // One append each for the rooms' first publishes; the next ones hang.
     let permits = Arc::new(Semaphore::new(ROOMS));
-    let provider = Arc::new(SlowDisk {
-        logs: Mutex::default(),
-        permits: Arc::clone(&permits),
-        started: watch::Sender::new(0),
-        free: Arc::new(Semaphore::new(0)),
-    });
-    let mut started = provider.started.subscribe();
+    let provider = slow_disk(&permits, Arc::new(Semaphore::new(0)));
+    let mut started = provider.started();
     let server = start_with(
         RelayConfig {
             room_queues_total_bytes: BUDGET,
@@ -156,13 +132,8 @@ async fn publishes_queued_in_many_rooms_are_bounded_relay_wide() {
 async fn a_room_stuck_on_its_disk_leaves_the_relay_wide_budget_to_the_others() {
     const PUBLISHERS: usize = 6;
     let permits = Arc::new(Semaphore::new(1));
-    let provider = Arc::new(SlowDisk {
-        logs: Mutex::default(),
-        permits: Arc::clone(&permits),
-        started: watch::Sender::new(0),
-        free: Arc::new(Semaphore::new(1000)),
-    });
-    let mut started = provider.started.subscribe();
+    let provider = slow_disk(&permits, Arc::new(Semaphore::new(1000)));
+    let mut started = provider.started();
     let server = start_with(
         RelayConfig {
             room_queue_bytes: 100 << 10,
