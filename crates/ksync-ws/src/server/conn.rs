@@ -136,7 +136,11 @@ impl Drop for Leave {
     }
 }
 
-pub(crate) async fn serve(connection: Connection) {
+/// The connection's task: a plain function that sets up and returns the future, so the
+/// task holds each part of `connection` once. (An `async fn` keeps its argument in the
+/// future beside the locals moved out of it, and every idle connection's task would carry
+/// both; see `Relay::upgrade` for the same reason one level up.)
+pub(crate) fn serve(connection: Connection) -> impl Future<Output = ()> + Send {
     let Connection {
         shared,
         socket,
@@ -144,11 +148,11 @@ pub(crate) async fn serve(connection: Connection) {
         grant,
         mut member,
         id,
-        _slot,
+        _slot: slot,
     } = connection;
-    let read = socket.get_ref().read_counter();
+    let progress = socket.get_ref().progress();
     let (sink, stream) = socket.split();
-    let mut stream = Reading::new(stream, read);
+    let mut stream = Reading::new(stream, progress);
     let sink = Box::new(Fragmented::new(sink));
     // Bounded: see RelayConfig::subscriber_queue for the overflow policy.
     let outbox = Outbox::new(
@@ -157,7 +161,7 @@ pub(crate) async fn serve(connection: Connection) {
         shared.config.subscriber_queue_bytes,
         Arc::clone(&shared.queue_budget),
     );
-    let _leave = Leave(Arc::clone(&outbox));
+    let leave = Leave(Arc::clone(&outbox));
     let mut writer = Writer {
         outbox,
         compression: false,
@@ -187,9 +191,11 @@ pub(crate) async fn serve(connection: Connection) {
             tracing::debug!(code, %reason, "closing connection");
             writer.close(code, reason).await;
         }
+        drop(writer);
+        drop(leave);
+        drop(slot);
     }
     .instrument(span)
-    .await;
 }
 
 async fn run(
@@ -250,20 +256,21 @@ async fn run(
     // Expired while joining (which may wait for a closing room): no welcome, no catch-up.
     check_expiry(grant)?;
     let room_link = &*room_link;
-    writer
-        .message(
-            &ServerMessage::Welcome(Welcome {
-                protocol: PROTOCOL_VERSION,
-                room: room.to_string(),
-                server_version,
-                compression: hello.compression,
-                heartbeat_ms: u64::try_from(config.heartbeat.as_millis()).unwrap_or(u64::MAX),
-                max_message_size: config.max_message_size,
-                log_id: Some(room_link.log_id().to_owned()),
-            }),
-            false,
-        )
-        .await?;
+    // Boxed, the message with it: inline, this one-off wait would be the largest state of
+    // the future every idle connection's task carries.
+    Box::pin(async {
+        let welcome = ServerMessage::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION,
+            room: room.to_string(),
+            server_version,
+            compression: hello.compression,
+            heartbeat_ms: u64::try_from(config.heartbeat.as_millis()).unwrap_or(u64::MAX),
+            max_message_size: config.max_message_size,
+            log_id: Some(room_link.log_id().to_owned()),
+        });
+        writer.message(&welcome, false).await
+    })
+    .await?;
     // Boxed (here and below): these futures are large and short-lived; kept inline they would
     // make every idle connection's task carry their size.
     Box::pin(catch_up(

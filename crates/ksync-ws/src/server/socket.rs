@@ -20,6 +20,8 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::response::Response;
 use bytes::Bytes;
+use futures_util::FutureExt as _;
+use futures_util::future::OptionFuture;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -79,17 +81,19 @@ impl Pending {
             // Not reached: axum's extractor refused a request without it (426).
             return empty(StatusCode::UPGRADE_REQUIRED);
         };
-        tokio::spawn(async move {
-            let Ok(upgraded) = on_upgrade.await else {
-                return;
-            };
-            let io = Counted {
-                io: TokioIo::new(upgraded),
-                read: Arc::new(AtomicU64::new(0)),
-            };
-            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            serve(socket).await;
-        });
+        let socket = async move {
+            let upgraded = on_upgrade.await.ok()?;
+            let io = Counted::new(TokioIo::new(upgraded));
+            Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
+        };
+        // Chained, not one `async` block: a coroutine keeps its captures (`serve`, the
+        // config) for its whole life, a `Then` drops the first stage once the second runs,
+        // so the connection's task holds only the connection's future.
+        tokio::spawn(
+            socket
+                .then(move |socket| OptionFuture::from(socket.map(serve)))
+                .map(|_: Option<()>| ()),
+        );
         let mut response = match &self.key {
             Some(key) => {
                 let accept =
