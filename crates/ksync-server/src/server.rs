@@ -246,7 +246,11 @@ impl Server {
                 Arc::clone(&self.state),
                 count_requests,
             ))
-            .layer(axum::middleware::map_response(no_endpoint_any_origin))
+            // The relay's router has it already (a library user may mount it alone); this
+            // covers the rest (`/git/...`, the fallback), adding no second header.
+            .layer(axum::middleware::map_response(
+                ksync_ws::server::no_endpoint_any_origin,
+            ))
     }
 
     /// Binds the listening socket and starts serving in the background.
@@ -509,24 +513,6 @@ impl RunningServer {
         stop.await;
         self.shutdown().await
     }
-}
-
-/// 404, 405 and 410 (nothing there, or not that method) are readable from any origin, as
-/// `/ksync.js` is: a browser hides a refused upgrade's answer, so ksync.js asks for the URL
-/// with a plain `GET` to tell a wrong URL (`no_endpoint`, it stops) from a passing failure
-/// (it retries), and a page of another origin sees that answer only with this header. They
-/// hold nothing (credentials are never allowed with `*`); other answers stay same-origin.
-async fn no_endpoint_any_origin(mut response: Response) -> Response {
-    if matches!(
-        response.status(),
-        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::GONE
-    ) {
-        response
-            .headers_mut()
-            .entry(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-            .or_insert(header::HeaderValue::from_static("*"));
-    }
-    response
 }
 
 async fn count_requests(

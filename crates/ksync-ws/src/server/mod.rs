@@ -576,12 +576,16 @@ impl Relay {
         clients.values().cloned().collect()
     }
 
-    /// Routes `/ws` (the default room) and `/ws/{room}`.
+    /// Routes `/ws` (the default room) and `/ws/{room}`. Its 404, 405 and 410 answers (a path
+    /// it has no route for, a method the upgrade does not take), its fallback's included, are
+    /// readable from any origin ([`no_endpoint_any_origin`]), so that ksync.js in a page of
+    /// another origin stops with `no_endpoint` rather than retrying for ever.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/ws", any(default_room_handler))
             .route("/ws/{room}", any(room_handler))
             .with_state(self.clone())
+            .layer(axum::middleware::map_response(no_endpoint_any_origin))
     }
 
     /// Serves a WebSocket upgrade for `room` (`None`: the default room). For servers that
@@ -978,6 +982,27 @@ impl Shared {
             None => Lookup::Absent,
         }
     }
+}
+
+/// Makes a 404, 405 or 410 answer (nothing there, or not that method) readable from any
+/// origin (`Access-Control-Allow-Origin: *`, once, whoever adds it first), as ksync-server's
+/// `/ksync.js` is: a browser hides a refused upgrade's answer, so ksync.js asks for the URL
+/// with a plain `GET` to tell a wrong URL (`no_endpoint`, it stops) from a passing failure
+/// (it retries), and a page of another origin sees that answer only with this header. They
+/// hold nothing (credentials are never allowed with `*`); other answers stay same-origin.
+/// [`Relay::router`] applies it; a server composing more routes around the relay's (as
+/// ksync-server does) applies it to the whole, with `axum::middleware::map_response`.
+pub async fn no_endpoint_any_origin(mut response: Response) -> Response {
+    if matches!(
+        response.status(),
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::GONE
+    ) {
+        response
+            .headers_mut()
+            .entry(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .or_insert(header::HeaderValue::from_static("*"));
+    }
+    response
 }
 
 async fn default_room_handler(State(relay): State<Relay>, request: Request) -> Response {

@@ -414,3 +414,62 @@ async fn answers_keep_the_order_of_messages_sent_back_to_back() {
     assert_eq!(seen, ["b1", "b2", "b3"]);
     server.stop().await;
 }
+
+/// A relay router mounted alone (`Relay::router()`, no ksync-server around it) answers the
+/// requests it does not serve (a path it has no route for, a method the upgrade does not
+/// take) 404 or 405 readable from any origin, with one `Access-Control-Allow-Origin: *`:
+/// ksync.js in a page of another origin asks for the URL with a plain `GET` after a
+/// refused upgrade and stops (`no_endpoint`) only if it may read that answer. Without the
+/// header it retried for ever. Other answers (a plain `GET` of a room) stay same-origin.
+#[tokio::test]
+async fn requests_the_relay_router_does_not_serve_are_readable_from_another_origin() {
+    let server = start(RelayConfig::default()).await;
+    for (method, path, status) in [
+        ("GET", "/no/such/path", 404),
+        ("GET", "/ws/room/more", 404),
+        ("POST", "/ws/room", 405),
+        ("PUT", "/ws", 405),
+    ] {
+        let head = plain_answer_head(server.addr, method, path).await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{method} {path}: {head}"
+        );
+        assert_eq!(allow_origin(&head), vec!["*"], "{method} {path}: {head}");
+    }
+    let head = plain_answer_head(server.addr, "GET", "/ws/room").await;
+    assert!(!head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(allow_origin(&head).is_empty(), "{head}");
+    server.stop().await;
+}
+
+/// The `Access-Control-Allow-Origin` values of an answer's head.
+fn allow_origin(head: &str) -> Vec<&str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.eq_ignore_ascii_case("access-control-allow-origin"))
+        .map(|(_, value)| value.trim())
+        .collect()
+}
+
+/// The head of the answer to a plain (not upgrade) `method` request for `path`, sent with an
+/// `Origin` of another site, as a page's `fetch` sends it.
+async fn plain_answer_head(addr: std::net::SocketAddr, method: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://app.example\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer
+        .split_once("\r\n\r\n")
+        .map_or(answer.clone(), |(head, _)| head.to_owned())
+}
