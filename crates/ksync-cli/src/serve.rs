@@ -183,6 +183,14 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = secs::<1>)]
     request_body_timeout_secs: u64,
 
+    /// Slowest average, in bytes a second, a request body may keep once
+    /// --request-body-timeout-secs of grace are spent (the body must have come in that plus a
+    /// second per N bytes received) before 408; 0 turns the rule off.
+    #[arg(long, env = "KSYNC_REQUEST_BODY_MIN_RATE", value_name = "BYTES_PER_SEC",
+        default_value_t = Limits::default().request_body_min_rate,
+        allow_negative_numbers = true, value_parser = at_least::<u64, 0>)]
+    request_body_min_rate: u64,
+
     /// Longest wait, in seconds, for a request's headers (from connecting, or from the
     /// previous response on a keep-alive connection) before the connection is closed.
     #[arg(long, env = "KSYNC_REQUEST_HEADER_TIMEOUT_SECS", value_name = "SECS",
@@ -196,6 +204,14 @@ pub struct ServeArgs {
         default_value_t = Limits::default().max_http_connections,
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_http_connections: usize,
+
+    /// Longest wait, in seconds, for a client to take any byte of a response being sent
+    /// before the connection is closed (a client that keeps reading, however slowly, is let
+    /// finish; WebSockets are not affected once upgraded).
+    #[arg(long, env = "KSYNC_RESPONSE_WRITE_TIMEOUT_SECS", value_name = "SECS",
+        default_value_t = Limits::default().response_write_timeout.as_secs(),
+        allow_negative_numbers = true, value_parser = secs::<1>)]
+    response_write_timeout_secs: u64,
 
     /// Seconds between heartbeats (pings) on idle WebSockets.
     #[arg(long, env = "KSYNC_HEARTBEAT_SECS", value_name = "SECS", default_value_t = 30,
@@ -405,8 +421,10 @@ impl ServeArgs {
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
                 max_git_requests: self.max_git_requests,
                 request_body_timeout: Duration::from_secs(self.request_body_timeout_secs),
+                request_body_min_rate: self.request_body_min_rate,
                 request_header_timeout: Duration::from_secs(self.request_header_timeout_secs),
                 max_http_connections: self.max_http_connections,
+                response_write_timeout: Duration::from_secs(self.response_write_timeout_secs),
                 git_body_memory_bytes: self.git_body_memory_bytes,
                 max_branches_per_repo: self.max_branches_per_repo,
                 max_pushes_per_client: self.max_pushes_per_client,

@@ -95,6 +95,13 @@ pub struct Limits {
     /// Longest wait for the next piece of a request body (30 s); a client that stops sending
     /// mid-body gets 408 and its request's memory is freed. The whole body may take longer.
     pub request_body_timeout: Duration,
+    /// Slowest average a request body may arrive at once its grace is spent, in bytes a
+    /// second (500; 0: no such rule; Apache's `mod_reqtimeout` `MinRate`): a body must have
+    /// come in `request_body_timeout` plus one second for each `request_body_min_rate` bytes
+    /// received, or it gets 408 and its request's slot and memory are freed. Without it, a
+    /// client sending one byte a little more often than `request_body_timeout` held a
+    /// repository request slot (and a push place) as long as it cared to.
+    pub request_body_min_rate: u64,
     /// Longest wait for a request's headers (30 s), from the connection's start or from the
     /// end of its previous response: a client that sends them too slowly, or leaves a
     /// keep-alive connection idle that long, is disconnected. WebSockets are not affected
@@ -105,6 +112,12 @@ pub struct Limits {
     /// stops accepting until one closes: new clients wait in the listen backlog (nothing is
     /// refused, no file descriptor is spent on them).
     pub max_http_connections: usize,
+    /// Longest a response may go without a byte of it taken by the client (30 s; nginx's
+    /// `send_timeout`): the connection is closed then, freeing the response's memory (a pull
+    /// page is up to 8 MiB) and its connection slot. Before, a client that stopped reading
+    /// held both for good. A slow reader that keeps reading is never cut off; WebSockets are
+    /// not affected once upgraded (the relay has its own write timeout).
+    pub response_write_timeout: Duration,
     /// Memory the bodies of repository requests in flight may take, decoded (256 MiB; see
     /// `ksync_git::server::GitServerConfig::body_memory_bytes`): past it, 503 `busy`.
     pub git_body_memory_bytes: usize,
@@ -134,6 +147,7 @@ impl Limits {
         for (field, value) in [
             ("request_header_timeout", self.request_header_timeout),
             ("request_body_timeout", self.request_body_timeout),
+            ("response_write_timeout", self.response_write_timeout),
         ] {
             ksync_core::check_config_duration(field, value).map_err(ServerError::Config)?;
         }
@@ -176,8 +190,10 @@ impl Default for Limits {
             shutdown_timeout: Duration::from_secs(10),
             max_git_requests: 256,
             request_body_timeout: Duration::from_secs(30),
+            request_body_min_rate: 500,
             request_header_timeout: Duration::from_secs(30),
             max_http_connections: 1024,
+            response_write_timeout: Duration::from_secs(30),
             git_body_memory_bytes: ksync_git::server::GitServerConfig::default().body_memory_bytes,
             max_branches_per_repo: ksync_git::server::GitServerConfig::default()
                 .max_branches_per_repo,

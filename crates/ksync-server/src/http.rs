@@ -9,17 +9,28 @@
 //! accepting and new clients wait in the kernel's listen backlog. A connection upgraded to a
 //! WebSocket leaves this count at the upgrade (the relay caps those with its own
 //! `max_connections`).
+//!
+//! hyper has no write timeout either: a client that asked for a large answer (a pull page is
+//! up to 8 MiB) and stopped reading held its connection slot and the answer's memory for good,
+//! and enough such clients stopped the server accepting until it was restarted. [`Stalls`]
+//! closes a connection whose writes make no progress for `response_write_timeout`.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Sleep;
 
 /// Limits of the accept loop.
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +40,9 @@ pub(crate) struct ConnectionLimits {
     /// Longest wait for a request's headers, counted from the connection's start or from the
     /// end of its previous response; the connection is closed then.
     pub header_timeout: Duration,
+    /// Longest a write to the client may make no progress (not a byte taken) before the
+    /// connection is closed; not applied once the connection is upgraded.
+    pub write_timeout: Duration,
 }
 
 /// Serves `app` on `listener` until `stop` says so (or its sender is gone), then asks every
@@ -63,18 +77,25 @@ where
             _ = stop.wait_for(|stop| *stop) => break,
         };
         let router = app.clone();
+        let upgraded = Arc::new(AtomicBool::new(false));
+        let io = Stalls::new(io, limits.write_timeout, Arc::clone(&upgraded));
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             // What `into_make_service_with_connect_info` gives handlers (the auth limiter and
             // the logs key on it).
             request.extensions_mut().insert(ConnectInfo(remote));
             let router = router.clone();
+            let upgraded = Arc::clone(&upgraded);
             async move {
                 let request = request.map(axum::body::Body::new);
-                Ok::<_, Infallible>(
-                    tower::ServiceExt::oneshot(router, request)
-                        .await
-                        .unwrap_or_else(|never| match never {}),
-                )
+                let response = tower::ServiceExt::oneshot(router, request)
+                    .await
+                    .unwrap_or_else(|never| match never {});
+                // From here on the socket is the relay's, whose own write timeout and queue
+                // bounds watch it; a subscriber may rightly be quiet longer than an answer.
+                if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                    upgraded.store(true, Ordering::Relaxed);
+                }
+                Ok::<_, Infallible>(response)
             }
         });
         let connection = http1
@@ -109,4 +130,97 @@ where
     // Every slot back: every connection has ended.
     let _all = slots.acquire_many(capacity as u32).await;
     Ok(())
+}
+
+/// A connection's socket that fails a write (or flush, or shutdown) which has made no progress
+/// for `timeout`: hyper then drops the connection, and with it the answer it was writing.
+/// Progress is any byte taken, so a slow reader that keeps reading is never cut off. Off once
+/// `upgraded` is set.
+struct Stalls<T> {
+    inner: T,
+    timeout: Duration,
+    upgraded: Arc<AtomicBool>,
+    /// Running while a write is pending; reset by any progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> Stalls<T> {
+    fn new(inner: T, timeout: Duration, upgraded: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            timeout,
+            upgraded,
+            stalled: None,
+        }
+    }
+
+    /// What a write returned, turned into an error when it has been pending too long.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() || self.upgraded.load(Ordering::Relaxed) {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.stalled = None;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took no byte of the response within the write timeout",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Stalls<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Stalls<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, polled)
+    }
 }

@@ -19,6 +19,7 @@ mod config;
 mod dashboard;
 mod error;
 mod http;
+mod min_rate;
 mod ratelimit;
 mod server;
 mod signal;

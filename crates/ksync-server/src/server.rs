@@ -228,6 +228,13 @@ impl Server {
                         self.config.limits.request_body_timeout,
                     ))
                     .layer(axum::middleware::from_fn_with_state(
+                        Arc::new(crate::min_rate::MinRate {
+                            grace: self.config.limits.request_body_timeout,
+                            bytes_per_sec: self.config.limits.request_body_min_rate,
+                        }),
+                        crate::min_rate::enforce,
+                    ))
+                    .layer(axum::middleware::from_fn_with_state(
                         Arc::clone(&self.git_requests),
                         shed_git_requests,
                     )),
@@ -266,6 +273,7 @@ impl Server {
         let limits = crate::http::ConnectionLimits {
             max_http_connections: self.config.limits.max_http_connections,
             header_timeout: self.config.limits.request_header_timeout,
+            write_timeout: self.config.limits.response_write_timeout,
         };
         let task = match &self.tls {
             // Small frames must not wait for Nagle's algorithm (it added ~10 ms p50).
@@ -319,6 +327,8 @@ fn relay_config(limits: &Limits) -> RelayConfig {
         max_connections_per_client: limits.max_connections_per_client,
         max_open_rooms: limits.max_open_rooms,
         subscriber_queues_total_bytes: limits.subscriber_queues_total_bytes,
+        room_queue_bytes: limits.room_queue_bytes,
+        room_queues_total_bytes: limits.room_queues_total_bytes,
         heartbeat: limits.heartbeat,
         ..RelayConfig::default()
     }

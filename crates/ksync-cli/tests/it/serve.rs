@@ -453,7 +453,7 @@ fn usage_error(command: Command) -> String {
 /// internal field (`max_message_size`) for 0, and for a timer past a day (`heartbeat`).
 #[test]
 fn bad_limit_values_are_usage_errors_naming_the_flag() {
-    let cases: [(&str, &str, &[&str], &str); 17] = [
+    let cases: [(&str, &str, &[&str], &str); 19] = [
         (
             "--max-message-bytes",
             "KSYNC_MAX_MESSAGE_BYTES",
@@ -494,6 +494,18 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
         (
             "--request-header-timeout-secs",
             "KSYNC_REQUEST_HEADER_TIMEOUT_SECS",
+            &["0", "-1", "30s", "86401"],
+            "from 1 to 86400",
+        ),
+        (
+            "--request-body-min-rate",
+            "KSYNC_REQUEST_BODY_MIN_RATE",
+            &["-1", "fast", "1.5"],
+            "whole number",
+        ),
+        (
+            "--response-write-timeout-secs",
+            "KSYNC_RESPONSE_WRITE_TIMEOUT_SECS",
             &["0", "-1", "30s", "86401"],
             "from 1 to 86400",
         ),

@@ -463,3 +463,77 @@ async fn zero_stored_rooms_or_repos_caps_are_refused_at_start() {
         }
     }
 }
+
+/// A client that asks for a large pull and stops reading its answer: past
+/// `response_write_timeout` without a byte taken the connection is closed, freeing its slot
+/// and the response's memory (before, both were held for good: with every slot taken so, the
+/// server stopped accepting until restarted). A request on another connection is answered
+/// meanwhile.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_response_is_closed_after_the_write_timeout() {
+    let running = Server::bind(with_limits(Limits {
+        max_http_connections: 2,
+        response_write_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    }))
+    .await
+    .expect("server");
+    let addr = running.local_addr();
+    let http = reqwest::Client::new();
+    let created = http
+        .put(format!("http://{addr}/git/r"))
+        .send()
+        .await
+        .expect("create");
+    assert!(created.status().is_success(), "{}", created.status());
+    // 7 MiB of events: more than a 4 KiB receive window and the kernel's largest send buffer
+    // (4 MiB by default on Linux) take, so the server itself holds the rest.
+    let big = "x".repeat(512 * 1024);
+    let events: Vec<_> = (0..14)
+        .map(|i| {
+            serde_json::json!({"id": format!("e{i}"), "type": "t", "data": big,
+            "timestamp": 1, "version": 1})
+        })
+        .collect();
+    let pushed = http
+        .post(format!("http://{addr}/git/r/branches/main/events"))
+        .json(&serde_json::json!({"baseVersion": 0, "events": events}))
+        .send()
+        .await
+        .expect("push");
+    assert!(pushed.status().is_success(), "{}", pushed.status());
+    drop(http);
+
+    // Asks for all of it (no gzip) and reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    let mut stalled = socket.connect(addr).await.expect("connect");
+    stalled
+        .write_all(b"GET /git/r/branches/main/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+
+    // Meanwhile a well-behaved client is served on the other slot.
+    let mut other = TcpStream::connect(addr).await.expect("connect");
+    other.write_all(HEALTH).await.expect("write");
+    assert!(
+        read_health_response(&mut other)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    // Both slots are taken: a third client is served once the stalled one is closed.
+    let mut third = TcpStream::connect(addr).await.expect("connect");
+    third.write_all(HEALTH).await.expect("write");
+    assert!(
+        read_health_response(&mut third)
+            .await
+            .starts_with("HTTP/1.1 200"),
+        "the third client was not served: the stalled reader still holds its slot"
+    );
+    // What the stalled client gets is cut short: less than the response's length.
+    let read = closed_within(&mut stalled, Duration::from_secs(10)).await;
+    assert!(read.starts_with(b"HTTP/1.1 200"));
+    assert!(read.len() < 14 * 512 * 1024, "read {} bytes", read.len());
+    drop(other);
+    running.shutdown().await.expect("shutdown");
+}

@@ -161,6 +161,105 @@ async fn git_requests_are_shed_past_the_limit_and_stalled_bodies_time_out() {
     running.shutdown().await.unwrap();
 }
 
+/// Sends `body` as a push to `/git/{repo}` a `piece` of bytes every `every`, until the server
+/// answers (or the body is all sent and answered); returns the answer and the bytes sent.
+async fn trickle_push(
+    addr: SocketAddr,
+    repo: &str,
+    body: Vec<u8>,
+    piece: usize,
+    every: Duration,
+) -> (String, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /git/{repo}/branches/main/events HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = tcp.into_split();
+    let mut answer = Vec::new();
+    let mut sent = 0;
+    let mut tick = tokio::time::interval(every);
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut buffer = [0u8; 4096];
+        tokio::select! {
+            read = reader.read(&mut buffer) => match read.unwrap() {
+                0 => break,
+                n => answer.extend_from_slice(&buffer[..n]),
+            },
+            _ = tick.tick(), if sent < body.len() => {
+                let end = (sent + piece).min(body.len());
+                // The server may have answered and closed meanwhile.
+                if writer.write_all(&body[sent..end]).await.is_err() {
+                    continue;
+                }
+                sent = end;
+            }
+            _ = tokio::time::sleep_until(give_up) => {
+                panic!("no answer within 10 s ({sent} of {} bytes sent)", body.len())
+            }
+        }
+    }
+    (String::from_utf8_lossy(&answer).into_owned(), sent)
+}
+
+/// A push body that keeps coming, a byte at a time, but far below `request_body_min_rate`
+/// gets 408 once its grace (`request_body_timeout`) is spent, which frees its repository
+/// request slot; before, one byte a little more often than every `request_body_timeout`
+/// held the slot for as long as the client cared to (256 such clients shed every other
+/// repository request with 503). A body that keeps the rate is let finish however long it
+/// takes, and other routes are answered meanwhile.
+#[tokio::test]
+async fn a_body_trickled_below_the_minimum_rate_gets_408_and_one_above_it_finishes() {
+    let mut config = loopback_config();
+    config.limits.max_git_requests = 1;
+    config.limits.request_body_timeout = Duration::from_millis(300);
+    config.limits.request_body_min_rate = 1000;
+    let running = Server::bind(config).await.unwrap();
+    let addr = running.local_addr();
+    let client = reqwest::Client::new();
+    let created = client
+        .put(format!("http://{addr}/git/slow"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let body = serde_json::json!({"baseVersion": 0, "events": [
+        {"id": "e1", "type": "t", "data": "x".repeat(1000), "timestamp": 1, "version": 1}]})
+    .to_string();
+
+    // 20 bytes a second: each byte well within the 300 ms between pieces.
+    let slow = tokio::spawn(trickle_push(
+        addr,
+        "slow",
+        body.clone().into_bytes(),
+        1,
+        Duration::from_millis(50),
+    ));
+    // Other routes are answered meanwhile.
+    assert_eq!(get(format!("http://{addr}/health")).await.status(), 200);
+    let (answer, sent) = slow.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"body_incomplete\""), "{answer}");
+    assert!(sent < body.len(), "all {sent} bytes were sent");
+
+    // 2,000 bytes a second: past the 300 ms grace (over half a second), and let finish.
+    let (answer, sent) = trickle_push(
+        addr,
+        "slow",
+        body.clone().into_bytes(),
+        100,
+        Duration::from_millis(50),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(sent, body.len());
+    running.shutdown().await.unwrap();
+}
+
 /// A configuration that cannot start (here a bad key, or a certificate file that is not
 /// there) leaves no data directory behind and holds no lock on it.
 #[tokio::test]
