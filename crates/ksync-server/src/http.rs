@@ -224,3 +224,61 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stalls<T> {
         self.watch(cx, polled)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A write that makes no progress fails after the timeout; once the connection is
+    /// upgraded it waits for the reader however long it takes (the relay watches it then).
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_write_fails_after_the_timeout_unless_upgraded() {
+        for upgraded in [false, true] {
+            let (near, mut far) = tokio::io::duplex(16);
+            let flag = Arc::new(AtomicBool::new(upgraded));
+            let mut stalls = Stalls::new(near, Duration::from_millis(300), flag);
+            // Fills the pipe; the next write has nowhere to go.
+            stalls.write_all(&[0; 16]).await.expect("fits");
+            let stalled = tokio::time::timeout(Duration::from_secs(60), stalls.write_all(&[1]));
+            if upgraded {
+                assert!(stalled.await.is_err(), "the upgraded write gave up");
+                // The reader comes back: the write goes through.
+                let mut got = [0; 16];
+                far.read_exact(&mut got).await.expect("read");
+                stalls.write_all(&[1]).await.expect("written");
+            } else {
+                let failed = stalled
+                    .await
+                    .expect("failed before 60 s")
+                    .expect_err("fails");
+                assert_eq!(failed.kind(), io::ErrorKind::TimedOut);
+            }
+        }
+    }
+
+    /// A reader that keeps taking bytes, however slowly, is never cut off.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_reading_gets_everything() {
+        let (near, mut far) = tokio::io::duplex(16);
+        let mut stalls = Stalls::new(
+            near,
+            Duration::from_millis(300),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut byte = [0; 1];
+            while got.len() < 256 {
+                // Each byte taken within the timeout, the whole far past it.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                far.read_exact(&mut byte).await.expect("read");
+                got.push(byte[0]);
+            }
+            got
+        });
+        let sent: Vec<u8> = (0..=255).collect();
+        stalls.write_all(&sent).await.expect("written whole");
+        assert_eq!(reader.await.expect("reader"), sent);
+    }
+}
