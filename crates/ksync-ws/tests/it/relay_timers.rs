@@ -255,3 +255,208 @@ async fn read_until_close(ws: &mut Raw) -> Option<u16> {
         }
     }
 }
+
+/// A publish of about 1 MiB sent as ONE frame (what kSync's clients, browsers and most
+/// libraries send), its bytes trickling in over three heartbeats: the client's pong cannot
+/// overtake the frame's rest in TCP, so the bytes of the frame are what says the client is
+/// alive. The relay stores and acknowledges it; closed with 4009 ("no pong"), the client
+/// would send it again, and again, for ever.
+#[tokio::test(start_paused = true)]
+async fn a_message_sent_as_one_frame_slowly_is_let_finish() {
+    use tokio::io::AsyncWriteExt;
+
+    let _clock = fine_clock();
+    let heartbeat = Duration::from_secs(1);
+    let server = start(RelayConfig {
+        heartbeat,
+        ..RelayConfig::default()
+    })
+    .await;
+    let url = server.url(Some("slow-one-frame"));
+    let mut tcp = bare_join(&url).await;
+    let blob = "x".repeat(1_000_000);
+    let text = serde_json::json!({
+        "type": "publish", "ref": 7,
+        "events": [{"id": "big", "type": "test", "data": {"blob": blob},
+                    "timestamp": 1_700_000_000_000u64, "version": 1}],
+    })
+    .to_string();
+    // A masked text frame with a 64-bit length; the zero mask leaves the payload as is.
+    let mut head = vec![0x81, 0x80 | 127];
+    head.extend_from_slice(&(text.len() as u64).to_be_bytes());
+    head.extend_from_slice(&[0; 4]);
+    tcp.write_all(&head).await.expect("header");
+    let began = tokio::time::Instant::now();
+    const CHUNKS: usize = 12;
+    for chunk in text.as_bytes().chunks(text.len().div_ceil(CHUNKS)) {
+        tokio::time::sleep(heartbeat / 4).await;
+        if tcp.write_all(chunk).await.is_err() {
+            let close = bare_next_text(&mut tcp, true).await;
+            panic!("closed while the frame kept coming: {close:?}");
+        }
+    }
+    assert!(began.elapsed() >= 3 * heartbeat);
+    let ack = match bare_next_text(&mut tcp, true).await {
+        Ok(ack) => ack,
+        Err(close) => panic!("closed while the frame kept coming: {close:?}"),
+    };
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["ref"], 7, "{ack}");
+    assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+    // Stored: a client joining from the start gets it.
+    let (mut late, _) = join(
+        &url,
+        serde_json::json!({"type": "hello", "protocol": ksync_core::PROTOCOL_VERSION, "since": 0}),
+    )
+    .await;
+    let got = recv_json(&mut late).await;
+    assert_eq!(got["type"], "events");
+    assert_eq!(got["events"][0]["event"]["id"], "big");
+    assert_eq!(
+        got["events"][0]["event"]["data"]["blob"]
+            .as_str()
+            .map(str::len),
+        Some(1_000_000)
+    );
+    server.stop().await;
+}
+
+/// A client that began a message as one frame and then sent nothing more (stopped, or its
+/// link died: no byte of the frame's rest and, behind it, no pong) is closed with 4009 by the
+/// second heartbeat after it began.
+#[tokio::test(start_paused = true)]
+async fn a_message_begun_as_one_frame_and_stopped_is_closed_with_4009_within_two_heartbeats() {
+    use tokio::io::AsyncWriteExt;
+
+    let _clock = fine_clock();
+    let heartbeat = Duration::from_secs(1);
+    let server = start(RelayConfig {
+        heartbeat,
+        ..RelayConfig::default()
+    })
+    .await;
+    let mut tcp = bare_join(&server.url(Some("one-frame-stopped"))).await;
+    let mut start = vec![0x81, 0x80 | 126];
+    start.extend_from_slice(&1000u16.to_be_bytes());
+    start.extend_from_slice(&[0; 4]);
+    start.extend_from_slice(br#"{"type":"publish","ref":1,"events":["#);
+    tcp.write_all(&start).await.expect("the frame's start");
+    let began = tokio::time::Instant::now();
+    // Reads without answering: a pong now would be read as the frame's payload.
+    let closed = tokio::time::timeout(4 * heartbeat, bare_next_text(&mut tcp, false))
+        .await
+        .expect("closed within four heartbeats");
+    assert_eq!(closed.err().flatten().map(|(code, _)| code), Some(4009));
+    assert!(
+        began.elapsed() <= 2 * heartbeat + SLACK,
+        "{:?}",
+        began.elapsed()
+    );
+    server.stop().await;
+}
+
+/// Ping and pong frames whose small length is written in the 16- or 64-bit form (RFC 6455
+/// asks for the shortest, tungstenite reads any) are not the start of a message: an idle
+/// client that sent them, answering every ping, stays open (it was closed with 4009 as "a
+/// message stalled", the bytes of their longer header counted as a message being received),
+/// and a publish after them is acknowledged.
+#[tokio::test(start_paused = true)]
+async fn control_frames_with_a_long_length_form_are_no_message_being_received() {
+    use tokio::io::AsyncWriteExt;
+
+    let _clock = fine_clock();
+    let heartbeat = Duration::from_secs(1);
+    let server = start(RelayConfig {
+        heartbeat,
+        ..RelayConfig::default()
+    })
+    .await;
+    let mut tcp = bare_join(&server.url(Some("long-control"))).await;
+    // A ping of 3 bytes, its length in the 16-bit form; an unsolicited pong of 0 bytes, in
+    // the 64-bit form.
+    let mut frames = vec![0x89, 0x80 | 126, 0, 3, 0, 0, 0, 0, b'a', b'b', b'c'];
+    frames.extend_from_slice(&[0x8a, 0x80 | 127, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    tcp.write_all(&frames).await.expect("control frames");
+    // Idle for four heartbeats, answering the relay's pings.
+    let idle = tokio::time::timeout(4 * heartbeat, bare_next_text(&mut tcp, true)).await;
+    assert!(idle.is_err(), "nothing but pings while idle: {idle:?}");
+    assert_eq!(server.relay.connections(), 1);
+    let publish =
+        serde_json::json!({"type": "publish", "ref": 2, "events": [event("after", 1)]}).to_string();
+    bare_send(&mut tcp, 0x1, publish.as_bytes())
+        .await
+        .expect("publish");
+    let ack = bare_next_text(&mut tcp, true).await.expect("an ack");
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["results"][0]["status"], "stored", "{ack}");
+    server.stop().await;
+}
+
+/// Sends one masked (zero mask) frame, fin set.
+async fn bare_send(
+    tcp: &mut tokio::net::TcpStream,
+    opcode: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+
+    let mut frame = vec![0x80 | opcode];
+    match u16::try_from(payload.len()) {
+        Ok(n) if n < 126 => frame.push(0x80 | u8::try_from(n).expect("short")),
+        Ok(n) => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&n.to_be_bytes());
+        }
+        Err(_) => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(payload);
+    tcp.write_all(&frame).await
+}
+
+/// Reads the relay's frames up to the next text message (as JSON), or its close frame (`Err`
+/// with its code and reason) or the end of the connection (`Err(None)`); answers its pings
+/// when `answer`.
+async fn bare_next_text(
+    tcp: &mut tokio::net::TcpStream,
+    answer: bool,
+) -> Result<serde_json::Value, Option<(u16, String)>> {
+    use tokio::io::AsyncReadExt;
+
+    let mut message = Vec::new();
+    loop {
+        let mut head = [0u8; 2];
+        if tcp.read_exact(&mut head).await.is_err() {
+            return Err(None);
+        }
+        let (fin, opcode) = (head[0] & 0x80 != 0, head[0] & 0x0f);
+        let length = match head[1] & 0x7f {
+            126 => u64::from(tcp.read_u16().await.map_err(|_| None)?),
+            127 => tcp.read_u64().await.map_err(|_| None)?,
+            n => u64::from(n),
+        };
+        let mut payload = vec![0; usize::try_from(length).expect("length")];
+        tcp.read_exact(&mut payload).await.map_err(|_| None)?;
+        match opcode {
+            0x8 => {
+                let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
+                return Err(code.map(|code| (code, reason.into_owned())));
+            }
+            // Not answered once the relay stopped reading: its close frame may follow.
+            0x9 if answer => {
+                let _ = bare_send(tcp, 0xa, &payload).await;
+            }
+            0x9 | 0xa => {}
+            _ => {
+                message.extend_from_slice(&payload);
+                if fin {
+                    return Ok(serde_json::from_slice(&message).expect("JSON"));
+                }
+            }
+        }
+    }
+}
