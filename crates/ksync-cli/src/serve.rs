@@ -138,6 +138,20 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     subscriber_queues_total_bytes: usize,
 
+    /// Bytes of publishes queued for one WebSocket room's log (1 to 4294967295, 4 GiB); past
+    /// it the room's publishers wait (their connections stop reading), nothing is refused.
+    #[arg(long, env = "KSYNC_ROOM_QUEUE_BYTES", value_name = "BYTES",
+        default_value_t = Limits::default().room_queue_bytes,
+        allow_negative_numbers = true, value_parser = parse_room_queue_bytes)]
+    room_queue_bytes: usize,
+
+    /// Bytes of publishes queued in all WebSocket rooms together; past it publishers wait. At
+    /// least --room-queue-bytes: a room stuck on its disk holds at most that much of it.
+    #[arg(long, env = "KSYNC_ROOM_QUEUES_TOTAL_BYTES", value_name = "BYTES",
+        default_value_t = Limits::default().room_queues_total_bytes,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    room_queues_total_bytes: usize,
+
     /// Most repository (`/git/...`) requests handled at once; more get 503 `busy` at once.
     #[arg(long, env = "KSYNC_MAX_GIT_REQUESTS", value_name = "N",
         default_value_t = Limits::default().max_git_requests,
@@ -282,6 +296,19 @@ fn parse_max_message_bytes(text: &str) -> Result<usize, String> {
     }
 }
 
+/// `--room-queue-bytes`: 1 to `u32::MAX` (the relay counts a room's budget in `u32`).
+fn parse_room_queue_bytes(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<u32>() {
+        Ok(bytes) if bytes >= 1 => {
+            usize::try_from(bytes).map_err(|_| format!("{bytes} is too large"))
+        }
+        _ => Err(format!(
+            "expected a whole number of bytes from 1 to {} (4 GiB)",
+            u32::MAX
+        )),
+    }
+}
+
 /// `--jwt-leeway-secs`: 0 to a day (`MAX_JWT_LEEWAY`).
 fn parse_leeway_secs(text: &str) -> Result<u64, String> {
     let max = MAX_JWT_LEEWAY.as_secs();
@@ -356,6 +383,14 @@ impl ServeArgs {
             ))
             .into());
         }
+        // `Limits::room_queues_total_bytes`'s rule, said in flags.
+        if self.room_queues_total_bytes < self.room_queue_bytes {
+            return Err(crate::git::Usage(format!(
+                "--room-queues-total-bytes (KSYNC_ROOM_QUEUES_TOTAL_BYTES) is {}: it must be at least --room-queue-bytes (KSYNC_ROOM_QUEUE_BYTES), {}: one room stuck on its disk would hold all of it, and publishes to every room would wait",
+                self.room_queues_total_bytes, self.room_queue_bytes
+            ))
+            .into());
+        }
         let mut auth = AuthConfig {
             audience,
             issuer,
@@ -417,6 +452,8 @@ impl ServeArgs {
                 max_connections_per_client: self.max_connections_per_client,
                 max_open_rooms: self.max_open_rooms,
                 subscriber_queues_total_bytes: self.subscriber_queues_total_bytes,
+                room_queue_bytes: self.room_queue_bytes,
+                room_queues_total_bytes: self.room_queues_total_bytes,
                 heartbeat: Duration::from_secs(self.heartbeat_secs),
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
                 max_git_requests: self.max_git_requests,
@@ -521,6 +558,32 @@ fn auth_summary(auth: &AuthConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    /// `--room-queue-bytes` and `--room-queues-total-bytes` reach the server's limits, which
+    /// the server hands to the relay as they are.
+    #[test]
+    fn the_room_queue_flags_reach_the_limits() {
+        use clap::Parser;
+        let serve = Serve::try_parse_from([
+            "serve",
+            "--room-queue-bytes",
+            "3145728",
+            "--room-queues-total-bytes",
+            "5242880",
+        ])
+        .expect("flags");
+        let limits = serve.args.into_config().expect("config").limits;
+        assert_eq!(
+            (limits.room_queue_bytes, limits.room_queues_total_bytes),
+            (3 << 20, 5 << 20)
+        );
+    }
 
     /// A stop whose flush timed out (a hung disk) exits 1 by the path that does not wait for
     /// the runtime's blocking tasks (a log being opened on that disk can hold one for good).

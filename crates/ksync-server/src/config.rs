@@ -82,6 +82,16 @@ pub struct Limits {
     /// frames would pass it is closed with 4008 and resumes from its cursor. At least twice
     /// `max_message_bytes`: one largest frame would fill a smaller budget on its own.
     pub subscriber_queues_total_bytes: usize,
+    /// Bytes of publishes queued per WebSocket room for its log (64 MiB, at most
+    /// `u32::MAX`; see `ksync_ws::server::RelayConfig::room_queue_bytes`): past it the room's
+    /// publishers wait (their connections stop reading); nothing is refused.
+    pub room_queue_bytes: usize,
+    /// Bytes of publishes queued in all WebSocket rooms together, relay-wide (1 GiB; see
+    /// `ksync_ws::server::RelayConfig::room_queues_total_bytes`): past it publishers wait. At
+    /// least `room_queue_bytes`: a room stuck on its disk holds at most `room_queue_bytes` of
+    /// it, so that the others' publishes go on; with less, one such room (or one whose disk
+    /// is just slower than its writers) would hold all of it and every room would wait.
+    pub room_queues_total_bytes: usize,
     /// Interval between server pings on idle WebSockets (30 s); a client that misses a pong
     /// is dropped.
     pub heartbeat: Duration,
@@ -165,6 +175,20 @@ impl Limits {
                 self.subscriber_queues_total_bytes, self.max_message_bytes
             )));
         }
+        if self.room_queue_bytes == 0 || u32::try_from(self.room_queue_bytes).is_err() {
+            return Err(ServerError::Config(format!(
+                "room_queue_bytes ({}) must be from 1 to {} bytes",
+                self.room_queue_bytes,
+                u32::MAX
+            )));
+        }
+        if self.room_queues_total_bytes < self.room_queue_bytes {
+            return Err(ServerError::Config(format!(
+                "room_queues_total_bytes ({}) must be at least room_queue_bytes ({}): one room \
+                 stuck on its disk would hold all of it, and publishes to every room would wait",
+                self.room_queues_total_bytes, self.room_queue_bytes
+            )));
+        }
         // 0 is allowed (do not wait); the bound keeps the shutdown's deadline representable.
         if self.shutdown_timeout > ksync_core::MAX_CONFIG_DURATION {
             return Err(ServerError::Config(format!(
@@ -186,6 +210,9 @@ impl Default for Limits {
             max_open_rooms: ksync_ws::server::RelayConfig::default().max_open_rooms,
             subscriber_queues_total_bytes: ksync_ws::server::RelayConfig::default()
                 .subscriber_queues_total_bytes,
+            room_queue_bytes: ksync_ws::server::RelayConfig::default().room_queue_bytes,
+            room_queues_total_bytes: ksync_ws::server::RelayConfig::default()
+                .room_queues_total_bytes,
             heartbeat: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             max_git_requests: 256,

@@ -1306,6 +1306,69 @@ fn subscriber_queues_total_bytes_is_a_serve_flag() {
     ));
 }
 
+/// `--room-queue-bytes` and `--room-queues-total-bytes` (the byte budgets of publishes
+/// queued for the rooms' logs, per room and in all) are serve flags and variables: a total
+/// below one room's (one room stuck on its disk would hold all of it) is a usage error
+/// naming both values; a room budget past 4 GiB is refused by the flag; a total equal to
+/// one room's starts.
+#[test]
+fn room_queue_bytes_are_serve_flags() {
+    let mut command = ksync();
+    command.args([
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--in-memory",
+        "--room-queue-bytes",
+        "2097152",
+        "--room-queues-total-bytes",
+        "2097151",
+    ]);
+    let stderr = usage_error(command);
+    assert!(
+        stderr.contains("--room-queues-total-bytes") && stderr.contains("is 2097151"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--room-queue-bytes (KSYNC_ROOM_QUEUE_BYTES), 2097152"),
+        "{stderr}"
+    );
+    // The default total (1 GiB) is below a room budget of 2 GiB given by variable.
+    let mut command = ksync();
+    command
+        .args(["serve", "--bind", "127.0.0.1:0", "--in-memory"])
+        .env("KSYNC_ROOM_QUEUE_BYTES", "2147483648");
+    let stderr = usage_error(command);
+    assert!(
+        stderr.contains("is 1073741824") && stderr.contains("2147483648"),
+        "{stderr}"
+    );
+    let mut command = ksync();
+    command.args([
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--in-memory",
+        "--room-queue-bytes",
+        "4294967296",
+    ]);
+    let stderr = usage_error(command);
+    assert!(
+        stderr.contains("--room-queue-bytes") && stderr.contains("from 1 to 4294967295"),
+        "{stderr}"
+    );
+    stop(serve(
+        &[
+            "--in-memory",
+            "--room-queue-bytes",
+            "2097152",
+            "--room-queues-total-bytes",
+            "2097152",
+        ],
+        &[],
+    ));
+}
+
 /// `--max-open-rooms` caps the rooms open at once: with one open, a connection to another
 /// room gets 503 `too many open rooms`, against the real binary.
 #[tokio::test]

@@ -469,3 +469,39 @@ async fn websocket_jwt_matrix() {
     );
     running.shutdown().await.unwrap();
 }
+
+/// The room queues' byte budgets (`Limits::room_queue_bytes`, `room_queues_total_bytes`)
+/// reach the relay as given; a relay-wide budget below one room's is refused when the server
+/// is made, naming both: one room stuck on its disk would hold all of it, and publishes to
+/// every room would wait.
+#[test]
+fn room_queue_budgets_reach_the_relay_and_an_inconsistent_pair_is_refused() {
+    let with = |room_queue_bytes, room_queues_total_bytes| ServerConfig {
+        limits: ksync_server::Limits {
+            room_queue_bytes,
+            room_queues_total_bytes,
+            ..ksync_server::Limits::default()
+        },
+        ..config(AuthConfig::default())
+    };
+    match Server::new(with(2 << 20, (2 << 20) - 1)).err() {
+        Some(ksync_server::ServerError::Config(message)) => assert!(
+            message.contains("room_queues_total_bytes (2097151)")
+                && message.contains("room_queue_bytes (2097152)"),
+            "{message}"
+        ),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    let server = Server::new(with(2 << 20, 2 << 20)).unwrap();
+    let relay = server.relay().config();
+    assert_eq!(
+        (relay.room_queue_bytes, relay.room_queues_total_bytes),
+        (2 << 20, 2 << 20)
+    );
+    let server = Server::new(with(3 << 20, 5 << 20)).unwrap();
+    let relay = server.relay().config();
+    assert_eq!(
+        (relay.room_queue_bytes, relay.room_queues_total_bytes),
+        (3 << 20, 5 << 20)
+    );
+}
