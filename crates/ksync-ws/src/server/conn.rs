@@ -150,9 +150,9 @@ pub(crate) fn serve(connection: Connection) -> impl Future<Output = ()> + Send {
         id,
         _slot: slot,
     } = connection;
-    let read = socket.get_ref().read_counter();
+    let progress = socket.get_ref().progress();
     let (sink, stream) = socket.split();
-    let mut stream = Reading::new(stream, read);
+    let mut stream = Reading::new(stream, progress);
     let sink = Box::new(Fragmented::new(sink));
     // Bounded: see RelayConfig::subscriber_queue for the overflow policy.
     let outbox = Outbox::new(
@@ -290,7 +290,9 @@ async fn run(
     let mut shutting_down = *shutdown.borrow();
     let mut ping = interval_at(Instant::now() + config.heartbeat, config.heartbeat);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut awaiting_pong = false;
+    // Bytes read from the client when the last ping went out; `None` before the first ping
+    // and once a message came since (see the tick branch).
+    let mut read_at_ping = None;
     // A message being received at the last tick (see `Reading::unfinished`).
     let mut unfinished = None;
     // Heartbeat ticks since the drain began (see the tick branch).
@@ -319,15 +321,15 @@ async fn run(
                 }
             },
             message = stream.next(), if !shutting_down => {
-                awaiting_pong = false;
+                read_at_ping = None;
                 if Box::pin(reader.burst(writer, stream, message, &mut burst)).await? {
                     return Ok(());
                 }
             },
             _ = ping.tick() => {
                 if shutting_down {
-                    // No heartbeat check once shutting down: nothing is read then, so a pong
-                    // could never count (a room slower to close than a heartbeat ended the
+                    // No heartbeat check once shutting down: nothing is read then, so nothing
+                    // could count (a room slower to close than a heartbeat ended the
                     // connection with 4009 instead of its 1001). The room closes us with 1001
                     // once the drain reaches it; if it has not by the second tick (a drain its
                     // caller abandoned at a timeout never reaches the rest of the rooms) we
@@ -344,26 +346,33 @@ async fn run(
                 // the credentials' end, by up to the suspend's length. Checked against the
                 // wall clock once a heartbeat, such a connection ends by the next one.
                 check_expiry(reader.grant)?;
-                if awaiting_pong {
-                    // After a stall of this loop (a slow append or write) the answer may
-                    // already wait in the socket while the tick is due too, and `select!`
-                    // picks among ready branches at random: a frame there now counts. (Not
-                    // `biased`: a client that keeps sending would starve the room's frames.)
-                    // Cancel-safe: a message is either returned or stays buffered.
-                    let ready = futures_util::FutureExt::now_or_never(stream.next());
-                    let Some(message) = ready else {
-                        return Err(End::Close(close::HEARTBEAT_TIMEOUT, "no pong before the next ping".into()));
-                    };
+                // What already waits in the socket counts, read now: after a stall of this
+                // loop (a slow append or write) it may be there while the tick is due too,
+                // and `select!` picks among ready branches at random. (Not `biased`: a
+                // client that keeps sending would starve the room's frames.) Cancel-safe: a
+                // message is either returned or stays buffered.
+                if let Some(message) = futures_util::FutureExt::now_or_never(stream.next()) {
+                    read_at_ping = None;
                     if Box::pin(reader.burst(writer, stream, message, &mut burst)).await? {
                         return Ok(());
                     }
                 }
+                // One liveness rule. The client is alive if anything came from it since the
+                // last ping, a message or a byte of one: its pong waits in TCP behind the
+                // rest of a message sent as one frame (what kSync's clients and browsers
+                // send), and a large publish on a link slower than a heartbeat, cut off, would
+                // be sent again, and again. A client that sent nothing at all (stopped, or its
+                // link died) is closed at the next tick.
+                if let Some(at_ping) = read_at_ping
+                    && stream.bytes_read() == at_ping
+                {
+                    return Err(End::Close(close::HEARTBEAT_TIMEOUT, "nothing from the client since the last ping".into()));
+                }
                 // A message being received is held by tungstenite until it ends, up to
                 // `max_message_size`: one that never ends would be held for the connection's
-                // life. One with no byte more of it since the last tick is closed like a
-                // silent client; one that keeps coming, however slowly (a large publish on a
-                // slow link), is let finish: cut off, it would be sent again, and again. (Sent
-                // as one frame it still meets the pong rule above: its pong waits behind it.)
+                // life. One with no byte more of it since the last tick is closed (a client
+                // that answers pings between its fragments is alive, its message is not);
+                // one that keeps coming, however slowly, is let finish.
                 let now = stream.unfinished();
                 if let (Some(now), Some(before)) = (now, unfinished)
                     && now.stalled_since(&before)
@@ -372,7 +381,7 @@ async fn run(
                 }
                 unfinished = now;
                 writer.send(Message::Ping(bytes::Bytes::new())).await?;
-                awaiting_pong = true;
+                read_at_ping = Some(stream.bytes_read());
             },
             changed = &mut shutdown_changed, if !shutting_down => {
                 // Stop reading; keep writing until the room closes our queue.

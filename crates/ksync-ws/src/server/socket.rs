@@ -83,10 +83,7 @@ impl Pending {
         };
         let socket = async move {
             let upgraded = on_upgrade.await.ok()?;
-            let io = Counted {
-                io: TokioIo::new(upgraded),
-                read: Arc::new(AtomicU64::new(0)),
-            };
+            let io = Counted::new(TokioIo::new(upgraded));
             Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
         };
         // Chained, not one `async` block: a coroutine keeps its captures (`serve`, the
@@ -221,16 +218,26 @@ impl<S: futures_util::Sink<Message, Error = Error> + Unpin> futures_util::Sink<M
     }
 }
 
-/// The socket under tungstenite, counting the bytes read from it (see [`Reading`]).
+/// The socket under tungstenite, counting the bytes read from it and following the client's
+/// frames in them (see [`Reading`]).
 pub(crate) struct Counted<T> {
     io: T,
-    read: Arc<AtomicU64>,
+    frames: Frames,
+    progress: Arc<Progress>,
 }
 
 impl<T> Counted<T> {
-    /// The count of bytes read, for the connection's [`Reading`].
-    pub(crate) fn read_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.read)
+    pub(crate) fn new(io: T) -> Self {
+        Counted {
+            io,
+            frames: Frames::default(),
+            progress: Arc::default(),
+        }
+    }
+
+    /// What was read, for the connection's [`Reading`].
+    pub(crate) fn progress(&self) -> Arc<Progress> {
+        Arc::clone(&self.progress)
     }
 }
 
@@ -242,9 +249,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
-        let read = buf.filled().len().saturating_sub(before);
-        self.read
-            .fetch_add(u64::try_from(read).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let this = &mut *self;
+        let read = buf.filled().get(before..).unwrap_or_default();
+        this.frames.feed(read);
+        let progress = &this.progress;
+        let length = u64::try_from(read.len()).unwrap_or(u64::MAX);
+        progress.read.fetch_add(length, Ordering::Relaxed);
+        progress
+            .messages
+            .store(this.frames.messages, Ordering::Relaxed);
+        progress
+            .partial
+            .store(this.frames.partial, Ordering::Relaxed);
         Poll::Ready(Ok(()))
     }
 }
@@ -279,54 +295,150 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-/// A control frame from a client on the wire: 2 bytes of header and a 4-byte mask (clients
-/// must mask; their payload is at most 125 bytes, so no extended length) before the payload.
-const CONTROL_FRAME_OVERHEAD: u64 = 6;
+/// What the read side has seen of the client, written by [`Counted`] as it reads, read by
+/// the connection's [`Reading`] (the same task: relaxed loads see every store).
+#[derive(Default)]
+pub(crate) struct Progress {
+    /// Bytes read in all.
+    read: AtomicU64,
+    /// Data messages whose last byte was read.
+    messages: AtomicU64,
+    /// Bytes read of the data message being received (its frames, not the control frames
+    /// between them); 0 between messages.
+    partial: AtomicU64,
+}
 
-/// The read half, telling whether a message is being received: bytes were read that no
-/// message returned so far accounts for. tungstenite assembles a message (up to
-/// `max_message_size`) from its frames as they come and shows nothing until it is whole, so a
-/// client could hold one half sent, answering pings, for the connection's life; the
-/// connection closes it when one makes no progress from one heartbeat to the next (see
-/// `conn.rs`).
-///
-/// A data message returned accounts for everything read so far (what was read with it and
-/// belongs to the next message, at most a read's worth, is forgiven); a control frame for its
-/// own length on the wire.
-pub(crate) struct Reading<S> {
-    inner: S,
-    read: Arc<AtomicU64>,
-    accounted: u64,
-    /// Data messages returned so far.
+/// Where the bytes read stand in the client's frames, from their headers as they are on the
+/// wire: a length may come in any of its three forms (tungstenite reads a small one written
+/// in the 16- or 64-bit form too), so no header size is assumed. Only the framing is
+/// followed; tungstenite checks the frames and fails the connection on a bad one.
+#[derive(Default)]
+struct Frames {
+    /// The header being read: 2 bytes, up to 8 of extended length, 4 of mask.
+    head: [u8; 14],
+    head_len: u8,
+    /// Payload bytes of the current frame still to come.
+    left: u64,
+    /// Whether the current frame is a control frame (never part of a message).
+    control: bool,
+    /// Whether the current frame is a data frame that ends its message.
+    last: bool,
+    /// Bytes of the data message being received so far; 0 between messages.
+    partial: u64,
+    /// Data messages whose last byte was read.
     messages: u64,
 }
 
-impl<S> Reading<S> {
-    pub(crate) fn new(inner: S, read: Arc<AtomicU64>) -> Self {
-        Reading {
-            inner,
-            read,
-            accounted: 0,
-            messages: 0,
+impl Frames {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let n =
+                    usize::try_from(self.left).map_or(bytes.len(), |left| left.min(bytes.len()));
+                let (payload, rest) = bytes.split_at(n);
+                bytes = rest;
+                let n = u64::try_from(payload.len()).unwrap_or(u64::MAX);
+                self.left = self.left.saturating_sub(n);
+                if !self.control {
+                    self.partial = self.partial.saturating_add(n);
+                }
+                if self.left == 0 {
+                    self.frame_read();
+                }
+                continue;
+            }
+            let Some((&byte, rest)) = bytes.split_first() else {
+                break;
+            };
+            bytes = rest;
+            if let Some(slot) = self.head.get_mut(usize::from(self.head_len)) {
+                *slot = byte;
+            }
+            self.head_len = self.head_len.saturating_add(1);
+            if self.head_len == 1 {
+                // Opcodes 0x8 to 0xF are control frames.
+                self.control = byte & 0x08 != 0;
+                self.last = byte & 0x80 != 0;
+            }
+            if !self.control {
+                self.partial = self.partial.saturating_add(1);
+            }
+            if let Some(length) = self.header_length() {
+                self.head_len = 0;
+                self.left = length;
+                if length == 0 {
+                    self.frame_read();
+                }
+            }
         }
+    }
+
+    /// The payload length, once the header is whole.
+    fn header_length(&self) -> Option<u64> {
+        let second = *self.head.get(1).filter(|_| self.head_len >= 2)?;
+        let extended = match second & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let mask = if second & 0x80 != 0 { 4 } else { 0 };
+        if usize::from(self.head_len) < 2 + extended + mask {
+            return None;
+        }
+        let length = self.head.get(2..2 + extended)?.iter();
+        Some(match extended {
+            0 => u64::from(second & 0x7f),
+            _ => length.fold(0, |length, &byte| length << 8 | u64::from(byte)),
+        })
+    }
+
+    /// The current frame was read to its end.
+    fn frame_read(&mut self) {
+        if !self.control && self.last {
+            self.messages = self.messages.saturating_add(1);
+            self.partial = 0;
+        }
+    }
+}
+
+/// The read half, telling whether a message is being received (bytes of a data message were
+/// read and not its last) and whether anything was read at all. tungstenite assembles a
+/// message (up to `max_message_size`) from its frames as they come and shows nothing until
+/// it is whole, so a client could hold one half sent, answering pings, for the connection's
+/// life; the connection closes it when one makes no progress from one heartbeat to the next
+/// (see `conn.rs`). Counted from the frames on the wire (see [`Frames`]), not from the
+/// messages tungstenite returns: a control frame's header is as long as it is.
+pub(crate) struct Reading<S> {
+    inner: S,
+    progress: Arc<Progress>,
+}
+
+impl<S> Reading<S> {
+    pub(crate) fn new(inner: S, progress: Arc<Progress>) -> Self {
+        Reading { inner, progress }
     }
 
     /// `Some` while a message is being received.
     pub(crate) fn unfinished(&self) -> Option<Unfinished> {
-        let read = self.read.load(Ordering::Relaxed);
-        (read > self.accounted).then(|| Unfinished {
-            after: self.messages,
-            bytes: read - self.accounted,
+        let bytes = self.progress.partial.load(Ordering::Relaxed);
+        (bytes > 0).then(|| Unfinished {
+            after: self.progress.messages.load(Ordering::Relaxed),
+            bytes,
         })
+    }
+
+    /// Bytes read from the client so far, of anything.
+    pub(crate) fn bytes_read(&self) -> u64 {
+        self.progress.read.load(Ordering::Relaxed)
     }
 }
 
 /// A message being received (see [`Reading::unfinished`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Unfinished {
-    /// The data messages returned before it.
+    /// The data messages read before it.
     after: u64,
-    /// Its bytes read so far (with, at most, a read's worth that came with the one before).
+    /// Its bytes read so far.
     bytes: u64,
 }
 
@@ -343,20 +455,6 @@ impl<S: futures_util::Stream<Item = Result<Message, Error>> + Unpin> futures_uti
     type Item = Result<Message, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let next = ready!(Pin::new(&mut self.inner).poll_next(cx));
-        let read = self.read.load(Ordering::Relaxed);
-        match &next {
-            Some(Ok(Message::Ping(payload) | Message::Pong(payload))) => {
-                let length = u64::try_from(payload.len()).unwrap_or(u64::MAX);
-                let frame = CONTROL_FRAME_OVERHEAD.saturating_add(length);
-                self.accounted = self.accounted.saturating_add(frame).min(read);
-            }
-            Some(Ok(_)) => {
-                self.accounted = read;
-                self.messages += 1;
-            }
-            Some(Err(_)) | None => {}
-        }
-        Poll::Ready(next)
+        Pin::new(&mut self.inner).poll_next(cx)
     }
 }
