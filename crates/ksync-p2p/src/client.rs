@@ -52,6 +52,9 @@ pub struct P2PStats {
     pub duplicate_events: u64,
     /// Catch-up rounds started.
     pub catch_up_rounds: u64,
+    /// Catch-up requests of peers answered busy: the answer would have taken this node over
+    /// `max_catch_up_answer_bytes` (the peer asks again in a later round).
+    pub busy_answers: u64,
 }
 
 /// Builds a [`P2PSyncClient`] from the spec's options (and a few more, with defaults).
@@ -180,6 +183,36 @@ impl P2PSyncClientBuilder {
         self
     }
 
+    /// Most bytes of catch-up answers this node holds at once for all its peers, counted as
+    /// the JSON of their events (on the wire, CBOR, up to 9/4 of that). Default 64 MiB
+    /// ([`DEFAULT_MAX_CATCH_UP_ANSWER_BYTES`](crate::DEFAULT_MAX_CATCH_UP_ANSWER_BYTES)); at
+    /// least 1 (whatever it is, one answer goes when none is in flight, so catch-up always
+    /// makes progress; the budget is passed by at most that one). An answer is held from
+    /// when it is built until it is sent, or until `request_timeout` when its requester does
+    /// not read it (8 requests per connection). Overflow: an answer carries what fits (the
+    /// rest is asked for next, as with any answer's size limit); a request when nothing fits
+    /// is answered busy (`Refused { busy: true }`, counted in `stats().busy_answers`), and
+    /// its asker ends that catch-up round without moving its cursor and asks again in the
+    /// next one: later, never lost.
+    pub fn max_catch_up_answer_bytes(mut self, max: usize) -> Self {
+        self.opts.max_catch_up_answer_bytes = max;
+        self
+    }
+
+    /// Most bytes of gossip queued to one peer (gossipsub's queue to each peer, which it
+    /// bounds only in messages). Default 16 MiB
+    /// ([`DEFAULT_MAX_GOSSIP_QUEUE_BYTES`](crate::DEFAULT_MAX_GOSSIP_QUEUE_BYTES)), at least
+    /// one byte. Gossipsub counts messages, not bytes, so the queue is held to this many bytes of
+    /// the largest gossip message (`max(256 KiB, max_event_bytes)` + 64 KiB): 51 messages at
+    /// the defaults, at least 1 and at most gossipsub's 5,000. Overflow, as before: a
+    /// message that does not fit a peer's queue is not sent to that peer (its events are
+    /// stored; catch-up carries them), and a publish that fits no subscribed peer's queue
+    /// is reported as an `error` notification (`P2PError::Publish`).
+    pub fn max_gossip_queue_bytes(mut self, max: usize) -> Self {
+        self.opts.max_gossip_queue_bytes = max;
+        self
+    }
+
     /// Capacity of the command channel to the node task (broadcasts wait when it is full).
     /// Default 1024; at least 1 and at most [`tokio::sync::Semaphore::MAX_PERMITS`] (the
     /// largest tokio channel).
@@ -247,6 +280,16 @@ impl P2PSyncClientBuilder {
                 "max_event_bytes must be between 1 and {RESPONSE_BUDGET} (one catch-up answer), got {}",
                 opts.max_event_bytes
             )));
+        }
+        if opts.max_gossip_queue_bytes == 0 {
+            return Err(P2PError::Config(
+                "max_gossip_queue_bytes must be at least 1".into(),
+            ));
+        }
+        if opts.max_catch_up_answer_bytes == 0 {
+            return Err(P2PError::Config(
+                "max_catch_up_answer_bytes must be at least 1".into(),
+            ));
         }
         if opts.max_peers == 0 {
             return Err(P2PError::Config("max_peers must be at least 1".into()));
@@ -365,6 +408,8 @@ impl P2PSyncClient {
                 max_peers_per_ip: DEFAULT_MAX_PEERS_PER_IP,
                 max_peer_cursors: crate::config::DEFAULT_MAX_PEER_CURSORS,
                 max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+                max_catch_up_answer_bytes: crate::config::DEFAULT_MAX_CATCH_UP_ANSWER_BYTES,
+                max_gossip_queue_bytes: crate::config::DEFAULT_MAX_GOSSIP_QUEUE_BYTES,
                 command_capacity: DEFAULT_COMMAND_CAPACITY,
                 request_timeout: Duration::from_secs(30),
                 connect_timeout: Duration::from_secs(10),
@@ -654,6 +699,7 @@ impl P2PSyncClient {
             new_events: c.new_events.load(Ordering::Relaxed),
             duplicate_events: c.duplicate_events.load(Ordering::Relaxed),
             catch_up_rounds: c.catch_up_rounds.load(Ordering::Relaxed),
+            busy_answers: c.busy_answers.load(Ordering::Relaxed),
         }
     }
 }

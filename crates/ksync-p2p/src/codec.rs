@@ -160,6 +160,7 @@ mod tests {
         let protocol = StreamProtocol::new(crate::wire::SYNC_PROTOCOL);
         let response = SyncResponse::Refused {
             reason: "x".repeat(1000),
+            busy: false,
         };
         let (mut writer, written) = codec();
         let mut wire = Cursor::new(Vec::new());
@@ -177,7 +178,7 @@ mod tests {
             .read_response(&protocol, &mut wire)
             .await
             .expect("read");
-        assert!(matches!(back, SyncResponse::Refused { reason } if reason.len() == 1000));
+        assert!(matches!(back, SyncResponse::Refused { reason, .. } if reason.len() == 1000));
         assert_eq!(read.load(Ordering::Relaxed), sent);
     }
 }

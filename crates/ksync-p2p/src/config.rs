@@ -151,6 +151,10 @@ pub(crate) struct Options {
     /// Most peers whose catch-up cursor is stored (see `cursors.rs`).
     pub max_peer_cursors: usize,
     pub max_event_bytes: usize,
+    /// Most bytes of catch-up answers held at once for all peers (see `Node::response_to`).
+    pub max_catch_up_answer_bytes: usize,
+    /// Most bytes of gossip queued to one peer (see `node::gossip_queue_len`).
+    pub max_gossip_queue_bytes: usize,
     pub command_capacity: usize,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
@@ -184,6 +188,17 @@ pub const DEFAULT_MAX_PEER_CURSORS: usize = 1024;
 /// Default largest event, JSON-encoded. Larger events are refused locally and rejected from
 /// peers.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Default cap on the catch-up answers this node holds at once for all peers, counted as the
+/// JSON bytes of their events: an answer a requester does not read is held until
+/// `request_timeout`, up to 8 per connection, so without a node-wide cap a few such peers
+/// could make a node hold gigabytes. Overflow: a request is answered busy and asked again in a
+/// later round (see `P2PSyncClientBuilder::max_catch_up_answer_bytes`).
+pub const DEFAULT_MAX_CATCH_UP_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+/// Default cap on the gossip queued to one peer, in bytes: gossipsub bounds its queue to each
+/// peer only in messages (5,000 by default, each up to `max(256 KiB, max_event_bytes)` + 64
+/// KiB), so a peer that stops reading could make a node hold gigabytes. Overflow: as
+/// gossipsub's (see `P2PSyncClientBuilder::max_gossip_queue_bytes`).
+pub const DEFAULT_MAX_GOSSIP_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Default capacity of the command channel from the client handle to the node task.
 pub const DEFAULT_COMMAND_CAPACITY: usize = 1024;
 

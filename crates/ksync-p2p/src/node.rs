@@ -18,7 +18,9 @@ use ksync_core::{
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::request_response::{
+    self, InboundRequestId, OutboundRequestId, ProtocolSupport, ResponseChannel,
+};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
@@ -135,6 +137,39 @@ const MAX_KNOWN_NAMES: usize = 1024;
 /// Most addresses remembered per named peer.
 const MAX_NAME_ADDRS: usize = 8;
 
+/// Most addresses Kademlia keeps per peer. libp2p-kad's entry takes every address it is
+/// given (`Addresses::insert` has no cap), keeps it while the peer is in the table, answers
+/// every lookup with all of them, and a peer that looks it up dials them all; a peer may
+/// announce hundreds in one identify message (4 KiB) and new ones in every identify push.
+/// Overflow policy: the newest are kept (an announcement's first `MAX_KAD_ADDRS`; then the
+/// oldest of the entry go), so a peer that moved is found at its new address.
+const MAX_KAD_ADDRS: usize = 8;
+
+/// Adds `addrs` (at most [`MAX_KAD_ADDRS`] of them) to `peer`'s Kademlia entry, then drops its
+/// oldest addresses beyond [`MAX_KAD_ADDRS`]. (An entry waiting for room in a full bucket is
+/// not in the table yet and not trimmed; it is replaced or dropped when it gets in or not.)
+fn add_kad_addresses(
+    kad: &mut kad::Behaviour<kad::store::MemoryStore>,
+    peer: &PeerId,
+    addrs: impl IntoIterator<Item = Multiaddr>,
+) {
+    for addr in addrs.into_iter().take(MAX_KAD_ADDRS) {
+        kad.add_address(peer, addr);
+    }
+    let held: Vec<Multiaddr> = kad
+        .kbucket(*peer)
+        .and_then(|bucket| {
+            bucket
+                .iter()
+                .find(|entry| entry.node.key.preimage() == peer)
+                .map(|entry| entry.node.value.iter().cloned().collect())
+        })
+        .unwrap_or_default();
+    for old in held.iter().take(held.len().saturating_sub(MAX_KAD_ADDRS)) {
+        kad.remove_address(peer, old);
+    }
+}
+
 /// Counters the node keeps; read with `P2PSyncClient::stats`.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -147,6 +182,8 @@ pub(crate) struct Counters {
     pub new_events: AtomicU64,
     pub duplicate_events: AtomicU64,
     pub catch_up_rounds: AtomicU64,
+    /// Catch-up requests answered busy (see `AnswerBudget`).
+    pub busy_answers: AtomicU64,
     /// Gossip payload bytes published and received (for `metrics`).
     pub gossip_bytes: AtomicU64,
     /// Catch-up requests and answers sent and received, as encoded on their streams (for
@@ -219,6 +256,19 @@ pub(crate) fn max_batch_bytes(opts: &Options) -> usize {
     MIN_BATCH_BYTES.max(opts.max_event_bytes)
 }
 
+/// Gossipsub's own cap on the messages queued to one peer (its default).
+const GOSSIPSUB_QUEUE_LEN: usize = 5000;
+
+/// Gossipsub's queue to each peer, in messages, held to `max_gossip_queue_bytes` of the
+/// largest message this node sends (gossipsub counts messages, not bytes): a peer that stops
+/// reading holds at most that many bytes here (at least one message). Overflow is
+/// gossipsub's: a message that does not fit is not sent to that peer (catch-up carries its
+/// events), and a publish no peer's queue takes fails (`P2PError::Publish`, reported).
+pub(crate) fn gossip_queue_len(opts: &Options) -> usize {
+    let largest = max_batch_bytes(opts) + ENVELOPE_BYTES;
+    (opts.max_gossip_queue_bytes / largest).clamp(1, GOSSIPSUB_QUEUE_LEN)
+}
+
 fn behaviour(
     key: &Keypair,
     opts: &Options,
@@ -248,6 +298,7 @@ fn behaviour(
         // to give the announcements time to arrive.
         .idontwant_message_size_threshold(0)
         .max_transmit_size(max_batch_bytes(opts) + ENVELOPE_BYTES)
+        .connection_handler_queue_len(gossip_queue_len(opts))
         .build()?;
     let mut gossipsub =
         gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
@@ -415,6 +466,22 @@ enum Outstanding {
     Fetch(Vec<RevisionKey>),
 }
 
+/// What is left of the node's budget for catch-up answers in flight (see
+/// `Node::response_to`).
+#[derive(Debug, Clone, Copy)]
+struct Room {
+    /// No answer is in flight: one goes whatever its size.
+    idle: bool,
+    /// Bytes left under `max_catch_up_answer_bytes`.
+    left: usize,
+}
+
+/// What a `Keys` page holds, counted as an answer in flight: each entry's id and its fixed
+/// fields (seq, version, digest, and their encoding).
+fn keys_bytes(entries: &[KeyEntry]) -> usize {
+    entries.iter().map(|e| e.id.len() + 40).sum()
+}
+
 pub(crate) struct Node {
     swarm: Swarm<Behaviour>,
     topic: IdentTopic,
@@ -431,6 +498,11 @@ pub(crate) struct Node {
     max_batch_bytes: usize,
     sessions: HashMap<PeerId, Session>,
     requests: HashMap<OutboundRequestId, (PeerId, Outstanding)>,
+    /// Our catch-up answers in flight (handed to libp2p, not yet sent, failed or timed out),
+    /// with the bytes each holds, and their sum: bounded by `max_catch_up_answer_bytes` (see
+    /// `answer`); the map by libp2p's streams (`MAX_SYNC_STREAMS` per connection).
+    answers: HashMap<InboundRequestId, usize>,
+    answer_bytes: usize,
     /// Keys being fetched, with when their fetch was sent (bounded by the sessions' pages).
     in_flight: HashMap<RevisionKey, tokio::time::Instant>,
     /// When the earliest session waiting on another's fetch stops waiting (see
@@ -579,6 +651,8 @@ impl Node {
             max_batch_bytes,
             sessions: HashMap::new(),
             requests: HashMap::new(),
+            answers: HashMap::new(),
+            answer_bytes: 0,
             in_flight: HashMap::new(),
             wait_deadline: None,
             dials: HashMap::new(),
@@ -1148,9 +1222,7 @@ impl Node {
                     self.learn_name(peer_id, name, info.listen_addrs.clone());
                 }
                 if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-                    for addr in info.listen_addrs {
-                        kad.add_address(&peer_id, addr);
-                    }
+                    add_kad_addresses(kad, &peer_id, info.listen_addrs);
                 }
             }
             BehaviourEvent::Ping(ping::Event {
@@ -1173,12 +1245,13 @@ impl Node {
                         by_peer.entry(peer).or_default().push(addr);
                     }
                 }
-                for (peer, addrs) in by_peer {
+                for (peer, mut addrs) in by_peer {
                     tracing::debug!(%peer, ?addrs, "mDNS found a peer");
+                    // mDNS answers are anyone's on the LAN: as few kept and dialed as from
+                    // identify.
+                    addrs.truncate(MAX_KAD_ADDRS);
                     if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-                        for addr in &addrs {
-                            kad.add_address(&peer, addr.clone());
-                        }
+                        add_kad_addresses(kad, &peer, addrs.iter().cloned());
                     }
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.dial_known_peer(peer, Some(addrs));
@@ -1211,12 +1284,13 @@ impl Node {
                     Ok(ok) => ok.peers,
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                 };
-                if let Some(info) = peers.into_iter().find(|p| p.peer_id == target) {
+                if let Some(mut info) = peers.into_iter().find(|p| p.peer_id == target) {
                     self.lookups.remove(&id);
+                    // What a lookup names comes from other peers' tables: as few kept and
+                    // dialed as from identify.
+                    info.addrs.truncate(MAX_KAD_ADDRS);
                     if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-                        for addr in &info.addrs {
-                            kad.add_address(&target, addr.clone());
-                        }
+                        add_kad_addresses(kad, &target, info.addrs.iter().cloned());
                     }
                     if let Err(e) = self.dial_known_peer(target, Some(info.addrs)) {
                         self.fail_peer_dials(
@@ -1510,10 +1584,12 @@ impl Node {
                 peer,
                 message:
                     request_response::Message::Request {
-                        request, channel, ..
+                        request_id,
+                        request,
+                        channel,
                     },
                 ..
-            } => self.answer(peer, request, channel),
+            } => self.answer(peer, request_id, request, channel),
             request_response::Event::Message {
                 peer,
                 message:
@@ -1547,8 +1623,11 @@ impl Node {
                     (Outstanding::Fetch(keys), SyncResponse::Events { events, too_large }) => {
                         self.on_events(peer, keys, events, too_large).await;
                     }
-                    (outstanding, SyncResponse::Refused { reason }) => {
-                        tracing::debug!(%peer, %reason, "catch-up request refused");
+                    (outstanding, SyncResponse::Refused { reason, busy }) => {
+                        // Busy (the peer's answers in flight are at its budget) ends the
+                        // round like any refusal: the cursor stays before this page, so the
+                        // next round asks again and nothing is lost.
+                        tracing::debug!(%peer, %reason, busy, "catch-up request refused");
                         self.forget(outstanding);
                         self.end_round(peer).await;
                     }
@@ -1587,8 +1666,14 @@ impl Node {
                 self.end_round(peer).await;
                 self.wake_waiting().await;
             }
-            request_response::Event::InboundFailure { .. }
-            | request_response::Event::ResponseSent { .. } => {}
+            // Sent, or never to be (the connection closed, the requester did not read it within
+            // `request_timeout`): what the answer held is free again.
+            request_response::Event::InboundFailure { request_id, .. }
+            | request_response::Event::ResponseSent { request_id, .. } => {
+                if let Some(bytes) = self.answers.remove(&request_id) {
+                    self.answer_bytes = self.answer_bytes.saturating_sub(bytes);
+                }
+            }
         }
     }
 
@@ -1603,6 +1688,7 @@ impl Node {
     fn answer(
         &mut self,
         peer: PeerId,
+        request_id: InboundRequestId,
         request: SyncRequest,
         channel: ResponseChannel<SyncResponse>,
     ) {
@@ -1620,7 +1706,16 @@ impl Node {
                 tracing::warn!(error = %e, "reading the log for catch-up failed");
             }
         }
-        let response = self.response_to(peer, request);
+        let (response, held) = self.response_to(peer, request);
+        if matches!(response, SyncResponse::Refused { busy: true, .. }) {
+            self.shared
+                .counters
+                .busy_answers
+                .fetch_add(1, Ordering::Relaxed);
+            debug_log!(self.opts.debug, target: LOG_TARGET, %peer, held = self.answer_bytes,
+                max = self.opts.max_catch_up_answer_bytes,
+                "catch-up request answered busy: answers in flight are at max_catch_up_answer_bytes");
+        }
         if self
             .swarm
             .behaviour_mut()
@@ -1629,18 +1724,62 @@ impl Node {
             .is_err()
         {
             tracing::debug!(%peer, "catch-up requester went away before the response");
+            return;
+        }
+        if held > 0 {
+            self.answers.insert(request_id, held);
+            self.answer_bytes = self.answer_bytes.saturating_add(held);
         }
     }
 
-    fn response_to(&self, peer: PeerId, request: SyncRequest) -> SyncResponse {
+    /// The answer to `request`, and the bytes it holds until sent (its events as JSON, or
+    /// its page's keys). Answers in flight are bounded node-wide by
+    /// `max_catch_up_answer_bytes`: one that does not fit what is left is cut to what does
+    /// (the requester fetches the rest next, as for any answer's size limit), or, when
+    /// nothing fits, refused as busy (the requester asks again in a later round). When no
+    /// answer is in flight, one always goes (a page, or at least one event), so catch-up
+    /// makes progress under any budget.
+    fn response_to(&self, peer: PeerId, request: SyncRequest) -> (SyncResponse, usize) {
+        let room = Room {
+            idle: self.answer_bytes == 0,
+            left: self
+                .opts
+                .max_catch_up_answer_bytes
+                .saturating_sub(self.answer_bytes),
+        };
+        let busy = SyncResponse::Refused {
+            reason: "busy: this peer's catch-up answers in flight are at its \
+                     max_catch_up_answer_bytes; ask again later"
+                .into(),
+            busy: true,
+        };
+        let (response, held) = self.build_response(peer, request, room);
+        match &response {
+            SyncResponse::Keys { .. } if held > room.left && !room.idle => (busy, 0),
+            SyncResponse::Events { events, .. } if events.is_empty() && held > 0 => (busy, 0),
+            _ => (response, held),
+        }
+    }
+
+    /// [`Self::response_to`] before the busy check. An `Events` answer takes the events
+    /// asked for that fit `room` (at least one when it is idle); if none fits, it comes
+    /// back empty with the size of the first that did not (so, busy).
+    fn build_response(
+        &self,
+        peer: PeerId,
+        request: SyncRequest,
+        room: Room,
+    ) -> (SyncResponse, usize) {
         let storage = self.replica.storage();
         match request {
             SyncRequest::Keys { network, .. } | SyncRequest::Fetch { network, .. }
                 if network != self.opts.network =>
             {
-                SyncResponse::Refused {
+                let refused = SyncResponse::Refused {
                     reason: format!("this peer syncs network {:?}", self.opts.network),
-                }
+                    busy: false,
+                };
+                (refused, 0)
             }
             SyncRequest::Keys { after, limit, .. } => {
                 let limit = limit.min(MAX_PAGE) as usize;
@@ -1652,9 +1791,11 @@ impl Node {
                     let page = match storage.read_since(after, limit) {
                         Ok(page) => page,
                         Err(e) => {
-                            return SyncResponse::Refused {
+                            let refused = SyncResponse::Refused {
                                 reason: format!("storage: {e}"),
+                                busy: false,
                             };
+                            return (refused, 0);
                         }
                     };
                     let through = page.last().map_or(after, |s| s.seq);
@@ -1676,29 +1817,39 @@ impl Node {
                 // the real length, so the requester walks us again from 0, and no `through`,
                 // as the page covers nothing of the log (`after` would be past its end).
                 let now = storage.len();
+                let held = keys_bytes(&page.entries);
                 if page.through == after && after > now {
-                    return SyncResponse::Keys {
+                    let keys = SyncResponse::Keys {
                         log_id: self.log_id,
                         len: now,
                         entries: page.entries,
                         through: None,
                     };
+                    return (keys, held);
                 }
-                SyncResponse::Keys {
+                let keys = SyncResponse::Keys {
                     log_id: self.log_id,
                     // The log may have grown since its length was read.
                     len: len.max(page.through),
                     entries: page.entries,
                     through: Some(page.through),
-                }
+                };
+                (keys, held)
             }
-            SyncRequest::Fetch { keys, .. } if keys.len() > MAX_FETCH => SyncResponse::Refused {
-                reason: format!("{} keys requested, the limit is {MAX_FETCH}", keys.len()),
-            },
+            SyncRequest::Fetch { keys, .. } if keys.len() > MAX_FETCH => {
+                let refused = SyncResponse::Refused {
+                    reason: format!("{} keys requested, the limit is {MAX_FETCH}", keys.len()),
+                    busy: false,
+                };
+                (refused, 0)
+            }
             SyncRequest::Fetch { keys, .. } => {
                 let mut events = Vec::with_capacity(keys.len());
                 let mut too_large = Vec::new();
-                let mut budget = RESPONSE_BUDGET;
+                // What this answer may carry: the protocol's limit, and what is left of the
+                // node's budget for answers in flight.
+                let mut budget = RESPONSE_BUDGET.min(room.left);
+                let mut held = 0usize;
                 for key in keys {
                     let Ok(Some(stored)) = storage.get(&key.id, key.version) else {
                         continue;
@@ -1736,13 +1887,18 @@ impl Node {
                         too_large.push(key);
                         continue;
                     }
-                    if size > budget {
+                    if size > budget && !(room.idle && events.is_empty()) {
+                        if events.is_empty() {
+                            // Nothing fits: busy (see `response_to`).
+                            held = size;
+                        }
                         break;
                     }
-                    budget -= size;
+                    budget = budget.saturating_sub(size);
+                    held += size;
                     events.push(event);
                 }
-                SyncResponse::Events { events, too_large }
+                (SyncResponse::Events { events, too_large }, held)
             }
         }
     }
@@ -2167,6 +2323,8 @@ mod tests {
             max_peers_per_ip: crate::DEFAULT_MAX_PEERS_PER_IP,
             max_peer_cursors: crate::DEFAULT_MAX_PEER_CURSORS,
             max_event_bytes: 64 * 1024,
+            max_catch_up_answer_bytes: crate::DEFAULT_MAX_CATCH_UP_ANSWER_BYTES,
+            max_gossip_queue_bytes: crate::DEFAULT_MAX_GOSSIP_QUEUE_BYTES,
             command_capacity: 16,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),

@@ -368,8 +368,14 @@ pub(crate) enum SyncResponse {
         events: Vec<Event>,
         too_large: Vec<RevisionKey>,
     },
-    /// The request was refused (other network, too many keys).
-    Refused { reason: String },
+    /// The request was refused (other network, too many keys). `busy`: answering would take
+    /// the responder over its budget for answers in flight (`max_catch_up_answer_bytes`);
+    /// ask again later. Absent (false) from peers before it, and ignored by them.
+    Refused {
+        reason: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        busy: bool,
+    },
 }
 
 #[cfg(test)]

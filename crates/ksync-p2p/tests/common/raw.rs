@@ -47,6 +47,12 @@ pub enum Response {
         events: Vec<Event>,
         too_large: Vec<RevisionKey>,
     },
+    /// Refused; `busy`: over the node's budget for answers in flight, ask again later.
+    Refused {
+        reason: String,
+        #[serde(default)]
+        busy: bool,
+    },
     /// Not a message of the protocol.
     Bogus(u64),
 }

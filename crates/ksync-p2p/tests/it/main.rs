@@ -7,12 +7,15 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod catch_up_budget;
 mod catch_up_greed;
 mod catch_up_liars;
 mod catch_up_past_the_end;
 mod config_bounds;
 mod convergence;
 mod event_limits;
+mod gossip_queue;
+mod kad_addresses;
 mod lifecycle;
 mod misbehaving;
 mod observed;

@@ -1,0 +1,94 @@
+//! Gossip queued to a peer that does not read is bounded in bytes (`max_gossip_queue_bytes`),
+//! not only in messages: gossipsub's queue to each peer holds 5,000 messages, up to 320 KiB
+//! each at the default event limit (and 8 MiB at the largest), so one stalled subscriber
+//! could make a node hold gigabytes. Overflow: the message is not queued for that peer (its
+//! events are stored; catch-up carries them), and a publish no peer could take is reported.
+
+use crate::common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use ksync_core::{Event, Notification, NotificationKind, SyncError};
+use ksync_p2p::{P2PError, P2PSyncClient};
+use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
+use libp2p::swarm::SwarmEvent;
+use serde_json::json;
+
+type Subscriber = libp2p::Swarm<gossipsub::Behaviour>;
+
+/// A plain gossipsub peer subscribed to `a`'s topic; returns once `a` has subscribed too.
+/// The caller stops polling it: its connection's events then back up (libp2p's buffer per
+/// connection is a few events), its connection stops reading, and TCP pushes back to `a`.
+async fn subscriber(a: &P2PSyncClient) -> Subscriber {
+    let mut s = common::raw::swarm(|key| {
+        let config = gossipsub::ConfigBuilder::default()
+            .max_transmit_size(4 * 1024 * 1024)
+            .build()
+            .expect("config");
+        gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), config)
+            .expect("behaviour")
+    });
+    let topic = IdentTopic::new(ksync_p2p::gossip_topic(a.network()));
+    s.behaviour_mut().subscribe(&topic).expect("subscribe");
+    s.dial(a.addresses()[0].clone()).expect("dial");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, s.select_next_some())
+            .await
+            .expect("a subscribes in time");
+        if let SwarmEvent::Behaviour(gossipsub::Event::Subscribed { peer_id, .. }) = event
+            && peer_id == a.local_peer_id()
+        {
+            return s;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_queued_to_a_peer_that_does_not_read_is_bounded_in_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = builder(dir.path(), "a")
+        .max_event_bytes(256 * 1024)
+        .max_gossip_queue_bytes(1024 * 1024)
+        .anti_entropy_interval(Duration::from_secs(3600))
+        .build()
+        .expect("build");
+    a.start().await.expect("start");
+    let overflows = Arc::new(Mutex::new(0usize));
+    let o = Arc::clone(&overflows);
+    let _sub = a.notifier().on_kind(NotificationKind::Error, move |n| {
+        if let Notification::Error(e) = n
+            && let SyncError::Transport(source) = e.as_ref()
+            && let Some(P2PError::Publish(_)) = source.downcast_ref::<P2PError>()
+        {
+            *o.lock().expect("lock") += 1;
+        }
+    });
+    let stalled = subscriber(&a).await;
+
+    // Up to 30 MB of gossip to the one subscriber, one 200 KB event a message, each
+    // published before the next is sent: past what the socket buffers between the two take
+    // (about 10 MB here), the rest waits in `a`'s queue to it, and 1 MiB of that fills it.
+    // With 5,000 messages allowed there, all of it was queued and nothing overflowed.
+    let overflowed = || *overflows.lock().expect("lock");
+    let mut sent = 0u64;
+    while overflowed() == 0 {
+        assert!(
+            sent < 150,
+            "30 MB queued to a peer that does not read, and no publish overflowed"
+        );
+        let event = Event::new(format!("e{sent}"), "t", json!("x".repeat(200_000)), 1);
+        a.broadcast(event).await.expect("broadcast");
+        sent += 1;
+        wait_until(10, "the node publishes it, or reports it could not", || {
+            a.stats().published_messages + overflowed() as u64 == sent
+        })
+        .await;
+    }
+    // Every event is stored, for catch-up to carry.
+    assert_eq!(keys(&a).len() as u64, sent);
+    drop(stalled);
+}

@@ -1,0 +1,123 @@
+//! Kademlia keeps a bounded number of addresses per peer: libp2p-kad's entry takes every
+//! address it is given (`Addresses::insert` has no cap), and the node gave it every address
+//! a peer announced in identify, so a peer announcing hundreds had all of them kept, handed
+//! to every peer that looked it up, and dialed by them.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use ksync_p2p::{DiscoveryMethod, P2PSyncClient};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{PeerId, StreamProtocol, identify, kad};
+
+/// Addresses a peer announces: more than any honest peer listens on.
+const ANNOUNCED: usize = 100;
+/// Most addresses the node keeps per peer (`node::MAX_KAD_ADDRS`).
+const KEPT: usize = 8;
+
+/// A peer of our version that speaks the DHT (a lookup names only peers that answered it).
+#[derive(NetworkBehaviour)]
+struct Liar {
+    identify: identify::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+}
+
+/// The addresses `node`'s DHT answers for `target`, asked as a lookup by a fresh peer; `None`
+/// while the answer does not name it.
+async fn looked_up(node: &P2PSyncClient, target: PeerId) -> Option<usize> {
+    let mut prober = raw::swarm(|key| {
+        let local = key.public().to_peer_id();
+        let config = kad::Config::new(StreamProtocol::new("/ksync/kad/1"));
+        kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), config)
+    });
+    prober
+        .behaviour_mut()
+        .add_address(&node.local_peer_id(), node.addresses()[0].clone());
+    prober.behaviour_mut().get_closest_peers(target);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let SwarmEvent::Behaviour(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(result),
+                step,
+                ..
+            }) = prober.select_next_some().await
+            {
+                let peers = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                if let Some(info) = peers.into_iter().find(|p| p.peer_id == target) {
+                    return Some(info.addrs.len());
+                }
+                if step.last {
+                    return None;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the lookup ends")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_announcing_hundreds_of_addresses_has_a_few_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = P2PSyncClient::builder(
+        "a",
+        DiscoveryMethod::Dht {
+            bootstrap: Vec::new(),
+        },
+    )
+    .listen_host(LOOPBACK)
+    .key_dir(dir.path())
+    .build()
+    .expect("build");
+    a.start().await.expect("start");
+
+    // A peer of our version listening on ANNOUNCED ports: identify names them all.
+    let mut liar = raw::swarm(|key| {
+        let local = key.public().to_peer_id();
+        let config = kad::Config::new(StreamProtocol::new("/ksync/kad/1"));
+        let mut kad =
+            kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), config);
+        kad.set_mode(Some(kad::Mode::Server));
+        Liar {
+            identify: identify::Behaviour::new(identify::Config::new(
+                format!("/ksync/{}/ksync", ksync_core::PROTOCOL_VERSION),
+                key.public(),
+            )),
+            kad,
+        }
+    });
+    let liar_id = *liar.local_peer_id();
+    for _ in 0..ANNOUNCED {
+        listen_on_loopback(&mut liar).await;
+    }
+    liar.dial(a.addresses()[0].clone()).expect("dial");
+    let driver = tokio::spawn(async move {
+        loop {
+            liar.select_next_some().await;
+        }
+    });
+    wait_until(10, "a is connected to the peer", || {
+        a.connected_peers().contains(&liar_id)
+    })
+    .await;
+
+    let mut named = None;
+    for _ in 0..50 {
+        named = looked_up(&a, liar_id).await;
+        if named.is_some() {
+            break;
+        }
+    }
+    let named = named.expect("a's DHT answers with the peer once identify is in");
+    assert!(
+        (1..=KEPT).contains(&named),
+        "a's DHT kept {named} of the {ANNOUNCED} addresses the peer announced"
+    );
+    driver.abort();
+}
