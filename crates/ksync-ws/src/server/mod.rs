@@ -105,8 +105,9 @@ pub struct RelayConfig {
     /// waiting publisher holds only the JSON it already read. A publish takes its room's
     /// share first, then this one, so a room stuck on its disk holds at most
     /// `room_queue_bytes` of it: it takes this / `room_queue_bytes` stuck rooms (16 at the
-    /// defaults) to hold publishes up in other rooms. A publish larger than this waits for
-    /// the whole of it. Default 1 GiB.
+    /// defaults) to hold publishes up in other rooms; below `room_queue_bytes` one room can
+    /// hold all of it (taken here, as a test's small budget; `ksync serve` refuses it). A
+    /// publish larger than this waits for the whole of it. Default 1 GiB.
     pub room_queues_total_bytes: usize,
     /// Most open connections; more are refused before the upgrade with 503. Default 10 000.
     pub max_connections: usize,
