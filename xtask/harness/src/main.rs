@@ -10,6 +10,12 @@ mod integration;
 
 use anyhow::{Result, bail};
 
+/// The allocator `ksync serve` runs on (see the `ksync` binary), so the relays benchmarked in
+/// child processes of this binary run as served. The clients here share it, whichever system
+/// they measure.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
