@@ -380,7 +380,9 @@ async fn run(
                     return Err(End::Close(close::HEARTBEAT_TIMEOUT, "a message stalled for a heartbeat".into()));
                 }
                 unfinished = now;
-                writer.send(Message::Ping(bytes::Bytes::new())).await?;
+                // Boxed: a send's future inline would be the largest state of the loop's
+                // future, which every idle connection's task carries; a ping is one a heartbeat.
+                Box::pin(writer.send(Message::Ping(bytes::Bytes::new()))).await?;
                 read_at_ping = Some(stream.bytes_read());
             },
             changed = &mut shutdown_changed, if !shutting_down => {
