@@ -147,22 +147,40 @@ impl Event {
         total
     }
 
-    /// [`validate`](Self::validate) with the default limits, for an event received from a
-    /// remote: `Err` says which event broke which rule, for a transport's protocol error (the
-    /// id cut to 64 characters: an over-long id is part of the fault). No storage may hold
-    /// such an event, so a client skips it and reports this.
+    /// [`validate_received`](Self::validate_received) with the default limits, for an event
+    /// received from a remote: `Err` says which event broke which rule, for a transport's
+    /// protocol error (the id cut to 64 characters: an over-long id is part of the fault). No
+    /// storage may hold such an event, so a client skips it and reports this.
     pub fn check_received(&self) -> Result<(), String> {
-        self.validate(&EventLimits::default()).map_err(|why| {
-            format!(
-                "received event {:?} version {} is not a valid event ({why}): skipped",
-                self.id.chars().take(64).collect::<String>(),
-                self.version
-            )
-        })
+        self.validate_received(&EventLimits::default())
+            .map_err(|why| {
+                format!(
+                    "received event {:?} version {} is not a valid event ({why}): skipped",
+                    self.id.chars().take(64).collect::<String>(),
+                    self.version
+                )
+            })
     }
 
-    /// Checks the invariants that every stored event must satisfy.
+    /// Checks the invariants that every new event must satisfy: the check of a publish, a
+    /// push a server receives, a local `update`. `data` nests at most [`MAX_DATA_DEPTH`]
+    /// levels.
     pub fn validate(&self, limits: &EventLimits) -> Result<(), InvalidEvent> {
+        self.validate_to_depth(limits, MAX_DATA_DEPTH)
+    }
+
+    /// [`validate`](Self::validate) for an event that was already stored and sequenced
+    /// elsewhere (a relay's `events`, a Git pull, a P2P catch-up or gossip): `data` may nest
+    /// up to [`MAX_RECEIVED_DATA_DEPTH`] levels, what older builds accepted and stored.
+    pub fn validate_received(&self, limits: &EventLimits) -> Result<(), InvalidEvent> {
+        self.validate_to_depth(limits, MAX_RECEIVED_DATA_DEPTH)
+    }
+
+    fn validate_to_depth(
+        &self,
+        limits: &EventLimits,
+        max_depth: usize,
+    ) -> Result<(), InvalidEvent> {
         if self.id.is_empty() {
             return Err(InvalidEvent::EmptyId);
         }
@@ -194,10 +212,8 @@ impl Event {
                 max: MAX_EVENT_INTEGER,
             });
         }
-        let Some(data_bound) = data_json_bound(&self.data, MAX_DATA_DEPTH) else {
-            return Err(InvalidEvent::DataTooDeep {
-                max: MAX_DATA_DEPTH,
-            });
+        let Some(data_bound) = data_json_bound(&self.data, max_depth) else {
+            return Err(InvalidEvent::DataTooDeep { max: max_depth });
         };
         // The bound costs nothing beyond the depth walk; only an event it cannot clear (over
         // about 1.3 MiB of strings, or 330,000 numbers) is counted exactly.
@@ -246,6 +262,22 @@ pub const MAX_EVENT_INTEGER: u64 = (1 << 53) - 1;
 /// [`MAX_WRAPPING_DEPTH`]). Storages accept at least this much (the file storage's encoding
 /// reads 128, what it held before).
 pub const MAX_DATA_DEPTH: usize = 100;
+
+/// Most levels of arrays and objects nested in the `data` of a received event, one already
+/// stored and sequenced elsewhere, that [`Event::validate_received`] accepts: 128, what
+/// [`Event::validate`] accepted before [`MAX_DATA_DEPTH`] became 100.
+///
+/// Older builds stored such events and older replicas keep them: a reader that refused them
+/// would skip what the others hold, and replicas would diverge after an upgrade. Whether one
+/// arrives is up to the message that carries it, not this check: serde_json reads 127 levels
+/// of a whole message, so a relay `events` frame carries data up to 123 deep, a Git pull page
+/// 124, P2P gossip 126, and a P2P catch-up answer (CBOR, 256 levels) all of it. Deeper fails
+/// the whole message with a typed error (`malformed message`, `undecodable answer`) at every
+/// try: no new event can be that deep, only what older builds stored. New events stay at
+/// [`MAX_DATA_DEPTH`].
+pub const MAX_RECEIVED_DATA_DEPTH: usize = 128;
+
+const _: () = assert!(MAX_RECEIVED_DATA_DEPTH >= MAX_DATA_DEPTH);
 
 /// Most levels of arrays and objects any kSync message puts around one event (the event's
 /// own object included): serde_json reads `MAX_DATA_DEPTH + MAX_WRAPPING_DEPTH` levels and
@@ -463,6 +495,34 @@ mod tests {
         let text = serde_json::to_string(&message).expect("encodes");
         let read: serde_json::Value = serde_json::from_str(&text).expect("reads back");
         assert_eq!(read, message);
+    }
+
+    #[test]
+    fn received_events_may_nest_as_deep_as_older_builds_stored() {
+        let nested = |levels: usize| {
+            let mut data = json!(1);
+            for _ in 0..levels {
+                data = json!([data]);
+            }
+            Event::new("e", "t", data, 1)
+        };
+        let limits = EventLimits::default();
+        let old = nested(MAX_RECEIVED_DATA_DEPTH);
+        assert_eq!(old.validate_received(&limits), Ok(()));
+        assert_eq!(old.check_received(), Ok(()));
+        // A new event as deep is refused.
+        assert_eq!(
+            old.validate(&limits),
+            Err(InvalidEvent::DataTooDeep {
+                max: MAX_DATA_DEPTH
+            })
+        );
+        assert_eq!(
+            nested(MAX_RECEIVED_DATA_DEPTH + 1).validate_received(&limits),
+            Err(InvalidEvent::DataTooDeep {
+                max: MAX_RECEIVED_DATA_DEPTH
+            })
+        );
     }
 
     #[test]

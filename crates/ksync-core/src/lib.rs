@@ -34,7 +34,7 @@ pub use conflict::{Conflict, ConflictKind, ConflictResolver, Resolution, lww_cmp
 pub use error::SyncError;
 pub use event::{
     Event, EventLimits, InvalidEvent, MAX_DATA_DEPTH, MAX_EVENT_INTEGER, MAX_EVENT_JSON_BYTES,
-    MAX_WRAPPING_DEPTH, RevisionKey,
+    MAX_RECEIVED_DATA_DEPTH, MAX_WRAPPING_DEPTH, RevisionKey,
 };
 pub use ksync::{AutoSync, KSync, KSyncBuilder};
 pub use log::{

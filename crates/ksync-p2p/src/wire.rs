@@ -126,8 +126,8 @@ pub(crate) fn encode_payload(events: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-/// Parses and checks a gossip payload: every event must parse, pass [`Event::validate`] and
-/// be at most `max_event_bytes` long. One bad event rejects the whole message, and so does a
+/// Parses and checks a gossip payload: every event must parse, pass
+/// [`Event::validate_received`] and be at most `max_event_bytes` long. One bad event rejects the whole message, and so does a
 /// revision named twice with different content (no honest sender does that, and every such
 /// copy would conflict with the stored revision, which the storage clones into each
 /// conflict). A repeated identical copy is dropped.
@@ -162,8 +162,10 @@ pub(crate) fn decode_payload(data: &[u8], max_event_bytes: usize) -> Result<Vec<
             }
             let event: Event =
                 serde_json::from_str(raw.get()).map_err(|e| Rejected::Malformed(e.to_string()))?;
+            // The receive check: a peer of an older build publishes data up to 128 deep, and
+            // its peers store it; refused here, it would come by catch-up anyway.
             event
-                .validate(&limits)
+                .validate_received(&limits)
                 .map_err(|e| Rejected::Invalid(e.to_string()))?;
             Ok(event)
         })
@@ -393,6 +395,32 @@ mod tests {
         let b = Event::new("b", "t", json!([1, 2]), 6).with_version(3);
         let data = encode_payload(&[enc(&a), enc(&b)]);
         assert_eq!(decode_payload(&data, 1024).expect("decodes"), vec![a, b]);
+    }
+
+    /// Gossip from an older build (its rules allowed data 128 levels deep) is taken: the
+    /// event is stored there, and catch-up would bring it anyway. A payload carries data up
+    /// to 126 deep (serde_json reads 127 levels; the payload and its list are read as raw
+    /// JSON, which it does not count, and the event's object is one); deeper is refused as
+    /// malformed, and comes by catch-up (CBOR, 256 levels).
+    #[test]
+    fn gossip_takes_data_as_deep_as_older_builds_stored() {
+        let nested = |levels: usize| {
+            let mut data = json!(1);
+            for _ in 0..levels {
+                data = json!([data]);
+            }
+            Event::new("deep", "t", data, 1)
+        };
+        for levels in [110, 126] {
+            let deep = nested(levels);
+            let data = encode_payload(&[enc(&deep)]);
+            assert_eq!(decode_payload(&data, 1 << 20).expect("decodes"), vec![deep]);
+        }
+        let deeper = encode_payload(&[enc(&nested(127))]);
+        assert!(matches!(
+            decode_payload(&deeper, 1 << 20),
+            Err(Rejected::Malformed(_))
+        ));
     }
 
     #[test]

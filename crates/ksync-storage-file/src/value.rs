@@ -13,10 +13,11 @@
 use serde_json::{Map, Number, Value};
 
 /// Deepest nesting accepted: 128, what `Event::validate` allowed until it became
-/// `MAX_DATA_DEPTH` (100), so that files written then still read; at least what every valid
-/// event keeps, so that a valid event always encodes.
+/// `MAX_DATA_DEPTH` (100), so that files written then still read; at least what every
+/// received event keeps (`MAX_RECEIVED_DATA_DEPTH`), so that what a reader takes in always
+/// encodes.
 pub(crate) const MAX_DEPTH: usize = 128;
-const _: () = assert!(MAX_DEPTH >= ksync_core::MAX_DATA_DEPTH);
+const _: () = assert!(MAX_DEPTH >= ksync_core::MAX_RECEIVED_DATA_DEPTH);
 
 const NULL: u8 = 0;
 const FALSE: u8 = 1;

@@ -1552,8 +1552,9 @@ impl Session {
     }
 
     /// The form a received `event` is stored in; `None`: it is not taken in. The filter sees
-    /// it after the incoming chain (decrypted). One that breaks the event rules
-    /// ([`Event::validate`]) in that form is refused with [`WsError::Protocol`]: the caller
+    /// it after the incoming chain (decrypted). One that breaks the rules for received events
+    /// ([`Event::validate_received`]: the relay stored it, maybe under older rules) in that
+    /// form is refused with [`WsError::Protocol`]: the caller
     /// reports it and moves on, as no storage may hold it (taken in, it would be stored as it
     /// is, or refused by the storage again at every reconnect, stalling the room cursor).
     fn incoming(&self, event: Event) -> Result<Option<Event>, SyncError> {

@@ -829,3 +829,71 @@ async fn data_as_deep_as_the_rules_allow_is_pushed_pulled_and_held_in_a_conflict
         "{refused:?}"
     );
 }
+
+/// An event an older build stored with data 110 levels deep (the event rules allowed 128
+/// until `MAX_DATA_DEPTH` became 100) in a branch is pulled by an upgraded client, and settles
+/// a conflict with one: the client held received events to the publish limit, so it skipped
+/// the event (a `protocol` error), so the conflict with it was never seen, while older
+/// replicas kept it. A new event as deep is still refused, by the client and by the service.
+#[tokio::test]
+async fn an_event_older_builds_stored_deeper_than_the_publish_limit_is_pulled() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let old = Event::new("old", "t", ksync_testkit::edge_data::nested(110), 1);
+    // As the older service stored it: appended to the branch's log, no push check.
+    let branch = ksync_core::LogName::Branch {
+        repo: ksync_core::Name::new("r").expect("name"),
+        branch: ksync_core::Name::new("main").expect("name"),
+    };
+    let log = server.provider.open(&branch).expect("open");
+    log.append(vec![old.clone()]).await.expect("append");
+    let clock = ManualClock::new(100);
+    let b = node(&url, "b", &clock).await;
+    let b_errors = count(&b, "error");
+    b.pull().await.expect("pull");
+    let pulled = b.replica().storage().read_since(0, 10).expect("read");
+    assert_eq!(pulled.len(), 1, "{pulled:?}");
+    assert_eq!(pulled[0].event, old);
+    assert_eq!(b_errors.load(Ordering::SeqCst), 0);
+    // Another revision 1 of it, made offline: refused by the push, then the pull brings the
+    // deep one as a conflict, settled (the later wins) and pushed as revision 2.
+    let c = node(&url, "c", &clock).await;
+    let (c_errors, c_conflicts) = (count(&c, "error"), count(&c, "conflict"));
+    c.update("old", "t", json!("other")).await.expect("update");
+    let pushed = c.push().await.expect("push");
+    assert_eq!(pushed.rejected_events.len(), 1, "{pushed:?}");
+    c.pull().await.expect("pull");
+    assert_eq!(c_conflicts.load(Ordering::SeqCst), 1);
+    c.push().await.expect("push");
+    assert_eq!(c_errors.load(Ordering::SeqCst), 0);
+    let settled = branch_events(&server, "r", "main");
+    assert_eq!(
+        settled.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(settled[1].data, json!("other"));
+    let new = ksync_testkit::edge_data::nested(110);
+    let refused = b
+        .update("new", "t", new.clone())
+        .await
+        .expect_err("too deep");
+    assert!(
+        matches!(
+            refused,
+            ksync_core::SyncError::InvalidEvent(ksync_core::InvalidEvent::DataTooDeep { max: 100 })
+        ),
+        "{refused:?}"
+    );
+    let (status, body) = common::call(
+        common::http()
+            .post(server.url("/git/r/branches/main/events"))
+            .bearer_auth("writer")
+            .json(&json!({"baseVersion": 1, "events": [Event::new("new", "t", new, 1)]})),
+    )
+    .await;
+    assert_eq!(
+        (status, common::code(&body)),
+        (400, "invalid_event"),
+        "{body}"
+    );
+}

@@ -147,3 +147,60 @@ async fn an_old_apps_offline_queue_and_cursors_are_taken_over() {
     );
     server.stop().await;
 }
+
+/// An event an older build stored with data 110 levels deep (the event rules allowed 128
+/// until `MAX_DATA_DEPTH` became 100) in the relay's file log reaches an upgraded client:
+/// its check of received events held them to the publish limit, so it skipped the event
+/// (a `protocol` error) that older replicas keep, and replicas diverged. A new event as deep
+/// is still refused by `update`, with the typed error.
+#[tokio::test]
+async fn an_event_older_builds_stored_deeper_than_the_publish_limit_is_received() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = Arc::new(FileProvider::new(dir.path()).expect("provider"));
+    let old = Event::new("old", "t", ksync_testkit::edge_data::nested(110), 1);
+    // As the older relay stored it: appended to the room's log, no publish check.
+    let log = provider
+        .open(&LogName::Room(Name::new("deep").expect("name")))
+        .expect("open");
+    log.append(vec![old.clone()]).await.expect("append");
+    drop(log);
+    let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
+    let client = WebSocketSyncClient::builder(server.url(Some("deep")))
+        .build()
+        .expect("client");
+    let seen = Recorder::attach(&client);
+    let app = ksync_testkit::ksync_over(Arc::new(ksync_core::InMemoryStorage::new()), client)
+        .await
+        .expect("ksync");
+    app.connect().await.expect("connect");
+    let held = || {
+        app.replica()
+            .storage()
+            .read_since(0, 10)
+            .expect("read")
+            .into_iter()
+            .map(|stored| stored.event)
+            .collect::<Vec<_>>()
+    };
+    let errors = |n: &Notification| matches!(n, Notification::Error(_));
+    eventually("the event, or an error", || {
+        !held().is_empty() || seen.count(errors) > 0
+    })
+    .await;
+    assert_eq!(held(), [old], "{:?}", seen.all());
+    assert_eq!(seen.count(errors), 0, "{:?}", seen.all());
+    let new = Event::new("new", "t", ksync_testkit::edge_data::nested(110), 1);
+    let refused = app
+        .update(&new.id, &new.event_type, new.data)
+        .await
+        .expect_err("too deep");
+    assert!(
+        matches!(
+            refused,
+            ksync_core::SyncError::InvalidEvent(ksync_core::InvalidEvent::DataTooDeep { max: 100 })
+        ),
+        "{refused:?}"
+    );
+    app.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
