@@ -92,8 +92,8 @@ pub struct Limits {
     /// it, so that the others' publishes go on; with less, one such room (or one whose disk
     /// is just slower than its writers) would hold all of it and every room would wait.
     pub room_queues_total_bytes: usize,
-    /// Interval between server pings on idle WebSockets (30 s); a client that misses a pong
-    /// is dropped.
+    /// Interval between server pings on WebSockets (30 s); a client nothing came from since
+    /// the last ping (a pong, a message, or any byte of one) is closed with 4009.
     pub heartbeat: Duration,
     /// How long shutdown waits for the relay's drain and open connections, in all, before
     /// flushing anyway (10 s; 0 to a day).

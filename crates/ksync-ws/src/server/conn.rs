@@ -191,7 +191,10 @@ pub(crate) fn serve(connection: Connection) -> impl Future<Output = ()> + Send {
             tracing::debug!(code, %reason, "closing connection");
             writer.close(code, reason).await;
         }
+        // The socket's halves go before the outbox is left and the slot freed, as the locals
+        // of the `async fn` this was did.
         drop(writer);
+        drop(stream);
         drop(leave);
         drop(slot);
     }

@@ -59,8 +59,9 @@ pub struct RelayConfig {
     /// How long a client has to send `hello` after the upgrade (closed with 4002). Default 10 s.
     /// This and the two below: positive, at most [`MAX_CONFIG_DURATION`].
     pub handshake_timeout: Duration,
-    /// The server pings every `heartbeat`; a client that has not answered (any frame counts)
-    /// when the next ping is due is closed with 4009. Default 30 s.
+    /// The server pings every `heartbeat`; a client nothing came from since the last ping (a
+    /// pong, a message, or any byte of one) is closed with 4009 when the next is due, as is
+    /// a message no byte more of came for a whole heartbeat. Default 30 s.
     pub heartbeat: Duration,
     /// How long one socket write may take before the connection is dropped. Default 10 s.
     pub write_timeout: Duration,
