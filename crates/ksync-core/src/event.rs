@@ -270,11 +270,11 @@ pub const MAX_DATA_DEPTH: usize = 100;
 /// Older builds stored such events and older replicas keep them: a reader that refused them
 /// would skip what the others hold, and replicas would diverge after an upgrade. Whether one
 /// arrives is up to the message that carries it, not this check: serde_json reads 127 levels
-/// of a whole message, so a relay `events` frame carries data up to 123 deep, a Git pull page
-/// 124, P2P gossip 126, and a P2P catch-up answer (CBOR, 256 levels) all of it. Deeper fails
-/// the whole message with a typed error (`malformed message`, `undecodable answer`) at every
-/// try: no new event can be that deep, only what older builds stored. New events stay at
-/// [`MAX_DATA_DEPTH`].
+/// of a whole message, so a Git pull page carries data up to 124 deep (deeper fails every
+/// pull with `undecodable answer`); a relay `events` frame (the Rust client reads each event
+/// on its own when it must) and P2P gossip up to 126, all an older relay took; a P2P
+/// catch-up answer (CBOR, 256 levels) all of it. No new event is that deep. New events stay
+/// at [`MAX_DATA_DEPTH`].
 pub const MAX_RECEIVED_DATA_DEPTH: usize = 128;
 
 const _: () = assert!(MAX_RECEIVED_DATA_DEPTH >= MAX_DATA_DEPTH);

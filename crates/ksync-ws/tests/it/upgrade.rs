@@ -148,21 +148,27 @@ async fn an_old_apps_offline_queue_and_cursors_are_taken_over() {
     server.stop().await;
 }
 
-/// An event an older build stored with data 110 levels deep (the event rules allowed 128
-/// until `MAX_DATA_DEPTH` became 100) in the relay's file log reaches an upgraded client:
-/// its check of received events held them to the publish limit, so it skipped the event
-/// (a `protocol` error) that older replicas keep, and replicas diverged. A new event as deep
+/// Events an older build stored with data 110 and 126 levels deep (the event rules allowed
+/// 128 until `MAX_DATA_DEPTH` became 100) in the relay's file log reach an upgraded client:
+/// its check of received events held them to the publish limit, so it skipped them (a
+/// `protocol` error) while older replicas keep them, and an `events` frame holding the
+/// deepest could not be read (`malformed message`: every session ended on the same frame). A new event as deep
 /// is still refused by `update`, with the typed error.
 #[tokio::test]
 async fn an_event_older_builds_stored_deeper_than_the_publish_limit_is_received() {
     let dir = tempfile::tempdir().expect("tempdir");
     let provider = Arc::new(FileProvider::new(dir.path()).expect("provider"));
     let old = Event::new("old", "t", ksync_testkit::edge_data::nested(110), 1);
-    // As the older relay stored it: appended to the room's log, no publish check.
+    // The deepest an older relay stored (it read 127 levels of a publish, 3 around the data):
+    // 4 levels of an `events` frame around it are 130, past serde_json's 127.
+    let deepest = Event::new("deepest", "t", ksync_testkit::edge_data::nested(126), 1);
+    // As the older relay stored them: appended to the room's log, no publish check.
     let log = provider
         .open(&LogName::Room(Name::new("deep").expect("name")))
         .expect("open");
-    log.append(vec![old.clone()]).await.expect("append");
+    log.append(vec![old.clone(), deepest.clone()])
+        .await
+        .expect("append");
     drop(log);
     let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
     let client = WebSocketSyncClient::builder(server.url(Some("deep")))
@@ -187,7 +193,7 @@ async fn an_event_older_builds_stored_deeper_than_the_publish_limit_is_received(
         !held().is_empty() || seen.count(errors) > 0
     })
     .await;
-    assert_eq!(held(), [old], "{:?}", seen.all());
+    assert_eq!(held(), [old, deepest], "{:?}", seen.all());
     assert_eq!(seen.count(errors), 0, "{:?}", seen.all());
     let new = Event::new("new", "t", ksync_testkit::edge_data::nested(110), 1);
     let refused = app
