@@ -466,15 +466,20 @@ enum Outstanding {
     Fetch(Vec<RevisionKey>),
 }
 
-/// What is left of the node's budget for catch-up answers in flight (see
+/// What is left of the node's budget for catch-up answers in flight, for one peer (see
 /// `Node::response_to`).
 #[derive(Debug, Clone, Copy)]
 struct Room {
-    /// No answer is in flight: one goes whatever its size.
+    /// No answer to this peer is in flight: one goes whatever its size.
     idle: bool,
-    /// Bytes left under `max_catch_up_answer_bytes`.
+    /// Bytes left under `max_catch_up_answer_bytes` and under this peer's share of it.
     left: usize,
 }
+
+/// One peer's share of `max_catch_up_answer_bytes`, as a divisor: its answers in flight hold
+/// at most an eighth of the budget, so a peer that asks on all its streams and never reads
+/// leaves the rest to the others (one answer always goes to a peer with none in flight).
+const ANSWER_SHARE_DIVISOR: usize = 8;
 
 /// What a `Keys` page holds, counted as an answer in flight: each entry's id and its fixed
 /// fields (seq, version, digest, and their encoding).
@@ -501,8 +506,10 @@ pub(crate) struct Node {
     /// Our catch-up answers in flight (handed to libp2p, not yet sent, failed or timed out),
     /// with the bytes each holds, and their sum: bounded by `max_catch_up_answer_bytes` (see
     /// `answer`); the map by libp2p's streams (`MAX_SYNC_STREAMS` per connection).
-    answers: HashMap<InboundRequestId, usize>,
+    answers: HashMap<InboundRequestId, (PeerId, usize)>,
     answer_bytes: usize,
+    /// The same per peer (only peers with an answer in flight; bounded like `answers`).
+    peer_answer_bytes: HashMap<PeerId, usize>,
     /// Keys being fetched, with when their fetch was sent (bounded by the sessions' pages).
     in_flight: HashMap<RevisionKey, tokio::time::Instant>,
     /// When the earliest session waiting on another's fetch stops waiting (see
@@ -653,6 +660,7 @@ impl Node {
             requests: HashMap::new(),
             answers: HashMap::new(),
             answer_bytes: 0,
+            peer_answer_bytes: HashMap::new(),
             in_flight: HashMap::new(),
             wait_deadline: None,
             dials: HashMap::new(),
@@ -1670,8 +1678,14 @@ impl Node {
             // `request_timeout`): what the answer held is free again.
             request_response::Event::InboundFailure { request_id, .. }
             | request_response::Event::ResponseSent { request_id, .. } => {
-                if let Some(bytes) = self.answers.remove(&request_id) {
+                if let Some((peer, bytes)) = self.answers.remove(&request_id) {
                     self.answer_bytes = self.answer_bytes.saturating_sub(bytes);
+                    if let Some(held) = self.peer_answer_bytes.get_mut(&peer) {
+                        *held = held.saturating_sub(bytes);
+                        if *held == 0 {
+                            self.peer_answer_bytes.remove(&peer);
+                        }
+                    }
                 }
             }
         }
@@ -1713,8 +1727,9 @@ impl Node {
                 .busy_answers
                 .fetch_add(1, Ordering::Relaxed);
             debug_log!(self.opts.debug, target: LOG_TARGET, %peer, held = self.answer_bytes,
+                peer_held = self.peer_answer_bytes.get(&peer).copied().unwrap_or(0),
                 max = self.opts.max_catch_up_answer_bytes,
-                "catch-up request answered busy: answers in flight are at max_catch_up_answer_bytes");
+                "catch-up request answered busy: answers in flight are at max_catch_up_answer_bytes or this peer's share of it");
         }
         if self
             .swarm
@@ -1727,29 +1742,33 @@ impl Node {
             return;
         }
         if held > 0 {
-            self.answers.insert(request_id, held);
+            self.answers.insert(request_id, (peer, held));
             self.answer_bytes = self.answer_bytes.saturating_add(held);
+            let by_peer = self.peer_answer_bytes.entry(peer).or_default();
+            *by_peer = by_peer.saturating_add(held);
         }
     }
 
     /// The answer to `request`, and the bytes it holds until sent (its events as JSON, or
-    /// its page's keys). Answers in flight are bounded node-wide by
-    /// `max_catch_up_answer_bytes`: one that does not fit what is left is cut to what does
-    /// (the requester fetches the rest next, as for any answer's size limit), or, when
-    /// nothing fits, refused as busy (the requester asks again in a later round). When no
-    /// answer is in flight, one always goes (a page, or at least one event), so catch-up
-    /// makes progress under any budget.
+    /// its page's keys). Answers in flight are bounded by `max_catch_up_answer_bytes`, and
+    /// one peer's by its share of it (`ANSWER_SHARE_DIVISOR`): one that does not fit what is
+    /// left of either is cut to what does (the requester fetches the rest next, as for any
+    /// answer's size limit), or, when nothing fits, refused as busy (the requester asks again
+    /// in a later round). When no answer to this peer is in flight, one always goes (a page,
+    /// or at least one event), so every peer's catch-up makes progress whatever others hold;
+    /// the node-wide sum can pass the budget by that one answer per peer.
     fn response_to(&self, peer: PeerId, request: SyncRequest) -> (SyncResponse, usize) {
+        let budget = self.opts.max_catch_up_answer_bytes;
+        let peer_held = self.peer_answer_bytes.get(&peer).copied().unwrap_or(0);
         let room = Room {
-            idle: self.answer_bytes == 0,
-            left: self
-                .opts
-                .max_catch_up_answer_bytes
-                .saturating_sub(self.answer_bytes),
+            idle: peer_held == 0,
+            left: budget
+                .saturating_sub(self.answer_bytes)
+                .min((budget / ANSWER_SHARE_DIVISOR).saturating_sub(peer_held)),
         };
         let busy = SyncResponse::Refused {
             reason: "busy: this peer's catch-up answers in flight are at its \
-                     max_catch_up_answer_bytes; ask again later"
+                     max_catch_up_answer_bytes, or yours at your share of it; ask again later"
                 .into(),
             busy: true,
         };
