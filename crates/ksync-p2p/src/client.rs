@@ -187,7 +187,7 @@ impl P2PSyncClientBuilder {
     /// Most bytes of catch-up answers this node holds at once for all its peers, counted as
     /// the JSON of their events (on the wire, CBOR, up to 9/4 of that). Default 64 MiB
     /// ([`DEFAULT_MAX_CATCH_UP_ANSWER_BYTES`](crate::DEFAULT_MAX_CATCH_UP_ANSWER_BYTES)); at
-    /// least 1. One peer's answers hold at most an eighth of it, so a peer that asks on all
+    /// least `max_event_bytes` (`build` refuses less). One peer's answers hold at most an eighth of it, so a peer that asks on all
     /// its streams and never reads leaves the rest to the others; and one answer always goes
     /// to a peer with none in flight, so every peer's catch-up makes progress (the budget is
     /// passed by at most one answer per peer). An answer is held from
@@ -289,10 +289,13 @@ impl P2PSyncClientBuilder {
                 "max_gossip_queue_bytes must be at least 1".into(),
             ));
         }
-        if opts.max_catch_up_answer_bytes == 0 {
-            return Err(P2PError::Config(
-                "max_catch_up_answer_bytes must be at least 1".into(),
-            ));
+        // Below the largest event, such an event would be served only to a peer with no
+        // answer in flight (the one answer that always goes), never beside another.
+        if opts.max_catch_up_answer_bytes < opts.max_event_bytes {
+            return Err(P2PError::Config(format!(
+                "max_catch_up_answer_bytes ({}) must be at least max_event_bytes ({})",
+                opts.max_catch_up_answer_bytes, opts.max_event_bytes
+            )));
         }
         if opts.max_peers == 0 {
             return Err(P2PError::Config("max_peers must be at least 1".into()));

@@ -67,3 +67,33 @@ async fn an_unbounded_cursor_cap_starts_and_syncs() {
         "{stored:?}"
     );
 }
+
+/// A catch-up answer budget below the largest event is refused by `build`, naming both
+/// values: an event larger than what is left of the budget would be served only when no
+/// answer to its asker is in flight. Equal is allowed.
+#[test]
+fn a_catch_up_answer_budget_below_the_largest_event_is_refused_by_build() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Err(err) = builder(dir.path(), "a")
+        .max_event_bytes(100_000)
+        .max_catch_up_answer_bytes(99_999)
+        .build()
+    else {
+        panic!("max_catch_up_answer_bytes below max_event_bytes was accepted");
+    };
+    let P2PError::Config(reason) = &err else {
+        panic!("not a config error: {err:?}");
+    };
+    assert!(
+        reason.contains("max_catch_up_answer_bytes")
+            && reason.contains("max_event_bytes")
+            && reason.contains("99999")
+            && reason.contains("100000"),
+        "{reason}"
+    );
+    builder(dir.path(), "a")
+        .max_event_bytes(100_000)
+        .max_catch_up_answer_bytes(100_000)
+        .build()
+        .expect("a budget of one largest event is allowed");
+}
