@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { after, before, test } from 'node:test';
 
-import { launchBrowser, makeEvent, pageClient, sharedServer, startPeer, startServer, tempDir, waitFor } from './lib.mjs';
+import { appendAsOlderRelay, launchBrowser, makeEvent, pageClient, sharedServer, startPeer, startServer, tempDir, waitFor } from './lib.mjs';
 
 let browser;
 
@@ -167,6 +167,41 @@ test('after a server restart the page resumes from its cursor without losing eve
     await page.close();
   } finally {
     await rust.quit();
+    await server.stop();
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+});
+
+test('events older builds stored deeper than the publish limit (101-128 levels) are received; a new one that deep is refused (invalid)', async () => {
+  const nest = (levels) => {
+    let data = 'innermost';
+    for (let i = 0; i < levels; i += 1) data = i % 2 === 0 ? [data] : { k: data };
+    return data;
+  };
+  const dataDir = tempDir('ksync-browser-deep-');
+  // Older builds took data 128 levels deep; their relays stored and still serve such events
+  // (the deepest one took: 126, with the publish frame's levels around it).
+  const old = { ...makeEvent('old'), data: nest(110) };
+  const deepest = { ...makeEvent('deepest'), data: nest(126) };
+  appendAsOlderRelay(dataDir, 'deep', [old, deepest]);
+  const server = await startServer({ args: ['--data-dir', dataDir] });
+  try {
+    const page = await pageClient(browser, server.http, `${server.ws}/ws/deep`, { since: 0 });
+    await waitFor(() => page.evaluate(() => window.client.cursor === 2), 5000, 'the cursor past both stored events');
+    // As JSON text: playwright does not pass back values this deep.
+    const received = JSON.parse(await page.evaluate(() => JSON.stringify(window.received.map((r) => [r.seq, r.event]))));
+    assert.deepEqual(received, [[1, old], [2, deepest]], JSON.stringify(await page.evaluate(() => window.errors)));
+    assert.deepEqual(await page.evaluate(() => window.errors), []);
+    // What the app sends keeps the publish limit (100).
+    const refused = await page.evaluate((e) => window.client.send(e).then(
+      (result) => `sent ${result.status}`,
+      (error) => `${error.code}: ${error.message}`,
+    ), { ...makeEvent('new'), data: nest(110) });
+    assert.match(refused, /^invalid: .*more than 100 levels deep/);
+    assert.equal(await page.evaluate(() => window.client.pending), 0);
+    await page.evaluate(() => window.client.disconnect());
+    await page.close();
+  } finally {
     await server.stop();
     rmSync(dataDir, { recursive: true, force: true });
   }

@@ -10,7 +10,7 @@
 //   KSYNC_ARTIFACTS   where screenshots go (default target/artifacts)
 // and, when set, KSYNC_CLIENT_JS: a file the pages get as `/ksync.js` instead of the server's
 // (to try a changed or an older client without rebuilding the server).
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -84,6 +84,16 @@ export async function sharedServer() {
     return { addr, http, ws: `ws://${addr}`, stop: async () => {}, shared: true };
   }
   return startServer();
+}
+
+/**
+ * Appends `events` to `room`'s log under `dataDir` as an older relay stored them (no publish
+ * check; `browser_peer --append-to-log`), for a server started on `dataDir` afterwards.
+ */
+export function appendAsOlderRelay(dataDir, room, events) {
+  const out = execFileSync(need('KSYNC_PEER_BIN'), ['--append-to-log', dataDir, room, ...events.map((e) => JSON.stringify(e))], { encoding: 'utf8' });
+  const report = JSON.parse(out.trim());
+  if (report.kind !== 'appended' || report.count !== events.length) throw new Error(`browser_peer --append-to-log: ${out}`);
 }
 
 /** A Rust WebSocketSyncClient in its own process, connected to `url`. */

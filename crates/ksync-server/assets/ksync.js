@@ -67,6 +67,10 @@ const PROBE_TIMEOUT_MS = 5000;
 // checked on the events the app sends and on those received.
 const MAX_NAME_BYTES = 256;
 const MAX_DATA_DEPTH = 100;
+// Received events (ksync-core's `Event::validate_received`) may nest deeper: older builds took
+// data up to 128 levels deep, their relays still serve what they stored and older replicas keep
+// it; skipping those here would leave this replica without what the others hold.
+const MAX_RECEIVED_DATA_DEPTH = 128;
 const STRATEGIES = new Set(['event-level', 'batch', 'state-based']);
 // The clock leeway a server gives a JWT's `exp` unless configured otherwise (ksync-server's
 // `AuthConfig::leeway`, `--jwt-leeway-secs`): the client refuses a token up front only past it.
@@ -304,11 +308,12 @@ function depthExceeds(value, max) {
  * Why `event` breaks the event rules, or null when it keeps them: the one rule set for the
  * events the app sends (refused before they are queued) and those received (skipped). Those of
  * `Event::validate` (non-empty id and type of at most 256 UTF-8 bytes, version >= 1, data nested
- * at most 100 levels), plus what its types ask of JSON (integers for version and timestamp).
+ * at most `maxDepth` levels: 100 for what the app sends, `MAX_RECEIVED_DATA_DEPTH` for what it
+ * receives), plus what its types ask of JSON (integers for version and timestamp).
  * Not its size rule (8 MiB of JSON as serde_json writes it, whose numbers JavaScript does not
  * print the same way): the relay answers a larger event `invalid`, and never sends one.
  */
-function eventFault(event) {
+function eventFault(event, maxDepth = MAX_DATA_DEPTH) {
   if (event === null || typeof event !== 'object' || Array.isArray(event)) return 'it is not an object';
   for (const field of ['id', 'type']) {
     const value = event[field];
@@ -318,14 +323,15 @@ function eventFault(event) {
   }
   if (!Number.isSafeInteger(event.version) || event.version < 1) return 'its version is not an integer >= 1';
   if (!Number.isSafeInteger(event.timestamp) || event.timestamp < 0) return 'its timestamp is not an integer >= 0 (milliseconds since the epoch)';
-  if (depthExceeds(event.data, MAX_DATA_DEPTH)) return `its data nests arrays and objects more than ${MAX_DATA_DEPTH} levels deep`;
+  if (depthExceeds(event.data, maxDepth)) return `its data nests arrays and objects more than ${maxDepth} levels deep`;
   return null;
 }
 
-/** Why a received `event` (or an ack's `held` revision) breaks the event rules, or null: it
- * also carries all its fields (one the app sends without `data` goes with `data: null`). */
+/** Why a received `event` (or an ack's `held` revision) breaks the event rules, or null: its
+ * data may nest up to `MAX_RECEIVED_DATA_DEPTH` levels (it was stored already, maybe by an older
+ * build), and it carries all its fields (one the app sends without `data` goes with `data: null`). */
 function receivedFault(event) {
-  return eventFault(event) ?? (event.data === undefined ? 'it has no data' : null);
+  return eventFault(event, MAX_RECEIVED_DATA_DEPTH) ?? (event.data === undefined ? 'it has no data' : null);
 }
 
 /** Refuses (`invalid`) an event the app sends that breaks the event rules: the relay would

@@ -17,11 +17,17 @@
 //! Reports on stdout, one JSON object a line: `{"kind":"connected"}`, `{"kind":"disconnected"}`,
 //! `{"kind":"event","event":{...}}`, `{"kind":"sent","id":".."}`,
 //! `{"kind":"burst-done","count":N}` (N sent: fewer than asked after an `error`), `{"kind":"error","message":".."}`.
+//!
+//! `browser_peer --append-to-log DATA_DIR ROOM EVENT_JSON...` instead appends the events (one
+//! JSON object an argument: serde_json reads 127 levels, a list around them would cost one) to
+//! ROOM's log under a server's `--data-dir` as an older relay stored them (no publish check),
+//! prints `{"kind":"appended","count":N}` and exits: run it before the server starts.
 
 use std::io::Write as _;
 use std::time::Duration;
 
-use ksync_core::{Auth, Event, Notification, SyncClient};
+use ksync_core::{Auth, Event, LogName, Name, Notification, StorageProvider as _, SyncClient};
+use ksync_storage_file::FileProvider;
 use ksync_ws::WebSocketSyncClient;
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
@@ -39,6 +45,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = args
         .next()
         .ok_or("usage: browser_peer <ws-url> [--api-key KEY | --token JWT]")?;
+    if url == "--append-to-log" {
+        let usage = "usage: browser_peer --append-to-log DATA_DIR ROOM EVENT_JSON...";
+        let dir = args.next().ok_or(usage)?;
+        let room = args.next().ok_or(usage)?;
+        let events = args
+            .map(|arg| serde_json::from_str::<Event>(&arg))
+            .collect::<Result<Vec<_>, _>>()?;
+        let count = events.len();
+        let log = FileProvider::new(dir)?.open(&LogName::Room(Name::new(&room)?))?;
+        log.append(events).await?;
+        report(&json!({"kind": "appended", "count": count}));
+        return Ok(());
+    }
     let mut builder = WebSocketSyncClient::builder(url.as_str())
         .reconnect(true)
         .reconnect_delay(Duration::from_millis(100), Duration::from_secs(2));
