@@ -206,8 +206,11 @@ impl P2PSyncClientBuilder {
     /// bounds only in messages). Default 16 MiB
     /// ([`DEFAULT_MAX_GOSSIP_QUEUE_BYTES`](crate::DEFAULT_MAX_GOSSIP_QUEUE_BYTES)), at least
     /// one byte. Gossipsub counts messages, not bytes, so the queue is held to this many bytes of
-    /// the largest gossip message (`max(256 KiB, max_event_bytes)` + 64 KiB): 51 messages at
-    /// the defaults, at least 1 and at most gossipsub's 5,000. Overflow, as before: a
+    /// the largest gossip message (`max(256 KiB, max_event_bytes)` + 64 KiB), but at least 256
+    /// messages (it carries publishes, forwards and IHAVE/IWANT, mostly small) and at most
+    /// gossipsub's 5,000: 256 at the defaults, so the real bound per peer is
+    /// `max(max_gossip_queue_bytes, 256 x the largest message)`, 80 MiB at the default event
+    /// limit (about 2 GiB at the largest, 8 MiB). Overflow, as before: a
     /// message that does not fit a peer's queue is not sent to that peer (its events are
     /// stored; catch-up carries them), and a publish that fits no subscribed peer's queue
     /// is reported as an `error` notification (`P2PError::Publish`).

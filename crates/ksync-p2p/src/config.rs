@@ -196,8 +196,10 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_CATCH_UP_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 /// Default cap on the gossip queued to one peer, in bytes: gossipsub bounds its queue to each
 /// peer only in messages (5,000 by default, each up to `max(256 KiB, max_event_bytes)` + 64
-/// KiB), so a peer that stops reading could make a node hold gigabytes. Overflow: as
-/// gossipsub's (see `P2PSyncClientBuilder::max_gossip_queue_bytes`).
+/// KiB), so a peer that stops reading could make a node hold gigabytes. The queue is never
+/// shorter than 256 messages, so below 256 largest messages (80 MiB at the default event
+/// limit) this does not bind. Overflow: as gossipsub's (see
+/// `P2PSyncClientBuilder::max_gossip_queue_bytes`).
 pub const DEFAULT_MAX_GOSSIP_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Default capacity of the command channel from the client handle to the node task.
 pub const DEFAULT_COMMAND_CAPACITY: usize = 1024;

@@ -259,14 +259,22 @@ pub(crate) fn max_batch_bytes(opts: &Options) -> usize {
 /// Gossipsub's own cap on the messages queued to one peer (its default).
 const GOSSIPSUB_QUEUE_LEN: usize = 5000;
 
+/// Fewest messages gossipsub's queue to a peer holds, whatever `max_gossip_queue_bytes`: the
+/// queue carries our publishes, forwards and IHAVE/IWANT alike, and messages are mostly
+/// ~1 KiB events, so a queue sized for the largest message (51 at the defaults) dropped
+/// forwards to a peer briefly behind and failed our publish with one slow peer.
+const MIN_GOSSIP_QUEUE_LEN: usize = 256;
+
 /// Gossipsub's queue to each peer, in messages, held to `max_gossip_queue_bytes` of the
-/// largest message this node sends (gossipsub counts messages, not bytes): a peer that stops
-/// reading holds at most that many bytes here (at least one message). Overflow is
-/// gossipsub's: a message that does not fit is not sent to that peer (catch-up carries its
-/// events), and a publish no peer's queue takes fails (`P2PError::Publish`, reported).
+/// largest message this node sends (gossipsub counts messages, not bytes), but at least
+/// [`MIN_GOSSIP_QUEUE_LEN`]: a peer that stops reading holds at most
+/// `max(max_gossip_queue_bytes, 256 x the largest message)` here (80 MiB at the default
+/// event limit). Overflow is gossipsub's: a message that does not fit is not sent to that
+/// peer (catch-up carries its events), and a publish no peer's queue takes fails
+/// (`P2PError::Publish`, reported).
 pub(crate) fn gossip_queue_len(opts: &Options) -> usize {
     let largest = max_batch_bytes(opts) + ENVELOPE_BYTES;
-    (opts.max_gossip_queue_bytes / largest).clamp(1, GOSSIPSUB_QUEUE_LEN)
+    (opts.max_gossip_queue_bytes / largest).clamp(MIN_GOSSIP_QUEUE_LEN, GOSSIPSUB_QUEUE_LEN)
 }
 
 fn behaviour(
@@ -2351,6 +2359,19 @@ mod tests {
             metrics_interval: crate::config::DEFAULT_METRICS_INTERVAL,
             debug: false,
         }
+    }
+
+    /// Gossipsub's queue to a peer also carries our publishes and IHAVE/IWANT, so it is never
+    /// shorter than 256 messages: at 51 (16 MiB of 320 KiB messages) a peer briefly behind on
+    /// ordinary ~1 KiB events lost forwards, and one slow peer made a publish fail.
+    #[test]
+    fn the_gossip_queue_holds_at_least_256_messages() {
+        let mut opts = dht_options();
+        assert_eq!(gossip_queue_len(&opts), 256, "at the defaults");
+        opts.max_gossip_queue_bytes = 1;
+        assert_eq!(gossip_queue_len(&opts), 256, "at the smallest byte cap");
+        opts.max_gossip_queue_bytes = usize::MAX;
+        assert_eq!(gossip_queue_len(&opts), 5000, "gossipsub's own cap");
     }
 
     /// The node's swarm, listening on 127.0.0.1 (port 0), and its listen address.

@@ -1,7 +1,8 @@
 //! Gossip queued to a peer that does not read is bounded in bytes (`max_gossip_queue_bytes`),
 //! not only in messages: gossipsub's queue to each peer holds 5,000 messages, up to 320 KiB
 //! each at the default event limit (and 8 MiB at the largest), so one stalled subscriber
-//! could make a node hold gigabytes. Overflow: the message is not queued for that peer (its
+//! could make a node hold gigabytes. The queue holds at least 256 messages (gossip is mostly
+//! small events), so its bound is `max(max_gossip_queue_bytes, 256 x the largest message)`. Overflow: the message is not queued for that peer (its
 //! events are stored; catch-up carries them), and a publish no peer could take is reported.
 
 use crate::common;
@@ -69,24 +70,30 @@ async fn gossip_queued_to_a_peer_that_does_not_read_is_bounded_in_bytes() {
     });
     let stalled = subscriber(&a).await;
 
-    // Up to 30 MB of gossip to the one subscriber, one 200 KB event a message, each
+    // Up to 1,000 messages of gossip to the one subscriber, one 40 KB event a message, each
     // published before the next is sent: past what the socket buffers between the two take
-    // (about 10 MB here), the rest waits in `a`'s queue to it, and 1 MiB of that fills it.
-    // With 5,000 messages allowed there, all of it was queued and nothing overflowed.
+    // (about 10 MB here, 250 messages), the rest waits in `a`'s queue to it, and 256
+    // messages fill it (the floor: 1 MiB is fewer). With 5,000 messages allowed there, all
+    // of it was queued and nothing overflowed.
     let overflowed = || *overflows.lock().expect("lock");
     let mut sent = 0u64;
     while overflowed() == 0 {
         assert!(
-            sent < 150,
-            "30 MB queued to a peer that does not read, and no publish overflowed"
+            sent < 1000,
+            "1,000 messages queued to a peer that does not read, and no publish overflowed"
         );
-        let event = Event::new(format!("e{sent}"), "t", json!("x".repeat(200_000)), 1);
+        let event = Event::new(format!("e{sent}"), "t", json!("x".repeat(40_000)), 1);
         a.broadcast(event).await.expect("broadcast");
         sent += 1;
-        wait_until(10, "the node publishes it, or reports it could not", || {
-            a.stats().published_messages + overflowed() as u64 == sent
-        })
-        .await;
+        // Polled every millisecond (not `wait_until`'s 20): hundreds of these in a row.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while a.stats().published_messages + overflowed() as u64 != sent {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the node publishes it, or reports it could not"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     // Every event is stored, for catch-up to carry.
     assert_eq!(keys(&a).len() as u64, sent);
