@@ -15,6 +15,7 @@ use ksync_core::{
     Event, EventLimits, MeterTotals, MetricsMeter, Notification, Notifier, Replica, RevisionKey,
     Status, SyncError, debug_log,
 };
+use libp2p::core::ConnectedPoint;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -141,20 +142,51 @@ const MAX_NAME_ADDRS: usize = 8;
 /// given (`Addresses::insert` has no cap), keeps it while the peer is in the table, answers
 /// every lookup with all of them, and a peer that looks it up dials them all; a peer may
 /// announce hundreds in one identify message (4 KiB) and new ones in every identify push.
-/// Overflow policy: the newest are kept (an announcement's first `MAX_KAD_ADDRS`; then the
-/// oldest of the entry go), so a peer that moved is found at its new address.
+/// Overflow policy: the address of a connection we dialed to the peer is never dropped (we
+/// know it works), nor those of the latest announcement (at most `MAX_KAD_ADDRS` of it,
+/// reachable ones first); past that the entry's oldest go, so a peer that moved is found at
+/// its new address.
 const MAX_KAD_ADDRS: usize = 8;
 
-/// Adds `addrs` (at most [`MAX_KAD_ADDRS`] of them) to `peer`'s Kademlia entry, then drops its
-/// oldest addresses beyond [`MAX_KAD_ADDRS`]. (An entry waiting for room in a full bucket is
-/// not in the table yet and not trimmed; it is replaced or dropped when it gets in or not.)
+/// `addr` without a trailing `/p2p/<peer id>` (an entry may hold either form).
+fn without_peer_id(addr: &Multiaddr) -> Multiaddr {
+    let mut addr = addr.clone();
+    if let Some(Protocol::P2p(_)) = addr.iter().last() {
+        addr.pop();
+    }
+    addr
+}
+
+/// Whether `addr` is loopback or link-local: reachable only from this host or link.
+fn is_local_only(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback() || ip.is_link_local(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback() || (ip.segments()[0] & 0xffc0) == 0xfe80,
+        _ => false,
+    }
+}
+
+/// Adds `addrs` (at most [`MAX_KAD_ADDRS`] of them: `connected` ones first, then, unless
+/// `on_loopback`, ones not loopback or link-local) to `peer`'s Kademlia entry, then drops its
+/// oldest addresses beyond [`MAX_KAD_ADDRS`], never one in `connected` (addresses of our
+/// dialed connections to it) nor one just added (announced again: fresh, not stale). (An entry
+/// waiting for room in a full bucket is not in the table yet and not trimmed; it is replaced
+/// or dropped when it gets in or not.)
 fn add_kad_addresses(
     kad: &mut kad::Behaviour<kad::store::MemoryStore>,
     peer: &PeerId,
     addrs: impl IntoIterator<Item = Multiaddr>,
+    connected: &[Multiaddr],
+    on_loopback: bool,
 ) {
-    for addr in addrs.into_iter().take(MAX_KAD_ADDRS) {
-        kad.add_address(peer, addr);
+    let is_connected = |a: &Multiaddr| connected.contains(&without_peer_id(a));
+    let mut added: Vec<Multiaddr> = addrs.into_iter().collect();
+    // Stable: the announcement's order otherwise.
+    added.sort_by_key(|a| (!is_connected(a), !on_loopback && is_local_only(a)));
+    added.truncate(MAX_KAD_ADDRS);
+    let added: Vec<Multiaddr> = added.iter().map(without_peer_id).collect();
+    for addr in &added {
+        kad.add_address(peer, addr.clone());
     }
     let held: Vec<Multiaddr> = kad
         .kbucket(*peer)
@@ -165,8 +197,17 @@ fn add_kad_addresses(
                 .map(|entry| entry.node.value.iter().cloned().collect())
         })
         .unwrap_or_default();
-    for old in held.iter().take(held.len().saturating_sub(MAX_KAD_ADDRS)) {
+    // Oldest first; what is kept never empties the entry (which would drop the peer).
+    let mut excess = held.len().saturating_sub(MAX_KAD_ADDRS);
+    for old in &held {
+        if excess == 0 {
+            break;
+        }
+        if is_connected(old) || added.contains(&without_peer_id(old)) {
+            continue;
+        }
         kad.remove_address(peer, old);
+        excess -= 1;
     }
 }
 
@@ -526,6 +567,9 @@ pub(crate) struct Node {
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, P2PError>>>,
     peer_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, P2PError>>>>,
     lookups: HashMap<kad::QueryId, PeerId>,
+    /// The address of each connection we dialed, by connection (bounded by the connection
+    /// limits): kept in the peer's Kademlia entry (see `add_kad_addresses`).
+    dialed_addrs: HashMap<ConnectionId, (PeerId, Multiaddr)>,
     /// The spec's `peerId`s of the peers met, with the addresses they listen on (bounded by
     /// `MAX_KNOWN_NAMES`).
     names: HashMap<String, (PeerId, Vec<Multiaddr>)>,
@@ -674,6 +718,7 @@ impl Node {
             dials: HashMap::new(),
             peer_dials: HashMap::new(),
             lookups: HashMap::new(),
+            dialed_addrs: HashMap::new(),
             names: HashMap::new(),
             backlog,
             stopping: false,
@@ -1124,8 +1169,13 @@ impl Node {
                 peer_id,
                 connection_id,
                 num_established,
+                endpoint,
                 ..
             } => {
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    self.dialed_addrs
+                        .insert(connection_id, (peer_id, without_peer_id(address)));
+                }
                 // Listed before `connect_to_peer` returns, so `connected_peers` agrees with it.
                 if num_established.get() == 1 {
                     lock(&self.shared.peers).insert(peer_id);
@@ -1146,10 +1196,18 @@ impl Node {
                 }
             }
             SwarmEvent::ConnectionClosed {
+                connection_id,
+                num_established,
+                ..
+            } if num_established > 0 => {
+                self.dialed_addrs.remove(&connection_id);
+            }
+            SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
                 ..
             } => {
+                self.dialed_addrs.remove(&connection_id);
                 lock(&self.shared.peers).remove(&peer_id);
                 // What the round walked so far is kept (see `save_cursor`).
                 self.save_cursor(peer_id).await;
@@ -1237,9 +1295,7 @@ impl Node {
                 if let Some(name) = wire::peer_name(&info.agent_version) {
                     self.learn_name(peer_id, name, info.listen_addrs.clone());
                 }
-                if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-                    add_kad_addresses(kad, &peer_id, info.listen_addrs);
-                }
+                self.add_kad_addresses(&peer_id, info.listen_addrs);
             }
             BehaviourEvent::Ping(ping::Event {
                 result: Ok(rtt), ..
@@ -1266,9 +1322,7 @@ impl Node {
                     // mDNS answers are anyone's on the LAN: as few kept and dialed as from
                     // identify.
                     addrs.truncate(MAX_KAD_ADDRS);
-                    if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-                        add_kad_addresses(kad, &peer, addrs.iter().cloned());
-                    }
+                    self.add_kad_addresses(&peer, addrs.iter().cloned());
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.dial_known_peer(peer, Some(addrs));
                     }
@@ -1305,9 +1359,7 @@ impl Node {
                     // What a lookup names comes from other peers' tables: as few kept and
                     // dialed as from identify.
                     info.addrs.truncate(MAX_KAD_ADDRS);
-                    if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
-                        add_kad_addresses(kad, &target, info.addrs.iter().cloned());
-                    }
+                    self.add_kad_addresses(&target, info.addrs.iter().cloned());
                     if let Err(e) = self.dial_known_peer(target, Some(info.addrs)) {
                         self.fail_peer_dials(
                             target,
@@ -1696,6 +1748,21 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// [`add_kad_addresses`] with the addresses of our dialed connections to `peer`, if
+    /// Kademlia is on.
+    fn add_kad_addresses(&mut self, peer: &PeerId, addrs: impl IntoIterator<Item = Multiaddr>) {
+        let connected: Vec<Multiaddr> = self
+            .dialed_addrs
+            .values()
+            .filter(|(p, _)| p == peer)
+            .map(|(_, a)| a.clone())
+            .collect();
+        let on_loopback = self.opts.listen_host.is_loopback();
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            add_kad_addresses(kad, peer, addrs, &connected, on_loopback);
         }
     }
 
