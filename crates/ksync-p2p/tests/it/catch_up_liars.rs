@@ -1186,3 +1186,56 @@ async fn a_page_past_the_end_of_a_shorter_log_restarts_the_walk_without_blame() 
     .await;
     assert!(watch.blamed().is_empty(), "{:?}", watch.blamed());
 }
+
+/// A peer answering a fetch busy (its answers in flight at its `max_catch_up_answer_bytes`,
+/// or ours at our share of it) is not blamed: the round ends with the cursor in place, and
+/// the next round fetches the event. (A kSync node answers an honest peer, one request at a
+/// time, never busy, so a raw peer plays the busy one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_answer_ends_the_round_without_blame_and_the_next_round_fetches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = honest(dir.path(), "a").await;
+    let watch = Watch::new(&a);
+    let held = event("liar", 1);
+    let page = [entry(1, &held, digest(&held))];
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let f = Arc::clone(&fetches);
+    let event_held = held.clone();
+    let busy_peer = liar(move |request| match request {
+        Request::Keys { after, .. } => Response::Keys {
+            log_id: 7,
+            len: 1,
+            entries: page.iter().filter(|e| e.seq > *after).cloned().collect(),
+            through: Some(1),
+        },
+        Request::Fetch { .. } if f.fetch_add(1, Ordering::SeqCst) == 0 => Response::Refused {
+            reason: "busy".into(),
+            busy: true,
+        },
+        Request::Fetch { .. } => Response::Events {
+            events: vec![event_held.clone()],
+            too_large: Vec::new(),
+        },
+    })
+    .await;
+    a.connect_to_peer(&busy_peer.addr.to_string())
+        .await
+        .expect("connect");
+    wait_until(10, "a asks and is answered busy", || {
+        fetches.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    assert!(keys(&a).is_empty(), "nothing came with the busy answer");
+    // A round asked for while the first is ending may be folded into it: asked until done.
+    let id = held.id.clone();
+    wait_until(10, "the next round fetches the event", || {
+        if keys(&a).contains(&(id.clone(), 1)) {
+            return true;
+        }
+        let a = Arc::clone(&a);
+        tokio::spawn(async move { a.sync_now().await });
+        false
+    })
+    .await;
+    assert!(watch.blamed().is_empty(), "{:?}", watch.blamed());
+}
