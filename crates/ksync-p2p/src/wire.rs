@@ -404,13 +404,8 @@ mod tests {
     /// malformed, and comes by catch-up (CBOR, 256 levels).
     #[test]
     fn gossip_takes_data_as_deep_as_older_builds_stored() {
-        let nested = |levels: usize| {
-            let mut data = json!(1);
-            for _ in 0..levels {
-                data = json!([data]);
-            }
-            Event::new("deep", "t", data, 1)
-        };
+        let nested =
+            |levels: usize| Event::new("deep", "t", ksync_testkit::edge_data::nested(levels), 1);
         for levels in [110, 126] {
             let deep = nested(levels);
             let data = encode_payload(&[enc(&deep)]);

@@ -582,6 +582,20 @@ pub mod edge_data {
             .collect()
     }
 
+    /// Panics unless `error` is the refusal of a new event whose data nests past
+    /// `ksync_core::MAX_DATA_DEPTH` (what an `update` of such data gets).
+    pub fn assert_too_deep(error: &ksync_core::SyncError) {
+        assert!(
+            matches!(
+                error,
+                ksync_core::SyncError::InvalidEvent(ksync_core::InvalidEvent::DataTooDeep {
+                    max: ksync_core::MAX_DATA_DEPTH
+                })
+            ),
+            "{error:?}"
+        );
+    }
+
     /// `data` nested `levels` deep (`[[1]]` is two), arrays and objects in turn.
     pub fn nested(levels: usize) -> Value {
         let mut data = json!("innermost");

@@ -21,9 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::error::WsError;
-use crate::protocol::{
-    self, ClientMessage, Hello, Publish, PublishResult, SERVER_TYPES, ServerMessage, close,
-};
+use crate::protocol::{self, ClientMessage, Hello, Publish, PublishResult, ServerMessage, close};
 use crate::tls::ClientStream;
 
 /// Target of this file's [`debug_log!`] lines, fixed because users filter on it.
@@ -1182,7 +1180,7 @@ impl Session {
                         let _ = socket.close(Some(frame)).await;
                         return Err(WsError::UnsupportedProtocol { server: theirs });
                     }
-                    match protocol::decode::<ServerMessage>(t.as_bytes(), SERVER_TYPES) {
+                    match protocol::decode_server_message(t.as_bytes()) {
                         Ok(ServerMessage::Welcome(w)) => {
                             debug_log!(config.debug, target: LOG_TARGET, room = %w.room, server_version = w.server_version, "welcome");
                             // Every publish is cut to this size, and an event larger than
@@ -1725,7 +1723,7 @@ impl Session {
             Message::Close(frame) => return Err(closed(frame)),
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(()),
         };
-        let message = match decode_server_message(&json) {
+        let message = match protocol::decode_server_message(&json) {
             Ok(m) => m,
             Err(e @ protocol::DecodeError::UnknownType(_)) => {
                 // A newer server may send types we do not know: report, keep going.
@@ -2236,51 +2234,5 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
             i.tick().await;
         }
         None => std::future::pending().await,
-    }
-}
-
-/// Decodes a message from the relay. An `events` frame serde_json cannot read whole (127
-/// levels of a message; the frame puts 4 around an event's data) is read again with each
-/// event as raw JSON, which it skips without counting levels, then each event on its own (1
-/// level around its data): events older relays stored with data 124 to 126 levels deep (the
-/// most they took, reading 127 levels of a publish) still arrive, instead of every session
-/// ending on the same frame. Deeper, the first error stands.
-fn decode_server_message(json: &[u8]) -> Result<ServerMessage, protocol::DecodeError> {
-    #[derive(serde::Deserialize)]
-    struct RawFrame<'a> {
-        #[serde(rename = "type")]
-        kind: String,
-        #[serde(borrow)]
-        events: Vec<RawStored<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct RawStored<'a> {
-        seq: u64,
-        #[serde(borrow)]
-        event: &'a serde_json::value::RawValue,
-    }
-    let error = match protocol::decode::<ServerMessage>(json, SERVER_TYPES) {
-        Ok(message) => return Ok(message),
-        Err(error) => error,
-    };
-    let Ok(frame) = serde_json::from_slice::<RawFrame<'_>>(json) else {
-        return Err(error);
-    };
-    if frame.kind != "events" {
-        return Err(error);
-    }
-    let events = frame
-        .events
-        .into_iter()
-        .map(|raw| {
-            Ok(Stored {
-                seq: raw.seq,
-                event: serde_json::from_str(raw.event.get())?,
-            })
-        })
-        .collect::<Result<Vec<Stored>, serde_json::Error>>();
-    match events {
-        Ok(events) => Ok(ServerMessage::Events(protocol::EventsBatch { events })),
-        Err(_) => Err(error),
     }
 }

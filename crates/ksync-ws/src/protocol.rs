@@ -306,6 +306,52 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Decodes a message from the relay. An `events` frame serde_json cannot read whole (127
+/// levels of a message; the frame puts 4 around an event's data) is read again with each
+/// event as raw JSON, which it skips without counting levels, then each event on its own (1
+/// level around its data): events older relays stored with data 124 to 126 levels deep (the
+/// most they took, reading 127 levels of a publish) still arrive, instead of every session
+/// ending on the same frame. Deeper, the first error stands.
+pub fn decode_server_message(json: &[u8]) -> Result<ServerMessage, DecodeError> {
+    #[derive(serde::Deserialize)]
+    struct RawFrame<'a> {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(borrow)]
+        events: Vec<RawStored<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct RawStored<'a> {
+        seq: u64,
+        #[serde(borrow)]
+        event: &'a serde_json::value::RawValue,
+    }
+    let error = match decode::<ServerMessage>(json, SERVER_TYPES) {
+        Ok(message) => return Ok(message),
+        Err(error) => error,
+    };
+    let Ok(frame) = serde_json::from_slice::<RawFrame<'_>>(json) else {
+        return Err(error);
+    };
+    if frame.kind != "events" {
+        return Err(error);
+    }
+    let events = frame
+        .events
+        .into_iter()
+        .map(|raw| {
+            Ok(Stored {
+                seq: raw.seq,
+                event: serde_json::from_str(raw.event.get())?,
+            })
+        })
+        .collect::<Result<Vec<Stored>, serde_json::Error>>();
+    match events {
+        Ok(events) => Ok(ServerMessage::Events(EventsBatch { events })),
+        Err(_) => Err(error),
+    }
+}
+
 /// The `protocol` a `hello` names (relay or monitor feed), read before the rest of it: a
 /// client of another version is answered `unsupported_protocol` (4001) even when its other
 /// fields have shapes this version does not read. `None` for text that is not a `hello` with

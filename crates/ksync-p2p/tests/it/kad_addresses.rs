@@ -62,10 +62,9 @@ async fn looked_up(node: &P2PSyncClient, target: PeerId) -> Option<Vec<libp2p::M
     .expect("the lookup ends")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_announcing_hundreds_of_addresses_has_a_few_kept() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let a = P2PSyncClient::builder(
+/// Node `a`, started, on loopback with DHT discovery and no bootstrap peer; its key under `dir`.
+async fn dht_node(dir: &tempfile::TempDir) -> P2PSyncClient {
+    let node = P2PSyncClient::builder(
         "a",
         DiscoveryMethod::Dht {
             bootstrap: Vec::new(),
@@ -75,7 +74,14 @@ async fn a_peer_announcing_hundreds_of_addresses_has_a_few_kept() {
     .key_dir(dir.path())
     .build()
     .expect("build");
-    a.start().await.expect("start");
+    node.start().await.expect("start");
+    node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_announcing_hundreds_of_addresses_has_a_few_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dht_node(&dir).await;
 
     // A peer of our version listening on ANNOUNCED ports: identify names them all.
     let mut liar = liar();
@@ -134,17 +140,7 @@ fn liar() -> libp2p::Swarm<Liar> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_address_a_peer_was_dialed_on_is_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = P2PSyncClient::builder(
-        "a",
-        DiscoveryMethod::Dht {
-            bootstrap: Vec::new(),
-        },
-    )
-    .listen_host(LOOPBACK)
-    .key_dir(dir.path())
-    .build()
-    .expect("build");
-    a.start().await.expect("start");
+    let a = dht_node(&dir).await;
     let a_id = a.local_peer_id();
     let mut liar = liar();
     let liar_id = *liar.local_peer_id();

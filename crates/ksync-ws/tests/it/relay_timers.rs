@@ -281,11 +281,10 @@ async fn a_message_sent_as_one_frame_slowly_is_let_finish() {
                     "timestamp": 1_700_000_000_000u64, "version": 1}],
     })
     .to_string();
-    // A masked text frame with a 64-bit length; the zero mask leaves the payload as is.
-    let mut head = vec![0x81, 0x80 | 127];
-    head.extend_from_slice(&(text.len() as u64).to_be_bytes());
-    head.extend_from_slice(&[0; 4]);
-    tcp.write_all(&head).await.expect("header");
+    // A text frame's header alone (a 64-bit length); its payload follows slowly.
+    tcp.write_all(&masked_header(0x1, text.len()))
+        .await
+        .expect("header");
     let began = tokio::time::Instant::now();
     const CHUNKS: usize = 12;
     for chunk in text.as_bytes().chunks(text.len().div_ceil(CHUNKS)) {
@@ -336,9 +335,7 @@ async fn a_message_begun_as_one_frame_and_stopped_is_closed_with_4009_within_two
     })
     .await;
     let mut tcp = bare_join(&server.url(Some("one-frame-stopped"))).await;
-    let mut start = vec![0x81, 0x80 | 126];
-    start.extend_from_slice(&1000u16.to_be_bytes());
-    start.extend_from_slice(&[0; 4]);
+    let mut start = masked_header(0x1, 1000);
     start.extend_from_slice(br#"{"type":"publish","ref":1,"events":["#);
     tcp.write_all(&start).await.expect("the frame's start");
     let began = tokio::time::Instant::now();
@@ -392,7 +389,26 @@ async fn control_frames_with_a_long_length_form_are_no_message_being_received() 
     server.stop().await;
 }
 
-/// Sends one masked (zero mask) frame, fin set.
+/// The header of a client frame, fin set, its length in the shortest form, masked with a
+/// zero mask (which leaves the payload as it is).
+fn masked_header(opcode: u8, len: usize) -> Vec<u8> {
+    let mut head = vec![0x80 | opcode];
+    match u16::try_from(len) {
+        Ok(n) if n < 126 => head.push(0x80 | u8::try_from(n).expect("short")),
+        Ok(n) => {
+            head.push(0x80 | 126);
+            head.extend_from_slice(&n.to_be_bytes());
+        }
+        Err(_) => {
+            head.push(0x80 | 127);
+            head.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    head.extend_from_slice(&[0; 4]);
+    head
+}
+
+/// Sends one masked frame, fin set.
 async fn bare_send(
     tcp: &mut tokio::net::TcpStream,
     opcode: u8,
@@ -400,19 +416,7 @@ async fn bare_send(
 ) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
 
-    let mut frame = vec![0x80 | opcode];
-    match u16::try_from(payload.len()) {
-        Ok(n) if n < 126 => frame.push(0x80 | u8::try_from(n).expect("short")),
-        Ok(n) => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&n.to_be_bytes());
-        }
-        Err(_) => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&[0; 4]);
+    let mut frame = masked_header(opcode, payload.len());
     frame.extend_from_slice(payload);
     tcp.write_all(&frame).await
 }
