@@ -530,6 +530,45 @@ struct Room {
 /// leaves the rest to the others (one answer always goes to a peer with none in flight).
 const ANSWER_SHARE_DIVISOR: usize = 8;
 
+/// Our catch-up answers in flight (handed to libp2p, not yet sent, failed or timed out), with
+/// the bytes each holds, and their sums, node-wide and per peer: bounded by
+/// `max_catch_up_answer_bytes` (see `Node::response_to`); the map by libp2p's streams
+/// (`MAX_SYNC_STREAMS` per connection). The sums change only with the map, here.
+#[derive(Default)]
+struct AnswersInFlight {
+    answers: HashMap<InboundRequestId, (PeerId, usize)>,
+    total: usize,
+    /// Only peers with an answer in flight.
+    by_peer: HashMap<PeerId, usize>,
+}
+
+impl AnswersInFlight {
+    fn hold(&mut self, request_id: InboundRequestId, peer: PeerId, bytes: usize) {
+        self.answers.insert(request_id, (peer, bytes));
+        self.total = self.total.saturating_add(bytes);
+        let held = self.by_peer.entry(peer).or_default();
+        *held = held.saturating_add(bytes);
+    }
+
+    /// The answer was sent, or never will be: what it held is free again.
+    fn release(&mut self, request_id: &InboundRequestId) {
+        let Some((peer, bytes)) = self.answers.remove(request_id) else {
+            return;
+        };
+        self.total = self.total.saturating_sub(bytes);
+        if let Some(held) = self.by_peer.get_mut(&peer) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                self.by_peer.remove(&peer);
+            }
+        }
+    }
+
+    fn held_by(&self, peer: &PeerId) -> usize {
+        self.by_peer.get(peer).copied().unwrap_or(0)
+    }
+}
+
 /// What a `Keys` page holds, counted as an answer in flight: each entry's id and its fixed
 /// fields (seq, version, digest, and their encoding).
 fn keys_bytes(entries: &[KeyEntry]) -> usize {
@@ -552,13 +591,8 @@ pub(crate) struct Node {
     max_batch_bytes: usize,
     sessions: HashMap<PeerId, Session>,
     requests: HashMap<OutboundRequestId, (PeerId, Outstanding)>,
-    /// Our catch-up answers in flight (handed to libp2p, not yet sent, failed or timed out),
-    /// with the bytes each holds, and their sum: bounded by `max_catch_up_answer_bytes` (see
-    /// `answer`); the map by libp2p's streams (`MAX_SYNC_STREAMS` per connection).
-    answers: HashMap<InboundRequestId, (PeerId, usize)>,
-    answer_bytes: usize,
-    /// The same per peer (only peers with an answer in flight; bounded like `answers`).
-    peer_answer_bytes: HashMap<PeerId, usize>,
+    /// Our catch-up answers in flight.
+    answers: AnswersInFlight,
     /// Keys being fetched, with when their fetch was sent (bounded by the sessions' pages).
     in_flight: HashMap<RevisionKey, tokio::time::Instant>,
     /// When the earliest session waiting on another's fetch stops waiting (see
@@ -710,9 +744,7 @@ impl Node {
             max_batch_bytes,
             sessions: HashMap::new(),
             requests: HashMap::new(),
-            answers: HashMap::new(),
-            answer_bytes: 0,
-            peer_answer_bytes: HashMap::new(),
+            answers: AnswersInFlight::default(),
             in_flight: HashMap::new(),
             wait_deadline: None,
             dials: HashMap::new(),
@@ -1738,15 +1770,7 @@ impl Node {
             // `request_timeout`): what the answer held is free again.
             request_response::Event::InboundFailure { request_id, .. }
             | request_response::Event::ResponseSent { request_id, .. } => {
-                if let Some((peer, bytes)) = self.answers.remove(&request_id) {
-                    self.answer_bytes = self.answer_bytes.saturating_sub(bytes);
-                    if let Some(held) = self.peer_answer_bytes.get_mut(&peer) {
-                        *held = held.saturating_sub(bytes);
-                        if *held == 0 {
-                            self.peer_answer_bytes.remove(&peer);
-                        }
-                    }
-                }
+                self.answers.release(&request_id);
             }
         }
     }
@@ -1801,8 +1825,8 @@ impl Node {
                 .counters
                 .busy_answers
                 .fetch_add(1, Ordering::Relaxed);
-            debug_log!(self.opts.debug, target: LOG_TARGET, %peer, held = self.answer_bytes,
-                peer_held = self.peer_answer_bytes.get(&peer).copied().unwrap_or(0),
+            debug_log!(self.opts.debug, target: LOG_TARGET, %peer, held = self.answers.total,
+                peer_held = self.answers.held_by(&peer),
                 max = self.opts.max_catch_up_answer_bytes,
                 "catch-up request answered busy: answers in flight are at max_catch_up_answer_bytes or this peer's share of it");
         }
@@ -1817,10 +1841,7 @@ impl Node {
             return;
         }
         if held > 0 {
-            self.answers.insert(request_id, (peer, held));
-            self.answer_bytes = self.answer_bytes.saturating_add(held);
-            let by_peer = self.peer_answer_bytes.entry(peer).or_default();
-            *by_peer = by_peer.saturating_add(held);
+            self.answers.hold(request_id, peer, held);
         }
     }
 
@@ -1834,11 +1855,11 @@ impl Node {
     /// the node-wide sum can pass the budget by that one answer per peer.
     fn response_to(&self, peer: PeerId, request: SyncRequest) -> (SyncResponse, usize) {
         let budget = self.opts.max_catch_up_answer_bytes;
-        let peer_held = self.peer_answer_bytes.get(&peer).copied().unwrap_or(0);
+        let peer_held = self.answers.held_by(&peer);
         let room = Room {
             idle: peer_held == 0,
             left: budget
-                .saturating_sub(self.answer_bytes)
+                .saturating_sub(self.answers.total)
                 .min((budget / ANSWER_SHARE_DIVISOR).saturating_sub(peer_held)),
         };
         let busy = SyncResponse::Refused {
