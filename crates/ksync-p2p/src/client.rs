@@ -53,8 +53,8 @@ pub struct P2PStats {
     /// Catch-up rounds started.
     pub catch_up_rounds: u64,
     /// Catch-up requests of peers answered busy: the answer would have taken this node over
-    /// `max_catch_up_answer_bytes` or the peer over its share of it (the peer asks again in a
-    /// later round).
+    /// `max_catch_up_answer_bytes` or the peer, or its host, over its share of it (the peer
+    /// asks again in a later round).
     pub busy_answers: u64,
 }
 
@@ -187,10 +187,13 @@ impl P2PSyncClientBuilder {
     /// Most bytes of catch-up answers this node holds at once for all its peers, counted as
     /// the JSON of their events (on the wire, CBOR, up to 9/4 of that). Default 64 MiB
     /// ([`DEFAULT_MAX_CATCH_UP_ANSWER_BYTES`](crate::DEFAULT_MAX_CATCH_UP_ANSWER_BYTES)); at
-    /// least `max_event_bytes` (`build` refuses less). One peer's answers hold at most an eighth of it, so a peer that asks on all
-    /// its streams and never reads leaves the rest to the others; and one answer always goes
-    /// to a peer with none in flight, so every peer's catch-up makes progress (the budget is
-    /// passed by at most one answer per peer). An answer is held from
+    /// least `max_event_bytes` (`build` refuses less). One peer's answers hold at most an
+    /// eighth of it, and so do one host's (all its peers together, as `max_peers_per_ip`
+    /// counts hosts, loopback included), so a peer that asks on all its streams and never
+    /// reads, or a host that does so with many peer ids, leaves the rest to the others; and
+    /// one answer always goes to a peer with none in flight whose host is under its share, so
+    /// every host's catch-up makes progress (a share, and the budget, is passed by at most one
+    /// answer per host). An answer is held from
     /// when it is built until it is sent, or until `request_timeout` when its requester does
     /// not read it (8 requests per connection). Overflow: an answer carries what fits (the
     /// rest is asked for next, as with any answer's size limit); a request when nothing fits

@@ -191,8 +191,9 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
 /// Default cap on the catch-up answers this node holds at once for all peers, counted as the
 /// JSON bytes of their events: an answer a requester does not read is held until
 /// `request_timeout`, up to 8 per connection, so without a node-wide cap a few such peers
-/// could make a node hold gigabytes. Overflow: a request is answered busy and asked again in a
-/// later round (see `P2PSyncClientBuilder::max_catch_up_answer_bytes`).
+/// could make a node hold gigabytes; one peer's, and one host's, answers hold at most an
+/// eighth of it. Overflow: a request is answered busy and asked again in a later round (see
+/// `P2PSyncClientBuilder::max_catch_up_answer_bytes`).
 pub const DEFAULT_MAX_CATCH_UP_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 /// Default cap on the gossip queued to one peer, in bytes: gossipsub bounds its queue to each
 /// peer only in messages (5,000 by default, each up to `max(256 KiB, max_event_bytes)` + 64

@@ -36,7 +36,7 @@ use crate::config::{DiscoveryMethod, Options};
 use crate::cursors::{Cursor, PeerCursors};
 use crate::digests::{Digests, Page};
 use crate::error::P2PError;
-use crate::per_host::PerHostLimits;
+use crate::per_host::{Host, PerHostLimits};
 use crate::refusals::Refusals;
 use crate::shaping::Shaping;
 use crate::transport::{self, BoxError};
@@ -519,53 +519,91 @@ enum Outstanding {
 /// `Node::response_to`).
 #[derive(Debug, Clone, Copy)]
 struct Room {
-    /// No answer to this peer is in flight: one goes whatever its size.
+    /// No answer to this peer is in flight and its host's are under their share: one goes
+    /// whatever its size.
     idle: bool,
-    /// Bytes left under `max_catch_up_answer_bytes` and under this peer's share of it.
+    /// Bytes left under `max_catch_up_answer_bytes`, and under this peer's share of it and its
+    /// host's.
     left: usize,
 }
 
-/// One peer's share of `max_catch_up_answer_bytes`, as a divisor: its answers in flight hold
-/// at most an eighth of the budget, so a peer that asks on all its streams and never reads
-/// leaves the rest to the others (one answer always goes to a peer with none in flight).
+/// One peer's share of `max_catch_up_answer_bytes`, and one host's (all its peers together),
+/// as a divisor: their answers in flight hold at most an eighth of the budget, so a peer that
+/// asks on all its streams and never reads, or a host that does so with `max_peers_per_ip`
+/// peer ids, leaves the rest to the others.
 const ANSWER_SHARE_DIVISOR: usize = 8;
 
+/// Who an answer in flight is held for: the peer, and the host its request came from (see
+/// `per_host::Host`; `None` when the connection's address holds no IP, then only the peer's
+/// share applies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holder {
+    peer: PeerId,
+    host: Option<Host>,
+}
+
 /// Our catch-up answers in flight (handed to libp2p, not yet sent, failed or timed out), with
-/// the bytes each holds, and their sums, node-wide and per peer: bounded by
+/// the bytes each holds, and their sums, node-wide, per peer and per host: bounded by
 /// `max_catch_up_answer_bytes` (see `Node::response_to`); the map by libp2p's streams
 /// (`MAX_SYNC_STREAMS` per connection). The sums change only with the map, here.
 #[derive(Default)]
 struct AnswersInFlight {
-    answers: HashMap<InboundRequestId, (PeerId, usize)>,
+    answers: HashMap<InboundRequestId, (Holder, usize)>,
     total: usize,
     /// Only peers with an answer in flight.
     by_peer: HashMap<PeerId, usize>,
+    /// Only hosts with an answer in flight.
+    by_host: HashMap<Host, usize>,
+}
+
+/// Adds `bytes` to `key`'s sum.
+fn add_to<K: std::hash::Hash + Eq>(sums: &mut HashMap<K, usize>, key: K, bytes: usize) {
+    let held = sums.entry(key).or_default();
+    *held = held.saturating_add(bytes);
+}
+
+/// Takes `bytes` from `key`'s sum, and the entry once it is 0.
+fn take_from<K: std::hash::Hash + Eq>(sums: &mut HashMap<K, usize>, key: &K, bytes: usize) {
+    if let Some(held) = sums.get_mut(key) {
+        *held = held.saturating_sub(bytes);
+        if *held == 0 {
+            sums.remove(key);
+        }
+    }
 }
 
 impl AnswersInFlight {
-    fn hold(&mut self, request_id: InboundRequestId, peer: PeerId, bytes: usize) {
-        self.answers.insert(request_id, (peer, bytes));
+    fn hold(&mut self, request_id: InboundRequestId, holder: Holder, bytes: usize) {
+        self.answers.insert(request_id, (holder, bytes));
         self.total = self.total.saturating_add(bytes);
-        let held = self.by_peer.entry(peer).or_default();
-        *held = held.saturating_add(bytes);
+        add_to(&mut self.by_peer, holder.peer, bytes);
+        if let Some(host) = holder.host {
+            add_to(&mut self.by_host, host, bytes);
+        }
     }
 
     /// The answer was sent, or never will be: what it held is free again.
     fn release(&mut self, request_id: &InboundRequestId) {
-        let Some((peer, bytes)) = self.answers.remove(request_id) else {
+        let Some((holder, bytes)) = self.answers.remove(request_id) else {
             return;
         };
         self.total = self.total.saturating_sub(bytes);
-        if let Some(held) = self.by_peer.get_mut(&peer) {
-            *held = held.saturating_sub(bytes);
-            if *held == 0 {
-                self.by_peer.remove(&peer);
-            }
+        take_from(&mut self.by_peer, &holder.peer, bytes);
+        if let Some(host) = holder.host {
+            take_from(&mut self.by_host, &host, bytes);
         }
     }
 
     fn held_by(&self, peer: &PeerId) -> usize {
         self.by_peer.get(peer).copied().unwrap_or(0)
+    }
+
+    /// What `holder`'s host holds; without a host, what the peer holds.
+    fn held_by_host(&self, holder: &Holder) -> usize {
+        match &holder.host {
+            Some(host) => self.by_host.get(host).copied().unwrap_or(0),
+            None => self.held_by(&holder.peer),
+        }
     }
 }
 
@@ -604,6 +642,9 @@ pub(crate) struct Node {
     /// The address of each connection we dialed, by connection (bounded by the connection
     /// limits): kept in the peer's Kademlia entry (see `add_kad_addresses`).
     dialed_addrs: HashMap<ConnectionId, (PeerId, Multiaddr)>,
+    /// The host of each connection's remote address (bounded by the connection limits): a
+    /// catch-up request counts against its host's share of the answer budget.
+    connection_hosts: HashMap<ConnectionId, Host>,
     /// The spec's `peerId`s of the peers met, with the addresses they listen on (bounded by
     /// `MAX_KNOWN_NAMES`).
     names: HashMap<String, (PeerId, Vec<Multiaddr>)>,
@@ -751,6 +792,7 @@ impl Node {
             peer_dials: HashMap::new(),
             lookups: HashMap::new(),
             dialed_addrs: HashMap::new(),
+            connection_hosts: HashMap::new(),
             names: HashMap::new(),
             backlog,
             stopping: false,
@@ -1208,6 +1250,9 @@ impl Node {
                     self.dialed_addrs
                         .insert(connection_id, (peer_id, without_peer_id(address)));
                 }
+                if let Some(host) = Host::of(endpoint.get_remote_address()) {
+                    self.connection_hosts.insert(connection_id, host);
+                }
                 // Listed before `connect_to_peer` returns, so `connected_peers` agrees with it.
                 if num_established.get() == 1 {
                     lock(&self.shared.peers).insert(peer_id);
@@ -1233,6 +1278,7 @@ impl Node {
                 ..
             } if num_established > 0 => {
                 self.dialed_addrs.remove(&connection_id);
+                self.connection_hosts.remove(&connection_id);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -1240,6 +1286,7 @@ impl Node {
                 ..
             } => {
                 self.dialed_addrs.remove(&connection_id);
+                self.connection_hosts.remove(&connection_id);
                 lock(&self.shared.peers).remove(&peer_id);
                 // What the round walked so far is kept (see `save_cursor`).
                 self.save_cursor(peer_id).await;
@@ -1682,14 +1729,20 @@ impl Node {
         match event {
             request_response::Event::Message {
                 peer,
+                connection_id,
                 message:
                     request_response::Message::Request {
                         request_id,
                         request,
                         channel,
                     },
-                ..
-            } => self.answer(peer, request_id, request, channel),
+            } => {
+                let holder = Holder {
+                    peer,
+                    host: self.connection_hosts.get(&connection_id).copied(),
+                };
+                self.answer(holder, request_id, request, channel)
+            }
             request_response::Event::Message {
                 peer,
                 message:
@@ -1800,11 +1853,12 @@ impl Node {
 
     fn answer(
         &mut self,
-        peer: PeerId,
+        holder: Holder,
         request_id: InboundRequestId,
         request: SyncRequest,
         channel: ResponseChannel<SyncResponse>,
     ) {
+        let peer = holder.peer;
         if let SyncRequest::Keys { after, limit, .. } = &request {
             // Digest up to the end of the requested page, at most `DIGEST_STEP` more events;
             // if that falls short (a long log never digested), the page is read from storage.
@@ -1819,7 +1873,7 @@ impl Node {
                 tracing::warn!(error = %e, "reading the log for catch-up failed");
             }
         }
-        let (response, held) = self.response_to(peer, request);
+        let (response, held) = self.response_to(holder, request);
         if matches!(response, SyncResponse::Refused { busy: true, .. }) {
             self.shared
                 .counters
@@ -1827,8 +1881,9 @@ impl Node {
                 .fetch_add(1, Ordering::Relaxed);
             debug_log!(self.opts.debug, target: LOG_TARGET, %peer, held = self.answers.total,
                 peer_held = self.answers.held_by(&peer),
+                host_held = self.answers.held_by_host(&holder),
                 max = self.opts.max_catch_up_answer_bytes,
-                "catch-up request answered busy: answers in flight are at max_catch_up_answer_bytes or this peer's share of it");
+                "catch-up request answered busy: answers in flight are at max_catch_up_answer_bytes or this peer's or host's share of it");
         }
         if self
             .swarm
@@ -1841,34 +1896,41 @@ impl Node {
             return;
         }
         if held > 0 {
-            self.answers.hold(request_id, peer, held);
+            self.answers.hold(request_id, holder, held);
         }
     }
 
     /// The answer to `request`, and the bytes it holds until sent (its events as JSON, or
     /// its page's keys). Answers in flight are bounded by `max_catch_up_answer_bytes`, and
-    /// one peer's by its share of it (`ANSWER_SHARE_DIVISOR`): one that does not fit what is
-    /// left of either is cut to what does (the requester fetches the rest next, as for any
-    /// answer's size limit), or, when nothing fits, refused as busy (the requester asks again
-    /// in a later round). When no answer to this peer is in flight, one always goes (a page,
-    /// or at least one event), so every peer's catch-up makes progress whatever others hold;
-    /// the node-wide sum can pass the budget by that one answer per peer.
-    fn response_to(&self, peer: PeerId, request: SyncRequest) -> (SyncResponse, usize) {
+    /// one peer's, and one host's (all its peers' together: identities are free to make, and
+    /// a host may connect `max_peers_per_ip` of them), by a share of it
+    /// (`ANSWER_SHARE_DIVISOR`): one that does not fit what is left of any is cut to what
+    /// does (the requester fetches the rest next, as for any answer's size limit), or, when
+    /// nothing fits, refused as busy (the requester asks again in a later round). When no
+    /// answer to this peer is in flight and its host's are under their share, one always goes
+    /// (a page, or at least one event), so every host's catch-up makes progress whatever
+    /// other hosts hold; a host's sum can pass its share, and the node-wide sum the budget,
+    /// by that one answer per host.
+    fn response_to(&self, holder: Holder, request: SyncRequest) -> (SyncResponse, usize) {
         let budget = self.opts.max_catch_up_answer_bytes;
-        let peer_held = self.answers.held_by(&peer);
+        let share = budget / ANSWER_SHARE_DIVISOR;
+        let peer_held = self.answers.held_by(&holder.peer);
+        let host_held = self.answers.held_by_host(&holder);
         let room = Room {
-            idle: peer_held == 0,
+            idle: peer_held == 0 && host_held < share,
             left: budget
                 .saturating_sub(self.answers.total)
-                .min((budget / ANSWER_SHARE_DIVISOR).saturating_sub(peer_held)),
+                .min(share.saturating_sub(peer_held))
+                .min(share.saturating_sub(host_held)),
         };
         let busy = SyncResponse::Refused {
             reason: "busy: this peer's catch-up answers in flight are at its \
-                     max_catch_up_answer_bytes, or yours at your share of it; ask again later"
+                     max_catch_up_answer_bytes, or yours (or your host's) at a share of it; \
+                     ask again later"
                 .into(),
             busy: true,
         };
-        let (response, held) = self.build_response(peer, request, room);
+        let (response, held) = self.build_response(holder.peer, request, room);
         match &response {
             SyncResponse::Keys { .. } if held > room.left && !room.idle => (busy, 0),
             SyncResponse::Events { events, .. } if events.is_empty() && held > 0 => (busy, 0),

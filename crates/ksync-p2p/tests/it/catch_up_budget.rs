@@ -1,22 +1,27 @@
 //! The budget for catch-up answers in flight (`max_catch_up_answer_bytes`): answers a
 //! requester does not read hold their events until `request_timeout`, 8 per connection, so
 //! without a budget a few peers that never read made a node hold gigabytes. One peer's answers
-//! hold at most an eighth of it (one answer always goes to a peer with none in flight): over
-//! its share a request is answered `Refused { busy: true }`, and the asker asks again in a
-//! later round and loses nothing. Before the share, one peer that never read took the whole
-//! budget and every other peer was answered busy.
+//! hold at most an eighth of it, and so do one host's (all its peer ids together; one answer
+//! always goes to a peer with none in flight whose host is under its share): over a share a
+//! request is answered `Refused { busy: true }`, and the asker asks again in a later round
+//! and loses nothing. Before the peer's share, one peer that never read took the whole budget
+//! and every other peer was answered busy; before the host's, one host did so with 8 peer ids.
 
 use crate::common;
+use crate::per_host::BoundTcp;
 
 use std::io;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use common::raw::{Request, Response, next_answer, raw_peer, swarm};
+use common::raw::{Request, Response, next_answer, swarm};
 use common::*;
 use futures_util::{AsyncRead, AsyncReadExt, AsyncWrite, StreamExt};
 use ksync_core::{Event, RevisionKey};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::upgrade::Version;
 use libp2p::request_response::{self, ProtocolSupport, cbor};
-use libp2p::{PeerId, StreamProtocol};
+use libp2p::{PeerId, StreamProtocol, SwarmBuilder, Transport, noise, yamux};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -157,8 +162,9 @@ async fn a_peer_that_never_reads_cannot_make_another_peers_request_busy() {
         "the staller's answers over its share"
     );
 
-    // Another peer's request is answered with the events, not busy.
-    let (mut asker, _) = raw_peer().await;
+    // A peer on another host is answered with the events, not busy (peers of one host share
+    // its share, see the next test).
+    let mut asker = raw_peer_on_another_host();
     asker.add_peer_address(a_id, a_addr.clone());
     let id = asker
         .behaviour_mut()
@@ -179,4 +185,99 @@ async fn a_peer_that_never_reads_cannot_make_another_peers_request_busy() {
     assert_eq!(a.stats().busy_answers, 3, "no other peer was answered busy");
     staller.abort();
     let _ = staller.await;
+}
+
+/// A raw peer like `raw_peer`, but on another host: its dials are bound to 127.0.0.2 (see
+/// `per_host::BoundTcp`).
+fn raw_peer_on_another_host() -> common::raw::RawSwarm {
+    SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                BoundTcp {
+                    source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+                }
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default())
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))),
+            )
+        })
+        .expect("transport")
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                Cbor::default(),
+                [(StreamProtocol::new("/ksync/sync/1"), ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
+            )
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_with_many_peer_ids_cannot_take_the_budget_from_another_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One event of ~300 KB (over a share of the 2 MiB budget, 256 KiB, and over the stream's
+    // window, so an answer carrying it stalls), and two small ones.
+    let a = builder(dir.path(), "a")
+        .max_event_bytes(1024 * 1024)
+        .max_catch_up_answer_bytes(2 * 1024 * 1024)
+        .build()
+        .expect("build");
+    let big = Event::new("big", "t", json!("x".repeat(300_000)), 1);
+    let small: Vec<Event> = (0..2)
+        .map(|i| Event::new(format!("s{i}"), "t", json!(i), 1))
+        .collect();
+    let mut all = vec![big.clone()];
+    all.extend(small.iter().cloned());
+    a.replica().storage().append(all).await.expect("append");
+    a.start().await.expect("start");
+    let a_id = a.local_peer_id();
+    let a_addr = a.addresses().into_iter().next().expect("listening");
+
+    // Eight peer ids from 127.0.0.1 (max_peers_per_ip) each ask for the big event and never
+    // read. Only the first is answered: the host's answers in flight are then over its share
+    // (one answer always goes to a host under its share). Before the host's share, each id
+    // was idle and got its answer: 2.4 MB in flight, the whole budget.
+    let mut stallers = Vec::new();
+    for _ in 0..8 {
+        stallers.push(stalled_fetches(a_id, a_addr.clone(), &[&big], 1).await);
+    }
+    let busy = a.stats().busy_answers;
+
+    // A peer on another host is answered in full: both events it asked for (one was cut
+    // off before: nothing was left of the budget).
+    let mut asker = raw_peer_on_another_host();
+    asker.add_peer_address(a_id, a_addr);
+    let id = asker
+        .behaviour_mut()
+        .send_request(&a_id, fetch(&small.iter().collect::<Vec<_>>()));
+    let (_, answer) = tokio::time::timeout(
+        Duration::from_secs(10),
+        next_answer(&mut asker, |r| *r == id),
+    )
+    .await
+    .expect("answered");
+    match answer {
+        Ok(Response::Events { events: got, .. }) => {
+            let ids: Vec<&str> = got.iter().map(|e| e.id.as_str()).collect();
+            assert_eq!(ids, ["s0", "s1"], "both events asked for");
+        }
+        other => panic!("another host's request while one host stalls: {other:?}"),
+    }
+    assert_eq!(
+        busy, 7,
+        "the host's other peer ids are busy while its first holds its share"
+    );
+    assert_eq!(
+        a.stats().busy_answers,
+        busy,
+        "the other host was not answered busy"
+    );
+    for staller in stallers {
+        staller.abort();
+        let _ = staller.await;
+    }
 }

@@ -36,8 +36,8 @@ fn socket_addr(addr: &Multiaddr) -> Option<SocketAddr> {
 }
 
 /// TCP that dials from `source` and never listens.
-struct BoundTcp {
-    source: IpAddr,
+pub(crate) struct BoundTcp {
+    pub(crate) source: IpAddr,
 }
 
 impl Transport for BoundTcp {
