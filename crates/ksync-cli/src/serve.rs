@@ -219,6 +219,15 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_http_connections: usize,
 
+    /// Most HTTP connections of one IP address waiting for a request (just opened, or idle
+    /// between requests) at once; past it the one that has waited longest is closed. Behind
+    /// a reverse proxy, at least the idle keep-alive connections it keeps to the server; 0
+    /// turns the cap off.
+    #[arg(long, env = "KSYNC_MAX_PENDING_CONNECTIONS_PER_IP", value_name = "N",
+        default_value_t = Limits::default().max_pending_connections_per_ip,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 0>)]
+    max_pending_connections_per_ip: usize,
+
     /// Longest wait, in seconds, for a client to take any byte of a response being sent
     /// before the connection is closed (a client that keeps reading, however slowly, is let
     /// finish; WebSockets are not affected once upgraded).
@@ -441,33 +450,34 @@ impl ServeArgs {
             }
             auth.api_keys.extend(keys);
         }
+        let mut limits = Limits::default();
+        limits.max_message_bytes = self.max_message_bytes;
+        limits.max_connections = self.max_connections;
+        limits.max_connections_per_client = self.max_connections_per_client;
+        limits.max_open_rooms = self.max_open_rooms;
+        limits.subscriber_queues_total_bytes = self.subscriber_queues_total_bytes;
+        limits.room_queue_bytes = self.room_queue_bytes;
+        limits.room_queues_total_bytes = self.room_queues_total_bytes;
+        limits.heartbeat = Duration::from_secs(self.heartbeat_secs);
+        limits.shutdown_timeout = Duration::from_secs(self.shutdown_timeout_secs);
+        limits.max_git_requests = self.max_git_requests;
+        limits.request_body_timeout = Duration::from_secs(self.request_body_timeout_secs);
+        limits.request_body_min_rate = self.request_body_min_rate;
+        limits.request_header_timeout = Duration::from_secs(self.request_header_timeout_secs);
+        limits.max_http_connections = self.max_http_connections;
+        limits.max_pending_connections_per_ip = self.max_pending_connections_per_ip;
+        limits.response_write_timeout = Duration::from_secs(self.response_write_timeout_secs);
+        limits.git_body_memory_bytes = self.git_body_memory_bytes;
+        limits.max_branches_per_repo = self.max_branches_per_repo;
+        limits.max_pushes_per_client = self.max_pushes_per_client;
+        limits.max_rooms = self.max_rooms;
+        limits.max_repos = self.max_repos;
         Ok(ServerConfig {
             bind: self.bind,
             data_dir: self.data_dir,
             in_memory: self.in_memory,
             auth,
-            limits: Limits {
-                max_message_bytes: self.max_message_bytes,
-                max_connections: self.max_connections,
-                max_connections_per_client: self.max_connections_per_client,
-                max_open_rooms: self.max_open_rooms,
-                subscriber_queues_total_bytes: self.subscriber_queues_total_bytes,
-                room_queue_bytes: self.room_queue_bytes,
-                room_queues_total_bytes: self.room_queues_total_bytes,
-                heartbeat: Duration::from_secs(self.heartbeat_secs),
-                shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
-                max_git_requests: self.max_git_requests,
-                request_body_timeout: Duration::from_secs(self.request_body_timeout_secs),
-                request_body_min_rate: self.request_body_min_rate,
-                request_header_timeout: Duration::from_secs(self.request_header_timeout_secs),
-                max_http_connections: self.max_http_connections,
-                response_write_timeout: Duration::from_secs(self.response_write_timeout_secs),
-                git_body_memory_bytes: self.git_body_memory_bytes,
-                max_branches_per_repo: self.max_branches_per_repo,
-                max_pushes_per_client: self.max_pushes_per_client,
-                max_rooms: self.max_rooms,
-                max_repos: self.max_repos,
-            },
+            limits,
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
                 // clap requires both or neither.

@@ -59,7 +59,18 @@ impl Default for ServerConfig {
 }
 
 /// Limits that protect the server from large or many clients.
+///
+/// New limits are added over time, so it cannot be built field by field outside this crate:
+/// start from the defaults and set what you change.
+///
+/// ```
+/// let mut limits = ksync_server::Limits::default();
+/// limits.max_connections = 5_000;
+/// let mut config = ksync_server::ServerConfig::default();
+/// config.limits = limits;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest accepted WebSocket message (and frame), in bytes (1 MiB). Repository pushes
     /// have their own body limit (`ksync_git::server::GitServerConfig`, 16 MiB).
@@ -122,6 +133,17 @@ pub struct Limits {
     /// stops accepting until one closes: new clients wait in the listen backlog (nothing is
     /// refused, no file descriptor is spent on them).
     pub max_http_connections: usize,
+    /// Most plain HTTP connections of one IP address waiting for a request head at once (64;
+    /// 0: no such cap): just opened, or idle between two requests on a keep-alive
+    /// connection. Past it the one of that address that has waited longest is closed (a
+    /// connection is given at least a second from the start of its wait, so a head already
+    /// on its way is read). Without it one address could hold every
+    /// `max_http_connections` slot by opening ~34 connections a second and sending nothing
+    /// (each held to `request_header_timeout`): every other client waited. Connections
+    /// whose request is being served are not counted, so a reverse proxy (all its clients
+    /// from one address) is not limited by it unless it keeps more idle keep-alive
+    /// connections open to the server than this: set it at least that high then (or 0).
+    pub max_pending_connections_per_ip: usize,
     /// Longest a response may go without a byte of it taken by the client (30 s; nginx's
     /// `send_timeout`): the connection is closed then, freeing the response's memory (a pull
     /// page is up to 8 MiB) and its connection slot. Before, a client that stopped reading
@@ -220,6 +242,7 @@ impl Default for Limits {
             request_body_min_rate: 500,
             request_header_timeout: Duration::from_secs(30),
             max_http_connections: 1024,
+            max_pending_connections_per_ip: 64,
             response_write_timeout: Duration::from_secs(30),
             git_body_memory_bytes: ksync_git::server::GitServerConfig::default().body_memory_bytes,
             max_branches_per_repo: ksync_git::server::GitServerConfig::default()

@@ -14,13 +14,22 @@
 //! up to 8 MiB) and stopped reading held its connection slot and the answer's memory for good,
 //! and enough such clients stopped the server accepting until it was restarted. [`Stalls`]
 //! closes a connection whose writes make no progress for `response_write_timeout`.
+//!
+//! A cap on all connections is one that a single address could fill: opening ~34
+//! connections a second and sending nothing, it held all 1,024 slots (each to the header
+//! timeout) and every other client waited. [`Waiting`] caps, per IP address, the connections
+//! waiting for a request head (just opened, or idle between requests): past it the one of
+//! that address that has waited longest is closed. Not all connections per address: behind a
+//! reverse proxy every client is one address, and its connections are busy serving requests
+//! (a proxy sends a whole head at once).
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,8 +38,8 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Semaphore, watch};
-use tokio::time::Sleep;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::{Instant, Sleep};
 
 /// Limits of the accept loop.
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +52,9 @@ pub(crate) struct ConnectionLimits {
     /// Longest a write to the client may make no progress (not a byte taken) before the
     /// connection is closed; not applied once the connection is upgraded.
     pub write_timeout: Duration,
+    /// Most connections of one IP address waiting for a request head at once (0: no cap);
+    /// see [`Waiting`].
+    pub max_waiting_per_ip: usize,
 }
 
 /// Serves `app` on `listener` until `stop` says so (or its sender is gone), then asks every
@@ -59,6 +71,7 @@ where
     // `Semaphore::MAX_PERMITS` is far above any useful cap; `acquire_many` takes a u32.
     let capacity = limits.max_http_connections.clamp(1, u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(capacity));
+    let waiting = Arc::new(Waiting::new(limits.max_waiting_per_ip));
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(TokioTimer::new())
@@ -79,37 +92,57 @@ where
         let router = app.clone();
         let upgraded = Arc::new(AtomicBool::new(false));
         let io = Stalls::new(io, limits.write_timeout, Arc::clone(&upgraded));
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            // What `into_make_service_with_connect_info` gives handlers (the auth limiter and
-            // the logs key on it).
-            request.extensions_mut().insert(ConnectInfo(remote));
-            let router = router.clone();
-            let upgraded = Arc::clone(&upgraded);
-            async move {
-                let request = request.map(axum::body::Body::new);
-                let response = tower::ServiceExt::oneshot(router, request)
-                    .await
-                    .unwrap_or_else(|never| match never {});
-                // From here on the socket is the relay's, whose own write timeout and queue
-                // bounds watch it; a subscriber may rightly be quiet longer than an answer.
-                if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
-                    upgraded.store(true, Ordering::Relaxed);
+        let wait = Arc::new(Wait::new(remote.ip()));
+        waiting.begin(&wait);
+        let first_wait = wait.current();
+        let service = {
+            let (waiting, wait) = (Arc::clone(&waiting), Arc::clone(&wait));
+            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                // A whole head came: no longer waiting, until its response has been written.
+                waiting.end(&wait);
+                // What `into_make_service_with_connect_info` gives handlers (the auth limiter
+                // and the logs key on it).
+                request.extensions_mut().insert(ConnectInfo(remote));
+                let router = router.clone();
+                let upgraded = Arc::clone(&upgraded);
+                let rearm = Rearm {
+                    waiting: Arc::clone(&waiting),
+                    wait: Arc::clone(&wait),
+                    upgraded: Arc::clone(&upgraded),
+                };
+                async move {
+                    let request = request.map(axum::body::Body::new);
+                    let response = tower::ServiceExt::oneshot(router, request)
+                        .await
+                        .unwrap_or_else(|never| match never {});
+                    // From here on the socket is the relay's, whose own write timeout and
+                    // queue bounds watch it; a subscriber may rightly be quiet longer than an
+                    // answer.
+                    if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                        upgraded.store(true, Ordering::Relaxed);
+                    }
+                    Ok::<_, Infallible>(response.map(|body| Answer {
+                        body,
+                        _rearm: rearm,
+                    }))
                 }
-                Ok::<_, Infallible>(response)
-            }
-        });
+            })
+        };
         let connection = http1
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         // Not hyper-util's `GracefulShutdown`: it does not take hyper's HTTP/1 connection with
         // upgrades. The slot also tells the loop's end when every connection is gone.
         let mut stop = stop.clone();
+        let waiting = Arc::clone(&waiting);
         tokio::spawn(async move {
             // Given back when the connection ends (for an upgrade: once the WebSocket has its
             // socket).
             let _slot = slot;
-            tokio::pin!(connection);
+            let mut connection = Box::pin(connection);
             let mut stopping = false;
+            // The wait this connection was told to close for, and when it may be closed.
+            let mut closing: Option<(u64, Pin<Box<Sleep>>)> = None;
             loop {
                 tokio::select! {
                     served = connection.as_mut() => {
@@ -122,14 +155,198 @@ where
                         stopping = true;
                         connection.as_mut().graceful_shutdown();
                     }
+                    () = wait.evicted.notified(), if closing.is_none() => {
+                        if let Some((key, since)) = wait.eviction() {
+                            closing = Some((key, Box::pin(tokio::time::sleep_until(since + EVICTION_GRACE))));
+                        }
+                    }
+                    () = async { if let Some((_, at)) = closing.as_mut() { at.as_mut().await } }, if closing.is_some() => {
+                        let Some((key, _)) = closing.take() else { continue };
+                        // A head read meanwhile ended that wait: the connection is not closed.
+                        if wait.current() != key {
+                            continue;
+                        }
+                        tracing::debug!(%remote, "http connection closed: its address has too many waiting for a request");
+                        if key == first_wait {
+                            // No request yet: nothing to finish, and a graceful shutdown
+                            // would wait for one.
+                            break;
+                        }
+                        // Between requests: closes now if idle, or once the last response
+                        // is written.
+                        stopping = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
                 }
             }
+            // The connection (and a response body it held, which starts a wait when dropped)
+            // first, then its last wait.
+            drop(connection);
+            waiting.close(&wait);
         });
     }
     drop(listener);
     // Every slot back: every connection has ended.
     let _all = slots.acquire_many(capacity as u32).await;
     Ok(())
+}
+
+/// How long a connection's wait lasts at least before it is closed for its address's
+/// [`Waiting`] cap: a connection is told to close as soon as a newer one of its address starts
+/// waiting, and one just accepted may have its whole head in the socket, not yet read. A
+/// reverse proxy opening many connections at once would otherwise lose requests it had sent.
+const EVICTION_GRACE: Duration = Duration::from_secs(1);
+
+/// The connections of each IP address that wait for a request head (just opened, or idle
+/// between requests), at most `cap` per address: when one more starts waiting, the one that
+/// has waited longest is told to close (after [`EVICTION_GRACE`] from the start of its wait).
+/// The newest is kept rather than refused: a proxy's new connection carries a request, and an
+/// address opening more only shortens its own connections' waits. Bounded: one entry per
+/// waiting connection, and connections are bounded by `max_http_connections`.
+struct Waiting {
+    /// 0: no cap (nothing is tracked).
+    cap: usize,
+    inner: Mutex<WaitingInner>,
+}
+
+#[derive(Default)]
+struct WaitingInner {
+    /// Numbers the waits in the order they start (0 is "not waiting").
+    next: u64,
+    /// Per address, its waiting connections by the number of their wait (oldest first), with
+    /// when it started.
+    by_ip: HashMap<IpAddr, BTreeMap<u64, (Instant, Arc<Wait>)>>,
+}
+
+/// One connection's part in [`Waiting`].
+struct Wait {
+    ip: IpAddr,
+    /// The number of its current wait; 0 while a request is being served.
+    current: AtomicU64,
+    /// Set once the connection has ended: no wait starts after it.
+    closed: AtomicBool,
+    /// The wait it was told to close for, and when that wait started.
+    eviction: Mutex<Option<(u64, Instant)>>,
+    evicted: Notify,
+}
+
+impl Wait {
+    fn new(ip: IpAddr) -> Self {
+        Self {
+            // An IPv4 client of a dual-stack listener is one address either way.
+            ip: ip.to_canonical(),
+            current: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            eviction: Mutex::new(None),
+            evicted: Notify::new(),
+        }
+    }
+
+    fn current(&self) -> u64 {
+        self.current.load(Ordering::SeqCst)
+    }
+
+    fn eviction(&self) -> Option<(u64, Instant)> {
+        self.eviction.lock().ok()?.take()
+    }
+}
+
+impl Waiting {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            inner: Mutex::new(WaitingInner::default()),
+        }
+    }
+
+    /// `wait`'s connection starts waiting for a request head.
+    fn begin(&self, wait: &Arc<Wait>) {
+        if self.cap == 0 {
+            return;
+        }
+        // A poisoned lock: a panic elsewhere while it was held; its map is still whole.
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if wait.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        inner.next += 1;
+        let key = inner.next;
+        let old = wait.current.swap(key, Ordering::SeqCst);
+        let waits = inner.by_ip.entry(wait.ip).or_default();
+        waits.remove(&old);
+        waits.insert(key, (Instant::now(), Arc::clone(wait)));
+        if waits.len() > self.cap
+            && let Some((oldest, (since, victim))) = waits.pop_first()
+        {
+            if let Ok(mut eviction) = victim.eviction.lock() {
+                *eviction = Some((oldest, since));
+            }
+            victim.evicted.notify_one();
+        }
+    }
+
+    /// `wait`'s connection is not waiting any more (a head came).
+    fn end(&self, wait: &Wait) {
+        let key = wait.current.swap(0, Ordering::SeqCst);
+        if self.cap == 0 || key == 0 {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(waits) = inner.by_ip.get_mut(&wait.ip) {
+            waits.remove(&key);
+            if waits.is_empty() {
+                inner.by_ip.remove(&wait.ip);
+            }
+        }
+    }
+
+    /// `wait`'s connection has ended.
+    fn close(&self, wait: &Wait) {
+        wait.closed.store(true, Ordering::SeqCst);
+        self.end(wait);
+    }
+}
+
+/// Starts the connection's next wait once its response has been written (hyper drops the
+/// body then), unless the connection was upgraded.
+struct Rearm {
+    waiting: Arc<Waiting>,
+    wait: Arc<Wait>,
+    upgraded: Arc<AtomicBool>,
+}
+
+impl Drop for Rearm {
+    fn drop(&mut self) {
+        if !self.upgraded.load(Ordering::Relaxed) {
+            self.waiting.begin(&self.wait);
+        }
+    }
+}
+
+/// A response body that starts its connection's next wait when dropped ([`Rearm`]).
+struct Answer {
+    body: axum::body::Body,
+    _rearm: Rearm,
+}
+
+impl hyper::body::Body for Answer {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A connection's socket that fails a write (or flush, or shutdown) which has made no progress

@@ -274,6 +274,7 @@ impl Server {
             max_http_connections: self.config.limits.max_http_connections,
             header_timeout: self.config.limits.request_header_timeout,
             write_timeout: self.config.limits.response_write_timeout,
+            max_waiting_per_ip: self.config.limits.max_pending_connections_per_ip,
         };
         let task = match &self.tls {
             // Small frames must not wait for Nagle's algorithm (it added ~10 ms p50).

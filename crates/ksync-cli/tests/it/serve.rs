@@ -453,7 +453,7 @@ fn usage_error(command: Command) -> String {
 /// internal field (`max_message_size`) for 0, and for a timer past a day (`heartbeat`).
 #[test]
 fn bad_limit_values_are_usage_errors_naming_the_flag() {
-    let cases: [(&str, &str, &[&str], &str); 19] = [
+    let cases: [(&str, &str, &[&str], &str); 20] = [
         (
             "--max-message-bytes",
             "KSYNC_MAX_MESSAGE_BYTES",
@@ -514,6 +514,12 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
             "KSYNC_MAX_HTTP_CONNECTIONS",
             &["0", "-1"],
             "at least 1",
+        ),
+        (
+            "--max-pending-connections-per-ip",
+            "KSYNC_MAX_PENDING_CONNECTIONS_PER_IP",
+            &["-1", "many"],
+            "whole number",
         ),
         (
             "--max-branches-per-repo",
@@ -1544,6 +1550,47 @@ async fn stored_rooms_and_repos_caps_are_serve_flags() {
     }
     assert!(!dir.path().join("rooms").join("second.log").exists());
     ws.close(None).await.expect("close");
+    sigterm(&child);
+    let mut child = child;
+    assert!(child.wait().expect("wait").success());
+}
+
+/// `--max-pending-connections-per-ip` reaches the accept loop, against the real binary: with
+/// 2, the first of three connections that send nothing is closed (after its 1 s of grace)
+/// while the two newest stay and are served.
+#[tokio::test]
+async fn max_pending_connections_per_ip_is_a_serve_flag() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Served { child, addr, .. } = common::serve(
+        &["--in-memory", "--max-pending-connections-per-ip", "2"],
+        &[],
+        Stdio::null(),
+    );
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(
+            tokio::net::TcpStream::connect(addr.as_str())
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        silent[0].read(&mut byte),
+    )
+    .await
+    .expect("the oldest waiting connection was closed");
+    assert_eq!(read.expect("read"), 0, "closed without an answer");
+    for stream in &mut silent[1..] {
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("read");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    }
     sigterm(&child);
     let mut child = child;
     assert!(child.wait().expect("wait").success());

@@ -60,9 +60,10 @@ async fn read_health_response(stream: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn silent_half_sent_and_idle_connections_are_closed_after_the_header_timeout() {
-    let running = Server::bind(with_limits(Limits {
-        request_header_timeout: Duration::from_secs(1),
-        ..Limits::default()
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.request_header_timeout = Duration::from_secs(1);
+        limits
     }))
     .await
     .expect("server");
@@ -97,9 +98,10 @@ async fn silent_half_sent_and_idle_connections_are_closed_after_the_header_timeo
 
 #[tokio::test]
 async fn past_max_http_connections_new_clients_wait_until_one_closes() {
-    let running = Server::bind(with_limits(Limits {
-        max_http_connections: 2,
-        ..Limits::default()
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.max_http_connections = 2;
+        limits
     }))
     .await
     .expect("server");
@@ -138,9 +140,10 @@ async fn past_max_http_connections_new_clients_wait_until_one_closes() {
 
 #[tokio::test]
 async fn websockets_leave_the_http_connection_count_once_upgraded() {
-    let running = Server::bind(with_limits(Limits {
-        max_http_connections: 1,
-        ..Limits::default()
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.max_http_connections = 1;
+        limits
     }))
     .await
     .expect("server");
@@ -178,27 +181,21 @@ async fn websockets_leave_the_http_connection_count_once_upgraded() {
 async fn timeouts_past_a_day_are_refused_at_start() {
     let past_a_day = ksync_core::MAX_CONFIG_DURATION + Duration::from_secs(1);
     for (field, limits) in [
-        (
-            "request_header_timeout",
-            Limits {
-                request_header_timeout: Duration::MAX,
-                ..Limits::default()
-            },
-        ),
-        (
-            "request_body_timeout",
-            Limits {
-                request_body_timeout: past_a_day,
-                ..Limits::default()
-            },
-        ),
-        (
-            "shutdown_timeout",
-            Limits {
-                shutdown_timeout: Duration::MAX,
-                ..Limits::default()
-            },
-        ),
+        ("request_header_timeout", {
+            let mut limits = Limits::default();
+            limits.request_header_timeout = Duration::MAX;
+            limits
+        }),
+        ("request_body_timeout", {
+            let mut limits = Limits::default();
+            limits.request_body_timeout = past_a_day;
+            limits
+        }),
+        ("shutdown_timeout", {
+            let mut limits = Limits::default();
+            limits.shutdown_timeout = Duration::MAX;
+            limits
+        }),
     ] {
         let refused = Server::bind(with_limits(limits)).await;
         match refused {
@@ -210,9 +207,10 @@ async fn timeouts_past_a_day_are_refused_at_start() {
         }
     }
     // A day is taken, and the server answers.
-    let running = Server::bind(with_limits(Limits {
-        request_header_timeout: ksync_core::MAX_CONFIG_DURATION,
-        ..Limits::default()
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.request_header_timeout = ksync_core::MAX_CONFIG_DURATION;
+        limits
     }))
     .await
     .expect("server");
@@ -288,9 +286,10 @@ async fn max_connections_per_client_counts_a_jwt_subject() {
         .expect("token")
     };
     let running = Server::bind(ServerConfig {
-        limits: Limits {
-            max_connections_per_client: 2,
-            ..Limits::default()
+        limits: {
+            let mut limits = Limits::default();
+            limits.max_connections_per_client = 2;
+            limits
         },
         ..config(AuthConfig {
             jwt_keys: vec![ksync_server::JwtKey::hs256(SECRET)],
@@ -323,9 +322,10 @@ async fn max_connections_per_client_counts_a_jwt_subject() {
 /// relay).
 #[tokio::test]
 async fn max_connections_per_client_counts_an_address_without_auth() {
-    let running = Server::bind(with_limits(Limits {
-        max_connections_per_client: 1,
-        ..Limits::default()
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.max_connections_per_client = 1;
+        limits
     }))
     .await
     .expect("server");
@@ -394,9 +394,10 @@ async fn push_from(
 /// address, for repository pushes as for WebSockets.
 #[tokio::test]
 async fn max_pushes_per_client_counts_an_address_without_auth() {
-    let running = Server::bind(with_limits(Limits {
-        max_pushes_per_client: 1,
-        ..Limits::default()
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.max_pushes_per_client = 1;
+        limits
     }))
     .await
     .expect("server");
@@ -439,20 +440,16 @@ async fn max_pushes_per_client_counts_an_address_without_auth() {
 #[tokio::test]
 async fn zero_stored_rooms_or_repos_caps_are_refused_at_start() {
     for (field, limits) in [
-        (
-            "max_rooms",
-            Limits {
-                max_rooms: 0,
-                ..Limits::default()
-            },
-        ),
-        (
-            "max_repos",
-            Limits {
-                max_repos: 0,
-                ..Limits::default()
-            },
-        ),
+        ("max_rooms", {
+            let mut limits = Limits::default();
+            limits.max_rooms = 0;
+            limits
+        }),
+        ("max_repos", {
+            let mut limits = Limits::default();
+            limits.max_repos = 0;
+            limits
+        }),
     ] {
         match Server::bind(with_limits(limits)).await {
             Err(ksync_server::ServerError::Config(message)) => {
@@ -471,10 +468,11 @@ async fn zero_stored_rooms_or_repos_caps_are_refused_at_start() {
 /// meanwhile.
 #[tokio::test]
 async fn a_client_that_stops_reading_a_response_is_closed_after_the_write_timeout() {
-    let running = Server::bind(with_limits(Limits {
-        max_http_connections: 2,
-        response_write_timeout: Duration::from_millis(300),
-        ..Limits::default()
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.max_http_connections = 2;
+        limits.response_write_timeout = Duration::from_millis(300);
+        limits
     }))
     .await
     .expect("server");
@@ -535,5 +533,89 @@ async fn a_client_that_stops_reading_a_response_is_closed_after_the_write_timeou
     assert!(read.starts_with(b"HTTP/1.1 200"));
     assert!(read.len() < 14 * 512 * 1024, "read {} bytes", read.len());
     drop(other);
+    running.shutdown().await.expect("shutdown");
+}
+
+/// A connection to `addr` from the loopback address `from` (Linux routes all of 127/8 to
+/// the loopback interface, so a second client address needs no setup).
+async fn connect_from(from: std::net::Ipv4Addr, addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from((from, 0)))
+        .expect("bind the client address");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// One address that opens connections and sends half a request head on each (a slowloris)
+/// cannot hold every HTTP slot: past `max_pending_connections_per_ip` waiting connections
+/// its oldest are closed, and a client from another address is served long before the
+/// header timeout. Before, the 16 slots stayed taken for the whole header timeout (60 s
+/// here) and the other client waited in the listen backlog.
+#[tokio::test]
+async fn one_address_waiting_on_many_connections_cannot_hold_every_slot() {
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.max_http_connections = 16;
+        limits.max_pending_connections_per_ip = 4;
+        limits.request_header_timeout = Duration::from_secs(60);
+        limits
+    }))
+    .await
+    .expect("server");
+    let addr = running.local_addr();
+    let slow = std::net::Ipv4Addr::new(127, 0, 0, 1);
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        let mut stream = connect_from(slow, addr).await;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: loc")
+            .await
+            .expect("write");
+        held.push(stream);
+    }
+    let mut other = connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr).await;
+    other.write_all(HEALTH).await.expect("write");
+    let response = read_health_response(&mut other).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    // The 20 that waited longest were closed (the kernel's backlog hands them over in order
+    // of arrival, all before the other client's); the 4 newest are still there and are
+    // served once they finish their head.
+    for stream in &mut held[..20] {
+        closed_within(stream, Duration::from_secs(10)).await;
+    }
+    for stream in &mut held[20..] {
+        stream.write_all(b"alhost\r\n\r\n").await.expect("write");
+        let response = read_health_response(stream).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+    running.shutdown().await.expect("shutdown");
+}
+
+/// A reverse proxy (every request from one address) that opens many connections at once,
+/// each with a whole request, is served on every one: the cap counts connections waiting
+/// for a head, and a connection just opened is given time to have its head read (closed
+/// at once as the 5th newer one arrived, the first 36 lost their requests).
+#[tokio::test]
+async fn many_connections_from_one_address_with_whole_requests_are_all_served() {
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.max_pending_connections_per_ip = 4;
+        limits
+    }))
+    .await
+    .expect("server");
+    let addr = running.local_addr();
+    // All open before any head is sent: the server may have accepted every one first.
+    let mut streams = Vec::new();
+    for _ in 0..40 {
+        streams.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    for stream in &mut streams {
+        stream.write_all(HEALTH).await.expect("write");
+    }
+    for stream in &mut streams {
+        let response = read_health_response(stream).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
     running.shutdown().await.expect("shutdown");
 }

@@ -477,10 +477,11 @@ async fn websocket_jwt_matrix() {
 #[test]
 fn room_queue_budgets_reach_the_relay_and_an_inconsistent_pair_is_refused() {
     let with = |room_queue_bytes, room_queues_total_bytes| ServerConfig {
-        limits: ksync_server::Limits {
-            room_queue_bytes,
-            room_queues_total_bytes,
-            ..ksync_server::Limits::default()
+        limits: {
+            let mut limits = ksync_server::Limits::default();
+            limits.room_queue_bytes = room_queue_bytes;
+            limits.room_queues_total_bytes = room_queues_total_bytes;
+            limits
         },
         ..config(AuthConfig::default())
     };

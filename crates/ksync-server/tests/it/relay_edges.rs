@@ -202,9 +202,10 @@ fn refusal(error: tokio_tungstenite::tungstenite::Error) -> (u16, Value) {
 #[tokio::test]
 async fn refusals_have_the_documented_status_and_json_body() {
     let running = Server::bind(ServerConfig {
-        limits: ksync_server::Limits {
-            max_connections: 2,
-            ..ksync_server::Limits::default()
+        limits: {
+            let mut limits = ksync_server::Limits::default();
+            limits.max_connections = 2;
+            limits
         },
         ..in_memory()
     })
@@ -265,9 +266,10 @@ async fn refusals_have_the_documented_status_and_json_body() {
 async fn rooms_past_max_open_rooms_are_refused_until_one_closes() {
     let dir = tempfile::tempdir().unwrap();
     let running = Server::bind(ServerConfig {
-        limits: ksync_server::Limits {
-            max_open_rooms: 3,
-            ..ksync_server::Limits::default()
+        limits: {
+            let mut limits = ksync_server::Limits::default();
+            limits.max_open_rooms = 3;
+            limits
         },
         ..on_disk(dir.path())
     })
