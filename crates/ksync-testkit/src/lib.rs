@@ -7,7 +7,8 @@
 //! disk or several ([`GatedProvider`]), one whose metadata writes go through a hook that may
 //! hold them up or fail them ([`MetaHook`]), a `KSync` over a storage and a client
 //! ([`ksync_over`]), a copy of a fixture directory to work on ([`copy_dir`]), and event data
-//! at the edges of the event rules ([`edge_data`]).
+//! at the edges of the event rules ([`edge_data`]), and a slow but working network link on
+//! loopback ([`SlowLink`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -23,6 +24,9 @@ use tracing::Level;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::DefaultGuard;
+
+mod slow_link;
+pub use slow_link::SlowLink;
 
 /// One captured event: its level, its message and its other fields (`name=value `, in order).
 #[derive(Debug, Clone)]

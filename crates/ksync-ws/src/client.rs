@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::error::WsError;
+use crate::progress::{Watched, unless_stalled};
 use crate::protocol::{self, ClientMessage, Hello, Publish, PublishResult, ServerMessage, close};
 use crate::tls::ClientStream;
 
@@ -118,7 +119,11 @@ impl WebSocketSyncClientBuilder {
 
     /// How long after a ping the server must have answered before the connection is
     /// considered dead (so a dead server is detected within `heartbeat + heartbeat_timeout`).
-    /// Also bounds each socket write. Default 10 s.
+    /// An answer is a pong, a message, or bytes of one still coming (on a slow link the pong
+    /// waits behind them): the wait then ends `heartbeat_timeout` after the last byte read.
+    /// Also bounds each socket write: one the socket takes no byte of for this long is given
+    /// up (a large publish over a slow link takes as long as the link needs while its bytes
+    /// keep moving). Default 10 s.
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
         self.config.heartbeat_timeout = timeout;
         self
@@ -742,7 +747,9 @@ impl Outbox {
     }
 }
 
-type Socket = WebSocketStream<ClientStream>;
+/// Watched: its writes are bounded by "no byte taken for `heartbeat_timeout`", and any byte
+/// read answers a ping (see `progress`).
+type Socket = WebSocketStream<Watched<ClientStream>>;
 
 /// How a session ended.
 struct SessionEnd {
@@ -1255,6 +1262,7 @@ impl Session {
         let mut heartbeat = interval_at(now + config.heartbeat, config.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ping_deadline: Option<Instant> = None;
+        let activity = socket.get_ref().activity();
         let mut metrics = interval_at(now + config.metrics_interval, config.metrics_interval);
         metrics.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut metrics_since = now;
@@ -1305,6 +1313,17 @@ impl Session {
                     // counts. (Not `biased`: a server that keeps sending would starve the
                     // sends.) Cancel-safe: a message is either returned or stays buffered.
                     let Some(message) = socket.next().now_or_never() else {
+                        // Bytes of a message still coming (a large one over a slow link, with
+                        // the pong behind it) count as an answer while they keep coming: the
+                        // wait ends `heartbeat_timeout` after the last byte read, so a server
+                        // that goes silent is still given up within `heartbeat +
+                        // heartbeat_timeout`. (Only a byte read after the ping was sent can
+                        // put the end past the deadline.)
+                        let alive_until = activity.last_read() + config.heartbeat_timeout;
+                        if alive_until > Instant::now() {
+                            ping_deadline = Some(alive_until);
+                            continue;
+                        }
                         return Err(WsError::HeartbeatTimeout(config.heartbeat_timeout));
                     };
                     ping_deadline = None;
@@ -1369,14 +1388,17 @@ impl Session {
         self.set_status(if busy { Status::Syncing } else { Status::Idle });
     }
 
+    /// Sends `message`, unless the socket takes no byte of it for `heartbeat_timeout`: a
+    /// large publish over a slow link takes as long as the link needs (bounded as a whole, it
+    /// was cut off and sent again on every connection, for good).
     async fn write(&mut self, socket: &mut Socket, message: Message) -> Result<(), WsError> {
         self.counters.bytes += message.len() as u64;
-        match timeout(self.inner.config.heartbeat_timeout, socket.send(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(WsError::WebSocket(e.to_string())),
-            Err(_) => Err(WsError::HeartbeatTimeout(
-                self.inner.config.heartbeat_timeout,
-            )),
+        let limit = self.inner.config.heartbeat_timeout;
+        let activity = socket.get_ref().activity();
+        match unless_stalled(limit, &activity, socket.send(message)).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(WsError::WebSocket(e.to_string())),
+            None => Err(WsError::HeartbeatTimeout(limit)),
         }
     }
 
@@ -2200,7 +2222,7 @@ async fn upgrade(
         ));
     }
     Ok(WebSocketStream::from_partially_read(
-        tcp,
+        Watched::new(tcp),
         rest,
         tungstenite::protocol::Role::Client,
         Some(config),

@@ -11,6 +11,7 @@
 
 mod client;
 mod error;
+mod progress;
 pub mod protocol;
 #[cfg(feature = "server")]
 pub mod server;

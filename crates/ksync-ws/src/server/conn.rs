@@ -20,6 +20,7 @@ use super::room::{
 };
 use super::socket::{Fragmented, Reading, Socket};
 use super::{ConnectionSlot, RelayError, Shared};
+use crate::progress::{Activity, unless_stalled};
 use crate::protocol::{
     self, CLIENT_TYPES, ClientMessage, DecodeError, Hello, Publish, ServerMessage, SnapshotPage,
     Welcome, close, code,
@@ -50,17 +51,24 @@ enum End {
 /// with the room (which writes the room's frames directly when it can); the task takes it for
 /// each of its own messages and, when it gives it back, first writes whatever the room queued
 /// meanwhile.
+///
+/// A write ends the connection when the socket takes no byte of it for `write_timeout`, not
+/// when it takes longer than that in all: a catch-up page (up to `max_message_size`) to a
+/// subscriber on a slow link takes as long as the link needs (bounded as a whole, a 1 MiB page
+/// at 50 KB/s was cut off at 10 s, and again on every reconnection).
 struct Writer {
     outbox: Arc<Outbox>,
     compression: bool,
     write_timeout: std::time::Duration,
+    /// When the socket last took bytes (the room's direct writes count too).
+    activity: Activity,
 }
 
 impl Writer {
     async fn send(&mut self, message: Message) -> Result<(), End> {
         let mut sink = self.outbox.take_sink().ok_or(End::Drop)?;
-        match timeout(self.write_timeout, sink.send(message)).await {
-            Ok(Ok(())) => self.give_back(sink).await,
+        match unless_stalled(self.write_timeout, &self.activity, sink.send(message)).await {
+            Some(Ok(())) => self.give_back(sink).await,
             _ => Err(End::Drop),
         }
     }
@@ -83,8 +91,8 @@ impl Writer {
                 }
                 sink.flush().await
             };
-            match timeout(self.write_timeout, write).await {
-                Ok(Ok(())) => {}
+            match unless_stalled(self.write_timeout, &self.activity, write).await {
+                Some(Ok(())) => {}
                 _ => return Err(End::Drop),
             }
         }
@@ -151,6 +159,7 @@ pub(crate) fn serve(connection: Connection) -> impl Future<Output = ()> + Send {
         _slot: slot,
     } = connection;
     let progress = socket.get_ref().progress();
+    let activity = socket.get_ref().get_ref().activity();
     let (sink, stream) = socket.split();
     let mut stream = Reading::new(stream, progress);
     let sink = Box::new(Fragmented::new(sink));
@@ -166,6 +175,7 @@ pub(crate) fn serve(connection: Connection) -> impl Future<Output = ()> + Send {
         outbox,
         compression: false,
         write_timeout: shared.config.write_timeout,
+        activity,
     };
     // Instrumented, not entered: an entered span's guard held across an await would stay
     // entered on the worker thread while other tasks run there.

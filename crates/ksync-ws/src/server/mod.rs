@@ -63,7 +63,10 @@ pub struct RelayConfig {
     /// pong, a message, or any byte of one) is closed with 4009 when the next is due, as is
     /// a message no byte more of came for a whole heartbeat. Default 30 s.
     pub heartbeat: Duration,
-    /// How long one socket write may take before the connection is dropped. Default 10 s.
+    /// Longest a socket write may go without the socket taking a byte before the connection
+    /// is dropped (a frame to a client on a slow link takes as long as the link needs while
+    /// its bytes keep moving). Also bounds, as a whole, the wait for connections to write what
+    /// they were owed at [`Relay::shutdown`]. Default 10 s.
     pub write_timeout: Duration,
     /// Frames queued per subscriber. Overflow policy: the subscriber is dropped and closed
     /// with 4008 ("resume from your cursor"); the room never waits for a slow client.

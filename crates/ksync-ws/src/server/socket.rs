@@ -31,8 +31,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error, Message};
 
-/// An upgraded connection.
-pub(crate) type Socket = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
+use crate::progress::Watched;
+
+/// An upgraded connection. `Watched`: the connection's writes are bounded by "no byte taken
+/// for `write_timeout`" (see `progress`).
+pub(crate) type Socket = WebSocketStream<Counted<Watched<TokioIo<hyper::upgrade::Upgraded>>>>;
 
 /// Messages longer than this go as several frames of at most this many bytes. Small enough
 /// that the write buffer a connection keeps is small (10,000 connections × ~2 fragments), large
@@ -83,7 +86,7 @@ impl Pending {
         };
         let socket = async move {
             let upgraded = on_upgrade.await.ok()?;
-            let io = Counted::new(TokioIo::new(upgraded));
+            let io = Counted::new(Watched::new(TokioIo::new(upgraded)));
             Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
         };
         // Chained, not one `async` block: a coroutine keeps its captures (`serve`, the
@@ -238,6 +241,10 @@ impl<T> Counted<T> {
     /// What was read, for the connection's [`Reading`].
     pub(crate) fn progress(&self) -> Arc<Progress> {
         Arc::clone(&self.progress)
+    }
+
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.io
     }
 }
 

@@ -31,5 +31,6 @@ mod relay_timers;
 mod room_queues;
 mod rooms;
 mod shutdown_drain;
+mod slow_link;
 mod upgrade;
 mod versions;
