@@ -182,8 +182,11 @@ impl GitSyncClientBuilder {
         self
     }
 
-    /// Longest wait for one whole request and its answer (default 60 s). A stalled server
-    /// gives [`SyncError::Timeout`]. `build` refuses zero or more than
+    /// Longest wait for a request's answer to begin (sending the request included), and then
+    /// for each part of its body (default 60 s). A stalled server gives
+    /// [`SyncError::Timeout`]. An answer whose bytes keep coming takes as long as the link
+    /// needs: bounded as a whole, a large pull page (up to 8 MiB) over a slow link was cut off
+    /// and asked again, for good. `build` refuses zero or more than
     /// [`ksync_core::MAX_CONFIG_DURATION`] (a day).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -284,7 +287,8 @@ impl GitSyncClientBuilder {
         let client = reqwest::Client::builder()
             .tls_certs_merge(roots)
             .connect_timeout(self.connect_timeout)
-            .timeout(self.request_timeout)
+            // Not `timeout` (the whole request and answer): see `request_timeout`.
+            .read_timeout(self.request_timeout)
             .gzip(self.compression)
             .tcp_nodelay(true)
             .build()

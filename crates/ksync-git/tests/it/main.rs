@@ -21,6 +21,7 @@ mod options;
 mod per_client_pushes;
 mod protocol_doc_examples;
 mod push_stalls;
+mod slow_link;
 mod spec_flow;
 mod storage_failure;
 mod stored_records;

@@ -1,0 +1,49 @@
+//! A large answer over a slow but working link (testkit's `SlowLink`, a throttling TCP proxy
+//! whose ends cannot take megabytes into their kernel buffers at once): `request_timeout`
+//! bounds the wait for each part of it, not the whole answer.
+
+use std::time::Duration;
+
+use ksync_core::{Event, PullPushClient, SyncClient};
+use ksync_git::GitSyncClient;
+use ksync_testkit::SlowLink;
+use serde_json::json;
+
+use crate::common;
+
+/// `len` letters gzip cannot shrink.
+fn noise(len: usize, seed: u64) -> String {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// A pull page of ~660 KB through a 512 KiB/s link takes over a second, against a 400 ms
+/// `request_timeout`. Before, the timeout bounded the whole answer: the pull failed with
+/// `Timeout`, and so did every pull after it (the same page asked again), for good.
+#[tokio::test]
+async fn a_large_pull_page_over_a_slow_link_gets_through() {
+    let server = common::start(&["r"]).await;
+    let writer = common::client(&server.repo_url("r"));
+    for i in 0..6 {
+        let event = Event::new(format!("e{i}"), "t", json!(noise(110_000, i + 1)), 1);
+        writer.send(event).await.expect("send");
+    }
+    writer.push().await.expect("push");
+    let link = SlowLink::start(server.addr, 512 * 1024).await;
+    let reader = GitSyncClient::builder(format!("http://{}/git/r", link.addr()))
+        .auth(ksync_core::Auth::token("writer"))
+        .request_timeout(Duration::from_millis(400))
+        .build()
+        .expect("client");
+    let pulled = reader.pull().await.expect("the page gets through");
+    assert_eq!(pulled.new_events.len(), 6);
+    assert_eq!(reader.replica().storage().len(), 6);
+}
