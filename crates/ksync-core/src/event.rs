@@ -268,13 +268,11 @@ pub const MAX_DATA_DEPTH: usize = 100;
 /// [`Event::validate`] accepted before [`MAX_DATA_DEPTH`] became 100.
 ///
 /// Older builds stored such events and older replicas keep them: a reader that refused them
-/// would skip what the others hold, and replicas would diverge after an upgrade. Whether one
-/// arrives is up to the message that carries it, not this check: serde_json reads 127 levels
-/// of a whole message, so a Git pull page carries data up to 124 deep (deeper fails every
-/// pull with `undecodable answer`); a relay `events` frame (the Rust client reads each event
-/// on its own when it must) and P2P gossip up to 126, all an older relay took; a P2P
-/// catch-up answer (CBOR, 256 levels) all of it. No new event is that deep. New events stay
-/// at [`MAX_DATA_DEPTH`].
+/// would skip what the others hold, and replicas would diverge after an upgrade. The
+/// messages that carry one nest past the 127 levels serde_json reads, so every reader of what
+/// a remote sends reads through [`received_json`](crate::received_json) (P2P catch-up's CBOR
+/// with a deeper budget than its library's). No new event is that deep. New events stay at
+/// [`MAX_DATA_DEPTH`].
 pub const MAX_RECEIVED_DATA_DEPTH: usize = 128;
 
 const _: () = assert!(MAX_RECEIVED_DATA_DEPTH >= MAX_DATA_DEPTH);

@@ -20,6 +20,7 @@ mod metrics;
 mod middleware;
 mod names;
 mod notify;
+pub mod received_json;
 mod replica;
 mod storage;
 

@@ -49,13 +49,21 @@ pub const MAX_BUSY_WAIT_TOTAL: std::time::Duration = std::time::Duration::from_s
 /// page ends before the event that would take it past this, unless it is the page's first.
 pub const DEFAULT_PAGE_BYTES: usize = 8 * 1024 * 1024;
 
-/// Decodes a JSON body. JSON text is UTF-8: checking the whole body once and parsing it as a
-/// `str` spares serde_json a UTF-8 check per string (about an eighth of decoding an event).
+/// Decodes a JSON body, the one reader of bodies on both sides. JSON text is UTF-8: checking
+/// the whole body once and parsing it as a `str` spares serde_json a UTF-8 check per string
+/// (about an eighth of decoding an event).
+///
+/// Read through [`ksync_core::received_json`]: an answer nesting past the 127 levels
+/// serde_json reads (a pull page puts 3 levels around an event's data, a push or merge
+/// answer's conflict 5) is read too, so events older builds stored with data up to 128
+/// levels deep are pulled instead of failing every pull of their page. The service bounds a
+/// request body's decoded size with serde_json's own reader first (`decoded::decoded_bound`),
+/// so it still refuses a body past 127 levels: no new event is that deep.
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         <serde_json::Error as serde::de::Error>::custom(format_args!("body is not UTF-8: {e}"))
     })?;
-    serde_json::from_str(text)
+    ksync_core::received_json::from_str(text)
 }
 
 /// Appends `event` as JSON to `out`: the same bytes as `serde_json::to_writer` writes, found

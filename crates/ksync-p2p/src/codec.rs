@@ -6,6 +6,7 @@
 //! (below that, yamux and noise add their framing, which gossip bytes leave out too). The
 //! codec runs on the connections' tasks, hence the shared atomic.
 
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,10 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use libp2p::StreamProtocol;
-use libp2p::futures::{AsyncRead, AsyncWrite};
+use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite};
 use libp2p::request_response::{self, cbor};
 
-use crate::wire::{SyncRequest, SyncResponse};
+use crate::wire::{MAX_RESPONSE_BYTES, SyncRequest, SyncResponse};
 
 type Cbor = cbor::codec::Codec<SyncRequest, SyncResponse>;
 
@@ -50,16 +51,23 @@ impl request_response::Codec for CountingCodec {
         self.inner.read_request(protocol, &mut io).await
     }
 
+    /// Read as libp2p's codec reads it (the whole answer, at most [`MAX_RESPONSE_BYTES`], what
+    /// the node configures it with), then decoded by [`decode_answer`].
     async fn read_response<T>(
         &mut self,
-        protocol: &StreamProtocol,
+        _protocol: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<SyncResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
         let mut io = Counted::new(io, &self.bytes);
-        self.inner.read_response(protocol, &mut io).await
+        let mut answer = Vec::new();
+        (&mut io)
+            .take(MAX_RESPONSE_BYTES)
+            .read_to_end(&mut answer)
+            .await?;
+        decode_answer(&answer)
     }
 
     async fn write_request<T>(
@@ -86,6 +94,64 @@ impl request_response::Codec for CountingCodec {
     {
         let mut io = Counted::new(io, &self.bytes);
         self.inner.write_response(protocol, &mut io, response).await
+    }
+}
+
+/// Most nesting steps [`decode_answer`] takes: cbor4ii counts two per level of arrays and
+/// maps, so this reads events whose data nests [`ksync_core::MAX_RECEIVED_DATA_DEPTH`] levels
+/// in an answer (a few levels around each).
+const MAX_ANSWER_STEPS: usize = 2 * ksync_core::received_json::MAX_RECEIVED_MESSAGE_DEPTH;
+
+/// Decodes a catch-up answer. cbor4ii's own readers stop at 256 nesting steps, 125 levels of
+/// an event's data in an `Events` answer: an event older builds stored deeper (they allowed
+/// 128) failed every answer that carried it, so the asker never caught up on that answer's
+/// events from anyone holding it. This reader allows [`MAX_ANSWER_STEPS`] (the recursion
+/// stays within a few levels of cbor4ii's own).
+pub(crate) fn decode_answer(answer: &[u8]) -> io::Result<SyncResponse> {
+    let reader = DeepSlice {
+        rest: answer,
+        steps_left: MAX_ANSWER_STEPS,
+    };
+    serde::Deserialize::deserialize(&mut cbor4ii::serde::Deserializer::new(reader)).map_err(
+        |e: cbor4ii::serde::DecodeError<Infallible>| {
+            io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+        },
+    )
+}
+
+/// cbor4ii's slice reader with a nesting budget of our choice.
+struct DeepSlice<'a> {
+    rest: &'a [u8],
+    steps_left: usize,
+}
+
+impl<'de> cbor4ii::core::dec::Read<'de> for DeepSlice<'de> {
+    type Error = Infallible;
+
+    fn fill<'short>(
+        &'short mut self,
+        want: usize,
+    ) -> Result<cbor4ii::core::dec::Reference<'de, 'short>, Infallible> {
+        let len = self.rest.len().min(want);
+        Ok(cbor4ii::core::dec::Reference::Long(&self.rest[..len]))
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.rest = &self.rest[self.rest.len().min(n)..];
+    }
+
+    fn step_in(&mut self) -> bool {
+        match self.steps_left.checked_sub(1) {
+            Some(left) => {
+                self.steps_left = left;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn step_out(&mut self) {
+        self.steps_left += 1;
     }
 }
 
@@ -180,5 +246,38 @@ mod tests {
             .expect("read");
         assert!(matches!(back, SyncResponse::Refused { reason, .. } if reason.len() == 1000));
         assert_eq!(read.load(Ordering::Relaxed), sent);
+    }
+
+    /// An answer holding an event older builds stored as deep as they allowed is read (past
+    /// cbor4ii's own 256 steps: it failed every answer carrying it); far deeper is refused.
+    #[tokio::test]
+    async fn an_answer_holding_the_deepest_data_older_builds_stored_is_read() {
+        let protocol = StreamProtocol::new(crate::wire::SYNC_PROTOCOL);
+        let answer = |levels: usize| SyncResponse::Events {
+            events: vec![ksync_core::Event::new(
+                "deep",
+                "t",
+                ksync_testkit::edge_data::nested(levels),
+                1,
+            )],
+            too_large: Vec::new(),
+        };
+        for (levels, read) in [(ksync_core::MAX_RECEIVED_DATA_DEPTH, true), (200, false)] {
+            let (mut codec, _) = codec();
+            let mut wire = Cursor::new(Vec::new());
+            codec
+                .write_response(&protocol, &mut wire, answer(levels))
+                .await
+                .expect("write");
+            wire.set_position(0);
+            let back = codec.read_response(&protocol, &mut wire).await;
+            match back {
+                Ok(SyncResponse::Events { events, .. }) if read => {
+                    assert_eq!(events[0].data, ksync_testkit::edge_data::nested(levels));
+                }
+                Err(e) if !read => assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}"),
+                other => panic!("{levels} levels: {other:?}"),
+            }
+        }
     }
 }

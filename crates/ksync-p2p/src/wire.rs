@@ -160,8 +160,9 @@ pub(crate) fn decode_payload(data: &[u8], max_event_bytes: usize) -> Result<Vec<
                     max: max_event_bytes,
                 });
             }
-            let event: Event =
-                serde_json::from_str(raw.get()).map_err(|e| Rejected::Malformed(e.to_string()))?;
+            // Data older builds stored nests deeper than serde_json reads of one event.
+            let event: Event = ksync_core::received_json::from_str(raw.get())
+                .map_err(|e| Rejected::Malformed(e.to_string()))?;
             // The receive check: a peer of an older build publishes data up to 128 deep, and
             // its peers store it; refused here, it would come by catch-up anyway.
             event
@@ -398,22 +399,26 @@ mod tests {
     }
 
     /// Gossip from an older build (its rules allowed data 128 levels deep) is taken: the
-    /// event is stored there, and catch-up would bring it anyway. A payload carries data up
-    /// to 126 deep (serde_json reads 127 levels; the payload and its list are read as raw
-    /// JSON, which it does not count, and the event's object is one); deeper is refused as
-    /// malformed, and comes by catch-up (CBOR, 256 levels).
+    /// event is stored there, and catch-up would bring it anyway. Past 126 levels an event's
+    /// JSON nests deeper than serde_json reads (127): such gossip was refused as malformed,
+    /// and the event came only by catch-up. Deeper than any build stored is refused.
     #[test]
     fn gossip_takes_data_as_deep_as_older_builds_stored() {
         let nested =
             |levels: usize| Event::new("deep", "t", ksync_testkit::edge_data::nested(levels), 1);
-        for levels in [110, 126] {
+        for levels in [110, 126, ksync_core::MAX_RECEIVED_DATA_DEPTH] {
             let deep = nested(levels);
             let data = encode_payload(&[enc(&deep)]);
             assert_eq!(decode_payload(&data, 1 << 20).expect("decodes"), vec![deep]);
         }
-        let deeper = encode_payload(&[enc(&nested(127))]);
+        let deeper = encode_payload(&[enc(&nested(ksync_core::MAX_RECEIVED_DATA_DEPTH + 1))]);
         assert!(matches!(
             decode_payload(&deeper, 1 << 20),
+            Err(Rejected::Invalid(_))
+        ));
+        let far_deeper = encode_payload(&[enc(&nested(200))]);
+        assert!(matches!(
+            decode_payload(&far_deeper, 1 << 20),
             Err(Rejected::Malformed(_))
         ));
     }

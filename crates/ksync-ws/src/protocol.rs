@@ -292,7 +292,16 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     text: &[u8],
     known: &[&str],
 ) -> Result<T, DecodeError> {
-    serde_json::from_slice(text).map_err(|e| {
+    decode_with(text, known, |text| serde_json::from_slice(text))
+}
+
+/// [`decode`] with `read` as the JSON reader.
+fn decode_with<T>(
+    text: &[u8],
+    known: &[&str],
+    read: fn(&[u8]) -> serde_json::Result<T>,
+) -> Result<T, DecodeError> {
+    read(text).map_err(|e| {
         // Find out whether the problem is the type tag, for a precise error.
         #[derive(Deserialize)]
         struct Tag {
@@ -306,50 +315,14 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Decodes a message from the relay. An `events` frame serde_json cannot read whole (127
-/// levels of a message; the frame puts 4 around an event's data) is read again with each
-/// event as raw JSON, which it skips without counting levels, then each event on its own (1
-/// level around its data): events older relays stored with data 124 to 126 levels deep (the
-/// most they took, reading 127 levels of a publish) still arrive, instead of every session
-/// ending on the same frame. Deeper, the first error stands.
+/// Decodes a message from the relay, the one reader of them. Read through
+/// [`ksync_core::received_json`]: a message nesting past the 127 levels serde_json reads, up
+/// to the deepest data a received event may hold plus what a message puts around it, is read
+/// too. An `events` frame and a `snapshot` page put 3 or 4 levels around an event's data, an
+/// ack's `held` revision 4: events older relays stored with data up to 126 levels deep (the
+/// most they took) arrive in each, instead of every session ending on the same message.
 pub fn decode_server_message(json: &[u8]) -> Result<ServerMessage, DecodeError> {
-    #[derive(serde::Deserialize)]
-    struct RawFrame<'a> {
-        #[serde(rename = "type")]
-        kind: String,
-        #[serde(borrow)]
-        events: Vec<RawStored<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct RawStored<'a> {
-        seq: u64,
-        #[serde(borrow)]
-        event: &'a serde_json::value::RawValue,
-    }
-    let error = match decode::<ServerMessage>(json, SERVER_TYPES) {
-        Ok(message) => return Ok(message),
-        Err(error) => error,
-    };
-    let Ok(frame) = serde_json::from_slice::<RawFrame<'_>>(json) else {
-        return Err(error);
-    };
-    if frame.kind != "events" {
-        return Err(error);
-    }
-    let events = frame
-        .events
-        .into_iter()
-        .map(|raw| {
-            Ok(Stored {
-                seq: raw.seq,
-                event: serde_json::from_str(raw.event.get())?,
-            })
-        })
-        .collect::<Result<Vec<Stored>, serde_json::Error>>();
-    match events {
-        Ok(events) => Ok(ServerMessage::Events(EventsBatch { events })),
-        Err(_) => Err(error),
-    }
+    decode_with(json, SERVER_TYPES, ksync_core::received_json::from_slice)
 }
 
 /// The `protocol` a `hello` names (relay or monitor feed), read before the rest of it: a

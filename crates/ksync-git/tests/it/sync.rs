@@ -891,3 +891,67 @@ async fn an_event_older_builds_stored_deeper_than_the_publish_limit_is_pulled() 
         "{body}"
     );
 }
+
+/// Data older builds stored as deep as they allowed (128 levels) in a branch is pulled, and
+/// comes back inside a push's conflict: a pull page puts 3 levels around an event's data and
+/// a push answer 5, past the 127 levels serde_json reads of a whole body, so every pull of
+/// the page failed `undecodable answer` (the client could never pull past it) and so did
+/// the push its conflict answered.
+#[tokio::test]
+async fn data_older_builds_stored_128_levels_deep_is_pulled_and_held_in_a_conflict() {
+    let server = start(&["r"]).await;
+    let url = server.repo_url("r");
+    let deepest = Event::new(
+        "deepest",
+        "t",
+        ksync_testkit::edge_data::nested(ksync_core::MAX_RECEIVED_DATA_DEPTH),
+        1,
+    );
+    // As the older service stored it: appended to the branch's log, no push check.
+    let branch = ksync_core::LogName::Branch {
+        repo: ksync_core::Name::new("r").expect("name"),
+        branch: ksync_core::Name::new("main").expect("name"),
+    };
+    let log = server.provider.open(&branch).expect("open");
+    log.append(vec![deepest.clone()]).await.expect("append");
+    let clock = ManualClock::new(100);
+    let b = node(&url, "b", &clock).await;
+    let b_errors = count(&b, "error");
+    b.pull().await.expect("pull");
+    let pulled = b.replica().storage().read_since(0, 10).expect("read");
+    assert_eq!(pulled.len(), 1, "{pulled:?}");
+    assert_eq!(pulled[0].event, deepest);
+    assert_eq!(b_errors.load(Ordering::SeqCst), 0);
+    // Another revision 1 of it, made offline: the push answer holds the deep one as `ours`.
+    let c = node(&url, "c", &clock).await;
+    let (c_errors, c_conflicts) = (count(&c, "error"), count(&c, "conflict"));
+    c.update("deepest", "t", json!("other"))
+        .await
+        .expect("update");
+    let pushed = c.push().await.expect("push");
+    assert_eq!(pushed.rejected_events.len(), 1, "{pushed:?}");
+    c.pull().await.expect("pull");
+    assert_eq!(c_conflicts.load(Ordering::SeqCst), 1);
+    c.push().await.expect("push");
+    assert_eq!(c_errors.load(Ordering::SeqCst), 0);
+    let settled = branch_events(&server, "r", "main");
+    assert_eq!(
+        settled.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(settled[1].data, json!("other"));
+    // A new event that deep is still refused by the service: it reads a push body with
+    // serde_json's own limit.
+    let (status, body) = common::call(
+        common::http()
+            .post(server.url("/git/r/branches/main/events"))
+            .bearer_auth("writer")
+            .json(&json!({"baseVersion": 2, "events": [Event::new("new", "t", deepest.data, 1)]})),
+    )
+    .await;
+    assert_eq!(
+        (status, common::code(&body)),
+        (400, "malformed_body"),
+        "{body}"
+    );
+}

@@ -253,8 +253,8 @@ async fn data_at_the_edges_of_the_rules_crosses_unchanged() {
     }
 }
 
-/// An event an older build stored with data 110 levels deep (the event rules allowed 128
-/// until `MAX_DATA_DEPTH` became 100) reaches an upgraded peer by catch-up: the peer held
+/// Events an older build stored with data 110 and 128 levels deep (the event rules allowed 128
+/// until `MAX_DATA_DEPTH` became 100) reach an upgraded peer by catch-up: the peer held
 /// answers to the publish limit, so it dropped the event as invalid (blaming the peer that
 /// served it) while older peers keep it. A new event as deep is still refused by `broadcast`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,27 +262,37 @@ async fn an_event_older_builds_stored_deeper_than_the_publish_limit_is_caught_up
     let dir = tempfile::tempdir().expect("tempdir");
     let a = peer(dir.path(), "a").await;
     let old = Event::new("old", "t", ksync_testkit::edge_data::nested(110), 1).with_origin("a");
-    // As the older build stored it: appended to a's log, no publish check.
+    // As deep as older builds allowed: past what serde_json reads of one event's JSON.
+    let deepest = Event::new(
+        "deepest",
+        "t",
+        ksync_testkit::edge_data::nested(ksync_core::MAX_RECEIVED_DATA_DEPTH),
+        1,
+    )
+    .with_origin("a");
+    // As the older build stored them: appended to a's log, no publish check.
     a.replica()
         .storage()
-        .append(vec![old.clone()])
+        .append(vec![old.clone(), deepest.clone()])
         .await
         .expect("append");
     a.broadcast(event("a", 1)).await.expect("broadcast");
     let b = peer(dir.path(), "b").await;
     let watch_b = Watch::new(&b);
     link(&b, &a).await;
-    wait_until(10, "b has both, or blames a", || {
-        keys(&b).len() == 2 || *watch_b.blamed.lock().expect("lock") > 0
+    wait_until(10, "b has all three, or blames a", || {
+        keys(&b).len() == 3 || *watch_b.blamed.lock().expect("lock") > 0
     })
     .await;
-    let held = b
-        .replica()
-        .storage()
-        .get("old", 1)
-        .expect("read")
-        .map(|stored| stored.event);
-    assert_eq!(held, Some(old));
+    for sent in [old, deepest] {
+        let held = b
+            .replica()
+            .storage()
+            .get(&sent.id, 1)
+            .expect("read")
+            .map(|stored| stored.event);
+        assert_eq!(held, Some(sent));
+    }
     assert_eq!(*watch_b.blamed.lock().expect("lock"), 0, "nobody is blamed");
     let new = Event::new("new", "t", ksync_testkit::edge_data::nested(110), 1);
     let refused = a.broadcast(new).await.expect_err("too deep");

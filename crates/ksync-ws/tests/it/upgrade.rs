@@ -156,21 +156,10 @@ async fn an_old_apps_offline_queue_and_cursors_are_taken_over() {
 /// is still refused by `update`, with the typed error.
 #[tokio::test]
 async fn an_event_older_builds_stored_deeper_than_the_publish_limit_is_received() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let provider = Arc::new(FileProvider::new(dir.path()).expect("provider"));
     let old = Event::new("old", "t", ksync_testkit::edge_data::nested(110), 1);
-    // The deepest an older relay stored (it read 127 levels of a publish, 3 around the data):
-    // 4 levels of an `events` frame around it are 130, past serde_json's 127.
-    let deepest = Event::new("deepest", "t", ksync_testkit::edge_data::nested(126), 1);
-    // As the older relay stored them: appended to the room's log, no publish check.
-    let log = provider
-        .open(&LogName::Room(Name::new("deep").expect("name")))
-        .expect("open");
-    log.append(vec![old.clone(), deepest.clone()])
-        .await
-        .expect("append");
-    drop(log);
-    let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
+    // 4 levels of an `events` frame around the deepest are 130, past serde_json's 127.
+    let deepest = deepest();
+    let (_dir, server) = relay_over_room("deep", vec![old.clone(), deepest.clone()]).await;
     let client = WebSocketSyncClient::builder(server.url(Some("deep")))
         .build()
         .expect("client");
@@ -201,6 +190,93 @@ async fn an_event_older_builds_stored_deeper_than_the_publish_limit_is_received(
         .await
         .expect_err("too deep");
     ksync_testkit::edge_data::assert_too_deep(&refused);
+    app.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
+/// The deepest data an older relay stored: it read 127 levels of a publish, 1 around each
+/// event's data once it read the events as raw JSON.
+fn deepest() -> Event {
+    Event::new("deepest", "t", ksync_testkit::edge_data::nested(126), 1)
+}
+
+/// A relay over a file log of `room` holding `events`, appended as an older relay stored
+/// them (no publish check).
+async fn relay_over_room(room: &str, events: Vec<Event>) -> (tempfile::TempDir, common::Server) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let provider = Arc::new(FileProvider::new(dir.path()).expect("provider"));
+    let log = provider
+        .open(&LogName::Room(Name::new(room).expect("name")))
+        .expect("open");
+    log.append(events).await.expect("append");
+    drop(log);
+    let server = start_with(RelayConfig::default(), provider, Arc::new(AllowAll)).await;
+    (dir, server)
+}
+
+/// A state-based client starts from a snapshot holding the deepest event an older relay
+/// stored: a `snapshot` page puts 3 levels around an event's data and was read whole, so
+/// every session ended `malformed message` on the first page (the client never started).
+#[tokio::test]
+async fn a_snapshot_holding_the_deepest_data_older_builds_stored_is_received() {
+    let (_dir, server) = relay_over_room("deep", vec![deepest()]).await;
+    let client = WebSocketSyncClient::builder(server.url(Some("deep")))
+        .strategy(ksync_ws::Strategy::StateBased {
+            snapshot_interval: std::time::Duration::from_millis(50),
+        })
+        .build()
+        .expect("client");
+    let seen = Recorder::attach(&client);
+    let app = ksync_testkit::ksync_over(Arc::new(ksync_core::InMemoryStorage::new()), client)
+        .await
+        .expect("ksync");
+    app.connect().await.expect("connect");
+    let held = || app.replica().storage().read_since(0, 10).expect("read");
+    let errors = |n: &Notification| matches!(n, Notification::Error(_));
+    eventually("the event, or an error", || {
+        !held().is_empty() || seen.count(errors) > 0
+    })
+    .await;
+    assert_eq!(seen.count(errors), 0, "{:?}", seen.all());
+    let held: Vec<Event> = held().into_iter().map(|stored| stored.event).collect();
+    assert_eq!(held, [deepest()]);
+    app.disconnect().await.expect("disconnect");
+    server.stop().await;
+}
+
+/// A publish colliding with the deepest event an older relay stored is answered with it as
+/// the ack's `held` revision, and the client settles the conflict: the ack puts 4 levels
+/// around the held event's data and was read whole, so every session ended `malformed
+/// message` on the ack and the publish went out again at every reconnect.
+#[tokio::test]
+async fn an_ack_holding_the_deepest_data_older_builds_stored_settles_the_conflict() {
+    let (_dir, server) = relay_over_room("deep", vec![deepest()]).await;
+    let url = server.url(Some("deep"));
+    let client = WebSocketSyncClient::builder(url.clone())
+        .build()
+        .expect("client");
+    let seen = Recorder::attach(&client);
+    let app = ksync_testkit::ksync_over(Arc::new(ksync_core::InMemoryStorage::new()), client)
+        .await
+        .expect("ksync");
+    // Past the deep event already (as a client that read it before this revision was made
+    // offline), so it comes back only in the ack.
+    app.replica()
+        .set_cursor(&format!("ws:{url}/room"), 1)
+        .await
+        .expect("cursor");
+    app.update("deepest", "t", serde_json::json!("other"))
+        .await
+        .expect("update");
+    app.connect().await.expect("connect");
+    let errors = |n: &Notification| matches!(n, Notification::Error(_));
+    let conflicts = |n: &Notification| matches!(n, Notification::Conflict(_));
+    eventually("the conflict, or an error", || {
+        seen.count(conflicts) > 0 || seen.count(errors) > 0
+    })
+    .await;
+    assert_eq!(seen.count(errors), 0, "{:?}", seen.all());
+    assert_eq!(seen.count(conflicts), 1, "{:?}", seen.all());
     app.disconnect().await.expect("disconnect");
     server.stop().await;
 }
