@@ -35,7 +35,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the sync server (WebSocket relay + HTTP) until SIGINT/SIGTERM.
-    Serve(serve::ServeArgs),
+    // Boxed: its many flags make it far larger than the other commands.
+    Serve(Box<serve::ServeArgs>),
     #[command(flatten)]
     Git(git::GitCommand),
     /// Run a P2P peer: print its addresses, connect, emit, and print received events.
@@ -60,7 +61,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Git(command) => git::run(command).await,
             Command::Peer(args) => peer::run(args).await,
             Command::Watch(args) => watch::run(args).await,

@@ -178,6 +178,14 @@ pub struct ServeArgs {
         allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
     max_pushes_per_client: usize,
 
+    /// Most repository merges and branch creations of one client (as for
+    /// --max-pushes-per-client) handled at once, together; more get 429 `too_many_merges`
+    /// (retried after 1 s).
+    #[arg(long, env = "KSYNC_MAX_MERGES_PER_CLIENT", value_name = "N",
+        default_value_t = Limits::default().max_merges_per_client,
+        allow_negative_numbers = true, value_parser = at_least::<usize, 1>)]
+    max_merges_per_client: usize,
+
     /// Most rooms kept in the data directory (each a file, kept until deleted by hand); a
     /// new room past it gets 507 `too many rooms stored`. Stored rooms go on.
     #[arg(long, env = "KSYNC_MAX_ROOMS", value_name = "N",
@@ -470,6 +478,7 @@ impl ServeArgs {
         limits.git_body_memory_bytes = self.git_body_memory_bytes;
         limits.max_branches_per_repo = self.max_branches_per_repo;
         limits.max_pushes_per_client = self.max_pushes_per_client;
+        limits.max_merges_per_client = self.max_merges_per_client;
         limits.max_rooms = self.max_rooms;
         limits.max_repos = self.max_repos;
         Ok(ServerConfig {

@@ -162,6 +162,15 @@ pub struct GitServerConfig {
     /// again; its place is given back when its answer is ready or the request is dropped.
     /// One `GitSyncClient` pushes one request at a time.
     pub max_pushes_per_client: usize,
+    /// Most merges and branch creations of one client handled at once, together (default 16;
+    /// 0 counts as 1); a client as for `max_pushes_per_client`. Each may copy many events
+    /// between branches, and waits its turn behind others into the same branch (merges) or
+    /// in the service (branch creations), holding one of `ksync serve`'s repository request
+    /// places meanwhile: without it one client's merges or forks could take them all and
+    /// every other client's requests were answered 503 `busy`. One more is refused before its
+    /// body is read with 429 `too_many_merges` and `Retry-After: 1` (`GitSyncClient` waits
+    /// and sends it again); nothing of it is done. One `GitSyncClient` sends one at a time.
+    pub max_merges_per_client: usize,
 }
 
 impl Default for GitServerConfig {
@@ -176,6 +185,7 @@ impl Default for GitServerConfig {
             body_memory_bytes: 256 * 1024 * 1024,
             max_branches_per_repo: 1000,
             max_pushes_per_client: 64,
+            max_merges_per_client: 16,
         }
     }
 }
@@ -210,6 +220,9 @@ struct Inner {
     body_memory: Arc<Semaphore>,
     /// Pushes in flight per client (`GitServerConfig::max_pushes_per_client`).
     pushes: Arc<PerClientCounts>,
+    /// Merges and branch creations in flight per client
+    /// (`GitServerConfig::max_merges_per_client`).
+    merges: Arc<PerClientCounts>,
     /// Merges into a branch go one at a time (see [`GitServer::merge_lock`]).
     merge_locks: Box<[tokio::sync::Mutex<()>]>,
 }
@@ -376,6 +389,7 @@ impl GitServer {
             config.body_memory_bytes,
         )));
         let pushes = PerClientCounts::new(config.max_pushes_per_client);
+        let merges = PerClientCounts::new(config.max_merges_per_client);
         Self {
             inner: Arc::new(Inner {
                 provider,
@@ -385,6 +399,7 @@ impl GitServer {
                 open_logs: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 body_memory,
                 pushes,
+                merges,
                 merge_locks: (0..MERGE_LOCK_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
@@ -413,19 +428,41 @@ impl GitServer {
         grant: &Grant,
         peer: Option<SocketAddr>,
     ) -> Result<Option<ClientPlace>, ApiError> {
+        self.place(&self.inner.pushes, grant, peer, "too_many_pushes", "pushes")
+    }
+
+    /// A place among the merges and branch creations in flight of the client, as
+    /// [`push_place`](Self::push_place), or 429 `too_many_merges`.
+    fn merge_place(
+        &self,
+        grant: &Grant,
+        peer: Option<SocketAddr>,
+    ) -> Result<Option<ClientPlace>, ApiError> {
+        let what = "merges and branch creations";
+        self.place(&self.inner.merges, grant, peer, "too_many_merges", what)
+    }
+
+    fn place(
+        &self,
+        counts: &Arc<PerClientCounts>,
+        grant: &Grant,
+        peer: Option<SocketAddr>,
+        code: &'static str,
+        what: &str,
+    ) -> Result<Option<ClientPlace>, ApiError> {
         let Some(client) = ClientId::new(grant, self.inner.auth.required(), peer.map(|p| p.ip()))
         else {
             return Ok(None);
         };
-        let Some(place) = self.inner.pushes.take(client.clone()) else {
-            let cap = self.inner.pushes.cap();
-            tracing::info!(%client, cap, "git: push refused: the client has max_pushes_per_client in flight");
+        let Some(place) = counts.take(client.clone()) else {
+            let cap = counts.cap();
+            tracing::info!(%client, cap, "git: {what} refused: the client has {cap} in flight");
             return Err(ApiError {
                 retry_after: Some("1"),
                 ..ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_pushes",
-                    format!("too many pushes in flight for this client (at most {cap})"),
+                    code,
+                    format!("too many {what} in flight for this client (at most {cap})"),
                 )
             });
         };
@@ -1153,6 +1190,8 @@ async fn create_branch(
     let repo = repo_path(path)?;
     let headers = req.headers().clone();
     let grant = s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
+    // Before the body is read, as for pushes.
+    let _place = s.merge_place(&grant, peer_of(&req))?;
     let (request, _body_memory) = s.body::<CreateBranchRequest>(req).await?;
     let new = name("branch", &request.name)?;
     let from = name("branch", request.from.as_deref().unwrap_or(DEFAULT_BRANCH))?;
@@ -1523,7 +1562,9 @@ async fn merge(
 ) -> Handled {
     let repo = repo_path(path)?;
     let headers = req.headers().clone();
-    s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
+    let grant = s.authorize(&headers, peer_of(&req), &repo, Access::Write)?;
+    // Before the body is read, as for pushes.
+    let _place = s.merge_place(&grant, peer_of(&req))?;
     let (request, _body_memory) = s.body::<MergeRequest>(req).await?;
     let into_name = name("branch", &request.into)?;
     let from_name = name("branch", &request.from)?;

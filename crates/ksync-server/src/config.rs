@@ -133,8 +133,8 @@ pub struct Limits {
     /// stops accepting until one closes: new clients wait in the listen backlog (nothing is
     /// refused, no file descriptor is spent on them).
     pub max_http_connections: usize,
-    /// Most plain HTTP connections of one IP address waiting for a request head at once (64;
-    /// 0: no such cap): just opened, or idle between two requests on a keep-alive
+    /// Most plain HTTP connections of one IP address (IPv6: one /64) waiting for a request
+    /// head at once (64; 0: no such cap): just opened, or idle between two requests on a keep-alive
     /// connection. Past it the one of that address that has waited longest is closed (a
     /// connection is given at least a second from the start of its wait, so a head already
     /// on its way is read). Without it one address could hold every
@@ -160,6 +160,10 @@ pub struct Limits {
     /// GitServerConfig::max_pushes_per_client`): a client as for
     /// `max_connections_per_client`. More get 429 `too_many_pushes` with `Retry-After: 1`.
     pub max_pushes_per_client: usize,
+    /// Most merges and branch creations of one client handled at once, together (16; see
+    /// `ksync_git::server::GitServerConfig::max_merges_per_client`): a client as for
+    /// `max_connections_per_client`. More get 429 `too_many_merges` with `Retry-After: 1`.
+    pub max_merges_per_client: usize,
     /// Most rooms kept in the data directory (100,000; see `ksync_storage_file::StoreLimits`):
     /// each is a file, kept until deleted by hand. Past it a new room gets 507 `too many rooms
     /// stored` before the upgrade; stored rooms go on. Not applied with `in_memory` storage.
@@ -249,6 +253,8 @@ impl Default for Limits {
                 .max_branches_per_repo,
             max_pushes_per_client: ksync_git::server::GitServerConfig::default()
                 .max_pushes_per_client,
+            max_merges_per_client: ksync_git::server::GitServerConfig::default()
+                .max_merges_per_client,
             max_rooms: ksync_storage_file::DEFAULT_MAX_ROOMS,
             max_repos: ksync_storage_file::DEFAULT_MAX_REPOS,
         }

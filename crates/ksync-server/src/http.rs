@@ -233,8 +233,9 @@ struct Wait {
 impl Wait {
     fn new(ip: IpAddr) -> Self {
         Self {
-            // An IPv4 client of a dual-stack listener is one address either way.
-            ip: ip.to_canonical(),
+            // An IPv4 client of a dual-stack listener is one address either way; an IPv6
+            // host usually owns its whole /64, so that is one address too.
+            ip: crate::ratelimit::FailureLimiter::key(ip),
             current: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             eviction: Mutex::new(None),

@@ -34,7 +34,9 @@ impl FailureLimiter {
         }
     }
 
-    fn key(ip: IpAddr) -> IpAddr {
+    /// The address a client is counted under: IPv4 (also mapped in IPv6) as is, IPv6 by its
+    /// /64. Also the key of the HTTP layer's waiting connections per address.
+    pub(crate) fn key(ip: IpAddr) -> IpAddr {
         match ip {
             IpAddr::V4(_) => ip,
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -159,6 +159,7 @@ impl Server {
                 body_memory_bytes: config.limits.git_body_memory_bytes,
                 max_branches_per_repo: config.limits.max_branches_per_repo,
                 max_pushes_per_client: config.limits.max_pushes_per_client,
+                max_merges_per_client: config.limits.max_merges_per_client,
                 ..ksync_git::server::GitServerConfig::default()
             },
         );

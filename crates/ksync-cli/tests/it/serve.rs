@@ -453,7 +453,7 @@ fn usage_error(command: Command) -> String {
 /// internal field (`max_message_size`) for 0, and for a timer past a day (`heartbeat`).
 #[test]
 fn bad_limit_values_are_usage_errors_naming_the_flag() {
-    let cases: [(&str, &str, &[&str], &str); 20] = [
+    let cases: [(&str, &str, &[&str], &str); 21] = [
         (
             "--max-message-bytes",
             "KSYNC_MAX_MESSAGE_BYTES",
@@ -476,6 +476,12 @@ fn bad_limit_values_are_usage_errors_naming_the_flag() {
         (
             "--max-pushes-per-client",
             "KSYNC_MAX_PUSHES_PER_CLIENT",
+            &["0", "-1"],
+            "at least 1",
+        ),
+        (
+            "--max-merges-per-client",
+            "KSYNC_MAX_MERGES_PER_CLIENT",
             &["0", "-1"],
             "at least 1",
         ),

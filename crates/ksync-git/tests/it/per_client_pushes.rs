@@ -142,3 +142,92 @@ async fn call_as(token: &str, req: reqwest::RequestBuilder) -> (u16, serde_json:
     let status = response.status().as_u16();
     (status, response.json().await.expect("json"))
 }
+
+/// `GitServerConfig::max_merges_per_client`: one client's merges and branch creations in
+/// flight, together, are capped: past it both get 429 `too_many_merges` before their body is
+/// read, while another client merges; the place frees once the held merge is answered.
+/// Before, one client's merges and forks (each waiting its turn behind the others) could
+/// hold every repository request place of `ksync serve`.
+#[tokio::test]
+async fn a_client_past_its_merges_in_flight_gets_429_while_another_merges() {
+    let config = GitServerConfig {
+        max_merges_per_client: 1,
+        ..GitServerConfig::default()
+    };
+    let server = start_with(Arc::new(InMemoryProvider::new()), config, &["r", "team"]).await;
+    for repo in ["r", "team"] {
+        let (status, _) = call(
+            http()
+                .post(server.url(&format!("/git/{repo}/branches")))
+                .json(&json!({"name": "b"})),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    // `writer`'s merge, held in flight: its headers are in, its body is not.
+    let body = json!({"into": "main", "from": "b"}).to_string();
+    let mut held = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /git/r/merge HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer writer\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        server.addr,
+        body.len()
+    );
+    held.write_all(head.as_bytes()).await.expect("write");
+    read_until(&mut held, "100 Continue").await;
+
+    // The same client's next merge and branch creation: refused, with a Retry-After.
+    let expected = json!({"error": {"code": "too_many_merges",
+        "message": "too many merges and branch creations in flight for this client (at most 1)"}});
+    for (path, request) in [
+        ("/git/r/merge", json!({"into": "main", "from": "b"})),
+        ("/git/r/branches", json!({"name": "c"})),
+    ] {
+        let refused = http()
+            .post(server.url(path))
+            .header("authorization", "Bearer writer")
+            .json(&request)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(refused.status().as_u16(), 429, "{path}");
+        assert_eq!(
+            refused
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        assert_eq!(
+            refused.json::<serde_json::Value>().await.expect("json"),
+            expected
+        );
+    }
+    // Nothing of the refused creation was made.
+    let (status, _) = call(http().get(server.url("/git/r/branches/c"))).await;
+    assert_eq!(status, 404);
+
+    // Another client merges meanwhile.
+    let (status, _) = call_as(
+        "scoped",
+        http()
+            .post(server.url("/git/team/merge"))
+            .json(&json!({"into": "main", "from": "b"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // The held merge completes; its place is free again.
+    held.write_all(body.as_bytes()).await.expect("write body");
+    let answer = read_until(&mut held, "}").await;
+    assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    let (status, _) = call(
+        http()
+            .post(server.url("/git/r/branches"))
+            .json(&json!({"name": "c"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+}

@@ -358,15 +358,25 @@ async fn push_from(
     id: &str,
 ) -> Result<(TcpStream, String), String> {
     let body = serde_json::json!({"baseVersion": 0, "events": [
-        {"id": id, "type": "t", "data": {}, "timestamp": 1, "version": 1}]})
-    .to_string();
+        {"id": id, "type": "t", "data": {}, "timestamp": 1, "version": 1}]});
+    post_held(from, addr, "/git/r/branches/main/events", body).await
+}
+
+/// A POST of `body` to `path` from the local address `from`, as [`push_from`].
+async fn post_held(
+    from: &str,
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<(TcpStream, String), String> {
+    let body = body.to_string();
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
         .bind(format!("{from}:0").parse().expect("from"))
         .expect("bind");
     let mut tcp = socket.connect(addr).await.expect("connect");
     let head = format!(
-        "POST /git/r/branches/main/events HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
         body.len()
     );
@@ -388,6 +398,49 @@ async fn push_from(
         assert!(n > 0, "closed early: {text}");
         read.extend_from_slice(&buffer[..n]);
     }
+}
+
+/// `max_merges_per_client` through the composed server: without auth a client is its
+/// address; its second branch creation or merge in flight is refused, another address's
+/// goes on.
+#[tokio::test]
+async fn max_merges_per_client_counts_an_address_without_auth() {
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.max_merges_per_client = 1;
+        limits
+    }))
+    .await
+    .expect("server");
+    let addr = running.local_addr();
+    let created = reqwest::Client::new()
+        .put(format!("http://{addr}/git/r"))
+        .send()
+        .await
+        .expect("create");
+    assert!(created.status().is_success(), "{}", created.status());
+    let fork = |name: &str| serde_json::json!({"name": name});
+    let (held, _) = post_held("127.0.0.1", addr, "/git/r/branches", fork("a"))
+        .await
+        .expect("the first branch creation");
+    for (path, body) in [
+        ("/git/r/branches", fork("b")),
+        (
+            "/git/r/merge",
+            serde_json::json!({"into": "main", "from": "a"}),
+        ),
+    ] {
+        let refused = post_held("127.0.0.1", addr, path, body)
+            .await
+            .expect_err("the address's second one is refused");
+        assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+        assert!(refused.contains(r#""code":"too_many_merges""#), "{refused}");
+    }
+    let (other, _) = post_held("127.0.0.2", addr, "/git/r/branches", fork("c"))
+        .await
+        .expect("another address");
+    drop((held, other));
+    running.shutdown().await.expect("shutdown");
 }
 
 /// `max_pushes_per_client` through the composed server: without auth a client is its
