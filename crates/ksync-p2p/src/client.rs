@@ -222,6 +222,25 @@ impl P2PSyncClientBuilder {
         self
     }
 
+    /// Most bytes of gossip queued to peers that fell behind, all together. Default 256 MiB
+    /// ([`DEFAULT_MAX_GOSSIP_TOTAL_BYTES`](crate::DEFAULT_MAX_GOSSIP_TOTAL_BYTES)), at least
+    /// one byte. Each peer's queue is bounded (`max_gossip_queue_bytes`), but many peers that
+    /// stop reading could each fill theirs (~5 GiB with 64 peers at the default event
+    /// limit). Gossipsub tells which peers' queues overflowed (a message did not fit), not
+    /// what they hold, so such a peer is counted at its queue's worst case: its length in
+    /// messages (256 at the defaults) times the largest message this node published or
+    /// received since the peer connected; it stops counting 10 s after its last overflow, or
+    /// when it disconnects. Overflow: when those counts pass this bound, the counted peer
+    /// that dropped the most messages is disconnected (its queue is freed; a warning is
+    /// logged and `peer-disconnected` notified), until they fit. Publishes and forwards go on
+    /// as before (to a full queue, not at all); no local event is lost: it is stored, and
+    /// the disconnected peer's catch-up carries it once it connects again (with `manual`
+    /// discovery, when either side calls `connect_to_peer`).
+    pub fn max_gossip_total_bytes(mut self, max: usize) -> Self {
+        self.opts.max_gossip_total_bytes = max;
+        self
+    }
+
     /// Capacity of the command channel to the node task (broadcasts wait when it is full).
     /// Default 1024; at least 1 and at most [`tokio::sync::Semaphore::MAX_PERMITS`] (the
     /// largest tokio channel).
@@ -293,6 +312,11 @@ impl P2PSyncClientBuilder {
         if opts.max_gossip_queue_bytes == 0 {
             return Err(P2PError::Config(
                 "max_gossip_queue_bytes must be at least 1".into(),
+            ));
+        }
+        if opts.max_gossip_total_bytes == 0 {
+            return Err(P2PError::Config(
+                "max_gossip_total_bytes must be at least 1".into(),
             ));
         }
         // Below the largest event, such an event would be served only to a peer with no
@@ -422,6 +446,7 @@ impl P2PSyncClient {
                 max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
                 max_catch_up_answer_bytes: crate::config::DEFAULT_MAX_CATCH_UP_ANSWER_BYTES,
                 max_gossip_queue_bytes: crate::config::DEFAULT_MAX_GOSSIP_QUEUE_BYTES,
+                max_gossip_total_bytes: crate::config::DEFAULT_MAX_GOSSIP_TOTAL_BYTES,
                 command_capacity: DEFAULT_COMMAND_CAPACITY,
                 request_timeout: Duration::from_secs(30),
                 connect_timeout: Duration::from_secs(10),

@@ -155,6 +155,9 @@ pub(crate) struct Options {
     pub max_catch_up_answer_bytes: usize,
     /// Most bytes of gossip queued to one peer (see `node::gossip_queue_len`).
     pub max_gossip_queue_bytes: usize,
+    /// Most bytes of gossip queued to peers that fell behind, all together (see
+    /// `node::SlowPeers`).
+    pub max_gossip_total_bytes: usize,
     pub command_capacity: usize,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
@@ -202,6 +205,15 @@ pub const DEFAULT_MAX_CATCH_UP_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 /// limit) this does not bind. Overflow: as gossipsub's (see
 /// `P2PSyncClientBuilder::max_gossip_queue_bytes`).
 pub const DEFAULT_MAX_GOSSIP_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Default cap on the gossip queued to all peers together, in bytes: each peer's queue is
+/// bounded (`max_gossip_queue_bytes`, really 256 of the largest message: 80 MiB at the
+/// default event limit), but 64 peers that stop reading could make a node hold 64 of them
+/// (~5 GiB). A peer whose queue overflowed is counted at its queue's worst case (its length in
+/// messages times the largest message gossiped since it connected); past this bound the one
+/// that dropped the most messages is disconnected, which frees its queue (its events are
+/// stored here; catch-up carries them once it connects again). See
+/// `P2PSyncClientBuilder::max_gossip_total_bytes`.
+pub const DEFAULT_MAX_GOSSIP_TOTAL_BYTES: usize = 256 * 1024 * 1024;
 /// Default capacity of the command channel from the client handle to the node task.
 pub const DEFAULT_COMMAND_CAPACITY: usize = 1024;
 

@@ -318,6 +318,96 @@ pub(crate) fn gossip_queue_len(opts: &Options) -> usize {
     (opts.max_gossip_queue_bytes / largest).clamp(MIN_GOSSIP_QUEUE_LEN, GOSSIPSUB_QUEUE_LEN)
 }
 
+/// How long a peer whose gossip queue overflowed stays counted against
+/// `max_gossip_total_bytes` after its last overflow: gossipsub reports overflows at each
+/// heartbeat (1 s) while messages keep failing to fit, so a peer still behind is reported
+/// again well within it, and one that caught up stops counting.
+const SLOW_PEER_WINDOW: Duration = Duration::from_secs(10);
+
+/// What a queued message holds beyond its data (signature, key, topic, sequence number),
+/// about.
+const MESSAGE_OVERHEAD: usize = 256;
+
+/// One connected peer, for [`SlowPeers`].
+#[derive(Debug, Default)]
+struct PeerGossip {
+    /// The largest message (with `MESSAGE_OVERHEAD`) this node published or received since
+    /// the peer connected: the most one message of its queue holds.
+    largest: usize,
+    /// When gossipsub last reported that the peer's queue overflowed, and the messages it
+    /// dropped since the peer was first counted.
+    slow: Option<(tokio::time::Instant, u64)>,
+}
+
+/// The node-wide bound on gossip queued to peers that fell behind (`max_gossip_total_bytes`).
+/// Gossipsub bounds each peer's queue in messages and reports a peer whose queue overflowed
+/// (`Event::SlowPeer`), not what the queues hold, so such a peer is counted at its worst
+/// case, the queue's length times its `largest`. Overflow: the counted peers that dropped the
+/// most are disconnected until the rest fit (see `Node::on_slow_peer`). One entry per
+/// connected peer.
+#[derive(Debug, Default)]
+struct SlowPeers {
+    peers: HashMap<PeerId, PeerGossip>,
+}
+
+impl SlowPeers {
+    fn connected(&mut self, peer: PeerId) {
+        self.peers.entry(peer).or_default();
+    }
+
+    fn disconnected(&mut self, peer: &PeerId) {
+        self.peers.remove(peer);
+    }
+
+    /// A message of `bytes` went into gossip (published, or received and so forwarded or
+    /// served on IWANT): any peer's queue may hold it.
+    fn gossiped(&mut self, bytes: usize) {
+        let bytes = bytes.saturating_add(MESSAGE_OVERHEAD);
+        for peer in self.peers.values_mut() {
+            peer.largest = peer.largest.max(bytes);
+        }
+    }
+
+    /// Gossipsub reported that `dropped` messages did not fit `peer`'s queue.
+    fn overflowed(&mut self, peer: &PeerId, dropped: u64, now: tokio::time::Instant) {
+        if let Some(state) = self.peers.get_mut(peer) {
+            let before = state.slow.map_or(0, |(_, n)| n);
+            state.slow = Some((now, before.saturating_add(dropped)));
+        }
+    }
+
+    /// The counted peers to let go so that the rest fit `max`, those that dropped the most
+    /// first, each queue holding at most `queue_len` messages; they are no longer counted.
+    fn over(&mut self, queue_len: usize, max: usize, now: tokio::time::Instant) -> Vec<PeerId> {
+        let mut counted: Vec<(u64, PeerId, usize)> = Vec::new();
+        for (id, state) in &mut self.peers {
+            if let Some((at, dropped)) = state.slow {
+                if now.saturating_duration_since(at) > SLOW_PEER_WINDOW {
+                    state.slow = None;
+                } else {
+                    counted.push((dropped, *id, queue_len.saturating_mul(state.largest)));
+                }
+            }
+        }
+        let mut total = counted
+            .iter()
+            .fold(0usize, |sum, (_, _, bytes)| sum.saturating_add(*bytes));
+        counted.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut out = Vec::new();
+        for (_, id, bytes) in counted {
+            if total <= max {
+                break;
+            }
+            total = total.saturating_sub(bytes);
+            if let Some(state) = self.peers.get_mut(&id) {
+                state.slow = None;
+            }
+            out.push(id);
+        }
+        out
+    }
+}
+
 fn behaviour(
     key: &Keypair,
     opts: &Options,
@@ -348,6 +438,9 @@ fn behaviour(
         .idontwant_message_size_threshold(0)
         .max_transmit_size(max_batch_bytes(opts) + ENVELOPE_BYTES)
         .connection_handler_queue_len(gossip_queue_len(opts))
+        // go-libp2p's default: rust-libp2p's 5 s put off a new node's first mesh upkeep and
+        // its first report of a peer whose queue overflowed (see `SlowPeers`).
+        .heartbeat_initial_delay(Duration::from_millis(100))
         .build()?;
     let mut gossipsub =
         gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
@@ -631,6 +724,8 @@ pub(crate) struct Node {
     requests: HashMap<OutboundRequestId, (PeerId, Outstanding)>,
     /// Our catch-up answers in flight.
     answers: AnswersInFlight,
+    /// Peers whose gossip queue overflowed, against `max_gossip_total_bytes`.
+    slow_peers: SlowPeers,
     /// Keys being fetched, with when their fetch was sent (bounded by the sessions' pages).
     in_flight: HashMap<RevisionKey, tokio::time::Instant>,
     /// When the earliest session waiting on another's fetch stops waiting (see
@@ -786,6 +881,7 @@ impl Node {
             sessions: HashMap::new(),
             requests: HashMap::new(),
             answers: AnswersInFlight::default(),
+            slow_peers: SlowPeers::default(),
             in_flight: HashMap::new(),
             wait_deadline: None,
             dials: HashMap::new(),
@@ -1020,7 +1116,7 @@ impl Node {
     /// Publishes one encoded batch of `count` events; kept for later when no peer is
     /// subscribed to the topic yet (gossipsub would refuse it).
     fn publish_payload(&mut self, data: Vec<u8>, count: u64) {
-        let bytes = data.len() as u64;
+        let bytes = data.len();
         let hash = self.topic.hash();
         let subscribed = self
             .swarm
@@ -1040,10 +1136,11 @@ impl Node {
             .publish(self.topic.clone(), data)
         {
             Ok(_) => {
+                self.slow_peers.gossiped(bytes);
                 let c = &self.shared.counters;
                 c.published_messages.fetch_add(1, Ordering::Relaxed);
                 c.published_events.fetch_add(count, Ordering::Relaxed);
-                c.gossip_bytes.fetch_add(bytes, Ordering::Relaxed);
+                c.gossip_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
             }
             // Nobody to send to (every subscribed peer scores below the publish threshold),
             // or already sent: the events are stored and catch-up carries them.
@@ -1053,6 +1150,23 @@ impl Node {
                 tracing::warn!(error = %e, "publishing failed; catch-up will deliver");
                 self.report(SyncError::transport(P2PError::Publish(e.to_string())));
             }
+        }
+    }
+
+    /// Gossipsub reported that messages did not fit `peer`'s queue (at its heartbeat): the
+    /// peer is counted against `max_gossip_total_bytes` (see [`SlowPeers`]), and when the
+    /// counted peers pass it, those that dropped the most are disconnected, which frees their
+    /// queues (no local event is lost: it is stored, and catch-up carries it once the peer
+    /// connects again).
+    fn on_slow_peer(&mut self, peer: PeerId, failed: gossipsub::FailedMessages) {
+        let dropped = failed.priority.saturating_add(failed.non_priority) as u64;
+        debug_log!(self.opts.debug, target: LOG_TARGET, %peer, dropped, "gossip queue to a peer overflowed");
+        let now = tokio::time::Instant::now();
+        self.slow_peers.overflowed(&peer, dropped, now);
+        let max = self.opts.max_gossip_total_bytes;
+        for peer in self.slow_peers.over(gossip_queue_len(&self.opts), max, now) {
+            tracing::warn!(%peer, max, "disconnecting a peer that fell behind on gossip: the queues of peers behind would pass max_gossip_total_bytes; catch-up carries what it missed once it connects again");
+            let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
 
@@ -1266,6 +1380,7 @@ impl Node {
                     }
                 }
                 if num_established.get() == 1 {
+                    self.slow_peers.connected(peer_id);
                     tracing::debug!(peer = %peer_id, "peer connected");
                     self.notifier
                         .emit(Notification::PeerConnected(peer_id.to_string()));
@@ -1288,6 +1403,7 @@ impl Node {
                 self.dialed_addrs.remove(&connection_id);
                 self.connection_hosts.remove(&connection_id);
                 lock(&self.shared.peers).remove(&peer_id);
+                self.slow_peers.disconnected(&peer_id);
                 // What the round walked so far is kept (see `save_cursor`).
                 self.save_cursor(peer_id).await;
                 self.sessions.remove(&peer_id);
@@ -1344,6 +1460,10 @@ impl Node {
                     self.publish_unsent();
                 }
             }
+            BehaviourEvent::Gossipsub(gossipsub::Event::SlowPeer {
+                peer_id,
+                failed_messages,
+            }) => self.on_slow_peer(peer_id, failed_messages),
             BehaviourEvent::Gossipsub(_) => {}
             BehaviourEvent::Sync(event) => self.on_sync_event(event).await,
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
@@ -1472,6 +1592,7 @@ impl Node {
     ) {
         match wire::decode_payload(&message.data, self.opts.max_event_bytes) {
             Ok(events) => {
+                self.slow_peers.gossiped(message.data.len());
                 if self.held.len() >= MAX_HELD_FORWARDS
                     && let Some((_, id, source)) = self.held.pop_front()
                 {
@@ -2503,6 +2624,7 @@ mod tests {
             max_event_bytes: 64 * 1024,
             max_catch_up_answer_bytes: crate::DEFAULT_MAX_CATCH_UP_ANSWER_BYTES,
             max_gossip_queue_bytes: crate::DEFAULT_MAX_GOSSIP_QUEUE_BYTES,
+            max_gossip_total_bytes: crate::DEFAULT_MAX_GOSSIP_TOTAL_BYTES,
             command_capacity: 16,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
@@ -2522,6 +2644,40 @@ mod tests {
         assert_eq!(gossip_queue_len(&opts), 256, "at the smallest byte cap");
         opts.max_gossip_queue_bytes = usize::MAX;
         assert_eq!(gossip_queue_len(&opts), 5000, "gossipsub's own cap");
+    }
+
+    /// Peers whose queue overflowed count at queue length x the largest message since they
+    /// connected; past the bound, those that dropped the most go first, just enough of them;
+    /// a peer not reported for `SLOW_PEER_WINDOW` stops counting.
+    #[test]
+    fn slow_peers_over_the_bound_go_those_that_dropped_most_first() {
+        let now = tokio::time::Instant::now();
+        let [a, b, c, quiet] = [(); 4].map(|_| PeerId::random());
+        let mut slow = SlowPeers::default();
+        for peer in [a, b, c, quiet] {
+            slow.connected(peer);
+        }
+        slow.gossiped(1000 - MESSAGE_OVERHEAD);
+        slow.overflowed(&a, 5, now);
+        slow.overflowed(&b, 9, now);
+        slow.overflowed(&c, 1, now);
+        // 3 counted at 10 x 1000 bytes; 25,000 fits two.
+        assert_eq!(slow.over(10, 25_000, now), vec![b]);
+        assert_eq!(
+            slow.over(10, 25_000, now),
+            Vec::<PeerId>::new(),
+            "b no longer counts"
+        );
+        let later = now + SLOW_PEER_WINDOW + Duration::from_secs(1);
+        slow.overflowed(&c, 1, later);
+        assert_eq!(
+            slow.over(10, 5_000, later),
+            vec![c],
+            "a, not reported since, no longer counts"
+        );
+        slow.disconnected(&a);
+        slow.overflowed(&a, 100, later);
+        assert_eq!(slow.over(10, 0, later), Vec::<PeerId>::new(), "gone");
     }
 
     /// The node's swarm, listening on 127.0.0.1 (port 0), and its listen address.

@@ -97,3 +97,19 @@ fn a_catch_up_answer_budget_below_the_largest_event_is_refused_by_build() {
         .build()
         .expect("a budget of one largest event is allowed");
 }
+
+/// A node-wide gossip bound of 0 is refused by `build`, naming it (it would let go of every
+/// peer whose queue ever overflowed); 1 is allowed.
+#[test]
+fn a_gossip_total_of_zero_is_refused_by_build() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Err(P2PError::Config(reason)) = builder(dir.path(), "a").max_gossip_total_bytes(0).build()
+    else {
+        panic!("max_gossip_total_bytes 0 was not refused as a config error");
+    };
+    assert!(reason.contains("max_gossip_total_bytes"), "{reason}");
+    builder(dir.path(), "a")
+        .max_gossip_total_bytes(1)
+        .build()
+        .expect("1 is allowed");
+}
