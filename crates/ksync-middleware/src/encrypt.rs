@@ -230,7 +230,9 @@ impl FieldCipher {
                 },
             )
             .map_err(|_| Error::Decrypt)?;
-        serde_json::from_slice(&plaintext).map_err(Error::Json)
+        // Data older builds encrypted may nest 128 levels, past what serde_json reads; the
+        // transport's receive check bounds it once decrypted.
+        ksync_core::received_json::from_slice(&plaintext).map_err(Error::Json)
     }
 
     /// Whether `data` has the shape of the encrypted form (without checking it decrypts).
@@ -561,6 +563,21 @@ mod tests {
             Err(Error::Malformed(_))
         ));
         assert!(matches!(with(json!({"enc": 1})), Err(Error::Malformed(_))));
+    }
+
+    /// Data older builds encrypted as deep as they allowed (128 levels) decrypts: its JSON
+    /// nests past the 127 levels serde_json reads, so the event failed to decrypt.
+    #[test]
+    fn data_older_builds_encrypted_128_levels_deep_decrypts() {
+        let cipher = FieldCipher::from_key([7; 32]);
+        let deep = Event::new(
+            "deep",
+            "t",
+            ksync_testkit::edge_data::nested(ksync_core::MAX_RECEIVED_DATA_DEPTH),
+            1,
+        );
+        let sealed = cipher.encrypt_event(deep.clone()).expect("enc");
+        assert_eq!(cipher.decrypt_event(sealed).expect("dec"), deep);
     }
 
     #[test]
