@@ -337,6 +337,10 @@ struct PeerGossip {
     /// When gossipsub last reported that the peer's queue overflowed, and the messages it
     /// dropped since the peer was first counted.
     slow: Option<(tokio::time::Instant, u64)>,
+    /// Disconnected for the bound, its connection still closing: gossipsub goes on reporting
+    /// it (its heartbeat's IHAVEs do not fit either), and counted again it would make
+    /// another peer go.
+    leaving: bool,
 }
 
 /// The node-wide bound on gossip queued to peers that fell behind (`max_gossip_total_bytes`).
@@ -370,14 +374,17 @@ impl SlowPeers {
 
     /// Gossipsub reported that `dropped` messages did not fit `peer`'s queue.
     fn overflowed(&mut self, peer: &PeerId, dropped: u64, now: tokio::time::Instant) {
-        if let Some(state) = self.peers.get_mut(peer) {
+        if let Some(state) = self.peers.get_mut(peer)
+            && !state.leaving
+        {
             let before = state.slow.map_or(0, |(_, n)| n);
             state.slow = Some((now, before.saturating_add(dropped)));
         }
     }
 
     /// The counted peers to let go so that the rest fit `max`, those that dropped the most
-    /// first, each queue holding at most `queue_len` messages; they are no longer counted.
+    /// first, each queue holding at most `queue_len` messages; they are no longer counted
+    /// (until they disconnect: their queues go with their connections).
     fn over(&mut self, queue_len: usize, max: usize, now: tokio::time::Instant) -> Vec<PeerId> {
         let mut counted: Vec<(u64, PeerId, usize)> = Vec::new();
         for (id, state) in &mut self.peers {
@@ -401,6 +408,7 @@ impl SlowPeers {
             total = total.saturating_sub(bytes);
             if let Some(state) = self.peers.get_mut(&id) {
                 state.slow = None;
+                state.leaving = true;
             }
             out.push(id);
         }
@@ -2663,10 +2671,11 @@ mod tests {
         slow.overflowed(&c, 1, now);
         // 3 counted at 10 x 1000 bytes; 25,000 fits two.
         assert_eq!(slow.over(10, 25_000, now), vec![b]);
+        slow.overflowed(&b, 50, now);
         assert_eq!(
             slow.over(10, 25_000, now),
             Vec::<PeerId>::new(),
-            "b no longer counts"
+            "b, leaving, no longer counts, even reported again"
         );
         let later = now + SLOW_PEER_WINDOW + Duration::from_secs(1);
         slow.overflowed(&c, 1, later);
