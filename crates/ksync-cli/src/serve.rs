@@ -408,18 +408,13 @@ impl ServeArgs {
             ))
             .into());
         }
-        let mut auth = AuthConfig {
-            audience,
-            issuer,
-            leeway: self
-                .jwt_leeway_secs
-                .map_or(AuthConfig::default().leeway, Duration::from_secs),
-            rate_limit: RateLimit {
-                max_failures: self.auth_max_failures,
-                ..RateLimit::default()
-            },
-            ..AuthConfig::default()
-        };
+        let mut auth = AuthConfig::default();
+        auth.audience = audience;
+        auth.issuer = issuer;
+        if let Some(secs) = self.jwt_leeway_secs {
+            auth.leeway = Duration::from_secs(secs);
+        }
+        auth.rate_limit.max_failures = self.auth_max_failures;
         if let Some(secret) = self.jwt_secret {
             if given_on_command_line("--jwt-secret") {
                 tracing::warn!(
@@ -481,18 +476,18 @@ impl ServeArgs {
         limits.max_merges_per_client = self.max_merges_per_client;
         limits.max_rooms = self.max_rooms;
         limits.max_repos = self.max_repos;
-        Ok(ServerConfig {
-            bind: self.bind,
-            data_dir: self.data_dir,
-            in_memory: self.in_memory,
-            auth,
-            limits,
-            tls: match (self.tls_cert, self.tls_key) {
-                (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
-                // clap requires both or neither.
-                _ => None,
-            },
-        })
+        let mut config = ServerConfig::default();
+        config.bind = self.bind;
+        config.data_dir = self.data_dir;
+        config.in_memory = self.in_memory;
+        config.auth = auth;
+        config.limits = limits;
+        config.tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
+            // clap requires both or neither.
+            _ => None,
+        };
+        Ok(config)
     }
 }
 

@@ -106,7 +106,17 @@ fn valid_merge_id(id: &str) -> bool {
 const COPY_PAGE: usize = 10_000;
 
 /// Limits of the service.
+///
+/// `#[non_exhaustive]`: limits are added over time, so it is not built field by field outside
+/// this crate; start from the defaults and set what you change:
+///
+/// ```
+/// let mut config = ksync_git::server::GitServerConfig::default();
+/// config.max_branches_per_repo = 100;
+/// # let _ = config;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GitServerConfig {
     /// Largest request body accepted, after gzip decompression (413 beyond). Default 16 MiB.
     pub max_body_bytes: usize,

@@ -19,7 +19,12 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub use ksync_ws::protocol::MAX_MESSAGE_SIZE_RANGE;
 
 /// Everything `ksync serve` can be told.
+///
+/// `#[non_exhaustive]`, as [`Limits`], [`AuthConfig`] and [`RateLimit`]: start from
+/// `ServerConfig::default()` and set what you change (`config.in_memory = true;`,
+/// `config.limits.max_connections = 5_000;`).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// Address to listen on (`127.0.0.1:8080`; port 0 picks a free port).
     pub bind: SocketAddr,
@@ -60,8 +65,8 @@ impl Default for ServerConfig {
 
 /// Limits that protect the server from large or many clients.
 ///
-/// New limits are added over time, so it cannot be built field by field outside this crate:
-/// start from the defaults and set what you change.
+/// `#[non_exhaustive]`: limits are added over time, so it is not built field by field outside
+/// this crate; start from the defaults and set what you change.
 ///
 /// ```
 /// let mut limits = ksync_server::Limits::default();
@@ -564,6 +569,7 @@ fn api_key_scope(name: &str, text: &str) -> Result<Scope, ServerError> {
 
 /// Failed-authentication throttling per client.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RateLimit {
     /// Failures allowed within `window` before the client is refused (10). 0 means no
     /// limit: failures are not counted and nobody is refused for them.
@@ -589,6 +595,7 @@ impl Default for RateLimit {
 /// Who may connect. With no JWT key and no API key, auth is off and everyone gets full rights;
 /// with any, every request needs valid credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AuthConfig {
     /// Keys that verify JWTs.
     pub jwt_keys: Vec<JwtKey>,

@@ -7,7 +7,8 @@
 //! # async fn run() -> Result<(), ksync_server::ServerError> {
 //! use ksync_server::{Server, ServerConfig};
 //!
-//! let config = ServerConfig { in_memory: true, ..ServerConfig::default() };
+//! let mut config = ServerConfig::default();
+//! config.in_memory = true;
 //! let running = Server::bind(config).await?;
 //! println!("listening on {}", running.local_addr());
 //! running.run_until_signal().await?;

@@ -152,16 +152,15 @@ impl Server {
             Arc::clone(&provider),
             Arc::clone(&authenticator),
         )?;
+        let mut git_config = ksync_git::server::GitServerConfig::default();
+        git_config.body_memory_bytes = config.limits.git_body_memory_bytes;
+        git_config.max_branches_per_repo = config.limits.max_branches_per_repo;
+        git_config.max_pushes_per_client = config.limits.max_pushes_per_client;
+        git_config.max_merges_per_client = config.limits.max_merges_per_client;
         let git = GitServer::with_config(
             Arc::clone(&provider),
             Arc::clone(&authenticator),
-            ksync_git::server::GitServerConfig {
-                body_memory_bytes: config.limits.git_body_memory_bytes,
-                max_branches_per_repo: config.limits.max_branches_per_repo,
-                max_pushes_per_client: config.limits.max_pushes_per_client,
-                max_merges_per_client: config.limits.max_merges_per_client,
-                ..ksync_git::server::GitServerConfig::default()
-            },
+            git_config,
         );
         let state = Arc::new(AppState {
             started: Instant::now(),
@@ -323,17 +322,16 @@ fn open_storage(
 }
 
 fn relay_config(limits: &Limits) -> RelayConfig {
-    RelayConfig {
-        max_message_size: limits.max_message_bytes,
-        max_connections: limits.max_connections,
-        max_connections_per_client: limits.max_connections_per_client,
-        max_open_rooms: limits.max_open_rooms,
-        subscriber_queues_total_bytes: limits.subscriber_queues_total_bytes,
-        room_queue_bytes: limits.room_queue_bytes,
-        room_queues_total_bytes: limits.room_queues_total_bytes,
-        heartbeat: limits.heartbeat,
-        ..RelayConfig::default()
-    }
+    let mut relay = RelayConfig::default();
+    relay.max_message_size = limits.max_message_bytes;
+    relay.max_connections = limits.max_connections;
+    relay.max_connections_per_client = limits.max_connections_per_client;
+    relay.max_open_rooms = limits.max_open_rooms;
+    relay.subscriber_queues_total_bytes = limits.subscriber_queues_total_bytes;
+    relay.room_queue_bytes = limits.room_queue_bytes;
+    relay.room_queues_total_bytes = limits.room_queues_total_bytes;
+    relay.heartbeat = limits.heartbeat;
+    relay
 }
 
 /// A server that is listening. Dropping it leaves the server running until the runtime ends;

@@ -65,11 +65,12 @@ async fn server_on(dir: &std::path::Path, gate: Arc<SyncGate>) -> ksync_server::
     let mut options = FileStorageOptions::default();
     options.fault_hook = Some(gate);
     let provider = Arc::new(FileProvider::with_options(dir, options).unwrap());
-    let mut config = ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: false,
-        data_dir: dir.to_owned(),
-        ..ServerConfig::default()
+    let mut config = {
+        let mut server_config = ServerConfig::default();
+        server_config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        server_config.in_memory = false;
+        server_config.data_dir = dir.to_owned();
+        server_config
     };
     config.limits.shutdown_timeout = Duration::from_secs(1);
     Server::with_provider(config, provider, StorageLocation::Directory(dir.to_owned()))

@@ -29,10 +29,11 @@ async fn a_join_waits_for_the_append_in_progress_not_for_the_queue() {
     let provider = Arc::new(GatedProvider::one_disk(Arc::clone(&permits)));
     let mut started = provider.started();
     let server = start_with(
-        RelayConfig {
+        {
+            let mut relay_config = RelayConfig::default();
             // One publish a group: each queued publish is an append of its own.
-            max_batch_events: 1,
-            ..RelayConfig::default()
+            relay_config.max_batch_events = 1;
+            relay_config
         },
         Arc::clone(&provider) as Arc<dyn StorageProvider>,
         Arc::new(ksync_core::AllowAll),
@@ -147,9 +148,10 @@ async fn publishers_waiting_for_a_full_room_queue_hold_json_not_decoded_events()
     let provider = Arc::new(GatedProvider::one_disk(Arc::clone(&permits)));
     let mut started = provider.started();
     let server = start_with(
-        RelayConfig {
-            room_queue_bytes: 1 << 20,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.room_queue_bytes = 1 << 20;
+            relay_config
         },
         Arc::clone(&provider) as Arc<dyn StorageProvider>,
         Arc::new(ksync_core::AllowAll),
@@ -236,11 +238,12 @@ async fn a_room_stuck_on_its_disk_closes_no_live_client_for_missed_heartbeats() 
     let provider = Arc::new(GatedProvider::one_disk(Arc::clone(&permits)));
     let mut started = provider.started();
     let server = start_with(
-        RelayConfig {
-            heartbeat: Duration::from_millis(100),
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.heartbeat = Duration::from_millis(100);
             // Any publish takes it all: the second one queued holds its connection back.
-            room_queue_bytes: 1,
-            ..RelayConfig::default()
+            relay_config.room_queue_bytes = 1;
+            relay_config
         },
         Arc::clone(&provider) as Arc<dyn StorageProvider>,
         Arc::new(ksync_core::AllowAll),

@@ -27,26 +27,30 @@ const AUD: &str = "ksync-test";
 const ISS: &str = "https://issuer.test";
 
 fn auth_config(max_failures: u32) -> AuthConfig {
-    AuthConfig {
-        jwt_keys: vec![
+    {
+        let mut auth_config = AuthConfig::default();
+        auth_config.jwt_keys = vec![
             JwtKey::hs256(HS_SECRET).with_kid("hs-1"),
             JwtKey::rs256_pem(RSA_PUBLIC.to_vec()).with_kid("rs-1"),
-        ],
-        audience: vec![AUD.into()],
-        issuer: vec![ISS.into()],
-        leeway: Duration::from_secs(5),
-        api_keys: vec![
+        ];
+        auth_config.audience = vec![AUD.into()];
+        auth_config.issuer = vec![ISS.into()];
+        auth_config.leeway = Duration::from_secs(5);
+        auth_config.api_keys = vec![
             ApiKey::new("rw", KEY_RW),
             ApiKey::new("ro", KEY_RO).with_scope(Scope::READ),
             ApiKey::new("only-a", KEY_REPO_A)
                 .with_rooms(vec!["a".into()])
                 .with_repos(vec!["a".into()]),
-        ],
-        rate_limit: RateLimit {
-            max_failures,
-            window: Duration::from_secs(60),
-            max_clients: 1000,
-        },
+        ];
+        auth_config.rate_limit = {
+            let mut rate_limit = RateLimit::default();
+            rate_limit.max_failures = max_failures;
+            rate_limit.window = Duration::from_secs(60);
+            rate_limit.max_clients = 1000;
+            rate_limit
+        };
+        auth_config
     }
 }
 
@@ -67,10 +71,11 @@ fn auth_server_child() {
         .init();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let server = start_server(ServerConfig {
-            in_memory: true,
-            auth: auth_config(max_failures),
-            ..ServerConfig::default()
+        let server = start_server({
+            let mut server_config = ServerConfig::default();
+            server_config.in_memory = true;
+            server_config.auth = auth_config(max_failures);
+            server_config
         })
         .await;
         println!("addr {}", server.local_addr());

@@ -309,9 +309,10 @@ fn websocket_replicas_with_concurrent_edits_and_reconnects_converge() {
 }
 
 fn in_memory_server() -> ksync_server::ServerConfig {
-    ksync_server::ServerConfig {
-        in_memory: true,
-        ..ksync_server::ServerConfig::default()
+    {
+        let mut server_config = ksync_server::ServerConfig::default();
+        server_config.in_memory = true;
+        server_config
     }
 }
 

@@ -155,9 +155,10 @@ fn server_child() {
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let server = start_server(ksync_server::ServerConfig {
-            data_dir: PathBuf::from(dir),
-            ..ksync_server::ServerConfig::default()
+        let server = start_server({
+            let mut server_config = ksync_server::ServerConfig::default();
+            server_config.data_dir = PathBuf::from(dir);
+            server_config
         })
         .await;
         println!("addr {}", server.local_addr());

@@ -360,9 +360,10 @@ async fn relay_never_acks_what_a_failed_fsync_did_not_cover() {
         options.fault_hook = Some(faults.clone());
         let provider = Arc::new(FileProvider::with_options(dir.path(), options).expect("provider"));
         let server = ksync_server::Server::with_provider(
-            ksync_server::ServerConfig {
-                bind: "127.0.0.1:0".parse().expect("addr"),
-                ..ksync_server::ServerConfig::default()
+            {
+                let mut server_config = ksync_server::ServerConfig::default();
+                server_config.bind = "127.0.0.1:0".parse().expect("addr");
+                server_config
             },
             provider,
             ksync_server::StorageLocation::Directory(dir.path().to_path_buf()),

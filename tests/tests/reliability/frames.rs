@@ -337,10 +337,11 @@ fn cases() -> Vec<Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_frames_fail_the_connection_and_the_relay_stays_up() {
-    let (addr, relay) = start_relay(RelayConfig {
-        max_message_size: LIMIT,
-        handshake_timeout: Duration::from_secs(5),
-        ..RelayConfig::default()
+    let (addr, relay) = start_relay({
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_message_size = LIMIT;
+        relay_config.handshake_timeout = Duration::from_secs(5);
+        relay_config
     })
     .await;
     let url = format!("ws://{addr}/ws/frames");
@@ -435,9 +436,10 @@ async fn fragmented_and_interleaved_control_frames_are_accepted() {
 async fn slowloris_half_open_upgrades_are_closed_by_the_handshake_timeout() {
     let n = budget(200, 600) as usize;
     let timeout = Duration::from_secs(1);
-    let (addr, relay) = start_relay(RelayConfig {
-        handshake_timeout: timeout,
-        ..RelayConfig::default()
+    let (addr, relay) = start_relay({
+        let mut relay_config = RelayConfig::default();
+        relay_config.handshake_timeout = timeout;
+        relay_config
     })
     .await;
     let mut sockets = Vec::with_capacity(n);

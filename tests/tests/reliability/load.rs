@@ -117,9 +117,10 @@ async fn reconnect_storm_of_a_thousand_clients() {
 /// A relay with a small subscriber queue, so the slow-consumer policy is reached quickly, and
 /// the base of its room URLs (`ws://ADDR/ws/`).
 async fn small_queue_relay() -> (String, Relay) {
-    let (addr, relay) = start_relay(RelayConfig {
-        subscriber_queue: 64,
-        ..RelayConfig::default()
+    let (addr, relay) = start_relay({
+        let mut relay_config = RelayConfig::default();
+        relay_config.subscriber_queue = 64;
+        relay_config
     })
     .await;
     (format!("ws://{addr}/ws/"), relay)

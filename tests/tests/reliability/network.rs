@@ -66,9 +66,10 @@ async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_client_through_a_faulty_proxy_loses_and_duplicates_nothing() {
     let rounds = budget(6, 60);
-    let server = start_server(ksync_server::ServerConfig {
-        in_memory: true,
-        ..ksync_server::ServerConfig::default()
+    let server = start_server({
+        let mut server_config = ksync_server::ServerConfig::default();
+        server_config.in_memory = true;
+        server_config
     })
     .await;
     let proxy = FaultProxy::start(server.local_addr()).await.expect("proxy");
@@ -154,9 +155,10 @@ fn git_client(url: &str) -> GitSyncClient {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_client_through_a_faulty_proxy_loses_and_duplicates_nothing() {
     let rounds = budget(6, 60);
-    let server = start_server(ksync_server::ServerConfig {
-        in_memory: true,
-        ..ksync_server::ServerConfig::default()
+    let server = start_server({
+        let mut server_config = ksync_server::ServerConfig::default();
+        server_config.in_memory = true;
+        server_config
     })
     .await;
     let proxy = Arc::new(FaultProxy::start(server.local_addr()).await.expect("proxy"));

@@ -291,9 +291,10 @@ fn list_tree(dir: &std::path::Path) -> Vec<(String, u64)> {
 
 #[tokio::test]
 async fn oversized_bodies_are_413() {
-    let config = GitServerConfig {
-        max_body_bytes: 64 * 1024,
-        ..GitServerConfig::default()
+    let config = {
+        let mut git_config = GitServerConfig::default();
+        git_config.max_body_bytes = 64 * 1024;
+        git_config
     };
     let server = start_with(
         Arc::new(ksync_core::InMemoryProvider::new()),

@@ -227,9 +227,10 @@ const BODY_MEMORY: usize = 32 * 1024 * 1024;
 /// decodes large but fits is taken.
 #[tokio::test]
 async fn a_body_that_decodes_past_the_whole_budget_is_refused() {
-    let config = GitServerConfig {
-        body_memory_bytes: BODY_MEMORY,
-        ..GitServerConfig::default()
+    let config = {
+        let mut git_config = GitServerConfig::default();
+        git_config.body_memory_bytes = BODY_MEMORY;
+        git_config
     };
     let server = common::start_with(Arc::new(InMemoryProvider::new()), config, &["r"]).await;
     let http = common::http();
@@ -290,9 +291,10 @@ async fn a_body_counts_against_the_budget_while_it_arrives() {
     use tokio::io::AsyncWriteExt;
 
     const BUDGET: usize = 4 * 1024 * 1024;
-    let config = GitServerConfig {
-        body_memory_bytes: BUDGET,
-        ..GitServerConfig::default()
+    let config = {
+        let mut git_config = GitServerConfig::default();
+        git_config.body_memory_bytes = BUDGET;
+        git_config
     };
     let server = common::start_with(Arc::new(InMemoryProvider::new()), config, &["r"]).await;
     let http = common::http();
@@ -428,9 +430,10 @@ async fn a_body_that_does_not_fit_beside_others_gets_busy() {
         open,
         waiting: Arc::new(AtomicUsize::new(0)),
     });
-    let config = GitServerConfig {
-        body_memory_bytes: BODY_MEMORY,
-        ..GitServerConfig::default()
+    let config = {
+        let mut git_config = GitServerConfig::default();
+        git_config.body_memory_bytes = BODY_MEMORY;
+        git_config
     };
     let server = common::start_with(Arc::clone(&provider) as _, config, &["r", "slow"]).await;
     let http = common::http();
@@ -534,9 +537,10 @@ async fn colliding_branches(server: &common::Server, http: &reqwest::Client, n: 
 /// retry under its `mergeId`.
 #[tokio::test]
 async fn merge_answers_are_paged_by_collisions() {
-    let config = GitServerConfig {
-        max_page: 10,
-        ..GitServerConfig::default()
+    let config = {
+        let mut git_config = GitServerConfig::default();
+        git_config.max_page = 10;
+        git_config
     };
     let server = common::start_with(Arc::new(InMemoryProvider::new()), config, &["r"]).await;
     let http = common::http();
@@ -598,9 +602,10 @@ fn found_len(answer: &Value) -> usize {
 /// `conflict` notification each) and settled, once each, and every new event reaches `into`.
 #[tokio::test]
 async fn the_client_merges_across_answer_pages() {
-    let config = GitServerConfig {
-        max_page_bytes: 4096,
-        ..GitServerConfig::default()
+    let config = {
+        let mut git_config = GitServerConfig::default();
+        git_config.max_page_bytes = 4096;
+        git_config
     };
     let server = common::start_with(Arc::new(InMemoryProvider::new()), config, &["r"]).await;
     let http = common::http();

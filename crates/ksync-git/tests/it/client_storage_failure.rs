@@ -308,9 +308,10 @@ async fn paged_service(pulled: Pulled) -> (tokio::task::JoinHandle<()>, String) 
     use axum::extract::Request;
     use axum::middleware::Next;
 
-    let config = ksync_git::server::GitServerConfig {
-        max_page: 2,
-        ..Default::default()
+    let config = {
+        let mut git_config = ksync_git::server::GitServerConfig::default();
+        git_config.max_page = 2;
+        git_config
     };
     let service = ksync_git::server::GitServer::with_config(
         Arc::new(ksync_core::InMemoryProvider::new()),

@@ -70,9 +70,10 @@ async fn fork_and_merge_read_their_source_in_pages_bounded_by_bytes() {
         logs: InMemoryProvider::new(),
         largest_read: Arc::clone(&largest_read),
     });
-    let config = GitServerConfig {
-        max_page_bytes: PAGE_BYTES,
-        ..GitServerConfig::default()
+    let config = {
+        let mut git_config = GitServerConfig::default();
+        git_config.max_page_bytes = PAGE_BYTES;
+        git_config
     };
     let server = common::start_with(Arc::clone(&provider) as _, config, &["r"]).await;
     // 64 events of 1,000 zeros: about 32 KiB each decoded, 2 MiB in all.

@@ -1064,9 +1064,10 @@ async fn an_event_over_the_body_limit_is_rejected_and_does_not_hold_back_the_res
 
     let server = common::start_with(
         Arc::new(ksync_core::InMemoryProvider::new()),
-        ksync_git::server::GitServerConfig {
-            max_body_bytes: 64 * 1024,
-            ..ksync_git::server::GitServerConfig::default()
+        {
+            let mut git_config = ksync_git::server::GitServerConfig::default();
+            git_config.max_body_bytes = 64 * 1024;
+            git_config
         },
         &["r"],
     )

@@ -131,9 +131,10 @@ async fn pull_pages_stop_at_the_byte_budget_and_the_client_gets_everything_in_or
     let budget = 64 * 1024;
     let server = common::start_with(
         Arc::new(ksync_core::InMemoryProvider::new()),
-        GitServerConfig {
-            max_page_bytes: budget,
-            ..GitServerConfig::default()
+        {
+            let mut git_config = GitServerConfig::default();
+            git_config.max_page_bytes = budget;
+            git_config
         },
         &["r"],
     )
@@ -199,9 +200,10 @@ async fn the_service_keeps_a_bounded_number_of_branch_logs_open() {
     let repos = ["r1", "r2", "r3", "r4"];
     let server = common::start_with(
         provider.clone(),
-        GitServerConfig {
-            max_open_branches: 2,
-            ..GitServerConfig::default()
+        {
+            let mut git_config = GitServerConfig::default();
+            git_config.max_open_branches = 2;
+            git_config
         },
         &repos,
     )
@@ -250,9 +252,10 @@ async fn branch_creation_stops_at_max_branches_per_repo() {
 
     let server = common::start_with(
         Arc::new(ksync_core::InMemoryProvider::new()),
-        GitServerConfig {
-            max_branches_per_repo: 3,
-            ..GitServerConfig::default()
+        {
+            let mut git_config = GitServerConfig::default();
+            git_config.max_branches_per_repo = 3;
+            git_config
         },
         &["r", "s"],
     )

@@ -37,9 +37,10 @@ async fn read_until(tcp: &mut tokio::net::TcpStream, needle: &str) -> String {
 async fn a_client_past_its_pushes_in_flight_gets_429_while_another_pushes() {
     let server = start_with(
         Arc::new(InMemoryProvider::new()),
-        GitServerConfig {
-            max_pushes_per_client: 1,
-            ..GitServerConfig::default()
+        {
+            let mut git_config = GitServerConfig::default();
+            git_config.max_pushes_per_client = 1;
+            git_config
         },
         &["r", "team"],
     )
@@ -150,9 +151,10 @@ async fn call_as(token: &str, req: reqwest::RequestBuilder) -> (u16, serde_json:
 /// hold every repository request place of `ksync serve`.
 #[tokio::test]
 async fn a_client_past_its_merges_in_flight_gets_429_while_another_merges() {
-    let config = GitServerConfig {
-        max_merges_per_client: 1,
-        ..GitServerConfig::default()
+    let config = {
+        let mut git_config = GitServerConfig::default();
+        git_config.max_merges_per_client = 1;
+        git_config
     };
     let server = start_with(Arc::new(InMemoryProvider::new()), config, &["r", "team"]).await;
     for repo in ["r", "team"] {

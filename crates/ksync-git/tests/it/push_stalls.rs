@@ -35,9 +35,10 @@ fn doubling_strings_and_recording_errors(c: &GitSyncClient) -> ErrorRecorder {
 async fn service_with_32_mib_of_body_memory() -> common::Server {
     start_with(
         Arc::new(InMemoryProvider::new()),
-        GitServerConfig {
-            body_memory_bytes: 32 << 20,
-            ..GitServerConfig::default()
+        {
+            let mut git_config = GitServerConfig::default();
+            git_config.body_memory_bytes = 32 << 20;
+            git_config
         },
         &["r"],
     )

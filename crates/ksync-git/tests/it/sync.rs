@@ -206,9 +206,10 @@ async fn push_reports_server_version_and_pull_pages() {
 
 /// An in-memory service with repository `r` whose pages hold at most `max_page` events.
 async fn start_with_max_page(max_page: usize) -> common::Server {
-    let config = ksync_git::server::GitServerConfig {
-        max_page,
-        ..Default::default()
+    let config = {
+        let mut git_config = ksync_git::server::GitServerConfig::default();
+        git_config.max_page = max_page;
+        git_config
     };
     let provider = Arc::new(ksync_core::InMemoryProvider::new());
     common::start_with(provider, config, &["r"]).await

@@ -16,11 +16,12 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// An in-memory server on 127.0.0.1:0 with `auth`.
 pub fn config(auth: AuthConfig) -> ServerConfig {
-    ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
-        auth,
-        ..ServerConfig::default()
+    {
+        let mut server_config = ServerConfig::default();
+        server_config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        server_config.in_memory = true;
+        server_config.auth = auth;
+        server_config
     }
 }
 

@@ -83,19 +83,20 @@ fn api_key(key: &str) -> Credentials {
 }
 
 fn config() -> AuthConfig {
-    AuthConfig {
-        jwt_keys: vec![
+    {
+        let mut auth_config = AuthConfig::default();
+        auth_config.jwt_keys = vec![
             JwtKey::hs256(SECRET),
             JwtKey::rs256_pem(RSA_PUBLIC),
             JwtKey::eddsa_pem(ED_PUBLIC),
-        ],
-        api_keys: vec![
+        ];
+        auth_config.api_keys = vec![
             ApiKey::new("ci-bot", "k-full-0001"),
             ApiKey::new("dashboard", "k-read-0002")
                 .with_scope(Scope::READ)
                 .with_rooms(vec!["lobby".into()]),
-        ],
-        ..AuthConfig::default()
+        ];
+        auth_config
     }
 }
 
@@ -199,10 +200,11 @@ fn an_exp_with_a_fraction_of_a_second_is_a_numeric_date() {
 
 #[test]
 fn audience_and_issuer_are_checked_when_configured() {
-    let a = ServerAuthenticator::new(&AuthConfig {
-        audience: vec!["ksync".into()],
-        issuer: vec!["https://issuer.example".into()],
-        ..config()
+    let a = ServerAuthenticator::new(&{
+        let mut auth_config = config();
+        auth_config.audience = vec!["ksync".into()];
+        auth_config.issuer = vec!["https://issuer.example".into()];
+        auth_config
     })
     .unwrap();
     let good = claims(json!({"aud": "ksync", "iss": "https://issuer.example"}));
@@ -250,9 +252,10 @@ fn hs_rs_confusion_is_refused() {
     .unwrap();
     assert_invalid(auth().authenticate(&bearer(&forged)), "HS/RS confusion");
     // And a server with only an RSA key accepts no HS256 at all.
-    let rs_only = ServerAuthenticator::new(&AuthConfig {
-        jwt_keys: vec![JwtKey::rs256_pem(RSA_PUBLIC)],
-        ..AuthConfig::default()
+    let rs_only = ServerAuthenticator::new(&{
+        let mut auth_config = AuthConfig::default();
+        auth_config.jwt_keys = vec![JwtKey::rs256_pem(RSA_PUBLIC)];
+        auth_config
     })
     .unwrap();
     assert_invalid(
@@ -279,9 +282,10 @@ fn tampered_payload_is_refused() {
 
 #[test]
 fn kids_select_keys_and_unknown_kids_are_refused() {
-    let a = ServerAuthenticator::new(&AuthConfig {
-        jwt_keys: vec![JwtKey::rs256_pem(RSA_PUBLIC).with_kid("2026-key")],
-        ..AuthConfig::default()
+    let a = ServerAuthenticator::new(&{
+        let mut auth_config = AuthConfig::default();
+        auth_config.jwt_keys = vec![JwtKey::rs256_pem(RSA_PUBLIC).with_kid("2026-key")];
+        auth_config
     })
     .unwrap();
     let c = claims(json!({}));
@@ -353,13 +357,16 @@ fn api_keys_carry_their_configured_rights() {
 
 #[test]
 fn repeated_failures_are_rate_limited_per_client() {
-    let a = ServerAuthenticator::new(&AuthConfig {
-        rate_limit: RateLimit {
-            max_failures: 3,
-            window: Duration::from_secs(600),
-            max_clients: 100,
-        },
-        ..config()
+    let a = ServerAuthenticator::new(&{
+        let mut auth_config = config();
+        auth_config.rate_limit = {
+            let mut rate_limit = RateLimit::default();
+            rate_limit.max_failures = 3;
+            rate_limit.window = Duration::from_secs(600);
+            rate_limit.max_clients = 100;
+            rate_limit
+        };
+        auth_config
     })
     .unwrap();
     let attacker: IpAddr = "192.0.2.7".parse().unwrap();
@@ -399,34 +406,38 @@ fn repeated_failures_are_rate_limited_per_client() {
 
 #[test]
 fn configuration_errors_are_typed_and_do_not_leak_secrets() {
-    let short = ServerAuthenticator::new(&AuthConfig {
-        jwt_keys: vec![JwtKey::hs256("short-secret-xyz")],
-        ..AuthConfig::default()
+    let short = ServerAuthenticator::new(&{
+        let mut auth_config = AuthConfig::default();
+        auth_config.jwt_keys = vec![JwtKey::hs256("short-secret-xyz")];
+        auth_config
     })
     .unwrap_err();
     assert!(matches!(short, ServerError::InvalidKey { .. }));
     assert!(!short.to_string().contains("short-secret-xyz"));
 
-    let bad_pem = ServerAuthenticator::new(&AuthConfig {
-        jwt_keys: vec![JwtKey::rs256_pem(b"not a pem".to_vec())],
-        ..AuthConfig::default()
+    let bad_pem = ServerAuthenticator::new(&{
+        let mut auth_config = AuthConfig::default();
+        auth_config.jwt_keys = vec![JwtKey::rs256_pem(b"not a pem".to_vec())];
+        auth_config
     })
     .unwrap_err();
     assert!(matches!(bad_pem, ServerError::InvalidKey { .. }));
 
-    let dup = ServerAuthenticator::new(&AuthConfig {
-        api_keys: vec![ApiKey::new("a", "k1"), ApiKey::new("a", "k2")],
-        ..AuthConfig::default()
+    let dup = ServerAuthenticator::new(&{
+        let mut auth_config = AuthConfig::default();
+        auth_config.api_keys = vec![ApiKey::new("a", "k1"), ApiKey::new("a", "k2")];
+        auth_config
     })
     .unwrap_err();
     assert!(matches!(dup, ServerError::Config(_)));
     // One value under two names: which name (and scope) it got depended on their order.
-    let same = ServerAuthenticator::new(&AuthConfig {
-        api_keys: vec![
+    let same = ServerAuthenticator::new(&{
+        let mut auth_config = AuthConfig::default();
+        auth_config.api_keys = vec![
             ApiKey::parse_spec("dashboard:read=s3cr3t-value").unwrap(),
             ApiKey::parse_spec("admin=s3cr3t-value").unwrap(),
-        ],
-        ..AuthConfig::default()
+        ];
+        auth_config
     })
     .unwrap_err();
     let message = same.to_string();
@@ -480,9 +491,10 @@ fn no_configured_credentials_means_allow_all() {
 fn a_leeway_beyond_a_day_is_a_configuration_error() {
     // jsonwebtoken computes `now - leeway` and `now + leeway` in u64: a leeway past the epoch
     // panicked on every JWT (overflow) in debug builds and accepted any `exp` in release.
-    let absurd = AuthConfig {
-        leeway: Duration::from_secs(10_000_000_000),
-        ..config()
+    let absurd = {
+        let mut auth_config = config();
+        auth_config.leeway = Duration::from_secs(10_000_000_000);
+        auth_config
     };
     match ServerAuthenticator::new(&absurd) {
         Err(ServerError::Config(message)) => assert!(message.contains("leeway"), "{message}"),
@@ -494,9 +506,10 @@ fn a_leeway_beyond_a_day_is_a_configuration_error() {
         }
     }
     // A day is still accepted, and an expired token still refused with it.
-    let day = ServerAuthenticator::new(&AuthConfig {
-        leeway: ksync_server::MAX_JWT_LEEWAY,
-        ..config()
+    let day = ServerAuthenticator::new(&{
+        let mut auth_config = config();
+        auth_config.leeway = ksync_server::MAX_JWT_LEEWAY;
+        auth_config
     })
     .unwrap();
     assert!(
@@ -518,9 +531,10 @@ fn a_private_key_given_as_a_public_key_is_refused_at_start() {
         JwtKey::rs256_pem(RSA_PRIVATE),
         JwtKey::eddsa_pem(ED_PRIVATE),
     ] {
-        let result = ServerAuthenticator::new(&AuthConfig {
-            jwt_keys: vec![key.clone()],
-            ..AuthConfig::default()
+        let result = ServerAuthenticator::new(&{
+            let mut auth_config = AuthConfig::default();
+            auth_config.jwt_keys = vec![key.clone()];
+            auth_config
         });
         match result {
             Err(error @ ServerError::InvalidKey { .. }) => {

@@ -21,16 +21,18 @@ const SECRET: &str = "lifetime-test-secret-0123456789abcdef";
 const KEY: &str = "k-lifetime-0001";
 
 fn auth(max_failures: u32) -> AuthConfig {
-    AuthConfig {
-        jwt_keys: vec![JwtKey::hs256(SECRET)],
-        api_keys: vec![ApiKey::new("bot", KEY)],
+    {
+        let mut auth_config = AuthConfig::default();
+        auth_config.jwt_keys = vec![JwtKey::hs256(SECRET)];
+        auth_config.api_keys = vec![ApiKey::new("bot", KEY)];
         // Expiry to the second, so that the test does not wait out the default 5 s.
-        leeway: Duration::ZERO,
-        rate_limit: RateLimit {
-            max_failures,
-            ..RateLimit::default()
-        },
-        ..AuthConfig::default()
+        auth_config.leeway = Duration::ZERO;
+        auth_config.rate_limit = {
+            let mut rate_limit = RateLimit::default();
+            rate_limit.max_failures = max_failures;
+            rate_limit
+        };
+        auth_config
     }
 }
 

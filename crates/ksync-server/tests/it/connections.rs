@@ -13,9 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn with_limits(limits: Limits) -> ServerConfig {
-    ServerConfig {
-        limits,
-        ..config(AuthConfig::default())
+    {
+        let mut server_config = config(AuthConfig::default());
+        server_config.limits = limits;
+        server_config
     }
 }
 
@@ -285,16 +286,18 @@ async fn max_connections_per_client_counts_a_jwt_subject() {
         )
         .expect("token")
     };
-    let running = Server::bind(ServerConfig {
-        limits: {
+    let running = Server::bind({
+        let mut server_config = config({
+            let mut auth_config = AuthConfig::default();
+            auth_config.jwt_keys = vec![ksync_server::JwtKey::hs256(SECRET)];
+            auth_config
+        });
+        server_config.limits = {
             let mut limits = Limits::default();
             limits.max_connections_per_client = 2;
             limits
-        },
-        ..config(AuthConfig {
-            jwt_keys: vec![ksync_server::JwtKey::hs256(SECRET)],
-            ..AuthConfig::default()
-        })
+        };
+        server_config
     })
     .await
     .expect("server");

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use ksync_server::{ApiKey, AuthConfig, MONITOR_PATH, Server, ServerConfig};
+use ksync_server::{ApiKey, AuthConfig, MONITOR_PATH, Server};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -21,12 +21,13 @@ const DASH_KEY: &str = "dashKey7f3a9c2e";
 const ROOM_A_KEY: &str = "roomAKey1b2c3d4";
 
 fn keys() -> AuthConfig {
-    AuthConfig {
-        api_keys: vec![
+    {
+        let mut auth_config = AuthConfig::default();
+        auth_config.api_keys = vec![
             ApiKey::new("dashboard", DASH_KEY),
             ApiKey::new("room-a", ROOM_A_KEY).with_rooms(vec!["a".into()]),
-        ],
-        ..AuthConfig::default()
+        ];
+        auth_config
     }
 }
 
@@ -422,10 +423,11 @@ async fn the_monitor_counts_file_logs_without_opening_them() {
         old.append(events).await.unwrap();
         provider.flush_all().await.unwrap();
     }
-    let config = ServerConfig {
-        in_memory: false,
-        data_dir: dir.path().to_path_buf(),
-        ..config(AuthConfig::default())
+    let config = {
+        let mut server_config = config(AuthConfig::default());
+        server_config.in_memory = false;
+        server_config.data_dir = dir.path().to_path_buf();
+        server_config
     };
     let running = Server::bind(config).await.unwrap();
     let addr = running.local_addr();
@@ -475,10 +477,11 @@ async fn a_monitor_whose_token_the_wall_clock_expired_closes_by_the_next_stats_t
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
     let _clock = hold_clock();
-    let auth = AuthConfig {
-        jwt_keys: vec![JwtKey::hs256(SECRET)],
-        leeway: Duration::ZERO,
-        ..AuthConfig::default()
+    let auth = {
+        let mut auth_config = AuthConfig::default();
+        auth_config.jwt_keys = vec![JwtKey::hs256(SECRET)];
+        auth_config.leeway = Duration::ZERO;
+        auth_config
     };
     let running = Server::bind(config(auth)).await.unwrap();
     let addr = running.local_addr();

@@ -10,7 +10,7 @@ use common::*;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use ksync_server::{ApiKey, AuthConfig, RateLimit, Scope, Server, ServerConfig};
+use ksync_server::{ApiKey, AuthConfig, RateLimit, Scope, Server};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -20,16 +20,18 @@ const FULL_KEY: &str = "full-key-7f3a9c";
 const READ_KEY: &str = "read-key-1b2c3d";
 
 fn keys(max_failures: u32) -> AuthConfig {
-    AuthConfig {
-        api_keys: vec![
+    {
+        let mut auth_config = AuthConfig::default();
+        auth_config.api_keys = vec![
             ApiKey::new("writer", FULL_KEY),
             ApiKey::new("reader", READ_KEY).with_scope(Scope::READ),
-        ],
-        rate_limit: RateLimit {
-            max_failures,
-            ..RateLimit::default()
-        },
-        ..AuthConfig::default()
+        ];
+        auth_config.rate_limit = {
+            let mut rate_limit = RateLimit::default();
+            rate_limit.max_failures = max_failures;
+            rate_limit
+        };
+        auth_config
     }
 }
 
@@ -250,10 +252,11 @@ async fn repeated_websocket_failures_are_rate_limited() {
 #[tokio::test]
 async fn shutdown_closes_websockets_with_going_away_and_keeps_data() {
     let dir = tempfile::tempdir().unwrap();
-    let on_disk = ServerConfig {
-        in_memory: false,
-        data_dir: dir.path().to_owned(),
-        ..config(AuthConfig::default())
+    let on_disk = {
+        let mut server_config = config(AuthConfig::default());
+        server_config.in_memory = false;
+        server_config.data_dir = dir.path().to_owned();
+        server_config
     };
     let running = Server::bind(on_disk.clone()).await.unwrap();
     let addr = running.local_addr();
@@ -397,10 +400,11 @@ async fn connect_bearer(url: &str, token: &str) -> Result<Ws, WsError> {
 async fn websocket_jwt_matrix() {
     use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
     const SECRET: &str = "relay-test-secret-0123456789abcdef0123";
-    let running = Server::bind(config(AuthConfig {
-        jwt_keys: vec![ksync_server::JwtKey::hs256(SECRET)],
-        audience: vec!["ksync".into()],
-        ..AuthConfig::default()
+    let running = Server::bind(config({
+        let mut auth_config = AuthConfig::default();
+        auth_config.jwt_keys = vec![ksync_server::JwtKey::hs256(SECRET)];
+        auth_config.audience = vec!["ksync".into()];
+        auth_config
     }))
     .await
     .unwrap();
@@ -476,14 +480,15 @@ async fn websocket_jwt_matrix() {
 /// every room would wait.
 #[test]
 fn room_queue_budgets_reach_the_relay_and_an_inconsistent_pair_is_refused() {
-    let with = |room_queue_bytes, room_queues_total_bytes| ServerConfig {
-        limits: {
+    let with = |room_queue_bytes, room_queues_total_bytes| {
+        let mut server_config = config(AuthConfig::default());
+        server_config.limits = {
             let mut limits = ksync_server::Limits::default();
             limits.room_queue_bytes = room_queue_bytes;
             limits.room_queues_total_bytes = room_queues_total_bytes;
             limits
-        },
-        ..config(AuthConfig::default())
+        };
+        server_config
     };
     match Server::new(with(2 << 20, (2 << 20) - 1)).err() {
         Some(ksync_server::ServerError::Config(message)) => assert!(

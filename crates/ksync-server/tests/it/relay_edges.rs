@@ -21,18 +21,20 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A loopback server on a free port with in-memory logs.
 fn in_memory() -> ServerConfig {
-    ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
-        ..ServerConfig::default()
+    {
+        let mut server_config = ServerConfig::default();
+        server_config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        server_config.in_memory = true;
+        server_config
     }
 }
 
 fn on_disk(dir: &std::path::Path) -> ServerConfig {
-    ServerConfig {
-        in_memory: false,
-        data_dir: dir.to_owned(),
-        ..in_memory()
+    {
+        let mut server_config = in_memory();
+        server_config.in_memory = false;
+        server_config.data_dir = dir.to_owned();
+        server_config
     }
 }
 
@@ -201,13 +203,14 @@ fn refusal(error: tokio_tungstenite::tungstenite::Error) -> (u16, Value) {
 /// refused while the connections under it keep working.
 #[tokio::test]
 async fn refusals_have_the_documented_status_and_json_body() {
-    let running = Server::bind(ServerConfig {
-        limits: {
+    let running = Server::bind({
+        let mut server_config = in_memory();
+        server_config.limits = {
             let mut limits = ksync_server::Limits::default();
             limits.max_connections = 2;
             limits
-        },
-        ..in_memory()
+        };
+        server_config
     })
     .await
     .unwrap();
@@ -265,13 +268,14 @@ async fn refusals_have_the_documented_status_and_json_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rooms_past_max_open_rooms_are_refused_until_one_closes() {
     let dir = tempfile::tempdir().unwrap();
-    let running = Server::bind(ServerConfig {
-        limits: {
+    let running = Server::bind({
+        let mut server_config = on_disk(dir.path());
+        server_config.limits = {
             let mut limits = ksync_server::Limits::default();
             limits.max_open_rooms = 3;
             limits
-        },
-        ..on_disk(dir.path())
+        };
+        server_config
     })
     .await
     .unwrap();
@@ -430,16 +434,19 @@ async fn a_monitor_close_is_answered_with_a_close_frame() {
 /// `{"error": {"code": "rate_limited", ...}}` for `/git`.
 #[tokio::test]
 async fn rate_limited_refusals_have_the_documented_json_bodies() {
-    let running = Server::bind(ServerConfig {
-        auth: ksync_server::AuthConfig {
-            api_keys: vec![ksync_server::ApiKey::new("app", "right-key-0123")],
-            rate_limit: ksync_server::RateLimit {
-                max_failures: 1,
-                ..ksync_server::RateLimit::default()
-            },
-            ..ksync_server::AuthConfig::default()
-        },
-        ..in_memory()
+    let running = Server::bind({
+        let mut server_config = in_memory();
+        server_config.auth = {
+            let mut auth_config = ksync_server::AuthConfig::default();
+            auth_config.api_keys = vec![ksync_server::ApiKey::new("app", "right-key-0123")];
+            auth_config.rate_limit = {
+                let mut rate_limit = ksync_server::RateLimit::default();
+                rate_limit.max_failures = 1;
+                rate_limit
+            };
+            auth_config
+        };
+        server_config
     })
     .await
     .unwrap();

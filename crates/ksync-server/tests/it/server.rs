@@ -8,10 +8,11 @@ use ksync_server::{Server, ServerConfig};
 use serde_json::Value;
 
 fn loopback_config() -> ServerConfig {
-    ServerConfig {
-        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-        in_memory: true,
-        ..ServerConfig::default()
+    {
+        let mut server_config = ServerConfig::default();
+        server_config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        server_config.in_memory = true;
+        server_config
     }
 }
 
@@ -85,9 +86,10 @@ async fn bad_auth_configuration_fails_to_start() {
 #[tokio::test]
 async fn a_taken_port_is_a_bind_error() {
     let first = Server::bind(loopback_config()).await.unwrap();
-    let config = ServerConfig {
-        bind: first.local_addr(),
-        ..loopback_config()
+    let config = {
+        let mut server_config = loopback_config();
+        server_config.bind = first.local_addr();
+        server_config
     };
     let error = Server::bind(config).await.unwrap_err();
     assert!(matches!(error, ksync_server::ServerError::Bind { .. }));
@@ -266,10 +268,11 @@ async fn a_body_trickled_below_the_minimum_rate_gets_408_and_one_above_it_finish
 async fn a_bad_configuration_does_not_create_the_data_directory() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let mut bad_key = ServerConfig {
-        in_memory: false,
-        data_dir: data_dir.clone(),
-        ..loopback_config()
+    let mut bad_key = {
+        let mut server_config = loopback_config();
+        server_config.in_memory = false;
+        server_config.data_dir = data_dir.clone();
+        server_config
     };
     bad_key
         .auth
@@ -289,10 +292,11 @@ async fn a_bad_configuration_does_not_create_the_data_directory() {
         );
     }
     // The directory is free: a good configuration takes it.
-    let good = ServerConfig {
-        in_memory: false,
-        data_dir: data_dir.clone(),
-        ..loopback_config()
+    let good = {
+        let mut server_config = loopback_config();
+        server_config.in_memory = false;
+        server_config.data_dir = data_dir.clone();
+        server_config
     };
     let running = Server::bind(good).await.unwrap();
     assert!(data_dir.is_dir());
@@ -306,10 +310,11 @@ async fn a_data_directory_the_server_cannot_write_in_is_refused_when_made() {
     let dir = tempfile::tempdir().unwrap();
     let rooms = dir.path().join("rooms");
     std::fs::write(&rooms, "not a directory").unwrap();
-    let config = ServerConfig {
-        in_memory: false,
-        data_dir: dir.path().to_owned(),
-        ..loopback_config()
+    let config = {
+        let mut server_config = loopback_config();
+        server_config.in_memory = false;
+        server_config.data_dir = dir.path().to_owned();
+        server_config
     };
     match Server::new(config.clone()) {
         Err(ksync_server::ServerError::Storage(ksync_core::StorageError::Io {

@@ -49,12 +49,13 @@ fn test_cert() -> TestCert {
 }
 
 fn tls_config(cert: &TestCert) -> ServerConfig {
-    ServerConfig {
-        tls: Some(TlsConfig {
+    {
+        let mut server_config = common::config(AuthConfig::default());
+        server_config.tls = Some(TlsConfig {
             cert: cert.cert.clone(),
             key: cert.key.clone(),
-        }),
-        ..common::config(AuthConfig::default())
+        });
+        server_config
     }
 }
 
@@ -271,12 +272,13 @@ async fn unusable_certificate_files_are_typed_errors_that_never_quote_the_key() 
         (cert.cert.clone(), other.key.clone(), "key.pem"),
     ];
     for (cert_path, key_path, named) in cases {
-        let config = ServerConfig {
-            tls: Some(TlsConfig {
+        let config = {
+            let mut server_config = common::config(AuthConfig::default());
+            server_config.tls = Some(TlsConfig {
                 cert: cert_path.clone(),
                 key: key_path.clone(),
-            }),
-            ..common::config(AuthConfig::default())
+            });
+            server_config
         };
         let error = Server::new(config).unwrap_err();
         assert!(
@@ -339,12 +341,13 @@ async fn a_renewed_certificate_is_served_after_a_reload() {
         std::fs::copy(&cert.key, &key_path).unwrap();
     };
     install(&first);
-    let running = Server::bind(ServerConfig {
-        tls: Some(TlsConfig {
+    let running = Server::bind({
+        let mut server_config = common::config(AuthConfig::default());
+        server_config.tls = Some(TlsConfig {
             cert: cert_path.clone(),
             key: key_path.clone(),
-        }),
-        ..common::config(AuthConfig::default())
+        });
+        server_config
     })
     .await
     .unwrap();

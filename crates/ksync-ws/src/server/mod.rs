@@ -48,7 +48,17 @@ pub const AUTH_PROTOCOL_PREFIX: &str = "ksync.auth.";
 pub const APIKEY_PROTOCOL_PREFIX: &str = "ksync.apikey.";
 
 /// Limits and tuning of a [`Relay`]. Every field has a documented default.
+///
+/// `#[non_exhaustive]`: fields are added over time, so it is not built field by field outside
+/// this crate; start from the defaults and set what you change:
+///
+/// ```
+/// let mut config = ksync_ws::server::RelayConfig::default();
+/// config.max_connections = 500;
+/// # let _ = config;
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// The room of `/ws` and of `ws://host:port` without a path. Default `"default"`.
     pub default_room: String,

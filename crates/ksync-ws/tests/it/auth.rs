@@ -208,9 +208,10 @@ async fn client_with_bad_credentials_fails_fast_and_does_not_retry() {
 /// once its refusal is over.
 #[tokio::test]
 async fn in_band_refusals_are_bounded() {
-    let config = RelayConfig {
-        max_in_band_refusals: 2,
-        ..RelayConfig::default()
+    let config = {
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_in_band_refusals = 2;
+        relay_config
     };
     let server = start_with(
         config,

@@ -167,9 +167,10 @@ async fn credentials_that_expire_during_a_catch_up_end_it_with_4401() {
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let server = serve_on(
         socket.listen(64).unwrap(),
-        RelayConfig {
-            max_message_size: 64 * 1024,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.max_message_size = 64 * 1024;
+            relay_config
         },
         provider,
         auth,

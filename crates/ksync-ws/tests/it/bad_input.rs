@@ -121,9 +121,10 @@ async fn compressed_publish_is_accepted() {
 
 #[tokio::test]
 async fn oversized_messages_are_closed_with_1009() {
-    let server = start(RelayConfig {
-        max_message_size: 64 * 1024,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_message_size = 64 * 1024;
+        relay_config
     })
     .await;
     let url = server.url(None);
@@ -139,9 +140,10 @@ async fn oversized_messages_are_closed_with_1009() {
 
 #[tokio::test]
 async fn silent_connections_hit_the_handshake_timeout() {
-    let server = start(RelayConfig {
-        handshake_timeout: Duration::from_millis(200),
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.handshake_timeout = Duration::from_millis(200);
+        relay_config
     })
     .await;
     let mut ws = raw_connect(&server.url(None), &[]).await.expect("connect");
@@ -151,9 +153,10 @@ async fn silent_connections_hit_the_handshake_timeout() {
 
 #[tokio::test]
 async fn bad_room_names_and_the_connection_cap_are_refused_before_the_upgrade() {
-    let server = start(RelayConfig {
-        max_connections: 2,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_connections = 2;
+        relay_config
     })
     .await;
     assert_eq!(
@@ -259,9 +262,10 @@ async fn a_room_name_that_is_not_utf8_gets_the_bad_room_refusal() {
 
 #[tokio::test]
 async fn server_pings_and_drops_a_client_that_never_answers() {
-    let server = start(RelayConfig {
-        heartbeat: Duration::from_millis(150),
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.heartbeat = Duration::from_millis(150);
+        relay_config
     })
     .await;
     let (mut mute, _) = join(&server.url(None), hello()).await;
@@ -276,9 +280,10 @@ async fn server_pings_and_drops_a_client_that_never_answers() {
 
     // A client that reads (and so answers pings) stays, over several heartbeats. The
     // heartbeat is longer here: a pong is late only if this test's runtime stalls longer.
-    let server = start(RelayConfig {
-        heartbeat: Duration::from_millis(500),
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.heartbeat = Duration::from_millis(500);
+        relay_config
     })
     .await;
     let (mut live, _) = join(&server.url(None), hello()).await;
@@ -293,9 +298,10 @@ async fn server_pings_and_drops_a_client_that_never_answers() {
 
 #[tokio::test]
 async fn slow_consumers_are_closed_with_4008_and_resume_without_loss() {
-    let server = start(RelayConfig {
-        subscriber_queue: 4,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.subscriber_queue = 4;
+        relay_config
     })
     .await;
     let url = server.url(None);

@@ -183,9 +183,10 @@ async fn observe(ws: &mut Raw, n: usize) -> (Vec<usize>, Vec<serde_json::Value>)
 #[tokio::test]
 async fn offline_emits_go_out_on_connect_in_batches_of_batch_size() {
     // One publish per commit, so the observer sees each publish as its own frame.
-    let server = start(RelayConfig {
-        max_batch_events: 1,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_batch_events = 1;
+        relay_config
     })
     .await;
     let url = server.url(None);
@@ -224,9 +225,10 @@ async fn offline_emits_go_out_on_connect_in_batches_of_batch_size() {
 
 #[tokio::test]
 async fn batch_strategy_sends_when_full_or_when_the_interval_ends() {
-    let server = start(RelayConfig {
-        max_batch_events: 1,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_batch_events = 1;
+        relay_config
     })
     .await;
     let url = server.url(None);

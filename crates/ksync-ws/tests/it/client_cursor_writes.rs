@@ -80,9 +80,10 @@ fn private_event(n: u64) -> serde_json::Value {
 /// The relay keeps every frame queued for a slow watcher (none is closed as a slow consumer
 /// and then caught up in fewer, larger frames).
 fn roomy_relay() -> RelayConfig {
-    RelayConfig {
-        subscriber_queue: 8192,
-        ..RelayConfig::default()
+    {
+        let mut relay_config = RelayConfig::default();
+        relay_config.subscriber_queue = 8192;
+        relay_config
     }
 }
 

@@ -185,9 +185,10 @@ async fn conflicts_acknowledged_without_their_held_revision_settle_from_the_stre
     let max = 16 * 1024;
     let provider = Arc::new(ksync_core::InMemoryProvider::new());
     let server = common::start_with(
-        ksync_ws::server::RelayConfig {
-            max_message_size: max,
-            ..ksync_ws::server::RelayConfig::default()
+        {
+            let mut relay_config = ksync_ws::server::RelayConfig::default();
+            relay_config.max_message_size = max;
+            relay_config
         },
         provider.clone(),
         Arc::new(ksync_core::AllowAll),

@@ -89,9 +89,10 @@ impl StorageProvider for BlockingProvider {
 /// random).
 #[tokio::test]
 async fn a_pong_that_arrived_while_the_relay_stalled_counts() {
-    let config = RelayConfig {
-        heartbeat: Duration::from_millis(100),
-        ..RelayConfig::default()
+    let config = {
+        let mut relay_config = RelayConfig::default();
+        relay_config.heartbeat = Duration::from_millis(100);
+        relay_config
     };
     let provider = Arc::new(BlockingProvider::default());
     let server = start_with(config, provider, Arc::new(AllowAll)).await;

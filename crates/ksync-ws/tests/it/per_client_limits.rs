@@ -19,9 +19,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 fn capped(per_client: usize) -> RelayConfig {
-    RelayConfig {
-        max_connections_per_client: per_client,
-        ..RelayConfig::default()
+    {
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_connections_per_client = per_client;
+        relay_config
     }
 }
 
@@ -176,9 +177,10 @@ async fn a_browser_over_its_cap_is_refused_in_band_and_nothing_it_sends_is_store
 #[tokio::test]
 async fn places_free_when_connections_end_by_error_drop_or_timeout() {
     let server = start_with(
-        RelayConfig {
-            handshake_timeout: Duration::from_millis(300),
-            ..capped(1)
+        {
+            let mut relay_config = capped(1);
+            relay_config.handshake_timeout = Duration::from_millis(300);
+            relay_config
         },
         Arc::new(InMemoryProvider::new()),
         Arc::new(TestKeys),
@@ -297,9 +299,10 @@ async fn with_auth_a_client_is_its_subject_from_one_address() {
 #[tokio::test]
 async fn without_auth_nor_the_peer_address_only_the_server_cap_applies() {
     // `common::start` serves without connect info: clients cannot be told apart.
-    let server = start(RelayConfig {
-        max_connections: 3,
-        ..capped(1)
+    let server = start({
+        let mut relay_config = capped(1);
+        relay_config.max_connections = 3;
+        relay_config
     })
     .await;
     let url = server.url(None);
@@ -330,9 +333,10 @@ async fn an_upgrade_refused_after_the_count_gives_its_place_back() {
     // One open room at most: a connection to another room is refused with 503 after its
     // client's place was taken, and must give it back.
     let server = start_with(
-        RelayConfig {
-            max_open_rooms: 1,
-            ..capped(1)
+        {
+            let mut relay_config = capped(1);
+            relay_config.max_open_rooms = 1;
+            relay_config
         },
         Arc::new(InMemoryProvider::new()),
         Arc::new(TestKeys),

@@ -60,9 +60,10 @@ async fn publish_is_acked_stored_and_fanned_out_to_others_only() {
 
 #[tokio::test]
 async fn resume_from_a_cursor_then_live_without_gap_or_duplicate() {
-    let server = start(RelayConfig {
-        page_size: 3,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.page_size = 3;
+        relay_config
     })
     .await;
     let url = server.url(None);
@@ -220,9 +221,10 @@ async fn shutdown_acks_what_it_accepted_stores_it_and_closes_with_1001() {
 /// once, in order, deflated or not.
 #[tokio::test]
 async fn joining_mid_stream_sees_every_seq_once_in_order_with_or_without_compression() {
-    let server = start(RelayConfig {
-        page_size: 7,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.page_size = 7;
+        relay_config
     })
     .await;
     let url = server.url(Some("stream"));
@@ -358,9 +360,10 @@ async fn concurrent_publishers_keep_their_order_and_every_seq_reaches_subscriber
     ];
     for provider in providers {
         let server = start_with(
-            RelayConfig {
-                room_queue: 2,
-                ..RelayConfig::default()
+            {
+                let mut relay_config = RelayConfig::default();
+                relay_config.room_queue = 2;
+                relay_config
             },
             provider,
             std::sync::Arc::new(ksync_core::AllowAll),
@@ -444,9 +447,10 @@ async fn concurrent_publishers_keep_their_order_and_every_seq_reaches_subscriber
 #[tokio::test]
 async fn back_to_back_publishes_are_committed_in_bounded_bursts() {
     use futures_util::SinkExt;
-    let server = start(RelayConfig {
-        max_batch_events: 8,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_batch_events = 8;
+        relay_config
     })
     .await;
     let url = server.url(Some("bursts"));

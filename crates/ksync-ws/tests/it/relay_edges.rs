@@ -144,9 +144,10 @@ async fn a_group_commit_of_large_publishes_reaches_subscribers_in_bounded_frames
     let provider = Arc::new(GatedProvider::new());
     let max = 64 * 1024;
     let server = start_with(
-        RelayConfig {
-            max_message_size: max,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.max_message_size = max;
+            relay_config
         },
         provider.clone(),
         Arc::new(ksync_core::AllowAll),
@@ -302,9 +303,10 @@ async fn state_subscribers_joining_mid_stream_get_a_consistent_snapshot_and_tail
 
 async fn state_start_racing_publishes(provider: Arc<dyn StorageProvider>) {
     let server = start_with(
-        RelayConfig {
-            page_size: 2,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.page_size = 2;
+            relay_config
         },
         provider,
         Arc::new(ksync_core::AllowAll),
@@ -401,9 +403,10 @@ async fn state_start_racing_publishes(provider: Arc<dyn StorageProvider>) {
 #[tokio::test]
 async fn messages_exactly_at_the_size_limit_are_accepted() {
     let max = 16 * 1024;
-    let server = start(RelayConfig {
-        max_message_size: max,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_message_size = max;
+        relay_config
     })
     .await;
     let url = server.url(Some("limit"));
@@ -584,9 +587,10 @@ async fn bad_publishes_on_an_authorised_connection_are_refused_and_store_nothing
 #[tokio::test]
 async fn an_ack_for_many_conflicts_with_a_large_revision_stays_within_the_message_limit() {
     let max = 16 * 1024;
-    let server = start(RelayConfig {
-        max_message_size: max,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_message_size = max;
+        relay_config
     })
     .await;
     let url = server.url(Some("held"));
@@ -658,10 +662,11 @@ async fn an_ack_for_many_conflicts_with_a_large_revision_stays_within_the_messag
 /// shutdown.
 #[tokio::test]
 async fn a_connection_still_in_its_handshake_is_closed_with_1001_at_shutdown() {
-    let server = start(RelayConfig {
-        handshake_timeout: Duration::from_secs(60),
-        write_timeout: Duration::from_secs(60),
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.handshake_timeout = Duration::from_secs(60);
+        relay_config.write_timeout = Duration::from_secs(60);
+        relay_config
     })
     .await;
     let url = server.url(Some("early"));
@@ -726,9 +731,10 @@ async fn slow_consumer_case(config: RelayConfig, room: &str, compression: &[bool
 /// compressed) keep receiving every event, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_dropped_while_the_others_receive_everything() {
-    let config = RelayConfig {
-        subscriber_queue: 4,
-        ..RelayConfig::default()
+    let config = {
+        let mut relay_config = RelayConfig::default();
+        relay_config.subscriber_queue = 4;
+        relay_config
     };
     slow_consumer_case(config, "mixed", &[false, true, false], 150).await;
 }
@@ -740,9 +746,10 @@ async fn a_slow_consumer_is_dropped_while_the_others_receive_everything() {
 async fn resuming_mid_history_during_group_commits_has_no_gap_and_no_duplicate() {
     let provider = Arc::new(GatedProvider::new());
     let server = start_with(
-        RelayConfig {
-            page_size: 5,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.page_size = 5;
+            relay_config
         },
         provider,
         Arc::new(ksync_core::AllowAll),
@@ -907,10 +914,11 @@ async fn hellos_that_do_not_decode_are_bad_first_messages() {
 /// its events in frames of at most `maxMessageSize`.
 #[tokio::test]
 async fn a_publish_larger_than_the_group_commit_limit_is_one_append() {
-    let server = start(RelayConfig {
-        max_batch_events: 8,
-        max_message_size: 64 * 1024,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_batch_events = 8;
+        relay_config.max_message_size = 64 * 1024;
+        relay_config
     })
     .await;
     let url = server.url(Some("many"));
@@ -1124,9 +1132,10 @@ async fn a_storage_failure_while_joining_closes_with_1011() {
 /// history first while the shutdown waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_catch_up_stops_at_shutdown_with_1001() {
-    let server = start(RelayConfig {
-        page_size: 1,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.page_size = 1;
+        relay_config
     })
     .await;
     let url = server.url(Some("history"));
@@ -1276,9 +1285,10 @@ async fn a_revision_repeated_in_one_publish_is_taken_once() {
 /// and far more bytes than the socket buffers and the byte budget hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_dropped_at_its_byte_budget() {
-    let config = RelayConfig {
-        subscriber_queue_bytes: 256 * 1024,
-        ..RelayConfig::default()
+    let config = {
+        let mut relay_config = RelayConfig::default();
+        relay_config.subscriber_queue_bytes = 256 * 1024;
+        relay_config
     };
     slow_consumer_case(config, "bytes", &[false], 250).await;
 }
@@ -1352,9 +1362,10 @@ async fn read_slow(ws: &mut Raw, total: u64) -> (u64, Option<u16>) {
 /// to resume from; the others get everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumers_in_many_rooms_are_bounded_relay_wide() {
-    let server = start(RelayConfig {
-        subscriber_queues_total_bytes: 2 << 20,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.subscriber_queues_total_bytes = 2 << 20;
+        relay_config
     })
     .await;
     let total = 12;
@@ -1386,9 +1397,10 @@ async fn slow_consumers_in_many_rooms_are_bounded_relay_wide() {
 /// per subscriber, at least 12 MiB), stay within 7 MiB and get everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_wide_budget_counts_a_shared_frame_once() {
-    let server = start(RelayConfig {
-        subscriber_queues_total_bytes: 7 << 20,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.subscriber_queues_total_bytes = 7 << 20;
+        relay_config
     })
     .await;
     let url = server.url(Some("shared"));
@@ -1423,9 +1435,10 @@ async fn a_room_byte_budget_counts_publishes_decoded() {
 async fn room_byte_budget_case(room: &str, data: Value) {
     let provider = Arc::new(GatedProvider::new());
     let server = start_with(
-        RelayConfig {
-            room_queue_bytes: 100 * 1024,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.room_queue_bytes = 100 * 1024;
+            relay_config
         },
         Arc::clone(&provider) as Arc<dyn StorageProvider>,
         Arc::new(ksync_core::AllowAll),
@@ -1518,9 +1531,10 @@ async fn catch_up_frames_stay_within_the_message_size_for_any_mix_of_event_sizes
     let provider = Arc::new(ksync_storage_file::FileProvider::new(dir.path()).expect("provider"));
     let max = 64 * 1024;
     let server = start_with(
-        RelayConfig {
-            max_message_size: max,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.max_message_size = max;
+            relay_config
         },
         provider,
         Arc::new(ksync_core::AllowAll),
@@ -1580,10 +1594,11 @@ fn a_subscriber_budget_below_two_largest_frames_is_a_config_error() {
 
     let relay = |subscriber_queues_total_bytes, max_message_size| {
         Relay::new(
-            RelayConfig {
-                subscriber_queues_total_bytes,
-                max_message_size,
-                ..RelayConfig::default()
+            {
+                let mut relay_config = RelayConfig::default();
+                relay_config.subscriber_queues_total_bytes = subscriber_queues_total_bytes;
+                relay_config.max_message_size = max_message_size;
+                relay_config
             },
             Arc::new(ksync_core::InMemoryProvider::new()),
             Arc::new(ksync_core::AllowAll),
@@ -1618,9 +1633,10 @@ fn max_message_size_outside_its_range_is_a_config_error() {
     assert!(2 * MAX_MESSAGE_SIZE_RANGE.end() <= CLIENT_MAX_MESSAGE_SIZE);
     let relay = |max_message_size| {
         Relay::new(
-            RelayConfig {
-                max_message_size,
-                ..RelayConfig::default()
+            {
+                let mut relay_config = RelayConfig::default();
+                relay_config.max_message_size = max_message_size;
+                relay_config
             },
             Arc::new(ksync_core::InMemoryProvider::new()),
             Arc::new(ksync_core::AllowAll),
@@ -1657,27 +1673,21 @@ fn relay_timers_outside_zero_to_a_day_are_config_errors() {
     let past_a_day = MAX_CONFIG_DURATION + Duration::from_secs(1);
     for bad in [Duration::ZERO, past_a_day, huge] {
         let configs = [
-            (
-                "heartbeat",
-                RelayConfig {
-                    heartbeat: bad,
-                    ..RelayConfig::default()
-                },
-            ),
-            (
-                "handshake_timeout",
-                RelayConfig {
-                    handshake_timeout: bad,
-                    ..RelayConfig::default()
-                },
-            ),
-            (
-                "write_timeout",
-                RelayConfig {
-                    write_timeout: bad,
-                    ..RelayConfig::default()
-                },
-            ),
+            ("heartbeat", {
+                let mut relay_config = RelayConfig::default();
+                relay_config.heartbeat = bad;
+                relay_config
+            }),
+            ("handshake_timeout", {
+                let mut relay_config = RelayConfig::default();
+                relay_config.handshake_timeout = bad;
+                relay_config
+            }),
+            ("write_timeout", {
+                let mut relay_config = RelayConfig::default();
+                relay_config.write_timeout = bad;
+                relay_config
+            }),
         ];
         for (field, config) in configs {
             match relay(config) {
@@ -1690,11 +1700,12 @@ fn relay_timers_outside_zero_to_a_day_are_config_errors() {
             }
         }
     }
-    let a_day = RelayConfig {
-        heartbeat: MAX_CONFIG_DURATION,
-        handshake_timeout: MAX_CONFIG_DURATION,
-        write_timeout: MAX_CONFIG_DURATION,
-        ..RelayConfig::default()
+    let a_day = {
+        let mut relay_config = RelayConfig::default();
+        relay_config.heartbeat = MAX_CONFIG_DURATION;
+        relay_config.handshake_timeout = MAX_CONFIG_DURATION;
+        relay_config.write_timeout = MAX_CONFIG_DURATION;
+        relay_config
     };
     assert!(relay(a_day).is_ok());
 }
@@ -1707,9 +1718,10 @@ async fn a_room_queue_past_what_a_channel_holds_is_a_config_error() {
 
     let relay = |room_queue| {
         Relay::new(
-            RelayConfig {
-                room_queue,
-                ..RelayConfig::default()
+            {
+                let mut relay_config = RelayConfig::default();
+                relay_config.room_queue = room_queue;
+                relay_config
             },
             Arc::new(ksync_core::InMemoryProvider::new()),
             Arc::new(ksync_core::AllowAll),
@@ -1728,9 +1740,10 @@ async fn a_room_queue_past_what_a_channel_holds_is_a_config_error() {
     }
     assert!(relay(max).is_ok());
     // The largest taken serves a room.
-    let server = start(RelayConfig {
-        room_queue: max,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.room_queue = max;
+        relay_config
     })
     .await;
     let (mut ws, _) = join(&server.url(Some("q")), hello()).await;
@@ -1752,9 +1765,10 @@ async fn a_room_queue_past_what_a_channel_holds_is_a_config_error() {
 async fn a_room_closes_after_its_last_connection_even_if_one_left_while_the_queue_was_full() {
     let provider = Arc::new(GatedProvider::new());
     let server = start_with(
-        RelayConfig {
-            room_queue: 2,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.room_queue = 2;
+            relay_config
         },
         Arc::clone(&provider) as Arc<dyn StorageProvider>,
         Arc::new(ksync_core::AllowAll),
@@ -1818,9 +1832,10 @@ async fn a_room_closes_after_its_last_connection_even_if_one_left_while_the_queu
 /// have made a catch-up frame over what clients accept, refused again after every reconnect.
 #[tokio::test]
 async fn an_event_that_re_encodes_past_8_mib_is_invalid_and_the_connection_stays() {
-    let config = RelayConfig {
-        max_message_size: 8 << 20,
-        ..RelayConfig::default()
+    let config = {
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_message_size = 8 << 20;
+        relay_config
     };
     let server = start(config).await;
     let url = server.url(Some("numbers"));

@@ -109,9 +109,10 @@ async fn credentials_expired_by_the_wall_clock_end_the_connection_by_the_next_he
     let _clock = hold_clock();
     let heartbeat = Duration::from_millis(500);
     let server = start_with(
-        RelayConfig {
-            heartbeat,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.heartbeat = heartbeat;
+            relay_config
         },
         Arc::new(InMemoryProvider::new()),
         Arc::new(ShortLived),
@@ -267,9 +268,10 @@ async fn a_message_sent_as_one_frame_slowly_is_let_finish() {
 
     let _clock = fine_clock();
     let heartbeat = Duration::from_secs(1);
-    let server = start(RelayConfig {
-        heartbeat,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.heartbeat = heartbeat;
+        relay_config
     })
     .await;
     let url = server.url(Some("slow-one-frame"));
@@ -329,9 +331,10 @@ async fn a_message_begun_as_one_frame_and_stopped_is_closed_with_4009_within_two
 
     let _clock = fine_clock();
     let heartbeat = Duration::from_secs(1);
-    let server = start(RelayConfig {
-        heartbeat,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.heartbeat = heartbeat;
+        relay_config
     })
     .await;
     let mut tcp = bare_join(&server.url(Some("one-frame-stopped"))).await;
@@ -363,9 +366,10 @@ async fn control_frames_with_a_long_length_form_are_no_message_being_received() 
 
     let _clock = fine_clock();
     let heartbeat = Duration::from_secs(1);
-    let server = start(RelayConfig {
-        heartbeat,
-        ..RelayConfig::default()
+    let server = start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.heartbeat = heartbeat;
+        relay_config
     })
     .await;
     let mut tcp = bare_join(&server.url(Some("long-control"))).await;

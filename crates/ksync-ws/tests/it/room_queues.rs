@@ -35,9 +35,10 @@ async fn publishes_queued_in_many_rooms_are_bounded_relay_wide() {
     let provider = slow_disk(&permits, Arc::new(Semaphore::new(0)));
     let mut started = provider.started();
     let server = start_with(
-        RelayConfig {
-            room_queues_total_bytes: BUDGET,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.room_queues_total_bytes = BUDGET;
+            relay_config
         },
         Arc::clone(&provider) as Arc<dyn StorageProvider>,
         Arc::new(ksync_core::AllowAll),
@@ -135,10 +136,11 @@ async fn a_room_stuck_on_its_disk_leaves_the_relay_wide_budget_to_the_others() {
     let provider = slow_disk(&permits, Arc::new(Semaphore::new(1000)));
     let mut started = provider.started();
     let server = start_with(
-        RelayConfig {
-            room_queue_bytes: 100 << 10,
-            room_queues_total_bytes: 256 << 10,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.room_queue_bytes = 100 << 10;
+            relay_config.room_queues_total_bytes = 256 << 10;
+            relay_config
         },
         Arc::clone(&provider) as Arc<dyn StorageProvider>,
         Arc::new(ksync_core::AllowAll),

@@ -309,9 +309,10 @@ async fn a_join_of_a_room_being_opened_waits_for_it_at_the_cap() {
         gate: Arc::clone(&gate),
     });
     let server = start_with(
-        RelayConfig {
-            max_open_rooms: 1,
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.max_open_rooms = 1;
+            relay_config
         },
         provider.clone(),
         Arc::new(AllowAll),

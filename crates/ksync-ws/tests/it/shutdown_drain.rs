@@ -93,9 +93,10 @@ async fn a_drain_longer_than_a_heartbeat_still_closes_with_1001() {
     let dir = tempfile::tempdir().expect("dir");
     let provider = FlushHookProvider::slow(dir.path(), Duration::from_millis(600));
     let server = start_with(
-        RelayConfig {
-            heartbeat: Duration::from_millis(100),
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.heartbeat = Duration::from_millis(100);
+            relay_config
         },
         provider,
         Arc::new(AllowAll),
@@ -128,9 +129,10 @@ async fn a_drain_its_caller_abandons_still_closes_every_connection_with_1001() {
         })
     });
     let server = start_with(
-        RelayConfig {
-            heartbeat: Duration::from_millis(100),
-            ..RelayConfig::default()
+        {
+            let mut relay_config = RelayConfig::default();
+            relay_config.heartbeat = Duration::from_millis(100);
+            relay_config
         },
         provider,
         Arc::new(AllowAll),

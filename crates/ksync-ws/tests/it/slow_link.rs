@@ -109,9 +109,10 @@ async fn a_large_publish_over_a_slow_link_gets_through_and_a_cut_link_is_given_u
 /// next large frame does not reach.
 #[tokio::test]
 async fn a_large_catch_up_page_over_a_slow_link_gets_through_and_a_cut_link_is_dropped() {
-    let server = common::start(RelayConfig {
-        write_timeout: TIMEOUT,
-        ..RelayConfig::default()
+    let server = common::start({
+        let mut relay_config = RelayConfig::default();
+        relay_config.write_timeout = TIMEOUT;
+        relay_config
     })
     .await;
     backlog(&server).await;

@@ -1035,9 +1035,10 @@ async fn bare_relay(listener: TcpListener) {
 async fn start_relay(provider: Arc<dyn StorageProvider>) -> Result<(SocketAddr, Relay)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let config = RelayConfig {
-        max_connections: IDLE_CONNECTIONS * 2,
-        ..RelayConfig::default()
+    let config = {
+        let mut relay_config = RelayConfig::default();
+        relay_config.max_connections = IDLE_CONNECTIONS * 2;
+        relay_config
     };
     let relay = Relay::new(config, provider, Arc::new(AllowAll))?;
     let router = relay.router();
