@@ -475,6 +475,30 @@ mod tests {
         }
     }
 
+    /// Two IPv6 addresses of one /64 are one address to the cap; another /64 is not; the
+    /// one told to close is the one waiting longest, and one whose wait ended is not counted.
+    #[tokio::test]
+    async fn ipv6_hosts_of_one_64_share_the_waiting_cap() {
+        let waiting = Waiting::new(1);
+        let wait = |ip: &str| Arc::new(Wait::new(ip.parse().expect("ip")));
+        let (first, same_64, other_64) = (
+            wait("2001:db8::1"),
+            wait("2001:db8::2"),
+            wait("2001:db8:0:1::1"),
+        );
+        waiting.begin(&first);
+        waiting.begin(&other_64);
+        assert!(first.eviction().is_none());
+        waiting.begin(&same_64);
+        let (key, _) = first.eviction().expect("the first was told to close");
+        assert_eq!(key, first.current());
+        assert!(other_64.eviction().is_none() && same_64.eviction().is_none());
+        // A head came on `same_64`: a newcomer of its /64 makes no one close.
+        waiting.end(&same_64);
+        waiting.begin(&wait("2001:db8::3"));
+        assert!(same_64.eviction().is_none());
+    }
+
     /// A reader that keeps taking bytes, however slowly, is never cut off.
     #[tokio::test(start_paused = true)]
     async fn a_slow_reader_that_keeps_reading_gets_everything() {

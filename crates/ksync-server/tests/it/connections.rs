@@ -675,3 +675,34 @@ async fn many_connections_from_one_address_with_whole_requests_are_all_served() 
     }
     running.shutdown().await.expect("shutdown");
 }
+
+/// An idle keep-alive connection waits for a request too: past the cap, a connection whose
+/// last response was written is the one closed (the two newer ones that sent nothing stay
+/// and are served), so sending one quick request first does not get around the cap.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_counts_as_waiting() {
+    let running = Server::bind(with_limits({
+        let mut limits = Limits::default();
+        limits.max_pending_connections_per_ip = 2;
+        limits
+    }))
+    .await
+    .expect("server");
+    let addr = running.local_addr();
+    let mut idle = TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(HEALTH).await.expect("write");
+    let response = read_health_response(&mut idle).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let mut newer = Vec::new();
+    for _ in 0..2 {
+        newer.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    let after = closed_within(&mut idle, Duration::from_secs(10)).await;
+    assert!(after.is_empty(), "{after:?}");
+    for stream in &mut newer {
+        stream.write_all(HEALTH).await.expect("write");
+        let response = read_health_response(stream).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+    running.shutdown().await.expect("shutdown");
+}
