@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::GitError;
 use crate::gzip::gzip;
+use crate::upload::{self, Upload};
 use crate::wire::{
     BranchInfo, CreateBranchRequest, DEFAULT_BRANCH, DEFAULT_BUSY_ATTEMPTS,
     DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_PAGE, DEFAULT_PUSH_BATCH, DEFAULT_PUSH_BATCH_BYTES,
@@ -182,11 +183,15 @@ impl GitSyncClientBuilder {
         self
     }
 
-    /// Longest wait for a request's answer to begin (sending the request included), and then
-    /// for each part of its body (default 60 s). A stalled server gives
-    /// [`SyncError::Timeout`]. An answer whose bytes keep coming takes as long as the link
-    /// needs: bounded as a whole, a large pull page (up to 8 MiB) over a slow link was cut off
-    /// and asked again, for good. `build` refuses zero or more than
+    /// Longest time a request may make no progress (default 60 s): sending its body, the
+    /// connection must take some of it within this of the start and of the last part taken;
+    /// then the answer must begin within this of the last part (plus as long again as the
+    /// body took to be taken, at most this more: what the connection still buffers of it
+    /// crosses the link first), and each part of its body come within this of the last. A
+    /// stalled server gives [`SyncError::Timeout`]. A request or an answer whose
+    /// bytes keep moving takes as long as the link needs: bounded as a whole, a large pull
+    /// page (up to 8 MiB) or push batch (up to 4 MiB) over a slow link was cut off and sent
+    /// again, for good. `build` refuses zero or more than
     /// [`ksync_core::MAX_CONFIG_DURATION`] (a day).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -287,8 +292,8 @@ impl GitSyncClientBuilder {
         let client = reqwest::Client::builder()
             .tls_certs_merge(roots)
             .connect_timeout(self.connect_timeout)
-            // Not `timeout` (the whole request and answer): see `request_timeout`.
-            .read_timeout(self.request_timeout)
+            // No reqwest timeout: theirs count from the request's start, whatever its upload
+            // does; `Http::attempt` times the request by its progress (see `request_timeout`).
             .gzip(self.compression)
             .tcp_nodelay(true)
             .build()
@@ -305,6 +310,7 @@ impl GitSyncClientBuilder {
                     client,
                     auth: Arc::new(RwLock::new(self.auth)),
                     compression: self.compression,
+                    request_timeout: self.request_timeout,
                     max_response_bytes: self.max_response_bytes,
                     busy_attempts: self.busy_attempts,
                     debug: self.debug,
@@ -2156,6 +2162,8 @@ struct Http {
     /// Shared by the clones a request takes, so that `set_auth` reaches them all.
     auth: Arc<RwLock<Option<Auth>>>,
     compression: bool,
+    /// See [`GitSyncClientBuilder::request_timeout`].
+    request_timeout: Duration,
     /// Most bytes of one answer read (see [`GitSyncClientBuilder::max_response_bytes`]).
     max_response_bytes: usize,
     /// See [`GitSyncClientBuilder::busy_attempts`].
@@ -2263,6 +2271,7 @@ impl Http {
     ) -> Attempt<T> {
         let url = url.to_owned();
         let started = std::time::Instant::now();
+        let progress = upload::Progress::start();
         let sent = body.as_ref().map_or(0, |(_, _, sent)| *sent);
         debug_log!(self.debug, target: LOG_TARGET, %method, %url, bytes = sent, "request");
         let mut request = self
@@ -2277,7 +2286,7 @@ impl Http {
             if gzipped {
                 request = request.header(reqwest::header::CONTENT_ENCODING, "gzip");
             }
-            request = request.body(bytes);
+            request = request.body(reqwest::Body::wrap(Upload::new(bytes, progress.clone())));
         }
         let http = |source| {
             GitError::Http {
@@ -2286,9 +2295,13 @@ impl Http {
             }
             .into_sync()
         };
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(e) => return Attempt::Done(Err(http(e))),
+        let response = match progress
+            .unless_stalled(self.request_timeout, request.send())
+            .await
+        {
+            Some(Ok(response)) => response,
+            Some(Err(e)) => return Attempt::Done(Err(http(e))),
+            None => return Attempt::Done(Err(self.timed_out(&url))),
         };
         // A service that announces another protocol version is refused, whatever it answered
         // (one that announces none, e.g. behind a proxy that drops the header, is trusted).
@@ -2379,9 +2392,18 @@ fn is_repo_not_found(error: &SyncError) -> bool {
 }
 
 impl Http {
+    /// A request that made no progress for `request_timeout`.
+    fn timed_out(&self, url: &str) -> SyncError {
+        SyncError::Timeout(format!(
+            "request to {url}: nothing sent or received for {} ms (request_timeout)",
+            self.request_timeout.as_millis()
+        ))
+    }
+
     /// Reads an answer's body (gzip already decoded by reqwest, so a bomb is counted as it
-    /// inflates) in chunks, up to `max_response_bytes`; past it the read stops (the
-    /// connection is dropped) with [`GitError::ResponseTooLarge`].
+    /// inflates) in chunks, each within `request_timeout` of the last, up to
+    /// `max_response_bytes`; past it the read stops (the connection is dropped) with
+    /// [`GitError::ResponseTooLarge`].
     async fn read_body(
         &self,
         url: &str,
@@ -2406,13 +2428,18 @@ impl Http {
             .unwrap_or(limit)
             .min(MAX_BODY_RESERVE);
         let mut body = Vec::with_capacity(reserve);
-        while let Some(chunk) = response.chunk().await.map_err(|source| {
-            GitError::Http {
-                url: url.to_owned(),
-                source,
-            }
-            .into_sync()
-        })? {
+        loop {
+            let chunk = tokio::time::timeout(self.request_timeout, response.chunk())
+                .await
+                .map_err(|_| self.timed_out(url))?
+                .map_err(|source| {
+                    GitError::Http {
+                        url: url.to_owned(),
+                        source,
+                    }
+                    .into_sync()
+                })?;
+            let Some(chunk) = chunk else { break };
             if chunk.len() > limit - body.len() {
                 return Err(too_large());
             }

@@ -12,6 +12,7 @@ mod client;
 mod decoded;
 mod error;
 mod gzip;
+mod upload;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod wire;

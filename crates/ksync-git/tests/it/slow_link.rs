@@ -1,10 +1,10 @@
-//! A large answer over a slow but working link (testkit's `SlowLink`, a throttling TCP proxy
-//! whose ends cannot take megabytes into their kernel buffers at once): `request_timeout`
-//! bounds the wait for each part of it, not the whole answer.
+//! A large answer or request over a slow but working link (testkit's `SlowLink`, a
+//! throttling TCP proxy whose ends cannot take megabytes into their kernel buffers at once):
+//! `request_timeout` bounds the wait for each part of it, not the whole.
 
 use std::time::Duration;
 
-use ksync_core::{Event, PullPushClient, SyncClient};
+use ksync_core::{Event, PullPushClient, SyncClient, SyncError};
 use ksync_git::GitSyncClient;
 use ksync_testkit::SlowLink;
 use serde_json::json;
@@ -46,4 +46,39 @@ async fn a_large_pull_page_over_a_slow_link_gets_through() {
     let pulled = reader.pull().await.expect("the page gets through");
     assert_eq!(pulled.new_events.len(), 6);
     assert_eq!(reader.replica().storage().len(), 6);
+}
+
+/// A push batch of ~700 KB (~420 KB gzipped) through a 512 KiB/s link takes about a second
+/// to upload, against a 400 ms `request_timeout`. Before, the timeout counted from the
+/// request's start whatever the upload did: the push failed with `Timeout`, and so did every
+/// push after it (the same batch), so the events never reached the service. A link that
+/// stops taking the upload is still given up.
+#[tokio::test]
+async fn a_large_push_over_a_slow_link_gets_through() {
+    let server = common::start(&["r"]).await;
+    let link = SlowLink::start(server.addr, 512 * 1024).await;
+    let writer = GitSyncClient::builder(format!("http://{}/git/r", link.addr()))
+        .auth(ksync_core::Auth::token("writer"))
+        .request_timeout(Duration::from_millis(400))
+        .build()
+        .expect("client");
+    for i in 0..6 {
+        let event = Event::new(format!("e{i}"), "t", json!(noise(115_000, i + 1)), 1);
+        writer.send(event).await.expect("send");
+    }
+    let pushed = writer.push().await.expect("the batch gets through");
+    assert_eq!(pushed.pushed_events.len(), 6);
+    assert_eq!(common::branch_events(&server, "r", "main").len(), 6);
+
+    for i in 6..12 {
+        let event = Event::new(format!("e{i}"), "t", json!(noise(115_000, i + 1)), 1);
+        writer.send(event).await.expect("send");
+    }
+    link.cut();
+    let stalled = writer.push().await;
+    assert!(
+        matches!(stalled, Err(SyncError::Timeout(_))),
+        "a dead link: {stalled:?}"
+    );
+    assert_eq!(common::branch_events(&server, "r", "main").len(), 6);
 }
