@@ -7,6 +7,7 @@
 
 mod access;
 mod auth;
+mod backoff;
 mod client;
 mod clients;
 mod clock;
@@ -28,6 +29,7 @@ pub use access::{
     AUTH_REALM, Access, AllowAll, AuthError, Authenticator, Credentials, Grant, ResourceKind,
 };
 pub use auth::Auth;
+pub use backoff::backoff_delay;
 pub use client::{PullPushClient, PullResult, PushResult, SyncClient, SyncResult};
 pub use clients::{ClientId, ClientPlace, PerClientCounts};
 pub use clock::{Clock, MAX_CONFIG_DURATION, ManualClock, SystemClock, check_config_duration};

@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::config::{
     DEFAULT_ANTI_ENTROPY_INTERVAL, DEFAULT_COMMAND_CAPACITY, DEFAULT_LISTEN_HOST,
     DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_PEERS, DEFAULT_MAX_PEERS_PER_IP, DEFAULT_NETWORK,
-    DiscoveryMethod, NetworkKey, Options, default_key_dir,
+    DEFAULT_REDIAL_DELAY, DiscoveryMethod, NetworkKey, Options, default_key_dir,
 };
 use crate::error::P2PError;
 use crate::identity;
@@ -56,6 +56,9 @@ pub struct P2PStats {
     /// `max_catch_up_answer_bytes` or the peer, or its host, over its share of it (the peer
     /// asks again in a later round).
     pub busy_answers: u64,
+    /// Dials of peers `connect_to_peer` reached, made after their connection dropped (see
+    /// [`P2PSyncClientBuilder::redial_delay`]).
+    pub redials: u64,
 }
 
 /// Builds a [`P2PSyncClient`] from the spec's options (and a few more, with defaults).
@@ -234,8 +237,9 @@ impl P2PSyncClientBuilder {
     /// that dropped the most messages is disconnected (its queue is freed; a warning is
     /// logged and `peer-disconnected` notified), until they fit. Publishes and forwards go on
     /// as before (to a full queue, not at all); no local event is lost: it is stored, and
-    /// the disconnected peer's catch-up carries it once it connects again (with `manual`
-    /// discovery, when either side calls `connect_to_peer`).
+    /// the disconnected peer's catch-up carries it once it connects again (a peer reached
+    /// by `connect_to_peer` is dialed again by the side that asked: see
+    /// [`redial_delay`](Self::redial_delay)).
     pub fn max_gossip_total_bytes(mut self, max: usize) -> Self {
         self.opts.max_gossip_total_bytes = max;
         self
@@ -246,6 +250,25 @@ impl P2PSyncClientBuilder {
     /// largest tokio channel).
     pub fn command_capacity(mut self, capacity: usize) -> Self {
         self.opts.command_capacity = capacity;
+        self
+    }
+
+    /// Delays between dials of a peer that `connect_to_peer` reached, once its connection
+    /// dropped (a network blip, the peer restarting, `max_gossip_total_bytes` letting it go):
+    /// such a peer is kept connected, dialed again after `min` (doubling after each failed
+    /// attempt, up to `max`, each delay randomised between half and all of it), at the
+    /// addresses it was reached at and those identify and discovery know, until it is
+    /// connected again or the node stops; its catch-up round then carries what was missed.
+    /// The count starts again from `min` after a connection that stayed up for `max`; one
+    /// that drops sooner keeps counting, so a peer that lets us in and drops us at once is
+    /// not dialed in a tight loop. Each dial counts in `stats().redials`. At most 256 such
+    /// peers are kept; one more replaces the one least recently asked for that is not
+    /// connected. Default 1 s to 60 s
+    /// ([`DEFAULT_REDIAL_DELAY`](crate::DEFAULT_REDIAL_DELAY)); `build` refuses a zero `min`,
+    /// `min > max` or a bound past [`MAX_CONFIG_DURATION`].
+    pub fn redial_delay(mut self, min: Duration, max: Duration) -> Self {
+        self.opts.redial_min = min;
+        self.opts.redial_max = max;
         self
     }
 
@@ -345,8 +368,16 @@ impl P2PSyncClientBuilder {
             ("metrics_interval", opts.metrics_interval),
             ("request_timeout", opts.request_timeout),
             ("connect_timeout", opts.connect_timeout),
+            ("redial_delay min", opts.redial_min),
+            ("redial_delay max", opts.redial_max),
         ] {
             ksync_core::check_config_duration(field, value).map_err(P2PError::Config)?;
+        }
+        if opts.redial_min > opts.redial_max {
+            return Err(P2PError::Config(format!(
+                "redial_delay min ({:?}) must be at most its max ({:?})",
+                opts.redial_min, opts.redial_max
+            )));
         }
         let key_path = identity::key_path(&opts.key_dir, &opts.peer_id);
         let keypair = identity::load_or_create(&key_path)?;
@@ -452,6 +483,8 @@ impl P2PSyncClient {
                 connect_timeout: Duration::from_secs(10),
                 metrics_interval: crate::config::DEFAULT_METRICS_INTERVAL,
                 debug: false,
+                redial_min: DEFAULT_REDIAL_DELAY.0,
+                redial_max: DEFAULT_REDIAL_DELAY.1,
             },
             encryption: false,
             replica: None,
@@ -668,6 +701,9 @@ impl P2PSyncClient {
     /// connected, a second one is refused with `PeerMisbehaved`), a libp2p peer id (`12D3Koo...`) whose address discovery knows or
     /// finds (mDNS, Kademlia lookup), or a full multiaddr
     /// (`/ip4/1.2.3.4/tcp/9000/p2p/12D3Koo...`). Returns the connected peer's libp2p id.
+    ///
+    /// The peer is then kept connected: dialed again whenever its connection drops, with
+    /// backoff, until the node stops (see [`P2PSyncClientBuilder::redial_delay`]).
     pub async fn connect_to_peer(&self, target: &str) -> Result<PeerId, P2PError> {
         let target = parse_target(target)?;
         let (reply, answer) = oneshot::channel();
@@ -737,6 +773,7 @@ impl P2PSyncClient {
             duplicate_events: c.duplicate_events.load(Ordering::Relaxed),
             catch_up_rounds: c.catch_up_rounds.load(Ordering::Relaxed),
             busy_answers: c.busy_answers.load(Ordering::Relaxed),
+            redials: c.redials.load(Ordering::Relaxed),
         }
     }
 }

@@ -22,7 +22,8 @@ pub enum DiscoveryMethod {
         /// Where to join.
         bootstrap: Vec<Multiaddr>,
     },
-    /// Connect only where told (`connect_to_peer` with a full multiaddr).
+    /// Connect only where told (`connect_to_peer` with a full multiaddr); such peers are
+    /// dialed again after a drop (see `P2PSyncClientBuilder::redial_delay`).
     Manual,
 }
 
@@ -165,6 +166,10 @@ pub(crate) struct Options {
     pub metrics_interval: Duration,
     /// The spec's `debug`: gossip and catch-up logged at `debug` instead of `trace`.
     pub debug: bool,
+    /// Delays between dials of a peer `connect_to_peer` reached, after it dropped (see
+    /// `redial.rs`).
+    pub redial_min: Duration,
+    pub redial_max: Duration,
 }
 
 /// Default network name (the gossipsub topic and the sync protocol's network).
@@ -214,6 +219,11 @@ pub const DEFAULT_MAX_GOSSIP_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// stored here; catch-up carries them once it connects again). See
 /// `P2PSyncClientBuilder::max_gossip_total_bytes`.
 pub const DEFAULT_MAX_GOSSIP_TOTAL_BYTES: usize = 256 * 1024 * 1024;
+/// Default range of the delay before dialing again a peer `connect_to_peer` reached, once its
+/// connection dropped: from 1 s, doubling at each failed attempt, up to 60 s (see
+/// `P2PSyncClientBuilder::redial_delay`).
+pub const DEFAULT_REDIAL_DELAY: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(60));
 /// Default capacity of the command channel from the client handle to the node task.
 pub const DEFAULT_COMMAND_CAPACITY: usize = 1024;
 

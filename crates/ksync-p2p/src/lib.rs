@@ -30,6 +30,7 @@ mod error;
 mod identity;
 mod node;
 mod per_host;
+mod redial;
 mod refusals;
 mod shaping;
 mod transport;
@@ -40,7 +41,8 @@ pub use config::{
     DEFAULT_ANTI_ENTROPY_INTERVAL, DEFAULT_COMMAND_CAPACITY, DEFAULT_LISTEN_HOST,
     DEFAULT_MAX_CATCH_UP_ANSWER_BYTES, DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_GOSSIP_QUEUE_BYTES,
     DEFAULT_MAX_GOSSIP_TOTAL_BYTES, DEFAULT_MAX_PEER_CURSORS, DEFAULT_MAX_PEERS,
-    DEFAULT_MAX_PEERS_PER_IP, DEFAULT_NETWORK, DiscoveryMethod, NetworkKey, default_key_dir,
+    DEFAULT_MAX_PEERS_PER_IP, DEFAULT_NETWORK, DEFAULT_REDIAL_DELAY, DiscoveryMethod, NetworkKey,
+    default_key_dir,
 };
 pub use cursors::stored_peer_cursor;
 pub use error::P2PError;

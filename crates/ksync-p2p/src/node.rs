@@ -37,6 +37,7 @@ use crate::cursors::{Cursor, PeerCursors};
 use crate::digests::{Digests, Page};
 use crate::error::P2PError;
 use crate::per_host::{Host, PerHostLimits};
+use crate::redial::Redials;
 use crate::refusals::Refusals;
 use crate::shaping::Shaping;
 use crate::transport::{self, BoxError};
@@ -225,6 +226,8 @@ pub(crate) struct Counters {
     pub catch_up_rounds: AtomicU64,
     /// Catch-up requests answered busy (see `AnswerBudget`).
     pub busy_answers: AtomicU64,
+    /// Dials of peers kept connected after their connection dropped (see `redial.rs`).
+    pub redials: AtomicU64,
     /// Gossip payload bytes published and received (for `metrics`).
     pub gossip_bytes: AtomicU64,
     /// Catch-up requests and answers sent and received, as encoded on their streams (for
@@ -773,6 +776,9 @@ pub(crate) struct Node {
     /// The catch-up cursors stored per peer (at most `Options::max_peer_cursors`, least
     /// recently used evicted).
     cursors: PeerCursors,
+    /// Peers `connect_to_peer` reached, dialed again when they drop (bounded, see
+    /// `redial.rs`).
+    redials: Redials,
 }
 
 const LOG_ID_CURSOR: &str = "p2p/log-id";
@@ -872,6 +878,7 @@ impl Node {
             .await
             .map_err(|e| P2PError::Replica(e.into()))?;
         let max_batch_bytes = max_batch_bytes(&opts);
+        let (redial_min, redial_max) = (opts.redial_min, opts.redial_max);
         let digests = Digests::new(shaping.filter().cloned());
         let mut node = Node {
             swarm,
@@ -908,6 +915,7 @@ impl Node {
             held: VecDeque::new(),
             digests,
             cursors,
+            redials: Redials::new(redial_min, redial_max),
         };
         node.join_dht();
         Ok(node)
@@ -992,6 +1000,7 @@ impl Node {
                     self.wait_deadline = None;
                     self.wake_waiting().await;
                 }
+                _ = sleep_until_some(self.redials.next_due()) => self.redial_due(),
             }
             self.update_status();
         }
@@ -1226,6 +1235,7 @@ impl Node {
             }
             Target::Peer(peer) => {
                 if self.swarm.is_connected(&peer) {
+                    self.redials.keep(peer, None, tokio::time::Instant::now());
                     let _ = reply.send(Ok(peer));
                     return;
                 }
@@ -1238,6 +1248,7 @@ impl Node {
                     return;
                 };
                 if self.swarm.is_connected(&peer) {
+                    self.redials.keep(peer, None, tokio::time::Instant::now());
                     let _ = reply.send(Ok(peer));
                     return;
                 }
@@ -1335,6 +1346,39 @@ impl Node {
         }
     }
 
+    /// Dials the peers kept connected (see `redial.rs`) whose delay is up: at the addresses
+    /// they were reached at, and those the behaviours know (identify's cache, Kademlia, mDNS).
+    /// Each dial's outcome sets the next: connected, or a longer delay.
+    fn redial_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        for (peer, addrs) in self.redials.take_due(now) {
+            if self.swarm.is_connected(&peer) {
+                self.redials.connected(&peer, now);
+                continue;
+            }
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => {
+                    debug_log!(self.opts.debug, target: LOG_TARGET, %peer, "dialing a peer connect_to_peer reached again");
+                    self.shared.counters.redials.fetch_add(1, Ordering::Relaxed);
+                    self.redials.dialing(&peer, id);
+                }
+                // Not dialed now (no address, refused, another dial of it in flight): again
+                // after a longer delay.
+                Err(e) => {
+                    debug_log!(self.opts.debug, target: LOG_TARGET, %peer, error = %dial_error_text(&e), "could not dial a peer connect_to_peer reached again");
+                    self.redials
+                        .dial_failed(&peer, None, now, rand::random::<f64>());
+                }
+            }
+        }
+    }
+
     fn fail_peer_dials(&mut self, peer: PeerId, error: P2PError) {
         let Some(replies) = self.peer_dials.remove(&peer) else {
             return;
@@ -1368,9 +1412,13 @@ impl Node {
                 endpoint,
                 ..
             } => {
-                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                let dialed = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => Some(without_peer_id(address)),
+                    ConnectedPoint::Listener { .. } => None,
+                };
+                if let Some(address) = &dialed {
                     self.dialed_addrs
-                        .insert(connection_id, (peer_id, without_peer_id(address)));
+                        .insert(connection_id, (peer_id, address.clone()));
                 }
                 if let Some(host) = Host::of(endpoint.get_remote_address()) {
                     self.connection_hosts.insert(connection_id, host);
@@ -1379,10 +1427,16 @@ impl Node {
                 if num_established.get() == 1 {
                     lock(&self.shared.peers).insert(peer_id);
                 }
+                let now = tokio::time::Instant::now();
+                if num_established.get() == 1 {
+                    self.redials.connected(&peer_id, now);
+                }
                 if let Some(reply) = self.dials.remove(&connection_id) {
+                    self.redials.keep(peer_id, dialed.clone(), now);
                     let _ = reply.send(Ok(peer_id));
                 }
                 if let Some(replies) = self.peer_dials.remove(&peer_id) {
+                    self.redials.keep(peer_id, dialed, now);
                     for reply in replies {
                         let _ = reply.send(Ok(peer_id));
                     }
@@ -1412,6 +1466,11 @@ impl Node {
                 self.connection_hosts.remove(&connection_id);
                 lock(&self.shared.peers).remove(&peer_id);
                 self.slow_peers.disconnected(&peer_id);
+                self.redials.disconnected(
+                    &peer_id,
+                    tokio::time::Instant::now(),
+                    rand::random::<f64>(),
+                );
                 // What the round walked so far is kept (see `save_cursor`).
                 self.save_cursor(peer_id).await;
                 self.sessions.remove(&peer_id);
@@ -1438,6 +1497,12 @@ impl Node {
                 if let Some(peer) = peer_id
                     && !self.swarm.is_connected(&peer)
                 {
+                    self.redials.dial_failed(
+                        &peer,
+                        Some(connection_id),
+                        tokio::time::Instant::now(),
+                        rand::random::<f64>(),
+                    );
                     self.fail_peer_dials(
                         peer,
                         P2PError::Dial {
@@ -2638,6 +2703,8 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             metrics_interval: crate::config::DEFAULT_METRICS_INTERVAL,
             debug: false,
+            redial_min: crate::DEFAULT_REDIAL_DELAY.0,
+            redial_max: crate::DEFAULT_REDIAL_DELAY.1,
         }
     }
 

@@ -872,12 +872,7 @@ fn take_waiters(inner: &Inner, generation: u64) -> Vec<oneshot::Sender<Result<()
 }
 
 fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = min.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    let capped = exp.min(max);
-    // Jitter: between half and all of the delay, so clients that lost the same server do not
-    // come back in lockstep.
-    // (Taking off up to half cannot overflow, whatever `max` is.)
-    capped.saturating_sub(capped.mul_f64(rand::random::<f64>() * 0.5))
+    ksync_core::backoff_delay(min, max, attempt, rand::random::<f64>())
 }
 
 /// One connection from TCP connect to close.

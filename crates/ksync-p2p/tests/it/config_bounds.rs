@@ -113,3 +113,26 @@ fn a_gossip_total_of_zero_is_refused_by_build() {
         .build()
         .expect("1 is allowed");
 }
+
+/// `redial_delay` is refused by `build` with a zero `min`, `min` over `max` or a bound past a
+/// day, naming the option.
+#[test]
+fn redial_delays_out_of_range_are_refused_by_build() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Duration::from_secs;
+    for (min, max) in [
+        (Duration::ZERO, s(1)),
+        (s(2), s(1)),
+        (s(1), ksync_p2p::MAX_CONFIG_DURATION + s(1)),
+    ] {
+        let Err(P2PError::Config(reason)) = builder(dir.path(), "a").redial_delay(min, max).build()
+        else {
+            panic!("redial_delay({min:?}, {max:?}) was not refused as a config error");
+        };
+        assert!(reason.contains("redial_delay"), "{reason}");
+    }
+    builder(dir.path(), "a")
+        .redial_delay(s(1), s(1))
+        .build()
+        .expect("min = max is allowed");
+}

@@ -22,6 +22,7 @@ mod observed;
 mod p2p;
 mod peer_names;
 mod per_host;
+mod redial;
 mod sending;
 mod shaping;
 mod upgrade;
