@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::Grant;
@@ -25,9 +25,27 @@ impl ClientId {
     /// The client behind `grant` (its subject counts only when `auth_required`: without auth
     /// every grant is the same "anonymous") from `address`; `None` when neither is known, so
     /// clients cannot be told apart.
+    /// The address counts by its [`host key`](Self::host_key).
     pub fn new(grant: &Grant, auth_required: bool, address: Option<IpAddr>) -> Option<Self> {
         let subject = auth_required.then(|| grant.subject.clone());
+        let address = address.map(Self::host_key);
         (subject.is_some() || address.is_some()).then_some(Self { subject, address })
+    }
+
+    /// The address one host is counted under, by every per-address limit: IPv4 (also mapped
+    /// in IPv6) as is, IPv6 by its /64, which a host usually owns whole (counted by its full
+    /// address, one host escaped any cap by rotating through its /64).
+    pub fn host_key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let s = v6.segments();
+                    IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+                }
+            },
+        }
     }
 }
 
@@ -149,6 +167,31 @@ mod tests {
             counts.lock().is_empty(),
             "no entry left once nothing is held"
         );
+    }
+
+    /// Two addresses of one IPv6 /64 are one client (before, rotating through its /64 a
+    /// host escaped every per-client cap); another /64 is another, and an IPv4-mapped
+    /// address is its IPv4 one.
+    #[test]
+    fn ipv6_addresses_of_one_64_are_one_client() {
+        let anonymous = Grant::anonymous();
+        let from = |ip: &str| ClientId::new(&anonymous, false, Some(ip.parse().expect("ip")));
+        let counts = PerClientCounts::new(1);
+        let held = counts
+            .take(from("2001:db8::1").expect("known"))
+            .expect("first");
+        assert!(
+            counts.take(from("2001:db8::2").expect("known")).is_none(),
+            "same /64"
+        );
+        assert!(
+            counts
+                .take(from("2001:db8:0:1::1").expect("known"))
+                .is_some(),
+            "another /64"
+        );
+        drop(held);
+        assert_eq!(from("::ffff:10.0.0.1"), from("10.0.0.1"));
     }
 
     #[test]

@@ -140,12 +140,15 @@ pub struct Limits {
     pub max_http_connections: usize,
     /// Most plain HTTP connections of one IP address (IPv6: one /64) waiting for a request
     /// head at once (64; 0: no such cap): just opened, or idle between two requests on a keep-alive
-    /// connection. Past it the one of that address that has waited longest is closed (a
-    /// connection is given at least a second from the start of its wait, so a head already
-    /// on its way is read). Without it one address could hold every
-    /// `max_http_connections` slot by opening ~34 connections a second and sending nothing
-    /// (each held to `request_header_timeout`): every other client waited. Connections
-    /// whose request is being served are not counted, so a reverse proxy (all its clients
+    /// connection. Past it the one of that address that has waited longest is closed (while
+    /// a connection slot is free it is given a second from the start of its wait, so a head
+    /// already on its way is read; with no slot free it is closed at once). Without it one
+    /// address could hold every `max_http_connections` slot by opening ~34 connections a
+    /// second and sending nothing (each held to `request_header_timeout`): every other
+    /// client waited. A connection counts from its accept until its request head is read,
+    /// and again from when its response's body has been handed over in whole (the end may
+    /// still be being written; a response sent before the request's body was read, such as
+    /// a 429, counts while that body still arrives), so a reverse proxy (all its clients
     /// from one address) is not limited by it unless it keeps more idle keep-alive
     /// connections open to the server than this: set it at least that high then (or 0).
     pub max_pending_connections_per_ip: usize,

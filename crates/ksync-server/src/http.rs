@@ -77,6 +77,11 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
     loop {
+        // No slot free: a connection closed for its address's waiting cap gives its slot up
+        // now rather than at its grace's end (the grace is a slot nobody else wants).
+        if slots.available_permits() == 0 {
+            waiting.reclaim();
+        }
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => match slot {
                 Ok(slot) => slot,
@@ -94,6 +99,11 @@ where
         let io = Stalls::new(io, limits.write_timeout, Arc::clone(&upgraded));
         let wait = Arc::new(Wait::new(remote.ip()));
         waiting.begin(&wait);
+        // Ends the connection's part in `waiting` when its task ends, even by a panic.
+        let waits = Waits {
+            waiting: Arc::clone(&waiting),
+            wait: Arc::clone(&wait),
+        };
         let first_wait = wait.current();
         let service = {
             let (waiting, wait) = (Arc::clone(&waiting), Arc::clone(&wait));
@@ -134,11 +144,11 @@ where
         // Not hyper-util's `GracefulShutdown`: it does not take hyper's HTTP/1 connection with
         // upgrades. The slot also tells the loop's end when every connection is gone.
         let mut stop = stop.clone();
-        let waiting = Arc::clone(&waiting);
         tokio::spawn(async move {
             // Given back when the connection ends (for an upgrade: once the WebSocket has its
             // socket).
             let _slot = slot;
+            let waits = waits;
             let mut connection = Box::pin(connection);
             let mut stopping = false;
             // The wait this connection was told to close for, and when it may be closed.
@@ -155,15 +165,16 @@ where
                         stopping = true;
                         connection.as_mut().graceful_shutdown();
                     }
-                    () = wait.evicted.notified(), if closing.is_none() => {
-                        if let Some((key, since)) = wait.eviction() {
-                            closing = Some((key, Box::pin(tokio::time::sleep_until(since + EVICTION_GRACE))));
+                    // Told to close, or told to close sooner (its slot is needed).
+                    () = waits.wait.evicted.notified() => {
+                        if let Some((key, at)) = waits.wait.eviction() {
+                            closing = Some((key, Box::pin(tokio::time::sleep_until(at))));
                         }
                     }
                     () = async { if let Some((_, at)) = closing.as_mut() { at.as_mut().await } }, if closing.is_some() => {
                         let Some((key, _)) = closing.take() else { continue };
                         // A head read meanwhile ended that wait: the connection is not closed.
-                        if wait.current() != key {
+                        if waits.wait.current() != key {
                             continue;
                         }
                         tracing::debug!(%remote, "http connection closed: its address has too many waiting for a request");
@@ -182,7 +193,7 @@ where
             // The connection (and a response body it held, which starts a wait when dropped)
             // first, then its last wait.
             drop(connection);
-            waiting.close(&wait);
+            drop(waits);
         });
     }
     drop(listener);
@@ -192,14 +203,17 @@ where
 }
 
 /// How long a connection's wait lasts at least before it is closed for its address's
-/// [`Waiting`] cap: a connection is told to close as soon as a newer one of its address starts
-/// waiting, and one just accepted may have its whole head in the socket, not yet read. A
-/// reverse proxy opening many connections at once would otherwise lose requests it had sent.
+/// [`Waiting`] cap, while a slot is free: a connection is told to close as soon as a newer one
+/// of its address starts waiting, and one just accepted may have its whole head in the socket,
+/// not yet read. A reverse proxy opening many connections at once would otherwise lose
+/// requests it had sent. Only while a slot is free: an address opening R connections a second
+/// would otherwise hold R slots more than its cap (see [`Waiting::reclaim`]).
 const EVICTION_GRACE: Duration = Duration::from_secs(1);
 
 /// The connections of each IP address that wait for a request head (just opened, or idle
 /// between requests), at most `cap` per address: when one more starts waiting, the one that
-/// has waited longest is told to close (after [`EVICTION_GRACE`] from the start of its wait).
+/// has waited longest is told to close (after [`EVICTION_GRACE`] from the start of its wait,
+/// or at once when the accept loop needs its slot).
 /// The newest is kept rather than refused: a proxy's new connection carries a request, and an
 /// address opening more only shortens its own connections' waits. Bounded: one entry per
 /// waiting connection, and connections are bounded by `max_http_connections`.
@@ -216,6 +230,9 @@ struct WaitingInner {
     /// Per address, its waiting connections by the number of their wait (oldest first), with
     /// when it started.
     by_ip: HashMap<IpAddr, BTreeMap<u64, (Instant, Arc<Wait>)>>,
+    /// The connections told to close and still in their grace, by the number of their wait
+    /// (oldest first); each is in no `by_ip` list any more.
+    in_grace: BTreeMap<u64, Arc<Wait>>,
 }
 
 /// One connection's part in [`Waiting`].
@@ -225,7 +242,7 @@ struct Wait {
     current: AtomicU64,
     /// Set once the connection has ended: no wait starts after it.
     closed: AtomicBool,
-    /// The wait it was told to close for, and when that wait started.
+    /// The wait it was told to close for, and when to close it.
     eviction: Mutex<Option<(u64, Instant)>>,
     evicted: Notify,
 }
@@ -235,7 +252,7 @@ impl Wait {
         Self {
             // An IPv4 client of a dual-stack listener is one address either way; an IPv6
             // host usually owns its whole /64, so that is one address too.
-            ip: crate::ratelimit::FailureLimiter::key(ip),
+            ip: ksync_core::ClientId::host_key(ip),
             current: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             eviction: Mutex::new(None),
@@ -273,26 +290,31 @@ impl Waiting {
         inner.next += 1;
         let key = inner.next;
         let old = wait.current.swap(key, Ordering::SeqCst);
+        // Its previous wait, if that one was in its grace.
+        inner.in_grace.remove(&old);
         let waits = inner.by_ip.entry(wait.ip).or_default();
         waits.remove(&old);
         waits.insert(key, (Instant::now(), Arc::clone(wait)));
         if waits.len() > self.cap
             && let Some((oldest, (since, victim))) = waits.pop_first()
         {
-            if let Ok(mut eviction) = victim.eviction.lock() {
-                *eviction = Some((oldest, since));
-            }
-            victim.evicted.notify_one();
+            victim.close_at(oldest, since + EVICTION_GRACE);
+            inner.in_grace.insert(oldest, victim);
         }
     }
 
     /// `wait`'s connection is not waiting any more (a head came).
     fn end(&self, wait: &Wait) {
-        let key = wait.current.swap(0, Ordering::SeqCst);
-        if self.cap == 0 || key == 0 {
+        if self.cap == 0 {
             return;
         }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the lock: a `begin` cannot slip in between taking the key and removing it.
+        let key = wait.current.swap(0, Ordering::SeqCst);
+        if key == 0 {
+            return;
+        }
+        inner.in_grace.remove(&key);
         if let Some(waits) = inner.by_ip.get_mut(&wait.ip) {
             waits.remove(&key);
             if waits.is_empty() {
@@ -301,10 +323,44 @@ impl Waiting {
         }
     }
 
-    /// `wait`'s connection has ended.
+    /// `wait`'s connection has ended: its wait ends, and none starts after it.
     fn close(&self, wait: &Wait) {
-        wait.closed.store(true, Ordering::SeqCst);
+        {
+            let _inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            // Under the lock `begin` checks it: no wait starts after this.
+            wait.closed.store(true, Ordering::SeqCst);
+        }
         self.end(wait);
+    }
+
+    /// The accept loop has no slot free: the connection in its grace that has waited longest
+    /// (if any) is told to close now, so its slot comes back.
+    fn reclaim(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((key, victim)) = inner.in_grace.pop_first() {
+            victim.close_at(key, Instant::now());
+        }
+    }
+}
+
+impl Wait {
+    /// Tells the connection to close at `at` unless its wait `key` has ended by then.
+    fn close_at(&self, key: u64, at: Instant) {
+        *self.eviction.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, at));
+        self.evicted.notify_one();
+    }
+}
+
+/// A connection's part in [`Waiting`], ended when its task ends (by a panic too: an entry
+/// left behind would count against its address for good).
+struct Waits {
+    waiting: Arc<Waiting>,
+    wait: Arc<Wait>,
+}
+
+impl Drop for Waits {
+    fn drop(&mut self) {
+        self.waiting.close(&self.wait);
     }
 }
 
@@ -497,6 +553,32 @@ mod tests {
         waiting.end(&same_64);
         waiting.begin(&wait("2001:db8::3"));
         assert!(same_64.eviction().is_none());
+    }
+
+    /// A connection's entry ends with its task even when the task panics (before, only the
+    /// task's normal end removed it, and a panic left it counted against its address for
+    /// good); none starts after it, and one in its grace goes too.
+    #[test]
+    fn a_connection_task_that_panics_leaves_no_wait_behind() {
+        let waiting = Arc::new(Waiting::new(1));
+        let (older, newer) = (
+            Arc::new(Wait::new("192.0.2.1".parse().expect("ip"))),
+            Arc::new(Wait::new("192.0.2.1".parse().expect("ip"))),
+        );
+        waiting.begin(&older);
+        waiting.begin(&newer);
+        let tasks = [&older, &newer].map(|wait| Waits {
+            waiting: Arc::clone(&waiting),
+            wait: Arc::clone(wait),
+        });
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _tasks = tasks;
+            panic!("a connection task panics");
+        }));
+        assert!(panicked.is_err());
+        waiting.begin(&newer);
+        let inner = waiting.inner.lock().expect("lock");
+        assert!(inner.by_ip.is_empty() && inner.in_grace.is_empty());
     }
 
     /// A reader that keeps taking bytes, however slowly, is never cut off.

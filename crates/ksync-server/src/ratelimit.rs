@@ -1,7 +1,7 @@
 //! Per-client throttling of failed authentication attempts.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -34,19 +34,10 @@ impl FailureLimiter {
         }
     }
 
-    /// The address a client is counted under: IPv4 (also mapped in IPv6) as is, IPv6 by its
-    /// /64. Also the key of the HTTP layer's waiting connections per address.
-    pub(crate) fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let s = v6.segments();
-                    IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-                }
-            },
-        }
+    /// The address a client is counted under: one host ([`ksync_core::ClientId::host_key`],
+    /// as every per-address limit counts it).
+    fn key(ip: IpAddr) -> IpAddr {
+        ksync_core::ClientId::host_key(ip)
     }
 
     /// Whether the policy sets no limit (`max_failures` 0).
