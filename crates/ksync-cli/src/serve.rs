@@ -599,6 +599,84 @@ mod tests {
         );
     }
 
+    /// Every field of `Limits` has its flag: set them all away from their defaults, and no
+    /// field of the limits built from them is left at its default. `Limits` is
+    /// `#[non_exhaustive]`, so a new limit not wired to a flag compiles; this fails instead,
+    /// naming it. (Add its flag below too.)
+    #[test]
+    fn every_limit_has_a_flag() {
+        use clap::Parser;
+        let d = Limits::default();
+        let double = |n: usize| (n.max(1) * 2).to_string();
+        let secs = |t: Duration| (t.as_secs() + 1).to_string();
+        let flags = [
+            ("--max-message-bytes", double(d.max_message_bytes)),
+            ("--max-connections", double(d.max_connections)),
+            (
+                "--max-connections-per-client",
+                double(d.max_connections_per_client),
+            ),
+            ("--max-open-rooms", double(d.max_open_rooms)),
+            (
+                "--subscriber-queues-total-bytes",
+                double(d.subscriber_queues_total_bytes),
+            ),
+            ("--room-queue-bytes", double(d.room_queue_bytes)),
+            (
+                "--room-queues-total-bytes",
+                double(d.room_queues_total_bytes),
+            ),
+            ("--heartbeat-secs", secs(d.heartbeat)),
+            ("--shutdown-timeout-secs", secs(d.shutdown_timeout)),
+            ("--max-git-requests", double(d.max_git_requests)),
+            ("--request-body-timeout-secs", secs(d.request_body_timeout)),
+            (
+                "--request-body-min-rate",
+                (d.request_body_min_rate.max(1) * 2).to_string(),
+            ),
+            (
+                "--request-header-timeout-secs",
+                secs(d.request_header_timeout),
+            ),
+            ("--max-http-connections", double(d.max_http_connections)),
+            (
+                "--max-pending-connections-per-ip",
+                double(d.max_pending_connections_per_ip),
+            ),
+            (
+                "--response-write-timeout-secs",
+                secs(d.response_write_timeout),
+            ),
+            ("--git-body-memory-bytes", double(d.git_body_memory_bytes)),
+            ("--max-branches-per-repo", double(d.max_branches_per_repo)),
+            ("--max-pushes-per-client", double(d.max_pushes_per_client)),
+            ("--max-merges-per-client", double(d.max_merges_per_client)),
+            ("--max-rooms", double(d.max_rooms)),
+            ("--max-repos", double(d.max_repos)),
+        ];
+        let argv = std::iter::once("serve".to_owned()).chain(
+            flags
+                .iter()
+                .flat_map(|(flag, value)| [flag.to_string(), value.clone()]),
+        );
+        let serve = Serve::try_parse_from(argv).expect("flags");
+        let limits = serve.args.into_config().expect("config").limits;
+        // Field by field through `Debug` (one `name: value,` a line): no list of the fields
+        // here to forget one in.
+        let fields = |limits: &Limits| -> Vec<String> {
+            format!("{limits:#?}")
+                .lines()
+                .filter(|line| line.starts_with("    "))
+                .map(|line| line.trim().to_owned())
+                .collect()
+        };
+        let (set, default) = (fields(&limits), fields(&d));
+        assert_eq!(set.len(), default.len());
+        assert!(!set.is_empty());
+        let unset: Vec<&String> = set.iter().filter(|field| default.contains(field)).collect();
+        assert!(unset.is_empty(), "limits no flag sets: {unset:?}");
+    }
+
     /// A stop whose flush timed out (a hung disk) exits 1 by the path that does not wait for
     /// the runtime's blocking tasks (a log being opened on that disk can hold one for good).
     #[test]
