@@ -194,9 +194,11 @@ impl P2PSyncClientBuilder {
     /// eighth of it, and so do one host's (all its peers together, as `max_peers_per_ip`
     /// counts hosts, loopback included), so a peer that asks on all its streams and never
     /// reads, or a host that does so with many peer ids, leaves the rest to the others; and
-    /// one answer always goes to a peer with none in flight whose host is under its share, so
-    /// every host's catch-up makes progress (a share, and the budget, is passed by at most one
-    /// answer per host). An answer is held from
+    /// one answer always goes to a peer with none in flight whose host holds under two shares
+    /// (each answer counted there at most at a share), so every host's catch-up makes
+    /// progress, and one peer of a host that never reads cannot keep the host's other peers
+    /// busy (a share, and the budget, is passed by those answers, one per such peer; a share
+    /// is at least 1 byte). An answer is held from
     /// when it is built until it is sent, or until `request_timeout` when its requester does
     /// not read it (8 requests per connection). Overflow: an answer carries what fits (the
     /// rest is asked for next, as with any answer's size limit); a request when nothing fits
@@ -226,19 +228,21 @@ impl P2PSyncClientBuilder {
     }
 
     /// Most bytes of gossip queued to peers that fell behind, all together. Default 256 MiB
-    /// ([`DEFAULT_MAX_GOSSIP_TOTAL_BYTES`](crate::DEFAULT_MAX_GOSSIP_TOTAL_BYTES)), at least
-    /// one byte. Each peer's queue is bounded (`max_gossip_queue_bytes`), but many peers that
-    /// stop reading could each fill theirs (~5 GiB with 64 peers at the default event
-    /// limit). Gossipsub tells which peers' queues overflowed (a message did not fit), not
-    /// what they hold, so such a peer is counted at its queue's worst case: its length in
-    /// messages (256 at the defaults) times the largest message this node published or
-    /// received since the peer connected; it stops counting 10 s after its last overflow, or
-    /// when it disconnects. Overflow: when those counts pass this bound, the counted peer
+    /// ([`DEFAULT_MAX_GOSSIP_TOTAL_BYTES`](crate::DEFAULT_MAX_GOSSIP_TOTAL_BYTES)), at
+    /// least one byte. Each peer's queue is bounded (`max_gossip_queue_bytes`), but many
+    /// peers that stop reading could each fill theirs (~5 GiB with 64 peers at the default
+    /// event limit). Gossipsub tells which peers' queues overflowed (a message did not
+    /// fit), not what they hold, so such a peer is counted at its queue's worst case: its
+    /// length in messages (256 at the defaults) times the largest message this node
+    /// published or received from 10 s before the peer was first counted until its last
+    /// overflow; it stops counting 10 s after its last overflow, or when it disconnects. A
+    /// peer let go is not chosen again; if its connection has not closed 10 s later, its
+    /// queue counts again. Overflow: when those counts pass this bound, the counted peer
     /// that dropped the most messages is disconnected (its queue is freed; a warning is
-    /// logged and `peer-disconnected` notified), until they fit. Publishes and forwards go on
-    /// as before (to a full queue, not at all); no local event is lost: it is stored, and
-    /// the disconnected peer's catch-up carries it once it connects again (a peer reached
-    /// by `connect_to_peer` is dialed again by the side that asked: see
+    /// logged and `peer-disconnected` notified), until they fit. Publishes and forwards go
+    /// on as before (to a full queue, not at all); no local event is lost: it is stored,
+    /// and the disconnected peer's catch-up carries it once it connects again (a peer
+    /// reached by `connect_to_peer` is dialed again by the side that asked: see
     /// [`redial_delay`](Self::redial_delay)).
     pub fn max_gossip_total_bytes(mut self, max: usize) -> Self {
         self.opts.max_gossip_total_bytes = max;

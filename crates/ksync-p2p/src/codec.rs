@@ -17,11 +17,13 @@ use libp2p::StreamProtocol;
 use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite};
 use libp2p::request_response::{self, cbor};
 
-use crate::wire::{MAX_RESPONSE_BYTES, SyncRequest, SyncResponse};
+use crate::wire::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, SyncRequest, SyncResponse};
 
 type Cbor = cbor::codec::Codec<SyncRequest, SyncResponse>;
 
-/// [`Cbor`], adding every byte it reads or writes to `bytes`.
+/// [`Cbor`], adding every byte it reads or writes to `bytes`. It owns the protocol's size
+/// limits: a request read is at most [`MAX_REQUEST_BYTES`] (by the inner codec), an answer
+/// at most [`MAX_RESPONSE_BYTES`] (here: answers are not read by the inner codec).
 #[derive(Clone)]
 pub(crate) struct CountingCodec {
     inner: Cbor,
@@ -29,8 +31,11 @@ pub(crate) struct CountingCodec {
 }
 
 impl CountingCodec {
-    pub(crate) fn new(inner: Cbor, bytes: Arc<AtomicU64>) -> Self {
-        Self { inner, bytes }
+    pub(crate) fn new(bytes: Arc<AtomicU64>) -> Self {
+        Self {
+            inner: Cbor::default().set_request_size_maximum(MAX_REQUEST_BYTES),
+            bytes,
+        }
     }
 }
 
@@ -51,8 +56,8 @@ impl request_response::Codec for CountingCodec {
         self.inner.read_request(protocol, &mut io).await
     }
 
-    /// Read as libp2p's codec reads it (the whole answer, at most [`MAX_RESPONSE_BYTES`], what
-    /// the node configures it with), then decoded by [`decode_answer`].
+    /// Read as libp2p's codec reads it (the whole answer, at most [`MAX_RESPONSE_BYTES`]),
+    /// then decoded by [`decode_answer`].
     async fn read_response<T>(
         &mut self,
         _protocol: &StreamProtocol,
@@ -215,10 +220,30 @@ mod tests {
 
     fn codec() -> (CountingCodec, Arc<AtomicU64>) {
         let bytes = Arc::new(AtomicU64::new(0));
-        (
-            CountingCodec::new(Cbor::default(), Arc::clone(&bytes)),
-            bytes,
-        )
+        (CountingCodec::new(Arc::clone(&bytes)), bytes)
+    }
+
+    /// The codec itself holds requests to `MAX_REQUEST_BYTES` (libp2p's default is 1 MiB).
+    #[tokio::test]
+    async fn a_request_past_the_request_limit_is_refused() {
+        let protocol = StreamProtocol::new(crate::wire::SYNC_PROTOCOL);
+        let request = |len: usize| SyncRequest::Keys {
+            network: "n".repeat(len),
+            after: 0,
+            limit: 1,
+        };
+        let limit = MAX_REQUEST_BYTES as usize;
+        for (len, read) in [(limit - 64, true), (limit + 64, false)] {
+            let (mut codec, _) = codec();
+            let mut wire = Cursor::new(Vec::new());
+            codec
+                .write_request(&protocol, &mut wire, request(len))
+                .await
+                .expect("write");
+            wire.set_position(0);
+            let back = codec.read_request(&protocol, &mut wire).await;
+            assert_eq!(back.is_ok(), read, "{len} bytes: {back:?}");
+        }
     }
 
     #[tokio::test]

@@ -214,9 +214,9 @@ pub const DEFAULT_MAX_GOSSIP_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// bounded (`max_gossip_queue_bytes`, really 256 of the largest message: 80 MiB at the
 /// default event limit), but 64 peers that stop reading could make a node hold 64 of them
 /// (~5 GiB). A peer whose queue overflowed is counted at its queue's worst case (its length in
-/// messages times the largest message gossiped since it connected); past this bound the one
-/// that dropped the most messages is disconnected, which frees its queue (its events are
-/// stored here; catch-up carries them once it connects again). See
+/// messages times the largest message gossiped recently, see `node::SlowPeers`); past this
+/// bound the one that dropped the most messages is disconnected, which frees its queue (its
+/// events are stored here; catch-up carries them once it connects again). See
 /// `P2PSyncClientBuilder::max_gossip_total_bytes`.
 pub const DEFAULT_MAX_GOSSIP_TOTAL_BYTES: usize = 256 * 1024 * 1024;
 /// Default range of the delay before dialing again a peer `connect_to_peer` reached, once its

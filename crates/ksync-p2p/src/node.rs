@@ -42,8 +42,8 @@ use crate::refusals::Refusals;
 use crate::shaping::Shaping;
 use crate::transport::{self, BoxError};
 use crate::wire::{
-    self, KeyEntry, MAX_FETCH, MAX_PAGE, MAX_PAGE_SCAN, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
-    MAX_SYNC_STREAMS, RESPONSE_BUDGET, SyncRequest, SyncResponse,
+    self, KeyEntry, MAX_FETCH, MAX_PAGE, MAX_PAGE_SCAN, MAX_SYNC_STREAMS, RESPONSE_BUDGET,
+    SyncRequest, SyncResponse,
 };
 
 /// Largest batch of events packed into one gossip message, in encoded bytes (never less than
@@ -324,37 +324,89 @@ pub(crate) fn gossip_queue_len(opts: &Options) -> usize {
 /// How long a peer whose gossip queue overflowed stays counted against
 /// `max_gossip_total_bytes` after its last overflow: gossipsub reports overflows at each
 /// heartbeat (1 s) while messages keep failing to fit, so a peer still behind is reported
-/// again well within it, and one that caught up stops counting.
+/// again well within it, and one that caught up stops counting. Also how far back the
+/// largest message gossiped is looked for (see [`RecentLargest`]), and how long a peer let go
+/// is given to close its connection before its queue counts again (see [`SlowPeers::over`]).
 const SLOW_PEER_WINDOW: Duration = Duration::from_secs(10);
 
 /// What a queued message holds beyond its data (signature, key, topic, sequence number),
 /// about.
 const MESSAGE_OVERHEAD: usize = 256;
 
+/// The largest message (with `MESSAGE_OVERHEAD`) gossiped in each of the last
+/// `SLOW_PEER_WINDOW` seconds (and the current one): a fixed ring of one-second slots, so
+/// bounded whatever the rate.
+#[derive(Debug, Default)]
+struct RecentLargest {
+    /// Slot `second % len`: the second it holds (since `origin`) and its largest message.
+    slots: [(u64, usize); RECENT_SLOTS],
+    /// The instant second 0 starts at (the first message's).
+    origin: Option<tokio::time::Instant>,
+}
+
+const RECENT_SLOTS: usize = SLOW_PEER_WINDOW.as_secs() as usize + 1;
+
+impl RecentLargest {
+    fn second(&mut self, now: tokio::time::Instant) -> u64 {
+        let origin = *self.origin.get_or_insert(now);
+        now.saturating_duration_since(origin).as_secs()
+    }
+
+    fn record(&mut self, bytes: usize, now: tokio::time::Instant) {
+        let second = self.second(now);
+        let slot = &mut self.slots[(second % RECENT_SLOTS as u64) as usize];
+        if slot.0 != second {
+            *slot = (second, 0);
+        }
+        slot.1 = slot.1.max(bytes);
+    }
+
+    /// The largest message of the last `SLOW_PEER_WINDOW`.
+    fn largest(&mut self, now: tokio::time::Instant) -> usize {
+        let second = self.second(now);
+        self.slots
+            .iter()
+            .filter(|(at, _)| second.saturating_sub(*at) < RECENT_SLOTS as u64)
+            .map(|(_, bytes)| *bytes)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// One connected peer, for [`SlowPeers`].
 #[derive(Debug, Default)]
 struct PeerGossip {
-    /// The largest message (with `MESSAGE_OVERHEAD`) this node published or received since
-    /// the peer connected: the most one message of its queue holds.
+    /// While counted: when gossipsub last reported that the peer's queue overflowed, the
+    /// messages it dropped since it was first counted, and the most one message of its queue
+    /// may hold: the largest message gossiped from `SLOW_PEER_WINDOW` before it was first
+    /// counted until its last report (its queue filled before it overflowed; a queue that
+    /// held older large messages and dropped nothing for the window stopped counting).
+    slow: Option<Slow>,
+    /// Let go for the bound, its connection still closing, since then, counted at its
+    /// queue's bytes then: its queue is held until the connection closes. Not chosen again,
+    /// and its later reports are not counted (gossipsub goes on reporting it: its heartbeat's
+    /// IHAVEs do not fit either; its drops, from zero again, would make a peer that dropped
+    /// more go in its place).
+    leaving: Option<(tokio::time::Instant, usize)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slow {
+    at: tokio::time::Instant,
+    dropped: u64,
     largest: usize,
-    /// When gossipsub last reported that the peer's queue overflowed, and the messages it
-    /// dropped since the peer was first counted.
-    slow: Option<(tokio::time::Instant, u64)>,
-    /// Disconnected for the bound, its connection still closing: gossipsub goes on reporting
-    /// it (its heartbeat's IHAVEs do not fit either), and counted again it would make
-    /// another peer go.
-    leaving: bool,
 }
 
 /// The node-wide bound on gossip queued to peers that fell behind (`max_gossip_total_bytes`).
 /// Gossipsub bounds each peer's queue in messages and reports a peer whose queue overflowed
 /// (`Event::SlowPeer`), not what the queues hold, so such a peer is counted at its worst
-/// case, the queue's length times its `largest`. Overflow: the counted peers that dropped the
-/// most are disconnected until the rest fit (see `Node::on_slow_peer`). One entry per
-/// connected peer.
+/// case, the queue's length times its `largest` (an estimate: see [`PeerGossip`]). Overflow:
+/// the counted peers that dropped the most are disconnected until the rest fit (see
+/// `Node::on_slow_peer`). One entry per connected peer.
 #[derive(Debug, Default)]
 struct SlowPeers {
     peers: HashMap<PeerId, PeerGossip>,
+    recent: RecentLargest,
 }
 
 impl SlowPeers {
@@ -368,40 +420,62 @@ impl SlowPeers {
 
     /// A message of `bytes` went into gossip (published, or received and so forwarded or
     /// served on IWANT): any peer's queue may hold it.
-    fn gossiped(&mut self, bytes: usize) {
+    fn gossiped(&mut self, bytes: usize, now: tokio::time::Instant) {
         let bytes = bytes.saturating_add(MESSAGE_OVERHEAD);
+        self.recent.record(bytes, now);
         for peer in self.peers.values_mut() {
-            peer.largest = peer.largest.max(bytes);
+            if let Some(slow) = &mut peer.slow {
+                slow.largest = slow.largest.max(bytes);
+            }
         }
     }
 
     /// Gossipsub reported that `dropped` messages did not fit `peer`'s queue.
     fn overflowed(&mut self, peer: &PeerId, dropped: u64, now: tokio::time::Instant) {
+        let recent = self.recent.largest(now);
         if let Some(state) = self.peers.get_mut(peer)
-            && !state.leaving
+            && state.leaving.is_none()
         {
-            let before = state.slow.map_or(0, |(_, n)| n);
-            state.slow = Some((now, before.saturating_add(dropped)));
+            // Not reported for the window: it had stopped counting.
+            if state
+                .slow
+                .is_some_and(|slow| now.saturating_duration_since(slow.at) > SLOW_PEER_WINDOW)
+            {
+                state.slow = None;
+            }
+            let slow = state.slow.get_or_insert(Slow {
+                at: now,
+                dropped: 0,
+                largest: recent,
+            });
+            slow.at = now;
+            slow.dropped = slow.dropped.saturating_add(dropped);
         }
     }
 
     /// The counted peers to let go so that the rest fit `max`, those that dropped the most
-    /// first, each queue holding at most `queue_len` messages; they are no longer counted
-    /// (until they disconnect: their queues go with their connections).
+    /// first, each queue holding at most `queue_len` messages. A peer let go is not chosen
+    /// again; while its connection closes (`SLOW_PEER_WINDOW`) its queue is taken as freed,
+    /// after that (its close hangs: the queue is still held) it counts again, so the others
+    /// must fit beside it.
     fn over(&mut self, queue_len: usize, max: usize, now: tokio::time::Instant) -> Vec<PeerId> {
         let mut counted: Vec<(u64, PeerId, usize)> = Vec::new();
+        let mut total = 0usize;
         for (id, state) in &mut self.peers {
-            if let Some((at, dropped)) = state.slow {
-                if now.saturating_duration_since(at) > SLOW_PEER_WINDOW {
+            if let Some((told, bytes)) = state.leaving {
+                if now.saturating_duration_since(told) > SLOW_PEER_WINDOW {
+                    total = total.saturating_add(bytes);
+                }
+            } else if let Some(slow) = state.slow {
+                if now.saturating_duration_since(slow.at) > SLOW_PEER_WINDOW {
                     state.slow = None;
                 } else {
-                    counted.push((dropped, *id, queue_len.saturating_mul(state.largest)));
+                    let bytes = queue_len.saturating_mul(slow.largest);
+                    total = total.saturating_add(bytes);
+                    counted.push((slow.dropped, *id, bytes));
                 }
             }
         }
-        let mut total = counted
-            .iter()
-            .fold(0usize, |sum, (_, _, bytes)| sum.saturating_add(*bytes));
         counted.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut out = Vec::new();
         for (_, id, bytes) in counted {
@@ -411,7 +485,7 @@ impl SlowPeers {
             total = total.saturating_sub(bytes);
             if let Some(state) = self.peers.get_mut(&id) {
                 state.slow = None;
-                state.leaving = true;
+                state.leaving = Some((now, bytes));
             }
             out.push(id);
         }
@@ -459,12 +533,8 @@ fn behaviour(
     let (params, thresholds) = score_params(&topic);
     gossipsub.with_peer_score(params, thresholds)?;
 
-    let codec = CountingCodec::new(
-        request_response::cbor::codec::Codec::default()
-            .set_request_size_maximum(MAX_REQUEST_BYTES)
-            .set_response_size_maximum(MAX_RESPONSE_BYTES),
-        catch_up_bytes,
-    );
+    // The codec holds requests and answers to their size limits.
+    let codec = CountingCodec::new(catch_up_bytes);
     let sync = request_response::Behaviour::with_codec(
         codec,
         [(
@@ -623,7 +693,7 @@ enum Outstanding {
 /// `Node::response_to`).
 #[derive(Debug, Clone, Copy)]
 struct Room {
-    /// No answer to this peer is in flight and its host's are under their share: one goes
+    /// No answer to this peer is in flight and its host's are under two shares: one goes
     /// whatever its size.
     idle: bool,
     /// Bytes left under `max_catch_up_answer_bytes`, and under this peer's share of it and its
@@ -631,11 +701,38 @@ struct Room {
     left: usize,
 }
 
+impl Room {
+    /// The room for an answer to a peer holding `peer_held` of answers in flight, whose host
+    /// holds `host_held`, under `budget` of which `total` is held.
+    /// A peer with none in flight gets one answer (whatever its size) unless its host holds
+    /// two shares: a host's sum counts each answer at most at a share (see
+    /// `AnswersInFlight::hold`), so one peer that asks and does not read holds at most one
+    /// share of its host's and cannot keep the host's other peers waiting; it takes two such
+    /// peer ids of one host (`max_peers_per_ip`) to do so.
+    fn for_answer(budget: usize, total: usize, peer_held: usize, host_held: usize) -> Room {
+        let share = answer_share(budget);
+        Room {
+            idle: peer_held == 0 && host_held < share.saturating_mul(2),
+            left: budget
+                .saturating_sub(total)
+                .min(share.saturating_sub(peer_held))
+                .min(share.saturating_sub(host_held)),
+        }
+    }
+}
+
 /// One peer's share of `max_catch_up_answer_bytes`, and one host's (all its peers together),
 /// as a divisor: their answers in flight hold at most an eighth of the budget, so a peer that
 /// asks on all its streams and never reads, or a host that does so with `max_peers_per_ip`
 /// peer ids, leaves the rest to the others.
 const ANSWER_SHARE_DIVISOR: usize = 8;
+
+/// One peer's (and one host's) share of a `budget` of answers in flight: at least 1 byte, so
+/// that a budget under `ANSWER_SHARE_DIVISOR` bytes (which `build` accepts) does not leave
+/// every request busy.
+fn answer_share(budget: usize) -> usize {
+    (budget / ANSWER_SHARE_DIVISOR).max(1)
+}
 
 /// Who an answer in flight is held for: the peer, and the host its request came from (see
 /// `per_host::Host`; `None` when the connection's address holds no IP, then only the peer's
@@ -652,11 +749,12 @@ struct Holder {
 /// (`MAX_SYNC_STREAMS` per connection). The sums change only with the map, here.
 #[derive(Default)]
 struct AnswersInFlight {
-    answers: HashMap<InboundRequestId, (Holder, usize)>,
+    /// Each answer's holder, bytes, and what it counts in its host's sum.
+    answers: HashMap<InboundRequestId, (Holder, usize, usize)>,
     total: usize,
     /// Only peers with an answer in flight.
     by_peer: HashMap<PeerId, usize>,
-    /// Only hosts with an answer in flight.
+    /// Only hosts with an answer in flight; each answer counted at most at a share.
     by_host: HashMap<Host, usize>,
 }
 
@@ -677,24 +775,28 @@ fn take_from<K: std::hash::Hash + Eq>(sums: &mut HashMap<K, usize>, key: &K, byt
 }
 
 impl AnswersInFlight {
-    fn hold(&mut self, request_id: InboundRequestId, holder: Holder, bytes: usize) {
-        self.answers.insert(request_id, (holder, bytes));
+    /// Holds an answer of `bytes`; in its host's sum at most `share` (one answer to an idle
+    /// peer goes whatever its size: counted whole, one peer's could keep its host over two
+    /// shares, and so every other peer of the host waiting; see `Room::for_answer`).
+    fn hold(&mut self, request_id: InboundRequestId, holder: Holder, bytes: usize, share: usize) {
+        let host_bytes = bytes.min(share);
+        self.answers.insert(request_id, (holder, bytes, host_bytes));
         self.total = self.total.saturating_add(bytes);
         add_to(&mut self.by_peer, holder.peer, bytes);
         if let Some(host) = holder.host {
-            add_to(&mut self.by_host, host, bytes);
+            add_to(&mut self.by_host, host, host_bytes);
         }
     }
 
     /// The answer was sent, or never will be: what it held is free again.
     fn release(&mut self, request_id: &InboundRequestId) {
-        let Some((holder, bytes)) = self.answers.remove(request_id) else {
+        let Some((holder, bytes, host_bytes)) = self.answers.remove(request_id) else {
             return;
         };
         self.total = self.total.saturating_sub(bytes);
         take_from(&mut self.by_peer, &holder.peer, bytes);
         if let Some(host) = holder.host {
-            take_from(&mut self.by_host, &host, bytes);
+            take_from(&mut self.by_host, &host, host_bytes);
         }
     }
 
@@ -1153,7 +1255,7 @@ impl Node {
             .publish(self.topic.clone(), data)
         {
             Ok(_) => {
-                self.slow_peers.gossiped(bytes);
+                self.slow_peers.gossiped(bytes, tokio::time::Instant::now());
                 let c = &self.shared.counters;
                 c.published_messages.fetch_add(1, Ordering::Relaxed);
                 c.published_events.fetch_add(count, Ordering::Relaxed);
@@ -1665,7 +1767,8 @@ impl Node {
     ) {
         match wire::decode_payload(&message.data, self.opts.max_event_bytes) {
             Ok(events) => {
-                self.slow_peers.gossiped(message.data.len());
+                self.slow_peers
+                    .gossiped(message.data.len(), tokio::time::Instant::now());
                 if self.held.len() >= MAX_HELD_FORWARDS
                     && let Some((_, id, source)) = self.held.pop_front()
                 {
@@ -2090,7 +2193,8 @@ impl Node {
             return;
         }
         if held > 0 {
-            self.answers.hold(request_id, holder, held);
+            let share = answer_share(self.opts.max_catch_up_answer_bytes);
+            self.answers.hold(request_id, holder, held, share);
         }
     }
 
@@ -2101,22 +2205,18 @@ impl Node {
     /// (`ANSWER_SHARE_DIVISOR`): one that does not fit what is left of any is cut to what
     /// does (the requester fetches the rest next, as for any answer's size limit), or, when
     /// nothing fits, refused as busy (the requester asks again in a later round). When no
-    /// answer to this peer is in flight and its host's are under their share, one always goes
+    /// answer to this peer is in flight and its host's are under two shares, one always goes
     /// (a page, or at least one event), so every host's catch-up makes progress whatever
-    /// other hosts hold; a host's sum can pass its share, and the node-wide sum the budget,
-    /// by that one answer per host.
+    /// other hosts hold, and a peer's whatever one peer of its host that does not read holds
+    /// (see `Room::for_answer`); a host's sum can pass its share, and the node-wide sum the
+    /// budget, by one answer per such peer.
     fn response_to(&self, holder: Holder, request: SyncRequest) -> (SyncResponse, usize) {
-        let budget = self.opts.max_catch_up_answer_bytes;
-        let share = budget / ANSWER_SHARE_DIVISOR;
-        let peer_held = self.answers.held_by(&holder.peer);
-        let host_held = self.answers.held_by_host(&holder);
-        let room = Room {
-            idle: peer_held == 0 && host_held < share,
-            left: budget
-                .saturating_sub(self.answers.total)
-                .min(share.saturating_sub(peer_held))
-                .min(share.saturating_sub(host_held)),
-        };
+        let room = Room::for_answer(
+            self.opts.max_catch_up_answer_bytes,
+            self.answers.total,
+            self.answers.held_by(&holder.peer),
+            self.answers.held_by_host(&holder),
+        );
         let busy = SyncResponse::Refused {
             reason: "busy: this peer's catch-up answers in flight are at its \
                      max_catch_up_answer_bytes, or yours (or your host's) at a share of it; \
@@ -2721,8 +2821,8 @@ mod tests {
         assert_eq!(gossip_queue_len(&opts), 5000, "gossipsub's own cap");
     }
 
-    /// Peers whose queue overflowed count at queue length x the largest message since they
-    /// connected; past the bound, those that dropped the most go first, just enough of them;
+    /// Peers whose queue overflowed count at queue length x the largest recent message; past
+    /// the bound, those that dropped the most go first, just enough of them;
     /// a peer not reported for `SLOW_PEER_WINDOW` stops counting.
     #[test]
     fn slow_peers_over_the_bound_go_those_that_dropped_most_first() {
@@ -2732,7 +2832,7 @@ mod tests {
         for peer in [a, b, c, quiet] {
             slow.connected(peer);
         }
-        slow.gossiped(1000 - MESSAGE_OVERHEAD);
+        slow.gossiped(1000 - MESSAGE_OVERHEAD, now);
         slow.overflowed(&a, 5, now);
         slow.overflowed(&b, 9, now);
         slow.overflowed(&c, 1, now);
@@ -2745,6 +2845,7 @@ mod tests {
             "b, leaving, no longer counts, even reported again"
         );
         let later = now + SLOW_PEER_WINDOW + Duration::from_secs(1);
+        slow.gossiped(1000 - MESSAGE_OVERHEAD, later);
         slow.overflowed(&c, 1, later);
         assert_eq!(
             slow.over(10, 5_000, later),
@@ -2754,6 +2855,89 @@ mod tests {
         slow.disconnected(&a);
         slow.overflowed(&a, 100, later);
         assert_eq!(slow.over(10, 0, later), Vec::<PeerId>::new(), "gone");
+    }
+
+    /// One large message long ago does not make every peer that falls behind later count as
+    /// if its queue held 256 of them: four peers whose queues hold small messages fit the
+    /// default bound. Before, each counted at 256 x the largest message since it connected.
+    #[test]
+    fn slow_peers_count_the_largest_message_of_recent_gossip() {
+        let now = tokio::time::Instant::now();
+        let peers = [(); 4].map(|_| PeerId::random());
+        let mut slow = SlowPeers::default();
+        for peer in peers {
+            slow.connected(peer);
+        }
+        slow.gossiped(320 * 1024, now);
+        let later = now + Duration::from_secs(3600);
+        slow.gossiped(100, later);
+        for peer in &peers {
+            slow.overflowed(peer, 10, later);
+        }
+        assert_eq!(
+            slow.over(256, crate::DEFAULT_MAX_GOSSIP_TOTAL_BYTES, later),
+            Vec::<PeerId>::new(),
+            "four queues of small messages fit 256 MiB"
+        );
+    }
+
+    /// A peer let go stays counted (its queue is held until its connection closes) but is not
+    /// chosen again, and its reports after that do not make another peer go while its close
+    /// is under way; one whose close hangs past `SLOW_PEER_WINDOW` holds its queue, so the
+    /// others must fit beside it.
+    #[test]
+    fn slow_peers_a_peer_let_go_stays_counted_and_is_not_chosen_again() {
+        let now = tokio::time::Instant::now();
+        let [a, b] = [(); 2].map(|_| PeerId::random());
+        let mut slow = SlowPeers::default();
+        for peer in [a, b] {
+            slow.connected(peer);
+        }
+        slow.gossiped(1000 - MESSAGE_OVERHEAD, now);
+        slow.overflowed(&a, 1, now);
+        slow.overflowed(&b, 9, now);
+        assert_eq!(slow.over(10, 15_000, now), vec![b], "one of 10,000 fits");
+        // Heartbeats while b's connection closes: b is reported again (its drops restart),
+        // a's accumulate; a is not let go for b.
+        for s in 1..=SLOW_PEER_WINDOW.as_secs() {
+            let at = now + Duration::from_secs(s);
+            slow.overflowed(&a, 5, at);
+            slow.overflowed(&b, 1, at);
+            assert_eq!(slow.over(10, 15_000, at), Vec::<PeerId>::new(), "{s} s");
+        }
+        // b's close hung: its queue is still held, a does not fit beside it; b is not chosen.
+        let hung = now + SLOW_PEER_WINDOW + Duration::from_secs(2);
+        slow.overflowed(&a, 5, hung);
+        slow.overflowed(&b, 500, hung);
+        assert_eq!(
+            slow.over(10, 25_000, hung),
+            Vec::<PeerId>::new(),
+            "both fit"
+        );
+        assert_eq!(slow.over(10, 15_000, hung), vec![a]);
+    }
+
+    /// A peer with no answer in flight gets one whatever the budget (1 byte: every request
+    /// was busy), and whatever another peer of its host that does not read holds (up to its
+    /// share: every other peer of that host was answered busy in every round); a host
+    /// holding twice its share gets no more.
+    #[test]
+    fn an_idle_peer_gets_one_answer_unless_its_host_holds_two_shares() {
+        for budget in 1..8 {
+            assert!(Room::for_answer(budget, 0, 0, 0).idle, "budget {budget}");
+        }
+        let budget = crate::DEFAULT_MAX_CATCH_UP_ANSWER_BYTES;
+        let share = budget / ANSWER_SHARE_DIVISOR;
+        // Another peer of the host holds its whole share (and one answer past it).
+        assert!(Room::for_answer(budget, share, 0, share).idle);
+        assert!(Room::for_answer(budget, share, 0, share + share / 2).idle);
+        assert!(!Room::for_answer(budget, 2 * share, 0, 2 * share).idle);
+        assert!(!Room::for_answer(budget, 10, 10, 10).idle, "one in flight");
+        assert_eq!(
+            Room::for_answer(budget, 0, 0, share).left,
+            0,
+            "nothing past one"
+        );
     }
 
     /// The node's swarm, listening on 127.0.0.1 (port 0), and its listen address.
