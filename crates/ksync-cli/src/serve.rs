@@ -229,8 +229,8 @@ pub struct ServeArgs {
 
     /// Most HTTP connections of one IP address (IPv6: one /64) waiting for a request (just
     /// opened, or idle between requests) at once; past it the one that has waited longest is
-    /// closed. Behind a reverse proxy, at least the idle keep-alive connections it keeps to
-    /// the server; 0 turns the cap off.
+    /// closed; with TLS, also its handshakes in flight. Behind a reverse proxy, at least the
+    /// idle keep-alive connections it keeps to the server; 0 turns the cap off.
     #[arg(long, env = "KSYNC_MAX_PENDING_CONNECTIONS_PER_IP", value_name = "N",
         default_value_t = Limits::default().max_pending_connections_per_ip,
         allow_negative_numbers = true, value_parser = at_least::<usize, 0>)]

@@ -151,6 +151,8 @@ pub struct Limits {
     /// a 429, counts while that body still arrives), so a reverse proxy (all its clients
     /// from one address) is not limited by it unless it keeps more idle keep-alive
     /// connections open to the server than this: set it at least that high then (or 0).
+    /// With TLS it also caps one address's handshakes in flight (past it a new connection is
+    /// closed at once).
     pub max_pending_connections_per_ip: usize,
     /// Longest a response may go without a byte of it taken by the client (30 s; nginx's
     /// `send_timeout`): the connection is closed then, freeing the response's memory (a pull

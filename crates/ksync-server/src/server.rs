@@ -286,7 +286,11 @@ impl Server {
             )),
             // TLS connections already have TCP_NODELAY.
             Some(certificates) => {
-                let listener = crate::tls::TlsListener::new(listener, Arc::clone(certificates));
+                let listener = crate::tls::TlsListener::new(
+                    listener,
+                    Arc::clone(certificates),
+                    limits.max_waiting_per_ip,
+                );
                 tokio::spawn(crate::http::serve(listener, app, limits, stop_rx))
             }
         };

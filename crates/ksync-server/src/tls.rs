@@ -5,10 +5,11 @@
 //! read again while the server runs ([`Certificates::reload`]): handshakes from then on
 //! present the new one, connections already open keep theirs.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject as _;
@@ -24,7 +25,10 @@ use crate::error::ServerError;
 /// How long a client has to finish its TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes in progress at once. Overflow policy: the server stops accepting until
-/// one ends; further clients wait in the kernel's listen backlog.
+/// one ends; further clients wait in the kernel's listen backlog. Of one address (IPv6: one
+/// /64) at most `Limits::max_pending_connections_per_ip` at once: past that its new
+/// connections are closed at once (else one address stalling ~103 handshakes a second held
+/// every place, and every other client waited).
 pub const MAX_TLS_HANDSHAKES: usize = 1024;
 
 /// The certificate and key the server presents, as last loaded from their files.
@@ -110,24 +114,76 @@ pub(crate) struct TlsListener {
     tcp: TcpListener,
     certificates: Arc<Certificates>,
     handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
+    /// Most handshakes of one address in flight (0: no such cap).
+    per_ip: usize,
+    /// Handshakes in flight per address ([`ksync_core::ClientId::host_key`]); an entry goes
+    /// when its count drops to zero, so at most one per handshake.
+    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One handshake's place in its address's count, given back when its task ends however it
+/// ends.
+struct HandshakePlace {
+    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    key: IpAddr,
+}
+
+impl Drop for HandshakePlace {
+    fn drop(&mut self) {
+        // A poisoned lock: a panic elsewhere while it was held; the map is still whole.
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = in_flight.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                in_flight.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl TlsListener {
-    pub(crate) fn new(tcp: TcpListener, certificates: Arc<Certificates>) -> Self {
+    /// `per_ip`: most handshakes of one address in flight (0: no such cap).
+    pub(crate) fn new(tcp: TcpListener, certificates: Arc<Certificates>, per_ip: usize) -> Self {
         Self {
             tcp,
             certificates,
             handshakes: JoinSet::new(),
+            per_ip,
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
+    /// A place for a handshake from `peer`, or `None` when its address has `per_ip` in flight.
+    fn take_place(&self, peer: SocketAddr) -> Option<Option<HandshakePlace>> {
+        if self.per_ip == 0 {
+            return Some(None);
+        }
+        let key = ksync_core::ClientId::host_key(peer.ip());
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let count = in_flight.entry(key).or_insert(0);
+        if *count >= self.per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(Some(HandshakePlace {
+            in_flight: Arc::clone(&self.in_flight),
+            key,
+        }))
+    }
+
     fn start_handshake(&mut self, tcp: TcpStream, peer: SocketAddr) {
+        let Some(place) = self.take_place(peer) else {
+            // Dropped: closed at once, its address has enough handshakes in flight.
+            tracing::debug!(%peer, "connection closed: its address has too many TLS handshakes in flight");
+            return;
+        };
         // Small frames must not wait for Nagle's algorithm.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "setting TCP_NODELAY failed");
         }
         let acceptor = self.certificates.acceptor();
         self.handshakes.spawn(async move {
+            let _place = place;
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => Some((stream, peer)),
                 Ok(Err(e)) => {

@@ -252,6 +252,43 @@ async fn a_client_that_never_finishes_its_handshake_holds_nobody_up() {
     running.shutdown().await.unwrap();
 }
 
+/// One address stalling more handshakes than `max_pending_connections_per_ip` cannot hold
+/// every handshake place: past that many in flight its new connections are closed at once,
+/// and a client of another address gets its answer. Before, 1,100 silent connections from
+/// one address held all 1,024 places (each for the 10 s handshake timeout) and the other
+/// client waited in the listen backlog.
+#[tokio::test]
+async fn one_address_stalling_handshakes_cannot_hold_every_handshake_place() {
+    let cert = test_cert();
+    let running = Server::bind({
+        let mut config = tls_config(&cert);
+        config.limits.max_pending_connections_per_ip = 4;
+        config
+    })
+    .await
+    .unwrap();
+    let addr = running.local_addr();
+    let mut silent = Vec::new();
+    for _ in 0..ksync_server::MAX_TLS_HANDSHAKES + 76 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+        silent.push(socket.connect(addr).await.unwrap());
+    }
+    let health = reqwest::Client::builder()
+        .tls_certs_merge([reqwest::Certificate::from_pem(cert.pem.as_bytes()).unwrap()])
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap()
+        .get(format!("https://127.0.0.1:{}/health", addr.port()))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("answered within 5 s while one address stalls its handshakes");
+    assert_eq!(health.status(), 200);
+    drop(silent);
+    running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn unusable_certificate_files_are_typed_errors_that_never_quote_the_key() {
     let cert = test_cert();
