@@ -26,7 +26,7 @@ use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::DefaultGuard;
 
 mod slow_link;
-pub use slow_link::SlowLink;
+pub use slow_link::{SlowLink, noise};
 
 /// One captured event: its level, its message and its other fields (`name=value `, in order).
 #[derive(Debug, Clone)]

@@ -14,6 +14,21 @@ const MSS: u32 = 1400;
 /// The receive buffer of the link's sockets (Linux doubles it).
 const RECEIVE_BUFFER: u32 = 4096;
 
+/// `len` letters a compressor cannot shrink (deflate, gzip: a relay, client or service may
+/// compress what crosses the link), the same for the same `seed`.
+pub fn noise(len: usize, seed: u64) -> String {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
 /// A TCP proxy on 127.0.0.1:0 in front of `upstream` that carries each direction of every
 /// connection at `bytes_per_second`, as a slow link does: bytes keep flowing, slowly, and
 /// everything (WebSocket pings and pongs too) waits its turn behind what was sent before.
@@ -32,6 +47,8 @@ pub struct SlowLink {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
     cut: watch::Sender<bool>,
+    /// Bytes carried from upstream to the clients, all connections together.
+    down: watch::Receiver<u64>,
 }
 
 impl SlowLink {
@@ -44,16 +61,36 @@ impl SlowLink {
         let listener: TcpListener = socket.listen(64).expect("listen");
         let addr = listener.local_addr().expect("the link's address");
         let (cut, cut_seen) = watch::channel(false);
+        let (down_sender, down) = watch::channel(0);
         let task = tokio::spawn(async move {
             // The connections' tasks end with this one (see `Drop`).
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((near, _)) = listener.accept().await {
-                connections.spawn(carry(near, upstream, bytes_per_second, cut_seen.clone()));
+                connections.spawn(carry(
+                    near,
+                    upstream,
+                    bytes_per_second,
+                    cut_seen.clone(),
+                    down_sender.clone(),
+                ));
                 // Reaps the finished ones, so a long test does not keep them all.
                 while connections.try_join_next().is_some() {}
             }
         });
-        SlowLink { addr, task, cut }
+        SlowLink {
+            addr,
+            task,
+            cut,
+            down,
+        }
+    }
+
+    /// Waits until the link has carried at least `bytes` from upstream to the clients (all
+    /// connections together), e.g. to [`cut`](SlowLink::cut) it midway through an answer.
+    pub async fn carried_down(&self, bytes: u64) {
+        let mut down = self.down.clone();
+        // The sender lives as long as the link's task; past it nothing more comes either.
+        let _ = down.wait_for(|carried| *carried >= bytes).await;
     }
 
     /// The link dies without a word: from now on no byte goes either way on any connection,
@@ -97,6 +134,7 @@ async fn carry(
     upstream: SocketAddr,
     bytes_per_second: usize,
     cut: watch::Receiver<bool>,
+    down: watch::Sender<u64>,
 ) {
     let Ok(far) = slow_socket().connect(upstream).await else {
         return;
@@ -107,19 +145,20 @@ async fn carry(
     let (far_read, far_write) = far.into_split();
     // Either direction ending (a close, a reset) ends both, as a dropped connection does.
     tokio::select! {
-        () = forward(near_read, far_write, bytes_per_second, cut.clone()) => {}
-        () = forward(far_read, near_write, bytes_per_second, cut) => {}
+        () = forward(near_read, far_write, bytes_per_second, cut.clone(), None) => {}
+        () = forward(far_read, near_write, bytes_per_second, cut, Some(down)) => {}
     }
 }
 
 /// Copies `from` to `to`, at most `bytes_per_second`: a slice of 10 ms worth at a time, the
 /// next read only once the link would have carried what was read. Once `cut`, it holds both
-/// sockets and moves nothing, for good.
+/// sockets and moves nothing, for good. Counts what it carried in `carried`, if given.
 async fn forward(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     bytes_per_second: usize,
     mut cut: watch::Receiver<bool>,
+    carried: Option<watch::Sender<u64>>,
 ) {
     let rate = bytes_per_second.max(100);
     let mut buffer = vec![0; (rate / 100).max(1)];
@@ -144,6 +183,9 @@ async fn forward(
             .is_err()
         {
             break;
+        }
+        if let Some(carried) = &carried {
+            carried.send_modify(|sum| *sum += n as u64);
         }
         let took = Duration::from_secs_f64(n as f64 / rate as f64);
         // The link is busy with these bytes from when it was free (never from the past).

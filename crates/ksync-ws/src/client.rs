@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::error::WsError;
-use crate::progress::{Watched, unless_stalled};
+use crate::progress::{Activity, Watched, unless_stalled};
 use crate::protocol::{self, ClientMessage, Hello, Publish, PublishResult, ServerMessage, close};
 use crate::tls::ClientStream;
 
@@ -747,9 +747,20 @@ impl Outbox {
     }
 }
 
-/// Watched: its writes are bounded by "no byte taken for `heartbeat_timeout`", and any byte
-/// read answers a ping (see `progress`).
-type Socket = WebSocketStream<Watched<ClientStream>>;
+/// Its TCP stream watched (see [`activity`]).
+type Socket = WebSocketStream<ClientStream>;
+
+/// When `socket`'s TCP stream last moved bytes, under any TLS: its writes are bounded by "no
+/// byte taken for `heartbeat_timeout`", and any byte read answers a ping (see `progress`).
+fn activity(socket: &Socket) -> Activity {
+    match socket.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.activity(),
+        tokio_tungstenite::MaybeTlsStream::Rustls(tls) => tls.get_ref().0.activity(),
+        // Not built (only the rustls variant is enabled; the enum is non-exhaustive). Never
+        // stamped: a write is bounded as a whole, as before.
+        _ => Activity::default(),
+    }
+}
 
 /// How a session ended.
 struct SessionEnd {
@@ -1128,6 +1139,8 @@ impl Session {
             addr,
             source: Arc::new(e),
         })?;
+        // Watched below TLS, where bytes really move (see `progress::Watched`).
+        let tcp = Watched::new(tcp);
         let stream = match &self.inner.tls {
             Some(connector) => crate::tls::handshake(connector, &target.host, tcp).await?,
             None => tokio_tungstenite::MaybeTlsStream::Plain(tcp),
@@ -1257,7 +1270,7 @@ impl Session {
         let mut heartbeat = interval_at(now + config.heartbeat, config.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ping_deadline: Option<Instant> = None;
-        let activity = socket.get_ref().activity();
+        let activity = activity(socket);
         let mut metrics = interval_at(now + config.metrics_interval, config.metrics_interval);
         metrics.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut metrics_since = now;
@@ -1389,8 +1402,8 @@ impl Session {
     async fn write(&mut self, socket: &mut Socket, message: Message) -> Result<(), WsError> {
         self.counters.bytes += message.len() as u64;
         let limit = self.inner.config.heartbeat_timeout;
-        let activity = socket.get_ref().activity();
-        match unless_stalled(limit, &activity, socket.send(message)).await {
+        let activity = activity(socket);
+        match unless_stalled(limit, || activity.last_write(), socket.send(message)).await {
             Some(Ok(())) => Ok(()),
             Some(Err(e)) => Err(WsError::WebSocket(e.to_string())),
             None => Err(WsError::HeartbeatTimeout(limit)),
@@ -2217,7 +2230,7 @@ async fn upgrade(
         ));
     }
     Ok(WebSocketStream::from_partially_read(
-        Watched::new(tcp),
+        tcp,
         rest,
         tungstenite::protocol::Role::Client,
         Some(config),

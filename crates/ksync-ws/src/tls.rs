@@ -12,9 +12,11 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::MaybeTlsStream;
 
 use crate::WsError;
+use crate::progress::Watched;
 
-/// The byte stream under the WebSocket: TCP for `ws://`, TLS over TCP for `wss://`.
-pub(crate) type ClientStream = MaybeTlsStream<TcpStream>;
+/// The byte stream under the WebSocket: TCP for `ws://`, TLS over TCP for `wss://`. The TCP
+/// stream is watched below TLS, where bytes really move (see [`Watched`]).
+pub(crate) type ClientStream = MaybeTlsStream<Watched<TcpStream>>;
 
 /// Parses the PEM certificates a builder was given (one or more `CERTIFICATE` blocks).
 pub(crate) fn parse_roots(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -51,7 +53,7 @@ pub(crate) fn connector(extra_roots: &[CertificateDer<'static>]) -> Result<TlsCo
 pub(crate) async fn handshake(
     connector: &TlsConnector,
     host: &str,
-    tcp: TcpStream,
+    tcp: Watched<TcpStream>,
 ) -> Result<ClientStream, WsError> {
     let failed = |reason: String, certificate: bool| WsError::Tls {
         host: host.to_owned(),

@@ -18,9 +18,9 @@ use super::room::{
     EVENTS_ENTRY_OVERHEAD, EVENTS_FRAME_OVERHEAD, Frame, Member, PublishCommand, RoomLink,
     Subscribed,
 };
-use super::socket::{Fragmented, Reading, Socket};
+use super::socket::{Fragmented, Progress, Reading, Socket};
 use super::{ConnectionSlot, RelayError, Shared};
-use crate::progress::{Activity, unless_stalled};
+use crate::progress::unless_stalled;
 use crate::protocol::{
     self, CLIENT_TYPES, ClientMessage, DecodeError, Hello, Publish, ServerMessage, SnapshotPage,
     Welcome, close, code,
@@ -61,13 +61,19 @@ struct Writer {
     compression: bool,
     write_timeout: std::time::Duration,
     /// When the socket last took bytes (the room's direct writes count too).
-    activity: Activity,
+    progress: Arc<Progress>,
 }
 
 impl Writer {
     async fn send(&mut self, message: Message) -> Result<(), End> {
         let mut sink = self.outbox.take_sink().ok_or(End::Drop)?;
-        match unless_stalled(self.write_timeout, &self.activity, sink.send(message)).await {
+        match unless_stalled(
+            self.write_timeout,
+            || self.progress.last_write(),
+            sink.send(message),
+        )
+        .await
+        {
             Some(Ok(())) => self.give_back(sink).await,
             _ => Err(End::Drop),
         }
@@ -91,7 +97,7 @@ impl Writer {
                 }
                 sink.flush().await
             };
-            match unless_stalled(self.write_timeout, &self.activity, write).await {
+            match unless_stalled(self.write_timeout, || self.progress.last_write(), write).await {
                 Some(Ok(())) => {}
                 _ => return Err(End::Drop),
             }
@@ -159,9 +165,8 @@ pub(crate) fn serve(connection: Connection) -> impl Future<Output = ()> + Send {
         _slot: slot,
     } = connection;
     let progress = socket.get_ref().progress();
-    let activity = socket.get_ref().get_ref().activity();
     let (sink, stream) = socket.split();
-    let mut stream = Reading::new(stream, progress);
+    let mut stream = Reading::new(stream, Arc::clone(&progress));
     let sink = Box::new(Fragmented::new(sink));
     // Bounded: see RelayConfig::subscriber_queue for the overflow policy.
     let outbox = Outbox::new(
@@ -175,7 +180,7 @@ pub(crate) fn serve(connection: Connection) -> impl Future<Output = ()> + Send {
         outbox,
         compression: false,
         write_timeout: shared.config.write_timeout,
-        activity,
+        progress,
     };
     // Instrumented, not entered: an entered span's guard held across an await would stay
     // entered on the worker thread while other tasks run there.

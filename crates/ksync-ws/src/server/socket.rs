@@ -31,11 +31,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error, Message};
 
-use crate::progress::Watched;
+use crate::progress::Stamp;
 
-/// An upgraded connection. `Watched`: the connection's writes are bounded by "no byte taken
-/// for `write_timeout`" (see `progress`).
-pub(crate) type Socket = WebSocketStream<Counted<Watched<TokioIo<hyper::upgrade::Upgraded>>>>;
+/// An upgraded connection. `Counted` also stamps the bytes the socket takes: the connection's
+/// writes are bounded by "no byte taken for `write_timeout`" (see `progress`).
+pub(crate) type Socket = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// Messages longer than this go as several frames of at most this many bytes. Small enough
 /// that the write buffer a connection keeps is small (10,000 connections × ~2 fragments), large
@@ -86,7 +86,7 @@ impl Pending {
         };
         let socket = async move {
             let upgraded = on_upgrade.await.ok()?;
-            let io = Counted::new(Watched::new(TokioIo::new(upgraded)));
+            let io = Counted::new(TokioIo::new(upgraded));
             Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
         };
         // Chained, not one `async` block: a coroutine keeps its captures (`serve`, the
@@ -222,7 +222,8 @@ impl<S: futures_util::Sink<Message, Error = Error> + Unpin> futures_util::Sink<M
 }
 
 /// The socket under tungstenite, counting the bytes read from it and following the client's
-/// frames in them (see [`Reading`]).
+/// frames in them (see [`Reading`]), and stamping when it last took bytes to write (one
+/// pass-through for both: each is an `Arc` and a layer on every idle connection).
 pub(crate) struct Counted<T> {
     io: T,
     frames: Frames,
@@ -238,13 +239,10 @@ impl<T> Counted<T> {
         }
     }
 
-    /// What was read, for the connection's [`Reading`].
+    /// What was read, for the connection's [`Reading`], and when bytes were last taken, for
+    /// its writer.
     pub(crate) fn progress(&self) -> Arc<Progress> {
         Arc::clone(&self.progress)
-    }
-
-    pub(crate) fn get_ref(&self) -> &T {
-        &self.io
     }
 }
 
@@ -278,7 +276,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+        if written > 0 {
+            self.progress.written.stamp();
+        }
+        Poll::Ready(Ok(written))
     }
 
     fn poll_write_vectored(
@@ -286,7 +288,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
+        if written > 0 {
+            self.progress.written.stamp();
+        }
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -303,7 +309,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 }
 
 /// What the read side has seen of the client, written by [`Counted`] as it reads, read by
-/// the connection's [`Reading`] (the same task: relaxed loads see every store).
+/// the connection's [`Reading`] (the same task: relaxed loads see every store); and when
+/// the socket last took bytes to write, for the connection's writes' timeout.
 #[derive(Default)]
 pub(crate) struct Progress {
     /// Bytes read in all.
@@ -313,6 +320,16 @@ pub(crate) struct Progress {
     /// Bytes read of the data message being received (its frames, not the control frames
     /// between them); 0 between messages.
     partial: AtomicU64,
+    /// When the socket last took bytes to write (its creation before any); the room's direct
+    /// writes count too.
+    written: Stamp,
+}
+
+impl Progress {
+    /// When the socket last took bytes to write, for `progress::unless_stalled`.
+    pub(crate) fn last_write(&self) -> tokio::time::Instant {
+        self.written.at()
+    }
 }
 
 /// Where the bytes read stand in the client's frames, from their headers as they are on the

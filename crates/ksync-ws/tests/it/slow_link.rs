@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ksync_core::{Event, InMemoryStorage, Notification, Storage, SyncClient};
-use ksync_testkit::SlowLink;
+use ksync_core::{Event, InMemoryStorage, KSync, Notification, Storage, SyncClient};
+use ksync_testkit::{SlowLink, noise};
 use ksync_ws::server::RelayConfig;
-use ksync_ws::{WebSocketSyncClient, WsError};
+use ksync_ws::{WebSocketSyncClient, WebSocketSyncClientBuilder, WsError};
 use serde_json::json;
 
 use crate::common::{self, Recorder, eventually};
@@ -21,20 +21,6 @@ const RATE: usize = 512 * 1024;
 /// The timeouts under test: short against the transfers, long against a busy test machine's
 /// scheduling gaps.
 const TIMEOUT: Duration = Duration::from_millis(400);
-
-/// `len` letters deflate cannot shrink (the relay or a client may compress frames).
-fn noise(len: usize, seed: u64) -> String {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            // xorshift64
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect()
-}
 
 fn big(id: &str, len: usize, seed: u64) -> Event {
     Event::new(id, "note", json!(noise(len, seed)), 1)
@@ -70,6 +56,34 @@ async fn backlog(server: &common::Server) {
     }
     eventually("the backlog acknowledged", || direct.outbox_len() == 0).await;
     direct.disconnect().await.expect("disconnect");
+}
+
+/// A replica of room `slow` through `link`, its client built by `configure` (with a
+/// recorder attached), connected and caught up on the backlog with no reconnection.
+async fn caught_up_over(
+    link: &SlowLink,
+    configure: impl FnOnce(WebSocketSyncClientBuilder) -> WebSocketSyncClientBuilder,
+) -> (KSync<WebSocketSyncClient>, Recorder) {
+    let client = configure(WebSocketSyncClient::builder(format!(
+        "ws://{}/ws/slow",
+        link.addr()
+    )))
+    .build()
+    .expect("client");
+    let rec = Recorder::attach(&client);
+    let storage = Arc::new(InMemoryStorage::new());
+    let ksync = ksync_testkit::ksync_over(storage.clone(), client)
+        .await
+        .expect("ksync");
+    ksync.connect().await.expect("connect");
+    eventually("the backlog caught up", || storage.len() == 6).await;
+    assert_eq!(
+        rec.reconnect_attempts(),
+        Vec::<u32>::new(),
+        "{:?}",
+        errors(&rec)
+    );
+    (ksync, rec)
 }
 
 /// A publish of 700 KB through the link takes over a second while `heartbeat_timeout` is
@@ -117,20 +131,7 @@ async fn a_large_catch_up_page_over_a_slow_link_gets_through_and_a_cut_link_is_d
     .await;
     backlog(&server).await;
     let link = SlowLink::start(server.addr, RATE).await;
-    let client = WebSocketSyncClient::new(format!("ws://{}/ws/slow", link.addr())).expect("client");
-    let rec = Recorder::attach(&client);
-    let storage = Arc::new(InMemoryStorage::new());
-    let ksync = ksync_testkit::ksync_over(storage.clone(), client)
-        .await
-        .expect("ksync");
-    ksync.connect().await.expect("connect");
-    eventually("the backlog caught up", || storage.len() == 6).await;
-    assert_eq!(
-        rec.reconnect_attempts(),
-        Vec::<u32>::new(),
-        "{:?}",
-        errors(&rec)
-    );
+    let (_ksync, _rec) = caught_up_over(&link, |builder| builder).await;
 
     eventually("the backlog's publisher gone", || {
         server.relay.connections() == 1
@@ -158,25 +159,104 @@ async fn bytes_of_a_large_message_still_coming_answer_a_ping_but_a_cut_link_is_g
     let server = common::start(RelayConfig::default()).await;
     backlog(&server).await;
     let link = SlowLink::start(server.addr, RATE).await;
-    let client = WebSocketSyncClient::builder(format!("ws://{}/ws/slow", link.addr()))
-        .heartbeat(Duration::from_millis(200))
-        .heartbeat_timeout(TIMEOUT)
-        .build()
-        .expect("client");
-    let rec = Recorder::attach(&client);
-    let storage = Arc::new(InMemoryStorage::new());
-    let ksync = ksync_testkit::ksync_over(storage.clone(), client)
-        .await
-        .expect("ksync");
-    ksync.connect().await.expect("connect");
-    eventually("the backlog caught up", || storage.len() == 6).await;
-    assert_eq!(
-        rec.reconnect_attempts(),
-        Vec::<u32>::new(),
-        "{:?}",
-        errors(&rec)
-    );
+    let (_ksync, rec) = caught_up_over(&link, |builder| {
+        builder
+            .heartbeat(Duration::from_millis(200))
+            .heartbeat_timeout(TIMEOUT)
+    })
+    .await;
 
     link.cut();
     eventually("the cut link given up", || gave_up_on_heartbeat(&rec)).await;
+}
+
+/// The relay behind TLS on 127.0.0.1:0, with a certificate for `localhost` made for the test
+/// (its PEM returned for the client to trust): the bytes a `wss://` client writes go through
+/// rustls, which takes plaintext at once and writes the records when flushed.
+async fn start_wss(config: RelayConfig) -> (common::Server, String) {
+    struct TlsListener {
+        tcp: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    }
+    impl axum::serve::Listener for TlsListener {
+        type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+        type Addr = std::net::SocketAddr;
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            loop {
+                let Ok((tcp, peer)) = self.tcp.accept().await else {
+                    continue;
+                };
+                tcp.set_nodelay(true).expect("nodelay");
+                if let Ok(tls) = self.acceptor.accept(tcp).await {
+                    return (tls, peer);
+                }
+            }
+        }
+        fn local_addr(&self) -> std::io::Result<Self::Addr> {
+            self.tcp.local_addr()
+        }
+    }
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = tcp.local_addr().expect("addr");
+    let relay = ksync_ws::server::Relay::new(
+        config,
+        Arc::new(ksync_core::InMemoryProvider::new()),
+        Arc::new(ksync_core::AllowAll),
+    )
+    .expect("relay");
+    let listener = TlsListener {
+        tcp,
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+    };
+    let router = relay.router();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router).await.expect("serve");
+    });
+    (common::Server { addr, relay, task }, cert.pem())
+}
+
+/// A publish of 300 KB over `wss://` through a 192 KiB/s link (1.5 s) against a 400 ms
+/// `heartbeat_timeout`. rustls takes plaintext in `poll_write` and writes the records in
+/// `poll_flush`: watched above TLS, the client saw no byte move while the flush pushed the
+/// last records (up to rustls' 64 KiB buffer, plus what the kernel makes the writer wait
+/// for: ~0.6 s here), gave the send up and sent it again on the next connection, for good,
+/// and the event never got through. Watched on TCP, below TLS, every byte the link takes
+/// counts (the longest wait then is the kernel's, ~0.3 s here).
+#[tokio::test]
+async fn a_large_publish_over_a_slow_wss_link_gets_through() {
+    let (server, pem) = start_wss(RelayConfig::default()).await;
+    let link = SlowLink::start(server.addr, 192 * 1024).await;
+    let client =
+        WebSocketSyncClient::builder(format!("wss://localhost:{}/ws/slow", link.addr().port()))
+            .tls_root_certificates_pem(&pem)
+            .heartbeat_timeout(TIMEOUT)
+            .build()
+            .expect("client");
+    let rec = Recorder::attach(&client);
+    client.connect().await.expect("connect");
+    client.send(big("big", 300_000, 7)).await.expect("send");
+    eventually("the publish acknowledged or given up", || {
+        client.outbox_len() == 0 || !errors(&rec).is_empty()
+    })
+    .await;
+    assert_eq!(errors(&rec), Vec::<String>::new());
+    assert_eq!(rec.reconnect_attempts(), Vec::<u32>::new());
+    assert_eq!(client.outbox_len(), 0);
 }
