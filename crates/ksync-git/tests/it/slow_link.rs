@@ -6,24 +6,10 @@ use std::time::Duration;
 
 use ksync_core::{Event, PullPushClient, SyncClient, SyncError};
 use ksync_git::GitSyncClient;
-use ksync_testkit::SlowLink;
+use ksync_testkit::{SlowLink, noise};
 use serde_json::json;
 
 use crate::common;
-
-/// `len` letters gzip cannot shrink.
-fn noise(len: usize, seed: u64) -> String {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            // xorshift64
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect()
-}
 
 /// A pull page of ~660 KB through a 512 KiB/s link takes over a second, against a 400 ms
 /// `request_timeout`. Before, the timeout bounded the whole answer: the pull failed with
@@ -46,6 +32,42 @@ async fn a_large_pull_page_over_a_slow_link_gets_through() {
     let pulled = reader.pull().await.expect("the page gets through");
     assert_eq!(pulled.new_events.len(), 6);
     assert_eq!(reader.replica().storage().len(), 6);
+}
+
+/// The same page, and the link dies midway through it: the body stops coming and the pull
+/// is given up with `Timeout` once `request_timeout` passes without a byte (no whole-request
+/// bound is left to end it).
+#[tokio::test]
+async fn a_pull_whose_answer_stops_midway_times_out() {
+    let server = common::start(&["r"]).await;
+    let writer = common::client(&server.repo_url("r"));
+    for i in 0..6 {
+        let event = Event::new(format!("e{i}"), "t", json!(noise(110_000, i + 1)), 1);
+        writer.send(event).await.expect("send");
+    }
+    writer.push().await.expect("push");
+    let link = SlowLink::start(server.addr, 512 * 1024).await;
+    let reader = GitSyncClient::builder(format!("http://{}/git/r", link.addr()))
+        .auth(ksync_core::Auth::token("writer"))
+        .request_timeout(Duration::from_millis(400))
+        .build()
+        .expect("client");
+    let mut pull = tokio::spawn(async move { reader.pull().await.map(|_| ()) });
+    // A third of the page is through: its answer started, its body is coming.
+    tokio::select! {
+        () = link.carried_down(220_000) => {}
+        ended = &mut pull => panic!("the pull ended before a third of its page came: {ended:?}"),
+    }
+    link.cut();
+    // Bounded for the test only (a pull that never ends would hang it): 25 times the timeout.
+    let pulled = tokio::time::timeout(Duration::from_secs(10), pull)
+        .await
+        .expect("the stalled pull ends")
+        .expect("the pull task");
+    assert!(
+        matches!(pulled, Err(SyncError::Timeout(_))),
+        "a body that stopped: {pulled:?}"
+    );
 }
 
 /// A push batch of ~700 KB (~420 KB gzipped) through a 512 KiB/s link takes about a second
