@@ -236,4 +236,106 @@ mod tests {
         assert!(written.is_none(), "a stalled write ended: {written:?}");
         assert_eq!(Instant::now() - start, limit);
     }
+
+    /// A TLS server behind a link carrying 1 KiB per 50 ms toward it (in memory, on the
+    /// paused clock), reading `len` bytes, and the client's end of the link (a 4 KiB pipe,
+    /// as a small send buffer) with the client's TLS configuration.
+    fn slow_tls_server(
+        len: usize,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio_rustls::TlsConnector,
+        tokio::task::JoinHandle<Vec<u8>>,
+    ) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (near, link) = tokio::io::duplex(4096);
+        let (far, server_end) = tokio::io::duplex(64 * 1024);
+        let (mut link_read, mut link_write) = tokio::io::split(link);
+        let (mut far_read, mut far_write) = tokio::io::split(far);
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut far_read, &mut link_write).await;
+        });
+        tokio::spawn(async move {
+            let mut slice = [0; 1024];
+            loop {
+                let Ok(n) = link_read.read(&mut slice).await else {
+                    return;
+                };
+                if n == 0 || far_write.write_all(&slice[..n]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let reader = tokio::spawn(async move {
+            let mut tls = acceptor.accept(server_end).await.expect("accept");
+            let mut got = vec![0; len];
+            tls.read_exact(&mut got).await.expect("read");
+            got
+        });
+        (
+            near,
+            tokio_rustls::TlsConnector::from(Arc::new(client)),
+            reader,
+        )
+    }
+
+    /// rustls takes plaintext in `poll_write` and writes the records in `poll_flush`: below
+    /// TLS, `Watched` sees every byte the link takes, and a 64 KiB write over a link taking
+    /// 1 KiB per 50 ms (3.2 s, 32 times the limit) gets through. Above TLS it saw nothing
+    /// while the flush pushed the last records (up to rustls' 64 KiB): given up.
+    #[tokio::test(start_paused = true)]
+    async fn watched_below_tls_a_flush_that_moves_bytes_is_progress() {
+        let limit = Duration::from_millis(100);
+        let name = || rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let data = vec![7; 64 * 1024];
+
+        let (near, connector, reader) = slow_tls_server(data.len());
+        let below = Watched::new(near);
+        let activity = below.activity();
+        let mut tls = connector.connect(name(), below).await.expect("connect");
+        let write = async {
+            tls.write_all(&data).await?;
+            tls.flush().await
+        };
+        let written = unless_stalled(limit, || activity.last_write(), write).await;
+        assert!(matches!(written, Some(Ok(()))), "{written:?}");
+        assert_eq!(reader.await.expect("reader"), data);
+
+        let (near, connector, _reader) = slow_tls_server(data.len());
+        let tls = connector.connect(name(), near).await.expect("connect");
+        let mut above = Watched::new(tls);
+        let activity = above.activity();
+        let write = async {
+            above.write_all(&data).await?;
+            above.flush().await
+        };
+        let written = unless_stalled(limit, || activity.last_write(), write).await;
+        assert!(
+            written.is_none(),
+            "watched above TLS, the tail looked stalled: {written:?}"
+        );
+    }
 }
