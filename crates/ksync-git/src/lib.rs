@@ -12,9 +12,9 @@ mod client;
 mod decoded;
 mod error;
 mod gzip;
-mod upload;
 #[cfg(feature = "server")]
 pub mod server;
+mod upload;
 pub mod wire;
 
 pub use client::{
