@@ -3,6 +3,7 @@
 // playwright-core. `cargo xtask browser` sets the environment:
 //   KSYNC_BIN         the ksync binary
 //   KSYNC_PEER_BIN    the browser_peer example binary
+//   KSYNC_SLOW_LINK_BIN  testkit's slow_link example binary (a throttling TCP proxy)
 //   KSYNC_URL         http://addr of a running `ksync serve --in-memory` (tests that need their
 //                     own server, e.g. with auth or file storage, start it here)
 //   KSYNC_PLAYWRIGHT  the playwright-core package directory
@@ -94,6 +95,34 @@ export function appendAsOlderRelay(dataDir, room, events) {
   const out = execFileSync(need('KSYNC_PEER_BIN'), ['--append-to-log', dataDir, room, ...events.map((e) => JSON.stringify(e))], { encoding: 'utf8' });
   const report = JSON.parse(out.trim());
   if (report.kind !== 'appended' || report.count !== events.length) throw new Error(`browser_peer --append-to-log: ${out}`);
+}
+
+/**
+ * testkit's `SlowLink` in its own process: a TCP proxy in front of `upstream` (host:port) that
+ * carries each direction at `bytesPerSecond`, its sockets keeping the browser's kernel buffer
+ * to what a slow path allows. Resolves `{addr, cut(), stop()}`: `cut()` makes the link die
+ * without a word (nothing moves, nothing is closed).
+ */
+export async function startSlowLink(upstream, bytesPerSecond) {
+  const child = spawn(need('KSYNC_SLOW_LINK_BIN'), [upstream, String(bytesPerSecond)], {
+    stdio: ['pipe', 'pipe', 'inherit'],
+  });
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  const addr = await new Promise((resolve, reject) => {
+    readline.createInterface({ input: child.stdout }).on('line', (line) => {
+      const match = /^slow link on (\S+)$/.exec(line);
+      if (match) resolve(match[1]);
+    });
+    exited.then((code) => reject(new Error(`slow_link exited (${code}) before listening`)));
+  });
+  return {
+    addr,
+    cut: () => child.stdin.write('cut\n'),
+    stop: async () => {
+      child.kill('SIGKILL');
+      await exited;
+    },
+  };
 }
 
 /** A Rust WebSocketSyncClient in its own process, connected to `url`. */

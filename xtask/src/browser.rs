@@ -4,8 +4,9 @@
 //!    root; fails with a clear message otherwise) and that `node` is there.
 //! 2. Installs `playwright-core` (pinned) from npm into `target/browser-node/` (it drives the
 //!    system Chromium; Playwright's own browser downloads are never used).
-//! 3. Builds the real `ksync` binary and the `browser_peer` example (a Rust
-//!    `WebSocketSyncClient` driven over stdin/stdout).
+//! 3. Builds the real `ksync` binary, the `browser_peer` example (a Rust
+//!    `WebSocketSyncClient` driven over stdin/stdout) and testkit's `slow_link` example (a
+//!    throttling TCP proxy, `SlowLink`).
 //! 4. Starts `ksync serve --bind 127.0.0.1:0 --in-memory`, reads the bound address from its
 //!    output, runs the node test scripts in `tests/browser/` against it (some start servers of
 //!    their own: file storage for the restart test, auth), then stops the server.
@@ -52,9 +53,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "ksync",
         "--example",
         "browser_peer",
+        "--example",
+        "slow_link",
     ])?;
     let ksync = target.join("debug").join("ksync");
     let peer = target.join("debug").join("examples").join("browser_peer");
+    let slow_link = target.join("debug").join("examples").join("slow_link");
     let artifacts = target.join("artifacts");
     std::fs::create_dir_all(&artifacts).context("creating target/artifacts")?;
     // Only this run's screenshot may be reported below.
@@ -78,6 +82,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         .current_dir(&root)
         .env("KSYNC_BIN", &ksync)
         .env("KSYNC_PEER_BIN", &peer)
+        .env("KSYNC_SLOW_LINK_BIN", &slow_link)
         .env("KSYNC_URL", format!("http://{}", server.addr))
         .env("KSYNC_PLAYWRIGHT", &playwright)
         .env("KSYNC_CHROMIUM", &chromium)

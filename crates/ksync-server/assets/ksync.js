@@ -466,7 +466,9 @@ function isSeq(seq) {
  *
  * Options (defaults): `auth` (none), `reconnect` (true), `heartbeat` (30000: every this many ms
  * the client sends a `ping` message, and a server that sends nothing within `heartbeatTimeout`
- * (10000 ms) after it is given up on: `disconnected` with code 4009, then a reconnect; the
+ * (10000 ms) after it is given up on: `disconnected` with code 4009, then a reconnect; while
+ * the page's earlier messages are still leaving (`bufferedAmount` going down), the wait goes
+ * on by `heartbeatTimeout` at a time, as the ping waits behind them; the
  * server's own pings are answered by the browser), `connectTimeout` (10000: an attempt that has
  * no `welcome` this many ms after it began ends with an `error` of code `connect_timeout`, and
  * the next comes after the reconnect delay), `compression` (false; honoured where
@@ -546,6 +548,8 @@ export class WebSocketSyncClient extends Emitter {
   #heartbeatTimer = null;
   // Set while a `ping` waits for an answer (anything the server sends counts).
   #pongTimer = null;
+  // The socket's `bufferedAmount` when `#pongTimer` was last set (see `#heartbeatLost`).
+  #pongBuffered = 0;
   #pingRef = 0;
   #meter = { since: 0, events: 0, bytes: 0, rtt: 0, acks: 0 };
 
@@ -768,17 +772,35 @@ export class WebSocketSyncClient extends Emitter {
   // minutes to close by itself, while the page believes it is connected.
   #ping(socket) {
     if (socket !== this.#socket || socket.readyState !== WebSocket.OPEN) return;
-    if (this.#pongTimer === null) {
-      this.#pongTimer = setTimeout(() => this.#heartbeatLost(socket), this.#options.heartbeatTimeout);
-    }
+    // Armed before the ping is queued: its own bytes leaving are no sign of the server.
+    if (this.#pongTimer === null) this.#awaitPong(socket);
     this.#pingRef += 1;
     this.#debug('sending', 'ping', this.#pingRef);
     socket.send(JSON.stringify({ type: 'ping', ref: this.#pingRef }));
   }
 
+  #awaitPong(socket, wait = this.#options.heartbeatTimeout) {
+    this.#pongBuffered = socket.bufferedAmount;
+    this.#pongTimer = setTimeout(() => this.#heartbeatLost(socket), wait);
+  }
+
   #heartbeatLost(socket) {
     this.#pongTimer = null;
     if (socket !== this.#socket) return;
+    // The ping waits behind what this page sent before it (a large publish): while the
+    // browser hands those bytes to the network (`bufferedAmount` went down since the timer
+    // was set), the path is alive and the answer is waited for one more `heartbeatTimeout`;
+    // twice that once all is handed over, as what the browser and the kernel still hold of
+    // it (some 100-300 KiB) crosses the link unseen before the ping. Timed as a whole, a
+    // publish longer than `heartbeatTimeout` to cross a slow link was taken for a dead server
+    // at every ping, and sent again on the next session, for ever. An idle link's
+    // `bufferedAmount` stays 0: a dead server is still given up after `heartbeatTimeout`.
+    const buffered = socket.bufferedAmount;
+    if (buffered < this.#pongBuffered) {
+      this.#debug('heartbeat', `still sending (${buffered} bytes buffered): waiting for the answer`);
+      this.#awaitPong(socket, Math.min(MAX_DELAY_MS, this.#options.heartbeatTimeout * (buffered === 0 ? 2 : 1)));
+      return;
+    }
     this.#debug('heartbeat', `nothing from the server within ${this.#options.heartbeatTimeout} ms`);
     this.#dropSocket(4009, 'heartbeat timeout', { told: 'heartbeat timeout: the server did not answer a ping' });
   }
