@@ -276,7 +276,8 @@ impl P2PSyncClientBuilder {
         self
     }
 
-    /// How long `connect_to_peer` waits. Default 10 s.
+    /// How long `connect_to_peer` waits, and how long any connection's setup (TCP connect,
+    /// then the handshakes; dialed or accepted) may take before it is given up. Default 10 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.opts.connect_timeout = timeout;
         self

@@ -410,8 +410,14 @@ struct SlowPeers {
 }
 
 impl SlowPeers {
+    /// A connection of `peer` came up. A peer let go that is back before its old connection
+    /// finished closing starts afresh: otherwise its `leaving` stayed for as long as it stayed
+    /// connected, counted at its old queue and never chosen again.
     fn connected(&mut self, peer: PeerId) {
-        self.peers.entry(peer).or_default();
+        let state = self.peers.entry(peer).or_default();
+        if state.leaving.is_some() {
+            *state = PeerGossip::default();
+        }
     }
 
     fn disconnected(&mut self, peer: &PeerId) {
@@ -630,9 +636,10 @@ pub(crate) fn build_swarm(
     catch_up_bytes: Arc<AtomicU64>,
 ) -> Result<Swarm<Behaviour>, P2PError> {
     let psk = opts.network_key.map(|k| k.psk());
+    let setup_timeout = opts.connect_timeout;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_other_transport(move |key| transport::build(key, psk))
+        .with_other_transport(move |key| transport::build(key, psk, setup_timeout))
         .map_err(|e| P2PError::Build(Box::new(e)))?
         .with_behaviour(|key| behaviour(key, opts, catch_up_bytes))
         .map_err(|e| P2PError::Build(Box::new(e)))?
@@ -1533,18 +1540,25 @@ impl Node {
                 if num_established.get() == 1 {
                     self.redials.connected(&peer_id, now);
                 }
-                if let Some(reply) = self.dials.remove(&connection_id) {
+                // Kept only for a `connect_to_peer` still waiting: one that already gave up
+                // (its caller got `Timeout`) did not ask for the peer, and there is no call
+                // to let it go again.
+                if let Some(reply) = self.dials.remove(&connection_id)
+                    && reply.send(Ok(peer_id)).is_ok()
+                {
                     self.redials.keep(peer_id, dialed.clone(), now);
-                    let _ = reply.send(Ok(peer_id));
                 }
                 if let Some(replies) = self.peer_dials.remove(&peer_id) {
-                    self.redials.keep(peer_id, dialed, now);
+                    let mut waited = false;
                     for reply in replies {
-                        let _ = reply.send(Ok(peer_id));
+                        waited |= reply.send(Ok(peer_id)).is_ok();
+                    }
+                    if waited {
+                        self.redials.keep(peer_id, dialed, now);
                     }
                 }
+                self.slow_peers.connected(peer_id);
                 if num_established.get() == 1 {
-                    self.slow_peers.connected(peer_id);
                     tracing::debug!(peer = %peer_id, "peer connected");
                     self.notifier
                         .emit(Notification::PeerConnected(peer_id.to_string()));
@@ -2915,6 +2929,34 @@ mod tests {
             "both fit"
         );
         assert_eq!(slow.over(10, 15_000, hung), vec![a]);
+    }
+
+    /// A peer let go that connects again before its old connection finished closing (its
+    /// old connection then closes with one left, so it is never "disconnected") is counted
+    /// afresh and may be chosen again; before, it stayed `leaving` for as long as it stayed.
+    #[test]
+    fn slow_peers_a_peer_let_go_that_is_back_starts_afresh() {
+        let now = tokio::time::Instant::now();
+        let [a, b] = [(); 2].map(|_| PeerId::random());
+        let mut slow = SlowPeers::default();
+        for peer in [a, b] {
+            slow.connected(peer);
+        }
+        slow.gossiped(1000 - MESSAGE_OVERHEAD, now);
+        slow.overflowed(&a, 1, now);
+        slow.overflowed(&b, 9, now);
+        assert_eq!(slow.over(10, 15_000, now), vec![b]);
+        // b is back on a new connection while the old one closes.
+        slow.connected(b);
+        let later = now + SLOW_PEER_WINDOW + Duration::from_secs(2);
+        slow.gossiped(1000 - MESSAGE_OVERHEAD, later);
+        slow.overflowed(&a, 1, later);
+        slow.overflowed(&b, 9, later);
+        assert_eq!(
+            slow.over(10, 15_000, later),
+            vec![b],
+            "b counted and chosen again"
+        );
     }
 
     /// A peer with no answer in flight gets one whatever the budget (1 byte: every request

@@ -2,8 +2,8 @@
 //! peer's last connection closes (a network blip, the peer restarting, the gossip bound
 //! letting it go), it is dialed again after a delay that doubles from `redial_delay`'s `min`
 //! up to its `max` with jitter ([`ksync_core::backoff_delay`]), and again after each failed
-//! attempt, until it is connected, [`Redials::forget`] is called, or the node stops (this
-//! state is the node task's and goes with it). The new connection's catch-up round carries
+//! attempt, until it is connected or the node stops (this state is the node task's and goes
+//! with it; there is no call to let one peer go). The new connection's catch-up round carries
 //! what was missed meanwhile. mDNS and DHT discovery have their own ways back (see
 //! docs/RELIABILITY.md); a peer they found but the application never asked for is not kept.
 //!

@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{
@@ -17,10 +18,14 @@ use libp2p::{Multiaddr, PeerId, Transport, noise, tcp, yamux};
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The node's transport: TCP wrapped in [`NewPortDials`], then (with a network key) the pnet
-/// layer, then Noise and Yamux.
+/// layer, then Noise and Yamux, each connection's setup (TCP connect and handshakes, either
+/// way) bounded by `setup_timeout`. libp2p bounds neither a dial nor an inbound handshake: a
+/// peer that takes the connection and never answers (a frozen process, a NAT that lost its
+/// state) held the dial for good, and a redialed peer was never dialed again.
 pub(crate) fn build(
     key: &Keypair,
     psk: Option<PreSharedKey>,
+    setup_timeout: Duration,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, BoxError> {
     let noise = noise::Config::new(key)?;
     let tcp = NewPortDials::new(tcp::tokio::Transport::new(
@@ -33,12 +38,14 @@ pub(crate) fn build(
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
             .multiplex(yamux)
+            .timeout(setup_timeout)
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed(),
         None => tcp
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
             .multiplex(yamux)
+            .timeout(setup_timeout)
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed(),
     })

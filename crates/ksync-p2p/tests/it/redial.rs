@@ -116,3 +116,35 @@ async fn stopping_the_node_stops_its_redials() {
         "a stopped node dialed again"
     );
 }
+
+/// Where the peer was, something takes the connection and never answers the handshake (a
+/// frozen process, a host gone behind a NAT that kept the connection): each dial gives up
+/// after `connect_timeout` and the peer is dialed again. Without a bound on the dial, the
+/// first one waited for good and the peer was never dialed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_that_is_never_answered_gives_up_and_the_peer_is_dialed_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = builder(dir.path(), "a")
+        .redial_delay(Duration::from_millis(50), Duration::from_millis(100))
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .expect("build a");
+    a.start().await.expect("start a");
+    let b = peer(dir.path(), "b").await;
+    link(&a, &b).await;
+    let port = port_of(&b);
+    b.stop().await.expect("stop b");
+    // Where b was: a listener that takes each connection and holds it, silent.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("b's port is free");
+    let mut held = Vec::new();
+    for dial in 1..=3 {
+        let (socket, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap_or_else(|_| panic!("dial {dial} of b's address never came"))
+            .expect("accept");
+        held.push(socket);
+    }
+    a.stop().await.expect("stop a");
+}
