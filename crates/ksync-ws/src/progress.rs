@@ -40,6 +40,18 @@ impl Stamp {
             .fetch_max(u64::try_from(now).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
+    /// Passes on what a write of the stamped socket returned, stamped when it took bytes: the
+    /// one rule of [`Watched`] and the relay's `socket::Counted`.
+    pub(crate) fn after_write(
+        &self,
+        written: Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Ok(1..)) = written {
+            self.stamp();
+        }
+        written
+    }
+
     /// When last stamped (its creation before any).
     pub(crate) fn at(&self) -> Instant {
         self.origin + Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
@@ -170,11 +182,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
-        if written > 0 {
-            self.activity.0.written.stamp();
-        }
-        Poll::Ready(Ok(written))
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.activity.0.written.after_write(written)
     }
 
     fn poll_write_vectored(
@@ -182,11 +191,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
-        if written > 0 {
-            self.activity.0.written.stamp();
-        }
-        Poll::Ready(Ok(written))
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.activity.0.written.after_write(written)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -43,6 +43,17 @@ pub async fn link(from: &P2PSyncClient, to: &P2PSyncClient) {
     assert_eq!(peer, to.local_peer_id());
 }
 
+/// The TCP port `p` listens on (its first listen address), to start it again there.
+pub fn port_of(p: &P2PSyncClient) -> u16 {
+    p.listen_addrs()[0]
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("tcp port")
+}
+
 /// Polls `cond` every 20 ms until it holds; panics with `what` after `secs` seconds.
 pub async fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);

@@ -7,16 +7,6 @@ use std::sync::Arc;
 
 use common::*;
 
-fn port_of(p: &ksync_p2p::P2PSyncClient) -> u16 {
-    p.listen_addrs()[0]
-        .iter()
-        .find_map(|p| match p {
-            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
-            _ => None,
-        })
-        .expect("tcp port")
-}
-
 async fn port_is_free(port: u16) -> bool {
     tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await

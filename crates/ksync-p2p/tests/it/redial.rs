@@ -9,16 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn port_of(p: &ksync_p2p::P2PSyncClient) -> u16 {
-    p.listen_addrs()[0]
-        .iter()
-        .find_map(|p| match p {
-            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
-            _ => None,
-        })
-        .expect("tcp port")
-}
-
 /// `a` connected to `b` with `connect_to_peer`; `b` restarts (same key, same address) and
 /// publishes while they are apart: `a` gets the event without being told to connect again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,11 +13,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn with_limits(limits: Limits) -> ServerConfig {
-    {
-        let mut server_config = config(AuthConfig::default());
-        server_config.limits = limits;
-        server_config
-    }
+    let mut server_config = config(AuthConfig::default());
+    server_config.limits = limits;
+    server_config
+}
+
+/// The default limits with `set` applied (`Limits` is `#[non_exhaustive]`: no struct literal).
+fn limits(set: impl FnOnce(&mut Limits)) -> Limits {
+    let mut limits = Limits::default();
+    set(&mut limits);
+    limits
 }
 
 /// Reads until the server closes the connection; panics if it is still open after `within`.
@@ -61,11 +66,9 @@ async fn read_health_response(stream: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn silent_half_sent_and_idle_connections_are_closed_after_the_header_timeout() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.request_header_timeout = Duration::from_secs(1);
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let addr = running.local_addr();
@@ -99,11 +102,9 @@ async fn silent_half_sent_and_idle_connections_are_closed_after_the_header_timeo
 
 #[tokio::test]
 async fn past_max_http_connections_new_clients_wait_until_one_closes() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_http_connections = 2;
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let addr = running.local_addr();
@@ -141,11 +142,9 @@ async fn past_max_http_connections_new_clients_wait_until_one_closes() {
 
 #[tokio::test]
 async fn websockets_leave_the_http_connection_count_once_upgraded() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_http_connections = 1;
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let url = format!("ws://{}/ws/room", running.local_addr());
@@ -182,21 +181,24 @@ async fn websockets_leave_the_http_connection_count_once_upgraded() {
 async fn timeouts_past_a_day_are_refused_at_start() {
     let past_a_day = ksync_core::MAX_CONFIG_DURATION + Duration::from_secs(1);
     for (field, limits) in [
-        ("request_header_timeout", {
-            let mut limits = Limits::default();
-            limits.request_header_timeout = Duration::MAX;
-            limits
-        }),
-        ("request_body_timeout", {
-            let mut limits = Limits::default();
-            limits.request_body_timeout = past_a_day;
-            limits
-        }),
-        ("shutdown_timeout", {
-            let mut limits = Limits::default();
-            limits.shutdown_timeout = Duration::MAX;
-            limits
-        }),
+        (
+            "request_header_timeout",
+            limits(|limits| {
+                limits.request_header_timeout = Duration::MAX;
+            }),
+        ),
+        (
+            "request_body_timeout",
+            limits(|limits| {
+                limits.request_body_timeout = past_a_day;
+            }),
+        ),
+        (
+            "shutdown_timeout",
+            limits(|limits| {
+                limits.shutdown_timeout = Duration::MAX;
+            }),
+        ),
     ] {
         let refused = Server::bind(with_limits(limits)).await;
         match refused {
@@ -208,11 +210,9 @@ async fn timeouts_past_a_day_are_refused_at_start() {
         }
     }
     // A day is taken, and the server answers.
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.request_header_timeout = ksync_core::MAX_CONFIG_DURATION;
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let mut stream = TcpStream::connect(running.local_addr())
@@ -292,11 +292,9 @@ async fn max_connections_per_client_counts_a_jwt_subject() {
             auth_config.jwt_keys = vec![ksync_server::JwtKey::hs256(SECRET)];
             auth_config
         });
-        server_config.limits = {
-            let mut limits = Limits::default();
+        server_config.limits = limits(|limits| {
             limits.max_connections_per_client = 2;
-            limits
-        };
+        });
         server_config
     })
     .await
@@ -325,11 +323,9 @@ async fn max_connections_per_client_counts_a_jwt_subject() {
 /// relay).
 #[tokio::test]
 async fn max_connections_per_client_counts_an_address_without_auth() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_connections_per_client = 1;
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let url = format!("ws://{}/ws/room", running.local_addr());
@@ -408,11 +404,9 @@ async fn post_held(
 /// goes on.
 #[tokio::test]
 async fn max_merges_per_client_counts_an_address_without_auth() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_merges_per_client = 1;
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let addr = running.local_addr();
@@ -479,11 +473,9 @@ async fn read_json_answer(stream: &mut TcpStream) -> String {
 /// address, for repository pushes as for WebSockets.
 #[tokio::test]
 async fn max_pushes_per_client_counts_an_address_without_auth() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_pushes_per_client = 1;
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let addr = running.local_addr();
@@ -525,16 +517,18 @@ async fn max_pushes_per_client_counts_an_address_without_auth() {
 #[tokio::test]
 async fn zero_stored_rooms_or_repos_caps_are_refused_at_start() {
     for (field, limits) in [
-        ("max_rooms", {
-            let mut limits = Limits::default();
-            limits.max_rooms = 0;
-            limits
-        }),
-        ("max_repos", {
-            let mut limits = Limits::default();
-            limits.max_repos = 0;
-            limits
-        }),
+        (
+            "max_rooms",
+            limits(|limits| {
+                limits.max_rooms = 0;
+            }),
+        ),
+        (
+            "max_repos",
+            limits(|limits| {
+                limits.max_repos = 0;
+            }),
+        ),
     ] {
         match Server::bind(with_limits(limits)).await {
             Err(ksync_server::ServerError::Config(message)) => {
@@ -553,12 +547,10 @@ async fn zero_stored_rooms_or_repos_caps_are_refused_at_start() {
 /// meanwhile.
 #[tokio::test]
 async fn a_client_that_stops_reading_a_response_is_closed_after_the_write_timeout() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_http_connections = 2;
         limits.response_write_timeout = Duration::from_millis(300);
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let addr = running.local_addr();
@@ -638,13 +630,11 @@ async fn connect_from(from: std::net::Ipv4Addr, addr: std::net::SocketAddr) -> T
 /// here) and the other client waited in the listen backlog.
 #[tokio::test]
 async fn one_address_waiting_on_many_connections_cannot_hold_every_slot() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_http_connections = 16;
         limits.max_pending_connections_per_ip = 4;
         limits.request_header_timeout = Duration::from_secs(60);
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let addr = running.local_addr();
@@ -684,13 +674,11 @@ async fn one_address_waiting_on_many_connections_cannot_hold_every_slot() {
 /// second off the listen backlog, and the other client, behind them, waited ~10 s.
 #[tokio::test]
 async fn one_address_opening_connections_all_the_time_cannot_hold_every_slot() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_http_connections = 16;
         limits.max_pending_connections_per_ip = 4;
         limits.request_header_timeout = Duration::from_secs(60);
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let addr = running.local_addr();
@@ -734,11 +722,9 @@ async fn one_address_opening_connections_all_the_time_cannot_hold_every_slot() {
 /// at once as the 5th newer one arrived, the first 36 lost their requests).
 #[tokio::test]
 async fn many_connections_from_one_address_with_whole_requests_are_all_served() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_pending_connections_per_ip = 4;
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let addr = running.local_addr();
@@ -762,11 +748,9 @@ async fn many_connections_from_one_address_with_whole_requests_are_all_served() 
 /// and are served), so sending one quick request first does not get around the cap.
 #[tokio::test]
 async fn an_idle_keep_alive_connection_counts_as_waiting() {
-    let running = Server::bind(with_limits({
-        let mut limits = Limits::default();
+    let running = Server::bind(with_limits(limits(|limits| {
         limits.max_pending_connections_per_ip = 2;
-        limits
-    }))
+    })))
     .await
     .expect("server");
     let addr = running.local_addr();

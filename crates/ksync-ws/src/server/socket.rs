@@ -276,11 +276,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
-        if written > 0 {
-            self.progress.written.stamp();
-        }
-        Poll::Ready(Ok(written))
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progress.written.after_write(written)
     }
 
     fn poll_write_vectored(
@@ -288,11 +285,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
-        if written > 0 {
-            self.progress.written.stamp();
-        }
-        Poll::Ready(Ok(written))
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.progress.written.after_write(written)
     }
 
     fn is_write_vectored(&self) -> bool {
